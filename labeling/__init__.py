@@ -1,0 +1,1 @@
+"""defect-loop: labeling."""
