@@ -1,0 +1,91 @@
+"""Queries shared by the loop, the labeling backends and the API."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from store.models import Image, LabelEvent, Project, Round
+
+ANNOTATOR_SOURCES = ("annotator", "oracle")
+
+
+@dataclass(frozen=True)
+class CurrentLabel:
+    label: str | None  # None: unlabeled, or annotators tied
+    source: str | None  # import | annotator | oracle
+    status: str  # labeled | tie | unlabeled
+    n_votes: int = 0
+    agreement: float | None = None  # share of annotators agreeing with the majority
+
+
+def get_project(session: Session, name: str | None = None) -> Project:
+    query = select(Project) if name is None else select(Project).where(Project.name == name)
+    project = session.scalars(query.order_by(Project.id)).first()
+    if project is None:
+        raise LookupError(f"no project {name!r} in this store" if name else "no project in this store; run `loop init` first")
+    return project
+
+
+def resolve_label(events: list[LabelEvent]) -> CurrentLabel:
+    """The current label from one image's events, oldest first.
+
+    An annotator's answer supersedes the imported label (it is not a vote against it). Each annotator counts
+    once, with their latest answer; several annotators -> majority; a tie is kept out of training, never guessed.
+    """
+    imported: str | None = None
+    votes: dict[str, str | None] = {}
+    vote_source: dict[str, str] = {}
+    for event in events:
+        if event.action == "skip":
+            continue
+        value = event.label if event.action == "set" else None
+        if event.source in ANNOTATOR_SOURCES:
+            key = f"{event.source}:{event.annotator or ''}"
+            votes[key] = value
+            vote_source[key] = event.source
+        else:
+            imported = value
+    live_votes = {who: label for who, label in votes.items() if label is not None}
+    if live_votes:
+        counts = Counter(live_votes.values()).most_common()
+        top_label, top_count = counts[0]
+        agreement = top_count / len(live_votes)
+        if len(counts) > 1 and counts[1][1] == top_count:
+            return CurrentLabel(None, "annotator", "tie", len(live_votes), agreement)
+        source = "oracle" if all(vote_source[w] == "oracle" for w in live_votes) else "annotator"
+        return CurrentLabel(top_label, source, "labeled", len(live_votes), agreement)
+    if imported is not None:
+        return CurrentLabel(imported, "import", "labeled")
+    return CurrentLabel(None, None, "unlabeled")
+
+
+def current_labels(session: Session, project_id: int) -> dict[int, CurrentLabel]:
+    """image id -> current label, for every image of the project that has any label event."""
+    rows = session.execute(
+        select(LabelEvent).join(Image, Image.id == LabelEvent.image_id).where(Image.project_id == project_id).order_by(LabelEvent.id)
+    ).scalars()
+    events_by_image: dict[int, list[LabelEvent]] = defaultdict(list)
+    for event in rows:
+        events_by_image[event.image_id].append(event)
+    return {image_id: resolve_label(events) for image_id, events in events_by_image.items()}
+
+
+def images_by_id(session: Session, project_id: int, *, only_ok: bool = True) -> dict[int, Image]:
+    query = select(Image).where(Image.project_id == project_id)
+    if only_ok:
+        query = query.where(Image.status == "ok")
+    return {image.id: image for image in session.scalars(query.order_by(Image.id))}
+
+
+def latest_completed_round(session: Session, project_id: int) -> Round | None:
+    return session.scalars(
+        select(Round).where(Round.project_id == project_id, Round.status == "completed").order_by(Round.number.desc())
+    ).first()
+
+
+def next_round_number(session: Session, project_id: int) -> int:
+    last = session.scalars(select(Round.number).where(Round.project_id == project_id).order_by(Round.number.desc())).first()
+    return (last or 0) + 1

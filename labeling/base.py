@@ -1,0 +1,76 @@
+"""The one small interface every annotator backend implements, and the registry that finds one by name."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.orm import Session
+
+from store.models import Project
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """One image the loop wants labeled, with the model's guess and why it was picked."""
+
+    image_id: int
+    image_path: str
+    sha256: str
+    reason: str  # uncertain | rare_class | diverse | suspected_label_error | random | cold_start
+    predicted_label: str | None = None
+    prediction_score: float | None = None  # model confidence in predicted_label, 0..1
+    probabilities: dict[str, float] = field(default_factory=dict)
+    current_label: str | None = None  # shown for suspected label errors
+    round_number: int | None = None
+
+
+@dataclass
+class PullReport:
+    new_label_events: int = 0
+    deleted: int = 0
+    skipped: int = 0
+    rejected: int = 0
+    warnings: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # e.g. annotator agreement
+
+
+@dataclass
+class PushReport:
+    pushed: int = 0
+    already_present: int = 0
+    pending: int = 0  # could not be pushed now (backend down): retried next round
+    warnings: list[str] = field(default_factory=list)
+
+
+class AnnotatorBackend(Protocol):
+    name: str
+
+    def pull(self, *, session: Session, project: Project, round_id: int | None) -> PullReport:
+        """Turn every answer given since the last pull into label events (append-only)."""
+
+    def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest]) -> PushReport:
+        """Hand the batch to annotators; idempotent (pushing the same image twice never duplicates a task)."""
+
+
+BackendFactory = Callable[..., AnnotatorBackend]
+_BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
+    def decorator(factory: BackendFactory) -> BackendFactory:
+        _BACKENDS[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def create_backend(name: str, **options: Any) -> AnnotatorBackend:
+    """create_backend("oracle", manifest=..., noise_rate=0.1): like timm's create_model, by name."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown annotator backend {name!r}; available: {', '.join(available_backends())}")
+    return _BACKENDS[name](**options)
