@@ -1,0 +1,125 @@
+"""`loop.toml`: the project's configuration, validated with pydantic (a typo or a bad value is a clear error)."""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_FILE = "loop.toml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GatesConfig(Strict):
+    macro_f1_min: float = Field(0.70, ge=0, le=1)
+    defect_recall_min: float = Field(0.85, ge=0, le=1)
+    negative_fpr_max: float = Field(0.03, ge=0, le=1)
+    latency_ms_max: float = Field(30.0, gt=0)
+
+
+class ModelConfig(Strict):
+    backbone: str = "efficientnet_lite0"
+    weights: str = "default"  # default | none | path to a state dict
+    image_size: int = Field(224, ge=32, le=1024)
+    train: str = "head"  # head | finetune | full
+    init_from: str | None = None  # another project dir or checkpoint (domain transfer)
+    threshold_source: Literal["auto", "validation", "out_of_fold"] = "auto"
+    threshold_confidence: float = Field(0.9, gt=0.5, lt=1)
+    latency_threads: int = Field(2, ge=1, le=64)
+
+
+class SplitConfig(Strict):
+    test_fraction: float = Field(0.20, gt=0, lt=1)
+    validation_fraction: float = Field(0.15, ge=0, lt=1)
+    seed: int = 0
+
+
+class LoopConfig(Strict):
+    budget_per_round: int = Field(20, ge=0)
+    strategy: str = "margin"
+    relabel_budget: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class AnnotatorConfig(Strict):
+    backend: str = "none"  # none | oracle | labelstudio
+    oracle_manifest: str | None = None  # CSV path,label: ground truth the simulated annotator answers from
+    oracle_noise: float = Field(0.0, ge=0, le=1)
+    labelstudio_url: str | None = None  # or env LABEL_STUDIO_URL
+    labelstudio_api_key: str | None = None  # or env LABEL_STUDIO_API_KEY
+
+    @model_validator(mode="after")
+    def _oracle_needs_manifest(self) -> "AnnotatorConfig":
+        if self.backend == "oracle" and not self.oracle_manifest:
+            raise ValueError("annotator.backend = 'oracle' needs annotator.oracle_manifest (a CSV path,label)")
+        return self
+
+
+class ProjectConfig(Strict):
+    name: str
+    classes: list[str] = Field(min_length=2)
+    negative_class: str | None = None
+    class_descriptions: dict[str, str] = Field(default_factory=dict)
+    database_url: str | None = None  # default: sqlite:///<project dir>/loop.db; env LOOP_DATABASE_URL wins
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+    annotator: AnnotatorConfig = Field(default_factory=AnnotatorConfig)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, classes: list[str]) -> list[str]:
+        cleaned = [c.strip() for c in classes]
+        if any(not c for c in cleaned):
+            raise ValueError("class names must not be empty")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError(f"duplicate class names in {cleaned}")
+        return cleaned
+
+    @model_validator(mode="after")
+    def _negative_is_a_class(self) -> "ProjectConfig":
+        if self.negative_class is not None and self.negative_class not in self.classes:
+            raise ValueError(f"negative_class {self.negative_class!r} is not one of the classes {self.classes}")
+        unknown = set(self.class_descriptions) - set(self.classes)
+        if unknown:
+            raise ValueError(f"class_descriptions names unknown classes: {sorted(unknown)}")
+        return self
+
+    @property
+    def negative_index(self) -> int | None:
+        return None if self.negative_class is None else self.classes.index(self.negative_class)
+
+
+class ConfigError(ValueError):
+    """loop.toml is missing, unreadable or invalid; the message says which key and why."""
+
+
+def config_path(project_dir: Path) -> Path:
+    return project_dir / CONFIG_FILE
+
+
+def load_config(project_dir: Path) -> ProjectConfig:
+    path = config_path(project_dir)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: is {project_dir} a defect-loop project? Create one with `loop init {project_dir} --classes ...`")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from error
+    try:
+        return ProjectConfig.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"{path}: {problems}") from error
+
+
+def save_config(project_dir: Path, config: ProjectConfig) -> Path:
+    path = config_path(project_dir)
+    path.write_text(tomli_w.dumps(config.model_dump(mode="json", exclude_none=True)))
+    return path

@@ -1,0 +1,230 @@
+"""`loop ingest`: reference images in place (absolute path + content hash), detect the layout, quarantine what
+does not decode, and split: the test split is frozen at the first ingest and only ever grows."""
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
+from sqlalchemy import func, select
+
+from loop.project import ProjectContext
+from modeling.progress import progress_bar
+from store import session_scope
+from store.models import Image, IngestBatch, LabelEvent
+from store.queries import get_project
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+MVTEC_GOOD = "good"
+
+
+class IngestError(ValueError):
+    """The source cannot be ingested as asked; nothing was stored."""
+
+
+@dataclass
+class SourceFile:
+    path: Path
+    label: str | None
+
+
+@dataclass
+class IngestReport:
+    layout: str
+    n_files: int = 0
+    n_new_images: int = 0
+    n_duplicates: int = 0
+    n_already_known: int = 0
+    n_quarantined: int = 0
+    split_counts: dict[str, int] = field(default_factory=dict)
+    label_counts: dict[str, int] = field(default_factory=dict)
+    quarantined: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _images_below(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if is_image_file(p))
+
+
+def discover_source(source: Path, *, unlabeled: bool) -> tuple[str, list[SourceFile], list[str]]:
+    """(layout, files with labels, notes). Layouts: manifest (CSV path,label), mvtec, folders, unlabeled."""
+    if not source.exists():
+        raise IngestError(f"{source} does not exist")
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise IngestError(f"{source} is a file but not a CSV manifest (path,label)")
+        return "manifest", _read_manifest(source, unlabeled=unlabeled), []
+    if unlabeled:
+        files = [SourceFile(p, None) for p in _images_below(source)]
+        return "unlabeled", _nonempty(files, source), []
+    if (source / "train" / MVTEC_GOOD).is_dir() and (source / "test").is_dir():
+        files = [SourceFile(p, MVTEC_GOOD) for p in _images_below(source / "train" / MVTEC_GOOD)]
+        for class_dir in sorted(d for d in (source / "test").iterdir() if d.is_dir()):
+            files += [SourceFile(p, class_dir.name) for p in _images_below(class_dir)]
+        note = ("MVTec AD layout: its train/ folder holds only good parts, so train/ and test/ are pooled and "
+                "defect-loop draws its own stratified split (ground_truth/ masks are not used)")
+        return "mvtec", _nonempty(files, source), [note]
+    class_dirs = sorted(d for d in source.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = [SourceFile(p, d.name) for d in class_dirs for p in _images_below(d)]
+    loose = [p for p in source.iterdir() if is_image_file(p)]
+    if loose and files:
+        raise IngestError(f"{source} mixes class folders with {len(loose)} loose images; move them into a class folder or ingest with --unlabeled")
+    if loose:
+        raise IngestError(f"{source} holds images but no class folders: ingest it with --unlabeled, or give a CSV manifest (path,label)")
+    return "folders", _nonempty(files, source), []
+
+
+def _nonempty(files: list[SourceFile], source: Path) -> list[SourceFile]:
+    if not files:
+        raise IngestError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {source}")
+    return files
+
+
+def _read_manifest(manifest: Path, *, unlabeled: bool) -> list[SourceFile]:
+    with open(manifest, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise IngestError(f"{manifest}: the first line must be a header with a 'path' column (and optionally 'label')")
+        rows = list(reader)
+    files, missing = [], []
+    for line_number, row in enumerate(rows, start=2):
+        raw_path = (row.get("path") or "").strip()
+        if not raw_path:
+            raise IngestError(f"{manifest}:{line_number}: empty path")
+        path = Path(raw_path) if Path(raw_path).is_absolute() else manifest.parent / raw_path
+        if not path.is_file():
+            missing.append(f"{raw_path} (line {line_number})")
+            continue
+        label = None if unlabeled else ((row.get("label") or "").strip() or None)
+        files.append(SourceFile(path, label))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise IngestError(f"{manifest}: {len(missing)} listed files do not exist: {shown}")
+    return _nonempty(files, manifest)
+
+
+def inspect_file(path: Path) -> tuple[str, int, int, int | None, int | None, str | None]:
+    """(sha256, size, mtime_ns, width, height, quarantine reason or None)."""
+    data = path.read_bytes()
+    stat = path.stat()
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        with PILImage.open(path) as image:
+            image.load()  # decodes every pixel: a truncated file fails here, not in the middle of a round
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        return sha, stat.st_size, stat.st_mtime_ns, None, None, f"cannot decode: {type(error).__name__}: {error}"
+    if width < 8 or height < 8:
+        return sha, stat.st_size, stat.st_mtime_ns, width, height, f"too small ({width}x{height})"
+    return sha, stat.st_size, stat.st_mtime_ns, width, height, None
+
+
+def assign_splits(labels_by_key: dict[str, str], *, test_fraction: float, validation_fraction: float, seed: int) -> dict[str, str]:
+    """Stratified per class: round(test_fraction * n) to test, then round(validation_fraction * rest) to validation.
+    A class with a single image goes to train (it cannot be both learned and measured)."""
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for key, label in sorted(labels_by_key.items()):
+        by_class[label].append(key)
+    rng = np.random.default_rng(seed)
+    splits: dict[str, str] = {}
+    for label in sorted(by_class):
+        keys = by_class[label]
+        order = [keys[i] for i in rng.permutation(len(keys))]
+        n_test = int(round(test_fraction * len(order))) if len(order) >= 2 else 0
+        rest = order[n_test:]
+        n_validation = int(round(validation_fraction * len(rest))) if len(rest) >= 3 else 0
+        for index, key in enumerate(order):
+            splits[key] = "test" if index < n_test else ("validation" if index < n_test + n_validation else "train")
+    return splits
+
+
+def split_for_new_label(sha256: str, *, validation_fraction: float, seed: int) -> str:
+    """Images labeled after ingest (by annotators) join train or validation, never test: a stable draw by hash."""
+    draw = int(hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "validation" if draw < validation_fraction else "train"
+
+
+def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False, show_progress: bool = True) -> IngestReport:
+    source = source.expanduser().resolve()
+    layout, files, notes = discover_source(source, unlabeled=unlabeled)
+    classes = set(ctx.config.classes)
+    unknown = Counter(f.label for f in files if f.label is not None and f.label not in classes)
+    if unknown:
+        listed = ", ".join(f"{label!r} ({count} files)" for label, count in sorted(unknown.items()))
+        raise IngestError(f"unknown classes in {source}: {listed}. The project's classes are {sorted(classes)}; "
+                          "add them to loop.toml `classes` or fix the labels. Nothing was stored.")
+    report = IngestReport(layout=layout, n_files=len(files), notes=list(notes))
+    inspected: list[tuple[SourceFile, tuple]] = []
+    with progress_bar(f"checking {len(files)} files", total=len(files), enabled=show_progress) as advance:
+        for file in files:
+            inspected.append((file, inspect_file(file.path)))
+            advance(1)
+
+    with session_scope(ctx.engine) as session:
+        project = get_project(session)
+        known = {img.sha256: img for img in session.scalars(select(Image).where(Image.project_id == project.id))}
+        first_ingest = not session.scalar(select(func.count()).select_from(Image).where(Image.project_id == project.id, Image.split == "test"))
+        batch = IngestBatch(project_id=project.id, source=str(source), layout=layout, notes={})
+        session.add(batch)
+        session.flush()
+
+        new_images: dict[str, Image] = {}
+        new_labels: dict[str, str] = {}
+        label_for_known: list[tuple[Image, str]] = []
+        for file, (sha, size, mtime_ns, width, height, reason) in inspected:
+            existing = known.get(sha) or new_images.get(sha)
+            if existing is not None:
+                if str(file.path) != existing.path and str(file.path) not in existing.duplicate_paths:
+                    existing.duplicate_paths = [*existing.duplicate_paths, str(file.path)]
+                if sha in new_images:
+                    report.n_duplicates += 1
+                    if file.label and sha in new_labels and new_labels[sha] != file.label:
+                        report.notes.append(f"byte-identical files with different labels: {existing.path} ({new_labels[sha]}) and {file.path} ({file.label}); the first label is kept")
+                else:
+                    report.n_already_known += 1
+                    if file.label and existing.status == "ok":
+                        label_for_known.append((existing, file.label))
+                continue
+            image = Image(
+                project_id=project.id, sha256=sha, path=str(file.path), duplicate_paths=[], size_bytes=size, mtime_ns=mtime_ns,
+                width=width, height=height, status="ok" if reason is None else "quarantined", status_reason=reason,
+                split="pool", ingest_batch_id=batch.id,
+            )
+            new_images[sha] = image
+            if reason is not None:
+                report.n_quarantined += 1
+                report.quarantined.append((str(file.path), reason))
+            elif file.label is not None:
+                new_labels[sha] = file.label
+
+        fractions = ctx.config.split
+        splits = assign_splits(new_labels, test_fraction=fractions.test_fraction, validation_fraction=fractions.validation_fraction, seed=fractions.seed + batch.id)
+        for sha, image in new_images.items():
+            if sha in splits:
+                image.split = splits[sha]
+            session.add(image)
+        session.flush()
+        for sha, label in new_labels.items():
+            session.add(LabelEvent(image_id=new_images[sha].id, label=label, source="import", annotator=f"ingest:{batch.id}"))
+        for image, label in label_for_known:
+            if image.split == "pool":  # labeled now: joins train/validation, never test
+                image.split = split_for_new_label(image.sha256, validation_fraction=fractions.validation_fraction, seed=fractions.seed)
+            session.add(LabelEvent(image_id=image.id, label=label, source="import", annotator=f"ingest:{batch.id}"))
+
+        report.n_new_images = len(new_images)
+        report.split_counts = dict(Counter(img.split for img in new_images.values() if img.status == "ok"))
+        report.label_counts = dict(Counter(new_labels.values()))
+        if first_ingest and new_labels:
+            report.notes.append(f"test split frozen now: {report.split_counts.get('test', 0)} images; later ingests only add to it")
+        batch.n_files, batch.n_new_images, batch.n_duplicates, batch.n_quarantined = report.n_files, report.n_new_images, report.n_duplicates, report.n_quarantined
+        batch.notes = {"notes": report.notes, "split_counts": report.split_counts, "label_counts": report.label_counts, "already_known": report.n_already_known}
+    return report

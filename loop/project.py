@@ -1,0 +1,77 @@
+"""A project directory: loop.toml, the store URL, where artifacts and caches live, and the round lock."""
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from loop.config import ProjectConfig, load_config
+from store import create_db_engine
+
+
+class ProjectBusy(RuntimeError):
+    """Another `loop round` (or ingest) holds this project's lock."""
+
+
+@dataclass
+class ProjectContext:
+    root: Path
+    config: ProjectConfig
+    engine: Engine
+
+    @property
+    def database_url(self) -> str:
+        return database_url_for(self.root, self.config)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.root / "artifacts"
+
+    def round_dir(self, number: int) -> Path:
+        path = self.artifacts_dir / f"round-{number:03d}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def database_url_for(root: Path, config: ProjectConfig) -> str:
+    return os.environ.get("LOOP_DATABASE_URL") or config.database_url or f"sqlite:///{(root / 'loop.db').resolve()}"
+
+
+def open_project(root: Path) -> ProjectContext:
+    root = root.expanduser().resolve()
+    config = load_config(root)
+    return ProjectContext(root, config, create_db_engine(database_url_for(root, config)))
+
+
+@contextmanager
+def project_lock(root: Path, *, action: str) -> Iterator[None]:
+    """One writer at a time per project: a second `loop round` fails at once with who holds the lock."""
+    lock_path = root / ".loop.lock"
+    handle = open(lock_path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ProjectBusy(f"project {root} is busy: {holder}. Wait for it to finish (nothing was changed).") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{action} running as pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        handle.seek(0)
+        handle.truncate()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
