@@ -1,0 +1,119 @@
+"""The managers' API: `create_app(settings)` builds it; `serve(project_dir, host, port)` runs it with uvicorn.
+
+Auth: `Authorization: Bearer <LOOP_API_TOKEN>` (full access) or `<LOOP_API_READ_TOKEN>` (read-only); the dashboard
+and /images also take the token as `?token=`. /health is open. Label Studio's webhook uses its own secret header.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import SecretStr
+from sqlalchemy.orm import sessionmaker
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api import dashboard
+from api.routes import health, images, predict, projects, rounds, webhooks
+from api.settings import STORE_FILENAME, Settings
+from store.db import create_db_engine
+
+logger = logging.getLogger("defect_loop.api")
+
+
+class RequestSizeLimit:
+    """Refuse a request whose declared body is larger than the upload limits allow, before reading it."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+                detail = f"request body larger than the limit of {self.max_bytes} bytes" if length.isdigit() else "invalid Content-Length"
+                status_code = 413 if length.isdigit() else 400
+                await JSONResponse(status_code=status_code, content={"detail": detail})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _check_store(url: str) -> None:
+    """A missing SQLite file would be created empty by the driver: say where the store was expected instead."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and ":memory:" not in url:
+        path = Path(url[len(prefix):].split("?", 1)[0])
+        if not path.is_file():
+            raise FileNotFoundError(f"no store at {path}: run `loop init` in that project directory, or set LOOP_DATABASE_URL")
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse(status_code=500, content={"detail": "internal server error (logged)"})
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API over one store (settings.store_url: LOOP_DATABASE_URL, else <project dir>/loop.db)."""
+    settings = settings or Settings()
+    url = settings.store_url
+    _check_store(url)
+    engine = create_db_engine(url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="defect-loop API",
+        summary="Rounds, gates, labels and predictions of a defect-loop project",
+        description=(
+            "Send `Authorization: Bearer <token>`: LOOP_API_TOKEN (full access) or LOOP_API_READ_TOKEN (read-only). "
+            "Open the dashboard in a browser as `/dashboard?token=<token>`. `/health` is open."
+        ),
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = sessionmaker(engine, expire_on_commit=False)
+    app.state.model_cache = {}
+    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_exception_handler(Exception, _unhandled)
+    for module in (health, projects, rounds, images, predict, webhooks, dashboard):
+        app.include_router(module.router)
+    return app
+
+
+def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, settings: Settings | None = None,
+          log_level: str = "info") -> None:
+    """Serve a project's store; prints the dashboard URL. With no token configured, makes one for this run and prints it."""
+    import uvicorn
+
+    base = settings or Settings()
+    overrides: dict[str, Any] = {"project_dir": Path(project_dir)}
+    if base.api_token is None and base.api_read_token is None:
+        overrides["api_token"] = SecretStr(secrets.token_urlsafe(24))
+        overrides["api_read_token"] = SecretStr(secrets.token_urlsafe(24))
+    effective = base.model_copy(update=overrides)
+    app = create_app(effective)
+    shown_host = f"[{host}]" if ":" in host else host
+    url = f"http://{shown_host}:{port}"
+    read_token = (effective.api_read_token or effective.api_token).get_secret_value()
+    print(f"defect-loop API on {url}  (store: {effective.store_url})")
+    print(f"  dashboard: {url}/dashboard?token={read_token}")
+    print(f"  API docs:  {url}/docs")
+    if "api_token" in overrides:
+        print(f"  tokens for this run (set LOOP_API_TOKEN / LOOP_API_READ_TOKEN to choose your own):")
+        print(f"    full access: {effective.api_token.get_secret_value()}")
+        print(f"    read-only:   {effective.api_read_token.get_secret_value()}")
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+__all__ = ["create_app", "serve", "Settings", "STORE_FILENAME"]

@@ -1,0 +1,389 @@
+"""The managers' dashboard: one HTML page with charts drawn as server-rendered SVG (no JavaScript, no build step).
+
+Opened in a browser as /dashboard?token=<read token> (a page opened directly sends no Authorization header);
+a Bearer header works as well. Every text that comes from the store is escaped.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from html import escape
+from typing import Annotated
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import HTMLResponse
+
+from api.dependencies import BrowserReadScope, SessionDep
+from api.schemas import ErrorOut
+from store import reports
+from store.reports import ConfusionMatrix, GateSeries, LabelIssueRow, ProgressSeries, RoundReport
+
+router = APIRouter(tags=["dashboard"])
+
+# Colour-blind-friendly palette (Okabe-Ito), then greys.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000", "#777777", "#BBBBBB")
+SOURCE_COLORS = {"import": "#999999", "annotator": "#0072B2", "oracle": "#E69F00"}
+PASS_COLOR, FAIL_COLOR, NA_COLOR = "#1a9850", "#d73027", "#999999"
+ISSUE_QUEUE_ROWS = 25
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Plot area inside an SVG of width x height."""
+
+    width: int = 460
+    height: int = 220
+    left: int = 48
+    right: int = 16
+    top: int = 30
+    bottom: int = 36
+
+    @property
+    def plot_width(self) -> float:
+        return self.width - self.left - self.right
+
+    @property
+    def plot_height(self) -> float:
+        return self.height - self.top - self.bottom
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:.{max(digits - 1, 1)}f}".rstrip("0").rstrip(".")
+
+
+def _nice_max(value: float) -> float:
+    if value <= 0:
+        return 1.0
+    exponent = math.floor(math.log10(value))
+    for step in (1, 2, 2.5, 5, 10):
+        candidate = step * 10**exponent
+        if candidate >= value:
+            return candidate
+    return 10 ** (exponent + 1)
+
+
+def _y_range(values: Sequence[float | None], extra: Sequence[float | None] = ()) -> tuple[float, float]:
+    seen = [v for v in (*values, *extra) if v is not None and math.isfinite(v)]
+    if not seen:
+        return 0.0, 1.0
+    low, high = min(seen), max(seen)
+    if low >= 0 and 0.5 <= high <= 1:
+        return 0.0, 1.0
+    # Small rates (an FPR near its 3% gate) and unbounded values (latency in ms) get a zoomed axis.
+    return (min(0.0, low), _nice_max(high * 1.15))
+
+
+def _x_positions(n: int, frame: Frame) -> list[float]:
+    if n == 1:
+        return [frame.left + frame.plot_width / 2]
+    step = frame.plot_width / (n - 1)
+    return [frame.left + i * step for i in range(n)]
+
+
+def _y_of(value: float, y_low: float, y_high: float, frame: Frame) -> float:
+    span = (y_high - y_low) or 1.0
+    clamped = min(max(value, y_low), y_high)
+    return frame.top + frame.plot_height * (1 - (clamped - y_low) / span)
+
+
+def _axes(x_labels: Sequence[str], xs: Sequence[float], y_low: float, y_high: float, frame: Frame) -> list[str]:
+    parts = []
+    for i in range(5):
+        value = y_low + (y_high - y_low) * i / 4
+        y = _y_of(value, y_low, y_high, frame)
+        parts.append(f'<line class="grid" x1="{frame.left}" x2="{frame.width - frame.right}" y1="{y:.1f}" y2="{y:.1f}"/>')
+        parts.append(f'<text class="tick" x="{frame.left - 6}" y="{y + 4:.1f}" text-anchor="end">{escape(_fmt(value, 2))}</text>')
+    # At most ~12 round labels under the axis; every point still has its own tooltip.
+    every = max(1, math.ceil(len(x_labels) / 12))
+    for i, (label, x) in enumerate(zip(x_labels, xs)):
+        if i % every == 0 or i == len(x_labels) - 1:
+            parts.append(f'<text class="tick xlabel" x="{x:.1f}" y="{frame.height - frame.bottom + 16}" text-anchor="middle">{escape(label)}</text>')
+    parts.append(f'<text class="axis-title" x="{frame.left + frame.plot_width / 2:.1f}" y="{frame.height - 4}" text-anchor="middle">round</text>')
+    return parts
+
+
+def _svg_open(chart_id: str, title: str, frame: Frame, rounds: Sequence[int]) -> str:
+    return (
+        f'<svg class="chart" role="img" viewBox="0 0 {frame.width} {frame.height}" data-chart="{escape(chart_id)}" '
+        f'data-rounds="{",".join(str(r) for r in rounds)}" aria-label="{escape(title)}">'
+        f'<title>{escape(title)}</title>'
+    )
+
+
+def gate_chart(gate: GateSeries, round_numbers: Sequence[int], frame: Frame = Frame()) -> str:
+    """A gate's value per round, each point green (pass) / red (fail) / grey (not applicable), with its threshold line."""
+    y_low, y_high = _y_range(gate.values, [gate.threshold])
+    xs = _x_positions(len(round_numbers), frame)
+    title = f"{gate.name} ({gate.comparison} {_fmt(gate.threshold)})"
+    parts = [_svg_open(f"gate:{gate.name}", title, frame, round_numbers)]
+    if gate.threshold is not None:
+        y = _y_of(gate.threshold, y_low, y_high, frame)
+        # Shade the failing side so a glance tells which way is good.
+        fail_top, fail_bottom = (y, frame.top + frame.plot_height) if gate.comparison == ">=" else (frame.top, y)
+        parts.append(f'<rect class="fail-zone" x="{frame.left}" y="{fail_top:.1f}" width="{frame.plot_width:.1f}" height="{max(fail_bottom - fail_top, 0):.1f}"/>')
+    parts += _axes([f"R{n}" for n in round_numbers], xs, y_low, y_high, frame)
+    if gate.threshold is not None:
+        y = _y_of(gate.threshold, y_low, y_high, frame)
+        parts.append(f'<line class="threshold" x1="{frame.left}" x2="{frame.width - frame.right}" y1="{y:.1f}" y2="{y:.1f}"/>')
+        parts.append(f'<text class="threshold-label" x="{frame.width - frame.right}" y="{y - 5:.1f}" text-anchor="end">threshold {escape(gate.comparison)} {escape(_fmt(gate.threshold))}</text>')
+    parts.append(_polyline(xs, gate.values, y_low, y_high, frame, "#333333"))
+    for x, number, value, passed, applicable in zip(xs, round_numbers, gate.values, gate.passed, gate.applicable):
+        if value is None:
+            continue
+        color = NA_COLOR if applicable is False or passed is None else (PASS_COLOR if passed else FAIL_COLOR)
+        verdict = "not applicable" if applicable is False else ("pass" if passed else "fail" if passed is not None else "–")
+        y = _y_of(value, y_low, y_high, frame)
+        parts.append(
+            f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{color}" data-round="{number}" data-value="{value:.6g}">'
+            f'<title>round {number}: {escape(_fmt(value, 4))} ({verdict})</title></circle>'
+        )
+    parts.append(f'<text class="chart-title" x="{frame.left}" y="18">{escape(title)}</text></svg>')
+    return "".join(parts)
+
+
+def _polyline(xs: Sequence[float], values: Sequence[float | None], y_low: float, y_high: float, frame: Frame, color: str) -> str:
+    """Line segments between consecutive known values (a round that recorded nothing leaves a gap)."""
+    segments: list[list[str]] = [[]]
+    for x, value in zip(xs, values):
+        if value is None:
+            segments.append([])
+        else:
+            segments[-1].append(f"{x:.1f},{_y_of(value, y_low, y_high, frame):.1f}")
+    return "".join(
+        f'<polyline class="series" fill="none" stroke="{color}" stroke-width="2" points="{" ".join(points)}"/>'
+        for points in segments if len(points) > 1
+    )
+
+
+def multi_line_chart(chart_id: str, title: str, series: dict[str, list[float | None]], round_numbers: Sequence[int],
+                     frame: Frame = Frame(width=560, height=250)) -> str:
+    y_low, y_high = _y_range([v for values in series.values() for v in values])
+    xs = _x_positions(len(round_numbers), frame)
+    parts = [_svg_open(chart_id, title, frame, round_numbers)]
+    parts += _axes([f"R{n}" for n in round_numbers], xs, y_low, y_high, frame)
+    for index, (name, values) in enumerate(series.items()):
+        color = PALETTE[index % len(PALETTE)]
+        parts.append(_polyline(xs, values, y_low, y_high, frame, color))
+        for x, number, value in zip(xs, round_numbers, values):
+            if value is not None:
+                parts.append(
+                    f'<circle class="point" cx="{x:.1f}" cy="{_y_of(value, y_low, y_high, frame):.1f}" r="3.5" fill="{color}" '
+                    f'data-series="{escape(name)}" data-round="{number}" data-value="{value:.6g}">'
+                    f'<title>{escape(name)}, round {number}: {escape(_fmt(value, 4))}</title></circle>'
+                )
+    parts.append(f'<text class="chart-title" x="{frame.left}" y="18">{escape(title)}</text></svg>')
+    return "".join(parts) + _legend({name: PALETTE[i % len(PALETTE)] for i, name in enumerate(series)})
+
+
+def stacked_bar_chart(chart_id: str, title: str, stacks: dict[str, list[int]], round_numbers: Sequence[int],
+                      colors: dict[str, str], frame: Frame = Frame(width=560, height=250)) -> str:
+    totals = [sum(values[i] for values in stacks.values()) for i in range(len(round_numbers))]
+    y_low, y_high = 0.0, _nice_max(max(totals, default=0) * 1.05)
+    xs = _x_positions(len(round_numbers), frame) if len(round_numbers) > 1 else [frame.left + frame.plot_width / 2]
+    slot = frame.plot_width / max(len(round_numbers), 1)
+    bar_width = max(2.0, min(36.0, slot * 0.7))
+    # Bars need room at the ends: spread their centres over the width minus one slot.
+    if len(round_numbers) > 1:
+        xs = [frame.left + slot / 2 + i * slot for i in range(len(round_numbers))]
+    parts = [_svg_open(chart_id, title, frame, round_numbers)]
+    parts += _axes([f"R{n}" for n in round_numbers], xs, y_low, y_high, frame)
+    for i, (x, number) in enumerate(zip(xs, round_numbers)):
+        base = 0.0
+        for name, values in stacks.items():
+            value = values[i]
+            if value <= 0:
+                continue
+            y_top, y_bottom = _y_of(base + value, y_low, y_high, frame), _y_of(base, y_low, y_high, frame)
+            parts.append(
+                f'<rect class="bar" x="{x - bar_width / 2:.1f}" y="{y_top:.1f}" width="{bar_width:.1f}" height="{y_bottom - y_top:.1f}" '
+                f'fill="{colors.get(name, "#555555")}" data-series="{escape(name)}" data-round="{number}" data-value="{value}">'
+                f'<title>round {number}: {value} {escape(name)}</title></rect>'
+            )
+            base += value
+        if len(round_numbers) <= 20:
+            parts.append(f'<text class="bar-total" x="{x:.1f}" y="{_y_of(base, y_low, y_high, frame) - 4:.1f}" text-anchor="middle">{totals[i]}</text>')
+    parts.append(f'<text class="chart-title" x="{frame.left}" y="18">{escape(title)}</text></svg>')
+    return "".join(parts) + _legend({name: colors.get(name, "#555555") for name in stacks})
+
+
+def _legend(colors: dict[str, str]) -> str:
+    items = "".join(f'<span class="legend-item"><span class="swatch" style="background:{c}"></span>{escape(n)}</span>' for n, c in colors.items())
+    return f'<div class="legend">{items}</div>'
+
+
+def confusion_matrix_table(matrix: ConfusionMatrix, round_number: int) -> str:
+    """Counts, each cell shaded by its share of the true class's row (the diagonal is recall)."""
+    header = "".join(f'<th scope="col" class="pred">{escape(label)}</th>' for label in matrix.labels)
+    rows = []
+    for label, row in zip(matrix.labels, matrix.matrix):
+        total = sum(row) or 1.0
+        cells = []
+        for j, count in enumerate(row):
+            share = count / total
+            is_diagonal = matrix.labels[j] == label
+            hue = "0,114,178" if is_diagonal else "213,94,0"
+            text_color = "#fff" if share > 0.55 else "#111"
+            cells.append(
+                f'<td class="cm-cell" style="background:rgba({hue},{0.08 + 0.92 * share:.2f});color:{text_color}" '
+                f'title="true {escape(label)} → predicted {escape(matrix.labels[j])}: {_fmt(count)} ({share:.0%} of row)">{_fmt(count)}</td>'
+            )
+        rows.append(f'<tr><th scope="row">{escape(label)}</th>{"".join(cells)}</tr>')
+    return (
+        f'<table class="confusion" data-round="{round_number}"><caption>rows: true class · columns: predicted class</caption>'
+        f'<thead><tr><th></th>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    )
+
+
+def issue_queue_table(issues: Sequence[LabelIssueRow], total: int, round_number: int, round_id: int, token_query: str) -> str:
+    if not issues:
+        return '<p class="empty">No flagged label issues.</p>'
+    rows = []
+    for issue in issues:
+        changed = issue.current_label is not None and issue.current_label != issue.given_label
+        now = escape(issue.current_label or "unlabeled") + (" ✓ relabeled" if changed else "")
+        rows.append(
+            f'<tr class="issue" data-image-id="{issue.image_id}"><td>{issue.rank}</td>'
+            f'<td><img class="thumb" loading="lazy" alt="image {issue.image_id}" src="/images/{issue.image_id}{token_query}"></td>'
+            f'<td>{escape(issue.kind)}</td><td>{escape(issue.given_label or "–")}</td>'
+            f'<td><b>{escape(issue.suggested_label or "–")}</b></td><td>{_fmt(issue.score, 3)}</td><td>{now}</td></tr>'
+        )
+    more = (f'<p class="more">Showing {len(issues)} of {total}; the rest: <code>GET /rounds/{round_id}/label-issues?offset={len(issues)}</code></p>'
+            if total > len(issues) else "")
+    return (
+        f'<table class="issues" data-round="{round_number}"><thead><tr><th>#</th><th>image</th><th>kind</th><th>given</th>'
+        f'<th>suggested</th><th>quality</th><th>label now</th></tr></thead><tbody>{"".join(rows)}</tbody></table>{more}'
+    )
+
+
+def _summary_cards(progress: ProgressSeries, latest: RoundReport | None) -> str:
+    cards = [("rounds", str(len(progress.rounds)))]
+    if latest is not None:
+        summary = latest.summary
+        gates = f"{summary.n_gates_passed}/{summary.n_gates}" if summary.n_gates else "–"
+        verdict = "pass" if summary.all_gates_passed else ("fail" if summary.all_gates_passed is False else "na")
+        cards += [
+            ("latest round", f"R{summary.number} · {escape(summary.status)}"),
+            ("gates passed", f'<span class="verdict {verdict}">{gates}</span>'),
+            ("labeled images", str(latest.label_counts.total_labeled)),
+            ("flagged label issues", str(latest.n_flagged_label_issues)),
+            ("round time", f"{_fmt(summary.duration_s, 3)} s" if summary.duration_s is not None else "–"),
+        ]
+    return "".join(f'<div class="card"><div class="card-label">{label}</div><div class="card-value">{value}</div></div>' for label, value in cards)
+
+
+def _gate_table(latest: RoundReport) -> str:
+    rows = []
+    for gate in latest.gates:
+        verdict = "na" if not gate.applicable else ("pass" if gate.passed else "fail")
+        text = "n/a" if not gate.applicable else ("PASS" if gate.passed else "FAIL")
+        rows.append(f'<tr><td>{escape(gate.name)}</td><td>{_fmt(gate.value, 4)}</td><td>{escape(gate.comparison)} {_fmt(gate.threshold, 4)}</td>'
+                    f'<td class="verdict {verdict}">{text}</td></tr>')
+    return f'<table class="gates"><thead><tr><th>gate</th><th>value</th><th>needs</th><th></th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+STYLE = """
+*{box-sizing:border-box} body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f4f5f7;color:#1d1d1f}
+header{background:#1f2933;color:#fff;padding:12px 24px;display:flex;align-items:baseline;gap:16px}
+header h1{font-size:20px;margin:0} header .sub{color:#cbd2d9}
+main{max-width:1400px;margin:0 auto;padding:16px 24px}
+section{background:#fff;border-radius:8px;box-shadow:0 1px 2px rgba(0,0,0,.08);padding:12px 16px;margin-bottom:16px}
+section h2{font-size:16px;margin:0 0 8px}
+.cards{display:flex;gap:12px;flex-wrap:wrap;margin-bottom:16px}
+.card{background:#fff;border-radius:8px;box-shadow:0 1px 2px rgba(0,0,0,.08);padding:10px 16px;min-width:150px}
+.card-label{color:#52606d;font-size:12px;text-transform:uppercase;letter-spacing:.04em} .card-value{font-size:22px;font-weight:600}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:12px}
+.two{display:grid;grid-template-columns:1fr 1fr;gap:16px} @media (max-width:1100px){.two{grid-template-columns:1fr}}
+svg.chart{width:100%;height:auto;display:block}
+svg .grid{stroke:#e4e7eb} svg .tick{font-size:12px;fill:#52606d} svg .axis-title{font-size:11px;fill:#7b8794}
+svg .chart-title{font-size:14px;font-weight:600;fill:#1f2933} svg .threshold{stroke:#d73027;stroke-dasharray:6 4;stroke-width:1.5}
+svg .threshold-label{font-size:12px;fill:#d73027} svg .fail-zone{fill:#d73027;opacity:.06} svg .bar-total{font-size:10px;fill:#52606d}
+.legend{display:flex;flex-wrap:wrap;gap:10px;font-size:12px;margin:4px 0 0 48px} .swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:4px}
+table{border-collapse:collapse} th,td{padding:4px 8px;text-align:left;border-bottom:1px solid #eef0f2}
+table.confusion td{text-align:center;min-width:48px;border:1px solid #fff} table.confusion caption{caption-side:bottom;color:#7b8794;font-size:12px;padding-top:4px}
+table.issues img.thumb{width:56px;height:56px;object-fit:cover;border-radius:4px;background:#eee}
+.verdict.pass{color:#1a9850;font-weight:600} .verdict.fail{color:#d73027;font-weight:600} .verdict.na{color:#999}
+.empty,.more{color:#52606d} code{background:#f0f2f4;padding:1px 4px;border-radius:3px}
+"""
+
+
+def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, confusion: tuple[int, ConfusionMatrix] | None,
+                     issues: tuple[int, int, int, list[LabelIssueRow]] | None, token_query: str) -> str:
+    """The whole page. issues: (round id, round number, total flagged, first rows)."""
+    numbers = [r.number for r in progress.rounds]
+    if progress.gates:
+        gates_html = "".join(f'<div class="gate">{gate_chart(gate, numbers)}</div>' for gate in progress.gates)
+    else:
+        gates_html = '<p class="empty">No gate recorded yet.</p>'
+    labels_html = stacked_bar_chart(
+        "labels-by-source", "Labeled images per round, by source of the label",
+        {source: values for source, values in progress.labels_by_source.items() if any(values)} or progress.labels_by_source,
+        numbers, SOURCE_COLORS,
+    ) if numbers else '<p class="empty">No round yet.</p>'
+    f1 = reports.per_class_f1(progress)
+    f1_html = multi_line_chart("per-class-f1", "F1 per class (test split)", f1, numbers) if f1 else '<p class="empty">No per-class F1 recorded yet.</p>'
+    if confusion is not None:
+        cm_round, cm = confusion
+        cm_html = f"<h2>Confusion matrix · round {cm_round}</h2>{confusion_matrix_table(cm, cm_round)}"
+    else:
+        cm_html = '<h2>Confusion matrix</h2><p class="empty">No confusion matrix recorded yet.</p>'
+    if issues is not None:
+        issue_round_id, issue_round, total, rows = issues
+        issues_html = f"<h2>Label-issue queue · round {issue_round} ({total} flagged)</h2>" + issue_queue_table(rows, total, issue_round, issue_round_id, token_query)
+    else:
+        issues_html = '<h2>Label-issue queue</h2><p class="empty">No label issues recorded yet.</p>'
+    latest_html = ""
+    if latest is not None and latest.gates:
+        latest_html = f'<section><h2>Gates of round {latest.summary.number}</h2>{_gate_table(latest)}</section>'
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>defect-loop · {escape(progress.project_name)}</title><style>{STYLE}</style></head>
+<body><header><h1>defect-loop · {escape(progress.project_name)}</h1><span class="sub">project {progress.project_id} · managers' dashboard</span></header>
+<main>
+<div class="cards">{_summary_cards(progress, latest)}</div>
+<section id="gates"><h2>Gates over rounds</h2><div class="grid">{gates_html}</div></section>
+<div class="two">
+<section id="labels">{labels_html}</section>
+<section id="f1">{f1_html}</section>
+</div>
+<div class="two">
+<section id="confusion">{cm_html}</section>
+{latest_html}
+</div>
+<section id="issues">{issues_html}</section>
+</main></body></html>"""
+
+
+@router.get(
+    "/dashboard",
+    response_class=HTMLResponse,
+    responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}},
+    summary="The managers' dashboard (HTML); open /dashboard?token=<read token> in a browser",
+)
+def dashboard(
+    session: SessionDep,
+    _scope: BrowserReadScope,
+    token: Annotated[str | None, Query(description="read or full token (a browser sends no Authorization header)")] = None,
+    project_id: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="default: the store's first project")] = None,
+) -> HTMLResponse:
+    project = reports.get_project_or_none(session, project_id) if project_id is not None else reports.default_project(session)
+    if project is None:
+        raise HTTPException(404, detail="no such project in this store" if project_id is not None else "no project in this store yet; run `loop init`")
+    progress = reports.progress_series(session, project_id=project.id)
+    assert progress is not None
+    latest_round = next((r for r in reversed(progress.rounds) if r.status == "completed"), progress.rounds[-1] if progress.rounds else None)
+    latest = reports.round_report(session, round_id=latest_round.id) if latest_round else None
+    cm_round = reports.latest_round_with_confusion_matrix(session, project_id=project.id)
+    confusion = (cm_round.number, reports.confusion_matrix_of(cm_round.details)) if cm_round else None
+    issue_round = reports.latest_round_with_issues(session, project_id=project.id)
+    issues = None
+    if issue_round is not None:
+        page = reports.label_issue_queue(session, round_id=issue_round.id, limit=ISSUE_QUEUE_ROWS, offset=0)
+        issues = (issue_round.id, issue_round.number, page.total, page.items)
+    token_query = f"?{urlencode({'token': token})}" if token else ""
+    return HTMLResponse(render_dashboard(progress, latest=latest, confusion=confusion, issues=issues, token_query=escape(token_query)))

@@ -1,0 +1,93 @@
+"""Typed dependencies: settings, a read-only DB session, and the two token scopes (read, full)."""
+from __future__ import annotations
+
+import enum
+import hmac
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Path, Query, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.settings import Settings
+
+
+class Scope(str, enum.Enum):
+    read = "read"
+    full = "full"
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """A session that is never committed: reads never write."""
+    factory: sessionmaker[Session] = request.app.state.session_factory
+    session = factory()
+    try:
+        yield session
+    finally:
+        session.rollback()
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+_bearer = HTTPBearer(auto_error=False, description="LOOP_API_TOKEN (full access) or LOOP_API_READ_TOKEN (read-only)")
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def scope_of_token(token: str | None, settings: Settings) -> Scope:
+    """The scope a token grants; 401 when it grants none."""
+    if settings.api_token is None and settings.api_read_token is None:
+        raise _unauthorized("this server has no API token configured: set LOOP_API_TOKEN and/or LOOP_API_READ_TOKEN")
+    if not token:
+        raise _unauthorized("missing token: send `Authorization: Bearer <token>`")
+    if settings.api_token is not None and _same(token, settings.api_token.get_secret_value()):
+        return Scope.full
+    if settings.api_read_token is not None and _same(token, settings.api_read_token.get_secret_value()):
+        return Scope.read
+    raise _unauthorized("invalid token")
+
+
+def bearer_scope(
+    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Scope:
+    return scope_of_token(credentials.credentials if credentials else None, settings)
+
+
+def browser_scope(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    token: Annotated[str | None, Query(description="the read (or full) token, for pages and images opened in a browser")] = None,
+) -> Scope:
+    """A browser opening /dashboard (or an <img> in it) sends no Authorization header: accept ?token= as well."""
+    return scope_of_token(credentials.credentials if credentials else token, settings)
+
+
+def require_full(scope: Annotated[Scope, Depends(bearer_scope)]) -> Scope:
+    if scope is not Scope.full:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="this endpoint needs the full-access token (LOOP_API_TOKEN); the read-only token was sent")
+    return scope
+
+
+ReadScope = Annotated[Scope, Depends(bearer_scope)]
+BrowserReadScope = Annotated[Scope, Depends(browser_scope)]
+FullScope = Annotated[Scope, Depends(require_full)]
+
+Limit = Annotated[int, Query(ge=1, le=500, description="page size")]
+Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="items to skip")]
+# Store ids are 64-bit at most; a larger number is a 422, never a driver overflow (500).
+RowId = Annotated[int, Path(ge=1, le=2**63 - 1, description="store id")]

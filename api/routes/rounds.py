@@ -1,0 +1,51 @@
+"""One round: its report, its label-issue queue and its selection."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query
+
+from api.dependencies import Limit, Offset, ReadScope, RowId, SessionDep
+from api.schemas import ErrorOut, LabelIssueOut, PageOut, RoundOut, SelectionOut
+from store import reports
+
+router = APIRouter(tags=["rounds"], responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}})
+
+
+def _require_round(session: SessionDep, round_id: int) -> None:
+    if reports.get_round_or_none(session, round_id) is None:
+        raise HTTPException(404, detail=f"no round {round_id} in this store")
+
+
+@router.get("/rounds/{round_id}", response_model=RoundOut)
+def get_round(round_id: RowId, session: SessionDep, _scope: ReadScope) -> RoundOut:
+    report = reports.round_report(session, round_id=round_id)
+    if report is None:
+        raise HTTPException(404, detail=f"no round {round_id} in this store")
+    fields = asdict(report)
+    return RoundOut.model_validate({**fields.pop("summary"), **fields})
+
+
+@router.get("/rounds/{round_id}/label-issues", response_model=PageOut[LabelIssueOut])
+def label_issues(
+    round_id: RowId,
+    session: SessionDep,
+    _scope: ReadScope,
+    limit: Limit = 50,
+    offset: Offset = 0,
+    flagged_only: Annotated[bool, Query(description="only the issues the round flagged")] = True,
+    kind: Annotated[str | None, Query(max_length=40, description="label_error | near_duplicate | outlier")] = None,
+) -> PageOut[LabelIssueOut]:
+    _require_round(session, round_id)
+    page = reports.label_issue_queue(session, round_id=round_id, limit=limit, offset=offset, flagged_only=flagged_only, kind=kind)
+    items = [LabelIssueOut.model_validate({**asdict(row), "image_url": f"/images/{row.image_id}"}) for row in page.items]
+    return PageOut[LabelIssueOut](total=page.total, limit=limit, offset=offset, items=items)
+
+
+@router.get("/rounds/{round_id}/selection", response_model=PageOut[SelectionOut])
+def selection(round_id: RowId, session: SessionDep, _scope: ReadScope, limit: Limit = 50, offset: Offset = 0) -> PageOut[SelectionOut]:
+    _require_round(session, round_id)
+    page = reports.round_selection(session, round_id=round_id, limit=limit, offset=offset)
+    items = [SelectionOut.model_validate({**asdict(row), "image_url": f"/images/{row.image_id}"}) for row in page.items]
+    return PageOut[SelectionOut](total=page.total, limit=limit, offset=offset, items=items)

@@ -1,0 +1,179 @@
+"""Response bodies of the managers' API (what /docs shows)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ItemT = TypeVar("ItemT")
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class ErrorOut(Schema):
+    detail: Any = Field(description="what went wrong: a message, or a list of validation errors")
+
+
+class HealthOut(Schema):
+    status: str
+    database: str
+
+
+class VersionOut(Schema):
+    name: str
+    version: str
+    api_version: str
+
+
+class PageOut(Schema, Generic[ItemT]):
+    total: int = Field(description="items in the whole list")
+    limit: int
+    offset: int
+    items: list[ItemT]
+
+
+class ProjectOut(Schema):
+    id: int
+    name: str
+    classes: list[str]
+    negative_class: str | None
+    created_at: datetime
+    n_images: int
+    n_rounds: int
+    latest_round_number: int | None
+
+
+class RoundSummaryOut(Schema):
+    id: int
+    project_id: int
+    number: int
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    duration_s: float | None
+    n_gates: int = Field(description="applicable gates recorded")
+    n_gates_passed: int
+    all_gates_passed: bool | None = Field(description="null: no applicable gate recorded")
+
+
+class GateOut(Schema):
+    name: str
+    value: float | None
+    threshold: float
+    comparison: str = Field(description='">=" or "<=": value compared with threshold')
+    passed: bool | None
+    applicable: bool
+
+
+class ConfusionMatrixOut(Schema):
+    labels: list[str] = Field(description="true classes (rows) and predicted classes (columns), in this order")
+    matrix: list[list[float]]
+
+
+class LabelCountsOut(Schema):
+    by_source: dict[str, int] = Field(description="current labels by the source that decided them: import, annotator, oracle")
+    by_class: dict[str, int]
+    ties: int = Field(description="images whose annotators disagree evenly: kept out of training")
+    total_labeled: int
+    new_events_by_source: dict[str, int] = Field(description="label events recorded by this round")
+
+
+class RoundOut(RoundSummaryOut):
+    error: str | None
+    metrics: dict[str, float | None] = Field(description="overall metrics on the frozen test split")
+    per_class: dict[str, dict[str, float | None]] = Field(description="class -> metric -> value")
+    gates: list[GateOut]
+    confusion_matrix: ConfusionMatrixOut | None
+    threshold: float | None = Field(description="decision threshold on P(defect) = 1 - P(negative class)")
+    class_names: list[str] | None
+    step_timings_s: dict[str, float]
+    artifact_names: list[str]
+    label_counts: LabelCountsOut = Field(description="labels in the store when the round finished")
+    n_label_issues: int
+    n_flagged_label_issues: int
+    n_selected: int
+
+
+class LabelIssueOut(Schema):
+    id: int
+    round_id: int
+    image_id: int
+    kind: str
+    given_label: str | None
+    suggested_label: str | None
+    score: float = Field(description="label quality: low = more suspect")
+    flagged: bool
+    rank: int
+    current_label: str | None = Field(description="the image's label now (annotators may have fixed it since)")
+    image_url: str
+
+
+class SelectionOut(Schema):
+    id: int
+    round_id: int
+    image_id: int
+    rank: int
+    score: float
+    strategy: str
+    reason: str
+    predicted_label: str | None
+    p_defect: float | None
+    push_status: str
+    pushed_at: datetime | None
+    current_label: str | None = Field(description="the image's label now; null: not labeled yet")
+    image_url: str
+
+
+class GateSeriesOut(Schema):
+    name: str
+    comparison: str
+    threshold: float | None = Field(description="latest threshold: the line on the chart")
+    values: list[float | None]
+    thresholds: list[float | None]
+    passed: list[bool | None]
+    applicable: list[bool | None]
+
+
+class MetricSeriesOut(Schema):
+    name: str
+    class_name: str | None
+    values: list[float | None]
+
+
+class ProgressOut(Schema):
+    """Series for charts: every list is aligned with `rounds` (null where a round recorded nothing)."""
+
+    project_id: int
+    project_name: str
+    rounds: list[RoundSummaryOut]
+    gates: list[GateSeriesOut]
+    metrics: list[MetricSeriesOut]
+    labels_by_source: dict[str, list[int]]
+    ties: list[int]
+    new_label_events_by_source: dict[str, list[int]]
+
+
+class ImagePredictionOut(Schema):
+    filename: str | None
+    probabilities: dict[str, float]
+    p_defect: float | None = Field(description="1 - P(negative class); null without a negative class")
+    predicted_label: str
+    is_defect: bool | None = Field(description="null without a negative class")
+
+
+class PredictOut(Schema):
+    project_id: int
+    round_id: int
+    round_number: int
+    threshold: float | None
+    negative_class: str | None
+    class_names: list[str]
+    predictions: list[ImagePredictionOut]
+
+
+class WebhookOut(Schema):
+    status: str
+    result: Any = None

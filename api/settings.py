@@ -1,0 +1,38 @@
+"""Settings of the managers' API, read from LOOP_* environment variables (pydantic-settings)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+STORE_FILENAME = "loop.db"
+
+
+class Settings(BaseSettings):
+    """LOOP_API_TOKEN, LOOP_API_READ_TOKEN, LOOP_LABELSTUDIO_WEBHOOK_SECRET, LOOP_DATABASE_URL, LOOP_PROJECT_DIR, ..."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOP_", extra="ignore")
+
+    # Full access (reads, /predict). Unset: every protected endpoint answers 401 (never an open API by accident).
+    api_token: SecretStr | None = None
+    # Read-only: GET endpoints and the dashboard.
+    api_read_token: SecretStr | None = None
+    # Shared secret that Label Studio sends in the X-Loop-Webhook-Secret header; unset: webhook refused (403).
+    labelstudio_webhook_secret: SecretStr | None = None
+    project_dir: Path = Path(".")
+    # Any SQLAlchemy URL; unset: the project's own SQLite store, sqlite:///<project_dir>/loop.db.
+    database_url: str | None = None
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, gt=0, description="largest accepted image file in /predict")
+    max_upload_files: int = Field(default=64, gt=0, description="most images in one /predict request")
+
+    @property
+    def store_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.project_dir / STORE_FILENAME).resolve()}"
+
+    @property
+    def max_request_bytes(self) -> int:
+        # Multipart framing adds a little per file; anything far above the per-file limit times the count is refused unread.
+        return self.max_upload_files * (self.max_upload_bytes + 64 * 1024)

@@ -1,0 +1,537 @@
+"""Read-only queries for the managers' API and dashboard: rounds with metrics and gates, progress series,
+label counts by source per round, the label-issue queue and the selection. Nothing here writes.
+
+Label counts of a round are the current labels (the rule of `queries.resolve_label`: annotator consensus
+supersedes imports, ties kept out) of the label events that were in the store when the round finished
+(a running round: all events so far; a failed round without a finish time: those before it started).
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from store.models import GateResult, Image, LabelEvent, LabelIssue, Metric, Project, Round, Selection
+from store.queries import CurrentLabel, current_labels, resolve_label
+
+LABEL_SOURCES = ("import", "annotator", "oracle")
+F1_METRIC_NAMES = ("f1", "f1_score")
+
+
+@dataclass(frozen=True)
+class Page:
+    total: int
+    items: list[Any]
+
+
+@dataclass(frozen=True)
+class ProjectSummary:
+    id: int
+    name: str
+    classes: list[str]
+    negative_class: str | None
+    created_at: datetime
+    n_images: int
+    n_rounds: int
+    latest_round_number: int | None
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    id: int
+    project_id: int
+    number: int
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    duration_s: float | None
+    n_gates: int
+    n_gates_passed: int
+    all_gates_passed: bool | None  # None: no applicable gate recorded
+
+
+@dataclass(frozen=True)
+class LabelCounts:
+    by_source: dict[str, int]  # current labels by the source that decided them
+    by_class: dict[str, int]
+    ties: int  # annotators disagree evenly: kept out of training
+    total_labeled: int
+    new_events_by_source: dict[str, int]  # label events recorded by this round (LabelEvent.round_id)
+
+
+@dataclass(frozen=True)
+class GateRow:
+    name: str
+    value: float | None
+    threshold: float
+    comparison: str
+    passed: bool | None
+    applicable: bool
+
+
+@dataclass(frozen=True)
+class ConfusionMatrix:
+    labels: list[str]
+    matrix: list[list[float]]
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    summary: RoundSummary
+    error: str | None
+    metrics: dict[str, float | None]
+    per_class: dict[str, dict[str, float | None]]  # class -> metric name -> value
+    gates: list[GateRow]
+    confusion_matrix: ConfusionMatrix | None
+    threshold: float | None
+    class_names: list[str] | None
+    step_timings_s: dict[str, float]
+    artifact_names: list[str]
+    label_counts: LabelCounts
+    n_label_issues: int
+    n_flagged_label_issues: int
+    n_selected: int
+
+
+@dataclass(frozen=True)
+class GateSeries:
+    name: str
+    comparison: str
+    threshold: float | None  # the latest recorded threshold, drawn as the chart's line
+    values: list[float | None]
+    thresholds: list[float | None]
+    passed: list[bool | None]
+    applicable: list[bool | None]
+
+
+@dataclass(frozen=True)
+class MetricSeries:
+    name: str
+    class_name: str | None
+    values: list[float | None]
+
+
+@dataclass(frozen=True)
+class ProgressSeries:
+    project_id: int
+    project_name: str
+    rounds: list[RoundSummary]
+    gates: list[GateSeries]
+    metrics: list[MetricSeries]  # overall (class_name None) and per class, aligned with rounds
+    labels_by_source: dict[str, list[int]]
+    ties: list[int]
+    new_label_events_by_source: dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class LabelIssueRow:
+    id: int
+    round_id: int
+    image_id: int
+    kind: str
+    given_label: str | None
+    suggested_label: str | None
+    score: float
+    flagged: bool
+    rank: int
+    current_label: str | None
+
+
+@dataclass(frozen=True)
+class SelectionRow:
+    id: int
+    round_id: int
+    image_id: int
+    rank: int
+    score: float
+    strategy: str
+    reason: str
+    predicted_label: str | None
+    p_defect: float | None
+    push_status: str
+    pushed_at: datetime | None
+    current_label: str | None
+
+
+@dataclass
+class _LabelTally:
+    """Current label per image, updated one event at a time (each round's counts in one pass over the events)."""
+
+    events_by_image: dict[int, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    current: dict[int, CurrentLabel] = field(default_factory=dict)
+
+    def add(self, event: Any) -> None:
+        events = self.events_by_image[event.image_id]
+        events.append(event)
+        self.current[event.image_id] = resolve_label(events)
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int], int]:
+        by_source: Counter[str] = Counter({source: 0 for source in LABEL_SOURCES})
+        by_class: Counter[str] = Counter()
+        ties = 0
+        for label in self.current.values():
+            if label.status == "labeled" and label.label is not None:
+                by_source[label.source or "import"] += 1
+                by_class[label.label] += 1
+            elif label.status == "tie":
+                ties += 1
+        return dict(by_source), dict(sorted(by_class.items())), ties
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; the store writes UTC, so naive means UTC."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def round_label_cutoff(round_: Round) -> datetime | None:
+    """The moment whose labels a round's counts show; None: every event so far."""
+    if round_.finished_at is not None:
+        return as_utc(round_.finished_at)
+    return None if round_.status == "running" else as_utc(round_.started_at)
+
+
+def _project_label_events(session: Session, project_id: int) -> list[Any]:
+    # Plain rows, not ORM objects: the dashboard reads every event of the project on each request.
+    query = (
+        select(LabelEvent.id, LabelEvent.image_id, LabelEvent.label, LabelEvent.source, LabelEvent.action,
+               LabelEvent.annotator, LabelEvent.round_id, LabelEvent.created_at)
+        .join(Image, Image.id == LabelEvent.image_id)
+        .where(Image.project_id == project_id)
+    )
+    rows = list(session.execute(query))
+    # Time order, the id breaking ties (and standing in for time where the clock ran backwards within one write).
+    rows.sort(key=lambda row: (as_utc(row.created_at), row.id))
+    return rows
+
+
+def _events_by_round(events: Iterable[Any]) -> dict[int, dict[str, int]]:
+    counts: dict[int, Counter[str]] = defaultdict(Counter)
+    for event in events:
+        if event.round_id is not None:
+            counts[event.round_id][event.source] += 1
+    return {round_id: {source: counter.get(source, 0) for source in LABEL_SOURCES} | dict(counter) for round_id, counter in counts.items()}
+
+
+def label_counts_by_round(session: Session, *, project_id: int, rounds: Sequence[Round]) -> dict[int, LabelCounts]:
+    """round id -> label counts, in one pass over the project's label events."""
+    events = _project_label_events(session, project_id)
+    new_events = _events_by_round(events)
+    far_future = datetime.max.replace(tzinfo=timezone.utc)
+    ordered = sorted(rounds, key=lambda r: (round_label_cutoff(r) or far_future, r.number))
+    tally = _LabelTally()
+    position = 0
+    result: dict[int, LabelCounts] = {}
+    for round_ in ordered:
+        cutoff = round_label_cutoff(round_) or far_future
+        while position < len(events) and as_utc(events[position].created_at) <= cutoff:
+            tally.add(events[position])
+            position += 1
+        by_source, by_class, ties = tally.counts()
+        result[round_.id] = LabelCounts(
+            by_source=by_source,
+            by_class=by_class,
+            ties=ties,
+            total_labeled=sum(by_source.values()),
+            new_events_by_source=new_events.get(round_.id, {source: 0 for source in LABEL_SOURCES}),
+        )
+    return result
+
+
+def current_label_counts(session: Session, *, project_id: int) -> LabelCounts:
+    """The project's labels now (queries.current_labels), by source and class."""
+    tally = _LabelTally(current=current_labels(session, project_id))
+    by_source, by_class, ties = tally.counts()
+    return LabelCounts(by_source=by_source, by_class=by_class, ties=ties, total_labeled=sum(by_source.values()),
+                       new_events_by_source={})
+
+
+def _duration_s(round_: Round) -> float | None:
+    if round_.finished_at is None:
+        return None
+    return round((as_utc(round_.finished_at) - as_utc(round_.started_at)).total_seconds(), 3)
+
+
+def _summary(round_: Round) -> RoundSummary:
+    applicable = [gate for gate in round_.gates if gate.applicable]
+    passed = [gate for gate in applicable if gate.passed]
+    return RoundSummary(
+        id=round_.id,
+        project_id=round_.project_id,
+        number=round_.number,
+        status=round_.status,
+        started_at=as_utc(round_.started_at),
+        finished_at=as_utc(round_.finished_at),
+        duration_s=_duration_s(round_),
+        n_gates=len(applicable),
+        n_gates_passed=len(passed),
+        all_gates_passed=(len(passed) == len(applicable)) if applicable else None,
+    )
+
+
+def get_project_or_none(session: Session, project_id: int) -> Project | None:
+    return session.get(Project, project_id)
+
+
+def default_project(session: Session) -> Project | None:
+    return session.scalars(select(Project).order_by(Project.id)).first()
+
+
+def list_projects(session: Session, *, limit: int, offset: int) -> Page:
+    total = session.scalar(select(func.count(Project.id))) or 0
+    projects = list(session.scalars(select(Project).order_by(Project.id).limit(limit).offset(offset)))
+    ids = [project.id for project in projects]
+    n_images = dict(session.execute(
+        select(Image.project_id, func.count(Image.id)).where(Image.project_id.in_(ids)).group_by(Image.project_id)
+    ).all())
+    round_stats = {row[0]: (row[1], row[2]) for row in session.execute(
+        select(Round.project_id, func.count(Round.id), func.max(Round.number)).where(Round.project_id.in_(ids)).group_by(Round.project_id)
+    )}
+    items = [
+        ProjectSummary(
+            id=project.id,
+            name=project.name,
+            classes=[str(name) for name in project.classes or []],
+            negative_class=project.negative_class,
+            created_at=as_utc(project.created_at),
+            n_images=n_images.get(project.id, 0),
+            n_rounds=round_stats.get(project.id, (0, None))[0],
+            latest_round_number=round_stats.get(project.id, (0, None))[1],
+        )
+        for project in projects
+    ]
+    return Page(total=total, items=items)
+
+
+def list_rounds(session: Session, *, project_id: int, limit: int, offset: int) -> Page:
+    total = session.scalar(select(func.count(Round.id)).where(Round.project_id == project_id)) or 0
+    rounds = session.scalars(
+        select(Round).where(Round.project_id == project_id).options(selectinload(Round.gates))
+        .order_by(Round.number).limit(limit).offset(offset)
+    )
+    return Page(total=total, items=[_summary(round_) for round_ in rounds])
+
+
+def confusion_matrix_of(details: dict[str, Any]) -> ConfusionMatrix | None:
+    """Round.details["confusion_matrix"] = {"labels": [...], "matrix": [[...]]}; anything malformed reads as absent."""
+    raw = (details or {}).get("confusion_matrix")
+    if not isinstance(raw, dict):
+        return None
+    labels, matrix = raw.get("labels"), raw.get("matrix")
+    if not isinstance(labels, list) or not isinstance(matrix, list) or len(matrix) != len(labels):
+        return None
+    try:
+        rows = [[float(cell) for cell in row] for row in matrix]
+    except (TypeError, ValueError):
+        return None
+    if any(len(row) != len(labels) for row in rows):
+        return None
+    return ConfusionMatrix(labels=[str(label) for label in labels], matrix=rows)
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _timings(raw: dict[str, Any] | None) -> dict[str, float]:
+    timings: dict[str, float] = {}
+    for step, seconds in (raw or {}).items():
+        value = _float_or_none(seconds)
+        if value is not None:
+            timings[str(step)] = value
+    return timings
+
+
+def round_report(session: Session, *, round_id: int) -> RoundReport | None:
+    round_ = session.scalars(
+        select(Round).where(Round.id == round_id).options(selectinload(Round.gates), selectinload(Round.metrics))
+    ).first()
+    if round_ is None:
+        return None
+    metrics: dict[str, float | None] = {}
+    per_class: dict[str, dict[str, float | None]] = defaultdict(dict)
+    for metric in sorted(round_.metrics, key=lambda m: m.id):
+        if metric.class_name is None:
+            metrics[metric.name] = metric.value
+        else:
+            per_class[metric.class_name][metric.name] = metric.value
+    details = round_.details or {}
+    class_names = details.get("class_names")
+    n_issues, n_flagged = session.execute(
+        select(func.count(LabelIssue.id), func.count(LabelIssue.id).filter(LabelIssue.flagged.is_(True)))
+        .where(LabelIssue.round_id == round_id)
+    ).one()
+    n_selected = session.scalar(select(func.count(Selection.id)).where(Selection.round_id == round_id)) or 0
+    counts = label_counts_by_round(session, project_id=round_.project_id, rounds=[round_])[round_.id]
+    return RoundReport(
+        summary=_summary(round_),
+        error=round_.error,
+        metrics=metrics,
+        per_class=dict(per_class),
+        gates=[
+            GateRow(name=g.name, value=g.value, threshold=g.threshold, comparison=g.comparison, passed=g.passed, applicable=g.applicable)
+            for g in sorted(round_.gates, key=lambda g: g.id)
+        ],
+        confusion_matrix=confusion_matrix_of(details),
+        threshold=_float_or_none(details.get("threshold")),
+        class_names=[str(name) for name in class_names] if isinstance(class_names, list) else None,
+        step_timings_s=_timings(round_.step_timings_s),
+        artifact_names=sorted((round_.artifacts or {}).keys()),
+        label_counts=counts,
+        n_label_issues=n_issues or 0,
+        n_flagged_label_issues=n_flagged or 0,
+        n_selected=n_selected,
+    )
+
+
+def progress_series(session: Session, *, project_id: int) -> ProgressSeries | None:
+    """Every round of the project in number order, with gates, metrics and label counts as aligned series."""
+    project = session.get(Project, project_id)
+    if project is None:
+        return None
+    rounds = list(session.scalars(
+        select(Round).where(Round.project_id == project_id).options(selectinload(Round.gates)).order_by(Round.number)
+    ))
+    position = {round_.id: index for index, round_ in enumerate(rounds)}
+    n = len(rounds)
+
+    gate_values: dict[str, dict[str, list[Any]]] = {}
+    gate_comparison: dict[str, str] = {}
+    for index, round_ in enumerate(rounds):
+        for gate in sorted(round_.gates, key=lambda g: g.id):
+            series = gate_values.setdefault(gate.name, {key: [None] * n for key in ("values", "thresholds", "passed", "applicable")})
+            series["values"][index] = gate.value
+            series["thresholds"][index] = gate.threshold
+            series["passed"][index] = gate.passed
+            series["applicable"][index] = gate.applicable
+            gate_comparison[gate.name] = gate.comparison
+    gates = [
+        GateSeries(
+            name=name,
+            comparison=gate_comparison[name],
+            threshold=next((t for t in reversed(series["thresholds"]) if t is not None), None),
+            **series,
+        )
+        for name, series in gate_values.items()
+    ]
+
+    metric_values: dict[tuple[str, str | None], list[float | None]] = {}
+    if rounds:
+        rows = session.execute(
+            select(Metric.round_id, Metric.name, Metric.class_name, Metric.value)
+            .where(Metric.round_id.in_(list(position))).order_by(Metric.id)
+        )
+        for round_id, name, class_name, value in rows:
+            metric_values.setdefault((name, class_name), [None] * n)[position[round_id]] = value
+    metrics = [
+        MetricSeries(name=name, class_name=class_name, values=values)
+        for (name, class_name), values in sorted(metric_values.items(), key=lambda item: (item[0][1] is not None, item[0][1] or "", item[0][0]))
+    ]
+
+    counts = label_counts_by_round(session, project_id=project_id, rounds=rounds)
+    sources = list(LABEL_SOURCES) + sorted({s for c in counts.values() for s in c.by_source} - set(LABEL_SOURCES))
+    return ProgressSeries(
+        project_id=project.id,
+        project_name=project.name,
+        rounds=[_summary(round_) for round_ in rounds],
+        gates=gates,
+        metrics=metrics,
+        labels_by_source={source: [counts[r.id].by_source.get(source, 0) for r in rounds] for source in sources},
+        ties=[counts[r.id].ties for r in rounds],
+        new_label_events_by_source={source: [counts[r.id].new_events_by_source.get(source, 0) for r in rounds] for source in sources},
+    )
+
+
+def per_class_f1(progress: ProgressSeries) -> dict[str, list[float | None]]:
+    """class -> F1 per round, from the per-class metric series."""
+    found: dict[str, list[float | None]] = {}
+    for name in F1_METRIC_NAMES:
+        for series in progress.metrics:
+            if series.class_name is not None and series.name.lower() == name and series.class_name not in found:
+                found[series.class_name] = series.values
+    return found
+
+
+def get_round_or_none(session: Session, round_id: int) -> Round | None:
+    return session.get(Round, round_id)
+
+
+def _current_label_of(session: Session, project_id: int, image_ids: Iterable[int]) -> dict[int, str | None]:
+    wanted = set(image_ids)
+    if not wanted:
+        return {}
+    events: dict[int, list[LabelEvent]] = defaultdict(list)
+    for event in session.scalars(select(LabelEvent).where(LabelEvent.image_id.in_(wanted)).order_by(LabelEvent.id)):
+        events[event.image_id].append(event)
+    return {image_id: resolve_label(events[image_id]).label for image_id in wanted}
+
+
+def label_issue_queue(
+    session: Session, *, round_id: int, limit: int, offset: int, flagged_only: bool = True, kind: str | None = None
+) -> Page:
+    """The round's suspected label issues, most suspect (lowest rank) first, with each image's label now."""
+    conditions = [LabelIssue.round_id == round_id]
+    if flagged_only:
+        conditions.append(LabelIssue.flagged.is_(True))
+    if kind is not None:
+        conditions.append(LabelIssue.kind == kind)
+    total = session.scalar(select(func.count(LabelIssue.id)).where(*conditions)) or 0
+    issues = list(session.scalars(
+        select(LabelIssue).where(*conditions).order_by(LabelIssue.rank, LabelIssue.id).limit(limit).offset(offset)
+    ))
+    round_ = session.get(Round, round_id)
+    now = _current_label_of(session, round_.project_id, (issue.image_id for issue in issues)) if round_ else {}
+    items = [
+        LabelIssueRow(
+            id=issue.id, round_id=issue.round_id, image_id=issue.image_id, kind=issue.kind, given_label=issue.given_label,
+            suggested_label=issue.suggested_label, score=issue.score, flagged=issue.flagged, rank=issue.rank,
+            current_label=now.get(issue.image_id),
+        )
+        for issue in issues
+    ]
+    return Page(total=total, items=items)
+
+
+def round_selection(session: Session, *, round_id: int, limit: int, offset: int) -> Page:
+    """The images the round picked for labeling, in rank order, with each image's label now (None: still unlabeled)."""
+    total = session.scalar(select(func.count(Selection.id)).where(Selection.round_id == round_id)) or 0
+    rows = list(session.scalars(
+        select(Selection).where(Selection.round_id == round_id).order_by(Selection.rank, Selection.id).limit(limit).offset(offset)
+    ))
+    round_ = session.get(Round, round_id)
+    now = _current_label_of(session, round_.project_id, (row.image_id for row in rows)) if round_ else {}
+    items = [
+        SelectionRow(
+            id=row.id, round_id=row.round_id, image_id=row.image_id, rank=row.rank, score=row.score, strategy=row.strategy,
+            reason=row.reason, predicted_label=row.predicted_label, p_defect=row.p_defect, push_status=row.push_status,
+            pushed_at=as_utc(row.pushed_at), current_label=now.get(row.image_id),
+        )
+        for row in rows
+    ]
+    return Page(total=total, items=items)
+
+
+def latest_round_with_issues(session: Session, *, project_id: int) -> Round | None:
+    """The newest round that recorded label issues: the queue the dashboard shows."""
+    return session.scalars(
+        select(Round).where(Round.project_id == project_id, Round.id.in_(select(LabelIssue.round_id)))
+        .order_by(Round.number.desc())
+    ).first()
+
+
+def latest_round_with_confusion_matrix(session: Session, *, project_id: int) -> Round | None:
+    for round_ in session.scalars(
+        select(Round).where(Round.project_id == project_id, Round.status == "completed").order_by(Round.number.desc())
+    ):
+        if confusion_matrix_of(round_.details or {}) is not None:
+            return round_
+    return None
