@@ -16,12 +16,10 @@ import timm
 import torch
 from torch import nn
 
+from modeling.errors import WeightsUnavailable
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class WeightsUnavailable(RuntimeError):
-    """No pretrained weights could be had: say how to get some instead of silently training from noise."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,231 @@
+"""The `loop` command line: init, ingest, round, status, demo, serve, labelstudio."""
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from loop.config import AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, save_config
+from loop.ingest import IngestError, ingest_source
+from loop.project import ProjectBusy, database_url_for, open_project, project_lock
+from loop.errors import RoundFailed
+from loop.status import project_status
+from modeling.errors import WeightsUnavailable
+
+app = typer.Typer(help="defect-loop: label, train, gate and select, one round at a time.", no_args_is_help=True, pretty_exceptions_enable=False)
+labelstudio_app = typer.Typer(help="A local Label Studio for one machine.", no_args_is_help=True)
+app.add_typer(labelstudio_app, name="labelstudio")
+console = Console()
+error_console = Console(stderr=True)
+
+EXIT_USAGE = 2
+EXIT_GATES_FAILED = 3
+ProjectOption = Annotated[Path, typer.Option("--project", "-p", help="project directory (holds loop.toml)")]
+
+
+@contextmanager
+def clear_errors() -> Iterator[None]:
+    """Expected failures become one clear line and a non-zero exit, never a traceback."""
+    try:
+        yield
+    except (ConfigError, IngestError, ProjectBusy, RoundFailed, WeightsUnavailable, LookupError, FileNotFoundError, ValueError) as error:
+        error_console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _split_classes(value: str) -> list[str]:
+    return [c.strip() for c in value.split(",") if c.strip()]
+
+
+@app.command()
+def init(
+    project_dir: Annotated[Path, typer.Argument(help="project directory to create")],
+    classes: Annotated[str, typer.Option(help="comma-separated class names, e.g. good,scratch,spot")],
+    negative_class: Annotated[Optional[str], typer.Option(help='the "no defect" class the FPR gate is about')] = None,
+    name: Annotated[Optional[str], typer.Option(help="project name (default: the folder name)")] = None,
+    backbone: Annotated[str, typer.Option(help="timm model name")] = "efficientnet_lite0",
+    weights: Annotated[str, typer.Option(help="default | none | PATH to a state dict")] = "default",
+    image_size: Annotated[int, typer.Option(help="input resolution in pixels")] = 224,
+    train: Annotated[str, typer.Option(help="training strategy: head | finetune | full")] = "head",
+    annotator: Annotated[str, typer.Option(help="annotator backend: none | oracle | labelstudio")] = "none",
+    oracle_manifest: Annotated[Optional[Path], typer.Option(help="ground truth CSV (path,label) for the oracle annotator")] = None,
+    oracle_noise: Annotated[float, typer.Option(help="share of wrong oracle answers")] = 0.0,
+    budget: Annotated[int, typer.Option(help="images selected for labeling per round")] = 20,
+    strategy: Annotated[str, typer.Option(help="acquisition strategy")] = "margin",
+    init_from: Annotated[Optional[Path], typer.Option(help="start from another project's model (dir or checkpoint)")] = None,
+    database_url: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL (default: SQLite in the project dir)")] = None,
+) -> None:
+    """Create a project: loop.toml, the store (Alembic upgrade head) and its project row."""
+    from store import create_db_engine, session_scope, upgrade_schema
+    from store.models import Project
+
+    with clear_errors():
+        project_dir = project_dir.expanduser().resolve()
+        if config_path(project_dir).exists():
+            raise ConfigError(f"{config_path(project_dir)} already exists: this folder is a project already (edit loop.toml, or choose another folder)")
+        config = ProjectConfig(
+            name=name or project_dir.name, classes=_split_classes(classes), negative_class=negative_class, database_url=database_url,
+            model=ModelConfig(backbone=backbone, weights=weights, image_size=image_size, train=train, init_from=str(init_from) if init_from else None),
+            loop=LoopConfig(budget_per_round=budget, strategy=strategy),
+            annotator=AnnotatorConfig(backend=annotator, oracle_manifest=str(oracle_manifest.expanduser().resolve()) if oracle_manifest else None, oracle_noise=oracle_noise),
+        )
+        project_dir.mkdir(parents=True, exist_ok=True)
+        url = database_url_for(project_dir, config)
+        upgrade_schema(url)
+        engine = create_db_engine(url)
+        with session_scope(engine) as session:
+            session.add(Project(name=config.name, root_dir=str(project_dir), classes=config.classes, negative_class=config.negative_class))
+        save_config(project_dir, config)
+    console.print(f"[green]created[/] {config_path(project_dir)} and the store at {url}")
+
+
+@app.command()
+def ingest(
+    source: Annotated[Path, typer.Argument(help="folder (class folders or MVTec AD layout) or CSV manifest path,label")],
+    project: ProjectOption,
+    unlabeled: Annotated[bool, typer.Option("--unlabeled", help="ingest every image below SOURCE without labels")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Reference images in place (path + content hash), quarantine undecodable ones, split stratified."""
+    with clear_errors():
+        ctx = open_project(project)
+        with project_lock(ctx.root, action="loop ingest"):
+            report = ingest_source(ctx, source, unlabeled=unlabeled, show_progress=not quiet)
+    console.print(f"[green]ingested[/] {report.n_files} files ({report.layout} layout): {report.n_new_images} new images, "
+                  f"{report.n_duplicates} byte-identical duplicates merged, {report.n_already_known} already known, {report.n_quarantined} quarantined")
+    if report.split_counts:
+        console.print("splits: " + ", ".join(f"{k} {v}" for k, v in sorted(report.split_counts.items())))
+    for path, reason in report.quarantined[:20]:
+        console.print(f"[yellow]quarantined[/] {path}: {reason}")
+    for note in report.notes:
+        console.print(f"note: {note}")
+
+
+def gate_table(gates: list, *, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("gate", "value", "threshold", "result"):
+        table.add_column(column)
+    for gate in gates:
+        value = "n/a" if gate.value is None else f"{gate.value:.4g}"
+        result = "n/a" if not gate.applicable else ("[green]pass[/]" if gate.passed else "[bold red]FAIL[/]")
+        table.add_row(gate.name, value, f"{gate.comparison} {gate.threshold:g}", result)
+    return table
+
+
+@app.command("round")
+def round_command(
+    project: ProjectOption,
+    train: Annotated[Optional[str], typer.Option(help="training strategy for this round: head | finetune | full")] = None,
+    annotator: Annotated[Optional[str], typer.Option(help="annotator backend for this round")] = None,
+    fail_on_gates: Annotated[bool, typer.Option("--fail-on-gates", help=f"exit {EXIT_GATES_FAILED} when a gate fails")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Run one round: pull labels, embed, train, threshold, evaluate, gate, flag label issues, select, push."""
+    from loop.round import RoundOptions, run_round  # torch & co. load only for commands that need them
+
+    with clear_errors():
+        ctx = open_project(project)
+        with project_lock(ctx.root, action="loop round"):
+            outcome = run_round(ctx, RoundOptions(train_strategy=train, annotator=annotator, show_progress=not quiet), console=console)
+    print_round(outcome)
+    failed = [g.name for g in outcome.gates if g.applicable and not g.passed]
+    if failed and fail_on_gates:
+        error_console.print(f"[bold red]gates failed:[/] {', '.join(failed)}")
+        raise typer.Exit(EXIT_GATES_FAILED)
+
+
+def print_round(outcome) -> None:  # noqa: ANN001
+    metrics, details = outcome.metrics, outcome.details
+    counts = details["labeled_counts"]
+    console.print(gate_table(outcome.gates, title=f"round {outcome.number}: gates on the frozen test split ({metrics['n_images']} images)"))
+    threshold = details.get("threshold")
+    console.print(
+        f"labeled: train {counts['train']}, validation {counts['validation']}, test {counts['test']}; unlabeled {counts['unlabeled']} · "
+        f"accuracy {metrics['accuracy']:.4f} · ROC-AUC {metrics['roc_auc_defect'] if metrics.get('roc_auc_defect') is None else round(metrics['roc_auc_defect'], 4)} · "
+        f"threshold {threshold if threshold is None else round(threshold, 4)} ({details.get('threshold_source')}) · "
+        f"latency {details['latency']['ms_per_image']:.1f} ms/image (ONNX Runtime, {details['latency']['threads']} threads, {details['latency']['cpu']})"
+    )
+    console.print(f"label issues flagged: {details['label_quality']['n_flagged']} · selected for labeling: {details.get('push', {}).get('pushed', 0)} pushed, "
+                  f"{details.get('push', {}).get('pending', 0)} pending · total {outcome.timings_s.get('total', 0):.1f} s")
+    console.print(f"plots: {outcome.artifacts.get('confusion_matrix_png')}, {outcome.artifacts.get('gates_png')}")
+
+
+@app.command()
+def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """Rounds with metrics and gates, labels by class and source, quarantined files."""
+    with clear_errors():
+        report = project_status(open_project(project))
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+        return
+    labels = report["labels"]
+    console.print(f"[bold]{report['project']['name']}[/]: {report['images']['ok']} images ({report['images']['by_split']}), "
+                  f"{labels['labeled']} labeled, {labels['unlabeled']} unlabeled, {labels['ties_unresolved']} annotator ties")
+    table = Table(title="labels by class and source")
+    sources = sorted({s for per in labels["by_class_and_source"].values() for s in per})
+    for column in ("class", *sources, "total"):
+        table.add_column(column)
+    for name, per in labels["by_class_and_source"].items():
+        table.add_row(name, *(str(per.get(s, 0)) for s in sources), str(labels["by_class"][name]))
+    console.print(table)
+    rounds = Table(title="rounds")
+    for column in ("round", "status", "macro F1", "defect recall", "FPR", "latency ms", "gates"):
+        rounds.add_column(column)
+    for r in report["rounds"]:
+        m = r["metrics"]
+        fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+        gates = "all pass" if r["all_gates_pass"] else ", ".join(g["name"] for g in r["gates"] if g["applicable"] and not g["passed"]) or "-"
+        rounds.add_row(str(r["number"]), r["status"], fmt(m.get("macro_f1")), fmt(m.get("defect_recall")), fmt(m.get("negative_fpr")), fmt(m.get("latency_ms")), gates)
+    console.print(rounds)
+    if report["quarantined"]:
+        console.print(f"[yellow]{len(report['quarantined'])} quarantined files[/]")
+        for item in report["quarantined"][:20]:
+            console.print(f"  {item['path']}: {item['reason']}")
+
+
+@app.command()
+def demo(
+    project: ProjectOption,
+    rounds: Annotated[int, typer.Option(help="rounds to run")] = 3,
+    images: Annotated[int, typer.Option(help="synthetic images to generate")] = 480,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """The embedded default: synthetic inspection images, SQLite, the simulated annotator, 3 rounds."""
+    from loop.demo import run_demo
+
+    with clear_errors():
+        run_demo(project, n_rounds=rounds, n_images=images, seed=seed, console=console, print_round=print_round)
+
+
+@app.command()
+def serve(
+    project: ProjectOption,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+) -> None:
+    """The managers' REST API and dashboard for one project."""
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    with clear_errors():
+        ctx = open_project(project)
+        settings = Settings(database_url=ctx.database_url, project_dir=str(ctx.root))
+    console.print(f"serving {ctx.root} at http://{host}:{port}/  (dashboard: http://{host}:{port}/dashboard, API docs: http://{host}:{port}/docs)")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

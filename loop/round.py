@@ -1,0 +1,570 @@
+"""One round of the loop, as a short list of named steps:
+
+pull labels -> check files -> place new labels -> embed -> gather the labeled pool -> out-of-fold probabilities
+-> train -> export + latency -> predict -> choose threshold -> evaluate on the frozen test split -> gates
+-> label issues -> select -> push -> record.
+
+Each step is one function of the RoundState. Steps that change the store commit on their own, so a step that
+fails leaves what earlier steps committed (pulled labels, quarantined files) intact; the round is then marked failed.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from sqlalchemy import select
+
+from labeling import AnnotatorBackend, PullReport, PushReport, TaskRequest, create_backend
+from loop.errors import RoundFailed
+from loop.ingest import inspect_file, split_for_new_label
+from loop.project import ProjectContext
+from modeling.backbones import Backbone, create_backbone
+from modeling.embeddings import EmbeddingCache, EmbeddingExtractor, embedding_model_key
+from modeling.evaluation import ThresholdChoice, all_gates_pass, choose_defect_threshold, evaluate_gates, evaluate_predictions, final_predictions
+from modeling.inference import OnnxClassifier
+from modeling.label_quality import find_label_issues, out_of_fold_probabilities
+from modeling.latency import measure_onnx_latency
+from modeling.onnx_export import export_onnx
+from modeling.plots import plot_confusion_matrix, plot_gates_over_rounds
+from modeling.preprocessing import Preprocessing
+from modeling.selection import select_batch
+from modeling.training import TrainedClassifier, TrainingData, head_fit_predict, train_classifier
+from store import session_scope
+from store.models import GateResult, Image, LabelIssue, Metric, Prediction, Round, Selection
+from store.queries import CurrentLabel, current_labels, get_project, next_round_number
+
+# Below this many negative-class validation images the threshold is chosen on out-of-fold probabilities over the
+# whole labeled non-test pool instead: a few dozen good parts cannot pin down a 3% false-positive rate.
+MIN_VALIDATION_NEGATIVES = 200
+UNLABELED = -1
+
+
+@dataclass
+class RoundOptions:
+    train_strategy: str | None = None  # default: loop.toml [model] train
+    annotator: str | None = None  # default: loop.toml [annotator] backend
+    show_progress: bool = True
+
+
+@dataclass
+class RoundState:
+    ctx: ProjectContext
+    options: RoundOptions
+    console: Console
+    round_id: int = 0
+    number: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    backend: AnnotatorBackend | None = None
+    pull_report: PullReport | None = None
+    push_report: PushReport | None = None
+    # Every ok image of the project, in one order shared by all arrays below.
+    image_ids: list[int] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)
+    splits: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
+    labels: np.ndarray = field(default_factory=lambda: np.array([], dtype=int))
+    label_info: dict[int, CurrentLabel] = field(default_factory=dict)
+    backbone: Backbone | None = None
+    preprocessing: Preprocessing | None = None
+    embeddings: np.ndarray | None = None
+    fit_positions: np.ndarray | None = None  # labeled non-test images the final model learns from
+    oof_positions: np.ndarray | None = None
+    oof_probabilities: np.ndarray | None = None
+    classifier: TrainedClassifier | None = None
+    probabilities: np.ndarray | None = None
+    threshold: ThresholdChoice | None = None
+    latency: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    gates: list = field(default_factory=list)
+    estimated_gates: dict[str, bool | None] = field(default_factory=dict)
+    label_issue_rows: list[dict[str, Any]] = field(default_factory=list)
+    batch: list[TaskRequest] = field(default_factory=list)
+    batch_meta: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def config(self):  # noqa: ANN201
+        return self.ctx.config
+
+    @property
+    def round_dir(self) -> Path:
+        return self.ctx.round_dir(self.number)
+
+    def positions(self, *, split: str | None = None, labeled: bool | None = None) -> np.ndarray:
+        mask = np.ones(len(self.image_ids), dtype=bool)
+        if split is not None:
+            mask &= self.splits == split
+        if labeled is not None:
+            mask &= (self.labels != UNLABELED) == labeled
+        return np.flatnonzero(mask)
+
+
+def training_strategy(state: RoundState) -> str:
+    return state.options.train_strategy or state.config.model.train
+
+
+# ---------------------------------------------------------------------------------------------------- steps
+
+
+def pull_labels(state: RoundState) -> None:
+    annotator = state.config.annotator
+    name = state.options.annotator or annotator.backend
+    options: dict[str, Any] = {}
+    if name == "oracle":
+        if not annotator.oracle_manifest:
+            raise RoundFailed("the oracle annotator needs [annotator] oracle_manifest in loop.toml")
+        manifest = Path(annotator.oracle_manifest)
+        options = {"manifest": manifest if manifest.is_absolute() else state.ctx.root / manifest,
+                   "classes": state.config.classes, "noise_rate": annotator.oracle_noise, "seed": state.config.loop.seed}
+    elif name == "labelstudio":
+        options = {"config": state.config, "project_dir": state.ctx.root}
+    state.backend = create_backend(name, **options)
+    with session_scope(state.ctx.engine) as session:
+        project = get_project(session)
+        state.pull_report = state.backend.pull(session=session, project=project, round_id=state.round_id)
+    for warning in state.pull_report.warnings:
+        state.console.print(f"[yellow]warning:[/] {warning}")
+
+
+def check_image_files(state: RoundState) -> None:
+    """A moved or changed file is detected and quarantined, never silently used."""
+    quarantined = []
+    with session_scope(state.ctx.engine) as session:
+        project = get_project(session)
+        for image in session.scalars(select(Image).where(Image.project_id == project.id, Image.status == "ok")):
+            path = Path(image.path)
+            if not path.is_file():
+                image.status, image.status_reason = "quarantined", f"file missing at {path} (moved or deleted since ingest)"
+            else:
+                stat = path.stat()
+                if (stat.st_size, stat.st_mtime_ns) == (image.size_bytes, image.mtime_ns):
+                    continue
+                sha, size, mtime_ns, _w, _h, reason = inspect_file(path)
+                if sha != image.sha256:
+                    image.status, image.status_reason = "quarantined", "file changed on disk since ingest (content hash differs)"
+                elif reason is not None:
+                    image.status, image.status_reason = "quarantined", reason
+                else:
+                    image.size_bytes, image.mtime_ns = size, mtime_ns  # touched, same content
+                    continue
+            quarantined.append((image.path, image.status_reason))
+    for path, reason in quarantined:
+        state.console.print(f"[yellow]quarantined[/] {path}: {reason}")
+    state.details["newly_quarantined"] = len(quarantined)
+
+
+def place_new_labels(state: RoundState) -> None:
+    """Images labeled since ingest (annotators, oracle) join train or validation, never the frozen test split."""
+    split_config = state.config.split
+    with session_scope(state.ctx.engine) as session:
+        project = get_project(session)
+        labels = current_labels(session, project.id)
+        images = session.scalars(select(Image).where(Image.project_id == project.id, Image.status == "ok")).all()
+        moved = 0
+        for image in images:
+            info = labels.get(image.id)
+            if image.split == "pool" and info is not None and info.status == "labeled":
+                image.split = split_for_new_label(image.sha256, validation_fraction=split_config.validation_fraction, seed=split_config.seed)
+                moved += 1
+        state.image_ids = [img.id for img in images]
+        state.paths = [img.path for img in images]
+        state.hashes = [img.sha256 for img in images]
+        state.splits = np.array([img.split for img in images], dtype=object)
+        state.label_info = labels
+    class_index = {name: i for i, name in enumerate(state.config.classes)}
+    state.labels = np.array([
+        class_index.get(labels[i].label, UNLABELED) if i in labels and labels[i].status == "labeled" else UNLABELED
+        for i in state.image_ids
+    ], dtype=int)
+    state.details["newly_placed_labels"] = moved
+    state.details["ties_kept_out"] = sum(1 for i in state.image_ids if i in labels and labels[i].status == "tie")
+
+
+def embed_images(state: RoundState) -> None:
+    """Only images not yet in the cache are computed (key: image hash + backbone + weights hash + preprocessing)."""
+    model = state.config.model
+    state.backbone = create_backbone(model.backbone, weights=_weights_path(state, model.weights))
+    state.preprocessing = Preprocessing(model.image_size, state.backbone.mean, state.backbone.std)
+    cache = EmbeddingCache(state.ctx.cache_dir / "embeddings", embedding_model_key(state.backbone, state.preprocessing))
+    missing = cache.missing(state.hashes)
+    if missing:
+        path_by_hash = dict(zip(state.hashes, state.paths))
+        extractor = EmbeddingExtractor(state.backbone, state.preprocessing, onnx_dir=state.ctx.cache_dir / "onnx")
+        vectors = extractor.embed([path_by_hash[sha] for sha in missing], description=f"embedding {len(missing)} new images", show_progress=state.options.show_progress)
+        cache.put(missing, vectors)
+    state.embeddings = cache.get(state.hashes)
+    state.details["embeddings"] = {"computed": len(missing), "cached": len(state.hashes) - len(missing), "model_key": cache.directory.name}
+
+
+def _weights_path(state: RoundState, weights: str) -> str:
+    if weights in ("default", "none"):
+        return weights
+    path = Path(weights).expanduser()
+    return str(path if path.is_absolute() else state.ctx.root / path)
+
+
+def gather_labeled_pool(state: RoundState) -> None:
+    counts = {split: len(state.positions(split=split, labeled=True)) for split in ("train", "validation", "test")}
+    counts["unlabeled"] = len(state.positions(labeled=False))
+    state.details["labeled_counts"] = counts
+    non_test = np.concatenate([state.positions(split="train", labeled=True), state.positions(split="validation", labeled=True)])
+    present = set(state.labels[non_test].tolist())
+    if len(present) < 2:
+        raise RoundFailed(f"training needs labeled non-test images of at least two classes; have {len(non_test)} of {len(present)} class(es). Ingest or label more images.")
+    if counts["test"] == 0:
+        raise RoundFailed("the frozen test split is empty: ingest labeled images first (the test split is drawn from them)")
+    missing_classes = [name for i, name in enumerate(state.config.classes) if i not in present]
+    if missing_classes:
+        state.console.print(f"[yellow]warning:[/] no labeled training images yet for: {', '.join(missing_classes)}")
+    state.details["classes_without_training_labels"] = missing_classes
+
+
+def compute_out_of_fold(state: RoundState) -> None:
+    """Out-of-fold probabilities over all labeled non-test images: for cleanlab and, when validation is small,
+    for the threshold. The head is the fold model: seconds, and independent of the chosen training strategy."""
+    positions = np.sort(np.concatenate([state.positions(split="train", labeled=True), state.positions(split="validation", labeled=True)]))
+    state.oof_positions = positions
+    state.oof_probabilities = out_of_fold_probabilities(
+        features=state.embeddings[positions], labels=state.labels[positions], n_folds=5, seed=state.config.loop.seed,
+        fit_predict=head_fit_predict(seed=state.config.loop.seed),
+        n_classes=len(state.config.classes),
+    )
+
+
+def threshold_source(state: RoundState) -> str:
+    configured = state.config.model.threshold_source
+    if configured != "auto":
+        return configured
+    negative = state.config.negative_index
+    validation = state.positions(split="validation", labeled=True)
+    n_negatives = int((state.labels[validation] == negative).sum()) if negative is not None else len(validation)
+    if training_strategy(state) != "head" and n_negatives > 0:
+        return "validation"  # out-of-fold probabilities come from the head, not from a fine-tuned network
+    return "validation" if n_negatives >= MIN_VALIDATION_NEGATIVES else "out_of_fold"
+
+
+def train_model(state: RoundState) -> None:
+    source = threshold_source(state)
+    state.details["threshold_source"] = source
+    train = state.positions(split="train", labeled=True)
+    validation = state.positions(split="validation", labeled=True)
+    # With the threshold chosen out-of-fold, validation images are free to be learned from.
+    fit = np.sort(np.concatenate([train, validation])) if source == "out_of_fold" and training_strategy(state) == "head" else train
+    state.fit_positions = fit
+    data = TrainingData(
+        class_names=list(state.config.classes),
+        train_paths=[state.paths[i] for i in fit], train_labels=state.labels[fit], train_embeddings=state.embeddings[fit],
+        validation_paths=[state.paths[i] for i in validation], validation_labels=state.labels[validation],
+        validation_embeddings=state.embeddings[validation],
+        backbone=state.backbone, preprocessing=state.preprocessing, seed=state.config.loop.seed,
+        options={"cache_dir": str(state.ctx.cache_dir), "show_progress": state.options.show_progress},
+    )
+    state.classifier = train_classifier(strategy=training_strategy(state), data=data)
+    state.details["training"] = {"strategy": training_strategy(state), "n_fit": int(len(fit)), "history": getattr(state.classifier, "history", [])}
+
+
+def export_model(state: RoundState) -> None:
+    """The deployed artifact: one ONNX file (images -> probabilities), timed with ONNX Runtime on this CPU."""
+    path = export_onnx(state.classifier.to_torch_module(), state.round_dir / "model.onnx", image_size=state.preprocessing.image_size, output_name="probabilities")
+    state.artifacts["model_onnx"] = str(path)
+    state.latency = measure_onnx_latency(path, image_size=state.preprocessing.image_size, threads=state.config.model.latency_threads)
+
+
+def predict_all_images(state: RoundState) -> None:
+    if state.classifier.uses_frozen_embeddings:
+        state.probabilities = state.classifier.predict_proba_from_embeddings(state.embeddings)
+        return
+    from PIL import Image as PILImage
+
+    classifier = OnnxClassifier(state.artifacts["model_onnx"], image_size=state.preprocessing.image_size, mean=state.preprocessing.mean, std=state.preprocessing.std)
+    outputs = []
+    for start in range(0, len(state.paths), 64):
+        images = []
+        for path in state.paths[start : start + 64]:
+            with PILImage.open(path) as image:
+                images.append(image.copy())
+        outputs.append(classifier.predict_proba(images))
+    state.probabilities = np.concatenate(outputs)
+
+
+def choose_threshold(state: RoundState) -> None:
+    negative = state.config.negative_index
+    if negative is None:
+        state.details["threshold"] = None
+        return
+    source = state.details["threshold_source"]
+    if source == "validation":
+        positions = state.positions(split="validation", labeled=True)
+        p_negative = state.probabilities[positions, negative]
+    else:
+        positions = state.oof_positions
+        p_negative = state.oof_probabilities[:, negative]
+    state.threshold = choose_defect_threshold(
+        p_defect=1.0 - p_negative, is_defect=state.labels[positions] != negative, max_fpr=state.config.gates.negative_fpr_max,
+        confidence=state.config.model.threshold_confidence, source=source,
+    )
+    if not state.threshold.margin_attainable:
+        state.console.print(f"[yellow]warning:[/] only {state.threshold.n_negatives} labeled '{state.config.negative_class}' images to choose the threshold on: "
+                            "no false positive is allowed and the FPR gate still has no safety margin. Label more good parts.")
+    # The loop's own estimate of each gate, from the same non-test data: it steers selection, never the test split.
+    estimate_probabilities = state.probabilities[positions] if source == "validation" else state.oof_probabilities
+    estimate = evaluate_predictions(
+        y_true=state.labels[positions], y_pred=final_predictions(probabilities=estimate_probabilities, negative_index=negative, threshold=state.threshold.threshold),
+        probabilities=estimate_probabilities, class_names=state.config.classes, negative_index=negative,
+    )
+    state.details["threshold"] = state.threshold.threshold
+    state.details["threshold_choice"] = state.threshold.as_dict()
+    state.details["estimated_metrics"] = {k: estimate[k] for k in ("macro_f1", "defect_recall", "negative_fpr")}
+
+
+def evaluate_on_test_split(state: RoundState) -> None:
+    """The frozen test split only reports: nothing in this round was chosen by looking at it."""
+    test = state.positions(split="test", labeled=True)
+    negative = state.config.negative_index
+    threshold = state.threshold.threshold if state.threshold else None
+    predictions = final_predictions(probabilities=state.probabilities[test], negative_index=negative, threshold=threshold)
+    state.metrics = evaluate_predictions(y_true=state.labels[test], y_pred=predictions, probabilities=state.probabilities[test], class_names=state.config.classes, negative_index=negative)
+    gates = state.config.gates
+    state.gates = evaluate_gates(
+        metrics=state.metrics, latency_ms=state.latency["ms_per_image"], macro_f1_min=gates.macro_f1_min,
+        defect_recall_min=gates.defect_recall_min, negative_fpr_max=gates.negative_fpr_max, latency_ms_max=gates.latency_ms_max,
+    )
+    if state.metrics.get("collapsed"):
+        state.console.print("[bold red]the model predicts a single class for every test image (collapsed): macro F1 gate set to 0[/]")
+    estimated = state.details.get("estimated_metrics") or {}
+    state.estimated_gates = {
+        "macro_f1": None if estimated.get("macro_f1") is None else estimated["macro_f1"] >= gates.macro_f1_min,
+        "defect_recall": None if estimated.get("defect_recall") is None else estimated["defect_recall"] >= gates.defect_recall_min,
+        "negative_fpr": None if estimated.get("negative_fpr") is None else estimated["negative_fpr"] <= gates.negative_fpr_max,
+    }
+
+
+def flag_label_issues(state: RoundState) -> None:
+    positions = state.oof_positions
+    report = find_label_issues(labels=state.labels[positions], pred_probs=state.oof_probabilities, class_names=state.config.classes, embeddings=state.embeddings[positions])
+    rows = []
+    for rank, local in enumerate(report.ranked_issue_indices):
+        position = int(positions[local])
+        rows.append({
+            "image_id": state.image_ids[position], "position": position, "rank": rank, "kind": "label_error",
+            "given_label": state.config.classes[state.labels[position]], "suggested_label": state.config.classes[int(report.suggested_label[local])],
+            "score": float(report.label_quality_score[local]),
+        })
+    state.label_issue_rows = rows
+    state.details["label_quality"] = {"n_flagged": len(rows), "noise_rate_per_class": report.noise_rate_per_class, "summary": report.summary}
+
+
+def select_next_batch(state: RoundState) -> None:
+    """Uncertain, rare-class and diverse unlabeled images, plus the top suspected label errors for relabeling.
+    Test labels are hidden from selection: the test split informs no decision."""
+    loop_config = state.config.loop
+    candidates = _selectable_positions(state)
+    visible_labels = state.labels.copy()
+    visible_labels[state.splits == "test"] = UNLABELED
+    result = select_batch(
+        strategy=loop_config.strategy, budget=min(loop_config.budget_per_round, len(candidates)), embeddings=state.embeddings,
+        probabilities=state.probabilities, labels=visible_labels, candidates=candidates, class_names=list(state.config.classes),
+        negative_index=state.config.negative_index, gate_estimates=state.estimated_gates, seed=loop_config.seed + state.number,
+    ) if len(candidates) and loop_config.budget_per_round else None
+    picks: list[tuple[int, float, str, str | None]] = []
+    if result is not None:
+        picks = [(int(p), float(s), r, None) for p, s, r in zip(result.indices, result.scores, result.reasons)]
+        state.details["selection"] = {"strategy": loop_config.strategy, "n_candidates": int(len(candidates)), **_jsonable(result.summary)}
+    for row in state.label_issue_rows[: loop_config.relabel_budget]:
+        picks.append((row["position"], 1.0 - row["score"], "suspected_label_error", row["given_label"]))
+    threshold = state.threshold.threshold if state.threshold else None
+    predicted = final_predictions(probabilities=state.probabilities, negative_index=state.config.negative_index, threshold=threshold)
+    for position, score, reason, current in picks:
+        predicted_label = state.config.classes[int(predicted[position])]
+        probabilities = {name: float(p) for name, p in zip(state.config.classes, state.probabilities[position])}
+        state.batch.append(TaskRequest(
+            image_id=state.image_ids[position], image_path=state.paths[position], sha256=state.hashes[position], reason=reason,
+            predicted_label=predicted_label, prediction_score=probabilities[predicted_label], probabilities=probabilities,
+            current_label=current, round_number=state.number,
+        ))
+        state.batch_meta.append({"score": score, "strategy": loop_config.strategy if reason != "suspected_label_error" else "label_quality"})
+
+
+def _selectable_positions(state: RoundState) -> np.ndarray:
+    """Unlabeled pool images not already waiting in an annotator's queue from an earlier round."""
+    with session_scope(state.ctx.engine) as session:
+        waiting = set(session.scalars(
+            select(Selection.image_id).join(Round, Round.id == Selection.round_id)
+            .where(Round.project_id == get_project(session).id, Round.id != state.round_id)
+        ))
+    unlabeled = state.positions(labeled=False)
+    keep = [p for p in unlabeled if state.splits[p] == "pool" and state.image_ids[p] not in waiting
+            and state.label_info.get(state.image_ids[p], CurrentLabel(None, None, "unlabeled")).status == "unlabeled"]
+    return np.array(keep, dtype=int)
+
+
+def push_batch(state: RoundState) -> None:
+    """Retry what earlier rounds could not push, then push this round's batch; nothing selected is lost."""
+    name = state.backend.name
+    with session_scope(state.ctx.engine) as session:
+        project = get_project(session)
+        for rank, (task, meta) in enumerate(zip(state.batch, state.batch_meta)):
+            session.add(Selection(
+                round_id=state.round_id, image_id=task.image_id, rank=rank, score=meta["score"], strategy=meta["strategy"], reason=task.reason,
+                predicted_label=task.predicted_label, p_defect=_p_defect(state, task), push_status="pending",
+            ))
+        session.flush()
+        retry = session.execute(
+            select(Selection, Image).join(Round, Round.id == Selection.round_id).join(Image, Image.id == Selection.image_id)
+            .where(Round.project_id == project.id, Selection.push_status.in_(("pending", "failed")))
+            .order_by(Selection.id)
+        ).all()
+        by_image = {task.image_id: task for task in state.batch}
+        tasks = [by_image.get(image.id) or TaskRequest(image_id=image.id, image_path=image.path, sha256=image.sha256, reason=selection.reason,
+                                                      predicted_label=selection.predicted_label, round_number=state.number)
+                 for selection, image in retry]
+        report = state.backend.push(session=session, project=project, round_id=state.round_id, batch=tasks)
+        pushed_ok = report.pending == 0
+        now = datetime.now(timezone.utc)
+        for selection, _image in retry:
+            if name == "none":
+                selection.push_status = "recorded"
+            elif pushed_ok:
+                selection.push_status, selection.pushed_at = "pushed", now
+        state.push_report = report
+    for warning in report.warnings:
+        state.console.print(f"[yellow]warning:[/] {warning}")
+    state.details["push"] = {"backend": name, "pushed": report.pushed, "already_present": report.already_present, "pending": report.pending, "warnings": report.warnings}
+
+
+def _p_defect(state: RoundState, task: TaskRequest) -> float | None:
+    negative = state.config.negative_class
+    return None if negative is None else 1.0 - task.probabilities.get(negative, 0.0)
+
+
+def record_round(state: RoundState) -> None:
+    classes = state.config.classes
+    negative = state.config.negative_index
+    threshold = state.threshold.threshold if state.threshold else None
+    predicted = final_predictions(probabilities=state.probabilities, negative_index=negative, threshold=threshold)
+    confusion_png = plot_confusion_matrix(matrix=state.metrics["confusion_matrix"]["matrix"], labels=classes, path=state.round_dir / "confusion_matrix.png",
+                                          title=f"round {state.number}: frozen test split ({state.metrics['n_images']} images)")
+    state.artifacts["confusion_matrix_png"] = str(confusion_png)
+    label_sources = Counter(info.source for image_id, info in state.label_info.items() if info.status == "labeled")
+    with session_scope(state.ctx.engine) as session:
+        round_row = session.get(Round, state.round_id)
+        for name in ("accuracy", "macro_f1", "defect_recall", "negative_fpr", "roc_auc_defect"):
+            session.add(Metric(round_id=state.round_id, name=name, value=state.metrics.get(name)))
+        for class_name, scores in state.metrics["per_class"].items():
+            for name, value in scores.items():
+                session.add(Metric(round_id=state.round_id, name=name, class_name=class_name, value=float(value)))
+        session.add(Metric(round_id=state.round_id, name="latency_ms", value=state.latency["ms_per_image"]))
+        session.add(Metric(round_id=state.round_id, name="latency_batch1_p95_ms", value=state.latency["batch1_p95_ms"]))
+        for gate in state.gates:
+            session.add(GateResult(round_id=state.round_id, name=gate.name, value=gate.value, threshold=gate.threshold, comparison=gate.comparison, applicable=gate.applicable, passed=gate.passed))
+        session.add_all(
+            Prediction(round_id=state.round_id, image_id=image_id, predicted_label=classes[int(predicted[i])],
+                       p_defect=None if negative is None else float(1.0 - state.probabilities[i, negative]),
+                       probabilities={name: round(float(p), 6) for name, p in zip(classes, state.probabilities[i])})
+            for i, image_id in enumerate(state.image_ids)
+        )
+        session.add_all(LabelIssue(round_id=state.round_id, image_id=row["image_id"], kind=row["kind"], given_label=row["given_label"],
+                                   suggested_label=row["suggested_label"], score=row["score"], flagged=True, rank=row["rank"]) for row in state.label_issue_rows)
+        state.details.update(
+            class_names=list(classes), negative_class=state.config.negative_class, preprocessing=state.preprocessing.as_dict(),
+            confusion_matrix=state.metrics["confusion_matrix"], per_class=state.metrics["per_class"], collapsed=state.metrics["collapsed"],
+            predicted_class_counts=state.metrics["predicted_class_counts"], latency=state.latency, label_counts_by_source=dict(label_sources),
+            estimated_gates=state.estimated_gates, all_gates_pass=all_gates_pass(state.gates),
+            pull={"new_label_events": state.pull_report.new_label_events, "deleted": state.pull_report.deleted, "skipped": state.pull_report.skipped,
+                  "rejected": state.pull_report.rejected, **_jsonable(state.pull_report.details)},
+        )
+        gates_png = _plot_gates_history(session, round_row.project_id, state)
+        state.artifacts["gates_png"] = str(gates_png)
+        round_row.details = _jsonable(state.details)
+        round_row.artifacts = dict(state.artifacts)
+        round_row.status = "completed"
+        round_row.finished_at = datetime.now(timezone.utc)
+
+
+def _plot_gates_history(session, project_id: int, state: RoundState) -> Path:  # noqa: ANN001
+    rounds = session.scalars(select(Round).where(Round.project_id == project_id, Round.status == "completed").order_by(Round.number)).all()
+    history = [(r.number, {g.name: g for g in r.gates}, (r.details or {}).get("labeled_counts", {})) for r in rounds]
+    current = {g.name: g for g in state.gates}
+    numbers = [n for n, _, _ in history] + [state.number]
+    series = {name: [gates[name].value if name in gates else None for _, gates, _ in history] + [current[name].value] for name in current}
+    labeled = [c.get("train", 0) + c.get("validation", 0) for _, _, c in history] + [state.details["labeled_counts"]["train"] + state.details["labeled_counts"]["validation"]]
+    return plot_gates_over_rounds(rounds=numbers, gate_series=series, thresholds={g.name: g.threshold for g in state.gates},
+                                  comparisons={g.name: g.comparison for g in state.gates}, path=state.ctx.artifacts_dir / "gates_over_rounds.png", labeled_counts=labeled)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+ROUND_STEPS: list[Callable[[RoundState], None]] = [
+    pull_labels, check_image_files, place_new_labels, embed_images, gather_labeled_pool, compute_out_of_fold, train_model,
+    export_model, predict_all_images, choose_threshold, evaluate_on_test_split, flag_label_issues, select_next_batch, push_batch,
+]
+
+
+@dataclass
+class RoundOutcome:
+    round_id: int
+    number: int
+    gates: list
+    metrics: dict
+    details: dict
+    timings_s: dict
+    artifacts: dict
+
+
+def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, console: Console | None = None) -> RoundOutcome:
+    options = options or RoundOptions()
+    console = console or Console()
+    state = RoundState(ctx=ctx, options=options, console=console)
+    with session_scope(ctx.engine) as session:
+        project = get_project(session)
+        for stale in session.scalars(select(Round).where(Round.project_id == project.id, Round.status == "running")):
+            stale.status, stale.error = "failed", "interrupted (the process ended before the round finished)"
+        state.number = next_round_number(session, project.id)
+        round_row = Round(project_id=project.id, number=state.number, status="running", config_snapshot=ctx.config.model_dump(mode="json"))
+        session.add(round_row)
+        session.flush()
+        state.round_id = round_row.id
+    step_name = ""
+    try:
+        for step in [*ROUND_STEPS, record_round]:
+            step_name = step.__name__
+            started = time.perf_counter()
+            step(state)
+            state.timings_s[step_name] = time.perf_counter() - started
+            if options.show_progress:  # one line per step (a spinner would fight the embedding progress bar)
+                console.print(f"[dim]round {state.number} · {step_name.replace('_', ' ')} · {state.timings_s[step_name]:.1f} s[/]")
+        state.timings_s["total"] = time.perf_counter() - state.started
+        with session_scope(ctx.engine) as session:
+            session.get(Round, state.round_id).step_timings_s = {k: round(v, 3) for k, v in state.timings_s.items()}
+    except BaseException as error:
+        with session_scope(ctx.engine) as session:
+            round_row = session.get(Round, state.round_id)
+            round_row.status = "failed"
+            round_row.error = f"step {step_name}: {type(error).__name__}: {error}"
+            round_row.finished_at = datetime.now(timezone.utc)
+            round_row.step_timings_s = {k: round(v, 3) for k, v in state.timings_s.items()}
+            round_row.details = _jsonable({**state.details, "traceback": traceback.format_exc(limit=8)})
+        raise
+    return RoundOutcome(state.round_id, state.number, state.gates, state.metrics, state.details, state.timings_s, state.artifacts)

@@ -1,0 +1,76 @@
+"""`loop status`: rounds with metrics and gates, label counts by class and source, quarantined files.
+The JSON form is machine-readable and stable: keys are only ever added."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+from sqlalchemy import select
+
+from loop.project import ProjectContext
+from store import session_scope
+from store.models import Image, Round
+from store.queries import current_labels, get_project
+
+STATUS_SCHEMA_VERSION = 1
+
+
+def project_status(ctx: ProjectContext) -> dict:
+    with session_scope(ctx.engine) as session:
+        project = get_project(session)
+        images = session.scalars(select(Image).where(Image.project_id == project.id).order_by(Image.id)).all()
+        labels = current_labels(session, project.id)
+        rounds = session.scalars(select(Round).where(Round.project_id == project.id).order_by(Round.number)).all()
+        by_class: Counter[str] = Counter()
+        by_source: Counter[str] = Counter()
+        by_class_and_source: dict[str, Counter[str]] = defaultdict(Counter)
+        by_split: Counter[str] = Counter()
+        ties = 0
+        for image in images:
+            if image.status != "ok":
+                continue
+            by_split[image.split] += 1
+            info = labels.get(image.id)
+            if info is None or info.status == "unlabeled":
+                continue
+            if info.status == "tie":
+                ties += 1
+                continue
+            by_class[info.label] += 1
+            by_source[info.source] += 1
+            by_class_and_source[info.label][info.source] += 1
+        return {
+            "schema_version": STATUS_SCHEMA_VERSION,
+            "project": {"name": project.name, "root_dir": project.root_dir, "classes": project.classes, "negative_class": project.negative_class},
+            "images": {"total": len(images), "ok": sum(1 for i in images if i.status == "ok"), "by_split": dict(sorted(by_split.items()))},
+            "labels": {
+                "labeled": sum(by_class.values()),
+                "unlabeled": sum(1 for i in images if i.status == "ok") - sum(by_class.values()) - ties,
+                "ties_unresolved": ties,
+                "by_class": {name: by_class.get(name, 0) for name in project.classes},
+                "by_source": dict(sorted(by_source.items())),
+                "by_class_and_source": {name: dict(sorted(by_class_and_source[name].items())) for name in project.classes},
+            },
+            "quarantined": [{"path": i.path, "reason": i.status_reason} for i in images if i.status == "quarantined"],
+            "rounds": [_round_summary(r) for r in rounds],
+        }
+
+
+def _round_summary(round_row: Round) -> dict:
+    details = round_row.details or {}
+    return {
+        "number": round_row.number,
+        "status": round_row.status,
+        "error": round_row.error,
+        "started_at": round_row.started_at.isoformat() if round_row.started_at else None,
+        "finished_at": round_row.finished_at.isoformat() if round_row.finished_at else None,
+        "train_strategy": (details.get("training") or {}).get("strategy"),
+        "labeled_counts": details.get("labeled_counts"),
+        "threshold": details.get("threshold"),
+        "metrics": {m.name: m.value for m in round_row.metrics if m.class_name is None},
+        "per_class": details.get("per_class"),
+        "gates": [{"name": g.name, "value": g.value, "threshold": g.threshold, "comparison": g.comparison, "applicable": g.applicable, "passed": g.passed} for g in round_row.gates],
+        "all_gates_pass": details.get("all_gates_pass"),
+        "latency": details.get("latency"),
+        "step_timings_s": round_row.step_timings_s,
+        "artifacts": round_row.artifacts,
+    }

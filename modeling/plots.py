@@ -1,0 +1,75 @@
+"""PNG plots people would rather see than read: confusion matrix, gates over rounds, learning curve."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: CI and servers have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_confusion_matrix(*, matrix: list[list[int]], labels: list[str], path: Path, title: str) -> Path:
+    counts = np.asarray(matrix, dtype=float)
+    row_share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.7 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(row_share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, int(counts[i, j]), ha="center", va="center", color="white" if row_share[i, j] > 0.5 else "black", fontsize=9)
+    fig.colorbar(image, ax=ax, label="share of true class")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_gates_over_rounds(*, rounds: list[int], gate_series: dict[str, list[float | None]], thresholds: dict[str, float], comparisons: dict[str, str], path: Path, labeled_counts: list[int] | None = None) -> Path:
+    """One panel per gate: its value per round and its threshold line (shaded on the failing side)."""
+    names = [n for n in gate_series if any(v is not None for v in gate_series[n])]
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        values = [np.nan if v is None else v for v in gate_series[name]]
+        ax.plot(rounds, values, marker="o", color="tab:blue")
+        threshold = thresholds[name]
+        ax.axhline(threshold, color="tab:red", linestyle="--", label=f"gate {comparisons[name]} {threshold:g}")
+        low, high = ax.get_ylim()
+        if comparisons[name] == ">=":
+            ax.axhspan(min(low, threshold), threshold, color="tab:red", alpha=0.06)
+        else:
+            ax.axhspan(threshold, max(high, threshold), color="tab:red", alpha=0.06)
+        ax.set_title(name)
+        ax.set_xlabel("round")
+        ax.set_xticks(rounds)
+        if labeled_counts:
+            ax.set_xticklabels([f"{r}\n{n} lbl" for r, n in zip(rounds, labeled_counts)], fontsize=8)
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curve(*, series: dict[str, tuple[list[int], list[float]]], path: Path, ylabel: str, title: str, target: float | None = None) -> Path:
+    """x = labels used, one line per series (strategy, metric...)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker=".", label=name)
+    if target is not None:
+        ax.axhline(target, color="tab:red", linestyle="--", label=f"target {target:g}")
+    ax.set_xlabel("labels used (train + validation)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,44 @@
+"""Shared fixtures: small synthetic datasets written in the real on-disk layouts, and fresh projects."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from loop.synthetic_images import write_class_folders
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+
+# Tests must not fight over 2 cores with oversubscribed BLAS pools.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED_DATASETS / name
+    if not path.is_dir():
+        pytest.skip(f"real dataset {path} is absent (it lives in ../shared/datasets beside the repo, never in it)")
+    return path
+
+
+@pytest.fixture
+def class_folders(tmp_path: Path) -> Path:
+    """<tmp>/parts/<class>/*.png with a good majority and a rare defect class."""
+    root = tmp_path / "parts"
+    write_class_folders(root, per_class={"good": 40, "scratch": 12, "spot": 12, "patch": 6}, size=64, seed=1)
+    return root
+
+
+@pytest.fixture
+def new_project(tmp_path: Path):
+    """A fresh initialised project (loop init through the CLI's code path), classes of the class_folders fixture."""
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.project import open_project
+
+    project_dir = tmp_path / "project"
+    result = CliRunner().invoke(app, ["init", str(project_dir), "--classes", "good,scratch,spot,patch", "--negative-class", "good"])
+    assert result.exit_code == 0, result.output
+    return open_project(project_dir)

@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import pytest
+
+from loop.config import ConfigError, ProjectConfig, load_config, save_config
+
+
+def test_round_trip_keeps_every_value(tmp_path: Path) -> None:
+    config = ProjectConfig(name="p", classes=["ok", "dent"], negative_class="ok", class_descriptions={"dent": "a dent"})
+    save_config(tmp_path, config)
+    loaded = load_config(tmp_path)
+    assert loaded == config
+    assert loaded.gates.negative_fpr_max == 0.03 and loaded.gates.latency_ms_max == 30.0
+    assert loaded.split.test_fraction == 0.2 and loaded.split.validation_fraction == 0.15
+    assert loaded.negative_index == 0
+
+
+def test_typo_in_a_key_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "loop.toml").write_text('name = "p"\nclasses = ["a", "b"]\n[gates]\nmacro_f1_minn = 0.8\n')
+    with pytest.raises(ConfigError, match=r"gates\.macro_f1_minn: Extra inputs are not permitted"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('name = "p"\nclasses = ["a", "b"]\nnegative_class = "c"\n', "negative_class 'c' is not one of the classes"),
+        ('name = "p"\nclasses = ["a", "a"]\n', "duplicate class names"),
+        ('name = "p"\nclasses = ["a", "b"]\n[gates]\nnegative_fpr_max = 3\n', "gates.negative_fpr_max"),
+        ('name = "p"\nclasses = ["a", "b"]\n[annotator]\nbackend = "oracle"\n', "needs annotator.oracle_manifest"),
+        ('name = "p"\nclasses = ["a", "b"\n', "not valid TOML"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, body: str, message: str) -> None:
+    (tmp_path / "loop.toml").write_text(body)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(tmp_path)
+
+
+def test_missing_config_says_how_to_create_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="loop init"):
+        load_config(tmp_path)
