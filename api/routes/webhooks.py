@@ -5,7 +5,8 @@ import hmac
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 
 from api.dependencies import SettingsDep
@@ -40,12 +41,24 @@ def require_webhook_secret(
                422: {"model": ErrorOut, "description": "the payload is not a Label Studio annotation event we can record"},
                503: {"model": ErrorOut}},
     summary="Label Studio ANNOTATION_CREATED / UPDATED / DELETED events (shared-secret header, not the API tokens)",
+    # The body is parsed by hand, after the secret check: FastAPI would validate a declared body before any dependency.
+    openapi_extra={"requestBody": {"required": True, "description": "Label Studio's webhook payload: action, annotation, project, task",
+                                   "content": {"application/json": {"schema": {"type": "object", "additionalProperties": True}}}}},
 )
-def labelstudio_webhook(
+async def labelstudio_webhook(
     request: Request,
-    payload: Annotated[dict[str, Any], Body(description="Label Studio's webhook payload: action, annotation, project, task")],
     project_id: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="default: the store's first project")] = None,
 ) -> WebhookOut:
+    try:
+        payload = await request.json()
+    except ValueError:
+        raise HTTPException(422, detail="the body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise HTTPException(422, detail="the body must be a JSON object (Label Studio's webhook payload)")
+    return await run_in_threadpool(_record, request, payload, project_id)
+
+
+def _record(request: Request, payload: dict[str, Any], project_id: int | None) -> WebhookOut:
     try:
         from labeling.labelstudio_backend import record_webhook_event  # the Label Studio backend's parser and recorder
     except ImportError as exc:

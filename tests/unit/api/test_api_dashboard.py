@@ -1,0 +1,64 @@
+"""The dashboard page: charts carry the seeded rounds and values; store text is escaped."""
+from __future__ import annotations
+
+import re
+
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api_seed import READ_TOKEN, SeededStore, make_settings
+from store.db import create_db_engine, session_scope
+from store.models import LabelIssue, Project
+
+
+def _page(client: TestClient, query: str = "") -> str:
+    response = client.get(f"/dashboard?token={READ_TOKEN}{query}")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/html")
+    return response.text
+
+
+def test_gate_charts_show_each_round_and_threshold(client: TestClient) -> None:
+    html = _page(client)
+    assert "<script" not in html  # server-rendered SVG only
+    for gate in ("macro_f1", "defect_recall", "negative_fpr", "latency_ms", "calibration_ece"):
+        assert f'data-chart="gate:{gate}"' in html
+    macro = re.search(r'<svg[^>]*data-chart="gate:macro_f1".*?</svg>', html, re.S).group(0)
+    assert 'data-rounds="1,2,3,4"' in macro
+    points = re.findall(r'<circle class="point"[^>]*data-round="(\d+)" data-value="([\d.]+)"', macro)
+    assert points == [("1", "0.65"), ("2", "0.78")]
+    assert 'class="threshold"' in macro and "threshold &gt;= 0.7" in macro
+    fills = re.findall(r'<circle class="point"[^>]*fill="(#\w+)"', macro)
+    assert fills == ["#d73027", "#1a9850"]  # R1 fails, R2 passes
+
+
+def test_labels_by_source_f1_confusion_and_queue(client: TestClient, seeded_store: SeededStore) -> None:
+    html = _page(client)
+    bars = re.findall(r'<rect class="bar"[^>]*data-series="(\w+)" data-round="(\d+)" data-value="(\d+)"', html)
+    assert ("import", "1", "8") in bars and ("oracle", "1", "2") in bars and ("annotator", "4", "3") in bars
+    f1 = re.search(r'<svg[^>]*data-chart="per-class-f1".*?</svg>', html, re.S).group(0)
+    assert set(re.findall(r'data-series="(\w+)"', f1)) == {"good", "scratch", "spot"}
+    assert 'data-series="spot" data-round="2" data-value="0.74"' in f1
+    confusion = re.search(r'<table class="confusion" data-round="2">.*?</table>', html, re.S).group(0)
+    assert [int(v) for v in re.findall(r'>(\d+)</td>', confusion)] == [9, 1, 0, 0, 4, 1, 1, 0, 4]
+    queue = re.search(r'<table class="issues" data-round="2">.*?</table>', html, re.S).group(0)
+    assert len(re.findall(r'<tr class="issue"', queue)) == 3  # flagged only
+    assert f'src="/images/{seeded_store.image_ids[5]}?token={READ_TOKEN}"' in queue
+
+
+def test_store_text_is_escaped(writable_store: SeededStore) -> None:
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        session.get(Project, writable_store.project_id).name = "<script>alert(1)</script>"
+        session.query(LabelIssue).filter(LabelIssue.rank == 1).update({"suggested_label": "<img src=x onerror=alert(2)>"})
+    engine.dispose()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        html = _page(client)
+    assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<img src=x" not in html
+
+
+def test_project_choice_and_empty_project(client: TestClient, seeded_store: SeededStore) -> None:
+    html = _page(client, f"&project_id={seeded_store.empty_project_id}")
+    assert "empty-line" in html and "No gate recorded yet." in html and "No label issues recorded yet." in html
+    assert client.get(f"/dashboard?token={READ_TOKEN}&project_id=999").status_code == 404

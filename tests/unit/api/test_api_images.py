@@ -1,0 +1,46 @@
+"""Images are served by store id only: the path comes from the store row, never from the request."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api_seed import READ_TOKEN, SeededStore, make_settings
+from store.db import create_db_engine, session_scope
+from store.models import Image
+
+
+def test_image_by_id(client: TestClient, read_headers: dict[str, str], seeded_store: SeededStore) -> None:
+    image_id = seeded_store.image_ids[0]
+    response = client.get(f"/images/{image_id}", headers=read_headers)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.content == (seeded_store.project_dir / "images" / "img01.png").read_bytes()
+    assert client.get(f"/images/{image_id}?token={READ_TOKEN}").status_code == 200  # an <img> in the dashboard
+
+
+def test_no_path_traversal(client: TestClient, read_headers: dict[str, str]) -> None:
+    for path in ("/images/..%2F..%2Fetc%2Fpasswd", "/images/../../etc/passwd", "/images/%2Fetc%2Fpasswd", "/images/1%2F..%2F2"):
+        response = client.get(path, headers=read_headers)
+        assert response.status_code in (404, 422), path
+        assert b"root:" not in response.content
+    assert client.get("/images/999", headers=read_headers).status_code == 404
+
+
+def test_changed_or_missing_file_is_refused(writable_store: SeededStore, read_headers: dict[str, str], tmp_path: Path) -> None:
+    changed = tmp_path / "changed.png"
+    changed.write_bytes(b"original")
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        first = session.get(Image, writable_store.image_ids[0])
+        first.path, first.sha256 = str(changed), hashlib.sha256(b"original").hexdigest()
+        second = session.get(Image, writable_store.image_ids[1])
+        second.path = str(tmp_path / "moved-away.png")
+    engine.dispose()
+    changed.write_bytes(b"tampered")
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        response = client.get(f"/images/{writable_store.image_ids[0]}", headers=read_headers)
+        assert response.status_code == 409 and "changed on disk" in response.json()["detail"]
+        response = client.get(f"/images/{writable_store.image_ids[1]}", headers=read_headers)
+        assert response.status_code == 404 and "file is missing" in response.json()["detail"]

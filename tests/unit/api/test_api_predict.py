@@ -1,0 +1,133 @@
+"""POST /predict with the latest completed round's tiny ONNX model (grey -> good, red -> scratch, green -> spot)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.routes.predict import decide
+from api_seed import SeededStore, make_settings, png_bytes
+from store.db import create_db_engine, session_scope
+from store.models import LabelEvent, Prediction, Round
+
+
+def _files(*items: tuple[str, bytes, str]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", item) for item in items]
+
+
+def test_predict_one_and_many(client: TestClient, full_headers: dict[str, str], seeded_store: SeededStore) -> None:
+    response = client.post("/predict", headers=full_headers, files=_files(
+        ("grey.png", png_bytes((128, 128, 128)), "image/png"),
+        ("red.png", png_bytes((220, 40, 40), size=20), "image/png"),
+        ("green.jpg", _jpeg((40, 200, 40)), "image/jpeg"),
+    ))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["round_number"] == 2 and body["round_id"] == seeded_store.round_ids[2]  # R4 runs, R3 failed: R2 is the latest completed
+    assert body["threshold"] == 0.4 and body["negative_class"] == "good" and body["class_names"] == ["good", "scratch", "spot"]
+    grey, red, green = body["predictions"]
+    assert [p["filename"] for p in body["predictions"]] == ["grey.png", "red.png", "green.jpg"]
+    for prediction in body["predictions"]:
+        assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert prediction["p_defect"] == pytest.approx(1 - prediction["probabilities"]["good"], abs=1e-6)
+    assert (grey["predicted_label"], grey["is_defect"]) == ("good", False)
+    assert (red["predicted_label"], red["is_defect"]) == ("scratch", True)
+    assert (green["predicted_label"], green["is_defect"]) == ("spot", True)
+    single = client.post("/predict", headers=full_headers, files=_files(("red.png", png_bytes((220, 40, 40)), "image/png")))
+    assert single.status_code == 200 and len(single.json()["predictions"]) == 1
+
+
+def test_threshold_decides_not_argmax(client: TestClient, full_headers: dict[str, str]) -> None:
+    # A faint red: "good" is the most probable class, yet P(defect) >= the round's threshold 0.4 -> the best defect class.
+    body = client.post("/predict", headers=full_headers, files=_files(("faint.png", png_bytes((165, 110, 110)), "image/png"))).json()
+    prediction = body["predictions"][0]
+    probabilities = prediction["probabilities"]
+    assert max(probabilities, key=probabilities.get) == "good"
+    assert 0.4 <= prediction["p_defect"] < 0.5
+    assert (prediction["predicted_label"], prediction["is_defect"]) == ("scratch", True)
+
+
+def test_decide_rule() -> None:
+    probabilities = np.array([[0.55, 0.25, 0.20], [0.7, 0.1, 0.2], [0.1, 0.3, 0.6]])
+    names = ["good", "scratch", "spot"]
+    assert decide(probabilities, class_names=names, negative_class="good", threshold=0.4) == [
+        ("scratch", pytest.approx(0.45), True), ("good", pytest.approx(0.3), False), ("spot", pytest.approx(0.9), True)]
+    # Without a threshold the cut is 0.5; without a negative class, the most probable class.
+    assert [d[0] for d in decide(probabilities, class_names=names, negative_class="good", threshold=None)] == ["good", "good", "spot"]
+    assert decide(probabilities, class_names=names, negative_class=None, threshold=0.4) == [("good", None, None), ("good", None, None), ("spot", None, None)]
+
+
+def _jpeg(color: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (12, 12), color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("notes.txt", b"this is not an image", "is not an image PIL can read"),
+        ("empty.png", b"", "is empty"),
+        ("cut.png", png_bytes((220, 40, 40), size=64)[:60], "could not be decoded"),
+    ],
+)
+def test_non_image_is_422_with_reason(client: TestClient, full_headers: dict[str, str], name: str, data: bytes, reason: str) -> None:
+    response = client.post("/predict", headers=full_headers, files=_files(("ok.png", png_bytes((1, 2, 3)), "image/png"), (name, data, "image/png")))
+    assert response.status_code == 422
+    assert name in response.json()["detail"] and reason in response.json()["detail"]
+
+
+def test_upload_limits(client: TestClient, full_headers: dict[str, str]) -> None:
+    big = png_bytes((1, 2, 3)) + b"\0" * 20_001  # the unit-test settings allow 20 000 bytes per file
+    response = client.post("/predict", headers=full_headers, files=_files(("big.png", big, "image/png")))
+    assert response.status_code == 413 and "upload limit of 20000 bytes" in response.json()["detail"]
+    five = _files(*[(f"{i}.png", png_bytes((i, i, i)), "image/png") for i in range(5)])
+    response = client.post("/predict", headers=full_headers, files=five)
+    assert response.status_code == 413 and "at most 4" in response.json()["detail"]
+    huge = client.post("/predict", headers={**full_headers, "Content-Length": "999999999", "Content-Type": "multipart/form-data; boundary=x"}, content=b"--x--")
+    assert huge.status_code == 413
+
+
+def test_missing_files_field_is_422(client: TestClient, full_headers: dict[str, str]) -> None:
+    response = client.post("/predict", headers=full_headers, data={"other": "1"})
+    assert response.status_code == 422
+
+
+def test_project_without_completed_round_is_409(client: TestClient, full_headers: dict[str, str], seeded_store: SeededStore) -> None:
+    response = client.post(f"/predict?project_id={seeded_store.empty_project_id}", headers=full_headers,
+                           files=_files(("a.png", png_bytes((1, 2, 3)), "image/png")))
+    assert response.status_code == 409 and "loop round" in response.json()["detail"]
+    missing = client.post("/predict?project_id=999", headers=full_headers, files=_files(("a.png", png_bytes((1, 2, 3)), "image/png")))
+    assert missing.status_code == 404
+
+
+def test_missing_model_file_is_503(writable_store: SeededStore, full_headers: dict[str, str]) -> None:
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        round_ = session.get(Round, writable_store.round_ids[2])
+        round_.artifacts = {"model_onnx": "models/gone.onnx"}
+    engine.dispose()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        response = client.post("/predict", headers=full_headers, files=_files(("a.png", png_bytes((1, 2, 3)), "image/png")))
+    assert response.status_code == 503 and "gone.onnx" in response.json()["detail"]
+
+
+def test_predict_writes_nothing_but_logs(writable_store: SeededStore, full_headers: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    engine = create_db_engine(writable_store.url)
+
+    def counts() -> tuple[int, int]:
+        with session_scope(engine) as session:
+            return session.query(Prediction).count(), session.query(LabelEvent).count()
+
+    before = counts()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client, caplog.at_level("INFO", logger="defect_loop.api.predict"):
+        response = client.post("/predict", headers=full_headers, files=_files(("red.png", png_bytes((220, 40, 40)), "image/png")))
+    assert response.status_code == 200
+    assert counts() == before
+    engine.dispose()
+    assert any("file='red.png' label=scratch" in record.getMessage() for record in caplog.records)

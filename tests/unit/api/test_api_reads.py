@@ -1,0 +1,166 @@
+"""Read endpoints against the hand-seeded store: every number here is one the seed wrote (see api_seed.py)."""
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api_seed import SeededStore
+
+
+@pytest.fixture
+def get(client: TestClient, read_headers: dict[str, str]):  # noqa: ANN201
+    def _get(path: str, expected_status: int = 200) -> dict:
+        response = client.get(path, headers=read_headers)
+        assert response.status_code == expected_status, response.text
+        return response.json()
+
+    return _get
+
+
+def test_projects_paginated(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
+    page = get("/projects")
+    assert page["total"] == 2 and page["limit"] == 50 and page["offset"] == 0
+    first = page["items"][0]
+    assert first["name"] == "line-a" and first["classes"] == ["good", "scratch", "spot"] and first["negative_class"] == "good"
+    assert first["n_images"] == 12 and first["n_rounds"] == 4 and first["latest_round_number"] == 4
+    second = get("/projects?limit=1&offset=1")
+    assert second["total"] == 2 and [p["name"] for p in second["items"]] == ["empty-line"]
+    assert second["items"][0]["n_rounds"] == 0 and second["items"][0]["latest_round_number"] is None
+    assert get("/projects?limit=5&offset=2")["items"] == []
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=501", "offset=-1", "limit=abc"])
+def test_bad_pagination_is_422(get, query: str) -> None:  # noqa: ANN001
+    body = get(f"/projects?{query}", expected_status=422)
+    assert isinstance(body["detail"], list) and body["detail"][0]["loc"][0] == "query"
+
+
+def test_rounds_of_project_in_number_order(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
+    page = get(f"/projects/{seeded_store.project_id}/rounds")
+    assert page["total"] == 4
+    assert [(r["number"], r["status"]) for r in page["items"]] == [(1, "completed"), (2, "completed"), (3, "failed"), (4, "running")]
+    r1, r2, r3, _ = page["items"]
+    assert (r1["n_gates"], r1["n_gates_passed"], r1["all_gates_passed"]) == (4, 1, False)
+    assert (r2["n_gates"], r2["n_gates_passed"], r2["all_gates_passed"]) == (4, 4, True)  # the n/a gate does not count
+    assert r3["all_gates_passed"] is None and r3["finished_at"] is None and r3["duration_s"] is None
+    assert r1["duration_s"] == 300.0 and r1["started_at"] == "2026-01-01T01:00:00Z"
+    assert [r["number"] for r in get(f"/projects/{seeded_store.project_id}/rounds?limit=2&offset=2")["items"]] == [3, 4]
+    assert get(f"/projects/{seeded_store.empty_project_id}/rounds") == {"total": 0, "limit": 50, "offset": 0, "items": []}
+
+
+def test_unknown_ids_are_404_with_reason(get) -> None:  # noqa: ANN001
+    assert get("/projects/999/rounds", expected_status=404) == {"detail": "no project 999 in this store"}
+    assert get("/projects/999/progress", expected_status=404)["detail"] == "no project 999 in this store"
+    for path in ("/rounds/999", "/rounds/999/label-issues", "/rounds/999/selection"):
+        assert get(path, expected_status=404) == {"detail": "no round 999 in this store"}
+    # Ids beyond 64 bits never reach the database driver.
+    get(f"/rounds/{2**64}", expected_status=422)
+    get("/rounds/0", expected_status=422)
+
+
+def test_round_report(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
+    body = get(f"/rounds/{seeded_store.round_ids[2]}")
+    assert body["number"] == 2 and body["status"] == "completed" and body["error"] is None
+    assert body["metrics"] == {"accuracy": 0.85, "macro_f1": 0.78, "defect_recall": 0.9, "negative_fpr": 0.02, "latency_ms": 11.0}
+    assert body["per_class"]["scratch"] == {"f1": 0.7, "recall": pytest.approx(0.75)}
+    assert set(body["per_class"]) == {"good", "scratch", "spot"}
+    gates = {g["name"]: g for g in body["gates"]}
+    assert gates["negative_fpr"] == {"name": "negative_fpr", "value": 0.02, "threshold": 0.03, "comparison": "<=", "passed": True, "applicable": True}
+    assert gates["calibration_ece"] == {"name": "calibration_ece", "value": None, "threshold": 0.1, "comparison": "<=", "passed": None, "applicable": False}
+    assert body["confusion_matrix"] == {"labels": ["good", "scratch", "spot"], "matrix": [[9, 1, 0], [0, 4, 1], [1, 0, 4]]}
+    assert body["threshold"] == 0.4 and body["class_names"] == ["good", "scratch", "spot"]
+    assert body["step_timings_s"] == {"pull": 0.5, "embed": 12.25, "train": 3.0}
+    assert body["artifact_names"] == ["confusion_matrix_png", "model_onnx"]  # names only: no server paths leak
+    assert (body["n_label_issues"], body["n_flagged_label_issues"], body["n_selected"]) == (4, 3, 1)
+
+
+def test_round_label_counts_by_source(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
+    r1 = get(f"/rounds/{seeded_store.round_ids[1]}")["label_counts"]
+    assert r1 == {"by_source": {"import": 8, "annotator": 0, "oracle": 2}, "by_class": {"good": 4, "scratch": 3, "spot": 3},
+                  "ties": 0, "total_labeled": 10, "new_events_by_source": {"import": 0, "annotator": 0, "oracle": 2}}
+    r2 = get(f"/rounds/{seeded_store.round_ids[2]}")["label_counts"]
+    # Image 5's annotator answer supersedes its import; image 12 is a tie, kept out.
+    assert r2["by_source"] == {"import": 7, "annotator": 2, "oracle": 2}
+    assert r2["by_class"] == {"good": 5, "scratch": 2, "spot": 4}
+    assert (r2["ties"], r2["total_labeled"]) == (1, 11)
+    assert r2["new_events_by_source"] == {"import": 0, "annotator": 4, "oracle": 0}
+    r3 = get(f"/rounds/{seeded_store.round_ids[3]}")  # failed, never finished: labels as it started
+    assert r3["label_counts"]["by_source"] == r2["by_source"] and r3["label_counts"]["ties"] == 1
+    assert r3["error"] == "embedding failed: out of memory" and r3["metrics"] == {} and r3["confusion_matrix"] is None
+    r4 = get(f"/rounds/{seeded_store.round_ids[4]}")["label_counts"]  # running: every label so far
+    assert r4["by_source"] == {"import": 7, "annotator": 3, "oracle": 2} and r4["ties"] == 0
+
+
+def test_malformed_confusion_matrix_reads_as_absent(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
+    body = get(f"/rounds/{seeded_store.round_ids[1]}")
+    assert body["confusion_matrix"] is None
+    assert body["threshold"] == 0.5
+
+
+def test_label_issue_queue(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
+    rid = seeded_store.round_ids[2]
+    page = get(f"/rounds/{rid}/label-issues")
+    assert page["total"] == 3
+    assert [i["rank"] for i in page["items"]] == [1, 2, 3]
+    first, second = page["items"][0], page["items"][1]
+    assert first["image_id"] == seeded_store.image_ids[5] and first["kind"] == "label_error"
+    assert (first["given_label"], first["suggested_label"], first["score"]) == ("scratch", "spot", 0.05)
+    assert first["image_url"] == f"/images/{seeded_store.image_ids[5]}"
+    assert first["current_label"] == "scratch"
+    assert second["current_label"] == "spot"  # image 5 was relabeled by an annotator since
+    everything = get(f"/rounds/{rid}/label-issues?flagged_only=false")
+    assert everything["total"] == 4 and everything["items"][-1]["flagged"] is False
+    assert [i["rank"] for i in get(f"/rounds/{rid}/label-issues?kind=near_duplicate")["items"]] == [3]
+    assert [i["rank"] for i in get(f"/rounds/{rid}/label-issues?limit=1&offset=1")["items"]] == [2]
+
+
+def test_selection(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
+    page = get(f"/rounds/{seeded_store.round_ids[1]}/selection")
+    assert page["total"] == 2
+    first, second = page["items"]
+    assert (first["rank"], first["reason"], first["push_status"], first["predicted_label"]) == (1, "uncertain", "pushed", "scratch")
+    assert first["image_id"] == seeded_store.image_ids[10] and first["current_label"] == "good"
+    assert second["current_label"] == "spot"  # image 12: the third annotator broke the tie
+    assert first["pushed_at"] == "2026-01-01T01:04:00Z"
+    pending = get(f"/rounds/{seeded_store.round_ids[2]}/selection")["items"][0]
+    assert pending["push_status"] == "pending" and pending["pushed_at"] is None
+
+
+def test_progress_series_aligned_with_rounds(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
+    body = get(f"/projects/{seeded_store.project_id}/progress")
+    assert body["project_name"] == "line-a"
+    assert [r["number"] for r in body["rounds"]] == [1, 2, 3, 4]
+    gates = {g["name"]: g for g in body["gates"]}
+    assert gates["macro_f1"]["values"] == [0.65, 0.78, None, None]
+    assert gates["macro_f1"]["passed"] == [False, True, None, None]
+    assert gates["macro_f1"]["threshold"] == 0.7 and gates["macro_f1"]["comparison"] == ">="
+    assert gates["calibration_ece"]["applicable"] == [None, False, None, None]
+    metrics = {(m["name"], m["class_name"]): m["values"] for m in body["metrics"]}
+    assert metrics[("f1", "spot")] == [0.55, 0.74, None, None]
+    assert metrics[("accuracy", None)] == [0.8, 0.85, None, None]
+    assert body["labels_by_source"] == {"import": [8, 7, 7, 7], "annotator": [0, 2, 2, 3], "oracle": [2, 2, 2, 2]}
+    assert body["ties"] == [0, 1, 1, 0]
+    assert body["new_label_events_by_source"]["annotator"] == [0, 4, 0, 1]
+    empty = get(f"/projects/{seeded_store.empty_project_id}/progress")
+    assert empty["rounds"] == [] and empty["gates"] == [] and empty["labels_by_source"] == {"import": [], "annotator": [], "oracle": []}
+
+
+def test_version(get) -> None:  # noqa: ANN001
+    body = get("/version")
+    assert body["name"] == "defect-loop" and body["version"] == "0.1.0" and body["api_version"] == "1"
+
+
+def test_openapi_docs_served(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    for path in ("/projects", "/projects/{project_id}/rounds", "/rounds/{round_id}", "/rounds/{round_id}/label-issues",
+                 "/rounds/{round_id}/selection", "/projects/{project_id}/progress", "/predict", "/webhooks/labelstudio", "/health", "/version"):
+        assert path in spec["paths"], path
+    assert client.get("/docs").status_code == 200
+
+
+def test_reads_never_write(client: TestClient, read_headers: dict[str, str], seeded_store: SeededStore) -> None:
+    db = seeded_store.project_dir / "loop.db"
+    before = db.read_bytes()
+    for path in ("/projects", f"/rounds/{seeded_store.round_ids[2]}", f"/projects/{seeded_store.project_id}/progress", "/dashboard"):
+        assert client.get(path, headers=read_headers).status_code == 200
+    assert db.read_bytes() == before

@@ -1,0 +1,53 @@
+"""store.reports directly: the per-round label rule and tolerance of odd rows the loop may leave."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from api_seed import T0, SeededStore
+from store import reports
+from store.db import create_db_engine, session_scope
+from store.models import LabelEvent, Round
+from store.queries import current_labels
+
+
+def test_current_counts_match_queries_current_labels(seeded_store: SeededStore) -> None:
+    engine = create_db_engine(seeded_store.url)
+    with session_scope(engine) as session:
+        now = reports.current_label_counts(session, project_id=seeded_store.project_id)
+        labels = current_labels(session, seeded_store.project_id)
+        running = reports.round_report(session, round_id=seeded_store.round_ids[4]).label_counts
+    engine.dispose()
+    assert now.total_labeled == sum(1 for label in labels.values() if label.status == "labeled") == 12
+    assert now.by_source == running.by_source == {"import": 7, "annotator": 3, "oracle": 2}
+
+
+def test_event_order_is_by_time_not_insertion(writable_store: SeededStore) -> None:
+    # An annotator answer written late but timestamped before R1 finished counts for R1.
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        session.add(LabelEvent(image_id=writable_store.image_ids[0], label="scratch", source="annotator", annotator="late",
+                               created_at=T0 + timedelta(hours=1, minutes=2)))
+    with session_scope(engine) as session:
+        rounds = list(session.query(Round).order_by(Round.number))
+        counts = reports.label_counts_by_round(session, project_id=writable_store.project_id, rounds=rounds)
+    engine.dispose()
+    assert counts[writable_store.round_ids[1]].by_source == {"import": 7, "annotator": 1, "oracle": 2}
+    assert counts[writable_store.round_ids[1]].by_class == {"good": 3, "scratch": 4, "spot": 3}
+
+
+def test_confusion_matrix_of_tolerates_malformed_details() -> None:
+    assert reports.confusion_matrix_of({}) is None
+    assert reports.confusion_matrix_of({"confusion_matrix": "png"}) is None
+    assert reports.confusion_matrix_of({"confusion_matrix": {"labels": ["a", "b"], "matrix": [[1, 2], [3]]}}) is None
+    assert reports.confusion_matrix_of({"confusion_matrix": {"labels": ["a"], "matrix": [["x"]]}}) is None
+    matrix = reports.confusion_matrix_of({"confusion_matrix": {"labels": ["a", "b"], "matrix": [[1, 2], [3, 4]]}})
+    assert matrix == reports.ConfusionMatrix(labels=["a", "b"], matrix=[[1.0, 2.0], [3.0, 4.0]])
+
+
+def test_per_class_f1_from_progress(seeded_store: SeededStore) -> None:
+    engine = create_db_engine(seeded_store.url)
+    with session_scope(engine) as session:
+        progress = reports.progress_series(session, project_id=seeded_store.project_id)
+        assert reports.progress_series(session, project_id=999) is None
+    engine.dispose()
+    assert reports.per_class_f1(progress) == {"good": [0.8, 0.9, None, None], "scratch": [0.6, 0.7, None, None], "spot": [0.55, 0.74, None, None]}
