@@ -143,11 +143,11 @@ def train_linear_head(data: TrainingData) -> LinearHeadClassifier:
     return LinearHeadClassifier(list(data.class_names), weight, bias, data.backbone)
 
 
-def head_fit_predict(*, seed: int = 0, regularization: float = 1.0) -> Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]:
-    """fit_predict(train_features, train_labels, test_features, n_classes) -> probabilities, for out-of-fold use."""
+def head_fit_predict(*, seed: int = 0, regularization: float = 1.0) -> Callable[..., np.ndarray]:
+    """The head as a fit_predict for out-of-fold use (modeling.label_quality.out_of_fold_probabilities)."""
 
-    def fit_predict(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, n_classes: int) -> np.ndarray:
+    def fit_predict(*, train_features: np.ndarray, train_labels: np.ndarray, predict_features: np.ndarray, n_classes: int) -> np.ndarray:
         weight, bias = fit_linear_head(features=train_features, labels=train_labels, n_classes=n_classes, seed=seed, regularization=regularization)
-        return softmax(test_features @ weight.T + bias)
+        return softmax(predict_features @ weight.T + bias)
 
     return fit_predict
