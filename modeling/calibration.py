@@ -1,0 +1,69 @@
+"""Temperature scaling (Guo et al., 2017): one scalar T > 0 fitted on validation data so that softmax(logits / T)
+minimises the negative log-likelihood. It changes confidence, never the ranking of classes within an image."""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+MIN_TEMPERATURE = 0.05
+MAX_TEMPERATURE = 20.0
+_EPSILON = 1e-12
+
+
+def logits_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    """Log-probabilities: valid logits for any softmax output (softmax(log p) == p)."""
+    return np.log(np.clip(np.asarray(probabilities, dtype=np.float64), _EPSILON, 1.0))
+
+
+def softmax_with_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def negative_log_likelihood(*, logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    shifted = scaled - scaled.max(axis=1, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probabilities[np.arange(len(labels)), np.asarray(labels, dtype=int)].mean())
+
+
+def expected_calibration_error(*, probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == np.asarray(labels)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    error = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > low) & (confidence <= high)
+        if in_bin.any():
+            error += in_bin.mean() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
+    return float(error)
+
+
+def fit_temperature(*, labels: np.ndarray, logits: np.ndarray | None = None, probabilities: np.ndarray | None = None) -> float:
+    """The temperature minimising validation NLL, within [0.05, 20]. Give logits or (softmax) probabilities.
+
+    Returns 1.0 (no change) when there is nothing to learn from: fewer than two images or a single class."""
+    if (logits is None) == (probabilities is None):
+        raise ValueError("fit_temperature needs exactly one of logits= or probabilities=")
+    values = logits_from_probabilities(probabilities) if logits is None else np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=int)
+    if values.ndim != 2 or len(values) != len(labels):
+        raise ValueError(f"logits/probabilities must be (n, classes) aligned with {len(labels)} labels, got shape {values.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= values.shape[1]):
+        raise ValueError(f"labels must be class indices in [0, {values.shape[1]})")
+    if len(labels) < 2 or len(set(labels.tolist())) < 2 or not np.isfinite(values).all():
+        return 1.0
+    # NLL is smooth and unimodal enough in log T: a bounded scalar search, no gradients needed.
+    result = minimize_scalar(
+        lambda log_t: negative_log_likelihood(logits=values, labels=labels, temperature=float(np.exp(log_t))),
+        bounds=(np.log(MIN_TEMPERATURE), np.log(MAX_TEMPERATURE)), method="bounded", options={"xatol": 1e-4},
+    )
+    temperature = float(np.exp(result.x))
+    # Never worse than leaving the model alone.
+    if negative_log_likelihood(logits=values, labels=labels, temperature=temperature) > negative_log_likelihood(logits=values, labels=labels):
+        return 1.0
+    return temperature

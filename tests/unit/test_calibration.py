@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from modeling.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+    softmax_with_temperature,
+)
+
+
+@pytest.fixture
+def overconfident_logits() -> tuple[np.ndarray, np.ndarray]:
+    """Logits of a model that is right 80% of the time but says so with ~100% confidence."""
+    rng = np.random.default_rng(0)
+    n, classes = 600, 4
+    labels = rng.integers(0, classes, n)
+    predicted = np.where(rng.random(n) < 0.8, labels, (labels + rng.integers(1, classes, n)) % classes)
+    logits = rng.normal(0, 1, (n, classes))
+    logits[np.arange(n), predicted] += 4.0
+    return logits * 4.0, labels  # x4: far too sharp
+
+
+def test_temperature_scaling_lowers_nll_on_overconfident_logits(overconfident_logits):
+    logits, labels = overconfident_logits
+    temperature = fit_temperature(logits=logits, labels=labels)
+    assert temperature > 1.5  # overconfident -> soften
+    before = negative_log_likelihood(logits=logits, labels=labels)
+    after = negative_log_likelihood(logits=logits, labels=labels, temperature=temperature)
+    assert after < 0.8 * before
+    ece_before = expected_calibration_error(probabilities=softmax_with_temperature(logits, 1.0), labels=labels)
+    ece_after = expected_calibration_error(probabilities=softmax_with_temperature(logits, temperature), labels=labels)
+    assert ece_after < ece_before
+
+
+def test_underconfident_logits_get_sharpened(overconfident_logits):
+    logits, labels = overconfident_logits
+    assert fit_temperature(logits=logits / 40.0, labels=labels) < 1.0
+
+
+def test_probabilities_input_gives_the_same_temperature_as_logits(overconfident_logits):
+    logits, labels = overconfident_logits
+    from_logits = fit_temperature(logits=logits, labels=labels)
+    from_probabilities = fit_temperature(probabilities=softmax_with_temperature(logits, 1.0), labels=labels)
+    assert from_probabilities == pytest.approx(from_logits, rel=0.02)
+
+
+def test_temperature_keeps_the_predicted_class(overconfident_logits):
+    logits, labels = overconfident_logits
+    temperature = fit_temperature(logits=logits, labels=labels)
+    assert np.array_equal(softmax_with_temperature(logits, temperature).argmax(1), logits.argmax(1))
+
+
+def test_degenerate_inputs_leave_the_model_alone_and_bad_inputs_are_refused():
+    assert fit_temperature(logits=np.array([[2.0, 0.0]]), labels=np.array([0])) == 1.0
+    assert fit_temperature(logits=np.array([[2.0, 0.0], [3.0, 0.0]]), labels=np.array([0, 0])) == 1.0
+    with pytest.raises(ValueError, match="exactly one"):
+        fit_temperature(labels=np.array([0, 1]))
+    with pytest.raises(ValueError, match="aligned"):
+        fit_temperature(logits=np.zeros((3, 2)), labels=np.array([0, 1]))
+    with pytest.raises(ValueError, match="class indices"):
+        fit_temperature(logits=np.zeros((2, 2)), labels=np.array([0, 2]))
