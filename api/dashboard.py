@@ -16,7 +16,6 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import HTMLResponse
 
 from api.dependencies import BrowserReadScope, SessionDep
-from api.schemas import ErrorOut
 from store import reports
 from store.reports import ConfusionMatrix, GateSeries, LabelIssueRow, ProgressSeries, RoundReport
 
@@ -33,9 +32,9 @@ ISSUE_QUEUE_ROWS = 25
 class Frame:
     """Plot area inside an SVG of width x height."""
 
-    width: int = 460
-    height: int = 220
-    left: int = 48
+    width: int = 380
+    height: int = 210
+    left: int = 44
     right: int = 16
     top: int = 30
     bottom: int = 36
@@ -131,7 +130,9 @@ def gate_chart(gate: GateSeries, round_numbers: Sequence[int], frame: Frame = Fr
     if gate.threshold is not None:
         y = _y_of(gate.threshold, y_low, y_high, frame)
         parts.append(f'<line class="threshold" x1="{frame.left}" x2="{frame.width - frame.right}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        parts.append(f'<text class="threshold-label" x="{frame.width - frame.right}" y="{y - 5:.1f}" text-anchor="end">threshold {escape(gate.comparison)} {escape(_fmt(gate.threshold))}</text>')
+        # The label sits on the failing side of its line, away from the (hopefully passing) points.
+        label_y = y + 14 if gate.comparison == ">=" else y - 5
+        parts.append(f'<text class="threshold-label" x="{frame.width - frame.right}" y="{label_y:.1f}" text-anchor="end">threshold {escape(gate.comparison)} {escape(_fmt(gate.threshold))}</text>')
     parts.append(_polyline(xs, gate.values, y_low, y_high, frame, "#333333"))
     for x, number, value, passed, applicable in zip(xs, round_numbers, gate.values, gate.passed, gate.applicable):
         if value is None:
@@ -297,7 +298,7 @@ section h2{font-size:16px;margin:0 0 8px}
 .cards{display:flex;gap:12px;flex-wrap:wrap;margin-bottom:16px}
 .card{background:#fff;border-radius:8px;box-shadow:0 1px 2px rgba(0,0,0,.08);padding:10px 16px;min-width:150px}
 .card-label{color:#52606d;font-size:12px;text-transform:uppercase;letter-spacing:.04em} .card-value{font-size:22px;font-weight:600}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:12px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:12px}
 .two{display:grid;grid-template-columns:1fr 1fr;gap:16px} @media (max-width:1100px){.two{grid-template-columns:1fr}}
 svg.chart{width:100%;height:auto;display:block}
 svg .grid{stroke:#e4e7eb} svg .tick{font-size:12px;fill:#52606d} svg .axis-title{font-size:11px;fill:#7b8794}
@@ -362,7 +363,9 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
 @router.get(
     "/dashboard",
     response_class=HTMLResponse,
-    responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}},
+    # Errors are JSON even on this HTML route: say so, or the spec would claim text/html for them.
+    responses={status: {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
+               for status, description in ((401, "missing or invalid token"), (404, "no such project"))},
     summary="The managers' dashboard (HTML); open /dashboard?token=<read token> in a browser",
 )
 def dashboard(

@@ -135,7 +135,7 @@ def predict(
     session: SessionDep,
     settings: SettingsDep,
     _scope: FullScope,
-    files: Annotated[list[UploadFile], File(description="one or more image files (multipart field `files`)")],
+    files: Annotated[list[UploadFile], File(min_length=1, description="one or more image files (multipart field `files`)")],
     project_id: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="default: the store's first project")] = None,
 ) -> PredictOut:
     if len(files) > settings.max_upload_files:
