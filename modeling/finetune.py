@@ -1,0 +1,729 @@
+"""Fine-tuning strategies: `finetune` (the last stages of the backbone + the head) and `full` (every layer, with
+discriminative learning rates). Both register in the training registry and return a TrainedClassifier.
+
+Why it is practical on 2 CPU cores: the frozen part of the network (stem + first stages) is run once per image
+through ONNX Runtime and its feature maps are kept in memory (keyed by backbone, cut point, resolution and file),
+so each epoch only runs the unfrozen tail forward and backward. That cache cannot coexist with input-space
+augmentation, so there are two modes:
+- mode="cached" (default for `finetune`): feature maps computed once; optional `cached_views` adds the feature
+  maps of exact flips/turns of every training image (augmentation that a cache can hold).
+- mode="augment": every epoch the training images are augmented (modeling.augmentation), pushed through the frozen
+  part with ONNX Runtime, and the tail is trained on the result.
+The head starts from the linear probe (the `head` strategy's logistic regression on the frozen features: "LP-FT"),
+so epoch 0 of the history is "before unfreezing" and early stopping on validation macro F1 never returns a model
+worse on validation than the probe.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.metrics import f1_score
+from torch import nn
+from torch.nn import functional as F
+
+from modeling.augmentation import build_augmentation, resolve_augmentation_names
+from modeling.backbones import Backbone
+from modeling.onnx_export import export_onnx, open_session
+from modeling.preprocessing import Preprocessing, load_image_array
+from modeling.training import TrainingData, fit_linear_head, register_training_strategy
+
+STEM_MODULES = ("conv_stem", "bn1")
+HEAD_CONV_MODULES = ("conv_head", "bn2", "global_pool")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every option a fine-tuning strategy reads from TrainingData.options (unknown keys are ignored: the options
+    dict is shared with other strategies)."""
+
+    trainable_stages: int = 2  # of the backbone's `blocks` stages, counted from the end; conv_head/bn2 always train
+    train_stem: bool = False  # True only for `full`
+    epochs: int = 10  # at most: early stopping on validation macro F1 usually stops sooner
+    patience: int = 3
+    batch_size: int = 32
+    head_lr: float = 1e-3
+    backbone_lr: float = 1e-4
+    layer_decay: float = 1.0  # learning rate x layer_decay per stage further from the head (discriminative LRs)
+    weight_decay: float = 1e-4
+    mode: str = "cached"  # cached | augment
+    augmentation: tuple[str, ...] = ()  # transform names (mode="augment")
+    cached_views: tuple[str, ...] = ("identity",)  # exact flips/turns cached per training image (mode="cached")
+    balance: str = "weights"  # weights (class-weighted loss) | sampler (class-balanced sampling) | none
+    loss: str = "cross_entropy"  # cross_entropy | focal
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+    dropout: float = 0.2
+    head_init: str = "probe"  # probe (linear probe on frozen features) | random
+    head_regularization: float = 1.0  # C of the probe's logistic regression
+    batchnorm: str = "frozen"  # frozen (running stats kept, affine trained) | train
+    image_size: int | None = None  # None: the preprocessing's size; else the network resizes its input to this
+    channels_last: bool = True
+    threads: int = 2
+    verbose: bool = False
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], **defaults: Any) -> "FinetuneConfig":
+        values = {**defaults}
+        aliases = {"unfreeze_stages": "trainable_stages", "lr": "backbone_lr", "max_epochs": "epochs"}
+        for key, value in options.items():
+            key = aliases.get(key, key)
+            if key in cls.__dataclass_fields__:
+                values[key] = value
+        if "augment" in options and "mode" not in options:  # augment=True/False: the switch a CLI flag gives
+            values["mode"] = "augment" if options["augment"] else "cached"
+        if values.get("mode", cls.mode) == "augment" and not values.get("augmentation"):
+            values["augmentation"] = "geometric"
+        values["augmentation"] = tuple(resolve_augmentation_names(values.get("augmentation") or None))
+        views = values.get("cached_views", cls.cached_views)
+        if isinstance(views, str):
+            views = VIEW_PRESETS.get(views) or tuple(part.strip() for part in views.split(",") if part.strip())
+        values["cached_views"] = tuple(views)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        problems = []
+        if self.mode not in ("cached", "augment"):
+            problems.append(f"mode must be 'cached' or 'augment', got {self.mode!r}")
+        if self.balance not in ("weights", "sampler", "none"):
+            problems.append(f"balance must be weights|sampler|none, got {self.balance!r}")
+        if self.loss not in ("cross_entropy", "focal"):
+            problems.append(f"loss must be cross_entropy|focal, got {self.loss!r}")
+        if self.head_init not in ("probe", "random"):
+            problems.append(f"head_init must be probe|random, got {self.head_init!r}")
+        if self.batchnorm not in ("frozen", "train"):
+            problems.append(f"batchnorm must be frozen|train, got {self.batchnorm!r}")
+        unknown_views = [view for view in self.cached_views if view not in VIEWS]
+        if unknown_views or "identity" not in self.cached_views:
+            problems.append(f"cached_views must include 'identity' and come from {', '.join(VIEWS)}; got {list(self.cached_views)}")
+        if int(self.epochs) < 0 or int(self.batch_size) < 1 or int(self.patience) < 1:
+            problems.append("epochs >= 0, batch_size >= 1 and patience >= 1 are required")
+        if not (0 < float(self.head_lr) < 1 and 0 <= float(self.backbone_lr) < 1):
+            problems.append(f"learning rates must be in (0, 1): head_lr={self.head_lr}, backbone_lr={self.backbone_lr}")
+        if self.image_size is not None and not 32 <= int(self.image_size) <= 1024:
+            problems.append(f"image_size must be in [32, 1024], got {self.image_size}")
+        if problems:
+            raise ValueError("invalid fine-tuning options: " + "; ".join(problems))
+
+
+# Exact, label-preserving views whose frozen feature maps the cache can hold (square images: turns keep the size).
+VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda x: x,
+    "hflip": lambda x: torch.flip(x, dims=(-1,)),
+    "vflip": lambda x: torch.flip(x, dims=(-2,)),
+    "rot180": lambda x: torch.flip(x, dims=(-2, -1)),
+    "rot90": lambda x: torch.rot90(x, 1, dims=(-2, -1)),
+    "rot270": lambda x: torch.rot90(x, 3, dims=(-2, -1)),
+    "transpose": lambda x: x.transpose(-2, -1),
+    "antitranspose": lambda x: torch.rot90(x, 1, dims=(-2, -1)).flip(dims=(-1,)),
+}
+VIEW_PRESETS: dict[str, tuple[str, ...]] = {
+    "identity": ("identity",),
+    "none": ("identity",),
+    "flips": ("identity", "hflip", "vflip", "rot180"),
+    "dihedral": tuple(VIEWS),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network: frozen prefix -> trainable tail -> L2-normalised pooled features -> linear head
+
+
+class ResizeInput(nn.Module):
+    """Bilinear resize to the training resolution (identity when the input already has it); exported to ONNX."""
+
+    def __init__(self, size: int | None):
+        super().__init__()
+        self.size = size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.size is None or tuple(images.shape[-2:]) == (self.size, self.size):
+            return images
+        return F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+
+class FinetunedNetwork(nn.Module):
+    """images (NCHW, normalised) -> logits. `prefix` is frozen; `tail` and `head` train."""
+
+    def __init__(self, prefix: nn.Module, tail: nn.Module, head: nn.Linear, *, dropout: float = 0.0):
+        super().__init__()
+        self.prefix = prefix
+        self.tail = tail
+        self.dropout = nn.Dropout(dropout)
+        self.head = head
+
+    def pooled_features(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.tail(feature_maps), dim=1)
+
+    def logits_from_feature_maps(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.pooled_features(feature_maps)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_feature_maps(self.prefix(images))
+
+
+class ProbabilityNetwork(nn.Module):
+    """What is exported to ONNX: images -> calibrated class probabilities."""
+
+    def __init__(self, network: FinetunedNetwork, temperature: float = 1.0):
+        super().__init__()
+        self.network = network
+        self.temperature = float(temperature)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.network(images) / self.temperature, dim=1)
+
+
+def backbone_stage_count(model: nn.Module) -> int:
+    return len(model.blocks)  # type: ignore[arg-type]
+
+
+def split_backbone(model: nn.Module, *, trainable_stages: int, train_stem: bool = False, image_size: int | None = None) -> tuple[nn.Sequential, nn.Sequential]:
+    """(frozen prefix, trainable tail) sharing the model's modules, for timm's EfficientNet/MobileNet family.
+
+    trainable_stages counts `blocks` stages from the end (0: only conv_head/bn2 train); train_stem trains everything."""
+    missing = [name for name in (*STEM_MODULES, "blocks", *HEAD_CONV_MODULES) if not hasattr(model, name)]
+    if missing:
+        raise ValueError(f"fine-tuning needs a timm EfficientNet/MobileNet-style model; {type(model).__name__} lacks {missing}")
+    stages = list(model.blocks)  # type: ignore[arg-type]
+    if not 0 <= trainable_stages <= len(stages):
+        raise ValueError(f"trainable_stages must be in [0, {len(stages)}] for this backbone, got {trainable_stages}")
+    cut = len(stages) - trainable_stages
+    stem = [getattr(model, name) for name in STEM_MODULES]
+    head_conv = [getattr(model, name) for name in HEAD_CONV_MODULES]
+    if train_stem:
+        return nn.Sequential(ResizeInput(image_size)), nn.Sequential(*stem, *stages, *head_conv)
+    return nn.Sequential(ResizeInput(image_size), *stem, *stages[:cut]), nn.Sequential(*stages[cut:], *head_conv)
+
+
+def _freeze_batchnorm_statistics(module: nn.Module) -> None:
+    for child in module.modules():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            child.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frozen-prefix feature maps: computed with ONNX Runtime, kept in memory across rounds, folds and strategies
+
+
+class _MemoryCache:
+    """Insertion-ordered, bounded by bytes: the oldest entries go first."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        return self._items.get(key)
+
+    def put(self, key: tuple, value: np.ndarray) -> None:
+        if key in self._items:
+            return
+        self._items[key] = value
+        self.bytes += value.nbytes
+        while self.bytes > self.max_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.nbytes
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+
+FEATURE_MAP_CACHE = _MemoryCache(max_bytes=3 << 30)
+_PREFIX_SESSIONS: dict[str, Any] = {}
+_ONNX_DIR: Path | None = None
+
+
+def _file_key(path: str) -> tuple:
+    stat = Path(path).stat()
+    return (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def _is_trivial(prefix: nn.Sequential) -> bool:
+    return all(isinstance(module, ResizeInput) for module in prefix)
+
+
+class PrefixRunner:
+    """Runs the frozen prefix on normalised images: ONNX Runtime when it has layers, torch for a bare resize."""
+
+    def __init__(self, prefix: nn.Sequential, *, key: str, image_size: int, threads: int):
+        self.prefix = prefix.eval()
+        self.key = key
+        self.session = None
+        if not _is_trivial(prefix):
+            if key not in _PREFIX_SESSIONS:
+                global _ONNX_DIR
+                _ONNX_DIR = _ONNX_DIR or Path(tempfile.mkdtemp(prefix="defect-loop-prefix-"))
+                digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+                path = export_onnx(prefix, _ONNX_DIR / f"prefix-{digest}.onnx", image_size=image_size, output_name="features")
+                _PREFIX_SESSIONS[key] = open_session(path, threads=threads)
+            self.session = _PREFIX_SESSIONS[key]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        if self.session is not None:
+            return self.session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})[0]
+        with torch.no_grad():
+            return self.prefix(torch.from_numpy(images)).numpy()
+
+
+def _normalised_image(path: str, preprocessing: Preprocessing) -> np.ndarray:
+    return load_image_array(path, preprocessing)
+
+
+def _uint8_image(path: str, size: int) -> np.ndarray:
+    key = ("uint8", size, *_file_key(path))
+    cached = FEATURE_MAP_CACHE.get(key)
+    if cached is None:
+        with Image.open(path) as image:  # the same decode and resize as modeling.preprocessing, before normalisation
+            cached = np.ascontiguousarray(np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1))
+        FEATURE_MAP_CACHE.put(key, cached)
+    return cached
+
+
+def prefix_feature_maps(runner: PrefixRunner, paths: Sequence[str], preprocessing: Preprocessing, *, view: str = "identity", batch_size: int = 32) -> np.ndarray:
+    """(n, C, H, W) float32 frozen feature maps of the images (optionally of one exact view of them), cached."""
+    keys = [(runner.key, preprocessing.key, view, *_file_key(path)) for path in paths]
+    missing = [i for i, key in enumerate(keys) if FEATURE_MAP_CACHE.get(key) is None]
+    transform = VIEWS[view]
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        images = torch.from_numpy(np.stack([_normalised_image(paths[i], preprocessing) for i in chunk]))
+        features = runner(transform(images).contiguous().numpy())
+        for i, feature_map in zip(chunk, features):
+            FEATURE_MAP_CACHE.put(keys[i], np.ascontiguousarray(feature_map))
+    return np.stack([FEATURE_MAP_CACHE.get(key) for key in keys]) if keys else np.zeros((0,), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trained classifier
+
+
+@dataclass
+class FinetunedClassifier:
+    class_names: list[str]
+    network: FinetunedNetwork
+    backbone: Backbone  # the fine-tuned timm model (shares modules with `network`), for checkpoints and transfer
+    preprocessing: Preprocessing
+    strategy: str
+    config: dict[str, Any]
+    prefix_key: str
+    temperature: float = 1.0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    validation_logits: np.ndarray | None = None  # of the kept (best) epoch: for fit_temperature
+    timings: dict[str, float] = field(default_factory=dict)
+    uses_frozen_embeddings: bool = False
+
+    def predict_proba_from_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(
+            f"the {self.strategy!r} model changed its backbone: frozen embeddings no longer describe it; "
+            "use predict_proba_paths() or the exported ONNX model"
+        )
+
+    def to_torch_module(self) -> nn.Module:
+        network = copy.deepcopy(self.network).eval().to(memory_format=torch.contiguous_format)
+        return ProbabilityNetwork(network, self.temperature).eval()
+
+    @property
+    def head_weight(self) -> np.ndarray:
+        return self.network.head.weight.detach().numpy().copy()
+
+    @property
+    def head_bias(self) -> np.ndarray:
+        return self.network.head.bias.detach().numpy().copy()
+
+    def _runner(self) -> PrefixRunner:
+        return PrefixRunner(self.network.prefix, key=self.prefix_key, image_size=self.preprocessing.image_size, threads=int(self.config.get("threads", 2)))
+
+    def predict_logits_paths(self, paths: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        feature_maps = prefix_feature_maps(self._runner(), list(paths), self.preprocessing)
+        return _tail_logits(self.network, feature_maps, batch_size=batch_size, channels_last=bool(self.config.get("channels_last", True)))
+
+    def predict_proba_paths(self, paths: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        logits = self.predict_logits_paths(paths, batch_size=batch_size)
+        return _softmax(logits / self.temperature)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _as_input(feature_maps: np.ndarray, channels_last: bool) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(feature_maps))
+    return tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.dim() == 4 else tensor
+
+
+def _tail_logits(network: FinetunedNetwork, feature_maps: np.ndarray, *, batch_size: int, channels_last: bool) -> np.ndarray:
+    was_training = network.training
+    network.eval()
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(feature_maps), batch_size):
+            outputs.append(network.logits_from_feature_maps(_as_input(feature_maps[start : start + batch_size], channels_last)).numpy())
+    network.train(was_training)
+    n_classes = network.head.out_features
+    return np.concatenate(outputs).astype(np.float64) if outputs else np.zeros((0, n_classes))
+
+
+def _pooled_features(network: FinetunedNetwork, feature_maps: np.ndarray, *, batch_size: int, channels_last: bool) -> np.ndarray:
+    network.eval()
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(feature_maps), batch_size):
+            outputs.append(network.pooled_features(_as_input(feature_maps[start : start + batch_size], channels_last)).numpy())
+    return np.concatenate(outputs)
+
+
+def predict_proba_paths(classifier: Any, paths: Sequence[str], preprocessing: Preprocessing | None = None) -> np.ndarray:
+    """Class probabilities for image files from any TrainedClassifier: fine-tuned ones through the cached frozen
+    prefix + tail, frozen-embedding ones through the ONNX embedding network."""
+    if hasattr(classifier, "predict_proba_paths"):
+        return classifier.predict_proba_paths(list(paths))
+    if getattr(classifier, "uses_frozen_embeddings", False):
+        from modeling.embeddings import EmbeddingExtractor
+
+        if preprocessing is None:
+            raise ValueError("a frozen-embedding classifier needs the preprocessing its embeddings were computed with")
+        extractor = _embedding_extractor(classifier.backbone, preprocessing)
+        return classifier.predict_proba_from_embeddings(extractor.embed(list(paths), show_progress=False))
+    raise TypeError(f"cannot predict from paths with {type(classifier).__name__}")
+
+
+_EXTRACTORS: dict[str, Any] = {}
+
+
+def _embedding_extractor(backbone: Backbone, preprocessing: Preprocessing) -> Any:
+    from modeling.embeddings import EmbeddingExtractor, embedding_model_key
+
+    key = embedding_model_key(backbone, preprocessing)
+    if key not in _EXTRACTORS:
+        global _ONNX_DIR
+        _ONNX_DIR = _ONNX_DIR or Path(tempfile.mkdtemp(prefix="defect-loop-prefix-"))
+        _EXTRACTORS[key] = EmbeddingExtractor(backbone, preprocessing, onnx_dir=_ONNX_DIR)
+    return _EXTRACTORS[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+class FocalLoss(nn.Module):
+    """Cross-entropy down-weighting easy examples by (1 - p_true)^gamma (Lin et al., 2017); class weights optional."""
+
+    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weight", weight if weight is not None else None)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        log_p = F.log_softmax(logits, dim=1)
+        log_p_true = log_p.gather(1, labels[:, None]).squeeze(1)
+        ce = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.label_smoothing)
+        loss = (1.0 - log_p_true.exp()).clamp(min=0.0) ** self.gamma * ce
+        if self.weight is not None:
+            weights = self.weight[labels]
+            return (loss * weights).sum() / weights.sum()
+        return loss.mean()
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """n / (classes present x count): every present class weighs the same in the loss; absent classes get 0."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = len(labels) / (present.sum() * counts[present])
+    return weights
+
+
+def balanced_sample(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An epoch's indices (as many as images) drawn with replacement so that every class is equally likely."""
+    counts = np.bincount(labels)
+    probabilities = 1.0 / counts[labels]
+    return rng.choice(len(labels), size=len(labels), replace=True, p=probabilities / probabilities.sum())
+
+
+def _parameter_groups(model: nn.Module, head: nn.Module, config: FinetuneConfig) -> list[dict]:
+    """Head at head_lr; conv_head/bn2 at backbone_lr; stage i at backbone_lr x layer_decay^(distance from the end);
+    the stem lowest. Only parameters that require grad are listed."""
+    stages = list(model.blocks)  # type: ignore[arg-type]
+    groups: list[dict] = [{"params": list(head.parameters()), "lr": config.head_lr, "weight_decay": config.weight_decay, "name": "head"}]
+    groups.append({"params": [p for name in HEAD_CONV_MODULES for p in getattr(model, name).parameters()], "lr": config.backbone_lr, "name": "conv_head"})
+    for index, stage in enumerate(stages):
+        distance = len(stages) - index
+        groups.append({"params": list(stage.parameters()), "lr": config.backbone_lr * config.layer_decay ** distance, "name": f"blocks.{index}"})
+    groups.append({"params": [p for name in STEM_MODULES for p in getattr(model, name).parameters()], "lr": config.backbone_lr * config.layer_decay ** (len(stages) + 1), "name": "stem"})
+    kept = []
+    for group in groups:
+        group["params"] = [p for p in group["params"] if p.requires_grad]
+        group.setdefault("weight_decay", config.weight_decay)
+        if group["params"] and group["lr"] > 0:
+            group["initial_lr"] = group["lr"]
+            kept.append(group)
+    return kept
+
+
+@dataclass
+class _EpochStats:
+    loss: float
+    accuracy: float
+
+
+def _evaluate(network: FinetunedNetwork, feature_maps: np.ndarray, labels: np.ndarray, *, config: FinetuneConfig) -> tuple[dict[str, float], np.ndarray]:
+    logits = _tail_logits(network, feature_maps, batch_size=64, channels_last=config.channels_last)
+    if len(labels) == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}, logits
+    loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item())
+    predictions = logits.argmax(axis=1)
+    present = sorted(set(labels.tolist()))
+    return {
+        "loss": loss,
+        "accuracy": float((predictions == labels).mean()),
+        "macro_f1": float(f1_score(labels, predictions, labels=present, average="macro", zero_division=0)),
+    }, logits
+
+
+def train_finetuned(data: TrainingData, config: FinetuneConfig, *, strategy: str) -> FinetunedClassifier:
+    """Shared trainer of `finetune`, `full` and the from-scratch baseline."""
+    started = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(config.threads)))
+    torch.manual_seed(data.seed)
+    rng = np.random.default_rng(data.seed)
+    try:
+        return _train(data, config, strategy=strategy, rng=rng, started=started)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np.random.Generator, started: float) -> FinetunedClassifier:
+    n_classes = len(data.class_names)
+    train_labels = np.asarray(data.train_labels, dtype=np.int64)
+    validation_labels = np.asarray(data.validation_labels, dtype=np.int64)
+    if len(train_labels) != len(data.train_paths) or len(validation_labels) != len(data.validation_paths):
+        raise ValueError("train/validation labels must align with their paths")
+    if len(train_labels) and (train_labels.min() < 0 or train_labels.max() >= n_classes):
+        raise ValueError(f"train labels must be class indices in [0, {n_classes})")
+
+    # Never touch the caller's backbone: the loop keeps using it for frozen embeddings.
+    model = copy.deepcopy(data.backbone.model).float()
+    image_size = int(config.image_size or data.preprocessing.image_size)
+    resize_to = image_size if image_size != data.preprocessing.image_size else None
+    prefix, tail = split_backbone(model, trainable_stages=config.trainable_stages, train_stem=config.train_stem, image_size=resize_to)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for parameter in tail.parameters():
+        parameter.requires_grad_(True)
+    head = nn.Linear(data.backbone.num_features, n_classes)
+    network = FinetunedNetwork(prefix, tail, head, dropout=config.dropout)
+    if config.channels_last:
+        tail.to(memory_format=torch.channels_last)
+    cut_name = "all" if config.train_stem else f"last{config.trainable_stages}"
+    prefix_key = f"{data.backbone.cache_key}-{data.backbone.name}-{cut_name}-r{resize_to or 'same'}"
+    runner = PrefixRunner(prefix, key=prefix_key, image_size=data.preprocessing.image_size, threads=config.threads)
+
+    # Frozen feature maps of the original images: validation always, training for the probe and cached mode.
+    t0 = time.perf_counter()
+    train_maps = prefix_feature_maps(runner, data.train_paths, data.preprocessing)
+    validation_maps = prefix_feature_maps(runner, data.validation_paths, data.preprocessing)
+    view_maps = [train_maps]
+    view_names = list(config.cached_views) if config.mode == "cached" else ["identity"]
+    for view in view_names[1:]:
+        view_maps.append(prefix_feature_maps(runner, data.train_paths, data.preprocessing, view=view))
+    feature_seconds = time.perf_counter() - t0
+
+    _initialise_head(network, data=data, train_maps=train_maps, train_labels=train_labels, config=config, rng=rng)
+
+    weights = class_weights(train_labels, n_classes) if config.balance == "weights" else None
+    weight_tensor = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
+    if config.loss == "focal":
+        criterion: nn.Module = FocalLoss(config.focal_gamma, weight_tensor, config.label_smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss(weight=weight_tensor, label_smoothing=config.label_smoothing)
+
+    groups = _parameter_groups(model, head, config)
+    optimizer = torch.optim.AdamW(groups)
+    steps_per_epoch = max(1, math.ceil(len(train_labels) / config.batch_size))
+    total_steps = max(1, steps_per_epoch * int(config.epochs))
+    augment = build_augmentation(list(config.augmentation), image_size=data.preprocessing.image_size) if config.mode == "augment" else None
+    mean = torch.tensor(data.preprocessing.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(data.preprocessing.std, dtype=torch.float32).view(3, 1, 1)
+
+    def training_batch(indices: np.ndarray) -> torch.Tensor:
+        if augment is None:
+            views = rng.integers(0, len(view_maps), size=len(indices))
+            maps = np.stack([view_maps[v][i] for v, i in zip(views, indices)])
+        else:
+            images = []
+            for i in indices:
+                image = torch.from_numpy(_uint8_image(data.train_paths[i], data.preprocessing.image_size)).float().div_(255.0)
+                images.append((augment(image) - mean) / std)
+            maps = runner(torch.stack(images).numpy())
+        return _as_input(maps, config.channels_last)
+
+    history: list[dict[str, float]] = []
+    val_metrics, val_logits = _evaluate(network, validation_maps, validation_labels, config=config)
+    train_metrics, _ = _evaluate(network, train_maps, train_labels, config=config)
+    history.append(_history_row(0, train_metrics["loss"], train_metrics["accuracy"], val_metrics, time.perf_counter() - started))
+    _report(config, history[-1])
+    best = _Best(epoch=0, score=_score(val_metrics, train_metrics), state=copy.deepcopy(network.state_dict()), logits=val_logits)
+    step = 0
+    epochs_without_gain = 0
+    for epoch in range(1, int(config.epochs) + 1):
+        epoch_start = time.perf_counter()
+        network.train()
+        if config.batchnorm == "frozen":
+            _freeze_batchnorm_statistics(network)
+        order = balanced_sample(train_labels, rng) if config.balance == "sampler" else rng.permutation(len(train_labels))
+        total_loss, correct, seen = 0.0, 0, 0
+        for start in range(0, len(order), config.batch_size):
+            indices = order[start : start + config.batch_size]
+            if len(indices) < 2 and len(order) > 1:
+                continue  # a batch of one gives BatchNorm (train mode) nothing to normalise over
+            inputs = training_batch(indices)
+            targets = torch.from_numpy(train_labels[indices])
+            for group in optimizer.param_groups:  # cosine decay over the planned steps
+                group["lr"] = group["initial_lr"] * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+            logits = network.logits_from_feature_maps(inputs)
+            loss = criterion(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            total_loss += float(loss.item()) * len(indices)
+            correct += int((logits.argmax(dim=1) == targets).sum())
+            seen += len(indices)
+        val_metrics, val_logits = _evaluate(network, validation_maps, validation_labels, config=config)
+        train_stats = _EpochStats(total_loss / max(seen, 1), correct / max(seen, 1))
+        history.append(_history_row(epoch, train_stats.loss, train_stats.accuracy, val_metrics, time.perf_counter() - epoch_start))
+        _report(config, history[-1])
+        score = _score(val_metrics, {"loss": train_stats.loss, "accuracy": train_stats.accuracy})
+        if score > best.score:
+            best = _Best(epoch=epoch, score=score, state=copy.deepcopy(network.state_dict()), logits=val_logits)
+            epochs_without_gain = 0
+        else:
+            epochs_without_gain += 1
+            if epochs_without_gain >= config.patience:
+                break
+    network.load_state_dict(best.state)
+    network.eval()
+    for parameter in network.parameters():
+        parameter.requires_grad_(False)
+    tuned_backbone = Backbone(
+        data.backbone.name, model, data.backbone.num_features, f"{strategy}-{_state_digest(model)}", data.backbone.mean, data.backbone.std,
+    )
+    config_dict = {key: (list(value) if isinstance(value, tuple) else value) for key, value in config.__dict__.items()}
+    return FinetunedClassifier(
+        class_names=list(data.class_names), network=network, backbone=tuned_backbone, preprocessing=data.preprocessing,
+        strategy=strategy, config=config_dict, prefix_key=prefix_key, history=history, best_epoch=best.epoch,
+        validation_logits=best.logits if len(validation_labels) else None,
+        timings={"feature_map_seconds": feature_seconds, "total_seconds": time.perf_counter() - started},
+    )
+
+
+@dataclass
+class _Best:
+    epoch: int
+    score: tuple
+    state: dict
+    logits: np.ndarray
+
+
+def _score(val_metrics: dict[str, float], train_metrics: dict[str, float]) -> tuple:
+    """Higher is better: validation macro F1, then lower validation loss; without validation, the training loss."""
+    if math.isnan(val_metrics["macro_f1"]):
+        return (-train_metrics["loss"],)
+    return (round(val_metrics["macro_f1"], 6), -val_metrics["loss"])
+
+
+def _history_row(epoch: int, train_loss: float, train_accuracy: float, val_metrics: dict[str, float], seconds: float) -> dict[str, float]:
+    return {
+        "epoch": epoch, "train_loss": float(train_loss), "train_accuracy": float(train_accuracy),
+        "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"], "val_macro_f1": val_metrics["macro_f1"],
+        "seconds": float(seconds),
+    }
+
+
+def _report(config: FinetuneConfig, row: dict[str, float]) -> None:
+    if config.verbose:
+        print(
+            f"epoch {row['epoch']:>2}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
+            f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f} macro F1 {row['val_macro_f1']:.4f} | {row['seconds']:.1f}s",
+            flush=True,
+        )
+
+
+def _state_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def _initialise_head(network: FinetunedNetwork, *, data: TrainingData, train_maps: np.ndarray, train_labels: np.ndarray, config: FinetuneConfig, rng: np.random.Generator) -> None:
+    n_classes = len(data.class_names)
+    head = network.head
+    init_weight, init_bias = data.options.get("init_head_weight"), data.options.get("init_head_bias")
+    with torch.no_grad():
+        if init_weight is not None and init_bias is not None:  # a transferred head (same classes)
+            weight = np.asarray(init_weight, dtype=np.float32)
+            bias = np.asarray(init_bias, dtype=np.float32)
+            if weight.shape != tuple(head.weight.shape) or bias.shape != tuple(head.bias.shape):
+                raise ValueError(f"init head {weight.shape}/{bias.shape} does not fit {tuple(head.weight.shape)}")
+            head.weight.copy_(torch.from_numpy(weight))
+            head.bias.copy_(torch.from_numpy(bias))
+        elif config.head_init == "probe":
+            features = _pooled_features(network, train_maps, batch_size=64, channels_last=config.channels_last)
+            weight, bias = fit_linear_head(features=features, labels=train_labels, n_classes=n_classes, seed=data.seed, regularization=config.head_regularization)
+            # A class absent from training keeps a very negative bias: never predicted, and no huge logits to train.
+            head.weight.copy_(torch.from_numpy(weight))
+            head.bias.copy_(torch.from_numpy(np.maximum(bias, -30.0)))
+        else:
+            # Unit-scale random head: on L2-normalised features this gives logits of order 1.
+            generator = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator))
+            head.bias.zero_()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registered strategies
+
+
+@register_training_strategy("finetune")
+def train_finetune(data: TrainingData) -> FinetunedClassifier:
+    """The last stages of the backbone (default: 2 of efficientnet_lite0's 7, plus conv_head) at a low learning
+    rate, the head at a higher one, on cached frozen feature maps."""
+    return train_finetuned(data, FinetuneConfig.from_options(data.options), strategy="finetune")
+
+
+@register_training_strategy("full")
+def train_full(data: TrainingData) -> FinetunedClassifier:
+    """Every layer trains, with learning rates that shrink towards the stem (discriminative learning rates),
+    on augmented images."""
+    defaults = {
+        "trainable_stages": backbone_stage_count(data.backbone.model), "train_stem": True, "layer_decay": 0.7,
+        "backbone_lr": 2e-4, "mode": "augment", "epochs": 8,
+    }
+    return train_finetuned(data, FinetuneConfig.from_options(data.options, **defaults), strategy="full")

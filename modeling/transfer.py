@@ -1,0 +1,123 @@
+"""Domain transfer: a project's model saved as one checkpoint, and read back as the starting point of another
+project (`loop init ... --init-from OTHER_PROJECT_DIR_OR_CHECKPOINT`): the backbone always, the head too when the
+new project's classes are all among the old one's (rows reordered to the new class order).
+
+The checkpoint is a torch file whose "state_dict" entry is exactly what `create_backbone(name, weights=PATH)` reads
+(normalisation included), so the checkpoint itself is the backbone weights file: nothing is copied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = "defect-loop-model/1"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class InitFrom:
+    backbone_weights_path: Path  # pass as create_backbone(backbone_name, weights=str(path))
+    head_weight: np.ndarray | None  # (classes, features) on L2-normalised pooled features, rows in class_names order
+    head_bias: np.ndarray | None
+    backbone_name: str
+    source_class_names: list[str]
+    head_reason: str  # why the head was or was not transferred, for the CLI to print
+
+    def training_options(self) -> dict[str, Any]:
+        """Options for TrainingData.options: the fine-tuning strategies start their head from these."""
+        if self.head_weight is None or self.head_bias is None:
+            return {}
+        return {"init_head_weight": self.head_weight, "init_head_bias": self.head_bias}
+
+
+def _head_arrays(classifier: Any) -> tuple[np.ndarray, np.ndarray]:
+    if hasattr(classifier, "head_weight") and hasattr(classifier, "head_bias"):
+        return np.asarray(classifier.head_weight, dtype=np.float32), np.asarray(classifier.head_bias, dtype=np.float32)
+    if hasattr(classifier, "weight") and hasattr(classifier, "bias"):  # training.LinearHeadClassifier
+        return np.asarray(classifier.weight, dtype=np.float32), np.asarray(classifier.bias, dtype=np.float32)
+    raise TypeError(f"{type(classifier).__name__} has no linear head to save")
+
+
+def save_model_checkpoint(classifier: Any, path: str | Path, *, image_size: int | None = None) -> Path:
+    """Write a classifier (any strategy with a backbone and a linear head on L2-normalised features) to path."""
+    path = Path(path)
+    backbone = classifier.backbone
+    weight, bias = _head_arrays(classifier)
+    state = {name: tensor.detach().clone() for name, tensor in backbone.model.state_dict().items()}
+    state["__defect_loop_mean__"] = torch.tensor(backbone.mean)
+    state["__defect_loop_std__"] = torch.tensor(backbone.std)
+    preprocessing = getattr(classifier, "preprocessing", None)
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "backbone_name": backbone.name,
+        "state_dict": state,
+        "class_names": list(classifier.class_names),
+        "head_weight": torch.from_numpy(weight),
+        "head_bias": torch.from_numpy(bias),
+        "temperature": float(getattr(classifier, "temperature", 1.0)),
+        "strategy": str(getattr(classifier, "strategy", "head")),
+        "image_size": int(image_size or (preprocessing.image_size if preprocessing is not None else 0)),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(path)  # atomic: a reader never sees half a checkpoint
+    return path
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any] | None:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT:
+        return checkpoint
+    return None
+
+
+def find_model_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or the newest checkpoint anywhere under a project directory."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        if _read_checkpoint(path) is None:
+            raise ValueError(f"{path} is not a defect-loop model checkpoint (format {CHECKPOINT_FORMAT})")
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"--init-from {path}: no such file or directory")
+    candidates = sorted(
+        (file for file in path.rglob("*") if file.suffix in CHECKPOINT_SUFFIXES and file.is_file()),
+        key=lambda file: file.stat().st_mtime_ns, reverse=True,
+    )
+    for candidate in candidates:
+        if _read_checkpoint(candidate) is not None:
+            return candidate
+    raise FileNotFoundError(
+        f"no defect-loop model checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}, format {CHECKPOINT_FORMAT}) under {path}: "
+        "train a round in that project first, or pass the checkpoint file itself"
+    )
+
+
+def load_init_checkpoint(path: str | Path, *, class_names: list[str]) -> InitFrom:
+    """Where a new project starts from: the other project's backbone, and its head if every class is known there."""
+    checkpoint_path = find_model_checkpoint(path)
+    checkpoint = _read_checkpoint(checkpoint_path)
+    assert checkpoint is not None
+    source_classes = [str(name) for name in checkpoint["class_names"]]
+    weight = checkpoint["head_weight"].numpy()
+    bias = checkpoint["head_bias"].numpy()
+    missing = [name for name in class_names if name not in source_classes]
+    if not class_names or missing:
+        reason = f"head not transferred: classes {missing or '(none given)'} are not in the source model's {source_classes}"
+        head_weight = head_bias = None
+    else:
+        rows = [source_classes.index(name) for name in class_names]
+        head_weight, head_bias = weight[rows].copy(), bias[rows].copy()
+        reason = "head transferred: every class is in the source model" + ("" if len(rows) == len(source_classes) else f" (subset of {len(source_classes)})")
+    return InitFrom(
+        backbone_weights_path=checkpoint_path, head_weight=head_weight, head_bias=head_bias,
+        backbone_name=str(checkpoint["backbone_name"]), source_class_names=source_classes, head_reason=reason,
+    )

@@ -1,0 +1,220 @@
+"""Fine-tuning strategies on tiny synthetic images (64 px): seconds each, real pretrained backbone."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling.backbones import create_backbone
+from modeling.finetune import (
+    FEATURE_MAP_CACHE,
+    FinetuneConfig,
+    balanced_sample,
+    class_weights,
+    predict_proba_paths,
+    split_backbone,
+)
+from modeling.onnx_export import export_onnx, open_session
+from modeling.preprocessing import Preprocessing, load_image_array
+from modeling.training import TrainingData, available_training_strategies, train_classifier
+
+SIZE = 64
+
+
+def _stripes(kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Easy, label-determined patterns with random phase, period and noise."""
+    period = int(rng.integers(6, 10))
+    phase = int(rng.integers(0, period))
+    grid = np.arange(SIZE)
+    if kind == "horizontal":
+        pattern = np.tile(((grid + phase) % period < period // 2)[:, None], (1, SIZE))
+    elif kind == "vertical":
+        pattern = np.tile(((grid + phase) % period < period // 2)[None, :], (SIZE, 1))
+    else:  # a bright blob on a flat background
+        pattern = np.zeros((SIZE, SIZE), dtype=bool)
+        cy, cx = rng.integers(12, SIZE - 12, 2)
+        yy, xx = np.ogrid[:SIZE, :SIZE]
+        pattern = (yy - cy) ** 2 + (xx - cx) ** 2 < int(rng.integers(36, 100))
+    image = pattern.astype(np.float64) * 140 + 60 + rng.normal(0, 12, (SIZE, SIZE))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _write(directory: Path, kinds: list[str], counts: list[int], seed: int) -> tuple[list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths, labels = [], []
+    for label, (kind, count) in enumerate(zip(kinds, counts)):
+        for index in range(count):
+            path = directory / f"{kind}_{index}.png"
+            Image.fromarray(_stripes(kind, rng)).save(path)
+            paths.append(str(path))
+            labels.append(label)
+    return paths, np.array(labels)
+
+
+KINDS = ["horizontal", "vertical", "blob"]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return create_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def balanced_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    return {
+        "train": _write(root / "train", KINDS, [16, 16, 16], seed=0),
+        "validation": _write(root / "validation", KINDS, [6, 6, 6], seed=1),
+        "test": _write(root / "test", KINDS, [10, 10, 10], seed=2),
+    }
+
+
+def _data(backbone, images, **options) -> TrainingData:
+    (train_paths, train_labels), (validation_paths, validation_labels) = images["train"], images["validation"]
+    empty = np.zeros((0, backbone.num_features), dtype=np.float32)
+    return TrainingData(
+        class_names=KINDS, train_paths=train_paths, train_labels=train_labels, train_embeddings=empty,
+        validation_paths=validation_paths, validation_labels=validation_labels, validation_embeddings=empty,
+        backbone=backbone, preprocessing=Preprocessing(SIZE, backbone.mean, backbone.std), seed=0,
+        options={"epochs": 3, "batch_size": 16, "threads": 1, **options},
+    )
+
+
+def test_strategies_are_registered_by_name():
+    assert {"head", "finetune", "full"} <= set(available_training_strategies())
+
+
+def test_finetune_beats_chance_and_records_history(backbone, balanced_images):
+    classifier = train_classifier(strategy="finetune", data=_data(backbone, balanced_images, head_init="random", head_lr=5e-3))
+    test_paths, test_labels = balanced_images["test"]
+    probabilities = predict_proba_paths(classifier, test_paths)
+    assert probabilities.shape == (len(test_paths), 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    accuracy = float((probabilities.argmax(1) == test_labels).mean())
+    assert accuracy > 0.8, accuracy  # chance is 1/3
+    assert classifier.uses_frozen_embeddings is False
+    assert [row["epoch"] for row in classifier.history][:2] == [0, 1]
+    for row in classifier.history:
+        assert set(row) == {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "seconds"}
+        assert 0.0 <= row["val_accuracy"] <= 1.0
+    assert classifier.validation_logits.shape == (len(balanced_images["validation"][0]), 3)
+    with pytest.raises(NotImplementedError):
+        classifier.predict_proba_from_embeddings(np.zeros((1, backbone.num_features), dtype=np.float32))
+
+
+def test_only_the_unfrozen_tail_and_head_change(backbone, balanced_images):
+    original = copy.deepcopy(backbone.model.state_dict())
+    classifier = train_classifier(
+        strategy="finetune", data=_data(backbone, balanced_images, trainable_stages=1, head_init="random", epochs=2, patience=5),
+    )
+    # The caller's backbone is untouched (the loop keeps using it for frozen embeddings).
+    for name, tensor in backbone.model.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+    tuned = classifier.backbone.model.state_dict()
+    frozen_prefixes = ("conv_stem", "bn1", *(f"blocks.{i}." for i in range(6)))
+    trainable_prefixes = ("blocks.6.", "conv_head", "bn2")
+    changed = {name for name, tensor in tuned.items() if tensor.dtype.is_floating_point and not torch.equal(tensor, original[name])}
+    assert not {name for name in changed if name.startswith(frozen_prefixes)}
+    # BatchNorm running statistics stay frozen by default; weights of the unfrozen stage move.
+    assert not {name for name in changed if "running_" in name}
+    assert any(name.startswith("blocks.6.") for name in changed)
+    assert any(name.startswith("conv_head") for name in changed)
+    assert all(name.startswith(trainable_prefixes) for name in changed)
+
+
+def test_full_strategy_trains_the_stem_too(backbone, balanced_images):
+    original = copy.deepcopy(backbone.model.state_dict())
+    classifier = train_classifier(strategy="full", data=_data(backbone, balanced_images, epochs=1, head_init="random", patience=5))
+    tuned = classifier.backbone.model.state_dict()
+    assert not torch.equal(tuned["conv_stem.weight"], original["conv_stem.weight"])
+    assert classifier.config["mode"] == "augment" and classifier.config["augmentation"]
+    # Discriminative learning rates: the stem moved less than the last stage, relative to its size.
+    def relative_change(name: str) -> float:
+        return float((tuned[name] - original[name]).norm() / original[name].norm())
+
+    assert relative_change("conv_stem.weight") < relative_change("conv_head.weight")
+
+
+def test_imbalanced_training_never_collapses_to_one_class(backbone, tmp_path):
+    train = _write(tmp_path / "train", KINDS, [40, 5, 4], seed=10)
+    validation = _write(tmp_path / "validation", KINDS, [10, 3, 3], seed=11)
+    test_paths, test_labels = _write(tmp_path / "test", KINDS, [10, 10, 10], seed=12)
+    for options in ({"balance": "weights"}, {"balance": "sampler", "loss": "focal"}):
+        data = _data(backbone, {"train": train, "validation": validation}, head_init="random", head_lr=5e-3, **options)
+        classifier = train_classifier(strategy="finetune", data=data)
+        predictions = predict_proba_paths(classifier, test_paths).argmax(1)
+        assert set(predictions.tolist()) == {0, 1, 2}, (options, np.bincount(predictions, minlength=3))
+        minority_recall = float((predictions[test_labels > 0] == test_labels[test_labels > 0]).mean())
+        assert minority_recall > 0.6, (options, minority_recall)
+
+
+def test_exported_module_matches_the_classifier_through_onnx(backbone, balanced_images, tmp_path):
+    classifier = train_classifier(strategy="finetune", data=_data(backbone, balanced_images, epochs=1))
+    classifier.temperature = 1.7
+    test_paths, _ = balanced_images["test"]
+    expected = classifier.predict_proba_paths(test_paths[:6])
+    module = classifier.to_torch_module()
+    images = np.stack([load_image_array(path, classifier.preprocessing) for path in test_paths[:6]])
+    with torch.no_grad():
+        np.testing.assert_allclose(module(torch.from_numpy(images)).numpy(), expected, atol=1e-4)
+    onnx_path = export_onnx(module, tmp_path / "model.onnx", image_size=SIZE, output_name="probabilities")
+    onnx_output = open_session(onnx_path, threads=1).run(None, {"images": images})[0]
+    np.testing.assert_allclose(onnx_output, expected, atol=1e-4)
+
+
+def test_augment_mode_and_cached_views_train(backbone, balanced_images):
+    test_paths, test_labels = balanced_images["test"]
+    for options in ({"augment": True, "augmentation": "flips"}, {"cached_views": "flips"}):
+        classifier = train_classifier(strategy="finetune", data=_data(backbone, balanced_images, epochs=2, **options))
+        accuracy = float((predict_proba_paths(classifier, test_paths).argmax(1) == test_labels).mean())
+        assert accuracy > 0.8, (options, accuracy)
+    assert classifier.config["cached_views"] == ["identity", "hflip", "vflip", "rot180"]
+
+
+def test_training_resolution_can_differ_from_the_preprocessing(backbone, balanced_images):
+    classifier = train_classifier(strategy="finetune", data=_data(backbone, balanced_images, epochs=1, image_size=48))
+    test_paths, _ = balanced_images["test"]
+    images = np.stack([load_image_array(path, classifier.preprocessing) for path in test_paths[:4]])
+    with torch.no_grad():
+        from_module = classifier.to_torch_module()(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(from_module, classifier.predict_proba_paths(test_paths[:4]), atol=1e-4)
+
+
+def test_bad_options_are_refused_with_a_clear_message():
+    with pytest.raises(ValueError, match="mode must be"):
+        FinetuneConfig.from_options({"mode": "sometimes"})
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        FinetuneConfig.from_options({"augment": True, "augmentation": "sparkle"})
+    with pytest.raises(ValueError, match="cached_views"):
+        FinetuneConfig.from_options({"cached_views": "hflip"})
+    config = FinetuneConfig.from_options({"unfreeze_stages": 3, "lr": 1e-5, "head_regularization": 0.5})
+    assert (config.trainable_stages, config.backbone_lr, config.head_regularization) == (3, 1e-5, 0.5)
+
+
+def test_split_backbone_rejects_impossible_cuts(backbone):
+    model = copy.deepcopy(backbone.model)
+    with pytest.raises(ValueError, match="trainable_stages"):
+        split_backbone(model, trainable_stages=8)
+    prefix, tail = split_backbone(model, trainable_stages=2)
+    with torch.no_grad():
+        images = torch.randn(2, 3, SIZE, SIZE)
+        np.testing.assert_allclose(tail(prefix(images)).numpy(), model(images).numpy(), atol=1e-5)
+
+
+def test_class_weights_and_balanced_sampling_equalise_classes():
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    weights = class_weights(labels, 4)
+    assert weights[3] == 0.0
+    np.testing.assert_allclose(weights[:3] * np.bincount(labels, minlength=4)[:3], len(labels) / 3)
+    drawn = np.concatenate([labels[balanced_sample(labels, np.random.default_rng(seed))] for seed in range(30)])
+    shares = np.bincount(drawn, minlength=3) / len(drawn)
+    assert np.all(np.abs(shares - 1 / 3) < 0.05), shares
+
+
+def test_feature_map_cache_is_bounded():
+    assert FEATURE_MAP_CACHE.bytes <= FEATURE_MAP_CACHE.max_bytes

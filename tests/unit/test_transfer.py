@@ -1,0 +1,92 @@
+"""Model checkpoints for domain transfer: save, find in a project directory, load backbone (+ head when classes match)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from modeling.backbones import create_backbone
+from modeling.preprocessing import Preprocessing
+from modeling.training import LinearHeadClassifier
+from modeling.transfer import find_model_checkpoint, load_init_checkpoint, save_model_checkpoint
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    backbone = create_backbone("efficientnet_lite0")
+    with torch.no_grad():  # a "fine-tuned" backbone: differs from ImageNet, so a reload must carry it
+        backbone.model.conv_head.weight.mul_(1.01)
+    weight = np.arange(3 * backbone.num_features, dtype=np.float32).reshape(3, -1) / 1000
+    bias = np.array([0.1, 0.2, 0.3], dtype=np.float32)
+    return LinearHeadClassifier(["scratch", "inclusion", "patches"], weight, bias, backbone)
+
+
+def test_checkpoint_is_a_backbone_weights_file_and_carries_the_head(classifier, tmp_path):
+    path = save_model_checkpoint(classifier, tmp_path / "models" / "round-1" / "model.pt", image_size=224)
+    init = load_init_checkpoint(path, class_names=["patches", "scratch"])
+    assert init.backbone_weights_path == path and init.backbone_name == "efficientnet_lite0"
+    reloaded = create_backbone(init.backbone_name, weights=str(init.backbone_weights_path))
+    for name, tensor in classifier.backbone.model.state_dict().items():
+        assert torch.equal(reloaded.model.state_dict()[name], tensor), name
+    assert reloaded.mean == classifier.backbone.mean and reloaded.std == classifier.backbone.std
+    # Head rows follow the new project's class order.
+    np.testing.assert_array_equal(init.head_weight, classifier.weight[[2, 0]])
+    np.testing.assert_array_equal(init.head_bias, classifier.bias[[2, 0]])
+    assert set(init.training_options()) == {"init_head_weight", "init_head_bias"}
+
+
+def test_new_classes_get_the_backbone_only(classifier, tmp_path):
+    path = save_model_checkpoint(classifier, tmp_path / "model.pt")
+    init = load_init_checkpoint(path, class_names=["good", "broken_large"])
+    assert init.head_weight is None and init.head_bias is None and init.training_options() == {}
+    assert "not in the source model" in init.head_reason
+
+
+def test_a_project_directory_resolves_to_its_newest_checkpoint(classifier, tmp_path):
+    older = save_model_checkpoint(classifier, tmp_path / "project" / "models" / "1" / "model.pt")
+    (tmp_path / "project" / "notes.pt").write_bytes(b"not a checkpoint")
+    newer = save_model_checkpoint(classifier, tmp_path / "project" / "models" / "2" / "model.pt")
+    import os
+
+    os.utime(older, (1, 1))
+    assert find_model_checkpoint(tmp_path / "project") == newer
+
+
+def test_missing_or_foreign_sources_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_init_checkpoint(tmp_path / "nowhere", class_names=["a"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no defect-loop model checkpoint"):
+        load_init_checkpoint(tmp_path / "empty", class_names=["a"])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="not a defect-loop model checkpoint"):
+        load_init_checkpoint(foreign, class_names=["a"])
+
+
+def test_a_finetuned_classifier_round_trips_too(tmp_path):
+    from pathlib import Path
+
+    from PIL import Image
+
+    from modeling.finetune import train_finetuned, FinetuneConfig
+    from modeling.training import TrainingData
+
+    backbone = create_backbone("efficientnet_lite0")
+    rng = np.random.default_rng(0)
+    paths, labels = [], []
+    for index in range(12):
+        image = (rng.random((48, 48)) * (60 if index % 2 else 255)).astype(np.uint8)
+        path = Path(tmp_path) / f"{index}.png"
+        Image.fromarray(image).save(path)
+        paths.append(str(path))
+        labels.append(index % 2)
+    empty = np.zeros((0, backbone.num_features), dtype=np.float32)
+    data = TrainingData(["dark", "bright"], paths[:8], np.array(labels[:8]), empty, paths[8:], np.array(labels[8:]), empty,
+                        backbone, Preprocessing(48, backbone.mean, backbone.std), options={"threads": 1})
+    tuned = train_finetuned(data, FinetuneConfig(epochs=1, threads=1, trainable_stages=1), strategy="finetune")
+    path = save_model_checkpoint(tuned, tmp_path / "tuned.pt")
+    init = load_init_checkpoint(path, class_names=["bright", "dark"])
+    np.testing.assert_array_equal(init.head_weight, tuned.head_weight[[1, 0]])
+    reloaded = create_backbone("efficientnet_lite0", weights=str(path))
+    assert torch.equal(reloaded.model.state_dict()["blocks.6.0.conv_pw.weight"], tuned.backbone.model.state_dict()["blocks.6.0.conv_pw.weight"])
