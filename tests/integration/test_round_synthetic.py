@@ -1,0 +1,144 @@
+"""A whole round on small synthetic images: every step runs for real (ONNX export, latency, cleanlab, selection)."""
+from __future__ import annotations
+
+import csv
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from loop.cli import app
+from loop.config import load_config, save_config
+from loop.project import open_project, project_lock
+from store import session_scope
+from store.models import GateResult, Image, LabelEvent, Metric, Prediction, Round, Selection
+
+runner = CliRunner()
+
+
+def invoke(*args: str):  # noqa: ANN201
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def project_with_pool(tmp_path: Path, class_folders: Path) -> Path:
+    """Half the images labeled by a manifest, the rest unlabeled; the oracle knows the truth; small images for speed."""
+    files = sorted(class_folders.rglob("*.png"))
+    truth, manifest = tmp_path / "truth.csv", tmp_path / "labels.csv"
+    with open(truth, "w", newline="") as t, open(manifest, "w", newline="") as m:
+        tw, mw = csv.writer(t), csv.writer(m)
+        tw.writerow(["path", "label"])
+        mw.writerow(["path", "label"])
+        for i, path in enumerate(files):
+            tw.writerow([str(path), path.parent.name])
+            mw.writerow([str(path), path.parent.name if i % 4 != 0 else ""])
+    project = tmp_path / "project"
+    assert invoke("init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good", "--annotator", "oracle",
+                  "--oracle-manifest", str(truth), "--budget", "5", "--image-size", "96").exit_code == 0
+    config = load_config(project)
+    config.loop.relabel_budget = 2
+    save_config(project, config)
+    assert invoke("ingest", str(manifest), "--project", str(project), "--quiet").exit_code == 0
+    return project
+
+
+def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(project_with_pool: Path) -> None:
+    first = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert first.exit_code == 0, first.output
+    assert "gates on the frozen test split" in first.output
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        round_row = session.scalars(select(Round)).one()
+        assert round_row.status == "completed"
+        gates = {g.name: g for g in session.scalars(select(GateResult))}
+        assert set(gates) == {"macro_f1", "defect_recall", "negative_fpr", "latency_ms"}
+        assert all(g.applicable for g in gates.values())
+        assert session.scalars(select(Metric).where(Metric.name == "f1", Metric.class_name == "patch")).one() is not None
+        n_ok = len(session.scalars(select(Image).where(Image.status == "ok")).all())
+        assert len(session.scalars(select(Prediction)).all()) == n_ok
+        selected = session.scalars(select(Selection).where(Selection.reason != "suspected_label_error")).all()
+        assert len(selected) == 5 and all(s.push_status == "pushed" for s in selected)
+        # Selection comes from the unlabeled pool only: never the test split.
+        assert {session.get(Image, s.image_id).split for s in selected} == {"pool"}
+        details, artifacts, timings = round_row.details, round_row.artifacts, round_row.step_timings_s
+    assert details["threshold_source"] == "out_of_fold" and 0 < details["threshold"] <= 1
+    assert details["latency"]["runtime"] == "onnxruntime" and details["latency"]["cpu"]
+    assert Path(artifacts["model_onnx"]).stat().st_size > 1_000_000
+    assert Path(artifacts["confusion_matrix_png"]).read_bytes()[:4] == b"\x89PNG"
+    assert {"embed_images", "train_model", "evaluate_on_test_split", "select_next_batch", "total"} <= set(timings)
+
+    second = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert second.exit_code == 0, second.output
+    with session_scope(ctx.engine) as session:
+        oracle_events = session.scalars(select(LabelEvent).where(LabelEvent.source == "oracle")).all()
+        round_two = session.scalars(select(Round).where(Round.number == 2)).one()
+        assert len(oracle_events) >= 5  # the batch (plus relabel suspects) came back as label events
+        assert all(e.round_id == round_two.id for e in oracle_events)
+        answered = {e.image_id for e in oracle_events}
+        assert all(session.get(Image, i).split in ("train", "validation", "test") for i in answered)
+        assert round_two.details["embeddings"]["computed"] == 0  # warm: every embedding came from the cache
+
+    status = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)
+    assert [r["number"] for r in status["rounds"]] == [1, 2]
+    assert status["labels"]["by_source"]["oracle"] >= 5
+    assert set(status["labels"]["by_class"]) == {"good", "scratch", "spot", "patch"}
+
+
+def test_fail_on_gates_exits_3_and_records_the_failed_gate(project_with_pool: Path) -> None:
+    config = load_config(project_with_pool)
+    config.gates.latency_ms_max = 0.001  # no CPU meets this
+    save_config(project_with_pool, config)
+    result = invoke("round", "--project", str(project_with_pool), "--quiet", "--fail-on-gates")
+    assert result.exit_code == 3
+    with session_scope(open_project(project_with_pool).engine) as session:
+        assert session.scalars(select(GateResult).where(GateResult.name == "latency_ms")).one().passed is False
+
+
+def test_second_round_while_one_runs_is_refused(project_with_pool: Path) -> None:
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with project_lock(project_with_pool.resolve(), action="loop round"):
+            holding.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold_lock)
+    thread.start()
+    holding.wait(10)
+    try:
+        result = runner.invoke(app, ["round", "--project", str(project_with_pool)])
+    finally:
+        release.set()
+        thread.join()
+    assert result.exit_code == 2
+    assert "busy" in result.output and "loop round running as pid" in result.output
+
+
+def test_changed_file_is_quarantined_and_a_failed_round_keeps_pulled_labels(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        victim = session.scalars(select(Image).where(Image.split == "train")).first()
+        victim_id, victim_path = victim.id, Path(victim.path)
+    from PIL import Image as PILImage
+
+    PILImage.new("L", (64, 64), 17).save(victim_path)  # same path, other content
+
+    import loop.round as round_module
+
+    def train_model(state):  # noqa: ANN001, ANN202
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(round_module, "ROUND_STEPS", [train_model if s.__name__ == "train_model" else s for s in round_module.ROUND_STEPS])
+    with pytest.raises(RuntimeError, match="disk full"):
+        invoke("round", "--project", str(project_with_pool), "--quiet")
+    with session_scope(ctx.engine) as session:
+        image = session.get(Image, victim_id)
+        assert image.status == "quarantined" and "content hash differs" in image.status_reason
+        failed = session.scalars(select(Round).where(Round.number == 2)).one()
+        assert failed.status == "failed" and "train_model" in failed.error
+        # The oracle's answers pulled at the start of the failed round are still there.
+        assert len(session.scalars(select(LabelEvent).where(LabelEvent.source == "oracle")).all()) >= 5
