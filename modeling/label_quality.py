@@ -1,0 +1,516 @@
+"""Which labels are probably wrong, which images are near-duplicates or outliers.
+
+Flat functions with keyword-only arguments; every finding is a score, a flag and a summary
+(the shape of cleanlab's Datalab):
+
+- `out_of_fold_probabilities(features=, labels=)`  K-fold predictions for every labeled image, so
+  no image is scored by a model that saw its own (possibly wrong) label.
+- `find_label_issues(labels=, pred_probs=, class_names=, embeddings=)`  confident learning
+  (cleanlab) on the out-of-fold probabilities blended with a k-NN label vote in embedding space;
+  ranked suspects with a suggested label, and an estimated noise rate per class.
+- `find_near_duplicates(embeddings=, threshold=)`, `find_outliers(embeddings=)`.
+
+Why the k-NN vote: a linear model fit on noisy labels partly learns the noise, and confident
+learning on its probabilities alone flags many clean-but-atypical images. Pretrained embeddings
+put an image among images of its true class, so the labels of its neighbours are a second,
+independent witness; where both disagree with the given label, the label is very likely wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from modeling.embedding_index import EmbeddingIndex, normalize_rows
+
+__all__ = [
+    "Finding",
+    "LabelIssueReport",
+    "find_label_issues",
+    "find_near_duplicates",
+    "find_outliers",
+    "knn_label_distribution",
+    "out_of_fold_probabilities",
+]
+
+# Tuned on synthetic Gaussian-cluster data with injected symmetric noise (tests/unit), not on
+# any benchmark's answers.
+DEFAULT_KNN_NEIGHBORS = 20
+# "auto": the blend weight of the k-NN vote is the one whose blended probabilities best explain the
+# given labels (lowest log-loss). An overfit model explains them badly out of fold, so the vote
+# takes over (weight 0.9-1.0 on such data); a good model keeps about half.
+KNN_WEIGHT_GRID = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+# cleanlab's per-class pruning: on synthetic data it kept precision of the default
+# (prune_by_noise_rate) within ~0.02 and raised recall by 0.02-0.05.
+FILTER_BY = "prune_by_class"
+MIN_EXAMPLES_FOR_CONFIDENT_JOINT = 5  # a class with fewer labels gets no noise-rate estimate
+EXACT_KNN_MAX_ROWS = 20_000  # up to here the k-NN graph is one exact matrix product (chunked)
+# The default out-of-fold model picks its regularisation from this grid by out-of-fold log-loss
+# against the given labels: the best value depends on embedding size and noise level (on
+# synthetic 256-d data 0.01 won, on 1280-d 0.001; weakly regularised fits memorise the noise).
+INVERSE_REGULARIZATION_GRID = (0.1, 0.01, 0.001, 0.0001)
+
+
+@dataclass
+class Finding:
+    """One kind of issue over a set of images.
+
+    scores: per image in [0, 1], lower = more likely an issue (cleanlab's convention).
+    is_issue: per image flag. summary: counts and parameters. related: per image, the position of
+    the image that explains the score (nearest other image), or None.
+    """
+
+    scores: np.ndarray
+    is_issue: np.ndarray
+    summary: dict[str, Any]
+    related: np.ndarray | None = None
+
+
+@dataclass
+class LabelIssueReport:
+    label_quality_score: np.ndarray  # (n,) in [0, 1], lower = more likely mislabeled
+    is_label_issue: np.ndarray  # (n,) bool
+    suggested_label: np.ndarray  # (n,) int: most likely true class (= given label when not flagged)
+    ranked_issue_indices: np.ndarray  # flagged positions, most likely wrong first
+    noise_rate_per_class: dict[str, float | None]  # P(true != c | given c); None = too few labels
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- out-of-fold probabilities --------------------------------------------------------------
+FitPredict = Callable[..., np.ndarray]
+
+
+def logistic_regression_fit_predict(
+    *,
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    predict_features: np.ndarray,
+    n_classes: int,
+    inverse_regularization: float = 0.01,
+) -> np.ndarray:
+    """Class-weighted multinomial logistic regression on standardised features -> (n, n_classes).
+
+    `inverse_regularization` is sklearn's C; small because the labels may be noisy and a
+    high-dimensional embedding lets a weakly regularised model memorise the noise.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_features)
+    model = LogisticRegression(
+        C=inverse_regularization, class_weight="balanced", max_iter=2000, tol=1e-4
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        model.fit(scaler.transform(train_features), train_labels)
+    present = model.predict_proba(scaler.transform(predict_features))
+    out = np.zeros((len(predict_features), n_classes), dtype=np.float64)
+    out[:, model.classes_] = present
+    return out
+
+
+def out_of_fold_probabilities(
+    *,
+    features: np.ndarray,
+    labels: np.ndarray,
+    n_folds: int = 5,
+    seed: int = 0,
+    fit_predict: FitPredict | None = None,
+    n_classes: int | None = None,
+    details: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """(n, n_classes) probabilities where each row comes from a model that never saw that row.
+
+    Stratified K-fold. `n_folds` is lowered to the smallest class count (at least 2) so every fold
+    holds every class that can be split; a class with a single example still gets its column (it
+    is predicted by a model that has not seen the class, which is the honest answer).
+    `fit_predict(*, train_features, train_labels, predict_features, n_classes)` replaces the
+    default: class-weighted logistic regression whose C is chosen from
+    INVERSE_REGULARIZATION_GRID by out-of-fold log-loss on the given labels (no other labels are
+    used). Pass a dict as `details` to receive the folds used and the chosen C.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    features = np.asarray(features)
+    labels = np.asarray(labels)
+    if features.ndim != 2 or len(features) != len(labels):
+        raise ValueError(f"features must be (n, dim) with one row per label: {features.shape} vs {labels.shape}")
+    if labels.ndim != 1 or (len(labels) and not np.issubdtype(labels.dtype, np.integer)):
+        raise ValueError("labels must be a 1-d integer array")
+    if len(labels) and labels.min() < 0:
+        raise ValueError("labels must be class indices >= 0 (pass only labeled rows)")
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
+    n_classes = int(n_classes if n_classes is not None else (labels.max() + 1 if len(labels) else 0))
+    if len(labels) and labels.max() >= n_classes:
+        raise ValueError(f"label {labels.max()} out of range for n_classes={n_classes}")
+    n = len(labels)
+    counts = np.bincount(labels, minlength=n_classes)
+    present = np.flatnonzero(counts)
+    details = details if details is not None else {}
+    if len(present) < 2 or n < 2:
+        # nothing to contrast: every row gets the label frequencies
+        details.update(n_folds=0, note="fewer than two classes: label frequencies returned")
+        out = np.zeros((n, n_classes), dtype=np.float64)
+        if n:
+            out[:] = counts / counts.sum()
+        return out
+    splittable = counts[counts >= 2]
+    folds = int(min(n_folds, splittable.min())) if len(splittable) else 2
+    folds = max(2, min(folds, n))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # "The least populated class has only 1 member": expected, handled in _cross_predict
+        warnings.simplefilter("ignore", category=UserWarning)
+        splits = list(splitter.split(np.zeros(n), labels))
+    details["n_folds"] = folds
+    if fit_predict is not None:
+        return _cross_predict(features, labels, n_classes, splits, fit_predict)
+    losses: dict[float, float] = {}
+    best, chosen = None, None
+    for c_value in INVERSE_REGULARIZATION_GRID:
+        fit = functools.partial(logistic_regression_fit_predict, inverse_regularization=c_value)
+        probs = _cross_predict(features, labels, n_classes, splits, fit)
+        losses[c_value] = float(-np.log(np.clip(probs[np.arange(n), labels], 1e-12, None)).mean())
+        if chosen is None or losses[c_value] < losses[chosen]:
+            best, chosen = probs, c_value
+    details.update(
+        inverse_regularization=chosen,
+        log_loss_by_inverse_regularization={str(k): round(v, 5) for k, v in losses.items()},
+    )
+    return best
+
+
+def _cross_predict(
+    features: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    fit_predict: FitPredict,
+) -> np.ndarray:
+    out = np.zeros((len(labels), n_classes), dtype=np.float64)
+    for train, test in splits:
+        train_labels = labels[train]
+        if len(np.unique(train_labels)) < 2:
+            out[test] = np.bincount(train_labels, minlength=n_classes) / len(train_labels)
+            continue
+        probs = np.asarray(
+            fit_predict(
+                train_features=features[train],
+                train_labels=train_labels,
+                predict_features=features[test],
+                n_classes=n_classes,
+            ),
+            dtype=np.float64,
+        )
+        if probs.shape != (len(test), n_classes):
+            raise ValueError(f"fit_predict returned shape {probs.shape}, expected {(len(test), n_classes)}")
+        out[test] = probs
+    row_sums = out.sum(axis=1, keepdims=True)
+    np.divide(out, row_sums, out=out, where=row_sums > 0)
+    return out
+
+
+# ---- k-NN graph helpers ---------------------------------------------------------------------
+def _nearest_neighbors(embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, positions), each (n, k): the k most similar OTHER rows, best first."""
+    vectors = normalize_rows(embeddings)
+    n = len(vectors)
+    k = min(k, n - 1)
+    if k <= 0:
+        return np.empty((n, 0), dtype=np.float32), np.empty((n, 0), dtype=np.int64)
+    if n <= EXACT_KNN_MAX_ROWS:
+        sims_out = np.empty((n, k), dtype=np.float32)
+        ids_out = np.empty((n, k), dtype=np.int64)
+        for start in range(0, n, 2048):
+            block = vectors[start : start + 2048] @ vectors.T
+            rows = np.arange(block.shape[0])
+            block[rows, start + rows] = -np.inf  # never your own neighbour
+            part = np.argpartition(-block, k - 1, axis=1)[:, :k]
+            part_sims = np.take_along_axis(block, part, axis=1)
+            order = np.argsort(-part_sims, axis=1, kind="stable")
+            ids_out[start : start + len(rows)] = np.take_along_axis(part, order, axis=1)
+            sims_out[start : start + len(rows)] = np.take_along_axis(part_sims, order, axis=1)
+        return sims_out, ids_out
+    index = EmbeddingIndex().build(embeddings=vectors, ids=np.arange(n))
+    sims, ids = index.search(queries=vectors, k=k + 1)
+    # drop self wherever it appears (exact duplicates may rank before it), keep k others
+    not_self = ids != np.arange(n)[:, None]
+    keep = np.argsort(~not_self, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, keep, axis=1), np.take_along_axis(ids, keep, axis=1)
+
+
+def knn_label_distribution(
+    *,
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    k: int = DEFAULT_KNN_NEIGHBORS,
+    exclude: np.ndarray | None = None,
+) -> np.ndarray:
+    """(n, n_classes): similarity-weighted vote of each image's k nearest neighbours' labels.
+
+    The image's own label never votes. Rows in `exclude` (bool mask, e.g. current suspects) do not
+    vote either. Laplace-smoothed so no class is exactly 0.
+    """
+    labels = np.asarray(labels)
+    sims, neighbors = _nearest_neighbors(np.asarray(embeddings, dtype=np.float32), k)
+    weights = np.clip(sims, 0.0, None).astype(np.float64) + 1e-6
+    if exclude is not None:
+        weights = weights * ~np.asarray(exclude, dtype=bool)[neighbors]
+    votes = np.zeros((len(labels), n_classes), dtype=np.float64)
+    rows = np.repeat(np.arange(len(labels)), neighbors.shape[1])
+    np.add.at(votes, (rows, labels[neighbors].ravel()), weights.ravel())
+    smoothing = 1.0 / n_classes
+    totals = votes.sum(axis=1, keepdims=True)
+    # the smoothing is one pseudo-vote spread over classes, scaled to the row's vote mass
+    scale = np.where(totals > 0, totals / max(neighbors.shape[1], 1), 1.0)
+    votes += smoothing * scale
+    return votes / votes.sum(axis=1, keepdims=True)
+
+
+# ---- label issues ---------------------------------------------------------------------------
+def find_label_issues(
+    *,
+    labels: np.ndarray,
+    pred_probs: np.ndarray,
+    class_names: list[str],
+    embeddings: np.ndarray | None = None,
+    knn_neighbors: int = DEFAULT_KNN_NEIGHBORS,
+    knn_weight: float | str = "auto",
+) -> LabelIssueReport:
+    """Suspect labels among `labels` (n,), given out-of-fold `pred_probs` (n, n_classes).
+
+    With `embeddings` (n, dim), a k-NN label vote is blended into the probabilities before
+    confident learning, with weight `knn_weight` ("auto": chosen from KNN_WEIGHT_GRID by log-loss
+    on the given labels); without, this is cleanlab's confident learning on `pred_probs`. Classes with fewer than MIN_EXAMPLES_FOR_CONFIDENT_JOINT labels
+    still get scores and flags but no noise-rate estimate.
+    """
+    import cleanlab.count
+    import cleanlab.filter
+    import cleanlab.rank
+
+    labels = np.asarray(labels)
+    pred_probs = np.asarray(pred_probs, dtype=np.float64)
+    n_classes = len(class_names)
+    _check_labels_and_probs(labels, pred_probs, n_classes)
+    n = len(labels)
+    counts = np.bincount(labels, minlength=n_classes) if n else np.zeros(n_classes, dtype=int)
+    if n == 0:
+        return LabelIssueReport(
+            label_quality_score=np.empty(0),
+            is_label_issue=np.empty(0, dtype=bool),
+            suggested_label=np.empty(0, dtype=np.int64),
+            ranked_issue_indices=np.empty(0, dtype=np.int64),
+            noise_rate_per_class={name: None for name in class_names},
+            summary={"n": 0, "n_issues": 0, "method": "none"},
+        )
+    probs = _normalized(pred_probs)
+    method = "confident_learning"
+    chosen_weight: float | None = None
+    if embeddings is not None:
+        embeddings = np.asarray(embeddings)
+        if embeddings.ndim != 2 or len(embeddings) != n:
+            raise ValueError(f"embeddings must be ({n}, dim), got {embeddings.shape}")
+        if knn_weight != "auto" and not 0.0 <= float(knn_weight) <= 1.0:
+            raise ValueError(f"knn_weight must be 'auto' or in [0, 1], got {knn_weight!r}")
+        if n > 2 and knn_weight != 0:
+            knn = knn_label_distribution(
+                embeddings=embeddings, labels=labels, n_classes=n_classes, k=knn_neighbors
+            )
+            grid = KNN_WEIGHT_GRID if knn_weight == "auto" else (float(knn_weight),)
+            rows = np.arange(n)
+            losses = [
+                -np.log(np.clip((1 - w) * probs[rows, labels] + w * knn[rows, labels], 1e-12, None)).mean()
+                for w in grid
+            ]
+            chosen_weight = float(grid[int(np.argmin(losses))])
+            probs = (1.0 - chosen_weight) * probs + chosen_weight * knn
+            method = "confident_learning+knn"
+
+    present = counts > 0
+    enough = counts >= MIN_EXAMPLES_FOR_CONFIDENT_JOINT
+    notes: list[str] = []
+    if present.sum() < 2:
+        # one class only: nothing to confuse it with, so no label can be shown to be wrong
+        is_issue = np.zeros(n, dtype=bool)
+        quality = np.ones(n)
+        confident_joint = None
+        notes.append("fewer than two classes have labels: no label issues can be found")
+    else:
+        # cleanlab needs every column to be some label's class: work on present classes only
+        present_classes = np.flatnonzero(present)
+        remap = np.full(n_classes, -1)
+        remap[present_classes] = np.arange(len(present_classes))
+        sub_labels = remap[labels]
+        sub_probs = _normalized(probs[:, present_classes])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            confident_joint_sub = cleanlab.count.compute_confident_joint(sub_labels, sub_probs)
+            is_issue = cleanlab.filter.find_label_issues(
+                sub_labels,
+                sub_probs,
+                filter_by=FILTER_BY,
+                confident_joint=confident_joint_sub,
+                n_jobs=1,
+            )
+            quality = cleanlab.rank.get_label_quality_scores(
+                sub_labels, sub_probs, method="self_confidence"
+            )
+        confident_joint = np.zeros((n_classes, n_classes))
+        confident_joint[np.ix_(present_classes, present_classes)] = confident_joint_sub
+        small = [class_names[c] for c in np.flatnonzero(present & ~enough)]
+        if small:
+            notes.append(
+                f"classes with < {MIN_EXAMPLES_FOR_CONFIDENT_JOINT} labels get no noise-rate estimate: "
+                + ", ".join(small)
+            )
+    suggested = np.where(is_issue, probs.argmax(axis=1), labels).astype(np.int64)
+    # a flagged label whose best alternative is its own class has no better suggestion: unflag
+    is_issue = is_issue & (suggested != labels)
+    suggested = np.where(is_issue, suggested, labels)
+    flagged = np.flatnonzero(is_issue)
+    ranked = flagged[np.argsort(quality[flagged], kind="stable")]
+    noise_rate: dict[str, float | None] = {}
+    for c, name in enumerate(class_names):
+        if confident_joint is None or not enough[c] or confident_joint[c].sum() == 0:
+            noise_rate[name] = None
+        else:
+            noise_rate[name] = round(float(1.0 - confident_joint[c, c] / confident_joint[c].sum()), 4)
+    summary = {
+        "method": method,
+        "n": int(n),
+        "n_issues": int(is_issue.sum()),
+        "issue_rate": round(float(is_issue.mean()), 4),
+        "issues_per_given_class": {
+            class_names[c]: int((is_issue & (labels == c)).sum()) for c in range(n_classes)
+        },
+        "labels_per_class": {class_names[c]: int(counts[c]) for c in range(n_classes)},
+        "knn_neighbors": knn_neighbors if method.endswith("knn") else None,
+        "knn_weight": chosen_weight,
+        "filter_by": FILTER_BY,
+        "notes": notes,
+    }
+    return LabelIssueReport(
+        label_quality_score=np.asarray(quality, dtype=np.float64),
+        is_label_issue=is_issue,
+        suggested_label=suggested,
+        ranked_issue_indices=ranked.astype(np.int64),
+        noise_rate_per_class=noise_rate,
+        summary=summary,
+    )
+
+
+def _check_labels_and_probs(labels: np.ndarray, pred_probs: np.ndarray, n_classes: int) -> None:
+    if labels.ndim != 1 or (len(labels) and not np.issubdtype(labels.dtype, np.integer)):
+        raise ValueError("labels must be a 1-d integer array")
+    if pred_probs.shape != (len(labels), n_classes):
+        raise ValueError(
+            f"pred_probs must be (n, n_classes) = {(len(labels), n_classes)}, got {pred_probs.shape}"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"labels must be class indices in [0, {n_classes}) (pass only labeled rows)")
+    if not np.isfinite(pred_probs).all() or (pred_probs < 0).any():
+        raise ValueError("pred_probs must be finite and non-negative")
+
+
+def _normalized(probs: np.ndarray) -> np.ndarray:
+    probs = np.clip(probs, 0.0, None)
+    sums = probs.sum(axis=1, keepdims=True)
+    uniform = np.full_like(probs, 1.0 / probs.shape[1])
+    return np.where(sums > 0, probs / np.where(sums > 0, sums, 1.0), uniform)
+
+
+# ---- near-duplicates and outliers -----------------------------------------------------------
+def find_near_duplicates(*, embeddings: np.ndarray, threshold: float = 0.98) -> Finding:
+    """Images whose embedding has cosine similarity >= `threshold` with another image.
+
+    scores = 1 - max similarity to any other image (clipped to [0, 1]); related = that image.
+    summary["groups"] lists connected groups of near-duplicates (positions).
+    """
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be (n, dim), got shape {embeddings.shape}")
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
+    n = len(embeddings)
+    if n < 2:
+        return Finding(
+            scores=np.ones(n), is_issue=np.zeros(n, dtype=bool),
+            summary={"n_issues": 0, "threshold": threshold, "groups": []},
+            related=np.full(n, -1, dtype=np.int64),
+        )
+    sims, neighbors = _nearest_neighbors(embeddings, 8)
+    best_sim = sims[:, 0].astype(np.float64)
+    is_issue = best_sim >= threshold
+    # groups: union-find over every above-threshold pair among the 8 nearest
+    parent = np.arange(n)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(*np.nonzero(sims >= threshold)):
+        a, b = root(i), root(int(neighbors[i, j]))
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for i in np.flatnonzero(is_issue):
+        groups.setdefault(root(int(i)), []).append(int(i))
+    group_list = sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+    return Finding(
+        scores=np.clip(1.0 - best_sim, 0.0, 1.0),
+        is_issue=is_issue,
+        summary={
+            "n_issues": int(is_issue.sum()),
+            "n_groups": len(group_list),
+            "threshold": threshold,
+            "groups": group_list,
+        },
+        related=neighbors[:, 0].astype(np.int64),
+    )
+
+
+def find_outliers(
+    *, embeddings: np.ndarray, k: int = 10, threshold_mads: float = 6.0
+) -> Finding:
+    """Images far from all others: mean cosine distance to their k nearest neighbours.
+
+    Flagged when that distance exceeds median + `threshold_mads` x MAD (scaled to a standard
+    deviation) of the whole set. scores = exp(-distance / median distance), in (0, 1].
+    """
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be (n, dim), got shape {embeddings.shape}")
+    n = len(embeddings)
+    if n < 3:
+        return Finding(
+            scores=np.ones(n), is_issue=np.zeros(n, dtype=bool),
+            summary={"n_issues": 0, "k": k, "note": "too few images to call any an outlier"},
+            related=np.full(n, -1, dtype=np.int64),
+        )
+    sims, neighbors = _nearest_neighbors(embeddings, k)
+    distance = (1.0 - sims.astype(np.float64)).mean(axis=1)
+    median = float(np.median(distance))
+    mad = float(np.median(np.abs(distance - median))) * 1.4826
+    cutoff = median + threshold_mads * max(mad, 1e-12)
+    is_issue = distance > cutoff
+    scores = np.exp(-distance / max(median, 1e-12))
+    return Finding(
+        scores=scores,
+        is_issue=is_issue,
+        summary={
+            "n_issues": int(is_issue.sum()),
+            "k": int(neighbors.shape[1]),
+            "median_knn_distance": round(median, 6),
+            "cutoff_knn_distance": round(cutoff, 6),
+        },
+        related=neighbors[:, 0].astype(np.int64),
+    )
