@@ -404,6 +404,33 @@ def stop_server(server: RunningServer | int, *, timeout_s: float = 20.0) -> bool
     return was_running
 
 
+def add_user(
+    *,
+    data_dir: Path | str,
+    username: str,
+    password: str,
+    token: str,
+    venv_dir: Path | str | None = None,
+) -> None:
+    """Another login (an annotator) with its own legacy token, in the server's organisation.
+
+    `label-studio init` on the same data dir; safe while the server runs (SQLite). An existing user is kept
+    as it is (its token is not changed).
+    """
+    data_dir = Path(data_dir).expanduser().resolve()
+    executable = server_executable(venv_dir)
+    if not executable.exists():
+        raise LabelStudioServerError(f"Label Studio is not installed at {executable.parent.parent}")
+    result = subprocess.run(
+        [str(executable), "init", "--quiet", "--data-dir", str(data_dir), "--username", username,
+         "--password", password, "--user-token", token],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=str(data_dir),
+        env=server_environment(data_dir=data_dir),
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise LabelStudioServerError(f"could not add user {username}: {(result.stderr or result.stdout)[-2000:]}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # state file: "already running" detection for `loop labelstudio up`
 

@@ -1,0 +1,596 @@
+"""The Label Studio annotator backend: push the round's batch as tasks with pre-annotations, pull every answer back.
+
+Images are referenced in place (never copied): each task's image is `/data/local-files/?d=<path relative to
+the server's LOCAL_FILES_DOCUMENT_ROOT>`, and the backend registers one local-files storage per image
+directory, because Label Studio serves a file only inside the path of a storage of a project the logged-in
+user may see. The document root must be an ancestor of every image (default "/", Label Studio's own
+default; set LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT to the same value for the server and the loop to narrow it).
+
+Answers become append-only label events (source "annotator", annotator "labelstudio:<user id>", external_id
+the annotation id). Pull and the webhook share one recorder, so an answer seen by both is recorded once.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import httpx
+from label_studio_sdk.core.api_error import ApiError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from labeling import labelstudio_client as lsc
+from labeling.base import PullReport, PushReport, TaskRequest, register_backend
+from store.models import AnnotationTask, Image, LabelEvent, Project, RejectedAnnotation, Round
+from store.queries import current_labels
+
+BACKEND_NAME = "labelstudio"
+DEFAULT_DOCUMENT_ROOT = "/"
+WEBHOOK_ACTIONS = lsc.WEBHOOK_ACTIONS
+REASON_TEXT = {
+    "uncertain": "the model is unsure about this image",
+    "rare_class": "it may show a rare class",
+    "diverse": "it is unlike the images labeled so far",
+    "suspected_label_error": "its current label looks wrong",
+    "random": "random check",
+    "cold_start": "first round: no model yet",
+}
+
+
+def annotator_name(user_id: Any) -> str:
+    """One annotator identity for pull and webhook alike (the webhook payload carries only the user id)."""
+    return f"labelstudio:{user_id}"
+
+
+def why_text(task: TaskRequest, *, round_number: int | None) -> str:
+    """What the annotator reads next to the image: why it was picked, the model's guess, the current label."""
+    parts = [f"Picked because {REASON_TEXT.get(task.reason, task.reason)}."]
+    if task.reason == "suspected_label_error" and task.current_label is not None:
+        parts.append(f"Current label: {task.current_label}.")
+    if task.predicted_label is not None:
+        score = _prediction_score(task)
+        parts.append(f"Model's guess: {task.predicted_label}" + (f" ({score:.0%})." if score is not None else "."))
+    if round_number is not None:
+        parts.append(f"Round {round_number}.")
+    return " ".join(parts)
+
+
+def _prediction_score(task: TaskRequest) -> float | None:
+    if task.prediction_score is not None:
+        return float(task.prediction_score)
+    if task.predicted_label is not None and task.predicted_label in task.probabilities:
+        return float(task.probabilities[task.predicted_label])
+    return None
+
+
+@register_backend(BACKEND_NAME)
+class LabelStudioBackend:
+    """create_backend("labelstudio", config=<loop.toml ProjectConfig>, project_dir=...) or with url/api_key.
+
+    URL and token: the arguments, else env LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, else loop.toml
+    [annotator] labelstudio_url / labelstudio_api_key. Document root: the argument, else env
+    LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, else "/".
+    """
+
+    name = BACKEND_NAME
+
+    def __init__(
+        self,
+        *,
+        config: Any = None,
+        project_dir: str | Path | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
+        document_root: str | None = None,
+        class_descriptions: Mapping[str, str] | None = None,
+        project_title: str | None = None,
+        timeout_s: float = 30.0,
+    ):
+        annotator = getattr(config, "annotator", None)
+        self.url = url or os.environ.get("LABEL_STUDIO_URL") or getattr(annotator, "labelstudio_url", None)
+        self.api_key = api_key or os.environ.get("LABEL_STUDIO_API_KEY") or getattr(annotator, "labelstudio_api_key", None)
+        self.document_root = os.path.abspath(
+            document_root
+            or os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
+            or getattr(annotator, "labelstudio_document_root", None)
+            or DEFAULT_DOCUMENT_ROOT
+        )
+        self.class_descriptions = dict(class_descriptions if class_descriptions is not None else getattr(config, "class_descriptions", None) or {})
+        self.project_title = project_title
+        self.project_dir = Path(project_dir) if project_dir is not None else None
+        self.timeout_s = timeout_s
+        self._client = None
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    def client(self):
+        """The connected SDK client (token checked once). Raises LabelStudioUnavailable / LabelStudioAuthError."""
+        if self._client is None:
+            self._client = lsc.connect(self.url, self.api_key, timeout_s=self.timeout_s)
+        return self._client
+
+    def title_for(self, project: Project) -> str:
+        return self.project_title or lsc.project_title_for(project.name)
+
+    def ensure_project(self, project: Project, *, model_version: str | None = None) -> int:
+        return lsc.ensure_project(
+            self.client(), title=self.title_for(project), classes=list(project.classes),
+            descriptions=self.class_descriptions, model_version=model_version,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------ push
+
+    def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest]) -> PushReport:
+        """One task per image with the model's guess pre-selected; idempotent through annotation_tasks.
+
+        Label Studio unreachable (or refusing a request): nothing raised, PushReport.pending says how many
+        images wait for the next round, with a warning.
+        """
+        report = PushReport()
+        unique: dict[int, TaskRequest] = {}
+        for task in batch:
+            unique.setdefault(task.image_id, task)
+        if not unique:
+            return report
+        round_number = _round_number(session, round_id, batch)
+        model_version = f"round-{round_number}" if round_number is not None else None
+        try:
+            client = self.client()
+            ls_project_id = self.ensure_project(project, model_version=model_version)
+            report.pushed, report.already_present, report.pending, warnings = self._push_tasks(
+                client, session=session, project=project, ls_project_id=ls_project_id, tasks=list(unique.values()),
+                round_number=round_number, model_version=model_version,
+            )  # fmt: skip
+            report.warnings.extend(warnings)
+        except (lsc.LabelStudioAuthError, lsc.LabelStudioConfigError):
+            raise  # a wrong or missing setting: retrying next round would not help
+        except lsc.LabelStudioUnavailable as error:
+            report.pending = len(unique)
+            report.warnings.append(f"{error}; {len(unique)} images stay pending and are pushed at the next round")
+        except (httpx.HTTPError, ApiError, lsc.LabelStudioError) as error:
+            session.flush()
+            done = session.scalars(
+                select(AnnotationTask.image_id).where(AnnotationTask.backend == self.name, AnnotationTask.image_id.in_(list(unique)))
+            ).all()
+            report.pending = len(unique) - len(done)
+            report.warnings.append(
+                f"Label Studio push failed ({_describe(error)}); {report.pending} images stay pending and are pushed at the next round"
+            )
+        return report
+
+    def _push_tasks(
+        self,
+        client,
+        *,
+        session: Session,
+        project: Project,
+        ls_project_id: int,
+        tasks: list[TaskRequest],
+        round_number: int | None,
+        model_version: str | None,
+    ) -> tuple[int, int, int, list[str]]:
+        warnings: list[str] = []
+        mapped = {
+            row.image_id: row
+            for row in session.scalars(
+                select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.image_id.in_([t.image_id for t in tasks]))
+            )
+        }
+        already_present = 0
+        to_push: list[TaskRequest] = []
+        for task in tasks:
+            row = mapped.get(task.image_id)
+            if row is not None and row.external_project_id == str(ls_project_id):
+                already_present += 1
+            else:  # never pushed, or pushed to a Label Studio project that is gone
+                to_push.append(task)
+        if not to_push:
+            return 0, already_present, 0, warnings
+
+        # A crash between import and commit would leave tasks in Label Studio that the store does not know:
+        # adopt them by the image id kept in each task's data instead of importing a duplicate.
+        in_label_studio = {
+            (data.get("defect_loop_project"), data.get("defect_loop_image_id")): entry["task_id"]
+            for entry in lsc.list_task_data(client, project_id=ls_project_id)
+            for data in [entry["data"]]
+        }
+        pending = 0
+        new_tasks: list[tuple[TaskRequest, dict[str, Any]]] = []
+        storage_dirs: dict[str, bool] = {}
+        for task in to_push:
+            adopted = in_label_studio.get((project.name, task.image_id))
+            if adopted is not None:
+                self._map(session, mapped, task.image_id, ls_project_id, adopted)
+                already_present += 1
+                continue
+            path = os.path.abspath(task.image_path)
+            try:
+                image_url = lsc.local_files_url(path, document_root=self.document_root)
+            except ValueError:
+                pending += 1
+                warnings.append(
+                    f"image {path} is outside Label Studio's document root {self.document_root}: set "
+                    "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (server and loop) to a folder that contains it"
+                )
+                continue
+            directory = os.path.dirname(path)
+            if directory not in storage_dirs:
+                try:
+                    lsc.ensure_local_storage(client, project_id=ls_project_id, path=directory)
+                    storage_dirs[directory] = True
+                except ApiError as error:
+                    storage_dirs[directory] = False
+                    warnings.append(f"Label Studio refused a local-files storage for {directory}: {_describe(error)}")
+            if not storage_dirs[directory]:
+                pending += 1
+                continue
+            new_tasks.append((task, self._task_payload(task, project=project, image_url=image_url, round_number=round_number, model_version=model_version)))
+
+        task_ids = lsc.import_tasks_with_predictions(client, project_id=ls_project_id, tasks=[payload for _, payload in new_tasks])
+        for (task, _payload), task_id in zip(new_tasks, task_ids):
+            self._map(session, mapped, task.image_id, ls_project_id, task_id)
+        session.flush()
+        return len(task_ids), already_present, pending, warnings
+
+    def _map(self, session: Session, mapped: dict[int, AnnotationTask], image_id: int, ls_project_id: int, task_id: int) -> None:
+        row = mapped.get(image_id)
+        if row is None:
+            row = AnnotationTask(backend=self.name, image_id=image_id)
+            session.add(row)
+            mapped[image_id] = row
+        row.external_project_id = str(ls_project_id)
+        row.external_task_id = str(task_id)
+
+    def _task_payload(
+        self, task: TaskRequest, *, project: Project, image_url: str, round_number: int | None, model_version: str | None
+    ) -> dict[str, Any]:
+        score = _prediction_score(task)
+        data = {
+            lsc.IMAGE_NAME: image_url,
+            lsc.WHY_NAME: why_text(task, round_number=round_number),
+            "defect_loop_project": project.name,
+            "defect_loop_image_id": task.image_id,
+            "sha256": task.sha256,
+            "file_name": os.path.basename(task.image_path),
+            "reason": task.reason,
+            "current_label": task.current_label,
+            "predicted_label": task.predicted_label,
+            "prediction_score": score,
+            "round": round_number,
+        }
+        payload: dict[str, Any] = {"data": data}
+        if task.predicted_label is not None and task.predicted_label in project.classes:
+            prediction: dict[str, Any] = {"result": lsc.choice_result(task.predicted_label)}
+            if model_version:
+                prediction["model_version"] = model_version
+            if score is not None:
+                prediction["score"] = score
+            payload["predictions"] = [prediction]
+        return payload
+
+    # ------------------------------------------------------------------------------------------------ pull
+
+    def pull(self, *, session: Session, project: Project, round_id: int | None) -> PullReport:
+        """Every answer in Label Studio since the last pull -> label events; deletions and skips too.
+
+        Unreachable: a warning, nothing recorded (the next pull catches up). A refused token raises
+        LabelStudioAuthError, naming the setting.
+        """
+        report = PullReport()
+        recorder = AnnotationRecorder(session=session, project=project, backend=self.name, round_id=round_id, report=report)
+        try:
+            client = self.client()  # even with nothing pushed yet: a wrong token fails the round's first step
+        except lsc.LabelStudioUnavailable as error:
+            report.warnings.append(f"{error}; its answers are pulled at the next round")
+            return report
+        if not recorder.task_to_image:
+            report.details["labelstudio"] = {"tasks": 0}
+            return report
+        try:
+            emails = lsc.user_emails(client)
+        except (httpx.HTTPError, ApiError):
+            emails = {}
+        listed_projects: list[str] = []
+        predicted_by_annotation: dict[str, list[str]] = {}
+        seen: set[str] = set()
+        for ls_project_id in sorted(recorder.ls_projects):
+            try:
+                rows = lsc.list_annotated_tasks(client, project_id=int(ls_project_id))
+            except (httpx.HTTPError, ApiError) as error:
+                report.warnings.append(f"could not list answers of Label Studio project {ls_project_id} ({_describe(error)}); retried next pull")
+                continue
+            listed_projects.append(ls_project_id)
+            for row in sorted(rows, key=lambda r: (r["task_id"], r["updated_at"] or "", r["annotation_id"])):
+                seen.add(str(row["annotation_id"]))
+                predicted_by_annotation[str(row["annotation_id"])] = row.get("predicted") or []
+                recorder.record_annotation(row, ls_project_id=ls_project_id)
+        # Whatever we recorded as live but Label Studio no longer has was deleted there.
+        for external_id in recorder.live_external_ids(ls_projects=listed_projects):
+            if external_id not in seen:
+                recorder.record_delete(external_id, why="no longer in Label Studio")
+        report.details["labelstudio"] = {
+            "tasks": len(recorder.task_to_image),
+            "annotations_listed": len(seen),
+            "annotators": {annotator_name(uid): email for uid, email in sorted(emails.items())},
+            **recorder.counts,
+        }
+        report.details["agreement"] = agreement_summary(
+            session, project_id=project.id, image_ids=set(recorder.task_to_image.values()),
+            answers=recorder.live_answers(), predicted=predicted_by_annotation,
+        )  # fmt: skip
+        return report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# recording answers (shared by pull and the webhook)
+
+
+class AnnotationRecorder:
+    """Turns Label Studio annotations into append-only label events, each answer once.
+
+    Known state = the latest event per annotation id (external_id) on the images that have a Label Studio
+    task. Same answer again -> nothing; changed -> a new event; gone -> action "delete"; skipped -> "skip";
+    not a known class (or not one of our tasks) -> a RejectedAnnotation row with the reason.
+    """
+
+    def __init__(self, *, session: Session, project: Project, backend: str, round_id: int | None, report: PullReport | None = None):
+        self.session = session
+        self.project = project
+        self.backend = backend
+        self.round_id = round_id
+        self.report = report if report is not None else PullReport()
+        self.counts: dict[str, int] = defaultdict(int)
+        rows = session.execute(
+            select(AnnotationTask.external_project_id, AnnotationTask.external_task_id, AnnotationTask.image_id)
+            .join(Image, Image.id == AnnotationTask.image_id)
+            .where(AnnotationTask.backend == backend, Image.project_id == project.id)
+        ).all()
+        self.task_to_image: dict[tuple[str, str], int] = {(str(p), str(t)): image_id for p, t, image_id in rows}
+        self.ls_projects: set[str] = {str(p) for p, _t, _i in rows}
+        self.project_of_image: dict[int, str] = {image_id: str(p) for p, _t, image_id in rows}
+        self.latest: dict[str, LabelEvent] = {}
+        image_ids = list(self.project_of_image)
+        for start in range(0, len(image_ids), 500):
+            for event in session.scalars(
+                select(LabelEvent)
+                .where(LabelEvent.source == "annotator", LabelEvent.image_id.in_(image_ids[start : start + 500]), LabelEvent.external_id.is_not(None))
+                .order_by(LabelEvent.id)
+            ):
+                self.latest[event.external_id] = event
+        self._rejected: set[tuple[str | None, str, str | None]] = {
+            (row.external_id, row.reason, (row.payload or {}).get("updated_at"))
+            for row in session.scalars(
+                select(RejectedAnnotation).where(RejectedAnnotation.project_id == project.id, RejectedAnnotation.backend == backend)
+            )
+        }
+
+    def live_external_ids(self, *, ls_projects: Iterable[str]) -> list[str]:
+        wanted = set(ls_projects)
+        return [
+            external_id
+            for external_id, event in self.latest.items()
+            if event.action != "delete" and self.project_of_image.get(event.image_id) in wanted
+        ]
+
+    def live_answers(self) -> dict[str, LabelEvent]:
+        return {external_id: event for external_id, event in self.latest.items() if event.action == "set"}
+
+    def _append(self, *, image_id: int, external_id: str, action: str, label: str | None, annotator: str, lead_time_s: float | None) -> LabelEvent:
+        event = LabelEvent(
+            image_id=image_id, label=label, source="annotator", action=action, annotator=annotator,
+            external_id=external_id, lead_time_s=lead_time_s, round_id=self.round_id,
+        )  # fmt: skip
+        self.session.add(event)
+        self.latest[external_id] = event
+        return event
+
+    def _reject(self, annotation: Mapping[str, Any], reason: str) -> bool:
+        external_id = str(annotation.get("annotation_id")) if annotation.get("annotation_id") is not None else None
+        key = (external_id, reason, annotation.get("updated_at"))
+        if key in self._rejected:
+            return False
+        self._rejected.add(key)
+        self.session.add(
+            RejectedAnnotation(project_id=self.project.id, backend=self.backend, external_id=external_id, reason=reason, payload=_json_safe(dict(annotation)))
+        )
+        self.report.rejected += 1
+        self.counts["rejected"] += 1
+        # An answer changed into something we cannot use withdraws the answer recorded before.
+        previous = self.latest.get(external_id) if external_id else None
+        if previous is not None and previous.action == "set":
+            self._append(image_id=previous.image_id, external_id=external_id, action="delete", label=None, annotator=previous.annotator, lead_time_s=None)
+            self.counts["withdrawn"] += 1
+        return True
+
+    def record_annotation(self, annotation: Mapping[str, Any], *, ls_project_id: str) -> str:
+        """One annotation (a list_annotated_tasks row) -> "recorded" | "skip" | "unchanged" | "rejected"."""
+        external_id = str(annotation["annotation_id"])
+        image_id = self.task_to_image.get((str(ls_project_id), str(annotation["task_id"])))
+        if image_id is None:
+            self._reject(annotation, f"Label Studio task {annotation['task_id']} of project {ls_project_id} was not pushed by defect-loop")
+            return "rejected"
+        annotator = annotator_name(annotation.get("completed_by"))
+        lead_time = annotation.get("lead_time")
+        lead_time = float(lead_time) if isinstance(lead_time, (int, float)) else None
+        previous = self.latest.get(external_id)
+        if annotation.get("was_cancelled"):
+            if previous is not None and previous.action == "skip":
+                return "unchanged"
+            self._append(image_id=image_id, external_id=external_id, action="skip", label=None, annotator=annotator, lead_time_s=lead_time)
+            self.report.skipped += 1
+            self.counts["skipped"] += 1
+            return "skip"
+        choices = list(annotation.get("choices") or [])
+        classes = list(self.project.classes)
+        if not choices:
+            reason = "no class chosen (empty result)"
+        elif len(set(choices)) > 1:
+            reason = f"several classes chosen {choices}: one class per image expected"
+        elif choices[0] not in classes:
+            reason = f"label {choices[0]!r} is not a class of project {self.project.name!r} (classes: {', '.join(classes)})"
+        else:
+            reason = ""
+        if reason:
+            return "rejected" if self._reject(annotation, reason) else "unchanged"
+        label = choices[0]
+        if previous is not None and previous.action == "set" and previous.label == label and previous.annotator == annotator:
+            return "unchanged"
+        self._append(image_id=image_id, external_id=external_id, action="set", label=label, annotator=annotator, lead_time_s=lead_time)
+        self.report.new_label_events += 1
+        self.counts["recorded"] += 1
+        return "recorded"
+
+    def record_delete(self, external_id: str, *, why: str = "") -> str:
+        """An annotation deleted in Label Studio -> action "delete" (once); "unknown" if we never recorded it."""
+        previous = self.latest.get(str(external_id))
+        if previous is None:
+            return "unknown"
+        if previous.action == "delete":
+            return "unchanged"
+        self._append(image_id=previous.image_id, external_id=str(external_id), action="delete", label=None, annotator=previous.annotator, lead_time_s=None)
+        self.report.deleted += 1
+        self.counts["deleted"] += 1
+        # The same annotator may still have another live answer on this image: it is their vote again.
+        for other_id, event in list(self.latest.items()):
+            if other_id != str(external_id) and event.image_id == previous.image_id and event.annotator == previous.annotator and event.action == "set":
+                self._append(image_id=event.image_id, external_id=other_id, action="set", label=event.label, annotator=event.annotator, lead_time_s=None)
+                break
+        return "deleted"
+
+
+def agreement_summary(
+    session: Session,
+    *,
+    project_id: int,
+    image_ids: set[int],
+    answers: Mapping[str, LabelEvent] | None = None,
+    predicted: Mapping[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """Annotator agreement over the images with a Label Studio task, from the store's current labels.
+
+    agreement = share of an image's annotators who chose its majority label; ties are kept out of training.
+    prediction_agreement = share of live answers equal to the model's pre-annotation.
+    """
+    labels = {image_id: label for image_id, label in current_labels(session, project_id).items() if image_id in image_ids}
+    answered = {i: l for i, l in labels.items() if l.source in ("annotator", "oracle") or l.status == "tie"}
+    multi = {i: l for i, l in answered.items() if l.n_votes >= 2}
+    ties = sorted(i for i, l in answered.items() if l.status == "tie")
+    summary: dict[str, Any] = {
+        "images_answered": len(answered),
+        "images_multi_annotated": len(multi),
+        "ties": len(ties),
+        "tie_image_ids": ties,
+        "mean_agreement": round(mean(l.agreement for l in multi.values()), 4) if multi else None,
+        "unanimous_share": round(sum(1 for l in multi.values() if l.agreement == 1.0) / len(multi), 4) if multi else None,
+    }
+    if answers is not None and predicted is not None:
+        compared = [(event.label, predicted[eid]) for eid, event in answers.items() if predicted.get(eid)]
+        agree = sum(1 for label, guesses in compared if label in guesses)
+        summary["answers_with_prediction"] = len(compared)
+        summary["prediction_agreement"] = round(agree / len(compared), 4) if compared else None
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# webhook
+
+
+def record_webhook_event(*, session: Session, project: Project, payload: dict) -> dict:
+    """Record a Label Studio webhook (ANNOTATION_CREATED / ANNOTATION_UPDATED / ANNOTATIONS_DELETED) at once.
+
+    Raises ValueError with the reason when the payload is not such an event, or comes from a Label Studio
+    project defect-loop never pushed to (nothing is stored then). An answer with an unknown class is kept as
+    a RejectedAnnotation (not an error). Label Studio sends each webhook once: `loop round` pulls anyway.
+    """
+    if not isinstance(payload, Mapping):
+        raise ValueError("the payload must be a JSON object")
+    action = payload.get("action")
+    if not isinstance(action, str) or not action:
+        raise ValueError("the payload has no 'action'")
+    if action not in WEBHOOK_ACTIONS:
+        raise ValueError(f"action {action!r} is not recorded; expected one of {', '.join(WEBHOOK_ACTIONS)}")
+    ls_project_id = _id_of(payload.get("project"), "project")
+    recorder = AnnotationRecorder(session=session, project=project, backend=BACKEND_NAME, round_id=None)
+    if str(ls_project_id) not in recorder.ls_projects:
+        raise ValueError(f"Label Studio project {ls_project_id} is not one defect-loop pushed tasks to for project {project.name!r}")
+    result: dict[str, Any] = {"action": action, "label_studio_project": ls_project_id, "outcomes": {}}
+    if action == "ANNOTATIONS_DELETED":
+        annotations = payload.get("annotations")
+        if not isinstance(annotations, list) or not annotations:
+            raise ValueError("ANNOTATIONS_DELETED needs a non-empty 'annotations' list")
+        for item in annotations:
+            annotation_id = _id_of(item, "annotations[]")
+            result["outcomes"][str(annotation_id)] = recorder.record_delete(str(annotation_id), why="webhook")
+    else:
+        annotation = payload.get("annotation")
+        if not isinstance(annotation, Mapping):
+            raise ValueError(f"{action} needs an 'annotation' object")
+        annotation_id = _id_of(annotation, "annotation")
+        task = payload.get("task")
+        task_id = _id_of(task, "task") if task is not None else _id_of(annotation.get("task"), "annotation.task")
+        result_items = annotation.get("result", [])
+        if not isinstance(result_items, list):
+            raise ValueError("annotation.result must be a list")
+        completed_by = annotation.get("completed_by")
+        if isinstance(completed_by, Mapping):
+            completed_by = completed_by.get("id")
+        row = {
+            "task_id": task_id,
+            "annotation_id": annotation_id,
+            "completed_by": completed_by,
+            "lead_time": annotation.get("lead_time"),
+            "choices": lsc.result_choices(result_items),
+            "result": result_items,
+            "was_cancelled": bool(annotation.get("was_cancelled")),
+            "created_at": annotation.get("created_at"),
+            "updated_at": annotation.get("updated_at"),
+        }
+        result["outcomes"][str(annotation_id)] = recorder.record_annotation(row, ls_project_id=str(ls_project_id))
+    session.flush()
+    result.update(
+        recorded=recorder.report.new_label_events, skipped=recorder.report.skipped,
+        deleted=recorder.report.deleted, rejected=recorder.report.rejected,
+    )  # fmt: skip
+    return result
+
+
+def _id_of(value: Any, what: str) -> int:
+    raw = value.get("id") if isinstance(value, Mapping) else value
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise ValueError(f"'{what}' has no id")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"'{what}' id {raw!r} is not an integer") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _round_number(session: Session, round_id: int | None, batch: list[TaskRequest]) -> int | None:
+    if round_id is not None:
+        found = session.get(Round, round_id)
+        if found is not None:
+            return found.number
+    numbers = [t.round_number for t in batch if t.round_number is not None]
+    return max(numbers) if numbers else None
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, ApiError):
+        return f"HTTP {error.status_code}: {lsc._detail(error)}"
+    return str(error) or type(error).__name__
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)

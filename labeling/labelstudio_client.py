@@ -1,0 +1,328 @@
+"""Thin functions over label-studio-sdk 2.x: connect, project + storage setup, task import, annotation listing.
+
+Plain values in, plain values (ids, dicts) out, so the backend and the tests never depend on the SDK's
+pydantic types, which differ by caller role (in `tasks.list` annotations come as dicts, predictions as models).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+from xml.sax.saxutils import escape, quoteattr
+
+import httpx
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
+
+URL_SETTING = "LABEL_STUDIO_URL / loop.toml [annotator] labelstudio_url"
+API_KEY_SETTING = "LABEL_STUDIO_API_KEY / loop.toml [annotator] labelstudio_api_key"
+IMAGE_NAME = "image"  # the <Image> object tag: task data key holding the image URL
+CHOICES_NAME = "label"  # the <Choices> control tag: from_name of every result we read or write
+WHY_NAME = "why"  # the <Text> tag showing why the image was picked
+PROJECT_TITLE_MAX = 50  # Label Studio refuses longer project titles
+WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED")
+
+
+class LabelStudioError(Exception):
+    """Anything Label Studio related that the loop reports as one clear line."""
+
+
+class LabelStudioConfigError(LabelStudioError, ValueError):
+    """URL or token not configured."""
+
+
+class LabelStudioAuthError(LabelStudioError, ValueError):
+    """Label Studio refused the token: a configuration error, never retried."""
+
+
+class LabelStudioUnavailable(LabelStudioError, ConnectionError):
+    """Label Studio did not answer: the loop goes on locally and retries next round."""
+
+
+def connect(url: str | None, api_key: str | None, *, timeout_s: float = 30.0) -> LabelStudio:
+    """A client whose token was checked: legacy tokens and personal access tokens (JWT refresh tokens) both work.
+
+    Raises LabelStudioConfigError (nothing configured), LabelStudioUnavailable (no answer from url) or
+    LabelStudioAuthError (token refused), each naming the setting to fix.
+    """
+    if not url:
+        raise LabelStudioConfigError(f"no Label Studio URL: set {URL_SETTING}")
+    if not api_key:
+        raise LabelStudioAuthError(f"no Label Studio API token: set {API_KEY_SETTING}")
+    url = url.rstrip("/")
+    try:
+        health = httpx.get(f"{url}/health", timeout=min(timeout_s, 10.0))
+    except httpx.HTTPError as error:
+        raise LabelStudioUnavailable(f"Label Studio at {url} is unreachable ({error}); check {URL_SETTING}") from error
+    if health.status_code >= 500:
+        raise LabelStudioUnavailable(f"Label Studio at {url} answered /health with HTTP {health.status_code}")
+    try:
+        # The SDK tells the token kinds apart itself: a JWT refresh token (PAT) is exchanged for a Bearer
+        # access token, anything else is sent as `Token <key>`. An expired PAT raises already here.
+        client = LabelStudio(base_url=url, api_key=api_key, timeout=timeout_s)
+        client.users.whoami()
+    except ApiError as error:
+        if error.status_code in (401, 403):
+            raise LabelStudioAuthError(
+                f"Label Studio at {url} refused the API token ({_detail(error)}): set a valid token in {API_KEY_SETTING} "
+                "(a legacy token from Account & Settings, or a personal access token)"
+            ) from error
+        raise LabelStudioUnavailable(f"Label Studio at {url} answered HTTP {error.status_code}: {_detail(error)}") from error
+    except httpx.HTTPError as error:
+        raise LabelStudioUnavailable(f"Label Studio at {url} is unreachable ({error}); check {URL_SETTING}") from error
+    return client
+
+
+def _detail(error: ApiError) -> str:
+    body = error.body
+    if isinstance(body, Mapping):
+        return str(body.get("detail") or body)
+    return str(body)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# project
+
+
+def label_config_for(classes: Sequence[str], descriptions: Mapping[str, str] | None = None) -> str:
+    """Label Studio's labeling config: the image, why it was picked, and one required single choice per class.
+
+    A class description becomes its choice's hint (tooltip); the full instructions go in the project's
+    expert_instruction (see instructions_for).
+    """
+    if len(classes) < 2:
+        raise ValueError(f"a labeling config needs at least two classes, got {list(classes)}")
+    descriptions = descriptions or {}
+    choices = []
+    for name in classes:
+        hint = descriptions.get(name)
+        hint_attr = f" hint={quoteattr(hint)}" if hint else ""
+        choices.append(f"    <Choice value={quoteattr(name)}{hint_attr}/>")
+    return "\n".join(
+        [
+            "<View>",
+            f'  <Image name="{IMAGE_NAME}" value="${IMAGE_NAME}" zoom="true"/>',
+            f'  <Text name="{WHY_NAME}" value="${WHY_NAME}"/>',
+            f'  <Choices name="{CHOICES_NAME}" toName="{IMAGE_NAME}" choice="single-radio" required="true" showInline="true">',
+            *choices,
+            "  </Choices>",
+            "</View>",
+        ]
+    )
+
+
+def instructions_for(classes: Sequence[str], descriptions: Mapping[str, str] | None = None) -> str:
+    """Annotator instructions (HTML, shown by Label Studio before labeling) from the class descriptions."""
+    descriptions = descriptions or {}
+    items = "".join(
+        f"<li><b>{escape(name)}</b>{': ' + escape(descriptions[name]) if descriptions.get(name) else ''}</li>" for name in classes
+    )
+    return (
+        "<p>Pick the one class that fits the whole image. The model's guess is pre-selected: "
+        "change it when it is wrong; skip when you cannot tell.</p>"
+        f"<ul>{items}</ul>"
+    )
+
+
+def project_title_for(name: str) -> str:
+    return f"defect-loop {name}"[:PROJECT_TITLE_MAX]
+
+
+def find_project(client: LabelStudio, *, title: str) -> int | None:
+    for project in client.projects.list(title=title):
+        if project.title == title:
+            return int(project.id)
+    return None
+
+
+def ensure_project(
+    client: LabelStudio,
+    *,
+    title: str,
+    classes: Sequence[str],
+    descriptions: Mapping[str, str] | None = None,
+    model_version: str | None = None,
+) -> int:
+    """The id of the Label Studio project with this title: created, or reused (its config updated to the classes)."""
+    title = title[:PROJECT_TITLE_MAX]
+    label_config = label_config_for(classes, descriptions)
+    instructions = instructions_for(classes, descriptions)
+    project_id = find_project(client, title=title)
+    if project_id is None:
+        created = client.projects.create(
+            title=title,
+            label_config=label_config,
+            description="Images picked by defect-loop's active learning; answers flow back at the next round.",
+            expert_instruction=instructions,
+            show_instruction=True,
+            show_skip_button=True,
+            # Pre-annotations: the model's guess is pre-selected for the annotator.
+            show_collab_predictions=True,
+            **({"model_version": model_version} if model_version else {}),
+        )
+        return int(created.id)
+    current = client.projects.get(id=project_id)
+    changes: dict[str, Any] = {}
+    if (current.label_config or "").strip() != label_config.strip():
+        changes["label_config"] = label_config  # Label Studio refuses it if it would orphan existing answers
+    if (getattr(current, "expert_instruction", None) or "") != instructions:
+        changes["expert_instruction"] = instructions
+    if model_version and getattr(current, "model_version", None) != model_version:
+        changes["model_version"] = model_version
+    if changes:
+        client.projects.update(id=project_id, **changes)
+    return project_id
+
+
+def ensure_local_storage(client: LabelStudio, *, project_id: int, path: str, title: str | None = None) -> int:
+    """A local-files storage covering path (an absolute directory under the server's document root).
+
+    Label Studio serves /data/local-files/?d=... only for files inside the path of a storage of a project the
+    logged-in user may see, so this is what lets the annotator's browser load the image. Never synced: tasks
+    are imported by the backend, one per image, with predictions.
+    """
+    normalized = path.rstrip("/") or "/"
+    for storage in client.import_storage.local.list(project=project_id):
+        existing = (storage.path or "").rstrip("/")
+        if existing and (normalized == existing or normalized.startswith(existing + "/")):
+            return int(storage.id)
+    created = client.import_storage.local.create(
+        project=project_id, path=normalized, title=(title or normalized)[-256:], use_blob_urls=True, synchronizable=False
+    )
+    return int(created.id)
+
+
+def local_files_url(path: str, *, document_root: str) -> str:
+    """`/data/local-files/?d=<path relative to the document root>` for an absolute image path under it."""
+    root = document_root.rstrip("/")
+    if not path.startswith(root + "/"):
+        raise ValueError(f"{path} is not under Label Studio's document root {document_root}")
+    return f"/data/local-files/?d={quote(path[len(root) + 1:])}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tasks, predictions, annotations
+
+
+def choice_result(label: str) -> list[dict[str, Any]]:
+    """A Choices result as Label Studio stores it (annotation or prediction)."""
+    return [{"from_name": CHOICES_NAME, "to_name": IMAGE_NAME, "type": "choices", "value": {"choices": [label]}}]
+
+
+def import_tasks_with_predictions(client: LabelStudio, *, project_id: int, tasks: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Import tasks ({"data": {...}, "predictions": [...]}) in one request; their Label Studio ids, in order."""
+    if not tasks:
+        return []
+    response = client.projects.import_tasks(id=project_id, request=list(tasks), return_task_ids=True)
+    task_ids = [int(task_id) for task_id in (response.task_ids or [])]
+    if len(task_ids) != len(tasks):
+        raise LabelStudioError(f"Label Studio imported {len(task_ids)} of {len(tasks)} tasks into project {project_id}")
+    return task_ids
+
+
+def list_task_data(client: LabelStudio, *, project_id: int) -> list[dict[str, Any]]:
+    """Every task of the project as {"task_id", "data"} (no annotations): to adopt tasks pushed before a crash."""
+    return [
+        {"task_id": int(task.id), "data": dict(task.data or {})}
+        for task in client.tasks.list(project=project_id, include="id,data", page_size=500)
+    ]
+
+
+_ANSWERED = json.dumps(
+    {
+        "filters": {
+            "conjunction": "or",
+            "items": [
+                {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0},
+                {"filter": "filter:tasks:cancelled_annotations", "operator": "greater", "type": "Number", "value": 0},
+            ],
+        }
+    }
+)
+
+
+def list_annotated_tasks(client: LabelStudio, *, project_id: int) -> list[dict[str, Any]]:
+    """One plain dict per annotation (submitted or skipped) of the project, oldest task first.
+
+    Keys: task_id, annotation_id, completed_by (user id), lead_time (s), choices (list of str from our Choices
+    control), result (raw), was_cancelled, created_at, updated_at (ISO strings), predicted (choices of the
+    task's predictions), task_data. `only_annotated=True` is ignored by the server, hence the filter query.
+    """
+    rows: list[dict[str, Any]] = []
+    for task in client.tasks.list(project=project_id, fields="all", query=_ANSWERED, page_size=200):
+        predicted = sorted({c for p in (task.predictions or []) for c in result_choices(_as_dict(p).get("result"))})
+        for annotation in task.annotations or []:
+            annotation = _as_dict(annotation)
+            completed_by = annotation.get("completed_by")
+            if isinstance(completed_by, Mapping):
+                completed_by = completed_by.get("id")
+            rows.append(
+                {
+                    "task_id": int(task.id),
+                    "annotation_id": int(annotation["id"]),
+                    "completed_by": completed_by,
+                    "lead_time": annotation.get("lead_time"),
+                    "choices": result_choices(annotation.get("result")),
+                    "result": annotation.get("result") or [],
+                    "was_cancelled": bool(annotation.get("was_cancelled")),
+                    "created_at": _iso(annotation.get("created_at")),
+                    "updated_at": _iso(annotation.get("updated_at")),
+                    "predicted": predicted,
+                    "task_data": dict(task.data or {}),
+                }
+            )
+    rows.sort(key=lambda row: (row["task_id"], row["annotation_id"]))
+    return rows
+
+
+def result_choices(result: Any) -> list[str]:
+    """The choices of our Choices control in an annotation's or prediction's result (other controls ignored)."""
+    choices: list[str] = []
+    for item in result or []:
+        item = _as_dict(item)
+        if item.get("type") == "choices" and item.get("from_name", CHOICES_NAME) == CHOICES_NAME:
+            choices.extend(str(c) for c in (item.get("value") or {}).get("choices") or [])
+    return choices
+
+
+def user_emails(client: LabelStudio) -> dict[int, str]:
+    """Label Studio user id -> email, for readable annotator names in reports."""
+    return {int(user.id): user.email or user.username or str(user.id) for user in client.users.list()}
+
+
+def create_webhook(
+    client: LabelStudio,
+    *,
+    project_id: int,
+    url: str,
+    secret_header: str | None = None,
+    secret: str | None = None,
+    actions: Sequence[str] = WEBHOOK_ACTIONS,
+) -> int:
+    """A webhook sending annotation events with their payload to url, with our shared-secret header; reused if
+    one already points there. Label Studio sends each event once, 1 s timeout, no retry: pulls catch up."""
+    headers = {secret_header: secret} if secret_header and secret else {}
+    for hook in client.webhooks.list(project=str(project_id)):
+        if hook.url == url:
+            if set(hook.actions or []) != set(actions) or (hook.headers or {}) != headers or not hook.send_payload:
+                client.webhooks.update(id=hook.id, url=url, actions=list(actions), headers=headers, send_payload=True, is_active=True)
+            return int(hook.id)
+    hook = client.webhooks.create(
+        url=url, project=project_id, actions=list(actions), send_payload=True, send_for_all_actions=False, headers=headers
+    )
+    return int(hook.id)
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return dict(value)
+    if hasattr(value, "model_dump"):
+        return value.model_dump()
+    return dict(value or {})
+
+
+def _iso(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
