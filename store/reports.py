@@ -7,14 +7,16 @@ supersedes imports, ties kept out) of the label events that were in the store wh
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, load_only, selectinload
 
 from store.models import GateResult, Image, LabelEvent, LabelIssue, Metric, Project, Round, Selection
 from store.queries import CurrentLabel, current_labels, resolve_label
@@ -158,29 +160,41 @@ class SelectionRow:
     current_label: str | None
 
 
-@dataclass
 class _LabelTally:
-    """Current label per image, updated one event at a time (each round's counts in one pass over the events)."""
+    """Current label per image, updated one event at a time, with running counts: each round's counts come from
+    one pass over the project's events, not one pass per round."""
 
-    events_by_image: dict[int, list[Any]] = field(default_factory=lambda: defaultdict(list))
-    current: dict[int, CurrentLabel] = field(default_factory=dict)
+    def __init__(self, current: dict[int, CurrentLabel] | None = None) -> None:
+        self.events_by_image: dict[int, list[Any]] = defaultdict(list)
+        self.current: dict[int, CurrentLabel] = {}
+        self.by_source: Counter[str] = Counter({source: 0 for source in LABEL_SOURCES})
+        self.by_class: Counter[str] = Counter()
+        self.ties = 0
+        for image_id, label in (current or {}).items():
+            self._set(image_id, label)
+
+    def _count(self, label: CurrentLabel, sign: int) -> None:
+        if label.status == "labeled" and label.label is not None:
+            self.by_source[label.source or "import"] += sign
+            self.by_class[label.label] += sign
+        elif label.status == "tie":
+            self.ties += sign
+
+    def _set(self, image_id: int, label: CurrentLabel) -> None:
+        previous = self.current.get(image_id)
+        if previous is not None:
+            self._count(previous, -1)
+        self.current[image_id] = label
+        self._count(label, +1)
 
     def add(self, event: Any) -> None:
         events = self.events_by_image[event.image_id]
         events.append(event)
-        self.current[event.image_id] = resolve_label(events)
+        self._set(event.image_id, resolve_label(events))
 
     def counts(self) -> tuple[dict[str, int], dict[str, int], int]:
-        by_source: Counter[str] = Counter({source: 0 for source in LABEL_SOURCES})
-        by_class: Counter[str] = Counter()
-        ties = 0
-        for label in self.current.values():
-            if label.status == "labeled" and label.label is not None:
-                by_source[label.source or "import"] += 1
-                by_class[label.label] += 1
-            elif label.status == "tie":
-                ties += 1
-        return dict(by_source), dict(sorted(by_class.items())), ties
+        by_class = {name: count for name, count in sorted(self.by_class.items()) if count > 0}
+        return dict(self.by_source), by_class, self.ties
 
 
 def as_utc(moment: datetime | None) -> datetime | None:
@@ -205,10 +219,8 @@ def _project_label_events(session: Session, project_id: int) -> list[Any]:
         .join(Image, Image.id == LabelEvent.image_id)
         .where(Image.project_id == project_id)
     )
-    rows = list(session.execute(query))
-    # Time order, the id breaking ties (and standing in for time where the clock ran backwards within one write).
-    rows.sort(key=lambda row: (as_utc(row.created_at), row.id))
-    return rows
+    # Time order, the id breaking ties. The database sorts (SQLite keeps UTC timestamps as ISO text, which sorts as time).
+    return list(session.execute(query.order_by(LabelEvent.created_at, LabelEvent.id)))
 
 
 def _events_by_round(events: Iterable[Any]) -> dict[int, dict[str, int]]:
@@ -219,27 +231,69 @@ def _events_by_round(events: Iterable[Any]) -> dict[int, dict[str, int]]:
     return {round_id: {source: counter.get(source, 0) for source in LABEL_SOURCES} | dict(counter) for round_id, counter in counts.items()}
 
 
+class _LabelTimeline:
+    """A project's label events in time order, and the label counts at each moment asked for so far."""
+
+    def __init__(self, events: list[Any]) -> None:
+        self.events = events
+        self.times = [as_utc(event.created_at) for event in events]
+        self.new_events_by_round = _events_by_round(events)
+        self._counts_at: dict[datetime, tuple[dict[str, int], dict[str, int], int]] = {}
+        self._lock = threading.Lock()
+
+    def counts_at(self, cutoffs: Iterable[datetime]) -> dict[datetime, tuple[dict[str, int], dict[str, int], int]]:
+        cutoffs = set(cutoffs)
+        with self._lock:
+            missing = sorted(cutoffs - self._counts_at.keys())
+            if missing:
+                tally = _LabelTally()
+                position = 0
+                for cutoff in missing:  # one pass over the events for all the moments not seen yet
+                    while position < len(self.events) and self.times[position] <= cutoff:
+                        tally.add(self.events[position])
+                        position += 1
+                    self._counts_at[cutoff] = tally.counts()
+            return {cutoff: self._counts_at[cutoff] for cutoff in cutoffs}
+
+
+# Label events are append-only, so (how many, newest id) identifies a project's event log: a timeline is reused
+# until an event is added. Keyed by engine (weakly: a disposed app's store is forgotten) and project.
+_TIMELINES: weakref.WeakKeyDictionary[Any, dict[int, tuple[tuple[int, int | None], _LabelTimeline]]] = weakref.WeakKeyDictionary()
+_TIMELINES_LOCK = threading.Lock()
+
+
+def _label_timeline(session: Session, project_id: int) -> _LabelTimeline:
+    fingerprint = tuple(session.execute(
+        select(func.count(LabelEvent.id), func.max(LabelEvent.id)).join(Image, Image.id == LabelEvent.image_id).where(Image.project_id == project_id)
+    ).one())
+    engine = session.get_bind()
+    with _TIMELINES_LOCK:
+        cached = _TIMELINES.get(engine, {}).get(project_id)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    timeline = _LabelTimeline(_project_label_events(session, project_id))
+    with _TIMELINES_LOCK:
+        _TIMELINES.setdefault(engine, {})[project_id] = (fingerprint, timeline)
+    return timeline
+
+
+FAR_FUTURE = datetime.max.replace(tzinfo=timezone.utc)
+
+
 def label_counts_by_round(session: Session, *, project_id: int, rounds: Sequence[Round]) -> dict[int, LabelCounts]:
-    """round id -> label counts, in one pass over the project's label events."""
-    events = _project_label_events(session, project_id)
-    new_events = _events_by_round(events)
-    far_future = datetime.max.replace(tzinfo=timezone.utc)
-    ordered = sorted(rounds, key=lambda r: (round_label_cutoff(r) or far_future, r.number))
-    tally = _LabelTally()
-    position = 0
+    """round id -> label counts (the labels in the store when each round finished), from one pass over the events."""
+    timeline = _label_timeline(session, project_id)
+    cutoffs = {round_.id: round_label_cutoff(round_) or FAR_FUTURE for round_ in rounds}
+    counts = timeline.counts_at(cutoffs.values())
     result: dict[int, LabelCounts] = {}
-    for round_ in ordered:
-        cutoff = round_label_cutoff(round_) or far_future
-        while position < len(events) and as_utc(events[position].created_at) <= cutoff:
-            tally.add(events[position])
-            position += 1
-        by_source, by_class, ties = tally.counts()
+    for round_ in rounds:
+        by_source, by_class, ties = counts[cutoffs[round_.id]]
         result[round_.id] = LabelCounts(
-            by_source=by_source,
-            by_class=by_class,
+            by_source=dict(by_source),
+            by_class=dict(by_class),
             ties=ties,
             total_labeled=sum(by_source.values()),
-            new_events_by_source=new_events.get(round_.id, {source: 0 for source in LABEL_SOURCES}),
+            new_events_by_source=dict(timeline.new_events_by_round.get(round_.id, {source: 0 for source in LABEL_SOURCES})),
         )
     return result
 
@@ -309,10 +363,14 @@ def list_projects(session: Session, *, limit: int, offset: int) -> Page:
     return Page(total=total, items=items)
 
 
+# What a round summary needs; leaves the JSON columns (details can be large) unread.
+_SUMMARY_COLUMNS = load_only(Round.id, Round.project_id, Round.number, Round.status, Round.started_at, Round.finished_at)
+
+
 def list_rounds(session: Session, *, project_id: int, limit: int, offset: int) -> Page:
     total = session.scalar(select(func.count(Round.id)).where(Round.project_id == project_id)) or 0
     rounds = session.scalars(
-        select(Round).where(Round.project_id == project_id).options(selectinload(Round.gates))
+        select(Round).where(Round.project_id == project_id).options(_SUMMARY_COLUMNS, selectinload(Round.gates))
         .order_by(Round.number).limit(limit).offset(offset)
     )
     return Page(total=total, items=[_summary(round_) for round_ in rounds])
@@ -399,7 +457,7 @@ def progress_series(session: Session, *, project_id: int) -> ProgressSeries | No
     if project is None:
         return None
     rounds = list(session.scalars(
-        select(Round).where(Round.project_id == project_id).options(selectinload(Round.gates)).order_by(Round.number)
+        select(Round).where(Round.project_id == project_id).options(_SUMMARY_COLUMNS, selectinload(Round.gates)).order_by(Round.number)
     ))
     position = {round_.id: index for index, round_ in enumerate(rounds)}
     n = len(rounds)

@@ -17,6 +17,19 @@ from store.db import session_scope
 logger = logging.getLogger("defect_loop.api.webhooks")
 router = APIRouter(tags=["webhooks"])
 SECRET_HEADER = "X-Loop-Webhook-Secret"
+# What Label Studio sends (documentation only: the Label Studio backend validates the payload and says why it refuses one).
+WEBHOOK_PAYLOAD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["action", "project"],
+    "properties": {
+        "action": {"type": "string", "enum": ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]},
+        "project": {"type": "object", "description": "the Label Studio project (its id)"},
+        "task": {"type": "object"},
+        "annotation": {"type": "object", "description": "ANNOTATION_CREATED / ANNOTATION_UPDATED"},
+        "annotations": {"type": "array", "items": {"type": "object"}, "description": "ANNOTATIONS_DELETED"},
+    },
+    "additionalProperties": True,
+}
 
 
 def require_webhook_secret(
@@ -43,7 +56,7 @@ def require_webhook_secret(
     summary="Label Studio ANNOTATION_CREATED / UPDATED / DELETED events (shared-secret header, not the API tokens)",
     # The body is parsed by hand, after the secret check: FastAPI would validate a declared body before any dependency.
     openapi_extra={"requestBody": {"required": True, "description": "Label Studio's webhook payload: action, annotation, project, task",
-                                   "content": {"application/json": {"schema": {"type": "object", "additionalProperties": True}}}}},
+                                   "content": {"application/json": {"schema": WEBHOOK_PAYLOAD_SCHEMA}}}},
 )
 async def labelstudio_webhook(
     request: Request,
