@@ -91,13 +91,14 @@ def ingest(
     source: Annotated[Path, typer.Argument(help="folder (class folders or MVTec AD layout) or CSV manifest path,label")],
     project: ProjectOption,
     unlabeled: Annotated[bool, typer.Option("--unlabeled", help="ingest every image below SOURCE without labels")] = False,
+    split: Annotated[str, typer.Option(help="auto: stratified test/validation/train; test: a held-out set you labeled; train: never test")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Reference images in place (path + content hash), quarantine undecodable ones, split stratified."""
     with clear_errors():
         ctx = open_project(project)
         with project_lock(ctx.root, action="loop ingest"):
-            report = ingest_source(ctx, source, unlabeled=unlabeled, show_progress=not quiet)
+            report = ingest_source(ctx, source, unlabeled=unlabeled, split=split, show_progress=not quiet)
     console.print(f"[green]ingested[/] {report.n_files} files ({report.layout} layout): {report.n_new_images} new images, "
                   f"{report.n_duplicates} byte-identical duplicates merged, {report.n_already_known} already known, {report.n_quarantined} quarantined")
     if report.split_counts:
@@ -150,7 +151,8 @@ def print_round(outcome) -> None:  # noqa: ANN001
         f"labeled: train {counts['train']}, validation {counts['validation']}, test {counts['test']}; unlabeled {counts['unlabeled']} · "
         f"accuracy {metrics['accuracy']:.4f} · ROC-AUC {metrics['roc_auc_defect'] if metrics.get('roc_auc_defect') is None else round(metrics['roc_auc_defect'], 4)} · "
         f"threshold {threshold if threshold is None else round(threshold, 4)} ({details.get('threshold_source')}) · "
-        f"latency {details['latency']['ms_per_image']:.1f} ms/image (ONNX Runtime, {details['latency']['threads']} threads, {details['latency']['cpu']})"
+        + (f"latency {details['latency']['ms_per_image']:.1f} ms/image (ONNX Runtime, {details['latency']['threads']} threads, {details['latency']['cpu']})"
+           if details.get("latency") else "latency not measured")
     )
     console.print(f"label issues flagged: {details['label_quality']['n_flagged']} · selected for labeling: {details.get('push', {}).get('pushed', 0)} pushed, "
                   f"{details.get('push', {}).get('pending', 0)} pending · total {outcome.timings_s.get('total', 0):.1f} s")
@@ -202,6 +204,33 @@ def demo(
 
     with clear_errors():
         run_demo(project, n_rounds=rounds, n_images=images, seed=seed, console=console, print_round=print_round)
+
+
+@app.command()
+def simulate(
+    source: Annotated[Path, typer.Argument(help="a fully labeled folder (class folders or MVTec AD layout)")],
+    out: Annotated[Path, typer.Option(help="output folder: simulation.json, simulation.md, gates_vs_labels.png")],
+    negative_class: Annotated[Optional[str], typer.Option(help='the "no defect" class')] = None,
+    strategies: Annotated[str, typer.Option(help="comma-separated acquisition strategies")] = "random,default",
+    seed_labels: Annotated[int, typer.Option(help="randomly labeled images to start from")] = 40,
+    budget: Annotated[int, typer.Option(help="labels added per round")] = 20,
+    seeds: Annotated[int, typer.Option(help="seeds 0..N-1, all reported")] = 5,
+    noise: Annotated[float, typer.Option(help="share of seed labels flipped to a wrong class")] = 0.0,
+    relabel_budget: Annotated[int, typer.Option(help="top suspected label errors sent back to the oracle per round")] = 0,
+    max_rounds: Annotated[int, typer.Option(help="stop a run after this many rounds")] = 60,
+    all_rounds: Annotated[bool, typer.Option("--all-rounds", help="keep going after the gates pass (until max rounds or an empty pool)")] = False,
+    image_size: Annotated[int, typer.Option()] = 224,
+) -> None:
+    """Compare acquisition strategies with the simulated annotator: labels needed to pass the quality gates."""
+    from loop.simulate import SimulationSettings
+    from loop.simulate import simulate as run_simulation
+
+    with clear_errors():
+        result = run_simulation(SimulationSettings(
+            source=source, out=out, strategies=_split_classes(strategies), negative_class=negative_class, seed_labels=seed_labels, budget=budget,
+            seeds=seeds, noise=noise, relabel_budget=relabel_budget, max_rounds=max_rounds, image_size=image_size, stop_when_gates_pass=not all_rounds,
+        ), console=console)
+    console.print((out / "simulation.md").read_text())
 
 
 @app.command()

@@ -153,7 +153,14 @@ def split_for_new_label(sha256: str, *, validation_fraction: float, seed: int) -
     return "validation" if draw < validation_fraction else "train"
 
 
-def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False, show_progress: bool = True) -> IngestReport:
+SPLIT_MODES = ("auto", "test", "train")
+
+
+def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False, split: str = "auto", show_progress: bool = True) -> IngestReport:
+    """split: "auto" draws test/validation/train per class; "test" adds every labeled image to the test split (a
+    held-out set you labeled yourself); "train" keeps every image out of the test split (train/validation)."""
+    if split not in SPLIT_MODES:
+        raise IngestError(f"unknown split mode {split!r}; use one of {', '.join(SPLIT_MODES)}")
     source = source.expanduser().resolve()
     layout, files, notes = discover_source(source, unlabeled=unlabeled)
     classes = set(ctx.config.classes)
@@ -207,7 +214,12 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                 new_labels[sha] = file.label
 
         fractions = ctx.config.split
-        splits = assign_splits(new_labels, test_fraction=fractions.test_fraction, validation_fraction=fractions.validation_fraction, seed=fractions.seed + batch.id)
+        if split == "test":
+            splits = {sha: "test" for sha in new_labels}
+        elif split == "train":
+            splits = {sha: split_for_new_label(sha, validation_fraction=fractions.validation_fraction, seed=fractions.seed) for sha in new_labels}
+        else:
+            splits = assign_splits(new_labels, test_fraction=fractions.test_fraction, validation_fraction=fractions.validation_fraction, seed=fractions.seed + batch.id)
         for sha, image in new_images.items():
             if sha in splits:
                 image.split = splits[sha]

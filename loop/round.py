@@ -52,6 +52,10 @@ class RoundOptions:
     train_strategy: str | None = None  # default: loop.toml [model] train
     annotator: str | None = None  # default: loop.toml [annotator] backend
     show_progress: bool = True
+    # Simulations run hundreds of rounds on one machine: they may skip what no quality gate needs.
+    measure_latency: bool = True
+    write_plots: bool = True
+    embedding_cache_dir: Path | None = None  # shared between the projects of one simulation
 
 
 @dataclass
@@ -195,11 +199,12 @@ def embed_images(state: RoundState) -> None:
     model = state.config.model
     state.backbone = create_backbone(model.backbone, weights=_weights_path(state, model.weights))
     state.preprocessing = Preprocessing(model.image_size, state.backbone.mean, state.backbone.std)
-    cache = EmbeddingCache(state.ctx.cache_dir / "embeddings", embedding_model_key(state.backbone, state.preprocessing))
+    cache_root = state.options.embedding_cache_dir or state.ctx.cache_dir
+    cache = EmbeddingCache(cache_root / "embeddings", embedding_model_key(state.backbone, state.preprocessing))
     missing = cache.missing(state.hashes)
     if missing:
         path_by_hash = dict(zip(state.hashes, state.paths))
-        extractor = EmbeddingExtractor(state.backbone, state.preprocessing, onnx_dir=state.ctx.cache_dir / "onnx")
+        extractor = EmbeddingExtractor(state.backbone, state.preprocessing, onnx_dir=cache_root / "onnx")
         vectors = extractor.embed([path_by_hash[sha] for sha in missing], description=f"embedding {len(missing)} new images", show_progress=state.options.show_progress)
         cache.put(missing, vectors)
     state.embeddings = cache.get(state.hashes)
@@ -275,6 +280,8 @@ def train_model(state: RoundState) -> None:
 
 def export_model(state: RoundState) -> None:
     """The deployed artifact: one ONNX file (images -> probabilities), timed with ONNX Runtime on this CPU."""
+    if not state.options.measure_latency and state.classifier.uses_frozen_embeddings:
+        return  # latency gate reported as not measured
     path = export_onnx(state.classifier.to_torch_module(), state.round_dir / "model.onnx", image_size=state.preprocessing.image_size, output_name="probabilities")
     state.artifacts["model_onnx"] = str(path)
     state.latency = measure_onnx_latency(path, image_size=state.preprocessing.image_size, threads=state.config.model.latency_threads)
@@ -336,7 +343,7 @@ def evaluate_on_test_split(state: RoundState) -> None:
     state.metrics = evaluate_predictions(y_true=state.labels[test], y_pred=predictions, probabilities=state.probabilities[test], class_names=state.config.classes, negative_index=negative)
     gates = state.config.gates
     state.gates = evaluate_gates(
-        metrics=state.metrics, latency_ms=state.latency["ms_per_image"], macro_f1_min=gates.macro_f1_min,
+        metrics=state.metrics, latency_ms=state.latency["ms_per_image"] if state.latency else None, macro_f1_min=gates.macro_f1_min,
         defect_recall_min=gates.defect_recall_min, negative_fpr_max=gates.negative_fpr_max, latency_ms_max=gates.latency_ms_max,
     )
     if state.metrics.get("collapsed"):
@@ -452,9 +459,10 @@ def record_round(state: RoundState) -> None:
     negative = state.config.negative_index
     threshold = state.threshold.threshold if state.threshold else None
     predicted = final_predictions(probabilities=state.probabilities, negative_index=negative, threshold=threshold)
-    confusion_png = plot_confusion_matrix(matrix=state.metrics["confusion_matrix"]["matrix"], labels=classes, path=state.round_dir / "confusion_matrix.png",
-                                          title=f"round {state.number}: frozen test split ({state.metrics['n_images']} images)")
-    state.artifacts["confusion_matrix_png"] = str(confusion_png)
+    if state.options.write_plots:
+        confusion_png = plot_confusion_matrix(matrix=state.metrics["confusion_matrix"]["matrix"], labels=classes, path=state.round_dir / "confusion_matrix.png",
+                                              title=f"round {state.number}: frozen test split ({state.metrics['n_images']} images)")
+        state.artifacts["confusion_matrix_png"] = str(confusion_png)
     label_sources = Counter(info.source for image_id, info in state.label_info.items() if info.status == "labeled")
     with session_scope(state.ctx.engine) as session:
         round_row = session.get(Round, state.round_id)
@@ -463,8 +471,9 @@ def record_round(state: RoundState) -> None:
         for class_name, scores in state.metrics["per_class"].items():
             for name, value in scores.items():
                 session.add(Metric(round_id=state.round_id, name=name, class_name=class_name, value=float(value)))
-        session.add(Metric(round_id=state.round_id, name="latency_ms", value=state.latency["ms_per_image"]))
-        session.add(Metric(round_id=state.round_id, name="latency_batch1_p95_ms", value=state.latency["batch1_p95_ms"]))
+        if state.latency:
+            session.add(Metric(round_id=state.round_id, name="latency_ms", value=state.latency["ms_per_image"]))
+            session.add(Metric(round_id=state.round_id, name="latency_batch1_p95_ms", value=state.latency["batch1_p95_ms"]))
         for gate in state.gates:
             session.add(GateResult(round_id=state.round_id, name=gate.name, value=gate.value, threshold=gate.threshold, comparison=gate.comparison, applicable=gate.applicable, passed=gate.passed))
         session.add_all(
@@ -483,8 +492,8 @@ def record_round(state: RoundState) -> None:
             pull={"new_label_events": state.pull_report.new_label_events, "deleted": state.pull_report.deleted, "skipped": state.pull_report.skipped,
                   "rejected": state.pull_report.rejected, **_jsonable(state.pull_report.details)},
         )
-        gates_png = _plot_gates_history(session, round_row.project_id, state)
-        state.artifacts["gates_png"] = str(gates_png)
+        if state.options.write_plots:
+            state.artifacts["gates_png"] = str(_plot_gates_history(session, round_row.project_id, state))
         round_row.details = _jsonable(state.details)
         round_row.artifacts = dict(state.artifacts)
         round_row.status = "completed"
