@@ -285,6 +285,28 @@ class PrefixRunner:
             return self.prefix(torch.from_numpy(images)).numpy()
 
 
+def _prefix_key(backbone: Backbone, *, trainable_stages: int, train_stem: bool, resize_to: int | None) -> str:
+    cut_name = "all" if train_stem else f"last{trainable_stages}"
+    return f"{backbone.cache_key}-{backbone.name}-{cut_name}-r{resize_to or 'same'}"
+
+
+def frozen_embeddings(backbone: Backbone, preprocessing: Preprocessing, paths: Sequence[str], *, trainable_stages: int = 2, threads: int = 2) -> np.ndarray:
+    """The frozen backbone's L2-normalised pooled features (what the `head` strategy trains on), computed from the
+    same cached prefix feature maps fine-tuning uses, so one pass of the frozen part serves both."""
+    model = copy.deepcopy(backbone.model).eval()
+    prefix, tail = split_backbone(model, trainable_stages=trainable_stages)
+    key = _prefix_key(backbone, trainable_stages=trainable_stages, train_stem=False, resize_to=None)
+    runner = PrefixRunner(prefix, key=key, image_size=preprocessing.image_size, threads=threads)
+    maps = prefix_feature_maps(runner, list(paths), preprocessing)
+    network = FinetunedNetwork(prefix, tail, nn.Linear(backbone.num_features, 1))
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        return _pooled_features(network, maps, batch_size=64, channels_last=False).astype(np.float32)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
 def _normalised_image(path: str, preprocessing: Preprocessing) -> np.ndarray:
     return load_image_array(path, preprocessing)
 
@@ -539,8 +561,7 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
     network = FinetunedNetwork(prefix, tail, head, dropout=config.dropout)
     if config.channels_last:
         tail.to(memory_format=torch.channels_last)
-    cut_name = "all" if config.train_stem else f"last{config.trainable_stages}"
-    prefix_key = f"{data.backbone.cache_key}-{data.backbone.name}-{cut_name}-r{resize_to or 'same'}"
+    prefix_key = _prefix_key(data.backbone, trainable_stages=config.trainable_stages, train_stem=config.train_stem, resize_to=resize_to)
     runner = PrefixRunner(prefix, key=prefix_key, image_size=data.preprocessing.image_size, threads=config.threads)
 
     # Frozen feature maps of the original images: validation always, training for the probe and cached mode.
@@ -588,6 +609,8 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
     history.append(_history_row(0, train_metrics["loss"], train_metrics["accuracy"], val_metrics, time.perf_counter() - started))
     _report(config, history[-1])
     best = _Best(epoch=0, score=_score(val_metrics, train_metrics), state=copy.deepcopy(network.state_dict()), logits=val_logits)
+    if config.head_init == "random" and data.options.get("init_head_weight") is None and int(config.epochs) > 0:
+        best.score = (-math.inf,)  # a random head is not a model worth keeping: any trained epoch beats it
     step = 0
     epochs_without_gain = 0
     for epoch in range(1, int(config.epochs) + 1):

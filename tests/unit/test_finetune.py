@@ -218,3 +218,16 @@ def test_class_weights_and_balanced_sampling_equalise_classes():
 
 def test_feature_map_cache_is_bounded():
     assert FEATURE_MAP_CACHE.bytes <= FEATURE_MAP_CACHE.max_bytes
+
+
+def test_frozen_embeddings_from_cached_feature_maps_match_the_embedding_network(backbone, balanced_images):
+    from modeling.embeddings import EmbeddingNetwork
+    from modeling.finetune import frozen_embeddings
+
+    paths = balanced_images["test"][0][:5]
+    preprocessing = Preprocessing(SIZE, backbone.mean, backbone.std)
+    embeddings = frozen_embeddings(backbone, preprocessing, paths, threads=1)
+    images = torch.from_numpy(np.stack([load_image_array(path, preprocessing) for path in paths]))
+    with torch.no_grad():
+        expected = EmbeddingNetwork(backbone.model.eval())(images).numpy()
+    np.testing.assert_allclose(embeddings, expected, atol=1e-4)

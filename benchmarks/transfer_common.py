@@ -1,0 +1,255 @@
+"""What the transfer benchmarks share: the three real datasets, splits that keep exact duplicates together, one
+fit -> calibrate -> threshold -> predict step through the training registry (the code `loop round` runs), metrics."""
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from modeling.backbones import Backbone, create_backbone  # noqa: E402
+from modeling.calibration import fit_temperature, logits_from_probabilities, softmax_with_temperature  # noqa: E402
+from modeling.finetune import frozen_embeddings, predict_proba_paths  # noqa: E402
+from modeling.evaluation import final_predictions  # noqa: E402,F401  (the round's rule: threshold, then the top defect class)
+from modeling.preprocessing import Preprocessing  # noqa: E402
+from modeling.training import TrainingData, train_classifier  # noqa: E402
+
+DATASETS_ROOT = (REPO / ".." / "shared" / "datasets").resolve()
+MAX_FPR = 0.03
+
+try:  # the core engineer's threshold rule, when present (same rule as the round)
+    from modeling.evaluation import choose_defect_threshold as _choose_defect_threshold
+except ImportError:  # pragma: no cover
+    _choose_defect_threshold = None
+
+
+@dataclass
+class Dataset:
+    name: str
+    class_names: list[str]
+    paths: list[str]
+    labels: np.ndarray
+    negative_index: int | None  # the "good" class the FPR gate is about; None for NEU (all classes are defects)
+    groups: np.ndarray  # content hash per image: exact duplicates share a group and never straddle a split
+    origin: list[str] = field(default_factory=list)  # MVTec: "train" or "test" folder
+    note: str = ""
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def require_datasets(root: Path = DATASETS_ROOT) -> Path:
+    if not root.is_dir():
+        raise SystemExit(f"datasets not found at {root}: these benchmarks need ../shared/datasets (neu, magnetic_tile, mvtec_bottle)")
+    return root
+
+
+def load_folder_dataset(name: str, *, root: Path = DATASETS_ROOT, negative: str | None = None) -> Dataset:
+    folder = require_datasets(root) / name
+    class_names = sorted(path.name for path in folder.iterdir() if path.is_dir())
+    paths, labels = [], []
+    for index, class_name in enumerate(class_names):
+        for path in sorted((folder / class_name).iterdir()):
+            if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
+                paths.append(path)
+                labels.append(index)
+    return Dataset(
+        name, class_names, [str(p) for p in paths], np.array(labels), class_names.index(negative) if negative else None,
+        np.array([_sha256(p) for p in paths]),
+    )
+
+
+def load_neu(root: Path = DATASETS_ROOT) -> Dataset:
+    return load_folder_dataset("neu", root=root)
+
+
+def load_magnetic_tile(root: Path = DATASETS_ROOT) -> Dataset:
+    return load_folder_dataset("magnetic_tile", root=root, negative="free")
+
+
+def load_mvtec_bottle(root: Path = DATASETS_ROOT) -> Dataset:
+    """All 292 images pooled (train/good 209 + test: good 20, broken_large 20, broken_small 22, contamination 21),
+    as a binary good/defect task: MVTec's train folder holds only good parts, so every split here is ours."""
+    folder = require_datasets(root) / "mvtec_bottle"
+    paths, labels, origin = [], [], []
+    for split in ("train", "test"):
+        for class_dir in sorted((folder / split).iterdir()):
+            for path in sorted(class_dir.glob("*.png")):
+                paths.append(path)
+                labels.append(0 if class_dir.name == "good" else 1)
+                origin.append(f"{split}/{class_dir.name}")
+    return Dataset(
+        "mvtec_bottle", ["good", "defect"], [str(p) for p in paths], np.array(labels), 0, np.array([_sha256(p) for p in paths]), origin,
+        note="binary good vs defect; train/good (209) and test (20 good, 63 defect) pooled before splitting",
+    )
+
+
+DATASET_LOADERS = {"neu": load_neu, "magnetic_tile": load_magnetic_tile, "mvtec_bottle": load_mvtec_bottle}
+
+
+def outer_folds(dataset: Dataset, *, n_splits: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """5-fold stratified, seeded, duplicates kept in one fold."""
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return [(train, test) for train, test in splitter.split(dataset.paths, dataset.labels, dataset.groups)]
+
+
+def validation_split(dataset: Dataset, indices: np.ndarray, *, fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) inside the given training indices: stratified, duplicates together."""
+    n_splits = max(2, round(1 / fraction))
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    inner_train, inner_validation = next(splitter.split(indices, dataset.labels[indices], dataset.groups[indices]))
+    return indices[inner_train], indices[inner_validation]
+
+
+_BACKBONES: dict[str, Backbone] = {}
+
+
+def pretrained_backbone(weights: str = "default") -> Backbone:
+    if weights not in _BACKBONES:
+        _BACKBONES[weights] = create_backbone("efficientnet_lite0", weights=weights)
+    return _BACKBONES[weights]
+
+
+def training_data(
+    dataset: Dataset, train: np.ndarray, validation: np.ndarray, *, backbone: Backbone, image_size: int, options: dict[str, Any], seed: int = 0,
+) -> TrainingData:
+    preprocessing = Preprocessing(image_size, backbone.mean, backbone.std)
+    paths = np.array(dataset.paths)
+    threads = int(options.get("threads", 2))
+    return TrainingData(
+        class_names=list(dataset.class_names),
+        train_paths=list(paths[train]), train_labels=dataset.labels[train],
+        train_embeddings=frozen_embeddings(backbone, preprocessing, list(paths[train]), threads=threads),
+        validation_paths=list(paths[validation]), validation_labels=dataset.labels[validation],
+        validation_embeddings=frozen_embeddings(backbone, preprocessing, list(paths[validation]), threads=threads),
+        backbone=backbone, preprocessing=preprocessing, seed=seed, options=dict(options),
+    )
+
+
+@dataclass
+class ThresholdResult:
+    threshold: float | None
+    detail: dict[str, Any]
+
+
+def choose_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_fpr: float = MAX_FPR, confidence: float = 0.9) -> ThresholdResult:
+    """The round's rule (modeling.evaluation.choose_defect_threshold), applied to non-test data only."""
+    if _choose_defect_threshold is not None:
+        choice = _choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=max_fpr, confidence=confidence, source="validation")
+        return ThresholdResult(choice.threshold, choice.as_dict())
+    negatives = np.sort(p_defect[~is_defect])[::-1]  # pragma: no cover - fallback: plain empirical FPR
+    allowed = int(np.floor(max_fpr * len(negatives)))
+    threshold = float(np.nextafter(negatives[0], np.inf)) if allowed == 0 else float((negatives[allowed] + negatives[allowed - 1]) / 2)
+    return ThresholdResult(threshold, {"allowed_false_positives": allowed, "n_negatives": len(negatives)})
+
+
+@dataclass
+class FitResult:
+    probabilities: np.ndarray  # on the evaluated paths, calibrated
+    threshold: ThresholdResult | None
+    temperature: float
+    history: list[dict[str, float]]
+    train_seconds: float
+    predict_seconds: float
+    classifier: Any
+
+
+def validation_logits(classifier: Any, data: TrainingData) -> np.ndarray:
+    if getattr(classifier, "validation_logits", None) is not None:
+        return np.asarray(classifier.validation_logits)
+    if getattr(classifier, "uses_frozen_embeddings", False):
+        return logits_from_probabilities(classifier.predict_proba_from_embeddings(data.validation_embeddings))
+    return logits_from_probabilities(predict_proba_paths(classifier, data.validation_paths))
+
+
+def predict_paths(classifier: Any, paths: list[str], data: TrainingData) -> np.ndarray:
+    """Calibrated probabilities of image files; frozen-embedding heads read the same cached embeddings they trained on."""
+    if getattr(classifier, "uses_frozen_embeddings", False):
+        embeddings = frozen_embeddings(classifier.backbone, data.preprocessing, paths, threads=int(data.options.get("threads", 2)))
+        return classifier.predict_proba_from_embeddings(embeddings).astype(np.float64)
+    return predict_proba_paths(classifier, paths, data.preprocessing)
+
+
+def fit_calibrate_predict(
+    dataset: Dataset, train: np.ndarray, validation: np.ndarray, evaluate: np.ndarray, *, strategy: str, options: dict[str, Any],
+    image_size: int, seed: int = 0, backbone: Backbone | None = None, confidence: float = 0.9,
+) -> FitResult:
+    """Train with the registry, fit the temperature and the FPR threshold on validation, predict `evaluate`."""
+    backbone = backbone or pretrained_backbone()
+    data = training_data(dataset, train, validation, backbone=backbone, image_size=image_size, options=options, seed=seed)
+    started = time.perf_counter()
+    classifier = train_classifier(strategy=strategy, data=data)
+    train_seconds = time.perf_counter() - started
+    logits = validation_logits(classifier, data)
+    temperature = fit_temperature(logits=logits, labels=data.validation_labels)
+    classifier.temperature = temperature
+    threshold = None
+    if dataset.negative_index is not None:
+        # The threshold is read off probabilities computed exactly as the held-out ones are (same numeric path:
+        # p_defect near 0 is at the resolution of that path, and a threshold must be on the same scale).
+        calibrated = predict_paths(classifier, data.validation_paths, data)
+        threshold = choose_threshold(p_defect=1.0 - calibrated[:, dataset.negative_index], is_defect=data.validation_labels != dataset.negative_index)
+    started = time.perf_counter()
+    probabilities = predict_paths(classifier, list(np.array(dataset.paths)[evaluate]), data)
+    predict_seconds = time.perf_counter() - started
+    return FitResult(probabilities, threshold, temperature, list(classifier.history), train_seconds, predict_seconds, classifier)
+
+
+def metrics(y_true: np.ndarray, probabilities: np.ndarray, predictions: np.ndarray, *, class_names: list[str], negative_index: int | None) -> dict[str, Any]:
+    """Accuracy, macro precision/recall/F1, ROC-AUC (defect vs good when there is a good class, else macro
+    one-vs-rest), and for a good class: defect recall and FPR of the final (thresholded) predictions."""
+    labels = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, predictions, labels=labels, zero_division=0)
+    present = support > 0
+    result: dict[str, Any] = {
+        "n_images": int(len(y_true)),
+        "errors": int((predictions != y_true).sum()),
+        "accuracy": float((predictions == y_true).mean()),
+        "macro_precision": float(precision[present].mean()),
+        "macro_recall": float(recall[present].mean()),
+        "macro_f1": float(f1[present].mean()),
+        "per_class_f1": {name: float(f1[i]) for i, name in enumerate(class_names) if present[i]},
+        "confusion_matrix": np.array(
+            [[int(((y_true == t) & (predictions == p)).sum()) for p in labels] for t in labels]
+        ).tolist(),
+        "predicted_classes": int(len(set(predictions.tolist()))),
+    }
+    if negative_index is not None:
+        is_defect = y_true != negative_index
+        p_defect = 1.0 - probabilities[:, negative_index]
+        predicted_defect = predictions != negative_index
+        result["roc_auc"] = float(roc_auc_score(is_defect, p_defect)) if 0 < is_defect.sum() < len(is_defect) else None
+        result["defect_recall"] = float(predicted_defect[is_defect].mean()) if is_defect.any() else None
+        result["fpr"] = float(predicted_defect[~is_defect].mean()) if (~is_defect).any() else None
+        result["false_positives"] = int(predicted_defect[~is_defect].sum())
+        result["missed_defects"] = int((~predicted_defect[is_defect]).sum())
+    else:
+        present_labels = [i for i in labels if present[i]]
+        scores = probabilities[:, present_labels] / probabilities[:, present_labels].sum(axis=1, keepdims=True)
+        result["roc_auc"] = float(roc_auc_score(y_true, scores, multi_class="ovr", labels=present_labels)) if len(present_labels) > 2 else None
+    return result
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """columns: (key, header). Floats in [0, 1] as 4 decimals."""
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) <= 1.0 else f"{value:.1f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header for _, header in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(key)) for key, _ in columns) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,212 @@
+"""The issue's "Must show": 5-fold stratified cross-validation (folds seeded 0, exact duplicates kept in one fold)
+of the `finetune` strategy through the training registry, every threshold and temperature chosen on a validation
+split carved out of the training folds (never on the held-out fold).
+
+    python benchmarks/transfer_cv.py --out DIR [--quick] [--datasets neu,magnetic_tile,mvtec_bottle,mvtec_fewshot]
+
+- NEU: accuracy over all 1800 images (pooled out-of-fold).
+- Magnetic tile: macro F1 and defect recall at FPR <= 3% (threshold on validation, `free` is the good class).
+- MVTec bottle, all 292 images pooled (binary good/defect): ROC-AUC pooled out-of-fold.
+- MVTec bottle few-shot: 10 defect images labeled (plus the 209 train/good), 5 seeds; held out: the other 53
+  defects + the 20 test/good; the threshold comes from a validation split of the labeled images only.
+Writes DIR/transfer_cv.json and DIR/transfer_cv.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+
+from transfer_common import (  # noqa: E402
+    DATASET_LOADERS,
+    MAX_FPR,
+    Dataset,
+    final_predictions,
+    fit_calibrate_predict,
+    markdown_table,
+    metrics,
+    outer_folds,
+    validation_split,
+)
+
+# Per-dataset settings: the resolution is matched to the data (NEU 200 px, tiles 100-500 px, bottle 384 px).
+SETTINGS: dict[str, dict[str, Any]] = {
+    "neu": {"image_size": 224, "options": {}},
+    "magnetic_tile": {"image_size": 224, "options": {}},
+    "mvtec_bottle": {"image_size": 224, "options": {}},
+}
+BASE_OPTIONS: dict[str, Any] = {"threads": 2}
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def run_cv(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_size: int, folds: list[int], log) -> dict[str, Any]:
+    splits = outer_folds(dataset, n_splits=5, seed=0)
+    oof_probabilities = np.zeros((len(dataset.paths), len(dataset.class_names)))
+    oof_predictions = np.full(len(dataset.paths), -1)
+    fold_rows = []
+    for fold in folds:
+        train_all, test = splits[fold]
+        train, validation = validation_split(dataset, train_all, fraction=0.2, seed=0)
+        result = fit_calibrate_predict(dataset, train, validation, test, strategy=strategy, options=options, image_size=image_size)
+        threshold = result.threshold.threshold if result.threshold else None
+        predictions = final_predictions(probabilities=result.probabilities, negative_index=dataset.negative_index, threshold=threshold)
+        oof_probabilities[test] = result.probabilities
+        oof_predictions[test] = predictions
+        fold_metrics = metrics(dataset.labels[test], result.probabilities, predictions, class_names=dataset.class_names, negative_index=dataset.negative_index)
+        row = {
+            "fold": fold, "n_train": len(train), "n_validation": len(validation), "n_test": len(test),
+            "train_seconds": result.train_seconds, "predict_seconds": result.predict_seconds, "temperature": result.temperature,
+            "threshold": threshold, "threshold_detail": result.threshold.detail if result.threshold else None,
+            "best_epoch": getattr(result.classifier, "best_epoch", None), "history": result.history, **fold_metrics,
+        }
+        fold_rows.append(row)
+        log(f"[{dataset.name}] fold {fold}: errors {row['errors']}/{len(test)} acc {row['accuracy']:.4f} macro F1 {row['macro_f1']:.4f} "
+            f"AUC {row.get('roc_auc')} recall {row.get('defect_recall')} FPR {row.get('fpr')} | train {row['train_seconds']:.0f}s best epoch {row['best_epoch']}")
+    evaluated = oof_predictions >= 0
+    pooled = metrics(dataset.labels[evaluated], oof_probabilities[evaluated], oof_predictions[evaluated], class_names=dataset.class_names, negative_index=dataset.negative_index)
+    return {"dataset": dataset.name, "note": dataset.note, "strategy": strategy, "image_size": image_size, "options": _jsonable(options),
+            "folds": fold_rows, "pooled": pooled}
+
+
+def run_fewshot(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_size: int, seeds: list[int], labeled_defects: int, log) -> dict[str, Any]:
+    origin = np.array(dataset.origin)
+    defects = np.flatnonzero(dataset.labels == 1)
+    train_goods = np.flatnonzero(origin == "train/good")
+    test_goods = np.flatnonzero(origin == "test/good")
+    rows = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        labeled = rng.choice(defects, size=labeled_defects, replace=False)
+        held_out = np.concatenate([np.setdiff1d(defects, labeled), test_goods])
+        pool = np.concatenate([train_goods, labeled])
+        train, validation = validation_split(dataset, pool, fraction=0.2, seed=seed)
+        result = fit_calibrate_predict(dataset, train, validation, held_out, strategy=strategy, options={**options}, image_size=image_size, seed=seed)
+        threshold = result.threshold.threshold if result.threshold else None
+        predictions = final_predictions(probabilities=result.probabilities, negative_index=0, threshold=threshold)
+        row = {
+            "seed": seed, "n_train": len(train), "n_train_defects": int((dataset.labels[train] == 1).sum()),
+            "n_validation": len(validation), "n_validation_defects": int((dataset.labels[validation] == 1).sum()),
+            "n_held_out": len(held_out), "n_held_out_defects": int((dataset.labels[held_out] == 1).sum()),
+            "threshold": threshold, "threshold_detail": result.threshold.detail if result.threshold else None,
+            "temperature": result.temperature, "train_seconds": result.train_seconds, "best_epoch": getattr(result.classifier, "best_epoch", None),
+            "history": result.history,
+            **metrics(dataset.labels[held_out], result.probabilities, predictions, class_names=dataset.class_names, negative_index=0),
+        }
+        rows.append(row)
+        log(f"[mvtec few-shot] seed {seed}: AUC {row['roc_auc']:.4f} recall {row['defect_recall']:.4f} FPR {row['fpr']:.4f} "
+            f"({row['false_positives']} FP of {len(test_goods)} good) | train {row['train_seconds']:.0f}s")
+    summary = {key: {"mean": float(np.mean([r[key] for r in rows])), "min": float(np.min([r[key] for r in rows])), "max": float(np.max([r[key] for r in rows]))}
+               for key in ("roc_auc", "defect_recall", "fpr")}
+    return {"dataset": "mvtec_bottle_fewshot", "strategy": strategy, "image_size": image_size, "labeled_defects": labeled_defects,
+            "split": "per seed: 10 defect images drawn at random + the 209 train/good are labeled (80/20 train/validation, "
+                     "threshold and temperature on that validation); held out: the other 53 defects + the 20 test/good",
+            "options": _jsonable(options), "seeds": rows, "summary": summary}
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in options.items() if isinstance(value, (str, int, float, bool, list, type(None)))}
+
+
+def write_report(out: Path, results: dict[str, Any], command: str) -> None:
+    (out / "transfer_cv.json").write_text(json.dumps(results, indent=2, default=float))
+    lines = ["# Transfer learning: 5-fold stratified cross-validation", "", f"Command: `{command}`", "",
+             "Folds: StratifiedGroupKFold(5, shuffle=True, random_state=0), groups = file sha256 (duplicates stay together). "
+             "Inside the training folds, 20% (stratified, grouped) is the validation split: early stopping, temperature and the "
+             f"FPR <= {MAX_FPR:.0%} threshold (modeling.evaluation.choose_defect_threshold, confidence 0.9) come from it only.", ""]
+    rows = []
+    for name, result in results.items():
+        if name == "mvtec_fewshot":
+            continue
+        pooled = result["pooled"]
+        rows.append({"dataset": name, "strategy": result["strategy"], "size": result["image_size"], **pooled,
+                     "train_s": float(np.mean([f["train_seconds"] for f in result["folds"]])),
+                     "first_fold_train_s": result["folds"][0]["train_seconds"]})
+    if rows:
+        lines += ["## Pooled out-of-fold", "", markdown_table(rows, [
+            ("dataset", "dataset"), ("strategy", "strategy"), ("size", "px"), ("n_images", "images"), ("errors", "errors"),
+            ("accuracy", "accuracy"), ("macro_precision", "macro P"), ("macro_recall", "macro R"), ("macro_f1", "macro F1"),
+            ("roc_auc", "ROC-AUC"), ("defect_recall", "defect recall"), ("fpr", "FPR"), ("train_s", "mean train s/fold"),
+            ("first_fold_train_s", "fold 0 train s (cold cache)")]), ""]
+        for name, result in results.items():
+            if name == "mvtec_fewshot":
+                continue
+            lines += [f"### {name}: per fold", "", markdown_table(result["folds"], [
+                ("fold", "fold"), ("n_test", "test"), ("errors", "errors"), ("accuracy", "accuracy"), ("macro_f1", "macro F1"),
+                ("roc_auc", "ROC-AUC"), ("defect_recall", "defect recall"), ("fpr", "FPR"), ("threshold", "threshold"),
+                ("temperature", "T"), ("best_epoch", "best epoch"), ("train_seconds", "train s")]), ""]
+            lines += ["Confusion matrix (pooled; rows true, columns predicted; " + ", ".join(result["pooled"]["per_class_f1"]) + "):", "",
+                      "```", *(" ".join(f"{v:4d}" for v in row) for row in result["pooled"]["confusion_matrix"]), "```", ""]
+    if "mvtec_fewshot" in results:
+        few = results["mvtec_fewshot"]
+        lines += ["## MVTec bottle few-shot (10 labeled defects, 5 seeds)", "", few["split"], "", markdown_table(few["seeds"], [
+            ("seed", "seed"), ("n_train_defects", "train defects"), ("n_validation_defects", "val defects"), ("n_held_out", "held out"),
+            ("roc_auc", "ROC-AUC"), ("defect_recall", "defect recall"), ("fpr", "FPR"), ("false_positives", "FP"),
+            ("missed_defects", "missed"), ("threshold", "threshold"), ("train_seconds", "train s")]), "",
+            "Summary: " + ", ".join(f"{k} mean {v['mean']:.4f} (min {v['min']:.4f}, max {v['max']:.4f})" for k, v in few["summary"].items()), ""]
+    (out / "transfer_cv.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="one fold / one seed, 3 epochs: a smoke run")
+    parser.add_argument("--datasets", default="neu,magnetic_tile,mvtec_bottle,mvtec_fewshot")
+    parser.add_argument("--strategy", default="finetune")
+    parser.add_argument("--folds", default="0,1,2,3,4")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training option for every dataset (JSON value)")
+    parser.add_argument("--set-for", action="append", default=[], metavar="DATASET:KEY=VALUE", help="training option for one dataset")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_file = open(args.out / "transfer_cv.log", "a")
+
+    def log(message: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {message}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    overrides = dict(item.split("=", 1) for item in args.set)
+    folds = [int(f) for f in args.folds.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.quick:
+        folds, seeds = folds[:1], seeds[:1]
+        overrides.setdefault("epochs", "3")
+    results: dict[str, Any] = {}
+    command = "python benchmarks/transfer_cv.py " + " ".join(os.sys.argv[1:])
+    for name in args.datasets.split(","):
+        base = "mvtec_bottle" if name == "mvtec_fewshot" else name
+        settings = SETTINGS[base]
+        options = {**BASE_OPTIONS, **settings["options"], **{k: parse_value(v) for k, v in overrides.items()}}
+        for item in args.set_for:
+            target, assignment = item.split(":", 1)
+            if target == name:
+                key, value = assignment.split("=", 1)
+                options[key] = parse_value(value)
+        image_size = int(options.pop("image_size", settings["image_size"]))
+        dataset = DATASET_LOADERS[base]()
+        started = time.perf_counter()
+        if name == "mvtec_fewshot":
+            results[name] = run_fewshot(dataset, strategy=args.strategy, options=options, image_size=image_size, seeds=seeds, labeled_defects=10, log=log)
+        else:
+            results[name] = run_cv(dataset, strategy=args.strategy, options=options, image_size=image_size, folds=folds, log=log)
+        results[name]["wall_seconds"] = time.perf_counter() - started
+        log(f"[{name}] done in {results[name]['wall_seconds']:.0f}s")
+        write_report(args.out, results, command)
+
+
+if __name__ == "__main__":
+    main()

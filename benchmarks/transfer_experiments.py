@@ -1,0 +1,258 @@
+"""The transfer-learning experiments an engineer shows a manager, on ../shared/datasets, through the training
+registry (the code `loop round` runs):
+
+- T1 frozen backbone + linear head on NEU;
+- T2 fine-tuning with vs without input-space augmentation: training curves side by side, seconds per epoch;
+- T3 before vs after unfreezing the last layers (2 of 7 stages + conv_head) at backbone LR 1e-5 (and 1e-4);
+- T4 the NEU model (metal) transferred to MVTec bottle vs ImageNet init, metrics metal vs bottle;
+- baselines on the same splits: efficientnet_lite0 from random init ("from scratch") and an RBF SVM on HOG+LBP.
+
+    python benchmarks/transfer_experiments.py --out DIR [--quick]
+
+Splits: NEU: fold 0 of StratifiedGroupKFold(5, shuffle, seed 0) is the 20% test split (360 images); inside the
+other 80%, 20% is validation (early stopping, temperature). MVTec bottle: its train folder holds only good parts,
+so all 292 images are pooled as good vs defect and split the same way (fold 0: 59 test images, 13 defects); the
+FPR <= 3% threshold comes from validation only. Writes PNG curves, transfer_experiments.md and .json into DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from transfer_common import (  # noqa: E402
+    Dataset,
+    final_predictions,
+    fit_calibrate_predict,
+    load_mvtec_bottle,
+    load_neu,
+    markdown_table,
+    metrics,
+    outer_folds,
+    pretrained_backbone,
+    training_data,
+    validation_split,
+)
+
+from modeling.backbones import create_backbone  # noqa: E402
+from modeling.baselines import HandcraftedFeatureConfig, handcrafted_features, train_from_scratch, train_handcrafted_svm  # noqa: E402
+from modeling.calibration import fit_temperature  # noqa: E402
+from modeling.transfer import load_init_checkpoint, save_model_checkpoint  # noqa: E402
+
+METRIC_COLUMNS = [
+    ("model", "model"), ("accuracy", "accuracy"), ("macro_precision", "precision (macro)"), ("macro_recall", "recall (macro)"),
+    ("macro_f1", "F1 (macro)"), ("roc_auc", "ROC-AUC"), ("errors", "errors"), ("train_seconds", "train s"),
+]
+BINARY_COLUMNS = METRIC_COLUMNS[:-1] + [("defect_recall", "defect recall"), ("fpr", "FPR"), ("train_seconds", "train s")]
+
+
+def subsample(dataset: Dataset, fraction: float, seed: int = 0) -> Dataset:
+    if fraction >= 1.0:
+        return dataset
+    rng = np.random.default_rng(seed)
+    keep = np.sort(np.concatenate([
+        rng.choice(np.flatnonzero(dataset.labels == c), max(6, int(fraction * (dataset.labels == c).sum())), replace=False)
+        for c in np.unique(dataset.labels)
+    ]))
+    return Dataset(dataset.name, dataset.class_names, [dataset.paths[i] for i in keep], dataset.labels[keep], dataset.negative_index,
+                   dataset.groups[keep], [dataset.origin[i] for i in keep] if dataset.origin else [], dataset.note)
+
+
+def split(dataset: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    train_all, test = outer_folds(dataset, n_splits=5, seed=0)[0]
+    train, validation = validation_split(dataset, train_all, fraction=0.2, seed=0)
+    return train, validation, test
+
+
+def evaluate_fit(name: str, dataset: Dataset, test: np.ndarray, result: Any) -> dict[str, Any]:
+    threshold = result.threshold.threshold if result.threshold else None
+    predictions = final_predictions(probabilities=result.probabilities, negative_index=dataset.negative_index, threshold=threshold)
+    row = {"model": name, "train_seconds": result.train_seconds, "temperature": result.temperature, "threshold": threshold,
+           **metrics(dataset.labels[test], result.probabilities, predictions, class_names=dataset.class_names, negative_index=dataset.negative_index)}
+    return row
+
+
+def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path, title: str) -> None:
+    """Loss and accuracy per epoch, train and validation, one column per run (side by side)."""
+    columns = len(histories)
+    figure, axes = plt.subplots(2, columns, figsize=(5 * columns, 7), squeeze=False, sharey="row")
+    for column, (name, history) in enumerate(histories.items()):
+        epochs = [row["epoch"] for row in history]
+        for row_index, metric in enumerate(("loss", "accuracy")):
+            axis = axes[row_index][column]
+            axis.plot(epochs, [row[f"train_{metric}"] for row in history], "o-", label=f"train {metric}")
+            axis.plot(epochs, [row[f"val_{metric}"] for row in history], "s-", label=f"validation {metric}")
+            axis.set_xlabel("epoch (0 = frozen backbone + probe head)")
+            axis.set_ylabel(metric)
+            axis.set_title(f"{name}: {metric}")
+            axis.grid(alpha=0.3)
+            axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def svm_baseline(dataset: Dataset, train: np.ndarray, test: np.ndarray, *, config: HandcraftedFeatureConfig) -> dict[str, Any]:
+    paths = np.array(dataset.paths)
+    started = time.perf_counter()
+    classifier = train_handcrafted_svm(class_names=dataset.class_names, train_features=handcrafted_features(list(paths[train]), config=config),
+                                       train_labels=dataset.labels[train], feature_config=config)
+    seconds = time.perf_counter() - started
+    probabilities = classifier.predict_proba_paths(list(paths[test]))
+    predictions = probabilities.argmax(1)
+    return {"model": "SVM on HOG+LBP", "train_seconds": seconds,
+            **metrics(dataset.labels[test], probabilities, predictions, class_names=dataset.class_names, negative_index=dataset.negative_index)}
+
+
+def scratch_baseline(dataset: Dataset, train: np.ndarray, validation: np.ndarray, test: np.ndarray, *, image_size: int, epochs: int) -> tuple[dict[str, Any], list]:
+    backbone = pretrained_backbone()
+    data = training_data(dataset, train, validation, backbone=backbone, image_size=image_size, options={"threads": 2, "epochs": epochs, "patience": epochs})
+    started = time.perf_counter()
+    classifier = train_from_scratch(data)
+    seconds = time.perf_counter() - started
+    classifier.temperature = fit_temperature(logits=classifier.validation_logits, labels=data.validation_labels)
+    probabilities = classifier.predict_proba_paths(list(np.array(dataset.paths)[test]))
+    predictions = probabilities.argmax(1)
+    row = {"model": f"from scratch ({image_size} px, {epochs} epochs max)", "train_seconds": seconds,
+           **metrics(dataset.labels[test], probabilities, predictions, class_names=dataset.class_names, negative_index=dataset.negative_index)}
+    return row, classifier.history
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="25%% of NEU, 2 epochs, tiny scratch baseline: a smoke run")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--scratch-size", type=int, default=96)
+    parser.add_argument("--scratch-epochs", type=int, default=12)
+    parser.add_argument("--skip-scratch", action="store_true")
+    args = parser.parse_args()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    epochs = 2 if args.quick else args.epochs
+    scratch_size, scratch_epochs = (48, 2) if args.quick else (args.scratch_size, args.scratch_epochs)
+    fraction = 0.25 if args.quick else 1.0
+    results: dict[str, Any] = {"command": "python benchmarks/transfer_experiments.py " + " ".join(os.sys.argv[1:])}
+    log_lines: list[str] = []
+
+    def log(message: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {message}"
+        print(line, flush=True)
+        log_lines.append(line)
+        (out / "transfer_experiments.log").write_text("\n".join(log_lines) + "\n")
+
+    neu = subsample(load_neu(), fraction)
+    train, validation, test = split(neu)
+    results["neu_split"] = {"train": len(train), "validation": len(validation), "test": len(test)}
+    log(f"NEU split: train {len(train)}, validation {len(validation)}, test {len(test)}")
+    base = {"threads": 2, "epochs": epochs}
+
+    # T1: frozen backbone + head.
+    t1 = fit_calibrate_predict(neu, train, validation, test, strategy="head", options=base, image_size=224)
+    results["T1"] = [evaluate_fit("frozen backbone + linear head", neu, test, t1)]
+    log(f"T1 head: acc {results['T1'][0]['accuracy']:.4f}")
+
+    # T2: with vs without input-space augmentation (cached feature maps vs augmented images every epoch).
+    t2_plain = fit_calibrate_predict(neu, train, validation, test, strategy="finetune", options={**base, "mode": "cached"}, image_size=224)
+    t2_aug = fit_calibrate_predict(neu, train, validation, test, strategy="finetune", options={**base, "mode": "augment", "augmentation": "geometric"}, image_size=224)
+    t2_views = fit_calibrate_predict(neu, train, validation, test, strategy="finetune", options={**base, "mode": "cached", "cached_views": "dihedral"}, image_size=224)
+    results["T2"] = [
+        {**evaluate_fit("finetune, no augmentation (cached feature maps)", neu, test, t2_plain), "seconds_per_epoch": _per_epoch(t2_plain.history)},
+        {**evaluate_fit("finetune, input-space augmentation (geometric)", neu, test, t2_aug), "seconds_per_epoch": _per_epoch(t2_aug.history)},
+        {**evaluate_fit("finetune, cached flips/turns (8 exact views)", neu, test, t2_views), "seconds_per_epoch": _per_epoch(t2_views.history)},
+    ]
+    plot_curves({"no augmentation": t2_plain.history, "augmentation (geometric)": t2_aug.history, "cached flips/turns": t2_views.history},
+                out / "t2_augmentation_curves.png", "NEU fine-tuning (last 2 stages + conv_head): without vs with augmentation")
+    log("T2 " + ", ".join(f"{r['model']}: acc {r['accuracy']:.4f} ({r['seconds_per_epoch']:.1f} s/epoch)" for r in results["T2"]))
+
+    # T3: before vs after unfreezing the last layers at 1e-5 (epoch 0 is the frozen backbone with the probe head).
+    t3_low = fit_calibrate_predict(neu, train, validation, test, strategy="finetune", options={**base, "backbone_lr": 1e-5}, image_size=224)
+    before = fit_calibrate_predict(neu, train, validation, test, strategy="finetune", options={**base, "epochs": 0}, image_size=224)
+    results["T3"] = [
+        evaluate_fit("before: frozen backbone + probe head (epoch 0)", neu, test, before),
+        evaluate_fit("after: last 2 stages + conv_head unfrozen, backbone LR 1e-5", neu, test, t3_low),
+        evaluate_fit("after: same, backbone LR 1e-4", neu, test, t2_plain),
+    ]
+    plot_curves({"backbone LR 1e-5": t3_low.history, "backbone LR 1e-4": t2_plain.history}, out / "t3_unfreeze_curves.png",
+                "NEU: unfreezing the last 2 stages + conv_head")
+    log("T3 " + ", ".join(f"{r['model']}: acc {r['accuracy']:.4f}" for r in results["T3"]))
+
+    # Baselines on the same NEU split.
+    results["baselines_neu"] = [svm_baseline(neu, np.concatenate([train, validation]), test, config=HandcraftedFeatureConfig())]
+    if not args.skip_scratch:
+        row, scratch_history = scratch_baseline(neu, train, validation, test, image_size=scratch_size, epochs=scratch_epochs)
+        results["baselines_neu"].append(row)
+        plot_curves({"from scratch": scratch_history}, out / "baseline_scratch_neu_curves.png", "NEU: efficientnet_lite0 from random init")
+    log("baselines NEU " + ", ".join(f"{r['model']}: acc {r['accuracy']:.4f}" for r in results["baselines_neu"]))
+
+    # T4: NEU model -> MVTec bottle (backbone transferred; classes differ, so the head is new).
+    checkpoint = save_model_checkpoint(t2_plain.classifier, out / "neu_finetune_model.pt", image_size=224)
+    bottle = subsample(load_mvtec_bottle(), max(fraction, 0.5))
+    b_train, b_validation, b_test = split(bottle)
+    results["mvtec_split"] = {"train": len(b_train), "validation": len(b_validation), "test": len(b_test),
+                              "test_defects": int((bottle.labels[b_test] == 1).sum()), "note": bottle.note}
+    init = load_init_checkpoint(checkpoint, class_names=bottle.class_names)
+    neu_backbone = create_backbone(init.backbone_name, weights=str(init.backbone_weights_path))
+    rows, histories = [], {}
+    for init_name, backbone in (("ImageNet", pretrained_backbone()), ("NEU fine-tuned", neu_backbone)):
+        for strategy in ("head", "finetune"):
+            fit = fit_calibrate_predict(bottle, b_train, b_validation, b_test, strategy=strategy, options={**base, **init.training_options()},
+                                        image_size=224, backbone=backbone)
+            rows.append(evaluate_fit(f"{init_name} init, {strategy}", bottle, b_test, fit))
+            if strategy == "finetune":
+                histories[f"{init_name} init"] = fit.history
+    results["T4"] = {"head_transfer": init.head_reason, "bottle": rows,
+                     "metal": [evaluate_fit("NEU fine-tuned (source model)", neu, test, t2_plain)]}
+    plot_curves(histories, out / "t4_transfer_curves.png", "MVTec bottle fine-tuning: ImageNet init vs NEU-transferred backbone")
+    results["baselines_mvtec"] = [svm_baseline(bottle, np.concatenate([b_train, b_validation]), b_test, config=HandcraftedFeatureConfig())]
+    if not args.skip_scratch:
+        row, _ = scratch_baseline(bottle, b_train, b_validation, b_test, image_size=max(scratch_size, 128), epochs=max(scratch_epochs, 2) * 2)
+        results["baselines_mvtec"].append(row)
+    log("T4 " + ", ".join(f"{r['model']}: AUC {r['roc_auc']}" for r in rows))
+
+    (out / "transfer_experiments.json").write_text(json.dumps(results, indent=2, default=float))
+    write_markdown(out, results)
+    log(f"wrote {out / 'transfer_experiments.md'}")
+
+
+def _per_epoch(history: list[dict[str, float]]) -> float:
+    trained = [row["seconds"] for row in history if row["epoch"] > 0]
+    return float(np.mean(trained)) if trained else 0.0
+
+
+def write_markdown(out: Path, results: dict[str, Any]) -> None:
+    split_neu, split_mvtec = results["neu_split"], results["mvtec_split"]
+    lines = [
+        "# Transfer learning experiments", "", f"Command: `{results['command']}`", "",
+        f"NEU split: fold 0 of StratifiedGroupKFold(5, shuffle=True, random_state=0) is the test split ({split_neu['test']} images); "
+        f"the rest is {split_neu['train']} train + {split_neu['validation']} validation (early stopping, temperature).",
+        f"MVTec bottle split: {split_mvtec['note']}; fold 0 of the same splitter: {split_mvtec['train']} train, "
+        f"{split_mvtec['validation']} validation, {split_mvtec['test']} test ({split_mvtec['test_defects']} defects). "
+        "The FPR <= 3% threshold is chosen on validation only.", "",
+        "## T1: frozen backbone + linear head (NEU)", "", markdown_table(results["T1"], METRIC_COLUMNS), "",
+        "## T2: with vs without augmentation (NEU)", "", "![curves](t2_augmentation_curves.png)", "",
+        markdown_table(results["T2"], METRIC_COLUMNS + [("seconds_per_epoch", "s/epoch")]), "",
+        "## T3: before vs after unfreezing the last layers (NEU)", "", "![curves](t3_unfreeze_curves.png)", "",
+        markdown_table(results["T3"], METRIC_COLUMNS), "",
+        "## Baselines on the NEU split", "", markdown_table(results["T1"] + results["T3"][1:] + results["baselines_neu"], METRIC_COLUMNS), "",
+        "## T4: NEU (metal) model transferred to MVTec bottle", "", f"Head: {results['T4']['head_transfer']}.", "",
+        "![curves](t4_transfer_curves.png)", "", "Metal (source, NEU test split):", "", markdown_table(results["T4"]["metal"], METRIC_COLUMNS), "",
+        "Bottle (target, good vs defect; ROC-AUC of P(defect)):", "", markdown_table(results["T4"]["bottle"] + results["baselines_mvtec"], BINARY_COLUMNS), "",
+    ]
+    (out / "transfer_experiments.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
