@@ -23,6 +23,12 @@ def shared_dataset(name: str) -> Path:
 
 
 @pytest.fixture
+def real_dataset():
+    """real_dataset("neu") -> path, or the test is skipped with the reason."""
+    return shared_dataset
+
+
+@pytest.fixture
 def class_folders(tmp_path: Path) -> Path:
     """<tmp>/parts/<class>/*.png with a good majority and a rare defect class."""
     root = tmp_path / "parts"
