@@ -19,6 +19,7 @@ from sqlalchemy.orm import sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import dashboard
+from api.caching import VersionedResponseCache
 from api.routes import health, images, predict, projects, rounds, webhooks
 from api.settings import STORE_FILENAME, Settings
 from store.db import create_db_engine
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = sessionmaker(engine, expire_on_commit=False)
     app.state.model_cache = {}
+    app.state.response_cache = VersionedResponseCache(max_entries=1024)
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
     app.add_exception_handler(Exception, _unhandled)
     for module in (health, projects, rounds, images, predict, webhooks, dashboard):

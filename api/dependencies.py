@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.caching import VersionedResponseCache
 from api.settings import Settings
 
 
@@ -37,6 +38,13 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_response_cache(request: Request) -> VersionedResponseCache:
+    return request.app.state.response_cache
+
+
+ResponseCacheDep = Annotated[VersionedResponseCache, Depends(get_response_cache)]
 
 _bearer = HTTPBearer(auto_error=False, description="LOOP_API_TOKEN (full access) or LOOP_API_READ_TOKEN (read-only)")
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
+from fastapi.responses import Response
 
-from api.dependencies import Limit, Offset, ReadScope, RowId, SessionDep
+from api.dependencies import Limit, Offset, ReadScope, ResponseCacheDep, RowId, SessionDep
 from api.schemas import ErrorOut, PageOut, ProgressOut, ProjectOut, RoundSummaryOut
 from store import reports
 
@@ -31,8 +32,14 @@ def list_rounds(
 
 
 @router.get("/projects/{project_id}/progress", response_model=ProgressOut, responses={404: {"model": ErrorOut}})
-def progress(project_id: RowId, session: SessionDep, _scope: ReadScope) -> ProgressOut:
-    series = reports.progress_series(session, project_id=project_id)
-    if series is None:
-        raise HTTPException(404, detail=f"no project {project_id} in this store")
-    return ProgressOut.model_validate(series)
+def progress(project_id: RowId, session: SessionDep, cache: ResponseCacheDep, _scope: ReadScope) -> Response:
+    # Dashboards poll this; with many rounds building it costs far more than checking whether anything changed.
+    version = reports.progress_fingerprint(session, project_id=project_id)
+    body = cache.get(("progress", project_id), version)
+    if body is None:
+        series = reports.progress_series(session, project_id=project_id)
+        if series is None:
+            raise HTTPException(404, detail=f"no project {project_id} in this store")
+        body = ProgressOut.model_validate(series).model_dump_json().encode()
+        cache.put(("progress", project_id), version, body)
+    return Response(content=body, media_type="application/json")

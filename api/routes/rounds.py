@@ -5,8 +5,9 @@ from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import Response
 
-from api.dependencies import Limit, Offset, ReadScope, RowId, SessionDep
+from api.dependencies import Limit, Offset, ReadScope, ResponseCacheDep, RowId, SessionDep
 from api.schemas import ErrorOut, LabelIssueOut, PageOut, RoundOut, SelectionOut
 from store import reports
 
@@ -19,12 +20,20 @@ def _require_round(session: SessionDep, round_id: int) -> None:
 
 
 @router.get("/rounds/{round_id}", response_model=RoundOut)
-def get_round(round_id: RowId, session: SessionDep, _scope: ReadScope) -> RoundOut:
-    report = reports.round_report(session, round_id=round_id)
-    if report is None:
-        raise HTTPException(404, detail=f"no round {round_id} in this store")
-    fields = asdict(report)
-    return RoundOut.model_validate({**fields.pop("summary"), **fields})
+def get_round(round_id: RowId, session: SessionDep, cache: ResponseCacheDep, _scope: ReadScope) -> Response:
+    # Cached only where a store version is nearly free to read (a SQLite file); elsewhere answered afresh.
+    version = reports.sqlite_file_version(session)
+    body = cache.get(("round", round_id), version) if version is not None else None
+    if body is None:
+        report = reports.round_report(session, round_id=round_id)
+        if report is None:
+            raise HTTPException(404, detail=f"no round {round_id} in this store")
+        # Shallow: pydantic reads the nested dataclasses by attribute (dataclasses.asdict would deep-copy them first).
+        fields = {key: value for key, value in vars(report).items() if key != "summary"}
+        body = RoundOut.model_validate({**vars(report.summary), **fields}, from_attributes=True).model_dump_json().encode()
+        if version is not None:
+            cache.put(("round", round_id), version, body)
+    return Response(content=body, media_type="application/json")
 
 
 @router.get("/rounds/{round_id}/label-issues", response_model=PageOut[LabelIssueOut])

@@ -164,3 +164,39 @@ def test_reads_never_write(client: TestClient, read_headers: dict[str, str], see
     for path in ("/projects", f"/rounds/{seeded_store.round_ids[2]}", f"/projects/{seeded_store.project_id}/progress", "/dashboard"):
         assert client.get(path, headers=read_headers).status_code == 200
     assert db.read_bytes() == before
+
+
+def test_cached_reads_follow_every_change_to_the_store(writable_store: SeededStore, read_headers: dict[str, str]) -> None:
+    from datetime import timedelta
+
+    from api.app import create_app
+    from api_seed import T0, make_settings
+    from store.db import create_db_engine, session_scope
+    from store.models import GateResult, LabelEvent, Metric, Round
+
+    engine = create_db_engine(writable_store.url)
+    r4 = writable_store.round_ids[4]
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        def progress() -> dict:
+            response = client.get(f"/projects/{writable_store.project_id}/progress", headers=read_headers)
+            assert response.status_code == 200
+            return response.json()
+
+        assert progress()["labels_by_source"]["annotator"] == [0, 2, 2, 3]
+        assert progress() == progress()  # served again from the cache: the same answer
+        with session_scope(engine) as session:
+            session.add(LabelEvent(image_id=writable_store.image_ids[0], label="spot", source="annotator", annotator="ann9", round_id=r4,
+                                   created_at=T0 + timedelta(hours=5, minutes=2)))
+        assert progress()["labels_by_source"]["annotator"] == [0, 2, 2, 4]
+        with session_scope(engine) as session:
+            session.get(Round, r4).status = "failed"
+        assert progress()["rounds"][3]["status"] == "failed"
+        assert client.get(f"/rounds/{r4}", headers=read_headers).json()["metrics"] == {}
+        with session_scope(engine) as session:
+            session.add(Metric(round_id=r4, name="macro_f1", value=0.5))
+        assert {(m["name"], m["class_name"]): m["values"] for m in progress()["metrics"]}[("macro_f1", None)] == [0.65, 0.78, None, 0.5]
+        assert client.get(f"/rounds/{r4}", headers=read_headers).json()["metrics"] == {"macro_f1": 0.5}
+        with session_scope(engine) as session:
+            session.add(GateResult(round_id=r4, name="macro_f1", value=0.5, threshold=0.7, comparison=">=", applicable=True, passed=False))
+        assert {g["name"]: g for g in progress()["gates"]}["macro_f1"]["passed"] == [False, True, None, False]
+    engine.dispose()
