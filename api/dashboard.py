@@ -97,7 +97,7 @@ def _axes(x_labels: Sequence[str], xs: Sequence[float], y_low: float, y_high: fl
         value = y_low + (y_high - y_low) * i / 4
         y = _y_of(value, y_low, y_high, frame)
         parts.append(f'<line class="grid" x1="{frame.left}" x2="{frame.width - frame.right}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        parts.append(f'<text class="tick" x="{frame.left - 6}" y="{y + 4:.1f}" text-anchor="end">{escape(_fmt(value, 2))}</text>')
+        parts.append(f'<text class="tick" x="{frame.left - 6}" y="{y + 4:.1f}" text-anchor="end">{escape(_fmt(value, 3))}</text>')
     # At most ~12 round labels under the axis; every point still has its own tooltip.
     every = max(1, math.ceil(len(x_labels) / 12))
     for i, (label, x) in enumerate(zip(x_labels, xs)):
