@@ -23,27 +23,18 @@ from labeling.labelstudio_backend import LabelStudioBackend
 from store import create_db_engine, session_scope, upgrade_schema
 from store.models import Image, IngestBatch, LabelEvent, Project, Round
 
-CLASSES = ["good", "scratch", "spot"]
-DESCRIPTIONS = {"good": "no visible defect", "scratch": "a thin bright line", "spot": "a round dark stain"}
-ANNOTATOR_A = "annotator-a@example.com"
-ANNOTATOR_B = "annotator-b@example.com"
-COLORS = {"good": (128, 128, 128), "scratch": (220, 40, 40), "spot": (40, 200, 40)}
-_TIMINGS: dict[str, float | str] = {}
-_REPORT_LINES: list[str] = []
+from labelstudio_harness import ANNOTATOR_A, ANNOTATOR_B, CLASSES, COLORS, DESCRIPTIONS, REPORT_LINES, TIMINGS
 
-
-def report_line(line: str) -> None:
-    """A line for the end-of-run summary (shown even when pytest captures output)."""
-    _REPORT_LINES.append(line)
+_TIMINGS = TIMINGS
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
-    if not _TIMINGS and not _REPORT_LINES:
+    if not TIMINGS and not REPORT_LINES:
         return
     terminalreporter.section("Label Studio")
-    for key, value in _TIMINGS.items():
+    for key, value in TIMINGS.items():
         terminalreporter.write_line(f"{key}: {value}")
-    for line in _REPORT_LINES:
+    for line in REPORT_LINES:
         terminalreporter.write_line(line)
 
 

@@ -1,0 +1,281 @@
+"""The Label Studio backend against a real server: push, annotate as real annotator users, pull, webhook, restart."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from labelstudio_harness import ANNOTATOR_A, ANNOTATOR_B, report_line
+from labeling import create_backend
+from labeling import labelstudio_client as lsc
+from labeling import labelstudio_server as lss
+from labeling.labelstudio_backend import LabelStudioBackend, record_webhook_event
+from store.models import AnnotationTask, LabelEvent, Project, RejectedAnnotation
+from store.queries import current_labels
+
+pytestmark = pytest.mark.labelstudio
+
+
+def push(backend, store, tasks, round_number: int = 1):  # noqa: ANN001
+    with store.session() as session:
+        project = session.get(Project, store.project_id)
+        return backend.push(session=session, project=project, round_id=store.round_ids[round_number], batch=tasks)
+
+
+def pull(backend, store, round_number: int = 2):  # noqa: ANN001
+    with store.session() as session:
+        project = session.get(Project, store.project_id)
+        return backend.pull(session=session, project=project, round_id=store.round_ids[round_number])
+
+
+def task_ids_by_image(store) -> dict[int, int]:  # noqa: ANN001
+    with store.session() as session:
+        return {row.image_id: int(row.external_task_id) for row in session.scalars(select(AnnotationTask))}
+
+
+def labels(store) -> dict[int, object]:  # noqa: ANN001
+    with store.session() as session:
+        return current_labels(session, store.project_id)
+
+
+def ls_project_id(store) -> int:  # noqa: ANN001
+    with store.session() as session:
+        return int(session.scalars(select(AnnotationTask.external_project_id)).first())
+
+
+def annotate(client, task_id: int, label: str, lead_time: float = 3.0) -> int:  # noqa: ANN001
+    return client.annotations.create(id=task_id, result=lsc.choice_result(label), lead_time=lead_time).id
+
+
+def test_backend_is_registered_and_reads_url_and_token_from_config_or_env(monkeypatch) -> None:
+    class Annotator:
+        labelstudio_url = "http://127.0.0.1:1"
+        labelstudio_api_key = "from-toml"
+
+    class Config:
+        annotator = Annotator()
+        class_descriptions = {"good": "fine"}
+
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    backend = create_backend("labelstudio", config=Config(), project_dir="/tmp")
+    assert (backend.url, backend.api_key, backend.class_descriptions) == ("http://127.0.0.1:1", "from-toml", {"good": "fine"})
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:2")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "from-env")
+    backend = create_backend("labelstudio", config=Config(), project_dir="/tmp")
+    assert (backend.url, backend.api_key) == ("http://127.0.0.1:2", "from-env")
+
+
+def test_push_creates_one_task_per_image_with_prediction_and_is_idempotent(labelstudio, store, backend) -> None:
+    batch = [
+        store.task(0, predicted="good", score=0.55),
+        store.task(1, reason="suspected_label_error", predicted="spot", score=0.91, current_label="scratch"),
+        store.task(4, predicted="scratch", score=0.5),
+        store.task(5, reason="cold_start"),  # no model yet: no pre-annotation
+    ]
+    report = push(backend, store, batch + [batch[0]])  # a duplicate in the batch is still one task
+    assert (report.pushed, report.already_present, report.pending, report.warnings) == (4, 0, 0, [])
+    again = push(backend, store, batch)
+    assert (again.pushed, again.already_present, again.pending) == (0, 4, 0)
+
+    admin = labelstudio.admin()
+    project_id = ls_project_id(store)
+    tasks = {t.data["defect_loop_image_id"]: t for t in admin.tasks.list(project=project_id, fields="all")}
+    assert sorted(tasks) == sorted(store.image_ids[k] for k in (0, 1, 4, 5))
+    suspect = tasks[store.image_ids[1]]
+    assert suspect.data["current_label"] == "scratch" and suspect.data["reason"] == "suspected_label_error"
+    assert "Current label: scratch" in suspect.data["why"] and "Model's guess: spot (91%)" in suspect.data["why"]
+    (prediction,) = suspect.predictions
+    prediction = prediction.model_dump() if hasattr(prediction, "model_dump") else prediction
+    assert prediction["model_version"] == "round-1" and prediction["score"] == pytest.approx(0.91)
+    assert lsc.result_choices(prediction["result"]) == ["spot"]
+    assert tasks[store.image_ids[5]].predictions == []
+    # The image is served in place from its own folder, to a logged-in user only.
+    served = httpx.get(labelstudio.url + suspect.data["image"], headers={"Authorization": f"Token {labelstudio.token}"})
+    assert served.status_code == 200 and served.content == open(store.paths[1], "rb").read()
+
+    # The store lost its mapping (a crash between import and commit): the tasks are adopted, not duplicated.
+    with store.session() as session:
+        for row in session.scalars(select(AnnotationTask)):
+            session.delete(row)
+    adopted = push(backend, store, batch)
+    assert (adopted.pushed, adopted.already_present) == (0, 4)
+    assert len(list(admin.tasks.list(project=project_id))) == 4
+    assert len(task_ids_by_image(store)) == 4
+
+
+def test_push_and_pull_when_label_studio_is_unreachable_or_token_wrong(labelstudio, store) -> None:
+    closed = f"http://127.0.0.1:{lss.free_port()}"
+    down = LabelStudioBackend(url=closed, api_key=labelstudio.token, document_root=str(labelstudio.document_root))
+    report = push(down, store, [store.task(0, predicted="good"), store.task(1, predicted="spot")])
+    assert report.pending == 2 and report.pushed == 0
+    assert any("unreachable" in w and "next round" in w for w in report.warnings)
+    pulled = pull(down, store)
+    assert pulled.new_label_events == 0 and any("unreachable" in w for w in pulled.warnings)
+    with store.session() as session:
+        assert session.scalar(select(func.count()).select_from(AnnotationTask)) == 0
+
+    wrong = LabelStudioBackend(url=labelstudio.url, api_key="f" * 40, document_root=str(labelstudio.document_root))
+    with pytest.raises(lsc.LabelStudioAuthError, match="LABEL_STUDIO_API_KEY"):
+        push(wrong, store, [store.task(0)])
+    with pytest.raises(lsc.LabelStudioAuthError, match="labelstudio_api_key"):
+        pull(wrong, store)
+
+
+def test_annotators_answers_become_label_events_with_consensus_and_rejections(labelstudio, store, backend) -> None:
+    # Images 0-3 have imported labels (good, scratch, spot, good); 4-7 have none.
+    predicted = {0: "good", 1: "scratch", 2: "good", 3: "good", 4: "scratch", 5: "spot", 6: "spot"}
+    push(backend, store, [store.task(k, predicted=label) for k, label in predicted.items()])
+    tasks = task_ids_by_image(store)
+    task = {k: tasks[store.image_ids[k]] for k in predicted}
+    a, b = labelstudio.as_annotator(ANNOTATOR_A), labelstudio.as_annotator(ANNOTATOR_B)
+    annotate(a, task[0], "good")  # agrees with model and import
+    annotate(a, task[1], "scratch")  # agrees
+    corrected = annotate(a, task[2], "spot", lead_time=7.25)  # corrects the model; confirms the import
+    annotate(a, task[3], "spot")  # overrides the imported "good": an answer supersedes the import
+    unknown = annotate(a, task[4], "dent")  # not a class of the project
+    a.annotations.create(id=task[5], result=[], was_cancelled=True, lead_time=1.0)  # skipped
+    annotate(a, task[6], "spot")  # two annotators disagree on image 6: a tie
+    annotate(b, task[6], "scratch")
+
+    report = pull(backend, store)
+    assert (report.new_label_events, report.skipped, report.rejected, report.deleted) == (6, 1, 1, 0)
+    current = labels(store)
+    ids = store.image_ids
+    assert {k: current[ids[k]].label for k in (0, 1, 2, 3)} == {0: "good", 1: "scratch", 2: "spot", 3: "spot"}
+    assert current[ids[3]].source == "annotator"
+    assert current[ids[6]].status == "tie" and current[ids[6]].label is None  # kept out of training, never guessed
+    assert all(current.get(ids[k]) is None or current[ids[k]].status == "unlabeled" for k in (4, 5))  # rejected, skipped
+    with store.session() as session:
+        (rejected,) = session.scalars(select(RejectedAnnotation)).all()
+        assert rejected.external_id == str(unknown) and "'dent' is not a class" in rejected.reason
+        event = session.scalars(select(LabelEvent).where(LabelEvent.external_id == str(corrected))).one()
+        assert event.lead_time_s == pytest.approx(7.25) and event.round_id == store.round_ids[2]
+        users = {u.email: u.id for u in labelstudio.admin().users.list()}
+        assert event.annotator == f"labelstudio:{users[ANNOTATOR_A]}"
+        skip = session.scalars(select(LabelEvent).where(LabelEvent.action == "skip")).one()
+        assert skip.image_id == ids[5] and skip.label is None
+    agreement = report.details["agreement"]
+    assert agreement["ties"] == 1 and agreement["tie_image_ids"] == [ids[6]] and agreement["images_multi_annotated"] == 1
+    assert agreement["mean_agreement"] == 0.5
+    assert agreement["answers_with_prediction"] == 6 and agreement["prediction_agreement"] == pytest.approx(3 / 6)
+    assert report.details["labelstudio"]["annotators"][f"labelstudio:{users[ANNOTATOR_B]}"] == ANNOTATOR_B
+
+    # Pulling again records nothing new: every answer is in the store once.
+    again = pull(backend, store)
+    assert (again.new_label_events, again.skipped, again.rejected, again.deleted) == (0, 0, 0, 0)
+
+    # The annotator corrects an answer, deletes another, and a third annotator breaks the tie.
+    a.annotations.update(id=corrected, result=lsc.choice_result("scratch"))
+    answered_0 = next(x["annotation_id"] for x in lsc.list_annotated_tasks(a, project_id=ls_project_id(store)) if x["task_id"] == task[0])
+    a.annotations.delete(id=answered_0)
+    b.annotations.update(id=next(x["annotation_id"] for x in lsc.list_annotated_tasks(b, project_id=ls_project_id(store))
+                                 if x["task_id"] == task[6] and x["choices"] == ["scratch"]), result=lsc.choice_result("spot"))
+    changed = pull(backend, store)
+    assert (changed.new_label_events, changed.deleted) == (2, 1)
+    current = labels(store)
+    assert current[ids[2]].label == "scratch"
+    assert current[ids[0]].label == "good" and current[ids[0]].source == "import"  # the import stands again
+    assert current[ids[6]].label == "spot" and current[ids[6]].agreement == 1.0
+    with store.session() as session:
+        assert session.scalar(select(func.count()).select_from(LabelEvent).where(LabelEvent.action == "delete")) == 1
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: list[tuple[dict, dict]] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append((dict(self.headers), json.loads(body)))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:  # noqa: ANN002
+        pass
+
+
+def test_webhook_payloads_from_label_studio_are_recorded_at_once_and_pull_adds_nothing(labelstudio, store, backend) -> None:
+    push(backend, store, [store.task(k, predicted="good") for k in (4, 5, 6)])
+    tasks = task_ids_by_image(store)
+    project_id = ls_project_id(store)
+    receiver = HTTPServer(("127.0.0.1", 0), _Receiver)
+    _Receiver.received = []
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        admin = labelstudio.admin()
+        hook = lsc.create_webhook(admin, project_id=project_id, url=f"http://127.0.0.1:{receiver.server_port}/webhooks/labelstudio",
+                                  secret_header="X-Loop-Webhook-Secret", secret="hook-secret")
+        assert lsc.create_webhook(admin, project_id=project_id, url=f"http://127.0.0.1:{receiver.server_port}/webhooks/labelstudio",
+                                  secret_header="X-Loop-Webhook-Secret", secret="hook-secret") == hook
+        a = labelstudio.as_annotator(ANNOTATOR_A)
+        first = annotate(a, tasks[store.image_ids[4]], "scratch")
+        a.annotations.update(id=first, result=lsc.choice_result("spot"))
+        annotate(a, tasks[store.image_ids[5]], "dent")
+        annotate(a, tasks[store.image_ids[6]], "good")
+        a.annotations.delete(id=first)
+        deadline = time.monotonic() + 10
+        while len(_Receiver.received) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        receiver.shutdown()
+    payloads = [payload for _headers, payload in _Receiver.received]
+    assert [p["action"] for p in payloads] == ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_CREATED", "ANNOTATION_CREATED", "ANNOTATIONS_DELETED"]
+    assert all(headers.get("X-Loop-Webhook-Secret") == "hook-secret" for headers, _ in _Receiver.received)
+
+    results = []
+    for payload in payloads:
+        with store.session() as session:
+            results.append(record_webhook_event(session=session, project=session.get(Project, store.project_id), payload=payload))
+    assert [(r["recorded"], r["rejected"], r["deleted"]) for r in results] == [(1, 0, 0), (1, 0, 0), (0, 1, 0), (1, 0, 0), (0, 0, 1)]
+    current = labels(store)
+    assert current[store.image_ids[6]].label == "good" and store.image_ids[4] not in {i for i, l in current.items() if l.label}
+    # The same payload again (Label Studio does not retry, but a proxy might) changes nothing.
+    with store.session() as session:
+        repeat = record_webhook_event(session=session, project=session.get(Project, store.project_id), payload=payloads[3])
+    assert (repeat["recorded"], repeat["outcomes"]) == (0, {str(payloads[3]["annotation"]["id"]): "unchanged"})
+    # The round's pull finds everything recorded already.
+    report = pull(backend, store)
+    assert (report.new_label_events, report.deleted, report.rejected, report.skipped) == (0, 0, 0, 0)
+
+    with store.session() as session:
+        project = session.get(Project, store.project_id)
+        for bad, reason in [
+            ({"annotation": {}}, "no 'action'"),
+            ({"action": "PROJECT_CREATED", "project": {"id": project_id}}, "not recorded"),
+            ({"action": "ANNOTATION_CREATED", "project": {"id": 999999}, "annotation": {"id": 1}, "task": {"id": 1}}, "not one defect-loop pushed"),
+            ({"action": "ANNOTATION_CREATED", "project": {"id": project_id}, "task": {"id": 1}}, "needs an 'annotation'"),
+            ({"action": "ANNOTATION_UPDATED", "project": {"id": project_id}, "annotation": {"id": "x"}, "task": {"id": 1}}, "not an integer"),
+            ({"action": "ANNOTATIONS_DELETED", "project": {"id": project_id}}, "non-empty 'annotations'"),
+        ]:
+            with pytest.raises(ValueError, match=reason):
+                record_webhook_event(session=session, project=project, payload=bad)
+
+
+def test_restart_between_push_and_pull_loses_nothing(labelstudio, store, backend) -> None:
+    batch = [store.task(k, predicted="good") for k in range(8)]
+    pushed = push(backend, store, batch).pushed
+    tasks = task_ids_by_image(store)
+    a = labelstudio.as_annotator(ANNOTATOR_A)
+    answers = {k: ("spot" if k % 2 else "good") for k in range(8)}
+    for k, label in answers.items():
+        annotate(a, tasks[store.image_ids[k]], label)
+
+    restart_s = labelstudio.restart()
+
+    fresh = LabelStudioBackend(url=labelstudio.url, api_key=labelstudio.token, document_root=str(labelstudio.document_root))
+    report = pull(fresh, store)
+    again = push(fresh, store, batch)
+    current = labels(store)
+    lost = sum(1 for k, label in answers.items() if current.get(store.image_ids[k]) is None or current[store.image_ids[k]].label != label)
+    tasks_after = len(list(labelstudio.admin().tasks.list(project=ls_project_id(store))))
+    line = (f"restart test: tasks pushed {pushed}, tasks in Label Studio after restart {tasks_after}, "
+            f"annotations pulled {report.new_label_events}, lost {lost} (restart took {restart_s:.1f} s)")
+    report_line(line)
+    print(line)
+    assert (pushed, tasks_after, report.new_label_events, lost) == (8, 8, 8, 0)
+    assert (again.pushed, again.already_present) == (0, 8)
