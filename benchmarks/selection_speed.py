@@ -93,6 +93,7 @@ def main() -> int:
         return time.perf_counter() - t, result.summary
 
     all_failing = {"macro_f1": False, "defect_recall": False, "negative_fpr": False}
+    load_before_calls = [round(x, 2) for x in os.getloadavg()]  # the 2 cores are shared
     first_s, first_summary = one_call(all_failing, args.seed)
     repeat_s = [one_call(all_failing, args.seed + 1 + i)[0] for i in range(args.repeats)]
     no_gates_s, _ = one_call(None, args.seed)
@@ -114,6 +115,7 @@ def main() -> int:
         "first_call_timings_ms": first_summary["timings_ms"],
         "first_call_weights": first_summary["weights"],
         "peak_rss_gb": round(peak_rss_gb(), 2),
+        "load_average_before_calls_1_5_15min": load_before_calls,
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -143,7 +145,7 @@ Phases of the first call (ms):
 |---|---|
 {phases}
 
-Peak RSS {report['peak_rss_gb']} GB. Requirement < 2 s: {'met' if report['passes'] else 'NOT met'}.
+Peak RSS {report['peak_rss_gb']} GB. Load average before the calls (1/5/15 min): {load_before_calls}. Requirement < 2 s: {'met' if report['passes'] else 'NOT met'}.
 """
     (args.out / "selection_speed.md").write_text(markdown)
     print(json.dumps(report, indent=2))
