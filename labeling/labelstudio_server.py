@@ -196,6 +196,11 @@ def server_environment(
     return env
 
 
+def resolve_document_root(document_root: str | None = None) -> str:
+    """The argument, else env LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (the backend reads the same), else "/"."""
+    return os.path.abspath(document_root or os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT") or DEFAULT_DOCUMENT_ROOT)
+
+
 def port_is_free(port: int, host: str = DEFAULT_HOST) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -257,7 +262,7 @@ def start_server(
     username: str = DEFAULT_USERNAME,
     password: str | None = None,
     token: str | None = None,
-    document_root: str = DEFAULT_DOCUMENT_ROOT,
+    document_root: str | None = None,
     venv_dir: Path | str | None = None,
     host: str = DEFAULT_HOST,
     template: Path | str | None = None,
@@ -270,6 +275,7 @@ def start_server(
     Raises LabelStudioServerError when the port is taken, the server dies, moves port or does not get healthy.
     """
     data_dir = Path(data_dir).expanduser().resolve()
+    document_root = resolve_document_root(document_root)
     executable = server_executable(venv_dir)
     if not executable.exists():
         raise LabelStudioServerError(
@@ -359,7 +365,7 @@ def _log_tail(log_path: Path, n_chars: int = 3000) -> str:
         return ""
 
 
-def _pid_is_label_studio(pid: int) -> bool:
+def _pid_is_label_studio(pid: int, data_dir: Path | None = None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -369,15 +375,19 @@ def _pid_is_label_studio(pid: int) -> bool:
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists():  # a recycled pid must not be killed
         try:
-            return b"label-studio" in cmdline.read_bytes()
+            arguments = cmdline.read_bytes().split(b"\0")
         except OSError:
             return False
+        if not any(b"label-studio" in argument for argument in arguments):
+            return False
+        return data_dir is None or str(data_dir).encode() in arguments
     return True
 
 
 def stop_server(server: RunningServer | int, *, timeout_s: float = 20.0) -> bool:
-    """SIGTERM the server by pid (SIGKILL after timeout_s); True if it was running. Removes its state file."""
+    """SIGTERM the server by pid (SIGKILL after timeout_s); True if it was running."""
     pid = server.pid if isinstance(server, RunningServer) else int(server)
+    data_dir = Path(server.data_dir) if isinstance(server, RunningServer) else None
     child = _CHILDREN.pop(pid, None)
     was_running = False
     if child is not None:
@@ -389,18 +399,16 @@ def stop_server(server: RunningServer | int, *, timeout_s: float = 20.0) -> bool
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait(timeout=10)
-    elif _pid_is_label_studio(pid):
+    elif _pid_is_label_studio(pid, data_dir):
         was_running = True
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _pid_is_label_studio(pid):
+        while time.monotonic() < deadline and _pid_is_label_studio(pid, data_dir):
             time.sleep(0.2)
-        if _pid_is_label_studio(pid):
+        if _pid_is_label_studio(pid, data_dir):
             os.kill(pid, signal.SIGKILL)
-    if isinstance(server, RunningServer):
-        state = read_state(server.data_dir)
-        if state is not None and state.pid == pid:
-            (server.data_dir / STATE_FILE_NAME).unlink(missing_ok=True)
+    # The state file stays: it keeps the admin token for the next start on this data dir (the token is applied
+    # only when the admin is first created); a dead pid in it is never mistaken for a running server.
     return was_running
 
 
@@ -460,7 +468,7 @@ def read_state(data_dir: Path | str) -> RunningServer | None:
 def running_server(data_dir: Path | str) -> RunningServer | None:
     """The server recorded in data_dir's state file if its pid is alive and it answers /health, else None."""
     state = read_state(data_dir)
-    if state is None or not _pid_is_label_studio(state.pid) or not health_ok(state.url):
+    if state is None or not _pid_is_label_studio(state.pid, state.data_dir) or not health_ok(state.url):
         return None
     return state
 
@@ -472,7 +480,7 @@ def labelstudio_up(
     username: str = DEFAULT_USERNAME,
     password: str | None = None,
     token: str | None = None,
-    document_root: str = DEFAULT_DOCUMENT_ROOT,
+    document_root: str | None = None,
     venv_dir: Path | str | None = None,
 ) -> RunningServer:
     """Install (if needed) and start a local Label Studio; prints nothing, returns what to print.
@@ -484,11 +492,11 @@ def labelstudio_up(
     current = running_server(data_dir)
     if current is not None:
         return RunningServer(**{**asdict(current), "already_running": True})
-    previous = read_state(data_dir)
+    previous = read_state(data_dir)  # stopped earlier: same admin, same token
     if previous is not None:
         token = token or previous.token
         password = password or previous.password
-        (data_dir / STATE_FILE_NAME).unlink(missing_ok=True)  # stale: its process is gone
+        document_root = document_root or previous.document_root
     install_server(venv_dir=venv_dir)
     return start_server(
         data_dir=data_dir, port=port, username=username, password=password, token=token,
@@ -498,7 +506,7 @@ def labelstudio_up(
 
 def labelstudio_down(*, data_dir: Path | str) -> bool:
     """Stop the server recorded in data_dir's state file; False if none was running."""
-    state = read_state(data_dir)
+    state = running_server(data_dir)
     if state is None:
         return False
     return stop_server(state)
@@ -560,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--data-dir", required=True)
     up.add_argument("--port", type=int, default=DEFAULT_PORT)
     up.add_argument("--username", default=DEFAULT_USERNAME)
-    up.add_argument("--document-root", default=DEFAULT_DOCUMENT_ROOT)
+    up.add_argument("--document-root", default=None, help="default: env LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, else /")
     down = commands.add_parser("down", help="stop the server of a data dir")
     down.add_argument("--data-dir", required=True)
     args = parser.parse_args(argv)
