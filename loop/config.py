@@ -29,7 +29,7 @@ class ModelConfig(Strict):
     train: str = "head"  # head | finetune | full
     init_from: str | None = None  # another project dir or checkpoint (domain transfer)
     threshold_source: Literal["auto", "validation", "out_of_fold"] = "auto"
-    threshold_confidence: float = Field(0.9, gt=0.5, lt=1)
+    threshold_confidence: float = Field(0.75, ge=0.5, lt=1)
     latency_threads: int = Field(2, ge=1, le=64)
 
 

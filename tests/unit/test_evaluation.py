@@ -1,33 +1,49 @@
 import numpy as np
 import pytest
 
-from modeling.evaluation import choose_defect_threshold, evaluate_gates, evaluate_predictions, final_predictions, fpr_upper_bound
+from modeling.evaluation import choose_defect_threshold, evaluate_gates, evaluate_predictions, final_predictions, fpr_upper_bound, rank_threshold
 
 
-def test_threshold_keeps_the_fpr_bound_under_the_gate_and_maximises_recall() -> None:
+def test_rank_rule_keeps_the_fpr_bound_under_the_gate_and_is_the_lowest_such_threshold() -> None:
     rng = np.random.default_rng(0)
     negatives = rng.beta(2, 8, 800)
-    defects = rng.beta(8, 2, 400)
-    p_defect = np.concatenate([negatives, defects])
+    threshold, allowed, attainable = rank_threshold(negative_scores=negatives, max_fpr=0.03, confidence=0.9)
+    assert attainable and allowed > 0
+    assert int((negatives >= threshold).sum()) == allowed
+    assert fpr_upper_bound(allowed, 800, 0.9) <= 0.03 < fpr_upper_bound(allowed + 1, 800, 0.9)
+    assert allowed / 800 < 0.03  # a margin below the gate, not at it
+
+
+def test_blend_of_rank_and_tail_with_many_negatives_stays_below_the_gate_with_high_recall() -> None:
+    rng = np.random.default_rng(0)
+    p_defect = np.concatenate([rng.beta(2, 8, 800), rng.beta(8, 2, 400)])
     is_defect = np.concatenate([np.zeros(800, bool), np.ones(400, bool)])
-    choice = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03, confidence=0.9)
-    assert choice.margin_attainable
-    assert choice.fpr_upper_bound <= 0.03
-    assert choice.observed_fpr < 0.03  # a margin below the gate, not at it
-    assert choice.observed_fpr == pytest.approx(choice.allowed_false_positives / 800)
-    # One more false positive would break the bound: the threshold is the lowest that keeps it.
-    assert fpr_upper_bound(choice.allowed_false_positives + 1, 800, 0.9) > 0.03
+    choice = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03)
+    assert min(choice.rank_threshold, choice.tail_threshold) <= choice.threshold <= max(choice.rank_threshold, choice.tail_threshold)
+    assert choice.observed_fpr < 0.03
     assert choice.observed_defect_recall > 0.9
+    # Fresh draws from the same distributions (a "test split"): the FPR still holds.
+    fresh = rng.beta(2, 8, 20000)
+    assert (fresh >= choice.threshold).mean() < 0.03
 
 
-def test_few_negatives_allow_no_false_positive_and_say_the_margin_is_not_attainable() -> None:
+def test_one_odd_good_part_does_not_drag_the_threshold_to_one() -> None:
+    rng = np.random.default_rng(1)
+    negatives = np.append(rng.beta(2, 12, 60), 0.999)  # 61 good parts, one scored like a defect
+    defects = rng.beta(30, 1, 30)
+    choice = choose_defect_threshold(p_defect=np.concatenate([negatives, defects]), is_defect=np.r_[np.zeros(61, bool), np.ones(30, bool)], max_fpr=0.03)
+    rank_recall = (defects >= choice.rank_threshold).mean()
+    assert choice.rank_threshold > 0.999 and rank_recall < 0.2  # the rank rule alone: above the odd one, recall gone
+    assert choice.threshold < choice.rank_threshold and choice.observed_defect_recall > 0.5
+
+
+def test_few_negatives_say_the_margin_is_not_attainable_and_allow_no_rank_false_positive() -> None:
     p_defect = np.array([0.1, 0.2, 0.3, 0.35, 0.9, 0.8, 0.32])
     is_defect = np.array([0, 0, 0, 0, 1, 1, 1], bool)
     choice = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03)
     assert not choice.margin_attainable
-    assert choice.allowed_false_positives == 0
+    assert choice.allowed_false_positives == 0 and choice.tail_threshold is None  # too few for a tail fit
     assert 0.35 < choice.threshold < 0.36
-    assert choice.observed_defect_recall == pytest.approx(2 / 3)
 
 
 def test_final_prediction_is_threshold_first_then_most_probable_defect() -> None:
