@@ -64,6 +64,7 @@ class FinetuneConfig:
     mode: str = "cached"  # cached | augment
     augmentation: tuple[str, ...] = ()  # transform names (mode="augment")
     cached_views: tuple[str, ...] = ("identity",)  # exact flips/turns cached per training image (mode="cached")
+    tta: tuple[str, ...] = ("identity",)  # test-time augmentation: logits averaged over these exact views (exported too)
     balance: str = "weights"  # weights (class-weighted loss) | sampler (class-balanced sampling) | none
     loss: str = "cross_entropy"  # cross_entropy | focal
     focal_gamma: float = 2.0
@@ -94,6 +95,10 @@ class FinetuneConfig:
         if isinstance(views, str):
             views = VIEW_PRESETS.get(views) or tuple(part.strip() for part in views.split(",") if part.strip())
         values["cached_views"] = tuple(views)
+        tta = values.get("tta", cls.tta)
+        if isinstance(tta, str):
+            tta = VIEW_PRESETS.get(tta) or tuple(part.strip() for part in tta.split(",") if part.strip())
+        values["tta"] = tuple(tta)
         config = cls(**values)
         config.validate()
         return config
@@ -113,6 +118,8 @@ class FinetuneConfig:
         unknown_views = [view for view in self.cached_views if view not in VIEWS]
         if unknown_views or "identity" not in self.cached_views:
             problems.append(f"cached_views must include 'identity' and come from {', '.join(VIEWS)}; got {list(self.cached_views)}")
+        if not self.tta or any(view not in VIEWS for view in self.tta):
+            problems.append(f"tta views must come from {', '.join(VIEWS)} (or a preset: {', '.join(VIEW_PRESETS)}); got {list(self.tta)}")
         if int(self.epochs) < 0 or int(self.batch_size) < 1 or int(self.patience) < 1:
             problems.append("epochs >= 0, batch_size >= 1 and patience >= 1 are required")
         if not (0 < float(self.head_lr) < 1 and 0 <= float(self.backbone_lr) < 1):
@@ -162,12 +169,13 @@ class ResizeInput(nn.Module):
 class FinetunedNetwork(nn.Module):
     """images (NCHW, normalised) -> logits. `prefix` is frozen; `tail` and `head` train."""
 
-    def __init__(self, prefix: nn.Module, tail: nn.Module, head: nn.Linear, *, dropout: float = 0.0):
+    def __init__(self, prefix: nn.Module, tail: nn.Module, head: nn.Linear, *, dropout: float = 0.0, tta: Sequence[str] = ("identity",)):
         super().__init__()
         self.prefix = prefix
         self.tail = tail
         self.dropout = nn.Dropout(dropout)
         self.head = head
+        self.tta = tuple(tta)
 
     def pooled_features(self, feature_maps: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.tail(feature_maps), dim=1)
@@ -176,7 +184,8 @@ class FinetunedNetwork(nn.Module):
         return self.head(self.dropout(self.pooled_features(feature_maps)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits_from_feature_maps(self.prefix(images))
+        logits = [self.logits_from_feature_maps(self.prefix(VIEWS[view](images))) for view in self.tta]
+        return logits[0] if len(logits) == 1 else torch.stack(logits).mean(dim=0)
 
 
 class ProbabilityNetwork(nn.Module):
@@ -377,8 +386,9 @@ class FinetunedClassifier:
         return PrefixRunner(self.network.prefix, key=self.prefix_key, image_size=self.preprocessing.image_size, threads=int(self.config.get("threads", 2)))
 
     def predict_logits_paths(self, paths: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
-        feature_maps = prefix_feature_maps(self._runner(), list(paths), self.preprocessing)
-        return _tail_logits(self.network, feature_maps, batch_size=batch_size, channels_last=bool(self.config.get("channels_last", True)))
+        """Logits (test-time views averaged, as the exported network does) from cached frozen feature maps."""
+        return _tta_logits(self.network, self._runner(), list(paths), self.preprocessing, batch_size=batch_size,
+                           channels_last=bool(self.config.get("channels_last", True)))
 
     def predict_proba_paths(self, paths: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
         logits = self.predict_logits_paths(paths, batch_size=batch_size)
@@ -406,6 +416,15 @@ def _tail_logits(network: FinetunedNetwork, feature_maps: np.ndarray, *, batch_s
     network.train(was_training)
     n_classes = network.head.out_features
     return np.concatenate(outputs).astype(np.float64) if outputs else np.zeros((0, n_classes))
+
+
+def _tta_logits(network: FinetunedNetwork, runner: PrefixRunner, paths: list[str], preprocessing: Preprocessing, *, batch_size: int, channels_last: bool) -> np.ndarray:
+    total = None
+    for view in network.tta:
+        maps = prefix_feature_maps(runner, paths, preprocessing, view=view)
+        logits = _tail_logits(network, maps, batch_size=batch_size, channels_last=channels_last)
+        total = logits if total is None else total + logits
+    return total / len(network.tta)
 
 
 def _pooled_features(network: FinetunedNetwork, feature_maps: np.ndarray, *, batch_size: int, channels_last: bool) -> np.ndarray:
@@ -558,7 +577,7 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
     for parameter in tail.parameters():
         parameter.requires_grad_(True)
     head = nn.Linear(data.backbone.num_features, n_classes)
-    network = FinetunedNetwork(prefix, tail, head, dropout=config.dropout)
+    network = FinetunedNetwork(prefix, tail, head, dropout=config.dropout, tta=config.tta)
     if config.channels_last:
         tail.to(memory_format=torch.channels_last)
     prefix_key = _prefix_key(data.backbone, trainable_stages=config.trainable_stages, train_stem=config.train_stem, resize_to=resize_to)
@@ -651,6 +670,9 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
                 break
     network.load_state_dict(best.state)
     network.eval()
+    if network.tta != ("identity",) and len(validation_labels):
+        # Validation logits as deployment computes them (views averaged): what temperature and threshold see.
+        best.logits = _tta_logits(network, runner, list(data.validation_paths), data.preprocessing, batch_size=64, channels_last=config.channels_last)
     for parameter in network.parameters():
         parameter.requires_grad_(False)
     tuned_backbone = Backbone(

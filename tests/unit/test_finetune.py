@@ -231,3 +231,16 @@ def test_frozen_embeddings_from_cached_feature_maps_match_the_embedding_network(
     with torch.no_grad():
         expected = EmbeddingNetwork(backbone.model.eval())(images).numpy()
     np.testing.assert_allclose(embeddings, expected, atol=1e-4)
+
+
+def test_test_time_views_are_averaged_the_same_way_in_the_export(backbone, balanced_images, tmp_path):
+    classifier = train_classifier(strategy="finetune", data=_data(backbone, balanced_images, epochs=1, tta="flips"))
+    assert classifier.network.tta == ("identity", "hflip", "vflip", "rot180")
+    test_paths, _ = balanced_images["test"]
+    expected = classifier.predict_proba_paths(test_paths[:4])
+    images = np.stack([load_image_array(path, classifier.preprocessing) for path in test_paths[:4]])
+    onnx_path = export_onnx(classifier.to_torch_module(), tmp_path / "tta.onnx", image_size=SIZE, output_name="probabilities")
+    np.testing.assert_allclose(open_session(onnx_path, threads=1).run(None, {"images": images})[0], expected, atol=1e-4)
+    # The views matter: a single view gives other numbers.
+    classifier.network.tta = ("identity",)
+    assert not np.allclose(classifier.predict_proba_paths(test_paths[:4]), expected, atol=1e-6)
