@@ -239,17 +239,15 @@ def serve(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
 ) -> None:
-    """The managers' REST API and dashboard for one project."""
-    import uvicorn
-
-    from api.app import create_app
+    """The managers' REST API and dashboard for one project (tokens: LOOP_API_TOKEN, LOOP_API_READ_TOKEN; made up
+    for this run and printed when neither is set)."""
+    from api.app import serve as serve_api
     from api.settings import Settings
 
     with clear_errors():
         ctx = open_project(project)
-        settings = Settings(database_url=ctx.database_url, project_dir=str(ctx.root))
-    console.print(f"serving {ctx.root} at http://{host}:{port}/  (dashboard: http://{host}:{port}/dashboard, API docs: http://{host}:{port}/docs)")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        settings = Settings(database_url=ctx.database_url, project_dir=ctx.root)
+    serve_api(ctx.root, host=host, port=port, settings=settings, log_level="warning")
 
 
 def main() -> None:  # pragma: no cover
