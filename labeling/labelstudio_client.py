@@ -102,8 +102,9 @@ def label_config_for(classes: Sequence[str], descriptions: Mapping[str, str] | N
     return "\n".join(
         [
             "<View>",
-            f'  <Image name="{IMAGE_NAME}" value="${IMAGE_NAME}" zoom="true"/>',
+            # Why first (context), then the image kept short enough that the choices stay on screen.
             f'  <Text name="{WHY_NAME}" value="${WHY_NAME}"/>',
+            f'  <Image name="{IMAGE_NAME}" value="${IMAGE_NAME}" zoom="true" maxHeight="60vh"/>',
             f'  <Choices name="{CHOICES_NAME}" toName="{IMAGE_NAME}" choice="single-radio" required="true" showInline="true">',
             *choices,
             "  </Choices>",
