@@ -17,6 +17,7 @@ from loop.ingest import IngestError, ingest_source
 from loop.project import ProjectBusy, database_url_for, open_project, project_lock
 from loop.errors import RoundFailed
 from loop.status import project_status
+from labeling.labelstudio_server import LabelStudioServerError
 from modeling.errors import WeightsUnavailable
 
 app = typer.Typer(help="defect-loop: label, train, gate and select, one round at a time.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -35,7 +36,7 @@ def clear_errors() -> Iterator[None]:
     """Expected failures become one clear line and a non-zero exit, never a traceback."""
     try:
         yield
-    except (ConfigError, IngestError, ProjectBusy, RoundFailed, WeightsUnavailable, LookupError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, IngestError, ProjectBusy, RoundFailed, WeightsUnavailable, LabelStudioServerError, LookupError, FileNotFoundError, ValueError) as error:
         error_console.print(f"[bold red]error:[/] {error}")
         raise typer.Exit(EXIT_USAGE) from None
 
@@ -248,6 +249,78 @@ def serve(
         ctx = open_project(project)
         settings = Settings(database_url=ctx.database_url, project_dir=ctx.root)
     serve_api(ctx.root, host=host, port=port, settings=settings, log_level="warning")
+
+
+DEFAULT_LABELSTUDIO_DIR = Path("~/.local/share/defect-loop/labelstudio")
+
+
+@labelstudio_app.command("up")
+def labelstudio_up(
+    data_dir: Annotated[Path, typer.Option(help="Label Studio's data dir (SQLite, media, state)")] = DEFAULT_LABELSTUDIO_DIR,
+    port: Annotated[int, typer.Option()] = 8080,
+    username: Annotated[str, typer.Option(help="admin e-mail")] = "admin@defect-loop.local",
+    password: Annotated[Optional[str], typer.Option(help="admin password (default: generated, printed)")] = None,
+    token: Annotated[Optional[str], typer.Option(help="admin API token (default: generated, printed)")] = None,
+    project: Annotated[Optional[Path], typer.Option("--project", "-p", help="also point this project's loop.toml at the server")] = None,
+) -> None:
+    """Install the pinned Label Studio into its own venv (first time), start it on 127.0.0.1 with SQLite, an admin and
+    a token, no phone-home; print the URL and token."""
+    from labeling.labelstudio_server import labelstudio_up as start
+
+    with clear_errors():
+        console.print("starting Label Studio (the first start installs it into its own venv and migrates its database: a minute or two)")
+        server = start(data_dir=data_dir.expanduser(), port=port, username=username, password=password, token=token)
+        if project is not None:
+            from loop.config import load_config
+
+            config = load_config(project.expanduser().resolve())
+            config.annotator.backend = "labelstudio"
+            config.annotator.labelstudio_url = server.url
+            config.annotator.labelstudio_api_key = server.token
+            save_config(project.expanduser().resolve(), config)
+    state = "already running" if server.already_running else "started"
+    console.print(f"Label Studio {state} at [bold]{server.url}[/] (pid {server.pid}, data {server.data_dir}, log {server.log_path})")
+    console.print(f"  login: {server.username}" + (f" / {server.password}" if server.password else ""))
+    console.print(f"  API token: {server.token}   (export LABEL_STUDIO_URL={server.url} LABEL_STUDIO_API_KEY={server.token})")
+    if project is not None:
+        console.print(f"  {project}/loop.toml now uses it: [annotator] backend = \"labelstudio\"")
+    console.print(f"  stop it with: loop labelstudio down --data-dir {data_dir}")
+
+
+@labelstudio_app.command("down")
+def labelstudio_down(data_dir: Annotated[Path, typer.Option()] = DEFAULT_LABELSTUDIO_DIR) -> None:
+    """Stop the local Label Studio started by `loop labelstudio up` (by its PID)."""
+    from labeling.labelstudio_server import labelstudio_down as stop
+
+    with clear_errors():
+        stopped = stop(data_dir=data_dir.expanduser())
+    console.print("stopped" if stopped else f"no Label Studio was running for {data_dir}")
+
+
+@labelstudio_app.command("webhook")
+def labelstudio_webhook(
+    project: ProjectOption,
+    url: Annotated[str, typer.Option(help="where `loop serve` listens, e.g. http://127.0.0.1:8000/webhooks/labelstudio")],
+) -> None:
+    """Register the webhook that records annotations the moment they are made (secret: LOOP_LABELSTUDIO_WEBHOOK_SECRET).
+    Label Studio sends each event once with no retry; `loop round` still pulls to catch up."""
+    import os
+
+    from labeling.labelstudio_backend import LabelStudioBackend
+    from labeling.labelstudio_client import create_webhook
+    from store import session_scope
+    from store.queries import get_project
+
+    with clear_errors():
+        secret = os.environ.get("LOOP_LABELSTUDIO_WEBHOOK_SECRET")
+        if not secret:
+            raise ConfigError("set LOOP_LABELSTUDIO_WEBHOOK_SECRET (the same value for `loop serve`): the webhook is refused without it")
+        ctx = open_project(project)
+        backend = LabelStudioBackend(config=ctx.config, project_dir=ctx.root)
+        with session_scope(ctx.engine) as session:
+            ls_project_id = backend.ensure_project(get_project(session))
+        hook_id = create_webhook(backend.client(), project_id=ls_project_id, url=url, secret_header="X-Loop-Webhook-Secret", secret=secret)
+    console.print(f"webhook {hook_id} on Label Studio project {ls_project_id} -> {url}")
 
 
 def main() -> None:  # pragma: no cover

@@ -52,6 +52,7 @@ class AnnotatorConfig(Strict):
     oracle_noise: float = Field(0.0, ge=0, le=1)
     labelstudio_url: str | None = None  # or env LABEL_STUDIO_URL
     labelstudio_api_key: str | None = None  # or env LABEL_STUDIO_API_KEY
+    labelstudio_document_root: str | None = None  # or env LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; default "/"
 
     @model_validator(mode="after")
     def _oracle_needs_manifest(self) -> "AnnotatorConfig":

@@ -474,6 +474,10 @@ def record_round(state: RoundState) -> None:
         if state.latency:
             session.add(Metric(round_id=state.round_id, name="latency_ms", value=state.latency["ms_per_image"]))
             session.add(Metric(round_id=state.round_id, name="latency_batch1_p95_ms", value=state.latency["batch1_p95_ms"]))
+        agreement = state.pull_report.details.get("agreement") or {}
+        for name in ("mean_agreement", "unanimous_share", "prediction_agreement"):
+            if isinstance(agreement.get(name), (int, float)):
+                session.add(Metric(round_id=state.round_id, name=f"annotator_{name}", value=float(agreement[name])))
         for gate in state.gates:
             session.add(GateResult(round_id=state.round_id, name=gate.name, value=gate.value, threshold=gate.threshold, comparison=gate.comparison, applicable=gate.applicable, passed=gate.passed))
         session.add_all(

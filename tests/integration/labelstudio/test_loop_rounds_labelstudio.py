@@ -1,0 +1,94 @@
+"""`loop round` with the Label Studio backend, end to end against the real server: round 1 pushes its batch with the
+model's guesses, annotators answer in Label Studio (agreeing, correcting, an unknown label, a two-annotator tie),
+round 2 pulls every answer into the store and trains on it."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from labelstudio_harness import ANNOTATOR_A, ANNOTATOR_B, report_line
+from labeling import labelstudio_client as lsc
+from loop.cli import app
+from loop.project import open_project
+from store import session_scope
+from store.models import AnnotationTask, Image, LabelEvent, Prediction, RejectedAnnotation, Round
+from store.queries import current_labels
+
+pytestmark = pytest.mark.labelstudio
+runner = CliRunner()
+
+
+def invoke(*args: str):  # noqa: ANN201
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_two_loop_rounds_through_label_studio(tmp_path: Path, class_folders: Path, labelstudio, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LABEL_STUDIO_URL", labelstudio.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", labelstudio.token)
+    monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", str(labelstudio.document_root))
+    files = sorted(class_folders.rglob("*.png"))
+    truth = {str(p): p.parent.name for p in files}
+    manifest = tmp_path / "labels.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        for i, path in enumerate(files):
+            writer.writerow([str(path), truth[str(path)] if i % 3 else ""])
+    project = tmp_path / "ls-project"
+    invoke("init", str(project), "--name", f"loop-e2e-{tmp_path.name}", "--classes", "good,scratch,spot,patch", "--negative-class", "good",
+           "--annotator", "labelstudio", "--budget", "6", "--image-size", "96")
+    invoke("ingest", str(manifest), "--project", str(project), "--quiet")
+
+    invoke("round", "--project", str(project), "--quiet")
+    ctx = open_project(project)
+    with session_scope(ctx.engine) as session:
+        tasks = {row.image_id: (int(row.external_task_id), int(row.external_project_id)) for row in session.scalars(select(AnnotationTask))}
+        paths = {i.id: i.path for i in session.scalars(select(Image))}
+        round_one = session.scalars(select(Round).where(Round.number == 1)).one()
+        assert round_one.details["push"]["pushed"] == len(tasks) >= 6 and round_one.details["push"]["pending"] == 0
+    ls_project = next(iter(tasks.values()))[1]
+    admin = labelstudio.admin()
+    listed = list(admin.tasks.list(project=ls_project, fields="all"))
+    assert len(listed) == len(tasks)
+    assert all(task.predictions for task in listed)  # the model's guess is pre-filled, model_version = round-1
+    assert {p.model_version for t in listed for p in t.predictions} == {"round-1"}
+
+    # Annotators answer in Label Studio, as people would through its API.
+    annotator_a, annotator_b = labelstudio.as_annotator(ANNOTATOR_A), labelstudio.as_annotator(ANNOTATOR_B)
+    image_ids = sorted(tasks)
+    unknown_image, tie_image, agreeing = image_ids[0], image_ids[1], image_ids[2:]
+    for image_id in agreeing:
+        annotator_a.annotations.create(id=tasks[image_id][0], result=lsc.choice_result(truth[paths[image_id]]), lead_time=2.5)
+    annotator_a.annotations.create(id=tasks[unknown_image][0], result=lsc.choice_result("dent"), lead_time=1.0)
+    annotator_a.annotations.create(id=tasks[tie_image][0], result=lsc.choice_result("scratch"), lead_time=1.0)
+    annotator_b.annotations.create(id=tasks[tie_image][0], result=lsc.choice_result("spot"), lead_time=1.0)
+
+    invoke("round", "--project", str(project), "--quiet")
+    with session_scope(ctx.engine) as session:
+        labels = current_labels(session, round_one.project_id)
+        for image_id in agreeing:
+            assert (labels[image_id].label, labels[image_id].source) == (truth[paths[image_id]], "annotator")
+        assert labels[tie_image].status == "tie"  # kept out of training, never guessed
+        rejected = session.scalars(select(RejectedAnnotation)).all()
+        assert len(rejected) == 1 and "dent" in rejected[0].reason
+        round_two = session.scalars(select(Round).where(Round.number == 2)).one()
+        events = session.scalars(select(LabelEvent).where(LabelEvent.source == "annotator")).all()
+        assert len({e.external_id for e in events}) == len(agreeing) + 2  # agreeing + both tie answers
+        assert all(e.lead_time_s for e in events)
+        assert round_two.details["training"]["n_fit"] > round_one.details["training"]["n_fit"]
+        assert round_two.details["label_counts_by_source"]["annotator"] == len(agreeing)
+        # The model changed: its test-split probabilities moved.
+        test_ids = [i.id for i in session.scalars(select(Image).where(Image.split == "test"))]
+        def probs(round_id: int) -> dict:  # noqa: E306
+            return {p.image_id: p.probabilities for p in session.scalars(select(Prediction).where(Prediction.round_id == round_id, Prediction.image_id.in_(test_ids)))}
+        assert probs(round_one.id) != probs(round_two.id)
+        metric_names = {m.name for m in round_two.metrics}
+        assert "annotator_mean_agreement" in metric_names
+    report_line(f"loop rounds via Label Studio: {len(tasks)} tasks pushed, {len(agreeing) + 3} annotations made, "
+                f"{len(agreeing) + 2} recorded as label events, 1 rejected (unknown class), 1 tie kept out")
