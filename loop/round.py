@@ -25,6 +25,7 @@ from sqlalchemy import select
 from labeling import AnnotatorBackend, PullReport, PushReport, TaskRequest, create_backend
 from loop.errors import RoundFailed
 from loop.ingest import inspect_file, split_for_new_label
+from loop.selection_index import load_or_update_index
 from loop.project import ProjectContext
 from modeling.backbones import Backbone, create_backbone
 from modeling.embeddings import EmbeddingCache, EmbeddingExtractor, embedding_model_key
@@ -382,6 +383,7 @@ def select_next_batch(state: RoundState) -> None:
         strategy=loop_config.strategy, budget=min(loop_config.budget_per_round, len(candidates)), embeddings=state.embeddings,
         probabilities=state.probabilities, labels=visible_labels, candidates=candidates, class_names=list(state.config.classes),
         negative_index=state.config.negative_index, gate_estimates=state.estimated_gates, seed=loop_config.seed + state.number,
+        index=_selection_index(state),
     ) if len(candidates) and loop_config.budget_per_round else None
     picks: list[tuple[int, float, str, str | None]] = []
     if result is not None:
@@ -400,6 +402,14 @@ def select_next_batch(state: RoundState) -> None:
             current_label=current, round_number=state.number,
         ))
         state.batch_meta.append({"score": score, "strategy": loop_config.strategy if reason != "suspected_label_error" else "label_quality"})
+
+
+def _selection_index(state: RoundState):  # noqa: ANN202
+    cache_root = state.options.embedding_cache_dir or state.ctx.cache_dir
+    index, status = load_or_update_index(directory=cache_root / "faiss" / state.details["embeddings"]["model_key"] / state.ctx.config.name,
+                                         image_ids=state.image_ids, embeddings=state.embeddings)
+    state.details["selection_index"] = status
+    return index
 
 
 def _selectable_positions(state: RoundState) -> np.ndarray:
