@@ -81,7 +81,7 @@ def _data(backbone, images, **options) -> TrainingData:
         class_names=KINDS, train_paths=train_paths, train_labels=train_labels, train_embeddings=empty,
         validation_paths=validation_paths, validation_labels=validation_labels, validation_embeddings=empty,
         backbone=backbone, preprocessing=Preprocessing(SIZE, backbone.mean, backbone.std), seed=0,
-        options={"epochs": 3, "batch_size": 16, "threads": 1, **options},
+        options={"epochs": 3, "batch_size": 16, "threads": 1, "cached_views": "identity", "label_smoothing": 0.0, "head_regularization": 1.0, **options},
     )
 
 
