@@ -77,6 +77,12 @@ def init(
             loop=LoopConfig(budget_per_round=budget, strategy=strategy),
             annotator=AnnotatorConfig(backend=annotator, oracle_manifest=str(oracle_manifest.expanduser().resolve()) if oracle_manifest else None, oracle_noise=oracle_noise),
         )
+        if init_from is not None:
+            from modeling.transfer import load_init_checkpoint
+
+            init = load_init_checkpoint(init_from.expanduser().resolve(), class_names=config.classes)
+            console.print(f"starting from {init.backbone_weights_path} ({init.backbone_name}); {init.head_reason}")
+            config.model.init_from = str(init.backbone_weights_path)
         project_dir.mkdir(parents=True, exist_ok=True)
         url = database_url_for(project_dir, config)
         upgrade_schema(url)

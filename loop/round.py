@@ -37,6 +37,7 @@ from modeling.onnx_export import export_onnx
 from modeling.plots import plot_confusion_matrix, plot_gates_over_rounds
 from modeling.preprocessing import Preprocessing
 from modeling.selection import select_batch
+from modeling.transfer import load_init_checkpoint, save_model_checkpoint
 from modeling.training import TrainedClassifier, TrainingData, head_fit_predict, train_classifier
 from store import session_scope
 from store.models import GateResult, Image, LabelIssue, Metric, Prediction, Round, Selection
@@ -55,7 +56,7 @@ class RoundOptions:
     show_progress: bool = True
     # Simulations run hundreds of rounds on one machine: they may skip what no quality gate needs.
     measure_latency: bool = True
-    write_plots: bool = True
+    write_artifacts: bool = True  # plots and the model checkpoint (domain transfer starts from it)
     embedding_cache_dir: Path | None = None  # shared between the projects of one simulation
 
 
@@ -96,6 +97,7 @@ class RoundState:
     label_issue_rows: list[dict[str, Any]] = field(default_factory=list)
     batch: list[TaskRequest] = field(default_factory=list)
     batch_meta: list[dict[str, Any]] = field(default_factory=list)
+    init_training_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config(self):  # noqa: ANN201
@@ -198,7 +200,13 @@ def place_new_labels(state: RoundState) -> None:
 def embed_images(state: RoundState) -> None:
     """Only images not yet in the cache are computed (key: image hash + backbone + weights hash + preprocessing)."""
     model = state.config.model
-    state.backbone = create_backbone(model.backbone, weights=_weights_path(state, model.weights))
+    if model.init_from:  # domain transfer: another project's fine-tuned backbone (and head where classes match)
+        init = load_init_checkpoint(_weights_path(state, model.init_from), class_names=list(state.config.classes))
+        state.backbone = create_backbone(init.backbone_name, weights=str(init.backbone_weights_path))
+        state.details["init_from"] = {"checkpoint": str(init.backbone_weights_path), "head": init.head_reason}
+        state.init_training_options = init.training_options()
+    else:
+        state.backbone = create_backbone(model.backbone, weights=_weights_path(state, model.weights))
     state.preprocessing = Preprocessing(model.image_size, state.backbone.mean, state.backbone.std)
     cache_root = state.options.embedding_cache_dir or state.ctx.cache_dir
     cache = EmbeddingCache(cache_root / "embeddings", embedding_model_key(state.backbone, state.preprocessing))
@@ -273,7 +281,7 @@ def train_model(state: RoundState) -> None:
         validation_paths=[state.paths[i] for i in validation], validation_labels=state.labels[validation],
         validation_embeddings=state.embeddings[validation],
         backbone=state.backbone, preprocessing=state.preprocessing, seed=state.config.loop.seed,
-        options={"cache_dir": str(state.ctx.cache_dir), "show_progress": state.options.show_progress},
+        options={"cache_dir": str(state.ctx.cache_dir), "show_progress": state.options.show_progress, **state.init_training_options},
     )
     state.classifier = train_classifier(strategy=training_strategy(state), data=data)
     state.details["training"] = {"strategy": training_strategy(state), "n_fit": int(len(fit)), "history": getattr(state.classifier, "history", [])}
@@ -469,10 +477,11 @@ def record_round(state: RoundState) -> None:
     negative = state.config.negative_index
     threshold = state.threshold.threshold if state.threshold else None
     predicted = final_predictions(probabilities=state.probabilities, negative_index=negative, threshold=threshold)
-    if state.options.write_plots:
+    if state.options.write_artifacts:
         confusion_png = plot_confusion_matrix(matrix=state.metrics["confusion_matrix"]["matrix"], labels=classes, path=state.round_dir / "confusion_matrix.png",
                                               title=f"round {state.number}: frozen test split ({state.metrics['n_images']} images)")
         state.artifacts["confusion_matrix_png"] = str(confusion_png)
+        state.artifacts["model_checkpoint"] = str(save_model_checkpoint(state.classifier, state.round_dir / "model.pt", image_size=state.preprocessing.image_size))
     label_sources = Counter(info.source for image_id, info in state.label_info.items() if info.status == "labeled")
     with session_scope(state.ctx.engine) as session:
         round_row = session.get(Round, state.round_id)
@@ -506,7 +515,7 @@ def record_round(state: RoundState) -> None:
             pull={"new_label_events": state.pull_report.new_label_events, "deleted": state.pull_report.deleted, "skipped": state.pull_report.skipped,
                   "rejected": state.pull_report.rejected, **_jsonable(state.pull_report.details)},
         )
-        if state.options.write_plots:
+        if state.options.write_artifacts:
             state.artifacts["gates_png"] = str(_plot_gates_history(session, round_row.project_id, state))
         round_row.details = _jsonable(state.details)
         round_row.artifacts = dict(state.artifacts)

@@ -142,3 +142,26 @@ def test_changed_file_is_quarantined_and_a_failed_round_keeps_pulled_labels(proj
         assert failed.status == "failed" and "train_model" in failed.error
         # The oracle's answers pulled at the start of the failed round are still there.
         assert len(session.scalars(select(LabelEvent).where(LabelEvent.source == "oracle")).all()) >= 5
+
+
+def test_init_from_another_project_starts_from_its_checkpoint(project_with_pool: Path, class_folders: Path, tmp_path: Path) -> None:
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    checkpoint = project_with_pool / "artifacts" / "round-001" / "model.pt"
+    assert checkpoint.is_file()
+    new_line = tmp_path / "new-line"
+    result = invoke("init", str(new_line), "--classes", "good,spot", "--negative-class", "good", "--image-size", "96", "--init-from", str(project_with_pool))
+    assert result.exit_code == 0 and "head transferred" in result.output
+    assert load_config(new_line).model.init_from == str(checkpoint.resolve())
+    # The new line knows only good and spot: class folders with scratch/patch are refused, nothing stored.
+    assert runner.invoke(app, ["ingest", str(class_folders), "--project", str(new_line)]).exit_code == 2
+    manifest = tmp_path / "new.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        writer.writerows((str(p), p.parent.name) for p in sorted(class_folders.rglob("*.png")) if p.parent.name in ("good", "spot"))
+    assert invoke("ingest", str(manifest), "--project", str(new_line), "--quiet").exit_code == 0
+    assert invoke("round", "--project", str(new_line), "--quiet").exit_code == 0
+    with session_scope(open_project(new_line).engine) as session:
+        details = session.scalars(select(Round)).one().details
+    assert details["init_from"]["checkpoint"] == str(checkpoint.resolve())
+    assert details["embeddings"]["model_key"].startswith("efficientnet_lite0-file-")  # the transferred weights, not ImageNet's
