@@ -325,9 +325,13 @@ def choose_threshold(state: RoundState) -> None:
     else:
         positions = state.oof_positions
         p_negative = state.oof_probabilities[:, negative]
+    # Unlabeled non-test images count as good parts in expectation (P(good) from the current model): the labeled good
+    # parts were picked by active learning for being hard, so on their own they overstate the false-positive rate.
+    unlabeled = np.flatnonzero((state.labels == UNLABELED) & (state.splits != "test"))
     state.threshold = choose_defect_threshold(
         p_defect=1.0 - p_negative, is_defect=state.labels[positions] != negative, max_fpr=state.config.gates.negative_fpr_max,
         confidence=state.config.model.threshold_confidence, source=source,
+        unlabeled_p_defect=1.0 - state.probabilities[unlabeled, negative] if len(unlabeled) else None,
     )
     if not state.threshold.margin_attainable:
         state.console.print(f"[yellow]warning:[/] only {state.threshold.n_negatives} labeled '{state.config.negative_class}' images to choose the threshold on: "
@@ -390,7 +394,8 @@ def select_next_batch(state: RoundState) -> None:
     result = select_batch(
         strategy=loop_config.strategy, budget=min(loop_config.budget_per_round, len(candidates)), embeddings=state.embeddings,
         probabilities=state.probabilities, labels=visible_labels, candidates=candidates, class_names=list(state.config.classes),
-        negative_index=state.config.negative_index, gate_estimates=state.estimated_gates, seed=loop_config.seed + state.number,
+        negative_index=state.config.negative_index, gate_estimates=state.estimated_gates,
+        defect_threshold=state.threshold.threshold if state.threshold else None, seed=loop_config.seed + state.number,
         index=_selection_index(state),
     ) if len(candidates) and loop_config.budget_per_round else None
     picks: list[tuple[int, float, str, str | None]] = []

@@ -76,7 +76,40 @@ def tail_threshold(*, negative_scores: np.ndarray, target_fpr: float) -> float |
     return _sigmoid(median + float(norm.ppf(1 - target_fpr)) * spread)
 
 
-def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_fpr: float, confidence: float = 0.75, source: str = "") -> ThresholdChoice:
+def pool_rank_threshold(*, negative_scores: np.ndarray, unlabeled_p_defect: np.ndarray, max_fpr: float, confidence: float) -> tuple[float, int, float]:
+    """(threshold, allowed false positives, estimated negatives) for a labeled set chosen by active learning.
+
+    Active selection labels the good parts the model is unsure about, so the labeled good parts' scores overstate
+    the false-positive rate of the good parts on the line, and a rule fitted to them alone sets the threshold far
+    too high. The good parts left unlabeled are counted too, in expectation from the current model: the number of
+    good parts is #labeled good + sum over unlabeled images of P(good), and an unlabeled image above the threshold
+    adds its P(good) to the false positives. The Clopper-Pearson margin of `rank_threshold` is kept, with that
+    expected number of good parts as n."""
+    labeled = np.sort(np.asarray(negative_scores, dtype=np.float64))[::-1]
+    unlabeled = np.asarray(unlabeled_p_defect, dtype=np.float64)
+    order = np.argsort(-unlabeled)
+    unlabeled_sorted, unlabeled_good = unlabeled[order], 1.0 - unlabeled[order]
+    n_effective = float(len(labeled) + unlabeled_good.sum())
+    n_whole = max(int(np.floor(n_effective)), 1)
+    allowed = 0
+    while allowed + 1 < n_whole and fpr_upper_bound(allowed + 1, n_whole, confidence) <= max_fpr:
+        allowed += 1
+    # candidate thresholds: every score, high to low; expected false positives at "score >= t"
+    candidates = np.unique(np.concatenate([labeled, unlabeled_sorted]))[::-1]
+    labeled_above = np.searchsorted(-labeled, -candidates, side="right")
+    unlabeled_cumulative = np.concatenate([[0.0], np.cumsum(unlabeled_good)])
+    unlabeled_above = unlabeled_cumulative[np.searchsorted(-unlabeled_sorted, -candidates, side="right")]
+    expected_fp = labeled_above + unlabeled_above
+    ok = np.flatnonzero(expected_fp <= allowed)
+    if len(labeled) == 0 or len(ok) == 0 or ok[-1] + 1 >= len(candidates):
+        threshold = float(np.nextafter(labeled[0], np.inf)) if len(labeled) else 0.5
+        return threshold, allowed, n_effective
+    last = ok[-1]  # lowest threshold that keeps the expected false positives within the allowance
+    return float((candidates[last] + candidates[last + 1]) / 2), allowed, n_effective
+
+
+def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_fpr: float, confidence: float = 0.75, source: str = "",
+                            unlabeled_p_defect: np.ndarray | None = None) -> ThresholdChoice:
     """The defect-vs-good threshold for the FPR gate, with a margin that fits the amount of data.
 
     Two estimates, averaged in logit space: a rank rule (allow only as many false positives as keep a one-sided
@@ -85,6 +118,14 @@ def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_
     part and wrecks recall; the tail alone has heavy-tail risk. Measured on magnetic tile (random 120-800 labels,
     5 draws each, out-of-fold scores): the blend kept test FPR <= 3.2% in every draw, with 1.5x the rank rule's
     defect recall at 120-200 labels and the same recall from 400 on.
+
+    With `unlabeled_p_defect` (the current model's P(defect) for the unlabeled non-test images) the threshold is
+    `pool_rank_threshold` instead: labeled good parts picked by active learning are the hard ones, and the rules
+    above, fitted to them alone, kept the threshold at 0.99-1.0 (defect recall 0.15-0.5 while the same model
+    reached 0.6-0.85 at a 3% FPR). Measured on magnetic tile with benchmarks/selection_tuning.py (seeds 0-4):
+    `default` needed a median 320 labels with it; test FPR stayed <= 3% from ~180 labels on, but went up to
+    4-11% in some early rounds (60-160 labels), and with random labels it exceeds 3% more often (it counts
+    unlabeled good parts above the threshold only by their P(good)).
     """
     p_defect = np.asarray(p_defect, dtype=np.float64)
     is_defect = np.asarray(is_defect, dtype=bool)
@@ -93,6 +134,10 @@ def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_
     by_rank, allowed, attainable = rank_threshold(negative_scores=negatives, max_fpr=max_fpr, confidence=confidence)
     by_tail = tail_threshold(negative_scores=negatives, target_fpr=max_fpr / 3)
     threshold = by_rank if by_tail is None else _sigmoid((float(_logit(by_rank)) + float(_logit(by_tail))) / 2)
+    if unlabeled_p_defect is not None and len(unlabeled_p_defect) and n_negatives:
+        by_pool, allowed, _n_effective = pool_rank_threshold(negative_scores=negatives, unlabeled_p_defect=unlabeled_p_defect,
+                                                             max_fpr=max_fpr, confidence=confidence)
+        threshold = by_pool
     predicted_defect = p_defect >= threshold
     false_positives = int(predicted_defect[~is_defect].sum())
     return ThresholdChoice(

@@ -187,8 +187,9 @@ def test_rare_prefers_predicted_scarce_classes(pool: Pool) -> None:
 
 
 def near_duplicate_groups(rng: np.random.Generator, n_groups: int, copies: int, dim: int = 32) -> np.ndarray:
+    """Copies of one image at cosine ~0.9997 to each other (a re-encoded or re-cropped file), unlike distinct parts."""
     originals = unit(rng.normal(size=(n_groups, dim)))
-    return unit(np.repeat(originals, copies, axis=0) + 0.01 * rng.normal(size=(n_groups * copies, dim)))
+    return unit(np.repeat(originals, copies, axis=0) + 0.003 * rng.normal(size=(n_groups * copies, dim)))
 
 
 def test_diverse_never_takes_two_near_duplicates() -> None:
@@ -292,25 +293,61 @@ def test_no_labels_at_all_spreads_the_first_batch(pool: Pool) -> None:
 
 
 def test_gate_aware_weighting_moves_the_batch(pool: Pool) -> None:
-    neutral = pool.select("default")
-    recall_failing = pool.select("default", gate_estimates={"defect_recall": False})
-    fpr_failing = pool.select("default", gate_estimates={"negative_fpr": False})
-    f1_failing = pool.select("default", gate_estimates={"macro_f1": False})
+    threshold = 0.3  # the loop's defect threshold: P(defect) >= 0.3 is called a defect
+    neutral = pool.select("default", defect_threshold=threshold)
+    recall_failing = pool.select("default", defect_threshold=threshold, gate_estimates={"defect_recall": False})
+    fpr_failing = pool.select("default", defect_threshold=threshold, gate_estimates={"negative_fpr": False})
+    f1_failing = pool.select("default", defect_threshold=threshold, gate_estimates={"macro_f1": False})
 
-    p_good = pool.probabilities[:, 0]
-    # defect recall failing -> the defect side of the boundary; FPR failing -> the good side
-    assert p_good[recall_failing.indices].mean() + 0.2 < p_good[fpr_failing.indices].mean()
-    assert (pool.true_labels[fpr_failing.indices] == 0).mean() > 0.8
+    p_defect = 1.0 - pool.probabilities[:, 0]
+    # defect recall failing -> just below the threshold (called good: where missed defects are);
+    # FPR failing -> just above it (called defect: where false alarms on good parts are)
+    assert (p_defect[recall_failing.indices] < threshold).mean() >= 0.8
+    assert (p_defect[fpr_failing.indices] >= threshold).mean() >= 0.8
     assert recall_failing.reasons.count("likely_defect") > 10
     assert fpr_failing.reasons.count("confused_good") > 10
+    logit_gap = np.abs(np.log(p_defect / (1 - p_defect)) - np.log(threshold / (1 - threshold)))
+    typical_gap = np.median(logit_gap[pool.candidates])
+    assert np.median(logit_gap[recall_failing.indices]) < 0.25 * typical_gap
+    assert np.median(logit_gap[fpr_failing.indices]) < 0.25 * typical_gap
     # macro F1 failing -> the scarce classes
     scarce = np.isin(pool.true_labels, [2, 3])
     assert scarce[f1_failing.indices].sum() >= scarce[neutral.indices].sum() + 5
     assert f1_failing.summary["gate_focus"] == ["macro_f1"]
     assert f1_failing.summary["weights"]["rare_class"] > neutral.summary["weights"]["rare_class"]
     # passing or unknown gates change nothing
-    passing = pool.select("default", gate_estimates={"macro_f1": True, "defect_recall": None})
+    passing = pool.select("default", defect_threshold=threshold, gate_estimates={"macro_f1": True, "defect_recall": None})
     np.testing.assert_array_equal(passing.indices, neutral.indices)
+
+
+def test_the_defect_threshold_moves_the_recall_batch(pool: Pool) -> None:
+    p_defect = 1.0 - pool.probabilities[:, 0]
+    low = pool.select("default", defect_threshold=0.1, gate_estimates={"defect_recall": False})
+    high = pool.select("default", defect_threshold=0.9, gate_estimates={"defect_recall": False})
+    assert np.median(p_defect[low.indices]) < 0.1 < 0.9 - 0.3 < np.median(p_defect[high.indices])
+    with pytest.raises(ValueError, match="defect_threshold"):
+        pool.select("default", defect_threshold=1.5)
+
+
+def test_similar_but_distinct_images_do_not_starve_the_batch() -> None:
+    """Real parts of one product sit close in embedding space (magnetic tile: most images have a neighbour at
+    cosine >= 0.97). Only true near-duplicates are skipped: the batch is still filled."""
+    rng = np.random.default_rng(9)
+    centre = unit(rng.normal(size=(1, 64)))
+    embeddings = unit(centre + 0.025 * rng.normal(size=(400, 64)))
+    gram = embeddings @ embeddings.T
+    np.fill_diagonal(gram, -1)
+    assert np.median(gram.max(axis=1)) > 0.97 and gram.max() < 0.99  # similar, not duplicated
+    labels = np.full(400, -1)
+    labels[:150] = rng.integers(0, 2, 150)
+    p_bad = rng.uniform(0.0, 1.0, 400)
+    probabilities = np.stack([1 - p_bad, p_bad], axis=1).astype(np.float32)
+    result = select_batch(
+        strategy="default", budget=20, embeddings=embeddings, probabilities=probabilities, labels=labels,
+        candidates=np.flatnonzero(labels < 0), class_names=["good", "bad"], negative_index=0,
+        gate_estimates={"defect_recall": False}, defect_threshold=0.5,
+    )
+    assert len(result.indices) == 20
 
 
 def test_defect_gates_are_ignored_without_a_good_class(pool: Pool) -> None:
