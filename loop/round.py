@@ -98,6 +98,7 @@ class RoundState:
     batch: list[TaskRequest] = field(default_factory=list)
     batch_meta: list[dict[str, Any]] = field(default_factory=list)
     init_training_options: dict[str, Any] = field(default_factory=dict)
+    selection_threshold: float | None = None  # where selection's P(defect) uncertainty band sits (not the decision)
 
     @property
     def config(self):  # noqa: ANN201
@@ -325,14 +326,19 @@ def choose_threshold(state: RoundState) -> None:
     else:
         positions = state.oof_positions
         p_negative = state.oof_probabilities[:, negative]
-    # Unlabeled non-test images count as good parts in expectation (P(good) from the current model): the labeled good
-    # parts were picked by active learning for being hard, so on their own they overstate the false-positive rate.
-    unlabeled = np.flatnonzero((state.labels == UNLABELED) & (state.splits != "test"))
     state.threshold = choose_defect_threshold(
         p_defect=1.0 - p_negative, is_defect=state.labels[positions] != negative, max_fpr=state.config.gates.negative_fpr_max,
         confidence=state.config.model.threshold_confidence, source=source,
-        unlabeled_p_defect=1.0 - state.probabilities[unlabeled, negative] if len(unlabeled) else None,
     )
+    # Selection aims its uncertainty band at a less cautious estimate that also counts the unlabeled good parts (in
+    # expectation, P(good) from the current model): labeled good parts picked by active learning are the hard ones.
+    # That estimate is NOT the decision threshold: used for the gates it overshot the 3% FPR on the test split in half
+    # the rounds of a magnetic-tile simulation (benchmarks/selection_tuning.py), the rule above in under 8%.
+    unlabeled = np.flatnonzero((state.labels == UNLABELED) & (state.splits != "test"))
+    state.selection_threshold = choose_defect_threshold(
+        p_defect=1.0 - p_negative, is_defect=state.labels[positions] != negative, max_fpr=state.config.gates.negative_fpr_max,
+        confidence=state.config.model.threshold_confidence, unlabeled_p_defect=1.0 - state.probabilities[unlabeled, negative],
+    ).threshold if len(unlabeled) else state.threshold.threshold
     if not state.threshold.margin_attainable:
         state.console.print(f"[yellow]warning:[/] only {state.threshold.n_negatives} labeled '{state.config.negative_class}' images to choose the threshold on: "
                             "no false positive is allowed and the FPR gate still has no safety margin. Label more good parts.")
@@ -343,6 +349,7 @@ def choose_threshold(state: RoundState) -> None:
         probabilities=estimate_probabilities, class_names=state.config.classes, negative_index=negative,
     )
     state.details["threshold"] = state.threshold.threshold
+    state.details["selection_threshold"] = state.selection_threshold
     state.details["threshold_choice"] = state.threshold.as_dict()
     state.details["estimated_metrics"] = {k: estimate[k] for k in ("macro_f1", "defect_recall", "negative_fpr")}
 
@@ -395,7 +402,7 @@ def select_next_batch(state: RoundState) -> None:
         strategy=loop_config.strategy, budget=min(loop_config.budget_per_round, len(candidates)), embeddings=state.embeddings,
         probabilities=state.probabilities, labels=visible_labels, candidates=candidates, class_names=list(state.config.classes),
         negative_index=state.config.negative_index, gate_estimates=state.estimated_gates,
-        defect_threshold=state.threshold.threshold if state.threshold else None, seed=loop_config.seed + state.number,
+        defect_threshold=state.selection_threshold, seed=loop_config.seed + state.number,
         index=_selection_index(state),
     ) if len(candidates) and loop_config.budget_per_round else None
     picks: list[tuple[int, float, str, str | None]] = []
