@@ -29,6 +29,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from transfer_common import (  # noqa: E402
@@ -84,7 +85,8 @@ def evaluate_fit(name: str, dataset: Dataset, test: np.ndarray, result: Any) -> 
 
 
 def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path, title: str) -> None:
-    """Loss and accuracy per epoch, train and validation, one column per run (side by side)."""
+    """Loss and accuracy per epoch, train and validation, one column per run (side by side). Train loss is the
+    training objective (label smoothing, class weights); validation loss is plain cross-entropy."""
     columns = len(histories)
     figure, axes = plt.subplots(2, columns, figsize=(5 * columns, 7), squeeze=False, sharey="row")
     for column, (name, history) in enumerate(histories.items()):
@@ -94,6 +96,7 @@ def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path, title:
             axis.plot(epochs, [row[f"train_{metric}"] for row in history], "o-", label=f"train {metric}")
             axis.plot(epochs, [row[f"val_{metric}"] for row in history], "s-", label=f"validation {metric}")
             axis.set_xlabel("epoch (0 = frozen backbone + probe head)")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             axis.set_ylabel(metric)
             axis.set_title(f"{name}: {metric}")
             axis.grid(alpha=0.3)

@@ -363,6 +363,8 @@ class FinetunedClassifier:
     config: dict[str, Any]
     prefix_key: str
     temperature: float = 1.0
+    # One row per epoch (0 = before any update): train_loss is the training objective (class weights, label
+    # smoothing, focal), val_loss plain cross-entropy; val_macro_f1 drives early stopping.
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     validation_logits: np.ndarray | None = None  # of the kept (best) epoch: for fit_temperature
@@ -629,7 +631,10 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
 
     history: list[dict[str, float]] = []
     val_metrics, val_logits = _evaluate(network, validation_maps, validation_labels, config=config)
-    train_metrics, _ = _evaluate(network, train_maps, train_labels, config=config)
+    train_metrics, train_logits = _evaluate(network, train_maps, train_labels, config=config)
+    if len(train_labels):  # epoch 0 on the same scale as the later epochs: the training objective, not plain CE
+        with torch.no_grad():
+            train_metrics["loss"] = float(criterion(torch.from_numpy(train_logits).float(), torch.from_numpy(train_labels)).item())
     history.append(_history_row(0, train_metrics["loss"], train_metrics["accuracy"], val_metrics, time.perf_counter() - started))
     _report(config, history[-1])
     best = _Best(epoch=0, score=_score(val_metrics, train_metrics), state=copy.deepcopy(network.state_dict()), logits=val_logits)
