@@ -169,7 +169,7 @@ def main() -> None:
     log(f"T1 head: acc {results['T1'][0]['accuracy']:.4f}")
 
     # T2: with vs without input-space augmentation (cached feature maps vs augmented images every epoch).
-    # Default finetune: last stage + conv_head at 1e-4, cached feature maps of 4 exact views (flips, half turn).
+    # Default finetune: last 2 stages + conv_head at 1e-4, cached feature maps of 4 exact views (flips, half turn).
     t2_plain = fit_calibrate_predict(neu, train, validation, test, strategy="finetune", options={**base, "cached_views": "identity"}, image_size=224)
     # Input-space augmentation pays the frozen part every epoch (measured ~4.5x the cached epoch): fewer epochs.
     t2_aug = fit_calibrate_predict(neu, train, validation, test, strategy="finetune",
@@ -181,7 +181,7 @@ def main() -> None:
         {**evaluate_fit("finetune default: cached flips + half turn (4 exact views)", neu, test, t2_views), "seconds_per_epoch": _per_epoch(t2_views.history)},
     ]
     plot_curves({"no augmentation": t2_plain.history, "input-space augmentation": t2_aug.history, "cached exact views (default)": t2_views.history},
-                out / "t2_augmentation_curves.png", "NEU fine-tuning (last stage + conv_head, LR 1e-4): without vs with augmentation")
+                out / "t2_augmentation_curves.png", "NEU fine-tuning (finetune defaults, backbone LR 1e-4): without vs with augmentation")
     save(out, results)
     log("T2 " + ", ".join(f"{r['model']}: acc {r['accuracy']:.4f} ({r['seconds_per_epoch']:.1f} s/epoch)" for r in results["T2"]))
 
@@ -191,9 +191,9 @@ def main() -> None:
     results["T3"] = [
         evaluate_fit("before: frozen backbone + probe head (epoch 0)", neu, test, before),
         {**evaluate_fit("after: last 2 stages + conv_head unfrozen, backbone LR 1e-5", neu, test, t3_low), "seconds_per_epoch": _per_epoch(t3_low.history)},
-        {**evaluate_fit("after: last stage + conv_head, backbone LR 1e-4 (finetune default)", neu, test, t2_views), "seconds_per_epoch": _per_epoch(t2_views.history)},
+        {**evaluate_fit("after: finetune default (last 2 stages + conv_head, backbone LR 1e-4)", neu, test, t2_views), "seconds_per_epoch": _per_epoch(t2_views.history)},
     ]
-    plot_curves({"last 2 stages, LR 1e-5": t3_low.history, "last stage, LR 1e-4 (default)": t2_views.history}, out / "t3_unfreeze_curves.png",
+    plot_curves({"last 2 stages, LR 1e-5": t3_low.history, "default, LR 1e-4": t2_views.history}, out / "t3_unfreeze_curves.png",
                 "NEU: unfreezing the last layers (epoch 0 = frozen backbone)")
     save(out, results)
     log("T3 " + ", ".join(f"{r['model']}: acc {r['accuracy']:.4f}" for r in results["T3"]))
