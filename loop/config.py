@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -31,6 +31,21 @@ class ModelConfig(Strict):
     threshold_source: Literal["auto", "validation", "out_of_fold"] = "auto"
     threshold_confidence: float = Field(0.75, ge=0.5, lt=1)
     latency_threads: int = Field(2, ge=1, le=64)
+    # Temperature scaling on data the model did not train on (validation, else out-of-fold): calibrated
+    # probabilities for pre-annotations and selection; the threshold is chosen on the calibrated scores.
+    calibration: Literal["temperature", "none"] = "temperature"
+    # Options of the training strategies ([model.training] in loop.toml), e.g. epochs = 6, trainable_stages = 2,
+    # mode = "augment", augmentation = "factory", tta = "flips", balance = "sampler", loss = "focal".
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("training")
+    @classmethod
+    def _known_training_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        from modeling.training import validate_training_options  # torch is imported only when options are set
+
+        if options:
+            validate_training_options(options)
+        return options
 
 
 class SplitConfig(Strict):

@@ -28,6 +28,7 @@ from loop.ingest import inspect_file, split_for_new_label
 from loop.selection_index import load_or_update_index
 from loop.project import ProjectContext
 from modeling.backbones import Backbone, create_backbone
+from modeling.calibration import expected_calibration_error, fit_temperature, logits_from_probabilities, negative_log_likelihood, softmax_with_temperature
 from modeling.embeddings import EmbeddingCache, EmbeddingExtractor, embedding_model_key
 from modeling.evaluation import ThresholdChoice, all_gates_pass, choose_defect_threshold, evaluate_gates, evaluate_predictions, final_predictions
 from modeling.inference import OnnxClassifier
@@ -87,6 +88,8 @@ class RoundState:
     fit_positions: np.ndarray | None = None  # labeled non-test images the final model learns from
     oof_positions: np.ndarray | None = None
     oof_probabilities: np.ndarray | None = None
+    # The out-of-fold probabilities at the final model's temperature: what the threshold is chosen on (source out_of_fold).
+    calibrated_oof_probabilities: np.ndarray | None = None
     classifier: TrainedClassifier | None = None
     probabilities: np.ndarray | None = None
     threshold: ThresholdChoice | None = None
@@ -282,10 +285,53 @@ def train_model(state: RoundState) -> None:
         validation_paths=[state.paths[i] for i in validation], validation_labels=state.labels[validation],
         validation_embeddings=state.embeddings[validation],
         backbone=state.backbone, preprocessing=state.preprocessing, seed=state.config.loop.seed,
-        options={"cache_dir": str(state.ctx.cache_dir), "show_progress": state.options.show_progress, **state.init_training_options},
+        # loop.toml [model.training] wins over what a transferred checkpoint suggests.
+        options={"cache_dir": str(state.ctx.cache_dir), "show_progress": state.options.show_progress, **state.init_training_options,
+                 **state.config.model.training},
     )
     state.classifier = train_classifier(strategy=training_strategy(state), data=data)
-    state.details["training"] = {"strategy": training_strategy(state), "n_fit": int(len(fit)), "history": getattr(state.classifier, "history", [])}
+    state.details["training"] = {
+        "strategy": training_strategy(state), "n_fit": int(len(fit)), "history": getattr(state.classifier, "history", []),
+        "options": {k: v for k, v in data.options.items() if k not in ("cache_dir", "show_progress")},
+    }
+
+
+def calibrate_model(state: RoundState) -> None:
+    """Temperature scaling (one scalar) on labeled non-test images the final model did not learn from: the validation
+    split, or out-of-fold probabilities when validation was learned from. Calibrated probabilities are what
+    annotators see as pre-annotation scores and what selection ranks; the threshold is then chosen on them."""
+    state.calibrated_oof_probabilities = state.oof_probabilities
+    classifier = state.classifier
+    if state.config.model.calibration == "none" or not hasattr(classifier, "temperature"):
+        state.details["calibration"] = {"method": "none"}
+        return
+    validation = state.positions(split="validation", labeled=True)
+    learned_validation = np.isin(validation, state.fit_positions).any()
+    if len(validation) and not learned_validation and len(set(state.labels[validation].tolist())) >= 2:
+        fitted_on, labels = "validation", state.labels[validation]
+        validation_logits = getattr(classifier, "validation_logits", None)
+        if validation_logits is not None and len(validation_logits) == len(validation):
+            logits = np.asarray(validation_logits, dtype=np.float64)
+        elif classifier.uses_frozen_embeddings:
+            logits = logits_from_probabilities(classifier.predict_proba_from_embeddings(state.embeddings[validation]))
+        else:
+            state.details["calibration"] = {"method": "none", "reason": "no validation logits from this classifier"}
+            return
+    else:
+        fitted_on, labels = "out_of_fold", state.labels[state.oof_positions]
+        logits = logits_from_probabilities(state.oof_probabilities)
+    temperature = fit_temperature(labels=labels, logits=logits)
+    classifier.temperature = temperature
+    if fitted_on == "out_of_fold":
+        state.calibrated_oof_probabilities = softmax_with_temperature(logits, temperature)
+    before, after = softmax_with_temperature(logits, 1.0), softmax_with_temperature(logits, temperature)
+    state.details["calibration"] = {
+        "method": "temperature", "temperature": temperature, "fitted_on": fitted_on, "n_images": int(len(labels)),
+        "nll_before": negative_log_likelihood(logits=logits, labels=labels),
+        "nll_after": negative_log_likelihood(logits=logits, labels=labels, temperature=temperature),
+        "ece_before": expected_calibration_error(probabilities=before, labels=labels),
+        "ece_after": expected_calibration_error(probabilities=after, labels=labels),
+    }
 
 
 def export_model(state: RoundState) -> None:
@@ -325,7 +371,7 @@ def choose_threshold(state: RoundState) -> None:
         p_negative = state.probabilities[positions, negative]
     else:
         positions = state.oof_positions
-        p_negative = state.oof_probabilities[:, negative]
+        p_negative = state.calibrated_oof_probabilities[:, negative]
     state.threshold = choose_defect_threshold(
         p_defect=1.0 - p_negative, is_defect=state.labels[positions] != negative, max_fpr=state.config.gates.negative_fpr_max,
         confidence=state.config.model.threshold_confidence, source=source,
@@ -343,7 +389,7 @@ def choose_threshold(state: RoundState) -> None:
         state.console.print(f"[yellow]warning:[/] only {state.threshold.n_negatives} labeled '{state.config.negative_class}' images to choose the threshold on: "
                             "no false positive is allowed and the FPR gate still has no safety margin. Label more good parts.")
     # The loop's own estimate of each gate, from the same non-test data: it steers selection, never the test split.
-    estimate_probabilities = state.probabilities[positions] if source == "validation" else state.oof_probabilities
+    estimate_probabilities = state.probabilities[positions] if source == "validation" else state.calibrated_oof_probabilities
     estimate = evaluate_predictions(
         y_true=state.labels[positions], y_pred=final_predictions(probabilities=estimate_probabilities, negative_index=negative, threshold=state.threshold.threshold),
         probabilities=estimate_probabilities, class_names=state.config.classes, negative_index=negative,
@@ -562,7 +608,7 @@ def _jsonable(value: Any) -> Any:
 
 ROUND_STEPS: list[Callable[[RoundState], None]] = [
     pull_labels, check_image_files, place_new_labels, embed_images, gather_labeled_pool, compute_out_of_fold, train_model,
-    export_model, predict_all_images, choose_threshold, evaluate_on_test_split, flag_label_issues, select_next_batch, push_batch,
+    calibrate_model, export_model, predict_all_images, choose_threshold, evaluate_on_test_split, flag_label_issues, select_next_batch, push_batch,
 ]
 
 

@@ -37,7 +37,7 @@ from modeling.augmentation import build_augmentation, resolve_augmentation_names
 from modeling.backbones import Backbone
 from modeling.onnx_export import export_onnx, open_session
 from modeling.preprocessing import Preprocessing, load_image_array
-from modeling.training import TrainingData, fit_linear_head, register_training_strategy
+from modeling.training import TrainingData, fit_linear_head, register_training_options, register_training_strategy
 
 STEM_MODULES = ("conv_stem", "bn1")
 HEAD_CONV_MODULES = ("conv_head", "bn2", "global_pool")
@@ -765,6 +765,13 @@ def _initialise_head(network: FinetunedNetwork, *, data: TrainingData, train_map
 
 # ----------------------------------------------------------------------------------------------------------------
 # Registered strategies
+
+
+def _check_finetune_options(options: dict[str, Any]) -> None:
+    FinetuneConfig.from_options(options)  # raises ValueError naming the bad values
+
+
+register_training_options((*FinetuneConfig.__dataclass_fields__, "unfreeze_stages", "lr", "max_epochs", "augment"), _check_finetune_options)
 
 
 @register_training_strategy("finetune")

@@ -47,6 +47,12 @@ class TrainedClassifier(Protocol):
 
 TrainingStrategy = Callable[[TrainingData], TrainedClassifier]
 _STRATEGIES: dict[str, TrainingStrategy] = {}
+# Options a user may set (loop.toml [model.training]) and checkers of a whole options dict (raise ValueError).
+# One dict feeds whichever strategy a round uses (`--train` may override the configured one), so keys are checked
+# against every registered strategy's options.
+_OPTION_NAMES: set[str] = set()
+_OPTION_CHECKERS: list[Callable[[dict[str, Any]], None]] = []
+HEAD_OPTIONS = ("head_regularization",)
 
 
 def register_training_strategy(name: str) -> Callable[[TrainingStrategy], TrainingStrategy]:
@@ -55,6 +61,31 @@ def register_training_strategy(name: str) -> Callable[[TrainingStrategy], Traini
         return strategy
 
     return decorator
+
+
+def register_training_options(names: tuple[str, ...], check: Callable[[dict[str, Any]], None]) -> None:
+    _OPTION_NAMES.update(names)
+    if check not in _OPTION_CHECKERS:
+        _OPTION_CHECKERS.append(check)
+
+
+def validate_training_options(options: dict[str, Any]) -> None:
+    """Raise ValueError naming every unknown key or bad value of user-set training options."""
+    _load_optional_strategies()
+    unknown = sorted(set(options) - _OPTION_NAMES)
+    if unknown:
+        raise ValueError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(_OPTION_NAMES))}")
+    for check in _OPTION_CHECKERS:
+        check(options)
+
+
+def _check_head_options(options: dict[str, Any]) -> None:
+    value = options.get("head_regularization", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"head_regularization must be a number > 0, got {value!r}")
+
+
+register_training_options(HEAD_OPTIONS, _check_head_options)
 
 
 def available_training_strategies() -> list[str]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 import csv
 import json
 import threading
+import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 from sqlalchemy import select
 from typer.testing import CliRunner
 
@@ -65,6 +67,10 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
         assert {session.get(Image, s.image_id).split for s in selected} == {"pool"}
         details, artifacts, timings = round_row.details, round_row.artifacts, round_row.step_timings_s
     assert details["threshold_source"] == "out_of_fold" and 0 < details["threshold"] <= 1
+    # The head learned from validation too, so its temperature comes from out-of-fold probabilities.
+    calibration = details["calibration"]
+    assert calibration["method"] == "temperature" and calibration["fitted_on"] == "out_of_fold"
+    assert calibration["temperature"] > 0 and calibration["nll_after"] <= calibration["nll_before"] + 1e-9
     assert details["latency"]["runtime"] == "onnxruntime" and details["latency"]["cpu"]
     assert Path(artifacts["model_onnx"]).stat().st_size > 1_000_000
     assert Path(artifacts["confusion_matrix_png"]).read_bytes()[:4] == b"\x89PNG"
@@ -165,3 +171,35 @@ def test_init_from_another_project_starts_from_its_checkpoint(project_with_pool:
         details = session.scalars(select(Round)).one().details
     assert details["init_from"]["checkpoint"] == str(checkpoint.resolve())
     assert details["embeddings"]["model_key"].startswith("efficientnet_lite0-file-")  # the transferred weights, not ImageNet's
+
+
+def test_finetune_round_takes_its_options_from_loop_toml_and_calibrates_on_validation(project_with_pool: Path) -> None:
+    config = load_config(project_with_pool)
+    # One epoch of the last stage on identity views: defaults would run up to 6 epochs on 4 cached views.
+    config.model.training = {"epochs": 1, "trainable_stages": 1, "cached_views": "identity"}
+    config.model.threshold_source = "validation"
+    save_config(project_with_pool, config)
+    result = invoke("round", "--project", str(project_with_pool), "--quiet", "--train", "finetune")
+    assert result.exit_code == 0, result.output
+    with session_scope(open_project(project_with_pool).engine) as session:
+        details = session.scalars(select(Round)).one().details
+    training = details["training"]
+    assert training["strategy"] == "finetune"
+    assert training["options"]["epochs"] == 1 and training["options"]["trainable_stages"] == 1
+    assert [row["epoch"] for row in training["history"]] == [0, 1]  # epoch 0 = the linear probe, before unfreezing
+    calibration = details["calibration"]
+    assert calibration["fitted_on"] == "validation" and calibration["n_images"] > 0
+    assert calibration["nll_after"] <= calibration["nll_before"] + 1e-9
+
+
+def test_unknown_training_option_in_loop_toml_stops_before_any_work(project_with_pool: Path) -> None:
+    engine = open_project(project_with_pool).engine
+    toml = project_with_pool / "loop.toml"
+    body = tomllib.loads(toml.read_text())
+    body["model"]["training"] = {"epocs": 2}
+    toml.write_text(tomli_w.dumps(body))
+    result = runner.invoke(app, ["round", "--project", str(project_with_pool), "--quiet"])
+    assert result.exit_code != 0
+    assert "unknown training option(s) epocs" in " ".join(result.output.split())
+    with session_scope(engine) as session:
+        assert session.scalars(select(Round)).all() == []  # no round started, nothing stored
