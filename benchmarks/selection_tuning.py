@@ -10,7 +10,10 @@ own gate estimates from the out-of-fold predictions -> `select_batch`. This scri
 takes seconds instead of minutes and results transfer to the real command.
 
 It needs the embedding cache a `loop simulate` run left behind (`--sim-dir`, default /tmp/bench/sim_mt): its
-ground_truth.csv and cache/embeddings/<key>/{vectors.npy,sha256.json}.
+ground_truth.csv and cache/embeddings/<key>/{vectors.npy,sha256.json}. Or, to try other features, a class-folder
+dataset and an .npy of its embeddings in `benchmarks/feature_variants.py` order (class folders sorted, files sorted):
+
+    python benchmarks/selection_tuning.py --dataset ../shared/datasets/magnetic_tile --embeddings /tmp/fv/variants/X.npy
 
     OMP_NUM_THREADS=1 python benchmarks/selection_tuning.py --strategies random,default --seeds 0,1,2,3,4
 
@@ -73,6 +76,23 @@ def load_dataset(sim_dir: Path, negative_class: str) -> Dataset:
     return Dataset(paths, labels, classes, embeddings, truth)
 
 
+def load_folder_dataset(root: Path, embeddings_file: Path, negative_class: str) -> Dataset:
+    folder_order = [str(path) for name in sorted(d.name for d in root.iterdir() if d.is_dir())
+                    for path in sorted((root / name).iterdir()) if path.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp")]
+    vectors = np.load(embeddings_file).astype(np.float32)
+    if len(vectors) != len(folder_order):
+        raise SystemExit(f"{embeddings_file} has {len(vectors)} rows for {len(folder_order)} images under {root}")
+    truth = {path: Path(path).parent.name for path in folder_order}
+    classes = sorted(set(truth.values()))
+    classes.remove(negative_class)
+    classes.insert(0, negative_class)
+    row = {path: i for i, path in enumerate(folder_order)}
+    paths = sorted(truth)
+    class_index = {c: i for i, c in enumerate(classes)}
+    return Dataset(paths, np.array([class_index[truth[p]] for p in paths], dtype=np.int64), classes,
+                   vectors[[row[p] for p in paths]], truth)
+
+
 def gates_pass(metrics: dict) -> bool:
     for name, (comparison, bound) in GATES.items():
         value = metrics.get(name)
@@ -113,9 +133,12 @@ def run_curve(data: Dataset, *, strategy: str, seed: int, seed_labels: int = 40,
         weight, bias = fit_linear_head(features=embeddings[labeled], labels=labels[labeled], n_classes=n_classes, seed=seed)
         probabilities = softmax(embeddings @ weight.T + bias)
         unlabeled_pool = np.flatnonzero((labels < 0) & ~is_test)
-        choice = choose_defect_threshold(p_defect=1.0 - oof[:, negative_index], is_defect=labels[labeled] != negative_index,
-                                         max_fpr=max_fpr, confidence=confidence,
-                                         unlabeled_p_defect=1.0 - probabilities[unlabeled_pool, negative_index] if use_pool_rule else None)
+        # As in `loop round`: selection aims at the pool-aware estimate; the gates use the cautious rule unless asked.
+        aim = choose_defect_threshold(p_defect=1.0 - oof[:, negative_index], is_defect=labels[labeled] != negative_index,
+                                      max_fpr=max_fpr, confidence=confidence,
+                                      unlabeled_p_defect=1.0 - probabilities[unlabeled_pool, negative_index] if len(unlabeled_pool) else None)
+        choice = aim if use_pool_rule else choose_defect_threshold(
+            p_defect=1.0 - oof[:, negative_index], is_defect=labels[labeled] != negative_index, max_fpr=max_fpr, confidence=confidence)
         test = np.flatnonzero(is_test)
         predicted = final_predictions(probabilities=probabilities[test], negative_index=negative_index, threshold=choice.threshold)
         metrics = evaluate_predictions(y_true=truth[test], y_pred=predicted, probabilities=probabilities[test],
@@ -157,7 +180,7 @@ def run_curve(data: Dataset, *, strategy: str, seed: int, seed_labels: int = 40,
         visible[is_test] = -1
         result = select_batch(strategy=strategy, budget=min(budget, len(candidates)), embeddings=embeddings, probabilities=probabilities,
                               labels=visible, candidates=candidates, class_names=data.classes, negative_index=negative_index,
-                              gate_estimates=estimated_gates, defect_threshold=choice.threshold, seed=seed + round_number)
+                              gate_estimates=estimated_gates, defect_threshold=aim.threshold, seed=seed + round_number)
         point["picked"] = int(len(result.indices))
         if len(result.indices) == 0:
             break
@@ -169,22 +192,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sim-dir", type=Path, default=Path("/tmp/bench/sim_mt"))
     parser.add_argument("--negative-class", default="free")
+    parser.add_argument("--dataset", type=Path, default=None, help="class-folder dataset (with --embeddings)")
+    parser.add_argument("--embeddings", type=Path, default=None, help=".npy of the dataset's embeddings, folder order")
+    parser.add_argument("--decision-rule", choices=["cautious", "pool"], default="cautious",
+                        help="threshold for the gates: cautious (what `loop round` decides with) or the pool-aware estimate")
+    parser.add_argument("--threshold-fpr", type=float, default=0.03, help="FPR the threshold rule aims at (the gate stays 3%%)")
     parser.add_argument("--strategies", default="random,default")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--max-labels", type=int, default=600)
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="write every curve here")
     args = parser.parse_args(argv)
-    data = load_dataset(args.sim_dir, args.negative_class)
+    data = (load_folder_dataset(args.dataset, args.embeddings, args.negative_class) if args.embeddings
+            else load_dataset(args.sim_dir, args.negative_class))
     seeds = [int(s) for s in args.seeds.split(",")]
     results: dict[str, list[Curve]] = {}
     for strategy in args.strategies.split(","):
         started = time.perf_counter()
-        curves = [run_curve(data, strategy=strategy, seed=s, max_labels=args.max_labels, verbose=args.verbose) for s in seeds]
+        curves = [run_curve(data, strategy=strategy, seed=s, max_labels=args.max_labels, verbose=args.verbose,
+                            use_pool_rule=args.decision_rule == "pool", max_fpr=args.threshold_fpr) for s in seeds]
         results[strategy] = curves
         needed = [c.labels_to_pass for c in curves]
         median = statistics.median([n if n is not None else float("inf") for n in needed])
-        print(f"{strategy}: median {median} per seed {needed} ({time.perf_counter() - started:.0f} s)", flush=True)
+        points = [p for c in curves for p in c.points]
+        over = sum(p["negative_fpr"] > GATES["negative_fpr"][1] for p in points)
+        print(f"{strategy}: median {median} per seed {needed}; test FPR over the gate in {over}/{len(points)} rounds "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
     if args.json:
         args.json.write_text(json.dumps({s: [{"seed": c.seed, "labels_to_pass": c.labels_to_pass, "points": c.points} for c in cs]
                                          for s, cs in results.items()}, indent=1))
