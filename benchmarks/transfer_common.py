@@ -112,13 +112,14 @@ def validation_split(dataset: Dataset, indices: np.ndarray, *, fraction: float =
     return indices[inner_train], indices[inner_validation]
 
 
-_BACKBONES: dict[str, Backbone] = {}
+_BACKBONES: dict[tuple[str, str], Backbone] = {}
+POOLING = "avg"  # of the frozen embeddings the `head` strategy trains on; the scripts' --pooling sets it
 
 
 def pretrained_backbone(weights: str = "default") -> Backbone:
-    if weights not in _BACKBONES:
-        _BACKBONES[weights] = create_backbone("efficientnet_lite0", weights=weights)
-    return _BACKBONES[weights]
+    if (weights, POOLING) not in _BACKBONES:
+        _BACKBONES[weights, POOLING] = create_backbone("efficientnet_lite0", weights=weights, pooling=POOLING)
+    return _BACKBONES[weights, POOLING]
 
 
 def training_data(

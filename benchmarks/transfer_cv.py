@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from modeling.calibration import fit_temperature  # noqa: E402
 from modeling.finetune import VIEW_PRESETS  # noqa: E402
 
+import transfer_common  # noqa: E402
 from transfer_common import (  # noqa: E402
     DATASET_LOADERS,
     choose_threshold,
@@ -202,8 +203,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training option for every dataset (JSON value)")
     parser.add_argument("--tta", default="", help="also score the same models with these test-time views (e.g. flips)")
+    parser.add_argument("--pooling", default="avg", choices=["avg", "multilayer"], help="frozen embedding pooling (the head strategy's features)")
     parser.add_argument("--set-for", action="append", default=[], metavar="DATASET:KEY=VALUE", help="training option for one dataset")
     args = parser.parse_args()
+    transfer_common.POOLING = args.pooling
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "transfer_cv.log", "a")
 

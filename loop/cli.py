@@ -54,6 +54,7 @@ def init(
     backbone: Annotated[str, typer.Option(help="timm model name")] = "efficientnet_lite0",
     weights: Annotated[str, typer.Option(help="default | none | PATH to a state dict")] = "default",
     image_size: Annotated[int, typer.Option(help="input resolution in pixels")] = 224,
+    pooling: Annotated[str, typer.Option(help="embedding pooling: multilayer (last 4 stages + head, avg and max) | avg (last feature map)")] = "multilayer",
     train: Annotated[str, typer.Option(help="training strategy: head | finetune | full")] = "head",
     annotator: Annotated[str, typer.Option(help="annotator backend: none | oracle | labelstudio")] = "none",
     oracle_manifest: Annotated[Optional[Path], typer.Option(help="ground truth CSV (path,label) for the oracle annotator")] = None,
@@ -73,7 +74,7 @@ def init(
             raise ConfigError(f"{config_path(project_dir)} already exists: this folder is a project already (edit loop.toml, or choose another folder)")
         config = ProjectConfig(
             name=name or project_dir.name, classes=_split_classes(classes), negative_class=negative_class, database_url=database_url,
-            model=ModelConfig(backbone=backbone, weights=weights, image_size=image_size, train=train, init_from=str(init_from) if init_from else None),
+            model=ModelConfig(backbone=backbone, weights=weights, image_size=image_size, pooling=pooling, train=train, init_from=str(init_from) if init_from else None),
             loop=LoopConfig(budget_per_round=budget, strategy=strategy),
             annotator=AnnotatorConfig(backend=annotator, oracle_manifest=str(oracle_manifest.expanduser().resolve()) if oracle_manifest else None, oracle_noise=oracle_noise),
         )

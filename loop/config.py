@@ -26,6 +26,10 @@ class ModelConfig(Strict):
     backbone: str = "efficientnet_lite0"
     weights: str = "default"  # default | none | path to a state dict
     image_size: int = Field(224, ge=32, le=1024)
+    # The frozen embedding (selection, the `head` strategy, label quality): "multilayer" pools the last four stages
+    # and the head conv (average + max), "avg" only the last feature map. Multi-layer found more small defects on
+    # magnetic tile at the same ONNX Runtime cost (benchmarks/feature_variants.py).
+    pooling: Literal["avg", "multilayer"] = "multilayer"
     train: str = "head"  # head | finetune | full
     init_from: str | None = None  # another project dir or checkpoint (domain transfer)
     threshold_source: Literal["auto", "validation", "out_of_fold"] = "auto"

@@ -206,11 +206,11 @@ def embed_images(state: RoundState) -> None:
     model = state.config.model
     if model.init_from:  # domain transfer: another project's fine-tuned backbone (and head where classes match)
         init = load_init_checkpoint(_weights_path(state, model.init_from), class_names=list(state.config.classes))
-        state.backbone = create_backbone(init.backbone_name, weights=str(init.backbone_weights_path))
+        state.backbone = create_backbone(init.backbone_name, weights=str(init.backbone_weights_path), pooling=model.pooling)
         state.details["init_from"] = {"checkpoint": str(init.backbone_weights_path), "head": init.head_reason}
         state.init_training_options = init.training_options()
     else:
-        state.backbone = create_backbone(model.backbone, weights=_weights_path(state, model.weights))
+        state.backbone = create_backbone(model.backbone, weights=_weights_path(state, model.weights), pooling=model.pooling)
     state.preprocessing = Preprocessing(model.image_size, state.backbone.mean, state.backbone.std)
     cache_root = state.options.embedding_cache_dir or state.ctx.cache_dir
     cache = EmbeddingCache(cache_root / "embeddings", embedding_model_key(state.backbone, state.preprocessing))

@@ -38,10 +38,13 @@ class Backbone:
     weights_id: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # How an image becomes one embedding (modeling.embeddings.EmbeddingNetwork): "avg" = global average of the last
+    # feature map; "multilayer" = average and max of the last four stages and the head conv.
+    pooling: str = "avg"
 
     @property
     def cache_key(self) -> str:
-        return f"{self.name}-{self.weights_id}"
+        return f"{self.name}-{self.weights_id}" + ("" if self.pooling == "avg" else f"-{self.pooling}")
 
 
 WeightsLoader = Callable[[], LoadedWeights]
@@ -118,14 +121,21 @@ def _apply_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
     model.load_state_dict(map_state_dict_by_position(state_dict, target))
 
 
-def create_backbone(name: str = "efficientnet_lite0", *, weights: str = "default", keep_imagenet_head: bool = False) -> Backbone:
+POOLINGS = ("avg", "multilayer")
+MULTILAYER_MODULES = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
+
+
+def create_backbone(name: str = "efficientnet_lite0", *, weights: str = "default", keep_imagenet_head: bool = False, pooling: str = "avg") -> Backbone:
     """A pretrained timm backbone by name.
 
     weights: "default" (the offline package for efficientnet_lite0, timm's hub weights for any other name),
-    "none" (random init, only when asked), or a path to a state dict file.
+    "none" (random init, only when asked), or a path to a state dict file. pooling: see Backbone.pooling
+    ("multilayer" needs an EfficientNet/MobileNet-style timm model: conv_stem, bn1, blocks, conv_head, bn2).
     """
     if name not in timm.list_models():
         raise ValueError(f"unknown backbone {name!r}: not a timm model name")
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     model = timm.create_model(name, pretrained=False)
     if weights == "none":
         loaded = LoadedWeights(None, "random-init", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -148,7 +158,9 @@ def create_backbone(name: str = "efficientnet_lite0", *, weights: str = "default
     if not keep_imagenet_head:
         model.reset_classifier(0)
     model.eval()
-    return Backbone(name, model, model.num_features, loaded.weights_id, loaded.mean, loaded.std)
+    if pooling == "multilayer" and not all(hasattr(model, module) for module in MULTILAYER_MODULES):
+        raise ValueError(f"pooling 'multilayer' needs a model with {', '.join(MULTILAYER_MODULES)}; {name!r} has not: use pooling 'avg'")
+    return Backbone(name, model, model.num_features, loaded.weights_id, loaded.mean, loaded.std, pooling)
 
 
 def save_backbone_weights(backbone: Backbone, path: Path) -> None:

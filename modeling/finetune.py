@@ -307,7 +307,10 @@ def _prefix_key(backbone: Backbone, *, trainable_stages: int, train_stem: bool, 
 
 def frozen_embeddings(backbone: Backbone, preprocessing: Preprocessing, paths: Sequence[str], *, trainable_stages: int = 2, threads: int = 2) -> np.ndarray:
     """The frozen backbone's L2-normalised pooled features (what the `head` strategy trains on), computed from the
-    same cached prefix feature maps fine-tuning uses, so one pass of the frozen part serves both."""
+    same cached prefix feature maps fine-tuning uses, so one pass of the frozen part serves both. Multi-layer pooling
+    reads stages inside the frozen prefix: those embeddings come from the ONNX embedding network instead."""
+    if backbone.pooling != "avg":
+        return _embedding_extractor(backbone, preprocessing).embed(list(paths), show_progress=False)
     model = copy.deepcopy(backbone.model).eval()
     prefix, tail = split_backbone(model, trainable_stages=trainable_stages)
     key = _prefix_key(backbone, trainable_stages=trainable_stages, train_stem=False, resize_to=None)
@@ -742,12 +745,14 @@ def _initialise_head(network: FinetunedNetwork, *, data: TrainingData, train_map
     n_classes = len(data.class_names)
     head = network.head
     init_weight, init_bias = data.options.get("init_head_weight"), data.options.get("init_head_bias")
+    # A transferred head (same classes) fits only if it was trained on the same features as this network's head: a
+    # `head` model on multi-layer embeddings has wider rows than conv_head's pooled features; then the probe starts it.
+    transferable = (init_weight is not None and init_bias is not None and np.shape(init_weight) == tuple(head.weight.shape)
+                    and np.shape(init_bias) == tuple(head.bias.shape))
     with torch.no_grad():
-        if init_weight is not None and init_bias is not None:  # a transferred head (same classes)
+        if transferable:
             weight = np.asarray(init_weight, dtype=np.float32)
             bias = np.asarray(init_bias, dtype=np.float32)
-            if weight.shape != tuple(head.weight.shape) or bias.shape != tuple(head.bias.shape):
-                raise ValueError(f"init head {weight.shape}/{bias.shape} does not fit {tuple(head.weight.shape)}")
             head.weight.copy_(torch.from_numpy(weight))
             head.bias.copy_(torch.from_numpy(bias))
         elif config.head_init == "probe":

@@ -178,7 +178,7 @@ class LinearHeadClassifier:
         return softmax((embeddings @ self.weight.T + self.bias) / self.temperature)
 
     def to_torch_module(self) -> nn.Module:
-        return nn.Sequential(EmbeddingNetwork(self.backbone.model), ProbabilityHead(self.weight, self.bias, self.temperature))
+        return nn.Sequential(EmbeddingNetwork(self.backbone.model, pooling=self.backbone.pooling), ProbabilityHead(self.weight, self.bias, self.temperature))
 
 
 @register_training_strategy("head")

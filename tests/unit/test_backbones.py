@@ -81,3 +81,40 @@ def test_embeddings_through_onnx_match_torch(tmp_path: Path, backbone) -> None:
     assert onnx_vectors.shape == (3, 1280)
     np.testing.assert_allclose(onnx_vectors, torch_vectors, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(onnx_vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_multilayer_embeddings_through_onnx_match_torch(tmp_path: Path, backbone) -> None:
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from loop.synthetic_images import synthetic_image
+    from modeling.embeddings import EmbeddingExtractor, EmbeddingNetwork, embedding_model_key
+
+    multilayer = replace(backbone, pooling="multilayer")
+    preprocessing = Preprocessing(96, backbone.mean, backbone.std)
+    assert embedding_model_key(multilayer, preprocessing) != embedding_model_key(backbone, preprocessing)  # separate caches
+    rng = np.random.default_rng(1)
+    paths = []
+    for i, kind in enumerate(["good", "good", "spot"]):
+        path = tmp_path / f"{i}.png"
+        synthetic_image(kind, rng=rng, size=80).save(path)
+        paths.append(str(path))
+    onnx_vectors = EmbeddingExtractor(multilayer, preprocessing, onnx_dir=tmp_path).embed(paths, show_progress=False)
+    batch = torch.from_numpy(np.stack([image_to_array(Image.open(p), preprocessing) for p in paths]))
+    with torch.inference_mode():
+        torch_vectors = EmbeddingNetwork(backbone.model, pooling="multilayer")(batch).numpy()
+    # stages 3-6 (80 + 112 + 192 + 320 channels) and conv_head (1280), each average- and max-pooled
+    assert onnx_vectors.shape == (3, 2 * (80 + 112 + 192 + 320 + 1280))
+    np.testing.assert_allclose(onnx_vectors, torch_vectors, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(onnx_vectors, axis=1), 1.0, atol=1e-5)
+    # The avg-pooled head part alone is what pooling "avg" gives (up to scale): the extra parts add, never replace.
+    with torch.inference_mode():
+        plain = EmbeddingNetwork(backbone.model)(batch).numpy()
+    head_avg = onnx_vectors[:, 2 * (80 + 112 + 192 + 320): 2 * (80 + 112 + 192 + 320) + 1280]
+    np.testing.assert_allclose(head_avg / np.linalg.norm(head_avg, axis=1, keepdims=True), plain, atol=1e-4)
+
+
+def test_unknown_pooling_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown pooling 'gem'"):
+        create_backbone("efficientnet_lite0", pooling="gem")
