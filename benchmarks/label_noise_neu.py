@@ -51,7 +51,7 @@ def list_dataset(root: Path) -> tuple[list[str], np.ndarray, list[str]]:
     return paths, np.asarray(labels, dtype=np.int64), class_names
 
 
-def cached_embeddings(paths: list[str], cache: Path, backbone: str) -> tuple[np.ndarray, float]:
+def cached_embeddings(paths: list[str], cache: Path, backbone: str, pooling: str) -> tuple[np.ndarray, float]:
     if cache.is_file():
         stored = np.load(cache, allow_pickle=False)
         if list(stored["paths"]) == paths:
@@ -59,7 +59,7 @@ def cached_embeddings(paths: list[str], cache: Path, backbone: str) -> tuple[np.
     from modeling.embeddings import compute_embeddings
 
     started = time.perf_counter()
-    embeddings = compute_embeddings(paths=paths, backbone=backbone, progress=True)
+    embeddings = compute_embeddings(paths=paths, backbone=backbone, pooling=pooling, progress=True)
     seconds = time.perf_counter() - started
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, embeddings=embeddings, paths=np.asarray(paths))
@@ -181,6 +181,7 @@ def main() -> int:
     parser.add_argument("--noise", type=float, default=0.2)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, all reported")
     parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--pooling", default="multilayer", choices=["avg", "multilayer"], help="embedding pooling (the product's default: multilayer)")
     parser.add_argument("--rounds", type=int, default=3, help="relabel rounds")
     parser.add_argument("--relabel-budget", type=int, default=None, help="labels sent back per round (default: all flagged)")
     parser.add_argument("--out", type=Path, required=True)
@@ -196,7 +197,7 @@ def main() -> int:
         parser.error("--noise must be in (0, 1)")
 
     paths, true, class_names = list_dataset(args.data)
-    embeddings, embed_s = cached_embeddings(paths, args.cache / f"neu_embeddings_{args.backbone}.npz", args.backbone)
+    embeddings, embed_s = cached_embeddings(paths, args.cache / f"neu_embeddings_{args.backbone}_{args.pooling}.npz", args.backbone, args.pooling)
     detection = [detection_run(embeddings, true, class_names, args.noise, seed) for seed in range(args.seeds)]
     relabel = [
         relabel_run(embeddings, true, class_names, args.noise, seed, args.rounds, args.relabel_budget)

@@ -254,7 +254,8 @@ def compute_out_of_fold(state: RoundState) -> None:
     state.oof_positions = positions
     state.oof_probabilities = out_of_fold_probabilities(
         features=state.embeddings[positions], labels=state.labels[positions], n_folds=5, seed=state.config.loop.seed,
-        fit_predict=head_fit_predict(seed=state.config.loop.seed),
+        # The same head the `head` strategy deploys: out-of-fold scores must describe the model the threshold serves.
+        fit_predict=head_fit_predict(seed=state.config.loop.seed, regularization=float(state.config.model.training.get("head_regularization", 1.0))),
         n_classes=len(state.config.classes),
     )
 
@@ -292,41 +293,46 @@ def train_model(state: RoundState) -> None:
     state.classifier = train_classifier(strategy=training_strategy(state), data=data)
     state.details["training"] = {
         "strategy": training_strategy(state), "n_fit": int(len(fit)), "history": getattr(state.classifier, "history", []),
-        "options": {k: v for k, v in data.options.items() if k not in ("cache_dir", "show_progress")},
+        "options": {k: v for k, v in data.options.items() if k not in ("cache_dir", "show_progress") and not k.startswith("init_head_")},
     }
 
 
 def calibrate_model(state: RoundState) -> None:
-    """Temperature scaling (one scalar) on labeled non-test images the final model did not learn from: the validation
-    split, or out-of-fold probabilities when validation was learned from. Calibrated probabilities are what
-    annotators see as pre-annotation scores and what selection ranks; the threshold is then chosen on them."""
+    """Temperature scaling (one scalar per model) on labeled non-test images that model did not learn from.
+
+    The deployed classifier: on its validation logits when validation was held out of training and holds two
+    classes; a frozen-embedding head that learned from validation: on the out-of-fold probabilities (the head is the
+    fold model); a fine-tuned network without such validation data is left uncalibrated (recorded). The out-of-fold
+    probabilities the threshold may be chosen on are scaled with their own temperature, fitted on themselves.
+    Calibrated probabilities are what annotators see as pre-annotation scores and what selection ranks."""
     state.calibrated_oof_probabilities = state.oof_probabilities
     classifier = state.classifier
     if state.config.model.calibration == "none" or not hasattr(classifier, "temperature"):
         state.details["calibration"] = {"method": "none"}
         return
+    oof_labels, oof_logits = state.labels[state.oof_positions], logits_from_probabilities(state.oof_probabilities)
+    oof_temperature = fit_temperature(labels=oof_labels, logits=oof_logits)
+    state.calibrated_oof_probabilities = softmax_with_temperature(oof_logits, oof_temperature)
     validation = state.positions(split="validation", labeled=True)
-    learned_validation = np.isin(validation, state.fit_positions).any()
-    if len(validation) and not learned_validation and len(set(state.labels[validation].tolist())) >= 2:
+    held_out = len(validation) > 0 and not np.isin(validation, state.fit_positions).any() and len(set(state.labels[validation].tolist())) >= 2
+    validation_logits = getattr(classifier, "validation_logits", None)
+    if held_out and validation_logits is not None and len(validation_logits) == len(validation):
+        fitted_on, labels, logits = "validation", state.labels[validation], np.asarray(validation_logits, dtype=np.float64)
+    elif held_out and classifier.uses_frozen_embeddings:
         fitted_on, labels = "validation", state.labels[validation]
-        validation_logits = getattr(classifier, "validation_logits", None)
-        if validation_logits is not None and len(validation_logits) == len(validation):
-            logits = np.asarray(validation_logits, dtype=np.float64)
-        elif classifier.uses_frozen_embeddings:
-            logits = logits_from_probabilities(classifier.predict_proba_from_embeddings(state.embeddings[validation]))
-        else:
-            state.details["calibration"] = {"method": "none", "reason": "no validation logits from this classifier"}
-            return
+        logits = logits_from_probabilities(classifier.predict_proba_from_embeddings(state.embeddings[validation]))
+    elif classifier.uses_frozen_embeddings:
+        fitted_on, labels, logits = "out_of_fold", oof_labels, oof_logits
     else:
-        fitted_on, labels = "out_of_fold", state.labels[state.oof_positions]
-        logits = logits_from_probabilities(state.oof_probabilities)
-    temperature = fit_temperature(labels=labels, logits=logits)
+        state.details["calibration"] = {"method": "none", "reason": "no held-out validation images of two classes for this network",
+                                        "out_of_fold_temperature": oof_temperature}
+        return
+    temperature = oof_temperature if fitted_on == "out_of_fold" else fit_temperature(labels=labels, logits=logits)
     classifier.temperature = temperature
-    if fitted_on == "out_of_fold":
-        state.calibrated_oof_probabilities = softmax_with_temperature(logits, temperature)
     before, after = softmax_with_temperature(logits, 1.0), softmax_with_temperature(logits, temperature)
     state.details["calibration"] = {
         "method": "temperature", "temperature": temperature, "fitted_on": fitted_on, "n_images": int(len(labels)),
+        "out_of_fold_temperature": oof_temperature,
         "nll_before": negative_log_likelihood(logits=logits, labels=labels),
         "nll_after": negative_log_likelihood(logits=logits, labels=labels, temperature=temperature),
         "ece_before": expected_calibration_error(probabilities=before, labels=labels),

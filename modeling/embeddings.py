@@ -29,18 +29,19 @@ class MultiLayerPooling(nn.Module):
     average washes out. Magnetic tile, 5-fold CV, frozen features + linear head at 224 px: ROC-AUC 0.9907 -> 0.9945,
     defect recall at FPR <= 2% 0.969 -> 0.982, at the same ONNX Runtime cost (benchmarks/feature_variants.py)."""
 
-    STAGES = (3, 4, 5, 6)  # of efficientnet_lite0's seven stages (0-based), counted as timm's `blocks`
+    N_STAGES = 4  # the last four of timm's `blocks` (efficientnet_lite0: stages 3-6 of 0-6)
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.stages = tuple(range(max(0, len(model.blocks) - self.N_STAGES), len(model.blocks)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.model.bn1(self.model.conv_stem(images))
         parts = []
         for index, block in enumerate(self.model.blocks):
             x = block(x)
-            if index in self.STAGES:
+            if index in self.stages:
                 parts.append(x)
         parts.append(self.model.bn2(self.model.conv_head(x)))
         pooled = []
@@ -134,12 +135,12 @@ class EmbeddingCache:
 
 def compute_embeddings(
     *, paths: Sequence[str], backbone: str = "efficientnet_lite0", weights: str = "default", image_size: int = 224,
-    progress: bool = True, onnx_dir: Path | None = None,
+    pooling: str = "multilayer", progress: bool = True, onnx_dir: Path | None = None,
 ) -> np.ndarray:
     """L2-normalised float32 embeddings (n, d) of images on disk, with no cache: for notebooks and benchmarks."""
     import tempfile
 
-    loaded = create_backbone(backbone, weights=weights)
+    loaded = create_backbone(backbone, weights=weights, pooling=pooling)
     preprocessing = Preprocessing(image_size, loaded.mean, loaded.std)
     with tempfile.TemporaryDirectory() as tmp:
         extractor = EmbeddingExtractor(loaded, preprocessing, onnx_dir=onnx_dir or Path(tmp))

@@ -302,7 +302,8 @@ class PrefixRunner:
 
 def _prefix_key(backbone: Backbone, *, trainable_stages: int, train_stem: bool, resize_to: int | None) -> str:
     cut_name = "all" if train_stem else f"last{trainable_stages}"
-    return f"{backbone.cache_key}-{backbone.name}-{cut_name}-r{resize_to or 'same'}"
+    # Feature maps of the frozen prefix do not depend on how embeddings are pooled: name + weights only.
+    return f"{backbone.name}-{backbone.weights_id}-{cut_name}-r{resize_to or 'same'}"
 
 
 def frozen_embeddings(backbone: Backbone, preprocessing: Preprocessing, paths: Sequence[str], *, trainable_stages: int = 2, threads: int = 2) -> np.ndarray:
@@ -604,7 +605,7 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
         view_maps.append(prefix_feature_maps(runner, data.train_paths, data.preprocessing, view=view))
     feature_seconds = time.perf_counter() - t0
 
-    _initialise_head(network, data=data, train_maps=train_maps, train_labels=train_labels, config=config, rng=rng)
+    transferred_head = _initialise_head(network, data=data, train_maps=train_maps, train_labels=train_labels, config=config, rng=rng)
 
     weights = class_weights(train_labels, n_classes) if config.balance == "weights" else None
     weight_tensor = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
@@ -642,7 +643,7 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
     history.append(_history_row(0, train_metrics["loss"], train_metrics["accuracy"], val_metrics, time.perf_counter() - started))
     _report(config, history[-1])
     best = _Best(epoch=0, score=_score(val_metrics, train_metrics), state=copy.deepcopy(network.state_dict()), logits=val_logits)
-    if config.head_init == "random" and data.options.get("init_head_weight") is None and int(config.epochs) > 0:
+    if config.head_init == "random" and not transferred_head and int(config.epochs) > 0:
         best.score = (-math.inf,)  # a random head is not a model worth keeping: any trained epoch beats it
     step = 0
     epochs_without_gain = 0
@@ -691,8 +692,10 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
         parameter.requires_grad_(False)
     tuned_backbone = Backbone(
         data.backbone.name, model, data.backbone.num_features, f"{strategy}-{_state_digest(model)}", data.backbone.mean, data.backbone.std,
+        data.backbone.pooling,
     )
     config_dict = {key: (list(value) if isinstance(value, tuple) else value) for key, value in config.__dict__.items()}
+    config_dict["head_transferred"] = bool(transferred_head)
     return FinetunedClassifier(
         class_names=list(data.class_names), network=network, backbone=tuned_backbone, preprocessing=data.preprocessing,
         strategy=strategy, config=config_dict, prefix_key=prefix_key, history=history, best_epoch=best.epoch,
@@ -741,7 +744,8 @@ def _state_digest(model: nn.Module) -> str:
     return digest.hexdigest()[:12]
 
 
-def _initialise_head(network: FinetunedNetwork, *, data: TrainingData, train_maps: np.ndarray, train_labels: np.ndarray, config: FinetuneConfig, rng: np.random.Generator) -> None:
+def _initialise_head(network: FinetunedNetwork, *, data: TrainingData, train_maps: np.ndarray, train_labels: np.ndarray, config: FinetuneConfig, rng: np.random.Generator) -> bool:
+    """Start the head; True when a transferred head was used."""
     n_classes = len(data.class_names)
     head = network.head
     init_weight, init_bias = data.options.get("init_head_weight"), data.options.get("init_head_bias")
@@ -766,6 +770,7 @@ def _initialise_head(network: FinetunedNetwork, *, data: TrainingData, train_map
             generator = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
             head.weight.copy_(torch.randn(head.weight.shape, generator=generator))
             head.bias.zero_()
+    return transferable
 
 
 # ----------------------------------------------------------------------------------------------------------------
