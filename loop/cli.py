@@ -228,6 +228,7 @@ def simulate(
     max_rounds: Annotated[int, typer.Option(help="stop a run after this many rounds")] = 60,
     all_rounds: Annotated[bool, typer.Option("--all-rounds", help="keep going after the gates pass (until max rounds or an empty pool)")] = False,
     image_size: Annotated[int, typer.Option()] = 224,
+    pooling: Annotated[str, typer.Option(help="embedding pooling: multilayer | avg (to compare with runs made before multilayer)")] = "multilayer",
 ) -> None:
     """Compare acquisition strategies with the simulated annotator: labels needed to pass the quality gates."""
     from loop.simulate import SimulationSettings
@@ -236,7 +237,7 @@ def simulate(
     with clear_errors():
         result = run_simulation(SimulationSettings(
             source=source, out=out, strategies=_split_classes(strategies), negative_class=negative_class, seed_labels=seed_labels, budget=budget,
-            seeds=seeds, noise=noise, relabel_budget=relabel_budget, max_rounds=max_rounds, image_size=image_size, stop_when_gates_pass=not all_rounds,
+            seeds=seeds, noise=noise, relabel_budget=relabel_budget, max_rounds=max_rounds, image_size=image_size, pooling=pooling, stop_when_gates_pass=not all_rounds,
         ), console=console)
     console.print((out / "simulation.md").read_text())
 

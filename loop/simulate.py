@@ -47,6 +47,7 @@ class SimulationSettings:
     max_rounds: int = 60
     train: str = "head"
     image_size: int = 224
+    pooling: str = "multilayer"  # of the frozen embeddings (loop.toml [model] pooling)
     stop_when_gates_pass: bool = True
 
 
@@ -113,7 +114,7 @@ def _run_one(settings: SimulationSettings, *, strategy: str, seed: int, classes:
     project_dir.mkdir(parents=True)
     config = ProjectConfig(
         name=project_dir.name, classes=classes, negative_class=settings.negative_class,
-        model=ModelConfig(train=settings.train, image_size=settings.image_size),
+        model=ModelConfig(train=settings.train, image_size=settings.image_size, pooling=settings.pooling),
         loop=LoopConfig(budget_per_round=settings.budget, strategy=strategy, relabel_budget=settings.relabel_budget, seed=seed),
         annotator=AnnotatorConfig(backend="oracle", oracle_manifest=str(ground_truth)),
     )
