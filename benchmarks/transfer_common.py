@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from loop.config import ModelConfig  # noqa: E402  (the round's defaults, e.g. the threshold confidence)
 from modeling.backbones import Backbone, create_backbone  # noqa: E402
 from modeling.calibration import fit_temperature, logits_from_probabilities, softmax_with_temperature  # noqa: E402
 from modeling.finetune import frozen_embeddings, predict_proba_paths  # noqa: E402
@@ -144,9 +145,15 @@ class ThresholdResult:
     detail: dict[str, Any]
 
 
-def choose_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_fpr: float = MAX_FPR, confidence: float = 0.9) -> ThresholdResult:
+# The confidence of the FPR threshold rule: `loop round`'s default (loop.toml [model] threshold_confidence) unless a
+# script sets another (transfer_cv.py --threshold-confidence). Earlier runs used 0.9, more cautious than the product.
+THRESHOLD_CONFIDENCE = ModelConfig().threshold_confidence
+
+
+def choose_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_fpr: float = MAX_FPR, confidence: float | None = None) -> ThresholdResult:
     """The round's rule (modeling.evaluation.choose_defect_threshold), applied to non-test data only."""
     if _choose_defect_threshold is not None:
+        confidence = THRESHOLD_CONFIDENCE if confidence is None else confidence
         choice = _choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=max_fpr, confidence=confidence, source="validation")
         return ThresholdResult(choice.threshold, choice.as_dict())
     negatives = np.sort(p_defect[~is_defect])[::-1]  # pragma: no cover - fallback: plain empirical FPR
@@ -184,7 +191,7 @@ def predict_paths(classifier: Any, paths: list[str], data: TrainingData) -> np.n
 
 def fit_calibrate_predict(
     dataset: Dataset, train: np.ndarray, validation: np.ndarray, evaluate: np.ndarray, *, strategy: str, options: dict[str, Any],
-    image_size: int, seed: int = 0, backbone: Backbone | None = None, confidence: float = 0.9,
+    image_size: int, seed: int = 0, backbone: Backbone | None = None, confidence: float | None = None,
 ) -> FitResult:
     """Train with the registry, fit the temperature and the FPR threshold on validation, predict `evaluate`."""
     backbone = backbone or pretrained_backbone()
@@ -200,7 +207,8 @@ def fit_calibrate_predict(
         # The threshold is read off probabilities computed exactly as the held-out ones are (same numeric path:
         # p_defect near 0 is at the resolution of that path, and a threshold must be on the same scale).
         calibrated = predict_paths(classifier, data.validation_paths, data)
-        threshold = choose_threshold(p_defect=1.0 - calibrated[:, dataset.negative_index], is_defect=data.validation_labels != dataset.negative_index)
+        threshold = choose_threshold(p_defect=1.0 - calibrated[:, dataset.negative_index], is_defect=data.validation_labels != dataset.negative_index,
+                                     confidence=confidence)
     started = time.perf_counter()
     probabilities = predict_paths(classifier, list(np.array(dataset.paths)[evaluate]), data)
     predict_seconds = time.perf_counter() - started

@@ -157,7 +157,7 @@ def write_report(out: Path, results: dict[str, Any], command: str) -> None:
     lines = ["# Transfer learning: 5-fold stratified cross-validation", "", f"Command: `{command}`", "",
              "Folds: StratifiedGroupKFold(5, shuffle=True, random_state=0), groups = file sha256 (duplicates stay together). "
              "Inside the training folds, 20% (stratified, grouped) is the validation split: early stopping, temperature and the "
-             f"FPR <= {MAX_FPR:.0%} threshold (modeling.evaluation.choose_defect_threshold, confidence 0.9) come from it only.", ""]
+             f"FPR <= {MAX_FPR:.0%} threshold (modeling.evaluation.choose_defect_threshold, confidence {transfer_common.THRESHOLD_CONFIDENCE}) come from it only.", ""]
     rows = []
     for name, result in results.items():
         if name == "mvtec_fewshot":
@@ -203,10 +203,13 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training option for every dataset (JSON value)")
     parser.add_argument("--tta", default="", help="also score the same models with these test-time views (e.g. flips)")
+    parser.add_argument("--threshold-confidence", type=float, default=None, help="FPR threshold rule confidence (default: loop round's)")
     parser.add_argument("--pooling", default="avg", choices=["avg", "multilayer"], help="frozen embedding pooling (the head strategy's features)")
     parser.add_argument("--set-for", action="append", default=[], metavar="DATASET:KEY=VALUE", help="training option for one dataset")
     args = parser.parse_args()
     transfer_common.POOLING = args.pooling
+    if args.threshold_confidence is not None:
+        transfer_common.THRESHOLD_CONFIDENCE = args.threshold_confidence
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "transfer_cv.log", "a")
 
