@@ -1,0 +1,28 @@
+"""The README's first command, `loop demo`, end to end at a smaller size (the full default is checked by hand)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from loop.cli import app
+
+runner = CliRunner()
+
+
+def test_demo_runs_rounds_records_them_and_writes_plots(tmp_path: Path) -> None:
+    project = tmp_path / "demo-project"
+    result = runner.invoke(app, ["demo", "--project", str(project), "--images", "200", "--rounds", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "gates on the frozen test split" in output and "loop status --project" in output
+    status = runner.invoke(app, ["status", "--project", str(project), "--json"], catch_exceptions=False)
+    report = json.loads(status.output)
+    assert [r["number"] for r in report["rounds"]] == [1, 2]
+    assert all(r["status"] == "completed" for r in report["rounds"])
+    assert report["labels"]["by_source"]["oracle"] > 0  # round 2 pulled the oracle's answers to round 1's batch
+    assert (project / "artifacts" / "gates_over_rounds.png").read_bytes()[:4] == b"\x89PNG"
+    # A second demo into the same folder is refused, not merged into the first.
+    again = runner.invoke(app, ["demo", "--project", str(project), "--images", "200", "--rounds", "1"])
+    assert again.exit_code != 0
