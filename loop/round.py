@@ -88,7 +88,7 @@ class RoundState:
     fit_positions: np.ndarray | None = None  # labeled non-test images the final model learns from
     oof_positions: np.ndarray | None = None
     oof_probabilities: np.ndarray | None = None
-    # The out-of-fold probabilities at the final model's temperature: what the threshold is chosen on (source out_of_fold).
+    # The out-of-fold probabilities at their own fitted temperature: what the threshold is chosen on (source out_of_fold).
     calibrated_oof_probabilities: np.ndarray | None = None
     classifier: TrainedClassifier | None = None
     probabilities: np.ndarray | None = None

@@ -137,6 +137,8 @@ def create_backbone(name: str = "efficientnet_lite0", *, weights: str = "default
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     model = timm.create_model(name, pretrained=False)
+    if pooling == "multilayer" and not all(hasattr(model, module) for module in MULTILAYER_MODULES):  # before any weights load
+        raise ValueError(f"pooling 'multilayer' needs a model with {', '.join(MULTILAYER_MODULES)}; {name!r} has not: use pooling 'avg'")
     if weights == "none":
         loaded = LoadedWeights(None, "random-init", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     elif weights == "default" and name in _DEFAULT_WEIGHTS:
@@ -158,8 +160,6 @@ def create_backbone(name: str = "efficientnet_lite0", *, weights: str = "default
     if not keep_imagenet_head:
         model.reset_classifier(0)
     model.eval()
-    if pooling == "multilayer" and not all(hasattr(model, module) for module in MULTILAYER_MODULES):
-        raise ValueError(f"pooling 'multilayer' needs a model with {', '.join(MULTILAYER_MODULES)}; {name!r} has not: use pooling 'avg'")
     return Backbone(name, model, model.num_features, loaded.weights_id, loaded.mean, loaded.std, pooling)
 
 

@@ -311,7 +311,7 @@ def frozen_embeddings(backbone: Backbone, preprocessing: Preprocessing, paths: S
     same cached prefix feature maps fine-tuning uses, so one pass of the frozen part serves both. Multi-layer pooling
     reads stages inside the frozen prefix: those embeddings come from the ONNX embedding network instead."""
     if backbone.pooling != "avg":
-        return _embedding_extractor(backbone, preprocessing).embed(list(paths), show_progress=False)
+        return _cached_network_embeddings(backbone, preprocessing, list(paths))
     model = copy.deepcopy(backbone.model).eval()
     prefix, tail = split_backbone(model, trainable_stages=trainable_stages)
     key = _prefix_key(backbone, trainable_stages=trainable_stages, train_stem=False, resize_to=None)
@@ -324,6 +324,20 @@ def frozen_embeddings(backbone: Backbone, preprocessing: Preprocessing, paths: S
         return _pooled_features(network, maps, batch_size=64, channels_last=False).astype(np.float32)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _cached_network_embeddings(backbone: Backbone, preprocessing: Preprocessing, paths: list[str]) -> np.ndarray:
+    """Embeddings from the ONNX embedding network, kept in the same memory cache as the feature maps: cross-validation
+    asks for the same images fold after fold."""
+    extractor = _embedding_extractor(backbone, preprocessing)
+    keys = [("embedding", extractor.model_key, *_file_key(path)) for path in paths]
+    found = [FEATURE_MAP_CACHE.get(key) for key in keys]
+    missing = [i for i, vector in enumerate(found) if vector is None]
+    if missing:
+        for i, vector in zip(missing, extractor.embed([paths[i] for i in missing], show_progress=False)):
+            found[i] = vector
+            FEATURE_MAP_CACHE.put(keys[i], vector)
+    return np.stack(found).astype(np.float32) if found else np.zeros((0, 0), dtype=np.float32)
 
 
 def _normalised_image(path: str, preprocessing: Preprocessing) -> np.ndarray:

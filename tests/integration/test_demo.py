@@ -25,4 +25,4 @@ def test_demo_runs_rounds_records_them_and_writes_plots(tmp_path: Path) -> None:
     assert (project / "artifacts" / "gates_over_rounds.png").read_bytes()[:4] == b"\x89PNG"
     # A second demo into the same folder is refused, not merged into the first.
     again = runner.invoke(app, ["demo", "--project", str(project), "--images", "200", "--rounds", "1"])
-    assert again.exit_code != 0
+    assert again.exit_code != 0 and "is a project already" in " ".join(again.output.split())

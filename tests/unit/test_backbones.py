@@ -118,3 +118,5 @@ def test_multilayer_embeddings_through_onnx_match_torch(tmp_path: Path, backbone
 def test_unknown_pooling_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown pooling 'gem'"):
         create_backbone("efficientnet_lite0", pooling="gem")
+    with pytest.raises(ValueError, match="needs a model with conv_stem"):  # refused before any weights are fetched
+        create_backbone("resnet18", pooling="multilayer")
