@@ -262,3 +262,54 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -
     lines = ["| " + " | ".join(header for _, header in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(key)) for key, _ in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+_PATCH_FEATURES: dict[tuple[str, int], np.ndarray] = {}
+
+
+def anomaly_blend(
+    dataset: Dataset, labeled: np.ndarray, evaluate: np.ndarray, fit: FitResult, *, image_size: int, seed: int = 0, confidence: float | None = None,
+) -> tuple[np.ndarray, ThresholdResult, dict[str, Any]]:
+    """The round's `score_anomalies` + out-of-fold threshold on one split: the head's out-of-fold P(defect) over the
+    labeled images (5 folds, temperature-scaled), the good parts' patch memory bank with leave-one-out scores, the
+    blend fitted on those, the threshold chosen on the blended out-of-fold scores; `fit`'s calibrated probabilities
+    of `evaluate` blended with their anomaly scores. Returns (probabilities of evaluate, threshold, details)."""
+    from modeling.anomaly import blend_probabilities, compute_patch_features, fit_patch_anomaly
+    from modeling.label_quality import out_of_fold_probabilities
+    from modeling.training import head_fit_predict
+
+    backbone = pretrained_backbone()
+    preprocessing = Preprocessing(image_size, backbone.mean, backbone.std)
+    key = (dataset.name, image_size)
+    if key not in _PATCH_FEATURES:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as onnx_dir:
+            _PATCH_FEATURES[key] = compute_patch_features(backbone=backbone, preprocessing=preprocessing, paths=dataset.paths, onnx_dir=Path(onnx_dir))
+    features = _PATCH_FEATURES[key]
+    labeled = np.sort(labeled)
+    paths = np.array(dataset.paths)
+    embeddings = frozen_embeddings(backbone, preprocessing, list(paths[labeled]), threads=2)
+    negative = dataset.negative_index
+    oof = out_of_fold_probabilities(features=embeddings, labels=dataset.labels[labeled], n_folds=5, seed=seed,
+                                    fit_predict=head_fit_predict(seed=seed), n_classes=len(dataset.class_names))
+    oof_logits = logits_from_probabilities(oof)
+    oof_temperature = fit_temperature(logits=oof_logits, labels=dataset.labels[labeled])
+    oof = softmax_with_temperature(oof_logits, oof_temperature)
+    classifier_probabilities = fit.probabilities
+    if getattr(fit.classifier, "uses_frozen_embeddings", False):
+        # As the round does with an out-of-fold threshold: the head learns from every labeled image (validation too)
+        # and takes the out-of-fold temperature, so the blend sees held-out scores on the scale it was fitted on.
+        head = head_fit_predict(seed=seed)(train_features=embeddings, train_labels=dataset.labels[labeled], n_classes=len(dataset.class_names),
+                                           predict_features=frozen_embeddings(backbone, preprocessing, list(paths[evaluate]), threads=2))
+        classifier_probabilities = softmax_with_temperature(logits_from_probabilities(head), oof_temperature)
+    is_defect = dataset.labels[labeled] != negative
+    started = time.perf_counter()
+    fitted = fit_patch_anomaly(patch_features=features[labeled], is_defect=is_defect, p_defect_out_of_fold=1.0 - oof[:, negative], seed=seed)
+    blended_oof = blend_probabilities(probabilities=oof, anomaly_score=fitted.labeled_scores, blend=fitted.blend, negative_index=negative)
+    threshold = choose_threshold(p_defect=1.0 - blended_oof[:, negative], is_defect=is_defect, confidence=confidence)
+    probabilities = blend_probabilities(probabilities=classifier_probabilities, anomaly_score=fitted.scores(features[evaluate]), blend=fitted.blend, negative_index=negative)
+    details = {"blend": fitted.blend.as_dict(), "out_of_fold_temperature": oof_temperature, "memory_bank_patches": int(len(fitted.memory_bank)), "anomaly_seconds": time.perf_counter() - started,
+               "held_out_anomaly_auc": float(roc_auc_score(dataset.labels[evaluate] != negative, fitted.scores(features[evaluate])))
+               if 0 < (dataset.labels[evaluate] != negative).sum() < len(evaluate) else None}
+    return probabilities, threshold, details

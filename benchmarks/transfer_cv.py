@@ -29,6 +29,7 @@ from modeling.finetune import VIEW_PRESETS  # noqa: E402
 
 import transfer_common  # noqa: E402
 from transfer_common import (  # noqa: E402
+    anomaly_blend,
     DATASET_LOADERS,
     choose_threshold,
     MAX_FPR,
@@ -74,7 +75,8 @@ def tta_variant(dataset: Dataset, result: Any, validation: np.ndarray, evaluate:
             **metrics(dataset.labels[evaluate], probabilities, predictions, class_names=dataset.class_names, negative_index=dataset.negative_index)}
 
 
-def run_cv(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_size: int, folds: list[int], log, tta: tuple[str, ...] = ()) -> dict[str, Any]:
+def run_cv(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_size: int, folds: list[int], log, tta: tuple[str, ...] = (),
+           anomaly: bool = False) -> dict[str, Any]:
     splits = outer_folds(dataset, n_splits=5, seed=0)
     oof_probabilities = np.zeros((len(dataset.paths), len(dataset.class_names)))
     oof_predictions = np.full(len(dataset.paths), -1)
@@ -84,6 +86,9 @@ def run_cv(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_si
         train_all, test = splits[fold]
         train, validation = validation_split(dataset, train_all, fraction=0.2, seed=0)
         result = fit_calibrate_predict(dataset, train, validation, test, strategy=strategy, options=options, image_size=image_size)
+        anomaly_details = None
+        if anomaly and dataset.negative_index is not None:  # the round's blend, threshold on out-of-fold scores of train + validation
+            result.probabilities, result.threshold, anomaly_details = anomaly_blend(dataset, train_all, test, result, image_size=image_size)
         threshold = result.threshold.threshold if result.threshold else None
         predictions = final_predictions(probabilities=result.probabilities, negative_index=dataset.negative_index, threshold=threshold)
         oof_probabilities[test] = result.probabilities
@@ -93,7 +98,7 @@ def run_cv(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_si
             "fold": fold, "n_train": len(train), "n_validation": len(validation), "n_test": len(test),
             "train_seconds": result.train_seconds, "predict_seconds": result.predict_seconds, "temperature": result.temperature,
             "threshold": threshold, "threshold_detail": result.threshold.detail if result.threshold else None,
-            "best_epoch": getattr(result.classifier, "best_epoch", None), "history": result.history, **fold_metrics,
+            "best_epoch": getattr(result.classifier, "best_epoch", None), "history": result.history, "anomaly": anomaly_details, **fold_metrics,
         }
         if tta:
             row["tta"] = tta_variant(dataset, result, validation, test, tta)
@@ -104,7 +109,8 @@ def run_cv(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_si
             f"AUC {row.get('roc_auc')} recall {row.get('defect_recall')} FPR {row.get('fpr')} | train {row['train_seconds']:.0f}s best epoch {row['best_epoch']}")
     evaluated = oof_predictions >= 0
     pooled = metrics(dataset.labels[evaluated], oof_probabilities[evaluated], oof_predictions[evaluated], class_names=dataset.class_names, negative_index=dataset.negative_index)
-    summary = {"dataset": dataset.name, "note": dataset.note, "strategy": strategy, "image_size": image_size, "options": _jsonable(options),
+    summary = {"dataset": dataset.name, "note": dataset.note, "strategy": strategy + (" + patch anomaly blend" if anomaly and dataset.negative_index is not None else ""),
+               "image_size": image_size, "options": _jsonable(options),
                "folds": fold_rows, "pooled": pooled}
     if tta:
         summary["pooled_tta"] = metrics(dataset.labels[evaluated], tta_probabilities[evaluated], tta_predictions[evaluated], class_names=dataset.class_names, negative_index=dataset.negative_index)
@@ -113,7 +119,8 @@ def run_cv(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_si
     return summary
 
 
-def run_fewshot(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_size: int, seeds: list[int], labeled_defects: int, log) -> dict[str, Any]:
+def run_fewshot(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_size: int, seeds: list[int], labeled_defects: int, log,
+                anomaly: bool = False) -> dict[str, Any]:
     origin = np.array(dataset.origin)
     defects = np.flatnonzero(dataset.labels == 1)
     train_goods = np.flatnonzero(origin == "train/good")
@@ -126,6 +133,9 @@ def run_fewshot(dataset: Dataset, *, strategy: str, options: dict[str, Any], ima
         pool = np.concatenate([train_goods, labeled])
         train, validation = validation_split(dataset, pool, fraction=0.2, seed=seed)
         result = fit_calibrate_predict(dataset, train, validation, held_out, strategy=strategy, options={**options}, image_size=image_size, seed=seed)
+        anomaly_details = None
+        if anomaly:  # the round's blend; the threshold on out-of-fold scores of the labeled images (never the held-out ones)
+            result.probabilities, result.threshold, anomaly_details = anomaly_blend(dataset, pool, held_out, result, image_size=image_size, seed=seed)
         threshold = result.threshold.threshold if result.threshold else None
         predictions = final_predictions(probabilities=result.probabilities, negative_index=0, threshold=threshold)
         row = {
@@ -134,7 +144,7 @@ def run_fewshot(dataset: Dataset, *, strategy: str, options: dict[str, Any], ima
             "n_held_out": len(held_out), "n_held_out_defects": int((dataset.labels[held_out] == 1).sum()),
             "threshold": threshold, "threshold_detail": result.threshold.detail if result.threshold else None,
             "temperature": result.temperature, "train_seconds": result.train_seconds, "best_epoch": getattr(result.classifier, "best_epoch", None),
-            "history": result.history,
+            "history": result.history, "anomaly": anomaly_details,
             **metrics(dataset.labels[held_out], result.probabilities, predictions, class_names=dataset.class_names, negative_index=0),
         }
         rows.append(row)
@@ -142,9 +152,10 @@ def run_fewshot(dataset: Dataset, *, strategy: str, options: dict[str, Any], ima
             f"({row['false_positives']} FP of {len(test_goods)} good) | train {row['train_seconds']:.0f}s")
     summary = {key: {"mean": float(np.mean([r[key] for r in rows])), "min": float(np.min([r[key] for r in rows])), "max": float(np.max([r[key] for r in rows]))}
                for key in ("roc_auc", "defect_recall", "fpr")}
-    return {"dataset": "mvtec_bottle_fewshot", "strategy": strategy, "image_size": image_size, "labeled_defects": labeled_defects,
+    return {"dataset": "mvtec_bottle_fewshot", "strategy": strategy + (" + patch anomaly blend" if anomaly else ""), "image_size": image_size, "labeled_defects": labeled_defects,
             "split": "per seed: 10 defect images drawn at random + the 209 train/good are labeled (80/20 train/validation, "
-                     "threshold and temperature on that validation); held out: the other 53 defects + the 20 test/good",
+                     "temperature on that validation; threshold there, or with the anomaly blend on out-of-fold scores of all labeled images); "
+                     "held out: the other 53 defects + the 20 test/good",
             "options": _jsonable(options), "seeds": rows, "summary": summary}
 
 
@@ -205,6 +216,8 @@ def main() -> None:
     parser.add_argument("--tta", default="", help="also score the same models with these test-time views (e.g. flips)")
     parser.add_argument("--threshold-confidence", type=float, default=None, help="FPR threshold rule confidence (default: loop round's)")
     parser.add_argument("--pooling", default="avg", choices=["avg", "multilayer"], help="frozen embedding pooling (the head strategy's features)")
+    parser.add_argument("--anomaly", default="none", choices=["none", "patch"],
+                        help="blend the patch anomaly score in, as loop round does by default ([model] anomaly = 'patch')")
     parser.add_argument("--set-for", action="append", default=[], metavar="DATASET:KEY=VALUE", help="training option for one dataset")
     args = parser.parse_args()
     transfer_common.POOLING = args.pooling
@@ -240,10 +253,10 @@ def main() -> None:
         dataset = DATASET_LOADERS[base]()
         started = time.perf_counter()
         if name == "mvtec_fewshot":
-            results[name] = run_fewshot(dataset, strategy=args.strategy, options=options, image_size=image_size, seeds=seeds, labeled_defects=10, log=log)
+            results[name] = run_fewshot(dataset, strategy=args.strategy, options=options, image_size=image_size, seeds=seeds, labeled_defects=10, log=log, anomaly=args.anomaly == "patch")
         else:
             tta = VIEW_PRESETS[args.tta] if args.tta else ()
-            results[name] = run_cv(dataset, strategy=args.strategy, options=options, image_size=image_size, folds=folds, log=log, tta=tta)
+            results[name] = run_cv(dataset, strategy=args.strategy, options=options, image_size=image_size, folds=folds, log=log, tta=tta, anomaly=args.anomaly == "patch")
         results[name]["wall_seconds"] = time.perf_counter() - started
         log(f"[{name}] done in {results[name]['wall_seconds']:.0f}s")
         write_report(args.out, results, command)

@@ -38,6 +38,11 @@ class ModelConfig(Strict):
     # Temperature scaling on data the model did not train on (validation, else out-of-fold): calibrated
     # probabilities for pre-annotations and selection; the threshold is chosen on the calibrated scores.
     calibration: Literal["temperature", "none"] = "temperature"
+    # Patch-level anomaly score (modeling.anomaly): the labeled good parts' patches form a memory bank, and how far
+    # an image's most unusual patch is from it is blended with the classifier's P(defect) (projects with a
+    # negative class and >= 10 labeled good parts). Few defect labels (MVTec-style) is where it pays.
+    anomaly: Literal["patch", "none"] = "patch"
+    anomaly_bank_size: int = Field(4000, ge=100, le=100_000)
     # Options of the training strategies ([model.training] in loop.toml), e.g. epochs = 6, trainable_stages = 2,
     # mode = "augment", augmentation = "factory", tta = "flips", balance = "sampler", loss = "focal".
     training: dict[str, Any] = Field(default_factory=dict)

@@ -27,6 +27,10 @@ from loop.errors import RoundFailed
 from loop.ingest import inspect_file, split_for_new_label
 from loop.selection_index import load_or_update_index
 from loop.project import ProjectContext
+from modeling.anomaly import (
+    MIN_GOOD_IMAGES, BlendedClassifierNetwork, PatchAnomalyNetwork, PatchFeatureNetwork, blend_probabilities, compute_patch_features,
+    fit_patch_anomaly, patch_features_key,
+)
 from modeling.backbones import Backbone, create_backbone
 from modeling.calibration import expected_calibration_error, fit_temperature, logits_from_probabilities, negative_log_likelihood, softmax_with_temperature
 from modeling.embeddings import EmbeddingCache, EmbeddingExtractor, embedding_model_key
@@ -102,6 +106,11 @@ class RoundState:
     batch_meta: list[dict[str, Any]] = field(default_factory=list)
     init_training_options: dict[str, Any] = field(default_factory=dict)
     selection_threshold: float | None = None  # where selection's P(defect) uncertainty band sits (not the decision)
+    anomaly: Any = None  # modeling.anomaly.PatchAnomalyModel when the blend is on this round
+    anomaly_scores: np.ndarray | None = None  # what the deployed model computes: labeled good parts score ~0 (their patches are in the bank)
+    # `probabilities`, except that labeled good parts carry their leave-one-out anomaly score: what thresholds and gate
+    # estimates read on validation images (the stored predictions are the deployed model's).
+    held_out_probabilities: np.ndarray | None = None
 
     @property
     def config(self):  # noqa: ANN201
@@ -341,12 +350,12 @@ def calibrate_model(state: RoundState) -> None:
 
 
 def export_model(state: RoundState) -> None:
-    """The deployed artifact: one ONNX file (images -> probabilities), timed with ONNX Runtime on this CPU."""
+    """The classifier as one ONNX file (images -> probabilities): what predicts every image for a fine-tuned network.
+    When the anomaly blend is on, `deploy_model` replaces it with the blended network."""
     if not state.options.measure_latency and state.classifier.uses_frozen_embeddings:
-        return  # latency gate reported as not measured
+        return  # nothing needs the file: predictions come from cached embeddings, latency is reported as not measured
     path = export_onnx(state.classifier.to_torch_module(), state.round_dir / "model.onnx", image_size=state.preprocessing.image_size, output_name="probabilities")
     state.artifacts["model_onnx"] = str(path)
-    state.latency = measure_onnx_latency(path, image_size=state.preprocessing.image_size, threads=state.config.model.latency_threads)
 
 
 def predict_all_images(state: RoundState) -> None:
@@ -366,15 +375,85 @@ def predict_all_images(state: RoundState) -> None:
     state.probabilities = np.concatenate(outputs)
 
 
+def score_anomalies(state: RoundState) -> None:
+    """Patch-level anomaly scores (modeling.anomaly) blended into P(defect).
+
+    The memory bank holds the patches of every labeled non-test good part. Those good parts are scored out-of-fold
+    (against the bank without their own patches), so the blend, the threshold and the gate estimates never see a good part scored
+    against its own patches. The blend is a 2-feature logistic regression on the classifier's calibrated
+    out-of-fold P(defect) and the log anomaly score; which defect class stays the classifier's call."""
+    negative = state.config.negative_index
+    model = state.config.model
+    if model.anomaly == "none" or negative is None:
+        state.details["anomaly"] = {"method": "none", "reason": "off in loop.toml" if model.anomaly == "none" else "no negative class"}
+        return
+    is_defect = state.labels[state.oof_positions] != negative
+    n_good = int((~is_defect).sum())
+    if n_good < MIN_GOOD_IMAGES or not is_defect.any():
+        state.details["anomaly"] = {"method": "none", "reason": f"needs >= {MIN_GOOD_IMAGES} labeled good parts and a labeled defect (have {n_good} and {int(is_defect.sum())})"}
+        return
+    features = _patch_features(state)
+    fitted = fit_patch_anomaly(
+        patch_features=features[state.oof_positions], is_defect=is_defect, p_defect_out_of_fold=1.0 - state.calibrated_oof_probabilities[:, negative],
+        bank_size=model.anomaly_bank_size, seed=state.config.loop.seed,
+    )
+    scores = fitted.scores(features)
+    honest_scores = scores.copy()
+    honest_scores[state.oof_positions] = fitted.labeled_scores
+    state.anomaly, state.anomaly_scores = fitted, scores
+    state.held_out_probabilities = blend_probabilities(probabilities=state.probabilities, anomaly_score=honest_scores, blend=fitted.blend, negative_index=negative)
+    state.probabilities = blend_probabilities(probabilities=state.probabilities, anomaly_score=scores, blend=fitted.blend, negative_index=negative)
+    state.calibrated_oof_probabilities = blend_probabilities(
+        probabilities=state.calibrated_oof_probabilities, anomaly_score=fitted.labeled_scores, blend=fitted.blend, negative_index=negative)
+    state.details["anomaly"] = {
+        "method": "patch", "memory_bank_patches": int(len(fitted.memory_bank)), "n_good_images": n_good, "good_part_scores": "leave-one-image-out",
+        "blend": fitted.blend.as_dict(), "labeled_good_score_median": float(np.median(fitted.labeled_scores[~is_defect])),
+        "labeled_defect_score_median": float(np.median(fitted.labeled_scores[is_defect])),
+    }
+
+
+def _patch_features(state: RoundState) -> np.ndarray:
+    """(n_images, P, d) for every image, cached per image hash like the embeddings (frozen backbone only)."""
+    cache_root = state.options.embedding_cache_dir or state.ctx.cache_dir
+    cache = EmbeddingCache(cache_root / "patch_features", patch_features_key(state.backbone, state.preprocessing))
+    missing = cache.missing(state.hashes)
+    if missing:
+        path_by_hash = dict(zip(state.hashes, state.paths))
+        features = compute_patch_features(backbone=state.backbone, preprocessing=state.preprocessing, paths=[path_by_hash[sha] for sha in missing],
+                                          onnx_dir=cache_root / "onnx", show_progress=state.options.show_progress)
+        cache.put(missing, features.reshape(len(missing), -1))
+    grid_patches = PatchFeatureNetwork(state.backbone.model, image_size=state.preprocessing.image_size).grid ** 2
+    return cache.get(state.hashes).reshape(len(state.hashes), grid_patches, -1)
+
+
+def deploy_model(state: RoundState) -> None:
+    """The deployed artifact: one ONNX file (images -> probabilities, the anomaly blend included when on), timed
+    with ONNX Runtime on this CPU: the latency gate measures exactly what is deployed."""
+    if not state.options.measure_latency and "model_onnx" not in state.artifacts:
+        return  # a simulation's frozen-embedding head: no file needed, latency gate reported as not measured
+    path = state.round_dir / "model.onnx"
+    if state.anomaly is not None:  # the file must give the stored (blended) probabilities
+        anomaly_network = PatchAnomalyNetwork(PatchFeatureNetwork(state.backbone.model, image_size=state.preprocessing.image_size), state.anomaly.memory_bank)
+        network = BlendedClassifierNetwork(state.classifier.to_torch_module(), anomaly_network, state.anomaly.blend,
+                                           negative_index=state.config.negative_index, n_classes=len(state.config.classes))
+        export_onnx(network, path, image_size=state.preprocessing.image_size, output_name="probabilities")
+    elif "model_onnx" not in state.artifacts:
+        export_onnx(state.classifier.to_torch_module(), path, image_size=state.preprocessing.image_size, output_name="probabilities")
+    state.artifacts["model_onnx"] = str(path)
+    if state.options.measure_latency:
+        state.latency = measure_onnx_latency(path, image_size=state.preprocessing.image_size, threads=state.config.model.latency_threads)
+
+
 def choose_threshold(state: RoundState) -> None:
     negative = state.config.negative_index
     if negative is None:
         state.details["threshold"] = None
         return
     source = state.details["threshold_source"]
+    held_out = state.held_out_probabilities if state.held_out_probabilities is not None else state.probabilities
     if source == "validation":
         positions = state.positions(split="validation", labeled=True)
-        p_negative = state.probabilities[positions, negative]
+        p_negative = held_out[positions, negative]
     else:
         positions = state.oof_positions
         p_negative = state.calibrated_oof_probabilities[:, negative]
@@ -395,7 +474,7 @@ def choose_threshold(state: RoundState) -> None:
         state.console.print(f"[yellow]warning:[/] only {state.threshold.n_negatives} labeled '{state.config.negative_class}' images to choose the threshold on: "
                             "no false positive is allowed and the FPR gate still has no safety margin. Label more good parts.")
     # The loop's own estimate of each gate, from the same non-test data: it steers selection, never the test split.
-    estimate_probabilities = state.probabilities[positions] if source == "validation" else state.calibrated_oof_probabilities
+    estimate_probabilities = held_out[positions] if source == "validation" else state.calibrated_oof_probabilities
     estimate = evaluate_predictions(
         y_true=state.labels[positions], y_pred=final_predictions(probabilities=estimate_probabilities, negative_index=negative, threshold=state.threshold.threshold),
         probabilities=estimate_probabilities, class_names=state.config.classes, negative_index=negative,
@@ -614,7 +693,7 @@ def _jsonable(value: Any) -> Any:
 
 ROUND_STEPS: list[Callable[[RoundState], None]] = [
     pull_labels, check_image_files, place_new_labels, embed_images, gather_labeled_pool, compute_out_of_fold, train_model,
-    calibrate_model, export_model, predict_all_images, choose_threshold, evaluate_on_test_split, flag_label_issues, select_next_batch, push_batch,
+    calibrate_model, export_model, predict_all_images, score_anomalies, deploy_model, choose_threshold, evaluate_on_test_split, flag_label_issues, select_next_batch, push_batch,
 ]
 
 

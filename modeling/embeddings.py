@@ -68,13 +68,16 @@ def embedding_model_key(backbone: Backbone, preprocessing: Preprocessing) -> str
 
 
 class EmbeddingExtractor:
-    def __init__(self, backbone: Backbone, preprocessing: Preprocessing, *, onnx_dir: Path, threads: int = 2, batch_size: int = 32):
+    def __init__(self, backbone: Backbone, preprocessing: Preprocessing, *, onnx_dir: Path, threads: int = 2, batch_size: int = 32,
+                 network: nn.Module | None = None, model_key: str | None = None):
+        """network/model_key: another frozen per-image feature network (e.g. patch features) run the same way."""
         self.preprocessing = preprocessing
         self.batch_size = batch_size
-        self.model_key = embedding_model_key(backbone, preprocessing)
+        self.model_key = model_key or embedding_model_key(backbone, preprocessing)
         onnx_path = onnx_dir / f"embed-{self.model_key}.onnx"
         if not onnx_path.exists():
-            export_onnx(EmbeddingNetwork(backbone.model, pooling=backbone.pooling), onnx_path, image_size=preprocessing.image_size, output_name="embeddings")
+            network = network if network is not None else EmbeddingNetwork(backbone.model, pooling=backbone.pooling)
+            export_onnx(network, onnx_path, image_size=preprocessing.image_size, output_name="embeddings")
         self.session = open_session(onnx_path, threads=threads)
 
     def _load_batch(self, paths: Sequence[str]) -> np.ndarray:

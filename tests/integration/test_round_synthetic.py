@@ -74,7 +74,11 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
     calibration = details["calibration"]
     assert calibration["method"] == "temperature" and calibration["fitted_on"] == "out_of_fold"
     assert calibration["temperature"] == calibration["out_of_fold_temperature"] != 1.0
-    # The deployed ONNX model carries the same temperature as the probabilities stored for the round.
+    # The good parts' patch memory bank is blended in (modeling.anomaly), with labeled good parts scored leave-one-out.
+    anomaly = details["anomaly"]
+    assert anomaly["method"] == "patch" and anomaly["memory_bank_patches"] > 0 and anomaly["n_good_images"] >= 10
+    assert anomaly["labeled_defect_score_median"] > anomaly["labeled_good_score_median"] > 0
+    # The deployed ONNX model (classifier + anomaly blend) gives the probabilities stored for the round, temperature included.
     with session_scope(ctx.engine) as session:
         stored = [(session.get(Image, p.image_id).path, p.probabilities) for p in session.scalars(select(Prediction).limit(4))]
     onnx_model = OnnxClassifier(artifacts["model_onnx"], image_size=96, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

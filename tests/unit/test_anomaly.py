@@ -1,0 +1,142 @@
+"""Patch-level anomaly scores: the coreset keeps rare patches, a single odd patch is found, good parts are scored
+without their own patches, the blend learns to trust a score that separates, and the deployable network gives the
+numbers the round stores."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from sklearn.metrics import roc_auc_score
+
+from modeling.anomaly import (
+    BlendedClassifierNetwork,
+    PatchAnomalyNetwork,
+    PatchFeatureNetwork,
+    anomaly_scores,
+    blend_probabilities,
+    build_memory_bank,
+    compute_patch_features,
+    fit_anomaly_blend,
+    fit_patch_anomaly,
+    greedy_coreset,
+    score_good_parts,
+)
+from modeling.backbones import create_backbone
+from modeling.onnx_export import export_onnx, open_session
+from modeling.preprocessing import Preprocessing
+
+
+def good_patch_features(n_images: int = 30, n_patches: int = 16, dim: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n_images, n_patches, dim)).astype(np.float32)
+
+
+def test_coreset_keeps_the_one_far_patch_a_random_subsample_would_drop() -> None:
+    rng = np.random.default_rng(0)
+    points = np.vstack([rng.normal(size=(2000, 16)), np.full((1, 16), 25.0)]).astype(np.float32)
+    chosen = greedy_coreset(points, size=20, seed=0)
+    assert len(set(chosen.tolist())) == 20
+    assert 2000 in chosen
+    assert len(greedy_coreset(points[:10], size=20)) == 10  # fewer rows than asked: all of them
+
+
+def test_one_odd_patch_makes_an_image_anomalous() -> None:
+    goods = good_patch_features()
+    bank = build_memory_bank(patch_features=goods, bank_size=200)
+    new_goods = good_patch_features(n_images=10, seed=1)
+    defect = good_patch_features(n_images=10, seed=2)
+    defect[:, 3, :] += 6.0  # one patch of sixteen
+    good_scores = anomaly_scores(patch_features=new_goods, memory_bank=bank)
+    defect_scores = anomaly_scores(patch_features=defect, memory_bank=bank)
+    assert defect_scores.min() > good_scores.max()
+
+
+def test_good_parts_are_not_scored_against_their_own_patches() -> None:
+    goods = good_patch_features()
+    scored = score_good_parts(patch_features=goods, bank_size=10_000)  # the bank keeps every patch
+    against_own = anomaly_scores(patch_features=goods, memory_bank=scored.memory_bank)
+    assert np.allclose(against_own, 0.0, atol=1e-3)  # what an honest score must avoid
+    new_goods = anomaly_scores(patch_features=good_patch_features(n_images=30, seed=3), memory_bank=scored.memory_bank)
+    # Leave-one-out scores look like scores of unseen good parts, not like zeros.
+    assert abs(np.median(scored.leave_one_out) - np.median(new_goods)) < 0.25 * np.median(new_goods)
+    with pytest.raises(ValueError, match="at least 10"):
+        score_good_parts(patch_features=goods[:5])
+
+
+def test_blend_trusts_the_anomaly_score_when_the_classifier_is_blind() -> None:
+    rng = np.random.default_rng(0)
+    is_defect = np.r_[np.zeros(200, bool), np.ones(10, bool)]
+    p_defect = rng.uniform(0.05, 0.95, size=210)  # no information
+    anomaly = np.where(is_defect, rng.uniform(30, 40, size=210), rng.uniform(20, 26, size=210))
+    blend = fit_anomaly_blend(p_defect=p_defect, anomaly_score=anomaly, is_defect=is_defect)
+    assert blend.anomaly_weight > 5 * abs(blend.classifier_weight)
+    probabilities = np.column_stack([1 - p_defect, p_defect * 0.25, p_defect * 0.75])
+    blended = blend_probabilities(probabilities=probabilities, anomaly_score=anomaly, blend=blend, negative_index=0)
+    np.testing.assert_allclose(blended.sum(axis=1), 1.0)
+    np.testing.assert_allclose(blended[:, 2] / blended[:, 1], 3.0, rtol=1e-4)  # which defect stays the classifier's call
+    assert roc_auc_score(is_defect, 1 - blended[:, 0]) == 1.0
+    with pytest.raises(ValueError, match="labeled defects"):
+        fit_anomaly_blend(p_defect=p_defect[:200], anomaly_score=anomaly[:200], is_defect=is_defect[:200])
+
+
+def write_parts(folder: Path, *, n_good: int, n_defect: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """Brushed-metal-like good parts; a defect is the same surface with one short dark scratch."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, labels = [], []
+    for index in range(n_good + n_defect):
+        base = 150 + rng.normal(0, 6, size=(96, 1)) + rng.normal(0, 3, size=(96, 96))
+        image = Image.fromarray(np.clip(np.repeat(base[..., None], 3, axis=2), 0, 255).astype(np.uint8))
+        is_defect = index >= n_good
+        if is_defect:
+            x, y = rng.integers(15, 70, size=2)
+            ImageDraw.Draw(image).line([(int(x), int(y)), (int(x) + 14, int(y) + 10)], fill=(40, 40, 40), width=3)
+        path = folder / f"{index:03d}.png"
+        image.save(path)
+        paths.append(str(path))
+        labels.append(int(is_defect))
+    return paths, np.array(labels)
+
+
+@pytest.fixture(scope="module")
+def pretrained():  # noqa: ANN201
+    backbone = create_backbone("efficientnet_lite0")
+    return backbone, Preprocessing(96, backbone.mean, backbone.std)
+
+
+def test_real_backbone_patches_find_a_scratch_no_defect_label_needed(tmp_path: Path, pretrained) -> None:  # noqa: ANN001
+    backbone, preprocessing = pretrained
+    paths, labels = write_parts(tmp_path / "parts", n_good=24, n_defect=8)
+    features = compute_patch_features(backbone=backbone, preprocessing=preprocessing, paths=paths, onnx_dir=tmp_path / "onnx", show_progress=False)
+    assert features.shape[:2] == (32, 36) and features.dtype == np.float16  # 96 px -> a 6 x 6 grid
+    train_goods, held_out = np.arange(16), np.arange(16, 32)
+    bank = build_memory_bank(patch_features=features[train_goods], bank_size=400)
+    scores = anomaly_scores(patch_features=features[held_out], memory_bank=bank)
+    assert roc_auc_score(labels[held_out], scores) >= 0.95
+
+
+def test_deployed_network_gives_the_stored_blended_probabilities(tmp_path: Path, pretrained) -> None:  # noqa: ANN001
+    backbone, preprocessing = pretrained
+    paths, labels = write_parts(tmp_path / "parts", n_good=20, n_defect=6, seed=1)
+    features = compute_patch_features(backbone=backbone, preprocessing=preprocessing, paths=paths, onnx_dir=tmp_path / "onnx", show_progress=False)
+    classifier_p_defect = np.where(labels == 1, 0.6, 0.3)
+    fitted = fit_patch_anomaly(patch_features=features, is_defect=labels == 1, p_defect_out_of_fold=classifier_p_defect, bank_size=300)
+
+    class FixedClassifier(torch.nn.Module):  # a stand-in head: the same probabilities for every image
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return torch.ones_like(images[:, :1, 0, 0]) * torch.tensor([0.7, 0.2, 0.1])  # traced with a dynamic batch
+
+    network = BlendedClassifierNetwork(
+        FixedClassifier(), PatchAnomalyNetwork(PatchFeatureNetwork(backbone.model, image_size=96), fitted.memory_bank), fitted.blend,
+        negative_index=0, n_classes=3,
+    )
+    onnx_path = export_onnx(network, tmp_path / "blended.onnx", image_size=96, output_name="probabilities")
+    from modeling.preprocessing import load_image_array
+
+    images = np.stack([load_image_array(path, preprocessing) for path in paths[-8:]])
+    deployed = open_session(onnx_path).run(None, {"images": images})[0]
+    expected = blend_probabilities(probabilities=np.tile([0.7, 0.2, 0.1], (8, 1)), anomaly_score=fitted.scores(features[-8:]), blend=fitted.blend, negative_index=0)
+    np.testing.assert_allclose(deployed, expected, atol=5e-3)  # float16 cache vs float32 graph
+    assert deployed[:, 0].min() < 0.7 or deployed[:, 0].max() > 0.7  # the anomaly score moved P(good)
