@@ -9,6 +9,10 @@ split carved out of the training folds (never on the held-out fold).
 - MVTec bottle, all 292 images pooled (binary good/defect): ROC-AUC pooled out-of-fold.
 - MVTec bottle few-shot: 10 defect images labeled (plus the 209 train/good), 5 seeds; held out: the other 53
   defects + the 20 test/good; the threshold comes from a validation split of the labeled images only.
+With --anomaly patch (what `loop round` does by default for a project with a good class): the patch anomaly score
+is blended in (modeling.anomaly, through transfer_common.anomaly_blend, the round's steps on one split) and the
+threshold is chosen on blended out-of-fold scores of all labeled images, as the round does with few validation
+good parts.
 Writes DIR/transfer_cv.json and DIR/transfer_cv.md.
 """
 from __future__ import annotations

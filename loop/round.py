@@ -1,8 +1,8 @@
 """One round of the loop, as a short list of named steps:
 
 pull labels -> check files -> place new labels -> embed -> gather the labeled pool -> out-of-fold probabilities
--> train -> export + latency -> predict -> choose threshold -> evaluate on the frozen test split -> gates
--> label issues -> select -> push -> record.
+-> train -> calibrate -> export -> predict -> patch anomaly scores + blend -> deploy (ONNX + latency) -> choose
+threshold -> evaluate on the frozen test split -> gates -> label issues -> select -> push -> record.
 
 Each step is one function of the RoundState. Steps that change the store commit on their own, so a step that
 fails leaves what earlier steps committed (pulled labels, quarantined files) intact; the round is then marked failed.
@@ -378,10 +378,11 @@ def predict_all_images(state: RoundState) -> None:
 def score_anomalies(state: RoundState) -> None:
     """Patch-level anomaly scores (modeling.anomaly) blended into P(defect).
 
-    The memory bank holds the patches of every labeled non-test good part. Those good parts are scored out-of-fold
-    (against the bank without their own patches), so the blend, the threshold and the gate estimates never see a good part scored
-    against its own patches. The blend is a 2-feature logistic regression on the classifier's calibrated
-    out-of-fold P(defect) and the log anomaly score; which defect class stays the classifier's call."""
+    The memory bank holds the patches of every labeled non-test good part. Those good parts are scored leave-one-out
+    (against the bank without their own patches), so the blend, the threshold and the gate estimates never see a
+    good part scored against its own patches. The blend is a 2-feature logistic regression on the head's calibrated
+    out-of-fold P(defect) and the log anomaly score (a fine-tuned network's P(defect) is blended with the same
+    weights); which defect class it is stays the classifier's call."""
     negative = state.config.negative_index
     model = state.config.model
     if model.anomaly == "none" or negative is None:
