@@ -29,7 +29,7 @@ from loop.selection_index import load_or_update_index
 from loop.project import ProjectContext
 from modeling.anomaly import (
     MIN_GOOD_IMAGES, BlendedClassifierNetwork, PatchAnomalyNetwork, PatchFeatureNetwork, blend_probabilities, compute_patch_features,
-    fit_patch_anomaly, patch_features_key,
+    fit_patch_anomaly, patch_features_key, patch_grid,
 )
 from modeling.backbones import Backbone, create_backbone
 from modeling.calibration import expected_calibration_error, fit_temperature, logits_from_probabilities, negative_log_likelihood, softmax_with_temperature
@@ -423,8 +423,7 @@ def _patch_features(state: RoundState) -> np.ndarray:
         features = compute_patch_features(backbone=state.backbone, preprocessing=state.preprocessing, paths=[path_by_hash[sha] for sha in missing],
                                           onnx_dir=cache_root / "onnx", show_progress=state.options.show_progress)
         cache.put(missing, features.reshape(len(missing), -1))
-    grid_patches = PatchFeatureNetwork(state.backbone.model, image_size=state.preprocessing.image_size).grid ** 2
-    return cache.get(state.hashes).reshape(len(state.hashes), grid_patches, -1)
+    return cache.get(state.hashes).reshape(len(state.hashes), patch_grid(state.preprocessing.image_size) ** 2, -1)
 
 
 def deploy_model(state: RoundState) -> None:
