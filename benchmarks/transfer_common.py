@@ -308,8 +308,10 @@ def anomaly_blend(
     fitted = fit_patch_anomaly(patch_features=features[labeled], is_defect=is_defect, p_defect_out_of_fold=1.0 - oof[:, negative], seed=seed)
     blended_oof = blend_probabilities(probabilities=oof, anomaly_score=fitted.labeled_scores, blend=fitted.blend, negative_index=negative)
     threshold = choose_threshold(p_defect=1.0 - blended_oof[:, negative], is_defect=is_defect, confidence=confidence)
-    probabilities = blend_probabilities(probabilities=classifier_probabilities, anomaly_score=fitted.scores(features[evaluate]), blend=fitted.blend, negative_index=negative)
-    details = {"blend": fitted.blend.as_dict(), "out_of_fold_temperature": oof_temperature, "memory_bank_patches": int(len(fitted.memory_bank)), "anomaly_seconds": time.perf_counter() - started,
-               "held_out_anomaly_auc": float(roc_auc_score(dataset.labels[evaluate] != negative, fitted.scores(features[evaluate])))
-               if 0 < (dataset.labels[evaluate] != negative).sum() < len(evaluate) else None}
+    evaluate_scores = fitted.scores(features[evaluate])
+    probabilities = blend_probabilities(probabilities=classifier_probabilities, anomaly_score=evaluate_scores, blend=fitted.blend, negative_index=negative)
+    evaluate_defect = dataset.labels[evaluate] != negative
+    details = {"blend": fitted.blend.as_dict(), "out_of_fold_temperature": oof_temperature, "memory_bank_patches": int(len(fitted.memory_bank)),
+               "anomaly_seconds": time.perf_counter() - started,
+               "held_out_anomaly_auc": float(roc_auc_score(evaluate_defect, evaluate_scores)) if 0 < evaluate_defect.sum() < len(evaluate) else None}
     return probabilities, threshold, details

@@ -107,7 +107,6 @@ class RoundState:
     init_training_options: dict[str, Any] = field(default_factory=dict)
     selection_threshold: float | None = None  # where selection's P(defect) uncertainty band sits (not the decision)
     anomaly: Any = None  # modeling.anomaly.PatchAnomalyModel when the blend is on this round
-    anomaly_scores: np.ndarray | None = None  # what the deployed model computes: labeled good parts score ~0 (their patches are in the bank)
     # `probabilities`, except that labeled good parts carry their leave-one-out anomaly score: what thresholds and gate
     # estimates read on validation images (the stored predictions are the deployed model's).
     held_out_probabilities: np.ndarray | None = None
@@ -350,10 +349,10 @@ def calibrate_model(state: RoundState) -> None:
 
 
 def export_model(state: RoundState) -> None:
-    """The classifier as one ONNX file (images -> probabilities): what predicts every image for a fine-tuned network.
-    When the anomaly blend is on, `deploy_model` replaces it with the blended network."""
-    if not state.options.measure_latency and state.classifier.uses_frozen_embeddings:
-        return  # nothing needs the file: predictions come from cached embeddings, latency is reported as not measured
+    """A fine-tuned network as one ONNX file (images -> probabilities): what predicts every image. When the anomaly
+    blend is on, `deploy_model` replaces it with the blended network."""
+    if state.classifier.uses_frozen_embeddings:
+        return  # predictions come from cached embeddings; `deploy_model` writes the file once, blend included
     path = export_onnx(state.classifier.to_torch_module(), state.round_dir / "model.onnx", image_size=state.preprocessing.image_size, output_name="probabilities")
     state.artifacts["model_onnx"] = str(path)
 
@@ -401,7 +400,7 @@ def score_anomalies(state: RoundState) -> None:
     scores = fitted.scores(features)
     honest_scores = scores.copy()
     honest_scores[state.oof_positions] = fitted.labeled_scores
-    state.anomaly, state.anomaly_scores = fitted, scores
+    state.anomaly = fitted
     state.held_out_probabilities = blend_probabilities(probabilities=state.probabilities, anomaly_score=honest_scores, blend=fitted.blend, negative_index=negative)
     state.probabilities = blend_probabilities(probabilities=state.probabilities, anomaly_score=scores, blend=fitted.blend, negative_index=negative)
     state.calibrated_oof_probabilities = blend_probabilities(

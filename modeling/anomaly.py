@@ -31,9 +31,8 @@ from torch import nn
 PATCH_STAGES = (2, 4)
 PATCH_STRIDE = 16
 DEFAULT_BANK_SIZE = 4000
-# sklearn's C of the 2-feature logistic blend; None: picked from the grid by cross-validated log loss on the
-# labeled non-test images (few defect labels want a sharper anomaly weight than C = 1 allows).
-BLEND_REGULARIZATION: float | None = None
+# sklearn's C of the 2-feature logistic blend, picked from this grid by cross-validated log loss on the labeled
+# non-test images unless given (few defect labels may want a sharper anomaly weight than C = 1 allows).
 BLEND_REGULARIZATION_GRID = (0.1, 1.0, 10.0, 100.0)
 MIN_GOOD_IMAGES = 10  # below this the good parts' own score spread (what the blend scales by) is guesswork
 
@@ -191,7 +190,7 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def fit_anomaly_blend(*, p_defect: np.ndarray, anomaly_score: np.ndarray, is_defect: np.ndarray, regularization: float | None = BLEND_REGULARIZATION) -> AnomalyBlend:
+def fit_anomaly_blend(*, p_defect: np.ndarray, anomaly_score: np.ndarray, is_defect: np.ndarray, regularization: float | None = None) -> AnomalyBlend:
     """Logistic regression on (classifier logit, standardised log anomaly score), fitted on out-of-fold data: with a
     handful of defect labels the anomaly score carries the decision; with many, the classifier does."""
     is_defect = np.asarray(is_defect, dtype=bool)
@@ -298,7 +297,7 @@ class PatchAnomalyModel:
 
 
 def fit_patch_anomaly(*, patch_features: np.ndarray, is_defect: np.ndarray, p_defect_out_of_fold: np.ndarray,
-                      bank_size: int = DEFAULT_BANK_SIZE, seed: int = 0, blend_regularization: float | None = BLEND_REGULARIZATION) -> PatchAnomalyModel:
+                      bank_size: int = DEFAULT_BANK_SIZE, seed: int = 0, blend_regularization: float | None = None) -> PatchAnomalyModel:
     """On the labeled non-test images: the good parts' memory bank, every labeled image's honest anomaly score (good
     parts out-of-fold, defects against the whole bank) and the blend with the classifier's out-of-fold P(defect)."""
     is_defect = np.asarray(is_defect, dtype=bool)
