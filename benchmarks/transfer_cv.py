@@ -84,6 +84,7 @@ def run_cv(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_si
     splits = outer_folds(dataset, n_splits=5, seed=0)
     oof_probabilities = np.zeros((len(dataset.paths), len(dataset.class_names)))
     oof_predictions = np.full(len(dataset.paths), -1)
+    oof_fold = np.full(len(dataset.paths), -1)
     tta_probabilities, tta_predictions = oof_probabilities.copy(), oof_predictions.copy()
     fold_rows = []
     for fold in folds:
@@ -97,6 +98,7 @@ def run_cv(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_si
         predictions = final_predictions(probabilities=result.probabilities, negative_index=dataset.negative_index, threshold=threshold)
         oof_probabilities[test] = result.probabilities
         oof_predictions[test] = predictions
+        oof_fold[test] = fold
         fold_metrics = metrics(dataset.labels[test], result.probabilities, predictions, class_names=dataset.class_names, negative_index=dataset.negative_index)
         row = {
             "fold": fold, "n_train": len(train), "n_validation": len(validation), "n_test": len(test),
@@ -115,7 +117,11 @@ def run_cv(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_si
     pooled = metrics(dataset.labels[evaluated], oof_probabilities[evaluated], oof_predictions[evaluated], class_names=dataset.class_names, negative_index=dataset.negative_index)
     summary = {"dataset": dataset.name, "note": dataset.note, "strategy": strategy + (" + patch anomaly blend" if anomaly and dataset.negative_index is not None else ""),
                "image_size": image_size, "options": _jsonable(options),
-               "folds": fold_rows, "pooled": pooled}
+               "folds": fold_rows, "pooled": pooled,
+               # Per image, so a threshold rule or a per-class question can be studied later without retraining.
+               "out_of_fold": {"paths": [str(p) for p in np.array(dataset.paths)[evaluated]], "labels": dataset.labels[evaluated].tolist(),
+                               "fold": oof_fold[evaluated].tolist(), "predictions": oof_predictions[evaluated].tolist(),
+                               "probabilities": np.round(oof_probabilities[evaluated], 6).tolist()}}
     if tta:
         summary["pooled_tta"] = metrics(dataset.labels[evaluated], tta_probabilities[evaluated], tta_predictions[evaluated], class_names=dataset.class_names, negative_index=dataset.negative_index)
         summary["tta"] = list(tta)

@@ -12,6 +12,8 @@ from PIL import Image
 from modeling.backbones import create_backbone
 from modeling.finetune import (
     FEATURE_MAP_CACHE,
+    ClassWeightedCrossEntropy,
+    FocalLoss,
     FinetuneConfig,
     balanced_sample,
     class_weights,
@@ -214,6 +216,27 @@ def test_class_weights_and_balanced_sampling_equalise_classes():
     drawn = np.concatenate([labels[balanced_sample(labels, np.random.default_rng(seed))] for seed in range(30)])
     shares = np.bincount(drawn, minlength=3) / len(drawn)
     assert np.all(np.abs(shares - 1 / 3) < 0.05), shares
+
+
+def test_label_smoothing_with_class_weights_keeps_pulling_toward_the_true_class():
+    # Frequent class 0 (weight 0.2), rare class 1 (weight 7): a correct, not yet confident prediction of class 0 must
+    # be pushed further toward class 0. nn.CrossEntropyLoss(weight, label_smoothing) weights the smoothing term by
+    # the rare class's weight and pushes it toward class 1 instead (what made fine-tuning collapse on magnetic tile).
+    weights = torch.tensor([0.2, 7.0])
+    labels = torch.zeros(4, dtype=torch.long)
+    for loss in (ClassWeightedCrossEntropy(weights, label_smoothing=0.1), FocalLoss(0.0, weights, label_smoothing=0.1)):
+        logits = torch.tensor([[1.0, 0.0]] * 4, requires_grad=True)
+        loss(logits, labels).backward()
+        assert logits.grad[:, 0].lt(0).all() and logits.grad[:, 1].gt(0).all()
+    pytorch_logits = torch.tensor([[1.0, 0.0]] * 4, requires_grad=True)
+    torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1)(pytorch_logits, labels).backward()
+    assert pytorch_logits.grad[:, 0].gt(0).all()  # the behaviour the class exists to avoid
+    # Without smoothing it is PyTorch's weighted cross-entropy; with equal weights, the plain mean.
+    logits = torch.randn(6, 3)
+    targets = torch.tensor([0, 1, 2, 2, 1, 0])
+    class_weight = torch.tensor([0.5, 2.0, 1.0])
+    torch.testing.assert_close(ClassWeightedCrossEntropy(class_weight)(logits, targets), torch.nn.functional.cross_entropy(logits, targets, weight=class_weight))
+    torch.testing.assert_close(ClassWeightedCrossEntropy(torch.ones(3), 0.1)(logits, targets), torch.nn.functional.cross_entropy(logits, targets, label_smoothing=0.1))
 
 
 def test_feature_map_cache_is_bounded():
