@@ -267,3 +267,37 @@ def test_test_time_views_are_averaged_the_same_way_in_the_export(backbone, balan
     # The views matter: a single view gives other numbers.
     classifier.network.tta = ("identity",)
     assert not np.allclose(classifier.predict_proba_paths(test_paths[:4]), expected, atol=1e-6)
+
+
+def _ramps(directory: Path, count: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """Class 0 brightens left to right, class 1 right to left: a horizontal flip turns one class into the other,
+    a vertical flip changes nothing."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths, labels = [], []
+    ramp = np.tile(np.linspace(40, 220, SIZE)[None, :], (SIZE, 1))
+    for label in (0, 1):
+        for index in range(count):
+            image = (ramp if label == 0 else ramp[:, ::-1]) + rng.normal(0, 10, (SIZE, SIZE))
+            path = directory / f"ramp{label}_{index}.png"
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
+            paths.append(str(path))
+            labels.append(label)
+    return paths, np.array(labels)
+
+
+def test_cached_views_that_change_the_label_are_dropped(backbone, tmp_path):
+    train_paths, train_labels = _ramps(tmp_path / "train", 12, seed=0)
+    validation_paths, validation_labels = _ramps(tmp_path / "validation", 4, seed=1)
+    empty = np.zeros((0, backbone.num_features), dtype=np.float32)
+    data = TrainingData(
+        class_names=["rising", "falling"], train_paths=train_paths, train_labels=train_labels, train_embeddings=empty,
+        validation_paths=validation_paths, validation_labels=validation_labels, validation_embeddings=empty,
+        backbone=backbone, preprocessing=Preprocessing(SIZE, backbone.mean, backbone.std), seed=0,
+        options={"epochs": 1, "batch_size": 16, "threads": 1, "cached_views": "flips", "head_regularization": 1.0},
+    )
+    classifier = train_classifier(strategy="finetune", data=data)
+    check = classifier.config["view_check"]
+    assert check["accuracy"]["identity"] == 1.0
+    assert check["accuracy"]["hflip"] < 0.5 and check["accuracy"]["rot180"] < 0.5  # the flip swaps the classes
+    assert check["kept"] == ["identity", "vflip"]
