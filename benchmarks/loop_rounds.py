@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--negative-class")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--train", default="head")
+    parser.add_argument("--image-size", type=int, help="loop init --image-size (default: the project default)")
     parser.add_argument("--target-macro-f1", type=float, default=0.90)
     parser.add_argument("--cold-budget-s", type=float, default=180.0)
     parser.add_argument("--warm-budget-s", type=float, default=60.0)
@@ -51,6 +52,8 @@ def main() -> None:
     init_args = ["init", str(project), "--classes", args.classes, "--train", args.train]
     if args.negative_class:
         init_args += ["--negative-class", args.negative_class]
+    if args.image_size:
+        init_args += ["--image-size", str(args.image_size)]
     timings["init_s"], _ = run(init_args)
     timings["ingest_s"], ingest_output = run(["ingest", str(args.dataset.resolve()), "--project", str(project), "--quiet"])
     timings["round1_cold_s"], _ = run(["round", "--project", str(project), "--quiet"])
@@ -63,6 +66,7 @@ def main() -> None:
         "dataset": str(args.dataset),
         "machine": {"cpu": last["latency"]["cpu"], "cores": os.cpu_count()},
         "train_strategy": args.train,
+        "image_size": args.image_size or "project default",
         "images": status["images"],
         "labels": status["labels"]["by_class"],
         "quarantined": len(status["quarantined"]),
@@ -77,7 +81,7 @@ def main() -> None:
         },
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# loop rounds on `{args.dataset.name}`", "", f"CPU: {result['machine']['cpu']} ({result['machine']['cores']} cores); training strategy `{args.train}`", "",
+    lines = [f"# loop rounds on `{args.dataset.name}`", "", f"CPU: {result['machine']['cpu']} ({result['machine']['cores']} cores); training strategy `{args.train}`, image size {result['image_size']}", "",
              "| target | value | goal | met |", "|---|---|---|---|"]
     for name, t in result["targets"].items():
         lines.append(f"| {name} | {t['value']:.4g} | {'>=' if name == 'macro_f1' else '<='} {t['target']:g} | {'yes' if t['met'] else 'NO'} |")

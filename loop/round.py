@@ -303,6 +303,9 @@ def train_model(state: RoundState) -> None:
         "strategy": training_strategy(state), "n_fit": int(len(fit)), "history": getattr(state.classifier, "history", []),
         "options": {k: v for k, v in data.options.items() if k not in ("cache_dir", "show_progress") and not k.startswith("init_head_")},
     }
+    view_check = (getattr(state.classifier, "config", None) or {}).get("view_check")
+    if view_check:  # which cached flips/turns fine-tuning kept, and why
+        state.details["training"]["view_check"] = view_check
 
 
 def calibrate_model(state: RoundState) -> None:

@@ -14,6 +14,9 @@ from modeling.finetune import (
     FEATURE_MAP_CACHE,
     ClassWeightedCrossEntropy,
     FocalLoss,
+    _drop_views_that_change_the_answer,
+    prefix_feature_maps,
+    training_criterion,
     FinetuneConfig,
     balanced_sample,
     class_weights,
@@ -269,7 +272,7 @@ def test_test_time_views_are_averaged_the_same_way_in_the_export(backbone, balan
     assert not np.allclose(classifier.predict_proba_paths(test_paths[:4]), expected, atol=1e-6)
 
 
-def _ramps(directory: Path, count: int, seed: int) -> tuple[list[str], np.ndarray]:
+def _ramps(directory: Path, counts: tuple[int, int], seed: int) -> tuple[list[str], np.ndarray]:
     """Class 0 brightens left to right, class 1 right to left: a horizontal flip turns one class into the other,
     a vertical flip changes nothing."""
     rng = np.random.default_rng(seed)
@@ -277,7 +280,7 @@ def _ramps(directory: Path, count: int, seed: int) -> tuple[list[str], np.ndarra
     paths, labels = [], []
     ramp = np.tile(np.linspace(40, 220, SIZE)[None, :], (SIZE, 1))
     for label in (0, 1):
-        for index in range(count):
+        for index in range(counts[label]):
             image = (ramp if label == 0 else ramp[:, ::-1]) + rng.normal(0, 10, (SIZE, SIZE))
             path = directory / f"ramp{label}_{index}.png"
             Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
@@ -286,18 +289,39 @@ def _ramps(directory: Path, count: int, seed: int) -> tuple[list[str], np.ndarra
     return paths, np.array(labels)
 
 
-def test_cached_views_that_change_the_label_are_dropped(backbone, tmp_path):
-    train_paths, train_labels = _ramps(tmp_path / "train", 12, seed=0)
-    validation_paths, validation_labels = _ramps(tmp_path / "validation", 4, seed=1)
+def _ramp_data(backbone, tmp_path, counts: tuple[int, int], **options) -> TrainingData:
+    train_paths, train_labels = _ramps(tmp_path / "train", counts, seed=0)
+    validation_paths, validation_labels = _ramps(tmp_path / "validation", (4, 4), seed=1)
     empty = np.zeros((0, backbone.num_features), dtype=np.float32)
-    data = TrainingData(
+    return TrainingData(
         class_names=["rising", "falling"], train_paths=train_paths, train_labels=train_labels, train_embeddings=empty,
         validation_paths=validation_paths, validation_labels=validation_labels, validation_embeddings=empty,
         backbone=backbone, preprocessing=Preprocessing(SIZE, backbone.mean, backbone.std), seed=0,
-        options={"epochs": 1, "batch_size": 16, "threads": 1, "cached_views": "flips", "head_regularization": 1.0},
+        options={"epochs": 1, "batch_size": 8, "threads": 1, "head_regularization": 1.0, **options},
     )
+
+
+def test_cached_views_that_change_the_label_are_dropped(backbone, tmp_path):
+    data = _ramp_data(backbone, tmp_path, (12, 12), cached_views="vflip,hflip,identity,rot180", tta="flips", label_smoothing=0.0)
     classifier = train_classifier(strategy="finetune", data=data)
     check = classifier.config["view_check"]
-    assert check["accuracy"]["identity"] == 1.0
-    assert check["accuracy"]["hflip"] < 0.5 and check["accuracy"]["rot180"] < 0.5  # the flip swaps the classes
-    assert check["kept"] == ["identity", "vflip"]
+    assert check["balanced_accuracy"]["identity"] == 1.0
+    assert check["balanced_accuracy"]["hflip"] < 0.5 and check["balanced_accuracy"]["rot180"] < 0.5  # the flip swaps the classes
+    assert check["kept"] == ["identity", "vflip"]  # identity first whatever the order given
+    assert classifier.network.tta == ("identity", "vflip") == tuple(check["tta"])  # not averaged at test time either
+    # What training draws its batches from: the maps of the kept views only.
+    runner = classifier._runner()
+    names = ["identity", "hflip", "vflip", "rot180"]
+    maps = [prefix_feature_maps(runner, data.train_paths, data.preprocessing, view=name) for name in names]
+    kept_maps, _ = _drop_views_that_change_the_answer(classifier.network, names, maps, data.train_labels,
+                                                      config=FinetuneConfig.from_options({}), head_is_trained=True)
+    assert len(kept_maps) == 2 and kept_maps[0] is maps[0] and kept_maps[1] is maps[2]
+
+
+def test_the_default_training_objective_keeps_pulling_the_frequent_class_toward_itself():
+    labels = np.array([0] * 40 + [1] * 4)  # class weights 0.55 / 5.5; default label smoothing 0.1
+    for options in ({}, {"loss": "focal"}):
+        criterion = training_criterion(FinetuneConfig.from_options(options), labels, 2)
+        logits = torch.tensor([[1.0, 0.0]] * 4, requires_grad=True)
+        criterion(logits, torch.zeros(4, dtype=torch.long)).backward()
+        assert logits.grad[:, 0].lt(0).all(), options
