@@ -54,7 +54,8 @@ class FinetuneConfig:
 
     # Of the backbone's `blocks` stages, counted from the end; conv_head/bn2 always train. NEU 5-fold CV on an idle
     # 2-core machine: last 2 stages, 6 epochs -> 7 errors in 1800 (5 with tta="flips"), 76-95 s per fold; last stage
-    # only -> 17-19 errors. (On a busy machine 2 stages cost ~3x more per epoch than 1.)
+    # only -> 17-19 errors. (On a busy machine 2 stages cost ~3x more per epoch than 1.) Re-run 2026-12-01 on an Intel
+    # Xeon with the later defaults: 9 errors (6 with flips), the same per fold before and after the loss fix.
     trainable_stages: int = 2
     train_stem: bool = False  # True only for `full`
     epochs: int = 6  # at most: early stopping on validation macro F1 may stop sooner
