@@ -400,7 +400,12 @@ def score_anomalies(state: RoundState) -> None:
         patch_features=features[state.oof_positions], is_defect=is_defect, p_defect_out_of_fold=1.0 - state.calibrated_oof_probabilities[:, negative],
         bank_size=model.anomaly_bank_size, seed=state.config.loop.seed,
     )
-    scores = fitted.scores(features)
+    # Labeled defects were already scored against the whole bank by the fit: search only the other images.
+    labeled_defects = state.oof_positions[is_defect]
+    scores = np.empty(len(features), dtype=np.float64)
+    scores[labeled_defects] = fitted.labeled_scores[is_defect]
+    others = np.setdiff1d(np.arange(len(features)), labeled_defects)
+    scores[others] = fitted.scores(features[others])
     honest_scores = scores.copy()
     honest_scores[state.oof_positions] = fitted.labeled_scores
     state.anomaly = fitted

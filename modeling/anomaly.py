@@ -117,7 +117,7 @@ def build_memory_bank(*, patch_features: np.ndarray, bank_size: int = DEFAULT_BA
 def _memory_bank(patch_features: np.ndarray, *, bank_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     if len(patch_features) == 0:
         raise ValueError("a memory bank needs at least one good image")
-    n_images, n_patches, dim = patch_features.shape
+    _, n_patches, dim = patch_features.shape
     patches = np.asarray(patch_features, dtype=np.float32).reshape(-1, dim)
     chosen = greedy_coreset(patches, size=bank_size, seed=seed)
     return np.ascontiguousarray(patches[chosen]), chosen // n_patches  # the bank, and which image each row came from
@@ -222,25 +222,28 @@ def _cross_validated_regularization(features: np.ndarray, targets: np.ndarray, *
     return float(BLEND_REGULARIZATION_GRID[int(np.argmin(losses))])
 
 
-def blended_p_defect(*, p_defect: np.ndarray, anomaly_score: np.ndarray, blend: AnomalyBlend) -> np.ndarray:
-    z = (np.log(np.maximum(np.asarray(anomaly_score, dtype=np.float64), _EPSILON)) - blend.log_center) / blend.log_scale
-    logit = blend.classifier_weight * _logit(p_defect) + blend.anomaly_weight * z + blend.bias
-    return 1.0 / (1.0 + np.exp(-logit))
+def _blend(probabilities: torch.Tensor, score: torch.Tensor, blend: AnomalyBlend, defect_mask: torch.Tensor) -> torch.Tensor:
+    """The blend's arithmetic, once: for the stored probabilities (float64) and inside the deployed ONNX graph."""
+    p_defect = (1.0 - (probabilities * (1.0 - defect_mask)).sum(dim=1)).clamp(_EPSILON, 1 - _EPSILON)
+    z = (torch.log(score.clamp_min(_EPSILON)) - blend.log_center) / blend.log_scale
+    blended_defect = torch.sigmoid(blend.classifier_weight * torch.log(p_defect / (1 - p_defect)) + blend.anomaly_weight * z + blend.bias)
+    shares = (probabilities + _EPSILON) * defect_mask
+    shares = shares / shares.sum(dim=1, keepdim=True)
+    return (1.0 - defect_mask) * (1.0 - blended_defect)[:, None] + shares * blended_defect[:, None]
+
+
+def _defect_mask(n_classes: int, negative_index: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    mask = torch.ones(n_classes, dtype=dtype)
+    mask[negative_index] = 0.0
+    return mask
 
 
 def blend_probabilities(*, probabilities: np.ndarray, anomaly_score: np.ndarray, blend: AnomalyBlend, negative_index: int) -> np.ndarray:
     """Class probabilities with P(defect) from the blend: the good class gets 1 - P(defect), the defect classes share
     P(defect) in the classifier's proportions (which defect it is stays the classifier's call)."""
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    p_defect = blended_p_defect(p_defect=1.0 - probabilities[:, negative_index], anomaly_score=anomaly_score, blend=blend)
-    defect_columns = np.ones(probabilities.shape[1], dtype=bool)
-    defect_columns[negative_index] = False
-    shares = probabilities[:, defect_columns] + _EPSILON
-    shares /= shares.sum(axis=1, keepdims=True)
-    blended = np.empty_like(probabilities)
-    blended[:, negative_index] = 1.0 - p_defect
-    blended[:, defect_columns] = shares * p_defect[:, None]
-    return blended
+    probabilities = torch.from_numpy(np.asarray(probabilities, dtype=np.float64))
+    score = torch.from_numpy(np.asarray(anomaly_score, dtype=np.float64))
+    return _blend(probabilities, score, blend, _defect_mask(probabilities.shape[1], negative_index, torch.float64)).numpy()
 
 
 class BlendedClassifierNetwork(nn.Module):
@@ -252,22 +255,10 @@ class BlendedClassifierNetwork(nn.Module):
         self.classifier = classifier
         self.anomaly = anomaly
         self.blend = blend
-        self.negative_index = negative_index
-        mask = torch.ones(n_classes)
-        mask[negative_index] = 0.0
-        self.register_buffer("defect_mask", mask)
+        self.register_buffer("defect_mask", _defect_mask(n_classes, negative_index))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        probabilities = self.classifier(images)
-        score = self.anomaly(images)
-        p_defect = (1.0 - probabilities[:, self.negative_index]).clamp(_EPSILON, 1 - _EPSILON)
-        z = (torch.log(score.clamp_min(_EPSILON)) - self.blend.log_center) / self.blend.log_scale
-        logit = self.blend.classifier_weight * torch.log(p_defect / (1 - p_defect)) + self.blend.anomaly_weight * z + self.blend.bias
-        blended_defect = torch.sigmoid(logit)
-        shares = (probabilities + _EPSILON) * self.defect_mask
-        shares = shares / shares.sum(dim=1, keepdim=True)
-        good = (1.0 - self.defect_mask) * (1.0 - blended_defect)[:, None]
-        return good + shares * blended_defect[:, None]
+        return _blend(self.classifier(images), self.anomaly(images), self.blend, self.defect_mask)
 
 
 def patch_features_key(backbone, preprocessing, *, stages: tuple[int, ...] = PATCH_STAGES) -> str:  # noqa: ANN001
