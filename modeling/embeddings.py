@@ -44,11 +44,17 @@ class MultiLayerPooling(nn.Module):
             if index in self.stages:
                 parts.append(x)
         parts.append(self.model.bn2(self.model.conv_head(x)))
-        pooled = []
-        for feature_map in parts:
-            pooled.append(nn.functional.normalize(feature_map.mean(dim=(2, 3)), dim=1))
-            pooled.append(nn.functional.normalize(feature_map.amax(dim=(2, 3)), dim=1))
-        return torch.cat(pooled, dim=1)
+        return multilayer_pool(parts)
+
+
+def multilayer_pool(feature_maps: list[torch.Tensor]) -> torch.Tensor:
+    """Each map's average and max over space, each unit length, concatenated (MultiLayerPooling's vector; the
+    fine-tuned multi-layer tail gives the same)."""
+    pooled = []
+    for feature_map in feature_maps:
+        pooled.append(nn.functional.normalize(feature_map.mean(dim=(2, 3)), dim=1))
+        pooled.append(nn.functional.normalize(feature_map.amax(dim=(2, 3)), dim=1))
+    return torch.cat(pooled, dim=1)
 
 
 class EmbeddingNetwork(nn.Module):

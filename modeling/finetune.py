@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from modeling.augmentation import build_augmentation, resolve_augmentation_names
 from modeling.backbones import Backbone
+from modeling.embeddings import EmbeddingExtractor, MultiLayerPooling, embedding_model_key, multilayer_pool
 from modeling.onnx_export import export_onnx, open_session
 from modeling.preprocessing import Preprocessing, load_image_array
 from modeling.training import TrainingData, fit_linear_head, register_training_options, register_training_strategy
@@ -55,7 +56,8 @@ class FinetuneConfig:
     # Of the backbone's `blocks` stages, counted from the end; conv_head/bn2 always train. NEU 5-fold CV on an idle
     # 2-core machine: last 2 stages, 6 epochs -> 7 errors in 1800 (5 with tta="flips"), 76-95 s per fold; last stage
     # only -> 17-19 errors. (On a busy machine 2 stages cost ~3x more per epoch than 1.) Re-run 2026-12-01 on an Intel
-    # Xeon with the later defaults: 9 errors (6 with flips), the same per fold before and after the loss fix.
+    # Xeon with the later defaults: 9 errors (6 with flips), the same per fold before and after the loss fix. With the
+    # tail pooling like the `head` strategy (multi-layer, the project default): 3 errors (1 with flips), 80-119 s per fold.
     trainable_stages: int = 2
     train_stem: bool = False  # True only for `full`
     epochs: int = 6  # at most: early stopping on validation macro F1 may stop sooner
@@ -211,22 +213,64 @@ def backbone_stage_count(model: nn.Module) -> int:
     return len(model.blocks)  # type: ignore[arg-type]
 
 
-def split_backbone(model: nn.Module, *, trainable_stages: int, train_stem: bool = False, image_size: int | None = None) -> tuple[nn.Sequential, nn.Sequential]:
-    """(frozen prefix, trainable tail) sharing the model's modules, for timm's EfficientNet/MobileNet family.
+class MultiLayerTail(nn.Module):
+    """The tail for multi-layer pooling: the pooled stages and the head conv, giving MultiLayerPooling's vector, so
+    the fine-tuned network starts from the very features the `head` strategy trains on. Pooled stages in front of
+    the trainable ones stay frozen but run every step: the cache holds the maps before the first pooled stage."""
 
-    trainable_stages counts `blocks` stages from the end (0: only conv_head/bn2 train); train_stem trains everything."""
+    def __init__(self, stem: Sequence[nn.Module], stages: Sequence[nn.Module], *, pooled_from: int, conv_head: nn.Module, bn2: nn.Module):
+        super().__init__()
+        self.stem = nn.Sequential(*stem)
+        self.stages = nn.ModuleList(stages)
+        self.pooled_from = pooled_from
+        self.conv_head = conv_head
+        self.bn2 = bn2
+
+    def forward(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        x = self.stem(feature_maps)
+        parts = []
+        for index, stage in enumerate(self.stages):
+            x = stage(x)
+            if index >= self.pooled_from:
+                parts.append(x)
+        parts.append(self.bn2(self.conv_head(x)))
+        return multilayer_pool(parts)
+
+
+def split_backbone(model: nn.Module, *, trainable_stages: int, train_stem: bool = False, image_size: int | None = None,
+                   pooled_stages: int = 0) -> tuple[nn.Sequential, nn.Module]:
+    """(frozen prefix, tail) sharing the model's modules, for timm's EfficientNet/MobileNet family.
+
+    trainable_stages counts `blocks` stages from the end (0: only conv_head/bn2 train); train_stem trains everything.
+    pooled_stages: 0 = the tail ends in conv_head's global average; N = multi-layer pooling of the last N stages and
+    conv_head (MultiLayerTail), and the tail starts at the first pooled stage even where that stage stays frozen."""
     missing = [name for name in (*STEM_MODULES, "blocks", *HEAD_CONV_MODULES) if not hasattr(model, name)]
     if missing:
         raise ValueError(f"fine-tuning needs a timm EfficientNet/MobileNet-style model; {type(model).__name__} lacks {missing}")
     stages = list(model.blocks)  # type: ignore[arg-type]
     if not 0 <= trainable_stages <= len(stages):
         raise ValueError(f"trainable_stages must be in [0, {len(stages)}] for this backbone, got {trainable_stages}")
-    cut = len(stages) - trainable_stages
+    cut = 0 if train_stem else len(stages) - max(trainable_stages, min(pooled_stages, len(stages)))
     stem = [getattr(model, name) for name in STEM_MODULES]
-    head_conv = [getattr(model, name) for name in HEAD_CONV_MODULES]
+    prefix = nn.Sequential(ResizeInput(image_size), *([] if train_stem else stem), *stages[:cut])
+    if pooled_stages:
+        tail: nn.Module = MultiLayerTail(stem if train_stem else [], stages[cut:], pooled_from=max(0, len(stages) - pooled_stages - cut),
+                                         conv_head=model.conv_head, bn2=model.bn2)
+    else:
+        tail = nn.Sequential(*(stem if train_stem else []), *stages[cut:], *[getattr(model, name) for name in HEAD_CONV_MODULES])
+    return prefix, tail
+
+
+def trainable_modules(model: nn.Module, *, trainable_stages: int, train_stem: bool = False) -> list[nn.Module]:
+    """What fine-tuning updates: the last trainable_stages stages and the head conv (and the stem with train_stem)."""
+    stages = list(model.blocks)  # type: ignore[arg-type]
     if train_stem:
-        return nn.Sequential(ResizeInput(image_size)), nn.Sequential(*stem, *stages, *head_conv)
-    return nn.Sequential(ResizeInput(image_size), *stem, *stages[:cut]), nn.Sequential(*stages[cut:], *head_conv)
+        return [getattr(model, name) for name in STEM_MODULES] + stages + [getattr(model, name) for name in HEAD_CONV_MODULES]
+    return stages[len(stages) - trainable_stages:] + [getattr(model, name) for name in HEAD_CONV_MODULES]
+
+
+def pooled_stage_count(backbone: Backbone) -> int:
+    return MultiLayerPooling.N_STAGES if backbone.pooling == "multilayer" else 0
 
 
 def _freeze_batchnorm_statistics(module: nn.Module) -> None:
@@ -302,8 +346,8 @@ class PrefixRunner:
             return self.prefix(torch.from_numpy(images)).numpy()
 
 
-def _prefix_key(backbone: Backbone, *, trainable_stages: int, train_stem: bool, resize_to: int | None) -> str:
-    cut_name = "all" if train_stem else f"last{trainable_stages}"
+def _prefix_key(backbone: Backbone, *, trainable_stages: int, train_stem: bool, resize_to: int | None, pooled_stages: int = 0) -> str:
+    cut_name = "all" if train_stem else f"last{max(trainable_stages, pooled_stages)}"
     # Feature maps of the frozen prefix do not depend on how embeddings are pooled: name + weights only.
     return f"{backbone.name}-{backbone.weights_id}-{cut_name}-r{resize_to or 'same'}"
 
@@ -410,6 +454,11 @@ class FinetunedClassifier:
     def head_bias(self) -> np.ndarray:
         return self.network.head.bias.detach().numpy().copy()
 
+    @property
+    def head_features(self) -> str:
+        """What the head's rows are on: the network's multi-layer pooled features, or conv_head's average."""
+        return "multilayer" if isinstance(self.network.tail, MultiLayerTail) else "avg"
+
     def _runner(self) -> PrefixRunner:
         return PrefixRunner(self.network.prefix, key=self.prefix_key, image_size=self.preprocessing.image_size, threads=int(self.config.get("threads", 2)))
 
@@ -470,8 +519,6 @@ def predict_proba_paths(classifier: Any, paths: Sequence[str], preprocessing: Pr
     if hasattr(classifier, "predict_proba_paths"):
         return classifier.predict_proba_paths(list(paths))
     if getattr(classifier, "uses_frozen_embeddings", False):
-        from modeling.embeddings import EmbeddingExtractor
-
         if preprocessing is None:
             raise ValueError("a frozen-embedding classifier needs the preprocessing its embeddings were computed with")
         extractor = _embedding_extractor(classifier.backbone, preprocessing)
@@ -483,8 +530,6 @@ _EXTRACTORS: dict[str, Any] = {}
 
 
 def _embedding_extractor(backbone: Backbone, preprocessing: Preprocessing) -> Any:
-    from modeling.embeddings import EmbeddingExtractor, embedding_model_key
-
     key = embedding_model_key(backbone, preprocessing)
     if key not in _EXTRACTORS:
         global _ONNX_DIR
@@ -624,16 +669,25 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
     model = copy.deepcopy(data.backbone.model).float()
     image_size = int(config.image_size or data.preprocessing.image_size)
     resize_to = image_size if image_size != data.preprocessing.image_size else None
-    prefix, tail = split_backbone(model, trainable_stages=config.trainable_stages, train_stem=config.train_stem, image_size=resize_to)
+    pooled_stages = pooled_stage_count(data.backbone)
+    prefix, tail = split_backbone(model, trainable_stages=config.trainable_stages, train_stem=config.train_stem, image_size=resize_to,
+                                  pooled_stages=pooled_stages)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for parameter in tail.parameters():
-        parameter.requires_grad_(True)
-    head = nn.Linear(data.backbone.num_features, n_classes)
+    trained = trainable_modules(model, trainable_stages=config.trainable_stages, train_stem=config.train_stem)
+    for module in trained:
+        for parameter in module.parameters():
+            parameter.requires_grad_(True)
+    trained_ids = {id(module) for module in trained}
+    frozen_in_tail = [module for module in (tail.stages if isinstance(tail, MultiLayerTail) else []) if id(module) not in trained_ids]
+    with torch.no_grad():  # the pooled width: conv_head's channels, or the multi-layer concatenation
+        feature_width = int(tail.eval()(prefix.eval()(torch.zeros(1, 3, image_size, image_size))).flatten(1).shape[1])
+    head = nn.Linear(feature_width, n_classes)
     network = FinetunedNetwork(prefix, tail, head, dropout=config.dropout, tta=config.tta)
     if config.channels_last:
         tail.to(memory_format=torch.channels_last)
-    prefix_key = _prefix_key(data.backbone, trainable_stages=config.trainable_stages, train_stem=config.train_stem, resize_to=resize_to)
+    prefix_key = _prefix_key(data.backbone, trainable_stages=config.trainable_stages, train_stem=config.train_stem, resize_to=resize_to,
+                             pooled_stages=pooled_stages)
     runner = PrefixRunner(prefix, key=prefix_key, image_size=data.preprocessing.image_size, threads=config.threads)
 
     # Frozen feature maps of the original images: validation always, training for the probe and cached mode.
@@ -694,6 +748,8 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
         network.train()
         if config.batchnorm == "frozen":
             _freeze_batchnorm_statistics(network)
+        for module in frozen_in_tail:  # frozen pooled stages run as at inference (BatchNorm statistics untouched)
+            module.eval()
         order = balanced_sample(train_labels, rng) if config.balance == "sampler" else rng.permutation(len(train_labels))
         total_loss, correct, seen = 0.0, 0, 0
         for start in range(0, len(order), config.batch_size):
@@ -822,8 +878,8 @@ def _initialise_head(network: FinetunedNetwork, *, data: TrainingData, train_map
     n_classes = len(data.class_names)
     head = network.head
     init_weight, init_bias = data.options.get("init_head_weight"), data.options.get("init_head_bias")
-    # A transferred head (same classes) fits only if it was trained on the same features as this network's head: a
-    # `head` model on multi-layer embeddings has wider rows than conv_head's pooled features; then the probe starts it.
+    # A transferred head (same classes) fits only if it was trained on the same features as this network's head
+    # (multi-layer rows are wider than conv_head's average); otherwise the probe starts it.
     transferable = (init_weight is not None and init_bias is not None and np.shape(init_weight) == tuple(head.weight.shape)
                     and np.shape(init_bias) == tuple(head.bias.shape))
     with torch.no_grad():

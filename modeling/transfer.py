@@ -60,9 +60,9 @@ def save_model_checkpoint(classifier: Any, path: str | Path, *, image_size: int 
         "head_bias": torch.from_numpy(bias),
         "temperature": float(getattr(classifier, "temperature", 1.0)),
         "strategy": str(getattr(classifier, "strategy", "head")),
-        # What the head's rows are on: "avg"/"multilayer" frozen embeddings (`head`), or the network's own pooled
-        # conv_head features (fine-tuned strategies, always avg).
-        "head_features": "avg" if hasattr(classifier, "head_weight") else str(getattr(backbone, "pooling", "avg")),
+        # What the head's rows are on: "avg"/"multilayer" frozen embeddings (`head`), or the fine-tuned network's own
+        # pooled features (the same two kinds).
+        "head_features": str(getattr(classifier, "head_features", getattr(backbone, "pooling", "avg"))),
         "image_size": int(image_size or (preprocessing.image_size if preprocessing is not None else 0)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -158,7 +158,10 @@ def test_imbalanced_training_never_collapses_to_one_class(backbone, tmp_path):
         assert minority_recall > 0.6, (options, minority_recall)
 
 
-def test_exported_module_matches_the_classifier_through_onnx(backbone, balanced_images, tmp_path):
+@pytest.mark.parametrize("pooling", ["avg", "multilayer"])
+def test_exported_module_matches_the_classifier_through_onnx(backbone, balanced_images, tmp_path, pooling):
+    if pooling != backbone.pooling:
+        backbone = create_backbone("efficientnet_lite0", pooling=pooling)
     classifier = train_classifier(strategy="finetune", data=_data(backbone, balanced_images, epochs=1))
     classifier.temperature = 1.7
     test_paths, _ = balanced_images["test"]
@@ -325,3 +328,31 @@ def test_the_default_training_objective_keeps_pulling_the_frequent_class_toward_
         logits = torch.tensor([[1.0, 0.0]] * 4, requires_grad=True)
         criterion(logits, torch.zeros(4, dtype=torch.long)).backward()
         assert logits.grad[:, 0].lt(0).all(), options
+
+
+def test_multilayer_finetuning_starts_from_the_head_strategys_features_and_trains_only_the_tail(balanced_images):
+    from modeling.embeddings import EmbeddingNetwork
+    from modeling.finetune import MultiLayerTail, _pooled_features, prefix_feature_maps
+
+    multilayer = create_backbone("efficientnet_lite0", pooling="multilayer")
+    original = copy.deepcopy(multilayer.model.state_dict())
+    classifier = train_classifier(strategy="finetune", data=_data(multilayer, balanced_images, trainable_stages=1, epochs=0))
+    network = classifier.network
+    assert isinstance(network.tail, MultiLayerTail) and classifier.head_features == "multilayer"
+    # Before any update the network's pooled features are the frozen multi-layer embeddings the `head` strategy uses.
+    paths = balanced_images["test"][0][:4]
+    maps = prefix_feature_maps(classifier._runner(), paths, classifier.preprocessing)
+    pooled = _pooled_features(network, maps, batch_size=8, channels_last=False)
+    images = torch.from_numpy(np.stack([load_image_array(path, classifier.preprocessing) for path in paths]))
+    with torch.no_grad():
+        expected = EmbeddingNetwork(copy.deepcopy(multilayer.model).eval(), pooling="multilayer")(images).numpy()
+    assert pooled.shape == expected.shape and expected.shape[1] > multilayer.num_features
+    np.testing.assert_allclose(pooled, expected, atol=1e-4)
+
+    # Trained: the pooled stage in front of the trainable one runs in the tail but never changes.
+    tuned = train_classifier(strategy="finetune", data=_data(multilayer, balanced_images, trainable_stages=1, head_init="random", epochs=2, patience=5))
+    changed = {name for name, tensor in tuned.backbone.model.state_dict().items()
+               if tensor.dtype.is_floating_point and not torch.equal(tensor, original[name])}
+    assert any(name.startswith("blocks.6.") for name in changed)
+    assert all(name.startswith(("blocks.6.", "conv_head", "bn2")) for name in changed), sorted(changed)[:5]
+    assert len(tuned.network.tail.stages) == 4  # stages 3-6 pooled, only 6 trained
