@@ -114,7 +114,7 @@ def validation_split(dataset: Dataset, indices: np.ndarray, *, fraction: float =
 
 
 _BACKBONES: dict[tuple[str, str], Backbone] = {}
-POOLING = "avg"  # of the frozen embeddings the `head` strategy trains on; the scripts' --pooling sets it
+POOLING = "multilayer"  # as loop round's default: the head's features and what fine-tuning pools; --pooling sets it
 
 
 def pretrained_backbone(weights: str = "default") -> Backbone:

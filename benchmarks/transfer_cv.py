@@ -225,7 +225,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training option for every dataset (JSON value)")
     parser.add_argument("--tta", default="", help="also score the same models with these test-time views (e.g. flips)")
     parser.add_argument("--threshold-confidence", type=float, default=None, help="FPR threshold rule confidence (default: loop round's)")
-    parser.add_argument("--pooling", default="avg", choices=["avg", "multilayer"], help="frozen embedding pooling (the head strategy's features)")
+    parser.add_argument("--pooling", default="multilayer", choices=["avg", "multilayer"], help="embedding pooling, as loop round's [model] pooling (default multilayer): the head's features and what fine-tuning pools")
     parser.add_argument("--anomaly", default="none", choices=["none", "patch"],
                         help="blend the patch anomaly score in, as loop round does by default ([model] anomaly = 'patch')")
     parser.add_argument("--set-for", action="append", default=[], metavar="DATASET:KEY=VALUE", help="training option for one dataset")
