@@ -132,7 +132,10 @@ def test_only_the_unfrozen_tail_and_head_change(backbone, balanced_images):
     assert all(name.startswith(trainable_prefixes) for name in changed)
 
 
-def test_full_strategy_trains_the_stem_too(backbone, balanced_images):
+@pytest.mark.parametrize("pooling", ["avg", "multilayer"])
+def test_full_strategy_trains_the_stem_too(backbone, balanced_images, pooling):
+    if pooling != backbone.pooling:
+        backbone = create_backbone("efficientnet_lite0", pooling=pooling)
     original = copy.deepcopy(backbone.model.state_dict())
     classifier = train_classifier(strategy="full", data=_data(backbone, balanced_images, epochs=1, head_init="random", patience=5))
     tuned = classifier.backbone.model.state_dict()
