@@ -3,8 +3,9 @@ discriminative learning rates). Both register in the training registry and retur
 
 Why it is practical on 2 CPU cores: the frozen part of the network (stem + first stages) is run once per image
 through ONNX Runtime and its feature maps are kept in memory (keyed by backbone, cut point, resolution and file),
-so each epoch only runs the unfrozen tail forward and backward. That cache cannot coexist with input-space
-augmentation, so there are two modes:
+so each epoch only runs the tail: the unfrozen stages forward and backward, and with multi-layer pooling the frozen
+pooled stages in front of them forward only. That cache cannot coexist with input-space augmentation, so there are
+two modes:
 - mode="cached" (default for `finetune`): feature maps computed once; optional `cached_views` adds the feature
   maps of exact flips/turns of every training image (augmentation that a cache can hold).
 - mode="augment": every epoch the training images are augmented (modeling.augmentation), pushed through the frozen
@@ -55,7 +56,8 @@ class FinetuneConfig:
 
     # Of the backbone's `blocks` stages, counted from the end; conv_head/bn2 always train. NEU 5-fold CV on an idle
     # 2-core machine: last 2 stages, 6 epochs -> 7 errors in 1800 (5 with tta="flips"), 76-95 s per fold; last stage
-    # only -> 17-19 errors. (On a busy machine 2 stages cost ~3x more per epoch than 1.) Re-run 2026-12-01 on an Intel
+    # only -> 17-19 errors. (On a busy machine 2 stages cost ~3x more per epoch than 1 with avg pooling; multi-layer
+    # pooling runs the last 4 stages forward every step whatever this is, up to 4.) Re-run 2026-12-01 on an Intel
     # Xeon with the later defaults: 9 errors (6 with flips), the same per fold before and after the loss fix. With the
     # tail pooling like the `head` strategy (multi-layer, the project default): 3 errors (1 with flips), 80-119 s per fold.
     trainable_stages: int = 2
@@ -159,7 +161,8 @@ VIEW_PRESETS: dict[str, tuple[str, ...]] = {
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The network: frozen prefix -> trainable tail -> L2-normalised pooled features -> linear head
+# The network: frozen prefix -> tail (trainable stages, and with multi-layer pooling the frozen pooled stages before
+# them) -> L2-normalised pooled features -> linear head
 
 
 class ResizeInput(nn.Module):
@@ -176,7 +179,7 @@ class ResizeInput(nn.Module):
 
 
 class FinetunedNetwork(nn.Module):
-    """images (NCHW, normalised) -> logits. `prefix` is frozen; `tail` and `head` train."""
+    """images (NCHW, normalised) -> logits. `prefix` is frozen; `head` and the tail's trainable modules train."""
 
     def __init__(self, prefix: nn.Module, tail: nn.Module, head: nn.Linear, *, dropout: float = 0.0, tta: Sequence[str] = ("identity",)):
         super().__init__()
@@ -250,7 +253,7 @@ def split_backbone(model: nn.Module, *, trainable_stages: int, train_stem: bool 
     stages = list(model.blocks)  # type: ignore[arg-type]
     if not 0 <= trainable_stages <= len(stages):
         raise ValueError(f"trainable_stages must be in [0, {len(stages)}] for this backbone, got {trainable_stages}")
-    cut = 0 if train_stem else len(stages) - max(trainable_stages, min(pooled_stages, len(stages)))
+    cut = 0 if train_stem else len(stages) - tail_stage_count(len(stages), trainable_stages=trainable_stages, pooled_stages=pooled_stages)
     stem = [getattr(model, name) for name in STEM_MODULES]
     prefix = nn.Sequential(ResizeInput(image_size), *([] if train_stem else stem), *stages[:cut])
     if pooled_stages:
@@ -259,6 +262,11 @@ def split_backbone(model: nn.Module, *, trainable_stages: int, train_stem: bool 
     else:
         tail = nn.Sequential(*(stem if train_stem else []), *stages[cut:], *[getattr(model, name) for name in HEAD_CONV_MODULES])
     return prefix, tail
+
+
+def tail_stage_count(n_stages: int, *, trainable_stages: int, pooled_stages: int) -> int:
+    """Stages in the tail (not counting the stem): the trainable ones, or all pooled ones if that is more."""
+    return max(trainable_stages, min(pooled_stages, n_stages))
 
 
 def trainable_modules(model: nn.Module, *, trainable_stages: int, train_stem: bool = False) -> list[nn.Module]:
@@ -347,7 +355,8 @@ class PrefixRunner:
 
 
 def _prefix_key(backbone: Backbone, *, trainable_stages: int, train_stem: bool, resize_to: int | None, pooled_stages: int = 0) -> str:
-    cut_name = "all" if train_stem else f"last{max(trainable_stages, pooled_stages)}"
+    n_stages = backbone_stage_count(backbone.model)
+    cut_name = "all" if train_stem else f"last{tail_stage_count(n_stages, trainable_stages=trainable_stages, pooled_stages=pooled_stages)}"
     # Feature maps of the frozen prefix do not depend on how embeddings are pooled: name + weights only.
     return f"{backbone.name}-{backbone.weights_id}-{cut_name}-r{resize_to or 'same'}"
 

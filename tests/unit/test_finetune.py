@@ -359,3 +359,10 @@ def test_multilayer_finetuning_starts_from_the_head_strategys_features_and_train
     assert any(name.startswith("blocks.6.") for name in changed)
     assert all(name.startswith(("blocks.6.", "conv_head", "bn2")) for name in changed), sorted(changed)[:5]
     assert len(tuned.network.tail.stages) == 4  # stages 3-6 pooled, only 6 trained
+
+    # Even when BatchNorm statistics train, the frozen pooled stages keep theirs.
+    with_statistics = train_classifier(strategy="finetune", data=_data(multilayer, balanced_images, trainable_stages=1, batchnorm="train", head_init="random", epochs=1, patience=5))
+    moved = {name for name, tensor in with_statistics.backbone.model.state_dict().items()
+             if "running_" in name and not torch.equal(tensor, original[name])}
+    assert any(name.startswith("blocks.6.") for name in moved)
+    assert not {name for name in moved if not name.startswith(("blocks.6.", "bn2"))}, sorted(moved)[:5]

@@ -1,6 +1,8 @@
 """Model checkpoints for domain transfer: save, find in a project directory, load backbone (+ head when classes match)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -64,7 +66,8 @@ def test_missing_or_foreign_sources_fail_clearly(tmp_path):
         load_init_checkpoint(foreign, class_names=["a"])
 
 
-def test_a_finetuned_classifier_round_trips_too(tmp_path):
+@pytest.mark.parametrize("pooling", ["avg", "multilayer"])
+def test_a_finetuned_classifier_round_trips_too(tmp_path, pooling):
     from pathlib import Path
 
     from PIL import Image
@@ -72,7 +75,7 @@ def test_a_finetuned_classifier_round_trips_too(tmp_path):
     from modeling.finetune import train_finetuned, FinetuneConfig
     from modeling.training import TrainingData
 
-    backbone = create_backbone("efficientnet_lite0")
+    backbone = create_backbone("efficientnet_lite0", pooling=pooling)
     rng = np.random.default_rng(0)
     paths, labels = [], []
     for index in range(12):
@@ -90,3 +93,10 @@ def test_a_finetuned_classifier_round_trips_too(tmp_path):
     np.testing.assert_array_equal(init.head_weight, tuned.head_weight[[1, 0]])
     reloaded = create_backbone("efficientnet_lite0", weights=str(path))
     assert torch.equal(reloaded.model.state_dict()["blocks.6.0.conv_pw.weight"], tuned.backbone.model.state_dict()["blocks.6.0.conv_pw.weight"])
+    # The head's rows are on the network's own pooled features (3968-d multi-layer or 1280-d average), and a new
+    # project pooling the same way starts from that head.
+    assert torch.load(path, weights_only=True)["head_features"] == pooling
+    transferred = {"init_head_weight": init.head_weight[[1, 0]], "init_head_bias": init.head_bias[[1, 0]], "threads": 1}
+    again = train_finetuned(dataclasses.replace(data, options=transferred),
+                            FinetuneConfig(epochs=0, threads=1, trainable_stages=1), strategy="finetune")
+    assert again.config["head_transferred"]
