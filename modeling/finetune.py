@@ -357,7 +357,7 @@ class PrefixRunner:
 def _prefix_key(backbone: Backbone, *, trainable_stages: int, train_stem: bool, resize_to: int | None, pooled_stages: int = 0) -> str:
     n_stages = backbone_stage_count(backbone.model)
     cut_name = "all" if train_stem else f"last{tail_stage_count(n_stages, trainable_stages=trainable_stages, pooled_stages=pooled_stages)}"
-    # Feature maps of the frozen prefix do not depend on how embeddings are pooled: name + weights only.
+    # The prefix's maps depend on the weights and where the prefix ends (multi-layer pooling can move that), nothing else.
     return f"{backbone.name}-{backbone.weights_id}-{cut_name}-r{resize_to or 'same'}"
 
 
