@@ -60,3 +60,19 @@ def test_degenerate_inputs_leave_the_model_alone_and_bad_inputs_are_refused():
         fit_temperature(logits=np.zeros((3, 2)), labels=np.array([0, 1]))
     with pytest.raises(ValueError, match="class indices"):
         fit_temperature(logits=np.zeros((2, 2)), labels=np.array([0, 2]))
+
+
+def test_a_validation_set_without_errors_gets_a_finite_temperature():
+    # Every image right with a modest margin: the plain NLL keeps falling to the 0.05 bound; the add-one error
+    # estimate stops it where the mean confidence is about (n+1)/(n+2).
+    rng = np.random.default_rng(1)
+    n, classes = 300, 6
+    labels = rng.integers(0, classes, n)
+    logits = rng.normal(0, 0.3, (n, classes))
+    logits[np.arange(n), labels] += 2.0
+    plain = [negative_log_likelihood(logits=logits, labels=labels, temperature=t) for t in (0.3, 0.1, 0.05)]
+    assert plain[0] > plain[1] > plain[2]  # what an unsmoothed fit would chase
+    temperature = fit_temperature(logits=logits, labels=labels)
+    assert 0.1 < temperature < 1.0
+    confidence = softmax_with_temperature(logits, temperature).max(axis=1).mean()
+    assert confidence == pytest.approx((n + 1) / (n + 2), abs=0.01)
