@@ -22,11 +22,14 @@ def softmax_with_temperature(logits: np.ndarray, temperature: float) -> np.ndarr
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def negative_log_likelihood(*, logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+def _log_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     scaled = np.asarray(logits, dtype=np.float64) / temperature
     shifted = scaled - scaled.max(axis=1, keepdims=True)
-    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return float(-log_probabilities[np.arange(len(labels)), np.asarray(labels, dtype=int)].mean())
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def negative_log_likelihood(*, logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    return float(-_log_softmax(logits, temperature)[np.arange(len(labels)), np.asarray(labels, dtype=int)].mean())
 
 
 def expected_calibration_error(*, probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -77,9 +80,7 @@ def fit_temperature(*, labels: np.ndarray, logits: np.ndarray | None = None, pro
 
 
 def _smoothed_negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, *, temperature: float, smoothing: float) -> float:
-    scaled = logits / temperature
-    shifted = scaled - scaled.max(axis=1, keepdims=True)
-    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    log_probabilities = _log_softmax(logits, temperature)
     true = log_probabilities[np.arange(len(labels)), labels]
     others = (log_probabilities.sum(axis=1) - true) / max(logits.shape[1] - 1, 1)
     return float(-((1.0 - smoothing) * true + smoothing * others).mean())
