@@ -105,7 +105,7 @@ def gates_pass(metrics: dict) -> bool:
 
 def run_curve(data: Dataset, *, strategy: str, seed: int, seed_labels: int = 40, budget: int = 20, max_labels: int = 600,
               negative_index: int = 0, max_fpr: float = 0.03, confidence: float = 0.75, stop_when_pass: bool = True,
-              use_pool_rule: bool = True, verbose: bool = False) -> Curve:
+              use_pool_rule: bool = True, stratified: bool = False, verbose: bool = False) -> Curve:
     # Same test split and seed labels as `loop simulate` for this seed.
     splits = assign_splits(data.truth, test_fraction=0.2, validation_fraction=0.0, seed=seed)
     test_paths = sorted(p for p, s in splits.items() if s == "test")
@@ -123,6 +123,9 @@ def run_curve(data: Dataset, *, strategy: str, seed: int, seed_labels: int = 40,
         if p in seed_paths:
             labels[i] = truth[i]
     n_classes = len(data.classes)
+    # Labeled because a non-random strategy chose it (the seed labels are a random sample): as `loop round` reads
+    # it from the selections table.
+    actively_picked = np.zeros(len(order), dtype=bool)
     curve = Curve(strategy, seed)
     round_number = 0
     while True:
@@ -138,7 +141,8 @@ def run_curve(data: Dataset, *, strategy: str, seed: int, seed_labels: int = 40,
                                       max_fpr=max_fpr, confidence=confidence,
                                       unlabeled_p_defect=1.0 - probabilities[unlabeled_pool, negative_index] if len(unlabeled_pool) else None)
         choice = aim if use_pool_rule else choose_defect_threshold(
-            p_defect=1.0 - oof[:, negative_index], is_defect=labels[labeled] != negative_index, max_fpr=max_fpr, confidence=confidence)
+            p_defect=1.0 - oof[:, negative_index], is_defect=labels[labeled] != negative_index, max_fpr=max_fpr, confidence=confidence,
+            actively_picked=actively_picked[labeled] if stratified else None, n_unlabeled=len(unlabeled_pool))
         test = np.flatnonzero(is_test)
         predicted = final_predictions(probabilities=probabilities[test], negative_index=negative_index, threshold=choice.threshold)
         metrics = evaluate_predictions(y_true=truth[test], y_pred=predicted, probabilities=probabilities[test],
@@ -146,6 +150,8 @@ def run_curve(data: Dataset, *, strategy: str, seed: int, seed_labels: int = 40,
         estimate = evaluate_predictions(
             y_true=labels[labeled], y_pred=final_predictions(probabilities=oof, negative_index=negative_index, threshold=choice.threshold),
             probabilities=oof, class_names=data.classes, negative_index=negative_index)
+        if choice.estimated_population_fpr is not None:
+            estimate["negative_fpr"] = choice.estimated_population_fpr
         estimated_gates = {
             "macro_f1": estimate["macro_f1"] >= GATES["macro_f1"][1],
             "defect_recall": None if estimate["defect_recall"] is None else estimate["defect_recall"] >= GATES["defect_recall"][1],
@@ -185,6 +191,7 @@ def run_curve(data: Dataset, *, strategy: str, seed: int, seed_labels: int = 40,
         if len(result.indices) == 0:
             break
         labels[result.indices] = truth[result.indices]  # the oracle answers
+        actively_picked[result.indices] = strategy != "random"
     return curve
 
 
@@ -194,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--negative-class", default="free")
     parser.add_argument("--dataset", type=Path, default=None, help="class-folder dataset (with --embeddings)")
     parser.add_argument("--embeddings", type=Path, default=None, help=".npy of the dataset's embeddings, folder order")
-    parser.add_argument("--decision-rule", choices=["cautious", "pool"], default="cautious",
-                        help="threshold for the gates: cautious (what `loop round` decides with) or the pool-aware estimate")
+    parser.add_argument("--decision-rule", choices=["cautious", "stratified", "pool"], default="stratified",
+                        help="threshold for the gates: cautious (every labeled good part), stratified (what `loop round` decides "
+                             "with: sampled good parts + picked ones counted) or the pool-aware estimate")
     parser.add_argument("--threshold-fpr", type=float, default=0.03, help="FPR the threshold rule aims at (the gate stays 3%%)")
     parser.add_argument("--strategies", default="random,default")
     parser.add_argument("--seeds", default="0,1,2,3,4")
@@ -210,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     for strategy in args.strategies.split(","):
         started = time.perf_counter()
         curves = [run_curve(data, strategy=strategy, seed=s, max_labels=args.max_labels, verbose=args.verbose,
-                            use_pool_rule=args.decision_rule == "pool", max_fpr=args.threshold_fpr) for s in seeds]
+                            use_pool_rule=args.decision_rule == "pool",
+                            stratified=args.decision_rule == "stratified", max_fpr=args.threshold_fpr) for s in seeds]
         results[strategy] = curves
         needed = [c.labels_to_pass for c in curves]
         median = statistics.median([n if n is not None else float("inf") for n in needed])

@@ -46,7 +46,7 @@ from modeling.transfer import load_init_checkpoint, save_model_checkpoint
 from modeling.training import TrainedClassifier, TrainingData, head_fit_predict, train_classifier
 from store import session_scope
 from store.models import GateResult, Image, LabelIssue, Metric, Prediction, Round, Selection
-from store.queries import CurrentLabel, current_labels, get_project, next_round_number
+from store.queries import CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number
 
 # Below this many negative-class validation images the threshold is chosen on out-of-fold probabilities over the
 # whole labeled non-test pool instead: a few dozen good parts cannot pin down a 3% false-positive rate.
@@ -464,15 +464,20 @@ def choose_threshold(state: RoundState) -> None:
     else:
         positions = state.oof_positions
         p_negative = state.calibrated_oof_probabilities[:, negative]
+    # Good parts picked by active learning are the ones that look like defects: the threshold counts them one by
+    # one and reads the FPR of all other good parts off the randomly sampled ones (modeling.evaluation.stratified_threshold).
+    with session_scope(state.ctx.engine) as session:
+        picked_ids = actively_selected_image_ids(session, get_project(session).id)
+    unlabeled = np.flatnonzero((state.labels == UNLABELED) & (state.splits != "test"))
     state.threshold = choose_defect_threshold(
         p_defect=1.0 - p_negative, is_defect=state.labels[positions] != negative, max_fpr=state.config.gates.negative_fpr_max,
         confidence=state.config.model.threshold_confidence, source=source,
+        actively_picked=np.array([state.image_ids[p] in picked_ids for p in positions], dtype=bool), n_unlabeled=len(unlabeled),
     )
     # Selection aims its uncertainty band at a less cautious estimate that also counts the unlabeled good parts (in
     # expectation, P(good) from the current model): labeled good parts picked by active learning are the hard ones.
     # That estimate is NOT the decision threshold: used for the gates it overshot the 3% FPR on the test split in half
     # the rounds of a magnetic-tile simulation (benchmarks/selection_tuning.py), the rule above in under 8%.
-    unlabeled = np.flatnonzero((state.labels == UNLABELED) & (state.splits != "test"))
     state.selection_threshold = choose_defect_threshold(
         p_defect=1.0 - p_negative, is_defect=state.labels[positions] != negative, max_fpr=state.config.gates.negative_fpr_max,
         confidence=state.config.model.threshold_confidence, unlabeled_p_defect=1.0 - state.probabilities[unlabeled, negative],
@@ -489,6 +494,8 @@ def choose_threshold(state: RoundState) -> None:
     state.details["threshold"] = state.threshold.threshold
     state.details["selection_threshold"] = state.selection_threshold
     state.details["threshold_choice"] = state.threshold.as_dict()
+    if state.threshold.estimated_population_fpr is not None:  # the labeled good parts alone overstate it (see above)
+        estimate["negative_fpr"] = state.threshold.estimated_population_fpr
     state.details["estimated_metrics"] = {k: estimate[k] for k in ("macro_f1", "defect_recall", "negative_fpr")}
 
 

@@ -19,6 +19,7 @@ class ThresholdChoice:
     confidence: float
     n_negatives: int
     n_defects: int
+    # These three describe the rule on every labeled good part, whichever rule chose `threshold`.
     allowed_false_positives: int  # by the Clopper-Pearson rule
     rank_threshold: float  # the Clopper-Pearson (rank) threshold alone
     tail_threshold: float | None  # the robust parametric tail threshold alone
@@ -27,6 +28,12 @@ class ThresholdChoice:
     observed_defect_recall: float | None
     margin_attainable: bool  # False: too few negatives to keep the bound under max_fpr even with 0 false positives
     source: str = ""
+    # With active-learning picks among the labeled good parts (see `choose_defect_threshold`): the rule ran on the
+    # sampled ones, and this is the FPR estimated over every good part of the pool at the threshold.
+    rule: str = "all_negatives"
+    n_sampled_negatives: int | None = None
+    n_picked_negatives: int | None = None
+    estimated_population_fpr: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -65,14 +72,19 @@ def rank_threshold(*, negative_scores: np.ndarray, max_fpr: float, confidence: f
     return float((ordered[allowed] + ordered[allowed - 1]) / 2), allowed, attainable  # exactly k false positives here
 
 
+def _robust_logit_normal(scores: np.ndarray) -> tuple[float, float]:
+    """(median, MAD-based standard deviation) of the scores' logits."""
+    z = _logit(scores)
+    median = float(np.median(z))
+    return median, max(float(np.median(np.abs(z - median))) * 1.4826, 1e-3)
+
+
 def tail_threshold(*, negative_scores: np.ndarray, target_fpr: float) -> float | None:
     """The (1 - target_fpr) quantile of a normal fitted robustly (median, MAD) to the logits of the negatives'
     scores: one odd good part (or a mislabeled one) cannot drag it to 1 the way it drags a rank threshold."""
     if len(negative_scores) < 5:
         return None
-    z = _logit(negative_scores)
-    median = float(np.median(z))
-    spread = max(float(np.median(np.abs(z - median))) * 1.4826, 1e-3)
+    median, spread = _robust_logit_normal(negative_scores)
     return _sigmoid(median + float(norm.ppf(1 - target_fpr)) * spread)
 
 
@@ -108,8 +120,60 @@ def pool_rank_threshold(*, negative_scores: np.ndarray, unlabeled_p_defect: np.n
     return float((candidates[last] + candidates[last + 1]) / 2), allowed, n_effective
 
 
+# Below this many sampled (not actively picked) good parts the stratified rule has too little to stand on and the
+# threshold is chosen on every labeled good part, the cautious way.
+MIN_SAMPLED_NEGATIVES = 20
+
+
+def _blend_threshold(negatives: np.ndarray, *, max_fpr: float, confidence: float) -> tuple[float, int, bool, float | None, float]:
+    """(threshold, allowed false positives, attainable, tail threshold, rank threshold): the rank rule and the tail
+    fit averaged in logit space."""
+    by_rank, allowed, attainable = rank_threshold(negative_scores=negatives, max_fpr=max_fpr, confidence=confidence)
+    by_tail = tail_threshold(negative_scores=negatives, target_fpr=max_fpr / 3)
+    threshold = by_rank if by_tail is None else _sigmoid((float(_logit(by_rank)) + float(_logit(by_tail))) / 2)
+    return threshold, allowed, attainable, by_tail, by_rank
+
+
+def sampled_fpr(*, negative_scores: np.ndarray, threshold: float) -> float:
+    """FPR at `threshold` of the good parts a random sample stands for: the larger of the sample's own rate and the
+    robust normal tail (median/MAD of the logits) that `tail_threshold` inverts, so a sample of ~30 with no good
+    part above the threshold does not read as 0."""
+    scores = np.asarray(negative_scores, dtype=np.float64)
+    median, spread = _robust_logit_normal(scores)
+    tail = float(norm.sf((float(_logit(threshold)) - median) / spread))
+    return max(float((scores >= threshold).mean()), tail)
+
+
+def stratified_threshold(*, sampled_negatives: np.ndarray, picked_negatives: np.ndarray, n_unlabeled_negatives: float,
+                         max_fpr: float, confidence: float) -> tuple[float, float]:
+    """(threshold, estimated FPR over the pool's good parts) when some labeled good parts were picked by active learning.
+
+    Uncertainty-driven selection labels the good parts that look most like defects, so their scores overstate the
+    FPR of the good parts on the line, and a threshold fitted to them sits far too high (on magnetic tile the test
+    FPR stayed at 0 while defect recall fell to 0.3-0.5). The good parts split into two strata: the picked ones,
+    known one by one, and the rest (sampled labeled ones plus the unlabeled ones), for which the sampled good parts
+    are a random sample. The threshold is the blend rule on the sampled good parts, raised until the estimated FPR
+    over both strata (picked: counted; the rest: `sampled_fpr` times their number) is <= max_fpr."""
+    sampled = np.asarray(sampled_negatives, dtype=np.float64)
+    picked = np.asarray(picked_negatives, dtype=np.float64)
+    n_rest = len(sampled) + max(float(n_unlabeled_negatives), 0.0)
+    n_total = n_rest + len(picked)
+
+    def estimated_fpr(threshold: float) -> float:
+        return (float((picked >= threshold).sum()) + n_rest * sampled_fpr(negative_scores=sampled, threshold=threshold)) / n_total
+
+    threshold = _blend_threshold(sampled, max_fpr=max_fpr, confidence=confidence)[0]
+    # Raising the threshold past a picked good part's score drops it from the count: those scores are the candidates.
+    for candidate in [threshold, *np.nextafter(np.sort(picked[picked >= threshold]), np.inf)]:
+        if estimated_fpr(float(candidate)) <= max_fpr:
+            return float(candidate), estimated_fpr(float(candidate))
+    top = float(np.nextafter(max(float(picked.max(initial=0.0)), threshold), np.inf))
+    return top, estimated_fpr(top)
+
+
 def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_fpr: float, confidence: float = 0.75, source: str = "",
-                            unlabeled_p_defect: np.ndarray | None = None) -> ThresholdChoice:
+                            unlabeled_p_defect: np.ndarray | None = None, actively_picked: np.ndarray | None = None,
+                            n_unlabeled: int = 0) -> ThresholdChoice:
     """The defect-vs-good threshold for the FPR gate, with a margin that fits the amount of data.
 
     Two estimates, averaged in logit space: a rank rule (allow only as many false positives as keep a one-sided
@@ -118,6 +182,10 @@ def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_
     part and wrecks recall; the tail alone has heavy-tail risk. Measured on magnetic tile (random 120-800 labels,
     5 draws each, out-of-fold scores): the blend kept test FPR <= 3.2% in every draw, with 1.5x the rank rule's
     defect recall at 120-200 labels and the same recall from 400 on.
+
+    `actively_picked` (per row: labeled because an active-learning strategy chose it, not as a random sample) with
+    `n_unlabeled` (unlabeled non-test images) switches to `stratified_threshold` when at least
+    MIN_SAMPLED_NEGATIVES good parts were not picked: the rule then runs on those and the picked ones are counted.
 
     With `unlabeled_p_defect` (the current model's P(defect) for the unlabeled non-test images) the threshold is
     `pool_rank_threshold` instead. It is less cautious, so the loop uses it only to aim selection, never for the
@@ -128,13 +196,23 @@ def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_
     is_defect = np.asarray(is_defect, dtype=bool)
     negatives = p_defect[~is_defect]
     n_negatives, n_defects = len(negatives), int(is_defect.sum())
-    by_rank, allowed, attainable = rank_threshold(negative_scores=negatives, max_fpr=max_fpr, confidence=confidence)
-    by_tail = tail_threshold(negative_scores=negatives, target_fpr=max_fpr / 3)
-    threshold = by_rank if by_tail is None else _sigmoid((float(_logit(by_rank)) + float(_logit(by_tail))) / 2)
+    threshold, allowed, attainable, by_tail, by_rank = _blend_threshold(negatives, max_fpr=max_fpr, confidence=confidence)
+    rule, n_sampled, n_picked, population_fpr = "all_negatives", None, None, None
+    if actively_picked is not None:
+        picked_rows = np.asarray(actively_picked, dtype=bool)
+        picked_negative = picked_rows[~is_defect]
+        n_sampled, n_picked = int((~picked_negative).sum()), int(picked_negative.sum())
+        if n_picked and n_sampled >= MIN_SAMPLED_NEGATIVES:
+            sampled_rows = int((~picked_rows).sum())
+            # The sampled labeled images' share of good parts stands for the unlabeled images' share.
+            threshold, population_fpr = stratified_threshold(
+                sampled_negatives=negatives[~picked_negative], picked_negatives=negatives[picked_negative],
+                n_unlabeled_negatives=n_unlabeled * n_sampled / sampled_rows, max_fpr=max_fpr, confidence=confidence)
+            rule = "stratified"
     if unlabeled_p_defect is not None and len(unlabeled_p_defect) and n_negatives:
         by_pool, allowed, _n_effective = pool_rank_threshold(negative_scores=negatives, unlabeled_p_defect=unlabeled_p_defect,
                                                              max_fpr=max_fpr, confidence=confidence)
-        threshold = by_pool
+        threshold, rule = by_pool, "pool"
     predicted_defect = p_defect >= threshold
     false_positives = int(predicted_defect[~is_defect].sum())
     return ThresholdChoice(
@@ -143,7 +221,8 @@ def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_
         observed_fpr=false_positives / n_negatives if n_negatives else 0.0,
         fpr_upper_bound=fpr_upper_bound(false_positives, n_negatives, confidence),
         observed_defect_recall=float(predicted_defect[is_defect].mean()) if n_defects else None,
-        margin_attainable=attainable, source=source,
+        margin_attainable=attainable, source=source, rule=rule, n_sampled_negatives=n_sampled, n_picked_negatives=n_picked,
+        estimated_population_fpr=population_fpr,
     )
 
 

@@ -7,9 +7,12 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from store.models import Image, LabelEvent, Project, Round
+from store.models import Image, LabelEvent, Project, Round, Selection
 
 ANNOTATOR_SOURCES = ("annotator", "oracle")
+# Selections that draw a random sample of the pool (or re-ask for an already labeled image): what they label stands
+# for the pool the way imported labels do. Every other strategy picks by the model's scores.
+SAMPLING_SELECTION_STRATEGIES = ("random", "label_quality")
 
 
 @dataclass(frozen=True)
@@ -89,3 +92,12 @@ def latest_completed_round(session: Session, project_id: int) -> Round | None:
 def next_round_number(session: Session, project_id: int) -> int:
     last = session.scalars(select(Round.number).where(Round.project_id == project_id).order_by(Round.number.desc())).first()
     return (last or 0) + 1
+
+
+def actively_selected_image_ids(session: Session, project_id: int) -> set[int]:
+    """Images some round selected by a strategy that ranks by the model (uncertainty, rarity, diversity), not at
+    random: their labels are not a random sample of the pool, which the defect threshold has to allow for."""
+    return set(session.scalars(
+        select(Selection.image_id).join(Round, Round.id == Selection.round_id)
+        .where(Round.project_id == project_id, Selection.strategy.not_in(SAMPLING_SELECTION_STRATEGIES))
+    ))

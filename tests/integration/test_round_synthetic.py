@@ -20,6 +20,7 @@ from loop.project import open_project, project_lock
 from modeling.inference import OnnxClassifier
 from store import session_scope
 from store.models import GateResult, Image, LabelEvent, Metric, Prediction, Round, Selection
+from store.queries import current_labels
 
 runner = CliRunner()
 
@@ -90,6 +91,14 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
     assert Path(artifacts["confusion_matrix_png"]).read_bytes()[:4] == b"\x89PNG"
     assert {"embed_images", "train_model", "evaluate_on_test_split", "select_next_batch", "total"} <= set(timings)
 
+    # As if an earlier round's `default` batch had asked for one of the imported good parts: the threshold of the
+    # next round must count it among the actively picked ones (read from the selections table), not the sampled ones.
+    with session_scope(ctx.engine) as session:
+        labels = current_labels(session, session.scalars(select(Round)).one().project_id)
+        imported_good = next(i for i in session.scalars(select(Image).where(Image.split == "train").order_by(Image.id))
+                             if labels.get(i.id) and labels[i.id].label == "good" and labels[i.id].source == "import")
+        session.add(Selection(round_id=round_row.id, image_id=imported_good.id, rank=99, score=0.5, strategy="default", reason="uncertain", push_status="pushed"))
+
     second = invoke("round", "--project", str(project_with_pool), "--quiet")
     assert second.exit_code == 0, second.output
     with session_scope(ctx.engine) as session:
@@ -100,6 +109,15 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
         answered = {e.image_id for e in oracle_events}
         assert all(session.get(Image, i).split in ("train", "validation", "test") for i in answered)
         assert round_two.details["embeddings"]["computed"] == 0  # warm: every embedding came from the cache
+        # Good parts the `default` strategy picked are counted apart from the imported (sampled) ones in the threshold.
+        picked_by_default = {s.image_id for s in session.scalars(select(Selection).where(Selection.strategy == "default"))}
+        picked_good = {e.image_id for e in oracle_events if e.label == "good" and e.image_id in picked_by_default}
+        choice = round_two.details["threshold_choice"]
+        assert round_two.details["threshold_source"] == "out_of_fold"
+        assert imported_good.id in picked_good  # the oracle answered the selection too; it stays a good part
+        assert choice["n_picked_negatives"] == len(picked_good) >= 1
+        assert choice["n_sampled_negatives"] + choice["n_picked_negatives"] == choice["n_negatives"]
+        assert choice["rule"] == ("stratified" if picked_good and choice["n_sampled_negatives"] >= 20 else "all_negatives")
 
     status = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)
     assert [r["number"] for r in status["rounds"]] == [1, 2]

@@ -1,7 +1,16 @@
 import numpy as np
 import pytest
 
-from modeling.evaluation import choose_defect_threshold, evaluate_gates, evaluate_predictions, final_predictions, fpr_upper_bound, rank_threshold
+from modeling.evaluation import (
+    choose_defect_threshold,
+    evaluate_gates,
+    evaluate_predictions,
+    final_predictions,
+    fpr_upper_bound,
+    rank_threshold,
+    sampled_fpr,
+    stratified_threshold,
+)
 
 
 def test_rank_rule_keeps_the_fpr_bound_under_the_gate_and_is_the_lowest_such_threshold() -> None:
@@ -75,3 +84,54 @@ def test_collapsed_model_fails_macro_f1_loudly_and_no_negative_class_is_not_appl
     assert gates["macro_f1"].value == 0.0 and gates["macro_f1"].passed is False
     assert not gates["defect_recall"].applicable and gates["defect_recall"].passed is None
     assert not gates["negative_fpr"].applicable
+
+
+def _actively_labeled_pool(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
+    """A pool of 2000 good parts (P(defect) ~ Beta(2, 8)) and 400 defects (~ Beta(8, 2)): 40 good parts labeled
+    at random, then 60 good parts and 60 defects picked by uncertainty, i.e. the good parts scored most like defects."""
+    good = rng.beta(2, 8, 2000)
+    defects = rng.beta(8, 2, 400)
+    sampled = good[:40]
+    picked = np.sort(good[40:])[::-1][:60]  # active learning asks about the good parts nearest the boundary
+    p_defect = np.concatenate([sampled, picked, defects[:60]])
+    is_defect = np.r_[np.zeros(100, bool), np.ones(60, bool)]
+    actively_picked = np.r_[np.zeros(40, bool), np.ones(120, bool)]
+    n_unlabeled = 2000 + 400 - 160
+    return p_defect, is_defect, actively_picked, n_unlabeled, defects
+
+
+def test_good_parts_picked_by_active_learning_do_not_push_the_threshold_to_the_top() -> None:
+    rng = np.random.default_rng(0)
+    p_defect, is_defect, actively_picked, n_unlabeled, defects = _actively_labeled_pool(rng)
+    cautious = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03)
+    stratified = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03, actively_picked=actively_picked, n_unlabeled=n_unlabeled)
+    assert cautious.rule == "all_negatives" and stratified.rule == "stratified"
+    assert (stratified.n_sampled_negatives, stratified.n_picked_negatives) == (40, 60)
+    # Fresh good parts from the line: both keep the FPR under the gate, the stratified one without giving up recall.
+    fresh_good = rng.beta(2, 8, 20000)
+    assert (fresh_good >= stratified.threshold).mean() < 0.03
+    assert (defects >= stratified.threshold).mean() > (defects >= cautious.threshold).mean() + 0.2
+    # Its own estimate of the pool's FPR holds up against the truth, which the labeled good parts alone overstate.
+    assert stratified.estimated_population_fpr <= 0.03
+    assert stratified.observed_fpr > 0.1  # on the labeled good parts, most of them picked
+
+
+def test_picked_good_parts_above_the_threshold_are_counted_against_the_fpr_budget() -> None:
+    rng = np.random.default_rng(1)
+    sampled = rng.beta(2, 30, 40)  # the random sample alone says the good parts sit near 0
+    picked = np.linspace(0.5, 0.99, 80)  # but 80 known good parts score like defects: 80 / 1120 > 3% of the pool
+    threshold, estimated = stratified_threshold(sampled_negatives=sampled, picked_negatives=picked, n_unlabeled_negatives=1000, max_fpr=0.03, confidence=0.75)
+    from_sample_alone, _ = stratified_threshold(sampled_negatives=sampled, picked_negatives=np.array([]), n_unlabeled_negatives=1080, max_fpr=0.03, confidence=0.75)
+    assert threshold > from_sample_alone
+    assert estimated <= 0.03
+    kept_above = int((picked >= threshold).sum())
+    assert kept_above + 1040 * sampled_fpr(negative_scores=sampled, threshold=threshold) <= 0.03 * 1120 + 1e-9
+
+
+def test_too_few_sampled_good_parts_fall_back_to_every_labeled_good_part() -> None:
+    rng = np.random.default_rng(2)
+    p_defect, is_defect, actively_picked, n_unlabeled, _ = _actively_labeled_pool(rng)
+    actively_picked[:25] = True  # only 15 good parts left that were not picked
+    choice = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03, actively_picked=actively_picked, n_unlabeled=n_unlabeled)
+    plain = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03)
+    assert choice.rule == "all_negatives" and choice.threshold == plain.threshold and choice.estimated_population_fpr is None
