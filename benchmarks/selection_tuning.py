@@ -136,13 +136,14 @@ def run_curve(data: Dataset, *, strategy: str, seed: int, seed_labels: int = 40,
         weight, bias = fit_linear_head(features=embeddings[labeled], labels=labels[labeled], n_classes=n_classes, seed=seed)
         probabilities = softmax(embeddings @ weight.T + bias)
         unlabeled_pool = np.flatnonzero((labels < 0) & ~is_test)
-        # As in `loop round`: selection aims at the pool-aware estimate; the gates use the cautious rule unless asked.
+        # As in `loop round`: selection aims at the pool-aware estimate; the gates use the stratified rule unless asked.
         aim = choose_defect_threshold(p_defect=1.0 - oof[:, negative_index], is_defect=labels[labeled] != negative_index,
                                       max_fpr=max_fpr, confidence=confidence,
                                       unlabeled_p_defect=1.0 - probabilities[unlabeled_pool, negative_index] if len(unlabeled_pool) else None)
         choice = aim if use_pool_rule else choose_defect_threshold(
             p_defect=1.0 - oof[:, negative_index], is_defect=labels[labeled] != negative_index, max_fpr=max_fpr, confidence=confidence,
-            actively_picked=actively_picked[labeled] if stratified else None, n_unlabeled=len(unlabeled_pool))
+            actively_picked=actively_picked[labeled] if stratified else None,
+            n_unlabeled_negatives=float(probabilities[unlabeled_pool, negative_index].sum()))
         test = np.flatnonzero(is_test)
         predicted = final_predictions(probabilities=probabilities[test], negative_index=negative_index, threshold=choice.threshold)
         metrics = evaluate_predictions(y_true=truth[test], y_pred=predicted, probabilities=probabilities[test],

@@ -19,7 +19,8 @@ class ThresholdChoice:
     confidence: float
     n_negatives: int
     n_defects: int
-    # These three describe the rule on every labeled good part, whichever rule chose `threshold`.
+    # The rank and tail thresholds are those of the blend rule on every labeled good part, whichever rule chose
+    # `threshold`; so are `margin_attainable` and, except for the "pool" rule, `allowed_false_positives`.
     allowed_false_positives: int  # by the Clopper-Pearson rule
     rank_threshold: float  # the Clopper-Pearson (rank) threshold alone
     tail_threshold: float | None  # the robust parametric tail threshold alone
@@ -28,8 +29,8 @@ class ThresholdChoice:
     observed_defect_recall: float | None
     margin_attainable: bool  # False: too few negatives to keep the bound under max_fpr even with 0 false positives
     source: str = ""
-    # With active-learning picks among the labeled good parts (see `choose_defect_threshold`): the rule ran on the
-    # sampled ones, and this is the FPR estimated over every good part of the pool at the threshold.
+    # Which rule chose `threshold`: all_negatives (the blend), stratified (labeled good parts picked by active
+    # learning; see `stratified_threshold`, whose FPR estimate over all good parts of the pool is kept) or pool.
     rule: str = "all_negatives"
     n_sampled_negatives: int | None = None
     n_picked_negatives: int | None = None
@@ -54,6 +55,10 @@ def _logit(p: np.ndarray | float) -> np.ndarray:
 
 def _sigmoid(z: float) -> float:
     return float(1.0 / (1.0 + np.exp(-z)))
+
+
+def _sigmoid_array(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
 
 
 def rank_threshold(*, negative_scores: np.ndarray, max_fpr: float, confidence: float) -> tuple[float, int, bool]:
@@ -134,46 +139,51 @@ def _blend_threshold(negatives: np.ndarray, *, max_fpr: float, confidence: float
     return threshold, allowed, attainable, by_tail, by_rank
 
 
-def sampled_fpr(*, negative_scores: np.ndarray, threshold: float) -> float:
-    """FPR at `threshold` of the good parts a random sample stands for: the larger of the sample's own rate and the
-    robust normal tail (median/MAD of the logits) that `tail_threshold` inverts, so a sample of ~30 with no good
-    part above the threshold does not read as 0."""
-    scores = np.asarray(negative_scores, dtype=np.float64)
-    median, spread = _robust_logit_normal(scores)
-    tail = float(norm.sf((float(_logit(threshold)) - median) / spread))
-    return max(float((scores >= threshold).mean()), tail)
+def normal_tail_fpr(*, negative_scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Share of good parts scoring >= each threshold under the robust normal fit (median/MAD of the logits) that
+    `tail_threshold` inverts."""
+    median, spread = _robust_logit_normal(negative_scores)
+    return norm.sf((_logit(thresholds) - median) / spread)
+
+
+# The unlabeled good parts' rate is a normal fit to ~30 sampled scores: it is inflated this much in the decision,
+# the margin `tail_threshold` takes by aiming at a third of the gate.
+TAIL_MARGIN = 3.0
 
 
 def stratified_threshold(*, sampled_negatives: np.ndarray, picked_negatives: np.ndarray, n_unlabeled_negatives: float,
-                         max_fpr: float, confidence: float) -> tuple[float, float]:
+                         max_fpr: float) -> tuple[float, float]:
     """(threshold, estimated FPR over the pool's good parts) when some labeled good parts were picked by active learning.
 
     Uncertainty-driven selection labels the good parts that look most like defects, so their scores overstate the
     FPR of the good parts on the line, and a threshold fitted to them sits far too high (on magnetic tile the test
-    FPR stayed at 0 while defect recall fell to 0.3-0.5). The good parts split into two strata: the picked ones,
-    known one by one, and the rest (sampled labeled ones plus the unlabeled ones), for which the sampled good parts
-    are a random sample. The threshold is the blend rule on the sampled good parts, raised until the estimated FPR
-    over both strata (picked: counted; the rest: `sampled_fpr` times their number) is <= max_fpr."""
+    FPR stayed at 0 while defect recall fell to 0.3-0.5). The pool's good parts are three groups: the picked ones
+    and the sampled ones (imports, random picks), whose false positives are counted one by one from their
+    out-of-fold scores, and the unlabeled ones, whose rate comes from a robust normal fit to the sampled scores (a
+    random sample of all good parts, so this overstates the unlabeled ones' rate: the defect-like ones were picked).
+    One odd sampled part is then one false positive among all good parts, not 1/30 of them, and no part is counted
+    twice. The threshold is the lowest at which the estimate, with the unlabeled rate inflated by TAIL_MARGIN, is
+    <= max_fpr; the estimate returned is the plain one."""
     sampled = np.asarray(sampled_negatives, dtype=np.float64)
-    picked = np.asarray(picked_negatives, dtype=np.float64)
-    n_rest = len(sampled) + max(float(n_unlabeled_negatives), 0.0)
-    n_total = n_rest + len(picked)
-
-    def estimated_fpr(threshold: float) -> float:
-        return (float((picked >= threshold).sum()) + n_rest * sampled_fpr(negative_scores=sampled, threshold=threshold)) / n_total
-
-    threshold = _blend_threshold(sampled, max_fpr=max_fpr, confidence=confidence)[0]
-    # Raising the threshold past a picked good part's score drops it from the count: those scores are the candidates.
-    for candidate in [threshold, *np.nextafter(np.sort(picked[picked >= threshold]), np.inf)]:
-        if estimated_fpr(float(candidate)) <= max_fpr:
-            return float(candidate), estimated_fpr(float(candidate))
-    top = float(np.nextafter(max(float(picked.max(initial=0.0)), threshold), np.inf))
-    return top, estimated_fpr(top)
+    labeled = np.sort(np.concatenate([sampled, np.asarray(picked_negatives, dtype=np.float64)]))
+    n_unlabeled = max(float(n_unlabeled_negatives), 0.0)
+    n_total = len(labeled) + n_unlabeled
+    # The estimate only falls as the threshold rises: a fine grid in logit space plus every labeled score (where
+    # the count steps) finds the lowest threshold that meets it.
+    grid = _sigmoid_array(np.linspace(-12.0, 12.0, 2401))
+    candidates = np.unique(np.concatenate([grid, np.nextafter(labeled, np.inf)]))
+    labeled_false_positives = len(labeled) - np.searchsorted(labeled, candidates, side="left")
+    unlabeled_rate = normal_tail_fpr(negative_scores=sampled, thresholds=candidates)
+    decision = (labeled_false_positives + n_unlabeled * np.minimum(TAIL_MARGIN * unlabeled_rate, 1.0)) / n_total
+    estimate = (labeled_false_positives + n_unlabeled * unlabeled_rate) / n_total
+    meets = np.flatnonzero(decision <= max_fpr)
+    best = int(meets[0]) if len(meets) else len(candidates) - 1
+    return float(candidates[best]), float(estimate[best])
 
 
 def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_fpr: float, confidence: float = 0.75, source: str = "",
                             unlabeled_p_defect: np.ndarray | None = None, actively_picked: np.ndarray | None = None,
-                            n_unlabeled: int = 0) -> ThresholdChoice:
+                            n_unlabeled_negatives: float = 0.0) -> ThresholdChoice:
     """The defect-vs-good threshold for the FPR gate, with a margin that fits the amount of data.
 
     Two estimates, averaged in logit space: a rank rule (allow only as many false positives as keep a one-sided
@@ -184,8 +194,8 @@ def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_
     defect recall at 120-200 labels and the same recall from 400 on.
 
     `actively_picked` (per row: labeled because an active-learning strategy chose it, not as a random sample) with
-    `n_unlabeled` (unlabeled non-test images) switches to `stratified_threshold` when at least
-    MIN_SAMPLED_NEGATIVES good parts were not picked: the rule then runs on those and the picked ones are counted.
+    `n_unlabeled_negatives` (the expected number of good parts among the unlabeled non-test images) switches to
+    `stratified_threshold` when some labeled good parts were picked and at least MIN_SAMPLED_NEGATIVES were not.
 
     With `unlabeled_p_defect` (the current model's P(defect) for the unlabeled non-test images) the threshold is
     `pool_rank_threshold` instead. It is less cautious, so the loop uses it only to aim selection, never for the
@@ -203,11 +213,9 @@ def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_
         picked_negative = picked_rows[~is_defect]
         n_sampled, n_picked = int((~picked_negative).sum()), int(picked_negative.sum())
         if n_picked and n_sampled >= MIN_SAMPLED_NEGATIVES:
-            sampled_rows = int((~picked_rows).sum())
-            # The sampled labeled images' share of good parts stands for the unlabeled images' share.
             threshold, population_fpr = stratified_threshold(
                 sampled_negatives=negatives[~picked_negative], picked_negatives=negatives[picked_negative],
-                n_unlabeled_negatives=n_unlabeled * n_sampled / sampled_rows, max_fpr=max_fpr, confidence=confidence)
+                n_unlabeled_negatives=n_unlabeled_negatives, max_fpr=max_fpr)
             rule = "stratified"
     if unlabeled_p_defect is not None and len(unlabeled_p_defect) and n_negatives:
         by_pool, allowed, _n_effective = pool_rank_threshold(negative_scores=negatives, unlabeled_p_defect=unlabeled_p_defect,

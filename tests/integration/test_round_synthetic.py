@@ -109,15 +109,18 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
         answered = {e.image_id for e in oracle_events}
         assert all(session.get(Image, i).split in ("train", "validation", "test") for i in answered)
         assert round_two.details["embeddings"]["computed"] == 0  # warm: every embedding came from the cache
-        # Good parts the `default` strategy picked are counted apart from the imported (sampled) ones in the threshold.
-        picked_by_default = {s.image_id for s in session.scalars(select(Selection).where(Selection.strategy == "default"))}
-        picked_good = {e.image_id for e in oracle_events if e.label == "good" and e.image_id in picked_by_default}
+        # Good parts an active-learning strategy picked (this project's `margin`, and the `default` row added above)
+        # are counted apart from the imported (sampled) ones in the threshold.
+        actively_selected = {s.image_id for s in session.scalars(select(Selection).where(Selection.strategy.not_in(("random", "label_quality"))))}
+        picked_good = {e.image_id for e in oracle_events if e.label == "good" and e.image_id in actively_selected}
         choice = round_two.details["threshold_choice"]
         assert round_two.details["threshold_source"] == "out_of_fold"
         assert imported_good.id in picked_good  # the oracle answered the selection too; it stays a good part
         assert choice["n_picked_negatives"] == len(picked_good) >= 1
         assert choice["n_sampled_negatives"] + choice["n_picked_negatives"] == choice["n_negatives"]
-        assert choice["rule"] == ("stratified" if picked_good and choice["n_sampled_negatives"] >= 20 else "all_negatives")
+        assert choice["n_sampled_negatives"] >= 20 and choice["rule"] == "stratified"
+        assert 0 <= choice["estimated_population_fpr"] <= 0.03
+        assert round_two.details["estimated_metrics"]["negative_fpr"] == choice["estimated_population_fpr"]
 
     status = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)
     assert [r["number"] for r in status["rounds"]] == [1, 2]
