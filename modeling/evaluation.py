@@ -196,6 +196,9 @@ def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_
     `actively_picked` (per row: labeled because an active-learning strategy chose it, not as a random sample) with
     `n_unlabeled_negatives` (the expected number of good parts among the unlabeled non-test images) switches to
     `stratified_threshold` when some labeled good parts were picked and at least MIN_SAMPLED_NEGATIVES were not.
+    Measured with `loop simulate` on magnetic tile (seeds 0-4, anomaly blend on): `default` passed the gates with 260
+    labels (220-300) instead of 340 (seeds 0-1); test FPR went over 3% in 8 of its 54 rounds after the first, mostly
+    at 60-100 labels (up to 15%), against 2 of 32 rounds with the blend rule alone.
 
     With `unlabeled_p_defect` (the current model's P(defect) for the unlabeled non-test images) the threshold is
     `pool_rank_threshold` instead. It is less cautious, so the loop uses it only to aim selection, never for the
