@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
+import transfer_common  # noqa: E402
 from transfer_common import (  # noqa: E402
     Dataset,
     final_predictions,
@@ -214,7 +215,8 @@ def main() -> None:
     results["mvtec_split"] = {"train": len(b_train), "validation": len(b_validation), "test": len(b_test),
                               "test_defects": int((bottle.labels[b_test] == 1).sum()), "note": bottle.note}
     init = load_init_checkpoint(checkpoint, class_names=bottle.class_names)
-    neu_backbone = create_backbone(init.backbone_name, weights=str(init.backbone_weights_path))
+    # The same pooling as the ImageNet rows (pretrained_backbone) and as `loop init --init-from` (loop.toml [model] pooling).
+    neu_backbone = create_backbone(init.backbone_name, weights=str(init.backbone_weights_path), pooling=transfer_common.POOLING)
     rows, histories = [], {}
     for init_name, backbone in (("ImageNet", pretrained_backbone()), ("NEU fine-tuned", neu_backbone)):
         for strategy in ("head", "finetune"):
