@@ -11,6 +11,23 @@ from labeling import labelstudio_server as lss
 pytestmark = pytest.mark.labelstudio
 
 
+def _busy_port_with_a_free_successor() -> socket.socket:
+    """A listening socket on some port P whose P+1 is free right now: Label Studio is to move there. Any ephemeral
+    port will not do; a CI run failed once because P+1 belonged to another connection."""
+    for _ in range(100):
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        try:
+            with socket.socket() as successor:
+                successor.bind(("127.0.0.1", taken.getsockname()[1] + 1))
+        except OSError:
+            taken.close()
+            continue
+        taken.listen()
+        return taken
+    raise RuntimeError("no port P with P+1 free in 100 tries")
+
+
 def test_labelstudio_up_returns_the_server_already_running_for_the_data_dir(labelstudio) -> None:
     server = lss.labelstudio_up(data_dir=labelstudio.server.data_dir, port=labelstudio.server.port + 7)
     assert server.already_running
@@ -26,9 +43,7 @@ def test_start_refuses_a_busy_port_and_detects_label_studio_moving_silently(labe
     assert not (tmp_path / "busy" / lss.LOG_FILE_NAME).exists()  # refused before anything started
 
     # Past our own check (a race), Label Studio itself would move to PORT+1 without a word: caught from its log.
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
+    with _busy_port_with_a_free_successor() as taken:
         port = taken.getsockname()[1]
         monkeypatch.setattr(lss, "port_is_free", lambda *_args, **_kwargs: True)
         template = lss.default_template_path()
