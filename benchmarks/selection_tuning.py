@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", type=Path, default=None, help="class-folder dataset (with --embeddings)")
     parser.add_argument("--embeddings", type=Path, default=None, help=".npy of the dataset's embeddings, folder order")
     parser.add_argument("--decision-rule", choices=["cautious", "stratified", "pool"], default="stratified",
-                        help="threshold for the gates: cautious (every labeled good part), stratified (what `loop round` decides "
-                             "with: sampled good parts + picked ones counted) or the pool-aware estimate")
+                        help="threshold for the gates: cautious (the blend rule on every labeled good part), stratified (what `loop "
+                             "round` decides with: labeled good parts counted, unlabeled ones at the sampled ones' rate) or the pool-aware estimate")
     parser.add_argument("--threshold-fpr", type=float, default=0.03, help="FPR the threshold rule aims at (the gate stays 3%%)")
     parser.add_argument("--strategies", default="random,default")
     parser.add_argument("--seeds", default="0,1,2,3,4")
