@@ -105,7 +105,7 @@ def gates_pass(metrics: dict) -> bool:
 
 def run_curve(data: Dataset, *, strategy: str, seed: int, seed_labels: int = 40, budget: int = 20, max_labels: int = 600,
               negative_index: int = 0, max_fpr: float = 0.03, confidence: float = 0.75, stop_when_pass: bool = True,
-              use_pool_rule: bool = True, stratified: bool = False, verbose: bool = False) -> Curve:
+              decision_rule: str = "pool", verbose: bool = False) -> Curve:
     # Same test split and seed labels as `loop simulate` for this seed.
     splits = assign_splits(data.truth, test_fraction=0.2, validation_fraction=0.0, seed=seed)
     test_paths = sorted(p for p, s in splits.items() if s == "test")
@@ -140,9 +140,9 @@ def run_curve(data: Dataset, *, strategy: str, seed: int, seed_labels: int = 40,
         aim = choose_defect_threshold(p_defect=1.0 - oof[:, negative_index], is_defect=labels[labeled] != negative_index,
                                       max_fpr=max_fpr, confidence=confidence,
                                       unlabeled_p_defect=1.0 - probabilities[unlabeled_pool, negative_index] if len(unlabeled_pool) else None)
-        choice = aim if use_pool_rule else choose_defect_threshold(
+        choice = aim if decision_rule == "pool" else choose_defect_threshold(
             p_defect=1.0 - oof[:, negative_index], is_defect=labels[labeled] != negative_index, max_fpr=max_fpr, confidence=confidence,
-            actively_picked=actively_picked[labeled] if stratified else None,
+            actively_picked=actively_picked[labeled] if decision_rule == "stratified" else None,
             n_unlabeled_negatives=float(probabilities[unlabeled_pool, negative_index].sum()))
         test = np.flatnonzero(is_test)
         predicted = final_predictions(probabilities=probabilities[test], negative_index=negative_index, threshold=choice.threshold)
@@ -219,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     for strategy in args.strategies.split(","):
         started = time.perf_counter()
         curves = [run_curve(data, strategy=strategy, seed=s, max_labels=args.max_labels, verbose=args.verbose,
-                            use_pool_rule=args.decision_rule == "pool",
-                            stratified=args.decision_rule == "stratified", max_fpr=args.threshold_fpr) for s in seeds]
+                            decision_rule=args.decision_rule, max_fpr=args.threshold_fpr) for s in seeds]
         results[strategy] = curves
         needed = [c.labels_to_pass for c in curves]
         median = statistics.median([n if n is not None else float("inf") for n in needed])
