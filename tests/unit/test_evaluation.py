@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy.stats import norm
 
 from modeling.evaluation import (
     choose_defect_threshold,
@@ -7,6 +8,7 @@ from modeling.evaluation import (
     evaluate_predictions,
     final_predictions,
     fpr_upper_bound,
+    normal_tail_fpr,
     rank_threshold,
     stratified_threshold,
 )
@@ -143,3 +145,23 @@ def test_too_few_sampled_good_parts_fall_back_to_every_labeled_good_part() -> No
     choice = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03, actively_picked=actively_picked, n_unlabeled_negatives=1900.0)
     plain = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03)
     assert choice.rule == "all_negatives" and choice.threshold == plain.threshold and choice.estimated_population_fpr is None
+
+
+def _good_parts_with_a_shoulder(n: int) -> np.ndarray:
+    """P(defect) of good parts whose logits are a tight normal bulk around -2.5 plus a shoulder of defect-like parts (27%
+    spread evenly over -1.6..-0.4): the right skew a magnetic-tile simulation showed. Evenly spaced quantiles, so a
+    small set is a faithful sample of a large one."""
+    quantiles = (np.arange(n) + 0.5) / n
+    bulk = -2.5 + 0.3 * norm.ppf(quantiles / 0.73)
+    shoulder = -1.6 + 1.2 * (quantiles - 0.73) / 0.27
+    logits = np.where(quantiles < 0.73, bulk, shoulder)
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def test_the_unlabeled_good_parts_tail_is_not_thinner_than_the_sample_shows() -> None:
+    sampled = _good_parts_with_a_shoulder(30)
+    # The MAD alone is set by the bulk and would put almost none of the good parts above the sample's 80th percentile.
+    assert normal_tail_fpr(negative_scores=sampled, thresholds=np.array([np.quantile(sampled, 0.8)]))[0] >= 0.19
+    population = _good_parts_with_a_shoulder(2000)
+    threshold, estimated = stratified_threshold(sampled_negatives=sampled, picked_negatives=population[-20:], n_unlabeled_negatives=1950.0, max_fpr=0.03)
+    assert (population >= threshold).mean() < 0.03 and estimated < 0.03
