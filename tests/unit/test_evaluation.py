@@ -151,7 +151,7 @@ def _good_parts_with_a_shoulder(n: int) -> np.ndarray:
     """P(defect) of good parts whose logits are a tight normal bulk around -2.5 plus a shoulder of defect-like parts (27%
     spread evenly over -1.6..-0.4): the right skew a magnetic-tile simulation showed. Evenly spaced quantiles, so a
     small set is a faithful sample of a large one."""
-    quantiles = (np.arange(n) + 0.5) / n
+    quantiles = (np.arange(n) + 0.5) / n  # the bulk's top (-1.48) overlaps the shoulder's start a little
     bulk = -2.5 + 0.3 * norm.ppf(quantiles / 0.73)
     shoulder = -1.6 + 1.2 * (quantiles - 0.73) / 0.27
     logits = np.where(quantiles < 0.73, bulk, shoulder)
@@ -165,3 +165,11 @@ def test_the_unlabeled_good_parts_tail_is_not_thinner_than_the_sample_shows() ->
     population = _good_parts_with_a_shoulder(2000)
     threshold, estimated = stratified_threshold(sampled_negatives=sampled, picked_negatives=population[-20:], n_unlabeled_negatives=1950.0, max_fpr=0.03)
     assert (population >= threshold).mean() < 0.03 and estimated < 0.03
+    assert threshold < 0.7  # above the good parts, not above everything
+
+
+def test_the_stratified_rule_refuses_too_few_sampled_good_parts_and_scores_that_are_not_numbers() -> None:
+    with pytest.raises(ValueError, match="sampled good parts"):
+        stratified_threshold(sampled_negatives=np.full(19, 0.1), picked_negatives=np.array([0.5]), n_unlabeled_negatives=100.0, max_fpr=0.03)
+    with pytest.raises(ValueError, match="finite"):
+        stratified_threshold(sampled_negatives=np.r_[np.full(25, 0.1), np.nan], picked_negatives=np.array([0.5]), n_unlabeled_negatives=100.0, max_fpr=0.03)
