@@ -56,6 +56,30 @@ class PatchFeatureNetwork(nn.Module):
         self.model = model
         self.stages = tuple(sorted(stages))
         self.grid = patch_grid(image_size)
+        # Each stage's map is pooled to the grid by a fixed kernel (k = stride = ceil(side / grid), ceil mode), not by
+        # adaptive pooling: ONNX cannot export an adaptive pool whose output size does not divide its input, and any
+        # image size that is not a multiple of 16 gives such a map (260 px: 33 -> 17). Where it does divide, the two
+        # are the same pooling.
+        self.kernels = tuple(self._pooling_kernel(side) for side in self._stage_sides(image_size))
+
+    def _stage_sides(self, image_size: int) -> list[int]:
+        parameter = next(self.model.parameters())
+        sides = []
+        with torch.no_grad():
+            x = self.model.bn1(self.model.conv_stem(torch.zeros(1, 3, image_size, image_size, dtype=parameter.dtype)))
+            for index, block in enumerate(self.model.blocks):
+                x = block(x)
+                if index in self.stages:
+                    sides.append(int(x.shape[-1]))
+                if index == self.stages[-1]:
+                    break
+        return sides
+
+    def _pooling_kernel(self, side: int) -> int:
+        kernel = math.ceil(side / self.grid)
+        if math.ceil(side / kernel) != self.grid:
+            raise ValueError(f"a {side}x{side} feature map cannot be pooled to the {self.grid}x{self.grid} patch grid")
+        return kernel
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.model.bn1(self.model.conv_stem(images))
@@ -64,7 +88,8 @@ class PatchFeatureNetwork(nn.Module):
             x = block(x)
             if index in self.stages:
                 smoothed = nn.functional.avg_pool2d(x, 3, stride=1, padding=1)
-                maps.append(nn.functional.adaptive_avg_pool2d(smoothed, self.grid))
+                kernel = self.kernels[self.stages.index(index)]
+                maps.append(smoothed if kernel == 1 else nn.functional.avg_pool2d(smoothed, kernel, stride=kernel, ceil_mode=True))
             if index == self.stages[-1]:
                 break
         features = torch.cat(maps, dim=1)

@@ -141,3 +141,27 @@ def test_deployed_network_gives_the_stored_blended_probabilities(tmp_path: Path,
     np.testing.assert_allclose(deployed, expected, atol=5e-3)  # float16 cache vs float32 graph
     # The head says P(good) = 0.7 for every image: only the anomaly score can put the 6 scratched parts below the 2 good ones.
     assert deployed[2:, 0].max() < deployed[:2, 0].min()
+
+
+@pytest.mark.parametrize("image_size", [96, 100, 200])
+def test_patch_features_export_at_any_image_size(tmp_path: Path, pretrained, image_size: int) -> None:  # noqa: ANN001
+    # 100 and 200 px are not multiples of 16: the stride-8 map (13, 25) does not divide the patch grid (7, 13), and
+    # the adaptive pooling used before could not be exported to ONNX at all (the anomaly step crashed).
+    backbone, _ = pretrained
+    network = PatchFeatureNetwork(backbone.model, image_size=image_size)
+    images = torch.from_numpy(np.random.default_rng(image_size).normal(size=(3, 3, image_size, image_size)).astype(np.float32))
+    with torch.no_grad():
+        in_torch = network(images).numpy()
+    grid = -(-image_size // 16)
+    assert in_torch.shape == (3, grid * grid, 40 + 112)  # efficientnet_lite0 stages 2 and 4
+    onnx_path = export_onnx(network, tmp_path / "patches.onnx", image_size=image_size, output_name="patches")
+    np.testing.assert_allclose(open_session(onnx_path).run(None, {"images": images.numpy()})[0], in_torch, atol=1e-4)
+    if image_size % 16 == 0:  # where the grid divides the map, the fixed-kernel pooling is the adaptive one it replaced
+        x = backbone.model.bn1(backbone.model.conv_stem(images))
+        maps = []
+        with torch.no_grad():
+            for index, block in enumerate(backbone.model.blocks[:5]):
+                x = block(x)
+                if index in (2, 4):
+                    maps.append(torch.nn.functional.adaptive_avg_pool2d(torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1), grid))
+        np.testing.assert_allclose(in_torch, torch.cat(maps, dim=1).flatten(2).transpose(1, 2).numpy(), atol=1e-6)
