@@ -113,14 +113,15 @@ def validation_split(dataset: Dataset, indices: np.ndarray, *, fraction: float =
     return indices[inner_train], indices[inner_validation]
 
 
-_BACKBONES: dict[tuple[str, str], Backbone] = {}
+_BACKBONES: dict[tuple[str, str, str], Backbone] = {}
 POOLING = "multilayer"  # as loop round's default: the head's features and what fine-tuning pools; --pooling sets it
+BACKBONE = "efficientnet_lite0"  # as loop round's default [model] backbone; --backbone sets it
 
 
 def pretrained_backbone(weights: str = "default") -> Backbone:
-    if (weights, POOLING) not in _BACKBONES:
-        _BACKBONES[weights, POOLING] = create_backbone("efficientnet_lite0", weights=weights, pooling=POOLING)
-    return _BACKBONES[weights, POOLING]
+    if (BACKBONE, weights, POOLING) not in _BACKBONES:
+        _BACKBONES[BACKBONE, weights, POOLING] = create_backbone(BACKBONE, weights=weights, pooling=POOLING)
+    return _BACKBONES[BACKBONE, weights, POOLING]
 
 
 def training_data(

