@@ -57,22 +57,27 @@ class PatchFeatureNetwork(nn.Module):
         self.stages = tuple(sorted(stages))
         self.grid = patch_grid(image_size)
         # Each stage's map is pooled to the grid by a fixed kernel (k = stride = ceil(side / grid), ceil mode), not by
-        # adaptive pooling: ONNX cannot export an adaptive pool whose output size does not divide its input, and any
-        # image size that is not a multiple of 16 gives such a map (260 px: 33 -> 17). Where it does divide, the two
-        # are the same pooling.
+        # adaptive pooling: ONNX cannot export an adaptive pool whose output size does not divide its input, which
+        # the stride-8 map hits whenever image_size % 16 is 1 to 8 (200 px: 25 -> 13, 260 px: 33 -> 17). Where it
+        # divides, the two are the same pooling.
         self.kernels = tuple(self._pooling_kernel(side) for side in self._stage_sides(image_size))
 
     def _stage_sides(self, image_size: int) -> list[int]:
         parameter = next(self.model.parameters())
+        was_training = self.model.training
+        self.model.eval()  # a dry pass in train mode would move BatchNorm's running statistics
         sides = []
-        with torch.no_grad():
-            x = self.model.bn1(self.model.conv_stem(torch.zeros(1, 3, image_size, image_size, dtype=parameter.dtype)))
-            for index, block in enumerate(self.model.blocks):
-                x = block(x)
-                if index in self.stages:
-                    sides.append(int(x.shape[-1]))
-                if index == self.stages[-1]:
-                    break
+        try:
+            with torch.no_grad():
+                x = self.model.bn1(self.model.conv_stem(torch.zeros(1, 3, image_size, image_size, dtype=parameter.dtype, device=parameter.device)))
+                for index, block in enumerate(self.model.blocks):
+                    x = block(x)
+                    if index in self.stages:
+                        sides.append(int(x.shape[-1]))
+                    if index == self.stages[-1]:
+                        break
+        finally:
+            self.model.train(was_training)
         return sides
 
     def _pooling_kernel(self, side: int) -> int:

