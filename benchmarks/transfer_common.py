@@ -265,7 +265,7 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -
     return "\n".join(lines)
 
 
-_PATCH_FEATURES: dict[tuple[str, int], np.ndarray] = {}
+_PATCH_FEATURES: dict[tuple[str, str, int], np.ndarray] = {}
 
 
 def anomaly_blend(
@@ -281,7 +281,7 @@ def anomaly_blend(
 
     backbone = pretrained_backbone()
     preprocessing = Preprocessing(image_size, backbone.mean, backbone.std)
-    key = (dataset.name, image_size)
+    key = (dataset.name, backbone.cache_key, image_size)  # BACKBONE may change between calls in one process
     if key not in _PATCH_FEATURES:
         import tempfile
 
