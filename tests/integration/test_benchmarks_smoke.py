@@ -1,0 +1,43 @@
+"""Small runs of the benchmark scripts, as a user runs them (a subprocess from the repo root), so a change that
+breaks a script fails here and not in the next manual benchmark session. The full runs are by hand (README)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def test_selection_speed_on_a_small_pool(tmp_path: Path) -> None:
+    run_script("benchmarks/selection_speed.py", "--n", "20000", "--dim", "64", "--repeats", "1", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "selection_speed.json").read_text())
+    assert report["n"] == 20000 and report["index_kind"] == "flat" and report["budget"] == 20
+    # every component of `default` ran (the script marks every gate as failing so that they all do)
+    assert {"scoring", "rare_knn_search", "diversity_filter"} <= set(report["first_call_timings_ms"])
+    assert report["passes"] is True
+    assert "< 2 s" in (tmp_path / "selection_speed.md").read_text()
+
+
+@pytest.mark.slow
+def test_transfer_cv_quick_on_mvtec_at_an_image_size_onnx_used_to_refuse(tmp_path: Path, real_dataset) -> None:
+    real_dataset("mvtec_bottle")
+    # 200 px: the patch anomaly network's export failed at sizes like this one before ff50ed6.
+    run_script("benchmarks/transfer_cv.py", "--out", str(tmp_path), "--quick", "--datasets", "mvtec_bottle", "--strategy", "head",
+               "--anomaly", "patch", "--backbone", "efficientnet_lite0", "--set-for", "mvtec_bottle:image_size=200")
+    result = json.loads((tmp_path / "transfer_cv.json").read_text())["mvtec_bottle"]
+    assert result["image_size"] == 200 and result["strategy"] == "head + patch anomaly blend"
+    pooled = result["pooled"]
+    assert pooled["n_images"] == 59  # one fold of five: the held-out 20% of 292
+    # MVTec bottle is easy for frozen features (5-fold AUC 1.0); a broken blend or threshold shows up here
+    assert pooled["roc_auc"] >= 0.99 and pooled["defect_recall"] >= 0.9 and pooled["fpr"] <= 0.1, pooled
+    assert "| mvtec_bottle |" in (tmp_path / "transfer_cv.md").read_text()
