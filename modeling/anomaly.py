@@ -56,31 +56,12 @@ class PatchFeatureNetwork(nn.Module):
         self.model = model
         self.stages = tuple(sorted(stages))
         self.grid = patch_grid(image_size)
-        # Each stage's map is pooled to the grid by a fixed kernel (k = stride = ceil(side / grid), ceil mode), not by
-        # adaptive pooling: ONNX cannot export an adaptive pool whose output size does not divide its input, which
-        # the stride-8 map hits whenever image_size % 16 is 1 to 8 (200 px: 25 -> 13, 260 px: 33 -> 17). Where it
-        # divides, the two are the same pooling.
-        self.kernels = tuple(self._pooling_kernel(side) for side in self._stage_sides(image_size))
-
-    def _stage_sides(self, image_size: int) -> list[int]:
-        parameter = next(self.model.parameters())
-        was_training = self.model.training
-        self.model.eval()  # a dry pass in train mode would move BatchNorm's running statistics
-        sides = []
-        try:
-            with torch.no_grad():
-                x = self.model.bn1(self.model.conv_stem(torch.zeros(1, 3, image_size, image_size, dtype=parameter.dtype, device=parameter.device)))
-                for index, block in enumerate(self.model.blocks):
-                    x = block(x)
-                    if index in self.stages:
-                        sides.append(int(x.shape[-1]))
-                    if index == self.stages[-1]:
-                        break
-        finally:
-            self.model.train(was_training)
-        return sides
 
     def _pooling_kernel(self, side: int) -> int:
+        """Each stage's map is pooled to the grid by a fixed kernel (k = stride = ceil(side / grid), ceil mode), not
+        by adaptive pooling: ONNX cannot export an adaptive pool whose output size does not divide its input, which
+        the stride-8 map hits whenever image_size % 16 is 1 to 8 (200 px: 25 -> 13, 260 px: 33 -> 17). Where it
+        divides, the two are the same pooling. The side is fixed at export (one input size), so k is a constant."""
         kernel = math.ceil(side / self.grid)
         if math.ceil(side / kernel) != self.grid:
             raise ValueError(f"a {side}x{side} feature map cannot be pooled to the {self.grid}x{self.grid} patch grid")
@@ -93,7 +74,7 @@ class PatchFeatureNetwork(nn.Module):
             x = block(x)
             if index in self.stages:
                 smoothed = nn.functional.avg_pool2d(x, 3, stride=1, padding=1)
-                kernel = self.kernels[self.stages.index(index)]
+                kernel = self._pooling_kernel(int(smoothed.shape[-1]))
                 maps.append(smoothed if kernel == 1 else nn.functional.avg_pool2d(smoothed, kernel, stride=kernel, ceil_mode=True))
             if index == self.stages[-1]:
                 break

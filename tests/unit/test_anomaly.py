@@ -172,7 +172,7 @@ def test_sizing_the_patch_grid_leaves_a_training_model_untouched() -> None:
 
     model = timm.create_model("efficientnet_lite0", pretrained=False).train()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    PatchFeatureNetwork(model, image_size=200)  # its dry forward pass, in train mode, would move the statistics
+    PatchFeatureNetwork(model, image_size=200)  # a dry forward pass to size the grid, in train mode, would move them
     assert model.training
     moved = [name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])]
     assert not moved, moved[:3]
