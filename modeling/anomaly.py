@@ -153,24 +153,38 @@ class GoodPartScores:
     leave_one_out: np.ndarray  # per given good image, scored against the bank without its own patches
 
 
-def score_good_parts(*, patch_features: np.ndarray, bank_size: int = DEFAULT_BANK_SIZE, seed: int = 0, batch_images: int = 32) -> GoodPartScores:
+def score_good_parts(*, patch_features: np.ndarray, bank_size: int = DEFAULT_BANK_SIZE, seed: int = 0, batch_images: int = 32,
+                     groups: np.ndarray | None = None) -> GoodPartScores:
     """The deployment bank from all good images, and honest scores for those same images: a good image scored
     against a bank that holds its own patches scores ~0 and would make every threshold too low. Each is scored
     against the bank minus the rows taken from it (one coreset, not one per fold; the rows it gave up leave its
-    region thinner than a bank built without it would, so the score errs high: a cautious threshold)."""
+    region thinner than a bank built without it would, so the score errs high: a cautious threshold).
+    With `groups` (one id per image, e.g. its physical part) the rows of every image of its group are left out too:
+    another exposure of the same part is as good as its own patches."""
     n_images = len(patch_features)
     if n_images < MIN_GOOD_IMAGES:
         raise ValueError(f"patch anomaly scores need at least {MIN_GOOD_IMAGES} labeled good images; have {n_images}")
     bank, owner = _memory_bank(patch_features, bank_size=bank_size, seed=seed)
     bank_tensor = torch.from_numpy(bank)
     bank_squared = (bank_tensor * bank_tensor).sum(dim=1)
+    if groups is not None and len(np.unique(np.asarray(groups))) < 2:
+        groups = None  # one part only: leaving it out would leave no bank at all; each image leaves out its own rows
+    if groups is not None:
+        groups = np.asarray(groups)
+        if len(groups) != n_images:
+            raise ValueError(f"groups must have one id per image: {len(groups)} vs {n_images}")
+        _, group_index = np.unique(groups, return_inverse=True)
+        owner = group_index[owner]  # a bank row belongs to its image's group
+    else:
+        group_index = np.arange(n_images)
     owner_tensor = torch.from_numpy(owner)
+    query_owner = torch.from_numpy(np.asarray(group_index))
     scores = np.empty(n_images, dtype=np.float64)
     with torch.inference_mode():
         for start in range(0, n_images, batch_images):
             queries = torch.from_numpy(np.asarray(patch_features[start : start + batch_images], dtype=np.float32))  # (c, P, d)
             squared = (queries * queries).sum(dim=2, keepdim=True) - 2.0 * queries @ bank_tensor.T + bank_squared  # (c, P, M)
-            own = owner_tensor[None, :] == torch.arange(start, start + len(queries))[:, None]  # (c, M)
+            own = owner_tensor[None, :] == query_owner[start : start + len(queries), None]  # (c, M)
             squared.masked_fill_(own[:, None, :], float("inf"))
             scores[start : start + len(queries)] = squared.amin(dim=2).clamp_min(0.0).sqrt().amax(dim=1).double().numpy()
     return GoodPartScores(bank, scores)
@@ -299,12 +313,15 @@ class PatchAnomalyModel:
 
 
 def fit_patch_anomaly(*, patch_features: np.ndarray, is_defect: np.ndarray, p_defect_out_of_fold: np.ndarray,
-                      bank_size: int = DEFAULT_BANK_SIZE, seed: int = 0, blend_regularization: float | None = None) -> PatchAnomalyModel:
+                      bank_size: int = DEFAULT_BANK_SIZE, seed: int = 0, blend_regularization: float | None = None,
+                      groups: np.ndarray | None = None) -> PatchAnomalyModel:
     """On the labeled non-test images: the good parts' memory bank, every labeled image's honest anomaly score (good
-    parts out-of-fold, defects against the whole bank) and the blend with the classifier's out-of-fold P(defect)."""
+    parts out-of-fold, by group when `groups` names each image's physical part; defects against the whole bank) and
+    the blend with the classifier's out-of-fold P(defect)."""
     is_defect = np.asarray(is_defect, dtype=bool)
     good = np.flatnonzero(~is_defect)
-    good_scores = score_good_parts(patch_features=patch_features[good], bank_size=bank_size, seed=seed)
+    good_scores = score_good_parts(patch_features=patch_features[good], bank_size=bank_size, seed=seed,
+                                   groups=None if groups is None else np.asarray(groups)[good])
     labeled_scores = np.empty(len(is_defect), dtype=np.float64)
     labeled_scores[good] = good_scores.leave_one_out
     if is_defect.any():

@@ -123,6 +123,7 @@ def out_of_fold_probabilities(
     fit_predict: FitPredict | None = None,
     n_classes: int | None = None,
     details: dict[str, Any] | None = None,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """(n, n_classes) probabilities where each row comes from a model that never saw that row.
 
@@ -133,8 +134,10 @@ def out_of_fold_probabilities(
     default: class-weighted logistic regression whose C is chosen from
     INVERSE_REGULARIZATION_GRID by out-of-fold log-loss on the given labels (no other labels are
     used). Pass a dict as `details` to receive the folds used and the chosen C.
+    `groups` (one id per row, e.g. the physical part a photo shows): rows sharing an id are in the same fold
+    (stratified group K-fold), so a photo is never predicted by a model trained on another photo of its part.
     """
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     features = np.asarray(features)
     labels = np.asarray(labels)
@@ -163,12 +166,21 @@ def out_of_fold_probabilities(
     splittable = counts[counts >= 2]
     folds = int(min(n_folds, splittable.min())) if len(splittable) else 2
     folds = max(2, min(folds, n))
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    if groups is not None:
+        groups = np.asarray(groups)
+        if len(groups) != n:
+            raise ValueError(f"groups must have one id per row: {len(groups)} vs {n}")
+        folds = min(folds, len(np.unique(groups)))
     with warnings.catch_warnings():
         # "The least populated class has only 1 member": expected, handled in _cross_predict
         warnings.simplefilter("ignore", category=UserWarning)
-        splits = list(splitter.split(np.zeros(n), labels))
-    details["n_folds"] = folds
+        if groups is not None and folds >= 2:
+            splits = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(n), labels, groups))
+            splits = [(train, held) for train, held in splits if len(held)]
+        else:
+            splits = list(StratifiedKFold(n_splits=max(folds, 2), shuffle=True, random_state=seed).split(np.zeros(n), labels))
+    details["n_folds"] = len(splits)
+    details["grouped"] = groups is not None
     if fit_predict is not None:
         return _cross_predict(features, labels, n_classes, splits, fit_predict)
     losses: dict[float, float] = {}

@@ -65,6 +65,19 @@ def test_good_parts_are_not_scored_against_their_own_patches() -> None:
         score_good_parts(patch_features=goods[:5])
 
 
+def test_a_good_part_is_not_scored_against_its_other_photos() -> None:
+    goods = good_patch_features()
+    twins = np.concatenate([goods, goods])  # every part photographed twice (identical exposures, the extreme case)
+    groups = np.concatenate([np.arange(len(goods)), np.arange(len(goods))])
+    alone = score_good_parts(patch_features=goods, bank_size=10_000)
+    by_image = score_good_parts(patch_features=twins, bank_size=10_000)
+    assert by_image.leave_one_out.max() < 0.01 * np.median(alone.leave_one_out)  # each photo finds its twin: a far too low threshold
+    by_part = score_good_parts(patch_features=twins, bank_size=10_000, groups=groups)
+    np.testing.assert_allclose(by_part.leave_one_out, np.concatenate([alone.leave_one_out, alone.leave_one_out]), rtol=1e-3, atol=1e-2)
+    with pytest.raises(ValueError, match="one id per image"):
+        score_good_parts(patch_features=twins, groups=groups[:-1])
+
+
 def test_blend_trusts_the_anomaly_score_when_the_classifier_is_blind() -> None:
     rng = np.random.default_rng(0)
     is_defect = np.r_[np.zeros(200, bool), np.ones(10, bool)]

@@ -196,6 +196,34 @@ def test_out_of_fold_rows_come_from_models_that_never_saw_them() -> None:
     assert details["n_folds"] == 5 and len(seen_calls) == 5
 
 
+def test_out_of_fold_keeps_a_parts_photos_in_one_fold() -> None:
+    """Three photos per part, nearly identical: a memorising model is right out of fold unless a part's photos share
+    a fold. With the part ids as groups it can only answer 'uniform'."""
+    rng = np.random.default_rng(8)
+    n_parts = 30
+    part_features = rng.normal(size=(n_parts, 5))
+    features = np.repeat(part_features, 3, axis=0)
+    labels = np.repeat(rng.integers(0, 3, n_parts), 3)
+    groups = np.repeat(np.arange(n_parts), 3)
+
+    def memorise(*, train_features, train_labels, predict_features, n_classes):
+        out = np.full((len(predict_features), n_classes), 1.0 / n_classes)
+        for i, row in enumerate(predict_features):
+            match = np.flatnonzero(np.abs(train_features - row).max(axis=1) < 1e-9)
+            if len(match):
+                out[i] = np.eye(n_classes)[train_labels[match[0]]]
+        return out
+
+    leaky = out_of_fold_probabilities(features=features, labels=labels, fit_predict=memorise)
+    assert (leaky.argmax(axis=1) == labels).mean() > 0.9  # what grouping prevents
+    details: dict = {}
+    grouped = out_of_fold_probabilities(features=features, labels=labels, fit_predict=memorise, groups=groups, details=details)
+    np.testing.assert_allclose(grouped, 1 / 3)
+    assert details["grouped"] and details["n_folds"] == 5
+    with pytest.raises(ValueError, match="one id per row"):
+        out_of_fold_probabilities(features=features, labels=labels, groups=groups[:-1])
+
+
 def test_out_of_fold_default_model_is_accurate_and_picks_its_regularisation(noisy_clusters) -> None:
     _, true, noisy, _, pred_probs, details = noisy_clusters
     assert pred_probs.shape == (len(noisy), 6)
