@@ -96,7 +96,7 @@ def init(
 
 @app.command()
 def ingest(
-    source: Annotated[Path, typer.Argument(help="folder (class folders or MVTec AD layout) or CSV manifest path,label")],
+    source: Annotated[Path, typer.Argument(help="folder (class folders or MVTec AD layout) or CSV manifest path,label[,part] (part: photos of one physical part, never split apart)")],
     project: ProjectOption,
     unlabeled: Annotated[bool, typer.Option("--unlabeled", help="ingest every image below SOURCE without labels")] = False,
     split: Annotated[str, typer.Option(help="auto: stratified test/validation/train; test: a held-out set you labeled; train: never test")] = "auto",
@@ -218,7 +218,7 @@ def demo(
 
 @app.command()
 def simulate(
-    source: Annotated[Path, typer.Argument(help="a fully labeled folder (class folders or MVTec AD layout)")],
+    source: Annotated[Path, typer.Argument(help="a fully labeled folder (class folders or MVTec AD layout) or CSV path,label[,part]: with parts, the test split holds whole parts")],
     out: Annotated[Path, typer.Option(help="output folder: simulation.json, simulation.md, gates_vs_labels.png")],
     negative_class: Annotated[Optional[str], typer.Option(help='the "no defect" class')] = None,
     strategies: Annotated[str, typer.Option(help="comma-separated acquisition strategies")] = "random,default",

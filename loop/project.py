@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from loop.config import ProjectConfig, load_config
-from store import create_db_engine
+from store import create_db_engine, upgrade_schema
 
 
 class ProjectBusy(RuntimeError):
@@ -49,7 +49,9 @@ def database_url_for(root: Path, config: ProjectConfig) -> str:
 def open_project(root: Path) -> ProjectContext:
     root = root.expanduser().resolve()
     config = load_config(root)
-    return ProjectContext(root, config, create_db_engine(database_url_for(root, config)))
+    url = database_url_for(root, config)
+    upgrade_schema(url)  # a project made by an older defect-loop gets the newer columns (a no-op when current)
+    return ProjectContext(root, config, create_db_engine(url))
 
 
 @contextmanager

@@ -56,6 +56,9 @@ class Image(Base):
     status: Mapped[str] = mapped_column(String(20), default="ok")  # ok | quarantined
     status_reason: Mapped[str | None] = mapped_column(Text)
     split: Mapped[str] = mapped_column(String(20))  # test | validation | train | pool
+    # The physical part the photo shows (e.g. one tile under six exposures): a part's images always share a split,
+    # and out-of-fold folds keep them together; None = the image is its own part.
+    part: Mapped[str | None] = mapped_column(String(200), default=None)
     ingest_batch_id: Mapped[int] = mapped_column(ForeignKey("ingest_batches.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 

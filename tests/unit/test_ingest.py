@@ -2,6 +2,7 @@ import csv
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
@@ -121,3 +122,93 @@ def test_assign_splits_never_puts_a_singleton_class_in_test() -> None:
     splits = assign_splits({"a": "rare", **{f"g{i}": "good" for i in range(10)}}, test_fraction=0.2, validation_fraction=0.15, seed=0)
     assert splits["a"] == "train"
     assert sum(1 for k, v in splits.items() if v == "test") == 2
+
+
+# ---- parts: several photos of one physical part (e.g. one tile under six exposures) -----------------------------
+def write_part_manifest(class_folders: Path, manifest: Path, *, photos_per_part: int = 2, unlabeled_every: int = 0) -> dict[str, str]:
+    """Every class's images grouped in twos (or `photos_per_part`) as one part; returns path -> part."""
+    parts = {}
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "part"])
+        for class_dir in sorted(d for d in class_folders.iterdir() if d.is_dir()):
+            for index, path in enumerate(sorted(class_dir.glob("*.png"))):
+                part = f"{class_dir.name}-{index // photos_per_part}"
+                parts[str(path.resolve())] = part
+                label = "" if unlabeled_every and index % unlabeled_every == unlabeled_every - 1 else class_dir.name
+                writer.writerow([str(path), label, part])
+    return parts
+
+
+def test_assign_splits_keeps_parts_whole_and_without_parts_is_unchanged() -> None:
+    labels = {f"g{i:02d}": "good" for i in range(30)} | {f"d{i:02d}": "dent" for i in range(12)}
+    plain = assign_splits(labels, test_fraction=0.2, validation_fraction=0.15, seed=3)
+    assert assign_splits(labels, test_fraction=0.2, validation_fraction=0.15, seed=3, parts={}) == plain
+    assert assign_splits(labels, test_fraction=0.2, validation_fraction=0.15, seed=3, parts={k: None for k in labels}) == plain
+    parts = {key: f"p{int(key[1:]) // 3}{key[0]}" for key in labels}  # parts of three photos
+    parts["g29"] = "p0d"  # a good photo of a part whose other photos show a dent: stratified as a dent part
+    grouped = assign_splits(labels, test_fraction=0.2, validation_fraction=0.15, seed=3, parts=parts)
+    for part in set(parts.values()):
+        assert len({grouped[k] for k in labels if parts[k] == part}) == 1, part
+    # 10 good parts -> 2 to test, 4 dent parts -> 1 (p0d holds 4 photos)
+    test_parts = {parts[k] for k, split in grouped.items() if split == "test"}
+    assert sum(p.endswith("g") for p in test_parts) == 2 and sum(p.endswith("d") for p in test_parts) == 1
+
+
+def test_manifest_parts_never_straddle_the_test_split(new_project, class_folders: Path, tmp_path: Path) -> None:
+    parts = write_part_manifest(class_folders, tmp_path / "m.csv", unlabeled_every=4)
+    ingest_source(new_project, tmp_path / "m.csv", show_progress=False)
+    rows = images(new_project)
+    assert {r.path: r.part for r in rows} == parts
+    split_of_part: dict[str, set[str]] = {}
+    for row in rows:
+        split_of_part.setdefault(row.part, set()).add("pool" if row.split == "pool" else ("test" if row.split == "test" else "fit"))
+    test_parts = {p for p, splits in split_of_part.items() if "test" in splits}
+    assert test_parts and all(splits == {"test"} for p, splits in split_of_part.items() if p in test_parts)
+    # the unlabeled photo of a test part is held out with it (never offered to annotators for training)
+    unlabeled_in_test_parts = [r for r in rows if r.part in test_parts and not _has_label(new_project, r.id)]
+    assert unlabeled_in_test_parts and all(r.split == "test" for r in unlabeled_in_test_parts)
+
+
+def _has_label(ctx, image_id: int) -> bool:  # noqa: ANN001
+    with session_scope(ctx.engine) as session:
+        return session.scalar(select(LabelEvent).where(LabelEvent.image_id == image_id)) is not None
+
+
+def test_a_later_photo_of_a_placed_part_joins_its_split(new_project, class_folders: Path, tmp_path: Path) -> None:
+    parts = write_part_manifest(class_folders, tmp_path / "m.csv")
+    ingest_source(new_project, tmp_path / "m.csv", show_progress=False)
+    split_by_part = {r.part: r.split for r in images(new_project)}
+    test_part = next(p for p, s in split_by_part.items() if s == "test")
+    fit_part = next(p for p, s in split_by_part.items() if s in ("train", "validation"))
+    later = tmp_path / "later"
+    later.mkdir()
+    for name, seed in (("a.png", 101), ("b.png", 102)):
+        synthetic_image("good", size=64, rng=np.random.default_rng(seed)).save(later / name)
+    (tmp_path / "later.csv").write_text(f"path,label,part\n{later / 'a.png'},good,{test_part}\n{later / 'b.png'},good,{fit_part}\n")
+    ingest_source(new_project, tmp_path / "later.csv", show_progress=False)
+    new = {Path(r.path).name: r.split for r in images(new_project) if "/later/" in r.path}
+    assert new == {"a.png": "test", "b.png": split_by_part[fit_part]}
+    assert len(parts) + 2 == len(images(new_project))
+
+
+def test_split_train_refuses_a_part_already_in_test_and_stores_nothing(new_project, class_folders: Path, tmp_path: Path) -> None:
+    write_part_manifest(class_folders, tmp_path / "m.csv")
+    ingest_source(new_project, tmp_path / "m.csv", show_progress=False)
+    before = len(images(new_project))
+    test_part = next(r.part for r in images(new_project) if r.split == "test")
+    extra = tmp_path / "extra.png"
+    synthetic_image("good", size=64, rng=np.random.default_rng(7)).save(extra)
+    (tmp_path / "x.csv").write_text(f"path,label,part\n{extra},good,{test_part}\n")
+    with pytest.raises(IngestError, match=f"parts '{test_part}' already have images in the test split"):
+        ingest_source(new_project, tmp_path / "x.csv", split="train", show_progress=False)
+    assert len(images(new_project)) == before
+
+
+def test_split_for_new_label_draws_once_per_part() -> None:
+    from loop.ingest import split_for_new_label
+
+    draws = {split_for_new_label(f"{i:064x}", validation_fraction=0.5, seed=0, part="tile-9") for i in range(20)}
+    assert len(draws) == 1
+    assert len({split_for_new_label(f"{i:064x}", validation_fraction=0.5, seed=0) for i in range(20)}) == 2
+    assert split_for_new_label("ab", validation_fraction=0.5, seed=0, part="tile-9", part_split="test") == "test"
