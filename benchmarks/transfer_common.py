@@ -372,8 +372,11 @@ def anomaly_blend(
     paths = np.array(dataset.paths)
     embeddings = frozen_embeddings(backbone, preprocessing, list(paths[labeled]), threads=2)
     negative = dataset.negative_index
+    # As the round with parts: a tile's exposures share a fold and leave the bank together (no shared group: the
+    # round's plain folds, so figures of datasets without parts are unchanged).
+    groups = dataset.groups[labeled] if len(np.unique(dataset.groups[labeled])) < len(labeled) else None
     oof = out_of_fold_probabilities(features=embeddings, labels=dataset.labels[labeled], n_folds=5, seed=seed,
-                                    fit_predict=head_fit_predict(seed=seed), n_classes=len(dataset.class_names))
+                                    fit_predict=head_fit_predict(seed=seed), n_classes=len(dataset.class_names), groups=groups)
     oof_logits = logits_from_probabilities(oof)
     oof_temperature = fit_temperature(logits=oof_logits, labels=dataset.labels[labeled])
     oof = softmax_with_temperature(oof_logits, oof_temperature)
@@ -386,7 +389,8 @@ def anomaly_blend(
         classifier_probabilities = softmax_with_temperature(logits_from_probabilities(head), oof_temperature)
     is_defect = dataset.labels[labeled] != negative
     started = time.perf_counter()
-    fitted = fit_patch_anomaly(patch_features=features[labeled], is_defect=is_defect, p_defect_out_of_fold=1.0 - oof[:, negative], seed=seed)
+    fitted = fit_patch_anomaly(patch_features=features[labeled], is_defect=is_defect, p_defect_out_of_fold=1.0 - oof[:, negative], seed=seed,
+                               groups=groups)
     blended_oof = blend_probabilities(probabilities=oof, anomaly_score=fitted.labeled_scores, blend=fitted.blend, negative_index=negative)
     threshold = choose_threshold(p_defect=1.0 - blended_oof[:, negative], is_defect=is_defect, confidence=confidence)
     evaluate_scores = fitted.scores(features[evaluate])

@@ -60,17 +60,23 @@ class RunRecord:
     flipped_seed_labels: int = 0
 
 
-def _write_manifest(path: Path, rows: list[tuple[str, str]]) -> Path:
+def _write_manifest(path: Path, rows: list[tuple[str, str]], parts: dict[str, str | None] | None = None) -> Path:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label"])
-        writer.writerows(rows)
+        if parts:
+            writer.writerow(["path", "label", "part"])
+            writer.writerows((image, label, parts.get(image) or "") for image, label in rows)
+        else:
+            writer.writerow(["path", "label"])
+            writer.writerows(rows)
     return path
 
 
 def simulate(settings: SimulationSettings, *, console: Console) -> dict[str, Any]:
     layout, files, _notes = discover_source(settings.source.expanduser().resolve(), unlabeled=False)
     truth = {str(f.path.resolve()): f.label for f in files}
+    # A CSV source may name each photo's physical part: the test split then holds whole parts, and so do the folds.
+    parts = {str(f.path.resolve()): f.part for f in files if f.part} or None
     classes = sorted(set(truth.values()))
     if settings.negative_class:
         if settings.negative_class not in classes:
@@ -83,7 +89,7 @@ def simulate(settings: SimulationSettings, *, console: Console) -> dict[str, Any
     shared_cache = settings.out / "cache"
     records: list[RunRecord] = []
     for seed in range(settings.seeds):
-        splits = assign_splits(truth, test_fraction=0.2, validation_fraction=0.0, seed=seed)
+        splits = assign_splits(truth, test_fraction=0.2, validation_fraction=0.0, seed=seed, parts=parts)
         test_paths = sorted(p for p, s in splits.items() if s == "test")
         pool_paths = sorted(p for p, s in splits.items() if s != "test")
         rng = np.random.default_rng(seed)
@@ -97,8 +103,8 @@ def simulate(settings: SimulationSettings, *, console: Console) -> dict[str, Any
             given[path] = label
         seed_dir = settings.out / f"seed-{seed}"
         seed_dir.mkdir(exist_ok=True)
-        test_manifest = _write_manifest(seed_dir / "test.csv", [(p, truth[p]) for p in test_paths])
-        pool_manifest = _write_manifest(seed_dir / "pool.csv", [(p, given.get(p, "")) for p in pool_paths])
+        test_manifest = _write_manifest(seed_dir / "test.csv", [(p, truth[p]) for p in test_paths], parts)
+        pool_manifest = _write_manifest(seed_dir / "pool.csv", [(p, given.get(p, "")) for p in pool_paths], parts)
         flipped_paths = {p for p in seed_paths if given[p] != truth[p]}
         for strategy in settings.strategies:
             console.print(f"[bold]seed {seed}[/] · strategy [bold]{strategy}[/] · {len(seed_paths)} seed labels ({flipped} flipped) · test split {len(test_paths)}")

@@ -48,3 +48,41 @@ def test_simulate_runs_every_strategy_on_the_same_split_and_keeps_picked_good_pa
             assert picked_good >= 1  # by round 3 `default` has asked about good parts in this fixture
             assert choice["n_picked_negatives"] == picked_good and choice["n_sampled_negatives"] >= 20
             assert choice["rule"] == "stratified" and 0.0 <= choice["estimated_population_fpr"] <= 0.03
+
+
+def test_simulate_from_a_manifest_with_parts_keeps_each_part_on_one_side(tmp_path: Path) -> None:
+    """Each part photographed twice (a CSV `part` column): the test split holds whole parts, and the rounds' folds
+    and the good parts' anomaly scores are by part."""
+    import csv
+
+    folders = tmp_path / "parts"
+    write_class_folders(folders, per_class={"good": 80, "scratch": 20, "spot": 20}, size=48, seed=4)
+    manifest = tmp_path / "photos.csv"
+    part_of = {}
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "part"])
+        for class_dir in sorted(folders.iterdir()):
+            for index, path in enumerate(sorted(class_dir.glob("*.png"))):
+                part_of[str(path.resolve())] = f"{class_dir.name}-{index // 2}"
+                writer.writerow([str(path), class_dir.name, part_of[str(path.resolve())]])
+    out = tmp_path / "sim"
+    result = CliRunner().invoke(app, [
+        "simulate", str(manifest), "--out", str(out), "--negative-class", "good", "--strategies", "default",
+        "--seed-labels", "40", "--budget", "10", "--seeds", "1", "--max-rounds", "2", "--all-rounds", "--image-size", "64",
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+    def parts_in(name: str) -> set[str]:
+        with open(out / "seed-0" / name, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert all(row["part"] == part_of[row["path"]] for row in rows)
+        return {row["part"] for row in rows}
+
+    test_parts, pool_parts = parts_in("test.csv"), parts_in("pool.csv")
+    assert test_parts and pool_parts and not test_parts & pool_parts
+    ctx = open_project(out / "runs" / "default-seed0")
+    with session_scope(ctx.engine) as session:
+        last = session.scalars(select(Round).where(Round.number == 2)).one()
+    assert last.details["out_of_fold"]["grouped_by_part"] is True
+    assert last.details["anomaly"]["good_part_scores"] == "leave-one-part-out"
