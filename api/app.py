@@ -22,7 +22,7 @@ from api import dashboard
 from api.caching import VersionedResponseCache
 from api.routes import health, images, predict, projects, rounds, webhooks
 from api.settings import STORE_FILENAME, Settings
-from store.db import create_db_engine
+from store.db import create_db_engine, upgrade_schema
 
 logger = logging.getLogger("defect_loop.api")
 
@@ -64,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     url = settings.store_url
     _check_store(url)
+    if ":memory:" not in url:
+        upgrade_schema(url)  # a store made by an older defect-loop gets the newer columns (a no-op when current)
     engine = create_db_engine(url)
 
     @asynccontextmanager

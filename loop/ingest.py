@@ -189,6 +189,23 @@ def part_splits(session: Session, project_id: int) -> dict[str, str]:
 SPLIT_MODES = ("auto", "test", "train")
 
 
+def _hold_out_test_parts(session: Session, project_id: int, test_parts: set[str]) -> None:
+    """Every photo of a test part is test, labeled or not (an unlabeled one is never offered for training labels);
+    refused, with nothing stored, if a photo of such a part already sits in train or validation (parts given to
+    photos that were placed by photo before, e.g. an older project's manifest ingested again with a part column)."""
+    if not test_parts:
+        return
+    rows = session.scalars(select(Image).where(Image.project_id == project_id, Image.part.in_(sorted(test_parts)), Image.status == "ok")).all()
+    straddling = sorted({image.part for image in rows if image.split in ("train", "validation")})
+    if straddling:
+        shown = ", ".join(repr(p) for p in straddling[:5]) + (f" and {len(straddling) - 5} more" if len(straddling) > 5 else "")
+        raise IngestError(f"parts {shown} would have photos both in the test split and in train/validation (this project's splits were "
+                          "drawn before these photos had parts). Start a new project from the manifest with its part column. Nothing was stored.")
+    for image in rows:
+        if image.split == "pool":
+            image.split = "test"
+
+
 def _check_part_conflicts(split: str, new_labels: dict[str, str], part_of: dict[str, str | None], known_part_splits: dict[str, str]) -> None:
     """--split test/train must not put a part on both sides of the test split; refused before anything is stored."""
     if split == "auto":
@@ -230,7 +247,6 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         session.add(batch)
         session.flush()
 
-        known_part_splits = part_splits(session, project.id)
         new_images: dict[str, Image] = {}
         new_labels: dict[str, str] = {}
         label_for_known: list[tuple[Image, str]] = []
@@ -239,6 +255,11 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
             if existing is not None:
                 if str(file.path) != existing.path and str(file.path) not in existing.duplicate_paths:
                     existing.duplicate_paths = [*existing.duplicate_paths, str(file.path)]
+                if file.part and existing.part is None:
+                    existing.part = file.part  # e.g. an older project's photos, ingested again with a part column
+                elif file.part and existing.part != file.part:
+                    report.notes.append(f"{file.path} is byte-identical to {existing.path}, already of part {existing.part!r}; "
+                                        f"it stays in that part, not {file.part!r}")
                 if sha in new_images:
                     report.n_duplicates += 1
                     if file.label and sha in new_labels and new_labels[sha] != file.label:
@@ -260,9 +281,15 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
             elif file.label is not None:
                 new_labels[sha] = file.label
 
+        session.flush()  # parts just given to stored photos count as placed below
+        known_part_splits = part_splits(session, project.id)
         fractions = ctx.config.split
         part_of = {sha: image.part for sha, image in new_images.items()}
-        _check_part_conflicts(split, new_labels, part_of, known_part_splits)
+        # Stored photos labeled now follow the same part rules; with --split train they must not join a test part.
+        placing_known = [(image, label) for image, label in label_for_known if image.split == "pool"]
+        known_labeled = {image.sha256: label for image, label in placing_known} if split == "train" else {}
+        _check_part_conflicts(split, {**new_labels, **known_labeled}, {**part_of, **{image.sha256: image.part for image, _ in placing_known}},
+                              known_part_splits)
         if split == "test":
             splits = {sha: "test" for sha in new_labels}
         elif split == "train":
@@ -274,22 +301,26 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
             drawn = {sha: label for sha, label in new_labels.items() if sha not in joining}
             splits = {**joining, **assign_splits(drawn, test_fraction=fractions.test_fraction, validation_fraction=fractions.validation_fraction,
                                                  seed=fractions.seed + batch.id, parts={sha: part_of[sha] for sha in drawn})}
-        test_parts = {part for part, placed in known_part_splits.items() if placed == "test"}
-        test_parts |= {part_of[sha] for sha, placed in splits.items() if placed == "test" and part_of[sha]}
+        placed_parts = dict(known_part_splits)  # part -> split, this ingest's placements included (test wins)
+        for sha, placed in splits.items():
+            if part_of[sha] and placed_parts.get(part_of[sha]) != "test":
+                placed_parts[part_of[sha]] = placed
         for sha, image in new_images.items():
             if sha in splits:
                 image.split = splits[sha]
-            elif image.part in test_parts and image.status == "ok":
-                image.split = "test"  # unlabeled, but its part is measured on: never offered for training labels
             session.add(image)
         session.flush()
         for sha, label in new_labels.items():
             session.add(LabelEvent(image_id=new_images[sha].id, label=label, source="import", annotator=f"ingest:{batch.id}"))
         for image, label in label_for_known:
-            if image.split == "pool":  # labeled now: joins train/validation (its part's split, if placed), never test
+            if image.split == "pool":  # labeled now: joins train/validation (its part's split, if placed), never test by draw
                 image.split = split_for_new_label(image.sha256, validation_fraction=fractions.validation_fraction, seed=fractions.seed,
-                                                  part=image.part, part_split=known_part_splits.get(image.part or ""))
+                                                  part=image.part, part_split=placed_parts.get(image.part or ""))
+                if image.part:
+                    placed_parts.setdefault(image.part, image.split)
             session.add(LabelEvent(image_id=image.id, label=label, source="import", annotator=f"ingest:{batch.id}"))
+        session.flush()
+        _hold_out_test_parts(session, project.id, {part for part, placed in placed_parts.items() if placed == "test"})
 
         report.n_new_images = len(new_images)
         report.split_counts = dict(Counter(img.split for img in new_images.values() if img.status == "ok"))

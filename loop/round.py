@@ -431,6 +431,7 @@ def score_anomalies(state: RoundState) -> None:
         probabilities=state.calibrated_oof_probabilities, anomaly_score=fitted.labeled_scores, blend=fitted.blend, negative_index=negative)
     state.details["anomaly"] = {
         "method": "patch", "memory_bank_patches": int(len(fitted.memory_bank)), "n_good_images": n_good, "good_part_scores": "leave-one-image-out" if groups is None else "leave-one-part-out",
+        "good_scored_by_image": fitted.good_scored_by_image,  # with parts: images whose part held the whole bank
         "blend": fitted.blend.as_dict(), "labeled_good_score_median": float(np.median(fitted.labeled_scores[~is_defect])),
         "labeled_defect_score_median": float(np.median(fitted.labeled_scores[is_defect])),
     }

@@ -151,6 +151,7 @@ def anomaly_scores(*, patch_features: np.ndarray, memory_bank: np.ndarray, batch
 class GoodPartScores:
     memory_bank: np.ndarray  # from every given good image: what new images are scored against
     leave_one_out: np.ndarray  # per given good image, scored against the bank without its own patches
+    n_scored_by_image: int = 0  # with groups: images whose group holds the whole bank (only their own rows left out)
 
 
 def score_good_parts(*, patch_features: np.ndarray, bank_size: int = DEFAULT_BANK_SIZE, seed: int = 0, batch_images: int = 32,
@@ -160,15 +161,15 @@ def score_good_parts(*, patch_features: np.ndarray, bank_size: int = DEFAULT_BAN
     against the bank minus the rows taken from it (one coreset, not one per fold; the rows it gave up leave its
     region thinner than a bank built without it would, so the score errs high: a cautious threshold).
     With `groups` (one id per image, e.g. its physical part) the rows of every image of its group are left out too:
-    another exposure of the same part is as good as its own patches."""
+    another exposure of the same part is as good as its own patches. An image whose group owns every bank row (one
+    part dominating the good images) leaves out only its own rows; `n_scored_by_image` counts those."""
     n_images = len(patch_features)
     if n_images < MIN_GOOD_IMAGES:
         raise ValueError(f"patch anomaly scores need at least {MIN_GOOD_IMAGES} labeled good images; have {n_images}")
     bank, owner = _memory_bank(patch_features, bank_size=bank_size, seed=seed)
     bank_tensor = torch.from_numpy(bank)
     bank_squared = (bank_tensor * bank_tensor).sum(dim=1)
-    if groups is not None and len(np.unique(np.asarray(groups))) < 2:
-        groups = None  # one part only: leaving it out would leave no bank at all; each image leaves out its own rows
+    image_owner = torch.from_numpy(owner)
     if groups is not None:
         groups = np.asarray(groups)
         if len(groups) != n_images:
@@ -180,14 +181,19 @@ def score_good_parts(*, patch_features: np.ndarray, bank_size: int = DEFAULT_BAN
     owner_tensor = torch.from_numpy(owner)
     query_owner = torch.from_numpy(np.asarray(group_index))
     scores = np.empty(n_images, dtype=np.float64)
+    n_scored_by_image = 0
     with torch.inference_mode():
         for start in range(0, n_images, batch_images):
             queries = torch.from_numpy(np.asarray(patch_features[start : start + batch_images], dtype=np.float32))  # (c, P, d)
             squared = (queries * queries).sum(dim=2, keepdim=True) - 2.0 * queries @ bank_tensor.T + bank_squared  # (c, P, M)
             own = owner_tensor[None, :] == query_owner[start : start + len(queries), None]  # (c, M)
+            whole_bank = own.all(dim=1)
+            if whole_bank.any():  # nothing would be left to compare with: leave out the image's own rows only
+                own[whole_bank] = image_owner[None, :] == torch.arange(start, start + len(queries))[whole_bank, None]
+                n_scored_by_image += int(whole_bank.sum())
             squared.masked_fill_(own[:, None, :], float("inf"))
             scores[start : start + len(queries)] = squared.amin(dim=2).clamp_min(0.0).sqrt().amax(dim=1).double().numpy()
-    return GoodPartScores(bank, scores)
+    return GoodPartScores(bank, scores, n_scored_by_image)
 
 
 @dataclass(frozen=True)
@@ -307,6 +313,7 @@ class PatchAnomalyModel:
     memory_bank: np.ndarray  # (M, d): from every labeled good image given
     blend: AnomalyBlend
     labeled_scores: np.ndarray  # anomaly score per labeled image given, out-of-fold for the good ones
+    good_scored_by_image: int = 0  # good images left out by image although groups were given (see score_good_parts)
 
     def scores(self, patch_features: np.ndarray) -> np.ndarray:
         return anomaly_scores(patch_features=patch_features, memory_bank=self.memory_bank)
@@ -327,4 +334,4 @@ def fit_patch_anomaly(*, patch_features: np.ndarray, is_defect: np.ndarray, p_de
     if is_defect.any():
         labeled_scores[is_defect] = anomaly_scores(patch_features=patch_features[is_defect], memory_bank=good_scores.memory_bank)
     blend = fit_anomaly_blend(p_defect=p_defect_out_of_fold, anomaly_score=labeled_scores, is_defect=is_defect, regularization=blend_regularization)
-    return PatchAnomalyModel(good_scores.memory_bank, blend, labeled_scores)
+    return PatchAnomalyModel(good_scores.memory_bank, blend, labeled_scores, good_scores.n_scored_by_image)

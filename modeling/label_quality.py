@@ -170,15 +170,19 @@ def out_of_fold_probabilities(
         groups = np.asarray(groups)
         if len(groups) != n:
             raise ValueError(f"groups must have one id per row: {len(groups)} vs {n}")
-        folds = min(folds, len(np.unique(groups)))
+        n_groups = len(np.unique(groups))
+        if n_groups < 2:
+            groups = None  # one group cannot be split: plain folds, and details["grouped"] says so
+        else:
+            folds = min(folds, n_groups)
     with warnings.catch_warnings():
         # "The least populated class has only 1 member": expected, handled in _cross_predict
         warnings.simplefilter("ignore", category=UserWarning)
-        if groups is not None and folds >= 2:
+        if groups is not None:
             splits = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(n), labels, groups))
             splits = [(train, held) for train, held in splits if len(held)]
         else:
-            splits = list(StratifiedKFold(n_splits=max(folds, 2), shuffle=True, random_state=seed).split(np.zeros(n), labels))
+            splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(n), labels))
     details["n_folds"] = len(splits)
     details["grouped"] = groups is not None
     if fit_predict is not None:

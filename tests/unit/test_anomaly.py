@@ -78,6 +78,20 @@ def test_a_good_part_is_not_scored_against_its_other_photos() -> None:
         score_good_parts(patch_features=twins, groups=groups[:-1])
 
 
+def test_a_part_holding_the_whole_bank_falls_back_to_leaving_out_each_image() -> None:
+    goods = good_patch_features(n_images=20)
+    groups = np.array([0] * 19 + [1])  # one part dominates; a small bank may hold only its rows
+    for bank_size in (8, 10_000):
+        scored = score_good_parts(patch_features=goods, bank_size=bank_size, groups=groups)
+        assert np.isfinite(scored.leave_one_out).all()
+        # a full bank keeps the odd image's rows, so part 0 has something else to compare with
+        assert scored.n_scored_by_image == 0 if bank_size == 10_000 else scored.n_scored_by_image in (0, 19)
+    everything_one_part = score_good_parts(patch_features=goods, bank_size=10_000, groups=np.zeros(20))
+    plain = score_good_parts(patch_features=goods, bank_size=10_000)
+    np.testing.assert_allclose(everything_one_part.leave_one_out, plain.leave_one_out)
+    assert everything_one_part.n_scored_by_image == 20 and plain.n_scored_by_image == 0
+
+
 def test_blend_trusts_the_anomaly_score_when_the_classifier_is_blind() -> None:
     rng = np.random.default_rng(0)
     is_defect = np.r_[np.zeros(200, bool), np.ones(10, bool)]

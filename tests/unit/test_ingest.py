@@ -143,6 +143,10 @@ def write_part_manifest(class_folders: Path, manifest: Path, *, photos_per_part:
 def test_assign_splits_keeps_parts_whole_and_without_parts_is_unchanged() -> None:
     labels = {f"g{i:02d}": "good" for i in range(30)} | {f"d{i:02d}": "dent" for i in range(12)}
     plain = assign_splits(labels, test_fraction=0.2, validation_fraction=0.15, seed=3)
+    # pinned from the code before parts existed (0537b01): a project's splits must not move with this change
+    assert {k: v for k, v in plain.items() if v != "train"} == {
+        "d02": "validation", "d07": "test", "d10": "validation", "d11": "test", "g02": "test", "g03": "validation", "g07": "test",
+        "g11": "test", "g12": "validation", "g19": "validation", "g20": "validation", "g21": "test", "g27": "test", "g28": "test"}
     assert assign_splits(labels, test_fraction=0.2, validation_fraction=0.15, seed=3, parts={}) == plain
     assert assign_splits(labels, test_fraction=0.2, validation_fraction=0.15, seed=3, parts={k: None for k in labels}) == plain
     parts = {key: f"p{int(key[1:]) // 3}{key[0]}" for key in labels}  # parts of three photos
@@ -160,14 +164,61 @@ def test_manifest_parts_never_straddle_the_test_split(new_project, class_folders
     ingest_source(new_project, tmp_path / "m.csv", show_progress=False)
     rows = images(new_project)
     assert {r.path: r.part for r in rows} == parts
-    split_of_part: dict[str, set[str]] = {}
-    for row in rows:
-        split_of_part.setdefault(row.part, set()).add("pool" if row.split == "pool" else ("test" if row.split == "test" else "fit"))
-    test_parts = {p for p, splits in split_of_part.items() if "test" in splits}
-    assert test_parts and all(splits == {"test"} for p, splits in split_of_part.items() if p in test_parts)
+    assert_parts_whole(rows)
+    test_parts = {r.part for r in rows if r.split == "test"}
+    assert test_parts
     # the unlabeled photo of a test part is held out with it (never offered to annotators for training)
     unlabeled_in_test_parts = [r for r in rows if r.part in test_parts and not _has_label(new_project, r.id)]
     assert unlabeled_in_test_parts and all(r.split == "test" for r in unlabeled_in_test_parts)
+
+
+def assert_parts_whole(rows) -> None:  # noqa: ANN001
+    """Each part in one of test / train / validation (unlabeled photos of a train or validation part may wait in the pool)."""
+    placed: dict[str, set[str]] = {}
+    for row in rows:
+        placed.setdefault(row.part, set()).add(row.split)
+    for part, splits in placed.items():
+        assert len(splits - {"pool"}) <= 1 and not ("test" in splits and "pool" in splits), (part, splits)
+
+
+def test_photos_ingested_unlabeled_first_then_labeled_keep_parts_whole(new_project, class_folders: Path, tmp_path: Path) -> None:
+    """Photos arrive unlabeled, then a labeled manifest brings them (now labeled) and each part's second photo: the
+    new photos' draw puts parts in test, and the stored photos of those parts must follow them."""
+    write_part_manifest(class_folders, tmp_path / "labeled.csv")
+    first_photos = tmp_path / "first.csv"
+    with open(tmp_path / "labeled.csv", newline="") as handle, open(first_photos, "w", newline="") as out:
+        writer = csv.writer(out)
+        for index, row in enumerate(csv.reader(handle)):
+            if index == 0 or Path(row[0]).stem.endswith(("0", "2", "4", "6", "8")):
+                writer.writerow(row if index == 0 else [row[0], "", row[2]])
+    ingest_source(new_project, first_photos, show_progress=False)
+    assert {r.split for r in images(new_project)} == {"pool"}
+    ingest_source(new_project, tmp_path / "labeled.csv", show_progress=False)
+    rows = images(new_project)
+    assert_parts_whole(rows)
+    first = {r.part for r in rows if r.split == "test" and r.ingest_batch_id == 1}
+    assert first and any(r.split == "train" for r in rows)  # stored photos did join test parts
+
+
+def test_parts_given_to_photos_placed_by_photo_are_recorded_or_refused(new_project, class_folders: Path, tmp_path: Path) -> None:
+    ingest_source(new_project, class_folders, show_progress=False)  # an older project: split by photo, no parts
+    by_path = {r.path: r.split for r in images(new_project)}
+    manifest = tmp_path / "parts.csv"
+    consistent = [p for p in sorted(by_path) if by_path[p] == "train"][:4]
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "part"])
+        for index, path in enumerate(consistent):
+            writer.writerow([path, Path(path).parent.name, f"kept-{index // 2}"])
+    ingest_source(new_project, manifest, show_progress=False)
+    assert {r.path: r.part for r in images(new_project) if r.part} == {p: f"kept-{i // 2}" for i, p in enumerate(consistent)}
+    test_photo = next(p for p in sorted(by_path) if by_path[p] == "test")
+    train_photo = next(p for p in sorted(by_path) if by_path[p] == "train" and p not in consistent)
+    manifest.write_text(f"path,label,part\n{test_photo},{Path(test_photo).parent.name},mixed\n{train_photo},{Path(train_photo).parent.name},mixed\n")
+    with pytest.raises(IngestError, match="'mixed' would have photos both in the test split and in train/validation"):
+        ingest_source(new_project, manifest, show_progress=False)
+    assert {r.path: r.split for r in images(new_project)} == by_path  # nothing moved
+    assert not any(r.part == "mixed" for r in images(new_project))
 
 
 def _has_label(ctx, image_id: int) -> bool:  # noqa: ANN001

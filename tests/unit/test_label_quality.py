@@ -222,6 +222,9 @@ def test_out_of_fold_keeps_a_parts_photos_in_one_fold() -> None:
     assert details["grouped"] and details["n_folds"] == 5
     with pytest.raises(ValueError, match="one id per row"):
         out_of_fold_probabilities(features=features, labels=labels, groups=groups[:-1])
+    one_part: dict = {}  # nothing to keep apart from: plain folds, and the details say so
+    out_of_fold_probabilities(features=features, labels=labels, fit_predict=memorise, groups=np.zeros(len(labels)), details=one_part)
+    assert one_part["grouped"] is False and one_part["n_folds"] == 5
 
 
 def test_out_of_fold_default_model_is_accurate_and_picks_its_regularisation(noisy_clusters) -> None:

@@ -13,9 +13,11 @@ from loop.project import open_project
 from store.db import ALEMBIC_DIR
 
 
-def test_opening_a_project_at_revision_0001_adds_the_part_column_and_keeps_rows(tmp_path: Path) -> None:
+def test_opening_a_project_at_revision_0001_adds_the_part_column_and_keeps_rows(tmp_path: Path, class_folders: Path) -> None:
     project_dir = tmp_path / "old"
-    assert CliRunner().invoke(app, ["init", str(project_dir), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+    classes = ",".join(sorted(d.name for d in class_folders.iterdir()))
+    assert CliRunner().invoke(app, ["init", str(project_dir), "--classes", classes, "--negative-class", "good"]).exit_code == 0
+    assert CliRunner().invoke(app, ["ingest", str(class_folders), "--project", str(project_dir)]).exit_code == 0
     url = f"sqlite:///{project_dir / 'loop.db'}"
     config = Config()
     config.set_main_option("script_location", str(ALEMBIC_DIR))
@@ -25,6 +27,8 @@ def test_opening_a_project_at_revision_0001_adds_the_part_column_and_keeps_rows(
     assert "part" not in {c["name"] for c in inspect(engine).get_columns("images")}
     with engine.begin() as connection:
         assert connection.execute(text("select count(*) from projects")).scalar() == 1
+        splits_before = dict(connection.execute(text("select sha256, split from images")).all())
+    assert len(splits_before) == 70
     engine.dispose()
 
     ctx = open_project(project_dir)
@@ -32,3 +36,24 @@ def test_opening_a_project_at_revision_0001_adds_the_part_column_and_keeps_rows(
     with ctx.engine.begin() as connection:
         assert connection.execute(text("select version_num from alembic_version")).scalar() == "0002"
         assert connection.execute(text("select count(*) from projects")).scalar() == 1
+        assert dict(connection.execute(text("select sha256, split from images")).all()) == splits_before
+        assert connection.execute(text("select count(*) from images where part is not null")).scalar() == 0
+
+
+def test_the_api_over_an_older_store_upgrades_it_instead_of_failing_on_images(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    project_dir = tmp_path / "old"
+    assert CliRunner().invoke(app, ["init", str(project_dir), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+    url = f"sqlite:///{project_dir / 'loop.db'}"
+    config = Config()
+    config.set_main_option("script_location", str(ALEMBIC_DIR))
+    config.set_main_option("sqlalchemy.url", url)
+    command.downgrade(config, "0001")
+    with TestClient(create_app(Settings(project_dir=project_dir, api_token=SecretStr("t" * 32)))) as client:
+        response = client.get("/images/1", headers={"Authorization": "Bearer " + "t" * 32})
+    assert response.status_code == 404  # looked up (no such image), not a 500 from a missing column
