@@ -173,3 +173,27 @@ def test_the_stratified_rule_refuses_too_few_sampled_good_parts_and_scores_that_
         stratified_threshold(sampled_negatives=np.full(19, 0.1), picked_negatives=np.array([0.5]), n_unlabeled_negatives=100.0, max_fpr=0.03)
     with pytest.raises(ValueError, match="finite"):
         stratified_threshold(sampled_negatives=np.r_[np.full(25, 0.1), np.nan], picked_negatives=np.array([0.5]), n_unlabeled_negatives=100.0, max_fpr=0.03)
+
+
+def _sigmoid(z):  # noqa: ANN001, ANN202
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+
+
+def test_threshold_never_fails_the_gate_on_its_own_good_parts_once_some_false_positives_are_allowed() -> None:
+    """Honest (part-grouped) scores of good parts: a tight bulk and a heavy upper tail. The normal-tail half of the rule
+    sees only the bulk and pulls the logit average into the tail; the guard lifts it to an observed 3%."""
+    rng = np.random.default_rng(11)
+    good = _sigmoid(np.concatenate([rng.normal(-4.0, 0.4, 280), rng.uniform(-1.0, 3.0, 20)]))
+    defects = _sigmoid(rng.normal(2.0, 1.0, 100))
+    p_defect = np.concatenate([good, defects])
+    is_defect = np.r_[np.zeros(300, bool), np.ones(100, bool)]
+    choice = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03, confidence=0.75)
+    assert choice.allowed_false_positives >= 1
+    unguarded = float(_sigmoid((np.log(choice.rank_threshold / (1 - choice.rank_threshold)) + np.log(choice.tail_threshold / (1 - choice.tail_threshold))) / 2))
+    assert (good >= unguarded).mean() > 0.03  # what the rule used to return
+    assert choice.observed_fpr <= 0.03 and choice.threshold > unguarded
+    assert choice.threshold <= choice.rank_threshold  # still less cautious than the rank rule alone: recall kept
+
+    few = choose_defect_threshold(p_defect=np.concatenate([good[::10], defects[:10]]), is_defect=np.r_[np.zeros(30, bool), np.ones(10, bool)],
+                                  max_fpr=0.03, confidence=0.75)
+    assert few.allowed_false_positives == 0  # 30 good parts: no guard; the rank/tail blend decides as before
