@@ -113,8 +113,7 @@ def _read_manifest(manifest: Path, *, unlabeled: bool) -> list[SourceFile]:
             raise IngestError(f"{manifest}:{line_number}: part id longer than {MAX_PART_LENGTH} characters")
         files.append(SourceFile(path, label, part))
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise IngestError(f"{manifest}: {len(missing)} listed files do not exist: {shown}")
+        raise IngestError(f"{manifest}: {len(missing)} listed files do not exist: {_listed(missing)}")
     return _nonempty(files, manifest)
 
 
@@ -176,6 +175,19 @@ def split_for_new_label(sha256: str, *, validation_fraction: float, seed: int, p
     return "validation" if draw < validation_fraction else "train"
 
 
+def place_labeled_image(image: Image, *, placed_parts: dict[str, str], validation_fraction: float, seed: int) -> None:
+    """A pool image labeled now joins train or validation: its part's split when the part is placed (test too), else a
+    stable draw. `placed_parts` (part -> split, from `part_splits`) learns the placement, so its next photo follows."""
+    image.split = split_for_new_label(image.sha256, validation_fraction=validation_fraction, seed=seed, part=image.part,
+                                      part_split=placed_parts.get(image.part or ""))
+    if image.part:
+        placed_parts.setdefault(image.part, image.split)
+
+
+def _listed(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def part_splits(session: Session, project_id: int) -> dict[str, str]:
     """part id -> the split its placed images are in (test wins over the others: what a part joins from now on)."""
     found: dict[str, str] = {}
@@ -198,8 +210,7 @@ def _hold_out_test_parts(session: Session, project_id: int, test_parts: set[str]
     rows = session.scalars(select(Image).where(Image.project_id == project_id, Image.part.in_(sorted(test_parts)), Image.status == "ok")).all()
     straddling = sorted({image.part for image in rows if image.split in ("train", "validation")})
     if straddling:
-        shown = ", ".join(repr(p) for p in straddling[:5]) + (f" and {len(straddling) - 5} more" if len(straddling) > 5 else "")
-        raise IngestError(f"parts {shown} would have photos both in the test split and in train/validation (this project's splits were "
+        raise IngestError(f"parts {_listed([repr(p) for p in straddling])} would have photos both in the test split and in train/validation (this project's splits were "
                           "drawn before these photos had parts). Start a new project from the manifest with its part column. Nothing was stored.")
     for image in rows:
         if image.split == "pool":
@@ -214,8 +225,7 @@ def _check_part_conflicts(split: str, new_labels: dict[str, str], part_of: dict[
     clashes = sorted({part for sha in new_labels if (part := part_of[sha]) in known_part_splits and (known_part_splits[part] == "test") != wanted_test})
     if clashes:
         side = "training/validation" if wanted_test else "test"
-        shown = ", ".join(repr(p) for p in clashes[:5]) + (f" and {len(clashes) - 5} more" if len(clashes) > 5 else "")
-        raise IngestError(f"parts {shown} already have images in the {side} split: with --split {split} they would be on both sides "
+        raise IngestError(f"parts {_listed([repr(p) for p in clashes])} already have images in the {side} split: with --split {split} they would be on both sides "
                           "of the test split. Ingest them with --split auto (they join their part), or give them other part ids. Nothing was stored.")
 
 
@@ -314,10 +324,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
             session.add(LabelEvent(image_id=new_images[sha].id, label=label, source="import", annotator=f"ingest:{batch.id}"))
         for image, label in label_for_known:
             if image.split == "pool":  # labeled now: joins train/validation (its part's split, if placed), never test by draw
-                image.split = split_for_new_label(image.sha256, validation_fraction=fractions.validation_fraction, seed=fractions.seed,
-                                                  part=image.part, part_split=placed_parts.get(image.part or ""))
-                if image.part:
-                    placed_parts.setdefault(image.part, image.split)
+                place_labeled_image(image, placed_parts=placed_parts, validation_fraction=fractions.validation_fraction, seed=fractions.seed)
             session.add(LabelEvent(image_id=image.id, label=label, source="import", annotator=f"ingest:{batch.id}"))
         session.flush()
         _hold_out_test_parts(session, project.id, {part for part, placed in placed_parts.items() if placed == "test"})

@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from labeling import AnnotatorBackend, PullReport, PushReport, TaskRequest, create_backend
 from loop.errors import RoundFailed
-from loop.ingest import inspect_file, part_splits, split_for_new_label
+from loop.ingest import inspect_file, part_splits, place_labeled_image
 from loop.selection_index import load_or_update_index
 from loop.project import ProjectContext
 from modeling.anomaly import (
@@ -84,6 +84,7 @@ class RoundState:
     paths: list[str] = field(default_factory=list)
     hashes: list[str] = field(default_factory=list)
     parts: list[str | None] = field(default_factory=list)  # Image.part per position (None: the image is its own part)
+    oof_groups: np.ndarray | None = None  # part group per out-of-fold position (None: no image has a part)
     splits: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
     labels: np.ndarray = field(default_factory=lambda: np.array([], dtype=int))
     label_info: dict[int, CurrentLabel] = field(default_factory=dict)
@@ -195,10 +196,7 @@ def place_new_labels(state: RoundState) -> None:
         for image in images:
             info = labels.get(image.id)
             if image.split == "pool" and info is not None and info.status == "labeled":
-                image.split = split_for_new_label(image.sha256, validation_fraction=split_config.validation_fraction, seed=split_config.seed,
-                                                  part=image.part, part_split=placed_parts.get(image.part or ""))
-                if image.part is not None:
-                    placed_parts.setdefault(image.part, image.split)
+                place_labeled_image(image, placed_parts=placed_parts, validation_fraction=split_config.validation_fraction, seed=split_config.seed)
                 moved += 1
         state.image_ids = [img.id for img in images]
         state.paths = [img.path for img in images]
@@ -266,12 +264,13 @@ def compute_out_of_fold(state: RoundState) -> None:
     for the threshold. The head is the fold model: seconds, and independent of the chosen training strategy."""
     positions = np.sort(np.concatenate([state.positions(split="train", labeled=True), state.positions(split="validation", labeled=True)]))
     state.oof_positions = positions
+    state.oof_groups = part_groups(state, positions)
     fold_details: dict[str, Any] = {}
     state.oof_probabilities = out_of_fold_probabilities(
         features=state.embeddings[positions], labels=state.labels[positions], n_folds=5, seed=state.config.loop.seed,
         # The same head the `head` strategy deploys: out-of-fold scores must describe the model the threshold serves.
         fit_predict=head_fit_predict(seed=state.config.loop.seed, regularization=float(state.config.model.training.get("head_regularization", 1.0))),
-        n_classes=len(state.config.classes), groups=part_groups(state, positions), details=fold_details,
+        n_classes=len(state.config.classes), groups=state.oof_groups, details=fold_details,
     )
     state.details["out_of_fold"] = {"n_folds": fold_details.get("n_folds"), "grouped_by_part": bool(fold_details.get("grouped"))}
 
@@ -414,7 +413,7 @@ def score_anomalies(state: RoundState) -> None:
     features = _patch_features(state)
     fitted = fit_patch_anomaly(
         patch_features=features[state.oof_positions], is_defect=is_defect, p_defect_out_of_fold=1.0 - state.calibrated_oof_probabilities[:, negative],
-        bank_size=model.anomaly_bank_size, seed=state.config.loop.seed, groups=(groups := part_groups(state, state.oof_positions)),
+        bank_size=model.anomaly_bank_size, seed=state.config.loop.seed, groups=state.oof_groups,
     )
     # Labeled defects were already scored against the whole bank by the fit: search only the other images.
     labeled_defects = state.oof_positions[is_defect]
@@ -430,7 +429,7 @@ def score_anomalies(state: RoundState) -> None:
     state.calibrated_oof_probabilities = blend_probabilities(
         probabilities=state.calibrated_oof_probabilities, anomaly_score=fitted.labeled_scores, blend=fitted.blend, negative_index=negative)
     state.details["anomaly"] = {
-        "method": "patch", "memory_bank_patches": int(len(fitted.memory_bank)), "n_good_images": n_good, "good_part_scores": "leave-one-image-out" if groups is None else "leave-one-part-out",
+        "method": "patch", "memory_bank_patches": int(len(fitted.memory_bank)), "n_good_images": n_good, "good_part_scores": "leave-one-image-out" if state.oof_groups is None else "leave-one-part-out",
         "good_scored_by_image": fitted.good_scored_by_image,  # with parts: images whose part held the whole bank
         "blend": fitted.blend.as_dict(), "labeled_good_score_median": float(np.median(fitted.labeled_scores[~is_defect])),
         "labeled_defect_score_median": float(np.median(fitted.labeled_scores[is_defect])),

@@ -68,20 +68,22 @@ def rank_threshold(*, negative_scores: np.ndarray, max_fpr: float, confidence: f
     allowed = 0
     while attainable and allowed + 1 < n and fpr_upper_bound(allowed + 1, n, confidence) <= max_fpr:
         allowed += 1
-    if allowed == 0:
-        return float(np.nextafter(ordered[0], np.inf)), 0, attainable  # just above the highest-scoring good part
-    return float((ordered[allowed] + ordered[allowed - 1]) / 2), allowed, attainable  # exactly k false positives here
+    return _threshold_letting_through(ordered, allowed), allowed, attainable
+
+
+def _threshold_letting_through(ordered: np.ndarray, k: int) -> float:
+    """For negatives' scores sorted high to low: the threshold that lets exactly the k highest through."""
+    if k == 0:
+        return float(np.nextafter(ordered[0], np.inf))  # just above the highest-scoring good part
+    if k >= len(ordered):
+        return 0.0
+    return float((ordered[k] + ordered[k - 1]) / 2)
 
 
 def observed_fpr_threshold(*, negative_scores: np.ndarray, max_fpr: float) -> float:
     """The lowest threshold at which the observed FPR of these negatives is <= max_fpr (no margin)."""
     ordered = np.sort(np.asarray(negative_scores, dtype=np.float64))[::-1]
-    allowed = int(np.floor(max_fpr * len(ordered) + 1e-9))
-    if allowed == 0:
-        return float(np.nextafter(ordered[0], np.inf))
-    if allowed >= len(ordered):
-        return 0.0
-    return float((ordered[allowed] + ordered[allowed - 1]) / 2)
+    return _threshold_letting_through(ordered, int(np.floor(max_fpr * len(ordered) + 1e-9)))
 
 
 def _robust_logit_normal(scores: np.ndarray, *, upper_quantile: float | None = None) -> tuple[float, float]:
