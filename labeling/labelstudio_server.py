@@ -430,8 +430,10 @@ def add_user(
     if not executable.exists():
         raise LabelStudioServerError(f"Label Studio is not installed at {executable.parent.parent}")
     result = subprocess.run(
-        [str(executable), "init", "--quiet", "--data-dir", str(data_dir), "--username", username,
-         "--password", password, "--user-token", token],
+        # name=value: a generated password may start with "-" (token_urlsafe: 1 in 64), which argparse would take
+        # for an option and fail the call
+        [str(executable), "init", "--quiet", "--data-dir", str(data_dir), f"--username={username}",
+         f"--password={password}", f"--user-token={token}"],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=str(data_dir),
         env=server_environment(data_dir=data_dir),
     )  # fmt: skip
