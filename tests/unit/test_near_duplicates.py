@@ -1,0 +1,87 @@
+"""Pixel-verified near-duplicates: shifted crops and re-exposed photos of one surface are found; look-alikes are not,
+even when every image shares one registered shape (the MVTec case)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from modeling.image_detail import AlignedCorrelation, detail_thumbnails
+from modeling.label_quality import find_near_duplicates, near_duplicate_work
+
+
+def surface(rng: np.random.Generator, size: int = 260) -> np.ndarray:
+    """A steel-like surface: fine grain over soft blotches, 0-255."""
+    grain = gaussian_filter(rng.normal(size=(size, size)), 1.2)
+    blotches = gaussian_filter(rng.normal(size=(size, size)), 12) * 6
+    image = grain + blotches
+    return 255 * (image - image.min()) / (image.max() - image.min())
+
+
+def save(pixels: np.ndarray, path: Path) -> str:
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def neighbours_of(n: int, copies: dict[int, int], seed: int) -> np.ndarray:
+    """Embeddings in which each copy sits next to its source among random others: candidates, not proof."""
+    rng = np.random.default_rng(seed)
+    embeddings = rng.normal(size=(n, 16))
+    for copy, source in copies.items():
+        embeddings[copy] = embeddings[source] + 0.05 * rng.normal(size=16)
+    return embeddings.astype(np.float32)
+
+
+def test_shifted_crops_and_reexposed_photos_are_found_and_nothing_else(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    surfaces = [surface(rng) for _ in range(30)]
+    paths = [save(s[:200, :200], tmp_path / f"s{i}.png") for i, s in enumerate(surfaces)]
+    # 30: an overlapping crop of surface 3 (shifted 30 px right, 20 down); 31: surface 7 under another exposure
+    # (gamma and contrast); 32: surface 11 with sensor noise
+    paths.append(save(surfaces[3][20:220, 30:230], tmp_path / "shifted.png"))
+    paths.append(save(255 * (surfaces[7][:200, :200] / 255) ** 0.5 * 0.8 + 20, tmp_path / "exposure.png"))
+    paths.append(save(surfaces[11][:200, :200] + rng.normal(scale=6, size=(200, 200)), tmp_path / "noisy.png"))
+    copies = {30: 3, 31: 7, 32: 11}
+    finding = find_near_duplicates(embeddings=neighbours_of(len(paths), copies, seed=1), thumbnails=detail_thumbnails(paths))
+    assert np.flatnonzero(finding.is_issue).tolist() == [3, 7, 11, 30, 31, 32]
+    assert [pair for pair, _ in finding.summary["pairs"]] == [(3, 30), (7, 31), (11, 32)]
+    assert finding.summary["groups"] == [[3, 30], [7, 31], [11, 32]]
+    assert finding.related[30] == 3 and finding.related[3] == 30
+    assert finding.summary["method"] == "pixel_verified"
+    assert finding.scores[[3, 7, 11]].max() < 0.5 < finding.scores[np.flatnonzero(~finding.is_issue)].min()
+
+
+def test_a_registered_product_is_not_a_pile_of_duplicates_but_a_real_copy_still_is(tmp_path: Path) -> None:
+    """Every photo shows the same fine rings (as every MVTec bottle does) with its own surface detail: the rings alone
+    make any two photos correlate ~0.8 (MVTec bottle: 0.79 median), so a fixed correlation threshold would flag them
+    all; only the photo of the same part taken again, shifted a few pixels, may be flagged."""
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[:208, :208]
+    radius = np.hypot(yy - 102, xx - 102)
+    rings = 60 * np.sin(radius / 2.0) * (radius < 95)
+    parts = [60 + rings + gaussian_filter(rng.normal(size=(208, 208)), 1.0) * 60 for _ in range(40)]
+    paths = [save(part[:200, :200], tmp_path / f"p{i}.png") for i, part in enumerate(parts)]
+    paths.append(save(parts[5][4:204, 3:203], tmp_path / "again.png"))  # part 5, photographed again
+    embeddings = neighbours_of(len(paths), {40: 5}, seed=3)
+    embeddings[:, :8] += 4.0  # all look alike to the backbone, too
+    thumbnails = detail_thumbnails(paths)
+    finding = find_near_duplicates(embeddings=embeddings, thumbnails=thumbnails)
+    assert [pair for pair, _ in finding.summary["pairs"]] == [(5, 40)]
+    assert AlignedCorrelation(thumbnails)(0, 1) > 0.7  # two different parts
+    assert finding.summary["null_level"] > 0.7 and finding.summary["threshold"] > 0.75
+
+
+def test_tiny_collections_and_mismatched_inputs(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    paths = [save(surface(rng)[:100, :100], tmp_path / f"t{i}.png") for i in range(3)]
+    finding = find_near_duplicates(embeddings=neighbours_of(3, {}, seed=5), thumbnails=detail_thumbnails(paths))
+    assert not finding.is_issue.any() and finding.summary["n_null_pairs"] == 0  # 3 images: every pair is a candidate
+    assert near_duplicate_work(3) == 3 * 2 + 3
+    try:
+        find_near_duplicates(embeddings=neighbours_of(3, {}, seed=5), thumbnails=detail_thumbnails(paths[:2]))
+    except ValueError as error:
+        assert "2 thumbnails for 3 embeddings" in str(error)
+    else:
+        raise AssertionError("mismatched thumbnails must be refused")
