@@ -254,7 +254,7 @@ def issue_queue_table(issues: Sequence[LabelIssueRow], total: int, round_number:
             f'<td>{escape(issue.kind)}</td><td>{escape(issue.given_label or "–")}</td>'
             f'<td><b>{escape(issue.suggested_label or "–")}</b></td><td>{_fmt(issue.score, 3)}</td><td>{now}</td></tr>'
         )
-    more = (f'<p class="more">Showing {len(issues)} of {total}; the rest: <code>GET /rounds/{round_id}/label-issues?offset={len(issues)}</code></p>'
+    more = (f'<p class="more">Showing {len(issues)} of {total}; the rest: <code>GET /rounds/{round_id}/label-issues?kind=label_error&amp;offset={len(issues)}</code></p>'
             if total > len(issues) else "")
     return (
         f'<table class="issues" data-round="{round_number}"><thead><tr><th>#</th><th>image</th><th>kind</th><th>given</th>'
@@ -273,6 +273,9 @@ def _summary_cards(progress: ProgressSeries, latest: RoundReport | None) -> str:
             ("gates passed", f'<span class="verdict {verdict}">{gates}</span>'),
             ("labeled images", str(latest.label_counts.total_labeled)),
             ("flagged label issues", str(latest.n_flagged_label_issues)),
+            ("near-duplicates", str(latest.n_near_duplicates)
+             + (f' <span class="verdict fail" title="test images with a near-copy outside the test split">'
+                f'{latest.n_test_images_with_copy_outside} across test</span>' if latest.n_test_images_with_copy_outside else "")),
             ("round time", f"{_fmt(summary.duration_s, 3)} s" if summary.duration_s is not None else "–"),
         ]
     return "".join(f'<div class="card"><div class="card-label">{label}</div><div class="card-value">{value}</div></div>' for label, value in cards)
@@ -386,7 +389,7 @@ def dashboard(
     issue_round = reports.latest_round_with_issues(session, project_id=project.id)
     issues = None
     if issue_round is not None:
-        page = reports.label_issue_queue(session, round_id=issue_round.id, limit=ISSUE_QUEUE_ROWS, offset=0)
+        page = reports.label_issue_queue(session, round_id=issue_round.id, limit=ISSUE_QUEUE_ROWS, offset=0, kind="label_error")
         issues = (issue_round.id, issue_round.number, page.total, page.items)
     token_query = f"?{urlencode({'token': token})}" if token else ""
     return HTMLResponse(render_dashboard(progress, latest=latest, confusion=confusion, issues=issues, token_query=escape(token_query)))

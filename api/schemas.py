@@ -92,9 +92,13 @@ class RoundOut(RoundSummaryOut):
     step_timings_s: dict[str, float]
     artifact_names: list[str]
     label_counts: LabelCountsOut = Field(description="labels in the store when the round finished")
-    n_label_issues: int
+    n_label_issues: int = Field(description="suspected label errors (near-duplicates and outliers are counted apart)")
     n_flagged_label_issues: int
     n_selected: int
+    n_near_duplicates: int = Field(description="images with a pixel-verified near-copy among the project's images")
+    n_outliers: int
+    n_test_images_with_copy_outside: int | None = Field(
+        description="test images with a near-copy outside the frozen test split: the test metrics are optimistic for them; null: not checked")
 
 
 class LabelIssueOut(Schema):
@@ -109,6 +113,7 @@ class LabelIssueOut(Schema):
     rank: int
     current_label: str | None = Field(description="the image's label now (annotators may have fixed it since)")
     image_url: str
+    related_image_id: int | None = Field(default=None, description="near_duplicate: the copy; outlier: the nearest image")
 
 
 class SelectionOut(Schema):

@@ -162,7 +162,12 @@ def print_round(outcome) -> None:  # noqa: ANN001
         + (f"latency {details['latency']['ms_per_image']:.1f} ms/image (ONNX Runtime, {details['latency']['threads']} threads, {details['latency']['cpu']})"
            if details.get("latency") else "latency not measured")
     )
-    console.print(f"label issues flagged: {details['label_quality']['n_flagged']} · selected for labeling: {details.get('push', {}).get('pushed', 0)} pushed, "
+    data_quality = details.get("data_quality") or {}
+    near = data_quality.get("near_duplicates")
+    console.print(f"label issues flagged: {details['label_quality']['n_flagged']}"
+                  + (f" · near-duplicates: {near['n_issues']} images ({near['pairs_across_test_split']} pairs across the test split)"
+                     f" · outliers: {data_quality['outliers']['n_issues']}" if near else "")
+                  + f" · selected for labeling: {details.get('push', {}).get('pushed', 0)} pushed, "
                   f"{details.get('push', {}).get('pending', 0)} pending · total {outcome.timings_s.get('total', 0):.1f} s")
     console.print(f"plots: {outcome.artifacts.get('confusion_matrix_png')}, {outcome.artifacts.get('gates_png')}")
 

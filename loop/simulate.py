@@ -135,7 +135,7 @@ def _run_one(settings: SimulationSettings, *, strategy: str, seed: int, classes:
     ingest_source(ctx, test_manifest, split="test", show_progress=False)
     ingest_source(ctx, pool_manifest, split="train", show_progress=False)
     record = RunRecord(strategy, seed, flipped_seed_labels=len(flipped_paths))
-    options = RoundOptions(show_progress=False, measure_latency=False, write_artifacts=False, embedding_cache_dir=shared_cache)
+    options = RoundOptions(show_progress=False, measure_latency=False, write_artifacts=False, embedding_cache_dir=shared_cache, find_data_issues=False)
     quiet = Console(quiet=True)
     for _ in range(settings.max_rounds):
         outcome = run_round(ctx, options, console=quiet)

@@ -96,9 +96,13 @@ class RoundReport:
     step_timings_s: dict[str, float]
     artifact_names: list[str]
     label_counts: LabelCounts
-    n_label_issues: int
+    n_label_issues: int  # label errors (the relabel queue); near-duplicates and outliers are counted apart
     n_flagged_label_issues: int
     n_selected: int
+    n_near_duplicates: int = 0  # images with a pixel-verified near-copy
+    n_outliers: int = 0
+    # test images with a near-copy outside the frozen test split (the test metrics are optimistic for them); None: not checked
+    n_test_images_with_copy_outside: int | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,7 @@ class LabelIssueRow:
     flagged: bool
     rank: int
     current_label: str | None
+    related_image_id: int | None = None  # near_duplicate: the copy; outlier: the nearest image
 
 
 @dataclass(frozen=True)
@@ -448,11 +453,16 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
             per_class[class_name][name] = value
     details = round_.details or {}
     class_names = details.get("class_names")
-    n_issues, n_flagged, n_selected = session.execute(select(
-        select(func.count(LabelIssue.id)).where(LabelIssue.round_id == round_id).scalar_subquery(),
-        select(func.count(LabelIssue.id)).where(LabelIssue.round_id == round_id, LabelIssue.flagged.is_(True)).scalar_subquery(),
+    of_round = LabelIssue.round_id == round_id
+    n_issues, n_flagged, n_selected, n_near_duplicates, n_outliers = session.execute(select(
+        select(func.count(LabelIssue.id)).where(of_round, LabelIssue.kind == "label_error").scalar_subquery(),
+        select(func.count(LabelIssue.id)).where(of_round, LabelIssue.kind == "label_error", LabelIssue.flagged.is_(True)).scalar_subquery(),
         select(func.count(Selection.id)).where(Selection.round_id == round_id).scalar_subquery(),
+        select(func.count(LabelIssue.id)).where(of_round, LabelIssue.kind == "near_duplicate").scalar_subquery(),
+        select(func.count(LabelIssue.id)).where(of_round, LabelIssue.kind == "outlier").scalar_subquery(),
     )).one()
+    near = (details.get("data_quality") or {}).get("near_duplicates") or {}
+    across = near.get("test_images_with_a_copy_outside_test")
     counts = label_counts_by_round(session, project_id=round_.project_id, rounds=[round_])[round_.id]
     return RoundReport(
         summary=_summary(round_, gate_rows),
@@ -472,6 +482,9 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         n_label_issues=n_issues or 0,
         n_flagged_label_issues=n_flagged or 0,
         n_selected=n_selected,
+        n_near_duplicates=n_near_duplicates or 0,
+        n_outliers=n_outliers or 0,
+        n_test_images_with_copy_outside=across if isinstance(across, int) else None,
     )
 
 
@@ -597,7 +610,7 @@ def label_issue_queue(
         LabelIssueRow(
             id=issue.id, round_id=issue.round_id, image_id=issue.image_id, kind=issue.kind, given_label=issue.given_label,
             suggested_label=issue.suggested_label, score=issue.score, flagged=issue.flagged, rank=issue.rank,
-            current_label=now.get(issue.image_id),
+            current_label=now.get(issue.image_id), related_image_id=issue.related_image_id,
         )
         for issue in issues
     ]
@@ -624,9 +637,9 @@ def round_selection(session: Session, *, round_id: int, limit: int, offset: int)
 
 
 def latest_round_with_issues(session: Session, *, project_id: int) -> Round | None:
-    """The newest round that recorded label issues: the queue the dashboard shows."""
+    """The newest round that recorded label errors: the queue the dashboard shows."""
     return session.scalars(
-        select(Round).where(Round.project_id == project_id, Round.id.in_(select(LabelIssue.round_id)))
+        select(Round).where(Round.project_id == project_id, Round.id.in_(select(LabelIssue.round_id).where(LabelIssue.kind == "label_error")))
         .order_by(Round.number.desc())
     ).first()
 

@@ -19,7 +19,7 @@ from loop.config import load_config, save_config
 from loop.project import open_project, project_lock
 from modeling.inference import OnnxClassifier
 from store import session_scope
-from store.models import GateResult, Image, LabelEvent, Metric, Prediction, Round, Selection
+from store.models import GateResult, Image, LabelEvent, LabelIssue, Metric, Prediction, Round, Selection
 from store.queries import current_labels
 
 runner = CliRunner()
@@ -237,3 +237,37 @@ def test_unknown_training_option_in_loop_toml_stops_before_any_work(project_with
     assert "unknown training option(s) epocs" in " ".join(result.output.split())
     with session_scope(engine) as session:
         assert session.scalars(select(Round)).all() == []  # no round started, nothing stored
+
+
+def test_a_test_photo_taken_again_for_training_is_reported_as_a_near_duplicate_across_the_split(project_with_pool: Path, tmp_path: Path) -> None:
+    """The same part photographed twice, once in the frozen test split and once ingested for training: the round finds
+    the pair on pixels, warns that the test metrics are optimistic, and records both images with the copy beside them."""
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        test_image = session.scalars(select(Image).where(Image.split == "test").order_by(Image.id)).first()
+        test_id, test_path = test_image.id, Path(test_image.path)
+    again = tmp_path / "again" / test_path.parent.name / "again.png"  # class folder layout: the label is the folder
+    again.parent.mkdir(parents=True)
+    pixels = np.asarray(PILImage.open(test_path).convert("L"), dtype=np.float64)
+    shifted = np.roll(pixels, (2, 3), axis=(0, 1)) * 0.9 + 12  # another shot: moved 2-3 px, another exposure
+    PILImage.fromarray(np.clip(shifted, 0, 255).astype(np.uint8)).save(again)
+    assert invoke("ingest", str(again.parent.parent), "--project", str(project_with_pool), "--split", "train", "--quiet").exit_code == 0
+
+    result = invoke("round", "--project", str(project_with_pool))
+    assert result.exit_code == 0, result.output
+    assert "near-copy outside the frozen test split" in " ".join(result.output.split())
+    with session_scope(ctx.engine) as session:
+        again_id = session.scalars(select(Image).where(Image.path == str(again))).one().id
+        round_row = session.scalars(select(Round)).one()
+        near = round_row.details["data_quality"]["near_duplicates"]
+        issues = {(i.image_id, i.kind): i for i in session.scalars(select(LabelIssue).where(LabelIssue.round_id == round_row.id))}
+        relabel_asked = {s.image_id for s in session.scalars(select(Selection).where(Selection.reason == "suspected_label_error"))}
+    across = {(pair["test_image_id"], pair["image_id"]): pair for pair in near["across_test_split"]}
+    assert across[test_id, again_id]["split"] in ("train", "validation")  # `--split train`: anywhere but test
+    assert near["test_images_with_a_copy_outside_test"] >= 1 and near["threshold"] >= 0.5
+    # every image of a pool of distinct synthetic parts is not a "duplicate": only the planted pair and few others
+    assert near["n_issues"] <= 6
+    assert issues[(again_id, "near_duplicate")].related_image_id == test_id
+    assert issues[(test_id, "near_duplicate")].related_image_id == again_id
+    assert {again_id, test_id}.isdisjoint(relabel_asked)  # a near-copy is not a label error: nobody is asked to relabel it
+    assert "outliers" in round_row.details["data_quality"]

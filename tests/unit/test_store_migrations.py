@@ -33,8 +33,9 @@ def test_opening_a_project_at_revision_0001_adds_the_part_column_and_keeps_rows(
 
     ctx = open_project(project_dir)
     assert "part" in {c["name"] for c in inspect(ctx.engine).get_columns("images")}
+    assert "related_image_id" in {c["name"] for c in inspect(ctx.engine).get_columns("label_issues")}
     with ctx.engine.begin() as connection:
-        assert connection.execute(text("select version_num from alembic_version")).scalar() == "0002"
+        assert connection.execute(text("select version_num from alembic_version")).scalar() == "0003"
         assert connection.execute(text("select count(*) from projects")).scalar() == 1
         assert dict(connection.execute(text("select sha256, split from images")).all()) == splits_before
         assert connection.execute(text("select count(*) from images where part is not null")).scalar() == 0
@@ -57,3 +58,21 @@ def test_the_api_over_an_older_store_upgrades_it_instead_of_failing_on_images(tm
     with TestClient(create_app(Settings(project_dir=project_dir, api_token=SecretStr("t" * 32)))) as client:
         response = client.get("/images/1", headers={"Authorization": "Bearer " + "t" * 32})
     assert response.status_code == 404  # looked up (no such image), not a 500 from a missing column
+
+
+def test_the_migrations_build_exactly_the_models_schema(tmp_path: Path) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from store.models import Base
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    config = Config()
+    config.set_main_option("script_location", str(ALEMBIC_DIR))
+    config.set_main_option("sqlalchemy.url", url)
+    command.upgrade(config, "head")
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    engine.dispose()
+    assert differences == []

@@ -124,7 +124,8 @@ def seed(session, project_dir: Path) -> SeededStore:  # noqa: ANN001
     session.add_all([
         LabelIssue(round_id=r2.id, image_id=image(6), kind="label_error", given_label="scratch", suggested_label="spot", score=0.05, flagged=True, rank=1),
         LabelIssue(round_id=r2.id, image_id=image(5), kind="label_error", given_label="scratch", suggested_label="spot", score=0.10, flagged=True, rank=2),
-        LabelIssue(round_id=r2.id, image_id=image(3), kind="near_duplicate", given_label="good", suggested_label=None, score=0.20, flagged=True, rank=3),
+        LabelIssue(round_id=r2.id, image_id=image(3), kind="near_duplicate", given_label="good", suggested_label=None, score=0.20, flagged=True, rank=3,
+                   related_image_id=image(2)),
         LabelIssue(round_id=r2.id, image_id=image(4), kind="label_error", given_label="good", suggested_label="scratch", score=0.70, flagged=False, rank=4),
         LabelIssue(round_id=r1.id, image_id=image(2), kind="outlier", given_label="good", suggested_label=None, score=0.3, flagged=True, rank=1),
     ])

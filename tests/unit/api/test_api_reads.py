@@ -71,7 +71,9 @@ def test_round_report(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
     assert body["threshold"] == 0.4 and body["class_names"] == ["good", "scratch", "spot"]
     assert body["step_timings_s"] == {"pull": 0.5, "embed": 12.25, "train": 3.0}
     assert body["artifact_names"] == ["confusion_matrix_png", "model_onnx"]  # names only: no server paths leak
-    assert (body["n_label_issues"], body["n_flagged_label_issues"], body["n_selected"]) == (4, 3, 1)
+    # label errors only (3 rows, 2 flagged); the round's near-duplicate is counted apart
+    assert (body["n_label_issues"], body["n_flagged_label_issues"], body["n_selected"]) == (3, 2, 1)
+    assert (body["n_near_duplicates"], body["n_outliers"], body["n_test_images_with_copy_outside"]) == (1, 0, None)
 
 
 def test_round_label_counts_by_source(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
@@ -110,7 +112,9 @@ def test_label_issue_queue(get, seeded_store: SeededStore) -> None:  # noqa: ANN
     assert second["current_label"] == "spot"  # image 5 was relabeled by an annotator since
     everything = get(f"/rounds/{rid}/label-issues?flagged_only=false")
     assert everything["total"] == 4 and everything["items"][-1]["flagged"] is False
-    assert [i["rank"] for i in get(f"/rounds/{rid}/label-issues?kind=near_duplicate")["items"]] == [3]
+    near_duplicates = get(f"/rounds/{rid}/label-issues?kind=near_duplicate")["items"]
+    assert [i["rank"] for i in near_duplicates] == [3]
+    assert near_duplicates[0]["related_image_id"] == seeded_store.image_ids[1]  # the copy, to look at side by side
     assert [i["rank"] for i in get(f"/rounds/{rid}/label-issues?limit=1&offset=1")["items"]] == [2]
 
 
