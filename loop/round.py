@@ -108,6 +108,7 @@ class RoundState:
     estimated_gates: dict[str, bool | None] = field(default_factory=dict)
     label_issue_rows: list[dict[str, Any]] = field(default_factory=list)  # label errors: the relabel queue
     data_issue_rows: list[dict[str, Any]] = field(default_factory=list)  # near-duplicates and outliers
+    near_copies_of_test: set[int] = field(default_factory=set)  # unlabeled pool positions: never selected for labeling
     batch: list[TaskRequest] = field(default_factory=list)
     batch_meta: list[dict[str, Any]] = field(default_factory=list)
     init_training_options: dict[str, Any] = field(default_factory=dict)
@@ -583,20 +584,25 @@ def find_data_issues(state: RoundState) -> None:
     state.data_issue_rows = rows
     in_test = state.splits == "test"
     across = [(a, b, c) if in_test[a] else (b, a, c) for (a, b), c in near.summary["pairs"] if in_test[a] != in_test[b]]
+    # A near-copy of a test image labeled for training would leak it, as a test part's other photos would: an unlabeled
+    # one is held back from selection; a labeled one (train, validation) already leaks, and is warned about.
+    state.near_copies_of_test = {b for _, b, _ in across if state.labels[b] == UNLABELED and state.splits[b] == "pool"}
+    leaking = sorted(((a, b, c) for a, b, c in across if state.labels[b] != UNLABELED), key=lambda t: -t[2])
     near_summary = {key: near.summary[key] for key in ("n_issues", "n_groups", "threshold", "null_level", "n_candidate_pairs")}
     state.details["data_quality"] = {
         "near_duplicates": {
             **near_summary, "n_pairs": len(near.summary["pairs"]), "pairs_across_test_split": len(across),
-            "test_images_with_a_copy_outside_test": len({a for a, _, _ in across}),
+            "test_images_with_a_copy_outside_test": len({a for a, _, _ in leaking}),  # a labeled copy: the test metrics are optimistic
+            "pool_images_held_back_from_labeling": len(state.near_copies_of_test),
             "across_test_split": [{"test_image_id": state.image_ids[a], "image_id": state.image_ids[b], "split": str(state.splits[b]),
-                                   "correlation": c} for a, b, c in sorted(across, key=lambda t: -t[2])[:20]],
+                                   "labeled": bool(state.labels[b] != UNLABELED), "correlation": c} for a, b, c in sorted(across, key=lambda t: -t[2])[:20]],
         },
         "outliers": outliers.summary,
     }
-    if across:
-        examples = ", ".join(f"image {state.image_ids[a]} ~ image {state.image_ids[b]} ({state.splits[b]})" for a, b, _ in sorted(across, key=lambda t: -t[2])[:3])
+    if leaking:
+        examples = ", ".join(f"image {state.image_ids[a]} ~ image {state.image_ids[b]} ({state.splits[b]})" for a, b, _ in leaking[:3])
         state.console.print(
-            f"[yellow]warning:[/] {len({a for a, _, _ in across})} test images have a near-copy outside the frozen test split "
+            f"[yellow]warning:[/] {len({a for a, _, _ in leaking})} test images have a labeled near-copy outside the frozen test split "
             f"(pixel-verified, correlation >= {near.summary['threshold']:.2f}; {examples}): the test metrics are optimistic for them. "
             "Photos of one physical part belong under one `part` in the ingest manifest.")
 
@@ -655,14 +661,15 @@ def _selection_index(state: RoundState):  # noqa: ANN202
 
 
 def _selectable_positions(state: RoundState) -> np.ndarray:
-    """Unlabeled pool images not already waiting in an annotator's queue from an earlier round."""
+    """Unlabeled pool images not already waiting in an annotator's queue from an earlier round, and not a near-copy of a
+    test image."""
     with session_scope(state.ctx.engine) as session:
         waiting = set(session.scalars(
             select(Selection.image_id).join(Round, Round.id == Selection.round_id)
             .where(Round.project_id == get_project(session).id, Round.id != state.round_id)
         ))
     unlabeled = state.positions(labeled=False)
-    keep = [p for p in unlabeled if state.splits[p] == "pool" and state.image_ids[p] not in waiting
+    keep = [p for p in unlabeled if state.splits[p] == "pool" and state.image_ids[p] not in waiting and p not in state.near_copies_of_test
             and state.label_info.get(state.image_ids[p], CurrentLabel(None, None, "unlabeled")).status == "unlabeled"]
     return np.array(keep, dtype=int)
 

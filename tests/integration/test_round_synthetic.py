@@ -252,6 +252,18 @@ def test_a_test_photo_taken_again_for_training_is_reported_as_a_near_duplicate_a
     shifted = np.roll(pixels, (2, 3), axis=(0, 1)) * 0.9 + 12  # another shot: moved 2-3 px, another exposure
     PILImage.fromarray(np.clip(shifted, 0, 255).astype(np.uint8)).save(again)
     assert invoke("ingest", str(again.parent.parent), "--project", str(project_with_pool), "--split", "train", "--quiet").exit_code == 0
+    # and another test photo shot again, not labeled yet: selection must never send it to be labeled for training
+    with session_scope(ctx.engine) as session:
+        second_test = session.scalars(select(Image).where(Image.split == "test", Image.id != test_id).order_by(Image.id)).first()
+        second_test_id, second_path = second_test.id, Path(second_test.path)
+    pool_copy = tmp_path / "pool" / "again-unlabeled.png"
+    pool_copy.parent.mkdir()
+    pixels = np.asarray(PILImage.open(second_path).convert("L"), dtype=np.float64)
+    PILImage.fromarray(np.clip(np.roll(pixels, (-3, 1), axis=(0, 1)) * 1.1 - 5, 0, 255).astype(np.uint8)).save(pool_copy)
+    assert invoke("ingest", str(pool_copy.parent), "--project", str(project_with_pool), "--unlabeled", "--quiet").exit_code == 0
+    config = load_config(project_with_pool)
+    config.loop.budget_per_round = 1000  # every selectable pool image is selected: only a held-back one is not
+    save_config(project_with_pool, config)
 
     result = invoke("round", "--project", str(project_with_pool))
     assert result.exit_code == 0, result.output
@@ -265,6 +277,12 @@ def test_a_test_photo_taken_again_for_training_is_reported_as_a_near_duplicate_a
     across = {(pair["test_image_id"], pair["image_id"]): pair for pair in near["across_test_split"]}
     assert across[test_id, again_id]["split"] in ("train", "validation")  # `--split train`: anywhere but test
     assert near["test_images_with_a_copy_outside_test"] >= 1 and near["threshold"] >= 0.5
+    with session_scope(ctx.engine) as session:
+        pool_copy_id = session.scalars(select(Image).where(Image.path == str(pool_copy))).one().id
+        selected = {s.image_id for s in session.scalars(select(Selection).where(Selection.reason != "suspected_label_error"))}
+        n_pool = len(session.scalars(select(Image).where(Image.split == "pool")).all())
+    assert not across[second_test_id, pool_copy_id]["labeled"]
+    assert pool_copy_id not in selected and len(selected) == n_pool - near["pool_images_held_back_from_labeling"] >= 10
     # every image of a pool of distinct synthetic parts is not a "duplicate": only the planted pair and few others
     assert near["n_issues"] <= 6
     assert issues[(again_id, "near_duplicate")].related_image_id == test_id
