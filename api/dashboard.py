@@ -286,9 +286,12 @@ def _gate_table(latest: RoundReport) -> str:
     for gate in latest.gates:
         verdict = "na" if not gate.applicable else ("pass" if gate.passed else "fail")
         text = "n/a" if not gate.applicable else ("PASS" if gate.passed else "FAIL")
+        interval = "–" if gate.interval_low is None else (
+            f'{_fmt(gate.interval_low, 3)}–{_fmt(gate.interval_high, 3)}' + ("" if gate.settled else ' <span class="unsettled">cannot tell</span>'))
         rows.append(f'<tr><td>{escape(gate.name)}</td><td>{_fmt(gate.value, 4)}</td><td>{escape(gate.comparison)} {_fmt(gate.threshold, 4)}</td>'
-                    f'<td class="verdict {verdict}">{text}</td></tr>')
-    return f'<table class="gates"><thead><tr><th>gate</th><th>value</th><th>needs</th><th></th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+                    f'<td class="verdict {verdict}">{text}</td><td class="interval">{interval}</td></tr>')
+    return ('<table class="gates"><thead><tr><th>gate</th><th>value</th><th>needs</th><th></th><th title="90% interval on the test split, '
+            f'photos of one part as one draw">90% interval</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
 STYLE = """
@@ -311,7 +314,7 @@ svg .threshold-label{font-size:12px;fill:#d73027} svg .fail-zone{fill:#d73027;op
 table{border-collapse:collapse} th,td{padding:4px 8px;text-align:left;border-bottom:1px solid #eef0f2}
 table.confusion td{text-align:center;min-width:48px;border:1px solid #fff} table.confusion caption{caption-side:bottom;color:#7b8794;font-size:12px;padding-top:4px}
 table.issues img.thumb{width:56px;height:56px;object-fit:cover;border-radius:4px;background:#eee}
-.verdict.pass{color:#1a9850;font-weight:600} .verdict.fail{color:#d73027;font-weight:600} .verdict.na{color:#999}
+.unsettled{color:#b7791f;font-size:12px} .verdict.pass{color:#1a9850;font-weight:600} .verdict.fail{color:#d73027;font-weight:600} .verdict.na{color:#999}
 .empty,.more{color:#52606d} code{background:#f0f2f4;padding:1px 4px;border-radius:3px}
 """
 

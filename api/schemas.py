@@ -66,6 +66,9 @@ class GateOut(Schema):
     comparison: str = Field(description='">=" or "<=": value compared with threshold')
     passed: bool | None
     applicable: bool
+    interval_low: float | None = Field(default=None, description="90% interval of the value on the test split, photos of one part as one draw")
+    interval_high: float | None = None
+    settled: bool | None = Field(default=None, description="the interval lies on one side of the threshold: false = this test split cannot tell")
 
 
 class ConfusionMatrixOut(Schema):

@@ -154,6 +154,13 @@ def print_round(outcome) -> None:  # noqa: ANN001
     metrics, details = outcome.metrics, outcome.details
     counts = details["labeled_counts"]
     console.print(gate_table(outcome.gates, title=f"round {outcome.number}: gates on the frozen test split ({metrics['n_images']} images)"))
+    intervals = [(label, details.get("test_intervals", {}).get(name)) for name, label in (("negative_fpr", "FPR"), ("defect_recall", "defect recall"))]
+    intervals = [(label, i) for label, i in intervals if i and i.get("low") is not None]
+    if intervals:  # photos of one part count as one draw: a test split of few parts cannot settle a 3% gate
+        console.print("90% intervals on the test split: " + " · ".join(
+            f"{label} {i['value']:.3f} [{i['low']:.3f}, {i['high']:.3f}] ({i['n_images']} images"
+            + (f" of {i['n_parts']} parts" if i["n_parts"] < i["n_images"] else "")
+            + ("" if i["settled"] else "; cannot settle the gate") + ")" for label, i in intervals))
     threshold = details.get("threshold")
     console.print(
         f"labeled: train {counts['train']}, validation {counts['validation']}, test {counts['test']}; unlabeled {counts['unlabeled']} · "

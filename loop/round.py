@@ -34,7 +34,9 @@ from modeling.anomaly import (
 from modeling.backbones import Backbone, create_backbone
 from modeling.calibration import expected_calibration_error, fit_temperature, logits_from_probabilities, negative_log_likelihood, softmax_with_temperature
 from modeling.embeddings import EmbeddingCache, EmbeddingExtractor, embedding_model_key
-from modeling.evaluation import ThresholdChoice, all_gates_pass, choose_defect_threshold, evaluate_gates, evaluate_predictions, final_predictions
+from modeling.evaluation import (
+    ThresholdChoice, all_gates_pass, choose_defect_threshold, evaluate_gates, evaluate_predictions, final_predictions, proportion_interval_by_part,
+)
 from modeling.inference import OnnxClassifier
 from modeling.image_detail import DETAIL_BLUR_SIGMA, DETAIL_SIZE, detail_thumbnails
 from modeling.progress import progress_bar
@@ -537,6 +539,7 @@ def evaluate_on_test_split(state: RoundState) -> None:
         metrics=state.metrics, latency_ms=state.latency["ms_per_image"] if state.latency else None, macro_f1_min=gates.macro_f1_min,
         defect_recall_min=gates.defect_recall_min, negative_fpr_max=gates.negative_fpr_max, latency_ms_max=gates.latency_ms_max,
     )
+    state.details["test_intervals"] = _test_intervals(state, test, predictions)
     if state.metrics.get("collapsed"):
         state.console.print("[bold red]the model predicts a single class for every test image (collapsed): macro F1 gate set to 0[/]")
     estimated = state.details.get("estimated_metrics") or {}
@@ -545,6 +548,27 @@ def evaluate_on_test_split(state: RoundState) -> None:
         "defect_recall": None if estimated.get("defect_recall") is None else estimated["defect_recall"] >= gates.defect_recall_min,
         "negative_fpr": None if estimated.get("negative_fpr") is None else estimated["negative_fpr"] <= gates.negative_fpr_max,
     }
+
+
+def _test_intervals(state: RoundState, test: np.ndarray, predictions: np.ndarray) -> dict[str, Any]:
+    """90% intervals of the FPR and defect recall gates' values, photos of one part counted as one draw, and whether
+    the test split settles each gate (the interval on one side of it) or cannot tell."""
+    negative = state.config.negative_index
+    if negative is None:
+        return {}
+    parts = np.array([state.parts[p] if state.parts and state.parts[p] is not None else f"image:{p}" for p in test], dtype=object)
+    true_defect, predicted_defect = state.labels[test] != negative, predictions != negative
+    gates = state.config.gates
+    intervals = {}
+    for name, rows, hits, limit, comparison in (("negative_fpr", ~true_defect, predicted_defect, gates.negative_fpr_max, "<="),
+                                                 ("defect_recall", true_defect, predicted_defect, gates.defect_recall_min, ">=")):
+        interval = proportion_interval_by_part(hits=hits[rows], parts=parts[rows])
+        if interval["low"] is not None:
+            below, above = interval["high"] <= limit, interval["low"] >= limit
+            interval["settled"] = bool(below or above)
+            interval["settled_passing"] = bool(below if comparison == "<=" else above)
+        intervals[name] = interval
+    return intervals
 
 
 def flag_label_issues(state: RoundState) -> None:

@@ -75,6 +75,11 @@ class GateRow:
     comparison: str
     passed: bool | None
     applicable: bool
+    # 90% interval of the value on the test split, photos of one part counted as one draw (FPR and defect recall);
+    # settled: the interval lies on one side of the threshold. None: not recorded (other gates, older rounds).
+    interval_low: float | None = None
+    interval_high: float | None = None
+    settled: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -470,7 +475,8 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         metrics=metrics,
         per_class=dict(per_class),
         gates=[
-            GateRow(name=g.name, value=g.value, threshold=g.threshold, comparison=g.comparison, passed=g.passed, applicable=g.applicable)
+            GateRow(name=g.name, value=g.value, threshold=g.threshold, comparison=g.comparison, passed=g.passed, applicable=g.applicable,
+                    **_interval_of(details, g.name))
             for g in gate_rows
         ],
         confusion_matrix=confusion_matrix_of(details),
@@ -486,6 +492,13 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         n_outliers=n_outliers or 0,
         n_test_images_with_copy_outside=across if isinstance(across, int) else None,
     )
+
+
+def _interval_of(details: dict, gate_name: str) -> dict[str, Any]:
+    interval = (details.get("test_intervals") or {}).get(gate_name)
+    if not isinstance(interval, dict) or not isinstance(interval.get("low"), (int, float)):
+        return {}
+    return {"interval_low": float(interval["low"]), "interval_high": float(interval["high"]), "settled": bool(interval.get("settled"))}
 
 
 def progress_series(session: Session, *, project_id: int) -> ProgressSeries | None:

@@ -71,6 +71,10 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
         assert {session.get(Image, s.image_id).split for s in selected} == {"pool"}
         details, artifacts, timings = round_row.details, round_row.artifacts, round_row.step_timings_s
     assert details["threshold_source"] == "out_of_fold" and 0 < details["threshold"] <= 1
+    # no parts: every test photo is its own draw, plain Clopper-Pearson around the gate's value
+    fpr, recall = details["test_intervals"]["negative_fpr"], details["test_intervals"]["defect_recall"]
+    assert fpr["n_parts"] == fpr["n_images"] and fpr["low"] <= fpr["value"] <= fpr["high"]
+    assert recall["low"] <= recall["value"] <= recall["high"] and recall["n_images"] + fpr["n_images"] == details["labeled_counts"]["test"]
     # The head learned from validation too, so its temperature comes from out-of-fold probabilities.
     calibration = details["calibration"]
     assert calibration["method"] == "temperature" and calibration["fitted_on"] == "out_of_fold"

@@ -86,3 +86,9 @@ def test_simulate_from_a_manifest_with_parts_keeps_each_part_on_one_side(tmp_pat
         last = session.scalars(select(Round).where(Round.number == 2)).one()
     assert last.details["out_of_fold"]["grouped_by_part"] is True
     assert last.details["anomaly"]["good_part_scores"] == "leave-one-part-out"
+    # the test split's FPR and recall intervals count a part's two photos as one draw
+    fpr = last.details["test_intervals"]["negative_fpr"]
+    with open(out / "seed-0" / "test.csv", newline="") as handle:
+        good_test = [row for row in csv.DictReader(handle) if row["label"] == "good"]
+    assert fpr["n_images"] == len(good_test) and fpr["n_parts"] == len({row["part"] for row in good_test}) < fpr["n_images"]
+    assert fpr["low"] <= fpr["value"] <= fpr["high"] and isinstance(fpr["settled"], bool)

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from scipy.stats import norm
+from scipy.stats import beta, norm
 
 from modeling.evaluation import (
     choose_defect_threshold,
@@ -197,3 +197,28 @@ def test_threshold_never_fails_the_gate_on_its_own_good_parts_once_some_false_po
     few = choose_defect_threshold(p_defect=np.concatenate([good[::10], defects[:10]]), is_defect=np.r_[np.zeros(30, bool), np.ones(10, bool)],
                                   max_fpr=0.03, confidence=0.75)
     assert few.allowed_false_positives == 0  # 30 good parts: no guard; the rank/tail blend decides as before
+
+
+def test_interval_by_part_widens_when_photos_of_one_part_agree() -> None:
+    from modeling.evaluation import proportion_interval_by_part
+
+    # magnetic tile's test split: 193 good photos of 33 tiles; 7 false positives on 3 tiles
+    parts = np.repeat(np.arange(33), 6)[:193]
+    hits = np.zeros(193, dtype=bool)
+    hits[[0, 1, 2, 6, 7, 12, 13]] = True
+    by_photo = proportion_interval_by_part(hits=hits)
+    by_part = proportion_interval_by_part(hits=hits, parts=parts)
+    assert by_photo["value"] == by_part["value"] == pytest.approx(7 / 193)
+    assert by_photo["effective_n"] == 193 and by_photo["n_parts_with_hits"] == 7
+    assert (by_part["n_parts"], by_part["n_parts_with_hits"]) == (33, 3)
+    assert by_part["effective_n"] < 100 and by_part["high"] > by_photo["high"] + 0.02 and by_part["low"] < by_photo["low"]
+    # plain Clopper-Pearson without parts: 7 of 193, two-sided 90%
+    assert by_photo["low"] == pytest.approx(beta.ppf(0.05, 7, 187)) and by_photo["high"] == pytest.approx(beta.ppf(0.95, 8, 186))
+    # no false positive at all: 33 tiles cannot show an FPR under 3%, 193 independent photos could
+    clean = np.zeros(193, dtype=bool)
+    assert proportion_interval_by_part(hits=clean, parts=parts)["high"] > 0.08 > 0.03 > proportion_interval_by_part(hits=clean)["high"]
+    # the same hits spread over many parts carry more information than hits bunched in a few
+    spread = np.zeros(193, dtype=bool)
+    spread[[0, 6, 12, 18, 24, 30, 36]] = True
+    assert proportion_interval_by_part(hits=spread, parts=parts)["effective_n"] > by_part["effective_n"]
+    assert proportion_interval_by_part(hits=np.zeros(0, dtype=bool))["high"] is None

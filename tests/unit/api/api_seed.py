@@ -87,7 +87,8 @@ def seed(session, project_dir: Path) -> SeededStore:  # noqa: ANN001
                artifacts={"model_onnx": str(model_path), "confusion_matrix_png": str(project_dir / "cm.png")},
                details={"confusion_matrix": {"labels": CLASSES, "matrix": [[9, 1, 0], [0, 4, 1], [1, 0, 4]]}, "threshold": 0.4,
                         "class_names": CLASSES, "negative_class": "good",
-                        "preprocessing": {"image_size": 8, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}})
+                        "preprocessing": {"image_size": 8, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+                        "test_intervals": {"negative_fpr": {"value": 0.02, "low": 0.004, "high": 0.09, "settled": False}}})
     r3 = Round(project_id=project.id, number=3, status="failed", error="embedding failed: out of memory", started_at=T0 + timedelta(hours=3))
     r4 = Round(project_id=project.id, number=4, status="running", started_at=T0 + timedelta(hours=5))
     session.add_all([r1, r2, r3, r4])

@@ -65,3 +65,11 @@ def test_project_choice_and_empty_project(client: TestClient, seeded_store: Seed
     html = _page(client, f"&project_id={seeded_store.empty_project_id}")
     assert "empty-line" in html and "No gate recorded yet." in html and "No label issues recorded yet." in html
     assert client.get(f"/dashboard?token={READ_TOKEN}&project_id=999").status_code == 404
+
+
+def test_gate_table_shows_the_interval_and_when_the_test_split_cannot_tell(client: TestClient) -> None:
+    html = _page(client)
+    table = re.search(r'<table class="gates">.*?</table>', html, re.S).group(0)
+    fpr_row = re.search(r"<tr><td>negative_fpr</td>.*?</tr>", table).group(0)
+    assert '<td class="interval">0.004–0.09 <span class="unsettled">cannot tell</span></td>' in fpr_row
+    assert '<td class="interval">–</td>' in re.search(r"<tr><td>macro_f1</td>.*?</tr>", table).group(0)

@@ -65,8 +65,11 @@ def test_round_report(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
     assert body["per_class"]["scratch"] == {"f1": 0.7, "recall": pytest.approx(0.75)}
     assert set(body["per_class"]) == {"good", "scratch", "spot"}
     gates = {g["name"]: g for g in body["gates"]}
-    assert gates["negative_fpr"] == {"name": "negative_fpr", "value": 0.02, "threshold": 0.03, "comparison": "<=", "passed": True, "applicable": True}
-    assert gates["calibration_ece"] == {"name": "calibration_ece", "value": None, "threshold": 0.1, "comparison": "<=", "passed": None, "applicable": False}
+    assert gates["negative_fpr"] == {"name": "negative_fpr", "value": 0.02, "threshold": 0.03, "comparison": "<=", "passed": True, "applicable": True,
+                                     "interval_low": 0.004, "interval_high": 0.09, "settled": False}  # passed, but this test split cannot tell
+    assert (gates["macro_f1"]["interval_low"], gates["macro_f1"]["settled"]) == (None, None)  # no interval recorded for it
+    assert gates["calibration_ece"] == {"name": "calibration_ece", "value": None, "threshold": 0.1, "comparison": "<=", "passed": None, "applicable": False,
+                                        "interval_low": None, "interval_high": None, "settled": None}
     assert body["confusion_matrix"] == {"labels": ["good", "scratch", "spot"], "matrix": [[9, 1, 0], [0, 4, 1], [1, 0, 4]]}
     assert body["threshold"] == 0.4 and body["class_names"] == ["good", "scratch", "spot"]
     assert body["step_timings_s"] == {"pull": 0.5, "embed": 12.25, "train": 3.0}
