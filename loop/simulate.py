@@ -148,6 +148,10 @@ def _run_one(settings: SimulationSettings, *, strategy: str, seed: int, classes:
             **{name: gates[name].value for name in QUALITY_GATES}, "accuracy": outcome.metrics["accuracy"], "quality_gates_pass": passed,
             "seconds": round(outcome.timings_s.get("total", 0.0), 2),
         }
+        fpr_interval = outcome.details.get("test_intervals", {}).get("negative_fpr")
+        if fpr_interval and fpr_interval.get("low") is not None:  # what the test split can resolve (parts count once)
+            point.update(negative_fpr_interval=[round(fpr_interval["low"], 4), round(fpr_interval["high"], 4)],
+                         negative_fpr_settled=fpr_interval["settled"], test_good_parts=fpr_interval["n_parts"], negative_fpr_max=gates["negative_fpr"].threshold)
         if flipped_paths:
             point.update(_label_issue_quality(ctx, outcome.round_id, flipped_paths))
         record.curve.append(point)
@@ -212,6 +216,18 @@ def _write_markdown(settings: SimulationSettings, result: dict[str, Any]) -> Non
     for name, s in result["strategies"].items():
         ratio = s["fewer_labels_than_random"]
         lines.append(f"| {name} | {s['labels_to_pass_gates']} | {s['labels_to_pass_gates_per_seed']} | {s['seeds_passing']}/{settings.seeds} | {'' if ratio is None else f'{ratio:.2f}'} |")
+    lines += ["", "FPR gate per round, on the test split (90% interval, a part's photos as one draw):", "",
+              "| strategy | rounds | over the gate | settled: under / over | cannot tell | good parts in the test split |", "|---|---|---|---|---|---|"]
+    for name, s in result["strategies"].items():
+        points = [p for run in s["runs"] for p in run["curve"] if p.get("negative_fpr_interval")]
+        if not points:
+            continue
+        over = sum(p["negative_fpr"] > p["negative_fpr_max"] for p in points)
+        under_settled = sum(p["negative_fpr_settled"] and p["negative_fpr_interval"][1] <= p["negative_fpr_max"] for p in points)
+        over_settled = sum(p["negative_fpr_settled"] and p["negative_fpr_interval"][0] >= p["negative_fpr_max"] for p in points)
+        parts = sorted({p["test_good_parts"] for p in points})
+        lines.append(f"| {name} | {len(points)} | {over} | {under_settled} / {over_settled} | {len(points) - under_settled - over_settled} | "
+                     f"{', '.join(map(str, parts))} |")
     (settings.out / "simulation.md").write_text("\n".join(lines) + "\n")
 
 

@@ -92,3 +92,5 @@ def test_simulate_from_a_manifest_with_parts_keeps_each_part_on_one_side(tmp_pat
         good_test = [row for row in csv.DictReader(handle) if row["label"] == "good"]
     assert fpr["n_images"] == len(good_test) and fpr["n_parts"] == len({row["part"] for row in good_test}) < fpr["n_images"]
     assert fpr["low"] <= fpr["value"] <= fpr["high"] and isinstance(fpr["settled"], bool)
+    report = (out / "simulation.md").read_text()
+    assert "| default | 2 |" in report and "cannot tell" in report  # the FPR-gate table: 2 rounds of one seed
