@@ -640,7 +640,7 @@ def _detail_thumbnails(state: RoundState) -> np.ndarray:
         path_by_hash = dict(zip(state.hashes, state.paths))
         with progress_bar(f"detail thumbnails of {len(missing)} new images", total=len(missing), enabled=state.options.show_progress) as advance:
             cache.put(missing, detail_thumbnails([path_by_hash[sha] for sha in missing], advance=advance).astype(np.float16))
-    return cache.get(state.hashes).astype(np.float32)
+    return cache.get(state.hashes)  # float16 rows; find_near_duplicates reads them one at a time
 
 
 def select_next_batch(state: RoundState) -> None:
