@@ -72,8 +72,42 @@ def load_folder_dataset(name: str, *, root: Path = DATASETS_ROOT, negative: str 
     )
 
 
-def load_neu(root: Path = DATASETS_ROOT) -> Dataset:
-    return load_folder_dataset("neu", root=root)
+# How NEU is split: "near_duplicate" keeps pixel-verified near-copies together (shifted, overlapping crops of one steel
+# surface: 684 of the 1800 images, in 250 groups, all within one class; benchmarks/split_leakage.py); "file" keeps only
+# byte-identical files together, as every NEU figure before 2026-12-02 did.
+NEU_GROUPS = "near_duplicate"
+
+
+def near_duplicate_groups(paths: list[str]) -> np.ndarray:
+    """A group id per image: connected groups of what `loop round` flags as near-duplicates (pixel-verified), others alone."""
+    from modeling.embeddings import compute_embeddings
+    from modeling.image_detail import detail_thumbnails
+    from modeling.label_quality import find_near_duplicates
+
+    embeddings = compute_embeddings(paths=paths, image_size=224, pooling="multilayer", progress=False)
+    finding = find_near_duplicates(embeddings=embeddings, thumbnails=detail_thumbnails(paths))
+    groups = np.arange(len(paths))
+    for group in finding.summary["groups"]:
+        groups[group] = group[0]
+    return groups
+
+
+def load_neu(root: Path = DATASETS_ROOT, *, group_by: str | None = None) -> Dataset:
+    return _grouped(load_folder_dataset("neu", root=root), group_by or NEU_GROUPS, "near_duplicate", near_duplicate_groups,
+                    "splits keep pixel-verified near-copies (overlapping crops of one surface) together",
+                    "splits keep only byte-identical files together: overlapping crops of one surface may straddle them")
+
+
+def _grouped(dataset: Dataset, group_by: str, physical: str, find_groups: Any, physical_note: str, file_note: str) -> Dataset:
+    """Splits by `physical` groups (found by find_groups(paths), merged with byte-identical copies) or by `file`."""
+    if group_by == physical:
+        dataset.groups = _merge_groups(dataset.groups, find_groups(dataset.paths)).astype(str)
+        dataset.note = physical_note
+    elif group_by == "file":
+        dataset.note = file_note
+    else:
+        raise ValueError(f"group_by must be {physical}|file, got {group_by!r}")
+    return dataset
 
 
 def exposure_series(paths: list[str], *, max_counter_gap: int = 300, min_correlation: float = 0.5) -> np.ndarray:
@@ -147,16 +181,9 @@ MAGNETIC_TILE_GROUPS = "tile"
 
 
 def load_magnetic_tile(root: Path = DATASETS_ROOT, *, group_by: str | None = None) -> Dataset:
-    dataset = load_folder_dataset("magnetic_tile", root=root, negative="free")
-    group_by = group_by or MAGNETIC_TILE_GROUPS
-    if group_by == "tile":
-        dataset.groups = _merge_groups(dataset.groups, exposure_series(dataset.paths)).astype(str)
-        dataset.note = "splits keep every exposure of a physical tile together (exposure series from file names + thumbnails)"
-    elif group_by == "file":
-        dataset.note = "splits keep only byte-identical files together: a tile's other exposures may be on the other side"
-    else:
-        raise ValueError(f"group_by must be tile|file, got {group_by!r}")
-    return dataset
+    return _grouped(load_folder_dataset("magnetic_tile", root=root, negative="free"), group_by or MAGNETIC_TILE_GROUPS, "tile", exposure_series,
+                    "splits keep every exposure of a physical tile together (exposure series from file names + thumbnails)",
+                    "splits keep only byte-identical files together: a tile's other exposures may be on the other side")
 
 
 def load_mvtec_bottle(root: Path = DATASETS_ROOT) -> Dataset:

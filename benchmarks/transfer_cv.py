@@ -9,6 +9,8 @@ split carved out of the training folds (never on the held-out fold).
   physical tile is photographed under six exposures (exp1-exp6); folds keep a tile's exposures together
   (transfer_common.exposure_series). With --magnetic-tile-groups file they leak into training, which is what every
   magnetic tile figure before 2026-12-02 measured: head + anomaly blend at 384 px, macro F1 0.956 that way, 0.60 by tile.
+- NEU: a quarter of its images are shifted, overlapping crops of another image's surface; folds keep such near-copies
+  together (`find_near_duplicates`, pixel-verified). --neu-groups file keeps only byte-identical files together.
 - MVTec bottle, all 292 images pooled (binary good/defect): ROC-AUC pooled out-of-fold.
 - MVTec bottle few-shot: 10 defect images labeled (plus the 209 train/good), 5 seeds; held out: the other 53
   defects + the 20 test/good; the threshold comes from a validation split of the labeled images only.
@@ -180,7 +182,8 @@ def write_report(out: Path, results: dict[str, Any], command: str) -> None:
     (out / "transfer_cv.json").write_text(json.dumps(results, indent=2, default=float))
     lines = ["# Transfer learning: 5-fold stratified cross-validation", "", f"Command: `{command}`", "",
              "Folds: StratifiedGroupKFold(5, shuffle=True, random_state=0), groups = file sha256 (duplicates stay together); "
-             f"magnetic tile: {transfer_common.MAGNETIC_TILE_GROUPS} groups (`--magnetic-tile-groups`; tile = every exposure of one physical tile together). "
+             f"magnetic tile: {transfer_common.MAGNETIC_TILE_GROUPS} groups (`--magnetic-tile-groups`; tile = every exposure of one physical tile together); "
+             f"NEU: {transfer_common.NEU_GROUPS} groups (`--neu-groups`; near_duplicate = pixel-verified overlapping crops together). "
              "Inside the training folds, 20% (stratified, grouped) is the validation split: early stopping, temperature and the "
              f"FPR <= {MAX_FPR:.0%} threshold (modeling.evaluation.choose_defect_threshold, confidence {transfer_common.THRESHOLD_CONFIDENCE}) come from it only.", ""]
     rows = []
@@ -236,11 +239,15 @@ def main() -> None:
     parser.add_argument("--magnetic-tile-groups", default="tile", choices=["tile", "file"],
                         help="tile (default): a tile's exposures never straddle a split; file: only byte-identical files kept together "
                              "(every figure before 2026-12-02: the tile's other exposures leak into training)")
+    parser.add_argument("--neu-groups", default="near_duplicate", choices=["near_duplicate", "file"],
+                        help="near_duplicate (default): overlapping crops of one surface never straddle a split; file: only byte-identical "
+                             "files kept together (every NEU figure before 2026-12-02)")
     parser.add_argument("--set-for", action="append", default=[], metavar="DATASET:KEY=VALUE", help="training option for one dataset")
     args = parser.parse_args()
     transfer_common.POOLING = args.pooling
     transfer_common.BACKBONE = args.backbone
     transfer_common.MAGNETIC_TILE_GROUPS = args.magnetic_tile_groups
+    transfer_common.NEU_GROUPS = args.neu_groups
     if args.threshold_confidence is not None:
         transfer_common.THRESHOLD_CONFIDENCE = args.threshold_confidence
     args.out.mkdir(parents=True, exist_ok=True)

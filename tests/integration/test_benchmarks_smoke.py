@@ -41,3 +41,16 @@ def test_transfer_cv_quick_on_mvtec_at_an_image_size_onnx_used_to_refuse(tmp_pat
     # MVTec bottle is easy for frozen features (5-fold AUC 1.0); a broken blend or threshold shows up here
     assert pooled["roc_auc"] >= 0.99 and pooled["defect_recall"] >= 0.9 and pooled["fpr"] <= 0.1, pooled
     assert "| mvtec_bottle |" in (tmp_path / "transfer_cv.md").read_text()
+
+
+@pytest.mark.slow
+def test_split_leakage_on_mvtec_finds_no_pile_of_look_alikes(tmp_path: Path, real_dataset) -> None:
+    real_dataset("mvtec_bottle")
+    run_script("benchmarks/split_leakage.py", "--out", str(tmp_path), "--datasets", "mvtec_bottle")
+    result = json.loads((tmp_path / "split_leakage.json").read_text())["datasets"]["mvtec_bottle"]
+    # every bottle has a look-alike by cosine (>= 0.95 for 284 of 292), but almost none is a copy on pixels
+    assert result["cosine"]["images_with_neighbor_at_or_above"]["0.95"] >= 250
+    near = result["near_duplicates"]
+    assert near["n_images"] <= 6 and near["null_level"] > 0.8 and near["threshold"] > 0.85
+    assert result["probe"]["by_file"]["roc_auc"] >= 0.99
+    assert "## mvtec_bottle" in (tmp_path / "split_leakage.md").read_text()
