@@ -274,7 +274,7 @@ def _summary_cards(progress: ProgressSeries, latest: RoundReport | None) -> str:
             ("labeled images", str(latest.label_counts.total_labeled)),
             ("flagged label issues", str(latest.n_flagged_label_issues)),
             ("near-duplicates", str(latest.n_near_duplicates)
-             + (f' <span class="verdict fail" title="test images with a near-copy outside the test split">'
+             + (f' <span class="verdict fail" title="test images with a labeled near-copy outside the test split">'
                 f'{latest.n_test_images_with_copy_outside} across test</span>' if latest.n_test_images_with_copy_outside else "")),
             ("round time", f"{_fmt(summary.duration_s, 3)} s" if summary.duration_s is not None else "–"),
         ]

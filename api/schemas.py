@@ -101,7 +101,8 @@ class RoundOut(RoundSummaryOut):
     n_near_duplicates: int = Field(description="images with a pixel-verified near-copy among the project's images")
     n_outliers: int
     n_test_images_with_copy_outside: int | None = Field(
-        description="test images with a near-copy outside the frozen test split: the test metrics are optimistic for them; null: not checked")
+        description="test images with a labeled near-copy outside the frozen test split (train or validation): the test metrics are "
+                    "optimistic for them; unlabeled copies are held back from labeling instead; null: not checked")
 
 
 class LabelIssueOut(Schema):

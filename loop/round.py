@@ -56,6 +56,7 @@ from store.queries import CurrentLabel, actively_selected_image_ids, current_lab
 # whole labeled non-test pool instead: a few dozen good parts cannot pin down a 3% false-positive rate.
 MIN_VALIDATION_NEGATIVES = 200
 UNLABELED = -1
+MAX_DATA_ISSUE_ROWS = 1000  # near-duplicate / outlier rows stored per kind and round
 
 
 @dataclass
@@ -556,7 +557,7 @@ def _test_intervals(state: RoundState, test: np.ndarray, predictions: np.ndarray
     negative = state.config.negative_index
     if negative is None:
         return {}
-    parts = np.array([state.parts[p] if state.parts and state.parts[p] is not None else f"image:{p}" for p in test], dtype=object)
+    parts = np.array([f"part:{state.parts[p]}" if state.parts and state.parts[p] is not None else f"image:{p}" for p in test], dtype=object)
     true_defect, predicted_defect = state.labels[test] != negative, predictions != negative
     gates = state.config.gates
     intervals = {}
@@ -590,17 +591,19 @@ def find_data_issues(state: RoundState) -> None:
     """Near-duplicates (pixel-verified) and outliers over every image of the project. A near-copy on the other side of
     the frozen test split makes the test metrics optimistic: on magnetic tile, a tile's other exposures in the training
     folds put a linear probe's ROC-AUC at 0.994 instead of 0.894 (benchmarks/split_leakage.py); the round says so."""
-    if not state.options.find_data_issues:
+    if not (state.options.find_data_issues and state.config.loop.data_issues):
         return
     thumbnails = _detail_thumbnails(state)
+    parts = np.array([f"part:{part}" if part is not None else None for part in state.parts], dtype=object) if state.parts else None
     with progress_bar("checking near-duplicates on pixels", total=near_duplicate_work(len(state.image_ids)), enabled=state.options.show_progress) as advance:
-        near = find_near_duplicates(embeddings=state.embeddings, thumbnails=thumbnails, seed=state.config.loop.seed, advance=advance)
+        near = find_near_duplicates(embeddings=state.embeddings, thumbnails=thumbnails, known_groups=parts, seed=state.config.loop.seed, advance=advance)
     outliers = find_outliers(embeddings=state.embeddings)
     classes = state.config.classes
     rows = []
     for kind, finding in (("near_duplicate", near), ("outlier", outliers)):
         flagged = np.flatnonzero(finding.is_issue)
-        for rank, position in enumerate(flagged[np.argsort(finding.scores[flagged], kind="stable")]):
+        # the strongest MAX_DATA_ISSUE_ROWS per kind are stored each round; details keep the full counts
+        for rank, position in enumerate(flagged[np.argsort(finding.scores[flagged], kind="stable")][:MAX_DATA_ISSUE_ROWS]):
             related = int(finding.related[position])
             rows.append({"image_id": state.image_ids[position], "kind": kind, "rank": rank, "score": float(finding.scores[position]),
                          "given_label": classes[state.labels[position]] if state.labels[position] != UNLABELED else None,
@@ -608,9 +611,11 @@ def find_data_issues(state: RoundState) -> None:
     state.data_issue_rows = rows
     in_test = state.splits == "test"
     across = [(a, b, c) if in_test[a] else (b, a, c) for (a, b), c in near.summary["pairs"] if in_test[a] != in_test[b]]
-    # A near-copy of a test image labeled for training would leak it, as a test part's other photos would: an unlabeled
-    # one is held back from selection; a labeled one (train, validation) already leaks, and is warned about.
-    state.near_copies_of_test = {b for _, b, _ in across if state.labels[b] == UNLABELED and state.splits[b] == "pool"}
+    # A near-copy of a test image labeled for training would leak it, as a test part's other photos would: the unlabeled
+    # pool images of every near-duplicate group that holds a test image are held back from selection; a labeled copy
+    # (train, validation) already leaks, and is warned about.
+    state.near_copies_of_test = {int(p) for group in near.summary["groups"] if in_test[group].any() for p in group
+                                 if state.labels[p] == UNLABELED and state.splits[p] == "pool"}
     leaking = sorted(((a, b, c) for a, b, c in across if state.labels[b] != UNLABELED), key=lambda t: -t[2])
     near_summary = {key: near.summary[key] for key in ("n_issues", "n_groups", "threshold", "null_level", "n_candidate_pairs")}
     state.details["data_quality"] = {
@@ -639,7 +644,7 @@ def _detail_thumbnails(state: RoundState) -> np.ndarray:
     if missing:
         path_by_hash = dict(zip(state.hashes, state.paths))
         with progress_bar(f"detail thumbnails of {len(missing)} new images", total=len(missing), enabled=state.options.show_progress) as advance:
-            cache.put(missing, detail_thumbnails([path_by_hash[sha] for sha in missing], advance=advance).astype(np.float16))
+            cache.put(missing, detail_thumbnails([path_by_hash[sha] for sha in missing], advance=advance, dtype=np.float16))
     return cache.get(state.hashes)  # float16 rows; find_near_duplicates reads them one at a time
 
 

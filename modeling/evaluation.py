@@ -314,30 +314,37 @@ def evaluate_predictions(*, y_true: np.ndarray, y_pred: np.ndarray, probabilitie
     return metrics
 
 
+# Parts with a hit (and with a miss) needed before their spread sets the effective sample size.
+MIN_PARTS_FOR_SPREAD = 5
+
+
 def proportion_interval_by_part(*, hits: np.ndarray, parts: np.ndarray | None = None, confidence: float = 0.90) -> dict:
     """A share of images (defect recall, FPR) with a two-sided interval that knows photos of one part are not
     independent: one flagged good tile of magnetic tile is six photos, 3.1% of a test split of 32 good tiles.
 
     Clopper-Pearson on an effective sample size n_eff = p(1-p) / Var(p), Var from the spread of hits between parts
-    (the ratio estimator's linearisation); with no hit, or none missed, the spread says nothing and n_eff is the number
-    of parts (as if a part's photos always agreed, the cautious end). Without parts every image is its own part and
-    this is plain Clopper-Pearson."""
+    (the ratio estimator's linearisation), kept within [number of parts, number of images]. While fewer than
+    MIN_PARTS_FOR_SPREAD parts carry a hit (or a miss) the spread says next to nothing, and n_eff is the number of
+    parts (as if a part's photos always agreed, the cautious end): otherwise one false positive would look more
+    certain than none. Without parts every image is its own part and this is plain Clopper-Pearson."""
     hits = np.asarray(hits, dtype=bool)
     n = len(hits)
     part_ids = np.arange(n) if parts is None else np.unique(np.asarray(parts, dtype=object).astype(str), return_inverse=True)[1]
     m = int(part_ids.max()) + 1 if n else 0
     result = {"value": float(hits.mean()) if n else None, "n_images": n, "n_parts": m, "n_hits": int(hits.sum()),
-              "n_parts_with_hits": int(len(np.unique(part_ids[hits]))), "confidence": confidence}
+              "n_parts_with_hits": int(len(np.unique(part_ids[hits]))) if n else 0, "confidence": confidence}
     if n == 0:
         return {**result, "low": None, "high": None, "effective_n": 0.0}
     share = float(hits.mean())
     photos_per_part = np.bincount(part_ids, minlength=m)
     hits_per_part = np.bincount(part_ids, weights=hits.astype(float), minlength=m)
     variance = m / max(m - 1, 1) * float(np.sum((hits_per_part - share * photos_per_part) ** 2)) / n ** 2
+    parts_with_hits = int(np.count_nonzero(hits_per_part))
+    parts_with_misses = int(np.count_nonzero(hits_per_part < photos_per_part))
     if m == n:
         effective_n = float(n)  # one image per part: independent draws
-    elif 0.0 < share < 1.0 and variance > 0 and m > 1:
-        effective_n = float(np.clip(share * (1 - share) / variance, 1.0, n))
+    elif min(parts_with_hits, parts_with_misses) >= MIN_PARTS_FOR_SPREAD and variance > 0:
+        effective_n = float(np.clip(share * (1 - share) / variance, m, n))
     else:
         effective_n = float(m)
     successes = share * effective_n

@@ -19,7 +19,8 @@ import numpy as np
 DETAIL_SIZE = 128  # px, square
 DETAIL_BLUR_SIGMA = 2.0  # px at DETAIL_SIZE: what is subtracted (shape, lighting) vs kept (surface detail)
 MIN_OVERLAP = 0.5  # an alignment must overlap at least this share of the thumbnail
-N_PEAKS = 3  # phase-correlation peaks tried per pair: a periodic texture can put the true shift second
+N_PEAKS = 3  # distinct phase-correlation peaks tried per pair: a periodic texture can put the true shift second
+PEAK_EXCLUSION = 2  # px around a peak that belong to it (a sub-pixel shift spreads one peak over neighbours)
 
 
 def detail_thumbnail(path: str | Path) -> np.ndarray:
@@ -32,14 +33,27 @@ def detail_thumbnail(path: str | Path) -> np.ndarray:
     return pixels - gaussian_filter(pixels, DETAIL_BLUR_SIGMA)
 
 
-def detail_thumbnails(paths: Sequence[str | Path], *, advance: Callable[[int], None] | None = None) -> np.ndarray:
-    """(n, DETAIL_SIZE * DETAIL_SIZE) float32 rows, one per path (flattened so an embedding cache can hold them)."""
-    rows = np.empty((len(paths), DETAIL_SIZE * DETAIL_SIZE), dtype=np.float32)
+def detail_thumbnails(paths: Sequence[str | Path], *, advance: Callable[[int], None] | None = None, dtype: type = np.float32) -> np.ndarray:
+    """(n, DETAIL_SIZE * DETAIL_SIZE) rows, one per path (flattened so an embedding cache can hold them)."""
+    rows = np.empty((len(paths), DETAIL_SIZE * DETAIL_SIZE), dtype=dtype)
     for row, path in enumerate(paths):
         rows[row] = detail_thumbnail(path).ravel()
         if advance is not None:
             advance(1)
     return rows
+
+
+def _distinct_peaks(surface: np.ndarray) -> list[tuple[int, int]]:
+    """The N_PEAKS highest points of a (circular) correlation surface, each at least PEAK_EXCLUSION + 1 px from the others."""
+    surface = surface.copy()
+    peaks = []
+    for _ in range(N_PEAKS):
+        dy, dx = (int(v) for v in np.unravel_index(int(np.argmax(surface)), surface.shape))
+        peaks.append((dy, dx))
+        rows = np.arange(dy - PEAK_EXCLUSION, dy + PEAK_EXCLUSION + 1) % surface.shape[0]
+        cols = np.arange(dx - PEAK_EXCLUSION, dx + PEAK_EXCLUSION + 1) % surface.shape[1]
+        surface[np.ix_(rows, cols)] = -np.inf
+    return peaks
 
 
 class AlignedCorrelation:
@@ -74,8 +88,7 @@ class AlignedCorrelation:
         image_a, image_b = self._image(a), self._image(b)
         surface = np.fft.irfft2(cross / np.maximum(np.abs(cross), 1e-9), s=(DETAIL_SIZE, DETAIL_SIZE))
         best = -1.0
-        for flat in np.argpartition(-surface.ravel(), N_PEAKS)[:N_PEAKS]:
-            dy, dx = (int(v) for v in np.unravel_index(flat, surface.shape))
+        for dy, dx in _distinct_peaks(surface):
             dy, dx = (dy - DETAIL_SIZE if dy > DETAIL_SIZE // 2 else dy), (dx - DETAIL_SIZE if dx > DETAIL_SIZE // 2 else dx)
             if (DETAIL_SIZE - abs(dy)) * (DETAIL_SIZE - abs(dx)) < MIN_OVERLAP * DETAIL_SIZE * DETAIL_SIZE:
                 continue

@@ -458,7 +458,7 @@ MIN_DETAIL_CORRELATION = 0.5
 
 def find_near_duplicates(
     *, embeddings: np.ndarray, threshold: float = 0.98, thumbnails: np.ndarray | None = None, k: int = NEAR_DUPLICATE_NEIGHBORS,
-    seed: int = 0, advance: Callable[[int], None] | None = None,
+    known_groups: np.ndarray | None = None, seed: int = 0, advance: Callable[[int], None] | None = None,
 ) -> Finding:
     """Images that are near-copies of another image.
 
@@ -468,11 +468,13 @@ def find_near_duplicates(
     embedding neighbours are checked on pixels (`AlignedCorrelation`), and a pair is a near-duplicate when it is
     more alike than NULL_QUANTILE of NULL_PAIRS random pairs of this collection, by NULL_MARGIN (`threshold` is then
     unused). That finds shifted and overlapping crops of one surface and other photos of one part under another
-    exposure, and not two parts that merely look alike.
+    exposure, and not two parts that merely look alike. `known_groups` (e.g. declared parts, one id per image) keeps
+    pairs within a group out of the random pairs, where shots of one part would raise the threshold onto real copies.
 
     scores = 1 - the best similarity (cosine, or aligned correlation) to another image, clipped to [0, 1];
-    related = that image. summary["groups"] lists connected groups (positions); with thumbnails, summary["pairs"]
-    lists every flagged pair as [position, position, correlation] and summary["threshold"] the correlation used.
+    related = that image. summary["groups"] lists connected groups (positions); summary["pairs"] lists every flagged
+    pair as ((position, position), similarity); with thumbnails summary["threshold"] is the correlation used and
+    summary["n_null_pairs_above_threshold"] how many random pairs reached it.
     """
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2:
@@ -485,17 +487,19 @@ def find_near_duplicates(
     if n < 2:
         return Finding(
             scores=np.ones(n), is_issue=np.zeros(n, dtype=bool),
-            summary={"n_issues": 0, "threshold": threshold, "groups": [], "pairs": []},
+            summary={"n_issues": 0, "n_groups": 0, "method": "embedding_cosine" if thumbnails is None else "pixel_verified",
+                     "threshold": threshold, "null_level": None, "n_null_pairs": 0, "n_null_pairs_above_threshold": 0,
+                     "n_candidate_pairs": 0, "groups": [], "pairs": []},
             related=np.full(n, -1, dtype=np.int64),
         )
     sims, neighbors = _nearest_neighbors(embeddings, 8 if thumbnails is None else k)
     if thumbnails is None:
         best_sim = sims[:, 0].astype(np.float64)
         related = neighbors[:, 0].astype(np.int64)
-        flagged_pairs = [(i, int(neighbors[i, j]), float(sims[i, j])) for i, j in zip(*np.nonzero(sims >= threshold))]
+        flagged_pairs = [(int(i), int(neighbors[i, j]), float(sims[i, j])) for i, j in zip(*np.nonzero(sims >= threshold))]
         summary: dict[str, Any] = {"method": "embedding_cosine", "threshold": threshold}
     else:
-        best_sim, related, flagged_pairs, summary = _pixel_verified_pairs(neighbors, thumbnails, seed=seed, advance=advance)
+        best_sim, related, flagged_pairs, summary = _pixel_verified_pairs(neighbors, thumbnails, known_groups=known_groups, seed=seed, advance=advance)
     is_issue = np.zeros(n, dtype=bool)
     for a, b, _ in flagged_pairs:
         is_issue[a] = is_issue[b] = True
@@ -509,7 +513,7 @@ def find_near_duplicates(
     )
 
 
-def _pixel_verified_pairs(neighbors: np.ndarray, thumbnails: np.ndarray, *, seed: int,
+def _pixel_verified_pairs(neighbors: np.ndarray, thumbnails: np.ndarray, *, known_groups: np.ndarray | None, seed: int,
                           advance: Callable[[int], None] | None) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, float]], dict[str, Any]]:
     from modeling.image_detail import AlignedCorrelation
 
@@ -519,11 +523,17 @@ def _pixel_verified_pairs(neighbors: np.ndarray, thumbnails: np.ndarray, *, seed
     # the null: random pairs that are not candidates (with few images, every other pair)
     rng = np.random.default_rng(seed)
     candidate_set = set(candidates)
+    group = np.asarray(known_groups, dtype=object) if known_groups is not None else None
+
+    def unrelated(a: int, b: int) -> bool:
+        return (a, b) not in candidate_set and (group is None or group[a] is None or group[a] != group[b])
+
     if n * (n - 1) // 2 - len(candidates) <= NULL_PAIRS:
-        null_pairs = [(a, b) for a in range(n) for b in range(a + 1, n) if (a, b) not in candidate_set]
+        null_pairs = [(a, b) for a in range(n) for b in range(a + 1, n) if unrelated(a, b)]
     else:
-        drawn = rng.integers(0, n, size=(2 * NULL_PAIRS, 2))
-        null_pairs = [pair for pair in {(int(min(a, b)), int(max(a, b))) for a, b in drawn if a != b} - candidate_set][:NULL_PAIRS]
+        drawn = rng.integers(0, n, size=(3 * NULL_PAIRS, 2))
+        null_pairs = sorted(pair for pair in {(int(min(a, b)), int(max(a, b))) for a, b in drawn if a != b} if unrelated(*pair))
+        null_pairs = [null_pairs[i] for i in rng.permutation(len(null_pairs))[:NULL_PAIRS]]
     tick = advance or (lambda _n: None)
     null = np.empty(len(null_pairs))
     for row, (a, b) in enumerate(null_pairs):
@@ -546,8 +556,10 @@ def _pixel_verified_pairs(neighbors: np.ndarray, thumbnails: np.ndarray, *, seed
         if correlation >= threshold:
             flagged.append((a, b, correlation))
     tick(len(candidates) % 256)
+    tick(max(near_duplicate_work(n, k=neighbors.shape[1]) - len(candidates) - len(null_pairs), 0))  # the bar's total was a bound
     summary = {"method": "pixel_verified", "threshold": round(threshold, 4), "null_quantile": NULL_QUANTILE,
-               "null_level": round(null_level, 4), "n_null_pairs": len(null_pairs), "n_candidate_pairs": len(candidates)}
+               "null_level": round(null_level, 4), "n_null_pairs": len(null_pairs), "n_null_pairs_above_threshold": int((null >= threshold).sum()),
+               "n_candidate_pairs": len(candidates)}
     return best, related, flagged, summary
 
 

@@ -139,7 +139,7 @@ class LabelIssue(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
     kind: Mapped[str] = mapped_column(String(40))  # label_error | near_duplicate | outlier
     # near_duplicate: the copy; outlier: the nearest image; label_error: none
-    related_image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"), nullable=True)
+    related_image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", name="fk_label_issues_related_image_id_images"), nullable=True)
     given_label: Mapped[str | None] = mapped_column(String(200))
     suggested_label: Mapped[str | None] = mapped_column(String(200))
     score: Mapped[float] = mapped_column(Float)  # label quality: low = more suspect

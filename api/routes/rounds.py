@@ -44,10 +44,11 @@ def label_issues(
     limit: Limit = 50,
     offset: Offset = 0,
     flagged_only: Annotated[bool, Query(description="only the issues the round flagged")] = True,
-    kind: Annotated[str | None, Query(max_length=40, description="label_error | near_duplicate | outlier")] = None,
+    kind: Annotated[str, Query(max_length=40, description="label_error (the relabel queue) | near_duplicate | outlier | all")] = "label_error",
 ) -> PageOut[LabelIssueOut]:
     _require_round(session, round_id)
-    page = reports.label_issue_queue(session, round_id=round_id, limit=limit, offset=offset, flagged_only=flagged_only, kind=kind)
+    page = reports.label_issue_queue(session, round_id=round_id, limit=limit, offset=offset, flagged_only=flagged_only,
+                                     kind=None if kind == "all" else kind)
     items = [LabelIssueOut.model_validate({**asdict(row), "image_url": f"/images/{row.image_id}"}) for row in page.items]
     return PageOut[LabelIssueOut](total=page.total, limit=limit, offset=offset, items=items)
 

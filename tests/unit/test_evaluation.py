@@ -222,3 +222,19 @@ def test_interval_by_part_widens_when_photos_of_one_part_agree() -> None:
     spread[[0, 6, 12, 18, 24, 30, 36]] = True
     assert proportion_interval_by_part(hits=spread, parts=parts)["effective_n"] > by_part["effective_n"]
     assert proportion_interval_by_part(hits=np.zeros(0, dtype=bool))["high"] is None
+
+
+def test_interval_by_part_never_grows_surer_with_a_first_hit_and_handles_the_edges() -> None:
+    from modeling.evaluation import proportion_interval_by_part
+
+    parts = np.repeat(np.arange(33), 6)[:193]
+    highs = []
+    for n_hits in range(4):  # hits on one part after another: the upper bound may only rise
+        hits = np.zeros(193, dtype=bool)
+        hits[[6 * k for k in range(n_hits)]] = True
+        highs.append(proportion_interval_by_part(hits=hits, parts=parts)["high"])
+    assert highs == sorted(highs) and highs[1] > 0.03  # one flagged photo of 33 parts does not settle a 3% gate
+    everything = proportion_interval_by_part(hits=np.ones(193, dtype=bool), parts=parts)
+    assert everything["value"] == 1.0 and everything["high"] == 1.0 and everything["low"] == pytest.approx(0.05 ** (1 / 33))
+    one_part = proportion_interval_by_part(hits=np.array([True, False, True]), parts=np.array(["a", "a", "a"]))
+    assert one_part["effective_n"] == 1 and one_part["low"] < 0.2 and one_part["high"] > 0.9

@@ -85,3 +85,25 @@ def test_tiny_collections_and_mismatched_inputs(tmp_path: Path) -> None:
         assert "2 thumbnails for 3 embeddings" in str(error)
     else:
         raise AssertionError("mismatched thumbnails must be refused")
+
+
+def test_declared_parts_keep_shots_of_one_part_out_of_the_random_pairs(tmp_path: Path) -> None:
+    """Ten shots of each of eight parts: most sibling pairs are not among an image's 5 nearest neighbours, so they land
+    among the random pairs and lift the threshold onto the copies; declared parts keep them out."""
+    rng = np.random.default_rng(6)
+    paths, parts = [], []
+    for part in range(8):
+        whole = surface(rng, size=300)
+        for shot in range(10):
+            dy, dx = rng.integers(0, 60, size=2)
+            paths.append(save(whole[dy:dy + 200, dx:dx + 200], tmp_path / f"part{part}-{shot}.png"))
+            parts.append(f"part-{part}")
+    embeddings = neighbours_of(len(paths), {}, seed=7)
+    for index in range(len(paths)):
+        embeddings[index] += 3.0 * np.eye(16)[int(parts[index].split("-")[1])]  # siblings look alike
+    thumbnails = detail_thumbnails(paths)
+    blind = find_near_duplicates(embeddings=embeddings, thumbnails=thumbnails)
+    told = find_near_duplicates(embeddings=embeddings, thumbnails=thumbnails, known_groups=np.array(parts, dtype=object))
+    assert blind.summary["n_null_pairs_above_threshold"] > 0 or blind.summary["threshold"] > told.summary["threshold"]
+    assert told.summary["null_level"] < 0.3 < blind.summary["null_level"]
+    assert told.is_issue.sum() > blind.is_issue.sum() and told.is_issue.mean() > 0.9

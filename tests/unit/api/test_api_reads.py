@@ -104,16 +104,17 @@ def test_malformed_confusion_matrix_reads_as_absent(get, seeded_store: SeededSto
 
 def test_label_issue_queue(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
     rid = seeded_store.round_ids[2]
-    page = get(f"/rounds/{rid}/label-issues")
-    assert page["total"] == 3
-    assert [i["rank"] for i in page["items"]] == [1, 2, 3]
+    page = get(f"/rounds/{rid}/label-issues")  # the relabel queue: flagged label errors only, by default
+    assert page["total"] == 2
+    assert [(i["rank"], i["kind"]) for i in page["items"]] == [(1, "label_error"), (2, "label_error")]
+    assert [i["kind"] for i in get(f"/rounds/{rid}/label-issues?kind=all")["items"]] == ["label_error", "label_error", "near_duplicate"]
     first, second = page["items"][0], page["items"][1]
     assert first["image_id"] == seeded_store.image_ids[5] and first["kind"] == "label_error"
     assert (first["given_label"], first["suggested_label"], first["score"]) == ("scratch", "spot", 0.05)
     assert first["image_url"] == f"/images/{seeded_store.image_ids[5]}"
     assert first["current_label"] == "scratch"
     assert second["current_label"] == "spot"  # image 5 was relabeled by an annotator since
-    everything = get(f"/rounds/{rid}/label-issues?flagged_only=false")
+    everything = get(f"/rounds/{rid}/label-issues?flagged_only=false&kind=all")
     assert everything["total"] == 4 and everything["items"][-1]["flagged"] is False
     near_duplicates = get(f"/rounds/{rid}/label-issues?kind=near_duplicate")["items"]
     assert [i["rank"] for i in near_duplicates] == [3]
