@@ -37,6 +37,7 @@ from transfer_common import (
     DATASETS_ROOT,
     _merge_groups,
     exposure_series,
+    group_ids,
     markdown_table,
 )
 
@@ -125,7 +126,7 @@ def check_dataset(name: str, root: Path, out: Path) -> dict[str, Any]:
     find_seconds = time.perf_counter() - started
     pairs = np.array([[a, b, c] for (a, b), c in finding.summary["pairs"]]).reshape(-1, 3)
     a_index, b_index = pairs[:, 0].astype(int), pairs[:, 1].astype(int)
-    near_groups = _merge_groups(file_groups, np.array([_group_of(i, finding.summary["groups"]) for i in range(len(file_groups))]))
+    near_groups = _merge_groups(file_groups, group_ids(len(file_groups), finding.summary["groups"]))
     result: dict[str, Any] = {
         "n_images": len(dataset.paths), "n_byte_identical_extra_copies": int(len(dataset.paths) - len(np.unique(file_groups))),
         "embedding_dim": int(embeddings.shape[1]), "embed_seconds": round(embed_seconds, 1),
@@ -164,13 +165,6 @@ def check_dataset(name: str, root: Path, out: Path) -> dict[str, Any]:
         closest_pairs_png(dataset.paths, shown, labels, out / f"{name}_near_duplicates.png",
                           f"{name}: the {len(shown)} flagged pairs nearest the threshold ({finding.summary['threshold']:.3f})")
     return result
-
-
-def _group_of(index: int, groups: list[list[int]]) -> int:
-    for number, group in enumerate(groups):
-        if index in group:
-            return -1 - number
-    return index
 
 
 def report(results: dict[str, Any]) -> str:

@@ -85,11 +85,15 @@ def near_duplicate_groups(paths: list[str]) -> np.ndarray:
     from modeling.label_quality import find_near_duplicates
 
     embeddings = compute_embeddings(paths=paths, image_size=224, pooling="multilayer", progress=False)
-    finding = find_near_duplicates(embeddings=embeddings, thumbnails=detail_thumbnails(paths))
-    groups = np.arange(len(paths))
-    for group in finding.summary["groups"]:
-        groups[group] = group[0]
-    return groups
+    return group_ids(len(paths), find_near_duplicates(embeddings=embeddings, thumbnails=detail_thumbnails(paths)).summary["groups"])
+
+
+def group_ids(n: int, groups: list[list[int]]) -> np.ndarray:
+    """One id per position: a finding's groups (lists of positions) share their first member's, others their own."""
+    ids = np.arange(n)
+    for group in groups:
+        ids[group] = group[0]
+    return ids
 
 
 def load_neu(root: Path = DATASETS_ROOT, *, group_by: str | None = None) -> Dataset:

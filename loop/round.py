@@ -68,7 +68,6 @@ class RoundOptions:
     measure_latency: bool = True
     write_artifacts: bool = True  # plots and the model checkpoint (domain transfer starts from it)
     embedding_cache_dir: Path | None = None  # shared between the projects of one simulation
-    find_data_issues: bool = True  # near-duplicates and outliers (a simulation's images never change)
 
 
 @dataclass
@@ -557,17 +556,14 @@ def _test_intervals(state: RoundState, test: np.ndarray, predictions: np.ndarray
     negative = state.config.negative_index
     if negative is None:
         return {}
-    parts = np.array([f"part:{state.parts[p]}" if state.parts and state.parts[p] is not None else f"image:{p}" for p in test], dtype=object)
+    parts = part_groups(state, test)  # None: every test photo is its own part
     true_defect, predicted_defect = state.labels[test] != negative, predictions != negative
     gates = state.config.gates
     intervals = {}
-    for name, rows, hits, limit, comparison in (("negative_fpr", ~true_defect, predicted_defect, gates.negative_fpr_max, "<="),
-                                                 ("defect_recall", true_defect, predicted_defect, gates.defect_recall_min, ">=")):
-        interval = proportion_interval_by_part(hits=hits[rows], parts=parts[rows])
+    for name, rows, limit in (("negative_fpr", ~true_defect, gates.negative_fpr_max), ("defect_recall", true_defect, gates.defect_recall_min)):
+        interval = proportion_interval_by_part(hits=predicted_defect[rows], parts=None if parts is None else parts[rows])
         if interval["low"] is not None:
-            below, above = interval["high"] <= limit, interval["low"] >= limit
-            interval["settled"] = bool(below or above)
-            interval["settled_passing"] = bool(below if comparison == "<=" else above)
+            interval["settled"] = bool(interval["high"] <= limit or interval["low"] >= limit)
         intervals[name] = interval
     return intervals
 
@@ -590,11 +586,11 @@ def flag_label_issues(state: RoundState) -> None:
 def find_data_issues(state: RoundState) -> None:
     """Near-duplicates (pixel-verified) and outliers over every image of the project. A near-copy on the other side of
     the frozen test split makes the test metrics optimistic: on magnetic tile, a tile's other exposures in the training
-    folds put a linear probe's ROC-AUC at 0.994 instead of 0.894 (benchmarks/split_leakage.py); the round says so."""
-    if not (state.options.find_data_issues and state.config.loop.data_issues):
+    folds put a linear probe's ROC-AUC at 0.993 instead of 0.895 (benchmarks/split_leakage.py); the round says so."""
+    if not state.config.loop.data_issues:
         return
     thumbnails = _detail_thumbnails(state)
-    parts = np.array([f"part:{part}" if part is not None else None for part in state.parts], dtype=object) if state.parts else None
+    parts = part_groups(state, np.arange(len(state.image_ids)))
     with progress_bar("checking near-duplicates on pixels", total=near_duplicate_work(len(state.image_ids)), enabled=state.options.show_progress) as advance:
         near = find_near_duplicates(embeddings=state.embeddings, thumbnails=thumbnails, known_groups=parts, seed=state.config.loop.seed, advance=advance)
     outliers = find_outliers(embeddings=state.embeddings)
@@ -610,13 +606,14 @@ def find_data_issues(state: RoundState) -> None:
                          "related_image_id": state.image_ids[related] if related >= 0 else None})
     state.data_issue_rows = rows
     in_test = state.splits == "test"
-    across = [(a, b, c) if in_test[a] else (b, a, c) for (a, b), c in near.summary["pairs"] if in_test[a] != in_test[b]]
+    across = sorted(((a, b, c) if in_test[a] else (b, a, c) for (a, b), c in near.summary["pairs"] if in_test[a] != in_test[b]),
+                    key=lambda pair: -pair[2])  # (test position, other position, correlation), strongest first
     # A near-copy of a test image labeled for training would leak it, as a test part's other photos would: the unlabeled
     # pool images of every near-duplicate group that holds a test image are held back from selection; a labeled copy
     # (train, validation) already leaks, and is warned about.
     state.near_copies_of_test = {int(p) for group in near.summary["groups"] if in_test[group].any() for p in group
                                  if state.labels[p] == UNLABELED and state.splits[p] == "pool"}
-    leaking = sorted(((a, b, c) for a, b, c in across if state.labels[b] != UNLABELED), key=lambda t: -t[2])
+    leaking = [(a, b, c) for a, b, c in across if state.labels[b] != UNLABELED]
     near_summary = {key: near.summary[key] for key in ("n_issues", "n_groups", "threshold", "null_level", "n_candidate_pairs")}
     state.details["data_quality"] = {
         "near_duplicates": {
@@ -624,7 +621,7 @@ def find_data_issues(state: RoundState) -> None:
             "test_images_with_a_copy_outside_test": len({a for a, _, _ in leaking}),  # a labeled copy: the test metrics are optimistic
             "pool_images_held_back_from_labeling": len(state.near_copies_of_test),
             "across_test_split": [{"test_image_id": state.image_ids[a], "image_id": state.image_ids[b], "split": str(state.splits[b]),
-                                   "labeled": bool(state.labels[b] != UNLABELED), "correlation": c} for a, b, c in sorted(across, key=lambda t: -t[2])[:20]],
+                                   "labeled": bool(state.labels[b] != UNLABELED), "correlation": c} for a, b, c in across[:20]],
         },
         "outliers": outliers.summary,
     }

@@ -121,7 +121,8 @@ def _run_one(settings: SimulationSettings, *, strategy: str, seed: int, classes:
     config = ProjectConfig(
         name=project_dir.name, classes=classes, negative_class=settings.negative_class,
         model=ModelConfig(train=settings.train, image_size=settings.image_size, pooling=settings.pooling),
-        loop=LoopConfig(budget_per_round=settings.budget, strategy=strategy, relabel_budget=settings.relabel_budget, seed=seed),
+        # data_issues off: the pool and test images never change during a simulation, and no gate reads the check
+        loop=LoopConfig(budget_per_round=settings.budget, strategy=strategy, relabel_budget=settings.relabel_budget, seed=seed, data_issues=False),
         annotator=AnnotatorConfig(backend="oracle", oracle_manifest=str(ground_truth)),
     )
     url = database_url_for(project_dir, config)
@@ -135,7 +136,7 @@ def _run_one(settings: SimulationSettings, *, strategy: str, seed: int, classes:
     ingest_source(ctx, test_manifest, split="test", show_progress=False)
     ingest_source(ctx, pool_manifest, split="train", show_progress=False)
     record = RunRecord(strategy, seed, flipped_seed_labels=len(flipped_paths))
-    options = RoundOptions(show_progress=False, measure_latency=False, write_artifacts=False, embedding_cache_dir=shared_cache, find_data_issues=False)
+    options = RoundOptions(show_progress=False, measure_latency=False, write_artifacts=False, embedding_cache_dir=shared_cache)
     quiet = Console(quiet=True)
     for _ in range(settings.max_rounds):
         outcome = run_round(ctx, options, console=quiet)
