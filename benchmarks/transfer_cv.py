@@ -85,8 +85,8 @@ def tta_variant(dataset: Dataset, result: Any, validation: np.ndarray, evaluate:
 
 
 def run_cv(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_size: int, folds: list[int], log, tta: tuple[str, ...] = (),
-           anomaly: bool = False) -> dict[str, Any]:
-    splits = outer_folds(dataset, n_splits=5, seed=0)
+           anomaly: bool = False, fold_seed: int = 0) -> dict[str, Any]:
+    splits = outer_folds(dataset, n_splits=5, seed=fold_seed)
     oof_probabilities = np.zeros((len(dataset.paths), len(dataset.class_names)))
     oof_predictions = np.full(len(dataset.paths), -1)
     oof_fold = np.full(len(dataset.paths), -1)
@@ -94,7 +94,7 @@ def run_cv(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_si
     fold_rows = []
     for fold in folds:
         train_all, test = splits[fold]
-        train, validation = validation_split(dataset, train_all, fraction=0.2, seed=0)
+        train, validation = validation_split(dataset, train_all, fraction=0.2, seed=fold_seed)
         result = fit_calibrate_predict(dataset, train, validation, test, strategy=strategy, options=options, image_size=image_size)
         anomaly_details = None
         if anomaly and dataset.negative_index is not None:  # the round's blend, threshold on out-of-fold scores of train + validation
@@ -121,7 +121,7 @@ def run_cv(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_si
     evaluated = oof_predictions >= 0
     pooled = metrics(dataset.labels[evaluated], oof_probabilities[evaluated], oof_predictions[evaluated], class_names=dataset.class_names, negative_index=dataset.negative_index)
     summary = {"dataset": dataset.name, "note": dataset.note, "strategy": strategy + (" + patch anomaly blend" if anomaly and dataset.negative_index is not None else ""),
-               "image_size": image_size, "options": _jsonable(options),
+               "image_size": image_size, "options": _jsonable(options), "fold_seed": fold_seed,
                "folds": fold_rows, "pooled": pooled,
                # Per image, so a threshold rule or a per-class question can be studied later without retraining.
                "out_of_fold": {"paths": [str(p) for p in np.array(dataset.paths)[evaluated]], "labels": dataset.labels[evaluated].tolist(),
@@ -180,8 +180,9 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
 
 def write_report(out: Path, results: dict[str, Any], command: str) -> None:
     (out / "transfer_cv.json").write_text(json.dumps(results, indent=2, default=float))
+    fold_seed = next((result["fold_seed"] for result in results.values() if "fold_seed" in result), 0)
     lines = ["# Transfer learning: 5-fold stratified cross-validation", "", f"Command: `{command}`", "",
-             "Folds: StratifiedGroupKFold(5, shuffle=True, random_state=0), groups = file sha256 (duplicates stay together); "
+             f"Folds: StratifiedGroupKFold(5, shuffle=True, random_state={fold_seed}), groups = file sha256 (duplicates stay together); "
              f"magnetic tile: {transfer_common.MAGNETIC_TILE_GROUPS} groups (`--magnetic-tile-groups`; tile = every exposure of one physical tile together); "
              f"NEU: {transfer_common.NEU_GROUPS} groups (`--neu-groups`; near_duplicate = pixel-verified overlapping crops together). "
              "Inside the training folds, 20% (stratified, grouped) is the validation split: early stopping, temperature and the "
@@ -229,6 +230,9 @@ def main() -> None:
     parser.add_argument("--strategy", default="finetune")
     parser.add_argument("--folds", default="0,1,2,3,4")
     parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--fold-seed", type=int, default=0,
+                        help="seed of the outer folds and of the validation split inside them; the issue's figure is 0, "
+                             "other seeds show how much one draw of folds moves it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training option for every dataset (JSON value)")
     parser.add_argument("--tta", default="", help="also score the same models with these test-time views (e.g. flips)")
     parser.add_argument("--threshold-confidence", type=float, default=None, help="FPR threshold rule confidence (default: loop round's)")
@@ -283,7 +287,8 @@ def main() -> None:
             results[name] = run_fewshot(dataset, strategy=args.strategy, options=options, image_size=image_size, seeds=seeds, labeled_defects=10, log=log, anomaly=args.anomaly == "patch")
         else:
             tta = VIEW_PRESETS[args.tta] if args.tta else ()
-            results[name] = run_cv(dataset, strategy=args.strategy, options=options, image_size=image_size, folds=folds, log=log, tta=tta, anomaly=args.anomaly == "patch")
+            results[name] = run_cv(dataset, strategy=args.strategy, options=options, image_size=image_size, folds=folds, log=log, tta=tta, anomaly=args.anomaly == "patch",
+                                   fold_seed=args.fold_seed)
         results[name]["wall_seconds"] = time.perf_counter() - started
         log(f"[{name}] done in {results[name]['wall_seconds']:.0f}s")
         write_report(args.out, results, command)
