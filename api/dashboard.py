@@ -282,16 +282,20 @@ def _summary_cards(progress: ProgressSeries, latest: RoundReport | None) -> str:
 
 
 def _gate_table(latest: RoundReport) -> str:
+    without = latest.test_metrics_without_copies  # some test images have a labeled near-copy outside the test split
     rows = []
     for gate in latest.gates:
         verdict = "na" if not gate.applicable else ("pass" if gate.passed else "fail")
         text = "n/a" if not gate.applicable else ("PASS" if gate.passed else "FAIL")
         interval = "–" if gate.interval_low is None else (
             f'{_fmt(gate.interval_low, 3)}–{_fmt(gate.interval_high, 3)}' + ("" if gate.settled else ' <span class="unsettled">cannot tell</span>'))
+        without_cell = f'<td>{_fmt(without.get(gate.name), 4)}</td>' if without else ""
         rows.append(f'<tr><td>{escape(gate.name)}</td><td>{_fmt(gate.value, 4)}</td><td>{escape(gate.comparison)} {_fmt(gate.threshold, 4)}</td>'
-                    f'<td class="verdict {verdict}">{text}</td><td class="interval">{interval}</td></tr>')
+                    f'<td class="verdict {verdict}">{text}</td><td class="interval">{interval}</td>{without_cell}</tr>')
+    without_header = (f'<th title="on the {_fmt(without.get("n_images"), 0)} test images without a labeled near-copy outside the test split '
+                      f'({_fmt(without.get("n_excluded"), 0)} have one: the value beside is optimistic)">without copied test images</th>') if without else ""
     return ('<table class="gates"><thead><tr><th>gate</th><th>value</th><th>needs</th><th></th><th title="90% interval on the test split, '
-            f'photos of one part as one draw">90% interval</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+            f'photos of one part as one draw">90% interval</th>{without_header}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
 STYLE = """

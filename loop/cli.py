@@ -151,6 +151,8 @@ def round_command(
 
 
 def print_round(outcome) -> None:  # noqa: ANN001
+    from loop.round import gate_values_text
+
     metrics, details = outcome.metrics, outcome.details
     counts = details["labeled_counts"]
     console.print(gate_table(outcome.gates, title=f"round {outcome.number}: gates on the frozen test split ({metrics['n_images']} images)"))
@@ -161,6 +163,10 @@ def print_round(outcome) -> None:  # noqa: ANN001
             f"{label} {i['value']:.3f} [{i['low']:.3f}, {i['high']:.3f}] ({i['n_images']} images"
             + (f" of {i['n_parts']} parts" if i["n_parts"] < i["n_images"] else "")
             + ("" if i["settled"] else "; cannot settle the gate") + ")" for label, i in intervals))
+    without = (details.get("data_quality") or {}).get("test_without_copies")
+    if without:  # the warning during the round said why; a --quiet round prints only this summary
+        console.print(f"[yellow]{without['n_excluded']} test images have a labeled near-copy outside the test split[/]; "
+                      f"without them ({without['n_images']} images): {gate_values_text(without)}")
     threshold = details.get("threshold")
     console.print(
         f"labeled: train {counts['train']}, validation {counts['validation']}, test {counts['test']}; unlabeled {counts['unlabeled']} · "

@@ -106,6 +106,7 @@ class RoundState:
     threshold: ThresholdChoice | None = None
     latency: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    test_predictions: np.ndarray | None = None  # final predictions of the labeled test positions, in positions() order
     gates: list = field(default_factory=list)
     estimated_gates: dict[str, bool | None] = field(default_factory=dict)
     label_issue_rows: list[dict[str, Any]] = field(default_factory=list)  # label errors: the relabel queue
@@ -533,6 +534,7 @@ def evaluate_on_test_split(state: RoundState) -> None:
     negative = state.config.negative_index
     threshold = state.threshold.threshold if state.threshold else None
     predictions = final_predictions(probabilities=state.probabilities[test], negative_index=negative, threshold=threshold)
+    state.test_predictions = predictions
     state.metrics = evaluate_predictions(y_true=state.labels[test], y_pred=predictions, probabilities=state.probabilities[test], class_names=state.config.classes, negative_index=negative)
     gates = state.config.gates
     state.gates = evaluate_gates(
@@ -626,11 +628,36 @@ def find_data_issues(state: RoundState) -> None:
         "outliers": outliers.summary,
     }
     if leaking:
+        without = _test_metrics_without(state, {a for a, _, _ in leaking})
+        state.details["data_quality"]["test_without_copies"] = without
         examples = ", ".join(f"image {state.image_ids[a]} ~ image {state.image_ids[b]} ({state.splits[b]})" for a, b, _ in leaking[:3])
         state.console.print(
             f"[yellow]warning:[/] {len({a for a, _, _ in leaking})} test images have a labeled near-copy outside the frozen test split "
             f"(pixel-verified, correlation >= {near.summary['threshold']:.2f}; {examples}): the test metrics are optimistic for them. "
+            f"Without them ({without['n_images']} test images): {gate_values_text(without)}. "
             "Photos of one physical part belong under one `part` in the ingest manifest.")
+
+
+GATE_METRICS = (("macro_f1", "macro F1"), ("defect_recall", "defect recall"), ("negative_fpr", "FPR"))
+
+
+def _test_metrics_without(state: RoundState, leaked: set[int]) -> dict[str, Any]:
+    """The gate metrics on the test images that have no labeled near-copy outside the test split: the figure a manager
+    can trust when some test parts were also photographed for training (None: no such image, or no class to measure)."""
+    test = state.positions(split="test", labeled=True)
+    keep = np.array([p not in leaked for p in test], dtype=bool)
+    values: dict[str, Any] = {"n_images": int(keep.sum()), "n_excluded": int((~keep).sum())}
+    if keep.any():
+        subset = evaluate_predictions(y_true=state.labels[test][keep], y_pred=state.test_predictions[keep], probabilities=state.probabilities[test][keep],
+                                      class_names=state.config.classes, negative_index=state.config.negative_index)
+        values.update({name: subset.get(name) for name, _ in GATE_METRICS} | {"accuracy": subset["accuracy"]})
+    else:
+        values.update({name: None for name, _ in GATE_METRICS} | {"accuracy": None})
+    return values
+
+
+def gate_values_text(values: dict[str, Any]) -> str:
+    return ", ".join(f"{label} {'n/a' if values.get(name) is None else format(values[name], '.3f')}" for name, label in GATE_METRICS)
 
 
 def _detail_thumbnails(state: RoundState) -> np.ndarray:

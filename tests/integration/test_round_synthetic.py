@@ -21,6 +21,7 @@ from modeling.inference import OnnxClassifier
 from store import session_scope
 from store.models import GateResult, Image, LabelEvent, LabelIssue, Metric, Prediction, Round, Selection
 from store.queries import current_labels
+from store.reports import round_report
 
 runner = CliRunner()
 
@@ -293,3 +294,19 @@ def test_a_test_photo_taken_again_for_training_is_reported_as_a_near_duplicate_a
     assert issues[(test_id, "near_duplicate")].related_image_id == again_id
     assert {again_id, test_id}.isdisjoint(relabel_asked)  # a near-copy is not a label error: nobody is asked to relabel it
     assert "outliers" in round_row.details["data_quality"]
+    # the gate metrics without the copied test images, recomputed here from the stored predictions and labels
+    without = round_row.details["data_quality"]["test_without_copies"]
+    leaked = {pair["test_image_id"] for pair in near["across_test_split"] if pair["labeled"]}
+    assert without["n_excluded"] == len(leaked) == near["test_images_with_a_copy_outside_test"]
+    with session_scope(ctx.engine) as session:
+        labels = current_labels(session, round_row.project_id)
+        kept = [(labels[i.id].label, p.predicted_label) for i, p in session.execute(
+            select(Image, Prediction).join(Prediction, Prediction.image_id == Image.id)
+            .where(Image.split == "test", Prediction.round_id == round_row.id)).all() if i.id not in leaked]
+        report = round_report(session, round_id=round_row.id)
+    assert without["n_images"] == len(kept) == round_row.details["labeled_counts"]["test"] - len(leaked)
+    assert without["accuracy"] == pytest.approx(np.mean([truth == predicted for truth, predicted in kept]))
+    good = [predicted != "good" for truth, predicted in kept if truth == "good"]
+    assert without["negative_fpr"] == pytest.approx(np.mean(good))
+    assert report.test_metrics_without_copies["n_images"] == len(kept)
+    assert f"without them ({len(kept)} images)" in " ".join(result.output.split())

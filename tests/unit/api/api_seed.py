@@ -88,7 +88,11 @@ def seed(session, project_dir: Path) -> SeededStore:  # noqa: ANN001
                details={"confusion_matrix": {"labels": CLASSES, "matrix": [[9, 1, 0], [0, 4, 1], [1, 0, 4]]}, "threshold": 0.4,
                         "class_names": CLASSES, "negative_class": "good",
                         "preprocessing": {"image_size": 8, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-                        "test_intervals": {"negative_fpr": {"value": 0.02, "low": 0.004, "high": 0.09, "settled": False}}})
+                        "test_intervals": {"negative_fpr": {"value": 0.02, "low": 0.004, "high": 0.09, "settled": False}},
+                        # 2 test images have a labeled near-copy in train: the gates without them are worse
+                        "data_quality": {"near_duplicates": {"test_images_with_a_copy_outside_test": 2},
+                                         "test_without_copies": {"n_images": 18, "n_excluded": 2, "macro_f1": 0.74, "defect_recall": 0.875,
+                                                                 "negative_fpr": 0.05, "accuracy": 0.8}}})
     r3 = Round(project_id=project.id, number=3, status="failed", error="embedding failed: out of memory", started_at=T0 + timedelta(hours=3))
     r4 = Round(project_id=project.id, number=4, status="running", started_at=T0 + timedelta(hours=5))
     session.add_all([r1, r2, r3, r4])

@@ -45,7 +45,7 @@ def test_labels_by_source_f1_confusion_and_queue(client: TestClient, seeded_stor
     # flagged label errors only: the round's near-duplicate is counted on its card, not queued for relabeling
     assert len(re.findall(r'<tr class="issue"', queue)) == 2
     assert "near_duplicate" not in queue
-    assert re.search(r'near-duplicates</div><div class="card-value">1<', html)
+    assert re.search(r'near-duplicates</div><div class="card-value">1 <span class="verdict fail"[^>]*>2 across test</span><', html)
     assert f'src="/images/{seeded_store.image_ids[5]}?token={READ_TOKEN}"' in queue
 
 
@@ -73,3 +73,8 @@ def test_gate_table_shows_the_interval_and_when_the_test_split_cannot_tell(clien
     fpr_row = re.search(r"<tr><td>negative_fpr</td>.*?</tr>", table).group(0)
     assert '<td class="interval">0.004–0.09 <span class="unsettled">cannot tell</span></td>' in fpr_row
     assert '<td class="interval">–</td>' in re.search(r"<tr><td>macro_f1</td>.*?</tr>", table).group(0)
+    # 2 test images have a labeled near-copy in train: the gates on the other 18 beside the recorded ones
+    assert 'title="on the 18 test images without a labeled near-copy outside the test split (2 have one' in table
+    assert fpr_row.endswith('cannot tell</span></td><td>0.05</td></tr>')
+    assert re.search(r"<tr><td>defect_recall</td>.*?</tr>", table).group(0).endswith("<td>0.875</td></tr>")
+    assert re.search(r"<tr><td>latency_ms</td>.*?</tr>", table).group(0).endswith("<td>–</td></tr>")  # not a test-split metric

@@ -76,7 +76,10 @@ def test_round_report(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
     assert body["artifact_names"] == ["confusion_matrix_png", "model_onnx"]  # names only: no server paths leak
     # label errors only (3 rows, 2 flagged); the round's near-duplicate is counted apart
     assert (body["n_label_issues"], body["n_flagged_label_issues"], body["n_selected"]) == (3, 2, 1)
-    assert (body["n_near_duplicates"], body["n_outliers"], body["n_test_images_with_copy_outside"]) == (1, 0, None)
+    assert (body["n_near_duplicates"], body["n_outliers"], body["n_test_images_with_copy_outside"]) == (1, 0, 2)
+    assert body["test_metrics_without_copies"] == {"n_images": 18, "n_excluded": 2, "macro_f1": 0.74, "defect_recall": 0.875, "negative_fpr": 0.05,
+                                                   "accuracy": 0.8}
+    assert get(f"/rounds/{seeded_store.round_ids[1]}")["test_metrics_without_copies"] is None  # not checked, or no test image copied
 
 
 def test_round_label_counts_by_source(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
