@@ -89,7 +89,7 @@ class RoundState:
     paths: list[str] = field(default_factory=list)
     hashes: list[str] = field(default_factory=list)
     parts: list[str | None] = field(default_factory=list)  # Image.part per position (None: the image is its own part)
-    oof_groups: np.ndarray | None = None  # part group per out-of-fold position (None: no image has a part)
+    oof_groups: np.ndarray | None = None  # draw group per out-of-fold position (draw_groups; None: every image alone)
     splits: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
     labels: np.ndarray = field(default_factory=lambda: np.array([], dtype=int))
     label_info: dict[int, CurrentLabel] = field(default_factory=dict)
@@ -111,7 +111,7 @@ class RoundState:
     estimated_gates: dict[str, bool | None] = field(default_factory=dict)
     label_issue_rows: list[dict[str, Any]] = field(default_factory=list)  # label errors: the relabel queue
     data_issue_rows: list[dict[str, Any]] = field(default_factory=list)  # near-duplicates and outliers
-    near_copies_of_test: set[int] = field(default_factory=set)  # unlabeled pool positions: never selected for labeling
+    near_duplicates: Any = None  # modeling.label_quality finding of find_near_copies (None: [loop] data_issues is off)
     batch: list[TaskRequest] = field(default_factory=list)
     batch_meta: list[dict[str, Any]] = field(default_factory=list)
     init_training_options: dict[str, Any] = field(default_factory=dict)
@@ -192,33 +192,82 @@ def check_image_files(state: RoundState) -> None:
     state.details["newly_quarantined"] = len(quarantined)
 
 
-def place_new_labels(state: RoundState) -> None:
-    """Images labeled since ingest (annotators, oracle) join train or validation, never the frozen test split."""
-    split_config = state.config.split
+def load_images(state: RoundState) -> None:
+    """Every ok image with its split and current label: the positions all later steps share."""
     with session_scope(state.ctx.engine) as session:
         project = get_project(session)
         labels = current_labels(session, project.id)
-        images = session.scalars(select(Image).where(Image.project_id == project.id, Image.status == "ok")).all()
-        placed_parts = part_splits(session, project.id)
-        moved = 0
-        for image in images:
-            info = labels.get(image.id)
-            if image.split == "pool" and info is not None and info.status == "labeled":
-                place_labeled_image(image, placed_parts=placed_parts, validation_fraction=split_config.validation_fraction, seed=split_config.seed)
-                moved += 1
-        state.image_ids = [img.id for img in images]
-        state.paths = [img.path for img in images]
-        state.hashes = [img.sha256 for img in images]
-        state.parts = [img.part for img in images]
-        state.splits = np.array([img.split for img in images], dtype=object)
-        state.label_info = labels
+        images = session.execute(select(Image.id, Image.path, Image.sha256, Image.part, Image.split)
+                                 .where(Image.project_id == project.id, Image.status == "ok").order_by(Image.id)).all()
+    state.image_ids = [row.id for row in images]
+    state.paths = [row.path for row in images]
+    state.hashes = [row.sha256 for row in images]
+    state.parts = [row.part for row in images]
+    state.splits = np.array([row.split for row in images], dtype=object)
+    state.label_info = labels
     class_index = {name: i for i, name in enumerate(state.config.classes)}
     state.labels = np.array([
         class_index.get(labels[i].label, UNLABELED) if i in labels and labels[i].status == "labeled" else UNLABELED
         for i in state.image_ids
     ], dtype=int)
-    state.details["newly_placed_labels"] = moved
     state.details["ties_kept_out"] = sum(1 for i in state.image_ids if i in labels and labels[i].status == "tie")
+
+
+def find_near_copies(state: RoundState) -> None:
+    """Near-duplicates on pixels over every image of the project, before anything is placed: a near-copy of a test
+    image must not become a training image (place_new_labels). On magnetic tile, a tile's other exposures in the
+    training folds put a linear probe's ROC-AUC at 0.993 instead of 0.895 (benchmarks/split_leakage.py)."""
+    if not state.config.loop.data_issues:
+        return
+    thumbnails = _detail_thumbnails(state)
+    parts = part_groups(state, np.arange(len(state.image_ids)))
+    with progress_bar("checking near-duplicates on pixels", total=near_duplicate_work(len(state.image_ids)), enabled=state.options.show_progress) as advance:
+        state.near_duplicates = find_near_duplicates(embeddings=state.embeddings, thumbnails=thumbnails, known_groups=parts,
+                                                     seed=state.config.loop.seed, advance=advance)
+
+
+def place_new_labels(state: RoundState) -> None:
+    """Images labeled since ingest (annotators, oracle) join train or validation, never the frozen test split; except
+    a near-copy of a test image, which joins the test split as a photo of a test part does. Unlabeled pool near-copies
+    of test images join it too, so they are never offered for a training label, and one already waiting in an
+    annotator's queue from an earlier round becomes a test label when answered. A copy labeled for training before
+    the check saw it already leaks: find_data_issues warns and reports the gates without its test image."""
+    split_config = state.config.split
+    copies_of_test = _near_copies_of_test(state)
+    labeled = {image_id for image_id, info in state.label_info.items() if info.status == "labeled"}
+    to_place = {state.image_ids[p]: int(p) for p in np.flatnonzero(state.splits == "pool") if state.image_ids[p] in labeled or p in copies_of_test}
+    placed_labels = joined_test = 0
+    with session_scope(state.ctx.engine) as session:
+        project = get_project(session)
+        placed_parts = part_splits(session, project.id)
+        ids = sorted(to_place)
+        for start in range(0, len(ids), 500):  # a bounded IN list per statement
+            for image in session.scalars(select(Image).where(Image.id.in_(ids[start:start + 500]), Image.split == "pool").order_by(Image.id)):
+                position = to_place[image.id]
+                if position in copies_of_test and not (image.part and image.part in placed_parts):  # a placed part's rule wins
+                    image.split = "test"
+                    joined_test += 1
+                    if image.part:
+                        placed_parts[image.part] = "test"
+                elif image.id in labeled:
+                    place_labeled_image(image, placed_parts=placed_parts, validation_fraction=split_config.validation_fraction, seed=split_config.seed)
+                else:
+                    continue
+                placed_labels += image.id in labeled
+                state.splits[position] = image.split
+    state.details["newly_placed_labels"] = placed_labels
+    state.details["near_copies_of_test_joined_test"] = joined_test
+    if joined_test:
+        state.console.print(f"{joined_test} pool images joined the frozen test split as near-copies of test images (pixel-verified): "
+                            "labeled for training, they would leak their test image. Photos of one physical part belong under one `part`.")
+
+
+def _near_copies_of_test(state: RoundState) -> set[int]:
+    """Pool positions in a near-duplicate group that holds a test image."""
+    if state.near_duplicates is None:
+        return set()
+    in_test = state.splits == "test"
+    return {int(p) for group in state.near_duplicates.summary["groups"] if in_test[group].any() for p in group if state.splits[p] == "pool"}
 
 
 def embed_images(state: RoundState) -> None:
@@ -272,7 +321,7 @@ def compute_out_of_fold(state: RoundState) -> None:
     for the threshold. The head is the fold model: seconds, and independent of the chosen training strategy."""
     positions = np.sort(np.concatenate([state.positions(split="train", labeled=True), state.positions(split="validation", labeled=True)]))
     state.oof_positions = positions
-    state.oof_groups = part_groups(state, positions)
+    state.oof_groups = draw_groups(state, positions)
     fold_details: dict[str, Any] = {}
     state.oof_probabilities = out_of_fold_probabilities(
         features=state.embeddings[positions], labels=state.labels[positions], n_folds=5, seed=state.config.loop.seed,
@@ -289,6 +338,37 @@ def part_groups(state: RoundState, positions: np.ndarray) -> np.ndarray | None:
     if all(part is None for part in parts):
         return None
     return np.array([f"part:{part}" if part is not None else f"image:{position}" for part, position in zip(parts, positions)], dtype=object)
+
+
+def draw_groups(state: RoundState, positions: np.ndarray) -> np.ndarray | None:
+    """part_groups, with each pixel-verified near-copy group joined in (None when every image stands alone): what the
+    out-of-fold folds, the anomaly score's leave-one-part-out and the test intervals treat as one draw. A shifted crop
+    of a training image in another fold would make the out-of-fold scores, and the threshold chosen on them, optimistic."""
+    parts = part_groups(state, positions)
+    near = state.near_duplicates
+    if near is None or not near.summary["groups"]:
+        return parts
+    local = {int(p): i for i, p in enumerate(positions)}
+    parent = list(range(len(positions)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    links: list[list[int]] = []
+    if parts is not None:
+        first_of: dict[str, int] = {}
+        links += [[first_of.setdefault(part, i), i] for i, part in enumerate(parts)]
+    links += [[local[p] for p in group if p in local] for group in near.summary["groups"]]
+    for members in links:
+        for member in members[1:]:
+            parent[root(member)] = root(members[0])
+    roots = [root(i) for i in range(len(positions))]
+    if parts is None and len(set(roots)) == len(positions):
+        return None
+    return np.array([f"draw:{state.image_ids[positions[r]]}" for r in roots], dtype=object)
 
 
 def threshold_source(state: RoundState) -> str:
@@ -558,7 +638,7 @@ def _test_intervals(state: RoundState, test: np.ndarray, predictions: np.ndarray
     negative = state.config.negative_index
     if negative is None:
         return {}
-    parts = part_groups(state, test)  # None: every test photo is its own part
+    parts = draw_groups(state, test)  # None: every test photo is its own part
     true_defect, predicted_defect = state.labels[test] != negative, predictions != negative
     gates = state.config.gates
     intervals = {}
@@ -586,15 +666,11 @@ def flag_label_issues(state: RoundState) -> None:
 
 
 def find_data_issues(state: RoundState) -> None:
-    """Near-duplicates (pixel-verified) and outliers over every image of the project. A near-copy on the other side of
-    the frozen test split makes the test metrics optimistic: on magnetic tile, a tile's other exposures in the training
-    folds put a linear probe's ROC-AUC at 0.993 instead of 0.895 (benchmarks/split_leakage.py); the round says so."""
-    if not state.config.loop.data_issues:
+    """Near-duplicates (found by find_near_copies) and outliers as findings of the round. A near-copy on the other side
+    of the frozen test split makes the test metrics optimistic; the round says so, and by how much."""
+    near = state.near_duplicates
+    if near is None:
         return
-    thumbnails = _detail_thumbnails(state)
-    parts = part_groups(state, np.arange(len(state.image_ids)))
-    with progress_bar("checking near-duplicates on pixels", total=near_duplicate_work(len(state.image_ids)), enabled=state.options.show_progress) as advance:
-        near = find_near_duplicates(embeddings=state.embeddings, thumbnails=thumbnails, known_groups=parts, seed=state.config.loop.seed, advance=advance)
     outliers = find_outliers(embeddings=state.embeddings)
     classes = state.config.classes
     rows = []
@@ -610,18 +686,15 @@ def find_data_issues(state: RoundState) -> None:
     in_test = state.splits == "test"
     across = sorted(((a, b, c) if in_test[a] else (b, a, c) for (a, b), c in near.summary["pairs"] if in_test[a] != in_test[b]),
                     key=lambda pair: -pair[2])  # (test position, other position, correlation), strongest first
-    # A near-copy of a test image labeled for training would leak it, as a test part's other photos would: the unlabeled
-    # pool images of every near-duplicate group that holds a test image are held back from selection; a labeled copy
-    # (train, validation) already leaks, and is warned about.
-    state.near_copies_of_test = {int(p) for group in near.summary["groups"] if in_test[group].any() for p in group
-                                 if state.labels[p] == UNLABELED and state.splits[p] == "pool"}
+    # near-copies of test images in the pool joined the test split (place_new_labels); a labeled copy in train or
+    # validation already leaks
     leaking = [(a, b, c) for a, b, c in across if state.labels[b] != UNLABELED]
     near_summary = {key: near.summary[key] for key in ("n_issues", "n_groups", "threshold", "null_level", "n_candidate_pairs")}
     state.details["data_quality"] = {
         "near_duplicates": {
             **near_summary, "n_pairs": len(near.summary["pairs"]), "pairs_across_test_split": len(across),
             "test_images_with_a_copy_outside_test": len({a for a, _, _ in leaking}),  # a labeled copy: the test metrics are optimistic
-            "pool_images_held_back_from_labeling": len(state.near_copies_of_test),
+            "pool_images_moved_to_test": state.details.get("near_copies_of_test_joined_test", 0),
             "across_test_split": [{"test_image_id": state.image_ids[a], "image_id": state.image_ids[b], "split": str(state.splits[b]),
                                    "labeled": bool(state.labels[b] != UNLABELED), "correlation": c} for a, b, c in across[:20]],
         },
@@ -714,15 +787,15 @@ def _selection_index(state: RoundState):  # noqa: ANN202
 
 
 def _selectable_positions(state: RoundState) -> np.ndarray:
-    """Unlabeled pool images not already waiting in an annotator's queue from an earlier round, and not a near-copy of a
-    test image."""
+    """Unlabeled pool images not already waiting in an annotator's queue from an earlier round (a near-copy of a test
+    image is in the test split by now, see find_data_issues)."""
     with session_scope(state.ctx.engine) as session:
         waiting = set(session.scalars(
             select(Selection.image_id).join(Round, Round.id == Selection.round_id)
             .where(Round.project_id == get_project(session).id, Round.id != state.round_id)
         ))
     unlabeled = state.positions(labeled=False)
-    keep = [p for p in unlabeled if state.splits[p] == "pool" and state.image_ids[p] not in waiting and p not in state.near_copies_of_test
+    keep = [p for p in unlabeled if state.splits[p] == "pool" and state.image_ids[p] not in waiting
             and state.label_info.get(state.image_ids[p], CurrentLabel(None, None, "unlabeled")).status == "unlabeled"]
     return np.array(keep, dtype=int)
 
@@ -845,7 +918,7 @@ def _jsonable(value: Any) -> Any:
 
 
 ROUND_STEPS: list[Callable[[RoundState], None]] = [
-    pull_labels, check_image_files, place_new_labels, embed_images, gather_labeled_pool, compute_out_of_fold, train_model,
+    pull_labels, check_image_files, load_images, embed_images, find_near_copies, place_new_labels, gather_labeled_pool, compute_out_of_fold, train_model,
     calibrate_model, export_model, predict_all_images, score_anomalies, deploy_model, choose_threshold, evaluate_on_test_split, flag_label_issues,
     find_data_issues, select_next_batch, push_batch,
 ]

@@ -244,6 +244,51 @@ def test_unknown_training_option_in_loop_toml_stops_before_any_work(project_with
         assert session.scalars(select(Round)).all() == []  # no round started, nothing stored
 
 
+
+def test_a_near_copy_of_a_test_image_already_in_the_annotators_queue_becomes_a_test_label(project_with_pool: Path, tmp_path: Path) -> None:
+    """Sent for labeling before any round compared pixels (round 1 runs with [loop] data_issues off): when its label
+    arrives, round 2 finds the copy of a test image and places the label in the test split beside it, not in training."""
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        test_image = session.scalars(select(Image).where(Image.split == "test").order_by(Image.id)).first()
+        test_id, test_path = test_image.id, Path(test_image.path)
+    copy = tmp_path / "later" / "copy.png"
+    copy.parent.mkdir()
+    pixels = np.asarray(PILImage.open(test_path).convert("L"), dtype=np.float64)
+    PILImage.fromarray(np.clip(np.roll(pixels, (3, -2), axis=(0, 1)) * 0.95 + 8, 0, 255).astype(np.uint8)).save(copy)
+    assert invoke("ingest", str(copy.parent), "--project", str(project_with_pool), "--unlabeled", "--quiet").exit_code == 0
+    with open(tmp_path / "truth.csv", "a", newline="") as truth:  # the oracle knows its class
+        csv.writer(truth).writerow([str(copy), test_path.parent.name])
+    config = load_config(project_with_pool)
+    config.loop.data_issues, config.loop.budget_per_round = False, 1000  # every pool image is sent for labeling
+    save_config(project_with_pool, config)
+    first = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert first.exit_code == 0, first.output
+    with session_scope(ctx.engine) as session:
+        copy_id = session.scalars(select(Image.id).where(Image.path == str(copy))).one()
+        assert copy_id in set(session.scalars(select(Selection.image_id)))
+    config.loop.data_issues = True
+    save_config(project_with_pool, config)
+
+    second = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert second.exit_code == 0, second.output
+    with session_scope(ctx.engine) as session:
+        split = session.scalars(select(Image.split).where(Image.id == copy_id)).one()
+        rounds = session.scalars(select(Round).order_by(Round.number)).all()
+        label = current_labels(session, rounds[1].project_id)[copy_id]
+        pool_left = session.scalars(select(Image.id).where(Image.split == "pool")).all()
+    assert (split, label.label, label.status) == ("test", test_path.parent.name, "labeled")
+    first_details, details = rounds[0].details, rounds[1].details
+    assert details["near_copies_of_test_joined_test"] >= 1
+    # the rest of the answered batch went where labels go: train and validation grew by it, the test split by the copies
+    assert details["newly_placed_labels"] >= 10 and pool_left == []
+    grown = {split: details["labeled_counts"][split] - first_details["labeled_counts"][split] for split in ("train", "validation", "test")}
+    assert grown["test"] == details["near_copies_of_test_joined_test"]
+    assert grown["train"] + grown["validation"] + grown["test"] == details["newly_placed_labels"]
+    near = details["data_quality"]["near_duplicates"]
+    assert not [p for p in near["across_test_split"] if {p["test_image_id"], p["image_id"]} == {test_id, copy_id}]  # both in test now
+
+
 def test_a_test_photo_taken_again_for_training_is_reported_as_a_near_duplicate_across_the_split(project_with_pool: Path, tmp_path: Path) -> None:
     """The same part photographed twice, once in the frozen test split and once ingested for training: the round finds
     the pair on pixels, warns that the test metrics are optimistic, and records both images with the copy beside them."""
@@ -283,11 +328,15 @@ def test_a_test_photo_taken_again_for_training_is_reported_as_a_near_duplicate_a
     assert across[test_id, again_id]["split"] in ("train", "validation")  # `--split train`: anywhere but test
     assert near["test_images_with_a_copy_outside_test"] >= 1 and near["threshold"] >= 0.5
     with session_scope(ctx.engine) as session:
-        pool_copy_id = session.scalars(select(Image).where(Image.path == str(pool_copy))).one().id
+        pool_copy_id, pool_copy_split = session.execute(select(Image.id, Image.split).where(Image.path == str(pool_copy))).one()
         selected = {s.image_id for s in session.scalars(select(Selection).where(Selection.reason != "suspected_label_error"))}
         n_pool = len(session.scalars(select(Image).where(Image.split == "pool")).all())
-    assert not across[second_test_id, pool_copy_id]["labeled"]
-    assert pool_copy_id not in selected and len(selected) == n_pool - near["pool_images_held_back_from_labeling"] >= 10
+    assert (second_test_id, pool_copy_id) not in across  # the unlabeled copy is on the test side of the split now
+    # the unlabeled copy joined the test split, as an unlabeled photo of a test part does: never offered for a training
+    # label, now or in a later round; every other pool image was selected
+    assert near["pool_images_moved_to_test"] >= 1 and pool_copy_split == "test"
+    assert "pool images joined the frozen test split as near-copies of test images" in " ".join(result.output.split())
+    assert pool_copy_id not in selected and len(selected) == n_pool >= 10
     # every image of a pool of distinct synthetic parts is not a "duplicate": only the planted pair and few others
     assert near["n_issues"] <= 6
     assert issues[(again_id, "near_duplicate")].related_image_id == test_id
@@ -302,7 +351,7 @@ def test_a_test_photo_taken_again_for_training_is_reported_as_a_near_duplicate_a
         labels = current_labels(session, round_row.project_id)
         kept = [(labels[i.id].label, p.predicted_label) for i, p in session.execute(
             select(Image, Prediction).join(Prediction, Prediction.image_id == Image.id)
-            .where(Image.split == "test", Prediction.round_id == round_row.id)).all() if i.id not in leaked]
+            .where(Image.split == "test", Prediction.round_id == round_row.id)).all() if i.id not in leaked and i.id in labels]
         report = round_report(session, round_id=round_row.id)
     assert without["n_images"] == len(kept) == round_row.details["labeled_counts"]["test"] - len(leaked)
     assert without["accuracy"] == pytest.approx(np.mean([truth == predicted for truth, predicted in kept]))
