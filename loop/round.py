@@ -112,6 +112,7 @@ class RoundState:
     label_issue_rows: list[dict[str, Any]] = field(default_factory=list)  # label errors: the relabel queue
     data_issue_rows: list[dict[str, Any]] = field(default_factory=list)  # near-duplicates and outliers
     near_duplicates: Any = None  # modeling.label_quality finding of find_near_copies (None: [loop] data_issues is off)
+    held_back: set[int] = field(default_factory=set)  # pool near-copies of a test image that already leaks: never selected
     batch: list[TaskRequest] = field(default_factory=list)
     batch_meta: list[dict[str, Any]] = field(default_factory=list)
     init_training_options: dict[str, Any] = field(default_factory=dict)
@@ -230,10 +231,12 @@ def place_new_labels(state: RoundState) -> None:
     """Images labeled since ingest (annotators, oracle) join train or validation, never the frozen test split; except
     a near-copy of a test image, which joins the test split as a photo of a test part does. Unlabeled pool near-copies
     of test images join it too, so they are never offered for a training label, and one already waiting in an
-    annotator's queue from an earlier round becomes a test label when answered. A copy labeled for training before
-    the check saw it already leaks: find_data_issues warns and reports the gates without its test image."""
+    annotator's queue from an earlier round becomes a test label when answered. Where the copies already straddle the
+    split (a copy labeled for training before the check saw it), joining test would add one more leaking test image:
+    the pool copies stay in the pool, held back from selection, and find_data_issues warns and reports the gates
+    without the leaking test images."""
     split_config = state.config.split
-    copies_of_test = _near_copies_of_test(state)
+    copies_of_test, state.held_back = _near_copies_of_test(state)
     labeled = {image_id for image_id, info in state.label_info.items() if info.status == "labeled"}
     to_place = {state.image_ids[p]: int(p) for p in np.flatnonzero(state.splits == "pool") if state.image_ids[p] in labeled or p in copies_of_test}
     placed_labels = joined_test = 0
@@ -262,12 +265,18 @@ def place_new_labels(state: RoundState) -> None:
                             "labeled for training, they would leak their test image. Photos of one physical part belong under one `part`.")
 
 
-def _near_copies_of_test(state: RoundState) -> set[int]:
-    """Pool positions in a near-duplicate group that holds a test image."""
+def _near_copies_of_test(state: RoundState) -> tuple[set[int], set[int]]:
+    """Pool positions in a near-duplicate group that holds a test image: (to join the test split: no member in train or
+    validation; to hold back from selection: the group straddles the split already)."""
+    join_test: set[int] = set()
+    held_back: set[int] = set()
     if state.near_duplicates is None:
-        return set()
-    in_test = state.splits == "test"
-    return {int(p) for group in state.near_duplicates.summary["groups"] if in_test[group].any() for p in group if state.splits[p] == "pool"}
+        return join_test, held_back
+    for group in state.near_duplicates.summary["groups"]:
+        splits = set(state.splits[group].tolist())
+        if "test" in splits:
+            (held_back if splits & {"train", "validation"} else join_test).update(int(p) for p in group if state.splits[p] == "pool")
+    return join_test, held_back
 
 
 def embed_images(state: RoundState) -> None:
@@ -688,13 +697,15 @@ def find_data_issues(state: RoundState) -> None:
                     key=lambda pair: -pair[2])  # (test position, other position, correlation), strongest first
     # near-copies of test images in the pool joined the test split (place_new_labels); a labeled copy in train or
     # validation already leaks
-    leaking = [(a, b, c) for a, b, c in across if state.labels[b] != UNLABELED]
+    # a labeled test image with a labeled copy in train or validation: its test metric is optimistic
+    leaking = [(a, b, c) for a, b, c in across if state.labels[a] != UNLABELED and state.labels[b] != UNLABELED]
     near_summary = {key: near.summary[key] for key in ("n_issues", "n_groups", "threshold", "null_level", "n_candidate_pairs")}
     state.details["data_quality"] = {
         "near_duplicates": {
             **near_summary, "n_pairs": len(near.summary["pairs"]), "pairs_across_test_split": len(across),
             "test_images_with_a_copy_outside_test": len({a for a, _, _ in leaking}),  # a labeled copy: the test metrics are optimistic
             "pool_images_moved_to_test": state.details.get("near_copies_of_test_joined_test", 0),
+            "pool_images_held_back_from_labeling": len(state.held_back),
             "across_test_split": [{"test_image_id": state.image_ids[a], "image_id": state.image_ids[b], "split": str(state.splits[b]),
                                    "labeled": bool(state.labels[b] != UNLABELED), "correlation": c} for a, b, c in across[:20]],
         },
@@ -787,15 +798,15 @@ def _selection_index(state: RoundState):  # noqa: ANN202
 
 
 def _selectable_positions(state: RoundState) -> np.ndarray:
-    """Unlabeled pool images not already waiting in an annotator's queue from an earlier round (a near-copy of a test
-    image is in the test split by now, see find_data_issues)."""
+    """Unlabeled pool images not already waiting in an annotator's queue from an earlier round, and not a near-copy of
+    a test image (those joined the test split or are held back, see place_new_labels)."""
     with session_scope(state.ctx.engine) as session:
         waiting = set(session.scalars(
             select(Selection.image_id).join(Round, Round.id == Selection.round_id)
             .where(Round.project_id == get_project(session).id, Round.id != state.round_id)
         ))
     unlabeled = state.positions(labeled=False)
-    keep = [p for p in unlabeled if state.splits[p] == "pool" and state.image_ids[p] not in waiting
+    keep = [p for p in unlabeled if state.splits[p] == "pool" and state.image_ids[p] not in waiting and p not in state.held_back
             and state.label_info.get(state.image_ids[p], CurrentLabel(None, None, "unlabeled")).status == "unlabeled"]
     return np.array(keep, dtype=int)
 
