@@ -178,7 +178,8 @@ def print_round(outcome) -> None:  # noqa: ANN001
     data_quality = details.get("data_quality") or {}
     near = data_quality.get("near_duplicates")
     console.print(f"label issues flagged: {details['label_quality']['n_flagged']}"
-                  + (f" · near-duplicates: {near['n_issues']} images ({near['pairs_across_test_split']} pairs across the test split)"
+                  + (f" · near-duplicates: {near['n_issues']} images ({near['pairs_across_test_split']} pairs across the test split; "
+                     f"{near.get('pool_images_moved_to_test', 0)} pool copies joined test, {near.get('pool_images_held_back_from_labeling', 0)} held back)"
                      f" · outliers: {data_quality['outliers']['n_issues']}" if near else "")
                   + f" · selected for labeling: {details.get('push', {}).get('pushed', 0)} pushed, "
                   f"{details.get('push', {}).get('pending', 0)} pending · total {outcome.timings_s.get('total', 0):.1f} s")
