@@ -103,7 +103,7 @@ class RoundOut(RoundSummaryOut):
     n_test_images_with_copy_outside: int | None = Field(
         description="test images with a labeled near-copy outside the frozen test split (train or validation): the test metrics are "
                     "optimistic for them; pool copies join the test split instead; null: not checked")
-    test_metrics_without_copies: dict[str, float | None] | None = Field(
+    test_metrics_without_copies: dict[str, int | float | None] | None = Field(
         default=None, description="n_images, n_excluded, macro_f1, defect_recall, negative_fpr and accuracy on the test images that have no "
                                   "labeled near-copy outside the test split: the figures to trust when some do; null: no test image has one")
 

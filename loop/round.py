@@ -1,6 +1,7 @@
 """One round of the loop, as a short list of named steps:
 
-pull labels -> check files -> place new labels -> embed -> gather the labeled pool -> out-of-fold probabilities
+pull labels -> check files -> load images -> embed -> near-copies on pixels -> place new labels -> gather the
+labeled pool -> out-of-fold probabilities
 -> train -> calibrate -> export -> predict -> patch anomaly scores + blend -> deploy (ONNX + latency) -> choose
 threshold -> evaluate on the frozen test split -> gates -> label issues -> select -> push -> record.
 
@@ -229,54 +230,64 @@ def find_near_copies(state: RoundState) -> None:
 
 def place_new_labels(state: RoundState) -> None:
     """Images labeled since ingest (annotators, oracle) join train or validation, never the frozen test split; except
-    a near-copy of a test image, which joins the test split as a photo of a test part does. Unlabeled pool near-copies
-    of test images join it too, so they are never offered for a training label, and one already waiting in an
-    annotator's queue from an earlier round becomes a test label when answered. Where the copies already straddle the
-    split (a copy labeled for training before the check saw it), joining test would add one more leaking test image:
-    the pool copies stay in the pool, held back from selection, and find_data_issues warns and reports the gates
-    without the leaking test images."""
+    a near-copy of a test image, which joins the test split as a photo of a test part does, labeled or not: never
+    offered for a training label, and one already waiting in an annotator's queue becomes a test label when answered.
+    With a part, the whole part joins test (its unlabeled photos too, as at ingest). Where the copies already straddle
+    the split (a copy in train or validation, or the copy's part placed there), joining test would add one more leaking
+    test image: unlabeled copies stay in the pool, held back from selection, labeled ones are placed as usual, and
+    find_data_issues reports the gates without the leaking test images."""
     split_config = state.config.split
-    copies_of_test, state.held_back = _near_copies_of_test(state)
     labeled = {image_id for image_id, info in state.label_info.items() if info.status == "labeled"}
-    to_place = {state.image_ids[p]: int(p) for p in np.flatnonzero(state.splits == "pool") if state.image_ids[p] in labeled or p in copies_of_test}
-    placed_labels = joined_test = 0
+    pool = [int(p) for p in np.flatnonzero(state.splits == "pool")]
+    joins_test, straddling = _near_copies_of_test(state)
+    placed_labels = 0
+    joined: list[int] = []
     with session_scope(state.ctx.engine) as session:
         project = get_project(session)
         placed_parts = part_splits(session, project.id)
+        # Parts first, so that the result does not depend on which photo of a part comes first.
+        for position in sorted(joins_test):
+            part = state.parts[position]
+            if part and placed_parts.get(part, "test") != "test":
+                joins_test.discard(position)
+                straddling.add(position)
+        new_test_parts = {state.parts[p] for p in joins_test if state.parts[p] and state.parts[p] not in placed_parts}
+        placed_parts.update(dict.fromkeys(new_test_parts, "test"))
+        joins_test |= {p for p in pool if state.parts[p] in new_test_parts}
+        to_place = {state.image_ids[p]: p for p in pool if state.image_ids[p] in labeled or p in joins_test}
         ids = sorted(to_place)
         for start in range(0, len(ids), 500):  # a bounded IN list per statement
             for image in session.scalars(select(Image).where(Image.id.in_(ids[start:start + 500]), Image.split == "pool").order_by(Image.id)):
                 position = to_place[image.id]
-                if position in copies_of_test and not (image.part and image.part in placed_parts):  # a placed part's rule wins
+                if position in joins_test:
                     image.split = "test"
-                    joined_test += 1
-                    if image.part:
-                        placed_parts[image.part] = "test"
-                elif image.id in labeled:
+                    joined.append(image.id)
+                else:  # labeled: its part's split (placed_parts knows the parts that joined test), else a stable draw
                     place_labeled_image(image, placed_parts=placed_parts, validation_fraction=split_config.validation_fraction, seed=split_config.seed)
-                else:
-                    continue
                 placed_labels += image.id in labeled
                 state.splits[position] = image.split
+    state.held_back = {p for p in straddling if state.image_ids[p] not in labeled}
     state.details["newly_placed_labels"] = placed_labels
-    state.details["near_copies_of_test_joined_test"] = joined_test
-    if joined_test:
-        state.console.print(f"{joined_test} pool images joined the frozen test split as near-copies of test images (pixel-verified): "
-                            "labeled for training, they would leak their test image. Photos of one physical part belong under one `part`.")
+    state.details["near_copies_of_test_joined_test"] = len(joined)
+    state.details["joined_test_image_ids"] = joined[:1000]  # which images made the test split grow (first 1000)
+    if joined:
+        state.console.print(f"{len(joined)} pool images joined the frozen test split as near-copies of test images (pixel-verified) or "
+                            "photos of their parts: labeled for training, they would leak their test image. Photos of one physical part "
+                            "belong under one `part`.")
 
 
 def _near_copies_of_test(state: RoundState) -> tuple[set[int], set[int]]:
     """Pool positions in a near-duplicate group that holds a test image: (to join the test split: no member in train or
-    validation; to hold back from selection: the group straddles the split already)."""
+    validation; straddling: the group has members on both sides already)."""
     join_test: set[int] = set()
-    held_back: set[int] = set()
+    straddling: set[int] = set()
     if state.near_duplicates is None:
-        return join_test, held_back
+        return join_test, straddling
     for group in state.near_duplicates.summary["groups"]:
         splits = set(state.splits[group].tolist())
         if "test" in splits:
-            (held_back if splits & {"train", "validation"} else join_test).update(int(p) for p in group if state.splits[p] == "pool")
-    return join_test, held_back
+            (straddling if splits & {"train", "validation"} else join_test).update(int(p) for p in group if state.splits[p] == "pool")
+    return join_test, straddling
 
 
 def embed_images(state: RoundState) -> None:
@@ -735,6 +746,8 @@ def _test_metrics_without(state: RoundState, leaked: set[int]) -> dict[str, Any]
         subset = evaluate_predictions(y_true=state.labels[test][keep], y_pred=state.test_predictions[keep], probabilities=state.probabilities[test][keep],
                                       class_names=state.config.classes, negative_index=state.config.negative_index)
         values.update({name: subset.get(name) for name, _ in GATE_METRICS} | {"accuracy": subset["accuracy"]})
+        if subset.get("collapsed"):  # as evaluate_gates scores a model that predicts one class
+            values["macro_f1"] = 0.0
     else:
         values.update({name: None for name, _ in GATE_METRICS} | {"accuracy": None})
     return values
@@ -812,8 +825,12 @@ def _selectable_positions(state: RoundState) -> np.ndarray:
 
 
 def push_batch(state: RoundState) -> None:
-    """Retry what earlier rounds could not push, then push this round's batch; nothing selected is lost."""
+    """Retry what earlier rounds could not push, then push this round's batch; nothing selected is lost, except that a
+    selection not pushed yet whose image joined the test split, or is held back as a near-copy of a test image, is
+    withdrawn: a test label should not start from the model's pre-annotation of an actively selected image. (One
+    already in the annotators' queue stays there; its answer becomes a test label.)"""
     name = state.backend.name
+    held_back_ids = {state.image_ids[p] for p in state.held_back}
     with session_scope(state.ctx.engine) as session:
         project = get_project(session)
         for rank, (task, meta) in enumerate(zip(state.batch, state.batch_meta)):
@@ -827,6 +844,10 @@ def push_batch(state: RoundState) -> None:
             .where(Round.project_id == project.id, Selection.push_status.in_(("pending", "failed")))
             .order_by(Selection.id)
         ).all()
+        withdrawn = [selection for selection, image in retry if image.split == "test" or image.id in held_back_ids]
+        for selection in withdrawn:
+            selection.push_status = "withdrawn"
+        retry = [(selection, image) for selection, image in retry if selection.push_status != "withdrawn"]
         by_image = {task.image_id: task for task in state.batch}
         tasks = [by_image.get(image.id) or TaskRequest(image_id=image.id, image_path=image.path, sha256=image.sha256, reason=selection.reason,
                                                       predicted_label=selection.predicted_label, round_number=state.number)
@@ -842,7 +863,8 @@ def push_batch(state: RoundState) -> None:
         state.push_report = report
     for warning in report.warnings:
         state.console.print(f"[yellow]warning:[/] {warning}")
-    state.details["push"] = {"backend": name, "pushed": report.pushed, "already_present": report.already_present, "pending": report.pending, "warnings": report.warnings}
+    state.details["push"] = {"backend": name, "pushed": report.pushed, "already_present": report.already_present, "pending": report.pending,
+                             "withdrawn": len(withdrawn), "warnings": report.warnings}
 
 
 def _p_defect(state: RoundState, task: TaskRequest) -> float | None:

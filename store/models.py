@@ -158,7 +158,7 @@ class Selection(Base):
     reason: Mapped[str] = mapped_column(String(40))  # uncertain | rare_class | diverse | suspected_label_error | random
     predicted_label: Mapped[str | None] = mapped_column(String(200))
     p_defect: Mapped[float | None] = mapped_column(Float)
-    push_status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | pushed | failed
+    push_status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | pushed | failed | recorded | withdrawn
     pushed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 

@@ -108,8 +108,8 @@ class RoundReport:
     n_outliers: int = 0
     # test images with a near-copy outside the frozen test split (the test metrics are optimistic for them); None: not checked
     n_test_images_with_copy_outside: int | None = None
-    # the gate metrics on the test images without such a copy (n_images, macro_f1, defect_recall, negative_fpr, accuracy)
-    test_metrics_without_copies: dict[str, float | None] | None = None
+    # the gate metrics on the test images without such a copy (n_images, n_excluded, macro_f1, defect_recall, negative_fpr, accuracy)
+    test_metrics_without_copies: dict[str, int | float | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -497,11 +497,12 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
     )
 
 
-def _metrics_without_copies(details: dict) -> dict[str, float | None] | None:
+def _metrics_without_copies(details: dict) -> dict[str, int | float | None] | None:
     without = (details.get("data_quality") or {}).get("test_without_copies")
     if not isinstance(without, dict):
         return None
-    return {key: _float_or_none(without.get(key)) for key in ("n_images", "n_excluded", "macro_f1", "defect_recall", "negative_fpr", "accuracy")}
+    counts = {key: int(without[key]) if isinstance(without.get(key), (int, float)) else None for key in ("n_images", "n_excluded")}
+    return counts | {key: _float_or_none(without.get(key)) for key in ("macro_f1", "defect_recall", "negative_fpr", "accuracy")}
 
 
 def _interval_of(details: dict, gate_name: str) -> dict[str, Any]:

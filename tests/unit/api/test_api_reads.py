@@ -79,6 +79,7 @@ def test_round_report(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
     assert (body["n_near_duplicates"], body["n_outliers"], body["n_test_images_with_copy_outside"]) == (1, 0, 2)
     assert body["test_metrics_without_copies"] == {"n_images": 18, "n_excluded": 2, "macro_f1": 0.74, "defect_recall": 0.875, "negative_fpr": 0.05,
                                                    "accuracy": 0.8}
+    assert [type(body["test_metrics_without_copies"][key]) for key in ("n_images", "n_excluded")] == [int, int]  # counts, not 18.0
     assert get(f"/rounds/{seeded_store.round_ids[1]}")["test_metrics_without_copies"] is None  # not checked, or no test image copied
 
 
