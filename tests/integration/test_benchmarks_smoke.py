@@ -54,3 +54,17 @@ def test_split_leakage_on_mvtec_finds_no_pile_of_look_alikes(tmp_path: Path, rea
     assert near["n_images"] <= 6 and near["null_level"] > 0.8 and near["threshold"] > 0.85
     assert result["probe"]["by_file"]["roc_auc"] >= 0.99
     assert "## mvtec_bottle" in (tmp_path / "split_leakage.md").read_text()
+
+
+@pytest.mark.slow
+def test_near_copies_round_on_a_few_magnetic_tiles(tmp_path: Path, real_dataset) -> None:
+    real_dataset("magnetic_tile")
+    run_script("benchmarks/near_copies_round.py", "--out", str(tmp_path / "run"), "--tiles", "40", "--rounds", "1", timeout=900)
+    report = json.loads((tmp_path / "run" / "near_copies_round.json").read_text())
+    [row] = report["rounds"]
+    # ingested without parts and split by file, tiles straddle the split: the round finds some of it on pixels
+    assert row["test_images_leaking_truth"] >= 5 and 1 <= row["test_images_leaking_flagged"] <= row["test_images_leaking_truth"] + 1
+    assert row["pool_images_joined_test"] + row["pool_images_held_back"] >= 1
+    assert row["joined_on_a_test_tile"] >= row["pool_images_joined_test"] - 1  # what joins test is a photo of a test tile
+    assert row["without_copies_n"] == row["labeled_test_images"] - row["test_images_leaking_flagged"]
+    assert "# Near-copies in a round" in (tmp_path / "run" / "near_copies_round.md").read_text()
