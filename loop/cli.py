@@ -169,7 +169,9 @@ def print_round(outcome) -> None:  # noqa: ANN001
                       f"without them ({without['n_images']} images): {gate_values_text(without)}")
     threshold = details.get("threshold")
     console.print(
-        f"labeled: train {counts['train']}, validation {counts['validation']}, test {counts['test']}; unlabeled {counts['unlabeled']} · "
+        f"labeled: train {counts['train']}, validation {counts['validation']}, test {counts['test']}; unlabeled {counts['unlabeled']}"
+        + (f" (and {counts['unlabeled_test']} in test, {counts['held_back']} held back)" if counts.get("unlabeled_test") or counts.get("held_back") else "")
+        + " · "
         f"accuracy {metrics['accuracy']:.4f} · ROC-AUC {metrics['roc_auc_defect'] if metrics.get('roc_auc_defect') is None else round(metrics['roc_auc_defect'], 4)} · "
         f"threshold {threshold if threshold is None else round(threshold, 4)} ({details.get('threshold_source')}) · "
         + (f"latency {details['latency']['ms_per_image']:.1f} ms/image (ONNX Runtime, {details['latency']['threads']} threads, {details['latency']['cpu']})"

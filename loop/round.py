@@ -322,7 +322,11 @@ def _weights_path(state: RoundState, weights: str) -> str:
 
 def gather_labeled_pool(state: RoundState) -> None:
     counts = {split: len(state.positions(split=split, labeled=True)) for split in ("train", "validation", "test")}
-    counts["unlabeled"] = len(state.positions(labeled=False))
+    # the pool is what can still be labeled for training; unlabeled test photos (a test part's, a test image's
+    # near-copies) and held-back copies are counted apart
+    counts["unlabeled"] = len(state.positions(split="pool", labeled=False)) - len(state.held_back)
+    counts["unlabeled_test"] = len(state.positions(split="test", labeled=False))
+    counts["held_back"] = len(state.held_back)
     state.details["labeled_counts"] = counts
     non_test = np.concatenate([state.positions(split="train", labeled=True), state.positions(split="validation", labeled=True)])
     present = set(state.labels[non_test].tolist())

@@ -344,6 +344,9 @@ def test_a_test_photo_taken_again_for_training_is_reported_as_a_near_duplicate_a
     # the third shot would be one more leaking test image in test, one more copy in train: it stays in the pool, unselected
     assert third_split == "pool" and near["pool_images_held_back_from_labeling"] >= 1
     assert f"{near['pool_images_moved_to_test']} pool copies joined test, {near['pool_images_held_back_from_labeling']} held back" in " ".join(result.output.split())
+    counts = round_row.details["labeled_counts"]  # what can still be labeled for training, and what cannot
+    assert (counts["unlabeled_test"], counts["held_back"]) == (near["pool_images_moved_to_test"], near["pool_images_held_back_from_labeling"])
+    assert counts["unlabeled"] == n_pool - counts["held_back"] == len(selected)
     assert (test_id, third_id) in across and not across[test_id, third_id]["labeled"]
     # every other pool image was selected
     assert {pool_copy_id, third_id}.isdisjoint(selected) and len(selected) == n_pool - near["pool_images_held_back_from_labeling"] >= 10
