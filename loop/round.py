@@ -50,7 +50,7 @@ from modeling.selection import select_batch
 from modeling.transfer import load_init_checkpoint, save_model_checkpoint
 from modeling.training import TrainedClassifier, TrainingData, head_fit_predict, train_classifier
 from store import session_scope
-from store.models import GateResult, Image, LabelIssue, Metric, Prediction, Round, Selection
+from store.models import AnnotationTask, GateResult, Image, LabelIssue, Metric, Prediction, Round, Selection
 from store.queries import CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number
 
 # Below this many negative-class validation images the threshold is chosen on out-of-fold probabilities over the
@@ -266,7 +266,8 @@ def place_new_labels(state: RoundState) -> None:
                     place_labeled_image(image, placed_parts=placed_parts, validation_fraction=split_config.validation_fraction, seed=split_config.seed)
                 placed_labels += image.id in labeled
                 state.splits[position] = image.split
-    state.held_back = {p for p in straddling if state.image_ids[p] not in labeled}
+    # a photo of a part that joined test is in test, whatever its own group (the part rule wins, as at ingest)
+    state.held_back = {p for p in straddling - joins_test if state.image_ids[p] not in labeled}
     state.details["newly_placed_labels"] = placed_labels
     state.details["near_copies_of_test_joined_test"] = len(joined)
     state.details["joined_test_image_ids"] = joined[:1000]  # which images made the test split grow (first 1000)
@@ -750,7 +751,7 @@ def _test_metrics_without(state: RoundState, leaked: set[int]) -> dict[str, Any]
         subset = evaluate_predictions(y_true=state.labels[test][keep], y_pred=state.test_predictions[keep], probabilities=state.probabilities[test][keep],
                                       class_names=state.config.classes, negative_index=state.config.negative_index)
         values.update({name: subset.get(name) for name, _ in GATE_METRICS} | {"accuracy": subset["accuracy"]})
-        if subset.get("collapsed"):  # as evaluate_gates scores a model that predicts one class
+        if state.metrics.get("collapsed"):  # as evaluate_gates scores a model that predicts one class on the test split
             values["macro_f1"] = 0.0
     else:
         values.update({name: None for name, _ in GATE_METRICS} | {"accuracy": None})
@@ -848,7 +849,9 @@ def push_batch(state: RoundState) -> None:
             .where(Round.project_id == project.id, Selection.push_status.in_(("pending", "failed")))
             .order_by(Selection.id)
         ).all()
-        withdrawn = [selection for selection, image in retry if image.split == "test" or image.id in held_back_ids]
+        # a task that reached the annotators in a push that failed later stays: its answer comes anyway (as a test label)
+        in_queue = set(session.scalars(select(AnnotationTask.image_id).where(AnnotationTask.backend == name)))
+        withdrawn = [selection for selection, image in retry if (image.split == "test" or image.id in held_back_ids) and image.id not in in_queue]
         for selection in withdrawn:
             selection.push_status = "withdrawn"
         retry = [(selection, image) for selection, image in retry if selection.push_status != "withdrawn"]
