@@ -41,7 +41,7 @@ from modeling.evaluation import (
 from modeling.inference import OnnxClassifier
 from modeling.image_detail import DETAIL_BLUR_SIGMA, DETAIL_SIZE, detail_thumbnails
 from modeling.progress import progress_bar
-from modeling.label_quality import find_label_issues, find_near_duplicates, find_outliers, near_duplicate_work, out_of_fold_probabilities
+from modeling.label_quality import connected_groups, find_label_issues, find_near_duplicates, find_outliers, near_duplicate_work, out_of_fold_probabilities
 from modeling.latency import measure_onnx_latency
 from modeling.onnx_export import export_onnx
 from modeling.plots import plot_confusion_matrix, plot_gates_over_rounds
@@ -374,26 +374,20 @@ def draw_groups(state: RoundState, positions: np.ndarray) -> np.ndarray | None:
     if near is None or not near.summary["groups"]:
         return parts
     local = {int(p): i for i, p in enumerate(positions)}
-    parent = list(range(len(positions)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    links: list[list[int]] = []
+    edges: list[tuple[int, int]] = []
     if parts is not None:
         first_of: dict[str, int] = {}
-        links += [[first_of.setdefault(part, i), i] for i, part in enumerate(parts)]
-    links += [[local[p] for p in group if p in local] for group in near.summary["groups"]]
-    for members in links:
-        for member in members[1:]:
-            parent[root(member)] = root(members[0])
-    roots = [root(i) for i in range(len(positions))]
-    if parts is None and len(set(roots)) == len(positions):
+        edges += [(first_of.setdefault(part, i), i) for i, part in enumerate(parts)]
+    for group in near.summary["groups"]:
+        members = [local[p] for p in group if p in local]
+        edges += [(members[0], member) for member in members[1:]]
+    groups = connected_groups(len(positions), edges)
+    if parts is None and not groups:
         return None
-    return np.array([f"draw:{state.image_ids[positions[r]]}" for r in roots], dtype=object)
+    ids = np.array([f"draw:{state.image_ids[p]}" for p in positions], dtype=object)
+    for group in groups:
+        ids[group] = ids[group[0]]
+    return ids
 
 
 def threshold_source(state: RoundState) -> str:
@@ -711,8 +705,6 @@ def find_data_issues(state: RoundState) -> None:
     in_test = state.splits == "test"
     across = sorted(((a, b, c) if in_test[a] else (b, a, c) for (a, b), c in near.summary["pairs"] if in_test[a] != in_test[b]),
                     key=lambda pair: -pair[2])  # (test position, other position, correlation), strongest first
-    # near-copies of test images in the pool joined the test split (place_new_labels); a labeled copy in train or
-    # validation already leaks
     # a labeled test image with a labeled copy in train or validation: its test metric is optimistic
     leaking = [(a, b, c) for a, b, c in across if state.labels[a] != UNLABELED and state.labels[b] != UNLABELED]
     near_summary = {key: near.summary[key] for key in ("n_issues", "n_groups", "threshold", "null_level", "n_candidate_pairs")}
@@ -849,12 +841,14 @@ def push_batch(state: RoundState) -> None:
             .where(Round.project_id == project.id, Selection.push_status.in_(("pending", "failed")))
             .order_by(Selection.id)
         ).all()
+        to_withdraw = {image.id for _selection, image in retry if image.split == "test" or image.id in held_back_ids}
         # a task that reached the annotators in a push that failed later stays: its answer comes anyway (as a test label)
-        in_queue = set(session.scalars(select(AnnotationTask.image_id).where(AnnotationTask.backend == name)))
-        withdrawn = [selection for selection, image in retry if (image.split == "test" or image.id in held_back_ids) and image.id not in in_queue]
+        to_withdraw -= set(session.scalars(select(AnnotationTask.image_id).where(
+            AnnotationTask.backend == name, AnnotationTask.image_id.in_(to_withdraw)))) if to_withdraw else set()
+        withdrawn = [selection for selection, image in retry if image.id in to_withdraw]
         for selection in withdrawn:
             selection.push_status = "withdrawn"
-        retry = [(selection, image) for selection, image in retry if selection.push_status != "withdrawn"]
+        retry = [(selection, image) for selection, image in retry if image.id not in to_withdraw]
         by_image = {task.image_id: task for task in state.batch}
         tasks = [by_image.get(image.id) or TaskRequest(image_id=image.id, image_path=image.path, sha256=image.sha256, reason=selection.reason,
                                                       predicted_label=selection.predicted_label, round_number=state.number)

@@ -503,7 +503,7 @@ def find_near_duplicates(
     is_issue = np.zeros(n, dtype=bool)
     for a, b, _ in flagged_pairs:
         is_issue[a] = is_issue[b] = True
-    groups = _connected_groups(n, [(a, b) for a, b, _ in flagged_pairs])
+    groups = connected_groups(n, [(a, b) for a, b, _ in flagged_pairs])
     return Finding(
         scores=np.clip(1.0 - best_sim, 0.0, 1.0),
         is_issue=is_issue,
@@ -569,7 +569,7 @@ def near_duplicate_work(n_images: int, *, k: int = NEAR_DUPLICATE_NEIGHBORS) -> 
     return n_images * min(k, max(n_images - 1, 0)) + min(NULL_PAIRS, n_images * (n_images - 1) // 2)
 
 
-def _connected_groups(n: int, edges: list[tuple[int, int]]) -> list[list[int]]:
+def connected_groups(n: int, edges: list[tuple[int, int]]) -> list[list[int]]:
     """Connected components with more than one member, each sorted, ordered by their first member."""
     parent = np.arange(n)
 
