@@ -239,21 +239,12 @@ def place_new_labels(state: RoundState) -> None:
     split_config = state.config.split
     labeled = {image_id for image_id, info in state.label_info.items() if info.status == "labeled"}
     pool = [int(p) for p in np.flatnonzero(state.splits == "pool")]
-    joins_test, straddling = _near_copies_of_test(state)
     placed_labels = 0
     joined: list[int] = []
     with session_scope(state.ctx.engine) as session:
         project = get_project(session)
         placed_parts = part_splits(session, project.id)
-        # Parts first, so that the result does not depend on which photo of a part comes first.
-        for position in sorted(joins_test):
-            part = state.parts[position]
-            if part and placed_parts.get(part, "test") != "test":
-                joins_test.discard(position)
-                straddling.add(position)
-        new_test_parts = {state.parts[p] for p in joins_test if state.parts[p] and state.parts[p] not in placed_parts}
-        placed_parts.update(dict.fromkeys(new_test_parts, "test"))
-        joins_test |= {p for p in pool if state.parts[p] in new_test_parts}
+        joins_test, straddling = _test_closure(state, pool=pool, placed_parts=placed_parts)
         to_place = {state.image_ids[p]: p for p in pool if state.image_ids[p] in labeled or p in joins_test}
         ids = sorted(to_place)
         for start in range(0, len(ids), 500):  # a bounded IN list per statement
@@ -277,7 +268,33 @@ def place_new_labels(state: RoundState) -> None:
                             "belong under one `part`.")
 
 
-def _near_copies_of_test(state: RoundState) -> tuple[set[int], set[int]]:
+def _test_closure(state: RoundState, *, pool: list[int], placed_parts: dict[str, str]) -> tuple[set[int], set[int]]:
+    """Pool positions that join the test split, and those whose copies straddle the split, to a fixed point: a part
+    that joins test brings its other photos, and their near-copies are decided in the same round (before, only in the
+    next one, by which time an annotator may have labeled them for training). Updates placed_parts with the parts that
+    join test. Parts are decided before any photo is placed, so the result does not depend on id order."""
+    tentative_splits = state.splits.copy()
+    joins_test: set[int] = set()
+    straddling: set[int] = set()
+    while True:
+        joining, straddle = _near_copies_of_test(state, tentative_splits)
+        straddling |= straddle
+        for position in sorted(joining):
+            part = state.parts[position]
+            if part and placed_parts.get(part, "test") != "test":  # its part is in train or validation already
+                joining.discard(position)
+                straddling.add(position)
+        new_test_parts = {state.parts[p] for p in joining if state.parts[p] and state.parts[p] not in placed_parts}
+        placed_parts.update(dict.fromkeys(new_test_parts, "test"))
+        joining |= {p for p in pool if state.parts[p] in new_test_parts}
+        joining -= joins_test
+        if not joining:
+            return joins_test, straddling
+        joins_test |= joining
+        tentative_splits[sorted(joining)] = "test"
+
+
+def _near_copies_of_test(state: RoundState, splits: np.ndarray) -> tuple[set[int], set[int]]:
     """Pool positions in a near-duplicate group that holds a test image: (to join the test split: no member in train or
     validation; straddling: the group has members on both sides already)."""
     join_test: set[int] = set()
@@ -285,9 +302,9 @@ def _near_copies_of_test(state: RoundState) -> tuple[set[int], set[int]]:
     if state.near_duplicates is None:
         return join_test, straddling
     for group in state.near_duplicates.summary["groups"]:
-        splits = set(state.splits[group].tolist())
-        if "test" in splits:
-            (straddling if splits & {"train", "validation"} else join_test).update(int(p) for p in group if state.splits[p] == "pool")
+        group_splits = set(splits[group].tolist())
+        if "test" in group_splits:
+            (straddling if group_splits & {"train", "validation"} else join_test).update(int(p) for p in group if splits[p] == "pool")
     return join_test, straddling
 
 

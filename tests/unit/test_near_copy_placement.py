@@ -32,14 +32,15 @@ def _manifest(path: Path, rows: list[tuple[Path, str, str]]) -> Path:
 def test_near_copies_of_test_images_join_test_with_their_part_or_are_held_back(tmp_path: Path, class_folders: Path) -> None:
     good = sorted((class_folders / "good").glob("*.png"))
     scratch = sorted((class_folders / "scratch").glob("*.png"))
-    t1, t2, t3, t4, t5, b, c, c2, a, x, y, z, x2, d, e, f, g = good[:17]
+    t1, t2, t3, t4, t5, b, c, c2, a, x, y, z, x2, d, e, f, g, h, k, m = good[:20]
     project_dir = tmp_path / "project"
     runner = CliRunner()
     assert runner.invoke(app, ["init", str(project_dir), "--classes", "good,scratch", "--negative-class", "good"]).exit_code == 0
     for rows, split in (([(t1, "good", ""), (t2, "good", ""), (t3, "good", ""), (t4, "good", ""), (t5, "good", ""), (scratch[0], "scratch", "")], "test"),
                         ([(b, "good", "R"), (c, "good", ""), (c2, "good", ""), (scratch[1], "scratch", "")], "train"),
                         # A comes first: before, the part's first photo decided, and A (no copy) took part Q to train
-                        ([(a, "", "Q"), (x, "", "Q"), (y, "", "Q"), (z, "", "Q"), (x2, "", "R"), (d, "", ""), (e, "", ""), (f, "", ""), (g, "", "")],
+                        ([(a, "", "Q"), (x, "", "Q"), (y, "", "Q"), (z, "", "Q"), (x2, "", "R"), (d, "", ""), (e, "", ""), (f, "", ""), (g, "", ""),
+                          (h, "", "S"), (k, "", "S"), (m, "", "")],
                          "auto")):
         manifest = _manifest(tmp_path / f"{split}.csv", rows)
         result = runner.invoke(app, ["ingest", str(manifest), "--project", str(project_dir), "--split", split, "--quiet"])
@@ -47,14 +48,14 @@ def test_near_copies_of_test_images_join_test_with_their_part_or_are_held_back(t
     ctx = open_project(project_dir)
     with session_scope(ctx.engine) as session:
         ids = {file: image_id for file, image_id in session.execute(select(Image.path, Image.id)).all()}
-        names = "t1 t2 t3 t4 t5 b c c2 a x y z x2 d e f g".split()
-        ids = {name: ids[str(file)] for name, file in zip(names, (t1, t2, t3, t4, t5, b, c, c2, a, x, y, z, x2, d, e, f, g))}
+        names = "t1 t2 t3 t4 t5 b c c2 s1 a x y z x2 d e f g h k m".split()
+        ids = {name: ids[str(file)] for name, file in zip(names, (t1, t2, t3, t4, t5, b, c, c2, scratch[1], a, x, y, z, x2, d, e, f, g, h, k, m))}
         before = dict(session.execute(select(Image.id, Image.split)).all())
         for name, label in (("a", "scratch"), ("e", "good")):  # answered by annotators since the last round
             session.add(LabelEvent(image_id=ids[name], label=label, source="annotator", annotator="ann", external_id=f"test:{name}"))
     assert [before[ids[n]] for n in ("t1", "t2", "t3", "t4", "t5")] == ["test"] * 5
     assert {before[ids[n]] for n in ("b", "c", "c2")} <= {"train", "validation"}  # `--split train`: never test
-    assert {before[ids[n]] for n in ("a", "x", "y", "z", "x2", "d", "e", "f", "g")} == {"pool"}
+    assert {before[ids[n]] for n in ("a", "x", "y", "z", "x2", "d", "e", "f", "g", "h", "k", "m")} == {"pool"}
 
     state = RoundState(ctx=ctx, options=RoundOptions(show_progress=False), console=Console(quiet=True))
     load_images(state)
@@ -65,21 +66,25 @@ def test_near_copies_of_test_images_join_test_with_their_part_or_are_held_back(t
         [position["t3"], position["c"], position["d"], position["e"]],  # C in train already: D held back, E placed as usual
         [position["t4"], position["f"]],  # a plain copy
         [position["t5"], position["c2"], position["z"]],  # straddles, but Z's part Q joins test: Z goes with it
+        # decided in the same round (a fixed point), not the next: Y joined with its part Q, so its copy H joins, and
+        # with H its part S (K); A joined with part Q, and its copy M also copies a training image: M is held back
+        [position["y"], position["h"]],
+        [position["a"], position["s1"], position["m"]],
     ]})
     place_new_labels(state)
 
     with session_scope(ctx.engine) as session:
         after = dict(session.execute(select(Image.id, Image.split)).all())
     split_of = {name: after[image_id] for name, image_id in ids.items()}
-    assert [split_of[n] for n in ("a", "x", "y", "z", "f")] == ["test"] * 5
-    assert [split_of[n] for n in ("x2", "d", "g")] == ["pool"] * 3
+    assert [split_of[n] for n in ("a", "x", "y", "z", "f", "h", "k")] == ["test"] * 7
+    assert [split_of[n] for n in ("x2", "d", "g", "m")] == ["pool"] * 4
     assert split_of["e"] in ("train", "validation")
-    assert state.held_back == {position["x2"], position["d"]}  # unlabeled pool only; G has no copy and stays selectable
-    assert state.details["near_copies_of_test_joined_test"] == 5 and state.details["newly_placed_labels"] == 2
-    assert sorted(state.details["joined_test_image_ids"]) == sorted(ids[n] for n in ("a", "x", "y", "z", "f"))
+    assert state.held_back == {position["x2"], position["d"], position["m"]}  # unlabeled pool only; G has no copy and stays selectable
+    assert state.details["near_copies_of_test_joined_test"] == 7 and state.details["newly_placed_labels"] == 2
+    assert sorted(state.details["joined_test_image_ids"]) == sorted(ids[n] for n in ("a", "x", "y", "z", "f", "h", "k"))
     gather_labeled_pool(state)
     counts = state.details["labeled_counts"]
-    assert (counts["unlabeled"], counts["held_back"], counts["unlabeled_test"]) == (1, 2, 4)  # G; X2, D; X, Y, Z, F (A is labeled)
+    assert (counts["unlabeled"], counts["held_back"], counts["unlabeled_test"]) == (1, 3, 6)  # G; X2, D, M; X, Y, Z, F, H, K (A is labeled)
     assert [state.splits[position[n]] for n in ids] == [after[ids[n]] for n in ids]  # the round's arrays follow the store
 
     # selections of earlier rounds that never reached the annotators: withdrawn where the image joined test or is held back
