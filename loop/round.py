@@ -39,7 +39,7 @@ from modeling.evaluation import (
     ThresholdChoice, all_gates_pass, choose_defect_threshold, evaluate_gates, evaluate_predictions, final_predictions, proportion_interval_by_part,
 )
 from modeling.inference import OnnxClassifier
-from modeling.image_detail import DETAIL_BLUR_SIGMA, DETAIL_SIZE, detail_thumbnails
+from modeling.image_detail import DETAIL_BLUR_SIGMA, DETAIL_SIZE, PairCorrelationCache, correlation_version, detail_thumbnails
 from modeling.progress import progress_bar
 from modeling.label_quality import connected_groups, find_label_issues, find_near_duplicates, find_outliers, near_duplicate_work, out_of_fold_probabilities
 from modeling.latency import measure_onnx_latency
@@ -223,9 +223,12 @@ def find_near_copies(state: RoundState) -> None:
         return
     thumbnails = _detail_thumbnails(state)
     parts = part_groups(state, np.arange(len(state.image_ids)))
+    # pairs correlated in earlier rounds are not redone: a round with few new images costs their pairs and the null's
+    pair_cache = PairCorrelationCache((state.options.embedding_cache_dir or state.ctx.cache_dir) / "detail_pairs" / f"{correlation_version()}.npz")
     with progress_bar("checking near-duplicates on pixels", total=near_duplicate_work(len(state.image_ids)), enabled=state.options.show_progress) as advance:
         state.near_duplicates = find_near_duplicates(embeddings=state.embeddings, thumbnails=thumbnails, known_groups=parts,
-                                                     seed=state.config.loop.seed, advance=advance)
+                                                     seed=state.config.loop.seed, advance=advance, pair_cache=pair_cache, image_keys=state.hashes)
+    pair_cache.save()
 
 
 def place_new_labels(state: RoundState) -> None:
@@ -724,7 +727,7 @@ def find_data_issues(state: RoundState) -> None:
                     key=lambda pair: -pair[2])  # (test position, other position, correlation), strongest first
     # a labeled test image with a labeled copy in train or validation: its test metric is optimistic
     leaking = [(a, b, c) for a, b, c in across if state.labels[a] != UNLABELED and state.labels[b] != UNLABELED]
-    near_summary = {key: near.summary[key] for key in ("n_issues", "n_groups", "threshold", "null_level", "n_candidate_pairs")}
+    near_summary = {key: near.summary[key] for key in ("n_issues", "n_groups", "threshold", "null_level", "n_candidate_pairs", "n_pairs_from_cache")}
     state.details["data_quality"] = {
         "near_duplicates": {
             **near_summary, "n_pairs": len(near.summary["pairs"]), "pairs_across_test_split": len(across),

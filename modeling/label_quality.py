@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from modeling.embedding_index import EmbeddingIndex, normalize_rows
+
+if TYPE_CHECKING:
+    from modeling.image_detail import PairCorrelationCache
 
 __all__ = [
     "Finding",
@@ -459,6 +462,7 @@ MIN_DETAIL_CORRELATION = 0.5
 def find_near_duplicates(
     *, embeddings: np.ndarray, threshold: float = 0.98, thumbnails: np.ndarray | None = None, k: int = NEAR_DUPLICATE_NEIGHBORS,
     known_groups: np.ndarray | None = None, seed: int = 0, advance: Callable[[int], None] | None = None,
+    pair_cache: PairCorrelationCache | None = None, image_keys: Sequence[str] | None = None,
 ) -> Finding:
     """Images that are near-copies of another image.
 
@@ -470,6 +474,8 @@ def find_near_duplicates(
     unused). That finds shifted and overlapping crops of one surface and other photos of one part under another
     exposure, and not two parts that merely look alike. `known_groups` (e.g. declared parts, one id per image) keeps
     pairs within a group out of the random pairs, where shots of one part would raise the threshold onto real copies.
+    `pair_cache` with `image_keys` (content hashes, same order) answers pairs correlated in an earlier call; the
+    caller saves it.
 
     scores = 1 - the best similarity (cosine, or aligned correlation) to another image, clipped to [0, 1];
     related = that image. summary["groups"] lists connected groups (positions); summary["pairs"] lists every flagged
@@ -484,12 +490,14 @@ def find_near_duplicates(
     n = len(embeddings)
     if thumbnails is not None and len(thumbnails) != n:
         raise ValueError(f"{len(thumbnails)} thumbnails for {n} embeddings")
+    if pair_cache is not None and (image_keys is None or len(image_keys) != n):
+        raise ValueError("pair_cache needs image_keys, one per embedding")
     if n < 2:
         return Finding(
             scores=np.ones(n), is_issue=np.zeros(n, dtype=bool),
             summary={"n_issues": 0, "n_groups": 0, "method": "embedding_cosine" if thumbnails is None else "pixel_verified",
                      "threshold": threshold, "null_level": None, "n_null_pairs": 0, "n_null_pairs_above_threshold": 0,
-                     "n_candidate_pairs": 0, "groups": [], "pairs": []},
+                     "n_candidate_pairs": 0, "n_pairs_from_cache": 0, "groups": [], "pairs": []},
             related=np.full(n, -1, dtype=np.int64),
         )
     sims, neighbors = _nearest_neighbors(embeddings, 8 if thumbnails is None else k)
@@ -499,7 +507,8 @@ def find_near_duplicates(
         flagged_pairs = [(int(i), int(neighbors[i, j]), float(sims[i, j])) for i, j in zip(*np.nonzero(sims >= threshold))]
         summary: dict[str, Any] = {"method": "embedding_cosine", "threshold": threshold}
     else:
-        best_sim, related, flagged_pairs, summary = _pixel_verified_pairs(neighbors, thumbnails, known_groups=known_groups, seed=seed, advance=advance)
+        best_sim, related, flagged_pairs, summary = _pixel_verified_pairs(neighbors, thumbnails, known_groups=known_groups, seed=seed, advance=advance,
+                                                                          pair_cache=pair_cache, image_keys=image_keys)
     is_issue = np.zeros(n, dtype=bool)
     for a, b, _ in flagged_pairs:
         is_issue[a] = is_issue[b] = True
@@ -514,11 +523,15 @@ def find_near_duplicates(
 
 
 def _pixel_verified_pairs(neighbors: np.ndarray, thumbnails: np.ndarray, *, known_groups: np.ndarray | None, seed: int,
-                          advance: Callable[[int], None] | None) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, float]], dict[str, Any]]:
+                          advance: Callable[[int], None] | None, pair_cache: PairCorrelationCache | None = None,
+                          image_keys: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, float]], dict[str, Any]]:
     from modeling.image_detail import AlignedCorrelation
 
     n = len(neighbors)
-    correlate = AlignedCorrelation(thumbnails)
+    correlate: Callable[[int, int], float] = AlignedCorrelation(thumbnails)
+    hits_before = pair_cache.hits if pair_cache is not None else 0
+    if pair_cache is not None:
+        correlate = pair_cache.wrap(correlate, image_keys)
     candidates = sorted({(min(i, int(j)), max(i, int(j))) for i in range(n) for j in neighbors[i]})
     # the null: random pairs that are not candidates (with few images, every other pair)
     rng = np.random.default_rng(seed)
@@ -550,7 +563,8 @@ def _pixel_verified_pairs(neighbors: np.ndarray, thumbnails: np.ndarray, *, know
     tick(max(near_duplicate_work(n, k=neighbors.shape[1]) - len(candidates) - len(null_pairs), 0))  # the bar's total was a bound
     summary = {"method": "pixel_verified", "threshold": round(threshold, 4), "null_quantile": NULL_QUANTILE,
                "null_level": round(null_level, 4), "n_null_pairs": len(null_pairs), "n_null_pairs_above_threshold": int((null >= threshold).sum()),
-               "n_candidate_pairs": len(candidates)}
+               "n_candidate_pairs": len(candidates),
+               "n_pairs_from_cache": pair_cache.hits - hits_before if pair_cache is not None else 0}
     return best, related, flagged, summary
 
 

@@ -107,3 +107,39 @@ def test_declared_parts_keep_shots_of_one_part_out_of_the_random_pairs(tmp_path:
     assert blind.summary["n_null_pairs_above_threshold"] > 0 or blind.summary["threshold"] > told.summary["threshold"]
     assert told.summary["null_level"] < 0.3 < blind.summary["null_level"]
     assert told.is_issue.sum() > blind.is_issue.sum() and told.is_issue.mean() > 0.9
+
+
+def test_pair_cache_answers_known_pairs_by_content_not_position(tmp_path: Path) -> None:
+    """A round redoes only the pairs with new images: the cache is keyed by image hash, so an image that moves to
+    another position (images added before it) is still known, and the groups are those of a run without the cache."""
+    from modeling.image_detail import PairCorrelationCache
+
+    rng = np.random.default_rng(0)
+    surfaces = [surface(rng) for _ in range(30)]
+    paths = [save(s[:200, :200], tmp_path / f"s{i}.png") for i, s in enumerate(surfaces)]
+    paths.append(save(surfaces[3][20:220, 30:230], tmp_path / "shifted.png"))
+    keys = [f"sha-{i}" for i in range(len(paths))]
+    embeddings = neighbours_of(len(paths), {30: 3}, seed=1)
+    thumbnails = detail_thumbnails(paths)
+    cache_file = tmp_path / "cache" / "pairs.npz"
+    cache = PairCorrelationCache(cache_file)
+    first = find_near_duplicates(embeddings=embeddings, thumbnails=thumbnails, pair_cache=cache, image_keys=keys)
+    plain = find_near_duplicates(embeddings=embeddings, thumbnails=thumbnails)
+    assert first.summary["groups"] == plain.summary["groups"] == [[3, 30]]
+    n_pairs = len(paths) * (len(paths) - 1) // 2  # few images: every pair is a candidate or a null pair
+    assert cache.misses == n_pairs and first.summary["n_pairs_from_cache"] == 0
+    cache.save()
+
+    # next round: a new copy of surface 20, ingested first, so every known image moves one position on
+    new_path = save(surfaces[20][10:210, 0:200], tmp_path / "new.png")
+    reloaded = PairCorrelationCache(cache_file)
+    assert len(reloaded) == n_pairs
+    second = find_near_duplicates(embeddings=neighbours_of(len(paths) + 1, {21: 0, 31: 4}, seed=2), thumbnails=detail_thumbnails([new_path, *paths]),
+                                  pair_cache=reloaded, image_keys=["sha-new", *keys])
+    assert reloaded.misses == len(paths)  # the new image's pairs, nothing else
+    assert second.summary["n_pairs_from_cache"] == n_pairs
+    assert second.summary["groups"] == [[0, 21], [4, 31]]  # new copy of surface 20; the old copy of surface 3
+
+    # a cache file that cannot be read is started over, not half used
+    cache_file.write_bytes(b"not an npz")
+    assert len(PairCorrelationCache(cache_file)) == 0
