@@ -228,7 +228,8 @@ def find_near_copies(state: RoundState) -> None:
     with progress_bar("checking near-duplicates on pixels", total=near_duplicate_work(len(state.image_ids)), enabled=state.options.show_progress) as advance:
         state.near_duplicates = find_near_duplicates(embeddings=state.embeddings, thumbnails=thumbnails, known_groups=parts,
                                                      seed=state.config.loop.seed, advance=advance, pair_cache=pair_cache, image_keys=state.hashes)
-    pair_cache.save()
+    if not pair_cache.save():
+        state.console.print(f"[yellow]could not write the near-duplicate pair cache {pair_cache.path}: the next round recomputes its pairs[/yellow]")
 
 
 def place_new_labels(state: RoundState) -> None:

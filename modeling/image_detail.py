@@ -102,9 +102,13 @@ class AlignedCorrelation:
         return best
 
 
+CORRELATION_CODE_VERSION = 1  # bump when detail_thumbnail or AlignedCorrelation change in a way the constants don't show
+
+
 def correlation_version() -> str:
     """What an aligned correlation depends on besides the two images: a cache key part."""
-    return f"detail-{DETAIL_SIZE}px-sigma{DETAIL_BLUR_SIGMA:g}-overlap{MIN_OVERLAP:g}-peaks{N_PEAKS}-exclusion{PEAK_EXCLUSION}"
+    return (f"v{CORRELATION_CODE_VERSION}-detail-{DETAIL_SIZE}px-sigma{DETAIL_BLUR_SIGMA:g}-overlap{MIN_OVERLAP:g}"
+            f"-peaks{N_PEAKS}-exclusion{PEAK_EXCLUSION}")
 
 
 class PairCorrelationCache:
@@ -129,7 +133,7 @@ class PairCorrelationCache:
                 keys = keys.astype(str).tolist()
                 if len(first) == len(second) == len(values):
                     self._values = {(keys[a], keys[b]): float(v) for a, b, v in zip(first.tolist(), second.tolist(), values.tolist())}
-            except (OSError, ValueError, KeyError, IndexError):
+            except Exception:  # noqa: BLE001 - empty, truncated, bad CRC, not an npz: all mean "start over"
                 self._values = {}
 
     def __len__(self) -> int:
@@ -154,18 +158,24 @@ class PairCorrelationCache:
 
         return cached
 
-    def save(self) -> None:
+    def save(self) -> bool:
         """Write the pairs asked for since loading, when that changes the file (atomically: a torn write never
-        replaces a good file)."""
-        if not self.misses and len(self._asked) == len(self._values):
-            return
+        replaces a good file). Nothing asked (a round with under two images) leaves the file alone. False when the
+        file could not be written (full disk, read-only cache): the round's results stand, the next one recomputes."""
+        if not self._asked or (not self.misses and len(self._asked) == len(self._values)):
+            return True
         pairs = [(pair, self._values[pair]) for pair in self._asked]
         keys = sorted({key for pair, _ in pairs for key in pair})
         row = {key: i for i, key in enumerate(keys)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(f"{self.path.stem}.{os.getpid()}.tmp.npz")  # two rounds sharing a cache dir: no clash
-        np.savez(partial, keys=np.asarray(keys, dtype="S"),
-                 first=np.fromiter((row[a] for (a, _), _v in pairs), dtype=np.int32, count=len(pairs)),
-                 second=np.fromiter((row[b] for (_, b), _v in pairs), dtype=np.int32, count=len(pairs)),
-                 correlation=np.fromiter((v for _, v in pairs), dtype=np.float32, count=len(pairs)))
-        partial.replace(self.path)
+        try:
+            np.savez(partial, keys=np.asarray(keys, dtype="S"),
+                     first=np.fromiter((row[a] for (a, _), _v in pairs), dtype=np.int32, count=len(pairs)),
+                     second=np.fromiter((row[b] for (_, b), _v in pairs), dtype=np.int32, count=len(pairs)),
+                     correlation=np.fromiter((v for _, v in pairs), dtype=np.float32, count=len(pairs)))
+            partial.replace(self.path)
+        except OSError:
+            partial.unlink(missing_ok=True)
+            return False
+        return True

@@ -140,6 +140,14 @@ def test_pair_cache_answers_known_pairs_by_content_not_position(tmp_path: Path) 
     assert second.summary["n_pairs_from_cache"] == n_pairs
     assert second.summary["groups"] == [[0, 21], [4, 31]]  # new copy of surface 20; the old copy of surface 3
 
-    # a cache file that cannot be read is started over, not half used
-    cache_file.write_bytes(b"not an npz")
+    # a cache file that cannot be read is started over, not half used: a torn write (power cut, no fsync), a flipped
+    # byte, something else under its name
+    good = cache_file.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    for damaged in (b"", good[:10], good[: len(good) // 2], good[:-30], bytes(flipped), b"not an npz"):
+        cache_file.write_bytes(damaged)
+        assert len(PairCorrelationCache(cache_file)) == 0
+    np.save(tmp_path / "plain.npy", np.zeros(3))
+    cache_file.write_bytes((tmp_path / "plain.npy").read_bytes())
     assert len(PairCorrelationCache(cache_file)) == 0
