@@ -10,7 +10,7 @@ own gate estimates from the out-of-fold predictions -> `select_batch`. This scri
 takes seconds instead of minutes and results transfer to the real command.
 
 It needs the embedding cache a `loop simulate` run left behind (`--sim-dir`, default /tmp/bench/sim_mt): its
-ground_truth.csv and cache/embeddings/<key>/{vectors.npy,sha256.json}. Or, to try other features, a class-folder
+ground_truth.csv and cache/embeddings/<key>/ (modeling.embeddings.EmbeddingCache). Or, to try other features, a class-folder
 dataset and an .npy of its embeddings in `benchmarks/feature_variants.py` order (class folders sorted, files sorted):
 
     python benchmarks/selection_tuning.py --dataset ../shared/datasets/magnetic_tile --embeddings /tmp/fv/variants/X.npy
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from loop.ingest import assign_splits
+from modeling.embeddings import EmbeddingCache
 from modeling.evaluation import choose_defect_threshold, evaluate_predictions, final_predictions
 from modeling.label_quality import out_of_fold_probabilities
 from modeling.selection import select_batch
@@ -66,11 +67,9 @@ def load_dataset(sim_dir: Path, negative_class: str) -> Dataset:
     classes.remove(negative_class)
     classes.insert(0, negative_class)
     (key_dir,) = [d for d in (sim_dir / "cache" / "embeddings").iterdir() if d.is_dir()]
-    rows = {sha: i for i, sha in enumerate(json.loads((key_dir / "sha256.json").read_text()))}
-    vectors = np.load(key_dir / "vectors.npy")
     paths = sorted(truth)
     hashes = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
-    embeddings = vectors[[rows[h] for h in hashes]]
+    embeddings = EmbeddingCache(key_dir.parent, key_dir.name).get(hashes)
     class_index = {c: i for i, c in enumerate(classes)}
     labels = np.array([class_index[truth[p]] for p in paths], dtype=np.int64)
     return Dataset(paths, labels, classes, embeddings, truth)

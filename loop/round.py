@@ -34,7 +34,7 @@ from modeling.anomaly import (
 )
 from modeling.backbones import Backbone, create_backbone
 from modeling.calibration import expected_calibration_error, fit_temperature, logits_from_probabilities, negative_log_likelihood, softmax_with_temperature
-from modeling.embeddings import EmbeddingCache, EmbeddingExtractor, embedding_model_key
+from modeling.embeddings import CachedRows, EmbeddingCache, EmbeddingExtractor, embedding_model_key
 from modeling.evaluation import (
     ThresholdChoice, all_gates_pass, choose_defect_threshold, evaluate_gates, evaluate_predictions, final_predictions, proportion_interval_by_part,
 )
@@ -775,7 +775,7 @@ def gate_values_text(values: dict[str, Any]) -> str:
     return ", ".join(f"{label} {'n/a' if values.get(name) is None else format(values[name], '.3f')}" for name, label in GATE_METRICS)
 
 
-def _detail_thumbnails(state: RoundState) -> np.ndarray:
+def _detail_thumbnails(state: RoundState) -> CachedRows:
     """Every image's detail thumbnail, cached per image hash like the embeddings (float16: 32 KB an image)."""
     cache_root = state.options.embedding_cache_dir or state.ctx.cache_dir
     cache = EmbeddingCache(cache_root / "detail_thumbnails", f"detail-{DETAIL_SIZE}px-sigma{DETAIL_BLUR_SIGMA:g}")
@@ -784,7 +784,7 @@ def _detail_thumbnails(state: RoundState) -> np.ndarray:
         path_by_hash = dict(zip(state.hashes, state.paths))
         with progress_bar(f"detail thumbnails of {len(missing)} new images", total=len(missing), enabled=state.options.show_progress) as advance:
             cache.put(missing, detail_thumbnails([path_by_hash[sha] for sha in missing], advance=advance, dtype=np.float16))
-    return cache.get(state.hashes)  # float16 rows; find_near_duplicates reads them one at a time
+    return cache.rows(state.hashes)  # float16 rows read from the memory-mapped cache one at a time (100k images: 3.2 GB)
 
 
 def select_next_batch(state: RoundState) -> None:

@@ -3,6 +3,8 @@ and cached per image content hash, so a warm round computes only the images it h
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -106,40 +108,133 @@ class EmbeddingExtractor:
 
 
 class EmbeddingCache:
-    """sha256 -> embedding, one file pair per model key (backbone + weights hash + preprocessing)."""
+    """sha256 -> a row (embedding, patch features, detail thumbnail), one directory per model key.
+
+    Append-only: each `put` writes one new shard (`rows-<uuid>.npy`) and then the index (`index.json`: each shard's
+    file and the sha256 of its rows), each atomically. Shards are memory-mapped: opening the cache reads the index
+    only, and `get` copies just the rows asked for. Before, one vectors.npy was rewritten whole on every put and held
+    in memory twice: ~3x the cache in RAM at once (100k images' patch features are 6 GB). Past MAX_SHARDS the shards
+    are merged into one, so a project does not collect a file per round forever. A shard that cannot be read, or
+    whose row count disagrees with the index, is dropped (its rows are computed again), never mixed up. The earlier
+    layout (vectors.npy + sha256.json) is read as one shard."""
+
+    MAX_SHARDS = 32
+    INDEX = "index.json"
 
     def __init__(self, directory: Path, model_key: str):
         self.directory = directory / model_key
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._vectors_path = self.directory / "vectors.npy"
-        self._index_path = self.directory / "sha256.json"
-        self._rows: dict[str, int] = {}
-        self._vectors = np.zeros((0, 0), dtype=np.float32)
-        if self._vectors_path.exists() and self._index_path.exists():
-            hashes = json.loads(self._index_path.read_text())
-            vectors = np.load(self._vectors_path)
-            if len(hashes) == len(vectors):  # else a torn write: start over rather than mix rows up
-                self._rows = {sha: row for row, sha in enumerate(hashes)}
-                self._vectors = vectors
+        self._shards: list[tuple[str, list[str]]] = []  # (file name, sha256 of each row)
+        self._arrays: list[np.ndarray] = []  # memory maps, one per shard
+        self._rows: dict[str, tuple[int, int]] = {}  # sha256 -> (shard, row)
+        index_path = self.directory / self.INDEX
+        listed: list[tuple[str, list[str]]] = []
+        try:
+            if index_path.exists():
+                listed = [(entry["file"], list(entry["sha256"])) for entry in json.loads(index_path.read_text())["shards"]]
+            elif (self.directory / "sha256.json").exists() and (self.directory / "vectors.npy").exists():
+                listed = [("vectors.npy", json.loads((self.directory / "sha256.json").read_text()))]
+        except Exception:  # noqa: BLE001 - an unreadable index, whatever the damage: start over rather than guess
+            listed = []
+        for name, hashes in listed:
+            try:
+                array = np.load(self.directory / name, mmap_mode="r", allow_pickle=False)
+                usable = array.ndim >= 1 and len(array) == len(hashes) and (not self._arrays or array.shape[1:] == self._arrays[0].shape[1:])
+            except Exception:  # noqa: BLE001 - empty, truncated, not an .npy: recomputed, never half used
+                continue
+            if usable:  # else a torn or foreign shard
+                self._add_shard(name, hashes, array)
+
+    def _add_shard(self, name: str, hashes: list[str], array: np.ndarray) -> None:
+        shard = len(self._shards)
+        self._shards.append((name, hashes))
+        self._arrays.append(array)
+        for row, sha in enumerate(hashes):
+            self._rows[sha] = (shard, row)
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
     def missing(self, hashes: Sequence[str]) -> list[str]:
         return [sha for sha in hashes if sha not in self._rows]
 
     def get(self, hashes: Sequence[str]) -> np.ndarray:
-        return self._vectors[[self._rows[sha] for sha in hashes]]
+        """The rows of these hashes, in this order, as one in-memory array (KeyError for a hash not cached)."""
+        located = np.array([self._rows[sha] for sha in hashes], dtype=np.int64).reshape(-1, 2)
+        if not self._arrays:
+            return np.zeros((0, 0), dtype=np.float32)
+        out = np.empty((len(located), *self._arrays[0].shape[1:]), dtype=np.result_type(*(a.dtype for a in self._arrays)))
+        for shard in np.unique(located[:, 0]):
+            positions = np.flatnonzero(located[:, 0] == shard)
+            rows = located[positions, 1]
+            order = np.argsort(rows, kind="stable")  # ascending reads from the memory map
+            for start in range(0, len(order), 4096):  # in blocks: a fancy index on a memory map copies what it reads
+                block = order[start:start + 4096]
+                out[positions[block]] = self._arrays[shard][rows[block]]
+        return out
+
+    def rows(self, hashes: Sequence[str]) -> CachedRows:
+        """The rows of these hashes, read one at a time when indexed (for callers that visit rows, not all at once)."""
+        return CachedRows([self._rows[sha] for sha in hashes], self._arrays)
 
     def put(self, hashes: Sequence[str], vectors: np.ndarray) -> None:
         if not len(hashes):
             return
-        start = len(self._rows)
-        self._vectors = vectors.copy() if start == 0 else np.concatenate([self._vectors, vectors])
-        for offset, sha in enumerate(hashes):
-            self._rows[sha] = start + offset
-        ordered = sorted(self._rows, key=self._rows.__getitem__)
-        np.save(self.directory / "vectors.tmp.npy", self._vectors)
-        (self.directory / "sha256.tmp.json").write_text(json.dumps(ordered))
-        (self.directory / "vectors.tmp.npy").replace(self._vectors_path)
-        (self.directory / "sha256.tmp.json").replace(self._index_path)
+        vectors = np.asarray(vectors)
+        if len(vectors) != len(hashes):
+            raise ValueError(f"{len(vectors)} rows for {len(hashes)} hashes")
+        if self._arrays and vectors.shape[1:] != self._arrays[0].shape[1:]:
+            raise ValueError(f"rows of shape {vectors.shape[1:]} in a cache of {self._arrays[0].shape[1:]}")
+        name = f"rows-{uuid.uuid4().hex}.npy"  # unique: two processes sharing a cache never write one shard
+        partial = self.directory / f"{name}.partial.npy"
+        np.save(partial, vectors)
+        partial.replace(self.directory / name)
+        self._add_shard(name, list(hashes), np.load(self.directory / name, mmap_mode="r", allow_pickle=False))
+        if len(self._shards) > self.MAX_SHARDS:
+            self._merge_shards()
+        else:
+            self._write_index()
+
+    def _write_index(self) -> None:
+        partial = self.directory / f"{self.INDEX}.{os.getpid()}.partial"
+        partial.write_text(json.dumps({"shards": [{"file": name, "sha256": hashes} for name, hashes in self._shards]}))
+        partial.replace(self.directory / self.INDEX)
+
+    def _merge_shards(self) -> None:
+        """All live rows into one new shard, written through a memory map (never the whole cache in memory)."""
+        live = sorted(self._rows.items(), key=lambda item: item[1])
+        hashes = [sha for sha, _ in live]
+        name = f"rows-{uuid.uuid4().hex}.npy"
+        partial = self.directory / f"{name}.partial.npy"
+        merged = np.lib.format.open_memmap(partial, mode="w+", dtype=np.result_type(*(a.dtype for a in self._arrays)),
+                                           shape=(len(hashes), *self._arrays[0].shape[1:]))
+        for start in range(0, len(hashes), 4096):
+            merged[start:start + 4096] = self.get(hashes[start:start + 4096])
+        merged.flush()
+        del merged
+        partial.replace(self.directory / name)
+        old = [shard_name for shard_name, _ in self._shards]
+        self._shards, self._arrays, self._rows = [], [], {}
+        self._add_shard(name, hashes, np.load(self.directory / name, mmap_mode="r", allow_pickle=False))
+        self._write_index()
+        for shard_name in old:  # after the index no longer names them (a reader's open memory map stays valid)
+            (self.directory / shard_name).unlink(missing_ok=True)
+        (self.directory / "sha256.json").unlink(missing_ok=True)
+
+
+class CachedRows:
+    """A sequence of cached rows backed by memory maps: len() and integer indexing, one row per read."""
+
+    def __init__(self, located: list[tuple[int, int]], arrays: list[np.ndarray]):
+        self._located = located
+        self._arrays = arrays
+
+    def __len__(self) -> int:
+        return len(self._located)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        shard, row = self._located[index]
+        return np.asarray(self._arrays[shard][row])
 
 
 def compute_embeddings(
