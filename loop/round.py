@@ -511,12 +511,15 @@ def predict_all_images(state: RoundState) -> None:
 
     classifier = OnnxClassifier(state.artifacts["model_onnx"], image_size=state.preprocessing.image_size, mean=state.preprocessing.mean, std=state.preprocessing.std)
     outputs = []
-    for start in range(0, len(state.paths), 64):
-        images = []
-        for path in state.paths[start : start + 64]:
-            with PILImage.open(path) as image:
-                images.append(image.copy())
-        outputs.append(classifier.predict_proba(images))
+    # the deployed model over every image (selection needs the pool's probabilities): ~12 ms an image on 2 cores
+    with progress_bar("predicting every image with the deployed model", total=len(state.paths), enabled=state.options.show_progress) as advance:
+        for start in range(0, len(state.paths), 64):
+            images = []
+            for path in state.paths[start : start + 64]:
+                with PILImage.open(path) as image:
+                    images.append(image.copy())
+            outputs.append(classifier.predict_proba(images))
+            advance(len(images))
     state.probabilities = np.concatenate(outputs)
 
 
