@@ -2,10 +2,14 @@
 and cached per image content hash, so a warm round computes only the images it has not seen."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
+import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +21,8 @@ from modeling.backbones import Backbone, create_backbone
 from modeling.onnx_export import export_onnx, open_session
 from modeling.preprocessing import Preprocessing, load_image_array
 from modeling.progress import progress_bar
+
+SHARD_NAME = re.compile(r"rows-[0-9a-f]{32}\.npy")
 
 
 class L2Normalize(nn.Module):
@@ -116,10 +122,19 @@ class EmbeddingCache:
     in memory twice: ~3x the cache in RAM at once (100k images' patch features are 6 GB). Past MAX_SHARDS the shards
     are merged into one, so a project does not collect a file per round forever. A shard that cannot be read, or
     whose row count disagrees with the index, is dropped (its rows are computed again), never mixed up. The earlier
-    layout (vectors.npy + sha256.json) is read as one shard."""
+    layout (vectors.npy + sha256.json) is read as one shard, and renamed to a shard on the first put.
+
+    Processes may share a cache (simulations writing to one output directory, projects on one cache root): every
+    change happens under an exclusive lock on `lock`, from the index as it is on disk then, never from this object's
+    older view (a merge elsewhere would otherwise be overwritten by an index naming deleted shards); rows this object
+    had that the disk no longer lists are written back, so a put never loses rows. Opening takes a shared lock, and
+    reads without one where locking is impossible (a read-only or lock-less mount): a row count checked against the
+    index makes that cost a recompute at worst. A merge holds the lock while it writes; opening waits for it."""
 
     MAX_SHARDS = 32
     INDEX = "index.json"
+    LOCK = "lock"
+    LEGACY_ROWS, LEGACY_HASHES = "vectors.npy", "sha256.json"
 
     def __init__(self, directory: Path, model_key: str):
         self.directory = directory / model_key
@@ -127,20 +142,55 @@ class EmbeddingCache:
         self._shards: list[tuple[str, list[str]]] = []  # (file name, sha256 of each row)
         self._arrays: list[np.ndarray] = []  # memory maps, one per shard
         self._rows: dict[str, tuple[int, int]] = {}  # sha256 -> (shard, row)
+        with self._locked(exclusive=False):
+            self._load(self._listed_on_disk())
+
+    @contextmanager
+    def _locked(self, *, exclusive: bool) -> Iterator[bool]:
+        """Yields whether the lock is held. Read-write first (NFS emulates flock with POSIX locks, which need it)."""
+        path, descriptor = self.directory / self.LOCK, -1
+        for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+            try:
+                descriptor = os.open(path, flags, 0o666)  # group-shared caches: the umask decides
+                break
+            except OSError:
+                continue
+        try:
+            held = False
+            if descriptor >= 0:
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                    held = True
+                except OSError:  # a file system without flock (ENOSYS, ENOLCK)
+                    pass
+            yield held
+        finally:
+            if descriptor >= 0:
+                os.close(descriptor)  # releases the lock
+
+    def _listed_on_disk(self) -> list[tuple[str, list[str]]]:
         index_path = self.directory / self.INDEX
-        listed: list[tuple[str, list[str]]] = []
         try:
             if index_path.exists():
-                listed = [(entry["file"], list(entry["sha256"])) for entry in json.loads(index_path.read_text())["shards"]]
-            elif (self.directory / "sha256.json").exists() and (self.directory / "vectors.npy").exists():
-                listed = [("vectors.npy", json.loads((self.directory / "sha256.json").read_text()))]
+                return [(str(entry["file"]), [str(sha) for sha in entry["sha256"]])
+                        for entry in json.loads(index_path.read_text())["shards"]]
+            if (self.directory / self.LEGACY_HASHES).exists() and (self.directory / self.LEGACY_ROWS).exists():
+                return [(self.LEGACY_ROWS, [str(sha) for sha in json.loads((self.directory / self.LEGACY_HASHES).read_text())])]
         except Exception:  # noqa: BLE001 - an unreadable index, whatever the damage: start over rather than guess
-            listed = []
+            pass
+        return []
+
+    def _load(self, listed: list[tuple[str, list[str]]]) -> None:
+        """This object's view := `listed`, reusing the memory maps it already has. The lists are replaced, not
+        emptied: a CachedRows handed out earlier keeps reading the shards it was given."""
+        mapped = dict(zip((name for name, _ in self._shards), self._arrays))
+        self._shards, self._arrays, self._rows = [], [], {}
         for name, hashes in listed:
             try:
-                array = np.load(self.directory / name, mmap_mode="r", allow_pickle=False)
-                usable = array.ndim >= 1 and len(array) == len(hashes) and (not self._arrays or array.shape[1:] == self._arrays[0].shape[1:])
-            except Exception:  # noqa: BLE001 - empty, truncated, not an .npy: recomputed, never half used
+                array = mapped[name] if name in mapped else np.load(self.directory / name, mmap_mode="r", allow_pickle=False)
+                usable = (array.ndim >= 1 and len(array) == len(hashes) > 0  # an empty shard would set a wrong row shape
+                          and (not self._arrays or array.shape[1:] == self._arrays[0].shape[1:]))
+            except Exception:  # noqa: BLE001 - missing, empty, truncated, not an .npy: recomputed, never half used
                 continue
             if usable:  # else a torn or foreign shard
                 self._add_shard(name, hashes, array)
@@ -185,41 +235,111 @@ class EmbeddingCache:
             raise ValueError(f"{len(vectors)} rows for {len(hashes)} hashes")
         if self._arrays and vectors.shape[1:] != self._arrays[0].shape[1:]:
             raise ValueError(f"rows of shape {vectors.shape[1:]} in a cache of {self._arrays[0].shape[1:]}")
+        with self._locked(exclusive=True) as held:
+            earlier = (self._shards, self._arrays, dict(self._rows))
+            self._load(self._own_legacy_files(self._listed_on_disk()))  # what other processes wrote since we looked
+            self._write_back(earlier)
+            if self._arrays and vectors.shape[1:] != self._arrays[0].shape[1:]:
+                raise ValueError(f"rows of shape {vectors.shape[1:]} in a cache of {self._arrays[0].shape[1:]}")
+            name = self._write_shard(vectors)
+            self._add_shard(name, list(hashes), np.load(self.directory / name, mmap_mode="r", allow_pickle=False))
+            if len(self._shards) > self.MAX_SHARDS:
+                self._merge_shards()
+            else:
+                self._write_index()
+            if held:  # without the lock another writer's shard may not be listed yet: leave every file
+                self._remove_unlisted_files()
+
+    def _write_back(self, earlier: tuple[list[tuple[str, list[str]]], list[np.ndarray], dict[str, tuple[int, int]]]) -> None:
+        """Rows this object could read before the reload that the disk no longer lists (an index damaged or
+        overwritten since we opened it), copied from our memory maps into a new shard."""
+        shards, arrays, rows = earlier
+        lost = [sha for sha in rows if sha not in self._rows]
+        if not lost or (self._arrays and arrays[0].shape[1:] != self._arrays[0].shape[1:]):
+            return  # nothing lost, or a cache of other rows now: ours are not its rows
+        view = EmbeddingCache.__new__(EmbeddingCache)
+        view.directory, view._shards, view._arrays, view._rows = self.directory, shards, arrays, rows
+        name = self._write_rows(lost, view)
+        self._add_shard(name, lost, np.load(self.directory / name, mmap_mode="r", allow_pickle=False))
+
+    def _own_legacy_files(self, listed: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+        """A shard under a name an older version may still rewrite (vectors.npy) gets a shard name of its own, by a
+        hard link, or a copy where links are refused (FAT, some network mounts): an index naming vectors.npy would
+        pair its hash list with whatever rows an old process put there later."""
+        owned = []
+        for name, hashes in listed:
+            if not SHARD_NAME.fullmatch(name) and (self.directory / name).is_file():
+                new_name = f"rows-{uuid.uuid4().hex}.npy"
+                try:
+                    os.link(self.directory / name, self.directory / new_name)
+                except OSError:
+                    partial = self.directory / f"tmp-{uuid.uuid4().hex}.npy"
+                    shutil.copyfile(self.directory / name, partial)
+                    _fsync_file(partial)
+                    partial.replace(self.directory / new_name)
+                name = new_name
+            owned.append((name, hashes))
+        return owned
+
+    def _write_shard(self, vectors: np.ndarray) -> str:
         name = f"rows-{uuid.uuid4().hex}.npy"  # unique: two processes sharing a cache never write one shard
-        partial = self.directory / f"{name}.partial.npy"
-        np.save(partial, vectors)
+        partial = self.directory / f"tmp-{uuid.uuid4().hex}.npy"
+        with open(partial, "wb") as handle:
+            np.save(handle, vectors)
+        _fsync_file(partial)  # on disk before an index names it: a power cut leaves no named torn shard
         partial.replace(self.directory / name)
-        self._add_shard(name, list(hashes), np.load(self.directory / name, mmap_mode="r", allow_pickle=False))
-        if len(self._shards) > self.MAX_SHARDS:
-            self._merge_shards()
-        else:
-            self._write_index()
+        return name
 
     def _write_index(self) -> None:
-        partial = self.directory / f"{self.INDEX}.{os.getpid()}.partial"
-        partial.write_text(json.dumps({"shards": [{"file": name, "sha256": hashes} for name, hashes in self._shards]}))
+        partial = self.directory / f"tmp-{uuid.uuid4().hex}.json"
+        with open(partial, "w") as handle:
+            json.dump({"shards": [{"file": name, "sha256": hashes} for name, hashes in self._shards]}, handle)
+        _fsync_file(partial)
         partial.replace(self.directory / self.INDEX)
+        _fsync_file(self.directory)  # the rename reaches the disk before any shard it stopped naming is deleted
+
+    def _remove_unlisted_files(self) -> None:
+        """Shards the index no longer names (merged, legacy, left by a process that died before its index write)
+        and temporary files. Safe under the exclusive lock: every writer holds it, and a reader's open memory map
+        stays valid after the unlink."""
+        listed = {name for name, _ in self._shards}
+        for path in self.directory.iterdir():
+            if path.name.startswith("tmp-") or path.name.endswith((".partial", ".partial.npy")) \
+                    or (SHARD_NAME.fullmatch(path.name) and path.name not in listed) \
+                    or path.name in (self.LEGACY_ROWS, self.LEGACY_HASHES):  # .partial: the previous version's temp files
+                path.unlink(missing_ok=True)
+
+    def _write_rows(self, hashes: list[str], source: EmbeddingCache) -> str:
+        """These rows of `source` into one new shard, through a memory map (never the whole cache in memory)."""
+        partial = self.directory / f"tmp-{uuid.uuid4().hex}.npy"
+        written = np.lib.format.open_memmap(partial, mode="w+", dtype=np.result_type(*(a.dtype for a in source._arrays)),
+                                            shape=(len(hashes), *source._arrays[0].shape[1:]))
+        for start in range(0, len(hashes), 4096):
+            written[start:start + 4096] = source.get(hashes[start:start + 4096])
+        written.flush()
+        del written
+        _fsync_file(partial)
+        name = f"rows-{uuid.uuid4().hex}.npy"
+        partial.replace(self.directory / name)
+        return name
 
     def _merge_shards(self) -> None:
-        """All live rows into one new shard, written through a memory map (never the whole cache in memory)."""
-        live = sorted(self._rows.items(), key=lambda item: item[1])
-        hashes = [sha for sha, _ in live]
-        name = f"rows-{uuid.uuid4().hex}.npy"
-        partial = self.directory / f"{name}.partial.npy"
-        merged = np.lib.format.open_memmap(partial, mode="w+", dtype=np.result_type(*(a.dtype for a in self._arrays)),
-                                           shape=(len(hashes), *self._arrays[0].shape[1:]))
-        for start in range(0, len(hashes), 4096):
-            merged[start:start + 4096] = self.get(hashes[start:start + 4096])
-        merged.flush()
-        del merged
-        partial.replace(self.directory / name)
-        old = [shard_name for shard_name, _ in self._shards]
-        self._shards, self._arrays, self._rows = [], [], {}
+        """All live rows into one new shard."""
+        hashes = [sha for sha, _ in sorted(self._rows.items(), key=lambda item: item[1])]
+        name = self._write_rows(hashes, self)
+        self._shards, self._arrays, self._rows = [], [], {}  # new lists: earlier CachedRows keep the old maps
         self._add_shard(name, hashes, np.load(self.directory / name, mmap_mode="r", allow_pickle=False))
         self._write_index()
-        for shard_name in old:  # after the index no longer names them (a reader's open memory map stays valid)
-            (self.directory / shard_name).unlink(missing_ok=True)
-        (self.directory / "sha256.json").unlink(missing_ok=True)
+
+
+def _fsync_file(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    except OSError:  # a directory on a file system that cannot sync one: the rename is as durable as it gets
+        pass
+    finally:
+        os.close(descriptor)
 
 
 class CachedRows:
