@@ -118,7 +118,7 @@ class PairCorrelationCache:
 
     On disk: the distinct keys, two int32 columns of key rows and a float32 column of correlations (a 100k-image
     project: ~10 MB). `save` keeps the pairs this round asked for, so pairs of removed images and old random null pairs
-    do not pile up. A file that cannot be read is started over (it is a cache), never half used."""
+    do not pile up, and removes the files of earlier correlation versions beside it. A file that cannot be read is started over (it is a cache), never half used."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -178,4 +178,7 @@ class PairCorrelationCache:
         except OSError:
             partial.unlink(missing_ok=True)
             return False
+        for other in self.path.parent.glob("*.npz"):  # files of earlier correlation versions: never read again
+            if other != self.path and ".tmp." not in other.name:
+                other.unlink(missing_ok=True)
         return True

@@ -128,7 +128,11 @@ def test_pair_cache_answers_known_pairs_by_content_not_position(tmp_path: Path) 
     assert first.summary["groups"] == plain.summary["groups"] == [[3, 30]]
     n_pairs = len(paths) * (len(paths) - 1) // 2  # few images: every pair is a candidate or a null pair
     assert cache.misses == n_pairs and first.summary["n_pairs_from_cache"] == 0
+    cache_file.parent.mkdir()
+    stale_version = cache_file.with_name("v0-detail-old.npz")  # the file of an earlier correlation version
+    stale_version.write_bytes(b"x")
     cache.save()
+    assert not stale_version.exists()
 
     # next round: a new copy of surface 20, ingested first, so every known image moves one position on
     new_path = save(surfaces[20][10:210, 0:200], tmp_path / "new.png")
