@@ -77,7 +77,7 @@ def one_seed(seed: int, *, out: Path, image_size: int) -> dict:
         "fpr": float(flagged[~is_defect].mean()), "false_positives": int(flagged[~is_defect].sum()), "missed_defects": int((~flagged[is_defect]).sum()),
         "threshold": details.get("threshold"), "threshold_source": details.get("threshold_source"),
         "anomaly": details.get("anomaly"), "labeled_counts": details.get("labeled_counts"),
-        "latency_ms": (details.get("latency") or {}).get("ms_per_image"),
+        "latency_ms": None if (details.get("latency") or {}).get("ms_per_image") is None else round(details["latency"]["ms_per_image"], 2),
     }
 
 
