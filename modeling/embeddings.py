@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -127,7 +128,8 @@ class EmbeddingCache:
     Processes may share a cache (simulations writing to one output directory, projects on one cache root): every
     change happens under an exclusive lock on `lock`, from the index as it is on disk then, never from this object's
     older view (a merge elsewhere would otherwise be overwritten by an index naming deleted shards); rows this object
-    had that the disk no longer lists are written back, so a put never loses rows. Opening takes a shared lock, and
+    had that the disk no longer lists are written back, so a put never loses rows, unless the directory was emptied
+    on purpose (its lock file is new). Files no index names are swept under the lock once an hour old. Opening takes a shared lock, and
     reads without one where locking is impossible (a read-only or lock-less mount): a row count checked against the
     index makes that cost a recompute at worst. A merge holds the lock while it writes; opening waits for it."""
 
@@ -135,6 +137,7 @@ class EmbeddingCache:
     INDEX = "index.json"
     LOCK = "lock"
     LEGACY_ROWS, LEGACY_HASHES = "vectors.npy", "sha256.json"
+    STRAY_AGE_S = 3600.0  # a file no index names is swept only this old: a writer without the lock may be writing it
 
     def __init__(self, directory: Path, model_key: str):
         self.directory = directory / model_key
@@ -144,6 +147,7 @@ class EmbeddingCache:
         self._rows: dict[str, tuple[int, int]] = {}  # sha256 -> (shard, row)
         with self._locked(exclusive=False):
             self._load(self._listed_on_disk())
+        self._lock_identity = _file_identity(self.directory / self.LOCK)
 
     @contextmanager
     def _locked(self, *, exclusive: bool) -> Iterator[bool]:
@@ -237,18 +241,24 @@ class EmbeddingCache:
             raise ValueError(f"rows of shape {vectors.shape[1:]} in a cache of {self._arrays[0].shape[1:]}")
         with self._locked(exclusive=True) as held:
             earlier = (self._shards, self._arrays, dict(self._rows))
-            self._load(self._own_legacy_files(self._listed_on_disk()))  # what other processes wrote since we looked
-            self._write_back(earlier)
+            listed, taken_over = self._own_legacy_files(self._listed_on_disk())
+            self._load(listed)  # what other processes wrote since we looked
+            lock_identity = _file_identity(self.directory / self.LOCK)
+            if lock_identity == self._lock_identity:  # a new lock file: the directory was cleared on purpose
+                self._write_back(earlier)
+            self._lock_identity = lock_identity
             if self._arrays and vectors.shape[1:] != self._arrays[0].shape[1:]:
                 raise ValueError(f"rows of shape {vectors.shape[1:]} in a cache of {self._arrays[0].shape[1:]}")
             name = self._write_shard(vectors)
             self._add_shard(name, list(hashes), np.load(self.directory / name, mmap_mode="r", allow_pickle=False))
-            if len(self._shards) > self.MAX_SHARDS:
-                self._merge_shards()
-            else:
-                self._write_index()
-            if held:  # without the lock another writer's shard may not be listed yet: leave every file
-                self._remove_unlisted_files()
+            replaced = self._merge_shards() if len(self._shards) > self.MAX_SHARDS else []
+            self._write_index()
+            for old in [*replaced, *taken_over]:  # read by this put and no longer named: gone, lock or not
+                (self.directory / old).unlink(missing_ok=True)
+            if taken_over:
+                (self.directory / self.LEGACY_HASHES).unlink(missing_ok=True)
+            if held:
+                self._remove_stray_files()
 
     def _write_back(self, earlier: tuple[list[tuple[str, list[str]]], list[np.ndarray], dict[str, tuple[int, int]]]) -> None:
         """Rows this object could read before the reload that the disk no longer lists (an index damaged or
@@ -262,13 +272,16 @@ class EmbeddingCache:
         name = self._write_rows(lost, view)
         self._add_shard(name, lost, np.load(self.directory / name, mmap_mode="r", allow_pickle=False))
 
-    def _own_legacy_files(self, listed: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+    def _own_legacy_files(self, listed: list[tuple[str, list[str]]]) -> tuple[list[tuple[str, list[str]]], list[str]]:
         """A shard under a name an older version may still rewrite (vectors.npy) gets a shard name of its own, by a
         hard link, or a copy where links are refused (FAT, some network mounts): an index naming vectors.npy would
-        pair its hash list with whatever rows an old process put there later."""
-        owned = []
+        pair its hash list with whatever rows an old process put there later. Returns the listing and the old names."""
+        owned, taken_over = [], []
         for name, hashes in listed:
             if not SHARD_NAME.fullmatch(name) and (self.directory / name).is_file():
+                if not hashes:  # an empty legacy file: nothing to take over
+                    taken_over.append(name)
+                    continue
                 new_name = f"rows-{uuid.uuid4().hex}.npy"
                 try:
                     os.link(self.directory / name, self.directory / new_name)
@@ -277,9 +290,10 @@ class EmbeddingCache:
                     shutil.copyfile(self.directory / name, partial)
                     _fsync_file(partial)
                     partial.replace(self.directory / new_name)
+                taken_over.append(name)
                 name = new_name
             owned.append((name, hashes))
-        return owned
+        return owned, taken_over
 
     def _write_shard(self, vectors: np.ndarray) -> str:
         name = f"rows-{uuid.uuid4().hex}.npy"  # unique: two processes sharing a cache never write one shard
@@ -298,16 +312,21 @@ class EmbeddingCache:
         partial.replace(self.directory / self.INDEX)
         _fsync_file(self.directory)  # the rename reaches the disk before any shard it stopped naming is deleted
 
-    def _remove_unlisted_files(self) -> None:
-        """Shards the index no longer names (merged, legacy, left by a process that died before its index write)
-        and temporary files. Safe under the exclusive lock: every writer holds it, and a reader's open memory map
-        stays valid after the unlink."""
+    def _remove_stray_files(self) -> None:
+        """Files a killed process left (temporary files, a shard it wrote but never indexed), swept under the lock
+        once STRAY_AGE_S old: a writer that could not take the lock (a read-only lock file on NFS, a process of the
+        previous version) may still be writing a young one. A reader's open memory map survives the unlink."""
         listed = {name for name, _ in self._shards}
+        now = time.time()
         for path in self.directory.iterdir():
             if path.name.startswith("tmp-") or path.name.endswith((".partial", ".partial.npy")) \
                     or (SHARD_NAME.fullmatch(path.name) and path.name not in listed) \
                     or path.name in (self.LEGACY_ROWS, self.LEGACY_HASHES):  # .partial: the previous version's temp files
-                path.unlink(missing_ok=True)
+                try:
+                    if now - path.stat().st_mtime > self.STRAY_AGE_S:
+                        path.unlink(missing_ok=True)
+                except OSError:  # gone meanwhile, or not ours to delete: a sweep never fails a put
+                    continue
 
     def _write_rows(self, hashes: list[str], source: EmbeddingCache) -> str:
         """These rows of `source` into one new shard, through a memory map (never the whole cache in memory)."""
@@ -323,23 +342,35 @@ class EmbeddingCache:
         partial.replace(self.directory / name)
         return name
 
-    def _merge_shards(self) -> None:
-        """All live rows into one new shard."""
+    def _merge_shards(self) -> list[str]:
+        """All live rows into one new shard; returns the names of the shards it replaces (the caller writes the index)."""
         hashes = [sha for sha, _ in sorted(self._rows.items(), key=lambda item: item[1])]
         name = self._write_rows(hashes, self)
+        replaced = [shard_name for shard_name, _ in self._shards]
         self._shards, self._arrays, self._rows = [], [], {}  # new lists: earlier CachedRows keep the old maps
         self._add_shard(name, hashes, np.load(self.directory / name, mmap_mode="r", allow_pickle=False))
-        self._write_index()
+        return replaced
 
 
 def _fsync_file(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
-    except OSError:  # a directory on a file system that cannot sync one: the rename is as durable as it gets
-        pass
+    except OSError:
+        if not path.is_dir():  # a file the kernel could not write must not be named by an index
+            raise
+        # a directory on a file system that cannot sync one: the rename is as durable as it gets there
     finally:
         os.close(descriptor)
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file this is: a file deleted and created again differs even where the inode number is reused."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_ctime_ns
 
 
 class CachedRows:

@@ -11,6 +11,7 @@ reach 0.8-0.9 (which is why `find_near_duplicates` compares against random pairs
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -178,7 +179,10 @@ class PairCorrelationCache:
         except OSError:
             partial.unlink(missing_ok=True)
             return False
-        for other in self.path.parent.glob("*.npz"):  # files of earlier correlation versions: never read again
-            if other != self.path and ".tmp." not in other.name:
-                other.unlink(missing_ok=True)
+        for other in self.path.parent.glob("*.npz"):  # earlier correlation versions' files, and a killed round's temp file
+            try:
+                if other != self.path and (".tmp." not in other.name or time.time() - other.stat().st_mtime > 3600):
+                    other.unlink(missing_ok=True)
+            except OSError:  # not ours to delete: the cache is saved, the round goes on
+                continue
         return True

@@ -3,6 +3,8 @@ merged past MAX_SHARDS, the earlier one-file layout still read, and a torn shard
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,13 +152,17 @@ def test_edge_cases_of_shards_and_reads(tmp_path: Path, monkeypatch: pytest.Monk
     (directory / "index.json").write_text(json.dumps({"shards": [
         {"file": next(directory.glob("rows-*.npy")).name, "sha256": ["h1", "h2"]}]}))
     assert len(EmbeddingCache(tmp_path, "key")) == 0
-    # files a killed process left: a shard no index names, temporary files, the previous version's temp names
+    # files a killed process left: a shard no index names, temporary files, the previous version's temp names; swept
+    # once an hour old, while a young one may be another writer's (one that could not take the lock) and stays
     orphans = [directory / f"rows-{'a' * 32}.npy", directory / "tmp-1.npy", directory / "index.json.77.partial",
                directory / f"rows-{'b' * 32}.npy.partial.npy"]
+    in_flight = [directory / f"rows-{'d' * 32}.npy", directory / "tmp-2.npy"]
+    for stray in orphans + in_flight:
+        stray.write_bytes(b"x")
     for orphan in orphans:
-        orphan.write_bytes(b"x")
+        os.utime(orphan, (time.time() - 2 * EmbeddingCache.STRAY_AGE_S,) * 2)
     EmbeddingCache(tmp_path, "key").put(["h5"], rows_for(["h5"]))
-    assert not any(orphan.exists() for orphan in orphans)
+    assert not any(orphan.exists() for orphan in orphans) and all(young.exists() for young in in_flight)
 
 
 def test_a_put_never_loses_rows_the_object_could_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -203,9 +209,25 @@ def test_without_flock_the_cache_still_reads_and_writes(tmp_path: Path, monkeypa
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr("modeling.embeddings.fcntl.flock", no_flock)
+    monkeypatch.setattr(EmbeddingCache, "MAX_SHARDS", 2)
     cache = EmbeddingCache(tmp_path, "key")
     stray = cache.directory / f"rows-{'c' * 32}.npy"  # could be another writer's shard not yet in the index
     stray.write_bytes(b"x")
-    cache.put(["h1"], rows_for(["h1"]))
-    cache.put(["h2"], rows_for(["h2"]))
-    assert EmbeddingCache(tmp_path, "key").get(["h2", "h1"])[:, 0].tolist() == [2, 1] and stray.exists()
+    os.utime(stray, (time.time() - 2 * EmbeddingCache.STRAY_AGE_S,) * 2)
+    for i in range(1, 8):  # merges: the shards a merge replaced are deleted even without the lock
+        cache.put([f"h{i}"], rows_for([f"h{i}"]))
+    assert EmbeddingCache(tmp_path, "key").get(["h2", "h1", "h7"])[:, 0].tolist() == [2, 1, 7] and stray.exists()
+    listed = {entry["file"] for entry in json.loads((cache.directory / "index.json").read_text())["shards"]}
+    assert {path.name for path in cache.directory.glob("rows-*.npy")} - listed == {stray.name}
+
+
+def test_a_cache_cleared_on_purpose_is_not_written_back(tmp_path: Path) -> None:
+    """Emptying a cache directory (the network changed, not its key) while a round runs: the round's put must not
+    restore the old rows from its memory maps, as it does when only the index was lost."""
+    cache = EmbeddingCache(tmp_path, "key")
+    cache.put(["h1", "h2"], rows_for(["h1", "h2"]))
+    for path in cache.directory.iterdir():
+        path.unlink()
+    cache.put(["h3"], rows_for(["h3"]))
+    reopened = EmbeddingCache(tmp_path, "key")
+    assert reopened.missing(["h1", "h2", "h3"]) == ["h1", "h2"] and reopened.get(["h3"])[:, 0].tolist() == [3]

@@ -2,6 +2,8 @@
 even when every image shares one registered shape (the MVTec case)."""
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,8 +133,16 @@ def test_pair_cache_answers_known_pairs_by_content_not_position(tmp_path: Path) 
     cache_file.parent.mkdir()
     stale_version = cache_file.with_name("v0-detail-old.npz")  # the file of an earlier correlation version
     stale_version.write_bytes(b"x")
-    cache.save()
-    assert not stale_version.exists()
+    killed_rounds_temp, running_rounds_temp = cache_file.with_name("pairs.77.tmp.npz"), cache_file.with_name("pairs.78.tmp.npz")
+    for temp in (killed_rounds_temp, running_rounds_temp):
+        temp.write_bytes(b"x")
+    os.utime(killed_rounds_temp, (time.time() - 7200,) * 2)
+    undeletable = cache_file.with_name("not-a-file.npz")
+    undeletable.mkdir()  # unlink fails (as for another user's file): the save still succeeds
+    assert cache.save() is True
+    assert not stale_version.exists() and not killed_rounds_temp.exists() and running_rounds_temp.exists()
+    undeletable.rmdir()
+    running_rounds_temp.unlink()
 
     # next round: a new copy of surface 20, ingested first, so every known image moves one position on
     new_path = save(surfaces[20][10:210, 0:200], tmp_path / "new.png")
