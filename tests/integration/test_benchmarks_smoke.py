@@ -28,6 +28,19 @@ def test_selection_speed_on_a_small_pool(tmp_path: Path) -> None:
     assert "< 2 s" in (tmp_path / "selection_speed.md").read_text()
 
 
+def test_near_copies_scale_finds_the_planted_copies_and_reuses_pairs(tmp_path: Path) -> None:
+    run_script("benchmarks/near_copies_scale.py", "--n", "400", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "near_copies_scale.json").read_text())
+    first, warm, cold = report["first_round"], report["second_round_with_cache"], report["second_round_without_cache"]
+    assert first["planted_copies"] >= 4 and first["planted_copies_found"] == first["planted_copies"]
+    assert warm["planted_copies_found"] == cold["planted_copies_found"] == warm["planted_copies"] > first["planted_copies"]
+    assert first["pairs_flagged_not_same_texture"] == warm["pairs_flagged_not_same_texture"] == 0
+    # the second round takes every pair it saw before from the cache, and finds what a run without it finds
+    assert warm["pairs_from_cache"] > 0 and warm["pairs_correlated"] < first["pairs_correlated"]
+    assert report["same_groups_with_and_without_cache"] is True
+    assert "| second round, pair cache | 404 |" in (tmp_path / "near_copies_scale.md").read_text()
+
+
 @pytest.mark.slow
 def test_transfer_cv_quick_on_mvtec_at_an_image_size_onnx_used_to_refuse(tmp_path: Path, real_dataset) -> None:
     real_dataset("mvtec_bottle")
