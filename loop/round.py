@@ -826,7 +826,7 @@ def select_next_batch(state: RoundState) -> None:
 def _selection_index(state: RoundState):  # noqa: ANN202
     cache_root = state.options.embedding_cache_dir or state.ctx.cache_dir
     index, status = load_or_update_index(directory=cache_root / "faiss" / state.details["embeddings"]["model_key"] / state.ctx.config.name,
-                                         image_ids=state.image_ids, embeddings=state.embeddings)
+                                         image_keys=list(state.hashes), embeddings=state.embeddings)
     state.details["selection_index"] = status
     return index
 
