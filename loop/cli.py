@@ -82,8 +82,11 @@ def init(
             from modeling.transfer import load_init_checkpoint
 
             init = load_init_checkpoint(init_from.expanduser().resolve(), class_names=config.classes)
-            console.print(f"starting from {init.backbone_weights_path} ({init.backbone_name}); {init.head_reason}")
+            head_use = ("; the `head` strategy refits its linear head on this project's labels every round, so the transferred head "
+                        "is used by `finetune` and `full` only") if init.head_weight is not None and config.model.train == "head" else ""
+            console.print(f"starting from {init.backbone_weights_path} ({init.backbone_name}); {init.head_reason}{head_use}")
             config.model.init_from = str(init.backbone_weights_path)
+            config.model.backbone = init.backbone_name  # what the rounds run: loop.toml says so too
         project_dir.mkdir(parents=True, exist_ok=True)
         url = database_url_for(project_dir, config)
         upgrade_schema(url)

@@ -197,6 +197,7 @@ def test_init_from_another_project_starts_from_its_checkpoint(project_with_pool:
     new_line = tmp_path / "new-line"
     result = invoke("init", str(new_line), "--classes", "good,spot", "--negative-class", "good", "--image-size", "96", "--init-from", str(project_with_pool))
     assert result.exit_code == 0 and "head transferred" in result.output
+    assert "used by `finetune` and `full` only" in " ".join(result.output.split())  # `head` (the default) refits its own
     assert load_config(new_line).model.init_from == str(checkpoint.resolve())
     # The new line knows only good and spot: class folders with scratch/patch are refused, nothing stored.
     assert runner.invoke(app, ["ingest", str(class_folders), "--project", str(new_line)]).exit_code == 2
@@ -209,7 +210,7 @@ def test_init_from_another_project_starts_from_its_checkpoint(project_with_pool:
     assert invoke("round", "--project", str(new_line), "--quiet").exit_code == 0
     with session_scope(open_project(new_line).engine) as session:
         details = session.scalars(select(Round)).one().details
-    assert details["init_from"]["checkpoint"] == str(checkpoint.resolve())
+    assert details["init_from"]["checkpoint"] == str(checkpoint.resolve()) and details["init_from"]["head_used"] is False
     assert details["embeddings"]["model_key"].startswith("efficientnet_lite0-file-")  # the transferred weights, not ImageNet's
 
 
