@@ -9,6 +9,7 @@ for training and validation, seed labels included.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import shutil
@@ -25,7 +26,7 @@ from loop.config import AnnotatorConfig, LoopConfig, ModelConfig, ProjectConfig,
 from loop.ingest import assign_splits, discover_source, ingest_source
 from loop.project import database_url_for, open_project
 from loop.round import RoundOptions, run_round
-from modeling.plots import plot_learning_curve
+from modeling.plots import plot_gate_panels
 from store import create_db_engine, session_scope, upgrade_schema
 from store.models import Image, LabelIssue, Round
 from store.queries import current_labels
@@ -58,6 +59,7 @@ class RunRecord:
     curve: list[dict[str, Any]] = field(default_factory=list)
     labels_to_pass_gates: int | None = None
     flipped_seed_labels: int = 0
+    stopped_by: str = "max_rounds"  # gates_passed | pool_exhausted | max_rounds (then "never passed" only means "not by then")
 
 
 def _write_manifest(path: Path, rows: list[tuple[str, str]], parts: dict[str, str | None] | None = None) -> Path:
@@ -73,6 +75,13 @@ def _write_manifest(path: Path, rows: list[tuple[str, str]], parts: dict[str, st
 
 
 def simulate(settings: SimulationSettings, *, console: Console) -> dict[str, Any]:
+    from modeling.selection import available_strategies
+
+    unknown = [name for name in settings.strategies if name not in available_strategies()]
+    if unknown:  # before any run: a typo in the last name used to fail after every other strategy's seed-0 run
+        raise ValueError(f"unknown selection strategy {', '.join(map(repr, unknown))}; available: {', '.join(available_strategies())}")
+    # absolute: each run's project resolves relative paths (the oracle's ground truth) against its own directory
+    settings.out = settings.out.expanduser().resolve()
     layout, files, _notes = discover_source(settings.source.expanduser().resolve(), unlabeled=False)
     truth = {str(f.path.resolve()): f.label for f in files}
     # A CSV source may name each photo's physical part: the test split then holds whole parts, and so do the folds.
@@ -148,6 +157,7 @@ def _run_one(settings: SimulationSettings, *, strategy: str, seed: int, classes:
             "round": outcome.number, "labels_used": counts["train"] + counts["validation"], "unlabeled": counts["unlabeled"],
             **{name: gates[name].value for name in QUALITY_GATES}, "accuracy": outcome.metrics["accuracy"], "quality_gates_pass": passed,
             "seconds": round(outcome.timings_s.get("total", 0.0), 2),
+            "gate_thresholds": {name: gates[name].threshold for name in QUALITY_GATES},
         }
         fpr_interval = outcome.details.get("test_intervals", {}).get("negative_fpr")
         if fpr_interval and fpr_interval.get("low") is not None:  # what the test split can resolve (parts count once)
@@ -161,8 +171,10 @@ def _run_one(settings: SimulationSettings, *, strategy: str, seed: int, classes:
         if passed and record.labels_to_pass_gates is None:
             record.labels_to_pass_gates = point["labels_used"]
             if settings.stop_when_gates_pass:
+                record.stopped_by = "gates_passed"
                 break
         if counts["unlabeled"] == 0 or settings.budget == 0 and settings.relabel_budget == 0:
+            record.stopped_by = "pool_exhausted"
             break
     return record
 
@@ -187,23 +199,31 @@ def _report(settings: SimulationSettings, records: list[RunRecord], classes: lis
         runs = [r for r in records if r.strategy == strategy]
         needed = [r.labels_to_pass_gates for r in runs]
         reached = [n for n in needed if n is not None]
+        # A seed that never passed counts as "more than everything it used": the median stays honest, and when the
+        # median seed did not pass it is reported as null with a lower bound (JSON has no infinity).
+        median = statistics.median([n if n is not None else float("inf") for n in needed]) if needed else None
+        used = [n if n is not None else (r.curve[-1]["labels_used"] if r.curve else 0) for n, r in zip(needed, runs)]
         per_strategy[strategy] = {
-            # A seed that never passed counts as "more than everything it used": the median stays honest.
-            "labels_to_pass_gates": statistics.median([n if n is not None else float("inf") for n in needed]) if needed else None,
+            "labels_to_pass_gates": median if median is not None and np.isfinite(median) else None,
+            "labels_to_pass_gates_more_than": statistics.median(used) if median is not None and not np.isfinite(median) else None,
             "labels_to_pass_gates_per_seed": needed,
             "seeds_passing": len(reached),
-            "runs": [{"seed": r.seed, "labels_to_pass_gates": r.labels_to_pass_gates, "flipped_seed_labels": r.flipped_seed_labels, "curve": r.curve} for r in runs],
+            "runs": [{"seed": r.seed, "labels_to_pass_gates": r.labels_to_pass_gates, "stopped_by": r.stopped_by,
+                      "flipped_seed_labels": r.flipped_seed_labels, "curve": r.curve} for r in runs],
         }
-    baseline = per_strategy.get("random", {}).get("labels_to_pass_gates")
+    baseline = per_strategy.get("random", {})
     for strategy, summary in per_strategy.items():
         value = summary["labels_to_pass_gates"]
-        summary["fewer_labels_than_random"] = (baseline / value) if baseline and value and np.isfinite(baseline) and np.isfinite(value) else None
+        summary["fewer_labels_than_random"] = baseline["labels_to_pass_gates"] / value if value and baseline.get("labels_to_pass_gates") else None
+        # random never passed: the ratio is at least (what random used without passing) / (what this one needed)
+        summary["fewer_labels_than_random_at_least"] = (baseline["labels_to_pass_gates_more_than"] / value
+                                                        if value and baseline.get("labels_to_pass_gates_more_than") else None)
     result = {
         "source": str(settings.source), "layout": layout, "classes": classes, "negative_class": settings.negative_class,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.__dict__.items()},
         "strategies": per_strategy,
     }
-    (settings.out / "simulation.json").write_text(json.dumps(result, indent=2, default=lambda v: None if v == float("inf") else str(v)))
+    (settings.out / "simulation.json").write_text(json.dumps(result, indent=2, allow_nan=False, default=str))  # strict JSON
     _write_markdown(settings, result)
     _plot(settings, per_strategy)
     return result
@@ -213,10 +233,15 @@ def _write_markdown(settings: SimulationSettings, result: dict[str, Any]) -> Non
     lines = [f"# loop simulate on `{settings.source}`", "",
              f"seed labels {settings.seed_labels}, +{settings.budget} per round, seeds 0..{settings.seeds - 1}, noise {settings.noise}, "
              f"relabel budget {settings.relabel_budget}; quality gates: {', '.join(QUALITY_GATES)} on the test split (not counted).", "",
-             "| strategy | labels to pass gates (median) | per seed | seeds passing | x fewer than random |", "|---|---|---|---|---|"]
+             "| strategy | labels to pass gates (median) | per seed | seeds passing | x fewer than random | runs stopped by |", "|---|---|---|---|---|---|"]
     for name, s in result["strategies"].items():
-        ratio = s["fewer_labels_than_random"]
-        lines.append(f"| {name} | {s['labels_to_pass_gates']} | {s['labels_to_pass_gates_per_seed']} | {s['seeds_passing']}/{settings.seeds} | {'' if ratio is None else f'{ratio:.2f}'} |")
+        ratio, at_least = s["fewer_labels_than_random"], s["fewer_labels_than_random_at_least"]
+        ratio_text = f"{ratio:.2f}" if ratio is not None else (f">= {at_least:.2f}" if at_least is not None else "")
+        median_text = s["labels_to_pass_gates"] if s["labels_to_pass_gates"] is not None else f"> {s['labels_to_pass_gates_more_than']}"
+        stops = ", ".join(f"{reason} {count}" for reason, count in sorted(collections.Counter(run["stopped_by"] for run in s["runs"]).items()))
+        lines.append(f"| {name} | {median_text} | {s['labels_to_pass_gates_per_seed']} | {s['seeds_passing']}/{settings.seeds} | {ratio_text} | {stops} |")
+    if any(run["stopped_by"] == "max_rounds" for s in result["strategies"].values() for run in s["runs"]):
+        lines += ["", f"Runs stopped by `--max-rounds {settings.max_rounds}` did not exhaust the pool: \"never passed\" means not by then."]
     lines += ["", "FPR gate per round, on the test split (90% interval, a part's photos as one draw):", "",
               "| strategy | rounds | over the gate | settled: under / over | cannot tell | good parts in the test split |", "|---|---|---|---|---|---|"]
     for name, s in result["strategies"].items():
@@ -233,11 +258,14 @@ def _write_markdown(settings: SimulationSettings, result: dict[str, Any]) -> Non
 
 
 def _plot(settings: SimulationSettings, per_strategy: dict[str, Any]) -> None:
-    series = {}
-    for name, summary in per_strategy.items():
+    """One panel per quality gate (macro F1, defect recall, FPR on the good class), its threshold as a line."""
+    panels: dict[str, dict[str, tuple[list[int], list[float | None]]]] = {name: {} for name in QUALITY_GATES}
+    thresholds: dict[str, float | None] = dict.fromkeys(QUALITY_GATES)
+    for strategy, summary in per_strategy.items():
         for run in summary["runs"]:
-            xs = [p["labels_used"] for p in run["curve"]]
-            ys = [p["macro_f1"] for p in run["curve"]]
-            series[f"{name} seed {run['seed']}"] = (xs, ys)
-    plot_learning_curve(series=series, path=settings.out / "gates_vs_labels.png", ylabel="macro F1 (test split)",
-                        title="macro F1 vs labels used, per strategy and seed", target=None)
+            for gate in QUALITY_GATES:
+                panels[gate][f"{strategy} seed {run['seed']}"] = ([p["labels_used"] for p in run["curve"]], [p[gate] for p in run["curve"]])
+                for point in run["curve"]:
+                    thresholds[gate] = point.get("gate_thresholds", {}).get(gate, thresholds[gate])
+    plot_gate_panels(panels=panels, thresholds=thresholds, path=settings.out / "gates_vs_labels.png",
+                     title="quality gates on the test split vs labels used (train + validation), per strategy and seed")

@@ -1,4 +1,4 @@
-"""PNG plots people would rather see than read: confusion matrix, gates over rounds, learning curve."""
+"""PNG plots people would rather see than read: confusion matrix, gates over rounds, gates vs labels."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -57,18 +57,24 @@ def plot_gates_over_rounds(*, rounds: list[int], gate_series: dict[str, list[flo
     return path
 
 
-def plot_learning_curve(*, series: dict[str, tuple[list[int], list[float]]], path: Path, ylabel: str, title: str, target: float | None = None) -> Path:
-    """x = labels used, one line per series (strategy, metric...)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker=".", label=name)
-    if target is not None:
-        ax.axhline(target, color="tab:red", linestyle="--", label=f"target {target:g}")
-    ax.set_xlabel("labels used (train + validation)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+GATE_TITLES = {"macro_f1": "macro F1 (>= gate)", "defect_recall": "defect recall (>= gate)", "negative_fpr": "FPR on the good class (<= gate)"}
+
+
+def plot_gate_panels(*, panels: dict[str, dict[str, tuple[list[int], list[float | None]]]], thresholds: dict[str, float | None],
+                     path: Path, title: str) -> Path:
+    """One panel per gate: a line per series (x = labels used), the gate's threshold dashed. None values (a gate
+    that does not apply) are gaps."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (gate, series) in zip(axes[0], panels.items()):
+        for name, (xs, ys) in series.items():
+            ax.plot(xs, [np.nan if y is None else y for y in ys], marker=".", label=name)
+        if thresholds.get(gate) is not None:
+            ax.axhline(thresholds[gate], color="black", linestyle="--", label=f"gate {thresholds[gate]:g}")
+        ax.set_title(GATE_TITLES.get(gate, gate), fontsize=10)
+        ax.set_xlabel("labels used")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

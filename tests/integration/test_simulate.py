@@ -25,13 +25,22 @@ def test_simulate_runs_every_strategy_on_the_same_split_and_keeps_picked_good_pa
         "--seed-labels", "40", "--budget", "20", "--seeds", "1", "--max-rounds", "3", "--all-rounds", "--image-size", "64",
     ], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "simulation.json").read_text())
+
+    def no_infinity(constant: str) -> None:
+        raise AssertionError(f"simulation.json is not strict JSON: {constant}")
+
+    report = json.loads((out / "simulation.json").read_text(), parse_constant=no_infinity)
     assert list(report["strategies"]) == ["random", "default"] and report["classes"][0] == "good"
     for summary in report["strategies"].values():
         (run,) = summary["runs"]
         # Seed labels first, then one budget per round; the test split (37 images) is never counted.
         assert [p["labels_used"] for p in run["curve"]] == [40, 60, 80]
         assert all(0.0 <= p["macro_f1"] <= 1.0 for p in run["curve"])
+        assert run["stopped_by"] == "max_rounds"  # --all-rounds, 3 rounds, pool left
+        if summary["seeds_passing"] == 0:  # the median is "more than what was used", not infinity
+            assert summary["labels_to_pass_gates"] is None and summary["labels_to_pass_gates_more_than"] == 80
+        assert run["curve"][0]["gate_thresholds"]["negative_fpr"] == 0.03
+    assert "did not exhaust the pool" in (out / "simulation.md").read_text()
     assert (out / "gates_vs_labels.png").read_bytes()[:4] == b"\x89PNG"
     assert "| default |" in (out / "simulation.md").read_text()
 
