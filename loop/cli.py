@@ -60,7 +60,7 @@ def init(
     oracle_manifest: Annotated[Optional[Path], typer.Option(help="ground truth CSV (path,label) for the oracle annotator")] = None,
     oracle_noise: Annotated[float, typer.Option(help="share of wrong oracle answers")] = 0.0,
     budget: Annotated[int, typer.Option(help="images selected for labeling per round")] = 20,
-    strategy: Annotated[str, typer.Option(help="acquisition strategy")] = "margin",
+    strategy: Annotated[str, typer.Option(help="acquisition strategy: default (gate-aware) | random | margin | entropy | rare | diverse")] = "default",
     init_from: Annotated[Optional[Path], typer.Option(help="start from another project's model (dir or checkpoint)")] = None,
     database_url: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL (default: SQLite in the project dir)")] = None,
 ) -> None:

@@ -30,7 +30,7 @@ class ModelConfig(Strict):
     # and the head conv (average + max), "avg" only the last feature map. Multi-layer found more small defects on
     # magnetic tile at the same ONNX Runtime cost (benchmarks/feature_variants.py).
     pooling: Literal["avg", "multilayer"] = "multilayer"
-    train: str = "head"  # head | finetune | full
+    train: Literal["head", "finetune", "full"] = "head"
     init_from: str | None = None  # another project dir or checkpoint (domain transfer)
     threshold_source: Literal["auto", "validation", "out_of_fold"] = "auto"
     threshold_confidence: float = Field(0.75, ge=0.5, lt=1)
@@ -65,11 +65,22 @@ class SplitConfig(Strict):
 
 class LoopConfig(Strict):
     budget_per_round: int = Field(20, ge=0)
-    strategy: str = "margin"
+    # gate-aware: weighs uncertain, likely-defect, confused-good and rare-class candidates toward the gate the loop's
+    # own (non-test) estimate says is failing, then a diversity filter; cold start by distance to known-good parts
+    strategy: str = "default"
     relabel_budget: int = Field(0, ge=0)
     seed: int = 0
     # near-duplicates (pixel-verified) and outliers every round: ~10 s for 2000 images, minutes past 50k
     data_issues: bool = True
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        from modeling.selection import available_strategies  # a typo fails at `loop init`, not after a round's training
+
+        if name not in available_strategies():
+            raise ValueError(f"unknown selection strategy {name!r}; available: {', '.join(available_strategies())}")
+        return name
 
 
 class AnnotatorConfig(Strict):

@@ -30,7 +30,7 @@ def run_demo(project_dir: Path, *, n_rounds: int, n_images: int, seed: int, cons
         name=project_dir.name, classes=list(DEFAULT_CLASS_SHARES), negative_class="good",
         class_descriptions={"good": "no visible defect", "scratch": "thin straight bright line", "spot": "round dark blob",
                             "crack": "jagged dark line", "patch": "rectangle of rougher texture (rare)"},
-        loop=LoopConfig(budget_per_round=30, strategy="margin", relabel_budget=5, seed=seed),
+        loop=LoopConfig(budget_per_round=30, strategy="default", relabel_budget=5, seed=seed),
         annotator=AnnotatorConfig(backend="oracle", oracle_manifest=str(dataset.ground_truth_csv)),
     )
     project_dir.mkdir(parents=True, exist_ok=True)
