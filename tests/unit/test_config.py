@@ -14,6 +14,7 @@ def test_round_trip_keeps_every_value(tmp_path: Path) -> None:
     assert loaded.gates.negative_fpr_max == 0.03 and loaded.gates.latency_ms_max == 30.0
     assert loaded.split.test_fraction == 0.2 and loaded.split.validation_fraction == 0.15
     assert loaded.negative_index == 0
+    assert loaded.loop.strategy == "default" and loaded.model.train == "head"
 
 
 def test_typo_in_a_key_is_a_clear_error(tmp_path: Path) -> None:
@@ -34,6 +35,8 @@ def test_typo_in_a_key_is_a_clear_error(tmp_path: Path) -> None:
         ('name = "p"\nclasses = ["a", "b"]\n[model.training]\nmode = "sideways"\n', "mode must be 'cached' or 'augment'"),
         ('name = "p"\nclasses = ["a", "b"]\n[model.training]\nhead_regularization = -1\n', "head_regularization must be a number > 0"),
         ('name = "p"\nclasses = ["a", "b"]\n[model]\ncalibration = "platt"\n', "model.calibration"),
+        ('name = "p"\nclasses = ["a", "b"]\n[model]\ntrain = "finetun"\n', "model.train"),
+        ('name = "p"\nclasses = ["a", "b"]\n[loop]\nstrategy = "marginn"\n', "unknown selection strategy 'marginn'; available: default, diverse"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, body: str, message: str) -> None:
