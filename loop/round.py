@@ -809,7 +809,7 @@ def select_next_batch(state: RoundState) -> None:
     if result is not None:
         picks = [(int(p), float(s), r, None) for p, s, r in zip(result.indices, result.scores, result.reasons)]
         state.details["selection"] = {"strategy": loop_config.strategy, "n_candidates": int(len(candidates)), **_jsonable(result.summary)}
-    for row in state.label_issue_rows[: loop_config.relabel_budget]:
+    for row in _relabel_requests(state, loop_config.relabel_budget):
         picks.append((row["position"], 1.0 - row["score"], "suspected_label_error", row["given_label"]))
     threshold = state.threshold.threshold if state.threshold else None
     predicted = final_predictions(probabilities=state.probabilities, negative_index=state.config.negative_index, threshold=threshold)
@@ -822,6 +822,22 @@ def select_next_batch(state: RoundState) -> None:
             current_label=current, round_number=state.number,
         ))
         state.batch_meta.append({"score": score, "strategy": loop_config.strategy if reason != "suspected_label_error" else "label_quality"})
+
+
+def _relabel_requests(state: RoundState, budget: int) -> list[dict]:
+    """The top suspects not questioned before: an image an earlier round already sent back for relabeling is either
+    still waiting in the queue or was reviewed by an annotator (confirmed or corrected); asking again every round would
+    spend the budget on the same images. It stays in the label-issue queue (LabelIssue rows) for a person to look at."""
+    if budget <= 0 or not state.label_issue_rows:
+        return []
+    with session_scope(state.ctx.engine) as session:
+        questioned = set(session.scalars(
+            select(Selection.image_id).join(Round, Round.id == Selection.round_id)
+            .where(Round.project_id == get_project(session).id, Round.id != state.round_id, Selection.reason == "suspected_label_error")
+        ))
+    fresh = [row for row in state.label_issue_rows if row["image_id"] not in questioned]
+    state.details.setdefault("label_quality", {})["already_questioned"] = len(state.label_issue_rows) - len(fresh)
+    return fresh[:budget]
 
 
 def _selection_index(state: RoundState):  # noqa: ANN202

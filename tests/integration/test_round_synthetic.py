@@ -373,3 +373,16 @@ def test_a_test_photo_taken_again_for_training_is_reported_as_a_near_duplicate_a
     assert without["negative_fpr"] == pytest.approx(np.mean(good))
     assert report.test_metrics_without_copies["n_images"] == len(kept)
     assert f"without them ({len(kept)} images)" in " ".join(result.output.split())
+
+
+def test_an_image_is_sent_back_for_relabeling_once(project_with_pool: Path) -> None:
+    """The oracle confirms a suspect's label (it was right): the next rounds flag it again, as the model still
+    disagrees, but must not send it back again and again; the budget goes to suspects nobody has looked at."""
+    for _ in range(3):
+        assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    with session_scope(open_project(project_with_pool).engine) as session:
+        asked = [s.image_id for s in session.scalars(select(Selection).where(Selection.reason == "suspected_label_error"))]
+        rounds = session.scalars(select(Round).order_by(Round.number)).all()
+        flagged_again = sum(r.details["label_quality"].get("already_questioned", 0) for r in rounds[1:])
+    assert len(asked) >= 2 and len(asked) == len(set(asked)), asked  # never the same image twice
+    assert flagged_again >= 1  # suspects sent before were flagged again and skipped: the rule was exercised
