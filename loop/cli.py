@@ -147,7 +147,7 @@ def round_command(
         with project_lock(ctx.root, action="loop round"):
             outcome = run_round(ctx, RoundOptions(train_strategy=train, annotator=annotator, show_progress=not quiet), console=console)
     print_round(outcome)
-    failed = [g.name for g in outcome.gates if g.applicable and not g.passed]
+    failed = [g.name for g in outcome.gates if g.applicable and not g.passed] or (["all (cold start: no model yet)"] if outcome.details.get("cold_start") else [])
     if failed and fail_on_gates:
         error_console.print(f"[bold red]gates failed:[/] {', '.join(failed)}")
         raise typer.Exit(EXIT_GATES_FAILED)
@@ -158,6 +158,14 @@ def print_round(outcome) -> None:  # noqa: ANN001
 
     metrics, details = outcome.metrics, outcome.details
     counts = details["labeled_counts"]
+    if details.get("cold_start"):
+        selection = details.get("selection") or {}
+        console.print(f"round {outcome.number}: [yellow]cold start[/] · {details['cold_start']['reason']}")
+        console.print(f"labeled: train {counts['train']}, validation {counts['validation']}, test {counts['test']}; unlabeled {counts['unlabeled']} · "
+                      f"selected for labeling: {details.get('push', {}).get('pushed', 0)} pushed, {details.get('push', {}).get('pending', 0)} pending "
+                      f"({selection.get('scanned', 0)} pool images ranked against {selection.get('n_known_good', 0)} known-good) · "
+                      f"total {outcome.timings_s.get('total', 0):.1f} s")
+        return
     console.print(gate_table(outcome.gates, title=f"round {outcome.number}: gates on the frozen test split ({metrics['n_images']} images)"))
     intervals = [(label, details.get("test_intervals", {}).get(name)) for name, label in (("negative_fpr", "FPR"), ("defect_recall", "defect recall"))]
     intervals = [(label, i) for label, i in intervals if i and i.get("low") is not None]

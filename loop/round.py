@@ -122,6 +122,9 @@ class RoundState:
     # `probabilities`, except that labeled good parts carry their leave-one-out anomaly score: what thresholds and gate
     # estimates read on validation images (the stored predictions are the deployed model's).
     held_out_probabilities: np.ndarray | None = None
+    # Only good parts labeled (MVTec-style start): no model can be trained yet, so the round skips MODEL_STEPS and
+    # selects by distance to the known-good embeddings (modeling.selection's cold start).
+    cold_start: bool = False
 
     @property
     def config(self):  # noqa: ANN201
@@ -354,6 +357,16 @@ def gather_labeled_pool(state: RoundState) -> None:
     non_test = np.concatenate([state.positions(split="train", labeled=True), state.positions(split="validation", labeled=True)])
     present = set(state.labels[non_test].tolist())
     if len(present) < 2:
+        negative = state.config.negative_index
+        selectable = len(_selectable_positions(state)) and state.config.loop.budget_per_round
+        if negative is not None and present <= {negative} and selectable:
+            state.cold_start = True
+            state.details["cold_start"] = {
+                "reason": f"no defect labels outside the test split yet ({len(non_test)} {state.config.negative_class!r} labels): no model, no gates; "
+                          "the batch is the pool images least like the known-good parts",
+                "known_good": len(non_test)}
+            state.console.print(f"[yellow]cold start:[/] {state.details['cold_start']['reason']}")
+            return
         raise RoundFailed(f"training needs labeled non-test images of at least two classes; have {len(non_test)} of {len(present)} class(es). Ingest or label more images.")
     if counts["test"] == 0:
         raise RoundFailed("the frozen test split is empty: ingest labeled images first (the test split is drawn from them)")
@@ -744,7 +757,7 @@ def find_data_issues(state: RoundState) -> None:
         },
         "outliers": outliers.summary,
     }
-    if leaking:
+    if leaking and not state.cold_start:  # a cold start has no test metrics to redo
         without = _test_metrics_without(state, {a for a, _, _ in leaking})
         state.details["data_quality"]["test_without_copies"] = without
         examples = ", ".join(f"image {state.image_ids[a]} ~ image {state.image_ids[b]} ({state.splits[b]})" for a, b, _ in leaking[:3])
@@ -793,14 +806,18 @@ def _detail_thumbnails(state: RoundState) -> CachedRows:
 
 def select_next_batch(state: RoundState) -> None:
     """Uncertain, rare-class and diverse unlabeled images, plus the top suspected label errors for relabeling.
-    Test labels are hidden from selection: the test split informs no decision."""
+    Test labels are hidden from selection: the test split informs no decision. A cold start has no model: the
+    `default` strategy's cold start ranks by distance to the known-good parts, whatever loop.toml names (uncertainty
+    without a model means nothing), and the batch goes out without pre-annotations."""
     loop_config = state.config.loop
     candidates = _selectable_positions(state)
     visible_labels = state.labels.copy()
     visible_labels[state.splits == "test"] = UNLABELED
+    strategy = "default" if state.cold_start else loop_config.strategy
+    probabilities = state.probabilities if not state.cold_start else np.full((len(state.image_ids), len(state.config.classes)), 1.0 / len(state.config.classes), dtype=np.float32)
     result = select_batch(
-        strategy=loop_config.strategy, budget=min(loop_config.budget_per_round, len(candidates)), embeddings=state.embeddings,
-        probabilities=state.probabilities, labels=visible_labels, candidates=candidates, class_names=list(state.config.classes),
+        strategy=strategy, budget=min(loop_config.budget_per_round, len(candidates)), embeddings=state.embeddings,
+        probabilities=probabilities, labels=visible_labels, candidates=candidates, class_names=list(state.config.classes),
         negative_index=state.config.negative_index, gate_estimates=state.estimated_gates,
         defect_threshold=state.selection_threshold, seed=loop_config.seed + state.number,
         index=_selection_index(state),
@@ -808,9 +825,15 @@ def select_next_batch(state: RoundState) -> None:
     picks: list[tuple[int, float, str, str | None]] = []
     if result is not None:
         picks = [(int(p), float(s), r, None) for p, s, r in zip(result.indices, result.scores, result.reasons)]
-        state.details["selection"] = {"strategy": loop_config.strategy, "n_candidates": int(len(candidates)), **_jsonable(result.summary)}
+        state.details["selection"] = {"strategy": strategy, "n_candidates": int(len(candidates)), **_jsonable(result.summary)}
     for row in _relabel_requests(state, loop_config.relabel_budget):
         picks.append((row["position"], 1.0 - row["score"], "suspected_label_error", row["given_label"]))
+    if state.cold_start:
+        for position, score, reason, current in picks:
+            state.batch.append(TaskRequest(image_id=state.image_ids[position], image_path=state.paths[position], sha256=state.hashes[position],
+                                           reason=reason, current_label=current, round_number=state.number))
+            state.batch_meta.append({"score": score, "strategy": strategy})
+        return
     threshold = state.threshold.threshold if state.threshold else None
     predicted = final_predictions(probabilities=state.probabilities, negative_index=state.config.negative_index, threshold=threshold)
     for position, score, reason, current in picks:
@@ -911,10 +934,13 @@ def push_batch(state: RoundState) -> None:
 
 def _p_defect(state: RoundState, task: TaskRequest) -> float | None:
     negative = state.config.negative_class
-    return None if negative is None else 1.0 - task.probabilities.get(negative, 0.0)
+    return None if negative is None or not task.probabilities else 1.0 - task.probabilities.get(negative, 0.0)
 
 
 def record_round(state: RoundState) -> None:
+    if state.cold_start:
+        _record_cold_start(state)
+        return
     classes = state.config.classes
     negative = state.config.negative_index
     threshold = state.threshold.threshold if state.threshold else None
@@ -967,6 +993,25 @@ def record_round(state: RoundState) -> None:
         round_row.finished_at = datetime.now(timezone.utc)
 
 
+def _record_cold_start(state: RoundState) -> None:
+    """No model: no metrics, gates, predictions or plots; the counts, the data findings and the batch are recorded."""
+    label_sources = Counter(info.source for image_id, info in state.label_info.items() if info.status == "labeled")
+    with session_scope(state.ctx.engine) as session:
+        round_row = session.get(Round, state.round_id)
+        session.add_all(LabelIssue(round_id=state.round_id, image_id=row["image_id"], kind=row["kind"], given_label=row["given_label"], score=row["score"],
+                                   flagged=True, rank=row["rank"], related_image_id=row["related_image_id"]) for row in state.data_issue_rows)
+        state.details.update(
+            class_names=list(state.config.classes), negative_class=state.config.negative_class, preprocessing=state.preprocessing.as_dict(),
+            label_counts_by_source=dict(label_sources), all_gates_pass=False,
+            pull={"new_label_events": state.pull_report.new_label_events, "deleted": state.pull_report.deleted, "skipped": state.pull_report.skipped,
+                  "rejected": state.pull_report.rejected, **_jsonable(state.pull_report.details)},
+        )
+        round_row.details = _jsonable(state.details)
+        round_row.artifacts = {}
+        round_row.status = "completed"
+        round_row.finished_at = datetime.now(timezone.utc)
+
+
 def _plot_gates_history(session, project_id: int, state: RoundState) -> Path:  # noqa: ANN001
     rounds = session.scalars(select(Round).where(Round.project_id == project_id, Round.status == "completed").order_by(Round.number)).all()
     history = [(r.number, {g.name: g for g in r.gates}, (r.details or {}).get("labeled_counts", {})) for r in rounds]
@@ -999,6 +1044,11 @@ ROUND_STEPS: list[Callable[[RoundState], None]] = [
 ]
 
 
+# what a cold start (no defect label yet, so no model) skips
+MODEL_STEPS = frozenset({compute_out_of_fold, train_model, calibrate_model, export_model, predict_all_images, score_anomalies, deploy_model,
+                         choose_threshold, evaluate_on_test_split, flag_label_issues})
+
+
 @dataclass
 class RoundOutcome:
     round_id: int
@@ -1027,6 +1077,8 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
     try:
         for step in [*ROUND_STEPS, record_round]:
             step_name = step.__name__
+            if state.cold_start and step in MODEL_STEPS:
+                continue
             started = time.perf_counter()
             step(state)
             state.timings_s[step_name] = time.perf_counter() - started

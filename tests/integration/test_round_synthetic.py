@@ -386,3 +386,55 @@ def test_an_image_is_sent_back_for_relabeling_once(project_with_pool: Path) -> N
         flagged_again = sum(r.details["label_quality"].get("already_questioned", 0) for r in rounds[1:])
     assert len(asked) >= 2 and len(asked) == len(set(asked)), asked  # never the same image twice
     assert flagged_again >= 1  # suspects sent before were flagged again and skipped: the rule was exercised
+
+
+def test_a_round_with_only_good_parts_labeled_is_a_cold_start(tmp_path: Path, class_folders: Path) -> None:
+    """MVTec-style start: every labeled image is good. No model can be trained, so the round (instead of failing)
+    picks the pool images least like the known-good parts, pushes them without pre-annotations and records no gates;
+    the answers make the next round a normal one. The API and `loop status` read the cold-start round."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    files = sorted(class_folders.rglob("*.png"))
+    truth, manifest = tmp_path / "truth.csv", tmp_path / "labels.csv"
+    with open(truth, "w", newline="") as t, open(manifest, "w", newline="") as m:
+        csv.writer(t).writerows([["path", "label"], *([str(p), p.parent.name] for p in files)])
+        # a third of the good parts labeled; the pool holds the other good parts and every defect
+        csv.writer(m).writerows([["path", "label"], *([str(p), "good" if p.parent.name == "good" and i % 3 == 0 else ""] for i, p in enumerate(files))])
+    project = tmp_path / "project"
+    assert invoke("init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good", "--annotator", "oracle",
+                  "--oracle-manifest", str(truth), "--budget", "10", "--strategy", "margin", "--image-size", "96").exit_code == 0
+    assert invoke("ingest", str(manifest), "--project", str(project), "--quiet").exit_code == 0
+
+    first = invoke("round", "--project", str(project), "--quiet", "--fail-on-gates")
+    assert first.exit_code == 3 and "cold start" in first.output  # no gate can pass without a model
+    ctx = open_project(project)
+    with session_scope(ctx.engine) as session:
+        round_one = session.scalars(select(Round)).one()
+        picks = session.scalars(select(Selection).where(Selection.round_id == round_one.id)).all()
+        assert round_one.status == "completed" and round_one.details["cold_start"]["known_good"] > 0
+        assert not session.scalars(select(GateResult)).all() and not session.scalars(select(Prediction)).all()
+        assert len(picks) == 10 and {s.reason for s in picks} == {"cold_start"} and {s.strategy for s in picks} == {"default"}
+        assert all(s.predicted_label is None and s.push_status == "pushed" for s in picks)
+        labels = {p.name: p.parent.name for p in files}
+        picked_defects = sum(labels[Path(session.get(Image, s.image_id).path).name] != "good" for s in picks)
+    pool = round_one.details["labeled_counts"]["unlabeled"]
+    assert picked_defects / 10 >= 0.8 > 30 / pool  # far from the good parts: the defects, well above their share of the pool
+
+    status = invoke("status", "--project", str(project), "--json")
+    assert status.exit_code == 0 and json.loads(status.output)["rounds"][0]["number"] == 1
+    settings = Settings(project_dir=project, api_token="t" * 32, api_read_token="r" * 32)
+    with TestClient(create_app(settings)) as client:
+        headers = {"Authorization": "Bearer " + "r" * 32}
+        project_id = client.get("/projects", headers=headers).json()["items"][0]["id"]
+        for path in (f"/projects/{project_id}/rounds", f"/projects/{project_id}/progress", f"/rounds/{round_one.id}",
+                     f"/rounds/{round_one.id}/selection", f"/dashboard?token={'r' * 32}"):
+            assert client.get(path, headers=headers).status_code == 200, path
+
+    second = invoke("round", "--project", str(project), "--quiet")  # the oracle answered: defect labels, a model
+    assert second.exit_code == 0, second.output
+    with session_scope(ctx.engine) as session:
+        round_two = session.scalars(select(Round).where(Round.number == 2)).one()
+        assert "cold_start" not in round_two.details and session.scalars(select(GateResult).where(GateResult.round_id == round_two.id)).all()
