@@ -98,6 +98,10 @@ class FinetuneConfig:
                 values[key] = value
         if "augment" in options and "mode" not in options:  # augment=True/False: the switch a CLI flag gives
             values["mode"] = "augment" if options["augment"] else "cached"
+        if options.get("augmentation") and values.get("mode", cls.mode) != "augment":
+            # the cached mode trains on feature maps computed once: an augmentation list there would be ignored silently
+            raise ValueError(f"augmentation {options['augmentation']!r} is applied only with mode = \"augment\" (input-space, every epoch); "
+                             "set mode = \"augment\", or use cached_views for the cached mode's exact flips and turns")
         if values.get("mode", cls.mode) == "augment" and not values.get("augmentation"):
             values["augmentation"] = "geometric"
         values["augmentation"] = tuple(resolve_augmentation_names(values.get("augmentation") or None))

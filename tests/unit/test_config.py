@@ -36,6 +36,7 @@ def test_typo_in_a_key_is_a_clear_error(tmp_path: Path) -> None:
         ('name = "p"\nclasses = ["a", "b"]\n[model.training]\nhead_regularization = -1\n', "head_regularization must be a number > 0"),
         ('name = "p"\nclasses = ["a", "b"]\n[model]\ncalibration = "platt"\n', "model.calibration"),
         ('name = "p"\nclasses = ["a", "b"]\n[model]\ntrain = "finetun"\n', "model.train"),
+        ('name = "p"\nclasses = ["a", "b"]\n[model.training]\naugmentation = "factory"\n', 'applied only with mode = "augment"'),
         ('name = "p"\nclasses = ["a", "b"]\n[loop]\nstrategy = "marginn"\n', "unknown selection strategy 'marginn'; available: default, diverse"),
     ],
 )
