@@ -50,9 +50,9 @@ class ModelConfig(Strict):
     @field_validator("training")
     @classmethod
     def _known_training_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        from modeling.training import validate_training_options  # torch is imported only when options are set
+        if options:  # torch is imported only when options are set: `loop status` reads loop.toml too
+            from modeling.training import validate_training_options
 
-        if options:
             validate_training_options(options)
         return options
 
@@ -61,6 +61,9 @@ class SplitConfig(Strict):
     test_fraction: float = Field(0.20, gt=0, lt=1)
     validation_fraction: float = Field(0.15, ge=0, lt=1)
     seed: int = 0
+
+
+BUILT_IN_STRATEGIES = frozenset({"default", "random", "margin", "entropy", "rare", "diverse"})  # modeling.selection's registry
 
 
 class LoopConfig(Strict):
@@ -76,6 +79,8 @@ class LoopConfig(Strict):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, name: str) -> str:
+        if name in BUILT_IN_STRATEGIES:  # no faiss import just to read loop.toml
+            return name
         from modeling.selection import available_strategies  # a typo fails at `loop init`, not after a round's training
 
         if name not in available_strategies():

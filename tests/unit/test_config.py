@@ -61,3 +61,21 @@ def test_training_options_round_trip_through_loop_toml(tmp_path: Path) -> None:
     assert loaded.model.calibration == "temperature"
     save_config(tmp_path, loaded)
     assert load_config(tmp_path) == loaded
+
+
+def test_reading_loop_toml_loads_neither_torch_nor_faiss(tmp_path: Path) -> None:
+    """`loop status` and `loop serve` read loop.toml: an empty [model.training] (what `loop init` writes) and a
+    built-in strategy are checked without importing the training or selection code (seconds of torch import)."""
+    import subprocess
+    import sys
+
+    from loop.config import BUILT_IN_STRATEGIES
+    from modeling.selection import available_strategies
+
+    assert BUILT_IN_STRATEGIES == set(available_strategies())  # the static list is the registry's
+    save_config(tmp_path, ProjectConfig(name="p", classes=["ok", "dent"], negative_class="ok"))
+    assert "[model.training]" in (tmp_path / "loop.toml").read_text()
+    code = (f"import sys; from pathlib import Path; from loop.config import load_config; load_config(Path({str(tmp_path)!r})); "
+            "assert not {'torch', 'faiss'} & set(sys.modules), sorted({'torch', 'faiss'} & set(sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr[-2000:]
