@@ -359,13 +359,20 @@ def gather_labeled_pool(state: RoundState) -> None:
     if len(present) < 2:
         negative = state.config.negative_index
         selectable = len(_selectable_positions(state)) and state.config.loop.budget_per_round
-        if negative is not None and present <= {negative} and selectable:
+        # a cold start needs good parts to measure "unlike" against, and a test split for the rounds after it
+        if negative is not None and present == {negative} and counts["test"] and selectable:
+            strategy = _cold_start_strategy(state)
+            picks = ("the pool images least like the known-good parts" if strategy == "default" else f"picked by `{strategy}`")
             state.cold_start = True
             state.details["cold_start"] = {
                 "reason": f"no defect labels outside the test split yet ({len(non_test)} {state.config.negative_class!r} labels): no model, no gates; "
-                          "the batch is the pool images least like the known-good parts",
-                "known_good": len(non_test)}
+                          f"the batch is {picks}",
+                "known_good": len(non_test), "strategy": strategy}
             state.console.print(f"[yellow]cold start:[/] {state.details['cold_start']['reason']}")
+            test_labels = set(state.labels[state.positions(split="test", labeled=True)].tolist())
+            if not test_labels - {negative}:
+                state.console.print("[yellow]warning:[/] the frozen test split holds no defect (it is drawn from the labels at ingest): the defect "
+                                    "recall gate will fail as unmeasurable until labeled defect images are ingested")
             return
         raise RoundFailed(f"training needs labeled non-test images of at least two classes; have {len(non_test)} of {len(present)} class(es). Ingest or label more images.")
     if counts["test"] == 0:
@@ -813,7 +820,7 @@ def select_next_batch(state: RoundState) -> None:
     candidates = _selectable_positions(state)
     visible_labels = state.labels.copy()
     visible_labels[state.splits == "test"] = UNLABELED
-    strategy = "default" if state.cold_start else loop_config.strategy
+    strategy = _cold_start_strategy(state) if state.cold_start else loop_config.strategy
     probabilities = state.probabilities if not state.cold_start else np.full((len(state.image_ids), len(state.config.classes)), 1.0 / len(state.config.classes), dtype=np.float32)
     result = select_batch(
         strategy=strategy, budget=min(loop_config.budget_per_round, len(candidates)), embeddings=state.embeddings,
@@ -847,18 +854,28 @@ def select_next_batch(state: RoundState) -> None:
         state.batch_meta.append({"score": score, "strategy": loop_config.strategy if reason != "suspected_label_error" else "label_quality"})
 
 
+def _cold_start_strategy(state: RoundState) -> str:
+    """Strategies that read the model (uncertainty, rare-class search) mean nothing without one: they give way to
+    `default`'s cold start. `random` and `diverse` read no model and stay (a simulation's random baseline too)."""
+    configured = state.config.loop.strategy
+    return configured if configured in ("random", "diverse") else "default"
+
+
 def _relabel_requests(state: RoundState, budget: int) -> list[dict]:
-    """The top suspects not questioned before: an image an earlier round already sent back for relabeling is either
-    still waiting in the queue or was reviewed by an annotator (confirmed or corrected); asking again every round would
-    spend the budget on the same images. It stays in the label-issue queue (LabelIssue rows) for a person to look at."""
+    """The top suspects not questioned before: an image an earlier round already sent back for relabeling with the same
+    label is either still waiting in the queue or was reviewed by an annotator (confirmed); asking again every round
+    would spend the budget on the same images. A label changed since (corrected, re-imported) is a new question. The
+    image stays in the label-issue queue (LabelIssue rows) for a person to look at."""
     if budget <= 0 or not state.label_issue_rows:
         return []
     with session_scope(state.ctx.engine) as session:
-        questioned = set(session.scalars(
-            select(Selection.image_id).join(Round, Round.id == Selection.round_id)
+        # the label each was questioned with: the given label of that round's label-issue row
+        questioned = {tuple(row) for row in session.execute(
+            select(Selection.image_id, LabelIssue.given_label).join(Round, Round.id == Selection.round_id)
+            .join(LabelIssue, (LabelIssue.round_id == Selection.round_id) & (LabelIssue.image_id == Selection.image_id) & (LabelIssue.kind == "label_error"))
             .where(Round.project_id == get_project(session).id, Round.id != state.round_id, Selection.reason == "suspected_label_error")
-        ))
-    fresh = [row for row in state.label_issue_rows if row["image_id"] not in questioned]
+        )}
+    fresh = [row for row in state.label_issue_rows if (row["image_id"], row["given_label"]) not in questioned]
     state.details.setdefault("label_quality", {})["already_questioned"] = len(state.label_issue_rows) - len(fresh)
     return fresh[:budget]
 

@@ -59,7 +59,7 @@ class RunRecord:
     curve: list[dict[str, Any]] = field(default_factory=list)
     labels_to_pass_gates: int | None = None
     flipped_seed_labels: int = 0
-    stopped_by: str = "max_rounds"  # gates_passed | pool_exhausted | max_rounds (then "never passed" only means "not by then")
+    stopped_by: str = "max_rounds"  # gates_passed | pool_exhausted | no_budget | max_rounds (then "never passed" only means "not by then")
 
 
 def _write_manifest(path: Path, rows: list[tuple[str, str]], parts: dict[str, str | None] | None = None) -> Path:
@@ -150,14 +150,15 @@ def _run_one(settings: SimulationSettings, *, strategy: str, seed: int, classes:
     for _ in range(settings.max_rounds):
         outcome = run_round(ctx, options, console=quiet)
         counts = outcome.details["labeled_counts"]
-        gates = {g.name: g for g in outcome.gates}
-        quality = [gates[name] for name in QUALITY_GATES if gates[name].applicable]
-        passed = all(g.passed for g in quality)
+        gates = {g.name: g for g in outcome.gates}  # none in a cold start (only good parts among the seed labels): no model yet
+        quality = [gates[name] for name in QUALITY_GATES if name in gates and gates[name].applicable]
+        passed = bool(quality) and all(g.passed for g in quality)
         point = {
             "round": outcome.number, "labels_used": counts["train"] + counts["validation"], "unlabeled": counts["unlabeled"],
-            **{name: gates[name].value for name in QUALITY_GATES}, "accuracy": outcome.metrics["accuracy"], "quality_gates_pass": passed,
+            **{name: gates[name].value if name in gates else None for name in QUALITY_GATES}, "accuracy": outcome.metrics.get("accuracy"),
+            "quality_gates_pass": passed, "cold_start": bool(outcome.details.get("cold_start")),
             "seconds": round(outcome.timings_s.get("total", 0.0), 2),
-            "gate_thresholds": {name: gates[name].threshold for name in QUALITY_GATES},
+            "gate_thresholds": {name: gates[name].threshold if name in gates else None for name in QUALITY_GATES},
         }
         fpr_interval = outcome.details.get("test_intervals", {}).get("negative_fpr")
         if fpr_interval and fpr_interval.get("low") is not None:  # what the test split can resolve (parts count once)
@@ -174,7 +175,7 @@ def _run_one(settings: SimulationSettings, *, strategy: str, seed: int, classes:
                 record.stopped_by = "gates_passed"
                 break
         if counts["unlabeled"] == 0 or settings.budget == 0 and settings.relabel_budget == 0:
-            record.stopped_by = "pool_exhausted"
+            record.stopped_by = "pool_exhausted" if counts["unlabeled"] == 0 else "no_budget"
             break
     return record
 
@@ -205,7 +206,7 @@ def _report(settings: SimulationSettings, records: list[RunRecord], classes: lis
         used = [n if n is not None else (r.curve[-1]["labels_used"] if r.curve else 0) for n, r in zip(needed, runs)]
         per_strategy[strategy] = {
             "labels_to_pass_gates": median if median is not None and np.isfinite(median) else None,
-            "labels_to_pass_gates_more_than": statistics.median(used) if median is not None and not np.isfinite(median) else None,
+            "labels_to_pass_gates_at_least": statistics.median(used) if median is not None and not np.isfinite(median) else None,
             "labels_to_pass_gates_per_seed": needed,
             "seeds_passing": len(reached),
             "runs": [{"seed": r.seed, "labels_to_pass_gates": r.labels_to_pass_gates, "stopped_by": r.stopped_by,
@@ -216,8 +217,8 @@ def _report(settings: SimulationSettings, records: list[RunRecord], classes: lis
         value = summary["labels_to_pass_gates"]
         summary["fewer_labels_than_random"] = baseline["labels_to_pass_gates"] / value if value and baseline.get("labels_to_pass_gates") else None
         # random never passed: the ratio is at least (what random used without passing) / (what this one needed)
-        summary["fewer_labels_than_random_at_least"] = (baseline["labels_to_pass_gates_more_than"] / value
-                                                        if value and baseline.get("labels_to_pass_gates_more_than") else None)
+        summary["fewer_labels_than_random_at_least"] = (baseline["labels_to_pass_gates_at_least"] / value
+                                                        if value and baseline.get("labels_to_pass_gates_at_least") else None)
     result = {
         "source": str(settings.source), "layout": layout, "classes": classes, "negative_class": settings.negative_class,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.__dict__.items()},
@@ -237,7 +238,8 @@ def _write_markdown(settings: SimulationSettings, result: dict[str, Any]) -> Non
     for name, s in result["strategies"].items():
         ratio, at_least = s["fewer_labels_than_random"], s["fewer_labels_than_random_at_least"]
         ratio_text = f"{ratio:.2f}" if ratio is not None else (f">= {at_least:.2f}" if at_least is not None else "")
-        median_text = s["labels_to_pass_gates"] if s["labels_to_pass_gates"] is not None else f"> {s['labels_to_pass_gates_more_than']}"
+        median_text = (s["labels_to_pass_gates"] if s["labels_to_pass_gates"] is not None
+                       else f">= {s['labels_to_pass_gates_at_least']}" if s["labels_to_pass_gates_at_least"] is not None else "no runs")
         stops = ", ".join(f"{reason} {count}" for reason, count in sorted(collections.Counter(run["stopped_by"] for run in s["runs"]).items()))
         lines.append(f"| {name} | {median_text} | {s['labels_to_pass_gates_per_seed']} | {s['seeds_passing']}/{settings.seeds} | {ratio_text} | {stops} |")
     if any(run["stopped_by"] == "max_rounds" for s in result["strategies"].values() for run in s["runs"]):
@@ -266,6 +268,7 @@ def _plot(settings: SimulationSettings, per_strategy: dict[str, Any]) -> None:
             for gate in QUALITY_GATES:
                 panels[gate][f"{strategy} seed {run['seed']}"] = ([p["labels_used"] for p in run["curve"]], [p[gate] for p in run["curve"]])
                 for point in run["curve"]:
-                    thresholds[gate] = point.get("gate_thresholds", {}).get(gate, thresholds[gate])
+                    if (point.get("gate_thresholds") or {}).get(gate) is not None:  # a cold-start round has none
+                        thresholds[gate] = point["gate_thresholds"][gate]
     plot_gate_panels(panels=panels, thresholds=thresholds, path=settings.out / "gates_vs_labels.png",
                      title="quality gates on the test split vs labels used (train + validation), per strategy and seed")

@@ -376,10 +376,18 @@ def evaluate_gates(*, metrics: dict, latency_ms: float | None, macro_f1_min: flo
 
     has_negative = metrics.get("negative_fpr") is not None or metrics.get("defect_recall") is not None
     macro_f1 = 0.0 if metrics.get("collapsed") else metrics.get("macro_f1")
+
+    def defect_gate(name: str, threshold: float, comparison: str) -> Gate:
+        # a project with a "no defect" class whose test split lacks defects (or good parts) cannot measure this gate:
+        # it fails rather than drops out, or a test split of good parts only would pass every gate without one defect
+        if has_negative and metrics.get(name) is None:
+            return Gate(name, None, threshold, comparison, True, False)
+        return gate(name, metrics.get(name), threshold, comparison, has_negative)
+
     gates = [
         gate("macro_f1", macro_f1, macro_f1_min, ">="),
-        gate("defect_recall", metrics.get("defect_recall"), defect_recall_min, ">=", has_negative),
-        gate("negative_fpr", metrics.get("negative_fpr"), negative_fpr_max, "<=", has_negative),
+        defect_gate("defect_recall", defect_recall_min, ">="),
+        defect_gate("negative_fpr", negative_fpr_max, "<="),
         gate("latency_ms", latency_ms, latency_ms_max, "<="),
     ]
     return gates

@@ -114,7 +114,7 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
         answered = {e.image_id for e in oracle_events}
         assert all(session.get(Image, i).split in ("train", "validation", "test") for i in answered)
         assert round_two.details["embeddings"]["computed"] == 0  # warm: every embedding came from the cache
-        # Good parts an active-learning strategy picked (this project's `margin`, and the `default` row added above)
+        # Good parts an active-learning strategy picked (this project's `default`, and the `default` row added above)
         # are counted apart from the imported (sampled) ones in the threshold.
         actively_selected = {s.image_id for s in session.scalars(select(Selection).where(Selection.strategy.not_in(("random", "label_quality"))))}
         picked_good = {e.image_id for e in oracle_events if e.label == "good" and e.image_id in actively_selected}
@@ -433,8 +433,22 @@ def test_a_round_with_only_good_parts_labeled_is_a_cold_start(tmp_path: Path, cl
                      f"/rounds/{round_one.id}/selection", f"/dashboard?token={'r' * 32}"):
             assert client.get(path, headers=headers).status_code == 200, path
 
-    second = invoke("round", "--project", str(project), "--quiet")  # the oracle answered: defect labels, a model
-    assert second.exit_code == 0, second.output
+    second = invoke("round", "--project", str(project), "--quiet", "--fail-on-gates")  # the oracle answered: defect labels, a model
+    assert second.exit_code == 3, second.output
     with session_scope(ctx.engine) as session:
         round_two = session.scalars(select(Round).where(Round.number == 2)).one()
-        assert "cold_start" not in round_two.details and session.scalars(select(GateResult).where(GateResult.round_id == round_two.id)).all()
+        gates = {g.name: g for g in session.scalars(select(GateResult).where(GateResult.round_id == round_two.id))}
+        assert "cold_start" not in round_two.details and set(gates) == {"macro_f1", "defect_recall", "negative_fpr", "latency_ms"}
+        # the test split was drawn from good labels only: recall cannot be measured, so the gates cannot pass
+        assert gates["defect_recall"].applicable and gates["defect_recall"].value is None and gates["defect_recall"].passed is False
+        assert round_two.details["all_gates_pass"] is False
+
+
+def test_a_project_without_any_label_is_not_a_cold_start(tmp_path: Path, class_folders: Path) -> None:
+    """Nothing labeled: no known-good parts to rank against and no test split for the rounds after, so the round
+    fails at once asking for labels, rather than hand out a batch that leads nowhere."""
+    project = tmp_path / "project"
+    assert invoke("init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good").exit_code == 0
+    assert invoke("ingest", str(class_folders), "--project", str(project), "--unlabeled", "--quiet").exit_code == 0
+    result = runner.invoke(app, ["round", "--project", str(project), "--quiet"])
+    assert result.exit_code != 0 and "at least two classes" in " ".join(result.output.split())

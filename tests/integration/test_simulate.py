@@ -38,7 +38,7 @@ def test_simulate_runs_every_strategy_on_the_same_split_and_keeps_picked_good_pa
         assert all(0.0 <= p["macro_f1"] <= 1.0 for p in run["curve"])
         assert run["stopped_by"] == "max_rounds"  # --all-rounds, 3 rounds, pool left
         if summary["seeds_passing"] == 0:  # the median is "more than what was used", not infinity
-            assert summary["labels_to_pass_gates"] is None and summary["labels_to_pass_gates_more_than"] == 80
+            assert summary["labels_to_pass_gates"] is None and summary["labels_to_pass_gates_at_least"] == 80
         assert run["curve"][0]["gate_thresholds"]["negative_fpr"] == 0.03
     assert "did not exhaust the pool" in (out / "simulation.md").read_text()
     assert (out / "gates_vs_labels.png").read_bytes()[:4] == b"\x89PNG"

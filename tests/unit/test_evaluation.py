@@ -238,3 +238,14 @@ def test_interval_by_part_never_grows_surer_with_a_first_hit_and_handles_the_edg
     assert everything["value"] == 1.0 and everything["high"] == 1.0 and everything["low"] == pytest.approx(0.05 ** (1 / 33))
     one_part = proportion_interval_by_part(hits=np.array([True, False, True]), parts=np.array(["a", "a", "a"]))
     assert one_part["effective_n"] == 1 and one_part["low"] < 0.2 and one_part["high"] > 0.9
+
+
+def test_a_test_split_without_defects_fails_the_recall_gate_instead_of_skipping_it() -> None:
+    """A project with a "no defect" class whose frozen test split holds only good parts (ingested with good labels
+    only, MVTec-style): recall cannot be measured, so the gates must not pass."""
+    y_true = np.zeros(6, int)
+    metrics = evaluate_predictions(y_true=y_true, y_pred=y_true, probabilities=np.eye(2)[y_true], class_names=["good", "dent"], negative_index=0)
+    assert metrics["defect_recall"] is None and metrics["negative_fpr"] == 0.0
+    gates = {g.name: g for g in evaluate_gates(metrics=metrics, latency_ms=5, macro_f1_min=0.7, defect_recall_min=0.85, negative_fpr_max=0.03, latency_ms_max=30)}
+    assert gates["defect_recall"].applicable and gates["defect_recall"].passed is False and gates["defect_recall"].value is None
+    assert gates["negative_fpr"].passed is True
