@@ -25,11 +25,6 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 import transfer_common  # noqa: E402
@@ -50,6 +45,7 @@ from transfer_common import (  # noqa: E402
 from modeling.backbones import create_backbone  # noqa: E402
 from modeling.baselines import HandcraftedFeatureConfig, handcrafted_features, train_from_scratch, train_handcrafted_svm  # noqa: E402
 from modeling.calibration import fit_temperature  # noqa: E402
+from modeling.plots import plot_training_curves  # noqa: E402
 from modeling.transfer import load_init_checkpoint, save_model_checkpoint  # noqa: E402
 
 METRIC_COLUMNS = [
@@ -83,29 +79,6 @@ def evaluate_fit(name: str, dataset: Dataset, test: np.ndarray, result: Any) -> 
     row = {"model": name, "train_seconds": result.train_seconds, "temperature": result.temperature, "threshold": threshold,
            **metrics(dataset.labels[test], result.probabilities, predictions, class_names=dataset.class_names, negative_index=dataset.negative_index)}
     return row
-
-
-def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path, title: str) -> None:
-    """Loss and accuracy per epoch, train and validation, one column per run (side by side). Train loss is the
-    training objective (label smoothing, class weights); validation loss is plain cross-entropy."""
-    columns = len(histories)
-    figure, axes = plt.subplots(2, columns, figsize=(5 * columns, 7), squeeze=False, sharey="row")
-    for column, (name, history) in enumerate(histories.items()):
-        epochs = [row["epoch"] for row in history]
-        for row_index, metric in enumerate(("loss", "accuracy")):
-            axis = axes[row_index][column]
-            axis.plot(epochs, [row[f"train_{metric}"] for row in history], "o-", label=f"train {metric}")
-            axis.plot(epochs, [row[f"val_{metric}"] for row in history], "s-", label=f"validation {metric}")
-            axis.set_xlabel("epoch (0 = frozen backbone + probe head)")
-            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-            axis.set_ylabel(metric)
-            axis.set_title(f"{name}: {metric}")
-            axis.grid(alpha=0.3)
-            axis.legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def svm_baseline(dataset: Dataset, train: np.ndarray, test: np.ndarray, *, config: HandcraftedFeatureConfig) -> dict[str, Any]:
@@ -181,7 +154,7 @@ def main() -> None:
         {**evaluate_fit(f"finetune, input-space augmentation (geometric, every epoch; {min(epochs or 4, args.augment_epochs)} epochs max)", neu, test, t2_aug), "seconds_per_epoch": _per_epoch(t2_aug.history)},
         {**evaluate_fit("finetune default: cached flips + half turn (4 exact views)", neu, test, t2_views), "seconds_per_epoch": _per_epoch(t2_views.history)},
     ]
-    plot_curves({"no augmentation": t2_plain.history, "input-space augmentation": t2_aug.history, "cached exact views (default)": t2_views.history},
+    plot_training_curves({"no augmentation": t2_plain.history, "input-space augmentation": t2_aug.history, "cached exact views (default)": t2_views.history},
                 out / "t2_augmentation_curves.png", "NEU fine-tuning (finetune defaults, backbone LR 1e-4): without vs with augmentation")
     save(out, results)
     log("T2 " + ", ".join(f"{r['model']}: acc {r['accuracy']:.4f} ({r['seconds_per_epoch']:.1f} s/epoch)" for r in results["T2"]))
@@ -194,7 +167,7 @@ def main() -> None:
         {**evaluate_fit("after: last 2 stages + conv_head unfrozen, backbone LR 1e-5", neu, test, t3_low), "seconds_per_epoch": _per_epoch(t3_low.history)},
         {**evaluate_fit("after: finetune default (last 2 stages + conv_head, backbone LR 1e-4)", neu, test, t2_views), "seconds_per_epoch": _per_epoch(t2_views.history)},
     ]
-    plot_curves({"last 2 stages, LR 1e-5": t3_low.history, "default, LR 1e-4": t2_views.history}, out / "t3_unfreeze_curves.png",
+    plot_training_curves({"last 2 stages, LR 1e-5": t3_low.history, "default, LR 1e-4": t2_views.history}, out / "t3_unfreeze_curves.png",
                 "NEU: unfreezing the last layers (epoch 0 = frozen backbone)")
     save(out, results)
     log("T3 " + ", ".join(f"{r['model']}: acc {r['accuracy']:.4f}" for r in results["T3"]))
@@ -204,7 +177,7 @@ def main() -> None:
     if not args.skip_scratch:
         row, scratch_history = scratch_baseline(neu, train, validation, test, image_size=scratch_size, epochs=scratch_epochs)
         results["baselines_neu"].append(row)
-        plot_curves({"from scratch": scratch_history}, out / "baseline_scratch_neu_curves.png", "NEU: efficientnet_lite0 from random init")
+        plot_training_curves({"from scratch": scratch_history}, out / "baseline_scratch_neu_curves.png", "NEU: efficientnet_lite0 from random init")
     save(out, results)
     log("baselines NEU " + ", ".join(f"{r['model']}: acc {r['accuracy']:.4f}" for r in results["baselines_neu"]))
 
@@ -227,7 +200,7 @@ def main() -> None:
                 histories[f"{init_name} init"] = fit.history
     results["T4"] = {"head_transfer": init.head_reason, "bottle": rows,
                      "metal": [evaluate_fit("NEU fine-tuned (source model)", neu, test, t2_views)]}
-    plot_curves(histories, out / "t4_transfer_curves.png", "MVTec bottle fine-tuning: ImageNet init vs NEU-transferred backbone")
+    plot_training_curves(histories, out / "t4_transfer_curves.png", "MVTec bottle fine-tuning: ImageNet init vs NEU-transferred backbone")
     results["baselines_mvtec"] = [svm_baseline(bottle, np.concatenate([b_train, b_validation]), b_test, config=HandcraftedFeatureConfig())]
     if not args.skip_scratch:
         row, _ = scratch_baseline(bottle, b_train, b_validation, b_test, image_size=max(scratch_size, 128), epochs=max(scratch_epochs, 2) * 2)

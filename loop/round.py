@@ -44,7 +44,7 @@ from modeling.progress import progress_bar
 from modeling.label_quality import connected_groups, find_label_issues, find_near_duplicates, find_outliers, near_duplicate_work, out_of_fold_probabilities
 from modeling.latency import measure_onnx_latency
 from modeling.onnx_export import export_onnx
-from modeling.plots import plot_confusion_matrix, plot_gates_over_rounds
+from modeling.plots import plot_confusion_matrix, plot_gates_over_rounds, plot_training_curves
 from modeling.preprocessing import Preprocessing
 from modeling.selection import select_batch
 from modeling.transfer import load_init_checkpoint, save_model_checkpoint
@@ -967,6 +967,13 @@ def record_round(state: RoundState) -> None:
                                               title=f"round {state.number}: frozen test split ({state.metrics['n_images']} images)")
         state.artifacts["confusion_matrix_png"] = str(confusion_png)
         state.artifacts["model_checkpoint"] = str(save_model_checkpoint(state.classifier, state.round_dir / "model.pt", image_size=state.preprocessing.image_size))
+        history = state.details.get("training", {}).get("history") or []
+        if len(history) >= 2:  # a fine-tuned round's epochs (the head strategy has none)
+            best = getattr(state.classifier, "best_epoch", None)
+            state.artifacts["training_curves_png"] = str(plot_training_curves(
+                {training_strategy(state): history}, state.round_dir / "training_curves.png",
+                f"round {state.number}: {training_strategy(state)} on {state.details['training']['n_fit']} labeled images",
+                best_epochs=None if best is None else {training_strategy(state): int(best)}))
     label_sources = Counter(info.source for image_id, info in state.label_info.items() if info.status == "labeled")
     with session_scope(state.ctx.engine) as session:
         round_row = session.get(Round, state.round_id)

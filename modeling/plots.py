@@ -1,4 +1,4 @@
-"""PNG plots people would rather see than read: confusion matrix, gates over rounds, gates vs labels."""
+"""PNG plots people would rather see than read: confusion matrix, gates over rounds, gates vs labels, training curves."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: CI and servers have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_confusion_matrix(*, matrix: list[list[int]], labels: list[str], path: Path, title: str) -> Path:
@@ -78,4 +79,31 @@ def plot_gate_panels(*, panels: dict[str, dict[str, tuple[list[int], list[float 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
+
+
+def plot_training_curves(histories: dict[str, list[dict[str, float]]], path: Path, title: str, *, best_epochs: dict[str, int] | None = None) -> Path:
+    """Loss and accuracy per epoch, train and validation, one column per run (side by side); the epoch early stopping
+    kept is marked. Train loss is the training objective (label smoothing, class weights); validation loss is plain
+    cross-entropy."""
+    columns = len(histories)
+    figure, axes = plt.subplots(2, columns, figsize=(5 * columns, 7), squeeze=False, sharey="row")
+    for column, (name, history) in enumerate(histories.items()):
+        epochs = [row["epoch"] for row in history]
+        for row_index, metric in enumerate(("loss", "accuracy")):
+            axis = axes[row_index][column]
+            axis.plot(epochs, [row[f"train_{metric}"] for row in history], "o-", label=f"train {metric}")
+            axis.plot(epochs, [row[f"val_{metric}"] for row in history], "s-", label=f"validation {metric}")
+            if best_epochs and name in best_epochs:
+                axis.axvline(best_epochs[name], color="grey", linestyle=":", label=f"kept: epoch {best_epochs[name]}")
+            axis.set_xlabel("epoch (0 = frozen backbone + probe head)")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axis.set_ylabel(metric)
+            axis.set_title(f"{name}: {metric}")
+            axis.grid(alpha=0.3)
+            axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
     return path

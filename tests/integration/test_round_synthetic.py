@@ -223,9 +223,11 @@ def test_finetune_round_takes_its_options_from_loop_toml_and_calibrates_on_valid
     result = invoke("round", "--project", str(project_with_pool), "--quiet", "--train", "finetune")
     assert result.exit_code == 0, result.output
     with session_scope(open_project(project_with_pool).engine) as session:
-        details = session.scalars(select(Round)).one().details
+        round_row = session.scalars(select(Round)).one()
+        details, artifacts = round_row.details, round_row.artifacts
     training = details["training"]
     assert training["strategy"] == "finetune"
+    assert Path(artifacts["training_curves_png"]).read_bytes()[:4] == b"\x89PNG"  # loss and accuracy per epoch, as a picture
     assert training["options"]["epochs"] == 1 and training["options"]["trainable_stages"] == 1
     assert [row["epoch"] for row in training["history"]] == [0, 1]  # epoch 0 = the linear probe, before unfreezing
     calibration = details["calibration"]
