@@ -181,13 +181,23 @@ class LabelStudioBackend:
             )
         }
         already_present = 0
+        not_asked_again: list[int] = []
         to_push: list[TaskRequest] = []
         for task in tasks:
             row = mapped.get(task.image_id)
             if row is not None and row.external_project_id == str(ls_project_id):
                 already_present += 1
+                if task.reason == "suspected_label_error":
+                    not_asked_again.append(task.image_id)
             else:  # never pushed, or pushed to a Label Studio project that is gone
                 to_push.append(task)
+        if not_asked_again:
+            # one task per image: an image annotated in Label Studio keeps its task, which is not reopened
+            warnings.append(
+                f"{len(not_asked_again)} suspected label errors already have a Label Studio task (image ids "
+                f"{', '.join(map(str, not_asked_again[:10]))}{', ...' if len(not_asked_again) > 10 else ''}): Label Studio does not ask "
+                "again; review them in the label-issue queue (dashboard) and correct the annotation in its task"
+            )
         if not to_push:
             return 0, already_present, 0, warnings
 

@@ -82,6 +82,8 @@ def test_push_creates_one_task_per_image_with_prediction_and_is_idempotent(label
     assert (report.pushed, report.already_present, report.pending, report.warnings) == (4, 0, 0, [])
     again = push(backend, store, batch)
     assert (again.pushed, again.already_present, again.pending) == (0, 4, 0)
+    # a suspect whose image has a task already is not asked again by Label Studio: the push says so
+    assert len(again.warnings) == 1 and "1 suspected label errors already have a Label Studio task" in again.warnings[0]
 
     admin = labelstudio.admin()
     project_id = ls_project_id(store)
