@@ -465,6 +465,7 @@ def train_model(state: RoundState) -> None:
     state.classifier = train_classifier(strategy=training_strategy(state), data=data)
     state.details["training"] = {
         "strategy": training_strategy(state), "n_fit": int(len(fit)), "history": getattr(state.classifier, "history", []),
+        "best_epoch": getattr(state.classifier, "best_epoch", None), "epochs_run": max(0, len(getattr(state.classifier, "history", [])) - 1),
         "options": {k: v for k, v in data.options.items() if k not in ("cache_dir", "show_progress") and not k.startswith("init_head_")},
     }
     view_check = (getattr(state.classifier, "config", None) or {}).get("view_check")

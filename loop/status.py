@@ -64,6 +64,11 @@ def _round_summary(round_row: Round) -> dict:
         "started_at": round_row.started_at.isoformat() if round_row.started_at else None,
         "finished_at": round_row.finished_at.isoformat() if round_row.finished_at else None,
         "train_strategy": (details.get("training") or {}).get("strategy"),
+        "cold_start": bool(details.get("cold_start")),  # only good parts labeled: no model, no gates that round
+        # what a manager asks after the gates: kept epoch, calibration, how noisy the labels look, what the loop did about it
+        "training": {key: (details.get("training") or {}).get(key) for key in ("n_fit", "best_epoch", "epochs_run")},
+        "calibration": {key: (details.get("calibration") or {}).get(key) for key in ("method", "temperature", "fitted_on", "ece_before", "ece_after")},
+        "label_quality": {key: (details.get("label_quality") or {}).get(key) for key in ("n_flagged", "noise_rate_per_class", "already_questioned")},
         "labeled_counts": details.get("labeled_counts"),
         "threshold": details.get("threshold"),
         "metrics": {m.name: m.value for m in round_row.metrics if m.class_name is None},

@@ -129,6 +129,10 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
 
     status = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)
     assert [r["number"] for r in status["rounds"]] == [1, 2]
+    last = status["rounds"][-1]  # the head strategy: no epochs; calibration and label quality as the round recorded them
+    assert last["cold_start"] is False and last["training"]["n_fit"] > 0 and last["training"]["epochs_run"] == 0
+    assert last["calibration"]["method"] == "temperature" and last["calibration"]["temperature"] > 0
+    assert set(last["label_quality"]["noise_rate_per_class"]) == {"good", "scratch", "spot", "patch"}
     assert status["labels"]["by_source"]["oracle"] >= 5
     assert set(status["labels"]["by_class"]) == {"good", "scratch", "spot", "patch"}
 
@@ -426,7 +430,7 @@ def test_a_round_with_only_good_parts_labeled_is_a_cold_start(tmp_path: Path, cl
     assert picked_defects / 10 >= 0.8 > 30 / pool  # far from the good parts: the defects, well above their share of the pool
 
     status = invoke("status", "--project", str(project), "--json")
-    assert status.exit_code == 0 and json.loads(status.output)["rounds"][0]["number"] == 1
+    assert status.exit_code == 0 and json.loads(status.output)["rounds"][0]["cold_start"] is True
     settings = Settings(project_dir=project, api_token="t" * 32, api_read_token="r" * 32)
     with TestClient(create_app(settings)) as client:
         headers = {"Authorization": "Bearer " + "r" * 32}
