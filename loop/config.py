@@ -66,6 +66,18 @@ class SplitConfig(Strict):
 BUILT_IN_STRATEGIES = frozenset({"default", "random", "margin", "entropy", "rare", "diverse"})  # modeling.selection's registry
 
 
+def check_strategy_name(name: str) -> str:
+    """`name` if it is a registered selection strategy, else a ValueError listing them: a typo fails when loop.toml or
+    the command line is read, not after a round's training. Built-in names need no faiss import."""
+    if name in BUILT_IN_STRATEGIES:
+        return name
+    from modeling.selection import available_strategies
+
+    if name not in available_strategies():
+        raise ValueError(f"unknown selection strategy {name!r}; available: {', '.join(available_strategies())}")
+    return name
+
+
 class LoopConfig(Strict):
     budget_per_round: int = Field(20, ge=0)
     # gate-aware: weighs uncertain, likely-defect, confused-good and rare-class candidates toward the gate the loop's
@@ -79,13 +91,7 @@ class LoopConfig(Strict):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, name: str) -> str:
-        if name in BUILT_IN_STRATEGIES:  # no faiss import just to read loop.toml
-            return name
-        from modeling.selection import available_strategies  # a typo fails at `loop init`, not after a round's training
-
-        if name not in available_strategies():
-            raise ValueError(f"unknown selection strategy {name!r}; available: {', '.join(available_strategies())}")
-        return name
+        return check_strategy_name(name)
 
 
 class AnnotatorConfig(Strict):

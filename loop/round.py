@@ -465,7 +465,7 @@ def train_model(state: RoundState) -> None:
     state.classifier = train_classifier(strategy=training_strategy(state), data=data)
     state.details["training"] = {
         "strategy": training_strategy(state), "n_fit": int(len(fit)), "history": getattr(state.classifier, "history", []),
-        "best_epoch": getattr(state.classifier, "best_epoch", None), "epochs_run": max(0, len(getattr(state.classifier, "history", [])) - 1),
+        "best_epoch": getattr(state.classifier, "best_epoch", None),
         "options": {k: v for k, v in data.options.items() if k not in ("cache_dir", "show_progress") and not k.startswith("init_head_")},
     }
     view_check = (getattr(state.classifier, "config", None) or {}).get("view_check")
@@ -956,85 +956,76 @@ def _p_defect(state: RoundState, task: TaskRequest) -> float | None:
 
 
 def record_round(state: RoundState) -> None:
-    if state.cold_start:
-        _record_cold_start(state)
-        return
-    classes = state.config.classes
-    negative = state.config.negative_index
-    threshold = state.threshold.threshold if state.threshold else None
-    predicted = final_predictions(probabilities=state.probabilities, negative_index=negative, threshold=threshold)
-    if state.options.write_artifacts:
-        confusion_png = plot_confusion_matrix(matrix=state.metrics["confusion_matrix"]["matrix"], labels=classes, path=state.round_dir / "confusion_matrix.png",
-                                              title=f"round {state.number}: frozen test split ({state.metrics['n_images']} images)")
-        state.artifacts["confusion_matrix_png"] = str(confusion_png)
-        state.artifacts["model_checkpoint"] = str(save_model_checkpoint(state.classifier, state.round_dir / "model.pt", image_size=state.preprocessing.image_size))
-        history = state.details.get("training", {}).get("history") or []
-        if len(history) >= 2:  # a fine-tuned round's epochs (the head strategy has none)
-            best = getattr(state.classifier, "best_epoch", None)
-            state.artifacts["training_curves_png"] = str(plot_training_curves(
-                {training_strategy(state): history}, state.round_dir / "training_curves.png",
-                f"round {state.number}: {training_strategy(state)} on {state.details['training']['n_fit']} labeled images",
-                best_epochs=None if best is None else {training_strategy(state): int(best)}))
+    """Metrics, gates, predictions, findings and plots into the store. A cold start has no model: it records the counts,
+    the pull and the data findings only (the batch was recorded by push_batch)."""
+    with_model = not state.cold_start
+    if with_model and state.options.write_artifacts:
+        _write_model_artifacts(state)
     label_sources = Counter(info.source for image_id, info in state.label_info.items() if info.status == "labeled")
     with session_scope(state.ctx.engine) as session:
         round_row = session.get(Round, state.round_id)
-        for name in ("accuracy", "macro_f1", "defect_recall", "negative_fpr", "roc_auc_defect"):
-            session.add(Metric(round_id=state.round_id, name=name, value=state.metrics.get(name)))
-        for class_name, scores in state.metrics["per_class"].items():
-            for name, value in scores.items():
-                session.add(Metric(round_id=state.round_id, name=name, class_name=class_name, value=float(value)))
-        if state.latency:
-            session.add(Metric(round_id=state.round_id, name="latency_ms", value=state.latency["ms_per_image"]))
-            session.add(Metric(round_id=state.round_id, name="latency_batch1_p95_ms", value=state.latency["batch1_p95_ms"]))
+        if with_model:
+            _add_model_rows(session, state)
         agreement = state.pull_report.details.get("agreement") or {}
         for name in ("mean_agreement", "unanimous_share", "prediction_agreement"):
             if isinstance(agreement.get(name), (int, float)):
                 session.add(Metric(round_id=state.round_id, name=f"annotator_{name}", value=float(agreement[name])))
-        for gate in state.gates:
-            session.add(GateResult(round_id=state.round_id, name=gate.name, value=gate.value, threshold=gate.threshold, comparison=gate.comparison, applicable=gate.applicable, passed=gate.passed))
-        session.add_all(
-            Prediction(round_id=state.round_id, image_id=image_id, predicted_label=classes[int(predicted[i])],
-                       p_defect=None if negative is None else float(1.0 - state.probabilities[i, negative]),
-                       probabilities={name: round(float(p), 6) for name, p in zip(classes, state.probabilities[i])})
-            for i, image_id in enumerate(state.image_ids)
-        )
-        session.add_all(LabelIssue(round_id=state.round_id, image_id=row["image_id"], kind=row["kind"], given_label=row["given_label"],
-                                   suggested_label=row["suggested_label"], score=row["score"], flagged=True, rank=row["rank"]) for row in state.label_issue_rows)
         session.add_all(LabelIssue(round_id=state.round_id, image_id=row["image_id"], kind=row["kind"], given_label=row["given_label"], score=row["score"],
                                    flagged=True, rank=row["rank"], related_image_id=row["related_image_id"]) for row in state.data_issue_rows)
         state.details.update(
-            class_names=list(classes), negative_class=state.config.negative_class, preprocessing=state.preprocessing.as_dict(),
-            confusion_matrix=state.metrics["confusion_matrix"], per_class=state.metrics["per_class"], collapsed=state.metrics["collapsed"],
-            predicted_class_counts=state.metrics["predicted_class_counts"], latency=state.latency, label_counts_by_source=dict(label_sources),
-            estimated_gates=state.estimated_gates, all_gates_pass=all_gates_pass(state.gates),
+            class_names=list(state.config.classes), negative_class=state.config.negative_class, preprocessing=state.preprocessing.as_dict(),
+            label_counts_by_source=dict(label_sources), all_gates_pass=with_model and all_gates_pass(state.gates),
             pull={"new_label_events": state.pull_report.new_label_events, "deleted": state.pull_report.deleted, "skipped": state.pull_report.skipped,
                   "rejected": state.pull_report.rejected, **_jsonable(state.pull_report.details)},
         )
-        if state.options.write_artifacts:
-            state.artifacts["gates_png"] = str(_plot_gates_history(session, round_row.project_id, state))
+        if with_model:
+            state.details.update(
+                confusion_matrix=state.metrics["confusion_matrix"], per_class=state.metrics["per_class"], collapsed=state.metrics["collapsed"],
+                predicted_class_counts=state.metrics["predicted_class_counts"], latency=state.latency, estimated_gates=state.estimated_gates,
+            )
+            if state.options.write_artifacts:
+                state.artifacts["gates_png"] = str(_plot_gates_history(session, round_row.project_id, state))
         round_row.details = _jsonable(state.details)
         round_row.artifacts = dict(state.artifacts)
         round_row.status = "completed"
         round_row.finished_at = datetime.now(timezone.utc)
 
 
-def _record_cold_start(state: RoundState) -> None:
-    """No model: no metrics, gates, predictions or plots; the counts, the data findings and the batch are recorded."""
-    label_sources = Counter(info.source for image_id, info in state.label_info.items() if info.status == "labeled")
-    with session_scope(state.ctx.engine) as session:
-        round_row = session.get(Round, state.round_id)
-        session.add_all(LabelIssue(round_id=state.round_id, image_id=row["image_id"], kind=row["kind"], given_label=row["given_label"], score=row["score"],
-                                   flagged=True, rank=row["rank"], related_image_id=row["related_image_id"]) for row in state.data_issue_rows)
-        state.details.update(
-            class_names=list(state.config.classes), negative_class=state.config.negative_class, preprocessing=state.preprocessing.as_dict(),
-            label_counts_by_source=dict(label_sources), all_gates_pass=False,
-            pull={"new_label_events": state.pull_report.new_label_events, "deleted": state.pull_report.deleted, "skipped": state.pull_report.skipped,
-                  "rejected": state.pull_report.rejected, **_jsonable(state.pull_report.details)},
-        )
-        round_row.details = _jsonable(state.details)
-        round_row.artifacts = {}
-        round_row.status = "completed"
-        round_row.finished_at = datetime.now(timezone.utc)
+def _write_model_artifacts(state: RoundState) -> None:
+    """Confusion matrix, checkpoint, and a fine-tuned round's training curves (the head strategy has no epochs)."""
+    state.artifacts["confusion_matrix_png"] = str(plot_confusion_matrix(
+        matrix=state.metrics["confusion_matrix"]["matrix"], labels=state.config.classes, path=state.round_dir / "confusion_matrix.png",
+        title=f"round {state.number}: frozen test split ({state.metrics['n_images']} images)"))
+    state.artifacts["model_checkpoint"] = str(save_model_checkpoint(state.classifier, state.round_dir / "model.pt", image_size=state.preprocessing.image_size))
+    training = state.details.get("training", {})
+    if len(training.get("history") or []) >= 2:
+        strategy, best = training["strategy"], training.get("best_epoch")
+        state.artifacts["training_curves_png"] = str(plot_training_curves(
+            {strategy: training["history"]}, state.round_dir / "training_curves.png",
+            f"round {state.number}: {strategy} on {training['n_fit']} labeled images", best_epochs=None if best is None else {strategy: int(best)}))
+
+
+def _add_model_rows(session, state: RoundState) -> None:  # noqa: ANN001
+    classes, negative = state.config.classes, state.config.negative_index
+    predicted = final_predictions(probabilities=state.probabilities, negative_index=negative, threshold=state.threshold.threshold if state.threshold else None)
+    for name in ("accuracy", "macro_f1", "defect_recall", "negative_fpr", "roc_auc_defect"):
+        session.add(Metric(round_id=state.round_id, name=name, value=state.metrics.get(name)))
+    for class_name, scores in state.metrics["per_class"].items():
+        for name, value in scores.items():
+            session.add(Metric(round_id=state.round_id, name=name, class_name=class_name, value=float(value)))
+    if state.latency:
+        session.add(Metric(round_id=state.round_id, name="latency_ms", value=state.latency["ms_per_image"]))
+        session.add(Metric(round_id=state.round_id, name="latency_batch1_p95_ms", value=state.latency["batch1_p95_ms"]))
+    for gate in state.gates:
+        session.add(GateResult(round_id=state.round_id, name=gate.name, value=gate.value, threshold=gate.threshold, comparison=gate.comparison, applicable=gate.applicable, passed=gate.passed))
+    session.add_all(
+        Prediction(round_id=state.round_id, image_id=image_id, predicted_label=classes[int(predicted[i])],
+                   p_defect=None if negative is None else float(1.0 - state.probabilities[i, negative]),
+                   probabilities={name: round(float(p), 6) for name, p in zip(classes, state.probabilities[i])})
+        for i, image_id in enumerate(state.image_ids)
+    )
+    session.add_all(LabelIssue(round_id=state.round_id, image_id=row["image_id"], kind=row["kind"], given_label=row["given_label"],
+                               suggested_label=row["suggested_label"], score=row["score"], flagged=True, rank=row["rank"]) for row in state.label_issue_rows)
 
 
 def _plot_gates_history(session, project_id: int, state: RoundState) -> Path:  # noqa: ANN001

@@ -22,7 +22,7 @@ import numpy as np
 from rich.console import Console
 from sqlalchemy import select
 
-from loop.config import AnnotatorConfig, LoopConfig, ModelConfig, ProjectConfig, save_config
+from loop.config import AnnotatorConfig, LoopConfig, ModelConfig, ProjectConfig, check_strategy_name, save_config
 from loop.ingest import assign_splits, discover_source, ingest_source
 from loop.project import database_url_for, open_project
 from loop.round import RoundOptions, run_round
@@ -75,11 +75,8 @@ def _write_manifest(path: Path, rows: list[tuple[str, str]], parts: dict[str, st
 
 
 def simulate(settings: SimulationSettings, *, console: Console) -> dict[str, Any]:
-    from modeling.selection import available_strategies
-
-    unknown = [name for name in settings.strategies if name not in available_strategies()]
-    if unknown:  # before any run: a typo in the last name used to fail after every other strategy's seed-0 run
-        raise ValueError(f"unknown selection strategy {', '.join(map(repr, unknown))}; available: {', '.join(available_strategies())}")
+    for name in settings.strategies:  # before any run: a typo in the last name used to fail after every other strategy's seed-0 run
+        check_strategy_name(name)
     # absolute: each run's project resolves relative paths (the oracle's ground truth) against its own directory
     settings.out = settings.out.expanduser().resolve()
     layout, files, _notes = discover_source(settings.source.expanduser().resolve(), unlabeled=False)

@@ -57,16 +57,18 @@ def project_status(ctx: ProjectContext) -> dict:
 
 def _round_summary(round_row: Round) -> dict:
     details = round_row.details or {}
+    training = details.get("training") or {}
     return {
         "number": round_row.number,
         "status": round_row.status,
         "error": round_row.error,
         "started_at": round_row.started_at.isoformat() if round_row.started_at else None,
         "finished_at": round_row.finished_at.isoformat() if round_row.finished_at else None,
-        "train_strategy": (details.get("training") or {}).get("strategy"),
+        "train_strategy": training.get("strategy"),
         "cold_start": bool(details.get("cold_start")),  # only good parts labeled: no model, no gates that round
         # what a manager asks after the gates: kept epoch, calibration, how noisy the labels look, what the loop did about it
-        "training": {key: (details.get("training") or {}).get(key) for key in ("n_fit", "best_epoch", "epochs_run")},
+        "training": {"n_fit": training.get("n_fit"), "best_epoch": training.get("best_epoch"),
+                     "epochs_run": max(0, len(training.get("history") or []) - 1)},  # epoch 0 is the probe, before unfreezing
         "calibration": {key: (details.get("calibration") or {}).get(key) for key in ("method", "temperature", "fitted_on", "ece_before", "ece_after")},
         "label_quality": {key: (details.get("label_quality") or {}).get(key) for key in ("n_flagged", "noise_rate_per_class", "already_questioned")},
         "labeled_counts": details.get("labeled_counts"),

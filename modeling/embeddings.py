@@ -214,18 +214,7 @@ class EmbeddingCache:
 
     def get(self, hashes: Sequence[str]) -> np.ndarray:
         """The rows of these hashes, in this order, as one in-memory array (KeyError for a hash not cached)."""
-        located = np.array([self._rows[sha] for sha in hashes], dtype=np.int64).reshape(-1, 2)
-        if not self._arrays:
-            return np.zeros((0, 0), dtype=np.float32)
-        out = np.empty((len(located), *self._arrays[0].shape[1:]), dtype=np.result_type(*(a.dtype for a in self._arrays)))
-        for shard in np.unique(located[:, 0]):
-            positions = np.flatnonzero(located[:, 0] == shard)
-            rows = located[positions, 1]
-            order = np.argsort(rows, kind="stable")  # ascending reads from the memory map
-            for start in range(0, len(order), 4096):  # in blocks: a fancy index on a memory map copies what it reads
-                block = order[start:start + 4096]
-                out[positions[block]] = self._arrays[shard][rows[block]]
-        return out
+        return _read_rows([self._rows[sha] for sha in hashes], self._arrays)
 
     def rows(self, hashes: Sequence[str]) -> CachedRows:
         """The rows of these hashes, read one at a time when indexed (for callers that visit rows, not all at once)."""
@@ -237,18 +226,17 @@ class EmbeddingCache:
         vectors = np.asarray(vectors)
         if len(vectors) != len(hashes):
             raise ValueError(f"{len(vectors)} rows for {len(hashes)} hashes")
-        if self._arrays and vectors.shape[1:] != self._arrays[0].shape[1:]:
-            raise ValueError(f"rows of shape {vectors.shape[1:]} in a cache of {self._arrays[0].shape[1:]}")
         with self._locked(exclusive=True) as held:
-            earlier = (self._shards, self._arrays, dict(self._rows))
+            earlier = (self._arrays, dict(self._rows))
             listed, taken_over = self._own_legacy_files(self._listed_on_disk())
             self._load(listed)  # what other processes wrote since we looked
+            reference = self._arrays or earlier[0]
+            if reference and vectors.shape[1:] != reference[0].shape[1:]:
+                raise ValueError(f"rows of shape {vectors.shape[1:]} in a cache of {reference[0].shape[1:]}")
             lock_identity = _file_identity(self.directory / self.LOCK)
             if lock_identity == self._lock_identity:  # a new lock file: the directory was cleared on purpose
-                self._write_back(earlier)
+                self._write_back(*earlier)
             self._lock_identity = lock_identity
-            if self._arrays and vectors.shape[1:] != self._arrays[0].shape[1:]:
-                raise ValueError(f"rows of shape {vectors.shape[1:]} in a cache of {self._arrays[0].shape[1:]}")
             name = self._write_shard(vectors)
             self._add_shard(name, list(hashes), np.load(self.directory / name, mmap_mode="r", allow_pickle=False))
             replaced = self._merge_shards() if len(self._shards) > self.MAX_SHARDS else []
@@ -260,16 +248,13 @@ class EmbeddingCache:
             if held:
                 self._remove_stray_files()
 
-    def _write_back(self, earlier: tuple[list[tuple[str, list[str]]], list[np.ndarray], dict[str, tuple[int, int]]]) -> None:
-        """Rows this object could read before the reload that the disk no longer lists (an index damaged or
-        overwritten since we opened it), copied from our memory maps into a new shard."""
-        shards, arrays, rows = earlier
+    def _write_back(self, arrays: list[np.ndarray], rows: dict[str, tuple[int, int]]) -> None:
+        """Rows this object could read before the reload (`arrays`, `rows`: its earlier view) that the disk no longer
+        lists (an index damaged or overwritten since we opened it), copied from those memory maps into a new shard."""
         lost = [sha for sha in rows if sha not in self._rows]
         if not lost or (self._arrays and arrays[0].shape[1:] != self._arrays[0].shape[1:]):
             return  # nothing lost, or a cache of other rows now: ours are not its rows
-        view = EmbeddingCache.__new__(EmbeddingCache)
-        view.directory, view._shards, view._arrays, view._rows = self.directory, shards, arrays, rows
-        name = self._write_rows(lost, view)
+        name = self._write_rows(lost, rows, arrays)
         self._add_shard(name, lost, np.load(self.directory / name, mmap_mode="r", allow_pickle=False))
 
     def _own_legacy_files(self, listed: list[tuple[str, list[str]]]) -> tuple[list[tuple[str, list[str]]], list[str]]:
@@ -328,13 +313,13 @@ class EmbeddingCache:
                 except OSError:  # gone meanwhile, or not ours to delete: a sweep never fails a put
                     continue
 
-    def _write_rows(self, hashes: list[str], source: EmbeddingCache) -> str:
-        """These rows of `source` into one new shard, through a memory map (never the whole cache in memory)."""
+    def _write_rows(self, hashes: list[str], rows: dict[str, tuple[int, int]], arrays: list[np.ndarray]) -> str:
+        """These rows (located by `rows` in `arrays`) into one new shard, through a memory map (never all in memory)."""
         partial = self.directory / f"tmp-{uuid.uuid4().hex}.npy"
-        written = np.lib.format.open_memmap(partial, mode="w+", dtype=np.result_type(*(a.dtype for a in source._arrays)),
-                                            shape=(len(hashes), *source._arrays[0].shape[1:]))
+        written = np.lib.format.open_memmap(partial, mode="w+", dtype=np.result_type(*(a.dtype for a in arrays)),
+                                            shape=(len(hashes), *arrays[0].shape[1:]))
         for start in range(0, len(hashes), 4096):
-            written[start:start + 4096] = source.get(hashes[start:start + 4096])
+            written[start:start + 4096] = _read_rows([rows[sha] for sha in hashes[start:start + 4096]], arrays)
         written.flush()
         del written
         _fsync_file(partial)
@@ -345,11 +330,27 @@ class EmbeddingCache:
     def _merge_shards(self) -> list[str]:
         """All live rows into one new shard; returns the names of the shards it replaces (the caller writes the index)."""
         hashes = [sha for sha, _ in sorted(self._rows.items(), key=lambda item: item[1])]
-        name = self._write_rows(hashes, self)
+        name = self._write_rows(hashes, self._rows, self._arrays)
         replaced = [shard_name for shard_name, _ in self._shards]
         self._shards, self._arrays, self._rows = [], [], {}  # new lists: earlier CachedRows keep the old maps
         self._add_shard(name, hashes, np.load(self.directory / name, mmap_mode="r", allow_pickle=False))
         return replaced
+
+
+def _read_rows(located: list[tuple[int, int]], arrays: list[np.ndarray]) -> np.ndarray:
+    """Rows at (shard, row) positions, in this order, as one in-memory array."""
+    located_array = np.array(located, dtype=np.int64).reshape(-1, 2)
+    if not arrays:
+        return np.zeros((0, 0), dtype=np.float32)
+    out = np.empty((len(located_array), *arrays[0].shape[1:]), dtype=np.result_type(*(a.dtype for a in arrays)))
+    for shard in np.unique(located_array[:, 0]):
+        positions = np.flatnonzero(located_array[:, 0] == shard)
+        rows = located_array[positions, 1]
+        order = np.argsort(rows, kind="stable")  # ascending reads from the memory map
+        for start in range(0, len(order), 4096):  # in blocks: a fancy index on a memory map copies what it reads
+            block = order[start:start + 4096]
+            out[positions[block]] = arrays[shard][rows[block]]
+    return out
 
 
 def _fsync_file(path: Path) -> None:
