@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse
 
 from api.dependencies import BrowserReadScope, SessionDep
 from store import reports
-from store.reports import ConfusionMatrix, GateSeries, LabelIssueRow, ProgressSeries, RoundReport
+from store.reports import ConfusionMatrix, GateSeries, LabelIssueRow, ProgressSeries, RoundReport, TrainingSummary
 
 router = APIRouter(tags=["dashboard"])
 
@@ -91,7 +91,7 @@ def _y_of(value: float, y_low: float, y_high: float, frame: Frame) -> float:
     return frame.top + frame.plot_height * (1 - (clamped - y_low) / span)
 
 
-def _axes(x_labels: Sequence[str], xs: Sequence[float], y_low: float, y_high: float, frame: Frame) -> list[str]:
+def _axes(x_labels: Sequence[str], xs: Sequence[float], y_low: float, y_high: float, frame: Frame, x_title: str = "round") -> list[str]:
     parts = []
     for i in range(5):
         value = y_low + (y_high - y_low) * i / 4
@@ -103,7 +103,7 @@ def _axes(x_labels: Sequence[str], xs: Sequence[float], y_low: float, y_high: fl
     for i, (label, x) in enumerate(zip(x_labels, xs)):
         if i % every == 0 or i == len(x_labels) - 1:
             parts.append(f'<text class="tick xlabel" x="{x:.1f}" y="{frame.height - frame.bottom + 16}" text-anchor="middle">{escape(label)}</text>')
-    parts.append(f'<text class="axis-title" x="{frame.left + frame.plot_width / 2:.1f}" y="{frame.height - 4}" text-anchor="middle">round</text>')
+    parts.append(f'<text class="axis-title" x="{frame.left + frame.plot_width / 2:.1f}" y="{frame.height - 4}" text-anchor="middle">{escape(x_title)}</text>')
     return parts
 
 
@@ -213,6 +213,66 @@ def stacked_bar_chart(chart_id: str, title: str, stacks: dict[str, list[int]], r
     return "".join(parts) + _legend({name: colors.get(name, "#555555") for name in stacks})
 
 
+def epoch_chart(chart_id: str, title: str, training: TrainingSummary, metric: str, frame: Frame = Frame()) -> str:
+    """metric ("loss" or "accuracy") per epoch, train solid and validation dashed, the epoch early stopping kept marked."""
+    epochs = [row.epoch for row in training.history]
+    series = {f"train {metric}": [getattr(row, f"train_{metric}") for row in training.history],
+              f"validation {metric}": [getattr(row, f"val_{metric}") for row in training.history]}
+    y_low, y_high = _y_range([v for values in series.values() for v in values])
+    xs = _x_positions(len(epochs), frame)
+    parts = [f'<svg class="chart" role="img" viewBox="0 0 {frame.width} {frame.height}" data-chart="{escape(chart_id)}" '
+             f'data-epochs="{",".join(str(e) for e in epochs)}" aria-label="{escape(title)}"><title>{escape(title)}</title>']
+    parts += _axes([str(e) for e in epochs], xs, y_low, y_high, frame, x_title="epoch (0: before unfreezing)")
+    if training.best_epoch in epochs:
+        x = xs[epochs.index(training.best_epoch)]
+        parts.append(f'<line class="kept-epoch" x1="{x:.1f}" x2="{x:.1f}" y1="{frame.top}" y2="{frame.top + frame.plot_height}" data-epoch="{training.best_epoch}"/>'
+                     # the label on the side of the line that has room (the kept epoch is often the last)
+                     + (f'<text class="threshold-label" x="{x - 4:.1f}" y="{frame.top + frame.plot_height - 6:.1f}" text-anchor="end">kept</text>' if x > frame.left + frame.plot_width / 2
+                        else f'<text class="threshold-label" x="{x + 4:.1f}" y="{frame.top + frame.plot_height - 6:.1f}">kept</text>'))
+    for index, (name, values) in enumerate(series.items()):
+        color = PALETTE[index]
+        line = _polyline(xs, values, y_low, y_high, frame, color)
+        parts.append(line.replace('stroke-width="2"', 'stroke-width="2" stroke-dasharray="5 3"') if index else line)
+        for x, epoch, value in zip(xs, epochs, values):
+            if value is not None and math.isfinite(value):
+                parts.append(f'<circle class="point" cx="{x:.1f}" cy="{_y_of(value, y_low, y_high, frame):.1f}" r="3" fill="{color}" '
+                             f'data-series="{escape(name)}" data-epoch="{epoch}" data-value="{value:.6g}">'
+                             f'<title>{escape(name)}, epoch {epoch}: {escape(_fmt(value, 4))}</title></circle>')
+    parts.append(f'<text class="chart-title" x="{frame.left}" y="18">{escape(title)}</text></svg>')
+    return "".join(parts) + _legend({name: PALETTE[i] for i, name in enumerate(series)})
+
+
+def training_section(report: RoundReport) -> str:
+    """How the latest round's model was trained and calibrated, and how noisy its labels look: the round record, drawn."""
+    number = report.summary.number
+    if report.cold_start:
+        return f'<h2>Training · round {number}</h2><p class="empty">Cold start, no model trained: {escape(report.cold_start)}</p>'
+    training, parts = report.training, [f"<h2>Training · round {number}</h2>"]
+    if training is None:
+        parts.append('<p class="empty">This round recorded no training details.</p>')
+    else:
+        kept = (f" · kept epoch {training.best_epoch} of {training.epochs_run} (early stopping on validation macro F1)"
+                if training.best_epoch is not None and training.epochs_run else " · a head on frozen embeddings: no epochs")
+        parts.append(f'<p class="training-summary">strategy <b>{escape(training.strategy or "–")}</b> on {_fmt(training.n_fit, 0)} labeled images{kept}</p>')
+        if len(training.history) >= 2:
+            parts.append(f'<div class="two"><div>{epoch_chart("training:loss", "Loss per epoch", training, "loss")}</div>'
+                         f'<div>{epoch_chart("training:accuracy", "Accuracy per epoch", training, "accuracy")}</div></div>')
+    calibration = report.calibration
+    if calibration is not None and calibration.method == "temperature":
+        parts.append(f'<p class="calibration">Calibration: temperature {_fmt(calibration.temperature, 3)} fitted on {escape(calibration.fitted_on or "–")} '
+                     f'({_fmt(calibration.n_images, 0)} images): expected calibration error {_fmt(calibration.ece_before, 3)} → {_fmt(calibration.ece_after, 3)}</p>')
+    elif calibration is not None:
+        parts.append(f'<p class="calibration">Calibration: none{": " + escape(calibration.reason) if calibration.reason else ""}</p>')
+    quality = report.label_quality
+    if quality is not None and quality.noise_rate_per_class:
+        rows = "".join(f'<tr data-class="{escape(name)}"><td>{escape(name)}</td><td>{"too few labels" if rate is None else f"{rate:.1%}"}</td></tr>'
+                       for name, rate in quality.noise_rate_per_class.items())
+        asked = f"; {quality.already_questioned} not sent again (asked before with the same label)" if quality.already_questioned else ""
+        parts.append(f'<p class="noise-summary">Estimated label noise per class (cleanlab, out-of-fold): {_fmt(quality.n_flagged, 0)} suspects flagged{asked}.</p>'
+                     f'<table class="noise"><thead><tr><th>given class</th><th>P(true class differs)</th></tr></thead><tbody>{rows}</tbody></table>')
+    return "".join(parts)
+
+
 def _legend(colors: dict[str, str]) -> str:
     items = "".join(f'<span class="legend-item"><span class="swatch" style="background:{c}"></span>{escape(n)}</span>' for n, c in colors.items())
     return f'<div class="legend">{items}</div>'
@@ -319,6 +379,7 @@ table{border-collapse:collapse} th,td{padding:4px 8px;text-align:left;border-bot
 table.confusion td{text-align:center;min-width:48px;border:1px solid #fff} table.confusion caption{caption-side:bottom;color:#7b8794;font-size:12px;padding-top:4px}
 table.issues img.thumb{width:56px;height:56px;object-fit:cover;border-radius:4px;background:#eee}
 .unsettled{color:#b7791f;font-size:12px} .verdict.pass{color:#1a9850;font-weight:600} .verdict.fail{color:#d73027;font-weight:600} .verdict.na{color:#999}
+svg .kept-epoch{stroke:#d73027;stroke-width:1.5;stroke-dasharray:2 3}
 .empty,.more{color:#52606d} code{background:#f0f2f4;padding:1px 4px;border-radius:3px}
 """
 
@@ -348,6 +409,7 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
         issues_html = f"<h2>Label-issue queue · round {issue_round} ({total} flagged)</h2>" + issue_queue_table(rows, total, issue_round, issue_round_id, token_query)
     else:
         issues_html = '<h2>Label-issue queue</h2><p class="empty">No label issues recorded yet.</p>'
+    training_html = f'<section id="training">{training_section(latest)}</section>' if latest is not None else ""
     latest_html = ""
     if latest is not None and latest.gates:
         latest_html = f'<section><h2>Gates of round {latest.summary.number}</h2>{_gate_table(latest)}</section>'
@@ -366,6 +428,7 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
 <section id="confusion">{cm_html}</section>
 {latest_html}
 </div>
+{training_html}
 <section id="issues">{issues_html}</section>
 </main></body></html>"""
 

@@ -93,6 +93,25 @@ def _confusion(rng: random.Random, n_classes: int, quality: float, per_class: in
     return matrix
 
 
+def _training_details(rng: random.Random, quality: float, *, n_fit: int, epochs: int = 6) -> dict:
+    """A fine-tuning history shaped like a real one (validation loss turns up after its best epoch), calibration and label noise."""
+    history, best = [], 0
+    for epoch in range(epochs + 1):
+        progress = 1 - 0.55 ** epoch
+        val_loss = 0.9 - 0.5 * progress + 0.04 * max(0, epoch - 4) + rng.uniform(-0.01, 0.01)
+        history.append({"epoch": epoch, "train_loss": 0.95 - 0.75 * progress, "train_accuracy": 0.6 + 0.38 * progress,
+                        "val_loss": val_loss, "val_accuracy": quality * (0.75 + 0.25 * progress), "val_macro_f1": quality * (0.72 + 0.25 * progress) - 0.01 * max(0, epoch - 4),
+                        "seconds": 14.0 + rng.uniform(0, 2)})
+        best = epoch if history[epoch]["val_macro_f1"] >= history[best]["val_macro_f1"] + 0.005 else best
+    return {
+        "training": {"strategy": "finetune", "n_fit": n_fit, "best_epoch": best, "history": history},
+        "calibration": {"method": "temperature", "temperature": round(rng.uniform(1.2, 1.8), 3), "fitted_on": "validation", "n_images": 16,
+                        "ece_before": round(rng.uniform(0.08, 0.14), 3), "ece_after": round(rng.uniform(0.02, 0.05), 3)},
+        "label_quality": {"n_flagged": 5, "already_questioned": 1,
+                          "noise_rate_per_class": {name: round(rng.uniform(0.0, 0.12), 3) for name in SAMPLE_CLASSES}},
+    }
+
+
 def seed_sample_project(
     session: Session,
     *,
@@ -155,6 +174,7 @@ def seed_sample_project(
                 "class_names": list(SAMPLE_CLASSES), "negative_class": SAMPLE_NEGATIVE, "threshold": 0.5,
                 "preprocessing": {"image_size": SAMPLE_IMAGE_SIZE, "mean": SAMPLE_MEAN, "std": SAMPLE_STD},
                 "confusion_matrix": {"labels": list(SAMPLE_CLASSES), "matrix": _confusion(rng, len(SAMPLE_CLASSES), quality)},
+                **_training_details(rng, quality, n_fit=len(images) // 2 + number * labels_per_round),
             },
         )
         session.add(round_)

@@ -84,6 +84,41 @@ class LabelCountsOut(Schema):
     new_events_by_source: dict[str, int] = Field(description="label events recorded by this round")
 
 
+class EpochOut(Schema):
+    epoch: int = Field(description="0: the network before unfreezing (head on frozen features)")
+    train_loss: float | None
+    train_accuracy: float | None
+    val_loss: float | None
+    val_accuracy: float | None
+    val_macro_f1: float | None
+    seconds: float | None
+
+
+class TrainingOut(Schema):
+    strategy: str | None = Field(description="head | finetune | full")
+    n_fit: int | None = Field(description="labeled images the model learned from")
+    best_epoch: int | None = Field(description="the epoch early stopping on validation macro F1 kept; null: no epochs (a head on embeddings)")
+    epochs_run: int = Field(description="epochs after epoch 0")
+    history: list[EpochOut] = Field(description="loss and accuracy per epoch, train and validation")
+
+
+class CalibrationOut(Schema):
+    method: str | None = Field(description='"temperature" or "none"')
+    temperature: float | None
+    fitted_on: str | None = Field(description='"validation" or "out_of_fold": never the test split')
+    n_images: int | None
+    ece_before: float | None = Field(description="expected calibration error before temperature scaling, on the images it was fitted on")
+    ece_after: float | None
+    reason: str | None = Field(description="why the model was left uncalibrated")
+
+
+class LabelQualityOut(Schema):
+    n_flagged: int | None = Field(description="suspected label errors the round flagged")
+    noise_rate_per_class: dict[str, float | None] = Field(
+        description="estimated P(true label differs | given label) per class, from out-of-fold probabilities; null: too few labels of that class")
+    already_questioned: int | None = Field(description="flagged suspects not sent again: asked before with the same label")
+
+
 class RoundOut(RoundSummaryOut):
     error: str | None
     metrics: dict[str, float | None] = Field(description="overall metrics on the frozen test split")
@@ -106,6 +141,11 @@ class RoundOut(RoundSummaryOut):
     test_metrics_without_copies: dict[str, int | float | None] | None = Field(
         default=None, description="n_images, n_excluded, macro_f1, defect_recall, negative_fpr and accuracy on the test images that have no "
                                   "labeled near-copy outside the test split: the figures to trust when some do; null: no test image has one")
+    cold_start: str | None = Field(
+        default=None, description="why the round trained no model (only good parts labeled): its batch was picked unlike the known-good parts")
+    training: TrainingOut | None = Field(default=None, description="null: no model trained (a cold start, a failed round, or an older round)")
+    calibration: CalibrationOut | None = None
+    label_quality: LabelQualityOut | None = None
 
 
 class LabelIssueOut(Schema):

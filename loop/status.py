@@ -10,6 +10,7 @@ from loop.project import ProjectContext
 from store import session_scope
 from store.models import Image, Round
 from store.queries import current_labels, get_project
+from store.reports import calibration_of, label_quality_of, training_of
 
 STATUS_SCHEMA_VERSION = 1
 
@@ -57,20 +58,23 @@ def project_status(ctx: ProjectContext) -> dict:
 
 def _round_summary(round_row: Round) -> dict:
     details = round_row.details or {}
-    training = details.get("training") or {}
+    training, calibration, quality = training_of(details), calibration_of(details), label_quality_of(details)
     return {
         "number": round_row.number,
         "status": round_row.status,
         "error": round_row.error,
         "started_at": round_row.started_at.isoformat() if round_row.started_at else None,
         "finished_at": round_row.finished_at.isoformat() if round_row.finished_at else None,
-        "train_strategy": training.get("strategy"),
+        "train_strategy": training.strategy if training else None,
         "cold_start": bool(details.get("cold_start")),  # only good parts labeled: no model, no gates that round
         # what a manager asks after the gates: kept epoch, calibration, how noisy the labels look, what the loop did about it
-        "training": {"n_fit": training.get("n_fit"), "best_epoch": training.get("best_epoch"),
-                     "epochs_run": max(0, len(training.get("history") or []) - 1)},  # epoch 0 is the probe, before unfreezing
-        "calibration": {key: (details.get("calibration") or {}).get(key) for key in ("method", "temperature", "fitted_on", "ece_before", "ece_after")},
-        "label_quality": {key: (details.get("label_quality") or {}).get(key) for key in ("n_flagged", "noise_rate_per_class", "already_questioned")},
+        # (read as the API reads them; the per-epoch history is in GET /rounds/{id} and training_curves.png)
+        "training": {"n_fit": training.n_fit if training else None, "best_epoch": training.best_epoch if training else None,
+                     "epochs_run": training.epochs_run if training else 0},
+        "calibration": {key: getattr(calibration, key, None) for key in ("method", "temperature", "fitted_on", "ece_before", "ece_after")},
+        "label_quality": {"n_flagged": quality.n_flagged if quality else None,
+                          "noise_rate_per_class": quality.noise_rate_per_class if quality else None,
+                          "already_questioned": quality.already_questioned if quality else None},
         "labeled_counts": details.get("labeled_counts"),
         "threshold": details.get("threshold"),
         "metrics": {m.name: m.value for m in round_row.metrics if m.class_name is None},

@@ -7,6 +7,7 @@ supersedes imports, ties kept out) of the label events that were in the store wh
 """
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections import Counter, defaultdict
@@ -89,6 +90,46 @@ class ConfusionMatrix:
 
 
 @dataclass(frozen=True)
+class EpochRow:
+    """One epoch of fine-tuning; epoch 0 is the network before unfreezing (the head on frozen features)."""
+
+    epoch: int
+    train_loss: float | None
+    train_accuracy: float | None
+    val_loss: float | None
+    val_accuracy: float | None
+    val_macro_f1: float | None
+    seconds: float | None
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    strategy: str | None
+    n_fit: int | None  # labeled images the model learned from
+    best_epoch: int | None  # the epoch early stopping kept; None: no epochs (a head on embeddings)
+    epochs_run: int  # epochs after epoch 0
+    history: list[EpochRow]
+
+
+@dataclass(frozen=True)
+class CalibrationSummary:
+    method: str | None  # "temperature" or "none"
+    temperature: float | None
+    fitted_on: str | None  # "validation" or "out_of_fold"
+    n_images: int | None
+    ece_before: float | None
+    ece_after: float | None
+    reason: str | None  # why a model was left uncalibrated
+
+
+@dataclass(frozen=True)
+class LabelQualitySummary:
+    n_flagged: int | None  # suspected label errors the round flagged
+    noise_rate_per_class: dict[str, float | None]  # P(true label != c | given c); None: too few labels of c
+    already_questioned: int | None  # flagged suspects not sent again: asked before with the same label
+
+
+@dataclass(frozen=True)
 class RoundReport:
     summary: RoundSummary
     error: str | None
@@ -110,6 +151,10 @@ class RoundReport:
     n_test_images_with_copy_outside: int | None = None
     # the gate metrics on the test images without such a copy (n_images, n_excluded, macro_f1, defect_recall, negative_fpr, accuracy)
     test_metrics_without_copies: dict[str, int | float | None] | None = None
+    cold_start: str | None = None  # why the round trained nothing (only good parts labeled); None: not a cold start
+    training: TrainingSummary | None = None
+    calibration: CalibrationSummary | None = None
+    label_quality: LabelQualitySummary | None = None
 
 
 @dataclass(frozen=True)
@@ -423,6 +468,56 @@ def confusion_matrix_of(details: dict[str, Any]) -> ConfusionMatrix | None:
     return ConfusionMatrix(labels=[str(label) for label in labels], matrix=rows)
 
 
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def training_of(details: dict[str, Any] | None) -> TrainingSummary | None:
+    """Round.details["training"]: strategy, images fitted, the kept epoch and the per-epoch history; malformed rows are skipped."""
+    raw = (details or {}).get("training")
+    if not isinstance(raw, dict):
+        return None
+    history = []
+    for row in raw.get("history") or []:
+        if isinstance(row, dict) and _int_or_none(row.get("epoch")) is not None:
+            history.append(EpochRow(epoch=_int_or_none(row["epoch"]), **{key: _float_or_none(row.get(key)) for key in (
+                "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "seconds")}))
+    return TrainingSummary(strategy=_str_or_none(raw.get("strategy")), n_fit=_int_or_none(raw.get("n_fit")),
+                           best_epoch=_int_or_none(raw.get("best_epoch")), epochs_run=max(0, len(history) - 1), history=history)
+
+
+def calibration_of(details: dict[str, Any] | None) -> CalibrationSummary | None:
+    raw = (details or {}).get("calibration")
+    if not isinstance(raw, dict):
+        return None
+    return CalibrationSummary(
+        method=_str_or_none(raw.get("method")), temperature=_float_or_none(raw.get("temperature")), fitted_on=_str_or_none(raw.get("fitted_on")),
+        n_images=_int_or_none(raw.get("n_images")), ece_before=_float_or_none(raw.get("ece_before")), ece_after=_float_or_none(raw.get("ece_after")),
+        reason=_str_or_none(raw.get("reason")))
+
+
+def label_quality_of(details: dict[str, Any] | None) -> LabelQualitySummary | None:
+    raw = (details or {}).get("label_quality")
+    if not isinstance(raw, dict):
+        return None
+    rates = raw.get("noise_rate_per_class")
+    return LabelQualitySummary(
+        n_flagged=_int_or_none(raw.get("n_flagged")),
+        noise_rate_per_class={str(name): _float_or_none(rate) for name, rate in rates.items()} if isinstance(rates, dict) else {},
+        already_questioned=_int_or_none(raw.get("already_questioned")))
+
+
+def cold_start_of(details: dict[str, Any] | None) -> str | None:
+    raw = (details or {}).get("cold_start")
+    if not raw:
+        return None
+    return str(raw.get("reason") or "cold start") if isinstance(raw, dict) else "cold start"
+
+
 def _float_or_none(value: Any) -> float | None:
     try:
         return None if value is None else float(value)
@@ -494,6 +589,10 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         n_outliers=n_outliers or 0,
         n_test_images_with_copy_outside=across if isinstance(across, int) else None,
         test_metrics_without_copies=_metrics_without_copies(details),
+        cold_start=cold_start_of(details),
+        training=training_of(details),
+        calibration=calibration_of(details),
+        label_quality=label_quality_of(details),
     )
 
 

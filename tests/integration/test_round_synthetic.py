@@ -236,6 +236,11 @@ def test_finetune_round_takes_its_options_from_loop_toml_and_calibrates_on_valid
     assert [row["epoch"] for row in training["history"]] == [0, 1]  # epoch 0 = the linear probe, before unfreezing
     calibration = details["calibration"]
     assert calibration["fitted_on"] == "validation" and calibration["n_images"] > 0
+    with session_scope(open_project(project_with_pool).engine) as session:  # what GET /rounds/{id} and the dashboard read
+        report = round_report(session, round_id=session.scalars(select(Round.id)).one())
+    assert [row.epoch for row in report.training.history] == [0, 1] and report.training.best_epoch in (0, 1)
+    assert report.training.history[1].val_loss == training["history"][1]["val_loss"]
+    assert (report.calibration.fitted_on, report.calibration.temperature) == ("validation", calibration["temperature"])
 
 
 def test_unknown_training_option_in_loop_toml_stops_before_any_work(project_with_pool: Path) -> None:

@@ -83,6 +83,12 @@ def test_dashboard_shows_seeded_rounds(browser, live_server: LiveServer, capsys:
     assert len(f1_points) == 4 * SAMPLE_ROUNDS
     assert browser.find_element(By.CSS_SELECTOR, "table.confusion").get_attribute("data-round") == str(SAMPLE_ROUNDS)
 
+    for metric in ("loss", "accuracy"):  # the latest round's fine-tuning curves, train and validation, the kept epoch marked
+        chart = browser.find_element(By.CSS_SELECTOR, f'svg[data-chart="training:{metric}"]')
+        assert len(chart.find_elements(By.CSS_SELECTOR, "circle.point")) == 2 * 7 and chart.size["width"] > 250
+        assert len(chart.find_elements(By.CSS_SELECTOR, "line.kept-epoch")) == 1
+    assert len(browser.find_elements(By.CSS_SELECTOR, "table.noise tr[data-class]")) == 4
+
     issue_rows = browser.find_elements(By.CSS_SELECTOR, "table.issues tr.issue")
     assert len(issue_rows) >= 3
     thumbnails = browser.find_elements(By.CSS_SELECTOR, "table.issues img.thumb")

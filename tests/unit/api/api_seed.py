@@ -48,6 +48,11 @@ def png_bytes(color: tuple[int, int, int], size: int = 8) -> bytes:
     return buffer.getvalue()
 
 
+def _epoch(epoch: int, train_loss: float, train_accuracy: float, val_loss: float, val_accuracy: float) -> dict[str, float]:
+    return {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy, "val_loss": val_loss, "val_accuracy": val_accuracy,
+            "val_macro_f1": val_accuracy - 0.05, "seconds": 1.5}
+
+
 def seed(session, project_dir: Path) -> SeededStore:  # noqa: ANN001
     project = Project(name="line-a", root_dir=str(project_dir), classes=CLASSES, negative_class="good", created_at=T0)
     empty = Project(name="empty-line", root_dir=str(project_dir / "empty"), classes=["ok", "bad"], negative_class="ok", created_at=T0)
@@ -92,7 +97,14 @@ def seed(session, project_dir: Path) -> SeededStore:  # noqa: ANN001
                         # 2 test images have a labeled near-copy in train: the gates without them are worse
                         "data_quality": {"near_duplicates": {"test_images_with_a_copy_outside_test": 2},
                                          "test_without_copies": {"n_images": 18, "n_excluded": 2, "macro_f1": 0.74, "defect_recall": 0.875,
-                                                                 "negative_fpr": 0.05, "accuracy": 0.8}}})
+                                                                 "negative_fpr": 0.05, "accuracy": 0.8}},
+                        "training": {"strategy": "finetune", "n_fit": 14, "best_epoch": 2, "options": {"epochs": 3},
+                                     "history": [_epoch(0, 0.9, 0.6, 1.0, 0.5), _epoch(1, 0.6, 0.75, 0.8, 0.65), _epoch(2, 0.4, 0.85, 0.7, 0.8),
+                                                 _epoch(3, 0.3, 0.9, 0.75, 0.75)]},
+                        "calibration": {"method": "temperature", "temperature": 1.7, "fitted_on": "validation", "n_images": 6,
+                                        "ece_before": 0.12, "ece_after": 0.05, "nll_before": 0.7},
+                        "label_quality": {"n_flagged": 2, "noise_rate_per_class": {"good": 0.05, "scratch": 0.2, "spot": None},
+                                          "already_questioned": 1, "summary": "2 suspects"}})
     r3 = Round(project_id=project.id, number=3, status="failed", error="embedding failed: out of memory", started_at=T0 + timedelta(hours=3))
     r4 = Round(project_id=project.id, number=4, status="running", started_at=T0 + timedelta(hours=5))
     session.add_all([r1, r2, r3, r4])

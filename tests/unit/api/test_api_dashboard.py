@@ -78,3 +78,21 @@ def test_gate_table_shows_the_interval_and_when_the_test_split_cannot_tell(clien
     assert fpr_row.endswith('cannot tell</span></td><td>0.05</td></tr>')
     assert re.search(r"<tr><td>defect_recall</td>.*?</tr>", table).group(0).endswith("<td>0.875</td></tr>")
     assert re.search(r"<tr><td>latency_ms</td>.*?</tr>", table).group(0).endswith("<td>–</td></tr>")  # not a test-split metric
+
+
+def test_training_section_draws_the_latest_rounds_epochs_calibration_and_noise(client: TestClient) -> None:
+    html = _page(client)
+    section = re.search(r'<section id="training">.*?</section>', html, re.S).group(0)
+    assert "Training · round 2" in section and "strategy <b>finetune</b> on 14 labeled images · kept epoch 2 of 3" in section
+    loss = re.search(r'<svg[^>]*data-chart="training:loss".*?</svg>', section, re.S).group(0)
+    assert 'data-epochs="0,1,2,3"' in loss
+    points = re.findall(r'data-series="([\w ]+)" data-epoch="(\d)" data-value="([\d.]+)"', loss)
+    assert [p for p in points if p[0] == "validation loss"] == [("validation loss", "0", "1"), ("validation loss", "1", "0.8"),
+                                                             ("validation loss", "2", "0.7"), ("validation loss", "3", "0.75")]
+    assert re.search(r'class="kept-epoch"[^>]*data-epoch="2"', loss)  # the kept epoch is marked, not the last one
+    accuracy = re.search(r'<svg[^>]*data-chart="training:accuracy".*?</svg>', section, re.S).group(0)
+    assert 'data-series="train accuracy" data-epoch="3" data-value="0.9"' in accuracy
+    assert "temperature 1.7 fitted on validation (6 images): expected calibration error 0.12 → 0.05" in section
+    noise = dict(re.findall(r'<tr data-class="(\w+)"><td>\w+</td><td>([^<]+)</td>', section))
+    assert noise == {"good": "5.0%", "scratch": "20.0%", "spot": "too few labels"}
+    assert "1 not sent again" in section

@@ -83,6 +83,31 @@ def test_round_report(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
     assert get(f"/rounds/{seeded_store.round_ids[1]}")["test_metrics_without_copies"] is None  # not checked, or no test image copied
 
 
+def test_round_report_training_calibration_and_label_noise(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
+    body = get(f"/rounds/{seeded_store.round_ids[2]}")
+    training = body["training"]
+    assert (training["strategy"], training["n_fit"], training["best_epoch"], training["epochs_run"]) == ("finetune", 14, 2, 3)
+    assert [row["epoch"] for row in training["history"]] == [0, 1, 2, 3]
+    assert training["history"][2] == {"epoch": 2, "train_loss": 0.4, "train_accuracy": 0.85, "val_loss": 0.7, "val_accuracy": 0.8,
+                                      "val_macro_f1": pytest.approx(0.75), "seconds": 1.5}
+    assert body["calibration"] == {"method": "temperature", "temperature": 1.7, "fitted_on": "validation", "n_images": 6,
+                                   "ece_before": 0.12, "ece_after": 0.05, "reason": None}
+    assert body["label_quality"] == {"n_flagged": 2, "noise_rate_per_class": {"good": 0.05, "scratch": 0.2, "spot": None}, "already_questioned": 1}
+    assert body["cold_start"] is None
+    first = get(f"/rounds/{seeded_store.round_ids[1]}")  # recorded before these existed: absent, not an error
+    assert (first["training"], first["calibration"], first["label_quality"], first["cold_start"]) == (None, None, None, None)
+
+
+def test_training_details_that_are_malformed_read_as_absent() -> None:
+    from store.reports import calibration_of, cold_start_of, label_quality_of, training_of
+
+    assert training_of({"training": "oops"}) is None and calibration_of({"calibration": [1]}) is None
+    odd = training_of({"training": {"strategy": 3, "n_fit": "many", "history": [{"epoch": 0, "train_loss": "x"}, "junk", {"no": "epoch"}]}})
+    assert (odd.strategy, odd.n_fit, odd.epochs_run, odd.history[0].train_loss) == (None, None, 0, None)
+    assert label_quality_of({"label_quality": {"noise_rate_per_class": [0.1]}}).noise_rate_per_class == {}
+    assert cold_start_of({"cold_start": {"reason": "only good parts"}}) == "only good parts" and cold_start_of({}) is None
+
+
 def test_round_label_counts_by_source(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
     r1 = get(f"/rounds/{seeded_store.round_ids[1]}")["label_counts"]
     assert r1 == {"by_source": {"import": 8, "annotator": 0, "oracle": 2}, "by_class": {"good": 4, "scratch": 3, "spot": 3},
