@@ -40,6 +40,7 @@ class PushReport:
     pushed: int = 0
     already_present: int = 0
     pending: int = 0  # could not be pushed now (backend down): retried next round
+    reopened: int = 0  # answered tasks asked again: suspected label errors of images labeled in the backend
     warnings: list[str] = field(default_factory=list)
 
 

@@ -141,11 +141,12 @@ class LabelStudioBackend:
         try:
             client = self.client()
             ls_project_id = self.ensure_project(project, model_version=model_version)
-            report.pushed, report.already_present, report.pending, warnings = self._push_tasks(
-                client, session=session, project=project, ls_project_id=ls_project_id, tasks=list(unique.values()),
+            predictions_sent = self._push_tasks(
+                client, report, session=session, project=project, ls_project_id=ls_project_id, tasks=list(unique.values()),
                 round_number=round_number, model_version=model_version,
             )  # fmt: skip
-            report.warnings.extend(warnings)
+            if predictions_sent and model_version:
+                lsc.show_predictions_of(client, project_id=ls_project_id, model_version=model_version)
         except (lsc.LabelStudioAuthError, lsc.LabelStudioConfigError):
             raise  # a wrong or missing setting: retrying next round would not help
         except lsc.LabelStudioUnavailable as error:
@@ -165,6 +166,7 @@ class LabelStudioBackend:
     def _push_tasks(
         self,
         client,
+        report: PushReport,
         *,
         session: Session,
         project: Project,
@@ -172,8 +174,9 @@ class LabelStudioBackend:
         tasks: list[TaskRequest],
         round_number: int | None,
         model_version: str | None,
-    ) -> tuple[int, int, int, list[str]]:
-        warnings: list[str] = []
+    ) -> bool:
+        """Fills report: pushed, already_present, reopened, pending, warnings. True when a prediction was sent."""
+        warnings = report.warnings
         mapped = {
             row.image_id: row
             for row in session.scalars(
@@ -181,25 +184,34 @@ class LabelStudioBackend:
             )
         }
         already_present = 0
-        not_asked_again: list[int] = []
+        to_reopen: list[tuple[TaskRequest, AnnotationTask]] = []
         to_push: list[TaskRequest] = []
         for task in tasks:
             row = mapped.get(task.image_id)
             if row is not None and row.external_project_id == str(ls_project_id):
                 already_present += 1
                 if task.reason == "suspected_label_error":
-                    not_asked_again.append(task.image_id)
+                    to_reopen.append((task, row))
             else:  # never pushed, or pushed to a Label Studio project that is gone
                 to_push.append(task)
-        if not_asked_again:
-            # one task per image: an image annotated in Label Studio keeps its task, which is not reopened
-            warnings.append(
-                f"{len(not_asked_again)} suspected label errors already have a Label Studio task (image ids "
-                f"{', '.join(map(str, not_asked_again[:10]))}{', ...' if len(not_asked_again) > 10 else ''}): Label Studio does not ask "
-                "again; review them in the label-issue queue (dashboard) and correct the annotation in its task"
-            )
+        not_reopened: list[str] = []
+        predictions_sent = False
+        for task, row in to_reopen:
+            # one task per image: a suspect labeled here is asked again in its own task (see lsc.reopen_task)
+            try:
+                if lsc.reopen_task(client, task_id=int(row.external_task_id), once_key="relabel_round",
+                                   data_updates=self._relabel_data(task, project=project, round_number=round_number),
+                                   prediction=self._prediction(task, project=project, model_version=model_version)):
+                    report.reopened += 1
+                    predictions_sent = predictions_sent or task.predicted_label in project.classes
+            except (httpx.HTTPError, ApiError) as error:
+                not_reopened.append(f"image {task.image_id} (task {row.external_task_id}: {_describe(error)})")
+        if not_reopened:
+            warnings.append(f"could not ask again about {len(not_reopened)} suspected label errors in Label Studio: {'; '.join(not_reopened[:5])}"
+                            f"{'; ...' if len(not_reopened) > 5 else ''}; review them in the label-issue queue (dashboard)")
+        report.already_present = already_present
         if not to_push:
-            return 0, already_present, 0, warnings
+            return predictions_sent
 
         # A crash between import and commit would leave tasks in Label Studio that the store does not know:
         # adopt them by the image id kept in each task's data instead of importing a duplicate.
@@ -244,7 +256,8 @@ class LabelStudioBackend:
         for (task, _payload), task_id in zip(new_tasks, task_ids):
             self._map(session, mapped, task.image_id, ls_project_id, task_id)
         session.flush()
-        return len(task_ids), already_present, pending, warnings
+        report.pushed, report.already_present, report.pending = len(task_ids), already_present, pending
+        return predictions_sent or any("predictions" in payload for _, payload in new_tasks)
 
     def _map(self, session: Session, mapped: dict[int, AnnotationTask], image_id: int, ls_project_id: int, task_id: int) -> None:
         row = mapped.get(image_id)
@@ -258,7 +271,6 @@ class LabelStudioBackend:
     def _task_payload(
         self, task: TaskRequest, *, project: Project, image_url: str, round_number: int | None, model_version: str | None
     ) -> dict[str, Any]:
-        score = _prediction_score(task)
         data = {
             lsc.IMAGE_NAME: image_url,
             lsc.WHY_NAME: why_text(task, round_number=round_number),
@@ -269,18 +281,36 @@ class LabelStudioBackend:
             "reason": task.reason,
             "current_label": task.current_label,
             "predicted_label": task.predicted_label,
-            "prediction_score": score,
+            "prediction_score": _prediction_score(task),
             "round": round_number,
         }
         payload: dict[str, Any] = {"data": data}
-        if task.predicted_label is not None and task.predicted_label in project.classes:
-            prediction: dict[str, Any] = {"result": lsc.choice_result(task.predicted_label)}
-            if model_version:
-                prediction["model_version"] = model_version
-            if score is not None:
-                prediction["score"] = score
+        prediction = self._prediction(task, project=project, model_version=model_version)
+        if prediction is not None:
             payload["predictions"] = [prediction]
         return payload
+
+    @staticmethod
+    def _prediction(task: TaskRequest, *, project: Project, model_version: str | None) -> dict[str, Any] | None:
+        """The model's guess as a pre-annotation; None without a model (cold start) or for a label the project lacks."""
+        if task.predicted_label is None or task.predicted_label not in project.classes:
+            return None
+        prediction: dict[str, Any] = {"result": lsc.choice_result(task.predicted_label)}
+        if model_version:
+            prediction["model_version"] = model_version
+        score = _prediction_score(task)
+        if score is not None:
+            prediction["score"] = score
+        return prediction
+
+    @staticmethod
+    def _relabel_data(task: TaskRequest, *, project: Project, round_number: int | None) -> dict[str, Any]:
+        """What an answered task's data becomes when its label is questioned: the annotator reads why."""
+        return {
+            lsc.WHY_NAME: f"Asked again: {why_text(task, round_number=round_number)} Check the answer given here and change it if it is wrong.",
+            "reason": task.reason, "current_label": task.current_label, "predicted_label": task.predicted_label,
+            "prediction_score": _prediction_score(task), "relabel_round": round_number if round_number is not None else "unknown",
+        }
 
     # ------------------------------------------------------------------------------------------------ pull
 

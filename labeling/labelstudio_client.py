@@ -145,7 +145,8 @@ def ensure_project(
     descriptions: Mapping[str, str] | None = None,
     model_version: str | None = None,
 ) -> int:
-    """The id of the Label Studio project with this title: created, or reused (its config updated to the classes)."""
+    """The id of the Label Studio project with this title: created (showing model_version's predictions), or reused (its
+    config updated to the classes; its model version is changed by show_predictions_of once such predictions exist)."""
     title = title[:PROJECT_TITLE_MAX]
     label_config = label_config_for(classes, descriptions)
     instructions = instructions_for(classes, descriptions)
@@ -169,11 +170,17 @@ def ensure_project(
         changes["label_config"] = label_config  # Label Studio refuses it if it would orphan existing answers
     if (getattr(current, "expert_instruction", None) or "") != instructions:
         changes["expert_instruction"] = instructions
-    if model_version and getattr(current, "model_version", None) != model_version:
-        changes["model_version"] = model_version
     if changes:
         client.projects.update(id=project_id, **changes)
     return project_id
+
+
+def show_predictions_of(client: LabelStudio, *, project_id: int, model_version: str) -> None:
+    """Annotators see this model version's predictions as pre-annotations. Label Studio refuses a version no task has
+    a prediction of yet (HTTP 400), so call it after importing them."""
+    current = client.projects.get(id=project_id)
+    if getattr(current, "model_version", None) != model_version:
+        client.projects.update(id=project_id, model_version=model_version)
 
 
 def ensure_local_storage(client: LabelStudio, *, project_id: int, path: str, title: str | None = None) -> int:
@@ -275,6 +282,32 @@ def list_annotated_tasks(client: LabelStudio, *, project_id: int) -> list[dict[s
             )
     rows.sort(key=lambda row: (row["task_id"], row["annotation_id"]))
     return rows
+
+
+def reopen_task(client: LabelStudio, *, task_id: int, data_updates: Mapping[str, Any], prediction: Mapping[str, Any] | None,
+                once_key: str) -> bool:
+    """Ask again about an answered task: its data gets data_updates (what the annotator reads), the prediction is
+    added, and its overlap becomes one more than the annotators who answered, so Label Studio counts it unfinished and
+    the label stream offers it to an annotator who has not answered it (those who did see it in the task list and
+    can change their answer). Idempotent: a task whose data already holds data_updates[once_key] is left alone, and so
+    is a task nobody answered yet. True when the task was reopened."""
+    task = client.tasks.get(id=str(task_id))
+    data = dict(task.data or {})
+    if once_key in data_updates and data.get(once_key) == data_updates[once_key]:
+        return False
+    answered_by = set()
+    for annotation in task.annotations or []:
+        annotation = _as_dict(annotation)
+        if not annotation.get("was_cancelled"):
+            completed_by = annotation.get("completed_by")
+            answered_by.add(completed_by.get("id") if isinstance(completed_by, Mapping) else completed_by)
+    if not answered_by:
+        return False  # still open: it is asked anyway
+    overlap = max(int(task.overlap or 1), len(answered_by) + 1)
+    client.tasks.update(id=str(task_id), data={**data, **data_updates}, overlap=overlap, is_labeled=False)
+    if prediction is not None:
+        client.predictions.create(task=task_id, **prediction)
+    return True
 
 
 def result_choices(result: Any) -> list[str]:

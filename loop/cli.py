@@ -195,7 +195,8 @@ def print_round(outcome) -> None:  # noqa: ANN001
                      f"{near.get('pool_images_moved_to_test', 0)} pool copies joined test, {near.get('pool_images_held_back_from_labeling', 0)} held back)"
                      f" · outliers: {data_quality['outliers']['n_issues']}" if near else "")
                   + f" · selected for labeling: {details.get('push', {}).get('pushed', 0)} pushed, "
-                  f"{details.get('push', {}).get('pending', 0)} pending · total {outcome.timings_s.get('total', 0):.1f} s")
+                  + (f"{details['push']['reopened']} answered tasks asked again, " if details.get("push", {}).get("reopened") else "")
+                  + f"{details.get('push', {}).get('pending', 0)} pending · total {outcome.timings_s.get('total', 0):.1f} s")
     console.print(f"plots: {outcome.artifacts.get('confusion_matrix_png')}, {outcome.artifacts.get('gates_png')}")
 
 

@@ -947,6 +947,7 @@ def push_batch(state: RoundState) -> None:
     for warning in report.warnings:
         state.console.print(f"[yellow]warning:[/] {warning}")
     state.details["push"] = {"backend": name, "pushed": report.pushed, "already_present": report.already_present, "pending": report.pending,
+                             "reopened": report.reopened,
                              "withdrawn": len(withdrawn), "warnings": report.warnings}
 
 

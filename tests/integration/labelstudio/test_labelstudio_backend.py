@@ -81,9 +81,7 @@ def test_push_creates_one_task_per_image_with_prediction_and_is_idempotent(label
     report = push(backend, store, batch + [batch[0]])  # a duplicate in the batch is still one task
     assert (report.pushed, report.already_present, report.pending, report.warnings) == (4, 0, 0, [])
     again = push(backend, store, batch)
-    assert (again.pushed, again.already_present, again.pending) == (0, 4, 0)
-    # a suspect whose image has a task already is not asked again by Label Studio: the push says so
-    assert len(again.warnings) == 1 and "1 suspected label errors already have a Label Studio task" in again.warnings[0]
+    assert (again.pushed, again.already_present, again.pending, again.reopened, again.warnings) == (0, 4, 0, 0, [])  # nobody answered yet
 
     admin = labelstudio.admin()
     project_id = ls_project_id(store)
@@ -109,6 +107,46 @@ def test_push_creates_one_task_per_image_with_prediction_and_is_idempotent(label
     assert (adopted.pushed, adopted.already_present) == (0, 4)
     assert len(list(admin.tasks.list(project=project_id))) == 4
     assert len(task_ids_by_image(store)) == 4
+
+
+def test_a_suspected_label_error_answered_in_label_studio_is_asked_again_in_its_task(labelstudio, store, backend) -> None:
+    push(backend, store, [store.task(4, predicted="scratch", score=0.7)])
+    task_id = task_ids_by_image(store)[store.image_ids[4]]
+    a, b = labelstudio.as_annotator(ANNOTATOR_A), labelstudio.as_annotator(ANNOTATOR_B)
+    answer_a = annotate(a, task_id, "scratch")
+    pull(backend, store)
+    assert labels(store)[store.image_ids[4]].label == "scratch"
+    admin = labelstudio.admin()
+    assert admin.tasks.get(id=str(task_id)).is_labeled is True
+
+    # Round 2's cleanlab suspects the label: the answered task is reopened, not duplicated, and says why.
+    suspect = store.task(4, reason="suspected_label_error", predicted="spot", score=0.85, current_label="scratch", round_number=2)
+    report = push(backend, store, [suspect], round_number=2)
+    assert (report.pushed, report.already_present, report.reopened, report.pending, report.warnings) == (0, 1, 1, 0, [])
+    reopened = admin.tasks.get(id=str(task_id))
+    assert reopened.is_labeled is False and reopened.overlap == 2  # one more answer than it has: back in the label stream
+    assert reopened.data["relabel_round"] == 2 and reopened.data["reason"] == "suspected_label_error"
+    assert reopened.data["why"].startswith("Asked again: ") and "Current label: scratch" in reopened.data["why"]
+    assert reopened.data["image"] and reopened.data["defect_loop_image_id"] == store.image_ids[4]  # the rest of the data is kept
+    assert [lsc.result_choices(p.result if hasattr(p, "result") else p["result"]) for p in reopened.predictions] == [["scratch"], ["spot"]]
+    assert len(list(admin.tasks.list(project=ls_project_id(store)))) == 1
+    # the same push again (a retried round) asks nothing more
+    assert push(backend, store, [suspect], round_number=2).reopened == 0
+    assert len(admin.tasks.get(id=str(task_id)).predictions) == 2
+
+    # Label Studio's label stream offers it to the annotator who has not answered it, not to the one who did.
+    def next_task(email: str) -> int | None:
+        response = httpx.get(f"{labelstudio.url}/api/projects/{ls_project_id(store)}/next",
+                             headers={"Authorization": f"Token {labelstudio.annotator_tokens[email]}"})
+        return response.json().get("id") if response.status_code == 200 else None
+    assert next_task(ANNOTATOR_B) == task_id and next_task(ANNOTATOR_A) != task_id
+    annotate(b, task_id, "spot")
+    assert admin.tasks.get(id=str(task_id)).is_labeled is True
+    pull(backend, store)
+    assert labels(store)[store.image_ids[4]].status == "tie"  # two answers disagree: kept out of training until settled
+    a.annotations.update(id=answer_a, result=lsc.choice_result("spot"))  # the first annotator, asked again, changes the answer
+    pull(backend, store)
+    assert labels(store)[store.image_ids[4]].label == "spot"
 
 
 def test_push_and_pull_when_label_studio_is_unreachable_or_token_wrong(labelstudio, store) -> None:

@@ -90,5 +90,10 @@ def test_two_loop_rounds_through_label_studio(tmp_path: Path, class_folders: Pat
         assert probs(round_one.id) != probs(round_two.id)
         metric_names = {m.name for m in round_two.metrics}
         assert "annotator_mean_agreement" in metric_names
+        # round two's batch reached Label Studio too, pre-annotated by round two's model, which annotators now see
+        push_two = round_two.details["push"]
+        assert push_two["pushed"] >= 1 and push_two["pending"] == 0 and push_two["warnings"] == [], push_two
+    assert admin.projects.get(id=ls_project).model_version == "round-2"
+    assert "round-2" in {p.model_version for t in admin.tasks.list(project=ls_project, fields="all") for p in t.predictions}
     report_line(f"loop rounds via Label Studio: {len(tasks)} tasks pushed, {len(agreeing) + 3} annotations made, "
                 f"{len(agreeing) + 2} recorded as label events, 1 rejected (unknown class), 1 tie kept out")
