@@ -57,7 +57,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _nice_max(value: float) -> float:
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         return 1.0
     exponent = math.floor(math.log10(value))
     for step in (1, 2, 2.5, 5, 10):
@@ -251,8 +251,14 @@ def training_section(report: RoundReport) -> str:
     if training is None:
         parts.append('<p class="empty">This round recorded no training details.</p>')
     else:
-        kept = (f" · kept epoch {training.best_epoch} of {training.epochs_run} (early stopping on validation macro F1)"
-                if training.best_epoch is not None and training.epochs_run else " · a head on frozen embeddings: no epochs")
+        if not training.history:
+            kept = " · a head on frozen embeddings: no epochs"
+        elif not training.epochs_run:
+            kept = " · no epoch after epoch 0 (the head on frozen features)"
+        elif training.best_epoch is None:  # rounds before the kept epoch was recorded
+            kept = f" · {training.epochs_run} epochs; the kept epoch was not recorded"
+        else:
+            kept = f" · kept epoch {training.best_epoch} of {training.epochs_run} (early stopping on validation macro F1)"
         parts.append(f'<p class="training-summary">strategy <b>{escape(training.strategy or "–")}</b> on {_fmt(training.n_fit, 0)} labeled images{kept}</p>')
         if len(training.history) >= 2:
             parts.append(f'<div class="two"><div>{epoch_chart("training:loss", "Loss per epoch", training, "loss")}</div>'

@@ -97,7 +97,8 @@ class EpochOut(Schema):
 class TrainingOut(Schema):
     strategy: str | None = Field(description="head | finetune | full")
     n_fit: int | None = Field(description="labeled images the model learned from")
-    best_epoch: int | None = Field(description="the epoch early stopping on validation macro F1 kept; null: no epochs (a head on embeddings)")
+    best_epoch: int | None = Field(description="the epoch early stopping on validation macro F1 kept; null: no epochs (a head on embeddings) "
+                                               "or a round recorded before the kept epoch was")
     epochs_run: int = Field(description="epochs after epoch 0")
     history: list[EpochOut] = Field(description="loss and accuracy per epoch, train and validation")
 

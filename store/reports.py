@@ -484,7 +484,7 @@ def training_of(details: dict[str, Any] | None) -> TrainingSummary | None:
     history = []
     for row in raw.get("history") or []:
         if isinstance(row, dict) and _int_or_none(row.get("epoch")) is not None:
-            history.append(EpochRow(epoch=_int_or_none(row["epoch"]), **{key: _float_or_none(row.get(key)) for key in (
+            history.append(EpochRow(epoch=_int_or_none(row["epoch"]), **{key: _finite_or_none(row.get(key)) for key in (
                 "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "seconds")}))
     return TrainingSummary(strategy=_str_or_none(raw.get("strategy")), n_fit=_int_or_none(raw.get("n_fit")),
                            best_epoch=_int_or_none(raw.get("best_epoch")), epochs_run=max(0, len(history) - 1), history=history)
@@ -495,8 +495,8 @@ def calibration_of(details: dict[str, Any] | None) -> CalibrationSummary | None:
     if not isinstance(raw, dict):
         return None
     return CalibrationSummary(
-        method=_str_or_none(raw.get("method")), temperature=_float_or_none(raw.get("temperature")), fitted_on=_str_or_none(raw.get("fitted_on")),
-        n_images=_int_or_none(raw.get("n_images")), ece_before=_float_or_none(raw.get("ece_before")), ece_after=_float_or_none(raw.get("ece_after")),
+        method=_str_or_none(raw.get("method")), temperature=_finite_or_none(raw.get("temperature")), fitted_on=_str_or_none(raw.get("fitted_on")),
+        n_images=_int_or_none(raw.get("n_images")), ece_before=_finite_or_none(raw.get("ece_before")), ece_after=_finite_or_none(raw.get("ece_after")),
         reason=_str_or_none(raw.get("reason")))
 
 
@@ -507,7 +507,7 @@ def label_quality_of(details: dict[str, Any] | None) -> LabelQualitySummary | No
     rates = raw.get("noise_rate_per_class")
     return LabelQualitySummary(
         n_flagged=_int_or_none(raw.get("n_flagged")),
-        noise_rate_per_class={str(name): _float_or_none(rate) for name, rate in rates.items()} if isinstance(rates, dict) else {},
+        noise_rate_per_class={str(name): _finite_or_none(rate) for name, rate in rates.items()} if isinstance(rates, dict) else {},
         already_questioned=_int_or_none(raw.get("already_questioned")))
 
 
@@ -521,8 +521,13 @@ def cold_start_of(details: dict[str, Any] | None) -> str | None:
 def _float_or_none(value: Any) -> float | None:
     try:
         return None if value is None else float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
+
+
+def _finite_or_none(value: Any) -> float | None:
+    number = _float_or_none(value)
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _timings(raw: dict[str, Any] | None) -> dict[str, float]:

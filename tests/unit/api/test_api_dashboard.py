@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 from fastapi.testclient import TestClient
 
@@ -96,3 +97,19 @@ def test_training_section_draws_the_latest_rounds_epochs_calibration_and_noise(c
     noise = dict(re.findall(r'<tr data-class="(\w+)"><td>\w+</td><td>([^<]+)</td>', section))
     assert noise == {"good": "5.0%", "scratch": "20.0%", "spot": "too few labels"}
     assert "1 not sent again" in section
+
+
+def test_training_section_says_what_the_history_shows() -> None:
+    from api.dashboard import training_section
+    from store.reports import training_of
+
+    def line(training: dict) -> str:
+        report = SimpleNamespace(summary=SimpleNamespace(number=7), cold_start=None, training=training_of({"training": training}),
+                                 calibration=None, label_quality=None)
+        return re.search(r'<p class="training-summary">(.*?)</p>', training_section(report)).group(1)
+
+    epochs = [{"epoch": i, "train_loss": 1.0 / (i + 1), "val_loss": 1.0} for i in range(4)]
+    assert "a head on frozen embeddings" in line({"strategy": "head", "n_fit": 9, "history": []})
+    assert "3 epochs; the kept epoch was not recorded" in line({"strategy": "finetune", "n_fit": 9, "history": epochs})  # older rounds
+    assert "kept epoch 1 of 3" in line({"strategy": "finetune", "n_fit": 9, "history": epochs, "best_epoch": 1})
+    assert "no epoch after epoch 0" in line({"strategy": "finetune", "n_fit": 9, "history": epochs[:1], "best_epoch": 0})

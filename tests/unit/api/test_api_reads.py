@@ -105,6 +105,8 @@ def test_training_details_that_are_malformed_read_as_absent() -> None:
     odd = training_of({"training": {"strategy": 3, "n_fit": "many", "history": [{"epoch": 0, "train_loss": "x"}, "junk", {"no": "epoch"}]}})
     assert (odd.strategy, odd.n_fit, odd.epochs_run, odd.history[0].train_loss) == (None, None, 0, None)
     assert label_quality_of({"label_quality": {"noise_rate_per_class": [0.1]}}).noise_rate_per_class == {}
+    huge = training_of({"training": {"history": [{"epoch": 0, "train_loss": 10**400, "val_loss": float("inf"), "train_accuracy": float("nan")}]}})
+    assert (huge.history[0].train_loss, huge.history[0].val_loss, huge.history[0].train_accuracy) == (None, None, None)
     assert cold_start_of({"cold_start": {"reason": "only good parts"}}) == "only good parts" and cold_start_of({}) is None
 
 
