@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ error_console = Console(stderr=True)
 
 EXIT_USAGE = 2
 EXIT_GATES_FAILED = 3
+INIT_CHECKPOINT = "models/init_from.pt"  # loop init --init-from: the copied checkpoint, relative to the project
 ProjectOption = Annotated[Path, typer.Option("--project", "-p", help="project directory (holds loop.toml)")]
 
 
@@ -85,9 +87,13 @@ def init(
             head_use = ("; the `head` strategy refits its linear head on this project's labels every round, so the transferred head "
                         "is used by `finetune` and `full` only") if init.head_weight is not None and config.model.train == "head" else ""
             console.print(f"starting from {init.backbone_weights_path} ({init.backbone_name}); {init.head_reason}{head_use}")
-            config.model.init_from = str(init.backbone_weights_path)
+            # A copy in this project: the other project may retrain, move or be deleted; the rounds here must not change with it.
+            config.model.init_from, config.model.init_from_source = INIT_CHECKPOINT, str(init.backbone_weights_path)
             config.model.backbone = init.backbone_name  # what the rounds run: loop.toml says so too
         project_dir.mkdir(parents=True, exist_ok=True)
+        if init_from is not None:
+            (project_dir / INIT_CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(config.model.init_from_source, project_dir / INIT_CHECKPOINT)
         url = database_url_for(project_dir, config)
         upgrade_schema(url)
         engine = create_db_engine(url)

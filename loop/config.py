@@ -31,7 +31,10 @@ class ModelConfig(Strict):
     # magnetic tile at the same ONNX Runtime cost (benchmarks/feature_variants.py).
     pooling: Literal["avg", "multilayer"] = "multilayer"
     train: Literal["head", "finetune", "full"] = "head"
-    init_from: str | None = None  # another project dir or checkpoint (domain transfer)
+    # Domain transfer: the checkpoint the rounds start from. `loop init --init-from` copies the other project's
+    # checkpoint into this project (models/init_from.pt, relative to the project) and keeps where it came from.
+    init_from: str | None = None
+    init_from_source: str | None = None
     threshold_source: Literal["auto", "validation", "out_of_fold"] = "auto"
     threshold_confidence: float = Field(0.75, ge=0.5, lt=1)
     latency_threads: int = Field(2, ge=1, le=64)

@@ -321,7 +321,7 @@ def embed_images(state: RoundState) -> None:
     if model.init_from:  # domain transfer: another project's fine-tuned backbone (and head where classes match)
         init = load_init_checkpoint(_weights_path(state, model.init_from), class_names=list(state.config.classes))
         state.backbone = create_backbone(init.backbone_name, weights=str(init.backbone_weights_path), pooling=model.pooling)
-        state.details["init_from"] = {"checkpoint": str(init.backbone_weights_path), "head": init.head_reason,
+        state.details["init_from"] = {"checkpoint": str(init.backbone_weights_path), "source": model.init_from_source, "head": init.head_reason,
                                       "head_used": init.head_weight is not None and training_strategy(state) != "head"}
         state.init_training_options = init.training_options()
     else:

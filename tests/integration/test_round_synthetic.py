@@ -202,7 +202,11 @@ def test_init_from_another_project_starts_from_its_checkpoint(project_with_pool:
     result = invoke("init", str(new_line), "--classes", "good,spot", "--negative-class", "good", "--image-size", "96", "--init-from", str(project_with_pool))
     assert result.exit_code == 0 and "head transferred" in result.output
     assert "used by `finetune` and `full` only" in " ".join(result.output.split())  # `head` (the default) refits its own
-    assert load_config(new_line).model.init_from == str(checkpoint.resolve())
+    model = load_config(new_line).model
+    assert (model.init_from, model.init_from_source) == ("models/init_from.pt", str(checkpoint.resolve()))
+    copied = new_line / "models" / "init_from.pt"
+    assert copied.read_bytes() == checkpoint.read_bytes()
+    checkpoint.rename(checkpoint.with_suffix(".moved"))  # the other project retrains or goes: this one keeps its start
     # The new line knows only good and spot: class folders with scratch/patch are refused, nothing stored.
     assert runner.invoke(app, ["ingest", str(class_folders), "--project", str(new_line)]).exit_code == 2
     manifest = tmp_path / "new.csv"
@@ -214,7 +218,8 @@ def test_init_from_another_project_starts_from_its_checkpoint(project_with_pool:
     assert invoke("round", "--project", str(new_line), "--quiet").exit_code == 0
     with session_scope(open_project(new_line).engine) as session:
         details = session.scalars(select(Round)).one().details
-    assert details["init_from"]["checkpoint"] == str(checkpoint.resolve()) and details["init_from"]["head_used"] is False
+    assert details["init_from"]["checkpoint"] == str(copied) and details["init_from"]["source"] == str(checkpoint.resolve())
+    assert details["init_from"]["head_used"] is False
     assert details["embeddings"]["model_key"].startswith("efficientnet_lite0-file-")  # the transferred weights, not ImageNet's
 
 
