@@ -4,8 +4,9 @@ Every transform works on one float image tensor (C, H, W) with values in [0, 1],
 its shape. `create_augmentation(name)` gives the transform always applied (what a test wants to see change);
 `build_augmentation(names)` gives the training pipeline, each transform applied with its own probability.
 
-Generic ones: hflip, vflip, rotation (90-degree turns and small angles), resized_crop (zoom in), zoom (in or out),
-rescale (random downscale and back: a camera at another distance / resolution).
+Generic ones: hflip, vflip, rotate90 (quarter turns), rotation (a small angle, no quarter turn: for parts whose
+orientation matters), resized_crop (zoom in), zoom (in or out; zooming out mirrors the image into the new border
+rather than leaving it black), rescale (random downscale and back: a camera at another distance / resolution).
 Factory-floor ones: brightness_contrast, color_temperature, specular_highlight, blur, occlusion.
 Pixel rescaling to [0, 1] and the backbone's normalisation are not augmentations: they always happen.
 """
@@ -42,9 +43,11 @@ def available_augmentations() -> list[str]:
 AUGMENTATION_PRESETS: dict[str, tuple[str, ...]] = {
     "none": (),
     "flips": ("hflip", "vflip"),
-    "geometric": ("hflip", "vflip", "rotation", "resized_crop"),
-    "factory": ("hflip", "vflip", "rotation", "resized_crop", "brightness_contrast", "color_temperature", "specular_highlight", "blur", "occlusion"),
-    "all": ("hflip", "vflip", "rotation", "resized_crop", "zoom", "rescale", "brightness_contrast", "color_temperature", "specular_highlight", "blur", "occlusion"),
+    "geometric": ("hflip", "vflip", "rotate90", "rotation", "resized_crop"),
+    "factory": ("hflip", "vflip", "rotate90", "rotation", "resized_crop", "brightness_contrast", "color_temperature", "specular_highlight", "blur",
+                "occlusion"),
+    "all": ("hflip", "vflip", "rotate90", "rotation", "resized_crop", "zoom", "rescale", "brightness_contrast", "color_temperature",
+            "specular_highlight", "blur", "occlusion"),
 }
 
 
@@ -99,26 +102,37 @@ def _vflip(image_size: int) -> nn.Module:
     return v2.RandomVerticalFlip(p=1.0)
 
 
-class RandomRotation(nn.Module):
-    """A random quarter turn (exact, no border) plus a small angle, zoomed just enough that no empty corner
-    appears (black corners would be a cue a model could learn)."""
-
-    def __init__(self, max_degrees: float = 15.0):
-        super().__init__()
-        self.max_degrees = max_degrees
+class RandomQuarterTurn(nn.Module):
+    """One, two or three quarter turns: exact, no border. Only for data without an up (textures, parts placed in any
+    orientation); square images keep their shape, others are turned by two quarters only."""
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        quarter_turns = int(torch.randint(1, 4, ()).item())
-        image = torch.rot90(image, quarter_turns, dims=(-2, -1))
-        angle = float(torch.empty(()).uniform_(-self.max_degrees, self.max_degrees))
-        if abs(angle) < 1e-3:
-            return image
+        square = image.shape[-1] == image.shape[-2]
+        quarter_turns = int(torch.randint(1, 4, ()).item()) if square else 2
+        return torch.rot90(image, quarter_turns, dims=(-2, -1))
+
+
+@register_augmentation("rotate90", probability=0.75)
+def _rotate90(image_size: int) -> nn.Module:
+    return RandomQuarterTurn()
+
+
+class RandomRotation(nn.Module):
+    """A small angle either way (at least 2 degrees, at most max_degrees), zoomed just enough that no empty corner
+    appears (black corners would be a cue a model could learn). No quarter turns: that is `rotate90`."""
+
+    def __init__(self, max_degrees: float = 15.0, min_degrees: float = 2.0):
+        super().__init__()
+        self.max_degrees, self.min_degrees = max_degrees, min_degrees
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        angle = float(torch.empty(()).uniform_(self.min_degrees, self.max_degrees)) * (1 if torch.rand(()) < 0.5 else -1)
         radians = math.radians(abs(angle))
         zoom = math.cos(radians) + math.sin(radians)
         return TF.affine(image, angle=angle, translate=[0, 0], scale=zoom, shear=[0.0, 0.0], interpolation=v2.InterpolationMode.BILINEAR)
 
 
-@register_augmentation("rotation", probability=0.75)
+@register_augmentation("rotation", probability=0.5)
 def _rotation(image_size: int) -> nn.Module:
     return RandomRotation()
 
@@ -129,9 +143,32 @@ def _resized_crop(image_size: int) -> nn.Module:
     return v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True)
 
 
+class RandomZoom(nn.Module):
+    """Zoom in (a centred crop, resized up) or out (the image mirrored into a wider border, resized down) by a factor
+    in [min_scale, max_scale]. Zooming out never leaves a black frame: a model could learn the frame as a cue."""
+
+    def __init__(self, min_scale: float = 0.85, max_scale: float = 1.15):
+        super().__init__()
+        self.min_scale, self.max_scale = min_scale, max_scale
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        scale = float(torch.empty(()).uniform_(self.min_scale, self.max_scale))
+        if abs(scale - 1.0) < 0.02:
+            scale = 1.05  # never the identity
+        if scale > 1.0:
+            crop_h, crop_w = max(1, round(height / scale)), max(1, round(width / scale))
+            zoomed = TF.center_crop(image, [crop_h, crop_w])
+        else:
+            pad_h, pad_w = round(height * (1 / scale - 1) / 2), round(width * (1 / scale - 1) / 2)
+            pad_h, pad_w = min(pad_h, height - 1), min(pad_w, width - 1)  # reflection needs a border smaller than the image
+            zoomed = torch.nn.functional.pad(image.unsqueeze(0), [pad_w, pad_w, pad_h, pad_h], mode="reflect").squeeze(0)
+        return TF.resize(zoomed, [height, width], antialias=True).clamp(0.0, 1.0)
+
+
 @register_augmentation("zoom", probability=0.3)
 def _zoom(image_size: int) -> nn.Module:
-    return v2.RandomAffine(degrees=0.0, scale=(0.85, 1.15))
+    return RandomZoom()
 
 
 class RandomRescale(nn.Module):

@@ -10,7 +10,7 @@ from modeling.augmentation import (
 )
 
 FACTORY_FLOOR = {"brightness_contrast", "color_temperature", "specular_highlight", "blur", "occlusion"}
-GENERIC = {"hflip", "vflip", "rotation", "resized_crop", "zoom", "rescale"}
+GENERIC = {"hflip", "vflip", "rotate90", "rotation", "resized_crop", "zoom", "rescale"}
 
 
 @pytest.fixture
@@ -62,3 +62,28 @@ def test_factory_pipeline_keeps_shape_over_many_draws(textured_image):
     assert all(output.shape == textured_image.shape for output in outputs)
     # Random: not every draw is the same.
     assert len({round(float(output.sum()), 3) for output in outputs}) > 1
+
+
+def test_rotation_keeps_the_orientation_and_rotate90_turns(textured_image):
+    # The bright block sits top-left: a small angle keeps it there, a quarter turn moves it to another corner.
+    def corner_of_block(image: torch.Tensor) -> tuple[int, int]:
+        grey = image.mean(0)
+        half = grey.shape[-1] // 2
+        quadrants = {(r, c): float(grey[r * half:(r + 1) * half, c * half:(c + 1) * half].mean()) for r in (0, 1) for c in (0, 1)}
+        return max(quadrants, key=quadrants.get)
+
+    torch.manual_seed(0)
+    rotation, quarter = create_augmentation("rotation", image_size=48), create_augmentation("rotate90", image_size=48)
+    assert {corner_of_block(rotation(textured_image)) for _ in range(30)} == {(0, 0)}
+    assert {corner_of_block(quarter(textured_image)) for _ in range(30)} == {(0, 1), (1, 1), (1, 0)}
+
+
+def test_zooming_out_leaves_no_black_border(textured_image):
+    from modeling.augmentation import RandomZoom
+
+    torch.manual_seed(0)
+    for _ in range(10):
+        zoomed_out = RandomZoom(min_scale=0.8, max_scale=0.85)(textured_image)
+        assert zoomed_out.shape == textured_image.shape
+        # every pixel of the source is >= 0.2: a filled border would show as values near 0 along the edges
+        assert float(zoomed_out[:, :3, :].min()) > 0.15 and float(zoomed_out[:, :, -3:].min()) > 0.15
