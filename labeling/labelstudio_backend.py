@@ -198,17 +198,27 @@ class LabelStudioBackend:
         predictions_sent = False
         for task, row in to_reopen:
             # one task per image: a suspect labeled here is asked again in its own task (see lsc.reopen_task)
+            once = ({"reason": task.reason, "relabel_of": task.current_label} if task.current_label is not None
+                    else {"reason": task.reason, "relabel_round": round_number})
             try:
-                if lsc.reopen_task(client, task_id=int(row.external_task_id), once_key="relabel_round",
-                                   data_updates=self._relabel_data(task, project=project, round_number=round_number),
+                if lsc.reopen_task(client, task_id=int(row.external_task_id), once=once,
+                                   data_updates=self._relabel_data(task, round_number=round_number),
                                    prediction=self._prediction(task, project=project, model_version=model_version)):
                     report.reopened += 1
                     predictions_sent = predictions_sent or task.predicted_label in project.classes
-            except (httpx.HTTPError, ApiError) as error:
+            except ApiError as error:
+                if error.status_code == 404:  # deleted in Label Studio: a new task asks instead
+                    already_present -= 1
+                    to_push.append(task)
+                    continue
+                not_reopened.append(f"image {task.image_id} (task {row.external_task_id}: {_describe(error)})")
+            except httpx.HTTPError as error:
                 not_reopened.append(f"image {task.image_id} (task {row.external_task_id}: {_describe(error)})")
         if not_reopened:
+            # pending: the batch stays selected and the next round asks again (a reopened task is not reopened twice)
+            report.pending += len(not_reopened)
             warnings.append(f"could not ask again about {len(not_reopened)} suspected label errors in Label Studio: {'; '.join(not_reopened[:5])}"
-                            f"{'; ...' if len(not_reopened) > 5 else ''}; review them in the label-issue queue (dashboard)")
+                            f"{'; ...' if len(not_reopened) > 5 else ''}; retried next round")
         report.already_present = already_present
         if not to_push:
             return predictions_sent
@@ -256,7 +266,8 @@ class LabelStudioBackend:
         for (task, _payload), task_id in zip(new_tasks, task_ids):
             self._map(session, mapped, task.image_id, ls_project_id, task_id)
         session.flush()
-        report.pushed, report.already_present, report.pending = len(task_ids), already_present, pending
+        report.pushed, report.already_present = len(task_ids), already_present
+        report.pending += pending
         return predictions_sent or any("predictions" in payload for _, payload in new_tasks)
 
     def _map(self, session: Session, mapped: dict[int, AnnotationTask], image_id: int, ls_project_id: int, task_id: int) -> None:
@@ -304,12 +315,12 @@ class LabelStudioBackend:
         return prediction
 
     @staticmethod
-    def _relabel_data(task: TaskRequest, *, project: Project, round_number: int | None) -> dict[str, Any]:
+    def _relabel_data(task: TaskRequest, *, round_number: int | None) -> dict[str, Any]:
         """What an answered task's data becomes when its label is questioned: the annotator reads why."""
         return {
             lsc.WHY_NAME: f"Asked again: {why_text(task, round_number=round_number)} Check the answer given here and change it if it is wrong.",
             "reason": task.reason, "current_label": task.current_label, "predicted_label": task.predicted_label,
-            "prediction_score": _prediction_score(task), "relabel_round": round_number if round_number is not None else "unknown",
+            "prediction_score": _prediction_score(task), "relabel_round": round_number,
         }
 
     # ------------------------------------------------------------------------------------------------ pull

@@ -6,6 +6,7 @@ pydantic types, which differ by caller role (in `tasks.list` annotations come as
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -254,14 +255,20 @@ def list_annotated_tasks(client: LabelStudio, *, project_id: int) -> list[dict[s
     """One plain dict per annotation (submitted or skipped) of the project, oldest task first.
 
     Keys: task_id, annotation_id, completed_by (user id), lead_time (s), choices (list of str from our Choices
-    control), result (raw), was_cancelled, created_at, updated_at (ISO strings), predicted (choices of the
-    task's predictions), task_data. `only_annotated=True` is ignored by the server, hence the filter query.
+    control), result (raw), was_cancelled, created_at, updated_at (ISO strings), predicted (choices of the newest
+    prediction made before the answer: what the annotator was shown), task_data. `only_annotated=True` is ignored by the server, hence the filter query.
     """
     rows: list[dict[str, Any]] = []
     for task in client.tasks.list(project=project_id, fields="all", query=_ANSWERED, page_size=200):
-        predicted = sorted({c for p in (task.predictions or []) for c in result_choices(_as_dict(p).get("result"))})
+        predictions = sorted(((_timestamp(p.get("created_at")), result_choices(p.get("result"))) for p in map(_as_dict, task.predictions or [])),
+                             key=lambda pair: pair[0] if pair[0] is not None else float("-inf"))
         for annotation in task.annotations or []:
             annotation = _as_dict(annotation)
+            # what the annotator was shown: the newest prediction made before the answer (a reopened task gets another
+            # one later, and a task pushed without a model has none when answered)
+            answered_at = _timestamp(annotation.get("created_at"))
+            before = [choices for created, choices in predictions if created is None or answered_at is None or created <= answered_at]
+            predicted = sorted(set(before[-1])) if before else []
             completed_by = annotation.get("completed_by")
             if isinstance(completed_by, Mapping):
                 completed_by = completed_by.get("id")
@@ -285,28 +292,30 @@ def list_annotated_tasks(client: LabelStudio, *, project_id: int) -> list[dict[s
 
 
 def reopen_task(client: LabelStudio, *, task_id: int, data_updates: Mapping[str, Any], prediction: Mapping[str, Any] | None,
-                once_key: str) -> bool:
-    """Ask again about an answered task: its data gets data_updates (what the annotator reads), the prediction is
-    added, and its overlap becomes one more than the annotators who answered, so Label Studio counts it unfinished and
-    the label stream offers it to an annotator who has not answered it (those who did see it in the task list and
-    can change their answer). Idempotent: a task whose data already holds data_updates[once_key] is left alone, and so
-    is a task nobody answered yet. True when the task was reopened."""
+                once: Mapping[str, Any]) -> bool:
+    """Ask again about an answered task: the prediction is added, its data gets data_updates (what the annotator
+    reads) and its overlap becomes one more than the annotations it has, so Label Studio counts it unfinished and the
+    label stream offers it to an annotator who has not answered it (those who did find it in the task list and can
+    change their answer). Skips count too: in some skip modes Label Studio counts them against the overlap, and a
+    task that needs one answer more than the stream will ever hand out would stay open unseen.
+
+    Idempotent: a task whose data already holds every item of `once` (asked again about this very label), and a
+    task nobody answered yet, are left alone. The prediction goes first and the data (with `once`) last, so a
+    failure in between is completed by the next call. True when the task was reopened."""
     task = client.tasks.get(id=str(task_id))
     data = dict(task.data or {})
-    if once_key in data_updates and data.get(once_key) == data_updates[once_key]:
+    if once and all(data.get(key) == value for key, value in once.items()):
         return False
-    answered_by = set()
-    for annotation in task.annotations or []:
-        annotation = _as_dict(annotation)
-        if not annotation.get("was_cancelled"):
-            completed_by = annotation.get("completed_by")
-            answered_by.add(completed_by.get("id") if isinstance(completed_by, Mapping) else completed_by)
-    if not answered_by:
+    annotations = [_as_dict(annotation) for annotation in task.annotations or []]
+    if not any(not annotation.get("was_cancelled") for annotation in annotations):
         return False  # still open: it is asked anyway
-    overlap = max(int(task.overlap or 1), len(answered_by) + 1)
-    client.tasks.update(id=str(task_id), data={**data, **data_updates}, overlap=overlap, is_labeled=False)
     if prediction is not None:
-        client.predictions.create(task=task_id, **prediction)
+        shown = [_as_dict(p) for p in task.predictions or []]
+        if not any(p.get("model_version") == prediction.get("model_version") and result_choices(p.get("result")) == result_choices(prediction.get("result"))
+                   for p in shown):
+            client.predictions.create(task=task_id, **prediction)
+    overlap = max(int(task.overlap or 1), len(annotations) + 1)
+    client.tasks.update(id=str(task_id), data={**data, **data_updates, **once}, overlap=overlap, is_labeled=False)
     return True
 
 
@@ -354,6 +363,20 @@ def _as_dict(value: Any) -> dict[str, Any]:
     if hasattr(value, "model_dump"):
         return value.model_dump()
     return dict(value or {})
+
+
+def _timestamp(value: Any) -> float | None:
+    """Seconds since the epoch of a datetime or an ISO string (Label Studio writes both forms); None if unreadable."""
+    if value is None:
+        return None
+    if not hasattr(value, "timestamp"):
+        try:
+            value = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()
 
 
 def _iso(value: Any) -> str | None:

@@ -932,9 +932,8 @@ def push_batch(state: RoundState) -> None:
             selection.push_status = "withdrawn"
         retry = [(selection, image) for selection, image in retry if image.id not in to_withdraw]
         by_image = {task.image_id: task for task in state.batch}
-        tasks = [by_image.get(image.id) or TaskRequest(image_id=image.id, image_path=image.path, sha256=image.sha256, reason=selection.reason,
-                                                      predicted_label=selection.predicted_label, round_number=state.number)
-                 for selection, image in retry]
+        position_of = {image_id: position for position, image_id in enumerate(state.image_ids)}
+        tasks = [by_image.get(image.id) or _retried_task(state, selection, image, position_of.get(image.id)) for selection, image in retry]
         report = state.backend.push(session=session, project=project, round_id=state.round_id, batch=tasks)
         pushed_ok = report.pending == 0
         now = datetime.now(timezone.utc)
@@ -949,6 +948,23 @@ def push_batch(state: RoundState) -> None:
     state.details["push"] = {"backend": name, "pushed": report.pushed, "already_present": report.already_present, "pending": report.pending,
                              "reopened": report.reopened,
                              "withdrawn": len(withdrawn), "warnings": report.warnings}
+
+
+def _retried_task(state: RoundState, selection: Selection, image: Image, position: int | None) -> TaskRequest:
+    """An earlier round's selection pushed now: this round's model guesses (its predictions are the ones pushed under
+    this round's version) and a questioned label is shown as it stands now."""
+    current = state.label_info.get(image.id)
+    task = TaskRequest(image_id=image.id, image_path=image.path, sha256=image.sha256, reason=selection.reason,
+                       predicted_label=selection.predicted_label, round_number=state.number,
+                       current_label=current.label if current is not None and selection.reason == "suspected_label_error" else None)
+    if position is not None and not state.cold_start and state.probabilities is not None:
+        threshold = state.threshold.threshold if state.threshold else None
+        predicted = int(final_predictions(probabilities=state.probabilities[position:position + 1], negative_index=state.config.negative_index,
+                                          threshold=threshold)[0])
+        task.probabilities = {name: float(p) for name, p in zip(state.config.classes, state.probabilities[position])}
+        task.predicted_label = state.config.classes[predicted]
+        task.prediction_score = task.probabilities[task.predicted_label]
+    return task
 
 
 def _p_defect(state: RoundState, task: TaskRequest) -> float | None:

@@ -142,11 +142,46 @@ def test_a_suspected_label_error_answered_in_label_studio_is_asked_again_in_its_
     assert next_task(ANNOTATOR_B) == task_id and next_task(ANNOTATOR_A) != task_id
     annotate(b, task_id, "spot")
     assert admin.tasks.get(id=str(task_id)).is_labeled is True
-    pull(backend, store)
+    second = pull(backend, store)
     assert labels(store)[store.image_ids[4]].status == "tie"  # two answers disagree: kept out of training until settled
+    # each answer agreed with the guess shown when it was given: A with round 1's scratch, B with round 2's spot
+    assert (second.details["agreement"]["answers_with_prediction"], second.details["agreement"]["prediction_agreement"]) == (2, 1.0)
     a.annotations.update(id=answer_a, result=lsc.choice_result("spot"))  # the first annotator, asked again, changes the answer
     pull(backend, store)
     assert labels(store)[store.image_ids[4]].label == "spot"
+
+
+def test_reopening_survives_a_deleted_task_a_half_done_reopen_and_repeated_answers(labelstudio, store, backend) -> None:
+    push(backend, store, [store.task(k, predicted="scratch", score=0.7) for k in (4, 5, 6)])
+    tasks = task_ids_by_image(store)
+    a, admin = labelstudio.as_annotator(ANNOTATOR_A), labelstudio.admin()
+    for k in (4, 5, 6):
+        annotate(a, tasks[store.image_ids[k]], "scratch")
+    annotate(a, tasks[store.image_ids[6]], "scratch")  # the same annotator answered image 6 twice
+    pull(backend, store)
+    admin.tasks.delete(id=str(tasks[store.image_ids[4]]))  # someone deleted image 4's task in Label Studio
+    # image 5: an earlier reopen added round 2's prediction and then failed before marking the task
+    admin.predictions.create(task=tasks[store.image_ids[5]], model_version="round-2", score=0.8, result=lsc.choice_result("spot"))
+
+    suspects = [store.task(k, reason="suspected_label_error", predicted="spot", score=0.8, current_label="scratch", round_number=2) for k in (4, 5, 6)]
+    report = push(backend, store, suspects, round_number=2)
+    assert (report.pushed, report.reopened, report.pending, report.warnings) == (1, 2, 0, [])  # image 4 asked in a new task
+    renewed = task_ids_by_image(store)[store.image_ids[4]]
+    assert renewed != tasks[store.image_ids[4]] and admin.tasks.get(id=str(renewed)).data["reason"] == "suspected_label_error"
+    half_done = admin.tasks.get(id=str(tasks[store.image_ids[5]]))
+    assert half_done.data["relabel_of"] == "scratch" and len(half_done.predictions) == 2  # completed, the prediction not added twice
+    # A answered before round 2's guess existed: A was shown round 1's scratch only, which the agreement metric compares with
+    (answer,) = [row for row in lsc.list_annotated_tasks(admin, project_id=ls_project_id(store)) if row["task_id"] == tasks[store.image_ids[5]]]
+    assert answer["predicted"] == ["scratch"]
+    twice = admin.tasks.get(id=str(tasks[store.image_ids[6]]))
+    assert twice.overlap == 3 and twice.is_labeled is False  # two answers counted, so another annotator is still offered it
+    response = httpx.get(f"{labelstudio.url}/api/projects/{ls_project_id(store)}/next",
+                         headers={"Authorization": f"Token {labelstudio.annotator_tokens[ANNOTATOR_B]}"})
+    assert response.status_code == 200 and response.json()["id"] in (tasks[store.image_ids[5]], tasks[store.image_ids[6]], renewed)
+    # the next round retries nothing it already asked: the label questioned is the same
+    again = push(backend, store, [store.task(k, reason="suspected_label_error", predicted="spot", score=0.8, current_label="scratch", round_number=2)
+                                  for k in (5, 6)], round_number=2)
+    assert (again.reopened, again.pending) == (0, 0)
 
 
 def test_push_and_pull_when_label_studio_is_unreachable_or_token_wrong(labelstudio, store) -> None:
