@@ -10,6 +10,10 @@ from sqlalchemy.orm import Session
 from store.models import Project
 
 
+# Reasons that ask about an image that has answers already: a backend asks again (Label Studio: in the image's task).
+ASKED_AGAIN_REASONS = ("suspected_label_error", "annotators_disagree")
+
+
 @dataclass(frozen=True)
 class TaskRequest:
     """One image the loop wants labeled, with the model's guess and why it was picked."""
@@ -17,7 +21,7 @@ class TaskRequest:
     image_id: int
     image_path: str
     sha256: str
-    reason: str  # uncertain | rare_class | diverse | suspected_label_error | random | cold_start
+    reason: str  # uncertain | rare_class | diverse | suspected_label_error | annotators_disagree | random | cold_start
     predicted_label: str | None = None
     prediction_score: float | None = None  # model confidence in predicted_label, 0..1
     probabilities: dict[str, float] = field(default_factory=dict)

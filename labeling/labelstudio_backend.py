@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labeling import labelstudio_client as lsc
-from labeling.base import PullReport, PushReport, TaskRequest, register_backend
+from labeling.base import ASKED_AGAIN_REASONS, PullReport, PushReport, TaskRequest, register_backend
 from store.models import AnnotationTask, Image, LabelEvent, Project, RejectedAnnotation, Round
 from store.queries import current_labels
 
@@ -36,6 +36,7 @@ REASON_TEXT = {
     "rare_class": "it may show a rare class",
     "diverse": "it is unlike the images labeled so far",
     "suspected_label_error": "its current label looks wrong",
+    "annotators_disagree": "the answers given so far disagree: one more settles it",
     "random": "random check",
     "cold_start": "first round: no model yet",
 }
@@ -190,7 +191,7 @@ class LabelStudioBackend:
             row = mapped.get(task.image_id)
             if row is not None and row.external_project_id == str(ls_project_id):
                 already_present += 1
-                if task.reason == "suspected_label_error":
+                if task.reason in ASKED_AGAIN_REASONS:
                     to_reopen.append((task, row))
             else:  # never pushed, or pushed to a Label Studio project that is gone
                 to_push.append(task)

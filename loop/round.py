@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from labeling import AnnotatorBackend, PullReport, PushReport, TaskRequest, create_backend
+from labeling import ASKED_AGAIN_REASONS, AnnotatorBackend, PullReport, PushReport, TaskRequest, create_backend
 from loop.errors import RoundFailed
 from loop.ingest import inspect_file, part_splits, place_labeled_image
 from loop.selection_index import load_or_update_index
@@ -50,7 +50,7 @@ from modeling.selection import select_batch
 from modeling.transfer import load_init_checkpoint, save_model_checkpoint
 from modeling.training import TrainedClassifier, TrainingData, head_fit_predict, train_classifier
 from store import session_scope
-from store.models import AnnotationTask, GateResult, Image, LabelIssue, Metric, Prediction, Round, Selection
+from store.models import AnnotationTask, GateResult, Image, LabelEvent, LabelIssue, Metric, Prediction, Round, Selection
 from store.queries import CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number
 
 # Below this many negative-class validation images the threshold is chosen on out-of-fold probabilities over the
@@ -836,6 +836,8 @@ def select_next_batch(state: RoundState) -> None:
         state.details["selection"] = {"strategy": strategy, "n_candidates": int(len(candidates)), **_jsonable(result.summary)}
     for row in _relabel_requests(state, loop_config.relabel_budget):
         picks.append((row["position"], 1.0 - row["score"], "suspected_label_error", row["given_label"]))
+    for position in _tie_requests(state, loop_config.budget_per_round):
+        picks.append((position, 1.0, "annotators_disagree", None))
     if state.cold_start:
         for position, score, reason, current in picks:
             state.batch.append(TaskRequest(image_id=state.image_ids[position], image_path=state.paths[position], sha256=state.hashes[position],
@@ -852,7 +854,7 @@ def select_next_batch(state: RoundState) -> None:
             predicted_label=predicted_label, prediction_score=probabilities[predicted_label], probabilities=probabilities,
             current_label=current, round_number=state.number,
         ))
-        state.batch_meta.append({"score": score, "strategy": loop_config.strategy if reason != "suspected_label_error" else "label_quality"})
+        state.batch_meta.append({"score": score, "strategy": "label_quality" if reason in ASKED_AGAIN_REASONS else loop_config.strategy})
 
 
 def _cold_start_strategy(state: RoundState) -> str:
@@ -879,6 +881,36 @@ def _relabel_requests(state: RoundState, budget: int) -> list[dict]:
     fresh = [row for row in state.label_issue_rows if (row["image_id"], row["given_label"]) not in questioned]
     state.details.setdefault("label_quality", {})["already_questioned"] = len(state.label_issue_rows) - len(fresh)
     return fresh[:budget]
+
+
+def _tie_requests(state: RoundState, budget: int) -> list[int]:
+    """Images whose annotators disagree evenly (kept out of training and out of the test metrics) go back for one more
+    answer, on top of the round's budget and at most `budget` of them: a tie is a certain problem, and nothing else
+    settles it (a tie is not selectable as unlabeled). Asked again only when new answers came since the last ask and
+    it is still tied."""
+    tied = [image_id for image_id, info in state.label_info.items() if info.status == "tie"]
+    state.details["ties"] = {"n_images": len(tied), "asked": 0}
+    if not tied or budget <= 0:
+        return []
+    position_of = {image_id: position for position, image_id in enumerate(state.image_ids)}
+    with session_scope(state.ctx.engine) as session:
+        last_answer = dict(session.execute(
+            select(LabelEvent.image_id, func.max(LabelEvent.created_at)).where(LabelEvent.image_id.in_(tied)).group_by(LabelEvent.image_id)).all())
+        last_ask = dict(session.execute(
+            select(Selection.image_id, func.max(Round.started_at)).join(Round, Round.id == Selection.round_id)
+            .where(Selection.image_id.in_(tied), Selection.reason == "annotators_disagree", Round.id != state.round_id)
+            .group_by(Selection.image_id)).all())
+    due = [image_id for image_id in sorted(tied) if image_id in position_of
+           and (image_id not in last_ask or _aware(last_answer.get(image_id)) > _aware(last_ask[image_id]))]
+    state.details["ties"]["asked"] = min(len(due), budget)
+    return [position_of[image_id] for image_id in due[:budget]]
+
+
+def _aware(moment: datetime | None) -> datetime:
+    """SQLite hands datetimes back without their zone; every time here is stored in UTC."""
+    if moment is None:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def _selection_index(state: RoundState):  # noqa: ANN202
@@ -954,17 +986,17 @@ def _retried_task(state: RoundState, selection: Selection, image: Image, positio
     """An earlier round's selection pushed now: this round's model guesses (its predictions are the ones pushed under
     this round's version) and a questioned label is shown as it stands now."""
     current = state.label_info.get(image.id)
-    task = TaskRequest(image_id=image.id, image_path=image.path, sha256=image.sha256, reason=selection.reason,
-                       predicted_label=selection.predicted_label, round_number=state.number,
-                       current_label=current.label if current is not None and selection.reason == "suspected_label_error" else None)
+    current_label = current.label if current is not None and selection.reason in ASKED_AGAIN_REASONS else None
+    predicted_label, probabilities, score = selection.predicted_label, {}, None
     if position is not None and not state.cold_start and state.probabilities is not None:
         threshold = state.threshold.threshold if state.threshold else None
         predicted = int(final_predictions(probabilities=state.probabilities[position:position + 1], negative_index=state.config.negative_index,
                                           threshold=threshold)[0])
-        task.probabilities = {name: float(p) for name, p in zip(state.config.classes, state.probabilities[position])}
-        task.predicted_label = state.config.classes[predicted]
-        task.prediction_score = task.probabilities[task.predicted_label]
-    return task
+        probabilities = {name: float(p) for name, p in zip(state.config.classes, state.probabilities[position])}
+        predicted_label = state.config.classes[predicted]
+        score = probabilities[predicted_label]
+    return TaskRequest(image_id=image.id, image_path=image.path, sha256=image.sha256, reason=selection.reason, predicted_label=predicted_label,
+                       prediction_score=score, probabilities=probabilities, current_label=current_label, round_number=state.number)
 
 
 def _p_defect(state: RoundState, task: TaskRequest) -> float | None:

@@ -155,7 +155,7 @@ class Selection(Base):
     rank: Mapped[int] = mapped_column(Integer)
     score: Mapped[float] = mapped_column(Float)
     strategy: Mapped[str] = mapped_column(String(40))
-    reason: Mapped[str] = mapped_column(String(40))  # uncertain | rare_class | diverse | suspected_label_error | random
+    reason: Mapped[str] = mapped_column(String(40))  # uncertain | rare_class | diverse | suspected_label_error | annotators_disagree | random | cold_start
     predicted_label: Mapped[str | None] = mapped_column(String(200))
     p_defect: Mapped[float | None] = mapped_column(Float)
     push_status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | pushed | failed | recorded | withdrawn

@@ -468,3 +468,75 @@ def test_a_project_without_any_label_is_not_a_cold_start(tmp_path: Path, class_f
     assert invoke("ingest", str(class_folders), "--project", str(project), "--unlabeled", "--quiet").exit_code == 0
     result = runner.invoke(app, ["round", "--project", str(project), "--quiet"])
     assert result.exit_code != 0 and "at least two classes" in " ".join(result.output.split())
+
+
+def test_a_batch_the_backend_could_not_take_is_pushed_next_round_with_that_rounds_guesses(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from labeling.base import PushReport
+    from labeling.simulated import OracleAnnotator
+
+    pushed: list[list] = []
+    monkeypatch.setattr(OracleAnnotator, "push", lambda self, *, session, project, round_id, batch: (pushed.append(batch), PushReport(pending=len(batch)))[1])
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    monkeypatch.setattr(OracleAnnotator, "push", lambda self, *, session, project, round_id, batch: (pushed.append(batch), PushReport(pushed=len(batch)))[1])
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    first, second = pushed
+    with session_scope(open_project(project_with_pool).engine) as session:
+        statuses = {s.image_id: s.push_status for s in session.scalars(select(Selection).join(Round).where(Round.number == 1))}
+        labels = current_labels(session, session.scalars(select(Round.project_id)).first())
+    assert first and set(statuses.values()) == {"pushed"}  # retried and delivered in round 2
+    retried = {task.image_id: task for task in second if task.image_id in statuses}
+    assert set(retried) == set(statuses)
+    for task in retried.values():  # round 2's model guesses, under round 2's version, with its score and probabilities
+        assert task.round_number == 2 and task.probabilities and task.prediction_score == task.probabilities[task.predicted_label]
+        if task.reason == "suspected_label_error":
+            assert task.current_label == labels[task.image_id].label  # the questioned label as it stands now
+
+
+def test_annotators_who_disagree_evenly_get_one_more_answer(project_with_pool: Path) -> None:
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        project_id = session.scalars(select(Image.project_id)).first()
+        labeled = current_labels(session, project_id)
+        tied = next(i for i in session.scalars(select(Image).where(Image.split == "pool").order_by(Image.id))
+                    if i.id not in labeled and "/scratch/" in i.path)
+        session.add_all([LabelEvent(image_id=tied.id, label="scratch", source="annotator", annotator="ann1"),
+                         LabelEvent(image_id=tied.id, label="spot", source="annotator", annotator="ann2")])
+        tied_id = tied.id
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    with session_scope(ctx.engine) as session:
+        first = session.scalars(select(Round).where(Round.number == 1)).one()
+        asked = session.scalars(select(Selection).where(Selection.reason == "annotators_disagree")).all()
+        assert first.details["ties"] == {"n_images": 1, "asked": 1}
+        assert [(s.image_id, s.strategy, s.push_status) for s in asked] == [(tied_id, "label_quality", "pushed")]
+    # the oracle answers it in round 2's pull: two of three say scratch, the image trains again and is not asked again
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    with session_scope(ctx.engine) as session:
+        assert current_labels(session, project_id)[tied_id].label == "scratch"
+        second = session.scalars(select(Round).where(Round.number == 2)).one()
+        assert second.details["ties"] == {"n_images": 0, "asked": 0}
+        assert len(session.scalars(select(Selection).where(Selection.reason == "annotators_disagree")).all()) == 1
+
+
+def test_a_tie_is_asked_again_only_after_new_answers(project_with_pool: Path) -> None:
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        project_id = session.scalars(select(Image.project_id)).first()
+        labeled = current_labels(session, project_id)
+        tied = next(i for i in session.scalars(select(Image).where(Image.split == "pool").order_by(Image.id)) if i.id not in labeled)
+        session.add_all([LabelEvent(image_id=tied.id, label="scratch", source="annotator", annotator="ann1"),
+                         LabelEvent(image_id=tied.id, label="spot", source="annotator", annotator="ann2")])
+        tied_id, tied_path = tied.id, tied.path
+    truth = Path(load_config(project_with_pool).annotator.oracle_manifest)  # the oracle cannot answer this one: it stays tied
+    truth.write_text("".join(line for line in truth.read_text().splitlines(keepends=True) if tied_path not in line))
+
+    def asked_in(number: int) -> list[int]:
+        with session_scope(ctx.engine) as session:
+            return list(session.scalars(select(Selection.image_id).join(Round).where(Round.number == number, Selection.reason == "annotators_disagree")))
+
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    assert (asked_in(1), asked_in(2)) == ([tied_id], [])  # waiting for its answer: not asked twice
+    with session_scope(ctx.engine) as session:
+        session.add(LabelEvent(image_id=tied_id, label="patch", source="annotator", annotator="ann3"))  # a third view, still a tie
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    assert asked_in(3) == [tied_id]

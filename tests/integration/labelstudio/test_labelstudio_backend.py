@@ -146,6 +146,11 @@ def test_a_suspected_label_error_answered_in_label_studio_is_asked_again_in_its_
     assert labels(store)[store.image_ids[4]].status == "tie"  # two answers disagree: kept out of training until settled
     # each answer agreed with the guess shown when it was given: A with round 1's scratch, B with round 2's spot
     assert (second.details["agreement"]["answers_with_prediction"], second.details["agreement"]["prediction_agreement"]) == (2, 1.0)
+    # the next round asks the tie for one more answer in the same task
+    tie = push(backend, store, [store.task(4, reason="annotators_disagree", predicted="spot", score=0.8, round_number=2)], round_number=2)
+    assert (tie.pushed, tie.reopened) == (0, 1)
+    tie_task = admin.tasks.get(id=str(task_id))
+    assert (tie_task.overlap, tie_task.is_labeled) == (3, False) and "answers given so far disagree" in tie_task.data["why"]
     a.annotations.update(id=answer_a, result=lsc.choice_result("spot"))  # the first annotator, asked again, changes the answer
     pull(backend, store)
     assert labels(store)[store.image_ids[4]].label == "spot"
