@@ -1,7 +1,7 @@
 """The one small interface every annotator backend implements, and the registry that finds one by name."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,6 +45,7 @@ class PushReport:
     already_present: int = 0
     pending: int = 0  # could not be pushed now (backend down): retried next round
     reopened: int = 0  # answered tasks asked again: suspected label errors of images labeled in the backend
+    refreshed: int = 0  # tasks still waiting for an answer that got this round's guess
     warnings: list[str] = field(default_factory=list)
 
 
@@ -54,8 +55,11 @@ class AnnotatorBackend(Protocol):
     def pull(self, *, session: Session, project: Project, round_id: int | None) -> PullReport:
         """Turn every answer given since the last pull into label events (append-only)."""
 
-    def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest]) -> PushReport:
-        """Hand the batch to annotators; idempotent (pushing the same image twice never duplicates a task)."""
+    def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest],
+             open_guesses: Sequence[TaskRequest] = ()) -> PushReport:
+        """Hand the batch to annotators; idempotent (pushing the same image twice never duplicates a task).
+        open_guesses: this round's guesses for images pushed earlier and still unanswered, so what annotators see
+        pre-selected is the current model's (a backend without pre-annotations ignores them)."""
 
 
 BackendFactory = Callable[..., AnnotatorBackend]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -125,7 +125,8 @@ class LabelStudioBackend:
 
     # ------------------------------------------------------------------------------------------------ push
 
-    def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest]) -> PushReport:
+    def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest],
+             open_guesses: Sequence[TaskRequest] = ()) -> PushReport:
         """One task per image with the model's guess pre-selected; idempotent through annotation_tasks.
 
         Label Studio unreachable (or refusing a request): nothing raised, PushReport.pending says how many
@@ -146,7 +147,12 @@ class LabelStudioBackend:
                 client, report, session=session, project=project, ls_project_id=ls_project_id, tasks=list(unique.values()),
                 round_number=round_number, model_version=model_version,
             )  # fmt: skip
-            if predictions_sent and model_version:
+            # Label Studio pre-selects only predictions of the project's model version: once it moves to this round's,
+            # a task pushed earlier and still unanswered would show no guess at all unless it gets this round's too
+            refreshed = self._refresh_open_tasks(client, session=session, project=project, ls_project_id=ls_project_id,
+                                                 guesses=[g for g in open_guesses if g.image_id not in unique], model_version=model_version)
+            report.refreshed = refreshed
+            if (predictions_sent or refreshed) and model_version:
                 lsc.show_predictions_of(client, project_id=ls_project_id, model_version=model_version)
         except (lsc.LabelStudioAuthError, lsc.LabelStudioConfigError):
             raise  # a wrong or missing setting: retrying next round would not help
@@ -270,6 +276,21 @@ class LabelStudioBackend:
         report.pushed, report.already_present = len(task_ids), already_present
         report.pending += pending
         return predictions_sent or any("predictions" in payload for _, payload in new_tasks)
+
+    def _refresh_open_tasks(self, client, *, session: Session, project: Project, ls_project_id: int, guesses: Sequence[TaskRequest],
+                            model_version: str | None) -> int:
+        """This round's guess added to every task of this Label Studio project that waits for its first answer, in one request."""
+        if not guesses or not model_version:
+            return 0
+        task_of = {row.image_id: int(row.external_task_id) for row in session.scalars(
+            select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.external_project_id == str(ls_project_id),
+                                         AnnotationTask.image_id.in_([g.image_id for g in guesses])))}
+        predictions = []
+        for guess in guesses:
+            prediction = self._prediction(guess, project=project, model_version=model_version)
+            if prediction is not None and guess.image_id in task_of:
+                predictions.append({"task": task_of[guess.image_id], **prediction})
+        return lsc.import_predictions(client, project_id=ls_project_id, predictions=predictions)
 
     def _map(self, session: Session, mapped: dict[int, AnnotationTask], image_id: int, ls_project_id: int, task_id: int) -> None:
         row = mapped.get(image_id)

@@ -230,6 +230,14 @@ def import_tasks_with_predictions(client: LabelStudio, *, project_id: int, tasks
     return task_ids
 
 
+def import_predictions(client: LabelStudio, *, project_id: int, predictions: Sequence[Mapping[str, Any]]) -> int:
+    """Predictions ({"task", "result", "model_version", "score"}) for existing tasks, in one request; how many."""
+    if not predictions:
+        return 0
+    client.projects.import_predictions(id=project_id, request=list(predictions))
+    return len(predictions)
+
+
 def list_task_data(client: LabelStudio, *, project_id: int) -> list[dict[str, Any]]:
     """Every task of the project as {"task_id", "data"} (no annotations): to adopt tasks pushed before a crash."""
     return [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy import select
@@ -22,7 +23,8 @@ class NoAnnotator:
     def pull(self, *, session: Session, project: Project, round_id: int | None) -> PullReport:
         return PullReport()
 
-    def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest]) -> PushReport:
+    def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest],
+             open_guesses: Sequence[TaskRequest] = ()) -> PushReport:
         return PushReport(warnings=["annotator backend 'none': the batch is recorded in the store only"] if batch else [])
 
 
@@ -88,5 +90,6 @@ class OracleAnnotator:
             report.new_label_events += 1
         return report
 
-    def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest]) -> PushReport:
+    def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest],
+             open_guesses: Sequence[TaskRequest] = ()) -> PushReport:
         return PushReport(pushed=len(batch))

@@ -966,7 +966,8 @@ def push_batch(state: RoundState) -> None:
         by_image = {task.image_id: task for task in state.batch}
         position_of = {image_id: position for position, image_id in enumerate(state.image_ids)}
         tasks = [by_image.get(image.id) or _retried_task(state, selection, image, position_of.get(image.id)) for selection, image in retry]
-        report = state.backend.push(session=session, project=project, round_id=state.round_id, batch=tasks)
+        report = state.backend.push(session=session, project=project, round_id=state.round_id, batch=tasks,
+                                    open_guesses=_open_guesses(state, session, position_of))
         pushed_ok = report.pending == 0
         now = datetime.now(timezone.utc)
         for selection, _image in retry:
@@ -978,7 +979,7 @@ def push_batch(state: RoundState) -> None:
     for warning in report.warnings:
         state.console.print(f"[yellow]warning:[/] {warning}")
     state.details["push"] = {"backend": name, "pushed": report.pushed, "already_present": report.already_present, "pending": report.pending,
-                             "reopened": report.reopened,
+                             "reopened": report.reopened, "refreshed": report.refreshed,
                              "withdrawn": len(withdrawn), "warnings": report.warnings}
 
 
@@ -987,16 +988,41 @@ def _retried_task(state: RoundState, selection: Selection, image: Image, positio
     this round's version) and a questioned label is shown as it stands now."""
     current = state.label_info.get(image.id)
     current_label = current.label if current is not None and selection.reason in ASKED_AGAIN_REASONS else None
-    predicted_label, probabilities, score = selection.predicted_label, {}, None
-    if position is not None and not state.cold_start and state.probabilities is not None:
-        threshold = state.threshold.threshold if state.threshold else None
-        predicted = int(final_predictions(probabilities=state.probabilities[position:position + 1], negative_index=state.config.negative_index,
-                                          threshold=threshold)[0])
-        probabilities = {name: float(p) for name, p in zip(state.config.classes, state.probabilities[position])}
-        predicted_label = state.config.classes[predicted]
-        score = probabilities[predicted_label]
+    guess = _model_guess(state, position) if position is not None else None
+    predicted_label, score, probabilities = guess if guess is not None else (selection.predicted_label, None, {})
     return TaskRequest(image_id=image.id, image_path=image.path, sha256=image.sha256, reason=selection.reason, predicted_label=predicted_label,
                        prediction_score=score, probabilities=probabilities, current_label=current_label, round_number=state.number)
+
+
+def _model_guess(state: RoundState, position: int) -> tuple[str, float, dict[str, float]] | None:
+    """This round's decision for one image (the defect threshold applied), its probability and all probabilities."""
+    if state.cold_start or state.probabilities is None:
+        return None
+    threshold = state.threshold.threshold if state.threshold else None
+    predicted = int(final_predictions(probabilities=state.probabilities[position:position + 1], negative_index=state.config.negative_index,
+                                      threshold=threshold)[0])
+    probabilities = {name: float(p) for name, p in zip(state.config.classes, state.probabilities[position])}
+    label = state.config.classes[predicted]
+    return label, probabilities[label], probabilities
+
+
+def _open_guesses(state: RoundState, session, position_of: dict[int, int]) -> list[TaskRequest]:  # noqa: ANN001
+    """This round's guess for every image pushed to this backend earlier and still unanswered (not for the test split
+    and held-back copies: their answers become test labels, which should not start from the model's guess)."""
+    if state.cold_start or state.probabilities is None:
+        return []
+    tasks = session.execute(select(AnnotationTask.image_id, Image.path, Image.sha256).join(Image, Image.id == AnnotationTask.image_id)
+                            .where(AnnotationTask.backend == state.backend.name)).all()
+    guesses = []
+    for image_id, path, sha256 in tasks:
+        position = position_of.get(image_id)
+        info = state.label_info.get(image_id)
+        if position is None or (info is not None and info.status != "unlabeled") or state.splits[position] == "test" or position in state.held_back:
+            continue
+        label, score, probabilities = _model_guess(state, position)
+        guesses.append(TaskRequest(image_id=image_id, image_path=path, sha256=sha256, reason="open", predicted_label=label, prediction_score=score,
+                                   probabilities=probabilities, round_number=state.number))
+    return guesses
 
 
 def _p_defect(state: RoundState, task: TaskRequest) -> float | None:

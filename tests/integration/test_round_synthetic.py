@@ -475,9 +475,9 @@ def test_a_batch_the_backend_could_not_take_is_pushed_next_round_with_that_round
     from labeling.simulated import OracleAnnotator
 
     pushed: list[list] = []
-    monkeypatch.setattr(OracleAnnotator, "push", lambda self, *, session, project, round_id, batch: (pushed.append(batch), PushReport(pending=len(batch)))[1])
+    monkeypatch.setattr(OracleAnnotator, "push", lambda self, *, session, project, round_id, batch, **_: (pushed.append(batch), PushReport(pending=len(batch)))[1])
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
-    monkeypatch.setattr(OracleAnnotator, "push", lambda self, *, session, project, round_id, batch: (pushed.append(batch), PushReport(pushed=len(batch)))[1])
+    monkeypatch.setattr(OracleAnnotator, "push", lambda self, *, session, project, round_id, batch, **_: (pushed.append(batch), PushReport(pushed=len(batch)))[1])
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     first, second = pushed
     with session_scope(open_project(project_with_pool).engine) as session:

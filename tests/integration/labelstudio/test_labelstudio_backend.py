@@ -21,10 +21,10 @@ from store.queries import current_labels
 pytestmark = pytest.mark.labelstudio
 
 
-def push(backend, store, tasks, round_number: int = 1):  # noqa: ANN001
+def push(backend, store, tasks, round_number: int = 1, open_guesses=()):  # noqa: ANN001
     with store.session() as session:
         project = session.get(Project, store.project_id)
-        return backend.push(session=session, project=project, round_id=store.round_ids[round_number], batch=tasks)
+        return backend.push(session=session, project=project, round_id=store.round_ids[round_number], batch=tasks, open_guesses=open_guesses)
 
 
 def pull(backend, store, round_number: int = 2):  # noqa: ANN001
@@ -187,6 +187,26 @@ def test_reopening_survives_a_deleted_task_a_half_done_reopen_and_repeated_answe
     again = push(backend, store, [store.task(k, reason="suspected_label_error", predicted="spot", score=0.8, current_label="scratch", round_number=2)
                                   for k in (5, 6)], round_number=2)
     assert (again.reopened, again.pending) == (0, 0)
+
+
+def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_selection(labelstudio, store, backend) -> None:
+    push(backend, store, [store.task(k, predicted="scratch", score=0.6) for k in (4, 5, 6)])
+    tasks = task_ids_by_image(store)
+    annotate(labelstudio.as_annotator(ANNOTATOR_A), tasks[store.image_ids[4]], "scratch")
+    guesses = [store.task(k, reason="open", predicted="spot", score=0.7, round_number=2) for k in (5, 6)]
+    report = push(backend, store, [store.task(7, predicted="good", score=0.9, round_number=2)], round_number=2, open_guesses=guesses)
+    assert (report.pushed, report.refreshed, report.pending, report.warnings) == (1, 2, 0, [])
+    admin = labelstudio.admin()
+    assert admin.projects.get(id=ls_project_id(store)).model_version == "round-2"
+    for k in (5, 6):
+        versions = {p.model_version: lsc.result_choices(p.result) for p in admin.tasks.get(id=str(tasks[store.image_ids[k]])).predictions}
+        assert versions == {"round-1": ["scratch"], "round-2": ["spot"]}
+    # what Label Studio's label stream hands an annotator: an earlier round's task, with this round's guess pre-selected
+    response = httpx.get(f"{labelstudio.url}/api/projects/{ls_project_id(store)}/next",
+                         headers={"Authorization": f"Token {labelstudio.annotator_tokens[ANNOTATOR_B]}"})
+    offered = response.json()
+    assert offered["id"] == tasks[store.image_ids[5]]  # oldest first; image 4's task is answered
+    assert [(p["model_version"], lsc.result_choices(p["result"])) for p in offered["predictions"]] == [("round-2", ["spot"])]
 
 
 def test_push_and_pull_when_label_studio_is_unreachable_or_token_wrong(labelstudio, store) -> None:
