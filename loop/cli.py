@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from loop.config import AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, save_config
@@ -39,7 +40,7 @@ def clear_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, IngestError, ProjectBusy, RoundFailed, WeightsUnavailable, LabelStudioServerError, LookupError, FileNotFoundError, ValueError) as error:
-        error_console.print(f"[bold red]error:[/] {error}")
+        error_console.print(f"[bold red]error:[/] {escape(str(error))}")
         raise typer.Exit(EXIT_USAGE) from None
 
 
@@ -121,9 +122,9 @@ def ingest(
     if report.split_counts:
         console.print("splits: " + ", ".join(f"{k} {v}" for k, v in sorted(report.split_counts.items())))
     for path, reason in report.quarantined[:20]:
-        console.print(f"[yellow]quarantined[/] {path}: {reason}")
+        console.print(f"[yellow]quarantined[/] {escape(str(path))}: {escape(str(reason))}")
     for note in report.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {escape(str(note))}")
 
 
 def gate_table(gates: list, *, title: str) -> Table:
@@ -236,7 +237,7 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     if report["quarantined"]:
         console.print(f"[yellow]{len(report['quarantined'])} quarantined files[/]")
         for item in report["quarantined"][:20]:
-            console.print(f"  {item['path']}: {item['reason']}")
+            console.print(f"  {escape(str(item['path']))}: {escape(str(item['reason']))}")
 
 
 @app.command()
@@ -332,7 +333,7 @@ def labelstudio_up(
     console.print(f"  login: {server.username}" + (f" / {server.password}" if server.password else ""))
     console.print(f"  API token: {server.token}   (export LABEL_STUDIO_URL={server.url} LABEL_STUDIO_API_KEY={server.token})")
     if project is not None:
-        console.print(f"  {project}/loop.toml now uses it: [annotator] backend = \"labelstudio\"")
+        console.print(f"  {escape(str(project))}/loop.toml now uses it: \\[annotator] backend = \"labelstudio\"")
     console.print(f"  stop it with: loop labelstudio down --data-dir {data_dir}")
 
 

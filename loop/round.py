@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy import func, select
 
 from labeling import ASKED_AGAIN_REASONS, AnnotatorBackend, PullReport, PushReport, TaskRequest, create_backend
@@ -167,7 +168,7 @@ def pull_labels(state: RoundState) -> None:
         project = get_project(session)
         state.pull_report = state.backend.pull(session=session, project=project, round_id=state.round_id)
     for warning in state.pull_report.warnings:
-        state.console.print(f"[yellow]warning:[/] {warning}")
+        state.console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def check_image_files(state: RoundState) -> None:
@@ -193,7 +194,7 @@ def check_image_files(state: RoundState) -> None:
                     continue
             quarantined.append((image.path, image.status_reason))
     for path, reason in quarantined:
-        state.console.print(f"[yellow]quarantined[/] {path}: {reason}")
+        state.console.print(f"[yellow]quarantined[/] {escape(str(path))}: {escape(str(reason))}")
     state.details["newly_quarantined"] = len(quarantined)
 
 
@@ -232,7 +233,7 @@ def find_near_copies(state: RoundState) -> None:
         state.near_duplicates = find_near_duplicates(embeddings=state.embeddings, thumbnails=thumbnails, known_groups=parts,
                                                      seed=state.config.loop.seed, advance=advance, pair_cache=pair_cache, image_keys=state.hashes)
     if not pair_cache.save():
-        state.console.print(f"[yellow]could not write the near-duplicate pair cache {pair_cache.path}: the next round recomputes its pairs[/yellow]")
+        state.console.print(f"[yellow]could not write the near-duplicate pair cache {escape(str(pair_cache.path))}: the next round recomputes its pairs[/yellow]")
 
 
 def place_new_labels(state: RoundState) -> None:
@@ -368,7 +369,7 @@ def gather_labeled_pool(state: RoundState) -> None:
                 "reason": f"no defect labels outside the test split yet ({len(non_test)} {state.config.negative_class!r} labels): no model, no gates; "
                           f"the batch is {picks}",
                 "known_good": len(non_test), "strategy": strategy}
-            state.console.print(f"[yellow]cold start:[/] {state.details['cold_start']['reason']}")
+            state.console.print(f"[yellow]cold start:[/] {escape(state.details['cold_start']['reason'])}")
             test_labels = set(state.labels[state.positions(split="test", labeled=True)].tolist())
             if not test_labels - {negative}:
                 state.console.print("[yellow]warning:[/] the frozen test split holds no defect (it is drawn from the labels at ingest): the defect "
@@ -379,7 +380,7 @@ def gather_labeled_pool(state: RoundState) -> None:
         raise RoundFailed("the frozen test split is empty: ingest labeled images first (the test split is drawn from them)")
     missing_classes = [name for i, name in enumerate(state.config.classes) if i not in present]
     if missing_classes:
-        state.console.print(f"[yellow]warning:[/] no labeled training images yet for: {', '.join(missing_classes)}")
+        state.console.print(f"[yellow]warning:[/] no labeled training images yet for: {escape(', '.join(missing_classes))}")
     state.details["classes_without_training_labels"] = missing_classes
 
 
@@ -657,7 +658,7 @@ def choose_threshold(state: RoundState) -> None:
         confidence=state.config.model.threshold_confidence, unlabeled_p_defect=1.0 - state.probabilities[unlabeled, negative],
     ).threshold if len(unlabeled) else state.threshold.threshold
     if not state.threshold.margin_attainable:
-        state.console.print(f"[yellow]warning:[/] only {state.threshold.n_negatives} labeled '{state.config.negative_class}' images to choose the threshold on: "
+        state.console.print(f"[yellow]warning:[/] only {state.threshold.n_negatives} labeled '{escape(str(state.config.negative_class))}' images to choose the threshold on: "
                             "no false positive is allowed and the FPR gate still has no safety margin. Label more good parts.")
     # The loop's own estimate of each gate, from the same non-test data: it steers selection, never the test split.
     estimate_probabilities = held_out[positions] if source == "validation" else state.calibrated_oof_probabilities
@@ -977,7 +978,7 @@ def push_batch(state: RoundState) -> None:
                 selection.push_status, selection.pushed_at = "pushed", now
         state.push_report = report
     for warning in report.warnings:
-        state.console.print(f"[yellow]warning:[/] {warning}")
+        state.console.print(f"[yellow]warning:[/] {escape(warning)}")
     state.details["push"] = {"backend": name, "pushed": report.pushed, "already_present": report.already_present, "pending": report.pending,
                              "reopened": report.reopened, "refreshed": report.refreshed,
                              "withdrawn": len(withdrawn), "warnings": report.warnings}

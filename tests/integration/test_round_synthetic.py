@@ -540,3 +540,15 @@ def test_a_tie_is_asked_again_only_after_new_answers(project_with_pool: Path) ->
         session.add(LabelEvent(image_id=tied_id, label="patch", source="annotator", annotator="ann3"))  # a third view, still a tie
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     assert asked_in(3) == [tied_id]
+
+
+def test_an_error_naming_a_loop_toml_section_prints_the_section(tmp_path: Path, class_folders: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # rich reads "[annotator]" as a style tag and drops it: the message must still name the setting to fix
+    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    project = tmp_path / "ls"
+    assert invoke("init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good", "--annotator", "labelstudio").exit_code == 0
+    assert invoke("ingest", str(class_folders), "--project", str(project), "--quiet").exit_code == 0
+    result = runner.invoke(app, ["round", "--project", str(project), "--quiet"])
+    assert result.exit_code != 0
+    assert "loop.toml [annotator] labelstudio_url" in " ".join(result.output.split()), result.output
