@@ -76,3 +76,19 @@ def test_a_validation_set_without_errors_gets_a_finite_temperature():
     assert 0.1 < temperature < 1.0
     confidence = softmax_with_temperature(logits, temperature).max(axis=1).mean()
     assert confidence == pytest.approx((n + 1) / (n + 2), abs=0.01)
+
+
+def test_with_errors_present_the_temperature_never_makes_the_nll_worse():
+    # Small validation splits with a few errors (the loop's usual case): the fitted temperature is the NLL's own
+    # minimum, so calibration never reports a worse NLL than leaving the model alone.
+    rng = np.random.default_rng(0)
+    worse = 0
+    for _ in range(300):
+        labels = rng.integers(0, 2, 22)
+        logits = rng.normal(0, 1, (22, 2))
+        logits[np.arange(22), labels] += rng.uniform(1, 6)
+        if (logits.argmax(1) == labels).all():
+            continue
+        temperature = fit_temperature(logits=logits, labels=labels)
+        worse += negative_log_likelihood(logits=logits, labels=labels, temperature=temperature) > negative_log_likelihood(logits=logits, labels=labels) + 1e-9
+    assert worse == 0
