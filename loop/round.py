@@ -737,7 +737,12 @@ def find_data_issues(state: RoundState) -> None:
     near = state.near_duplicates
     if near is None:
         return
-    outliers = find_outliers(embeddings=state.embeddings)
+    # images are compared with their own class (given, else predicted): a defect class is more varied than good parts
+    groups = state.labels.copy()
+    if state.probabilities is not None and not state.cold_start:
+        unlabeled = groups == UNLABELED
+        groups[unlabeled] = state.probabilities[unlabeled].argmax(axis=1)
+    outliers = find_outliers(embeddings=state.embeddings, groups=groups)
     classes = state.config.classes
     rows = []
     for kind, finding in (("near_duplicate", near), ("outlier", outliers)):

@@ -604,12 +604,15 @@ def connected_groups(n: int, edges: list[tuple[int, int]]) -> list[list[int]]:
 
 
 def find_outliers(
-    *, embeddings: np.ndarray, k: int = 10, threshold_mads: float = 6.0
+    *, embeddings: np.ndarray, k: int = 10, threshold_mads: float = 6.0, groups: np.ndarray | None = None, min_group_size: int = 20
 ) -> Finding:
     """Images far from all others: mean cosine distance to their k nearest neighbours.
 
-    Flagged when that distance exceeds median + `threshold_mads` x MAD (scaled to a standard
-    deviation) of the whole set. scores = exp(-distance / median distance), in (0, 1].
+    Flagged when that distance exceeds median + `threshold_mads` x MAD (scaled to a standard deviation) of the
+    images like it: `groups` (e.g. the class, given or predicted; -1 = none) sets whose distances a cutoff is read
+    from, for groups of at least `min_group_size`; the rest use the whole set's. Without groups a compact majority
+    class (good parts) sets the cutoff, and every image of a more varied defect class reads as an outlier: on the
+    demo all 51 cracks were flagged. scores = exp(-distance / median distance of the whole set), in (0, 1].
     """
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2:
@@ -623,9 +626,23 @@ def find_outliers(
         )
     sims, neighbors = _nearest_neighbors(embeddings, k)
     distance = (1.0 - sims.astype(np.float64)).mean(axis=1)
-    median = float(np.median(distance))
-    mad = float(np.median(np.abs(distance - median))) * 1.4826
-    cutoff = median + threshold_mads * max(mad, 1e-12)
+
+    def cutoff_of(values: np.ndarray) -> tuple[float, float]:
+        median = float(np.median(values))
+        mad = float(np.median(np.abs(values - median))) * 1.4826
+        return median, median + threshold_mads * max(mad, 1e-12)
+
+    median, overall_cutoff = cutoff_of(distance)
+    cutoff = np.full(n, overall_cutoff)
+    group_cutoffs: dict[str, float] = {}
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != (n,):
+            raise ValueError(f"groups must be one value per image ({n}), got shape {groups.shape}")
+        for group in np.unique(groups):
+            members = groups == group
+            if group != -1 and members.sum() >= min_group_size:
+                cutoff[members] = group_cutoffs.setdefault(str(group), round(cutoff_of(distance[members])[1], 6))
     is_issue = distance > cutoff
     scores = np.exp(-distance / max(median, 1e-12))
     return Finding(
@@ -635,7 +652,8 @@ def find_outliers(
             "n_issues": int(is_issue.sum()),
             "k": int(neighbors.shape[1]),
             "median_knn_distance": round(median, 6),
-            "cutoff_knn_distance": round(cutoff, 6),
+            "cutoff_knn_distance": round(overall_cutoff, 6),
+            **({"cutoff_knn_distance_by_group": group_cutoffs} if groups is not None else {}),
         },
         related=neighbors[:, 0].astype(np.int64),
     )

@@ -294,3 +294,20 @@ def test_outliers_are_the_far_points() -> None:
 def test_tiny_inputs_do_not_crash() -> None:
     assert not find_near_duplicates(embeddings=np.ones((1, 3)), threshold=0.9).is_issue.any()
     assert not find_outliers(embeddings=np.ones((2, 3))).is_issue.any()
+
+
+def test_a_varied_defect_class_is_not_an_outlier_class_but_its_odd_image_is() -> None:
+    # Good parts: one tight cluster. Defects: as many looks as images (varied), plus one image unlike anything.
+    rng = np.random.default_rng(3)
+    good = rng.normal(size=(1, 64)) * 3 + rng.normal(size=(500, 64)) * 0.3
+    defects = rng.normal(size=(1, 64)) * 3 + rng.normal(size=(60, 64)) * 1.2
+    odd = rng.normal(size=(1, 64)) * 6
+    embeddings = np.concatenate([good, defects, odd]).astype(np.float32)
+    classes = np.array([0] * 500 + [1] * 61)
+    whole_set = find_outliers(embeddings=embeddings)
+    assert whole_set.is_issue[500:560].mean() > 0.5  # judged against the good parts, most defects "are outliers"
+    by_class = find_outliers(embeddings=embeddings, groups=classes)
+    assert by_class.is_issue[560] and by_class.is_issue[500:560].sum() <= 2 and by_class.is_issue[:500].sum() <= 2
+    assert set(by_class.summary["cutoff_knn_distance_by_group"]) == {"0", "1"}
+    tiny = find_outliers(embeddings=embeddings, groups=np.where(np.arange(561) < 500, 0, -1))  # ungrouped images use the whole set
+    assert tiny.is_issue[500:560].mean() > 0.5
