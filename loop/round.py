@@ -10,6 +10,7 @@ fails leaves what earlier steps committed (pulled labels, quarantined files) int
 """
 from __future__ import annotations
 
+import shutil
 import time
 import traceback
 from collections import Counter
@@ -1116,8 +1117,11 @@ def _plot_gates_history(session, project_id: int, state: RoundState) -> Path:  #
     numbers = [n for n, _, _ in history] + [state.number]
     series = {name: [gates[name].value if name in gates else None for _, gates, _ in history] + [current[name].value] for name in current}
     labeled = [c.get("train", 0) + c.get("validation", 0) for _, _, c in history] + [state.details["labeled_counts"]["train"] + state.details["labeled_counts"]["validation"]]
-    return plot_gates_over_rounds(rounds=numbers, gate_series=series, thresholds={g.name: g.threshold for g in state.gates},
-                                  comparisons={g.name: g.comparison for g in state.gates}, path=state.ctx.artifacts_dir / "gates_over_rounds.png", labeled_counts=labeled)
+    # each round keeps its own picture (what the round record points to); artifacts/gates_over_rounds.png is the latest
+    path = plot_gates_over_rounds(rounds=numbers, gate_series=series, thresholds={g.name: g.threshold for g in state.gates},
+                                  comparisons={g.name: g.comparison for g in state.gates}, path=state.round_dir / "gates_over_rounds.png", labeled_counts=labeled)
+    shutil.copyfile(path, state.ctx.artifacts_dir / "gates_over_rounds.png")
+    return path
 
 
 def _jsonable(value: Any) -> Any:

@@ -4,9 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from loop.cli import app
+from loop.project import open_project
+from store import session_scope
+from store.models import Round
 
 runner = CliRunner()
 
@@ -22,7 +26,12 @@ def test_demo_runs_rounds_records_them_and_writes_plots(tmp_path: Path) -> None:
     assert [r["number"] for r in report["rounds"]] == [1, 2]
     assert all(r["status"] == "completed" for r in report["rounds"])
     assert report["labels"]["by_source"]["oracle"] > 0  # round 2 pulled the oracle's answers to round 1's batch
-    assert (project / "artifacts" / "gates_over_rounds.png").read_bytes()[:4] == b"\x89PNG"
+    assert (project / "artifacts" / "gates_over_rounds.png").read_bytes()[:4] == b"\x89PNG"  # the latest
+    # each round's record points to its own picture of the gates so far, not to one file every round overwrites
+    with session_scope(open_project(project).engine) as session:
+        pictures = [Path(r.artifacts["gates_png"]) for r in session.scalars(select(Round).order_by(Round.number))]
+    assert len(set(pictures)) == len(pictures) and all(p.read_bytes()[:4] == b"\x89PNG" for p in pictures)
+    assert pictures[-1].read_bytes() == (project / "artifacts" / "gates_over_rounds.png").read_bytes()
     # A second demo into the same folder is refused, not merged into the first.
     again = runner.invoke(app, ["demo", "--project", str(project), "--images", "200", "--rounds", "1"])
     assert again.exit_code != 0 and "is a project already" in " ".join(again.output.split())
