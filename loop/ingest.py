@@ -328,6 +328,14 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
             session.add(LabelEvent(image_id=image.id, label=label, source="import", annotator=f"ingest:{batch.id}"))
         session.flush()
         _hold_out_test_parts(session, project.id, {part for part, placed in placed_parts.items() if placed == "test"})
+        # A quarantined file fixed (or changed) and ingested again is a new image; its quarantine is over, not pending.
+        readable_now = {image.path: image for image in new_images.values() if image.status == "ok"}
+        if readable_now:
+            for stale in session.scalars(select(Image).where(Image.project_id == project.id, Image.status == "quarantined",
+                                                             Image.path.in_(list(readable_now)))):
+                stale.status = "replaced"
+                stale.status_reason = f"replaced by image {readable_now[stale.path].id}: ingested again with new content ({stale.status_reason})"
+                report.notes.append(f"{stale.path} was quarantined ({stale.status_reason.split(': ', 1)[1]}); it reads now and is a new image")
 
         report.n_new_images = len(new_images)
         report.split_counts = dict(Counter(img.split for img in new_images.values() if img.status == "ok"))

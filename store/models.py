@@ -53,7 +53,7 @@ class Image(Base):
     mtime_ns: Mapped[int] = mapped_column(BigInteger, default=0)
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(20), default="ok")  # ok | quarantined
+    status: Mapped[str] = mapped_column(String(20), default="ok")  # ok | quarantined | replaced (a quarantined file ingested again as a new image)
     status_reason: Mapped[str | None] = mapped_column(Text)
     split: Mapped[str] = mapped_column(String(20))  # test | validation | train | pool
     # The physical part the photo shows (e.g. one tile under six exposures): a part's images always share a split,

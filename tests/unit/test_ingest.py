@@ -63,6 +63,15 @@ def test_corrupt_and_truncated_files_are_quarantined_not_fatal(new_project, clas
     assert set(quarantined) == {"truncated.png", "garbage.png"}
     assert all("cannot decode" in reason for reason in quarantined.values())
 
+    # Someone fixes the truncated file and ingests again: a new image, and the quarantine is over (loop status lists garbage.png only)
+    synthetic_image("good", rng=np.random.default_rng(999), size=48).save(class_folders / "good" / "truncated.png")
+    again = ingest_source(new_project, class_folders, show_progress=False)
+    assert any("truncated.png was quarantined" in note for note in again.notes)
+    rows = [r for r in images(new_project) if Path(r.path).name == "truncated.png"]
+    assert sorted(r.status for r in rows) == ["ok", "replaced"]
+    from loop.status import project_status
+    assert [Path(item["path"]).name for item in project_status(new_project)["quarantined"]] == ["garbage.png"]
+
 
 def test_mvtec_layout_is_pooled_and_recorded(new_project, tmp_path: Path) -> None:
     import numpy as np
