@@ -42,6 +42,11 @@ REASON_TEXT = {
 }
 
 
+# Predictions per import request when adding a round's guesses to waiting tasks: 20,000 took Label Studio 12 s,
+# and the SDK's client times out at 30 s.
+REFRESH_CHUNK = 2000
+
+
 def annotator_name(user_id: Any) -> str:
     """One annotator identity for pull and webhook alike (the webhook payload carries only the user id)."""
     return f"labelstudio:{user_id}"
@@ -136,7 +141,7 @@ class LabelStudioBackend:
         unique: dict[int, TaskRequest] = {}
         for task in batch:
             unique.setdefault(task.image_id, task)
-        if not unique:
+        if not unique and not open_guesses:
             return report
         round_number = _round_number(session, round_id, batch)
         model_version = f"round-{round_number}" if round_number is not None else None
@@ -149,10 +154,13 @@ class LabelStudioBackend:
             )  # fmt: skip
             # Label Studio pre-selects only predictions of the project's model version: once it moves to this round's,
             # a task pushed earlier and still unanswered would show no guess at all unless it gets this round's too
-            refreshed = self._refresh_open_tasks(client, session=session, project=project, ls_project_id=ls_project_id,
-                                                 guesses=[g for g in open_guesses if g.image_id not in unique], model_version=model_version)
-            report.refreshed = refreshed
-            if (predictions_sent or refreshed) and model_version:
+            try:
+                report.refreshed = self._refresh_open_tasks(client, session=session, project=project, ls_project_id=ls_project_id,
+                                                            guesses=[g for g in open_guesses if g.image_id not in unique], model_version=model_version)
+            except (httpx.HTTPError, ApiError) as error:  # the batch itself is in; its tasks show this round's guesses anyway
+                report.warnings.append(f"could not add this round's guesses to the tasks still waiting for an answer ({_describe(error)}); "
+                                       "they show no pre-selection until a later round adds them")
+            if (predictions_sent or report.refreshed) and model_version:
                 lsc.show_predictions_of(client, project_id=ls_project_id, model_version=model_version)
         except (lsc.LabelStudioAuthError, lsc.LabelStudioConfigError):
             raise  # a wrong or missing setting: retrying next round would not help
@@ -279,18 +287,26 @@ class LabelStudioBackend:
 
     def _refresh_open_tasks(self, client, *, session: Session, project: Project, ls_project_id: int, guesses: Sequence[TaskRequest],
                             model_version: str | None) -> int:
-        """This round's guess added to every task of this Label Studio project that waits for its first answer, in one request."""
+        """This round's guess added to every task of this Label Studio project that waits for an answer, in requests of
+        REFRESH_CHUNK. Only tasks that are still there and still show the image: a task deleted in Label Studio fails
+        the whole request, and its id may have been given to another image's task since."""
         if not guesses or not model_version:
             return 0
+        wanted = {g.image_id for g in guesses}
         task_of = {row.image_id: int(row.external_task_id) for row in session.scalars(
-            select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.external_project_id == str(ls_project_id),
-                                         AnnotationTask.image_id.in_([g.image_id for g in guesses])))}
+            select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.external_project_id == str(ls_project_id)))
+            if row.image_id in wanted}
+        live = {entry["task_id"]: entry["data"] for entry in lsc.list_task_data(client, project_id=ls_project_id)}
         predictions = []
         for guess in guesses:
+            task_id = task_of.get(guess.image_id)
+            data = live.get(task_id) if task_id is not None else None
             prediction = self._prediction(guess, project=project, model_version=model_version)
-            if prediction is not None and guess.image_id in task_of:
-                predictions.append({"task": task_of[guess.image_id], **prediction})
-        return lsc.import_predictions(client, project_id=ls_project_id, predictions=predictions)
+            if prediction is not None and data is not None and data.get("defect_loop_image_id") == guess.image_id:
+                predictions.append({"task": task_id, **prediction})
+        for start in range(0, len(predictions), REFRESH_CHUNK):
+            lsc.import_predictions(client, project_id=ls_project_id, predictions=predictions[start:start + REFRESH_CHUNK])
+        return len(predictions)
 
     def _map(self, session: Session, mapped: dict[int, AnnotationTask], image_id: int, ls_project_id: int, task_id: int) -> None:
         row = mapped.get(image_id)

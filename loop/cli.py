@@ -167,7 +167,7 @@ def print_round(outcome) -> None:  # noqa: ANN001
     counts = details["labeled_counts"]
     if details.get("cold_start"):
         selection = details.get("selection") or {}
-        console.print(f"round {outcome.number}: [yellow]cold start[/] · {details['cold_start']['reason']}")
+        console.print(f"round {outcome.number}: [yellow]cold start[/] · {escape(details['cold_start']['reason'])}")
         console.print(f"labeled: train {counts['train']}, validation {counts['validation']}, test {counts['test']}; unlabeled {counts['unlabeled']} · "
                       f"selected for labeling: {details.get('push', {}).get('pushed', 0)} pushed, {details.get('push', {}).get('pending', 0)} pending "
                       f"({selection.get('scanned', 0)} pool images ranked against {selection.get('n_known_good', 0)} known-good) · "

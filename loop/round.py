@@ -10,10 +10,11 @@ fails leaves what earlier steps committed (pulled labels, quarantined files) int
 """
 from __future__ import annotations
 
+import inspect
 import shutil
 import time
 import traceback
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -854,6 +855,12 @@ def select_next_batch(state: RoundState) -> None:
     threshold = state.threshold.threshold if state.threshold else None
     predicted = final_predictions(probabilities=state.probabilities, negative_index=state.config.negative_index, threshold=threshold)
     for position, score, reason, current in picks:
+        if state.splits[position] == "test" or position in state.held_back:
+            # a tied test image: its answer becomes a test label, which should not start from the model's guess
+            state.batch.append(TaskRequest(image_id=state.image_ids[position], image_path=state.paths[position], sha256=state.hashes[position],
+                                           reason=reason, current_label=current, round_number=state.number))
+            state.batch_meta.append({"score": score, "strategy": "label_quality"})
+            continue
         predicted_label = state.config.classes[int(predicted[position])]
         probabilities = {name: float(p) for name, p in zip(state.config.classes, state.probabilities[position])}
         state.batch.append(TaskRequest(
@@ -893,24 +900,47 @@ def _relabel_requests(state: RoundState, budget: int) -> list[dict]:
 def _tie_requests(state: RoundState, budget: int) -> list[int]:
     """Images whose annotators disagree evenly (kept out of training and out of the test metrics) go back for one more
     answer, on top of the round's budget and at most `budget` of them: a tie is a certain problem, and nothing else
-    settles it (a tie is not selectable as unlabeled). Asked again only when new answers came since the last ask and
-    it is still tied."""
+    settles it (a tie is not selectable as unlabeled). Asked again only when new answers came after the last ask was
+    pushed and it is still tied."""
     tied = [image_id for image_id, info in state.label_info.items() if info.status == "tie"]
     state.details["ties"] = {"n_images": len(tied), "asked": 0}
     if not tied or budget <= 0:
         return []
     position_of = {image_id: position for position, image_id in enumerate(state.image_ids)}
     with session_scope(state.ctx.engine) as session:
-        last_answer = dict(session.execute(
-            select(LabelEvent.image_id, func.max(LabelEvent.created_at)).where(LabelEvent.image_id.in_(tied)).group_by(LabelEvent.image_id)).all())
-        last_ask = dict(session.execute(
-            select(Selection.image_id, func.max(Round.started_at)).join(Round, Round.id == Selection.round_id)
-            .where(Selection.image_id.in_(tied), Selection.reason == "annotators_disagree", Round.id != state.round_id)
-            .group_by(Selection.image_id)).all())
-    due = [image_id for image_id in sorted(tied) if image_id in position_of
-           and (image_id not in last_ask or _aware(last_answer.get(image_id)) > _aware(last_ask[image_id]))]
+        asks = _open_asks(session, tied, reasons=("annotators_disagree",), current_round_id=state.round_id)
+    due = [image_id for image_id in sorted(tied) if image_id in position_of and image_id not in asks]
     state.details["ties"]["asked"] = min(len(due), budget)
     return [position_of[image_id] for image_id in due[:budget]]
+
+
+def _open_asks(session, image_ids: list[int], *, reasons: tuple[str, ...], current_round_id: int | None) -> set[int]:  # noqa: ANN001
+    """Images asked about for one of `reasons` (by an earlier round) whose ask still waits: not pushed yet, or pushed
+    and no answer (label event) recorded since. Compared with the push time: answers pulled at the start of the
+    asking round came before the ask."""
+    if not image_ids:
+        return set()
+    asks: dict[int, list[tuple[str, datetime | None]]] = defaultdict(list)
+    for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
+        ids = image_ids[chunk:chunk + 500]
+        for image_id, status, pushed_at in session.execute(
+                select(Selection.image_id, Selection.push_status, Selection.pushed_at)
+                .where(Selection.image_id.in_(ids), Selection.reason.in_(reasons), Selection.round_id != (current_round_id or -1))):
+            asks[image_id].append((status, pushed_at))
+    last_answer: dict[int, datetime] = {}
+    asked = list(asks)
+    for chunk in range(0, len(asked), 500):
+        last_answer.update(session.execute(select(LabelEvent.image_id, func.max(LabelEvent.created_at))
+                                           .where(LabelEvent.image_id.in_(asked[chunk:chunk + 500])).group_by(LabelEvent.image_id)).all())
+    waiting = set()
+    for image_id, rows in asks.items():
+        if any(status in ("pending", "failed") for status, _ in rows):
+            waiting.add(image_id)
+            continue
+        pushed = [_aware(at) for status, at in rows if status == "pushed" and at is not None]
+        if pushed and _aware(last_answer.get(image_id)) < max(pushed):
+            waiting.add(image_id)
+    return waiting
 
 
 def _aware(moment: datetime | None) -> datetime:
@@ -973,8 +1003,10 @@ def push_batch(state: RoundState) -> None:
         by_image = {task.image_id: task for task in state.batch}
         position_of = {image_id: position for position, image_id in enumerate(state.image_ids)}
         tasks = [by_image.get(image.id) or _retried_task(state, selection, image, position_of.get(image.id)) for selection, image in retry]
-        report = state.backend.push(session=session, project=project, round_id=state.round_id, batch=tasks,
-                                    open_guesses=_open_guesses(state, session, position_of))
+        extra = {}
+        if "open_guesses" in inspect.signature(state.backend.push).parameters:  # a backend registered elsewhere may not take them
+            extra["open_guesses"] = _open_guesses(state, session, position_of, in_batch={task.image_id for task in tasks})
+        report = state.backend.push(session=session, project=project, round_id=state.round_id, batch=tasks, **extra)
         pushed_ok = report.pending == 0
         now = datetime.now(timezone.utc)
         for selection, _image in retry:
@@ -1013,18 +1045,23 @@ def _model_guess(state: RoundState, position: int) -> tuple[str, float, dict[str
     return label, probabilities[label], probabilities
 
 
-def _open_guesses(state: RoundState, session, position_of: dict[int, int]) -> list[TaskRequest]:  # noqa: ANN001
-    """This round's guess for every image pushed to this backend earlier and still unanswered (not for the test split
-    and held-back copies: their answers become test labels, which should not start from the model's guess)."""
+def _open_guesses(state: RoundState, session, position_of: dict[int, int], *, in_batch: set[int]) -> list[TaskRequest]:  # noqa: ANN001
+    """This round's guess for every image pushed to this backend earlier and still waiting for an answer: never
+    answered, or asked again (a questioned label, a tie) with no answer since. Not for the test split and held-back
+    copies: their answers become test labels, which should not start from the model's guess."""
     if state.cold_start or state.probabilities is None:
         return []
     tasks = session.execute(select(AnnotationTask.image_id, Image.path, Image.sha256).join(Image, Image.id == AnnotationTask.image_id)
                             .where(AnnotationTask.backend == state.backend.name)).all()
+    answered = [image_id for image_id, _, _ in tasks if image_id not in in_batch
+                and (info := state.label_info.get(image_id)) is not None and info.status != "unlabeled"]
+    asked_again = _open_asks(session, answered, reasons=ASKED_AGAIN_REASONS, current_round_id=state.round_id)
     guesses = []
     for image_id, path, sha256 in tasks:
         position = position_of.get(image_id)
         info = state.label_info.get(image_id)
-        if position is None or (info is not None and info.status != "unlabeled") or state.splits[position] == "test" or position in state.held_back:
+        waiting = info is None or info.status == "unlabeled" or image_id in asked_again
+        if position is None or image_id in in_batch or not waiting or state.splits[position] == "test" or position in state.held_back:
             continue
         label, score, probabilities = _model_guess(state, position)
         guesses.append(TaskRequest(image_id=image_id, image_path=path, sha256=sha256, reason="open", predicted_label=label, prediction_score=score,

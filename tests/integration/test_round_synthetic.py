@@ -558,3 +558,31 @@ def test_an_error_naming_a_loop_toml_section_prints_the_section(tmp_path: Path, 
     result = runner.invoke(app, ["round", "--project", str(project), "--quiet"])
     assert result.exit_code != 0
     assert "loop.toml [annotator] labelstudio_url" in " ".join(result.output.split()), result.output
+
+
+def test_a_tie_answered_in_the_rounds_own_pull_is_asked_once(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The usual Label Studio case: the disagreeing answers arrive in round 1's pull, i.e. after round 1 started.
+    from labeling.simulated import OracleAnnotator
+
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        labeled = current_labels(session, session.scalars(select(Image.project_id)).first())
+        tied = next(i for i in session.scalars(select(Image).where(Image.split == "pool").order_by(Image.id)) if i.id not in labeled)
+        tied_id, tied_path = tied.id, tied.path
+    truth = Path(load_config(project_with_pool).annotator.oracle_manifest)  # nobody answers it again
+    truth.write_text("".join(line for line in truth.read_text().splitlines(keepends=True) if tied_path not in line))
+    original_pull, pulls = OracleAnnotator.pull, []
+
+    def pull_with_a_tie(self, *, session, project, round_id):  # noqa: ANN001, ANN202
+        if not pulls:
+            session.add_all([LabelEvent(image_id=tied_id, label="scratch", source="annotator", annotator="ann1", round_id=round_id),
+                             LabelEvent(image_id=tied_id, label="spot", source="annotator", annotator="ann2", round_id=round_id)])
+        pulls.append(round_id)
+        return original_pull(self, session=session, project=project, round_id=round_id)
+
+    monkeypatch.setattr(OracleAnnotator, "pull", pull_with_a_tie)
+    for _ in range(2):
+        assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    with session_scope(ctx.engine) as session:
+        asked = session.execute(select(Round.number, Selection.image_id).join(Round).where(Selection.reason == "annotators_disagree")).all()
+    assert [tuple(row) for row in asked] == [(1, tied_id)]  # round 2: no answer since the ask, so not asked again

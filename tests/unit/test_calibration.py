@@ -92,3 +92,14 @@ def test_with_errors_present_the_temperature_never_makes_the_nll_worse():
         temperature = fit_temperature(logits=logits, labels=labels)
         worse += negative_log_likelihood(logits=logits, labels=labels, temperature=temperature) > negative_log_likelihood(logits=logits, labels=labels) + 1e-9
     assert worse == 0
+
+
+def test_an_exact_tie_at_the_top_is_not_an_error_that_sends_the_temperature_to_its_bound():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 21)
+    logits = rng.normal(0, 0.3, (21, 2))
+    logits[np.arange(21), labels] += 3.0
+    labels[0], logits[0] = 1, [1.0, 1.0]  # the true class ties with the other one: argmax (class 0) reads it as an error
+    nudged = logits.copy()
+    nudged[0, labels[0]] += 1e-9
+    assert fit_temperature(logits=logits, labels=labels) == pytest.approx(fit_temperature(logits=nudged, labels=labels), rel=1e-3)

@@ -208,6 +208,12 @@ def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_sele
     assert offered["id"] == tasks[store.image_ids[5]]  # oldest first; image 4's task is answered
     assert [(p["model_version"], lsc.result_choices(p["result"])) for p in offered["predictions"]] == [("round-2", ["spot"])]
 
+    # Round 3: image 6's task was deleted in Label Studio (its id may go to a new task): the others still get the guess
+    admin.tasks.delete(id=str(tasks[store.image_ids[6]]))
+    later = [store.task(k, reason="open", predicted="good", score=0.6, round_number=2) for k in (5, 6)]
+    third = push(backend, store, [], round_number=2, open_guesses=later)
+    assert (third.refreshed, third.warnings) == (1, [])
+
 
 def test_push_and_pull_when_label_studio_is_unreachable_or_token_wrong(labelstudio, store) -> None:
     closed = f"http://127.0.0.1:{lss.free_port()}"
