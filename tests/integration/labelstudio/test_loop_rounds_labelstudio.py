@@ -15,7 +15,7 @@ from labeling import labelstudio_client as lsc
 from loop.cli import app
 from loop.project import open_project
 from store import session_scope
-from store.models import AnnotationTask, Image, LabelEvent, Prediction, RejectedAnnotation, Round
+from store.models import AnnotationTask, Image, LabelEvent, Prediction, RejectedAnnotation, Round, Selection
 from store.queries import current_labels
 
 pytestmark = pytest.mark.labelstudio
@@ -95,5 +95,21 @@ def test_two_loop_rounds_through_label_studio(tmp_path: Path, class_folders: Pat
         assert push_two["pushed"] >= 1 and push_two["pending"] == 0 and push_two["warnings"] == [], push_two
     assert admin.projects.get(id=ls_project).model_version == "round-2"
     assert "round-2" in {p.model_version for t in admin.tasks.list(project=ls_project, fields="all") for p in t.predictions}
+
+    # Round three, nobody answered round two's tasks: they keep a pre-selection, now round three's guess, and the tie
+    # from round one goes back for one more answer in its own task
+    invoke("round", "--project", str(project), "--quiet")
+    with session_scope(ctx.engine) as session:
+        round_three = session.scalars(select(Round).where(Round.number == 3)).one()
+        round_two_ids = set(session.scalars(select(Selection.image_id).where(Selection.round_id == round_two.id, Selection.reason != "annotators_disagree")))
+        push_three = round_three.details["push"]
+        asked_tie = session.scalars(select(Selection.round_id).where(Selection.image_id == tie_image, Selection.reason == "annotators_disagree")).all()
+    assert push_three["pending"] == 0 and push_three["warnings"] == [] and push_three["refreshed"] >= len(round_two_ids) >= 1, push_three
+    assert admin.projects.get(id=ls_project).model_version == "round-3"
+    waiting = [t for t in admin.tasks.list(project=ls_project, fields="all") if t.data["defect_loop_image_id"] in round_two_ids and not t.annotations]
+    assert waiting and all("round-3" in {p.model_version for p in t.predictions} for t in waiting)
+    assert asked_tie == [round_two.id]  # asked once, in round two, right after the answers that tied it
+    tie_task = admin.tasks.get(id=str(tasks[tie_image][0]))
+    assert tie_task.overlap == 3 and tie_task.is_labeled is False
     report_line(f"loop rounds via Label Studio: {len(tasks)} tasks pushed, {len(agreeing) + 3} annotations made, "
                 f"{len(agreeing) + 2} recorded as label events, 1 rejected (unknown class), 1 tie kept out")
