@@ -11,7 +11,7 @@ from store.models import Project
 
 
 # Reasons that ask about an image that has answers already: a backend asks again (Label Studio: in the image's task).
-ASKED_AGAIN_REASONS = ("suspected_label_error", "annotators_disagree")
+ASKED_AGAIN_REASONS = ("suspected_label_error", "annotators_disagree", "answer_rejected")
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class TaskRequest:
     image_id: int
     image_path: str
     sha256: str
-    reason: str  # uncertain | rare_class | diverse | suspected_label_error | annotators_disagree | random | cold_start
+    reason: str  # uncertain | rare_class | diverse | random | cold_start, or one of ASKED_AGAIN_REASONS
     predicted_label: str | None = None
     prediction_score: float | None = None  # model confidence in predicted_label, 0..1
     probabilities: dict[str, float] = field(default_factory=dict)

@@ -37,6 +37,7 @@ REASON_TEXT = {
     "diverse": "it is unlike the images labeled so far",
     "suspected_label_error": "its current label looks wrong",
     "annotators_disagree": "the answers given so far disagree: one more settles it",
+    "answer_rejected": "the answer given is not one of this project's classes: choose one of them",
     "random": "random check",
     "cold_start": "first round: no model yet",
 }

@@ -53,7 +53,7 @@ from modeling.selection import select_batch
 from modeling.transfer import load_init_checkpoint, save_model_checkpoint
 from modeling.training import TrainedClassifier, TrainingData, head_fit_predict, train_classifier
 from store import session_scope
-from store.models import AnnotationTask, GateResult, Image, LabelEvent, LabelIssue, Metric, Prediction, Round, Selection
+from store.models import AnnotationTask, GateResult, Image, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round, Selection
 from store.queries import CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number
 
 # Below this many negative-class validation images the threshold is chosen on out-of-fold probabilities over the
@@ -846,6 +846,8 @@ def select_next_batch(state: RoundState) -> None:
         picks.append((row["position"], 1.0 - row["score"], "suspected_label_error", row["given_label"]))
     for position in _tie_requests(state, loop_config.budget_per_round):
         picks.append((position, 1.0, "annotators_disagree", None))
+    for position in _rejected_answer_requests(state, loop_config.budget_per_round):
+        picks.append((position, 1.0, "answer_rejected", None))
     if state.cold_start:
         for position, score, reason, current in picks:
             state.batch.append(TaskRequest(image_id=state.image_ids[position], image_path=state.paths[position], sha256=state.hashes[position],
@@ -911,6 +913,44 @@ def _tie_requests(state: RoundState, budget: int) -> list[int]:
         asks = _open_asks(session, tied, reasons=("annotators_disagree",), current_round_id=state.round_id)
     due = [image_id for image_id in sorted(tied) if image_id in position_of and image_id not in asks]
     state.details["ties"]["asked"] = min(len(due), budget)
+    return [position_of[image_id] for image_id in due[:budget]]
+
+
+def _rejected_answer_requests(state: RoundState, budget: int) -> list[int]:
+    """Images whose only answers could not be used (a label that is not a class of the project, given through the
+    annotation tool's API or before its labels were changed): the tool counts the task as done, so nobody would answer
+    it again. They go back once per rejection, on top of the round's budget and at most `budget` of them."""
+    state.details["rejected_answers"] = {"n_images": 0, "asked": 0}
+    if budget <= 0:
+        return []
+    with session_scope(state.ctx.engine) as session:
+        project_id = get_project(session).id
+        rejected_at: dict[str, datetime] = {}
+        for payload, created_at in session.execute(select(RejectedAnnotation.payload, RejectedAnnotation.created_at).where(
+                RejectedAnnotation.project_id == project_id, RejectedAnnotation.backend == state.backend.name)):
+            task = (payload or {}).get("task_id") or ((payload or {}).get("task") or {}).get("id")
+            if task is not None:
+                rejected_at[str(task)] = max(_aware(created_at), rejected_at.get(str(task), _aware(None)))
+        if not rejected_at:
+            return []
+        image_of = {row.external_task_id: row.image_id for row in session.scalars(select(AnnotationTask).where(AnnotationTask.backend == state.backend.name))
+                    if row.external_task_id in rejected_at}
+        unlabeled = {task: image_id for task, image_id in image_of.items()
+                     if state.label_info.get(image_id, CurrentLabel(None, None, "unlabeled")).status == "unlabeled"}
+        asks: dict[int, list[tuple[str, datetime | None]]] = defaultdict(list)
+        for image_id, status, pushed_at in session.execute(select(Selection.image_id, Selection.push_status, Selection.pushed_at).where(
+                Selection.image_id.in_(list(unlabeled.values())), Selection.reason == "answer_rejected", Selection.round_id != state.round_id)):
+            asks[image_id].append((status, pushed_at))
+    position_of = {image_id: position for position, image_id in enumerate(state.image_ids)}
+    due = []
+    for task, image_id in sorted(unlabeled.items(), key=lambda item: item[1]):
+        rows = asks.get(image_id, [])
+        if image_id not in position_of or any(status in ("pending", "failed") for status, _ in rows):
+            continue
+        pushed = [_aware(at) for status, at in rows if status == "pushed" and at is not None]
+        if not pushed or rejected_at[task] > max(pushed):
+            due.append(image_id)
+    state.details["rejected_answers"] = {"n_images": len(unlabeled), "asked": min(len(due), budget)}
     return [position_of[image_id] for image_id in due[:budget]]
 
 

@@ -109,6 +109,13 @@ def test_two_loop_rounds_through_label_studio(tmp_path: Path, class_folders: Pat
     waiting = [t for t in admin.tasks.list(project=ls_project, fields="all") if t.data["defect_loop_image_id"] in round_two_ids and not t.annotations]
     assert waiting and all("round-3" in {p.model_version for p in t.predictions} for t in waiting)
     assert asked_tie == [round_two.id]  # asked once, in round two, right after the answers that tied it
+    # the answer 'dent' (not a class) left image "unknown" without a label while Label Studio counted its task done:
+    # it was asked again once, in its task, which is open again
+    with session_scope(ctx.engine) as session:
+        asked_rejected = session.scalars(select(Selection.round_id).where(Selection.image_id == unknown_image, Selection.reason == "answer_rejected")).all()
+    assert asked_rejected == [round_two.id]
+    rejected_task = admin.tasks.get(id=str(tasks[unknown_image][0]))
+    assert (rejected_task.overlap, rejected_task.is_labeled) == (2, False) and "not one of this project's classes" in rejected_task.data["why"]
     tie_task = admin.tasks.get(id=str(tasks[tie_image][0]))
     assert tie_task.overlap == 3 and tie_task.is_labeled is False
     report_line(f"loop rounds via Label Studio: {len(tasks)} tasks pushed, {len(agreeing) + 3} annotations made, "
