@@ -76,6 +76,10 @@ def _round_summary(round_row: Round) -> dict:
                           "noise_rate_per_class": quality.noise_rate_per_class if quality else None,
                           "already_questioned": quality.already_questioned if quality else None},
         "labeled_counts": details.get("labeled_counts"),
+        # what reached the annotators: pushed, pending, answered tasks asked again, waiting tasks given this round's guess
+        "push": details.get("push"),
+        "ties": details.get("ties"),  # images whose annotators disagree evenly, and how many went back for one more answer
+        "rejected_answers": details.get("rejected_answers"),  # images whose only answer was not a class, and how many were asked again
         "threshold": details.get("threshold"),
         "metrics": {m.name: m.value for m in round_row.metrics if m.class_name is None},
         "per_class": details.get("per_class"),

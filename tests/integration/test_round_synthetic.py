@@ -131,6 +131,7 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
     assert [r["number"] for r in status["rounds"]] == [1, 2]
     last = status["rounds"][-1]  # the head strategy: no epochs; calibration and label quality as the round recorded them
     assert last["cold_start"] is False and last["training"]["n_fit"] > 0 and last["training"]["epochs_run"] == 0
+    assert last["push"]["backend"] == "oracle" and last["push"]["pushed"] >= 5 and last["ties"] == {"n_images": 0, "asked": 0}
     assert last["calibration"]["method"] == "temperature" and last["calibration"]["temperature"] > 0
     assert set(last["label_quality"]["noise_rate_per_class"]) == {"good", "scratch", "spot", "patch"}
     assert status["labels"]["by_source"]["oracle"] >= 5
