@@ -935,29 +935,21 @@ def _rejected_answer_requests(state: RoundState, budget: int) -> list[int]:
             return []
         image_of = {row.external_task_id: row.image_id for row in session.scalars(select(AnnotationTask).where(AnnotationTask.backend == state.backend.name))
                     if row.external_task_id in rejected_at}
-        unlabeled = {task: image_id for task, image_id in image_of.items()
+        unlabeled = {image_id: rejected_at[task] for task, image_id in image_of.items()
                      if state.label_info.get(image_id, CurrentLabel(None, None, "unlabeled")).status == "unlabeled"}
-        asks: dict[int, list[tuple[str, datetime | None]]] = defaultdict(list)
-        for image_id, status, pushed_at in session.execute(select(Selection.image_id, Selection.push_status, Selection.pushed_at).where(
-                Selection.image_id.in_(list(unlabeled.values())), Selection.reason == "answer_rejected", Selection.round_id != state.round_id)):
-            asks[image_id].append((status, pushed_at))
+        # an ask waits until a rejection (not a label event: a rejected answer makes none) comes after its push
+        waiting = _open_asks(session, list(unlabeled), reasons=("answer_rejected",), current_round_id=state.round_id, last_answer=unlabeled)
     position_of = {image_id: position for position, image_id in enumerate(state.image_ids)}
-    due = []
-    for task, image_id in sorted(unlabeled.items(), key=lambda item: item[1]):
-        rows = asks.get(image_id, [])
-        if image_id not in position_of or any(status in ("pending", "failed") for status, _ in rows):
-            continue
-        pushed = [_aware(at) for status, at in rows if status == "pushed" and at is not None]
-        if not pushed or rejected_at[task] > max(pushed):
-            due.append(image_id)
+    due = [image_id for image_id in sorted(unlabeled) if image_id in position_of and image_id not in waiting]
     state.details["rejected_answers"] = {"n_images": len(unlabeled), "asked": min(len(due), budget)}
     return [position_of[image_id] for image_id in due[:budget]]
 
 
-def _open_asks(session, image_ids: list[int], *, reasons: tuple[str, ...], current_round_id: int | None) -> set[int]:  # noqa: ANN001
+def _open_asks(session, image_ids: list[int], *, reasons: tuple[str, ...], current_round_id: int | None,  # noqa: ANN001
+               last_answer: dict[int, datetime] | None = None) -> set[int]:
     """Images asked about for one of `reasons` (by an earlier round) whose ask still waits: not pushed yet, or pushed
-    and no answer (label event) recorded since. Compared with the push time: answers pulled at the start of the
-    asking round came before the ask."""
+    and no answer recorded since (the newest label event, or `last_answer` when given). Compared with the push time:
+    answers pulled at the start of the asking round came before the ask."""
     if not image_ids:
         return set()
     asks: dict[int, list[tuple[str, datetime | None]]] = defaultdict(list)
@@ -967,11 +959,12 @@ def _open_asks(session, image_ids: list[int], *, reasons: tuple[str, ...], curre
                 select(Selection.image_id, Selection.push_status, Selection.pushed_at)
                 .where(Selection.image_id.in_(ids), Selection.reason.in_(reasons), Selection.round_id != (current_round_id or -1))):
             asks[image_id].append((status, pushed_at))
-    last_answer: dict[int, datetime] = {}
     asked = list(asks)
-    for chunk in range(0, len(asked), 500):
-        last_answer.update(session.execute(select(LabelEvent.image_id, func.max(LabelEvent.created_at))
-                                           .where(LabelEvent.image_id.in_(asked[chunk:chunk + 500])).group_by(LabelEvent.image_id)).all())
+    if last_answer is None:
+        last_answer = {}
+        for chunk in range(0, len(asked), 500):
+            last_answer.update(session.execute(select(LabelEvent.image_id, func.max(LabelEvent.created_at))
+                                               .where(LabelEvent.image_id.in_(asked[chunk:chunk + 500])).group_by(LabelEvent.image_id)).all())
     waiting = set()
     for image_id, rows in asks.items():
         if any(status in ("pending", "failed") for status, _ in rows):
