@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -157,7 +158,8 @@ class LabelStudioBackend:
             # a task pushed earlier and still unanswered would show no guess at all unless it gets this round's too
             try:
                 report.refreshed = self._refresh_open_tasks(client, session=session, project=project, ls_project_id=ls_project_id,
-                                                            guesses=[g for g in open_guesses if g.image_id not in unique], model_version=model_version)
+                                                            guesses=[g for g in open_guesses if g.image_id not in unique], model_version=model_version,
+                                                            round_number=round_number)
             except (httpx.HTTPError, ApiError) as error:  # the batch itself is in; its tasks show this round's guesses anyway
                 report.warnings.append(f"could not add this round's guesses to the tasks still waiting for an answer ({_describe(error)}); "
                                        "they show no pre-selection until a later round adds them")
@@ -287,10 +289,11 @@ class LabelStudioBackend:
         return predictions_sent or any("predictions" in payload for _, payload in new_tasks)
 
     def _refresh_open_tasks(self, client, *, session: Session, project: Project, ls_project_id: int, guesses: Sequence[TaskRequest],
-                            model_version: str | None) -> int:
+                            model_version: str | None, round_number: int | None) -> int:
         """This round's guess added to every task of this Label Studio project that waits for an answer, in requests of
-        REFRESH_CHUNK. Only tasks that are still there and still show the image: a task deleted in Label Studio fails
-        the whole request, and its id may have been given to another image's task since."""
+        REFRESH_CHUNK, and the text beside the image rewritten to match it. Only tasks that are still there and still
+        show the image: a task deleted in Label Studio fails the whole request, and its id may have been given to
+        another image's task since."""
         if not guesses or not model_version:
             return 0
         wanted = {g.image_id for g in guesses}
@@ -298,16 +301,28 @@ class LabelStudioBackend:
             select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.external_project_id == str(ls_project_id)))
             if row.image_id in wanted}
         live = {entry["task_id"]: entry["data"] for entry in lsc.list_task_data(client, project_id=ls_project_id)}
-        predictions = []
+        predictions, texts = [], []
         for guess in guesses:
             task_id = task_of.get(guess.image_id)
             data = live.get(task_id) if task_id is not None else None
             prediction = self._prediction(guess, project=project, model_version=model_version)
             if prediction is not None and data is not None and data.get("defect_loop_image_id") == guess.image_id:
                 predictions.append({"task": task_id, **prediction})
+                texts.append((task_id, {**data, **self._guess_data(guess, data=data, round_number=round_number)}))
         for start in range(0, len(predictions), REFRESH_CHUNK):
             lsc.import_predictions(client, project_id=ls_project_id, predictions=predictions[start:start + REFRESH_CHUNK])
+        for task_id, data in texts:  # the old "Model's guess: ..." would contradict what is pre-selected now
+            client.tasks.update(id=str(task_id), data=data)
         return len(predictions)
+
+    @staticmethod
+    def _guess_data(guess: TaskRequest, *, data: Mapping[str, Any], round_number: int | None) -> dict[str, Any]:
+        """A waiting task's text and guess fields for this round's guess; why it was picked stays as pushed."""
+        shown = replace(guess, reason=str(data.get("reason") or guess.reason), current_label=data.get("current_label"))
+        text = why_text(shown, round_number=round_number)
+        if data.get("relabel_round") is not None or data.get("relabel_of") is not None:
+            text = f"Asked again: {text} Check the answer given here and change it if it is wrong."
+        return {lsc.WHY_NAME: text, "predicted_label": guess.predicted_label, "prediction_score": _prediction_score(guess), "guess_round": round_number}
 
     def _map(self, session: Session, mapped: dict[int, AnnotationTask], image_id: int, ls_project_id: int, task_id: int) -> None:
         row = mapped.get(image_id)
@@ -398,6 +413,12 @@ class LabelStudioBackend:
                 seen.add(str(row["annotation_id"]))
                 predicted_by_annotation[str(row["annotation_id"])] = row.get("predicted") or []
                 recorder.record_annotation(row, ls_project_id=ls_project_id)
+            closed, failed = lsc.close_answered_reopened_tasks(client, rows=rows)
+            report.details.setdefault("reopened_tasks_closed", 0)
+            report.details["reopened_tasks_closed"] += closed
+            if failed:
+                report.warnings.append(f"could not close {len(failed)} reopened Label Studio tasks whose question was answered "
+                                       f"(tasks {', '.join(map(str, failed[:10]))}); they stay in the label stream until a later pull closes them")
         # Whatever we recorded as live but Label Studio no longer has was deleted there.
         for external_id in recorder.live_external_ids(ls_projects=listed_projects):
             if external_id not in seen:

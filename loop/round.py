@@ -863,8 +863,12 @@ def select_next_batch(state: RoundState) -> None:
                                            reason=reason, current_label=current, round_number=state.number))
             state.batch_meta.append({"score": score, "strategy": "label_quality"})
             continue
-        predicted_label = state.config.classes[int(predicted[position])]
-        probabilities = {name: float(p) for name, p in zip(state.config.classes, state.probabilities[position])}
+        independent = _out_of_fold_guess(state, position) if reason == "suspected_label_error" else None
+        if independent is not None:  # this round's model learned the questioned label: it would pre-select it again
+            predicted_label, _, probabilities = independent
+        else:
+            predicted_label = state.config.classes[int(predicted[position])]
+            probabilities = {name: float(p) for name, p in zip(state.config.classes, state.probabilities[position])}
         state.batch.append(TaskRequest(
             image_id=state.image_ids[position], image_path=state.paths[position], sha256=state.hashes[position], reason=reason,
             predicted_label=predicted_label, prediction_score=probabilities[predicted_label], probabilities=probabilities,
@@ -1066,10 +1070,28 @@ def _retried_task(state: RoundState, selection: Selection, image: Image, positio
                        prediction_score=score, probabilities=probabilities, current_label=current_label, round_number=state.number)
 
 
+def _out_of_fold_guess(state: RoundState, position: int) -> tuple[str, float, dict[str, float]] | None:
+    """The guess of a model that did not learn this image's label (out-of-fold, calibrated): what a questioned label is
+    compared with. None for an image outside the out-of-fold pool."""
+    if state.oof_positions is None or state.calibrated_oof_probabilities is None:
+        return None
+    local = np.searchsorted(state.oof_positions, position)
+    if local >= len(state.oof_positions) or state.oof_positions[local] != position:
+        return None
+    probabilities = {name: float(p) for name, p in zip(state.config.classes, state.calibrated_oof_probabilities[local])}
+    label = max(probabilities, key=probabilities.get)
+    return label, probabilities[label], probabilities
+
+
 def _model_guess(state: RoundState, position: int) -> tuple[str, float, dict[str, float]] | None:
-    """This round's decision for one image (the defect threshold applied), its probability and all probabilities."""
+    """This round's decision for one image (the defect threshold applied), its probability and all probabilities; for a
+    labeled image (a questioned label waiting for its answer), the out-of-fold guess, as the model learned that label."""
     if state.cold_start or state.probabilities is None:
         return None
+    if state.labels[position] != UNLABELED:
+        independent = _out_of_fold_guess(state, position)
+        if independent is not None:
+            return independent
     threshold = state.threshold.threshold if state.threshold else None
     predicted = int(final_predictions(probabilities=state.probabilities[position:position + 1], negative_index=state.config.negative_index,
                                       threshold=threshold)[0])

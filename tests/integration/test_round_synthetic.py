@@ -392,7 +392,7 @@ def test_a_test_photo_taken_again_for_training_is_reported_as_a_near_duplicate_a
     assert f"without them ({len(kept)} images)" in " ".join(result.output.split())
 
 
-def test_an_image_is_sent_back_for_relabeling_once(project_with_pool: Path) -> None:
+def test_an_image_is_sent_back_for_relabeling_once(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The oracle confirms a suspect's label (it was right): the next rounds flag it again, as the model still
     disagrees, but must not send it back again and again; the budget goes to suspects nobody has looked at."""
     # Three imported labels are wrong: suspects nobody has looked at yet exist whatever the model's own doubts are
@@ -401,8 +401,16 @@ def test_an_image_is_sent_back_for_relabeling_once(project_with_pool: Path) -> N
         labels = current_labels(session, session.scalars(select(Image.project_id)).first())
         train = [i for i in session.scalars(select(Image).where(Image.split == "train").order_by(Image.id)) if labels.get(i.id) and labels[i.id].label == "good"]
         session.add_all(LabelEvent(image_id=image.id, label="scratch", source="import") for image in train[:3])
+        planted = {image.id for image in train[:3]}
+    from labeling.simulated import OracleAnnotator
+
+    original_push, sent = OracleAnnotator.push, []
+    monkeypatch.setattr(OracleAnnotator, "push", lambda self, *, batch, **rest: (sent.extend(batch), original_push(self, batch=batch, **rest))[1])
     for _ in range(3):
         assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    # a questioned label is shown with the guess of a model that did not learn it, not the round's model's echo of it
+    shown = {task.image_id: task.predicted_label for task in sent if task.reason == "suspected_label_error" and task.image_id in planted}
+    assert shown and set(shown.values()) == {"good"}
     with session_scope(open_project(project_with_pool).engine) as session:
         asked = [s.image_id for s in session.scalars(select(Selection).where(Selection.reason == "suspected_label_error"))]
         rounds = session.scalars(select(Round).order_by(Round.number)).all()

@@ -152,8 +152,13 @@ def test_a_suspected_label_error_answered_in_label_studio_is_asked_again_in_its_
     tie_task = admin.tasks.get(id=str(task_id))
     assert (tie_task.overlap, tie_task.is_labeled) == (3, False) and "answers given so far disagree" in tie_task.data["why"]
     a.annotations.update(id=answer_a, result=lsc.choice_result("spot"))  # the first annotator, asked again, changes the answer
-    pull(backend, store)
+    settled = pull(backend, store)
     assert labels(store)[store.image_ids[4]].label == "spot"
+    # the question is settled by an edit, which Label Studio does not count as a new answer: the pull closes the task,
+    # or the stream would hand a settled question to a third annotator
+    closed = admin.tasks.get(id=str(task_id))
+    assert (closed.overlap, closed.is_labeled, "reopened_at" in closed.data) == (2, True, False)
+    assert settled.details["reopened_tasks_closed"] == 1 and pull(backend, store).details["reopened_tasks_closed"] == 0
 
 
 def test_reopening_survives_a_deleted_task_a_half_done_reopen_and_repeated_answers(labelstudio, store, backend) -> None:
@@ -201,6 +206,8 @@ def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_sele
     for k in (5, 6):
         versions = {p.model_version: lsc.result_choices(p.result) for p in admin.tasks.get(id=str(tasks[store.image_ids[k]])).predictions}
         assert versions == {"round-1": ["scratch"], "round-2": ["spot"]}
+        data = admin.tasks.get(id=str(tasks[store.image_ids[k]])).data  # the text beside the image says what is pre-selected now
+        assert "Model's guess: spot (70%). Round 2." in data["why"] and (data["predicted_label"], data["guess_round"]) == ("spot", 2)
     # what Label Studio's label stream hands an annotator: an earlier round's task, with this round's guess pre-selected
     response = httpx.get(f"{labelstudio.url}/api/projects/{ls_project_id(store)}/next",
                          headers={"Authorization": f"Token {labelstudio.annotator_tokens[ANNOTATOR_B]}"})
