@@ -46,6 +46,7 @@ class PushReport:
     pending: int = 0  # could not be pushed now (backend down): retried next round
     reopened: int = 0  # answered tasks asked again: suspected label errors of images labeled in the backend
     refreshed: int = 0  # tasks still waiting for an answer that got this round's guess
+    closed: int = 0  # reopened tasks closed again: the loop has the answer to their question
     warnings: list[str] = field(default_factory=list)
 
 
@@ -56,10 +57,11 @@ class AnnotatorBackend(Protocol):
         """Turn every answer given since the last pull into label events (append-only)."""
 
     def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest],
-             open_guesses: Sequence[TaskRequest] = ()) -> PushReport:
+             open_guesses: Sequence[TaskRequest] = (), settled: Sequence[int] = ()) -> PushReport:
         """Hand the batch to annotators; idempotent (pushing the same image twice never duplicates a task).
         open_guesses: this round's guesses for images pushed earlier and still unanswered, so what annotators see
-        pre-selected is the current model's (a backend without pre-annotations ignores them)."""
+        pre-selected is the current model's (a backend without pre-annotations ignores them). settled: images asked
+        again earlier whose answer the loop now has (a backend that reopened their task closes it)."""
 
 
 BackendFactory = Callable[..., AnnotatorBackend]

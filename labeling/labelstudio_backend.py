@@ -40,7 +40,7 @@ REASON_TEXT = {
     "annotators_disagree": "the answers given so far disagree: one more settles it",
     "answer_rejected": "the answer given is not one of this project's classes: choose one of them",
     "random": "random check",
-    "cold_start": "first round: no model yet",
+    "cold_start": "it is least like the known-good parts (picked before any model existed)",
 }
 
 
@@ -133,7 +133,7 @@ class LabelStudioBackend:
     # ------------------------------------------------------------------------------------------------ push
 
     def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest],
-             open_guesses: Sequence[TaskRequest] = ()) -> PushReport:
+             open_guesses: Sequence[TaskRequest] = (), settled: Sequence[int] = ()) -> PushReport:
         """One task per image with the model's guess pre-selected; idempotent through annotation_tasks.
 
         Label Studio unreachable (or refusing a request): nothing raised, PushReport.pending says how many
@@ -143,7 +143,7 @@ class LabelStudioBackend:
         unique: dict[int, TaskRequest] = {}
         for task in batch:
             unique.setdefault(task.image_id, task)
-        if not unique and not open_guesses:
+        if not unique and not open_guesses and not settled:
             return report
         round_number = _round_number(session, round_id, batch)
         model_version = f"round-{round_number}" if round_number is not None else None
@@ -156,15 +156,19 @@ class LabelStudioBackend:
             )  # fmt: skip
             # Label Studio pre-selects only predictions of the project's model version: once it moves to this round's,
             # a task pushed earlier and still unanswered would show no guess at all unless it gets this round's too
+            live = None
+            if open_guesses or settled:  # every task's id and data, to touch only tasks that are still there and still show the image
+                live = {entry["task_id"]: entry["data"] for entry in lsc.list_task_data(client, project_id=ls_project_id)}
             try:
-                report.refreshed = self._refresh_open_tasks(client, session=session, project=project, ls_project_id=ls_project_id,
-                                                            guesses=[g for g in open_guesses if g.image_id not in unique], model_version=model_version,
-                                                            round_number=round_number)
+                self._refresh_open_tasks(client, report, session=session, project=project, ls_project_id=ls_project_id, live=live or {},
+                                         guesses=[g for g in open_guesses if g.image_id not in unique], model_version=model_version)
             except (httpx.HTTPError, ApiError) as error:  # the batch itself is in; its tasks show this round's guesses anyway
                 report.warnings.append(f"could not add this round's guesses to the tasks still waiting for an answer ({_describe(error)}); "
-                                       "they show no pre-selection until a later round adds them")
+                                       "those without one show an earlier round's guess, or none, until a later round adds it")
             if (predictions_sent or report.refreshed) and model_version:
                 lsc.show_predictions_of(client, project_id=ls_project_id, model_version=model_version)
+            self._close_settled(client, report, session=session, ls_project_id=ls_project_id, live=live or {},
+                                image_ids=[i for i in settled if i not in unique])
         except (lsc.LabelStudioAuthError, lsc.LabelStudioConfigError):
             raise  # a wrong or missing setting: retrying next round would not help
         except lsc.LabelStudioUnavailable as error:
@@ -288,41 +292,73 @@ class LabelStudioBackend:
         report.pending += pending
         return predictions_sent or any("predictions" in payload for _, payload in new_tasks)
 
-    def _refresh_open_tasks(self, client, *, session: Session, project: Project, ls_project_id: int, guesses: Sequence[TaskRequest],
-                            model_version: str | None, round_number: int | None) -> int:
-        """This round's guess added to every task of this Label Studio project that waits for an answer, in requests of
-        REFRESH_CHUNK, and the text beside the image rewritten to match it. Only tasks that are still there and still
-        show the image: a task deleted in Label Studio fails the whole request, and its id may have been given to
-        another image's task since."""
+    def _tasks_showing(self, session: Session, *, ls_project_id: int, live: Mapping[int, Mapping[str, Any]], image_ids: set[int]) -> dict[int, int]:
+        """image id -> its task in this Label Studio project, for tasks still there and still showing that image (a task
+        deleted there fails a request naming it, and its id may have been given to another image's task since)."""
+        found = {}
+        for row in session.scalars(select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.external_project_id == str(ls_project_id))):
+            if row.image_id in image_ids and (live.get(int(row.external_task_id)) or {}).get("defect_loop_image_id") == row.image_id:
+                found[row.image_id] = int(row.external_task_id)
+        return found
+
+    def _refresh_open_tasks(self, client, report: PushReport, *, session: Session, project: Project, ls_project_id: int,
+                            live: Mapping[int, Mapping[str, Any]], guesses: Sequence[TaskRequest], model_version: str | None) -> None:
+        """This round's guess added to every task that waits for an answer, in requests of REFRESH_CHUNK (report.refreshed
+        counts them), and the text beside the image rewritten where the guess it names changed."""
         if not guesses or not model_version:
-            return 0
-        wanted = {g.image_id for g in guesses}
-        task_of = {row.image_id: int(row.external_task_id) for row in session.scalars(
-            select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.external_project_id == str(ls_project_id)))
-            if row.image_id in wanted}
-        live = {entry["task_id"]: entry["data"] for entry in lsc.list_task_data(client, project_id=ls_project_id)}
+            return
+        task_of = self._tasks_showing(session, ls_project_id=ls_project_id, live=live, image_ids={g.image_id for g in guesses})
         predictions, texts = [], []
         for guess in guesses:
             task_id = task_of.get(guess.image_id)
-            data = live.get(task_id) if task_id is not None else None
             prediction = self._prediction(guess, project=project, model_version=model_version)
-            if prediction is not None and data is not None and data.get("defect_loop_image_id") == guess.image_id:
-                predictions.append({"task": task_id, **prediction})
-                texts.append((task_id, {**data, **self._guess_data(guess, data=data, round_number=round_number)}))
+            if prediction is None or task_id is None:
+                continue
+            predictions.append({"task": task_id, **prediction})
+            data = live[task_id]
+            fields = self._guess_data(guess, data=data)
+            if any(data.get(key) != value for key, value in fields.items()):
+                texts.append((task_id, {**data, **fields}))
         for start in range(0, len(predictions), REFRESH_CHUNK):
             lsc.import_predictions(client, project_id=ls_project_id, predictions=predictions[start:start + REFRESH_CHUNK])
+            report.refreshed += len(predictions[start:start + REFRESH_CHUNK])
+        failed = []
         for task_id, data in texts:  # the old "Model's guess: ..." would contradict what is pre-selected now
-            client.tasks.update(id=str(task_id), data=data)
-        return len(predictions)
+            try:
+                client.tasks.update(id=str(task_id), data=data)
+            except (httpx.HTTPError, ApiError):
+                failed.append(task_id)
+        if failed:
+            report.warnings.append(f"could not rewrite the text of {len(failed)} waiting tasks to this round's guess (tasks "
+                                   f"{', '.join(map(str, failed[:10]))}): it names an earlier guess until a later round rewrites it")
+
+    def _close_settled(self, client, report: PushReport, *, session: Session, ls_project_id: int, live: Mapping[int, Mapping[str, Any]],
+                       image_ids: Sequence[int]) -> None:
+        """Reopened tasks whose question the loop has its answer to are closed again (lsc.close_reopened_task)."""
+        reopened = {i for i in image_ids}
+        task_of = self._tasks_showing(session, ls_project_id=ls_project_id, live=live, image_ids=reopened)
+        failed = []
+        for image_id, task_id in task_of.items():
+            if lsc.REOPENED_FROM_OVERLAP not in live[task_id]:
+                continue
+            try:
+                report.closed += int(lsc.close_reopened_task(client, task_id=task_id))
+            except (httpx.HTTPError, ApiError):
+                failed.append(task_id)
+        if failed:
+            report.warnings.append(f"could not close {len(failed)} reopened tasks whose question is answered (tasks {', '.join(map(str, failed[:10]))}); "
+                                   "retried next round")
 
     @staticmethod
-    def _guess_data(guess: TaskRequest, *, data: Mapping[str, Any], round_number: int | None) -> dict[str, Any]:
-        """A waiting task's text and guess fields for this round's guess; why it was picked stays as pushed."""
+    def _guess_data(guess: TaskRequest, *, data: Mapping[str, Any]) -> dict[str, Any]:
+        """A waiting task's text and guess fields for this round's guess; why it was picked stays as pushed. No round in
+        the text, the score rounded: the task is rewritten only when the guess it names changes."""
         shown = replace(guess, reason=str(data.get("reason") or guess.reason), current_label=data.get("current_label"))
-        text = why_text(shown, round_number=round_number)
+        text = why_text(shown, round_number=None)
         if data.get("relabel_round") is not None or data.get("relabel_of") is not None:
             text = f"Asked again: {text} Check the answer given here and change it if it is wrong."
-        return {lsc.WHY_NAME: text, "predicted_label": guess.predicted_label, "prediction_score": _prediction_score(guess), "guess_round": round_number}
+        score = _prediction_score(guess)
+        return {lsc.WHY_NAME: text, "predicted_label": guess.predicted_label, "prediction_score": None if score is None else round(score, 2)}
 
     def _map(self, session: Session, mapped: dict[int, AnnotationTask], image_id: int, ls_project_id: int, task_id: int) -> None:
         row = mapped.get(image_id)
@@ -413,12 +449,7 @@ class LabelStudioBackend:
                 seen.add(str(row["annotation_id"]))
                 predicted_by_annotation[str(row["annotation_id"])] = row.get("predicted") or []
                 recorder.record_annotation(row, ls_project_id=ls_project_id)
-            closed, failed = lsc.close_answered_reopened_tasks(client, rows=rows)
-            report.details.setdefault("reopened_tasks_closed", 0)
-            report.details["reopened_tasks_closed"] += closed
-            if failed:
-                report.warnings.append(f"could not close {len(failed)} reopened Label Studio tasks whose question was answered "
-                                       f"(tasks {', '.join(map(str, failed[:10]))}); they stay in the label stream until a later pull closes them")
+
         # Whatever we recorded as live but Label Studio no longer has was deleted there.
         for external_id in recorder.live_external_ids(ls_projects=listed_projects):
             if external_id not in seen:

@@ -6,7 +6,6 @@ pydantic types, which differ by caller role (in `tasks.list` annotations come as
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -24,7 +23,7 @@ CHOICES_NAME = "label"  # the <Choices> control tag: from_name of every result w
 WHY_NAME = "why"  # the <Text> tag showing why the image was picked
 PROJECT_TITLE_MAX = 50  # Label Studio refuses longer project titles
 WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED")
-REOPENED_AT = "reopened_at"  # task data key: when reopen_task asked again; removed once an answer came after it
+REOPENED_FROM_OVERLAP = "reopened_from_overlap"  # task data key: set while a reopened task waits for its answer
 
 
 class LabelStudioError(Exception):
@@ -325,36 +324,25 @@ def reopen_task(client: LabelStudio, *, task_id: int, data_updates: Mapping[str,
                    for p in shown):
             client.predictions.create(task=task_id, **prediction)
     overlap = max(int(task.overlap or 1), len(annotations) + 1)
-    asked = {**data, **data_updates, **once, REOPENED_AT: datetime.now(timezone.utc).isoformat()}
+    # the overlap it had before the first reopening: closing it again never goes below the project's own setting
+    asked = {**data, **data_updates, **once, REOPENED_FROM_OVERLAP: int(data.get(REOPENED_FROM_OVERLAP) or task.overlap or 1)}
     client.tasks.update(id=str(task_id), data=asked, overlap=overlap, is_labeled=False)
     return True
 
 
-def close_answered_reopened_tasks(client: LabelStudio, *, rows: Sequence[Mapping[str, Any]]) -> tuple[int, list[int]]:
-    """Reopened tasks (reopen_task) whose question got an answer after the reopening are closed again: overlap back to
-    the annotators who answered, the reopening mark removed. A new annotator's answer closes one by itself; an
-    annotator who changed their own answer does not, and the task would stay in the label stream with a settled
-    question. rows: list_annotated_tasks rows. Returns (closed, task ids that could not be updated)."""
-    by_task: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
-    for row in rows:
-        by_task[int(row["task_id"])].append(row)
-    closed, failed = 0, []
-    for task_id, answers in by_task.items():
-        data = dict(answers[0].get("task_data") or {})
-        reopened_at = _timestamp(data.get(REOPENED_AT))
-        if reopened_at is None:
-            continue
-        if not any(max(_timestamp(a.get("updated_at")) or 0.0, _timestamp(a.get("created_at")) or 0.0) > reopened_at
-                   for a in answers if not a.get("was_cancelled")):
-            continue  # a skip answers nothing
-        answered_by = {a.get("completed_by") for a in answers if not a.get("was_cancelled")}
-        data.pop(REOPENED_AT)
-        try:
-            client.tasks.update(id=str(task_id), data=data, overlap=max(1, len(answered_by)), is_labeled=True)
-            closed += 1
-        except (httpx.HTTPError, ApiError):
-            failed.append(task_id)
-    return closed, failed
+def close_reopened_task(client: LabelStudio, *, task_id: int) -> bool:
+    """Close a task reopen_task opened once the loop has its answer (an annotator who changes their own answer gives
+    Label Studio no new one, and the task would stay in the label stream with a settled question): overlap back to
+    what it was, or the annotators who answered if more, and the reopening mark removed. False: not a reopened task."""
+    task = client.tasks.get(id=str(task_id))
+    data = dict(task.data or {})
+    if REOPENED_FROM_OVERLAP not in data:
+        return False
+    answered_by = {(a.get("completed_by") or {}).get("id") if isinstance(a.get("completed_by"), Mapping) else a.get("completed_by")
+                   for a in map(_as_dict, task.annotations or []) if not a.get("was_cancelled")}
+    overlap = max(int(data.pop(REOPENED_FROM_OVERLAP) or 1), len(answered_by), 1)
+    client.tasks.update(id=str(task_id), data=data, overlap=overlap, is_labeled=len(answered_by) >= overlap)
+    return True
 
 
 def result_choices(result: Any) -> list[str]:

@@ -24,7 +24,7 @@ class NoAnnotator:
         return PullReport()
 
     def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest],
-             open_guesses: Sequence[TaskRequest] = ()) -> PushReport:
+             open_guesses: Sequence[TaskRequest] = (), settled: Sequence[int] = ()) -> PushReport:
         return PushReport(warnings=["annotator backend 'none': the batch is recorded in the store only"] if batch else [])
 
 
@@ -91,5 +91,5 @@ class OracleAnnotator:
         return report
 
     def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest],
-             open_guesses: Sequence[TaskRequest] = ()) -> PushReport:
+             open_guesses: Sequence[TaskRequest] = (), settled: Sequence[int] = ()) -> PushReport:
         return PushReport(pushed=len(batch))

@@ -114,6 +114,7 @@ class RoundState:
     gates: list = field(default_factory=list)
     estimated_gates: dict[str, bool | None] = field(default_factory=dict)
     label_issue_rows: list[dict[str, Any]] = field(default_factory=list)  # label errors: the relabel queue
+    suggested_labels: dict[int, str] = field(default_factory=dict)  # position -> cleanlab's suggested label, flagged images
     data_issue_rows: list[dict[str, Any]] = field(default_factory=list)  # near-duplicates and outliers
     near_duplicates: Any = None  # modeling.label_quality finding of find_near_copies (None: [loop] data_issues is off)
     held_back: set[int] = field(default_factory=set)  # pool near-copies of a test image that already leaks: never selected
@@ -730,6 +731,7 @@ def flag_label_issues(state: RoundState) -> None:
             "score": float(report.label_quality_score[local]),
         })
     state.label_issue_rows = rows
+    state.suggested_labels = {row["position"]: row["suggested_label"] for row in rows}
     state.details["label_quality"] = {"n_flagged": len(rows), "noise_rate_per_class": report.noise_rate_per_class, "summary": report.summary}
 
 
@@ -863,7 +865,7 @@ def select_next_batch(state: RoundState) -> None:
                                            reason=reason, current_label=current, round_number=state.number))
             state.batch_meta.append({"score": score, "strategy": "label_quality"})
             continue
-        independent = _out_of_fold_guess(state, position) if reason == "suspected_label_error" else None
+        independent = _model_guess(state, position) if reason == "suspected_label_error" else None
         if independent is not None:  # this round's model learned the questioned label: it would pre-select it again
             predicted_label, _, probabilities = independent
         else:
@@ -1040,9 +1042,12 @@ def push_batch(state: RoundState) -> None:
         by_image = {task.image_id: task for task in state.batch}
         position_of = {image_id: position for position, image_id in enumerate(state.image_ids)}
         tasks = [by_image.get(image.id) or _retried_task(state, selection, image, position_of.get(image.id)) for selection, image in retry]
-        extra = {}
-        if "open_guesses" in inspect.signature(state.backend.push).parameters:  # a backend registered elsewhere may not take them
-            extra["open_guesses"] = _open_guesses(state, session, position_of, in_batch={task.image_id for task in tasks})
+        extra, accepted = {}, inspect.signature(state.backend.push).parameters  # a backend registered elsewhere may not take these
+        in_batch = {task.image_id for task in tasks}
+        if "open_guesses" in accepted:
+            extra["open_guesses"] = _open_guesses(state, session, position_of, in_batch=in_batch)
+        if "settled" in accepted:
+            extra["settled"] = _settled_asks(state, session, in_batch=in_batch)
         report = state.backend.push(session=session, project=project, round_id=state.round_id, batch=tasks, **extra)
         pushed_ok = report.pending == 0
         now = datetime.now(timezone.utc)
@@ -1055,7 +1060,7 @@ def push_batch(state: RoundState) -> None:
     for warning in report.warnings:
         state.console.print(f"[yellow]warning:[/] {escape(warning)}")
     state.details["push"] = {"backend": name, "pushed": report.pushed, "already_present": report.already_present, "pending": report.pending,
-                             "reopened": report.reopened, "refreshed": report.refreshed,
+                             "reopened": report.reopened, "refreshed": report.refreshed, "closed": report.closed,
                              "withdrawn": len(withdrawn), "warnings": report.warnings}
 
 
@@ -1085,11 +1090,15 @@ def _out_of_fold_guess(state: RoundState, position: int) -> tuple[str, float, di
 
 def _model_guess(state: RoundState, position: int) -> tuple[str, float, dict[str, float]] | None:
     """This round's decision for one image (the defect threshold applied), its probability and all probabilities; for a
-    labeled image (a questioned label waiting for its answer), the out-of-fold guess, as the model learned that label."""
+    labeled image (a questioned label), cleanlab's suggested label when this round flagged it, else the out-of-fold
+    guess: this round's model learned that label and would only echo it."""
     if state.cold_start or state.probabilities is None:
         return None
     if state.labels[position] != UNLABELED:
         independent = _out_of_fold_guess(state, position)
+        suggestion = state.suggested_labels.get(position)
+        if independent is not None and suggestion is not None:  # cleanlab's suggestion, never the questioned label itself
+            return suggestion, independent[2][suggestion], independent[2]
         if independent is not None:
             return independent
     threshold = state.threshold.threshold if state.threshold else None
@@ -1122,6 +1131,17 @@ def _open_guesses(state: RoundState, session, position_of: dict[int, int], *, in
         guesses.append(TaskRequest(image_id=image_id, image_path=path, sha256=sha256, reason="open", predicted_label=label, prediction_score=score,
                                    probabilities=probabilities, round_number=state.number))
     return guesses
+
+
+def _settled_asks(state: RoundState, session, *, in_batch: set[int]) -> list[int]:  # noqa: ANN001
+    """Images asked again by an earlier round (a questioned label, a tie, a rejected answer) whose answer the loop has:
+    an answer recorded after the ask was pushed, and no longer tied. Not those asked again in this very batch."""
+    asked = sorted(set(session.scalars(select(Selection.image_id).join(Round, Round.id == Selection.round_id).where(
+        Round.project_id == get_project(session).id, Selection.reason.in_(ASKED_AGAIN_REASONS), Selection.push_status == "pushed",
+        Selection.round_id != state.round_id))) - in_batch)
+    waiting = _open_asks(session, asked, reasons=ASKED_AGAIN_REASONS, current_round_id=state.round_id)
+    return [image_id for image_id in asked if image_id not in waiting
+            and state.label_info.get(image_id, CurrentLabel(None, None, "unlabeled")).status == "labeled"]
 
 
 def _p_defect(state: RoundState, task: TaskRequest) -> float | None:

@@ -21,10 +21,11 @@ from store.queries import current_labels
 pytestmark = pytest.mark.labelstudio
 
 
-def push(backend, store, tasks, round_number: int = 1, open_guesses=()):  # noqa: ANN001
+def push(backend, store, tasks, round_number: int = 1, open_guesses=(), settled=()):  # noqa: ANN001
     with store.session() as session:
         project = session.get(Project, store.project_id)
-        return backend.push(session=session, project=project, round_id=store.round_ids[round_number], batch=tasks, open_guesses=open_guesses)
+        return backend.push(session=session, project=project, round_id=store.round_ids[round_number], batch=tasks, open_guesses=open_guesses,
+                            settled=settled)
 
 
 def pull(backend, store, round_number: int = 2):  # noqa: ANN001
@@ -152,13 +153,15 @@ def test_a_suspected_label_error_answered_in_label_studio_is_asked_again_in_its_
     tie_task = admin.tasks.get(id=str(task_id))
     assert (tie_task.overlap, tie_task.is_labeled) == (3, False) and "answers given so far disagree" in tie_task.data["why"]
     a.annotations.update(id=answer_a, result=lsc.choice_result("spot"))  # the first annotator, asked again, changes the answer
-    settled = pull(backend, store)
+    pull(backend, store)
     assert labels(store)[store.image_ids[4]].label == "spot"
-    # the question is settled by an edit, which Label Studio does not count as a new answer: the pull closes the task,
-    # or the stream would hand a settled question to a third annotator
+    # the question is settled by an edit, which Label Studio does not count as a new answer: the next push closes the
+    # task the loop names as settled, or the stream would hand a settled question to a third annotator
+    assert admin.tasks.get(id=str(task_id)).is_labeled is False
+    report = push(backend, store, [], round_number=2, settled=[store.image_ids[4]])
     closed = admin.tasks.get(id=str(task_id))
-    assert (closed.overlap, closed.is_labeled, "reopened_at" in closed.data) == (2, True, False)
-    assert settled.details["reopened_tasks_closed"] == 1 and pull(backend, store).details["reopened_tasks_closed"] == 0
+    assert (report.closed, closed.overlap, closed.is_labeled, "reopened_from_overlap" in closed.data) == (1, 2, True, False)
+    assert push(backend, store, [], round_number=2, settled=[store.image_ids[4]]).closed == 0  # closed once
 
 
 def test_reopening_survives_a_deleted_task_a_half_done_reopen_and_repeated_answers(labelstudio, store, backend) -> None:
@@ -207,7 +210,7 @@ def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_sele
         versions = {p.model_version: lsc.result_choices(p.result) for p in admin.tasks.get(id=str(tasks[store.image_ids[k]])).predictions}
         assert versions == {"round-1": ["scratch"], "round-2": ["spot"]}
         data = admin.tasks.get(id=str(tasks[store.image_ids[k]])).data  # the text beside the image says what is pre-selected now
-        assert "Model's guess: spot (70%). Round 2." in data["why"] and (data["predicted_label"], data["guess_round"]) == ("spot", 2)
+        assert "Model's guess: spot (70%)." in data["why"] and (data["predicted_label"], data["prediction_score"]) == ("spot", 0.7)
     # what Label Studio's label stream hands an annotator: an earlier round's task, with this round's guess pre-selected
     response = httpx.get(f"{labelstudio.url}/api/projects/{ls_project_id(store)}/next",
                          headers={"Authorization": f"Token {labelstudio.annotator_tokens[ANNOTATOR_B]}"})
@@ -220,6 +223,22 @@ def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_sele
     later = [store.task(k, reason="open", predicted="good", score=0.6, round_number=2) for k in (5, 6)]
     third = push(backend, store, [], round_number=2, open_guesses=later)
     assert (third.refreshed, third.warnings) == (1, [])
+
+
+def test_closing_a_reopened_task_keeps_the_overlap_it_had_before(labelstudio, store, backend) -> None:
+    # A project that wants two answers per task: closing a reopened task must not cut it to the one answer it has.
+    push(backend, store, [store.task(4, predicted="scratch", score=0.7)])
+    task_id = task_ids_by_image(store)[store.image_ids[4]]
+    admin = labelstudio.admin()
+    admin.tasks.update(id=str(task_id), overlap=2)
+    annotate(labelstudio.as_annotator(ANNOTATOR_A), task_id, "scratch")
+    pull(backend, store)
+    suspect = store.task(4, reason="suspected_label_error", predicted="spot", score=0.8, current_label="scratch", round_number=2)
+    assert push(backend, store, [suspect], round_number=2).reopened == 1
+    assert admin.tasks.get(id=str(task_id)).overlap == 2  # one answer + 1, and the project's 2 anyway
+    assert push(backend, store, [], round_number=2, settled=[store.image_ids[4]]).closed == 1
+    closed = admin.tasks.get(id=str(task_id))
+    assert (closed.overlap, closed.is_labeled) == (2, False)  # still wants its second answer
 
 
 def test_push_and_pull_when_label_studio_is_unreachable_or_token_wrong(labelstudio, store) -> None:

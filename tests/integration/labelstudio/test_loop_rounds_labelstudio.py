@@ -96,8 +96,14 @@ def test_two_loop_rounds_through_label_studio(tmp_path: Path, class_folders: Pat
     assert admin.projects.get(id=ls_project).model_version == "round-2"
     assert "round-2" in {p.model_version for t in admin.tasks.list(project=ls_project, fields="all") for p in t.predictions}
 
-    # Round three, nobody answered round two's tasks: they keep a pre-selection, now round three's guess, and the tie
-    # from round one goes back for one more answer in its own task
+    # The answer 'dent' (not a class) left image "unknown" without a label while Label Studio counted its task done: round
+    # two asked again in that task, which is open again; annotator B answers it there.
+    rejected_task = admin.tasks.get(id=str(tasks[unknown_image][0]))
+    assert (rejected_task.overlap, rejected_task.is_labeled) == (2, False) and "not one of this project's classes" in rejected_task.data["why"]
+    annotator_b.annotations.create(id=tasks[unknown_image][0], result=lsc.choice_result(truth[paths[unknown_image]]), lead_time=1.0)
+
+    # Round three, nobody answered round two's tasks: they keep a pre-selection, now round three's guess; the tie from
+    # round one waits for its third answer; the rejected answer's question is settled and its task closed again
     invoke("round", "--project", str(project), "--quiet")
     with session_scope(ctx.engine) as session:
         round_three = session.scalars(select(Round).where(Round.number == 3)).one()
@@ -109,13 +115,12 @@ def test_two_loop_rounds_through_label_studio(tmp_path: Path, class_folders: Pat
     waiting = [t for t in admin.tasks.list(project=ls_project, fields="all") if t.data["defect_loop_image_id"] in round_two_ids and not t.annotations]
     assert waiting and all("round-3" in {p.model_version for p in t.predictions} for t in waiting)
     assert asked_tie == [round_two.id]  # asked once, in round two, right after the answers that tied it
-    # the answer 'dent' (not a class) left image "unknown" without a label while Label Studio counted its task done:
-    # it was asked again once, in its task, which is open again
     with session_scope(ctx.engine) as session:
         asked_rejected = session.scalars(select(Selection.round_id).where(Selection.image_id == unknown_image, Selection.reason == "answer_rejected")).all()
-    assert asked_rejected == [round_two.id]
+        assert current_labels(session, round_one.project_id)[unknown_image].label == truth[paths[unknown_image]]
+    assert asked_rejected == [round_two.id] and push_three["closed"] == 1
     rejected_task = admin.tasks.get(id=str(tasks[unknown_image][0]))
-    assert (rejected_task.overlap, rejected_task.is_labeled) == (2, False) and "not one of this project's classes" in rejected_task.data["why"]
+    assert rejected_task.is_labeled is True and "reopened_from_overlap" not in rejected_task.data
     tie_task = admin.tasks.get(id=str(tasks[tie_image][0]))
     assert tie_task.overlap == 3 and tie_task.is_labeled is False
     report_line(f"loop rounds via Label Studio: {len(tasks)} tasks pushed, {len(agreeing) + 3} annotations made, "
