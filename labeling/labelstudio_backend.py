@@ -156,19 +156,18 @@ class LabelStudioBackend:
             )  # fmt: skip
             # Label Studio pre-selects only predictions of the project's model version: once it moves to this round's,
             # a task pushed earlier and still unanswered would show no guess at all unless it gets this round's too
-            live = None
-            if open_guesses or settled:  # every task's id and data, to touch only tasks that are still there and still show the image
-                live = {entry["task_id"]: entry["data"] for entry in lsc.list_task_data(client, project_id=ls_project_id)}
+            guesses = [g for g in open_guesses if g.image_id not in unique]
             try:
-                self._refresh_open_tasks(client, report, session=session, project=project, ls_project_id=ls_project_id, live=live or {},
-                                         guesses=[g for g in open_guesses if g.image_id not in unique], model_version=model_version)
+                if guesses:  # every task's id and data, to touch only tasks that are still there and still show the image
+                    live = {entry["task_id"]: entry["data"] for entry in lsc.list_task_data(client, project_id=ls_project_id)}
+                    self._refresh_open_tasks(client, report, session=session, project=project, ls_project_id=ls_project_id, live=live,
+                                             guesses=guesses, model_version=model_version)
             except (httpx.HTTPError, ApiError) as error:  # the batch itself is in; its tasks show this round's guesses anyway
                 report.warnings.append(f"could not add this round's guesses to the tasks still waiting for an answer ({_describe(error)}); "
                                        "those without one show an earlier round's guess, or none, until a later round adds it")
             if (predictions_sent or report.refreshed) and model_version:
                 lsc.show_predictions_of(client, project_id=ls_project_id, model_version=model_version)
-            self._close_settled(client, report, session=session, ls_project_id=ls_project_id, live=live or {},
-                                image_ids=[i for i in settled if i not in unique])
+            self._close_settled(client, report, session=session, ls_project_id=ls_project_id, image_ids=[i for i in settled if i not in unique])
         except (lsc.LabelStudioAuthError, lsc.LabelStudioConfigError):
             raise  # a wrong or missing setting: retrying next round would not help
         except lsc.LabelStudioUnavailable as error:
@@ -332,33 +331,35 @@ class LabelStudioBackend:
             report.warnings.append(f"could not rewrite the text of {len(failed)} waiting tasks to this round's guess (tasks "
                                    f"{', '.join(map(str, failed[:10]))}): it names an earlier guess until a later round rewrites it")
 
-    def _close_settled(self, client, report: PushReport, *, session: Session, ls_project_id: int, live: Mapping[int, Mapping[str, Any]],
-                       image_ids: Sequence[int]) -> None:
-        """Reopened tasks whose question the loop has its answer to are closed again (lsc.close_reopened_task)."""
-        reopened = {i for i in image_ids}
-        task_of = self._tasks_showing(session, ls_project_id=ls_project_id, live=live, image_ids=reopened)
+    def _close_settled(self, client, report: PushReport, *, session: Session, ls_project_id: int, image_ids: Sequence[int]) -> None:
+        """Reopened tasks whose question the loop now has its answer to are closed again (lsc.close_reopened_task; a task
+        that was not reopened is left as it is). One request or two per image: the loop names only newly answered ones."""
+        if not image_ids:
+            return
+        wanted = set(image_ids)
         failed = []
-        for image_id, task_id in task_of.items():
-            if lsc.REOPENED_FROM_OVERLAP not in live[task_id]:
+        for row in session.scalars(select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.external_project_id == str(ls_project_id))):
+            if row.image_id not in wanted:
                 continue
             try:
-                report.closed += int(lsc.close_reopened_task(client, task_id=task_id))
+                report.closed += int(lsc.close_reopened_task(client, task_id=int(row.external_task_id), image_id=row.image_id))
             except (httpx.HTTPError, ApiError):
-                failed.append(task_id)
+                failed.append(row.external_task_id)
         if failed:
             report.warnings.append(f"could not close {len(failed)} reopened tasks whose question is answered (tasks {', '.join(map(str, failed[:10]))}); "
-                                   "retried next round")
+                                   "they stay in the label stream: close them in Label Studio")
 
     @staticmethod
     def _guess_data(guess: TaskRequest, *, data: Mapping[str, Any]) -> dict[str, Any]:
-        """A waiting task's text and guess fields for this round's guess; why it was picked stays as pushed. No round in
-        the text, the score rounded: the task is rewritten only when the guess it names changes."""
-        shown = replace(guess, reason=str(data.get("reason") or guess.reason), current_label=data.get("current_label"))
+        """A waiting task's text and guess field for this round's guess; why it was picked stays as pushed. No round and no
+        score in the text: the task is rewritten only when the guess it names changes."""
+        # without the score too: it moves a point or two every round, and each change costs a request per task
+        shown = replace(guess, reason=str(data.get("reason") or guess.reason), current_label=data.get("current_label"), prediction_score=None,
+                        probabilities={})
         text = why_text(shown, round_number=None)
         if data.get("relabel_round") is not None or data.get("relabel_of") is not None:
             text = f"Asked again: {text} Check the answer given here and change it if it is wrong."
-        score = _prediction_score(guess)
-        return {lsc.WHY_NAME: text, "predicted_label": guess.predicted_label, "prediction_score": None if score is None else round(score, 2)}
+        return {lsc.WHY_NAME: text, "predicted_label": guess.predicted_label}
 
     def _map(self, session: Session, mapped: dict[int, AnnotationTask], image_id: int, ls_project_id: int, task_id: int) -> None:
         row = mapped.get(image_id)

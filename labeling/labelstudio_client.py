@@ -330,19 +330,29 @@ def reopen_task(client: LabelStudio, *, task_id: int, data_updates: Mapping[str,
     return True
 
 
-def close_reopened_task(client: LabelStudio, *, task_id: int) -> bool:
+def close_reopened_task(client: LabelStudio, *, task_id: int, image_id: int | None = None) -> bool:
     """Close a task reopen_task opened once the loop has its answer (an annotator who changes their own answer gives
     Label Studio no new one, and the task would stay in the label stream with a settled question): overlap back to
-    what it was, or the annotators who answered if more, and the reopening mark removed. False: not a reopened task."""
+    what it was, or the annotators who answered if more, and the reopening mark removed. False: not a reopened task
+    (or, with image_id, not that image's task any more)."""
     task = client.tasks.get(id=str(task_id))
     data = dict(task.data or {})
-    if REOPENED_FROM_OVERLAP not in data:
+    if REOPENED_FROM_OVERLAP not in data or (image_id is not None and data.get("defect_loop_image_id") != image_id):
         return False
-    answered_by = {(a.get("completed_by") or {}).get("id") if isinstance(a.get("completed_by"), Mapping) else a.get("completed_by")
-                   for a in map(_as_dict, task.annotations or []) if not a.get("was_cancelled")}
-    overlap = max(int(data.pop(REOPENED_FROM_OVERLAP) or 1), len(answered_by), 1)
-    client.tasks.update(id=str(task_id), data=data, overlap=overlap, is_labeled=len(answered_by) >= overlap)
+    overlap = max(int(data.pop(REOPENED_FROM_OVERLAP) or 1), len(_answerers(task)), 1)
+    client.tasks.update(id=str(task_id), data=data, overlap=overlap, is_labeled=len(_answerers(task)) >= overlap)
+    # an answer saved between the read and the write was counted by Label Studio and then overwritten: count again
+    fresh = client.tasks.get(id=str(task_id))
+    if (len(_answerers(fresh)) >= overlap) != bool(fresh.is_labeled):
+        client.tasks.update(id=str(task_id), is_labeled=len(_answerers(fresh)) >= overlap)
     return True
+
+
+def _answerers(task: Any) -> set[Any]:
+    """Distinct annotators with a (not skipped) answer: what Label Studio counts against the overlap, except in its
+    IGNORE_SKIPPED mode, where skips count too."""
+    return {(a.get("completed_by") or {}).get("id") if isinstance(a.get("completed_by"), Mapping) else a.get("completed_by")
+            for a in map(_as_dict, task.annotations or []) if not a.get("was_cancelled")}
 
 
 def result_choices(result: Any) -> list[str]:

@@ -54,7 +54,7 @@ from modeling.transfer import load_init_checkpoint, save_model_checkpoint
 from modeling.training import TrainedClassifier, TrainingData, head_fit_predict, train_classifier
 from store import session_scope
 from store.models import AnnotationTask, GateResult, Image, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round, Selection
-from store.queries import CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number
+from store.queries import ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number
 
 # Below this many negative-class validation images the threshold is chosen on out-of-fold probabilities over the
 # whole labeled non-test pool instead: a few dozen good parts cannot pin down a 3% false-positive rate.
@@ -203,6 +203,7 @@ def check_image_files(state: RoundState) -> None:
 
 def load_images(state: RoundState) -> None:
     """Every ok image with its split and current label: the positions all later steps share."""
+    state.details["labels_read_at"] = datetime.now(timezone.utc).isoformat()  # what this round's asks are compared with
     with session_scope(state.ctx.engine) as session:
         project = get_project(session)
         labels = current_labels(session, project.id)
@@ -954,23 +955,28 @@ def _rejected_answer_requests(state: RoundState, budget: int) -> list[int]:
 def _open_asks(session, image_ids: list[int], *, reasons: tuple[str, ...], current_round_id: int | None,  # noqa: ANN001
                last_answer: dict[int, datetime] | None = None) -> set[int]:
     """Images asked about for one of `reasons` (by an earlier round) whose ask still waits: not pushed yet, or pushed
-    and no answer recorded since (the newest label event, or `last_answer` when given). Compared with the push time:
-    answers pulled at the start of the asking round came before the ask."""
+    and no answer recorded since the asking round read the labels (the newest annotator label, or `last_answer` when
+    given): answers pulled at the start of the asking round came before the ask."""
     if not image_ids:
         return set()
     asks: dict[int, list[tuple[str, datetime | None]]] = defaultdict(list)
     for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
         ids = image_ids[chunk:chunk + 500]
-        for image_id, status, pushed_at in session.execute(
-                select(Selection.image_id, Selection.push_status, Selection.pushed_at)
+        for image_id, status, pushed_at, details in session.execute(
+                select(Selection.image_id, Selection.push_status, Selection.pushed_at, Round.details).join(Round, Round.id == Selection.round_id)
                 .where(Selection.image_id.in_(ids), Selection.reason.in_(reasons), Selection.round_id != (current_round_id or -1))):
-            asks[image_id].append((status, pushed_at))
+            # the ask stands from when its round read the labels: an answer that came in later (a webhook while the
+            # round trained) answers it, even though the push came after it
+            read_at = (details or {}).get("labels_read_at")
+            asks[image_id].append((status, datetime.fromisoformat(read_at) if isinstance(read_at, str) else pushed_at))
     asked = list(asks)
     if last_answer is None:
+        # an answer: an annotator's (or the oracle's) label; a skip, a deletion or a re-import answers nothing
         last_answer = {}
         for chunk in range(0, len(asked), 500):
-            last_answer.update(session.execute(select(LabelEvent.image_id, func.max(LabelEvent.created_at))
-                                               .where(LabelEvent.image_id.in_(asked[chunk:chunk + 500])).group_by(LabelEvent.image_id)).all())
+            last_answer.update(session.execute(select(LabelEvent.image_id, func.max(LabelEvent.created_at)).where(
+                LabelEvent.image_id.in_(asked[chunk:chunk + 500]), LabelEvent.action == "set", LabelEvent.source.in_(ANNOTATOR_SOURCES))
+                .group_by(LabelEvent.image_id)).all())
     waiting = set()
     for image_id, rows in asks.items():
         if any(status in ("pending", "failed") for status, _ in rows):
@@ -1136,12 +1142,26 @@ def _open_guesses(state: RoundState, session, position_of: dict[int, int], *, in
 def _settled_asks(state: RoundState, session, *, in_batch: set[int]) -> list[int]:  # noqa: ANN001
     """Images asked again by an earlier round (a questioned label, a tie, a rejected answer) whose answer the loop has:
     an answer recorded after the ask was pushed, and no longer tied. Not those asked again in this very batch."""
+    project_id = get_project(session).id
     asked = sorted(set(session.scalars(select(Selection.image_id).join(Round, Round.id == Selection.round_id).where(
-        Round.project_id == get_project(session).id, Selection.reason.in_(ASKED_AGAIN_REASONS), Selection.push_status == "pushed",
+        Round.project_id == project_id, Selection.reason.in_(ASKED_AGAIN_REASONS), Selection.push_status == "pushed",
         Selection.round_id != state.round_id))) - in_batch)
     waiting = _open_asks(session, asked, reasons=ASKED_AGAIN_REASONS, current_round_id=state.round_id)
-    return [image_id for image_id in asked if image_id not in waiting
-            and state.label_info.get(image_id, CurrentLabel(None, None, "unlabeled")).status == "labeled"]
+    # only those answered since the previous round read its labels: earlier ones were closed then (a close that failed
+    # said so), and asking the annotation tool about every past ask each round would grow without end
+    previous = session.scalars(select(Round.details).where(Round.project_id == project_id, Round.id != state.round_id, Round.status == "completed")
+                               .order_by(Round.number.desc()).limit(1)).first()
+    since = _aware(datetime.fromisoformat(previous["labels_read_at"])) if previous and isinstance(previous.get("labels_read_at"), str) else None
+    candidates = [image_id for image_id in asked if image_id not in waiting
+                  and state.label_info.get(image_id, CurrentLabel(None, None, "unlabeled")).status == "labeled"]
+    if since is None or not candidates:
+        return candidates
+    answered: dict[int, datetime] = {}
+    for chunk in range(0, len(candidates), 500):
+        answered.update(session.execute(select(LabelEvent.image_id, func.max(LabelEvent.created_at)).where(
+            LabelEvent.image_id.in_(candidates[chunk:chunk + 500]), LabelEvent.action == "set", LabelEvent.source.in_(ANNOTATOR_SOURCES))
+            .group_by(LabelEvent.image_id)).all())
+    return [image_id for image_id in candidates if _aware(answered.get(image_id)) > since]
 
 
 def _p_defect(state: RoundState, task: TaskRequest) -> float | None:

@@ -551,10 +551,14 @@ def test_a_tie_is_asked_again_only_after_new_answers(project_with_pool: Path) ->
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     assert (asked_in(1), asked_in(2)) == ([tied_id], [])  # waiting for its answer: not asked twice
+    with session_scope(ctx.engine) as session:  # someone skipped it: that answers nothing
+        session.add(LabelEvent(image_id=tied_id, label=None, action="skip", source="annotator", annotator="ann3"))
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    assert asked_in(3) == []
     with session_scope(ctx.engine) as session:
         session.add(LabelEvent(image_id=tied_id, label="patch", source="annotator", annotator="ann3"))  # a third view, still a tie
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
-    assert asked_in(3) == [tied_id]
+    assert asked_in(4) == [tied_id]
 
 
 def test_an_error_naming_a_loop_toml_section_prints_the_section(tmp_path: Path, class_folders: Path, monkeypatch: pytest.MonkeyPatch) -> None:
