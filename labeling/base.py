@@ -47,6 +47,7 @@ class PushReport:
     reopened: int = 0  # answered tasks asked again: suspected label errors of images labeled in the backend
     refreshed: int = 0  # tasks still waiting for an answer that got this round's guess
     closed: int = 0  # reopened tasks closed again: the loop has the answer to their question
+    settled_done: bool = True  # False: some task of `settled` may still be open (not reached, or a close failed): asked again next round
     warnings: list[str] = field(default_factory=list)
 
 

@@ -139,7 +139,7 @@ class LabelStudioBackend:
         Label Studio unreachable (or refusing a request): nothing raised, PushReport.pending says how many
         images wait for the next round, with a warning.
         """
-        report = PushReport()
+        report = PushReport(settled_done=not settled)  # done once _close_settled ran through
         unique: dict[int, TaskRequest] = {}
         for task in batch:
             unique.setdefault(task.image_id, task)
@@ -335,6 +335,7 @@ class LabelStudioBackend:
         """Reopened tasks whose question the loop now has its answer to are closed again (lsc.close_reopened_task; a task
         that was not reopened is left as it is). One request or two per image: the loop names only newly answered ones."""
         if not image_ids:
+            report.settled_done = True
             return
         wanted = set(image_ids)
         failed = []
@@ -343,11 +344,15 @@ class LabelStudioBackend:
                 continue
             try:
                 report.closed += int(lsc.close_reopened_task(client, task_id=int(row.external_task_id), image_id=row.image_id))
-            except (httpx.HTTPError, ApiError):
+            except ApiError as error:
+                if error.status_code != 404:  # a task deleted in Label Studio has nothing to close
+                    failed.append(row.external_task_id)
+            except httpx.HTTPError:
                 failed.append(row.external_task_id)
+        report.settled_done = not failed
         if failed:
             report.warnings.append(f"could not close {len(failed)} reopened tasks whose question is answered (tasks {', '.join(map(str, failed[:10]))}); "
-                                   "they stay in the label stream: close them in Label Studio")
+                                   "retried next round")
 
     @staticmethod
     def _guess_data(guess: TaskRequest, *, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -359,7 +364,7 @@ class LabelStudioBackend:
         text = why_text(shown, round_number=None)
         if data.get("relabel_round") is not None or data.get("relabel_of") is not None:
             text = f"Asked again: {text} Check the answer given here and change it if it is wrong."
-        return {lsc.WHY_NAME: text, "predicted_label": guess.predicted_label}
+        return {lsc.WHY_NAME: text, "predicted_label": guess.predicted_label, "prediction_score": None}  # the first push's score would contradict
 
     def _map(self, session: Session, mapped: dict[int, AnnotationTask], image_id: int, ls_project_id: int, task_id: int) -> None:
         row = mapped.get(image_id)

@@ -962,13 +962,16 @@ def _open_asks(session, image_ids: list[int], *, reasons: tuple[str, ...], curre
     asks: dict[int, list[tuple[str, datetime | None]]] = defaultdict(list)
     for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
         ids = image_ids[chunk:chunk + 500]
-        for image_id, status, pushed_at, details in session.execute(
-                select(Selection.image_id, Selection.push_status, Selection.pushed_at, Round.details).join(Round, Round.id == Selection.round_id)
+        for image_id, status, pushed_at, details, finished_at in session.execute(
+                select(Selection.image_id, Selection.push_status, Selection.pushed_at, Round.details, Round.finished_at)
+                .join(Round, Round.id == Selection.round_id)
                 .where(Selection.image_id.in_(ids), Selection.reason.in_(reasons), Selection.round_id != (current_round_id or -1))):
             # the ask stands from when its round read the labels: an answer that came in later (a webhook while the
-            # round trained) answers it, even though the push came after it
+            # round trained) answers it, even though the push came after it. Pushed by a later round (its own push
+            # failed): from that push, as an answer given in between came before the task was asked again.
             read_at = (details or {}).get("labels_read_at")
-            asks[image_id].append((status, datetime.fromisoformat(read_at) if isinstance(read_at, str) else pushed_at))
+            pushed_later = pushed_at is not None and finished_at is not None and _aware(pushed_at) > _aware(finished_at)
+            asks[image_id].append((status, datetime.fromisoformat(read_at) if isinstance(read_at, str) and not pushed_later else pushed_at))
     asked = list(asks)
     if last_answer is None:
         # an answer: an annotator's (or the oracle's) label; a skip, a deletion or a re-import answers nothing
@@ -1066,7 +1069,7 @@ def push_batch(state: RoundState) -> None:
     for warning in report.warnings:
         state.console.print(f"[yellow]warning:[/] {escape(warning)}")
     state.details["push"] = {"backend": name, "pushed": report.pushed, "already_present": report.already_present, "pending": report.pending,
-                             "reopened": report.reopened, "refreshed": report.refreshed, "closed": report.closed,
+                             "reopened": report.reopened, "refreshed": report.refreshed, "closed": report.closed, "settled_done": report.settled_done,
                              "withdrawn": len(withdrawn), "warnings": report.warnings}
 
 
@@ -1149,9 +1152,15 @@ def _settled_asks(state: RoundState, session, *, in_batch: set[int]) -> list[int
     waiting = _open_asks(session, asked, reasons=ASKED_AGAIN_REASONS, current_round_id=state.round_id)
     # only those answered since the previous round read its labels: earlier ones were closed then (a close that failed
     # said so), and asking the annotation tool about every past ask each round would grow without end
-    previous = session.scalars(select(Round.details).where(Round.project_id == project_id, Round.id != state.round_id, Round.status == "completed")
-                               .order_by(Round.number.desc()).limit(1)).first()
-    since = _aware(datetime.fromisoformat(previous["labels_read_at"])) if previous and isinstance(previous.get("labels_read_at"), str) else None
+    # since the last round whose push closed everything it was told to (a push that never got that far, or a close
+    # that failed, leaves its asks to the next round)
+    since = None
+    for details in session.scalars(select(Round.details).where(Round.project_id == project_id, Round.id != state.round_id, Round.status == "completed")
+                                   .order_by(Round.number.desc())):
+        if (details or {}).get("push", {}).get("settled_done", True):
+            read_at = (details or {}).get("labels_read_at")
+            since = _aware(datetime.fromisoformat(read_at)) if isinstance(read_at, str) else None
+            break
     candidates = [image_id for image_id in asked if image_id not in waiting
                   and state.label_info.get(image_id, CurrentLabel(None, None, "unlabeled")).status == "labeled"]
     if since is None or not candidates:

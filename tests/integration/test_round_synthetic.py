@@ -599,3 +599,29 @@ def test_a_tie_answered_in_the_rounds_own_pull_is_asked_once(project_with_pool: 
     with session_scope(ctx.engine) as session:
         asked = session.execute(select(Round.number, Selection.image_id).join(Round).where(Selection.reason == "annotators_disagree")).all()
     assert [tuple(row) for row in asked] == [(1, tied_id)]  # round 2: no answer since the ask, so not asked again
+
+
+def test_an_answered_ask_is_named_for_closing_until_a_push_closes_it(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tie asked in round 1 is answered by the oracle in round 2's pull: round 2 names it settled (its annotation-tool
+    # task can be closed); when that push could not close it, round 3 names it again, and after a push that did, not.
+    from labeling.base import PushReport
+    from labeling.simulated import OracleAnnotator
+
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        labeled = current_labels(session, session.scalars(select(Image.project_id)).first())
+        tied = next(i for i in session.scalars(select(Image).where(Image.split == "pool").order_by(Image.id))
+                    if i.id not in labeled and "/scratch/" in i.path)
+        session.add_all([LabelEvent(image_id=tied.id, label="scratch", source="annotator", annotator="ann1"),
+                         LabelEvent(image_id=tied.id, label="spot", source="annotator", annotator="ann2")])
+        tied_id = tied.id
+    named, done = [], [True, False, True, True]
+
+    def push(self, *, session, project, round_id, batch, open_guesses=(), settled=()):  # noqa: ANN001, ANN202
+        named.append(list(settled))
+        return PushReport(pushed=len(batch), settled_done=done[len(named) - 1])
+
+    monkeypatch.setattr(OracleAnnotator, "push", push)
+    for _ in range(4):
+        assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    assert [tied_id in settled for settled in named] == [False, True, True, False]
