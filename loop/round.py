@@ -56,6 +56,9 @@ from store import session_scope
 from store.models import AnnotationTask, GateResult, Image, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round, Selection
 from store.queries import ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number
 
+# Rounds looked back for the last push that closed every reopened task it was told to; none among them: every
+# answered ask is named again (a task that always fails to close keeps the window from moving, and the warning says so).
+SETTLED_LOOKBACK_ROUNDS = 20
 # Below this many negative-class validation images the threshold is chosen on out-of-fold probabilities over the
 # whole labeled non-test pool instead: a few dozen good parts cannot pin down a 3% false-positive rate.
 MIN_VALIDATION_NEGATIVES = 200
@@ -962,16 +965,15 @@ def _open_asks(session, image_ids: list[int], *, reasons: tuple[str, ...], curre
     asks: dict[int, list[tuple[str, datetime | None]]] = defaultdict(list)
     for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
         ids = image_ids[chunk:chunk + 500]
-        for image_id, status, pushed_at, details, finished_at in session.execute(
-                select(Selection.image_id, Selection.push_status, Selection.pushed_at, Round.details, Round.finished_at)
-                .join(Round, Round.id == Selection.round_id)
+        for image_id, status, pushed_at, details in session.execute(
+                select(Selection.image_id, Selection.push_status, Selection.pushed_at, Round.details).join(Round, Round.id == Selection.round_id)
                 .where(Selection.image_id.in_(ids), Selection.reason.in_(reasons), Selection.round_id != (current_round_id or -1))):
             # the ask stands from when its round read the labels: an answer that came in later (a webhook while the
-            # round trained) answers it, even though the push came after it. Pushed by a later round (its own push
-            # failed): from that push, as an answer given in between came before the task was asked again.
+            # round trained) answers it, even though the push came after it. (Pushed by a later round, after its own
+            # push failed, an answer given in between counts too: push_status is per batch, not per image, so the
+            # push time cannot tell whether this very task was reached then.)
             read_at = (details or {}).get("labels_read_at")
-            pushed_later = pushed_at is not None and finished_at is not None and _aware(pushed_at) > _aware(finished_at)
-            asks[image_id].append((status, datetime.fromisoformat(read_at) if isinstance(read_at, str) and not pushed_later else pushed_at))
+            asks[image_id].append((status, datetime.fromisoformat(read_at) if isinstance(read_at, str) else pushed_at))
     asked = list(asks)
     if last_answer is None:
         # an answer: an annotator's (or the oracle's) label; a skip, a deletion or a re-import answers nothing
@@ -1156,7 +1158,7 @@ def _settled_asks(state: RoundState, session, *, in_batch: set[int]) -> list[int
     # that failed, leaves its asks to the next round)
     since = None
     for details in session.scalars(select(Round.details).where(Round.project_id == project_id, Round.id != state.round_id, Round.status == "completed")
-                                   .order_by(Round.number.desc())):
+                                   .order_by(Round.number.desc()).limit(SETTLED_LOOKBACK_ROUNDS)):
         if (details or {}).get("push", {}).get("settled_done", True):
             read_at = (details or {}).get("labels_read_at")
             since = _aware(datetime.fromisoformat(read_at)) if isinstance(read_at, str) else None
