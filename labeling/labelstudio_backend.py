@@ -67,6 +67,11 @@ def why_text(task: TaskRequest, *, round_number: int | None) -> str:
     return " ".join(parts)
 
 
+def _asked_again(text: str) -> str:
+    """The text of a reopened task: why it is asked again, and what to do."""
+    return f"Asked again: {text} Check the answer given here and change it if it is wrong."
+
+
 def _prediction_score(task: TaskRequest) -> float | None:
     if task.prediction_score is not None:
         return float(task.prediction_score)
@@ -221,12 +226,12 @@ class LabelStudioBackend:
             # one task per image: a suspect labeled here is asked again in its own task (see lsc.reopen_task)
             once = ({"reason": task.reason, "relabel_of": task.current_label} if task.current_label is not None
                     else {"reason": task.reason, "relabel_round": round_number})
+            prediction = self._prediction(task, project=project, model_version=model_version)
             try:
                 if lsc.reopen_task(client, task_id=int(row.external_task_id), once=once,
-                                   data_updates=self._relabel_data(task, round_number=round_number),
-                                   prediction=self._prediction(task, project=project, model_version=model_version)):
+                                   data_updates=self._relabel_data(task, round_number=round_number), prediction=prediction):
                     report.reopened += 1
-                    predictions_sent = predictions_sent or task.predicted_label in project.classes
+                    predictions_sent = predictions_sent or prediction is not None
             except ApiError as error:
                 if error.status_code == 404:  # deleted in Label Studio: a new task asks instead
                     already_present -= 1
@@ -291,14 +296,16 @@ class LabelStudioBackend:
         report.pending += pending
         return predictions_sent or any("predictions" in payload for _, payload in new_tasks)
 
+    def _tasks_of(self, session: Session, *, ls_project_id: int, image_ids: set[int]) -> dict[int, int]:
+        """image id -> its task in this Label Studio project, as the store maps them."""
+        return {row.image_id: int(row.external_task_id) for row in session.scalars(select(AnnotationTask).where(
+            AnnotationTask.backend == self.name, AnnotationTask.external_project_id == str(ls_project_id))) if row.image_id in image_ids}
+
     def _tasks_showing(self, session: Session, *, ls_project_id: int, live: Mapping[int, Mapping[str, Any]], image_ids: set[int]) -> dict[int, int]:
-        """image id -> its task in this Label Studio project, for tasks still there and still showing that image (a task
-        deleted there fails a request naming it, and its id may have been given to another image's task since)."""
-        found = {}
-        for row in session.scalars(select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.external_project_id == str(ls_project_id))):
-            if row.image_id in image_ids and (live.get(int(row.external_task_id)) or {}).get("defect_loop_image_id") == row.image_id:
-                found[row.image_id] = int(row.external_task_id)
-        return found
+        """_tasks_of, only tasks still there and still showing that image (a task deleted there fails a request naming
+        it, and its id may have been given to another image's task since)."""
+        return {image_id: task_id for image_id, task_id in self._tasks_of(session, ls_project_id=ls_project_id, image_ids=image_ids).items()
+                if (live.get(task_id) or {}).get("defect_loop_image_id") == image_id}
 
     def _refresh_open_tasks(self, client, report: PushReport, *, session: Session, project: Project, ls_project_id: int,
                             live: Mapping[int, Mapping[str, Any]], guesses: Sequence[TaskRequest], model_version: str | None) -> None:
@@ -337,18 +344,15 @@ class LabelStudioBackend:
         if not image_ids:
             report.settled_done = True
             return
-        wanted = set(image_ids)
         failed = []
-        for row in session.scalars(select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.external_project_id == str(ls_project_id))):
-            if row.image_id not in wanted:
-                continue
+        for image_id, task_id in self._tasks_of(session, ls_project_id=ls_project_id, image_ids=set(image_ids)).items():
             try:
-                report.closed += int(lsc.close_reopened_task(client, task_id=int(row.external_task_id), image_id=row.image_id))
+                report.closed += int(lsc.close_reopened_task(client, task_id=task_id, image_id=image_id))
             except ApiError as error:
                 if error.status_code != 404:  # a task deleted in Label Studio has nothing to close
-                    failed.append(row.external_task_id)
+                    failed.append(task_id)
             except httpx.HTTPError:
-                failed.append(row.external_task_id)
+                failed.append(task_id)
         report.settled_done = not failed
         if failed:
             report.warnings.append(f"could not close {len(failed)} reopened tasks whose question is answered (tasks {', '.join(map(str, failed[:10]))}); "
@@ -363,7 +367,7 @@ class LabelStudioBackend:
                         probabilities={})
         text = why_text(shown, round_number=None)
         if data.get("relabel_round") is not None or data.get("relabel_of") is not None:
-            text = f"Asked again: {text} Check the answer given here and change it if it is wrong."
+            text = _asked_again(text)
         return {lsc.WHY_NAME: text, "predicted_label": guess.predicted_label, "prediction_score": None}  # the first push's score would contradict
 
     def _map(self, session: Session, mapped: dict[int, AnnotationTask], image_id: int, ls_project_id: int, task_id: int) -> None:
@@ -414,7 +418,7 @@ class LabelStudioBackend:
     def _relabel_data(task: TaskRequest, *, round_number: int | None) -> dict[str, Any]:
         """What an answered task's data becomes when its label is questioned: the annotator reads why."""
         return {
-            lsc.WHY_NAME: f"Asked again: {why_text(task, round_number=round_number)} Check the answer given here and change it if it is wrong.",
+            lsc.WHY_NAME: _asked_again(why_text(task, round_number=round_number)),
             "reason": task.reason, "current_label": task.current_label, "predicted_label": task.predicted_label,
             "prediction_score": _prediction_score(task), "relabel_round": round_number,
         }
@@ -455,7 +459,6 @@ class LabelStudioBackend:
                 seen.add(str(row["annotation_id"]))
                 predicted_by_annotation[str(row["annotation_id"])] = row.get("predicted") or []
                 recorder.record_annotation(row, ls_project_id=ls_project_id)
-
         # Whatever we recorded as live but Label Studio no longer has was deleted there.
         for external_id in recorder.live_external_ids(ls_projects=listed_projects):
             if external_id not in seen:

@@ -315,15 +315,14 @@ def reopen_task(client: LabelStudio, *, task_id: int, data_updates: Mapping[str,
     data = dict(task.data or {})
     if once and all(data.get(key) == value for key, value in once.items()):
         return False
-    annotations = [_as_dict(annotation) for annotation in task.annotations or []]
-    if not any(not annotation.get("was_cancelled") for annotation in annotations):
+    if not _answerers(task):
         return False  # still open: it is asked anyway
     if prediction is not None:
         shown = [_as_dict(p) for p in task.predictions or []]
         if not any(p.get("model_version") == prediction.get("model_version") and result_choices(p.get("result")) == result_choices(prediction.get("result"))
                    for p in shown):
             client.predictions.create(task=task_id, **prediction)
-    overlap = max(int(task.overlap or 1), len(annotations) + 1)
+    overlap = max(int(task.overlap or 1), len(task.annotations or []) + 1)
     # the overlap it had before the first reopening: closing it again never goes below the project's own setting
     asked = {**data, **data_updates, **once, REOPENED_FROM_OVERLAP: int(data.get(REOPENED_FROM_OVERLAP) or task.overlap or 1)}
     client.tasks.update(id=str(task_id), data=asked, overlap=overlap, is_labeled=False)
@@ -339,8 +338,9 @@ def close_reopened_task(client: LabelStudio, *, task_id: int, image_id: int | No
     data = dict(task.data or {})
     if REOPENED_FROM_OVERLAP not in data or (image_id is not None and data.get("defect_loop_image_id") != image_id):
         return False
-    overlap = max(int(data.pop(REOPENED_FROM_OVERLAP) or 1), len(_answerers(task)), 1)
-    client.tasks.update(id=str(task_id), data=data, overlap=overlap, is_labeled=len(_answerers(task)) >= overlap)
+    answered = len(_answerers(task))
+    overlap = max(int(data.pop(REOPENED_FROM_OVERLAP) or 1), answered, 1)
+    client.tasks.update(id=str(task_id), data=data, overlap=overlap, is_labeled=answered >= overlap)
     # an answer saved between the read and the write was counted by Label Studio and then overwritten: count again
     fresh = client.tasks.get(id=str(task_id))
     if (len(_answerers(fresh)) >= overlap) != bool(fresh.is_labeled):

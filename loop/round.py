@@ -118,6 +118,7 @@ class RoundState:
     estimated_gates: dict[str, bool | None] = field(default_factory=dict)
     label_issue_rows: list[dict[str, Any]] = field(default_factory=list)  # label errors: the relabel queue
     suggested_labels: dict[int, str] = field(default_factory=dict)  # position -> cleanlab's suggested label, flagged images
+    position_of: dict[int, int] = field(default_factory=dict)  # image id -> position (set with image_ids by load_images)
     data_issue_rows: list[dict[str, Any]] = field(default_factory=list)  # near-duplicates and outliers
     near_duplicates: Any = None  # modeling.label_quality finding of find_near_copies (None: [loop] data_issues is off)
     held_back: set[int] = field(default_factory=set)  # pool near-copies of a test image that already leaks: never selected
@@ -213,6 +214,7 @@ def load_images(state: RoundState) -> None:
         images = session.execute(select(Image.id, Image.path, Image.sha256, Image.part, Image.split)
                                  .where(Image.project_id == project.id, Image.status == "ok").order_by(Image.id)).all()
     state.image_ids = [row.id for row in images]
+    state.position_of = {image_id: position for position, image_id in enumerate(state.image_ids)}
     state.paths = [row.path for row in images]
     state.hashes = [row.sha256 for row in images]
     state.parts = [row.part for row in images]
@@ -854,33 +856,17 @@ def select_next_batch(state: RoundState) -> None:
         picks.append((position, 1.0, "annotators_disagree", None))
     for position in _rejected_answer_requests(state, loop_config.budget_per_round):
         picks.append((position, 1.0, "answer_rejected", None))
-    if state.cold_start:
-        for position, score, reason, current in picks:
-            state.batch.append(TaskRequest(image_id=state.image_ids[position], image_path=state.paths[position], sha256=state.hashes[position],
-                                           reason=reason, current_label=current, round_number=state.number))
-            state.batch_meta.append({"score": score, "strategy": strategy})
-        return
-    threshold = state.threshold.threshold if state.threshold else None
-    predicted = final_predictions(probabilities=state.probabilities, negative_index=state.config.negative_index, threshold=threshold)
     for position, score, reason, current in picks:
-        if state.splits[position] == "test" or position in state.held_back:
-            # a tied test image: its answer becomes a test label, which should not start from the model's guess
-            state.batch.append(TaskRequest(image_id=state.image_ids[position], image_path=state.paths[position], sha256=state.hashes[position],
-                                           reason=reason, current_label=current, round_number=state.number))
-            state.batch_meta.append({"score": score, "strategy": "label_quality"})
-            continue
-        independent = _model_guess(state, position) if reason == "suspected_label_error" else None
-        if independent is not None:  # this round's model learned the questioned label: it would pre-select it again
-            predicted_label, _, probabilities = independent
-        else:
-            predicted_label = state.config.classes[int(predicted[position])]
-            probabilities = {name: float(p) for name, p in zip(state.config.classes, state.probabilities[position])}
+        # no guess at a cold start (no model), nor for a tied test image: its answer becomes a test label, which should
+        # not start from the model's guess
+        hidden = state.splits[position] == "test" or position in state.held_back
+        predicted_label, prediction_score, probabilities = (None if hidden else _model_guess(state, position)) or (None, None, {})
         state.batch.append(TaskRequest(
             image_id=state.image_ids[position], image_path=state.paths[position], sha256=state.hashes[position], reason=reason,
-            predicted_label=predicted_label, prediction_score=probabilities[predicted_label], probabilities=probabilities,
+            predicted_label=predicted_label, prediction_score=prediction_score, probabilities=probabilities,
             current_label=current, round_number=state.number,
         ))
-        state.batch_meta.append({"score": score, "strategy": "label_quality" if reason in ASKED_AGAIN_REASONS else loop_config.strategy})
+        state.batch_meta.append({"score": score, "strategy": "label_quality" if reason in ASKED_AGAIN_REASONS else strategy})
 
 
 def _cold_start_strategy(state: RoundState) -> str:
@@ -912,18 +898,17 @@ def _relabel_requests(state: RoundState, budget: int) -> list[dict]:
 def _tie_requests(state: RoundState, budget: int) -> list[int]:
     """Images whose annotators disagree evenly (kept out of training and out of the test metrics) go back for one more
     answer, on top of the round's budget and at most `budget` of them: a tie is a certain problem, and nothing else
-    settles it (a tie is not selectable as unlabeled). Asked again only when new answers came after the last ask was
-    pushed and it is still tied."""
+    settles it (a tie is not selectable as unlabeled). Asked again only when new answers came after the asking round
+    read the labels and it is still tied (_open_asks)."""
     tied = [image_id for image_id, info in state.label_info.items() if info.status == "tie"]
     state.details["ties"] = {"n_images": len(tied), "asked": 0}
     if not tied or budget <= 0:
         return []
-    position_of = {image_id: position for position, image_id in enumerate(state.image_ids)}
     with session_scope(state.ctx.engine) as session:
         asks = _open_asks(session, tied, reasons=("annotators_disagree",), current_round_id=state.round_id)
-    due = [image_id for image_id in sorted(tied) if image_id in position_of and image_id not in asks]
+    due = [image_id for image_id in sorted(tied) if image_id in state.position_of and image_id not in asks]
     state.details["ties"]["asked"] = min(len(due), budget)
-    return [position_of[image_id] for image_id in due[:budget]]
+    return [state.position_of[image_id] for image_id in due[:budget]]
 
 
 def _rejected_answer_requests(state: RoundState, budget: int) -> list[int]:
@@ -947,12 +932,11 @@ def _rejected_answer_requests(state: RoundState, budget: int) -> list[int]:
                     if row.external_task_id in rejected_at}
         unlabeled = {image_id: rejected_at[task] for task, image_id in image_of.items()
                      if state.label_info.get(image_id, CurrentLabel(None, None, "unlabeled")).status == "unlabeled"}
-        # an ask waits until a rejection (not a label event: a rejected answer makes none) comes after its push
+        # an ask waits until a rejection (not a label event: a rejected answer makes none) comes after it
         waiting = _open_asks(session, list(unlabeled), reasons=("answer_rejected",), current_round_id=state.round_id, last_answer=unlabeled)
-    position_of = {image_id: position for position, image_id in enumerate(state.image_ids)}
-    due = [image_id for image_id in sorted(unlabeled) if image_id in position_of and image_id not in waiting]
+    due = [image_id for image_id in sorted(unlabeled) if image_id in state.position_of and image_id not in waiting]
     state.details["rejected_answers"] = {"n_images": len(unlabeled), "asked": min(len(due), budget)}
-    return [position_of[image_id] for image_id in due[:budget]]
+    return [state.position_of[image_id] for image_id in due[:budget]]
 
 
 def _open_asks(session, image_ids: list[int], *, reasons: tuple[str, ...], current_round_id: int | None,  # noqa: ANN001
@@ -1051,12 +1035,11 @@ def push_batch(state: RoundState) -> None:
             selection.push_status = "withdrawn"
         retry = [(selection, image) for selection, image in retry if image.id not in to_withdraw]
         by_image = {task.image_id: task for task in state.batch}
-        position_of = {image_id: position for position, image_id in enumerate(state.image_ids)}
-        tasks = [by_image.get(image.id) or _retried_task(state, selection, image, position_of.get(image.id)) for selection, image in retry]
+        tasks = [by_image.get(image.id) or _retried_task(state, selection, image, state.position_of.get(image.id)) for selection, image in retry]
         extra, accepted = {}, inspect.signature(state.backend.push).parameters  # a backend registered elsewhere may not take these
         in_batch = {task.image_id for task in tasks}
         if "open_guesses" in accepted:
-            extra["open_guesses"] = _open_guesses(state, session, position_of, in_batch=in_batch)
+            extra["open_guesses"] = _open_guesses(state, session, in_batch=in_batch)
         if "settled" in accepted:
             extra["settled"] = _settled_asks(state, session, in_batch=in_batch)
         report = state.backend.push(session=session, project=project, round_id=state.round_id, batch=tasks, **extra)
@@ -1120,7 +1103,7 @@ def _model_guess(state: RoundState, position: int) -> tuple[str, float, dict[str
     return label, probabilities[label], probabilities
 
 
-def _open_guesses(state: RoundState, session, position_of: dict[int, int], *, in_batch: set[int]) -> list[TaskRequest]:  # noqa: ANN001
+def _open_guesses(state: RoundState, session, *, in_batch: set[int]) -> list[TaskRequest]:  # noqa: ANN001
     """This round's guess for every image pushed to this backend earlier and still waiting for an answer: never
     answered, or asked again (a questioned label, a tie) with no answer since. Not for the test split and held-back
     copies: their answers become test labels, which should not start from the model's guess."""
@@ -1133,7 +1116,7 @@ def _open_guesses(state: RoundState, session, position_of: dict[int, int], *, in
     asked_again = _open_asks(session, answered, reasons=ASKED_AGAIN_REASONS, current_round_id=state.round_id)
     guesses = []
     for image_id, path, sha256 in tasks:
-        position = position_of.get(image_id)
+        position = state.position_of.get(image_id)
         info = state.label_info.get(image_id)
         waiting = info is None or info.status == "unlabeled" or image_id in asked_again
         if position is None or image_id in in_batch or not waiting or state.splits[position] == "test" or position in state.held_back:
@@ -1146,16 +1129,15 @@ def _open_guesses(state: RoundState, session, position_of: dict[int, int], *, in
 
 def _settled_asks(state: RoundState, session, *, in_batch: set[int]) -> list[int]:  # noqa: ANN001
     """Images asked again by an earlier round (a questioned label, a tie, a rejected answer) whose answer the loop has:
-    an answer recorded after the ask was pushed, and no longer tied. Not those asked again in this very batch."""
+    an annotator's label recorded after the ask (_open_asks), and no longer tied. Not those asked again in this batch."""
     project_id = get_project(session).id
     asked = sorted(set(session.scalars(select(Selection.image_id).join(Round, Round.id == Selection.round_id).where(
         Round.project_id == project_id, Selection.reason.in_(ASKED_AGAIN_REASONS), Selection.push_status == "pushed",
         Selection.round_id != state.round_id))) - in_batch)
     waiting = _open_asks(session, asked, reasons=ASKED_AGAIN_REASONS, current_round_id=state.round_id)
-    # only those answered since the previous round read its labels: earlier ones were closed then (a close that failed
-    # said so), and asking the annotation tool about every past ask each round would grow without end
-    # since the last round whose push closed everything it was told to (a push that never got that far, or a close
-    # that failed, leaves its asks to the next round)
+    # only those answered since the last round whose push closed everything it was told to (a push that never got
+    # that far, or a close that failed, leaves its asks to the next round): asking the annotation tool about every
+    # past ask each round would grow without end
     since = None
     for details in session.scalars(select(Round.details).where(Round.project_id == project_id, Round.id != state.round_id, Round.status == "completed")
                                    .order_by(Round.number.desc()).limit(SETTLED_LOOKBACK_ROUNDS)):

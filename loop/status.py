@@ -72,9 +72,7 @@ def _round_summary(round_row: Round) -> dict:
         "training": {"n_fit": training.n_fit if training else None, "best_epoch": training.best_epoch if training else None,
                      "epochs_run": training.epochs_run if training else 0},
         "calibration": {key: getattr(calibration, key, None) for key in ("method", "temperature", "fitted_on", "ece_before", "ece_after")},
-        "label_quality": {"n_flagged": quality.n_flagged if quality else None,
-                          "noise_rate_per_class": quality.noise_rate_per_class if quality else None,
-                          "already_questioned": quality.already_questioned if quality else None},
+        "label_quality": {key: getattr(quality, key, None) for key in ("n_flagged", "noise_rate_per_class", "already_questioned")},
         "labeled_counts": details.get("labeled_counts"),
         # what reached the annotators: pushed, pending, answered tasks asked again, waiting tasks given this round's guess
         "push": details.get("push"),
