@@ -44,6 +44,8 @@ class PushReport:
     pushed: int = 0
     already_present: int = 0
     pending: int = 0  # could not be pushed now (backend down): retried next round
+    # which images of the batch those are; a backend that leaves it empty with pending > 0 has the whole batch retried
+    pending_image_ids: set[int] = field(default_factory=set)
     reopened: int = 0  # answered tasks asked again: suspected label errors of images labeled in the backend
     refreshed: int = 0  # tasks still waiting for an answer that got this round's guess
     closed: int = 0  # reopened tasks closed again: the loop has the answer to their question

@@ -152,12 +152,13 @@ class LabelStudioBackend:
             return report
         round_number = _round_number(session, round_id, batch)
         model_version = f"round-{round_number}" if round_number is not None else None
+        reached: set[int] = set()  # images of the batch whose task is in Label Studio as asked (filled as it goes)
         try:
             client = self.client()
             ls_project_id = self.ensure_project(project, model_version=model_version)
             predictions_sent = self._push_tasks(
                 client, report, session=session, project=project, ls_project_id=ls_project_id, tasks=list(unique.values()),
-                round_number=round_number, model_version=model_version,
+                round_number=round_number, model_version=model_version, reached=reached,
             )  # fmt: skip
             # Label Studio pre-selects only predictions of the project's model version: once it moves to this round's,
             # a task pushed earlier and still unanswered would show no guess at all unless it gets this round's too
@@ -176,17 +177,14 @@ class LabelStudioBackend:
         except (lsc.LabelStudioAuthError, lsc.LabelStudioConfigError):
             raise  # a wrong or missing setting: retrying next round would not help
         except lsc.LabelStudioUnavailable as error:
-            report.pending = len(unique)
-            report.warnings.append(f"{error}; {len(unique)} images stay pending and are pushed at the next round")
+            report.warnings.append(f"{error}; {len(set(unique) - reached)} images stay pending and are pushed at the next round")
         except (httpx.HTTPError, ApiError, lsc.LabelStudioError) as error:
-            session.flush()
-            done = session.scalars(
-                select(AnnotationTask.image_id).where(AnnotationTask.backend == self.name, AnnotationTask.image_id.in_(list(unique)))
-            ).all()
-            report.pending = len(unique) - len(done)
             report.warnings.append(
-                f"Label Studio push failed ({_describe(error)}); {report.pending} images stay pending and are pushed at the next round"
+                f"Label Studio push failed ({_describe(error)}); {len(set(unique) - reached)} images stay pending and are pushed at the next round"
             )
+        # per image: the loop marks each of these pending (retried next round) and every other one pushed
+        report.pending_image_ids = set(unique) - reached
+        report.pending = len(report.pending_image_ids)
         return report
 
     def _push_tasks(
@@ -200,8 +198,10 @@ class LabelStudioBackend:
         tasks: list[TaskRequest],
         round_number: int | None,
         model_version: str | None,
+        reached: set[int],
     ) -> bool:
-        """Fills report: pushed, already_present, reopened, pending, warnings. True when a prediction was sent."""
+        """Fills report (pushed, already_present, reopened, warnings) and `reached` (the images whose task is in Label
+        Studio as asked, as each gets there, so a failure half-way leaves the rest pending). True when a prediction was sent."""
         warnings = report.warnings
         mapped = {
             row.image_id: row
@@ -218,6 +218,8 @@ class LabelStudioBackend:
                 already_present += 1
                 if task.reason in ASKED_AGAIN_REASONS:
                     to_reopen.append((task, row))
+                else:
+                    reached.add(task.image_id)
             else:  # never pushed, or pushed to a Label Studio project that is gone
                 to_push.append(task)
         not_reopened: list[str] = []
@@ -232,6 +234,7 @@ class LabelStudioBackend:
                                    data_updates=self._relabel_data(task, round_number=round_number), prediction=prediction):
                     report.reopened += 1
                     predictions_sent = predictions_sent or prediction is not None
+                reached.add(task.image_id)  # reopened now, or earlier (its marker is there), or never answered: asked
             except ApiError as error:
                 if error.status_code == 404:  # deleted in Label Studio: a new task asks instead
                     already_present -= 1
@@ -241,8 +244,7 @@ class LabelStudioBackend:
             except httpx.HTTPError as error:
                 not_reopened.append(f"image {task.image_id} (task {row.external_task_id}: {_describe(error)})")
         if not_reopened:
-            # pending: the batch stays selected and the next round asks again (a reopened task is not reopened twice)
-            report.pending += len(not_reopened)
+            # pending: not in `reached`, so retried next round (a reopened task is not reopened twice)
             warnings.append(f"could not ask again about {len(not_reopened)} suspected label errors in Label Studio: {'; '.join(not_reopened[:5])}"
                             f"{'; ...' if len(not_reopened) > 5 else ''}; retried next round")
         report.already_present = already_present
@@ -256,7 +258,6 @@ class LabelStudioBackend:
             for entry in lsc.list_task_data(client, project_id=ls_project_id)
             for data in [entry["data"]]
         }
-        pending = 0
         new_tasks: list[tuple[TaskRequest, dict[str, Any]]] = []
         storage_dirs: dict[str, bool] = {}
         for task in to_push:
@@ -264,12 +265,12 @@ class LabelStudioBackend:
             if adopted is not None:
                 self._map(session, mapped, task.image_id, ls_project_id, adopted)
                 already_present += 1
+                reached.add(task.image_id)
                 continue
             path = os.path.abspath(task.image_path)
             try:
                 image_url = lsc.local_files_url(path, document_root=self.document_root)
             except ValueError:
-                pending += 1
                 warnings.append(
                     f"image {path} is outside Label Studio's document root {self.document_root}: set "
                     "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (server and loop) to a folder that contains it"
@@ -284,16 +285,15 @@ class LabelStudioBackend:
                     storage_dirs[directory] = False
                     warnings.append(f"Label Studio refused a local-files storage for {directory}: {_describe(error)}")
             if not storage_dirs[directory]:
-                pending += 1
                 continue
             new_tasks.append((task, self._task_payload(task, project=project, image_url=image_url, round_number=round_number, model_version=model_version)))
 
         task_ids = lsc.import_tasks_with_predictions(client, project_id=ls_project_id, tasks=[payload for _, payload in new_tasks])
         for (task, _payload), task_id in zip(new_tasks, task_ids):
             self._map(session, mapped, task.image_id, ls_project_id, task_id)
+            reached.add(task.image_id)
         session.flush()
         report.pushed, report.already_present = len(task_ids), already_present
-        report.pending += pending
         return predictions_sent or any("predictions" in payload for _, payload in new_tasks)
 
     def _tasks_of(self, session: Session, *, ls_project_id: int, image_ids: set[int]) -> dict[int, int]:

@@ -953,9 +953,8 @@ def _open_asks(session, image_ids: list[int], *, reasons: tuple[str, ...], curre
                 select(Selection.image_id, Selection.push_status, Selection.pushed_at, Round.details).join(Round, Round.id == Selection.round_id)
                 .where(Selection.image_id.in_(ids), Selection.reason.in_(reasons), Selection.round_id != (current_round_id or -1))):
             # the ask stands from when its round read the labels: an answer that came in later (a webhook while the
-            # round trained) answers it, even though the push came after it. (Pushed by a later round, after its own
-            # push failed, an answer given in between counts too: push_status is per batch, not per image, so the
-            # push time cannot tell whether this very task was reached then.)
+            # round trained) answers it, even though the push came after it. (An ask whose push failed and that was
+            # answered before a later round could push it is withdrawn then, not reopened: _answered_before_pushed.)
             read_at = (details or {}).get("labels_read_at")
             asks[image_id].append((status, datetime.fromisoformat(read_at) if isinstance(read_at, str) else pushed_at))
     asked = list(asks)
@@ -1031,9 +1030,14 @@ def push_batch(state: RoundState) -> None:
         to_withdraw -= set(session.scalars(select(AnnotationTask.image_id).where(
             AnnotationTask.backend == name, AnnotationTask.image_id.in_(to_withdraw)))) if to_withdraw else set()
         withdrawn = [selection for selection, image in retry if image.id in to_withdraw]
+        # an ask an earlier round could not push whose answer came in since (an annotator changed the label while the
+        # annotation tool was down): nothing left to ask, and its task is named for closing in case it was half reopened
+        answered = _answered_before_pushed(session, [selection for selection, image in retry
+                                                     if image.id not in to_withdraw and selection.round_id != state.round_id])
+        withdrawn += [selection for selection, _image in retry if selection.id in answered]
         for selection in withdrawn:
             selection.push_status = "withdrawn"
-        retry = [(selection, image) for selection, image in retry if image.id not in to_withdraw]
+        retry = [(selection, image) for selection, image in retry if image.id not in to_withdraw and selection.id not in answered]
         by_image = {task.image_id: task for task in state.batch}
         tasks = [by_image.get(image.id) or _retried_task(state, selection, image, state.position_of.get(image.id)) for selection, image in retry]
         extra, accepted = {}, inspect.signature(state.backend.push).parameters  # a backend registered elsewhere may not take these
@@ -1041,21 +1045,41 @@ def push_batch(state: RoundState) -> None:
         if "open_guesses" in accepted:
             extra["open_guesses"] = _open_guesses(state, session, in_batch=in_batch)
         if "settled" in accepted:
-            extra["settled"] = _settled_asks(state, session, in_batch=in_batch)
+            extra["settled"] = sorted(set(_settled_asks(state, session, in_batch=in_batch)) | set(answered.values()))
         report = state.backend.push(session=session, project=project, round_id=state.round_id, batch=tasks, **extra)
-        pushed_ok = report.pending == 0
+        # each image marked as it went: one image Label Studio could not take (outside its document root, a failed
+        # reopen) must not keep the others "pending", which _open_asks reads as still waiting to be asked
+        not_reached = report.pending_image_ids if report.pending_image_ids or not report.pending else {image.id for _s, image in retry}
         now = datetime.now(timezone.utc)
-        for selection, _image in retry:
+        for selection, image in retry:
             if name == "none":
                 selection.push_status = "recorded"
-            elif pushed_ok:
+            elif image.id not in not_reached:
                 selection.push_status, selection.pushed_at = "pushed", now
         state.push_report = report
     for warning in report.warnings:
         state.console.print(f"[yellow]warning:[/] {escape(warning)}")
     state.details["push"] = {"backend": name, "pushed": report.pushed, "already_present": report.already_present, "pending": report.pending,
                              "reopened": report.reopened, "refreshed": report.refreshed, "closed": report.closed, "settled_done": report.settled_done,
-                             "withdrawn": len(withdrawn), "warnings": report.warnings}
+                             "withdrawn": len(withdrawn), "withdrawn_answered": len(answered), "warnings": report.warnings}
+
+
+def _answered_before_pushed(session, selections: list[Selection]) -> dict[int, int]:  # noqa: ANN001
+    """Selection id -> image id of each earlier round's ask (ASKED_AGAIN_REASONS) not pushed yet whose image got an
+    annotator's label after the asking round read the labels: the answer _open_asks would count for it."""
+    asks = [s for s in selections if s.reason in ASKED_AGAIN_REASONS]
+    if not asks:
+        return {}
+    read_at = {round_id: details.get("labels_read_at") for round_id, details in session.execute(
+        select(Round.id, Round.details).where(Round.id.in_({s.round_id for s in asks}))) if details}
+    image_ids = sorted({s.image_id for s in asks})
+    last_answer: dict[int, datetime] = {}
+    for chunk in range(0, len(image_ids), 500):
+        last_answer.update(session.execute(select(LabelEvent.image_id, func.max(LabelEvent.created_at)).where(
+            LabelEvent.image_id.in_(image_ids[chunk:chunk + 500]), LabelEvent.action == "set", LabelEvent.source.in_(ANNOTATOR_SOURCES))
+            .group_by(LabelEvent.image_id)).all())
+    return {s.id: s.image_id for s in asks if isinstance(read_at.get(s.round_id), str)
+            and _aware(last_answer.get(s.image_id)) > _aware(datetime.fromisoformat(read_at[s.round_id]))}
 
 
 def _retried_task(state: RoundState, selection: Selection, image: Image, position: int | None) -> TaskRequest:
@@ -1131,8 +1155,9 @@ def _settled_asks(state: RoundState, session, *, in_batch: set[int]) -> list[int
     """Images asked again by an earlier round (a questioned label, a tie, a rejected answer) whose answer the loop has:
     an annotator's label recorded after the ask (_open_asks), and no longer tied. Not those asked again in this batch."""
     project_id = get_project(session).id
+    # withdrawn too: an ask answered before it could be pushed may have been half reopened by the failed push
     asked = sorted(set(session.scalars(select(Selection.image_id).join(Round, Round.id == Selection.round_id).where(
-        Round.project_id == project_id, Selection.reason.in_(ASKED_AGAIN_REASONS), Selection.push_status == "pushed",
+        Round.project_id == project_id, Selection.reason.in_(ASKED_AGAIN_REASONS), Selection.push_status.in_(("pushed", "withdrawn")),
         Selection.round_id != state.round_id))) - in_batch)
     waiting = _open_asks(session, asked, reasons=ASKED_AGAIN_REASONS, current_round_id=state.round_id)
     # only those answered since the last round whose push closed everything it was told to (a push that never got

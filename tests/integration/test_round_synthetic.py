@@ -625,3 +625,61 @@ def test_an_answered_ask_is_named_for_closing_until_a_push_closes_it(project_wit
     for _ in range(4):
         assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     assert [tied_id in settled for settled in named] == [False, True, True, False]
+
+
+def test_a_push_marks_each_image_and_only_the_one_not_handed_over_is_retried(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from labeling.base import PushReport
+    from labeling.simulated import OracleAnnotator
+
+    pushed: list[list[int]] = []
+
+    def push_all_but_the_first(self, *, session, project, round_id, batch, **_):  # noqa: ANN001, ANN202
+        pushed.append([task.image_id for task in batch])
+        return PushReport(pushed=len(batch) - 1, pending=1, pending_image_ids={batch[0].image_id}) if len(pushed) == 1 else PushReport(pushed=len(batch))
+
+    monkeypatch.setattr(OracleAnnotator, "push", push_all_but_the_first)
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        statuses = {s.image_id: s.push_status for s in session.scalars(select(Selection).join(Round).where(Round.number == 1))}
+    first = pushed[0]
+    assert len(first) >= 2 and statuses == {image_id: "pending" if image_id == first[0] else "pushed" for image_id in first}
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    retried = [image_id for image_id in pushed[1] if image_id in statuses]
+    assert retried == [first[0]]  # round 2 hands over the one left behind, not round 1's whole batch again
+
+
+def test_an_ask_answered_before_it_could_be_pushed_is_withdrawn_and_named_for_closing(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tie asked in round 1 whose push failed; a third annotator answers it before round 2: round 2 does not ask
+    # again (the task would wait for an answer the loop already has) and names it for closing in case it was reopened.
+    from labeling.base import PushReport
+    from labeling.simulated import OracleAnnotator
+
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        labeled = current_labels(session, session.scalars(select(Image.project_id)).first())
+        tied = next(i for i in session.scalars(select(Image).where(Image.split == "pool").order_by(Image.id))
+                    if i.id not in labeled and "/scratch/" in i.path)
+        session.add_all([LabelEvent(image_id=tied.id, label="scratch", source="annotator", annotator="ann1"),
+                         LabelEvent(image_id=tied.id, label="spot", source="annotator", annotator="ann2")])
+        tied_id = tied.id
+    pushes: list[tuple[list[int], list[int]]] = []
+
+    def push(self, *, session, project, round_id, batch, open_guesses=(), settled=()):  # noqa: ANN001, ANN202
+        pushes.append(([task.image_id for task in batch], list(settled)))
+        return PushReport(pending=len(batch), pending_image_ids={task.image_id for task in batch}) if len(pushes) == 1 else PushReport(pushed=len(batch))
+
+    monkeypatch.setattr(OracleAnnotator, "push", push)
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    assert tied_id in pushes[0][0]
+    with session_scope(ctx.engine) as session:
+        session.add(LabelEvent(image_id=tied_id, label="scratch", source="annotator", annotator="ann3"))
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    batch, settled = pushes[1]
+    assert tied_id not in batch and tied_id in settled
+    with session_scope(ctx.engine) as session:
+        ask = session.scalars(select(Selection).where(Selection.reason == "annotators_disagree")).one()
+        second = session.scalars(select(Round).where(Round.number == 2)).one()
+        assert (ask.image_id, ask.push_status) == (tied_id, "withdrawn")
+        assert second.details["push"]["withdrawn_answered"] == 1
+        assert current_labels(session, second.project_id)[tied_id].label == "scratch"

@@ -1,6 +1,7 @@
 """The Label Studio backend against a real server: push, annotate as real annotator users, pull, webhook, restart."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -241,11 +242,33 @@ def test_closing_a_reopened_task_keeps_the_overlap_it_had_before(labelstudio, st
     assert (closed.overlap, closed.is_labeled) == (2, False)  # still wants its second answer
 
 
+def test_push_names_each_image_it_could_not_hand_over(labelstudio, store, backend, monkeypatch) -> None:
+    # One image Label Studio cannot serve (outside its document root) and one reopen that times out: those two wait
+    # for the next round, the rest of the batch is in, and the report says which is which (the loop marks each image).
+    push(backend, store, [store.task(4, predicted="scratch")])
+    annotate(labelstudio.as_annotator(ANNOTATOR_A), task_ids_by_image(store)[store.image_ids[4]], "scratch")
+    pull(backend, store)
+    outside = dataclasses.replace(store.task(6, predicted="spot"), image_path="/outside-the-document-root/part06.png")
+    suspect = store.task(4, reason="suspected_label_error", predicted="spot", score=0.8, current_label="scratch", round_number=2)
+
+    def reopen_times_out(client, **_):  # noqa: ANN001, ANN202
+        raise httpx.ReadTimeout("timed out")
+
+    monkeypatch.setattr(lsc, "reopen_task", reopen_times_out)
+    report = push(backend, store, [store.task(0, predicted="good"), outside, store.task(7, predicted="good"), suspect], round_number=2)
+    assert (report.pushed, report.pending) == (2, 2)
+    assert report.pending_image_ids == {store.image_ids[6], store.image_ids[4]}
+    assert any("document root" in w for w in report.warnings) and any("ask again" in w for w in report.warnings)
+    monkeypatch.undo()
+    retried = push(backend, store, [suspect], round_number=2)
+    assert (retried.reopened, retried.pending, retried.pending_image_ids) == (1, 0, set())
+
+
 def test_push_and_pull_when_label_studio_is_unreachable_or_token_wrong(labelstudio, store) -> None:
     closed = f"http://127.0.0.1:{lss.free_port()}"
     down = LabelStudioBackend(url=closed, api_key=labelstudio.token, document_root=str(labelstudio.document_root))
     report = push(down, store, [store.task(0, predicted="good"), store.task(1, predicted="spot")])
-    assert report.pending == 2 and report.pushed == 0
+    assert report.pending == 2 and report.pushed == 0 and report.pending_image_ids == {store.image_ids[0], store.image_ids[1]}
     assert any("unreachable" in w and "next round" in w for w in report.warnings)
     # tasks the loop asked it to close were not reached: the round records it, and the next one names them again
     assert push(down, store, [], settled=[store.image_ids[3]]).settled_done is False
