@@ -44,13 +44,14 @@ class PushReport:
     pushed: int = 0
     already_present: int = 0
     pending: int = 0  # could not be pushed now (backend down): retried next round
-    # which images of the batch those are; a backend that leaves it empty with pending > 0 has the whole batch retried
-    pending_image_ids: set[int] = field(default_factory=set)
     reopened: int = 0  # answered tasks asked again: suspected label errors of images labeled in the backend
     refreshed: int = 0  # tasks still waiting for an answer that got this round's guess
     closed: int = 0  # reopened tasks closed again: the loop has the answer to their question
     settled_done: bool = True  # False: some task of `settled` may still be open (not reached, or a close failed): asked again next round
     warnings: list[str] = field(default_factory=list)
+    # which images of the batch `pending` are (last: a backend building the report by position keeps working); a
+    # backend that names none of the batch with pending > 0 has its whole batch retried
+    pending_image_ids: set[int] = field(default_factory=set)
 
 
 class AnnotatorBackend(Protocol):

@@ -1032,8 +1032,8 @@ def push_batch(state: RoundState) -> None:
         withdrawn = [selection for selection, image in retry if image.id in to_withdraw]
         # an ask an earlier round could not push whose answer came in since (an annotator changed the label while the
         # annotation tool was down): nothing left to ask, and its task is named for closing in case it was half reopened
-        answered = _answered_before_pushed(session, [selection for selection, image in retry
-                                                     if image.id not in to_withdraw and selection.round_id != state.round_id])
+        answered = _answered_before_pushed(state, session, [selection for selection, image in retry
+                                                            if image.id not in to_withdraw and selection.round_id != state.round_id])
         withdrawn += [selection for selection, _image in retry if selection.id in answered]
         for selection in withdrawn:
             selection.push_status = "withdrawn"
@@ -1045,11 +1045,12 @@ def push_batch(state: RoundState) -> None:
         if "open_guesses" in accepted:
             extra["open_guesses"] = _open_guesses(state, session, in_batch=in_batch)
         if "settled" in accepted:
-            extra["settled"] = sorted(set(_settled_asks(state, session, in_batch=in_batch)) | set(answered.values()))
+            extra["settled"] = sorted(set(_settled_asks(state, session, in_batch=in_batch)) | (set(answered.values()) - in_batch))
         report = state.backend.push(session=session, project=project, round_id=state.round_id, batch=tasks, **extra)
         # each image marked as it went: one image Label Studio could not take (outside its document root, a failed
         # reopen) must not keep the others "pending", which _open_asks reads as still waiting to be asked
-        not_reached = report.pending_image_ids if report.pending_image_ids or not report.pending else {image.id for _s, image in retry}
+        batch_ids = {image.id for _selection, image in retry}
+        not_reached = (report.pending_image_ids & batch_ids) or (batch_ids if report.pending else set())
         now = datetime.now(timezone.utc)
         for selection, image in retry:
             if name == "none":
@@ -1064,10 +1065,12 @@ def push_batch(state: RoundState) -> None:
                              "withdrawn": len(withdrawn), "withdrawn_answered": len(answered), "warnings": report.warnings}
 
 
-def _answered_before_pushed(session, selections: list[Selection]) -> dict[int, int]:  # noqa: ANN001
+def _answered_before_pushed(state: RoundState, session, selections: list[Selection]) -> dict[int, int]:  # noqa: ANN001
     """Selection id -> image id of each earlier round's ask (ASKED_AGAIN_REASONS) not pushed yet whose image got an
-    annotator's label after the asking round read the labels: the answer _open_asks would count for it."""
-    asks = [s for s in selections if s.reason in ASKED_AGAIN_REASONS]
+    annotator's label after the asking round read the labels (the answer _open_asks would count for it) and is
+    labeled as this round read it: an answer that left a tie settles nothing, and that ask still goes out."""
+    settled = {image_id for image_id, info in state.label_info.items() if info.status == "labeled"}
+    asks = [s for s in selections if s.reason in ASKED_AGAIN_REASONS and s.image_id in settled]
     if not asks:
         return {}
     read_at = {round_id: details.get("labels_read_at") for round_id, details in session.execute(

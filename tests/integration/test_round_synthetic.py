@@ -683,3 +683,35 @@ def test_an_ask_answered_before_it_could_be_pushed_is_withdrawn_and_named_for_cl
         assert (ask.image_id, ask.push_status) == (tied_id, "withdrawn")
         assert second.details["push"]["withdrawn_answered"] == 1
         assert current_labels(session, second.project_id)[tied_id].label == "scratch"
+
+
+def test_an_ask_whose_answer_left_a_tie_is_still_pushed(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As above, but the third annotator picks a third class: still tied, so the failed ask goes out in round 2.
+    from labeling.base import PushReport
+    from labeling.simulated import OracleAnnotator
+
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        labeled = current_labels(session, session.scalars(select(Image.project_id)).first())
+        tied = next(i for i in session.scalars(select(Image).where(Image.split == "pool").order_by(Image.id)) if i.id not in labeled)
+        session.add_all([LabelEvent(image_id=tied.id, label="scratch", source="annotator", annotator="ann1"),
+                         LabelEvent(image_id=tied.id, label="spot", source="annotator", annotator="ann2")])
+        tied_id, tied_path = tied.id, tied.path
+    truth = Path(load_config(project_with_pool).annotator.oracle_manifest)  # the oracle does not answer it
+    truth.write_text("".join(line for line in truth.read_text().splitlines(keepends=True) if tied_path not in line))
+    pushes: list[tuple[list[int], list[int]]] = []
+
+    def push(self, *, session, project, round_id, batch, open_guesses=(), settled=()):  # noqa: ANN001, ANN202
+        pushes.append(([task.image_id for task in batch], list(settled)))
+        return PushReport(pending=len(batch), pending_image_ids={task.image_id for task in batch}) if len(pushes) == 1 else PushReport(pushed=len(batch))
+
+    monkeypatch.setattr(OracleAnnotator, "push", push)
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    with session_scope(ctx.engine) as session:
+        session.add(LabelEvent(image_id=tied_id, label="patch", source="annotator", annotator="ann3"))
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    batch, settled = pushes[1]
+    assert tied_id in batch and tied_id not in settled
+    with session_scope(ctx.engine) as session:
+        ask = session.scalars(select(Selection).where(Selection.reason == "annotators_disagree")).one()
+        assert (ask.image_id, ask.push_status) == (tied_id, "pushed")

@@ -106,7 +106,7 @@ def test_push_creates_one_task_per_image_with_prediction_and_is_idempotent(label
         for row in session.scalars(select(AnnotationTask)):
             session.delete(row)
     adopted = push(backend, store, batch)
-    assert (adopted.pushed, adopted.already_present) == (0, 4)
+    assert (adopted.pushed, adopted.already_present, adopted.pending_image_ids) == (0, 4, set())  # adopted tasks reached it
     assert len(list(admin.tasks.list(project=project_id))) == 4
     assert len(task_ids_by_image(store)) == 4
 
@@ -262,6 +262,29 @@ def test_push_names_each_image_it_could_not_hand_over(labelstudio, store, backen
     monkeypatch.undo()
     retried = push(backend, store, [suspect], round_number=2)
     assert (retried.reopened, retried.pending, retried.pending_image_ids) == (1, 0, set())
+
+
+def test_a_push_that_fails_half_way_leaves_only_what_did_not_get_there_pending(labelstudio, store, backend, monkeypatch) -> None:
+    push(backend, store, [store.task(0, predicted="good"), store.task(4, predicted="scratch")])
+    annotate(labelstudio.as_annotator(ANNOTATOR_A), task_ids_by_image(store)[store.image_ids[4]], "scratch")
+    pull(backend, store)
+    suspect = store.task(4, reason="suspected_label_error", predicted="spot", score=0.8, current_label="scratch", round_number=2)
+
+    def import_times_out(client, **_):  # noqa: ANN001, ANN202
+        raise httpx.ReadTimeout("timed out")
+
+    monkeypatch.setattr(lsc, "import_tasks_with_predictions", import_times_out)
+    report = push(backend, store, [store.task(0, predicted="good"), suspect, store.task(7, predicted="good")], round_number=2)
+    assert (report.reopened, report.pending, report.pending_image_ids) == (1, 1, {store.image_ids[7]})  # the reopen got there
+    assert any("push failed" in w for w in report.warnings)
+    monkeypatch.undo()
+
+    def down(client, **_):  # noqa: ANN001, ANN202
+        raise lsc.LabelStudioUnavailable("Label Studio went down")
+
+    monkeypatch.setattr(lsc, "list_task_data", down)  # after the already-present task, before the new one
+    report = push(backend, store, [store.task(0, predicted="good"), store.task(6, predicted="spot")], round_number=2)
+    assert report.pending_image_ids == {store.image_ids[6]}
 
 
 def test_push_and_pull_when_label_studio_is_unreachable_or_token_wrong(labelstudio, store) -> None:
