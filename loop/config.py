@@ -35,6 +35,8 @@ class ModelConfig(Strict):
     # checkpoint into this project (models/init_from.pt, relative to the project) and keeps where it came from.
     init_from: str | None = None
     init_from_source: str | None = None
+    # auto: validation with >= 200 good parts, else out-of-fold (for `finetune`: a network fine-tuned per fold, on up
+    # to 1000 labeled non-test images; `full` and the augment mode stay on validation unless "out_of_fold" is set)
     threshold_source: Literal["auto", "validation", "out_of_fold"] = "auto"
     threshold_confidence: float = Field(0.75, ge=0.5, lt=1)
     latency_threads: int = Field(2, ge=1, le=64)

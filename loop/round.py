@@ -41,6 +41,7 @@ from modeling.embeddings import CachedRows, EmbeddingCache, EmbeddingExtractor, 
 from modeling.evaluation import (
     ThresholdChoice, all_gates_pass, choose_defect_threshold, evaluate_gates, evaluate_predictions, final_predictions, proportion_interval_by_part,
 )
+from modeling.finetune import finetuned_out_of_fold_probabilities, trains_on_cached_maps
 from modeling.inference import OnnxClassifier
 from modeling.image_detail import DETAIL_BLUR_SIGMA, DETAIL_SIZE, PairCorrelationCache, correlation_version, detail_thumbnails
 from modeling.progress import progress_bar
@@ -62,6 +63,9 @@ SETTLED_LOOKBACK_ROUNDS = 20
 # Below this many negative-class validation images the threshold is chosen on out-of-fold probabilities over the
 # whole labeled non-test pool instead: a few dozen good parts cannot pin down a 3% false-positive rate.
 MIN_VALIDATION_NEGATIVES = 200
+# A fine-tuned network's out-of-fold probabilities train one network per fold (tail only, on cached feature maps):
+# chosen automatically up to this many labeled non-test images; past it validation is usually large enough anyway.
+MAX_FINETUNED_OUT_OF_FOLD_IMAGES = 1000
 UNLABELED = -1
 MAX_DATA_ISSUE_ROWS = 1000  # near-duplicate / outlier rows stored per kind and round
 
@@ -406,7 +410,7 @@ def compute_out_of_fold(state: RoundState) -> None:
         fit_predict=head_fit_predict(seed=state.config.loop.seed, regularization=float(state.config.model.training.get("head_regularization", 1.0))),
         n_classes=len(state.config.classes), groups=state.oof_groups, details=fold_details,
     )
-    state.details["out_of_fold"] = {"n_folds": fold_details.get("n_folds"), "grouped_by_part": bool(fold_details.get("grouped"))}
+    state.details["out_of_fold"] = {"n_folds": fold_details.get("n_folds"), "grouped_by_part": bool(fold_details.get("grouped")), "model": "head"}
 
 
 def part_groups(state: RoundState, positions: np.ndarray) -> np.ndarray | None:
@@ -443,15 +447,33 @@ def draw_groups(state: RoundState, positions: np.ndarray) -> np.ndarray | None:
 
 
 def threshold_source(state: RoundState) -> str:
+    """Where the defect threshold is chosen: validation, or out-of-fold probabilities over every labeled non-test
+    image when validation holds too few good parts. For a network other than the head those come from fine-tuning
+    one network per fold (compute_finetuned_out_of_fold): only where that is cheap, unless loop.toml asks for it."""
     configured = state.config.model.threshold_source
     if configured != "auto":
         return configured
     negative = state.config.negative_index
     validation = state.positions(split="validation", labeled=True)
     n_negatives = int((state.labels[validation] == negative).sum()) if negative is not None else len(validation)
-    if training_strategy(state) != "head" and n_negatives > 0:
-        return "validation"  # out-of-fold probabilities come from the head, not from a fine-tuned network
-    return "validation" if n_negatives >= MIN_VALIDATION_NEGATIVES else "out_of_fold"
+    if n_negatives >= MIN_VALIDATION_NEGATIVES:
+        return "validation"
+    if training_strategy(state) != "head" and n_negatives > 0 and not finetuned_out_of_fold_wanted(state):
+        return "validation"
+    return "out_of_fold"
+
+
+def finetuned_out_of_fold_wanted(state: RoundState) -> bool:
+    """Whether out-of-fold probabilities come from networks fine-tuned per fold: for a strategy other than the head,
+    when loop.toml asks for out-of-fold thresholds, or when it is cheap (cached feature maps, a small labeled pool).
+    Otherwise they are the head's (seconds), which describe a different model than the one deployed."""
+    strategy = training_strategy(state)
+    if strategy == "head":
+        return False
+    if state.config.model.threshold_source == "out_of_fold":
+        return True
+    cheap = trains_on_cached_maps(strategy=strategy, options={**state.init_training_options, **state.config.model.training})
+    return cheap and len(state.oof_positions) <= MAX_FINETUNED_OUT_OF_FOLD_IMAGES
 
 
 def train_model(state: RoundState) -> None:
@@ -483,6 +505,31 @@ def train_model(state: RoundState) -> None:
         state.details["training"]["view_check"] = view_check
 
 
+def compute_finetuned_out_of_fold(state: RoundState) -> None:
+    """With the threshold chosen out-of-fold for a fine-tuned network, the out-of-fold probabilities must be that
+    network's: one network per fold, fine-tuned as the deployed one was (its options, its early-stopped epoch count),
+    replaces the head's. They also feed calibration, the anomaly blend, cleanlab and the questioned labels' guesses."""
+    if state.details["threshold_source"] != "out_of_fold" or not finetuned_out_of_fold_wanted(state):
+        return
+    strategy = training_strategy(state)
+    fold_details: dict[str, Any] = {}
+    positions = state.oof_positions
+    state.oof_probabilities = finetuned_out_of_fold_probabilities(
+        data=TrainingData(
+            class_names=list(state.config.classes), train_paths=[state.paths[i] for i in positions], train_labels=state.labels[positions],
+            train_embeddings=state.embeddings[positions], validation_paths=[], validation_labels=np.zeros(0, dtype=np.int64),
+            validation_embeddings=state.embeddings[:0], backbone=state.backbone, preprocessing=state.preprocessing, seed=state.config.loop.seed,
+            options={"cache_dir": str(state.ctx.cache_dir), **state.init_training_options, **state.config.model.training},
+        ),
+        strategy=strategy, paths=[state.paths[i] for i in positions], labels=state.labels[positions],
+        epochs=int(getattr(state.classifier, "best_epoch", 0) or 0), groups=state.oof_groups, details=fold_details,  # 0: the probe was kept
+        show_progress=state.options.show_progress,
+    )
+    state.details["out_of_fold"] = {"n_folds": fold_details.get("n_folds"), "grouped_by_part": bool(fold_details.get("grouped")),
+                                    "model": strategy, "epochs": fold_details.get("epochs"), "models_trained": fold_details.get("models_trained"),
+                                    "seconds": fold_details.get("seconds")}
+
+
 def calibrate_model(state: RoundState) -> None:
     """Temperature scaling (one scalar per model) on labeled non-test images that model did not learn from.
 
@@ -502,7 +549,11 @@ def calibrate_model(state: RoundState) -> None:
     validation = state.positions(split="validation", labeled=True)
     held_out = len(validation) > 0 and not np.isin(validation, state.fit_positions).any() and len(set(state.labels[validation].tolist())) >= 2
     validation_logits = getattr(classifier, "validation_logits", None)
-    if held_out and validation_logits is not None and len(validation_logits) == len(validation):
+    if not classifier.uses_frozen_embeddings and (state.details.get("out_of_fold") or {}).get("model") == training_strategy(state):
+        # the out-of-fold probabilities are this network's (fine-tuned per fold): the threshold chosen on them needs
+        # the deployed probabilities on their scale, and they hold every labeled non-test image, not a small validation
+        fitted_on, labels, logits = "out_of_fold", oof_labels, oof_logits
+    elif held_out and validation_logits is not None and len(validation_logits) == len(validation):
         fitted_on, labels, logits = "validation", state.labels[validation], np.asarray(validation_logits, dtype=np.float64)
     elif held_out and classifier.uses_frozen_embeddings:
         fitted_on, labels = "validation", state.labels[validation]
@@ -1293,13 +1344,13 @@ def _jsonable(value: Any) -> Any:
 
 ROUND_STEPS: list[Callable[[RoundState], None]] = [
     pull_labels, check_image_files, load_images, embed_images, find_near_copies, place_new_labels, gather_labeled_pool, compute_out_of_fold, train_model,
-    calibrate_model, export_model, predict_all_images, score_anomalies, deploy_model, choose_threshold, evaluate_on_test_split, flag_label_issues,
+    compute_finetuned_out_of_fold, calibrate_model, export_model, predict_all_images, score_anomalies, deploy_model, choose_threshold, evaluate_on_test_split, flag_label_issues,
     find_data_issues, select_next_batch, push_batch,
 ]
 
 
 # what a cold start (no defect label yet, so no model) skips
-MODEL_STEPS = frozenset({compute_out_of_fold, train_model, calibrate_model, export_model, predict_all_images, score_anomalies, deploy_model,
+MODEL_STEPS = frozenset({compute_out_of_fold, train_model, compute_finetuned_out_of_fold, calibrate_model, export_model, predict_all_images, score_anomalies, deploy_model,
                          choose_threshold, evaluate_on_test_split, flag_label_issues})
 
 

@@ -39,7 +39,8 @@ from modeling.backbones import Backbone
 from modeling.embeddings import EmbeddingExtractor, MultiLayerPooling, embedding_model_key, multilayer_pool
 from modeling.onnx_export import export_onnx, open_session
 from modeling.preprocessing import Preprocessing, load_image_array
-from modeling.training import TrainingData, fit_linear_head, register_training_options, register_training_strategy
+from modeling.progress import progress_bar
+from modeling.training import TrainingData, fit_linear_head, register_training_options, register_training_strategy, train_classifier
 
 STEM_MODULES = ("conv_stem", "bn1")
 HEAD_CONV_MODULES = ("conv_head", "bn2", "global_pool")
@@ -942,3 +943,65 @@ def train_full(data: TrainingData) -> FinetunedClassifier:
         "backbone_lr": 2e-4, "mode": "augment", "epochs": 8,
     }
     return train_finetuned(data, FinetuneConfig.from_options(data.options, **defaults), strategy="full")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Out-of-fold probabilities of the fine-tuned network
+
+
+def trains_on_cached_maps(*, strategy: str, options: dict[str, Any]) -> bool:
+    """True when `strategy` with these options trains only the tail on cached frozen feature maps (`finetune` in its
+    cached mode): cheap enough to train one model per fold. `full` and the augment mode run the images through the
+    network every epoch."""
+    return strategy == "finetune" and FinetuneConfig.from_options(options).mode == "cached"
+
+
+def finetuned_out_of_fold_probabilities(
+    *,
+    data: TrainingData,
+    strategy: str,
+    paths: Sequence[str],
+    labels: np.ndarray,
+    epochs: int,
+    groups: np.ndarray | None = None,
+    n_folds: int = 5,
+    details: dict[str, Any] | None = None,
+    show_progress: bool = True,
+) -> np.ndarray:
+    """(n, n_classes) probabilities for `paths`, each row from a network fine-tuned (`strategy`, with `data`'s
+    backbone, preprocessing, options and seed) on the other folds only: what a decision threshold can be chosen on
+    when validation is too small to pin down a false-positive rate. A fold has no validation to stop on, so each fold
+    model trains for `epochs` epochs (the deployed model's early-stopped count). Folds as in
+    modeling.label_quality.out_of_fold_probabilities (stratified, `groups` kept together); the frozen part's feature
+    maps are cached per file, so the folds cost only their tail training."""
+    from modeling.label_quality import out_of_fold_probabilities
+
+    paths, labels = list(paths), np.asarray(labels, dtype=np.int64)
+    fixed = {key: value for key, value in data.options.items() if key not in ("epochs", "max_epochs", "patience", "show_progress")}
+    options = {**fixed, "epochs": int(epochs), "patience": int(epochs) + 1}
+    no_validation = {"validation_paths": [], "validation_labels": np.zeros(0, dtype=np.int64),
+                     "validation_embeddings": np.zeros((0, data.train_embeddings.shape[1] if data.train_embeddings.ndim == 2 else 0), dtype=np.float32)}
+    embeddings = data.train_embeddings if len(data.train_embeddings) == len(paths) else None
+    details = details if details is not None else {}
+    started, trained = time.perf_counter(), [0]
+    with progress_bar(f"fine-tuning {n_folds} out-of-fold models", total=n_folds, enabled=show_progress) as advance:
+
+        def fit_predict(*, train_features: np.ndarray, train_labels: np.ndarray, predict_features: np.ndarray, n_classes: int) -> np.ndarray:
+            train, held = train_features[:, 0].astype(int), predict_features[:, 0].astype(int)
+            fold = TrainingData(
+                class_names=list(data.class_names), train_paths=[paths[i] for i in train], train_labels=np.asarray(train_labels, dtype=np.int64),
+                train_embeddings=embeddings[train] if embeddings is not None else np.zeros((len(train), 0), dtype=np.float32),
+                backbone=data.backbone, preprocessing=data.preprocessing, seed=data.seed, options=options, **no_validation,
+            )
+            classifier = train_classifier(strategy=strategy, data=fold)
+            trained[0] += 1
+            advance(1)
+            return predict_proba_paths(classifier, [paths[i] for i in held], data.preprocessing)
+
+        probabilities = out_of_fold_probabilities(
+            features=np.arange(len(paths)).reshape(-1, 1), labels=labels, n_folds=n_folds, seed=data.seed, fit_predict=fit_predict,
+            n_classes=len(data.class_names), groups=groups, details=details,
+        )
+        advance(n_folds - trained[0])  # fewer folds than asked (a class with fewer images): the bar still ends full
+    details.update(model=strategy, epochs=int(epochs), models_trained=trained[0], seconds=round(time.perf_counter() - started, 1))
+    return probabilities

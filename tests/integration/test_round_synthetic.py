@@ -249,6 +249,29 @@ def test_finetune_round_takes_its_options_from_loop_toml_and_calibrates_on_valid
     assert (report.calibration.fitted_on, report.calibration.temperature) == ("validation", calibration["temperature"])
 
 
+def test_a_finetune_round_with_few_validation_good_parts_chooses_its_threshold_on_fine_tuned_out_of_fold_networks(project_with_pool: Path) -> None:
+    # A few dozen validation good parts cannot pin down a 3% FPR: the threshold comes from networks fine-tuned per fold
+    # over every labeled non-test image, and the deployed network's probabilities are calibrated on the same scale.
+    config = load_config(project_with_pool)
+    config.model.training = {"epochs": 1, "trainable_stages": 1, "cached_views": "identity"}
+    save_config(project_with_pool, config)
+    result = invoke("round", "--project", str(project_with_pool), "--quiet", "--train", "finetune")
+    assert result.exit_code == 0, result.output
+    with session_scope(open_project(project_with_pool).engine) as session:
+        round_row = session.scalars(select(Round)).one()
+        validation_good = sum(1 for image_id, info in current_labels(session, round_row.project_id).items()
+                              if info.label == "good" and session.get(Image, image_id).split == "validation")
+        labeled_non_test = sum(1 for image_id, info in current_labels(session, round_row.project_id).items()
+                               if info.status == "labeled" and session.get(Image, image_id).split != "test")
+    details = round_row.details
+    assert 0 < validation_good < 200 and details["threshold_source"] == "out_of_fold"
+    out_of_fold = details["out_of_fold"]
+    assert out_of_fold["model"] == "finetune" and out_of_fold["models_trained"] == out_of_fold["n_folds"] >= 2
+    assert out_of_fold["epochs"] == details["training"]["best_epoch"]  # the deployed network's early-stopped count
+    assert (details["calibration"]["fitted_on"], details["calibration"]["n_images"]) == ("out_of_fold", labeled_non_test)
+    assert details["threshold_choice"]["source"] == "out_of_fold"
+
+
 def test_unknown_training_option_in_loop_toml_stops_before_any_work(project_with_pool: Path) -> None:
     engine = open_project(project_with_pool).engine
     toml = project_with_pool / "loop.toml"
@@ -715,3 +738,4 @@ def test_an_ask_whose_answer_left_a_tie_is_still_pushed(project_with_pool: Path,
     with session_scope(ctx.engine) as session:
         ask = session.scalars(select(Selection).where(Selection.reason == "annotators_disagree")).one()
         assert (ask.image_id, ask.push_status) == (tied_id, "pushed")
+

@@ -20,6 +20,7 @@ from modeling.finetune import (
     FinetuneConfig,
     balanced_sample,
     class_weights,
+    finetuned_out_of_fold_probabilities,
     predict_proba_paths,
     split_backbone,
 )
@@ -366,3 +367,38 @@ def test_multilayer_finetuning_starts_from_the_head_strategys_features_and_train
              if "running_" in name and not torch.equal(tensor, original[name])}
     assert any(name.startswith("blocks.6.") for name in moved)
     assert not {name for name in moved if not name.startswith(("blocks.6.", "bn2"))}, sorted(moved)[:5]
+
+
+def test_out_of_fold_networks_never_predict_an_image_they_trained_on(backbone, balanced_images, monkeypatch):
+    import modeling.finetune as finetune
+
+    paths, labels = balanced_images["train"]
+    groups = np.array([f"part{i // 2}" for i in range(len(paths))])  # two photos per part: never on both sides
+    trained, predicted = [], []
+    real_train, real_predict = finetune.train_classifier, finetune.predict_proba_paths
+
+    def recording_train(*, strategy, data):
+        trained.append({"paths": set(data.train_paths), "epochs": data.options["epochs"], "validation": len(data.validation_paths), "strategy": strategy})
+        return real_train(strategy=strategy, data=data)
+
+    def recording_predict(classifier, fold_paths, preprocessing=None):
+        predicted.append(list(fold_paths))
+        return real_predict(classifier, fold_paths, preprocessing)
+
+    monkeypatch.setattr(finetune, "train_classifier", recording_train)
+    monkeypatch.setattr(finetune, "predict_proba_paths", recording_predict)
+    details = {}
+    probabilities = finetuned_out_of_fold_probabilities(
+        data=_data(backbone, balanced_images, max_epochs=9), strategy="finetune", paths=paths, labels=labels, epochs=2, groups=groups,
+        n_folds=3, details=details, show_progress=False,
+    )
+    assert probabilities.shape == (len(paths), 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert details["n_folds"] == details["models_trained"] == len(trained) == len(predicted) == 3
+    assert sorted(p for fold in predicted for p in fold) == sorted(paths)  # every image predicted exactly once
+    group_of = dict(zip(paths, groups))
+    for fold, held in zip(trained, predicted):
+        assert not fold["paths"] & set(held)
+        assert not {group_of[p] for p in fold["paths"]} & {group_of[p] for p in held}
+        assert (fold["epochs"], fold["validation"], fold["strategy"]) == (2, 0, "finetune")  # the given count, not max_epochs
+    assert float((probabilities.argmax(axis=1) == labels).mean()) > 0.8  # chance is 1/3
