@@ -742,6 +742,15 @@ def evaluate_on_test_split(state: RoundState) -> None:
     predictions = final_predictions(probabilities=state.probabilities[test], negative_index=negative, threshold=threshold)
     state.test_predictions = predictions
     state.metrics = evaluate_predictions(y_true=state.labels[test], y_pred=predictions, probabilities=state.probabilities[test], class_names=state.config.classes, negative_index=negative)
+    # A test split of one class cannot show a collapse: the model's decision on every image of the project can
+    everywhere = final_predictions(probabilities=state.probabilities, negative_index=negative, threshold=threshold)
+    one_class = len(np.unique(everywhere)) == 1 and len(np.unique(state.labels[state.labels != UNLABELED])) > 1
+    state.details["collapse_check"] = {"test_split": bool(state.metrics.get("collapsed")),
+                                       "every_image_predicted_as": state.config.classes[int(everywhere[0])] if one_class else None}
+    if one_class and not state.metrics.get("collapsed"):
+        state.metrics["collapsed"] = True
+        state.console.print(f"[bold red]the model predicts '{escape(state.config.classes[int(everywhere[0])])}' for every image of the project "
+                            "(collapsed, though the test split cannot show it): macro F1 gate set to 0[/]")
     gates = state.config.gates
     state.gates = evaluate_gates(
         metrics=state.metrics, latency_ms=state.latency["ms_per_image"] if state.latency else None, macro_f1_min=gates.macro_f1_min,

@@ -739,3 +739,24 @@ def test_an_ask_whose_answer_left_a_tie_is_still_pushed(project_with_pool: Path,
         ask = session.scalars(select(Selection).where(Selection.reason == "annotators_disagree")).one()
         assert (ask.image_id, ask.push_status) == (tied_id, "pushed")
 
+
+def test_a_model_that_calls_every_image_good_is_collapsed_even_when_the_test_split_holds_only_good_parts(
+        project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import loop.round as round_module
+
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:  # a test split of good parts only: on it, "good" for everything looks fine
+        labels = current_labels(session, session.scalars(select(Image.project_id)).first())
+        for image in session.scalars(select(Image).where(Image.split == "test")):
+            if labels[image.id].label != "good":
+                image.split = "train"
+    real = round_module.final_predictions
+    monkeypatch.setattr(round_module, "final_predictions", lambda **kwargs: np.zeros_like(real(**kwargs)))  # class 0 = good
+    result = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "for every image of the project" in " ".join(result.output.split())
+    with session_scope(ctx.engine) as session:
+        details = session.scalars(select(Round)).one().details
+        macro_f1 = session.scalars(select(GateResult).where(GateResult.name == "macro_f1")).one()
+    assert details["collapse_check"] == {"test_split": False, "every_image_predicted_as": "good"}
+    assert details["collapsed"] is True and macro_f1.passed is False and macro_f1.value == 0.0
