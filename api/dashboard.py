@@ -269,6 +269,16 @@ def training_section(report: RoundReport) -> str:
                      f'({_fmt(calibration.n_images, 0)} images): expected calibration error {_fmt(calibration.ece_before, 3)} → {_fmt(calibration.ece_after, 3)}</p>')
     elif calibration is not None:
         parts.append(f'<p class="calibration">Calibration: none{": " + escape(calibration.reason) if calibration.reason else ""}</p>')
+    choice = report.threshold_choice
+    if choice is not None:
+        where = {"validation": "validation images", "out_of_fold": "out-of-fold probabilities over every labeled non-test image"}.get(choice.source or "", choice.source or "–")
+        if choice.source == "out_of_fold" and choice.out_of_fold_model:
+            where += " (the head's)" if choice.out_of_fold_model == "head" else f" ({escape(choice.out_of_fold_model)}: one network per fold)"
+        estimate = choice.estimated_metrics
+        margin = "" if choice.margin_attainable is not False else " <b>Too few good parts for a safety margin under the FPR gate.</b>"
+        parts.append(f'<p class="threshold-choice">Threshold chosen on {where}: {_fmt(choice.n_negatives, 0)} good parts, {_fmt(choice.n_defects, 0)} defects. '
+                     f'The loop\'s own estimate there: macro F1 {_fmt(estimate.get("macro_f1"), 3)}, defect recall {_fmt(estimate.get("defect_recall"), 3)}, '
+                     f'FPR {_fmt(estimate.get("negative_fpr"), 3)} (the gates above are the test split\'s).{margin}</p>')
     quality = report.label_quality
     if quality is not None and quality.noise_rate_per_class:
         rows = "".join(f'<tr data-class="{escape(name)}"><td>{escape(name)}</td><td>{"too few labels" if rate is None else f"{rate:.1%}"}</td></tr>'

@@ -109,6 +109,10 @@ def _training_details(rng: random.Random, quality: float, *, n_fit: int, epochs:
                         "ece_before": round(rng.uniform(0.08, 0.14), 3), "ece_after": round(rng.uniform(0.02, 0.05), 3)},
         "label_quality": {"n_flagged": 5, "already_questioned": 1,
                           "noise_rate_per_class": {name: round(rng.uniform(0.0, 0.12), 3) for name in SAMPLE_CLASSES}},
+        "threshold_source": "validation",
+        "threshold_choice": {"threshold": round(rng.uniform(0.3, 0.6), 3), "n_negatives": 3 * n_fit // 5, "n_defects": n_fit // 5, "margin_attainable": True,
+                             "source": "validation"},
+        "estimated_metrics": {"macro_f1": round(quality * 0.95, 3), "defect_recall": round(min(1.0, quality * 1.02), 3), "negative_fpr": round(rng.uniform(0.01, 0.03), 3)},
     }
 
 

@@ -113,6 +113,16 @@ class CalibrationOut(Schema):
     reason: str | None = Field(description="why the model was left uncalibrated")
 
 
+class ThresholdChoiceOut(Schema):
+    source: str | None = Field(description='"validation" or "out_of_fold": where the decision threshold was chosen, never the test split')
+    out_of_fold_model: str | None = Field(description='whose out-of-fold probabilities: "head", or the fine-tuning strategy trained once per fold')
+    n_negatives: int | None = Field(description="labeled good parts the threshold was chosen on")
+    n_defects: int | None
+    margin_attainable: bool | None = Field(description="false: too few good parts to keep the FPR bound under the gate")
+    estimated_metrics: dict[str, float | None] = Field(
+        description="the loop's own estimate of macro F1, defect recall and FPR from the same non-test data: what steers selection")
+
+
 class LabelQualityOut(Schema):
     n_flagged: int | None = Field(description="suspected label errors the round flagged")
     noise_rate_per_class: dict[str, float | None] = Field(
@@ -147,6 +157,7 @@ class RoundOut(RoundSummaryOut):
     training: TrainingOut | None = Field(default=None, description="null: no model trained (a cold start, a failed round, or an older round)")
     calibration: CalibrationOut | None = None
     label_quality: LabelQualityOut | None = None
+    threshold_choice: ThresholdChoiceOut | None = Field(default=None, description="null: no threshold (no negative class, a cold start)")
 
 
 class LabelIssueOut(Schema):

@@ -2,6 +2,7 @@
 The JSON form is machine-readable and stable: keys are only ever added."""
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, defaultdict
 
 from sqlalchemy import select
@@ -10,7 +11,7 @@ from loop.project import ProjectContext
 from store import session_scope
 from store.models import Image, Round
 from store.queries import current_labels, get_project
-from store.reports import calibration_of, label_quality_of, training_of
+from store.reports import calibration_of, label_quality_of, threshold_of, training_of
 
 STATUS_SCHEMA_VERSION = 1
 
@@ -79,6 +80,8 @@ def _round_summary(round_row: Round) -> dict:
         "ties": details.get("ties"),  # images whose annotators disagree evenly, and how many went back for one more answer
         "rejected_answers": details.get("rejected_answers"),  # images whose only answer was not a class, and how many were asked again
         "threshold": details.get("threshold"),
+        # where it was chosen (never the test split) and the loop's own gate estimate there
+        "threshold_choice": dataclasses.asdict(choice) if (choice := threshold_of(details)) is not None else None,
         "metrics": {m.name: m.value for m in round_row.metrics if m.class_name is None},
         "per_class": details.get("per_class"),
         "gates": [{"name": g.name, "value": g.value, "threshold": g.threshold, "comparison": g.comparison, "applicable": g.applicable, "passed": g.passed} for g in round_row.gates],

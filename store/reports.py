@@ -123,6 +123,17 @@ class CalibrationSummary:
 
 
 @dataclass(frozen=True)
+class ThresholdSummary:
+    source: str | None  # "validation" or "out_of_fold": never the test split
+    out_of_fold_model: str | None  # whose out-of-fold probabilities: "head", or the fine-tuning strategy trained per fold
+    n_negatives: int | None  # labeled good parts it was chosen on
+    n_defects: int | None
+    margin_attainable: bool | None  # False: too few good parts to keep the FPR bound under the gate
+    # the loop's own estimate of the gate metrics from the same non-test data (steers selection; the test split reports)
+    estimated_metrics: dict[str, float | None]
+
+
+@dataclass(frozen=True)
 class LabelQualitySummary:
     n_flagged: int | None  # suspected label errors the round flagged
     noise_rate_per_class: dict[str, float | None]  # P(true label != c | given c); None: too few labels of c
@@ -155,6 +166,7 @@ class RoundReport:
     training: TrainingSummary | None = None
     calibration: CalibrationSummary | None = None
     label_quality: LabelQualitySummary | None = None
+    threshold_choice: ThresholdSummary | None = None
 
 
 @dataclass(frozen=True)
@@ -500,6 +512,21 @@ def calibration_of(details: dict[str, Any] | None) -> CalibrationSummary | None:
         reason=_str_or_none(raw.get("reason")))
 
 
+def threshold_of(details: dict[str, Any] | None) -> ThresholdSummary | None:
+    details = details or {}
+    raw = details.get("threshold_choice")
+    if not isinstance(raw, dict):
+        return None
+    source = _str_or_none(details.get("threshold_source")) or _str_or_none(raw.get("source"))
+    out_of_fold = details.get("out_of_fold") if isinstance(details.get("out_of_fold"), dict) else {}
+    estimated = details.get("estimated_metrics") if isinstance(details.get("estimated_metrics"), dict) else {}
+    return ThresholdSummary(
+        source=source, out_of_fold_model=_str_or_none(out_of_fold.get("model") or ("head" if out_of_fold else None)) if source == "out_of_fold" else None,
+        n_negatives=_int_or_none(raw.get("n_negatives")), n_defects=_int_or_none(raw.get("n_defects")),
+        margin_attainable=raw.get("margin_attainable") if isinstance(raw.get("margin_attainable"), bool) else None,
+        estimated_metrics={str(name): _finite_or_none(value) for name, value in estimated.items()})
+
+
 def label_quality_of(details: dict[str, Any] | None) -> LabelQualitySummary | None:
     raw = (details or {}).get("label_quality")
     if not isinstance(raw, dict):
@@ -598,6 +625,7 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         training=training_of(details),
         calibration=calibration_of(details),
         label_quality=label_quality_of(details),
+        threshold_choice=threshold_of(details),
     )
 
 

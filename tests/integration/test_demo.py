@@ -26,6 +26,9 @@ def test_demo_runs_rounds_records_them_and_writes_plots(tmp_path: Path) -> None:
     assert [r["number"] for r in report["rounds"]] == [1, 2]
     assert all(r["status"] == "completed" for r in report["rounds"])
     assert report["labels"]["by_source"]["oracle"] > 0  # round 2 pulled the oracle's answers to round 1's batch
+    choice = report["rounds"][-1]["threshold_choice"]  # where the threshold came from, and the loop's own estimate there
+    assert choice["source"] in ("validation", "out_of_fold") and choice["n_negatives"] > 0
+    assert set(choice["estimated_metrics"]) == {"macro_f1", "defect_recall", "negative_fpr"}
     assert (project / "artifacts" / "gates_over_rounds.png").read_bytes()[:4] == b"\x89PNG"  # the latest
     # each round's record points to its own picture of the gates so far, not to one file every round overwrites
     with session_scope(open_project(project).engine) as session:

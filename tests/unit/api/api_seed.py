@@ -104,7 +104,10 @@ def seed(session, project_dir: Path) -> SeededStore:  # noqa: ANN001
                         "calibration": {"method": "temperature", "temperature": 1.7, "fitted_on": "validation", "n_images": 6,
                                         "ece_before": 0.12, "ece_after": 0.05, "nll_before": 0.7},
                         "label_quality": {"n_flagged": 2, "noise_rate_per_class": {"good": 0.05, "scratch": 0.2, "spot": None},
-                                          "already_questioned": 1, "summary": "2 suspects"}})
+                                          "already_questioned": 1, "summary": "2 suspects"},
+                        "threshold_source": "out_of_fold", "out_of_fold": {"n_folds": 5, "model": "finetune", "epochs": 2},
+                        "threshold_choice": {"threshold": 0.41, "n_negatives": 48, "n_defects": 20, "margin_attainable": True, "source": "out_of_fold"},
+                        "estimated_metrics": {"macro_f1": 0.81, "defect_recall": 0.9, "negative_fpr": 0.021}})
     r3 = Round(project_id=project.id, number=3, status="failed", error="embedding failed: out of memory", started_at=T0 + timedelta(hours=3))
     r4 = Round(project_id=project.id, number=4, status="running", started_at=T0 + timedelta(hours=5))
     session.add_all([r1, r2, r3, r4])

@@ -97,6 +97,10 @@ def test_training_section_draws_the_latest_rounds_epochs_calibration_and_noise(c
     noise = dict(re.findall(r'<tr data-class="(\w+)"><td>\w+</td><td>([^<]+)</td>', section))
     assert noise == {"good": "5.0%", "scratch": "20.0%", "spot": "too few labels"}
     assert "1 not sent again" in section
+    choice = " ".join(re.search(r'<p class="threshold-choice">(.*?)</p>', section, re.S).group(1).split())
+    assert choice.startswith("Threshold chosen on out-of-fold probabilities over every labeled non-test image (finetune: one network per fold): "
+                             "48 good parts, 20 defects.")
+    assert "macro F1 0.81, defect recall 0.9, FPR 0.021" in choice and "safety margin" not in choice
 
 
 def test_training_section_says_what_the_history_shows() -> None:
@@ -105,7 +109,7 @@ def test_training_section_says_what_the_history_shows() -> None:
 
     def line(training: dict) -> str:
         report = SimpleNamespace(summary=SimpleNamespace(number=7), cold_start=None, training=training_of({"training": training}),
-                                 calibration=None, label_quality=None)
+                                 calibration=None, label_quality=None, threshold_choice=None)
         return re.search(r'<p class="training-summary">(.*?)</p>', training_section(report)).group(1)
 
     epochs = [{"epoch": i, "train_loss": 1.0 / (i + 1), "val_loss": 1.0} for i in range(4)]

@@ -94,8 +94,10 @@ def test_round_report_training_calibration_and_label_noise(get, seeded_store: Se
                                    "ece_before": 0.12, "ece_after": 0.05, "reason": None}
     assert body["label_quality"] == {"n_flagged": 2, "noise_rate_per_class": {"good": 0.05, "scratch": 0.2, "spot": None}, "already_questioned": 1}
     assert body["cold_start"] is None
+    assert body["threshold_choice"] == {"source": "out_of_fold", "out_of_fold_model": "finetune", "n_negatives": 48, "n_defects": 20,
+                                        "margin_attainable": True, "estimated_metrics": {"macro_f1": 0.81, "defect_recall": 0.9, "negative_fpr": 0.021}}
     first = get(f"/rounds/{seeded_store.round_ids[1]}")  # recorded before these existed: absent, not an error
-    assert (first["training"], first["calibration"], first["label_quality"], first["cold_start"]) == (None, None, None, None)
+    assert (first["training"], first["calibration"], first["label_quality"], first["cold_start"], first["threshold_choice"]) == (None,) * 5
 
 
 def test_training_details_that_are_malformed_read_as_absent() -> None:
@@ -108,6 +110,13 @@ def test_training_details_that_are_malformed_read_as_absent() -> None:
     huge = training_of({"training": {"history": [{"epoch": 0, "train_loss": 10**400, "val_loss": float("inf"), "train_accuracy": float("nan")}]}})
     assert (huge.history[0].train_loss, huge.history[0].val_loss, huge.history[0].train_accuracy) == (None, None, None)
     assert cold_start_of({"cold_start": {"reason": "only good parts"}}) == "only good parts" and cold_start_of({}) is None
+    from store.reports import threshold_of
+
+    assert threshold_of({"threshold_choice": "x"}) is None
+    odd = threshold_of({"threshold_choice": {"n_negatives": "many", "margin_attainable": "yes"}, "threshold_source": "out_of_fold", "estimated_metrics": [1]})
+    assert (odd.n_negatives, odd.margin_attainable, odd.out_of_fold_model, odd.estimated_metrics) == (None, None, None, {})
+    # a round before the out-of-fold model was recorded: the head's (the only one then)
+    assert threshold_of({"threshold_choice": {}, "threshold_source": "out_of_fold", "out_of_fold": {"n_folds": 5}}).out_of_fold_model == "head"
 
 
 def test_round_label_counts_by_source(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
