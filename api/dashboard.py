@@ -271,7 +271,8 @@ def training_section(report: RoundReport) -> str:
         parts.append(f'<p class="calibration">Calibration: none{": " + escape(calibration.reason) if calibration.reason else ""}</p>')
     choice = report.threshold_choice
     if choice is not None:
-        where = {"validation": "validation images", "out_of_fold": "out-of-fold probabilities over every labeled non-test image"}.get(choice.source or "", choice.source or "–")
+        where = {"validation": "validation images", "out_of_fold": "out-of-fold probabilities over every labeled non-test image"}.get(
+            choice.source or "", escape(choice.source or "–"))
         if choice.source == "out_of_fold" and choice.out_of_fold_model:
             where += " (the head's)" if choice.out_of_fold_model == "head" else f" ({escape(choice.out_of_fold_model)}: one network per fold)"
         estimate = choice.estimated_metrics

@@ -36,7 +36,9 @@ from modeling.anomaly import (
     fit_patch_anomaly, patch_features_key, patch_grid,
 )
 from modeling.backbones import Backbone, create_backbone
-from modeling.calibration import expected_calibration_error, fit_temperature, logits_from_probabilities, negative_log_likelihood, softmax_with_temperature
+from modeling.calibration import (
+    expected_calibration_error, fit_out_of_fold_temperature, fit_temperature, logits_from_probabilities, negative_log_likelihood, softmax_with_temperature,
+)
 from modeling.embeddings import CachedRows, EmbeddingCache, EmbeddingExtractor, embedding_model_key
 from modeling.evaluation import (
     ThresholdChoice, all_gates_pass, choose_defect_threshold, evaluate_gates, evaluate_predictions, final_predictions, proportion_interval_by_part,
@@ -472,6 +474,8 @@ def finetuned_out_of_fold_wanted(state: RoundState) -> bool:
         return False
     if state.config.model.threshold_source == "out_of_fold":
         return True
+    if state.config.negative_index is None:
+        return False  # no defect threshold to choose (every class a defect): the fold networks would serve nothing
     cheap = trains_on_cached_maps(strategy=strategy, options={**state.init_training_options, **state.config.model.training})
     return cheap and len(state.oof_positions) <= MAX_FINETUNED_OUT_OF_FOLD_IMAGES
 
@@ -514,20 +518,34 @@ def compute_finetuned_out_of_fold(state: RoundState) -> None:
     strategy = training_strategy(state)
     fold_details: dict[str, Any] = {}
     positions = state.oof_positions
-    state.oof_probabilities = finetuned_out_of_fold_probabilities(
-        data=TrainingData(
-            class_names=list(state.config.classes), train_paths=[state.paths[i] for i in positions], train_labels=state.labels[positions],
-            train_embeddings=state.embeddings[positions], validation_paths=[], validation_labels=np.zeros(0, dtype=np.int64),
-            validation_embeddings=state.embeddings[:0], backbone=state.backbone, preprocessing=state.preprocessing, seed=state.config.loop.seed,
-            options={"cache_dir": str(state.ctx.cache_dir), **state.init_training_options, **state.config.model.training},
-        ),
-        strategy=strategy, paths=[state.paths[i] for i in positions], labels=state.labels[positions],
-        epochs=int(getattr(state.classifier, "best_epoch", 0) or 0), groups=state.oof_groups, details=fold_details,  # 0: the probe was kept
-        show_progress=state.options.show_progress,
-    )
+    planned = (getattr(state.classifier, "config", None) or {}).get("epochs")
+    try:
+        probabilities = finetuned_out_of_fold_probabilities(
+            data=TrainingData(
+                class_names=list(state.config.classes), train_paths=[state.paths[i] for i in positions], train_labels=state.labels[positions],
+                train_embeddings=state.embeddings[positions], validation_paths=[], validation_labels=np.zeros(0, dtype=np.int64),
+                validation_embeddings=state.embeddings[:0], backbone=state.backbone, preprocessing=state.preprocessing, seed=state.config.loop.seed,
+                options={"cache_dir": str(state.ctx.cache_dir), **state.init_training_options, **state.config.model.training},
+            ),
+            strategy=strategy, paths=[state.paths[i] for i in positions], labels=state.labels[positions],
+            # the deployed network's kept epoch (0: the probe) on its own schedule
+            epochs=int(getattr(state.classifier, "best_epoch", 0) or 0), schedule_epochs=int(planned) if planned is not None else None,
+            groups=state.oof_groups, details=fold_details, show_progress=state.options.show_progress,
+        )
+    except (RuntimeError, ValueError, MemoryError, OSError) as error:
+        # the deployed network is trained: fall back to its validation good parts (else the head's out-of-fold
+        # probabilities, as before these existed) rather than lose the round
+        validation = state.positions(split="validation", labeled=True)
+        if (state.labels[validation] == state.config.negative_index).any():
+            state.details["threshold_source"] = "validation"
+        state.details["out_of_fold"]["finetuned_error"] = f"{type(error).__name__}: {error}"
+        instead = "the validation images" if state.details["threshold_source"] == "validation" else "the head's out-of-fold probabilities"
+        state.console.print(f"[yellow]warning:[/] fine-tuning the out-of-fold networks failed ({escape(str(error))}); the threshold is chosen on {instead} instead")
+        return
+    state.oof_probabilities = probabilities
     state.details["out_of_fold"] = {"n_folds": fold_details.get("n_folds"), "grouped_by_part": bool(fold_details.get("grouped")),
-                                    "model": strategy, "epochs": fold_details.get("epochs"), "models_trained": fold_details.get("models_trained"),
-                                    "seconds": fold_details.get("seconds")}
+                                    "model": strategy, "epochs": fold_details.get("epochs"), "schedule_epochs": fold_details.get("schedule_epochs"),
+                                    "models_trained": fold_details.get("models_trained"), "seconds": fold_details.get("seconds")}
 
 
 def calibrate_model(state: RoundState) -> None:
@@ -544,7 +562,7 @@ def calibrate_model(state: RoundState) -> None:
         state.details["calibration"] = {"method": "none"}
         return
     oof_labels, oof_logits = state.labels[state.oof_positions], logits_from_probabilities(state.oof_probabilities)
-    oof_temperature = fit_temperature(labels=oof_labels, logits=oof_logits)
+    oof_temperature = fit_out_of_fold_temperature(labels=oof_labels, logits=oof_logits)
     state.calibrated_oof_probabilities = softmax_with_temperature(oof_logits, oof_temperature)
     validation = state.positions(split="validation", labeled=True)
     held_out = len(validation) > 0 and not np.isin(validation, state.fit_positions).any() and len(set(state.labels[validation].tolist())) >= 2
@@ -747,7 +765,9 @@ def evaluate_on_test_split(state: RoundState) -> None:
     one_class = len(np.unique(everywhere)) == 1 and len(np.unique(state.labels[state.labels != UNLABELED])) > 1
     state.details["collapse_check"] = {"test_split": bool(state.metrics.get("collapsed")),
                                        "every_image_predicted_as": state.config.classes[int(everywhere[0])] if one_class else None}
-    if one_class and not state.metrics.get("collapsed"):
+    if state.metrics.get("collapsed"):
+        state.console.print("[bold red]the model predicts a single class for every test image (collapsed): macro F1 gate set to 0[/]")
+    elif one_class:
         state.metrics["collapsed"] = True
         state.console.print(f"[bold red]the model predicts '{escape(state.config.classes[int(everywhere[0])])}' for every image of the project "
                             "(collapsed, though the test split cannot show it): macro F1 gate set to 0[/]")
@@ -757,8 +777,6 @@ def evaluate_on_test_split(state: RoundState) -> None:
         defect_recall_min=gates.defect_recall_min, negative_fpr_max=gates.negative_fpr_max, latency_ms_max=gates.latency_ms_max,
     )
     state.details["test_intervals"] = _test_intervals(state, test, predictions)
-    if state.metrics.get("collapsed"):
-        state.console.print("[bold red]the model predicts a single class for every test image (collapsed): macro F1 gate set to 0[/]")
     estimated = state.details.get("estimated_metrics") or {}
     state.estimated_gates = {
         "macro_f1": None if estimated.get("macro_f1") is None else estimated["macro_f1"] >= gates.macro_f1_min,

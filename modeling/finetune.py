@@ -65,6 +65,10 @@ class FinetuneConfig:
     train_stem: bool = False  # True only for `full`
     epochs: int = 6  # at most: early stopping on validation macro F1 may stop sooner
     patience: int = 3
+    # best: the epoch early stopping keeps (validation macro F1, else training loss); last: a fixed count of epochs
+    # (the out-of-fold fold networks, which replay the deployed network's kept epoch and have no validation)
+    keep_epoch: str = "best"
+    schedule_epochs: int | None = None  # the cosine learning-rate decay is planned over this many epochs (None: epochs)
     batch_size: int = 32
     head_lr: float = 1e-3
     backbone_lr: float = 1e-4
@@ -138,6 +142,10 @@ class FinetuneConfig:
             problems.append(f"tta views must come from {', '.join(VIEWS)} (or a preset: {', '.join(VIEW_PRESETS)}); got {list(self.tta)}")
         if int(self.epochs) < 0 or int(self.batch_size) < 1 or int(self.patience) < 1:
             problems.append("epochs >= 0, batch_size >= 1 and patience >= 1 are required")
+        if self.keep_epoch not in ("best", "last"):
+            problems.append(f"keep_epoch must be best|last, got {self.keep_epoch!r}")
+        if self.schedule_epochs is not None and int(self.schedule_epochs) < int(self.epochs):
+            problems.append(f"schedule_epochs ({self.schedule_epochs}) must be at least epochs ({self.epochs})")
         if not (0 < float(self.head_lr) < 1 and 0 <= float(self.backbone_lr) < 1):
             problems.append(f"learning rates must be in (0, 1): head_lr={self.head_lr}, backbone_lr={self.backbone_lr}")
         if self.image_size is not None and not 32 <= int(self.image_size) <= 1024:
@@ -728,7 +736,7 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
     groups = _parameter_groups(model, head, config)
     optimizer = torch.optim.AdamW(groups)
     steps_per_epoch = max(1, math.ceil(len(train_labels) / config.batch_size))
-    total_steps = max(1, steps_per_epoch * int(config.epochs))
+    total_steps = max(1, steps_per_epoch * int(config.schedule_epochs or config.epochs))
     augment = build_augmentation(list(config.augmentation), image_size=data.preprocessing.image_size) if config.mode == "augment" else None
     mean = torch.tensor(data.preprocessing.mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(data.preprocessing.std, dtype=torch.float32).view(3, 1, 1)
@@ -788,7 +796,7 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
         history.append(_history_row(epoch, train_stats.loss, train_stats.accuracy, val_metrics, time.perf_counter() - epoch_start))
         _report(config, history[-1])
         score = _score(val_metrics, {"loss": train_stats.loss, "accuracy": train_stats.accuracy})
-        if score > best.score:
+        if score > best.score or config.keep_epoch == "last":
             best = _Best(epoch=epoch, score=score, state=copy.deepcopy(network.state_dict()), logits=val_logits)
             epochs_without_gain = 0
         else:
@@ -963,6 +971,7 @@ def finetuned_out_of_fold_probabilities(
     paths: Sequence[str],
     labels: np.ndarray,
     epochs: int,
+    schedule_epochs: int | None = None,
     groups: np.ndarray | None = None,
     n_folds: int = 5,
     details: dict[str, Any] | None = None,
@@ -971,20 +980,23 @@ def finetuned_out_of_fold_probabilities(
     """(n, n_classes) probabilities for `paths`, each row from a network fine-tuned (`strategy`, with `data`'s
     backbone, preprocessing, options and seed) on the other folds only: what a decision threshold can be chosen on
     when validation is too small to pin down a false-positive rate. A fold has no validation to stop on, so each fold
-    model trains for `epochs` epochs (the deployed model's early-stopped count). Folds as in
+    network replays the deployed one: `epochs` epochs (its kept epoch) on a learning-rate schedule planned over
+    `schedule_epochs` (its planned epochs), keeping the last. Folds as in
     modeling.label_quality.out_of_fold_probabilities (stratified, `groups` kept together); the frozen part's feature
     maps are cached per file, so the folds cost only their tail training."""
     from modeling.label_quality import out_of_fold_probabilities
 
     paths, labels = list(paths), np.asarray(labels, dtype=np.int64)
-    fixed = {key: value for key, value in data.options.items() if key not in ("epochs", "max_epochs", "patience", "show_progress")}
-    options = {**fixed, "epochs": int(epochs), "patience": int(epochs) + 1}
+    fixed = {key: value for key, value in data.options.items()
+             if key not in ("epochs", "max_epochs", "patience", "show_progress", "keep_epoch", "schedule_epochs")}
+    options = {**fixed, "epochs": int(epochs), "patience": int(epochs) + 1, "keep_epoch": "last",
+               "schedule_epochs": max(int(epochs), int(schedule_epochs or epochs))}
     no_validation = {"validation_paths": [], "validation_labels": np.zeros(0, dtype=np.int64),
                      "validation_embeddings": np.zeros((0, data.train_embeddings.shape[1] if data.train_embeddings.ndim == 2 else 0), dtype=np.float32)}
     embeddings = data.train_embeddings if len(data.train_embeddings) == len(paths) else None
     details = details if details is not None else {}
     started, trained = time.perf_counter(), [0]
-    with progress_bar(f"fine-tuning {n_folds} out-of-fold models", total=n_folds, enabled=show_progress) as advance:
+    with progress_bar("fine-tuning one network per out-of-fold fold", total=n_folds, enabled=show_progress) as advance:
 
         def fit_predict(*, train_features: np.ndarray, train_labels: np.ndarray, predict_features: np.ndarray, n_classes: int) -> np.ndarray:
             train, held = train_features[:, 0].astype(int), predict_features[:, 0].astype(int)
@@ -1003,5 +1015,6 @@ def finetuned_out_of_fold_probabilities(
             n_classes=len(data.class_names), groups=groups, details=details,
         )
         advance(n_folds - trained[0])  # fewer folds than asked (a class with fewer images): the bar still ends full
-    details.update(model=strategy, epochs=int(epochs), models_trained=trained[0], seconds=round(time.perf_counter() - started, 1))
+    details.update(model=strategy, epochs=int(epochs), schedule_epochs=options["schedule_epochs"], models_trained=trained[0],
+                   seconds=round(time.perf_counter() - started, 1))
     return probabilities

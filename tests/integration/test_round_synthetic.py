@@ -272,6 +272,26 @@ def test_a_finetune_round_with_few_validation_good_parts_chooses_its_threshold_o
     assert details["threshold_choice"]["source"] == "out_of_fold"
 
 
+def test_out_of_fold_networks_that_fail_leave_the_round_to_its_validation_images(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import loop.round as round_module
+
+    config = load_config(project_with_pool)
+    config.model.training = {"epochs": 1, "trainable_stages": 1, "cached_views": "identity"}
+    save_config(project_with_pool, config)
+
+    def out_of_memory(**_):  # noqa: ANN202
+        raise RuntimeError("not enough memory for the fold networks")
+
+    monkeypatch.setattr(round_module, "finetuned_out_of_fold_probabilities", out_of_memory)
+    result = invoke("round", "--project", str(project_with_pool), "--quiet", "--train", "finetune")
+    assert result.exit_code == 0, result.output
+    assert "fine-tuning the out-of-fold networks failed (not enough memory" in " ".join(result.output.split())
+    with session_scope(open_project(project_with_pool).engine) as session:
+        round_row = session.scalars(select(Round)).one()
+    assert (round_row.status, round_row.details["threshold_source"], round_row.details["calibration"]["fitted_on"]) == ("completed", "validation", "validation")
+    assert round_row.details["out_of_fold"]["finetuned_error"].startswith("RuntimeError: not enough memory")
+
+
 def test_unknown_training_option_in_loop_toml_stops_before_any_work(project_with_pool: Path) -> None:
     engine = open_project(project_with_pool).engine
     toml = project_with_pool / "loop.toml"

@@ -3,6 +3,7 @@ import pytest
 
 from modeling.calibration import (
     expected_calibration_error,
+    fit_out_of_fold_temperature,
     fit_temperature,
     negative_log_likelihood,
     softmax_with_temperature,
@@ -103,3 +104,19 @@ def test_an_exact_tie_at_the_top_is_not_an_error_that_sends_the_temperature_to_i
     nudged = logits.copy()
     nudged[0, labels[0]] += 1e-9
     assert fit_temperature(logits=logits, labels=labels) == pytest.approx(fit_temperature(logits=nudged, labels=labels), rel=1e-3)
+
+
+def test_an_image_whose_class_no_fold_model_saw_does_not_drag_the_out_of_fold_temperature() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 100)
+    predicted = np.where(rng.random(100) < 0.9, labels, (labels + 1) % 3)
+    logits = rng.normal(0, 0.5, (100, 4))
+    logits[np.arange(100), predicted] += 3.0
+    logits[:, 3] = -30.0  # a fourth class with one labeled image: no fold model but its own saw it ...
+    labels_with_singleton = np.append(labels, 3)
+    with_singleton = np.vstack([logits, [[2.0, 1.0, 0.5, -30.0]]])  # ... and the one that predicts it never did
+    plain = fit_temperature(labels=labels, logits=logits)
+    dragged = fit_temperature(labels=labels_with_singleton, logits=with_singleton)
+    assert dragged > 1.3 * plain  # what the plain fit does with that one row
+    assert fit_out_of_fold_temperature(labels=labels_with_singleton, logits=with_singleton) == pytest.approx(plain, rel=1e-6)
+    assert fit_out_of_fold_temperature(labels=labels, logits=logits) == pytest.approx(plain)  # nothing to leave out: the plain fit

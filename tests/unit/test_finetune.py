@@ -378,8 +378,10 @@ def test_out_of_fold_networks_never_predict_an_image_they_trained_on(backbone, b
     real_train, real_predict = finetune.train_classifier, finetune.predict_proba_paths
 
     def recording_train(*, strategy, data):
-        trained.append({"paths": set(data.train_paths), "epochs": data.options["epochs"], "validation": len(data.validation_paths), "strategy": strategy})
-        return real_train(strategy=strategy, data=data)
+        classifier = real_train(strategy=strategy, data=data)
+        trained.append({"paths": set(data.train_paths), "epochs": data.options["epochs"], "validation": len(data.validation_paths), "strategy": strategy,
+                        "kept": classifier.best_epoch, "schedule": data.options["schedule_epochs"]})
+        return classifier
 
     def recording_predict(classifier, fold_paths, preprocessing=None):
         predicted.append(list(fold_paths))
@@ -389,8 +391,8 @@ def test_out_of_fold_networks_never_predict_an_image_they_trained_on(backbone, b
     monkeypatch.setattr(finetune, "predict_proba_paths", recording_predict)
     details = {}
     probabilities = finetuned_out_of_fold_probabilities(
-        data=_data(backbone, balanced_images, max_epochs=9), strategy="finetune", paths=paths, labels=labels, epochs=2, groups=groups,
-        n_folds=3, details=details, show_progress=False,
+        data=_data(backbone, balanced_images, max_epochs=9), strategy="finetune", paths=paths, labels=labels, epochs=2, schedule_epochs=6,
+        groups=groups, n_folds=3, details=details, show_progress=False,
     )
     assert probabilities.shape == (len(paths), 3)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
@@ -400,5 +402,21 @@ def test_out_of_fold_networks_never_predict_an_image_they_trained_on(backbone, b
     for fold, held in zip(trained, predicted):
         assert not fold["paths"] & set(held)
         assert not {group_of[p] for p in fold["paths"]} & {group_of[p] for p in held}
-        assert (fold["epochs"], fold["validation"], fold["strategy"]) == (2, 0, "finetune")  # the given count, not max_epochs
+        # the deployed network's kept epoch on its own schedule, replayed and kept (no validation to pick another)
+        assert (fold["epochs"], fold["kept"], fold["schedule"], fold["validation"], fold["strategy"]) == (2, 2, 6, 0, "finetune")
     assert float((probabilities.argmax(axis=1) == labels).mean()) > 0.8  # chance is 1/3
+
+
+def test_a_fixed_count_of_epochs_keeps_the_last_one_and_follows_the_planned_schedule(backbone, balanced_images):
+    # Without validation, "best" is judged on training loss, where epoch 0 (eval mode, no dropout, no views) can look
+    # better than a trained epoch; the fold networks replay a count of epochs and must keep the last.
+    rng = np.random.default_rng(3)
+    paths, labels = balanced_images["train"]
+    noisy = np.where(rng.random(len(labels)) < 0.3, (labels + 1) % 3, labels)
+    images = {"train": (paths, noisy), "validation": ([], np.zeros(0, dtype=np.int64))}
+    kept = train_classifier(strategy="finetune", data=_data(backbone, images, epochs=2, keep_epoch="last", schedule_epochs=6))
+    assert kept.best_epoch == 2 and len(kept.history) == 3
+    with pytest.raises(ValueError, match="schedule_epochs"):
+        FinetuneConfig.from_options({"epochs": 4, "schedule_epochs": 2})
+    with pytest.raises(ValueError, match="keep_epoch"):
+        FinetuneConfig.from_options({"keep_epoch": "middle"})
