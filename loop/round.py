@@ -1017,6 +1017,25 @@ def _rejected_answer_requests(state: RoundState, budget: int) -> list[int]:
     return [state.position_of[image_id] for image_id in due[:budget]]
 
 
+def _last_answers(session, image_ids: list[int]) -> dict[int, datetime]:  # noqa: ANN001
+    """Image id -> when its newest answer was recorded. An answer: an annotator's (or the oracle's) label; a skip, a
+    deletion or a re-import answers nothing."""
+    last: dict[int, datetime] = {}
+    for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
+        last.update(session.execute(select(LabelEvent.image_id, func.max(LabelEvent.created_at)).where(
+            LabelEvent.image_id.in_(image_ids[chunk:chunk + 500]), LabelEvent.action == "set", LabelEvent.source.in_(ANNOTATOR_SOURCES))
+            .group_by(LabelEvent.image_id)).all())
+    return last
+
+
+def _labels_read_at(session, round_ids: set[int]) -> dict[int, datetime]:  # noqa: ANN001
+    """Round id -> when that round read the labels (rounds that did not record it are left out). Only that key is
+    read from the database: a round's details also hold its histories and findings."""
+    read_at = Round.details["labels_read_at"].as_string()
+    rows = session.execute(select(Round.id, read_at).where(Round.id.in_(sorted(round_ids)))).all() if round_ids else []
+    return {round_id: datetime.fromisoformat(value) for round_id, value in rows if isinstance(value, str) and value}
+
+
 def _open_asks(session, image_ids: list[int], *, reasons: tuple[str, ...], current_round_id: int | None,  # noqa: ANN001
                last_answer: dict[int, datetime] | None = None) -> set[int]:
     """Images asked about for one of `reasons` (by an earlier round) whose ask still waits: not pushed yet, or pushed
@@ -1024,25 +1043,19 @@ def _open_asks(session, image_ids: list[int], *, reasons: tuple[str, ...], curre
     given): answers pulled at the start of the asking round came before the ask."""
     if not image_ids:
         return set()
-    asks: dict[int, list[tuple[str, datetime | None]]] = defaultdict(list)
+    rows = []
     for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
-        ids = image_ids[chunk:chunk + 500]
-        for image_id, status, pushed_at, details in session.execute(
-                select(Selection.image_id, Selection.push_status, Selection.pushed_at, Round.details).join(Round, Round.id == Selection.round_id)
-                .where(Selection.image_id.in_(ids), Selection.reason.in_(reasons), Selection.round_id != (current_round_id or -1))):
-            # the ask stands from when its round read the labels: an answer that came in later (a webhook while the
-            # round trained) answers it, even though the push came after it. (An ask whose push failed and that was
-            # answered before a later round could push it is withdrawn then, not reopened: _answered_before_pushed.)
-            read_at = (details or {}).get("labels_read_at")
-            asks[image_id].append((status, datetime.fromisoformat(read_at) if isinstance(read_at, str) else pushed_at))
-    asked = list(asks)
+        rows += session.execute(select(Selection.image_id, Selection.push_status, Selection.pushed_at, Selection.round_id).where(
+            Selection.image_id.in_(image_ids[chunk:chunk + 500]), Selection.reason.in_(reasons), Selection.round_id != (current_round_id or -1))).all()
+    # the ask stands from when its round read the labels: an answer that came in later (a webhook while the round
+    # trained) answers it, even though the push came after it. (An ask whose push failed and that was answered
+    # before a later round could push it is withdrawn then, not reopened: _answered_before_pushed.)
+    read_at = _labels_read_at(session, {round_id for *_, round_id in rows})
+    asks: dict[int, list[tuple[str, datetime | None]]] = defaultdict(list)
+    for image_id, status, pushed_at, round_id in rows:
+        asks[image_id].append((status, read_at.get(round_id, pushed_at)))
     if last_answer is None:
-        # an answer: an annotator's (or the oracle's) label; a skip, a deletion or a re-import answers nothing
-        last_answer = {}
-        for chunk in range(0, len(asked), 500):
-            last_answer.update(session.execute(select(LabelEvent.image_id, func.max(LabelEvent.created_at)).where(
-                LabelEvent.image_id.in_(asked[chunk:chunk + 500]), LabelEvent.action == "set", LabelEvent.source.in_(ANNOTATOR_SOURCES))
-                .group_by(LabelEvent.image_id)).all())
+        last_answer = _last_answers(session, list(asks))
     waiting = set()
     for image_id, rows in asks.items():
         if any(status in ("pending", "failed") for status, _ in rows):
@@ -1151,16 +1164,9 @@ def _answered_before_pushed(state: RoundState, session, selections: list[Selecti
     asks = [s for s in selections if s.reason in ASKED_AGAIN_REASONS and s.image_id in settled]
     if not asks:
         return {}
-    read_at = {round_id: details.get("labels_read_at") for round_id, details in session.execute(
-        select(Round.id, Round.details).where(Round.id.in_({s.round_id for s in asks}))) if details}
-    image_ids = sorted({s.image_id for s in asks})
-    last_answer: dict[int, datetime] = {}
-    for chunk in range(0, len(image_ids), 500):
-        last_answer.update(session.execute(select(LabelEvent.image_id, func.max(LabelEvent.created_at)).where(
-            LabelEvent.image_id.in_(image_ids[chunk:chunk + 500]), LabelEvent.action == "set", LabelEvent.source.in_(ANNOTATOR_SOURCES))
-            .group_by(LabelEvent.image_id)).all())
-    return {s.id: s.image_id for s in asks if isinstance(read_at.get(s.round_id), str)
-            and _aware(last_answer.get(s.image_id)) > _aware(datetime.fromisoformat(read_at[s.round_id]))}
+    read_at = _labels_read_at(session, {s.round_id for s in asks})
+    last_answer = _last_answers(session, sorted({s.image_id for s in asks}))
+    return {s.id: s.image_id for s in asks if s.round_id in read_at and _aware(last_answer.get(s.image_id)) > _aware(read_at[s.round_id])}
 
 
 def _retried_task(state: RoundState, selection: Selection, image: Image, position: int | None) -> TaskRequest:
@@ -1255,11 +1261,7 @@ def _settled_asks(state: RoundState, session, *, in_batch: set[int]) -> list[int
                   and state.label_info.get(image_id, CurrentLabel(None, None, "unlabeled")).status == "labeled"]
     if since is None or not candidates:
         return candidates
-    answered: dict[int, datetime] = {}
-    for chunk in range(0, len(candidates), 500):
-        answered.update(session.execute(select(LabelEvent.image_id, func.max(LabelEvent.created_at)).where(
-            LabelEvent.image_id.in_(candidates[chunk:chunk + 500]), LabelEvent.action == "set", LabelEvent.source.in_(ANNOTATOR_SOURCES))
-            .group_by(LabelEvent.image_id)).all())
+    answered = _last_answers(session, candidates)
     return [image_id for image_id in candidates if _aware(answered.get(image_id)) > since]
 
 
