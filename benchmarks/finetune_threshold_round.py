@@ -10,7 +10,7 @@ per variant (loop.toml [model] threshold_source = "validation" | "auto"), the sa
 unlabeled images are then scored from the predictions the round stored: FPR on their good parts ("free", several
 hundred: a precise rate) and defect recall on their defects, beside what the round itself estimated.
 
-    python benchmarks/finetune_threshold_round.py --out DIR [--seeds 0,1,2,3,4] [--label-fraction 0.3]
+    python benchmarks/finetune_threshold_round.py --out DIR [--seeds 0,1,2,3,4] [--label-fraction 0.3] [--tiles N --epochs E]
 
 Writes DIR/result.json and DIR/result.md.
 """
@@ -18,29 +18,24 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import shutil
 import sqlite3
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loop_cli import run_loop  # noqa: E402
 from transfer_common import load_magnetic_tile, require_datasets  # noqa: E402
 
-LOOP = str(Path(sys.executable).with_name("loop"))
 VARIANTS = ("validation", "auto")
 
 
 def run(args: list[str]) -> float:
-    started = time.perf_counter()
-    result = subprocess.run([LOOP, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise SystemExit(f"loop {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return time.perf_counter() - started
+    return run_loop(args)[0]
 
 
 def write_manifest(path: Path, dataset, labeled: set[int]) -> None:  # noqa: ANN001
@@ -98,9 +93,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--label-fraction", type=float, default=0.3, help="share of the physical tiles labeled")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs at most (default: the project default)")
+    parser.add_argument("--tiles", type=int, help="only this many physical tiles, drawn with seed 0 (a smoke run; default: all)")
     args = parser.parse_args()
     require_datasets()
     dataset = load_magnetic_tile()
+    if args.tiles:
+        kept = set(np.random.default_rng(0).choice(np.unique(dataset.groups), size=args.tiles, replace=False).tolist())
+        rows = [i for i, tile in enumerate(dataset.groups) if tile in kept]
+        dataset = dataclasses.replace(dataset, paths=[dataset.paths[i] for i in rows], labels=dataset.labels[rows], groups=dataset.groups[rows], origin=[])
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     tiles = np.unique(dataset.groups)

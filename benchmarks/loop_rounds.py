@@ -13,21 +13,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-LOOP = str(Path(sys.executable).with_name("loop"))
-
-
-def run(args: list[str]) -> tuple[float, str]:
-    started = time.perf_counter()
-    result = subprocess.run([LOOP, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    elapsed = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"loop {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return elapsed, result.stdout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loop_cli import run_loop as run  # noqa: E402
 
 
 def main() -> None:

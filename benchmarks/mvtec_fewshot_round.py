@@ -18,27 +18,21 @@ import csv
 import json
 import shutil
 import sqlite3
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loop_cli import run_loop  # noqa: E402
 from transfer_common import load_mvtec_bottle  # noqa: E402
 
-LOOP = str(Path(sys.executable).with_name("loop"))
 CLASSES = "good,broken_large,broken_small,contamination"
 
 
 def run(args: list[str]) -> float:
-    started = time.perf_counter()
-    result = subprocess.run([LOOP, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise SystemExit(f"loop {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return time.perf_counter() - started
+    return run_loop(args)[0]
 
 
 def one_seed(seed: int, *, out: Path, image_size: int) -> dict:

@@ -81,3 +81,19 @@ def test_near_copies_round_on_a_few_magnetic_tiles(tmp_path: Path, real_dataset)
     assert row["joined_on_a_test_tile"] >= row["pool_images_joined_test"] - 1  # what joins test is a photo of a test tile
     assert row["without_copies_n"] == row["labeled_test_images"] - row["test_images_leaking_flagged"]
     assert "# Near-copies in a round" in (tmp_path / "run" / "near_copies_round.md").read_text()
+
+
+@pytest.mark.slow
+def test_finetune_threshold_round_on_a_few_magnetic_tiles(tmp_path: Path, real_dataset) -> None:
+    real_dataset("magnetic_tile")
+    run_script("benchmarks/finetune_threshold_round.py", "--out", str(tmp_path / "run"), "--seeds", "0", "--tiles", "50", "--label-fraction", "0.5",
+               "--epochs", "1", timeout=900)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    by_variant = {run["variant"]: run for run in result["runs"]}
+    assert by_variant["validation"]["threshold_source"] == "validation"
+    auto = by_variant["auto"]  # a few dozen validation good parts: the fine-tuned out-of-fold networks choose the threshold
+    assert auto["threshold_source"] == "out_of_fold" and auto["out_of_fold"]["model"] == "finetune"
+    assert auto["out_of_fold"]["models_trained"] == auto["out_of_fold"]["n_folds"] >= 2 and auto["calibration_fitted_on"] == "out_of_fold"
+    assert auto["n_threshold_negatives"] > by_variant["validation"]["n_threshold_negatives"]
+    assert 0.0 <= auto["unlabeled_fpr"] <= 1.0 and auto["unlabeled_good"] > 0
+    assert "| auto |" in (tmp_path / "run" / "result.md").read_text()

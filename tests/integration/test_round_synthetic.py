@@ -52,6 +52,23 @@ def project_with_pool(tmp_path: Path, class_folders: Path) -> Path:
     return project
 
 
+def tie_a_pool_image(project: Path, *, folder: str | None = None, tie: bool = True, oracle_answers: bool = True) -> int:
+    """The first unlabeled pool image (in `folder` when given): two annotators label it scratch and spot (tie=True);
+    oracle_answers=False takes it out of the oracle's manifest, so nobody answers it again. Returns its id."""
+    with session_scope(open_project(project).engine) as session:
+        labeled = current_labels(session, session.scalars(select(Image.project_id)).first())
+        image = next(i for i in session.scalars(select(Image).where(Image.split == "pool").order_by(Image.id))
+                     if i.id not in labeled and (folder is None or f"/{folder}/" in i.path))
+        if tie:
+            session.add_all([LabelEvent(image_id=image.id, label="scratch", source="annotator", annotator="ann1"),
+                             LabelEvent(image_id=image.id, label="spot", source="annotator", annotator="ann2")])
+        image_id, path = image.id, image.path
+    if not oracle_answers:
+        truth = Path(load_config(project).annotator.oracle_manifest)
+        truth.write_text("".join(line for line in truth.read_text().splitlines(keepends=True) if path not in line))
+    return image_id
+
+
 def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(project_with_pool: Path) -> None:
     first = invoke("round", "--project", str(project_with_pool), "--quiet")
     assert first.exit_code == 0, first.output
@@ -552,14 +569,9 @@ def test_a_batch_the_backend_could_not_take_is_pushed_next_round_with_that_round
 
 def test_annotators_who_disagree_evenly_get_one_more_answer(project_with_pool: Path) -> None:
     ctx = open_project(project_with_pool)
+    tied_id = tie_a_pool_image(project_with_pool, folder="scratch")
     with session_scope(ctx.engine) as session:
         project_id = session.scalars(select(Image.project_id)).first()
-        labeled = current_labels(session, project_id)
-        tied = next(i for i in session.scalars(select(Image).where(Image.split == "pool").order_by(Image.id))
-                    if i.id not in labeled and "/scratch/" in i.path)
-        session.add_all([LabelEvent(image_id=tied.id, label="scratch", source="annotator", annotator="ann1"),
-                         LabelEvent(image_id=tied.id, label="spot", source="annotator", annotator="ann2")])
-        tied_id = tied.id
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     with session_scope(ctx.engine) as session:
         first = session.scalars(select(Round).where(Round.number == 1)).one()
@@ -577,15 +589,7 @@ def test_annotators_who_disagree_evenly_get_one_more_answer(project_with_pool: P
 
 def test_a_tie_is_asked_again_only_after_new_answers(project_with_pool: Path) -> None:
     ctx = open_project(project_with_pool)
-    with session_scope(ctx.engine) as session:
-        project_id = session.scalars(select(Image.project_id)).first()
-        labeled = current_labels(session, project_id)
-        tied = next(i for i in session.scalars(select(Image).where(Image.split == "pool").order_by(Image.id)) if i.id not in labeled)
-        session.add_all([LabelEvent(image_id=tied.id, label="scratch", source="annotator", annotator="ann1"),
-                         LabelEvent(image_id=tied.id, label="spot", source="annotator", annotator="ann2")])
-        tied_id, tied_path = tied.id, tied.path
-    truth = Path(load_config(project_with_pool).annotator.oracle_manifest)  # the oracle cannot answer this one: it stays tied
-    truth.write_text("".join(line for line in truth.read_text().splitlines(keepends=True) if tied_path not in line))
+    tied_id = tie_a_pool_image(project_with_pool, oracle_answers=False)  # the oracle cannot answer this one: it stays tied
 
     def asked_in(number: int) -> list[int]:
         with session_scope(ctx.engine) as session:
@@ -621,12 +625,7 @@ def test_a_tie_answered_in_the_rounds_own_pull_is_asked_once(project_with_pool: 
     from labeling.simulated import OracleAnnotator
 
     ctx = open_project(project_with_pool)
-    with session_scope(ctx.engine) as session:
-        labeled = current_labels(session, session.scalars(select(Image.project_id)).first())
-        tied = next(i for i in session.scalars(select(Image).where(Image.split == "pool").order_by(Image.id)) if i.id not in labeled)
-        tied_id, tied_path = tied.id, tied.path
-    truth = Path(load_config(project_with_pool).annotator.oracle_manifest)  # nobody answers it again
-    truth.write_text("".join(line for line in truth.read_text().splitlines(keepends=True) if tied_path not in line))
+    tied_id = tie_a_pool_image(project_with_pool, tie=False, oracle_answers=False)  # tied in round 1's pull below; nobody answers it again
     original_pull, pulls = OracleAnnotator.pull, []
 
     def pull_with_a_tie(self, *, session, project, round_id):  # noqa: ANN001, ANN202
@@ -650,14 +649,7 @@ def test_an_answered_ask_is_named_for_closing_until_a_push_closes_it(project_wit
     from labeling.base import PushReport
     from labeling.simulated import OracleAnnotator
 
-    ctx = open_project(project_with_pool)
-    with session_scope(ctx.engine) as session:
-        labeled = current_labels(session, session.scalars(select(Image.project_id)).first())
-        tied = next(i for i in session.scalars(select(Image).where(Image.split == "pool").order_by(Image.id))
-                    if i.id not in labeled and "/scratch/" in i.path)
-        session.add_all([LabelEvent(image_id=tied.id, label="scratch", source="annotator", annotator="ann1"),
-                         LabelEvent(image_id=tied.id, label="spot", source="annotator", annotator="ann2")])
-        tied_id = tied.id
+    tied_id = tie_a_pool_image(project_with_pool, folder="scratch")
     named, done = [], [True, False, True, True]
 
     def push(self, *, session, project, round_id, batch, open_guesses=(), settled=()):  # noqa: ANN001, ANN202
@@ -699,13 +691,7 @@ def test_an_ask_answered_before_it_could_be_pushed_is_withdrawn_and_named_for_cl
     from labeling.simulated import OracleAnnotator
 
     ctx = open_project(project_with_pool)
-    with session_scope(ctx.engine) as session:
-        labeled = current_labels(session, session.scalars(select(Image.project_id)).first())
-        tied = next(i for i in session.scalars(select(Image).where(Image.split == "pool").order_by(Image.id))
-                    if i.id not in labeled and "/scratch/" in i.path)
-        session.add_all([LabelEvent(image_id=tied.id, label="scratch", source="annotator", annotator="ann1"),
-                         LabelEvent(image_id=tied.id, label="spot", source="annotator", annotator="ann2")])
-        tied_id = tied.id
+    tied_id = tie_a_pool_image(project_with_pool, folder="scratch")
     pushes: list[tuple[list[int], list[int]]] = []
 
     def push(self, *, session, project, round_id, batch, open_guesses=(), settled=()):  # noqa: ANN001, ANN202
@@ -734,14 +720,7 @@ def test_an_ask_whose_answer_left_a_tie_is_still_pushed(project_with_pool: Path,
     from labeling.simulated import OracleAnnotator
 
     ctx = open_project(project_with_pool)
-    with session_scope(ctx.engine) as session:
-        labeled = current_labels(session, session.scalars(select(Image.project_id)).first())
-        tied = next(i for i in session.scalars(select(Image).where(Image.split == "pool").order_by(Image.id)) if i.id not in labeled)
-        session.add_all([LabelEvent(image_id=tied.id, label="scratch", source="annotator", annotator="ann1"),
-                         LabelEvent(image_id=tied.id, label="spot", source="annotator", annotator="ann2")])
-        tied_id, tied_path = tied.id, tied.path
-    truth = Path(load_config(project_with_pool).annotator.oracle_manifest)  # the oracle does not answer it
-    truth.write_text("".join(line for line in truth.read_text().splitlines(keepends=True) if tied_path not in line))
+    tied_id = tie_a_pool_image(project_with_pool, oracle_answers=False)
     pushes: list[tuple[list[int], list[int]]] = []
 
     def push(self, *, session, project, round_id, batch, open_guesses=(), settled=()):  # noqa: ANN001, ANN202
