@@ -103,6 +103,7 @@ class RoundState:
     hashes: list[str] = field(default_factory=list)
     parts: list[str | None] = field(default_factory=list)  # Image.part per position (None: the image is its own part)
     oof_groups: np.ndarray | None = None  # draw group per out-of-fold position (draw_groups; None: every image alone)
+    oof_folds: np.ndarray | None = None  # the fold that predicted each out-of-fold position
     splits: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
     labels: np.ndarray = field(default_factory=lambda: np.array([], dtype=int))
     label_info: dict[int, CurrentLabel] = field(default_factory=dict)
@@ -412,6 +413,7 @@ def compute_out_of_fold(state: RoundState) -> None:
         fit_predict=head_fit_predict(seed=state.config.loop.seed, regularization=float(state.config.model.training.get("head_regularization", 1.0))),
         n_classes=len(state.config.classes), groups=state.oof_groups, details=fold_details,
     )
+    state.oof_folds = fold_details.get("fold_of_row")
     state.details["out_of_fold"] = {"n_folds": fold_details.get("n_folds"), "grouped_by_part": bool(fold_details.get("grouped")), "model": "head"}
 
 
@@ -518,7 +520,8 @@ def compute_finetuned_out_of_fold(state: RoundState) -> None:
     strategy = training_strategy(state)
     fold_details: dict[str, Any] = {}
     positions = state.oof_positions
-    planned = (getattr(state.classifier, "config", None) or {}).get("epochs")
+    trained_with = getattr(state.classifier, "config", None) or {}
+    planned = trained_with.get("schedule_epochs") or trained_with.get("epochs")  # what its learning-rate decay was planned over
     try:
         probabilities = finetuned_out_of_fold_probabilities(
             data=TrainingData(
@@ -542,7 +545,7 @@ def compute_finetuned_out_of_fold(state: RoundState) -> None:
         instead = "the validation images" if state.details["threshold_source"] == "validation" else "the head's out-of-fold probabilities"
         state.console.print(f"[yellow]warning:[/] fine-tuning the out-of-fold networks failed ({escape(str(error))}); the threshold is chosen on {instead} instead")
         return
-    state.oof_probabilities = probabilities
+    state.oof_probabilities, state.oof_folds = probabilities, fold_details.get("fold_of_row")
     state.details["out_of_fold"] = {"n_folds": fold_details.get("n_folds"), "grouped_by_part": bool(fold_details.get("grouped")),
                                     "model": strategy, "epochs": fold_details.get("epochs"), "schedule_epochs": fold_details.get("schedule_epochs"),
                                     "models_trained": fold_details.get("models_trained"), "seconds": fold_details.get("seconds")}
@@ -562,7 +565,7 @@ def calibrate_model(state: RoundState) -> None:
         state.details["calibration"] = {"method": "none"}
         return
     oof_labels, oof_logits = state.labels[state.oof_positions], logits_from_probabilities(state.oof_probabilities)
-    oof_temperature = fit_out_of_fold_temperature(labels=oof_labels, logits=oof_logits)
+    oof_temperature = fit_out_of_fold_temperature(labels=oof_labels, logits=oof_logits, folds=state.oof_folds)
     state.calibrated_oof_probabilities = softmax_with_temperature(oof_logits, oof_temperature)
     validation = state.positions(split="validation", labeled=True)
     held_out = len(validation) > 0 and not np.isin(validation, state.fit_positions).any() and len(set(state.labels[validation].tolist())) >= 2

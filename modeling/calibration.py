@@ -89,14 +89,27 @@ def _smoothed_negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, *,
     return float(-((1.0 - smoothing) * true + smoothing * others).mean())
 
 
-def fit_out_of_fold_temperature(*, labels: np.ndarray, logits: np.ndarray) -> float:
-    """fit_temperature on out-of-fold logits, leaving out the images of a class with a single labeled image: their
-    fold model never saw that class (its logit sits about 30 below the others), which says nothing about the scale of
-    a model that did and would drag the temperature up (one such image in ~100: 0.60 -> 1.17)."""
-    labels = np.asarray(labels)
+def fit_out_of_fold_temperature(*, labels: np.ndarray, logits: np.ndarray, folds: np.ndarray | None = None) -> float:
+    """fit_temperature on out-of-fold logits, leaving out the images whose class their fold model never saw: a class
+    found in one fold only (`folds`: the fold that predicted each row; without it, a class with a single image). Its
+    logit sits far below the others, which says nothing about the scale of a model that did see the class and would
+    drag the temperature up (one such image in ~100: 0.60 -> 1.17). Fewer than two classes left: 1.0, no scaling."""
+    labels, logits = np.asarray(labels), np.asarray(logits, dtype=np.float64)
+    if len(labels) != len(logits):
+        raise ValueError(f"labels and logits must have one row each per image: {len(labels)} vs {len(logits)}")
     if len(labels) == 0:
         return fit_temperature(labels=labels, logits=logits)
-    seen_elsewhere = np.bincount(labels)[labels] >= 2
-    if seen_elsewhere.all() or len(np.unique(labels[seen_elsewhere])) < 2:
+    classes = np.unique(labels, return_inverse=True)[1].reshape(-1)
+    if folds is None:
+        seen_elsewhere = np.bincount(classes)[classes] >= 2
+    else:
+        folds = np.asarray(folds)
+        if len(folds) != len(labels):
+            raise ValueError(f"folds must have one entry per image: {len(folds)} vs {len(labels)}")
+        folds_per_class = np.array([len(np.unique(folds[classes == c])) for c in range(classes.max() + 1)])
+        seen_elsewhere = folds_per_class[classes] >= 2
+    if seen_elsewhere.all():
         return fit_temperature(labels=labels, logits=logits)
-    return fit_temperature(labels=labels[seen_elsewhere], logits=np.asarray(logits)[seen_elsewhere])
+    if len(np.unique(classes[seen_elsewhere])) < 2:
+        return 1.0
+    return fit_temperature(labels=labels[seen_elsewhere], logits=logits[seen_elsewhere])

@@ -137,7 +137,8 @@ def out_of_fold_probabilities(
     `fit_predict(*, train_features, train_labels, predict_features, n_classes)` replaces the
     default: class-weighted logistic regression whose C is chosen from
     INVERSE_REGULARIZATION_GRID by out-of-fold log-loss on the given labels (no other labels are
-    used). Pass a dict as `details` to receive the folds used and the chosen C.
+    used). Pass a dict as `details` to receive the folds used (n_folds, and fold_of_row: the fold that predicted each
+    row) and the chosen C.
     `groups` (one id per row, e.g. the physical part a photo shows): rows sharing an id are in the same fold
     (stratified group K-fold), so a photo is never predicted by a model trained on another photo of its part.
     """
@@ -189,6 +190,10 @@ def out_of_fold_probabilities(
             splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(n), labels))
     details["n_folds"] = len(splits)
     details["grouped"] = groups is not None
+    fold_of_row = np.full(n, -1, dtype=np.int64)  # which fold's model predicted each row (a class seen in one fold only is unseen there)
+    for fold, (_train, held) in enumerate(splits):
+        fold_of_row[held] = fold
+    details["fold_of_row"] = fold_of_row
     if fit_predict is not None:
         return _cross_predict(features, labels, n_classes, splits, fit_predict)
     losses: dict[float, float] = {}

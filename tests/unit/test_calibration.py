@@ -120,3 +120,22 @@ def test_an_image_whose_class_no_fold_model_saw_does_not_drag_the_out_of_fold_te
     assert dragged > 1.3 * plain  # what the plain fit does with that one row
     assert fit_out_of_fold_temperature(labels=labels_with_singleton, logits=with_singleton) == pytest.approx(plain, rel=1e-6)
     assert fit_out_of_fold_temperature(labels=labels, logits=logits) == pytest.approx(plain)  # nothing to leave out: the plain fit
+
+
+def test_a_class_seen_in_one_fold_only_is_left_out_and_one_class_left_means_no_scaling() -> None:
+    rng = np.random.default_rng(1)
+    labels = np.concatenate([rng.integers(0, 2, 60), np.full(6, 2)])  # class 2: six photos of one part, all in fold 4
+    folds = np.concatenate([np.arange(60) % 4, np.full(6, 4)])
+    logits = rng.normal(0, 0.5, (66, 3))
+    logits[np.arange(60), labels[:60]] += 3.0
+    logits[:, 2] = -30.0  # no fold model but fold 4's saw class 2, and fold 4's never did
+    logits[60:, 0] += 3.0
+    plain = fit_temperature(labels=labels[:60], logits=logits[:60])
+    assert fit_out_of_fold_temperature(labels=labels, logits=logits) > 5 * plain  # by image count alone the part is "seen"
+    assert fit_out_of_fold_temperature(labels=labels, logits=logits, folds=folds) == pytest.approx(plain, rel=1e-6)
+    # a binary project with one labeled defect: nothing left to contrast, so no scaling rather than a dragged one
+    one_defect = np.append(np.zeros(30, dtype=int), 1)
+    two_columns = np.vstack([np.tile([3.0, -30.0], (30, 1)), [[3.0, -30.0]]])
+    assert fit_out_of_fold_temperature(labels=one_defect, logits=two_columns) == 1.0
+    with pytest.raises(ValueError, match="one row each"):
+        fit_out_of_fold_temperature(labels=labels[:5], logits=logits)

@@ -220,6 +220,8 @@ def test_out_of_fold_keeps_a_parts_photos_in_one_fold() -> None:
     grouped = out_of_fold_probabilities(features=features, labels=labels, fit_predict=memorise, groups=groups, details=details)
     np.testing.assert_allclose(grouped, 1 / 3)
     assert details["grouped"] and details["n_folds"] == 5
+    folds = details["fold_of_row"]  # the fold that predicted each row: every row one, a part's photos the same one
+    assert sorted(set(folds.tolist())) == [0, 1, 2, 3, 4] and all(len(set(folds[groups == part].tolist())) == 1 for part in set(groups.tolist()))
     with pytest.raises(ValueError, match="one id per row"):
         out_of_fold_probabilities(features=features, labels=labels, groups=groups[:-1])
     one_part: dict = {}  # nothing to keep apart from: plain folds, and the details say so
