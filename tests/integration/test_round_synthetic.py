@@ -684,14 +684,17 @@ def test_a_push_marks_each_image_and_only_the_one_not_handed_over_is_retried(pro
     assert retried == [first[0]]  # round 2 hands over the one left behind, not round 1's whole batch again
 
 
-def test_an_ask_answered_before_it_could_be_pushed_is_withdrawn_and_named_for_closing(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A tie asked in round 1 whose push failed; a third annotator answers it before round 2: round 2 does not ask
-    # again (the task would wait for an answer the loop already has) and names it for closing in case it was reopened.
+@pytest.mark.parametrize("third_answer", ["scratch", "patch"])
+def test_an_ask_answered_before_it_could_be_pushed_is_withdrawn_unless_still_tied(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                                  third_answer: str) -> None:
+    # A tie (scratch vs spot) asked in round 1 whose push failed; a third annotator answers before round 2. "scratch"
+    # settles it: round 2 does not ask again (the task would wait for an answer the loop has) and names it for closing
+    # in case the failed push half reopened it. "patch" leaves it tied: the ask goes out in round 2.
     from labeling.base import PushReport
     from labeling.simulated import OracleAnnotator
 
     ctx = open_project(project_with_pool)
-    tied_id = tie_a_pool_image(project_with_pool, folder="scratch")
+    tied_id = tie_a_pool_image(project_with_pool, folder="scratch", oracle_answers=False)
     pushes: list[tuple[list[int], list[int]]] = []
 
     def push(self, *, session, project, round_id, batch, open_guesses=(), settled=()):  # noqa: ANN001, ANN202
@@ -702,41 +705,17 @@ def test_an_ask_answered_before_it_could_be_pushed_is_withdrawn_and_named_for_cl
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     assert tied_id in pushes[0][0]
     with session_scope(ctx.engine) as session:
-        session.add(LabelEvent(image_id=tied_id, label="scratch", source="annotator", annotator="ann3"))
+        session.add(LabelEvent(image_id=tied_id, label=third_answer, source="annotator", annotator="ann3"))
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     batch, settled = pushes[1]
-    assert tied_id not in batch and tied_id in settled
+    settles = third_answer == "scratch"
+    assert (tied_id in batch, tied_id in settled) == ((False, True) if settles else (True, False))
     with session_scope(ctx.engine) as session:
         ask = session.scalars(select(Selection).where(Selection.reason == "annotators_disagree")).one()
         second = session.scalars(select(Round).where(Round.number == 2)).one()
-        assert (ask.image_id, ask.push_status) == (tied_id, "withdrawn")
-        assert second.details["push"]["withdrawn_answered"] == 1
-        assert current_labels(session, second.project_id)[tied_id].label == "scratch"
-
-
-def test_an_ask_whose_answer_left_a_tie_is_still_pushed(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # As above, but the third annotator picks a third class: still tied, so the failed ask goes out in round 2.
-    from labeling.base import PushReport
-    from labeling.simulated import OracleAnnotator
-
-    ctx = open_project(project_with_pool)
-    tied_id = tie_a_pool_image(project_with_pool, oracle_answers=False)
-    pushes: list[tuple[list[int], list[int]]] = []
-
-    def push(self, *, session, project, round_id, batch, open_guesses=(), settled=()):  # noqa: ANN001, ANN202
-        pushes.append(([task.image_id for task in batch], list(settled)))
-        return PushReport(pending=len(batch), pending_image_ids={task.image_id for task in batch}) if len(pushes) == 1 else PushReport(pushed=len(batch))
-
-    monkeypatch.setattr(OracleAnnotator, "push", push)
-    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
-    with session_scope(ctx.engine) as session:
-        session.add(LabelEvent(image_id=tied_id, label="patch", source="annotator", annotator="ann3"))
-    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
-    batch, settled = pushes[1]
-    assert tied_id in batch and tied_id not in settled
-    with session_scope(ctx.engine) as session:
-        ask = session.scalars(select(Selection).where(Selection.reason == "annotators_disagree")).one()
-        assert (ask.image_id, ask.push_status) == (tied_id, "pushed")
+        assert (ask.image_id, ask.push_status) == (tied_id, "withdrawn" if settles else "pushed")
+        assert second.details["push"]["withdrawn_answered"] == int(settles)
+        assert current_labels(session, second.project_id)[tied_id].status == ("labeled" if settles else "tie")
 
 
 def test_a_model_that_calls_every_image_good_is_collapsed_even_when_the_test_split_holds_only_good_parts(
