@@ -7,7 +7,7 @@ images, trains, blends the patch anomaly score in and picks the threshold on non
 then scored from the predictions the round stored: ROC-AUC of P(defect), and defect recall and FPR of the stored
 predicted labels (the round's threshold).
 
-    python benchmarks/mvtec_fewshot_round.py --out DIR [--seeds 0,1,2,3,4] [--image-size 320]
+    python benchmarks/mvtec_fewshot_round.py --out DIR [--seeds 0,1,2,3,4] [--image-size 320] [--train head|finetune|full]
 
 Target (issue 5): ROC-AUC >= 0.998 and defect recall >= 0.98 at FPR <= 3%. Writes DIR/result.json and DIR/result.md.
 """
@@ -35,7 +35,7 @@ def run(args: list[str]) -> float:
     return run_loop(args)[0]
 
 
-def one_seed(seed: int, *, out: Path, image_size: int) -> dict:
+def one_seed(seed: int, *, out: Path, image_size: int, train: str = "head") -> dict:
     dataset = load_mvtec_bottle()
     origin = np.array(dataset.origin)
     defects = np.flatnonzero(dataset.labels == 1)
@@ -53,7 +53,7 @@ def one_seed(seed: int, *, out: Path, image_size: int) -> dict:
     project = seed_dir / "project"
     run(["init", str(project), "--classes", CLASSES, "--negative-class", "good", "--image-size", str(image_size)])
     run(["ingest", str(manifest), "--project", str(project), "--quiet"])
-    round_seconds = run(["round", "--project", str(project), "--quiet"])
+    round_seconds = run(["round", "--project", str(project), "--quiet", "--train", train])
     with sqlite3.connect(project / "loop.db") as db:
         round_id, details = db.execute("select id, details from rounds order by number desc limit 1").fetchone()
         rows = db.execute(
@@ -69,7 +69,8 @@ def one_seed(seed: int, *, out: Path, image_size: int) -> dict:
         "seed": seed, "n_held_out": len(held_out), "n_held_out_defects": int(is_defect.sum()), "round_seconds": round(round_seconds, 1),
         "roc_auc": float(roc_auc_score(is_defect, p_defect)), "defect_recall": float(flagged[is_defect].mean()),
         "fpr": float(flagged[~is_defect].mean()), "false_positives": int(flagged[~is_defect].sum()), "missed_defects": int((~flagged[is_defect]).sum()),
-        "threshold": details.get("threshold"), "threshold_source": details.get("threshold_source"),
+        "threshold": details.get("threshold"), "threshold_source": details.get("threshold_source"), "out_of_fold": details.get("out_of_fold"),
+        "best_epoch": (details.get("training") or {}).get("best_epoch"),
         "anomaly": details.get("anomaly"), "labeled_counts": details.get("labeled_counts"),
         "latency_ms": None if (details.get("latency") or {}).get("ms_per_image") is None else round(details["latency"]["ms_per_image"], 2),
     }
@@ -80,17 +81,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--image-size", type=int, default=320)
+    parser.add_argument("--train", default="head", choices=["head", "finetune", "full"], help="loop round --train (default: head, the project default)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        rows.append(one_seed(seed, out=args.out, image_size=args.image_size))
+        rows.append(one_seed(seed, out=args.out, image_size=args.image_size, train=args.train))
         row = rows[-1]
         print(f"seed {seed}: AUC {row['roc_auc']:.4f} recall {row['defect_recall']:.4f} FPR {row['fpr']:.4f} "
               f"({row['false_positives']} FP of {row['n_held_out'] - row['n_held_out_defects']}) round {row['round_seconds']} s", flush=True)
     command = "python benchmarks/mvtec_fewshot_round.py " + " ".join(sys.argv[1:])
     (args.out / "result.json").write_text(json.dumps({"command": command, "seeds": rows}, indent=2))
-    lines = [f"# MVTec bottle few-shot through `loop round` ({args.image_size} px)", "", f"Command: `{command}`", "",
+    lines = [f"# MVTec bottle few-shot through `loop round --train {args.train}` ({args.image_size} px)", "", f"Command: `{command}`", "",
              "| seed | held out (defects) | ROC-AUC | defect recall | FPR | FP | missed | threshold | source | round s | latency ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['seed']} | {r['n_held_out']} ({r['n_held_out_defects']}) | {r['roc_auc']:.4f} | {r['defect_recall']:.4f} | {r['fpr']:.4f} | "
