@@ -287,6 +287,8 @@ def test_a_finetune_round_with_few_validation_good_parts_chooses_its_threshold_o
     assert out_of_fold["epochs"] == details["training"]["best_epoch"]  # the deployed network's early-stopped count
     assert (details["calibration"]["fitted_on"], details["calibration"]["n_images"]) == ("out_of_fold", labeled_non_test)
     assert details["threshold_choice"]["source"] == "out_of_fold"
+    summary = " ".join(result.output.split())  # the engineer's one line: where the threshold came from, what the loop expects
+    assert f"(out_of_fold, finetune per fold, {details['threshold_choice']['n_negatives']} good parts; own estimate FPR " in summary
 
 
 def test_out_of_fold_networks_that_fail_leave_the_round_to_its_validation_images(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
