@@ -120,6 +120,7 @@ class RoundState:
     threshold: ThresholdChoice | None = None
     latency: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    predicted: np.ndarray | None = None  # the final decision (threshold applied) for every position
     test_predictions: np.ndarray | None = None  # final predictions of the labeled test positions, in positions() order
     gates: list = field(default_factory=list)
     estimated_gates: dict[str, bool | None] = field(default_factory=dict)
@@ -530,7 +531,7 @@ def compute_finetuned_out_of_fold(state: RoundState) -> None:
                 validation_embeddings=state.embeddings[:0], backbone=state.backbone, preprocessing=state.preprocessing, seed=state.config.loop.seed,
                 options={"cache_dir": str(state.ctx.cache_dir), **state.init_training_options, **state.config.model.training},
             ),
-            strategy=strategy, paths=[state.paths[i] for i in positions], labels=state.labels[positions],
+            strategy=strategy,
             # the deployed network's kept epoch (0: the probe) on its own schedule
             epochs=int(getattr(state.classifier, "best_epoch", 0) or 0), schedule_epochs=int(planned) if planned is not None else None,
             groups=state.oof_groups, details=fold_details, show_progress=state.options.show_progress,
@@ -760,11 +761,11 @@ def evaluate_on_test_split(state: RoundState) -> None:
     test = state.positions(split="test", labeled=True)
     negative = state.config.negative_index
     threshold = state.threshold.threshold if state.threshold else None
-    predictions = final_predictions(probabilities=state.probabilities[test], negative_index=negative, threshold=threshold)
-    state.test_predictions = predictions
+    # the decision for every image of the project: the test split's, the collapse check's and the stored predictions
+    everywhere = state.predicted = final_predictions(probabilities=state.probabilities, negative_index=negative, threshold=threshold)
+    predictions = state.test_predictions = everywhere[test]
     state.metrics = evaluate_predictions(y_true=state.labels[test], y_pred=predictions, probabilities=state.probabilities[test], class_names=state.config.classes, negative_index=negative)
     # A test split of one class cannot show a collapse: the model's decision on every image of the project can
-    everywhere = final_predictions(probabilities=state.probabilities, negative_index=negative, threshold=threshold)
     one_class = len(np.unique(everywhere)) == 1 and len(np.unique(state.labels[state.labels != UNLABELED])) > 1
     state.details["collapse_check"] = {"test_split": bool(state.metrics.get("collapsed")),
                                        "every_image_predicted_as": state.config.classes[int(everywhere[0])] if one_class else None}
@@ -1325,7 +1326,7 @@ def _write_model_artifacts(state: RoundState) -> None:
 
 def _add_model_rows(session, state: RoundState) -> None:  # noqa: ANN001
     classes, negative = state.config.classes, state.config.negative_index
-    predicted = final_predictions(probabilities=state.probabilities, negative_index=negative, threshold=state.threshold.threshold if state.threshold else None)
+    predicted = state.predicted
     for name in ("accuracy", "macro_f1", "defect_recall", "negative_fpr", "roc_auc_defect"):
         session.add(Metric(round_id=state.round_id, name=name, value=state.metrics.get(name)))
     for class_name, scores in state.metrics["per_class"].items():

@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -968,8 +968,6 @@ def finetuned_out_of_fold_probabilities(
     *,
     data: TrainingData,
     strategy: str,
-    paths: Sequence[str],
-    labels: np.ndarray,
     epochs: int,
     schedule_epochs: int | None = None,
     groups: np.ndarray | None = None,
@@ -977,41 +975,39 @@ def finetuned_out_of_fold_probabilities(
     details: dict[str, Any] | None = None,
     show_progress: bool = True,
 ) -> np.ndarray:
-    """(n, n_classes) probabilities for `paths`, each row from a network fine-tuned (`strategy`, with `data`'s
-    backbone, preprocessing, options and seed) on the other folds only: what a decision threshold can be chosen on
-    when validation is too small to pin down a false-positive rate. A fold has no validation to stop on, so each fold
-    network replays the deployed one: `epochs` epochs (its kept epoch) on a learning-rate schedule planned over
-    `schedule_epochs` (its planned epochs), keeping the last. Folds as in
+    """(n, n_classes) probabilities for `data`'s training images, each row from a network fine-tuned (`strategy`, with
+    `data`'s backbone, preprocessing, options and seed) on the other folds only: what a decision threshold can be
+    chosen on when validation is too small to pin down a false-positive rate. A fold has no validation to stop on, so
+    each fold network replays the deployed one: `epochs` epochs (its kept epoch) on a learning-rate schedule planned
+    over `schedule_epochs` (its planned epochs), keeping the last. Folds as in
     modeling.label_quality.out_of_fold_probabilities (stratified, `groups` kept together); the frozen part's feature
     maps are cached per file, so the folds cost only their tail training."""
     from modeling.label_quality import out_of_fold_probabilities
 
-    paths, labels = list(paths), np.asarray(labels, dtype=np.int64)
+    labels = np.asarray(data.train_labels, dtype=np.int64)
     fixed = {key: value for key, value in data.options.items()
              if key not in ("epochs", "max_epochs", "patience", "show_progress", "keep_epoch", "schedule_epochs")}
     options = {**fixed, "epochs": int(epochs), "patience": int(epochs) + 1, "keep_epoch": "last",
                "schedule_epochs": max(int(epochs), int(schedule_epochs or epochs))}
-    no_validation = {"validation_paths": [], "validation_labels": np.zeros(0, dtype=np.int64),
-                     "validation_embeddings": np.zeros((0, data.train_embeddings.shape[1] if data.train_embeddings.ndim == 2 else 0), dtype=np.float32)}
-    embeddings = data.train_embeddings if len(data.train_embeddings) == len(paths) else None
+    has_embeddings = len(data.train_embeddings) == len(labels)
     details = details if details is not None else {}
     started, trained = time.perf_counter(), [0]
     with progress_bar("fine-tuning one network per out-of-fold fold", total=n_folds, enabled=show_progress) as advance:
 
         def fit_predict(*, train_features: np.ndarray, train_labels: np.ndarray, predict_features: np.ndarray, n_classes: int) -> np.ndarray:
             train, held = train_features[:, 0].astype(int), predict_features[:, 0].astype(int)
-            fold = TrainingData(
-                class_names=list(data.class_names), train_paths=[paths[i] for i in train], train_labels=np.asarray(train_labels, dtype=np.int64),
-                train_embeddings=embeddings[train] if embeddings is not None else np.zeros((len(train), 0), dtype=np.float32),
-                backbone=data.backbone, preprocessing=data.preprocessing, seed=data.seed, options=options, **no_validation,
+            fold = replace(
+                data, train_paths=[data.train_paths[i] for i in train], train_labels=labels[train],
+                train_embeddings=data.train_embeddings[train] if has_embeddings else data.train_embeddings[:0],
+                validation_paths=[], validation_labels=labels[:0], validation_embeddings=data.validation_embeddings[:0], options=options,
             )
             classifier = train_classifier(strategy=strategy, data=fold)
             trained[0] += 1
             advance(1)
-            return predict_proba_paths(classifier, [paths[i] for i in held], data.preprocessing)
+            return predict_proba_paths(classifier, [data.train_paths[i] for i in held], data.preprocessing)
 
         probabilities = out_of_fold_probabilities(
-            features=np.arange(len(paths)).reshape(-1, 1), labels=labels, n_folds=n_folds, seed=data.seed, fit_predict=fit_predict,
+            features=np.arange(len(labels)).reshape(-1, 1), labels=labels, n_folds=n_folds, seed=data.seed, fit_predict=fit_predict,
             n_classes=len(data.class_names), groups=groups, details=details,
         )
         advance(n_folds - trained[0])  # fewer folds than asked (a class with fewer images): the bar still ends full

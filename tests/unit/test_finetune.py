@@ -391,7 +391,7 @@ def test_out_of_fold_networks_never_predict_an_image_they_trained_on(backbone, b
     monkeypatch.setattr(finetune, "predict_proba_paths", recording_predict)
     details = {}
     probabilities = finetuned_out_of_fold_probabilities(
-        data=_data(backbone, balanced_images, max_epochs=9), strategy="finetune", paths=paths, labels=labels, epochs=2, schedule_epochs=6,
+        data=_data(backbone, balanced_images, max_epochs=9), strategy="finetune", epochs=2, schedule_epochs=6,
         groups=groups, n_folds=3, details=details, show_progress=False,
     )
     assert probabilities.shape == (len(paths), 3)
