@@ -15,6 +15,7 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -530,10 +531,11 @@ class AnnotationRecorder:
     def live_answers(self) -> dict[str, LabelEvent]:
         return {external_id: event for external_id, event in self.latest.items() if event.action == "set"}
 
-    def _append(self, *, image_id: int, external_id: str, action: str, label: str | None, annotator: str, lead_time_s: float | None) -> LabelEvent:
+    def _append(self, *, image_id: int, external_id: str, action: str, label: str | None, annotator: str, lead_time_s: float | None,
+                saved_at: datetime | None = None) -> LabelEvent:
         event = LabelEvent(
             image_id=image_id, label=label, source="annotator", action=action, annotator=annotator,
-            external_id=external_id, lead_time_s=lead_time_s, round_id=self.round_id,
+            external_id=external_id, lead_time_s=lead_time_s, round_id=self.round_id, external_updated_at=saved_at,
         )  # fmt: skip
         self.session.add(event)
         self.latest[external_id] = event
@@ -588,12 +590,20 @@ class AnnotationRecorder:
         if reason:
             return "rejected" if self._reject(annotation, reason) else "unchanged"
         label = choices[0]
+        saved_at = lsc.as_utc(annotation.get("updated_at"))
+        outcome = "recorded"
         if previous is not None and previous.action == "set" and previous.label == label and previous.annotator == annotator:
-            return "unchanged"
-        self._append(image_id=image_id, external_id=external_id, action="set", label=label, annotator=annotator, lead_time_s=lead_time)
+            if not _saved_again(previous, saved_at):
+                return "unchanged"
+            # The same answer saved again after it was recorded: the annotator looked at the image again and kept the
+            # label. On a task reopened to ask about that label, it is the answer (confirmed), not nothing; with only
+            # one annotator, nobody else will ever give one.
+            outcome = "confirmed"
+        self._append(image_id=image_id, external_id=external_id, action="set", label=label, annotator=annotator, lead_time_s=lead_time,
+                     saved_at=saved_at)
         self.report.new_label_events += 1
-        self.counts["recorded"] += 1
-        return "recorded"
+        self.counts[outcome] += 1
+        return outcome
 
     def record_delete(self, external_id: str, *, why: str = "") -> str:
         """An annotation deleted in Label Studio -> action "delete" (once); "unknown" if we never recorded it."""
@@ -608,7 +618,8 @@ class AnnotationRecorder:
         # The same annotator may still have another live answer on this image: it is their vote again.
         for other_id, event in list(self.latest.items()):
             if other_id != str(external_id) and event.image_id == previous.image_id and event.annotator == previous.annotator and event.action == "set":
-                self._append(image_id=event.image_id, external_id=other_id, action="set", label=event.label, annotator=event.annotator, lead_time_s=None)
+                self._append(image_id=event.image_id, external_id=other_id, action="set", label=event.label, annotator=event.annotator, lead_time_s=None,
+                             saved_at=event.external_updated_at)
                 break
         return "deleted"
 
@@ -707,6 +718,21 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
         deleted=recorder.report.deleted, rejected=recorder.report.rejected,
     )  # fmt: skip
     return result
+
+
+def _saved_again(previous: LabelEvent, saved_at: datetime | None) -> bool:
+    """Whether Label Studio saved the answer `previous` records again since (its updated_at moved on). A row recorded
+    before the store kept that time gets it now: it can only tell the next save."""
+    if saved_at is None:
+        return False
+    if previous.external_updated_at is None:
+        previous.external_updated_at = saved_at
+        return False
+    recorded = previous.external_updated_at
+    if recorded.tzinfo is None:  # SQLite hands datetimes back without their zone; they are stored in UTC
+        recorded = recorded.replace(tzinfo=timezone.utc)
+    # later only: a webhook that arrives after the pull that already saw a newer save is not a new one
+    return saved_at - recorded > timedelta(milliseconds=1)
 
 
 def _id_of(value: Any, what: str) -> int:

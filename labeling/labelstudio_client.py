@@ -415,6 +415,12 @@ def _timestamp(value: Any) -> float | None:
     return value.timestamp()
 
 
+def as_utc(value: Any) -> datetime | None:
+    """A datetime or ISO string as Label Studio writes it, as an aware UTC datetime; None if unreadable."""
+    seconds = _timestamp(value)
+    return None if seconds is None else datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
 def _iso(value: Any) -> str | None:
     if value is None:
         return None

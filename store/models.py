@@ -77,6 +77,9 @@ class LabelEvent(Base):
     lead_time_s: Mapped[float | None] = mapped_column(Float)
     round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    # When the annotator's tool (Label Studio) last saved this answer, by its own clock: the same answer saved again
+    # later is a new answer (a confirmation), not a repeat of this one. Filled in on first sight for older rows.
+    external_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Round(Base):

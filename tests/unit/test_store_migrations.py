@@ -35,7 +35,7 @@ def test_opening_a_project_at_revision_0001_adds_the_part_column_and_keeps_rows(
     assert "part" in {c["name"] for c in inspect(ctx.engine).get_columns("images")}
     assert "related_image_id" in {c["name"] for c in inspect(ctx.engine).get_columns("label_issues")}
     with ctx.engine.begin() as connection:
-        assert connection.execute(text("select version_num from alembic_version")).scalar() == "0003"
+        assert connection.execute(text("select version_num from alembic_version")).scalar() == "0004"
         assert connection.execute(text("select count(*) from projects")).scalar() == 1
         assert dict(connection.execute(text("select sha256, split from images")).all()) == splits_before
         assert connection.execute(text("select count(*) from images where part is not null")).scalar() == 0

@@ -165,6 +165,29 @@ def test_a_suspected_label_error_answered_in_label_studio_is_asked_again_in_its_
     assert push(backend, store, [], round_number=2, settled=[store.image_ids[4]]).closed == 0  # closed once
 
 
+def test_an_annotator_who_saves_the_same_answer_again_confirms_it(labelstudio, store, backend) -> None:
+    push(backend, store, [store.task(4, predicted="scratch", score=0.7)])
+    task_id = task_ids_by_image(store)[store.image_ids[4]]
+    a = labelstudio.as_annotator(ANNOTATOR_A)
+    answer = annotate(a, task_id, "scratch")
+    assert pull(backend, store).new_label_events == 1
+    assert pull(backend, store).new_label_events == 0  # listed again, not saved again: nothing new
+
+    # Round 2 asks about it; the only annotator finds the reopened task and saves the same label again.
+    suspect = store.task(4, reason="suspected_label_error", predicted="spot", score=0.85, current_label="scratch", round_number=2)
+    assert push(backend, store, [suspect], round_number=2).reopened == 1
+    assert pull(backend, store).new_label_events == 0  # reopening the task does not touch the answer
+    a.annotations.update(id=answer, result=lsc.choice_result("scratch"))
+    confirmed = pull(backend, store)
+    assert (confirmed.new_label_events, confirmed.details["labelstudio"].get("confirmed")) == (1, 1)
+    assert pull(backend, store).new_label_events == 0  # once
+    with store.session() as session:
+        events = session.scalars(select(LabelEvent).where(LabelEvent.external_id == str(answer)).order_by(LabelEvent.id)).all()
+        assert [(e.action, e.label) for e in events] == [("set", "scratch"), ("set", "scratch")]
+        assert events[1].external_updated_at > events[0].external_updated_at
+    assert labels(store)[store.image_ids[4]].label == "scratch"
+
+
 def test_reopening_survives_a_deleted_task_a_half_done_reopen_and_repeated_answers(labelstudio, store, backend) -> None:
     push(backend, store, [store.task(k, predicted="scratch", score=0.7) for k in (4, 5, 6)])
     tasks = task_ids_by_image(store)
