@@ -181,6 +181,9 @@ def test_an_annotator_who_saves_the_same_answer_again_confirms_it(labelstudio, s
     confirmed = pull(backend, store)
     assert (confirmed.new_label_events, confirmed.details["labelstudio"].get("confirmed")) == (1, 1)
     assert pull(backend, store).new_label_events == 0  # once
+    # the loop has its answer: the next push closes the task, which does not touch the answer either
+    assert push(backend, store, [], round_number=2, settled=[store.image_ids[4]]).closed == 1
+    assert pull(backend, store).new_label_events == 0
     with store.session() as session:
         events = session.scalars(select(LabelEvent).where(LabelEvent.external_id == str(answer)).order_by(LabelEvent.id)).all()
         assert [(e.action, e.label) for e in events] == [("set", "scratch"), ("set", "scratch")]
