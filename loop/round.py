@@ -48,6 +48,7 @@ from modeling.inference import OnnxClassifier
 from modeling.image_detail import DETAIL_BLUR_SIGMA, DETAIL_SIZE, PairCorrelationCache, correlation_version, detail_thumbnails
 from modeling.progress import progress_bar
 from modeling.label_quality import connected_groups, find_label_issues, find_near_duplicates, find_outliers, near_duplicate_work, out_of_fold_probabilities
+from modeling.neighbor_graph import GRAPH_NEIGHBORS, NeighborGraphCache, nearest_neighbors
 from modeling.latency import measure_onnx_latency
 from modeling.onnx_export import export_onnx
 from modeling.plots import plot_confusion_matrix, plot_gates_over_rounds, plot_training_curves
@@ -129,6 +130,7 @@ class RoundState:
     position_of: dict[int, int] = field(default_factory=dict)  # image id -> position (set with image_ids by load_images)
     data_issue_rows: list[dict[str, Any]] = field(default_factory=list)  # near-duplicates and outliers
     near_duplicates: Any = None  # modeling.label_quality finding of find_near_copies (None: [loop] data_issues is off)
+    neighbor_graph: Any = None  # modeling.neighbor_graph.NeighborGraph of the embeddings, kept between rounds (find_near_copies)
     held_back: set[int] = field(default_factory=set)  # pool near-copies of a test image that already leaks: never selected
     batch: list[TaskRequest] = field(default_factory=list)
     batch_meta: list[dict[str, Any]] = field(default_factory=list)
@@ -244,11 +246,20 @@ def find_near_copies(state: RoundState) -> None:
         return
     thumbnails = _detail_thumbnails(state)
     parts = part_groups(state, np.arange(len(state.image_ids)))
+    cache_root = state.options.embedding_cache_dir or state.ctx.cache_dir
+    # the k-NN graph near-duplicates and outliers read, kept between rounds: a round computes the rows of new images
+    # and compares the others with those only (50k images from scratch: 52 s, twice)
+    graph_cache = NeighborGraphCache(cache_root / "neighbors" / state.details["embeddings"]["model_key"] / f"{state.ctx.config.name}.npz")
+    state.neighbor_graph = nearest_neighbors(embeddings=state.embeddings, k=GRAPH_NEIGHBORS, keys=state.hashes, cache=graph_cache)
+    state.details["neighbor_graph"] = state.neighbor_graph.status
+    if state.neighbor_graph.status.get("saved") is False:
+        state.console.print(f"[yellow]could not write the neighbour graph cache {escape(str(graph_cache.path))}: the next round recomputes it[/yellow]")
     # pairs correlated in earlier rounds are not redone: a round with few new images costs their pairs and the null's
-    pair_cache = PairCorrelationCache((state.options.embedding_cache_dir or state.ctx.cache_dir) / "detail_pairs" / f"{correlation_version()}.npz")
+    pair_cache = PairCorrelationCache(cache_root / "detail_pairs" / f"{correlation_version()}.npz")
     with progress_bar("checking near-duplicates on pixels", total=near_duplicate_work(len(state.image_ids)), enabled=state.options.show_progress) as advance:
         state.near_duplicates = find_near_duplicates(embeddings=state.embeddings, thumbnails=thumbnails, known_groups=parts,
-                                                     seed=state.config.loop.seed, advance=advance, pair_cache=pair_cache, image_keys=state.hashes)
+                                                     seed=state.config.loop.seed, advance=advance, pair_cache=pair_cache, image_keys=state.hashes,
+                                                     graph=state.neighbor_graph)
     if not pair_cache.save():
         state.console.print(f"[yellow]could not write the near-duplicate pair cache {escape(str(pair_cache.path))}: the next round recomputes its pairs[/yellow]")
 
@@ -834,7 +845,7 @@ def find_data_issues(state: RoundState) -> None:
     if state.probabilities is not None and not state.cold_start:
         unlabeled = groups == UNLABELED
         groups[unlabeled] = state.probabilities[unlabeled].argmax(axis=1)
-    outliers = find_outliers(embeddings=state.embeddings, groups=groups)
+    outliers = find_outliers(embeddings=state.embeddings, groups=groups, k=GRAPH_NEIGHBORS, graph=state.neighbor_graph)
     classes = state.config.classes
     rows = []
     for kind, finding in (("near_duplicate", near), ("outlier", outliers)):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from modeling.embedding_index import EmbeddingIndex, normalize_rows
+from modeling.neighbor_graph import NeighborGraph, nearest_neighbors
 
 if TYPE_CHECKING:
     from modeling.image_detail import PairCorrelationCache
@@ -53,7 +53,6 @@ KNN_WEIGHT_GRID = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 # (prune_by_noise_rate) within ~0.02 and raised recall by 0.02-0.05.
 FILTER_BY = "prune_by_class"
 MIN_EXAMPLES_FOR_CONFIDENT_JOINT = 5  # a class with fewer labels gets no noise-rate estimate
-EXACT_KNN_MAX_ROWS = 20_000  # up to here the k-NN graph is one exact matrix product (chunked)
 # The default out-of-fold model picks its regularisation from this grid by out-of-fold log-loss
 # against the given labels: the best value depends on embedding size and noise level (on
 # synthetic 256-d data 0.01 won, on 1280-d 0.001; weakly regularised fits memorise the noise).
@@ -242,32 +241,16 @@ def _cross_predict(
 
 
 # ---- k-NN graph helpers ---------------------------------------------------------------------
-def _nearest_neighbors(embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, positions), each (n, k): the k most similar OTHER rows, best first."""
-    vectors = normalize_rows(embeddings)
-    n = len(vectors)
-    k = min(k, n - 1)
-    if k <= 0:
-        return np.empty((n, 0), dtype=np.float32), np.empty((n, 0), dtype=np.int64)
-    if n <= EXACT_KNN_MAX_ROWS:
-        sims_out = np.empty((n, k), dtype=np.float32)
-        ids_out = np.empty((n, k), dtype=np.int64)
-        for start in range(0, n, 2048):
-            block = vectors[start : start + 2048] @ vectors.T
-            rows = np.arange(block.shape[0])
-            block[rows, start + rows] = -np.inf  # never your own neighbour
-            part = np.argpartition(-block, k - 1, axis=1)[:, :k]
-            part_sims = np.take_along_axis(block, part, axis=1)
-            order = np.argsort(-part_sims, axis=1, kind="stable")
-            ids_out[start : start + len(rows)] = np.take_along_axis(part, order, axis=1)
-            sims_out[start : start + len(rows)] = np.take_along_axis(part_sims, order, axis=1)
-        return sims_out, ids_out
-    index = EmbeddingIndex().build(embeddings=vectors, ids=np.arange(n))
-    sims, ids = index.search(queries=vectors, k=k + 1)
-    # drop self wherever it appears (exact duplicates may rank before it), keep k others
-    not_self = ids != np.arange(n)[:, None]
-    keep = np.argsort(~not_self, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(sims, keep, axis=1), np.take_along_axis(ids, keep, axis=1)
+def _nearest_neighbors(embeddings: np.ndarray, k: int, graph: NeighborGraph | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, positions), each (n, k): the k most similar OTHER rows, best first; read off `graph` (the caller's
+    graph of these embeddings, e.g. kept between rounds) when given."""
+    if graph is None:
+        return nearest_neighbors(embeddings=embeddings, k=k).first(k)
+    n = len(embeddings)
+    if graph.positions.shape[0] != n or graph.positions.shape[1] < min(k, n - 1):
+        raise ValueError(f"the neighbour graph holds {graph.positions.shape[1]} neighbours of {graph.positions.shape[0]} images; "
+                         f"{min(k, n - 1)} of {n} needed")
+    return graph.first(k)
 
 
 def knn_label_distribution(
@@ -467,7 +450,7 @@ MIN_DETAIL_CORRELATION = 0.5
 def find_near_duplicates(
     *, embeddings: np.ndarray, threshold: float = 0.98, thumbnails: np.ndarray | None = None, k: int = NEAR_DUPLICATE_NEIGHBORS,
     known_groups: np.ndarray | None = None, seed: int = 0, advance: Callable[[int], None] | None = None,
-    pair_cache: PairCorrelationCache | None = None, image_keys: Sequence[str] | None = None,
+    pair_cache: PairCorrelationCache | None = None, image_keys: Sequence[str] | None = None, graph: NeighborGraph | None = None,
 ) -> Finding:
     """Images that are near-copies of another image.
 
@@ -480,7 +463,7 @@ def find_near_duplicates(
     exposure, and not two parts that merely look alike. `known_groups` (e.g. declared parts, one id per image) keeps
     pairs within a group out of the random pairs, where shots of one part would raise the threshold onto real copies.
     `pair_cache` with `image_keys` (content hashes, same order) answers pairs correlated in an earlier call; the
-    caller saves it.
+    caller saves it. `graph` (modeling.neighbor_graph of these embeddings) saves computing the k-NN graph again.
 
     scores = 1 - the best similarity (cosine, or aligned correlation) to another image, clipped to [0, 1];
     related = that image. summary["groups"] lists connected groups (positions); summary["pairs"] lists every flagged
@@ -505,7 +488,7 @@ def find_near_duplicates(
                      "n_candidate_pairs": 0, "n_pairs_from_cache": 0, "groups": [], "pairs": []},
             related=np.full(n, -1, dtype=np.int64),
         )
-    sims, neighbors = _nearest_neighbors(embeddings, 8 if thumbnails is None else k)
+    sims, neighbors = _nearest_neighbors(embeddings, 8 if thumbnails is None else k, graph)
     if thumbnails is None:
         best_sim = sims[:, 0].astype(np.float64)
         related = neighbors[:, 0].astype(np.int64)
@@ -609,7 +592,8 @@ def connected_groups(n: int, edges: list[tuple[int, int]]) -> list[list[int]]:
 
 
 def find_outliers(
-    *, embeddings: np.ndarray, k: int = 10, threshold_mads: float = 6.0, groups: np.ndarray | None = None, min_group_size: int = 20
+    *, embeddings: np.ndarray, k: int = 10, threshold_mads: float = 6.0, groups: np.ndarray | None = None, min_group_size: int = 20,
+    graph: NeighborGraph | None = None,
 ) -> Finding:
     """Images far from all others: mean cosine distance to their k nearest neighbours.
 
@@ -618,6 +602,7 @@ def find_outliers(
     from, for groups of at least `min_group_size`; the rest use the whole set's. Without groups a compact majority
     class (good parts) sets the cutoff, and every image of a more varied defect class reads as an outlier: on the
     demo all 51 cracks were flagged. scores = exp(-distance / median distance of the whole set), in (0, 1].
+    `graph` (modeling.neighbor_graph of these embeddings) saves computing the k-NN graph again.
     """
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2:
@@ -629,7 +614,7 @@ def find_outliers(
             summary={"n_issues": 0, "k": k, "note": "too few images to call any an outlier"},
             related=np.full(n, -1, dtype=np.int64),
         )
-    sims, neighbors = _nearest_neighbors(embeddings, k)
+    sims, neighbors = _nearest_neighbors(embeddings, k, graph)
     distance = (1.0 - sims.astype(np.float64)).mean(axis=1)
 
     def cutoff_of(values: np.ndarray) -> tuple[float, float]:

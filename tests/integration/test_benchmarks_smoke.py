@@ -41,6 +41,16 @@ def test_near_copies_scale_finds_the_planted_copies_and_reuses_pairs(tmp_path: P
     assert "| second round, pair cache | 404 |" in (tmp_path / "near_copies_scale.md").read_text()
 
 
+def test_neighbor_graph_scale_keeps_the_graph_and_gets_the_same_one(tmp_path: Path) -> None:
+    run_script("benchmarks/neighbor_graph_scale.py", "--n", "3000", "--dim", "64", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "neighbor_graph_scale.json").read_text())
+    first, scratch, kept, unchanged = report["runs"]
+    assert (first["rows_computed"], scratch["rows_computed"]) == (3000, 3030)
+    assert (kept["rows_computed"], kept["rows_from_cache"], unchanged["rows_computed"]) == (30, 3000, 0)
+    assert report["same_graph_as_from_scratch"] is True
+    assert "| next round, +1% images, kept graph | 3030 |" in (tmp_path / "neighbor_graph_scale.md").read_text()
+
+
 @pytest.mark.slow
 def test_transfer_cv_quick_on_mvtec_at_an_image_size_onnx_used_to_refuse(tmp_path: Path, real_dataset) -> None:
     real_dataset("mvtec_bottle")

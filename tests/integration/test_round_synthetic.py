@@ -131,6 +131,10 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
         answered = {e.image_id for e in oracle_events}
         assert all(session.get(Image, i).split in ("train", "validation", "test") for i in answered)
         assert round_two.details["embeddings"]["computed"] == 0  # warm: every embedding came from the cache
+        # and the k-NN graph near-duplicates and outliers read: no new image, no row computed again
+        n_images = round_row.details["neighbor_graph"]["rows"]
+        assert round_row.details["neighbor_graph"]["rows_computed"] == n_images == n_ok
+        assert (round_two.details["neighbor_graph"]["rows_from_cache"], round_two.details["neighbor_graph"]["rows_computed"]) == (n_images, 0)
         # Good parts an active-learning strategy picked (this project's `default`, and the `default` row added above)
         # are counted apart from the imported (sampled) ones in the threshold.
         actively_selected = {s.image_id for s in session.scalars(select(Selection).where(Selection.strategy.not_in(("random", "label_quality"))))}
