@@ -753,6 +753,12 @@ def choose_threshold(state: RoundState) -> None:
     if not state.threshold.margin_attainable:
         state.console.print(f"[yellow]warning:[/] only {state.threshold.n_negatives} labeled '{escape(str(state.config.negative_class))}' images to choose the threshold on: "
                             "no false positive is allowed and the FPR gate still has no safety margin. Label more good parts.")
+    if source == "validation" and state.config.model.threshold_source == "auto" and state.threshold.n_negatives < MIN_VALIDATION_NEGATIVES:
+        # auto kept validation only because fold networks of this strategy are not cheap: say what the other choice costs
+        state.console.print(f"[yellow]note:[/] the threshold is read off {state.threshold.n_negatives} validation good parts (fewer than "
+                            f"{MIN_VALIDATION_NEGATIVES}), which cannot hold a {state.config.gates.negative_fpr_max:.0%} rate reliably; "
+                            "`threshold_source = \"out_of_fold\"` in loop.toml's [model] chooses it on networks fine-tuned per fold "
+                            "(one training per fold: slower)")
     # The loop's own estimate of each gate, from the same non-test data: it steers selection, never the test split.
     estimate_probabilities = held_out[positions] if source == "validation" else state.calibrated_oof_probabilities
     estimate = evaluate_predictions(

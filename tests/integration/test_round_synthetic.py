@@ -270,6 +270,22 @@ def test_finetune_round_takes_its_options_from_loop_toml_and_calibrates_on_valid
     assert (report.calibration.fitted_on, report.calibration.temperature) == ("validation", calibration["temperature"])
 
 
+def test_a_full_round_that_reads_its_threshold_off_few_validation_good_parts_says_what_the_other_choice_is(project_with_pool: Path) -> None:
+    config = load_config(project_with_pool)
+    config.model.training = {"epochs": 1}
+    save_config(project_with_pool, config)
+    result = invoke("round", "--project", str(project_with_pool), "--quiet", "--train", "full")
+    assert result.exit_code == 0, result.output
+    with session_scope(open_project(project_with_pool).engine) as session:
+        details = session.scalars(select(Round)).one().details
+    # auto: fold networks of the full strategy are not cheap, so validation stays; the round says what that means
+    assert details["threshold_source"] == "validation" and details["out_of_fold"]["model"] == "head"  # no network per fold
+    n_good = details["threshold_choice"]["n_negatives"]
+    assert 0 < n_good < 200
+    assert f"the threshold is read off {n_good} validation good parts" in " ".join(result.output.split())
+    assert 'threshold_source = "out_of_fold"' in " ".join(result.output.split())
+
+
 def test_a_finetune_round_with_few_validation_good_parts_chooses_its_threshold_on_fine_tuned_out_of_fold_networks(project_with_pool: Path) -> None:
     # A few dozen validation good parts cannot pin down a 3% FPR: the threshold comes from networks fine-tuned per fold
     # over every labeled non-test image, and the deployed network's probabilities are calibrated on the same scale.
