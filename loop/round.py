@@ -1121,7 +1121,8 @@ def push_batch(state: RoundState) -> None:
     """Retry what earlier rounds could not push, then push this round's batch; nothing selected is lost, except that a
     selection not pushed yet whose image joined the test split, or is held back as a near-copy of a test image, is
     withdrawn: a test label should not start from the model's pre-annotation of an actively selected image. (One
-    already in the annotators' queue stays there; its answer becomes a test label.)"""
+    already in the annotators' queue stays there; its answer becomes a test label.) So is one whose file was
+    quarantined since (changed on disk or missing)."""
     name = state.backend.name
     held_back_ids = {state.image_ids[p] for p in state.held_back}
     with session_scope(state.ctx.engine) as session:
@@ -1141,6 +1142,10 @@ def push_batch(state: RoundState) -> None:
         # a task that reached the annotators in a push that failed later stays: its answer comes anyway (as a test label)
         to_withdraw -= set(session.scalars(select(AnnotationTask.image_id).where(
             AnnotationTask.backend == name, AnnotationTask.image_id.in_(to_withdraw)))) if to_withdraw else set()
+        # a file quarantined since it was selected (changed on disk, missing) is never shown to an annotator: its
+        # task would show another picture than the one selected, or none
+        quarantined = {image.id for _selection, image in retry if image.status != "ok"}
+        to_withdraw |= quarantined
         withdrawn = [selection for selection, image in retry if image.id in to_withdraw]
         # an ask an earlier round could not push whose answer came in since (an annotator changed the label while the
         # annotation tool was down): nothing left to ask, and its task is named for closing in case it was half reopened
@@ -1174,7 +1179,8 @@ def push_batch(state: RoundState) -> None:
         state.console.print(f"[yellow]warning:[/] {escape(warning)}")
     state.details["push"] = {"backend": name, "pushed": report.pushed, "already_present": report.already_present, "pending": report.pending,
                              "reopened": report.reopened, "refreshed": report.refreshed, "closed": report.closed, "settled_done": report.settled_done,
-                             "withdrawn": len(withdrawn), "withdrawn_answered": len(answered), "warnings": report.warnings}
+                             "withdrawn": len(withdrawn), "withdrawn_answered": len(answered), "withdrawn_quarantined": len(quarantined),
+                             "warnings": report.warnings}
 
 
 def _answered_before_pushed(state: RoundState, session, selections: list[Selection]) -> dict[int, int]:  # noqa: ANN001

@@ -589,6 +589,31 @@ def test_a_batch_the_backend_could_not_take_is_pushed_next_round_with_that_round
             assert task.current_label == labels[task.image_id].label  # the questioned label as it stands now
 
 
+def test_a_pending_selection_whose_file_changed_or_went_missing_is_withdrawn_not_pushed(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from labeling.base import PushReport
+    from labeling.simulated import OracleAnnotator
+
+    pushed: list[list] = []
+    monkeypatch.setattr(OracleAnnotator, "push", lambda self, *, session, project, round_id, batch, **_: (pushed.append(batch), PushReport(pending=len(batch)))[1])
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    with session_scope(open_project(project_with_pool).engine) as session:
+        waiting = [(s.image_id, session.get(Image, s.image_id).path) for s in session.scalars(select(Selection).order_by(Selection.id))]
+    (changed_id, changed_path), (missing_id, missing_path) = waiting[:2]
+    PILImage.new("RGB", (64, 64), (200, 10, 10)).save(changed_path)  # another picture under the same name
+    Path(missing_path).rename(Path(missing_path).with_suffix(".moved"))
+    monkeypatch.setattr(OracleAnnotator, "push", lambda self, *, session, project, round_id, batch, **_: (pushed.append(batch), PushReport(pushed=len(batch)))[1])
+    result = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "quarantined" in result.output
+    assert not {changed_id, missing_id} & {task.image_id for task in pushed[1]}  # never shown to an annotator
+    with session_scope(open_project(project_with_pool).engine) as session:
+        statuses = {s.image_id: s.push_status for s in session.scalars(select(Selection).join(Round).where(Round.number == 1))}
+        details = session.scalars(select(Round).where(Round.number == 2)).one().details
+    assert statuses[changed_id] == statuses[missing_id] == "withdrawn"
+    assert {status for image_id, status in statuses.items() if image_id not in (changed_id, missing_id)} == {"pushed"}
+    assert details["push"]["withdrawn_quarantined"] == 2
+
+
 def test_annotators_who_disagree_evenly_get_one_more_answer(project_with_pool: Path) -> None:
     ctx = open_project(project_with_pool)
     tied_id = tie_a_pool_image(project_with_pool, folder="scratch")
