@@ -10,15 +10,17 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from loop.config import AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, save_config
+from loop.config import AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, save_config, validation_problems
 from loop.ingest import IngestError, ingest_source
 from loop.project import ProjectBusy, database_url_for, open_project, project_lock
 from loop.errors import RoundFailed
 from loop.status import project_status
+from labeling import available_backends
 from labeling.labelstudio_server import LabelStudioServerError
 from modeling.errors import WeightsUnavailable
 from store.reports import threshold_of
@@ -76,12 +78,17 @@ def init(
         project_dir = project_dir.expanduser().resolve()
         if config_path(project_dir).exists():
             raise ConfigError(f"{config_path(project_dir)} already exists: this folder is a project already (edit loop.toml, or choose another folder)")
-        config = ProjectConfig(
-            name=name or project_dir.name, classes=_split_classes(classes), negative_class=negative_class, database_url=database_url,
-            model=ModelConfig(backbone=backbone, weights=weights, image_size=image_size, pooling=pooling, train=train, init_from=str(init_from) if init_from else None),
-            loop=LoopConfig(budget_per_round=budget, strategy=strategy),
-            annotator=AnnotatorConfig(backend=annotator, oracle_manifest=str(oracle_manifest.expanduser().resolve()) if oracle_manifest else None, oracle_noise=oracle_noise),
-        )
+        try:
+            config = ProjectConfig(
+                name=name or project_dir.name, classes=_split_classes(classes), negative_class=negative_class, database_url=database_url,
+                model=ModelConfig(backbone=backbone, weights=weights, image_size=image_size, pooling=pooling, train=train, init_from=str(init_from) if init_from else None),
+                loop=LoopConfig(budget_per_round=budget, strategy=strategy),
+                annotator=AnnotatorConfig(backend=annotator, oracle_manifest=str(oracle_manifest.expanduser().resolve()) if oracle_manifest else None, oracle_noise=oracle_noise),
+            )
+        except ValidationError as error:
+            raise ConfigError(f"loop init: {validation_problems(error)}") from None
+        if annotator not in available_backends():
+            raise ConfigError(f"unknown annotator backend {annotator!r}; available: {', '.join(available_backends())}")
         if init_from is not None:
             from modeling.transfer import load_init_checkpoint
 

@@ -169,8 +169,12 @@ def load_config(project_dir: Path) -> ProjectConfig:
     try:
         return ProjectConfig.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors())
-        raise ConfigError(f"{path}: {problems}") from error
+        raise ConfigError(f"{path}: {validation_problems(error)}") from error
+
+
+def validation_problems(error: ValidationError) -> str:
+    """A pydantic error as one line: each setting that failed and why (no pydantic URLs, no input dumps)."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors())
 
 
 def save_config(project_dir: Path, config: ProjectConfig) -> Path:

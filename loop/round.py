@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from sqlalchemy import func, select
 
-from labeling import ASKED_AGAIN_REASONS, AnnotatorBackend, PullReport, PushReport, TaskRequest, create_backend
+from labeling import ASKED_AGAIN_REASONS, AnnotatorBackend, PullReport, PushReport, TaskRequest, available_backends, create_backend
 from loop.errors import RoundFailed
 from loop.ingest import inspect_file, part_splits, place_labeled_image
 from loop.selection_index import load_or_update_index
@@ -55,7 +55,7 @@ from modeling.plots import plot_confusion_matrix, plot_gates_over_rounds, plot_t
 from modeling.preprocessing import Preprocessing
 from modeling.selection import select_batch
 from modeling.transfer import load_init_checkpoint, save_model_checkpoint
-from modeling.training import TrainedClassifier, TrainingData, head_fit_predict, train_classifier
+from modeling.training import TrainedClassifier, TrainingData, available_training_strategies, head_fit_predict, train_classifier
 from store import session_scope
 from store.models import AnnotationTask, GateResult, Image, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round, Selection
 from store.queries import ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number
@@ -1421,9 +1421,23 @@ class RoundOutcome:
     artifacts: dict
 
 
+def check_round_options(ctx: ProjectContext, options: RoundOptions) -> None:
+    """What this round is told to run, checked before it starts: a typo in --train or --annotator must not leave a
+    failed round behind (after pulling the annotators' answers into it)."""
+    strategy = options.train_strategy or ctx.config.model.train
+    if strategy not in available_training_strategies():
+        raise RoundFailed(f"unknown training strategy {strategy!r}; available: {', '.join(available_training_strategies())}")
+    backend = options.annotator or ctx.config.annotator.backend
+    if backend not in available_backends():
+        raise RoundFailed(f"unknown annotator backend {backend!r}; available: {', '.join(available_backends())}")
+    if backend == "oracle" and not ctx.config.annotator.oracle_manifest:
+        raise RoundFailed("the oracle annotator needs [annotator] oracle_manifest in loop.toml")
+
+
 def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, console: Console | None = None) -> RoundOutcome:
     options = options or RoundOptions()
     console = console or Console()
+    check_round_options(ctx, options)
     state = RoundState(ctx=ctx, options=options, console=console)
     with session_scope(ctx.engine) as session:
         project = get_project(session)

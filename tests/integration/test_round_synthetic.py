@@ -344,6 +344,25 @@ def test_unknown_training_option_in_loop_toml_stops_before_any_work(project_with
         assert session.scalars(select(Round)).all() == []  # no round started, nothing stored
 
 
+@pytest.mark.parametrize(("option", "message"), [(("--train", "turbo"), "unknown training strategy 'turbo'; available: finetune, full, head"),
+                                                 (("--annotator", "bogus"), "unknown annotator backend 'bogus'; available: labelstudio, none, oracle")])
+def test_an_unknown_strategy_or_annotator_on_the_command_line_stops_before_the_round_starts(project_with_pool: Path, option, message) -> None:  # noqa: ANN001
+    result = runner.invoke(app, ["round", "--project", str(project_with_pool), "--quiet", *option])
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+    with session_scope(open_project(project_with_pool).engine) as session:
+        assert session.scalars(select(Round)).all() == []  # no failed round left behind, no answers pulled into one
+        assert session.scalars(select(LabelEvent).where(LabelEvent.source == "oracle")).all() == []
+
+
+def test_init_refuses_an_unknown_annotator_and_says_which_setting_is_wrong_in_one_line(tmp_path: Path) -> None:
+    bogus = runner.invoke(app, ["init", str(tmp_path / "p"), "--classes", "a,b", "--annotator", "bogus"])
+    assert bogus.exit_code == 2 and "unknown annotator backend 'bogus'" in bogus.output
+    negative = runner.invoke(app, ["init", str(tmp_path / "p"), "--classes", "a,b", "--budget", "-5"])
+    assert negative.exit_code == 2 and "budget_per_round: Input should be greater than or equal to 0" in " ".join(negative.output.split())
+    assert "errors.pydantic.dev" not in negative.output
+    assert not (tmp_path / "p").exists()  # nothing written
+
+
 
 def test_a_near_copy_of_a_test_image_already_in_the_annotators_queue_becomes_a_test_label(project_with_pool: Path, tmp_path: Path) -> None:
     """Sent for labeling before any round compared pixels (round 1 runs with [loop] data_issues off): when its label
