@@ -199,7 +199,7 @@ def print_round(outcome) -> None:  # noqa: ANN001
         + (f" (and {counts['unlabeled_test']} in test, {counts['held_back']} held back)" if counts.get("unlabeled_test") or counts.get("held_back") else "")
         + " · "
         f"accuracy {metrics['accuracy']:.4f} · ROC-AUC {metrics['roc_auc_defect'] if metrics.get('roc_auc_defect') is None else round(metrics['roc_auc_defect'], 4)} · "
-        f"threshold {threshold if threshold is None else round(threshold, 4)} ({_threshold_origin(details)}) · "
+        f"threshold {threshold if threshold is None else f'{threshold:.3g}'} ({_threshold_origin(details)}) · "
         + (f"latency {details['latency']['ms_per_image']:.1f} ms/image (ONNX Runtime, {details['latency']['threads']} threads, {details['latency']['cpu']})"
            if details.get("latency") else "latency not measured")
     )
@@ -212,7 +212,8 @@ def print_round(outcome) -> None:  # noqa: ANN001
                   + f" · selected for labeling: {details.get('push', {}).get('pushed', 0)} pushed, "
                   + (f"{details['push']['reopened']} answered tasks asked again, " if details.get("push", {}).get("reopened") else "")
                   + f"{details.get('push', {}).get('pending', 0)} pending · total {outcome.timings_s.get('total', 0):.1f} s")
-    console.print(f"plots: {outcome.artifacts.get('confusion_matrix_png')}, {outcome.artifacts.get('gates_png')}")
+    plots = [outcome.artifacts.get(name) for name in ("confusion_matrix_png", "gates_png", "training_curves_png")]
+    console.print("plots: " + ", ".join(str(path) for path in plots if path))
 
 
 def _threshold_origin(details: dict) -> str:

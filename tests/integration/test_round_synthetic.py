@@ -259,6 +259,9 @@ def test_finetune_round_takes_its_options_from_loop_toml_and_calibrates_on_valid
     training = details["training"]
     assert training["strategy"] == "finetune"
     assert Path(artifacts["training_curves_png"]).read_bytes()[:4] == b"\x89PNG"  # loss and accuracy per epoch, as a picture
+    printed = "".join(result.output.split())  # rich wraps long paths
+    assert "".join(artifacts["training_curves_png"].split()) in printed  # the summary's plots line names it
+    assert f"threshold{details['threshold']:.3g}(" in printed  # three significant digits: a small threshold is not "0.0"
     assert training["options"]["epochs"] == 1 and training["options"]["trainable_stages"] == 1
     assert [row["epoch"] for row in training["history"]] == [0, 1]  # epoch 0 = the linear probe, before unfreezing
     calibration = details["calibration"]
