@@ -248,6 +248,9 @@ def training_section(report: RoundReport) -> str:
     if report.cold_start:
         return f'<h2>Training · round {number}</h2><p class="empty">Cold start, no model trained: {escape(report.cold_start)}</p>'
     training, parts = report.training, [f"<h2>Training · round {number}</h2>"]
+    if report.collapsed:
+        parts.append('<p class="collapsed"><b>Collapsed: the model gives one class to every test image, or to every image of the project. '
+                     'Its macro F1 gate was set to 0.</b></p>')
     if training is None:
         parts.append('<p class="empty">This round recorded no training details.</p>')
     else:
@@ -265,8 +268,12 @@ def training_section(report: RoundReport) -> str:
                          f'<div>{epoch_chart("training:accuracy", "Accuracy per epoch", training, "accuracy")}</div></div>')
     calibration = report.calibration
     if calibration is not None and calibration.method == "temperature":
+        add_one = (" (no image there misclassified: the fit keeps an add-one error estimate, so the NLL rises by design instead of the "
+                   "temperature falling to zero)") if calibration.objective == "nll_add_one" else ""
+        left_out = f"; {calibration.n_left_out} images of a class one fold alone held left out" if calibration.n_left_out else ""
         parts.append(f'<p class="calibration">Calibration: temperature {_fmt(calibration.temperature, 3)} fitted on {escape(calibration.fitted_on or "–")} '
-                     f'({_fmt(calibration.n_images, 0)} images): expected calibration error {_fmt(calibration.ece_before, 3)} → {_fmt(calibration.ece_after, 3)}</p>')
+                     f'({_fmt(calibration.n_images, 0)} images{left_out}): expected calibration error {_fmt(calibration.ece_before, 3)} → {_fmt(calibration.ece_after, 3)}, '
+                     f'negative log-likelihood {_fmt(calibration.nll_before, 4)} → {_fmt(calibration.nll_after, 4)}{add_one}</p>')
     elif calibration is not None:
         parts.append(f'<p class="calibration">Calibration: none{": " + escape(calibration.reason) if calibration.reason else ""}</p>')
     choice = report.threshold_choice
@@ -277,9 +284,11 @@ def training_section(report: RoundReport) -> str:
             where += " (the head's)" if choice.out_of_fold_model == "head" else f" ({escape(choice.out_of_fold_model)}: one network per fold)"
         estimate = choice.estimated_metrics
         margin = "" if choice.margin_attainable is not False else " <b>Too few good parts for a safety margin under the FPR gate.</b>"
+        over = (f" over every good part of the pool, labeled or not ({_fmt(choice.n_picked_negatives, 0)} of the labeled ones were picked by "
+                "active learning, so they are weighed apart from the sampled ones)") if choice.fpr_estimated_over == "pool" else ""
         parts.append(f'<p class="threshold-choice">Threshold chosen on {where}: {_fmt(choice.n_negatives, 0)} good parts, {_fmt(choice.n_defects, 0)} defects. '
                      f'The loop\'s own estimate there: macro F1 {_fmt(estimate.get("macro_f1"), 3)}, defect recall {_fmt(estimate.get("defect_recall"), 3)}, '
-                     f'FPR {_fmt(estimate.get("negative_fpr"), 3)} (the gates above are the test split\'s).{margin}</p>')
+                     f'FPR {_fmt(estimate.get("negative_fpr"), 3)}{over} (the gates above are the test split\'s).{margin}</p>')
     quality = report.label_quality
     if quality is not None and quality.noise_rate_per_class:
         rows = "".join(f'<tr data-class="{escape(name)}"><td>{escape(name)}</td><td>{"too few labels" if rate is None else f"{rate:.1%}"}</td></tr>'

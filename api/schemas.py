@@ -110,6 +110,11 @@ class CalibrationOut(Schema):
     n_images: int | None
     ece_before: float | None = Field(description="expected calibration error before temperature scaling, on the images it was fitted on")
     ece_after: float | None
+    nll_before: float | None = Field(default=None, description="negative log-likelihood before temperature scaling, same images")
+    nll_after: float | None = None
+    objective: str | None = Field(default=None, description='"nll", or "nll_add_one" when no image there is misclassified: the fit then '
+                                                            "keeps an add-one error estimate and the plain NLL after is higher by design")
+    n_left_out: int | None = Field(default=None, description="out-of-fold images of a class a single fold held: not fitted on, not measured")
     reason: str | None = Field(description="why the model was left uncalibrated")
 
 
@@ -121,6 +126,11 @@ class ThresholdChoiceOut(Schema):
     margin_attainable: bool | None = Field(description="false: too few good parts to keep the FPR bound under the gate")
     estimated_metrics: dict[str, float | None] = Field(
         description="the loop's own estimate of macro F1, defect recall and FPR from the same non-test data: what steers selection")
+    rule: str | None = Field(default=None, description='which rule chose it: "all_negatives", "stratified" (good parts picked by active '
+                                                       'learning weighed apart from the sampled ones) or "pool"')
+    n_picked_negatives: int | None = Field(default=None, description="labeled good parts active learning picked (the others were sampled)")
+    fpr_estimated_over: str | None = Field(default=None, description='"pool": the FPR estimate is over every good part of the pool, labeled '
+                                                                     'or not; "labeled": over the labeled good parts it was chosen on')
 
 
 class LabelQualityOut(Schema):
@@ -154,6 +164,8 @@ class RoundOut(RoundSummaryOut):
                                   "labeled near-copy outside the test split: the figures to trust when some do; null: no test image has one")
     cold_start: str | None = Field(
         default=None, description="why the round trained no model (only good parts labeled): its batch was picked unlike the known-good parts")
+    collapsed: bool | None = Field(default=None, description="true: the model gave every test image, or every image of the project, one "
+                                                             "class (its macro F1 gate was set to 0); null: not checked")
     training: TrainingOut | None = Field(default=None, description="null: no model trained (a cold start, a failed round, or an older round)")
     calibration: CalibrationOut | None = None
     label_quality: LabelQualityOut | None = None

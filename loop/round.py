@@ -37,7 +37,8 @@ from modeling.anomaly import (
 )
 from modeling.backbones import Backbone, create_backbone
 from modeling.calibration import (
-    expected_calibration_error, fit_out_of_fold_temperature, fit_temperature, logits_from_probabilities, negative_log_likelihood, softmax_with_temperature,
+    expected_calibration_error, fit_out_of_fold_temperature, fit_temperature, logits_from_probabilities, negative_log_likelihood,
+    out_of_fold_calibration_rows, softmax_with_temperature, temperature_objective,
 )
 from modeling.embeddings import CachedRows, EmbeddingCache, EmbeddingExtractor, embedding_model_key
 from modeling.evaluation import (
@@ -599,14 +600,19 @@ def calibrate_model(state: RoundState) -> None:
         return
     temperature = oof_temperature if fitted_on == "out_of_fold" else fit_temperature(labels=labels, logits=logits)
     classifier.temperature = temperature
+    # measured on the images the temperature learned from: out of fold, a class one fold alone held is left out
+    fitted = out_of_fold_calibration_rows(labels=labels, folds=state.oof_folds) if fitted_on == "out_of_fold" else np.ones(len(labels), dtype=bool)
+    labels, logits = labels[fitted], logits[fitted]
     before, after = softmax_with_temperature(logits, 1.0), softmax_with_temperature(logits, temperature)
     state.details["calibration"] = {
         "method": "temperature", "temperature": temperature, "fitted_on": fitted_on, "n_images": int(len(labels)),
-        "out_of_fold_temperature": oof_temperature,
-        "nll_before": negative_log_likelihood(logits=logits, labels=labels),
-        "nll_after": negative_log_likelihood(logits=logits, labels=labels, temperature=temperature),
-        "ece_before": expected_calibration_error(probabilities=before, labels=labels),
-        "ece_after": expected_calibration_error(probabilities=after, labels=labels),
+        "n_left_out": int((~fitted).sum()), "out_of_fold_temperature": oof_temperature,
+        # "nll_add_one" (no misclassified image there): the plain NLL after is higher by design, see fit_temperature
+        "objective": temperature_objective(labels=labels, logits=logits) if len(labels) else None,
+        "nll_before": negative_log_likelihood(logits=logits, labels=labels) if len(labels) else None,
+        "nll_after": negative_log_likelihood(logits=logits, labels=labels, temperature=temperature) if len(labels) else None,
+        "ece_before": expected_calibration_error(probabilities=before, labels=labels) if len(labels) else None,
+        "ece_after": expected_calibration_error(probabilities=after, labels=labels) if len(labels) else None,
     }
 
 

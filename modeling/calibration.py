@@ -66,8 +66,7 @@ def fit_temperature(*, labels: np.ndarray, logits: np.ndarray | None = None, pro
     # add-one error estimate, 1/(n+2) spread over the other classes. With errors present the plain NLL has its own
     # minimum, and the add-one targets would move T off it: on 22 validation images (2 classes, some errors) the
     # smoothed fit made the NLL it reports worse than T = 1 in 205 of ~1900 random draws.
-    wrong = values[np.arange(len(labels)), labels] < values.max(axis=1)  # strictly below: a tie at the top is not an error to fit
-    smoothing = 0.0 if wrong.any() else 1.0 / (len(labels) + 2)
+    smoothing = 0.0 if temperature_objective(labels=labels, logits=values) == "nll" else 1.0 / (len(labels) + 2)
 
     def objective(temperature: float) -> float:
         return _smoothed_negative_log_likelihood(values, labels, temperature=temperature, smoothing=smoothing)
@@ -80,6 +79,15 @@ def fit_temperature(*, labels: np.ndarray, logits: np.ndarray | None = None, pro
     if objective(temperature) > objective(1.0):
         return 1.0
     return temperature
+
+
+def temperature_objective(*, labels: np.ndarray, logits: np.ndarray) -> str:
+    """What fit_temperature minimises on these images: "nll" (the plain NLL) when one is misclassified, else
+    "nll_add_one" (targets keep an add-one error estimate), where the plain NLL after scaling is higher than before
+    by design: the plain NLL alone would fall to T -> 0."""
+    values, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=int)
+    wrong = values[np.arange(len(labels)), labels] < values.max(axis=1)  # strictly below: a tie at the top is not an error to fit
+    return "nll" if wrong.any() else "nll_add_one"
 
 
 def _smoothed_negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, *, temperature: float, smoothing: float) -> float:
@@ -99,17 +107,25 @@ def fit_out_of_fold_temperature(*, labels: np.ndarray, logits: np.ndarray, folds
         raise ValueError(f"labels and logits must have one row each per image: {len(labels)} vs {len(logits)}")
     if len(labels) == 0:
         return fit_temperature(labels=labels, logits=logits)
-    classes = np.unique(labels, return_inverse=True)[1].reshape(-1)
-    if folds is None:
-        seen_elsewhere = np.bincount(classes)[classes] >= 2
-    else:
-        folds = np.asarray(folds)
-        if len(folds) != len(labels):
-            raise ValueError(f"folds must have one entry per image: {len(folds)} vs {len(labels)}")
-        folds_per_class = np.array([len(np.unique(folds[classes == c])) for c in range(classes.max() + 1)])
-        seen_elsewhere = folds_per_class[classes] >= 2
+    seen_elsewhere = out_of_fold_calibration_rows(labels=labels, folds=folds)
     if seen_elsewhere.all():
         return fit_temperature(labels=labels, logits=logits)
-    if len(np.unique(classes[seen_elsewhere])) < 2:
+    if len(np.unique(labels[seen_elsewhere])) < 2:
         return 1.0
     return fit_temperature(labels=labels[seen_elsewhere], logits=logits[seen_elsewhere])
+
+
+def out_of_fold_calibration_rows(*, labels: np.ndarray, folds: np.ndarray | None = None) -> np.ndarray:
+    """The out-of-fold rows fit_out_of_fold_temperature learns from (a boolean mask): those whose class another fold
+    model saw (`folds`: the fold that predicted each row; without it, a class of at least two images)."""
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        return np.zeros(0, dtype=bool)
+    classes = np.unique(labels, return_inverse=True)[1].reshape(-1)
+    if folds is None:
+        return np.bincount(classes)[classes] >= 2
+    folds = np.asarray(folds)
+    if len(folds) != len(labels):
+        raise ValueError(f"folds must have one entry per image: {len(folds)} vs {len(labels)}")
+    folds_per_class = np.array([len(np.unique(folds[classes == c])) for c in range(classes.max() + 1)])
+    return folds_per_class[classes] >= 2

@@ -120,6 +120,11 @@ class CalibrationSummary:
     ece_before: float | None
     ece_after: float | None
     reason: str | None  # why a model was left uncalibrated
+    nll_before: float | None = None
+    nll_after: float | None = None
+    # "nll" or "nll_add_one" (no misclassified image where it was fitted: the plain NLL after is higher by design)
+    objective: str | None = None
+    n_left_out: int | None = None  # out-of-fold images of a class one fold alone held: not fitted on, not measured
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,11 @@ class ThresholdSummary:
     margin_attainable: bool | None  # False: too few good parts to keep the FPR bound under the gate
     # the loop's own estimate of the gate metrics from the same non-test data (steers selection; the test split reports)
     estimated_metrics: dict[str, float | None]
+    # which rule chose it: all_negatives, stratified (good parts picked by active learning weighed apart) or pool
+    rule: str | None = None
+    n_picked_negatives: int | None = None  # labeled good parts active learning picked (the rest were sampled)
+    # "pool": the FPR estimate is over every good part of the pool, labeled or not (stratified); "labeled": the labeled ones
+    fpr_estimated_over: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,9 @@ class RoundReport:
     # the gate metrics on the test images without such a copy (n_images, n_excluded, macro_f1, defect_recall, negative_fpr, accuracy)
     test_metrics_without_copies: dict[str, int | float | None] | None = None
     cold_start: str | None = None  # why the round trained nothing (only good parts labeled); None: not a cold start
+    # the model gave every test image, or every image of the project, one class (its macro F1 gate was set to 0);
+    # None: not checked (no model, an older round)
+    collapsed: bool | None = None
     training: TrainingSummary | None = None
     calibration: CalibrationSummary | None = None
     label_quality: LabelQualitySummary | None = None
@@ -509,7 +522,8 @@ def calibration_of(details: dict[str, Any] | None) -> CalibrationSummary | None:
     return CalibrationSummary(
         method=_str_or_none(raw.get("method")), temperature=_finite_or_none(raw.get("temperature")), fitted_on=_str_or_none(raw.get("fitted_on")),
         n_images=_int_or_none(raw.get("n_images")), ece_before=_finite_or_none(raw.get("ece_before")), ece_after=_finite_or_none(raw.get("ece_after")),
-        reason=_str_or_none(raw.get("reason")))
+        reason=_str_or_none(raw.get("reason")), nll_before=_finite_or_none(raw.get("nll_before")), nll_after=_finite_or_none(raw.get("nll_after")),
+        objective=_str_or_none(raw.get("objective")), n_left_out=_int_or_none(raw.get("n_left_out")))
 
 
 def threshold_of(details: dict[str, Any] | None) -> ThresholdSummary | None:
@@ -524,7 +538,9 @@ def threshold_of(details: dict[str, Any] | None) -> ThresholdSummary | None:
         source=source, out_of_fold_model=_str_or_none(out_of_fold.get("model") or ("head" if out_of_fold else None)) if source == "out_of_fold" else None,
         n_negatives=_int_or_none(raw.get("n_negatives")), n_defects=_int_or_none(raw.get("n_defects")),
         margin_attainable=raw.get("margin_attainable") if isinstance(raw.get("margin_attainable"), bool) else None,
-        estimated_metrics={str(name): _finite_or_none(value) for name, value in estimated.items()})
+        estimated_metrics={str(name): _finite_or_none(value) for name, value in estimated.items()},
+        rule=_str_or_none(raw.get("rule")), n_picked_negatives=_int_or_none(raw.get("n_picked_negatives")),
+        fpr_estimated_over="pool" if _finite_or_none(raw.get("estimated_population_fpr")) is not None else ("labeled" if estimated else None))
 
 
 def label_quality_of(details: dict[str, Any] | None) -> LabelQualitySummary | None:
@@ -536,6 +552,13 @@ def label_quality_of(details: dict[str, Any] | None) -> LabelQualitySummary | No
         n_flagged=_int_or_none(raw.get("n_flagged")),
         noise_rate_per_class={str(name): _finite_or_none(rate) for name, rate in rates.items()} if isinstance(rates, dict) else {},
         already_questioned=_int_or_none(raw.get("already_questioned")))
+
+
+def collapsed_of(details: dict[str, Any] | None) -> bool | None:
+    raw = (details or {}).get("collapse_check")
+    if not isinstance(raw, dict):
+        return None
+    return bool(raw.get("test_split")) or raw.get("every_image_predicted_as") is not None
 
 
 def cold_start_of(details: dict[str, Any] | None) -> str | None:
@@ -622,6 +645,7 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         n_test_images_with_copy_outside=across if isinstance(across, int) else None,
         test_metrics_without_copies=_metrics_without_copies(details),
         cold_start=cold_start_of(details),
+        collapsed=collapsed_of(details),
         training=training_of(details),
         calibration=calibration_of(details),
         label_quality=label_quality_of(details),

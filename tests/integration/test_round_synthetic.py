@@ -154,6 +154,10 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
     assert last["cold_start"] is False and last["training"]["n_fit"] > 0 and last["training"]["epochs_run"] == 0
     assert last["push"]["backend"] == "oracle" and last["push"]["pushed"] >= 5 and last["ties"] == {"n_images": 0, "asked": 0}
     assert last["calibration"]["method"] == "temperature" and last["calibration"]["temperature"] > 0
+    assert last["calibration"]["objective"] in ("nll", "nll_add_one") and last["calibration"]["nll_before"] > 0
+    if last["calibration"]["objective"] == "nll":  # measured on the images it was fitted on: never worse than no scaling
+        assert last["calibration"]["nll_after"] <= last["calibration"]["nll_before"]
+    assert last["collapsed"] is False
     assert set(last["label_quality"]["noise_rate_per_class"]) == {"good", "scratch", "spot", "patch"}
     assert status["labels"]["by_source"]["oracle"] >= 5
     assert set(status["labels"]["by_class"]) == {"good", "scratch", "spot", "patch"}
@@ -807,3 +811,5 @@ def test_a_model_that_calls_every_image_good_is_collapsed_even_when_the_test_spl
         macro_f1 = session.scalars(select(GateResult).where(GateResult.name == "macro_f1")).one()
     assert details["collapse_check"] == {"test_split": False, "every_image_predicted_as": "good"}
     assert details["collapsed"] is True and macro_f1.passed is False and macro_f1.value == 0.0
+    # managers see it where they read the round: loop status --json (and GET /rounds/{id}, the dashboard: store.reports)
+    assert json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)["rounds"][-1]["collapsed"] is True

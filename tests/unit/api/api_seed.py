@@ -102,11 +102,13 @@ def seed(session, project_dir: Path) -> SeededStore:  # noqa: ANN001
                                      "history": [_epoch(0, 0.9, 0.6, 1.0, 0.5), _epoch(1, 0.6, 0.75, 0.8, 0.65), _epoch(2, 0.4, 0.85, 0.7, 0.8),
                                                  _epoch(3, 0.3, 0.9, 0.75, 0.75)]},
                         "calibration": {"method": "temperature", "temperature": 1.7, "fitted_on": "validation", "n_images": 6,
-                                        "ece_before": 0.12, "ece_after": 0.05, "nll_before": 0.7},
+                                        "ece_before": 0.12, "ece_after": 0.05, "nll_before": 0.7, "nll_after": 0.55, "objective": "nll"},
                         "label_quality": {"n_flagged": 2, "noise_rate_per_class": {"good": 0.05, "scratch": 0.2, "spot": None},
                                           "already_questioned": 1, "summary": "2 suspects"},
                         "threshold_source": "out_of_fold", "out_of_fold": {"n_folds": 5, "model": "finetune", "epochs": 2},
-                        "threshold_choice": {"threshold": 0.41, "n_negatives": 48, "n_defects": 20, "margin_attainable": True, "source": "out_of_fold"},
+                        "threshold_choice": {"threshold": 0.41, "n_negatives": 48, "n_defects": 20, "margin_attainable": True, "source": "out_of_fold",
+                                             "rule": "stratified", "n_picked_negatives": 12, "estimated_population_fpr": 0.021},
+                        "collapse_check": {"test_split": False, "every_image_predicted_as": None},
                         "estimated_metrics": {"macro_f1": 0.81, "defect_recall": 0.9, "negative_fpr": 0.021}})
     r3 = Round(project_id=project.id, number=3, status="failed", error="embedding failed: out of memory", started_at=T0 + timedelta(hours=3))
     r4 = Round(project_id=project.id, number=4, status="running", started_at=T0 + timedelta(hours=5))

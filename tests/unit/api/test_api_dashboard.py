@@ -93,24 +93,35 @@ def test_training_section_draws_the_latest_rounds_epochs_calibration_and_noise(c
     assert re.search(r'class="kept-epoch"[^>]*data-epoch="2"', loss)  # the kept epoch is marked, not the last one
     accuracy = re.search(r'<svg[^>]*data-chart="training:accuracy".*?</svg>', section, re.S).group(0)
     assert 'data-series="train accuracy" data-epoch="3" data-value="0.9"' in accuracy
-    assert "temperature 1.7 fitted on validation (6 images): expected calibration error 0.12 → 0.05" in section
+    assert "temperature 1.7 fitted on validation (6 images): expected calibration error 0.12 → 0.05, negative log-likelihood 0.7 → 0.55</p>" in section
+    assert 'class="collapsed"' not in section
     noise = dict(re.findall(r'<tr data-class="(\w+)"><td>\w+</td><td>([^<]+)</td>', section))
     assert noise == {"good": "5.0%", "scratch": "20.0%", "spot": "too few labels"}
     assert "1 not sent again" in section
     choice = " ".join(re.search(r'<p class="threshold-choice">(.*?)</p>', section, re.S).group(1).split())
     assert choice.startswith("Threshold chosen on out-of-fold probabilities over every labeled non-test image (finetune: one network per fold): "
                              "48 good parts, 20 defects.")
-    assert "macro F1 0.81, defect recall 0.9, FPR 0.021" in choice and "safety margin" not in choice
+    assert "macro F1 0.81, defect recall 0.9, FPR 0.021 over every good part of the pool, labeled or not (12 of the labeled ones" in choice
+    assert "safety margin" not in choice
 
 
 def test_training_section_says_what_the_history_shows() -> None:
     from api.dashboard import training_section
-    from store.reports import training_of
+    from store.reports import calibration_of, training_of
 
     def line(training: dict) -> str:
         report = SimpleNamespace(summary=SimpleNamespace(number=7), cold_start=None, training=training_of({"training": training}),
-                                 calibration=None, label_quality=None, threshold_choice=None)
+                                 calibration=None, label_quality=None, threshold_choice=None, collapsed=None)
         return re.search(r'<p class="training-summary">(.*?)</p>', training_section(report)).group(1)
+
+    collapsed = SimpleNamespace(summary=SimpleNamespace(number=7), cold_start=None, training=None, calibration=calibration_of(
+        {"calibration": {"method": "temperature", "temperature": 1.5, "fitted_on": "out_of_fold", "n_images": 116, "n_left_out": 3,
+                         "objective": "nll_add_one", "nll_before": 0.0032, "nll_after": 0.0132, "ece_before": 0.003, "ece_after": 0.012}}),
+        label_quality=None, threshold_choice=None, collapsed=True)
+    section = training_section(collapsed)
+    assert "Collapsed: the model gives one class to every test image" in section
+    assert "(116 images; 3 images of a class one fold alone held left out)" in section
+    assert "negative log-likelihood 0.0032 → 0.0132 (no image there misclassified: the fit keeps an add-one error estimate" in section
 
     epochs = [{"epoch": i, "train_loss": 1.0 / (i + 1), "val_loss": 1.0} for i in range(4)]
     assert "a head on frozen embeddings" in line({"strategy": "head", "n_fit": 9, "history": []})

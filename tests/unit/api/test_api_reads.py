@@ -91,13 +91,16 @@ def test_round_report_training_calibration_and_label_noise(get, seeded_store: Se
     assert training["history"][2] == {"epoch": 2, "train_loss": 0.4, "train_accuracy": 0.85, "val_loss": 0.7, "val_accuracy": 0.8,
                                       "val_macro_f1": pytest.approx(0.75), "seconds": 1.5}
     assert body["calibration"] == {"method": "temperature", "temperature": 1.7, "fitted_on": "validation", "n_images": 6,
-                                   "ece_before": 0.12, "ece_after": 0.05, "reason": None}
+                                   "ece_before": 0.12, "ece_after": 0.05, "reason": None, "nll_before": 0.7, "nll_after": 0.55,
+                                   "objective": "nll", "n_left_out": None}
+    assert body["collapsed"] is False
     assert body["label_quality"] == {"n_flagged": 2, "noise_rate_per_class": {"good": 0.05, "scratch": 0.2, "spot": None}, "already_questioned": 1}
     assert body["cold_start"] is None
     assert body["threshold_choice"] == {"source": "out_of_fold", "out_of_fold_model": "finetune", "n_negatives": 48, "n_defects": 20,
-                                        "margin_attainable": True, "estimated_metrics": {"macro_f1": 0.81, "defect_recall": 0.9, "negative_fpr": 0.021}}
+                                        "margin_attainable": True, "estimated_metrics": {"macro_f1": 0.81, "defect_recall": 0.9, "negative_fpr": 0.021},
+                                        "rule": "stratified", "n_picked_negatives": 12, "fpr_estimated_over": "pool"}
     first = get(f"/rounds/{seeded_store.round_ids[1]}")  # recorded before these existed: absent, not an error
-    assert (first["training"], first["calibration"], first["label_quality"], first["cold_start"], first["threshold_choice"]) == (None,) * 5
+    assert (first["training"], first["calibration"], first["label_quality"], first["cold_start"], first["threshold_choice"], first["collapsed"]) == (None,) * 6
 
 
 def test_training_details_that_are_malformed_read_as_absent() -> None:
@@ -110,6 +113,10 @@ def test_training_details_that_are_malformed_read_as_absent() -> None:
     huge = training_of({"training": {"history": [{"epoch": 0, "train_loss": 10**400, "val_loss": float("inf"), "train_accuracy": float("nan")}]}})
     assert (huge.history[0].train_loss, huge.history[0].val_loss, huge.history[0].train_accuracy) == (None, None, None)
     assert cold_start_of({"cold_start": {"reason": "only good parts"}}) == "only good parts" and cold_start_of({}) is None
+    from store.reports import collapsed_of
+
+    assert collapsed_of({"collapse_check": {"test_split": False, "every_image_predicted_as": "good"}}) is True  # the test split could not show it
+    assert collapsed_of({"collapse_check": {"test_split": True}}) is True and collapsed_of({"collapse_check": "x"}) is None
     from store.reports import threshold_of
 
     assert threshold_of({"threshold_choice": "x"}) is None
