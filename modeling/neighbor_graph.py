@@ -1,7 +1,7 @@
 """The k nearest neighbours of every image among a collection's images, kept between rounds.
 
 Near-duplicates and outliers both read the k-NN graph of the pretrained embeddings. Computed from scratch it costs
-O(n^2 d): 50k images of 1280-d, 52 s on 2 cores, and a round needed it twice. An image's embedding never changes (it
+O(n^2 d): 50k images of 1280-d, 24 s on 2 cores, and a round needed it twice. An image's embedding never changes (it
 is keyed by content hash and embedding model), so with `NeighborGraphCache` a round computes only the rows of images
 it has not seen, and for every other image its similarity to the new ones: O(new * n * d). The result is the same
 graph (exact up to the order of equal similarities), except past `IVF_THRESHOLD_VECTORS` images, where rows computed
