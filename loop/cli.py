@@ -125,8 +125,11 @@ def ingest(
         ctx = open_project(project)
         with project_lock(ctx.root, action="loop ingest"):
             report = ingest_source(ctx, source, unlabeled=unlabeled, split=split, show_progress=not quiet)
-    console.print(f"[green]ingested[/] {report.n_files} files ({report.layout} layout): {report.n_new_images} new images, "
-                  f"{report.n_duplicates} byte-identical duplicates merged, {report.n_already_known} already known, {report.n_quarantined} quarantined")
+    # each file counted once: new and decodable, a duplicate of another file here, already known, or quarantined
+    relabeled = [f"{n} {what}" for n, what in ((report.n_labels_changed, "labels changed"), (report.n_labels_added, "labels added")) if n]
+    console.print(f"[green]ingested[/] {report.n_files} files ({report.layout} layout): {report.n_new_images - report.n_quarantined} new images, "
+                  f"{report.n_duplicates} byte-identical duplicates merged, {report.n_already_known} already known"
+                  + (f" ({', '.join(relabeled)})" if relabeled else "") + f", {report.n_quarantined} quarantined")
     if report.split_counts:
         console.print("splits: " + ", ".join(f"{k} {v}" for k, v in sorted(report.split_counts.items())))
     for path, reason in report.quarantined[:20]:

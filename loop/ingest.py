@@ -44,10 +44,47 @@ class IngestReport:
     n_duplicates: int = 0
     n_already_known: int = 0
     n_quarantined: int = 0
+    n_labels_changed: int = 0  # already-known images this ingest gives another label than their imported one
+    n_labels_added: int = 0  # already-known unlabeled images this ingest labels
     split_counts: dict[str, int] = field(default_factory=dict)
     label_counts: dict[str, int] = field(default_factory=dict)
     quarantined: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+def _label_changes(session: Session, label_for_known: list[tuple[Image, str]], report: IngestReport) -> list[tuple[Image, str]]:
+    """The labels given to already-known images that change something: the same label again (a folder ingested
+    twice) records nothing; another one is recorded and reported, never applied quietly. An annotator's answer still
+    decides such an image's current label (store.queries.resolve_label): said too."""
+    if not label_for_known:
+        return []
+    ids = [image.id for image, _ in label_for_known]
+    imported: dict[int, str | None] = {}
+    answered: set[int] = set()
+    for chunk in range(0, len(ids), 500):  # SQLite limits the variables of one statement
+        for event in session.scalars(select(LabelEvent).where(LabelEvent.image_id.in_(ids[chunk:chunk + 500])).order_by(LabelEvent.id)):
+            if event.source == "import":
+                imported[event.image_id] = event.label if event.action == "set" else None
+            elif event.action == "set":
+                answered.add(event.image_id)
+    changes, changed_text, overridden = [], [], 0
+    for image, label in label_for_known:
+        before = imported.get(image.id)
+        if before == label:
+            continue
+        changes.append((image, label))
+        if before is None:
+            report.n_labels_added += 1
+        else:
+            report.n_labels_changed += 1
+            changed_text.append(f"{image.path} ({before} -> {label})")
+        overridden += image.id in answered
+    if changed_text:
+        report.notes.append(f"{len(changed_text)} already-known images get another imported label: " + "; ".join(changed_text[:10])
+                            + ("; ..." if len(changed_text) > 10 else ""))
+    if overridden:
+        report.notes.append(f"{overridden} of the images labeled now have an annotator's answer, which stays their current label")
+    return changes
 
 
 def is_image_file(path: Path) -> bool:
@@ -292,6 +329,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                 new_labels[sha] = file.label
 
         session.flush()  # parts just given to stored photos count as placed below
+        label_for_known = _label_changes(session, label_for_known, report)
         known_part_splits = part_splits(session, project.id)
         fractions = ctx.config.split
         part_of = {sha: image.part for sha, image in new_images.items()}

@@ -57,8 +57,10 @@ def test_corrupt_and_truncated_files_are_quarantined_not_fatal(new_project, clas
     data = (class_folders / "good" / "good_0000.png").read_bytes()
     (class_folders / "good" / "truncated.png").write_bytes(data[: len(data) // 2])
     (class_folders / "good" / "garbage.png").write_bytes(b"not a png at all" * 20)
-    report = ingest_source(new_project, class_folders, show_progress=False)
-    assert report.n_quarantined == 2
+    result = runner.invoke(app, ["ingest", str(class_folders), "--project", str(new_project.root)])
+    assert result.exit_code == 0, result.output
+    # each file counted once in what `loop ingest` prints: the quarantined ones are not also new images
+    assert "72 files (folders layout): 70 new images, 0 byte-identical duplicates merged, 0 already known, 2 quarantined" in " ".join(result.output.split())
     quarantined = {Path(r.path).name: r.status_reason for r in images(new_project) if r.status == "quarantined"}
     assert set(quarantined) == {"truncated.png", "garbage.png"}
     assert all("cannot decode" in reason for reason in quarantined.values())
@@ -71,6 +73,33 @@ def test_corrupt_and_truncated_files_are_quarantined_not_fatal(new_project, clas
     assert sorted(r.status for r in rows) == ["ok", "replaced"]
     from loop.status import project_status
     assert [Path(item["path"]).name for item in project_status(new_project)["quarantined"]] == ["garbage.png"]
+
+
+def test_ingesting_again_records_no_label_twice_and_a_changed_label_is_reported(new_project, class_folders: Path, tmp_path: Path) -> None:
+    ingest_source(new_project, class_folders, show_progress=False)
+
+    def import_events() -> int:
+        with session_scope(new_project.engine) as session:
+            return len(session.scalars(select(LabelEvent).where(LabelEvent.source == "import")).all())
+
+    before = import_events()
+    again = ingest_source(new_project, class_folders, show_progress=False)  # the same folder twice: nothing new to say
+    assert (again.n_already_known, again.n_labels_changed, again.n_labels_added, import_events()) == (70, 0, 0, before)
+
+    relabeled = class_folders / "good" / "good_0001.png"
+    manifest = tmp_path / "fix.csv"
+    manifest.write_text(f"path,label\n{relabeled},scratch\n{class_folders / 'good' / 'good_0002.png'},good\n")
+    result = runner.invoke(app, ["ingest", str(manifest), "--project", str(new_project.root)])
+    assert result.exit_code == 0, result.output
+    printed = " ".join(result.output.split())
+    assert "0 new images, 0 byte-identical duplicates merged, 2 already known (1 labels changed), 0 quarantined" in printed
+    assert f"{relabeled}(good->scratch)" in "".join(result.output.split())  # never applied quietly (rich wraps the path)
+    assert import_events() == before + 1
+    from store.queries import current_labels
+
+    with session_scope(new_project.engine) as session:
+        image = session.scalars(select(Image).where(Image.path == str(relabeled))).one()
+        assert current_labels(session, image.project_id)[image.id].label == "scratch"
 
 
 def test_mvtec_layout_is_pooled_and_recorded(new_project, tmp_path: Path) -> None:
