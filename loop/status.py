@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter, defaultdict
+from datetime import datetime, timezone
 
 from sqlalchemy import select
 
@@ -57,6 +58,13 @@ def project_status(ctx: ProjectContext) -> dict:
         }
 
 
+def _utc_iso(moment: datetime | None) -> str | None:
+    """ISO 8601 with its zone, as the API writes it: SQLite hands stored times back without one (they are UTC)."""
+    if moment is None:
+        return None
+    return (moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)).isoformat()
+
+
 def _round_summary(round_row: Round) -> dict:
     details = round_row.details or {}
     training, calibration, quality = training_of(details), calibration_of(details), label_quality_of(details)
@@ -64,8 +72,8 @@ def _round_summary(round_row: Round) -> dict:
         "number": round_row.number,
         "status": round_row.status,
         "error": round_row.error,
-        "started_at": round_row.started_at.isoformat() if round_row.started_at else None,
-        "finished_at": round_row.finished_at.isoformat() if round_row.finished_at else None,
+        "started_at": _utc_iso(round_row.started_at),
+        "finished_at": _utc_iso(round_row.finished_at),
         "train_strategy": training.strategy if training else None,
         "cold_start": bool(details.get("cold_start")),  # only good parts labeled: no model, no gates that round
         # what a manager asks after the gates: kept epoch, calibration, how noisy the labels look, what the loop did about it

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import Response
@@ -44,7 +44,8 @@ def label_issues(
     limit: Limit = 50,
     offset: Offset = 0,
     flagged_only: Annotated[bool, Query(description="only the issues the round flagged")] = True,
-    kind: Annotated[str, Query(max_length=40, description="label_error (the relabel queue) | near_duplicate | outlier | all")] = "label_error",
+    kind: Annotated[Literal["label_error", "near_duplicate", "outlier", "all"],
+                    Query(description="label_error (the relabel queue) | near_duplicate | outlier | all")] = "label_error",
 ) -> PageOut[LabelIssueOut]:
     _require_round(session, round_id)
     page = reports.label_issue_queue(session, round_id=round_id, limit=limit, offset=offset, flagged_only=flagged_only,

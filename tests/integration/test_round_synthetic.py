@@ -150,6 +150,7 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
 
     status = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)
     assert [r["number"] for r in status["rounds"]] == [1, 2]
+    assert all(r["started_at"].endswith("+00:00") and r["finished_at"].endswith("+00:00") for r in status["rounds"])  # UTC, said so
     last = status["rounds"][-1]  # the head strategy: no epochs; calibration and label quality as the round recorded them
     assert last["cold_start"] is False and last["training"]["n_fit"] > 0 and last["training"]["epochs_run"] == 0
     assert last["push"]["backend"] == "oracle" and last["push"]["pushed"] >= 5 and last["ties"] == {"n_images": 0, "asked": 0}

@@ -167,6 +167,8 @@ def test_label_issue_queue(get, seeded_store: SeededStore) -> None:  # noqa: ANN
     assert [i["rank"] for i in near_duplicates] == [3]
     assert near_duplicates[0]["related_image_id"] == seeded_store.image_ids[1]  # the copy, to look at side by side
     assert [i["rank"] for i in get(f"/rounds/{rid}/label-issues?limit=1&offset=1")["items"]] == [2]
+    # a kind that does not exist is a mistake in the request, not an empty queue
+    assert "near_duplicate" in str(get(f"/rounds/{rid}/label-issues?kind=bogus", expected_status=422)["detail"])
 
 
 def test_selection(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
