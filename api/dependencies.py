@@ -57,12 +57,12 @@ def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-def scope_of_token(token: str | None, settings: Settings) -> Scope:
-    """The scope a token grants; 401 when it grants none."""
+def scope_of_token(token: str | None, settings: Settings, *, how: str = "send `Authorization: Bearer <token>`") -> Scope:
+    """The scope a token grants; 401 when it grants none (`how`: how this endpoint takes a token)."""
     if settings.api_token is None and settings.api_read_token is None:
         raise _unauthorized("this server has no API token configured: set LOOP_API_TOKEN and/or LOOP_API_READ_TOKEN")
     if not token:
-        raise _unauthorized("missing token: send `Authorization: Bearer <token>`")
+        raise _unauthorized(f"missing token: {how}")
     if settings.api_token is not None and _same(token, settings.api_token.get_secret_value()):
         return Scope.full
     if settings.api_read_token is not None and _same(token, settings.api_read_token.get_secret_value()):
@@ -82,7 +82,8 @@ def browser_scope(
     token: Annotated[str | None, Query(description="the read (or full) token, for pages and images opened in a browser")] = None,
 ) -> Scope:
     """A browser opening /dashboard (or an <img> in it) sends no Authorization header: accept ?token= as well."""
-    return scope_of_token(credentials.credentials if credentials else token, settings)
+    return scope_of_token(credentials.credentials if credentials else token, settings,
+                          how="open the page with `?token=<read token>` (as `loop serve` prints it), or send `Authorization: Bearer <token>`")
 
 
 def require_full(scope: Annotated[Scope, Depends(bearer_scope)]) -> Scope:

@@ -54,6 +54,9 @@ def test_query_token_only_for_browser_pages(client: TestClient) -> None:
     assert client.get(f"/dashboard?token={READ_TOKEN}").status_code == 200
     assert client.get(f"/projects?token={READ_TOKEN}").status_code == 401
     assert client.get("/dashboard?token=wrong").status_code == 401
+    # and a browser without any is told how a browser sends one
+    assert "open the page with `?token=<read token>`" in client.get("/dashboard").json()["detail"]
+    assert client.get("/projects").json()["detail"] == "missing token: send `Authorization: Bearer <token>`"
 
 
 def test_server_without_tokens_refuses_everything_but_health(seeded_store) -> None:  # noqa: ANN001
