@@ -18,7 +18,7 @@ from loop.project import ProjectContext
 from modeling.progress import progress_bar
 from store import session_scope
 from store.models import Image, IngestBatch, LabelEvent
-from store.queries import get_project
+from store.queries import get_project, resolve_label
 
 MAX_PART_LENGTH = 200  # store.models.Image.part
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -52,38 +52,49 @@ class IngestReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _label_changes(session: Session, label_for_known: list[tuple[Image, str]], report: IngestReport) -> list[tuple[Image, str]]:
-    """The labels given to already-known images that change something: the same label again (a folder ingested
-    twice) records nothing; another one is recorded and reported, never applied quietly. An annotator's answer still
-    decides such an image's current label (store.queries.resolve_label): said too."""
+def _label_changes(session: Session, label_for_known: list[tuple[Image, str, str]], report: IngestReport) -> list[tuple[Image, str]]:
+    """The labels given to already-known images (image, label, the file that gave it) that change something, one per
+    image: the same label again (a folder ingested twice) records nothing; another one is recorded and reported, never
+    applied quietly. Byte-identical files of one image with different labels keep its imported label when it is among
+    them, else the first file's (as for new images), and say so. An annotator's answer still decides such an image's
+    current label (store.queries.resolve_label): said too."""
     if not label_for_known:
         return []
-    ids = [image.id for image, _ in label_for_known]
-    imported: dict[int, str | None] = {}
-    answered: set[int] = set()
+    given: dict[int, list[tuple[str, str]]] = defaultdict(list)  # image id -> (label, file), in file order
+    image_of: dict[int, Image] = {}
+    for image, label, path in label_for_known:
+        given[image.id].append((label, path))
+        image_of[image.id] = image
+    ids = list(given)
+    events: dict[int, list[LabelEvent]] = defaultdict(list)
     for chunk in range(0, len(ids), 500):  # SQLite limits the variables of one statement
         for event in session.scalars(select(LabelEvent).where(LabelEvent.image_id.in_(ids[chunk:chunk + 500])).order_by(LabelEvent.id)):
-            if event.source == "import":
-                imported[event.image_id] = event.label if event.action == "set" else None
-            elif event.action == "set":
-                answered.add(event.image_id)
-    changes, changed_text, overridden = [], [], 0
-    for image, label in label_for_known:
-        before = imported.get(image.id)
-        if before == label:
+            events[event.image_id].append(event)
+    changes, changed_text, conflicts, decided_by_annotators = [], [], [], 0
+    for image_id, labels in given.items():
+        imports = [event for event in events[image_id] if event.source == "import"]
+        before = (imports[-1].label if imports[-1].action == "set" else None) if imports else None
+        distinct = list(dict.fromkeys(label for label, _ in labels))
+        label, path = next(((label, path) for label, path in labels if label == before), labels[0])
+        if len(distinct) > 1:
+            conflicts.append(f"{', '.join(f'{p} ({l})' for l, p in labels)}: {label!r} kept")
+        if label == before:
             continue
-        changes.append((image, label))
+        changes.append((image_of[image_id], label))
         if before is None:
             report.n_labels_added += 1
         else:
             report.n_labels_changed += 1
-            changed_text.append(f"{image.path} ({before} -> {label})")
-        overridden += image.id in answered
+            changed_text.append(f"{path} ({before} -> {label})")
+        decided_by_annotators += resolve_label(events[image_id]).source in ("annotator", "oracle")
     if changed_text:
         report.notes.append(f"{len(changed_text)} already-known images get another imported label: " + "; ".join(changed_text[:10])
                             + ("; ..." if len(changed_text) > 10 else ""))
-    if overridden:
-        report.notes.append(f"{overridden} of the images labeled now have an annotator's answer, which stays their current label")
+    if conflicts:
+        report.notes.append(f"byte-identical files of {len(conflicts)} known images carry different labels: " + "; ".join(conflicts[:10])
+                            + ("; ..." if len(conflicts) > 10 else ""))
+    if decided_by_annotators:
+        report.notes.append(f"{decided_by_annotators} of the images labeled now have an annotator's answer, which stays their current label")
     return changes
 
 
@@ -296,7 +307,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
 
         new_images: dict[str, Image] = {}
         new_labels: dict[str, str] = {}
-        label_for_known: list[tuple[Image, str]] = []
+        label_for_known: list[tuple[Image, str, str]] = []
         for file, (sha, size, mtime_ns, width, height, reason) in inspected:
             existing = known.get(sha) or new_images.get(sha)
             if existing is not None:
@@ -314,7 +325,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                 else:
                     report.n_already_known += 1
                     if file.label and existing.status == "ok":
-                        label_for_known.append((existing, file.label))
+                        label_for_known.append((existing, file.label, str(file.path)))
                 continue
             image = Image(
                 project_id=project.id, sha256=sha, path=str(file.path), duplicate_paths=[], size_bytes=size, mtime_ns=mtime_ns,

@@ -598,10 +598,15 @@ def calibrate_model(state: RoundState) -> None:
         state.details["calibration"] = {"method": "none", "reason": "no held-out validation images of two classes for this network",
                                         "out_of_fold_temperature": oof_temperature}
         return
-    temperature = oof_temperature if fitted_on == "out_of_fold" else fit_temperature(labels=labels, logits=logits)
-    classifier.temperature = temperature
     # measured on the images the temperature learned from: out of fold, a class one fold alone held is left out
     fitted = out_of_fold_calibration_rows(labels=labels, folds=state.oof_folds) if fitted_on == "out_of_fold" else np.ones(len(labels), dtype=bool)
+    if len(np.unique(labels[fitted])) < 2:  # nothing to fit on (fit_out_of_fold_temperature gave 1.0): say so, not "fitted"
+        classifier.temperature = 1.0
+        state.details["calibration"] = {"method": "none", "reason": f"the {fitted_on.replace('_', '-')} images hold one class once those of a class "
+                                        "a single fold held are left out", "n_left_out": int((~fitted).sum()), "out_of_fold_temperature": oof_temperature}
+        return
+    temperature = oof_temperature if fitted_on == "out_of_fold" else fit_temperature(labels=labels, logits=logits)
+    classifier.temperature = temperature
     labels, logits = labels[fitted], logits[fitted]
     before, after = softmax_with_temperature(logits, 1.0), softmax_with_temperature(logits, temperature)
     state.details["calibration"] = {
@@ -1150,8 +1155,8 @@ def push_batch(state: RoundState) -> None:
             AnnotationTask.backend == name, AnnotationTask.image_id.in_(to_withdraw)))) if to_withdraw else set()
         # a file quarantined since it was selected (changed on disk, missing) is never shown to an annotator: its
         # task would show another picture than the one selected, or none
-        quarantined = {image.id for _selection, image in retry if image.status != "ok"}
-        to_withdraw |= quarantined
+        quarantined = [selection for selection, image in retry if image.status != "ok"]
+        to_withdraw |= {selection.image_id for selection in quarantined}
         withdrawn = [selection for selection, image in retry if image.id in to_withdraw]
         # an ask an earlier round could not push whose answer came in since (an annotator changed the label while the
         # annotation tool was down): nothing left to ask, and its task is named for closing in case it was half reopened

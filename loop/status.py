@@ -80,8 +80,8 @@ def _round_summary(round_row: Round) -> dict:
         # (read as the API reads them; the per-epoch history is in GET /rounds/{id} and training_curves.png)
         "training": {"n_fit": training.n_fit if training else None, "best_epoch": training.best_epoch if training else None,
                      "epochs_run": training.epochs_run if training else 0},
-        "calibration": {key: getattr(calibration, key, None) for key in ("method", "temperature", "fitted_on", "n_images", "objective", "nll_before",
-                                                                          "nll_after", "ece_before", "ece_after")},
+        "calibration": {key: getattr(calibration, key, None) for key in ("method", "temperature", "fitted_on", "n_images", "n_left_out", "objective",
+                                                                          "nll_before", "nll_after", "ece_before", "ece_after", "reason")},
         "collapsed": collapsed_of(details),  # one class for every test image or every image: the macro F1 gate was set to 0
         "label_quality": {key: getattr(quality, key, None) for key in ("n_flagged", "noise_rate_per_class", "already_questioned")},
         "labeled_counts": details.get("labeled_counts"),

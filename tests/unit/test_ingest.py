@@ -12,6 +12,7 @@ from loop.ingest import IngestError, assign_splits, ingest_source
 from loop.synthetic_images import synthetic_image
 from store import session_scope
 from store.models import Image, LabelEvent
+from store.queries import current_labels
 
 runner = CliRunner()
 
@@ -95,11 +96,42 @@ def test_ingesting_again_records_no_label_twice_and_a_changed_label_is_reported(
     assert "0 new images, 0 byte-identical duplicates merged, 2 already known (1 labels changed), 0 quarantined" in printed
     assert f"{relabeled}(good->scratch)" in "".join(result.output.split())  # never applied quietly (rich wraps the path)
     assert import_events() == before + 1
-    from store.queries import current_labels
-
     with session_scope(new_project.engine) as session:
         image = session.scalars(select(Image).where(Image.path == str(relabeled))).one()
         assert current_labels(session, image.project_id)[image.id].label == "scratch"
+
+
+def test_byte_identical_files_of_a_known_image_with_different_labels_keep_one_label(new_project, class_folders: Path, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    (source / "good").mkdir(parents=True)
+    (source / "scratch").mkdir()
+    photo = sorted((class_folders / "good").glob("*.png"))[0]
+    shutil.copy(photo, source / "good" / "a.png")
+    ingest_source(new_project, source, show_progress=False)
+    shutil.copy(photo, source / "scratch" / "b.png")  # the same bytes, filed under another class
+
+    def state() -> tuple[int, set]:
+        with session_scope(new_project.engine) as session:
+            events = session.scalars(select(LabelEvent).where(LabelEvent.source == "import")).all()
+            return len(events), {label.label for label in current_labels(session, 1).values()}
+
+    for _ in range(3):  # the imported label stays, whatever order the files come in, and nothing is recorded again
+        report = ingest_source(new_project, source, show_progress=False)
+        assert (report.n_labels_changed, state()) == (0, (1, {"good"}))
+        assert any("carry different labels" in note and "'good' kept" in note for note in report.notes)
+
+
+def test_a_known_image_labeled_through_two_identical_files_gets_one_label(new_project, class_folders: Path, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    (source / "good").mkdir(parents=True)
+    photo = sorted((class_folders / "good").glob("*.png"))[0]
+    shutil.copy(photo, source / "good" / "a.png")
+    shutil.copy(photo, source / "good" / "a_copy.png")
+    ingest_source(new_project, source, unlabeled=True, show_progress=False)
+    report = ingest_source(new_project, source, show_progress=False)
+    with session_scope(new_project.engine) as session:
+        assert len(session.scalars(select(LabelEvent).where(LabelEvent.source == "import")).all()) == 1
+    assert (report.n_labels_added, report.n_labels_changed) == (1, 0)
 
 
 def test_mvtec_layout_is_pooled_and_recorded(new_project, tmp_path: Path) -> None:
