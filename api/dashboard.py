@@ -432,7 +432,11 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
         cm_html = '<h2>Confusion matrix</h2><p class="empty">No confusion matrix recorded yet.</p>'
     if issues is not None:
         issue_round_id, issue_round, total, rows = issues
-        issues_html = f"<h2>Label-issue queue · round {issue_round} ({total} flagged)</h2>" + issue_queue_table(rows, total, issue_round, issue_round_id, token_query)
+        # the newest round that recorded label errors: when that is not the latest round, say so (it recorded none)
+        newer = (f' <span class="issue-round-note">(round {latest.summary.number}, the latest, recorded none)</span>'
+                 if latest is not None and latest.summary.number > issue_round else "")
+        issues_html = (f"<h2>Label-issue queue · round {issue_round} ({total} flagged){newer}</h2>"
+                       + issue_queue_table(rows, total, issue_round, issue_round_id, token_query))
     else:
         issues_html = '<h2>Label-issue queue</h2><p class="empty">No label issues recorded yet.</p>'
     training_html = f'<section id="training">{training_section(latest)}</section>' if latest is not None else ""

@@ -5,6 +5,7 @@ import re
 from types import SimpleNamespace
 
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from api.app import create_app
 from api_seed import READ_TOKEN, SeededStore, make_settings
@@ -128,3 +129,15 @@ def test_training_section_says_what_the_history_shows() -> None:
     assert "3 epochs; the kept epoch was not recorded" in line({"strategy": "finetune", "n_fit": 9, "history": epochs})  # older rounds
     assert "kept epoch 1 of 3" in line({"strategy": "finetune", "n_fit": 9, "history": epochs, "best_epoch": 1})
     assert "no epoch after epoch 0" in line({"strategy": "finetune", "n_fit": 9, "history": epochs[:1], "best_epoch": 0})
+
+
+def test_the_issue_queue_says_when_the_latest_round_recorded_no_label_error(writable_store) -> None:  # noqa: ANN001
+    from store.models import Round
+
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:  # round 4 completes, without label-quality findings
+        session.scalars(select(Round).where(Round.number == 4)).one().status = "completed"
+    engine.dispose()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        heading = re.search(r"<h2>Label-issue queue[^\n]*?</h2>", _page(client)).group(0)
+    assert "round 2 (2 flagged)" in heading and "(round 4, the latest, recorded none)" in heading
