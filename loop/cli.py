@@ -17,7 +17,7 @@ from rich.table import Table
 
 from loop.config import AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, save_config, validation_problems
 from loop.ingest import IngestError, ingest_source
-from loop.project import ProjectBusy, database_url_for, open_project, project_lock
+from loop.project import ProjectBusy, database_url_for, open_project, open_project_store, project_lock
 from loop.errors import RoundFailed
 from loop.status import project_status
 from labeling import available_backends
@@ -235,7 +235,10 @@ def _threshold_origin(details: dict) -> str:
 def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
     """Rounds with metrics and gates, labels by class and source, quarantined files."""
     with clear_errors():
-        report = project_status(open_project(project))
+        ctx, config_error = open_project_store(project)
+        report = project_status(ctx)
+    if config_error:  # the record is still worth reading; say why the next round will refuse to start
+        error_console.print(f"[yellow]warning:[/] {escape(config_error)}\n(rounds refuse to start until loop.toml is fixed; the store's record follows)")
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
         return

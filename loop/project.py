@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from loop.config import ProjectConfig, load_config
+from loop.config import ConfigError, ProjectConfig, config_path, load_config
 from store import create_db_engine, upgrade_schema
 
 
@@ -52,6 +53,27 @@ def open_project(root: Path) -> ProjectContext:
     url = database_url_for(root, config)
     upgrade_schema(url)  # a project made by an older defect-loop gets the newer columns (a no-op when current)
     return ProjectContext(root, config, create_db_engine(url))
+
+
+def open_project_store(root: Path) -> tuple[ProjectContext, str | None]:
+    """The project for reading its record: open_project, or, when loop.toml is broken (a typo a round refuses), the
+    store alone (its URL from the environment, the file's own database_url if it can be read, else the default
+    SQLite file) with the config error to show. A folder that is not a project still fails."""
+    try:
+        return open_project(root), None
+    except ConfigError as error:
+        root = root.expanduser().resolve()
+        path = config_path(root)
+        if not path.is_file():
+            raise
+        try:
+            configured = tomllib.loads(path.read_text()).get("database_url")
+        except tomllib.TOMLDecodeError:
+            configured = None
+        url = os.environ.get("LOOP_DATABASE_URL") or (configured if isinstance(configured, str) and configured else None) \
+            or f"sqlite:///{(root / 'loop.db').resolve()}"
+        upgrade_schema(url)
+        return ProjectContext(root, None, create_db_engine(url)), str(error)  # type: ignore[arg-type]  # read-only use
 
 
 @contextmanager

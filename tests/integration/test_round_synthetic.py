@@ -350,6 +350,10 @@ def test_unknown_training_option_in_loop_toml_stops_before_any_work(project_with
     assert "unknown training option(s) epocs" in " ".join(result.output.split())
     with session_scope(engine) as session:
         assert session.scalars(select(Round)).all() == []  # no round started, nothing stored
+    # the record stays readable: loop status shows the store and says what is wrong with loop.toml
+    status = runner.invoke(app, ["status", "--project", str(project_with_pool), "--json"])
+    assert status.exit_code == 0
+    assert json.loads(status.stdout)["images"]["ok"] == 70 and "unknown training option(s) epocs" in " ".join(status.stderr.split())
 
 
 @pytest.mark.parametrize(("option", "message"), [(("--train", "turbo"), "unknown training strategy 'turbo'; available: finetune, full, head"),
