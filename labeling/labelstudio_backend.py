@@ -11,6 +11,7 @@ the annotation id). Pull and the webhook share one recorder, so an answer seen b
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -130,10 +131,16 @@ class LabelStudioBackend:
     def title_for(self, project: Project) -> str:
         return self.project_title or lsc.project_title_for(project.name)
 
-    def ensure_project(self, project: Project, *, model_version: str | None = None) -> int:
+    def ensure_project(self, project: Project, *, session: Session, model_version: str | None = None) -> int:
+        """This project's Label Studio project: where its tasks already are, else one that carries its key (see
+        lsc.ensure_project: a project folder of the same name elsewhere never shares it)."""
+        known = session.scalars(
+            select(AnnotationTask.external_project_id).join(Image, Image.id == AnnotationTask.image_id)
+            .where(AnnotationTask.backend == self.name, Image.project_id == project.id).order_by(AnnotationTask.id.desc()).limit(1)
+        ).first()
         return lsc.ensure_project(
-            self.client(), title=self.title_for(project), classes=list(project.classes),
-            descriptions=self.class_descriptions, model_version=model_version,
+            self.client(), title=self.title_for(project), classes=list(project.classes), descriptions=self.class_descriptions,
+            model_version=model_version, key=project_key(project), known_project_id=int(known) if known is not None else None,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ push
@@ -156,7 +163,7 @@ class LabelStudioBackend:
         reached: set[int] = set()  # images of the batch whose task is in Label Studio as asked (filled as it goes)
         try:
             client = self.client()
-            ls_project_id = self.ensure_project(project, model_version=model_version)
+            ls_project_id = self.ensure_project(project, session=session, model_version=model_version)
             predictions_sent = self._push_tasks(
                 client, report, session=session, project=project, ls_project_id=ls_project_id, tasks=list(unique.values()),
                 round_number=round_number, model_version=model_version, reached=reached,
@@ -253,16 +260,18 @@ class LabelStudioBackend:
             return predictions_sent
 
         # A crash between import and commit would leave tasks in Label Studio that the store does not know:
-        # adopt them by the image id kept in each task's data instead of importing a duplicate.
+        # adopt them by the image kept in each task's data instead of importing a duplicate. Only this store's task of
+        # this very image: its key (a task pushed before keys were kept has none) and the image's content hash.
+        key = project_key(project)
         in_label_studio = {
-            (data.get("defect_loop_project"), data.get("defect_loop_image_id")): entry["task_id"]
+            (data.get("defect_loop_project"), data.get("defect_loop_image_id"), data.get("sha256")): entry["task_id"]
             for entry in lsc.list_task_data(client, project_id=ls_project_id)
-            for data in [entry["data"]]
+            for data in [entry["data"]] if data.get("defect_loop_key") in (key, None)
         }
         new_tasks: list[tuple[TaskRequest, dict[str, Any]]] = []
         storage_dirs: dict[str, bool] = {}
         for task in to_push:
-            adopted = in_label_studio.get((project.name, task.image_id))
+            adopted = in_label_studio.get((project.name, task.image_id, task.sha256))
             if adopted is not None:
                 self._map(session, mapped, task.image_id, ls_project_id, adopted)
                 already_present += 1
@@ -387,6 +396,7 @@ class LabelStudioBackend:
             lsc.IMAGE_NAME: image_url,
             lsc.WHY_NAME: why_text(task, round_number=round_number),
             "defect_loop_project": project.name,
+            "defect_loop_key": project_key(project),
             "defect_loop_image_id": task.image_id,
             "sha256": task.sha256,
             "file_name": os.path.basename(task.image_path),
@@ -718,6 +728,16 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
         deleted=recorder.report.deleted, rejected=recorder.report.rejected,
     )  # fmt: skip
     return result
+
+
+def project_key(project: Project) -> str:
+    """What tells this defect-loop project from another of the same name (another folder, another store): its name
+    and the moment its store created it. Stable when the folder moves or the store is copied (the same project)."""
+    created = project.created_at
+    if created is not None and created.tzinfo is not None:
+        created = created.astimezone(timezone.utc).replace(tzinfo=None)  # SQLite hands it back without a zone: UTC
+    stamp = created.strftime("%Y-%m-%dT%H:%M:%S.%f") if created is not None else ""
+    return hashlib.sha256(f"{project.name}\n{stamp}".encode()).hexdigest()[:16]
 
 
 def _saved_again(previous: LabelEvent, saved_at: datetime | None) -> bool:

@@ -139,6 +139,9 @@ def find_project(client: LabelStudio, *, title: str) -> int | None:
     return None
 
 
+PROJECT_KEY_PREFIX = "defect-loop project key: "
+
+
 def ensure_project(
     client: LabelStudio,
     *,
@@ -146,26 +149,58 @@ def ensure_project(
     classes: Sequence[str],
     descriptions: Mapping[str, str] | None = None,
     model_version: str | None = None,
+    key: str | None = None,
+    known_project_id: int | None = None,
 ) -> int:
-    """The id of the Label Studio project with this title: created (showing model_version's predictions), or reused (its
-    config updated to the classes; its model version is changed by show_predictions_of once such predictions exist)."""
-    title = title[:PROJECT_TITLE_MAX]
+    """The id of this defect-loop project's Label Studio project: `known_project_id` (where its tasks already are) while
+    it exists, else the one titled `title` that carries `key` in its description, else a new one (showing
+    model_version's predictions). Its config is updated to the classes; its model version is changed by
+    show_predictions_of once such predictions exist.
+
+    A project of that title that belongs to another defect-loop store (another key, or tasks without a key: two
+    project folders of the same name on one server) is never shared: answers to its tasks would be taken for this
+    store's images. The title then gets the key's start, "defect-loop NAME (1a2b3c4d)"."""
     label_config = label_config_for(classes, descriptions)
     instructions = instructions_for(classes, descriptions)
-    project_id = find_project(client, title=title)
+    marker = f"{PROJECT_KEY_PREFIX}{key}" if key else None
+    project_id = None
+    if known_project_id is not None:
+        try:
+            client.projects.get(id=known_project_id)
+            project_id = known_project_id
+        except ApiError as error:
+            if error.status_code != 404:
+                raise
+    titles = [title] + ([f"{title} ({key[:8]})", f"{title} ({key})"] if key else [])
+    for candidate in ([] if project_id is not None else titles):
+        candidate = candidate[:PROJECT_TITLE_MAX]
+        found = find_project(client, title=candidate)
+        if found is None:
+            created = client.projects.create(
+                title=candidate,
+                label_config=label_config,
+                description="Images picked by defect-loop's active learning; answers flow back at the next round."
+                            + (f"\n{marker}" if marker else ""),
+                expert_instruction=instructions,
+                show_instruction=True,
+                show_skip_button=True,
+                # Pre-annotations: the model's guess is pre-selected for the annotator.
+                show_collab_predictions=True,
+                **({"model_version": model_version} if model_version else {}),
+            )
+            return int(created.id)
+        existing = client.projects.get(id=found)
+        description = existing.description or ""
+        if marker is None or marker in description:
+            project_id = found
+            break
+        if PROJECT_KEY_PREFIX not in description and not (getattr(existing, "task_number", None) or 0):
+            client.projects.update(id=found, description=f"{description}\n{marker}".strip())  # empty and unclaimed: ours now
+            project_id = found
+            break
     if project_id is None:
-        created = client.projects.create(
-            title=title,
-            label_config=label_config,
-            description="Images picked by defect-loop's active learning; answers flow back at the next round.",
-            expert_instruction=instructions,
-            show_instruction=True,
-            show_skip_button=True,
-            # Pre-annotations: the model's guess is pre-selected for the annotator.
-            show_collab_predictions=True,
-            **({"model_version": model_version} if model_version else {}),
-        )
-        return int(created.id)
+        raise LabelStudioConfigError(f"the Label Studio projects titled {', '.join(map(repr, titles))} all belong to other defect-loop "
+                                     "stores; rename this project (loop.toml name) or remove them")
     current = client.projects.get(id=project_id)
     changes: dict[str, Any] = {}
     if (current.label_config or "").strip() != label_config.strip():

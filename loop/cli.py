@@ -395,7 +395,7 @@ def labelstudio_webhook(
         ctx = open_project(project)
         backend = LabelStudioBackend(config=ctx.config, project_dir=ctx.root)
         with session_scope(ctx.engine) as session:
-            ls_project_id = backend.ensure_project(get_project(session))
+            ls_project_id = backend.ensure_project(get_project(session), session=session)
         hook_id = create_webhook(backend.client(), project_id=ls_project_id, url=url, secret_header="X-Loop-Webhook-Secret", secret=secret)
     console.print(f"webhook {hook_id} on Label Studio project {ls_project_id} -> {url}")
 

@@ -139,11 +139,17 @@ class StoreWithImages:
 def store(tmp_path: Path, request: pytest.FixtureRequest) -> StoreWithImages:
     """A fresh store: one project (unique name: the Label Studio server is shared), 8 tiny PNGs in two folders,
     imported labels for the first four, rounds 1 and 2."""
+    result = build_store(tmp_path, f"{request.node.name[:24]}-{uuid.uuid4().hex[:6]}")
+    yield result
+    result.engine.dispose()
+
+
+def build_store(tmp_path: Path, name: str, *, size_offset: int = 0) -> StoreWithImages:
+    """The `store` fixture's store in tmp_path; size_offset makes other images (another store with the same name)."""
     url = f"sqlite:///{tmp_path / 'loop.db'}"
     upgrade_schema(url)
     engine = create_db_engine(url)
     truth = ["good", "scratch", "spot", "good", "scratch", "good", "spot", "good"]
-    name = f"{request.node.name[:24]}-{uuid.uuid4().hex[:6]}"
     with session_scope(engine) as session:
         project = Project(name=name, root_dir=str(tmp_path), classes=CLASSES, negative_class="good")
         session.add(project)
@@ -156,11 +162,12 @@ def store(tmp_path: Path, request: pytest.FixtureRequest) -> StoreWithImages:
             folder = tmp_path / "images" / ("line-1" if k < 4 else "line-2")
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"part{k:02d}.png"
-            PILImage.new("RGB", (8 + k, 8 + k), COLORS[label]).save(path)
+            side = 8 + k + size_offset
+            PILImage.new("RGB", (side, side), COLORS[label]).save(path)
             data = path.read_bytes()
             paths.append(str(path))
             images.append(Image(project_id=project.id, sha256=hashlib.sha256(data).hexdigest(), path=str(path), size_bytes=len(data),
-                                width=8 + k, height=8 + k, split="pool", ingest_batch_id=batch.id))
+                                width=side, height=side, split="pool", ingest_batch_id=batch.id))
         session.add_all(images)
         session.flush()
         for image, label in list(zip(images, truth))[:4]:
@@ -168,10 +175,8 @@ def store(tmp_path: Path, request: pytest.FixtureRequest) -> StoreWithImages:
         rounds = [Round(project_id=project.id, number=n, status="completed" if n == 1 else "running") for n in (1, 2)]
         session.add_all(rounds)
         session.flush()
-        result = StoreWithImages(url=url, engine=engine, project_id=project.id, project_name=name,
-                                 round_ids={r.number: r.id for r in rounds}, image_ids=[i.id for i in images], paths=paths, truth=truth)
-    yield result
-    engine.dispose()
+        return StoreWithImages(url=url, engine=engine, project_id=project.id, project_name=name,
+                               round_ids={r.number: r.id for r in rounds}, image_ids=[i.id for i in images], paths=paths, truth=truth)
 
 
 @pytest.fixture

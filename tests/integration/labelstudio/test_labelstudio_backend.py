@@ -191,6 +191,29 @@ def test_an_annotator_who_saves_the_same_answer_again_confirms_it(labelstudio, s
     assert labels(store)[store.image_ids[4]].label == "scratch"
 
 
+def test_two_project_folders_of_the_same_name_never_share_a_label_studio_project(labelstudio, store, backend, tmp_path) -> None:
+    from conftest import build_store
+
+    push(backend, store, [store.task(k, predicted="scratch") for k in (4, 5)])
+    # another folder, another store, the same project name: its image 4 has the same id, another picture
+    (tmp_path / "other").mkdir()
+    other = build_store(tmp_path / "other", store.project_name, size_offset=20)
+    try:
+        report = push(backend, other, [other.task(k, predicted="good") for k in (4, 5)])
+        assert (report.pushed, report.already_present) == (2, 0)  # its own tasks, not the first store's (same ids, other images)
+        assert ls_project_id(other) != ls_project_id(store)
+        admin = labelstudio.admin()
+        assert admin.projects.get(id=ls_project_id(other)).title.startswith(f"defect-loop {store.project_name} (")
+        # an answer to the first store's task is the first store's label only
+        annotate(labelstudio.as_annotator(ANNOTATOR_A), task_ids_by_image(store)[store.image_ids[4]], "spot")
+        assert pull(backend, other).new_label_events == 0 and other.image_ids[4] not in labels(other)
+        assert pull(backend, store).new_label_events == 1 and labels(store)[store.image_ids[4]].label == "spot"
+        # and each store keeps finding its own project
+        assert push(backend, other, [other.task(6, predicted="good")]).pushed == 1 and ls_project_id(other) != ls_project_id(store)
+    finally:
+        other.engine.dispose()
+
+
 def test_reopening_survives_a_deleted_task_a_half_done_reopen_and_repeated_answers(labelstudio, store, backend) -> None:
     push(backend, store, [store.task(k, predicted="scratch", score=0.7) for k in (4, 5, 6)])
     tasks = task_ids_by_image(store)
