@@ -27,6 +27,10 @@ class TaskRequest:
     probabilities: dict[str, float] = field(default_factory=dict)
     current_label: str | None = None  # shown for suspected label errors
     round_number: int | None = None
+    # the model's defect decision: P(defect) = 1 - P(negative_class) against this threshold (None: no negative class,
+    # or a guess that is not the round's decision, e.g. cleanlab's suggestion for a questioned label)
+    negative_class: str | None = None
+    decision_threshold: float | None = None
 
 
 @dataclass

@@ -43,6 +43,8 @@ REASON_TEXT = {
     "answer_rejected": "the answer given is not one of this project's classes: choose one of them",
     "random": "random check",
     "cold_start": "it is least like the known-good parts (picked before any model existed)",
+    "likely_defect": "the model calls it good, but only just: a defect here would be a missed defect",
+    "confused_good": "the model calls it a defect, but only just: it may be a good part (a false alarm)",
 }
 
 
@@ -63,10 +65,26 @@ def why_text(task: TaskRequest, *, round_number: int | None) -> str:
         parts.append(f"Current label: {task.current_label}.")
     if task.predicted_label is not None:
         score = _prediction_score(task)
-        parts.append(f"Model's guess: {task.predicted_label}" + (f" ({score:.0%})." if score is not None else "."))
+        # a questioned label is shown cleanlab's suggestion (out of fold), not the round's model's guess
+        who = "Suggested label" if task.reason == "suspected_label_error" else "Model's guess"
+        guess = f"{who}: {task.predicted_label}" + (f" ({_percent(score)})" if score is not None else "")
+        negative = task.probabilities.get(task.negative_class) if task.negative_class is not None else None
+        if negative is not None and task.decision_threshold is not None:
+            # the guess is the defect decision: P(defect) against the threshold says how close it was
+            guess += f"; P(defect) {1.0 - negative:.2g} against the defect threshold {task.decision_threshold:.2g}"
+        parts.append(guess + ".")
     if round_number is not None:
         parts.append(f"Round {round_number}.")
     return " ".join(parts)
+
+
+def _percent(value: float) -> str:
+    """A probability as a person reads it: never "0%" or "100%" for what is only nearly so."""
+    if value < 0.005:
+        return "<1%" if value > 0 else "0%"
+    if value > 0.995:
+        return ">99%" if value < 1 else "100%"
+    return f"{value:.0%}"
 
 
 def _asked_again(text: str) -> str:

@@ -974,7 +974,7 @@ def select_next_batch(state: RoundState) -> None:
         state.batch.append(TaskRequest(
             image_id=state.image_ids[position], image_path=state.paths[position], sha256=state.hashes[position], reason=reason,
             predicted_label=predicted_label, prediction_score=prediction_score, probabilities=probabilities,
-            current_label=current, round_number=state.number,
+            current_label=current, round_number=state.number, **_decision_of(state, position),
         ))
         state.batch_meta.append({"score": score, "strategy": "label_quality" if reason in ASKED_AGAIN_REASONS else strategy})
 
@@ -1215,7 +1215,17 @@ def _retried_task(state: RoundState, selection: Selection, image: Image, positio
     guess = _model_guess(state, position) if position is not None else None
     predicted_label, score, probabilities = guess if guess is not None else (selection.predicted_label, None, {})
     return TaskRequest(image_id=image.id, image_path=image.path, sha256=image.sha256, reason=selection.reason, predicted_label=predicted_label,
-                       prediction_score=score, probabilities=probabilities, current_label=current_label, round_number=state.number)
+                       prediction_score=score, probabilities=probabilities, current_label=current_label, round_number=state.number,
+                       **(_decision_of(state, position) if guess is not None else {}))
+
+
+def _decision_of(state: RoundState, position: int) -> dict[str, Any]:
+    """negative_class and decision_threshold for a TaskRequest whose guess is this round's thresholded decision (an
+    unlabeled image): the annotator then reads P(defect) against the threshold, which explains a guess at 99% that the
+    loop calls unsure, or a defect guessed at 1%. A labeled image's guess is an out-of-fold or cleanlab suggestion."""
+    if state.threshold is None or state.config.negative_class is None or state.labels[position] != UNLABELED:
+        return {}
+    return {"negative_class": state.config.negative_class, "decision_threshold": float(state.threshold.threshold)}
 
 
 def _out_of_fold_guess(state: RoundState, position: int) -> tuple[str, float, dict[str, float]] | None:
@@ -1272,7 +1282,7 @@ def _open_guesses(state: RoundState, session, *, in_batch: set[int]) -> list[Tas
             continue
         label, score, probabilities = _model_guess(state, position)
         guesses.append(TaskRequest(image_id=image_id, image_path=path, sha256=sha256, reason="open", predicted_label=label, prediction_score=score,
-                                   probabilities=probabilities, round_number=state.number))
+                                   probabilities=probabilities, round_number=state.number, **_decision_of(state, position)))
     return guesses
 
 

@@ -91,7 +91,7 @@ def test_push_creates_one_task_per_image_with_prediction_and_is_idempotent(label
     assert sorted(tasks) == sorted(store.image_ids[k] for k in (0, 1, 4, 5))
     suspect = tasks[store.image_ids[1]]
     assert suspect.data["current_label"] == "scratch" and suspect.data["reason"] == "suspected_label_error"
-    assert "Current label: scratch" in suspect.data["why"] and "Model's guess: spot (91%)" in suspect.data["why"]
+    assert "Current label: scratch" in suspect.data["why"] and "Suggested label: spot (91%)" in suspect.data["why"]
     (prediction,) = suspect.predictions
     prediction = prediction.model_dump() if hasattr(prediction, "model_dump") else prediction
     assert prediction["model_version"] == "round-1" and prediction["score"] == pytest.approx(0.91)
