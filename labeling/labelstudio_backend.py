@@ -575,6 +575,9 @@ class AnnotationRecorder:
         if key in self._rejected:
             return False
         self._rejected.add(key)
+        rejections = self.report.details.setdefault("rejections", [])
+        if len(rejections) < 20:  # the reasons a person reads (loop round, status); every one is a RejectedAnnotation row
+            rejections.append(f"answer {external_id} (task {annotation.get('task_id')}): {reason}")
         self.session.add(
             RejectedAnnotation(project_id=self.project.id, backend=self.backend, external_id=external_id, reason=reason, payload=_json_safe(dict(annotation)))
         )

@@ -176,6 +176,7 @@ def print_round(outcome) -> None:  # noqa: ANN001
 
     metrics, details = outcome.metrics, outcome.details
     counts = details["labeled_counts"]
+    _print_pull(details.get("pull") or {})
     if details.get("cold_start"):
         selection = details.get("selection") or {}
         console.print(f"round {outcome.number}: [yellow]cold start[/] · {escape(details['cold_start']['reason'])}")
@@ -217,6 +218,19 @@ def print_round(outcome) -> None:  # noqa: ANN001
                   + f"{details.get('push', {}).get('pending', 0)} pending · total {outcome.timings_s.get('total', 0):.1f} s")
     plots = [outcome.artifacts.get(name) for name in ("confusion_matrix_png", "gates_png", "training_curves_png")]
     console.print("plots: " + ", ".join(str(path) for path in plots if path))
+
+
+def _print_pull(pull: dict) -> None:
+    """What this round's pull took in from the annotators, and why any answer could not be used."""
+    counts = [(pull.get(key) or 0, what) for key, what in (("new_label_events", "new answers"), ("skipped", "skipped"),
+                                                            ("rejected", "rejected"), ("deleted", "deleted"))]
+    if not any(n for n, _ in counts):
+        return
+    confirmed = (pull.get("labelstudio") or {}).get("confirmed")
+    console.print("pulled from the annotators: " + ", ".join(f"{n} {what}" for n, what in counts if n)
+                  + (f" ({confirmed} answers saved again unchanged: confirmed)" if confirmed else ""))
+    for reason in (pull.get("rejections") or [])[:5]:
+        console.print(f"  [yellow]rejected:[/] {escape(str(reason))}")
 
 
 def _threshold_origin(details: dict) -> str:

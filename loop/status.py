@@ -87,6 +87,8 @@ def _round_summary(round_row: Round) -> dict:
         "labeled_counts": details.get("labeled_counts"),
         # what reached the annotators: pushed, pending, answered tasks asked again, waiting tasks given this round's guess
         "push": details.get("push"),
+        # what the round's pull took in: new answers, skips, rejections (with their reasons) and deletions
+        "pull": details.get("pull"),
         "ties": details.get("ties"),  # images whose annotators disagree evenly, and how many went back for one more answer
         "rejected_answers": details.get("rejected_answers"),  # images whose only answer was not a class, and how many were asked again
         "threshold": details.get("threshold"),

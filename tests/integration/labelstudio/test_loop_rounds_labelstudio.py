@@ -4,6 +4,7 @@ round 2 pulls every answer into the store and trains on it."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,11 @@ def test_two_loop_rounds_through_label_studio(tmp_path: Path, class_folders: Pat
     annotator_a.annotations.create(id=tasks[tie_image][0], result=lsc.choice_result("scratch"), lead_time=1.0)
     annotator_b.annotations.create(id=tasks[tie_image][0], result=lsc.choice_result("spot"), lead_time=1.0)
 
-    invoke("round", "--project", str(project), "--quiet")
+    second = " ".join(invoke("round", "--project", str(project), "--quiet").output.split())
+    # what the pull took in is said, with why an answer could not be used
+    assert f"pulled from the annotators: {len(agreeing) + 2} new answers, 1 rejected" in second
+    assert "rejected: answer" in second and "label 'dent' is not a class of project" in second
+    assert json.loads(invoke("status", "--project", str(project), "--json").output)["rounds"][-1]["pull"]["rejected"] == 1
     with session_scope(ctx.engine) as session:
         labels = current_labels(session, round_one.project_id)
         for image_id in agreeing:
