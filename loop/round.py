@@ -945,17 +945,28 @@ def select_next_batch(state: RoundState) -> None:
     without a model means nothing), and the batch goes out without pre-annotations."""
     loop_config = state.config.loop
     candidates = _selectable_positions(state)
+    # images earlier rounds picked that never reached the annotators (the tool was down) are pushed first, and count
+    # against this round's budget: a queue that could not be delivered should not grow by a full batch every round
+    with session_scope(state.ctx.engine) as session:
+        undelivered = session.scalar(select(func.count()).select_from(Selection).join(Round, Round.id == Selection.round_id).where(
+            Round.project_id == get_project(session).id, Round.id != state.round_id, Selection.push_status.in_(("pending", "failed")),
+            Selection.reason.not_in(ASKED_AGAIN_REASONS))) or 0
+    budget = max(loop_config.budget_per_round - undelivered, 0)
+    state.details["selection_budget"] = {"budget_per_round": loop_config.budget_per_round, "undelivered_from_earlier_rounds": int(undelivered),
+                                         "budget": budget}
+    if undelivered:
+        state.console.print(f"{undelivered} images picked earlier still wait to reach the annotators: this round picks {budget} new ones")
     visible_labels = state.labels.copy()
     visible_labels[state.splits == "test"] = UNLABELED
     strategy = _cold_start_strategy(state) if state.cold_start else loop_config.strategy
     probabilities = state.probabilities if not state.cold_start else np.full((len(state.image_ids), len(state.config.classes)), 1.0 / len(state.config.classes), dtype=np.float32)
     result = select_batch(
-        strategy=strategy, budget=min(loop_config.budget_per_round, len(candidates)), embeddings=state.embeddings,
+        strategy=strategy, budget=min(budget, len(candidates)), embeddings=state.embeddings,
         probabilities=probabilities, labels=visible_labels, candidates=candidates, class_names=list(state.config.classes),
         negative_index=state.config.negative_index, gate_estimates=state.estimated_gates,
         defect_threshold=state.selection_threshold, seed=loop_config.seed + state.number,
         index=_selection_index(state),
-    ) if len(candidates) and loop_config.budget_per_round else None
+    ) if len(candidates) and budget else None
     picks: list[tuple[int, float, str, str | None]] = []
     if result is not None:
         picks = [(int(p), float(s), r, None) for p, s, r in zip(result.indices, result.scores, result.reasons)]

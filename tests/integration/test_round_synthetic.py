@@ -614,6 +614,15 @@ def test_a_batch_the_backend_could_not_take_is_pushed_next_round_with_that_round
     assert first and set(statuses.values()) == {"pushed"}  # retried and delivered in round 2
     retried = {task.image_id: task for task in second if task.image_id in statuses}
     assert set(retried) == set(statuses)
+    # the undelivered batch counts against round 2's budget: the queue does not grow by a full batch while the tool is down
+    with session_scope(open_project(project_with_pool).engine) as session:
+        round_two = session.scalars(select(Round).where(Round.number == 2)).one()
+        new_picks = session.scalars(select(Selection).where(Selection.round_id == round_two.id, Selection.reason != "suspected_label_error")).all()
+        undelivered = len(session.scalars(select(Selection).join(Round).where(Round.number == 1, Selection.reason != "suspected_label_error")).all())
+    assert undelivered == 5  # round 1's whole batch
+    assert round_two.details["selection_budget"] == {"budget_per_round": 5, "undelivered_from_earlier_rounds": undelivered,
+                                                     "budget": max(5 - undelivered, 0)}
+    assert len(new_picks) == max(5 - undelivered, 0)
     for task in retried.values():  # round 2's model guesses, under round 2's version, with its score and probabilities
         assert task.round_number == 2 and task.probabilities and task.prediction_score == task.probabilities[task.predicted_label]
         if task.reason == "suspected_label_error":
