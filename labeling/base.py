@@ -56,6 +56,9 @@ class PushReport:
     # which images of the batch `pending` are (last: a backend building the report by position keeps working); a
     # backend that names none of the batch with pending > 0 has its whole batch retried
     pending_image_ids: set[int] = field(default_factory=set)
+    # images whose task, still waiting for an answer, was deleted in the annotation tool: the backend forgot the task,
+    # and the loop asks again in a new one at the next round
+    gone_image_ids: set[int] = field(default_factory=set)
 
 
 class AnnotatorBackend(Protocol):

@@ -192,6 +192,7 @@ class LabelStudioBackend:
             try:
                 if guesses:  # every task's id and data, to touch only tasks that are still there and still show the image
                     live = {entry["task_id"]: entry["data"] for entry in lsc.list_task_data(client, project_id=ls_project_id)}
+                    self._forget_deleted_tasks(session, report, ls_project_id=ls_project_id, live=live, image_ids={g.image_id for g in guesses})
                     self._refresh_open_tasks(client, report, session=session, project=project, ls_project_id=ls_project_id, live=live,
                                              guesses=guesses, model_version=model_version)
             except (httpx.HTTPError, ApiError) as error:  # the batch itself is in; its tasks show this round's guesses anyway
@@ -334,6 +335,20 @@ class LabelStudioBackend:
         it, and its id may have been given to another image's task since)."""
         return {image_id: task_id for image_id, task_id in self._tasks_of(session, ls_project_id=ls_project_id, image_ids=image_ids).items()
                 if (live.get(task_id) or {}).get("defect_loop_image_id") == image_id}
+
+    def _forget_deleted_tasks(self, session: Session, report: PushReport, *, ls_project_id: int, live: Mapping[int, Mapping[str, Any]],
+                              image_ids: set[int]) -> None:
+        """Tasks still waiting for an answer that were deleted in Label Studio (or whose id now shows another image):
+        the store forgets them (report.gone_image_ids), so the image's next push makes a new task instead of counting
+        a task nobody can see as asked."""
+        showing = self._tasks_showing(session, ls_project_id=ls_project_id, live=live, image_ids=image_ids)
+        gone = set(self._tasks_of(session, ls_project_id=ls_project_id, image_ids=image_ids)) - set(showing)
+        if not gone:
+            return
+        for row in session.scalars(select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.image_id.in_(sorted(gone)))):
+            session.delete(row)
+        session.flush()
+        report.gone_image_ids |= gone
 
     def _refresh_open_tasks(self, client, report: PushReport, *, session: Session, project: Project, ls_project_id: int,
                             live: Mapping[int, Mapping[str, Any]], guesses: Sequence[TaskRequest], model_version: str | None) -> None:

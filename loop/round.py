@@ -1196,13 +1196,32 @@ def push_batch(state: RoundState) -> None:
                 selection.push_status = "recorded"
             elif image.id not in not_reached:
                 selection.push_status, selection.pushed_at = "pushed", now
+        # a waiting task deleted in the annotation tool: its image's newest ask is pending again, pushed in a new task
+        # next round (asked as before), instead of counting as asked by a task nobody can see
+        requeued = _requeue_deleted_tasks(session, project.id, getattr(report, "gone_image_ids", set()))
         state.push_report = report
     for warning in report.warnings:
         state.console.print(f"[yellow]warning:[/] {escape(warning)}")
     state.details["push"] = {"backend": name, "pushed": report.pushed, "already_present": report.already_present, "pending": report.pending,
                              "reopened": report.reopened, "refreshed": report.refreshed, "closed": report.closed, "settled_done": report.settled_done,
                              "withdrawn": len(withdrawn), "withdrawn_answered": len(answered), "withdrawn_quarantined": len(quarantined),
-                             "warnings": report.warnings}
+                             "requeued_deleted_tasks": requeued, "warnings": report.warnings}
+    if requeued:
+        state.console.print(f"{requeued} tasks still waiting for an answer were deleted in the annotation tool: their images are asked "
+                            "again in new tasks next round")
+
+
+def _requeue_deleted_tasks(session, project_id: int, image_ids: set[int]) -> int:  # noqa: ANN001
+    """The newest pushed ask of each image whose waiting task was deleted in the annotation tool, pending again."""
+    if not image_ids:
+        return 0
+    newest: dict[int, Selection] = {}
+    for selection in session.scalars(select(Selection).join(Round, Round.id == Selection.round_id).where(
+            Round.project_id == project_id, Selection.image_id.in_(sorted(image_ids)), Selection.push_status == "pushed").order_by(Selection.id)):
+        newest[selection.image_id] = selection
+    for selection in newest.values():
+        selection.push_status = "pending"
+    return len(newest)
 
 
 def _answered_before_pushed(state: RoundState, session, selections: list[Selection]) -> dict[int, int]:  # noqa: ANN001

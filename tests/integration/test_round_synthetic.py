@@ -654,6 +654,30 @@ def test_a_pending_selection_whose_file_changed_or_went_missing_is_withdrawn_not
     assert details["push"]["withdrawn_quarantined"] == 2
 
 
+def test_a_waiting_task_deleted_in_the_annotation_tool_is_asked_again_in_a_new_one(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from labeling.base import PullReport, PushReport
+    from labeling.simulated import OracleAnnotator
+
+    pushed: list[list] = []
+    gone: set[int] = set()
+    monkeypatch.setattr(OracleAnnotator, "pull", lambda self, *, session, project, round_id: PullReport())  # nobody answers
+    monkeypatch.setattr(OracleAnnotator, "push", lambda self, *, session, project, round_id, batch, **_: (
+        pushed.append(batch), PushReport(pushed=len(batch), gone_image_ids=set(gone)))[1])
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    deleted = next(task.image_id for task in pushed[0] if task.reason != "suspected_label_error")
+    gone.add(deleted)  # round 2's push finds its task deleted in the tool
+    result = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert result.exit_code == 0 and "deleted in the annotation tool" in " ".join(result.output.split())
+    with session_scope(open_project(project_with_pool).engine) as session:
+        first = session.scalars(select(Selection).join(Round).where(Round.number == 1, Selection.image_id == deleted)).one()
+        assert first.push_status == "pending"  # asked again, by the same ask
+        assert session.scalars(select(Round).where(Round.number == 2)).one().details["push"]["requeued_deleted_tasks"] == 1
+    gone.clear()
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    retried = [task for task in pushed[2] if task.image_id == deleted]
+    assert len(retried) == 1 and retried[0].reason == first.reason  # pushed again with its own reason, in a new task
+
+
 def test_annotators_who_disagree_evenly_get_one_more_answer(project_with_pool: Path) -> None:
     ctx = open_project(project_with_pool)
     tied_id = tie_a_pool_image(project_with_pool, folder="scratch")

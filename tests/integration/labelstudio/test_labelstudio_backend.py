@@ -268,11 +268,15 @@ def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_sele
     assert offered["id"] == tasks[store.image_ids[5]]  # oldest first; image 4's task is answered
     assert [(p["model_version"], lsc.result_choices(p["result"])) for p in offered["predictions"]] == [("round-2", ["spot"])]
 
-    # Round 3: image 6's task was deleted in Label Studio (its id may go to a new task): the others still get the guess
+    # Round 3: image 6's task was deleted in Label Studio (its id may go to a new task): the others still get the guess,
+    # and the store forgets the deleted task, so the image's next push asks in a new one
     admin.tasks.delete(id=str(tasks[store.image_ids[6]]))
     later = [store.task(k, reason="open", predicted="good", score=0.6, round_number=2) for k in (5, 6)]
     third = push(backend, store, [], round_number=2, open_guesses=later)
-    assert (third.refreshed, third.warnings) == (1, [])
+    assert (third.refreshed, third.warnings, third.gone_image_ids) == (1, [], {store.image_ids[6]})
+    assert store.image_ids[6] not in task_ids_by_image(store)
+    again = push(backend, store, [store.task(6, predicted="good", score=0.6, round_number=2)], round_number=2)
+    assert (again.pushed, again.already_present) == (1, 0) and task_ids_by_image(store)[store.image_ids[6]] != tasks[store.image_ids[6]]
 
 
 def test_closing_a_reopened_task_keeps_the_overlap_it_had_before(labelstudio, store, backend) -> None:
