@@ -126,6 +126,9 @@ class LabelStudioBackend:
         annotator = getattr(config, "annotator", None)
         self.url = url or os.environ.get("LABEL_STUDIO_URL") or getattr(annotator, "labelstudio_url", None)
         self.api_key = api_key or os.environ.get("LABEL_STUDIO_API_KEY") or getattr(annotator, "labelstudio_api_key", None)
+        # where the token came from: a refused token names it (the environment wins over loop.toml)
+        self.api_key_source = ("the backend's arguments" if api_key else "LABEL_STUDIO_API_KEY (the environment wins over loop.toml)"
+                               if os.environ.get("LABEL_STUDIO_API_KEY") else "loop.toml [annotator] labelstudio_api_key")
         self.document_root = os.path.abspath(
             document_root
             or os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
@@ -143,7 +146,12 @@ class LabelStudioBackend:
     def client(self):
         """The connected SDK client (token checked once). Raises LabelStudioUnavailable / LabelStudioAuthError."""
         if self._client is None:
-            self._client = lsc.connect(self.url, self.api_key, timeout_s=self.timeout_s)
+            try:
+                self._client = lsc.connect(self.url, self.api_key, timeout_s=self.timeout_s)
+            except lsc.LabelStudioAuthError as error:
+                if self.api_key:
+                    raise lsc.LabelStudioAuthError(f"{error}; the token used came from {self.api_key_source}") from error
+                raise
         return self._client
 
     def title_for(self, project: Project) -> str:

@@ -372,7 +372,9 @@ def labelstudio_up(
     state = "already running" if server.already_running else "started"
     console.print(f"Label Studio {state} at [bold]{server.url}[/] (pid {server.pid}, data {server.data_dir}, log {server.log_path})")
     console.print(f"  login: {server.username}" + (f" / {server.password}" if server.password else ""))
-    console.print(f"  API token: {server.token}   (export LABEL_STUDIO_URL={server.url} LABEL_STUDIO_API_KEY={server.token})")
+    console.print(f"  API token: {server.token}")
+    # one line, never wrapped, so it pastes into a shell as it is
+    console.print(f"  export LABEL_STUDIO_URL={server.url} LABEL_STUDIO_API_KEY={server.token}", soft_wrap=True, highlight=False)
     if project is not None:
         console.print(f"  {escape(str(project))}/loop.toml now uses it: \\[annotator] backend = \"labelstudio\"")
     console.print(f"  stop it with: loop labelstudio down --data-dir {data_dir}")

@@ -340,7 +340,7 @@ def test_a_push_that_fails_half_way_leaves_only_what_did_not_get_there_pending(l
     assert report.pending_image_ids == {store.image_ids[6]}
 
 
-def test_push_and_pull_when_label_studio_is_unreachable_or_token_wrong(labelstudio, store) -> None:
+def test_push_and_pull_when_label_studio_is_unreachable_or_token_wrong(labelstudio, store, monkeypatch) -> None:
     closed = f"http://127.0.0.1:{lss.free_port()}"
     down = LabelStudioBackend(url=closed, api_key=labelstudio.token, document_root=str(labelstudio.document_root))
     report = push(down, store, [store.task(0, predicted="good"), store.task(1, predicted="spot")])
@@ -359,6 +359,11 @@ def test_push_and_pull_when_label_studio_is_unreachable_or_token_wrong(labelstud
         push(wrong, store, [store.task(0)])
     with pytest.raises(lsc.LabelStudioAuthError, match="labelstudio_api_key"):
         pull(wrong, store)
+    # the message names where the refused token came from: the environment wins over loop.toml
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "e" * 40)
+    from_env = LabelStudioBackend(url=labelstudio.url, document_root=str(labelstudio.document_root))
+    with pytest.raises(lsc.LabelStudioAuthError, match=r"the token used came from LABEL_STUDIO_API_KEY \(the environment wins over loop.toml\)"):
+        pull(from_env, store)
 
 
 def test_annotators_answers_become_label_events_with_consensus_and_rejections(labelstudio, store, backend) -> None:
