@@ -43,8 +43,9 @@ REASON_TEXT = {
     "answer_rejected": "the answer given is not one of this project's classes: choose one of them",
     "random": "random check",
     "cold_start": "it is least like the known-good parts (picked before any model existed)",
-    "likely_defect": "the model calls it good, but only just: a defect here would be a missed defect",
-    "confused_good": "the model calls it a defect, but only just: it may be a good part (a false alarm)",
+    # the selection's gate-aware components: which side of the threshold the model is on is in the guess that follows
+    "likely_defect": "it is near the line between good and defect: the loop is missing defects, and this may be one",
+    "confused_good": "it is near the line between good and defect: the loop raises false alarms, and this may be one",
 }
 
 
@@ -71,7 +72,8 @@ def why_text(task: TaskRequest, *, round_number: int | None) -> str:
         negative = task.probabilities.get(task.negative_class) if task.negative_class is not None else None
         if negative is not None and task.decision_threshold is not None:
             # the guess is the defect decision: P(defect) against the threshold says how close it was
-            guess += f"; P(defect) {1.0 - negative:.2g} against the defect threshold {task.decision_threshold:.2g}"
+            p_defect, threshold = _distinct_digits(1.0 - negative, task.decision_threshold)
+            guess += f"; P(defect) {p_defect} against the defect threshold {threshold}"
         parts.append(guess + ".")
     if round_number is not None:
         parts.append(f"Round {round_number}.")
@@ -85,6 +87,16 @@ def _percent(value: float) -> str:
     if value > 0.995:
         return ">99%" if value < 1 else "100%"
     return f"{value:.0%}"
+
+
+def _distinct_digits(value: float, threshold: float) -> tuple[str, str]:
+    """Both numbers with as many significant digits as it takes to show which side of the threshold the value is on
+    (0.4962 against 0.5 is "0.496 against 0.5", never "0.5 against 0.5"), at least two, at most six."""
+    for digits in range(2, 7):
+        shown_value, shown_threshold = f"{value:.{digits}g}", f"{threshold:.{digits}g}"
+        if shown_value != shown_threshold or value == threshold:
+            return shown_value, shown_threshold
+    return shown_value, shown_threshold
 
 
 def _asked_again(text: str) -> str:
@@ -200,7 +212,7 @@ class LabelStudioBackend:
             try:
                 if guesses:  # every task's id and data, to touch only tasks that are still there and still show the image
                     live = {entry["task_id"]: entry["data"] for entry in lsc.list_task_data(client, project_id=ls_project_id)}
-                    self._forget_deleted_tasks(session, report, ls_project_id=ls_project_id, live=live, image_ids={g.image_id for g in guesses})
+                    self._forget_deleted_tasks(client, session, report, ls_project_id=ls_project_id, live=live, image_ids={g.image_id for g in guesses})
                     self._refresh_open_tasks(client, report, session=session, project=project, ls_project_id=ls_project_id, live=live,
                                              guesses=guesses, model_version=model_version)
             except (httpx.HTTPError, ApiError) as error:  # the batch itself is in; its tasks show this round's guesses anyway
@@ -344,13 +356,23 @@ class LabelStudioBackend:
         return {image_id: task_id for image_id, task_id in self._tasks_of(session, ls_project_id=ls_project_id, image_ids=image_ids).items()
                 if (live.get(task_id) or {}).get("defect_loop_image_id") == image_id}
 
-    def _forget_deleted_tasks(self, session: Session, report: PushReport, *, ls_project_id: int, live: Mapping[int, Mapping[str, Any]],
-                              image_ids: set[int]) -> None:
-        """Tasks still waiting for an answer that were deleted in Label Studio (or whose id now shows another image):
-        the store forgets them (report.gone_image_ids), so the image's next push makes a new task instead of counting
-        a task nobody can see as asked."""
+    def _forget_deleted_tasks(self, client, session: Session, report: PushReport, *, ls_project_id: int,  # noqa: ANN001
+                              live: Mapping[int, Mapping[str, Any]], image_ids: set[int]) -> None:
+        """Tasks still waiting for an answer that were deleted in Label Studio (or whose id now shows another image),
+        or whose whole Label Studio project was deleted: the store forgets them (report.gone_image_ids), so the
+        image's next push makes a new task instead of counting a task nobody can see as asked."""
         showing = self._tasks_showing(session, ls_project_id=ls_project_id, live=live, image_ids=image_ids)
         gone = set(self._tasks_of(session, ls_project_id=ls_project_id, image_ids=image_ids)) - set(showing)
+        elsewhere: dict[str, set[int]] = defaultdict(set)  # tasks in an earlier Label Studio project of this store
+        for row in session.scalars(select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.image_id.in_(sorted(image_ids)),
+                                                                AnnotationTask.external_project_id != str(ls_project_id))):
+            elsewhere[row.external_project_id].add(row.image_id)
+        for other_project, images in elsewhere.items():
+            try:
+                client.projects.get(id=int(other_project))
+            except ApiError as error:
+                if error.status_code == 404:  # deleted with all its tasks
+                    gone |= images
         if not gone:
             return
         for row in session.scalars(select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.image_id.in_(sorted(gone)))):

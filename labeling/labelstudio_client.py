@@ -166,14 +166,18 @@ def ensure_project(
     project_id = None
     if known_project_id is not None:
         try:
-            client.projects.get(id=known_project_id)
-            project_id = known_project_id
+            known = client.projects.get(id=known_project_id)
+            # another store's project under that id (a new server whose ids started over) is not ours; one without any
+            # key was made before keys were kept, by this store, which has tasks there
+            if marker is None or marker in (known.description or "") or PROJECT_KEY_PREFIX not in (known.description or ""):
+                project_id = known_project_id
         except ApiError as error:
             if error.status_code != 404:
                 raise
-    titles = [title] + ([f"{title} ({key[:8]})", f"{title} ({key})"] if key else [])
+    # a long title is cut before its suffix, so the suffixed titles stay apart
+    titles = [title[:PROJECT_TITLE_MAX]] + ([f"{title[:PROJECT_TITLE_MAX - len(suffix)]}{suffix}" for suffix in (f" ({key[:8]})", f" ({key})")]
+                                           if key else [])
     for candidate in ([] if project_id is not None else titles):
-        candidate = candidate[:PROJECT_TITLE_MAX]
         found = find_project(client, title=candidate)
         if found is None:
             created = client.projects.create(
@@ -200,7 +204,7 @@ def ensure_project(
             break
     if project_id is None:
         raise LabelStudioConfigError(f"the Label Studio projects titled {', '.join(map(repr, titles))} all belong to other defect-loop "
-                                     "stores; rename this project (loop.toml name) or remove them")
+                                     "stores: rename or delete one of them in Label Studio")
     current = client.projects.get(id=project_id)
     changes: dict[str, Any] = {}
     if (current.label_config or "").strip() != label_config.strip():

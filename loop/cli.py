@@ -250,9 +250,9 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     """Rounds with metrics and gates, labels by class and source, quarantined files."""
     with clear_errors():
         ctx, config_error = open_project_store(project)
+        if config_error:  # the record is still worth reading; say why the next round will refuse to start
+            error_console.print(f"[yellow]warning:[/] {escape(config_error)}\n(rounds refuse to start until loop.toml is fixed; the store's record follows)")
         report = project_status(ctx)
-    if config_error:  # the record is still worth reading; say why the next round will refuse to start
-        error_console.print(f"[yellow]warning:[/] {escape(config_error)}\n(rounds refuse to start until loop.toml is fixed; the store's record follows)")
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
         return

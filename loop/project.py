@@ -69,9 +69,13 @@ def open_project_store(root: Path) -> tuple[ProjectContext, str | None]:
         try:
             configured = tomllib.loads(path.read_text()).get("database_url")
         except tomllib.TOMLDecodeError:
-            configured = None
-        url = os.environ.get("LOOP_DATABASE_URL") or (configured if isinstance(configured, str) and configured else None) \
-            or f"sqlite:///{(root / 'loop.db').resolve()}"
+            raise error from None  # which store it names cannot be read: never guess one
+        url = os.environ.get("LOOP_DATABASE_URL") or (configured if isinstance(configured, str) and configured else None)
+        if url is None:
+            default = root / "loop.db"
+            if not default.is_file():
+                raise error from None  # no store to read: do not create an empty one
+            url = f"sqlite:///{default.resolve()}"
         upgrade_schema(url)
         return ProjectContext(root, None, create_db_engine(url)), str(error)  # type: ignore[arg-type]  # read-only use
 

@@ -945,12 +945,18 @@ def select_next_batch(state: RoundState) -> None:
     without a model means nothing), and the batch goes out without pre-annotations."""
     loop_config = state.config.loop
     candidates = _selectable_positions(state)
-    # images earlier rounds picked that never reached the annotators (the tool was down) are pushed first, and count
-    # against this round's budget: a queue that could not be delivered should not grow by a full batch every round
+    # while the annotation tool is down (the last push delivered nothing), the images earlier rounds picked wait to be
+    # pushed first and count against this round's budget: the queue should not grow by a full batch every round. An
+    # image left pending on its own (outside the tool's document root) counts for nothing: it would shrink every budget
     with session_scope(state.ctx.engine) as session:
+        project_id = get_project(session).id
+        last_push = session.scalars(select(Round.details).where(Round.project_id == project_id, Round.number < state.number)
+                                    .order_by(Round.number.desc()).limit(1)).first()
+        last_push = (last_push or {}).get("push") or {}
+        tool_down = bool(last_push.get("pending")) and not last_push.get("pushed") and not last_push.get("already_present")
         undelivered = session.scalar(select(func.count()).select_from(Selection).join(Round, Round.id == Selection.round_id).where(
-            Round.project_id == get_project(session).id, Round.id != state.round_id, Selection.push_status.in_(("pending", "failed")),
-            Selection.reason.not_in(ASKED_AGAIN_REASONS))) or 0
+            Round.project_id == project_id, Round.id != state.round_id, Selection.push_status.in_(("pending", "failed")),
+            Selection.reason.not_in(ASKED_AGAIN_REASONS))) or 0 if tool_down else 0
     budget = max(loop_config.budget_per_round - undelivered, 0)
     state.details["selection_budget"] = {"budget_per_round": loop_config.budget_per_round, "undelivered_from_earlier_rounds": int(undelivered),
                                          "budget": budget}

@@ -354,6 +354,11 @@ def test_unknown_training_option_in_loop_toml_stops_before_any_work(project_with
     status = runner.invoke(app, ["status", "--project", str(project_with_pool), "--json"])
     assert status.exit_code == 0
     assert json.loads(status.stdout)["images"]["ok"] == 70 and "unknown training option(s) epocs" in " ".join(status.stderr.split())
+    # a loop.toml that is not TOML names no store: status says so and opens nothing (no empty store made elsewhere)
+    toml.write_text(toml.read_text() + "\n[gates\n")
+    (project_with_pool / "loop.db").rename(project_with_pool / "kept.db")
+    broken = runner.invoke(app, ["status", "--project", str(project_with_pool), "--json"])
+    assert broken.exit_code == 2 and "is not valid TOML" in " ".join(broken.output.split()) and not (project_with_pool / "loop.db").exists()
 
 
 @pytest.mark.parametrize(("option", "message"), [(("--train", "turbo"), "unknown training strategy 'turbo'; available: finetune, full, head"),
@@ -627,6 +632,22 @@ def test_a_batch_the_backend_could_not_take_is_pushed_next_round_with_that_round
         assert task.round_number == 2 and task.probabilities and task.prediction_score == task.probabilities[task.predicted_label]
         if task.reason == "suspected_label_error":
             assert task.current_label == labels[task.image_id].label  # the questioned label as it stands now
+
+
+def test_an_image_left_pending_alone_does_not_shrink_the_next_budget(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from labeling.base import PushReport
+    from labeling.simulated import OracleAnnotator
+
+    def push(self, *, session, project, round_id, batch, **_):  # noqa: ANN001, ANN202
+        stuck = {batch[0].image_id} if batch else set()  # e.g. outside the tool's document root: the rest goes through
+        return PushReport(pushed=len(batch) - len(stuck), pending=len(stuck), pending_image_ids=stuck)
+
+    monkeypatch.setattr(OracleAnnotator, "push", push)
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    with session_scope(open_project(project_with_pool).engine) as session:
+        details = session.scalars(select(Round).where(Round.number == 2)).one().details
+    assert details["selection_budget"] == {"budget_per_round": 5, "undelivered_from_earlier_rounds": 0, "budget": 5}
 
 
 def test_a_pending_selection_whose_file_changed_or_went_missing_is_withdrawn_not_pushed(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:

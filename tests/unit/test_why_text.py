@@ -27,7 +27,11 @@ def test_the_guess_says_how_close_the_defect_decision_was() -> None:
     spot = _task(reason="confused_good", predicted_label="spot", prediction_score=0.00004, probabilities={"good": 0.99995, "spot": 0.00004,
                  "scratch": 0.00001}, negative_class="good", decision_threshold=0.00002)
     text = why_text(spot, round_number=1)
-    assert "Model's guess: spot (<1%); P(defect) 5e-05 against the defect threshold 2e-05." in text and "a false alarm" in text
+    assert "Model's guess: spot (<1%); P(defect) 5e-05 against the defect threshold 2e-05." in text and "false alarms" in text
+    # close to the threshold: enough digits to show the side, "0.4962 against 0.5", not "0.5 against 0.5"
+    close = _task(reason="uncertain", predicted_label="good", prediction_score=0.5038, probabilities={"good": 0.5038, "spot": 0.4962},
+                  negative_class="good", decision_threshold=0.5)
+    assert "P(defect) 0.496 against the defect threshold 0.5." in why_text(close, round_number=1)
     # without a decision (no negative class, or a guess that is not the round's decision): the guess alone
     assert "Model's guess: spot (40%). Round 1." in why_text(_task(reason="uncertain", predicted_label="spot", prediction_score=0.4), round_number=1)
     # a questioned label is shown cleanlab's suggestion, named as such

@@ -144,6 +144,20 @@ def store(tmp_path: Path, request: pytest.FixtureRequest) -> StoreWithImages:
     result.engine.dispose()
 
 
+@pytest.fixture
+def make_store():  # noqa: ANN201
+    """build_store, for a test that needs a second store (e.g. another folder with the same project name)."""
+    made: list[StoreWithImages] = []
+
+    def make(path: Path, name: str, *, size_offset: int = 0) -> StoreWithImages:
+        made.append(build_store(path, name, size_offset=size_offset))
+        return made[-1]
+
+    yield make
+    for store in made:
+        store.engine.dispose()
+
+
 def build_store(tmp_path: Path, name: str, *, size_offset: int = 0) -> StoreWithImages:
     """The `store` fixture's store in tmp_path; size_offset makes other images (another store with the same name)."""
     url = f"sqlite:///{tmp_path / 'loop.db'}"

@@ -191,27 +191,23 @@ def test_an_annotator_who_saves_the_same_answer_again_confirms_it(labelstudio, s
     assert labels(store)[store.image_ids[4]].label == "scratch"
 
 
-def test_two_project_folders_of_the_same_name_never_share_a_label_studio_project(labelstudio, store, backend, tmp_path) -> None:
-    from conftest import build_store
-
+def test_two_project_folders_of_the_same_name_never_share_a_label_studio_project(labelstudio, store, backend, make_store, tmp_path) -> None:
     push(backend, store, [store.task(k, predicted="scratch") for k in (4, 5)])
     # another folder, another store, the same project name: its image 4 has the same id, another picture
     (tmp_path / "other").mkdir()
-    other = build_store(tmp_path / "other", store.project_name, size_offset=20)
-    try:
-        report = push(backend, other, [other.task(k, predicted="good") for k in (4, 5)])
-        assert (report.pushed, report.already_present) == (2, 0)  # its own tasks, not the first store's (same ids, other images)
-        assert ls_project_id(other) != ls_project_id(store)
-        admin = labelstudio.admin()
-        assert admin.projects.get(id=ls_project_id(other)).title.startswith(f"defect-loop {store.project_name} (")
-        # an answer to the first store's task is the first store's label only
-        annotate(labelstudio.as_annotator(ANNOTATOR_A), task_ids_by_image(store)[store.image_ids[4]], "spot")
-        assert pull(backend, other).new_label_events == 0 and other.image_ids[4] not in labels(other)
-        assert pull(backend, store).new_label_events == 1 and labels(store)[store.image_ids[4]].label == "spot"
-        # and each store keeps finding its own project
-        assert push(backend, other, [other.task(6, predicted="good")]).pushed == 1 and ls_project_id(other) != ls_project_id(store)
-    finally:
-        other.engine.dispose()
+    other = make_store(tmp_path / "other", store.project_name, size_offset=20)
+    report = push(backend, other, [other.task(k, predicted="good") for k in (4, 5)])
+    assert (report.pushed, report.already_present) == (2, 0)  # its own tasks, not the first store's (same ids, other images)
+    assert ls_project_id(other) != ls_project_id(store)
+    admin = labelstudio.admin()
+    other_title, first_title = admin.projects.get(id=ls_project_id(other)).title, admin.projects.get(id=ls_project_id(store)).title
+    assert other_title != first_title and other_title.startswith("defect-loop ") and other_title.endswith(")")  # "(key)"
+    # an answer to the first store's task is the first store's label only
+    annotate(labelstudio.as_annotator(ANNOTATOR_A), task_ids_by_image(store)[store.image_ids[4]], "spot")
+    assert pull(backend, other).new_label_events == 0 and other.image_ids[4] not in labels(other)
+    assert pull(backend, store).new_label_events == 1 and labels(store)[store.image_ids[4]].label == "spot"
+    # and each store keeps finding its own project
+    assert push(backend, other, [other.task(6, predicted="good")]).pushed == 1 and ls_project_id(other) != ls_project_id(store)
 
 
 def test_reopening_survives_a_deleted_task_a_half_done_reopen_and_repeated_answers(labelstudio, store, backend) -> None:
@@ -277,6 +273,12 @@ def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_sele
     assert store.image_ids[6] not in task_ids_by_image(store)
     again = push(backend, store, [store.task(6, predicted="good", score=0.6, round_number=2)], round_number=2)
     assert (again.pushed, again.already_present) == (1, 0) and task_ids_by_image(store)[store.image_ids[6]] != tasks[store.image_ids[6]]
+    # the whole Label Studio project deleted: the next push makes a new one and forgets every waiting task of the old
+    admin.projects.delete(id=ls_project_id(store))
+    gone = push(backend, store, [store.task(7, predicted="good", round_number=2)], round_number=2,
+                open_guesses=[store.task(k, reason="open", predicted="good", round_number=2) for k in (5, 6)])
+    assert gone.pushed == 1 and gone.gone_image_ids == {store.image_ids[5], store.image_ids[6]}
+    assert set(task_ids_by_image(store)) == {store.image_ids[4], store.image_ids[7]}  # image 4's answered task stays on record
 
 
 def test_closing_a_reopened_task_keeps_the_overlap_it_had_before(labelstudio, store, backend) -> None:

@@ -51,6 +51,19 @@ def test_label_config_has_one_required_choice_per_class_with_descriptions_as_hin
         lsc.label_config_for(["only"])
 
 
+def test_a_long_title_taken_by_another_store_still_gets_a_project_of_its_own(labelstudio, tmp_path: Path) -> None:
+    client = lsc.connect(labelstudio.url, labelstudio.token)
+    title = f"defect-loop {tmp_path.name}-{'x' * 60}"  # past Label Studio's 50 characters
+    key_a, key_b = "a" * 8 + tmp_path.name[-8:].rjust(8, "0"), "b" * 8 + tmp_path.name[-8:].rjust(8, "0")
+    first = lsc.ensure_project(client, title=title, classes=CLASSES, key=key_a)
+    second = lsc.ensure_project(client, title=title, classes=CLASSES, key=key_b)
+    assert first != second and client.projects.get(id=second).title.endswith(f" ({key_b[:8]})")
+    assert len(client.projects.get(id=second).title) <= lsc.PROJECT_TITLE_MAX
+    assert lsc.ensure_project(client, title=title, classes=CLASSES, key=key_b) == second  # found again by its key
+    # a stored id that holds another store's project (a new server whose ids started over) is not taken
+    assert lsc.ensure_project(client, title=title, classes=CLASSES, key=key_b, known_project_id=first) == second
+
+
 def test_ensure_project_reuses_by_title_and_storage_serves_images_in_place(labelstudio, tmp_path: Path) -> None:
     client = lsc.connect(labelstudio.url, labelstudio.token)
     title = f"client-{tmp_path.name}"[-50:]
