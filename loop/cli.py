@@ -201,6 +201,8 @@ def print_round(outcome) -> None:  # noqa: ANN001
     console.print(
         f"labeled: train {counts['train']}, validation {counts['validation']}, test {counts['test']}; unlabeled {counts['unlabeled']}"
         + (f" (and {counts['unlabeled_test']} in test, {counts['held_back']} held back)" if counts.get("unlabeled_test") or counts.get("held_back") else "")
+        + (f"; {counts['unlabeled_train_validation']} in train/validation wait for an answer (tied, or deleted in the annotation tool)"
+           if counts.get("unlabeled_train_validation") else "")
         + " · "
         f"accuracy {metrics['accuracy']:.4f} · ROC-AUC {metrics['roc_auc_defect'] if metrics.get('roc_auc_defect') is None else round(metrics['roc_auc_defect'], 4)} · "
         f"threshold {threshold if threshold is None else f'{threshold:.3g}'} ({_threshold_origin(details)}) · "

@@ -383,6 +383,9 @@ def gather_labeled_pool(state: RoundState) -> None:
     counts["unlabeled"] = len(state.positions(split="pool", labeled=False)) - len(state.held_back)
     counts["unlabeled_test"] = len(state.positions(split="test", labeled=False))
     counts["held_back"] = len(state.held_back)
+    # placed in train or validation but without a label now: annotators tied, or the answer was deleted in the tool;
+    # they wait there for an answer (every image of the round is counted somewhere)
+    counts["unlabeled_train_validation"] = len(state.positions(split="train", labeled=False)) + len(state.positions(split="validation", labeled=False))
     state.details["labeled_counts"] = counts
     non_test = np.concatenate([state.positions(split="train", labeled=True), state.positions(split="validation", labeled=True)])
     present = set(state.labels[non_test].tolist())

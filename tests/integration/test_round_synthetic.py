@@ -719,6 +719,22 @@ def test_annotators_who_disagree_evenly_get_one_more_answer(project_with_pool: P
         assert len(session.scalars(select(Selection).where(Selection.reason == "annotators_disagree")).all()) == 1
 
 
+def test_every_image_is_counted_once_even_a_placed_one_that_lost_its_label(project_with_pool: Path) -> None:
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:  # two annotators disagree about a training image: it has no label now
+        placed = session.scalars(select(Image).where(Image.split == "train").order_by(Image.id)).first()
+        session.add_all([LabelEvent(image_id=placed.id, label=label, source="annotator", annotator=who, external_id=f"x-{who}")
+                         for who, label in (("a", "scratch"), ("b", "spot"))])
+        n_images = len(session.scalars(select(Image).where(Image.status == "ok")).all())
+    result = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert result.exit_code == 0
+    with session_scope(ctx.engine) as session:
+        counts = session.scalars(select(Round)).one().details["labeled_counts"]
+    assert counts["unlabeled_train_validation"] == 1
+    assert sum(counts[key] for key in ("train", "validation", "test", "unlabeled", "unlabeled_test", "held_back", "unlabeled_train_validation")) == n_images
+    assert "1 in train/validation wait for an answer" in " ".join(result.output.split())
+
+
 def test_a_tie_is_asked_again_only_after_new_answers(project_with_pool: Path) -> None:
     ctx = open_project(project_with_pool)
     tied_id = tie_a_pool_image(project_with_pool, oracle_answers=False)  # the oracle cannot answer this one: it stays tied
