@@ -61,7 +61,10 @@ def annotator_name(user_id: Any) -> str:
 
 def why_text(task: TaskRequest, *, round_number: int | None) -> str:
     """What the annotator reads next to the image: why it was picked, the model's guess, the current label."""
-    parts = [f"Picked because {REASON_TEXT.get(task.reason, task.reason)}."]
+    reason = REASON_TEXT.get(task.reason, task.reason)
+    if task.reason == "answer_rejected" and task.rejected_answer:
+        reason = f"the answer given ({task.rejected_answer}) is not one of this project's classes: choose one of them"
+    parts = [f"Picked because {reason}."]
     if task.reason == "suspected_label_error" and task.current_label is not None:
         parts.append(f"Current label: {task.current_label}.")
     if task.predicted_label is not None:

@@ -984,7 +984,8 @@ def select_next_batch(state: RoundState) -> None:
         picks.append((row["position"], 1.0 - row["score"], "suspected_label_error", row["given_label"]))
     for position in _tie_requests(state, loop_config.budget_per_round):
         picks.append((position, 1.0, "annotators_disagree", None))
-    for position in _rejected_answer_requests(state, loop_config.budget_per_round):
+    rejected_answers = _rejected_answer_requests(state, loop_config.budget_per_round)
+    for position in rejected_answers:
         picks.append((position, 1.0, "answer_rejected", None))
     for position, score, reason, current in picks:
         # no guess at a cold start (no model), nor for a tied test image: its answer becomes a test label, which should
@@ -995,6 +996,7 @@ def select_next_batch(state: RoundState) -> None:
             image_id=state.image_ids[position], image_path=state.paths[position], sha256=state.hashes[position], reason=reason,
             predicted_label=predicted_label, prediction_score=prediction_score, probabilities=probabilities,
             current_label=current, round_number=state.number, **_decision_of(state, position),
+            rejected_answer=rejected_answers.get(position) if reason == "answer_rejected" else None,
         ))
         state.batch_meta.append({"score": score, "strategy": "label_quality" if reason in ASKED_AGAIN_REASONS else strategy})
 
@@ -1041,23 +1043,27 @@ def _tie_requests(state: RoundState, budget: int) -> list[int]:
     return [state.position_of[image_id] for image_id in due[:budget]]
 
 
-def _rejected_answer_requests(state: RoundState, budget: int) -> list[int]:
+def _rejected_answer_requests(state: RoundState, budget: int) -> dict[int, str]:
     """Images whose only answers could not be used (a label that is not a class of the project, given through the
     annotation tool's API or before its labels were changed): the tool counts the task as done, so nobody would answer
-    it again. They go back once per rejection, on top of the round's budget and at most `budget` of them."""
+    it again. They go back once per rejection, on top of the round's budget and at most `budget` of them.
+    Position -> the newest rejected answer, which the annotator is shown."""
     state.details["rejected_answers"] = {"n_images": 0, "asked": 0}
     if budget <= 0:
-        return []
+        return {}
     with session_scope(state.ctx.engine) as session:
         project_id = get_project(session).id
         rejected_at: dict[str, datetime] = {}
+        answer_of: dict[str, str] = {}
         for payload, created_at in session.execute(select(RejectedAnnotation.payload, RejectedAnnotation.created_at).where(
-                RejectedAnnotation.project_id == project_id, RejectedAnnotation.backend == state.backend.name)):
+                RejectedAnnotation.project_id == project_id, RejectedAnnotation.backend == state.backend.name).order_by(RejectedAnnotation.id)):
             task = (payload or {}).get("task_id") or ((payload or {}).get("task") or {}).get("id")
             if task is not None:
                 rejected_at[str(task)] = max(_aware(created_at), rejected_at.get(str(task), _aware(None)))
+                choices = [str(choice) for choice in (payload or {}).get("choices") or []]
+                answer_of[str(task)] = ", ".join(repr(choice) for choice in choices) if choices else "no class"
         if not rejected_at:
-            return []
+            return {}
         image_of = {row.external_task_id: row.image_id for row in session.scalars(select(AnnotationTask).where(AnnotationTask.backend == state.backend.name))
                     if row.external_task_id in rejected_at}
         unlabeled = {image_id: rejected_at[task] for task, image_id in image_of.items()
@@ -1066,7 +1072,8 @@ def _rejected_answer_requests(state: RoundState, budget: int) -> list[int]:
         waiting = _open_asks(session, list(unlabeled), reasons=("answer_rejected",), current_round_id=state.round_id, last_answer=unlabeled)
     due = [image_id for image_id in sorted(unlabeled) if image_id in state.position_of and image_id not in waiting]
     state.details["rejected_answers"] = {"n_images": len(unlabeled), "asked": min(len(due), budget)}
-    return [state.position_of[image_id] for image_id in due[:budget]]
+    task_of = {image_id: task for task, image_id in image_of.items()}
+    return {state.position_of[image_id]: answer_of[task_of[image_id]] for image_id in due[:budget]}
 
 
 def _last_answers(session, image_ids: list[int]) -> dict[int, datetime]:  # noqa: ANN001

@@ -37,3 +37,8 @@ def test_the_guess_says_how_close_the_defect_decision_was() -> None:
     # a questioned label is shown cleanlab's suggestion, named as such
     suspect = _task(reason="suspected_label_error", predicted_label="spot", prediction_score=0.91, current_label="scratch")
     assert "Current label: scratch. Suggested label: spot (91%)." in why_text(suspect, round_number=2)
+
+
+def test_an_answer_that_could_not_be_used_is_quoted_back() -> None:
+    rejected = _task(reason="answer_rejected", rejected_answer="'dent'")
+    assert why_text(rejected, round_number=4).startswith("Picked because the answer given ('dent') is not one of this project's classes")

@@ -104,7 +104,7 @@ def test_two_loop_rounds_through_label_studio(tmp_path: Path, class_folders: Pat
     # The answer 'dent' (not a class) left image "unknown" without a label while Label Studio counted its task done: round
     # two asked again in that task, which is open again; annotator B answers it there.
     rejected_task = admin.tasks.get(id=str(tasks[unknown_image][0]))
-    assert (rejected_task.overlap, rejected_task.is_labeled) == (2, False) and "not one of this project's classes" in rejected_task.data["why"]
+    assert (rejected_task.overlap, rejected_task.is_labeled) == (2, False) and "the answer given ('dent') is not one of this project's classes" in rejected_task.data["why"]
     annotator_b.annotations.create(id=tasks[unknown_image][0], result=lsc.choice_result(truth[paths[unknown_image]]), lead_time=1.0)
 
     # Round three, nobody answered round two's tasks: they keep a pre-selection, now round three's guess; the tie from
