@@ -16,7 +16,7 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -30,6 +30,7 @@ from labeling import labelstudio_client as lsc
 from labeling.base import ASKED_AGAIN_REASONS, PullReport, PushReport, TaskRequest, register_backend
 from store.models import AnnotationTask, Image, LabelEvent, Project, RejectedAnnotation, Round
 from store.queries import current_labels
+from store.reports import as_utc
 
 BACKEND_NAME = "labelstudio"
 DEFAULT_DOCUMENT_ROOT = "/"
@@ -364,24 +365,25 @@ class LabelStudioBackend:
         """Tasks still waiting for an answer that were deleted in Label Studio (or whose id now shows another image),
         or whose whole Label Studio project was deleted: the store forgets them (report.gone_image_ids), so the
         image's next push makes a new task instead of counting a task nobody can see as asked."""
-        showing = self._tasks_showing(session, ls_project_id=ls_project_id, live=live, image_ids=image_ids)
-        gone = set(self._tasks_of(session, ls_project_id=ls_project_id, image_ids=image_ids)) - set(showing)
-        elsewhere: dict[str, set[int]] = defaultdict(set)  # tasks in an earlier Label Studio project of this store
-        for row in session.scalars(select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.image_id.in_(sorted(image_ids)),
-                                                                AnnotationTask.external_project_id != str(ls_project_id))):
-            elsewhere[row.external_project_id].add(row.image_id)
-        for other_project, images in elsewhere.items():
+        gone: list[AnnotationTask] = []
+        elsewhere: dict[str, list[AnnotationTask]] = defaultdict(list)  # tasks in an earlier Label Studio project of this store
+        for row in session.scalars(select(AnnotationTask).where(AnnotationTask.backend == self.name)):
+            if row.image_id not in image_ids:
+                continue
+            if row.external_project_id != str(ls_project_id):
+                elsewhere[row.external_project_id].append(row)
+            elif (live.get(int(row.external_task_id)) or {}).get("defect_loop_image_id") != row.image_id:
+                gone.append(row)
+        for other_project, rows in elsewhere.items():
             try:
                 client.projects.get(id=int(other_project))
             except ApiError as error:
                 if error.status_code == 404:  # deleted with all its tasks
-                    gone |= images
-        if not gone:
-            return
-        for row in session.scalars(select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.image_id.in_(sorted(gone)))):
+                    gone += rows
+        for row in gone:
             session.delete(row)
         session.flush()
-        report.gone_image_ids |= gone
+        report.gone_image_ids |= {row.image_id for row in gone}
 
     def _refresh_open_tasks(self, client, report: PushReport, *, session: Session, project: Project, ls_project_id: int,
                             live: Mapping[int, Mapping[str, Any]], guesses: Sequence[TaskRequest], model_version: str | None) -> None:
@@ -802,9 +804,7 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
 def project_key(project: Project) -> str:
     """What tells this defect-loop project from another of the same name (another folder, another store): its name
     and the moment its store created it. Stable when the folder moves or the store is copied (the same project)."""
-    created = project.created_at
-    if created is not None and created.tzinfo is not None:
-        created = created.astimezone(timezone.utc).replace(tzinfo=None)  # SQLite hands it back without a zone: UTC
+    created = as_utc(project.created_at)  # SQLite hands it back without a zone, Postgres with one
     stamp = created.strftime("%Y-%m-%dT%H:%M:%S.%f") if created is not None else ""
     return hashlib.sha256(f"{project.name}\n{stamp}".encode()).hexdigest()[:16]
 
@@ -817,11 +817,8 @@ def _saved_again(previous: LabelEvent, saved_at: datetime | None) -> bool:
     if previous.external_updated_at is None:
         previous.external_updated_at = saved_at
         return False
-    recorded = previous.external_updated_at
-    if recorded.tzinfo is None:  # SQLite hands datetimes back without their zone; they are stored in UTC
-        recorded = recorded.replace(tzinfo=timezone.utc)
     # later only: a webhook that arrives after the pull that already saw a newer save is not a new one
-    return saved_at - recorded > timedelta(milliseconds=1)
+    return saved_at - as_utc(previous.external_updated_at) > timedelta(milliseconds=1)
 
 
 def _id_of(value: Any, what: str) -> int:

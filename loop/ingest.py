@@ -87,12 +87,13 @@ def _label_changes(session: Session, label_for_known: list[tuple[Image, str, str
             report.n_labels_changed += 1
             changed_text.append(f"{path} ({before} -> {label})")
         decided_by_annotators += resolve_label(events[image_id]).source in ("annotator", "oracle")
+    def first_ten(items: list[str]) -> str:
+        return "; ".join(items[:10]) + ("; ..." if len(items) > 10 else "")
+
     if changed_text:
-        report.notes.append(f"{len(changed_text)} already-known images get another imported label: " + "; ".join(changed_text[:10])
-                            + ("; ..." if len(changed_text) > 10 else ""))
+        report.notes.append(f"{len(changed_text)} already-known images get another imported label: {first_ten(changed_text)}")
     if conflicts:
-        report.notes.append(f"byte-identical files of {len(conflicts)} known images carry different labels: " + "; ".join(conflicts[:10])
-                            + ("; ..." if len(conflicts) > 10 else ""))
+        report.notes.append(f"byte-identical files of {len(conflicts)} known images carry different labels: {first_ten(conflicts)}")
     if decided_by_annotators:
         report.notes.append(f"{decided_by_annotators} of the images labeled now have an annotator's answer, which stays their current label")
     return changes

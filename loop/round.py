@@ -173,9 +173,7 @@ def pull_labels(state: RoundState) -> None:
     annotator = state.config.annotator
     name = state.options.annotator or annotator.backend
     options: dict[str, Any] = {}
-    if name == "oracle":
-        if not annotator.oracle_manifest:
-            raise RoundFailed("the oracle annotator needs [annotator] oracle_manifest in loop.toml")
+    if name == "oracle":  # its manifest was checked before the round started (check_round_options)
         manifest = Path(annotator.oracle_manifest)
         options = {"manifest": manifest if manifest.is_absolute() else state.ctx.root / manifest,
                    "classes": state.config.classes, "noise_rate": annotator.oracle_noise, "seed": state.config.loop.seed}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter, defaultdict
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import select
 
@@ -12,7 +12,7 @@ from loop.project import ProjectContext
 from store import session_scope
 from store.models import Image, Round
 from store.queries import current_labels, get_project
-from store.reports import calibration_of, collapsed_of, label_quality_of, threshold_of, training_of
+from store.reports import as_utc, calibration_of, collapsed_of, label_quality_of, threshold_of, training_of
 
 STATUS_SCHEMA_VERSION = 1
 
@@ -60,9 +60,7 @@ def project_status(ctx: ProjectContext) -> dict:
 
 def _utc_iso(moment: datetime | None) -> str | None:
     """ISO 8601 with its zone, as the API writes it: SQLite hands stored times back without one (they are UTC)."""
-    if moment is None:
-        return None
-    return (moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)).isoformat()
+    return None if moment is None else as_utc(moment).isoformat()
 
 
 def _round_summary(round_row: Round) -> dict:

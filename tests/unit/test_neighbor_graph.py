@@ -109,7 +109,9 @@ def test_findings_read_the_graph_they_are_given() -> None:
     vectors, _ = _collection(120, seed=6)
     graph = nearest_neighbors(embeddings=vectors, k=10)
     assert find_outliers(embeddings=vectors, graph=graph).summary == find_outliers(embeddings=vectors).summary
-    near = find_near_duplicates(embeddings=vectors, threshold=0.5, graph=graph)
-    assert near.summary == find_near_duplicates(embeddings=vectors, threshold=0.5).summary
+    near, computed = find_near_duplicates(embeddings=vectors, threshold=0.5, graph=graph), find_near_duplicates(embeddings=vectors, threshold=0.5)
+    assert near.summary == computed.summary
+    np.testing.assert_array_equal(near.scores, computed.scores)  # each image's best similarity and neighbour, read off the graph
+    np.testing.assert_array_equal(near.related, computed.related)
     with pytest.raises(ValueError, match="neighbour graph holds"):
         find_outliers(embeddings=vectors[:50], graph=graph)
