@@ -51,6 +51,7 @@ class PushReport:
     pending: int = 0  # could not be pushed now (backend down): retried next round
     reopened: int = 0  # answered tasks asked again: suspected label errors of images labeled in the backend
     refreshed: int = 0  # tasks still waiting for an answer that got this round's guess
+    superseded_predictions_deleted: int = 0  # earlier rounds' guesses on those tasks, replaced by this round's
     closed: int = 0  # reopened tasks closed again: the loop has the answer to their question
     settled_done: bool = True  # False: some task of `settled` may still be open (not reached, or a close failed): asked again next round
     warnings: list[str] = field(default_factory=list)

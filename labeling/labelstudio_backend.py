@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -106,6 +107,11 @@ def _distinct_digits(value: float, threshold: float) -> tuple[str, str]:
 def _asked_again(text: str) -> str:
     """The text of a reopened task: why it is asked again, and what to do."""
     return f"Asked again: {text} Check the answer given here and change it if it is wrong."
+
+
+def _is_loop_model_version(model_version: str | None) -> bool:
+    """A prediction this loop made (model_version f"round-{n}", set in push), not an ML backend's."""
+    return bool(model_version) and re.fullmatch(r"round-\d+", str(model_version)) is not None
 
 
 def _prediction_score(task: TaskRequest) -> float | None:
@@ -215,10 +221,12 @@ class LabelStudioBackend:
             guesses = [g for g in open_guesses if g.image_id not in unique]
             try:
                 if guesses:  # every task's id and data, to touch only tasks that are still there and still show the image
-                    live = {entry["task_id"]: entry["data"] for entry in lsc.list_task_data(client, project_id=ls_project_id)}
+                    listed = {entry["task_id"]: entry for entry in lsc.list_task_data(client, project_id=ls_project_id, with_predictions=True)}
+                    live = {task_id: entry["data"] for task_id, entry in listed.items()}
                     self._forget_deleted_tasks(client, session, report, ls_project_id=ls_project_id, live=live, image_ids={g.image_id for g in guesses})
-                    self._refresh_open_tasks(client, report, session=session, project=project, ls_project_id=ls_project_id, live=live,
-                                             guesses=guesses, model_version=model_version)
+                    refreshed = self._refresh_open_tasks(client, report, session=session, project=project, ls_project_id=ls_project_id,
+                                                         live=live, guesses=guesses, model_version=model_version)
+                    self._delete_superseded_predictions(client, report, listed=listed, refreshed=refreshed)
             except (httpx.HTTPError, ApiError) as error:  # the batch itself is in; its tasks show this round's guesses anyway
                 report.warnings.append(f"could not add this round's guesses to the tasks still waiting for an answer ({_describe(error)}); "
                                        "those without one show an earlier round's guess, or none, until a later round adds it")
@@ -386,11 +394,13 @@ class LabelStudioBackend:
         report.gone_image_ids |= {row.image_id for row in gone}
 
     def _refresh_open_tasks(self, client, report: PushReport, *, session: Session, project: Project, ls_project_id: int,
-                            live: Mapping[int, Mapping[str, Any]], guesses: Sequence[TaskRequest], model_version: str | None) -> None:
+                            live: Mapping[int, Mapping[str, Any]], guesses: Sequence[TaskRequest], model_version: str | None) -> set[int]:
         """This round's guess added to every task that waits for an answer, in requests of REFRESH_CHUNK (report.refreshed
-        counts them), and the text beside the image rewritten where the guess it names changed."""
+        counts them), and the text beside the image rewritten where the guess it names changed. The ids of the tasks
+        that got it."""
+        refreshed: set[int] = set()
         if not guesses or not model_version:
-            return
+            return refreshed
         task_of = self._tasks_showing(session, ls_project_id=ls_project_id, live=live, image_ids={g.image_id for g in guesses})
         predictions, texts = [], []
         for guess in guesses:
@@ -406,6 +416,7 @@ class LabelStudioBackend:
         for start in range(0, len(predictions), REFRESH_CHUNK):
             lsc.import_predictions(client, project_id=ls_project_id, predictions=predictions[start:start + REFRESH_CHUNK])
             report.refreshed += len(predictions[start:start + REFRESH_CHUNK])
+            refreshed |= {p["task"] for p in predictions[start:start + REFRESH_CHUNK]}
         failed = []
         for task_id, data in texts:  # the old "Model's guess: ..." would contradict what is pre-selected now
             try:
@@ -415,6 +426,20 @@ class LabelStudioBackend:
         if failed:
             report.warnings.append(f"could not rewrite the text of {len(failed)} waiting tasks to this round's guess (tasks "
                                    f"{', '.join(map(str, failed[:10]))}): it names an earlier guess until a later round rewrites it")
+        return refreshed
+
+    @staticmethod
+    def _delete_superseded_predictions(client, report: PushReport, *, listed: Mapping[int, Mapping[str, Any]], refreshed: set[int]) -> None:  # noqa: ANN001
+        """A task that waits several rounds got one guess per round: those a newer guess replaced are deleted
+        (report.superseded_predictions_deleted), except the one each earlier answer was given under. Only the loop's own
+        (model version round-N), and only on tasks whose newer guess is in: a failure leaves one guess too many, never none."""
+        stale = [prediction_id for task_id in sorted(refreshed) if task_id in listed
+                 for prediction_id in lsc.superseded_predictions(listed[task_id], ours=_is_loop_model_version)]
+        deleted, failed = lsc.delete_predictions(client, prediction_ids=stale)
+        report.superseded_predictions_deleted += deleted
+        if failed:
+            report.warnings.append(f"could not delete {len(failed)} earlier guesses of tasks still waiting for an answer (predictions "
+                                   f"{', '.join(map(str, failed[:10]))}): they stay listed under the task, the current guess is pre-selected anyway")
 
     def _close_settled(self, client, report: PushReport, *, session: Session, ls_project_id: int, image_ids: Sequence[int]) -> None:
         """Reopened tasks whose question the loop now has its answer to are closed again (lsc.close_reopened_task; a task

@@ -6,7 +6,7 @@ pydantic types, which differ by caller role (in `tasks.list` annotations come as
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
@@ -278,12 +278,57 @@ def import_predictions(client: LabelStudio, *, project_id: int, predictions: Seq
     return len(predictions)
 
 
-def list_task_data(client: LabelStudio, *, project_id: int) -> list[dict[str, Any]]:
-    """Every task of the project as {"task_id", "data"} (no annotations): to adopt tasks pushed before a crash."""
+def list_task_data(client: LabelStudio, *, project_id: int, with_predictions: bool = False) -> list[dict[str, Any]]:
+    """Every task of the project as {"task_id", "data"}: to adopt tasks pushed before a crash. with_predictions adds
+    "predictions" ({"id", "model_version", "created_at"} each, created_at in seconds) and "answered_at" (each
+    annotation's created_at, skips included), what superseded_predictions reads."""
+    if not with_predictions:
+        return [
+            {"task_id": int(task.id), "data": dict(task.data or {})}
+            for task in client.tasks.list(project=project_id, include="id,data", page_size=500)
+        ]
     return [
-        {"task_id": int(task.id), "data": dict(task.data or {})}
-        for task in client.tasks.list(project=project_id, include="id,data", page_size=500)
+        {
+            "task_id": int(task.id),
+            "data": dict(task.data or {}),
+            "predictions": [{"id": int(p["id"]), "model_version": p.get("model_version"), "created_at": _timestamp(p.get("created_at"))}
+                            for p in map(_as_dict, task.predictions or [])],
+            "answered_at": [_timestamp(a.get("created_at")) for a in map(_as_dict, task.annotations or [])],
+        }
+        for task in client.tasks.list(project=project_id, fields="all", page_size=200)
     ]
+
+
+def superseded_predictions(task: Mapping[str, Any], *, ours: Callable[[str | None], bool]) -> list[int]:
+    """Ids of `ours` predictions of a task (an entry of list_task_data(with_predictions=True)) that a newer guess
+    replaced: every one except, for each answer, the newest made before it (what list_annotated_tasks compares the
+    answer with) and our newest made before it (what Label Studio pre-selected). Predictions of other model versions
+    (an ML backend's) are not ours to delete. Call it after the task got its newer prediction."""
+    predictions = sorted(task.get("predictions") or [], key=lambda p: (p["created_at"] if p["created_at"] is not None else float("-inf"), p["id"]))
+    shown: set[int] = set()
+    for answered_at in task.get("answered_at") or []:
+        before = [p for p in predictions if p["created_at"] is None or answered_at is None or p["created_at"] <= answered_at]
+        ours_before = [p for p in before if ours(p.get("model_version"))]
+        shown |= {candidates[-1]["id"] for candidates in (before, ours_before) if candidates}
+    return [p["id"] for p in predictions if ours(p.get("model_version")) and p["id"] not in shown]
+
+
+def delete_predictions(client: LabelStudio, *, prediction_ids: Sequence[int]) -> tuple[int, list[int]]:
+    """Delete these predictions, one request each (Label Studio's bulk action deletes every prediction of a task, an ML
+    backend's too). (deleted, failed ids); one already gone counts as deleted."""
+    deleted, failed = 0, []
+    for prediction_id in prediction_ids:
+        try:
+            client.predictions.delete(id=prediction_id)
+            deleted += 1
+        except ApiError as error:
+            if error.status_code == 404:
+                deleted += 1
+            else:
+                failed.append(prediction_id)
+        except httpx.HTTPError:
+            failed.append(prediction_id)
+    return deleted, failed
 
 
 _ANSWERED = json.dumps(

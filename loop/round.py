@@ -1217,7 +1217,9 @@ def push_batch(state: RoundState) -> None:
     for warning in report.warnings:
         state.console.print(f"[yellow]warning:[/] {escape(warning)}")
     state.details["push"] = {"backend": name, "pushed": report.pushed, "already_present": report.already_present, "pending": report.pending,
-                             "reopened": report.reopened, "refreshed": report.refreshed, "closed": report.closed, "settled_done": report.settled_done,
+                             "reopened": report.reopened, "refreshed": report.refreshed,
+                             "superseded_predictions_deleted": getattr(report, "superseded_predictions_deleted", 0),
+                             "closed": report.closed, "settled_done": report.settled_done,
                              "withdrawn": len(withdrawn), "withdrawn_answered": len(answered), "withdrawn_quarantined": len(quarantined),
                              "requeued_deleted_tasks": requeued, "warnings": report.warnings}
     if requeued:

@@ -16,7 +16,7 @@ from labeling import create_backend
 from labeling import labelstudio_client as lsc
 from labeling import labelstudio_server as lss
 from labeling.labelstudio_backend import LabelStudioBackend, record_webhook_event
-from store.models import AnnotationTask, LabelEvent, Project, RejectedAnnotation
+from store.models import AnnotationTask, LabelEvent, Project, RejectedAnnotation, Round
 from store.queries import current_labels
 
 pytestmark = pytest.mark.labelstudio
@@ -252,9 +252,11 @@ def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_sele
     assert (report.pushed, report.refreshed, report.pending, report.warnings) == (1, 2, 0, [])
     admin = labelstudio.admin()
     assert admin.projects.get(id=ls_project_id(store)).model_version == "round-2"
+    # round 1's guess, replaced, is deleted: a task waiting ten rounds does not list ten guesses
+    assert report.superseded_predictions_deleted == 2
     for k in (5, 6):
-        versions = {p.model_version: lsc.result_choices(p.result) for p in admin.tasks.get(id=str(tasks[store.image_ids[k]])).predictions}
-        assert versions == {"round-1": ["scratch"], "round-2": ["spot"]}
+        versions = [(p.model_version, lsc.result_choices(p.result)) for p in admin.tasks.get(id=str(tasks[store.image_ids[k]])).predictions]
+        assert versions == [("round-2", ["spot"])]
         data = admin.tasks.get(id=str(tasks[store.image_ids[k]])).data  # the text beside the image says what is pre-selected now
         assert "Model's guess: spot." in data["why"] and data["predicted_label"] == "spot"
     # what Label Studio's label stream hands an annotator: an earlier round's task, with this round's guess pre-selected
@@ -279,6 +281,32 @@ def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_sele
                 open_guesses=[store.task(k, reason="open", predicted="good", round_number=2) for k in (5, 6)])
     assert gone.pushed == 1 and gone.gone_image_ids == {store.image_ids[5], store.image_ids[6]}
     assert set(task_ids_by_image(store)) == {store.image_ids[4], store.image_ids[7]}  # image 4's answered task stays on record
+
+
+def test_a_replaced_guess_is_deleted_but_not_the_one_an_answer_was_given_under_nor_another_models(labelstudio, store, backend) -> None:
+    with store.session() as session:  # rounds 3 and 4, to push as
+        later = [Round(project_id=store.project_id, number=n, status="completed") for n in (3, 4)]
+        session.add_all(later)
+        session.flush()
+        store.round_ids.update({r.number: r.id for r in later})
+    push(backend, store, [store.task(4, predicted="scratch", score=0.7)])
+    task_id = task_ids_by_image(store)[store.image_ids[4]]
+    admin = labelstudio.admin()
+    annotate(labelstudio.as_annotator(ANNOTATOR_A), task_id, "scratch")  # A answers under round 1's guess
+    pull(backend, store)
+    # an ML backend connected to the project adds its own guess: the loop never deletes it
+    admin.predictions.create(task=task_id, model_version="line-3-model", score=0.5, result=lsc.choice_result("good"))
+    suspect = store.task(4, reason="suspected_label_error", predicted="spot", score=0.8, current_label="scratch", round_number=2)
+    assert push(backend, store, [suspect], round_number=2).reopened == 1  # round 2's guess added by the reopening
+    for round_number, guess in ((3, "good"), (4, "spot")):  # still waiting: each round replaces the last round's guess
+        waiting = store.task(4, reason="open", predicted=guess, score=0.6, round_number=round_number)
+        report = push(backend, store, [], round_number=round_number, open_guesses=[waiting])
+        assert (report.refreshed, report.superseded_predictions_deleted, report.warnings) == (1, 1, [])
+    kept = sorted((p.model_version, lsc.result_choices(p.result)) for p in admin.tasks.get(id=str(task_id)).predictions)
+    assert kept == [("line-3-model", ["good"]), ("round-1", ["scratch"]), ("round-4", ["spot"])]
+    # what A was shown is still what the agreement metric compares A's answer with
+    (answer,) = [row for row in lsc.list_annotated_tasks(admin, project_id=ls_project_id(store)) if row["task_id"] == task_id]
+    assert answer["predicted"] == ["scratch"]
 
 
 def test_closing_a_reopened_task_keeps_the_overlap_it_had_before(labelstudio, store, backend) -> None:
