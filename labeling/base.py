@@ -54,6 +54,8 @@ class PushReport:
     superseded_predictions_deleted: int = 0  # earlier rounds' guesses on those tasks, replaced by this round's
     closed: int = 0  # reopened tasks closed again: the loop has the answer to their question
     settled_done: bool = True  # False: some task of `settled` may still be open (not reached, or a close failed): asked again next round
+    # which images of `settled` those are; a backend that names none with settled_done False has them all named again
+    unsettled_image_ids: set[int] = field(default_factory=set)
     warnings: list[str] = field(default_factory=list)
     # which images of the batch `pending` are (last: a backend building the report by position keeps working); a
     # backend that names none of the batch with pending > 0 has its whole batch retried

@@ -204,6 +204,7 @@ class LabelStudioBackend:
         unique: dict[int, TaskRequest] = {}
         for task in batch:
             unique.setdefault(task.image_id, task)
+        report.unsettled_image_ids = set(settled) - set(unique)  # until _close_settled says which it could not close
         if not unique and not open_guesses and not settled:
             return report
         round_number = _round_number(session, round_id, batch)
@@ -445,18 +446,20 @@ class LabelStudioBackend:
         """Reopened tasks whose question the loop now has its answer to are closed again (lsc.close_reopened_task; a task
         that was not reopened is left as it is). One request or two per image: the loop names only newly answered ones."""
         if not image_ids:
-            report.settled_done = True
+            report.settled_done, report.unsettled_image_ids = True, set()
             return
-        failed = []
+        failed, unsettled = [], set()
         for image_id, task_id in self._tasks_of(session, ls_project_id=ls_project_id, image_ids=set(image_ids)).items():
             try:
                 report.closed += int(lsc.close_reopened_task(client, task_id=task_id, image_id=image_id))
             except ApiError as error:
                 if error.status_code != 404:  # a task deleted in Label Studio has nothing to close
                     failed.append(task_id)
+                    unsettled.add(image_id)
             except httpx.HTTPError:
                 failed.append(task_id)
-        report.settled_done = not failed
+                unsettled.add(image_id)
+        report.settled_done, report.unsettled_image_ids = not failed, unsettled
         if failed:
             report.warnings.append(f"could not close {len(failed)} reopened tasks whose question is answered (tasks {', '.join(map(str, failed[:10]))}); "
                                    "retried next round")

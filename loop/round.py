@@ -1200,6 +1200,8 @@ def push_batch(state: RoundState) -> None:
         if "settled" in accepted:
             extra["settled"] = sorted(set(_settled_asks(state, session, in_batch=in_batch)) | (set(answered.values()) - in_batch))
         report = state.backend.push(session=session, project=project, round_id=state.round_id, batch=tasks, **extra)
+        # the asks whose task may still be open: named again next round, whatever else it names
+        unsettled = set() if report.settled_done else (set(getattr(report, "unsettled_image_ids", set())) or set(extra.get("settled", ())))
         # each image marked as it went: one image Label Studio could not take (outside its document root, a failed
         # reopen) must not keep the others "pending", which _open_asks reads as still waiting to be asked
         batch_ids = {image.id for _selection, image in retry}
@@ -1219,7 +1221,7 @@ def push_batch(state: RoundState) -> None:
     state.details["push"] = {"backend": name, "pushed": report.pushed, "already_present": report.already_present, "pending": report.pending,
                              "reopened": report.reopened, "refreshed": report.refreshed,
                              "superseded_predictions_deleted": getattr(report, "superseded_predictions_deleted", 0),
-                             "closed": report.closed, "settled_done": report.settled_done,
+                             "closed": report.closed, "settled_done": report.settled_done, "unsettled": sorted(unsettled),
                              "withdrawn": len(withdrawn), "withdrawn_answered": len(answered), "withdrawn_quarantined": len(quarantined),
                              "requeued_deleted_tasks": requeued, "warnings": report.warnings}
     if requeued:
@@ -1341,22 +1343,25 @@ def _settled_asks(state: RoundState, session, *, in_batch: set[int]) -> list[int
         Round.project_id == project_id, Selection.reason.in_(ASKED_AGAIN_REASONS), Selection.push_status.in_(("pushed", "withdrawn")),
         Selection.round_id != state.round_id))) - in_batch)
     waiting = _open_asks(session, asked, reasons=ASKED_AGAIN_REASONS, current_round_id=state.round_id)
-    # only those answered since the last round whose push closed everything it was told to (a push that never got
-    # that far, or a close that failed, leaves its asks to the next round): asking the annotation tool about every
-    # past ask each round would grow without end
-    since = None
+    # only those answered since the last round read its labels, and those whose task that round's push could not close
+    # (it records them: push.unsettled): asking the annotation tool about every past ask each round would grow without
+    # end, and one task that never closes must not hold the window back. A round recorded before push.unsettled
+    # existed: since the last round whose push closed everything it was told to.
+    since, carried = None, set()
     for details in session.scalars(select(Round.details).where(Round.project_id == project_id, Round.id != state.round_id, Round.status == "completed")
                                    .order_by(Round.number.desc()).limit(SETTLED_LOOKBACK_ROUNDS)):
-        if (details or {}).get("push", {}).get("settled_done", True):
+        push = (details or {}).get("push", {})
+        if "unsettled" in push or push.get("settled_done", True):
             read_at = (details or {}).get("labels_read_at")
             since = _aware(datetime.fromisoformat(read_at)) if isinstance(read_at, str) else None
+            carried = set(push.get("unsettled", ()))
             break
     candidates = [image_id for image_id in asked if image_id not in waiting
                   and state.label_info.get(image_id, CurrentLabel(None, None, "unlabeled")).status == "labeled"]
     if since is None or not candidates:
         return candidates
     answered = _last_answers(session, candidates)
-    return [image_id for image_id in candidates if _aware(answered.get(image_id)) > since]
+    return [image_id for image_id in candidates if image_id in carried or _aware(answered.get(image_id)) > since]
 
 
 def _p_defect(state: RoundState, task: TaskRequest) -> float | None:

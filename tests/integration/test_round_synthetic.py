@@ -810,6 +810,33 @@ def test_an_answered_ask_is_named_for_closing_until_a_push_closes_it(project_wit
     assert [tied_id in settled for settled in named] == [False, True, True, False]
 
 
+def test_a_task_that_never_closes_is_named_again_without_holding_the_window_back(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two ties asked in round 1, both answered by the oracle in round 2's pull: round 2 names both for closing, and one
+    # task never closes (the push names it unsettled each time). Later rounds name that one again, but not the one
+    # that was closed: the window moves on (it used to stay at the last round that closed everything, so every
+    # ask answered since was named again, each round, and past 20 rounds every ask ever made).
+    from labeling.base import PushReport
+    from labeling.simulated import OracleAnnotator
+
+    stuck_id = tie_a_pool_image(project_with_pool, folder="scratch")
+    closed_id = tie_a_pool_image(project_with_pool, folder="spot")
+    named: list[list[int]] = []
+
+    def push(self, *, session, project, round_id, batch, open_guesses=(), settled=()):  # noqa: ANN001, ANN202
+        named.append(list(settled))
+        stuck = {stuck_id} & set(settled)
+        return PushReport(pushed=len(batch), settled_done=not stuck, unsettled_image_ids=stuck)
+
+    monkeypatch.setattr(OracleAnnotator, "push", push)
+    for _ in range(4):
+        assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    assert [(stuck_id in settled, closed_id in settled) for settled in named] == [(False, False), (True, True), (True, False), (True, False)]
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        recorded = [r.details["push"]["unsettled"] for r in session.scalars(select(Round).order_by(Round.number))]
+    assert recorded == [[], [stuck_id], [stuck_id], [stuck_id]]
+
+
 def test_a_push_marks_each_image_and_only_the_one_not_handed_over_is_retried(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from labeling.base import PushReport
     from labeling.simulated import OracleAnnotator

@@ -162,6 +162,7 @@ def test_a_suspected_label_error_answered_in_label_studio_is_asked_again_in_its_
     report = push(backend, store, [], round_number=2, settled=[store.image_ids[4]])
     closed = admin.tasks.get(id=str(task_id))
     assert (report.closed, report.settled_done, closed.overlap, closed.is_labeled, "reopened_from_overlap" in closed.data) == (1, True, 2, True, False)
+    assert report.unsettled_image_ids == set()
     assert push(backend, store, [], round_number=2, settled=[store.image_ids[4]]).closed == 0  # closed once
 
 
@@ -377,7 +378,8 @@ def test_push_and_pull_when_label_studio_is_unreachable_or_token_wrong(labelstud
     assert report.pending == 2 and report.pushed == 0 and report.pending_image_ids == {store.image_ids[0], store.image_ids[1]}
     assert any("unreachable" in w and "next round" in w for w in report.warnings)
     # tasks the loop asked it to close were not reached: the round records it, and the next one names them again
-    assert push(down, store, [], settled=[store.image_ids[3]]).settled_done is False
+    unreached = push(down, store, [], settled=[store.image_ids[3]])
+    assert (unreached.settled_done, unreached.unsettled_image_ids) == (False, {store.image_ids[3]})
     assert push(down, store, []).settled_done is True
     pulled = pull(down, store)
     assert pulled.new_label_events == 0 and any("unreachable" in w for w in pulled.warnings)
