@@ -434,8 +434,17 @@ class LabelStudioBackend:
         """A task that waits several rounds got one guess per round: those a newer guess replaced are deleted
         (report.superseded_predictions_deleted), except the one each earlier answer was given under. Only the loop's own
         (model version round-N), and only on tasks whose newer guess is in: a failure leaves one guess too many, never none."""
-        stale = [prediction_id for task_id in sorted(refreshed) if task_id in listed
-                 for prediction_id in lsc.superseded_predictions(listed[task_id], ours=_is_loop_model_version)]
+        stale = []
+        for task_id in sorted(refreshed & set(listed)):
+            entry = listed[task_id]
+            if not any(_is_loop_model_version(p.get("model_version")) for p in entry["predictions"]):
+                continue
+            # a reopened task's answers: one more request each, only for those (the listing has no answer times)
+            try:
+                answered_at = lsc.answer_times(client, task_id=task_id) if entry["n_answers"] else []
+            except (httpx.HTTPError, ApiError):
+                continue  # its guesses stay: one too many, tried again next round
+            stale += lsc.superseded_predictions(entry["predictions"], answered_at=answered_at, ours=_is_loop_model_version)
         deleted, failed = lsc.delete_predictions(client, prediction_ids=stale)
         report.superseded_predictions_deleted += deleted
         if failed:

@@ -280,8 +280,8 @@ def import_predictions(client: LabelStudio, *, project_id: int, predictions: Seq
 
 def list_task_data(client: LabelStudio, *, project_id: int, with_predictions: bool = False) -> list[dict[str, Any]]:
     """Every task of the project as {"task_id", "data"}: to adopt tasks pushed before a crash. with_predictions adds
-    "predictions" ({"id", "model_version", "created_at"} each, created_at in seconds) and "answered_at" (each
-    annotation's created_at, skips included), what superseded_predictions reads."""
+    "predictions" ({"id", "model_version", "created_at"} each, created_at in seconds) and "n_answers" (annotations,
+    skips included), what superseded_predictions reads."""
     if not with_predictions:
         return [
             {"task_id": int(task.id), "data": dict(task.data or {})}
@@ -293,24 +293,34 @@ def list_task_data(client: LabelStudio, *, project_id: int, with_predictions: bo
             "data": dict(task.data or {}),
             "predictions": [{"id": int(p["id"]), "model_version": p.get("model_version"), "created_at": _timestamp(p.get("created_at"))}
                             for p in map(_as_dict, task.predictions or [])],
-            "answered_at": [_timestamp(a.get("created_at")) for a in map(_as_dict, task.annotations or [])],
+            "n_answers": len(task.annotations or []),  # ids only in this listing: answer_times has their times
         }
-        for task in client.tasks.list(project=project_id, fields="all", page_size=200)
+        # only these fields: fields="all" took 7.7 s for 3000 tasks, this 3.6 s (without predictions and answers 1.1 s)
+        for task in client.tasks.list(project=project_id, include="id,data,predictions,annotations", page_size=500)
     ]
 
 
-def superseded_predictions(task: Mapping[str, Any], *, ours: Callable[[str | None], bool]) -> list[int]:
-    """Ids of `ours` predictions of a task (an entry of list_task_data(with_predictions=True)) that a newer guess
-    replaced: every one except, for each answer, the newest made before it (what list_annotated_tasks compares the
-    answer with) and our newest made before it (what Label Studio pre-selected). Predictions of other model versions
-    (an ML backend's) are not ours to delete. Call it after the task got its newer prediction."""
-    predictions = sorted(task.get("predictions") or [], key=lambda p: (p["created_at"] if p["created_at"] is not None else float("-inf"), p["id"]))
+def answer_times(client: LabelStudio, *, task_id: int) -> list[float | None]:
+    """When each answer (skips included) of the task was given, in seconds."""
+    return [_timestamp(_as_dict(a).get("created_at")) for a in client.tasks.get(id=str(task_id)).annotations or []]
+
+
+def superseded_predictions(predictions: Sequence[Mapping[str, Any]], *, answered_at: Sequence[float | None],
+                           ours: Callable[[str | None], bool]) -> list[int]:
+    """Ids of `ours` predictions of a task ("predictions" of a list_task_data(with_predictions=True) entry) that a newer
+    guess replaced: every one except, for each answer, the newest made before it (what list_annotated_tasks compares
+    the answer with) and our newest made before it (what Label Studio pre-selected). Predictions of other model
+    versions (an ML backend's) are not ours to delete; an answer of unknown time keeps them all. Call it after the task
+    got its newer prediction."""
+    if any(answered is None for answered in answered_at):
+        return []
+    ordered = sorted(predictions, key=lambda p: (p["created_at"] if p["created_at"] is not None else float("-inf"), p["id"]))
     shown: set[int] = set()
-    for answered_at in task.get("answered_at") or []:
-        before = [p for p in predictions if p["created_at"] is None or answered_at is None or p["created_at"] <= answered_at]
+    for answered in answered_at:
+        before = [p for p in ordered if p["created_at"] is None or p["created_at"] <= answered]
         ours_before = [p for p in before if ours(p.get("model_version"))]
         shown |= {candidates[-1]["id"] for candidates in (before, ours_before) if candidates}
-    return [p["id"] for p in predictions if ours(p.get("model_version")) and p["id"] not in shown]
+    return [p["id"] for p in ordered if ours(p.get("model_version")) and p["id"] not in shown]
 
 
 def delete_predictions(client: LabelStudio, *, prediction_ids: Sequence[int]) -> tuple[int, list[int]]:
