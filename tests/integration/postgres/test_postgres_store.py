@@ -1,0 +1,113 @@
+"""The store on a real PostgreSQL server, not only SQLite: migrations, rounds, status and the managers' API."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from alembic.config import Config
+from pydantic import SecretStr
+from sqlalchemy import create_engine, inspect, select, text
+from typer.testing import CliRunner
+
+from alembic import command
+from loop.cli import app
+from loop.project import open_project
+from store.db import ALEMBIC_DIR, session_scope
+from store.models import Base, GateResult, LabelEvent, Prediction, Round, Selection
+
+pytestmark = pytest.mark.postgres
+runner = CliRunner()
+TOKEN = "p" * 32
+
+
+def invoke(*args: str):  # noqa: ANN201
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(ALEMBIC_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def test_the_migrations_build_exactly_the_models_schema_on_postgres_and_step_down_and_up(postgres) -> None:  # noqa: ANN001
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    url = postgres.new_database()
+    command.upgrade(alembic_config(url), "head")
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    with engine.begin() as connection:  # a row that every step down and up must keep
+        connection.execute(text("insert into projects (name, root_dir, classes, negative_class, created_at) "
+                                "values ('kept', '/tmp/kept', '[\"good\", \"dent\"]', 'good', now())"))
+    command.downgrade(alembic_config(url), "0001")
+    assert "part" not in {c["name"] for c in inspect(engine).get_columns("images")}
+    command.upgrade(alembic_config(url), "head")
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+        assert connection.execute(text("select name, classes from projects")).all() == [("kept", ["good", "dent"])]
+    engine.dispose()
+
+
+def test_rounds_status_and_api_on_a_postgres_store(postgres, tmp_path: Path, class_folders: Path) -> None:  # noqa: ANN001
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    url = postgres.new_database()
+    files = sorted(class_folders.rglob("*.png"))
+    truth, manifest = tmp_path / "truth.csv", tmp_path / "labels.csv"
+    with open(truth, "w", newline="") as t, open(manifest, "w", newline="") as m:
+        tw, mw = csv.writer(t), csv.writer(m)
+        tw.writerow(["path", "label"])
+        mw.writerow(["path", "label"])
+        for i, path in enumerate(files):
+            tw.writerow([str(path), path.parent.name])
+            mw.writerow([str(path), path.parent.name if i % 4 != 0 else ""])
+    project = tmp_path / "project"
+    invoke("init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good", "--annotator", "oracle",
+           "--oracle-manifest", str(truth), "--budget", "5", "--image-size", "96", "--database-url", url)
+    invoke("ingest", str(manifest), "--project", str(project), "--quiet")
+    for _ in range(2):
+        invoke("round", "--project", str(project), "--quiet")
+    assert not (project / "loop.db").exists()  # everything went to PostgreSQL
+
+    ctx = open_project(project)
+    assert ctx.engine.dialect.name == "postgresql"
+    with session_scope(ctx.engine) as session:
+        rounds = session.scalars(select(Round).order_by(Round.number)).all()
+        assert [(r.number, r.status) for r in rounds] == [(1, "completed"), (2, "completed")]
+        assert {g.name for g in session.scalars(select(GateResult).where(GateResult.round_id == rounds[1].id))} == {
+            "macro_f1", "defect_recall", "negative_fpr", "latency_ms"}
+        selected_in_1 = set(session.scalars(select(Selection.image_id).where(Selection.round_id == rounds[0].id)))
+        answered_in_2 = set(session.scalars(select(LabelEvent.image_id).where(LabelEvent.source == "oracle", LabelEvent.round_id == rounds[1].id)))
+        assert len(selected_in_1) == 5 and selected_in_1 <= answered_in_2  # the oracle's answers to round 1's batch, pulled by round 2
+        n_predictions = len(session.scalars(select(Prediction.id).where(Prediction.round_id == rounds[1].id)).all())
+        details = rounds[1].details
+    assert n_predictions > 0 and details["push"]["pushed"] == 5
+
+    status = json.loads(invoke("status", "--project", str(project), "--json").output)
+    assert [r["number"] for r in status["rounds"]] == [1, 2]
+
+    with TestClient(create_app(Settings(project_dir=project, database_url=url, api_token=SecretStr(TOKEN)))) as client:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        (listed_project,) = client.get("/projects", headers=headers).json()["items"]
+        listed = client.get(f"/projects/{listed_project['id']}/rounds", headers=headers)
+        assert listed.status_code == 200, listed.text
+        assert sorted(r["number"] for r in listed.json()["items"]) == [1, 2]
+        progress = client.get(f"/projects/{listed_project['id']}/progress", headers=headers)
+        assert progress.status_code == 200, progress.text
+        latest = client.get(f"/rounds/{rounds[1].id}", headers=headers)
+        assert latest.status_code == 200, latest.text
+        assert {g["name"] for g in latest.json()["gates"]} == {"macro_f1", "defect_recall", "negative_fpr", "latency_ms"}
+        issues = client.get(f"/rounds/{rounds[1].id}/label-issues", headers=headers)
+        assert issues.status_code == 200, issues.text
+        assert client.get("/dashboard", params={"token": TOKEN}).status_code == 200
