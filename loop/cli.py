@@ -23,6 +23,7 @@ from loop.status import project_status
 from labeling import available_backends
 from labeling.labelstudio_server import LabelStudioServerError
 from modeling.errors import WeightsUnavailable
+from store.db import StoreUnavailable
 from store.reports import threshold_of
 
 app = typer.Typer(help="defect-loop: label, train, gate and select, one round at a time.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -42,7 +43,8 @@ def clear_errors() -> Iterator[None]:
     """Expected failures become one clear line and a non-zero exit, never a traceback."""
     try:
         yield
-    except (ConfigError, IngestError, ProjectBusy, RoundFailed, WeightsUnavailable, LabelStudioServerError, LookupError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, IngestError, ProjectBusy, RoundFailed, WeightsUnavailable, LabelStudioServerError, StoreUnavailable, LookupError,
+            FileNotFoundError, ValueError) as error:
         error_console.print(f"[bold red]error:[/] {escape(str(error))}")
         raise typer.Exit(EXIT_USAGE) from None
 

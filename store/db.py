@@ -6,13 +6,41 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ALEMBIC_DIR = REPO_ROOT / "alembic"
 
 
+class StoreUnavailable(RuntimeError):
+    """The store cannot be opened: not a database URL, no driver for it, or its server down or refusing. Nothing in
+    the store was touched."""
+
+
+def shown_url(url: str) -> str:
+    """The URL with its password hidden, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return repr(url)
+
+
 def create_db_engine(url: str) -> Engine:
+    try:
+        drivername = make_url(url).drivername
+    except ArgumentError:
+        raise StoreUnavailable(f"the store's URL {url!r} is not a database URL (e.g. sqlite:////path/loop.db or "
+                               "postgresql+psycopg://user@host/dbname): check database_url in loop.toml, or LOOP_DATABASE_URL") from None
+    try:
+        return _create_engine(url)
+    except (ArgumentError, ImportError) as error:  # an unknown dialect, or its driver not installed
+        hint = " (pip install -e '.[postgres]' installs psycopg: postgresql+psycopg://...)" if drivername.startswith("postgresql") else ""
+        raise StoreUnavailable(f"no database driver for the store at {shown_url(url)}: {error}{hint}") from None
+
+
+def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # A round and the API may touch one SQLite file at once: wait instead of failing.
         engine = create_engine(url, connect_args={"timeout": 30})
@@ -49,7 +77,13 @@ def upgrade_schema(url: str) -> None:
 
     if not ALEMBIC_DIR.is_dir():
         raise RuntimeError(f"Alembic migrations not found at {ALEMBIC_DIR}; install defect-loop with `pip install -e .`")
+    create_db_engine(url).dispose()  # a bad URL or a missing driver, said as such
     config = Config()
     config.set_main_option("script_location", str(ALEMBIC_DIR))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    try:
+        command.upgrade(config, "head")
+    except OperationalError as error:  # the first connection of every command: the server is down, or refuses
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise StoreUnavailable(f"cannot open the store at {shown_url(url)}: {reason}. Check that the database server runs "
+                               "and database_url in loop.toml (or LOOP_DATABASE_URL); nothing was changed") from None
