@@ -105,6 +105,15 @@ def test_rounds_status_and_api_on_a_postgres_store(postgres, tmp_path: Path, cla
         assert sorted(r["number"] for r in listed.json()["items"]) == [1, 2]
         progress = client.get(f"/projects/{listed_project['id']}/progress", headers=headers)
         assert progress.status_code == 200, progress.text
+        before = progress.json()
+        assert [r["number"] for r in before["rounds"]] == [1, 2]
+        # a round while the API runs: its answers are cached until the store changes, which on PostgreSQL it reads from
+        # row counts and newest ids (there is no file version): round 3 and its oracle labels must show up
+        invoke("round", "--project", str(project), "--quiet")
+        after = client.get(f"/projects/{listed_project['id']}/progress", headers=headers).json()
+        assert [r["number"] for r in after["rounds"]] == [1, 2, 3]
+        assert after["labels_by_source"]["oracle"][2] == before["labels_by_source"]["oracle"][1] + 5  # round 2's batch, answered
+        assert all(len(series["values"]) == 3 for series in after["gates"])
         latest = client.get(f"/rounds/{rounds[1].id}", headers=headers)
         assert latest.status_code == 200, latest.text
         assert {g["name"] for g in latest.json()["gates"]} == {"macro_f1", "defect_recall", "negative_fpr", "latency_ms"}
