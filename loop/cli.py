@@ -17,7 +17,7 @@ from rich.table import Table
 
 from loop.config import AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, save_config, validation_problems
 from loop.ingest import IngestError, ingest_source
-from loop.project import ProjectBusy, database_url_for, open_project, open_project_store, project_lock
+from loop.project import ProjectBusy, create_project_store, open_project, open_project_store, project_lock
 from loop.errors import RoundFailed
 from loop.status import project_status
 from labeling import available_backends
@@ -73,9 +73,6 @@ def init(
     database_url: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL (default: SQLite in the project dir)")] = None,
 ) -> None:
     """Create a project: loop.toml, the store (Alembic upgrade head) and its project row."""
-    from store import create_db_engine, session_scope, upgrade_schema
-    from store.models import Project
-
     with clear_errors():
         project_dir = project_dir.expanduser().resolve()
         if config_path(project_dir).exists():
@@ -102,14 +99,10 @@ def init(
             config.model.init_from, config.model.init_from_source = INIT_CHECKPOINT, str(init.backbone_weights_path)
             config.model.backbone = init.backbone_name  # what the rounds run: loop.toml says so too
         project_dir.mkdir(parents=True, exist_ok=True)
+        url = create_project_store(project_dir, config)
         if init_from is not None:
             (project_dir / INIT_CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(config.model.init_from_source, project_dir / INIT_CHECKPOINT)
-        url = database_url_for(project_dir, config)
-        upgrade_schema(url)
-        engine = create_db_engine(url)
-        with session_scope(engine) as session:
-            session.add(Project(name=config.name, root_dir=str(project_dir), classes=config.classes, negative_class=config.negative_class))
         save_config(project_dir, config)
     console.print(f"[green]created[/] {config_path(project_dir)} and the store at {url}")
 

@@ -8,11 +8,9 @@ from rich.console import Console
 
 from loop.config import AnnotatorConfig, LoopConfig, ProjectConfig, config_path, save_config
 from loop.ingest import ingest_source
-from loop.project import database_url_for, open_project, project_lock
+from loop.project import create_project_store, open_project, project_lock
 from loop.round import RoundOptions, run_round
 from loop.synthetic_images import DEFAULT_CLASS_SHARES, write_partial_manifest, write_synthetic_dataset
-from store import create_db_engine, session_scope, upgrade_schema
-from store.models import Project
 
 
 def run_demo(project_dir: Path, *, n_rounds: int, n_images: int, seed: int, console: Console, print_round: Callable) -> None:
@@ -34,10 +32,7 @@ def run_demo(project_dir: Path, *, n_rounds: int, n_images: int, seed: int, cons
         annotator=AnnotatorConfig(backend="oracle", oracle_manifest=str(dataset.ground_truth_csv)),
     )
     project_dir.mkdir(parents=True, exist_ok=True)
-    url = database_url_for(project_dir, config)
-    upgrade_schema(url)
-    with session_scope(create_db_engine(url)) as session:
-        session.add(Project(name=config.name, root_dir=str(project_dir), classes=config.classes, negative_class=config.negative_class))
+    create_project_store(project_dir, config)
     save_config(project_dir, config)
 
     ctx = open_project(project_dir)

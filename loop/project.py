@@ -9,10 +9,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from loop.config import ConfigError, ProjectConfig, config_path, load_config
 from store import create_db_engine, upgrade_schema
+from store.db import session_scope, shown_url
+from store.queries import one_project_per_store
 
 
 class ProjectBusy(RuntimeError):
@@ -47,12 +49,38 @@ def database_url_for(root: Path, config: ProjectConfig) -> str:
     return os.environ.get("LOOP_DATABASE_URL") or config.database_url or f"sqlite:///{(root / 'loop.db').resolve()}"
 
 
-def open_project(root: Path) -> ProjectContext:
+def create_project_store(root: Path, config: ProjectConfig, *, database_url: str | None = None) -> str:
+    """The store of a new project: schema to head and its project row; its URL. Refuses (ConfigError, no row added)
+    a store that already holds a project: get_project takes the first, so a second project there would act on the
+    first's images and rounds. database_url: this store whatever the environment says (loop simulate's scratch runs)."""
+    from store.models import Project
+
+    url = database_url or database_url_for(root, config)
+    upgrade_schema(url)
+    engine = create_db_engine(url)
+    try:
+        with session_scope(engine) as session:
+            existing = session.scalars(select(Project).order_by(Project.id)).first()
+            if existing is not None:
+                raise ConfigError(f"the store at {shown_url(url)} already holds project {existing.name!r} (folder {existing.root_dir}): "
+                                  "one store holds one project. Give this one its own database (another --database-url or "
+                                  "LOOP_DATABASE_URL), or neither for SQLite in the project folder; no project was created")
+            session.add(Project(name=config.name, root_dir=str(root), classes=config.classes, negative_class=config.negative_class))
+    finally:
+        engine.dispose()
+    return url
+
+
+def open_project(root: Path, *, database_url: str | None = None) -> ProjectContext:
+    """database_url: this store whatever loop.toml and the environment say (loop simulate's scratch runs)."""
     root = root.expanduser().resolve()
     config = load_config(root)
-    url = database_url_for(root, config)
+    url = database_url or database_url_for(root, config)
     upgrade_schema(url)  # a project made by an older defect-loop gets the newer columns (a no-op when current)
-    return ProjectContext(root, config, create_db_engine(url))
+    engine = create_db_engine(url)
+    with session_scope(engine) as session:
+        one_project_per_store(session, store=shown_url(url))
+    return ProjectContext(root, config, engine)
 
 
 def open_project_store(root: Path) -> tuple[ProjectContext, str | None]:

@@ -24,10 +24,10 @@ from sqlalchemy import select
 
 from loop.config import AnnotatorConfig, LoopConfig, ModelConfig, ProjectConfig, check_strategy_name, save_config
 from loop.ingest import assign_splits, discover_source, ingest_source
-from loop.project import database_url_for, open_project
+from loop.project import create_project_store, open_project
 from loop.round import RoundOptions, run_round
 from modeling.plots import plot_gate_panels
-from store import create_db_engine, session_scope, upgrade_schema
+from store import session_scope
 from store.models import Image, LabelIssue, Round
 from store.queries import current_labels
 
@@ -131,14 +131,10 @@ def _run_one(settings: SimulationSettings, *, strategy: str, seed: int, classes:
         loop=LoopConfig(budget_per_round=settings.budget, strategy=strategy, relabel_budget=settings.relabel_budget, seed=seed, data_issues=False),
         annotator=AnnotatorConfig(backend="oracle", oracle_manifest=str(ground_truth)),
     )
-    url = database_url_for(project_dir, config)
-    upgrade_schema(url)
-    from store.models import Project
-
-    with session_scope(create_db_engine(url)) as session:
-        session.add(Project(name=config.name, root_dir=str(project_dir), classes=classes, negative_class=settings.negative_class))
+    # each run its own scratch SQLite store, whatever LOOP_DATABASE_URL says: runs must not share one
+    url = create_project_store(project_dir, config, database_url=f"sqlite:///{(project_dir / 'loop.db').resolve()}")
     save_config(project_dir, config)
-    ctx = open_project(project_dir)
+    ctx = open_project(project_dir, database_url=url)
     ingest_source(ctx, test_manifest, split="test", show_progress=False)
     ingest_source(ctx, pool_manifest, split="train", show_progress=False)
     record = RunRecord(strategy, seed, flipped_seed_labels=len(flipped_paths))

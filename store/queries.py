@@ -24,6 +24,16 @@ class CurrentLabel:
     agreement: float | None = None  # share of annotators agreeing with the majority
 
 
+def one_project_per_store(session: Session, *, store: str) -> None:
+    """A store holds one project (get_project takes the first): raise ValueError naming them when it holds more, which
+    two `loop init` on one database URL made before init refused that; every command would act on the first."""
+    projects = session.scalars(select(Project).order_by(Project.id)).all()
+    if len(projects) > 1:
+        listed = ", ".join(f"{p.name!r} (folder {p.root_dir})" for p in projects)
+        raise ValueError(f"the store at {store} holds {len(projects)} projects: {listed}; defect-loop keeps one project per store "
+                         f"and would act on {projects[0].name!r} alone. Give each project its own database")
+
+
 def get_project(session: Session, name: str | None = None) -> Project:
     query = select(Project) if name is None else select(Project).where(Project.name == name)
     project = session.scalars(query.order_by(Project.id)).first()

@@ -1,0 +1,56 @@
+"""One store holds one project: a second `loop init` (or the demo) on a store that holds a project is refused,
+since every command takes the store's first project and the second would act on the first's images and rounds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from loop.cli import app
+from loop.project import open_project
+from store.db import session_scope
+from store.models import Project
+
+runner = CliRunner()
+
+
+def init(project_dir: Path, *extra: str):  # noqa: ANN201
+    return runner.invoke(app, ["init", str(project_dir), "--classes", "good,dent", "--negative-class", "good", *extra])
+
+
+def test_a_second_project_on_a_store_that_holds_one_is_refused_and_nothing_is_added(tmp_path: Path) -> None:
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    assert init(tmp_path / "line-a", "--database-url", shared).exit_code == 0
+    second = init(tmp_path / "line-b", "--database-url", shared)
+    assert second.exit_code == 2
+    assert "already holds project 'line-a'" in " ".join(second.output.split())
+    assert not (tmp_path / "line-b" / "loop.toml").exists()
+    ctx = open_project(tmp_path / "line-a")
+    with session_scope(ctx.engine) as session:
+        assert [p.name for p in session.scalars(select(Project))] == ["line-a"]
+
+
+def test_a_store_that_already_holds_two_projects_is_named_instead_of_used(tmp_path: Path) -> None:
+    # made before init refused: every command would have acted on the first project alone
+    assert init(tmp_path / "line-a").exit_code == 0
+    ctx = open_project(tmp_path / "line-a")
+    with session_scope(ctx.engine) as session:
+        session.add(Project(name="line-b", root_dir=str(tmp_path / "line-b"), classes=["good", "dent"], negative_class="good"))
+    result = runner.invoke(app, ["round", "--project", str(tmp_path / "line-a")])
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())
+    assert "holds 2 projects: 'line-a'" in message and "'line-b'" in message
+
+
+def test_the_environment_store_does_not_collect_loop_simulates_scratch_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loop.config import AnnotatorConfig, ProjectConfig
+    from loop.project import create_project_store
+
+    monkeypatch.setenv("LOOP_DATABASE_URL", f"sqlite:///{tmp_path / 'team.db'}")
+    run = tmp_path / "run"
+    run.mkdir()
+    config = ProjectConfig(name="run", classes=["good", "dent"], negative_class="good", annotator=AnnotatorConfig(backend="none"))
+    url = create_project_store(run, config, database_url=f"sqlite:///{run / 'loop.db'}")
+    assert url.endswith("run/loop.db") and (run / "loop.db").is_file() and not (tmp_path / "team.db").exists()
