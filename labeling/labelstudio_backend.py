@@ -220,6 +220,8 @@ class LabelStudioBackend:
             # Label Studio pre-selects only predictions of the project's model version: once it moves to this round's,
             # a task pushed earlier and still unanswered would show no guess at all unless it gets this round's too
             guesses = [g for g in open_guesses if g.image_id not in unique]
+            listed: dict[int, dict[str, Any]] = {}
+            refreshed: set[int] = set()
             try:
                 if guesses:  # every task's id and data, to touch only tasks that are still there and still show the image
                     listed = {entry["task_id"]: entry for entry in lsc.list_task_data(client, project_id=ls_project_id, with_predictions=True)}
@@ -227,12 +229,13 @@ class LabelStudioBackend:
                     self._forget_deleted_tasks(client, session, report, ls_project_id=ls_project_id, live=live, image_ids={g.image_id for g in guesses})
                     refreshed = self._refresh_open_tasks(client, report, session=session, project=project, ls_project_id=ls_project_id,
                                                          live=live, guesses=guesses, model_version=model_version)
-                    self._delete_superseded_predictions(client, report, listed=listed, refreshed=refreshed)
             except (httpx.HTTPError, ApiError) as error:  # the batch itself is in; its tasks show this round's guesses anyway
                 report.warnings.append(f"could not add this round's guesses to the tasks still waiting for an answer ({_describe(error)}); "
                                        "those without one show an earlier round's guess, or none, until a later round adds it")
             if (predictions_sent or report.refreshed) and model_version:
                 lsc.show_predictions_of(client, project_id=ls_project_id, model_version=model_version)
+            # only once this round's guesses are the ones shown: deleting earlier ones first would leave tasks without one
+            self._delete_superseded_predictions(client, report, listed=listed, refreshed=refreshed)
             self._close_settled(client, report, session=session, ls_project_id=ls_project_id, image_ids=[i for i in settled if i not in unique])
         except (lsc.LabelStudioAuthError, lsc.LabelStudioConfigError):
             raise  # a wrong or missing setting: retrying next round would not help
@@ -431,9 +434,10 @@ class LabelStudioBackend:
 
     @staticmethod
     def _delete_superseded_predictions(client, report: PushReport, *, listed: Mapping[int, Mapping[str, Any]], refreshed: set[int]) -> None:  # noqa: ANN001
-        """A task that waits several rounds got one guess per round: those a newer guess replaced are deleted
-        (report.superseded_predictions_deleted), except the one each earlier answer was given under. Only the loop's own
-        (model version round-N), and only on tasks whose newer guess is in: a failure leaves one guess too many, never none."""
+        """A task that waits several rounds got one guess per round: those replaced a round ago or longer are deleted
+        (report.superseded_predictions_deleted), not the one just replaced (it may be open in an annotator's editor) nor
+        those earlier answers were given under. Only the loop's own (model version round-N), and only on tasks whose
+        newer guess is in: a failure leaves a guess too many, never none."""
         stale = []
         for task_id in sorted(refreshed & set(listed)):
             entry = listed[task_id]

@@ -307,15 +307,17 @@ def answer_times(client: LabelStudio, *, task_id: int) -> list[float | None]:
 
 def superseded_predictions(predictions: Sequence[Mapping[str, Any]], *, answered_at: Sequence[float | None],
                            ours: Callable[[str | None], bool]) -> list[int]:
-    """Ids of `ours` predictions of a task ("predictions" of a list_task_data(with_predictions=True) entry) that a newer
-    guess replaced: every one except, for each answer, the newest made before it (what list_annotated_tasks compares
-    the answer with) and our newest made before it (what Label Studio pre-selected). Predictions of other model
-    versions (an ML backend's) are not ours to delete; an answer of unknown time keeps them all. Call it after the task
-    got its newer prediction."""
+    """Ids of `ours` predictions of a task ("predictions" of a list_task_data(with_predictions=True) entry, listed
+    before the task got its newer one) that a newer guess replaced, except: our newest listed (an annotator may have
+    the task open with it: Label Studio refuses a submit whose parent prediction was deleted, HTTP 400), and for each
+    answer the newest made before it (what list_annotated_tasks compares the answer with) and our newest made before
+    it (what was pre-selected). So a waiting task lists at most two of our guesses. Other model versions' predictions
+    (an ML backend's) are not ours to delete; an answer of unknown time keeps them all."""
     if any(answered is None for answered in answered_at):
         return []
     ordered = sorted(predictions, key=lambda p: (p["created_at"] if p["created_at"] is not None else float("-inf"), p["id"]))
-    shown: set[int] = set()
+    ours_listed = [p for p in ordered if ours(p.get("model_version"))]
+    shown: set[int] = {ours_listed[-1]["id"]} if ours_listed else set()
     for answered in answered_at:
         before = [p for p in ordered if p["created_at"] is None or p["created_at"] <= answered]
         ours_before = [p for p in before if ours(p.get("model_version"))]

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
 import pytest
+from label_studio_sdk.core.api_error import ApiError
 from sqlalchemy import func, select
 
 from labelstudio_harness import ANNOTATOR_A, ANNOTATOR_B, report_line
@@ -253,11 +254,12 @@ def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_sele
     assert (report.pushed, report.refreshed, report.pending, report.warnings) == (1, 2, 0, [])
     admin = labelstudio.admin()
     assert admin.projects.get(id=ls_project_id(store)).model_version == "round-2"
-    # round 1's guess, replaced, is deleted: a task waiting ten rounds does not list ten guesses
-    assert report.superseded_predictions_deleted == 2
+    # round 1's guess, just replaced, stays: an annotator may have the task open with it (Label Studio refuses a
+    # submit whose guess was deleted); it goes when the next round replaces round 2's
+    assert report.superseded_predictions_deleted == 0
     for k in (5, 6):
         versions = [(p.model_version, lsc.result_choices(p.result)) for p in admin.tasks.get(id=str(tasks[store.image_ids[k]])).predictions]
-        assert versions == [("round-2", ["spot"])]
+        assert sorted(versions) == [("round-1", ["scratch"]), ("round-2", ["spot"])]
         data = admin.tasks.get(id=str(tasks[store.image_ids[k]])).data  # the text beside the image says what is pre-selected now
         assert "Model's guess: spot." in data["why"] and data["predicted_label"] == "spot"
     # what Label Studio's label stream hands an annotator: an earlier round's task, with this round's guess pre-selected
@@ -273,6 +275,8 @@ def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_sele
     later = [store.task(k, reason="open", predicted="good", score=0.6, round_number=2) for k in (5, 6)]
     third = push(backend, store, [], round_number=2, open_guesses=later)
     assert (third.refreshed, third.warnings, third.gone_image_ids) == (1, [], {store.image_ids[6]})
+    assert third.superseded_predictions_deleted == 1  # image 5's round-1 guess: a task waiting ten rounds lists two, not ten
+    assert sorted(p.model_version for p in admin.tasks.get(id=str(tasks[store.image_ids[5]])).predictions) == ["round-2", "round-2"]
     assert store.image_ids[6] not in task_ids_by_image(store)
     again = push(backend, store, [store.task(6, predicted="good", score=0.6, round_number=2)], round_number=2)
     assert (again.pushed, again.already_present) == (1, 0) and task_ids_by_image(store)[store.image_ids[6]] != tasks[store.image_ids[6]]
@@ -285,8 +289,8 @@ def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_sele
 
 
 def test_a_replaced_guess_is_deleted_but_not_the_one_an_answer_was_given_under_nor_another_models(labelstudio, store, backend) -> None:
-    with store.session() as session:  # rounds 3 and 4, to push as
-        later = [Round(project_id=store.project_id, number=n, status="completed") for n in (3, 4)]
+    with store.session() as session:  # rounds 3 to 5, to push as
+        later = [Round(project_id=store.project_id, number=n, status="completed") for n in (3, 4, 5)]
         session.add_all(later)
         session.flush()
         store.round_ids.update({r.number: r.id for r in later})
@@ -299,15 +303,25 @@ def test_a_replaced_guess_is_deleted_but_not_the_one_an_answer_was_given_under_n
     admin.predictions.create(task=task_id, model_version="line-3-model", score=0.5, result=lsc.choice_result("good"))
     suspect = store.task(4, reason="suspected_label_error", predicted="spot", score=0.8, current_label="scratch", round_number=2)
     assert push(backend, store, [suspect], round_number=2).reopened == 1  # round 2's guess added by the reopening
-    for round_number, guess in ((3, "good"), (4, "spot")):  # still waiting: each round replaces the last round's guess
+    # still waiting: each round adds its guess; the one it replaces stays (it may be open in an editor), the one before goes
+    guess_of: dict[str, int] = {}  # model version -> prediction id, deleted ones included
+    for round_number, guess, deleted in ((3, "good", 0), (4, "spot", 1), (5, "good", 1)):
         waiting = store.task(4, reason="open", predicted=guess, score=0.6, round_number=round_number)
         report = push(backend, store, [], round_number=round_number, open_guesses=[waiting])
-        assert (report.refreshed, report.superseded_predictions_deleted, report.warnings) == (1, 1, [])
+        assert (report.refreshed, report.superseded_predictions_deleted, report.warnings) == (1, deleted, [])
+        guess_of.update({p.model_version: p.id for p in admin.tasks.get(id=str(task_id)).predictions})
     kept = sorted((p.model_version, lsc.result_choices(p.result)) for p in admin.tasks.get(id=str(task_id)).predictions)
-    assert kept == [("line-3-model", ["good"]), ("round-1", ["scratch"]), ("round-4", ["spot"])]
+    assert kept == [("line-3-model", ["good"]), ("round-1", ["scratch"]), ("round-4", ["spot"]), ("round-5", ["good"])]
     # what A was shown is still what the agreement metric compares A's answer with
     (answer,) = [row for row in lsc.list_annotated_tasks(admin, project_id=ls_project_id(store)) if row["task_id"] == task_id]
     assert answer["predicted"] == ["scratch"]
+    # B opened the task during round 4 and submits now: Label Studio refuses an answer whose guess was deleted (round 3's),
+    # which is why the guess just replaced (round 4's) is kept
+    b = labelstudio.as_annotator(ANNOTATOR_B)
+    with pytest.raises(ApiError) as refused:
+        b.annotations.create(id=task_id, result=lsc.choice_result("spot"), parent_prediction=guess_of["round-3"])
+    assert refused.value.status_code == 400
+    assert b.annotations.create(id=task_id, result=lsc.choice_result("spot"), parent_prediction=guess_of["round-4"]).id
 
 
 def test_closing_a_reopened_task_keeps_the_overlap_it_had_before(labelstudio, store, backend) -> None:
