@@ -266,6 +266,11 @@ def training_section(report: RoundReport) -> str:
         if len(training.history) >= 2:
             parts.append(f'<div class="two"><div>{epoch_chart("training:loss", "Loss per epoch", training, "loss")}</div>'
                          f'<div>{epoch_chart("training:accuracy", "Accuracy per epoch", training, "accuracy")}</div></div>')
+    if report.init_from is not None:
+        init = report.init_from
+        unused = "" if init.head_used else "; this round's network did not start from that head"
+        parts.append(f'<p class="init-from">Started from another project\'s model: {escape(init.source or init.checkpoint)}. '
+                     f'{escape(init.head[:1].upper() + init.head[1:] + unused)}.</p>')
     calibration = report.calibration
     if calibration is not None and calibration.method == "temperature":
         add_one = (" (no image there misclassified: the fit keeps an add-one error estimate, so the NLL rises by design instead of the "

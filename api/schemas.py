@@ -140,6 +140,13 @@ class LabelQualityOut(Schema):
     already_questioned: int | None = Field(description="flagged suspects not sent again: asked before with the same label")
 
 
+class InitFromOut(Schema):
+    checkpoint: str = Field(description="the checkpoint the backbone (and head) started from: the project's own copy")
+    source: str | None = Field(description="where loop init copied it from")
+    head: str = Field(description="whether the other project's head was transferred, and why")
+    head_used: bool = Field(description="true: this round's network started from that head")
+
+
 class RoundOut(RoundSummaryOut):
     error: str | None
     metrics: dict[str, float | None] = Field(description="overall metrics on the frozen test split")
@@ -170,6 +177,7 @@ class RoundOut(RoundSummaryOut):
     calibration: CalibrationOut | None = None
     label_quality: LabelQualityOut | None = None
     threshold_choice: ThresholdChoiceOut | None = Field(default=None, description="null: no threshold (no negative class, a cold start)")
+    init_from: InitFromOut | None = Field(default=None, description="where the model started (loop init --init-from); null: ImageNet weights")
 
 
 class LabelIssueOut(Schema):

@@ -59,8 +59,8 @@ def init(
     classes: Annotated[str, typer.Option(help="comma-separated class names, e.g. good,scratch,spot")],
     negative_class: Annotated[Optional[str], typer.Option(help='the "no defect" class the FPR gate is about')] = None,
     name: Annotated[Optional[str], typer.Option(help="project name (default: the folder name)")] = None,
-    backbone: Annotated[str, typer.Option(help="timm model name")] = "efficientnet_lite0",
-    weights: Annotated[str, typer.Option(help="default | none | PATH to a state dict")] = "default",
+    backbone: Annotated[Optional[str], typer.Option(help="timm model name (default efficientnet_lite0; with --init-from: the checkpoint's)")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="default | none | PATH to a state dict (not with --init-from)")] = None,
     image_size: Annotated[int, typer.Option(help="input resolution in pixels")] = 224,
     pooling: Annotated[str, typer.Option(help="embedding pooling: multilayer (last 4 stages + head, avg and max) | avg (last feature map)")] = "multilayer",
     train: Annotated[str, typer.Option(help="training strategy: head | finetune | full")] = "head",
@@ -80,7 +80,7 @@ def init(
         try:
             config = ProjectConfig(
                 name=name or project_dir.name, classes=_split_classes(classes), negative_class=negative_class, database_url=database_url,
-                model=ModelConfig(backbone=backbone, weights=weights, image_size=image_size, pooling=pooling, train=train, init_from=str(init_from) if init_from else None),
+                model=ModelConfig(backbone=backbone or "efficientnet_lite0", weights=weights or "default", image_size=image_size, pooling=pooling, train=train, init_from=str(init_from) if init_from else None),
                 loop=LoopConfig(budget_per_round=budget, strategy=strategy),
                 annotator=AnnotatorConfig(backend=annotator, oracle_manifest=str(oracle_manifest.expanduser().resolve()) if oracle_manifest else None, oracle_noise=oracle_noise),
             )
@@ -89,20 +89,35 @@ def init(
         if annotator not in available_backends():
             raise ConfigError(f"unknown annotator backend {annotator!r}; available: {', '.join(available_backends())}")
         if init_from is not None:
+            from loop.init_source import resolve_init_source
+            from modeling.backbones import create_backbone
             from modeling.transfer import load_init_checkpoint
 
-            init = load_init_checkpoint(init_from.expanduser().resolve(), class_names=config.classes)
+            if weights is not None:
+                raise ConfigError("--weights and --init-from both name the starting weights: give one of them")
+            source = resolve_init_source(init_from)
+            init = load_init_checkpoint(source.checkpoint, class_names=config.classes, pooling=config.model.pooling)
+            if backbone is not None and backbone != init.backbone_name:
+                raise ConfigError(f"--backbone {backbone} and --init-from disagree: the checkpoint ({source.description}) is a "
+                                  f"{init.backbone_name}; leave --backbone out")
+            try:  # the weights must fit the network now, not in round 1 (after the answers were pulled into it)
+                create_backbone(init.backbone_name, weights=str(init.backbone_weights_path), pooling=config.model.pooling)
+            except (ValueError, WeightsUnavailable) as error:
+                raise ConfigError(f"--init-from {source.checkpoint}: {error}") from None
             head_use = ("; the `head` strategy refits its linear head on this project's labels every round, so the transferred head "
                         "is used by `finetune` and `full` only") if init.head_weight is not None and config.model.train == "head" else ""
-            console.print(f"starting from {init.backbone_weights_path} ({init.backbone_name}); {init.head_reason}{head_use}")
+            console.print(f"starting from {escape(str(init.backbone_weights_path))}: {escape(source.description)} ({init.backbone_name}); "
+                          f"{escape(init.head_reason)}{escape(head_use)}")
             # A copy in this project: the other project may retrain, move or be deleted; the rounds here must not change with it.
             config.model.init_from, config.model.init_from_source = INIT_CHECKPOINT, str(init.backbone_weights_path)
             config.model.backbone = init.backbone_name  # what the rounds run: loop.toml says so too
         project_dir.mkdir(parents=True, exist_ok=True)
         url = create_project_store(project_dir, config)
         if init_from is not None:
-            (project_dir / INIT_CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(config.model.init_from_source, project_dir / INIT_CHECKPOINT)
+            copy = project_dir / INIT_CHECKPOINT
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            if not (copy.exists() and copy.samefile(config.model.init_from_source)):  # pointed at this very copy: it is there
+                shutil.copyfile(config.model.init_from_source, copy)
         save_config(project_dir, config)
     console.print(f"[green]created[/] {config_path(project_dir)} and the store at {url}")
 
@@ -192,6 +207,14 @@ def print_round(outcome) -> None:  # noqa: ANN001
     if without:  # the warning during the round said why; a --quiet round prints only this summary
         console.print(f"[yellow]{without['n_excluded']} test images have a labeled near-copy outside the test split[/]; "
                       f"without them ({without['n_images']} images): {gate_values_text(without)}")
+    training = details.get("training") or {}
+    if training:
+        best, history = training.get("best_epoch"), training.get("history") or []
+        kept = "" if not history else (f", kept epoch {best} of {max(len(history) - 1, 0)}" if best is not None else f", {len(history) - 1} epochs")
+        init = details.get("init_from")
+        started = "" if not init else (f" · started from {escape(str(init.get('source') or init.get('checkpoint')))}: "
+                                       f"{escape(str(init.get('head') or ''))}{'' if init.get('head_used') else ' (head not used this round)'}")
+        console.print(f"trained: {escape(str(training.get('strategy')))} on {training.get('n_fit')} labeled images{kept}{started}")
     threshold = details.get("threshold")
     console.print(
         f"labeled: train {counts['train']}, validation {counts['validation']}, test {counts['test']}; unlabeled {counts['unlabeled']}"

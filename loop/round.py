@@ -55,7 +55,7 @@ from modeling.onnx_export import export_onnx
 from modeling.plots import plot_confusion_matrix, plot_gates_over_rounds, plot_training_curves
 from modeling.preprocessing import Preprocessing
 from modeling.selection import select_batch
-from modeling.transfer import load_init_checkpoint, save_model_checkpoint
+from modeling.transfer import find_model_checkpoint, load_init_checkpoint, save_model_checkpoint
 from modeling.training import TrainedClassifier, TrainingData, available_training_strategies, head_fit_predict, train_classifier
 from store import session_scope
 from store.models import AnnotationTask, GateResult, Image, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round, Selection
@@ -347,7 +347,7 @@ def embed_images(state: RoundState) -> None:
     """Only images not yet in the cache are computed (key: image hash + backbone + weights hash + preprocessing)."""
     model = state.config.model
     if model.init_from:  # domain transfer: another project's fine-tuned backbone (and head where classes match)
-        init = load_init_checkpoint(_weights_path(state, model.init_from), class_names=list(state.config.classes))
+        init = load_init_checkpoint(_weights_path(state, model.init_from), class_names=list(state.config.classes), pooling=model.pooling)
         state.backbone = create_backbone(init.backbone_name, weights=str(init.backbone_weights_path), pooling=model.pooling)
         state.details["init_from"] = {"checkpoint": str(init.backbone_weights_path), "source": model.init_from_source, "head": init.head_reason,
                                       "head_used": init.head_weight is not None and training_strategy(state) != "head"}
@@ -523,6 +523,13 @@ def train_model(state: RoundState) -> None:
     view_check = (getattr(state.classifier, "config", None) or {}).get("view_check")
     if view_check:  # which cached flips/turns fine-tuning kept, and why
         state.details["training"]["view_check"] = view_check
+    init_from = state.details.get("init_from")
+    if init_from and init_from.get("head_used"):  # what the network did with the transferred head, not what was hoped
+        used = bool((getattr(state.classifier, "config", None) or {}).get("head_transferred"))
+        if not used:
+            init_from["head"] = (f"{init_from['head']}, but not used: its rows do not fit this network's head (the source "
+                                 "model's head read other features: another pooling or backbone); the head was started afresh")
+        init_from["head_used"] = used
 
 
 def compute_finetuned_out_of_fold(state: RoundState) -> None:
@@ -762,15 +769,6 @@ def choose_threshold(state: RoundState) -> None:
         p_defect=1.0 - p_negative, is_defect=state.labels[positions] != negative, max_fpr=state.config.gates.negative_fpr_max,
         confidence=state.config.model.threshold_confidence, unlabeled_p_defect=1.0 - state.probabilities[unlabeled, negative],
     ).threshold if len(unlabeled) else state.threshold.threshold
-    if not state.threshold.margin_attainable:
-        state.console.print(f"[yellow]warning:[/] only {state.threshold.n_negatives} labeled '{escape(str(state.config.negative_class))}' images to choose the threshold on: "
-                            "no false positive is allowed and the FPR gate still has no safety margin. Label more good parts.")
-    if source == "validation" and state.config.model.threshold_source == "auto" and state.threshold.n_negatives < MIN_VALIDATION_NEGATIVES:
-        # auto kept validation only because fold networks of this strategy are not cheap: say what the other choice costs
-        state.console.print(f"[yellow]note:[/] the threshold is read off {state.threshold.n_negatives} validation good parts (fewer than "
-                            f"{MIN_VALIDATION_NEGATIVES}), which cannot hold a {state.config.gates.negative_fpr_max:.0%} rate reliably; "
-                            "`threshold_source = \"out_of_fold\"` in loop.toml's [model] chooses it on networks fine-tuned per fold "
-                            "(one training per fold: slower)")
     # The loop's own estimate of each gate, from the same non-test data: it steers selection, never the test split.
     estimate_probabilities = held_out[positions] if source == "validation" else state.calibrated_oof_probabilities
     estimate = evaluate_predictions(
@@ -783,6 +781,20 @@ def choose_threshold(state: RoundState) -> None:
     if state.threshold.estimated_population_fpr is not None:  # the labeled good parts alone overstate it (see above)
         estimate["negative_fpr"] = state.threshold.estimated_population_fpr
     state.details["estimated_metrics"] = {k: estimate[k] for k in ("macro_f1", "defect_recall", "negative_fpr")}
+    # the warnings carry the loop's own FPR estimate: a rule that sounds strict ("no false positive allowed") can still
+    # leave good parts above the threshold where the estimate is made
+    fpr_max, fpr_estimate = state.config.gates.negative_fpr_max, estimate.get("negative_fpr")
+    estimated = "" if fpr_estimate is None else (
+        f" The loop's own FPR estimate is {fpr_estimate:.1%}" + (f", which already breaks the {fpr_max:.0%} gate." if fpr_estimate > fpr_max else "."))
+    if not state.threshold.margin_attainable:
+        state.console.print(f"[yellow]warning:[/] only {state.threshold.n_negatives} labeled '{escape(str(state.config.negative_class))}' images to choose the threshold on: "
+                            f"too few for a safety margin under the FPR gate.{estimated} Label more good parts.")
+    if source == "validation" and state.config.model.threshold_source == "auto" and state.threshold.n_negatives < MIN_VALIDATION_NEGATIVES:
+        # auto kept validation only because fold networks of this strategy are not cheap: say what the other choice costs
+        state.console.print(f"[yellow]note:[/] the threshold is read off {state.threshold.n_negatives} validation good parts (fewer than "
+                            f"{MIN_VALIDATION_NEGATIVES}), which cannot hold a {fpr_max:.0%} rate reliably.{estimated} "
+                            + escape('`threshold_source = "out_of_fold"` in loop.toml\'s [model] chooses it on networks fine-tuned per fold ')
+                            + "(one training per fold: slower)")
 
 
 def evaluate_on_test_split(state: RoundState) -> None:
@@ -1504,6 +1516,17 @@ def check_round_options(ctx: ProjectContext, options: RoundOptions) -> None:
         raise RoundFailed(f"unknown annotator backend {backend!r}; available: {', '.join(available_backends())}")
     if backend == "oracle" and not ctx.config.annotator.oracle_manifest:
         raise RoundFailed("the oracle annotator needs [annotator] oracle_manifest in loop.toml")
+    model = ctx.config.model
+    if model.init_from:  # the checkpoint loop init copied in: gone or damaged since, said as such (not as an option never given)
+        path = Path(model.init_from).expanduser()
+        path = path if path.is_absolute() else ctx.root / path
+        origin = f"[model] init_from in loop.toml, copied by loop init from {model.init_from_source}" if model.init_from_source else "[model] init_from in loop.toml"
+        if not path.is_file():
+            raise RoundFailed(f"the checkpoint this project starts from, {path}, is missing ({origin}): put it back, or start a new project")
+        try:
+            find_model_checkpoint(path)
+        except ValueError as error:
+            raise RoundFailed(f"the checkpoint this project starts from is damaged: {error} ({origin})") from None
 
 
 def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, console: Console | None = None) -> RoundOutcome:

@@ -12,7 +12,7 @@ from loop.project import ProjectContext
 from store import session_scope
 from store.models import Image, Round
 from store.queries import current_labels, get_project
-from store.reports import as_utc, calibration_of, collapsed_of, label_quality_of, threshold_of, training_of
+from store.reports import as_utc, calibration_of, collapsed_of, init_from_of, label_quality_of, threshold_of, training_of
 
 STATUS_SCHEMA_VERSION = 1
 
@@ -75,9 +75,12 @@ def _round_summary(round_row: Round) -> dict:
         "train_strategy": training.strategy if training else None,
         "cold_start": bool(details.get("cold_start")),  # only good parts labeled: no model, no gates that round
         # what a manager asks after the gates: kept epoch, calibration, how noisy the labels look, what the loop did about it
-        # (read as the API reads them; the per-epoch history is in GET /rounds/{id} and training_curves.png)
+        # (read as the API reads them, the per-epoch history too; drawn in training_curves.png)
         "training": {"n_fit": training.n_fit if training else None, "best_epoch": training.best_epoch if training else None,
-                     "epochs_run": training.epochs_run if training else 0},
+                     "epochs_run": training.epochs_run if training else 0,
+                     "history": [dataclasses.asdict(epoch) for epoch in training.history] if training else []},
+        # loop init --init-from: the checkpoint, where it came from, and whether the other project's head was used
+        "init_from": dataclasses.asdict(init) if (init := init_from_of(details)) is not None else None,
         "calibration": {key: getattr(calibration, key, None) for key in ("method", "temperature", "fitted_on", "n_images", "n_left_out", "objective",
                                                                           "nll_before", "nll_after", "ece_before", "ece_after", "reason")},
         "collapsed": collapsed_of(details),  # one class for every test image or every image: the macro F1 gate was set to 0

@@ -72,6 +72,20 @@ def save_model_checkpoint(classifier: Any, path: str | Path, *, image_size: int 
     return path
 
 
+def _checkpoint_problems(checkpoint: dict[str, Any]) -> str:
+    """What a checkpoint of the right format lacks to start a project from ("" when nothing)."""
+    missing = [key for key in ("backbone_name", "state_dict", "class_names", "head_weight", "head_bias") if key not in checkpoint]
+    if missing:
+        return f"it has no {', '.join(missing)}"
+    weight, bias, classes = checkpoint["head_weight"], checkpoint["head_bias"], checkpoint["class_names"]
+    if not isinstance(classes, (list, tuple)) or not classes:
+        return "its class_names are not a list of names"
+    if getattr(weight, "ndim", 0) != 2 or getattr(bias, "ndim", 0) != 1 or weight.shape[0] != len(classes) or bias.shape[0] != len(classes):
+        return (f"its head ({tuple(getattr(weight, 'shape', ()))} weights, {tuple(getattr(bias, 'shape', ()))} biases) does not have "
+                f"one row per class ({len(classes)} names)")
+    return ""
+
+
 def _read_checkpoint(path: Path) -> dict[str, Any] | None:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -104,17 +118,26 @@ def find_model_checkpoint(path: str | Path) -> Path:
     )
 
 
-def load_init_checkpoint(path: str | Path, *, class_names: list[str]) -> InitFrom:
-    """Where a new project starts from: the other project's backbone, and its head if every class is known there."""
+def load_init_checkpoint(path: str | Path, *, class_names: list[str], pooling: str | None = None) -> InitFrom:
+    """Where a new project starts from: the other project's backbone, and its head if every class is known there and
+    it read the same kind of pooled features (`pooling`, when given) as this project's network will."""
     checkpoint_path = find_model_checkpoint(path)
     checkpoint = _read_checkpoint(checkpoint_path)
     assert checkpoint is not None
+    problems = _checkpoint_problems(checkpoint)
+    if problems:
+        raise ValueError(f"{checkpoint_path} is not a usable defect-loop model checkpoint: {problems}")
     source_classes = [str(name) for name in checkpoint["class_names"]]
     weight = checkpoint["head_weight"].numpy()
     bias = checkpoint["head_bias"].numpy()
     missing = [name for name in class_names if name not in source_classes]
+    head_features = str(checkpoint.get("head_features") or "")
     if not class_names or missing:
         reason = f"head not transferred: classes {missing or '(none given)'} are not in the source model's {source_classes}"
+        head_weight = head_bias = None
+    elif pooling is not None and head_features and head_features != pooling:
+        reason = (f"head not transferred: the source model's head reads {head_features!r} pooled features and this project's "
+                  f"network {pooling!r} (pooling in loop.toml [model])")
         head_weight = head_bias = None
     else:
         rows = [source_classes.index(name) for name in class_names]

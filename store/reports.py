@@ -180,6 +180,17 @@ class RoundReport:
     calibration: CalibrationSummary | None = None
     label_quality: LabelQualitySummary | None = None
     threshold_choice: ThresholdSummary | None = None
+    init_from: InitFromSummary | None = None
+
+
+@dataclass(frozen=True)
+class InitFromSummary:
+    """Where the project's model started (loop init --init-from): the checkpoint, where it was copied from, and what
+    became of the other project's head."""
+    checkpoint: str
+    source: str | None
+    head: str  # transferred or not, and why
+    head_used: bool  # the round's network started from it
 
 
 @dataclass(frozen=True)
@@ -554,6 +565,14 @@ def label_quality_of(details: dict[str, Any] | None) -> LabelQualitySummary | No
         already_questioned=_int_or_none(raw.get("already_questioned")))
 
 
+def init_from_of(details: dict[str, Any] | None) -> InitFromSummary | None:
+    raw = (details or {}).get("init_from")
+    if not isinstance(raw, dict) or not raw.get("checkpoint"):
+        return None
+    return InitFromSummary(checkpoint=str(raw["checkpoint"]), source=str(raw["source"]) if raw.get("source") else None,
+                           head=str(raw.get("head") or ""), head_used=bool(raw.get("head_used")))
+
+
 def collapsed_of(details: dict[str, Any] | None) -> bool | None:
     raw = (details or {}).get("collapse_check")
     if not isinstance(raw, dict):
@@ -650,6 +669,7 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         calibration=calibration_of(details),
         label_quality=label_quality_of(details),
         threshold_choice=threshold_of(details),
+        init_from=init_from_of(details),
     )
 
 

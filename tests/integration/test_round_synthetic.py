@@ -242,12 +242,59 @@ def test_init_from_another_project_starts_from_its_checkpoint(project_with_pool:
         writer.writerow(["path", "label"])
         writer.writerows((str(p), p.parent.name) for p in sorted(class_folders.rglob("*.png")) if p.parent.name in ("good", "spot"))
     assert invoke("ingest", str(manifest), "--project", str(new_line), "--quiet").exit_code == 0
-    assert invoke("round", "--project", str(new_line), "--quiet").exit_code == 0
+    first_round = invoke("round", "--project", str(new_line), "--quiet")
+    assert first_round.exit_code == 0
+    assert f"startedfrom{checkpoint.resolve()}" in "".join(first_round.output.split())  # rich wraps long paths
     with session_scope(open_project(new_line).engine) as session:
         details = session.scalars(select(Round)).one().details
     assert details["init_from"]["checkpoint"] == str(copied) and details["init_from"]["source"] == str(checkpoint.resolve())
     assert details["init_from"]["head_used"] is False
     assert details["embeddings"]["model_key"].startswith("efficientnet_lite0-file-")  # the transferred weights, not ImageNet's
+    # what was transferred is said where people look: the round's summary, loop status --json, the API
+    status = json.loads(invoke("status", "--project", str(new_line), "--json").output)
+    assert status["rounds"][0]["init_from"] == {"checkpoint": str(copied), "source": str(checkpoint.resolve()),
+                                                "head": details["init_from"]["head"], "head_used": False}
+    with session_scope(open_project(new_line).engine) as session:
+        assert round_report(session, round_id=session.scalars(select(Round.id)).one()).init_from.source == str(checkpoint.resolve())
+
+
+def test_init_from_a_project_takes_its_newest_completed_round_and_checks_the_checkpoint_before_any_round(
+        project_with_pool: Path, tmp_path: Path) -> None:
+    import torch
+
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    completed = project_with_pool / "artifacts" / "round-001" / "model.pt"
+    # a later round that failed after writing its checkpoint: the newest file, never the starting point
+    with session_scope(open_project(project_with_pool).engine) as session:
+        project_id = session.scalars(select(Round.project_id)).first()
+        session.add(Round(project_id=project_id, number=2, status="failed", error="step record_round: boom"))
+    failed = project_with_pool / "artifacts" / "round-002" / "model.pt"
+    failed.parent.mkdir(parents=True, exist_ok=True)
+    failed.write_bytes(completed.read_bytes())
+    result = invoke("init", str(tmp_path / "from-project"), "--classes", "good,spot", "--negative-class", "good", "--init-from", str(project_with_pool))
+    assert result.exit_code == 0
+    said = " ".join(result.output.split())
+    assert "round 1 (head) of project 'project', its newest completed round" in said
+    assert load_config(tmp_path / "from-project").model.init_from_source == str(completed.resolve())
+
+    def refused(name: str, *extra: str) -> str:
+        outcome = runner.invoke(app, ["init", str(tmp_path / name), "--classes", "good,spot", "--negative-class", "good", *extra])
+        assert outcome.exit_code == 2, outcome.output
+        assert not (tmp_path / name / "loop.toml").exists() and not (tmp_path / name / "models").exists()
+        return " ".join(outcome.output.split())
+
+    assert "leave --backbone out" in refused("a", "--init-from", str(completed), "--backbone", "efficientnet_lite2")
+    assert "give one of them" in refused("b", "--init-from", str(completed), "--weights", "none")
+    # the right format, weights of another network: refused at init, not in round 1
+    checkpoint = torch.load(completed, weights_only=True)
+    torch.save({**checkpoint, "state_dict": {"conv.weight": torch.zeros(3, 3)}}, tmp_path / "other-net.pt")
+    assert "the model expects" in refused("c", "--init-from", str(tmp_path / "other-net.pt"))
+    # the project's own copy gone: the round says which file and where it came from, and records no failed round
+    (tmp_path / "from-project" / "models" / "init_from.pt").unlink()
+    gone = runner.invoke(app, ["round", "--project", str(tmp_path / "from-project")])
+    assert gone.exit_code == 2 and "the checkpoint this project starts from" in " ".join(gone.output.split())
+    with session_scope(open_project(tmp_path / "from-project").engine) as session:
+        assert session.scalars(select(Round)).all() == []
 
 
 def test_finetune_round_takes_its_options_from_loop_toml_and_calibrates_on_validation(project_with_pool: Path) -> None:

@@ -54,6 +54,25 @@ def test_a_project_directory_resolves_to_its_newest_checkpoint(classifier, tmp_p
     assert find_model_checkpoint(tmp_path / "project") == newer
 
 
+def test_a_head_on_other_pooled_features_is_not_transferred_and_the_reason_says_so(classifier, tmp_path):
+    path = save_model_checkpoint(classifier, tmp_path / "model.pt")  # the fixture's backbone pools "avg"
+    init = load_init_checkpoint(path, class_names=["patches", "scratch"], pooling="multilayer")
+    assert init.head_weight is None and "reads 'avg' pooled features and this project's network 'multilayer'" in init.head_reason
+    assert load_init_checkpoint(path, class_names=["patches", "scratch"], pooling="avg").head_weight is not None
+
+
+def test_a_checkpoint_lacking_what_a_start_needs_is_refused_with_what_is_missing(classifier, tmp_path):
+    path = save_model_checkpoint(classifier, tmp_path / "model.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    without_classes = {key: value for key, value in checkpoint.items() if key != "class_names"}
+    torch.save(without_classes, tmp_path / "no-classes.pt")
+    with pytest.raises(ValueError, match="it has no class_names"):
+        load_init_checkpoint(tmp_path / "no-classes.pt", class_names=["scratch"])
+    torch.save({**checkpoint, "class_names": ["a", "b", "c", "d"]}, tmp_path / "short-head.pt")
+    with pytest.raises(ValueError, match="one row per class"):
+        load_init_checkpoint(tmp_path / "short-head.pt", class_names=["a"])
+
+
 def test_missing_or_foreign_sources_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_init_checkpoint(tmp_path / "nowhere", class_names=["a"])

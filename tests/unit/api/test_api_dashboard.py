@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from html import unescape
 from types import SimpleNamespace
 
 from fastapi.testclient import TestClient
@@ -112,13 +113,13 @@ def test_training_section_says_what_the_history_shows() -> None:
 
     def line(training: dict) -> str:
         report = SimpleNamespace(summary=SimpleNamespace(number=7), cold_start=None, training=training_of({"training": training}),
-                                 calibration=None, label_quality=None, threshold_choice=None, collapsed=None)
+                                 calibration=None, label_quality=None, threshold_choice=None, collapsed=None, init_from=None)
         return re.search(r'<p class="training-summary">(.*?)</p>', training_section(report)).group(1)
 
     collapsed = SimpleNamespace(summary=SimpleNamespace(number=7), cold_start=None, training=None, calibration=calibration_of(
         {"calibration": {"method": "temperature", "temperature": 1.5, "fitted_on": "out_of_fold", "n_images": 116, "n_left_out": 3,
                          "objective": "nll_add_one", "nll_before": 0.0032, "nll_after": 0.0132, "ece_before": 0.003, "ece_after": 0.012}}),
-        label_quality=None, threshold_choice=None, collapsed=True)
+        label_quality=None, threshold_choice=None, collapsed=True, init_from=None)
     section = training_section(collapsed)
     assert "Collapsed: the model gives one class to every test image" in section
     assert "(116 images; 3 images of a class one fold alone held left out)" in section
@@ -129,6 +130,14 @@ def test_training_section_says_what_the_history_shows() -> None:
     assert "3 epochs; the kept epoch was not recorded" in line({"strategy": "finetune", "n_fit": 9, "history": epochs})  # older rounds
     assert "kept epoch 1 of 3" in line({"strategy": "finetune", "n_fit": 9, "history": epochs, "best_epoch": 1})
     assert "no epoch after epoch 0" in line({"strategy": "finetune", "n_fit": 9, "history": epochs[:1], "best_epoch": 0})
+
+    from store.reports import init_from_of
+
+    transferred = SimpleNamespace(**{**vars(collapsed), "collapsed": None, "init_from": init_from_of({"init_from": {
+        "checkpoint": "/p/models/init_from.pt", "source": "/metal/artifacts/round-004/model.pt", "head_used": False,
+        "head": "head not transferred: classes ['broken'] are not in the source model's ['crazing', 'scratches']"}})})
+    assert ("Started from another project's model: /metal/artifacts/round-004/model.pt. Head not transferred: classes ['broken'] are "
+            "not in the source model's ['crazing', 'scratches']; this round's network did not start from that head.") in unescape(training_section(transferred))
 
 
 def test_the_issue_queue_says_when_the_latest_round_recorded_no_label_error(writable_store) -> None:  # noqa: ANN001
