@@ -89,6 +89,12 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
         assert {session.get(Image, s.image_id).split for s in selected} == {"pool"}
         details, artifacts, timings = round_row.details, round_row.artifacts, round_row.step_timings_s
     assert details["threshold_source"] == "out_of_fold" and 0 < details["threshold"] <= 1
+    # about 24 labeled good parts: no safety margin under the 3% gate, and the warning gives the round's own estimate
+    assert details["threshold_choice"]["margin_attainable"] is False
+    said, own = " ".join(first.output.split()), details["estimated_metrics"]["negative_fpr"]
+    assert "too few for a safety margin under the FPR gate" in said and f"The loop's own FPR estimate is {own:.1%}" in said
+    assert ("which already breaks the 3% gate" in said) == (own > 0.03)
+    assert "trained: head on" in said
     # no parts: every test photo is its own draw, plain Clopper-Pearson around the gate's value
     fpr, recall = details["test_intervals"]["negative_fpr"], details["test_intervals"]["defect_recall"]
     assert fpr["n_parts"] == fpr["n_images"] and fpr["low"] <= fpr["value"] <= fpr["high"]
