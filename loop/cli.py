@@ -17,7 +17,7 @@ from rich.table import Table
 
 from loop.config import AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, save_config, validation_problems
 from loop.ingest import IngestError, ingest_source
-from loop.project import ProjectBusy, create_project_store, open_project, open_project_store, project_lock
+from loop.project import ProjectBusy, create_project_store, open_project, open_project_store, project_lock, project_lock_held
 from loop.errors import RoundFailed
 from loop.status import project_status
 from labeling import available_backends
@@ -30,10 +30,11 @@ app = typer.Typer(help="defect-loop: label, train, gate and select, one round at
 labelstudio_app = typer.Typer(help="A local Label Studio for one machine.", no_args_is_help=True)
 app.add_typer(labelstudio_app, name="labelstudio")
 console = Console()
-error_console = Console(stderr=True)
+error_console = Console(stderr=True, soft_wrap=True)  # an error is one line, whatever the width: scripts grep it
 
 EXIT_USAGE = 2
 EXIT_GATES_FAILED = 3
+EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
 INIT_CHECKPOINT = "models/init_from.pt"  # loop init --init-from: the copied checkpoint, relative to the project
 ProjectOption = Annotated[Path, typer.Option("--project", "-p", help="project directory (holds loop.toml)")]
 
@@ -172,8 +173,13 @@ def round_command(
 
     with clear_errors():
         ctx = open_project(project)
-        with project_lock(ctx.root, action="loop round"):
-            outcome = run_round(ctx, RoundOptions(train_strategy=train, annotator=annotator, show_progress=not quiet), console=console)
+        try:
+            with project_lock(ctx.root, action="loop round"):
+                outcome = run_round(ctx, RoundOptions(train_strategy=train, annotator=annotator, show_progress=not quiet), console=console)
+        except KeyboardInterrupt:
+            error_console.print("[bold red]interrupted:[/] the round is recorded as failed (loop status shows the step it stopped in); "
+                                "the labels and earlier rounds are kept. `loop round` starts a new one.")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     print_round(outcome)
     failed = [g.name for g in outcome.gates if g.applicable and not g.passed] or (["all (cold start: no model yet)"] if outcome.details.get("cold_start") else [])
     if failed and fail_on_gates:
@@ -287,14 +293,23 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
         table.add_row(name, *(str(per.get(s, 0)) for s in sources), str(labels["by_class"][name]))
     console.print(table)
     rounds = Table(title="rounds")
-    for column in ("round", "status", "macro F1", "defect recall", "FPR", "latency ms", "gates"):
+    for column in ("round", "status", "trained", "macro F1", "defect recall", "FPR", "latency ms", "gates"):
         rounds.add_column(column)
+    running_without_process = [r["number"] for r in report["rounds"] if r["status"] == "running"] if not project_lock_held(ctx.root) else []
     for r in report["rounds"]:
         m = r["metrics"]
         fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
         gates = "all pass" if r["all_gates_pass"] else ", ".join(g["name"] for g in r["gates"] if g["applicable"] and not g["passed"]) or "-"
-        rounds.add_row(str(r["number"]), r["status"], fmt(m.get("macro_f1")), fmt(m.get("defect_recall")), fmt(m.get("negative_fpr")), fmt(m.get("latency_ms")), gates)
+        trained = r["train_strategy"] or "-"
+        if r["training"].get("best_epoch") is not None and r["training"].get("epochs_run"):
+            trained += f" (epoch {r['training']['best_epoch']}/{r['training']['epochs_run']})"
+        state = "running?" if r["number"] in running_without_process else r["status"]
+        rounds.add_row(str(r["number"]), state, trained, fmt(m.get("macro_f1")), fmt(m.get("defect_recall")), fmt(m.get("negative_fpr")),
+                       fmt(m.get("latency_ms")), gates)
     console.print(rounds)
+    if running_without_process:  # killed (SIGKILL, power): nothing runs it, and nothing marked it yet
+        console.print(f"[yellow]round {', '.join(map(str, running_without_process))} is recorded as running, but no process holds the "
+                      "project: it ended without finishing. The next `loop round` marks it interrupted.[/]")
     if report["quarantined"]:
         console.print(f"[yellow]{len(report['quarantined'])} quarantined files[/]")
         for item in report["quarantined"][:20]:

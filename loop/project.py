@@ -108,6 +108,21 @@ def open_project_store(root: Path) -> tuple[ProjectContext, str | None]:
         return ProjectContext(root, None, create_db_engine(url)), str(error)  # type: ignore[arg-type]  # read-only use
 
 
+def project_lock_held(root: Path) -> bool:
+    """Whether a process holds the project's lock now (a round or an ingest running). Reads only: the file is not
+    created or changed."""
+    lock_path = root / ".loop.lock"
+    if not lock_path.is_file():
+        return False
+    with open(lock_path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 @contextmanager
 def project_lock(root: Path, *, action: str) -> Iterator[None]:
     """One writer at a time per project: a second `loop round` fails at once with who holds the lock."""

@@ -1561,7 +1561,8 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
         with session_scope(ctx.engine) as session:
             round_row = session.get(Round, state.round_id)
             round_row.status = "failed"
-            round_row.error = f"step {step_name}: {type(error).__name__}: {error}"
+            round_row.error = (f"interrupted (Ctrl-C) during step {step_name}" if isinstance(error, KeyboardInterrupt)
+                               else f"step {step_name}: {type(error).__name__}: {error}")
             round_row.finished_at = datetime.now(timezone.utc)
             round_row.step_timings_s = {k: round(v, 3) for k, v in state.timings_s.items()}
             round_row.details = _jsonable({**state.details, "traceback": traceback.format_exc(limit=8)})

@@ -968,3 +968,29 @@ def test_a_model_that_calls_every_image_good_is_collapsed_even_when_the_test_spl
     assert details["collapsed"] is True and macro_f1.passed is False and macro_f1.value == 0.0
     # managers see it where they read the round: loop status --json (and GET /rounds/{id}, the dashboard: store.reports)
     assert json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)["rounds"][-1]["collapsed"] is True
+
+
+def test_ctrl_c_during_a_round_says_what_was_kept_and_status_tells_a_killed_round_from_a_running_one(
+        project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import loop.round as round_module
+    from loop.project import project_lock
+
+    def interrupted(**_):  # noqa: ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(round_module, "train_classifier", interrupted)
+    result = runner.invoke(app, ["round", "--project", str(project_with_pool)])
+    assert result.exit_code == 130
+    assert "interrupted: the round is recorded as failed" in " ".join(result.output.split())
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        (failed,) = session.scalars(select(Round)).all()
+        assert (failed.status, failed.error) == ("failed", "interrupted (Ctrl-C) during step train_model")
+        assert session.scalars(select(LabelEvent)).first() is not None  # the labels are kept
+        # a round killed outright (SIGKILL) stays "running" until the next round marks it
+        session.add(Round(project_id=failed.project_id, number=2, status="running"))
+    killed = " ".join(invoke("status", "--project", str(project_with_pool)).output.split())
+    assert "round 2 is recorded as running, but no process holds the project" in killed and "running?" in killed
+    with project_lock(project_with_pool.resolve(), action="loop round"):  # really running: said as such
+        running = " ".join(invoke("status", "--project", str(project_with_pool)).output.split())
+    assert "no process holds the project" not in running and "running?" not in running
