@@ -1428,7 +1428,8 @@ def _write_model_artifacts(state: RoundState) -> None:
         strategy, best = training["strategy"], training.get("best_epoch")
         state.artifacts["training_curves_png"] = str(plot_training_curves(
             {strategy: training["history"]}, state.round_dir / "training_curves.png",
-            f"round {state.number}: {strategy} on {training['n_fit']} labeled images", best_epochs=None if best is None else {strategy: int(best)}))
+            f"round {state.number}: {strategy} on {training['n_fit']} labeled images", best_epochs=None if best is None else {strategy: int(best)},
+            epoch_zero="frozen backbone + the transferred head" if (state.details.get("init_from") or {}).get("head_used") else "frozen backbone + probe head"))
 
 
 def _add_model_rows(session, state: RoundState) -> None:  # noqa: ANN001

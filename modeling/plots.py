@@ -82,10 +82,11 @@ def plot_gate_panels(*, panels: dict[str, dict[str, tuple[list[int], list[float 
     return path
 
 
-def plot_training_curves(histories: dict[str, list[dict[str, float]]], path: Path, title: str, *, best_epochs: dict[str, int] | None = None) -> Path:
+def plot_training_curves(histories: dict[str, list[dict[str, float]]], path: Path, title: str, *, best_epochs: dict[str, int] | None = None,
+                         epoch_zero: str = "frozen backbone + probe head") -> Path:
     """Loss and accuracy per epoch, train and validation, one column per run (side by side); the epoch early stopping
     kept is marked. Train loss is the training objective (label smoothing, class weights); validation loss is plain
-    cross-entropy."""
+    cross-entropy. epoch_zero: what epoch 0 is (another project's transferred head instead of the probe)."""
     columns = len(histories)
     figure, axes = plt.subplots(2, columns, figsize=(5 * columns, 7), squeeze=False, sharey="row")
     for column, (name, history) in enumerate(histories.items()):
@@ -96,7 +97,7 @@ def plot_training_curves(histories: dict[str, list[dict[str, float]]], path: Pat
             axis.plot(epochs, [row[f"val_{metric}"] for row in history], "s-", label=f"validation {metric}")
             if best_epochs and name in best_epochs:
                 axis.axvline(best_epochs[name], color="grey", linestyle=":", label=f"kept: epoch {best_epochs[name]}")
-            axis.set_xlabel("epoch (0 = frozen backbone + probe head)")
+            axis.set_xlabel(f"epoch (0 = {epoch_zero})")
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             axis.set_ylabel(metric)
             axis.set_title(f"{name}: {metric}")
