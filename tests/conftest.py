@@ -1,6 +1,7 @@
 """Shared fixtures: small synthetic datasets written in the real on-disk layouts, and fresh projects."""
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -26,6 +27,22 @@ def shared_dataset(name: str) -> Path:
 def real_dataset():
     """real_dataset("neu") -> path, or the test is skipped with the reason."""
     return shared_dataset
+
+
+@pytest.fixture
+def oracle_manifests(class_folders: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(truth.csv: every class_folders image's class, for the oracle; labels.csv: the same with every fourth label
+    left empty, to ingest)."""
+    files = sorted(class_folders.rglob("*.png"))
+    truth, manifest = tmp_path / "truth.csv", tmp_path / "labels.csv"
+    with open(truth, "w", newline="") as t, open(manifest, "w", newline="") as m:
+        tw, mw = csv.writer(t), csv.writer(m)
+        tw.writerow(["path", "label"])
+        mw.writerow(["path", "label"])
+        for i, path in enumerate(files):
+            tw.writerow([str(path), path.parent.name])
+            mw.writerow([str(path), path.parent.name if i % 4 != 0 else ""])
+    return truth, manifest
 
 
 @pytest.fixture

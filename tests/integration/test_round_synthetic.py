@@ -31,17 +31,9 @@ def invoke(*args: str):  # noqa: ANN201
 
 
 @pytest.fixture
-def project_with_pool(tmp_path: Path, class_folders: Path) -> Path:
+def project_with_pool(tmp_path: Path, oracle_manifests: tuple[Path, Path]) -> Path:
     """Half the images labeled by a manifest, the rest unlabeled; the oracle knows the truth; small images for speed."""
-    files = sorted(class_folders.rglob("*.png"))
-    truth, manifest = tmp_path / "truth.csv", tmp_path / "labels.csv"
-    with open(truth, "w", newline="") as t, open(manifest, "w", newline="") as m:
-        tw, mw = csv.writer(t), csv.writer(m)
-        tw.writerow(["path", "label"])
-        mw.writerow(["path", "label"])
-        for i, path in enumerate(files):
-            tw.writerow([str(path), path.parent.name])
-            mw.writerow([str(path), path.parent.name if i % 4 != 0 else ""])
+    truth, manifest = oracle_manifests
     project = tmp_path / "project"
     assert invoke("init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good", "--annotator", "oracle",
                   "--oracle-manifest", str(truth), "--budget", "5", "--image-size", "96").exit_code == 0

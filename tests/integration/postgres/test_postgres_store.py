@@ -1,7 +1,6 @@
 """The store on a real PostgreSQL server, not only SQLite: migrations, rounds, status and the managers' API."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -56,22 +55,14 @@ def test_the_migrations_build_exactly_the_models_schema_on_postgres_and_step_dow
     engine.dispose()
 
 
-def test_rounds_status_and_api_on_a_postgres_store(postgres, tmp_path: Path, class_folders: Path) -> None:  # noqa: ANN001
+def test_rounds_status_and_api_on_a_postgres_store(postgres, tmp_path: Path, oracle_manifests: tuple[Path, Path]) -> None:  # noqa: ANN001
     from fastapi.testclient import TestClient
 
     from api.app import create_app
     from api.settings import Settings
 
     url = postgres.new_database()
-    files = sorted(class_folders.rglob("*.png"))
-    truth, manifest = tmp_path / "truth.csv", tmp_path / "labels.csv"
-    with open(truth, "w", newline="") as t, open(manifest, "w", newline="") as m:
-        tw, mw = csv.writer(t), csv.writer(m)
-        tw.writerow(["path", "label"])
-        mw.writerow(["path", "label"])
-        for i, path in enumerate(files):
-            tw.writerow([str(path), path.parent.name])
-            mw.writerow([str(path), path.parent.name if i % 4 != 0 else ""])
+    truth, manifest = oracle_manifests
     project = tmp_path / "project"
     invoke("init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good", "--annotator", "oracle",
            "--oracle-manifest", str(truth), "--budget", "5", "--image-size", "96", "--database-url", url)
