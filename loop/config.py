@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator, model_validator
 
 CONFIG_FILE = "loop.toml"
 
@@ -20,6 +20,66 @@ class GatesConfig(Strict):
     defect_recall_min: float = Field(0.85, ge=0, le=1)
     negative_fpr_max: float = Field(0.03, ge=0, le=1)
     latency_ms_max: float = Field(30.0, gt=0)
+
+
+# [model.training]: the types and bounds of every option the training strategies read (modeling.training registers
+# their names; modeling.finetune.FinetuneConfig and its validate() are what a round applies). Checked when loop.toml is
+# read, so a bad value fails there on one line naming the setting, never mid-round, and is never silently cast:
+# integers are strict (epochs = 2.7 ran 2 epochs, epochs = true ran 1), booleans are not numbers.
+PositiveInt = Annotated[int, Field(strict=True, ge=1)]
+NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
+# efficientnet_lite0/1/2 (and the other EfficientNet/MobileNet timm models fine-tuning supports) have 7 `blocks`
+# stages. The real check, against the backbone actually built, is modeling.finetune.split_backbone
+# ("trainable_stages must be in [0, N] for this backbone"); it stays for a backbone with fewer stages.
+BACKBONE_STAGES = 7
+TrainableStages = Annotated[int, Field(strict=True, ge=0, le=BACKBONE_STAGES)]
+LearningRate = Annotated[float, Field(strict=True, gt=0, lt=1)]  # modeling.finetune requires (0, 1)
+Fraction = Annotated[float, Field(strict=True, ge=0, lt=1)]
+Views = StrictStr | list[StrictStr]  # a preset, a comma-separated string or a list of view names
+
+
+class TrainingOptions(BaseModel):
+    """Types and bounds of [model.training]. Unknown keys are reported by modeling.training.validate_training_options
+    (which lists the known ones), and so are the values of its named choices (mode, balance, loss, ... with their own
+    messages): this model only has to catch what that check lets through. The defaults are FinetuneConfig's (a test
+    keeps them equal), for reading: a round uses [model.training] as written."""
+
+    model_config = ConfigDict(extra="allow")
+
+    trainable_stages: TrainableStages = 2
+    unfreeze_stages: TrainableStages | None = None  # alias of trainable_stages
+    train_stem: StrictBool = False
+    epochs: NonNegativeInt = 6  # 0: the probe head on the frozen backbone, no fine-tuning epoch
+    max_epochs: NonNegativeInt | None = None  # alias of epochs
+    patience: PositiveInt = 3
+    keep_epoch: StrictStr = "best"
+    schedule_epochs: PositiveInt | None = None
+    batch_size: PositiveInt = 32
+    head_lr: LearningRate = 1e-3
+    # 0 is allowed, as in modeling.finetune (the backbone's trainable stages then stay as they are)
+    backbone_lr: float = Field(1e-4, strict=True, ge=0, lt=1)
+    lr: Annotated[float, Field(strict=True, ge=0, lt=1)] | None = None  # alias of backbone_lr
+    layer_decay: float = Field(1.0, strict=True, gt=0, le=1)  # x per stage further from the head: 0 would freeze them
+    weight_decay: float = Field(1e-4, strict=True, ge=0)
+    mode: StrictStr = "cached"
+    augment: StrictBool | None = None  # true: mode = "augment"
+    augmentation: StrictBool | Views = ()  # a preset, a comma-separated string or names; true: geometric
+    cached_views: Views = ("identity", "hflip", "vflip", "rot180")
+    tta: Views = ("identity",)
+    balance: StrictStr = "weights"
+    loss: StrictStr = "cross_entropy"
+    focal_gamma: float = Field(2.0, strict=True, ge=0)
+    label_smoothing: Fraction = 0.1
+    dropout: Fraction = 0.2
+    head_init: StrictStr = "probe"
+    # a number > 0, checked by modeling.training (its message: "head_regularization must be a number > 0"); the
+    # default differs by strategy (head 1.0, finetune's probe 0.1)
+    head_regularization: Any = None
+    batchnorm: StrictStr = "frozen"
+    image_size: Annotated[int, Field(strict=True, ge=32, le=1024)] | None = None  # None: the preprocessing's size
+    channels_last: StrictBool = True
+    threads: PositiveInt = 2
+    verbose: StrictBool = False
 
 
 class ModelConfig(Strict):
@@ -56,6 +116,9 @@ class ModelConfig(Strict):
     @classmethod
     def _known_training_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         if options:  # torch is imported only when options are set: `loop status` reads loop.toml too
+            # types and bounds first (a ValidationError raised here is reported at model.training.<setting>), then
+            # the strategies' own check: unknown keys, named choices, combinations
+            TrainingOptions.model_validate(options)
             from modeling.training import validate_training_options
 
             validate_training_options(options)

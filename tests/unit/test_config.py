@@ -79,3 +79,95 @@ def test_reading_loop_toml_loads_neither_torch_nor_faiss(tmp_path: Path) -> None
             "assert not {'torch', 'faiss'} & set(sys.modules), sorted({'torch', 'faiss'} & set(sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _training(lines: str) -> str:
+    return f'name = "p"\nclasses = ["a", "b"]\n[model]\ntrain = "finetune"\n[model.training]\n{lines}\n'
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("trainable_stages", "99"),  # efficientnet_lite0 has 7 stages: the round failed mid-way in train_model
+        ("trainable_stages", "-1"),
+        ("trainable_stages", "2.5"),
+        ("unfreeze_stages", "8"),
+        ("epochs", "2.7"),  # ran 2 epochs
+        ("epochs", "true"),
+        ("epochs", "-1"),
+        ("epochs", '"6"'),
+        ("max_epochs", "1.5"),
+        ("patience", "0"),
+        ("patience", "false"),
+        ("schedule_epochs", "0"),
+        ("batch_size", "0"),
+        ("batch_size", "16.0"),
+        ("threads", "0"),
+        ("threads", "true"),
+        ("image_size", "8"),
+        ("image_size", "224.5"),
+        ("head_lr", "0"),
+        ("head_lr", "-0.001"),
+        ("head_lr", "true"),
+        ("backbone_lr", "-1e-4"),
+        ("lr", "2"),
+        ("layer_decay", "0"),
+        ("layer_decay", "-0.5"),
+        ("weight_decay", "-1e-4"),
+        ("focal_gamma", "-2"),
+        ("label_smoothing", "1.0"),
+        ("label_smoothing", "-0.1"),
+        ("dropout", "1"),
+        ("dropout", "true"),
+        ("train_stem", "1"),
+        ("channels_last", '"yes"'),
+        ("verbose", "0"),
+        ("augment", "1"),
+        ("keep_epoch", '"first"'),
+        ("mode", "1"),
+        ("balance", "true"),
+        ("tta", "3"),
+        ("cached_views", "false"),
+        ("augmentation", "7"),
+    ],
+)
+def test_bad_training_settings_are_refused_naming_the_setting(tmp_path: Path, setting: str, value: str) -> None:
+    """[model.training] is checked when loop.toml is read, on one line naming the setting: not mid-round in
+    train_model (trainable_stages = 99), and never silently truncated or cast (epochs = 2.7 ran 2 epochs)."""
+    (tmp_path / "loop.toml").write_text(_training(f"{setting} = {value}"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"model.training.{setting}" in message or f"{setting} must" in message, message
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        "trainable_stages = 0", "trainable_stages = 7", "epochs = 0", "epochs = 12\npatience = 1", "batch_size = 1",
+        "head_lr = 0.01\nbackbone_lr = 0", "lr = 1e-5", "layer_decay = 1\nweight_decay = 0", "label_smoothing = 0\ndropout = 0.5",
+        "focal_gamma = 0\nloss = \"focal\"", "image_size = 320", "threads = 4", "schedule_epochs = 10\nepochs = 6",
+        "train_stem = true\nchannels_last = false\nverbose = true", 'tta = ["identity", "hflip"]', 'cached_views = "flips"',
+        "head_regularization = 0.5", "augment = true", "max_epochs = 3\nunfreeze_stages = 1",
+    ],
+)
+def test_good_training_settings_still_load(tmp_path: Path, lines: str) -> None:
+    (tmp_path / "loop.toml").write_text(_training(lines))
+    load_config(tmp_path)
+
+
+def test_every_training_option_the_strategies_read_is_typed_in_the_config() -> None:
+    """The typed model in loop.config covers exactly the options the training strategies register (modeling.training):
+    a new option there must get its type and bounds here too."""
+    from loop.config import TrainingOptions
+    from modeling import training
+
+    training._load_optional_strategies()
+    assert set(TrainingOptions.model_fields) == training._OPTION_NAMES
+    from dataclasses import fields
+
+    from modeling.finetune import FinetuneConfig
+
+    defaults = {field.name: field.default for field in fields(FinetuneConfig) if field.name != "head_regularization"}
+    assert {name: TrainingOptions.model_fields[name].default for name in defaults} == defaults
