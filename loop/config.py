@@ -237,7 +237,8 @@ def load_config(project_dir: Path) -> ProjectConfig:
 
 def validation_problems(error: ValidationError) -> str:
     """A pydantic error as one line: each setting that failed and why (no pydantic URLs, no input dumps)."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors())
+    # a validator's own message comes as "Value error, <message>": the message is what was said
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors())
 
 
 def save_config(project_dir: Path, config: ProjectConfig) -> Path:

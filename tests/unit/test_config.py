@@ -171,3 +171,15 @@ def test_every_training_option_the_strategies_read_is_typed_in_the_config() -> N
 
     defaults = {field.name: field.default for field in fields(FinetuneConfig) if field.name != "head_regularization"}
     assert {name: TrainingOptions.model_fields[name].default for name in defaults} == defaults
+
+
+def test_a_validators_message_is_given_without_pydantics_prefix(tmp_path) -> None:  # noqa: ANN001
+    from pydantic import ValidationError
+
+    from loop.config import ModelConfig, validation_problems
+
+    try:
+        ModelConfig(training={"mode": "augmented"})
+    except ValidationError as error:
+        said = validation_problems(error)
+    assert said.startswith("training: ") and "Value error" not in said
