@@ -17,7 +17,8 @@ from rich.table import Table
 
 from loop.config import AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, save_config, validation_problems
 from loop.ingest import IngestError, ingest_source
-from loop.project import ProjectBusy, create_project_store, open_project, open_project_store, project_lock, project_lock_held
+from loop.project import (ProjectBusy, check_store_is_free, create_project_store, open_project, open_project_store, project_lock,
+                          project_lock_held, remove_project_row)
 from loop.errors import RoundFailed
 from loop.status import project_status
 from labeling import available_backends
@@ -45,7 +46,7 @@ def clear_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, IngestError, ProjectBusy, RoundFailed, WeightsUnavailable, LabelStudioServerError, StoreUnavailable, LookupError,
-            FileNotFoundError, ValueError) as error:
+            OSError, ValueError) as error:  # OSError: a file or folder in the way, no permission, a full disk
         error_console.print(f"[bold red]error:[/] {escape(str(error))}")
         raise typer.Exit(EXIT_USAGE) from None
 
@@ -113,13 +114,24 @@ def init(
             config.model.init_from, config.model.init_from_source = INIT_CHECKPOINT, str(init.backbone_weights_path)
             config.model.backbone = init.backbone_name  # what the rounds run: loop.toml says so too
         project_dir.mkdir(parents=True, exist_ok=True)
-        url = create_project_store(project_dir, config)
+        check_store_is_free(project_dir, config)
+        copied = None
         if init_from is not None:
             copy = project_dir / INIT_CHECKPOINT
-            copy.parent.mkdir(parents=True, exist_ok=True)
             if not (copy.exists() and copy.samefile(config.model.init_from_source)):  # pointed at this very copy: it is there
+                copy.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(config.model.init_from_source, copy)
-        save_config(project_dir, config)
+                copied = copy
+        url = None
+        try:  # the project row and loop.toml go in together: a store with the row and no loop.toml refuses the next try
+            url = create_project_store(project_dir, config)
+            save_config(project_dir, config)
+        except BaseException:
+            if url is not None:
+                remove_project_row(url)
+            if copied is not None:
+                copied.unlink(missing_ok=True)
+            raise
     console.print(f"[green]created[/] {config_path(project_dir)} and the store at {url}")
 
 
@@ -177,14 +189,27 @@ def round_command(
             with project_lock(ctx.root, action="loop round"):
                 outcome = run_round(ctx, RoundOptions(train_strategy=train, annotator=annotator, show_progress=not quiet), console=console)
         except KeyboardInterrupt:
-            error_console.print("[bold red]interrupted:[/] the round is recorded as failed (loop status shows the step it stopped in); "
-                                "the labels and earlier rounds are kept. `loop round` starts a new one.")
+            recorded = "the round is recorded as failed (loop status shows the step it stopped in)" if _latest_round_interrupted(ctx) \
+                else "before the round started: nothing was recorded"
+            error_console.print(f"[bold red]interrupted:[/] {recorded}; the labels and earlier rounds are kept. `loop round` starts a new one.")
             raise typer.Exit(EXIT_INTERRUPTED) from None
     print_round(outcome)
     failed = [g.name for g in outcome.gates if g.applicable and not g.passed] or (["all (cold start: no model yet)"] if outcome.details.get("cold_start") else [])
     if failed and fail_on_gates:
         error_console.print(f"[bold red]gates failed:[/] {', '.join(failed)}")
         raise typer.Exit(EXIT_GATES_FAILED)
+
+
+def _latest_round_interrupted(ctx) -> bool:  # noqa: ANN001
+    """Whether a Ctrl-C reached run_round (it records the round as failed, "interrupted ...") or came before it."""
+    from sqlalchemy import select
+
+    from store import session_scope
+    from store.models import Round
+
+    with session_scope(ctx.engine) as session:
+        error = session.scalars(select(Round.error).order_by(Round.id.desc()).limit(1)).first()
+    return bool(error and error.startswith("interrupted (Ctrl-C)"))
 
 
 def print_round(outcome) -> None:  # noqa: ANN001
@@ -294,7 +319,7 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     console.print(table)
     rounds = Table(title="rounds")
     for column in ("round", "status", "trained", "macro F1", "defect recall", "FPR", "latency ms", "gates"):
-        rounds.add_column(column)
+        rounds.add_column(column, overflow="fold")  # narrow terminals wrap a cell instead of cutting it to "comple…"
     running_without_process = [r["number"] for r in report["rounds"] if r["status"] == "running"] if not project_lock_held(ctx.root) else []
     for r in report["rounds"]:
         m = r["metrics"]
@@ -308,8 +333,9 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
                        fmt(m.get("latency_ms")), gates)
     console.print(rounds)
     if running_without_process:  # killed (SIGKILL, power): nothing runs it, and nothing marked it yet
-        console.print(f"[yellow]round {', '.join(map(str, running_without_process))} is recorded as running, but no process holds the "
-                      "project: it ended without finishing. The next `loop round` marks it interrupted.[/]")
+        console.print(f"[yellow]round {', '.join(map(str, running_without_process))} is recorded as running, but no process on this "
+                      "machine holds this project folder: it ended without finishing (unless it runs from another folder or machine "
+                      "on the same store). The next `loop round` marks it interrupted.[/]")
     if report["quarantined"]:
         console.print(f"[yellow]{len(report['quarantined'])} quarantined files[/]")
         for item in report["quarantined"][:20]:

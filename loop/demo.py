@@ -8,7 +8,7 @@ from rich.console import Console
 
 from loop.config import AnnotatorConfig, LoopConfig, ProjectConfig, config_path, save_config
 from loop.ingest import ingest_source
-from loop.project import create_project_store, open_project, project_lock
+from loop.project import check_store_is_free, create_project_store, open_project, project_lock
 from loop.round import RoundOptions, run_round
 from loop.synthetic_images import DEFAULT_CLASS_SHARES, write_partial_manifest, write_synthetic_dataset
 
@@ -17,6 +17,9 @@ def run_demo(project_dir: Path, *, n_rounds: int, n_images: int, seed: int, cons
     project_dir = project_dir.expanduser().resolve()
     if config_path(project_dir).exists():
         raise ValueError(f"{project_dir} is a project already; give `loop demo` a new folder")
+    project_dir.mkdir(parents=True, exist_ok=True)
+    # before minutes of image generation: a store (LOOP_DATABASE_URL) that holds a project already is refused
+    check_store_is_free(project_dir, ProjectConfig(name=project_dir.name, classes=list(DEFAULT_CLASS_SHARES), negative_class="good"))
     data_dir = project_dir / "data"
     console.print(f"[bold]1/4[/] generating {n_images} synthetic inspection images in {data_dir}")
     dataset = write_synthetic_dataset(data_dir, n_images=n_images, seed=seed)

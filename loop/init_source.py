@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from loop.config import config_path, load_config
-from loop.project import database_url_for
 from modeling.transfer import find_model_checkpoint
-from store.db import create_db_engine, session_scope
+from store.db import StoreUnavailable, create_db_engine, session_scope, shown_url
 from store.models import Project, Round
 
 FINE_TUNED = ("finetune", "full")
@@ -31,14 +31,31 @@ def resolve_init_source(path: Path) -> InitSource:
     return InitSource(checkpoint, "a checkpoint file" if path.is_file() else f"the newest checkpoint file under {path}")
 
 
+def _source_store_url(root: Path, database_url: str | None) -> str:
+    """The other project's own store: what its loop.toml names, else its loop.db. Not LOOP_DATABASE_URL, which names
+    the store of the project being made (one store holds one project)."""
+    if database_url:
+        return database_url
+    path = root / "loop.db"
+    if not path.is_file():  # the driver would create an empty one in the other project's folder
+        raise FileNotFoundError(f"project {root} has no store (no loop.db, and its loop.toml names no database_url): "
+                                "pass a checkpoint file to --init-from (e.g. artifacts/round-NNN/model.pt there)")
+    return f"sqlite:///{path.resolve()}"
+
+
 def _project_checkpoint(root: Path) -> InitSource:
     config = load_config(root)
-    engine = create_db_engine(database_url_for(root, config))  # read only: the other project's schema is left as it is
+    url = _source_store_url(root, config.database_url)
+    engine = create_db_engine(url)  # read only: the other project's schema is left as it is
     try:
         with session_scope(engine) as session:
             name = session.scalars(select(Project.name).order_by(Project.id)).first() or config.name
             rounds = session.execute(select(Round.number, Round.details, Round.artifacts).where(Round.status == "completed")
                                      .order_by(Round.number.desc())).all()
+    except SQLAlchemyError as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise StoreUnavailable(f"cannot read the rounds of project {root} from its store at {shown_url(url)}: {reason}; pass a "
+                               "checkpoint file to --init-from instead (e.g. artifacts/round-NNN/model.pt there)") from None
     finally:
         engine.dispose()
     with_model = []
@@ -60,8 +77,9 @@ def _project_checkpoint(root: Path) -> InitSource:
 
 
 def _checkpoint_file(root: Path, number: int, recorded: str | None) -> Path | None:
-    """The round's checkpoint where it was written, or in this folder's artifacts (the project was moved since)."""
-    for candidate in (Path(recorded) if recorded else None, root / "artifacts" / f"round-{number:03d}" / "model.pt"):
+    """The round's checkpoint in this folder's artifacts, else where it was written (a copied or moved project's
+    record names the original folder: this folder's own file comes first)."""
+    for candidate in (root / "artifacts" / f"round-{number:03d}" / "model.pt", Path(recorded) if recorded else None):
         if candidate is not None and candidate.is_file():
             return candidate
     return None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,10 +50,10 @@ def database_url_for(root: Path, config: ProjectConfig) -> str:
     return os.environ.get("LOOP_DATABASE_URL") or config.database_url or f"sqlite:///{(root / 'loop.db').resolve()}"
 
 
-def create_project_store(root: Path, config: ProjectConfig, *, database_url: str | None = None) -> str:
-    """The store of a new project: schema to head and its project row; its URL. Refuses (ConfigError, no row added)
-    a store that already holds a project: get_project takes the first, so a second project there would act on the
-    first's images and rounds. database_url: this store whatever the environment says (loop simulate's scratch runs)."""
+def check_store_is_free(root: Path, config: ProjectConfig, *, database_url: str | None = None) -> str:
+    """The URL of a new project's store, once it is known to hold no project yet (ConfigError otherwise): get_project
+    takes a store's first project, so a second one there would act on the first's images and rounds. Brings the
+    schema to head."""
     from store.models import Project
 
     url = database_url or database_url_for(root, config)
@@ -61,14 +62,47 @@ def create_project_store(root: Path, config: ProjectConfig, *, database_url: str
     try:
         with session_scope(engine) as session:
             existing = session.scalars(select(Project).order_by(Project.id)).first()
-            if existing is not None:
-                raise ConfigError(f"the store at {shown_url(url)} already holds project {existing.name!r} (folder {existing.root_dir}): "
-                                  "one store holds one project. Give this one its own database (another --database-url or "
-                                  "LOOP_DATABASE_URL), or neither for SQLite in the project folder; no project was created")
+    finally:
+        engine.dispose()
+    if existing is not None:
+        if url == f"sqlite:///{(root / 'loop.db').resolve()}":  # this folder's own store, its loop.toml gone
+            raise ConfigError(f"{root / 'loop.db'} already holds project {existing.name!r} (made in {existing.root_dir}) without a "
+                              "loop.toml beside it: restore that loop.toml to go on with it, or move loop.db away to start afresh; "
+                              "no project was created")
+        raise ConfigError(f"the store at {shown_url(url)} already holds project {existing.name!r} (folder {existing.root_dir}): "
+                          "one store holds one project. Give this one its own database (another --database-url or "
+                          "LOOP_DATABASE_URL), or neither for SQLite in the project folder; no project was created")
+    return url
+
+
+def create_project_store(root: Path, config: ProjectConfig, *, database_url: str | None = None) -> str:
+    """The store of a new project, checked by check_store_is_free, with its project row; its URL.
+    database_url: this store whatever the environment says (loop simulate's scratch runs)."""
+    from store.models import Project
+
+    url = check_store_is_free(root, config, database_url=database_url)
+    engine = create_db_engine(url)
+    try:
+        with session_scope(engine) as session:
             session.add(Project(name=config.name, root_dir=str(root), classes=config.classes, negative_class=config.negative_class))
     finally:
         engine.dispose()
     return url
+
+
+def remove_project_row(url: str) -> None:
+    """Undo create_project_store when the rest of making the project failed: a store holding a project without its
+    loop.toml would refuse the next try."""
+    from sqlalchemy import delete
+
+    from store.models import Project
+
+    engine = create_db_engine(url)
+    try:
+        with session_scope(engine) as session:
+            session.execute(delete(Project))
+    finally:
+        engine.dispose()
 
 
 def open_project(root: Path, *, database_url: str | None = None) -> ProjectContext:
@@ -109,18 +143,23 @@ def open_project_store(root: Path) -> tuple[ProjectContext, str | None]:
 
 
 def project_lock_held(root: Path) -> bool:
-    """Whether a process holds the project's lock now (a round or an ingest running). Reads only: the file is not
-    created or changed."""
-    lock_path = root / ".loop.lock"
-    if not lock_path.is_file():
+    """Whether a live process on this machine holds the project's lock (a round or an ingest running): the lock file
+    names it while held (project_lock empties it on release). Reads only: taking the lock to test it, even for a
+    moment, would make a round starting then fail as busy."""
+    try:
+        holder = (root / ".loop.lock").read_text().strip()
+    except OSError:
         return False
-    with open(lock_path) as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
+    match = re.search(r"running as pid (\d+)$", holder)
+    if match is None:
+        return bool(holder)
+    try:
+        os.kill(int(match.group(1)), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
 
 
 @contextmanager

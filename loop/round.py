@@ -349,8 +349,9 @@ def embed_images(state: RoundState) -> None:
     if model.init_from:  # domain transfer: another project's fine-tuned backbone (and head where classes match)
         init = load_init_checkpoint(_weights_path(state, model.init_from), class_names=list(state.config.classes), pooling=model.pooling)
         state.backbone = create_backbone(init.backbone_name, weights=str(init.backbone_weights_path), pooling=model.pooling)
+        # head_used: set by train_model from what the network did (False until then: a cold start or a failure trains nothing)
         state.details["init_from"] = {"checkpoint": str(init.backbone_weights_path), "source": model.init_from_source, "head": init.head_reason,
-                                      "head_used": init.head_weight is not None and training_strategy(state) != "head"}
+                                      "head_used": False}
         state.init_training_options = init.training_options()
     else:
         state.backbone = create_backbone(model.backbone, weights=_weights_path(state, model.weights), pooling=model.pooling)
@@ -524,7 +525,8 @@ def train_model(state: RoundState) -> None:
     if view_check:  # which cached flips/turns fine-tuning kept, and why
         state.details["training"]["view_check"] = view_check
     init_from = state.details.get("init_from")
-    if init_from and init_from.get("head_used"):  # what the network did with the transferred head, not what was hoped
+    if init_from and state.init_training_options and training_strategy(state) != "head":
+        # what the network did with the transferred head, not what was hoped (`head` refits its own, as init said)
         used = bool((getattr(state.classifier, "config", None) or {}).get("head_transferred"))
         if not used:
             init_from["head"] = (f"{init_from['head']}, but not used: its rows do not fit this network's head (the source "

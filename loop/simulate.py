@@ -133,6 +133,7 @@ def _run_one(settings: SimulationSettings, *, strategy: str, seed: int, classes:
     )
     # each run its own scratch SQLite store, whatever LOOP_DATABASE_URL says: runs must not share one
     url = create_project_store(project_dir, config, database_url=f"sqlite:///{(project_dir / 'loop.db').resolve()}")
+    config.database_url = url  # the run's loop.toml names its own store (LOOP_DATABASE_URL still wins for loop status there)
     save_config(project_dir, config)
     ctx = open_project(project_dir, database_url=url)
     ingest_source(ctx, test_manifest, split="test", show_progress=False)

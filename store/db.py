@@ -77,13 +77,17 @@ def upgrade_schema(url: str) -> None:
 
     if not ALEMBIC_DIR.is_dir():
         raise RuntimeError(f"Alembic migrations not found at {ALEMBIC_DIR}; install defect-loop with `pip install -e .`")
-    create_db_engine(url).dispose()  # a bad URL or a missing driver, said as such
-    config = Config()
-    config.set_main_option("script_location", str(ALEMBIC_DIR))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    engine = create_db_engine(url)  # a bad URL or a missing driver, said as such
     try:
-        command.upgrade(config, "head")
-    except OperationalError as error:  # the first connection of every command: the server is down, or refuses
+        with engine.connect():  # the first connection of every command: the server down or refusing, said as such
+            pass
+    except OperationalError as error:
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
         raise StoreUnavailable(f"cannot open the store at {shown_url(url)}: {reason}. Check that the database server runs "
                                "and database_url in loop.toml (or LOOP_DATABASE_URL); nothing was changed") from None
+    finally:
+        engine.dispose()
+    config = Config()
+    config.set_main_option("script_location", str(ALEMBIC_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "head")  # an error in a migration itself is not "cannot open": it stays a traceback

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import shutil
 import threading
 import tomllib
 from pathlib import Path
@@ -257,7 +259,7 @@ def test_init_from_another_project_starts_from_its_checkpoint(project_with_pool:
 
 
 def test_init_from_a_project_takes_its_newest_completed_round_and_checks_the_checkpoint_before_any_round(
-        project_with_pool: Path, tmp_path: Path) -> None:
+        project_with_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
@@ -287,6 +289,23 @@ def test_init_from_a_project_takes_its_newest_completed_round_and_checks_the_che
     checkpoint = torch.load(completed, weights_only=True)
     torch.save({**checkpoint, "state_dict": {"conv.weight": torch.zeros(3, 3)}}, tmp_path / "other-net.pt")
     assert "the model expects" in refused("c", "--init-from", str(tmp_path / "other-net.pt"))
+    # a file in the way of the copy: one line, nothing made, and once it is gone the same init works
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "models").write_text("in the way")
+    blocked = runner.invoke(app, ["init", str(tmp_path / "d"), "--classes", "good,spot", "--negative-class", "good", "--init-from", str(project_with_pool)])
+    assert blocked.exit_code == 2 and "File exists" in blocked.output and not (tmp_path / "d" / "loop.toml").exists()
+    (tmp_path / "d" / "models").unlink()
+    assert invoke("init", str(tmp_path / "d"), "--classes", "good,spot", "--negative-class", "good", "--init-from", str(project_with_pool)).exit_code == 0
+    # LOOP_DATABASE_URL names the new project's store, never the source's: the source's rounds come from its own loop.db
+    monkeypatch.setenv("LOOP_DATABASE_URL", f"sqlite:///{tmp_path / 'team.db'}")
+    teamed = invoke("init", str(tmp_path / "e"), "--classes", "good,spot", "--negative-class", "good", "--init-from", str(project_with_pool))
+    assert "round 1 (head) of project 'project'" in " ".join(teamed.output.split())
+    monkeypatch.delenv("LOOP_DATABASE_URL")
+    # a project folder without its store: said in one line, and no empty loop.db is made in the other project's folder
+    storeless = tmp_path / "storeless"
+    storeless.mkdir()
+    shutil.copy(project_with_pool / "loop.toml", storeless / "loop.toml")
+    assert "has no store" in refused("f", "--init-from", str(storeless)) and not (storeless / "loop.db").exists()
     # the project's own copy gone: the round says which file and where it came from, and records no failed round
     (tmp_path / "from-project" / "models" / "init_from.pt").unlink()
     gone = runner.invoke(app, ["round", "--project", str(tmp_path / "from-project")])
@@ -982,7 +1001,32 @@ def test_ctrl_c_during_a_round_says_what_was_kept_and_status_tells_a_killed_roun
         # a round killed outright (SIGKILL) stays "running" until the next round marks it
         session.add(Round(project_id=failed.project_id, number=2, status="running"))
     killed = " ".join(invoke("status", "--project", str(project_with_pool)).output.split())
-    assert "round 2 is recorded as running, but no process holds the project" in killed and "running?" in killed
+    assert "round 2 is recorded as running, but no process on this machine holds this project folder" in killed and "running?" in killed
     with project_lock(project_with_pool.resolve(), action="loop round"):  # really running: said as such
         running = " ".join(invoke("status", "--project", str(project_with_pool)).output.split())
-    assert "no process holds the project" not in running and "running?" not in running
+    assert "no process on this machine holds" not in running and "running?" not in running
+
+
+def test_a_transferred_head_the_network_could_not_use_is_recorded_as_not_used(project_with_pool: Path, class_folders: Path,
+                                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import modeling.finetune as finetune
+
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    new_line = tmp_path / "new-line"
+    assert invoke("init", str(new_line), "--classes", "good,scratch,spot,patch", "--negative-class", "good", "--image-size", "96",
+                  "--train", "finetune", "--init-from", str(project_with_pool)).exit_code == 0
+    config = load_config(new_line)
+    config.model.training = {"epochs": 1, "trainable_stages": 1, "cached_views": "identity"}
+    save_config(new_line, config)
+    truth = tmp_path / "truth.csv"  # written by the oracle_manifests fixture: every image labeled
+    assert invoke("ingest", str(truth), "--project", str(new_line), "--quiet").exit_code == 0
+    original = finetune._initialise_head
+
+    def refuses_the_head(network, *, data, **kwargs):  # noqa: ANN001, ANN003, ANN202  (as a head of other features would)
+        return original(network, data=dataclasses.replace(data, options={k: v for k, v in data.options.items() if not k.startswith("init_head_")}), **kwargs)
+
+    monkeypatch.setattr(finetune, "_initialise_head", refuses_the_head)
+    assert invoke("round", "--project", str(new_line), "--quiet").exit_code == 0
+    with session_scope(open_project(new_line).engine) as session:
+        init_from = session.scalars(select(Round)).one().details["init_from"]
+    assert init_from["head_used"] is False and init_from["head"].startswith("head transferred") and "but not used" in init_from["head"]
