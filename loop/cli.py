@@ -24,7 +24,7 @@ from loop.status import project_status
 from labeling import available_backends
 from labeling.labelstudio_server import LabelStudioServerError
 from modeling.errors import WeightsUnavailable
-from store.db import StoreUnavailable
+from store.db import StoreUnavailable, store_lock_held
 from store.reports import threshold_of
 
 app = typer.Typer(help="defect-loop: label, train, gate and select, one round at a time.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -146,7 +146,7 @@ def ingest(
     """Reference images in place (path + content hash), quarantine undecodable ones, split stratified."""
     with clear_errors():
         ctx = open_project(project)
-        with project_lock(ctx.root, action="loop ingest"):
+        with project_lock(ctx.root, action="loop ingest", engine=ctx.engine):
             report = ingest_source(ctx, source, unlabeled=unlabeled, split=split, show_progress=not quiet)
     # each file counted once: new and decodable, a duplicate of another file here, already known, or quarantined
     relabeled = [f"{n} {what}" for n, what in ((report.n_labels_changed, "labels changed"), (report.n_labels_added, "labels added")) if n]
@@ -186,7 +186,7 @@ def round_command(
     with clear_errors():
         ctx = open_project(project)
         try:
-            with project_lock(ctx.root, action="loop round"):
+            with project_lock(ctx.root, action="loop round", engine=ctx.engine):
                 outcome = run_round(ctx, RoundOptions(train_strategy=train, annotator=annotator, show_progress=not quiet), console=console)
         except KeyboardInterrupt:
             recorded = "the round is recorded as failed (loop status shows the step it stopped in)" if _latest_round_interrupted(ctx) \
@@ -320,7 +320,10 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     rounds = Table(title="rounds")
     for column in ("round", "status", "trained", "macro F1", "defect recall", "FPR", "latency ms", "gates"):
         rounds.add_column(column, overflow="fold")  # narrow terminals wrap a cell instead of cutting it to "comple…"
-    running_without_process = [r["number"] for r in report["rounds"] if r["status"] == "running"] if not project_lock_held(ctx.root) else []
+    # a PostgreSQL store says whether any folder or machine writes to it now; otherwise this folder's lock file does
+    store_held = store_lock_held(ctx.engine)
+    held = project_lock_held(ctx.root) if store_held is None else store_held
+    running_without_process = [r["number"] for r in report["rounds"] if r["status"] == "running"] if not held else []
     for r in report["rounds"]:
         m = r["metrics"]
         fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
@@ -333,9 +336,10 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
                        fmt(m.get("latency_ms")), gates)
     console.print(rounds)
     if running_without_process:  # killed (SIGKILL, power): nothing runs it, and nothing marked it yet
-        console.print(f"[yellow]round {', '.join(map(str, running_without_process))} is recorded as running, but no process on this "
-                      "machine holds this project folder: it ended without finishing (unless it runs from another folder or machine "
-                      "on the same store). The next `loop round` marks it interrupted.[/]")
+        holder = ("no process holds its store" if store_held is not None
+                  else "no process on this machine holds this project folder")
+        console.print(f"[yellow]round {', '.join(map(str, running_without_process))} is recorded as running, but {holder}: it ended "
+                      "without finishing. The next `loop round` marks it interrupted.[/]")
     if report["quarantined"]:
         console.print(f"[yellow]{len(report['quarantined'])} quarantined files[/]")
         for item in report["quarantined"][:20]:

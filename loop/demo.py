@@ -40,7 +40,7 @@ def run_demo(project_dir: Path, *, n_rounds: int, n_images: int, seed: int, cons
 
     ctx = open_project(project_dir)
     console.print(f"[bold]3/4[/] loop ingest {manifest}")
-    with project_lock(ctx.root, action="loop demo"):
+    with project_lock(ctx.root, action="loop demo", engine=ctx.engine):
         report = ingest_source(ctx, manifest)
         console.print(f"    {report.n_new_images - report.n_quarantined} images, {report.n_quarantined} quarantined, splits {report.split_counts}")
         for number in range(1, n_rounds + 1):

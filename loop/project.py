@@ -14,7 +14,7 @@ from sqlalchemy import Engine, select
 
 from loop.config import ConfigError, ProjectConfig, config_path, load_config
 from store import create_db_engine, upgrade_schema
-from store.db import session_scope, shown_url
+from store.db import StoreBusy, exclusive_store_lock, session_scope, shown_url
 from store.queries import one_project_per_store
 
 
@@ -163,8 +163,23 @@ def project_lock_held(root: Path) -> bool:
 
 
 @contextmanager
-def project_lock(root: Path, *, action: str) -> Iterator[None]:
-    """One writer at a time per project: a second `loop round` fails at once with who holds the lock."""
+def project_lock(root: Path, *, action: str, engine: Engine | None = None) -> Iterator[None]:
+    """One writer at a time per project: a second `loop round` fails at once with who holds the lock. With the
+    project's engine, its store too (store.db.exclusive_store_lock): a PostgreSQL store shared by other folders or
+    machines."""
+    with _folder_lock(root, action=action):
+        if engine is None:
+            yield
+            return
+        try:
+            with exclusive_store_lock(engine):
+                yield
+        except StoreBusy as error:
+            raise ProjectBusy(str(error)) from None
+
+
+@contextmanager
+def _folder_lock(root: Path, *, action: str) -> Iterator[None]:
     lock_path = root / ".loop.lock"
     handle = open(lock_path, "a+")
     try:

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -54,6 +54,47 @@ def _create_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+# PostgreSQL advisory lock of a store's one project (two int keys: "defl", 1): every folder and machine pointed at the
+# store takes the same one, where a project folder's lock file guards that folder only.
+STORE_LOCK_KEYS = (0x6465666C, 1)
+
+
+class StoreBusy(RuntimeError):
+    """Another process, maybe in another folder or on another machine, writes to this store now."""
+
+
+@contextmanager
+def exclusive_store_lock(engine: Engine) -> Iterator[None]:
+    """Held while a round or an ingest writes: on PostgreSQL an advisory lock on a connection kept open meanwhile
+    (released when it closes, so a killed process never leaves it behind); elsewhere nothing (a SQLite store is its
+    project folder's file, guarded by the folder's lock)."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        got = connection.execute(text("select pg_try_advisory_lock(:a, :b)"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]}).scalar()
+        connection.commit()
+        if not got:
+            raise StoreBusy(f"the store at {shown_url(engine.url.render_as_string(hide_password=False))} is busy: another loop round or "
+                            "ingest writes to it now, from another project folder or machine. Wait for it to finish (nothing was changed).")
+        try:
+            yield
+        finally:
+            connection.execute(text("select pg_advisory_unlock(:a, :b)"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]})
+            connection.commit()
+
+
+def store_lock_held(engine: Engine) -> bool | None:
+    """Whether some process holds exclusive_store_lock now (read from pg_locks, without taking it); None: not known
+    for this kind of store."""
+    if engine.dialect.name != "postgresql":
+        return None
+    with engine.connect() as connection:
+        return bool(connection.execute(text(
+            "select count(*) from pg_locks where locktype = 'advisory' and granted and classid = :a and objid = :b and objsubid = 2"),
+            {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]}).scalar())
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from alembic import command
 from loop.cli import app
 from loop.project import open_project
 from store.db import ALEMBIC_DIR, session_scope
-from store.models import Base, GateResult, LabelEvent, Prediction, Round, Selection
+from store.models import Base, GateResult, LabelEvent, Prediction, Project, Round, Selection
 
 pytestmark = pytest.mark.postgres
 runner = CliRunner()
@@ -111,3 +111,29 @@ def test_rounds_status_and_api_on_a_postgres_store(postgres, tmp_path: Path, ora
         issues = client.get(f"/rounds/{rounds[1].id}/label-issues", headers=headers)
         assert issues.status_code == 200, issues.text
         assert client.get("/dashboard", params={"token": TOKEN}).status_code == 200
+
+
+def test_a_postgres_store_shared_by_two_folders_has_one_writer_at_a_time(postgres, tmp_path: Path) -> None:  # noqa: ANN001
+    # Two folders (or machines) can point at one PostgreSQL store with the same loop.toml: each folder's lock file
+    # guards that folder only, so the store itself is locked while a round or an ingest writes.
+    import shutil
+
+    from loop.project import project_lock
+
+    url = postgres.new_database()
+    first, second = tmp_path / "line-a", tmp_path / "line-a-elsewhere"
+    invoke("init", str(first), "--classes", "good,dent", "--negative-class", "good", "--database-url", url)
+    second.mkdir()
+    shutil.copy(first / "loop.toml", second / "loop.toml")
+    ctx = open_project(first)
+    with session_scope(ctx.engine) as session:  # a round recorded as running (by the holder below, or killed)
+        session.add(Round(project_id=session.scalars(select(Project.id)).one(), number=1, status="running"))
+    with project_lock(first.resolve(), action="loop round", engine=ctx.engine):
+        busy = runner.invoke(app, ["round", "--project", str(second)])
+        assert busy.exit_code == 2 and "another loop round or ingest writes to it now" in " ".join(busy.output.split())
+        while_held = " ".join(invoke("status", "--project", str(second)).output.split())
+    assert "running?" not in while_held  # it really runs, from the other folder
+    after = " ".join(invoke("status", "--project", str(second)).output.split())
+    assert "round 1 is recorded as running, but no process holds its store" in after
+    with session_scope(ctx.engine) as session:
+        assert session.scalars(select(Round.status)).all() == ["running"]  # the refused round changed nothing
