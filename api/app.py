@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -22,7 +23,7 @@ from api import dashboard
 from api.caching import VersionedResponseCache
 from api.routes import health, images, predict, projects, rounds, webhooks
 from api.settings import STORE_FILENAME, Settings
-from store.db import create_db_engine, upgrade_schema
+from store.db import create_db_engine, shown_url, upgrade_schema
 
 logger = logging.getLogger("defect_loop.api")
 
@@ -52,6 +53,14 @@ def _check_store(url: str) -> None:
         path = Path(url[len(prefix):].split("?", 1)[0])
         if not path.is_file():
             raise FileNotFoundError(f"no store at {path}: run `loop init` in that project directory, or set LOOP_DATABASE_URL")
+
+
+async def _store_unreachable(request: Request, exc: Exception) -> JSONResponse:
+    """The store went away (server stopped, network): 503 with the reason in one line, not a 500 and a traceback per
+    request; the next request after it is back is answered as usual."""
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    logger.warning("store unreachable on %s %s: %s", request.method, request.url.path, reason)
+    return JSONResponse(status_code=503, content={"detail": f"store unreachable: {reason}"}, headers={"Retry-After": "5"})
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
@@ -89,6 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.model_cache = {}
     app.state.response_cache = VersionedResponseCache(max_entries=1024)
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_exception_handler(OperationalError, _store_unreachable)
+    app.add_exception_handler(InterfaceError, _store_unreachable)
     app.add_exception_handler(Exception, _unhandled)
     for module in (health, projects, rounds, images, predict, webhooks, dashboard):
         app.include_router(module.router)
@@ -110,7 +121,7 @@ def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     shown_host = f"[{host}]" if ":" in host else host
     url = f"http://{shown_host}:{port}"
     read_token = (effective.api_read_token or effective.api_token).get_secret_value()
-    print(f"defect-loop API on {url}  (store: {effective.store_url})")
+    print(f"defect-loop API on {url}  (store: {shown_url(effective.store_url)})")
     print(f"  dashboard: {url}/dashboard?token={read_token}")
     print(f"  API docs:  {url}/docs")
     if "api_token" in overrides:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -14,6 +15,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from sqlalchemy.exc import InterfaceError as DatabaseInterfaceError
+from sqlalchemy.exc import OperationalError as DatabaseOperationalError
 
 from loop.config import AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, save_config, validation_problems
 from loop.ingest import IngestError, ingest_source
@@ -24,7 +27,7 @@ from loop.status import project_status
 from labeling import available_backends
 from labeling.labelstudio_server import LabelStudioServerError
 from modeling.errors import WeightsUnavailable
-from store.db import StoreUnavailable, store_lock_held
+from store.db import StoreUnavailable, shown_url, store_lock_held
 from store.reports import threshold_of
 
 app = typer.Typer(help="defect-loop: label, train, gate and select, one round at a time.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -48,6 +51,11 @@ def clear_errors() -> Iterator[None]:
     except (ConfigError, IngestError, ProjectBusy, RoundFailed, WeightsUnavailable, LabelStudioServerError, StoreUnavailable, LookupError,
             OSError, ValueError) as error:  # OSError: a file or folder in the way, no permission, a full disk
         error_console.print(f"[bold red]error:[/] {escape(str(error))}")
+        raise typer.Exit(EXIT_USAGE) from None
+    except (DatabaseOperationalError, DatabaseInterfaceError) as error:  # the store went away mid-command (server stopped, network)
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        error_console.print(f"[bold red]error:[/] lost the store mid-command: {escape(reason)}. What was committed before is kept; a round "
+                            "that was running stays recorded as running until the next `loop round` marks it interrupted")
         raise typer.Exit(EXIT_USAGE) from None
 
 
@@ -90,6 +98,10 @@ def init(
             raise ConfigError(f"loop init: {validation_problems(error)}") from None
         if annotator not in available_backends():
             raise ConfigError(f"unknown annotator backend {annotator!r}; available: {', '.join(available_backends())}")
+        environment_url = os.environ.get("LOOP_DATABASE_URL")
+        if database_url and environment_url and environment_url != database_url:  # the environment wins: the store would not be the one asked for
+            raise ConfigError(f"--database-url {shown_url(database_url)} and LOOP_DATABASE_URL={shown_url(environment_url)} disagree, and the "
+                              "environment wins for every command: unset LOOP_DATABASE_URL, or leave --database-url out")
         if init_from is not None:
             from loop.init_source import resolve_init_source
             from modeling.backbones import create_backbone
@@ -113,26 +125,35 @@ def init(
             # A copy in this project: the other project may retrain, move or be deleted; the rounds here must not change with it.
             config.model.init_from, config.model.init_from_source = INIT_CHECKPOINT, str(init.backbone_weights_path)
             config.model.backbone = init.backbone_name  # what the rounds run: loop.toml says so too
-        project_dir.mkdir(parents=True, exist_ok=True)
-        check_store_is_free(project_dir, config)
-        copied = None
-        if init_from is not None:
-            copy = project_dir / INIT_CHECKPOINT
-            if not (copy.exists() and copy.samefile(config.model.init_from_source)):  # pointed at this very copy: it is there
-                copy.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(config.model.init_from_source, copy)
-                copied = copy
-        url = None
-        try:  # the project row and loop.toml go in together: a store with the row and no loop.toml refuses the next try
+        made_dir = not project_dir.exists()
+        copied, url = None, None
+        try:  # the project row, the checkpoint copy and loop.toml go in together, or none of them
+            project_dir.mkdir(parents=True, exist_ok=True)
+            check_store_is_free(project_dir, config)
+            if init_from is not None:
+                copy = project_dir / INIT_CHECKPOINT
+                if not (copy.exists() and copy.samefile(config.model.init_from_source)):  # pointed at this very copy: it is there
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(config.model.init_from_source, copy)
+                    copied = copy
             url = create_project_store(project_dir, config)
             save_config(project_dir, config)
         except BaseException:
+            # a store holding the row without its loop.toml would refuse the next try
             if url is not None:
-                remove_project_row(url)
-            if copied is not None:
+                try:
+                    remove_project_row(url)
+                except Exception:  # noqa: BLE001  (the first failure is the one to report)
+                    pass
+            if made_dir:  # the folder was made for this init: nothing in it is anyone else's
+                shutil.rmtree(project_dir, ignore_errors=True)
+            elif copied is not None:
                 copied.unlink(missing_ok=True)
             raise
-    console.print(f"[green]created[/] {config_path(project_dir)} and the store at {url}")
+    console.print(f"[green]created[/] {config_path(project_dir)} and the store at {escape(shown_url(url))}")
+    if os.environ.get("LOOP_DATABASE_URL") and not database_url:  # loop.toml does not say where the store is
+        console.print("[yellow]note:[/] the store is the one LOOP_DATABASE_URL names, which loop.toml does not record: set it for every "
+                      "command on this project (or put database_url in loop.toml)")
 
 
 @app.command()

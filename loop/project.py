@@ -110,6 +110,10 @@ def open_project(root: Path, *, database_url: str | None = None) -> ProjectConte
     root = root.expanduser().resolve()
     config = load_config(root)
     url = database_url or database_url_for(root, config)
+    default = root / "loop.db"
+    if url == f"sqlite:///{default.resolve()}" and not default.is_file():  # the driver would make an empty store and say "no project"
+        raise ConfigError(f"the store of project {root} is missing: no loop.db there, and loop.toml names no database_url. If the project "
+                          "was made with LOOP_DATABASE_URL set, set it again (or put database_url in loop.toml); nothing was changed")
     upgrade_schema(url)  # a project made by an older defect-loop gets the newer columns (a no-op when current)
     engine = create_db_engine(url)
     with session_scope(engine) as session:

@@ -58,6 +58,7 @@ from modeling.selection import select_batch
 from modeling.transfer import find_model_checkpoint, load_init_checkpoint, save_model_checkpoint
 from modeling.training import TrainedClassifier, TrainingData, available_training_strategies, head_fit_predict, train_classifier
 from store import session_scope
+from store.db import shown_url
 from store.models import AnnotationTask, GateResult, Image, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round, Selection
 from store.queries import ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number
 
@@ -1508,6 +1509,14 @@ class RoundOutcome:
     artifacts: dict
 
 
+def _config_snapshot(config) -> dict[str, Any]:  # noqa: ANN001
+    """loop.toml as the round ran it, the store's password hidden (the record is read by the API and dumped with the database)."""
+    snapshot = config.model_dump(mode="json")
+    if snapshot.get("database_url"):
+        snapshot["database_url"] = shown_url(snapshot["database_url"])
+    return snapshot
+
+
 def check_round_options(ctx: ProjectContext, options: RoundOptions) -> None:
     """What this round is told to run, checked before it starts: a typo in --train or --annotator must not leave a
     failed round behind (after pulling the annotators' answers into it)."""
@@ -1542,7 +1551,7 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
         for stale in session.scalars(select(Round).where(Round.project_id == project.id, Round.status == "running")):
             stale.status, stale.error = "failed", "interrupted (the process ended before the round finished)"
         state.number = next_round_number(session, project.id)
-        round_row = Round(project_id=project.id, number=state.number, status="running", config_snapshot=ctx.config.model_dump(mode="json"))
+        round_row = Round(project_id=project.id, number=state.number, status="running", config_snapshot=_config_snapshot(ctx.config))
         session.add(round_row)
         session.flush()
         state.round_id = round_row.id

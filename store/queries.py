@@ -38,7 +38,9 @@ def get_project(session: Session, name: str | None = None) -> Project:
     query = select(Project) if name is None else select(Project).where(Project.name == name)
     project = session.scalars(query.order_by(Project.id)).first()
     if project is None:
-        raise LookupError(f"no project {name!r} in this store" if name else "no project in this store; run `loop init` first")
+        store = session.get_bind().url.render_as_string(hide_password=True)
+        raise LookupError(f"no project {name!r} in the store at {store}" if name else
+                          f"no project in the store at {store}: run `loop init` first (a project made with LOOP_DATABASE_URL set needs it set again)")
     return project
 
 

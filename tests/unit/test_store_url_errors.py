@@ -70,3 +70,68 @@ def test_an_error_inside_a_migration_is_not_reported_as_a_store_that_cannot_be_o
     with pytest.raises(OperationalError, match="duplicate column") as raised:
         upgrade_schema(url)
     assert not isinstance(raised.value, StoreUnavailable)
+
+
+def test_a_project_whose_store_is_missing_says_so_instead_of_creating_an_empty_one(tmp_path: Path) -> None:
+    project_dir = tmp_path / "project"
+    assert runner.invoke(app, ["init", str(project_dir), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+    (project_dir / "loop.db").rename(tmp_path / "elsewhere.db")  # made with LOOP_DATABASE_URL set, or the file moved away
+    for command in (["status", "--project", str(project_dir)], ["round", "--project", str(project_dir)]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert "the store of project" in result.output and "is missing" in result.output and "LOOP_DATABASE_URL" in result.output
+    assert not (project_dir / "loop.db").exists()
+
+
+def test_a_database_url_the_environment_would_override_is_refused_and_passwords_are_never_printed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOOP_DATABASE_URL", f"sqlite:///{tmp_path / 'env.db'}")
+    both = runner.invoke(app, ["init", str(tmp_path / "both"), "--classes", "good,dent", "--negative-class", "good",
+                               "--database-url", f"sqlite:///{tmp_path / 'asked.db'}"])
+    assert both.exit_code == 2 and "disagree" in both.output and not (tmp_path / "both").exists()
+    made = runner.invoke(app, ["init", str(tmp_path / "env"), "--classes", "good,dent", "--negative-class", "good"])
+    assert made.exit_code == 0 and "loop.toml does not record" in " ".join(made.output.split())
+    monkeypatch.delenv("LOOP_DATABASE_URL")
+    from loop.config import ProjectConfig
+    from loop.round import _config_snapshot
+
+    snapshot = _config_snapshot(ProjectConfig(name="p", classes=["good", "dent"], negative_class="good",
+                                              database_url="postgresql+psycopg://loop:s3cret@db.example/parts"))
+    assert snapshot["database_url"] == "postgresql+psycopg://loop:***@db.example/parts"
+
+
+def test_losing_the_store_mid_command_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+
+    project_dir = tmp_path / "project"
+    assert runner.invoke(app, ["init", str(project_dir), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+
+    def server_gone(_ctx):  # noqa: ANN001, ANN202
+        raise OperationalError("select", {}, Exception("terminating connection due to administrator command\nmore detail"))
+
+    monkeypatch.setattr("loop.cli.project_status", server_gone)
+    result = runner.invoke(app, ["status", "--project", str(project_dir)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "lost the store mid-command: terminating connection due to administrator command." in " ".join(result.output.split())
+
+
+def test_the_api_answers_503_while_the_store_is_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+    from sqlalchemy.exc import OperationalError
+
+    from api.app import create_app
+    from api.settings import Settings
+    from store import reports
+
+    project_dir = tmp_path / "project"
+    assert runner.invoke(app, ["init", str(project_dir), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+
+    def server_gone(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OperationalError("select", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(reports, "round_report", server_gone)
+    with TestClient(create_app(Settings(project_dir=project_dir, api_token=SecretStr("t" * 32)))) as client:
+        response = client.get("/rounds/1", headers={"Authorization": "Bearer " + "t" * 32})
+    assert response.status_code == 503 and response.json() == {"detail": "store unreachable: connection refused"}
