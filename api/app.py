@@ -23,7 +23,7 @@ from api import dashboard
 from api.caching import VersionedResponseCache
 from api.routes import health, images, predict, projects, rounds, webhooks
 from api.settings import STORE_FILENAME, Settings
-from store.db import create_db_engine, shown_url, upgrade_schema
+from store.db import create_db_engine, shown_url, store_connection_lost, upgrade_schema
 
 logger = logging.getLogger("defect_loop.api")
 
@@ -56,11 +56,14 @@ def _check_store(url: str) -> None:
 
 
 async def _store_unreachable(request: Request, exc: Exception) -> JSONResponse:
-    """The store went away (server stopped, network): 503 with the reason in one line, not a 500 and a traceback per
-    request; the next request after it is back is answered as usual."""
+    """The store went away (server stopped, network): 503, not a 500 and a traceback per request; the next request
+    after it is back is answered as usual. Other database errors (a bug, a schema problem) stay 500s, logged in full.
+    The reason goes to the log only: the driver's words name hosts and users."""
+    if not store_connection_lost(exc):
+        return await _unhandled(request, exc)
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
     logger.warning("store unreachable on %s %s: %s", request.method, request.url.path, reason)
-    return JSONResponse(status_code=503, content={"detail": f"store unreachable: {reason}"}, headers={"Retry-After": "5"})
+    return JSONResponse(status_code=503, content={"detail": "store unreachable: try again shortly"}, headers={"Retry-After": "5"})
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:

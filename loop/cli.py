@@ -27,7 +27,7 @@ from loop.status import project_status
 from labeling import available_backends
 from labeling.labelstudio_server import LabelStudioServerError
 from modeling.errors import WeightsUnavailable
-from store.db import StoreUnavailable, shown_url, store_lock_held
+from store.db import StoreUnavailable, same_store, shown_url, store_connection_lost, store_lock_held
 from store.reports import threshold_of
 
 app = typer.Typer(help="defect-loop: label, train, gate and select, one round at a time.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -52,10 +52,13 @@ def clear_errors() -> Iterator[None]:
             OSError, ValueError) as error:  # OSError: a file or folder in the way, no permission, a full disk
         error_console.print(f"[bold red]error:[/] {escape(str(error))}")
         raise typer.Exit(EXIT_USAGE) from None
-    except (DatabaseOperationalError, DatabaseInterfaceError) as error:  # the store went away mid-command (server stopped, network)
+    except (DatabaseOperationalError, DatabaseInterfaceError) as error:
+        if not store_connection_lost(error):
+            raise  # a bug, a schema problem, a lock timeout, a full disk: shown as what it is
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
         error_console.print(f"[bold red]error:[/] lost the store mid-command: {escape(reason)}. What was committed before is kept; a round "
-                            "that was running stays recorded as running until the next `loop round` marks it interrupted")
+                            "that was running is recorded as failed if the store could still be reached, or else marked interrupted by "
+                            "the next `loop round`")
         raise typer.Exit(EXIT_USAGE) from None
 
 
@@ -99,7 +102,7 @@ def init(
         if annotator not in available_backends():
             raise ConfigError(f"unknown annotator backend {annotator!r}; available: {', '.join(available_backends())}")
         environment_url = os.environ.get("LOOP_DATABASE_URL")
-        if database_url and environment_url and environment_url != database_url:  # the environment wins: the store would not be the one asked for
+        if database_url and environment_url and not same_store(environment_url, database_url):  # the environment wins: the store would not be the one asked for
             raise ConfigError(f"--database-url {shown_url(database_url)} and LOOP_DATABASE_URL={shown_url(environment_url)} disagree, and the "
                               "environment wins for every command: unset LOOP_DATABASE_URL, or leave --database-url out")
         if init_from is not None:
@@ -125,7 +128,7 @@ def init(
             # A copy in this project: the other project may retrain, move or be deleted; the rounds here must not change with it.
             config.model.init_from, config.model.init_from_source = INIT_CHECKPOINT, str(init.backbone_weights_path)
             config.model.backbone = init.backbone_name  # what the rounds run: loop.toml says so too
-        made_dir = not project_dir.exists()
+        made_dir = next((folder for folder in reversed([project_dir, *project_dir.parents]) if not folder.exists()), None)  # the top one init makes
         copied, url = None, None
         try:  # the project row, the checkpoint copy and loop.toml go in together, or none of them
             project_dir.mkdir(parents=True, exist_ok=True)
@@ -145,8 +148,8 @@ def init(
                     remove_project_row(url)
                 except Exception:  # noqa: BLE001  (the first failure is the one to report)
                     pass
-            if made_dir:  # the folder was made for this init: nothing in it is anyone else's
-                shutil.rmtree(project_dir, ignore_errors=True)
+            if made_dir is not None:  # the folders were made for this init: nothing in them is anyone else's
+                shutil.rmtree(made_dir, ignore_errors=True)
             elif copied is not None:
                 copied.unlink(missing_ok=True)
             raise
@@ -342,7 +345,10 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     for column in ("round", "status", "trained", "macro F1", "defect recall", "FPR", "latency ms", "gates"):
         rounds.add_column(column, overflow="fold")  # narrow terminals wrap a cell instead of cutting it to "comple…"
     # a PostgreSQL store says whether any folder or machine writes to it now; otherwise this folder's lock file does
-    store_held = store_lock_held(ctx.engine)
+    try:
+        store_held = store_lock_held(ctx.engine)
+    except (DatabaseOperationalError, DatabaseInterfaceError):  # the record is printed already: unknown, not a traceback
+        store_held = None
     held = project_lock_held(ctx.root) if store_held is None else store_held
     running_without_process = [r["number"] for r in report["rounds"] if r["status"] == "running"] if not held else []
     for r in report["rounds"]:

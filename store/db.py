@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +82,11 @@ def exclusive_store_lock(engine: Engine) -> Iterator[None]:
         try:
             yield
         finally:
-            connection.execute(text("select pg_advisory_unlock(:a, :b)"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]})
-            connection.commit()
+            try:
+                connection.execute(text("select pg_advisory_unlock(:a, :b)"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]})
+                connection.commit()
+            except DBAPIError:  # the connection dropped (server restart, idle timeout): its lock went with it
+                connection.invalidate()
 
 
 def store_lock_held(engine: Engine) -> bool | None:
@@ -92,9 +95,41 @@ def store_lock_held(engine: Engine) -> bool | None:
     if engine.dialect.name != "postgresql":
         return None
     with engine.connect() as connection:
-        return bool(connection.execute(text(
-            "select count(*) from pg_locks where locktype = 'advisory' and granted and classid = :a and objid = :b and objsubid = 2"),
+        return bool(connection.execute(text(  # advisory locks are per database; pg_locks lists the whole server's
+            "select count(*) from pg_locks where locktype = 'advisory' and granted and classid = :a and objid = :b and objsubid = 2 "
+            "and database = (select oid from pg_database where datname = current_database())"),
             {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]}).scalar())
+
+
+def store_connection_lost(error: BaseException) -> bool:
+    """Whether a database error means the store went away (server stopped or restarting, network, connection killed),
+    not a bug, a schema problem, a lock timeout or a full disk, which must show as what they are. SQLite has no
+    server to lose."""
+    if not isinstance(error, DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    orig = error.orig
+    if orig is None or type(orig).__module__.startswith("sqlite3"):
+        return False
+    sqlstate = getattr(orig, "sqlstate", None)
+    # no SQLSTATE: the client could not talk to the server at all; 08: connection exception; 57P01-03: shutdown
+    return isinstance(error, (OperationalError, InterfaceError)) and (sqlstate is None or sqlstate.startswith("08")
+                                                                       or sqlstate in ("57P01", "57P02", "57P03"))
+
+
+def same_store(first: str, second: str) -> bool:
+    """Whether two URLs name one store, however written (a SQLite path with ./ or a symlink, an explicit default port)."""
+    try:
+        a, b = make_url(first), make_url(second)
+    except ArgumentError:
+        return first == second
+    if a.get_backend_name() == "sqlite" and b.get_backend_name() == "sqlite":
+        return bool(a.database and b.database) and Path(a.database).resolve() == Path(b.database).resolve()
+    default_ports = {"postgresql": 5432, "mysql": 3306}
+    def key(url):  # noqa: ANN001, ANN202
+        return (url.get_backend_name(), url.username, url.password, url.host, url.port or default_ports.get(url.get_backend_name()), url.database)
+    return key(a) == key(b)
 
 
 @contextmanager

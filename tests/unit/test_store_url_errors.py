@@ -131,7 +131,45 @@ def test_the_api_answers_503_while_the_store_is_unreachable(tmp_path: Path, monk
     def server_gone(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
         raise OperationalError("select", {}, Exception("connection refused"))
 
+    def schema_bug(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
+        import sqlite3
+
+        raise OperationalError("select", {}, sqlite3.OperationalError("no such column: rounds.status"))
+
     monkeypatch.setattr(reports, "round_report", server_gone)
-    with TestClient(create_app(Settings(project_dir=project_dir, api_token=SecretStr("t" * 32)))) as client:
+    with TestClient(create_app(Settings(project_dir=project_dir, api_token=SecretStr("t" * 32))), raise_server_exceptions=False) as client:
         response = client.get("/rounds/1", headers={"Authorization": "Bearer " + "t" * 32})
-    assert response.status_code == 503 and response.json() == {"detail": "store unreachable: connection refused"}
+        assert response.status_code == 503 and response.json() == {"detail": "store unreachable: try again shortly"}  # the reason goes to the log
+        monkeypatch.setattr(reports, "round_report", schema_bug)  # not a lost store: a bug to see, as any other
+        assert client.get("/rounds/1", headers={"Authorization": "Bearer " + "t" * 32}).status_code == 500
+
+
+def test_only_a_lost_connection_reads_as_a_lost_store(tmp_path: Path) -> None:
+    # a schema problem in SQLite is an OperationalError too: it must show as itself, not as "lost the store"
+    from sqlalchemy import text
+
+    from store.db import same_store, store_connection_lost
+
+    project_dir = tmp_path / "project"
+    assert runner.invoke(app, ["init", str(project_dir), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+    from loop.project import open_project
+
+    with open_project(project_dir).engine.begin() as connection:
+        connection.execute(text("alter table rounds rename column status to state"))
+    broken = runner.invoke(app, ["status", "--project", str(project_dir)])
+    assert broken.exit_code != 0 and "lost the store" not in broken.output
+    assert "no such column" in str(broken.exception)
+    assert not store_connection_lost(broken.exception)
+    assert same_store(f"sqlite:///{tmp_path}/s.db", f"sqlite:///{tmp_path}/./s.db")
+    assert same_store("postgresql+psycopg://u@db/parts", "postgresql+psycopg://u@db:5432/parts")
+    assert not same_store("postgresql+psycopg://u@db/parts", "postgresql+psycopg://u@db/other")
+
+
+def test_a_refused_init_removes_the_folders_it_made_and_nothing_else(tmp_path: Path) -> None:
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "notes.txt").write_text("mine")
+    for target in (tmp_path / "new" / "a" / "b", tmp_path / "existing"):
+        result = runner.invoke(app, ["init", str(target), "--classes", "good,dent", "--negative-class", "good", "--database-url", "nonsense"])
+        assert result.exit_code == 2
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in (tmp_path / "existing").iterdir()) == ["notes.txt"]

@@ -137,3 +137,25 @@ def test_a_postgres_store_shared_by_two_folders_has_one_writer_at_a_time(postgre
     assert "round 1 is recorded as running, but no process holds its store" in after
     with session_scope(ctx.engine) as session:
         assert session.scalars(select(Round.status)).all() == ["running"]  # the refused round changed nothing
+
+
+def test_the_store_lock_is_per_database_and_a_dropped_lock_connection_does_not_fail_the_command(postgres) -> None:  # noqa: ANN001
+    from sqlalchemy import text
+
+    from store.db import create_db_engine, exclusive_store_lock, store_lock_held, upgrade_schema
+
+    first, second = postgres.new_database(), postgres.new_database()
+    for url in (first, second):
+        upgrade_schema(url)
+    engine, other = create_db_engine(first), create_db_engine(second)
+    try:
+        with exclusive_store_lock(engine):
+            assert store_lock_held(engine) is True
+            assert store_lock_held(other) is False  # another project's database on the same server: not this store's lock
+            with other.connect() as admin:  # the server drops the lock's connection (restart, idle timeout, a DBA)
+                admin.execute(text("select pg_terminate_backend(pid) from pg_locks where locktype = 'advisory' and granted"))
+            assert store_lock_held(other) is False
+        assert store_lock_held(engine) is False  # gone with its connection; leaving the block raised nothing
+    finally:
+        engine.dispose()
+        other.dispose()
