@@ -68,8 +68,9 @@ class StoreBusy(RuntimeError):
 @contextmanager
 def exclusive_store_lock(engine: Engine) -> Iterator[None]:
     """Held while a round or an ingest writes: on PostgreSQL an advisory lock on a connection kept open meanwhile
-    (released when it closes, so a killed process never leaves it behind); elsewhere nothing (a SQLite store is its
-    project folder's file, guarded by the folder's lock)."""
+    (released when it closes, so a killed process never leaves it behind); elsewhere nothing: a SQLite store is
+    usually its project folder's loop.db, guarded by the folder's lock, and one shared by several folders through
+    database_url is not guarded (not implemented)."""
     if engine.dialect.name != "postgresql":
         yield
         return
