@@ -150,7 +150,6 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 def upgrade_schema(url: str) -> None:
     """Run the Alembic migrations up to head on the database at url."""
     from alembic import command
-    from alembic.config import Config
 
     if not ALEMBIC_DIR.is_dir():
         raise RuntimeError(f"Alembic migrations not found at {ALEMBIC_DIR}; install defect-loop with `pip install -e .`")
@@ -164,7 +163,15 @@ def upgrade_schema(url: str) -> None:
                                "and database_url in loop.toml (or LOOP_DATABASE_URL); nothing was changed") from None
     finally:
         engine.dispose()
+    command.upgrade(alembic_config(url), "head")  # an error in a migration itself is not "cannot open": it stays a traceback
+
+
+def alembic_config(url: str):  # noqa: ANN201  (alembic.config.Config, imported here only)
+    """Alembic's configuration for the store at url: the repository's migrations (for upgrades, and for tests that
+    step a store down to an older revision)."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(ALEMBIC_DIR))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(config, "head")  # an error in a migration itself is not "cannot open": it stays a traceback
+    return config

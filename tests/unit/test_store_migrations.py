@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alembic.config import Config
 from sqlalchemy import create_engine, inspect, text
 from typer.testing import CliRunner
 
 from alembic import command
 from loop.cli import app
 from loop.project import open_project
-from store.db import ALEMBIC_DIR
+from store.db import alembic_config
 
 
 def test_opening_a_project_at_revision_0001_adds_the_part_column_and_keeps_rows(tmp_path: Path, class_folders: Path) -> None:
@@ -19,9 +18,7 @@ def test_opening_a_project_at_revision_0001_adds_the_part_column_and_keeps_rows(
     assert CliRunner().invoke(app, ["init", str(project_dir), "--classes", classes, "--negative-class", "good"]).exit_code == 0
     assert CliRunner().invoke(app, ["ingest", str(class_folders), "--project", str(project_dir)]).exit_code == 0
     url = f"sqlite:///{project_dir / 'loop.db'}"
-    config = Config()
-    config.set_main_option("script_location", str(ALEMBIC_DIR))
-    config.set_main_option("sqlalchemy.url", url)
+    config = alembic_config(url)
     command.downgrade(config, "0001")  # as a project created before images.part existed
     engine = create_engine(url)
     assert "part" not in {c["name"] for c in inspect(engine).get_columns("images")}
@@ -51,9 +48,7 @@ def test_the_api_over_an_older_store_upgrades_it_instead_of_failing_on_images(tm
     project_dir = tmp_path / "old"
     assert CliRunner().invoke(app, ["init", str(project_dir), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
     url = f"sqlite:///{project_dir / 'loop.db'}"
-    config = Config()
-    config.set_main_option("script_location", str(ALEMBIC_DIR))
-    config.set_main_option("sqlalchemy.url", url)
+    config = alembic_config(url)
     command.downgrade(config, "0001")
     with TestClient(create_app(Settings(project_dir=project_dir, api_token=SecretStr("t" * 32)))) as client:
         response = client.get("/images/1", headers={"Authorization": "Bearer " + "t" * 32})
@@ -67,9 +62,7 @@ def test_the_migrations_build_exactly_the_models_schema(tmp_path: Path) -> None:
     from store.models import Base
 
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    config = Config()
-    config.set_main_option("script_location", str(ALEMBIC_DIR))
-    config.set_main_option("sqlalchemy.url", url)
+    config = alembic_config(url)
     command.upgrade(config, "head")
     engine = create_engine(url)
     with engine.connect() as connection:

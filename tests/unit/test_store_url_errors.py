@@ -51,17 +51,14 @@ def test_every_command_on_a_project_whose_store_server_is_down_exits_2_with_the_
 def test_an_error_inside_a_migration_is_not_reported_as_a_store_that_cannot_be_opened(tmp_path: Path) -> None:
     # the store opens fine; a migration step fails (here a column added by hand before its migration): that is a bug
     # or a hand-edited schema to look at, not "check that the database server runs ... nothing was changed"
-    from alembic.config import Config
     from sqlalchemy import create_engine, text
     from sqlalchemy.exc import OperationalError
 
     from alembic import command
-    from store.db import ALEMBIC_DIR, StoreUnavailable, upgrade_schema
+    from store.db import StoreUnavailable, alembic_config, upgrade_schema
 
     url = f"sqlite:///{tmp_path / 'loop.db'}"
-    config = Config()
-    config.set_main_option("script_location", str(ALEMBIC_DIR))
-    config.set_main_option("sqlalchemy.url", url)
+    config = alembic_config(url)
     command.upgrade(config, "0003")
     engine = create_engine(url)
     with engine.begin() as connection:

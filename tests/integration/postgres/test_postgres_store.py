@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-from alembic.config import Config
 from pydantic import SecretStr
 from sqlalchemy import create_engine, inspect, select, text
 from typer.testing import CliRunner
@@ -13,8 +12,16 @@ from typer.testing import CliRunner
 from alembic import command
 from loop.cli import app
 from loop.project import open_project
-from store.db import ALEMBIC_DIR, session_scope
-from store.models import Base, GateResult, LabelEvent, Prediction, Project, Round, Selection
+from store.db import alembic_config, session_scope
+from store.models import (
+    Base,
+    GateResult,
+    LabelEvent,
+    Prediction,
+    Project,
+    Round,
+    Selection,
+)
 
 pytestmark = pytest.mark.postgres
 runner = CliRunner()
@@ -25,13 +32,6 @@ def invoke(*args: str):  # noqa: ANN201
     result = runner.invoke(app, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result
-
-
-def alembic_config(url: str) -> Config:
-    config = Config()
-    config.set_main_option("script_location", str(ALEMBIC_DIR))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    return config
 
 
 def test_the_migrations_build_exactly_the_models_schema_on_postgres_and_step_down_and_up(postgres) -> None:  # noqa: ANN001
@@ -142,7 +142,12 @@ def test_a_postgres_store_shared_by_two_folders_has_one_writer_at_a_time(postgre
 def test_the_store_lock_is_per_database_and_a_dropped_lock_connection_does_not_fail_the_command(postgres) -> None:  # noqa: ANN001
     from sqlalchemy import text
 
-    from store.db import create_db_engine, exclusive_store_lock, store_lock_held, upgrade_schema
+    from store.db import (
+        create_db_engine,
+        exclusive_store_lock,
+        store_lock_held,
+        upgrade_schema,
+    )
 
     first, second = postgres.new_database(), postgres.new_database()
     for url in (first, second):
