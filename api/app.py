@@ -23,7 +23,7 @@ from api import dashboard
 from api.caching import VersionedResponseCache
 from api.routes import health, images, predict, projects, rounds, webhooks
 from api.settings import STORE_FILENAME, Settings
-from store.db import create_db_engine, shown_url, store_connection_lost, upgrade_schema
+from store.db import create_db_engine, database_error_reason, shown_url, store_connection_lost, upgrade_schema
 
 logger = logging.getLogger("defect_loop.api")
 
@@ -61,7 +61,7 @@ async def _store_unreachable(request: Request, exc: Exception) -> JSONResponse:
     The reason goes to the log only: the driver's words name hosts and users."""
     if not store_connection_lost(exc):
         return await _unhandled(request, exc)
-    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    reason = database_error_reason(exc)
     logger.warning("store unreachable on %s %s: %s", request.method, request.url.path, reason)
     return JSONResponse(status_code=503, content={"detail": "store unreachable: try again shortly"}, headers={"Retry-After": "5"})
 

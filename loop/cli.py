@@ -27,7 +27,7 @@ from loop.status import project_status
 from labeling import available_backends
 from labeling.labelstudio_server import LabelStudioServerError
 from modeling.errors import WeightsUnavailable
-from store.db import StoreUnavailable, same_store, shown_url, store_connection_lost, store_lock_held
+from store.db import StoreUnavailable, database_error_reason, same_store, shown_url, store_connection_lost, store_lock_held
 from store.reports import threshold_of
 
 app = typer.Typer(help="defect-loop: label, train, gate and select, one round at a time.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -55,7 +55,7 @@ def clear_errors() -> Iterator[None]:
     except (DatabaseOperationalError, DatabaseInterfaceError) as error:
         if not store_connection_lost(error):
             raise  # a bug, a schema problem, a lock timeout, a full disk: shown as what it is
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        reason = database_error_reason(error)
         error_console.print(f"[bold red]error:[/] lost the store mid-command: {escape(reason)}. What was committed before is kept; a round "
                             "that was running is recorded as failed if the store could still be reached, or else marked interrupted by "
                             "the next `loop round`")

@@ -11,7 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from loop.config import config_path, load_config
 from modeling.transfer import find_model_checkpoint
-from store.db import StoreUnavailable, create_db_engine, session_scope, shown_url
+from store.db import StoreUnavailable, create_db_engine, database_error_reason, session_scope, shown_url
 from store.models import Project, Round
 
 FINE_TUNED = ("finetune", "full")
@@ -53,7 +53,7 @@ def _project_checkpoint(root: Path) -> InitSource:
             rounds = session.execute(select(Round.number, Round.details, Round.artifacts).where(Round.status == "completed")
                                      .order_by(Round.number.desc())).all()
     except SQLAlchemyError as error:
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        reason = database_error_reason(error)
         raise StoreUnavailable(f"cannot read the rounds of project {root} from its store at {shown_url(url)}: {reason}; pass a "
                                "checkpoint file to --init-from instead (e.g. artifacts/round-NNN/model.pt there)") from None
     finally:

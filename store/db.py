@@ -102,6 +102,12 @@ def store_lock_held(engine: Engine) -> bool | None:
             {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]}).scalar())
 
 
+def database_error_reason(error: BaseException) -> str:
+    """The driver's own first line for a database error (SQLAlchemy's text adds the SQL and a link), for messages."""
+    text_of = str(getattr(error, "orig", None) or error).strip()
+    return text_of.splitlines()[0] if text_of else type(error).__name__
+
+
 def store_connection_lost(error: BaseException) -> bool:
     """Whether a database error means the store went away (server stopped or restarting, network, connection killed),
     not a bug, a schema problem, a lock timeout or a full disk, which must show as what they are. SQLite has no
@@ -158,7 +164,7 @@ def upgrade_schema(url: str) -> None:
         with engine.connect():  # the first connection of every command: the server down or refusing, said as such
             pass
     except OperationalError as error:
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        reason = database_error_reason(error)
         raise StoreUnavailable(f"cannot open the store at {shown_url(url)}: {reason}. Check that the database server runs "
                                "and database_url in loop.toml (or LOOP_DATABASE_URL); nothing was changed") from None
     finally:
