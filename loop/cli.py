@@ -344,12 +344,12 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     rounds = Table(title="rounds")
     for column in ("round", "status", "trained", "macro F1", "defect recall", "FPR", "latency ms", "gates"):
         rounds.add_column(column, overflow="fold")  # narrow terminals wrap a cell instead of cutting it to "comple…"
-    # a PostgreSQL store says whether any folder or machine writes to it now; otherwise this folder's lock file does
+    # the store says whether any folder or machine writes to it now (PostgreSQL, a SQLite file); this folder's lock too
     try:
         store_held = store_lock_held(ctx.engine)
     except (DatabaseOperationalError, DatabaseInterfaceError):  # the record is printed already: unknown, not a traceback
         store_held = None
-    held = project_lock_held(ctx.root) if store_held is None else store_held
+    held = bool(store_held) or project_lock_held(ctx.root)
     running_without_process = [r["number"] for r in report["rounds"] if r["status"] == "running"] if not held else []
     for r in report["rounds"]:
         m = r["metrics"]
@@ -363,7 +363,7 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
                        fmt(m.get("latency_ms")), gates)
     console.print(rounds)
     if running_without_process:  # killed (SIGKILL, power): nothing runs it, and nothing marked it yet
-        holder = ("no process holds its store" if store_held is not None
+        holder = ("no process holds this project folder or its store" if store_held is not None
                   else "no process on this machine holds this project folder")
         console.print(f"[yellow]round {', '.join(map(str, running_without_process))} is recorded as running, but {holder}: it ended "
                       "without finishing. The next `loop round` marks it interrupted.[/]")

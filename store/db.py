@@ -1,6 +1,9 @@
 """Engine, sessions and schema upgrades (Alembic) for any SQLAlchemy URL; SQLite by default."""
 from __future__ import annotations
 
+import fcntl
+import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,12 +68,43 @@ class StoreBusy(RuntimeError):
     """Another process, maybe in another folder or on another machine, writes to this store now."""
 
 
+def _sqlite_lock_path(engine: Engine) -> Path | None:
+    """The lock file beside a SQLite store's file (None: in memory, or not SQLite)."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    path = Path(database).resolve()
+    return path.with_name(path.name + ".lock")
+
+
 @contextmanager
 def exclusive_store_lock(engine: Engine) -> Iterator[None]:
-    """Held while a round or an ingest writes: on PostgreSQL an advisory lock on a connection kept open meanwhile
-    (released when it closes, so a killed process never leaves it behind); elsewhere nothing: a SQLite store is
-    usually its project folder's loop.db, guarded by the folder's lock, and one shared by several folders through
-    database_url is not guarded (not implemented)."""
+    """Held while a round or an ingest writes, by every folder and machine that points at the store. PostgreSQL: an
+    advisory lock on a connection kept open meanwhile (released when it closes, so a killed process never leaves it
+    behind). SQLite: an flock on a file beside the database file (the kernel releases it with the process), which
+    guards a loop.db shared by several folders through database_url; the usual loop.db in its own folder gets it
+    too, beside the folder's lock."""
+    lock_path = _sqlite_lock_path(engine)
+    if lock_path is not None:
+        with open(lock_path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise StoreBusy(f"the store {lock_path.with_suffix('')} is busy: {holder}, from another project folder. Wait for it "
+                                "to finish (nothing was changed).") from None
+            try:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"a loop round or ingest running as pid {os.getpid()}")
+                handle.flush()
+                yield
+            finally:
+                handle.seek(0)
+                handle.truncate()
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
     if engine.dialect.name != "postgresql":
         yield
         return
@@ -91,8 +125,24 @@ def exclusive_store_lock(engine: Engine) -> Iterator[None]:
 
 
 def store_lock_held(engine: Engine) -> bool | None:
-    """Whether some process holds exclusive_store_lock now (read from pg_locks, without taking it); None: not known
-    for this kind of store."""
+    """Whether some process holds exclusive_store_lock now, read without taking it (taking it even for a moment would
+    make a round starting then fail as busy): PostgreSQL's pg_locks; SQLite's lock file names the holder's pid while
+    held. None: not known for this kind of store."""
+    lock_path = _sqlite_lock_path(engine)
+    if lock_path is not None:
+        try:
+            match = re.search(r"running as pid (\d+)$", lock_path.read_text().strip())
+        except OSError:
+            return False
+        if match is None:
+            return False
+        try:
+            os.kill(int(match.group(1)), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
     if engine.dialect.name != "postgresql":
         return None
     with engine.connect() as connection:

@@ -1001,10 +1001,10 @@ def test_ctrl_c_during_a_round_says_what_was_kept_and_status_tells_a_killed_roun
         # a round killed outright (SIGKILL) stays "running" until the next round marks it
         session.add(Round(project_id=failed.project_id, number=2, status="running"))
     killed = " ".join(invoke("status", "--project", str(project_with_pool)).output.split())
-    assert "round 2 is recorded as running, but no process on this machine holds this project folder" in killed and "running?" in killed
+    assert "round 2 is recorded as running, but no process holds this project folder or its store" in killed and "running?" in killed
     with project_lock(project_with_pool.resolve(), action="loop round"):  # really running: said as such
         running = " ".join(invoke("status", "--project", str(project_with_pool)).output.split())
-    assert "no process on this machine holds" not in running and "running?" not in running
+    assert "no process holds" not in running and "running?" not in running
 
 
 def test_a_transferred_head_the_network_could_not_use_is_recorded_as_not_used(project_with_pool: Path, class_folders: Path,

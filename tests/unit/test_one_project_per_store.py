@@ -54,3 +54,29 @@ def test_the_environment_store_does_not_collect_loop_simulates_scratch_runs(tmp_
     config = ProjectConfig(name="run", classes=["good", "dent"], negative_class="good", annotator=AnnotatorConfig(backend="none"))
     url = create_project_store(run, config, database_url=f"sqlite:///{run / 'loop.db'}")
     assert url.endswith("run/loop.db") and (run / "loop.db").is_file() and not (tmp_path / "team.db").exists()
+
+
+def test_a_sqlite_store_shared_by_two_folders_has_one_writer_at_a_time(tmp_path: Path) -> None:
+    # a copied loop.toml naming one SQLite file: each folder's lock guards that folder only, the store's lock both
+    import shutil
+
+    from loop.project import ProjectBusy, project_lock
+    from store.models import Round
+
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    assert init(tmp_path / "line-a", "--database-url", shared).exit_code == 0
+    (tmp_path / "line-a-elsewhere").mkdir()
+    shutil.copy(tmp_path / "line-a" / "loop.toml", tmp_path / "line-a-elsewhere" / "loop.toml")
+    ctx = open_project(tmp_path / "line-a")
+    with session_scope(ctx.engine) as session:
+        session.add(Round(project_id=session.scalars(select(Project.id)).one(), number=1, status="running"))
+    with project_lock(ctx.root, action="loop round", engine=ctx.engine):
+        busy = runner.invoke(app, ["round", "--project", str(tmp_path / "line-a-elsewhere")])
+        assert busy.exit_code == 2 and "from another project folder" in " ".join(busy.output.split())
+        with pytest.raises(ProjectBusy):
+            with project_lock(tmp_path / "line-a-elsewhere", action="loop ingest", engine=open_project(tmp_path / "line-a-elsewhere").engine):
+                pass
+        while_held = " ".join(runner.invoke(app, ["status", "--project", str(tmp_path / "line-a-elsewhere")]).output.split())
+    assert "running?" not in while_held  # it runs, from the other folder
+    after = " ".join(runner.invoke(app, ["status", "--project", str(tmp_path / "line-a-elsewhere")]).output.split())
+    assert "no process holds this project folder or its store" in after

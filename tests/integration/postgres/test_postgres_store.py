@@ -134,7 +134,7 @@ def test_a_postgres_store_shared_by_two_folders_has_one_writer_at_a_time(postgre
         while_held = " ".join(invoke("status", "--project", str(second)).output.split())
     assert "running?" not in while_held  # it really runs, from the other folder
     after = " ".join(invoke("status", "--project", str(second)).output.split())
-    assert "round 1 is recorded as running, but no process holds its store" in after
+    assert "round 1 is recorded as running, but no process holds this project folder or its store" in after
     with session_scope(ctx.engine) as session:
         assert session.scalars(select(Round.status)).all() == ["running"]  # the refused round changed nothing
 
