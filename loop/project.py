@@ -1,12 +1,10 @@
 """A project directory: loop.toml, the store URL, where artifacts and caches live, and the round lock."""
 from __future__ import annotations
 
-import fcntl
 import os
-import re
 import tomllib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +12,15 @@ from sqlalchemy import Engine, select
 
 from loop.config import ConfigError, ProjectConfig, config_path, load_config
 from store import create_db_engine, upgrade_schema
-from store.db import StoreBusy, exclusive_store_lock, session_scope, shown_url
+from store.db import (
+    LockFileBusy,
+    StoreBusy,
+    exclusive_store_lock,
+    held_lock_file,
+    lock_file_held,
+    session_scope,
+    shown_url,
+)
 from store.queries import one_project_per_store
 
 
@@ -147,23 +153,8 @@ def open_project_store(root: Path) -> tuple[ProjectContext, str | None]:
 
 
 def project_lock_held(root: Path) -> bool:
-    """Whether a live process on this machine holds the project's lock (a round or an ingest running): the lock file
-    names it while held (project_lock empties it on release). Reads only: taking the lock to test it, even for a
-    moment, would make a round starting then fail as busy."""
-    try:
-        holder = (root / ".loop.lock").read_text().strip()
-    except OSError:
-        return False
-    match = re.search(r"running as pid (\d+)$", holder)
-    if match is None:
-        return bool(holder)
-    try:
-        os.kill(int(match.group(1)), 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, another user's
-    return True
+    """Whether a live process on this machine holds the project folder's lock (a round or an ingest running)."""
+    return lock_file_held(root / ".loop.lock")
 
 
 @contextmanager
@@ -184,23 +175,9 @@ def project_lock(root: Path, *, action: str, engine: Engine | None = None) -> It
 
 @contextmanager
 def _folder_lock(root: Path, *, action: str) -> Iterator[None]:
-    lock_path = root / ".loop.lock"
-    handle = open(lock_path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise ProjectBusy(f"project {root} is busy: {holder}. Wait for it to finish (nothing was changed).") from None
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{action} running as pid {os.getpid()}")
-        handle.flush()
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(held_lock_file(root / ".loop.lock", holder=action))
+        except LockFileBusy as busy:
+            raise ProjectBusy(f"project {root} is busy: {busy}. Wait for it to finish (nothing was changed).") from None
         yield
-    finally:
-        handle.seek(0)
-        handle.truncate()
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()

@@ -5,7 +5,7 @@ import fcntl
 import os
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
@@ -68,6 +68,51 @@ class StoreBusy(RuntimeError):
     """Another process, maybe in another folder or on another machine, writes to this store now."""
 
 
+class LockFileBusy(RuntimeError):
+    """held_lock_file found the lock taken; the message is what its holder wrote ("loop round running as pid 12")."""
+
+
+@contextmanager
+def held_lock_file(path: Path, *, holder: str) -> Iterator[None]:
+    """An flock on path for the block, the file naming the holder ("<holder> running as pid N") while held and
+    emptied on release; the kernel releases it with the process. LockFileBusy (what the holder wrote) when taken."""
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise LockFileBusy(handle.read().strip() or "another process") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{holder} running as pid {os.getpid()}")
+            handle.flush()
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def lock_file_held(path: Path) -> bool:
+    """Whether a live process holds a held_lock_file now, read from the pid it names, without taking the lock (taking
+    it even for a moment would make a round starting then fail as busy)."""
+    try:
+        holder = path.read_text().strip()
+    except OSError:
+        return False
+    match = re.search(r"running as pid (\d+)$", holder)
+    if match is None:
+        return bool(holder)
+    try:
+        os.kill(int(match.group(1)), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
+
+
 def _sqlite_lock_path(engine: Engine) -> Path | None:
     """The lock file beside a SQLite store's file (None: in memory, or not SQLite)."""
     database = engine.url.database if engine.dialect.name == "sqlite" else None
@@ -86,24 +131,13 @@ def exclusive_store_lock(engine: Engine) -> Iterator[None]:
     too, beside the folder's lock."""
     lock_path = _sqlite_lock_path(engine)
     if lock_path is not None:
-        with open(lock_path, "a+") as handle:
+        with ExitStack() as stack:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise StoreBusy(f"the store {lock_path.with_suffix('')} is busy: {holder}, from another project folder. Wait for it "
+                stack.enter_context(held_lock_file(lock_path, holder="a loop round or ingest"))
+            except LockFileBusy as busy:
+                raise StoreBusy(f"the store {lock_path.with_suffix('')} is busy: {busy}, from another project folder. Wait for it "
                                 "to finish (nothing was changed).") from None
-            try:
-                handle.seek(0)
-                handle.truncate()
-                handle.write(f"a loop round or ingest running as pid {os.getpid()}")
-                handle.flush()
-                yield
-            finally:
-                handle.seek(0)
-                handle.truncate()
-                fcntl.flock(handle, fcntl.LOCK_UN)
+            yield
         return
     if engine.dialect.name != "postgresql":
         yield
@@ -130,19 +164,7 @@ def store_lock_held(engine: Engine) -> bool | None:
     held. None: not known for this kind of store."""
     lock_path = _sqlite_lock_path(engine)
     if lock_path is not None:
-        try:
-            match = re.search(r"running as pid (\d+)$", lock_path.read_text().strip())
-        except OSError:
-            return False
-        if match is None:
-            return False
-        try:
-            os.kill(int(match.group(1)), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return lock_file_held(lock_path)
     if engine.dialect.name != "postgresql":
         return None
     with engine.connect() as connection:
