@@ -20,7 +20,7 @@ from sqlalchemy.exc import OperationalError as DatabaseOperationalError
 
 from loop.config import AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, save_config, validation_problems
 from loop.ingest import IngestError, ingest_source
-from loop.project import (ProjectBusy, check_store_is_free, create_project_store, open_project, open_project_store, project_lock,
+from loop.project import (ProjectBusy, add_project_row, check_store_is_free, open_project, open_project_store, project_lock,
                           project_lock_held, remove_project_row)
 from loop.errors import RoundFailed
 from loop.status import project_status
@@ -132,14 +132,15 @@ def init(
         copied, url = None, None
         try:  # the project row, the checkpoint copy and loop.toml go in together, or none of them
             project_dir.mkdir(parents=True, exist_ok=True)
-            check_store_is_free(project_dir, config)
+            checked = check_store_is_free(project_dir, config)
             if init_from is not None:
                 copy = project_dir / INIT_CHECKPOINT
                 if not (copy.exists() and copy.samefile(config.model.init_from_source)):  # pointed at this very copy: it is there
                     copy.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(config.model.init_from_source, copy)
                     copied = copy
-            url = create_project_store(project_dir, config)
+            add_project_row(checked, project_dir, config)
+            url = checked  # from here on, a failure removes the row
             save_config(project_dir, config)
         except BaseException:
             # a store holding the row without its loop.toml would refuse the next try

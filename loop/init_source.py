@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from loop.config import config_path, load_config
+from loop.project import default_store_url
 from modeling.transfer import find_model_checkpoint
 from store.db import StoreUnavailable, create_db_engine, database_error_reason, session_scope, shown_url
 from store.models import Project, Round
@@ -40,7 +41,7 @@ def _source_store_url(root: Path, database_url: str | None) -> str:
     if not path.is_file():  # the driver would create an empty one in the other project's folder
         raise FileNotFoundError(f"project {root} has no store (no loop.db, and its loop.toml names no database_url): "
                                 "pass a checkpoint file to --init-from (e.g. artifacts/round-NNN/model.pt there)")
-    return f"sqlite:///{path.resolve()}"
+    return default_store_url(root)
 
 
 def _project_checkpoint(root: Path) -> InitSource:

@@ -52,8 +52,13 @@ class ProjectContext:
         return path
 
 
+def default_store_url(root: Path) -> str:
+    """A project folder's own SQLite store, loop.db."""
+    return f"sqlite:///{(root / 'loop.db').resolve()}"
+
+
 def database_url_for(root: Path, config: ProjectConfig) -> str:
-    return os.environ.get("LOOP_DATABASE_URL") or config.database_url or f"sqlite:///{(root / 'loop.db').resolve()}"
+    return os.environ.get("LOOP_DATABASE_URL") or config.database_url or default_store_url(root)
 
 
 def check_store_is_free(root: Path, config: ProjectConfig, *, database_url: str | None = None) -> str:
@@ -71,7 +76,7 @@ def check_store_is_free(root: Path, config: ProjectConfig, *, database_url: str 
     finally:
         engine.dispose()
     if existing is not None:
-        if url == f"sqlite:///{(root / 'loop.db').resolve()}":  # this folder's own store, its loop.toml gone
+        if url == default_store_url(root):  # this folder's own store, its loop.toml gone
             raise ConfigError(f"{root / 'loop.db'} already holds project {existing.name!r} (made in {existing.root_dir}) without a "
                               "loop.toml beside it: restore that loop.toml to go on with it, or move loop.db away to start afresh; "
                               "no project was created")
@@ -84,16 +89,21 @@ def check_store_is_free(root: Path, config: ProjectConfig, *, database_url: str 
 def create_project_store(root: Path, config: ProjectConfig, *, database_url: str | None = None) -> str:
     """The store of a new project, checked by check_store_is_free, with its project row; its URL.
     database_url: this store whatever the environment says (loop simulate's scratch runs)."""
+    url = check_store_is_free(root, config, database_url=database_url)
+    add_project_row(url, root, config)
+    return url
+
+
+def add_project_row(url: str, root: Path, config: ProjectConfig) -> None:
+    """The project's row in a store check_store_is_free passed."""
     from store.models import Project
 
-    url = check_store_is_free(root, config, database_url=database_url)
     engine = create_db_engine(url)
     try:
         with session_scope(engine) as session:
             session.add(Project(name=config.name, root_dir=str(root), classes=config.classes, negative_class=config.negative_class))
     finally:
         engine.dispose()
-    return url
 
 
 def remove_project_row(url: str) -> None:
@@ -117,7 +127,7 @@ def open_project(root: Path, *, database_url: str | None = None) -> ProjectConte
     config = load_config(root)
     url = database_url or database_url_for(root, config)
     default = root / "loop.db"
-    if url == f"sqlite:///{default.resolve()}" and not default.is_file():  # the driver would make an empty store and say "no project"
+    if url == default_store_url(root) and not default.is_file():  # the driver would make an empty store and say "no project"
         raise ConfigError(f"the store of project {root} is missing: no loop.db there, and loop.toml names no database_url. If the project "
                           "was made with LOOP_DATABASE_URL set, set it again (or put database_url in loop.toml); nothing was changed")
     upgrade_schema(url)  # a project made by an older defect-loop gets the newer columns (a no-op when current)
@@ -147,7 +157,7 @@ def open_project_store(root: Path) -> tuple[ProjectContext, str | None]:
             default = root / "loop.db"
             if not default.is_file():
                 raise error from None  # no store to read: do not create an empty one
-            url = f"sqlite:///{default.resolve()}"
+            url = default_store_url(root)
         upgrade_schema(url)
         return ProjectContext(root, None, create_db_engine(url)), str(error)  # type: ignore[arg-type]  # read-only use
 

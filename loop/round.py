@@ -370,10 +370,13 @@ def embed_images(state: RoundState) -> None:
 
 
 def _weights_path(state: RoundState, weights: str) -> str:
-    if weights in ("default", "none"):
-        return weights
-    path = Path(weights).expanduser()
-    return str(path if path.is_absolute() else state.ctx.root / path)
+    return weights if weights in ("default", "none") else str(_in_project(state.ctx.root, weights))
+
+
+def _in_project(root: Path, value: str) -> Path:
+    """A path from loop.toml: relative ones are the project folder's."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else root / path
 
 
 def gather_labeled_pool(state: RoundState) -> None:
@@ -1530,8 +1533,7 @@ def check_round_options(ctx: ProjectContext, options: RoundOptions) -> None:
         raise RoundFailed("the oracle annotator needs [annotator] oracle_manifest in loop.toml")
     model = ctx.config.model
     if model.init_from:  # the checkpoint loop init copied in: gone or damaged since, said as such (not as an option never given)
-        path = Path(model.init_from).expanduser()
-        path = path if path.is_absolute() else ctx.root / path
+        path = _in_project(ctx.root, model.init_from)
         origin = f"[model] init_from in loop.toml, copied by loop init from {model.init_from_source}" if model.init_from_source else "[model] init_from in loop.toml"
         if not path.is_file():
             raise RoundFailed(f"the checkpoint this project starts from, {path}, is missing ({origin}): put it back, or start a new project")

@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from loop.config import AnnotatorConfig, LoopConfig, ModelConfig, ProjectConfig, check_strategy_name, save_config
 from loop.ingest import assign_splits, discover_source, ingest_source
-from loop.project import create_project_store, open_project
+from loop.project import create_project_store, default_store_url, open_project
 from loop.round import RoundOptions, run_round
 from modeling.plots import plot_gate_panels
 from store import session_scope
@@ -132,7 +132,7 @@ def _run_one(settings: SimulationSettings, *, strategy: str, seed: int, classes:
         annotator=AnnotatorConfig(backend="oracle", oracle_manifest=str(ground_truth)),
     )
     # each run its own scratch SQLite store, whatever LOOP_DATABASE_URL says: runs must not share one
-    url = create_project_store(project_dir, config, database_url=f"sqlite:///{(project_dir / 'loop.db').resolve()}")
+    url = create_project_store(project_dir, config, database_url=default_store_url(project_dir))
     config.database_url = url  # the run's loop.toml names its own store (LOOP_DATABASE_URL still wins for loop status there)
     save_config(project_dir, config)
     ctx = open_project(project_dir, database_url=url)

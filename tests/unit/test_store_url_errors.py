@@ -55,7 +55,7 @@ def test_an_error_inside_a_migration_is_not_reported_as_a_store_that_cannot_be_o
     from sqlalchemy.exc import OperationalError
 
     from alembic import command
-    from store.db import StoreUnavailable, alembic_config, upgrade_schema
+    from store.db import alembic_config, upgrade_schema
 
     url = f"sqlite:///{tmp_path / 'loop.db'}"
     config = alembic_config(url)
@@ -64,9 +64,8 @@ def test_an_error_inside_a_migration_is_not_reported_as_a_store_that_cannot_be_o
     with engine.begin() as connection:
         connection.execute(text("alter table label_events add column external_updated_at datetime"))
     engine.dispose()
-    with pytest.raises(OperationalError, match="duplicate column") as raised:
+    with pytest.raises(OperationalError, match="duplicate column"):  # StoreUnavailable is not one: the previous code fails here
         upgrade_schema(url)
-    assert not isinstance(raised.value, StoreUnavailable)
 
 
 def test_a_project_whose_store_is_missing_says_so_instead_of_creating_an_empty_one(tmp_path: Path) -> None:
