@@ -1,6 +1,7 @@
-from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import create_engine, pool
 
+from alembic import context
+from store.db import hold_schema_lock
 from store.models import Base
 
 config = context.config
@@ -17,12 +18,20 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    connectable = engine_from_config(config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool)
-    with connectable.connect() as connection:
-        # render_as_batch: SQLite can only ALTER tables by copying them.
-        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
-        with context.begin_transaction():
+    url = config.get_main_option("sqlalchemy.url")
+    # SQLite: wait for a round's write as the store's engine does, but without its foreign_keys pragma, which batch
+    # mode's table copies would trip
+    engine = create_engine(url, poolclass=pool.NullPool, **({"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}))
+    try:
+        # One transaction of our own for every step (alembic then manages none): it first waits for another process
+        # upgrading this store, so two never both create a table; SQLite's DDL is transactional too.
+        with engine.connect() as connection, connection.begin():
+            hold_schema_lock(connection)
+            # render_as_batch: SQLite can only ALTER tables by copying them.
+            context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
             context.run_migrations()
+    finally:
+        engine.dispose()
 
 
 if context.is_offline_mode():

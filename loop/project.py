@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, select
 
@@ -17,11 +18,15 @@ from store.db import (
     StoreBusy,
     exclusive_store_lock,
     held_lock_file,
+    hold_schema_lock,
     lock_file_held,
     session_scope,
     shown_url,
 )
 from store.queries import one_project_per_store
+
+if TYPE_CHECKING:
+    from store.models import Project
 
 
 class ProjectBusy(RuntimeError):
@@ -72,18 +77,22 @@ def check_store_is_free(root: Path, config: ProjectConfig, *, database_url: str 
     engine = create_db_engine(url)
     try:
         with session_scope(engine) as session:
-            existing = session.scalars(select(Project).order_by(Project.id)).first()
+            _refuse_a_taken_store(session.scalars(select(Project).order_by(Project.id)).first(), url=url, root=root)
     finally:
         engine.dispose()
-    if existing is not None:
-        if url == default_store_url(root):  # this folder's own store, its loop.toml gone
-            raise ConfigError(f"{root / 'loop.db'} already holds project {existing.name!r} (made in {existing.root_dir}) without a "
-                              "loop.toml beside it: restore that loop.toml to go on with it, or move loop.db away to start afresh; "
-                              "no project was created")
-        raise ConfigError(f"the store at {shown_url(url)} already holds project {existing.name!r} (folder {existing.root_dir}): "
-                          "one store holds one project. Give this one its own database (another --database-url or "
-                          "LOOP_DATABASE_URL), or neither for SQLite in the project folder; no project was created")
     return url
+
+
+def _refuse_a_taken_store(existing: Project | None, *, url: str, root: Path) -> None:
+    if existing is None:
+        return
+    if url == default_store_url(root):  # this folder's own store, its loop.toml gone
+        raise ConfigError(f"{root / 'loop.db'} already holds project {existing.name!r} (made in {existing.root_dir}) without a "
+                          "loop.toml beside it: restore that loop.toml to go on with it, or move loop.db away to start afresh; "
+                          "no project was created")
+    raise ConfigError(f"the store at {shown_url(url)} already holds project {existing.name!r} (folder {existing.root_dir}): "
+                      "one store holds one project. Give this one its own database (another --database-url or "
+                      "LOOP_DATABASE_URL), or neither for SQLite in the project folder; no project was created")
 
 
 def create_project_store(root: Path, config: ProjectConfig, *, database_url: str | None = None) -> str:
@@ -95,12 +104,15 @@ def create_project_store(root: Path, config: ProjectConfig, *, database_url: str
 
 
 def add_project_row(url: str, root: Path, config: ProjectConfig) -> None:
-    """The project's row in a store check_store_is_free passed."""
+    """The project's row in a store check_store_is_free passed, checked again in the same transaction, under the lock
+    another `loop init` on the store takes too: both may have passed that check at the same moment."""
     from store.models import Project
 
     engine = create_db_engine(url)
     try:
         with session_scope(engine) as session:
+            hold_schema_lock(session.connection())
+            _refuse_a_taken_store(session.scalars(select(Project).order_by(Project.id)).first(), url=url, root=root)
             session.add(Project(name=config.name, root_dir=str(root), classes=config.classes, negative_class=config.negative_class))
     finally:
         engine.dispose()

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -226,22 +226,46 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 
 
 def upgrade_schema(url: str) -> None:
-    """Run the Alembic migrations up to head on the database at url."""
+    """Run the Alembic migrations up to head on the database at url. A store already at head is only read (every
+    command calls this: it must not queue behind a running round's writes); an upgrade waits for any other process
+    upgrading the same store (hold_schema_lock in alembic/env.py), then finds the work done."""
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     from alembic import command
 
     if not ALEMBIC_DIR.is_dir():
         raise RuntimeError(f"Alembic migrations not found at {ALEMBIC_DIR}; install defect-loop with `pip install -e .`")
+    config = alembic_config(url)
     engine = create_db_engine(url)  # a bad URL or a missing driver, said as such
     try:
-        with engine.connect():  # the first connection of every command: the server down or refusing, said as such
-            pass
+        with engine.connect() as connection:  # the first connection of every command: the server down or refusing, said as such
+            current = set(MigrationContext.configure(connection).get_current_heads())
     except OperationalError as error:
         reason = database_error_reason(error)
         raise StoreUnavailable(f"cannot open the store at {shown_url(url)}: {reason}. Check that the database server runs "
                                "and database_url in loop.toml (or LOOP_DATABASE_URL); nothing was changed") from None
     finally:
         engine.dispose()
-    command.upgrade(alembic_config(url), "head")  # an error in a migration itself is not "cannot open": it stays a traceback
+    if current == set(ScriptDirectory.from_config(config).get_heads()):
+        return
+    command.upgrade(config, "head")  # an error in a migration itself is not "cannot open": it stays a traceback
+
+
+# PostgreSQL advisory lock taken inside a transaction that changes the store's schema or makes its project row
+SCHEMA_LOCK_KEYS = (0x6465666C, 2)
+
+
+def hold_schema_lock(connection: Connection) -> None:
+    """Called first in a transaction of connection: waits for another process's schema upgrade or new project row on
+    the same store to commit, and holds the next one off until this transaction ends, so two commands starting at
+    once (two `loop init`, or a round and `loop serve` after an upgrade of defect-loop) do not both create the
+    tables or both add a project. PostgreSQL: a transaction-level advisory lock. SQLite: BEGIN IMMEDIATE, its write
+    lock taken before the first read (readers go on: the store is in WAL mode)."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("select pg_advisory_xact_lock(:a, :b)"), {"a": SCHEMA_LOCK_KEYS[0], "b": SCHEMA_LOCK_KEYS[1]})
+    elif connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")  # pysqlite starts no transaction before DDL or a SELECT by itself
 
 
 def alembic_config(url: str):  # noqa: ANN201  (alembic.config.Config, imported here only)

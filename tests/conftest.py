@@ -65,3 +65,34 @@ def new_project(tmp_path: Path):
     result = CliRunner().invoke(app, ["init", str(project_dir), "--classes", "good,scratch,spot,patch", "--negative-class", "good"])
     assert result.exit_code == 0, result.output
     return open_project(project_dir)
+
+
+def _upgrade_after(barrier, url: str, results) -> None:  # noqa: ANN001 - multiprocessing objects
+    from store.db import upgrade_schema
+
+    barrier.wait()
+    try:
+        upgrade_schema(url)
+        results.put("ok")
+    except Exception as error:  # noqa: BLE001 - the test shows what went wrong
+        results.put(f"{type(error).__name__}: {str(error).splitlines()[0]}")
+
+
+@pytest.fixture
+def upgrade_at_once():
+    """upgrade_at_once(url, n) -> what each of n processes got from upgrade_schema(url) when all started at one moment
+    ("ok", or the error): commands opening one store at the same time (forked: the test's modules are loaded)."""
+    import multiprocessing
+
+    def run(url: str, n: int) -> list[str]:
+        context = multiprocessing.get_context("fork")
+        barrier, results = context.Barrier(n), context.Queue()
+        processes = [context.Process(target=_upgrade_after, args=(barrier, url, results)) for _ in range(n)]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=120) for _ in processes]
+        for process in processes:
+            process.join(timeout=30)
+        return sorted(outcomes)
+
+    return run

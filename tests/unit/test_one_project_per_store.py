@@ -80,3 +80,17 @@ def test_a_sqlite_store_shared_by_two_folders_has_one_writer_at_a_time(tmp_path:
     assert "running?" not in while_held  # it runs, from the other folder
     after = " ".join(runner.invoke(app, ["status", "--project", str(tmp_path / "line-a-elsewhere")]).output.split())
     assert "no process holds this project folder or its store" in after
+
+
+def test_two_inits_that_passed_the_free_store_check_at_the_same_moment_add_one_project(tmp_path: Path) -> None:
+    # the check and the row were separate transactions: two `loop init` at once both saw an empty store
+    from loop.config import ConfigError, ProjectConfig
+    from loop.project import add_project_row, check_store_is_free
+
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    configs = {name: ProjectConfig(name=name, classes=["good", "dent"], negative_class="good") for name in ("line-a", "line-b")}
+    for name, config in configs.items():
+        assert check_store_is_free(tmp_path / name, config, database_url=shared) == shared
+    add_project_row(shared, tmp_path / "line-a", configs["line-a"])
+    with pytest.raises(ConfigError, match="already holds project 'line-a'"):
+        add_project_row(shared, tmp_path / "line-b", configs["line-b"])

@@ -69,3 +69,15 @@ def test_the_migrations_build_exactly_the_models_schema(tmp_path: Path) -> None:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     engine.dispose()
     assert differences == []
+
+
+def test_commands_opening_a_new_store_at_the_same_moment_upgrade_it_once_without_errors(tmp_path: Path, upgrade_at_once) -> None:  # noqa: ANN001
+    # two `loop init` on one database_url, or a round and `loop serve` after an upgrade of defect-loop: without the
+    # schema lock each created the tables ("table alembic_version already exists") or stepped one revision twice
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    assert upgrade_at_once(url, 4) == ["ok"] * 4
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        assert connection.execute(text("select version_num from alembic_version")).scalars().all() == ["0004"]
+    assert {"projects", "images", "rounds", "label_events"} <= set(inspect(engine).get_table_names())
+    engine.dispose()

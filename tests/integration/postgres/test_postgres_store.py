@@ -55,6 +55,17 @@ def test_the_migrations_build_exactly_the_models_schema_on_postgres_and_step_dow
     engine.dispose()
 
 
+def test_commands_opening_a_new_postgres_store_at_the_same_moment_upgrade_it_once(postgres, upgrade_at_once) -> None:  # noqa: ANN001
+    # two `loop init` on a never-migrated database: one created the tables, the others failed with a traceback
+    # (UniqueViolation on pg_type); now they wait on an advisory lock and find the schema at head
+    url = postgres.new_database()
+    assert upgrade_at_once(url, 4) == ["ok"] * 4
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        assert connection.execute(text("select version_num from alembic_version")).scalars().all() == ["0004"]
+    engine.dispose()
+
+
 def test_rounds_status_and_api_on_a_postgres_store(postgres, tmp_path: Path, oracle_manifests: tuple[Path, Path]) -> None:  # noqa: ANN001
     from fastapi.testclient import TestClient
 
