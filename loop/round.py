@@ -58,7 +58,7 @@ from modeling.selection import select_batch
 from modeling.transfer import find_model_checkpoint, load_init_checkpoint, save_model_checkpoint
 from modeling.training import TrainedClassifier, TrainingData, available_training_strategies, head_fit_predict, train_classifier
 from store import session_scope
-from store.db import shown_url
+from store.db import confirm_store_lock, shown_url
 from store.models import AnnotationTask, GateResult, Image, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round, Selection
 from store.queries import ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number
 
@@ -1543,6 +1543,20 @@ def check_round_options(ctx: ProjectContext, options: RoundOptions) -> None:
             raise RoundFailed(f"the checkpoint this project starts from is damaged: {error} ({origin})") from None
 
 
+def _confirm_store_is_ours(state: RoundState, step_name: str) -> None:
+    """Before each step: the store's lock is still this round's (a PostgreSQL server restart drops it; it is taken
+    again when free), and no other round started meanwhile: one would have marked this one interrupted."""
+    if confirm_store_lock(state.ctx.engine):
+        state.console.print("[yellow]warning:[/] the store's lock was lost with its connection (a server restart or an idle "
+                            "timeout) and has been taken again")
+        state.details.setdefault("store_lock_retaken_before", []).append(step_name)
+    with session_scope(state.ctx.engine) as session:
+        status = session.get(Round, state.round_id).status
+    if status != "running":
+        raise RoundFailed(f"another round started while this one had lost its lock on the store, and marked this one {status}: "
+                          "stopped here so that the two do not write at once")
+
+
 def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, console: Console | None = None) -> RoundOutcome:
     options = options or RoundOptions()
     console = console or Console()
@@ -1563,6 +1577,7 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
             step_name = step.__name__
             if state.cold_start and step in MODEL_STEPS:
                 continue
+            _confirm_store_is_ours(state, step_name)
             started = time.perf_counter()
             step(state)
             state.timings_s[step_name] = time.perf_counter() - started

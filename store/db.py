@@ -128,7 +128,7 @@ def exclusive_store_lock(engine: Engine) -> Iterator[None]:
     advisory lock on a connection kept open meanwhile (released when it closes, so a killed process never leaves it
     behind). SQLite: an flock on a file beside the database file (the kernel releases it with the process), which
     guards a loop.db shared by several folders through database_url; the usual loop.db in its own folder gets it
-    too, beside the folder's lock."""
+    too, beside the folder's lock. A long command calls confirm_store_lock between its steps."""
     lock_path = _sqlite_lock_path(engine)
     if lock_path is not None:
         with ExitStack() as stack:
@@ -142,20 +142,70 @@ def exclusive_store_lock(engine: Engine) -> Iterator[None]:
     if engine.dialect.name != "postgresql":
         yield
         return
-    with engine.connect() as connection:
+    connection = engine.connect()
+    holder: list[Connection | None] = [connection]  # confirm_store_lock swaps in the connection that took it again
+    try:
         got = connection.execute(text("select pg_try_advisory_lock(:a, :b)"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]}).scalar()
         connection.commit()
         if not got:
             raise StoreBusy(f"the store at {shown_url(engine.url.render_as_string(hide_password=False))} is busy: another loop round or "
                             "ingest writes to it now, from another project folder or machine. Wait for it to finish (nothing was changed).")
+        _held_store_locks[id(engine)] = holder
         try:
             yield
         finally:
-            try:
-                connection.execute(text("select pg_advisory_unlock(:a, :b)"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]})
-                connection.commit()
-            except DBAPIError:  # the connection dropped (server restart, idle timeout): its lock went with it
-                connection.invalidate()
+            _held_store_locks.pop(id(engine), None)
+            if holder[0] is not None:  # None: lost, and not taken again
+                try:
+                    holder[0].execute(text("select pg_advisory_unlock(:a, :b)"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]})
+                    holder[0].commit()
+                except DBAPIError:  # the connection dropped (server restart, idle timeout): its lock went with it
+                    holder[0].invalidate()
+                holder[0].close()
+    finally:
+        connection.close()  # a no-op when it was the holder
+
+
+# engine id -> [the connection holding its PostgreSQL store lock], while exclusive_store_lock's block runs
+_held_store_locks: dict[int, list[Connection | None]] = {}
+
+
+def confirm_store_lock(engine: Engine) -> bool:
+    """Inside exclusive_store_lock (PostgreSQL): whether the lock had to be taken again. A server restart or an idle-
+    session timeout drops the lock's connection and the lock with it, and another folder could start a round; a
+    round calls this between its steps. Lost and free: taken again on a new connection (True). Lost and held by
+    another process: StoreBusy, so the two do not interleave their writes. False: still held, or nothing to confirm
+    (SQLite's flock cannot be lost; no lock taken in this process)."""
+    holder = _held_store_locks.get(id(engine))
+    if holder is None:
+        return False
+    keys = {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]}
+    if holder[0] is not None:  # None: lost before, and held by another then
+        try:
+            held = holder[0].execute(text(
+                "select count(*) from pg_locks where locktype = 'advisory' and granted and pid = pg_backend_pid() "
+                "and classid = :a and objid = :b and objsubid = 2"), keys).scalar()
+            holder[0].commit()
+            if held:
+                return False
+        except DBAPIError:
+            holder[0].invalidate()
+        holder[0].close()
+        holder[0] = None
+    connection = engine.connect()  # the store itself gone: the round's next step would fail the same way
+    try:
+        got = connection.execute(text("select pg_try_advisory_lock(:a, :b)"), keys).scalar()
+        connection.commit()
+    except BaseException:
+        connection.close()
+        raise
+    if not got:
+        connection.close()
+        raise StoreBusy(f"lost the lock on the store at {shown_url(engine.url.render_as_string(hide_password=False))} (its connection "
+                        "was dropped: a server restart or an idle-session timeout), and another loop round or ingest holds it now: "
+                        "stopped here so that the two do not write at once")
+    holder[0] = connection
+    return True
 
 
 def store_lock_held(engine: Engine) -> bool | None:

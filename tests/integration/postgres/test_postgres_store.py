@@ -175,3 +175,54 @@ def test_the_store_lock_is_per_database_and_a_dropped_lock_connection_does_not_f
     finally:
         engine.dispose()
         other.dispose()
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "lock-taken", "round-ran"])
+def test_a_round_whose_store_lock_connection_was_dropped_takes_the_lock_again_or_stops(
+        postgres, tmp_path: Path, oracle_manifests: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, meanwhile: str) -> None:  # noqa: ANN001
+    # A server restart or an idle-session timeout drops the lock's connection mid-round, and the lock with it: another
+    # folder could start a round meanwhile. Checked before each step: taken again when free, else the round stops.
+    import loop.round as round_module
+    from store.db import STORE_LOCK_KEYS, create_db_engine, store_lock_held
+
+    url = postgres.new_database()
+    truth, manifest = oracle_manifests
+    project = tmp_path / "project"
+    invoke("init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good", "--annotator", "oracle",
+           "--oracle-manifest", str(truth), "--budget", "5", "--image-size", "64", "--database-url", url)
+    invoke("ingest", str(manifest), "--project", str(project), "--quiet")
+    other = create_db_engine(url)
+    other_holder = other.connect()
+
+    def embed_then_lose_the_lock(state) -> None:  # noqa: ANN001
+        round_module.embed_images(state)
+        other_holder.execute(text("select pg_terminate_backend(pid) from pg_locks where locktype = 'advisory' and granted "
+                                  "and classid = :a and objid = :b"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]})
+        if meanwhile == "lock-taken":  # another folder's round starts in the gap
+            assert other_holder.execute(text("select pg_try_advisory_lock(:a, :b)"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]}).scalar()
+        elif meanwhile == "round-ran":  # and ran to its end in the gap: at its start it marked this one interrupted
+            other_holder.execute(text("update rounds set status = 'failed', error = 'interrupted'"))
+        other_holder.commit()
+
+    steps = [embed_then_lose_the_lock if step is round_module.embed_images else step for step in round_module.ROUND_STEPS]
+    monkeypatch.setattr(round_module, "ROUND_STEPS", steps)
+    try:
+        result = runner.invoke(app, ["round", "--project", str(project), "--quiet"])
+        ctx = open_project(project)
+        with session_scope(ctx.engine) as session:
+            (round_row,) = session.scalars(select(Round)).all()
+            status, error, details = round_row.status, round_row.error, round_row.details
+        if meanwhile == "lock-taken":
+            assert result.exit_code == 2, result.output
+            assert "lost the lock on the store" in " ".join(result.output.split())
+            assert status == "failed" and "step find_near_copies" in error and "another loop round or ingest holds it now" in error
+        elif meanwhile == "round-ran":
+            assert result.exit_code == 2, result.output
+            assert status == "failed" and "another round started while this one had lost its lock" in error
+        else:
+            assert result.exit_code == 0, result.output
+            assert status == "completed" and details["store_lock_retaken_before"] == ["find_near_copies"]
+            assert store_lock_held(ctx.engine) is False  # the lock taken again was released at the end
+    finally:
+        other_holder.close()
+        other.dispose()
