@@ -177,7 +177,7 @@ def ingest(
     relabeled = [f"{n} {what}" for n, what in ((report.n_labels_changed, "labels changed"), (report.n_labels_added, "labels added")) if n]
     console.print(f"[green]ingested[/] {report.n_files} files ({report.layout} layout): {report.n_new_images - report.n_quarantined} new images, "
                   f"{report.n_duplicates} byte-identical duplicates merged, {report.n_already_known} already known"
-                  + (f" ({', '.join(relabeled)})" if relabeled else "") + f", {report.n_quarantined} quarantined")
+                  + (f" ({', '.join(relabeled)})" if relabeled else "") + f", {report.n_quarantined + report.n_quarantined_copies} quarantined")
     if report.split_counts:
         console.print("splits: " + ", ".join(f"{k} {v}" for k, v in sorted(report.split_counts.items())))
     for path, reason in report.quarantined[:20]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image as PILImage
@@ -15,12 +17,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from loop.project import ProjectContext
+from modeling.preprocessing import pixel_depth
 from modeling.progress import progress_bar
 from store import session_scope
 from store.models import Image, IngestBatch, LabelEvent
 from store.queries import get_project, resolve_label
 
 MAX_PART_LENGTH = 200  # store.models.Image.part
+# loop round's reasons for an image whose file went away or changed: its bytes found at another path bring it back
+MOVED_OR_CHANGED = ("file missing at ", "file changed on disk since ingest")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 MVTEC_GOOD = "good"
 
@@ -43,7 +48,8 @@ class IngestReport:
     n_new_images: int = 0
     n_duplicates: int = 0
     n_already_known: int = 0
-    n_quarantined: int = 0
+    n_quarantined: int = 0  # new images that do not decode
+    n_quarantined_copies: int = 0  # files with a quarantined image's bytes (its own file again, empty files, copies of a broken one)
     n_labels_changed: int = 0  # already-known images this ingest gives another label than their imported one
     n_labels_added: int = 0  # already-known unlabeled images this ingest labels
     split_counts: dict[str, int] = field(default_factory=dict)
@@ -103,8 +109,63 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def _images_below(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if is_image_file(p))
+# Left out without a word, like hidden files: what file managers and macOS's zip leave beside photos
+SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
+SYSTEM_FOLDERS = {"__macosx"}
+
+
+class SkippedFiles:
+    """What discovery left out and why, for one note: silently dropped files made a short count look like a bug."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = defaultdict(list)
+
+    def add(self, reason: str, path: Path) -> None:
+        self.counts[reason] += 1
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(os.fsencode(path).decode("utf-8", "backslashreplace"))  # a Latin-1 byte shows as \xfc
+
+    def note(self) -> str | None:
+        if not self.counts:
+            return None
+        listed = "; ".join(f"{n} {reason} (e.g. {', '.join(self.examples[reason])})" for reason, n in self.counts.most_common())
+        return f"skipped {sum(self.counts.values())} files: {listed}"
+
+
+def _utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # a name in another encoding (e.g. Latin-1 from a Windows share): the store keeps text
+        return False
+    return True
+
+
+def _images_below(folder: Path, skipped: SkippedFiles) -> list[Path]:
+    """Image files under folder, linked folders followed (each real folder once: a link loop ends). Hidden files and
+    folders (.thumbnails/, .DS_Store, macOS's ._ copies) and system files are left out; so is, counted in skipped
+    with the reason, anything else that cannot be an image here."""
+    found, seen_folders = [], set()
+    for current, folders, files in os.walk(folder, followlinks=True):
+        identity = os.stat(current)
+        if (identity.st_dev, identity.st_ino) in seen_folders:
+            folders[:] = []
+            continue
+        seen_folders.add((identity.st_dev, identity.st_ino))
+        folders[:] = sorted(d for d in folders if not d.startswith(".") and d.lower() not in SYSTEM_FOLDERS)
+        for name in sorted(files):
+            path = Path(current) / name
+            if name.startswith(".") or name.lower() in SYSTEM_FILES:
+                continue
+            if not path.exists():
+                skipped.add("broken links", path)
+            elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.add(f"not an image type ({path.suffix.lower() or 'no extension'})", path)
+            elif not _utf8(path):
+                skipped.add("names not in UTF-8 (rename them)", path)
+            else:
+                found.append(path)
+    return sorted(found)
 
 
 def discover_source(source: Path, *, unlabeled: bool) -> tuple[str, list[SourceFile], list[str]]:
@@ -115,24 +176,30 @@ def discover_source(source: Path, *, unlabeled: bool) -> tuple[str, list[SourceF
         if source.suffix.lower() != ".csv":
             raise IngestError(f"{source} is a file but not a CSV manifest (path,label)")
         return "manifest", _read_manifest(source, unlabeled=unlabeled), []
+    skipped = SkippedFiles()
     if unlabeled:
-        files = [SourceFile(p, None) for p in _images_below(source)]
-        return "unlabeled", _nonempty(files, source), []
-    if (source / "train" / MVTEC_GOOD).is_dir() and (source / "test").is_dir():
-        files = [SourceFile(p, MVTEC_GOOD) for p in _images_below(source / "train" / MVTEC_GOOD)]
+        layout, files, notes = "unlabeled", [SourceFile(p, None) for p in _images_below(source, skipped)], []
+    elif (source / "train" / MVTEC_GOOD).is_dir() and (source / "test").is_dir():
+        files = [SourceFile(p, MVTEC_GOOD) for p in _images_below(source / "train" / MVTEC_GOOD, skipped)]
         for class_dir in sorted(d for d in (source / "test").iterdir() if d.is_dir()):
-            files += [SourceFile(p, class_dir.name) for p in _images_below(class_dir)]
-        note = ("MVTec AD layout: its train/ folder holds only good parts, so train/ and test/ are pooled and "
-                "defect-loop draws its own stratified split (ground_truth/ masks are not used)")
-        return "mvtec", _nonempty(files, source), [note]
-    class_dirs = sorted(d for d in source.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = [SourceFile(p, d.name) for d in class_dirs for p in _images_below(d)]
-    loose = [p for p in source.iterdir() if is_image_file(p)]
-    if loose and files:
-        raise IngestError(f"{source} mixes class folders with {len(loose)} loose images; move them into a class folder or ingest with --unlabeled")
-    if loose:
-        raise IngestError(f"{source} holds images but no class folders: ingest it with --unlabeled, or give a CSV manifest (path,label)")
-    return "folders", _nonempty(files, source), []
+            files += [SourceFile(p, class_dir.name) for p in _images_below(class_dir, skipped)]
+        notes = ["MVTec AD layout: its train/ folder holds only good parts, so train/ and test/ are pooled and "
+                 "defect-loop draws its own stratified split (ground_truth/ masks are not used)"]
+        layout = "mvtec"
+    else:
+        class_dirs = sorted(d for d in source.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name.lower() not in SYSTEM_FOLDERS)
+        files = [SourceFile(p, d.name) for d in class_dirs for p in _images_below(d, skipped)]
+        loose = [p for p in source.iterdir() if is_image_file(p)]
+        if loose and files:
+            raise IngestError(f"{source} mixes class folders with {len(loose)} loose images; move them into a class folder or ingest with --unlabeled")
+        if loose:
+            raise IngestError(f"{source} holds images but no class folders: ingest it with --unlabeled, or give a CSV manifest (path,label)")
+        layout, notes = "folders", []
+    if skipped.note():
+        notes.append(skipped.note())
+    if not files and skipped.counts:
+        raise IngestError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {source}: {skipped.note()}")
+    return layout, _nonempty(files, source), notes
 
 
 def _nonempty(files: list[SourceFile], source: Path) -> list[SourceFile]:
@@ -166,8 +233,18 @@ def _read_manifest(manifest: Path, *, unlabeled: bool) -> list[SourceFile]:
     return _nonempty(files, manifest)
 
 
-def inspect_file(path: Path) -> tuple[str, int, int, int | None, int | None, str | None]:
-    """(sha256, size, mtime_ns, width, height, quarantine reason or None)."""
+class FileCheck(NamedTuple):
+    sha256: str
+    size_bytes: int
+    mtime_ns: int
+    width: int | None  # as shown: EXIF orientation applied
+    height: int | None
+    reason: str | None  # why it is quarantined; None: it decodes
+    pixel_depth: str | None = None  # how more than 8 bits a channel are brought to 8 (modeling.preprocessing.pixel_depth)
+    n_frames: int = 1  # pages of a TIFF, frames of an animation: the first is used
+
+
+def inspect_file(path: Path) -> FileCheck:
     data = path.read_bytes()
     stat = path.stat()
     sha = hashlib.sha256(data).hexdigest()
@@ -175,11 +252,16 @@ def inspect_file(path: Path) -> tuple[str, int, int, int | None, int | None, str
         with PILImage.open(path) as image:
             image.load()  # decodes every pixel: a truncated file fails here, not in the middle of a round
             width, height = image.size
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # turned a quarter by its EXIF orientation
+                width, height = height, width
+            depth, n_frames = pixel_depth(image), int(getattr(image, "n_frames", 1))
+    except PILImage.DecompressionBombError as error:  # neither OSError nor ValueError
+        return FileCheck(sha, stat.st_size, stat.st_mtime_ns, None, None, f"too many pixels to decode safely: {error}")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        return sha, stat.st_size, stat.st_mtime_ns, None, None, f"cannot decode: {type(error).__name__}: {error}"
+        return FileCheck(sha, stat.st_size, stat.st_mtime_ns, None, None, f"cannot decode: {type(error).__name__}: {error}")
     if width < 8 or height < 8:
-        return sha, stat.st_size, stat.st_mtime_ns, width, height, f"too small ({width}x{height})"
-    return sha, stat.st_size, stat.st_mtime_ns, width, height, None
+        return FileCheck(sha, stat.st_size, stat.st_mtime_ns, width, height, f"too small ({width}x{height})")
+    return FileCheck(sha, stat.st_size, stat.st_mtime_ns, width, height, None, depth, n_frames)
 
 
 def assign_splits(labels_by_key: dict[str, str], *, test_fraction: float, validation_fraction: float, seed: int,
@@ -292,7 +374,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         raise IngestError(f"unknown classes in {source}: {listed}. The project's classes are {sorted(classes)}; "
                           "add them to loop.toml `classes` or fix the labels. Nothing was stored.")
     report = IngestReport(layout=layout, n_files=len(files), notes=list(notes))
-    inspected: list[tuple[SourceFile, tuple]] = []
+    inspected: list[tuple[SourceFile, FileCheck]] = []
     with progress_bar(f"checking {len(files)} files", total=len(files), enabled=show_progress) as advance:
         for file in files:
             inspected.append((file, inspect_file(file.path)))
@@ -309,11 +391,25 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         new_images: dict[str, Image] = {}
         new_labels: dict[str, str] = {}
         label_for_known: list[tuple[Image, str, str]] = []
-        for file, (sha, size, mtime_ns, width, height, reason) in inspected:
+        depths: Counter[str] = Counter()
+        multi_frame: list[str] = []
+        found_again: list[str] = []
+        for file, (sha, size, mtime_ns, width, height, reason, depth, n_frames) in inspected:
             existing = known.get(sha) or new_images.get(sha)
+            if existing is not None and existing.status == "quarantined" and reason is None and sha in known \
+                    and (existing.status_reason or "").startswith(MOVED_OR_CHANGED):
+                # its very bytes, found again at another path (a moved folder): back in the pool with its labels
+                found_again.append(f"{existing.path} -> {file.path}")
+                existing.path, existing.status, existing.status_reason = str(file.path), "ok", None
+                existing.size_bytes, existing.mtime_ns = size, mtime_ns
             if existing is not None:
                 if str(file.path) != existing.path and str(file.path) not in existing.duplicate_paths:
                     existing.duplicate_paths = [*existing.duplicate_paths, str(file.path)]
+                if existing.status == "quarantined":  # the same broken bytes (e.g. empty files): broken too, and said so
+                    report.n_quarantined_copies += 1
+                    copy_of = "" if str(file.path) == existing.path else f"the same bytes as {existing.path}: "
+                    report.quarantined.append((str(file.path), f"{copy_of}{existing.status_reason}"))
+                    continue
                 if file.part and existing.part is None:
                     existing.part = file.part  # e.g. an older project's photos, ingested again with a part column
                 elif file.part and existing.part != file.part:
@@ -334,12 +430,24 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                 split="pool", ingest_batch_id=batch.id, part=file.part,
             )
             new_images[sha] = image
+            if depth is not None:
+                depths[depth] += 1
+            if n_frames > 1:
+                multi_frame.append(f"{file.path} ({n_frames})")
             if reason is not None:
                 report.n_quarantined += 1
                 report.quarantined.append((str(file.path), reason))
             elif file.label is not None:
                 new_labels[sha] = file.label
 
+        if depths:
+            report.notes.append(f"{sum(depths.values())} images have more than 8 bits a channel; every model path (and the thumbnails) "
+                                "sees them scaled to 8 bits: " + "; ".join(f"{n} with {how}" for how, n in depths.most_common()))
+        if multi_frame:
+            report.notes.append(f"{len(multi_frame)} files hold several pages or frames; only the first is used: {_listed(multi_frame)}")
+        if found_again:
+            report.notes.append(f"{len(found_again)} images quarantined as moved or changed were found at new paths, with the same "
+                                f"content, and are back with their labels: {_listed(found_again)}")
         session.flush()  # parts just given to stored photos count as placed below
         label_for_known = _label_changes(session, label_for_known, report)
         known_part_splits = part_splits(session, project.id)

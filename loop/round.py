@@ -201,7 +201,7 @@ def check_image_files(state: RoundState) -> None:
                 stat = path.stat()
                 if (stat.st_size, stat.st_mtime_ns) == (image.size_bytes, image.mtime_ns):
                     continue
-                sha, size, mtime_ns, _w, _h, reason = inspect_file(path)
+                sha, size, mtime_ns, _w, _h, reason, *_ = inspect_file(path)
                 if sha != image.sha256:
                     image.status, image.status_reason = "quarantined", "file changed on disk since ingest (content hash differs)"
                 elif reason is not None:

@@ -18,7 +18,7 @@ from sklearn.svm import SVC
 
 from modeling.backbones import create_backbone
 from modeling.finetune import FinetuneConfig, FinetunedClassifier, backbone_stage_count, train_finetuned
-from modeling.preprocessing import Preprocessing
+from modeling.preprocessing import Preprocessing, to_rgb
 from modeling.training import TrainingData
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ class HandcraftedFeatureConfig:
 
 def _greyscale(path: str, size: int) -> np.ndarray:
     with Image.open(path) as image:
-        return np.asarray(image.convert("L").resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0
+        return np.asarray(to_rgb(image).convert("L").resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0
 
 
 def handcrafted_features_of_image(grey: np.ndarray, config: HandcraftedFeatureConfig = HandcraftedFeatureConfig()) -> np.ndarray:

@@ -38,7 +38,7 @@ from modeling.augmentation import build_augmentation, resolve_augmentation_names
 from modeling.backbones import Backbone
 from modeling.embeddings import EmbeddingExtractor, MultiLayerPooling, embedding_model_key, multilayer_pool
 from modeling.onnx_export import export_onnx, open_session
-from modeling.preprocessing import Preprocessing, load_image_array
+from modeling.preprocessing import Preprocessing, load_image_array, to_rgb
 from modeling.progress import progress_bar
 from modeling.training import TrainingData, fit_linear_head, register_training_options, register_training_strategy, train_classifier
 
@@ -417,7 +417,7 @@ def _uint8_image(path: str, size: int) -> np.ndarray:
     cached = FEATURE_MAP_CACHE.get(key)
     if cached is None:
         with Image.open(path) as image:  # the same decode and resize as modeling.preprocessing, before normalisation
-            cached = np.ascontiguousarray(np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1))
+            cached = np.ascontiguousarray(np.asarray(to_rgb(image).resize((size, size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1))
         FEATURE_MAP_CACHE.put(key, cached)
     return cached
 

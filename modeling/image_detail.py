@@ -30,8 +30,10 @@ def detail_thumbnail(path: str | Path) -> np.ndarray:
     from PIL import Image, ImageOps
     from scipy.ndimage import gaussian_filter
 
+    from modeling.preprocessing import to_rgb
+
     with Image.open(path) as image:
-        pixels = np.asarray(ImageOps.equalize(image.convert("L")).resize((DETAIL_SIZE, DETAIL_SIZE), Image.BILINEAR), dtype=np.float32)
+        pixels = np.asarray(ImageOps.equalize(to_rgb(image).convert("L")).resize((DETAIL_SIZE, DETAIL_SIZE), Image.BILINEAR), dtype=np.float32)
     return pixels - gaussian_filter(pixels, DETAIL_BLUR_SIGMA)
 
 

@@ -32,13 +32,15 @@ class ImageRejected(ValueError):
 
 
 def decode_image(data: bytes, *, filename: str | None) -> PILImage.Image:
+    from modeling.preprocessing import to_rgb  # decoded as every model path decodes an image (numpy and PIL only)
+
     name = filename or "upload"
     if not data:
         raise ImageRejected(f"{name!r} is empty")
     try:
         with PILImage.open(io.BytesIO(data)) as opened:
             opened.load()  # decode fully now: a truncated file fails here, with its reason
-            return opened.convert("RGB")
+            return to_rgb(opened)  # EXIF orientation applied, 16-bit and float pixels scaled to 8 bits
     except UnidentifiedImageError:
         raise ImageRejected(f"{name!r} is not an image PIL can read (unknown format)") from None
     except PILImage.DecompressionBombError as exc:

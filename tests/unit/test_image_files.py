@@ -1,0 +1,161 @@
+"""Image files as factories write them: 16-bit and float pixels, EXIF orientation, several pages, and the files a
+folder holds besides photos (broken links, hidden folders, names in another encoding, empty copies, pixel bombs)."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from loop.cli import app
+from loop.ingest import ingest_source
+from loop.synthetic_images import synthetic_image
+from modeling.image_detail import detail_thumbnail
+from modeling.preprocessing import Preprocessing, load_image_array, pixel_depth, to_rgb
+from store import session_scope
+from store.models import Image
+
+runner = CliRunner()
+PREPROCESSING = Preprocessing(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def picture(seed: int = 3) -> np.ndarray:
+    """An 8-bit greyscale part photo with a defect, as uint8, over the full range (a highlight at 255)."""
+    pixels = np.array(synthetic_image("scratch", rng=np.random.default_rng(seed), size=64))
+    pixels[0, 0] = 255
+    return pixels
+
+
+@pytest.mark.parametrize("kind", ["12-bit in 16", "16-bit", "float 0..1", "float stretched"])
+def test_wide_pixels_reach_every_model_path_as_the_8_bit_picture(tmp_path: Path, kind: str) -> None:
+    # PIL's convert clipped them: a 12-bit camera's frames came out white and float frames black, so the model saw
+    # blank images and collapsed
+    eight = picture()
+    if kind == "12-bit in 16":
+        wide, expected = PILImage.fromarray((eight.astype(np.int64) * 4095 // 255).astype(np.uint16)), "12 significant bits (0..4095)"
+    elif kind == "16-bit":
+        wide, expected = PILImage.fromarray(eight.astype(np.uint16) * 257), "16 significant bits (0..65535)"
+    elif kind == "float 0..1":
+        wide, expected = PILImage.fromarray(eight.astype(np.float32) / 255), "32-bit float in 0..1"
+    else:  # e.g. a depth or intensity map in its own units: stretched over its own range
+        stretched = eight.astype(np.float32)
+        stretched = (stretched - stretched.min()) / (stretched.max() - stretched.min())
+        eight = np.round(stretched * 255).astype(np.uint8)
+        wide, expected = PILImage.fromarray(stretched * 40.0 - 7.0), "32-bit float, stretched over -7..33"
+    path = tmp_path / ("wide.tif" if wide.mode == "F" else "wide.png")
+    wide.save(path)
+    PILImage.fromarray(eight).save(tmp_path / "eight.png")
+    with PILImage.open(path) as opened:
+        assert pixel_depth(opened) == expected
+        assert np.abs(np.asarray(to_rgb(opened), dtype=int) - np.asarray(PILImage.fromarray(eight).convert("RGB"), dtype=int)).max() <= 1
+    assert np.abs(load_image_array(path, PREPROCESSING) - load_image_array(tmp_path / "eight.png", PREPROCESSING)).max() <= 2 / 255 / 0.5 + 1e-6
+    assert np.abs(detail_thumbnail(path) - detail_thumbnail(tmp_path / "eight.png")).max() < 3
+
+
+def test_exif_orientation_is_applied_as_annotators_see_the_photo(tmp_path: Path) -> None:
+    upright = PILImage.fromarray(picture()[:, :40]).convert("RGB")  # 40 wide, 64 high
+    stored = upright.transpose(PILImage.Transpose.ROTATE_90)  # as the camera wrote it: 64 wide, 40 high
+    exif = PILImage.Exif()
+    exif[0x0112] = 6  # "turn 90° clockwise to show"
+    stored.save(tmp_path / "tagged.jpg", exif=exif, quality=100)
+    upright.save(tmp_path / "upright.jpg", quality=100)
+    with PILImage.open(tmp_path / "tagged.jpg") as tagged, PILImage.open(tmp_path / "upright.jpg") as plain:
+        assert to_rgb(tagged).size == (40, 64)
+        assert np.abs(np.asarray(to_rgb(tagged), dtype=int) - np.asarray(to_rgb(plain), dtype=int)).mean() < 3
+    assert np.abs(load_image_array(tmp_path / "tagged.jpg", PREPROCESSING) - load_image_array(tmp_path / "upright.jpg", PREPROCESSING)).mean() < 0.05
+
+
+def test_predict_decodes_an_upload_as_the_model_paths_do(tmp_path: Path) -> None:
+    from api.routes.predict import decode_image
+
+    buffer = io.BytesIO()
+    PILImage.fromarray((picture().astype(np.uint16) * 16)).save(buffer, format="PNG")
+    decoded = decode_image(buffer.getvalue(), filename="frame.png")
+    assert decoded.mode == "RGB" and np.asarray(decoded).max() > 200  # clipped before: every pixel 255
+
+
+def rows(ctx) -> list[Image]:  # noqa: ANN001
+    with session_scope(ctx.engine) as session:
+        return session.scalars(select(Image).order_by(Image.id)).all()
+
+
+def test_what_a_folder_holds_besides_photos_is_left_out_and_counted(new_project, class_folders: Path, tmp_path: Path) -> None:
+    spot = class_folders / "spot"
+    (spot / ".thumbnails").mkdir()
+    shutil.copy(class_folders / "scratch" / "scratch_0000.png", spot / ".thumbnails" / "scratch_0000.png")  # a viewer's cache
+    (spot / "Thumbs.db").write_bytes(b"\0" * 64)
+    PILImage.open(spot / "spot_0000.png").save(spot / "animated.gif")
+    (spot / "notes.txt").write_text("shift 2")
+    os.symlink(tmp_path / "nowhere.png", spot / "dangling.png")
+    latin1 = os.fsencode(spot) + b"/Pr\xfcfteil.png"  # a Windows share's Latin-1 name: not text the store can keep
+    shutil.copy(spot / "spot_0001.png", latin1)
+    extra = tmp_path / "camera2"
+    extra.mkdir()
+    synthetic_image("spot", rng=np.random.default_rng(77), size=64).save(extra / "linked.png")
+    os.symlink(extra, spot / "camera2")  # a linked folder is followed
+    os.symlink(spot, extra / "back")  # and a link loop ends
+
+    report = ingest_source(new_project, class_folders, show_progress=False)
+    assert report.n_files == report.n_new_images == 71  # 70 + the linked folder's one, once
+    (skipped,) = [note for note in report.notes if note.startswith("skipped")]
+    assert skipped.startswith("skipped 4 files:")
+    for reason in ("1 not an image type (.gif)", "1 not an image type (.txt)", "1 broken links", "1 names not in UTF-8 (rename them)"):
+        assert reason in skipped
+    assert "spot/Pr\\xfcfteil.png" in skipped
+    stored = [Path(r.path) for r in rows(new_project)]
+    assert not any(".thumbnails" in p.parts for p in stored)  # it held a scratch photo under spot/
+    assert any(p.name == "linked.png" for p in stored)
+
+
+def test_broken_files_and_their_copies_are_all_quarantined_and_a_pixel_bomb_is_one_of_them(
+        new_project, class_folders: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10_000)  # PIL's guard, scaled down: 64 px photos pass, 200 px is a bomb
+    for name in ("empty1.png", "empty2.png", "empty3.jpg"):
+        (class_folders / "good" / name).write_bytes(b"")
+    PILImage.new("L", (200, 200)).save(class_folders / "spot" / "bomb.png")
+    result = runner.invoke(app, ["ingest", str(class_folders), "--project", str(new_project.root)])
+    assert result.exit_code == 0, result.output  # a traceback before, and nothing ingested
+    assert "74 files (folders layout): 70 new images, 0 byte-identical duplicates merged, 0 already known, 4 quarantined" in " ".join(result.output.split())
+    quarantined = {Path(r.path).name: r.status_reason for r in rows(new_project) if r.status == "quarantined"}
+    assert set(quarantined) == {"empty1.png", "bomb.png"} and quarantined["bomb.png"].startswith("too many pixels to decode safely")
+    again = ingest_source(new_project, class_folders, show_progress=False)
+    assert (again.n_already_known, again.n_quarantined, again.n_quarantined_copies) == (70, 0, 4)  # said again, each of them
+    reasons = {Path(path).name: reason for path, reason in again.quarantined}
+    assert sorted(reasons) == ["bomb.png", "empty1.png", "empty2.png", "empty3.jpg"]
+    assert reasons["bomb.png"] == quarantined["bomb.png"] and reasons["empty3.jpg"].startswith(f"the same bytes as {class_folders}/good/empty1.png")
+
+
+def test_a_16_bit_folder_and_a_multipage_tiff_are_noted(new_project, tmp_path: Path) -> None:
+    source = tmp_path / "line3"
+    for kind in ("good", "scratch"):
+        (source / kind).mkdir(parents=True)
+        for i in range(4):
+            pixels = np.asarray(synthetic_image(kind, rng=np.random.default_rng(i), size=64)).astype(np.uint16) * 16
+            PILImage.fromarray(pixels).save(source / kind / f"{kind}_{i}.png")
+    first, second = (PILImage.fromarray(picture(s)) for s in (1, 2))
+    first.save(source / "good" / "stack.tif", save_all=True, append_images=[second])
+    report = ingest_source(new_project, source, show_progress=False)
+    assert report.n_new_images == 9 and report.n_quarantined == 0
+    assert any("8 images have more than 8 bits a channel" in note and "8 with 12 significant bits (0..4095)" in note for note in report.notes)
+    assert any("1 files hold several pages or frames; only the first is used" in note and "stack.tif (2)" in note for note in report.notes)
+
+
+def test_images_quarantined_as_missing_are_found_again_in_a_moved_folder(new_project, class_folders: Path, tmp_path: Path) -> None:
+    ingest_source(new_project, class_folders, show_progress=False)
+    moved = tmp_path / "archive" / "parts"
+    moved.parent.mkdir()
+    shutil.move(class_folders, moved)
+    with session_scope(new_project.engine) as session:  # what loop round's file check records for a missing file
+        for image in session.scalars(select(Image)):
+            image.status, image.status_reason = "quarantined", f"file missing at {image.path} (moved or deleted since ingest)"
+    report = ingest_source(new_project, moved, show_progress=False)
+    assert report.n_new_images == 0 and report.n_already_known == 70
+    assert any(note.startswith("70 images quarantined as moved or changed were found at new paths") for note in report.notes)
+    assert {r.status for r in rows(new_project)} == {"ok"}
+    assert all(r.path.startswith(str(moved)) for r in rows(new_project))
