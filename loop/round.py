@@ -53,7 +53,7 @@ from modeling.neighbor_graph import GRAPH_NEIGHBORS, NeighborGraphCache, nearest
 from modeling.latency import measure_onnx_latency
 from modeling.onnx_export import export_onnx
 from modeling.plots import plot_confusion_matrix, plot_gates_over_rounds, plot_training_curves
-from modeling.preprocessing import Preprocessing
+from modeling.preprocessing import DECODE_VERSION, Preprocessing
 from modeling.selection import select_batch
 from modeling.transfer import find_model_checkpoint, load_init_checkpoint, save_model_checkpoint
 from modeling.training import TrainedClassifier, TrainingData, available_training_strategies, head_fit_predict, train_classifier
@@ -948,7 +948,7 @@ def gate_values_text(values: dict[str, Any]) -> str:
 def _detail_thumbnails(state: RoundState) -> CachedRows:
     """Every image's detail thumbnail, cached per image hash like the embeddings (float16: 32 KB an image)."""
     cache_root = state.options.embedding_cache_dir or state.ctx.cache_dir
-    cache = EmbeddingCache(cache_root / "detail_thumbnails", f"detail-{DETAIL_SIZE}px-sigma{DETAIL_BLUR_SIGMA:g}")
+    cache = EmbeddingCache(cache_root / "detail_thumbnails", f"detail-{DETAIL_SIZE}px-sigma{DETAIL_BLUR_SIGMA:g}-dec{DECODE_VERSION}")
     missing = cache.missing(state.hashes)
     if missing:
         path_by_hash = dict(zip(state.hashes, state.paths))

@@ -105,7 +105,7 @@ class AlignedCorrelation:
         return best
 
 
-CORRELATION_CODE_VERSION = 1  # bump when detail_thumbnail or AlignedCorrelation change in a way the constants don't show
+CORRELATION_CODE_VERSION = 2  # 2: images decoded by modeling.preprocessing.to_rgb; bump when detail_thumbnail or AlignedCorrelation change in a way the constants don't show
 
 
 def correlation_version() -> str:

@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+# Bump when to_rgb decodes some file differently: every cache of what the models saw is keyed by it (2: EXIF orientation
+# applied, 16-bit and float pixels scaled)
+DECODE_VERSION = 2
 # Bit depths a camera's frames use inside a 16- or 32-bit container (Mono10/12/14 often sit right-aligned in 16 bits)
 STANDARD_BIT_DEPTHS = (8, 10, 12, 14, 16)
 
@@ -27,7 +30,7 @@ class Preprocessing:
     @property
     def key(self) -> str:
         values = asdict(self)
-        return f"s{values['image_size']}-m{'_'.join(f'{m:g}' for m in self.mean)}-d{'_'.join(f'{s:g}' for s in self.std)}"
+        return f"dec{DECODE_VERSION}-s{values['image_size']}-m{'_'.join(f'{m:g}' for m in self.mean)}-d{'_'.join(f'{s:g}' for s in self.std)}"
 
 
 def pixel_depth(image: Image.Image) -> str | None:
