@@ -531,6 +531,8 @@ def _pixel_verified_pairs(neighbors: np.ndarray, thumbnails: np.ndarray, *, know
 
     if n * (n - 1) // 2 - len(candidates) <= NULL_PAIRS:
         null_pairs = [(a, b) for a in range(n) for b in range(a + 1, n) if unrelated(a, b)]
+    elif image_keys is not None:
+        null_pairs = stable_random_pairs(image_keys, n_pairs=NULL_PAIRS, seed=seed, keep=unrelated)
     else:
         drawn = rng.integers(0, n, size=(3 * NULL_PAIRS, 2))
         null_pairs = sorted(pair for pair in {(int(min(a, b)), int(max(a, b))) for a, b in drawn if a != b} if unrelated(*pair))
@@ -554,6 +556,33 @@ def _pixel_verified_pairs(neighbors: np.ndarray, thumbnails: np.ndarray, *, know
                "n_candidate_pairs": len(candidates),
                "n_pairs_from_cache": pair_cache.hits - hits_before if pair_cache is not None else 0}
     return best, related, flagged, summary
+
+
+def stable_random_pairs(keys: Sequence[str], *, n_pairs: int, seed: int, keep: Callable[[int, int], bool]) -> list[tuple[int, int]]:
+    """About n_pairs random pairs of positions (a < b) for which keep(a, b), drawn from the images' keys rather than
+    their positions, so the next round, with a few images more, draws nearly the same pairs and a pair cache answers
+    them (drawn by position, every pair changed with any new image: NULL_PAIRS correlations a round, ~3 s). Each image
+    gets a rank from a hash of its key; images in rank order pick, pass after pass, the image that follows a hash of
+    (key, pass) on the rank ring. New images change only the picks that land next to them."""
+    import hashlib
+
+    def rank(text: str) -> int:
+        return int.from_bytes(hashlib.blake2b(f"{seed}|{text}".encode(), digest_size=8).digest(), "big")
+
+    n = len(keys)
+    ranks = np.array([rank(key) for key in keys], dtype=np.uint64)
+    ring = np.argsort(ranks, kind="stable")
+    ring_ranks = ranks[ring]
+    pairs: set[tuple[int, int]] = set()
+    for attempt in range(2 * -(-n_pairs // n) + 6):  # passes: a few picks are not kept (candidates, one part) or repeat
+        for a in ring:
+            if len(pairs) >= n_pairs:
+                return sorted(pairs)
+            target = np.uint64(rank(f"{keys[a]}|{attempt}"))
+            b = int(ring[int(np.searchsorted(ring_ranks, target)) % n])
+            if a != b and keep(min(a, b), max(a, b)):
+                pairs.add((int(min(a, b)), int(max(a, b))))
+    return sorted(pairs)
 
 
 def _correlations(pairs: list[tuple[int, int]], correlate: Callable[[int, int], float], tick: Callable[[int], None]) -> np.ndarray:

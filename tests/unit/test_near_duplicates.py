@@ -165,3 +165,23 @@ def test_pair_cache_answers_known_pairs_by_content_not_position(tmp_path: Path) 
     np.save(tmp_path / "plain.npy", np.zeros(3))
     cache_file.write_bytes((tmp_path / "plain.npy").read_bytes())
     assert len(PairCorrelationCache(cache_file)) == 0
+
+
+def test_the_random_null_pairs_are_drawn_by_image_key_so_a_later_round_takes_them_from_the_cache(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    # drawn by position, every null pair changed when one image was added before the others: NULL_PAIRS new
+    # correlations each round (3000, ~3 s) however few images were new
+    from modeling import label_quality
+    from modeling.image_detail import DETAIL_SIZE, PairCorrelationCache
+
+    monkeypatch.setattr(label_quality, "NULL_PAIRS", 300)  # 60 images: more pairs than the null needs, as in a real project
+    rng = np.random.default_rng(0)
+    thumbnails = rng.normal(size=(61, DETAIL_SIZE * DETAIL_SIZE)).astype(np.float32)
+    embeddings = neighbours_of(61, {}, seed=1)
+    keys = [f"sha-{i}" for i in range(61)]
+    cache = PairCorrelationCache(tmp_path / "pairs.npz")
+    first = find_near_duplicates(embeddings=embeddings[1:], thumbnails=thumbnails[1:], pair_cache=cache, image_keys=keys[1:])
+    assert first.summary["n_null_pairs"] == 300
+    misses = cache.misses
+    second = find_near_duplicates(embeddings=embeddings, thumbnails=thumbnails, pair_cache=cache, image_keys=keys)  # one new, first
+    assert second.summary["n_null_pairs"] == 300
+    assert cache.misses - misses <= 40  # the new image's candidate pairs and the few null pairs that land next to it
