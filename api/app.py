@@ -128,7 +128,7 @@ def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     print(f"  dashboard: {url}/dashboard?token={read_token}")
     print(f"  API docs:  {url}/docs")
     if "api_token" in overrides:
-        print(f"  tokens for this run (set LOOP_API_TOKEN / LOOP_API_READ_TOKEN to choose your own):")
+        print("  tokens for this run (set LOOP_API_TOKEN / LOOP_API_READ_TOKEN to choose your own):")
         print(f"    full access: {effective.api_token.get_secret_value()}")
         print(f"    read-only:   {effective.api_read_token.get_secret_value()}")
     uvicorn.run(app, host=host, port=port, log_level=log_level)

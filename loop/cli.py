@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -411,7 +411,7 @@ def simulate(
     from loop.simulate import simulate as run_simulation
 
     with clear_errors():
-        result = run_simulation(SimulationSettings(
+        run_simulation(SimulationSettings(
             source=source, out=out, strategies=_split_classes(strategies), negative_class=negative_class, seed_labels=seed_labels, budget=budget,
             seeds=seeds, noise=noise, relabel_budget=relabel_budget, max_rounds=max_rounds, image_size=image_size, pooling=pooling, stop_when_gates_pass=not all_rounds,
         ), console=console)
