@@ -245,13 +245,18 @@ def test_reopening_survives_a_deleted_task_a_half_done_reopen_and_repeated_answe
     assert (again.reopened, again.pending) == (0, 0)
 
 
-def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_selection(labelstudio, store, backend) -> None:
+def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_selection(labelstudio, store, backend, monkeypatch) -> None:
     push(backend, store, [store.task(k, predicted="scratch", score=0.6) for k in (4, 5, 6)])
     tasks = task_ids_by_image(store)
     annotate(labelstudio.as_annotator(ANNOTATOR_A), tasks[store.image_ids[4]], "scratch")
     guesses = [store.task(k, reason="open", predicted="spot", score=0.7, round_number=2) for k in (5, 6)]
-    report = push(backend, store, [store.task(7, predicted="good", score=0.9, round_number=2)], round_number=2, open_guesses=guesses)
+    listings = []
+    list_task_data = lsc.list_task_data
+    with monkeypatch.context() as patch:
+        patch.setattr(lsc, "list_task_data", lambda *args, **kwargs: listings.append(kwargs) or list_task_data(*args, **kwargs))
+        report = push(backend, store, [store.task(7, predicted="good", score=0.9, round_number=2)], round_number=2, open_guesses=guesses)
     assert (report.pushed, report.refreshed, report.pending, report.warnings) == (1, 2, 0, [])
+    assert len(listings) == 1  # the project's tasks listed once for a push that imports and refreshes (twice before)
     admin = labelstudio.admin()
     assert admin.projects.get(id=ls_project_id(store)).model_version == "round-2"
     # round 1's guess, just replaced, stays: an annotator may have the task open with it (Label Studio refuses a
