@@ -42,7 +42,7 @@ def run_demo(project_dir: Path, *, n_rounds: int, n_images: int, seed: int, cons
     console.print(f"[bold]3/4[/] loop ingest {manifest}")
     with project_lock(ctx.root, action="loop demo", engine=ctx.engine):
         report = ingest_source(ctx, manifest)
-        console.print(f"    {report.n_new_images - report.n_quarantined} images, {report.n_quarantined} quarantined, splits {report.split_counts}")
+        console.print(f"    {report.n_new_images - report.n_quarantined} images, {report.n_quarantined + report.n_quarantined_copies} quarantined, splits {report.split_counts}")
         for number in range(1, n_rounds + 1):
             console.print(f"[bold]4/4[/] loop round ({number} of {n_rounds})")
             print_round(run_round(ctx, RoundOptions(), console=console))

@@ -133,6 +133,10 @@ class SkippedFiles:
         return f"skipped {sum(self.counts.values())} files: {listed}"
 
 
+def _hidden_or_system(folder: Path) -> bool:
+    return folder.name.startswith(".") or folder.name.lower() in SYSTEM_FOLDERS
+
+
 def _utf8(path: Path) -> bool:
     try:
         str(path).encode("utf-8")
@@ -146,13 +150,17 @@ def _images_below(folder: Path, skipped: SkippedFiles) -> list[Path]:
     folders (.thumbnails/, .DS_Store, macOS's ._ copies) and system files are left out; so is, counted in skipped
     with the reason, anything else that cannot be an image here."""
     found, seen_folders = [], set()
+    inside = os.path.realpath(folder) + os.sep
     for current, folders, files in os.walk(folder, followlinks=True):
         identity = os.stat(current)
         if (identity.st_dev, identity.st_ino) in seen_folders:
             folders[:] = []
             continue
         seen_folders.add((identity.st_dev, identity.st_ino))
-        folders[:] = sorted(d for d in folders if not d.startswith(".") and d.lower() not in SYSTEM_FOLDERS)
+        # a link to a folder inside this one ("latest -> run_0001") is not followed: the images keep their real path,
+        # which a camera's next run does not re-point
+        folders[:] = sorted(d for d in folders if not d.startswith(".") and d.lower() not in SYSTEM_FOLDERS
+                            and not (os.path.islink(os.path.join(current, d)) and os.path.realpath(os.path.join(current, d)).startswith(inside)))
         for name in sorted(files):
             path = Path(current) / name
             if name.startswith(".") or name.lower() in SYSTEM_FILES:
@@ -172,6 +180,9 @@ def discover_source(source: Path, *, unlabeled: bool) -> tuple[str, list[SourceF
     """(layout, files with labels, notes). Layouts: manifest (CSV path,label), mvtec, folders, unlabeled."""
     if not source.exists():
         raise IngestError(f"{source} does not exist")
+    if not _utf8(source):
+        raise IngestError(f"the path {os.fsencode(source).decode('utf-8', 'backslashreplace')} is not in UTF-8 (a name from another "
+                          "system's encoding): rename that folder; nothing was stored")
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise IngestError(f"{source} is a file but not a CSV manifest (path,label)")
@@ -181,13 +192,13 @@ def discover_source(source: Path, *, unlabeled: bool) -> tuple[str, list[SourceF
         layout, files, notes = "unlabeled", [SourceFile(p, None) for p in _images_below(source, skipped)], []
     elif (source / "train" / MVTEC_GOOD).is_dir() and (source / "test").is_dir():
         files = [SourceFile(p, MVTEC_GOOD) for p in _images_below(source / "train" / MVTEC_GOOD, skipped)]
-        for class_dir in sorted(d for d in (source / "test").iterdir() if d.is_dir()):
+        for class_dir in sorted(d for d in (source / "test").iterdir() if d.is_dir() and not _hidden_or_system(d)):
             files += [SourceFile(p, class_dir.name) for p in _images_below(class_dir, skipped)]
         notes = ["MVTec AD layout: its train/ folder holds only good parts, so train/ and test/ are pooled and "
                  "defect-loop draws its own stratified split (ground_truth/ masks are not used)"]
         layout = "mvtec"
     else:
-        class_dirs = sorted(d for d in source.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name.lower() not in SYSTEM_FOLDERS)
+        class_dirs = sorted(d for d in source.iterdir() if d.is_dir() and not _hidden_or_system(d))
         files = [SourceFile(p, d.name) for d in class_dirs for p in _images_below(d, skipped)]
         loose = [p for p in source.iterdir() if is_image_file(p)]
         if loose and files:
@@ -401,6 +412,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                 # its very bytes, found again at another path (a moved folder): back in the pool with its labels
                 found_again.append(f"{existing.path} -> {file.path}")
                 existing.path, existing.status, existing.status_reason = str(file.path), "ok", None
+                existing.duplicate_paths = [other for other in existing.duplicate_paths if other != str(file.path)]
                 existing.size_bytes, existing.mtime_ns = size, mtime_ns
             if existing is not None:
                 if str(file.path) != existing.path and str(file.path) not in existing.duplicate_paths:
@@ -441,8 +453,12 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                 new_labels[sha] = file.label
 
         if depths:
-            report.notes.append(f"{sum(depths.values())} images have more than 8 bits a channel; every model path (and the thumbnails) "
-                                "sees them scaled to 8 bits: " + "; ".join(f"{n} with {how}" for how, n in depths.most_common()))
+            report.notes.append(f"{sum(depths.values())} images are stored with more than 8 bits a channel; every model path (and the "
+                                "thumbnails) sees them brought to 8 bits: " + "; ".join(f"{n} with {how}" for how, n in depths.most_common()))
+            if len(depths) > 1:
+                report.notes.append("these images got different scales (each image's by its own largest value): if they come from one "
+                                    "camera, the darker frames look brighter to the model than their siblings; convert them to one "
+                                    "scale before ingesting (e.g. 8-bit, or 16-bit over the full range)")
         if multi_frame:
             report.notes.append(f"{len(multi_frame)} files hold several pages or frames; only the first is used: {_listed(multi_frame)}")
         if found_again:

@@ -142,7 +142,7 @@ def test_a_16_bit_folder_and_a_multipage_tiff_are_noted(new_project, tmp_path: P
     first.save(source / "good" / "stack.tif", save_all=True, append_images=[second])
     report = ingest_source(new_project, source, show_progress=False)
     assert report.n_new_images == 9 and report.n_quarantined == 0
-    assert any("8 images have more than 8 bits a channel" in note and "8 with 12 significant bits (0..4095)" in note for note in report.notes)
+    assert any("8 images are stored with more than 8 bits a channel" in note and "8 with 12 significant bits (0..4095)" in note for note in report.notes)
     assert any("1 files hold several pages or frames; only the first is used" in note and "stack.tif (2)" in note for note in report.notes)
 
 
@@ -159,3 +159,57 @@ def test_images_quarantined_as_missing_are_found_again_in_a_moved_folder(new_pro
     assert any(note.startswith("70 images quarantined as moved or changed were found at new paths") for note in report.notes)
     assert {r.status for r in rows(new_project)} == {"ok"}
     assert all(r.path.startswith(str(moved)) for r in rows(new_project))
+
+
+def test_one_cameras_frames_share_one_scale_however_bright(tmp_path: Path) -> None:
+    # scaled by each frame's own largest value, a dark frame of a 12-bit camera came out 4x brighter than a bright one
+    def decoded(value: int, brightest: int) -> int:
+        frame = np.full((16, 16), value, dtype=np.uint16)
+        frame[0, 0] = brightest
+        return int(np.asarray(to_rgb(PILImage.fromarray(frame)))[8, 8, 0])
+
+    assert decoded(800, 4000) == decoded(800, 1000) == decoded(800, 300) == 50  # 12 bits: 800 / 4095 * 255
+    assert decoded(200, 1000) == 12  # a 10-bit camera's frames take the 12-bit scale too
+    assert decoded(200, 250) == 200  # nothing above 255: as it is, as PIL gave it
+
+
+def test_links_to_folders_inside_the_source_and_hidden_or_badly_named_folders(new_project, class_folders: Path, tmp_path: Path) -> None:
+    # "latest -> run_0001", as camera software makes them: the images keep their real path (the link moves on)
+    run = class_folders / "good" / "run_0001"
+    run.mkdir()
+    for image in sorted((class_folders / "good").glob("good_000*.png")):
+        image.rename(run / image.name)
+    os.symlink(run, class_folders / "good" / "latest")  # sorts before run_0001
+    report = ingest_source(new_project, class_folders, show_progress=False)
+    assert report.n_new_images == 70
+    assert not any("/latest/" in r.path for r in rows(new_project)) and sum("/run_0001/" in r.path for r in rows(new_project)) == 10
+
+    mvtec = tmp_path / "bottle"
+    for folder in ("train/good", "test/good", "test/broken", "test/.thumbnails"):
+        (mvtec / folder).mkdir(parents=True)
+    for i, folder in enumerate(("train/good", "test/good", "test/broken", "test/.thumbnails")):
+        synthetic_image("spot", rng=np.random.default_rng(100 + i), size=64).save(mvtec / folder / f"{i}.png")
+    from loop.ingest import IngestError, discover_source
+
+    layout, files, _ = discover_source(mvtec, unlabeled=False)  # '.thumbnails' was an unknown class
+    assert layout == "mvtec" and sorted(f.label for f in files) == ["broken", "good", "good"]
+    latin1 = os.fsencode(tmp_path) + b"/Pr\xfcfung"
+    os.makedirs(latin1 + b"/good")
+    shutil.copy(class_folders / "spot" / "spot_0000.png", latin1 + b"/good/a.png")
+    with pytest.raises(IngestError, match=r"Pr\\xfcfung is not in UTF-8 .* rename that folder"):
+        discover_source(Path(os.fsdecode(latin1)), unlabeled=False)
+
+
+def test_a_restored_image_keeps_its_new_path_once(new_project, class_folders: Path, tmp_path: Path) -> None:
+    extra = tmp_path / "extra" / "good"
+    extra.mkdir(parents=True)
+    shutil.copy(class_folders / "good" / "good_0000.png", extra / "copy.png")
+    ingest_source(new_project, class_folders, show_progress=False)
+    ingest_source(new_project, extra.parent, show_progress=False)  # the copy: a duplicate path of image good_0000
+    with session_scope(new_project.engine) as session:
+        image = session.scalars(select(Image).where(Image.path.endswith("good_0000.png"))).one()
+        assert image.duplicate_paths == [str(extra / "copy.png")]
+        image.status, image.status_reason = "quarantined", f"file missing at {image.path} (moved or deleted since ingest)"
+    ingest_source(new_project, extra.parent, show_progress=False)
+    (restored,) = [r for r in rows(new_project) if r.path == str(extra / "copy.png")]
+    assert restored.status == "ok" and restored.duplicate_paths == []
