@@ -59,7 +59,8 @@ from modeling.transfer import find_model_checkpoint, load_init_checkpoint, save_
 from modeling.training import TrainedClassifier, TrainingData, available_training_strategies, head_fit_predict, train_classifier
 from store import session_scope
 from store.db import confirm_store_lock, shown_url
-from store.models import AnnotationTask, GateResult, Image, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round, Selection
+from store.models import (AnnotationTask, GateResult, Image, IngestBatch, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round,
+                          Selection)
 from store.queries import ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number
 
 # Rounds looked back for the last push that closed every reopened task it was told to; none among them: every
@@ -93,6 +94,7 @@ class RoundState:
     console: Console
     round_id: int = 0
     number: int = 0
+    last_ingest_at_start: int = 0  # the newest ingest batch's id when the round began: a later one ran beside it
     started: float = field(default_factory=time.perf_counter)
     timings_s: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
@@ -1546,15 +1548,21 @@ def check_round_options(ctx: ProjectContext, options: RoundOptions) -> None:
 def _confirm_store_is_ours(state: RoundState, step_name: str) -> None:
     """Before each step: the store's lock is still this round's (a PostgreSQL server restart drops it; it is taken
     again when free), and no other round started meanwhile: one would have marked this one interrupted."""
-    if confirm_store_lock(state.ctx.engine):
+    retaken = confirm_store_lock(state.ctx.engine)
+    if retaken:
         state.console.print("[yellow]warning:[/] the store's lock was lost with its connection (a server restart or an idle "
                             "timeout) and has been taken again")
         state.details.setdefault("store_lock_retaken_before", []).append(step_name)
     with session_scope(state.ctx.engine) as session:
-        status = session.get(Round, state.round_id).status
+        round_row = session.get(Round, state.round_id)
+        status = round_row.status
+        last_ingest = session.scalar(select(func.max(IngestBatch.id)).where(IngestBatch.project_id == round_row.project_id)) or 0
     if status != "running":
         raise RoundFailed(f"another round started while this one had lost its lock on the store, and marked this one {status}: "
                           "stopped here so that the two do not write at once")
+    if retaken and last_ingest > state.last_ingest_at_start:
+        raise RoundFailed("an ingest ran while this round had lost its lock on the store: the images it read at the start are "
+                          "no longer the project's; stopped here (run the round again)")
 
 
 def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, console: Console | None = None) -> RoundOutcome:
@@ -1567,6 +1575,7 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
         for stale in session.scalars(select(Round).where(Round.project_id == project.id, Round.status == "running")):
             stale.status, stale.error = "failed", "interrupted (the process ended before the round finished)"
         state.number = next_round_number(session, project.id)
+        state.last_ingest_at_start = session.scalar(select(func.max(IngestBatch.id)).where(IngestBatch.project_id == project.id)) or 0
         round_row = Round(project_id=project.id, number=state.number, status="running", config_snapshot=_config_snapshot(ctx.config))
         session.add(round_row)
         session.flush()

@@ -177,7 +177,7 @@ def test_the_store_lock_is_per_database_and_a_dropped_lock_connection_does_not_f
         other.dispose()
 
 
-@pytest.mark.parametrize("meanwhile", ["nothing", "lock-taken", "round-ran"])
+@pytest.mark.parametrize("meanwhile", ["nothing", "lock-taken", "round-ran", "ingest-ran"])
 def test_a_round_whose_store_lock_connection_was_dropped_takes_the_lock_again_or_stops(
         postgres, tmp_path: Path, oracle_manifests: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, meanwhile: str) -> None:  # noqa: ANN001
     # A server restart or an idle-session timeout drops the lock's connection mid-round, and the lock with it: another
@@ -202,6 +202,10 @@ def test_a_round_whose_store_lock_connection_was_dropped_takes_the_lock_again_or
             assert other_holder.execute(text("select pg_try_advisory_lock(:a, :b)"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]}).scalar()
         elif meanwhile == "round-ran":  # and ran to its end in the gap: at its start it marked this one interrupted
             other_holder.execute(text("update rounds set status = 'failed', error = 'interrupted'"))
+        elif meanwhile == "ingest-ran":  # another folder's ingest took the lock and let it go in the gap
+            other_holder.execute(text("insert into ingest_batches (project_id, source, layout, created_at, n_files, n_new_images, "
+                                      "n_duplicates, n_quarantined, notes) select id, '/elsewhere', 'folders', now(), 0, 0, 0, 0, '{}' "
+                                      "from projects"))
         other_holder.commit()
 
     steps = [embed_then_lose_the_lock if step is round_module.embed_images else step for step in round_module.ROUND_STEPS]
@@ -219,6 +223,9 @@ def test_a_round_whose_store_lock_connection_was_dropped_takes_the_lock_again_or
         elif meanwhile == "round-ran":
             assert result.exit_code == 2, result.output
             assert status == "failed" and "another round started while this one had lost its lock" in error
+        elif meanwhile == "ingest-ran":
+            assert result.exit_code == 2, result.output
+            assert status == "failed" and "an ingest ran while this round had lost its lock" in error
         else:
             assert result.exit_code == 0, result.output
             assert status == "completed" and details["store_lock_retaken_before"] == ["find_near_copies"]
