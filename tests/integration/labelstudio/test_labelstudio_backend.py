@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from labelstudio_harness import ANNOTATOR_A, ANNOTATOR_B, report_line
 from labeling import create_backend
+from labeling import labelstudio_backend
 from labeling import labelstudio_client as lsc
 from labeling import labelstudio_server as lss
 from labeling.labelstudio_backend import LabelStudioBackend, record_webhook_event
@@ -254,9 +255,13 @@ def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_sele
     list_task_data = lsc.list_task_data
     with monkeypatch.context() as patch:
         patch.setattr(lsc, "list_task_data", lambda *args, **kwargs: listings.append(kwargs) or list_task_data(*args, **kwargs))
+        patch.setattr(lsc, "SELECTED_TASKS_PER_REQUEST", 1)  # the ids in two requests
+        patch.setattr(labelstudio_backend, "BY_ID_LISTING_SHARE", 1.0)
         report = push(backend, store, [store.task(7, predicted="good", score=0.9, round_number=2)], round_number=2, open_guesses=guesses)
     assert (report.pushed, report.refreshed, report.pending, report.warnings) == (1, 2, 0, [])
-    assert len(listings) == 1  # the project's tasks listed once for a push that imports and refreshes (twice before)
+    # the tasks with guesses are listed for the waiting tasks only (the whole project's: 3.6 s per 3000 tasks)
+    assert [sorted(kwargs.get("task_ids") or []) for kwargs in listings if kwargs.get("with_predictions")] == [
+        sorted(tasks[store.image_ids[k]] for k in (5, 6))]
     admin = labelstudio.admin()
     assert admin.projects.get(id=ls_project_id(store)).model_version == "round-2"
     # round 1's guess, just replaced, stays: an annotator may have the task open with it (Label Studio refuses a
@@ -278,7 +283,10 @@ def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_sele
     # and the store forgets the deleted task, so the image's next push asks in a new one
     admin.tasks.delete(id=str(tasks[store.image_ids[6]]))
     later = [store.task(k, reason="open", predicted="good", score=0.6, round_number=2) for k in (5, 6)]
-    third = push(backend, store, [], round_number=2, open_guesses=later)
+    with monkeypatch.context() as patch:  # waiting tasks too many to name: the whole project is listed, same outcome
+        patch.setattr(lsc, "SELECTED_TASKS_PER_REQUEST", 1)
+        patch.setattr(labelstudio_backend, "BY_ID_LISTING_SHARE", 0.0)
+        third = push(backend, store, [], round_number=2, open_guesses=later)
     assert (third.refreshed, third.warnings, third.gone_image_ids) == (1, [], {store.image_ids[6]})
     assert third.superseded_predictions_deleted == 1  # image 5's round-1 guess: a task waiting ten rounds lists two, not ten
     assert sorted(p.model_version for p in admin.tasks.get(id=str(tasks[store.image_ids[5]])).predictions) == ["round-2", "round-2"]
