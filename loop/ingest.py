@@ -206,10 +206,11 @@ def discover_source(source: Path, *, unlabeled: bool) -> tuple[str, list[SourceF
         if loose:
             raise IngestError(f"{source} holds images but no class folders: ingest it with --unlabeled, or give a CSV manifest (path,label)")
         layout, notes = "folders", []
-    if skipped.note():
-        notes.append(skipped.note())
-    if not files and skipped.counts:
-        raise IngestError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {source}: {skipped.note()}")
+    skipped_note = skipped.note()
+    if skipped_note:
+        notes.append(skipped_note)
+        if not files:
+            raise IngestError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {source}: {skipped_note}")
     return layout, _nonempty(files, source), notes
 
 

@@ -1547,7 +1547,8 @@ def check_round_options(ctx: ProjectContext, options: RoundOptions) -> None:
 
 def _confirm_store_is_ours(state: RoundState, step_name: str) -> None:
     """Before each step: the store's lock is still this round's (a PostgreSQL server restart drops it; it is taken
-    again when free), and no other round started meanwhile: one would have marked this one interrupted."""
+    again when free), and nothing wrote to the store while it was not: another round would have marked this one
+    interrupted, an ingest left a newer batch."""
     retaken = confirm_store_lock(state.ctx.engine)
     if retaken:
         state.console.print("[yellow]warning:[/] the store's lock was lost with its connection (a server restart or an idle "
