@@ -27,6 +27,8 @@ from sklearn.metrics import log_loss
 from sklearn.model_selection import RepeatedStratifiedKFold
 from torch import nn
 
+from modeling.threads import SMALL_OPS_THREADS, torch_threads
+
 # Stages 2 (stride 8) and 4 (stride 16) of efficientnet_lite0's seven: local texture and part-level structure.
 PATCH_STAGES = (2, 4)
 PATCH_STRIDE = 16
@@ -113,10 +115,11 @@ def greedy_coreset(patches: np.ndarray, *, size: int, seed: int = 0, projection_
     chosen = np.empty(size, dtype=np.int64)
     chosen[0] = int(torch.randint(len(points), (1,), generator=generator))
     distance = squared_norms - 2.0 * (points @ points[chosen[0]]) + squared_norms[chosen[0]]
-    for slot in range(1, size):  # one matrix-vector product per pick: |p - c|^2 = |p|^2 - 2 p.c + |c|^2
-        pick = int(torch.argmax(distance))
-        chosen[slot] = pick
-        torch.minimum(distance, squared_norms - 2.0 * (points @ points[pick]) + squared_norms[pick], out=distance)
+    with torch_threads(SMALL_OPS_THREADS):
+        for slot in range(1, size):  # one matrix-vector product per pick: |p - c|^2 = |p|^2 - 2 p.c + |c|^2
+            pick = int(torch.argmax(distance))
+            chosen[slot] = pick
+            torch.minimum(distance, squared_norms - 2.0 * (points @ points[pick]) + squared_norms[pick], out=distance)
     return chosen
 
 

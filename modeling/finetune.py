@@ -40,6 +40,7 @@ from modeling.embeddings import EmbeddingExtractor, MultiLayerPooling, embedding
 from modeling.onnx_export import export_onnx, open_session
 from modeling.preprocessing import Preprocessing, load_image_array, to_rgb
 from modeling.progress import progress_bar
+from modeling.threads import torch_threads
 from modeling.training import TrainingData, fit_linear_head, register_training_options, register_training_strategy, train_classifier
 
 STEM_MODULES = ("conv_stem", "bn1")
@@ -386,12 +387,8 @@ def frozen_embeddings(backbone: Backbone, preprocessing: Preprocessing, paths: S
     runner = PrefixRunner(prefix, key=key, image_size=preprocessing.image_size, threads=threads)
     maps = prefix_feature_maps(runner, list(paths), preprocessing)
     network = FinetunedNetwork(prefix, tail, nn.Linear(backbone.num_features, 1))
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
+    with torch_threads(threads):
         return _pooled_features(network, maps, batch_size=64, channels_last=False).astype(np.float32)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _cached_network_embeddings(backbone: Backbone, preprocessing: Preprocessing, paths: list[str]) -> np.ndarray:
@@ -668,14 +665,10 @@ def _evaluate(network: FinetunedNetwork, feature_maps: np.ndarray, labels: np.nd
 def train_finetuned(data: TrainingData, config: FinetuneConfig, *, strategy: str) -> FinetunedClassifier:
     """Shared trainer of `finetune`, `full` and the from-scratch baseline."""
     started = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(config.threads)))
     torch.manual_seed(data.seed)
     rng = np.random.default_rng(data.seed)
-    try:
+    with torch_threads(config.threads):
         return _train(data, config, strategy=strategy, rng=rng, started=started)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np.random.Generator, started: float) -> FinetunedClassifier:

@@ -16,6 +16,7 @@ from torch import nn
 from modeling.backbones import Backbone
 from modeling.embeddings import EmbeddingNetwork
 from modeling.preprocessing import Preprocessing
+from modeling.threads import SMALL_OPS_THREADS, torch_threads
 
 
 @dataclass
@@ -135,7 +136,8 @@ def fit_linear_head(*, features: np.ndarray, labels: np.ndarray, n_classes: int,
         loss.backward()
         return loss
 
-    optimizer.step(closure)
+    with torch_threads(SMALL_OPS_THREADS):
+        optimizer.step(closure)
     fitted_weight = weight.detach().numpy().astype(np.float64) / scale
     fitted_bias = bias.detach().numpy().astype(np.float64) - fitted_weight @ mean
     full_weight = np.zeros((n_classes, features.shape[1]), dtype=np.float32)

@@ -203,3 +203,26 @@ def test_sizing_the_patch_grid_leaves_a_training_model_untouched() -> None:
     assert model.training
     moved = [name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])]
     assert not moved, moved[:3]
+
+
+def test_the_coreset_and_the_head_fit_run_on_one_thread_and_give_the_threads_back(monkeypatch) -> None:  # noqa: ANN001
+    # with another process busy on the second core, two threads made these chains of small operations 3x slower
+    import torch
+
+    from modeling import anomaly, training
+
+    seen: list[int] = []
+    argmax = torch.argmax
+    monkeypatch.setattr(anomaly.torch, "argmax", lambda *args, **kwargs: seen.append(torch.get_num_threads()) or argmax(*args, **kwargs))
+    step = torch.optim.LBFGS.step
+    monkeypatch.setattr(torch.optim.LBFGS, "step", lambda self, closure: seen.append(-torch.get_num_threads()) or step(self, closure))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = np.random.default_rng(0)
+        anomaly.greedy_coreset(rng.normal(size=(300, 16)).astype(np.float32), size=20)
+        training.fit_linear_head(features=rng.normal(size=(40, 8)), labels=np.arange(40) % 2, n_classes=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert set(seen) == {1, -1} and seen.count(-1) == 1
