@@ -107,3 +107,15 @@ def test_finetune_threshold_round_on_a_few_magnetic_tiles(tmp_path: Path, real_d
     assert auto["n_threshold_negatives"] > by_variant["validation"]["n_threshold_negatives"]
     assert 0.0 <= auto["unlabeled_fpr"] <= 1.0 and auto["unlabeled_good"] > 0
     assert "| auto |" in (tmp_path / "run" / "result.md").read_text()
+
+
+def test_small_ops_threads_measures_both_thread_counts_on_both_machines(tmp_path: Path) -> None:
+    run_script("benchmarks/small_ops_threads.py", "--patches", "600", "--bank", "40", "--head-rows", "30", "--features", "16",
+               "--repeats", "1", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "small_ops_threads.json").read_text())
+    assert set(report["seconds"]) == {"idle", "one core busy"}
+    for by_threads in report["seconds"].values():
+        assert set(by_threads) == {"2 threads", "1 threads"}
+        assert set(by_threads["2 threads"]) == {"coreset 600 -> 40", "head fit 30 x 16"}
+        assert all(seconds > 0 for seconds in by_threads["1 threads"].values())
+    assert "| one core busy | coreset 600 -> 40 |" in (tmp_path / "small_ops_threads.md").read_text()
