@@ -900,7 +900,8 @@ def find_data_issues(state: RoundState) -> None:
                     key=lambda pair: -pair[2])  # (test position, other position, correlation), strongest first
     # a labeled test image with a labeled copy in train or validation: its test metric is optimistic
     leaking = [(a, b, c) for a, b, c in across if state.labels[a] != UNLABELED and state.labels[b] != UNLABELED]
-    near_summary = {key: near.summary[key] for key in ("n_issues", "n_groups", "threshold", "null_level", "n_candidate_pairs", "n_pairs_from_cache")}
+    near_summary = {key: near.summary[key] for key in ("n_issues", "n_groups", "threshold", "null_level", "n_candidate_pairs", "n_null_pairs",
+                                                           "n_pairs_from_cache", "n_pairs_correlated")}
     state.details["data_quality"] = {
         "near_duplicates": {
             **near_summary, "n_pairs": len(near.summary["pairs"]), "pairs_across_test_split": len(across),

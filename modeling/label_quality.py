@@ -485,7 +485,7 @@ def find_near_duplicates(
             scores=np.ones(n), is_issue=np.zeros(n, dtype=bool),
             summary={"n_issues": 0, "n_groups": 0, "method": "embedding_cosine" if thumbnails is None else "pixel_verified",
                      "threshold": threshold, "null_level": None, "n_null_pairs": 0, "n_null_pairs_above_threshold": 0,
-                     "n_candidate_pairs": 0, "n_pairs_from_cache": 0, "groups": [], "pairs": []},
+                     "n_candidate_pairs": 0, "n_pairs_from_cache": 0, "n_pairs_correlated": 0, "groups": [], "pairs": []},
             related=np.full(n, -1, dtype=np.int64),
         )
     sims, neighbors = _nearest_neighbors(embeddings, 8 if thumbnails is None else k, graph)
@@ -553,8 +553,10 @@ def _pixel_verified_pairs(neighbors: np.ndarray, thumbnails: np.ndarray, *, know
     tick(max(near_duplicate_work(n, k=neighbors.shape[1]) - len(candidates) - len(null_pairs), 0))  # the bar's total was a bound
     summary = {"method": "pixel_verified", "threshold": round(threshold, 4), "null_quantile": NULL_QUANTILE,
                "null_level": round(null_level, 4), "n_null_pairs": len(null_pairs), "n_null_pairs_above_threshold": int((null >= threshold).sum()),
-               "n_candidate_pairs": len(candidates),
-               "n_pairs_from_cache": pair_cache.hits - hits_before if pair_cache is not None else 0}
+               "n_candidate_pairs": len(candidates)}
+    # of the candidate and null pairs together (a later round takes most of both from the cache)
+    summary["n_pairs_from_cache"] = pair_cache.hits - hits_before if pair_cache is not None else 0
+    summary["n_pairs_correlated"] = len(candidates) + len(null_pairs) - summary["n_pairs_from_cache"]
     return best, related, flagged, summary
 
 

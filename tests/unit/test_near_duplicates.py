@@ -151,7 +151,7 @@ def test_pair_cache_answers_known_pairs_by_content_not_position(tmp_path: Path) 
     second = find_near_duplicates(embeddings=neighbours_of(len(paths) + 1, {21: 0, 31: 4}, seed=2), thumbnails=detail_thumbnails([new_path, *paths]),
                                   pair_cache=reloaded, image_keys=["sha-new", *keys])
     assert reloaded.misses == len(paths)  # the new image's pairs, nothing else
-    assert second.summary["n_pairs_from_cache"] == n_pairs
+    assert second.summary["n_pairs_from_cache"] == n_pairs and second.summary["n_pairs_correlated"] == len(paths)
     assert second.summary["groups"] == [[0, 21], [4, 31]]  # new copy of surface 20; the old copy of surface 3
 
     # a cache file that cannot be read is started over, not half used: a torn write (power cut, no fsync), a flipped
