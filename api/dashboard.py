@@ -335,13 +335,14 @@ def confusion_matrix_table(matrix: ConfusionMatrix, round_number: int) -> str:
 def issue_queue_table(issues: Sequence[LabelIssueRow], total: int, round_number: int, round_id: int, token_query: str) -> str:
     if not issues:
         return '<p class="empty">No flagged label issues.</p>'
+    image_query = f"{token_query}&amp;view=display" if token_query else "?view=display"  # TIFF and 16-bit files as the model sees them
     rows = []
     for issue in issues:
         changed = issue.current_label is not None and issue.current_label != issue.given_label
         now = escape(issue.current_label or "unlabeled") + (" ✓ relabeled" if changed else "")
         rows.append(
             f'<tr class="issue" data-image-id="{issue.image_id}"><td>{issue.rank}</td>'
-            f'<td><img class="thumb" loading="lazy" alt="image {issue.image_id}" src="/images/{issue.image_id}{token_query}"></td>'
+            f'<td><img class="thumb" loading="lazy" alt="image {issue.image_id}" src="/images/{issue.image_id}{image_query}"></td>'
             f'<td>{escape(issue.kind)}</td><td>{escape(issue.given_label or "–")}</td>'
             f'<td><b>{escape(issue.suggested_label or "–")}</b></td><td>{_fmt(issue.score, 3)}</td><td>{now}</td></tr>'
         )

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import mimetypes
 from pathlib import Path
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import Response
 
 from api.dependencies import BrowserReadScope, RowId, SessionDep
@@ -19,14 +21,17 @@ router = APIRouter(tags=["images"])
     "/images/{image_id}",
     response_class=Response,
     responses={
-        200: {"content": {"image/*": {}}, "description": "the image file, byte for byte"},
+        200: {"content": {"image/*": {}}, "description": "the image file, byte for byte (view=display: a PNG where browsers could not show it as the model sees it)"},
         401: {"model": ErrorOut},
         404: {"model": ErrorOut},
         409: {"model": ErrorOut, "description": "the file on disk no longer matches the store (moved or changed)"},
     },
     summary="An image of the store by id (?token= accepted, for <img> tags)",
 )
-def get_image(image_id: RowId, session: SessionDep, _scope: BrowserReadScope) -> Response:
+def get_image(image_id: RowId, session: SessionDep, _scope: BrowserReadScope,
+              view: Annotated[Literal["file", "display"], Query(
+                  description="file: the bytes as stored; display: a PNG of what the model sees when a browser could not show "
+                              "the file as that (TIFF, 16-bit or float pixels), else the file")] = "file") -> Response:
     image = session.get(Image, image_id)
     if image is None:
         raise HTTPException(404, detail=f"no image {image_id} in this store")
@@ -41,4 +46,27 @@ def get_image(image_id: RowId, session: SessionDep, _scope: BrowserReadScope) ->
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     if not media_type.startswith("image/"):
         media_type = "application/octet-stream"
+    if view == "display":
+        shown = _for_browsers(data)
+        if shown is not None:
+            data, media_type = shown, "image/png"
     return Response(content=data, media_type=media_type, headers={"Cache-Control": "private, max-age=300"})
+
+
+def _for_browsers(data: bytes) -> bytes | None:
+    """A PNG of the picture the model sees (modeling.preprocessing.to_rgb) when browsers would show the file otherwise
+    or not at all: TIFF (no browser shows it), 16-bit and float pixels (shown dark, or not). None: the file shows as is
+    (browsers apply the EXIF orientation themselves)."""
+    from PIL import Image as PILImage
+
+    from modeling.preprocessing import pixel_depth, to_rgb
+
+    try:
+        with PILImage.open(io.BytesIO(data)) as image:
+            if image.format != "TIFF" and pixel_depth(image) is None:
+                return None
+            buffer = io.BytesIO()
+            to_rgb(image).save(buffer, format="PNG")
+            return buffer.getvalue()
+    except (OSError, ValueError, PILImage.DecompressionBombError):
+        return None  # the file as it is: the browser says what it can

@@ -44,3 +44,33 @@ def test_changed_or_missing_file_is_refused(writable_store: SeededStore, read_he
         assert response.status_code == 409 and "changed on disk" in response.json()["detail"]
         response = client.get(f"/images/{writable_store.image_ids[1]}", headers=read_headers)
         assert response.status_code == 404 and "file is missing" in response.json()["detail"]
+
+
+def test_display_view_shows_tiff_and_16_bit_files_as_the_model_sees_them(writable_store: SeededStore, read_headers: dict[str, str],
+                                                                           tmp_path: Path) -> None:
+    # no browser shows a TIFF, and a 12-bit frame in 16 bits shows nearly black: the dashboard's thumbnails were blank
+    import io
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    frame = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096)
+    files = {"frame.tif": "TIFF", "frame16.png": "PNG"}
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        for (name, kind), image_id in zip(files.items(), writable_store.image_ids[:2]):
+            PILImage.fromarray(frame).save(tmp_path / name, format=kind)
+            row = session.get(Image, image_id)
+            row.path, row.sha256 = str(tmp_path / name), hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+    engine.dispose()
+    plain_id = writable_store.image_ids[2]
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        for (name, _kind), image_id in zip(files.items(), writable_store.image_ids[:2]):
+            as_stored = client.get(f"/images/{image_id}", headers=read_headers)
+            assert as_stored.content == (tmp_path / name).read_bytes()  # the file, byte for byte, unless asked
+            shown = client.get(f"/images/{image_id}?view=display", headers=read_headers)
+            assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"
+            pixels = np.asarray(PILImage.open(io.BytesIO(shown.content)))
+            assert pixels.shape == (64, 64, 3) and pixels.max() == 255  # scaled over 12 bits, not clipped or dark
+        unchanged = client.get(f"/images/{plain_id}?view=display", headers=read_headers)
+        assert unchanged.content == client.get(f"/images/{plain_id}", headers=read_headers).content  # an 8-bit PNG as it is
