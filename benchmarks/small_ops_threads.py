@@ -1,6 +1,7 @@
 """Threads for chains of small torch operations: the anomaly bank's greedy coreset and the linear head's LBFGS fit,
-on two threads (the baseline, torch's default here) and on one (modeling.threads.SMALL_OPS_THREADS), on an idle
-machine and with another process busy on one core (what a round meets beside a test run or an inspection service).
+on torch's default thread count (the baseline: the machine's cores, 2 here) and on one
+(modeling.threads.SMALL_OPS_THREADS), on an idle machine and with another process busy on one core (what a round
+meets beside a test run or an inspection service).
 
     python benchmarks/small_ops_threads.py --out DIR [--patches 27500] [--bank 4000] [--head-rows 256,1024,4096]
 
@@ -48,10 +49,9 @@ def measure(threads: int, *, patches: np.ndarray, bank: int, heads: dict[int, tu
     import modeling.anomaly
     import modeling.training
 
-    forced = {"torch_threads": lambda _n: torch_threads(threads)}
     saved = {module: module.torch_threads for module in (modeling.anomaly, modeling.training)}
-    for module in saved:
-        module.torch_threads = forced["torch_threads"]
+    for module in saved:  # the code's own torch_threads(SMALL_OPS_THREADS) made to keep `threads`
+        module.torch_threads = lambda _n: torch_threads(threads)
     try:
         with torch_threads(threads):
             result = {f"coreset {len(patches)} -> {bank}": best_of(repeats, lambda: greedy_coreset(patches, size=bank))}
@@ -83,6 +83,8 @@ def main() -> int:
     rng = np.random.default_rng(0)
     patches = rng.standard_normal((args.patches, args.dim)).astype(np.float32)
     heads = {rows: (rng.standard_normal((rows, args.features)).astype(np.float32), rng.integers(0, 5, rows)) for rows in head_rows}
+    default = torch.get_num_threads()
+    baseline, one = f"{default} threads", "1 thread"
     results: dict[str, dict[str, dict[str, float]]] = {}
     for machine in ("idle", "one core busy"):
         busy = None
@@ -91,26 +93,26 @@ def main() -> int:
             busy.start()
             time.sleep(0.5)
         try:
-            results[machine] = {f"{threads} threads": measure(threads, patches=patches, bank=args.bank, heads=heads, repeats=args.repeats)
-                                for threads in (2, 1)}
+            results[machine] = {label: measure(threads, patches=patches, bank=args.bank, heads=heads, repeats=args.repeats)
+                                for label, threads in ((baseline, default), (one, 1))}
         finally:
             if busy is not None:
                 busy.terminate()
                 busy.join(timeout=10)
-    ratios = {machine: {work: round(by_threads["2 threads"][work] / max(by_threads["1 threads"][work], 1e-9), 2)
-                        for work in by_threads["2 threads"]} for machine, by_threads in results.items()}
+    ratios = {machine: {work: round(by_threads[baseline][work] / max(by_threads[one][work], 1e-9), 2)
+                        for work in by_threads[baseline]} for machine, by_threads in results.items()}
     report = {
         "cpu": cpu_model_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-        "seconds": results, "two_threads_over_one": ratios,
-        "note": "baseline: 2 threads (torch's default on this machine); ratios > 1 mean one thread is faster",
+        "baseline_threads": default, "seconds": results, "baseline_over_one_thread": ratios,
+        "note": f"baseline: torch's default, {default} threads here; ratios > 1 mean one thread is faster",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "small_ops_threads.json").write_text(json.dumps(report, indent=2))
     lines = [f"# Threads for small torch operations ({report['cpu']}, {report['cpu_count']} CPUs)", "",
-             "| machine | work | 2 threads (s) | 1 thread (s) | 2 threads / 1 thread |", "|---|---|---|---|---|"]
+             f"| machine | work | {baseline} (s) | {one} (s) | {baseline} / {one} |", "|---|---|---|---|---|"]
     for machine, by_threads in results.items():
-        for work, seconds in by_threads["2 threads"].items():
-            lines.append(f"| {machine} | {work} | {seconds} | {by_threads['1 threads'][work]} | {ratios[machine][work]} |")
+        for work, seconds in by_threads[baseline].items():
+            lines.append(f"| {machine} | {work} | {seconds} | {by_threads[one][work]} | {ratios[machine][work]} |")
     (args.out / "small_ops_threads.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

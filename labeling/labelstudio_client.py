@@ -294,8 +294,12 @@ def list_task_data(client: LabelStudio, *, project_id: int, with_predictions: bo
         chosen = sorted(set(task_ids))
         queries = [json.dumps({"selectedItems": {"all": False, "included": chosen[start:start + SELECTED_TASKS_PER_REQUEST]}})
                    for start in range(0, len(chosen), SELECTED_TASKS_PER_REQUEST)]
-    tasks = [task for query in queries for task in client.tasks.list(project=project_id, include=include, page_size=500,
-                                                                        **({"query": query} if query else {}))]
+    tasks = []
+    for query in queries:
+        if query is None:
+            tasks += list(client.tasks.list(project=project_id, include=include, page_size=500))
+        else:  # every chosen task fits on the first page: iterating the pager would ask for an empty second one
+            tasks += client.tasks.list(project=project_id, include=include, page_size=SELECTED_TASKS_PER_REQUEST, query=query).items or []
     if not with_predictions:
         return [{"task_id": int(task.id), "data": dict(task.data or {})} for task in tasks]
     return [

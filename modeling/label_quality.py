@@ -442,6 +442,8 @@ def _normalized(probs: np.ndarray) -> np.ndarray:
 # sit at 0.5-1.0, well apart from the rest, and are all within one class.
 NEAR_DUPLICATE_NEIGHBORS = 5  # embedding neighbours checked on pixels per image
 NULL_PAIRS = 3000
+# Collections with at most this many times NULL_PAIRS pairs draw the null from every pair (~250 images: 66 ms)
+SMALL_COLLECTION_PAIRS = 10
 NULL_QUANTILE = 0.999
 NULL_MARGIN = 0.05
 MIN_DETAIL_CORRELATION = 0.5
@@ -563,20 +565,27 @@ def _pixel_verified_pairs(neighbors: np.ndarray, thumbnails: np.ndarray, *, know
 def stable_random_pairs(keys: Sequence[str], *, n_pairs: int, seed: int, keep: Callable[[int, int], bool]) -> list[tuple[int, int]]:
     """About n_pairs random pairs of positions (a < b) for which keep(a, b), drawn from the images' keys rather than
     their positions, so the next round, with a few images more, draws nearly the same pairs and a pair cache answers
-    them (drawn by position, every pair changed with any new image: NULL_PAIRS correlations a round, ~3 s). Each image
-    gets a rank from a hash of its key; images in rank order pick, pass after pass, the image that follows a hash of
-    (key, pass) on the rank ring. New images change only the picks that land next to them."""
+    them (drawn by position, every pair changed with any new image: NULL_PAIRS correlations a round, ~3 s).
+    Up to SMALL_COLLECTION_PAIRS pairs in all: every kept pair ranked by a hash of its two keys, the lowest n_pairs
+    taken (uniform; a new image changes only the picks its own pairs displace). Larger: each image gets a rank from a
+    hash of its key, and images in rank order pick, pass after pass, the image that follows a hash of (key, pass) on
+    the rank ring, until n_pairs are drawn or a pass adds none (new images change only the picks next to them)."""
     import hashlib
 
     def rank(text: str) -> int:
         return int.from_bytes(hashlib.blake2b(f"{seed}|{text}".encode(), digest_size=8).digest(), "big")
 
     n = len(keys)
+    if n * (n - 1) // 2 <= SMALL_COLLECTION_PAIRS * n_pairs:
+        kept = [(a, b) for a in range(n) for b in range(a + 1, n) if keep(a, b)]
+        ranked = sorted(kept, key=lambda pair: rank("|".join(sorted((keys[pair[0]], keys[pair[1]])))))
+        return sorted(ranked[:n_pairs])
     ranks = np.array([rank(key) for key in keys], dtype=np.uint64)
     ring = np.argsort(ranks, kind="stable")
     ring_ranks = ranks[ring]
     pairs: set[tuple[int, int]] = set()
-    for attempt in range(2 * -(-n_pairs // n) + 6):  # passes: a few picks are not kept (candidates, one part) or repeat
+    for attempt in range(64):  # passes, while they add pairs: a few picks are not kept (candidates, one part) or repeat
+        before = len(pairs)
         for a in ring:
             if len(pairs) >= n_pairs:
                 return sorted(pairs)
@@ -584,6 +593,8 @@ def stable_random_pairs(keys: Sequence[str], *, n_pairs: int, seed: int, keep: C
             b = int(ring[int(np.searchsorted(ring_ranks, target)) % n])
             if a != b and keep(min(a, b), max(a, b)):
                 pairs.add((int(min(a, b)), int(max(a, b))))
+        if len(pairs) == before:
+            break
     return sorted(pairs)
 
 

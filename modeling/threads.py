@@ -14,7 +14,9 @@ SMALL_OPS_THREADS = 1
 
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
-    """torch.set_num_threads(threads) for the block, the previous setting restored after it."""
+    """torch.set_num_threads(threads) for the block, the previous setting restored after it. The setting is the
+    process's: a thread that starts torch work meanwhile gets it too (and keeps it), so this is for work that no other
+    thread runs beside (the round's steps; the API's /predict runs ONNX Runtime, not torch)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     try:

@@ -114,8 +114,9 @@ def test_small_ops_threads_measures_both_thread_counts_on_both_machines(tmp_path
                "--repeats", "1", "--out", str(tmp_path))
     report = json.loads((tmp_path / "small_ops_threads.json").read_text())
     assert set(report["seconds"]) == {"idle", "one core busy"}
+    baseline = f"{report['baseline_threads']} threads"
     for by_threads in report["seconds"].values():
-        assert set(by_threads) == {"2 threads", "1 threads"}
-        assert set(by_threads["2 threads"]) == {"coreset 600 -> 40", "head fit 30 x 16"}
-        assert all(seconds > 0 for seconds in by_threads["1 threads"].values())
+        assert set(by_threads) == {baseline, "1 thread"}
+        assert set(by_threads[baseline]) == {"coreset 600 -> 40", "head fit 30 x 16"}
+        assert all(seconds > 0 for seconds in by_threads["1 thread"].values())
     assert "| one core busy | coreset 600 -> 40 |" in (tmp_path / "small_ops_threads.md").read_text()

@@ -185,3 +185,23 @@ def test_the_random_null_pairs_are_drawn_by_image_key_so_a_later_round_takes_the
     second = find_near_duplicates(embeddings=embeddings, thumbnails=thumbnails, pair_cache=cache, image_keys=keys)  # one new, first
     assert second.summary["n_null_pairs"] == 300
     assert cache.misses - misses <= 40  # the new image's candidate pairs and the few null pairs that land next to it
+
+
+def test_stable_random_pairs_draw_the_full_null_and_mostly_the_same_pairs_when_images_are_added() -> None:
+    from modeling.label_quality import stable_random_pairs
+
+    def by_key(keys, pairs):  # noqa: ANN001, ANN202
+        return {tuple(sorted((keys[a], keys[b]))) for a, b in pairs}
+
+    rng = np.random.default_rng(0)
+    for n in (85, 5000):  # every pair ranked by its hash; the rank ring of large collections
+        keys = [f"sha-{i}" for i in range(n)]
+        keep = lambda a, b: (a + b) % 9 != 0  # noqa: E731  (candidates and shots of one part are left out)
+        pairs = stable_random_pairs(keys, n_pairs=3000, seed=0, keep=keep)
+        assert len(pairs) == 3000 and all(a < b and keep(a, b) for a, b in pairs)  # 85 images: 2407 before
+        grown = keys + [f"new-{i}" for i in range(max(1, n // 100))]
+        order = rng.permutation(len(grown))  # new images anywhere: positions mean nothing
+        shuffled = [grown[i] for i in order]
+        again = stable_random_pairs(shuffled, n_pairs=3000, seed=0, keep=lambda a, b: True)
+        before = by_key(keys, stable_random_pairs(keys, n_pairs=3000, seed=0, keep=lambda a, b: True))
+        assert len(before & by_key(shuffled, again)) >= 0.9 * 3000

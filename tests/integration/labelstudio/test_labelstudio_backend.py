@@ -253,15 +253,21 @@ def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_sele
     guesses = [store.task(k, reason="open", predicted="spot", score=0.7, round_number=2) for k in (5, 6)]
     listings = []
     list_task_data = lsc.list_task_data
+
+    def listing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        listed = list_task_data(*args, **kwargs)
+        listings.append((kwargs, sorted(entry["task_id"] for entry in listed)))
+        return listed
+
     with monkeypatch.context() as patch:
-        patch.setattr(lsc, "list_task_data", lambda *args, **kwargs: listings.append(kwargs) or list_task_data(*args, **kwargs))
+        patch.setattr(lsc, "list_task_data", listing)
         patch.setattr(lsc, "SELECTED_TASKS_PER_REQUEST", 1)  # the ids in two requests
         patch.setattr(labelstudio_backend, "BY_ID_LISTING_SHARE", 1.0)
         report = push(backend, store, [store.task(7, predicted="good", score=0.9, round_number=2)], round_number=2, open_guesses=guesses)
     assert (report.pushed, report.refreshed, report.pending, report.warnings) == (1, 2, 0, [])
     # the tasks with guesses are listed for the waiting tasks only (the whole project's: 3.6 s per 3000 tasks)
-    assert [sorted(kwargs.get("task_ids") or []) for kwargs in listings if kwargs.get("with_predictions")] == [
-        sorted(tasks[store.image_ids[k]] for k in (5, 6))]
+    waiting = sorted(tasks[store.image_ids[k]] for k in (5, 6))
+    assert [(sorted(kwargs.get("task_ids") or []), listed) for kwargs, listed in listings if kwargs.get("with_predictions")] == [(waiting, waiting)]
     admin = labelstudio.admin()
     assert admin.projects.get(id=ls_project_id(store)).model_version == "round-2"
     # round 1's guess, just replaced, stays: an annotator may have the task open with it (Label Studio refuses a
