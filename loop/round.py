@@ -53,7 +53,7 @@ from modeling.neighbor_graph import GRAPH_NEIGHBORS, NeighborGraphCache, nearest
 from modeling.latency import measure_onnx_latency
 from modeling.onnx_export import export_onnx
 from modeling.plots import plot_confusion_matrix, plot_gates_over_rounds, plot_training_curves
-from modeling.preprocessing import DECODE_VERSION, Preprocessing
+from modeling.preprocessing import DECODE_VERSION, Preprocessing, remove_caches_of_older_decoding
 from modeling.selection import select_batch
 from modeling.transfer import find_model_checkpoint, load_init_checkpoint, save_model_checkpoint
 from modeling.training import TrainedClassifier, TrainingData, available_training_strategies, head_fit_predict, train_classifier
@@ -1396,6 +1396,10 @@ def record_round(state: RoundState) -> None:
     with_model = not state.cold_start
     if with_model and state.options.write_artifacts:
         _write_model_artifacts(state)
+    # this round built the current decoding's caches: those of an older defect-loop's decoding can go
+    removed = remove_caches_of_older_decoding(state.options.embedding_cache_dir or state.ctx.cache_dir)
+    if removed:
+        state.details["caches_removed"] = removed
     label_sources = Counter(info.source for image_id, info in state.label_info.items() if info.status == "labeled")
     with session_scope(state.ctx.engine) as session:
         round_row = session.get(Round, state.round_id)

@@ -213,3 +213,31 @@ def test_a_restored_image_keeps_its_new_path_once(new_project, class_folders: Pa
     ingest_source(new_project, extra.parent, show_progress=False)
     (restored,) = [r for r in rows(new_project) if r.path == str(extra / "copy.png")]
     assert restored.status == "ok" and restored.duplicate_paths == []
+
+
+def test_caches_of_an_older_decoding_are_removed_once_the_current_ones_exist(tmp_path: Path) -> None:
+    from modeling.preprocessing import DECODE_VERSION, remove_caches_of_older_decoding
+
+    current, older = f"dec{DECODE_VERSION}", f"dec{DECODE_VERSION - 1}"
+    names = {
+        "embeddings": [f"lite0-multilayer-{current}-s64-m0.5", "lite0-multilayer-s64-m0.5",  # before any decode mark
+                       f"lite0-multilayer-{older}-s64-m0.5", "lite0-multilayer-s224-m0.5"],  # another image size: kept
+        "detail_thumbnails": [f"detail-128px-sigma2-{current}", "detail-128px-sigma2"],
+        "onnx": [f"embed-lite0-{current}-s64.onnx", "embed-lite0-s64.onnx", "embed-other-s64.onnx"],  # no current twin: kept
+    }
+    for kind, entries in names.items():
+        for name in entries:
+            path = tmp_path / kind / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if name.endswith(".onnx"):
+                path.write_bytes(b"model")
+            else:
+                path.mkdir()
+                (path / "rows.npy").write_bytes(b"rows")
+    removed = remove_caches_of_older_decoding(tmp_path)
+    assert sorted(removed) == sorted(["embeddings/lite0-multilayer-s64-m0.5", f"embeddings/lite0-multilayer-{older}-s64-m0.5",
+                                      "detail_thumbnails/detail-128px-sigma2", "onnx/embed-lite0-s64.onnx"])
+    left = {f"{kind}/{p.name}" for kind in names for p in (tmp_path / kind).iterdir()}
+    assert left == {f"embeddings/lite0-multilayer-{current}-s64-m0.5", "embeddings/lite0-multilayer-s224-m0.5",
+                    f"detail_thumbnails/detail-128px-sigma2-{current}", f"onnx/embed-lite0-{current}-s64.onnx", "onnx/embed-other-s64.onnx"}
+    assert remove_caches_of_older_decoding(tmp_path / "missing") == []
