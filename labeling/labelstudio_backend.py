@@ -364,6 +364,10 @@ class LabelStudioBackend:
             new_tasks.append((task, self._task_payload(task, project=project, image_url=image_url, round_number=round_number, model_version=model_version)))
 
         task_ids = lsc.import_tasks_with_predictions(client, project_id=ls_project_id, tasks=[payload for _, payload in new_tasks])
+        tiff = [task.image_path for task, _ in new_tasks if os.path.splitext(task.image_path)[1].lower() in (".tif", ".tiff")]
+        if tiff:  # the loop reads them; the annotator's browser cannot
+            warnings.append(f"{len(tiff)} images pushed are TIFF files (e.g. {tiff[0]}), which browsers, and so Label Studio's editor, "
+                            "do not show: annotators see a broken image. Convert them to PNG and ingest those instead")
         for (task, _payload), task_id in zip(new_tasks, task_ids):
             self._map(session, mapped, task.image_id, ls_project_id, task_id)
             reached.add(task.image_id)

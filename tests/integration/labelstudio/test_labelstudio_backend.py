@@ -113,6 +113,28 @@ def test_push_creates_one_task_per_image_with_prediction_and_is_idempotent(label
     assert len(task_ids_by_image(store)) == 4
 
 
+def test_a_tiff_image_is_pushed_with_a_warning_that_annotators_cannot_see_it(labelstudio, store, backend) -> None:
+    import hashlib
+    from pathlib import Path
+
+    from PIL import Image as PILImage
+
+    from store import session_scope
+    from store.models import Image
+
+    tiff = Path(store.paths[7]).with_suffix(".tif")
+    PILImage.open(store.paths[7]).save(tiff)
+    sha = hashlib.sha256(tiff.read_bytes()).hexdigest()
+    with session_scope(store.engine) as session:
+        row = session.get(Image, store.image_ids[7])
+        row.path, row.sha256 = str(tiff), sha
+    task = dataclasses.replace(store.task(6), image_id=store.image_ids[7], image_path=str(tiff), sha256=sha)
+    report = push(backend, store, [store.task(0), task])
+    assert (report.pushed, report.pending) == (2, 0)
+    (warning,) = report.warnings
+    assert warning.startswith("1 images pushed are TIFF files") and str(tiff) in warning and "do not show" in warning
+
+
 def test_a_suspected_label_error_answered_in_label_studio_is_asked_again_in_its_task(labelstudio, store, backend) -> None:
     push(backend, store, [store.task(4, predicted="scratch", score=0.7)])
     task_id = task_ids_by_image(store)[store.image_ids[4]]
