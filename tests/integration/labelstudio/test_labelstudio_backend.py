@@ -113,26 +113,50 @@ def test_push_creates_one_task_per_image_with_prediction_and_is_idempotent(label
     assert len(task_ids_by_image(store)) == 4
 
 
-def test_a_tiff_image_is_pushed_with_a_warning_that_annotators_cannot_see_it(labelstudio, store, backend) -> None:
+def test_a_tiff_or_16_bit_image_is_shown_to_annotators_as_a_png_of_what_the_model_sees(labelstudio, store, backend, monkeypatch) -> None:
+    # no browser shows a TIFF (Label Studio's editor showed a broken image), and a 12-bit frame in 16 bits shows black
     import hashlib
+    import io
     from pathlib import Path
 
+    import numpy as np
     from PIL import Image as PILImage
 
     from store import session_scope
     from store.models import Image
 
-    tiff = Path(store.paths[7]).with_suffix(".tif")
-    PILImage.open(store.paths[7]).save(tiff)
-    sha = hashlib.sha256(tiff.read_bytes()).hexdigest()
+    frame = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 16)  # 12 significant bits
+    files = {7: Path(store.paths[7]).with_suffix(".tif"), 6: Path(store.paths[6]).with_name("frame16.png")}
+    tasks = []
     with session_scope(store.engine) as session:
-        row = session.get(Image, store.image_ids[7])
-        row.path, row.sha256 = str(tiff), sha
-    task = dataclasses.replace(store.task(6), image_id=store.image_ids[7], image_path=str(tiff), sha256=sha)
-    report = push(backend, store, [store.task(0), task])
-    assert (report.pushed, report.pending) == (2, 0)
-    (warning,) = report.warnings
-    assert warning.startswith("1 images pushed are TIFF files") and str(tiff) in warning and "do not show" in warning
+        for k, path in files.items():
+            PILImage.fromarray(frame).save(path)
+            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            row = session.get(Image, store.image_ids[k])
+            row.path, row.sha256 = str(path), sha
+            tasks.append(dataclasses.replace(store.task(k), image_path=str(path), sha256=sha))
+    report = push(backend, store, [store.task(0), *tasks])
+    assert (report.pushed, report.pending, report.warnings) == (3, 0, [])
+    admin = labelstudio.admin()
+    by_image = task_ids_by_image(store)
+    for task in tasks:
+        url = admin.tasks.get(id=str(by_image[task.image_id])).data["image"]
+        assert url.endswith(f"{task.sha256}.png")  # the copy in the project's cache; answers still go to the image
+        shown = httpx.get(f"{labelstudio.url}{url}", headers={"Authorization": f"Token {labelstudio.token}"})
+        assert shown.status_code == 200
+        assert np.asarray(PILImage.open(io.BytesIO(shown.content))).max() >= 250  # scaled over 12 bits (4080 of 4095)
+    assert admin.tasks.get(id=str(by_image[store.image_ids[0]])).data["image"].endswith("part00.png")  # an 8-bit PNG as it is
+
+    # the copies cannot be made under the document root: the TIFF goes as it is, and the push says annotators cannot see it
+    monkeypatch.setattr(LabelStudioBackend, "display_dir", staticmethod(lambda project: Path("/var/tmp/defect-loop-outside-the-root")))
+    other = Path(store.paths[5]).with_suffix(".tiff")
+    PILImage.fromarray(frame + 1).save(other)  # other bytes: another image
+    with session_scope(store.engine) as session:
+        row = session.get(Image, store.image_ids[5])
+        row.path, row.sha256 = str(other), hashlib.sha256(other.read_bytes()).hexdigest()
+    (warning,) = push(backend, store, [dataclasses.replace(store.task(5), image_path=str(other), sha256=row.sha256)]).warnings
+    assert warning.startswith("1 images pushed are TIFF files") and str(other) in warning and "broken image" in warning
+    assert not Path("/var/tmp/defect-loop-outside-the-root").exists()
 
 
 def test_a_suspected_label_error_answered_in_label_studio_is_asked_again_in_its_task(labelstudio, store, backend) -> None:
