@@ -388,7 +388,7 @@ class LabelStudioBackend:
         TIFF is listed in `unshowable`)."""
         from PIL import Image as PILImage
 
-        from modeling.preprocessing import pixel_depth, to_rgb
+        from modeling.preprocessing import DECODE_VERSION, pixel_depth, to_rgb
 
         path = os.path.abspath(task.image_path)
         tiff = os.path.splitext(path)[1].lower() in (".tif", ".tiff")
@@ -396,7 +396,7 @@ class LabelStudioBackend:
             with PILImage.open(path) as image:
                 if not tiff and pixel_depth(image) is None:
                     return path
-                shown = self.display_dir(project) / f"{task.sha256}.png"
+                shown = self.display_dir(project) / f"{task.sha256}-dec{DECODE_VERSION}.png"  # another decoding: another copy
                 lsc.local_files_url(str(shown), document_root=self.document_root)  # ValueError: not under the root
                 if not shown.is_file():
                     shown.parent.mkdir(parents=True, exist_ok=True)

@@ -141,7 +141,7 @@ def test_a_tiff_or_16_bit_image_is_shown_to_annotators_as_a_png_of_what_the_mode
     by_image = task_ids_by_image(store)
     for task in tasks:
         url = admin.tasks.get(id=str(by_image[task.image_id])).data["image"]
-        assert url.endswith(f"{task.sha256}.png")  # the copy in the project's cache; answers still go to the image
+        assert f"label_studio_display/{task.sha256}-dec" in url and url.endswith(".png")  # a copy in the project's cache; answers go to the image
         shown = httpx.get(f"{labelstudio.url}{url}", headers={"Authorization": f"Token {labelstudio.token}"})
         assert shown.status_code == 200
         assert np.asarray(PILImage.open(io.BytesIO(shown.content))).max() >= 250  # scaled over 12 bits (4080 of 4095)
