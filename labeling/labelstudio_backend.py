@@ -335,7 +335,7 @@ class LabelStudioBackend:
         }
         new_tasks: list[tuple[TaskRequest, dict[str, Any]]] = []
         storage_dirs: dict[str, bool] = {}
-        unshowable: list[str] = []  # TIFF files shown as they are: no display copy under the document root
+        unshowable: list[str] = []  # TIFF or wide images shown as they are: no display copy under the document root
         for task in to_push:
             adopted = in_label_studio.get((project.name, task.image_id, task.sha256))
             if adopted is not None:
@@ -365,10 +365,10 @@ class LabelStudioBackend:
             new_tasks.append((task, self._task_payload(task, project=project, image_url=image_url, round_number=round_number, model_version=model_version)))
 
         task_ids = lsc.import_tasks_with_predictions(client, project_id=ls_project_id, tasks=[payload for _, payload in new_tasks])
-        if unshowable:  # the loop reads them; the annotator's browser cannot
-            warnings.append(f"{len(unshowable)} images pushed are TIFF files (e.g. {unshowable[0]}), which browsers, and so Label Studio's "
-                            f"editor, do not show, and their PNG copies could not be made in {self.display_dir(project)} under Label "
-                            f"Studio's document root {self.document_root}: annotators see a broken image")
+        if unshowable:  # the loop reads them; the annotator's browser cannot, or not as the model sees them
+            warnings.append(f"{len(unshowable)} images pushed are TIFF files or have 16-bit or float pixels (e.g. {unshowable[0]}), which "
+                            "browsers, and so Label Studio's editor, show broken or dark, and their PNG copies could not be made in "
+                            f"{self.display_dir(project)} under Label Studio's document root {self.document_root}")
         for (task, _payload), task_id in zip(new_tasks, task_ids):
             self._map(session, mapped, task.image_id, ls_project_id, task_id)
             reached.add(task.image_id)
@@ -376,16 +376,16 @@ class LabelStudioBackend:
         report.pushed, report.already_present = len(task_ids), already_present
         return predictions_sent or any("predictions" in payload for _, payload in new_tasks)
 
-    @staticmethod
-    def display_dir(project: Project) -> Path:
-        """Where PNG copies of images a browser cannot show as the model sees them are kept: the project's cache."""
-        return Path(project.root_dir) / "cache" / "label_studio_display"
+    def display_dir(self, project: Project) -> Path:
+        """Where PNG copies of images a browser cannot show as the model sees them are kept: the project folder's
+        cache (the folder this command runs on; the store's root_dir is where the project was made)."""
+        return (self.project_dir or Path(project.root_dir)) / "cache" / "label_studio_display"
 
     def _shown_image(self, task: TaskRequest, *, project: Project, unshowable: list[str]) -> str:
         """The file annotators are shown: the image itself, or for a TIFF (no browser shows one) or 16-bit or float
         pixels (shown dark, or not at all) a PNG of what the model sees (modeling.preprocessing.to_rgb), made once per
-        content hash in display_dir, which must lie under Label Studio's document root (else the image itself, and a
-        TIFF is listed in `unshowable`)."""
+        content hash in display_dir, which must lie under Label Studio's document root (else the image itself, listed
+        in `unshowable`)."""
         from PIL import Image as PILImage
 
         from modeling.preprocessing import DECODE_VERSION, pixel_depth, to_rgb
@@ -401,12 +401,14 @@ class LabelStudioBackend:
                 if not shown.is_file():
                     shown.parent.mkdir(parents=True, exist_ok=True)
                     partial = shown.with_suffix(f".{os.getpid()}.tmp")
-                    to_rgb(image).save(partial, format="PNG")
-                    os.replace(partial, shown)
+                    try:
+                        to_rgb(image).save(partial, format="PNG")
+                        os.replace(partial, shown)
+                    finally:
+                        partial.unlink(missing_ok=True)
                 return str(shown)
-        except (OSError, ValueError):
-            if tiff:
-                unshowable.append(path)
+        except Exception:  # noqa: BLE001 - a copy is a courtesy: unreadable, damaged (SyntaxError), a pixel bomb, no room
+            unshowable.append(path)
             return path
 
     def _tasks_of(self, session: Session, *, ls_project_id: int, image_ids: set[int]) -> dict[int, int]:

@@ -36,7 +36,7 @@ class Preprocessing:
         return f"dec{DECODE_VERSION}-s{values['image_size']}-m{'_'.join(f'{m:g}' for m in self.mean)}-d{'_'.join(f'{s:g}' for s in self.std)}"
 
 
-_DECODE_MARK = re.compile(r"-?dec(\d+)(?=[-.]|$)")
+_DECODE_MARK = re.compile(r"-dec(\d+)(?=[-.]|$)")  # "-dec2" as a name part of its own (not "...ddec7" in a weights hash)
 
 
 def remove_caches_of_older_decoding(cache_root: Path) -> list[str]:
@@ -48,8 +48,15 @@ def remove_caches_of_older_decoding(cache_root: Path) -> list[str]:
     import shutil
 
     removed = []
-    for kind in sorted(p for p in Path(cache_root).glob("*") if p.is_dir()) if Path(cache_root).is_dir() else []:
-        entries = {entry.name: entry for entry in kind.iterdir()}
+    try:
+        kinds = sorted(p for p in Path(cache_root).iterdir() if p.is_dir())
+    except OSError:  # no cache yet, or not readable: nothing to remove
+        return removed
+    for kind in kinds:
+        try:
+            entries = {entry.name: entry for entry in kind.iterdir()}
+        except OSError:  # another user's folder, lost+found, removed meanwhile: never a reason to fail a round
+            continue
         current = {_DECODE_MARK.sub("", name) for name in entries if _decode_version(name) == DECODE_VERSION}
         for name, entry in sorted(entries.items()):
             if _decode_version(name) < DECODE_VERSION and _DECODE_MARK.sub("", name) in current:

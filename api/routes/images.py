@@ -53,20 +53,30 @@ def get_image(image_id: RowId, session: SessionDep, _scope: BrowserReadScope,
     return Response(content=data, media_type=media_type, headers={"Cache-Control": "private, max-age=300"})
 
 
+# view=display answers at most this many pixels a side (the dashboard shows thumbnails) and converts at most this many
+# pixels (a 9000x9000 float TIFF took 1 GB and 5 s a request): beyond, the file as it is
+DISPLAY_SIDE = 1024
+DISPLAY_MAX_PIXELS = 40_000_000
+
+
 def _for_browsers(data: bytes) -> bytes | None:
-    """A PNG of the picture the model sees (modeling.preprocessing.to_rgb) when browsers would show the file otherwise
-    or not at all: TIFF (no browser shows it), 16-bit and float pixels (shown dark, or not). None: the file shows as is
-    (browsers apply the EXIF orientation themselves)."""
+    """A PNG of the picture the model sees (modeling.preprocessing.to_rgb), at most DISPLAY_SIDE a side, when browsers
+    would show the file otherwise or not at all: TIFF (no browser shows it), 16-bit and float pixels (shown dark, or
+    not). None: the file shows as is (browsers apply the EXIF orientation themselves), or is too large to convert."""
     from PIL import Image as PILImage
 
     from modeling.preprocessing import pixel_depth, to_rgb
 
     try:
         with PILImage.open(io.BytesIO(data)) as image:
+            if image.width * image.height > DISPLAY_MAX_PIXELS:
+                return None
             if image.format != "TIFF" and pixel_depth(image) is None:
                 return None
+            shown = to_rgb(image)
+            shown.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
             buffer = io.BytesIO()
-            to_rgb(image).save(buffer, format="PNG")
+            shown.save(buffer, format="PNG")
             return buffer.getvalue()
-    except (OSError, ValueError, PILImage.DecompressionBombError):
-        return None  # the file as it is: the browser says what it can
+    except Exception:  # noqa: BLE001 - damaged (OSError, SyntaxError), a pixel bomb: the file as it is, the browser says what it can
+        return None

@@ -224,6 +224,7 @@ def test_caches_of_an_older_decoding_are_removed_once_the_current_ones_exist(tmp
                        f"lite0-multilayer-{older}-s64-m0.5", "lite0-multilayer-s224-m0.5"],  # another image size: kept
         "detail_thumbnails": [f"detail-128px-sigma2-{current}", "detail-128px-sigma2"],
         "onnx": [f"embed-lite0-{current}-s64.onnx", "embed-lite0-s64.onnx", "embed-other-s64.onnx"],  # no current twin: kept
+        "patch_features": [f"resnet-file-0a1bddec7-{current}-s64", "resnet-file-0a1bddec7-s64"],  # 'ddec7' is a weights hash, not a mark
     }
     for kind, entries in names.items():
         for name in entries:
@@ -236,8 +237,9 @@ def test_caches_of_an_older_decoding_are_removed_once_the_current_ones_exist(tmp
                 (path / "rows.npy").write_bytes(b"rows")
     removed = remove_caches_of_older_decoding(tmp_path)
     assert sorted(removed) == sorted(["embeddings/lite0-multilayer-s64-m0.5", f"embeddings/lite0-multilayer-{older}-s64-m0.5",
-                                      "detail_thumbnails/detail-128px-sigma2", "onnx/embed-lite0-s64.onnx"])
+                                      "detail_thumbnails/detail-128px-sigma2", "onnx/embed-lite0-s64.onnx", "patch_features/resnet-file-0a1bddec7-s64"])
     left = {f"{kind}/{p.name}" for kind in names for p in (tmp_path / kind).iterdir()}
     assert left == {f"embeddings/lite0-multilayer-{current}-s64-m0.5", "embeddings/lite0-multilayer-s224-m0.5",
-                    f"detail_thumbnails/detail-128px-sigma2-{current}", f"onnx/embed-lite0-{current}-s64.onnx", "onnx/embed-other-s64.onnx"}
+                    f"detail_thumbnails/detail-128px-sigma2-{current}", f"onnx/embed-lite0-{current}-s64.onnx", "onnx/embed-other-s64.onnx",
+                    f"patch_features/resnet-file-0a1bddec7-{current}-s64"}
     assert remove_caches_of_older_decoding(tmp_path / "missing") == []

@@ -63,8 +63,19 @@ def test_display_view_shows_tiff_and_16_bit_files_as_the_model_sees_them(writabl
             row = session.get(Image, image_id)
             row.path, row.sha256 = str(tmp_path / name), hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
     engine.dispose()
-    plain_id = writable_store.image_ids[2]
+    plain_id, damaged_id = writable_store.image_ids[2], writable_store.image_ids[3]
+    damaged = tmp_path / "damaged16.png"
+    buffer = io.BytesIO()
+    PILImage.fromarray(frame).save(buffer, format="PNG")
+    damaged.write_bytes(buffer.getvalue()[:60] + b"\x00" * 40 + buffer.getvalue()[100:])  # a broken chunk: PIL raises SyntaxError
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        row = session.get(Image, damaged_id)
+        row.path, row.sha256 = str(damaged), hashlib.sha256(damaged.read_bytes()).hexdigest()
+    engine.dispose()
     with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        broken = client.get(f"/images/{damaged_id}?view=display", headers=read_headers)
+        assert broken.status_code == 200 and broken.content == damaged.read_bytes()  # the file as it is, not a 500
         for (name, _kind), image_id in zip(files.items(), writable_store.image_ids[:2]):
             as_stored = client.get(f"/images/{image_id}", headers=read_headers)
             assert as_stored.content == (tmp_path / name).read_bytes()  # the file, byte for byte, unless asked
