@@ -76,7 +76,7 @@ def _decode_version(name: str) -> int:
 def pixel_depth(image: Image.Image) -> str | None:
     """How to_rgb brings an image of more than 8 bits a channel down to 8 (None: 8 bits or fewer, converted as is):
     "12 significant bits (0..4095)", "32-bit float in 0..1", "32-bit float, stretched over -3.2..7.5"."""
-    return _to_uint8(image)[1] if _wide(image) else None
+    return _to_uint8(image, convert=False)[1] if _wide(image) else None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -106,22 +106,26 @@ def _scale_table(bits: int) -> np.ndarray:
     return np.clip(np.round(np.arange(2 ** 16) * (255.0 / (2 ** bits - 1))), 0, 255).astype(np.uint8)
 
 
-def _to_uint8(image: Image.Image) -> tuple[np.ndarray, str]:
+def _to_uint8(image: Image.Image, *, convert: bool = True) -> tuple[np.ndarray | None, str]:
+    """(the 8-bit pixels, or None when not `convert`: pixel_depth asks only how; how they were scaled)."""
     pixels = np.asarray(image)
     if pixels.dtype.kind == "f":
         pixels = np.nan_to_num(pixels.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
         low, high = float(pixels.min(initial=0.0)), float(pixels.max(initial=0.0))
         if low >= 0.0 and high <= 1.0:
-            return np.round(pixels * np.float32(255.0)).astype(np.uint8), "32-bit float in 0..1"
+            return (np.round(pixels * np.float32(255.0)).astype(np.uint8) if convert else None), "32-bit float in 0..1"
         how = f"32-bit float, stretched over {low:.3g}..{high:.3g}"
     else:
         low, high = int(pixels.min(initial=0)), int(pixels.max(initial=0))
         if low >= 0 and high <= 255:
-            return pixels.astype(np.uint8), "8 significant bits (0..255)"
+            return (pixels.astype(np.uint8) if convert else None), "8 significant bits (0..255)"
         if low >= 0 and high < 2 ** 16:
             bits = next(b for b in STANDARD_BIT_DEPTHS if high < 2 ** b)
-            return _scale_table(bits)[pixels.astype(np.uint16, copy=False)], f"{bits} significant bits (0..{2 ** bits - 1})"
+            how = f"{bits} significant bits (0..{2 ** bits - 1})"
+            return (_scale_table(bits)[pixels.astype(np.uint16, copy=False)] if convert else None), how
         how = f"integers stretched over {low}..{high}"
+    if not convert:
+        return None, how
     span = high - low
     scaled = (pixels.astype(np.float32) - np.float32(low)) * np.float32(255.0 / span) if span > 0 else np.zeros(pixels.shape, dtype=np.float32)
     return np.round(scaled).astype(np.uint8), how

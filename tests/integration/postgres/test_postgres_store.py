@@ -34,6 +34,17 @@ def invoke(*args: str):  # noqa: ANN201
     return result
 
 
+def oracle_project(postgres, tmp_path: Path, oracle_manifests: tuple[Path, Path], *, image_size: int) -> tuple[str, Path]:  # noqa: ANN001
+    """(store URL, folder) of a project on a new PostgreSQL database, the oracle answering, its images ingested."""
+    url = postgres.new_database()
+    truth, manifest = oracle_manifests
+    project = tmp_path / "project"
+    invoke("init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good", "--annotator", "oracle",
+           "--oracle-manifest", str(truth), "--budget", "5", "--image-size", str(image_size), "--database-url", url)
+    invoke("ingest", str(manifest), "--project", str(project), "--quiet")
+    return url, project
+
+
 def test_the_migrations_build_exactly_the_models_schema_on_postgres_and_step_down_and_up(postgres) -> None:  # noqa: ANN001
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
@@ -72,12 +83,7 @@ def test_rounds_status_and_api_on_a_postgres_store(postgres, tmp_path: Path, ora
     from api.app import create_app
     from api.settings import Settings
 
-    url = postgres.new_database()
-    truth, manifest = oracle_manifests
-    project = tmp_path / "project"
-    invoke("init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good", "--annotator", "oracle",
-           "--oracle-manifest", str(truth), "--budget", "5", "--image-size", "96", "--database-url", url)
-    invoke("ingest", str(manifest), "--project", str(project), "--quiet")
+    url, project = oracle_project(postgres, tmp_path, oracle_manifests, image_size=96)
     for _ in range(2):
         invoke("round", "--project", str(project), "--quiet")
     assert not (project / "loop.db").exists()  # everything went to PostgreSQL
@@ -185,12 +191,7 @@ def test_a_round_whose_store_lock_connection_was_dropped_takes_the_lock_again_or
     import loop.round as round_module
     from store.db import STORE_LOCK_KEYS, create_db_engine, store_lock_held
 
-    url = postgres.new_database()
-    truth, manifest = oracle_manifests
-    project = tmp_path / "project"
-    invoke("init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good", "--annotator", "oracle",
-           "--oracle-manifest", str(truth), "--budget", "5", "--image-size", "64", "--database-url", url)
-    invoke("ingest", str(manifest), "--project", str(project), "--quiet")
+    url, project = oracle_project(postgres, tmp_path, oracle_manifests, image_size=64)
     other = create_db_engine(url)
     other_holder = other.connect()
 
