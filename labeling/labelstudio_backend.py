@@ -159,6 +159,8 @@ class LabelStudioBackend:
             or getattr(annotator, "labelstudio_document_root", None)
             or DEFAULT_DOCUMENT_ROOT
         )
+        # the camera's bits loop.toml fixes ([model] bit_depth): display copies show what the model sees
+        self.bit_depth = getattr(getattr(config, "model", None), "camera_bit_depth", None)
         self.class_descriptions = dict(class_descriptions if class_descriptions is not None else getattr(config, "class_descriptions", None) or {})
         self.project_title = project_title
         self.project_dir = Path(project_dir) if project_dir is not None else None
@@ -388,7 +390,7 @@ class LabelStudioBackend:
         in `unshowable`)."""
         from PIL import Image as PILImage
 
-        from modeling.preprocessing import DECODE_VERSION, pixel_depth, to_rgb
+        from modeling.preprocessing import decode_key, pixel_depth, to_rgb
 
         path = os.path.abspath(task.image_path)
         tiff = os.path.splitext(path)[1].lower() in (".tif", ".tiff")
@@ -396,13 +398,13 @@ class LabelStudioBackend:
             with PILImage.open(path) as image:
                 if not tiff and pixel_depth(image) is None:
                     return path
-                shown = self.display_dir(project) / f"{task.sha256}-dec{DECODE_VERSION}.png"  # another decoding: another copy
+                shown = self.display_dir(project) / f"{task.sha256}-{decode_key(self.bit_depth)}.png"  # another decoding: another copy
                 lsc.local_files_url(str(shown), document_root=self.document_root)  # ValueError: not under the root
                 if not shown.is_file():
                     shown.parent.mkdir(parents=True, exist_ok=True)
                     partial = shown.with_suffix(f".{os.getpid()}.tmp")
                     try:
-                        to_rgb(image).save(partial, format="PNG")
+                        to_rgb(image, bit_depth=self.bit_depth).save(partial, format="PNG")
                         os.replace(partial, shown)
                     finally:
                         partial.unlink(missing_ok=True)

@@ -75,6 +75,7 @@ def init(
     backbone: Annotated[Optional[str], typer.Option(help="timm model name (default efficientnet_lite0; with --init-from: the checkpoint's)")] = None,
     weights: Annotated[Optional[str], typer.Option(help="default | none | PATH to a state dict (not with --init-from)")] = None,
     image_size: Annotated[int, typer.Option(help="input resolution in pixels")] = 224,
+    bit_depth: Annotated[str, typer.Option(help="the camera's significant bits for 16-bit frames, 8..16 (e.g. 12 for Mono12), or auto: each frame by its own largest value")] = "auto",
     pooling: Annotated[str, typer.Option(help="embedding pooling: multilayer (last 4 stages + head, avg and max) | avg (last feature map)")] = "multilayer",
     train: Annotated[str, typer.Option(help="training strategy: head | finetune | full")] = "head",
     annotator: Annotated[str, typer.Option(help="annotator backend: none | oracle | labelstudio")] = "none",
@@ -93,7 +94,9 @@ def init(
         try:
             config = ProjectConfig(
                 name=name or project_dir.name, classes=_split_classes(classes), negative_class=negative_class, database_url=database_url,
-                model=ModelConfig(backbone=backbone or "efficientnet_lite0", weights=weights or "default", image_size=image_size, pooling=pooling, train=train, init_from=str(init_from) if init_from else None),
+                model=ModelConfig(backbone=backbone or "efficientnet_lite0", weights=weights or "default", image_size=image_size,
+                                  bit_depth=int(bit_depth) if bit_depth.strip().isdigit() else bit_depth.strip(), pooling=pooling, train=train,
+                                  init_from=str(init_from) if init_from else None),
                 loop=LoopConfig(budget_per_round=budget, strategy=strategy),
                 annotator=AnnotatorConfig(backend=annotator, oracle_manifest=str(oracle_manifest.expanduser().resolve()) if oracle_manifest else None, oracle_noise=oracle_noise),
             )

@@ -86,6 +86,11 @@ class ModelConfig(Strict):
     backbone: str = "efficientnet_lite0"
     weights: str = "default"  # default | none | path to a state dict
     image_size: int = Field(224, ge=32, le=1024)
+    # The camera's significant bits for frames stored in 16 bits (e.g. 12 for a Mono12 camera): every such frame is
+    # scaled by them. "auto" scales each frame by 12, 14 or 16 bits, the smallest that holds its largest value, and
+    # keeps a frame with no value above 255 as it is, so one camera's very dark frames come out brighter than their
+    # siblings (ingest warns of such a mix). A change takes effect at the next round (its caches are keyed by it).
+    bit_depth: Literal["auto"] | int = "auto"
     # The frozen embedding (selection, the `head` strategy, label quality): "multilayer" pools the last four stages
     # and the head conv (average + max), "avg" only the last feature map. Multi-layer found more small defects on
     # magnetic tile at the same ONNX Runtime cost (benchmarks/feature_variants.py).
@@ -111,6 +116,18 @@ class ModelConfig(Strict):
     # Options of the training strategies ([model.training] in loop.toml), e.g. epochs = 6, trainable_stages = 2,
     # mode = "augment", augmentation = "factory", tta = "flips", balance = "sampler", loss = "focal".
     training: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("bit_depth", mode="before")
+    @classmethod
+    def _camera_bits(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) is int and 8 <= value <= 16):
+            return value
+        raise ValueError(f'must be "auto" or the camera\'s significant bits, a whole number from 8 to 16 (e.g. 12), not {value!r}')
+
+    @property
+    def camera_bit_depth(self) -> int | None:
+        """bit_depth as modeling.preprocessing reads it: None for "auto"."""
+        return None if self.bit_depth == "auto" else int(self.bit_depth)
 
     @field_validator("training")
     @classmethod

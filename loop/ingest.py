@@ -256,7 +256,7 @@ class FileCheck(NamedTuple):
     n_frames: int = 1  # pages of a TIFF, frames of an animation: the first is used
 
 
-def inspect_file(path: Path) -> FileCheck:
+def inspect_file(path: Path, *, bit_depth: int | None = None) -> FileCheck:
     data = path.read_bytes()
     stat = path.stat()
     sha = hashlib.sha256(data).hexdigest()
@@ -266,7 +266,7 @@ def inspect_file(path: Path) -> FileCheck:
             width, height = image.size
             if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # turned a quarter by its EXIF orientation
                 width, height = height, width
-            depth, n_frames = pixel_depth(image), int(getattr(image, "n_frames", 1))
+            depth, n_frames = pixel_depth(image, bit_depth=bit_depth), int(getattr(image, "n_frames", 1))
     except PILImage.DecompressionBombError as error:  # neither OSError nor ValueError
         return FileCheck(sha, stat.st_size, stat.st_mtime_ns, None, None, f"too many pixels to decode safely: {error}")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
@@ -386,10 +386,11 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         raise IngestError(f"unknown classes in {source}: {listed}. The project's classes are {sorted(classes)}; "
                           "add them to loop.toml `classes` or fix the labels. Nothing was stored.")
     report = IngestReport(layout=layout, n_files=len(files), notes=list(notes))
+    bit_depth = ctx.config.model.camera_bit_depth
     inspected: list[tuple[SourceFile, FileCheck]] = []
     with progress_bar(f"checking {len(files)} files", total=len(files), enabled=show_progress) as advance:
         for file in files:
-            inspected.append((file, inspect_file(file.path)))
+            inspected.append((file, inspect_file(file.path, bit_depth=bit_depth)))
             advance(1)
 
     with session_scope(ctx.engine) as session:
@@ -404,6 +405,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         new_labels: dict[str, str] = {}
         label_for_known: list[tuple[Image, str, str]] = []
         depths: Counter[str] = Counter()
+        clipped: list[str] = []  # frames with values above the camera's bits loop.toml sets
         multi_frame: list[str] = []
         found_again: list[str] = []
         for file, (sha, size, mtime_ns, width, height, reason, depth, n_frames) in inspected:
@@ -444,7 +446,10 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
             )
             new_images[sha] = image
             if depth is not None:
-                depths[depth] += 1
+                how, _, above = depth.partition(": values up to ")
+                depths[how] += 1
+                if above:
+                    clipped.append(f"{file.path} (up to {above.removesuffix(' clipped')})")
             if n_frames > 1:
                 multi_frame.append(f"{file.path} ({n_frames})")
             if reason is not None:
@@ -456,10 +461,14 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         if depths:
             report.notes.append(f"{sum(depths.values())} images are stored with more than 8 bits a channel; every model path (and the "
                                 "thumbnails) sees them brought to 8 bits: " + "; ".join(f"{n} with {how}" for how, n in depths.most_common()))
-            if len(depths) > 1:
+            if clipped:
+                report.notes.append(f"{len(clipped)} images hold values above the {bit_depth} bits loop.toml sets for the camera "
+                                    f"([model] bit_depth): they are clipped to white, so the setting is likely wrong for them: "
+                                    f"{_listed(clipped)}")
+            elif len(depths) > 1 and bit_depth is None:
                 report.notes.append("these images got different scales (each image's by its own largest value): if they come from one "
-                                    "camera, the darker frames look brighter to the model than their siblings; convert them to one "
-                                    "scale before ingesting (e.g. 8-bit, or 16-bit over the full range)")
+                                    "camera, the darker frames look brighter to the model than their siblings; set the camera's bits "
+                                    "in loop.toml ([model] bit_depth = 12, say) before the next round, or convert them to one scale")
         if multi_frame:
             report.notes.append(f"{len(multi_frame)} files hold several pages or frames; only the first is used: {_listed(multi_frame)}")
         if found_again:

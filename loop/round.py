@@ -53,7 +53,7 @@ from modeling.neighbor_graph import GRAPH_NEIGHBORS, NeighborGraphCache, nearest
 from modeling.latency import measure_onnx_latency
 from modeling.onnx_export import export_onnx
 from modeling.plots import plot_confusion_matrix, plot_gates_over_rounds, plot_training_curves
-from modeling.preprocessing import DECODE_VERSION, Preprocessing, remove_caches_of_older_decoding
+from modeling.preprocessing import Preprocessing, decode_key, remove_caches_of_older_decoding
 from modeling.selection import select_batch
 from modeling.transfer import find_model_checkpoint, load_init_checkpoint, save_model_checkpoint
 from modeling.training import TrainedClassifier, TrainingData, available_training_strategies, head_fit_predict, train_classifier
@@ -257,7 +257,7 @@ def find_near_copies(state: RoundState) -> None:
     if state.neighbor_graph.status.get("saved") is False:
         state.console.print(f"[yellow]could not write the neighbour graph cache {escape(str(graph_cache.path))}: the next round recomputes it[/yellow]")
     # pairs correlated in earlier rounds are not redone: a round with few new images costs their pairs and the null's
-    pair_cache = PairCorrelationCache(cache_root / "detail_pairs" / f"{correlation_version()}.npz")
+    pair_cache = PairCorrelationCache(cache_root / "detail_pairs" / f"{correlation_version(bit_depth=state.preprocessing.bit_depth)}.npz")
     with progress_bar("checking near-duplicates on pixels", total=near_duplicate_work(len(state.image_ids)), enabled=state.options.show_progress) as advance:
         state.near_duplicates = find_near_duplicates(embeddings=state.embeddings, thumbnails=thumbnails, known_groups=parts,
                                                      seed=state.config.loop.seed, advance=advance, pair_cache=pair_cache, image_keys=state.hashes,
@@ -358,7 +358,7 @@ def embed_images(state: RoundState) -> None:
         state.init_training_options = init.training_options()
     else:
         state.backbone = create_backbone(model.backbone, weights=_weights_path(state, model.weights), pooling=model.pooling)
-    state.preprocessing = Preprocessing(model.image_size, state.backbone.mean, state.backbone.std)
+    state.preprocessing = Preprocessing(model.image_size, state.backbone.mean, state.backbone.std, model.camera_bit_depth)
     cache_root = state.options.embedding_cache_dir or state.ctx.cache_dir
     cache = EmbeddingCache(cache_root / "embeddings", embedding_model_key(state.backbone, state.preprocessing))
     missing = cache.missing(state.hashes)
@@ -652,7 +652,8 @@ def predict_all_images(state: RoundState) -> None:
         return
     from PIL import Image as PILImage
 
-    classifier = OnnxClassifier(state.artifacts["model_onnx"], image_size=state.preprocessing.image_size, mean=state.preprocessing.mean, std=state.preprocessing.std)
+    classifier = OnnxClassifier(state.artifacts["model_onnx"], image_size=state.preprocessing.image_size, mean=state.preprocessing.mean,
+                                std=state.preprocessing.std, bit_depth=state.preprocessing.bit_depth)
     outputs = []
     # the deployed model over every image (selection needs the pool's probabilities): ~12 ms an image on 2 cores
     with progress_bar("predicting every image with the deployed model", total=len(state.paths), enabled=state.options.show_progress) as advance:
@@ -951,12 +952,13 @@ def gate_values_text(values: dict[str, Any]) -> str:
 def _detail_thumbnails(state: RoundState) -> CachedRows:
     """Every image's detail thumbnail, cached per image hash like the embeddings (float16: 32 KB an image)."""
     cache_root = state.options.embedding_cache_dir or state.ctx.cache_dir
-    cache = EmbeddingCache(cache_root / "detail_thumbnails", f"detail-{DETAIL_SIZE}px-sigma{DETAIL_BLUR_SIGMA:g}-dec{DECODE_VERSION}")
+    bit_depth = state.preprocessing.bit_depth
+    cache = EmbeddingCache(cache_root / "detail_thumbnails", f"detail-{DETAIL_SIZE}px-sigma{DETAIL_BLUR_SIGMA:g}-{decode_key(bit_depth)}")
     missing = cache.missing(state.hashes)
     if missing:
         path_by_hash = dict(zip(state.hashes, state.paths))
         with progress_bar(f"detail thumbnails of {len(missing)} new images", total=len(missing), enabled=state.options.show_progress) as advance:
-            cache.put(missing, detail_thumbnails([path_by_hash[sha] for sha in missing], advance=advance, dtype=np.float16))
+            cache.put(missing, detail_thumbnails([path_by_hash[sha] for sha in missing], advance=advance, dtype=np.float16, bit_depth=bit_depth))
     return cache.rows(state.hashes)  # float16 rows read from the memory-mapped cache one at a time (100k images: 3.2 GB)
 
 

@@ -409,12 +409,12 @@ def _normalised_image(path: str, preprocessing: Preprocessing) -> np.ndarray:
     return load_image_array(path, preprocessing)
 
 
-def _uint8_image(path: str, size: int) -> np.ndarray:
-    key = ("uint8", size, *_file_key(path))
+def _uint8_image(path: str, size: int, bit_depth: int | None = None) -> np.ndarray:
+    key = ("uint8", size, bit_depth, *_file_key(path))
     cached = FEATURE_MAP_CACHE.get(key)
     if cached is None:
         with Image.open(path) as image:  # the same decode and resize as modeling.preprocessing, before normalisation
-            cached = np.ascontiguousarray(np.asarray(to_rgb(image).resize((size, size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1))
+            cached = np.ascontiguousarray(np.asarray(to_rgb(image, bit_depth=bit_depth).resize((size, size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1))
         FEATURE_MAP_CACHE.put(key, cached)
     return cached
 
@@ -741,7 +741,7 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
         else:
             images = []
             for i in indices:
-                image = torch.from_numpy(_uint8_image(data.train_paths[i], data.preprocessing.image_size)).float().div_(255.0)
+                image = torch.from_numpy(_uint8_image(data.train_paths[i], data.preprocessing.image_size, data.preprocessing.bit_depth)).float().div_(255.0)
                 images.append((augment(image) - mean) / std)
             maps = runner(torch.stack(images).numpy())
         return _as_input(maps, config.channels_last)

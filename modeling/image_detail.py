@@ -25,7 +25,7 @@ N_PEAKS = 3  # distinct phase-correlation peaks tried per pair: a periodic textu
 PEAK_EXCLUSION = 2  # px around a peak that belong to it (a sub-pixel shift spreads one peak over neighbours)
 
 
-def detail_thumbnail(path: str | Path) -> np.ndarray:
+def detail_thumbnail(path: str | Path, *, bit_depth: int | None = None) -> np.ndarray:
     """(DETAIL_SIZE, DETAIL_SIZE) float32: equalised greyscale minus its Gaussian blur."""
     from PIL import Image, ImageOps
     from scipy.ndimage import gaussian_filter
@@ -33,15 +33,16 @@ def detail_thumbnail(path: str | Path) -> np.ndarray:
     from modeling.preprocessing import to_rgb
 
     with Image.open(path) as image:
-        pixels = np.asarray(ImageOps.equalize(to_rgb(image).convert("L")).resize((DETAIL_SIZE, DETAIL_SIZE), Image.BILINEAR), dtype=np.float32)
+        pixels = np.asarray(ImageOps.equalize(to_rgb(image, bit_depth=bit_depth).convert("L")).resize((DETAIL_SIZE, DETAIL_SIZE), Image.BILINEAR), dtype=np.float32)
     return pixels - gaussian_filter(pixels, DETAIL_BLUR_SIGMA)
 
 
-def detail_thumbnails(paths: Sequence[str | Path], *, advance: Callable[[int], None] | None = None, dtype: type = np.float32) -> np.ndarray:
+def detail_thumbnails(paths: Sequence[str | Path], *, advance: Callable[[int], None] | None = None, dtype: type = np.float32,
+                      bit_depth: int | None = None) -> np.ndarray:
     """(n, DETAIL_SIZE * DETAIL_SIZE) rows, one per path (flattened so an embedding cache can hold them)."""
     rows = np.empty((len(paths), DETAIL_SIZE * DETAIL_SIZE), dtype=dtype)
     for row, path in enumerate(paths):
-        rows[row] = detail_thumbnail(path).ravel()
+        rows[row] = detail_thumbnail(path, bit_depth=bit_depth).ravel()
         if advance is not None:
             advance(1)
     return rows
@@ -108,10 +109,11 @@ class AlignedCorrelation:
 CORRELATION_CODE_VERSION = 2  # 2: images decoded by modeling.preprocessing.to_rgb; bump when detail_thumbnail or AlignedCorrelation change in a way the constants don't show
 
 
-def correlation_version() -> str:
-    """What an aligned correlation depends on besides the two images: a cache key part."""
+def correlation_version(*, bit_depth: int | None = None) -> str:
+    """What an aligned correlation depends on besides the two images: a cache key part (with the camera's bits when a
+    project fixed them: the thumbnails are decoded by them)."""
     return (f"v{CORRELATION_CODE_VERSION}-detail-{DETAIL_SIZE}px-sigma{DETAIL_BLUR_SIGMA:g}-overlap{MIN_OVERLAP:g}"
-            f"-peaks{N_PEAKS}-exclusion{PEAK_EXCLUSION}")
+            f"-peaks{N_PEAKS}-exclusion{PEAK_EXCLUSION}" + ("" if bit_depth is None else f"-b{bit_depth}"))
 
 
 class PairCorrelationCache:

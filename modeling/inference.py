@@ -11,8 +11,9 @@ from modeling.preprocessing import Preprocessing, image_to_array
 
 
 class OnnxClassifier:
-    def __init__(self, onnx_path: str | Path, *, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], threads: int = 2):
-        self.preprocessing = Preprocessing(int(image_size), tuple(mean), tuple(std))  # type: ignore[arg-type]
+    def __init__(self, onnx_path: str | Path, *, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], threads: int = 2,
+                 bit_depth: int | None = None):
+        self.preprocessing = Preprocessing(int(image_size), tuple(mean), tuple(std), bit_depth)  # type: ignore[arg-type]
         self.session = open_session(Path(onnx_path), threads=threads)
 
     def predict_proba(self, images: list[Image.Image], *, batch_size: int = 32) -> np.ndarray:

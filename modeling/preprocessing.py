@@ -15,6 +15,13 @@ DECODE_VERSION = 2
 # Scales for integer pixels above 255 (Mono10/12/14 frames often sit right-aligned in 16 bits). No 10: a 10-bit
 # camera's frames take the 12-bit scale (4x darker, 256 levels kept) rather than splitting between 10 and 12
 STANDARD_BIT_DEPTHS = (12, 14, 16)
+# A camera's significant bits a project can fix ([model] bit_depth in loop.toml): every frame then gets that scale
+CAMERA_BIT_DEPTHS = range(8, 17)
+
+
+def decode_key(bit_depth: int | None = None) -> str:
+    """The cache-key part for how files are decoded: "dec2", or "dec2-b12" for a project that fixed its camera's bits."""
+    return f"dec{DECODE_VERSION}" if bit_depth is None else f"dec{DECODE_VERSION}-b{bit_depth}"
 
 
 @dataclass(frozen=True)
@@ -22,18 +29,20 @@ class Preprocessing:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    bit_depth: int | None = None  # the camera's significant bits, when the project fixed them (to_rgb)
 
     def as_dict(self) -> dict:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std), "bit_depth": self.bit_depth}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocessing":
-        return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]))  # type: ignore[arg-type]
+        bit_depth = data.get("bit_depth")  # absent from models made before the setting: the per-frame rule
+        return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]), None if bit_depth is None else int(bit_depth))  # type: ignore[arg-type]
 
     @property
     def key(self) -> str:
         values = asdict(self)
-        return f"dec{DECODE_VERSION}-s{values['image_size']}-m{'_'.join(f'{m:g}' for m in self.mean)}-d{'_'.join(f'{s:g}' for s in self.std)}"
+        return f"{decode_key(self.bit_depth)}-s{values['image_size']}-m{'_'.join(f'{m:g}' for m in self.mean)}-d{'_'.join(f'{s:g}' for s in self.std)}"
 
 
 _DECODE_MARK = re.compile(r"-dec(\d+)(?=[-.]|$)")  # "-dec2" as a name part of its own (not "...ddec7" in a weights hash)
@@ -73,13 +82,15 @@ def _decode_version(name: str) -> int:
     return int(match.group(1)) if match else 1
 
 
-def pixel_depth(image: Image.Image) -> str | None:
+def pixel_depth(image: Image.Image, *, bit_depth: int | None = None) -> str | None:
     """How to_rgb brings an image of more than 8 bits a channel down to 8 (None: 8 bits or fewer, converted as is):
-    "12 significant bits (0..4095)", "32-bit float in 0..1", "32-bit float, stretched over -3.2..7.5"."""
-    return _to_uint8(image, convert=False)[1] if _wide(image) else None
+    "12 significant bits (0..4095)", "32-bit float in 0..1", "32-bit float, stretched over -3.2..7.5", and with a
+    fixed bit_depth "12 significant bits (0..4095), as set" or "12 significant bits (0..4095), as set: values up to
+    65535 clipped" (the setting is wrong for that file)."""
+    return _to_uint8(image, convert=False, bit_depth=bit_depth)[1] if _wide(image) else None
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, *, bit_depth: int | None = None) -> Image.Image:
     """The 8-bit RGB picture every path sees (embedding, training, thumbnails, the deployed model, /predict):
     - turned by its EXIF orientation, as browsers and Label Studio show the photo to annotators;
     - 16-bit and float pixels scaled to 8 bits (PIL's convert clips them: a 12-bit camera's frames came out white,
@@ -88,11 +99,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
       camera's frames share one scale, and a 14- or 16-bit camera's too unless a frame stays under a quarter of the
       range (it is then brightened: pixel_depth says which scale each image got, and ingest warns of a mix). Float
       pixels in 0..1: times 255; anything else is stretched over its own range;
+      A project that fixes its camera's `bit_depth` (8..16) has every integer frame scaled by it instead, dark or
+      not (values above it are clipped: pixel_depth says so);
     - greyscale, palette and CMYK images converted to RGB."""
     if image.getexif().get(0x0112, 1) != 1:  # Orientation: only then is a copy worth making
         image = ImageOps.exif_transpose(image)
     if _wide(image):
-        image = Image.fromarray(_to_uint8(image)[0])
+        image = Image.fromarray(_to_uint8(image, bit_depth=bit_depth)[0])
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -106,7 +119,7 @@ def _scale_table(bits: int) -> np.ndarray:
     return np.clip(np.round(np.arange(2 ** 16) * (255.0 / (2 ** bits - 1))), 0, 255).astype(np.uint8)
 
 
-def _to_uint8(image: Image.Image, *, convert: bool = True) -> tuple[np.ndarray | None, str]:
+def _to_uint8(image: Image.Image, *, convert: bool = True, bit_depth: int | None = None) -> tuple[np.ndarray | None, str]:
     """(the 8-bit pixels, or None when not `convert`: pixel_depth asks only how; how they were scaled)."""
     pixels = np.asarray(image)
     if pixels.dtype.kind == "f":
@@ -117,6 +130,11 @@ def _to_uint8(image: Image.Image, *, convert: bool = True) -> tuple[np.ndarray |
         how = f"32-bit float, stretched over {low:.3g}..{high:.3g}"
     else:
         low, high = int(pixels.min(initial=0)), int(pixels.max(initial=0))
+        if bit_depth is not None and low >= 0 and high < 2 ** 16:  # the camera's bits, as the project set them
+            how = f"{bit_depth} significant bits (0..{2 ** bit_depth - 1}), as set"
+            if high >= 2 ** bit_depth:
+                how += f": values up to {high} clipped"
+            return (_scale_table(bit_depth)[pixels.astype(np.uint16, copy=False)] if convert else None), how
         if low >= 0 and high <= 255:
             return (pixels.astype(np.uint8) if convert else None), "8 significant bits (0..255)"
         if low >= 0 and high < 2 ** 16:
@@ -135,7 +153,7 @@ def image_to_array(image: Image.Image, preprocessing: Preprocessing) -> np.ndarr
     """PIL image -> float32 CHW normalised (decoded by to_rgb). Greyscale is replicated to 3 channels; the whole
     image is resized (no crop) because a defect may sit at the border."""
     size = preprocessing.image_size
-    rgb = to_rgb(image).resize((size, size), Image.BILINEAR)
+    rgb = to_rgb(image, bit_depth=preprocessing.bit_depth).resize((size, size), Image.BILINEAR)
     array = np.asarray(rgb, dtype=np.float32) / 255.0
     array = (array - np.asarray(preprocessing.mean, dtype=np.float32)) / np.asarray(preprocessing.std, dtype=np.float32)
     return np.ascontiguousarray(array.transpose(2, 0, 1))

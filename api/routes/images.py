@@ -9,10 +9,12 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import Response
+from sqlalchemy.orm import Session
 
 from api.dependencies import BrowserReadScope, RowId, SessionDep
 from api.schemas import ErrorOut
 from store.models import Image
+from store.queries import latest_completed_round
 
 router = APIRouter(tags=["images"])
 
@@ -47,7 +49,7 @@ def get_image(image_id: RowId, session: SessionDep, _scope: BrowserReadScope,
     if not media_type.startswith("image/"):
         media_type = "application/octet-stream"
     if view == "display":
-        shown = _for_browsers(data)
+        shown = _for_browsers(data, bit_depth=_camera_bits(session, image.project_id))
         if shown is not None:
             data, media_type = shown, "image/png"
     return Response(content=data, media_type=media_type, headers={"Cache-Control": "private, max-age=300"})
@@ -59,7 +61,15 @@ DISPLAY_SIDE = 1024
 DISPLAY_MAX_PIXELS = 40_000_000
 
 
-def _for_browsers(data: bytes) -> bytes | None:
+def _camera_bits(session: Session, project_id: int) -> int | None:
+    """The camera's bits the project's latest model decoded its images with (None: the per-frame rule, or no round yet)."""
+    round_ = latest_completed_round(session, project_id)
+    preprocessing = (round_.details or {}).get("preprocessing") if round_ is not None else None
+    bit_depth = preprocessing.get("bit_depth") if isinstance(preprocessing, dict) else None
+    return bit_depth if type(bit_depth) is int and 8 <= bit_depth <= 16 else None
+
+
+def _for_browsers(data: bytes, *, bit_depth: int | None = None) -> bytes | None:
     """A PNG of the picture the model sees (modeling.preprocessing.to_rgb), at most DISPLAY_SIDE a side, when browsers
     would show the file otherwise or not at all: TIFF (no browser shows it), 16-bit and float pixels (shown dark, or
     not). None: the file shows as is (browsers apply the EXIF orientation themselves), or is too large to convert."""
@@ -73,7 +83,7 @@ def _for_browsers(data: bytes) -> bytes | None:
                 return None
             if image.format != "TIFF" and pixel_depth(image) is None:
                 return None
-            shown = to_rgb(image)
+            shown = to_rgb(image, bit_depth=bit_depth)
             shown.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
             buffer = io.BytesIO()
             shown.save(buffer, format="PNG")

@@ -31,7 +31,7 @@ class ImageRejected(ValueError):
     """An upload that is not a decodable image."""
 
 
-def decode_image(data: bytes, *, filename: str | None) -> PILImage.Image:
+def decode_image(data: bytes, *, filename: str | None, bit_depth: int | None = None) -> PILImage.Image:
     from modeling.preprocessing import to_rgb  # decoded as every model path decodes an image (numpy and PIL only)
 
     name = filename or "upload"
@@ -40,7 +40,7 @@ def decode_image(data: bytes, *, filename: str | None) -> PILImage.Image:
     try:
         with PILImage.open(io.BytesIO(data)) as opened:
             opened.load()  # decode fully now: a truncated file fails here, with its reason
-            return to_rgb(opened)  # EXIF orientation applied, 16-bit and float pixels scaled to 8 bits
+            return to_rgb(opened, bit_depth=bit_depth)  # EXIF orientation applied, 16-bit and float pixels scaled to 8 bits
     except UnidentifiedImageError:
         raise ImageRejected(f"{name!r} is not an image PIL can read (unknown format)") from None
     except PILImage.DecompressionBombError as exc:
@@ -88,33 +88,36 @@ def _model_path(round_: Round, project: Project) -> Path:
     return path
 
 
-def _preprocessing(details: dict[str, Any]) -> tuple[int, list[float], list[float]]:
+def _preprocessing(details: dict[str, Any]) -> tuple[int, list[float], list[float], int | None]:
+    """(image size, mean, std, the camera's bits or None) the round's model was made with."""
     raw = details.get("preprocessing")
     try:
         image_size = int(raw["image_size"])
         mean = [float(v) for v in raw["mean"]]
         std = [float(v) for v in raw["std"]]
-    except (TypeError, KeyError, ValueError):
-        raise _unusable("details.preprocessing must be {image_size, mean[3], std[3]}") from None
-    if image_size <= 0 or len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise _unusable("details.preprocessing must be {image_size > 0, mean[3], std[3] > 0}")
-    return image_size, mean, std
+        bit_depth = raw.get("bit_depth")  # absent from rounds made before the setting
+        bit_depth = None if bit_depth is None else int(bit_depth)
+    except (TypeError, KeyError, ValueError, AttributeError):
+        raise _unusable("details.preprocessing must be {image_size, mean[3], std[3], bit_depth}") from None
+    if image_size <= 0 or len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std) or (bit_depth is not None and not 8 <= bit_depth <= 16):
+        raise _unusable("details.preprocessing must be {image_size > 0, mean[3], std[3] > 0, bit_depth 8..16 or null}")
+    return image_size, mean, std, bit_depth
 
 
-def _classifier(request: Request, path: Path, image_size: int, mean: list[float], std: list[float]) -> Any:
+def _classifier(request: Request, path: Path, image_size: int, mean: list[float], std: list[float], bit_depth: int | None) -> Any:
     """One loaded ONNX session per model file (reloaded when the file changes)."""
     try:
         from modeling.inference import OnnxClassifier  # the core's inference engine; imported only when predicting
     except ImportError as exc:
         raise HTTPException(503, detail=f"inference is not available in this install: {exc}") from None
     stat = path.stat()
-    key = (str(path), stat.st_mtime_ns, stat.st_size, image_size, tuple(mean), tuple(std))
+    key = (str(path), stat.st_mtime_ns, stat.st_size, image_size, tuple(mean), tuple(std), bit_depth)
     cache: dict[tuple, Any] = request.app.state.model_cache
     with _model_lock:
         if key not in cache:
             cache.clear()  # only the latest round's model is ever served
             try:
-                cache[key] = OnnxClassifier(str(path), image_size=image_size, mean=mean, std=std)
+                cache[key] = OnnxClassifier(str(path), image_size=image_size, mean=mean, std=std, bit_depth=bit_depth)
             except Exception as exc:  # noqa: BLE001 - a broken file must be a clear 503, not a crash
                 raise _unusable(f"loading {path.name!r} failed: {exc}") from None
         return cache[key]
@@ -142,15 +145,12 @@ def predict(
 ) -> PredictOut:
     if len(files) > settings.max_upload_files:
         raise HTTPException(413, detail=f"{len(files)} files sent; at most {settings.max_upload_files} per request")
-    images: list[PILImage.Image] = []
+    uploads: list[bytes] = []
     for upload in files:
         data = upload.file.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise HTTPException(413, detail=f"{upload.filename!r} is larger than the upload limit of {settings.max_upload_bytes} bytes")
-        try:
-            images.append(decode_image(data, filename=upload.filename))
-        except ImageRejected as exc:
-            raise HTTPException(422, detail=str(exc)) from None
+        uploads.append(data)
 
     project = reports.get_project_or_none(session, project_id) if project_id is not None else reports.default_project(session)
     if project is None:
@@ -163,8 +163,14 @@ def predict(
     if not isinstance(class_names, list) or not class_names:
         raise _unusable("details.class_names is missing")
     class_names = [str(name) for name in class_names]
-    image_size, mean, std = _preprocessing(details)
-    classifier = _classifier(request, _model_path(round_, project), image_size, mean, std)
+    image_size, mean, std, bit_depth = _preprocessing(details)
+    images: list[PILImage.Image] = []
+    for upload, data in zip(files, uploads):  # decoded as the round's model decoded its images (the camera's bits)
+        try:
+            images.append(decode_image(data, filename=upload.filename, bit_depth=bit_depth))
+        except ImageRejected as exc:
+            raise HTTPException(422, detail=str(exc)) from None
+    classifier = _classifier(request, _model_path(round_, project), image_size, mean, std, bit_depth)
     try:
         probabilities = np.asarray(classifier.predict_proba(images), dtype=np.float64)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types

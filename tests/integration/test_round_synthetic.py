@@ -1030,3 +1030,36 @@ def test_a_transferred_head_the_network_could_not_use_is_recorded_as_not_used(pr
     with session_scope(open_project(new_line).engine) as session:
         init_from = session.scalars(select(Round)).one().details["init_from"]
     assert init_from["head_used"] is False and init_from["head"].startswith("head transferred") and "but not used" in init_from["head"]
+
+
+def test_a_project_that_sets_its_cameras_bits_decodes_every_frame_by_them_in_the_round_and_the_deployed_model(
+        tmp_path: Path, class_folders: Path) -> None:
+    # A 12-bit camera's frames in 16-bit PNGs, half of them dark (nothing above 255): "auto" would keep those as they
+    # are (16x brighter than their siblings); [model] bit_depth = 12 scales every frame alike, in every model path.
+    frames = tmp_path / "mono12"
+    for i, path in enumerate(sorted(class_folders.rglob("*.png"))):
+        pixels = np.asarray(PILImage.open(path).convert("L"), dtype=np.uint16) * 16
+        (frames / path.parent.name).mkdir(parents=True, exist_ok=True)
+        PILImage.fromarray(pixels // 20 if i % 2 else pixels).save(frames / path.parent.name / path.name)
+    project = tmp_path / "project"
+    assert invoke("init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good", "--image-size", "96",
+                  "--bit-depth", "12").exit_code == 0
+    ingest = invoke("ingest", str(frames), "--project", str(project))
+    assert ingest.exit_code == 0 and "as set" in ingest.output and "different scales" not in ingest.output
+    assert invoke("round", "--project", str(project), "--quiet").exit_code == 0
+    ctx = open_project(project)
+    with session_scope(ctx.engine) as session:
+        round_ = session.scalars(select(Round)).one()
+        details, artifacts = round_.details, round_.artifacts
+        stored = [(session.get(Image, p.image_id).path, p.probabilities) for p in session.scalars(select(Prediction))]
+    assert details["preprocessing"]["bit_depth"] == 12
+    for kind in ("embeddings", "detail_thumbnails"):
+        assert all("-b12" in p.name for p in (ctx.cache_dir / kind).iterdir()), kind
+    dark = [(path, probabilities) for path, probabilities in stored if np.asarray(PILImage.open(path)).max() <= 255]
+    assert len(dark) >= 20
+    classes = ["good", "scratch", "spot", "patch"]
+    recorded = [[probabilities[c] for c in classes] for _, probabilities in dark]
+    deployed = OnnxClassifier(artifacts["model_onnx"], image_size=96, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), bit_depth=12)
+    np.testing.assert_allclose(deployed.predict_proba([PILImage.open(path) for path, _ in dark]), recorded, atol=2e-3)
+    per_frame = OnnxClassifier(artifacts["model_onnx"], image_size=96, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert np.abs(per_frame.predict_proba([PILImage.open(path) for path, _ in dark]) - recorded).max() > 0.01  # the setting mattered

@@ -243,3 +243,66 @@ def test_caches_of_an_older_decoding_are_removed_once_the_current_ones_exist(tmp
                     f"detail_thumbnails/detail-128px-sigma2-{current}", f"onnx/embed-lite0-{current}-s64.onnx", "onnx/embed-other-s64.onnx",
                     f"patch_features/resnet-file-0a1bddec7-{current}-s64"}
     assert remove_caches_of_older_decoding(tmp_path / "missing") == []
+
+
+def test_a_camera_bit_depth_set_for_the_project_gives_every_frame_its_scale(new_project, tmp_path: Path) -> None:
+    # "auto" keeps a 12-bit camera's very dark frame (nothing above 255) as it is: 16x brighter than its siblings
+    dark = np.full((16, 16), 200, dtype=np.uint16)
+    bright = dark.copy()
+    bright[0, 0] = 4000
+    for frame in (dark, bright):
+        assert int(np.asarray(to_rgb(PILImage.fromarray(frame), bit_depth=12))[8, 8, 0]) == 12  # 200 / 4095 * 255
+    assert int(np.asarray(to_rgb(PILImage.fromarray(dark)))[8, 8, 0]) == 200
+    assert pixel_depth(PILImage.fromarray(dark), bit_depth=12) == "12 significant bits (0..4095), as set"
+    too_wide = dark.copy()
+    too_wide[0, 0] = 60000
+    assert pixel_depth(PILImage.fromarray(too_wide), bit_depth=12) == "12 significant bits (0..4095), as set: values up to 60000 clipped"
+    # 8-bit files are not touched by the setting
+    eight_bit = PILImage.fromarray(picture())
+    assert np.array_equal(np.asarray(to_rgb(eight_bit, bit_depth=12)), np.asarray(to_rgb(eight_bit)))
+
+    # the model paths read it from the preprocessing, whose cache key changes with it
+    set_12 = Preprocessing(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 12)
+    assert set_12.key != PREPROCESSING.key and "-b12-" in set_12.key and Preprocessing.from_dict(set_12.as_dict()) == set_12
+    assert Preprocessing.from_dict({"image_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}) == PREPROCESSING  # a model made before
+    PILImage.fromarray(dark).save(tmp_path / "dark.png")
+    assert np.allclose(load_image_array(tmp_path / "dark.png", set_12), (12 / 255 - 0.5) / 0.5)
+
+    # ingest describes the set scale, names frames the setting clips, and no longer calls one camera's frames a mix
+    source = tmp_path / "mono12"
+    (source / "good").mkdir(parents=True)
+    PILImage.fromarray(dark).save(source / "good" / "dark.png")
+    PILImage.fromarray(bright).save(source / "good" / "bright.png")
+    PILImage.fromarray(too_wide).save(source / "good" / "other_camera.png")
+    text = (new_project.root / "loop.toml").read_text()
+    (new_project.root / "loop.toml").write_text(text.replace('bit_depth = "auto"', "bit_depth = 12"))
+    from loop.project import open_project
+
+    report = ingest_source(open_project(new_project.root), source, show_progress=False)
+    assert any("3 with 12 significant bits (0..4095), as set" in note for note in report.notes), report.notes
+    assert any(note.startswith("1 images hold values above the 12 bits loop.toml sets") and "other_camera.png (up to 60000)" in note
+               for note in report.notes), report.notes
+    assert not any("different scales" in note for note in report.notes)
+
+
+def test_label_studio_display_copies_follow_the_cameras_bits(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from labeling.labelstudio_backend import LabelStudioBackend
+    from loop.config import ModelConfig
+
+    frame = np.full((16, 16), 200, dtype=np.uint16)  # a 12-bit camera's dark frame
+    frame[0, 0] = 4095
+    PILImage.fromarray(frame).save(tmp_path / "frame16.png")
+    task = SimpleNamespace(image_path=str(tmp_path / "frame16.png"), sha256="ab" * 32)
+    shown = {}
+    for bits in ("auto", 16):
+        backend = LabelStudioBackend(config=SimpleNamespace(model=ModelConfig(bit_depth=bits)), project_dir=tmp_path, document_root=str(tmp_path))
+        unshowable: list[str] = []
+        path = backend._shown_image(task, project=SimpleNamespace(root_dir=str(tmp_path)), unshowable=unshowable)
+        assert not unshowable and Path(path).parent == tmp_path / "cache" / "label_studio_display"
+        shown[bits] = (Path(path).name, np.asarray(PILImage.open(path))[8, 8, 0])
+    from modeling.preprocessing import DECODE_VERSION
+
+    sha = "ab" * 32
+    assert shown["auto"] == (f"{sha}-dec{DECODE_VERSION}.png", 12) and shown[16] == (f"{sha}-dec{DECODE_VERSION}-b16.png", 1)  # 200/65535*255

@@ -85,3 +85,26 @@ def test_display_view_shows_tiff_and_16_bit_files_as_the_model_sees_them(writabl
             assert pixels.shape == (64, 64, 3) and pixels.max() == 255  # scaled over 12 bits, not clipped or dark
         unchanged = client.get(f"/images/{plain_id}?view=display", headers=read_headers)
         assert unchanged.content == client.get(f"/images/{plain_id}", headers=read_headers).content  # an 8-bit PNG as it is
+
+
+def test_the_display_view_uses_the_camera_bits_of_the_latest_model(writable_store: SeededStore, read_headers: dict[str, str], tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from store.models import Round
+
+    frame = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096)  # a 12-bit frame, read as a 16-bit camera's
+    PILImage.fromarray(frame).save(tmp_path / "frame16.png")
+    image_id = writable_store.image_ids[0]
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        row = session.get(Image, image_id)
+        row.path, row.sha256 = str(tmp_path / "frame16.png"), hashlib.sha256((tmp_path / "frame16.png").read_bytes()).hexdigest()
+        round_ = session.get(Round, writable_store.round_ids[2])  # the latest completed round
+        round_.details = {**round_.details, "preprocessing": {**round_.details["preprocessing"], "bit_depth": 16}}
+    engine.dispose()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        shown = client.get(f"/images/{image_id}?view=display", headers=read_headers)
+    assert shown.status_code == 200 and np.asarray(PILImage.open(io.BytesIO(shown.content))).max() == 16  # 4095 / 65535 * 255

@@ -131,3 +131,54 @@ def test_predict_writes_nothing_but_logs(writable_store: SeededStore, full_heade
     assert counts() == before
     engine.dispose()
     assert any("file='red.png' label=scratch" in record.getMessage() for record in caplog.records)
+
+
+def _brightness_model(path) -> str:  # noqa: ANN001
+    """A 3-class ONNX model whose P(scratch) grows with the mean brightness (the tiny colour model cannot tell greys apart)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.zeros((3, 3), dtype=np.float32)
+    weights[:, 1] = 1.0
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
+         helper.make_node("Gemm", ["features", "weights", "bias"], ["logits"]), helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
+        "brightness", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[numpy_helper.from_array(weights, "weights"), numpy_helper.from_array(np.zeros(3, dtype=np.float32), "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_an_upload_is_decoded_with_the_camera_bits_the_round_model_was_made_with(writable_store: SeededStore, full_headers: dict[str, str]) -> None:
+    from PIL import Image as PILImage
+
+    def p_scratch(client: TestClient, pixels: np.ndarray) -> float:
+        buffer = io.BytesIO()
+        PILImage.fromarray(pixels).save(buffer, format="PNG")
+        response = client.post("/predict", headers=full_headers, files=_files(("frame.png", buffer.getvalue(), "image/png")))
+        assert response.status_code == 200, response.text
+        return response.json()["predictions"][0]["probabilities"]["scratch"]
+
+    # a dark 16-bit frame of a 12-bit camera, nothing above 255: "auto" keeps it as it is, the camera's 12 bits darken it
+    dark_16 = np.full((8, 8), 200, dtype=np.uint16)
+    engine = create_db_engine(writable_store.url)
+
+    def set_round(bit_depth: int | None) -> None:
+        with session_scope(engine) as session:
+            round_ = session.get(Round, writable_store.round_ids[2])
+            round_.artifacts = {**round_.artifacts, "model_onnx": _brightness_model(writable_store.project_dir / "models" / "brightness.onnx")}
+            round_.details = {**round_.details, "preprocessing": {**round_.details["preprocessing"], "bit_depth": bit_depth}}
+
+    set_round(None)
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        auto, as_200 = p_scratch(client, dark_16), p_scratch(client, np.full((8, 8), 200, dtype=np.uint8))
+    set_round(12)
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        camera_12, as_12 = p_scratch(client, dark_16), p_scratch(client, np.full((8, 8), 12, dtype=np.uint8))  # 200 / 4095 * 255
+    engine.dispose()
+    assert auto == pytest.approx(as_200, abs=1e-6) and camera_12 == pytest.approx(as_12, abs=1e-6)
+    assert camera_12 < auto - 0.1
