@@ -12,15 +12,18 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import sessionmaker
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import dashboard
 from api.caching import VersionedResponseCache
+from api.docs import add_docs
+from api.dependencies import full_token_needed, scope_of_token
+from api.dependencies import Scope as AccessScope
 from api.routes import health, images, predict, projects, rounds, webhooks
 from api.settings import STORE_FILENAME, Settings
 from store.db import create_db_engine, database_error_reason, shown_url, store_connection_lost, upgrade_schema
@@ -28,22 +31,54 @@ from store.db import create_db_engine, database_error_reason, shown_url, store_c
 logger = logging.getLogger("defect_loop.api")
 
 
-class RequestSizeLimit:
-    """Refuse a request whose declared body is larger than the upload limits allow, before reading it."""
+# Routes whose body is an upload: their token is checked before a byte of it is read (FastAPI reads and spools a
+# multipart body to disk before any dependency runs, so a request without a token could fill the disk first)
+FULL_TOKEN_BEFORE_BODY = frozenset({("POST", "/predict")})
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+
+class RequestSizeLimit:
+    """Refuse a request whose body is larger than the upload limits allow: by its Content-Length before reading it,
+    and while reading a body sent without one (chunked); uploads without a valid full-access token before reading."""
+
+    def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.settings = settings
+        self.max_bytes = settings.max_request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-                detail = f"request body larger than the limit of {self.max_bytes} bytes" if length.isdigit() else "invalid Content-Length"
-                status_code = 413 if length.isdigit() else 400
-                await JSONResponse(status_code=status_code, content={"detail": detail})(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            detail = f"request body larger than the limit of {self.max_bytes} bytes" if length.isdigit() else "invalid Content-Length"
+            await JSONResponse(status_code=413 if length.isdigit() else 400, content={"detail": detail})(scope, receive, send)
+            return
+        if (scope["method"], scope["path"].rstrip("/") or "/") in FULL_TOKEN_BEFORE_BODY:
+            refusal = self._refusal(headers.get(b"authorization", b"").decode("latin-1"))
+            if refusal is not None:
+                await JSONResponse(status_code=refusal.status_code, content={"detail": refusal.detail}, headers=refusal.headers)(scope, receive, send)
                 return
-        await self.app(scope, receive, send)
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # FastAPI turns an HTTPException raised while reading the body into its response
+                raise HTTPException(413, detail=f"request body larger than the limit of {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _refusal(self, authorization: str) -> HTTPException | None:
+        scheme, _, token = authorization.partition(" ")
+        try:
+            granted = scope_of_token(token.strip() if scheme.lower() == "bearer" else None, self.settings)
+        except HTTPException as refused:
+            return refused
+        return None if granted is AccessScope.full else full_token_needed()
 
 
 def _check_store(url: str) -> None:
@@ -94,18 +129,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # api.docs serves them without a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = sessionmaker(engine, expire_on_commit=False)
     app.state.model_cache = {}
     app.state.response_cache = VersionedResponseCache(max_entries=1024)
-    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestSizeLimit, settings=settings)
     app.add_exception_handler(OperationalError, _store_unreachable)
     app.add_exception_handler(InterfaceError, _store_unreachable)
     app.add_exception_handler(Exception, _unhandled)
     for module in (health, projects, rounds, images, predict, webhooks, dashboard):
         app.include_router(module.router)
+    add_docs(app)
     return app
 
 
@@ -121,6 +159,7 @@ def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
         overrides["api_read_token"] = SecretStr(secrets.token_urlsafe(24))
     effective = base.model_copy(update=overrides)
     app = create_app(effective)
+    _log_to_stderr()
     shown_host = f"[{host}]" if ":" in host else host
     url = f"http://{shown_host}:{port}"
     read_token = (effective.api_read_token or effective.api_token).get_secret_value()
@@ -132,6 +171,17 @@ def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
         print(f"    full access: {effective.api_token.get_secret_value()}")
         print(f"    read-only:   {effective.api_read_token.get_secret_value()}")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _log_to_stderr() -> None:
+    """The API's own records (each /predict answer, each webhook, the store going away) at INFO on stderr: uvicorn runs
+    at `warning` and configures only its own loggers, so they went nowhere. A handler set up by the host is kept."""
+    api_logger = logging.getLogger("defect_loop")
+    if not api_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        api_logger.addHandler(handler)
+        api_logger.setLevel(logging.INFO)
 
 
 __all__ = ["create_app", "serve", "Settings", "STORE_FILENAME"]

@@ -34,7 +34,7 @@ class Frame:
 
     width: int = 380
     height: int = 210
-    left: int = 44
+    left: int = 54  # room for a tick label such as "0.0375" at 12 px
     right: int = 16
     top: int = 30
     bottom: int = 36

@@ -86,9 +86,13 @@ def browser_scope(
                           how="open the page with `?token=<read token>` (as `loop serve` prints it), or send `Authorization: Bearer <token>`")
 
 
+def full_token_needed() -> HTTPException:
+    return HTTPException(status.HTTP_403_FORBIDDEN, detail="this endpoint needs the full-access token (LOOP_API_TOKEN); the read-only token was sent")
+
+
 def require_full(scope: Annotated[Scope, Depends(bearer_scope)]) -> Scope:
     if scope is not Scope.full:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="this endpoint needs the full-access token (LOOP_API_TOKEN); the read-only token was sent")
+        raise full_token_needed()
     return scope
 
 

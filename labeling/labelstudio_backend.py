@@ -869,11 +869,15 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
         task = payload.get("task")
         task_id = _id_of(task, "task") if task is not None else _id_of(annotation.get("task"), "annotation.task")
         result_items = annotation.get("result", [])
-        if not isinstance(result_items, list):
-            raise ValueError("annotation.result must be a list")
+        _check_result(result_items)
         completed_by = annotation.get("completed_by")
         if isinstance(completed_by, Mapping):
             completed_by = completed_by.get("id")
+        if completed_by is not None and (isinstance(completed_by, bool) or not isinstance(completed_by, (int, str))):
+            raise ValueError("annotation.completed_by must be a user id or an object with one")
+        for name in ("created_at", "updated_at"):
+            if annotation.get(name) is not None and lsc.as_utc(annotation.get(name)) is None:
+                raise ValueError(f"annotation.{name} is not a date and time: {str(annotation.get(name))[:40]!r}")
         row = {
             "task_id": task_id,
             "annotation_id": annotation_id,
@@ -892,6 +896,21 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
         deleted=recorder.report.deleted, rejected=recorder.report.rejected,
     )  # fmt: skip
     return result
+
+
+def _check_result(items: Any) -> None:
+    """An annotation's result as Label Studio writes it: a list of objects, each choice's value an object whose
+    `choices` is a list of names (a webhook's body is not trusted to be)."""
+    if not isinstance(items, list):
+        raise ValueError("annotation.result must be a list")
+    for item in items:
+        if not isinstance(item, Mapping):
+            raise ValueError("annotation.result must be a list of objects")
+        if item.get("type") == "choices":
+            value = item.get("value")
+            choices = value.get("choices") if isinstance(value, Mapping) else None
+            if not isinstance(choices, list) or not all(isinstance(choice, str) for choice in choices):
+                raise ValueError("a choices result needs value.choices, a list of names")
 
 
 def project_key(project: Project) -> str:

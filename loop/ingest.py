@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from loop.project import ProjectContext
-from modeling.preprocessing import pixel_depth
+from modeling.preprocessing import MIN_IMAGE_SIDE, pixel_depth
 from modeling.progress import progress_bar
 from store import session_scope
 from store.models import Image, IngestBatch, LabelEvent
@@ -271,7 +271,7 @@ def inspect_file(path: Path, *, bit_depth: int | None = None) -> FileCheck:
         return FileCheck(sha, stat.st_size, stat.st_mtime_ns, None, None, f"too many pixels to decode safely: {error}")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         return FileCheck(sha, stat.st_size, stat.st_mtime_ns, None, None, f"cannot decode: {type(error).__name__}: {error}")
-    if width < 8 or height < 8:
+    if width < MIN_IMAGE_SIDE or height < MIN_IMAGE_SIDE:
         return FileCheck(sha, stat.st_size, stat.st_mtime_ns, width, height, f"too small ({width}x{height})")
     return FileCheck(sha, stat.st_size, stat.st_mtime_ns, width, height, None, depth, n_frames)
 

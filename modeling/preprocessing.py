@@ -15,6 +15,8 @@ DECODE_VERSION = 2
 # Scales for integer pixels above 255 (Mono10/12/14 frames often sit right-aligned in 16 bits). No 10: a 10-bit
 # camera's frames take the 12-bit scale (4x darker, 256 levels kept) rather than splitting between 10 and 12
 STANDARD_BIT_DEPTHS = (12, 14, 16)
+# Smaller images are quarantined at ingest and refused by /predict: no photo of a part, and no model answer worth having
+MIN_IMAGE_SIDE = 8
 # A camera's significant bits a project can fix ([model] bit_depth in loop.toml): every frame then gets that scale
 CAMERA_BIT_DEPTHS = range(8, 17)
 

@@ -39,6 +39,8 @@ def get_image(image_id: RowId, session: SessionDep, _scope: BrowserReadScope,
         raise HTTPException(404, detail=f"no image {image_id} in this store")
     path = Path(image.path)
     try:
+        if not path.is_file():  # a FIFO or device put in its place would block the worker for ever
+            raise OSError
         data = path.read_bytes()
     except OSError:
         raise HTTPException(404, detail=f"image {image_id} is in the store but its file is missing") from None

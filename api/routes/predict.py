@@ -31,16 +31,33 @@ class ImageRejected(ValueError):
     """An upload that is not a decodable image."""
 
 
-def decode_image(data: bytes, *, filename: str | None, bit_depth: int | None = None) -> PILImage.Image:
-    from modeling.preprocessing import to_rgb  # decoded as every model path decodes an image (numpy and PIL only)
+class ImageTooLarge(ImageRejected):
+    """An upload with more pixels than the server decodes."""
+
+
+def decode_image(data: bytes, *, filename: str | None, bit_depth: int | None = None, image_size: int | None = None,
+                 max_pixels: int | None = None) -> PILImage.Image:
+    """The upload as the model's paths decode an image (modeling.preprocessing: EXIF orientation, 16-bit and float
+    pixels scaled to 8 bits, by the camera's bits when set); resized to image_size x image_size at once when given, as
+    image_to_array would, so a request holds one full-size image at a time, not all of them."""
+    from modeling.preprocessing import MIN_IMAGE_SIDE, to_rgb  # numpy and PIL only
 
     name = filename or "upload"
     if not data:
         raise ImageRejected(f"{name!r} is empty")
     try:
         with PILImage.open(io.BytesIO(data)) as opened:
+            width, height = opened.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLarge(f"{name!r} has {width}x{height} pixels; at most {max_pixels} are decoded (resize it first)")
+            if min(width, height) < MIN_IMAGE_SIDE:
+                raise ImageRejected(f"{name!r} is {width}x{height} pixels: too small to be a photo of a part (at least "
+                                    f"{MIN_IMAGE_SIDE} a side; ingest quarantines such files)")
             opened.load()  # decode fully now: a truncated file fails here, with its reason
-            return to_rgb(opened, bit_depth=bit_depth)  # EXIF orientation applied, 16-bit and float pixels scaled to 8 bits
+            shown = to_rgb(opened, bit_depth=bit_depth)
+            return shown if image_size is None else shown.resize((image_size, image_size), PILImage.BILINEAR)
+    except ImageRejected:
+        raise
     except UnidentifiedImageError:
         raise ImageRejected(f"{name!r} is not an image PIL can read (unknown format)") from None
     except PILImage.DecompressionBombError as exc:
@@ -167,7 +184,10 @@ def predict(
     images: list[PILImage.Image] = []
     for upload, data in zip(files, uploads):  # decoded as the round's model decoded its images (the camera's bits)
         try:
-            images.append(decode_image(data, filename=upload.filename, bit_depth=bit_depth))
+            images.append(decode_image(data, filename=upload.filename, bit_depth=bit_depth, image_size=image_size,
+                                       max_pixels=settings.max_upload_pixels))
+        except ImageTooLarge as exc:
+            raise HTTPException(413, detail=str(exc)) from None
         except ImageRejected as exc:
             raise HTTPException(422, detail=str(exc)) from None
     classifier = _classifier(request, _model_path(round_, project), image_size, mean, std, bit_depth)

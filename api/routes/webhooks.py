@@ -64,8 +64,8 @@ async def labelstudio_webhook(
 ) -> WebhookOut:
     try:
         payload = await request.json()
-    except ValueError:
-        raise HTTPException(422, detail="the body is not valid JSON") from None
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        raise HTTPException(422, detail="the body is not valid JSON (or nested too deeply)") from None
     if not isinstance(payload, dict):
         raise HTTPException(422, detail="the body must be a JSON object (Label Studio's webhook payload)")
     return await run_in_threadpool(_record, request, payload, project_id)

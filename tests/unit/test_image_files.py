@@ -78,6 +78,14 @@ def test_predict_decodes_an_upload_as_the_model_paths_do(tmp_path: Path) -> None
     PILImage.fromarray((picture().astype(np.uint16) * 16)).save(buffer, format="PNG")
     decoded = decode_image(buffer.getvalue(), filename="frame.png")
     assert decoded.mode == "RGB" and np.asarray(decoded).max() > 200  # clipped before: every pixel 255
+    # resized at once (one full-size image in memory at a time), to exactly what image_to_array makes of the file
+    from modeling.preprocessing import image_to_array
+
+    for bit_depth in (None, 16):
+        small = decode_image(buffer.getvalue(), filename="frame.png", image_size=48, bit_depth=bit_depth)
+        with PILImage.open(io.BytesIO(buffer.getvalue())) as full:
+            wanted = image_to_array(full, Preprocessing(48, (0.5,) * 3, (0.5,) * 3, bit_depth))
+        assert small.size == (48, 48) and np.array_equal(image_to_array(small, Preprocessing(48, (0.5,) * 3, (0.5,) * 3, bit_depth)), wanted)
 
 
 def rows(ctx) -> list[Image]:  # noqa: ANN001

@@ -96,3 +96,16 @@ def test_unknown_route_is_json_404(client: TestClient, read_headers: dict[str, s
     response = client.get("/no-such-thing", headers=read_headers)
     assert response.status_code == 404
     assert response.json() == {"detail": "Not Found"}
+
+
+def test_an_empty_token_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # LOOP_API_TOKEN= took an empty token as chosen: `loop serve` made none, and every request was a 401
+    from api.settings import Settings
+
+    monkeypatch.setenv("LOOP_API_TOKEN", "")
+    monkeypatch.setenv("LOOP_API_READ_TOKEN", "  ")
+    monkeypatch.setenv("LOOP_LABELSTUDIO_WEBHOOK_SECRET", "")
+    settings = Settings()
+    assert (settings.api_token, settings.api_read_token, settings.labelstudio_webhook_secret) == (None, None, None)
+    monkeypatch.setenv("LOOP_API_TOKEN", "chosen")
+    assert Settings().api_token.get_secret_value() == "chosen"

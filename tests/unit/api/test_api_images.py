@@ -108,3 +108,17 @@ def test_the_display_view_uses_the_camera_bits_of_the_latest_model(writable_stor
     with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
         shown = client.get(f"/images/{image_id}?view=display", headers=read_headers)
     assert shown.status_code == 200 and np.asarray(PILImage.open(io.BytesIO(shown.content))).max() == 16  # 4095 / 65535 * 255
+
+
+def test_a_fifo_in_place_of_an_image_is_404_not_a_worker_blocked_for_ever(writable_store: SeededStore, read_headers: dict[str, str], tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "part.png"
+    os.mkfifo(fifo)
+    image_id = writable_store.image_ids[0]
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        session.get(Image, image_id).path = str(fifo)
+    engine.dispose()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        assert client.get(f"/images/{image_id}", headers=read_headers).status_code == 404

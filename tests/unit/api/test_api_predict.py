@@ -182,3 +182,36 @@ def test_an_upload_is_decoded_with_the_camera_bits_the_round_model_was_made_with
     engine.dispose()
     assert auto == pytest.approx(as_200, abs=1e-6) and camera_12 == pytest.approx(as_12, abs=1e-6)
     assert camera_12 < auto - 0.1
+
+
+def test_an_upload_without_a_full_token_is_refused_before_its_body_is_read_and_a_chunked_one_is_capped(
+        client: TestClient, full_headers: dict[str, str], read_headers: dict[str, str]) -> None:
+    # FastAPI reads (and spools to disk) a multipart body before any dependency checks the token: a request without
+    # one could fill the disk; and a body sent chunked, without Content-Length, passed the size check unread
+    sent: list[int] = []
+
+    def body(n_chunks: int):  # noqa: ANN202
+        for _ in range(n_chunks):
+            sent.append(1)
+            yield b"x" * 65536
+
+    multipart = {"Content-Type": "multipart/form-data; boundary=b"}
+    for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 401), (read_headers, 403)):
+        sent.clear()
+        response = client.post("/predict", content=body(100), headers={**multipart, **headers})
+        assert response.status_code == status, response.text
+        assert len(sent) <= 1  # refused from the headers (the client may hand over its first chunk)
+    too_large = client.post("/predict", content=body(100), headers={**multipart, **full_headers})  # 6.5 MB, limit 0.34 MB
+    assert too_large.status_code == 413 and "larger than the limit" in too_large.json()["detail"]
+
+
+def test_an_image_with_too_many_pixels_is_413_and_one_too_small_to_be_a_part_is_422(writable_store: SeededStore, full_headers: dict[str, str]) -> None:
+    # a 12000x12000 PNG is 140 KB on the wire and 430 MB decoded: six of them took the server from 1.1 to 4.5 GB
+    with TestClient(create_app(make_settings(writable_store.project_dir, max_upload_pixels=1000))) as client:
+        large = client.post("/predict", headers=full_headers, files=_files(("large.png", png_bytes((128, 128, 128), size=40), "image/png")))
+        assert large.status_code == 413 and "40x40 pixels; at most 1000" in large.json()["detail"]
+        fits = client.post("/predict", headers=full_headers, files=_files(("fits.png", png_bytes((128, 128, 128), size=30), "image/png")))
+        assert fits.status_code == 200
+        for size in (1, 7):
+            tiny = client.post("/predict", headers=full_headers, files=_files(("tiny.png", png_bytes((0, 0, 0), size=size), "image/png")))
+            assert tiny.status_code == 422 and "too small" in tiny.json()["detail"]

@@ -89,3 +89,39 @@ def test_webhook_disabled_without_configured_secret(writable_store: SeededStore,
     with TestClient(create_app(make_settings(writable_store.project_dir, labelstudio_webhook_secret=None))) as client:
         response = client.post("/webhooks/labelstudio", json=PAYLOAD, headers={"X-Loop-Webhook-Secret": "anything"})
     assert response.status_code == 403 and "LOOP_LABELSTUDIO_WEBHOOK_SECRET" in response.json()["detail"]
+
+
+def test_a_malformed_annotation_is_422_and_nothing_is_stored(writable_store: SeededStore) -> None:
+    # the real recorder: shapes a webhook body may hold but Label Studio never sends were 500s (AttributeError,
+    # TypeError) or stored as they came (an object as the annotator's name, an unreadable date)
+    from store.models import AnnotationTask, RejectedAnnotation
+
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        session.add(AnnotationTask(backend="labelstudio", image_id=writable_store.image_ids[11], external_project_id="77", external_task_id="5"))
+    engine.dispose()
+    choice = {"type": "choices", "from_name": "label", "to_name": "image", "value": {"choices": ["spot"]}}
+    good = {"action": "ANNOTATION_CREATED", "project": {"id": 77}, "task": {"id": 5},
+            "annotation": {"id": 9, "result": [choice], "completed_by": 3, "updated_at": "2026-12-06T07:00:00Z"}}
+    malformed = {
+        "result: [1, 2]": {"result": [1, 2]},
+        'choices: 5': {"result": [{**choice, "value": 5}]},
+        'choices: [{"x": 1}]': {"result": [{**choice, "value": {"choices": [{"x": 1}]}}]},
+        'completed_by: {"id": {...}}': {"completed_by": {"id": {"x": 1}}},
+        "updated_at: not-a-date": {"updated_at": "not-a-date"},
+    }
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        headers = {"X-Loop-Webhook-Secret": "hook-secret"}
+        for case, change in malformed.items():
+            response = client.post("/webhooks/labelstudio", json={**good, "annotation": {**good["annotation"], **change}}, headers=headers)
+            assert response.status_code == 422, (case, response.text)
+        nested = client.post("/webhooks/labelstudio", content=deep, headers={**headers, "Content-Type": "application/json"})
+        assert nested.status_code == 422 and "not valid JSON" in nested.json()["detail"]
+        engine = create_db_engine(writable_store.url)
+        with session_scope(engine) as session:
+            assert session.query(LabelEvent).filter(LabelEvent.source == "annotator", LabelEvent.external_id.like("%9%")).count() == 0
+            assert session.query(RejectedAnnotation).count() == 0
+        response = client.post("/webhooks/labelstudio", json=good, headers=headers)  # the well-formed event is recorded
+        assert response.status_code == 200 and response.json()["result"]["recorded"] == 1, response.text
+        engine.dispose()
