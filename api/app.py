@@ -60,6 +60,9 @@ class RequestSizeLimit:
             if refusal is not None:
                 await JSONResponse(status_code=refusal.status_code, content={"detail": refusal.detail}, headers=refusal.headers)(scope, receive, send)
                 return
+        if scope["method"] in ("GET", "HEAD"):  # no route reads their body (a file response's listener reads it, after
+            await self.app(scope, receive, send)  # its response began: a 413 then was a traceback and a reset)
+            return
         received = 0
 
         async def counted() -> Message:

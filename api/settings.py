@@ -5,6 +5,7 @@ from pathlib import Path
 
 from typing import Any
 
+from PIL import Image as PILImage
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -27,14 +28,17 @@ class Settings(BaseSettings):
     database_url: str | None = None
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, gt=0, description="largest accepted image file in /predict")
     max_upload_files: int = Field(default=64, gt=0, description="most images in one /predict request")
-    # A 12000x12000 PNG is 140 KB on the wire and 430 MB decoded: pixels are capped, not only bytes
-    max_upload_pixels: int = Field(default=40_000_000, gt=0, description="most pixels of one image in /predict")
+    # A 12000x12000 PNG is 140 KB on the wire and 430 MB decoded: pixels are capped, not only bytes. The default is
+    # what ingest and the round decode (PIL's decompression-bomb limit), so no frame the model was trained on is refused;
+    # /predict decodes one image at a time.
+    max_upload_pixels: int = Field(default=2 * PILImage.MAX_IMAGE_PIXELS, gt=0, description="most pixels of one image in /predict")
 
     @field_validator("api_token", "api_read_token", "labelstudio_webhook_secret", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # LOOP_API_TOKEN= (set, but empty) locked everyone out: `loop serve` took it as chosen and made no tokens
-        return None if isinstance(value, str) and not value.strip() else value
+        # and " abc" could never match: the token sent is stripped
+        return (value.strip() or None) if isinstance(value, str) else value
 
     @property
     def store_url(self) -> str:

@@ -899,14 +899,14 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
 
 
 def _check_result(items: Any) -> None:
-    """An annotation's result as Label Studio writes it: a list of objects, each choice's value an object whose
-    `choices` is a list of names (a webhook's body is not trusted to be)."""
+    """An annotation's result as Label Studio writes it: a list of objects, our Choices control's value an object whose
+    `choices` is a list of names (a webhook's body is not trusted to be; other controls are not read)."""
     if not isinstance(items, list):
         raise ValueError("annotation.result must be a list")
     for item in items:
         if not isinstance(item, Mapping):
             raise ValueError("annotation.result must be a list of objects")
-        if item.get("type") == "choices":
+        if item.get("type") == "choices" and item.get("from_name", lsc.CHOICES_NAME) == lsc.CHOICES_NAME:
             value = item.get("value")
             choices = value.get("choices") if isinstance(value, Mapping) else None
             if not isinstance(choices, list) or not all(isinstance(choice, str) for choice in choices):

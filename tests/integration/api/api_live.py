@@ -31,9 +31,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(project_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
+def start_server(project_dir: Path, port: int, log_path: Path, **settings: str) -> subprocess.Popen:
+    """uvicorn over create_app; `settings` are more LOOP_* variables (max_upload_bytes="1000" sets LOOP_MAX_UPLOAD_BYTES)."""
     env = {**os.environ, "LOOP_PROJECT_DIR": str(project_dir), "LOOP_API_TOKEN": FULL_TOKEN, "LOOP_API_READ_TOKEN": READ_TOKEN,
-           "LOOP_LABELSTUDIO_WEBHOOK_SECRET": WEBHOOK_SECRET, "OMP_NUM_THREADS": "1"}
+           "LOOP_LABELSTUDIO_WEBHOOK_SECRET": WEBHOOK_SECRET, "OMP_NUM_THREADS": "1",
+           **{f"LOOP_{name.upper()}": value for name, value in settings.items()}}
     env.pop("LOOP_DATABASE_URL", None)
     log = log_path.open("wb")
     return subprocess.Popen(

@@ -108,3 +108,16 @@ def test_dashboard_shows_seeded_rounds(browser, live_server: LiveServer, capsys:
     assert path.stat().st_size > 20_000
     with capsys.disabled():
         print(f"\n[dashboard screenshot] {path}")
+
+
+def test_the_api_docs_render_offline(browser, live_server: LiveServer) -> None:  # noqa: ANN001
+    # FastAPI's default /docs loads Swagger UI from a CDN (blank offline), and Swagger UI 4 refuses FastAPI's OpenAPI 3.1
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{live_server.base_url}/docs")
+    WebDriverWait(browser, 30).until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".opblock-summary-path")))
+    paths = {element.text.replace("\u200b", "") for element in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/predict", "/rounds/{round_id}", "/webhooks/labelstudio"} <= paths
+    assert "Unable to render" not in browser.page_source

@@ -107,5 +107,5 @@ def test_an_empty_token_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("LOOP_LABELSTUDIO_WEBHOOK_SECRET", "")
     settings = Settings()
     assert (settings.api_token, settings.api_read_token, settings.labelstudio_webhook_secret) == (None, None, None)
-    monkeypatch.setenv("LOOP_API_TOKEN", "chosen")
+    monkeypatch.setenv("LOOP_API_TOKEN", " chosen\n")  # the token sent is stripped: kept as is, it could never match
     assert Settings().api_token.get_secret_value() == "chosen"

@@ -212,12 +212,13 @@ def test_openapi_docs_served(client: TestClient) -> None:
     for path in ("/projects", "/projects/{project_id}/rounds", "/rounds/{round_id}", "/rounds/{round_id}/label-issues",
                  "/rounds/{round_id}/selection", "/projects/{project_id}/progress", "/predict", "/webhooks/labelstudio", "/health", "/version"):
         assert path in spec["paths"], path
-    page = client.get("/docs")
-    assert page.status_code == 200 and "cdn" not in page.text.lower()  # offline: a CDN's Swagger UI showed a blank page
-    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
-        assert f"/docs/assets/{asset}" in page.text
-        served = client.get(f"/docs/assets/{asset}")
-        assert served.status_code == 200 and len(served.content) > 10_000
+    for page_path, assets in (("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")), ("/redoc", ("redoc.standalone.js",))):
+        page = client.get(page_path)
+        assert page.status_code == 200 and "cdn" not in page.text.lower() and "googleapis" not in page.text  # blank offline
+        for asset in assets:
+            assert f"/docs/assets/{asset}" in page.text
+            served = client.get(f"/docs/assets/{asset}")
+            assert served.status_code == 200 and len(served.content) > 10_000
     assert client.get("/favicon.ico").headers["content-type"] == "image/png"
 
 

@@ -122,6 +122,8 @@ def test_a_malformed_annotation_is_422_and_nothing_is_stored(writable_store: See
         with session_scope(engine) as session:
             assert session.query(LabelEvent).filter(LabelEvent.source == "annotator", LabelEvent.external_id.like("%9%")).count() == 0
             assert session.query(RejectedAnnotation).count() == 0
+        other_control = {"type": "choices", "from_name": "quality", "value": {}}  # another control's: not read, not judged
+        good["annotation"]["result"].append(other_control)
         response = client.post("/webhooks/labelstudio", json=good, headers=headers)  # the well-formed event is recorded
         assert response.status_code == 200 and response.json()["result"]["recorded"] == 1, response.text
         engine.dispose()
