@@ -86,6 +86,11 @@ class OracleAnnotator:
             if label is None:
                 report.warnings.append(f"oracle has no ground truth for {image.path}")
                 continue
+            if label not in project.classes:  # as Label Studio's answers: an unknown class is never a label
+                report.rejected += 1
+                report.warnings.append(f"oracle's ground truth says {label!r} for {image.path}, not one of the classes "
+                                       f"{', '.join(project.classes)}: not recorded (fix the manifest)")
+                continue
             session.add(LabelEvent(image_id=image.id, label=label, source="oracle", annotator="oracle", external_id=external_id, round_id=round_id))
             report.new_label_events += 1
         return report

@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError as DatabaseOperationalError
 from loop.config import AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, save_config, validation_problems
 from loop.ingest import IngestError, ingest_source
 from loop.project import (ProjectBusy, add_project_row, check_store_is_free, open_project, open_project_store, project_lock,
-                          project_lock_held, remove_project_row)
+                          project_lock_held, remove_project_row, sync_project_classes)
 from loop.errors import RoundFailed
 from loop.status import project_status
 from labeling import available_backends
@@ -322,6 +322,32 @@ def _threshold_origin(details: dict) -> str:
     estimate = choice.estimated_metrics
     own = ", ".join(f"{name} {estimate[key]:.3f}" for key, name in (("negative_fpr", "FPR"), ("defect_recall", "recall")) if estimate.get(key) is not None)
     return f"{choice.source}{model}, {choice.n_negatives} good parts" + (f"; own estimate {own}" if own else "")
+
+
+@app.command("rename-class")
+def rename_class(
+    old: Annotated[str, typer.Argument(help="the class name the stored labels use")],
+    new: Annotated[str, typer.Argument(help="a class of loop.toml (edit loop.toml first); an existing one merges the two")],
+    project: ProjectOption,
+) -> None:
+    """Move the stored labels of a class to another name of loop.toml: a class renamed, or merged into another."""
+    from store.db import session_scope
+    from store.queries import get_project, rename_label
+
+    with clear_errors():
+        ctx = open_project(project)
+        if new not in ctx.config.classes:
+            raise ConfigError(f"{new!r} is not one of loop.toml's classes ({', '.join(ctx.config.classes)}): put it there first")
+        if old == new:
+            raise ConfigError("the old and the new name are the same")
+        with project_lock(ctx.root, action="loop rename-class", engine=ctx.engine), session_scope(ctx.engine) as session:
+            project_row = get_project(session)
+            n_events, n_images = rename_label(session, project_row.id, old, new)
+            if n_events == 0:
+                raise ConfigError(f"no stored label says {old!r}: nothing to rename")
+            sync_project_classes(session, project_row, ctx.config)  # ConfigError (all undone) if another class is still left out
+    console.print(f"[green]renamed[/] {old!r} to {new!r}: {n_events} label events of {n_images} images"
+                  + (f"; {old!r} is still a class in loop.toml: remove it there if it is gone" if old in ctx.config.classes else ""))
 
 
 @app.command()

@@ -16,7 +16,7 @@ from PIL import UnidentifiedImageError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from loop.project import ProjectContext
+from loop.project import ProjectContext, sync_project_classes
 from modeling.preprocessing import MIN_IMAGE_SIDE, pixel_depth
 from modeling.progress import progress_bar
 from store import session_scope
@@ -395,6 +395,8 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
 
     with session_scope(ctx.engine) as session:
         project = get_project(session)
+        if sync_project_classes(session, project, ctx.config):  # ConfigError: a class left out still labels images
+            report.notes.append(f"the project's classes are now loop.toml's: {', '.join(ctx.config.classes)} (negative: {ctx.config.negative_class})")
         known = {img.sha256: img for img in session.scalars(select(Image).where(Image.project_id == project.id))}
         first_ingest = not session.scalar(select(func.count()).select_from(Image).where(Image.project_id == project.id, Image.split == "test"))
         batch = IngestBatch(project_id=project.id, source=str(source), layout=layout, notes={})

@@ -26,6 +26,8 @@ from store.db import (
 from store.queries import one_project_per_store
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from store.models import Project
 
 
@@ -203,3 +205,33 @@ def _folder_lock(root: Path, *, action: str) -> Iterator[None]:
         except LockFileBusy as busy:
             raise ProjectBusy(f"project {root} is busy: {busy}. Wait for it to finish (nothing was changed).") from None
         yield
+
+
+def sync_project_classes(session: "Session", project: "Project", config: ProjectConfig) -> dict | None:
+    """loop.toml's classes and negative class into the store's project row, which the API, `loop status` and Label
+    Studio's choices read, once no image's current label is left outside them: a class renamed or removed in
+    loop.toml silently turned its labels, frozen test images included, into unlabeled ones (ConfigError then, nothing
+    changed). {"before", "after"} when the row changed, else None."""
+    from collections import Counter
+
+    from store.models import Image
+    from store.queries import current_labels
+
+    if list(project.classes or []) == config.classes and project.negative_class == config.negative_class:
+        return None
+    splits = dict(session.execute(select(Image.id, Image.split).where(Image.project_id == project.id)).tuples().all())
+    outside: Counter[str] = Counter()
+    outside_test: Counter[str] = Counter()
+    for image_id, info in current_labels(session, project.id).items():
+        if info.status == "labeled" and info.label not in config.classes:
+            outside[info.label] += 1
+            outside_test[info.label] += splits.get(image_id) == "test"
+    if outside:
+        listed = ", ".join(f"{name!r} ({n} images, {outside_test[name]} of them in the frozen test split)" for name, n in sorted(outside.items()))
+        first = sorted(outside)[0]
+        raise ConfigError(f"loop.toml's classes leave out {listed}: their labels would turn into no labels. Nothing was changed. "
+                          f"Put the class back in loop.toml, or move its labels to a class of loop.toml with "
+                          f"`loop rename-class {first} NEW_NAME --project {project.root_dir}` (a renamed class, or another one: the two merge)")
+    before = {"classes": list(project.classes or []), "negative_class": project.negative_class}
+    project.classes, project.negative_class = list(config.classes), config.negative_class
+    return {"before": before, "after": {"classes": list(config.classes), "negative_class": config.negative_class}}

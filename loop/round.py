@@ -30,7 +30,7 @@ from labeling import ASKED_AGAIN_REASONS, AnnotatorBackend, PullReport, PushRepo
 from loop.errors import RoundFailed
 from loop.ingest import inspect_file, part_splits, place_labeled_image
 from loop.selection_index import load_or_update_index
-from loop.project import ProjectContext
+from loop.project import ProjectContext, sync_project_classes
 from modeling.anomaly import (
     MIN_GOOD_IMAGES, BlendedClassifierNetwork, PatchAnomalyNetwork, PatchFeatureNetwork, blend_probabilities, compute_patch_features,
     fit_patch_anomaly, patch_features_key, patch_grid,
@@ -1580,6 +1580,11 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
     state = RoundState(ctx=ctx, options=options, console=console)
     with session_scope(ctx.engine) as session:
         project = get_project(session)
+        classes_changed = sync_project_classes(session, project, ctx.config)  # ConfigError: a class left out still labels images
+        if classes_changed:
+            state.details["classes_changed"] = classes_changed
+            console.print(f"classes from loop.toml: {', '.join(ctx.config.classes)} (negative: {ctx.config.negative_class}); "
+                          f"were {', '.join(classes_changed['before']['classes'])} (negative: {classes_changed['before']['negative_class']})")
         for stale in session.scalars(select(Round).where(Round.project_id == project.id, Round.status == "running")):
             stale.status, stale.error = "failed", "interrupted (the process ended before the round finished)"
         state.number = next_round_number(session, project.id)

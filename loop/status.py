@@ -41,17 +41,20 @@ def project_status(ctx: ProjectContext) -> dict:
             by_class[info.label] += 1
             by_source[info.source] += 1
             by_class_and_source[info.label][info.source] += 1
+        # loop.toml's classes (what the next round uses; the store's row follows at the next round or ingest), and any
+        # label outside them, so the counts add up to `labeled`
+        classes = [*ctx.config.classes, *sorted(set(by_class) - set(ctx.config.classes))]
         return {
             "schema_version": STATUS_SCHEMA_VERSION,
-            "project": {"name": project.name, "root_dir": project.root_dir, "classes": project.classes, "negative_class": project.negative_class},
+            "project": {"name": project.name, "root_dir": project.root_dir, "classes": ctx.config.classes, "negative_class": ctx.config.negative_class},
             "images": {"total": len(images), "ok": sum(1 for i in images if i.status == "ok"), "by_split": dict(sorted(by_split.items()))},
             "labels": {
                 "labeled": sum(by_class.values()),
                 "unlabeled": sum(1 for i in images if i.status == "ok") - sum(by_class.values()) - ties,
                 "ties_unresolved": ties,
-                "by_class": {name: by_class.get(name, 0) for name in project.classes},
+                "by_class": {name: by_class.get(name, 0) for name in classes},
                 "by_source": dict(sorted(by_source.items())),
-                "by_class_and_source": {name: dict(sorted(by_class_and_source[name].items())) for name in project.classes},
+                "by_class_and_source": {name: dict(sorted(by_class_and_source[name].items())) for name in classes},
             },
             "quarantined": [{"path": i.path, "reason": i.status_reason} for i in images if i.status == "quarantined"],
             "rounds": [_round_summary(r) for r in rounds],

@@ -113,3 +113,13 @@ def actively_selected_image_ids(session: Session, project_id: int) -> set[int]:
         select(Selection.image_id).join(Round, Round.id == Selection.round_id)
         .where(Round.project_id == project_id, Selection.strategy.not_in(SAMPLING_SELECTION_STRATEGIES))
     ))
+
+
+def rename_label(session: Session, project_id: int, old: str, new: str) -> tuple[int, int]:
+    """Every label event of the project's images saying `old` now says `new` (a class renamed, or merged into another):
+    (events changed, images they label). Predictions and selections of past rounds keep the names they were made with."""
+    events = session.scalars(select(LabelEvent).join(Image, Image.id == LabelEvent.image_id)
+                             .where(Image.project_id == project_id, LabelEvent.label == old)).all()
+    for event in events:
+        event.label = new
+    return len(events), len({event.image_id for event in events})

@@ -21,7 +21,7 @@ from loop.config import load_config, save_config
 from loop.project import open_project, project_lock
 from modeling.inference import OnnxClassifier
 from store import session_scope
-from store.models import GateResult, Image, LabelEvent, LabelIssue, Metric, Prediction, Round, Selection
+from store.models import GateResult, Image, LabelEvent, LabelIssue, Metric, Prediction, Project, Round, Selection
 from store.queries import current_labels
 from store.reports import round_report
 
@@ -1063,3 +1063,57 @@ def test_a_project_that_sets_its_cameras_bits_decodes_every_frame_by_them_in_the
     np.testing.assert_allclose(deployed.predict_proba([PILImage.open(path) for path, _ in dark]), recorded, atol=2e-3)
     per_frame = OnnxClassifier(artifacts["model_onnx"], image_size=96, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     assert np.abs(per_frame.predict_proba([PILImage.open(path) for path, _ in dark]) - recorded).max() > 0.01  # the setting mattered
+
+
+def test_a_class_renamed_in_loop_toml_stops_the_round_until_its_labels_are_moved(project_with_pool: Path) -> None:
+    # renaming "patch" in loop.toml turned its labels, frozen test images included, into no labels, silently; `loop
+    # status` kept the classes of `loop init`; the oracle kept answering "patch" and the answers were stored
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    ctx = open_project(project_with_pool)
+
+    def counts() -> tuple[dict[str, int], int]:
+        status = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)
+        return status["labels"]["by_class"], status["labels"]["labeled"]
+
+    before, labeled = counts()
+    with session_scope(ctx.engine) as session:
+        patch_in_test = sum(1 for image_id, info in current_labels(session, 1).items()
+                            if info.label == "patch" and session.get(Image, image_id).split == "test")
+    assert before["patch"] > 0 and patch_in_test > 0
+    config = load_config(project_with_pool)
+    config.classes = ["good", "scratch", "spot", "patches"]
+    save_config(project_with_pool, config)
+    refused = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert refused.exit_code == 2
+    assert f"'patch' ({before['patch']} images, {patch_in_test} of them in the frozen test split)" in refused.output, refused.output
+    assert "loop rename-class patch NEW_NAME" in " ".join(refused.output.split())
+    with session_scope(ctx.engine) as session:
+        assert len(session.scalars(select(Round)).all()) == 1  # no round number used up, nothing changed
+        assert session.scalars(select(Project)).one().classes == ["good", "scratch", "spot", "patch"]
+
+    assert invoke("rename-class", "patch", "patchy", "--project", str(project_with_pool)).exit_code == 2  # not in loop.toml
+    renamed = invoke("rename-class", "patch", "patches", "--project", str(project_with_pool))
+    assert renamed.exit_code == 0 and f"of {before['patch']} images" in renamed.output, renamed.output
+    after, labeled_after = counts()
+    assert after == {**{k: v for k, v in before.items() if k != "patch"}, "patches": before["patch"]} and labeled_after == labeled
+
+    # a class added in loop.toml is counted at once, and the labels still add up
+    config.classes = ["good", "scratch", "spot", "patches", "dent"]
+    save_config(project_with_pool, config)
+    status = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)
+    assert status["project"]["classes"] == ["good", "scratch", "spot", "patches", "dent"] and status["labels"]["by_class"]["dent"] == 0
+    assert sum(status["labels"]["by_class"].values()) == status["labels"]["labeled"]
+
+    # the oracle's ground truth still says "patch": such an answer is refused, not stored as a label of no class
+    truth = Path(load_config(project_with_pool).annotator.oracle_manifest)
+    truth.write_text("path,label\n" + "".join(f"{row['path']},patch\n" for row in csv.DictReader(truth.open())))
+    from labeling.simulated import OracleAnnotator
+
+    with session_scope(ctx.engine) as session:
+        project = session.scalars(select(Project)).one()
+        project.classes = ["good", "scratch", "spot", "patches", "dent"]
+        events_before = len(session.scalars(select(LabelEvent)).all())
+        report = OracleAnnotator(manifest=truth, classes=project.classes).pull(session=session, project=project, round_id=None)
+        pushed = len(session.scalars(select(Selection).where(Selection.push_status == "pushed")).all())
+        assert report.rejected == pushed > 0 and report.new_label_events == 0 and "'patch'" in report.warnings[0]
+        assert len(session.scalars(select(LabelEvent)).all()) == events_before
