@@ -21,7 +21,7 @@ from modeling.preprocessing import MIN_IMAGE_SIDE, pixel_depth
 from modeling.progress import progress_bar
 from store import session_scope
 from store.models import Image, IngestBatch, LabelEvent
-from store.queries import get_project, resolve_label
+from store.queries import current_labels, get_project, resolve_label
 
 MAX_PART_LENGTH = 200  # store.models.Image.part
 # loop round's reasons for an image whose file went away or changed: its bytes found at another path bring it back
@@ -410,6 +410,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         clipped: list[str] = []  # frames with values above the camera's bits loop.toml sets
         multi_frame: list[str] = []
         found_again: list[str] = []
+        listed_unlabeled: list[int] = []  # known images listed without a label: a stored label is kept, and said so
         for file, (sha, size, mtime_ns, width, height, reason, depth, n_frames) in inspected:
             existing = known.get(sha) or new_images.get(sha)
             if existing is not None and existing.status == "quarantined" and reason is None and sha in known \
@@ -440,6 +441,8 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                     report.n_already_known += 1
                     if file.label and existing.status == "ok":
                         label_for_known.append((existing, file.label, str(file.path)))
+                    elif file.label is None and existing.id is not None:
+                        listed_unlabeled.append(existing.id)
                 continue
             image = Image(
                 project_id=project.id, sha256=sha, path=str(file.path), duplicate_paths=[], size_bytes=size, mtime_ns=mtime_ns,
@@ -473,10 +476,18 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                                     "in loop.toml ([model] bit_depth = 12, say) before the next round, or convert them to one scale")
         if multi_frame:
             report.notes.append(f"{len(multi_frame)} files hold several pages or frames; only the first is used: {_listed(multi_frame)}")
+        if listed_unlabeled:
+            still_labeled = {image_id for image_id, info in current_labels(session, project.id).items()
+                             if info.status != "unlabeled"} & set(listed_unlabeled)
+            if still_labeled:
+                report.notes.append(f"{len(still_labeled)} known images are listed without a label and keep their stored labels (an "
+                                    "empty label never removes one; to correct a label, list the right one)")
         if found_again:
             report.notes.append(f"{len(found_again)} images quarantined as moved or changed were found at new paths, with the same "
                                 f"content, and are back with their labels: {_listed(found_again)}")
         session.flush()  # parts just given to stored photos count as placed below
+        # a held-out set (--split test) listing images labeled for training before: they stay there, and are named
+        trained_known = list(dict.fromkeys(image.path for image, _label, _path in label_for_known if split == "test" and image.split in ("train", "validation")))
         label_for_known = _label_changes(session, label_for_known, report)
         known_part_splits = part_splits(session, project.id)
         fractions = ctx.config.split
@@ -508,10 +519,23 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         session.flush()
         for sha, label in new_labels.items():
             session.add(LabelEvent(image_id=new_images[sha].id, label=label, source="import", annotator=f"ingest:{batch.id}"))
+        held_out_known = 0
         for image, label in label_for_known:
-            if image.split == "pool":  # labeled now: joins train/validation (its part's split, if placed), never test by draw
+            if image.split == "pool" and split == "test" and placed_parts.get(image.part or "") in (None, "test"):
+                image.split = "test"  # a held-out set you labeled: an unlabeled pool image (never trained on) joins it too
+                held_out_known += 1
+                if image.part:
+                    placed_parts[image.part] = "test"
+            elif image.split == "pool":  # labeled now: joins train/validation (its part's split, if placed), never test by draw
                 place_labeled_image(image, placed_parts=placed_parts, validation_fraction=fractions.validation_fraction, seed=fractions.seed)
+                if split == "test":  # its part's photos were labeled for training
+                    trained_known.append(f"{image.path} (part {image.part!r})")
             session.add(LabelEvent(image_id=image.id, label=label, source="import", annotator=f"ingest:{batch.id}"))
+        if held_out_known:
+            report.notes.append(f"{held_out_known} images already ingested unlabeled (never trained on) join the test split with their labels")
+        if trained_known:
+            report.notes.append(f"{len(trained_known)} listed images stay in train/validation, not test: they (or their part's photos) were "
+                                f"labeled for training before, and a test image must not have been trained on: {_listed(trained_known)}")
         session.flush()
         _hold_out_test_parts(session, project.id, {part for part, placed in placed_parts.items() if placed == "test"})
         # A quarantined file fixed (or changed) and ingested again is a new image; its quarantine is over, not pending.

@@ -333,3 +333,39 @@ def test_split_for_new_label_draws_once_per_part() -> None:
     assert len(draws) == 1
     assert len({split_for_new_label(f"{i:064x}", validation_fraction=0.5, seed=0) for i in range(20)}) == 2
     assert split_for_new_label("ab", validation_fraction=0.5, seed=0, part="tile-9", part_split="test") == "test"
+
+
+def test_a_held_out_set_takes_its_unlabeled_pool_images_into_test_but_never_a_trained_one(new_project, class_folders: Path, tmp_path: Path) -> None:
+    # `--split test` put the 4 pool images it labeled into train, with no word
+    files = sorted(class_folders.rglob("*.png"))
+    first = tmp_path / "first.csv"
+    with open(first, "w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "label"], *([str(p), p.parent.name if i % 2 == 0 else ""] for i, p in enumerate(files[:40]))])
+    ingest_source(new_project, first, show_progress=False)
+    by_path = {row.path: row for row in images(new_project)}
+    pool = [p for p in files[:40] if by_path[str(p)].split == "pool"][:4]
+    trained = next(p for p in files[:40] if by_path[str(p)].split == "train")
+    held_out = tmp_path / "held_out.csv"
+    with open(held_out, "w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "label"], *([str(p), p.parent.name] for p in [*pool, trained, *files[40:60]])])
+    report = ingest_source(new_project, held_out, split="test", show_progress=False)
+    by_path = {row.path: row for row in images(new_project)}
+    assert [by_path[str(p)].split for p in pool] == ["test"] * 4
+    assert all(by_path[str(p)].split == "test" for p in files[40:60])
+    assert by_path[str(trained)].split == "train"
+    assert any(note.startswith("4 images already ingested unlabeled") for note in report.notes), report.notes
+    assert any(note.startswith("1 listed images stay in train/validation") and str(trained) in note for note in report.notes), report.notes
+
+
+def test_a_known_labeled_image_listed_with_an_empty_label_keeps_it_and_says_so(new_project, class_folders: Path, tmp_path: Path) -> None:
+    files = sorted(class_folders.rglob("*.png"))[:10]
+    manifest = tmp_path / "labels.csv"
+    with open(manifest, "w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "label"], *([str(p), p.parent.name] for p in files)])
+    ingest_source(new_project, manifest, show_progress=False)
+    with open(manifest, "w", newline="") as handle:  # the label of two rows blanked, as if to remove them
+        csv.writer(handle).writerows([["path", "label"], *([str(p), "" if i < 2 else p.parent.name] for i, p in enumerate(files))])
+    report = ingest_source(new_project, manifest, show_progress=False)
+    assert any(note.startswith("2 known images are listed without a label and keep their stored labels") for note in report.notes), report.notes
+    with session_scope(new_project.engine) as session:
+        assert sum(info.status == "labeled" for info in current_labels(session, 1).values()) == 10
