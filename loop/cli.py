@@ -18,7 +18,7 @@ from rich.table import Table
 from sqlalchemy.exc import InterfaceError as DatabaseInterfaceError
 from sqlalchemy.exc import OperationalError as DatabaseOperationalError
 
-from loop.config import AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, save_config, validation_problems
+from loop.config import INIT_CHECKPOINT, AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, save_config, validation_problems
 from loop.ingest import IngestError, ingest_source
 from loop.project import (ProjectBusy, add_project_row, check_store_is_free, open_project, open_project_store, project_lock,
                           project_lock_held, remove_project_row, sync_project_classes)
@@ -39,7 +39,6 @@ error_console = Console(stderr=True, soft_wrap=True)  # an error is one line, wh
 EXIT_USAGE = 2
 EXIT_GATES_FAILED = 3
 EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
-INIT_CHECKPOINT = "models/init_from.pt"  # loop init --init-from: the copied checkpoint, relative to the project
 ProjectOption = Annotated[Path, typer.Option("--project", "-p", help="project directory (holds loop.toml)")]
 
 
@@ -89,6 +88,8 @@ def init(
     """Create a project: loop.toml, the store (Alembic upgrade head) and its project row."""
     with clear_errors():
         project_dir = project_dir.expanduser().resolve()
+        if weights not in (None, "default", "none"):  # loop.toml's relative paths are the project folder's, not this shell's
+            weights = str(Path(weights).expanduser().resolve())
         if config_path(project_dir).exists():
             raise ConfigError(f"{config_path(project_dir)} already exists: this folder is a project already (edit loop.toml, or choose another folder)")
         try:
@@ -104,6 +105,13 @@ def init(
             raise ConfigError(f"loop init: {validation_problems(error)}") from None
         if annotator not in available_backends():
             raise ConfigError(f"unknown annotator backend {annotator!r}; available: {', '.join(available_backends())}")
+        if weights not in (None, "default", "none"):  # the file must fit the network now, not in round 1 (as --init-from)
+            from modeling.backbones import create_backbone
+
+            try:
+                create_backbone(config.model.backbone, weights=weights, pooling=config.model.pooling)
+            except (ValueError, WeightsUnavailable) as error:
+                raise ConfigError(f"--weights {weights}: {error}") from None
         environment_url = os.environ.get("LOOP_DATABASE_URL")
         if database_url and environment_url and not same_store(environment_url, database_url):  # the environment wins: the store would not be the one asked for
             raise ConfigError(f"--database-url {shown_url(database_url)} and LOOP_DATABASE_URL={shown_url(environment_url)} disagree, and the "

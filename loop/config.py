@@ -9,6 +9,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator, model_validator
 
 CONFIG_FILE = "loop.toml"
+INIT_CHECKPOINT = "models/init_from.pt"  # loop init --init-from: the copied checkpoint, relative to the project
 
 
 class Strict(BaseModel):

@@ -27,6 +27,7 @@ from rich.markup import escape
 from sqlalchemy import func, select
 
 from labeling import ASKED_AGAIN_REASONS, AnnotatorBackend, PullReport, PushReport, TaskRequest, available_backends, create_backend
+from loop.config import INIT_CHECKPOINT
 from loop.errors import RoundFailed
 from loop.ingest import inspect_file, part_splits, place_labeled_image
 from loop.selection_index import load_or_update_index
@@ -191,30 +192,49 @@ def pull_labels(state: RoundState) -> None:
 
 
 def check_image_files(state: RoundState) -> None:
-    """A moved or changed file is detected and quarantined, never silently used."""
-    quarantined = []
+    """A moved or changed file is detected and quarantined, never silently used; when the store knows a byte-identical
+    copy of it elsewhere (ingested from two places), the image is read from there instead."""
+    quarantined, moved = [], []
     with session_scope(state.ctx.engine) as session:
         project = get_project(session)
         for image in session.scalars(select(Image).where(Image.project_id == project.id, Image.status == "ok")):
             path = Path(image.path)
             if not path.is_file():
-                image.status, image.status_reason = "quarantined", f"file missing at {path} (moved or deleted since ingest)"
+                reason = f"file missing at {path} (moved or deleted since ingest)"
             else:
                 stat = path.stat()
                 if (stat.st_size, stat.st_mtime_ns) == (image.size_bytes, image.mtime_ns):
                     continue
                 sha, size, mtime_ns, _w, _h, reason, *_ = inspect_file(path)
-                if sha != image.sha256:
-                    image.status, image.status_reason = "quarantined", "file changed on disk since ingest (content hash differs)"
-                elif reason is not None:
-                    image.status, image.status_reason = "quarantined", reason
-                else:
+                if sha == image.sha256 and reason is None:
                     image.size_bytes, image.mtime_ns = size, mtime_ns  # touched, same content
                     continue
+                reason = reason if sha == image.sha256 else "file changed on disk since ingest (content hash differs)"
+            copy = _intact_copy(image)
+            if copy is not None:
+                moved.append(f"{image.path} -> {copy[0]}")
+                image.path, image.size_bytes, image.mtime_ns = copy
+                image.duplicate_paths = [other for other in image.duplicate_paths if other != copy[0]]
+                continue
+            image.status, image.status_reason = "quarantined", reason
             quarantined.append((image.path, image.status_reason))
     for path, reason in quarantined:
         state.console.print(f"[yellow]quarantined[/] {escape(str(path))}: {escape(str(reason))}")
+    if moved:
+        state.console.print(f"{len(moved)} images whose file went missing or changed are read from a byte-identical copy the store knew: "
+                            + escape("; ".join(moved[:5]) + (" ..." if len(moved) > 5 else "")))
     state.details["newly_quarantined"] = len(quarantined)
+    state.details["read_from_copies"] = len(moved)
+
+
+def _intact_copy(image: Image) -> tuple[str, int, int] | None:
+    """(path, size, mtime) of a file among the image's byte-identical copies that still holds its bytes, or None."""
+    for other in image.duplicate_paths:
+        if Path(other).is_file():
+            sha, size, mtime_ns, _w, _h, reason, *_ = inspect_file(Path(other))
+            if sha == image.sha256 and reason is None:
+                return other, size, mtime_ns
+    return None
 
 
 def load_images(state: RoundState) -> None:
@@ -353,7 +373,9 @@ def embed_images(state: RoundState) -> None:
         init = load_init_checkpoint(_weights_path(state, model.init_from), class_names=list(state.config.classes), pooling=model.pooling)
         state.backbone = create_backbone(init.backbone_name, weights=str(init.backbone_weights_path), pooling=model.pooling)
         # head_used: set by train_model from what the network did (False until then: a cold start or a failure trains nothing)
-        state.details["init_from"] = {"checkpoint": str(init.backbone_weights_path), "source": model.init_from_source, "head": init.head_reason,
+        # where the copy came from, as init recorded it; a checkpoint set in loop.toml by hand is its own source
+        source = model.init_from_source if model.init_from == INIT_CHECKPOINT else None
+        state.details["init_from"] = {"checkpoint": str(init.backbone_weights_path), "source": source, "head": init.head_reason,
                                       "head_used": False}
         state.init_training_options = init.training_options()
     else:
@@ -412,7 +434,10 @@ def gather_labeled_pool(state: RoundState) -> None:
                 state.console.print("[yellow]warning:[/] the frozen test split holds no defect (it is drawn from the labels at ingest): the defect "
                                     "recall gate will fail as unmeasurable until labeled defect images are ingested")
             return
-        raise RoundFailed(f"training needs labeled non-test images of at least two classes; have {len(non_test)} of {len(present)} class(es). Ingest or label more images.")
+        lost = state.details.get("newly_quarantined") or 0
+        raise RoundFailed(f"training needs labeled non-test images of at least two classes; have {len(non_test)} of {len(present)} class(es). "
+                          + (f"This round quarantined {lost} images whose files went missing or changed (listed above): restore the "
+                             "files, or ingest their new folder (they come back with their labels)." if lost else "Ingest or label more images."))
     if counts["test"] == 0:
         raise RoundFailed("the frozen test split is empty: ingest labeled images first (the test split is drawn from them)")
     missing_classes = [name for i, name in enumerate(state.config.classes) if i not in present]
@@ -852,9 +877,18 @@ def _test_intervals(state: RoundState, test: np.ndarray, predictions: np.ndarray
     for name, rows, limit in (("negative_fpr", ~true_defect, gates.negative_fpr_max), ("defect_recall", true_defect, gates.defect_recall_min)):
         interval = proportion_interval_by_part(hits=predicted_defect[rows], parts=None if parts is None else parts[rows])
         if interval["low"] is not None:
-            interval["settled"] = bool(interval["high"] <= limit or interval["low"] >= limit)
+            interval["settled"] = gate_settled(name, low=interval["low"], high=interval["high"], limit=limit)
         intervals[name] = interval
     return intervals
+
+
+def gate_settled(name: str, *, low: float, high: float, limit: float) -> bool:
+    """Whether every value of the interval [low, high] gives the gate the same verdict: FPR passes at <= limit,
+    recall at >= limit (a recall interval [0.65, 1.0] against a gate of 1.0 holds both verdicts, so does [0, 0.15]
+    against an FPR gate of 0)."""
+    if name == "negative_fpr":
+        return bool(high <= limit or low > limit)
+    return bool(low >= limit or high < limit)
 
 
 def flag_label_issues(state: RoundState) -> None:
@@ -1478,7 +1512,9 @@ def _plot_gates_history(session, project_id: int, state: RoundState) -> Path:  #
     series = {name: [gates[name].value if name in gates else None for _, gates, _ in history] + [current[name].value] for name in current}
     labeled = [c.get("train", 0) + c.get("validation", 0) for _, _, c in history] + [state.details["labeled_counts"]["train"] + state.details["labeled_counts"]["validation"]]
     # each round keeps its own picture (what the round record points to); artifacts/gates_over_rounds.png is the latest
-    path = plot_gates_over_rounds(rounds=numbers, gate_series=series, thresholds={g.name: g.threshold for g in state.gates},
+    # each round's own threshold: a gate changed in loop.toml is not drawn back over the rounds before
+    thresholds = {name: [gates[name].threshold if name in gates else None for _, gates, _ in history] + [current[name].threshold] for name in current}
+    path = plot_gates_over_rounds(rounds=numbers, gate_series=series, thresholds=thresholds,
                                   comparisons={g.name: g.comparison for g in state.gates}, path=state.round_dir / "gates_over_rounds.png", labeled_counts=labeled)
     shutil.copyfile(path, state.ctx.artifacts_dir / "gates_over_rounds.png")
     return path

@@ -112,11 +112,15 @@ def map_state_dict_by_position(source: dict[str, torch.Tensor], target: dict[str
 def _load_weights_file(path: Path) -> LoadedWeights:
     if not path.is_file():
         raise WeightsUnavailable(f"weights file {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - an empty file is an EOFError (which click took for Ctrl-D: "Aborted."), text a KeyError
+        raise WeightsUnavailable(f"weights file {path} is not a checkpoint torch can read "
+                                 f"({type(error).__name__}{': ' + str(error)[:200] if str(error) else ''}{'; the file is empty' if path.stat().st_size == 0 else ''})") from None
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, dict):
-        raise WeightsUnavailable(f"{path} holds no state dict")
+    if not isinstance(checkpoint, dict) or not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        raise WeightsUnavailable(f"weights file {path} holds no state dict (names -> tensors)")
     mean = tuple(checkpoint.pop("__defect_loop_mean__", torch.tensor(IMAGENET_MEAN)).tolist())
     std = tuple(checkpoint.pop("__defect_loop_std__", torch.tensor(IMAGENET_STD)).tolist())
     return LoadedWeights(checkpoint, f"file-{file_sha256(path)}", mean, std)  # type: ignore[arg-type]
@@ -170,7 +174,10 @@ def create_backbone(name: str = "efficientnet_lite0", *, weights: str = "default
     else:
         loaded = _load_weights_file(Path(weights).expanduser())
     if loaded.state_dict is not None:
-        _apply_state_dict(model, loaded.state_dict)
+        try:
+            _apply_state_dict(model, loaded.state_dict)
+        except (ValueError, RuntimeError) as error:  # another architecture's weights: say whose
+            raise WeightsUnavailable(f"weights {weights} do not fit {name}: {str(error)[:300]}") from None
     if not keep_imagenet_head:
         model.reset_classifier(0)
     model.eval()

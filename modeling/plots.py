@@ -32,20 +32,27 @@ def plot_confusion_matrix(*, matrix: list[list[int]], labels: list[str], path: P
     return path
 
 
-def plot_gates_over_rounds(*, rounds: list[int], gate_series: dict[str, list[float | None]], thresholds: dict[str, float], comparisons: dict[str, str], path: Path, labeled_counts: list[int] | None = None) -> Path:
-    """One panel per gate: its value per round and its threshold line (shaded on the failing side)."""
+def plot_gates_over_rounds(*, rounds: list[int], gate_series: dict[str, list[float | None]], thresholds: dict[str, float | list[float | None]],
+                           comparisons: dict[str, str], path: Path, labeled_counts: list[int] | None = None) -> Path:
+    """One panel per gate: its value per round and its threshold line (shaded on the failing side). A threshold given
+    per round that changed (the gate edited in loop.toml between rounds) is drawn as a step line at each round's value."""
     names = [n for n in gate_series if any(v is not None for v in gate_series[n])]
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
         values = [np.nan if v is None else v for v in gate_series[name]]
         ax.plot(rounds, values, marker="o", color="tab:blue")
         threshold = thresholds[name]
-        ax.axhline(threshold, color="tab:red", linestyle="--", label=f"gate {comparisons[name]} {threshold:g}")
-        low, high = ax.get_ylim()
-        if comparisons[name] == ">=":
-            ax.axhspan(min(low, threshold), threshold, color="tab:red", alpha=0.06)
+        per_round = [np.nan if t is None else t for t in threshold] if isinstance(threshold, list) else [threshold]
+        distinct = sorted({t for t in per_round if not np.isnan(t)})
+        if len(distinct) > 1:
+            ax.plot(rounds, per_round, color="tab:red", linestyle="--", drawstyle="steps-mid", label=f"gate {comparisons[name]} (each round's)")
         else:
-            ax.axhspan(threshold, max(high, threshold), color="tab:red", alpha=0.06)
+            ax.axhline(distinct[0], color="tab:red", linestyle="--", label=f"gate {comparisons[name]} {distinct[0]:g}")
+            low, high = ax.get_ylim()
+            if comparisons[name] == ">=":
+                ax.axhspan(min(low, distinct[0]), distinct[0], color="tab:red", alpha=0.06)
+            else:
+                ax.axhspan(distinct[0], max(high, distinct[0]), color="tab:red", alpha=0.06)
         ax.set_title(name)
         ax.set_xlabel("round")
         ax.set_xticks(rounds)

@@ -133,3 +133,29 @@ def test_unknown_pooling_is_refused() -> None:
         create_backbone("efficientnet_lite0", pooling="gem")
     with pytest.raises(ValueError, match="needs a model with conv_stem"):  # refused before any weights are fetched
         create_backbone("resnet18", pooling="multilayer")
+
+
+def test_a_weights_file_that_is_not_a_checkpoint_is_named_at_init(tmp_path: Path, backbone, monkeypatch) -> None:  # noqa: ANN001
+    # an empty file was an EOFError, which click took for Ctrl-D ("Aborted.", exit 1); text was "error: 101"; both
+    # surfaced only in round 1, and `loop init --weights` took anything
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.config import load_config
+
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "notes.pt").write_text("hello\n")
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other_net.pt")
+    save_backbone_weights(backbone, tmp_path / "ours.pt")
+    expected = {"empty.pt": "is not a checkpoint torch can read (EOFError; the file is empty)", "notes.pt": "is not a checkpoint torch can read",
+                "other_net.pt": "do not fit efficientnet_lite0: weights have 1 tensors, the model expects 296", "gone.pt": "does not exist"}
+    monkeypatch.chdir(tmp_path)
+    for name, message in expected.items():
+        with pytest.raises(WeightsUnavailable) as raised:
+            create_backbone("efficientnet_lite0", weights=str(tmp_path / name))
+        assert message in str(raised.value)
+        result = CliRunner().invoke(app, ["init", f"p_{name}", "--classes", "a,b", "--weights", name])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()) and not (tmp_path / f"p_{name}").exists(), result.output
+    result = CliRunner().invoke(app, ["init", "p_ours", "--classes", "a,b", "--weights", "ours.pt"])
+    assert result.exit_code == 0, result.output
+    assert load_config(tmp_path / "p_ours").model.weights == str(tmp_path / "ours.pt")  # the round reads it from the project folder

@@ -249,3 +249,14 @@ def test_a_test_split_without_defects_fails_the_recall_gate_instead_of_skipping_
     gates = {g.name: g for g in evaluate_gates(metrics=metrics, latency_ms=5, macro_f1_min=0.7, defect_recall_min=0.85, negative_fpr_max=0.03, latency_ms_max=30)}
     assert gates["defect_recall"].applicable and gates["defect_recall"].passed is False and gates["defect_recall"].value is None
     assert gates["negative_fpr"].passed is True
+
+
+def test_a_gate_is_settled_only_when_the_whole_interval_gives_one_verdict() -> None:
+    from loop.round import gate_settled
+
+    # recall passes at >= limit, FPR at <= limit: an interval reaching the limit from the failing side is not settled
+    assert not gate_settled("defect_recall", low=0.652, high=1.0, limit=1.0)
+    assert not gate_settled("negative_fpr", low=0.0, high=0.153, limit=0.0)
+    assert gate_settled("defect_recall", low=0.9, high=1.0, limit=0.85) and gate_settled("defect_recall", low=0.5, high=0.84, limit=0.85)
+    assert gate_settled("negative_fpr", low=0.0, high=0.03, limit=0.03) and gate_settled("negative_fpr", low=0.031, high=0.2, limit=0.03)
+    assert not gate_settled("defect_recall", low=0.8, high=0.9, limit=0.85) and not gate_settled("negative_fpr", low=0.01, high=0.05, limit=0.03)

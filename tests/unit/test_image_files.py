@@ -314,3 +314,23 @@ def test_label_studio_display_copies_follow_the_cameras_bits(tmp_path: Path) -> 
 
     sha = "ab" * 32
     assert shown["auto"] == (f"{sha}-dec{DECODE_VERSION}.png", 12) and shown[16] == (f"{sha}-dec{DECODE_VERSION}-b16.png", 1)  # 200/65535*255
+
+
+def test_a_round_reads_an_image_from_a_known_byte_identical_copy_when_its_file_goes(new_project, class_folders: Path, tmp_path: Path) -> None:
+    # ingested from two places, the images were all quarantined as missing when the first folder went, copies or not
+    from rich.console import Console
+
+    from loop.round import RoundOptions, RoundState, check_image_files
+
+    ingest_source(new_project, class_folders, show_progress=False)
+    backup = tmp_path / "backup"
+    shutil.copytree(class_folders, backup)
+    assert ingest_source(new_project, backup, show_progress=False).n_already_known == 70
+    shutil.move(class_folders, tmp_path / "gone")
+    (backup / "good" / "good_0000.png").write_bytes(b"not the same bytes")  # this copy changed: no way back for it
+    state = RoundState(ctx=new_project, options=RoundOptions(show_progress=False), console=Console(quiet=True))
+    check_image_files(state)
+    assert (state.details["read_from_copies"], state.details["newly_quarantined"]) == (69, 1)
+    by_status = {r.status for r in rows(new_project) if r.path.startswith(str(backup))}
+    assert by_status == {"ok"} and sum(r.status == "quarantined" for r in rows(new_project)) == 1
+    assert all(r.duplicate_paths == [] for r in rows(new_project) if r.status == "ok")
