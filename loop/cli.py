@@ -258,7 +258,7 @@ def print_round(outcome) -> None:  # noqa: ANN001
         selection = details.get("selection") or {}
         console.print(f"round {outcome.number}: [yellow]cold start[/] · {escape(details['cold_start']['reason'])}")
         console.print(f"labeled: train {counts['train']}, validation {counts['validation']}, test {counts['test']}; unlabeled {counts['unlabeled']} · "
-                      f"selected for labeling: {details.get('push', {}).get('pushed', 0)} pushed, {details.get('push', {}).get('pending', 0)} pending "
+                      f"{_selected_for_labeling(details.get('push') or {})} "
                       f"({selection.get('scanned', 0)} pool images ranked against {selection.get('n_known_good', 0)} known-good) · "
                       f"total {outcome.timings_s.get('total', 0):.1f} s")
         return
@@ -289,8 +289,11 @@ def print_round(outcome) -> None:  # noqa: ANN001
         + (f"; {counts['unlabeled_train_validation']} in train/validation wait for an answer (tied, or deleted in the annotation tool)"
            if counts.get("unlabeled_train_validation") else "")
         + " · "
-        f"accuracy {metrics['accuracy']:.4f} · ROC-AUC {metrics['roc_auc_defect'] if metrics.get('roc_auc_defect') is None else round(metrics['roc_auc_defect'], 4)} · "
-        f"threshold {threshold if threshold is None else f'{threshold:.3g}'} ({_threshold_origin(details)}) · "
+        f"accuracy {metrics['accuracy']:.4f} · "
+        # without a negative class there is no defect score to rank nor threshold to choose: the most probable class decides
+        + (f"ROC-AUC {'n/a' if metrics.get('roc_auc_defect') is None else round(metrics['roc_auc_defect'], 4)} · "
+           f"threshold {'n/a' if threshold is None else f'{threshold:.3g}'} ({_threshold_origin(details)}) · " if threshold is not None or metrics.get("roc_auc_defect") is not None
+           else "no negative class: the most probable class decides · ")
         + (f"latency {details['latency']['ms_per_image']:.1f} ms/image (ONNX Runtime, {details['latency']['threads']} threads, {details['latency']['cpu']})"
            if details.get("latency") else "latency not measured")
     )
@@ -300,11 +303,16 @@ def print_round(outcome) -> None:  # noqa: ANN001
                   + (f" · near-duplicates: {near['n_issues']} images ({near['pairs_across_test_split']} pairs across the test split; "
                      f"{near.get('pool_images_moved_to_test', 0)} pool copies joined test, {near.get('pool_images_held_back_from_labeling', 0)} held back)"
                      f" · outliers: {data_quality['outliers']['n_issues']}" if near else "")
-                  + f" · selected for labeling: {details.get('push', {}).get('pushed', 0)} pushed, "
-                  + (f"{details['push']['reopened']} answered tasks asked again, " if details.get("push", {}).get("reopened") else "")
-                  + f"{details.get('push', {}).get('pending', 0)} pending · total {outcome.timings_s.get('total', 0):.1f} s")
+                  + f" · {_selected_for_labeling(details.get('push') or {})} · total {outcome.timings_s.get('total', 0):.1f} s")
     plots = [outcome.artifacts.get(name) for name in ("confusion_matrix_png", "gates_png", "training_curves_png")]
     console.print("plots: " + ", ".join(str(path) for path in plots if path))
+
+
+def _selected_for_labeling(push: dict) -> str:
+    if push.get("backend") == "none":  # nobody to push to: the batch is recorded for `loop status` and the API
+        return f"selected for labeling: {push.get('recorded', 0)} recorded (annotator: none)"
+    reopened = f"{push['reopened']} answered tasks asked again, " if push.get("reopened") else ""
+    return f"selected for labeling: {push.get('pushed', 0)} pushed, {reopened}{push.get('pending', 0)} pending"
 
 
 def _print_pull(pull: dict) -> None:

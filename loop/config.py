@@ -13,7 +13,7 @@ INIT_CHECKPOINT = "models/init_from.pt"  # loop init --init-from: the copied che
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # loop.toml: `budget_per_round = true` or "7" is a mistake, not a 1 or a 7
 
 
 class GatesConfig(Strict):

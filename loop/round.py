@@ -1264,9 +1264,11 @@ def push_batch(state: RoundState) -> None:
         batch_ids = {image.id for _selection, image in retry}
         not_reached = (report.pending_image_ids & batch_ids) or (batch_ids if report.pending else set())
         now = datetime.now(timezone.utc)
+        recorded = 0
         for selection, image in retry:
             if name == "none":
                 selection.push_status = "recorded"
+                recorded += 1
             elif image.id not in not_reached:
                 selection.push_status, selection.pushed_at = "pushed", now
         # a waiting task deleted in the annotation tool: its image's newest ask is pending again, pushed in a new task
@@ -1275,7 +1277,7 @@ def push_batch(state: RoundState) -> None:
         state.push_report = report
     for warning in report.warnings:
         state.console.print(f"[yellow]warning:[/] {escape(warning)}")
-    state.details["push"] = {"backend": name, "pushed": report.pushed, "already_present": report.already_present, "pending": report.pending,
+    state.details["push"] = {"backend": name, "pushed": report.pushed, "recorded": recorded, "already_present": report.already_present, "pending": report.pending,
                              "reopened": report.reopened, "refreshed": report.refreshed,
                              "superseded_predictions_deleted": getattr(report, "superseded_predictions_deleted", 0),
                              "closed": report.closed, "settled_done": report.settled_done, "unsettled": sorted(unsettled),

@@ -41,12 +41,13 @@ def project_status(ctx: ProjectContext) -> dict:
             by_class[info.label] += 1
             by_source[info.source] += 1
             by_class_and_source[info.label][info.source] += 1
-        # loop.toml's classes (what the next round uses; the store's row follows at the next round or ingest), and any
-        # label outside them, so the counts add up to `labeled`
-        classes = [*ctx.config.classes, *sorted(set(by_class) - set(ctx.config.classes))]
+        # loop.toml's classes (what the next round uses; the store's row follows at the next round or ingest; the row's
+        # when loop.toml cannot be read), and any label outside them, so the counts add up to `labeled`
+        named, negative = (ctx.config.classes, ctx.config.negative_class) if ctx.config is not None else (list(project.classes), project.negative_class)
+        classes = [*named, *sorted(set(by_class) - set(named))]
         return {
             "schema_version": STATUS_SCHEMA_VERSION,
-            "project": {"name": project.name, "root_dir": project.root_dir, "classes": ctx.config.classes, "negative_class": ctx.config.negative_class},
+            "project": {"name": project.name, "root_dir": project.root_dir, "classes": named, "negative_class": negative},
             "images": {"total": len(images), "ok": sum(1 for i in images if i.status == "ok"), "by_split": dict(sorted(by_split.items()))},
             "labels": {
                 "labeled": sum(by_class.values()),

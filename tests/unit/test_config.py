@@ -183,3 +183,18 @@ def test_a_validators_message_is_given_without_pydantics_prefix(tmp_path) -> Non
     except ValidationError as error:
         said = validation_problems(error)
     assert said.startswith("training: ") and "Value error" not in said
+
+
+def test_loop_toml_values_of_the_wrong_type_are_refused_not_coerced() -> None:
+    # `budget_per_round = true` became 1 and `image_size = "96"` 96, while [model.training] was strict
+    from pydantic import ValidationError
+
+    from loop.config import ProjectConfig, validation_problems
+
+    base = {"name": "x", "classes": ["good", "scratch"]}
+    for section, key, value in (("loop", "budget_per_round", True), ("loop", "budget_per_round", "7"), ("model", "image_size", "96"),
+                                ("gates", "macro_f1_min", "0.7"), ("split", "seed", 1.0)):
+        with pytest.raises(ValidationError) as refused:
+            ProjectConfig.model_validate({**base, section: {key: value}})
+        assert validation_problems(refused.value).startswith(f"{section}.{key}: ")
+    assert ProjectConfig.model_validate({**base, "gates": {"macro_f1_min": 1}}).gates.macro_f1_min == 1.0  # an integer is a number
