@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from pydantic import ValidationError
@@ -105,7 +105,7 @@ def init(
             raise ConfigError(f"loop init: {validation_problems(error)}") from None
         if annotator not in available_backends():
             raise ConfigError(f"unknown annotator backend {annotator!r}; available: {', '.join(available_backends())}")
-        if weights not in (None, "default", "none"):  # the file must fit the network now, not in round 1 (as --init-from)
+        if weights not in (None, "default", "none") and init_from is None:  # the file must fit the network now, not in round 1
             from modeling.backbones import create_backbone
 
             try:
@@ -342,28 +342,46 @@ def _threshold_origin(details: dict) -> str:
 
 @app.command("rename-class")
 def rename_class(
-    old: Annotated[str, typer.Argument(help="the class name the stored labels use")],
-    new: Annotated[str, typer.Argument(help="a class of loop.toml (edit loop.toml first); an existing one merges the two")],
+    old: Annotated[str, typer.Argument(help="the class name the stored answers use, no longer in loop.toml")],
+    new: Annotated[str, typer.Argument(help="a class of loop.toml (edit loop.toml first)")],
     project: ProjectOption,
+    merge: Annotated[bool, typer.Option("--merge", help="NEW already labels images: merge OLD into it (cannot be undone)")] = False,
 ) -> None:
-    """Move the stored labels of a class to another name of loop.toml: a class renamed, or merged into another."""
+    """Move the stored answers naming a class to its new name in loop.toml (rewritten in place: the label history then
+    says NEW). Answers from Label Studio are refused: it keeps them under the old name and the next pull would read
+    them again."""
+    from sqlalchemy import func, select
+
     from store.db import session_scope
+    from store.models import Image, LabelEvent
     from store.queries import get_project, rename_label
 
     with clear_errors():
         ctx = open_project(project)
         if new not in ctx.config.classes:
             raise ConfigError(f"{new!r} is not one of loop.toml's classes ({', '.join(ctx.config.classes)}): put it there first")
-        if old == new:
-            raise ConfigError("the old and the new name are the same")
+        if old in ctx.config.classes:
+            raise ConfigError(f"{old!r} is still one of loop.toml's classes: rename or remove it there first (a class that stays "
+                              "is not renamed; to merge it into another, remove it from loop.toml and give --merge)")
         with project_lock(ctx.root, action="loop rename-class", engine=ctx.engine), session_scope(ctx.engine) as session:
             project_row = get_project(session)
+
+            def answers_naming(label: str, *extra: Any) -> int:
+                return session.scalar(select(func.count()).select_from(LabelEvent).join(Image, Image.id == LabelEvent.image_id)
+                                      .where(Image.project_id == project_row.id, LabelEvent.label == label, *extra)) or 0
+
+            from_label_studio = answers_naming(old, LabelEvent.source == "annotator", LabelEvent.external_id.is_not(None))
+            if from_label_studio:
+                raise ConfigError(f"{from_label_studio} answers naming {old!r} come from Label Studio, which keeps them under that name: "
+                                  f"the next pull would read them again as a class loop.toml does not have. Keep {old!r} in loop.toml")
+            if answers_naming(new) and not merge:
+                raise ConfigError(f"{new!r} already labels images: renaming {old!r} to it merges the two classes for good; give --merge to do so")
             n_events, n_images = rename_label(session, project_row.id, old, new)
             if n_events == 0:
-                raise ConfigError(f"no stored label says {old!r}: nothing to rename")
+                raise ConfigError(f"no stored answer says {old!r}: nothing to rename")
             sync_project_classes(session, project_row, ctx.config)  # ConfigError (all undone) if another class is still left out
-    console.print(f"[green]renamed[/] {old!r} to {new!r}: {n_events} label events of {n_images} images"
-                  + (f"; {old!r} is still a class in loop.toml: remove it there if it is gone" if old in ctx.config.classes else ""))
+    console.print(f"[green]renamed[/] {old!r} to {new!r}: {n_events} answers of {n_images} images"
+                  + ("; the oracle's manifest still names the old class: fix it too" if ctx.config.annotator.backend == "oracle" else ""))
 
 
 @app.command()

@@ -20,7 +20,7 @@ from loop.project import ProjectContext, sync_project_classes
 from modeling.preprocessing import MIN_IMAGE_SIDE, pixel_depth
 from modeling.progress import progress_bar
 from store import session_scope
-from store.models import Image, IngestBatch, LabelEvent
+from store.models import Image, IngestBatch, LabelEvent, Selection
 from store.queries import current_labels, get_project, resolve_label
 
 MAX_PART_LENGTH = 200  # store.models.Image.part
@@ -441,7 +441,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                     report.n_already_known += 1
                     if file.label and existing.status == "ok":
                         label_for_known.append((existing, file.label, str(file.path)))
-                    elif file.label is None and existing.id is not None:
+                    elif file.label is None and not unlabeled and existing.id is not None:  # a manifest's empty label
                         listed_unlabeled.append(existing.id)
                 continue
             image = Image(
@@ -520,8 +520,14 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         for sha, label in new_labels.items():
             session.add(LabelEvent(image_id=new_images[sha].id, label=label, source="import", annotator=f"ingest:{batch.id}"))
         held_out_known = 0
+        # an image some round asked annotators about: their answer would beat this held-out label (store.queries.resolve_label)
+        asked = set(session.scalars(select(Selection.image_id).join(Image, Image.id == Selection.image_id).where(
+            Image.project_id == project.id, Selection.push_status == "pushed"))) if split == "test" else set()
         for image, label in label_for_known:
-            if image.split == "pool" and split == "test" and placed_parts.get(image.part or "") in (None, "test"):
+            if image.split == "pool" and split == "test" and image.id in asked:
+                place_labeled_image(image, placed_parts=placed_parts, validation_fraction=fractions.validation_fraction, seed=fractions.seed)
+                trained_known.append(f"{image.path} (waiting for an annotator's answer)")
+            elif image.split == "pool" and split == "test" and placed_parts.get(image.part or "") in (None, "test"):
                 image.split = "test"  # a held-out set you labeled: an unlabeled pool image (never trained on) joins it too
                 held_out_known += 1
                 if image.part:
@@ -535,7 +541,8 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
             report.notes.append(f"{held_out_known} images already ingested unlabeled (never trained on) join the test split with their labels")
         if trained_known:
             report.notes.append(f"{len(trained_known)} listed images stay in train/validation, not test: they (or their part's photos) were "
-                                f"labeled for training before, and a test image must not have been trained on: {_listed(trained_known)}")
+                                f"labeled for training before, or annotators were asked about them (their answer would replace yours), "
+                                f"and a test image must be neither: {_listed(trained_known)}")
         session.flush()
         _hold_out_test_parts(session, project.id, {part for part, placed in placed_parts.items() if placed == "test"})
         # A quarantined file fixed (or changed) and ingested again is a new image; its quarantine is over, not pending.

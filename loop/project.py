@@ -209,29 +209,38 @@ def _folder_lock(root: Path, *, action: str) -> Iterator[None]:
 
 def sync_project_classes(session: "Session", project: "Project", config: ProjectConfig) -> dict | None:
     """loop.toml's classes and negative class into the store's project row, which the API, `loop status` and Label
-    Studio's choices read, once no image's current label is left outside them: a class renamed or removed in
-    loop.toml silently turned its labels, frozen test images included, into unlabeled ones (ConfigError then, nothing
-    changed). {"before", "after"} when the row changed, else None."""
+    Studio's choices read, once no stored answer names a class outside them: a class renamed or removed in loop.toml
+    silently turned its labels, frozen test images included, into unlabeled ones. Every answer counts, not only the
+    current label (a tie, or a deleted answer, can make an older one current again); images replaced by a new file
+    do not (they never come back). ConfigError then, nothing changed. {"before", "after"} when the row changed."""
     from collections import Counter
 
-    from store.models import Image
+    from store.models import Image, LabelEvent
     from store.queries import current_labels
 
+    named = session.execute(
+        select(LabelEvent.label, LabelEvent.image_id, Image.split, Image.status).join(Image, Image.id == LabelEvent.image_id)
+        .where(Image.project_id == project.id, Image.status != "replaced", LabelEvent.action == "set", LabelEvent.label.is_not(None),
+               LabelEvent.label.not_in(config.classes))
+    ).all()
+    if named:
+        current = current_labels(session, project.id)
+        images: dict[str, dict[int, tuple[str, str]]] = {}
+        for label, image_id, split, status in named:
+            images.setdefault(label, {})[image_id] = (split, status)
+        described = []
+        for label, by_image in sorted(images.items()):
+            now = sum(1 for image_id in by_image if current.get(image_id) is not None and current[image_id].label == label)
+            counts = Counter(split for split, _ in by_image.values())
+            quarantined = sum(1 for _, status in by_image.values() if status != "ok")
+            described.append(f"{label!r} ({len(by_image)} images, {now} of them labeled so now, {counts['test']} in the frozen test split"
+                             + (f", {quarantined} quarantined" if quarantined else "") + ")")
+        first = sorted(images)[0]
+        raise ConfigError(f"loop.toml's classes leave out {', '.join(described)}, which stored answers name: their labels would turn into "
+                          f"no labels. Nothing was changed. Put the class back in loop.toml, or move its answers to a class of loop.toml "
+                          f"with `loop rename-class {first} NEW_NAME --project {project.root_dir}`")
     if list(project.classes or []) == config.classes and project.negative_class == config.negative_class:
         return None
-    splits = dict(session.execute(select(Image.id, Image.split).where(Image.project_id == project.id)).tuples().all())
-    outside: Counter[str] = Counter()
-    outside_test: Counter[str] = Counter()
-    for image_id, info in current_labels(session, project.id).items():
-        if info.status == "labeled" and info.label not in config.classes:
-            outside[info.label] += 1
-            outside_test[info.label] += splits.get(image_id) == "test"
-    if outside:
-        listed = ", ".join(f"{name!r} ({n} images, {outside_test[name]} of them in the frozen test split)" for name, n in sorted(outside.items()))
-        first = sorted(outside)[0]
-        raise ConfigError(f"loop.toml's classes leave out {listed}: their labels would turn into no labels. Nothing was changed. "
-                          f"Put the class back in loop.toml, or move its labels to a class of loop.toml with "
-                          f"`loop rename-class {first} NEW_NAME --project {project.root_dir}` (a renamed class, or another one: the two merge)")
     before = {"classes": list(project.classes or []), "negative_class": project.negative_class}
     project.classes, project.negative_class = list(config.classes), config.negative_class
     return {"before": before, "after": {"classes": list(config.classes), "negative_class": config.negative_class}}

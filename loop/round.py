@@ -820,10 +820,14 @@ def choose_threshold(state: RoundState) -> None:
     fpr_max, fpr_estimate = state.config.gates.negative_fpr_max, estimate.get("negative_fpr")
     estimated = "" if fpr_estimate is None else (
         f" The loop's own FPR estimate is {fpr_estimate:.1%}" + (f", which already breaks the {fpr_max:.0%} gate." if fpr_estimate > fpr_max else "."))
+    few_validation = source == "validation" and state.config.model.threshold_source == "auto" and state.threshold.n_negatives < MIN_VALIDATION_NEGATIVES
     if not state.threshold.margin_attainable:
         state.console.print(f"[yellow]warning:[/] only {state.threshold.n_negatives} labeled '{escape(str(state.config.negative_class))}' images to choose the threshold on: "
                             f"too few for a safety margin under the FPR gate.{estimated} Label more good parts.")
-    if source == "validation" and state.config.model.threshold_source == "auto" and state.threshold.n_negatives < MIN_VALIDATION_NEGATIVES:
+    elif not few_validation and fpr_estimate is not None and fpr_estimate > fpr_max:  # said nowhere else: the test split is not the cause
+        state.console.print(f"[yellow]note:[/]{estimated} Expect the FPR gate to fail on new parts too; labels of good parts the model "
+                            "scores high let the next round's threshold sit better.")
+    if few_validation:
         # auto kept validation only because fold networks of this strategy are not cheap: say what the other choice costs
         state.console.print(f"[yellow]note:[/] the threshold is read off {state.threshold.n_negatives} validation good parts (fewer than "
                             f"{MIN_VALIDATION_NEGATIVES}), which cannot hold a {fpr_max:.0%} rate reliably.{estimated} "

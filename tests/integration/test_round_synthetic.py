@@ -1085,13 +1085,16 @@ def test_a_class_renamed_in_loop_toml_stops_the_round_until_its_labels_are_moved
     save_config(project_with_pool, config)
     refused = invoke("round", "--project", str(project_with_pool), "--quiet")
     assert refused.exit_code == 2
-    assert f"'patch' ({before['patch']} images, {patch_in_test} of them in the frozen test split)" in refused.output, refused.output
+    assert (f"'patch' ({before['patch']} images, {before['patch']} of them labeled so now, {patch_in_test} in the frozen test split)"
+            in " ".join(refused.output.split())), refused.output
     assert "loop rename-class patch NEW_NAME" in " ".join(refused.output.split())
     with session_scope(ctx.engine) as session:
         assert len(session.scalars(select(Round)).all()) == 1  # no round number used up, nothing changed
         assert session.scalars(select(Project)).one().classes == ["good", "scratch", "spot", "patch"]
 
     assert invoke("rename-class", "patch", "patchy", "--project", str(project_with_pool)).exit_code == 2  # not in loop.toml
+    still_there = invoke("rename-class", "spot", "patches", "--project", str(project_with_pool))
+    assert still_there.exit_code == 2 and "'spot' is still one of loop.toml's classes" in " ".join(still_there.output.split())
     renamed = invoke("rename-class", "patch", "patches", "--project", str(project_with_pool))
     assert renamed.exit_code == 0 and f"of {before['patch']} images" in renamed.output, renamed.output
     after, labeled_after = counts()
@@ -1103,6 +1106,23 @@ def test_a_class_renamed_in_loop_toml_stops_the_round_until_its_labels_are_moved
     status = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)
     assert status["project"]["classes"] == ["good", "scratch", "spot", "patches", "dent"] and status["labels"]["by_class"]["dent"] == 0
     assert sum(status["labels"]["by_class"].values()) == status["labels"]["labeled"]
+
+    # every answer counts, not only the current label: a tie can make an older one current again
+    with session_scope(ctx.engine) as session:
+        image_id = session.scalars(select(Image.id).where(Image.split == "train")).first()
+        session.add_all([LabelEvent(image_id=image_id, label="obsolete", source="annotator", annotator="ann1"),
+                         LabelEvent(image_id=image_id, label="spot", source="annotator", annotator="ann2")])
+    tied = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert tied.exit_code == 2 and "'obsolete' (1 images, 0 of them labeled so now, 0 in the frozen test split)" in " ".join(tied.output.split())
+    # merging into a class with labels needs --merge; answers Label Studio keeps under the old name are never renamed
+    assert invoke("rename-class", "obsolete", "spot", "--project", str(project_with_pool)).exit_code == 2
+    with session_scope(ctx.engine) as session:
+        session.add(LabelEvent(image_id=image_id, label="obsolete", source="annotator", annotator="ls-user", external_id="77"))
+    kept_by_ls = invoke("rename-class", "obsolete", "spot", "--merge", "--project", str(project_with_pool))
+    assert kept_by_ls.exit_code == 2 and "1 answers naming 'obsolete' come from Label Studio" in " ".join(kept_by_ls.output.split())
+    with session_scope(ctx.engine) as session:
+        session.execute(LabelEvent.__table__.delete().where(LabelEvent.external_id == "77"))
+    assert invoke("rename-class", "obsolete", "spot", "--merge", "--project", str(project_with_pool)).exit_code == 0
 
     # the oracle's ground truth still says "patch": such an answer is refused, not stored as a label of no class
     truth = Path(load_config(project_with_pool).annotator.oracle_manifest)

@@ -345,16 +345,26 @@ def test_a_held_out_set_takes_its_unlabeled_pool_images_into_test_but_never_a_tr
     by_path = {row.path: row for row in images(new_project)}
     pool = [p for p in files[:40] if by_path[str(p)].split == "pool"][:4]
     trained = next(p for p in files[:40] if by_path[str(p)].split == "train")
+    asked = [p for p in files[:40] if by_path[str(p)].split == "pool"][4]  # an annotator's answer would replace the held-out label
+    from store.models import Round, Selection
+
+    with session_scope(new_project.engine) as session:
+        round_ = Round(project_id=by_path[str(asked)].project_id, number=1, status="completed")
+        session.add(round_)
+        session.flush()
+        session.add(Selection(round_id=round_.id, image_id=by_path[str(asked)].id, rank=0, score=1.0, strategy="default", reason="uncertain",
+                              push_status="pushed"))
     held_out = tmp_path / "held_out.csv"
     with open(held_out, "w", newline="") as handle:
-        csv.writer(handle).writerows([["path", "label"], *([str(p), p.parent.name] for p in [*pool, trained, *files[40:60]])])
+        csv.writer(handle).writerows([["path", "label"], *([str(p), p.parent.name] for p in [*pool, trained, asked, *files[40:60]])])
     report = ingest_source(new_project, held_out, split="test", show_progress=False)
     by_path = {row.path: row for row in images(new_project)}
     assert [by_path[str(p)].split for p in pool] == ["test"] * 4
     assert all(by_path[str(p)].split == "test" for p in files[40:60])
-    assert by_path[str(trained)].split == "train"
+    assert by_path[str(trained)].split == "train" and by_path[str(asked)].split in ("train", "validation")
     assert any(note.startswith("4 images already ingested unlabeled") for note in report.notes), report.notes
-    assert any(note.startswith("1 listed images stay in train/validation") and str(trained) in note for note in report.notes), report.notes
+    assert any(note.startswith("2 listed images stay in train/validation") and str(trained) in note
+               and f"{asked} (waiting for an annotator's answer)" in note for note in report.notes), report.notes
 
 
 def test_a_known_labeled_image_listed_with_an_empty_label_keeps_it_and_says_so(new_project, class_folders: Path, tmp_path: Path) -> None:
