@@ -355,7 +355,11 @@ def issue_queue_table(issues: Sequence[LabelIssueRow], total: int, round_number:
 
 
 def _summary_cards(progress: ProgressSeries, latest: RoundReport | None) -> str:
-    cards = [("rounds", str(len(progress.rounds)))]
+    newest = progress.rounds[-1] if progress.rounds else None
+    # the cards show the latest completed round; a newer one running (or failed) is said beside the count
+    newer = (f' <span class="issue-round-note">(R{newest.number} {escape(newest.status)})</span>'
+             if newest is not None and latest is not None and newest.number > latest.summary.number else "")
+    cards = [("rounds", str(len(progress.rounds)) + newer)]
     if latest is not None:
         summary = latest.summary
         gates = f"{summary.n_gates_passed}/{summary.n_gates}" if summary.n_gates else "–"

@@ -150,3 +150,10 @@ def test_the_issue_queue_says_when_the_latest_round_recorded_no_label_error(writ
     with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
         heading = re.search(r"<h2>Label-issue queue[^\n]*?</h2>", _page(client)).group(0)
     assert "round 2 (2 flagged)" in heading and "(round 4, the latest, recorded none)" in heading
+
+
+def test_the_cards_say_a_newer_round_is_running(client: TestClient) -> None:
+    # the seeded store's R4 runs and R3 failed: the cards show R2, the latest completed, and said "rounds 4" beside it
+    html = client.get("/dashboard", headers={"Authorization": f"Bearer {READ_TOKEN}"}).text
+    assert re.search(r'rounds</div><div class="card-value">4 <span class="issue-round-note">\(R4 running\)</span><', html), html[:2000]
+    assert re.search(r'latest round</div><div class="card-value">R2 · completed<', html)
