@@ -547,12 +547,22 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         _hold_out_test_parts(session, project.id, {part for part, placed in placed_parts.items() if placed == "test"})
         # A quarantined file fixed (or changed) and ingested again is a new image; its quarantine is over, not pending.
         readable_now = {image.path: image for image in new_images.values() if image.status == "ok"}
-        if readable_now:
-            for stale in session.scalars(select(Image).where(Image.project_id == project.id, Image.status == "quarantined",
-                                                             Image.path.in_(list(readable_now)))):
+        paths, overwritten = list(readable_now), []
+        for chunk in range(0, len(paths), 500):  # SQLite limits the variables of one statement
+            for stale in session.scalars(select(Image).where(Image.project_id == project.id, Image.status.in_(("quarantined", "ok")),
+                                                             Image.path.in_(paths[chunk:chunk + 500]))):
+                if stale.id == readable_now[stale.path].id:
+                    continue
+                if stale.status == "ok":  # the file was overwritten: the round reads the old image from a copy, or quarantines it
+                    overwritten.append(stale.path)
+                    continue
                 stale.status = "replaced"
                 stale.status_reason = f"replaced by image {readable_now[stale.path].id}: ingested again with new content ({stale.status_reason})"
                 report.notes.append(f"{stale.path} was quarantined ({stale.status_reason.split(': ', 1)[1]}); it reads now and is a new image")
+        if overwritten:
+            report.notes.append(f"{len(overwritten)} known images' files now hold other content, ingested as new images: {_listed(overwritten)}. "
+                                "The old images keep their labels; the next round reads them from a byte-identical copy the store knows, "
+                                "or quarantines them")
 
         report.n_new_images = len(new_images)
         report.split_counts = dict(Counter(img.split for img in new_images.values() if img.status == "ok"))

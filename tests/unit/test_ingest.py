@@ -379,3 +379,13 @@ def test_a_known_labeled_image_listed_with_an_empty_label_keeps_it_and_says_so(n
     assert any(note.startswith("2 known images are listed without a label and keep their stored labels") for note in report.notes), report.notes
     with session_scope(new_project.engine) as session:
         assert sum(info.status == "labeled" for info in current_labels(session, 1).values()) == 10
+
+
+def test_a_known_file_overwritten_with_other_content_is_said_at_ingest(new_project, class_folders: Path) -> None:
+    # two "ok" images held one path until the next round, with no word at ingest
+    ingest_source(new_project, class_folders, show_progress=False)
+    target = class_folders / "good" / "good_0000.png"
+    synthetic_image("spot", rng=np.random.default_rng(999), size=64).save(target)
+    report = ingest_source(new_project, class_folders, show_progress=False)
+    assert report.n_new_images == 1
+    assert any(note.startswith("1 known images' files now hold other content") and str(target) in note for note in report.notes), report.notes
