@@ -7,12 +7,13 @@ import mimetypes
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
 from api.dependencies import BrowserReadScope, RowId, SessionDep
 from api.schemas import ErrorOut
+from modeling.preprocessing import decode_key
 from store.models import Image
 from store.queries import latest_completed_round
 
@@ -30,7 +31,7 @@ router = APIRouter(tags=["images"])
     },
     summary="An image of the store by id (?token= accepted, for <img> tags)",
 )
-def get_image(image_id: RowId, session: SessionDep, _scope: BrowserReadScope,
+def get_image(image_id: RowId, session: SessionDep, _scope: BrowserReadScope, request: Request,
               view: Annotated[Literal["file", "display"], Query(
                   description="file: the bytes as stored; display: a PNG of what the model sees when a browser could not show "
                               "the file as that (TIFF, 16-bit or float pixels), else the file")] = "file") -> Response:
@@ -50,11 +51,17 @@ def get_image(image_id: RowId, session: SessionDep, _scope: BrowserReadScope,
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     if not media_type.startswith("image/"):
         media_type = "application/octet-stream"
+    bit_depth = _camera_bits(session, image.project_id) if view == "display" else None
+    # the content hash names the bytes; the display view also depends on the decoding (its version and the camera's bits)
+    etag = f'"{image.sha256}"' if view == "file" else f'"{image.sha256}-{decode_key(bit_depth)}"'
+    headers = {"Cache-Control": "private, max-age=300", "ETag": etag}
+    if etag in (request.headers.get("if-none-match") or ""):
+        return Response(status_code=304, headers=headers)  # the dashboard's thumbnails, shown again: nothing re-sent
     if view == "display":
-        shown = _for_browsers(data, bit_depth=_camera_bits(session, image.project_id))
+        shown = _for_browsers(data, bit_depth=bit_depth)
         if shown is not None:
             data, media_type = shown, "image/png"
-    return Response(content=data, media_type=media_type, headers={"Cache-Control": "private, max-age=300"})
+    return Response(content=data, media_type=media_type, headers=headers)
 
 
 # view=display answers at most this many pixels a side (the dashboard shows thumbnails) and converts at most this many

@@ -122,3 +122,20 @@ def test_a_fifo_in_place_of_an_image_is_404_not_a_worker_blocked_for_ever(writab
     engine.dispose()
     with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
         assert client.get(f"/images/{image_id}", headers=read_headers).status_code == 404
+
+
+def test_an_image_carries_its_content_hash_as_etag_and_a_browser_that_has_it_gets_304(client: TestClient, read_headers: dict[str, str],
+                                                                                       seeded_store: SeededStore) -> None:
+    image_id = seeded_store.image_ids[0]
+    first = client.get(f"/images/{image_id}", headers=read_headers)
+    etag = first.headers["etag"]
+    again = client.get(f"/images/{image_id}", headers={**read_headers, "If-None-Match": etag})
+    assert (again.status_code, again.content, again.headers["etag"]) == (304, b"", etag)
+    display = client.get(f"/images/{image_id}?view=display", headers=read_headers)
+    assert display.headers["etag"] != etag  # another representation: another tag (it follows the decoding)
+    assert client.get(f"/images/{image_id}?view=display", headers={**read_headers, "If-None-Match": etag}).status_code == 200
+    assert client.get(f"/images/{seeded_store.image_ids[1]}", headers={**read_headers, "If-None-Match": etag}).status_code == 200
+
+
+def test_health_answers_head(client: TestClient) -> None:
+    assert client.head("/health").status_code == 200
