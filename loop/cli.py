@@ -278,6 +278,8 @@ def print_round(outcome) -> None:  # noqa: ANN001
     if training:
         best, history = training.get("best_epoch"), training.get("history") or []
         kept = "" if not history else (f", kept epoch {best} of {max(len(history) - 1, 0)}" if best is not None else f", {len(history) - 1} epochs")
+        if best == 0 and len(history) > 1 and training.get("strategy") in ("finetune", "full"):  # nothing fine-tuned was deployed
+            kept += " (epoch 0: the frozen backbone with its linear head; no fine-tuned epoch beat it on validation)"
         init = details.get("init_from")
         started = "" if not init else (f" · started from {escape(str(init.get('source') or init.get('checkpoint')))}: "
                                        f"{escape(str(init.get('head') or ''))}{'' if init.get('head_used') else ' (head not used this round)'}")

@@ -293,8 +293,12 @@ def evaluate_predictions(*, y_true: np.ndarray, y_pred: np.ndarray, probabilitie
         "accuracy": float(accuracy_score(y_true, y_pred)),
         # Macro over the classes present in the split: a class with no test image cannot be scored.
         "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)) if present else None,
+        # undefined is None, not 0: a class with no test image has no recall nor F1 (a chart of zeros read as a failure),
+        # one never predicted has no precision
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            name: {"precision": float(precision[i]) if (y_pred == i).any() else None,
+                   "recall": float(recall[i]) if support[i] else None,
+                   "f1": float(f1[i]) if support[i] else None, "support": int(support[i])}
             for i, name in enumerate(class_names)
         },
         "confusion_matrix": {"labels": list(class_names), "matrix": confusion_matrix(y_true, y_pred, labels=label_ids).tolist()},

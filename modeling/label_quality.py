@@ -641,9 +641,11 @@ def find_outliers(
 
     Flagged when that distance exceeds median + `threshold_mads` x MAD (scaled to a standard deviation) of the
     images like it: `groups` (e.g. the class, given or predicted; -1 = none) sets whose distances a cutoff is read
-    from, for groups of at least `min_group_size`; the rest use the whole set's. Without groups a compact majority
-    class (good parts) sets the cutoff, and every image of a more varied defect class reads as an outlier: on the
-    demo all 51 cracks were flagged. scores = exp(-distance / median distance of the whole set), in (0, 1].
+    from, for groups of at least `min_group_size`; images of no group use the whole set's. Without groups a compact
+    majority class (good parts) sets the cutoff, and every image of a more varied defect class reads as an outlier: on
+    the demo all 51 cracks were flagged. Images of a smaller group are not judged (summary "groups_not_judged"): too
+    few to know their spread, and a rare class's images sit far from everything by being rare (the whole set's cutoff
+    flagged all 4 of a rare class and 9 of 11 of another). scores = exp(-distance / median distance of the whole set).
     `graph` (modeling.neighbor_graph of these embeddings) saves computing the k-NN graph again.
     """
     embeddings = np.asarray(embeddings)
@@ -667,6 +669,7 @@ def find_outliers(
     median, overall_cutoff = cutoff_of(distance)
     cutoff = np.full(n, overall_cutoff)
     group_cutoffs: dict[str, float] = {}
+    not_judged: dict[str, int] = {}
     if groups is not None:
         groups = np.asarray(groups)
         if groups.shape != (n,):
@@ -675,6 +678,9 @@ def find_outliers(
             members = groups == group
             if group != -1 and members.sum() >= min_group_size:
                 cutoff[members] = group_cutoffs.setdefault(str(group), round(cutoff_of(distance[members])[1], 6))
+            elif group != -1:
+                cutoff[members] = np.inf
+                not_judged[str(group)] = int(members.sum())
     is_issue = distance > cutoff
     scores = np.exp(-distance / max(median, 1e-12))
     return Finding(
@@ -685,7 +691,7 @@ def find_outliers(
             "k": int(neighbors.shape[1]),
             "median_knn_distance": round(median, 6),
             "cutoff_knn_distance": round(overall_cutoff, 6),
-            **({"cutoff_knn_distance_by_group": group_cutoffs} if groups is not None else {}),
+            **({"cutoff_knn_distance_by_group": group_cutoffs, "groups_not_judged": not_judged} if groups is not None else {}),
         },
         related=neighbors[:, 0].astype(np.int64),
     )

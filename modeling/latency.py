@@ -1,6 +1,7 @@
 """Latency the way the model is deployed: ONNX Runtime on this machine's CPU, N threads."""
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -46,4 +47,8 @@ def measure_onnx_latency(onnx_path: Path, *, image_size: int, threads: int = 2, 
         "threads": threads,
         "runtime": "onnxruntime",
         "cpu": cpu_model_name(),
+        # what else ran: a busy machine's figure is an upper bound (an audit re-measured 0.93 ms where a round under
+        # load had recorded 3.5), and the gate is checked on it as measured
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "cpu_count": os.cpu_count(),
     }

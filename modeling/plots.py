@@ -57,7 +57,7 @@ def plot_gates_over_rounds(*, rounds: list[int], gate_series: dict[str, list[flo
         ax.set_xlabel("round")
         ax.set_xticks(rounds)
         if labeled_counts:
-            ax.set_xticklabels([f"{r}\n{n} lbl" for r, n in zip(rounds, labeled_counts)], fontsize=8)
+            ax.set_xticklabels([f"{r}\n{n} train+val" for r, n in zip(rounds, labeled_counts)], fontsize=8)
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -260,3 +260,14 @@ def test_a_gate_is_settled_only_when_the_whole_interval_gives_one_verdict() -> N
     assert gate_settled("defect_recall", low=0.9, high=1.0, limit=0.85) and gate_settled("defect_recall", low=0.5, high=0.84, limit=0.85)
     assert gate_settled("negative_fpr", low=0.0, high=0.03, limit=0.03) and gate_settled("negative_fpr", low=0.031, high=0.2, limit=0.03)
     assert not gate_settled("defect_recall", low=0.8, high=0.9, limit=0.85) and not gate_settled("negative_fpr", low=0.01, high=0.05, limit=0.03)
+
+
+def test_a_class_without_test_images_has_no_recall_nor_f1_and_one_never_predicted_no_precision() -> None:
+    # zero_division=0 stored F1 0 for classes absent from the test split: the dashboard's chart read it as a failure
+    from modeling.evaluation import evaluate_predictions
+
+    y_true, y_pred = np.array([0, 0, 0, 1]), np.array([0, 0, 2, 0])  # class 2 absent but predicted once; class 1 never predicted
+    metrics = evaluate_predictions(y_true=y_true, y_pred=y_pred, probabilities=np.eye(3)[y_pred], class_names=["good", "scratch", "spot"], negative_index=0)
+    assert metrics["per_class"]["spot"] == {"precision": 0.0, "recall": None, "f1": None, "support": 0}
+    assert metrics["per_class"]["scratch"] == {"precision": None, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert metrics["per_class"]["good"]["f1"] == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))

@@ -313,3 +313,17 @@ def test_a_varied_defect_class_is_not_an_outlier_class_but_its_odd_image_is() ->
     assert set(by_class.summary["cutoff_knn_distance_by_group"]) == {"0", "1"}
     tiny = find_outliers(embeddings=embeddings, groups=np.where(np.arange(561) < 500, 0, -1))  # ungrouped images use the whole set
     assert tiny.is_issue[500:560].mean() > 0.5
+
+
+def test_a_rare_class_is_not_judged_against_the_others_spread() -> None:
+    # 4 images of a rare class sit far from everything by being rare: the whole set's cutoff flagged all of them
+    rng = np.random.default_rng(5)
+    good = rng.normal(size=(1, 64)) * 3 + rng.normal(size=(300, 64)) * 0.3
+    rare = rng.normal(size=(1, 64)) * 3 + rng.normal(size=(4, 64)) * 0.8
+    odd = rng.normal(size=(1, 64)) * 6  # unlike anything, and of no class yet: still judged
+    embeddings = np.concatenate([good, rare, odd]).astype(np.float32)
+    groups = np.array([0] * 300 + [1] * 4 + [-1])
+    assert find_outliers(embeddings=embeddings, groups=np.where(groups == 1, -1, groups)).is_issue[300:304].all()  # as before
+    finding = find_outliers(embeddings=embeddings, groups=groups)
+    assert not finding.is_issue[300:304].any() and finding.is_issue[304]
+    assert finding.summary["groups_not_judged"] == {"1": 4} and set(finding.summary["cutoff_knn_distance_by_group"]) == {"0"}
