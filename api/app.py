@@ -168,7 +168,7 @@ def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     read_token = (effective.api_read_token or effective.api_token).get_secret_value()
     print(f"defect-loop API on {url}  (store: {shown_url(effective.store_url)})")
     print(f"  dashboard: {url}/dashboard?token={read_token}")
-    print(f"  API docs:  {url}/docs")
+    print(f"  API docs:  {url}/docs  (or {url}/redoc)")
     if "api_token" in overrides:
         print("  tokens for this run (set LOOP_API_TOKEN / LOOP_API_READ_TOKEN to choose your own):")
         print(f"    full access: {effective.api_token.get_secret_value()}")

@@ -145,20 +145,20 @@ def _utf8(path: Path) -> bool:
     return True
 
 
-def _images_below(folder: Path, skipped: SkippedFiles) -> list[Path]:
+def _images_below(folder: Path, skipped: SkippedFiles, *, source: Path | None = None) -> list[Path]:
     """Image files under folder, linked folders followed (each real folder once: a link loop ends). Hidden files and
     folders (.thumbnails/, .DS_Store, macOS's ._ copies) and system files are left out; so is, counted in skipped
     with the reason, anything else that cannot be an image here."""
     found, seen_folders = [], set()
-    inside = os.path.realpath(folder) + os.sep
+    inside = os.path.realpath(source or folder) + os.sep  # the whole source: a class folder's link to another class's too
     for current, folders, files in os.walk(folder, followlinks=True):
         identity = os.stat(current)
         if (identity.st_dev, identity.st_ino) in seen_folders:
             folders[:] = []
             continue
         seen_folders.add((identity.st_dev, identity.st_ino))
-        # a link to a folder inside this one ("latest -> run_0001") is not followed: the images keep their real path,
-        # which a camera's next run does not re-point
+        # a link to a folder inside the source ("latest -> run_0001", "scratch/latest -> ../good") is not followed: the
+        # images keep their real path (which a camera's next run does not re-point) and their own folder's class
         folders[:] = sorted(d for d in folders if not d.startswith(".") and d.lower() not in SYSTEM_FOLDERS
                             and not (os.path.islink(os.path.join(current, d)) and os.path.realpath(os.path.join(current, d)).startswith(inside)))
         for name in sorted(files):
@@ -189,17 +189,17 @@ def discover_source(source: Path, *, unlabeled: bool) -> tuple[str, list[SourceF
         return "manifest", _read_manifest(source, unlabeled=unlabeled), []
     skipped = SkippedFiles()
     if unlabeled:
-        layout, files, notes = "unlabeled", [SourceFile(p, None) for p in _images_below(source, skipped)], []
+        layout, files, notes = "unlabeled", [SourceFile(p, None) for p in _images_below(source, skipped, source=source)], []
     elif (source / "train" / MVTEC_GOOD).is_dir() and (source / "test").is_dir():
-        files = [SourceFile(p, MVTEC_GOOD) for p in _images_below(source / "train" / MVTEC_GOOD, skipped)]
+        files = [SourceFile(p, MVTEC_GOOD) for p in _images_below(source / "train" / MVTEC_GOOD, skipped, source=source)]
         for class_dir in sorted(d for d in (source / "test").iterdir() if d.is_dir() and not _hidden_or_system(d)):
-            files += [SourceFile(p, class_dir.name) for p in _images_below(class_dir, skipped)]
+            files += [SourceFile(p, class_dir.name) for p in _images_below(class_dir, skipped, source=source)]
         notes = ["MVTec AD layout: its train/ folder holds only good parts, so train/ and test/ are pooled and "
                  "defect-loop draws its own stratified split (ground_truth/ masks are not used)"]
         layout = "mvtec"
     else:
         class_dirs = sorted(d for d in source.iterdir() if d.is_dir() and not _hidden_or_system(d))
-        files = [SourceFile(p, d.name) for d in class_dirs for p in _images_below(d, skipped)]
+        files = [SourceFile(p, d.name) for d in class_dirs for p in _images_below(d, skipped, source=source)]
         loose = [p for p in source.iterdir() if is_image_file(p)]
         if loose and files:
             raise IngestError(f"{source} mixes class folders with {len(loose)} loose images; move them into a class folder or ingest with --unlabeled")

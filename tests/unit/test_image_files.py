@@ -188,8 +188,9 @@ def test_links_to_folders_inside_the_source_and_hidden_or_badly_named_folders(ne
     for image in sorted((class_folders / "good").glob("good_000*.png")):
         image.rename(run / image.name)
     os.symlink(run, class_folders / "good" / "latest")  # sorts before run_0001
+    os.symlink(class_folders / "spot", class_folders / "scratch" / "also_spot")  # another class's folder: walked once, as spot
     report = ingest_source(new_project, class_folders, show_progress=False)
-    assert report.n_new_images == 70
+    assert report.n_new_images == 70 and report.n_duplicates == 0 and not any("different labels" in note for note in report.notes)
     assert not any("/latest/" in r.path for r in rows(new_project)) and sum("/run_0001/" in r.path for r in rows(new_project)) == 10
 
     mvtec = tmp_path / "bottle"
