@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 from labeling import ASKED_AGAIN_REASONS, AnnotatorBackend, PullReport, PushReport, TaskRequest, available_backends, create_backend
 from loop.config import INIT_CHECKPOINT
 from loop.errors import RoundFailed
-from loop.ingest import inspect_file, part_splits, place_labeled_image
+from loop.ingest import MOVED_OR_CHANGED, inspect_file, part_splits, place_labeled_image
 from loop.selection_index import load_or_update_index
 from loop.project import ProjectContext, sync_project_classes
 from modeling.anomaly import (
@@ -197,6 +197,11 @@ def check_image_files(state: RoundState) -> None:
     quarantined, moved = [], []
     with session_scope(state.ctx.engine) as session:
         project = get_project(session)
+        # quarantined earlier as moved or changed, with a known copy: back from it (with its labels and split)
+        for image in session.scalars(select(Image).where(Image.project_id == project.id, Image.status == "quarantined")):
+            if image.duplicate_paths and (image.status_reason or "").startswith(MOVED_OR_CHANGED) and _read_from_a_copy(image, moved):
+                image.status, image.status_reason = "ok", None
+        session.flush()
         for image in session.scalars(select(Image).where(Image.project_id == project.id, Image.status == "ok")):
             path = Path(image.path)
             if not path.is_file():
@@ -210,11 +215,7 @@ def check_image_files(state: RoundState) -> None:
                     image.size_bytes, image.mtime_ns = size, mtime_ns  # touched, same content
                     continue
                 reason = reason if sha == image.sha256 else "file changed on disk since ingest (content hash differs)"
-            copy = _intact_copy(image)
-            if copy is not None:
-                moved.append(f"{image.path} -> {copy[0]}")
-                image.path, image.size_bytes, image.mtime_ns = copy
-                image.duplicate_paths = [other for other in image.duplicate_paths if other != copy[0]]
+            if _read_from_a_copy(image, moved):
                 continue
             image.status, image.status_reason = "quarantined", reason
             quarantined.append((image.path, image.status_reason))
@@ -227,14 +228,17 @@ def check_image_files(state: RoundState) -> None:
     state.details["read_from_copies"] = len(moved)
 
 
-def _intact_copy(image: Image) -> tuple[str, int, int] | None:
-    """(path, size, mtime) of a file among the image's byte-identical copies that still holds its bytes, or None."""
+def _read_from_a_copy(image: Image, moved: list[str]) -> bool:
+    """Point the image at the first of its byte-identical copies that still holds its bytes (noted in `moved`)."""
     for other in image.duplicate_paths:
         if Path(other).is_file():
             sha, size, mtime_ns, _w, _h, reason, *_ = inspect_file(Path(other))
             if sha == image.sha256 and reason is None:
-                return other, size, mtime_ns
-    return None
+                moved.append(f"{image.path} -> {other}")
+                image.path, image.size_bytes, image.mtime_ns = other, size, mtime_ns
+                image.duplicate_paths = [path for path in image.duplicate_paths if path != other]
+                return True
+    return False
 
 
 def load_images(state: RoundState) -> None:

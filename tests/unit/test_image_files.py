@@ -335,3 +335,22 @@ def test_a_round_reads_an_image_from_a_known_byte_identical_copy_when_its_file_g
     by_status = {r.status for r in rows(new_project) if r.path.startswith(str(backup))}
     assert by_status == {"ok"} and sum(r.status == "quarantined" for r in rows(new_project)) == 1
     assert all(r.duplicate_paths == [] for r in rows(new_project) if r.status == "ok")
+
+
+def test_an_image_quarantined_as_missing_before_comes_back_from_a_known_copy(new_project, class_folders: Path, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from loop.round import RoundOptions, RoundState, check_image_files
+
+    ingest_source(new_project, class_folders, show_progress=False)
+    backup = tmp_path / "backup"
+    shutil.copytree(class_folders, backup)
+    ingest_source(new_project, backup, show_progress=False)
+    with session_scope(new_project.engine) as session:  # as a round before copies were read would have left them
+        for image in session.scalars(select(Image)):
+            image.status, image.status_reason = "quarantined", f"file missing at {image.path} (moved or deleted since ingest)"
+    shutil.move(class_folders, tmp_path / "gone")
+    state = RoundState(ctx=new_project, options=RoundOptions(show_progress=False), console=Console(quiet=True))
+    check_image_files(state)
+    assert (state.details["read_from_copies"], state.details["newly_quarantined"]) == (70, 0)
+    assert {r.status for r in rows(new_project)} == {"ok"} and all(r.path.startswith(str(backup)) for r in rows(new_project))
