@@ -452,13 +452,15 @@ class LabelStudioBackend:
     def _refresh_open_tasks(self, client, report: PushReport, *, session: Session, project: Project, ls_project_id: int,
                             live: Mapping[int, Mapping[str, Any]], guesses: Sequence[TaskRequest], model_version: str | None) -> set[int]:
         """This round's guess added to every task that waits for an answer, in requests of REFRESH_CHUNK (report.refreshed
-        counts them), and the text beside the image rewritten where the guess it names changed. The ids of the tasks
-        that got it."""
+        counts them), and the text beside the image rewritten where the guess it names changed, the image itself where
+        its file moved (a folder ingested again from its new place, or read from a copy: the task showed a broken image).
+        The ids of the tasks that got it."""
         refreshed: set[int] = set()
         if not guesses or not model_version:
             return refreshed
         task_of = self._tasks_showing(session, ls_project_id=ls_project_id, live=live, image_ids={g.image_id for g in guesses})
         predictions, texts = [], []
+        storage_dirs: dict[str, bool] = {}
         for guess in guesses:
             task_id = task_of.get(guess.image_id)
             prediction = self._prediction(guess, project=project, model_version=model_version)
@@ -466,7 +468,8 @@ class LabelStudioBackend:
                 continue
             predictions.append({"task": task_id, **prediction})
             data = live[task_id]
-            fields = self._guess_data(guess, data=data)
+            fields = {**self._guess_data(guess, data=data), **self._moved_image(client, guess, data=data, project=project,
+                                                                                  ls_project_id=ls_project_id, storage_dirs=storage_dirs)}
             if any(data.get(key) != value for key, value in fields.items()):
                 texts.append((task_id, {**data, **fields}))
         for start in range(0, len(predictions), REFRESH_CHUNK):
@@ -528,6 +531,25 @@ class LabelStudioBackend:
         if failed:
             report.warnings.append(f"could not close {len(failed)} reopened tasks whose question is answered (tasks {', '.join(map(str, failed[:10]))}); "
                                    "retried next round")
+
+    def _moved_image(self, client, guess: TaskRequest, *, data: Mapping[str, Any], project: Project, ls_project_id: int,  # noqa: ANN001
+                     storage_dirs: dict[str, bool]) -> dict[str, Any]:
+        """The image fields of a waiting task whose file is elsewhere now, or {} (unchanged, or not showable from there)."""
+        path = self._shown_image(guess, project=project, unshowable=[])
+        try:
+            url = lsc.local_files_url(path, document_root=self.document_root)
+        except ValueError:  # outside the document root: the push's warning says so when it is pushed
+            return {}
+        if data.get(lsc.IMAGE_NAME) == url:
+            return {}
+        directory = os.path.dirname(path)
+        if directory not in storage_dirs:
+            try:
+                lsc.ensure_local_storage(client, project_id=ls_project_id, path=directory)
+                storage_dirs[directory] = True
+            except ApiError:
+                storage_dirs[directory] = False
+        return {lsc.IMAGE_NAME: url, "file_name": os.path.basename(guess.image_path)} if storage_dirs[directory] else {}
 
     @staticmethod
     def _guess_data(guess: TaskRequest, *, data: Mapping[str, Any]) -> dict[str, Any]:

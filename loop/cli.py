@@ -304,7 +304,9 @@ def print_round(outcome) -> None:  # noqa: ANN001
     console.print(f"label issues flagged: {details['label_quality']['n_flagged']}"
                   + (f" · near-duplicates: {near['n_issues']} images ({near['pairs_across_test_split']} pairs across the test split; "
                      f"{near.get('pool_images_moved_to_test', 0)} pool copies joined test, {near.get('pool_images_held_back_from_labeling', 0)} held back)"
-                     f" · outliers: {data_quality['outliers']['n_issues']}" if near else "")
+                     f" · outliers: {data_quality['outliers']['n_issues']}"
+                     + (f" (labeled images of {', '.join(data_quality['outliers']['groups_not_judged'])} not judged: under 20 images)"
+                        if data_quality["outliers"].get("groups_not_judged") else "") if near else "")
                   + f" · {_selected_for_labeling(details.get('push') or {})} · total {outcome.timings_s.get('total', 0):.1f} s")
     plots = [outcome.artifacts.get(name) for name in ("confusion_matrix_png", "gates_png", "training_curves_png")]
     console.print("plots: " + ", ".join(str(path) for path in plots if path))

@@ -8,6 +8,7 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -145,22 +146,24 @@ def _utf8(path: Path) -> bool:
     return True
 
 
-def _images_below(folder: Path, skipped: SkippedFiles, *, source: Path | None = None) -> list[Path]:
+def _images_below(folder: Path, skipped: SkippedFiles, *, walked: Sequence[Path] = ()) -> list[Path]:
     """Image files under folder, linked folders followed (each real folder once: a link loop ends). Hidden files and
     folders (.thumbnails/, .DS_Store, macOS's ._ copies) and system files are left out; so is, counted in skipped
     with the reason, anything else that cannot be an image here."""
     found, seen_folders = [], set()
-    inside = os.path.realpath(source or folder) + os.sep  # the whole source: a class folder's link to another class's too
+    # the folders this ingest walks anyway (this one and, given, every other class folder): a link into one is not
+    # followed; a link elsewhere (outside the source, a hidden staging folder) is
+    inside = tuple(os.path.realpath(root) + os.sep for root in (folder, *walked))
     for current, folders, files in os.walk(folder, followlinks=True):
         identity = os.stat(current)
         if (identity.st_dev, identity.st_ino) in seen_folders:
             folders[:] = []
             continue
         seen_folders.add((identity.st_dev, identity.st_ino))
-        # a link to a folder inside the source ("latest -> run_0001", "scratch/latest -> ../good") is not followed: the
+        # a link to a folder walked anyway ("latest -> run_0001", "scratch/latest -> ../good") is not followed: the
         # images keep their real path (which a camera's next run does not re-point) and their own folder's class
         folders[:] = sorted(d for d in folders if not d.startswith(".") and d.lower() not in SYSTEM_FOLDERS
-                            and not (os.path.islink(os.path.join(current, d)) and os.path.realpath(os.path.join(current, d)).startswith(inside)))
+                            and not (os.path.islink(os.path.join(current, d)) and (os.path.realpath(os.path.join(current, d)) + os.sep).startswith(inside)))
         for name in sorted(files):
             path = Path(current) / name
             if name.startswith(".") or name.lower() in SYSTEM_FILES:
@@ -189,17 +192,16 @@ def discover_source(source: Path, *, unlabeled: bool) -> tuple[str, list[SourceF
         return "manifest", _read_manifest(source, unlabeled=unlabeled), []
     skipped = SkippedFiles()
     if unlabeled:
-        layout, files, notes = "unlabeled", [SourceFile(p, None) for p in _images_below(source, skipped, source=source)], []
+        layout, files, notes = "unlabeled", [SourceFile(p, None) for p in _images_below(source, skipped)], []
     elif (source / "train" / MVTEC_GOOD).is_dir() and (source / "test").is_dir():
-        files = [SourceFile(p, MVTEC_GOOD) for p in _images_below(source / "train" / MVTEC_GOOD, skipped, source=source)]
-        for class_dir in sorted(d for d in (source / "test").iterdir() if d.is_dir() and not _hidden_or_system(d)):
-            files += [SourceFile(p, class_dir.name) for p in _images_below(class_dir, skipped, source=source)]
+        class_dirs = [source / "train" / MVTEC_GOOD, *sorted(d for d in (source / "test").iterdir() if d.is_dir() and not _hidden_or_system(d))]
+        files = [SourceFile(p, MVTEC_GOOD if d == class_dirs[0] else d.name) for d in class_dirs for p in _images_below(d, skipped, walked=class_dirs)]
         notes = ["MVTec AD layout: its train/ folder holds only good parts, so train/ and test/ are pooled and "
                  "defect-loop draws its own stratified split (ground_truth/ masks are not used)"]
         layout = "mvtec"
     else:
         class_dirs = sorted(d for d in source.iterdir() if d.is_dir() and not _hidden_or_system(d))
-        files = [SourceFile(p, d.name) for d in class_dirs for p in _images_below(d, skipped, source=source)]
+        files = [SourceFile(p, d.name) for d in class_dirs for p in _images_below(d, skipped, walked=class_dirs)]
         loose = [p for p in source.iterdir() if is_image_file(p)]
         if loose and files:
             raise IngestError(f"{source} mixes class folders with {len(loose)} loose images; move them into a class folder or ingest with --unlabeled")

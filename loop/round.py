@@ -229,9 +229,10 @@ def check_image_files(state: RoundState) -> None:
 
 
 def _read_from_a_copy(image: Image, moved: list[str]) -> bool:
-    """Point the image at the first of its byte-identical copies that still holds its bytes (noted in `moved`)."""
+    """Point the image at the first of its byte-identical copies that still holds its bytes (noted in `moved`). A copy
+    of another size is passed over unread: quarantined images are looked at every round."""
     for other in image.duplicate_paths:
-        if Path(other).is_file():
+        if Path(other).is_file() and (not image.size_bytes or Path(other).stat().st_size == image.size_bytes):
             sha, size, mtime_ns, _w, _h, reason, *_ = inspect_file(Path(other))
             if sha == image.sha256 and reason is None:
                 moved.append(f"{image.path} -> {other}")
@@ -926,8 +927,11 @@ def find_data_issues(state: RoundState) -> None:
     if state.probabilities is not None and not state.cold_start:
         unlabeled = groups == UNLABELED
         groups[unlabeled] = state.probabilities[unlabeled].argmax(axis=1)
-    outliers = find_outliers(embeddings=state.embeddings, groups=groups, k=GRAPH_NEIGHBORS, graph=state.neighbor_graph)
+    outliers = find_outliers(embeddings=state.embeddings, groups=groups, k=GRAPH_NEIGHBORS, graph=state.neighbor_graph,
+                             given=state.labels != UNLABELED)
     classes = state.config.classes
+    # by name, for the record and the round's line (find_outliers knows class indices only)
+    outliers.summary["groups_not_judged"] = {classes[int(index)]: n for index, n in outliers.summary.get("groups_not_judged", {}).items()}
     rows = []
     for kind, finding in (("near_duplicate", near), ("outlier", outliers)):
         flagged = np.flatnonzero(finding.is_issue)

@@ -635,7 +635,7 @@ def connected_groups(n: int, edges: list[tuple[int, int]]) -> list[list[int]]:
 
 def find_outliers(
     *, embeddings: np.ndarray, k: int = 10, threshold_mads: float = 6.0, groups: np.ndarray | None = None, min_group_size: int = 20,
-    graph: NeighborGraph | None = None,
+    graph: NeighborGraph | None = None, given: np.ndarray | None = None,
 ) -> Finding:
     """Images far from all others: mean cosine distance to their k nearest neighbours.
 
@@ -643,9 +643,11 @@ def find_outliers(
     images like it: `groups` (e.g. the class, given or predicted; -1 = none) sets whose distances a cutoff is read
     from, for groups of at least `min_group_size`; images of no group use the whole set's. Without groups a compact
     majority class (good parts) sets the cutoff, and every image of a more varied defect class reads as an outlier: on
-    the demo all 51 cracks were flagged. Images of a smaller group are not judged (summary "groups_not_judged"): too
-    few to know their spread, and a rare class's images sit far from everything by being rare (the whole set's cutoff
-    flagged all 4 of a rare class and 9 of 11 of another). scores = exp(-distance / median distance of the whole set).
+    the demo all 51 cracks were flagged. Images of a smaller group whose group is given (`given`: a label, not a
+    prediction; all of them without `given`) are not judged (summary "groups_not_judged"): too few to know their spread,
+    and a rare class's images sit far from everything by being rare (the whole set's cutoff flagged all 4 of a rare
+    class and 9 of 11 of another). A predicted member of a small group is judged by the whole set's cutoff: a blank
+    frame predicted as the rare class is still found. scores = exp(-distance / median distance of the whole set).
     `graph` (modeling.neighbor_graph of these embeddings) saves computing the k-NN graph again.
     """
     embeddings = np.asarray(embeddings)
@@ -679,8 +681,10 @@ def find_outliers(
             if group != -1 and members.sum() >= min_group_size:
                 cutoff[members] = group_cutoffs.setdefault(str(group), round(cutoff_of(distance[members])[1], 6))
             elif group != -1:
-                cutoff[members] = np.inf
-                not_judged[str(group)] = int(members.sum())
+                exempt = members if given is None else members & np.asarray(given, dtype=bool)
+                cutoff[exempt] = np.inf
+                if exempt.any():
+                    not_judged[str(group)] = int(exempt.sum())
     is_issue = distance > cutoff
     scores = np.exp(-distance / max(median, 1e-12))
     return Finding(

@@ -189,9 +189,28 @@ def test_links_to_folders_inside_the_source_and_hidden_or_badly_named_folders(ne
         image.rename(run / image.name)
     os.symlink(run, class_folders / "good" / "latest")  # sorts before run_0001
     os.symlink(class_folders / "spot", class_folders / "scratch" / "also_spot")  # another class's folder: walked once, as spot
+    staging = class_folders / ".staging" / "batch2"  # a hidden folder is never walked as a class: a link into it is followed
+    staging.mkdir(parents=True)
+    synthetic_image("good", rng=np.random.default_rng(501), size=64).save(staging / "staged.png")
+    os.symlink(staging, class_folders / "good" / "batch2")
     report = ingest_source(new_project, class_folders, show_progress=False)
-    assert report.n_new_images == 70 and report.n_duplicates == 0 and not any("different labels" in note for note in report.notes)
+    assert report.n_new_images == 71 and report.n_duplicates == 0 and not any("different labels" in note for note in report.notes)
+    assert sum(r.path.endswith("/good/batch2/staged.png") for r in rows(new_project)) == 1
     assert not any("/latest/" in r.path for r in rows(new_project)) and sum("/run_0001/" in r.path for r in rows(new_project)) == 10
+
+    # a class folder that is itself a link out of the source: its own "latest" link is still not followed
+    camera = tmp_path / "camera_good"
+    (camera / "run_0002").mkdir(parents=True)
+    synthetic_image("good", rng=np.random.default_rng(502), size=64).save(camera / "run_0002" / "g2.png")
+    os.symlink(camera / "run_0002", camera / "latest")
+    linked_source = tmp_path / "linked_source"
+    (linked_source / "scratch").mkdir(parents=True)
+    synthetic_image("scratch", rng=np.random.default_rng(503), size=64).save(linked_source / "scratch" / "s.png")
+    os.symlink(camera, linked_source / "good")
+    from loop.ingest import discover_source as discover
+
+    assert sorted(os.path.relpath(f.path, linked_source) for f in discover(linked_source, unlabeled=False)[1]) == [
+        "good/run_0002/g2.png", "scratch/s.png"]
 
     mvtec = tmp_path / "bottle"
     for folder in ("train/good", "test/good", "test/broken", "test/.thumbnails"):

@@ -327,3 +327,18 @@ def test_a_rare_class_is_not_judged_against_the_others_spread() -> None:
     finding = find_outliers(embeddings=embeddings, groups=groups)
     assert not finding.is_issue[300:304].any() and finding.is_issue[304]
     assert finding.summary["groups_not_judged"] == {"1": 4} and set(finding.summary["cutoff_knn_distance_by_group"]) == {"0"}
+
+
+def test_a_prediction_of_a_rare_class_is_still_judged() -> None:
+    # the review: a blank frame predicted as the rare class was exempt with it, and a project of small classes had no
+    # outlier check at all
+    rng = np.random.default_rng(7)
+    good = rng.normal(size=(1, 64)) * 3 + rng.normal(size=(200, 64)) * 0.3
+    crack = rng.normal(size=(1, 64)) * 3 + rng.normal(size=(15, 64)) * 0.8
+    blank = rng.normal(size=(1, 64)) * 6
+    embeddings = np.concatenate([good, crack, blank]).astype(np.float32)
+    groups = np.array([0] * 200 + [1] * 16)
+    given = np.array([True] * 215 + [False])  # the blank frame's class is the model's guess
+    finding = find_outliers(embeddings=embeddings, groups=groups, given=given)
+    assert finding.is_issue[215] and not finding.is_issue[200:215].any()
+    assert finding.summary["groups_not_judged"] == {"1": 15}

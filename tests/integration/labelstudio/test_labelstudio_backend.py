@@ -629,3 +629,28 @@ def test_restart_between_push_and_pull_loses_nothing(labelstudio, store, backend
     print(line)
     assert (pushed, tasks_after, report.new_label_events, lost) == (8, 8, 8, 0)
     assert (again.pushed, again.already_present) == (0, 8)
+
+
+def test_a_waiting_task_shows_its_image_from_where_the_file_moved(labelstudio, store, backend) -> None:
+    # a folder moved and ingested again (or an image read from a known copy): the waiting task kept the old path, and
+    # its annotator saw a broken image
+    import dataclasses
+    import shutil
+    from pathlib import Path
+
+    push(backend, store, [store.task(5, predicted="scratch", score=0.6)])
+    task_id = task_ids_by_image(store)[store.image_ids[5]]
+    guess = store.task(5, reason="open", predicted="spot", score=0.7, round_number=2)
+    old = Path(store.paths[5])
+    moved = old.parent.parent / "archive" / old.name
+    moved.parent.mkdir()
+    shutil.move(old, moved)
+    admin = labelstudio.admin()
+    assert httpx.get(f"{labelstudio.url}{admin.tasks.get(id=str(task_id)).data['image']}",
+                     headers={"Authorization": f"Token {labelstudio.token}"}).status_code == 404
+    report = push(backend, store, [], round_number=2, open_guesses=[dataclasses.replace(guess, image_path=str(moved))])
+    assert (report.refreshed, report.warnings) == (1, [])
+    data = admin.tasks.get(id=str(task_id)).data
+    assert data["image"].endswith(f"archive/{old.name}") and data["defect_loop_image_id"] == store.image_ids[5]
+    shown = httpx.get(f"{labelstudio.url}{data['image']}", headers={"Authorization": f"Token {labelstudio.token}"})
+    assert shown.status_code == 200 and shown.content == moved.read_bytes()
