@@ -461,6 +461,7 @@ class LabelStudioBackend:
         task_of = self._tasks_showing(session, ls_project_id=ls_project_id, live=live, image_ids={g.image_id for g in guesses})
         predictions, texts = [], []
         storage_dirs: dict[str, bool] = {}
+        stranded: list[str] = []  # moved where Label Studio cannot show them
         for guess in guesses:
             task_id = task_of.get(guess.image_id)
             prediction = self._prediction(guess, project=project, model_version=model_version)
@@ -468,8 +469,8 @@ class LabelStudioBackend:
                 continue
             predictions.append({"task": task_id, **prediction})
             data = live[task_id]
-            fields = {**self._guess_data(guess, data=data), **self._moved_image(client, guess, data=data, project=project,
-                                                                                  ls_project_id=ls_project_id, storage_dirs=storage_dirs)}
+            fields = {**self._guess_data(guess, data=data), **self._moved_image(client, guess, data=data, project=project, ls_project_id=ls_project_id,
+                                                                                  storage_dirs=storage_dirs, stranded=stranded)}
             if any(data.get(key) != value for key, value in fields.items()):
                 texts.append((task_id, {**data, **fields}))
         for start in range(0, len(predictions), REFRESH_CHUNK):
@@ -482,6 +483,10 @@ class LabelStudioBackend:
                 client.tasks.update(id=str(task_id), data=data)
             except (httpx.HTTPError, ApiError):
                 failed.append(task_id)
+        if stranded:
+            report.warnings.append(f"{len(stranded)} images of waiting tasks moved where Label Studio cannot show them (e.g. {stranded[0]}: "
+                                   f"outside its document root {self.document_root}, or a local-files storage it refused): their "
+                                   "annotators see a broken image; set LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT to a folder that contains them")
         if failed:
             report.warnings.append(f"could not rewrite the text of {len(failed)} waiting tasks to this round's guess (tasks "
                                    f"{', '.join(map(str, failed[:10]))}): it names an earlier guess until a later round rewrites it")
@@ -533,14 +538,25 @@ class LabelStudioBackend:
                                    "retried next round")
 
     def _moved_image(self, client, guess: TaskRequest, *, data: Mapping[str, Any], project: Project, ls_project_id: int,  # noqa: ANN001
-                     storage_dirs: dict[str, bool]) -> dict[str, Any]:
-        """The image fields of a waiting task whose file is elsewhere now, or {} (unchanged, or not showable from there)."""
+                     storage_dirs: dict[str, bool], stranded: list[str]) -> dict[str, Any]:
+        """The image fields of a waiting task whose file is elsewhere now, or {}: unchanged, or not showable from there
+        (named in `stranded`). Cheap for the unchanged (every waiting task, every round): a display copy is named by the
+        content hash, so a task showing one never needs another; a task showing the file's own path is compared as is."""
+        current = str(data.get(lsc.IMAGE_NAME) or "")
+        if f"label_studio_display/{guess.sha256}" in current:
+            return {}
+        try:
+            if current == lsc.local_files_url(os.path.abspath(guess.image_path), document_root=self.document_root):
+                return {}
+        except ValueError:
+            pass
         path = self._shown_image(guess, project=project, unshowable=[])
         try:
             url = lsc.local_files_url(path, document_root=self.document_root)
-        except ValueError:  # outside the document root: the push's warning says so when it is pushed
+        except ValueError:
+            stranded.append(path)
             return {}
-        if data.get(lsc.IMAGE_NAME) == url:
+        if current == url:
             return {}
         directory = os.path.dirname(path)
         if directory not in storage_dirs:
@@ -549,7 +565,10 @@ class LabelStudioBackend:
                 storage_dirs[directory] = True
             except ApiError:
                 storage_dirs[directory] = False
-        return {lsc.IMAGE_NAME: url, "file_name": os.path.basename(guess.image_path)} if storage_dirs[directory] else {}
+        if not storage_dirs[directory]:
+            stranded.append(path)
+            return {}
+        return {lsc.IMAGE_NAME: url, "file_name": os.path.basename(guess.image_path)}
 
     @staticmethod
     def _guess_data(guess: TaskRequest, *, data: Mapping[str, Any]) -> dict[str, Any]:

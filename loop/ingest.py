@@ -151,19 +151,31 @@ def _images_below(folder: Path, skipped: SkippedFiles, *, walked: Sequence[Path]
     folders (.thumbnails/, .DS_Store, macOS's ._ copies) and system files are left out; so is, counted in skipped
     with the reason, anything else that cannot be an image here."""
     found, seen_folders = [], set()
-    # the folders this ingest walks anyway (this one and, given, every other class folder): a link into one is not
-    # followed; a link elsewhere (outside the source, a hidden staging folder) is
-    inside = tuple(os.path.realpath(root) + os.sep for root in (folder, *walked))
+    roots = [os.path.realpath(root) + os.sep for root in (folder, *walked)]  # the folders this ingest walks anyway
+
+    def walked_anyway(link: str) -> bool:
+        """A link into a walked folder ("latest -> run_0001", "scratch/latest -> ../good"), unless through a hidden or
+        system folder that walk leaves out, or to a folder holding walked ones ("testlink -> ../../test", "up -> .."):
+        following it would ingest those images again, under this folder's class."""
+        target = os.path.realpath(link) + os.sep
+        for root in roots:
+            if root.startswith(target):
+                return True
+            if target.startswith(root):
+                parts = os.path.relpath(target, root).split(os.sep)
+                return not any(part.startswith(".") or part.lower() in SYSTEM_FOLDERS for part in parts if part != ".")
+        return False
+
     for current, folders, files in os.walk(folder, followlinks=True):
         identity = os.stat(current)
         if (identity.st_dev, identity.st_ino) in seen_folders:
             folders[:] = []
             continue
         seen_folders.add((identity.st_dev, identity.st_ino))
-        # a link to a folder walked anyway ("latest -> run_0001", "scratch/latest -> ../good") is not followed: the
-        # images keep their real path (which a camera's next run does not re-point) and their own folder's class
+        # a link to a folder walked anyway is not followed: the images keep their real path (which a camera's next run
+        # does not re-point) and their own folder's class; a link elsewhere (outside the source, a hidden staging folder) is
         folders[:] = sorted(d for d in folders if not d.startswith(".") and d.lower() not in SYSTEM_FOLDERS
-                            and not (os.path.islink(os.path.join(current, d)) and (os.path.realpath(os.path.join(current, d)) + os.sep).startswith(inside)))
+                            and not (os.path.islink(os.path.join(current, d)) and walked_anyway(os.path.join(current, d))))
         for name in sorted(files):
             path = Path(current) / name
             if name.startswith(".") or name.lower() in SYSTEM_FILES:

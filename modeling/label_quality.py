@@ -633,6 +633,9 @@ def connected_groups(n: int, edges: list[tuple[int, int]]) -> list[list[int]]:
     return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
 
 
+SMALL_GROUP_MARGIN = 1.5  # a predicted member of a class under min_group_size is an outlier past 1.5x its labeled ones' farthest
+
+
 def find_outliers(
     *, embeddings: np.ndarray, k: int = 10, threshold_mads: float = 6.0, groups: np.ndarray | None = None, min_group_size: int = 20,
     graph: NeighborGraph | None = None, given: np.ndarray | None = None,
@@ -646,8 +649,9 @@ def find_outliers(
     the demo all 51 cracks were flagged. Images of a smaller group whose group is given (`given`: a label, not a
     prediction; all of them without `given`) are not judged (summary "groups_not_judged"): too few to know their spread,
     and a rare class's images sit far from everything by being rare (the whole set's cutoff flagged all 4 of a rare
-    class and 9 of 11 of another). A predicted member of a small group is judged by the whole set's cutoff: a blank
-    frame predicted as the rare class is still found. scores = exp(-distance / median distance of the whole set).
+    class and 9 of 11 of another). A predicted member of a small group is judged by the whole set's cutoff, or past
+    SMALL_GROUP_MARGIN times the farthest labeled member's distance when that is larger: a blank frame predicted as
+    the rare class is still found, the rare class's other images are not. scores = exp(-distance / median of the set).
     `graph` (modeling.neighbor_graph of these embeddings) saves computing the k-NN graph again.
     """
     embeddings = np.asarray(embeddings)
@@ -685,6 +689,9 @@ def find_outliers(
                 cutoff[exempt] = np.inf
                 if exempt.any():
                     not_judged[str(group)] = int(exempt.sum())
+                    # a predicted member: an outlier only well beyond the labeled ones (a rare class's images sit far
+                    # from everything; a blank frame sits farther still)
+                    cutoff[members & ~exempt] = max(overall_cutoff, SMALL_GROUP_MARGIN * float(distance[exempt].max()))
     is_issue = distance > cutoff
     scores = np.exp(-distance / max(median, 1e-12))
     return Finding(

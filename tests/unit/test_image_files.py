@@ -193,9 +193,14 @@ def test_links_to_folders_inside_the_source_and_hidden_or_badly_named_folders(ne
     staging.mkdir(parents=True)
     synthetic_image("good", rng=np.random.default_rng(501), size=64).save(staging / "staged.png")
     os.symlink(staging, class_folders / "good" / "batch2")
+    inner = class_folders / "good" / ".incoming"  # the same inside a class folder: its walk leaves hidden folders out
+    inner.mkdir()
+    synthetic_image("good", rng=np.random.default_rng(504), size=64).save(inner / "incoming.png")
+    os.symlink(inner, class_folders / "good" / "batch3")
+    os.symlink(class_folders, class_folders / "spot" / "up")  # a folder holding the class folders: every image again, as spot
     report = ingest_source(new_project, class_folders, show_progress=False)
-    assert report.n_new_images == 71 and report.n_duplicates == 0 and not any("different labels" in note for note in report.notes)
-    assert sum(r.path.endswith("/good/batch2/staged.png") for r in rows(new_project)) == 1
+    assert report.n_new_images == 72 and report.n_duplicates == 0 and not any("different labels" in note for note in report.notes)
+    assert sum(r.path.endswith(("/good/batch2/staged.png", "/good/batch3/incoming.png")) for r in rows(new_project)) == 2
     assert not any("/latest/" in r.path for r in rows(new_project)) and sum("/run_0001/" in r.path for r in rows(new_project)) == 10
 
     # a class folder that is itself a link out of the source: its own "latest" link is still not followed

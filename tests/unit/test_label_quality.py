@@ -342,3 +342,11 @@ def test_a_prediction_of_a_rare_class_is_still_judged() -> None:
     finding = find_outliers(embeddings=embeddings, groups=groups, given=given)
     assert finding.is_issue[215] and not finding.is_issue[200:215].any()
     assert finding.summary["groups_not_judged"] == {"1": 15}
+    # and the rare class's own images in the pool, only predicted to be of it, are not flagged with it (the review:
+    # 8 of 8 were, judged by the whole set's cutoff)
+    pool_cracks = crack.mean(axis=0) + rng.normal(size=(8, 64)) * 0.8
+    embeddings = np.concatenate([good, crack[:4], pool_cracks, blank]).astype(np.float32)
+    groups = np.array([0] * 200 + [1] * 4 + [1] * 8 + [1])
+    given = np.array([True] * 204 + [False] * 9)
+    finding = find_outliers(embeddings=embeddings, groups=groups, given=given)
+    assert not finding.is_issue[204:212].any() and finding.is_issue[212]
