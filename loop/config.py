@@ -121,6 +121,7 @@ class ModelConfig(Strict):
     @field_validator("bit_depth", mode="before")
     @classmethod
     def _camera_bits(cls, value: Any) -> Any:
+        # modeling.preprocessing.CAMERA_BIT_DEPTHS, not imported: every command reads loop.toml, most need no numpy
         if value == "auto" or (type(value) is int and 8 <= value <= 16):
             return value
         raise ValueError(f'must be "auto" or the camera\'s significant bits, a whole number from 8 to 16 (e.g. 12), not {value!r}')

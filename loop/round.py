@@ -1276,11 +1276,10 @@ def push_batch(state: RoundState) -> None:
         batch_ids = {image.id for _selection, image in retry}
         not_reached = (report.pending_image_ids & batch_ids) or (batch_ids if report.pending else set())
         now = datetime.now(timezone.utc)
-        recorded = 0
+        recorded = len(retry) if name == "none" else 0  # nobody to push to: the batch is recorded
         for selection, image in retry:
             if name == "none":
                 selection.push_status = "recorded"
-                recorded += 1
             elif image.id not in not_reached:
                 selection.push_status, selection.pushed_at = "pushed", now
         # a waiting task deleted in the annotation tool: its image's newest ask is pending again, pushed in a new task

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from api.dependencies import BrowserReadScope, RowId, SessionDep
 from api.schemas import ErrorOut
-from modeling.preprocessing import decode_key
+from modeling.preprocessing import CAMERA_BIT_DEPTHS, decode_key
 from store.models import Image
 from store.queries import latest_completed_round
 
@@ -75,7 +75,7 @@ def _camera_bits(session: Session, project_id: int) -> int | None:
     round_ = latest_completed_round(session, project_id)
     preprocessing = (round_.details or {}).get("preprocessing") if round_ is not None else None
     bit_depth = preprocessing.get("bit_depth") if isinstance(preprocessing, dict) else None
-    return bit_depth if type(bit_depth) is int and 8 <= bit_depth <= 16 else None
+    return bit_depth if type(bit_depth) is int and bit_depth in CAMERA_BIT_DEPTHS else None
 
 
 def _for_browsers(data: bytes, *, bit_depth: int | None = None) -> bytes | None:

@@ -107,6 +107,8 @@ def _model_path(round_: Round, project: Project) -> Path:
 
 def _preprocessing(details: dict[str, Any]) -> tuple[int, list[float], list[float], int | None]:
     """(image size, mean, std, the camera's bits or None) the round's model was made with."""
+    from modeling.preprocessing import CAMERA_BIT_DEPTHS  # numpy and PIL only
+
     raw = details.get("preprocessing")
     try:
         image_size = int(raw["image_size"])
@@ -116,7 +118,7 @@ def _preprocessing(details: dict[str, Any]) -> tuple[int, list[float], list[floa
         bit_depth = None if bit_depth is None else int(bit_depth)
     except (TypeError, KeyError, ValueError, AttributeError):
         raise _unusable("details.preprocessing must be {image_size, mean[3], std[3], bit_depth}") from None
-    if image_size <= 0 or len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std) or (bit_depth is not None and not 8 <= bit_depth <= 16):
+    if image_size <= 0 or len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std) or (bit_depth is not None and bit_depth not in CAMERA_BIT_DEPTHS):
         raise _unusable("details.preprocessing must be {image_size > 0, mean[3], std[3] > 0, bit_depth 8..16 or null}")
     return image_size, mean, std, bit_depth
 

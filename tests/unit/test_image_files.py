@@ -341,40 +341,44 @@ def test_label_studio_display_copies_follow_the_cameras_bits(tmp_path: Path) -> 
     assert shown["auto"] == (f"{sha}-dec{DECODE_VERSION}.png", 12) and shown[16] == (f"{sha}-dec{DECODE_VERSION}-b16.png", 1)  # 200/65535*255
 
 
-def test_a_round_reads_an_image_from_a_known_byte_identical_copy_when_its_file_goes(new_project, class_folders: Path, tmp_path: Path) -> None:
-    # ingested from two places, the images were all quarantined as missing when the first folder went, copies or not
+def ingested_from_two_places(ctx, class_folders: Path, tmp_path: Path) -> Path:  # noqa: ANN001
+    """class_folders ingested, then a byte-identical copy of it (the images' duplicate_paths); the copy's folder."""
+    ingest_source(ctx, class_folders, show_progress=False)
+    backup = tmp_path / "backup"
+    shutil.copytree(class_folders, backup)
+    assert ingest_source(ctx, backup, show_progress=False).n_already_known == 70
+    return backup
+
+
+def checked_files(ctx) -> dict:  # noqa: ANN001
+    """What the round's file check records (details)."""
     from rich.console import Console
 
     from loop.round import RoundOptions, RoundState, check_image_files
 
-    ingest_source(new_project, class_folders, show_progress=False)
-    backup = tmp_path / "backup"
-    shutil.copytree(class_folders, backup)
-    assert ingest_source(new_project, backup, show_progress=False).n_already_known == 70
+    state = RoundState(ctx=ctx, options=RoundOptions(show_progress=False), console=Console(quiet=True))
+    check_image_files(state)
+    return state.details
+
+
+def test_a_round_reads_an_image_from_a_known_byte_identical_copy_when_its_file_goes(new_project, class_folders: Path, tmp_path: Path) -> None:
+    # ingested from two places, the images were all quarantined as missing when the first folder went, copies or not
+    backup = ingested_from_two_places(new_project, class_folders, tmp_path)
     shutil.move(class_folders, tmp_path / "gone")
     (backup / "good" / "good_0000.png").write_bytes(b"not the same bytes")  # this copy changed: no way back for it
-    state = RoundState(ctx=new_project, options=RoundOptions(show_progress=False), console=Console(quiet=True))
-    check_image_files(state)
-    assert (state.details["read_from_copies"], state.details["newly_quarantined"]) == (69, 1)
+    details = checked_files(new_project)
+    assert (details["read_from_copies"], details["newly_quarantined"]) == (69, 1)
     by_status = {r.status for r in rows(new_project) if r.path.startswith(str(backup))}
     assert by_status == {"ok"} and sum(r.status == "quarantined" for r in rows(new_project)) == 1
     assert all(r.duplicate_paths == [] for r in rows(new_project) if r.status == "ok")
 
 
 def test_an_image_quarantined_as_missing_before_comes_back_from_a_known_copy(new_project, class_folders: Path, tmp_path: Path) -> None:
-    from rich.console import Console
-
-    from loop.round import RoundOptions, RoundState, check_image_files
-
-    ingest_source(new_project, class_folders, show_progress=False)
-    backup = tmp_path / "backup"
-    shutil.copytree(class_folders, backup)
-    ingest_source(new_project, backup, show_progress=False)
+    backup = ingested_from_two_places(new_project, class_folders, tmp_path)
     with session_scope(new_project.engine) as session:  # as a round before copies were read would have left them
         for image in session.scalars(select(Image)):
             image.status, image.status_reason = "quarantined", f"file missing at {image.path} (moved or deleted since ingest)"
     shutil.move(class_folders, tmp_path / "gone")
-    state = RoundState(ctx=new_project, options=RoundOptions(show_progress=False), console=Console(quiet=True))
-    check_image_files(state)
-    assert (state.details["read_from_copies"], state.details["newly_quarantined"]) == (70, 0)
+    details = checked_files(new_project)
+    assert (details["read_from_copies"], details["newly_quarantined"]) == (70, 0)
     assert {r.status for r in rows(new_project)} == {"ok"} and all(r.path.startswith(str(backup)) for r in rows(new_project))

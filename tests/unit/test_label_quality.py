@@ -298,11 +298,15 @@ def test_tiny_inputs_do_not_crash() -> None:
     assert not find_outliers(embeddings=np.ones((2, 3))).is_issue.any()
 
 
+def cluster(rng: np.random.Generator, n: int, spread: float) -> np.ndarray:
+    """n 64-d embeddings around one random centre (scale 3), `spread` apart."""
+    return rng.normal(size=(1, 64)) * 3 + rng.normal(size=(n, 64)) * spread
+
+
 def test_a_varied_defect_class_is_not_an_outlier_class_but_its_odd_image_is() -> None:
     # Good parts: one tight cluster. Defects: as many looks as images (varied), plus one image unlike anything.
     rng = np.random.default_rng(3)
-    good = rng.normal(size=(1, 64)) * 3 + rng.normal(size=(500, 64)) * 0.3
-    defects = rng.normal(size=(1, 64)) * 3 + rng.normal(size=(60, 64)) * 1.2
+    good, defects = cluster(rng, 500, 0.3), cluster(rng, 60, 1.2)
     odd = rng.normal(size=(1, 64)) * 6
     embeddings = np.concatenate([good, defects, odd]).astype(np.float32)
     classes = np.array([0] * 500 + [1] * 61)
@@ -318,8 +322,7 @@ def test_a_varied_defect_class_is_not_an_outlier_class_but_its_odd_image_is() ->
 def test_a_rare_class_is_not_judged_against_the_others_spread() -> None:
     # 4 images of a rare class sit far from everything by being rare: the whole set's cutoff flagged all of them
     rng = np.random.default_rng(5)
-    good = rng.normal(size=(1, 64)) * 3 + rng.normal(size=(300, 64)) * 0.3
-    rare = rng.normal(size=(1, 64)) * 3 + rng.normal(size=(4, 64)) * 0.8
+    good, rare = cluster(rng, 300, 0.3), cluster(rng, 4, 0.8)
     odd = rng.normal(size=(1, 64)) * 6  # unlike anything, and of no class yet: still judged
     embeddings = np.concatenate([good, rare, odd]).astype(np.float32)
     groups = np.array([0] * 300 + [1] * 4 + [-1])
@@ -333,8 +336,7 @@ def test_a_prediction_of_a_rare_class_is_still_judged() -> None:
     # the review: a blank frame predicted as the rare class was exempt with it, and a project of small classes had no
     # outlier check at all
     rng = np.random.default_rng(7)
-    good = rng.normal(size=(1, 64)) * 3 + rng.normal(size=(200, 64)) * 0.3
-    crack = rng.normal(size=(1, 64)) * 3 + rng.normal(size=(15, 64)) * 0.8
+    good, crack = cluster(rng, 200, 0.3), cluster(rng, 15, 0.8)
     blank = rng.normal(size=(1, 64)) * 6
     embeddings = np.concatenate([good, crack, blank]).astype(np.float32)
     groups = np.array([0] * 200 + [1] * 16)
