@@ -688,6 +688,62 @@ class LabelStudioBackend:
         )  # fmt: skip
         return report
 
+    # ------------------------------------------------------------------------------------------------ classes
+
+    def rename_class(self, *, session: Session, project: Project, old: str, new: str) -> dict[str, int]:
+        """A class renamed in loop.toml, in Label Studio: every answer and guess in this project's tasks choosing `old`
+        chooses `new` (lsc.rename_choice). The store's record of each rewritten answer takes Label Studio's new save
+        time, so the next pull finds it unchanged rather than saved again by its annotator (a confirmation). The
+        store's own answers are renamed by the caller. {"answers", "predictions"} rewritten.
+
+        Raises a LabelStudioError: before anything is changed (not configured, unreachable, token refused), or when
+        Label Studio failed part-way (running it again finishes the rest)."""
+        try:
+            client = self.client()
+        except lsc.LabelStudioError as error:  # not configured, unreachable, token refused
+            raise type(error)(f"{error}; nothing was renamed") from error
+        ls_projects = session.scalars(
+            select(AnnotationTask.external_project_id).join(Image, Image.id == AnnotationTask.image_id)
+            .where(AnnotationTask.backend == self.name, Image.project_id == project.id).distinct()
+        ).all()
+        answers: dict[int, str | None] = {}
+        predictions = 0
+        for ls_project_id in sorted({int(p) for p in ls_projects}):
+            try:
+                renamed, guesses = lsc.rename_choice(client, project_id=ls_project_id, old=old, new=new)
+            except (httpx.HTTPError, ApiError) as error:
+                raise lsc.LabelStudioError(f"Label Studio failed while renaming {old!r} to {new!r} in its project {ls_project_id} "
+                                           f"({_describe(error)}); nothing in the store was changed, and what Label Studio renamed "
+                                           "already stays renamed: run the same command again to finish") from error
+            answers.update(renamed)
+            predictions += guesses
+        external_ids = [str(answer_id) for answer_id in answers]
+        latest: dict[str, LabelEvent] = {}
+        for start in range(0, len(external_ids), 500):
+            for event in session.scalars(select(LabelEvent).join(Image, Image.id == LabelEvent.image_id)
+                                         .where(Image.project_id == project.id, LabelEvent.source == "annotator",
+                                                LabelEvent.external_id.in_(external_ids[start:start + 500]))
+                                         .order_by(LabelEvent.id)):
+                latest[event.external_id] = event
+        for external_id, event in latest.items():
+            saved_at = lsc.as_utc(answers[int(external_id)])
+            if saved_at is not None:
+                event.external_updated_at = saved_at
+        return {"answers": len(answers), "predictions": predictions}
+
+    def show_classes(self, *, session: Session, project: Project) -> str | None:
+        """The project's classes (project.classes) as the choices annotators see, in the Label Studio project its tasks
+        are in (none is made for a project that has no task there yet). None when done, else why not (the next
+        round's push tries again)."""
+        if not session.scalar(select(func.count()).select_from(AnnotationTask).join(Image, Image.id == AnnotationTask.image_id)
+                              .where(AnnotationTask.backend == self.name, Image.project_id == project.id)):
+            return None
+        try:
+            self.ensure_project(project, session=session)
+        except (httpx.HTTPError, ApiError, lsc.LabelStudioError) as error:
+            return f"Label Studio kept its choices ({_describe(error)}); the next round's push tries again"
+        return None
+
 
 # ---------------------------------------------------------------------------------------------------------
 # recording answers (shared by pull and the webhook)

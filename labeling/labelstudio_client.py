@@ -208,7 +208,8 @@ def ensure_project(
     current = client.projects.get(id=project_id)
     changes: dict[str, Any] = {}
     if (current.label_config or "").strip() != label_config.strip():
-        changes["label_config"] = label_config  # Label Studio refuses it if it would orphan existing answers
+        # Label Studio 1.23 takes it even with answers choosing a label it drops (checked): the pull rejects those
+        changes["label_config"] = label_config
     if (getattr(current, "expert_instruction", None) or "") != instructions:
         changes["expert_instruction"] = instructions
     if changes:
@@ -464,6 +465,45 @@ def _answerers(task: Any) -> set[Any]:
     IGNORE_SKIPPED mode, where skips count too."""
     return {(a.get("completed_by") or {}).get("id") if isinstance(a.get("completed_by"), Mapping) else a.get("completed_by")
             for a in map(_as_dict, task.annotations or []) if not a.get("was_cancelled")}
+
+
+def rename_choice(client: LabelStudio, *, project_id: int, old: str, new: str) -> tuple[dict[int, str | None], int]:
+    """Every answer and prediction of the project choosing `old` chooses `new` instead (other result items kept), so a
+    class renamed in loop.toml keeps its answers: Label Studio would hand them back under the old name at every pull.
+    Answers keep their annotator (completed_by is not
+    touched). ({answer id: its new updated_at}, predictions rewritten). Re-running after a failure finishes the rest:
+    what was rewritten no longer chooses `old`."""
+    answers: dict[int, str | None] = {}
+    predictions = 0
+    # listed in full first: rewriting while paging could shift what a later page holds
+    tasks = list(client.tasks.list(project=project_id, fields="all", page_size=200))
+    for task in tasks:
+        for annotation in map(_as_dict, task.annotations or []):
+            result = _result_renamed(annotation.get("result"), old=old, new=new)
+            if result is not None:
+                saved = client.annotations.update(id=int(annotation["id"]), result=result)
+                answers[int(annotation["id"])] = _iso(getattr(saved, "updated_at", None))
+        for prediction in map(_as_dict, task.predictions or []):
+            result = _result_renamed(prediction.get("result"), old=old, new=new)
+            if result is not None:
+                client.predictions.update(id=int(prediction["id"]), result=result)
+                predictions += 1
+    return answers, predictions
+
+
+def _result_renamed(result: Any, *, old: str, new: str) -> list[dict[str, Any]] | None:
+    """The result with our Choices control's `old` replaced by `new` (once, if both were chosen); None if it has no
+    `old`."""
+    items = [_as_dict(item) for item in result or []]
+    if old not in result_choices(items):
+        return None
+    renamed = []
+    for item in items:
+        if item.get("type") == "choices" and item.get("from_name", CHOICES_NAME) == CHOICES_NAME:
+            chosen = [new if str(c) == old else c for c in (item.get("value") or {}).get("choices") or []]
+            item = {**item, "value": {**(item.get("value") or {}), "choices": list(dict.fromkeys(chosen))}}
+        renamed.append(item)
+    return renamed
 
 
 def result_choices(result: Any) -> list[str]:

@@ -351,15 +351,18 @@ def rename_class(
     project: ProjectOption,
     merge: Annotated[bool, typer.Option("--merge", help="NEW already labels images: merge OLD into it (cannot be undone)")] = False,
 ) -> None:
-    """Move the stored answers naming a class to its new name in loop.toml (rewritten in place: the label history then
-    says NEW). Answers from Label Studio are refused: it keeps them under the old name and the next pull would read
-    them again."""
+    """Move the answers naming a class to its new name in loop.toml: the store's (rewritten in place: the label history
+    then says NEW) and, for a project annotated in Label Studio, the answers and guesses there too, whose choices then
+    follow loop.toml (Label Studio must be up: otherwise nothing is changed)."""
     from sqlalchemy import func, select
 
+    from labeling import create_backend
     from store.db import session_scope
     from store.models import Image, LabelEvent
     from store.queries import get_project, rename_label
 
+    in_label_studio: dict[str, int] | None = None
+    warning = None
     with clear_errors():
         ctx = open_project(project)
         if new not in ctx.config.classes:
@@ -374,18 +377,34 @@ def rename_class(
                 return session.scalar(select(func.count()).select_from(LabelEvent).join(Image, Image.id == LabelEvent.image_id)
                                       .where(Image.project_id == project_row.id, LabelEvent.label == label, *extra)) or 0
 
-            from_label_studio = answers_naming(old, LabelEvent.source == "annotator", LabelEvent.external_id.is_not(None))
-            if from_label_studio:
-                raise ConfigError(f"{from_label_studio} answers naming {old!r} come from Label Studio, which keeps them under that name: "
-                                  f"the next pull would read them again as a class loop.toml does not have. Keep {old!r} in loop.toml")
             if answers_naming(new) and not merge:
                 raise ConfigError(f"{new!r} already labels images: renaming {old!r} to it merges the two classes for good; give --merge to do so")
+            from_label_studio = answers_naming(old, LabelEvent.source == "annotator", LabelEvent.external_id.is_not(None))
             n_events, n_images = rename_label(session, project_row.id, old, new)
-            if n_events == 0:
+            in_label_studio_too = bool(from_label_studio) or ctx.config.annotator.backend == "labelstudio"
+            if n_events == 0 and not in_label_studio_too:
                 raise ConfigError(f"no stored answer says {old!r}: nothing to rename")
             sync_project_classes(session, project_row, ctx.config)  # ConfigError (all undone) if another class is still left out
-    console.print(f"[green]renamed[/] {old!r} to {new!r}: {n_events} answers of {n_images} images"
+            if in_label_studio_too:
+                # Label Studio last, once the store's side is known to work: it keeps its answers under the old name and
+                # the next pull would read them again. It failing part-way undoes the store's side (this transaction);
+                # what it renamed stays renamed, and running the command again finishes the rest.
+                from labeling.labelstudio_client import LabelStudioError
+
+                backend = create_backend("labelstudio", config=ctx.config, project_dir=ctx.root)
+                try:
+                    in_label_studio = backend.rename_class(session=session, project=project_row, old=old, new=new)
+                except LabelStudioError as error:
+                    raise ConfigError(str(error)) from error
+                if n_events == 0 and not any(in_label_studio.values()):
+                    raise ConfigError(f"no answer says {old!r}, in the store or in Label Studio: nothing to rename")
+                warning = backend.show_classes(session=session, project=project_row)
+    console.print(f"[green]renamed[/] {old!r} to {new!r}: {n_events} stored answers of {n_images} images"
+                  + (f"; in Label Studio {in_label_studio['answers']} answers and {in_label_studio['predictions']} guesses"
+                     if in_label_studio is not None else "")
                   + ("; the oracle's manifest still names the old class: fix it too" if ctx.config.annotator.backend == "oracle" else ""))
+    if warning:
+        error_console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 @app.command()

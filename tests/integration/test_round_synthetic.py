@@ -16,6 +16,7 @@ from sqlalchemy import select
 from PIL import Image as PILImage
 from typer.testing import CliRunner
 
+from labeling.labelstudio_server import free_port
 from loop.cli import app
 from loop.config import load_config, save_config
 from loop.project import open_project, project_lock
@@ -1065,7 +1066,7 @@ def test_a_project_that_sets_its_cameras_bits_decodes_every_frame_by_them_in_the
     assert np.abs(per_frame.predict_proba([PILImage.open(path) for path, _ in dark]) - recorded).max() > 0.01  # the setting mattered
 
 
-def test_a_class_renamed_in_loop_toml_stops_the_round_until_its_labels_are_moved(project_with_pool: Path) -> None:
+def test_a_class_renamed_in_loop_toml_stops_the_round_until_its_labels_are_moved(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # renaming "patch" in loop.toml turned its labels, frozen test images included, into no labels, silently; `loop
     # status` kept the classes of `loop init`; the oracle kept answering "patch" and the answers were stored
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
@@ -1114,13 +1115,17 @@ def test_a_class_renamed_in_loop_toml_stops_the_round_until_its_labels_are_moved
                          LabelEvent(image_id=image_id, label="spot", source="annotator", annotator="ann2")])
     tied = invoke("round", "--project", str(project_with_pool), "--quiet")
     assert tied.exit_code == 2 and "'obsolete' (1 images, 0 of them labeled so now, 0 in the frozen test split)" in " ".join(tied.output.split())
-    # merging into a class with labels needs --merge; answers Label Studio keeps under the old name are never renamed
+    # merging into a class with labels needs --merge; answers Label Studio keeps under the old name are renamed there
+    # first (tests/integration/labelstudio), so with Label Studio down nothing is renamed
     assert invoke("rename-class", "obsolete", "spot", "--project", str(project_with_pool)).exit_code == 2
     with session_scope(ctx.engine) as session:
         session.add(LabelEvent(image_id=image_id, label="obsolete", source="annotator", annotator="ls-user", external_id="77"))
-    kept_by_ls = invoke("rename-class", "obsolete", "spot", "--merge", "--project", str(project_with_pool))
-    assert kept_by_ls.exit_code == 2 and "1 answers naming 'obsolete' come from Label Studio" in " ".join(kept_by_ls.output.split())
+    monkeypatch.setenv("LABEL_STUDIO_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "some-token")
+    ls_down = invoke("rename-class", "obsolete", "spot", "--merge", "--project", str(project_with_pool))
+    assert ls_down.exit_code == 2 and "is unreachable" in ls_down.output and "nothing was renamed" in " ".join(ls_down.output.split())
     with session_scope(ctx.engine) as session:
+        assert len(session.scalars(select(LabelEvent).where(LabelEvent.label == "obsolete")).all()) == 2
         session.execute(LabelEvent.__table__.delete().where(LabelEvent.external_id == "77"))
     assert invoke("rename-class", "obsolete", "spot", "--merge", "--project", str(project_with_pool)).exit_code == 0
 

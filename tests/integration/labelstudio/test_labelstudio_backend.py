@@ -654,3 +654,45 @@ def test_a_waiting_task_shows_its_image_from_where_the_file_moved(labelstudio, s
     assert data["image"].endswith(f"archive/{old.name}") and data["defect_loop_image_id"] == store.image_ids[5]
     shown = httpx.get(f"{labelstudio.url}{data['image']}", headers={"Authorization": f"Token {labelstudio.token}"})
     assert shown.status_code == 200 and shown.content == moved.read_bytes()
+
+
+def test_a_class_renamed_in_loop_toml_is_renamed_in_label_studio_and_the_next_pull_finds_nothing_new(labelstudio, store, backend) -> None:
+    # Label Studio kept the answers under the old name: the next pull read them again as a class the project no longer
+    # has, and it refused a label config without that name while answers used it
+    from store.queries import rename_label
+
+    push(backend, store, [store.task(k, predicted="scratch", score=0.6) for k in (4, 5, 6)])
+    tasks = task_ids_by_image(store)
+    a, b = labelstudio.as_annotator(ANNOTATOR_A), labelstudio.as_annotator(ANNOTATOR_B)
+    renamed_answer = annotate(a, tasks[store.image_ids[4]], "scratch")
+    annotate(b, tasks[store.image_ids[4]], "scratch")
+    kept_answer = annotate(a, tasks[store.image_ids[5]], "spot")
+    assert pull(backend, store).new_label_events == 3
+    unpulled = annotate(b, tasks[store.image_ids[6]], "scratch")  # given after the last pull: renamed there too
+    admin = labelstudio.admin()
+    users = {u.email: u.id for u in admin.users.list()}
+
+    with store.session() as session:
+        project = session.get(Project, store.project_id)
+        renamed = backend.rename_class(session=session, project=project, old="scratch", new="scratch_line")
+        rename_label(session, project.id, "scratch", "scratch_line")
+        project.classes = ["good", "scratch_line", "spot"]
+        assert backend.show_classes(session=session, project=project) is None
+    assert renamed == {"answers": 3, "predictions": 3}
+    answers = {x["annotation_id"]: x for x in lsc.list_annotated_tasks(admin, project_id=ls_project_id(store))}
+    assert {answers[renamed_answer]["choices"][0], answers[unpulled]["choices"][0], answers[kept_answer]["choices"][0]} == {"scratch_line", "spot"}
+    assert answers[renamed_answer]["completed_by"] == users[ANNOTATOR_A] and answers[unpulled]["completed_by"] == users[ANNOTATOR_B]
+    assert all(x["predicted"] == ["scratch_line"] for x in answers.values())  # the guess annotators were shown, renamed
+    config = admin.projects.get(id=ls_project_id(store)).label_config
+    assert 'value="scratch_line"' in config and 'value="scratch"' not in config
+
+    # the next pull: the renamed answers are known (not saved again by their annotators), the unpulled one arrives renamed
+    report = pull(backend, store)
+    assert (report.new_label_events, report.rejected, report.details["labelstudio"].get("confirmed", 0)) == (1, 0, 0)
+    current = labels(store)
+    assert [current[store.image_ids[k]].label for k in (4, 5, 6)] == ["scratch_line", "spot", "scratch_line"]
+    assert pull(backend, store).new_label_events == 0
+    with store.session() as session:  # running it again finds nothing left to rename
+        assert backend.rename_class(session=session, project=session.get(Project, store.project_id), old="scratch", new="scratch_line") == {
+            "answers": 0, "predictions": 0}
+

@@ -130,3 +130,20 @@ def test_two_loop_rounds_through_label_studio(tmp_path: Path, class_folders: Pat
     assert tie_task.overlap == 3 and tie_task.is_labeled is False
     report_line(f"loop rounds via Label Studio: {len(tasks)} tasks pushed, {len(agreeing) + 3} annotations made, "
                 f"{len(agreeing) + 2} recorded as label events, 1 rejected (unknown class), 1 tie kept out")
+
+    # "patch" renamed in loop.toml: `loop rename-class` renames its answers and guesses in Label Studio with the store's
+    from loop.config import load_config, save_config
+
+    config = load_config(project)
+    config.classes = ["good", "scratch", "spot", "patches"]
+    save_config(project, config)
+    answered_patch = [i for i in [*agreeing, unknown_image] if truth[paths[i]] == "patch"]
+    assert answered_patch
+    renamed = " ".join(invoke("rename-class", "patch", "patches", "--project", str(project)).output.split())
+    assert f"in Label Studio {len(answered_patch)} answers" in renamed, renamed
+    answers = lsc.list_annotated_tasks(admin, project_id=ls_project)
+    assert not any("patch" in x["choices"] or "patch" in x["predicted"] for x in answers)
+    assert sum(x["choices"] == ["patches"] for x in answers) == len(answered_patch)
+    assert 'value="patch"' not in admin.projects.get(id=ls_project).label_config
+    status = json.loads(invoke("status", "--project", str(project), "--json").output)
+    assert "patch" not in status["labels"]["by_class"] and status["labels"]["by_class"]["patches"] >= len(answered_patch)
