@@ -456,7 +456,7 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>defect-loop · {escape(progress.project_name)}</title><style>{STYLE}</style></head>
-<body><header><h1>defect-loop · {escape(progress.project_name)}</h1><span class="sub">project {progress.project_id} · managers' dashboard</span></header>
+<body><header><h1>defect-loop · {escape(progress.project_name)}</h1><span class="sub">project {progress.project_id} · managers' dashboard · <a id="export" href="/projects/{progress.project_id}/export{token_query}" download>images, labels and predictions (CSV)</a></span></header>
 <main>
 <div class="cards">{_summary_cards(progress, latest)}</div>
 <section id="gates"><h2>Gates over rounds</h2><div class="grid">{gates_html}</div></section>

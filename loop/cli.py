@@ -461,6 +461,33 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
 
 
 @app.command()
+def export(
+    out: Annotated[Path, typer.Argument(help="the file to write: .csv or .jsonl")],
+    project: ProjectOption,
+    round_number: Annotated[Optional[int], typer.Option("--round", help="the completed round whose predictions and findings to include (default: the latest)")] = None,
+    labeled_only: Annotated[bool, typer.Option("--labeled-only", help="only readable images with a label (no ties): a training set")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace OUT if it exists")] = False,
+) -> None:
+    """The images with their split and current label, and a completed round's decision, probabilities and findings
+    (suspected label error with the suggested label, near-duplicate, outlier): one row each, to train elsewhere or
+    audit. Images replaced by a new file are left out; quarantined ones are kept with their status."""
+    from loop.export import export_project
+
+    with clear_errors():
+        ctx, _config_error = open_project_store(project)  # a loop.toml a round would refuse still has a record worth taking out
+        summary = export_project(ctx, out, round_number=round_number, labeled_only=labeled_only, overwrite=force)
+    by_class = ", ".join(f"{name} {n}" for name, n in sorted(summary.labeled_by_class.items()))
+    console.print(f"[green]exported[/] {summary.n_images} images to {summary.path} ({sum(summary.labeled_by_class.values())} labeled"
+                  + (f": {by_class}" if by_class else "") + ")")
+    if summary.round_number is None:
+        console.print("no completed round yet: the prediction and finding columns are empty")
+    else:
+        threshold = f"P(defect) threshold {summary.threshold:.4g}; " if summary.threshold is not None else ""
+        console.print(f"predictions and findings of round {summary.round_number} ({threshold}{summary.n_suspected_label_errors} suspected "
+                      f"label errors; its model: {summary.model_onnx or 'none deployed'})")
+
+
+@app.command()
 def demo(
     project: ProjectOption,
     rounds: Annotated[int, typer.Option(help="rounds to run")] = 3,

@@ -1,12 +1,18 @@
 """Projects, their rounds and the progress series behind the dashboard's charts."""
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException
-from fastapi.responses import Response
+import os
+import re
+import tempfile
+from typing import Annotated, Literal
 
-from api.dependencies import Limit, Offset, ReadScope, ResponseCacheDep, RowId, SessionDep
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import FileResponse, Response
+from starlette.background import BackgroundTask
+
+from api.dependencies import BrowserReadScope, Limit, Offset, ReadScope, ResponseCacheDep, RowId, SessionDep
 from api.schemas import ErrorOut, PageOut, ProgressOut, ProjectOut, RoundSummaryOut
-from store import reports
+from store import export, reports
 
 router = APIRouter(tags=["projects"], responses={401: {"model": ErrorOut}})
 
@@ -43,3 +49,44 @@ def progress(project_id: RowId, session: SessionDep, cache: ResponseCacheDep, _s
         body = ProgressOut.model_validate(series).model_dump_json().encode()
         cache.put(("progress", project_id), version, body)
     return Response(content=body, media_type="application/json")
+
+
+EXPORT_MEDIA_TYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
+
+
+@router.get(
+    "/projects/{project_id}/export",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {media: {} for media in EXPORT_MEDIA_TYPES.values()},
+              "description": "one row per image: path, content hash, split, current label, and the round's decision, probabilities and findings"},
+        404: {"model": ErrorOut},
+        409: {"model": ErrorOut, "description": "the round asked for did not complete"},
+    },
+    summary="The images with labels and a round's predictions, as CSV or JSON Lines (?token= accepted, for a download link)",
+)
+def export_images(
+    project_id: RowId, session: SessionDep, _scope: BrowserReadScope,
+    format: Annotated[Literal["csv", "jsonl"], Query(description="csv (a header row, empty cells for none) or jsonl (one JSON object per line)")] = "csv",  # noqa: A002
+    round: Annotated[int | None, Query(ge=1, le=2**31 - 1, description="a completed round's number (default: the latest completed)")] = None,  # noqa: A002
+    labeled_only: Annotated[bool, Query(description="only readable images with a label (no ties): a training set")] = False,
+) -> FileResponse:
+    project = reports.get_project_or_none(session, project_id)
+    if project is None:
+        raise HTTPException(404, detail=f"no project {project_id} in this store")
+    try:
+        source = export.export_source(session, project, round_number=round)
+    except LookupError as error:
+        raise HTTPException(409 if "not completed" in str(error) else 404, detail=str(error)) from None
+    # written to a temporary file while the session is open (a streamed body would outlive it), sent, then removed
+    handle = tempfile.NamedTemporaryFile("w", suffix=f".{format}", newline="", encoding="utf-8", delete=False)
+    try:
+        with handle:
+            for _ in export.write_records(handle, export.image_records(session, project, source, labeled_only=labeled_only),
+                                          columns=source.columns(), fmt=format):
+                pass
+    except BaseException:
+        os.unlink(handle.name)
+        raise
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", project.name) + (f"-round-{source.round_number}" if source.round_number else "") + f".{format}"
+    return FileResponse(handle.name, media_type=EXPORT_MEDIA_TYPES[format], filename=name, background=BackgroundTask(os.unlink, handle.name))

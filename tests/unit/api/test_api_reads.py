@@ -210,7 +210,8 @@ def test_version(get) -> None:  # noqa: ANN001
 def test_openapi_docs_served(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     for path in ("/projects", "/projects/{project_id}/rounds", "/rounds/{round_id}", "/rounds/{round_id}/label-issues",
-                 "/rounds/{round_id}/selection", "/projects/{project_id}/progress", "/predict", "/webhooks/labelstudio", "/health", "/version"):
+                 "/rounds/{round_id}/selection", "/projects/{project_id}/progress", "/projects/{project_id}/export", "/predict",
+                 "/webhooks/labelstudio", "/health", "/version"):
         assert path in spec["paths"], path
     for page_path, assets in (("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")), ("/redoc", ("redoc.standalone.js",))):
         page = client.get(page_path)
@@ -225,7 +226,8 @@ def test_openapi_docs_served(client: TestClient) -> None:
 def test_reads_never_write(client: TestClient, read_headers: dict[str, str], seeded_store: SeededStore) -> None:
     db = seeded_store.project_dir / "loop.db"
     before = db.read_bytes()
-    for path in ("/projects", f"/rounds/{seeded_store.round_ids[2]}", f"/projects/{seeded_store.project_id}/progress", "/dashboard"):
+    for path in ("/projects", f"/rounds/{seeded_store.round_ids[2]}", f"/projects/{seeded_store.project_id}/progress", "/dashboard",
+                 f"/projects/{seeded_store.project_id}/export"):
         assert client.get(path, headers=read_headers).status_code == 200
     assert db.read_bytes() == before
 

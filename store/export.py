@@ -1,0 +1,139 @@
+"""The project's images as records to take elsewhere: one per image with its file, split, current label (the rule of
+`queries.resolve_label`), and what one completed round said about it (the deployed model's decision and
+probabilities, a suspected label error, a near-duplicate, an outlier). Read-only, like `store.reports`.
+
+`loop export` writes them as CSV or JSON Lines; an engineer trains another model on the labeled rows, audits the
+suspects, or joins the predictions to other data by path or content hash.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from store.models import Image, LabelIssue, Prediction, Project, Round
+from store.queries import current_labels
+
+# the fixed columns, in order; one "p_<class>" column per class of the project follows "p_defect"
+RECORD_COLUMNS = (
+    "image_id", "path", "sha256", "split", "status", "status_reason", "part", "width", "height",
+    "label", "label_status", "label_source", "votes", "agreement",
+    "predicted_label", "p_defect",
+)
+ISSUE_COLUMNS = ("suspected_label_error", "suggested_label", "label_quality", "near_duplicate_of", "outlier")
+EXPORT_FORMATS = ("csv", "jsonl")
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """The round whose predictions and findings the records carry (None: no completed round yet)."""
+    round_number: int | None
+    threshold: float | None
+    model_onnx: str | None
+    classes: list[str]
+
+    def columns(self) -> list[str]:
+        return [*RECORD_COLUMNS, *(f"p_{name}" for name in self.classes), *ISSUE_COLUMNS]
+
+
+def export_source(session: Session, project: Project, *, round_number: int | None = None) -> ExportSource:
+    """The latest completed round, or round `round_number` (LookupError unless it exists and completed: a failed or
+    running round's predictions are partial or none)."""
+    query = select(Round).where(Round.project_id == project.id, Round.status == "completed")
+    if round_number is not None:
+        chosen = session.scalars(select(Round).where(Round.project_id == project.id, Round.number == round_number)).first()
+        if chosen is None:
+            raise LookupError(f"project {project.name!r} has no round {round_number}")
+        if chosen.status != "completed":
+            raise LookupError(f"round {round_number} is {chosen.status}, not completed: its predictions are partial or none")
+    else:
+        chosen = session.scalars(query.order_by(Round.number.desc())).first()
+    if chosen is None:
+        return ExportSource(None, None, None, list(project.classes or []))
+    details = chosen.details or {}
+    threshold = details.get("threshold")
+    # the classes the round's model knew: its probabilities are named by them (loop.toml may have changed since)
+    classes = [str(c) for c in details.get("class_names") or project.classes or []]
+    return ExportSource(chosen.number, float(threshold) if isinstance(threshold, (int, float)) else None,
+                        (chosen.artifacts or {}).get("model_onnx"), classes)
+
+
+def image_records(session: Session, project: Project, source: ExportSource, *, labeled_only: bool = False) -> Iterator[dict[str, Any]]:
+    """One dict per image of the project (keys: source.columns()), by image id. Images replaced by a new file at their
+    path are left out (they are no longer the project's data); quarantined ones are kept with their status.
+    labeled_only: readable images with a label (no ties, nothing quarantined): a training set."""
+    labels = current_labels(session, project.id)
+    round_id = None
+    if source.round_number is not None:
+        round_id = session.scalar(select(Round.id).where(Round.project_id == project.id, Round.number == source.round_number))
+    predictions: dict[int, Prediction] = {}
+    issues: dict[int, dict[str, Any]] = defaultdict(dict)
+    if round_id is not None:
+        predictions = {p.image_id: p for p in session.scalars(select(Prediction).where(Prediction.round_id == round_id))}
+        paths = dict(session.execute(select(Image.id, Image.path).where(Image.project_id == project.id)).all())
+        for issue in session.scalars(select(LabelIssue).where(LabelIssue.round_id == round_id, LabelIssue.flagged.is_(True))):
+            found = issues[issue.image_id]
+            if issue.kind == "label_error":
+                found.update(suspected_label_error=True, suggested_label=issue.suggested_label, label_quality=issue.score)
+            elif issue.kind == "near_duplicate":
+                found["near_duplicate_of"] = paths.get(issue.related_image_id)
+            elif issue.kind == "outlier":
+                found["outlier"] = True
+    query = select(Image).where(Image.project_id == project.id, Image.status != "replaced").order_by(Image.id)
+    for image in session.scalars(query.execution_options(yield_per=2000)):
+        label = labels.get(image.id)
+        if labeled_only and (image.status != "ok" or label is None or label.status != "labeled"):
+            continue
+        prediction = predictions.get(image.id)
+        probabilities = (prediction.probabilities or {}) if prediction is not None else {}
+        found = issues.get(image.id, {})
+        yield {
+            "image_id": image.id, "path": image.path, "sha256": image.sha256, "split": image.split, "status": image.status,
+            "status_reason": image.status_reason, "part": image.part, "width": image.width, "height": image.height,
+            "label": label.label if label is not None else None,
+            "label_status": label.status if label is not None else "unlabeled",
+            "label_source": label.source if label is not None else None,
+            "votes": label.n_votes if label is not None else 0,
+            "agreement": label.agreement if label is not None else None,
+            "predicted_label": prediction.predicted_label if prediction is not None else None,
+            "p_defect": prediction.p_defect if prediction is not None else None,
+            **{f"p_{name}": probabilities.get(name) for name in source.classes},
+            "suspected_label_error": bool(found.get("suspected_label_error", False)) if round_id is not None else None,
+            "suggested_label": found.get("suggested_label"),
+            "label_quality": found.get("label_quality"),
+            "near_duplicate_of": found.get("near_duplicate_of"),
+            "outlier": bool(found.get("outlier", False)) if round_id is not None else None,
+        }
+
+
+def write_records(handle: TextIO, records: Iterable[dict[str, Any]], *, columns: list[str], fmt: str) -> Iterator[dict[str, Any]]:
+    """Write each record to `handle` as a CSV row (a header first; empty for none, every digit of a float) or a JSON
+    line (null for none), yielding it once written (for counting)."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}: {' or '.join(EXPORT_FORMATS)}")
+    writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n") if fmt == "csv" else None
+    if writer is not None:
+        writer.writeheader()
+    for record in records:
+        if writer is not None:
+            writer.writerow({key: _csv_value(value) for key, value in record.items()})
+        else:
+            handle.write(json.dumps({key: _json_value(value) for key, value in record.items()}, ensure_ascii=False) + "\n")
+        yield record
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else value
+
+
+def _json_value(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -1,0 +1,72 @@
+"""GET /projects/{id}/export against the hand-seeded store: every value is one the seed wrote (see api_seed.py)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tempfile
+
+from fastapi.testclient import TestClient
+
+from api_seed import READ_TOKEN, SeededStore
+
+
+def rows_of(text: str) -> dict[int, dict[str, str]]:
+    return {int(row["image_id"]): row for row in csv.DictReader(io.StringIO(text))}
+
+
+def test_export_is_the_latest_completed_rounds_predictions_and_findings_per_image(client: TestClient, read_headers, seeded_store: SeededStore,
+                                                                                  tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the file is written before it is sent
+    image = {k: seeded_store.image_ids[k - 1] for k in range(1, 13)}
+    response = client.get(f"/projects/{seeded_store.project_id}/export", headers=read_headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/csv")
+    # R3 failed and R4 is running: R2 is the latest completed round
+    assert 'filename="line-a-round-2.csv"' in response.headers["content-disposition"]
+    rows = rows_of(response.text)
+    assert set(rows) == set(image.values())
+    first = rows[image[1]]
+    assert (first["split"], first["label"], first["label_source"], first["predicted_label"]) == ("test", "good", "import", "good")
+    assert (float(first["p_defect"]), float(first["p_good"]), float(first["p_scratch"])) == (0.1, 0.9, 0.05)
+    assert rows[image[2]]["predicted_label"] == "" and rows[image[2]]["p_good"] == ""  # R2 predicted image 1 only
+    # R2's flagged label errors, with the suggested label; rank 4 (not flagged) is not a suspect
+    assert [(rows[image[k]]["suspected_label_error"], rows[image[k]]["suggested_label"]) for k in (6, 5, 4)] == [
+        ("True", "spot"), ("True", "spot"), ("False", "")]
+    assert float(rows[image[6]]["label_quality"]) == 0.05
+    assert rows[image[3]]["near_duplicate_of"].endswith("img02.png") and rows[image[2]]["outlier"] == "False"
+    # the answer supersedes the import (image 5); three annotators, two agreeing (image 12)
+    assert (rows[image[5]]["label"], rows[image[5]]["label_source"]) == ("spot", "annotator")
+    assert (rows[image[12]]["label"], rows[image[12]]["votes"], round(float(rows[image[12]]["agreement"]), 3)) == ("spot", "3", 0.667)
+    assert list(tmp_path.iterdir()) == []  # the file was removed once sent
+
+    # an earlier round: its own findings; JSON Lines, by token in the query (a download link)
+    earlier = client.get(f"/projects/{seeded_store.project_id}/export?round=1&format=jsonl&token={READ_TOKEN}")
+    assert earlier.status_code == 200 and earlier.headers["content-type"].startswith("application/x-ndjson")
+    records = {r["image_id"]: r for r in map(json.loads, earlier.text.splitlines())}
+    assert records[image[2]]["outlier"] is True and records[image[6]]["suspected_label_error"] is False
+    assert records[image[1]]["p_good"] == 0.9 and records[image[3]]["near_duplicate_of"] is None
+
+
+def test_export_refuses_what_it_cannot_give(client: TestClient, read_headers, seeded_store: SeededStore) -> None:  # noqa: ANN001
+    base = f"/projects/{seeded_store.project_id}/export"
+    assert client.get(base).status_code == 401
+    failed = client.get(f"{base}?round=3", headers=read_headers)
+    assert failed.status_code == 409 and "failed, not completed" in failed.json()["detail"]
+    assert client.get(f"{base}?round=9", headers=read_headers).status_code == 404
+    assert client.get(f"{base}?format=xml", headers=read_headers).status_code == 422
+    assert client.get("/projects/999/export", headers=read_headers).status_code == 404
+    # a project with no rounds and no images: the header alone, its classes as the probability columns
+    empty = client.get(f"/projects/{seeded_store.empty_project_id}/export", headers=read_headers)
+    assert empty.status_code == 200 and empty.text.splitlines()[0].split(",")[16:18] == ["p_ok", "p_bad"] and len(empty.text.splitlines()) == 1
+
+
+def test_the_dashboard_links_the_export_a_manager_can_follow(client: TestClient, seeded_store: SeededStore) -> None:
+    import html
+    import re
+
+    page = client.get(f"/dashboard?token={READ_TOKEN}").text
+    link = html.unescape(re.search(r'<a id="export" href="([^"]+)"', page).group(1))
+    assert link == f"/projects/{seeded_store.project_id}/export?token={READ_TOKEN}"
+    followed = client.get(link)  # a browser sends no Authorization header: the token in the link is what it has
+    assert followed.status_code == 200 and len(rows_of(followed.text)) == 12
