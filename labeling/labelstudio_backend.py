@@ -16,7 +16,7 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from statistics import mean
@@ -122,6 +122,18 @@ def _prediction_score(task: TaskRequest) -> float | None:
     if task.predicted_label is not None and task.predicted_label in task.probabilities:
         return float(task.probabilities[task.predicted_label])
     return None
+
+
+@dataclass
+class ClassRenamed:
+    """What LabelStudioBackend.rename_class did: answers, guesses and reopened tasks' questions rewritten, the answers
+    last saved by us with their save times (lsc.ChoiceRenamed.saved) and the Label Studio projects found deleted."""
+    answers: int = 0
+    predictions: int = 0
+    tasks: int = 0
+    saved: dict[int, tuple[str | None, str | None]] = field(default_factory=dict)
+    projects_gone: list[int] = field(default_factory=list)
+    own_user_id: int | None = None
 
 
 @register_backend(BACKEND_NAME)
@@ -690,34 +702,88 @@ class LabelStudioBackend:
 
     # ------------------------------------------------------------------------------------------------ classes
 
-    def rename_class(self, *, session: Session, project: Project, old: str, new: str) -> dict[str, int]:
-        """A class renamed in loop.toml, in Label Studio: every answer and guess in this project's tasks choosing `old`
-        chooses `new` (lsc.rename_choice). The store's record of each rewritten answer takes Label Studio's new save
-        time, so the next pull finds it unchanged rather than saved again by its annotator (a confirmation). The
-        store's own answers are renamed by the caller. {"answers", "predictions"} rewritten.
+    def record_answers_before_rename(self, *, session: Session, project: Project, old: str, new: str) -> int:
+        """Before rename_class rewrites Label Studio's answers, the ones saved since the last pull go into the store as
+        they are (a changed answer, or the same one saved again: a confirmation), or the rewrite would hide them. Not
+        the answers an earlier, failed rename already rewrote (now `new`, saved by this token's user, recorded as
+        `old`): those are the rename's, not their annotators'. Run in its own transaction, committed before the
+        rewrite. How many answers were recorded; raises like rename_class, before anything is changed."""
+        client, own_user_id = self._renaming_client()
+        recorder = AnnotationRecorder(session=session, project=project, backend=self.name, round_id=None)
+        for ls_project_id in self._task_projects(session, project):
+            try:
+                rows = lsc.list_annotated_tasks(client, project_id=ls_project_id)
+            except ApiError as error:
+                if error.status_code == 404:  # deleted there: rename_class passes it over
+                    continue
+                raise lsc.LabelStudioError(f"could not list Label Studio's answers ({_describe(error)}); nothing was renamed") from error
+            except httpx.HTTPError as error:
+                raise lsc.LabelStudioError(f"could not list Label Studio's answers ({_describe(error)}); nothing was renamed") from error
+            for row in rows:
+                previous = recorder.latest.get(str(row["annotation_id"]))
+                rewritten_before = (own_user_id is not None and row.get("updated_by") == own_user_id and row["choices"] == [new]
+                                    and previous is not None and previous.label == old)
+                if not rewritten_before:
+                    recorder.record_annotation(row, ls_project_id=str(ls_project_id))
+        return recorder.report.new_label_events
+
+    def rename_class(self, *, session: Session, project: Project, old: str, new: str) -> ClassRenamed:
+        """A class renamed in loop.toml, in Label Studio: every answer, guess and reopened task's question in the Label
+        Studio projects holding this project's tasks names `new` instead of `old` (lsc.rename_choice). Writes nothing
+        to the store: record_class_rename does, once the store's own answers are renamed, so a failure here leaves the
+        store as it was (running it again finishes the rest). A project deleted in Label Studio is passed over.
 
         Raises a LabelStudioError: before anything is changed (not configured, unreachable, token refused), or when
-        Label Studio failed part-way (running it again finishes the rest)."""
+        Label Studio failed part-way."""
+        client, own_user_id = self._renaming_client()
+        renamed = ClassRenamed(own_user_id=own_user_id)
+        for ls_project_id in self._task_projects(session, project):
+            try:
+                done = lsc.rename_choice(client, project_id=ls_project_id, old=old, new=new, own_user_id=own_user_id)
+            except ApiError as error:
+                if error.status_code == 404:  # deleted there with its tasks: nothing left to rename
+                    renamed.projects_gone.append(ls_project_id)
+                    continue
+                raise self._rename_failed(error, old=old, new=new, ls_project_id=ls_project_id) from error
+            except httpx.HTTPError as error:
+                raise self._rename_failed(error, old=old, new=new, ls_project_id=ls_project_id) from error
+            renamed.saved.update(done.saved)
+            renamed.answers += done.answers
+            renamed.predictions += done.predictions
+            renamed.tasks += done.tasks
+        return renamed
+
+    def _renaming_client(self) -> tuple[Any, int | None]:
+        """The client and its token's user id, or a LabelStudioError saying nothing was renamed."""
         try:
             client = self.client()
+            return client, lsc.own_user_id(client)
         except lsc.LabelStudioError as error:  # not configured, unreachable, token refused
             raise type(error)(f"{error}; nothing was renamed") from error
-        ls_projects = session.scalars(
+        except (httpx.HTTPError, ApiError) as error:
+            raise lsc.LabelStudioError(f"Label Studio did not say who its token is ({_describe(error)}); nothing was renamed") from error
+
+    @staticmethod
+    def _rename_failed(error: BaseException, *, old: str, new: str, ls_project_id: int) -> lsc.LabelStudioError:
+        return lsc.LabelStudioError(f"Label Studio failed while renaming {old!r} to {new!r} in its project {ls_project_id} ({_describe(error)}); "
+                                    "nothing in the store was changed, and what Label Studio renamed already stays renamed: run the same "
+                                    "command again to finish")
+
+    def _task_projects(self, session: Session, project: Project) -> list[int]:
+        return sorted({int(p) for p in session.scalars(
             select(AnnotationTask.external_project_id).join(Image, Image.id == AnnotationTask.image_id)
-            .where(AnnotationTask.backend == self.name, Image.project_id == project.id).distinct()
-        ).all()
-        answers: dict[int, str | None] = {}
-        predictions = 0
-        for ls_project_id in sorted({int(p) for p in ls_projects}):
-            try:
-                renamed, guesses = lsc.rename_choice(client, project_id=ls_project_id, old=old, new=new)
-            except (httpx.HTTPError, ApiError) as error:
-                raise lsc.LabelStudioError(f"Label Studio failed while renaming {old!r} to {new!r} in its project {ls_project_id} "
-                                           f"({_describe(error)}); nothing in the store was changed, and what Label Studio renamed "
-                                           "already stays renamed: run the same command again to finish") from error
-            answers.update(renamed)
-            predictions += guesses
-        external_ids = [str(answer_id) for answer_id in answers]
+            .where(AnnotationTask.backend == self.name, Image.project_id == project.id, AnnotationTask.external_project_id.is_not(None)).distinct())})
+
+    def has_tasks(self, *, session: Session, project: Project) -> bool:
+        """Whether any image of the project has a task in Label Studio (else a class rename has nothing to do there)."""
+        return bool(self._task_projects(session, project))
+
+    def record_class_rename(self, *, session: Session, project: Project, renamed: ClassRenamed) -> None:
+        """After rename_class and the store's own rename: each answer Label Studio now holds as saved by us gets that save
+        time in the store's record of it, so the next pull takes it as known, not as its annotator saving the answer
+        again (a confirmation). Not when Label Studio held a save the store had not pulled before ours: the next pull
+        then still compares the answer with the record (a confirmation, or a changed answer, is kept)."""
+        external_ids = [str(answer_id) for answer_id in renamed.saved]
         latest: dict[str, LabelEvent] = {}
         for start in range(0, len(external_ids), 500):
             for event in session.scalars(select(LabelEvent).join(Image, Image.id == LabelEvent.image_id)
@@ -726,10 +792,11 @@ class LabelStudioBackend:
                                          .order_by(LabelEvent.id)):
                 latest[event.external_id] = event
         for external_id, event in latest.items():
-            saved_at = lsc.as_utc(answers[int(external_id)])
-            if saved_at is not None:
-                event.external_updated_at = saved_at
-        return {"answers": len(answers), "predictions": predictions}
+            before, after = (lsc.as_utc(value) for value in renamed.saved[int(external_id)])
+            recorded = lsc.as_utc(event.external_updated_at)
+            unpulled = before is not None and (recorded is None or before - recorded > timedelta(milliseconds=1))
+            if after is not None and not unpulled:
+                event.external_updated_at = after
 
     def show_classes(self, *, session: Session, project: Project) -> str | None:
         """The project's classes (project.classes) as the choices annotators see, in the Label Studio project its tasks
@@ -781,8 +848,10 @@ class AnnotationRecorder:
                 .order_by(LabelEvent.id)
             ):
                 self.latest[event.external_id] = event
-        self._rejected: set[tuple[str | None, str, str | None]] = {
-            (row.external_id, row.reason, (row.payload or {}).get("updated_at"))
+        # one rejection per saved version of an answer: the reason names the classes of the day, and a class renamed or
+        # added since must not reject the same version again
+        self._rejected: set[tuple[str, str | None]] = {
+            (row.external_id or row.reason, (row.payload or {}).get("updated_at"))
             for row in session.scalars(
                 select(RejectedAnnotation).where(RejectedAnnotation.project_id == project.id, RejectedAnnotation.backend == backend)
             )
@@ -811,7 +880,7 @@ class AnnotationRecorder:
 
     def _reject(self, annotation: Mapping[str, Any], reason: str) -> bool:
         external_id = str(annotation.get("annotation_id")) if annotation.get("annotation_id") is not None else None
-        key = (external_id, reason, annotation.get("updated_at"))
+        key = (external_id or reason, annotation.get("updated_at"))
         if key in self._rejected:
             return False
         self._rejected.add(key)
@@ -936,8 +1005,9 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
     """Record a Label Studio webhook (ANNOTATION_CREATED / ANNOTATION_UPDATED / ANNOTATIONS_DELETED) at once.
 
     Raises ValueError with the reason when the payload is not such an event, or comes from a Label Studio
-    project defect-loop never pushed to (nothing is stored then). An answer with an unknown class is kept as
-    a RejectedAnnotation (not an error). Label Studio sends each webhook once: `loop round` pulls anyway.
+    project defect-loop never pushed to (nothing is stored then). An answer naming a label that is not a class is
+    deferred to the next pull, which rejects it if it still is none (outcome "deferred"). Label Studio sends each
+    webhook once: `loop round` pulls anyway.
     """
     if not isinstance(payload, Mapping):
         raise ValueError("the payload must be a JSON object")
@@ -986,7 +1056,14 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
             "created_at": annotation.get("created_at"),
             "updated_at": annotation.get("updated_at"),
         }
-        result["outcomes"][str(annotation_id)] = recorder.record_annotation(row, ls_project_id=str(ls_project_id))
+        choices = set(row["choices"])
+        if not row["was_cancelled"] and len(choices) == 1 and not choices <= set(project.classes or []):
+            # a class the store does not have (yet): while `loop rename-class` rewrites Label Studio's answers, each arrives
+            # naming the new class before the store has it, and rejecting it would withdraw the answer. The next pull
+            # judges it against the classes then (and rejects it if it still is none).
+            result["outcomes"][str(annotation_id)] = "deferred"
+        else:
+            result["outcomes"][str(annotation_id)] = recorder.record_annotation(row, ls_project_id=str(ls_project_id))
     session.flush()
     result.update(
         recorded=recorder.report.new_label_events, skipped=recorder.report.skipped,

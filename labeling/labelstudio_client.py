@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
@@ -375,7 +377,7 @@ _ANSWERED = json.dumps(
 def list_annotated_tasks(client: LabelStudio, *, project_id: int) -> list[dict[str, Any]]:
     """One plain dict per annotation (submitted or skipped) of the project, oldest task first.
 
-    Keys: task_id, annotation_id, completed_by (user id), lead_time (s), choices (list of str from our Choices
+    Keys: task_id, annotation_id, completed_by and updated_by (user ids), lead_time (s), choices (list of str from our Choices
     control), result (raw), was_cancelled, created_at, updated_at (ISO strings), predicted (choices of the newest
     prediction made before the answer: what the annotator was shown), task_data. `only_annotated=True` is ignored by the server, hence the filter query.
     """
@@ -398,6 +400,7 @@ def list_annotated_tasks(client: LabelStudio, *, project_id: int) -> list[dict[s
                     "task_id": int(task.id),
                     "annotation_id": int(annotation["id"]),
                     "completed_by": completed_by,
+                    "updated_by": _user_id(annotation.get("updated_by")),  # who saved it last: the annotator, or a class rename
                     "lead_time": annotation.get("lead_time"),
                     "choices": result_choices(annotation.get("result")),
                     "result": annotation.get("result") or [],
@@ -467,28 +470,64 @@ def _answerers(task: Any) -> set[Any]:
             for a in map(_as_dict, task.annotations or []) if not a.get("was_cancelled")}
 
 
-def rename_choice(client: LabelStudio, *, project_id: int, old: str, new: str) -> tuple[dict[int, str | None], int]:
-    """Every answer and prediction of the project choosing `old` chooses `new` instead (other result items kept), so a
-    class renamed in loop.toml keeps its answers: Label Studio would hand them back under the old name at every pull.
-    Answers keep their annotator (completed_by is not
-    touched). ({answer id: its new updated_at}, predictions rewritten). Re-running after a failure finishes the rest:
-    what was rewritten no longer chooses `old`."""
-    answers: dict[int, str | None] = {}
-    predictions = 0
+# task data fields naming the label a reopened task asks about (labelstudio_backend._relabel_data); later rounds
+# rebuild the annotator's text from them
+LABEL_DATA_FIELDS = ("current_label", "relabel_of")
+RENAME_WORKERS = 4  # Label Studio takes ~0.3 s per change; it serves requests in threads
+
+
+@dataclass
+class ChoiceRenamed:
+    """What rename_choice did in one project. saved: answer id -> (its updated_at before, after), for every answer now
+    choosing `new` whose last save was this token's user (rewritten now, or by an earlier attempt: before is None)."""
+    saved: dict[int, tuple[str | None, str | None]] = field(default_factory=dict)
+    answers: int = 0  # rewritten now
+    predictions: int = 0
+    tasks: int = 0  # task data naming `old` as the label asked about
+
+
+def rename_choice(client: LabelStudio, *, project_id: int, old: str, new: str, own_user_id: int | None,
+                  workers: int = RENAME_WORKERS) -> ChoiceRenamed:
+    """Every answer and prediction of the project choosing `old` chooses `new` instead (other result items kept), and
+    a reopened task's data names `new` as the label it asks about, so a class renamed in loop.toml keeps its answers:
+    Label Studio would hand them back under the old name at every pull. Answers keep their annotator (completed_by;
+    Label Studio records this token's user as updated_by). Re-running after a failure finishes the rest: what was
+    rewritten no longer names `old`."""
+    done = ChoiceRenamed()
+    changes: list[Callable[[], None]] = []
     # listed in full first: rewriting while paging could shift what a later page holds
-    tasks = list(client.tasks.list(project=project_id, fields="all", page_size=200))
-    for task in tasks:
+    for task in list(client.tasks.list(project=project_id, fields="all", page_size=200)):
         for annotation in map(_as_dict, task.annotations or []):
+            answer_id = int(annotation["id"])
             result = _result_renamed(annotation.get("result"), old=old, new=new)
             if result is not None:
-                saved = client.annotations.update(id=int(annotation["id"]), result=result)
-                answers[int(annotation["id"])] = _iso(getattr(saved, "updated_at", None))
+                def rewrite(answer_id: int = answer_id, result: list = result, before: str | None = _iso(annotation.get("updated_at"))) -> None:
+                    saved = client.annotations.update(id=answer_id, result=result)
+                    done.saved[answer_id] = (before, _iso(getattr(saved, "updated_at", None)))
+                changes.append(rewrite)
+                done.answers += 1
+            elif new in result_choices(annotation.get("result")) and own_user_id is not None and _user_id(annotation.get("updated_by")) == own_user_id:
+                done.saved[answer_id] = (None, _iso(annotation.get("updated_at")))
         for prediction in map(_as_dict, task.predictions or []):
             result = _result_renamed(prediction.get("result"), old=old, new=new)
             if result is not None:
-                client.predictions.update(id=int(prediction["id"]), result=result)
-                predictions += 1
-    return answers, predictions
+                changes.append(lambda prediction_id=int(prediction["id"]), result=result: client.predictions.update(id=prediction_id, result=result))
+                done.predictions += 1
+        data = dict(task.data or {})
+        if any(data.get(key) == old for key in LABEL_DATA_FIELDS):
+            data.update({key: new for key in LABEL_DATA_FIELDS if data.get(key) == old})
+            changes.append(lambda task_id=str(task.id), data=data: client.tasks.update(id=task_id, data=data))
+            done.tasks += 1
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for finished in [pool.submit(change) for change in changes]:
+            finished.result()  # the first failure is raised once the others ended
+    return done
+
+
+def _user_id(value: Any) -> int | None:
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _result_renamed(result: Any, *, old: str, new: str) -> list[dict[str, Any]] | None:
@@ -514,6 +553,11 @@ def result_choices(result: Any) -> list[str]:
         if item.get("type") == "choices" and item.get("from_name", CHOICES_NAME) == CHOICES_NAME:
             choices.extend(str(c) for c in (item.get("value") or {}).get("choices") or [])
     return choices
+
+
+def own_user_id(client: LabelStudio) -> int | None:
+    """The Label Studio user of the client's token (Label Studio names it as updated_by of what it changes)."""
+    return _user_id(getattr(client.users.whoami(), "id", None))
 
 
 def user_emails(client: LabelStudio) -> dict[int, str]:

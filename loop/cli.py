@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError as DatabaseOperationalError
 from loop.config import INIT_CHECKPOINT, AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, save_config, validation_problems
 from loop.ingest import IngestError, ingest_source
 from loop.project import (ProjectBusy, add_project_row, check_store_is_free, open_project, open_project_store, project_lock,
-                          project_lock_held, remove_project_row, sync_project_classes)
+                          labels_left_out, project_lock_held, remove_project_row, sync_project_classes)
 from loop.errors import RoundFailed
 from loop.status import project_status
 from labeling import available_backends
@@ -352,16 +352,16 @@ def rename_class(
     merge: Annotated[bool, typer.Option("--merge", help="NEW already labels images: merge OLD into it (cannot be undone)")] = False,
 ) -> None:
     """Move the answers naming a class to its new name in loop.toml: the store's (rewritten in place: the label history
-    then says NEW) and, for a project annotated in Label Studio, the answers and guesses there too, whose choices then
-    follow loop.toml (Label Studio must be up: otherwise nothing is changed)."""
+    then says NEW) and, when images have tasks in Label Studio, the answers, guesses and questions there too, whose
+    choices then follow loop.toml (Label Studio must be up: otherwise nothing is changed)."""
     from sqlalchemy import func, select
 
     from labeling import create_backend
     from store.db import session_scope
-    from store.models import Image, LabelEvent
+    from store.models import AnnotationTask, Image, LabelEvent
     from store.queries import get_project, rename_label
 
-    in_label_studio: dict[str, int] | None = None
+    renamed: Any = None
     warning = None
     with clear_errors():
         ctx = open_project(project)
@@ -370,39 +370,55 @@ def rename_class(
         if old in ctx.config.classes:
             raise ConfigError(f"{old!r} is still one of loop.toml's classes: rename or remove it there first (a class that stays "
                               "is not renamed; to merge it into another, remove it from loop.toml and give --merge)")
-        with project_lock(ctx.root, action="loop rename-class", engine=ctx.engine), session_scope(ctx.engine) as session:
-            project_row = get_project(session)
+        with project_lock(ctx.root, action="loop rename-class", engine=ctx.engine):
+            with session_scope(ctx.engine) as session:  # what it would take, read only
+                project_row = get_project(session)
 
-            def answers_naming(label: str, *extra: Any) -> int:
-                return session.scalar(select(func.count()).select_from(LabelEvent).join(Image, Image.id == LabelEvent.image_id)
-                                      .where(Image.project_id == project_row.id, LabelEvent.label == label, *extra)) or 0
+                def answers_naming(label: str) -> int:
+                    return session.scalar(select(func.count()).select_from(LabelEvent).join(Image, Image.id == LabelEvent.image_id)
+                                          .where(Image.project_id == project_row.id, LabelEvent.label == label)) or 0
 
-            if answers_naming(new) and not merge:
-                raise ConfigError(f"{new!r} already labels images: renaming {old!r} to it merges the two classes for good; give --merge to do so")
-            from_label_studio = answers_naming(old, LabelEvent.source == "annotator", LabelEvent.external_id.is_not(None))
-            n_events, n_images = rename_label(session, project_row.id, old, new)
-            in_label_studio_too = bool(from_label_studio) or ctx.config.annotator.backend == "labelstudio"
-            if n_events == 0 and not in_label_studio_too:
-                raise ConfigError(f"no stored answer says {old!r}: nothing to rename")
-            sync_project_classes(session, project_row, ctx.config)  # ConfigError (all undone) if another class is still left out
-            if in_label_studio_too:
-                # Label Studio last, once the store's side is known to work: it keeps its answers under the old name and
-                # the next pull would read them again. It failing part-way undoes the store's side (this transaction);
-                # what it renamed stays renamed, and running the command again finishes the rest.
+                if answers_naming(new) and not merge:
+                    raise ConfigError(f"{new!r} already labels images: renaming {old!r} to it merges the two classes for good; give --merge to do so")
+                still_left_out = sorted(labels_left_out(session, project_row, ctx.config.classes) - {old})
+                if still_left_out:  # checked before Label Studio is touched: the store's side must then go through
+                    raise ConfigError(f"stored answers also name {', '.join(map(repr, still_left_out))}, which loop.toml leaves out: put "
+                                      "them back in loop.toml or rename them first. Nothing was changed")
+                in_label_studio = bool(session.scalar(select(func.count()).select_from(AnnotationTask).join(Image, Image.id == AnnotationTask.image_id)
+                                                      .where(AnnotationTask.backend == "labelstudio", Image.project_id == project_row.id)))
+                if not in_label_studio and not answers_naming(old):
+                    raise ConfigError(f"no stored answer says {old!r}: nothing to rename")
+            if in_label_studio:
+                # Label Studio first, writing nothing to the store: it keeps its answers under the old name and the next
+                # pull would read them again. A failure part-way leaves the store as it was; running the command again
+                # finishes the rest. (A webhook it sends meanwhile names a class the store does not have yet: deferred.)
                 from labeling.labelstudio_client import LabelStudioError
 
                 backend = create_backend("labelstudio", config=ctx.config, project_dir=ctx.root)
                 try:
-                    in_label_studio = backend.rename_class(session=session, project=project_row, old=old, new=new)
+                    with session_scope(ctx.engine) as session:  # committed first: the rewrite would hide them
+                        backend.record_answers_before_rename(session=session, project=get_project(session), old=old, new=new)
+                    with session_scope(ctx.engine) as session:
+                        renamed = backend.rename_class(session=session, project=get_project(session), old=old, new=new)
                 except LabelStudioError as error:
                     raise ConfigError(str(error)) from error
-                if n_events == 0 and not any(in_label_studio.values()):
-                    raise ConfigError(f"no answer says {old!r}, in the store or in Label Studio: nothing to rename")
-                warning = backend.show_classes(session=session, project=project_row)
+            with session_scope(ctx.engine) as session:  # the store, in one short transaction
+                project_row = get_project(session)
+                n_events, n_images = rename_label(session, project_row.id, old, new)
+                if renamed is not None:
+                    backend.record_class_rename(session=session, project=project_row, renamed=renamed)
+                if n_events == 0 and not (renamed is not None and (renamed.answers or renamed.predictions or renamed.tasks)):
+                    raise ConfigError(f"no answer says {old!r}, in the store{' or in Label Studio' if renamed is not None else ''}: nothing to rename")
+                sync_project_classes(session, project_row, ctx.config)
+            if renamed is not None:
+                with session_scope(ctx.engine) as session:
+                    warning = backend.show_classes(session=session, project=get_project(session))
     console.print(f"[green]renamed[/] {old!r} to {new!r}: {n_events} stored answers of {n_images} images"
-                  + (f"; in Label Studio {in_label_studio['answers']} answers and {in_label_studio['predictions']} guesses"
-                     if in_label_studio is not None else "")
+                  + (f"; in Label Studio {renamed.answers} answers, {renamed.predictions} guesses and {renamed.tasks} questions of "
+                     "reopened tasks" if renamed is not None else "")
                   + ("; the oracle's manifest still names the old class: fix it too" if ctx.config.annotator.backend == "oracle" else ""))
+    if renamed is not None and renamed.projects_gone:
+        console.print(f"Label Studio projects {', '.join(map(str, renamed.projects_gone))} are gone (deleted there): nothing to rename in them")
     if warning:
         error_console.print(f"[yellow]warning:[/] {escape(warning)}")
 

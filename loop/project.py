@@ -207,6 +207,23 @@ def _folder_lock(root: Path, *, action: str) -> Iterator[None]:
         yield
 
 
+def labels_left_out(session: "Session", project: "Project", classes: list[str]) -> set[str]:
+    """The labels stored answers give that are not among `classes` (what sync_project_classes would refuse)."""
+    return {label for label, *_ in _answers_outside(session, project, classes)}
+
+
+def _answers_outside(session: "Session", project: "Project", classes: list[str]) -> list:
+    """(label, image id, split, status) of every answer naming a label outside `classes`; images replaced by a new
+    file do not count (they never come back)."""
+    from store.models import Image, LabelEvent
+
+    return session.execute(
+        select(LabelEvent.label, LabelEvent.image_id, Image.split, Image.status).join(Image, Image.id == LabelEvent.image_id)
+        .where(Image.project_id == project.id, Image.status != "replaced", LabelEvent.action == "set", LabelEvent.label.is_not(None),
+               LabelEvent.label.not_in(classes))
+    ).all()
+
+
 def sync_project_classes(session: "Session", project: "Project", config: ProjectConfig) -> dict | None:
     """loop.toml's classes and negative class into the store's project row, which the API, `loop status` and Label
     Studio's choices read, once no stored answer names a class outside them: a class renamed or removed in loop.toml
@@ -215,14 +232,9 @@ def sync_project_classes(session: "Session", project: "Project", config: Project
     do not (they never come back). ConfigError then, nothing changed. {"before", "after"} when the row changed."""
     from collections import Counter
 
-    from store.models import Image, LabelEvent
     from store.queries import current_labels
 
-    named = session.execute(
-        select(LabelEvent.label, LabelEvent.image_id, Image.split, Image.status).join(Image, Image.id == LabelEvent.image_id)
-        .where(Image.project_id == project.id, Image.status != "replaced", LabelEvent.action == "set", LabelEvent.label.is_not(None),
-               LabelEvent.label.not_in(config.classes))
-    ).all()
+    named = _answers_outside(session, project, config.classes)
     if named:
         current = current_labels(session, project.id)
         images: dict[str, dict[int, tuple[str, str]]] = {}

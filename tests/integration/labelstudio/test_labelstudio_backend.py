@@ -581,16 +581,18 @@ def test_webhook_payloads_from_label_studio_are_recorded_at_once_and_pull_adds_n
     for payload in payloads:
         with store.session() as session:
             results.append(record_webhook_event(session=session, project=session.get(Project, store.project_id), payload=payload))
-    assert [(r["recorded"], r["rejected"], r["deleted"]) for r in results] == [(1, 0, 0), (1, 0, 0), (0, 1, 0), (1, 0, 0), (0, 0, 1)]
+    # 'dent' is no class: left to the next pull (a class being renamed names its new name before the store has it)
+    assert [(r["recorded"], r["rejected"], r["deleted"]) for r in results] == [(1, 0, 0), (1, 0, 0), (0, 0, 0), (1, 0, 0), (0, 0, 1)]
+    assert list(results[2]["outcomes"].values()) == ["deferred"]
     current = labels(store)
     assert current[store.image_ids[6]].label == "good" and store.image_ids[4] not in {i for i, l in current.items() if l.label}
     # The same payload again (Label Studio does not retry, but a proxy might) changes nothing.
     with store.session() as session:
         repeat = record_webhook_event(session=session, project=session.get(Project, store.project_id), payload=payloads[3])
     assert (repeat["recorded"], repeat["outcomes"]) == (0, {str(payloads[3]["annotation"]["id"]): "unchanged"})
-    # The round's pull finds everything recorded already.
+    # The round's pull finds everything recorded already, and rejects 'dent'.
     report = pull(backend, store)
-    assert (report.new_label_events, report.deleted, report.rejected, report.skipped) == (0, 0, 0, 0)
+    assert (report.new_label_events, report.deleted, report.rejected, report.skipped) == (0, 0, 1, 0)
 
     with store.session() as session:
         project = session.get(Project, store.project_id)
@@ -656,11 +658,30 @@ def test_a_waiting_task_shows_its_image_from_where_the_file_moved(labelstudio, s
     assert shown.status_code == 200 and shown.content == moved.read_bytes()
 
 
-def test_a_class_renamed_in_loop_toml_is_renamed_in_label_studio_and_the_next_pull_finds_nothing_new(labelstudio, store, backend) -> None:
-    # Label Studio kept the answers under the old name: the next pull read them again as a class the project no longer
-    # has, and it refused a label config without that name while answers used it
+
+def rename_class(backend, store, old: str, new: str, classes: list[str]):  # noqa: ANN001, ANN201
+    """What `loop rename-class` does once its checks passed: the answers Label Studio got since the last pull into the
+    store; Label Studio's rewrite, writing nothing to the store; then the store's answers, the record of the answers
+    Label Studio rewrote, the classes; then Label Studio's choices."""
     from store.queries import rename_label
 
+    with store.session() as session:
+        backend.record_answers_before_rename(session=session, project=session.get(Project, store.project_id), old=old, new=new)
+    with store.session() as session:
+        renamed = backend.rename_class(session=session, project=session.get(Project, store.project_id), old=old, new=new)
+    with store.session() as session:
+        project = session.get(Project, store.project_id)
+        rename_label(session, project.id, old, new)
+        backend.record_class_rename(session=session, project=project, renamed=renamed)
+        project.classes = classes
+    with store.session() as session:
+        assert backend.show_classes(session=session, project=session.get(Project, store.project_id)) is None
+    return renamed
+
+
+def test_a_class_renamed_in_loop_toml_is_renamed_in_label_studio_and_the_next_pull_finds_nothing_new(labelstudio, store, backend) -> None:
+    # Label Studio kept the answers under the old name: the next pull read them again as a class the project no longer
+    # has (and `loop rename-class` refused such a class)
     push(backend, store, [store.task(k, predicted="scratch", score=0.6) for k in (4, 5, 6)])
     tasks = task_ids_by_image(store)
     a, b = labelstudio.as_annotator(ANNOTATOR_A), labelstudio.as_annotator(ANNOTATOR_B)
@@ -669,30 +690,122 @@ def test_a_class_renamed_in_loop_toml_is_renamed_in_label_studio_and_the_next_pu
     kept_answer = annotate(a, tasks[store.image_ids[5]], "spot")
     assert pull(backend, store).new_label_events == 3
     unpulled = annotate(b, tasks[store.image_ids[6]], "scratch")  # given after the last pull: renamed there too
+    # round 2 questions image 5's label in its task: the question names the class asked about
+    push(backend, store, [store.task(5, reason="suspected_label_error", predicted="scratch", score=0.8, current_label="spot", round_number=2)],
+         round_number=2)
     admin = labelstudio.admin()
     users = {u.email: u.id for u in admin.users.list()}
 
-    with store.session() as session:
-        project = session.get(Project, store.project_id)
-        renamed = backend.rename_class(session=session, project=project, old="scratch", new="scratch_line")
-        rename_label(session, project.id, "scratch", "scratch_line")
-        project.classes = ["good", "scratch_line", "spot"]
-        assert backend.show_classes(session=session, project=project) is None
-    assert renamed == {"answers": 3, "predictions": 3}
+    renamed = rename_class(backend, store, "scratch", "scratch_line", ["good", "scratch_line", "spot"])
+    assert (renamed.answers, renamed.predictions, renamed.tasks, renamed.projects_gone) == (3, 4, 0, [])
     answers = {x["annotation_id"]: x for x in lsc.list_annotated_tasks(admin, project_id=ls_project_id(store))}
     assert {answers[renamed_answer]["choices"][0], answers[unpulled]["choices"][0], answers[kept_answer]["choices"][0]} == {"scratch_line", "spot"}
     assert answers[renamed_answer]["completed_by"] == users[ANNOTATOR_A] and answers[unpulled]["completed_by"] == users[ANNOTATOR_B]
-    assert all(x["predicted"] == ["scratch_line"] for x in answers.values())  # the guess annotators were shown, renamed
+    assert all("scratch" not in x["predicted"] for x in answers.values())  # the guesses annotators were shown, renamed
     config = admin.projects.get(id=ls_project_id(store)).label_config
     assert 'value="scratch_line"' in config and 'value="scratch"' not in config
 
-    # the next pull: the renamed answers are known (not saved again by their annotators), the unpulled one arrives renamed
+    # the next pull: the renamed answers are known (not saved again by their annotators); the one not pulled before was
+    # taken in before the rewrite, then renamed with the rest
     report = pull(backend, store)
-    assert (report.new_label_events, report.rejected, report.details["labelstudio"].get("confirmed", 0)) == (1, 0, 0)
+    assert (report.new_label_events, report.rejected, report.details["labelstudio"].get("confirmed", 0)) == (0, 0, 0)
     current = labels(store)
     assert [current[store.image_ids[k]].label for k in (4, 5, 6)] == ["scratch_line", "spot", "scratch_line"]
     assert pull(backend, store).new_label_events == 0
-    with store.session() as session:  # running it again finds nothing left to rename
-        assert backend.rename_class(session=session, project=session.get(Project, store.project_id), old="scratch", new="scratch_line") == {
-            "answers": 0, "predictions": 0}
 
+    # the question of a reopened task names the class it asks about: renamed with it
+    renamed = rename_class(backend, store, "spot", "spot_stain", ["good", "scratch_line", "spot_stain"])
+    assert (renamed.answers, renamed.tasks) == (1, 1)
+    data = admin.tasks.get(id=str(tasks[store.image_ids[5]])).data
+    assert (data["current_label"], data["relabel_of"]) == ("spot_stain", "spot_stain")
+    assert pull(backend, store).new_label_events == 0
+    again = rename_class(backend, store, "spot", "spot_stain", ["good", "scratch_line", "spot_stain"])  # nothing left to rename
+    assert (again.answers, again.predictions, again.tasks) == (0, 0, 0)
+
+
+def test_a_class_rename_keeps_a_confirmation_not_pulled_yet_and_finishes_after_a_failure_without_inventing_one(
+        labelstudio, store, backend, monkeypatch) -> None:  # noqa: ANN001
+    push(backend, store, [store.task(k, predicted="scratch") for k in (4, 5, 6)])
+    tasks = task_ids_by_image(store)
+    a = labelstudio.as_annotator(ANNOTATOR_A)
+    answers = {k: annotate(a, tasks[store.image_ids[k]], "scratch") for k in (4, 5, 6)}
+    assert pull(backend, store).new_label_events == 3
+    time.sleep(0.01)
+    a.annotations.update(id=answers[4], result=lsc.choice_result("scratch"))  # saved again, not pulled yet: a confirmation
+
+    # Label Studio fails on image 6's answer: the store is left as it was
+    from label_studio_sdk.annotations.client import AnnotationsClient
+
+    real_update = AnnotationsClient.update
+
+    def failing(self, id, **kwargs):  # noqa: A002, ANN001, ANN003, ANN202
+        if id == answers[6]:
+            raise httpx.ConnectError("connection refused")
+        return real_update(self, id, **kwargs)
+
+    monkeypatch.setattr(AnnotationsClient, "update", failing)
+    with pytest.raises(lsc.LabelStudioError, match="run the same command again"):
+        rename_class(backend, store, "scratch", "scratch_line", ["good", "scratch_line", "spot"])
+    assert {labels(store)[store.image_ids[k]].label for k in (4, 5, 6)} == {"scratch"}  # the store's answers as they were
+    with store.session() as session:  # the confirmation was taken in before the rewrite could hide it
+        confirmed = session.scalars(select(LabelEvent).where(LabelEvent.external_id == str(answers[4])).order_by(LabelEvent.id)).all()
+    assert [e.label for e in confirmed] == ["scratch", "scratch"]
+    monkeypatch.setattr(AnnotationsClient, "update", real_update)
+
+    # run again: it finishes; the answers rewritten the first time are not taken for their annotators' saves
+    renamed = rename_class(backend, store, "scratch", "scratch_line", ["good", "scratch_line", "spot"])
+    assert renamed.answers == 1 and set(renamed.saved) == set(answers.values())
+    report = pull(backend, store)
+    assert (report.new_label_events, report.details["labelstudio"].get("confirmed", 0), report.rejected) == (0, 0, 0)
+    with store.session() as session:
+        confirmed = session.scalars(select(LabelEvent).where(LabelEvent.external_id == str(answers[4])).order_by(LabelEvent.id)).all()
+    assert [e.label for e in confirmed] == ["scratch_line", "scratch_line"]
+    assert {labels(store)[store.image_ids[k]].label for k in (4, 5, 6)} == {"scratch_line"}
+
+
+def test_webhooks_sent_while_a_class_is_renamed_withdraw_nothing_and_a_deleted_project_is_passed_over(labelstudio, store, backend,
+                                                                                                      make_store, tmp_path) -> None:  # noqa: ANN001
+    # each rewrite makes Label Studio send ANNOTATION_UPDATED naming the new class before the store has it: recorded as
+    # an answer outside the classes, it was rejected and withdrew the answer, leaving the image unlabeled
+    push(backend, store, [store.task(k, predicted="scratch") for k in (4, 5)])
+    tasks = task_ids_by_image(store)
+    a = labelstudio.as_annotator(ANNOTATOR_A)
+    for k in (4, 5):
+        annotate(a, tasks[store.image_ids[k]], "scratch")
+    assert pull(backend, store).new_label_events == 2
+    receiver = HTTPServer(("127.0.0.1", 0), _Receiver)
+    _Receiver.received = []
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        lsc.create_webhook(labelstudio.admin(), project_id=ls_project_id(store), url=f"http://127.0.0.1:{receiver.server_port}/hook",
+                           secret_header="X-Loop-Webhook-Secret", secret="s")
+        with store.session() as session:
+            renamed = backend.rename_class(session=session, project=session.get(Project, store.project_id), old="scratch", new="scratch_line")
+        deadline = time.monotonic() + 10
+        while len(_Receiver.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        receiver.shutdown()
+    updates = [payload for _headers, payload in _Receiver.received if payload["action"] == "ANNOTATION_UPDATED"]
+    assert len(updates) == 2
+    for payload in updates:  # as the API records them, before the store's side of the rename
+        with store.session() as session:
+            outcome = record_webhook_event(session=session, project=session.get(Project, store.project_id), payload=payload)
+        assert (outcome["recorded"], outcome["rejected"], list(outcome["outcomes"].values())) == (0, 0, ["deferred"])
+    assert {labels(store)[store.image_ids[k]].label for k in (4, 5)} == {"scratch"}
+    with store.session() as session:
+        project = session.get(Project, store.project_id)
+        from store.queries import rename_label
+
+        rename_label(session, project.id, "scratch", "scratch_line")
+        backend.record_class_rename(session=session, project=project, renamed=renamed)
+        project.classes = ["good", "scratch_line", "spot"]
+    report = pull(backend, store)
+    assert (report.new_label_events, report.rejected, report.deleted) == (0, 0, 0)
+    assert {labels(store)[store.image_ids[k]].label for k in (4, 5)} == {"scratch_line"}
+
+    # the Label Studio project deleted there (with its tasks): nothing to rename in it, and no failure that running
+    # the command again could never get past
+    labelstudio.admin().projects.delete(id=ls_project_id(store))
+    gone = rename_class(backend, store, "spot", "spot_stain", ["good", "scratch_line", "spot_stain"])
+    assert (gone.answers, gone.projects_gone) == (0, [ls_project_id(store)])

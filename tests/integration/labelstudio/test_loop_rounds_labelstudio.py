@@ -147,3 +147,11 @@ def test_two_loop_rounds_through_label_studio(tmp_path: Path, class_folders: Pat
     assert 'value="patch"' not in admin.projects.get(id=ls_project).label_config
     status = json.loads(invoke("status", "--project", str(project), "--json").output)
     assert "patch" not in status["labels"]["by_class"] and status["labels"]["by_class"]["patches"] >= len(answered_patch)
+    # the next pull finds nothing new: no renamed answer taken for a confirmation, 'dent' not rejected again
+    from labeling import create_backend
+    from store.queries import get_project
+
+    with session_scope(ctx.engine) as session:
+        after = create_backend("labelstudio", config=load_config(project), project_dir=project).pull(
+            session=session, project=get_project(session), round_id=None)
+    assert (after.new_label_events, after.rejected, after.details["labelstudio"].get("confirmed", 0)) == (0, 0, 0)
