@@ -221,12 +221,18 @@ def round_command(
 
     with clear_errors():
         ctx = open_project(project)
+        last_round_before = _latest_round(ctx)
         try:
             with project_lock(ctx.root, action="loop round", engine=ctx.engine):
                 outcome = run_round(ctx, RoundOptions(train_strategy=train, annotator=annotator, show_progress=not quiet), console=console)
         except KeyboardInterrupt:
-            recorded = "the round is recorded as failed (loop status shows the step it stopped in)" if _latest_round_interrupted(ctx) \
-                else "before the round started: nothing was recorded"
+            latest = _latest_round(ctx)
+            if latest is None or latest == last_round_before:
+                recorded = "before the round started: nothing was recorded"
+            elif latest[2] == "failed":
+                recorded = f"round {latest[1]} is recorded as failed (`loop status --json` gives the step it stopped in)"
+            else:  # a second Ctrl-C cut short the recording of the first
+                recorded = f"round {latest[1]} is left as running; the next `loop round` records it as interrupted"
             error_console.print(f"[bold red]interrupted:[/] {recorded}; the labels and earlier rounds are kept. `loop round` starts a new one.")
             raise typer.Exit(EXIT_INTERRUPTED) from None
     print_round(outcome)
@@ -236,16 +242,16 @@ def round_command(
         raise typer.Exit(EXIT_GATES_FAILED)
 
 
-def _latest_round_interrupted(ctx) -> bool:  # noqa: ANN001
-    """Whether a Ctrl-C reached run_round (it records the round as failed, "interrupted ...") or came before it."""
+def _latest_round(ctx) -> tuple[int, int, str] | None:  # noqa: ANN001
+    """(id, number, status) of the project's newest round: what a Ctrl-C left behind, compared with before the round."""
     from sqlalchemy import select
 
     from store import session_scope
     from store.models import Round
 
     with session_scope(ctx.engine) as session:
-        error = session.scalars(select(Round.error).order_by(Round.id.desc()).limit(1)).first()
-    return bool(error and error.startswith("interrupted (Ctrl-C)"))
+        row = session.execute(select(Round.id, Round.number, Round.status).order_by(Round.id.desc()).limit(1)).first()
+    return tuple(row) if row is not None else None
 
 
 def print_round(outcome) -> None:  # noqa: ANN001

@@ -300,14 +300,16 @@ def patch_features_key(backbone, preprocessing, *, stages: tuple[int, ...] = PAT
 
 
 def compute_patch_features(*, backbone, preprocessing, paths: list[str], onnx_dir, threads: int = 2, show_progress: bool = True,  # noqa: ANN001
-                           stages: tuple[int, ...] = PATCH_STAGES) -> np.ndarray:
-    """(n, P, d) float16 patch features through ONNX Runtime (float16 halves the cache; distances barely move)."""
+                           stages: tuple[int, ...] = PATCH_STAGES, keep=None) -> np.ndarray:  # noqa: ANN001
+    """(n, P, d) float16 patch features through ONNX Runtime (float16 halves the cache; distances barely move).
+    keep(start, rows): the rows as they are done (EmbeddingExtractor.embed), in float16 too."""
     from modeling.embeddings import EmbeddingExtractor
 
     network = PatchFeatureNetwork(backbone.model, image_size=preprocessing.image_size, stages=stages)
     extractor = EmbeddingExtractor(backbone, preprocessing, onnx_dir=onnx_dir, threads=threads, network=network,
                                    model_key=patch_features_key(backbone, preprocessing, stages=stages))
-    features = extractor.embed(list(paths), description=f"patch features of {len(paths)} images", show_progress=show_progress)
+    features = extractor.embed(list(paths), description=f"patch features of {len(paths)} images", show_progress=show_progress,
+                               keep=None if keep is None else (lambda start, rows: keep(start, rows.astype(np.float16))))
     return features.astype(np.float16)
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -82,6 +83,9 @@ def embedding_model_key(backbone: Backbone, preprocessing: Preprocessing) -> str
     return f"{backbone.cache_key}-{preprocessing.key}"
 
 
+KEEP_EVERY_IMAGES = 2048  # images embedded between two hand-overs to the cache (~25 s of work at 12 ms an image)
+
+
 class EmbeddingExtractor:
     def __init__(self, backbone: Backbone, preprocessing: Preprocessing, *, onnx_dir: Path, threads: int = 2, batch_size: int = 32,
                  network: nn.Module | None = None, model_key: str | None = None):
@@ -90,25 +94,51 @@ class EmbeddingExtractor:
         self.batch_size = batch_size
         self.model_key = model_key or embedding_model_key(backbone, preprocessing)
         onnx_path = onnx_dir / f"embed-{self.model_key}.onnx"
-        if not onnx_path.exists():
-            network = network if network is not None else EmbeddingNetwork(backbone.model, pooling=backbone.pooling)
-            export_onnx(network, onnx_path, image_size=preprocessing.image_size, output_name="embeddings")
+        if onnx_path.exists():
+            try:
+                self.session = open_session(onnx_path, threads=threads)
+                return
+            except Exception:  # noqa: BLE001 - a damaged cache file (ONNX Runtime's errors have no common type): made again
+                onnx_path.unlink(missing_ok=True)
+        network = network if network is not None else EmbeddingNetwork(backbone.model, pooling=backbone.pooling)
+        export_onnx(network, onnx_path, image_size=preprocessing.image_size, output_name="embeddings")
         self.session = open_session(onnx_path, threads=threads)
 
     def _load_batch(self, paths: Sequence[str]) -> np.ndarray:
         return np.stack([load_image_array(path, self.preprocessing) for path in paths])
 
-    def embed(self, paths: Sequence[str], *, description: str = "embedding images", show_progress: bool = True) -> np.ndarray:
+    def embed(self, paths: Sequence[str], *, description: str = "embedding images", show_progress: bool = True,
+              keep: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+        """(n, d) float32 for the paths. keep(start, rows): called with the rows of paths[start:start + len(rows)] as
+        they are done, a few thousand images at a time and at the end, so a cache keeps them: a Ctrl-C after hours of
+        embedding lost all of it."""
         batches = [list(paths[i : i + self.batch_size]) for i in range(0, len(paths), self.batch_size)]
         outputs: list[np.ndarray] = []
+        # at most ~16 pieces per call: each is a cache shard, and many would make the cache merge them mid-run
+        keep_every = max(KEEP_EVERY_IMAGES, math.ceil(len(paths) / 16))
+        kept = 0  # outputs handed to keep so far
+        kept_rows = 0
+
+        def hand_over() -> None:
+            nonlocal kept, kept_rows
+            if keep is not None and len(outputs) > kept:
+                rows = np.concatenate(outputs[kept:]).astype(np.float32)
+                keep(kept_rows, rows)
+                kept, kept_rows = len(outputs), kept_rows + len(rows)
+
         # Decode the next batch while ONNX Runtime runs this one.
-        with ThreadPoolExecutor(max_workers=1) as pool, progress_bar(description, total=len(paths), enabled=show_progress) as advance:
-            pending = pool.submit(self._load_batch, batches[0]) if batches else None
-            for number, batch in enumerate(batches):
-                images = pending.result()  # type: ignore[union-attr]
-                pending = pool.submit(self._load_batch, batches[number + 1]) if number + 1 < len(batches) else None
-                outputs.append(self.session.run(None, {"images": images})[0])
-                advance(len(batch))
+        try:
+            with ThreadPoolExecutor(max_workers=1) as pool, progress_bar(description, total=len(paths), enabled=show_progress) as advance:
+                pending = pool.submit(self._load_batch, batches[0]) if batches else None
+                for number, batch in enumerate(batches):
+                    images = pending.result()  # type: ignore[union-attr]
+                    pending = pool.submit(self._load_batch, batches[number + 1]) if number + 1 < len(batches) else None
+                    outputs.append(self.session.run(None, {"images": images})[0])
+                    advance(len(batch))
+                    if sum(len(o) for o in outputs[kept:]) >= keep_every:
+                        hand_over()
+        finally:  # interrupted or failed: what is done is still right, and kept
+            hand_over()
         if not outputs:
             return np.zeros((0, 0), dtype=np.float32)
         return np.concatenate(outputs).astype(np.float32)

@@ -1,6 +1,7 @@
 """Export torch modules to ONNX and open ONNX Runtime sessions the way the model is deployed (CPU, N threads)."""
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -15,14 +16,23 @@ def export_onnx(module: nn.Module, path: Path, *, image_size: int, output_name: 
     module = module.eval()
     example = torch.zeros(2, 3, image_size, image_size)
     tmp_path = path.with_suffix(".tmp.onnx")
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore")
-        # The TorchScript exporter: one self-contained file, about 1 s for efficientnet_lite0.
-        torch.onnx.export(
-            module, (example,), str(tmp_path), input_names=["images"], output_names=[output_name],
-            dynamic_axes={"images": {0: "batch"}, output_name: {0: "batch"}}, opset_version=17, dynamo=False,
-        )
-    tmp_path.replace(path)  # atomic: a reader never sees half a model
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            # The TorchScript exporter: one self-contained file, about 1 s for efficientnet_lite0.
+            torch.onnx.export(
+                module, (example,), str(tmp_path), input_names=["images"], output_names=[output_name],
+                dynamic_axes={"images": {0: "batch"}, output_name: {0: "batch"}}, opset_version=17, dynamo=False,
+            )
+        descriptor = os.open(tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)  # on disk before it is named: a power cut must not leave a half model under the real name
+        finally:
+            os.close(descriptor)
+        tmp_path.replace(path)  # atomic: a reader never sees half a model
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)  # a full disk left half a file behind
+        raise
     return path
 
 

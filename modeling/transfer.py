@@ -7,6 +7,9 @@ The checkpoint is a torch file whose "state_dict" entry is exactly what `create_
 """
 from __future__ import annotations
 
+import io
+import os
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,8 +70,19 @@ def save_model_checkpoint(classifier: Any, path: str | Path, *, image_size: int 
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(path)  # atomic: a reader never sees half a checkpoint
+    # serialised in memory, then written with Python's own I/O: torch.save straight to a full disk raised a RuntimeError
+    # ("unexpected pos ...") that named neither the disk nor the file
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(buffer.getbuffer())
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)  # atomic: a reader never sees half a checkpoint
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OSError(error.errno, f"{error.strerror or error} while writing the model checkpoint {path}") from error
     return path
 
 

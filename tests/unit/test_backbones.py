@@ -96,6 +96,56 @@ def test_embeddings_through_onnx_match_torch(tmp_path: Path, backbone) -> None:
     np.testing.assert_allclose(np.linalg.norm(onnx_vectors, axis=1), 1.0, atol=1e-5)
 
 
+def test_a_damaged_cached_onnx_file_is_made_again(tmp_path: Path, backbone) -> None:
+    # a truncated embed-*.onnx (a crash or a full disk while it was written) made every later round with new images fail
+    # with ONNX Runtime's "Protobuf parsing failed", until someone deleted the file by hand
+    from loop.synthetic_images import synthetic_image
+    from modeling.embeddings import EmbeddingExtractor
+
+    preprocessing = Preprocessing(64, backbone.mean, backbone.std)
+    path = tmp_path / "part.png"
+    synthetic_image("spot", rng=np.random.default_rng(0), size=64).save(path)
+    expected = EmbeddingExtractor(backbone, preprocessing, onnx_dir=tmp_path).embed([str(path)], show_progress=False)
+    (cached,) = tmp_path.glob("embed-*.onnx")
+    cached.write_bytes(cached.read_bytes()[: cached.stat().st_size // 2])
+    again = EmbeddingExtractor(backbone, preprocessing, onnx_dir=tmp_path).embed([str(path)], show_progress=False)
+    np.testing.assert_allclose(again, expected, atol=1e-6)
+    assert cached.stat().st_size > 1_000_000 and not list(tmp_path.glob("*.tmp.onnx"))
+
+
+def test_embedding_hands_its_rows_over_as_it_goes_and_keeps_them_when_interrupted(tmp_path: Path, backbone, monkeypatch) -> None:
+    # a Ctrl-C at 2336 of 3000 images lost every embedding computed: the cache got them all at the end, or none
+    from loop.synthetic_images import synthetic_image
+    from modeling import embeddings
+    from modeling.embeddings import EmbeddingExtractor
+
+    monkeypatch.setattr(embeddings, "KEEP_EVERY_IMAGES", 2)
+    preprocessing = Preprocessing(64, backbone.mean, backbone.std)
+    paths = []
+    for i in range(5):
+        synthetic_image("spot", rng=np.random.default_rng(i), size=64).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    extractor = EmbeddingExtractor(backbone, preprocessing, onnx_dir=tmp_path, batch_size=1)
+    kept: list[tuple[int, np.ndarray]] = []
+    vectors = extractor.embed(paths, show_progress=False, keep=lambda start, rows: kept.append((start, rows)))
+    assert [(start, len(rows)) for start, rows in kept] == [(0, 2), (2, 2), (4, 1)]
+    np.testing.assert_array_equal(np.concatenate([rows for _, rows in kept]), vectors)
+
+    load = extractor._load_batch
+
+    def interrupted_at_the_fourth(batch):  # noqa: ANN001, ANN202
+        if batch == [paths[3]]:
+            raise KeyboardInterrupt
+        return load(batch)
+
+    monkeypatch.setattr(extractor, "_load_batch", interrupted_at_the_fourth)
+    kept.clear()
+    with pytest.raises(KeyboardInterrupt):
+        extractor.embed(paths, show_progress=False, keep=lambda start, rows: kept.append((start, rows)))
+    assert [(start, len(rows)) for start, rows in kept] == [(0, 2), (2, 1)]  # the three done before it
+    np.testing.assert_array_equal(np.concatenate([rows for _, rows in kept]), vectors[:3])
+
+
 def test_multilayer_embeddings_through_onnx_match_torch(tmp_path: Path, backbone) -> None:
     from dataclasses import replace
 

@@ -119,3 +119,22 @@ def test_a_finetuned_classifier_round_trips_too(tmp_path, pooling):
     again = train_finetuned(dataclasses.replace(data, options=transferred),
                             FinetuneConfig(epochs=0, threads=1, trainable_stages=1), strategy="finetune")
     assert again.config["head_transferred"]
+
+
+def test_a_full_disk_while_saving_names_the_checkpoint_and_leaves_neither_half_file(classifier, tmp_path, monkeypatch):
+    # torch.save straight to a full disk raised RuntimeError("... unexpected pos ...") naming neither the disk nor the file
+    import errno
+    import os
+
+    path = tmp_path / "round-002" / "model.pt"
+    save_model_checkpoint(classifier, path)
+    before = path.read_bytes()
+
+    def full(_descriptor):  # noqa: ANN001, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=r"No space left on device while writing the model checkpoint .*model\.pt") as raised:
+        save_model_checkpoint(classifier, path)
+    assert raised.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]

@@ -1,0 +1,90 @@
+"""A round that fails while the store cannot be written either (a full disk, a lost server): the round's own error is
+what the user sees, and its reason reaches the store through the next round instead of "the process ended"."""
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from typer.testing import CliRunner
+
+from loop import round as round_module
+from loop.cli import app
+from loop.project import open_project
+from store import session_scope
+from store.models import Round
+
+runner = CliRunner()
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_failure_the_store_cannot_record_is_shown_as_itself_and_recorded_by_the_next_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project = tmp_path / "project"
+    assert runner.invoke(app, ["init", str(project), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+
+    def disk_full(state) -> None:  # noqa: ANN001
+        raise OSError(errno.ENOSPC, "No space left on device", str(project / "artifacts" / "round-001" / "model.onnx"))
+
+    real_scope = round_module.session_scope
+    calls = {"n": 0}
+
+    def store_full_after_the_round_started(engine):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OperationalError("UPDATE rounds", {}, Exception("database or disk is full"))
+        return real_scope(engine)
+
+    monkeypatch.setattr(round_module, "ROUND_STEPS", [disk_full])
+    monkeypatch.setattr(round_module, "_confirm_store_is_ours", lambda state, step_name: None)
+    monkeypatch.setattr(round_module, "session_scope", store_full_after_the_round_started)
+    failed = runner.invoke(app, ["round", "--project", str(project), "--quiet"])
+    output = " ".join(failed.output.split())
+    # the round's error, one line, exit 2; not the store's error raised while recording it
+    assert failed.exit_code == 2 and "No space left on device" in output and "model.onnx" in output, output
+    assert "Traceback" not in failed.output and "could not be recorded in the store" in output
+
+    monkeypatch.setattr(round_module, "session_scope", real_scope)
+
+    def stop(state) -> None:  # noqa: ANN001
+        raise Stop
+
+    monkeypatch.setattr(round_module, "ROUND_STEPS", [stop])
+    with pytest.raises(Stop):
+        round_module.run_round(open_project(project))
+    with session_scope(open_project(project).engine) as session:
+        first = session.scalars(select(Round).where(Round.number == 1)).one()
+        assert first.status == "failed" and "step disk_full: OSError: [Errno 28] No space left on device" in first.error
+        assert "recorded by the next round" in first.error
+    assert not list(project.glob(".round-*-failure.txt"))  # taken in once
+
+
+def test_a_ctrl_c_says_what_it_left_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a second Ctrl-C 0.01 s after the first cut short the recording of the round: the CLI said "nothing was
+    # recorded" while the round stood in the store as running, with its pulled labels
+    project = tmp_path / "project"
+    assert runner.invoke(app, ["init", str(project), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+
+    def interrupted(*, record: str | None):  # noqa: ANN202
+        def run(ctx, options=None, *, console=None):  # noqa: ANN001, ANN202
+            if record is not None:
+                with session_scope(ctx.engine) as session:
+                    session.add(Round(project_id=1, number=1, status=record, error="interrupted (Ctrl-C) during step train_model"
+                                      if record == "failed" else None))
+            raise KeyboardInterrupt
+        return run
+
+    for record, said in ((None, "before the round started: nothing was recorded"),
+                         ("running", "round 1 is left as running; the next `loop round` records it as interrupted")):
+        monkeypatch.setattr(round_module, "run_round", interrupted(record=record))
+        result = runner.invoke(app, ["round", "--project", str(project), "--quiet"])
+        assert result.exit_code == 130 and said in " ".join(result.output.split()), result.output
+    with session_scope(open_project(project).engine) as session:
+        session.execute(Round.__table__.delete())
+    monkeypatch.setattr(round_module, "run_round", interrupted(record="failed"))
+    result = runner.invoke(app, ["round", "--project", str(project), "--quiet"])
+    assert "round 1 is recorded as failed" in " ".join(result.output.split())
