@@ -5,6 +5,7 @@ a Bearer header works as well. Every text that comes from the store is escaped.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,9 +16,9 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import HTMLResponse
 
-from api.dependencies import BrowserReadScope, SessionDep
+from api.dependencies import BrowserReadScope, ProjectProcessDep, SessionDep
 from store import reports
-from store.reports import ConfusionMatrix, GateSeries, LabelIssueRow, ProgressSeries, RoundReport, TrainingSummary
+from store.reports import ConfusionMatrix, GateSeries, LabelIssueRow, ProgressSeries, RoundReport, RoundSummary, TrainingSummary
 
 router = APIRouter(tags=["dashboard"])
 
@@ -354,10 +355,18 @@ def issue_queue_table(issues: Sequence[LabelIssueRow], total: int, round_number:
     )
 
 
+def _shown_status(summary: RoundSummary) -> str:
+    """The round's status, as `loop status` shows it: "running?" when no process runs it any more (its note on hover)."""
+    if summary.process_alive is False:
+        return (f'{escape(summary.status)}? <span class="no-process" title="{escape(summary.status_note or "")}">no process holds the '
+                'project: killed, or the machine stopped</span>')
+    return escape(summary.status)
+
+
 def _summary_cards(progress: ProgressSeries, latest: RoundReport | None) -> str:
     newest = progress.rounds[-1] if progress.rounds else None
     # the cards show the latest completed round; a newer one running (or failed) is said beside the count
-    newer = (f' <span class="issue-round-note">(R{newest.number} {escape(newest.status)})</span>'
+    newer = (f' <span class="issue-round-note">(R{newest.number} {_shown_status(newest)})</span>'
              if newest is not None and latest is not None and newest.number > latest.summary.number else "")
     cards = [("rounds", str(len(progress.rounds)) + newer)]
     if latest is not None:
@@ -365,7 +374,7 @@ def _summary_cards(progress: ProgressSeries, latest: RoundReport | None) -> str:
         gates = f"{summary.n_gates_passed}/{summary.n_gates}" if summary.n_gates else "–"
         verdict = "pass" if summary.all_gates_passed else ("fail" if summary.all_gates_passed is False else "na")
         cards += [
-            ("latest round", f"R{summary.number} · {escape(summary.status)}"),
+            ("latest round", f"R{summary.number} · {_shown_status(summary)}"),
             ("gates passed", f'<span class="verdict {verdict}">{gates}</span>'),
             ("labeled images", str(latest.label_counts.total_labeled)),
             ("flagged label issues", str(latest.n_flagged_label_issues)),
@@ -417,6 +426,7 @@ table.issues img.thumb{width:56px;height:56px;object-fit:cover;border-radius:4px
 .unsettled{color:#b7791f;font-size:12px} .verdict.pass{color:#1a9850;font-weight:600} .verdict.fail{color:#d73027;font-weight:600} .verdict.na{color:#999}
 svg .kept-epoch{stroke:#d73027;stroke-width:1.5;stroke-dasharray:2 3}
 .empty,.more{color:#52606d} code{background:#f0f2f4;padding:1px 4px;border-radius:3px}
+.no-process{color:#b7791f;font-size:13px;cursor:help}
 """
 
 
@@ -483,6 +493,7 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
 )
 def dashboard(
     session: SessionDep,
+    process: ProjectProcessDep,
     _scope: BrowserReadScope,
     token: Annotated[str | None, Query(description="read or full token (a browser sends no Authorization header)")] = None,
     project_id: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="default: the store's first project")] = None,
@@ -492,8 +503,11 @@ def dashboard(
         raise HTTPException(404, detail="no such project in this store" if project_id is not None else "no project in this store yet; run `loop init`")
     progress = reports.progress_series(session, project_id=project.id)
     assert progress is not None
+    progress = dataclasses.replace(progress, rounds=[process.mark(r) for r in progress.rounds])
     latest_round = next((r for r in reversed(progress.rounds) if r.status == "completed"), progress.rounds[-1] if progress.rounds else None)
     latest = reports.round_report(session, round_id=latest_round.id) if latest_round else None
+    if latest is not None:
+        latest = dataclasses.replace(latest, summary=process.mark(latest.summary))
     cm_round = reports.latest_round_with_confusion_matrix(session, project_id=project.id)
     confusion = (cm_round.number, reports.confusion_matrix_of(cm_round.details)) if cm_round else None
     issue_round = reports.latest_round_with_issues(session, project_id=project.id)

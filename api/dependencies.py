@@ -1,4 +1,4 @@
-"""Typed dependencies: settings, a read-only DB session, and the two token scopes (read, full)."""
+"""Typed dependencies: settings, a read-only DB session, the project's lock check, and the two token scopes (read, full)."""
 from __future__ import annotations
 
 import enum
@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.caching import VersionedResponseCache
+from api.liveness import ProjectProcess
 from api.settings import Settings
 
 
@@ -45,6 +46,14 @@ def get_response_cache(request: Request) -> VersionedResponseCache:
 
 
 ResponseCacheDep = Annotated[VersionedResponseCache, Depends(get_response_cache)]
+
+
+def get_project_process(request: Request) -> ProjectProcess:
+    """One per request: the lock is read at most once, and only if a round is recorded as running."""
+    return ProjectProcess(request.app.state.settings.project_dir, request.app.state.engine)
+
+
+ProjectProcessDep = Annotated[ProjectProcess, Depends(get_project_process)]
 
 _bearer = HTTPBearer(auto_error=False, description="LOOP_API_TOKEN (full access) or LOOP_API_READ_TOKEN (read-only)")
 

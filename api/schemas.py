@@ -57,6 +57,11 @@ class RoundSummaryOut(Schema):
     n_gates: int = Field(description="applicable gates recorded")
     n_gates_passed: int
     all_gates_passed: bool | None = Field(description="null: no applicable gate recorded")
+    process_alive: bool | None = Field(
+        default=None, description="a running round only: whether a process (a `loop round`) holds the project's lock now; false: none "
+                                  "does, the round was killed or the machine stopped, and the next `loop round` records it as "
+                                  "interrupted; null: not running, or the lock could not be read")
+    status_note: str | None = Field(default=None, description="a running round only: what process_alive means for it, in words")
 
 
 class GateOut(Schema):

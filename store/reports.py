@@ -57,6 +57,10 @@ class RoundSummary:
     n_gates: int
     n_gates_passed: int
     all_gates_passed: bool | None  # None: no applicable gate recorded
+    # A running round only, filled in by the API (the store cannot tell): whether a process still holds the project's
+    # lock; False: it was killed and nothing marked it yet. None: not running, or not checked.
+    process_alive: bool | None = None
+    status_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -775,6 +779,15 @@ def per_class_f1(progress: ProgressSeries) -> dict[str, list[float | None]]:
             if series.class_name is not None and series.name.lower() == name and series.class_name not in found:
                 found[series.class_name] = series.values
     return found
+
+
+def round_status(session: Session, round_id: int) -> str | None:
+    """A round's status alone (None: no such round): cheap enough to ask before a cached report."""
+    return session.scalar(select(Round.status).where(Round.id == round_id))
+
+
+def has_running_round(session: Session, *, project_id: int) -> bool:
+    return session.scalar(select(Round.id).where(Round.project_id == project_id, Round.status == "running").limit(1)) is not None
 
 
 def get_round_or_none(session: Session, round_id: int) -> Round | None:

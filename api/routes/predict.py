@@ -93,16 +93,31 @@ def _unusable(message: str) -> HTTPException:
     return HTTPException(503, detail=f"the latest completed round's model cannot be used: {message}")
 
 
-def _model_path(round_: Round, project: Project) -> Path:
+def _model_path(round_: Round, project: Project, project_dir: Path) -> Path:
     raw = (round_.artifacts or {}).get("model_onnx")
     if not raw:
         raise HTTPException(409, detail=f"round {round_.number} recorded no ONNX model (artifacts.model_onnx)")
-    path = Path(str(raw))
-    if not path.is_absolute():
-        path = Path(project.root_dir) / path
-    if not path.is_file():
-        raise _unusable(f"model file {path.name!r} is missing")
+    path = _artifact_file(str(raw), round_number=round_.number, root_dir=Path(project.root_dir), project_dir=project_dir)
+    if path is None:
+        raise _unusable(f"model file {Path(str(raw)).name!r} is missing")
     return path
+
+
+def _artifact_file(recorded: str, *, round_number: int, root_dir: Path, project_dir: Path) -> Path | None:
+    """A round's artifact file: where it was written, else at the same place in the served project folder (a moved or
+    copied project's store names its first folder, as `loop init --init-from` also allows); None: in neither."""
+    stored = Path(recorded)
+    candidates = [stored if stored.is_absolute() else root_dir / stored]
+    if stored.is_absolute():
+        try:
+            candidates.append(project_dir / stored.relative_to(root_dir))
+        except ValueError:  # written outside the folder the store names
+            pass
+    else:
+        candidates.append(project_dir / stored)
+    # only the file's name is taken from the record: the folder is the loop's own layout, artifacts/round-NNN
+    candidates.append(project_dir / "artifacts" / f"round-{round_number:03d}" / stored.name)
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
 def _preprocessing(details: dict[str, Any]) -> tuple[int, list[float], list[float], int | None]:
@@ -192,7 +207,7 @@ def predict(
             raise HTTPException(413, detail=str(exc)) from None
         except ImageRejected as exc:
             raise HTTPException(422, detail=str(exc)) from None
-    classifier = _classifier(request, _model_path(round_, project), image_size, mean, std, bit_depth)
+    classifier = _classifier(request, _model_path(round_, project, settings.project_dir), image_size, mean, std, bit_depth)
     try:
         probabilities = np.asarray(classifier.predict_proba(images), dtype=np.float64)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types

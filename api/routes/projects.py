@@ -1,6 +1,7 @@
 """Projects, their rounds and the progress series behind the dashboard's charts."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tempfile
@@ -10,7 +11,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse, Response
 from starlette.background import BackgroundTask
 
-from api.dependencies import BrowserReadScope, Limit, Offset, ReadScope, ResponseCacheDep, RowId, SessionDep
+from api.dependencies import BrowserReadScope, Limit, Offset, ProjectProcessDep, ReadScope, ResponseCacheDep, RowId, SessionDep
 from api.schemas import ErrorOut, PageOut, ProgressOut, ProjectOut, RoundSummaryOut
 from store import export, reports
 
@@ -30,22 +31,26 @@ def _require_project(session: SessionDep, project_id: int) -> None:
 
 @router.get("/projects/{project_id}/rounds", response_model=PageOut[RoundSummaryOut], responses={404: {"model": ErrorOut}})
 def list_rounds(
-    project_id: RowId, session: SessionDep, _scope: ReadScope, limit: Limit = 50, offset: Offset = 0
+    project_id: RowId, session: SessionDep, process: ProjectProcessDep, _scope: ReadScope, limit: Limit = 50, offset: Offset = 0
 ) -> PageOut[RoundSummaryOut]:
     _require_project(session, project_id)
     page = reports.list_rounds(session, project_id=project_id, limit=limit, offset=offset)
-    return PageOut[RoundSummaryOut](total=page.total, limit=limit, offset=offset, items=[RoundSummaryOut.model_validate(r) for r in page.items])
+    items = [RoundSummaryOut.model_validate(process.mark(r)) for r in page.items]
+    return PageOut[RoundSummaryOut](total=page.total, limit=limit, offset=offset, items=items)
 
 
 @router.get("/projects/{project_id}/progress", response_model=ProgressOut, responses={404: {"model": ErrorOut}})
-def progress(project_id: RowId, session: SessionDep, cache: ResponseCacheDep, _scope: ReadScope) -> Response:
+def progress(project_id: RowId, session: SessionDep, cache: ResponseCacheDep, process: ProjectProcessDep, _scope: ReadScope) -> Response:
     # Dashboards poll this; with many rounds building it costs far more than checking whether anything changed.
-    version = reports.progress_fingerprint(session, project_id=project_id)
+    # A killed round changes no row: whether its process lives is part of the version.
+    alive = process.alive() if reports.has_running_round(session, project_id=project_id) else None
+    version = (reports.progress_fingerprint(session, project_id=project_id), alive)
     body = cache.get(("progress", project_id), version)
     if body is None:
         series = reports.progress_series(session, project_id=project_id)
         if series is None:
             raise HTTPException(404, detail=f"no project {project_id} in this store")
+        series = dataclasses.replace(series, rounds=[process.mark(r) for r in series.rounds])
         body = ProgressOut.model_validate(series).model_dump_json().encode()
         cache.put(("progress", project_id), version, body)
     return Response(content=body, media_type="application/json")

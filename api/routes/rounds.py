@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import Response
 
-from api.dependencies import Limit, Offset, ReadScope, ResponseCacheDep, RowId, SessionDep
+from api.dependencies import Limit, Offset, ProjectProcessDep, ReadScope, ResponseCacheDep, RowId, SessionDep
 from api.schemas import ErrorOut, LabelIssueOut, PageOut, RoundOut, SelectionOut
 from store import reports
 
@@ -20,18 +20,23 @@ def _require_round(session: SessionDep, round_id: int) -> None:
 
 
 @router.get("/rounds/{round_id}", response_model=RoundOut)
-def get_round(round_id: RowId, session: SessionDep, cache: ResponseCacheDep, _scope: ReadScope) -> Response:
-    # Cached only where a store version is nearly free to read (a SQLite file); elsewhere answered afresh.
-    version = reports.sqlite_file_version(session)
-    body = cache.get(("round", round_id), version) if version is not None else None
+def get_round(round_id: RowId, session: SessionDep, cache: ResponseCacheDep, process: ProjectProcessDep, _scope: ReadScope) -> Response:
+    status = reports.round_status(session, round_id)
+    if status is None:
+        raise HTTPException(404, detail=f"no round {round_id} in this store")
+    # Cached only where a store version is nearly free to read (a SQLite file); elsewhere answered afresh. A killed
+    # round changes no row: whether its process lives is part of the version.
+    file_version = reports.sqlite_file_version(session)
+    version = (file_version, process.alive() if status == "running" else None)
+    body = cache.get(("round", round_id), version) if file_version is not None else None
     if body is None:
         report = reports.round_report(session, round_id=round_id)
         if report is None:
             raise HTTPException(404, detail=f"no round {round_id} in this store")
         # Shallow: pydantic reads the nested dataclasses by attribute (dataclasses.asdict would deep-copy them first).
         fields = {key: value for key, value in vars(report).items() if key != "summary"}
-        body = RoundOut.model_validate({**vars(report.summary), **fields}, from_attributes=True).model_dump_json().encode()
-        if version is not None:
+        body = RoundOut.model_validate({**vars(process.mark(report.summary)), **fields}, from_attributes=True).model_dump_json().encode()
+        if file_version is not None:
             cache.put(("round", round_id), version, body)
     return Response(content=body, media_type="application/json")
 

@@ -132,11 +132,11 @@ def test_the_api_answers_503_while_the_store_is_unreachable(tmp_path: Path, monk
 
         raise OperationalError("select", {}, sqlite3.OperationalError("no such column: rounds.status"))
 
-    monkeypatch.setattr(reports, "round_report", server_gone)
+    monkeypatch.setattr(reports, "round_status", server_gone)  # the route's first query
     with TestClient(create_app(Settings(project_dir=project_dir, api_token=SecretStr("t" * 32))), raise_server_exceptions=False) as client:
         response = client.get("/rounds/1", headers={"Authorization": "Bearer " + "t" * 32})
         assert response.status_code == 503 and response.json() == {"detail": "store unreachable: try again shortly"}  # the reason goes to the log
-        monkeypatch.setattr(reports, "round_report", schema_bug)  # not a lost store: a bug to see, as any other
+        monkeypatch.setattr(reports, "round_status", schema_bug)  # not a lost store: a bug to see, as any other
         assert client.get("/rounds/1", headers={"Authorization": "Bearer " + "t" * 32}).status_code == 500
 
 
