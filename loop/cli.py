@@ -23,7 +23,7 @@ from loop.ingest import IngestError, ingest_source
 from loop.project import (ProjectBusy, add_project_row, check_store_is_free, open_project, open_project_store, project_lock,
                           labels_left_out, project_lock_held, remove_project_row, sync_project_classes)
 from loop.errors import RoundFailed
-from loop.status import project_status
+from loop.status import metric_text, project_status
 from labeling import available_backends
 from labeling.labelstudio_server import LabelStudioServerError
 from modeling.errors import WeightsUnavailable
@@ -461,15 +461,13 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     held = bool(store_held) or project_lock_held(ctx.root)
     running_without_process = [r["number"] for r in report["rounds"] if r["status"] == "running"] if not held else []
     for r in report["rounds"]:
-        m = r["metrics"]
-        fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
         gates = "all pass" if r["all_gates_pass"] else ", ".join(g["name"] for g in r["gates"] if g["applicable"] and not g["passed"]) or "-"
         trained = r["train_strategy"] or "-"
         if r["training"].get("best_epoch") is not None and r["training"].get("epochs_run"):
             trained += f" (epoch {r['training']['best_epoch']}/{r['training']['epochs_run']})"
         state = "running?" if r["number"] in running_without_process else r["status"]
-        rounds.add_row(str(r["number"]), state, trained, fmt(m.get("macro_f1")), fmt(m.get("defect_recall")), fmt(m.get("negative_fpr")),
-                       fmt(m.get("latency_ms")), gates)
+        rounds.add_row(str(r["number"]), state, trained, *(metric_text(r, name) for name in ("macro_f1", "defect_recall", "negative_fpr", "latency_ms")),
+                       gates)
     console.print(rounds)
     if running_without_process:  # killed (SIGKILL, power): nothing runs it, and nothing marked it yet
         holder = ("no process holds this project folder or its store" if store_held is not None

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 from rich.console import Console
 from sqlalchemy import select
 
-from loop.config import AnnotatorConfig, LoopConfig, ModelConfig, ProjectConfig, check_strategy_name, save_config
+from loop.config import AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, check_strategy_name, save_config
 from loop.ingest import assign_splits, discover_source, ingest_source
 from loop.project import create_project_store, default_store_url, open_project
 from loop.round import RoundOptions, run_round
@@ -74,9 +75,80 @@ def _write_manifest(path: Path, rows: list[tuple[str, str]], parts: dict[str, st
     return path
 
 
-def simulate(settings: SimulationSettings, *, console: Console) -> dict[str, Any]:
+@dataclass
+class SeedDraw:
+    """One seed's test split and seed labels: drawn for every seed before anything is written, so a draw no round
+    could start from is refused up front."""
+    seed: int
+    test_paths: list[str]
+    pool_paths: list[str]
+    seed_paths: set[str]
+    given: dict[str, str]  # seed label per seed path, after the noise
+    flipped: int
+
+
+def _check_settings(settings: SimulationSettings) -> None:
+    """Refuse numbers no simulation can use: they used to run to a normal-looking report (seeds 0..-1, all labels
+    flipped) or fail after seed-0/ was written."""
+    for option, value, ok, allowed in (
+        ("--seeds", settings.seeds, settings.seeds >= 1, "at least 1"),
+        # not 0: round 1 trains on the seed labels, and even a cold start needs labeled good parts
+        ("--seed-labels", settings.seed_labels, settings.seed_labels >= 1, "at least 1 (round 1 trains on them)"),
+        ("--budget", settings.budget, settings.budget >= 0, "0 or more"),  # 0: how far the seed labels alone get ("no_budget")
+        ("--relabel-budget", settings.relabel_budget, settings.relabel_budget >= 0, "0 or more"),
+        ("--max-rounds", settings.max_rounds, settings.max_rounds >= 1, "at least 1"),
+        ("--noise", settings.noise, 0 <= settings.noise < 1, "from 0 up to, not including, 1 (the share of seed labels flipped)"),
+    ):
+        if not ok:
+            raise ConfigError(f"{option} {value}: must be {allowed}")
+    try:  # loop.toml's own limits (image size 32..1024, known pooling and training): one source of truth
+        ModelConfig(train=settings.train, image_size=settings.image_size, pooling=settings.pooling)
+    except ValidationError as error:
+        options = {"image_size": "--image-size", "pooling": "--pooling"}
+        raise ConfigError("; ".join(f"{options.get(str(e['loc'][0]), e['loc'][0])} {e['input']!r}: {e['msg']}" for e in error.errors())) from None
+    if not settings.strategies:
+        raise ConfigError("--strategies names no strategy: give at least one, e.g. random,default")
+    repeated = sorted({name for name in settings.strategies if settings.strategies.count(name) > 1})
+    if repeated:  # both runs would share runs/<strategy>-seed<n>/ and one report row
+        raise ConfigError(f"--strategies names {', '.join(map(repr, repeated))} more than once: {','.join(settings.strategies)}")
     for name in settings.strategies:  # before any run: a typo in the last name used to fail after every other strategy's seed-0 run
         check_strategy_name(name)
+
+
+def _draw_seed(settings: SimulationSettings, seed: int, truth: dict[str, str], parts: dict[str, str] | None, classes: list[str]) -> SeedDraw:
+    splits = assign_splits(truth, test_fraction=0.2, validation_fraction=0.0, seed=seed, parts=parts)
+    test_paths = sorted(p for p, s in splits.items() if s == "test")
+    pool_paths = sorted(p for p, s in splits.items() if s != "test")
+    rng = np.random.default_rng(seed)
+    seed_paths = set(rng.choice(pool_paths, size=min(settings.seed_labels, len(pool_paths)), replace=False).tolist())
+    given, flipped = {}, 0
+    for path in sorted(seed_paths):  # in a set's order, which labels were flipped changed with Python's hash seed per process
+        label = truth[path]
+        if rng.random() < settings.noise:
+            label = str(rng.choice([c for c in classes if c != label]))
+            flipped += 1
+        given[path] = label
+    return SeedDraw(seed, test_paths, pool_paths, seed_paths, given, flipped)
+
+
+def _check_draw(settings: SimulationSettings, draw: SeedDraw) -> None:
+    """What loop round needs to start (loop.round.gather_labeled_pool), asked of the draw before any run."""
+    if not draw.test_paths:
+        raise ConfigError(f"{settings.source}: seed {draw.seed} draws an empty test split (too few images): give each class at least 3 images")
+    present = set(draw.given.values())
+    if len(present) >= 2:
+        return
+    # only good parts labeled: round 1 is a cold start, which needs a batch to ask for
+    cold_start = (settings.negative_class is not None and present == {settings.negative_class} and settings.budget >= 1
+                  and len(draw.pool_paths) > len(draw.seed_paths))
+    if not cold_start:
+        also = f", or only {settings.negative_class!r} ones with --budget >= 1 (a cold start)" if settings.negative_class else ""
+        raise ConfigError(f"--seed-labels {settings.seed_labels}: seed {draw.seed}'s seed labels are all {sorted(present)}; round 1 needs "
+                          f"seed labels of two classes{also}: give more seed labels")
+
+
+def simulate(settings: SimulationSettings, *, console: Console) -> dict[str, Any]:
+    _check_settings(settings)
     # absolute: each run's project resolves relative paths (the oracle's ground truth) against its own directory
     settings.out = settings.out.expanduser().resolve()
     layout, files, _notes = discover_source(settings.source.expanduser().resolve(), unlabeled=False)
@@ -84,29 +156,23 @@ def simulate(settings: SimulationSettings, *, console: Console) -> dict[str, Any
     # A CSV source may name each photo's physical part: the test split then holds whole parts, and so do the folds.
     parts = {str(f.path.resolve()): f.part for f in files if f.part} or None
     classes = sorted(set(truth.values()))
+    if len(classes) < 2:
+        raise ConfigError(f"{settings.source} holds one class {classes}: a simulation needs labeled images of at least two classes")
     if settings.negative_class:
         if settings.negative_class not in classes:
             raise ValueError(f"--negative-class {settings.negative_class!r} is not a class of {settings.source}: {classes}")
         classes.remove(settings.negative_class)
         classes.insert(0, settings.negative_class)
+    draws = [_draw_seed(settings, seed, truth, parts, classes) for seed in range(settings.seeds)]
+    for draw in draws:
+        _check_draw(settings, draw)
     settings.out.mkdir(parents=True, exist_ok=True)
     runs_dir = settings.out / "runs"
     ground_truth = _write_manifest(settings.out / "ground_truth.csv", sorted(truth.items()))
     shared_cache = settings.out / "cache"
     records: list[RunRecord] = []
-    for seed in range(settings.seeds):
-        splits = assign_splits(truth, test_fraction=0.2, validation_fraction=0.0, seed=seed, parts=parts)
-        test_paths = sorted(p for p, s in splits.items() if s == "test")
-        pool_paths = sorted(p for p, s in splits.items() if s != "test")
-        rng = np.random.default_rng(seed)
-        seed_paths = set(rng.choice(pool_paths, size=min(settings.seed_labels, len(pool_paths)), replace=False).tolist())
-        given, flipped = {}, 0
-        for path in seed_paths:
-            label = truth[path]
-            if rng.random() < settings.noise:
-                label = str(rng.choice([c for c in classes if c != label]))
-                flipped += 1
-            given[path] = label
+    for draw in draws:
+        seed, test_paths, pool_paths, seed_paths, given, flipped = draw.seed, draw.test_paths, draw.pool_paths, draw.seed_paths, draw.given, draw.flipped
         seed_dir = settings.out / f"seed-{seed}"
         seed_dir.mkdir(exist_ok=True)
         test_manifest = _write_manifest(seed_dir / "test.csv", [(p, truth[p]) for p in test_paths], parts)

@@ -62,6 +62,17 @@ def project_status(ctx: ProjectContext) -> dict:
         }
 
 
+def metric_text(summary: dict, name: str) -> str:
+    """A round's metric as the status table shows it. A collapsed round's macro F1 is what its gate used (0), not the
+    score measured: a model giving every image one class still scores above 0 there, which read as a working model."""
+    value = summary["metrics"].get(name)
+    measured = "n/a" if value is None else f"{value:.4g}"
+    gate = next((g for g in summary["gates"] if g["name"] == name), None)
+    if name == "macro_f1" and summary.get("collapsed") and gate is not None and gate["value"] is not None:
+        return f"{gate['value']:.4g} (collapsed; measured {measured})"
+    return measured
+
+
 def _utc_iso(moment: datetime | None) -> str | None:
     """ISO 8601 with its zone, as the API writes it: SQLite hands stored times back without one (they are UTC)."""
     return None if moment is None else as_utc(moment).isoformat()

@@ -1,0 +1,97 @@
+"""`loop simulate` refuses settings no run can use up front: one line, exit 2, nothing written to --out."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from loop.cli import app
+from loop.config import ConfigError
+from loop.simulate import SeedDraw, SimulationSettings, _check_draw
+from loop.synthetic_images import write_class_folders
+
+
+def _simulate(source: Path, out: Path, *args: str):
+    return CliRunner().invoke(app, ["simulate", str(source), "--out", str(out), "--seeds", "1", "--max-rounds", "1", "--image-size", "32", *args])
+
+
+def _assert_refused(result, out: Path, *expected: str) -> None:
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "errors.pydantic.dev" not in text and "validation error" not in text, result.output
+    assert all(part in text for part in expected), result.output
+    assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))  # no ground_truth.csv, runs/, seed-0/
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--seeds", "0"], ["--seeds 0", "at least 1"]),
+    (["--noise", "1.5"], ["--noise 1.5", "from 0 up to, not including, 1"]),
+    (["--noise", "-0.5"], ["--noise -0.5", "from 0 up to"]),
+    (["--max-rounds", "0"], ["--max-rounds 0", "at least 1"]),
+    (["--budget", "-5"], ["--budget -5", "0 or more"]),
+    (["--relabel-budget", "-1"], ["--relabel-budget -1", "0 or more"]),
+    (["--seed-labels", "0"], ["--seed-labels 0", "at least 1"]),
+    (["--image-size", "8"], ["--image-size 8", "32"]),
+    (["--pooling", "max"], ["--pooling 'max'", "'avg' or 'multilayer'"]),
+    (["--strategies", ","], ["--strategies names no strategy"]),
+    (["--strategies", "random,default,random"], ["--strategies names 'random' more than once"]),
+])
+def test_impossible_settings_are_refused_before_anything_is_written(class_folders: Path, tmp_path: Path, args: list[str], expected: list[str]) -> None:
+    out = tmp_path / "sim"
+    _assert_refused(_simulate(class_folders, out, *args), out, *expected)
+
+
+def test_a_source_of_one_class_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    source, out = tmp_path / "parts", tmp_path / "sim"
+    write_class_folders(source, per_class={"good": 12}, size=32, seed=1)
+    _assert_refused(_simulate(source, out, "--negative-class", "good"), out, "holds one class ['good']", "at least two classes")
+
+
+def test_seed_labels_of_one_class_without_a_negative_class_are_refused_before_anything_is_written(class_folders: Path, tmp_path: Path) -> None:
+    # one seed label is one class: round 1 could not train, and there is no negative class for a cold start
+    out = tmp_path / "sim"
+    _assert_refused(_simulate(class_folders, out, "--seed-labels", "1"), out, "--seed-labels 1: seed 0's seed labels are all", "two classes")
+
+
+def _draw(given: dict[str, str], pool: int = 10) -> SeedDraw:
+    pool_paths = [f"p{i}.png" for i in range(pool)]
+    return SeedDraw(seed=3, test_paths=["t.png"], pool_paths=pool_paths, seed_paths=set(given), given=given, flipped=0)
+
+
+def test_good_seed_labels_only_start_as_a_cold_start_which_needs_a_budget(tmp_path: Path) -> None:
+    settings = SimulationSettings(source=tmp_path, out=tmp_path / "sim", strategies=["random"], negative_class="good", seed_labels=2)
+    _check_draw(settings, _draw({"p0.png": "good", "p1.png": "good"}))  # a cold start: round 1 asks for a batch
+    _check_draw(settings, _draw({"p0.png": "good", "p1.png": "scratch"}))
+    settings.budget = 0
+    with pytest.raises(ConfigError, match=r"seed 3's seed labels are all \['good'\].*--budget >= 1"):
+        _check_draw(settings, _draw({"p0.png": "good", "p1.png": "good"}))
+    settings.budget, settings.negative_class = 20, None
+    with pytest.raises(ConfigError, match="two classes"):
+        _check_draw(settings, _draw({"p0.png": "good", "p1.png": "good"}))
+
+
+def test_which_seed_labels_are_flipped_does_not_depend_on_the_processs_hash_seed(tmp_path: Path) -> None:
+    # the noise walked a set of paths: which labels it flipped changed from one process to the next
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from loop.simulate import SimulationSettings, _draw_seed\n"
+        "truth = {f'/parts/{c}/{i:03d}.png': c for c in ('good', 'scratch', 'spot') for i in range(40)}\n"
+        "settings = SimulationSettings(source=Path('/parts'), out=Path('/out'), strategies=['random'], seed_labels=30, noise=0.3)\n"
+        "draw = _draw_seed(settings, 0, truth, None, ['good', 'scratch', 'spot'])\n"
+        "print(json.dumps(sorted(draw.given.items())))\n"
+    )
+    draws = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        draws.append(json.loads(done.stdout))
+    assert draws[0] == draws[1]
+    truth_of = {path: path.split("/")[2] for path, _ in draws[0]}
+    assert sum(label != truth_of[path] for path, label in draws[0]) > 0  # some were flipped
