@@ -709,6 +709,9 @@ def predict_all_images(state: RoundState) -> None:
     state.probabilities = np.concatenate(outputs)
 
 
+ANOMALY_SCORING_CHUNK = 2048  # images whose patch features are read and scored at once (~120 MB at 224 px)
+
+
 def score_anomalies(state: RoundState) -> None:
     """Patch-level anomaly scores (modeling.anomaly) blended into P(defect).
 
@@ -727,17 +730,21 @@ def score_anomalies(state: RoundState) -> None:
     if n_good < MIN_GOOD_IMAGES or not is_defect.any():
         state.details["anomaly"] = {"method": "none", "reason": f"needs >= {MIN_GOOD_IMAGES} labeled good parts and a labeled defect (have {n_good} and {int(is_defect.sum())})"}
         return
-    features = _patch_features(state)
+    features_at = _patch_features(state)
     fitted = fit_patch_anomaly(
-        patch_features=features[state.oof_positions], is_defect=is_defect, p_defect_out_of_fold=1.0 - state.calibrated_oof_probabilities[:, negative],
+        patch_features=features_at(state.oof_positions), is_defect=is_defect, p_defect_out_of_fold=1.0 - state.calibrated_oof_probabilities[:, negative],
         bank_size=model.anomaly_bank_size, seed=state.config.loop.seed, groups=state.oof_groups,
     )
     # Labeled defects were already scored against the whole bank by the fit: search only the other images.
     labeled_defects = state.oof_positions[is_defect]
-    scores = np.empty(len(features), dtype=np.float64)
+    scores = np.empty(len(state.hashes), dtype=np.float64)
     scores[labeled_defects] = fitted.labeled_scores[is_defect]
-    others = np.setdiff1d(np.arange(len(features)), labeled_defects)
-    scores[others] = fitted.scores(features[others])
+    others = np.setdiff1d(np.arange(len(state.hashes)), labeled_defects)
+    # read from the cache a chunk at a time: every image's features at once were 60 KB each (6 GB for 100k images),
+    # held twice by the fancy index
+    for start in range(0, len(others), ANOMALY_SCORING_CHUNK):
+        chunk = others[start:start + ANOMALY_SCORING_CHUNK]
+        scores[chunk] = fitted.scores(features_at(chunk))
     honest_scores = scores.copy()
     honest_scores[state.oof_positions] = fitted.labeled_scores
     state.anomaly = fitted
@@ -753,8 +760,9 @@ def score_anomalies(state: RoundState) -> None:
     }
 
 
-def _patch_features(state: RoundState) -> np.ndarray:
-    """(n_images, P, d) for every image, cached per image hash like the embeddings (frozen backbone only)."""
+def _patch_features(state: RoundState) -> Callable[[np.ndarray], np.ndarray]:
+    """Patch features of every image, cached per image hash like the embeddings (frozen backbone only): computed for
+    the images not cached yet; returns features_at(positions) -> (len(positions), P, d), read from the cache."""
     cache_root = state.options.embedding_cache_dir or state.ctx.cache_dir
     cache = EmbeddingCache(cache_root / "patch_features", patch_features_key(state.backbone, state.preprocessing))
     missing = cache.missing(state.hashes)
@@ -763,7 +771,8 @@ def _patch_features(state: RoundState) -> np.ndarray:
         compute_patch_features(backbone=state.backbone, preprocessing=state.preprocessing, paths=[path_by_hash[sha] for sha in missing],
                                onnx_dir=cache_root / "onnx", show_progress=state.options.show_progress,
                                keep=lambda start, rows: cache.put(missing[start:start + len(rows)], rows.reshape(len(rows), -1)))
-    return cache.get(state.hashes).reshape(len(state.hashes), patch_grid(state.preprocessing.image_size) ** 2, -1)
+    n_patches = patch_grid(state.preprocessing.image_size) ** 2
+    return lambda positions: cache.get([state.hashes[p] for p in positions]).reshape(len(positions), n_patches, -1)
 
 
 def deploy_model(state: RoundState) -> None:
