@@ -55,7 +55,7 @@ from modeling.latency import measure_onnx_latency
 from modeling.onnx_export import export_onnx
 from modeling.plots import plot_confusion_matrix, plot_gates_over_rounds, plot_training_curves
 from modeling.preprocessing import Preprocessing, decode_key, remove_caches_of_older_decoding
-from modeling.selection import select_batch
+from modeling.selection import DUPLICATE_SIMILARITY, select_batch
 from modeling.transfer import find_model_checkpoint, load_init_checkpoint, save_model_checkpoint
 from modeling.training import TrainedClassifier, TrainingData, available_training_strategies, head_fit_predict, train_classifier
 from store import session_scope
@@ -1068,6 +1068,14 @@ def select_next_batch(state: RoundState) -> None:
     if result is not None:
         picks = [(int(p), float(s), r, None) for p, s, r in zip(result.indices, result.scores, result.reasons)]
         state.details["selection"] = {"strategy": strategy, "n_candidates": int(len(candidates)), **_jsonable(result.summary)}
+        asked = min(budget, len(candidates))
+        if len(result.indices) < asked:  # said, not left to be guessed from the counts (a comparison with random looked unfair)
+            state.details["selection"]["short_of_budget"] = {
+                "asked": int(asked), "picked": int(len(result.indices)),
+                "why": f"the other candidates are near-duplicates (embedding cosine >= {DUPLICATE_SIMILARITY}) of images picked or labeled: "
+                       "labeling them adds little"}
+            state.console.print(f"selected {len(result.indices)} of a budget of {asked}: the other candidates are near-duplicates of images picked "
+                                "or labeled")
     for row in _relabel_requests(state, loop_config.relabel_budget):
         picks.append((row["position"], 1.0 - row["score"], "suspected_label_error", row["given_label"]))
     for position in _tie_requests(state, loop_config.budget_per_round):

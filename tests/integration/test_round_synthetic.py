@@ -1172,3 +1172,27 @@ def test_damaged_cached_embeddings_are_computed_again_not_trained_on(project_wit
     with session_scope(ctx.engine) as session:
         hashes = list(session.scalars(select(Image.sha256).where(Image.status == "ok")))
     np.testing.assert_allclose(np.linalg.norm(cache.get(hashes), axis=1), 1.0, atol=1e-3)
+
+
+def test_a_batch_short_of_its_budget_says_why(project_with_pool: Path, tmp_path: Path) -> None:
+    # a budget larger than the pool picked fewer images than the pool held, and nothing said why (the near-duplicate
+    # filter): compared with random, which took them all, the strategy looked as if it used fewer labels
+    with session_scope(open_project(project_with_pool).engine) as session:
+        source = Path(session.scalars(select(Image.path).where(Image.split == "pool").order_by(Image.id)).first())
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for k in range(4):  # the same part again, one pixel apart: byte-different, embedding-identical
+        pixels = np.array(PILImage.open(source).convert("RGB"))
+        pixels[0, k] = (pixels[0, k].astype(int) + 1) % 256
+        PILImage.fromarray(pixels).save(copies / f"copy{k}.png")
+    assert invoke("ingest", str(copies), "--unlabeled", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    config = load_config(project_with_pool)
+    config.loop.budget_per_round = 500
+    save_config(project_with_pool, config)
+    result = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert result.exit_code == 0
+    with session_scope(open_project(project_with_pool).engine) as session:
+        selection = session.scalars(select(Round)).one().details["selection"]
+    short = selection["short_of_budget"]
+    assert short["picked"] < short["asked"] == selection["n_candidates"] and "near-duplicates" in short["why"]
+    assert f"selected {short['picked']} of a budget of {short['asked']}" in " ".join(result.output.split())
