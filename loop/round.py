@@ -57,7 +57,7 @@ from modeling.plots import plot_confusion_matrix, plot_gates_over_rounds, plot_t
 from modeling.preprocessing import Preprocessing, decode_key, remove_caches_of_older_decoding
 from modeling.selection import DUPLICATE_SIMILARITY, select_batch
 from modeling.transfer import find_model_checkpoint, load_init_checkpoint, save_model_checkpoint
-from modeling.training import TrainedClassifier, TrainingData, available_training_strategies, head_fit_predict, train_classifier
+from modeling.training import HEAD_OPTIONS, TrainedClassifier, TrainingData, available_training_strategies, head_fit_predict, train_classifier
 from store import session_scope
 from store.db import confirm_store_lock, shown_url
 from store.models import (AnnotationTask, GateResult, Image, IngestBatch, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round,
@@ -564,11 +564,16 @@ def train_model(state: RoundState) -> None:
                  **state.config.model.training},
     )
     state.classifier = train_classifier(strategy=training_strategy(state), data=data)
+    options = {k: v for k, v in data.options.items() if k not in ("cache_dir", "show_progress") and not k.startswith("init_head_")}
     state.details["training"] = {
         "strategy": training_strategy(state), "n_fit": int(len(fit)), "history": getattr(state.classifier, "history", []),
-        "best_epoch": getattr(state.classifier, "best_epoch", None),
-        "options": {k: v for k, v in data.options.items() if k not in ("cache_dir", "show_progress") and not k.startswith("init_head_")},
+        "best_epoch": getattr(state.classifier, "best_epoch", None), "options": options,
     }
+    if training_strategy(state) == "head":  # the record read as if augmentation, focal loss and the rest were applied
+        state.details["training"]["options"] = {k: v for k, v in options.items() if k in HEAD_OPTIONS}
+        ignored = sorted(k for k in options if k not in HEAD_OPTIONS)
+        if ignored:
+            state.details["training"]["options_not_used_by_head"] = ignored
     view_check = (getattr(state.classifier, "config", None) or {}).get("view_check")
     if view_check:  # which cached flips/turns fine-tuning kept, and why
         state.details["training"]["view_check"] = view_check

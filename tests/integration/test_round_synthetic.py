@@ -1196,3 +1196,15 @@ def test_a_batch_short_of_its_budget_says_why(project_with_pool: Path, tmp_path:
     short = selection["short_of_budget"]
     assert short["picked"] < short["asked"] == selection["n_candidates"] and "near-duplicates" in short["why"]
     assert f"selected {short['picked']} of a budget of {short['asked']}" in " ".join(result.output.split())
+
+
+def test_a_head_round_records_only_the_training_options_it_used(project_with_pool: Path) -> None:
+    # the record listed augmentation and focal loss for a head on cached embeddings, which reads none of them
+    config = load_config(project_with_pool)
+    config.model.training = {"loss": "focal", "balance": "none", "head_regularization": 0.5}
+    save_config(project_with_pool, config)
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    with session_scope(open_project(project_with_pool).engine) as session:
+        training = session.scalars(select(Round)).one().details["training"]
+    assert training["strategy"] == "head" and training["options"] == {"head_regularization": 0.5}
+    assert training["options_not_used_by_head"] == ["balance", "loss"]
