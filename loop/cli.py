@@ -126,7 +126,7 @@ def init(
             source = resolve_init_source(init_from)
             init = load_init_checkpoint(source.checkpoint, class_names=config.classes, pooling=config.model.pooling)
             if backbone is not None and backbone != init.backbone_name:
-                raise ConfigError(f"--backbone {backbone} and --init-from disagree: the checkpoint ({source.description}) is a "
+                raise ConfigError(f"--backbone {backbone} and --init-from disagree: the checkpoint ({source.description}) holds the backbone "
                                   f"{init.backbone_name}; leave --backbone out")
             try:  # the weights must fit the network now, not in round 1 (after the answers were pulled into it)
                 create_backbone(init.backbone_name, weights=str(init.backbone_weights_path), pooling=config.model.pooling)
@@ -136,6 +136,10 @@ def init(
                         "is used by `finetune` and `full` only") if init.head_weight is not None and config.model.train == "head" else ""
             console.print(f"starting from {escape(str(init.backbone_weights_path))}: {escape(source.description)} ({init.backbone_name}); "
                           f"{escape(init.head_reason)}{escape(head_use)}")
+            if init.image_size is not None and init.image_size != config.model.image_size:  # said, not found out from the metrics
+                console.print(f"[yellow]note:[/] the source model was trained at {init.image_size} px and this project's rounds run at "
+                              f"{config.model.image_size} px (--image-size): what it learned shifts with the scale; give --image-size "
+                              f"{init.image_size} to start where it was trained")
             # A copy in this project: the other project may retrain, move or be deleted; the rounds here must not change with it.
             config.model.init_from, config.model.init_from_source = INIT_CHECKPOINT, str(init.backbone_weights_path)
             config.model.backbone = init.backbone_name  # what the rounds run: loop.toml says so too

@@ -29,6 +29,7 @@ class InitFrom:
     backbone_name: str
     source_class_names: list[str]
     head_reason: str  # why the head was or was not transferred, for the CLI to print
+    image_size: int | None = None  # the resolution the source model was trained at (None: not recorded)
 
     def training_options(self) -> dict[str, Any]:
         """Options for TrainingData.options: the fine-tuning strategies start their head from these."""
@@ -160,4 +161,5 @@ def load_init_checkpoint(path: str | Path, *, class_names: list[str], pooling: s
     return InitFrom(
         backbone_weights_path=checkpoint_path, head_weight=head_weight, head_bias=head_bias,
         backbone_name=str(checkpoint["backbone_name"]), source_class_names=source_classes, head_reason=reason,
+        image_size=int(checkpoint.get("image_size") or 0) or None,
     )

@@ -230,6 +230,7 @@ def test_init_from_another_project_starts_from_its_checkpoint(project_with_pool:
     result = invoke("init", str(new_line), "--classes", "good,spot", "--negative-class", "good", "--image-size", "96", "--init-from", str(project_with_pool))
     assert result.exit_code == 0 and "head transferred" in result.output
     assert "used by `finetune` and `full` only" in " ".join(result.output.split())  # `head` (the default) refits its own
+    assert "trained at" not in result.output  # the same resolution: nothing to say
     model = load_config(new_line).model
     assert (model.init_from, model.init_from_source) == ("models/init_from.pt", str(checkpoint.resolve()))
     copied = new_line / "models" / "init_from.pt"
@@ -276,6 +277,8 @@ def test_init_from_a_project_takes_its_newest_completed_round_and_checks_the_che
     assert result.exit_code == 0
     said = " ".join(result.output.split())
     assert "round 1 (head) of project 'project', its newest completed round" in said
+    # the source ran at 96 px, this project at the default 224: said at init, not found out from the metrics
+    assert "the source model was trained at 96 px and this project's rounds run at 224 px" in said and "--image-size 96" in said
     assert load_config(tmp_path / "from-project").model.init_from_source == str(completed.resolve())
 
     def refused(name: str, *extra: str) -> str:
