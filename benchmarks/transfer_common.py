@@ -363,11 +363,13 @@ def metrics(y_true: np.ndarray, probabilities: np.ndarray, predictions: np.ndarr
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    """columns: (key, header). Floats in [0, 1] as 4 decimals."""
+    """columns: (key, header). Floats in [0, 1] as 4 decimals (below 0.001: 2 significant digits)."""
     def cell(value: Any) -> str:
         if value is None:
             return "-"
         if isinstance(value, float):
+            if value != 0 and abs(value) < 1e-3:  # a threshold of 6.1e-06 read as "0.0000"
+                return f"{value:.2g}"
             return f"{value:.4f}" if abs(value) <= 1.0 else f"{value:.1f}"
         return str(value)
 

@@ -127,7 +127,7 @@ def run_cv(dataset: Dataset, *, strategy: str, options: dict[str, Any], image_si
     pooled = metrics(dataset.labels[evaluated], oof_probabilities[evaluated], oof_predictions[evaluated], class_names=dataset.class_names, negative_index=dataset.negative_index)
     summary = {"dataset": dataset.name, "note": dataset.note, "strategy": strategy + (" + patch anomaly blend" if anomaly and dataset.negative_index is not None else ""),
                "image_size": image_size, "options": _jsonable(options), "fold_seed": fold_seed,
-               "folds": fold_rows, "pooled": pooled,
+               "folds": fold_rows, "pooled": pooled, "pooled_over_folds": sorted(folds), "all_folds": len(set(folds)) == 5,
                # Per image, so a threshold rule or a per-class question can be studied later without retraining.
                "out_of_fold": {"paths": [str(p) for p in np.array(dataset.paths)[evaluated]], "labels": dataset.labels[evaluated].tolist(),
                                "fold": oof_fold[evaluated].tolist(), "predictions": oof_predictions[evaluated].tolist(),
@@ -186,7 +186,12 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
 def write_report(out: Path, results: dict[str, Any], command: str) -> None:
     (out / "transfer_cv.json").write_text(json.dumps(results, indent=2, default=float))
     fold_seed = next((result["fold_seed"] for result in results.values() if "fold_seed" in result), 0)
-    lines = ["# Transfer learning: 5-fold stratified cross-validation", "", f"Command: `{command}`", "",
+    ran = sorted({fold["fold"] for result in results.values() for fold in result.get("folds", [])})
+    # a run of some folds (--quick, --folds) is not the 5-fold figure, and its title and tables must not read as one
+    partial = bool(ran) and len(ran) < N_FOLDS
+    title = f"folds {', '.join(map(str, ran))} of a 5-fold stratified cross-validation (NOT the full 5-fold figure)" if partial \
+        else "5-fold stratified cross-validation"
+    lines = [f"# Transfer learning: {title}", "", f"Command: `{command}`", "",
              f"Folds: StratifiedGroupKFold(5, shuffle=True, random_state={fold_seed}), groups = file sha256 (duplicates stay together); "
              f"magnetic tile: {transfer_common.MAGNETIC_TILE_GROUPS} groups (`--magnetic-tile-groups`; tile = every exposure of one physical tile together); "
              f"NEU: {transfer_common.NEU_GROUPS} groups (`--neu-groups`; near_duplicate = pixel-verified overlapping crops together). "
@@ -203,7 +208,7 @@ def write_report(out: Path, results: dict[str, Any], command: str) -> None:
         if "pooled_tta" in result:
             rows.append({"dataset": name, "strategy": result["strategy"] + " + test-time " + "/".join(result["tta"]), "size": result["image_size"], **result["pooled_tta"]})
     if rows:
-        lines += ["## Pooled out-of-fold", "", markdown_table(rows, [
+        lines += ["## Pooled out-of-fold" + (f" (folds {', '.join(map(str, ran))} only)" if partial else ""), "", markdown_table(rows, [
             ("dataset", "dataset"), ("strategy", "strategy"), ("size", "px"), ("n_images", "images"), ("errors", "errors"),
             ("accuracy", "accuracy"), ("macro_precision", "macro P"), ("macro_recall", "macro R"), ("macro_f1", "macro F1"),
             ("roc_auc", "ROC-AUC"), ("defect_recall", "defect recall"), ("fpr", "FPR"), ("train_s", "mean train s/fold"),
@@ -219,7 +224,7 @@ def write_report(out: Path, results: dict[str, Any], command: str) -> None:
                       "```", *(" ".join(f"{v:4d}" for v in row) for row in result["pooled"]["confusion_matrix"]), "```", ""]
     if "mvtec_fewshot" in results:
         few = results["mvtec_fewshot"]
-        lines += ["## MVTec bottle few-shot (10 labeled defects, 5 seeds)", "", few["split"], "", markdown_table(few["seeds"], [
+        lines += [f"## MVTec bottle few-shot (10 labeled defects, {len(few['seeds'])} seeds)", "", few["split"], "", markdown_table(few["seeds"], [
             ("seed", "seed"), ("n_train_defects", "train defects"), ("n_validation_defects", "val defects"), ("n_held_out", "held out"),
             ("roc_auc", "ROC-AUC"), ("defect_recall", "defect recall"), ("fpr", "FPR"), ("false_positives", "FP"),
             ("missed_defects", "missed"), ("threshold", "threshold"), ("train_seconds", "train s")]), "",

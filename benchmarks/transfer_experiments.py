@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
 
     neu = subsample(load_neu(), fraction)
     train, validation, test = split(neu)
-    results["neu_split"] = {"train": len(train), "validation": len(validation), "test": len(test)}
+    results["neu_split"] = {"train": len(train), "validation": len(validation), "test": len(test), "subsampled": fraction}
     log(f"NEU split: train {len(train)}, validation {len(validation)}, test {len(test)}")
     base: dict[str, Any] = {"threads": 2} if epochs is None else {"threads": 2, "epochs": epochs}
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     bottle = subsample(load_mvtec_bottle(), max(fraction, 0.5))
     b_train, b_validation, b_test = split(bottle)
     results["mvtec_split"] = {"train": len(b_train), "validation": len(b_validation), "test": len(b_test),
-                              "test_defects": int((bottle.labels[b_test] == 1).sum()), "note": bottle.note}
+                              "test_defects": int((bottle.labels[b_test] == 1).sum()), "note": bottle.note, "subsampled": max(fraction, 0.5) if fraction < 1 else 1.0}
     init = load_init_checkpoint(checkpoint, class_names=bottle.class_names)
     # The same pooling as the ImageNet rows (pretrained_backbone) and as `loop init --init-from` (loop.toml [model] pooling).
     neu_backbone = create_backbone(init.backbone_name, weights=str(init.backbone_weights_path), pooling=transfer_common.POOLING)
@@ -275,8 +275,13 @@ def _per_epoch(history: list[dict[str, float]]) -> float:
 
 def write_markdown(out: Path, results: dict[str, Any]) -> None:
     split_neu, split_mvtec = results["neu_split"], results["mvtec_split"]
+    # --quick runs on a share of each dataset: said first, the counts the dataset notes quote are of the whole set
+    subsampled = [f"{name} {share:.0%} of its images (per class)" for name, share in (("NEU", split_neu.get("subsampled", 1.0)),
+                                                                                       ("MVTec bottle", split_mvtec.get("subsampled", 1.0))) if share < 1]
     lines = [
         "# Transfer learning experiments", "", f"Command: `{results['command']}`", "",
+        *([f"**A smoke run, not the figures: subsampled to {' and '.join(subsampled)}; the splits below are of that subsample.**", ""]
+          if subsampled else []),
         f"NEU split: fold 0 of StratifiedGroupKFold(5, shuffle=True, random_state=0) is the test split ({split_neu['test']} images); "
         f"the rest is {split_neu['train']} train + {split_neu['validation']} validation (early stopping, temperature).",
         f"MVTec bottle split: {split_mvtec['note']}; fold 0 of the same splitter: {split_mvtec['train']} train, "

@@ -63,7 +63,11 @@ def test_transfer_cv_quick_on_mvtec_at_an_image_size_onnx_used_to_refuse(tmp_pat
     assert pooled["n_images"] == 59  # one fold of five: the held-out 20% of 292
     # MVTec bottle is easy for frozen features (5-fold AUC 1.0); a broken blend or threshold shows up here
     assert pooled["roc_auc"] >= 0.99 and pooled["defect_recall"] >= 0.9 and pooled["fpr"] <= 0.1, pooled
-    assert "| mvtec_bottle |" in (tmp_path / "transfer_cv.md").read_text()
+    report = (tmp_path / "transfer_cv.md").read_text()
+    assert "| mvtec_bottle |" in report
+    # one fold ran: the report must not read as the 5-fold figure
+    assert (result["pooled_over_folds"], result["all_folds"]) == ([0], False)
+    assert "folds 0 of a 5-fold stratified cross-validation (NOT the full 5-fold figure)" in report and "## Pooled out-of-fold (folds 0 only)" in report
 
 
 @pytest.mark.slow

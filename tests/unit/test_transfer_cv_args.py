@@ -138,3 +138,24 @@ def test_transfer_experiments_quick_is_described_as_what_it_runs(tmp_path: Path)
     assert kept([229, 63], max(transfer_experiments.QUICK_FRACTION, 0.5)) == 145
     args = transfer_experiments.parse_args(["--out", str(tmp_path), "--epochs", "3"])
     assert (args.epochs, args.scratch_size, args.scratch_epochs) == (3, 96, 8)
+
+
+def test_a_subsampled_or_partial_run_says_so_in_its_report(tmp_path: Path) -> None:
+    # --quick's reports read as the figures: "5-fold" over one fold, NEU's full-set counts beside a 25% subsample,
+    # and a threshold of 6.1e-06 printed as 0.0000
+    row = {"fold": 0, "n_test": 59, "errors": 1, "accuracy": 0.98, "macro_f1": 0.97, "roc_auc": 0.99, "defect_recall": 1.0, "fpr": 0.02,
+           "threshold": 6.1e-06, "temperature": 1.0, "best_epoch": 0, "train_seconds": 3.0}
+    pooled = {"n_images": 59, "errors": 1, "accuracy": 0.98, "per_class_f1": {"good": 0.98, "defect": 0.97}, "confusion_matrix": [[45, 1], [0, 13]]}
+    transfer_cv.write_report(tmp_path, {"mvtec_bottle": {"strategy": "head", "image_size": 224, "folds": [row], "pooled": pooled}}, "cmd")
+    report = (tmp_path / "transfer_cv.md").read_text()
+    assert "folds 0 of a 5-fold stratified cross-validation (NOT the full 5-fold figure)" in report and "6.1e-06" in report
+
+    results = {"command": "cmd", "neu_split": {"train": 270, "validation": 60, "test": 90, "subsampled": 0.25},
+               "mvtec_split": {"train": 90, "validation": 20, "test": 36, "test_defects": 8, "note": "all 292 images pooled", "subsampled": 0.5},
+               "T1": [], "T2": [], "T3": [], "baselines_neu": [], "baselines_mvtec": [], "T4": {"head_transfer": "new", "metal": [], "bottle": []}}
+    transfer_experiments.write_markdown(tmp_path, results)
+    assert ("A smoke run, not the figures: subsampled to NEU 25% of its images (per class) and MVTec bottle 50% of its images (per class)"
+            in (tmp_path / "transfer_experiments.md").read_text())
+    results["neu_split"]["subsampled"] = results["mvtec_split"]["subsampled"] = 1.0
+    transfer_experiments.write_markdown(tmp_path, results)
+    assert "smoke run" not in (tmp_path / "transfer_experiments.md").read_text()
