@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -161,6 +162,7 @@ def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
         overrides["api_token"] = SecretStr(secrets.token_urlsafe(24))
         overrides["api_read_token"] = SecretStr(secrets.token_urlsafe(24))
     effective = base.model_copy(update=overrides)
+    listener = listening_socket(host, port)  # first: a port in use printed the URLs and tokens, then failed
     app = create_app(effective)
     _log_to_stderr()
     shown_host = f"[{host}]" if ":" in host else host
@@ -173,7 +175,21 @@ def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
         print("  tokens for this run (set LOOP_API_TOKEN / LOOP_API_READ_TOKEN to choose your own):")
         print(f"    full access: {effective.api_token.get_secret_value()}")
         print(f"    read-only:   {effective.api_read_token.get_secret_value()}")
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run(sockets=[listener])
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for uvicorn to serve on; OSError naming the address when it is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own: a port left in TIME_WAIT is free
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise OSError(error.errno, f"cannot listen on {host}:{port}: {error.strerror} (another `loop serve`, or another program, "
+                                   "has it): give --port") from None
+    return listener
 
 
 def _log_to_stderr() -> None:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.exc import InterfaceError as DatabaseInterfaceError
 from sqlalchemy.exc import OperationalError as DatabaseOperationalError
 
@@ -58,6 +59,14 @@ def clear_errors() -> Iterator[None]:
         error_console.print(f"[bold red]error:[/] lost the store mid-command: {escape(reason)}. What was committed before is kept; a round "
                             "that was running is recorded as failed if the store could still be reached, or else marked interrupted by "
                             "the next `loop round`")
+        raise typer.Exit(EXIT_USAGE) from None
+    except DatabaseError as error:
+        damage = str(getattr(error, "orig", "") or "")
+        if not any(sign in damage for sign in ("malformed", "not a database")):
+            raise  # a bug: shown as what it is
+        # a truncated or overwritten SQLite file: one line, not a traceback; nothing is written to it
+        error_console.print(f"[bold red]error:[/] the store's database file is damaged ({escape(damage)}): restore it from a backup, or "
+                            "check it with `sqlite3 FILE 'pragma integrity_check'`. Nothing was changed")
         raise typer.Exit(EXIT_USAGE) from None
 
 
@@ -186,8 +195,12 @@ def ingest(
     """Reference images in place (path + content hash), quarantine undecodable ones, split stratified."""
     with clear_errors():
         ctx = open_project(project)
-        with project_lock(ctx.root, action="loop ingest", engine=ctx.engine):
-            report = ingest_source(ctx, source, unlabeled=unlabeled, split=split, show_progress=not quiet)
+        try:
+            with project_lock(ctx.root, action="loop ingest", engine=ctx.engine):
+                report = ingest_source(ctx, source, unlabeled=unlabeled, split=split, show_progress=not quiet)
+        except KeyboardInterrupt:  # it stores everything in one transaction at the end: an interruption stores nothing
+            error_console.print("[bold red]interrupted:[/] nothing of this ingest was stored; run it again to ingest the folder")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     # each file counted once: new and decodable, a duplicate of another file here, already known, or quarantined
     relabeled = [f"{n} {what}" for n, what in ((report.n_labels_changed, "labels changed"), (report.n_labels_added, "labels added")) if n]
     console.print(f"[green]ingested[/] {report.n_files} files ({report.layout} layout): {report.n_new_images - report.n_quarantined} new images, "
@@ -229,6 +242,12 @@ def round_command(
         try:
             with project_lock(ctx.root, action="loop round", engine=ctx.engine):
                 outcome = run_round(ctx, RoundOptions(train_strategy=train, annotator=annotator, show_progress=not quiet), console=console)
+        except OSError as error:  # a full disk, a file in the way, Label Studio gone: with the round and step it stopped in
+            where = getattr(error, "round_step", None)
+            if where is None:
+                raise
+            error_console.print(f"[bold red]error:[/] round {where[0]} stopped in step {where[1]}: {escape(str(error))}")
+            raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt:
             latest = _latest_round(ctx)
             if latest is None or latest == last_round_before:
@@ -569,7 +588,7 @@ def serve(
     with clear_errors():
         ctx = open_project(project)
         settings = Settings(database_url=ctx.database_url, project_dir=ctx.root)
-    serve_api(ctx.root, host=host, port=port, settings=settings, log_level="warning")
+        serve_api(ctx.root, host=host, port=port, settings=settings, log_level="warning")
 
 
 DEFAULT_LABELSTUDIO_DIR = Path("~/.local/share/defect-loop/labelstudio")

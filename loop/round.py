@@ -1658,6 +1658,19 @@ def _confirm_store_is_ours(state: RoundState, step_name: str) -> None:
                           "no longer the project's; stopped here (run the round again)")
 
 
+def _drop_failed_round_models(state: RoundState) -> None:
+    """A failed round's model files (~28 MB each, and half-written ones) go: nothing uses them (the API and
+    --init-from take completed rounds only), and they filled a disk already full. Plots and the record stay."""
+    if not state.number:
+        return
+    for pattern in ("*.onnx", "*.pt", "*.tmp"):
+        for path in state.round_dir.glob(pattern):
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+
 def _failure_note(root: Path, round_id: int) -> Path:
     return root / f".round-{round_id}-failure.txt"
 
@@ -1720,6 +1733,11 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
     except BaseException as error:
         reason = (f"interrupted (Ctrl-C) during step {step_name}" if isinstance(error, KeyboardInterrupt)
                   else f"step {step_name}: {type(error).__name__}: {error}")
+        _drop_failed_round_models(state)
+        try:  # for the CLI's line: "[Errno 28] No space left on device" alone named no step
+            error.round_step = (state.number, step_name)
+        except AttributeError:  # an exception type that takes no attributes: its line names no step
+            pass
         try:
             with session_scope(ctx.engine) as session:
                 round_row = session.get(Round, state.round_id)

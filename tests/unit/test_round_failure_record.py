@@ -28,6 +28,9 @@ def test_a_failure_the_store_cannot_record_is_shown_as_itself_and_recorded_by_th
     assert runner.invoke(app, ["init", str(project), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
 
     def disk_full(state) -> None:  # noqa: ANN001
+        state.round_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("model.onnx", "model.pt.tmp", "confusion_matrix.png"):
+            (state.round_dir / name).write_bytes(b"x" * 1000)
         raise OSError(errno.ENOSPC, "No space left on device", str(project / "artifacts" / "round-001" / "model.onnx"))
 
     real_scope = round_module.session_scope
@@ -46,7 +49,10 @@ def test_a_failure_the_store_cannot_record_is_shown_as_itself_and_recorded_by_th
     output = " ".join(failed.output.split())
     # the round's error, one line, exit 2; not the store's error raised while recording it
     assert failed.exit_code == 2 and "No space left on device" in output and "model.onnx" in output, output
+    assert "round 1 stopped in step disk_full" in output
     assert "Traceback" not in failed.output and "could not be recorded in the store" in output
+    # the failed round's model files went (nothing uses them; they filled a disk already full); its plots stay
+    assert sorted(p.name for p in (project / "artifacts" / "round-001").iterdir()) == ["confusion_matrix.png"]
 
     monkeypatch.setattr(round_module, "session_scope", real_scope)
 
@@ -88,3 +94,32 @@ def test_a_ctrl_c_says_what_it_left_behind(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(round_module, "run_round", interrupted(record="failed"))
     result = runner.invoke(app, ["round", "--project", str(project), "--quiet"])
     assert "round 1 is recorded as failed" in " ".join(result.output.split())
+
+
+def test_a_damaged_store_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    assert runner.invoke(app, ["init", str(project), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+    store = project / "loop.db"
+    data = store.read_bytes()
+    store.write_bytes(data[:100] + b"\0" * (len(data) - 100))  # the header kept, the pages gone
+    for command in (["status"], ["round", "--quiet"]):
+        result = runner.invoke(app, [*command, "--project", str(project)])
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and "the store's database file is damaged" in said and "Traceback" not in result.output, result.output
+
+
+def test_a_ctrl_c_during_ingest_says_nothing_was_stored(tmp_path: Path, class_folders: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project = tmp_path / "project"
+    assert runner.invoke(app, ["init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good"]).exit_code == 0
+    from loop import ingest
+
+    def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest, "inspect_file", interrupted)  # while the files are read, before anything is stored
+    result = runner.invoke(app, ["ingest", str(class_folders), "--project", str(project), "--quiet"])
+    assert result.exit_code == 130 and "nothing of this ingest was stored" in " ".join(result.output.split()), result.output
+    from store.models import Image
+
+    with session_scope(open_project(project).engine) as session:
+        assert session.scalars(select(Image)).first() is None
