@@ -508,7 +508,7 @@ def export(
     out: Annotated[Path, typer.Argument(help="the file to write: .csv or .jsonl")],
     project: ProjectOption,
     round_number: Annotated[Optional[int], typer.Option("--round", help="the completed round whose predictions and findings to include (default: the latest)")] = None,
-    labeled_only: Annotated[bool, typer.Option("--labeled-only", help="only readable images with a label (no ties): a training set")] = False,
+    labeled_only: Annotated[bool, typer.Option("--labeled-only", help="only readable images with a label (no ties); the frozen test split's are kept, its `split` column says so: leave them out of training")] = False,
     force: Annotated[bool, typer.Option("--force", help="replace OUT if it exists")] = False,
 ) -> None:
     """The images with their split and current label, and a completed round's decision, probabilities and findings

@@ -60,7 +60,11 @@ def export_project(ctx: ProjectContext, out: Path, *, round_number: int | None =
                     if record["label_status"] == "labeled":
                         summary.labeled_by_class[record["label"]] += 1
                     summary.n_suspected_label_errors += bool(record["suspected_label_error"])
+                handle.flush()
+                os.fsync(handle.fileno())  # on disk before it takes OUT's name: --force over a manifest must not leave it empty
             os.replace(partial, out)
+        except OSError as error:  # named by OUT, not by the hidden file written beside it
+            raise OSError(error.errno, f"could not write {out}: {error.strerror or error}") from None
         finally:
             partial.unlink(missing_ok=True)
     return summary

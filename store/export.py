@@ -27,7 +27,9 @@ RECORD_COLUMNS = (
     "label", "label_status", "label_source", "votes", "agreement",
     "predicted_label", "p_defect",
 )
-ISSUE_COLUMNS = ("suspected_label_error", "suggested_label", "label_quality", "near_duplicate_of", "outlier")
+ISSUE_COLUMNS = ("suspected_label_error", "suspected_label", "suggested_label", "label_quality", "near_duplicate_of", "outlier")
+# a cell a spreadsheet would run as a formula (a manifest's part "=HYPERLINK(...)"): written with a leading quote in CSV
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 EXPORT_FORMATS = ("csv", "jsonl")
 
 
@@ -68,20 +70,25 @@ def export_source(session: Session, project: Project, *, round_number: int | Non
 def image_records(session: Session, project: Project, source: ExportSource, *, labeled_only: bool = False) -> Iterator[dict[str, Any]]:
     """One dict per image of the project (keys: source.columns()), by image id. Images replaced by a new file at their
     path are left out (they are no longer the project's data); quarantined ones are kept with their status.
-    labeled_only: readable images with a label (no ties, nothing quarantined): a training set."""
+    labeled_only: readable images with a label (no ties, nothing quarantined), the frozen test split included (its
+    `split` says so: keep it out of training). The round's findings: suspected_label_error is None for images the
+    round did not judge (ingested since; label errors: the test split), and True only while the label is still the
+    one it suspected (suspected_label); outlier is None for images ingested since."""
     labels = current_labels(session, project.id)
     round_id = None
     if source.round_number is not None:
         round_id = session.scalar(select(Round.id).where(Round.project_id == project.id, Round.number == source.round_number))
-    predictions: dict[int, Prediction] = {}
+    predictions: dict[int, tuple[str, float | None, dict]] = {}
     issues: dict[int, dict[str, Any]] = defaultdict(dict)
     if round_id is not None:
-        predictions = {p.image_id: p for p in session.scalars(select(Prediction).where(Prediction.round_id == round_id))}
+        # plain rows, not ORM objects: 100k predictions as objects were most of the export's memory
+        predictions = {image_id: (label, p_defect, probabilities) for image_id, label, p_defect, probabilities in session.execute(
+            select(Prediction.image_id, Prediction.predicted_label, Prediction.p_defect, Prediction.probabilities).where(Prediction.round_id == round_id))}
         paths = dict(session.execute(select(Image.id, Image.path).where(Image.project_id == project.id)).all())
         for issue in session.scalars(select(LabelIssue).where(LabelIssue.round_id == round_id, LabelIssue.flagged.is_(True))):
             found = issues[issue.image_id]
             if issue.kind == "label_error":
-                found.update(suspected_label_error=True, suggested_label=issue.suggested_label, label_quality=issue.score)
+                found.update(suspected_label=issue.given_label, suggested_label=issue.suggested_label, label_quality=issue.score)
             elif issue.kind == "near_duplicate":
                 found["near_duplicate_of"] = paths.get(issue.related_image_id)
             elif issue.kind == "outlier":
@@ -92,8 +99,15 @@ def image_records(session: Session, project: Project, source: ExportSource, *, l
         if labeled_only and (image.status != "ok" or label is None or label.status != "labeled"):
             continue
         prediction = predictions.get(image.id)
-        probabilities = (prediction.probabilities or {}) if prediction is not None else {}
+        probabilities = (prediction[2] or {}) if prediction is not None else {}
         found = issues.get(image.id, {})
+        # judged by the round: images it predicted or flagged (not those ingested since); label errors outside the test split
+        in_round = prediction is not None or bool(found)
+        current = label.label if label is not None else None
+        if found.get("suspected_label") is not None:  # the suspicion holds while the label is still the one suspected
+            suspected: bool | None = found["suspected_label"] == current
+        else:
+            suspected = False if in_round and image.split != "test" else None
         yield {
             "image_id": image.id, "path": image.path, "sha256": image.sha256, "split": image.split, "status": image.status,
             "status_reason": image.status_reason, "part": image.part, "width": image.width, "height": image.height,
@@ -102,20 +116,22 @@ def image_records(session: Session, project: Project, source: ExportSource, *, l
             "label_source": label.source if label is not None else None,
             "votes": label.n_votes if label is not None else 0,
             "agreement": label.agreement if label is not None else None,
-            "predicted_label": prediction.predicted_label if prediction is not None else None,
-            "p_defect": prediction.p_defect if prediction is not None else None,
+            "predicted_label": prediction[0] if prediction is not None else None,
+            "p_defect": prediction[1] if prediction is not None else None,
             **{f"p_{name}": probabilities.get(name) for name in source.classes},
-            "suspected_label_error": bool(found.get("suspected_label_error", False)) if round_id is not None else None,
+            "suspected_label_error": suspected,
+            "suspected_label": found.get("suspected_label"),
             "suggested_label": found.get("suggested_label"),
             "label_quality": found.get("label_quality"),
             "near_duplicate_of": found.get("near_duplicate_of"),
-            "outlier": bool(found.get("outlier", False)) if round_id is not None else None,
+            "outlier": bool(found.get("outlier", False)) if in_round else None,
         }
 
 
 def write_records(handle: TextIO, records: Iterable[dict[str, Any]], *, columns: list[str], fmt: str) -> Iterator[dict[str, Any]]:
-    """Write each record to `handle` as a CSV row (a header first; empty for none, every digit of a float) or a JSON
-    line (null for none), yielding it once written (for counting)."""
+    """Write each record to `handle` as a CSV row (a header first; empty for none, every digit of a float, a text a
+    spreadsheet would run as a formula after a quote) or a JSON line (null for none, text as it is), yielding it once
+    written (for counting)."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: {' or '.join(EXPORT_FORMATS)}")
     writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n") if fmt == "csv" else None
@@ -132,6 +148,8 @@ def write_records(handle: TextIO, records: Iterable[dict[str, Any]], *, columns:
 def _csv_value(value: Any) -> Any:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
     return repr(value) if isinstance(value, float) else value
 
 

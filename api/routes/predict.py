@@ -104,19 +104,20 @@ def _model_path(round_: Round, project: Project, project_dir: Path) -> Path:
 
 
 def _artifact_file(recorded: str, *, round_number: int, root_dir: Path, project_dir: Path) -> Path | None:
-    """A round's artifact file: where it was written, else at the same place in the served project folder (a moved or
-    copied project's store names its first folder, as `loop init --init-from` also allows); None: in neither."""
+    """A round's artifact file: at its place in the served project folder (a moved or copied project's store names its
+    first folder, as `loop init --init-from` also allows), else where it was written; None: in neither."""
     stored = Path(recorded)
-    candidates = [stored if stored.is_absolute() else root_dir / stored]
+    served: list[Path] = []  # the served folder's own file first: its old place may hold another project by now
     if stored.is_absolute():
         try:
-            candidates.append(project_dir / stored.relative_to(root_dir))
+            served.append(project_dir / stored.relative_to(root_dir))
         except ValueError:  # written outside the folder the store names
             pass
     else:
-        candidates.append(project_dir / stored)
+        served.append(project_dir / stored)
     # only the file's name is taken from the record: the folder is the loop's own layout, artifacts/round-NNN
-    candidates.append(project_dir / "artifacts" / f"round-{round_number:03d}" / stored.name)
+    served.append(project_dir / "artifacts" / f"round-{round_number:03d}" / stored.name)
+    candidates = [*served, stored if stored.is_absolute() else root_dir / stored]
     return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 

@@ -5,6 +5,7 @@ import dataclasses
 import os
 import re
 import tempfile
+import threading
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query
@@ -57,6 +58,7 @@ def progress(project_id: RowId, session: SessionDep, cache: ResponseCacheDep, pr
 
 
 EXPORT_MEDIA_TYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
+_EXPORTING = threading.Lock()  # held while an export is written (sending it is not counted)
 
 
 @router.get(
@@ -67,6 +69,7 @@ EXPORT_MEDIA_TYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
               "description": "one row per image: path, content hash, split, current label, and the round's decision, probabilities and findings"},
         404: {"model": ErrorOut},
         409: {"model": ErrorOut, "description": "the round asked for did not complete"},
+        429: {"model": ErrorOut, "description": "another export is being written"},
     },
     summary="The images with labels and a round's predictions, as CSV or JSON Lines (?token= accepted, for a download link)",
 )
@@ -83,6 +86,9 @@ def export_images(
         source = export.export_source(session, project, round_number=round)
     except LookupError as error:
         raise HTTPException(409 if "not completed" in str(error) else 404, detail=str(error)) from None
+    # one at a time: 100k images take ~13 s of this server's time, and four at once slowed every dashboard poll to 14 s
+    if not _EXPORTING.acquire(blocking=False):
+        raise HTTPException(429, detail="another export is being written: try again when it is done", headers={"Retry-After": "15"})
     # written to a temporary file while the session is open (a streamed body would outlive it), sent, then removed
     handle = tempfile.NamedTemporaryFile("w", suffix=f".{format}", newline="", encoding="utf-8", delete=False)
     try:
@@ -93,5 +99,7 @@ def export_images(
     except BaseException:
         os.unlink(handle.name)
         raise
+    finally:
+        _EXPORTING.release()
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", project.name) + (f"-round-{source.round_number}" if source.round_number else "") + f".{format}"
     return FileResponse(handle.name, media_type=EXPORT_MEDIA_TYPES[format], filename=name, background=BackgroundTask(os.unlink, handle.name))

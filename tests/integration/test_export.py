@@ -81,14 +81,37 @@ def test_export_writes_every_image_with_its_label_and_the_rounds_predictions_and
         assert (row["suspected_label_error"] == "True") == (image_id in suspects)
         if image_id in suspects:
             assert row["suggested_label"] == suspects[image_id].suggested_label and float(row["label_quality"]) == suspects[image_id].score
+            assert row["suspected_label"] == suspects[image_id].given_label
+        elif row["split"] == "test" or image_id not in predictions:
+            assert row["suspected_label_error"] == ""  # not judged by the round: not "checked, not flagged"
+        else:
+            assert row["suspected_label_error"] == "False"
     assert rows[others[0]]["near_duplicate_of"] == paths[others[1]] and rows[others[2]]["outlier"] == "True"
     assert rows[others[3]]["outlier"] == "False"
 
-    # JSON Lines: the same records, typed; --labeled-only: what a training set takes (no ties, nothing quarantined)
+    # an answer since the round changes the suspect's label: settled, and the row says what was suspected; a part name a
+    # spreadsheet would run as a formula is written as text
+    suspect = next(iter(suspects))
+    changed_to = next(name for name in ("good", "scratch", "spot", "patch") if name != suspects[suspect].given_label)
+    with session_scope(ctx.engine) as session:
+        session.add(LabelEvent(image_id=suspect, label=changed_to, source="annotator", annotator="c"))
+        session.get(Image, others[3]).part = '=HYPERLINK("http://x","part-7")'
+    assert invoke("export", str(tmp_path / "later.csv"), "--project", str(project)).exit_code == 0
+    later = read_csv(tmp_path / "later.csv")
+    assert (later[suspect]["suspected_label_error"], later[suspect]["suspected_label"], later[suspect]["label"]) == (
+        "False", suspects[suspect].given_label, changed_to)
+    assert later[others[3]]["part"] == "'=HYPERLINK(\"http://x\",\"part-7\")"
+    assert invoke("export", str(tmp_path / "later.jsonl"), "--project", str(project)).exit_code == 0
+    raw = {r["image_id"]: r for r in map(json.loads, (tmp_path / "later.jsonl").read_text().splitlines())}
+    assert raw[others[3]]["part"] == '=HYPERLINK("http://x","part-7")'  # JSON Lines: as stored
+
+    # JSON Lines: the same records, typed; --labeled-only: labeled images only (no ties, nothing quarantined)
     assert invoke("export", str(tmp_path / "labeled.jsonl"), "--project", str(project), "--labeled-only").exit_code == 0
     records = [json.loads(line) for line in (tmp_path / "labeled.jsonl").read_text().splitlines()]
     assert {r["image_id"] for r in records} == {i for i in kept if i != quarantined and labels.get(i) and labels[i].status == "labeled"}
-    assert all(r["p_good"] == float(rows[r["image_id"]]["p_good"]) and isinstance(r["suspected_label_error"], bool) for r in records)
+    assert all(r["p_good"] == float(rows[r["image_id"]]["p_good"]) for r in records)
+    assert all(isinstance(r["suspected_label_error"], bool) == (r["split"] != "test") for r in records)  # typed; the test split not judged
+    assert {r["split"] for r in records} >= {"test", "train"}  # the frozen test split's are kept, and say so
 
     # an existing file is never replaced without --force (it may be the manifest the images came from)
     kept_bytes = manifest.read_bytes()

@@ -30,11 +30,13 @@ def test_export_is_the_latest_completed_rounds_predictions_and_findings_per_imag
     assert (first["split"], first["label"], first["label_source"], first["predicted_label"]) == ("test", "good", "import", "good")
     assert (float(first["p_defect"]), float(first["p_good"]), float(first["p_scratch"])) == (0.1, 0.9, 0.05)
     assert rows[image[2]]["predicted_label"] == "" and rows[image[2]]["p_good"] == ""  # R2 predicted image 1 only
-    # R2's flagged label errors, with the suggested label; rank 4 (not flagged) is not a suspect
-    assert [(rows[image[k]]["suspected_label_error"], rows[image[k]]["suggested_label"]) for k in (6, 5, 4)] == [
-        ("True", "spot"), ("True", "spot"), ("False", "")]
+    # R2's flagged label errors, with the suggested label: image 6 still has the label suspected; image 5's was answered
+    # since (spot), which settles it; rank 4 (not flagged, and not predicted by R2 in this seed) was not judged
+    assert [(rows[image[k]]["suspected_label_error"], rows[image[k]]["suspected_label"], rows[image[k]]["suggested_label"]) for k in (6, 5, 4)] == [
+        ("True", "scratch", "spot"), ("False", "scratch", "spot"), ("", "", "")]
     assert float(rows[image[6]]["label_quality"]) == 0.05
-    assert rows[image[3]]["near_duplicate_of"].endswith("img02.png") and rows[image[2]]["outlier"] == "False"
+    assert rows[image[3]]["near_duplicate_of"].endswith("img02.png") and rows[image[1]]["outlier"] == "False"
+    assert rows[image[2]]["outlier"] == ""  # not judged by R2 (no prediction, no finding)
     # the answer supersedes the import (image 5); three annotators, two agreeing (image 12)
     assert (rows[image[5]]["label"], rows[image[5]]["label_source"]) == ("spot", "annotator")
     assert (rows[image[12]]["label"], rows[image[12]]["votes"], round(float(rows[image[12]]["agreement"]), 3)) == ("spot", "3", 0.667)
@@ -44,7 +46,7 @@ def test_export_is_the_latest_completed_rounds_predictions_and_findings_per_imag
     earlier = client.get(f"/projects/{seeded_store.project_id}/export?round=1&format=jsonl&token={READ_TOKEN}")
     assert earlier.status_code == 200 and earlier.headers["content-type"].startswith("application/x-ndjson")
     records = {r["image_id"]: r for r in map(json.loads, earlier.text.splitlines())}
-    assert records[image[2]]["outlier"] is True and records[image[6]]["suspected_label_error"] is False
+    assert records[image[2]]["outlier"] is True and records[image[6]]["suspected_label_error"] is None  # R1 judged image 6 not at all
     assert records[image[1]]["p_good"] == 0.9 and records[image[3]]["near_duplicate_of"] is None
 
 
@@ -56,6 +58,13 @@ def test_export_refuses_what_it_cannot_give(client: TestClient, read_headers, se
     assert client.get(f"{base}?round=9", headers=read_headers).status_code == 404
     assert client.get(f"{base}?format=xml", headers=read_headers).status_code == 422
     assert client.get("/projects/999/export", headers=read_headers).status_code == 404
+    # one export written at a time: four at once slowed every dashboard poll to 14 s
+    from api.routes import projects
+
+    with projects._EXPORTING:
+        busy = client.get(base, headers=read_headers)
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "15"
+    assert client.get(base, headers=read_headers).status_code == 200  # released
     # a project with no rounds and no images: the header alone, its classes as the probability columns
     empty = client.get(f"/projects/{seeded_store.empty_project_id}/export", headers=read_headers)
     assert empty.status_code == 200 and empty.text.splitlines()[0].split(",")[16:18] == ["p_ok", "p_bad"] and len(empty.text.splitlines()) == 1

@@ -123,6 +123,12 @@ def test_predict_finds_the_model_in_a_moved_project_folder(writable_store: Seede
         response = client.post("/predict", headers=full_headers, files=[("files", ("red.png", png_bytes((220, 40, 40)), "image/png"))])
         assert response.status_code == 200, response.text
         assert response.json()["round_number"] == 2 and response.json()["predictions"][0]["predicted_label"] == "scratch"
+        # the old place holds another project's file by now (`mv P P-v1 && loop init P`): the served folder's is used
+        (old / "artifacts" / "round-002").mkdir(parents=True)
+        (old / "artifacts" / "round-002" / "model.onnx").write_bytes(b"another project's model")
+        response = client.post("/predict", headers=full_headers, files=[("files", ("red.png", png_bytes((220, 40, 40)), "image/png"))])
+        assert response.status_code == 200, response.text
+        (old / "artifacts" / "round-002" / "model.onnx").unlink()
         moved.unlink()  # in neither place: still a 503 naming the file
         response = client.post("/predict", headers=full_headers, files=[("files", ("red.png", png_bytes((220, 40, 40)), "image/png"))])
     assert response.status_code == 503 and "'model.onnx' is missing" in response.json()["detail"]
