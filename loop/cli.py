@@ -474,7 +474,7 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
         table.add_row(name, *(str(per.get(s, 0)) for s in sources), str(labels["by_class"][name]))
     console.print(table)
     rounds = Table(title="rounds")
-    for column in ("round", "status", "trained", "macro F1", "defect recall", "FPR", "latency ms", "gates"):
+    for column in ("round", "status", "trained", "macro F1", "defect recall", "FPR", "latency ms", "threshold", "gates"):
         rounds.add_column(column, overflow="fold")  # narrow terminals wrap a cell instead of cutting it to "comple…"
     # the store says whether any folder or machine writes to it now (PostgreSQL, a SQLite file); this folder's lock too
     try:
@@ -489,8 +489,11 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
         if r["training"].get("best_epoch") is not None and r["training"].get("epochs_run"):
             trained += f" (epoch {r['training']['best_epoch']}/{r['training']['epochs_run']})"
         state = "running?" if r["number"] in running_without_process else r["status"]
+        # P(defect) threshold and where it was chosen (never the test split): beside the FPR it decides
+        choice = r.get("threshold_choice") or {}
+        threshold = "-" if r.get("threshold") is None else f"{r['threshold']:.3g}" + (f" ({choice['source']})" if choice.get("source") else "")
         rounds.add_row(str(r["number"]), state, trained, *(metric_text(r, name) for name in ("macro_f1", "defect_recall", "negative_fpr", "latency_ms")),
-                       gates)
+                       threshold, gates)
     console.print(rounds)
     if running_without_process:  # killed (SIGKILL, power): nothing runs it, and nothing marked it yet
         holder = ("no process holds this project folder or its store" if store_held is not None

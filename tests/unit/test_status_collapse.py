@@ -19,7 +19,8 @@ def _record_round(ctx, number: int, y_pred: list[int]) -> None:  # noqa: ANN001
     gates = evaluate_gates(metrics=metrics, latency_ms=5.0, macro_f1_min=0.7, defect_recall_min=0.85, negative_fpr_max=0.03, latency_ms_max=30.0)
     with session_scope(ctx.engine) as session:
         row = Round(project_id=get_project(session).id, number=number, status="completed",
-                    details={"collapse_check": {"test_split": bool(metrics["collapsed"]), "every_image_predicted_as": None}})
+                    details={"collapse_check": {"test_split": bool(metrics["collapsed"]), "every_image_predicted_as": None},
+                             "threshold": 0.41, "threshold_source": "validation", "threshold_choice": {"threshold": 0.41, "source": "validation"}})
         session.add(row)
         session.flush()
         session.add_all(Metric(round_id=row.id, name=name, value=metrics[name]) for name in ("macro_f1", "defect_recall", "negative_fpr"))
@@ -43,3 +44,4 @@ def test_a_collapsed_rounds_macro_f1_shows_the_gates_zero_and_says_collapsed(new
 
     table = " ".join(CliRunner().invoke(app, ["status", "--project", str(new_project.root)], env={"COLUMNS": "250"}).output.split())
     assert f"0 (collapsed; measured {collapsed['metrics']['macro_f1']:.4g})" in table
+    assert "0.41 (validation)" in table  # the threshold and where it was chosen: the table never said
