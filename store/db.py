@@ -104,13 +104,28 @@ def lock_file_held(path: Path) -> bool:
     match = re.search(r"running as pid (\d+)$", holder)
     if match is None:
         return bool(holder)
+    pid = int(match.group(1))
     try:
-        os.kill(int(match.group(1)), 0)  # signal 0: only asks whether the process exists
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # exists, another user's
-    return True
+        pass  # exists, another user's
+    try:  # a process started after the holder wrote the file only reuses its pid (a reboot, a long uptime): not the holder
+        return not _started_after(pid, path.stat().st_mtime)
+    except OSError:
+        return True
+
+
+def _started_after(pid: int, moment: float) -> bool:
+    """Whether process pid started after `moment` (seconds since the epoch); False when /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        start_ticks = int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, starttime, in clock ticks since boot
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    return boot + start_ticks / os.sysconf("SC_CLK_TCK") > moment + 2.0  # 2 s: the clock tick and btime's rounding
 
 
 def _sqlite_lock_path(engine: Engine) -> Path | None:
