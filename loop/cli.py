@@ -254,6 +254,8 @@ def round_command(
                 recorded = "before the round started: nothing was recorded"
             elif latest[2] == "failed":
                 recorded = f"round {latest[1]} is recorded as failed (`loop status --json` gives the step it stopped in)"
+            elif latest[2] == "completed":  # it came as the finished round let go of its locks
+                recorded = f"round {latest[1]} had completed"
             else:  # a second Ctrl-C cut short the recording of the first
                 recorded = f"round {latest[1]} is left as running; the next `loop round` records it as interrupted"
             error_console.print(f"[bold red]interrupted:[/] {recorded}; the labels and earlier rounds are kept. `loop round` starts a new one.")

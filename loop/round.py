@@ -10,6 +10,8 @@ fails leaves what earlier steps committed (pulled labels, quarantined files) int
 """
 from __future__ import annotations
 
+import json
+
 import inspect
 import shutil
 import time
@@ -1675,24 +1677,35 @@ def _failure_note(root: Path, round_id: int) -> Path:
     return root / f".round-{round_id}-failure.txt"
 
 
-def _keep_failure_reason(root: Path, round_id: int | None, reason: str) -> None:
-    """Best effort (the disk may be full): why a round failed, for the next round to record."""
-    if round_id is None:
+def _keep_failure_reason(root: Path, round_row: tuple[int, int, str] | None, reason: str) -> None:
+    """Best effort (the disk may be full): why a round (id, number, started_at) failed, for the next round to record.
+    The number and start time go with it: another store, or a store made again, reuses round ids."""
+    if round_row is None:
         return
+    round_id, number, started_at = round_row
     try:
-        _failure_note(root, round_id).write_text(reason[:2000] + "\n")
+        _failure_note(root, round_id).write_text(json.dumps({"number": number, "started_at": started_at, "reason": reason[:2000]}) + "\n")
     except OSError:
         pass
 
 
-def _kept_failure_reason(root: Path, round_id: int) -> str | None:
-    note = _failure_note(root, round_id)
+def _kept_failure_reason(root: Path, stale: Round) -> str | None:
+    """The reason kept for this very round (its number and start time match), else None. The note is removed by the
+    caller once the round's new state is committed."""
     try:
-        reason = note.read_text().strip()
-    except OSError:
+        note = json.loads(_failure_note(root, stale.id).read_text())
+    except (OSError, ValueError):
         return None
-    note.unlink(missing_ok=True)
-    return f"{reason} (recorded by the next round: the store could not be written when it failed)" if reason else None
+    if not isinstance(note, dict) or note.get("number") != stale.number or note.get("started_at") != _when(stale.started_at):
+        return None
+    return f"{note.get('reason')} (recorded by the next round: the store could not be written when it failed)"
+
+
+def _when(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    # in UTC without a zone: SQLite hands it back without one (it is UTC), PostgreSQL in the session's zone
+    return (moment.astimezone(timezone.utc) if moment.tzinfo else moment).replace(tzinfo=None).isoformat()
 
 
 def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, console: Console | None = None) -> RoundOutcome:
@@ -1707,14 +1720,21 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
             state.details["classes_changed"] = classes_changed
             console.print(f"classes from loop.toml: {', '.join(ctx.config.classes)} (negative: {ctx.config.negative_class}); "
                           f"were {', '.join(classes_changed['before']['classes'])} (negative: {classes_changed['before']['negative_class']})")
+        recorded_notes = []
         for stale in session.scalars(select(Round).where(Round.project_id == project.id, Round.status == "running")):
-            stale.status, stale.error = "failed", _kept_failure_reason(ctx.root, stale.id) or "interrupted (the process ended before the round finished)"
+            kept = _kept_failure_reason(ctx.root, stale)
+            stale.status, stale.error = "failed", kept or "interrupted (the process ended before the round finished)"
+            if kept:
+                recorded_notes.append(_failure_note(ctx.root, stale.id))
         state.number = next_round_number(session, project.id)
         state.last_ingest_at_start = session.scalar(select(func.max(IngestBatch.id)).where(IngestBatch.project_id == project.id)) or 0
         round_row = Round(project_id=project.id, number=state.number, status="running", config_snapshot=_config_snapshot(ctx.config))
         session.add(round_row)
         session.flush()
         state.round_id = round_row.id
+        round_identity = (round_row.id, round_row.number, _when(round_row.started_at))  # for a failure the store cannot take
+    for note in recorded_notes:  # the reasons kept for rounds just recorded as failed: in the store now
+        note.unlink(missing_ok=True)
     step_name = ""
     try:
         for step in [*ROUND_STEPS, record_round]:
@@ -1748,7 +1768,7 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
                 round_row.details = _jsonable({**state.details, "traceback": traceback.format_exc(limit=8)})
         except Exception as unrecorded:  # the store itself failed too (a full disk, a lost server): its error must not hide
             # the round's, and the next round records the reason kept beside loop.toml instead of "the process ended"
-            _keep_failure_reason(ctx.root, state.round_id, reason)
+            _keep_failure_reason(ctx.root, round_identity, reason)
             console.print(f"[yellow]warning:[/] the round's failure could not be recorded in the store ({type(unrecorded).__name__}: "
                           f"{str(unrecorded).splitlines()[0][:200]}); the next `loop round` records it")
         raise

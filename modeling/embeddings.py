@@ -122,9 +122,9 @@ class EmbeddingExtractor:
         def hand_over() -> None:
             nonlocal kept, kept_rows
             if keep is not None and len(outputs) > kept:
-                rows = np.concatenate(outputs[kept:]).astype(np.float32)
-                keep(kept_rows, rows)
-                kept, kept_rows = len(outputs), kept_rows + len(rows)
+                rows, start = np.concatenate(outputs[kept:]).astype(np.float32), kept_rows
+                kept, kept_rows = len(outputs), kept_rows + len(rows)  # first: a piece interrupted in keep is not handed over twice
+                keep(start, rows)
 
         # Decode the next batch while ONNX Runtime runs this one.
         try:
@@ -137,8 +137,13 @@ class EmbeddingExtractor:
                     advance(len(batch))
                     if sum(len(o) for o in outputs[kept:]) >= keep_every:
                         hand_over()
-        finally:  # interrupted or failed: what is done is still right, and kept
-            hand_over()
+        except BaseException:  # interrupted or failed: what is done is still right, and kept
+            try:
+                hand_over()
+            except Exception:  # noqa: BLE001 - the interruption or failure in flight is the one to report (a full cache disk hid a Ctrl-C)
+                pass
+            raise
+        hand_over()
         if not outputs:
             return np.zeros((0, 0), dtype=np.float32)
         return np.concatenate(outputs).astype(np.float32)

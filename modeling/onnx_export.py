@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 import warnings
 from pathlib import Path
 
@@ -15,7 +16,7 @@ def export_onnx(module: nn.Module, path: Path, *, image_size: int, output_name: 
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
     example = torch.zeros(2, 3, image_size, image_size)
-    tmp_path = path.with_suffix(".tmp.onnx")
+    tmp_path = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.onnx")  # its own: processes share a cache
     try:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")

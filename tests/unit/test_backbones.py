@@ -145,6 +145,25 @@ def test_embedding_hands_its_rows_over_as_it_goes_and_keeps_them_when_interrupte
     assert [(start, len(rows)) for start, rows in kept] == [(0, 2), (2, 1)]  # the three done before it
     np.testing.assert_array_equal(np.concatenate([rows for _, rows in kept]), vectors[:3])
 
+    # the cache failing as the interruption hands its rows over (a full disk): the Ctrl-C is what comes out
+    def full(start, rows):  # noqa: ANN001, ANN202
+        if start > 0:  # the first piece fits; the one handed over on the way out does not
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(KeyboardInterrupt):
+        extractor.embed(paths, show_progress=False, keep=full)
+    # a Ctrl-C inside a hand-over: that piece is not handed over again on the way out
+    monkeypatch.setattr(extractor, "_load_batch", load)
+    calls: list[tuple[int, int]] = []
+
+    def interrupted_keep(start, rows):  # noqa: ANN001, ANN202
+        calls.append((start, len(rows)))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extractor.embed(paths, show_progress=False, keep=interrupted_keep)
+    assert calls == [(0, 2)]
+
 
 def test_multilayer_embeddings_through_onnx_match_torch(tmp_path: Path, backbone) -> None:
     from dataclasses import replace

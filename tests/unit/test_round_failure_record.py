@@ -55,6 +55,18 @@ def test_a_failure_the_store_cannot_record_is_shown_as_itself_and_recorded_by_th
     assert sorted(p.name for p in (project / "artifacts" / "round-001").iterdir()) == ["confusion_matrix.png"]
 
     monkeypatch.setattr(round_module, "session_scope", real_scope)
+    (note,) = project.glob(".round-*-failure.txt")
+
+    # the next round's first transaction fails too (the store is still in trouble): the note stays for the one after
+    def store_still_gone(session, project_id):  # noqa: ANN001, ANN202
+        raise OperationalError("SELECT max(number)", {}, Exception("server closed the connection"))
+
+    real_next = round_module.next_round_number
+    monkeypatch.setattr(round_module, "next_round_number", store_still_gone)
+    with pytest.raises(OperationalError):
+        round_module.run_round(open_project(project))
+    assert note.exists()
+    monkeypatch.setattr(round_module, "next_round_number", real_next)
 
     def stop(state) -> None:  # noqa: ANN001
         raise Stop
@@ -67,6 +79,17 @@ def test_a_failure_the_store_cannot_record_is_shown_as_itself_and_recorded_by_th
         assert first.status == "failed" and "step disk_full: OSError: [Errno 28] No space left on device" in first.error
         assert "recorded by the next round" in first.error
     assert not list(project.glob(".round-*-failure.txt"))  # taken in once
+
+    # a note for another round of that id (another store, or this one made again) is not taken for this one
+    with session_scope(open_project(project).engine) as session:
+        second = session.scalars(select(Round).where(Round.number == 2)).one()
+        second.status, second.error = "running", None
+        second_id = second.id
+    (project / f".round-{second_id}-failure.txt").write_text('{"number": 7, "started_at": "2020-01-01T00:00:00", "reason": "not this one"}')
+    with pytest.raises(Stop):
+        round_module.run_round(open_project(project))
+    with session_scope(open_project(project).engine) as session:
+        assert session.get(Round, second_id).error == "interrupted (the process ended before the round finished)"
 
 
 def test_a_ctrl_c_says_what_it_left_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,6 +117,10 @@ def test_a_ctrl_c_says_what_it_left_behind(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(round_module, "run_round", interrupted(record="failed"))
     result = runner.invoke(app, ["round", "--project", str(project), "--quiet"])
     assert "round 1 is recorded as failed" in " ".join(result.output.split())
+    with session_scope(open_project(project).engine) as session:
+        session.execute(Round.__table__.delete())
+    monkeypatch.setattr(round_module, "run_round", interrupted(record="completed"))  # came as the finished round let go
+    assert "round 1 had completed" in " ".join(runner.invoke(app, ["round", "--project", str(project), "--quiet"]).output.split())
 
 
 def test_a_damaged_store_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:
