@@ -260,14 +260,16 @@ def knn_label_distribution(
     n_classes: int,
     k: int = DEFAULT_KNN_NEIGHBORS,
     exclude: np.ndarray | None = None,
+    graph: NeighborGraph | None = None,
 ) -> np.ndarray:
     """(n, n_classes): similarity-weighted vote of each image's k nearest neighbours' labels.
 
     The image's own label never votes. Rows in `exclude` (bool mask, e.g. current suspects) do not
-    vote either. Laplace-smoothed so no class is exactly 0.
+    vote either. Laplace-smoothed so no class is exactly 0. `graph`: these embeddings' k-NN graph, when the caller
+    keeps one (an exact search over every labeled image grows with their number squared).
     """
     labels = np.asarray(labels)
-    sims, neighbors = _nearest_neighbors(np.asarray(embeddings, dtype=np.float32), k)
+    sims, neighbors = _nearest_neighbors(np.asarray(embeddings, dtype=np.float32), k, graph)
     weights = np.clip(sims, 0.0, None).astype(np.float64) + 1e-6
     if exclude is not None:
         weights = weights * ~np.asarray(exclude, dtype=bool)[neighbors]
@@ -291,13 +293,14 @@ def find_label_issues(
     embeddings: np.ndarray | None = None,
     knn_neighbors: int = DEFAULT_KNN_NEIGHBORS,
     knn_weight: float | str = "auto",
+    graph: NeighborGraph | None = None,
 ) -> LabelIssueReport:
     """Suspect labels among `labels` (n,), given out-of-fold `pred_probs` (n, n_classes).
 
     With `embeddings` (n, dim), a k-NN label vote is blended into the probabilities before
     confident learning, with weight `knn_weight` ("auto": chosen from KNN_WEIGHT_GRID by log-loss
     on the given labels); without, this is cleanlab's confident learning on `pred_probs`. Classes with fewer than MIN_EXAMPLES_FOR_CONFIDENT_JOINT labels
-    still get scores and flags but no noise-rate estimate.
+    still get scores and flags but no noise-rate estimate. `graph`: the embeddings' k-NN graph when kept by the caller.
     """
     import cleanlab.count
     import cleanlab.filter
@@ -329,7 +332,7 @@ def find_label_issues(
             raise ValueError(f"knn_weight must be 'auto' or in [0, 1], got {knn_weight!r}")
         if n > 2 and knn_weight != 0:
             knn = knn_label_distribution(
-                embeddings=embeddings, labels=labels, n_classes=n_classes, k=knn_neighbors
+                embeddings=embeddings, labels=labels, n_classes=n_classes, k=knn_neighbors, graph=graph
             )
             grid = KNN_WEIGHT_GRID if knn_weight == "auto" else (float(knn_weight),)
             rows = np.arange(n)

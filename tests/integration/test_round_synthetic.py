@@ -136,6 +136,10 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
         n_images = round_row.details["neighbor_graph"]["rows"]
         assert round_row.details["neighbor_graph"]["rows_computed"] == n_images == n_ok
         assert (round_two.details["neighbor_graph"]["rows_from_cache"], round_two.details["neighbor_graph"]["rows_computed"]) == (n_images, 0)
+        # the labeled images' own graph (label issues' k-NN vote), kept too: only the newly labeled rows are searched
+        labeled_graph = round_two.details["label_quality"]["neighbor_graph"]
+        assert labeled_graph["rows_computed"] == labeled_graph["new_images"] <= len(answered)
+        assert labeled_graph["rows_from_cache"] == labeled_graph["rows"] - labeled_graph["rows_computed"] > 0
         # Good parts an active-learning strategy picked (this project's `default`, and the `default` row added above)
         # are counted apart from the imported (sampled) ones in the threshold.
         actively_selected = {s.image_id for s in session.scalars(select(Selection).where(Selection.strategy.not_in(("random", "label_quality"))))}
