@@ -133,7 +133,6 @@ class ClassRenamed:
     tasks: int = 0
     saved: dict[int, tuple[str | None, str | None]] = field(default_factory=dict)
     projects_gone: list[int] = field(default_factory=list)
-    own_user_id: int | None = None
 
 
 @register_backend(BACKEND_NAME)
@@ -736,7 +735,7 @@ class LabelStudioBackend:
         Raises a LabelStudioError: before anything is changed (not configured, unreachable, token refused), or when
         Label Studio failed part-way."""
         client, own_user_id = self._renaming_client()
-        renamed = ClassRenamed(own_user_id=own_user_id)
+        renamed = ClassRenamed()
         for ls_project_id in self._task_projects(session, project):
             try:
                 done = lsc.rename_choice(client, project_id=ls_project_id, old=old, new=new, own_user_id=own_user_id)
@@ -766,17 +765,13 @@ class LabelStudioBackend:
     @staticmethod
     def _rename_failed(error: BaseException, *, old: str, new: str, ls_project_id: int) -> lsc.LabelStudioError:
         return lsc.LabelStudioError(f"Label Studio failed while renaming {old!r} to {new!r} in its project {ls_project_id} ({_describe(error)}); "
-                                    "nothing in the store was changed, and what Label Studio renamed already stays renamed: run the same "
+                                    "nothing in the store was renamed, and what Label Studio renamed already stays renamed: run the same "
                                     "command again to finish")
 
     def _task_projects(self, session: Session, project: Project) -> list[int]:
         return sorted({int(p) for p in session.scalars(
             select(AnnotationTask.external_project_id).join(Image, Image.id == AnnotationTask.image_id)
             .where(AnnotationTask.backend == self.name, Image.project_id == project.id, AnnotationTask.external_project_id.is_not(None)).distinct())})
-
-    def has_tasks(self, *, session: Session, project: Project) -> bool:
-        """Whether any image of the project has a task in Label Studio (else a class rename has nothing to do there)."""
-        return bool(self._task_projects(session, project))
 
     def record_class_rename(self, *, session: Session, project: Project, renamed: ClassRenamed) -> None:
         """After rename_class and the store's own rename: each answer Label Studio now holds as saved by us gets that save
@@ -802,8 +797,7 @@ class LabelStudioBackend:
         """The project's classes (project.classes) as the choices annotators see, in the Label Studio project its tasks
         are in (none is made for a project that has no task there yet). None when done, else why not (the next
         round's push tries again)."""
-        if not session.scalar(select(func.count()).select_from(AnnotationTask).join(Image, Image.id == AnnotationTask.image_id)
-                              .where(AnnotationTask.backend == self.name, Image.project_id == project.id)):
+        if not self._task_projects(session, project):
             return None
         try:
             self.ensure_project(project, session=session)

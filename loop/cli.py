@@ -420,9 +420,10 @@ def rename_class(
                 if not in_label_studio and not answers_naming(old):
                     raise ConfigError(f"no stored answer says {old!r}: nothing to rename")
             if in_label_studio:
-                # Label Studio first, writing nothing to the store: it keeps its answers under the old name and the next
-                # pull would read them again. A failure part-way leaves the store as it was; running the command again
-                # finishes the rest. (A webhook it sends meanwhile names a class the store does not have yet: deferred.)
+                # Label Studio first: it keeps its answers under the old name and the next pull would read them again. Its
+                # answers since the last pull are taken in as they are, then it is rewritten without touching the store,
+                # so a failure part-way leaves the store's answers unrenamed; running the command again finishes the rest.
+                # (A webhook it sends meanwhile names a class the store does not have yet: deferred.)
                 from labeling.labelstudio_client import LabelStudioError
 
                 backend = create_backend("labelstudio", config=ctx.config, project_dir=ctx.root)
