@@ -5,6 +5,7 @@ and /images also take the token as `?token=`. /health is open. Label Studio's we
 """
 from __future__ import annotations
 
+import errno
 import logging
 import secrets
 import socket
@@ -187,8 +188,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
         listener.bind((host, port))
     except OSError as error:
         listener.close()
-        raise OSError(error.errno, f"cannot listen on {host}:{port}: {error.strerror} (another `loop serve`, or another program, "
-                                   "has it): give --port") from None
+        taken = error.errno == errno.EADDRINUSE  # not an address this machine lacks, a name it cannot resolve, a port below 1024
+        raise OSError(error.errno, f"cannot listen on {host}:{port}: {error.strerror}"
+                                   + (" (another `loop serve`, or another program, has it): give --port" if taken else "")) from None
     return listener
 
 

@@ -478,7 +478,8 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     console.print(table)
     rounds = Table(title="rounds")
     for column in ("round", "status", "trained", "macro F1", "defect recall", "FPR", "latency ms", "threshold", "gates"):
-        rounds.add_column(column, overflow="fold")  # narrow terminals wrap a cell instead of cutting it to "comple…"
+        # narrow terminals wrap a cell instead of cutting it to "comple…"; the status ("running?") stays whole
+        rounds.add_column(column, overflow="fold", no_wrap=column in ("round", "status"), min_width=9 if column == "status" else None)
     # the store says whether any folder or machine writes to it now (PostgreSQL, a SQLite file); this folder's lock too
     try:
         store_held = store_lock_held(ctx.engine)
@@ -494,7 +495,8 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
         state = "running?" if r["number"] in running_without_process else r["status"]
         # P(defect) threshold and where it was chosen (never the test split): beside the FPR it decides
         choice = r.get("threshold_choice") or {}
-        threshold = "-" if r.get("threshold") is None else f"{r['threshold']:.3g}" + (f" ({choice['source']})" if choice.get("source") else "")
+        source = {"out_of_fold": "oof", "validation": "val"}.get(choice.get("source"), choice.get("source"))  # short: the table is cramped at 80 columns
+        threshold = "-" if r.get("threshold") is None else f"{r['threshold']:.3g}" + (f" ({source})" if source else "")
         rounds.add_row(str(r["number"]), state, trained, *(metric_text(r, name) for name in ("macro_f1", "defect_recall", "negative_fpr", "latency_ms")),
                        threshold, gates)
     console.print(rounds)

@@ -1085,12 +1085,12 @@ def select_next_batch(state: RoundState) -> None:
         state.details["selection"] = {"strategy": strategy, "n_candidates": int(len(candidates)), **_jsonable(result.summary)}
         asked = min(budget, len(candidates))
         if len(result.indices) < asked:  # said, not left to be guessed from the counts (a comparison with random looked unfair)
-            state.details["selection"]["short_of_budget"] = {
-                "asked": int(asked), "picked": int(len(result.indices)),
-                "why": f"the other candidates are near-duplicates (embedding cosine >= {DUPLICATE_SIMILARITY}) of images picked or labeled: "
-                       "labeling them adds little"}
-            state.console.print(f"selected {len(result.indices)} of a budget of {asked}: the other candidates are near-duplicates of images picked "
-                                "or labeled")
+            looked_at = result.summary.get("shortlist_size")
+            which = (f"the other candidates of the {looked_at} best ranked it looks at" if looked_at is not None and looked_at < len(candidates)
+                     else "the other candidates")
+            why = f"{which} are near-duplicates (embedding cosine >= {DUPLICATE_SIMILARITY}) of images picked or labeled"
+            state.details["selection"]["short_of_budget"] = {"asked": int(asked), "picked": int(len(result.indices)), "why": why}
+            state.console.print(f"selected {len(result.indices)} of a budget of {asked}: {why}")
     for row in _relabel_requests(state, loop_config.relabel_budget):
         picks.append((row["position"], 1.0 - row["score"], "suspected_label_error", row["given_label"]))
     for position in _tie_requests(state, loop_config.budget_per_round):
@@ -1744,14 +1744,17 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
     for note in recorded_notes:  # the reasons kept for rounds just recorded as failed: in the store now
         note.unlink(missing_ok=True)
     step_name = ""
+    steps = [*ROUND_STEPS, record_round]
+    recorded = False  # the last step committed the round as completed
     try:
-        for step in [*ROUND_STEPS, record_round]:
+        for step in steps:
             step_name = step.__name__
             if state.cold_start and step in MODEL_STEPS:
                 continue
             _confirm_store_is_ours(state, step_name)
             started = time.perf_counter()
             step(state)
+            recorded = step is steps[-1]
             state.timings_s[step_name] = time.perf_counter() - started
             if options.show_progress:  # one line per step (a spinner would fight the embedding progress bar)
                 console.print(f"[dim]round {state.number} · {step_name.replace('_', ' ')} · {state.timings_s[step_name]:.1f} s[/]")
@@ -1759,6 +1762,8 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
         with session_scope(ctx.engine) as session:
             session.get(Round, state.round_id).step_timings_s = {k: round(v, 3) for k, v in state.timings_s.items()}
     except BaseException as error:
+        if recorded:  # committed as completed already (only its timings were left): it stays so, files and all
+            raise
         reason = (f"interrupted (Ctrl-C) during step {step_name}" if isinstance(error, KeyboardInterrupt)
                   else f"step {step_name}: {type(error).__name__}: {error}")
         _drop_failed_round_models(state)

@@ -77,6 +77,9 @@ BOUNDARY_LOGIT_SCALE = 1.0
 OTHER_SIDE_SHARE = 0.5
 SHORTLIST_PER_PICK = 10
 MIN_SHORTLIST = 200
+# A shortlist the diversity filter empties before the budget is spent (many near-identical images ranked together) is
+# widened 4x at a time up to this many candidates: its redundancy matrix is this size squared (8192: 268 MB)
+MAX_SHORTLIST = 8192
 # cosine at or above this = near-duplicate, never two in one batch nor a twin of a labeled image. Measured on
 # magnetic tile (efficientnet_lite0): 87% of images have a neighbour >= 0.97 (same part, different defects), only
 # 2% one >= 0.995; at 0.97 the filter starved batches (+1..+7 of 20 picks from ~260 labels on).
@@ -481,6 +484,20 @@ def _threshold_boundary_scores(ctx: SelectionContext, p_good: np.ndarray) -> tup
     return likely_defect.astype(np.float32), confused_good.astype(np.float32)
 
 
+def _pick_from_ranking(ctx: SelectionContext, scores: np.ndarray, budget: int, *, slots_of: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """The diversity filter over the best-scored candidates (scores: one per entry of slots_of, else per candidate
+    slot): (picked slots, gains, shortlist size). Widened while it empties before the budget is spent: 300
+    near-identical images ranked first left a batch of 1 of 20 with 1000 distinct candidates never looked at."""
+    size = max(SHORTLIST_PER_PICK * budget, MIN_SHORTLIST)
+    while True:
+        local = _top_k(scores, size)
+        shortlist = local if slots_of is None else slots_of[local]
+        slots, gains = _diversity_filter(ctx, shortlist, scores[local], budget)
+        if len(slots) >= budget or size >= min(len(scores), MAX_SHORTLIST):
+            return slots, gains, int(len(shortlist))
+        size = min(size * 4, len(scores), MAX_SHORTLIST)
+
+
 def _diversity_filter(
     ctx: SelectionContext,
     shortlist: np.ndarray,
@@ -651,8 +668,7 @@ def _cold_start(ctx: SelectionContext, budget: int) -> SelectionResult:
             sims = ctx.unit_embeddings(ctx.candidates[part]) @ good_vectors.T
             top = np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:]
             distance[start : start + len(part)] = 1.0 - top.mean(axis=1)
-    shortlist_local = _top_k(distance, max(SHORTLIST_PER_PICK * budget, MIN_SHORTLIST))
-    slots, gains = _diversity_filter(ctx, pool[shortlist_local], distance[shortlist_local], budget)
+    slots, gains, shortlist_size = _pick_from_ranking(ctx, distance, budget, slots_of=pool)
     return _result(
         ctx,
         slots,
@@ -663,6 +679,7 @@ def _cold_start(ctx: SelectionContext, budget: int) -> SelectionResult:
         scanned=int(len(pool)),
         gate_focus=[],
         weights={},
+        shortlist_size=shortlist_size,
     )
 
 
@@ -706,8 +723,7 @@ def default_strategy(ctx: SelectionContext, budget: int) -> SelectionResult:
         for name, w in used.items():
             components[name] = _robust_scale(components[name], ctx.rng)
             combined += (w / total_weight) * components[name]
-        shortlist = _top_k(combined, max(SHORTLIST_PER_PICK * budget, MIN_SHORTLIST))
-    slots, gains = _diversity_filter(ctx, shortlist, combined[shortlist], budget)
+    slots, gains, shortlist_size = _pick_from_ranking(ctx, combined, budget)
     names = list(used)
     contributions = np.stack([used[name] * components[name][slots] for name in names], axis=1)
     reasons = [names[i] for i in contributions.argmax(axis=1)] if len(slots) else []
@@ -720,6 +736,6 @@ def default_strategy(ctx: SelectionContext, budget: int) -> SelectionResult:
         gate_estimates={k: ctx.gate_estimates.get(k) for k in GATE_KEYS},
         gate_focus=gate_focus,
         weights={k: round(v / total_weight, 4) for k, v in used.items()},
-        shortlist_size=int(len(shortlist)),
+        shortlist_size=shortlist_size,
         **info,
     )

@@ -125,7 +125,9 @@ def _started_after(pid: int, moment: float) -> bool:
         boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
     except (OSError, ValueError, IndexError, StopIteration):
         return False
-    return boot + start_ticks / os.sysconf("SC_CLK_TCK") > moment + 2.0  # 2 s: the clock tick and btime's rounding
+    # 60 s: btime follows the wall clock when it is stepped (NTP's first sync, a VM resumed) and an NFS mtime is the
+    # server's clock; a reused pid belongs to a process started long after (a reboot)
+    return boot + start_ticks / os.sysconf("SC_CLK_TCK") > moment + 60.0
 
 
 def _sqlite_lock_path(engine: Engine) -> Path | None:

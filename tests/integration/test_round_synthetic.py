@@ -1000,7 +1000,7 @@ def test_ctrl_c_during_a_round_says_what_was_kept_and_status_tells_a_killed_roun
     monkeypatch.setattr(round_module, "train_classifier", interrupted)
     result = runner.invoke(app, ["round", "--project", str(project_with_pool)])
     assert result.exit_code == 130
-    assert "interrupted: the round is recorded as failed" in " ".join(result.output.split())
+    assert "interrupted: round 1 is recorded as failed" in " ".join(result.output.split())
     ctx = open_project(project_with_pool)
     with session_scope(ctx.engine) as session:
         (failed,) = session.scalars(select(Round)).all()

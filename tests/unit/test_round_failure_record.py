@@ -150,3 +150,35 @@ def test_a_ctrl_c_during_ingest_says_nothing_was_stored(tmp_path: Path, class_fo
 
     with session_scope(open_project(project).engine) as session:
         assert session.scalars(select(Image)).first() is None
+
+
+def test_a_failure_after_the_round_was_recorded_completed_leaves_it_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the timings are written after record_round committed "completed": a failure there marked the round failed and
+    # deleted the model files of a round the store called completed (/predict then answered 503)
+    project = tmp_path / "project"
+    assert runner.invoke(app, ["init", str(project), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+    real_scope = round_module.session_scope
+
+    def record(state) -> None:  # noqa: ANN001
+        state.round_dir.mkdir(parents=True, exist_ok=True)
+        (state.round_dir / "model.onnx").write_bytes(b"x" * 1000)
+        with real_scope(state.ctx.engine) as session:
+            session.get(Round, state.round_id).status = "completed"
+
+    calls = {"n": 0}
+
+    def store_full_after_the_record(engine):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OperationalError("UPDATE rounds", {}, Exception("database or disk is full"))
+        return real_scope(engine)
+
+    monkeypatch.setattr(round_module, "ROUND_STEPS", [])
+    monkeypatch.setattr(round_module, "record_round", record)
+    monkeypatch.setattr(round_module, "_confirm_store_is_ours", lambda state, step_name: None)
+    monkeypatch.setattr(round_module, "session_scope", store_full_after_the_record)
+    with pytest.raises(OperationalError):
+        round_module.run_round(open_project(project))
+    with session_scope(open_project(project).engine) as session:
+        assert session.scalars(select(Round)).one().status == "completed"
+    assert (project / "artifacts" / "round-001" / "model.onnx").is_file() and not list(project.glob(".round-*-failure.txt"))

@@ -243,6 +243,24 @@ def test_default_batch_has_no_near_duplicates_even_when_they_are_all_most_uncert
     assert (margin_batch.indices >= n_other).sum() == 10  # what plain uncertainty would have done
 
 
+def test_a_shortlist_emptied_by_near_duplicates_is_widened_until_the_budget_is_spent() -> None:
+    # 300 near-identical images ranked first filled the whole shortlist (10 x budget): the batch came out 1 of 20 while
+    # 1000 distinct candidates were never looked at
+    rng = np.random.default_rng(8)
+    distinct = unit(rng.normal(size=(1000, 32)))
+    twins = near_duplicate_groups(rng, n_groups=1, copies=300)
+    labeled = unit(rng.normal(size=(50, 32)))
+    embeddings = np.concatenate([labeled, twins, distinct])
+    p_bad = np.concatenate([np.full(50, 0.1), np.full(300, 0.5), rng.uniform(0.0, 0.3, 1000)])
+    probabilities = np.stack([1 - p_bad, p_bad], axis=1).astype(np.float32)
+    labels = np.full(len(embeddings), -1)
+    labels[:40], labels[40:50] = 0, 1
+    result = select_batch(strategy="default", budget=20, embeddings=embeddings, probabilities=probabilities, labels=labels,
+                          candidates=np.flatnonzero(labels < 0), class_names=["good", "bad"], negative_index=0)
+    assert len(result.indices) == 20 and ((result.indices >= 50) & (result.indices < 350)).sum() == 1
+    assert result.summary["shortlist_size"] > 200  # widened past the first shortlist
+
+
 def test_default_skips_near_duplicates_of_labeled_images() -> None:
     rng = np.random.default_rng(7)
     embeddings = near_duplicate_groups(rng, n_groups=100, copies=2)

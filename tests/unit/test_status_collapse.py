@@ -44,4 +44,4 @@ def test_a_collapsed_rounds_macro_f1_shows_the_gates_zero_and_says_collapsed(new
 
     table = " ".join(CliRunner().invoke(app, ["status", "--project", str(new_project.root)], env={"COLUMNS": "250"}).output.split())
     assert f"0 (collapsed; measured {collapsed['metrics']['macro_f1']:.4g})" in table
-    assert "0.41 (validation)" in table  # the threshold and where it was chosen: the table never said
+    assert "0.41 (val)" in table  # the threshold and where it was chosen: the table never said
