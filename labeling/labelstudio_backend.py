@@ -778,16 +778,12 @@ class LabelStudioBackend:
         time in the store's record of it, so the next pull takes it as known, not as its annotator saving the answer
         again (a confirmation). Not when Label Studio held a save the store had not pulled before ours: the next pull
         then still compares the answer with the record (a confirmation, or a changed answer, is kept)."""
-        external_ids = [str(answer_id) for answer_id in renamed.saved]
-        latest: dict[str, LabelEvent] = {}
-        for start in range(0, len(external_ids), 500):
-            for event in session.scalars(select(LabelEvent).join(Image, Image.id == LabelEvent.image_id)
-                                         .where(Image.project_id == project.id, LabelEvent.source == "annotator",
-                                                LabelEvent.external_id.in_(external_ids[start:start + 500]))
-                                         .order_by(LabelEvent.id)):
-                latest[event.external_id] = event
-        for external_id, event in latest.items():
-            before, after = (lsc.as_utc(value) for value in renamed.saved[int(external_id)])
+        latest = AnnotationRecorder(session=session, project=project, backend=self.name, round_id=None).latest  # per answer id
+        for answer_id, (before, after) in renamed.saved.items():
+            event = latest.get(str(answer_id))
+            if event is None:
+                continue
+            before, after = lsc.as_utc(before), lsc.as_utc(after)
             recorded = lsc.as_utc(event.external_updated_at)
             unpulled = before is not None and (recorded is None or before - recorded > timedelta(milliseconds=1))
             if after is not None and not unpulled:

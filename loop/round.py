@@ -65,6 +65,7 @@ from store.db import confirm_store_lock, shown_url
 from store.models import (AnnotationTask, GateResult, Image, IngestBatch, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round,
                           Selection)
 from store.queries import ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number
+from store.reports import as_utc
 
 # Rounds looked back for the last push that closed every reopened task it was told to; none among them: every
 # answered ask is named again (a task that always fails to close keeps the window from moving, and the warning says so).
@@ -1710,10 +1711,8 @@ def _kept_failure_reason(root: Path, stale: Round) -> str | None:
 
 
 def _when(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
     # in UTC without a zone: SQLite hands it back without one (it is UTC), PostgreSQL in the session's zone
-    return (moment.astimezone(timezone.utc) if moment.tzinfo else moment).replace(tzinfo=None).isoformat()
+    return None if moment is None else as_utc(moment).replace(tzinfo=None).isoformat()
 
 
 def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, console: Console | None = None) -> RoundOutcome:

@@ -117,13 +117,13 @@ class EmbeddingExtractor:
         # at most ~16 pieces per call: each is a cache shard, and many would make the cache merge them mid-run
         keep_every = max(KEEP_EVERY_IMAGES, math.ceil(len(paths) / 16))
         kept = 0  # outputs handed to keep so far
-        kept_rows = 0
+        kept_rows = done_rows = 0
 
         def hand_over() -> None:
             nonlocal kept, kept_rows
             if keep is not None and len(outputs) > kept:
                 rows, start = np.concatenate(outputs[kept:]).astype(np.float32), kept_rows
-                kept, kept_rows = len(outputs), kept_rows + len(rows)  # first: a piece interrupted in keep is not handed over twice
+                kept, kept_rows = len(outputs), done_rows  # first: a piece interrupted in keep is not handed over twice
                 keep(start, rows)
 
         # Decode the next batch while ONNX Runtime runs this one.
@@ -134,8 +134,9 @@ class EmbeddingExtractor:
                     images = pending.result()  # type: ignore[union-attr]
                     pending = pool.submit(self._load_batch, batches[number + 1]) if number + 1 < len(batches) else None
                     outputs.append(self.session.run(None, {"images": images})[0])
+                    done_rows += len(outputs[-1])
                     advance(len(batch))
-                    if sum(len(o) for o in outputs[kept:]) >= keep_every:
+                    if done_rows - kept_rows >= keep_every:
                         hand_over()
         except BaseException:  # interrupted or failed: what is done is still right, and kept
             try:

@@ -23,6 +23,19 @@ class Stop(Exception):
     pass
 
 
+def store_full_after_the_first_transaction(real_scope):  # noqa: ANN001, ANN201
+    """run_round's session_scope: the first transaction (the round's row) goes through, every later one fails."""
+    calls = {"n": 0}
+
+    def scope(engine):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OperationalError("UPDATE rounds", {}, Exception("database or disk is full"))
+        return real_scope(engine)
+
+    return scope
+
+
 def test_a_failure_the_store_cannot_record_is_shown_as_itself_and_recorded_by_the_next_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     project = tmp_path / "project"
     assert runner.invoke(app, ["init", str(project), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
@@ -34,17 +47,9 @@ def test_a_failure_the_store_cannot_record_is_shown_as_itself_and_recorded_by_th
         raise OSError(errno.ENOSPC, "No space left on device", str(project / "artifacts" / "round-001" / "model.onnx"))
 
     real_scope = round_module.session_scope
-    calls = {"n": 0}
-
-    def store_full_after_the_round_started(engine):  # noqa: ANN001, ANN202
-        calls["n"] += 1
-        if calls["n"] > 1:
-            raise OperationalError("UPDATE rounds", {}, Exception("database or disk is full"))
-        return real_scope(engine)
-
     monkeypatch.setattr(round_module, "ROUND_STEPS", [disk_full])
     monkeypatch.setattr(round_module, "_confirm_store_is_ours", lambda state, step_name: None)
-    monkeypatch.setattr(round_module, "session_scope", store_full_after_the_round_started)
+    monkeypatch.setattr(round_module, "session_scope", store_full_after_the_first_transaction(real_scope))
     failed = runner.invoke(app, ["round", "--project", str(project), "--quiet"])
     output = " ".join(failed.output.split())
     # the round's error, one line, exit 2; not the store's error raised while recording it
@@ -165,18 +170,10 @@ def test_a_failure_after_the_round_was_recorded_completed_leaves_it_so(tmp_path:
         with real_scope(state.ctx.engine) as session:
             session.get(Round, state.round_id).status = "completed"
 
-    calls = {"n": 0}
-
-    def store_full_after_the_record(engine):  # noqa: ANN001, ANN202
-        calls["n"] += 1
-        if calls["n"] > 1:
-            raise OperationalError("UPDATE rounds", {}, Exception("database or disk is full"))
-        return real_scope(engine)
-
     monkeypatch.setattr(round_module, "ROUND_STEPS", [])
     monkeypatch.setattr(round_module, "record_round", record)
     monkeypatch.setattr(round_module, "_confirm_store_is_ours", lambda state, step_name: None)
-    monkeypatch.setattr(round_module, "session_scope", store_full_after_the_record)
+    monkeypatch.setattr(round_module, "session_scope", store_full_after_the_first_transaction(real_scope))
     with pytest.raises(OperationalError):
         round_module.run_round(open_project(project))
     with session_scope(open_project(project).engine) as session:
