@@ -35,6 +35,9 @@ class ThresholdChoice:
     n_sampled_negatives: int | None = None
     n_picked_negatives: int | None = None
     estimated_population_fpr: float | None = None
+    # the rule's threshold before it was moved to the middle of the gap between the labeled scores around it
+    # (`middle_of_the_gap`; the floor too): the decisions on the labeled images are the same at both
+    rule_threshold: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -201,6 +204,36 @@ def stratified_threshold(*, sampled_negatives: np.ndarray, picked_negatives: np.
     return float(candidates[best]), float(estimate[best])
 
 
+# The deployed model gives float32 probabilities, and P(defect) = 1 - P(good) comes in steps of 6e-8 near 0: a
+# threshold below this would decide by rounding (the QA saw the deployed model and the stored decisions disagree on 7
+# of 202 images at a threshold of 1.3e-7).
+THRESHOLD_FLOOR = 1e-5
+
+
+def _wide_logit(p: np.ndarray | float) -> np.ndarray:
+    """logit without the 1e-7 clip of `_logit`: scores of 1e-9 and 1e-12 stay apart."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-30, 1 - 1e-16)
+    return np.log(p) - np.log1p(-p)
+
+
+def middle_of_the_gap(threshold: float, scores: np.ndarray) -> float:
+    """The middle, in logit space, of the gap between the labeled scores just below and at or above `threshold`.
+
+    Every threshold in that gap makes the same decisions on the labeled images; the rules above pick its lowest
+    point, just above the highest good part that must pass, which is right where a good part seen through another
+    camera, or under other light, is called a defect. When good and defect scores are apart (P(defect) 1e-7 for good
+    parts, 1.0 for defects, as a head on separable embeddings gives), the middle leaves room on both sides: in the QA's
+    new-camera project, that camera's good parts were called defects at 16-92% at the rules' threshold and at 0% at
+    0.1 (its defects: recall 1.0 at both). Where the scores overlap, the gap, and the move, are small."""
+    scores = np.asarray(scores, dtype=np.float64)
+    below, above = scores[scores < threshold], scores[scores >= threshold]
+    if not len(below) or not len(above):
+        return threshold
+    low, high = float(below.max()), float(above.min())
+    middle = float(_sigmoid((_wide_logit(low) + _wide_logit(high)) / 2))
+    return middle if low < middle <= high else threshold
+
+
 def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_fpr: float, confidence: float = 0.75, source: str = "",
                             unlabeled_p_defect: np.ndarray | None = None, actively_picked: np.ndarray | None = None,
                             n_unlabeled_negatives: float = 0.0) -> ThresholdChoice:
@@ -253,6 +286,8 @@ def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_
                 sampled_negatives=negatives[~picked_negative], picked_negatives=negatives[picked_negative],
                 n_unlabeled_negatives=n_unlabeled_negatives, max_fpr=max_fpr)
             rule = "stratified"
+    rule_threshold = threshold
+    threshold = max(middle_of_the_gap(threshold, p_defect), THRESHOLD_FLOOR)
     if unlabeled_p_defect is not None and len(unlabeled_p_defect) and n_negatives:
         by_pool, allowed, _n_effective = pool_rank_threshold(negative_scores=negatives, unlabeled_p_defect=unlabeled_p_defect,
                                                              max_fpr=max_fpr, confidence=confidence)
@@ -266,7 +301,7 @@ def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_
         fpr_upper_bound=fpr_upper_bound(false_positives, n_negatives, confidence),
         observed_defect_recall=float(predicted_defect[is_defect].mean()) if n_defects else None,
         margin_attainable=attainable, source=source, rule=rule, n_sampled_negatives=n_sampled, n_picked_negatives=n_picked,
-        estimated_population_fpr=population_fpr,
+        estimated_population_fpr=population_fpr, rule_threshold=rule_threshold,
     )
 
 

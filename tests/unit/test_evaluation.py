@@ -3,6 +3,7 @@ import pytest
 from scipy.stats import beta, norm
 
 from modeling.evaluation import (
+    THRESHOLD_FLOOR,
     choose_defect_threshold,
     evaluate_gates,
     evaluate_predictions,
@@ -53,7 +54,35 @@ def test_few_negatives_say_the_margin_is_not_attainable_and_allow_no_rank_false_
     choice = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03)
     assert not choice.margin_attainable
     assert choice.allowed_false_positives == 0 and choice.tail_threshold is None  # too few for a tail fit
-    assert 0.35 < choice.threshold < 0.36
+    assert 0.35 < choice.rule_threshold < 0.36  # just above the highest good part
+    # then to the middle of the gap up to the next labeled score (0.8): the same decisions on these images
+    middle = 1 / (1 + np.exp(-(np.log(0.35 / 0.65) + np.log(0.8 / 0.2)) / 2))
+    assert choice.threshold == pytest.approx(middle) and choice.observed_defect_recall == pytest.approx(2 / 3) and choice.observed_fpr == 0
+
+
+def test_a_threshold_between_separated_scores_sits_in_the_middle_of_the_gap_not_at_its_edge() -> None:
+    """A head on separable embeddings: good parts at P(defect) 1e-9..1e-7, defects at 0.99+. The rules stop just above
+    the highest good part, where another camera's good part is called a defect; the middle of the gap (in logits)
+    makes the same decisions on these images and leaves room on both sides."""
+    rng = np.random.default_rng(0)
+    good = 10 ** rng.uniform(-9, -7, 300)
+    defects = 1 - 10 ** rng.uniform(-6, -2, 100)
+    p_defect, is_defect = np.concatenate([good, defects]), np.r_[np.zeros(300, bool), np.ones(100, bool)]
+    choice = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03)
+    assert choice.rule_threshold < 1e-6  # the edge
+    assert 1e-4 < choice.threshold < 0.5 and np.log(choice.threshold / (1 - choice.threshold)) == pytest.approx(
+        (np.log(good.max() / (1 - good.max())) + np.log(defects.min() / (1 - defects.min()))) / 2)
+    assert choice.observed_fpr == 0 and choice.observed_defect_recall == 1
+
+
+def test_overlapping_scores_keep_the_rules_decisions_and_a_threshold_never_goes_below_what_float32_resolves() -> None:
+    rng = np.random.default_rng(1)
+    good, defects = rng.beta(2, 8, 400), rng.beta(8, 2, 100)
+    p_defect, is_defect = np.concatenate([good, defects]), np.r_[np.zeros(400, bool), np.ones(100, bool)]
+    choice = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03)
+    assert ((p_defect >= choice.threshold) == (p_defect >= choice.rule_threshold)).all()
+    tiny = choose_defect_threshold(p_defect=np.r_[np.full(50, 1e-12), np.full(10, 2e-9)], is_defect=np.r_[np.zeros(50, bool), np.ones(10, bool)], max_fpr=0.03)
+    assert tiny.threshold == THRESHOLD_FLOOR  # 1 - P(good) in float32 cannot tell 2e-9 from 0
 
 
 def test_final_prediction_is_threshold_first_then_most_probable_defect() -> None:
