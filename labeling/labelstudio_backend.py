@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from labeling import labelstudio_client as lsc
 from labeling.base import ASKED_AGAIN_REASONS, PullReport, PushReport, TaskRequest, register_backend
 from store.models import AnnotationTask, Image, LabelEvent, Project, RejectedAnnotation, Round
-from store.queries import current_labels
+from store.queries import current_labels, renamed_classes
 from store.reports import as_utc
 
 BACKEND_NAME = "labelstudio"
@@ -50,6 +50,10 @@ REASON_TEXT = {
     "confused_good": "it is near the line between good and defect: the loop raises false alarms, and this may be one",
 }
 
+
+# Pull details key (report.details["labelstudio"]): answers naming a class `loop rename-class` renamed away, recorded as
+# its new name
+RENAMED_ON_THE_WAY_IN = "renamed_on_the_way_in"
 
 # Predictions per import request when adding a round's guesses to waiting tasks: 20,000 took Label Studio 12 s,
 # and the SDK's client times out at 30 s.
@@ -126,11 +130,13 @@ def _prediction_score(task: TaskRequest) -> float | None:
 
 @dataclass
 class ClassRenamed:
-    """What LabelStudioBackend.rename_class did: answers, guesses and reopened tasks' questions rewritten, the answers
-    last saved by us with their save times (lsc.ChoiceRenamed.saved) and the Label Studio projects found deleted."""
+    """What LabelStudioBackend.rename_class did: answers, guesses, reopened tasks' questions and annotators' drafts
+    rewritten, the answers last saved by us with their save times (lsc.ChoiceRenamed.saved) and the Label Studio
+    projects found deleted."""
     answers: int = 0
     predictions: int = 0
     tasks: int = 0
+    drafts: int = 0  # unsubmitted answers (or edits to one) choosing the old class, of any annotator
     saved: dict[int, tuple[str | None, str | None]] = field(default_factory=dict)
     projects_gone: list[int] = field(default_factory=list)
 
@@ -692,6 +698,8 @@ class LabelStudioBackend:
             "annotations_listed": len(seen),
             "annotators": {annotator_name(uid): email for uid, email in sorted(emails.items())},
             **recorder.counts,
+            # answers naming a class renamed away (submitted drafts saved before the rename): taken as its new name
+            RENAMED_ON_THE_WAY_IN: recorder.counts.get(RENAMED_ON_THE_WAY_IN, 0),
         }
         report.details["agreement"] = agreement_summary(
             session, project_id=project.id, image_ids=set(recorder.task_to_image.values()),
@@ -727,10 +735,11 @@ class LabelStudioBackend:
         return recorder.report.new_label_events
 
     def rename_class(self, *, session: Session, project: Project, old: str, new: str) -> ClassRenamed:
-        """A class renamed in loop.toml, in Label Studio: every answer, guess and reopened task's question in the Label
-        Studio projects holding this project's tasks names `new` instead of `old` (lsc.rename_choice). Writes nothing
-        to the store: record_class_rename does, once the store's own answers are renamed, so a failure here leaves the
-        store as it was (running it again finishes the rest). A project deleted in Label Studio is passed over.
+        """A class renamed in loop.toml, in Label Studio: every answer, guess, reopened task's question and annotator's
+        draft in the Label Studio projects holding this project's tasks names `new` instead of `old` (lsc.rename_choice).
+        A draft saved with `old` after this (an editor left open) becomes an answer the pull takes as `new`
+        (store.queries.renamed_classes). Writes nothing to the store: record_class_rename does, once the store's own
+        answers are renamed, so a failure here leaves the store as it was (running it again finishes the rest). A project deleted in Label Studio is passed over.
 
         Raises a LabelStudioError: before anything is changed (not configured, unreachable, token refused), or when
         Label Studio failed part-way."""
@@ -750,6 +759,7 @@ class LabelStudioBackend:
             renamed.answers += done.answers
             renamed.predictions += done.predictions
             renamed.tasks += done.tasks
+            renamed.drafts += done.drafts
         return renamed
 
     def _renaming_client(self) -> tuple[Any, int | None]:
@@ -821,6 +831,7 @@ class AnnotationRecorder:
         self.round_id = round_id
         self.report = report if report is not None else PullReport()
         self.counts: dict[str, int] = defaultdict(int)
+        self.renamed = renamed_classes(project)  # a class renamed away -> the class it means now
         rows = session.execute(
             select(AnnotationTask.external_project_id, AnnotationTask.external_task_id, AnnotationTask.image_id)
             .join(Image, Image.id == AnnotationTask.image_id)
@@ -909,6 +920,11 @@ class AnnotationRecorder:
             return "skip"
         choices = list(annotation.get("choices") or [])
         classes = list(self.project.classes)
+        # a class renamed away means its new name (a draft saved before `loop rename-class`, submitted after): the
+        # annotator's answer, recorded under them, not a rejection that would ask again and withdraw their answer
+        renamed_on_the_way_in = len(set(choices)) == 1 and choices[0] not in classes and choices[0] in self.renamed
+        if renamed_on_the_way_in:
+            choices = [self.renamed[choices[0]]]
         if not choices:
             reason = "no class chosen (empty result)"
         elif len(set(choices)) > 1:
@@ -933,6 +949,8 @@ class AnnotationRecorder:
                      saved_at=saved_at)
         self.report.new_label_events += 1
         self.counts[outcome] += 1
+        if renamed_on_the_way_in:
+            self.counts[RENAMED_ON_THE_WAY_IN] += 1
         return outcome
 
     def record_delete(self, external_id: str, *, why: str = "") -> str:
@@ -995,9 +1013,9 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
     """Record a Label Studio webhook (ANNOTATION_CREATED / ANNOTATION_UPDATED / ANNOTATIONS_DELETED) at once.
 
     Raises ValueError with the reason when the payload is not such an event, or comes from a Label Studio
-    project defect-loop never pushed to (nothing is stored then). An answer naming a label that is not a class is
-    deferred to the next pull, which rejects it if it still is none (outcome "deferred"). Label Studio sends each
-    webhook once: `loop round` pulls anyway.
+    project defect-loop never pushed to (nothing is stored then). An answer naming a class `loop rename-class` renamed
+    away is recorded as its new name; one naming another label that is not a class is deferred to the next pull, which
+    rejects it if it still is none (outcome "deferred"). Label Studio sends each webhook once: `loop round` pulls anyway.
     """
     if not isinstance(payload, Mapping):
         raise ValueError("the payload must be a JSON object")
@@ -1047,7 +1065,7 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
             "updated_at": annotation.get("updated_at"),
         }
         choices = set(row["choices"])
-        if not row["was_cancelled"] and len(choices) == 1 and not choices <= set(project.classes or []):
+        if not row["was_cancelled"] and len(choices) == 1 and not choices <= set(project.classes or []) | set(recorder.renamed):
             # a class the store does not have (yet): while `loop rename-class` rewrites Label Studio's answers, each arrives
             # naming the new class before the store has it, and rejecting it would withdraw the answer. The next pull
             # judges it against the classes then (and rejects it if it still is none).

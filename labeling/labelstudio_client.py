@@ -6,6 +6,7 @@ pydantic types, which differ by caller role (in `tasks.list` annotations come as
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -484,6 +485,7 @@ class ChoiceRenamed:
     answers: int = 0  # rewritten now
     predictions: int = 0
     tasks: int = 0  # task data naming `old` as the label asked about
+    drafts: int = 0  # annotators' drafts (unsubmitted answers, or unsubmitted edits to one) rewritten now
 
 
 def rename_choice(client: LabelStudio, *, project_id: int, old: str, new: str, own_user_id: int | None,
@@ -491,10 +493,13 @@ def rename_choice(client: LabelStudio, *, project_id: int, old: str, new: str, o
     """Every answer and prediction of the project choosing `old` chooses `new` instead (other result items kept), and
     a reopened task's data names `new` as the label it asks about, so a class renamed in loop.toml keeps its answers:
     Label Studio would hand them back under the old name at every pull. Answers keep their annotator (completed_by;
-    Label Studio records this token's user as updated_by). Re-running after a failure finishes the rest: what was
-    rewritten no longer names `old`."""
+    Label Studio records this token's user as updated_by). Annotators' drafts choosing `old` (of every user: the token
+    is an admin's; of a new answer or of an edit to one) choose `new` too, keeping their user and lead time, or a draft
+    submitted after the rename would become an answer naming a class the project no longer has. Re-running after a
+    failure finishes the rest: what was rewritten no longer names `old`."""
     done = ChoiceRenamed()
     changes: list[Callable[[], None]] = []
+    counted = threading.Lock()  # drafts are counted by the requests that find them, several at once
     # listed in full first: rewriting while paging could shift what a later page holds
     for task in list(client.tasks.list(project=project_id, fields="all", page_size=200)):
         for annotation in map(_as_dict, task.annotations or []):
@@ -518,10 +523,48 @@ def rename_choice(client: LabelStudio, *, project_id: int, old: str, new: str, o
             data.update({key: new for key in LABEL_DATA_FIELDS if data.get(key) == old})
             changes.append(lambda task_id=str(task.id), data=data: client.tasks.update(id=task_id, data=data))
             done.tasks += 1
+        if getattr(task, "draft_exists", None) or _as_dict(task).get("draft_exists"):
+            def rewrite_drafts(task_id: int = int(task.id)) -> None:
+                n = rename_drafts(client, task_id=task_id, old=old, new=new)
+                with counted:
+                    done.drafts += n
+            changes.append(rewrite_drafts)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for finished in [pool.submit(change) for change in changes]:
             finished.result()  # the first failure is raised once the others ended
     return done
+
+
+def rename_drafts(client: LabelStudio, *, task_id: int, old: str, new: str) -> int:
+    """Every draft of the task (any user's: the token is an admin's) choosing `old` chooses `new` instead, its user and
+    lead time kept; how many were rewritten. A task or draft gone meanwhile (a draft is deleted when it is submitted)
+    is passed over: its answer is pulled. The SDK has no drafts client: its HTTP client makes the requests."""
+    drafts = _request(client, f"api/tasks/{task_id}/drafts", method="GET", missing=[])
+    rewritten = 0
+    for draft in drafts if isinstance(drafts, list) else []:
+        result = _result_renamed(_as_dict(draft).get("result"), old=old, new=new)
+        if result is not None and _request(client, f"api/drafts/{int(draft['id'])}/", method="PATCH", payload={"result": result},
+                                           missing=None) is not None:
+            rewritten += 1
+    return rewritten
+
+
+_MISSING = object()
+
+
+def _request(client: LabelStudio, path: str, *, method: str, payload: Any = None, missing: Any = _MISSING) -> Any:
+    """A request the SDK has no method for, through its own HTTP client (its base URL, token and timeout): the JSON
+    answered. HTTP 404 gives `missing` when one is given; any other refusal raises ApiError as the SDK's methods do."""
+    response = client._client_wrapper.httpx_client.request(path, method=method, json=payload)
+    if response.status_code == 404 and missing is not _MISSING:
+        return missing
+    if response.status_code >= 400:
+        try:
+            body: Any = response.json()
+        except ValueError:
+            body = response.text
+        raise ApiError(status_code=response.status_code, headers=dict(response.headers), body=body)
+    return response.json() if response.content else {}
 
 
 def _user_id(value: Any) -> int | None:

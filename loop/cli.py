@@ -357,8 +357,10 @@ def _print_pull(pull: dict) -> None:
     if not any(n for n, _ in counts):
         return
     confirmed = (pull.get("labelstudio") or {}).get("confirmed")
+    renamed = (pull.get("labelstudio") or {}).get("renamed_on_the_way_in")
     console.print("pulled from the annotators: " + ", ".join(f"{n} {what}" for n, what in counts if n)
-                  + (f" ({confirmed} answers saved again unchanged: confirmed)" if confirmed else ""))
+                  + (f" ({confirmed} answers saved again unchanged: confirmed)" if confirmed else "")
+                  + (f" ({renamed} answers naming a class renamed since, taken as its new name)" if renamed else ""))
     for reason in (pull.get("rejections") or [])[:5]:
         console.print(f"  [yellow]rejected:[/] {escape(str(reason))}")
 
@@ -439,15 +441,15 @@ def rename_class(
                 n_events, n_images = rename_label(session, project_row.id, old, new)
                 if renamed is not None:
                     backend.record_class_rename(session=session, project=project_row, renamed=renamed)
-                if n_events == 0 and not (renamed is not None and (renamed.answers or renamed.predictions or renamed.tasks)):
+                if n_events == 0 and not (renamed is not None and (renamed.answers or renamed.predictions or renamed.tasks or renamed.drafts)):
                     raise ConfigError(f"no answer says {old!r}, in the store{' or in Label Studio' if renamed is not None else ''}: nothing to rename")
                 sync_project_classes(session, project_row, ctx.config)
             if renamed is not None:
                 with session_scope(ctx.engine) as session:
                     warning = backend.show_classes(session=session, project=get_project(session))
     console.print(f"[green]renamed[/] {old!r} to {new!r}: {n_events} stored answers of {n_images} images"
-                  + (f"; in Label Studio {renamed.answers} answers, {renamed.predictions} guesses and {renamed.tasks} questions of "
-                     "reopened tasks" if renamed is not None else "")
+                  + (f"; in Label Studio {renamed.answers} answers, {renamed.drafts} drafts, {renamed.predictions} guesses and {renamed.tasks} "
+                     "questions of reopened tasks" if renamed is not None else "")
                   + ("; the oracle's manifest still names the old class: fix it too" if ctx.config.annotator.backend == "oracle" else ""))
     if renamed is not None and renamed.projects_gone:
         console.print(f"Label Studio projects {', '.join(map(str, renamed.projects_gone))} are gone (deleted there): nothing to rename in them")

@@ -24,6 +24,9 @@ class Project(Base):
     classes: Mapped[list[Any]] = mapped_column(JSON)
     negative_class: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    # Classes renamed by `loop rename-class`, old name -> new name (queries.record_class_rename): an answer given later
+    # under an old name means its new one (queries.renamed_classes). None: no class was ever renamed.
+    class_renames: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class IngestBatch(Base):

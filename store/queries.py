@@ -117,9 +117,45 @@ def actively_selected_image_ids(session: Session, project_id: int) -> set[int]:
 
 def rename_label(session: Session, project_id: int, old: str, new: str) -> tuple[int, int]:
     """Every label event of the project's images saying `old` now says `new` (a class renamed, or merged into another):
-    (events changed, images they label). Predictions and selections of past rounds keep the names they were made with."""
+    (events changed, images they label). Predictions and selections of past rounds keep the names they were made with.
+    The project row keeps the rename (record_class_rename): answers given later under `old` are taken as `new`."""
     events = session.scalars(select(LabelEvent).join(Image, Image.id == LabelEvent.image_id)
                              .where(Image.project_id == project_id, LabelEvent.label == old)).all()
     for event in events:
         event.label = new
+    project = session.get(Project, project_id)
+    if project is not None:
+        record_class_rename(project, old, new)
     return len(events), len({event.image_id for event in events})
+
+
+def record_class_rename(project: Project, old: str, new: str) -> None:
+    """Keep in the project row that `old` was renamed to `new` (see renamed_classes). `new` itself is a class again,
+    so an earlier rename away from it no longer holds."""
+    if old == new:
+        return
+    renames = {str(k): str(v) for k, v in (project.class_renames or {}).items() if k != new}
+    renames[old] = new
+    project.class_renames = renames  # a new dict: SQLAlchemy sees a JSON column change only on assignment
+
+
+def renamed_classes(project: Project) -> dict[str, str]:
+    """Old class name -> the class of the project it means now, for every class `loop rename-class` renamed away: an
+    answer naming it (a draft saved before the rename and submitted after, an editor left open during it) is an answer
+    for that class. Chains resolve to their end (a -> b, then b -> c: a means c); a name that is a class of the
+    project again means itself (left out), and one whose chain ends outside the classes (removed since) is left out."""
+    renames = {str(k): str(v) for k, v in (project.class_renames or {}).items()}
+    classes = set(project.classes or [])
+    resolved: dict[str, str] = {}
+    for old in renames:
+        if old in classes:
+            continue
+        name, seen = old, {old}
+        while name in renames and name not in classes:
+            name = renames[name]
+            if name in seen:  # a loop of renames with no class in it: nothing it means
+                break
+            seen.add(name)
+        if name in classes:
+            resolved[old] = name
+    return resolved

@@ -809,3 +809,93 @@ def test_webhooks_sent_while_a_class_is_renamed_withdraw_nothing_and_a_deleted_p
     labelstudio.admin().projects.delete(id=ls_project_id(store))
     gone = rename_class(backend, store, "spot", "spot_stain", ["good", "scratch_line", "spot_stain"])
     assert (gone.answers, gone.projects_gone) == (0, [ls_project_id(store)])
+
+
+def _raw(client, path: str, method: str = "GET", json: dict | None = None):  # noqa: ANN001, ANN202
+    """A request the SDK has no method for (drafts), through its HTTP client, as that client's user."""
+    response = client._client_wrapper.httpx_client.request(path, method=method, json=json)
+    response.raise_for_status()
+    return response.json()
+
+
+def _drafts(client, task_id: int) -> list[dict]:  # noqa: ANN001
+    return _raw(client, f"api/tasks/{task_id}/drafts")
+
+
+def test_a_class_rename_rewrites_every_annotators_drafts_so_a_draft_submitted_after_it_is_no_rejected_answer(labelstudio, store, backend) -> None:
+    # drafts (an answer saved but not submitted, or an edit to a submitted answer) kept the old name: submitted after
+    # the rename, each became an answer naming a class the project no longer has, rejected at the next pull
+    push(backend, store, [store.task(k, predicted="spot") for k in (4, 5, 6)])
+    tasks = task_ids_by_image(store)
+    a, b = labelstudio.as_annotator(ANNOTATOR_A), labelstudio.as_annotator(ANNOTATOR_B)
+    edited = annotate(a, tasks[store.image_ids[5]], "spot")
+    assert pull(backend, store).new_label_events == 1
+    draft_a = _raw(a, f"api/tasks/{tasks[store.image_ids[4]]}/drafts", "POST", json={"result": lsc.choice_result("scratch"), "lead_time": 4.0})
+    draft_b = _raw(b, f"api/tasks/{tasks[store.image_ids[4]]}/drafts", "POST", json={"result": lsc.choice_result("scratch"), "lead_time": 5.0})
+    draft_edit = _raw(a, f"api/tasks/{tasks[store.image_ids[5]]}/annotations/{edited}/drafts", "POST",
+                              json={"result": lsc.choice_result("scratch"), "lead_time": 6.0})
+    draft_kept = _raw(b, f"api/tasks/{tasks[store.image_ids[6]]}/drafts", "POST", json={"result": lsc.choice_result("spot"), "lead_time": 7.0})
+
+    renamed = rename_class(backend, store, "scratch", "scratch_line", ["good", "scratch_line", "spot"])
+    admin = labelstudio.admin()
+    drafts = {d["id"]: d for k in (4, 5, 6) for d in _drafts(admin, tasks[store.image_ids[k]])}
+    assert {d: (drafts[d]["user"], lsc.result_choices(drafts[d]["result"]), drafts[d]["lead_time"])
+            for d in (draft_a["id"], draft_b["id"], draft_edit["id"], draft_kept["id"])} == {
+        draft_a["id"]: (ANNOTATOR_A, ["scratch_line"], 4.0), draft_b["id"]: (ANNOTATOR_B, ["scratch_line"], 5.0),  # their user (shown by email)
+        draft_edit["id"]: (ANNOTATOR_A, ["scratch_line"], 6.0), draft_kept["id"]: (ANNOTATOR_B, ["spot"], 7.0)}
+    assert drafts[draft_edit["id"]]["annotation"] == edited  # still the draft of an edit to that answer
+    assert (renamed.drafts, renamed.answers) == (3, 0)
+    assert rename_class(backend, store, "scratch", "scratch_line", ["good", "scratch_line", "spot"]).drafts == 0  # nothing left
+
+    # the drafts submitted as the editor does: answers naming the new class, each under its annotator
+    mine = _drafts(a, tasks[store.image_ids[4]])[0]
+    _raw(a, f"api/tasks/{tasks[store.image_ids[4]]}/annotations/", "POST",
+                 json={"result": mine["result"], "lead_time": 5.0, "draft_id": mine["id"]})
+    _raw(a, f"api/annotations/{edited}/", "PATCH", json={"result": drafts[draft_edit["id"]]["result"], "draft_id": draft_edit["id"]})
+    report = pull(backend, store)
+    assert (report.new_label_events, report.rejected, report.deleted) == (2, 0, 0)
+    assert [labels(store)[store.image_ids[k]].label for k in (4, 5)] == ["scratch_line", "scratch_line"]
+
+
+def test_an_answer_naming_a_class_renamed_away_is_taken_as_its_new_name_by_pull_and_webhook(labelstudio, store, backend) -> None:
+    # an editor open during the rename autosaves (and submits) the old name: the pull rejected the answer, asked again
+    # and withdrew the annotator's earlier answer
+    push(backend, store, [store.task(k, predicted="spot") for k in (4, 5, 6, 7)])
+    tasks = task_ids_by_image(store)
+    a, b = labelstudio.as_annotator(ANNOTATOR_A), labelstudio.as_annotator(ANNOTATOR_B)
+    changed = annotate(a, tasks[store.image_ids[5]], "spot")
+    kept = annotate(a, tasks[store.image_ids[6]], "scratch")
+    assert pull(backend, store).new_label_events == 2
+    renamed = rename_class(backend, store, "scratch", "scratch_line", ["good", "scratch_line", "spot"])
+    assert renamed.answers == 1
+    assert pull(backend, store).new_label_events == 0
+
+    fresh = annotate(a, tasks[store.image_ids[4]], "scratch")  # a new answer
+    time.sleep(0.01)
+    a.annotations.update(id=changed, result=lsc.choice_result("scratch"))  # an answer changed to the old name
+    a.annotations.update(id=kept, result=lsc.choice_result("scratch"))  # the renamed answer saved again: a confirmation
+    report = pull(backend, store)
+    details = report.details["labelstudio"]
+    assert (report.new_label_events, report.rejected, report.deleted, details.get("withdrawn", 0)) == (3, 0, 0, 0)
+    current = labels(store)
+    assert [current[store.image_ids[k]].label for k in (4, 5, 6)] == ["scratch_line"] * 3
+    assert (details["renamed_on_the_way_in"], details.get("recorded"), details.get("confirmed")) == (3, 2, 1)
+    with store.session() as session:
+        events = {e.external_id: e for e in session.scalars(select(LabelEvent).where(LabelEvent.external_id.in_([str(fresh), str(changed)])))}
+        assert events[str(fresh)].annotator == events[str(changed)].annotator == labelstudio_backend.annotator_name(
+            next(u.id for u in labelstudio.admin().users.list() if u.email == ANNOTATOR_A))
+        assert session.scalar(select(func.count()).select_from(RejectedAnnotation)) == 0
+    again = pull(backend, store)
+    assert (again.new_label_events, again.details["labelstudio"]["renamed_on_the_way_in"]) == (0, 0)
+
+    # the webhook shares the recorder: the old name is recorded as the new class at once, not deferred
+    answer = annotate(b, tasks[store.image_ids[7]], "scratch")
+    saved = labelstudio.admin().annotations.get(id=answer)
+    payload = {"action": "ANNOTATION_CREATED", "project": {"id": ls_project_id(store)}, "task": {"id": tasks[store.image_ids[7]]},
+               "annotation": {"id": answer, "result": lsc.choice_result("scratch"), "completed_by": saved.completed_by,
+                              "was_cancelled": False, "lead_time": 3.0, "created_at": str(saved.created_at), "updated_at": str(saved.updated_at)}}
+    with store.session() as session:
+        outcome = record_webhook_event(session=session, project=session.get(Project, store.project_id), payload=payload)
+    assert (outcome["recorded"], outcome["rejected"], list(outcome["outcomes"].values())) == (1, 0, ["recorded"])
+    assert labels(store)[store.image_ids[7]].label == "scratch_line"
+    assert pull(backend, store).new_label_events == 0

@@ -155,3 +155,22 @@ def test_two_loop_rounds_through_label_studio(tmp_path: Path, class_folders: Pat
         after = create_backend("labelstudio", config=load_config(project), project_dir=project).pull(
             session=session, project=get_project(session), round_id=None)
     assert (after.new_label_events, after.rejected, after.details["labelstudio"].get("confirmed", 0)) == (0, 0, 0)
+
+    # an editor left open during the rename submits the old name: the next round takes it as the new class, under its
+    # annotator, counts it, and neither asks about the image again nor withdraws anything
+    a = labelstudio.as_annotator(ANNOTATOR_A)
+    open_task = next(t for t in admin.tasks.list(project=ls_project, fields="all") if not t.annotations)
+    late = a.annotations.create(id=open_task.id, result=lsc.choice_result("patch"), lead_time=2.0).id
+    invoke("round", "--project", str(project), "--quiet")
+    with session_scope(ctx.engine) as session:
+        last = session.scalars(select(Round).order_by(Round.number.desc())).first()
+        pulled = last.details["pull"]
+        assert (pulled["rejected"], pulled["deleted"], pulled["labelstudio"].get("withdrawn", 0)) == (0, 0, 0), pulled
+        assert pulled["labelstudio"]["renamed_on_the_way_in"] == 1, pulled
+        image_id = open_task.data["defect_loop_image_id"]
+        event = session.scalars(select(LabelEvent).where(LabelEvent.external_id == str(late))).one()
+        assert (event.label, event.action, event.annotator.startswith("labelstudio:")) == ("patches", "set", True)
+        assert current_labels(session, last.project_id)[image_id].label == "patches"
+        assert not session.scalars(select(Selection).where(Selection.image_id == image_id, Selection.reason == "answer_rejected")).all()
+        assert not session.scalars(select(RejectedAnnotation).where(RejectedAnnotation.external_id == str(late))).all()
+    assert admin.tasks.get(id=str(open_task.id)).data.get("reason") != "answer_rejected"

@@ -1,0 +1,74 @@
+"""The store keeps every class `loop rename-class` renamed, so an answer given later under an old name means its new one."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import create_engine, inspect
+
+from alembic import command
+from store import create_db_engine, session_scope, upgrade_schema
+from store.db import alembic_config
+from store.models import Image, IngestBatch, LabelEvent, Project
+from store.queries import record_class_rename, rename_label, renamed_classes
+
+
+def _project(classes: list[str], renames: dict | None = None) -> Project:
+    return Project(name="p", root_dir="/tmp", classes=classes, class_renames=renames)
+
+
+def test_renames_resolve_chains_to_a_class_and_leave_out_names_that_are_classes_again() -> None:
+    project = _project(["good", "scratch_line", "spot"])
+    assert renamed_classes(project) == {}
+    record_class_rename(project, "scratch", "scratch_mark")
+    record_class_rename(project, "scratch_mark", "scratch_line")  # a -> b -> c: a means c
+    assert renamed_classes(project) == {"scratch": "scratch_line", "scratch_mark": "scratch_line"}
+    record_class_rename(project, "spot", "spot_stain")  # not a class now (loop.toml not synced yet): left out
+    assert "spot" not in renamed_classes(project)
+    project.classes = ["good", "scratch_line", "spot_stain"]
+    assert renamed_classes(project)["spot"] == "spot_stain"
+    record_class_rename(project, "spot_stain", "spot")  # renamed back: spot is a class again and means itself
+    project.classes = ["good", "scratch_line", "spot"]
+    assert renamed_classes(project) == {"scratch": "scratch_line", "scratch_mark": "scratch_line", "spot_stain": "spot"}
+    assert project.class_renames == {"scratch": "scratch_mark", "scratch_mark": "scratch_line", "spot_stain": "spot"}
+    project.classes = ["good", "scratch", "scratch_line", "spot"]  # a name made a class again (loop.toml) is not mapped
+    assert "scratch" not in renamed_classes(project)
+    assert renamed_classes(_project(["good"], {"a": "b", "b": "a"})) == {}  # a loop with no class in it
+
+
+def test_rename_label_keeps_the_rename_in_the_project_row(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'loop.db'}"
+    upgrade_schema(url)
+    engine = create_db_engine(url)
+    with session_scope(engine) as session:
+        project = Project(name="p", root_dir=str(tmp_path), classes=["good", "scratch"], negative_class="good")
+        session.add(project)
+        session.flush()
+        batch = IngestBatch(project_id=project.id, source="x", layout="folders")
+        session.add(batch)
+        session.flush()
+        image = Image(project_id=project.id, sha256="0" * 64, path="/x.png", split="pool", ingest_batch_id=batch.id)
+        session.add(image)
+        session.flush()
+        session.add(LabelEvent(image_id=image.id, label="scratch", source="annotator", annotator="a"))
+        project_id = project.id
+    with session_scope(engine) as session:
+        assert rename_label(session, project_id, "scratch", "scratch_line") == (1, 1)
+        session.get(Project, project_id).classes = ["good", "scratch_line"]
+    with session_scope(engine) as session:
+        project = session.get(Project, project_id)
+        assert project.class_renames == {"scratch": "scratch_line"}
+        assert renamed_classes(project) == {"scratch": "scratch_line"}
+    engine.dispose()
+
+
+def test_the_class_renames_column_comes_and_goes_with_its_migration(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'loop.db'}"
+    upgrade_schema(url)
+    engine = create_engine(url)
+    assert "class_renames" in {c["name"] for c in inspect(engine).get_columns("projects")}
+    engine.dispose()
+    command.downgrade(alembic_config(url), "0004")
+    engine = create_engine(url)
+    assert "class_renames" not in {c["name"] for c in inspect(engine).get_columns("projects")}
+    engine.dispose()
+    command.upgrade(alembic_config(url), "head")
