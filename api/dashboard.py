@@ -403,6 +403,28 @@ def _gate_table(latest: RoundReport) -> str:
             f'photos of one part as one draw">90% interval</th>{without_header}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
+def _coverage_html(latest: RoundReport) -> str:
+    """Ingest batches unlike the labeled images (a new camera), and the gate metrics per batch of the test split."""
+    parts = []
+    for batch in latest.unfamiliar_batches or []:
+        unlike = [f"{_fmt(share * 100, 0)}% unlike the {what}" for what, share, flagged in (
+            ("training labels", batch.share_unlike_training_labels, batch.unlike_training_labels),
+            ("labeled test images", batch.share_unlike_test_labels, batch.unlike_test_labels)) if flagged and share is not None]
+        measured = (f"{batch.n_drawn_into_test} drawn into the test split this round, to be labeled" if batch.n_drawn_into_test else
+                    f"{batch.n_unlabeled_test} of its test images wait for a label" if batch.n_unlabeled_test else
+                    "the gates do not measure it" if batch.unlike_test_labels else f"{batch.n_labeled_test} labeled test images")
+        parts.append(f'<p class="coverage"><span class="verdict fail">new images unlike the labeled ones</span> batch {batch.ingest_batch_id} '
+                     f'({escape(str(batch.source))}, {batch.n_images} images): {escape(" and ".join(unlike))}; '
+                     f'{batch.n_labeled_train_validation} training labels; {escape(measured)}</p>')
+    if latest.test_metrics_by_batch:
+        rows = "".join(f'<tr><td title="{escape(str(row.source))}">{row.ingest_batch_id} · {escape(str(row.source).rstrip("/").rsplit("/", 1)[-1])}</td>'
+                       f'<td>{row.n_images}</td><td>{_fmt(row.macro_f1, 4)}</td><td>{_fmt(row.defect_recall, 4)}</td><td>{_fmt(row.negative_fpr, 4)}</td></tr>'
+                       for row in latest.test_metrics_by_batch)
+        parts.append('<table class="gates" id="gates-by-batch"><thead><tr><th>ingest batch</th><th>test images</th><th>macro_f1</th>'
+                     f'<th>defect_recall</th><th>negative_fpr</th></tr></thead><tbody>{rows}</tbody></table>')
+    return "".join(parts)
+
+
 STYLE = """
 *{box-sizing:border-box} body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f4f5f7;color:#1d1d1f}
 header{background:#1f2933;color:#fff;padding:12px 24px;display:flex;align-items:baseline;gap:16px}
@@ -462,7 +484,7 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
     training_html = f'<section id="training">{training_section(latest)}</section>' if latest is not None else ""
     latest_html = ""
     if latest is not None and latest.gates:
-        latest_html = f'<section><h2>Gates of round {latest.summary.number}</h2>{_gate_table(latest)}</section>'
+        latest_html = f'<section><h2>Gates of round {latest.summary.number}</h2>{_gate_table(latest)}{_coverage_html(latest)}</section>'
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>defect-loop · {escape(progress.project_name)}</title><style>{STYLE}</style></head>

@@ -138,6 +138,33 @@ class ThresholdChoiceOut(Schema):
                                                                      'or not; "labeled": over the labeled good parts it was chosen on')
 
 
+class UnfamiliarBatchOut(Schema):
+    ingest_batch_id: int
+    source: str | None = Field(description="the folder or manifest the batch was ingested from")
+    n_images: int
+    share_unlike_training_labels: float | None = Field(
+        description="share of the batch's images (up to 1024 checked) less like any training label than 95% of the training labels are like "
+                    "another: about 0.05 for images like them")
+    share_unlike_test_labels: float | None = Field(description="the same against the labeled test images")
+    unlike_training_labels: bool = Field(description="true: the model was not taught images like most of these (share >= 0.3)")
+    unlike_test_labels: bool = Field(description="true: the gates do not measure images like these (share >= 0.3)")
+    n_labeled_train_validation: int
+    n_labeled_test: int
+    n_unlabeled_test: int = Field(description="drawn into the test split at random, waiting for their label")
+    n_drawn_into_test: int = Field(description="drawn into the test split this round (at most [split] unmeasured_batch_test_sample)")
+    n_selected_for_training: int | None = Field(description="picked for a training label this round")
+
+
+class BatchTestMetricsOut(Schema):
+    ingest_batch_id: int
+    source: str | None
+    n_images: int = Field(description="the batch's labeled test images")
+    macro_f1: float | None
+    defect_recall: float | None
+    negative_fpr: float | None
+    accuracy: float | None
+
+
 class LabelQualityOut(Schema):
     n_flagged: int | None = Field(description="suspected label errors the round flagged")
     noise_rate_per_class: dict[str, float | None] = Field(
@@ -183,6 +210,11 @@ class RoundOut(RoundSummaryOut):
     label_quality: LabelQualityOut | None = None
     threshold_choice: ThresholdChoiceOut | None = Field(default=None, description="null: no threshold (no negative class, a cold start)")
     init_from: InitFromOut | None = Field(default=None, description="where the model started (loop init --init-from); null: ImageNet weights")
+    unfamiliar_batches: list[UnfamiliarBatchOut] | None = Field(
+        default=None, description="ingest batches mostly unlike the training labels or the labeled test images (a new camera or product line); "
+                                  "null: not checked (an older round)")
+    test_metrics_by_batch: list[BatchTestMetricsOut] | None = Field(
+        default=None, description="the gate metrics per ingest batch with at least 10 labeled test images, when more than one has; null otherwise")
 
 
 class LabelIssueOut(Schema):

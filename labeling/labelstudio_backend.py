@@ -45,6 +45,8 @@ REASON_TEXT = {
     "answer_rejected": "the answer given is not one of this project's classes: choose one of them",
     "random": "random check",
     "cold_start": "it is least like the known-good parts (picked before any model existed)",
+    "new_batch": "it comes from new images unlike every labeled one (a new camera or product?): a random pick among them",
+    "test_sample": "drawn at random from new images unlike the test set, to measure the model on them: label what you see (no guess is shown)",
     # the selection's gate-aware components: which side of the threshold the model is on is in the guess that follows
     "likely_defect": "it is near the line between good and defect: the loop is missing defects, and this may be one",
     "confused_good": "it is near the line between good and defect: the loop raises false alarms, and this may be one",

@@ -305,6 +305,7 @@ def print_round(outcome) -> None:  # noqa: ANN001
     if without:  # the warning during the round said why; a --quiet round prints only this summary
         console.print(f"[yellow]{without['n_excluded']} test images have a labeled near-copy outside the test split[/]; "
                       f"without them ({without['n_images']} images): {gate_values_text(without)}")
+    _print_coverage(details.get("coverage") or {})
     training = details.get("training") or {}
     if training:
         best, history = training.get("best_epoch"), training.get("history") or []
@@ -341,6 +342,34 @@ def print_round(outcome) -> None:  # noqa: ANN001
                   + f" · {_selected_for_labeling(details.get('push') or {})} · total {outcome.timings_s.get('total', 0):.1f} s")
     plots = [outcome.artifacts.get(name) for name in ("confusion_matrix_png", "gates_png", "training_curves_png")]
     console.print("plots: " + ", ".join(str(path) for path in plots if path))
+
+
+def _coverage_row(batch: dict) -> dict:
+    """store.reports.UnfamiliarBatch (as loop status reads it) in the shape of the round's details."""
+    return {"ingest_batch_id": batch["ingest_batch_id"], "source": batch["source"], "n_drawn_into_test_now": batch["n_drawn_into_test"],
+            "unlike_training_labels": {"share_unfamiliar": batch["share_unlike_training_labels"], "flagged": batch["unlike_training_labels"]},
+            "unlike_test_labels": {"share_unfamiliar": batch["share_unlike_test_labels"], "flagged": batch["unlike_test_labels"]}}
+
+
+def _print_coverage(coverage: dict, *, round_number: int | None = None) -> None:
+    """Ingest batches unlike the training labels or the test split (a new camera), and the gates per batch."""
+    of_round = "" if round_number is None else f" (round {round_number})"
+    for row in coverage.get("flagged_batches") or []:
+        unlike = [f"{share['share_unfamiliar']:.0%} unlike the {what}" for what, share in (("training labels", row.get("unlike_training_labels")),
+                                                                                           ("labeled test images", row.get("unlike_test_labels")))
+                  if share and share.get("flagged")]
+        drawn = f"; {row['n_drawn_into_test_now']} drawn into the test split, to be labeled" if row.get("n_drawn_into_test_now") else ""
+        console.print(f"[yellow]new images unlike the labeled ones{of_round}:[/] ingest batch {row['ingest_batch_id']} ({escape(str(row.get('source')))}): "
+                      f"{' and '.join(unlike)}{drawn}")
+    by_batch = coverage.get("test_by_batch") or []
+
+    def gate_values_text(values: dict) -> str:  # as loop.round's, without importing the round (and torch) for loop status
+        return ", ".join(f"{label} {'n/a' if values.get(name) is None else format(values[name], '.3f')}"
+                         for name, label in (("macro_f1", "macro F1"), ("defect_recall", "defect recall"), ("negative_fpr", "FPR")))
+
+    if by_batch:
+        console.print(f"gates by ingest batch on the test split{of_round}: " + " · ".join(
+            f"batch {row['ingest_batch_id']} ({escape(Path(str(row.get('source'))).name)}, {row['n_images']} images): {gate_values_text(row)}" for row in by_batch))
 
 
 def _selected_for_labeling(push: dict) -> str:
@@ -502,6 +531,10 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
         rounds.add_row(str(r["number"]), state, trained, *(metric_text(r, name) for name in ("macro_f1", "defect_recall", "negative_fpr", "latency_ms")),
                        threshold, gates)
     console.print(rounds)
+    latest = next((r for r in reversed(report["rounds"]) if r["status"] == "completed"), None)
+    if latest is not None:  # the newest completed round's word on new images unlike the labeled ones (a new camera)
+        _print_coverage({"flagged_batches": [_coverage_row(batch) for batch in latest.get("unfamiliar_batches") or []],
+                         "test_by_batch": latest.get("test_metrics_by_batch") or []}, round_number=latest["number"])
     if running_without_process:  # killed (SIGKILL, power): nothing runs it, and nothing marked it yet
         holder = ("no process holds this project folder or its store" if store_held is not None
                   else "no process on this machine holds this project folder")

@@ -148,6 +148,9 @@ class SplitConfig(Strict):
     test_fraction: float = Field(0.20, gt=0, lt=1)
     validation_fraction: float = Field(0.15, ge=0, lt=1)
     seed: int = 0
+    # an ingest batch mostly unlike every labeled test image (a new camera) gets test_fraction of its images drawn at
+    # random into the test split, at most this many, and asked of the annotators: else the gates never measure it
+    unmeasured_batch_test_sample: int = Field(200, ge=0)
 
 
 BUILT_IN_STRATEGIES = frozenset({"default", "random", "margin", "entropy", "rare", "diverse"})  # modeling.selection's registry

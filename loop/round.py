@@ -39,6 +39,7 @@ from modeling.anomaly import (
     fit_patch_anomaly, patch_features_key, patch_grid,
 )
 from modeling.backbones import Backbone, create_backbone
+from modeling.coverage import EXPECTED_SHARE, FLAG_SHARE, find_unfamiliar_images, sample_per_group, unfamiliar_share_by_group
 from modeling.calibration import (
     expected_calibration_error, fit_out_of_fold_temperature, fit_temperature, logits_from_probabilities, negative_log_likelihood,
     out_of_fold_calibration_rows, softmax_with_temperature, temperature_objective,
@@ -78,6 +79,12 @@ MIN_VALIDATION_NEGATIVES = 200
 MAX_FINETUNED_OUT_OF_FOLD_IMAGES = 1000
 UNLABELED = -1
 MAX_DATA_ISSUE_ROWS = 1000  # near-duplicate / outlier rows stored per kind and round
+MAX_COVERAGE_BATCHES = 20  # flagged ingest batches a round describes (most unfamiliar first; the count is kept)
+MIN_TEST_IMAGES_PER_BATCH = 10  # labeled test images of a batch before the gates are given for it alone
+TEST_SAMPLE_REASON = "test_sample"  # a random image of an unmeasured batch, drawn into the test split: asked without a guess
+NEW_BATCH_REASON = "new_batch"  # picked from a batch unlike every training label, for training
+COVERAGE_STRATEGY = "random"  # how that share is picked
+COVERAGE_BUDGET_SHARE = 0.5  # of the round's budget, while such a batch has candidates
 
 
 @dataclass
@@ -111,6 +118,7 @@ class RoundState:
     paths: list[str] = field(default_factory=list)
     hashes: list[str] = field(default_factory=list)
     parts: list[str | None] = field(default_factory=list)  # Image.part per position (None: the image is its own part)
+    ingest_batches: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int64))  # Image.ingest_batch_id per position
     oof_groups: np.ndarray | None = None  # draw group per out-of-fold position (draw_groups; None: every image alone)
     oof_folds: np.ndarray | None = None  # the fold that predicted each out-of-fold position
     splits: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
@@ -140,6 +148,7 @@ class RoundState:
     near_duplicates: Any = None  # modeling.label_quality finding of find_near_copies (None: [loop] data_issues is off)
     neighbor_graph: Any = None  # modeling.neighbor_graph.NeighborGraph of the embeddings, kept between rounds (find_near_copies)
     held_back: set[int] = field(default_factory=set)  # pool near-copies of a test image that already leaks: never selected
+    test_sample: list[int] = field(default_factory=list)  # positions check_coverage drew into the test split this round, to be labeled
     batch: list[TaskRequest] = field(default_factory=list)
     batch_meta: list[dict[str, Any]] = field(default_factory=list)
     init_training_options: dict[str, Any] = field(default_factory=dict)
@@ -251,13 +260,14 @@ def load_images(state: RoundState) -> None:
     with session_scope(state.ctx.engine) as session:
         project = get_project(session)
         labels = current_labels(session, project.id)
-        images = session.execute(select(Image.id, Image.path, Image.sha256, Image.part, Image.split)
+        images = session.execute(select(Image.id, Image.path, Image.sha256, Image.part, Image.split, Image.ingest_batch_id)
                                  .where(Image.project_id == project.id, Image.status == "ok").order_by(Image.id)).all()
     state.image_ids = [row.id for row in images]
     state.position_of = {image_id: position for position, image_id in enumerate(state.image_ids)}
     state.paths = [row.path for row in images]
     state.hashes = [row.sha256 for row in images]
     state.parts = [row.part for row in images]
+    state.ingest_batches = np.array([row.ingest_batch_id for row in images], dtype=np.int64)
     state.splits = np.array([row.split for row in images], dtype=object)
     state.label_info = labels
     class_index = {name: i for i, name in enumerate(state.config.classes)}
@@ -1015,7 +1025,12 @@ def _test_metrics_without(state: RoundState, leaked: set[int]) -> dict[str, Any]
     """The gate metrics on the test images that have no labeled near-copy outside the test split: the figure a manager
     can trust when some test parts were also photographed for training (None: no such image, or no class to measure)."""
     test = state.positions(split="test", labeled=True)
-    keep = np.array([p not in leaked for p in test], dtype=bool)
+    return _test_metrics_of(state, np.array([p not in leaked for p in test], dtype=bool))
+
+
+def _test_metrics_of(state: RoundState, keep: np.ndarray) -> dict[str, Any]:
+    """The gate metrics on the labeled test images `keep` marks (a mask over positions(split="test", labeled=True))."""
+    test = state.positions(split="test", labeled=True)
     values: dict[str, Any] = {"n_images": int(keep.sum()), "n_excluded": int((~keep).sum())}
     if keep.any():
         subset = evaluate_predictions(y_true=state.labels[test][keep], y_pred=state.test_predictions[keep], probabilities=state.probabilities[test][keep],
@@ -1063,7 +1078,7 @@ def select_next_batch(state: RoundState) -> None:
         tool_down = bool(last_push.get("pending")) and not last_push.get("pushed") and not last_push.get("already_present")
         undelivered = session.scalar(select(func.count()).select_from(Selection).join(Round, Round.id == Selection.round_id).where(
             Round.project_id == project_id, Round.id != state.round_id, Selection.push_status.in_(("pending", "failed")),
-            Selection.reason.not_in(ASKED_AGAIN_REASONS))) or 0 if tool_down else 0
+            Selection.reason.not_in((*ASKED_AGAIN_REASONS, TEST_SAMPLE_REASON)))) or 0 if tool_down else 0  # both are beyond the budget
     budget = max(loop_config.budget_per_round - undelivered, 0)
     state.details["selection_budget"] = {"budget_per_round": loop_config.budget_per_round, "undelivered_from_earlier_rounds": int(undelivered),
                                          "budget": budget}
@@ -1073,16 +1088,32 @@ def select_next_batch(state: RoundState) -> None:
     visible_labels[state.splits == "test"] = UNLABELED
     strategy = _cold_start_strategy(state) if state.cold_start else loop_config.strategy
     probabilities = state.probabilities if not state.cold_start else np.full((len(state.image_ids), len(state.config.classes)), 1.0 / len(state.config.classes), dtype=np.float32)
-    result = select_batch(
-        strategy=strategy, budget=min(budget, len(candidates)), embeddings=state.embeddings,
-        probabilities=probabilities, labels=visible_labels, candidates=candidates, class_names=list(state.config.classes),
-        negative_index=state.config.negative_index, gate_estimates=state.estimated_gates,
-        defect_threshold=state.selection_threshold, seed=loop_config.seed + state.number,
-        index=_selection_index(state),
-    ) if len(candidates) and budget else None
+
+    def pick(name: str, within: np.ndarray, size: int):  # noqa: ANN202
+        return select_batch(
+            strategy=name, budget=min(size, len(within)), embeddings=state.embeddings,
+            probabilities=probabilities, labels=visible_labels, candidates=within, class_names=list(state.config.classes),
+            negative_index=state.config.negative_index, gate_estimates=state.estimated_gates,
+            defect_threshold=state.selection_threshold, seed=loop_config.seed + state.number,
+            index=_selection_index(state),
+        )
+
     picks: list[tuple[int, float, str, str | None]] = []
+    # a batch unlike every training label (a new camera) gets part of the budget, a representative sample of it: the
+    # model's confident mistakes there (its good parts called defects) look certain, and uncertainty never picks them
+    unlike = [row["ingest_batch_id"] for row in (state.details.get("coverage") or {}).get("flagged_batches", [])
+              if (row.get("unlike_training_labels") or {}).get("flagged")]
+    new_batch_candidates = candidates[np.isin(state.ingest_batches[candidates], unlike)] if unlike and len(candidates) else candidates[:0]
+    if len(new_batch_candidates) and budget:
+        share = pick(COVERAGE_STRATEGY, new_batch_candidates, max(int(round(COVERAGE_BUDGET_SHARE * budget)), 1))
+        picks = [(int(p), float(s), NEW_BATCH_REASON, None) for p, s in zip(share.indices, share.scores)]
+        candidates = np.setdiff1d(candidates, share.indices)
+        budget -= len(share.indices)
+        state.details["selection_of_new_batches"] = {"strategy": COVERAGE_STRATEGY, "ingest_batch_ids": unlike,
+                                                     "n_candidates": int(len(new_batch_candidates)), "picked": int(len(share.indices))}
+    result = pick(strategy, candidates, budget) if len(candidates) and budget else None
     if result is not None:
-        picks = [(int(p), float(s), r, None) for p, s, r in zip(result.indices, result.scores, result.reasons)]
+        picks += [(int(p), float(s), r, None) for p, s, r in zip(result.indices, result.scores, result.reasons)]
         state.details["selection"] = {"strategy": strategy, "n_candidates": int(len(candidates)), **_jsonable(result.summary)}
         asked = min(budget, len(candidates))
         if len(result.indices) < asked:  # said, not left to be guessed from the counts (a comparison with random looked unfair)
@@ -1096,6 +1127,8 @@ def select_next_batch(state: RoundState) -> None:
         picks.append((row["position"], 1.0 - row["score"], "suspected_label_error", row["given_label"]))
     for position in _tie_requests(state, loop_config.budget_per_round):
         picks.append((position, 1.0, "annotators_disagree", None))
+    for position in state.test_sample:  # beyond the budget: the gates measure a new batch only once these are labeled
+        picks.append((position, 1.0, TEST_SAMPLE_REASON, None))
     rejected_answers = _rejected_answer_requests(state, loop_config.budget_per_round)
     for position in rejected_answers:
         picks.append((position, 1.0, "answer_rejected", None))
@@ -1110,7 +1143,146 @@ def select_next_batch(state: RoundState) -> None:
             current_label=current, round_number=state.number, **_decision_of(state, position),
             rejected_answer=rejected_answers.get(position) if reason == "answer_rejected" else None,
         ))
-        state.batch_meta.append({"score": score, "strategy": "label_quality" if reason in ASKED_AGAIN_REASONS else strategy})
+        # a new batch's share is a random sample of it: "random" keeps its good parts among the sampled ones the
+        # threshold's stratified rule counts one by one (store.queries.SAMPLING_SELECTION_STRATEGIES)
+        state.batch_meta.append({"score": score, "strategy": "label_quality" if reason in ASKED_AGAIN_REASONS else
+                                 "coverage" if reason == TEST_SAMPLE_REASON else COVERAGE_STRATEGY if reason == NEW_BATCH_REASON else strategy})
+    picked_for_training = Counter(int(state.ingest_batches[p]) for p, _, reason, _ in picks if reason not in (*ASKED_AGAIN_REASONS, TEST_SAMPLE_REASON))
+    for row in (state.details.get("coverage") or {}).get("flagged_batches", []):
+        row["n_selected_for_training_now"] = picked_for_training.get(row["ingest_batch_id"], 0)
+
+
+def check_coverage(state: RoundState) -> None:
+    """Which ingest batches are mostly images unlike every training label (the model was not taught them), or unlike
+    every labeled test image (the gates do not measure them): a new camera or product line. An unmeasured batch gets
+    a random sample drawn into the frozen test split (test_fraction of its images, by part, at most
+    `[split] unmeasured_batch_test_sample`), asked of the annotators without a guess, so the gates come to measure it.
+    Once the test split holds labeled images of more than one batch, the gates are also given per batch."""
+    n = len(state.image_ids)
+    seed = state.config.loop.seed
+    scored = sample_per_group(groups=state.ingest_batches, positions=np.arange(n), seed=seed)
+    labeled, in_test = state.labels != UNLABELED, state.splits == "test"
+    unlike_training = find_unfamiliar_images(embeddings=state.embeddings, reference=np.flatnonzero(labeled & ~in_test), scored=scored,
+                                             parts=state.parts, seed=seed)
+    unlike_test = find_unfamiliar_images(embeddings=state.embeddings, reference=np.flatnonzero(labeled & in_test), scored=scored,
+                                         parts=state.parts, seed=seed)
+    by_training = unfamiliar_share_by_group(finding=unlike_training, groups=state.ingest_batches)
+    by_test = unfamiliar_share_by_group(finding=unlike_test, groups=state.ingest_batches)
+    flagged = sorted({b for b, share in (*by_training.items(), *by_test.items()) if share["flagged"]},
+                     key=lambda b: (-max(by_training.get(b, {}).get("share_unfamiliar", 0), by_test.get(b, {}).get("share_unfamiliar", 0)), b))
+
+    def judged(finding) -> dict[str, Any]:  # noqa: ANN001
+        return {key: finding.summary[key] for key in ("n_reference", "n_scored", "cutoff_similarity", "note") if key in finding.summary}
+
+    coverage: dict[str, Any] = {"expected_share": EXPECTED_SHARE, "flag_share": FLAG_SHARE, "n_batches_judged": len(by_training),
+                                "against_training_labels": judged(unlike_training), "against_test_labels": judged(unlike_test),
+                                "n_flagged_batches": len(flagged), "flagged_batches": [], "test_sample_image_ids": []}
+    state.details["coverage"] = coverage
+    sampled = _draw_test_samples(state, [b for b in flagged if by_test.get(b, {}).get("flagged")]) if flagged else {}
+    with session_scope(state.ctx.engine) as session:
+        described = set(flagged[:MAX_COVERAGE_BATCHES]) | _batches_in_test(state)
+        batches = {row.id: row for row in session.execute(select(IngestBatch.id, IngestBatch.source, IngestBatch.created_at)
+                                                          .where(IngestBatch.id.in_(sorted(int(b) for b in described))))}
+    labeled, in_test = state.labels != UNLABELED, state.splits == "test"  # the samples are test images now
+    for batch_id in flagged[:MAX_COVERAGE_BATCHES]:
+        members = state.ingest_batches == batch_id
+        info = batches.get(batch_id)
+        row = {"ingest_batch_id": int(batch_id), "source": info.source if info else None, "ingested_at": _when(info.created_at) if info else None,
+               "n_images": int(members.sum()), "unlike_training_labels": by_training.get(batch_id), "unlike_test_labels": by_test.get(batch_id),
+               "n_labeled_train_validation": int((members & labeled & ~in_test).sum()), "n_labeled_test": int((members & labeled & in_test).sum()),
+               "n_unlabeled_test": int((members & ~labeled & in_test).sum()), "n_drawn_into_test_now": len(sampled.get(batch_id, []))}
+        coverage["flagged_batches"].append(row)
+        state.console.print(f"[yellow]warning:[/] {_coverage_text(row, state.config.split.unmeasured_batch_test_sample)}")
+    coverage["test_sample_image_ids"] = sorted(state.image_ids[p] for positions in sampled.values() for p in positions)[:1000]
+    coverage["n_drawn_into_test"] = sum(len(positions) for positions in sampled.values())
+    state.test_sample = sorted(p for positions in sampled.values() for p in positions)
+    if state.test_sample:  # the round's counts say where the drawn images are now
+        counts = state.details["labeled_counts"]
+        counts["unlabeled"] = len(state.positions(split="pool", labeled=False)) - len(state.held_back)
+        counts["unlabeled_test"] = len(state.positions(split="test", labeled=False))
+        counts["held_back"] = len(state.held_back)
+    if state.test_predictions is not None:  # a cold start has no test predictions
+        test_positions = state.positions(split="test", labeled=True)
+        in_batches = [b for b in sorted(_batches_in_test(state))]
+        if len(in_batches) > 1:
+            coverage["test_by_batch"] = [
+                {"ingest_batch_id": int(b), "source": batches[b].source if b in batches else None,
+                 **_test_metrics_of(state, state.ingest_batches[test_positions] == b)} for b in in_batches]
+
+
+def _batches_in_test(state: RoundState) -> set[int]:
+    """Ingest batches with at least MIN_TEST_IMAGES_PER_BATCH labeled test images: the ones the gates can be given for."""
+    test_positions = state.positions(split="test", labeled=True)
+    counts = Counter(int(b) for b in state.ingest_batches[test_positions])
+    return {b for b, count in counts.items() if count >= MIN_TEST_IMAGES_PER_BATCH}
+
+
+def _coverage_text(row: dict[str, Any], sample_limit: int) -> str:
+    """The round's line about one flagged batch: what is unlike what, and what the loop did about it."""
+    training, test = row["unlike_training_labels"] or {}, row["unlike_test_labels"] or {}
+    said = []
+    if training.get("flagged"):
+        said.append(f"{training['n_unfamiliar']} of {training['n_scored']} checked ({training['share_unfamiliar']:.0%}) are unlike every training label")
+    if test.get("flagged"):
+        said.append(f"{test['n_unfamiliar']} of {test['n_scored']} ({test['share_unfamiliar']:.0%}) unlike every labeled test image")
+    text = (f"ingest batch {row['ingest_batch_id']} ({escape(str(row['source']))}, {row['n_images']} images): {' and '.join(said)} "
+            f"({EXPECTED_SHARE:.0%} expected of images like them): a new camera or product line? {row['n_labeled_train_validation']} of its images "
+            "are training labels")
+    if row["n_drawn_into_test_now"]:
+        return (text + f"; {row['n_drawn_into_test_now']} of them, drawn at random, joined the frozen test split and go to the annotators without a "
+                "guess: until they are labeled, the gates do not measure this batch.")
+    if test.get("flagged"):
+        why = ("`[split] unmeasured_batch_test_sample` is 0" if sample_limit == 0 else
+               f"{row['n_unlabeled_test']} of its test images wait for a label" if row["n_unlabeled_test"] else "none of its unlabeled images can be drawn")
+        return text + f"; the gates do not measure it ({why}): label a test set of it and add it with `loop ingest DIR --split test`."
+    return text + f"; the test split holds {row['n_labeled_test']} labeled images of it."
+
+
+def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[int]]:
+    """For each batch the labeled test images do not cover: a random sample of its unlabeled pool images, by part, into
+    the frozen test split, until test_fraction of the batch's images are test images (at most
+    unmeasured_batch_test_sample per batch). A part with a photo in train or validation, an image waiting to be pushed
+    for a training label, and a held-back copy are never drawn; near-copies and parts of a drawn image join it."""
+    split_config = state.config.split
+    limit = split_config.unmeasured_batch_test_sample
+    if not batches or limit == 0:
+        return {}
+    with session_scope(state.ctx.engine) as session:
+        project = get_project(session)
+        placed_parts = part_splits(session, project.id)
+        waiting = set(session.scalars(select(Selection.image_id).join(Round, Round.id == Selection.round_id).where(
+            Round.project_id == project.id, Round.id != state.round_id, Selection.push_status.in_(("pending", "failed")))))
+        drawn: dict[int, list[int]] = {}
+        for batch_id in batches:
+            members = np.flatnonzero(state.ingest_batches == batch_id)
+            wanted = min(int(round(split_config.test_fraction * len(members))), limit) - int((state.splits[members] == "test").sum())
+            units: dict[str, list[int]] = defaultdict(list)
+            for p in members:
+                if state.splits[p] == "pool" and state.labels[p] == UNLABELED and p not in state.held_back \
+                        and state.image_ids[p] not in waiting and placed_parts.get(state.parts[p] or "", "test") == "test":
+                    units[state.parts[p] or f"\0{state.hashes[p]}"].append(int(p))
+            if wanted <= 0 or not units:
+                continue
+            rng = np.random.default_rng([split_config.seed, int(batch_id)])  # the same draw whatever else the project holds
+            names = sorted(units)
+            chosen: list[int] = []
+            for index in rng.permutation(len(names)):
+                if len(chosen) >= wanted:
+                    break
+                chosen += units[names[index]]
+            for p in chosen:
+                state.splits[p] = "test"
+            joins_test, straddling = _test_closure(state, pool=[int(p) for p in np.flatnonzero(state.splits == "pool")], placed_parts=placed_parts)
+            joins_test = {p for p in joins_test if state.labels[p] == UNLABELED and state.image_ids[p] not in waiting}
+            for p in joins_test:  # their near-copies and other photos go with them
+                state.splits[p] = "test"
+            state.held_back |= {p for p in straddling - joins_test if state.labels[p] == UNLABELED}
+            drawn[batch_id] = sorted(set(chosen) | joins_test)
+        ids = sorted(state.image_ids[p] for positions in drawn.values() for p in positions)
+        for start in range(0, len(ids), 500):
+            for image in session.scalars(select(Image).where(Image.id.in_(ids[start:start + 500]), Image.split == "pool")):
+                image.split = "test"
+    return drawn
 
 
 def _cold_start_strategy(state: RoundState) -> str:
@@ -1288,7 +1460,9 @@ def push_batch(state: RoundState) -> None:
             .where(Round.project_id == project.id, Selection.push_status.in_(("pending", "failed")))
             .order_by(Selection.id)
         ).all()
-        to_withdraw = {image.id for _selection, image in retry if image.split == "test" or image.id in held_back_ids}
+        # (a test sample of a new batch is a test image by design, asked without a guess: it stays)
+        to_withdraw = {image.id for selection, image in retry
+                       if (image.split == "test" and selection.reason != TEST_SAMPLE_REASON) or image.id in held_back_ids}
         # a task that reached the annotators in a push that failed later stays: its answer comes anyway (as a test label)
         to_withdraw -= set(session.scalars(select(AnnotationTask.image_id).where(
             AnnotationTask.backend == name, AnnotationTask.image_id.in_(to_withdraw)))) if to_withdraw else set()
@@ -1375,8 +1549,9 @@ def _retried_task(state: RoundState, selection: Selection, image: Image, positio
     this round's version) and a questioned label is shown as it stands now."""
     current = state.label_info.get(image.id)
     current_label = current.label if current is not None and selection.reason in ASKED_AGAIN_REASONS else None
-    guess = _model_guess(state, position) if position is not None else None
-    predicted_label, score, probabilities = guess if guess is not None else (selection.predicted_label, None, {})
+    hidden = position is None or image.split == "test" or position in state.held_back  # its answer is a test label: no guess
+    guess = None if hidden else _model_guess(state, position)
+    predicted_label, score, probabilities = guess if guess is not None else (None if image.split == "test" else selection.predicted_label, None, {})
     return TaskRequest(image_id=image.id, image_path=image.path, sha256=image.sha256, reason=selection.reason, predicted_label=predicted_label,
                        prediction_score=score, probabilities=probabilities, current_label=current_label, round_number=state.number,
                        **(_decision_of(state, position) if guess is not None else {}))
@@ -1597,7 +1772,7 @@ def _jsonable(value: Any) -> Any:
 ROUND_STEPS: list[Callable[[RoundState], None]] = [
     pull_labels, check_image_files, load_images, embed_images, find_near_copies, place_new_labels, gather_labeled_pool, compute_out_of_fold, train_model,
     compute_finetuned_out_of_fold, calibrate_model, export_model, predict_all_images, score_anomalies, deploy_model, choose_threshold, evaluate_on_test_split, flag_label_issues,
-    find_data_issues, select_next_batch, push_batch,
+    find_data_issues, check_coverage, select_next_batch, push_batch,
 ]
 
 

@@ -12,7 +12,8 @@ from loop.project import ProjectContext
 from store import session_scope
 from store.models import Image, Round
 from store.queries import current_labels, get_project
-from store.reports import as_utc, calibration_of, collapsed_of, init_from_of, label_quality_of, threshold_of, training_of
+from store.reports import (as_utc, calibration_of, collapsed_of, init_from_of, label_quality_of, metrics_by_batch_of, threshold_of, training_of,
+                           unfamiliar_batches_of)
 
 STATUS_SCHEMA_VERSION = 1
 
@@ -108,6 +109,9 @@ def _round_summary(round_row: Round) -> dict:
         "ties": details.get("ties"),  # images whose annotators disagree evenly, and how many went back for one more answer
         "rejected_answers": details.get("rejected_answers"),  # images whose only answer was not a class, and how many were asked again
         "threshold": details.get("threshold"),
+        # ingest batches unlike the training labels or the test split (a new camera), and the gates per batch of the test split
+        "unfamiliar_batches": [dataclasses.asdict(batch) for batch in unfamiliar_batches_of(details) or []] if "coverage" in details else None,
+        "test_metrics_by_batch": [dataclasses.asdict(row) for row in metrics_by_batch_of(details) or []] or None,
         # where it was chosen (never the test split) and the loop's own gate estimate there
         "threshold_choice": dataclasses.asdict(choice) if (choice := threshold_of(details)) is not None else None,
         "metrics": {m.name: m.value for m in round_row.metrics if m.class_name is None},

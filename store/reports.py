@@ -155,6 +155,35 @@ class LabelQualitySummary:
 
 
 @dataclass(frozen=True)
+class UnfamiliarBatch:
+    """An ingest batch mostly unlike the training labels or the labeled test images (a new camera or product line)."""
+    ingest_batch_id: int
+    source: str | None
+    n_images: int
+    share_unlike_training_labels: float | None  # of the images checked; about 5% for images like the labeled ones
+    share_unlike_test_labels: float | None
+    unlike_training_labels: bool  # the model was not taught images like most of these
+    unlike_test_labels: bool  # the gates do not measure them
+    n_labeled_train_validation: int
+    n_labeled_test: int
+    n_unlabeled_test: int  # drawn into the test split, waiting for their label
+    n_drawn_into_test: int  # this round
+    n_selected_for_training: int | None
+
+
+@dataclass(frozen=True)
+class BatchTestMetrics:
+    """The gate metrics on one ingest batch's labeled test images."""
+    ingest_batch_id: int
+    source: str | None
+    n_images: int
+    macro_f1: float | None
+    defect_recall: float | None
+    negative_fpr: float | None
+    accuracy: float | None
+
+
+@dataclass(frozen=True)
 class RoundReport:
     summary: RoundSummary
     error: str | None
@@ -185,6 +214,8 @@ class RoundReport:
     label_quality: LabelQualitySummary | None = None
     threshold_choice: ThresholdSummary | None = None
     init_from: InitFromSummary | None = None
+    unfamiliar_batches: list[UnfamiliarBatch] | None = None  # None: not checked (an older round)
+    test_metrics_by_batch: list[BatchTestMetrics] | None = None  # None: the labeled test images come from one ingest batch
 
 
 @dataclass(frozen=True)
@@ -577,6 +608,35 @@ def init_from_of(details: dict[str, Any] | None) -> InitFromSummary | None:
                            head=str(raw.get("head") or ""), head_used=bool(raw.get("head_used")))
 
 
+def unfamiliar_batches_of(details: dict[str, Any] | None) -> list[UnfamiliarBatch] | None:
+    raw = (details or {}).get("coverage")
+    if not isinstance(raw, dict):
+        return None
+    batches = []
+    for row in raw.get("flagged_batches") or []:
+        if not isinstance(row, dict) or _int_or_none(row.get("ingest_batch_id")) is None:
+            continue
+        training = row.get("unlike_training_labels") if isinstance(row.get("unlike_training_labels"), dict) else {}
+        test = row.get("unlike_test_labels") if isinstance(row.get("unlike_test_labels"), dict) else {}
+        batches.append(UnfamiliarBatch(
+            ingest_batch_id=int(row["ingest_batch_id"]), source=_str_or_none(row.get("source")), n_images=_int_or_none(row.get("n_images")) or 0,
+            share_unlike_training_labels=_finite_or_none(training.get("share_unfamiliar")), share_unlike_test_labels=_finite_or_none(test.get("share_unfamiliar")),
+            unlike_training_labels=bool(training.get("flagged")), unlike_test_labels=bool(test.get("flagged")),
+            n_labeled_train_validation=_int_or_none(row.get("n_labeled_train_validation")) or 0, n_labeled_test=_int_or_none(row.get("n_labeled_test")) or 0,
+            n_unlabeled_test=_int_or_none(row.get("n_unlabeled_test")) or 0, n_drawn_into_test=_int_or_none(row.get("n_drawn_into_test_now")) or 0,
+            n_selected_for_training=_int_or_none(row.get("n_selected_for_training_now"))))
+    return batches
+
+
+def metrics_by_batch_of(details: dict[str, Any] | None) -> list[BatchTestMetrics] | None:
+    raw = ((details or {}).get("coverage") or {}).get("test_by_batch") if isinstance((details or {}).get("coverage"), dict) else None
+    if not isinstance(raw, list) or not raw:
+        return None
+    return [BatchTestMetrics(ingest_batch_id=int(row["ingest_batch_id"]), source=_str_or_none(row.get("source")), n_images=_int_or_none(row.get("n_images")) or 0,
+                             **{key: _finite_or_none(row.get(key)) for key in ("macro_f1", "defect_recall", "negative_fpr", "accuracy")})
+            for row in raw if isinstance(row, dict) and _int_or_none(row.get("ingest_batch_id")) is not None]
+
+
 def collapsed_of(details: dict[str, Any] | None) -> bool | None:
     raw = (details or {}).get("collapse_check")
     if not isinstance(raw, dict):
@@ -674,6 +734,8 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         label_quality=label_quality_of(details),
         threshold_choice=threshold_of(details),
         init_from=init_from_of(details),
+        unfamiliar_batches=unfamiliar_batches_of(details),
+        test_metrics_by_batch=metrics_by_batch_of(details),
     )
 
 

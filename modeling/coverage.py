@@ -1,0 +1,131 @@
+"""Which images are unlike every labeled image, and which ingest batches are mostly such images (a new camera, a new
+product line): the training labels do not cover them, and a frozen test split drawn before they came does not
+measure them.
+
+- `find_unfamiliar_images(embeddings=, reference=, scored=, parts=)` -> `Finding`: an image is unfamiliar when its
+  most similar reference image (a labeled training or validation image) is less similar than the reference images'
+  own nearest other reference is, for all but `EXPECTED_SHARE` of them. Images drawn like the reference images are
+  flagged at about that share (their nearest reference is distributed as a reference's nearest other reference);
+  a shifted batch is flagged at many times it.
+- `unfamiliar_share_by_group(finding=, groups=)` -> per group: scored, unfamiliar, share, flagged.
+
+Both read the pretrained embeddings (unit length; a fine-tuned model would move its own training images closer
+together). A sample of `MAX_REFERENCE` reference images and `MAX_SCORED_PER_GROUP` images per group bounds the cost
+(shares need a sample, not every image): at most 4096 x 4096 and groups x 1024 x 4096 dot products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from modeling.label_quality import Finding
+
+__all__ = ["EXPECTED_SHARE", "FLAG_SHARE", "find_unfamiliar_images", "sample_per_group", "unfamiliar_share_by_group"]
+
+EXPECTED_SHARE = 0.05  # images like the labeled ones read as unfamiliar this often: the cutoff is the 5th percentile
+FLAG_SHARE = 0.30  # a group this unfamiliar (6x the expected share) is not drawn like the labeled images
+MIN_FLAGGED_IMAGES = 10  # and at least this many of its images are: a handful of odd images is an outlier finding
+MIN_REFERENCE = 20  # fewer labeled images cannot tell how far apart images like them lie
+MAX_REFERENCE = 4096
+MAX_SCORED_PER_GROUP = 1024
+BLOCK = 2048
+
+
+def find_unfamiliar_images(*, embeddings: np.ndarray, reference: np.ndarray, scored: np.ndarray | None = None,
+                           parts: Sequence[str | None] | None = None, seed: int = 0) -> Finding:
+    """embeddings: (n, d) unit rows. reference: positions of the images the model learns from. scored: the positions
+    to judge (default all). parts: per position, the physical part (None: its own); a reference image's nearest other
+    reference is never a photo of its own part, as a new part's photo never has one.
+
+    scores: per position, the similarity (cosine, clipped to [0, 1]) of the nearest sampled reference image, NaN for
+    positions not scored; is_issue: scored and below the cutoff; related: that nearest reference's position (-1)."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be (n, dim), got shape {embeddings.shape}")
+    n = len(embeddings)
+    reference = np.unique(np.asarray(reference, dtype=np.int64))
+    scored = np.arange(n) if scored is None else np.unique(np.asarray(scored, dtype=np.int64))
+    scores = np.full(n, np.nan)
+    is_issue = np.zeros(n, dtype=bool)
+    related = np.full(n, -1, dtype=np.int64)
+    part_of = np.array([None] * n, dtype=object) if parts is None else np.asarray(list(parts), dtype=object)
+    if len(part_of) != n:
+        raise ValueError(f"parts must be one value per image ({n}), got {len(part_of)}")
+    if len(reference) < MIN_REFERENCE:
+        return Finding(scores=scores, is_issue=is_issue, related=related,
+                       summary={"n_issues": 0, "n_reference": int(len(reference)), "n_scored": 0,
+                                "note": f"fewer than {MIN_REFERENCE} labeled images: too few to tell what is unlike them"})
+    rng = np.random.default_rng(seed)
+    if len(reference) > MAX_REFERENCE:
+        reference = np.sort(rng.choice(reference, MAX_REFERENCE, replace=False))
+    ref_vectors = embeddings[reference]
+
+    # each reference image's nearest OTHER reference image, never one of its own part
+    own = np.empty(len(reference), dtype=np.float64)
+    for start in range(0, len(reference), BLOCK):
+        rows = np.arange(start, min(start + BLOCK, len(reference)))
+        block = ref_vectors[rows] @ ref_vectors.T
+        block[np.arange(len(rows)), rows] = -np.inf
+        ref_parts = part_of[reference]
+        for i, row in enumerate(rows):
+            if ref_parts[row] is not None:
+                block[i, ref_parts == ref_parts[row]] = -np.inf
+        own[rows] = block.max(axis=1)
+    finite = own[np.isfinite(own)]
+    if len(finite) < MIN_REFERENCE:  # one part holds nearly every labeled image
+        return Finding(scores=scores, is_issue=is_issue, related=related,
+                       summary={"n_issues": 0, "n_reference": int(len(reference)), "n_scored": 0,
+                                "note": "the labeled images are photos of too few parts to tell what is unlike them"})
+    cutoff = float(np.quantile(finite, EXPECTED_SHARE))
+
+    is_reference = np.zeros(n, dtype=bool)
+    is_reference[reference] = True
+    for start in range(0, len(scored), BLOCK):
+        rows = scored[start:start + BLOCK]
+        block = embeddings[rows] @ ref_vectors.T
+        for i, row in enumerate(rows):  # a sampled reference image is judged as the cutoff was drawn: against the others
+            if is_reference[row]:
+                block[i, reference == row] = -np.inf
+                if part_of[row] is not None:
+                    block[i, part_of[reference] == part_of[row]] = -np.inf
+        best = block.argmax(axis=1)
+        best_similarity = block[np.arange(len(rows)), best].astype(np.float64)
+        scores[rows] = np.clip(best_similarity, 0.0, 1.0)
+        related[rows] = np.where(np.isfinite(best_similarity), reference[best], -1)
+        is_issue[rows] = best_similarity < cutoff
+    return Finding(scores=scores, is_issue=is_issue, related=related, summary={
+        "n_issues": int(is_issue.sum()), "n_reference": int(len(reference)), "n_scored": int(len(scored)),
+        "cutoff_similarity": round(cutoff, 6), "expected_share": EXPECTED_SHARE,
+    })
+
+
+def sample_per_group(*, groups: np.ndarray, positions: np.ndarray, seed: int = 0, limit: int = MAX_SCORED_PER_GROUP) -> np.ndarray:
+    """At most `limit` of `positions` per group (a seeded sample): enough to read a share, cheap for any pool."""
+    groups = np.asarray(groups)
+    positions = np.asarray(positions, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for group in np.unique(groups[positions]):
+        members = positions[groups[positions] == group]
+        chosen.append(members if len(members) <= limit else rng.choice(members, limit, replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
+
+
+def unfamiliar_share_by_group(*, finding: Finding, groups: np.ndarray) -> dict[Any, dict[str, Any]]:
+    """Per group value: images scored, unfamiliar among them, their share, and whether the group is flagged (share
+    at least FLAG_SHARE and at least MIN_FLAGGED_IMAGES unfamiliar images)."""
+    groups = np.asarray(groups)
+    scored = np.isfinite(finding.scores)
+    out: dict[Any, dict[str, Any]] = {}
+    for group in np.unique(groups[scored]):
+        members = scored & (groups == group)
+        n_scored, n_unfamiliar = int(members.sum()), int((finding.is_issue & members).sum())
+        share = n_unfamiliar / n_scored
+        out[group.item() if hasattr(group, "item") else group] = {
+            "n_scored": n_scored, "n_unfamiliar": n_unfamiliar, "share_unfamiliar": round(share, 4),
+            "flagged": bool(share >= FLAG_SHARE and n_unfamiliar >= MIN_FLAGGED_IMAGES),
+        }
+    return out
