@@ -54,10 +54,15 @@ def plot_gates_over_rounds(*, rounds: list[int], gate_series: dict[str, list[flo
             else:
                 ax.axhspan(distinct[0], max(high, distinct[0]), color="tab:red", alpha=0.06)
         ax.set_title(name)
-        ax.set_xlabel("round")
-        ax.set_xticks(rounds)
+        # a tick label per round, at most ~8 of them: "218 train+val" under each of 6 rounds ran into each other
+        step = max(1, int(np.ceil(len(rounds) / 8)))
+        shown = rounds[::step]
+        ax.set_xticks(shown)
         if labeled_counts:
-            ax.set_xticklabels([f"{r}\n{n} train+val" for r, n in zip(rounds, labeled_counts)], fontsize=8)
+            ax.set_xlabel("round (labeled train + validation images)", fontsize=9)
+            ax.set_xticklabels([f"{r}\n({n})" for r, n in list(zip(rounds, labeled_counts))[::step]], fontsize=8)
+        else:
+            ax.set_xlabel("round")
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
