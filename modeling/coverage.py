@@ -11,7 +11,7 @@ measure them.
 
 Both read the pretrained embeddings (unit length; a fine-tuned model would move its own training images closer
 together). A sample of `MAX_REFERENCE` reference images and `MAX_SCORED_PER_GROUP` images per group bounds the cost
-(shares need a sample, not every image): at most 4096 x 4096 and groups x 1024 x 4096 dot products.
+(shares need a sample, not every image): at most 2048 x 2048 and about 8192 x 2048 dot products per finding.
 """
 
 from __future__ import annotations
@@ -29,8 +29,13 @@ EXPECTED_SHARE = 0.05  # images like the labeled ones read as unfamiliar this of
 FLAG_SHARE = 0.30  # a group this unfamiliar (6x the expected share) is not drawn like the labeled images
 MIN_FLAGGED_IMAGES = 10  # and at least this many of its images are: a handful of odd images is an outlier finding
 MIN_REFERENCE = 20  # fewer labeled images cannot tell how far apart images like them lie
-MAX_REFERENCE = 4096
+MAX_REFERENCE = 2048
 MAX_SCORED_PER_GROUP = 1024
+# all groups together: past MAX_SCORED_TOTAL / MAX_SCORED_PER_GROUP batches each gets fewer, at least MIN_SCORED_PER_GROUP
+# (a share of 30% read from 128 images is within +-8 points at 95%). 50 batches of 400 3808-d images took 16.5 s a round
+# scored whole; with these caps 2 s.
+MAX_SCORED_TOTAL = 8192
+MIN_SCORED_PER_GROUP = 128
 BLOCK = 2048
 
 
@@ -51,9 +56,12 @@ def find_unfamiliar_images(*, embeddings: np.ndarray, reference: np.ndarray, sco
     scores = np.full(n, np.nan)
     is_issue = np.zeros(n, dtype=bool)
     related = np.full(n, -1, dtype=np.int64)
-    part_of = np.array([None] * n, dtype=object) if parts is None else np.asarray(list(parts), dtype=object)
-    if len(part_of) != n:
-        raise ValueError(f"parts must be one value per image ({n}), got {len(part_of)}")
+    # parts as integer codes, an image without a part its own: a same-part mask is then one comparison per block
+    part_names = [None] * n if parts is None else list(parts)
+    if len(part_names) != n:
+        raise ValueError(f"parts must be one value per image ({n}), got {len(part_names)}")
+    code_of: dict[str, int] = {}
+    part_of = np.array([-1 - i if name is None else code_of.setdefault(str(name), len(code_of)) for i, name in enumerate(part_names)], dtype=np.int64)
     if len(reference) < MIN_REFERENCE:
         return Finding(scores=scores, is_issue=is_issue, related=related,
                        summary={"n_issues": 0, "n_reference": int(len(reference)), "n_scored": 0,
@@ -65,14 +73,11 @@ def find_unfamiliar_images(*, embeddings: np.ndarray, reference: np.ndarray, sco
 
     # each reference image's nearest OTHER reference image, never one of its own part
     own = np.empty(len(reference), dtype=np.float64)
+    ref_parts = part_of[reference]
     for start in range(0, len(reference), BLOCK):
         rows = np.arange(start, min(start + BLOCK, len(reference)))
         block = ref_vectors[rows] @ ref_vectors.T
-        block[np.arange(len(rows)), rows] = -np.inf
-        ref_parts = part_of[reference]
-        for i, row in enumerate(rows):
-            if ref_parts[row] is not None:
-                block[i, ref_parts == ref_parts[row]] = -np.inf
+        block[ref_parts[rows][:, None] == ref_parts[None, :]] = -np.inf  # itself, and its part's other photos
         own[rows] = block.max(axis=1)
     finite = own[np.isfinite(own)]
     if len(finite) < MIN_REFERENCE:  # one part holds nearly every labeled image
@@ -86,11 +91,10 @@ def find_unfamiliar_images(*, embeddings: np.ndarray, reference: np.ndarray, sco
     for start in range(0, len(scored), BLOCK):
         rows = scored[start:start + BLOCK]
         block = embeddings[rows] @ ref_vectors.T
-        for i, row in enumerate(rows):  # a sampled reference image is judged as the cutoff was drawn: against the others
-            if is_reference[row]:
-                block[i, reference == row] = -np.inf
-                if part_of[row] is not None:
-                    block[i, part_of[reference] == part_of[row]] = -np.inf
+        # a reference image is judged as the cutoff was drawn: against the others, never its own part; any image's
+        # photo of a labeled part is familiar (its part is known)
+        judged_alone = is_reference[rows][:, None] & (part_of[rows][:, None] == ref_parts[None, :])
+        block[judged_alone] = -np.inf
         best = block.argmax(axis=1)
         best_similarity = block[np.arange(len(rows)), best].astype(np.float64)
         scores[rows] = np.clip(best_similarity, 0.0, 1.0)
@@ -102,13 +106,17 @@ def find_unfamiliar_images(*, embeddings: np.ndarray, reference: np.ndarray, sco
     })
 
 
-def sample_per_group(*, groups: np.ndarray, positions: np.ndarray, seed: int = 0, limit: int = MAX_SCORED_PER_GROUP) -> np.ndarray:
-    """At most `limit` of `positions` per group (a seeded sample): enough to read a share, cheap for any pool."""
+def sample_per_group(*, groups: np.ndarray, positions: np.ndarray, seed: int = 0, limit: int = MAX_SCORED_PER_GROUP,
+                     total: int = MAX_SCORED_TOTAL) -> np.ndarray:
+    """At most `limit` of `positions` per group, fewer when the groups are many (about `total` in all, never under
+    MIN_SCORED_PER_GROUP each): a seeded sample, enough to read a share, cheap for any pool."""
     groups = np.asarray(groups)
     positions = np.asarray(positions, dtype=np.int64)
     rng = np.random.default_rng(seed)
     chosen = []
-    for group in np.unique(groups[positions]):
+    names = np.unique(groups[positions])
+    limit = max(min(limit, total // max(len(names), 1)), MIN_SCORED_PER_GROUP)
+    for group in names:
         members = positions[groups[positions] == group]
         chosen.append(members if len(members) <= limit else rng.choice(members, limit, replace=False))
     return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from modeling.coverage import EXPECTED_SHARE, MIN_REFERENCE, find_unfamiliar_images, sample_per_group, unfamiliar_share_by_group
+from modeling.coverage import (EXPECTED_SHARE, MAX_SCORED_TOTAL, MIN_REFERENCE, MIN_SCORED_PER_GROUP, find_unfamiliar_images, sample_per_group,
+                               unfamiliar_share_by_group)
 
 DIM = 48
 
@@ -69,3 +70,10 @@ def test_a_sample_per_group_reads_a_share_of_any_batch_at_a_bounded_cost() -> No
     sample = sample_per_group(groups=groups, positions=np.arange(5030), limit=1000)
     assert (groups[sample] == 1).sum() == 1000 and (groups[sample] == 2).sum() == 30
     assert np.array_equal(sample, sample_per_group(groups=groups, positions=np.arange(5030), limit=1000))  # seeded: the same every round
+
+
+def test_many_batches_share_the_scoring_budget_but_each_keeps_enough_images_to_read_its_share() -> None:
+    groups = np.repeat(np.arange(100), 500)  # a hundred daily ingests
+    sample = sample_per_group(groups=groups, positions=np.arange(len(groups)))
+    per_group = np.bincount(groups[sample])
+    assert (per_group == MIN_SCORED_PER_GROUP).all() and len(sample) < 2 * MAX_SCORED_TOTAL
