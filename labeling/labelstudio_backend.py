@@ -822,18 +822,24 @@ class AnnotationRecorder:
     """Turns Label Studio annotations into append-only label events, each answer once.
 
     Known state = the latest event per annotation id (external_id) on the images that have a Label Studio
-    task. Same answer again -> nothing; changed -> a new event; gone -> action "delete"; skipped -> "skip";
+    task. The save already recorded (same updated_at) -> nothing, whatever label it names now; the same answer saved
+    again -> "confirmed"; changed -> a new event; gone -> action "delete"; skipped -> "skip";
     not a known class (or not one of our tasks) -> a RejectedAnnotation row with the reason.
     """
 
-    def __init__(self, *, session: Session, project: Project, backend: str, round_id: int | None, report: PullReport | None = None):
+    def __init__(self, *, session: Session, project: Project, backend: str, round_id: int | None, report: PullReport | None = None,
+                 map_renamed: bool = True):
         self.session = session
         self.project = project
         self.backend = backend
         self.round_id = round_id
         self.report = report if report is not None else PullReport()
         self.counts: dict[str, int] = defaultdict(int)
-        self.renamed = renamed_classes(project)  # a class renamed away -> the class it means now
+        # a class renamed away -> the class it means now. Not for a webhook (map_renamed=False): one sent while `loop
+        # rename-class` rewrites Label Studio (a rename back: b -> a after a -> b) names a class the store is about to
+        # have, and mapping it would record an answer nobody gave; the pull, under the project lock, never sees a rename
+        # half done
+        self.renamed = renamed_classes(project) if map_renamed else {}
         rows = session.execute(
             select(AnnotationTask.external_project_id, AnnotationTask.external_task_id, AnnotationTask.image_id)
             .join(Image, Image.id == AnnotationTask.image_id)
@@ -939,6 +945,10 @@ class AnnotationRecorder:
             return "rejected" if self._reject(annotation, reason) else "unchanged"
         label = choices[0]
         saved_at = lsc.as_utc(annotation.get("updated_at"))
+        if previous is not None and previous.action == "set" and _same_save(previous, saved_at):
+            # the save of this answer already recorded: nothing new, whatever label it names now. An answer taken as its
+            # new name on the way in still names the old one in Label Studio, and loop.toml may make that a class again
+            return "unchanged"
         outcome = "recorded"
         if previous is not None and previous.action == "set" and previous.label == label and previous.annotator == annotator:
             if not _saved_again(previous, saved_at):
@@ -1015,9 +1025,11 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
     """Record a Label Studio webhook (ANNOTATION_CREATED / ANNOTATION_UPDATED / ANNOTATIONS_DELETED) at once.
 
     Raises ValueError with the reason when the payload is not such an event, or comes from a Label Studio
-    project defect-loop never pushed to (nothing is stored then). An answer naming a class `loop rename-class` renamed
-    away is recorded as its new name; one naming another label that is not a class is deferred to the next pull, which
-    rejects it if it still is none (outcome "deferred"). Label Studio sends each webhook once: `loop round` pulls anyway.
+    project defect-loop never pushed to (nothing is stored then). An answer naming a label that is not a class is
+    deferred to the next pull (outcome "deferred"), which rejects it if it still is none, or takes it as the new name of
+    a class `loop rename-class` renamed away: a webhook sent during a rename (a rename back: b -> a after a -> b) names
+    a class the store does not have yet, and the pull runs under the project lock, never seeing a rename half done.
+    Label Studio sends each webhook once: `loop round` pulls anyway.
     """
     if not isinstance(payload, Mapping):
         raise ValueError("the payload must be a JSON object")
@@ -1027,7 +1039,7 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
     if action not in WEBHOOK_ACTIONS:
         raise ValueError(f"action {action!r} is not recorded; expected one of {', '.join(WEBHOOK_ACTIONS)}")
     ls_project_id = _id_of(payload.get("project"), "project")
-    recorder = AnnotationRecorder(session=session, project=project, backend=BACKEND_NAME, round_id=None)
+    recorder = AnnotationRecorder(session=session, project=project, backend=BACKEND_NAME, round_id=None, map_renamed=False)
     if str(ls_project_id) not in recorder.ls_projects:
         raise ValueError(f"Label Studio project {ls_project_id} is not one defect-loop pushed tasks to for project {project.name!r}")
     result: dict[str, Any] = {"action": action, "label_studio_project": ls_project_id, "outcomes": {}}
@@ -1067,10 +1079,11 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
             "updated_at": annotation.get("updated_at"),
         }
         choices = set(row["choices"])
-        if not row["was_cancelled"] and len(choices) == 1 and not choices <= set(project.classes or []) | set(recorder.renamed):
+        if not row["was_cancelled"] and len(choices) == 1 and not choices <= set(project.classes or []):
             # a class the store does not have (yet): while `loop rename-class` rewrites Label Studio's answers, each arrives
-            # naming the new class before the store has it, and rejecting it would withdraw the answer. The next pull
-            # judges it against the classes then (and rejects it if it still is none).
+            # naming the new class before the store has it, and rejecting it would withdraw the answer; mapping a name
+            # renamed away (a rename back names the class the store is about to have) would record an answer nobody gave.
+            # The next pull judges it against the classes and renames then (and rejects it if it still is none).
             result["outcomes"][str(annotation_id)] = "deferred"
         else:
             result["outcomes"][str(annotation_id)] = recorder.record_annotation(row, ls_project_id=str(ls_project_id))
@@ -1103,6 +1116,12 @@ def project_key(project: Project) -> str:
     created = as_utc(project.created_at)  # SQLite hands it back without a zone, Postgres with one
     stamp = created.strftime("%Y-%m-%dT%H:%M:%S.%f") if created is not None else ""
     return hashlib.sha256(f"{project.name}\n{stamp}".encode()).hexdigest()[:16]
+
+
+def _same_save(previous: LabelEvent, saved_at: datetime | None) -> bool:
+    """Whether `saved_at` is the Label Studio save `previous` recorded (its updated_at, to the millisecond)."""
+    recorded = as_utc(previous.external_updated_at)
+    return saved_at is not None and recorded is not None and abs(saved_at - recorded) <= timedelta(milliseconds=1)
 
 
 def _saved_again(previous: LabelEvent, saved_at: datetime | None) -> bool:

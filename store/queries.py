@@ -130,11 +130,13 @@ def rename_label(session: Session, project_id: int, old: str, new: str) -> tuple
 
 
 def record_class_rename(project: Project, old: str, new: str) -> None:
-    """Keep in the project row that `old` was renamed to `new` (see renamed_classes). `new` itself is a class again,
-    so an earlier rename away from it no longer holds."""
+    """Keep in the project row that `old` was renamed to `new` (see renamed_classes). Chains are resolved here, as
+    they happen: a name renamed into `old` before now means `new` (a -> b, then b -> c: a -> c), and `new` itself is a
+    class again, so an earlier rename away from it no longer holds. Every name kept maps straight to the class it
+    became, never through a name that may later be made a class of its own again (loop.toml reusing it)."""
     if old == new:
         return
-    renames = {str(k): str(v) for k, v in (project.class_renames or {}).items() if k != new}
+    renames = {str(k): (new if str(v) == old else str(v)) for k, v in (project.class_renames or {}).items() if str(k) != new}
     renames[old] = new
     project.class_renames = renames  # a new dict: SQLAlchemy sees a JSON column change only on assignment
 
@@ -142,20 +144,8 @@ def record_class_rename(project: Project, old: str, new: str) -> None:
 def renamed_classes(project: Project) -> dict[str, str]:
     """Old class name -> the class of the project it means now, for every class `loop rename-class` renamed away: an
     answer naming it (a draft saved before the rename and submitted after, an editor left open during it) is an answer
-    for that class. Chains resolve to their end (a -> b, then b -> c: a means c); a name that is a class of the
-    project again means itself (left out), and one whose chain ends outside the classes (removed since) is left out."""
-    renames = {str(k): str(v) for k, v in (project.class_renames or {}).items()}
+    for that class. record_class_rename keeps each name pointing at the class it was last renamed into (a -> b, then
+    b -> c: a means c, even when b is made a class again later); a name that is a class of the project again means
+    itself (left out), and one whose class is no class any more (removed since) is left out."""
     classes = set(project.classes or [])
-    resolved: dict[str, str] = {}
-    for old in renames:
-        if old in classes:
-            continue
-        name, seen = old, {old}
-        while name in renames and name not in classes:
-            name = renames[name]
-            if name in seen:  # a loop of renames with no class in it: nothing it means
-                break
-            seen.add(name)
-        if name in classes:
-            resolved[old] = name
-    return resolved
+    return {str(old): str(new) for old, new in (project.class_renames or {}).items() if str(old) not in classes and str(new) in classes}

@@ -29,10 +29,28 @@ def test_renames_resolve_chains_to_a_class_and_leave_out_names_that_are_classes_
     record_class_rename(project, "spot_stain", "spot")  # renamed back: spot is a class again and means itself
     project.classes = ["good", "scratch_line", "spot"]
     assert renamed_classes(project) == {"scratch": "scratch_line", "scratch_mark": "scratch_line", "spot_stain": "spot"}
-    assert project.class_renames == {"scratch": "scratch_mark", "scratch_mark": "scratch_line", "spot_stain": "spot"}
+    assert project.class_renames == {"scratch": "scratch_line", "scratch_mark": "scratch_line", "spot_stain": "spot"}  # chains resolved as kept
     project.classes = ["good", "scratch", "scratch_line", "spot"]  # a name made a class again (loop.toml) is not mapped
     assert "scratch" not in renamed_classes(project)
     assert renamed_classes(_project(["good"], {"a": "b", "b": "a"})) == {}  # a loop with no class in it
+
+
+def test_a_chain_through_a_name_made_a_class_again_maps_to_where_the_answers_went() -> None:
+    # a -> b, b -> c, then loop.toml makes b a (new, different) class: the answers once a are c now, and a later answer
+    # under a was taken as the new b (the chain was followed at read time, through b)
+    project = _project(["good", "b"])
+    record_class_rename(project, "a", "b")
+    project.classes = ["good", "c"]
+    record_class_rename(project, "b", "c")
+    project.classes = ["good", "c", "b"]
+    assert renamed_classes(project) == {"a": "c"}
+    assert project.class_renames == {"a": "c", "b": "c"}  # kept resolved: a never goes through b
+    # renamed back (a -> b, then b -> a): a is a class again, b means a
+    back = _project(["good", "b"])
+    record_class_rename(back, "a", "b")
+    back.classes = ["good", "a"]
+    record_class_rename(back, "b", "a")
+    assert (back.class_renames, renamed_classes(back)) == ({"b": "a"}, {"b": "a"})
 
 
 def test_rename_label_keeps_the_rename_in_the_project_row(tmp_path: Path) -> None:

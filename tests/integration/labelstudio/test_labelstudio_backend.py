@@ -857,7 +857,7 @@ def test_a_class_rename_rewrites_every_annotators_drafts_so_a_draft_submitted_af
     assert [labels(store)[store.image_ids[k]].label for k in (4, 5)] == ["scratch_line", "scratch_line"]
 
 
-def test_an_answer_naming_a_class_renamed_away_is_taken_as_its_new_name_by_pull_and_webhook(labelstudio, store, backend) -> None:
+def test_an_answer_naming_a_class_renamed_away_is_taken_as_its_new_name_by_the_pull_a_webhook_defers_it_to(labelstudio, store, backend) -> None:
     # an editor open during the rename autosaves (and submits) the old name: the pull rejected the answer, asked again
     # and withdrew the annotator's earlier answer
     push(backend, store, [store.task(k, predicted="spot") for k in (4, 5, 6, 7)])
@@ -888,7 +888,9 @@ def test_an_answer_naming_a_class_renamed_away_is_taken_as_its_new_name_by_pull_
     again = pull(backend, store)
     assert (again.new_label_events, again.details["labelstudio"]["renamed_on_the_way_in"]) == (0, 0)
 
-    # the webhook shares the recorder: the old name is recorded as the new class at once, not deferred
+    # a webhook naming the old name is deferred to the next pull (one sent during a rename could name a class the
+    # store is about to have: test_webhooks_sent_during_a_rename_back_record_no_answer_nobody_gave), which takes it as
+    # the new class
     answer = annotate(b, tasks[store.image_ids[7]], "scratch")
     saved = labelstudio.admin().annotations.get(id=answer)
     payload = {"action": "ANNOTATION_CREATED", "project": {"id": ls_project_id(store)}, "task": {"id": tasks[store.image_ids[7]]},
@@ -896,6 +898,97 @@ def test_an_answer_naming_a_class_renamed_away_is_taken_as_its_new_name_by_pull_
                               "was_cancelled": False, "lead_time": 3.0, "created_at": str(saved.created_at), "updated_at": str(saved.updated_at)}}
     with store.session() as session:
         outcome = record_webhook_event(session=session, project=session.get(Project, store.project_id), payload=payload)
-    assert (outcome["recorded"], outcome["rejected"], list(outcome["outcomes"].values())) == (1, 0, ["recorded"])
+    assert (outcome["recorded"], outcome["rejected"], list(outcome["outcomes"].values())) == (0, 0, ["deferred"])
+    later = pull(backend, store)
+    assert (later.new_label_events, later.rejected, later.details["labelstudio"]["renamed_on_the_way_in"]) == (1, 0, 1)
     assert labels(store)[store.image_ids[7]].label == "scratch_line"
+    assert pull(backend, store).new_label_events == 0
+
+
+def test_webhooks_sent_during_a_rename_back_record_no_answer_nobody_gave(labelstudio, store, backend) -> None:
+    # scratch -> scratch_line, then back: Label Studio's rewrite sends ANNOTATION_UPDATED naming scratch while the store
+    # still has scratch_line and remembers scratch -> scratch_line; the webhook took it as scratch_line, saved later
+    # (by the rewrite): a "confirmation" of each answer that its annotator never gave
+    push(backend, store, [store.task(k, predicted="scratch") for k in (4, 5)])
+    tasks = task_ids_by_image(store)
+    a = labelstudio.as_annotator(ANNOTATOR_A)
+    answers = [annotate(a, tasks[store.image_ids[k]], "scratch") for k in (4, 5)]
+    assert pull(backend, store).new_label_events == 2
+    rename_class(backend, store, "scratch", "scratch_line", ["good", "scratch_line", "spot"])
+    assert pull(backend, store).new_label_events == 0
+    receiver = HTTPServer(("127.0.0.1", 0), _Receiver)
+    _Receiver.received = []
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        lsc.create_webhook(labelstudio.admin(), project_id=ls_project_id(store), url=f"http://127.0.0.1:{receiver.server_port}/hook",
+                           secret_header="X-Loop-Webhook-Secret", secret="s")
+        # `loop rename-class scratch_line scratch`: Label Studio's side first, the store's after
+        with store.session() as session:
+            backend.record_answers_before_rename(session=session, project=session.get(Project, store.project_id), old="scratch_line", new="scratch")
+        with store.session() as session:
+            renamed = backend.rename_class(session=session, project=session.get(Project, store.project_id), old="scratch_line", new="scratch")
+        deadline = time.monotonic() + 10
+        while len(_Receiver.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        receiver.shutdown()
+    assert renamed.answers == 2
+    updates = [payload for _headers, payload in _Receiver.received if payload["action"] == "ANNOTATION_UPDATED"]
+    assert len(updates) == 2
+    for payload in updates:  # as the API records them, before the store's side of the rename back
+        with store.session() as session:
+            outcome = record_webhook_event(session=session, project=session.get(Project, store.project_id), payload=payload)
+        assert (outcome["recorded"], outcome["rejected"], list(outcome["outcomes"].values())) == (0, 0, ["deferred"])
+    with store.session() as session:
+        from store.queries import rename_label
+
+        project = session.get(Project, store.project_id)
+        rename_label(session, project.id, "scratch_line", "scratch")
+        backend.record_class_rename(session=session, project=project, renamed=renamed)
+        project.classes = ["good", "scratch", "spot"]
+    report = pull(backend, store)
+    assert (report.new_label_events, report.rejected, report.details["labelstudio"].get("confirmed", 0)) == (0, 0, 0)
+    with store.session() as session:
+        events = session.scalars(select(LabelEvent).where(LabelEvent.external_id.in_([str(x) for x in answers])).order_by(LabelEvent.id)).all()
+    assert [(e.action, e.label) for e in events] == [("set", "scratch")] * 2  # each answer once, as its annotator gave it
+    assert {labels(store)[store.image_ids[k]].label for k in (4, 5)} == {"scratch"}
+
+
+def test_an_answer_taken_as_a_renamed_class_stays_it_when_its_old_name_is_made_a_class_again(labelstudio, store, backend) -> None:
+    # the answer taken as scratch_line on the way in still says scratch in Label Studio: once loop.toml makes scratch
+    # a class again, the next pull read the untouched answer as scratch and recorded a change its annotator never made
+    push(backend, store, [store.task(k, predicted="spot") for k in (4, 5, 6)])
+    tasks = task_ids_by_image(store)
+    a = labelstudio.as_annotator(ANNOTATOR_A)
+    changed = annotate(a, tasks[store.image_ids[5]], "spot")
+    kept = annotate(a, tasks[store.image_ids[6]], "spot")
+    assert pull(backend, store).new_label_events == 2
+    rename_class(backend, store, "scratch", "scratch_line", ["good", "scratch_line", "spot"])
+    late = annotate(a, tasks[store.image_ids[4]], "scratch")  # an editor left open during the rename
+    report = pull(backend, store)
+    assert (report.new_label_events, report.details["labelstudio"]["renamed_on_the_way_in"]) == (1, 1)
+    assert labels(store)[store.image_ids[4]].label == "scratch_line"
+
+    with store.session() as session:  # loop.toml names scratch again: a class of its own, not the one renamed
+        project = session.get(Project, store.project_id)
+        project.classes = ["good", "scratch", "scratch_line", "spot"]
+    with store.session() as session:
+        assert backend.show_classes(session=session, project=session.get(Project, store.project_id)) is None
+    report = pull(backend, store)
+    assert (report.new_label_events, report.rejected, report.details["labelstudio"].get("confirmed", 0)) == (0, 0, 0)
+    assert labels(store)[store.image_ids[4]].label == "scratch_line"
+
+    # saved again by their annotator: an answer changed in place is recorded, one saved unchanged is confirmed, and
+    # the late answer chosen again as scratch now means the class scratch
+    time.sleep(0.01)
+    a.annotations.update(id=changed, result=lsc.choice_result("good"))
+    a.annotations.update(id=kept, result=lsc.choice_result("spot"))
+    a.annotations.update(id=late, result=lsc.choice_result("scratch"))
+    report = pull(backend, store)
+    details = report.details["labelstudio"]
+    assert (report.new_label_events, details.get("recorded"), details.get("confirmed"), details["renamed_on_the_way_in"]) == (3, 2, 1, 0)
+    assert [labels(store)[store.image_ids[k]].label for k in (4, 5, 6)] == ["scratch", "good", "spot"]
+    with store.session() as session:
+        events = session.scalars(select(LabelEvent).where(LabelEvent.external_id == str(late)).order_by(LabelEvent.id)).all()
+    assert [e.label for e in events] == ["scratch_line", "scratch"]
     assert pull(backend, store).new_label_events == 0
