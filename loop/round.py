@@ -82,6 +82,7 @@ MAX_DATA_ISSUE_ROWS = 1000  # near-duplicate / outlier rows stored per kind and 
 MAX_COVERAGE_BATCHES = 20  # flagged ingest batches a round describes (most unfamiliar first; the count is kept)
 MIN_TEST_IMAGES_PER_BATCH = 10  # labeled test images of a batch before the gates are given for it alone
 TEST_SAMPLE_REASON = "test_sample"  # a random image of an unmeasured batch, drawn into the test split: asked without a guess
+TEST_SAMPLE_RANK = 100_000  # the draw's selections rank after the round's batch (written before it, in the draw's transaction)
 NEW_BATCH_REASON = "new_batch"  # picked from a batch unlike every training label, for training
 COVERAGE_STRATEGY = "random"  # how that share is picked
 COVERAGE_BUDGET_SHARE = 0.5  # of the round's budget, while such a batch has candidates
@@ -1101,8 +1102,7 @@ def select_next_batch(state: RoundState) -> None:
     picks: list[tuple[int, float, str, str | None]] = []
     # a batch unlike every training label (a new camera) gets part of the budget, a representative sample of it: the
     # model's confident mistakes there (its good parts called defects) look certain, and uncertainty never picks them
-    unlike = [row["ingest_batch_id"] for row in (state.details.get("coverage") or {}).get("flagged_batches", [])
-              if (row.get("unlike_training_labels") or {}).get("flagged")]
+    unlike = (state.details.get("coverage") or {}).get("unlike_training_batch_ids") or []
     new_batch_candidates = candidates[np.isin(state.ingest_batches[candidates], unlike)] if unlike and len(candidates) else candidates[:0]
     if len(new_batch_candidates) and budget:
         share = pick(COVERAGE_STRATEGY, new_batch_candidates, max(int(round(COVERAGE_BUDGET_SHARE * budget)), 1))
@@ -1127,8 +1127,6 @@ def select_next_batch(state: RoundState) -> None:
         picks.append((row["position"], 1.0 - row["score"], "suspected_label_error", row["given_label"]))
     for position in _tie_requests(state, loop_config.budget_per_round):
         picks.append((position, 1.0, "annotators_disagree", None))
-    for position in state.test_sample:  # beyond the budget: the gates measure a new batch only once these are labeled
-        picks.append((position, 1.0, TEST_SAMPLE_REASON, None))
     rejected_answers = _rejected_answer_requests(state, loop_config.budget_per_round)
     for position in rejected_answers:
         picks.append((position, 1.0, "answer_rejected", None))
@@ -1146,8 +1144,8 @@ def select_next_batch(state: RoundState) -> None:
         # a new batch's share is a random sample of it: "random" keeps its good parts among the sampled ones the
         # threshold's stratified rule counts one by one (store.queries.SAMPLING_SELECTION_STRATEGIES)
         state.batch_meta.append({"score": score, "strategy": "label_quality" if reason in ASKED_AGAIN_REASONS else
-                                 "coverage" if reason == TEST_SAMPLE_REASON else COVERAGE_STRATEGY if reason == NEW_BATCH_REASON else strategy})
-    picked_for_training = Counter(int(state.ingest_batches[p]) for p, _, reason, _ in picks if reason not in (*ASKED_AGAIN_REASONS, TEST_SAMPLE_REASON))
+                                 COVERAGE_STRATEGY if reason == NEW_BATCH_REASON else strategy})
+    picked_for_training = Counter(int(state.ingest_batches[p]) for p, _, reason, _ in picks if reason not in ASKED_AGAIN_REASONS)
     for row in (state.details.get("coverage") or {}).get("flagged_batches", []):
         row["n_selected_for_training_now"] = picked_for_training.get(row["ingest_batch_id"], 0)
 
@@ -1175,6 +1173,8 @@ def check_coverage(state: RoundState) -> None:
         return {key: finding.summary[key] for key in ("n_reference", "n_scored", "cutoff_similarity", "note") if key in finding.summary}
 
     coverage: dict[str, Any] = {"expected_share": EXPECTED_SHARE, "flag_share": FLAG_SHARE, "n_batches_judged": len(by_training),
+                                # every batch the model was not taught (the rows below stop at MAX_COVERAGE_BATCHES): selection's share
+                                "unlike_training_batch_ids": sorted(int(b) for b, share in by_training.items() if share["flagged"]),
                                 "against_training_labels": judged(unlike_training), "against_test_labels": judged(unlike_test),
                                 "n_flagged_batches": len(flagged), "flagged_batches": [], "test_sample_image_ids": []}
     state.details["coverage"] = coverage
@@ -1231,9 +1231,11 @@ def _coverage_text(row: dict[str, Any], sample_limit: int) -> str:
     if row["n_drawn_into_test_now"]:
         return (text + f"; {row['n_drawn_into_test_now']} of them, drawn at random, joined the frozen test split and go to the annotators without a "
                 "guess: until they are labeled, the gates do not measure this batch.")
+    if test.get("flagged") and row["n_unlabeled_test"] and sample_limit:
+        return text + f"; {row['n_unlabeled_test']} of its images are in the test split waiting for a label: until they have one, the gates do not measure it."
     if test.get("flagged"):
         why = ("`[split] unmeasured_batch_test_sample` is 0" if sample_limit == 0 else
-               f"{row['n_unlabeled_test']} of its test images wait for a label" if row["n_unlabeled_test"] else "none of its unlabeled images can be drawn")
+               "none of its images can be drawn: each was asked about for training, is labeled, or has a photo or copy in train or validation")
         return text + f"; the gates do not measure it ({why}): label a test set of it and add it with `loop ingest DIR --split test`."
     return text + f"; the test split holds {row['n_labeled_test']} labeled images of it."
 
@@ -1241,28 +1243,54 @@ def _coverage_text(row: dict[str, Any], sample_limit: int) -> str:
 def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[int]]:
     """For each batch the labeled test images do not cover: a random sample of its unlabeled pool images, by part, into
     the frozen test split, until test_fraction of the batch's images are test images (at most
-    unmeasured_batch_test_sample per batch). A part with a photo in train or validation, an image waiting to be pushed
-    for a training label, and a held-back copy are never drawn; near-copies and parts of a drawn image join it."""
+    unmeasured_batch_test_sample per batch), asked of the annotators in the same transaction (a round that fails
+    later leaves them asked, not orphaned). A part is drawn with all its photos, whatever batch they came in, and only
+    when none of them, nor any near-copy of one, is in train or validation, was selected before (its task may show the
+    model's guess), holds an answer (a tie) or is held back: a test label never starts from a guess, and no drawn image
+    has a copy or a sibling on the other side. Near-copies in the pool join it, as at any placement."""
     split_config = state.config.split
     limit = split_config.unmeasured_batch_test_sample
     if not batches or limit == 0:
         return {}
+    group_of: dict[int, list[int]] = {}
+    if state.near_duplicates is not None:
+        for group in state.near_duplicates.summary["groups"]:
+            for member in group:
+                group_of[int(member)] = [int(m) for m in group]
+    photos_of: dict[str, list[int]] = defaultdict(list)
+    for position, part in enumerate(state.parts):
+        if part:
+            photos_of[part].append(position)
     with session_scope(state.ctx.engine) as session:
         project = get_project(session)
         placed_parts = part_splits(session, project.id)
-        waiting = set(session.scalars(select(Selection.image_id).join(Round, Round.id == Selection.round_id).where(
-            Round.project_id == project.id, Round.id != state.round_id, Selection.push_status.in_(("pending", "failed")))))
+        selected_before = set(session.scalars(select(Selection.image_id).join(Round, Round.id == Selection.round_id).where(
+            Round.project_id == project.id, Round.id != state.round_id)))
+
+        def free(position: int) -> bool:  # a pool image nobody was asked about, with no answer, not held back
+            info = state.label_info.get(state.image_ids[position])
+            return (state.splits[position] == "pool" and state.labels[position] == UNLABELED and position not in state.held_back
+                    and state.image_ids[position] not in selected_before and (info is None or info.status == "unlabeled"))
+
+        def may_join_test(position: int) -> bool:  # a pool image free to draw, or a test image already
+            return state.splits[position] == "test" or free(position)
+
         drawn: dict[int, list[int]] = {}
         for batch_id in batches:
             members = np.flatnonzero(state.ingest_batches == batch_id)
             wanted = min(int(round(split_config.test_fraction * len(members))), limit) - int((state.splits[members] == "test").sum())
-            units: dict[str, list[int]] = defaultdict(list)
-            for p in members:
-                if state.splits[p] == "pool" and state.labels[p] == UNLABELED and p not in state.held_back \
-                        and state.image_ids[p] not in waiting and placed_parts.get(state.parts[p] or "", "test") == "test":
-                    units[state.parts[p] or f"\0{state.hashes[p]}"].append(int(p))
-            if wanted <= 0 or not units:
+            if wanted <= 0:
                 continue
+            units: dict[str, list[int]] = {}
+            for p in members:
+                key = state.parts[p] or f"\0{state.hashes[p]}"
+                if key in units or state.splits[p] != "pool":
+                    continue
+                unit = photos_of[state.parts[p]] if state.parts[p] else [int(p)]
+                if placed_parts.get(state.parts[p] or "", "test") != "test":
+                    continue
+                if all(may_join_test(q) and all(may_join_test(c) for c in group_of.get(q, ())) for q in unit):
+                    units[key] = [q for q in unit if state.splits[q] == "pool"]
             rng = np.random.default_rng([split_config.seed, int(batch_id)])  # the same draw whatever else the project holds
             names = sorted(units)
             chosen: list[int] = []
@@ -1270,18 +1298,26 @@ def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[
                 if len(chosen) >= wanted:
                     break
                 chosen += units[names[index]]
+            if not chosen:
+                continue
             for p in chosen:
                 state.splits[p] = "test"
+                if state.parts[p]:
+                    placed_parts[state.parts[p]] = "test"
             joins_test, straddling = _test_closure(state, pool=[int(p) for p in np.flatnonzero(state.splits == "pool")], placed_parts=placed_parts)
-            joins_test = {p for p in joins_test if state.labels[p] == UNLABELED and state.image_ids[p] not in waiting}
-            for p in joins_test:  # their near-copies and other photos go with them
+            joins_test = {p for p in joins_test if free(p)}
+            for p in joins_test:  # near-copies of a drawn image, and their parts' photos: test images too, not asked
                 state.splits[p] = "test"
             state.held_back |= {p for p in straddling - joins_test if state.labels[p] == UNLABELED}
-            drawn[batch_id] = sorted(set(chosen) | joins_test)
-        ids = sorted(state.image_ids[p] for positions in drawn.values() for p in positions)
-        for start in range(0, len(ids), 500):
-            for image in session.scalars(select(Image).where(Image.id.in_(ids[start:start + 500]), Image.split == "pool")):
-                image.split = "test"
+            drawn[batch_id] = sorted(chosen)
+            moved = sorted(set(chosen) | joins_test)
+            ids = [state.image_ids[p] for p in moved]
+            for start in range(0, len(ids), 500):
+                for image in session.scalars(select(Image).where(Image.id.in_(ids[start:start + 500]), Image.split == "pool")):
+                    image.split = "test"
+        for rank, position in enumerate(sorted(p for positions in drawn.values() for p in positions)):
+            session.add(Selection(round_id=state.round_id, image_id=state.image_ids[position], rank=TEST_SAMPLE_RANK + rank, score=1.0,
+                                  strategy="coverage", reason=TEST_SAMPLE_REASON, predicted_label=None, p_defect=None, push_status="pending"))
     return drawn
 
 
@@ -1549,7 +1585,7 @@ def _retried_task(state: RoundState, selection: Selection, image: Image, positio
     this round's version) and a questioned label is shown as it stands now."""
     current = state.label_info.get(image.id)
     current_label = current.label if current is not None and selection.reason in ASKED_AGAIN_REASONS else None
-    hidden = position is None or image.split == "test" or position in state.held_back  # its answer is a test label: no guess
+    hidden = position is None or image.split == "test"  # its answer is a test label: no guess (a test sample, a tie)
     guess = None if hidden else _model_guess(state, position)
     predicted_label, score, probabilities = guess if guess is not None else (None if image.split == "test" else selection.predicted_label, None, {})
     return TaskRequest(image_id=image.id, image_path=image.path, sha256=image.sha256, reason=selection.reason, predicted_label=predicted_label,
@@ -1772,7 +1808,7 @@ def _jsonable(value: Any) -> Any:
 ROUND_STEPS: list[Callable[[RoundState], None]] = [
     pull_labels, check_image_files, load_images, embed_images, find_near_copies, place_new_labels, gather_labeled_pool, compute_out_of_fold, train_model,
     compute_finetuned_out_of_fold, calibrate_model, export_model, predict_all_images, score_anomalies, deploy_model, choose_threshold, evaluate_on_test_split, flag_label_issues,
-    find_data_issues, check_coverage, select_next_batch, push_batch,
+    check_coverage, find_data_issues, select_next_batch, push_batch,
 ]
 
 

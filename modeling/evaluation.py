@@ -189,49 +189,64 @@ def stratified_threshold(*, sampled_negatives: np.ndarray, picked_negatives: np.
     if not (np.isfinite(sampled).all() and np.isfinite(picked).all()):
         raise ValueError("good-part scores must be finite numbers (a NaN would silently make every part 'good')")
     labeled = np.sort(np.concatenate([sampled, picked]))
-    n_unlabeled = max(float(n_unlabeled_negatives), 0.0)
-    n_total = len(labeled) + n_unlabeled
     # The estimate only falls as the threshold rises: a fine grid in logit space plus every labeled score (where
     # the count steps) finds the lowest threshold that meets it.
     grid = _sigmoid(np.linspace(-12.0, 12.0, 2401))
     candidates = np.unique(np.concatenate([grid, np.nextafter(labeled, np.inf)]))
-    labeled_false_positives = len(labeled) - np.searchsorted(labeled, candidates, side="left")
-    unlabeled_rate = normal_tail_fpr(negative_scores=sampled, thresholds=candidates)
-    decision = (labeled_false_positives + n_unlabeled * np.minimum(TAIL_MARGIN * unlabeled_rate, 1.0)) / n_total
-    estimate = (labeled_false_positives + n_unlabeled * unlabeled_rate) / n_total
+    estimate, decision = stratified_fpr_estimates(sampled_negatives=sampled, picked_negatives=picked,
+                                                  n_unlabeled_negatives=n_unlabeled_negatives, thresholds=candidates)
     meets = np.flatnonzero(decision <= max_fpr)
     best = int(meets[0]) if len(meets) else len(candidates) - 1
     return float(candidates[best]), float(estimate[best])
+
+
+def stratified_fpr_estimates(*, sampled_negatives: np.ndarray, picked_negatives: np.ndarray, n_unlabeled_negatives: float,
+                             thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(estimate, decision value) of the FPR over all good parts of the pool at each threshold, as
+    `stratified_threshold` reads them: labeled good parts one by one, unlabeled ones at the normal-tail rate (times
+    TAIL_MARGIN in the decision value)."""
+    sampled = np.asarray(sampled_negatives, dtype=np.float64)
+    labeled = np.sort(np.concatenate([sampled, np.asarray(picked_negatives, dtype=np.float64)]))
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    n_unlabeled = max(float(n_unlabeled_negatives), 0.0)
+    n_total = len(labeled) + n_unlabeled
+    labeled_false_positives = len(labeled) - np.searchsorted(labeled, thresholds, side="left")
+    unlabeled_rate = normal_tail_fpr(negative_scores=sampled, thresholds=thresholds)
+    decision = (labeled_false_positives + n_unlabeled * np.minimum(TAIL_MARGIN * unlabeled_rate, 1.0)) / n_total
+    return (labeled_false_positives + n_unlabeled * unlabeled_rate) / n_total, decision
 
 
 # The deployed model gives float32 probabilities, and P(defect) = 1 - P(good) comes in steps of 6e-8 near 0: a
 # threshold below this would decide by rounding (the QA saw the deployed model and the stored decisions disagree on 7
 # of 202 images at a threshold of 1.3e-7).
 THRESHOLD_FLOOR = 1e-5
+FLOAT32_STEP = 2.0 ** -24  # float32 tells 1 - p from 1 no finer: a score of 1.0 may be any logit above 16.6
+MAX_GAP_MOVE = 6.0  # logits (x400 in odds): how far up the gap a threshold moves at most
 
 
-def _wide_logit(p: np.ndarray | float) -> np.ndarray:
-    """logit without the 1e-7 clip of `_logit`: scores of 1e-9 and 1e-12 stay apart."""
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-30, 1 - 1e-16)
+def _resolvable_logit(p: np.ndarray | float) -> np.ndarray:
+    """logit of scores as float32 can tell them apart: 1e-9 and 1e-12 alike, 1.0 read as 1 - 2^-24."""
+    p = np.clip(np.asarray(p, dtype=np.float64), FLOAT32_STEP, 1 - FLOAT32_STEP)
     return np.log(p) - np.log1p(-p)
 
 
 def middle_of_the_gap(threshold: float, scores: np.ndarray) -> float:
-    """The middle, in logit space, of the gap between the labeled scores just below and at or above `threshold`.
+    """Up to the middle, in logit space, of the gap between the labeled scores just below and at or above
+    `threshold`, at most MAX_GAP_MOVE logits up; never down.
 
-    Every threshold in that gap makes the same decisions on the labeled images; the rules above pick its lowest
+    Every threshold in that gap makes the same decisions on the labeled images; the rank rule picks its lowest
     point, just above the highest good part that must pass, which is right where a good part seen through another
-    camera, or under other light, is called a defect. When good and defect scores are apart (P(defect) 1e-7 for good
-    parts, 1.0 for defects, as a head on separable embeddings gives), the middle leaves room on both sides: in the QA's
-    new-camera project, that camera's good parts were called defects at 16-92% at the rules' threshold and at 0% at
-    0.1 (its defects: recall 1.0 at both). Where the scores overlap, the gap, and the move, are small."""
+    camera, or under other light, is called a defect. When good and defect scores are far apart (P(defect) 1e-9..1e-7
+    for good parts, 0.99 and above for defects, as a head on separable embeddings gives) the threshold moves up into
+    the gap; the cap keeps a saturated defect score (1.0: any logit past 16.6) from pulling it next to 1, where a
+    defect scored 0.999 would pass. Where the scores overlap, the gap, and the move, are small."""
     scores = np.asarray(scores, dtype=np.float64)
     below, above = scores[scores < threshold], scores[scores >= threshold]
     if not len(below) or not len(above):
         return threshold
     low, high = float(below.max()), float(above.min())
-    middle = float(_sigmoid((_wide_logit(low) + _wide_logit(high)) / 2))
-    return middle if low < middle <= high else threshold
+    middle = float(_sigmoid(min((_resolvable_logit(low) + _resolvable_logit(high)) / 2, _resolvable_logit(threshold) + MAX_GAP_MOVE)))
+    return middle if threshold < middle <= high else threshold
 
 
 def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_fpr: float, confidence: float = 0.75, source: str = "",
@@ -288,6 +303,10 @@ def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_
             rule = "stratified"
     rule_threshold = threshold
     threshold = max(middle_of_the_gap(threshold, p_defect), THRESHOLD_FLOOR)
+    if rule == "stratified" and threshold != rule_threshold:  # the estimate at the threshold the round deploys
+        population_fpr = float(stratified_fpr_estimates(
+            sampled_negatives=negatives[~picked_negative], picked_negatives=negatives[picked_negative],
+            n_unlabeled_negatives=n_unlabeled_negatives, thresholds=np.array([threshold]))[0][0])
     if unlabeled_p_defect is not None and len(unlabeled_p_defect) and n_negatives:
         by_pool, allowed, _n_effective = pool_rank_threshold(negative_scores=negatives, unlabeled_p_defect=unlabeled_p_defect,
                                                              max_fpr=max_fpr, confidence=confidence)

@@ -46,7 +46,7 @@ def _as_camera_b(source: Path, target: Path) -> None:
 def two_cameras(tmp_path: Path) -> tuple[Path, Path, Path]:
     """(camera A's class folders, all labeled; camera B's images, a flat unlabeled folder; the oracle's truth of both)."""
     camera_a = tmp_path / "camera_a"
-    files_a = write_class_folders(camera_a, per_class={"good": 60, "scratch": 16, "spot": 16, "patch": 12}, size=64, seed=3)
+    files_a = write_class_folders(camera_a, per_class={"good": 100, "scratch": 25, "spot": 25, "patch": 15}, size=64, seed=3)
     raw_b = write_class_folders(tmp_path / "raw_b", per_class={"good": 36, "scratch": 10, "spot": 10, "patch": 4}, size=64, seed=4)
     camera_b = tmp_path / "camera_b"
     camera_b.mkdir()
@@ -154,3 +154,126 @@ def test_a_test_sample_the_annotation_tool_could_not_take_is_pushed_next_round_w
     assert len(retried) == len(samples) and all(task.predicted_label is None and not task.probabilities for task in retried)
     # the undelivered training picks count against round 2's budget; the test samples do not
     assert round_two.details["selection_budget"]["undelivered_from_earlier_rounds"] == 5
+
+
+def _ingest_two_cameras(project: Path, camera_a: Path, camera_b: Path, truth: Path, *, budget: str = "5") -> None:
+    invoke("init", str(project), "--classes", CLASSES, "--negative-class", "good", "--annotator", "oracle", "--oracle-manifest", str(truth),
+           "--budget", budget, "--image-size", "96")
+    invoke("ingest", str(camera_a), "--project", str(project), "--quiet")
+    invoke("ingest", str(camera_b), "--unlabeled", "--project", str(project), "--quiet")
+
+
+def test_an_image_already_asked_for_a_training_label_is_never_drawn_into_the_test_split(two_cameras: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Its task shows the model's guess: its answer must not become a test label."""
+    camera_a, camera_b, truth = two_cameras
+    project = tmp_path / "project"
+    _ingest_two_cameras(project, camera_a, camera_b, truth, budget="20")
+    truth.write_text("".join(line for line in truth.read_text().splitlines(keepends=True) if str(camera_b) not in line))  # B unanswered
+    config = load_config(project)
+    config.split.unmeasured_batch_test_sample = 0
+    save_config(project, config)
+    invoke("round", "--project", str(project), "--quiet")  # camera B's training picks go out, and wait
+    config.split.unmeasured_batch_test_sample = 200
+    save_config(project, config)
+    invoke("round", "--project", str(project), "--quiet")
+    with session_scope(open_project(project).engine) as session:
+        asked_in_round_one = {s.image_id for s in session.scalars(select(Selection).join(Round).where(Round.number == 1))}
+        drawn = {s.image_id for s in session.scalars(select(Selection).join(Round).where(Round.number == 2, Selection.reason == "test_sample"))}
+        test_b = {i.id for i in session.scalars(select(Image).where(Image.split == "test", Image.path.like(f"{camera_b}%")))}
+    assert drawn and asked_in_round_one & {i for i in test_b} == set() and not drawn & asked_in_round_one
+
+
+def test_a_part_is_drawn_with_its_photos_from_every_batch_and_none_is_left_to_be_picked_for_training(
+        two_cameras: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    camera_a, camera_b, truth = two_cameras
+    more_b = tmp_path / "camera_b_again"  # other photos of the same 60 parts, ingested later
+    more_b.mkdir()
+    raw = write_class_folders(tmp_path / "raw_b_again", per_class={"good": 36, "scratch": 10, "spot": 10, "patch": 4}, size=64, seed=9)
+    with open(truth, "a", newline="") as handle:
+        writer = csv.writer(handle)
+        for label, paths in raw.items():
+            for path in paths:
+                target = more_b / f"{label}_{path.stem}.png"
+                _as_camera_b(path, target)
+                writer.writerow([str(target), label])
+    manifests = []
+    for name, folder in (("first.csv", camera_b), ("second.csv", more_b)):
+        manifests.append(tmp_path / name)
+        with open(manifests[-1], "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label", "part"])
+            writer.writerows([str(path), "", f"part{i}"] for i, path in enumerate(sorted(folder.iterdir())))
+    project = tmp_path / "project"
+    invoke("init", str(project), "--classes", CLASSES, "--negative-class", "good", "--annotator", "oracle", "--oracle-manifest", str(truth),
+           "--budget", "40", "--image-size", "96")
+    invoke("ingest", str(camera_a), "--project", str(project), "--quiet")
+    for manifest in manifests:
+        invoke("ingest", str(manifest), "--unlabeled", "--project", str(project), "--quiet")
+    invoke("round", "--project", str(project), "--quiet")
+    with session_scope(open_project(project).engine) as session:
+        round_one = session.scalars(select(Round).where(Round.number == 1)).one()
+        photos = session.scalars(select(Image).where(Image.part.is_not(None))).all()
+        picked = {s.image_id for s in session.scalars(select(Selection).where(Selection.round_id == round_one.id, Selection.reason != "test_sample"))}
+        drawn = {s.image_id for s in session.scalars(select(Selection).where(Selection.round_id == round_one.id, Selection.reason == "test_sample"))}
+    splits_of: dict[str, set[str]] = {}
+    for photo in photos:
+        splits_of.setdefault(photo.part, set()).add(photo.split)
+    test_parts = {part for part, splits in splits_of.items() if "test" in splits}
+    assert drawn and test_parts and all(splits_of[part] == {"test"} for part in test_parts)  # whole parts
+    assert not {photo.id for photo in photos if photo.part in test_parts} & picked  # none picked for a training label
+    assert {photo.id for photo in photos if photo.part in test_parts} == drawn  # every photo of a drawn part is asked
+
+
+def test_a_draw_of_a_round_that_fails_later_is_asked_by_the_next_round(two_cameras: tuple[Path, Path, Path], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import loop.round as round_module
+
+    camera_a, camera_b, truth = two_cameras
+    project = tmp_path / "project"
+    _ingest_two_cameras(project, camera_a, camera_b, truth)
+
+    def broken(state):  # noqa: ANN001, ANN202
+        raise RuntimeError("the machine went down between the draw and the push")
+
+    monkeypatch.setattr(round_module, "ROUND_STEPS", [broken if step is round_module.select_next_batch else step for step in round_module.ROUND_STEPS])
+    assert runner.invoke(app, ["round", "--project", str(project), "--quiet"]).exit_code != 0
+    monkeypatch.undo()
+    invoke("round", "--project", str(project), "--quiet")
+    with session_scope(open_project(project).engine) as session:
+        samples = session.scalars(select(Selection).where(Selection.reason == "test_sample")).all()
+        in_test = {i.id for i in session.scalars(select(Image).where(Image.split == "test", Image.path.like(f"{camera_b}%")))}
+    assert samples and {s.image_id for s in samples} == in_test  # drawn in the failed round, asked in the next
+    assert {s.push_status for s in samples} == {"pushed"}
+
+
+def test_an_image_whose_near_copy_is_a_training_label_is_never_drawn(two_cameras: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """30 of camera B's photos were labeled for training (`--split train`); the batch ingested after holds copies of
+    them (one pixel changed) and of the others: only the others may be drawn, or the test split measures copies."""
+    camera_a, camera_b, truth = two_cameras
+    labels = {row["path"]: row["label"] for row in csv.DictReader(open(truth))}
+    files = sorted(camera_b.iterdir())
+    trained, copies = tmp_path / "b_trained", tmp_path / "b_copies"
+    copies.mkdir()
+    for path in files[:30]:
+        (trained / labels[str(path)]).mkdir(parents=True, exist_ok=True)
+        (trained / labels[str(path)] / path.name).write_bytes(path.read_bytes())
+    with open(truth, "a", newline="") as handle:
+        writer = csv.writer(handle)
+        for path in files:
+            pixels = np.asarray(PILImage.open(path)).astype(np.uint8).copy()
+            pixels[0, 0, 0] ^= 1
+            PILImage.fromarray(pixels).save(copies / f"copy_{path.name}")
+            writer.writerow([str(copies / f"copy_{path.name}"), labels[str(path)]])
+    project = tmp_path / "project"
+    invoke("init", str(project), "--classes", CLASSES, "--negative-class", "good", "--annotator", "oracle", "--oracle-manifest", str(truth),
+           "--budget", "5", "--image-size", "96")
+    invoke("ingest", str(camera_a), "--project", str(project), "--quiet")
+    invoke("ingest", str(trained), "--split", "train", "--project", str(project), "--quiet")
+    invoke("ingest", str(copies), "--unlabeled", "--project", str(project), "--quiet")
+    invoke("round", "--project", str(project), "--quiet")
+    with session_scope(open_project(project).engine) as session:
+        round_one = session.scalars(select(Round).where(Round.number == 1)).one()
+        drawn = [session.get(Image, image_id).path for image_id in round_one.details["coverage"]["test_sample_image_ids"]]
+        copies_of_training = round_one.details["data_quality"]["near_duplicates"]["n_issues"]
+    assert drawn and copies_of_training  # the copies were found, and the batch still drew
+    assert not {Path(path).name.removeprefix("copy_") for path in drawn} & {path.name for path in files[:30]}

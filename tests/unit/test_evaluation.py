@@ -3,6 +3,7 @@ import pytest
 from scipy.stats import beta, norm
 
 from modeling.evaluation import (
+    MAX_GAP_MOVE,
     THRESHOLD_FLOOR,
     choose_defect_threshold,
     evaluate_gates,
@@ -11,6 +12,7 @@ from modeling.evaluation import (
     fpr_upper_bound,
     normal_tail_fpr,
     rank_threshold,
+    stratified_fpr_estimates,
     stratified_threshold,
 )
 
@@ -70,9 +72,31 @@ def test_a_threshold_between_separated_scores_sits_in_the_middle_of_the_gap_not_
     p_defect, is_defect = np.concatenate([good, defects]), np.r_[np.zeros(300, bool), np.ones(100, bool)]
     choice = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03)
     assert choice.rule_threshold < 1e-6  # the edge
-    assert 1e-4 < choice.threshold < 0.5 and np.log(choice.threshold / (1 - choice.threshold)) == pytest.approx(
-        (np.log(good.max() / (1 - good.max())) + np.log(defects.min() / (1 - defects.min()))) / 2)
+
+    def logit(p: float) -> float:
+        return float(np.log(p / (1 - p)))
+
+    # up into the gap, at most MAX_GAP_MOVE logits (the gap's middle is further up here)
+    assert (logit(good.max()) + logit(defects.min())) / 2 > logit(choice.rule_threshold) + MAX_GAP_MOVE
+    assert logit(choice.threshold) == pytest.approx(logit(choice.rule_threshold) + MAX_GAP_MOVE)
     assert choice.observed_fpr == 0 and choice.observed_defect_recall == 1
+    # a narrower gap: its middle
+    narrow = choose_defect_threshold(p_defect=np.r_[good, np.full(100, 0.01)], is_defect=is_defect, max_fpr=0.03)
+    assert logit(narrow.threshold) == pytest.approx((logit(good.max()) + logit(0.01)) / 2)
+
+
+def test_the_threshold_never_moves_down_the_gap_nor_next_to_1_for_saturated_defect_scores() -> None:
+    rng = np.random.default_rng(2)
+    good, defects = 10 ** rng.uniform(-6, -3, 200), np.ones(40)  # float32 P(good) under 2^-24: P(defect) 1.0
+    p_defect, is_defect = np.r_[good, defects], np.r_[np.zeros(200, bool), np.ones(40, bool)]
+    choice = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03)
+    # 0.99999966 without the cap (1.0 read as logit 36.7): a defect scored 0.999 was called good
+    assert choice.rule_threshold < choice.threshold < 0.9
+    for seed in range(50):  # the blend's logit average may stop high in a gap: the move never lowers it
+        rng = np.random.default_rng(seed)
+        p_defect = np.r_[rng.beta(1, 30, 120), rng.beta(5, 2, 20)]
+        choice = choose_defect_threshold(p_defect=p_defect, is_defect=np.r_[np.zeros(120, bool), np.ones(20, bool)], max_fpr=0.03)
+        assert choice.threshold >= choice.rule_threshold
 
 
 def test_overlapping_scores_keep_the_rules_decisions_and_a_threshold_never_goes_below_what_float32_resolves() -> None:
@@ -145,6 +169,11 @@ def test_good_parts_picked_by_active_learning_do_not_push_the_threshold_to_the_t
     assert stratified.observed_fpr > 0.1
     # Its estimate of the pool's FPR is close to the truth, and not below it.
     assert pool_fpr - 0.002 <= stratified.estimated_population_fpr <= pool_fpr + 0.015
+    # and it is the estimate at the threshold deployed, not where the rule stopped before the gap move
+    negatives, picked = p_defect[~is_defect], actively_picked[~is_defect]
+    at_final = stratified_fpr_estimates(sampled_negatives=negatives[~picked], picked_negatives=negatives[picked], n_unlabeled_negatives=1900.0,
+                                        thresholds=np.array([stratified.threshold]))[0][0]
+    assert stratified.estimated_population_fpr == pytest.approx(at_final)
 
 
 def test_one_odd_sampled_good_part_counts_once_not_as_a_thirtieth_of_all_good_parts() -> None:
