@@ -1235,32 +1235,55 @@ def _coverage_text(row: dict[str, Any], sample_limit: int) -> str:
         return text + f"; {row['n_unlabeled_test']} of its images are in the test split waiting for a label: until they have one, the gates do not measure it."
     if test.get("flagged"):
         why = ("`[split] unmeasured_batch_test_sample` is 0" if sample_limit == 0 else
+               f"its test images reach `[split] unmeasured_batch_test_sample` ({sample_limit})" if row["n_labeled_test"] + row["n_unlabeled_test"] >= sample_limit else
                "none of its images can be drawn: each was asked about for training, is labeled, or has a photo or copy in train or validation")
         return text + f"; the gates do not measure it ({why}): label a test set of it and add it with `loop ingest DIR --split test`."
     return text + f"; the test split holds {row['n_labeled_test']} labeled images of it."
 
 
 def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[int]]:
-    """For each batch the labeled test images do not cover: a random sample of its unlabeled pool images, by part, into
-    the frozen test split, until test_fraction of the batch's images are test images (at most
-    unmeasured_batch_test_sample per batch), asked of the annotators in the same transaction (a round that fails
-    later leaves them asked, not orphaned). A part is drawn with all its photos, whatever batch they came in, and only
-    when none of them, nor any near-copy of one, is in train or validation, was selected before (its task may show the
-    model's guess), holds an answer (a tie) or is held back: a test label never starts from a guess, and no drawn image
-    has a copy or a sibling on the other side. Near-copies in the pool join it, as at any placement."""
+    """For each batch the labeled test images do not cover: a random sample of it into the frozen test split, until
+    test_fraction of the batch's images are test images (at most unmeasured_batch_test_sample per batch), asked of the
+    annotators in the same transaction (a round that fails later leaves them asked, not orphaned).
+
+    The unit drawn is a linked set: photos of one part (from any batch) and near-copies, followed link by link, as
+    the test split's placement rules would (a drawn image brings its copies, a copy brings its part's photos). A set
+    is drawn only when every image in it is a pool image nobody was asked about (its task may show the model's
+    guess), with no answer and not held back, or a test image already: a test label never starts from a guess, and
+    no set ends up on both sides of the split. Every pool image of a drawn set is asked.
+    Returns batch -> the drawn images of that batch (the sets' images from other batches are asked too)."""
     split_config = state.config.split
     limit = split_config.unmeasured_batch_test_sample
     if not batches or limit == 0:
         return {}
-    group_of: dict[int, list[int]] = {}
+    n = len(state.image_ids)
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def link(members: list[int]) -> None:
+        for other in members[1:]:
+            a, b = root(members[0]), root(other)
+            if a != b:
+                parent[b] = a
+
     if state.near_duplicates is not None:
         for group in state.near_duplicates.summary["groups"]:
-            for member in group:
-                group_of[int(member)] = [int(m) for m in group]
+            link([int(m) for m in group])
     photos_of: dict[str, list[int]] = defaultdict(list)
     for position, part in enumerate(state.parts):
         if part:
             photos_of[part].append(position)
+    for photos in photos_of.values():
+        link(photos)
+    linked: dict[int, list[int]] = defaultdict(list)
+    for position in range(n):
+        linked[root(position)].append(position)
+    drawn: dict[int, list[int]] = {}
     with session_scope(state.ctx.engine) as session:
         project = get_project(session)
         placed_parts = part_splits(session, project.id)
@@ -1272,51 +1295,38 @@ def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[
             return (state.splits[position] == "pool" and state.labels[position] == UNLABELED and position not in state.held_back
                     and state.image_ids[position] not in selected_before and (info is None or info.status == "unlabeled"))
 
-        def may_join_test(position: int) -> bool:  # a pool image free to draw, or a test image already
-            return state.splits[position] == "test" or free(position)
+        def drawable(members: list[int]) -> bool:  # also a part placed in train or validation before (its photos may be gone)
+            return all(state.splits[m] == "test" or free(m) for m in members) and \
+                all(placed_parts.get(state.parts[m], "test") == "test" for m in members if state.parts[m])
 
-        drawn: dict[int, list[int]] = {}
+        asked: list[int] = []
         for batch_id in batches:
             members = np.flatnonzero(state.ingest_batches == batch_id)
             wanted = min(int(round(split_config.test_fraction * len(members))), limit) - int((state.splits[members] == "test").sum())
             if wanted <= 0:
                 continue
-            units: dict[str, list[int]] = {}
-            for p in members:
-                key = state.parts[p] or f"\0{state.hashes[p]}"
-                if key in units or state.splits[p] != "pool":
-                    continue
-                unit = photos_of[state.parts[p]] if state.parts[p] else [int(p)]
-                if placed_parts.get(state.parts[p] or "", "test") != "test":
-                    continue
-                if all(may_join_test(q) and all(may_join_test(c) for c in group_of.get(q, ())) for q in unit):
-                    units[key] = [q for q in unit if state.splits[q] == "pool"]
+            sets = sorted({root(int(p)) for p in members if state.splits[p] == "pool"})
+            sets = [s for s in sets if drawable(linked[s])]
             rng = np.random.default_rng([split_config.seed, int(batch_id)])  # the same draw whatever else the project holds
-            names = sorted(units)
             chosen: list[int] = []
-            for index in rng.permutation(len(names)):
+            for index in rng.permutation(len(sets)):
                 if len(chosen) >= wanted:
                     break
-                chosen += units[names[index]]
-            if not chosen:
-                continue
-            for p in chosen:
-                state.splits[p] = "test"
-                if state.parts[p]:
-                    placed_parts[state.parts[p]] = "test"
-            joins_test, straddling = _test_closure(state, pool=[int(p) for p in np.flatnonzero(state.splits == "pool")], placed_parts=placed_parts)
-            joins_test = {p for p in joins_test if free(p)}
-            for p in joins_test:  # near-copies of a drawn image, and their parts' photos: test images too, not asked
-                state.splits[p] = "test"
-            state.held_back |= {p for p in straddling - joins_test if state.labels[p] == UNLABELED}
-            drawn[batch_id] = sorted(chosen)
-            moved = sorted(set(chosen) | joins_test)
-            ids = [state.image_ids[p] for p in moved]
-            for start in range(0, len(ids), 500):
-                for image in session.scalars(select(Image).where(Image.id.in_(ids[start:start + 500]), Image.split == "pool")):
-                    image.split = "test"
-        for rank, position in enumerate(sorted(p for positions in drawn.values() for p in positions)):
-            session.add(Selection(round_id=state.round_id, image_id=state.image_ids[position], rank=TEST_SAMPLE_RANK + rank, score=1.0,
+                pool_members = [m for m in linked[sets[index]] if state.splits[m] == "pool"]
+                chosen += [m for m in pool_members if state.ingest_batches[m] == batch_id]
+                asked += pool_members
+                for m in pool_members:
+                    state.splits[m] = "test"
+                    if state.parts[m]:
+                        placed_parts[state.parts[m]] = "test"
+            if chosen:
+                drawn[batch_id] = sorted(chosen)
+        ids = sorted(state.image_ids[p] for p in asked)
+        for start in range(0, len(ids), 500):
+            for image in session.scalars(select(Image).where(Image.id.in_(ids[start:start + 500]), Image.split == "pool")):
+                image.split = "test"
+        for rank, image_id in enumerate(ids):
+            session.add(Selection(round_id=state.round_id, image_id=image_id, rank=TEST_SAMPLE_RANK + rank, score=1.0,
                                   strategy="coverage", reason=TEST_SAMPLE_REASON, predicted_label=None, p_defect=None, push_status="pending"))
     return drawn
 

@@ -277,3 +277,63 @@ def test_an_image_whose_near_copy_is_a_training_label_is_never_drawn(two_cameras
         copies_of_training = round_one.details["data_quality"]["near_duplicates"]["n_issues"]
     assert drawn and copies_of_training  # the copies were found, and the batch still drew
     assert not {Path(path).name.removeprefix("copy_") for path in drawn} & {path.name for path in files[:30]}
+
+
+def test_a_draw_never_reaches_through_a_copy_to_a_part_photo_already_asked_with_a_guess(tmp_path: Path) -> None:
+    """Camera B's parts b<i>; a later batch holds a copy of each (one pixel changed) as part c<i>, with another photo
+    of c<i> already asked for a training label (its task showed a guess). Drawing b<i> brings its copy, the copy brings
+    its part: the whole linked set is drawn or none of it, so no part is left half in test."""
+    files_a = write_class_folders(tmp_path / "camera_a", per_class={"good": 100, "scratch": 25, "spot": 25, "patch": 15}, size=64, seed=3)
+    raw_b = write_class_folders(tmp_path / "raw_b", per_class={"good": 30, "scratch": 6, "spot": 6}, size=64, seed=4)
+    raw_s = write_class_folders(tmp_path / "raw_s", per_class={"good": 30, "scratch": 6, "spot": 6}, size=64, seed=8)
+    truth, b_dir, c_dir = tmp_path / "truth.csv", tmp_path / "b", tmp_path / "c"
+    b_dir.mkdir()
+    c_dir.mkdir()
+    truth_rows = [[str(p), label] for label, paths in files_a.items() for p in paths]
+    b_rows, c_rows = [], []
+    for i, ((label, path), (other_label, other)) in enumerate(zip(((lb, p) for lb, ps in raw_b.items() for p in ps),
+                                                                   ((lb, p) for lb, ps in raw_s.items() for p in ps))):
+        photo, copy, sibling = b_dir / f"{label}_{i}.png", c_dir / f"copy_{label}_{i}.png", c_dir / f"sib_{other_label}_{i}.png"
+        _as_camera_b(path, photo)
+        pixels = np.asarray(PILImage.open(photo)).copy()
+        pixels[0, 0, 0] ^= 1
+        PILImage.fromarray(pixels).save(copy)
+        _as_camera_b(other, sibling)
+        b_rows.append([str(photo), "", f"b{i}"])
+        c_rows += [[str(copy), "", f"c{i}"], [str(sibling), "", f"c{i}"]]
+        truth_rows += [[str(photo), label], [str(copy), label], [str(sibling), other_label]]
+    for name, rows in (("truth.csv", [["path", "label"], *truth_rows]), ("b.csv", [["path", "label", "part"], *b_rows]),
+                       ("c.csv", [["path", "label", "part"], *c_rows])):
+        with open(tmp_path / name, "w", newline="") as handle:
+            csv.writer(handle).writerows(rows)
+    project = tmp_path / "project"
+    invoke("init", str(project), "--classes", CLASSES, "--negative-class", "good", "--annotator", "oracle", "--oracle-manifest", str(truth),
+           "--budget", "5", "--image-size", "96")
+    invoke("ingest", str(tmp_path / "camera_a"), "--project", str(project), "--quiet")
+    invoke("ingest", str(tmp_path / "b.csv"), "--unlabeled", "--project", str(project), "--quiet")
+    invoke("ingest", str(tmp_path / "c.csv"), "--unlabeled", "--project", str(project), "--quiet")
+    config = load_config(project)
+    config.split.unmeasured_batch_test_sample = 0
+    save_config(project, config)
+    invoke("round", "--project", str(project), "--quiet")
+    engine = open_project(project).engine
+    with session_scope(engine) as session:  # every sibling waits for a training label, its task showing a guess
+        round_one = session.scalars(select(Round).where(Round.number == 1)).one()
+        asked = set(session.scalars(select(Selection.image_id)))
+        siblings = [i for i in session.scalars(select(Image).where(Image.path.like(f"{c_dir}/sib_%"))) if i.id not in asked]
+        for rank, image in enumerate(siblings):
+            session.add(Selection(round_id=round_one.id, image_id=image.id, rank=100 + rank, score=0.5, strategy="margin", reason="uncertain",
+                                  predicted_label="good", p_defect=0.1, push_status="pending"))
+    config.split.unmeasured_batch_test_sample = 200
+    save_config(project, config)
+    invoke("round", "--project", str(project), "--quiet")
+    with session_scope(engine) as session:
+        photos = session.scalars(select(Image).where(Image.part.is_not(None))).all()
+        sibling_ids = {image.id for image in session.scalars(select(Image).where(Image.path.like(f"{c_dir}/sib_%")))}
+        round_two = session.scalars(select(Round).where(Round.number == 2)).one()
+    splits_of: dict[str, set[str]] = {}
+    for photo in photos:
+        splits_of.setdefault(photo.part, set()).add(photo.split)
+    assert round_two.details["data_quality"]["near_duplicates"]["n_groups"]  # the copies were found
+    assert not [part for part, splits in splits_of.items() if {"test", "pool"} <= splits]  # no part half in test
+    assert not {photo.id for photo in photos if photo.split == "test"} & sibling_ids  # nothing asked with a guess drawn
