@@ -822,8 +822,9 @@ class AnnotationRecorder:
     """Turns Label Studio annotations into append-only label events, each answer once.
 
     Known state = the latest event per annotation id (external_id) on the images that have a Label Studio
-    task. The save already recorded (same updated_at) -> nothing, whatever label it names now; the same answer saved
-    again -> "confirmed"; changed -> a new event; gone -> action "delete"; skipped -> "skip";
+    task. The save already recorded (same updated_at), or an older one (a webhook arriving after the pull that recorded
+    a newer save) -> nothing, whatever it names; the same answer saved again -> "confirmed"; changed -> a new event;
+    gone -> action "delete"; skipped -> "skip";
     not a known class (or not one of our tasks) -> a RejectedAnnotation row with the reason.
     """
 
@@ -919,10 +920,18 @@ class AnnotationRecorder:
         lead_time = annotation.get("lead_time")
         lead_time = float(lead_time) if isinstance(lead_time, (int, float)) else None
         previous = self.latest.get(external_id)
+        saved_at = lsc.as_utc(annotation.get("updated_at"))
+        if previous is not None and _older_save(previous, saved_at):
+            # a save before the one recorded (a webhook Label Studio sent before the pull that recorded a later save, and
+            # that arrived after it): what it says was replaced since, whatever it names, a skip too; recording it would
+            # take back the newer answer until the next pull
+            return "unchanged"
         if annotation.get("was_cancelled"):
             if previous is not None and previous.action == "skip":
                 return "unchanged"
-            self._append(image_id=image_id, external_id=external_id, action="skip", label=None, annotator=annotator, lead_time_s=lead_time)
+            # with its save time, so a late webhook of the answer saved before the skip does not take the skip back
+            self._append(image_id=image_id, external_id=external_id, action="skip", label=None, annotator=annotator, lead_time_s=lead_time,
+                         saved_at=saved_at)
             self.report.skipped += 1
             self.counts["skipped"] += 1
             return "skip"
@@ -944,7 +953,6 @@ class AnnotationRecorder:
         if reason:
             return "rejected" if self._reject(annotation, reason) else "unchanged"
         label = choices[0]
-        saved_at = lsc.as_utc(annotation.get("updated_at"))
         if previous is not None and previous.action == "set" and _same_save(previous, saved_at):
             # the save of this answer already recorded: nothing new, whatever label it names now. An answer taken as its
             # new name on the way in still names the old one in Label Studio, and loop.toml may make that a class again
@@ -1029,7 +1037,10 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
     deferred to the next pull (outcome "deferred"), which rejects it if it still is none, or takes it as the new name of
     a class `loop rename-class` renamed away: a webhook sent during a rename (a rename back: b -> a after a -> b) names
     a class the store does not have yet, and the pull runs under the project lock, never seeing a rename half done.
-    Label Studio sends each webhook once: `loop round` pulls anyway.
+    So is an answer last saved by defect-loop's own Label Studio user (_saved_by_the_loop): `loop rename-class`
+    rewriting it (a merge names a class the store has: taken at once, the rewrite read as its annotator changing the
+    answer); the pull knows the save time the store recorded for each rewrite. Label Studio sends each webhook once:
+    `loop round` pulls anyway.
     """
     if not isinstance(payload, Mapping):
         raise ValueError("the payload must be a JSON object")
@@ -1079,7 +1090,12 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
             "updated_at": annotation.get("updated_at"),
         }
         choices = set(row["choices"])
-        if not row["was_cancelled"] and len(choices) == 1 and not choices <= set(project.classes or []):
+        if _saved_by_the_loop(payload, annotation, completed_by):
+            # `loop rename-class` rewriting the answer (merging into a class the store has, or any rename): not its
+            # annotator's answer. The pull, under the project lock, finds it recorded with the rewrite's save time once
+            # the store's side of the rename is done (or, if the rename failed there, reads it against the store then)
+            result["outcomes"][str(annotation_id)] = "deferred"
+        elif not row["was_cancelled"] and len(choices) == 1 and not choices <= set(project.classes or []):
             # a class the store does not have (yet): while `loop rename-class` rewrites Label Studio's answers, each arrives
             # naming the new class before the store has it, and rejecting it would withdraw the answer; mapping a name
             # renamed away (a rename back names the class the store is about to have) would record an answer nobody gave.
@@ -1093,6 +1109,32 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
         deleted=recorder.report.deleted, rejected=recorder.report.rejected,
     )  # fmt: skip
     return result
+
+
+def _user_of(value: Any) -> int | None:
+    """A user id as a webhook names it (an id, its digits, or an object with one); None when it names none."""
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else None
+
+
+def _saved_by_the_loop(payload: Mapping[str, Any], annotation: Mapping[str, Any], completed_by: Any) -> bool:
+    """Whether a webhook's answer was last saved by defect-loop's own Label Studio user (its token's): `loop
+    rename-class` rewrites answers through the API, and Label Studio then names that user as the answer's updated_by
+    while completed_by stays its annotator. The webhook does not know the token: its user is taken as any user saving
+    another's answer (an admin editing it in Label Studio too: the pull records that as well), and as the user who
+    created the Label Studio project (defect-loop did, with its token) even when saving an answer of their own (a
+    token's user who annotates). A payload naming no updated_by (older Label Studio versions) tells nothing: False."""
+    updated_by = _user_of(annotation.get("updated_by"))
+    if updated_by is None:
+        return False
+    project = payload.get("project")
+    creator = _user_of(project.get("created_by")) if isinstance(project, Mapping) else None
+    return updated_by != _user_of(completed_by) or updated_by == creator
 
 
 def _check_result(items: Any) -> None:
@@ -1122,6 +1164,13 @@ def _same_save(previous: LabelEvent, saved_at: datetime | None) -> bool:
     """Whether `saved_at` is the Label Studio save `previous` recorded (its updated_at, to the millisecond)."""
     recorded = as_utc(previous.external_updated_at)
     return saved_at is not None and recorded is not None and abs(saved_at - recorded) <= timedelta(milliseconds=1)
+
+
+def _older_save(previous: LabelEvent, saved_at: datetime | None) -> bool:
+    """Whether `saved_at` is a Label Studio save from before the one `previous` recorded (more than a millisecond
+    earlier). A row without a save time (recorded before the store kept it; a delete) tells nothing: False."""
+    recorded = as_utc(previous.external_updated_at)
+    return saved_at is not None and recorded is not None and recorded - saved_at > timedelta(milliseconds=1)
 
 
 def _saved_again(previous: LabelEvent, saved_at: datetime | None) -> bool:

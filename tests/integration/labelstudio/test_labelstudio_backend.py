@@ -992,3 +992,102 @@ def test_an_answer_taken_as_a_renamed_class_stays_it_when_its_old_name_is_made_a
         events = session.scalars(select(LabelEvent).where(LabelEvent.external_id == str(late)).order_by(LabelEvent.id)).all()
     assert [e.label for e in events] == ["scratch_line", "scratch"]
     assert pull(backend, store).new_label_events == 0
+
+
+def _wait_for_webhooks(n: int) -> list[dict]:
+    deadline = time.monotonic() + 10
+    while len(_Receiver.received) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [payload for _headers, payload in _Receiver.received]
+
+
+def _record_webhook(store, payload: dict) -> str:  # noqa: ANN001
+    with store.session() as session:
+        outcome = record_webhook_event(session=session, project=session.get(Project, store.project_id), payload=payload)
+    return outcome["outcomes"][str(payload["annotation"]["id"])]
+
+
+def test_webhooks_sent_during_a_merge_are_left_to_the_pull_not_taken_as_annotators_changing_their_answers(labelstudio, store, backend) -> None:
+    # `loop rename-class scratch spot --merge`: each rewrite makes Label Studio send ANNOTATION_UPDATED naming spot, a
+    # class the store has, so the webhook recorded it at once as its annotator changing scratch to spot: a fresh answer
+    # nobody gave, and asks still open read it as answered
+    push(backend, store, [store.task(k, predicted="scratch") for k in (4, 5, 6)])
+    tasks = task_ids_by_image(store)
+    a, admin = labelstudio.as_annotator(ANNOTATOR_A), labelstudio.admin()
+    merged = annotate(a, tasks[store.image_ids[4]], "scratch")
+    own = annotate(admin, tasks[store.image_ids[5]], "scratch")  # the token's user annotates too: its own answer, rewritten
+    changed = annotate(a, tasks[store.image_ids[6]], "spot")
+    assert pull(backend, store).new_label_events == 3
+    receiver = HTTPServer(("127.0.0.1", 0), _Receiver)
+    _Receiver.received = []
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        lsc.create_webhook(admin, project_id=ls_project_id(store), url=f"http://127.0.0.1:{receiver.server_port}/hook",
+                           secret_header="X-Loop-Webhook-Secret", secret="s")
+        with store.session() as session:
+            backend.record_answers_before_rename(session=session, project=session.get(Project, store.project_id), old="scratch", new="spot")
+        with store.session() as session:
+            renamed = backend.rename_class(session=session, project=session.get(Project, store.project_id), old="scratch", new="spot")
+        a.annotations.update(id=changed, result=lsc.choice_result("good"))  # its annotator changes an answer meanwhile
+        payloads = _wait_for_webhooks(3)
+    finally:
+        receiver.shutdown()
+    assert renamed.answers == 2
+    assert [p["action"] for p in payloads] == ["ANNOTATION_UPDATED"] * 3
+    # as the API records them, before the store's side of the rename
+    outcomes = {p["annotation"]["id"]: _record_webhook(store, p) for p in payloads}
+    assert outcomes == {merged: "deferred", own: "deferred", changed: "recorded"}  # the annotator's own change: at once
+    assert [labels(store)[store.image_ids[k]].label for k in (4, 5, 6)] == ["scratch", "scratch", "good"]
+    with store.session() as session:
+        from store.queries import rename_label
+
+        project = session.get(Project, store.project_id)
+        rename_label(session, project.id, "scratch", "spot")
+        backend.record_class_rename(session=session, project=project, renamed=renamed)
+        project.classes = ["good", "spot"]
+    report = pull(backend, store)
+    assert (report.new_label_events, report.rejected, report.details["labelstudio"].get("confirmed", 0)) == (0, 0, 0)
+    with store.session() as session:
+        events = session.scalars(select(LabelEvent).where(LabelEvent.external_id.in_([str(merged), str(own)])).order_by(LabelEvent.id)).all()
+    assert [(e.action, e.label) for e in events] == [("set", "spot")] * 2  # each answer once, as its annotator gave it
+    assert [labels(store)[store.image_ids[k]].label for k in (4, 5, 6)] == ["spot", "spot", "good"]
+
+
+def test_a_late_webhook_of_an_older_save_takes_back_no_newer_answer_the_pull_recorded(labelstudio, store, backend) -> None:
+    # the pull recorded an answer's second save (scratch), then the webhook of its first save (good) came in and was
+    # recorded as a change: the image read good until the next pull put scratch back
+    push(backend, store, [store.task(k, predicted="good") for k in (4, 5)])
+    tasks = task_ids_by_image(store)
+    a = labelstudio.as_annotator(ANNOTATOR_A)
+    receiver = HTTPServer(("127.0.0.1", 0), _Receiver)
+    _Receiver.received = []
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        lsc.create_webhook(labelstudio.admin(), project_id=ls_project_id(store), url=f"http://127.0.0.1:{receiver.server_port}/hook",
+                           secret_header="X-Loop-Webhook-Secret", secret="s")
+        answer = annotate(a, tasks[store.image_ids[4]], "good")
+        skipped = annotate(a, tasks[store.image_ids[5]], "spot")
+        time.sleep(0.01)
+        a.annotations.update(id=answer, result=lsc.choice_result("scratch"))
+        a.annotations.update(id=skipped, result=[], was_cancelled=True)  # answered, then skipped
+        late = _wait_for_webhooks(4)
+        report = pull(backend, store)  # the newer saves, before the webhooks are read
+        assert (report.new_label_events, report.skipped) == (1, 1)
+        # the webhooks, read after the pull: the first saves are older than the ones recorded, the second ones the same
+        assert [(p["action"], _record_webhook(store, p)) for p in late] == [
+            ("ANNOTATION_CREATED", "unchanged"), ("ANNOTATION_CREATED", "unchanged"), ("ANNOTATION_UPDATED", "unchanged"), ("ANNOTATION_UPDATED", "unchanged")]
+        assert labels(store)[store.image_ids[4]].label == "scratch"
+        assert store.image_ids[5] not in {i for i, label in labels(store).items() if label.label}
+        assert pull(backend, store).new_label_events == 0
+
+        # newer saves still count: the answer changed in place is recorded, saved again unchanged it is confirmed
+        time.sleep(0.01)
+        a.annotations.update(id=answer, result=lsc.choice_result("spot"))
+        time.sleep(0.01)
+        a.annotations.update(id=answer, result=lsc.choice_result("spot"))
+        newer = _wait_for_webhooks(6)[4:]
+    finally:
+        receiver.shutdown()
+    assert [_record_webhook(store, p) for p in newer] == ["recorded", "confirmed"]
+    assert labels(store)[store.image_ids[4]].label == "spot"
+    assert pull(backend, store).new_label_events == 0

@@ -1,0 +1,39 @@
+"""Which Label Studio saves a webhook leaves alone: one older than the save the store recorded (a webhook arriving
+after the pull that saw a newer save), and one defect-loop's own user made (`loop rename-class` rewriting answers)."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from labeling.labelstudio_backend import _older_save, _saved_by_the_loop
+from store.models import LabelEvent
+
+SAVED = datetime(2026, 12, 5, 22, 0, 0, 123456, tzinfo=timezone.utc)
+
+
+def _event(saved_at: datetime | None, action: str = "set") -> LabelEvent:
+    return LabelEvent(image_id=1, label="scratch" if action == "set" else None, source="annotator", action=action, annotator="ls-user-2",
+                      external_id="7", external_updated_at=saved_at)
+
+
+def test_only_a_save_more_than_a_millisecond_before_the_recorded_one_is_older() -> None:
+    event = _event(SAVED)
+    assert _older_save(event, SAVED - timedelta(seconds=30)) is True
+    assert _older_save(event, SAVED - timedelta(microseconds=900)) is False  # the same save, to the millisecond
+    assert _older_save(event, SAVED) is False and _older_save(event, SAVED + timedelta(seconds=1)) is False
+    assert _older_save(_event(SAVED.replace(tzinfo=None)), SAVED - timedelta(seconds=30)) is True  # SQLite: no zone back
+    assert _older_save(_event(SAVED, action="skip"), SAVED - timedelta(seconds=30)) is True  # a skip keeps its save too
+    # nothing to compare: the old logic decides
+    assert _older_save(_event(None), SAVED) is False and _older_save(_event(None, action="delete"), SAVED) is False
+    assert _older_save(event, None) is False
+
+
+def test_a_save_by_another_user_than_the_annotator_or_by_the_project_creator_is_the_loops() -> None:
+    project = {"id": 7, "created_by": 1}  # Label Studio's project, made by defect-loop's token
+    assert _saved_by_the_loop({"project": project}, {"updated_by": 1}, 3) is True  # a rename rewriting annotator 3's answer
+    assert _saved_by_the_loop({"project": project}, {"updated_by": 1}, 1) is True  # the token's user, answering itself
+    assert _saved_by_the_loop({"project": project}, {"updated_by": 3}, 3) is False  # the annotator's own save
+    assert _saved_by_the_loop({"project": project}, {"updated_by": {"id": 3}}, {"id": 3}) is False
+    assert _saved_by_the_loop({"project": project}, {"updated_by": "3"}, "3") is False  # ids as digits
+    assert _saved_by_the_loop({"project": 7}, {"updated_by": 3}, 3) is False  # no creator named
+    assert _saved_by_the_loop({"project": project}, {}, 3) is False  # no updated_by: nothing tells (recorded as before)
+    assert _saved_by_the_loop({"project": project}, {"updated_by": True}, 3) is False
