@@ -822,15 +822,20 @@ class AnnotationRecorder:
     """Turns Label Studio annotations into append-only label events, each answer once.
 
     Known state = the latest event per annotation id (external_id) on the images that have a Label Studio
-    task. The save already recorded (same updated_at), or an older one (a webhook arriving after the pull that recorded
-    a newer save) -> nothing, whatever it names; the same answer saved again -> "confirmed"; changed -> a new event;
-    gone -> action "delete"; skipped -> "skip";
+    task. The save already recorded (same updated_at) -> nothing, whatever it names; the same answer saved again ->
+    "confirmed"; changed -> a new event; gone -> action "delete"; skipped -> "skip";
     not a known class (or not one of our tasks) -> a RejectedAnnotation row with the reason.
+
+    A webhook (webhook=True) may arrive late, after the pull recorded a newer state: a save older than the one recorded
+    is nothing, and so is any save of an answer deleted in Label Studio (it never reuses an answer id), or one not newer
+    than the save that withdrew it (an answer changed into something we cannot use). The pull reads Label Studio's
+    current answers: what it lists is recorded whatever its save time (a clock stepped back must not hide a change).
     """
 
     def __init__(self, *, session: Session, project: Project, backend: str, round_id: int | None, report: PullReport | None = None,
-                 map_renamed: bool = True):
+                 map_renamed: bool = True, webhook: bool = False):
         self.session = session
+        self.webhook = webhook
         self.project = project
         self.backend = backend
         self.round_id = round_id
@@ -902,11 +907,18 @@ class AnnotationRecorder:
         )
         self.report.rejected += 1
         self.counts["rejected"] += 1
-        # An answer changed into something we cannot use withdraws the answer recorded before.
+        # An answer changed into something we cannot use withdraws the answer recorded before; the withdrawal keeps the
+        # rejected save's time, so a late webhook of a save from before it does not bring the answer back (a delete in
+        # Label Studio has none: nothing after it is a live answer)
         previous = self.latest.get(external_id) if external_id else None
+        saved_at = lsc.as_utc(annotation.get("updated_at"))
         if previous is not None and previous.action == "set":
-            self._append(image_id=previous.image_id, external_id=external_id, action="delete", label=None, annotator=previous.annotator, lead_time_s=None)
+            self._append(image_id=previous.image_id, external_id=external_id, action="delete", label=None, annotator=previous.annotator, lead_time_s=None,
+                         saved_at=saved_at)
             self.counts["withdrawn"] += 1
+        elif previous is not None and previous.action == "delete" and previous.external_updated_at is not None and saved_at is not None \
+                and saved_at > as_utc(previous.external_updated_at):
+            previous.external_updated_at = saved_at  # withdrawn, and saved unusable again since: the latest save it knows
         return True
 
     def record_annotation(self, annotation: Mapping[str, Any], *, ls_project_id: str) -> str:
@@ -921,10 +933,11 @@ class AnnotationRecorder:
         lead_time = float(lead_time) if isinstance(lead_time, (int, float)) else None
         previous = self.latest.get(external_id)
         saved_at = lsc.as_utc(annotation.get("updated_at"))
-        if previous is not None and _older_save(previous, saved_at):
+        if self.webhook and previous is not None and _late_webhook(previous, saved_at):
             # a save before the one recorded (a webhook Label Studio sent before the pull that recorded a later save, and
-            # that arrived after it): what it says was replaced since, whatever it names, a skip too; recording it would
-            # take back the newer answer until the next pull
+            # that arrived after it), or before the answer was deleted or withdrawn: what it says was replaced since,
+            # whatever it names, a skip too; recording it would take back the newer answer (bring back a deleted one)
+            # until the next pull. Only a webhook: the pull reads what Label Studio holds now
             return "unchanged"
         if annotation.get("was_cancelled"):
             if previous is not None and previous.action == "skip":
@@ -980,6 +993,7 @@ class AnnotationRecorder:
             return "unknown"
         if previous.action == "delete":
             return "unchanged"
+        # no save time: a deletion is final for a late webhook (_late_webhook), whenever the save it carries was made
         self._append(image_id=previous.image_id, external_id=str(external_id), action="delete", label=None, annotator=previous.annotator, lead_time_s=None)
         self.report.deleted += 1
         self.counts["deleted"] += 1
@@ -1050,7 +1064,7 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
     if action not in WEBHOOK_ACTIONS:
         raise ValueError(f"action {action!r} is not recorded; expected one of {', '.join(WEBHOOK_ACTIONS)}")
     ls_project_id = _id_of(payload.get("project"), "project")
-    recorder = AnnotationRecorder(session=session, project=project, backend=BACKEND_NAME, round_id=None, map_renamed=False)
+    recorder = AnnotationRecorder(session=session, project=project, backend=BACKEND_NAME, round_id=None, map_renamed=False, webhook=True)
     if str(ls_project_id) not in recorder.ls_projects:
         raise ValueError(f"Label Studio project {ls_project_id} is not one defect-loop pushed tasks to for project {project.name!r}")
     result: dict[str, Any] = {"action": action, "label_studio_project": ls_project_id, "outcomes": {}}
@@ -1171,6 +1185,17 @@ def _older_save(previous: LabelEvent, saved_at: datetime | None) -> bool:
     earlier). A row without a save time (recorded before the store kept it; a delete) tells nothing: False."""
     recorded = as_utc(previous.external_updated_at)
     return saved_at is not None and recorded is not None and recorded - saved_at > timedelta(milliseconds=1)
+
+
+def _late_webhook(previous: LabelEvent, saved_at: datetime | None) -> bool:
+    """Whether a webhook's save of an answer is older than what the store recorded of it last: a save older than the one
+    `previous` recorded (_older_save); any save when `previous` is a deletion in Label Studio (no save time: Label Studio
+    never reuses an answer id, and a row recorded before withdrawals kept one is left to the pull too); when it is a
+    withdrawal (an answer changed into something we cannot use), any save not newer than the rejected one."""
+    if previous.action != "delete":
+        return _older_save(previous, saved_at)
+    recorded = as_utc(previous.external_updated_at)
+    return recorded is None or saved_at is None or saved_at - recorded <= timedelta(milliseconds=1)
 
 
 def _saved_again(previous: LabelEvent, saved_at: datetime | None) -> bool:

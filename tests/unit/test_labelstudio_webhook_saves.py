@@ -1,10 +1,11 @@
 """Which Label Studio saves a webhook leaves alone: one older than the save the store recorded (a webhook arriving
-after the pull that saw a newer save), and one defect-loop's own user made (`loop rename-class` rewriting answers)."""
+after the pull that saw a newer save), any save of an answer deleted since or one from before its withdrawal, and one
+defect-loop's own user made (`loop rename-class` rewriting answers)."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from labeling.labelstudio_backend import _older_save, _saved_by_the_loop
+from labeling.labelstudio_backend import _late_webhook, _older_save, _saved_by_the_loop
 from store.models import LabelEvent
 
 SAVED = datetime(2026, 12, 5, 22, 0, 0, 123456, tzinfo=timezone.utc)
@@ -37,3 +38,18 @@ def test_a_save_by_another_user_than_the_annotator_or_by_the_project_creator_is_
     assert _saved_by_the_loop({"project": 7}, {"updated_by": 3}, 3) is False  # no creator named
     assert _saved_by_the_loop({"project": project}, {}, 3) is False  # no updated_by: nothing tells (recorded as before)
     assert _saved_by_the_loop({"project": project}, {"updated_by": True}, 3) is False
+
+
+def test_after_a_deletion_a_webhook_save_counts_only_when_newer_than_a_withdrawal() -> None:
+    deleted = _event(None, action="delete")  # deleted in Label Studio: it never reuses the id, nothing after it is live
+    assert _late_webhook(deleted, SAVED) is True and _late_webhook(deleted, SAVED + timedelta(days=1)) is True
+    assert _late_webhook(deleted, None) is True
+    withdrawn = _event(SAVED, action="delete")  # changed into an answer we cannot use, saved at SAVED
+    assert _late_webhook(withdrawn, SAVED - timedelta(seconds=5)) is True  # a save from before it, arriving late
+    assert _late_webhook(withdrawn, SAVED + timedelta(microseconds=900)) is True  # the withdrawing save itself
+    assert _late_webhook(_event(SAVED.replace(tzinfo=None), action="delete"), SAVED - timedelta(seconds=5)) is True  # SQLite: no zone back
+    assert _late_webhook(withdrawn, SAVED + timedelta(seconds=5)) is False  # answered again since: recorded
+    assert _late_webhook(withdrawn, None) is True  # no save time: the pull decides
+    # an answer recorded: only a save older than the recorded one
+    assert _late_webhook(_event(SAVED), SAVED - timedelta(seconds=5)) is True
+    assert _late_webhook(_event(SAVED), SAVED + timedelta(seconds=5)) is False and _late_webhook(_event(None), SAVED) is False

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import threading
 import time
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
@@ -1091,3 +1092,65 @@ def test_a_late_webhook_of_an_older_save_takes_back_no_newer_answer_the_pull_rec
     assert [_record_webhook(store, p) for p in newer] == ["recorded", "confirmed"]
     assert labels(store)[store.image_ids[4]].label == "spot"
     assert pull(backend, store).new_label_events == 0
+
+
+def test_a_late_webhook_of_a_save_made_before_the_answer_was_deleted_or_withdrawn_brings_nothing_back(labelstudio, store, backend) -> None:
+    # delete rows carried no save time, so a late ANNOTATION_UPDATED of a save made before the answer was deleted in
+    # Label Studio (or withdrawn: changed into an empty answer) was recorded again and its label came back
+    push(backend, store, [store.task(k, predicted="good") for k in (4, 5)])
+    tasks = task_ids_by_image(store)
+    a = labelstudio.as_annotator(ANNOTATOR_A)
+    receiver = HTTPServer(("127.0.0.1", 0), _Receiver)
+    _Receiver.received = []
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        lsc.create_webhook(labelstudio.admin(), project_id=ls_project_id(store), url=f"http://127.0.0.1:{receiver.server_port}/hook",
+                           secret_header="X-Loop-Webhook-Secret", secret="s")
+        deleted = annotate(a, tasks[store.image_ids[4]], "scratch")
+        withdrawn = annotate(a, tasks[store.image_ids[5]], "scratch")
+        time.sleep(0.01)
+        a.annotations.update(id=deleted, result=lsc.choice_result("spot"))  # its webhook is held back
+        a.annotations.update(id=withdrawn, result=lsc.choice_result("good"))  # held back too
+        time.sleep(0.01)
+        a.annotations.delete(id=deleted)
+        a.annotations.update(id=withdrawn, result=[])  # the answer emptied: rejected, the answer recorded before withdrawn
+        payloads = _wait_for_webhooks(6)
+        first, late = payloads[:2], payloads[2:4]
+        assert [p["action"] for p in payloads] == ["ANNOTATION_CREATED"] * 2 + ["ANNOTATION_UPDATED"] * 2 + ["ANNOTATIONS_DELETED", "ANNOTATION_UPDATED"]
+        assert [_record_webhook(store, p) for p in first] == ["recorded", "recorded"]
+        with store.session() as session:
+            outcome = record_webhook_event(session=session, project=session.get(Project, store.project_id), payload=payloads[4])
+        assert outcome["outcomes"] == {str(deleted): "deleted"}
+        assert _record_webhook(store, payloads[5]) == "rejected"
+        assert not {store.image_ids[4], store.image_ids[5]} & {i for i, label in labels(store).items() if label.label}
+        # the held-back saves arrive now: older than the deletion and the withdrawal, they bring no label back
+        assert [_record_webhook(store, p) for p in late] == ["unchanged", "unchanged"]
+        assert not {store.image_ids[4], store.image_ids[5]} & {i for i, label in labels(store).items() if label.label}
+        assert pull(backend, store).new_label_events == 0
+
+        # a save after the withdrawal is the annotator answering again: recorded at once
+        time.sleep(0.01)
+        a.annotations.update(id=withdrawn, result=lsc.choice_result("spot"))
+        again = _wait_for_webhooks(7)[6]
+    finally:
+        receiver.shutdown()
+    assert _record_webhook(store, again) == "recorded"
+    assert labels(store)[store.image_ids[5]].label == "spot"
+    assert pull(backend, store).new_label_events == 0
+
+
+def test_the_pull_records_a_changed_answer_even_when_label_studio_saved_it_at_an_earlier_time(labelstudio, store, backend) -> None:
+    # the rule that a save older than the one recorded is nothing (for late webhooks) applied to the pull too, which
+    # reads what Label Studio holds now: after Label Studio's clock stepped back a real change was "unchanged" on every pull
+    push(backend, store, [store.task(4, predicted="good")])
+    tasks = task_ids_by_image(store)
+    a = labelstudio.as_annotator(ANNOTATOR_A)
+    answer = annotate(a, tasks[store.image_ids[4]], "scratch")
+    assert pull(backend, store).new_label_events == 1
+    with store.session() as session:  # as if Label Studio's clock was ahead when it saved the answer pulled
+        event = session.scalars(select(LabelEvent).where(LabelEvent.external_id == str(answer))).one()
+        event.external_updated_at = event.external_updated_at + timedelta(hours=1)
+    a.annotations.update(id=answer, result=lsc.choice_result("spot"))
+    assert pull(backend, store).new_label_events == 1
+    assert labels(store)[store.image_ids[4]].label == "spot"
+    assert pull(backend, store).new_label_events == 0  # the same save once recorded: nothing new
