@@ -82,6 +82,7 @@ MAX_DATA_ISSUE_ROWS = 1000  # near-duplicate / outlier rows stored per kind and 
 MAX_COVERAGE_BATCHES = 20  # flagged ingest batches a round describes (most unfamiliar first; the count is kept)
 MIN_TEST_IMAGES_PER_BATCH = 10  # labeled test images of a batch before the gates are given for it alone
 TEST_SAMPLE_REASON = "test_sample"  # a random image of an unmeasured batch, drawn into the test split: asked without a guess
+MAX_TEST_SAMPLE_OVERSHOOT = 5  # images a drawn set may ask beyond a batch's room (a part's photos come whole)
 TEST_SAMPLE_RANK = 100_000  # the draw's selections rank after the round's batch (written before it, in the draw's transaction)
 NEW_BATCH_REASON = "new_batch"  # picked from a batch unlike every training label, for training
 COVERAGE_STRATEGY = "random"  # how that share is picked
@@ -1190,7 +1191,8 @@ def check_coverage(state: RoundState) -> None:
         row = {"ingest_batch_id": int(batch_id), "source": info.source if info else None, "ingested_at": _when(info.created_at) if info else None,
                "n_images": int(members.sum()), "unlike_training_labels": by_training.get(batch_id), "unlike_test_labels": by_test.get(batch_id),
                "n_labeled_train_validation": int((members & labeled & ~in_test).sum()), "n_labeled_test": int((members & labeled & in_test).sum()),
-               "n_unlabeled_test": int((members & ~labeled & in_test).sum()), "n_drawn_into_test_now": len(sampled.get(batch_id, []))}
+               "n_unlabeled_test": int((members & ~labeled & in_test).sum()), "n_drawn_into_test_now": len(sampled.get(batch_id, [])),
+               "n_test_target": min(int(round(state.config.split.test_fraction * int(members.sum()))), state.config.split.unmeasured_batch_test_sample)}
         coverage["flagged_batches"].append(row)
         state.console.print(f"[yellow]warning:[/] {_coverage_text(row, state.config.split.unmeasured_batch_test_sample)}")
     coverage["test_sample_image_ids"] = sorted(state.image_ids[p] for positions in sampled.values() for p in positions)[:1000]
@@ -1203,7 +1205,7 @@ def check_coverage(state: RoundState) -> None:
         counts["held_back"] = len(state.held_back)
     if state.test_predictions is not None:  # a cold start has no test predictions
         test_positions = state.positions(split="test", labeled=True)
-        in_batches = [b for b in sorted(_batches_in_test(state))]
+        in_batches = sorted(_batches_in_test(state))
         if len(in_batches) > 1:
             coverage["test_by_batch"] = [
                 {"ingest_batch_id": int(b), "source": batches[b].source if b in batches else None,
@@ -1229,13 +1231,15 @@ def _coverage_text(row: dict[str, Any], sample_limit: int) -> str:
             f"({EXPECTED_SHARE:.0%} expected of images like them): a new camera or product line? {row['n_labeled_train_validation']} of its images "
             "are training labels")
     if row["n_drawn_into_test_now"]:
-        return (text + f"; {row['n_drawn_into_test_now']} of them, drawn at random, joined the frozen test split and go to the annotators without a "
-                "guess: until they are labeled, the gates do not measure this batch.")
+        return (text + f"; {row['n_drawn_into_test_now']} of them, drawn at random (or in the test split already, never asked), go to the annotators "
+                "without a guess as test images: until they are labeled, the gates do not measure this batch.")
     if test.get("flagged") and row["n_unlabeled_test"] and sample_limit:
         return text + f"; {row['n_unlabeled_test']} of its images are in the test split waiting for a label: until they have one, the gates do not measure it."
     if test.get("flagged"):
         why = ("`[split] unmeasured_batch_test_sample` is 0" if sample_limit == 0 else
-               f"its test images reach `[split] unmeasured_batch_test_sample` ({sample_limit})" if row["n_labeled_test"] + row["n_unlabeled_test"] >= sample_limit else
+               f"its {row['n_labeled_test'] + row['n_unlabeled_test']} test images are the share drawn for it (`test_fraction`, at most "
+               f"`[split] unmeasured_batch_test_sample` = {sample_limit}), yet unlike the others"
+               if row["n_labeled_test"] + row["n_unlabeled_test"] >= row["n_test_target"] else
                "none of its images can be drawn: each was asked about for training, is labeled, or has a photo or copy in train or validation")
         return text + f"; the gates do not measure it ({why}): label a test set of it and add it with `loop ingest DIR --split test`."
     return text + f"; the test split holds {row['n_labeled_test']} labeled images of it."
@@ -1256,33 +1260,17 @@ def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[
     limit = split_config.unmeasured_batch_test_sample
     if not batches or limit == 0:
         return {}
-    n = len(state.image_ids)
-    parent = list(range(n))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def link(members: list[int]) -> None:
-        for other in members[1:]:
-            a, b = root(members[0]), root(other)
-            if a != b:
-                parent[b] = a
-
-    if state.near_duplicates is not None:
-        for group in state.near_duplicates.summary["groups"]:
-            link([int(m) for m in group])
     photos_of: dict[str, list[int]] = defaultdict(list)
     for position, part in enumerate(state.parts):
         if part:
             photos_of[part].append(position)
-    for photos in photos_of.values():
-        link(photos)
-    linked: dict[int, list[int]] = defaultdict(list)
-    for position in range(n):
-        linked[root(position)].append(position)
+    groups = [[int(m) for m in group] for group in (state.near_duplicates.summary["groups"] if state.near_duplicates is not None else [])]
+    edges = [(members[0], other) for members in (*groups, *photos_of.values()) for other in members[1:]]
+    set_of = {int(p): int(p) for p in range(len(state.image_ids))}  # position -> the first member of its linked set
+    linked: dict[int, list[int]] = {}
+    for members in connected_groups(len(state.image_ids), edges):
+        linked[members[0]] = members
+        set_of.update(dict.fromkeys(members, members[0]))
     drawn: dict[int, list[int]] = {}
     with session_scope(state.ctx.engine) as session:
         project = get_project(session)
@@ -1295,24 +1283,36 @@ def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[
             return (state.splits[position] == "pool" and state.labels[position] == UNLABELED and position not in state.held_back
                     and state.image_ids[position] not in selected_before and (info is None or info.status == "unlabeled"))
 
+        # a part with a photo outside the round's images (quarantined, in the pool): it could not follow the part into
+        # test, and once restored would wait in the pool to be asked with a guess; such parts are not drawn
+        hidden_pool_parts = set(session.scalars(select(Image.part).where(
+            Image.project_id == project.id, Image.part.is_not(None), Image.split == "pool", Image.status != "ok")))
+
         def drawable(members: list[int]) -> bool:  # also a part placed in train or validation before (its photos may be gone)
             return all(state.splits[m] == "test" or free(m) for m in members) and \
-                all(placed_parts.get(state.parts[m], "test") == "test" for m in members if state.parts[m])
+                all(placed_parts.get(state.parts[m], "test") == "test" and state.parts[m] not in hidden_pool_parts for m in members if state.parts[m])
 
         asked: list[int] = []
         for batch_id in batches:
             members = np.flatnonzero(state.ingest_batches == batch_id)
-            wanted = min(int(round(split_config.test_fraction * len(members))), limit) - int((state.splits[members] == "test").sum())
-            if wanted <= 0:
-                continue
-            sets = sorted({root(int(p)) for p in members if state.splits[p] == "pool"})
-            sets = [s for s in sets if drawable(linked[s])]
+            target = min(int(round(split_config.test_fraction * len(members))), limit)
+            in_test = [int(p) for p in members if state.splits[p] == "test"]
+            # a test image of the batch nobody asked about (a drawn part's later photo, a near-copy that joined test)
+            # is asked now, without a guess: counted as measured only once it is labeled or asked
+            unasked = [p for p in in_test if state.labels[p] == UNLABELED and state.image_ids[p] not in selected_before
+                       and (state.label_info.get(state.image_ids[p]) is None or state.label_info[state.image_ids[p]].status == "unlabeled")]
+            room = target - (len(in_test) - len(unasked))
+            chosen = unasked[:max(room, 0)]
+            asked += chosen
+            sets = sorted({set_of[int(p)] for p in members if state.splits[p] == "pool"})
+            sets = [first for first in sets if drawable(linked.get(first, [first]))]
             rng = np.random.default_rng([split_config.seed, int(batch_id)])  # the same draw whatever else the project holds
-            chosen: list[int] = []
             for index in rng.permutation(len(sets)):
-                if len(chosen) >= wanted:
+                if len(chosen) >= room:
                     break
-                pool_members = [m for m in linked[sets[index]] if state.splits[m] == "pool"]
+                pool_members = [m for m in linked.get(sets[index], [sets[index]]) if state.splits[m] == "pool"]
+                if len(pool_members) > room - len(chosen) + MAX_TEST_SAMPLE_OVERSHOOT:  # a long chain of copies or parts: asks unbounded
+                    continue
                 chosen += [m for m in pool_members if state.ingest_batches[m] == batch_id]
                 asked += pool_members
                 for m in pool_members:
@@ -1321,6 +1321,7 @@ def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[
                         placed_parts[state.parts[m]] = "test"
             if chosen:
                 drawn[batch_id] = sorted(chosen)
+        state.details.setdefault("coverage", {})["n_asked_for_test"] = len(asked)
         ids = sorted(state.image_ids[p] for p in asked)
         for start in range(0, len(ids), 500):
             for image in session.scalars(select(Image).where(Image.id.in_(ids[start:start + 500]), Image.split == "pool")):

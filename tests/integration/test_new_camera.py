@@ -67,12 +67,9 @@ def two_cameras(tmp_path: Path) -> tuple[Path, Path, Path]:
 def test_a_new_cameras_batch_is_flagged_sampled_into_the_test_split_and_measured_apart(two_cameras: tuple[Path, Path, Path], tmp_path: Path) -> None:
     camera_a, camera_b, truth = two_cameras
     project = tmp_path / "project"
-    invoke("init", str(project), "--classes", CLASSES, "--negative-class", "good", "--annotator", "oracle", "--oracle-manifest", str(truth),
-           "--budget", "5", "--image-size", "96")
-    invoke("ingest", str(camera_a), "--project", str(project), "--quiet")
-    invoke("ingest", str(camera_b), "--unlabeled", "--project", str(project), "--quiet")
+    _ingest_two_cameras(project, camera_a, camera_b, truth)
     first = invoke("round", "--project", str(project))
-    assert "unlike every training label" in first and "joined the frozen test split" in first
+    assert "unlike every training label" in first and "go to the annotators without a guess as test images" in first
     engine = open_project(project).engine
     with session_scope(engine) as session:
         round_one = session.scalars(select(Round).where(Round.number == 1)).one()
@@ -137,10 +134,7 @@ def test_a_test_sample_the_annotation_tool_could_not_take_is_pushed_next_round_w
 
     camera_a, camera_b, truth = two_cameras
     project = tmp_path / "project"
-    invoke("init", str(project), "--classes", CLASSES, "--negative-class", "good", "--annotator", "oracle", "--oracle-manifest", str(truth),
-           "--budget", "5", "--image-size", "96")
-    invoke("ingest", str(camera_a), "--project", str(project), "--quiet")
-    invoke("ingest", str(camera_b), "--unlabeled", "--project", str(project), "--quiet")
+    _ingest_two_cameras(project, camera_a, camera_b, truth)
     pushed: list[list] = []
     monkeypatch.setattr(OracleAnnotator, "push", lambda self, *, session, project, round_id, batch, **_: (pushed.append(batch), PushReport(pending=len(batch)))[1])
     invoke("round", "--project", str(project), "--quiet")  # the tool is down: nothing delivered
