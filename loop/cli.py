@@ -358,7 +358,7 @@ def _print_coverage(coverage: dict, *, round_number: int | None = None) -> None:
         unlike = [f"{share['share_unfamiliar']:.0%} unlike the {what}" for what, share in (("training labels", row.get("unlike_training_labels")),
                                                                                            ("labeled test images", row.get("unlike_test_labels")))
                   if share and share.get("flagged")]
-        drawn = f"; {row['n_drawn_into_test_now']} drawn into the test split, to be labeled" if row.get("n_drawn_into_test_now") else ""
+        drawn = f"; {row['n_drawn_into_test_now']} asked for the test split, without a guess" if row.get("n_drawn_into_test_now") else ""
         console.print(f"[yellow]new images unlike the labeled ones{of_round}:[/] ingest batch {row['ingest_batch_id']} ({escape(str(row.get('source')))}): "
                       f"{' and '.join(unlike)}{drawn}")
     by_batch = coverage.get("test_by_batch") or []
