@@ -1240,7 +1240,8 @@ def _coverage_text(row: dict[str, Any], sample_limit: int) -> str:
                f"its {row['n_labeled_test'] + row['n_unlabeled_test']} test images are the share drawn for it (`test_fraction`, at most "
                f"`[split] unmeasured_batch_test_sample` = {sample_limit}), yet unlike the others"
                if row["n_labeled_test"] + row["n_unlabeled_test"] >= row["n_test_target"] else
-               "none of its images can be drawn: each was asked about for training, is labeled, or has a photo or copy in train or validation")
+               "none of its images can be drawn now: each is linked (a photo of its part, a near-copy) to an image asked about before, labeled, "
+               "held back, quarantined or in train or validation, or to too many images")
         return text + f"; the gates do not measure it ({why}): label a test set of it and add it with `loop ingest DIR --split test`."
     return text + f"; the test split holds {row['n_labeled_test']} labeled images of it."
 
@@ -1277,6 +1278,13 @@ def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[
         placed_parts = part_splits(session, project.id)
         selected_before = set(session.scalars(select(Selection.image_id).join(Round, Round.id == Selection.round_id).where(
             Round.project_id == project.id, Round.id != state.round_id)))
+        # a test image counts as asked when an annotator can see it: it has a task, or an ask that reached the tool or
+        # still waits to and will not be withdrawn (only a test sample's does not: push_batch withdraws any other)
+        with_task = set(session.scalars(select(AnnotationTask.image_id).join(Image, Image.id == AnnotationTask.image_id)
+                                        .where(Image.project_id == project.id)))
+        asked_for_test = with_task | set(session.scalars(select(Selection.image_id).join(Round, Round.id == Selection.round_id).where(
+            Round.project_id == project.id, Round.id != state.round_id,
+            Selection.push_status.in_(("pushed", "recorded")) | (Selection.push_status.in_(("pending", "failed")) & (Selection.reason == TEST_SAMPLE_REASON)))))
 
         def free(position: int) -> bool:  # a pool image nobody was asked about, with no answer, not held back
             info = state.label_info.get(state.image_ids[position])
@@ -1297,13 +1305,17 @@ def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[
             members = np.flatnonzero(state.ingest_batches == batch_id)
             target = min(int(round(split_config.test_fraction * len(members))), limit)
             in_test = [int(p) for p in members if state.splits[p] == "test"]
-            # a test image of the batch nobody asked about (a drawn part's later photo, a near-copy that joined test)
-            # is asked now, without a guess: counted as measured only once it is labeled or asked
-            unasked = [p for p in in_test if state.labels[p] == UNLABELED and state.image_ids[p] not in selected_before
+            asked_now = set(asked)
+            # a test image of the batch nobody can be asked about yet (a drawn part's later photo, a near-copy that
+            # joined test) counts toward the share only once asked; it is asked now, without a guess, when its linked
+            # set could have been drawn (else its label would leak: a copy or a sibling is a training label)
+            unasked = [p for p in in_test if p not in asked_now and state.labels[p] == UNLABELED and state.image_ids[p] not in asked_for_test
                        and (state.label_info.get(state.image_ids[p]) is None or state.label_info[state.image_ids[p]].status == "unlabeled")]
             room = target - (len(in_test) - len(unasked))
-            chosen = unasked[:max(room, 0)]
+            askable = [p for p in unasked if drawable(linked.get(set_of[p], [p]))]
+            chosen = askable[:max(room, 0)]
             asked += chosen
+            n_asked_for_batch = len(chosen)
             sets = sorted({set_of[int(p)] for p in members if state.splits[p] == "pool"})
             sets = [first for first in sets if drawable(linked.get(first, [first]))]
             rng = np.random.default_rng([split_config.seed, int(batch_id)])  # the same draw whatever else the project holds
@@ -1311,10 +1323,11 @@ def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[
                 if len(chosen) >= room:
                     break
                 pool_members = [m for m in linked.get(sets[index], [sets[index]]) if state.splits[m] == "pool"]
-                if len(pool_members) > room - len(chosen) + MAX_TEST_SAMPLE_OVERSHOOT:  # a long chain of copies or parts: asks unbounded
+                if n_asked_for_batch + len(pool_members) > room + MAX_TEST_SAMPLE_OVERSHOOT:  # long chains of copies or parts: asks unbounded
                     continue
                 chosen += [m for m in pool_members if state.ingest_batches[m] == batch_id]
                 asked += pool_members
+                n_asked_for_batch += len(pool_members)
                 for m in pool_members:
                     state.splits[m] = "test"
                     if state.parts[m]:

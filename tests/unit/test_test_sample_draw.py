@@ -107,3 +107,53 @@ def test_a_part_with_a_quarantined_photo_in_the_pool_is_not_drawn(tmp_path: Path
     assert {state.names[p] for p in drawn[batch]} == {"a2", *(f"x{i}" for i in range(7))}  # p1's quarantined photo could not follow it
     with session_scope(open_project(project).engine) as session:
         assert session.scalar(select(func.count()).select_from(Image).where(Image.part == "p1", Image.split == "test")) == 0
+
+
+def test_an_unasked_test_image_whose_copy_is_a_training_label_is_not_asked(tmp_path: Path) -> None:
+    """Its label would be a test label with a copy in training: it stays unlabeled, and the share is drawn elsewhere."""
+    project = _project(tmp_path, [[("trained", None)] + [(f"o{i}", None) for i in range(9)], [("t0", None)] + [(f"new{i}", None) for i in range(9)]])
+    with session_scope(open_project(project).engine) as session:
+        for image in session.scalars(select(Image)):
+            image.split = {"trained": "train", "t0": "test"}.get(Path(image.path).stem, image.split)
+    state, position = _state(project, groups=[["t0", "trained"]])
+    state.labels[position["trained"]] = 0
+    batch = int(state.ingest_batches[position["t0"]])
+    drawn = _draw_test_samples(state, [batch])
+    asked = {state.names[state.image_ids.index(i)] for i in _asked(state)}
+    assert "t0" not in asked and len(drawn[batch]) == 2 and asked == {state.names[p] for p in drawn[batch]}
+
+
+def test_a_test_image_whose_only_ask_was_withdrawn_is_asked_again_for_the_test_split(tmp_path: Path) -> None:
+    """A training ask left pending by a failed round, withdrawn once its image joined test: nobody can see it."""
+    project = _project(tmp_path, [[(f"img{i}", None) for i in range(10)]])  # a share of 2
+    with session_scope(open_project(project).engine) as session:
+        failed = Round(project_id=get_project(session).id, number=7, status="failed")
+        session.add(failed)
+        session.flush()
+        for image in session.scalars(select(Image)):
+            if Path(image.path).stem in ("img0", "img1"):
+                image.split = "test"
+                session.add(Selection(round_id=failed.id, image_id=image.id, rank=0, score=0.5, strategy="margin", reason="uncertain",
+                                      predicted_label="good", p_defect=0.1, push_status="withdrawn"))
+    state, position = _state(project)
+    batch = int(state.ingest_batches[position["img0"]])
+    drawn = _draw_test_samples(state, [batch])
+    assert {state.names[p] for p in drawn[batch]} == {"img0", "img1"} and len(_asked(state)) == 2
+
+
+def test_the_asks_of_a_batch_stay_within_its_share_and_the_overshoot_whatever_other_batches_its_sets_reach(tmp_path: Path) -> None:
+    """Each of 20 images has 5 copies in an older batch: every set asks 6 images for 1 of the batch's own."""
+    project = _project(tmp_path, [[(f"old{i}", None) for i in range(100)], [(f"b{i}", None) for i in range(20)]])
+    state, position = _state(project, groups=[[f"b{k}"] + [f"old{5 * k + j}" for j in range(5)] for k in range(20)])
+    state.config.split.test_fraction = 0.5  # a share of 10
+    _draw_test_samples(state, [int(state.ingest_batches[position["b0"]])])
+    assert len(_asked(state)) <= 10 + 5  # 60 before: 10 sets of 6
+
+
+def test_an_image_two_batches_draw_in_one_round_is_asked_once(tmp_path: Path) -> None:
+    project = _project(tmp_path, [[(f"a{i}", None) for i in range(10)], [(f"b{i}", None) for i in range(10)]])
+    state, position = _state(project, groups=[["a0", "b0"]])
+    state.config.split.test_fraction = 0.99
+    _draw_test_samples(state, [int(state.ingest_batches[position["a0"]]), int(state.ingest_batches[position["b0"]])])
+    asked = _asked(state)
+    assert len(asked) == len(set(asked)) == state.details["coverage"]["n_asked_for_test"]
