@@ -1192,7 +1192,8 @@ def check_coverage(state: RoundState) -> None:
                "n_images": int(members.sum()), "unlike_training_labels": by_training.get(batch_id), "unlike_test_labels": by_test.get(batch_id),
                "n_labeled_train_validation": int((members & labeled & ~in_test).sum()), "n_labeled_test": int((members & labeled & in_test).sum()),
                "n_unlabeled_test": int((members & ~labeled & in_test).sum()), "n_drawn_into_test_now": len(sampled.get(batch_id, [])),
-               "n_test_target": min(int(round(state.config.split.test_fraction * int(members.sum()))), state.config.split.unmeasured_batch_test_sample)}
+               "n_test_target": min(int(round(state.config.split.test_fraction * int(members.sum()))), state.config.split.unmeasured_batch_test_sample),
+               "n_test_not_asked": coverage.get("test_images_not_asked", {}).get(int(batch_id), 0)}
         coverage["flagged_batches"].append(row)
         state.console.print(f"[yellow]warning:[/] {_coverage_text(row, state.config.split.unmeasured_batch_test_sample)}")
     coverage["test_sample_image_ids"] = sorted(state.image_ids[p] for positions in sampled.values() for p in positions)[:1000]
@@ -1233,8 +1234,9 @@ def _coverage_text(row: dict[str, Any], sample_limit: int) -> str:
     if row["n_drawn_into_test_now"]:
         return (text + f"; {row['n_drawn_into_test_now']} of them, drawn at random (or in the test split already, never asked), go to the annotators "
                 "without a guess as test images: until they are labeled, the gates do not measure this batch.")
-    if test.get("flagged") and row["n_unlabeled_test"] and sample_limit:
-        return text + f"; {row['n_unlabeled_test']} of its images are in the test split waiting for a label: until they have one, the gates do not measure it."
+    waiting = row["n_unlabeled_test"] - row.get("n_test_not_asked", 0)
+    if test.get("flagged") and waiting > 0 and sample_limit:
+        return text + f"; {waiting} of its images are in the test split waiting for a label: until they have one, the gates do not measure it."
     if test.get("flagged"):
         why = ("`[split] unmeasured_batch_test_sample` is 0" if sample_limit == 0 else
                f"its {row['n_labeled_test'] + row['n_unlabeled_test']} test images are the share drawn for it (`test_fraction`, at most "
@@ -1313,6 +1315,8 @@ def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[
                        and (state.label_info.get(state.image_ids[p]) is None or state.label_info[state.image_ids[p]].status == "unlabeled")]
             room = target - (len(in_test) - len(unasked))
             askable = [p for p in unasked if drawable(linked.get(set_of[p], [p]))]
+            if len(askable) < len(unasked):  # never asked: a copy or a sibling of theirs is a training label (for the round's line)
+                state.details.setdefault("coverage", {}).setdefault("test_images_not_asked", {})[int(batch_id)] = len(unasked) - len(askable)
             chosen = askable[:max(room, 0)]
             asked += chosen
             n_asked_for_batch = len(chosen)
@@ -1530,15 +1534,19 @@ def push_batch(state: RoundState) -> None:
         # task would show another picture than the one selected, or none
         quarantined = [selection for selection, image in retry if image.status != "ok"]
         to_withdraw |= {selection.image_id for selection in quarantined}
-        withdrawn = [selection for selection, image in retry if image.id in to_withdraw]
+        # by ask, not by image: this round's test sample of an image whose older training ask is withdrawn still goes
+        kept_test_samples = {selection.id for selection, image in retry if selection.reason == TEST_SAMPLE_REASON and image.status == "ok"
+                             and image.split == "test" and image.id not in held_back_ids}
+        withdraw = {selection.id for selection, image in retry if image.id in to_withdraw and selection.id not in kept_test_samples}
+        withdrawn = [selection for selection, image in retry if selection.id in withdraw]
         # an ask an earlier round could not push whose answer came in since (an annotator changed the label while the
         # annotation tool was down): nothing left to ask, and its task is named for closing in case it was half reopened
         answered = _answered_before_pushed(state, session, [selection for selection, image in retry
-                                                            if image.id not in to_withdraw and selection.round_id != state.round_id])
+                                                            if selection.id not in withdraw and selection.round_id != state.round_id])
         withdrawn += [selection for selection, _image in retry if selection.id in answered]
         for selection in withdrawn:
             selection.push_status = "withdrawn"
-        retry = [(selection, image) for selection, image in retry if image.id not in to_withdraw and selection.id not in answered]
+        retry = [(selection, image) for selection, image in retry if selection.id not in withdraw and selection.id not in answered]
         by_image = {task.image_id: task for task in state.batch}
         tasks = [by_image.get(image.id) or _retried_task(state, selection, image, state.position_of.get(image.id)) for selection, image in retry]
         extra, accepted = {}, inspect.signature(state.backend.push).parameters  # a backend registered elsewhere may not take these

@@ -157,3 +157,40 @@ def test_an_image_two_batches_draw_in_one_round_is_asked_once(tmp_path: Path) ->
     _draw_test_samples(state, [int(state.ingest_batches[position["a0"]]), int(state.ingest_batches[position["b0"]])])
     asked = _asked(state)
     assert len(asked) == len(set(asked)) == state.details["coverage"]["n_asked_for_test"]
+
+
+def test_a_test_sample_is_pushed_in_its_round_though_an_older_training_ask_of_its_image_is_withdrawn(tmp_path: Path) -> None:
+    """push_batch withdraws by ask, not by image: the pending training ask goes, the test sample of the same image stays."""
+    from rich.console import Console
+
+    from labeling.base import PushReport
+    from loop.round import push_batch
+
+    class Recorder:
+        name = "recorder"
+        pushed: list[int] = []
+
+        def push(self, *, session, project, round_id, batch):  # noqa: ANN001, ANN201
+            Recorder.pushed = [task.image_id for task in batch]
+            return PushReport(pushed=len(batch))
+
+    project = _project(tmp_path, [[(f"img{i}", None) for i in range(10)]])
+    with session_scope(open_project(project).engine) as session:
+        failed = Round(project_id=get_project(session).id, number=7, status="failed")
+        session.add(failed)
+        session.flush()
+        for image in session.scalars(select(Image)):
+            if Path(image.path).stem in ("img0", "img1"):
+                image.split = "test"  # joined test while their training ask waited, never pushed
+                session.add(Selection(round_id=failed.id, image_id=image.id, rank=0, score=0.5, strategy="margin", reason="uncertain",
+                                      predicted_label="good", p_defect=0.1, push_status="pending"))
+    state, position = _state(project)
+    batch = int(state.ingest_batches[position["img0"]])
+    assert {state.names[p] for p in _draw_test_samples(state, [batch])[batch]} == {"img0", "img1"}
+    state.backend, state.batch, state.batch_meta, state.console, state.number = Recorder(), [], [], Console(), 1
+    state.position_of = {image_id: p for p, image_id in enumerate(state.image_ids)}
+    push_batch(state)
+    assert sorted(state.names[state.image_ids.index(i)] for i in Recorder.pushed) == ["img0", "img1"]
+    with session_scope(state.ctx.engine) as session:
+        statuses = {(s.reason, s.push_status) for s in session.scalars(select(Selection))}
+    assert statuses == {("uncertain", "withdrawn"), ("test_sample", "pushed")}
