@@ -1,6 +1,7 @@
 """The `loop` command line: init, ingest, round, status, demo, serve, labelstudio."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -280,7 +281,7 @@ def _latest_round(ctx) -> tuple[int, int, str] | None:  # noqa: ANN001
 
 
 def print_round(outcome) -> None:  # noqa: ANN001
-    from loop.round import gate_values_text
+    from store.reports import gate_values_text, metrics_by_batch_of, unfamiliar_batches_of
 
     metrics, details = outcome.metrics, outcome.details
     counts = details["labeled_counts"]
@@ -305,7 +306,8 @@ def print_round(outcome) -> None:  # noqa: ANN001
     if without:  # the warning during the round said why; a --quiet round prints only this summary
         console.print(f"[yellow]{without['n_excluded']} test images have a labeled near-copy outside the test split[/]; "
                       f"without them ({without['n_images']} images): {gate_values_text(without)}")
-    _print_coverage(details.get("coverage") or {})
+    _print_coverage([dataclasses.asdict(batch) for batch in unfamiliar_batches_of(details) or []],
+                    [dataclasses.asdict(row) for row in metrics_by_batch_of(details) or []])
     training = details.get("training") or {}
     if training:
         best, history = training.get("best_epoch"), training.get("history") or []
@@ -344,32 +346,22 @@ def print_round(outcome) -> None:  # noqa: ANN001
     console.print("plots: " + ", ".join(str(path) for path in plots if path))
 
 
-def _coverage_row(batch: dict) -> dict:
-    """store.reports.UnfamiliarBatch (as loop status reads it) in the shape of the round's details."""
-    return {"ingest_batch_id": batch["ingest_batch_id"], "source": batch["source"], "n_drawn_into_test_now": batch["n_drawn_into_test"],
-            "unlike_training_labels": {"share_unfamiliar": batch["share_unlike_training_labels"], "flagged": batch["unlike_training_labels"]},
-            "unlike_test_labels": {"share_unfamiliar": batch["share_unlike_test_labels"], "flagged": batch["unlike_test_labels"]}}
+def _print_coverage(batches: list[dict], by_batch: list[dict], *, round_number: int | None = None) -> None:
+    """Ingest batches unlike the training labels or the test split (a new camera; store.reports.UnfamiliarBatch as a
+    dict), and the gates per batch (BatchTestMetrics)."""
+    from store.reports import gate_values_text
 
-
-def _print_coverage(coverage: dict, *, round_number: int | None = None) -> None:
-    """Ingest batches unlike the training labels or the test split (a new camera), and the gates per batch."""
     of_round = "" if round_number is None else f" (round {round_number})"
-    for row in coverage.get("flagged_batches") or []:
-        unlike = [f"{share['share_unfamiliar']:.0%} unlike the {what}" for what, share in (("training labels", row.get("unlike_training_labels")),
-                                                                                           ("labeled test images", row.get("unlike_test_labels")))
-                  if share and share.get("flagged")]
-        drawn = f"; {row['n_drawn_into_test_now']} asked for the test split, without a guess" if row.get("n_drawn_into_test_now") else ""
-        console.print(f"[yellow]new images unlike the labeled ones{of_round}:[/] ingest batch {row['ingest_batch_id']} ({escape(str(row.get('source')))}): "
+    for batch in batches:
+        unlike = [f"{share:.0%} unlike the {what}" for what, share, flagged in (
+            ("training labels", batch["share_unlike_training_labels"], batch["unlike_training_labels"]),
+            ("labeled test images", batch["share_unlike_test_labels"], batch["unlike_test_labels"])) if flagged and share is not None]
+        drawn = f"; {batch['n_drawn_into_test']} asked for the test split, without a guess" if batch["n_drawn_into_test"] else ""
+        console.print(f"[yellow]new images unlike the labeled ones{of_round}:[/] ingest batch {batch['ingest_batch_id']} ({escape(str(batch['source']))}): "
                       f"{' and '.join(unlike)}{drawn}")
-    by_batch = coverage.get("test_by_batch") or []
-
-    def gate_values_text(values: dict) -> str:  # as loop.round's, without importing the round (and torch) for loop status
-        return ", ".join(f"{label} {'n/a' if values.get(name) is None else format(values[name], '.3f')}"
-                         for name, label in (("macro_f1", "macro F1"), ("defect_recall", "defect recall"), ("negative_fpr", "FPR")))
-
     if by_batch:
         console.print(f"gates by ingest batch on the test split{of_round}: " + " · ".join(
-            f"batch {row['ingest_batch_id']} ({escape(Path(str(row.get('source'))).name)}, {row['n_images']} images): {gate_values_text(row)}" for row in by_batch))
+            f"batch {row['ingest_batch_id']} ({escape(Path(str(row['source'])).name)}, {row['n_images']} images): {gate_values_text(row)}" for row in by_batch))
 
 
 def _selected_for_labeling(push: dict) -> str:
@@ -533,8 +525,7 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     console.print(rounds)
     latest = next((r for r in reversed(report["rounds"]) if r["status"] == "completed"), None)
     if latest is not None:  # the newest completed round's word on new images unlike the labeled ones (a new camera)
-        _print_coverage({"flagged_batches": [_coverage_row(batch) for batch in latest.get("unfamiliar_batches") or []],
-                         "test_by_batch": latest.get("test_metrics_by_batch") or []}, round_number=latest["number"])
+        _print_coverage(latest.get("unfamiliar_batches") or [], latest.get("test_metrics_by_batch") or [], round_number=latest["number"])
     if running_without_process:  # killed (SIGKILL, power): nothing runs it, and nothing marked it yet
         holder = ("no process holds this project folder or its store" if store_held is not None
                   else "no process on this machine holds this project folder")

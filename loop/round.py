@@ -66,7 +66,7 @@ from store.db import confirm_store_lock, shown_url
 from store.models import (AnnotationTask, GateResult, Image, IngestBatch, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round,
                           Selection)
 from store.queries import ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number
-from store.reports import as_utc
+from store.reports import GATE_METRICS, as_utc, gate_values_text
 
 # Rounds looked back for the last push that closed every reopened task it was told to; none among them: every
 # answered ask is named again (a task that always fails to close keeps the window from moving, and the warning says so).
@@ -150,7 +150,6 @@ class RoundState:
     near_duplicates: Any = None  # modeling.label_quality finding of find_near_copies (None: [loop] data_issues is off)
     neighbor_graph: Any = None  # modeling.neighbor_graph.NeighborGraph of the embeddings, kept between rounds (find_near_copies)
     held_back: set[int] = field(default_factory=set)  # pool near-copies of a test image that already leaks: never selected
-    test_sample: list[int] = field(default_factory=list)  # positions check_coverage drew into the test split this round, to be labeled
     batch: list[TaskRequest] = field(default_factory=list)
     batch_meta: list[dict[str, Any]] = field(default_factory=list)
     init_training_options: dict[str, Any] = field(default_factory=dict)
@@ -1020,7 +1019,6 @@ def find_data_issues(state: RoundState) -> None:
             "Photos of one physical part belong under one `part` in the ingest manifest.")
 
 
-GATE_METRICS = (("macro_f1", "macro F1"), ("defect_recall", "defect recall"), ("negative_fpr", "FPR"))
 
 
 def _test_metrics_without(state: RoundState, leaked: set[int]) -> dict[str, Any]:
@@ -1043,10 +1041,6 @@ def _test_metrics_of(state: RoundState, keep: np.ndarray) -> dict[str, Any]:
     else:
         values.update({name: None for name, _ in GATE_METRICS} | {"accuracy": None})
     return values
-
-
-def gate_values_text(values: dict[str, Any]) -> str:
-    return ", ".join(f"{label} {'n/a' if values.get(name) is None else format(values[name], '.3f')}" for name, label in GATE_METRICS)
 
 
 def _detail_thumbnails(state: RoundState) -> CachedRows:
@@ -1198,8 +1192,7 @@ def check_coverage(state: RoundState) -> None:
         state.console.print(f"[yellow]warning:[/] {_coverage_text(row, state.config.split.unmeasured_batch_test_sample)}")
     coverage["test_sample_image_ids"] = sorted(state.image_ids[p] for positions in sampled.values() for p in positions)[:1000]
     coverage["n_drawn_into_test"] = sum(len(positions) for positions in sampled.values())
-    state.test_sample = sorted(p for positions in sampled.values() for p in positions)
-    if state.test_sample:  # the round's counts say where the drawn images are now
+    if coverage["n_drawn_into_test"]:  # the round's counts say where the drawn images are now
         counts = state.details["labeled_counts"]
         counts["unlabeled"] = len(state.positions(split="pool", labeled=False)) - len(state.held_back)
         counts["unlabeled_test"] = len(state.positions(split="test", labeled=False))

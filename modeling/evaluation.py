@@ -51,8 +51,8 @@ def fpr_upper_bound(false_positives: int, negatives: int, confidence: float) -> 
     return float(beta.ppf(confidence, false_positives + 1, negatives - false_positives))
 
 
-def _logit(p: np.ndarray | float) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+def _logit(p: np.ndarray | float, *, floor: float = 1e-7) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), floor, 1 - floor)
     return np.log(p / (1 - p))
 
 
@@ -224,12 +224,6 @@ FLOAT32_STEP = 2.0 ** -24  # float32 tells 1 - p from 1 no finer: a score of 1.0
 MAX_GAP_MOVE = 6.0  # logits (x400 in odds): how far up the gap a threshold moves at most
 
 
-def _resolvable_logit(p: np.ndarray | float) -> np.ndarray:
-    """logit of scores as float32 can tell them apart: 1e-9 and 1e-12 alike, 1.0 read as 1 - 2^-24."""
-    p = np.clip(np.asarray(p, dtype=np.float64), FLOAT32_STEP, 1 - FLOAT32_STEP)
-    return np.log(p) - np.log1p(-p)
-
-
 def middle_of_the_gap(threshold: float, scores: np.ndarray) -> float:
     """Up to the middle, in logit space, of the gap between the labeled scores just below and at or above
     `threshold`, at most MAX_GAP_MOVE logits up; never down.
@@ -245,7 +239,9 @@ def middle_of_the_gap(threshold: float, scores: np.ndarray) -> float:
     if not len(below) or not len(above):
         return threshold
     low, high = float(below.max()), float(above.min())
-    middle = float(_sigmoid(min((_resolvable_logit(low) + _resolvable_logit(high)) / 2, _resolvable_logit(threshold) + MAX_GAP_MOVE)))
+    # scores as float32 tells them apart: 1e-9 and 1e-12 alike, 1.0 read as 1 - 2^-24
+    low_logit, high_logit, at = (float(_logit(value, floor=FLOAT32_STEP)) for value in (low, high, threshold))
+    middle = float(_sigmoid(min((low_logit + high_logit) / 2, at + MAX_GAP_MOVE)))
     return middle if threshold < middle <= high else threshold
 
 

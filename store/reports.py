@@ -326,6 +326,14 @@ class _LabelTally:
         return dict(self.by_source), by_class, self.ties
 
 
+GATE_METRICS = (("macro_f1", "macro F1"), ("defect_recall", "defect recall"), ("negative_fpr", "FPR"))
+
+
+def gate_values_text(values: dict[str, Any]) -> str:
+    """'macro F1 0.950, defect recall 1.000, FPR 0.020' of a dict holding those metrics (n/a for a missing one)."""
+    return ", ".join(f"{label} {'n/a' if values.get(name) is None else format(values[name], '.3f')}" for name, label in GATE_METRICS)
+
+
 def as_utc(moment: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; the store writes UTC, so naive means UTC."""
     if moment is None:

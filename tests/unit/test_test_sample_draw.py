@@ -63,6 +63,22 @@ def _state(project: Path, *, groups: list[list[str]] = (), limit: int = 200):  #
     ), position
 
 
+def _test_images_asked_for_training(root: Path, *, push_status: str) -> Path:
+    """10 images (a share of 2); img0 and img1 joined the test split while a failed round's training ask of each, with
+    the model's guess, was never pushed (`push_status`: pending, or withdrawn since)."""
+    project = _project(root, [[(f"img{i}", None) for i in range(10)]])
+    with session_scope(open_project(project).engine) as session:
+        failed = Round(project_id=get_project(session).id, number=7, status="failed")
+        session.add(failed)
+        session.flush()
+        for image in session.scalars(select(Image)):
+            if Path(image.path).stem in ("img0", "img1"):
+                image.split = "test"
+                session.add(Selection(round_id=failed.id, image_id=image.id, rank=0, score=0.5, strategy="margin", reason="uncertain",
+                                      predicted_label="good", p_defect=0.1, push_status=push_status))
+    return project
+
+
 def _asked(state) -> list[int]:  # noqa: ANN001
     with session_scope(state.ctx.engine) as session:
         return list(session.scalars(select(Selection.image_id).where(Selection.round_id == state.round_id, Selection.reason == "test_sample")))
@@ -125,16 +141,7 @@ def test_an_unasked_test_image_whose_copy_is_a_training_label_is_not_asked(tmp_p
 
 def test_a_test_image_whose_only_ask_was_withdrawn_is_asked_again_for_the_test_split(tmp_path: Path) -> None:
     """A training ask left pending by a failed round, withdrawn once its image joined test: nobody can see it."""
-    project = _project(tmp_path, [[(f"img{i}", None) for i in range(10)]])  # a share of 2
-    with session_scope(open_project(project).engine) as session:
-        failed = Round(project_id=get_project(session).id, number=7, status="failed")
-        session.add(failed)
-        session.flush()
-        for image in session.scalars(select(Image)):
-            if Path(image.path).stem in ("img0", "img1"):
-                image.split = "test"
-                session.add(Selection(round_id=failed.id, image_id=image.id, rank=0, score=0.5, strategy="margin", reason="uncertain",
-                                      predicted_label="good", p_defect=0.1, push_status="withdrawn"))
+    project = _test_images_asked_for_training(tmp_path, push_status="withdrawn")
     state, position = _state(project)
     batch = int(state.ingest_batches[position["img0"]])
     drawn = _draw_test_samples(state, [batch])
@@ -174,16 +181,7 @@ def test_a_test_sample_is_pushed_in_its_round_though_an_older_training_ask_of_it
             Recorder.pushed = [task.image_id for task in batch]
             return PushReport(pushed=len(batch))
 
-    project = _project(tmp_path, [[(f"img{i}", None) for i in range(10)]])
-    with session_scope(open_project(project).engine) as session:
-        failed = Round(project_id=get_project(session).id, number=7, status="failed")
-        session.add(failed)
-        session.flush()
-        for image in session.scalars(select(Image)):
-            if Path(image.path).stem in ("img0", "img1"):
-                image.split = "test"  # joined test while their training ask waited, never pushed
-                session.add(Selection(round_id=failed.id, image_id=image.id, rank=0, score=0.5, strategy="margin", reason="uncertain",
-                                      predicted_label="good", p_defect=0.1, push_status="pending"))
+    project = _test_images_asked_for_training(tmp_path, push_status="pending")
     state, position = _state(project)
     batch = int(state.ingest_batches[position["img0"]])
     assert {state.names[p] for p in _draw_test_samples(state, [batch])[batch]} == {"img0", "img1"}

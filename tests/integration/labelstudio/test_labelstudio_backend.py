@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import contextmanager
 import threading
 import time
 from datetime import timedelta
@@ -774,19 +775,12 @@ def test_webhooks_sent_while_a_class_is_renamed_withdraw_nothing_and_a_deleted_p
     for k in (4, 5):
         annotate(a, tasks[store.image_ids[k]], "scratch")
     assert pull(backend, store).new_label_events == 2
-    receiver = HTTPServer(("127.0.0.1", 0), _Receiver)
-    _Receiver.received = []
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    try:
-        lsc.create_webhook(labelstudio.admin(), project_id=ls_project_id(store), url=f"http://127.0.0.1:{receiver.server_port}/hook",
-                           secret_header="X-Loop-Webhook-Secret", secret="s")
+    with _webhooks_to_a_receiver(labelstudio, store):
         with store.session() as session:
             renamed = backend.rename_class(session=session, project=session.get(Project, store.project_id), old="scratch", new="scratch_line")
         deadline = time.monotonic() + 10
         while len(_Receiver.received) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-    finally:
-        receiver.shutdown()
     updates = [payload for _headers, payload in _Receiver.received if payload["action"] == "ANNOTATION_UPDATED"]
     assert len(updates) == 2
     for payload in updates:  # as the API records them, before the store's side of the rename
@@ -917,12 +911,7 @@ def test_webhooks_sent_during_a_rename_back_record_no_answer_nobody_gave(labelst
     assert pull(backend, store).new_label_events == 2
     rename_class(backend, store, "scratch", "scratch_line", ["good", "scratch_line", "spot"])
     assert pull(backend, store).new_label_events == 0
-    receiver = HTTPServer(("127.0.0.1", 0), _Receiver)
-    _Receiver.received = []
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    try:
-        lsc.create_webhook(labelstudio.admin(), project_id=ls_project_id(store), url=f"http://127.0.0.1:{receiver.server_port}/hook",
-                           secret_header="X-Loop-Webhook-Secret", secret="s")
+    with _webhooks_to_a_receiver(labelstudio, store):
         # `loop rename-class scratch_line scratch`: Label Studio's side first, the store's after
         with store.session() as session:
             backend.record_answers_before_rename(session=session, project=session.get(Project, store.project_id), old="scratch_line", new="scratch")
@@ -931,8 +920,6 @@ def test_webhooks_sent_during_a_rename_back_record_no_answer_nobody_gave(labelst
         deadline = time.monotonic() + 10
         while len(_Receiver.received) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-    finally:
-        receiver.shutdown()
     assert renamed.answers == 2
     updates = [payload for _headers, payload in _Receiver.received if payload["action"] == "ANNOTATION_UPDATED"]
     assert len(updates) == 2
@@ -995,6 +982,21 @@ def test_an_answer_taken_as_a_renamed_class_stays_it_when_its_old_name_is_made_a
     assert pull(backend, store).new_label_events == 0
 
 
+@contextmanager
+def _webhooks_to_a_receiver(labelstudio, store):  # noqa: ANN001, ANN202
+    """Label Studio sends the project's webhooks to a receiver on loopback while the block runs (_wait_for_webhooks
+    reads them); the receiver stops after."""
+    receiver = HTTPServer(("127.0.0.1", 0), _Receiver)
+    _Receiver.received = []
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        lsc.create_webhook(labelstudio.admin(), project_id=ls_project_id(store), url=f"http://127.0.0.1:{receiver.server_port}/hook",
+                           secret_header="X-Loop-Webhook-Secret", secret="s")
+        yield
+    finally:
+        receiver.shutdown()
+
+
 def _wait_for_webhooks(n: int) -> list[dict]:
     deadline = time.monotonic() + 10
     while len(_Receiver.received) < n and time.monotonic() < deadline:
@@ -1019,20 +1021,13 @@ def test_webhooks_sent_during_a_merge_are_left_to_the_pull_not_taken_as_annotato
     own = annotate(admin, tasks[store.image_ids[5]], "scratch")  # the token's user annotates too: its own answer, rewritten
     changed = annotate(a, tasks[store.image_ids[6]], "spot")
     assert pull(backend, store).new_label_events == 3
-    receiver = HTTPServer(("127.0.0.1", 0), _Receiver)
-    _Receiver.received = []
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    try:
-        lsc.create_webhook(admin, project_id=ls_project_id(store), url=f"http://127.0.0.1:{receiver.server_port}/hook",
-                           secret_header="X-Loop-Webhook-Secret", secret="s")
+    with _webhooks_to_a_receiver(labelstudio, store):
         with store.session() as session:
             backend.record_answers_before_rename(session=session, project=session.get(Project, store.project_id), old="scratch", new="spot")
         with store.session() as session:
             renamed = backend.rename_class(session=session, project=session.get(Project, store.project_id), old="scratch", new="spot")
         a.annotations.update(id=changed, result=lsc.choice_result("good"))  # its annotator changes an answer meanwhile
         payloads = _wait_for_webhooks(3)
-    finally:
-        receiver.shutdown()
     assert renamed.answers == 2
     assert [p["action"] for p in payloads] == ["ANNOTATION_UPDATED"] * 3
     # as the API records them, before the store's side of the rename
@@ -1060,12 +1055,7 @@ def test_a_late_webhook_of_an_older_save_takes_back_no_newer_answer_the_pull_rec
     push(backend, store, [store.task(k, predicted="good") for k in (4, 5)])
     tasks = task_ids_by_image(store)
     a = labelstudio.as_annotator(ANNOTATOR_A)
-    receiver = HTTPServer(("127.0.0.1", 0), _Receiver)
-    _Receiver.received = []
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    try:
-        lsc.create_webhook(labelstudio.admin(), project_id=ls_project_id(store), url=f"http://127.0.0.1:{receiver.server_port}/hook",
-                           secret_header="X-Loop-Webhook-Secret", secret="s")
+    with _webhooks_to_a_receiver(labelstudio, store):
         answer = annotate(a, tasks[store.image_ids[4]], "good")
         skipped = annotate(a, tasks[store.image_ids[5]], "spot")
         time.sleep(0.01)
@@ -1087,8 +1077,6 @@ def test_a_late_webhook_of_an_older_save_takes_back_no_newer_answer_the_pull_rec
         time.sleep(0.01)
         a.annotations.update(id=answer, result=lsc.choice_result("spot"))
         newer = _wait_for_webhooks(6)[4:]
-    finally:
-        receiver.shutdown()
     assert [_record_webhook(store, p) for p in newer] == ["recorded", "confirmed"]
     assert labels(store)[store.image_ids[4]].label == "spot"
     assert pull(backend, store).new_label_events == 0
@@ -1100,12 +1088,7 @@ def test_a_late_webhook_of_a_save_made_before_the_answer_was_deleted_or_withdraw
     push(backend, store, [store.task(k, predicted="good") for k in (4, 5)])
     tasks = task_ids_by_image(store)
     a = labelstudio.as_annotator(ANNOTATOR_A)
-    receiver = HTTPServer(("127.0.0.1", 0), _Receiver)
-    _Receiver.received = []
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    try:
-        lsc.create_webhook(labelstudio.admin(), project_id=ls_project_id(store), url=f"http://127.0.0.1:{receiver.server_port}/hook",
-                           secret_header="X-Loop-Webhook-Secret", secret="s")
+    with _webhooks_to_a_receiver(labelstudio, store):
         deleted = annotate(a, tasks[store.image_ids[4]], "scratch")
         withdrawn = annotate(a, tasks[store.image_ids[5]], "scratch")
         time.sleep(0.01)
@@ -1132,8 +1115,6 @@ def test_a_late_webhook_of_a_save_made_before_the_answer_was_deleted_or_withdraw
         time.sleep(0.01)
         a.annotations.update(id=withdrawn, result=lsc.choice_result("spot"))
         again = _wait_for_webhooks(7)[6]
-    finally:
-        receiver.shutdown()
     assert _record_webhook(store, again) == "recorded"
     assert labels(store)[store.image_ids[5]].label == "spot"
     assert pull(backend, store).new_label_events == 0
