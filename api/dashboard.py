@@ -413,11 +413,13 @@ def _coverage_html(latest: RoundReport) -> str:
         measured = (f"{batch.n_drawn_into_test} drawn into the test split this round, to be labeled" if batch.n_drawn_into_test else
                     f"{batch.n_unlabeled_test} of its test images wait for a label" if batch.n_unlabeled_test else
                     "the gates do not measure it" if batch.unlike_test_labels else f"{batch.n_labeled_test} labeled test images")
-        parts.append(f'<p class="coverage"><span class="verdict fail">new images unlike the labeled ones</span> batch {batch.ingest_batch_id} '
+        parts.append(f'<p class="coverage"><span class="verdict fail">new images unlike the labeled ones</span> '
+                     f'{escape(reports.ingest_batches_text(batch.ingest_batch_ids).removeprefix("ingest "))} '
                      f'({escape(str(batch.source))}, {batch.n_images} images): {escape(" and ".join(unlike))}; '
                      f'{batch.n_labeled_train_validation} training labels; {escape(measured)}</p>')
     if latest.test_metrics_by_batch:
-        rows = "".join(f'<tr><td title="{escape(str(row.source))}">{row.ingest_batch_id} · {escape(str(row.source).rstrip("/").rsplit("/", 1)[-1])}</td>'
+        rows = "".join(f'<tr><td title="{escape(str(row.source))}">{escape(reports.batch_ids_text(row.ingest_batch_ids))} · '
+                       f'{escape(str(row.source).rstrip("/").rsplit("/", 1)[-1])}</td>'
                        f'<td>{row.n_images}</td><td>{_fmt(row.macro_f1, 4)}</td><td>{_fmt(row.defect_recall, 4)}</td><td>{_fmt(row.negative_fpr, 4)}</td></tr>'
                        for row in latest.test_metrics_by_batch)
         parts.append('<table class="gates" id="gates-by-batch"><thead><tr><th>ingest batch</th><th>test images</th><th>macro_f1</th>'

@@ -153,6 +153,8 @@ class UnfamiliarBatchOut(Schema):
     n_unlabeled_test: int = Field(description="drawn into the test split at random, waiting for their label")
     n_drawn_into_test: int = Field(description="drawn into the test split this round (at most [split] unmeasured_batch_test_sample)")
     n_selected_for_training: int | None = Field(description="picked for a training label this round")
+    ingest_batch_ids: list[int] = Field(description="the ingest batches judged together: the batch alone, or small ingests in a row "
+                                                    "(under 50 images each, until 50 in all), named by the first")
 
 
 class BatchTestMetricsOut(Schema):
@@ -163,6 +165,7 @@ class BatchTestMetricsOut(Schema):
     defect_recall: float | None
     negative_fpr: float | None
     accuracy: float | None
+    ingest_batch_ids: list[int] = Field(description="the batch alone, or the small ingests measured together with it")
 
 
 class LabelQualityOut(Schema):

@@ -349,7 +349,7 @@ def print_round(outcome) -> None:  # noqa: ANN001
 def _print_coverage(batches: list[dict], by_batch: list[dict], *, round_number: int | None = None) -> None:
     """Ingest batches unlike the training labels or the test split (a new camera; store.reports.UnfamiliarBatch as a
     dict), and the gates per batch (BatchTestMetrics)."""
-    from store.reports import gate_values_text
+    from store.reports import gate_values_text, ingest_batches_text
 
     of_round = "" if round_number is None else f" (round {round_number})"
     for batch in batches:
@@ -357,11 +357,13 @@ def _print_coverage(batches: list[dict], by_batch: list[dict], *, round_number: 
             ("training labels", batch["share_unlike_training_labels"], batch["unlike_training_labels"]),
             ("labeled test images", batch["share_unlike_test_labels"], batch["unlike_test_labels"])) if flagged and share is not None]
         drawn = f"; {batch['n_drawn_into_test']} asked for the test split, without a guess" if batch["n_drawn_into_test"] else ""
-        console.print(f"[yellow]new images unlike the labeled ones{of_round}:[/] ingest batch {batch['ingest_batch_id']} ({escape(str(batch['source']))}): "
+        console.print(f"[yellow]new images unlike the labeled ones{of_round}:[/] {ingest_batches_text(batch['ingest_batch_ids'])} "
+                      f"({escape(str(batch['source']))}): "
                       f"{' and '.join(unlike)}{drawn}")
     if by_batch:
         console.print(f"gates by ingest batch on the test split{of_round}: " + " · ".join(
-            f"batch {row['ingest_batch_id']} ({escape(Path(str(row['source'])).name)}, {row['n_images']} images): {gate_values_text(row)}" for row in by_batch))
+            f"{ingest_batches_text(row['ingest_batch_ids']).removeprefix('ingest ')} ({escape(Path(str(row['source'])).name)}, {row['n_images']} images): "
+            f"{gate_values_text(row)}" for row in by_batch))
 
 
 def _selected_for_labeling(push: dict) -> str:

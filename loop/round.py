@@ -39,7 +39,7 @@ from modeling.anomaly import (
     fit_patch_anomaly, patch_features_key, patch_grid,
 )
 from modeling.backbones import Backbone, create_backbone
-from modeling.coverage import EXPECTED_SHARE, FLAG_SHARE, find_unfamiliar_images, sample_per_group, unfamiliar_share_by_group
+from modeling.coverage import EXPECTED_SHARE, FLAG_SHARE, MIN_GROUP_IMAGES, find_unfamiliar_images, judging_groups, sample_per_group, unfamiliar_share_by_group
 from modeling.calibration import (
     expected_calibration_error, fit_out_of_fold_temperature, fit_temperature, logits_from_probabilities, negative_log_likelihood,
     out_of_fold_calibration_rows, softmax_with_temperature, temperature_objective,
@@ -66,7 +66,7 @@ from store.db import confirm_store_lock, shown_url
 from store.models import (AnnotationTask, GateResult, Image, IngestBatch, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round,
                           Selection)
 from store.queries import ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number
-from store.reports import GATE_METRICS, as_utc, gate_values_text
+from store.reports import GATE_METRICS, as_utc, gate_values_text, ingest_batches_text
 
 # Rounds looked back for the last push that closed every reopened task it was told to; none among them: every
 # answered ask is named again (a task that always fails to close keeps the window from moving, and the warning says so).
@@ -121,6 +121,9 @@ class RoundState:
     hashes: list[str] = field(default_factory=list)
     parts: list[str | None] = field(default_factory=list)  # Image.part per position (None: the image is its own part)
     ingest_batches: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int64))  # Image.ingest_batch_id per position
+    # per position, the group its ingest batch is judged in by check_coverage (small ingests in a row are one group,
+    # named by its first batch's id; empty before the check)
+    coverage_groups: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int64))
     oof_groups: np.ndarray | None = None  # draw group per out-of-fold position (draw_groups; None: every image alone)
     oof_folds: np.ndarray | None = None  # the fold that predicted each out-of-fold position
     splits: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
@@ -1140,7 +1143,8 @@ def select_next_batch(state: RoundState) -> None:
         # threshold's stratified rule counts one by one (store.queries.SAMPLING_SELECTION_STRATEGIES)
         state.batch_meta.append({"score": score, "strategy": "label_quality" if reason in ASKED_AGAIN_REASONS else
                                  COVERAGE_STRATEGY if reason == NEW_BATCH_REASON else strategy})
-    picked_for_training = Counter(int(state.ingest_batches[p]) for p, _, reason, _ in picks if reason not in ASKED_AGAIN_REASONS)
+    groups = state.coverage_groups if len(state.coverage_groups) else state.ingest_batches
+    picked_for_training = Counter(int(groups[p]) for p, _, reason, _ in picks if reason not in ASKED_AGAIN_REASONS)
     for row in (state.details.get("coverage") or {}).get("flagged_batches", []):
         row["n_selected_for_training_now"] = picked_for_training.get(row["ingest_batch_id"], 0)
 
@@ -1150,17 +1154,25 @@ def check_coverage(state: RoundState) -> None:
     every labeled test image (the gates do not measure them): a new camera or product line. An unmeasured batch gets
     a random sample drawn into the frozen test split (test_fraction of its images, by part, at most
     `[split] unmeasured_batch_test_sample`), asked of the annotators without a guess, so the gates come to measure it.
-    Once the test split holds labeled images of more than one batch, the gates are also given per batch."""
+    Once the test split holds labeled images of more than one batch, the gates are also given per batch.
+
+    Small ingests (under MIN_GROUP_IMAGES images) in a row are judged, drawn from and measured as one group, named by
+    its first batch: a new camera whose images come a few a day would otherwise never show enough of them."""
     n = len(state.image_ids)
     seed = state.config.loop.seed
-    scored = sample_per_group(groups=state.ingest_batches, positions=np.arange(n), seed=seed)
+    group_of = judging_groups(batch_sizes=Counter(int(b) for b in state.ingest_batches))
+    state.coverage_groups = groups = np.array([group_of[int(b)] for b in state.ingest_batches], dtype=np.int64)
+    batches_of: dict[int, list[int]] = defaultdict(list)
+    for batch_id, group in sorted(group_of.items()):
+        batches_of[group].append(batch_id)
+    scored = sample_per_group(groups=groups, positions=np.arange(n), seed=seed)
     labeled, in_test = state.labels != UNLABELED, state.splits == "test"
     unlike_training = find_unfamiliar_images(embeddings=state.embeddings, reference=np.flatnonzero(labeled & ~in_test), scored=scored,
                                              parts=state.parts, seed=seed)
     unlike_test = find_unfamiliar_images(embeddings=state.embeddings, reference=np.flatnonzero(labeled & in_test), scored=scored,
                                          parts=state.parts, seed=seed)
-    by_training = unfamiliar_share_by_group(finding=unlike_training, groups=state.ingest_batches)
-    by_test = unfamiliar_share_by_group(finding=unlike_test, groups=state.ingest_batches)
+    by_training = unfamiliar_share_by_group(finding=unlike_training, groups=groups)
+    by_test = unfamiliar_share_by_group(finding=unlike_test, groups=groups)
     flagged = sorted({b for b, share in (*by_training.items(), *by_test.items()) if share["flagged"]},
                      key=lambda b: (-max(by_training.get(b, {}).get("share_unfamiliar", 0), by_test.get(b, {}).get("share_unfamiliar", 0)), b))
 
@@ -1168,21 +1180,23 @@ def check_coverage(state: RoundState) -> None:
         return {key: finding.summary[key] for key in ("n_reference", "n_scored", "cutoff_similarity", "note") if key in finding.summary}
 
     coverage: dict[str, Any] = {"expected_share": EXPECTED_SHARE, "flag_share": FLAG_SHARE, "n_batches_judged": len(by_training),
+                                "min_group_images": MIN_GROUP_IMAGES,
                                 # every batch the model was not taught (the rows below stop at MAX_COVERAGE_BATCHES): selection's share
-                                "unlike_training_batch_ids": sorted(int(b) for b, share in by_training.items() if share["flagged"]),
+                                "unlike_training_batch_ids": sorted(b for g, share in by_training.items() if share["flagged"] for b in batches_of[g]),
                                 "against_training_labels": judged(unlike_training), "against_test_labels": judged(unlike_test),
                                 "n_flagged_batches": len(flagged), "flagged_batches": [], "test_sample_image_ids": []}
     state.details["coverage"] = coverage
     sampled = _draw_test_samples(state, [b for b in flagged if by_test.get(b, {}).get("flagged")]) if flagged else {}
     with session_scope(state.ctx.engine) as session:
-        described = set(flagged[:MAX_COVERAGE_BATCHES]) | _batches_in_test(state)
+        described = set(flagged[:MAX_COVERAGE_BATCHES]) | _batches_in_test(state)  # groups: a source and time are their first batch's
         batches = {row.id: row for row in session.execute(select(IngestBatch.id, IngestBatch.source, IngestBatch.created_at)
                                                           .where(IngestBatch.id.in_(sorted(int(b) for b in described))))}
     labeled, in_test = state.labels != UNLABELED, state.splits == "test"  # the samples are test images now
     for batch_id in flagged[:MAX_COVERAGE_BATCHES]:
-        members = state.ingest_batches == batch_id
+        members = groups == batch_id
         info = batches.get(batch_id)
-        row = {"ingest_batch_id": int(batch_id), "source": info.source if info else None, "ingested_at": _when(info.created_at) if info else None,
+        row = {"ingest_batch_id": int(batch_id), "ingest_batch_ids": batches_of[batch_id],
+               "source": info.source if info else None, "ingested_at": _when(info.created_at) if info else None,
                "n_images": int(members.sum()), "unlike_training_labels": by_training.get(batch_id), "unlike_test_labels": by_test.get(batch_id),
                "n_labeled_train_validation": int((members & labeled & ~in_test).sum()), "n_labeled_test": int((members & labeled & in_test).sum()),
                "n_unlabeled_test": int((members & ~labeled & in_test).sum()), "n_drawn_into_test_now": len(sampled.get(batch_id, [])),
@@ -1202,14 +1216,15 @@ def check_coverage(state: RoundState) -> None:
         in_batches = sorted(_batches_in_test(state))
         if len(in_batches) > 1:
             coverage["test_by_batch"] = [
-                {"ingest_batch_id": int(b), "source": batches[b].source if b in batches else None,
-                 **_test_metrics_of(state, state.ingest_batches[test_positions] == b)} for b in in_batches]
+                {"ingest_batch_id": int(b), "ingest_batch_ids": batches_of[b], "source": batches[b].source if b in batches else None,
+                 **_test_metrics_of(state, groups[test_positions] == b)} for b in in_batches]
 
 
 def _batches_in_test(state: RoundState) -> set[int]:
-    """Ingest batches with at least MIN_TEST_IMAGES_PER_BATCH labeled test images: the ones the gates can be given for."""
+    """Ingest batches (groups of small ones, check_coverage) with at least MIN_TEST_IMAGES_PER_BATCH labeled test
+    images: the ones the gates can be given for."""
     test_positions = state.positions(split="test", labeled=True)
-    counts = Counter(int(b) for b in state.ingest_batches[test_positions])
+    counts = Counter(int(b) for b in state.coverage_groups[test_positions])
     return {b for b, count in counts.items() if count >= MIN_TEST_IMAGES_PER_BATCH}
 
 
@@ -1221,7 +1236,7 @@ def _coverage_text(row: dict[str, Any], sample_limit: int) -> str:
         said.append(f"{training['n_unfamiliar']} of {training['n_scored']} checked ({training['share_unfamiliar']:.0%}) are unlike every training label")
     if test.get("flagged"):
         said.append(f"{test['n_unfamiliar']} of {test['n_scored']} ({test['share_unfamiliar']:.0%}) unlike every labeled test image")
-    text = (f"ingest batch {row['ingest_batch_id']} ({escape(str(row['source']))}, {row['n_images']} images): {' and '.join(said)} "
+    text = (f"{ingest_batches_text(row['ingest_batch_ids'])} ({escape(str(row['source']))}, {row['n_images']} images): {' and '.join(said)} "
             f"({EXPECTED_SHARE:.0%} expected of images like them): a new camera or product line? {row['n_labeled_train_validation']} of its images "
             "are training labels")
     if row["n_drawn_into_test_now"]:
@@ -1251,6 +1266,7 @@ def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[
     is drawn only when every image in it is a pool image nobody was asked about (its task may show the model's
     guess), with no answer and not held back, or a test image already: a test label never starts from a guess, and
     no set ends up on both sides of the split. Every pool image of a drawn set is asked.
+    `batches` are check_coverage's groups (state.coverage_groups: a batch, or small ingests in a row).
     Returns batch -> the drawn images of that batch (the sets' images from other batches are asked too)."""
     split_config = state.config.split
     limit = split_config.unmeasured_batch_test_sample
@@ -1297,7 +1313,7 @@ def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[
 
         asked: list[int] = []
         for batch_id in batches:
-            members = np.flatnonzero(state.ingest_batches == batch_id)
+            members = np.flatnonzero(state.coverage_groups == batch_id)
             target = min(int(round(split_config.test_fraction * len(members))), limit)
             in_test = [int(p) for p in members if state.splits[p] == "test"]
             asked_now = set(asked)
@@ -1322,7 +1338,7 @@ def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[
                 pool_members = [m for m in linked.get(sets[index], [sets[index]]) if state.splits[m] == "pool"]
                 if n_asked_for_batch + len(pool_members) > room + MAX_TEST_SAMPLE_OVERSHOOT:  # long chains of copies or parts: asks unbounded
                     continue
-                chosen += [m for m in pool_members if state.ingest_batches[m] == batch_id]
+                chosen += [m for m in pool_members if state.coverage_groups[m] == batch_id]
                 asked += pool_members
                 n_asked_for_batch += len(pool_members)
                 for m in pool_members:

@@ -8,6 +8,8 @@ measure them.
   flagged at about that share (their nearest reference is distributed as a reference's nearest other reference);
   a shifted batch is flagged at many times it.
 - `unfamiliar_share_by_group(finding=, groups=)` -> per group: scored, unfamiliar, share, flagged.
+- `judging_groups(batch_sizes=)` -> the group each ingest batch is judged in: small ingests in a row together (a new
+  camera whose images come a few a day is a share of a window of them, where alone no ingest could show 10).
 
 Both read the pretrained embeddings (unit length; a fine-tuned model would move its own training images closer
 together). A sample of `MAX_REFERENCE` reference images and `MAX_SCORED_PER_GROUP` images per group bounds the cost
@@ -16,18 +18,23 @@ together). A sample of `MAX_REFERENCE` reference images and `MAX_SCORED_PER_GROU
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from modeling.label_quality import Finding
 
-__all__ = ["EXPECTED_SHARE", "FLAG_SHARE", "find_unfamiliar_images", "sample_per_group", "unfamiliar_share_by_group"]
+__all__ = ["EXPECTED_SHARE", "FLAG_SHARE", "MIN_GROUP_IMAGES", "find_unfamiliar_images", "judging_groups", "sample_per_group",
+           "unfamiliar_share_by_group"]
 
 EXPECTED_SHARE = 0.05  # images like the labeled ones read as unfamiliar this often: the cutoff is the 5th percentile
 FLAG_SHARE = 0.30  # a group this unfamiliar (6x the expected share) is not drawn like the labeled images
 MIN_FLAGGED_IMAGES = 10  # and at least this many of its images are: a handful of odd images is an outlier finding
+# an ingest of fewer images is judged with the small ingests before and after it, in the order they came: alone, a
+# batch of 9 could never be flagged, and a share read from a few images is noise (with 50 images like the labeled
+# ones, 15 or more unlike them is a 1-in-10^5 draw at the expected 5%)
+MIN_GROUP_IMAGES = 50
 # fewer labeled images cannot tell how far apart images like them lie: with 20, a batch drawn like them was flagged in
 # 6 of 300 draws (a reviewer's simulation), with 30 in 1, from 60 on in none (a false flag costs a test sample of the
 # batch and half a round's budget; a small project's test split may hold no more)
@@ -140,3 +147,25 @@ def unfamiliar_share_by_group(*, finding: Finding, groups: np.ndarray) -> dict[A
             "flagged": bool(share >= FLAG_SHARE and n_unfamiliar >= MIN_FLAGGED_IMAGES),
         }
     return out
+
+
+def judging_groups(*, batch_sizes: Mapping[int, int], min_images: int = MIN_GROUP_IMAGES) -> dict[int, int]:
+    """batch id -> the id of the group it is judged in (its first batch's id). A batch of at least `min_images`
+    images is judged alone; smaller batches in a row (in id order, the order they were ingested) are judged together,
+    a group closing once it holds `min_images` images; the newest group may hold fewer. A group's id stays the same as
+    later ingests join it, so what a round draws from it is seeded the same way round after round."""
+    group_of: dict[int, int] = {}
+    open_group, open_size = None, 0
+    for batch_id in sorted(batch_sizes):
+        size = int(batch_sizes[batch_id])
+        if size >= min_images:
+            group_of[batch_id] = batch_id
+            open_group, open_size = None, 0  # a large batch between small ones ends their run
+            continue
+        if open_group is None:
+            open_group, open_size = batch_id, 0
+        group_of[batch_id] = open_group
+        open_size += size
+        if open_size >= min_images:
+            open_group, open_size = None, 0
+    return group_of

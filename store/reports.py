@@ -156,7 +156,8 @@ class LabelQualitySummary:
 
 @dataclass(frozen=True)
 class UnfamiliarBatch:
-    """An ingest batch mostly unlike the training labels or the labeled test images (a new camera or product line)."""
+    """An ingest batch mostly unlike the training labels or the labeled test images (a new camera or product line), or
+    small ingests in a row judged together (named by the first)."""
     ingest_batch_id: int
     source: str | None
     n_images: int
@@ -169,11 +170,12 @@ class UnfamiliarBatch:
     n_unlabeled_test: int  # drawn into the test split, waiting for their label
     n_drawn_into_test: int  # this round
     n_selected_for_training: int | None
+    ingest_batch_ids: list[int]  # the batch alone, or the small ingests judged with it
 
 
 @dataclass(frozen=True)
 class BatchTestMetrics:
-    """The gate metrics on one ingest batch's labeled test images."""
+    """The gate metrics on one ingest batch's labeled test images (or those of small ingests judged together)."""
     ingest_batch_id: int
     source: str | None
     n_images: int
@@ -181,6 +183,7 @@ class BatchTestMetrics:
     defect_recall: float | None
     negative_fpr: float | None
     accuracy: float | None
+    ingest_batch_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,24 @@ GATE_METRICS = (("macro_f1", "macro F1"), ("defect_recall", "defect recall"), ("
 def gate_values_text(values: dict[str, Any]) -> str:
     """'macro F1 0.950, defect recall 1.000, FPR 0.020' of a dict holding those metrics (n/a for a missing one)."""
     return ", ".join(f"{label} {'n/a' if values.get(name) is None else format(values[name], '.3f')}" for name, label in GATE_METRICS)
+
+
+def batch_ids_text(batch_ids: Sequence[int]) -> str:
+    """'7', or '7-9, 12' of batches 7, 8, 9 and 12."""
+    runs: list[list[int]] = []
+    for batch_id in sorted(int(b) for b in batch_ids):
+        if runs and batch_id == runs[-1][-1] + 1:
+            runs[-1].append(batch_id)
+        else:
+            runs.append([batch_id])
+    return ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
+
+
+def ingest_batches_text(batch_ids: Sequence[int]) -> str:
+    """'ingest batch 7', or for small ingests judged together 'ingest batches 7-9, 12 (4 small ingests judged together)'."""
+    if len(batch_ids) == 1:
+        return f"ingest batch {batch_ids_text(batch_ids)}"
+    return f"ingest batches {batch_ids_text(batch_ids)} ({len(batch_ids)} small ingests judged together)"
 
 
 def as_utc(moment: datetime | None) -> datetime | None:
@@ -632,8 +653,15 @@ def unfamiliar_batches_of(details: dict[str, Any] | None) -> list[UnfamiliarBatc
             unlike_training_labels=bool(training.get("flagged")), unlike_test_labels=bool(test.get("flagged")),
             n_labeled_train_validation=_int_or_none(row.get("n_labeled_train_validation")) or 0, n_labeled_test=_int_or_none(row.get("n_labeled_test")) or 0,
             n_unlabeled_test=_int_or_none(row.get("n_unlabeled_test")) or 0, n_drawn_into_test=_int_or_none(row.get("n_drawn_into_test_now")) or 0,
-            n_selected_for_training=_int_or_none(row.get("n_selected_for_training_now"))))
+            n_selected_for_training=_int_or_none(row.get("n_selected_for_training_now")), ingest_batch_ids=_batch_ids(row)))
     return batches
+
+
+def _batch_ids(row: dict[str, Any]) -> list[int]:
+    """A coverage row's ingest batches: the small ingests judged together, or (rounds before that) the batch alone."""
+    listed = row.get("ingest_batch_ids")
+    ids = [_int_or_none(b) for b in listed] if isinstance(listed, list) else []
+    return [b for b in ids if b is not None] or [int(row["ingest_batch_id"])]
 
 
 def metrics_by_batch_of(details: dict[str, Any] | None) -> list[BatchTestMetrics] | None:
@@ -641,6 +669,7 @@ def metrics_by_batch_of(details: dict[str, Any] | None) -> list[BatchTestMetrics
     if not isinstance(raw, list) or not raw:
         return None
     return [BatchTestMetrics(ingest_batch_id=int(row["ingest_batch_id"]), source=_str_or_none(row.get("source")), n_images=_int_or_none(row.get("n_images")) or 0,
+                             ingest_batch_ids=_batch_ids(row),
                              **{key: _finite_or_none(row.get(key)) for key in ("macro_f1", "defect_recall", "negative_fpr", "accuracy")})
             for row in raw if isinstance(row, dict) and _int_or_none(row.get("ingest_batch_id")) is not None]
 

@@ -127,6 +127,48 @@ def test_no_sample_is_drawn_when_the_setting_is_zero_and_the_round_says_the_gate
     assert "new images unlike the labeled ones (round 1)" in status
 
 
+def test_a_new_camera_arriving_a_few_images_an_ingest_is_named_drawn_from_and_measured_as_one_group(
+        two_cameras: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Camera B's 60 images in daily ingests of 8: alone, no ingest can show the 10 unlike images a flag needs; judged
+    with the small ingests beside it (MIN_GROUP_IMAGES), the first seven (56 images) are one group."""
+    camera_a, camera_b, truth = two_cameras
+    project = tmp_path / "project"
+    invoke("init", str(project), "--classes", CLASSES, "--negative-class", "good", "--annotator", "oracle", "--oracle-manifest", str(truth),
+           "--budget", "6", "--image-size", "96")
+    invoke("ingest", str(camera_a), "--project", str(project), "--quiet")
+    files_b = sorted(camera_b.iterdir())
+    for day, start in enumerate(range(0, len(files_b), 8)):
+        folder = tmp_path / f"camera_b_day{day}"
+        folder.mkdir()
+        for path in files_b[start:start + 8]:
+            (folder / path.name).symlink_to(path)
+        invoke("ingest", str(folder), "--unlabeled", "--project", str(project), "--quiet")
+    first = invoke("round", "--project", str(project))
+    assert "ingest batches 2-8 (7 small ingests judged together)" in first and "unlike every training label" in first
+    engine = open_project(project).engine
+    with session_scope(engine) as session:
+        coverage = session.scalars(select(Round).where(Round.number == 1)).one().details["coverage"]
+        batch_of = {image.id: image.ingest_batch_id for image in session.scalars(select(Image))}
+        selections = session.scalars(select(Selection)).all()
+    (flagged,) = coverage["flagged_batches"]
+    assert flagged["ingest_batch_id"] == 2 and flagged["ingest_batch_ids"] == list(range(2, 9)) and flagged["n_images"] == 56
+    drawn = set(coverage["test_sample_image_ids"])
+    assert len(drawn) == round(0.2 * 56) and {batch_of[i] for i in drawn} <= set(range(2, 9))
+    assert {s.image_id for s in selections if s.reason == "test_sample"} == drawn
+    new_batch = [s for s in selections if s.reason == "new_batch"]  # half the budget, from any of the group's ingests
+    assert len(new_batch) == 3 and {batch_of[s.image_id] for s in new_batch} <= set(range(2, 9))
+    assert coverage["unlike_training_batch_ids"] == list(range(2, 9))
+
+    second = invoke("round", "--project", str(project))  # the oracle labeled the sample: the gates are given for the group
+    with session_scope(engine) as session:
+        report = round_report(session, round_id=session.scalars(select(Round.id).where(Round.number == 2)).one())
+    by_batch = {row.ingest_batch_id: row for row in report.test_metrics_by_batch}
+    assert by_batch[2].ingest_batch_ids == list(range(2, 9)) and by_batch[2].n_images == len(drawn)
+    assert "gates by ingest batch on the test split" in second and "batches 2-8 (7 small ingests judged together)" in second
+    status = invoke("status", "--project", str(project))
+    assert "batches 2-8" in status
+
+
 def test_a_test_sample_the_annotation_tool_could_not_take_is_pushed_next_round_without_a_guess_and_counts_against_no_budget(
         two_cameras: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from labeling.base import PushReport

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from modeling.coverage import (EXPECTED_SHARE, MAX_SCORED_TOTAL, MIN_REFERENCE, MIN_SCORED_PER_GROUP, find_unfamiliar_images, sample_per_group,
-                               unfamiliar_share_by_group)
+from modeling.coverage import (EXPECTED_SHARE, MAX_SCORED_TOTAL, MIN_GROUP_IMAGES, MIN_REFERENCE, MIN_SCORED_PER_GROUP, find_unfamiliar_images,
+                               judging_groups, sample_per_group, unfamiliar_share_by_group)
 
 DIM = 48
 
@@ -77,3 +77,34 @@ def test_many_batches_share_the_scoring_budget_but_each_keeps_enough_images_to_r
     sample = sample_per_group(groups=groups, positions=np.arange(len(groups)))
     per_group = np.bincount(groups[sample])
     assert (per_group == MIN_SCORED_PER_GROUP).all() and len(sample) < 2 * MAX_SCORED_TOTAL
+
+
+def test_small_ingests_in_a_row_are_judged_together_until_they_hold_enough_images_and_a_large_one_stands_alone() -> None:
+    sizes = {1: 400, 2: 8, 3: 8, 4: 30, 5: 9, 6: 9, 7: 120, 8: 5, 9: 5}
+    assert judging_groups(batch_sizes=sizes, min_images=40) == {1: 1, 2: 2, 3: 2, 4: 2, 5: 5, 6: 5, 7: 7, 8: 8, 9: 8}
+    # the newest group keeps its name as ingests join it, and closes at the size
+    assert judging_groups(batch_sizes={**sizes, 10: 30}, min_images=40)[10] == 8
+    assert judging_groups(batch_sizes={**sizes, 10: 30, 11: 1}, min_images=40)[11] == 11
+
+
+def test_a_new_camera_arriving_a_few_images_an_ingest_is_flagged_as_a_group_it_never_is_alone() -> None:
+    """Camera B's 200 images in daily ingests of 8: no ingest alone can show 10 unlike images; together they do, and
+    camera A's daily ingests, judged the same way, are not flagged."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(5, DIM)) / np.sqrt(DIM) * 3
+    camera_a = _cluster_images(rng, centers, 600 + 200)
+    camera_b = _cluster_images(rng, centers, 200, shift=rng.normal(size=DIM) / np.sqrt(DIM) * 4)
+    embeddings = np.vstack([camera_a, camera_b]).astype(np.float32)
+    batches = np.array([0] * 600 + [1 + i // 8 for i in range(200)] + [100 + i // 8 for i in range(200)])
+    finding = find_unfamiliar_images(embeddings=embeddings, reference=np.arange(200))
+    alone = unfamiliar_share_by_group(finding=finding, groups=batches)
+    assert not any(share["flagged"] for share in alone.values())
+    group_of = judging_groups(batch_sizes={int(b): int((batches == b).sum()) for b in np.unique(batches)})
+    groups = np.array([group_of[int(b)] for b in batches])
+    together = unfamiliar_share_by_group(finding=finding, groups=groups)
+    flagged = {g for g, share in together.items() if share["flagged"]}
+    # every ingest of camera B is in a flagged group (the first of them with camera A's last few) but the newest: alone
+    # in its group, its 8 images wait for the next ingests; no group of camera A's ingests alone is flagged
+    assert {group_of[b] for b in range(100, 124)} <= flagged and group_of[124] == 124 and 124 not in flagged
+    assert not {g for g in flagged if all(b < 100 for b in group_of if group_of[b] == g)}
+    assert max(list(group_of.values()).count(g) for g in flagged) == -(-MIN_GROUP_IMAGES // 8)  # 7 ingests of 8

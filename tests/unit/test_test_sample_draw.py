@@ -58,6 +58,7 @@ def _state(project: Path, *, groups: list[list[str]] = (), limit: int = 200):  #
         ctx=ctx, config=config, round_id=round_id, details={"coverage": {}}, held_back=set(), label_info={},
         image_ids=[r[0] for r in rows], parts=[r[1] for r in rows], names=[r[4] for r in rows],
         splits=np.array([r[2] for r in rows], dtype=object), ingest_batches=np.array([r[3] for r in rows]),
+        coverage_groups=np.array([r[3] for r in rows]),  # each batch drawn from alone, as check_coverage does for large ones
         labels=np.full(len(rows), UNLABELED),
         near_duplicates=types.SimpleNamespace(summary={"groups": [[position[name] for name in group] for group in groups]}),
     ), position
