@@ -354,7 +354,11 @@ def _test_closure(state: RoundState, *, pool: list[int], placed_parts: dict[str,
     next one, by which time an annotator may have labeled them for training). Updates placed_parts with the parts that
     join test. Parts are decided before any photo is placed, so the result does not depend on id order."""
     tentative_splits = state.splits.copy()
-    joins_test: set[int] = set()
+    # a pool photo of a part already in test: quarantined (moved, or unreadable) when its part joined, back since;
+    # offered for a training label, its answer would be a test label that began from the model's guess
+    left_behind = {p for p in pool if state.parts[p] and placed_parts.get(state.parts[p]) == "test"}
+    joins_test: set[int] = set(left_behind)
+    tentative_splits[sorted(left_behind)] = "test"
     straddling: set[int] = set()
     while True:
         joining, straddle = _near_copies_of_test(state, tentative_splits)

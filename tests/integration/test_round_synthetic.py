@@ -1215,3 +1215,34 @@ def test_a_head_round_records_only_the_training_options_it_used(project_with_poo
         training = session.scalars(select(Round)).one().details["training"]
     assert training["strategy"] == "head" and training["options"] == {"head_regularization": 0.5}
     assert training["options_not_used_by_head"] == ["balance", "loss"]
+
+
+def test_a_pool_photo_of_a_part_already_in_test_joins_test_and_is_never_offered_for_a_training_label(
+        tmp_path: Path, oracle_manifests: tuple[Path, Path]) -> None:
+    """Two photos per part, one unlabeled. A test part's unlabeled photo left in the pool (quarantined as moved when its
+    part joined test, found again at a new path since) must follow its part into test, not be picked with a guess."""
+    truth, manifest = oracle_manifests
+    with_parts = tmp_path / "parts.csv"
+    with open(manifest) as source, open(with_parts, "w", newline="") as target:
+        rows = list(csv.reader(source))[1:]
+        writer = csv.writer(target)
+        writer.writerow(["path", "label", "part"])
+        writer.writerows([path, label, f"part{i // 2}"] for i, (path, label) in enumerate(rows))
+    project = tmp_path / "project"
+    assert invoke("init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good", "--annotator", "oracle",
+                  "--oracle-manifest", str(truth), "--budget", "200", "--image-size", "96", "--strategy", "random").exit_code == 0
+    assert invoke("ingest", str(with_parts), "--project", str(project), "--quiet").exit_code == 0
+    engine = open_project(project).engine
+    with session_scope(engine) as session:
+        labels = current_labels(session, session.scalars(select(Project.id)).one())
+        left_behind = [image for image in session.scalars(select(Image).where(Image.split == "test").order_by(Image.id))
+                       if labels.get(image.id) is None or labels[image.id].status == "unlabeled"][:2]
+        assert len(left_behind) == 2, "the fixture should put unlabeled photos of test parts in test"
+        for image in left_behind:
+            image.split = "pool"  # where a photo quarantined while its part joined test comes back
+        ids = [image.id for image in left_behind]
+    assert invoke("round", "--project", str(project), "--quiet").exit_code == 0
+    with session_scope(engine) as session:
+        assert {image.split for image in session.scalars(select(Image).where(Image.id.in_(ids)))} == {"test"}
+        picked = session.scalars(select(Selection).where(Selection.image_id.in_(ids))).all()
+    assert not picked
