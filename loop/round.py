@@ -1330,7 +1330,9 @@ def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[
             askable = [p for p in unasked if drawable(linked.get(set_of[p], [p]))]
             if len(askable) < len(unasked):  # never asked: a copy or a sibling of theirs is a training label (for the round's line)
                 state.details.setdefault("coverage", {}).setdefault("test_images_not_asked", {})[int(batch_id)] = len(unasked) - len(askable)
-            chosen = askable[:max(room, 0)]
+            # more than the share (a folder ingested unlabeled with --split test): a random sample of them, not the
+            # first ids (the order of the folder walked, often one class after another)
+            chosen = [askable[i] for i in sorted(np.random.default_rng([split_config.seed, int(batch_id), 1]).permutation(len(askable))[:max(room, 0)])]
             asked += chosen
             n_asked_for_batch = len(chosen)
             sets = sorted({set_of[int(p)] for p in members if state.splits[p] == "pool"})

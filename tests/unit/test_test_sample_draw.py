@@ -112,6 +112,21 @@ def test_a_batchs_test_images_nobody_asked_about_are_asked_and_count_toward_its_
     assert not {"first0", "first1"} & asked  # another batch's test photos are that batch's business
 
 
+def test_a_batchs_unasked_test_images_beyond_its_share_are_asked_at_random_not_in_folder_order(tmp_path: Path) -> None:
+    """A folder of 100 unlabeled test images (ingested with --split test), 50 of one class folder then 50 of another:
+    a share of 20 asked in id order would all come from the first folder."""
+    project = _project(tmp_path, [[(f"first_folder{i:02d}", None) for i in range(50)] + [(f"second_folder{i:02d}", None) for i in range(50)]])
+    with session_scope(open_project(project).engine) as session:
+        for image in session.scalars(select(Image)):
+            image.split = "test"
+    state, position = _state(project)
+    batch = int(state.ingest_batches[position["first_folder00"]])
+    drawn = _draw_test_samples(state, [batch])
+    names = [state.names[p] for p in drawn[batch]]
+    assert len(names) == 20 and sorted(_asked(state)) == sorted(state.image_ids[p] for p in drawn[batch])
+    assert 5 <= sum(name.startswith("second_folder") for name in names) <= 15  # about half, as drawn at random
+
+
 def test_a_part_with_a_quarantined_photo_in_the_pool_is_not_drawn(tmp_path: Path) -> None:
     project = _project(tmp_path, [[("a1", "p1"), ("a2", "p2"), ("b1", "p1")] + [(f"x{i}", None) for i in range(7)]])
     with session_scope(open_project(project).engine) as session:
