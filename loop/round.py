@@ -39,7 +39,8 @@ from modeling.anomaly import (
     fit_patch_anomaly, patch_features_key, patch_grid,
 )
 from modeling.backbones import Backbone, create_backbone
-from modeling.coverage import EXPECTED_SHARE, FLAG_SHARE, MIN_GROUP_IMAGES, find_unfamiliar_images, judging_groups, sample_per_group, unfamiliar_share_by_group
+from modeling.coverage import (EXPECTED_SHARE, FLAG_SHARE, MIN_GROUP_IMAGES, find_unfamiliar_images, judging_groups, sample_per_group,
+                               unfamiliar_share_by_group)
 from modeling.calibration import (
     expected_calibration_error, fit_out_of_fold_temperature, fit_temperature, logits_from_probabilities, negative_log_likelihood,
     out_of_fold_calibration_rows, softmax_with_temperature, temperature_objective,
@@ -80,6 +81,11 @@ MAX_FINETUNED_OUT_OF_FOLD_IMAGES = 1000
 UNLABELED = -1
 MAX_DATA_ISSUE_ROWS = 1000  # near-duplicate / outlier rows stored per kind and round
 MAX_COVERAGE_BATCHES = 20  # flagged ingest batches a round describes (most unfamiliar first; the count is kept)
+COVERAGE_LANE_NOTE = "coverage_lane"  # IngestBatch.notes key: "unlike" or "like", as a small ingest was first judged
+# a small ingest's own share that puts it in the "unlike" lane: half its images (a new camera's read near all). With a
+# few dozen labeled test images to compare with, an old camera's day of 10 showed 3 unlike (30%) often enough to join
+# the new camera's group in a test; 5 of 10 at a 10% rate is a 1-in-600 draw
+UNLIKE_LANE_SHARE = 0.5
 MIN_TEST_IMAGES_PER_BATCH = 10  # labeled test images of a batch before the gates are given for it alone
 TEST_SAMPLE_REASON = "test_sample"  # a random image of an unmeasured batch, drawn into the test split: asked without a guess
 MAX_TEST_SAMPLE_OVERSHOOT = 5  # images a drawn set may ask beyond a batch's room (a part's photos come whole)
@@ -324,7 +330,10 @@ def place_new_labels(state: RoundState) -> None:
     with session_scope(state.ctx.engine) as session:
         project = get_project(session)
         placed_parts = part_splits(session, project.id)
-        joins_test, straddling = _test_closure(state, pool=pool, placed_parts=placed_parts)
+        # a pool photo of a part already in test: quarantined (moved, or unreadable) when its part joined, back since;
+        # offered for a training label, its answer would be a test label that began from the model's guess
+        left_behind = {p for p in pool if state.parts[p] and placed_parts.get(state.parts[p]) == "test"}
+        joins_test, straddling = _test_closure(state, pool=pool, placed_parts=placed_parts, joining=left_behind)
         to_place = {state.image_ids[p]: p for p in pool if state.image_ids[p] in labeled or p in joins_test}
         ids = sorted(to_place)
         for start in range(0, len(ids), 500):  # a bounded IN list per statement
@@ -340,25 +349,26 @@ def place_new_labels(state: RoundState) -> None:
     # a photo of a part that joined test is in test, whatever its own group (the part rule wins, as at ingest)
     state.held_back = {p for p in straddling - joins_test if state.image_ids[p] not in labeled}
     state.details["newly_placed_labels"] = placed_labels
-    state.details["near_copies_of_test_joined_test"] = len(joined)
+    rejoined = sum(1 for p in left_behind if state.splits[p] == "test")
+    state.details["near_copies_of_test_joined_test"] = len(joined) - rejoined
+    state.details["part_photos_back_in_test"] = rejoined
     state.details["joined_test_image_ids"] = joined[:1000]  # which images made the test split grow (first 1000)
-    if joined:
-        state.console.print(f"{len(joined)} pool images joined the frozen test split as near-copies of test images (pixel-verified) or "
+    if len(joined) > rejoined:
+        state.console.print(f"{len(joined) - rejoined} pool images joined the frozen test split as near-copies of test images (pixel-verified) or "
                             "photos of their parts: labeled for training, they would leak their test image. Photos of one physical part "
                             "belong under one `part`.")
+    if rejoined:
+        state.console.print(f"{rejoined} photos of test parts, back in the pool after their files were quarantined, joined the test split with their parts")
 
 
-def _test_closure(state: RoundState, *, pool: list[int], placed_parts: dict[str, str]) -> tuple[set[int], set[int]]:
-    """Pool positions that join the test split, and those whose copies straddle the split, to a fixed point: a part
+def _test_closure(state: RoundState, *, pool: list[int], placed_parts: dict[str, str], joining: set[int] = frozenset()) -> tuple[set[int], set[int]]:
+    """Pool positions that join the test split (`joining` to begin with), and those whose copies straddle the split, to a fixed point: a part
     that joins test brings its other photos, and their near-copies are decided in the same round (before, only in the
     next one, by which time an annotator may have labeled them for training). Updates placed_parts with the parts that
     join test. Parts are decided before any photo is placed, so the result does not depend on id order."""
     tentative_splits = state.splits.copy()
-    # a pool photo of a part already in test: quarantined (moved, or unreadable) when its part joined, back since;
-    # offered for a training label, its answer would be a test label that began from the model's guess
-    left_behind = {p for p in pool if state.parts[p] and placed_parts.get(state.parts[p]) == "test"}
-    joins_test: set[int] = set(left_behind)
-    tentative_splits[sorted(left_behind)] = "test"
+    joins_test: set[int] = set(joining)
+    tentative_splits[sorted(joins_test)] = "test"
     straddling: set[int] = set()
     while True:
         joining, straddle = _near_copies_of_test(state, tentative_splits)
@@ -1161,20 +1171,26 @@ def check_coverage(state: RoundState) -> None:
     Once the test split holds labeled images of more than one batch, the gates are also given per batch.
 
     Small ingests (under MIN_GROUP_IMAGES images) in a row are judged, drawn from and measured as one group, named by
-    its first batch: a new camera whose images come a few a day would otherwise never show enough of them."""
+    its first batch: a new camera whose images come a few a day would otherwise never show enough of them. Each small
+    ingest keeps the lane it was first judged in (mostly unlike the labels, or not), and joins groups of its lane only:
+    the new camera's days between the old camera's make groups of their own. A group drawn from before is topped up to
+    its share as it grows, unlike the labels or not (its first sample makes it look measured)."""
     n = len(state.image_ids)
     seed = state.config.loop.seed
-    group_of = judging_groups(batch_sizes=Counter(int(b) for b in state.ingest_batches))
-    state.coverage_groups = groups = np.array([group_of[int(b)] for b in state.ingest_batches], dtype=np.int64)
-    batches_of: dict[int, list[int]] = defaultdict(list)
-    for batch_id, group in sorted(group_of.items()):
-        batches_of[group].append(batch_id)
-    scored = sample_per_group(groups=groups, positions=np.arange(n), seed=seed)
+    scored = sample_per_group(groups=state.ingest_batches, positions=np.arange(n), seed=seed)
     labeled, in_test = state.labels != UNLABELED, state.splits == "test"
     unlike_training = find_unfamiliar_images(embeddings=state.embeddings, reference=np.flatnonzero(labeled & ~in_test), scored=scored,
                                              parts=state.parts, seed=seed)
     unlike_test = find_unfamiliar_images(embeddings=state.embeddings, reference=np.flatnonzero(labeled & in_test), scored=scored,
                                          parts=state.parts, seed=seed)
+    # each ingest alone: its lane, when first judged (a share read from a few images, so a stricter one than a group's)
+    alone = [unfamiliar_share_by_group(finding=finding, groups=state.ingest_batches) for finding in (unlike_training, unlike_test)]
+    group_of = _judging_groups(state, judged={b for shares in alone for b in shares},
+                               unlike={b for shares in alone for b, share in shares.items() if share["share_unfamiliar"] >= UNLIKE_LANE_SHARE})
+    state.coverage_groups = groups = np.array([group_of.get(int(b), int(b)) for b in state.ingest_batches], dtype=np.int64)
+    batches_of: dict[int, list[int]] = defaultdict(list)
+    for batch_id, group in sorted(group_of.items()):
+        batches_of[group].append(batch_id)
     by_training = unfamiliar_share_by_group(finding=unlike_training, groups=groups)
     by_test = unfamiliar_share_by_group(finding=unlike_test, groups=groups)
     flagged = sorted({b for b, share in (*by_training.items(), *by_test.items()) if share["flagged"]},
@@ -1190,26 +1206,40 @@ def check_coverage(state: RoundState) -> None:
                                 "against_training_labels": judged(unlike_training), "against_test_labels": judged(unlike_test),
                                 "n_flagged_batches": len(flagged), "flagged_batches": [], "test_sample_image_ids": []}
     state.details["coverage"] = coverage
-    sampled = _draw_test_samples(state, [b for b in flagged if by_test.get(b, {}).get("flagged")]) if flagged else {}
+    to_draw = [b for b in flagged if by_test.get(b, {}).get("flagged")]
+    to_draw += sorted(_groups_sampled_before(state) - set(to_draw))  # topped up as they grow: measured by their first sample only
+    sampled = _draw_test_samples(state, to_draw) if to_draw else {}
     with session_scope(state.ctx.engine) as session:
-        described = set(flagged[:MAX_COVERAGE_BATCHES]) | _batches_in_test(state)  # groups: a source and time are their first batch's
+        described = set(flagged[:MAX_COVERAGE_BATCHES]) | _batches_in_test(state)  # groups: their first and last batch say where from
+        ends = sorted({b for group in described for b in (batches_of[group][0], batches_of[group][-1])} | {int(b) for b in described})
         batches = {row.id: row for row in session.execute(select(IngestBatch.id, IngestBatch.source, IngestBatch.created_at)
-                                                          .where(IngestBatch.id.in_(sorted(int(b) for b in described))))}
+                                                          .where(IngestBatch.id.in_(ends)))}
+
+    def source_of(group: int) -> str | None:  # a group of small ingests: the first one's folder ... the last one's
+        first, last = batches.get(batches_of[group][0]) if batches_of[group] else None, batches.get(batches_of[group][-1]) if batches_of[group] else None
+        if first is None or last is None or first.id == last.id:
+            return batches[group].source if group in batches else None
+        return f"{first.source} ... {last.source}"
     labeled, in_test = state.labels != UNLABELED, state.splits == "test"  # the samples are test images now
     for batch_id in flagged[:MAX_COVERAGE_BATCHES]:
         members = groups == batch_id
         info = batches.get(batch_id)
         row = {"ingest_batch_id": int(batch_id), "ingest_batch_ids": batches_of[batch_id],
-               "source": info.source if info else None, "ingested_at": _when(info.created_at) if info else None,
+               "source": source_of(batch_id), "ingested_at": _when(info.created_at) if info else None,
                "n_images": int(members.sum()), "unlike_training_labels": by_training.get(batch_id), "unlike_test_labels": by_test.get(batch_id),
                "n_labeled_train_validation": int((members & labeled & ~in_test).sum()), "n_labeled_test": int((members & labeled & in_test).sum()),
                "n_unlabeled_test": int((members & ~labeled & in_test).sum()), "n_drawn_into_test_now": len(sampled.get(batch_id, [])),
                "n_test_target": min(int(round(state.config.split.test_fraction * int(members.sum()))), state.config.split.unmeasured_batch_test_sample),
                "n_test_not_asked": coverage.get("test_images_not_asked", {}).get(int(batch_id), 0)}
         coverage["flagged_batches"].append(row)
-        state.console.print(f"[yellow]warning:[/] {_coverage_text(row, state.config.split.unmeasured_batch_test_sample)}")
+        state.console.print(f"[yellow]warning:[/] {escape(_coverage_text(row, state.config.split.unmeasured_batch_test_sample))}")
     coverage["test_sample_image_ids"] = sorted(state.image_ids[p] for positions in sampled.values() for p in positions)[:1000]
     coverage["n_drawn_into_test"] = sum(len(positions) for positions in sampled.values())
+    # every group drawn from now, flagged or topped up as it grew (its share follows it): what the draw aimed at
+    coverage["test_sample_groups"] = [
+        {"ingest_batch_id": int(g), "ingest_batch_ids": batches_of[g], "n_images": int((groups == g).sum()),
+         "n_test_target": min(int(round(state.config.split.test_fraction * int((groups == g).sum()))), state.config.split.unmeasured_batch_test_sample),
+         "n_drawn_now": len(sampled.get(g, [])), "topped_up": g not in flagged} for g in to_draw[:MAX_COVERAGE_BATCHES]]
     if coverage["n_drawn_into_test"]:  # the round's counts say where the drawn images are now
         counts = state.details["labeled_counts"]
         counts["unlabeled"] = len(state.positions(split="pool", labeled=False)) - len(state.held_back)
@@ -1220,8 +1250,45 @@ def check_coverage(state: RoundState) -> None:
         in_batches = sorted(_batches_in_test(state))
         if len(in_batches) > 1:
             coverage["test_by_batch"] = [
-                {"ingest_batch_id": int(b), "ingest_batch_ids": batches_of[b], "source": batches[b].source if b in batches else None,
+                {"ingest_batch_id": int(b), "ingest_batch_ids": batches_of[b], "source": source_of(b),
                  **_test_metrics_of(state, groups[test_positions] == b)} for b in in_batches]
+
+
+def _judging_groups(state: RoundState, *, judged: set[int], unlike: set[int]) -> dict[int, int]:
+    """The group each ingest batch is judged in (modeling.coverage.judging_groups), from what each ingest stored: the
+    images it added; whether it came with labels or went whole into the test split (what the other batches are judged
+    against), which judges it alone; and, for a small one, the lane it was first judged in (`judged` this round;
+    `unlike`: mostly unlike the training or test labels on its own), kept in its notes so its group stays as labels
+    come in.
+    Batches that added no image are left out."""
+    in_round = Counter(int(b) for b in state.ingest_batches)
+    sizes: dict[int, int] = {}
+    standalone: set[int] = set()
+    lanes: dict[int, str] = {}
+    with session_scope(state.ctx.engine) as session:
+        for batch in session.scalars(select(IngestBatch).where(IngestBatch.project_id == get_project(session).id)):
+            notes = batch.notes if isinstance(batch.notes, dict) else {}
+            size = batch.n_new_images or in_round.get(batch.id, 0)
+            if size:
+                sizes[batch.id] = size
+            split_counts = notes.get("split_counts") or {}
+            if notes.get("label_counts") or (split_counts and set(split_counts) == {"test"}):
+                standalone.add(batch.id)
+            elif size and size < MIN_GROUP_IMAGES:
+                lane = notes.get(COVERAGE_LANE_NOTE)
+                if lane is None and batch.id in judged:
+                    lane = "unlike" if batch.id in unlike else "like"
+                    batch.notes = {**notes, COVERAGE_LANE_NOTE: lane}
+                lanes[batch.id] = lane or "like"
+    return judging_groups(batch_sizes=sizes, standalone=standalone, lanes=lanes)
+
+
+def _groups_sampled_before(state: RoundState) -> set[int]:
+    """Groups holding an image an earlier round asked for the test split (a test sample): their share follows them."""
+    with session_scope(state.ctx.engine) as session:
+        asked = set(session.scalars(select(Selection.image_id).join(Round, Round.id == Selection.round_id).where(
+            Round.project_id == get_project(session).id, Round.id != state.round_id, Selection.reason == TEST_SAMPLE_REASON)))
+    return {int(state.coverage_groups[p]) for p, image_id in enumerate(state.image_ids) if image_id in asked}
 
 
 def _batches_in_test(state: RoundState) -> set[int]:
@@ -1233,14 +1300,15 @@ def _batches_in_test(state: RoundState) -> set[int]:
 
 
 def _coverage_text(row: dict[str, Any], sample_limit: int) -> str:
-    """The round's line about one flagged batch: what is unlike what, and what the loop did about it."""
+    """The round's line about one flagged batch: what is unlike what, and what the loop did about it (plain text, not
+    rich markup: it names `[split]` settings and folders)."""
     training, test = row["unlike_training_labels"] or {}, row["unlike_test_labels"] or {}
     said = []
     if training.get("flagged"):
         said.append(f"{training['n_unfamiliar']} of {training['n_scored']} checked ({training['share_unfamiliar']:.0%}) are unlike every training label")
     if test.get("flagged"):
         said.append(f"{test['n_unfamiliar']} of {test['n_scored']} ({test['share_unfamiliar']:.0%}) unlike every labeled test image")
-    text = (f"{ingest_batches_text(row['ingest_batch_ids'])} ({escape(str(row['source']))}, {row['n_images']} images): {' and '.join(said)} "
+    text = (f"{ingest_batches_text(row['ingest_batch_ids'])} ({row['source']}, {row['n_images']} images): {' and '.join(said)} "
             f"({EXPECTED_SHARE:.0%} expected of images like them): a new camera or product line? {row['n_labeled_train_validation']} of its images "
             "are training labels")
     if row["n_drawn_into_test_now"]:

@@ -18,7 +18,7 @@ together). A sample of `MAX_REFERENCE` reference images and `MAX_SCORED_PER_GROU
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -149,23 +149,31 @@ def unfamiliar_share_by_group(*, finding: Finding, groups: np.ndarray) -> dict[A
     return out
 
 
-def judging_groups(*, batch_sizes: Mapping[int, int], min_images: int = MIN_GROUP_IMAGES) -> dict[int, int]:
+def judging_groups(*, batch_sizes: Mapping[int, int], standalone: Collection[int] = (), lanes: Mapping[int, Hashable] | None = None,
+                   min_images: int = MIN_GROUP_IMAGES) -> dict[int, int]:
     """batch id -> the id of the group it is judged in (its first batch's id). A batch of at least `min_images`
-    images is judged alone; smaller batches in a row (in id order, the order they were ingested) are judged together,
-    a group closing once it holds `min_images` images; the newest group may hold fewer. A group's id stays the same as
-    later ingests join it, so what a round draws from it is seeded the same way round after round."""
+    images, or one in `standalone` (it came with labels, or went whole into the test split: what the others are
+    judged against), is judged alone and ends every run; smaller batches in a row (in id order, the order they were
+    ingested) are judged together, a group closing once it holds `min_images` images; the newest group may hold
+    fewer. `lanes` (batch -> a key; default one lane) keeps runs apart: a small batch joins the open group of its own
+    lane, so a new camera's daily ingests between the old camera's form groups of their own. Sizes are the images
+    each ingest added (not what is left of them): a file quarantined later must not move every later boundary, and a
+    group's id stays the same as later ingests join it, so what a round draws from it is seeded the same way."""
+    alone = set(standalone)
+    lane_of = lanes or {}
     group_of: dict[int, int] = {}
-    open_group, open_size = None, 0
+    open_groups: dict[Hashable, tuple[int, int]] = {}  # lane -> (group id, images so far)
     for batch_id in sorted(batch_sizes):
         size = int(batch_sizes[batch_id])
-        if size >= min_images:
+        if size >= min_images or batch_id in alone:
             group_of[batch_id] = batch_id
-            open_group, open_size = None, 0  # a large batch between small ones ends their run
+            open_groups.clear()  # a large or labeled batch between small ones ends their runs
             continue
-        if open_group is None:
-            open_group, open_size = batch_id, 0
-        group_of[batch_id] = open_group
-        open_size += size
-        if open_size >= min_images:
-            open_group, open_size = None, 0
+        lane = lane_of.get(batch_id)
+        group, so_far = open_groups.get(lane, (batch_id, 0))
+        group_of[batch_id] = group
+        if so_far + size >= min_images:
+            open_groups.pop(lane, None)
+        else:
+            open_groups[lane] = (group, so_far + size)
     return group_of

@@ -169,6 +169,87 @@ def test_a_new_camera_arriving_a_few_images_an_ingest_is_named_drawn_from_and_me
     assert "batches 2-8" in status
 
 
+def test_a_small_labeled_ingest_is_judged_alone_and_a_quarantined_file_moves_no_group_boundary(
+        two_cameras: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A labeled test set of camera A (20 images) between the first ingest and camera B's days of 10 would fill camera
+    B's first group with test labels like the others (no draw, the gates of "camera B" measuring camera A); it is
+    what the others are judged against and stands alone. A file of camera B's third day goes missing before the
+    round: groups are sized by what each ingest added, so the first group is still days 1-5."""
+    camera_a, camera_b, truth = two_cameras
+    project = tmp_path / "project"
+    invoke("init", str(project), "--classes", CLASSES, "--negative-class", "good", "--annotator", "oracle", "--oracle-manifest", str(truth),
+           "--budget", "4", "--image-size", "96")
+    invoke("ingest", str(camera_a), "--project", str(project), "--quiet")
+    write_class_folders(tmp_path / "camera_a_test", per_class={"good": 12, "scratch": 4, "spot": 4}, size=64, seed=5)
+    invoke("ingest", str(tmp_path / "camera_a_test"), "--split", "test", "--project", str(project), "--quiet")
+    files_b = sorted(camera_b.iterdir())
+    for day, start in enumerate(range(0, len(files_b), 10)):
+        folder = tmp_path / f"camera_b_day{day}"
+        folder.mkdir()
+        for path in files_b[start:start + 10]:
+            (folder / path.name).symlink_to(path)
+        invoke("ingest", str(folder), "--unlabeled", "--project", str(project), "--quiet")
+    next(iter(sorted((tmp_path / "camera_b_day2").iterdir()))).unlink()
+    first = invoke("round", "--project", str(project))
+    assert "quarantined" in first
+    with session_scope(open_project(project).engine) as session:
+        coverage = session.scalars(select(Round).where(Round.number == 1)).one().details["coverage"]
+    by_first = {row["ingest_batch_id"]: row for row in coverage["flagged_batches"]}
+    assert 2 not in by_first and by_first[3]["ingest_batch_ids"] == [3, 4, 5, 6, 7] and by_first[3]["n_images"] == 49
+    assert by_first[3]["n_drawn_into_test_now"] == round(0.2 * 49)  # none of camera A's test labels fill its share
+
+
+def test_a_new_cameras_days_between_the_old_cameras_make_groups_of_their_own_whose_test_sample_grows_with_them(
+        two_cameras: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Camera A's days of 10 and camera B's days of 8, one after the other. Judged in one run of small ingests, each
+    group was half camera A (named by camera A's folder, its test sample and new_batch picks half camera A's); each
+    small ingest now keeps the lane it was first judged in. Camera B's group is flagged while open (two days): its
+    first sample makes it look measured, yet as its days come in the sample grows to its share."""
+    camera_a, camera_b, truth = two_cameras
+    more_a = write_class_folders(tmp_path / "more_a", per_class={"good": 40, "scratch": 10, "spot": 10, "patch": 10}, size=64, seed=6)
+    with open(truth, "a", newline="") as handle:
+        csv.writer(handle).writerows([str(path), label] for label, paths in more_a.items() for path in paths)
+    rng = np.random.default_rng(0)  # each day a mix of classes, as a line makes them
+    files_a, files_b = [list(rng.permutation(sorted(files))) for files in (sum(more_a.values(), []), camera_b.iterdir())]
+    project = tmp_path / "project"
+    invoke("init", str(project), "--classes", CLASSES, "--negative-class", "good", "--annotator", "oracle", "--oracle-manifest", str(truth),
+           "--budget", "4", "--image-size", "96")
+    invoke("ingest", str(camera_a), "--project", str(project), "--quiet")
+
+    def ingest_day(day: int) -> None:
+        for camera, files, per_day in (("a", files_a, 10), ("b", files_b, 8)):
+            folder = tmp_path / f"camera_{camera}_day{day}"
+            folder.mkdir()
+            for path in files[day * per_day:(day + 1) * per_day]:
+                (folder / path.name).symlink_to(path)
+            invoke("ingest", str(folder), "--unlabeled", "--project", str(project), "--quiet")
+
+    for day in (0, 1):
+        ingest_day(day)  # batches 2 (A), 3 (B), 4 (A), 5 (B)
+    invoke("round", "--project", str(project), "--quiet")
+    engine = open_project(project).engine
+    with session_scope(engine) as session:
+        batch_of = {image.id: image.ingest_batch_id for image in session.scalars(select(Image))}
+        coverage = session.scalars(select(Round).where(Round.number == 1)).one().details["coverage"]
+    (flagged,) = coverage["flagged_batches"]
+    assert flagged["ingest_batch_ids"] == [3, 5] and "camera_b_day0" in flagged["source"] and "camera_b_day1" in flagged["source"]
+    first_sample = set(coverage["test_sample_image_ids"])
+    assert len(first_sample) == round(0.2 * 16) and {batch_of[i] for i in first_sample} <= {3, 5}
+    for day in range(2, 7):
+        ingest_day(day)  # camera B's later days: those still unlike the labels when first judged join its group
+    invoke("round", "--project", str(project), "--quiet")
+    with session_scope(engine) as session:
+        batch_of = {image.id: image.ingest_batch_id for image in session.scalars(select(Image))}
+        coverage = session.scalars(select(Round).where(Round.number == 2)).one().details["coverage"]
+        samples = session.scalars(select(Selection).where(Selection.reason == "test_sample")).all()
+        new_batch = session.scalars(select(Selection).where(Selection.reason == "new_batch")).all()
+    b_days, a_days = {3, 5, 7, 9, 11, 13, 15}, {2, 4, 6, 8, 10, 12, 14}
+    assert {batch_of[s.image_id] for s in samples} <= b_days and not {batch_of[s.image_id] for s in new_batch} & a_days
+    group = next(row for row in coverage["test_sample_groups"] if row["ingest_batch_id"] == 3)
+    assert set(group["ingest_batch_ids"]) <= b_days and group["n_images"] > 16  # it grew
+    assert len([s for s in samples if batch_of[s.image_id] in group["ingest_batch_ids"]]) == group["n_test_target"] == round(0.2 * group["n_images"])
+
+
 def test_a_test_sample_the_annotation_tool_could_not_take_is_pushed_next_round_without_a_guess_and_counts_against_no_budget(
         two_cameras: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from labeling.base import PushReport

@@ -1241,8 +1241,11 @@ def test_a_pool_photo_of_a_part_already_in_test_joins_test_and_is_never_offered_
         for image in left_behind:
             image.split = "pool"  # where a photo quarantined while its part joined test comes back
         ids = [image.id for image in left_behind]
-    assert invoke("round", "--project", str(project), "--quiet").exit_code == 0
+    result = invoke("round", "--project", str(project))
+    assert result.exit_code == 0 and "2 photos of test parts, back in the pool" in " ".join(result.output.split())
     with session_scope(engine) as session:
         assert {image.split for image in session.scalars(select(Image).where(Image.id.in_(ids)))} == {"test"}
         picked = session.scalars(select(Selection).where(Selection.image_id.in_(ids))).all()
+        details = session.scalars(select(Round.details)).one()
     assert not picked
+    assert details["part_photos_back_in_test"] == 2 and details["near_copies_of_test_joined_test"] == 0

@@ -85,6 +85,8 @@ def test_small_ingests_in_a_row_are_judged_together_until_they_hold_enough_image
     # the newest group keeps its name as ingests join it, and closes at the size
     assert judging_groups(batch_sizes={**sizes, 10: 30}, min_images=40)[10] == 8
     assert judging_groups(batch_sizes={**sizes, 10: 30, 11: 1}, min_images=40)[11] == 11
+    # a labeled batch (what the others are judged against) stands alone and ends the run, whatever its size
+    assert judging_groups(batch_sizes=sizes, standalone={3}, min_images=40) == {1: 1, 2: 2, 3: 3, 4: 4, 5: 4, 6: 4, 7: 7, 8: 8, 9: 8}
 
 
 def test_a_new_camera_arriving_a_few_images_an_ingest_is_flagged_as_a_group_it_never_is_alone() -> None:
@@ -108,3 +110,11 @@ def test_a_new_camera_arriving_a_few_images_an_ingest_is_flagged_as_a_group_it_n
     assert {group_of[b] for b in range(100, 124)} <= flagged and group_of[124] == 124 and 124 not in flagged
     assert not {g for g in flagged if all(b < 100 for b in group_of if group_of[b] == g)}
     assert max(list(group_of.values()).count(g) for g in flagged) == -(-MIN_GROUP_IMAGES // 8)  # 7 ingests of 8
+
+
+def test_small_ingests_of_two_lanes_in_turn_make_groups_of_their_own_lane() -> None:
+    sizes = {1: 400, **{b: 8 for b in range(2, 16)}}
+    lanes = {b: "unlike" if b % 2 else "like" for b in range(2, 16)}
+    groups = judging_groups(batch_sizes=sizes, lanes=lanes, min_images=40)
+    assert {b for b in groups if groups[b] == 3} == {3, 5, 7, 9, 11} and {b for b in groups if groups[b] == 2} == {2, 4, 6, 8, 10}
+    assert groups[13] == groups[15] == 13 and groups[12] == groups[14] == 12
