@@ -17,7 +17,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from labeling import labelstudio_client as lsc
 from labeling.base import ASKED_AGAIN_REASONS, PullReport, PushReport, TaskRequest, register_backend
 from store.models import AnnotationTask, Image, LabelEvent, Project, RejectedAnnotation, Round
-from store.queries import current_labels, renamed_classes
+from store.queries import current_labels, renamed_classes, requeue_newest_asks
 from store.reports import as_utc
 
 BACKEND_NAME = "labelstudio"
@@ -56,6 +56,10 @@ REASON_TEXT = {
 # Pull details key (report.details["labelstudio"]): answers naming a class `loop rename-class` renamed away, recorded as
 # its new name
 RENAMED_ON_THE_WAY_IN = "renamed_on_the_way_in"
+# An answer of a Label Studio project that is no longer the store's (a server reinstalled or replaced: its ids started
+# over) keeps its label event; its answer id becomes "retired N:<id>", so a new answer given the same id on the new
+# server is another answer, and the pull never reads the old one as deleted.
+RETIRED_PREFIX = "retired "
 
 # Predictions per import request when adding a round's guesses to waiting tasks: 20,000 took Label Studio 12 s,
 # and the SDK's client times out at 30 s.
@@ -202,17 +206,89 @@ class LabelStudioBackend:
     def title_for(self, project: Project) -> str:
         return self.project_title or lsc.project_title_for(project.name)
 
-    def ensure_project(self, project: Project, *, session: Session, model_version: str | None = None) -> int:
+    def ensure_project(self, project: Project, *, session: Session, model_version: str | None = None, report: PushReport | None = None) -> int:
         """This project's Label Studio project: where its tasks already are, else one that carries its key (see
-        lsc.ensure_project: a project folder of the same name elsewhere never shares it)."""
+        lsc.ensure_project: a project folder of the same name elsewhere never shares it).
+
+        Every Label Studio project the store's tasks are in is looked at first: one deleted there, or whose id now
+        names another project (the server reinstalled or replaced: ids start over), is no longer the store's, and its
+        tasks are retired (_retire_project) before a new project can take its id."""
+        client = self.client()
+        for ls_project_id in self._task_projects(session, project):
+            if self._identity(client, project, ls_project_id) != "ours":
+                self._retire_project(session, project, ls_project_id, warnings=report.warnings if report is not None else None,
+                                     gone=report.gone_image_ids if report is not None else None)
         known = session.scalars(
             select(AnnotationTask.external_project_id).join(Image, Image.id == AnnotationTask.image_id)
             .where(AnnotationTask.backend == self.name, Image.project_id == project.id).order_by(AnnotationTask.id.desc()).limit(1)
         ).first()
-        return lsc.ensure_project(
-            self.client(), title=self.title_for(project), classes=list(project.classes), descriptions=self.class_descriptions,
+        ls_project_id = lsc.ensure_project(
+            client, title=self.title_for(project), classes=list(project.classes), descriptions=self.class_descriptions,
             model_version=model_version, key=project_key(project), known_project_id=int(known) if known is not None else None,
         )  # fmt: skip
+        if str(ls_project_id) not in _known_projects(project):
+            _remember_project(project, ls_project_id, _created_at(client.projects.get(id=ls_project_id)))
+        return ls_project_id
+
+    def _identity(self, client, project: Project, ls_project_id: int, *, remember: bool = True) -> str:  # noqa: ANN001
+        """"ours", "gone" (deleted in Label Studio) or "other": the id names another project than the one the store
+        pushed to, told by the creation time Label Studio gave it (recorded at the store's first contact), or, for a
+        store that recorded none yet, by another store's key in its description. "ours" records that time."""
+        try:
+            found = client.projects.get(id=ls_project_id)
+        except ApiError as error:
+            if error.status_code == 404:
+                return "gone"
+            raise
+        created = _created_at(found)
+        recorded = _known_projects(project).get(str(ls_project_id), {}).get("created_at")
+        if recorded is not None:
+            return "ours" if created == recorded else "other"
+        description = found.description or ""
+        if lsc.PROJECT_KEY_PREFIX in description and f"{lsc.PROJECT_KEY_PREFIX}{project_key(project)}" not in description:
+            return "other"
+        if remember:  # an older store's first contact since it keeps the time
+            _remember_project(project, ls_project_id, created)
+        return "ours"
+
+    def _retire_project(self, session: Session, project: Project, ls_project_id: int, *, warnings: list[str] | None,
+                        gone: set[int] | None = None) -> None:
+        """The store forgets its tasks in a Label Studio project that is no longer its own (deleted there, or its id
+        given to another project by a new server). The answers recorded from it stay labels, under a retired answer
+        id (RETIRED_PREFIX); an image whose task there waited for an answer is asked again in a new task: named in
+        `gone` (a push's report.gone_image_ids, which the round asks again), else its newest ask is pending again now."""
+        rows = session.scalars(select(AnnotationTask).join(Image, Image.id == AnnotationTask.image_id).where(
+            AnnotationTask.backend == self.name, Image.project_id == project.id, AnnotationTask.external_project_id == str(ls_project_id))).all()
+        image_ids = {row.image_id for row in rows}
+        retired = _known_retirements(project)
+        tag = f"{RETIRED_PREFIX}{len(retired) + 1}:"
+        latest: dict[str, LabelEvent] = {}
+        ids = sorted(image_ids)
+        for start in range(0, len(ids), 500):
+            for event in session.scalars(select(LabelEvent).where(
+                    LabelEvent.source == "annotator", LabelEvent.image_id.in_(ids[start:start + 500]), LabelEvent.external_id.is_not(None))
+                    .order_by(LabelEvent.id)):
+                if not event.external_id.startswith(RETIRED_PREFIX):
+                    latest[event.external_id] = event
+                    event.external_id = f"{tag}{event.external_id}"
+        answered = {event.image_id for event in latest.values() if event.action != "delete"}  # a deleted answer's task waits again
+        for row in rows:
+            session.delete(row)
+        session.flush()
+        waiting = image_ids - answered
+        if gone is not None:
+            gone |= waiting
+        requeued = len(waiting) if gone is not None else requeue_newest_asks(session, project.id, waiting)
+        entry = _known_projects(project).get(str(ls_project_id), {})
+        projects = {key: value for key, value in _known_projects(project).items() if key != str(ls_project_id)}
+        project.labelstudio_projects = {"projects": projects, "retired": [*retired, {
+            "label_studio_project": ls_project_id, "created_at": entry.get("created_at"), "retired_at": datetime.now(timezone.utc).isoformat(),
+            "tasks": len(rows), "answered_images": len(answered), "asked_again": requeued, "tag": tag}]}
+        if warnings is not None and rows:
+            warnings.append(
+                f"Label Studio project {ls_project_id} is no longer the one this store pushed to (deleted there, or the server was reinstalled "
+                f"or replaced and the id names another project now): the store forgets its {len(rows)} tasks there; the answers recorded "
+                f"from it stay labels ({len(answered)} images), and {requeued} images whose task waited for an answer are asked again in a new task")
 
     # ------------------------------------------------------------------------------------------------ push
 
@@ -235,7 +311,8 @@ class LabelStudioBackend:
         reached: set[int] = set()  # images of the batch whose task is in Label Studio as asked (filled as it goes)
         try:
             client = self.client()
-            ls_project_id = self.ensure_project(project, session=session, model_version=model_version)
+            ls_project_id = self.ensure_project(project, session=session, model_version=model_version, report=report)
+            report.gone_image_ids -= set(unique)  # a retired task's image in this batch is asked in a new task now
             predictions_sent = self._push_tasks(
                 client, report, session=session, project=project, ls_project_id=ls_project_id, tasks=list(unique.values()),
                 round_number=round_number, model_version=model_version, reached=reached,
@@ -682,9 +759,27 @@ class LabelStudioBackend:
         seen: set[str] = set()
         for ls_project_id in sorted(recorder.ls_projects):
             try:
-                rows = lsc.list_annotated_tasks(client, project_id=int(ls_project_id))
+                identity = self._identity(client, project, int(ls_project_id))
+                rows = lsc.list_annotated_tasks(client, project_id=int(ls_project_id)) if identity == "ours" else []
             except (httpx.HTTPError, ApiError) as error:
                 report.warnings.append(f"could not list answers of Label Studio project {ls_project_id} ({_describe(error)}); retried next pull")
+                continue
+            if identity == "gone":
+                report.warnings.append(f"Label Studio project {ls_project_id} is gone (deleted there, or another server answers at "
+                                       f"{self.url}): the answers recorded from it stay labels; the next push asks its waiting images again")
+                continue
+            # an id the store knows may name another project now (a server reinstalled or replaced: its ids started
+            # over), or show other images in its tasks (an older store that never recorded the project's creation
+            # time): its answers are not this store's, and what it lacks is no deletion
+            shows_other_images = [row["task_id"] for row in rows if (ls_project_id, str(row["task_id"])) in recorder.task_to_image
+                                  and str((row.get("task_data") or {}).get("defect_loop_image_id")) != str(recorder.task_to_image[(ls_project_id, str(row["task_id"]))])]
+            if identity == "other" or shows_other_images:
+                why = (f"its tasks {', '.join(map(str, shows_other_images[:5]))} show other images than the store's tasks of those ids" if shows_other_images
+                       else "another project has its id now")
+                report.warnings.append(f"Label Studio project {ls_project_id} is not the one this store pushed to ({why}: the server at {self.url} was "
+                                       "reinstalled or replaced?): none of its answers is read; the next push moves on to a project of the store's own")
+                self._retire_project(session, project, int(ls_project_id), warnings=report.warnings)
+                recorder.drop_retired()
                 continue
             listed_projects.append(ls_project_id)
             for row in sorted(rows, key=lambda r: (r["task_id"], r["updated_at"] or "", r["annotation_id"])):
@@ -749,6 +844,9 @@ class LabelStudioBackend:
         renamed = ClassRenamed()
         for ls_project_id in self._task_projects(session, project):
             try:
+                if self._identity(client, project, ls_project_id, remember=False) == "other":  # its id names another project now
+                    renamed.projects_gone.append(ls_project_id)
+                    continue
                 done = lsc.rename_choice(client, project_id=ls_project_id, old=old, new=new, own_user_id=own_user_id)
             except ApiError as error:
                 if error.status_code == 404:  # deleted there with its tasks: nothing left to rename
@@ -781,6 +879,7 @@ class LabelStudioBackend:
                                     "command again to finish")
 
     def _task_projects(self, session: Session, project: Project) -> list[int]:
+        """The Label Studio projects the store's tasks are in."""
         return sorted({int(p) for p in session.scalars(
             select(AnnotationTask.external_project_id).join(Image, Image.id == AnnotationTask.image_id)
             .where(AnnotationTask.backend == self.name, Image.project_id == project.id, AnnotationTask.external_project_id.is_not(None)).distinct())})
@@ -872,12 +971,18 @@ class AnnotationRecorder:
             )
         }
 
+    def drop_retired(self) -> None:
+        """Forget answers whose id was retired since this recorder read them (_retire_project renamed them in the
+        store): a new answer given the same id is another answer."""
+        for external_id in [key for key, event in self.latest.items() if event.external_id != key]:
+            del self.latest[external_id]
+
     def live_external_ids(self, *, ls_projects: Iterable[str]) -> list[str]:
         wanted = set(ls_projects)
         return [
             external_id
             for external_id, event in self.latest.items()
-            if event.action != "delete" and self.project_of_image.get(event.image_id) in wanted
+            if event.action != "delete" and self.project_of_image.get(event.image_id) in wanted and not external_id.startswith(RETIRED_PREFIX)
         ]
 
     def live_answers(self) -> dict[str, LabelEvent]:
@@ -1082,6 +1187,12 @@ def record_webhook_event(*, session: Session, project: Project, payload: dict) -
         annotation_id = _id_of(annotation, "annotation")
         task = payload.get("task")
         task_id = _id_of(task, "task") if task is not None else _id_of(annotation.get("task"), "annotation.task")
+        shown = ((task.get("data") or {}) if isinstance(task, Mapping) and isinstance(task.get("data"), Mapping) else {}).get("defect_loop_image_id")
+        mapped = recorder.task_to_image.get((str(ls_project_id), str(task_id)))
+        if isinstance(task, Mapping) and isinstance(task.get("data"), Mapping) and mapped is not None and str(shown) != str(mapped):
+            # a server reinstalled or replaced gives old ids to new tasks: the next pull retires the store's old project
+            raise ValueError(f"Label Studio task {task_id} of project {ls_project_id} shows image {shown}, not the image {mapped} the store pushed in "
+                             "a task of that id: not this store's project (a server reinstalled or replaced?); nothing recorded")
         result_items = annotation.get("result", [])
         _check_result(result_items)
         completed_by = annotation.get("completed_by")
@@ -1164,6 +1275,30 @@ def _check_result(items: Any) -> None:
             choices = value.get("choices") if isinstance(value, Mapping) else None
             if not isinstance(choices, list) or not all(isinstance(choice, str) for choice in choices):
                 raise ValueError("a choices result needs value.choices, a list of names")
+
+
+def _known_projects(project: Project) -> dict[str, dict[str, Any]]:
+    """Label Studio project id -> what the store recorded of it (its creation time there)."""
+    raw = project.labelstudio_projects if isinstance(project.labelstudio_projects, dict) else {}
+    return dict(raw.get("projects") or {})
+
+
+def _known_retirements(project: Project) -> list[dict[str, Any]]:
+    raw = project.labelstudio_projects if isinstance(project.labelstudio_projects, dict) else {}
+    return list(raw.get("retired") or [])
+
+
+def _remember_project(project: Project, ls_project_id: int, created_at: str | None) -> None:
+    if created_at is None:
+        return
+    project.labelstudio_projects = {"projects": {**_known_projects(project), str(ls_project_id): {"created_at": created_at}},
+                                    "retired": _known_retirements(project)}
+
+
+def _created_at(ls_project: Any) -> str | None:
+    """A Label Studio project's creation time as one string (the SDK gives a datetime or an ISO string)."""
+    when = lsc.as_utc(getattr(ls_project, "created_at", None))
+    return when.isoformat() if when is not None else None
 
 
 def project_key(project: Project) -> str:

@@ -66,7 +66,8 @@ from store import session_scope
 from store.db import confirm_store_lock, shown_url
 from store.models import (AnnotationTask, GateResult, Image, IngestBatch, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round,
                           Selection)
-from store.queries import ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number
+from store.queries import (ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number,
+                           requeue_newest_asks)
 from store.reports import GATE_METRICS, as_utc, gate_values_text, ingest_batches_text
 
 # Rounds looked back for the last push that closed every reopened task it was told to; none among them: every
@@ -1654,7 +1655,7 @@ def push_batch(state: RoundState) -> None:
                 selection.push_status, selection.pushed_at = "pushed", now
         # a waiting task deleted in the annotation tool: its image's newest ask is pending again, pushed in a new task
         # next round (asked as before), instead of counting as asked by a task nobody can see
-        requeued = _requeue_deleted_tasks(session, project.id, getattr(report, "gone_image_ids", set()))
+        requeued = requeue_newest_asks(session, project.id, getattr(report, "gone_image_ids", set()))
         state.push_report = report
     for warning in report.warnings:
         state.console.print(f"[yellow]warning:[/] {escape(warning)}")
@@ -1667,19 +1668,6 @@ def push_batch(state: RoundState) -> None:
     if requeued:
         state.console.print(f"{requeued} tasks still waiting for an answer were deleted in the annotation tool: their images are asked "
                             "again in new tasks next round")
-
-
-def _requeue_deleted_tasks(session, project_id: int, image_ids: set[int]) -> int:  # noqa: ANN001
-    """The newest pushed ask of each image whose waiting task was deleted in the annotation tool, pending again."""
-    if not image_ids:
-        return 0
-    newest: dict[int, Selection] = {}
-    for selection in session.scalars(select(Selection).join(Round, Round.id == Selection.round_id).where(
-            Round.project_id == project_id, Selection.image_id.in_(sorted(image_ids)), Selection.push_status == "pushed").order_by(Selection.id)):
-        newest[selection.image_id] = selection
-    for selection in newest.values():
-        selection.push_status = "pending"
-    return len(newest)
 
 
 def _answered_before_pushed(state: RoundState, session, selections: list[Selection]) -> dict[int, int]:  # noqa: ANN001

@@ -27,6 +27,10 @@ class Project(Base):
     # Classes renamed by `loop rename-class`, old name -> new name (queries.record_class_rename): an answer given later
     # under an old name means its new one (queries.renamed_classes). None: no class was ever renamed.
     class_renames: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # Label Studio projects this store pushed tasks to: id -> {"created_at": as Label Studio reports it}. A server
+    # reinstalled or replaced starts its ids over, and the same id then names another project
+    # (labeling.labelstudio_backend). None: none recorded yet (an older store: recorded at its next contact).
+    labelstudio_projects: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class IngestBatch(Base):

@@ -149,3 +149,17 @@ def renamed_classes(project: Project) -> dict[str, str]:
     itself (left out), and one whose class is no class any more (removed since) is left out."""
     classes = set(project.classes or [])
     return {str(old): str(new) for old, new in (project.class_renames or {}).items() if str(old) not in classes and str(new) in classes}
+
+
+def requeue_newest_asks(session: Session, project_id: int, image_ids: set[int]) -> int:
+    """The newest pushed ask of each image whose waiting task is gone from the annotation tool (deleted there, or in a
+    Label Studio project that is no longer the store's), pending again: the next push asks in a new task."""
+    if not image_ids:
+        return 0
+    newest: dict[int, Selection] = {}
+    for selection in session.scalars(select(Selection).join(Round, Round.id == Selection.round_id).where(
+            Round.project_id == project_id, Selection.image_id.in_(sorted(image_ids)), Selection.push_status == "pushed").order_by(Selection.id)):
+        newest[selection.image_id] = selection
+    for selection in newest.values():
+        selection.push_status = "pending"
+    return len(newest)

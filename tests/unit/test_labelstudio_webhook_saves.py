@@ -53,3 +53,37 @@ def test_after_a_deletion_a_webhook_save_counts_only_when_newer_than_a_withdrawa
     # an answer recorded: only a save older than the recorded one
     assert _late_webhook(_event(SAVED), SAVED - timedelta(seconds=5)) is True
     assert _late_webhook(_event(SAVED), SAVED + timedelta(seconds=5)) is False and _late_webhook(_event(None), SAVED) is False
+
+
+def test_a_webhook_whose_task_shows_another_image_than_the_stores_task_of_that_id_is_refused(tmp_path) -> None:  # noqa: ANN001
+    """A server reinstalled at the same address gives the store's old task ids to new tasks: an answer there is not
+    an answer about the store's image of that id."""
+    import pytest
+
+    from labeling.labelstudio_backend import record_webhook_event
+    from store import create_db_engine, session_scope, upgrade_schema
+    from store.models import AnnotationTask, Image, IngestBatch, Project
+
+    url = f"sqlite:///{tmp_path / 'loop.db'}"
+    upgrade_schema(url)
+    engine = create_db_engine(url)
+    with session_scope(engine) as session:
+        project = Project(name="p", root_dir=str(tmp_path), classes=["good", "scratch"], negative_class="good")
+        session.add(project)
+        session.flush()
+        batch = IngestBatch(project_id=project.id, source="x", layout="folders")
+        session.add(batch)
+        session.flush()
+        images = [Image(project_id=project.id, sha256=f"{k:064d}", path=f"/x/{k}.png", split="pool", ingest_batch_id=batch.id) for k in range(2)]
+        session.add_all(images)
+        session.flush()
+        session.add(AnnotationTask(backend="labelstudio", image_id=images[0].id, external_project_id="1", external_task_id="3"))
+        session.flush()
+        payload = {"action": "ANNOTATION_CREATED", "project": {"id": 1},
+                   "annotation": {"id": 1, "completed_by": 2, "result": [{"type": "choices", "from_name": "label", "to_name": "image",
+                                                                           "value": {"choices": ["scratch"]}}]}}
+        with pytest.raises(ValueError, match="shows image"):
+            record_webhook_event(session=session, project=project, payload={**payload, "task": {"id": 3, "data": {"defect_loop_image_id": images[1].id}}})
+        result = record_webhook_event(session=session, project=project, payload={**payload, "task": {"id": 3, "data": {"defect_loop_image_id": images[0].id}}})
+        assert result["recorded"] == 1
+    engine.dispose()
