@@ -137,12 +137,8 @@ def test_a_new_camera_arriving_a_few_images_an_ingest_is_named_drawn_from_and_me
            "--budget", "6", "--image-size", "96")
     invoke("ingest", str(camera_a), "--project", str(project), "--quiet")
     files_b = sorted(camera_b.iterdir())
-    for day, start in enumerate(range(0, len(files_b), 8)):
-        folder = tmp_path / f"camera_b_day{day}"
-        folder.mkdir()
-        for path in files_b[start:start + 8]:
-            (folder / path.name).symlink_to(path)
-        invoke("ingest", str(folder), "--unlabeled", "--project", str(project), "--quiet")
+    for day in range(-(-len(files_b) // 8)):
+        _ingest_a_day(project, tmp_path / f"camera_b_day{day}", files_b[day * 8:(day + 1) * 8])
     first = invoke("round", "--project", str(project))
     assert "ingest batches 2-8 (7 small ingests judged together)" in first and "unlike every training label" in first
     engine = open_project(project).engine
@@ -183,12 +179,8 @@ def test_a_small_labeled_ingest_is_judged_alone_and_a_quarantined_file_moves_no_
     write_class_folders(tmp_path / "camera_a_test", per_class={"good": 12, "scratch": 4, "spot": 4}, size=64, seed=5)
     invoke("ingest", str(tmp_path / "camera_a_test"), "--split", "test", "--project", str(project), "--quiet")
     files_b = sorted(camera_b.iterdir())
-    for day, start in enumerate(range(0, len(files_b), 10)):
-        folder = tmp_path / f"camera_b_day{day}"
-        folder.mkdir()
-        for path in files_b[start:start + 10]:
-            (folder / path.name).symlink_to(path)
-        invoke("ingest", str(folder), "--unlabeled", "--project", str(project), "--quiet")
+    for day in range(-(-len(files_b) // 10)):
+        _ingest_a_day(project, tmp_path / f"camera_b_day{day}", files_b[day * 10:(day + 1) * 10])
     next(iter(sorted((tmp_path / "camera_b_day2").iterdir()))).unlink()
     first = invoke("round", "--project", str(project))
     assert "quarantined" in first
@@ -218,11 +210,7 @@ def test_a_new_cameras_days_between_the_old_cameras_make_groups_of_their_own_who
 
     def ingest_day(day: int) -> None:
         for camera, files, per_day in (("a", files_a, 10), ("b", files_b, 8)):
-            folder = tmp_path / f"camera_{camera}_day{day}"
-            folder.mkdir()
-            for path in files[day * per_day:(day + 1) * per_day]:
-                (folder / path.name).symlink_to(path)
-            invoke("ingest", str(folder), "--unlabeled", "--project", str(project), "--quiet")
+            _ingest_a_day(project, tmp_path / f"camera_{camera}_day{day}", files[day * per_day:(day + 1) * per_day])
 
     for day in (0, 1):
         ingest_day(day)  # batches 2 (A), 3 (B), 4 (A), 5 (B)
@@ -271,6 +259,14 @@ def test_a_test_sample_the_annotation_tool_could_not_take_is_pushed_next_round_w
     assert len(retried) == len(samples) and all(task.predicted_label is None and not task.probabilities for task in retried)
     # the undelivered training picks count against round 2's budget; the test samples do not
     assert round_two.details["selection_budget"]["undelivered_from_earlier_rounds"] == 5
+
+
+def _ingest_a_day(project: Path, folder: Path, files: list[Path]) -> None:
+    """One day's images, ingested unlabeled from a folder of their own (links to the files)."""
+    folder.mkdir()
+    for path in files:
+        (folder / path.name).symlink_to(path)
+    invoke("ingest", str(folder), "--unlabeled", "--project", str(project), "--quiet")
 
 
 def _ingest_two_cameras(project: Path, camera_a: Path, camera_b: Path, truth: Path, *, budget: str = "5") -> None:

@@ -6,10 +6,12 @@ from pathlib import Path
 from sqlalchemy import create_engine, inspect
 
 from alembic import command
-from store import create_db_engine, session_scope, upgrade_schema
+from store import session_scope, upgrade_schema
 from store.db import alembic_config
-from store.models import Image, IngestBatch, LabelEvent, Project
+from store.models import LabelEvent, Project
 from store.queries import record_class_rename, rename_label, renamed_classes
+
+from small_store import small_store
 
 
 def _project(classes: list[str], renames: dict | None = None) -> Project:
@@ -54,21 +56,9 @@ def test_a_chain_through_a_name_made_a_class_again_maps_to_where_the_answers_wen
 
 
 def test_rename_label_keeps_the_rename_in_the_project_row(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'loop.db'}"
-    upgrade_schema(url)
-    engine = create_db_engine(url)
+    engine, project_id, (image_id,) = small_store(tmp_path)
     with session_scope(engine) as session:
-        project = Project(name="p", root_dir=str(tmp_path), classes=["good", "scratch"], negative_class="good")
-        session.add(project)
-        session.flush()
-        batch = IngestBatch(project_id=project.id, source="x", layout="folders")
-        session.add(batch)
-        session.flush()
-        image = Image(project_id=project.id, sha256="0" * 64, path="/x.png", split="pool", ingest_batch_id=batch.id)
-        session.add(image)
-        session.flush()
-        session.add(LabelEvent(image_id=image.id, label="scratch", source="annotator", annotator="a"))
-        project_id = project.id
+        session.add(LabelEvent(image_id=image_id, label="scratch", source="annotator", annotator="a"))
     with session_scope(engine) as session:
         assert rename_label(session, project_id, "scratch", "scratch_line") == (1, 1)
         session.get(Project, project_id).classes = ["good", "scratch_line"]
