@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from labeling import labelstudio_client as lsc
 from labeling.base import ASKED_AGAIN_REASONS, PullReport, PushReport, TaskRequest, register_backend
-from store.models import AnnotationTask, Image, LabelEvent, Project, RejectedAnnotation, Round
+from store.models import AnnotationTask, Image, LabelEvent, Project, RejectedAnnotation, Round, Selection
 from store.queries import current_labels, renamed_classes, requeue_newest_asks
 from store.reports import as_utc
 
@@ -242,8 +242,9 @@ class LabelStudioBackend:
             raise
         created = _created_at(found)
         recorded = _known_projects(project).get(str(ls_project_id), {}).get("created_at")
-        if recorded is not None:
-            return "ours" if created == recorded else "other"
+        if recorded is not None and created is not None:
+            # within a second: another Label Studio or SDK version may give the same time at another precision
+            return "ours" if abs((lsc.as_utc(created) - lsc.as_utc(recorded)).total_seconds()) <= 1.0 else "other"
         description = found.description or ""
         if lsc.PROJECT_KEY_PREFIX in description and f"{lsc.PROJECT_KEY_PREFIX}{project_key(project)}" not in description:
             return "other"
@@ -270,8 +271,25 @@ class LabelStudioBackend:
                     .order_by(LabelEvent.id)):
                 if not event.external_id.startswith(RETIRED_PREFIX):
                     latest[event.external_id] = event
-                    event.external_id = f"{tag}{event.external_id}"
-        answered = {event.image_id for event in latest.values() if event.action != "delete"}  # a deleted answer's task waits again
+                    # the new server numbers its users from 1 too: its user 1 is another annotator, another vote
+                    event.external_id, event.annotator = f"{tag}{event.external_id}", f"{tag}{event.annotator}"
+        answered_at: dict[int, datetime] = {}  # image -> its newest live answer (a deleted answer's task waits again)
+        for event in latest.values():
+            if event.action != "delete":
+                when = as_utc(event.created_at) or datetime.now(timezone.utc)  # not flushed yet: made just now
+                answered_at[event.image_id] = max(when, answered_at.get(event.image_id, when))
+        asked_at: dict[int, datetime] = {}  # image -> its newest ask that reached Label Studio (a reopened task, a tie's)
+        for start in range(0, len(ids), 500):
+            for image_id, pushed_at in session.execute(select(Selection.image_id, Selection.pushed_at).join(Round, Round.id == Selection.round_id).where(
+                    Round.project_id == project.id, Selection.image_id.in_(ids[start:start + 500]), Selection.push_status == "pushed",
+                    Selection.pushed_at.is_not(None))):
+                asked_at[image_id] = max(as_utc(pushed_at), asked_at.get(image_id, as_utc(pushed_at)))
+        answered = {image_id for image_id, when in answered_at.items() if image_id not in asked_at or asked_at[image_id] <= when}
+        task_ids = {row.external_task_id for row in rows}
+        for rejection in session.scalars(select(RejectedAnnotation).where(RejectedAnnotation.project_id == project.id, RejectedAnnotation.backend == self.name)):
+            payload = rejection.payload if isinstance(rejection.payload, dict) else {}
+            if str(payload.get("task_id")) in task_ids and not payload.get("retired"):  # task ids start over too
+                rejection.payload = {**payload, "retired": tag}
         for row in rows:
             session.delete(row)
         session.flush()
@@ -771,8 +789,7 @@ class LabelStudioBackend:
             # an id the store knows may name another project now (a server reinstalled or replaced: its ids started
             # over), or show other images in its tasks (an older store that never recorded the project's creation
             # time): its answers are not this store's, and what it lacks is no deletion
-            shows_other_images = [row["task_id"] for row in rows if (ls_project_id, str(row["task_id"])) in recorder.task_to_image
-                                  and str((row.get("task_data") or {}).get("defect_loop_image_id")) != str(recorder.task_to_image[(ls_project_id, str(row["task_id"]))])]
+            shows_other_images = _shows_other_images(recorder, ls_project_id, rows)
             if identity == "other" or shows_other_images:
                 why = (f"its tasks {', '.join(map(str, shows_other_images[:5]))} show other images than the store's tasks of those ids" if shows_other_images
                        else "another project has its id now")
@@ -816,7 +833,11 @@ class LabelStudioBackend:
         recorder = AnnotationRecorder(session=session, project=project, backend=self.name, round_id=None)
         for ls_project_id in self._task_projects(session, project):
             try:
+                if self._identity(client, project, ls_project_id, remember=False) != "ours":  # not the store's: the next round retires it
+                    continue
                 rows = lsc.list_annotated_tasks(client, project_id=ls_project_id)
+                if _shows_other_images(recorder, str(ls_project_id), rows):
+                    continue
             except ApiError as error:
                 if error.status_code == 404:  # deleted there: rename_class passes it over
                     continue
@@ -1275,6 +1296,13 @@ def _check_result(items: Any) -> None:
             choices = value.get("choices") if isinstance(value, Mapping) else None
             if not isinstance(choices, list) or not all(isinstance(choice, str) for choice in choices):
                 raise ValueError("a choices result needs value.choices, a list of names")
+
+
+def _shows_other_images(recorder: AnnotationRecorder, ls_project_id: str, rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Listed tasks whose data shows another image than the store's task of that id (a project that is not the
+    store's, under an id the store knows)."""
+    return [row["task_id"] for row in rows if (ls_project_id, str(row["task_id"])) in recorder.task_to_image
+            and str((row.get("task_data") or {}).get("defect_loop_image_id")) != str(recorder.task_to_image[(ls_project_id, str(row["task_id"]))])]
 
 
 def _known_projects(project: Project) -> dict[str, dict[str, Any]]:

@@ -695,7 +695,8 @@ def labelstudio_webhook(
             raise ConfigError("set LOOP_LABELSTUDIO_WEBHOOK_SECRET (the same value for `loop serve`): the webhook is refused without it")
         ctx = open_project(project)
         backend = LabelStudioBackend(config=ctx.config, project_dir=ctx.root)
-        with session_scope(ctx.engine) as session:
+        # it may retire a Label Studio project that is no longer the store's: one writer at a time, as a round
+        with project_lock(ctx.root, action="loop labelstudio webhook", engine=ctx.engine), session_scope(ctx.engine) as session:
             ls_project_id = backend.ensure_project(get_project(session), session=session)
         hook_id = create_webhook(backend.client(), project_id=ls_project_id, url=url, secret_header="X-Loop-Webhook-Secret", secret=secret)
     console.print(f"webhook {hook_id} on Label Studio project {ls_project_id} -> {url}")

@@ -1490,7 +1490,7 @@ def _rejected_answer_requests(state: RoundState, budget: int) -> dict[int, str]:
         for payload, created_at in session.execute(select(RejectedAnnotation.payload, RejectedAnnotation.created_at).where(
                 RejectedAnnotation.project_id == project_id, RejectedAnnotation.backend == state.backend.name).order_by(RejectedAnnotation.id)):
             task = (payload or {}).get("task_id") or ((payload or {}).get("task") or {}).get("id")
-            if task is not None:
+            if task is not None and not (payload or {}).get("retired"):  # of a Label Studio project no longer the store's
                 rejected_at[str(task)] = max(_aware(created_at), rejected_at.get(str(task), _aware(None)))
                 choices = [str(choice) for choice in (payload or {}).get("choices") or []]
                 answer_of[str(task)] = ", ".join(repr(choice) for choice in choices) if choices else "no class"

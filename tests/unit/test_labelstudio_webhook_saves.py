@@ -4,9 +4,16 @@ defect-loop's own user made (`loop rename-class` rewriting answers)."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
-from labeling.labelstudio_backend import _late_webhook, _older_save, _saved_by_the_loop
-from store.models import LabelEvent
+import pytest
+from sqlalchemy import select
+
+from labeling.labelstudio_backend import _late_webhook, _older_save, _saved_by_the_loop, record_webhook_event
+from store import session_scope
+from store.models import AnnotationTask, LabelEvent, Project
+
+from small_store import small_store
 
 SAVED = datetime(2026, 12, 5, 22, 0, 0, 123456, tzinfo=timezone.utc)
 
@@ -55,35 +62,51 @@ def test_after_a_deletion_a_webhook_save_counts_only_when_newer_than_a_withdrawa
     assert _late_webhook(_event(SAVED), SAVED + timedelta(seconds=5)) is False and _late_webhook(_event(None), SAVED) is False
 
 
-def test_a_webhook_whose_task_shows_another_image_than_the_stores_task_of_that_id_is_refused(tmp_path) -> None:  # noqa: ANN001
+def test_a_webhook_whose_task_shows_another_image_than_the_stores_task_of_that_id_is_refused(tmp_path: Path) -> None:
     """A server reinstalled at the same address gives the store's old task ids to new tasks: an answer there is not
     an answer about the store's image of that id."""
-    import pytest
-
-    from labeling.labelstudio_backend import record_webhook_event
-    from store import create_db_engine, session_scope, upgrade_schema
-    from store.models import AnnotationTask, Image, IngestBatch, Project
-
-    url = f"sqlite:///{tmp_path / 'loop.db'}"
-    upgrade_schema(url)
-    engine = create_db_engine(url)
+    engine, project_id, image_ids = small_store(tmp_path, n_images=2)
     with session_scope(engine) as session:
-        project = Project(name="p", root_dir=str(tmp_path), classes=["good", "scratch"], negative_class="good")
-        session.add(project)
-        session.flush()
-        batch = IngestBatch(project_id=project.id, source="x", layout="folders")
-        session.add(batch)
-        session.flush()
-        images = [Image(project_id=project.id, sha256=f"{k:064d}", path=f"/x/{k}.png", split="pool", ingest_batch_id=batch.id) for k in range(2)]
-        session.add_all(images)
-        session.flush()
-        session.add(AnnotationTask(backend="labelstudio", image_id=images[0].id, external_project_id="1", external_task_id="3"))
+        project = session.get(Project, project_id)
+        session.add(AnnotationTask(backend="labelstudio", image_id=image_ids[0], external_project_id="1", external_task_id="3"))
         session.flush()
         payload = {"action": "ANNOTATION_CREATED", "project": {"id": 1},
                    "annotation": {"id": 1, "completed_by": 2, "result": [{"type": "choices", "from_name": "label", "to_name": "image",
                                                                            "value": {"choices": ["scratch"]}}]}}
         with pytest.raises(ValueError, match="shows image"):
-            record_webhook_event(session=session, project=project, payload={**payload, "task": {"id": 3, "data": {"defect_loop_image_id": images[1].id}}})
-        result = record_webhook_event(session=session, project=project, payload={**payload, "task": {"id": 3, "data": {"defect_loop_image_id": images[0].id}}})
+            record_webhook_event(session=session, project=project, payload={**payload, "task": {"id": 3, "data": {"defect_loop_image_id": image_ids[1]}}})
+        result = record_webhook_event(session=session, project=project, payload={**payload, "task": {"id": 3, "data": {"defect_loop_image_id": image_ids[0]}}})
         assert result["recorded"] == 1
+    engine.dispose()
+
+
+def test_retiring_a_project_asks_again_what_waited_there_a_reopened_ask_too_and_forgets_its_rejections(tmp_path: Path) -> None:
+    """Image 0: answered, then its task reopened (a suspected label error) and still waiting; image 1: answered;
+    image 2: never answered. All three tasks in a Label Studio project that is no longer the store's."""
+    from labeling.labelstudio_backend import LabelStudioBackend
+    from store.models import RejectedAnnotation, Round, Selection
+
+    engine, project_id, image_ids = small_store(tmp_path, n_images=3)
+    now = datetime.now(timezone.utc)
+    with session_scope(engine) as session:
+        round_ = Round(project_id=project_id, number=1, status="completed")
+        session.add(round_)
+        session.flush()
+        for k, image_id in enumerate(image_ids):
+            session.add(AnnotationTask(backend="labelstudio", image_id=image_id, external_project_id="1", external_task_id=str(k + 1)))
+            session.add(Selection(round_id=round_.id, image_id=image_id, rank=k, score=1.0, strategy="margin", reason="uncertain",
+                                  push_status="pushed", pushed_at=now - timedelta(hours=2)))
+        for k in (0, 1):
+            session.add(LabelEvent(image_id=image_ids[k], label="scratch", source="annotator", annotator="labelstudio:2", external_id=str(k + 1),
+                                   created_at=now - timedelta(hours=1)))
+        session.add(Selection(round_id=round_.id, image_id=image_ids[0], rank=9, score=1.0, strategy="label_quality", reason="suspected_label_error",
+                              push_status="pushed", pushed_at=now))
+        session.add(RejectedAnnotation(project_id=project_id, backend="labelstudio", external_id="7", reason="not a class", payload={"task_id": 3}))
+        session.flush()
+        gone: set[int] = set()
+        warnings: list[str] = []
+        LabelStudioBackend(url="http://127.0.0.1:1", api_key="x")._retire_project(session, session.get(Project, project_id), 1, warnings=warnings, gone=gone)
+        assert gone == {image_ids[0], image_ids[2]} and warnings
+        assert session.scalars(select(RejectedAnnotation)).one().payload["retired"] == "retired 1:"
+        assert {e.external_id for e in session.scalars(select(LabelEvent))} == {"retired 1:1", "retired 1:2"}
     engine.dispose()

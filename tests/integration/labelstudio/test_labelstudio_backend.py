@@ -1142,43 +1142,53 @@ def test_the_pull_records_a_changed_answer_even_when_label_studio_saved_it_at_an
     assert pull(backend, store).new_label_events == 0  # the same save once recorded: nothing new
 
 
+class _Servers:
+    """Label Studio servers started one after another at one address, each from a fresh data dir (ids from 1), with
+    the same admin token and one annotator."""
+
+    def __init__(self, tmp_path) -> None:  # noqa: ANN001
+        if lss.installed_version(lss.default_venv_dir()) != lss.LABEL_STUDIO_VERSION:
+            pytest.skip("Label Studio is not installed: run `bash .ci/install_labelstudio.sh`")
+        self.tmp_path, self.template = tmp_path, lss.default_template_path()
+        self.port, self.token, self.annotator_token = lss.free_port(), secrets.token_hex(20), secrets.token_hex(20)
+
+    def start(self, name: str):  # noqa: ANN201
+        server = lss.start_server(data_dir=self.tmp_path / name, port=self.port, token=self.token, document_root=str(self.tmp_path),
+                                  template=self.template if self.template.exists() else None, timeout_s=300)
+        lss.add_user(data_dir=self.tmp_path / name, username=ANNOTATOR_A, password="-" + secrets.token_urlsafe(12), token=self.annotator_token)
+        return server
+
+    def backend(self, server) -> LabelStudioBackend:  # noqa: ANN001
+        return LabelStudioBackend(url=server.url, api_key=self.token, document_root=str(self.tmp_path))
+
+    def answer(self, server, store, tasks: dict[int, int], images) -> None:  # noqa: ANN001
+        annotator = LabelStudio(base_url=server.url, api_key=self.annotator_token)
+        for k in images:
+            annotate(annotator, tasks[store.image_ids[k]], store.truth[k])
+
+
 def test_a_server_replaced_at_the_same_address_loses_no_label_and_puts_no_answer_on_another_image(tmp_path, store) -> None:
     """Label Studio reinstalled (a fresh data dir) at the same address: project, task and answer ids start over at 1,
     so the new project, its tasks and its answers take the ids of the store's old ones. Before, the old answers not
     listed any more were recorded as deleted, and new answers were stored on the images of the old tasks of those ids."""
-    if lss.installed_version(lss.default_venv_dir()) != lss.LABEL_STUDIO_VERSION:
-        pytest.skip("Label Studio is not installed: run `bash .ci/install_labelstudio.sh`")
-    template = lss.default_template_path()
-    port, token, annotator_token = lss.free_port(), secrets.token_hex(20), secrets.token_hex(20)
-
-    def start(name: str):  # noqa: ANN202
-        server = lss.start_server(data_dir=tmp_path / name, port=port, token=token, document_root=str(tmp_path),
-                                  template=template if template.exists() else None, timeout_s=300)
-        lss.add_user(data_dir=tmp_path / name, username=ANNOTATOR_A, password="-" + secrets.token_urlsafe(12), token=annotator_token)
-        return server
-
-    def answer(server, tasks: dict[int, int], images: range) -> None:  # noqa: ANN001
-        annotator = LabelStudio(base_url=server.url, api_key=annotator_token)
-        for k in images:
-            annotate(annotator, tasks[store.image_ids[k]], store.truth[k])
-
-    first = start("first")
+    servers = _Servers(tmp_path)
+    first = servers.start("first")
     try:
-        backend = LabelStudioBackend(url=first.url, api_key=token, document_root=str(tmp_path))
+        backend = servers.backend(first)
         push(backend, store, [store.task(k, predicted="good") for k in range(4, 8)])
-        answer(first, task_ids_by_image(store), range(4, 7))  # image 7's task waits
+        servers.answer(first, store, task_ids_by_image(store), range(4, 7))  # image 7's task waits
         assert pull(backend, store).new_label_events == 3
     finally:
         lss.stop_server(first)
     before = {store.image_ids[k]: (labels(store)[store.image_ids[k]].label, "annotator") for k in range(4, 7)}  # the first server's answers
-    second = start("second")
+    second = servers.start("second")
     try:
-        backend = LabelStudioBackend(url=second.url, api_key=token, document_root=str(tmp_path))
+        backend = servers.backend(second)
         gone = pull(backend, store)
         pushed = push(backend, store, [store.task(k, predicted="good") for k in (0, 1, 2)])
         tasks = task_ids_by_image(store)
         assert sorted(tasks.values()) == [1, 2, 3] and ls_project_id(store) == 1  # the old ids, in a new project
-        answer(second, tasks, range(0, 3))
+        servers.answer(second, store, tasks, range(0, 3))
         after = pull(backend, store)
     finally:
         lss.stop_server(second)
@@ -1188,6 +1198,40 @@ def test_a_server_replaced_at_the_same_address_loses_no_label_and_puts_no_answer
     assert all(before[image_id] == (current[image_id].label, current[image_id].source) for image_id in before)  # none lost or moved
     assert gone.deleted == 0 and any("is gone" in warning for warning in gone.warnings)
     assert any("no longer the one this store pushed to" in warning for warning in pushed.warnings)
+    assert pushed.gone_image_ids == {store.image_ids[7]}  # its task waited: asked again
     with store.session() as session:
         retired = session.get(Project, store.project_id).labelstudio_projects["retired"]
+        old_voters = {event.annotator for event in session.scalars(select(LabelEvent).where(LabelEvent.image_id.in_(list(before))))}
     assert len(retired) == 1 and retired[0]["tasks"] == 4 and retired[0]["answered_images"] == 3
+    assert all(voter.startswith("retired 1:labelstudio:") for voter in old_voters)  # the new server's user 1 is someone else
+
+
+def test_a_project_made_by_hand_under_the_stores_old_id_gives_the_store_none_of_its_answers(tmp_path, store) -> None:
+    """A fresh server where someone first made a project of their own (id 1, the store's old id, its tasks answered):
+    neither the pull nor `loop rename-class`'s reading of the answers before its rewrite takes them as the store's."""
+    servers = _Servers(tmp_path)
+    first = servers.start("first")
+    try:
+        push(servers.backend(first), store, [store.task(k, predicted="good") for k in range(4, 7)])
+        servers.answer(first, store, task_ids_by_image(store), range(4, 7))
+        assert pull(servers.backend(first), store).new_label_events == 3
+    finally:
+        lss.stop_server(first)
+    before = {image_id: label.label for image_id, label in labels(store).items()}
+    second = servers.start("second")
+    try:
+        admin = LabelStudio(base_url=second.url, api_key=servers.token)
+        own = admin.projects.create(title="someone's own", label_config=lsc.label_config_for(["good", "scratch", "spot"]))
+        assert own.id == 1
+        tasks = [admin.tasks.create(project=own.id, data={"image": f"/data/local-files/?d=x{k}.png", "why": ""}).id for k in range(3)]
+        for task_id in tasks:
+            admin.annotations.create(id=task_id, result=lsc.choice_result("spot"))
+        backend = servers.backend(second)
+        with store.session() as session:
+            taken = backend.record_answers_before_rename(session=session, project=session.get(Project, store.project_id), old="spot", new="stain")
+        report = pull(backend, store)
+    finally:
+        lss.stop_server(second)
+    assert taken == 0 and report.new_label_events == 0 and report.deleted == 0
+    assert {image_id: label.label for image_id, label in labels(store).items()} == before
+    assert any("not the one this store pushed to" in warning for warning in report.warnings)
