@@ -153,8 +153,9 @@ class UnfamiliarBatchOut(Schema):
     n_unlabeled_test: int = Field(description="drawn into the test split at random, waiting for their label")
     n_drawn_into_test: int = Field(description="drawn into the test split this round (at most [split] unmeasured_batch_test_sample)")
     n_selected_for_training: int | None = Field(description="picked for a training label this round")
-    ingest_batch_ids: list[int] = Field(description="the ingest batches judged together: the batch alone, or small ingests in a row "
-                                                    "(under 50 images each, until 50 in all), named by the first")
+    ingest_batch_ids: list[int] = Field(description="the ingest batches judged together: the batch alone, or small ingests (under 50 "
+                                                    "images each, until 50 in all) of one lane (unlike the labels when first judged, or not), "
+                                                    "named by the first")
 
 
 class BatchTestMetricsOut(Schema):

@@ -128,8 +128,8 @@ class RoundState:
     hashes: list[str] = field(default_factory=list)
     parts: list[str | None] = field(default_factory=list)  # Image.part per position (None: the image is its own part)
     ingest_batches: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int64))  # Image.ingest_batch_id per position
-    # per position, the group its ingest batch is judged in by check_coverage (small ingests in a row are one group,
-    # named by its first batch's id; empty before the check)
+    # per position, the group its ingest batch is judged in by check_coverage (small ingests of one lane are one
+    # group, named by its first batch's id; empty before the check)
     coverage_groups: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int64))
     oof_groups: np.ndarray | None = None  # draw group per out-of-fold position (draw_groups; None: every image alone)
     oof_folds: np.ndarray | None = None  # the fold that predicted each out-of-fold position
@@ -1171,7 +1171,7 @@ def check_coverage(state: RoundState) -> None:
     `[split] unmeasured_batch_test_sample`), asked of the annotators without a guess, so the gates come to measure it.
     Once the test split holds labeled images of more than one batch, the gates are also given per batch.
 
-    Small ingests (under MIN_GROUP_IMAGES images) in a row are judged, drawn from and measured as one group, named by
+    Small ingests (under MIN_GROUP_IMAGES images) are judged, drawn from and measured in groups, each named by
     its first batch: a new camera whose images come a few a day would otherwise never show enough of them. Each small
     ingest keeps the lane it was first judged in (mostly unlike the labels, or not), and joins groups of its lane only:
     the new camera's days between the old camera's make groups of their own. A group drawn from before is topped up to
@@ -1339,7 +1339,7 @@ def _draw_test_samples(state: RoundState, batches: list[int]) -> dict[int, list[
     is drawn only when every image in it is a pool image nobody was asked about (its task may show the model's
     guess), with no answer and not held back, or a test image already: a test label never starts from a guess, and
     no set ends up on both sides of the split. Every pool image of a drawn set is asked.
-    `batches` are check_coverage's groups (state.coverage_groups: a batch, or small ingests in a row).
+    `batches` are check_coverage's groups (state.coverage_groups: a batch, or small ingests of one lane).
     Returns batch -> the drawn images of that batch (the sets' images from other batches are asked too)."""
     split_config = state.config.split
     limit = split_config.unmeasured_batch_test_sample

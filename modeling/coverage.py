@@ -8,8 +8,9 @@ measure them.
   flagged at about that share (their nearest reference is distributed as a reference's nearest other reference);
   a shifted batch is flagged at many times it.
 - `unfamiliar_share_by_group(finding=, groups=)` -> per group: scored, unfamiliar, share, flagged.
-- `judging_groups(batch_sizes=)` -> the group each ingest batch is judged in: small ingests in a row together (a new
-  camera whose images come a few a day is a share of a window of them, where alone no ingest could show 10).
+- `judging_groups(batch_sizes=, standalone=, lanes=)` -> the group each ingest batch is judged in: small ingests of
+  one lane together, in the order they came (a new camera whose images come a few a day fills a group of its own
+  days, where alone no ingest could show 10).
 
 Both read the pretrained embeddings (unit length; a fine-tuned model would move its own training images closer
 together). A sample of `MAX_REFERENCE` reference images and `MAX_SCORED_PER_GROUP` images per group bounds the cost
@@ -31,9 +32,9 @@ __all__ = ["EXPECTED_SHARE", "FLAG_SHARE", "MIN_GROUP_IMAGES", "find_unfamiliar_
 EXPECTED_SHARE = 0.05  # images like the labeled ones read as unfamiliar this often: the cutoff is the 5th percentile
 FLAG_SHARE = 0.30  # a group this unfamiliar (6x the expected share) is not drawn like the labeled images
 MIN_FLAGGED_IMAGES = 10  # and at least this many of its images are: a handful of odd images is an outlier finding
-# an ingest of fewer images is judged with the small ingests before and after it, in the order they came: alone, a
-# batch of 9 could never be flagged, and a share read from a few images is noise (with 50 images like the labeled
-# ones, 15 or more unlike them is a 1-in-10^5 draw at the expected 5%)
+# an ingest of fewer images is judged with other small ingests of its lane, in the order they came: alone, a batch
+# of 9 could never be flagged, and a share read from a few images is noise (with 50 images like the labeled ones, 15
+# or more unlike them is a 1-in-10^5 draw at the expected 5%)
 MIN_GROUP_IMAGES = 50
 # fewer labeled images cannot tell how far apart images like them lie: with 20, a batch drawn like them was flagged in
 # 6 of 300 draws (a reviewer's simulation), with 30 in 1, from 60 on in none (a false flag costs a test sample of the
