@@ -1186,8 +1186,12 @@ def check_coverage(state: RoundState) -> None:
                                          parts=state.parts, seed=seed)
     # each ingest alone: its lane, when first judged (a share read from a few images, so a stricter one than a group's)
     alone = [unfamiliar_share_by_group(finding=finding, groups=state.ingest_batches) for finding in (unlike_training, unlike_test)]
-    group_of = _judging_groups(state, judged={b for shares in alone for b in shares},
-                               unlike={b for shares in alone for b, share in shares.items() if share["share_unfamiliar"] >= UNLIKE_LANE_SHARE})
+    nearest_batches: dict[int, Counter] = defaultdict(Counter)  # batch -> the batches of its images' nearest labeled images
+    for finding in (unlike_training, unlike_test):
+        for position in np.flatnonzero(finding.related >= 0):
+            nearest_batches[int(state.ingest_batches[position])][int(state.ingest_batches[finding.related[position]])] += 1
+    group_of, lanes = _judging_groups(state, judged={b for shares in alone for b in shares}, nearest_batches=nearest_batches,
+                                      unlike={b for shares in alone for b, share in shares.items() if share["share_unfamiliar"] >= UNLIKE_LANE_SHARE})
     state.coverage_groups = groups = np.array([group_of.get(int(b), int(b)) for b in state.ingest_batches], dtype=np.int64)
     batches_of: dict[int, list[int]] = defaultdict(list)
     for batch_id, group in sorted(group_of.items()):
@@ -1208,7 +1212,9 @@ def check_coverage(state: RoundState) -> None:
                                 "n_flagged_batches": len(flagged), "flagged_batches": [], "test_sample_image_ids": []}
     state.details["coverage"] = coverage
     to_draw = [b for b in flagged if by_test.get(b, {}).get("flagged")]
-    to_draw += sorted(_groups_sampled_before(state) - set(to_draw))  # topped up as they grow: measured by their first sample only
+    # topped up as they grow: groups of the unlike lane (a new camera's days, and their kin), and any drawn from
+    # before; a first sample makes a group look measured long before it holds enough test images to measure it
+    to_draw += sorted(({g for g in batches_of if lanes.get(g) == "unlike"} | _groups_sampled_before(state)) - set(to_draw))
     sampled = _draw_test_samples(state, to_draw) if to_draw else {}
     with session_scope(state.ctx.engine) as session:
         described = set(flagged[:MAX_COVERAGE_BATCHES]) | _batches_in_test(state)  # groups: their first and last batch say where from
@@ -1240,7 +1246,7 @@ def check_coverage(state: RoundState) -> None:
     coverage["test_sample_groups"] = [
         {"ingest_batch_id": int(g), "ingest_batch_ids": batches_of[g], "n_images": int((groups == g).sum()),
          "n_test_target": min(int(round(state.config.split.test_fraction * int((groups == g).sum()))), state.config.split.unmeasured_batch_test_sample),
-         "n_drawn_now": len(sampled.get(g, [])), "topped_up": g not in flagged} for g in to_draw[:MAX_COVERAGE_BATCHES]]
+         "n_drawn_now": len(sampled.get(g, [])), "flagged_now": g in flagged} for g in to_draw[:MAX_COVERAGE_BATCHES]]
     if coverage["n_drawn_into_test"]:  # the round's counts say where the drawn images are now
         counts = state.details["labeled_counts"]
         counts["unlabeled"] = len(state.positions(split="pool", labeled=False)) - len(state.held_back)
@@ -1255,19 +1261,20 @@ def check_coverage(state: RoundState) -> None:
                  **_test_metrics_of(state, groups[test_positions] == b)} for b in in_batches]
 
 
-def _judging_groups(state: RoundState, *, judged: set[int], unlike: set[int]) -> dict[int, int]:
-    """The group each ingest batch is judged in (modeling.coverage.judging_groups), from what each ingest stored: the
-    images it added; whether it came with labels or went whole into the test split (what the other batches are judged
-    against), which judges it alone; and, for a small one, the lane it was first judged in (`judged` this round;
-    `unlike`: mostly unlike the training or test labels on its own), kept in its notes so its group stays as labels
-    come in.
-    Batches that added no image are left out."""
+def _judging_groups(state: RoundState, *, judged: set[int], unlike: set[int], nearest_batches: dict[int, Counter]) -> tuple[dict[int, int], dict[int, str]]:
+    """(batch -> the group it is judged in (modeling.coverage.judging_groups), batch -> lane of the small ones), from
+    what each ingest stored: the images it added; whether it came with labels or went whole into the test split (what
+    the other batches are judged against), which judges it alone; and, for a small one, the lane it was first judged
+    in (`judged` this round), kept in its notes so its group stays as labels come in. "unlike": mostly unlike the
+    training or test labels on its own (`unlike`), or kin of such ingests: most of its images' nearest labeled images
+    (`nearest_batches`) came in ingests of that lane (a new camera's later days, once its first ones taught the
+    model). Batches that added no image are left out."""
     in_round = Counter(int(b) for b in state.ingest_batches)
     sizes: dict[int, int] = {}
     standalone: set[int] = set()
     lanes: dict[int, str] = {}
     with session_scope(state.ctx.engine) as session:
-        for batch in session.scalars(select(IngestBatch).where(IngestBatch.project_id == get_project(session).id)):
+        for batch in session.scalars(select(IngestBatch).where(IngestBatch.project_id == get_project(session).id).order_by(IngestBatch.id)):
             notes = batch.notes if isinstance(batch.notes, dict) else {}
             size = batch.n_new_images or in_round.get(batch.id, 0)
             if size:
@@ -1277,11 +1284,14 @@ def _judging_groups(state: RoundState, *, judged: set[int], unlike: set[int]) ->
                 standalone.add(batch.id)
             elif size and size < MIN_GROUP_IMAGES:
                 lane = notes.get(COVERAGE_LANE_NOTE)
-                if lane is None and batch.id in judged:
-                    lane = "unlike" if batch.id in unlike else "like"
+                if lane is None and batch.id in judged:  # in id order: an earlier ingest's lane is known by now
+                    nearest = nearest_batches.get(batch.id, Counter())
+                    kin = sum(count for other, count in nearest.items() if lanes.get(other) == "unlike")
+                    lane = "unlike" if batch.id in unlike or kin * 2 > sum(nearest.values()) else "like"
                     batch.notes = {**notes, COVERAGE_LANE_NOTE: lane}
                 lanes[batch.id] = lane or "like"
-    return judging_groups(batch_sizes=sizes, standalone=standalone, lanes=lanes)
+    group_of = judging_groups(batch_sizes=sizes, standalone=standalone, lanes=lanes)
+    return group_of, {group: lanes[group] for group in set(group_of.values()) if group in lanes}
 
 
 def _groups_sampled_before(state: RoundState) -> set[int]:
