@@ -1213,8 +1213,12 @@ def check_coverage(state: RoundState) -> None:
     state.details["coverage"] = coverage
     to_draw = [b for b in flagged if by_test.get(b, {}).get("flagged")]
     # topped up as they grow: groups of the unlike lane (a new camera's days, and their kin), and any drawn from
-    # before; a first sample makes a group look measured long before it holds enough test images to measure it
-    to_draw += sorted(({g for g in batches_of if lanes.get(g) == "unlike"} | _groups_sampled_before(state)) - set(to_draw))
+    # before; a first sample makes a group look measured long before it holds enough test images to measure it. Not
+    # when most of its images' nearest test images are another batch's (a test set of the camera ingested with
+    # `--split test`): it is measured there
+    measured_by_itself = _nearest_test_in_own_group(unlike_test, groups)
+    to_draw += sorted(g for g in ({g for g in batches_of if lanes.get(g) == "unlike"} | _groups_sampled_before(state)) - set(to_draw)
+                      if measured_by_itself.get(g, True))
     sampled = _draw_test_samples(state, to_draw) if to_draw else {}
     with session_scope(state.ctx.engine) as session:
         described = set(flagged[:MAX_COVERAGE_BATCHES]) | _batches_in_test(state)  # groups: their first and last batch say where from
@@ -1292,6 +1296,13 @@ def _judging_groups(state: RoundState, *, judged: set[int], unlike: set[int], ne
                 lanes[batch.id] = lane or "like"
     group_of = judging_groups(batch_sizes=sizes, standalone=standalone, lanes=lanes)
     return group_of, {group: lanes[group] for group in set(group_of.values()) if group in lanes}
+
+
+def _nearest_test_in_own_group(finding, groups: np.ndarray) -> dict[int, bool]:  # noqa: ANN001
+    """Per group: whether most of its judged images' nearest labeled test image is in the group itself."""
+    judged = np.flatnonzero(finding.related >= 0)
+    own = groups[finding.related[judged]] == groups[judged]
+    return {int(g): bool(own[groups[judged] == g].mean() > 0.5) for g in np.unique(groups[judged])}
 
 
 def _groups_sampled_before(state: RoundState) -> set[int]:

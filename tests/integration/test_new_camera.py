@@ -240,6 +240,31 @@ def test_a_new_cameras_days_between_the_old_cameras_make_groups_of_their_own_who
     assert len([s for s in samples if batch_of[s.image_id] in group["ingest_batch_ids"]]) == group["n_test_target"] == round(0.2 * group["n_images"])
 
 
+def test_a_new_camera_measured_by_a_test_set_of_its_own_gets_no_sample_of_its_days(two_cameras: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """The round's advice followed: 36 labeled camera B images ingested with --split test. Camera B's days, unlike the
+    training labels, are taught (the budget's share), not sampled into test again: their nearest test images are
+    that set's."""
+    camera_a, camera_b, truth = two_cameras
+    label_of = dict(csv.reader(open(truth)))
+    files_b = list(np.random.default_rng(0).permutation(sorted(camera_b.iterdir())))  # every class in the test set and in the days
+    test_set = tmp_path / "camera_b_test.csv"
+    with open(test_set, "w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "label"], *([str(path), label_of[str(path)]] for path in files_b[:36])])
+    project = tmp_path / "project"
+    invoke("init", str(project), "--classes", CLASSES, "--negative-class", "good", "--annotator", "oracle", "--oracle-manifest", str(truth),
+           "--budget", "4", "--image-size", "96")
+    invoke("ingest", str(camera_a), "--project", str(project), "--quiet")
+    invoke("ingest", str(test_set), "--split", "test", "--project", str(project), "--quiet")
+    for day in range(3):
+        _ingest_a_day(project, tmp_path / f"camera_b_day{day}", files_b[36 + day * 8:36 + (day + 1) * 8])
+    invoke("round", "--project", str(project), "--quiet")
+    with session_scope(open_project(project).engine) as session:
+        coverage = session.scalars(select(Round).where(Round.number == 1)).one().details["coverage"]
+        reasons = [s.reason for s in session.scalars(select(Selection))]
+    assert {3, 4, 5} <= set(coverage["unlike_training_batch_ids"]) and reasons.count("new_batch") == 2
+    assert "test_sample" not in reasons and not coverage["test_sample_groups"]
+
+
 def test_a_test_sample_the_annotation_tool_could_not_take_is_pushed_next_round_without_a_guess_and_counts_against_no_budget(
         two_cameras: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from labeling.base import PushReport
