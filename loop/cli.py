@@ -362,7 +362,8 @@ def _print_coverage(batches: list[dict], by_batch: list[dict], *, round_number: 
                       f"{' and '.join(unlike)}{drawn}")
     if by_batch:
         console.print(f"gates by ingest batch on the test split{of_round}: " + " · ".join(
-            f"{ingest_batches_text(row['ingest_batch_ids']).removeprefix('ingest ')} ({escape(Path(str(row['source'])).name)}, {row['n_images']} images): "
+            f"{ingest_batches_text(row['ingest_batch_ids']).removeprefix('ingest ')} ({escape(' ... '.join(Path(part).name for part in str(row['source']).split(' ... ')))}, "
+            f"{row['n_images']} images): "
             f"{gate_values_text(row)}" for row in by_batch))
 
 

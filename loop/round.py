@@ -87,6 +87,7 @@ COVERAGE_LANE_NOTE = "coverage_lane"  # IngestBatch.notes key: "unlike" or "like
 # few dozen labeled test images to compare with, an old camera's day of 10 showed 3 unlike (30%) often enough to join
 # the new camera's group in a test; 5 of 10 at a 10% rate is a 1-in-600 draw
 UNLIKE_LANE_SHARE = 0.5
+MIN_UNLIKE_LANE_IMAGES = 3  # and this many unlike (or kin) images: 1 of 1, or 1 of 2, read unlike 11-21% of the time
 MIN_TEST_IMAGES_PER_BATCH = 10  # labeled test images of a batch before the gates are given for it alone
 TEST_SAMPLE_REASON = "test_sample"  # a random image of an unmeasured batch, drawn into the test split: asked without a guess
 MAX_TEST_SAMPLE_OVERSHOOT = 5  # images a drawn set may ask beyond a batch's room (a part's photos come whole)
@@ -1190,8 +1191,11 @@ def check_coverage(state: RoundState) -> None:
     for finding in (unlike_training, unlike_test):
         for position in np.flatnonzero(finding.related >= 0):
             nearest_batches[int(state.ingest_batches[position])][int(state.ingest_batches[finding.related[position]])] += 1
-    group_of, lanes = _judging_groups(state, judged={b for shares in alone for b in shares}, nearest_batches=nearest_batches,
-                                      unlike={b for shares in alone for b, share in shares.items() if share["share_unfamiliar"] >= UNLIKE_LANE_SHARE})
+    group_of, batch_lanes, small_batches = _judging_groups(
+        state, judged_by_both={b for b in alone[0] if b in alone[1]}, nearest_batches=nearest_batches,
+        unlike={b for shares in alone for b, share in shares.items()
+                if share["share_unfamiliar"] >= UNLIKE_LANE_SHARE and share["n_unfamiliar"] >= MIN_UNLIKE_LANE_IMAGES})
+    lanes = {group: batch_lanes.get(group) for group in set(group_of.values())}
     state.coverage_groups = groups = np.array([group_of.get(int(b), int(b)) for b in state.ingest_batches], dtype=np.int64)
     batches_of: dict[int, list[int]] = defaultdict(list)
     for batch_id, group in sorted(group_of.items()):
@@ -1214,10 +1218,12 @@ def check_coverage(state: RoundState) -> None:
     to_draw = [b for b in flagged if by_test.get(b, {}).get("flagged")]
     # topped up as they grow: groups of the unlike lane (a new camera's days, and their kin), and any drawn from
     # before; a first sample makes a group look measured long before it holds enough test images to measure it. Not
-    # when most of its images' nearest test images are another batch's (a test set of the camera ingested with
-    # `--split test`): it is measured there
-    measured_by_itself = _nearest_test_in_own_group(unlike_test, groups)
-    to_draw += sorted(g for g in ({g for g in batches_of if lanes.get(g) == "unlike"} | _groups_sampled_before(state)) - set(to_draw)
+    # when most of its images' nearest test images lie in a test set ingested apart (`--split test`, a labeled
+    # ingest): it is measured there. One in the group, or drawn from another small ingest of the unlike lane (the new
+    # camera's later groups start empty, their nearest test images in its first), is the camera's own sample
+    drawn_from_days = np.array([batch_lanes.get(int(b)) == "unlike" and int(b) in small_batches for b in state.ingest_batches], dtype=bool)
+    measured_by_itself = _nearest_test_in_own_group(unlike_test, groups, also_own=drawn_from_days)
+    to_draw += sorted(g for g in ({g for g in batches_of if lanes.get(g) == "unlike" and g in small_batches} | _groups_sampled_before(state)) - set(to_draw)
                       if measured_by_itself.get(g, True))
     sampled = _draw_test_samples(state, to_draw) if to_draw else {}
     with session_scope(state.ctx.engine) as session:
@@ -1251,6 +1257,10 @@ def check_coverage(state: RoundState) -> None:
         {"ingest_batch_id": int(g), "ingest_batch_ids": batches_of[g], "n_images": int((groups == g).sum()),
          "n_test_target": min(int(round(state.config.split.test_fraction * int((groups == g).sum()))), state.config.split.unmeasured_batch_test_sample),
          "n_drawn_now": len(sampled.get(g, [])), "flagged_now": g in flagged} for g in to_draw[:MAX_COVERAGE_BATCHES]]
+    topped_up = [row for row in coverage["test_sample_groups"] if row["n_drawn_now"] and not row["flagged_now"]]
+    for row in topped_up:  # said: the round's lines name only flagged batches
+        state.console.print(f"{row['n_drawn_now']} images of {escape(ingest_batches_text(row['ingest_batch_ids']))} go to the annotators without a guess "
+                            f"as test images: its test share grows with it ({row['n_test_target']} of its {row['n_images']} images)")
     if coverage["n_drawn_into_test"]:  # the round's counts say where the drawn images are now
         counts = state.details["labeled_counts"]
         counts["unlabeled"] = len(state.positions(split="pool", labeled=False)) - len(state.held_back)
@@ -1265,14 +1275,18 @@ def check_coverage(state: RoundState) -> None:
                  **_test_metrics_of(state, groups[test_positions] == b)} for b in in_batches]
 
 
-def _judging_groups(state: RoundState, *, judged: set[int], unlike: set[int], nearest_batches: dict[int, Counter]) -> tuple[dict[int, int], dict[int, str]]:
-    """(batch -> the group it is judged in (modeling.coverage.judging_groups), batch -> lane of the small ones), from
-    what each ingest stored: the images it added; whether it came with labels or went whole into the test split (what
-    the other batches are judged against), which judges it alone; and, for a small one, the lane it was first judged
-    in (`judged` this round), kept in its notes so its group stays as labels come in. "unlike": mostly unlike the
-    training or test labels on its own (`unlike`), or kin of such ingests: most of its images' nearest labeled images
-    (`nearest_batches`) came in ingests of that lane (a new camera's later days, once its first ones taught the
-    model). Batches that added no image are left out."""
+def _judging_groups(state: RoundState, *, judged_by_both: set[int], unlike: set[int],
+                    nearest_batches: dict[int, Counter]) -> tuple[dict[int, int], dict[int, str], set[int]]:
+    """(batch -> the group it is judged in (modeling.coverage.judging_groups), batch -> lane, the small batches
+    grouped by lane), from what each ingest stored: the images it added; whether it came with labels or went whole into
+    the test split (what the other batches are judged against), which judges it alone; and the lane each batch was
+    first judged in, kept in its notes so groups stay as labels come in. "unlike": mostly unlike the training or test
+    labels on its own (`unlike`, decided as soon as either says so), or kin of such batches: most of its images'
+    nearest labeled images (`nearest_batches`) came in batches of that lane (a new camera's later days, once its first
+    ones, or a large or labeled batch of it, taught the model); "like" only once both the training and the test labels
+    could judge it (`judged_by_both`): with too few test labels a new camera's days read like the training labels that
+    came with it. Only small batches are grouped by lane; every judged batch's lane counts for kin. Batches that added
+    no image are left out."""
     in_round = Counter(int(b) for b in state.ingest_batches)
     sizes: dict[int, int] = {}
     standalone: set[int] = set()
@@ -1281,27 +1295,36 @@ def _judging_groups(state: RoundState, *, judged: set[int], unlike: set[int], ne
         for batch in session.scalars(select(IngestBatch).where(IngestBatch.project_id == get_project(session).id).order_by(IngestBatch.id)):
             notes = batch.notes if isinstance(batch.notes, dict) else {}
             size = batch.n_new_images or in_round.get(batch.id, 0)
-            if size:
-                sizes[batch.id] = size
+            if not size:
+                continue
+            sizes[batch.id] = size
             split_counts = notes.get("split_counts") or {}
             if notes.get("label_counts") or (split_counts and set(split_counts) == {"test"}):
                 standalone.add(batch.id)
-            elif size and size < MIN_GROUP_IMAGES:
-                lane = notes.get(COVERAGE_LANE_NOTE)
-                if lane is None and batch.id in judged:  # in id order: an earlier ingest's lane is known by now
-                    nearest = nearest_batches.get(batch.id, Counter())
-                    kin = sum(count for other, count in nearest.items() if lanes.get(other) == "unlike")
-                    lane = "unlike" if batch.id in unlike or kin * 2 > sum(nearest.values()) else "like"
+            lane = notes.get(COVERAGE_LANE_NOTE)
+            if lane is None:  # in id order: an earlier batch's lane is known by now
+                nearest = nearest_batches.get(batch.id, Counter())
+                kin = sum(count for other, count in nearest.items() if lanes.get(other) == "unlike")
+                if batch.id in unlike or (kin >= MIN_UNLIKE_LANE_IMAGES and kin * 2 > sum(nearest.values())):
+                    lane = "unlike"
+                elif batch.id in judged_by_both:
+                    lane = "like"
+                if lane is not None:
                     batch.notes = {**notes, COVERAGE_LANE_NOTE: lane}
-                lanes[batch.id] = lane or "like"
-    group_of = judging_groups(batch_sizes=sizes, standalone=standalone, lanes=lanes)
-    return group_of, {group: lanes[group] for group in set(group_of.values()) if group in lanes}
+            if lane is not None:
+                lanes[batch.id] = lane
+    small = {b for b, size in sizes.items() if size < MIN_GROUP_IMAGES and b not in standalone}
+    group_of = judging_groups(batch_sizes=sizes, standalone=standalone, lanes={b: lanes.get(b, "like") for b in small})
+    return group_of, lanes, small
 
 
-def _nearest_test_in_own_group(finding, groups: np.ndarray) -> dict[int, bool]:  # noqa: ANN001
-    """Per group: whether most of its judged images' nearest labeled test image is in the group itself."""
+def _nearest_test_in_own_group(finding, groups: np.ndarray, *, also_own: np.ndarray) -> dict[int, bool]:  # noqa: ANN001
+    """Per group: whether most of its judged images have no labeled test image like them elsewhere: their nearest is
+    in the group itself (or at a position `also_own` marks), or is unlike them (the finding's issue: no test image
+    measures them yet)."""
     judged = np.flatnonzero(finding.related >= 0)
-    own = groups[finding.related[judged]] == groups[judged]
+    nearest = finding.related[judged]
+    own = (groups[nearest] == groups[judged]) | also_own[nearest] | finding.is_issue[judged]
     return {int(g): bool(own[groups[judged] == g].mean() > 0.5) for g in np.unique(groups[judged])}
 
 

@@ -226,18 +226,21 @@ def test_a_new_cameras_days_between_the_old_cameras_make_groups_of_their_own_who
     assert len(first_sample) == round(0.2 * 16) and {batch_of[i] for i in first_sample} <= {3, 5}
     for day in range(2, 7):
         ingest_day(day)  # camera B's later days: those still unlike the labels when first judged join its group
+    _ingest_a_day(project, tmp_path / "camera_b_day7", files_b[56:])  # batch 16: the next group, its nearest test images in the first's
     invoke("round", "--project", str(project), "--quiet")
     with session_scope(engine) as session:
         batch_of = {image.id: image.ingest_batch_id for image in session.scalars(select(Image))}
         coverage = session.scalars(select(Round).where(Round.number == 2)).one().details["coverage"]
         samples = session.scalars(select(Selection).where(Selection.reason == "test_sample")).all()
         new_batch = session.scalars(select(Selection).where(Selection.reason == "new_batch")).all()
-    b_days, a_days = {3, 5, 7, 9, 11, 13, 15}, {2, 4, 6, 8, 10, 12, 14}
+    b_days, a_days = {3, 5, 7, 9, 11, 13, 15, 16}, {2, 4, 6, 8, 10, 12, 14}
     assert {batch_of[s.image_id] for s in samples} <= b_days and not {batch_of[s.image_id] for s in new_batch} & a_days
     group = next(row for row in coverage["test_sample_groups"] if row["ingest_batch_id"] == 3)
     # every day of camera B: the later ones, judged once its first days taught the model, by their nearest labels
-    assert group["ingest_batch_ids"] == sorted(b_days) and group["n_images"] == 56
+    assert group["ingest_batch_ids"] == sorted(b_days - {16}) and group["n_images"] == 56
     assert len([s for s in samples if batch_of[s.image_id] in group["ingest_batch_ids"]]) == group["n_test_target"] == round(0.2 * group["n_images"])
+    (next_group,) = [row for row in coverage["test_sample_groups"] if row["ingest_batch_id"] == 16]
+    assert next_group["n_drawn_now"] == round(0.2 * 4) == len([s for s in samples if batch_of[s.image_id] == 16])
 
 
 def test_a_new_camera_measured_by_a_test_set_of_its_own_gets_no_sample_of_its_days(two_cameras: tuple[Path, Path, Path], tmp_path: Path) -> None:
