@@ -1259,8 +1259,11 @@ def check_coverage(state: RoundState) -> None:
          "n_drawn_now": len(sampled.get(g, [])), "flagged_now": g in flagged} for g in to_draw[:MAX_COVERAGE_BATCHES]]
     topped_up = [row for row in coverage["test_sample_groups"] if row["n_drawn_now"] and not row["flagged_now"]]
     for row in topped_up:  # said: the round's lines name only flagged batches
-        state.console.print(f"{row['n_drawn_now']} images of {escape(ingest_batches_text(row['ingest_batch_ids']))} go to the annotators without a guess "
-                            f"as test images: its test share grows with it ({row['n_test_target']} of its {row['n_images']} images)")
+        state.console.print(f"{row['n_drawn_now']} {'image' if row['n_drawn_now'] == 1 else 'images'} of {escape(ingest_batches_text(row['ingest_batch_ids']))} "
+                            f"{'goes' if row['n_drawn_now'] == 1 else 'go'} to the annotators without a guess as test images: its test share grows "
+                            f"with it (to {row['n_test_target']} of its "
+                            f"{row['n_images']} images"
+                            + (f"; its own gates need {MIN_TEST_IMAGES_PER_BATCH} labeled" if row["n_test_target"] < MIN_TEST_IMAGES_PER_BATCH else "") + ")")
     if coverage["n_drawn_into_test"]:  # the round's counts say where the drawn images are now
         counts = state.details["labeled_counts"]
         counts["unlabeled"] = len(state.positions(split="pool", labeled=False)) - len(state.held_back)
