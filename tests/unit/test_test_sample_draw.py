@@ -208,3 +208,31 @@ def test_a_test_sample_is_pushed_in_its_round_though_an_older_training_ask_of_it
     with session_scope(state.ctx.engine) as session:
         statuses = {(s.reason, s.push_status) for s in session.scalars(select(Selection))}
     assert statuses == {("uncertain", "withdrawn"), ("test_sample", "pushed")}
+
+
+def test_an_ingests_lane_is_kept_once_decided_unlike_by_kin_of_any_batch_and_like_only_when_both_checks_judged(tmp_path: Path) -> None:
+    """Batch 1: a large batch of the new camera (60 images); batches 2-4: small days. Day 2's nearest labeled images
+    are mostly batch 1's (kin of a large unlike batch: unlike); so are day 3's, though only one check could judge it
+    ("unlike" is decided at once); day 4 was judged by both checks and is like. A lane kept in the notes is not
+    decided again."""
+    from collections import Counter
+
+    from loop.round import COVERAGE_LANE_NOTE, _judging_groups
+    from store.models import IngestBatch
+
+    project = _project(tmp_path, [[(f"big{i}", None) for i in range(60)]] + [[(f"day{d}_{i}", None) for i in range(8)] for d in (2, 3, 4)])
+    state, _ = _state(project)
+    judge = dict(judged_by_both={1, 2, 4}, unlike={1},
+                 nearest_batches={2: Counter({1: 6, 4: 2}), 3: Counter({1: 8}), 4: Counter({4: 7, 1: 1})})
+    group_of, lanes, small = _judging_groups(state, **judge)
+    assert lanes == {1: "unlike", 2: "unlike", 3: "unlike", 4: "like"} and small == {2, 3, 4}
+    assert group_of[2] == group_of[3] == 2 and group_of[4] == 4  # groups of one lane
+    with session_scope(state.ctx.engine) as session:
+        notes = {b.id: (b.notes or {}).get(COVERAGE_LANE_NOTE) for b in session.scalars(select(IngestBatch))}
+    assert notes == {1: "unlike", 2: "unlike", 3: "unlike", 4: "like"}
+    # kept: judged again otherwise, the same days now read the other way
+    assert _judging_groups(state, judged_by_both={1, 2, 3, 4}, unlike=set(), nearest_batches={})[1] == lanes
+    # one check alone never fixes "like": a day judged by one check, unlike nothing, kin of nothing, has no lane yet
+    fresh = _project(tmp_path / "fresh", [[(f"day{i}", None) for i in range(8)]])
+    fresh_state, _ = _state(fresh)
+    assert _judging_groups(fresh_state, judged_by_both=set(), unlike=set(), nearest_batches={1: Counter({1: 2})})[1] == {}
