@@ -1195,7 +1195,6 @@ def check_coverage(state: RoundState) -> None:
         state, judged_by_both={b for b in alone[0] if b in alone[1]}, nearest_batches=nearest_batches,
         unlike={b for shares in alone for b, share in shares.items()
                 if share["share_unfamiliar"] >= UNLIKE_LANE_SHARE and share["n_unfamiliar"] >= MIN_UNLIKE_LANE_IMAGES})
-    lanes = {group: batch_lanes.get(group) for group in set(group_of.values())}
     state.coverage_groups = groups = np.array([group_of.get(int(b), int(b)) for b in state.ingest_batches], dtype=np.int64)
     batches_of: dict[int, list[int]] = defaultdict(list)
     for batch_id, group in sorted(group_of.items()):
@@ -1223,7 +1222,7 @@ def check_coverage(state: RoundState) -> None:
     # camera's later groups start empty, their nearest test images in its first), is the camera's own sample
     drawn_from_days = np.array([batch_lanes.get(int(b)) == "unlike" and int(b) in small_batches for b in state.ingest_batches], dtype=bool)
     measured_by_itself = _nearest_test_in_own_group(unlike_test, groups, also_own=drawn_from_days)
-    to_draw += sorted(g for g in ({g for g in batches_of if lanes.get(g) == "unlike" and g in small_batches} | _groups_sampled_before(state)) - set(to_draw)
+    to_draw += sorted(g for g in ({g for g in batches_of if batch_lanes.get(g) == "unlike" and g in small_batches} | _groups_sampled_before(state)) - set(to_draw)
                       if measured_by_itself.get(g, True))
     sampled = _draw_test_samples(state, to_draw) if to_draw else {}
     with session_scope(state.ctx.engine) as session:
