@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -14,6 +15,8 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, Operationa
 from sqlalchemy.orm import Session, sessionmaker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# How long a SQLite connection waits for another's write (a round and the API on one file) before failing
+SQLITE_BUSY_SECONDS = 30
 ALEMBIC_DIR = REPO_ROOT / "alembic"
 
 
@@ -43,16 +46,34 @@ def create_db_engine(url: str) -> Engine:
         raise StoreUnavailable(f"no database driver for the store at {shown_url(url)}: {error}{hint}") from None
 
 
+def _switch_to_wal(cursor, *, wait_seconds: float = SQLITE_BUSY_SECONDS) -> None:  # noqa: ANN001 - a sqlite3 cursor
+    """PRAGMA journal_mode=WAL, tried again while the store is locked. Switching a new file to WAL takes its write
+    lock, and a connection doing the same at that moment (two commands opening a new store at once) gets "database
+    is locked" at once: SQLite skips the busy timeout where waiting could deadlock. Once the file is in WAL mode the
+    pragma changes nothing and takes no lock."""
+    import sqlite3
+
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # A round and the API may touch one SQLite file at once: wait instead of failing.
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cursor)
             cursor.close()
 
         return engine
