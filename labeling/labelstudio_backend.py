@@ -921,17 +921,21 @@ class LabelStudioBackend:
             if after is not None and not unpulled:
                 event.external_updated_at = after
 
-    def show_classes(self, *, session: Session, project: Project) -> str | None:
+    def show_classes(self, *, session: Session, project: Project) -> list[str]:
         """The project's classes (project.classes) as the choices annotators see, in the Label Studio project its tasks
-        are in (none is made for a project that has no task there yet). None when done, else why not (the next
-        round's push tries again)."""
+        are in (none is made for a project that has no task there yet). Returns warnings: why the choices were kept
+        (the next round's push tries again), and a project found no longer the store's (retired on the way, its waiting
+        images asked again at the next round)."""
         if not self._task_projects(session, project):
-            return None
+            return []
+        report = PushReport()
         try:
-            self.ensure_project(project, session=session)
+            self.ensure_project(project, session=session, report=report)
         except (httpx.HTTPError, ApiError, lsc.LabelStudioError) as error:
-            return f"Label Studio kept its choices ({_describe(error)}); the next round's push tries again"
-        return None
+            return [*report.warnings, f"Label Studio kept its choices ({_describe(error)}); the next round's push tries again"]
+        if report.gone_image_ids:  # no push follows here: the next round asks them again
+            requeue_newest_asks(session, project.id, report.gone_image_ids)
+        return list(report.warnings)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -419,7 +419,7 @@ def rename_class(
     from store.queries import get_project, rename_label
 
     renamed: Any = None
-    warning = None
+    warnings: list[str] = []
     with clear_errors():
         ctx = open_project(project)
         if new not in ctx.config.classes:
@@ -470,14 +470,14 @@ def rename_class(
                 sync_project_classes(session, project_row, ctx.config)
             if renamed is not None:
                 with session_scope(ctx.engine) as session:
-                    warning = backend.show_classes(session=session, project=get_project(session))
+                    warnings = backend.show_classes(session=session, project=get_project(session))
     console.print(f"[green]renamed[/] {old!r} to {new!r}: {n_events} stored answers of {n_images} images"
                   + (f"; in Label Studio {renamed.answers} answers, {renamed.drafts} drafts, {renamed.predictions} guesses and {renamed.tasks} "
                      "questions of reopened tasks" if renamed is not None else "")
                   + ("; the oracle's manifest still names the old class: fix it too" if ctx.config.annotator.backend == "oracle" else ""))
     if renamed is not None and renamed.projects_gone:
         console.print(f"Label Studio projects {', '.join(map(str, renamed.projects_gone))} are gone (deleted there): nothing to rename in them")
-    if warning:
+    for warning in warnings:
         error_console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
