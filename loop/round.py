@@ -39,8 +39,8 @@ from modeling.anomaly import (
     fit_patch_anomaly, patch_features_key, patch_grid,
 )
 from modeling.backbones import Backbone, create_backbone
-from modeling.coverage import (EXPECTED_SHARE, FLAG_SHARE, MIN_GROUP_IMAGES, find_unfamiliar_images, judging_groups, sample_per_group,
-                               unfamiliar_share_by_group)
+from modeling.coverage import (EXPECTED_SHARE, FLAG_SHARE, MIN_GROUP_IMAGES, find_unfamiliar_images, first_lane, judging_groups,
+                               reads_unlike_alone, sample_per_group, unfamiliar_share_by_group)
 from modeling.calibration import (
     expected_calibration_error, fit_out_of_fold_temperature, fit_temperature, logits_from_probabilities, negative_log_likelihood,
     out_of_fold_calibration_rows, softmax_with_temperature, temperature_objective,
@@ -86,8 +86,6 @@ COVERAGE_LANE_NOTE = "coverage_lane"  # IngestBatch.notes key: "unlike" or "like
 # a small ingest's own share that puts it in the "unlike" lane: half its images (a new camera's read near all). With a
 # few dozen labeled test images to compare with, an old camera's day of 10 showed 3 unlike (30%) often enough to join
 # the new camera's group in a test; 5 of 10 at a 10% rate is a 1-in-600 draw
-UNLIKE_LANE_SHARE = 0.5
-MIN_UNLIKE_LANE_IMAGES = 3  # and this many unlike (or kin) images: 1 of 1, or 1 of 2, read unlike 11-21% of the time
 MIN_TEST_IMAGES_PER_BATCH = 10  # labeled test images of a batch before the gates are given for it alone
 TEST_SAMPLE_REASON = "test_sample"  # a random image of an unmeasured batch, drawn into the test split: asked without a guess
 MAX_TEST_SAMPLE_OVERSHOOT = 5  # images a drawn set may ask beyond a batch's room (a part's photos come whole)
@@ -1193,8 +1191,7 @@ def check_coverage(state: RoundState) -> None:
             nearest_batches[int(state.ingest_batches[position])][int(state.ingest_batches[finding.related[position]])] += 1
     group_of, batch_lanes, small_batches = _judging_groups(
         state, judged_by_both={b for b in alone[0] if b in alone[1]}, nearest_batches=nearest_batches,
-        unlike={b for shares in alone for b, share in shares.items()
-                if share["share_unfamiliar"] >= UNLIKE_LANE_SHARE and share["n_unfamiliar"] >= MIN_UNLIKE_LANE_IMAGES})
+        unlike={b for shares in alone for b, share in shares.items() if reads_unlike_alone(share)})
     state.coverage_groups = groups = np.array([group_of.get(int(b), int(b)) for b in state.ingest_batches], dtype=np.int64)
     batches_of: dict[int, list[int]] = defaultdict(list)
     for batch_id, group in sorted(group_of.items()):
@@ -1305,12 +1302,10 @@ def _judging_groups(state: RoundState, *, judged_by_both: set[int], unlike: set[
                 standalone.add(batch.id)
             lane = notes.get(COVERAGE_LANE_NOTE)
             if lane is None:  # in id order: an earlier batch's lane is known by now
-                nearest = nearest_batches.get(batch.id, Counter())
-                kin = sum(count for other, count in nearest.items() if lanes.get(other) == "unlike")
-                if batch.id in unlike or (kin >= MIN_UNLIKE_LANE_IMAGES and kin * 2 > sum(nearest.values())):
-                    lane = "unlike"
-                elif batch.id in judged_by_both:
-                    lane = "like"
+                nearest_lanes: Counter = Counter()
+                for other, count in nearest_batches.get(batch.id, Counter()).items():
+                    nearest_lanes[lanes.get(other)] += count
+                lane = first_lane(unlike_alone=batch.id in unlike, nearest_lanes=nearest_lanes, judged_by_both=batch.id in judged_by_both)
                 if lane is not None:
                     batch.notes = {**notes, COVERAGE_LANE_NOTE: lane}
             if lane is not None:

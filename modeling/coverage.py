@@ -150,6 +150,30 @@ def unfamiliar_share_by_group(*, finding: Finding, groups: np.ndarray) -> dict[A
     return out
 
 
+# A small ingest's lane (judging_groups' `lanes`): "unlike" when at least half its scored images, and at least this
+# many, read unlike the labels: 1 of 1 or 1 of 2 would read unlike 11-21% of the time for an ingest like the labels
+UNLIKE_LANE_SHARE = 0.5
+MIN_UNLIKE_LANE_IMAGES = 3
+
+
+def reads_unlike_alone(share: Mapping[str, Any]) -> bool:
+    """Whether an ingest judged alone (a value of unfamiliar_share_by_group) is of the "unlike" lane by its own images."""
+    return share["share_unfamiliar"] >= UNLIKE_LANE_SHARE and share["n_unfamiliar"] >= MIN_UNLIKE_LANE_IMAGES
+
+
+def first_lane(*, unlike_alone: bool, nearest_lanes: Mapping[Hashable, int], judged_by_both: bool) -> str | None:
+    """The lane a small ingest is put in when first judged, or None (not decided yet: judged again next round).
+    "unlike": it reads unlike the labels on its own, or is kin of that lane: most of its images' nearest labeled images
+    (`nearest_lanes`: the lane of the batch each came in -> how many) came in "unlike" batches, at least
+    MIN_UNLIKE_LANE_IMAGES of them (a new camera's later days, once its first days taught the model). "like" only once
+    both the training and the test labels could judge it: with too few test labels a new camera's days read like the
+    training labels that came with them."""
+    kin = nearest_lanes.get("unlike", 0)
+    if unlike_alone or (kin >= MIN_UNLIKE_LANE_IMAGES and kin * 2 > sum(nearest_lanes.values())):
+        return "unlike"
+    return "like" if judged_by_both else None
+
+
 def judging_groups(*, batch_sizes: Mapping[int, int], standalone: Collection[int] = (), lanes: Mapping[int, Hashable] | None = None,
                    min_images: int = MIN_GROUP_IMAGES) -> dict[int, int]:
     """batch id -> the id of the group it is judged in (its first batch's id). A batch of at least `min_images`

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from modeling.coverage import (EXPECTED_SHARE, MAX_SCORED_TOTAL, MIN_GROUP_IMAGES, MIN_REFERENCE, MIN_SCORED_PER_GROUP, find_unfamiliar_images,
+                               first_lane, reads_unlike_alone,
                                judging_groups, sample_per_group, unfamiliar_share_by_group)
 
 DIM = 48
@@ -118,3 +119,21 @@ def test_small_ingests_of_two_lanes_in_turn_make_groups_of_their_own_lane() -> N
     groups = judging_groups(batch_sizes=sizes, lanes=lanes, min_images=40)
     assert {b for b in groups if groups[b] == 3} == {3, 5, 7, 9, 11} and {b for b in groups if groups[b] == 2} == {2, 4, 6, 8, 10}
     assert groups[13] == groups[15] == 13 and groups[12] == groups[14] == 12
+
+
+def test_an_ingest_reads_unlike_alone_only_with_half_its_images_and_at_least_three_unlike() -> None:
+    # one odd image of a day of the old camera (1 of 1, 1 of 2, 2 of 2) must not open a lane of its own
+    def share(n_unlike: int, n_scored: int) -> dict:
+        return {"n_scored": n_scored, "n_unfamiliar": n_unlike, "share_unfamiliar": n_unlike / n_scored}
+
+    assert [reads_unlike_alone(share(u, n)) for u, n in ((1, 1), (1, 2), (2, 2), (3, 3), (3, 6), (3, 7), (4, 8), (9, 20))] == [
+        False, False, False, True, True, False, True, False]
+
+
+def test_a_small_ingest_is_kin_of_the_unlike_lane_only_when_most_of_its_nearest_labels_and_three_came_in_it() -> None:
+    assert first_lane(unlike_alone=True, nearest_lanes={}, judged_by_both=False) == "unlike"  # decided at once
+    assert first_lane(unlike_alone=False, nearest_lanes={"unlike": 3, "like": 2}, judged_by_both=False) == "unlike"
+    assert first_lane(unlike_alone=False, nearest_lanes={"unlike": 2}, judged_by_both=True) == "like"  # too few kin
+    assert first_lane(unlike_alone=False, nearest_lanes={"unlike": 4, "like": 3, None: 1}, judged_by_both=True) == "like"  # not most
+    # like the labels, but only one of the two checks could judge it: not decided yet
+    assert first_lane(unlike_alone=False, nearest_lanes={"like": 8}, judged_by_both=False) is None
