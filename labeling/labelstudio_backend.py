@@ -921,21 +921,26 @@ class LabelStudioBackend:
             if after is not None and not unpulled:
                 event.external_updated_at = after
 
+    def project_for_tasks(self, *, session: Session, project: Project) -> tuple[int, list[str]]:
+        """ensure_project outside a push (`loop labelstudio webhook`, `loop rename-class`): the Label Studio project id
+        and the warnings of the way there. A project found no longer the store's is retired as the pull does it, said,
+        and the images whose task there waited are asked again at the next round (no push follows here)."""
+        report = PushReport()
+        ls_project_id = self.ensure_project(project, session=session, report=report)
+        if report.gone_image_ids:
+            requeue_newest_asks(session, project.id, report.gone_image_ids)
+        return ls_project_id, list(report.warnings)
+
     def show_classes(self, *, session: Session, project: Project) -> list[str]:
         """The project's classes (project.classes) as the choices annotators see, in the Label Studio project its tasks
         are in (none is made for a project that has no task there yet). Returns warnings: why the choices were kept
-        (the next round's push tries again), and a project found no longer the store's (retired on the way, its waiting
-        images asked again at the next round)."""
+        (the next round's push tries again), and a project found no longer the store's (project_for_tasks)."""
         if not self._task_projects(session, project):
             return []
-        report = PushReport()
         try:
-            self.ensure_project(project, session=session, report=report)
+            return self.project_for_tasks(session=session, project=project)[1]
         except (httpx.HTTPError, ApiError, lsc.LabelStudioError) as error:
-            return [*report.warnings, f"Label Studio kept its choices ({_describe(error)}); the next round's push tries again"]
-        if report.gone_image_ids:  # no push follows here: the next round asks them again
-            requeue_newest_asks(session, project.id, report.gone_image_ids)
-        return list(report.warnings)
+            return [f"Label Studio kept its choices ({_describe(error)}); the next round's push tries again"]
 
 
 # ---------------------------------------------------------------------------------------------------------

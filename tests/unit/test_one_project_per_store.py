@@ -94,3 +94,17 @@ def test_two_inits_that_passed_the_free_store_check_at_the_same_moment_add_one_p
     add_project_row(shared, tmp_path / "line-a", configs["line-a"])
     with pytest.raises(ConfigError, match="already holds project 'line-a'"):
         add_project_row(shared, tmp_path / "line-b", configs["line-b"])
+
+
+def test_registering_the_webhook_waits_its_turn_behind_a_round_it_could_retire_tasks_under(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    # `loop labelstudio webhook` may retire a Label Studio project no longer the store's, rewriting label events and
+    # tasks: with a round running it is refused before Label Studio is contacted (none runs here), not run beside it
+    from loop.project import project_lock
+
+    monkeypatch.setenv("LOOP_LABELSTUDIO_WEBHOOK_SECRET", "s" * 32)
+    assert init(tmp_path / "line").exit_code == 0
+    ctx = open_project(tmp_path / "line")
+    with project_lock(ctx.root, action="loop round", engine=ctx.engine):
+        busy = runner.invoke(app, ["labelstudio", "webhook", "--project", str(tmp_path / "line"), "--url", "http://127.0.0.1:9/webhooks/labelstudio"])
+    said = " ".join(busy.output.split())
+    assert busy.exit_code == 2 and "loop round running as pid" in said, said
