@@ -96,7 +96,7 @@ def test_two_inits_that_passed_the_free_store_check_at_the_same_moment_add_one_p
         add_project_row(shared, tmp_path / "line-b", configs["line-b"])
 
 
-def test_registering_the_webhook_waits_its_turn_behind_a_round_it_could_retire_tasks_under(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_registering_the_webhook_is_refused_while_a_round_runs_since_it_could_retire_tasks_under_it(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     # `loop labelstudio webhook` may retire a Label Studio project no longer the store's, rewriting label events and
     # tasks: with a round running it is refused before Label Studio is contacted (none runs here), not run beside it
     from loop.project import project_lock
