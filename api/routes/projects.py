@@ -1,16 +1,17 @@
 """Projects, their rounds and the progress series behind the dashboard's charts."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import tempfile
 import threading
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse, Response
-from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 from api.dependencies import BrowserReadScope, Limit, Offset, ProjectProcessDep, ReadScope, ResponseCacheDep, RowId, SessionDep
 from api.schemas import ErrorOut, PageOut, ProgressOut, ProjectOut, RoundSummaryOut
@@ -58,6 +59,27 @@ def progress(project_id: RowId, session: SessionDep, cache: ResponseCacheDep, pr
 
 
 EXPORT_MEDIA_TYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
+
+
+class _ExportFileResponse(FileResponse):
+    """An export written for this request: sent whole, then removed, however the sending ends. Each request writes
+    its export anew (the store may have changed since), so a byte range of an earlier download would splice two
+    different files: a Range header is ignored (no Accept-Ranges offered). A background task would not do: Starlette
+    skips it when it answers a Range header itself (400/416) or the client goes away, leaving the file behind."""
+
+    def __init__(self, path: str, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        if "accept-ranges" in self.headers:
+            del self.headers["accept-ranges"]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "headers": [(key, value) for key, value in scope["headers"] if key.lower() not in (b"range", b"if-range")]}
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 _EXPORTING = threading.Lock()  # held while an export is written (sending it is not counted)
 
 
@@ -102,4 +124,4 @@ def export_images(
     finally:
         _EXPORTING.release()
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", project.name) + (f"-round-{source.round_number}" if source.round_number else "") + f".{format}"
-    return FileResponse(handle.name, media_type=EXPORT_MEDIA_TYPES[format], filename=name, background=BackgroundTask(os.unlink, handle.name))
+    return _ExportFileResponse(handle.name, media_type=EXPORT_MEDIA_TYPES[format], filename=name)

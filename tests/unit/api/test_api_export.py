@@ -50,6 +50,21 @@ def test_export_is_the_latest_completed_rounds_predictions_and_findings_per_imag
     assert records[image[1]]["p_good"] == 0.9 and records[image[3]]["near_duplicate_of"] is None
 
 
+def test_an_export_is_sent_whole_and_removed_whatever_range_a_client_asks(client: TestClient, read_headers, seeded_store: SeededStore,
+                                                                          tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    # each export is written anew, so a range of an earlier download would splice two files; and Starlette answered a
+    # bad or unsatisfiable Range itself (400/416) without the task that removed the file: a full copy left per request
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    base = f"/projects/{seeded_store.project_id}/export"
+    whole = client.get(base, headers=read_headers)
+    assert whole.status_code == 200 and "accept-ranges" not in whole.headers
+    for asked in ("bytes=abc", "bytes=99999999-", "bytes=0-9", "bytes=0-1,5-9"):
+        response = client.get(base, headers={**read_headers, "Range": asked})
+        assert (response.status_code, response.text) == (200, whole.text), asked
+    assert client.get(base + "?format=jsonl", headers={**read_headers, "Range": "bytes=abc"}).status_code == 200
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_refuses_what_it_cannot_give(client: TestClient, read_headers, seeded_store: SeededStore) -> None:  # noqa: ANN001
     base = f"/projects/{seeded_store.project_id}/export"
     assert client.get(base).status_code == 401
