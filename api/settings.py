@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     # A 12000x12000 PNG is 140 KB on the wire and 430 MB decoded: pixels are capped, not only bytes. The default is
     # what ingest and the round decode (PIL's decompression-bomb limit), so no frame the model was trained on is refused;
     # /predict decodes one image at a time.
-    max_upload_pixels: int = Field(default=2 * PILImage.MAX_IMAGE_PIXELS, gt=0, description="most pixels of one image in /predict")
+    max_upload_pixels: int = Field(default=2 * PILImage.MAX_IMAGE_PIXELS, gt=0, description="most pixels of one image in /predict (PIL refuses more than its default anyway)")
 
     @field_validator("api_token", "api_read_token", "labelstudio_webhook_secret", mode="before")
     @classmethod

@@ -60,8 +60,8 @@ def decode_image(data: bytes, *, filename: str | None, bit_depth: int | None = N
         raise
     except UnidentifiedImageError:
         raise ImageRejected(f"{name!r} is not an image PIL can read (unknown format)") from None
-    except PILImage.DecompressionBombError as exc:
-        raise ImageRejected(f"{name!r} has too many pixels: {exc}") from None
+    except PILImage.DecompressionBombError as exc:  # over PIL's own guard, whatever max_pixels says: ingest quarantines these too
+        raise ImageTooLarge(f"{name!r} has too many pixels: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(f"{name!r} could not be decoded: {exc}") from None
 

@@ -215,3 +215,15 @@ def test_an_image_with_too_many_pixels_is_413_and_one_too_small_to_be_a_part_is_
         for size in (1, 7):
             tiny = client.post("/predict", headers=full_headers, files=_files(("tiny.png", png_bytes((0, 0, 0), size=size), "image/png")))
             assert tiny.status_code == 422 and "too small" in tiny.json()["detail"]
+
+
+def test_an_image_over_pils_own_pixel_guard_is_413_too_whatever_the_setting(writable_store: SeededStore, full_headers: dict[str, str],
+                                                                              monkeypatch) -> None:  # noqa: ANN001
+    from PIL import Image as PILImage
+
+    # PIL refuses twice its MAX_IMAGE_PIXELS before max_upload_pixels is read: that was a 422, so at the default setting
+    # (that limit) no 413 was ever given. Scaled down: a guard of 2 x 500 pixels, a 40x40 image
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 500)
+    with TestClient(create_app(make_settings(writable_store.project_dir, max_upload_pixels=10**9))) as client:
+        bomb = client.post("/predict", headers=full_headers, files=_files(("bomb.png", png_bytes((128, 128, 128), size=40), "image/png")))
+    assert bomb.status_code == 413 and "too many pixels" in bomb.json()["detail"]
