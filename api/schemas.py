@@ -86,7 +86,8 @@ class LabelCountsOut(Schema):
     by_class: dict[str, int]
     ties: int = Field(description="images whose annotators disagree evenly: kept out of training")
     total_labeled: int
-    new_events_by_source: dict[str, int] = Field(description="label events recorded by this round")
+    new_events_by_source: dict[str, int] = Field(description="label events this round's pull recorded. Answers the Label Studio webhook "
+                                                 "recorded between rounds belong to no round: they show in by_source, not here")
 
 
 class EpochOut(Schema):
@@ -278,7 +279,8 @@ class ProgressOut(Schema):
     metrics: list[MetricSeriesOut]
     labels_by_source: dict[str, list[int]]
     ties: list[int]
-    new_label_events_by_source: dict[str, list[int]]
+    new_label_events_by_source: dict[str, list[int]] = Field(description="per round, the label events its pull recorded (webhook answers "
+                                                             "belong to no round: see labels_by_source)")
 
 
 class ImagePredictionOut(Schema):

@@ -362,11 +362,16 @@ def as_utc(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
-def round_label_cutoff(round_: Round) -> datetime | None:
-    """The moment whose labels a round's counts show; None: every event so far."""
+def round_label_cutoff(round_: Round, *, last_own_event: datetime | None = None) -> datetime | None:
+    """The moment whose labels a round's counts show; None: every event so far. A round that ended without finishing
+    (killed, and marked failed by the next round) shows its start, or its own newest label event when it recorded any:
+    its pull committed them, and its counts of new labels name them, so its totals hold them too."""
     if round_.finished_at is not None:
         return as_utc(round_.finished_at)
-    return None if round_.status == "running" else as_utc(round_.started_at)
+    if round_.status == "running":
+        return None
+    started = as_utc(round_.started_at)
+    return started if last_own_event is None or (started is not None and last_own_event < started) else last_own_event
 
 
 def _project_label_events(session: Session, project_id: int) -> list[Any]:
@@ -413,6 +418,10 @@ class _LabelTimeline:
         self.events = events
         self.times = [as_utc(event.created_at) for event in events]
         self.new_events_by_round = _events_by_round(events)
+        self.last_event_at_by_round: dict[int, datetime] = {}  # in time order: the last one written wins
+        for event, when in zip(events, self.times):
+            if event.round_id is not None and when is not None:
+                self.last_event_at_by_round[event.round_id] = when
         self._counts_at: dict[datetime, tuple[dict[str, int], dict[str, int], int]] = {}
         self._lock = threading.Lock()
 
@@ -458,7 +467,8 @@ FAR_FUTURE = datetime.max.replace(tzinfo=timezone.utc)
 def label_counts_by_round(session: Session, *, project_id: int, rounds: Sequence[Round]) -> dict[int, LabelCounts]:
     """round id -> label counts (the labels in the store when each round finished), from one pass over the events."""
     timeline = _label_timeline(session, project_id)
-    cutoffs = {round_.id: round_label_cutoff(round_) or FAR_FUTURE for round_ in rounds}
+    cutoffs = {round_.id: round_label_cutoff(round_, last_own_event=timeline.last_event_at_by_round.get(round_.id)) or FAR_FUTURE
+               for round_ in rounds}
     counts = timeline.counts_at(cutoffs.values())
     result: dict[int, LabelCounts] = {}
     for round_ in rounds:

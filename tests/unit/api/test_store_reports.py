@@ -35,6 +35,23 @@ def test_event_order_is_by_time_not_insertion(writable_store: SeededStore) -> No
     assert counts[writable_store.round_ids[1]].by_class == {"good": 3, "scratch": 4, "spot": 3}
 
 
+def test_a_round_killed_after_its_pull_counts_the_labels_it_recorded_in_its_totals(writable_store: SeededStore) -> None:
+    # R3 (failed, never finished) pulled two answers before it died: they were its new labels but not in its totals,
+    # and the next round's totals held them while it said it recorded none
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        for k, label in ((1, "spot"), (2, "good")):
+            session.add(LabelEvent(image_id=writable_store.image_ids[k], label=label, source="annotator", annotator="a",
+                                   round_id=writable_store.round_ids[3], created_at=T0 + timedelta(hours=3, minutes=1)))
+    with session_scope(engine) as session:
+        rounds = list(session.query(Round).order_by(Round.number))
+        counts = reports.label_counts_by_round(session, project_id=writable_store.project_id, rounds=rounds)
+    engine.dispose()
+    before, killed = counts[writable_store.round_ids[2]], counts[writable_store.round_ids[3]]
+    assert killed.new_events_by_source["annotator"] == 2
+    assert killed.by_source["annotator"] == before.by_source["annotator"] + 2  # was before's: its own answers left out
+
+
 def test_confusion_matrix_of_tolerates_malformed_details() -> None:
     assert reports.confusion_matrix_of({}) is None
     assert reports.confusion_matrix_of({"confusion_matrix": "png"}) is None
