@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Connection, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.caching import VersionedResponseCache
@@ -27,10 +28,21 @@ def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
+def _read_one_moment(_session: Session, _transaction, connection: Connection) -> None:  # noqa: ANN001
+    """The request's reads all see the store at one moment: a round committing meanwhile showed a page its new
+    confusion matrix beside the previous round's gates. SQLite: a transaction of our own (pysqlite opens none for a
+    SELECT, so each saw the newest commit), its snapshot taken at the first read; PostgreSQL: repeatable read."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN")
+    elif connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+
+
 def get_session(request: Request) -> Iterator[Session]:
-    """A session that is never committed: reads never write."""
+    """A session that is never committed: reads never write, and see one moment of the store (_read_one_moment)."""
     factory: sessionmaker[Session] = request.app.state.session_factory
     session = factory()
+    event.listen(session, "after_begin", _read_one_moment)
     try:
         yield session
     finally:

@@ -96,3 +96,40 @@ def upgrade_at_once():
         return sorted(outcomes)
 
     return run
+
+
+@pytest.fixture
+def reads_see_one_moment():
+    """reads_see_one_moment(url, project_id) -> (rounds counted by an API request's session before, after another
+    connection committed a round meanwhile, by a request started after it): the API's reads must see one moment."""
+
+    def check(url: str, project_id: int) -> tuple[int, int, int]:
+        from types import SimpleNamespace
+
+        from sqlalchemy import func, select
+        from sqlalchemy.orm import sessionmaker
+
+        from api.dependencies import get_session
+        from store.db import create_db_engine, session_scope
+        from store.models import Round
+
+        engine = create_db_engine(url)
+        request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(session_factory=sessionmaker(engine))))
+        try:
+            counted = []
+            sessions = get_session(request)
+            session = next(sessions)
+            counted.append(session.scalar(select(func.count(Round.id))))
+            with session_scope(engine) as writer:  # a round finishing while the request reads
+                number = writer.scalar(select(func.max(Round.number)).where(Round.project_id == project_id)) or 0
+                writer.add(Round(project_id=project_id, number=number + 1, status="completed"))
+            counted.append(session.scalar(select(func.count(Round.id))))
+            sessions.close()
+            later = get_session(request)
+            counted.append(next(later).scalar(select(func.count(Round.id))))
+            later.close()
+            return counted[0], counted[1], counted[2]
+        finally:
+            engine.dispose()
+
+    return check

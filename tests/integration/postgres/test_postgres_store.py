@@ -234,3 +234,20 @@ def test_a_round_whose_store_lock_connection_was_dropped_takes_the_lock_again_or
     finally:
         other_holder.close()
         other.dispose()
+
+
+def test_an_api_requests_reads_see_the_postgres_store_at_one_moment(postgres, reads_see_one_moment) -> None:  # noqa: ANN001
+    # read committed gave each SELECT the newest commit: a page could mix a round finishing with the one before
+    from store.db import upgrade_schema
+
+    url = postgres.new_database()
+    upgrade_schema(url)
+    engine = create_engine(url)
+    with session_scope(engine) as session:
+        project = Project(name="line", root_dir="/tmp/line", classes=["good", "dent"], negative_class="good")
+        session.add(project)
+        session.flush()
+        project_id = project.id
+    engine.dispose()
+    before, during, after = reads_see_one_moment(url, project_id)
+    assert (during, after) == (before, before + 1)

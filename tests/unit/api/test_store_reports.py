@@ -68,3 +68,10 @@ def test_per_class_f1_from_progress(seeded_store: SeededStore) -> None:
         assert reports.progress_series(session, project_id=999) is None
     engine.dispose()
     assert reports.per_class_f1(progress) == {"good": [0.8, 0.9, None, None], "scratch": [0.6, 0.7, None, None], "spot": [0.55, 0.74, None, None]}
+
+
+def test_an_api_requests_reads_see_the_store_at_one_moment(writable_store: SeededStore, reads_see_one_moment) -> None:  # noqa: ANN001
+    # pysqlite opens no transaction for a SELECT: each read saw the newest commit, and a dashboard polled while a round
+    # finished showed its confusion matrix beside the previous round's gates
+    before, during, after = reads_see_one_moment(writable_store.url, writable_store.project_id)
+    assert (during, after) == (before, before + 1)
