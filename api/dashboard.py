@@ -68,6 +68,18 @@ def _nice_max(value: float) -> float:
     return 10 ** (exponent + 1)
 
 
+def _count_axis_max(value: float) -> float:
+    """The top of a count axis whose four grid steps are whole numbers (62.5 labels read as half a label)."""
+    need = max(value, 1.0) / 4 if math.isfinite(value) else 0.25
+    exponent = math.floor(math.log10(need))
+    for power in (exponent, exponent + 1):
+        for mantissa in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 7.5, 8):
+            step = mantissa * 10.0**power
+            if step >= need and step.is_integer():
+                return 4 * step
+    return 4 * 10.0 ** (exponent + 2)
+
+
 def _y_range(values: Sequence[float | None], extra: Sequence[float | None] = ()) -> tuple[float, float]:
     seen = [v for v in (*values, *extra) if v is not None and math.isfinite(v)]
     if not seen:
@@ -186,7 +198,7 @@ def multi_line_chart(chart_id: str, title: str, series: dict[str, list[float | N
 def stacked_bar_chart(chart_id: str, title: str, stacks: dict[str, list[int]], round_numbers: Sequence[int],
                       colors: dict[str, str], frame: Frame = Frame(width=560, height=250)) -> str:
     totals = [sum(values[i] for values in stacks.values()) for i in range(len(round_numbers))]
-    y_low, y_high = 0.0, _nice_max(max(totals, default=0) * 1.05)
+    y_low, y_high = 0.0, _count_axis_max(max(totals, default=0) * 1.05)
     xs = _x_positions(len(round_numbers), frame) if len(round_numbers) > 1 else [frame.left + frame.plot_width / 2]
     slot = frame.plot_width / max(len(round_numbers), 1)
     bar_width = max(2.0, min(36.0, slot * 0.7))
@@ -338,11 +350,11 @@ def issue_queue_table(issues: Sequence[LabelIssueRow], total: int, round_number:
         return '<p class="empty">No flagged label issues.</p>'
     image_query = f"{token_query}&amp;view=display" if token_query else "?view=display"  # TIFF and 16-bit files as the model sees them
     rows = []
-    for issue in issues:
+    for position, issue in enumerate(issues, start=1):  # the queue's order; stored ranks count from 0
         changed = issue.current_label is not None and issue.current_label != issue.given_label
         now = escape(issue.current_label or "unlabeled") + (" ✓ relabeled" if changed else "")
         rows.append(
-            f'<tr class="issue" data-image-id="{issue.image_id}"><td>{issue.rank}</td>'
+            f'<tr class="issue" data-image-id="{issue.image_id}"><td>{position}</td>'
             f'<td><img class="thumb" loading="lazy" alt="image {issue.image_id}" src="/images/{issue.image_id}{image_query}"></td>'
             f'<td>{escape(issue.kind)}</td><td>{escape(issue.given_label or "–")}</td>'
             f'<td><b>{escape(issue.suggested_label or "–")}</b></td><td>{_fmt(issue.score, 3)}</td><td>{now}</td></tr>'

@@ -158,3 +158,14 @@ def test_the_cards_say_a_newer_round_is_running(client: TestClient) -> None:
     html = client.get("/dashboard", headers={"Authorization": f"Bearer {READ_TOKEN}"}).text
     assert re.search(r'rounds</div><div class="card-value">4 <span class="issue-round-note">\(R4 running\? <span class="no-process"', html), html[:2000]
     assert re.search(r'latest round</div><div class="card-value">R2 · completed<', html)
+
+
+def test_the_label_count_chart_has_whole_number_ticks() -> None:
+    # a top of 250 put grid lines at 62.5 and 187.5 labels
+    from api.dashboard import stacked_bar_chart
+
+    for totals in ([3], [10, 62], [150, 237], [900, 1234]):
+        svg = stacked_bar_chart("labels", "labels", {"oracle": totals}, list(range(1, len(totals) + 1)), {"oracle": "#000"})
+        ticks = [unescape(t) for t in re.findall(r'<text class="tick" [^>]*>([^<]*)</text>', svg)]
+        assert len(ticks) == 5 and all(float(t.replace(",", "")).is_integer() for t in ticks), ticks
+        assert float(ticks[-1].replace(",", "")) >= max(totals)
