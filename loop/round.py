@@ -611,10 +611,21 @@ def train_model(state: RoundState) -> None:
     init_from = state.details.get("init_from")
     if init_from and state.init_training_options and training_strategy(state) != "head":
         # what the network did with the transferred head, not what was hoped (`head` refits its own, as init said)
-        used = bool((getattr(state.classifier, "config", None) or {}).get("head_transferred"))
-        if not used:
+        trained_with = getattr(state.classifier, "config", None) or {}
+        used = bool(trained_with.get("head_transferred"))
+        weighed = trained_with.get("head_weighed")
+        if not used and trained_with.get("head_transfer_fits") is False:
             init_from["head"] = (f"{init_from['head']}, but not used: its rows do not fit this network's head (the source "
                                  "model's head read other features: another pooling or backbone); the head was started afresh")
+        elif not used and weighed:
+            init_from["head"] = (f"{init_from['head']}, but not used: the probe fitted on this project's labels classified its validation "
+                                 f"images at least as well (macro F1 {weighed['probe_val_macro_f1']:.3f} against "
+                                 f"{weighed['transferred_val_macro_f1']:.3f}); fine-tuning started from the probe")
+        elif not used:
+            init_from["head"] = (f"{init_from['head']}, but not used: no validation labels to weigh it against the probe fitted on this "
+                                 "project's labels, which started fine-tuning")
+        if weighed:
+            init_from["head_weighed"] = weighed
         init_from["head_used"] = used
 
 
@@ -635,7 +646,8 @@ def compute_finetuned_out_of_fold(state: RoundState) -> None:
                 class_names=list(state.config.classes), train_paths=[state.paths[i] for i in positions], train_labels=state.labels[positions],
                 train_embeddings=state.embeddings[positions], validation_paths=[], validation_labels=np.zeros(0, dtype=np.int64),
                 validation_embeddings=state.embeddings[:0], backbone=state.backbone, preprocessing=state.preprocessing, seed=state.config.loop.seed,
-                options={"cache_dir": str(state.ctx.cache_dir), **state.init_training_options, **state.config.model.training},
+                options={"cache_dir": str(state.ctx.cache_dir), **state.init_training_options, **state.config.model.training,
+                         "head_start": trained_with.get("head_start")},  # a transferred head or the probe, as the deployed one
             ),
             strategy=strategy,
             # the deployed network's kept epoch (0: the probe) on its own schedule

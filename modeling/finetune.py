@@ -715,11 +715,12 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
         view_maps.append(prefix_feature_maps(runner, data.train_paths, data.preprocessing, view=view))
     feature_seconds = time.perf_counter() - t0
 
-    transferred_head = _initialise_head(network, data=data, train_maps=train_maps, train_labels=train_labels, config=config, rng=rng)
+    head_record: dict[str, Any] = {}
+    head_start = _initialise_head(network, data=data, train_maps=train_maps, train_labels=train_labels, validation_maps=validation_maps,
+                                  validation_labels=validation_labels, config=config, rng=rng, record=head_record)
     train_metrics, train_logits = _evaluate(network, train_maps, train_labels, config=config)  # epoch 0, and the view check's baseline
     view_maps, view_check = _drop_views_that_change_the_answer(network, view_names, view_maps, train_labels, config=config,
-                                                               head_is_trained=transferred_head or config.head_init == "probe",
-                                                               identity_logits=train_logits)
+                                                               head_is_trained=head_start != "random", identity_logits=train_logits)
     dropped = set(view_names) - set(view_check["kept"])
     network.tta = tuple(view for view in network.tta if view not in dropped) or ("identity",)  # nor averaged at test time
     view_check["tta"] = list(network.tta)
@@ -754,7 +755,7 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
     history.append(_history_row(0, train_metrics["loss"], train_metrics["accuracy"], val_metrics, time.perf_counter() - started))
     _report(config, history[-1])
     best = _Best(epoch=0, score=_score(val_metrics, train_metrics), state=copy.deepcopy(network.state_dict()), logits=val_logits)
-    if config.head_init == "random" and not transferred_head and int(config.epochs) > 0:
+    if head_start == "random" and int(config.epochs) > 0:
         best.score = (-math.inf,)  # a random head is not a model worth keeping: any trained epoch beats it
     step = 0
     epochs_without_gain = 0
@@ -808,7 +809,9 @@ def _train(data: TrainingData, config: FinetuneConfig, *, strategy: str, rng: np
         data.backbone.pooling,
     )
     config_dict = {key: (list(value) if isinstance(value, tuple) else value) for key, value in config.__dict__.items()}
-    config_dict["head_transferred"] = bool(transferred_head)
+    config_dict["head_transferred"] = head_start == "transferred"
+    config_dict["head_start"] = head_start  # replayed by the out-of-fold networks
+    config_dict.update(head_record)
     config_dict["view_check"] = view_check
     return FinetunedClassifier(
         class_names=list(data.class_names), network=network, backbone=tuned_backbone, preprocessing=data.preprocessing,
@@ -888,8 +891,20 @@ def _state_digest(model: nn.Module) -> str:
     return digest.hexdigest()[:12]
 
 
-def _initialise_head(network: FinetunedNetwork, *, data: TrainingData, train_maps: np.ndarray, train_labels: np.ndarray, config: FinetuneConfig, rng: np.random.Generator) -> bool:
-    """Start the head; True when a transferred head was used."""
+# A transferred head starts fine-tuning only when it beats the probe on this project's validation labels by this much
+# macro F1: it never saw this project's labels, and kept on a tie (its lower validation loss breaks ties) it stayed
+# the deployed model round after round, 5 of 60 of the project's own labels wrong (a QA run, NEU -> NEU at 96 px)
+TRANSFERRED_HEAD_MIN_GAIN = 1e-6
+
+
+def _initialise_head(network: FinetunedNetwork, *, data: TrainingData, train_maps: np.ndarray, train_labels: np.ndarray,
+                     validation_maps: np.ndarray, validation_labels: np.ndarray, config: FinetuneConfig, rng: np.random.Generator,
+                     record: dict[str, Any]) -> str:
+    """Start the head: "transferred", "probe" or "random". A transferred head (another project's, same classes) is
+    weighed against the probe fitted on this project's training labels, on its validation labels: it starts only if
+    it classifies them better, else the probe does (without validation, the probe). An out-of-fold network replays the
+    deployed one's choice (option head_start): its fold has no validation to weigh them on. `record` gets whether a
+    transferred head fits this network (head_transfer_fits) and the two validation scores when weighed."""
     n_classes = len(data.class_names)
     head = network.head
     init_weight, init_bias = data.options.get("init_head_weight"), data.options.get("init_head_bias")
@@ -897,24 +912,40 @@ def _initialise_head(network: FinetunedNetwork, *, data: TrainingData, train_map
     # (multi-layer rows are wider than conv_head's average); otherwise the probe starts it.
     transferable = (init_weight is not None and init_bias is not None and np.shape(init_weight) == tuple(head.weight.shape)
                     and np.shape(init_bias) == tuple(head.bias.shape))
+    replayed = data.options.get("head_start")
+    if init_weight is not None:
+        record["head_transfer_fits"] = bool(transferable)
+
+    def set_head(weight: np.ndarray, bias: np.ndarray) -> None:
+        with torch.no_grad():
+            head.weight.copy_(torch.from_numpy(np.asarray(weight, dtype=np.float32)))
+            head.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
+
+    if transferable and (replayed == "transferred" or config.head_init != "probe"):
+        set_head(init_weight, init_bias)  # better than a random start in any case
+        return "transferred"
+    if config.head_init == "probe":
+        features = _pooled_features(network, train_maps, batch_size=64, channels_last=config.channels_last)
+        weight, bias = fit_linear_head(features=features, labels=train_labels, n_classes=n_classes, seed=data.seed, regularization=config.head_regularization)
+        # A class absent from training keeps a very negative bias: never predicted, and no huge logits to train.
+        probe = (weight, np.maximum(bias, -30.0))
+        set_head(*probe)
+        if not transferable or replayed == "probe" or len(validation_labels) == 0:
+            return "probe"
+        probe_f1 = _evaluate(network, validation_maps, validation_labels, config=config)[0]["macro_f1"]
+        set_head(init_weight, init_bias)
+        transferred_f1 = _evaluate(network, validation_maps, validation_labels, config=config)[0]["macro_f1"]
+        record["head_weighed"] = {"probe_val_macro_f1": round(float(probe_f1), 6), "transferred_val_macro_f1": round(float(transferred_f1), 6)}
+        if transferred_f1 > probe_f1 + TRANSFERRED_HEAD_MIN_GAIN:
+            return "transferred"
+        set_head(*probe)
+        return "probe"
+    # Unit-scale random head: on L2-normalised features this gives logits of order 1.
+    generator = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
     with torch.no_grad():
-        if transferable:
-            weight = np.asarray(init_weight, dtype=np.float32)
-            bias = np.asarray(init_bias, dtype=np.float32)
-            head.weight.copy_(torch.from_numpy(weight))
-            head.bias.copy_(torch.from_numpy(bias))
-        elif config.head_init == "probe":
-            features = _pooled_features(network, train_maps, batch_size=64, channels_last=config.channels_last)
-            weight, bias = fit_linear_head(features=features, labels=train_labels, n_classes=n_classes, seed=data.seed, regularization=config.head_regularization)
-            # A class absent from training keeps a very negative bias: never predicted, and no huge logits to train.
-            head.weight.copy_(torch.from_numpy(weight))
-            head.bias.copy_(torch.from_numpy(np.maximum(bias, -30.0)))
-        else:
-            # Unit-scale random head: on L2-normalised features this gives logits of order 1.
-            generator = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
-            head.weight.copy_(torch.randn(head.weight.shape, generator=generator))
-            head.bias.zero_()
-    return transferable
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator))
+        head.bias.zero_()
+    return "random"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1030,14 +1030,16 @@ def test_a_transferred_head_the_network_could_not_use_is_recorded_as_not_used(pr
     assert invoke("ingest", str(truth), "--project", str(new_line), "--quiet").exit_code == 0
     original = finetune._initialise_head
 
-    def refuses_the_head(network, *, data, **kwargs):  # noqa: ANN001, ANN003, ANN202  (as a head of other features would)
-        return original(network, data=dataclasses.replace(data, options={k: v for k, v in data.options.items() if not k.startswith("init_head_")}), **kwargs)
+    def refuses_the_head(network, *, data, **kwargs):  # noqa: ANN001, ANN003, ANN202  (a head of other features: wider rows)
+        weight = data.options["init_head_weight"]
+        wider = np.concatenate([weight, np.zeros((weight.shape[0], 8), dtype=weight.dtype)], axis=1)
+        return original(network, data=dataclasses.replace(data, options={**data.options, "init_head_weight": wider}), **kwargs)
 
     monkeypatch.setattr(finetune, "_initialise_head", refuses_the_head)
     assert invoke("round", "--project", str(new_line), "--quiet").exit_code == 0
     with session_scope(open_project(new_line).engine) as session:
         init_from = session.scalars(select(Round)).one().details["init_from"]
-    assert init_from["head_used"] is False and init_from["head"].startswith("head transferred") and "but not used" in init_from["head"]
+    assert init_from["head_used"] is False and init_from["head"].startswith("head transferred") and "do not fit this network's head" in init_from["head"]
 
 
 def test_a_project_that_sets_its_cameras_bits_decodes_every_frame_by_them_in_the_round_and_the_deployed_model(

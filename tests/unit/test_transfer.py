@@ -115,10 +115,57 @@ def test_a_finetuned_classifier_round_trips_too(tmp_path, pooling):
     # The head's rows are on the network's own pooled features (3968-d multi-layer or 1280-d average), and a new
     # project pooling the same way starts from that head.
     assert torch.load(path, weights_only=True)["head_features"] == pooling
-    transferred = {"init_head_weight": init.head_weight[[1, 0]], "init_head_bias": init.head_bias[[1, 0]], "threads": 1}
+    # (the out-of-fold networks replay a deployed network that started from the transferred head)
+    transferred = {"init_head_weight": init.head_weight[[1, 0]], "init_head_bias": init.head_bias[[1, 0]], "threads": 1, "head_start": "transferred"}
     again = train_finetuned(dataclasses.replace(data, options=transferred),
                             FinetuneConfig(epochs=0, threads=1, trainable_stages=1), strategy="finetune")
-    assert again.config["head_transferred"]
+    assert again.config["head_transferred"] and again.config["head_transfer_fits"]
+    np.testing.assert_allclose(again.head_weight, init.head_weight[[1, 0]], rtol=1e-6)
+
+
+def test_a_transferred_head_starts_fine_tuning_only_if_it_classifies_this_projects_validation_labels_better_than_the_probe(tmp_path):
+    # it never saw this project's labels: kept on a tie (its lower validation loss broke it) it stayed the deployed
+    # model round after round, with 5 of 60 of the project's own labels wrong
+    from pathlib import Path
+
+    from PIL import Image
+
+    from modeling.finetune import FinetuneConfig, train_finetuned
+    from modeling.training import TrainingData
+
+    backbone = create_backbone("efficientnet_lite0")
+    rng = np.random.default_rng(0)
+    paths, labels = [], []
+    for index in range(12):
+        path = Path(tmp_path) / f"{index}.png"
+        Image.fromarray((rng.random((48, 48)) * (60 if index % 2 else 255)).astype(np.uint8)).save(path)
+        paths.append(str(path))
+        labels.append(index % 2)
+    empty = np.zeros((0, backbone.num_features), dtype=np.float32)
+    data = TrainingData(["dark", "bright"], paths[:8], np.array(labels[:8]), empty, paths[8:], np.array(labels[8:]), empty,
+                        backbone, Preprocessing(48, backbone.mean, backbone.std), options={"threads": 1})
+    config = FinetuneConfig(epochs=0, threads=1, trainable_stages=1)
+    probe = train_finetuned(data, config, strategy="finetune")
+    assert probe.config["head_start"] == "probe" and "head_weighed" not in probe.config
+
+    def started_from(weight, bias, **extra):  # noqa: ANN001, ANN202
+        return train_finetuned(dataclasses.replace(data, options={"init_head_weight": weight, "init_head_bias": bias, "threads": 1, **extra}),
+                               config, strategy="finetune")
+
+    # as good as the probe (it is the probe's own head): the probe, fitted on this project's labels, starts
+    tie = started_from(probe.head_weight, probe.head_bias)
+    assert tie.config["head_start"] == "probe" and not tie.config["head_transferred"]
+    assert tie.config["head_weighed"]["transferred_val_macro_f1"] == tie.config["head_weighed"]["probe_val_macro_f1"]
+    # worse (its rows swapped: dark read as bright): the probe starts
+    wrong = started_from(probe.head_weight[[1, 0]], probe.head_bias[[1, 0]])
+    assert wrong.config["head_start"] == "probe" and wrong.config["head_weighed"]["transferred_val_macro_f1"] < 0.5
+    np.testing.assert_allclose(wrong.head_weight, probe.head_weight, rtol=1e-5, atol=1e-6)
+    # better on validation than the probe: the transferred head starts (a probe regularised to nothing says one class)
+    weak = FinetuneConfig(epochs=0, threads=1, trainable_stages=1, head_regularization=1e-9)
+    better = train_finetuned(dataclasses.replace(data, options={"init_head_weight": probe.head_weight, "init_head_bias": probe.head_bias,
+                                                                "threads": 1}), weak, strategy="finetune")
+    assert better.config["head_start"] == "transferred" and better.config["head_transferred"]
+    assert better.config["head_weighed"]["transferred_val_macro_f1"] > better.config["head_weighed"]["probe_val_macro_f1"]
 
 
 def test_a_full_disk_while_saving_names_the_checkpoint_and_leaves_neither_half_file(classifier, tmp_path, monkeypatch):
