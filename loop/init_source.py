@@ -63,17 +63,22 @@ def _project_checkpoint(root: Path) -> InitSource:
     for number, details, artifacts in rounds:
         checkpoint = _checkpoint_file(root, number, (artifacts or {}).get("model_checkpoint"))
         if checkpoint is not None:
-            with_model.append((number, str(((details or {}).get("training") or {}).get("strategy") or "head"), checkpoint))
+            training = (details or {}).get("training") or {}
+            strategy = str(training.get("strategy") or "head")
+            # epoch 0 of fine-tuning is the frozen backbone: a round that kept it changed no backbone weight
+            tuned = strategy in FINE_TUNED and int(training.get("best_epoch") or 0) > 0
+            with_model.append((number, strategy, checkpoint, tuned))
     if not with_model:
         raise FileNotFoundError(f"project {root} has no completed round with a model checkpoint: run a round there first, "
                                 "or pass a checkpoint file to --init-from")
-    number, strategy, checkpoint = with_model[0]
+    number, strategy, checkpoint, tuned = with_model[0]
     description = f"round {number} ({strategy}) of project {name!r}, its newest completed round"
-    if strategy not in FINE_TUNED:
-        tuned = next(((n, s, c) for n, s, c in with_model if s in FINE_TUNED), None)
-        if tuned is not None:  # a head round keeps the backbone it started from: the fine-tuning of an earlier round is not in it
-            description += (f"; its backbone is not fine-tuned, round {tuned[0]} ({tuned[1]}) fine-tuned one: "
-                            f"--init-from {tuned[2]} starts from that instead")
+    if not tuned:
+        earlier = next(((n, s, c) for n, s, c, t in with_model if t), None)
+        if earlier is not None:  # a head round keeps the backbone it started from: the fine-tuning of an earlier round is not in it
+            kept_frozen = " (its fine-tuning kept epoch 0, the frozen backbone)" if strategy in FINE_TUNED else ""
+            description += (f"; its backbone is not fine-tuned{kept_frozen}, round {earlier[0]} ({earlier[1]}) fine-tuned one: "
+                            f"--init-from {earlier[2]} starts from that instead")
     return InitSource(checkpoint, description)
 
 

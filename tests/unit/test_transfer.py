@@ -185,3 +185,32 @@ def test_a_full_disk_while_saving_names_the_checkpoint_and_leaves_neither_half_f
         save_model_checkpoint(classifier, path)
     assert raised.value.errno == errno.ENOSPC
     assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]
+
+
+def test_init_from_a_project_points_to_a_round_that_really_fine_tuned_its_backbone(tmp_path):
+    # a finetune round that kept epoch 0 (the frozen backbone) was recommended as "fine-tuned": its backbone tensors
+    # were the pretrained ones, bit for bit
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.init_source import resolve_init_source
+    from loop.project import open_project
+    from store.db import session_scope
+    from store.models import Project, Round
+
+    source = tmp_path / "metal"
+    assert CliRunner().invoke(app, ["init", str(source), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+    rounds = {1: ("finetune", 3), 2: ("finetune", 0), 3: ("head", None)}
+    with session_scope(open_project(source).engine) as session:
+        project_id = session.query(Project.id).scalar()
+        for number, (strategy, best_epoch) in rounds.items():
+            (source / "artifacts" / f"round-{number:03d}").mkdir(parents=True)
+            (source / "artifacts" / f"round-{number:03d}" / "model.pt").write_bytes(b"x")
+            session.add(Round(project_id=project_id, number=number, status="completed",
+                              details={"training": {"strategy": strategy, "best_epoch": best_epoch}}))
+    told = resolve_init_source(source).description
+    assert told.startswith("round 3 (head)") and "round 1 (finetune) fine-tuned one" in told and "round 2" not in told
+    with session_scope(open_project(source).engine) as session:  # the newest is the finetune round that kept epoch 0
+        session.query(Round).filter(Round.number == 3).delete()
+    told = resolve_init_source(source).description
+    assert "round 2 (finetune)" in told and "kept epoch 0, the frozen backbone" in told and "round 1 (finetune) fine-tuned one" in told
