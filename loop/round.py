@@ -60,7 +60,7 @@ from modeling.onnx_export import export_onnx
 from modeling.plots import plot_confusion_matrix, plot_gates_over_rounds, plot_training_curves
 from modeling.preprocessing import Preprocessing, decode_key, remove_caches_of_older_decoding
 from modeling.selection import DUPLICATE_SIMILARITY, select_batch
-from modeling.transfer import find_model_checkpoint, load_init_checkpoint, save_model_checkpoint
+from modeling.transfer import checkpoint_backbone_name, load_init_checkpoint, save_model_checkpoint
 from modeling.training import HEAD_OPTIONS, TrainedClassifier, TrainingData, available_training_strategies, head_fit_predict, train_classifier
 from store import session_scope
 from store.db import confirm_store_lock, shown_url
@@ -2010,9 +2010,15 @@ def check_round_options(ctx: ProjectContext, options: RoundOptions) -> None:
         if not path.is_file():
             raise RoundFailed(f"the checkpoint this project starts from, {path}, is missing ({origin}): put it back, or start a new project")
         try:
-            find_model_checkpoint(path)
+            held = checkpoint_backbone_name(path)
         except ValueError as error:
             raise RoundFailed(f"the checkpoint this project starts from is damaged: {error} ({origin})") from None
+        # the rounds run the checkpoint's backbone: loop.toml saying another one (edited since loop init) was ignored
+        if model.backbone != held or model.weights != "default":
+            said = f"backbone = {model.backbone!r}" + (f", weights = {model.weights!r}" if model.weights != "default" else "")
+            raise RoundFailed(f"loop.toml's [model] says {said}, but this project starts from {path} ({origin}), which holds "
+                              f"{held!r} with its own weights: set backbone = {held!r} and weights = \"default\" again, or remove "
+                              "init_from and init_from_source to start from the backbone and weights loop.toml names")
 
 
 def _confirm_store_is_ours(state: RoundState, step_name: str) -> None:

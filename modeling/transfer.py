@@ -133,6 +133,14 @@ def find_model_checkpoint(path: str | Path) -> Path:
     )
 
 
+def checkpoint_backbone_name(path: str | Path) -> str:
+    """The timm name of the backbone a checkpoint file holds (ValueError: not a defect-loop model checkpoint)."""
+    checkpoint = _read_checkpoint(Path(path))
+    if checkpoint is None or not isinstance(checkpoint.get("backbone_name"), str):
+        raise ValueError(f"{path} is not a defect-loop model checkpoint (format {CHECKPOINT_FORMAT})")
+    return checkpoint["backbone_name"]
+
+
 def load_init_checkpoint(path: str | Path, *, class_names: list[str], pooling: str | None = None) -> InitFrom:
     """Where a new project starts from: the other project's backbone, and its head if every class is known there and
     it read the same kind of pooled features (`pooling`, when given) as this project's network will."""

@@ -214,3 +214,31 @@ def test_init_from_a_project_points_to_a_round_that_really_fine_tuned_its_backbo
         session.query(Round).filter(Round.number == 3).delete()
     told = resolve_init_source(source).description
     assert "round 2 (finetune)" in told and "kept epoch 0, the frozen backbone" in told and "round 1 (finetune) fine-tuned one" in told
+
+
+def test_a_round_refuses_a_backbone_in_loop_toml_other_than_the_one_its_init_checkpoint_holds(classifier, tmp_path):
+    # loop init refuses --backbone against --init-from; loop.toml edited since was ignored: the round ran the
+    # checkpoint's backbone and said nothing
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.config import load_config, save_config
+    from loop.project import open_project
+    from store.db import session_scope
+    from store.models import Round
+
+    checkpoint = save_model_checkpoint(classifier, tmp_path / "metal" / "model.pt", image_size=224)
+    new_line = tmp_path / "new-line"
+    assert CliRunner().invoke(app, ["init", str(new_line), "--classes", "patches,scratch", "--negative-class", "patches",
+                                    "--init-from", str(checkpoint)]).exit_code == 0
+    for field, value in (("backbone", "resnet18"), ("weights", "none")):
+        config = load_config(new_line)
+        setattr(config.model, field, value)
+        save_config(new_line, config)
+        refused = CliRunner().invoke(app, ["round", "--project", str(new_line)])
+        said = " ".join(refused.output.split())
+        assert refused.exit_code != 0 and "holds 'efficientnet_lite0'" in said and f"{field} = {value!r}" in said, said
+        config.model.backbone, config.model.weights = "efficientnet_lite0", "default"
+        save_config(new_line, config)
+    with session_scope(open_project(new_line).engine) as session:
+        assert session.query(Round).count() == 0  # refused before it started
