@@ -209,8 +209,16 @@ def pull_labels(state: RoundState) -> None:
     with session_scope(state.ctx.engine) as session:
         project = get_project(session)
         state.pull_report = state.backend.pull(session=session, project=project, round_id=state.round_id)
+        # with the labels it recorded, in one commit: a round killed later (SIGKILL, a lost machine) still says what it pulled
+        state.details["pull"] = _pull_summary(state.pull_report)
+        session.get(Round, state.round_id).details = _jsonable(state.details)
     for warning in state.pull_report.warnings:
         state.console.print(f"[yellow]warning:[/] {escape(warning)}")
+
+
+def _pull_summary(report: PullReport) -> dict[str, Any]:
+    return {"new_label_events": report.new_label_events, "deleted": report.deleted, "skipped": report.skipped, "rejected": report.rejected,
+            **_jsonable(report.details)}
 
 
 def check_image_files(state: RoundState) -> None:
@@ -1875,8 +1883,7 @@ def record_round(state: RoundState) -> None:
         state.details.update(
             class_names=list(state.config.classes), negative_class=state.config.negative_class, preprocessing=state.preprocessing.as_dict(),
             label_counts_by_source=dict(label_sources), all_gates_pass=with_model and all_gates_pass(state.gates),
-            pull={"new_label_events": state.pull_report.new_label_events, "deleted": state.pull_report.deleted, "skipped": state.pull_report.skipped,
-                  "rejected": state.pull_report.rejected, **_jsonable(state.pull_report.details)},
+            pull=_pull_summary(state.pull_report),
         )
         if with_model:
             state.details.update(

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomli_w
-from sqlalchemy import select
+from sqlalchemy import func, select
 from PIL import Image as PILImage
 from typer.testing import CliRunner
 
@@ -1251,3 +1251,26 @@ def test_a_pool_photo_of_a_part_already_in_test_joins_test_and_is_never_offered_
         details = session.scalars(select(Round.details)).one()
     assert not picked
     assert details["part_photos_back_in_test"] == 2 and details["near_copies_of_test_joined_test"] == 0
+
+
+def test_a_round_killed_after_its_pull_still_says_what_it_pulled(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the pull's summary was written with the round's last step only: a round killed after its pull (SIGKILL, Ctrl-C)
+    # showed `pull: null` while its label events were kept, and the next round said it pulled nothing
+    import loop.round as round_module
+
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0  # asks the oracle 5 images
+    seen: list = []
+
+    def killed(state):  # noqa: ANN001, ANN202  what a SIGKILL leaves: only what was committed
+        with session_scope(open_project(project_with_pool).engine) as session:
+            seen.append((session.scalars(select(Round).where(Round.number == 2)).one().details or {}).get("pull"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(round_module, "ROUND_STEPS", [step if step is not round_module.check_image_files else killed for step in round_module.ROUND_STEPS])
+    assert runner.invoke(app, ["round", "--project", str(project_with_pool)]).exit_code == 130
+    with session_scope(open_project(project_with_pool).engine) as session:
+        killed_round = session.scalars(select(Round).where(Round.number == 2)).one()
+        pulled = session.scalar(select(func.count(LabelEvent.id)).where(LabelEvent.round_id == killed_round.id))
+    assert pulled >= 5 and seen == [{"new_label_events": pulled, "deleted": 0, "skipped": 0, "rejected": 0}]
+    status = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)
+    assert status["rounds"][1]["status"] == "failed" and status["rounds"][1]["pull"]["new_label_events"] == pulled
