@@ -41,6 +41,7 @@ error_console = Console(stderr=True, soft_wrap=True)  # an error is one line, wh
 EXIT_USAGE = 2
 EXIT_GATES_FAILED = 3
 EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
+EXIT_TERMINATED = 143  # and for SIGTERM
 ProjectOption = Annotated[Path, typer.Option("--project", "-p", help="project directory (holds loop.toml)")]
 
 
@@ -241,7 +242,7 @@ def round_command(
         ctx = open_project(project)
         last_round_before = _latest_round(ctx)
         try:
-            with project_lock(ctx.root, action="loop round", engine=ctx.engine):
+            with project_lock(ctx.root, action="loop round", engine=ctx.engine), sigterm_as_interrupt():
                 outcome = run_round(ctx, RoundOptions(train_strategy=train, annotator=annotator, show_progress=not quiet), console=console)
         except OSError as error:  # a full disk, a file in the way, Label Studio gone: with the round and step it stopped in
             where = getattr(error, "round_step", None)
@@ -249,7 +250,8 @@ def round_command(
                 raise
             error_console.print(f"[bold red]error:[/] round {where[0]} stopped in step {where[1]}: {escape(str(error))}")
             raise typer.Exit(EXIT_USAGE) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as error:
+            how = getattr(error, "how", None)
             latest = _latest_round(ctx)
             if latest is None or latest == last_round_before:
                 recorded = "before the round started: nothing was recorded"
@@ -259,13 +261,37 @@ def round_command(
                 recorded = f"round {latest[1]} had completed"
             else:  # a second Ctrl-C cut short the recording of the first
                 recorded = f"round {latest[1]} is left as running; the next `loop round` records it as interrupted"
-            error_console.print(f"[bold red]interrupted:[/] {recorded}; the labels and earlier rounds are kept. `loop round` starts a new one.")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            error_console.print(f"[bold red]{'terminated (' + how + ')' if how else 'interrupted'}:[/] {recorded}; the labels and earlier rounds "
+                                "are kept. `loop round` starts a new one.")
+            raise typer.Exit(EXIT_TERMINATED if how else EXIT_INTERRUPTED) from None
     print_round(outcome)
     failed = [g.name for g in outcome.gates if g.applicable and not g.passed] or (["all (cold start: no model yet)"] if outcome.details.get("cold_start") else [])
     if failed and fail_on_gates:
         error_console.print(f"[bold red]gates failed:[/] {', '.join(failed)}")
         raise typer.Exit(EXIT_GATES_FAILED)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises Terminated (a KeyboardInterrupt) for the block, as Ctrl-C would: a round stopped by a scheduler
+    records itself as failed with the step it was in. Only the main thread can take signals (a test's thread: none)."""
+    import signal
+    import threading
+
+    from loop.errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(_signum, _frame):  # noqa: ANN001, ANN202
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _latest_round(ctx) -> tuple[int, int, str] | None:  # noqa: ANN001

@@ -2143,7 +2143,7 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
     except BaseException as error:
         if recorded:  # committed as completed already (only its timings were left): it stays so, files and all
             raise
-        reason = (f"interrupted (Ctrl-C) during step {step_name}" if isinstance(error, KeyboardInterrupt)
+        reason = (f"interrupted ({getattr(error, 'how', 'Ctrl-C')}) during step {step_name}" if isinstance(error, KeyboardInterrupt)
                   else f"step {step_name}: {type(error).__name__}: {error}")
         _drop_failed_round_models(state)
         try:  # for the CLI's line: "[Errno 28] No space left on device" alone named no step

@@ -1274,3 +1274,34 @@ def test_a_round_killed_after_its_pull_still_says_what_it_pulled(project_with_po
     assert pulled >= 5 and seen == [{"new_label_events": pulled, "deleted": 0, "skipped": 0, "rejected": 0}]
     status = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)
     assert status["rounds"][1]["status"] == "failed" and status["rounds"][1]["pull"]["new_label_events"] == pulled
+
+
+def test_a_round_stopped_by_sigterm_records_itself_failed_with_its_step(project_with_pool: Path) -> None:
+    # a scheduler's time limit, `systemctl stop` or `docker stop` sends SIGTERM: the round was left as "running?"
+    # until the next round marked it interrupted, its step unknown
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    engine = open_project(project_with_pool).engine
+    process = subprocess.Popen([sys.executable, "-m", "loop.cli", "round", "--project", str(project_with_pool)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            with session_scope(engine) as session:  # the round has started (its pull committed)
+                if (session.scalars(select(Round)).first() or Round()).details:
+                    break
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    said = " ".join(output.split())
+    assert process.returncode == 143 and "terminated (SIGTERM): round 1 is recorded as failed" in said, said
+    with session_scope(engine) as session:
+        (stopped,) = session.scalars(select(Round)).all()
+        assert stopped.status == "failed" and stopped.error.startswith("interrupted (SIGTERM) during step ")
+    engine.dispose()
