@@ -228,3 +228,13 @@ def test_a_weights_file_that_is_not_a_checkpoint_is_named_at_init(tmp_path: Path
     result = CliRunner().invoke(app, ["init", "p_ours", "--classes", "a,b", "--weights", "ours.pt"])
     assert result.exit_code == 0, result.output
     assert load_config(tmp_path / "p_ours").model.weights == str(tmp_path / "ours.pt")  # the round reads it from the project folder
+
+
+def test_another_models_weights_file_is_named_as_such_before_a_pooling_it_cannot_give(tmp_path: Path) -> None:
+    # efficientnet_lite0 weights under the name resnet18, in a multilayer project, were answered "use pooling 'avg'"
+    path = tmp_path / "lite0.pt"
+    save_backbone_weights(create_backbone("efficientnet_lite0"), path)
+    with pytest.raises(WeightsUnavailable, match="do not fit resnet18"):
+        create_backbone("resnet18", weights=str(path), pooling="multilayer")
+    with pytest.raises(ValueError, match="use pooling 'avg'"):  # no file: the pooling is the news, before any download
+        create_backbone("resnet18", weights="none", pooling="multilayer")
