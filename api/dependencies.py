@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.caching import VersionedResponseCache
 from api.liveness import ProjectProcess
 from api.settings import Settings
+from store import reports
 
 
 class Scope(str, enum.Enum):
@@ -28,18 +29,28 @@ def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def _read_one_moment(_session: Session, _transaction, connection: Connection) -> None:  # noqa: ANN001
+def _read_one_moment(session: Session, _transaction, connection: Connection) -> None:  # noqa: ANN001
     """The request's reads all see the store at one moment: a round committing meanwhile showed a page its new
     confusion matrix beside the previous round's gates. SQLite: a transaction of our own (pysqlite opens none for a
     SELECT, so each saw the newest commit), its snapshot taken at the first read; PostgreSQL: repeatable read."""
     if connection.dialect.name == "sqlite":
+        reports.pin_sqlite_file_version(session)  # before the snapshot: a cached answer is never older than its version
         connection.exec_driver_sql("BEGIN")
     elif connection.dialect.name == "postgresql":
         connection.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 
 
+def end_reads(session: Session) -> None:
+    """Ends the request's read transaction once the route has read what it needs, before slow work that needs the
+    store no more (sending an export, running the model): an open SQLite snapshot keeps the write-ahead log from
+    being checkpointed past it while a round writes. Committing a transaction that wrote nothing writes nothing, and
+    keeps what was loaded readable (the factory's expire_on_commit=False)."""
+    session.commit()
+
+
 def get_session(request: Request) -> Iterator[Session]:
-    """A session that is never committed: reads never write, and see one moment of the store (_read_one_moment)."""
+    """A session that never writes (end_reads commits a transaction that wrote nothing), its reads seeing one moment
+    of the store (_read_one_moment)."""
     factory: sessionmaker[Session] = request.app.state.session_factory
     session = factory()
     event.listen(session, "after_begin", _read_one_moment)

@@ -394,9 +394,27 @@ def _events_by_round(events: Iterable[Any]) -> dict[int, dict[str, int]]:
     return {round_id: {source: counter.get(source, 0) for source in LABEL_SOURCES} | dict(counter) for round_id, counter in counts.items()}
 
 
+# session.info key: the file version read just before a read transaction's snapshot (pin_sqlite_file_version)
+PINNED_FILE_VERSION = "defect_loop_sqlite_file_version"
+
+
+def pin_sqlite_file_version(session: Session) -> None:
+    """Called as a session begins a read transaction that sees one moment (the API's requests), before its first read:
+    sqlite_file_version then answers what the file was then. Read later, a version could be newer than the snapshot
+    the reads see, and a cache would keep their older answer under it until the next write."""
+    session.info[PINNED_FILE_VERSION] = _sqlite_file_version_now(session)
+
+
 def sqlite_file_version(session: Session) -> tuple[Any, ...] | None:
     """(size, mtime) of a SQLite store's database file and its write-ahead log: every commit changes one of them.
-    A stat is ~1000x cheaper than the aggregate queries that tell the same for other databases; None there."""
+    A stat is ~1000x cheaper than the aggregate queries that tell the same for other databases; None there. The
+    version pinned when the session's reads began, if any (pin_sqlite_file_version): never newer than what they see."""
+    if PINNED_FILE_VERSION in session.info:
+        return session.info[PINNED_FILE_VERSION]
+    return _sqlite_file_version_now(session)
+
+
+def _sqlite_file_version_now(session: Session) -> tuple[Any, ...] | None:
     url = session.get_bind().url
     if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:" or url.database.startswith("file:"):
         return None

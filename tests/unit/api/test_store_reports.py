@@ -75,3 +75,34 @@ def test_an_api_requests_reads_see_the_store_at_one_moment(writable_store: Seede
     # finished showed its confusion matrix beside the previous round's gates
     before, during, after = reads_see_one_moment(writable_store.url, writable_store.project_id)
     assert (during, after) == (before, before + 1)
+
+
+def test_a_cached_answer_is_never_older_than_the_store_version_it_is_kept_under(writable_store: SeededStore, monkeypatch) -> None:  # noqa: ANN001
+    # a request's reads see one moment; the store's file version read after its first read could be newer (a round
+    # committed in between): the older answer was cached under the newer version and served until the next write
+    from fastapi.testclient import TestClient
+    from sqlalchemy import func, select
+
+    from api.app import create_app
+    from api_seed import READ_TOKEN, make_settings
+
+    writer = create_db_engine(writable_store.url)
+    version_of = reports.sqlite_file_version
+    committed: list[int] = []
+
+    def a_round_commits_first(session):  # noqa: ANN001, ANN202
+        if not committed:
+            with session_scope(writer) as other:
+                number = other.scalar(select(func.max(Round.number)).where(Round.project_id == writable_store.project_id))
+                other.add(Round(project_id=writable_store.project_id, number=number + 1, status="failed"))
+                committed.append(number + 1)
+        return version_of(session)
+
+    monkeypatch.setattr(reports, "sqlite_file_version", a_round_commits_first)
+    headers = {"Authorization": f"Bearer {READ_TOKEN}"}
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        url = f"/projects/{writable_store.project_id}/progress"
+        first, second = (client.get(url, headers=headers).json() for _ in range(2))
+    writer.dispose()
+    assert committed and committed[0] not in [r["number"] for r in first["rounds"]]  # read before the round committed
+    assert second["rounds"][-1]["number"] == committed[0]
