@@ -15,7 +15,7 @@ from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
-from api.dependencies import FullScope, SessionDep, SettingsDep
+from api.dependencies import FullScope, SessionDep, SettingsDep, end_reads
 from api.schemas import ErrorOut, ImagePredictionOut, PredictOut
 from store import reports
 from store.models import Project, Round
@@ -199,6 +199,7 @@ def predict(
         raise _unusable("details.class_names is missing")
     class_names = [str(name) for name in class_names]
     image_size, mean, std, bit_depth = _preprocessing(details)
+    end_reads(session)  # decoding and inference need the store no more
     images: list[PILImage.Image] = []
     for upload, data in zip(files, uploads):  # decoded as the round's model decoded its images (the camera's bits)
         try:

@@ -13,7 +13,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from api.dependencies import BrowserReadScope, Limit, Offset, ProjectProcessDep, ReadScope, ResponseCacheDep, RowId, SessionDep
+from api.dependencies import BrowserReadScope, Limit, Offset, ProjectProcessDep, ReadScope, ResponseCacheDep, RowId, SessionDep, end_reads
 from api.schemas import ErrorOut, PageOut, ProgressOut, ProjectOut, RoundSummaryOut
 from store import export, reports
 
@@ -123,5 +123,6 @@ def export_images(
         raise
     finally:
         _EXPORTING.release()
+    end_reads(session)  # the file holds what was read: sending it (minutes to a slow client) needs no snapshot
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", project.name) + (f"-round-{source.round_number}" if source.round_number else "") + f".{format}"
     return _ExportFileResponse(handle.name, media_type=EXPORT_MEDIA_TYPES[format], filename=name)
