@@ -921,14 +921,18 @@ class LabelStudioBackend:
             if after is not None and not unpulled:
                 event.external_updated_at = after
 
-    def project_for_tasks(self, *, session: Session, project: Project) -> tuple[int, list[str]]:
+    def project_for_tasks(self, *, session: Session, project: Project, report: PushReport | None = None) -> tuple[int, list[str]]:
         """ensure_project outside a push (`loop labelstudio webhook`, `loop rename-class`): the Label Studio project id
-        and the warnings of the way there. A project found no longer the store's is retired as the pull does it, said,
-        and the images whose task there waited are asked again at the next round (no push follows here)."""
-        report = PushReport()
-        ls_project_id = self.ensure_project(project, session=session, report=report)
-        if report.gone_image_ids:
-            requeue_newest_asks(session, project.id, report.gone_image_ids)
+        and the warnings of the way there (also in `report`, kept when a later request fails). A project found no
+        longer the store's is retired as the pull does it, said, and the images whose task there waited are asked again
+        at the next round (no push follows here)."""
+        report = report if report is not None else PushReport()
+        try:
+            ls_project_id = self.ensure_project(project, session=session, report=report)
+        finally:  # a retirement done before a failed request is committed with the caller's session: its asks too
+            if report.gone_image_ids:
+                requeue_newest_asks(session, project.id, report.gone_image_ids)
+                report.gone_image_ids = set()
         return ls_project_id, list(report.warnings)
 
     def show_classes(self, *, session: Session, project: Project) -> list[str]:
@@ -937,10 +941,11 @@ class LabelStudioBackend:
         (the next round's push tries again), and a project found no longer the store's (project_for_tasks)."""
         if not self._task_projects(session, project):
             return []
+        report = PushReport()
         try:
-            return self.project_for_tasks(session=session, project=project)[1]
+            return self.project_for_tasks(session=session, project=project, report=report)[1]
         except (httpx.HTTPError, ApiError, lsc.LabelStudioError) as error:
-            return [f"Label Studio kept its choices ({_describe(error)}); the next round's push tries again"]
+            return [*report.warnings, f"Label Studio kept its choices ({_describe(error)}); the next round's push tries again"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -210,8 +210,9 @@ def pull_labels(state: RoundState) -> None:
         project = get_project(session)
         state.pull_report = state.backend.pull(session=session, project=project, round_id=state.round_id)
         # with the labels it recorded, in one commit: a round killed later (SIGKILL, a lost machine) still says what it pulled
-        state.details["pull"] = _pull_summary(state.pull_report)
-        session.get(Round, state.round_id).details = _jsonable(state.details)
+        summary = _pull_summary(state.pull_report)
+        session.get(Round, state.round_id).details = _jsonable({**state.details, "pull": summary})
+    state.details["pull"] = summary  # committed: a commit that failed leaves the failure record no pull it never stored
     for warning in state.pull_report.warnings:
         state.console.print(f"[yellow]warning:[/] {escape(warning)}")
 
