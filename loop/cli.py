@@ -576,7 +576,8 @@ def export(
 ) -> None:
     """The images with their split and current label, and a completed round's decision, probabilities and findings
     (suspected label error with the suggested label, near-duplicate, outlier): one row each, to train elsewhere or
-    audit. Images replaced by a new file are left out; quarantined ones are kept with their status."""
+    audit. Images replaced by a new file are left out; quarantined ones are kept with their status. file_on_disk says
+    whether each file is still as ingested (a round checks them; an export taken between rounds does too)."""
     from loop.export import export_project
 
     with clear_errors():
@@ -585,6 +586,10 @@ def export(
     by_class = ", ".join(f"{name} {n}" for name, n in sorted(summary.labeled_by_class.items()))
     console.print(f"[green]exported[/] {summary.n_images} images to {summary.path} ({sum(summary.labeled_by_class.values())} labeled"
                   + (f": {by_class}" if by_class else "") + ")")
+    if summary.files_not_as_ingested:
+        console.print(f"[yellow]left out[/] {sum(summary.files_not_as_ingested.values())} labeled images whose file is not as ingested ("
+                      + ", ".join(f"{n} {what}" for what, n in sorted(summary.files_not_as_ingested.items()))
+                      + "): the next round quarantines them")
     if summary.round_number is None:
         console.print("no completed round yet: the prediction and finding columns are empty")
     else:

@@ -22,6 +22,7 @@ class ExportSummary:
     n_images: int = 0
     labeled_by_class: Counter = field(default_factory=Counter)
     n_suspected_label_errors: int = 0
+    files_not_as_ingested: Counter = field(default_factory=Counter)  # labeled images --labeled-only left out, by file_on_disk
 
 
 def export_format(out: Path) -> str:
@@ -54,7 +55,7 @@ def export_project(ctx: ProjectContext, out: Path, *, round_number: int | None =
         summary = ExportSummary(out, source.round_number, source.threshold, source.model_onnx)
         try:
             with open(partial, "w", newline="", encoding="utf-8") as handle:
-                records = image_records(session, project, source, labeled_only=labeled_only)
+                records = image_records(session, project, source, labeled_only=labeled_only, left_out=summary.files_not_as_ingested)
                 for record in write_records(handle, records, columns=source.columns(), fmt=fmt):
                     summary.n_images += 1
                     if record["label_status"] == "labeled":

@@ -8,11 +8,13 @@ suspects, or joins the predictions to other data by path or content hash.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 from sqlalchemy import select
@@ -28,6 +30,9 @@ RECORD_COLUMNS = (
     "predicted_label", "p_defect",
 )
 ISSUE_COLUMNS = ("suspected_label_error", "suspected_label", "suggested_label", "label_quality", "near_duplicate_of", "outlier")
+# last: what the file at `path` holds now (file_on_disk), so the columns before keep their places
+FILE_COLUMNS = ("file_on_disk",)
+FILE_UNCHANGED = "unchanged"
 # a cell a spreadsheet would run as a formula (a manifest's part "=HYPERLINK(...)"): written with a leading quote in CSV
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 EXPORT_FORMATS = ("csv", "jsonl")
@@ -42,7 +47,7 @@ class ExportSource:
     classes: list[str]
 
     def columns(self) -> list[str]:
-        return [*RECORD_COLUMNS, *(f"p_{name}" for name in self.classes), *ISSUE_COLUMNS]
+        return [*RECORD_COLUMNS, *(f"p_{name}" for name in self.classes), *ISSUE_COLUMNS, *FILE_COLUMNS]
 
 
 def export_source(session: Session, project: Project, *, round_number: int | None = None) -> ExportSource:
@@ -67,11 +72,33 @@ def export_source(session: Session, project: Project, *, round_number: int | Non
                         (chosen.artifacts or {}).get("model_onnx"), classes)
 
 
-def image_records(session: Session, project: Project, source: ExportSource, *, labeled_only: bool = False) -> Iterator[dict[str, Any]]:
+def file_on_disk(image: Image) -> str:
+    """What the file at the image's path holds now, against what the store recorded: "unchanged" (its size and time
+    as recorded, or its bytes' hash), "changed", "missing" or "unreadable". The next round quarantines a changed or
+    missing file; an export taken before it must not hand it out as the labeled image."""
+    path = Path(image.path)
+    try:
+        stat = path.stat()
+        if (stat.st_size, stat.st_mtime_ns) == (image.size_bytes, image.mtime_ns):
+            return FILE_UNCHANGED
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError:
+        return "unreadable"
+    return FILE_UNCHANGED if digest.hexdigest() == image.sha256 else "changed"
+
+
+def image_records(session: Session, project: Project, source: ExportSource, *, labeled_only: bool = False,
+                  left_out: Counter | None = None) -> Iterator[dict[str, Any]]:
     """One dict per image of the project (keys: source.columns()), by image id. Images replaced by a new file at their
     path are left out (they are no longer the project's data); quarantined ones are kept with their status.
-    labeled_only: readable images with a label (no ties, nothing quarantined), the frozen test split included (its
-    `split` says so: keep it out of training). The round's findings: suspected_label_error is None for images the
+    labeled_only: readable images with a label (no ties, nothing quarantined, the file as ingested: file_on_disk),
+    the frozen test split included (its `split` says so: keep it out of training); `left_out` counts the labeled
+    ones left out because their file changed or went since ingest (by file_on_disk). The round's findings: suspected_label_error is None for images the
     round did not judge (ingested since; label errors: the test split), and True only while the label is still the
     one it suspected (suspected_label); outlier is None for images ingested since."""
     labels = current_labels(session, project.id)
@@ -97,6 +124,11 @@ def image_records(session: Session, project: Project, source: ExportSource, *, l
     for image in session.scalars(query.execution_options(yield_per=2000)):
         label = labels.get(image.id)
         if labeled_only and (image.status != "ok" or label is None or label.status != "labeled"):
+            continue
+        on_disk = file_on_disk(image)
+        if labeled_only and on_disk != FILE_UNCHANGED:
+            if left_out is not None:
+                left_out[on_disk] += 1
             continue
         prediction = predictions.get(image.id)
         probabilities = (prediction[2] or {}) if prediction is not None else {}
@@ -125,6 +157,7 @@ def image_records(session: Session, project: Project, source: ExportSource, *, l
             "label_quality": found.get("label_quality"),
             "near_duplicate_of": found.get("near_duplicate_of"),
             "outlier": bool(found.get("outlier", False)) if in_round else None,
+            "file_on_disk": on_disk,
         }
 
 

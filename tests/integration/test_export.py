@@ -124,3 +124,30 @@ def test_export_writes_every_image_with_its_label_and_the_rounds_predictions_and
         bad = invoke("export", *args, "--project", str(project))
         assert bad.exit_code == 2 and message in " ".join(bad.output.split()), bad.output
     assert not list(tmp_path.glob(".*partial*")) and not (tmp_path / "x.csv").exists()
+
+
+def test_an_export_between_rounds_says_which_files_changed_or_went_since_ingest(tmp_path: Path, oracle_manifests) -> None:
+    # the round quarantines such files; an export taken before it gave them as ok, with the old content hash
+    import os
+
+    truth, manifest = oracle_manifests
+    project = tmp_path / "project"
+    assert invoke("init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good").exit_code == 0
+    assert invoke("ingest", str(manifest), "--project", str(project), "--quiet").exit_code == 0
+    with session_scope(open_project(project).engine) as session:
+        labels = current_labels(session, session.scalars(select(Image.project_id)).first())
+        changed, gone, touched = [image for image in session.scalars(select(Image).order_by(Image.id))
+                                 if image.id in labels and labels[image.id].status == "labeled"][:3]
+        changed, gone, touched = ((image.id, Path(image.path)) for image in (changed, gone, touched))
+    changed[1].write_bytes(gone[1].read_bytes())  # another image's bytes
+    gone[1].unlink()
+    os.utime(touched[1], ns=(1, 1))  # same bytes, another time: still as ingested
+    assert invoke("export", str(tmp_path / "all.csv"), "--project", str(project)).exit_code == 0
+    rows = read_csv(tmp_path / "all.csv")
+    assert (rows[changed[0]]["file_on_disk"], rows[gone[0]]["file_on_disk"], rows[touched[0]]["file_on_disk"]) == ("changed", "missing", "unchanged")
+    assert {row["file_on_disk"] for k, row in rows.items() if k not in (changed[0], gone[0])} == {"unchanged"}
+    training = invoke("export", str(tmp_path / "training.csv"), "--project", str(project), "--labeled-only")
+    said = " ".join(training.output.split())
+    assert "left out 2 labeled images whose file is not as ingested (1 changed, 1 missing)" in said, said
+    kept = read_csv(tmp_path / "training.csv")
+    assert changed[0] not in kept and gone[0] not in kept and touched[0] in kept
