@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from pydantic import ValidationError
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -42,6 +43,7 @@ EXIT_USAGE = 2
 EXIT_GATES_FAILED = 3
 EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
 EXIT_TERMINATED = 143  # and for SIGTERM
+NARROW_TERMINAL = 120  # columns: below, `loop status` sizes its rounds table's number columns itself
 ProjectOption = Annotated[Path, typer.Option("--project", "-p", help="project directory (holds loop.toml)")]
 
 
@@ -528,10 +530,9 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     for name, per in labels["by_class_and_source"].items():
         table.add_row(name, *(str(per.get(s, 0)) for s in sources), str(labels["by_class"][name]))
     console.print(table)
-    rounds = Table(title="rounds")
-    for column in ("round", "status", "trained", "macro F1", "defect recall", "FPR", "latency ms", "threshold", "gates"):
-        # narrow terminals wrap a cell instead of cutting it to "comple…"; the status ("running?") stays whole
-        rounds.add_column(column, overflow="fold", no_wrap=column in ("round", "status"), min_width=9 if column == "status" else None)
+    # no column lines: nine columns and their numbers whole fit 80 columns only without them
+    rounds = Table(title="rounds", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True)
+    round_rows: list[tuple[str, ...]] = []
     # the store says whether any folder or machine writes to it now (PostgreSQL, a SQLite file); this folder's lock too
     try:
         store_held = store_lock_held(ctx.engine)
@@ -549,8 +550,20 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
         choice = r.get("threshold_choice") or {}
         source = {"out_of_fold": "oof", "validation": "val"}.get(choice.get("source"), choice.get("source"))  # short: the table is cramped at 80 columns
         threshold = "-" if r.get("threshold") is None else f"{r['threshold']:.3g}" + (f" ({source})" if source else "")
-        rounds.add_row(str(r["number"]), state, trained, *(metric_text(r, name) for name in ("macro_f1", "defect_recall", "negative_fpr", "latency_ms")),
-                       threshold, gates)
+        round_rows.append((str(r["number"]), state, trained, *(metric_text(r, name) for name in ("macro_f1", "defect_recall", "negative_fpr", "latency_ms")),
+                           threshold, gates))
+    columns = ("round", "status", "trained", "macro F1", "defect recall", "FPR", "latency ms", "threshold", "gates")
+    for index, column in enumerate(columns):
+        # narrow terminals wrap a cell instead of cutting it to "comple…"; the status ("running?") stays whole, and so
+        # does a number (0.000148 folded at 80 columns read "0.000" over "148"): wide enough for each column's longest
+        numbers = max((len(row[index].split(" ", 1)[0]) for row in round_rows), default=0) if 3 <= index <= 7 else 0
+        words = max(len(word) for word in column.split())  # a header folds between its words, not inside one
+        # narrow: as wide as the longest number, the others share the rest (shrunk in proportion, rich cut the last one)
+        fixed = max(numbers, words) if numbers and console.width < NARROW_TERMINAL else None
+        rounds.add_column(column, overflow="fold", no_wrap=column in ("round", "status"), width=fixed,
+                          min_width=9 if column == "status" else (8 if column == "gates" else (max(numbers, words) if numbers else None)))
+    for row in round_rows:
+        rounds.add_row(*row)
     console.print(rounds)
     latest = next((r for r in reversed(report["rounds"]) if r["status"] == "completed"), None)
     if latest is not None:  # the newest completed round's word on new images unlike the labeled ones (a new camera)

@@ -45,3 +45,20 @@ def test_a_collapsed_rounds_macro_f1_shows_the_gates_zero_and_says_collapsed(new
     table = " ".join(CliRunner().invoke(app, ["status", "--project", str(new_project.root)], env={"COLUMNS": "250"}).output.split())
     assert f"0 (collapsed; measured {collapsed['metrics']['macro_f1']:.4g})" in table
     assert "0.41 (val)" in table  # the threshold and where it was chosen: the table never said
+
+
+def test_the_rounds_table_never_folds_a_number_at_80_columns(new_project) -> None:  # noqa: ANN001
+    # a QA run read threshold 0.000148 as "0.000" over "148" and an FPR of 0.03226 as "0.032" over "26"
+    import re
+
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+
+    _record_round(new_project, 1, y_pred=[0, 0, 1, 1, 1, 2, 2])  # one good part called a defect: FPR 0.3333
+    with session_scope(new_project.engine) as session:
+        row = session.query(Round).one()
+        row.details = {**row.details, "threshold": 0.000148101, "threshold_choice": {"threshold": 0.000148101, "source": "out_of_fold"}}
+    output = CliRunner().invoke(app, ["status", "--project", str(new_project.root)], env={"COLUMNS": "80"}).output
+    assert max(len(line) for line in output.splitlines()) <= 80
+    assert re.search(r"\b0\.000148\b", output) and re.search(r"\b0\.3333\b", output), output
