@@ -344,20 +344,29 @@ def place_new_labels(state: RoundState) -> None:
         left_behind = {p for p in pool if state.parts[p] and placed_parts.get(state.parts[p]) == "test"}
         joins_test, straddling = _test_closure(state, pool=pool, placed_parts=placed_parts, joining=left_behind)
         to_place = {state.image_ids[p]: p for p in pool if state.image_ids[p] in labeled or p in joins_test}
+        copies_split = _near_copy_training_splits(state)
         ids = sorted(to_place)
         for start in range(0, len(ids), 500):  # a bounded IN list per statement
             for image in session.scalars(select(Image).where(Image.id.in_(ids[start:start + 500]), Image.split == "pool").order_by(Image.id)):
                 position = to_place[image.id]
+                group = copies_split.group_of.get(position)
                 if position in joins_test:
                     image.split = "test"
                     joined.append(image.id)
+                elif group is not None and group in copies_split.split_of and not (image.part and image.part in placed_parts):
+                    # with its near-copies: a copy in validation of an original in train scores validation on a training image
+                    image.split = copies_split.split_of[group]
+                    copies_split.followed += 1
                 else:  # labeled: its part's split (placed_parts knows the parts that joined test), else a stable draw
                     place_labeled_image(image, placed_parts=placed_parts, validation_fraction=split_config.validation_fraction, seed=split_config.seed)
+                if group is not None and image.split in ("train", "validation"):
+                    copies_split.split_of.setdefault(group, image.split)  # the next copy placed follows it
                 placed_labels += image.id in labeled
                 state.splits[position] = image.split
     # a photo of a part that joined test is in test, whatever its own group (the part rule wins, as at ingest)
     state.held_back = {p for p in straddling - joins_test if state.image_ids[p] not in labeled}
     state.details["newly_placed_labels"] = placed_labels
+    state.details["labels_placed_with_their_near_copies"] = copies_split.followed
     rejoined = sum(1 for p in left_behind if state.splits[p] == "test")
     state.details["near_copies_of_test_joined_test"] = len(joined) - rejoined
     state.details["part_photos_back_in_test"] = rejoined
@@ -368,6 +377,31 @@ def place_new_labels(state: RoundState) -> None:
                             "belong under one `part`.")
     if rejoined:
         state.console.print(f"{rejoined} photos of test parts, back in the pool after their files were quarantined, joined the test split with their parts")
+
+
+@dataclass
+class _NearCopySplits:
+    group_of: dict[int, int]  # position -> its pixel-verified near-copy group (index into the finding's groups)
+    split_of: dict[int, str]  # group -> the training split its placed copies are in (train wins a tie, being larger)
+    followed: int = 0  # labels placed in their copies' split this round
+
+
+def _near_copy_training_splits(state: RoundState) -> _NearCopySplits:
+    """Where a newly labeled near-copy of images in train or validation goes: with them. A stable draw of its own put
+    the copy of a training image in validation (a QA run: 3 of 300 JPEG re-saves), where validation then scores the
+    model on an image it trained on."""
+    groups = state.near_duplicates.summary["groups"] if state.near_duplicates is not None else []
+    group_of: dict[int, int] = {}
+    split_of: dict[int, str] = {}
+    for index, members in enumerate(groups):
+        placed = Counter()
+        for member in members:
+            group_of[int(member)] = index
+            if state.splits[int(member)] in ("train", "validation"):
+                placed[str(state.splits[int(member)])] += 1
+        if placed:
+            split_of[index] = max(placed, key=lambda split: (placed[split], split == "train"))
+    return _NearCopySplits(group_of, split_of)
 
 
 def _test_closure(state: RoundState, *, pool: list[int], placed_parts: dict[str, str], joining: set[int] = frozenset()) -> tuple[set[int], set[int]]:
@@ -1646,7 +1680,19 @@ def _selectable_positions(state: RoundState) -> np.ndarray:
     unlabeled = state.positions(labeled=False)
     keep = [p for p in unlabeled if state.splits[p] == "pool" and state.image_ids[p] not in waiting and p not in state.held_back
             and state.label_info.get(state.image_ids[p], CurrentLabel(None, None, "unlabeled")).status == "unlabeled"]
-    return np.array(keep, dtype=int)
+    # a pixel-verified near-copy of an image labeled, asked or placed already is not asked again (its label would say
+    # nothing new: a QA run re-asked 11 of 200 picks, JPEG re-saves whose embeddings were under the selection's own
+    # duplicate cosine), and of a group nobody was asked about, one image is offered
+    offered = set(keep)
+    not_offered: set[int] = set()
+    for members in (state.near_duplicates.summary["groups"] if state.near_duplicates is not None else []):
+        members = [int(m) for m in members]
+        if any(m not in offered for m in members):
+            not_offered.update(m for m in members if m in offered)
+        else:
+            not_offered.update(members[1:])
+    state.details["near_copies_not_offered"] = len(not_offered)
+    return np.array([p for p in keep if p not in not_offered], dtype=int)
 
 
 def push_batch(state: RoundState) -> None:

@@ -105,3 +105,58 @@ def test_near_copies_of_test_images_join_test_with_their_part_or_are_held_back(t
         status = {image_id: push_status for image_id, push_status in session.execute(select(Selection.image_id, Selection.push_status)).all()}
     assert [status[ids[n]] for n in ("y", "x2", "g", "x")] == ["withdrawn", "withdrawn", "recorded", "recorded"]
     assert state.details["push"]["withdrawn"] == 2
+
+
+def test_a_labeled_near_copy_joins_its_copies_training_split_and_copies_of_asked_images_are_not_offered(tmp_path: Path, class_folders: Path) -> None:
+    # a QA run (JPEG re-saves of earlier images): 3 copies of training images were placed in validation by a draw of
+    # their own, and 11 of 200 picks were copies of images already labeled (their embeddings under selection's cosine)
+    from loop.round import _selectable_positions
+
+    good = sorted((class_folders / "good").glob("*.png"))
+    scratch = sorted((class_folders / "scratch").glob("*.png"))
+    project_dir = tmp_path / "project"
+    runner = CliRunner()
+    assert runner.invoke(app, ["init", str(project_dir), "--classes", "good,scratch", "--negative-class", "good"]).exit_code == 0
+    from loop.config import load_config, save_config
+
+    config = load_config(project_dir)
+    config.split.validation_fraction = 0.5  # both training splits, from 20 images
+    save_config(project_dir, config)
+    trained = [(file, "good", "") for file in good[:16]] + [(file, "scratch", "") for file in scratch[:4]]
+    tested = [(file, "good", "") for file in good[30:34]] + [(file, "scratch", "") for file in scratch[4:6]]
+    for rows, split in ((tested, "test"), (trained, "train"), ([(file, "", "") for file in good[16:30]], "auto")):
+        result = runner.invoke(app, ["ingest", str(_manifest(tmp_path / f"{split}.csv", rows)), "--project", str(project_dir), "--split", split, "--quiet"])
+        assert result.exit_code == 0, result.output
+    ctx = open_project(project_dir)
+    with session_scope(ctx.engine) as session:
+        split_of_path = {path: (image_id, split) for path, image_id, split in session.execute(select(Image.path, Image.id, Image.split)).all()}
+    in_validation = [file for file, _l, _p in trained if split_of_path[str(file)][1] == "validation"]
+    in_train = [file for file, _l, _p in trained if split_of_path[str(file)][1] == "train"]
+    assert in_validation and in_train
+    pool = good[16:30]
+    copy_of_validation, copy_of_train, asked, copy_of_asked, twin_a, twin_b, free = pool[:7]
+    with session_scope(ctx.engine) as session:
+        for file, label in ((copy_of_validation, "good"), (copy_of_train, "good")):  # answered since the last round
+            session.add(LabelEvent(image_id=split_of_path[str(file)][0], label=label, source="annotator", annotator="ann", external_id=f"t:{file.name}"))
+        project = get_project(session)
+        earlier = Round(project_id=project.id, number=1, status="completed")
+        session.add(earlier)
+        session.flush()
+        session.add(Selection(round_id=earlier.id, image_id=split_of_path[str(asked)][0], rank=0, score=0.5, strategy="margin", reason="uncertain",
+                              predicted_label="good", push_status="pushed"))
+    state = RoundState(ctx=ctx, options=RoundOptions(show_progress=False), console=Console(quiet=True))
+    load_images(state)
+    at = {file: state.image_ids.index(split_of_path[str(file)][0]) for file in (*pool, in_validation[0], in_train[0])}
+    state.near_duplicates = SimpleNamespace(summary={"groups": [
+        [at[in_validation[0]], at[copy_of_validation]], [at[in_train[0]], at[copy_of_train]],
+        [at[asked], at[copy_of_asked]], [at[twin_a], at[twin_b]]]})
+    place_new_labels(state)
+    with session_scope(ctx.engine) as session:
+        after = dict(session.execute(select(Image.id, Image.split)).all())
+    assert after[split_of_path[str(copy_of_validation)][0]] == "validation" and after[split_of_path[str(copy_of_train)][0]] == "train"
+    assert state.details["labels_placed_with_their_near_copies"] == 2
+    gather_labeled_pool(state)
+    offered = {state.image_ids[p] for p in _selectable_positions(state)}
+    assert split_of_path[str(copy_of_asked)][0] not in offered  # its copy was asked in round 1
+    assert (split_of_path[str(twin_a)][0] in offered) != (split_of_path[str(twin_b)][0] in offered)  # one of two never asked
+    assert split_of_path[str(free)][0] in offered and state.details["near_copies_not_offered"] == 2
