@@ -357,6 +357,8 @@ def place_new_labels(state: RoundState) -> None:
                     # with its near-copies: a copy in validation of an original in train scores validation on a training image
                     image.split = copies_split.split_of[group]
                     copies_split.followed += 1
+                    if image.part:  # its part's next photo follows it: a part on both sides would leak as a copy does
+                        placed_parts.setdefault(image.part, image.split)
                 else:  # labeled: its part's split (placed_parts knows the parts that joined test), else a stable draw
                     place_labeled_image(image, placed_parts=placed_parts, validation_fraction=split_config.validation_fraction, seed=split_config.seed)
                 if group is not None and image.split in ("train", "validation"):
@@ -1680,17 +1682,22 @@ def _selectable_positions(state: RoundState) -> np.ndarray:
     unlabeled = state.positions(labeled=False)
     keep = [p for p in unlabeled if state.splits[p] == "pool" and state.image_ids[p] not in waiting and p not in state.held_back
             and state.label_info.get(state.image_ids[p], CurrentLabel(None, None, "unlabeled")).status == "unlabeled"]
-    # a pixel-verified near-copy of an image labeled, asked or placed already is not asked again (its label would say
-    # nothing new: a QA run re-asked 11 of 200 picks, JPEG re-saves whose embeddings were under the selection's own
-    # duplicate cosine), and of a group nobody was asked about, one image is offered
+    # a pixel-verified near-copy of an image labeled, placed or asked already (its ask reached the annotators) is not
+    # asked again: its label would say nothing new (a QA run re-asked 11 of 200 picks, JPEG re-saves whose embeddings
+    # were under the selection's own duplicate cosine). Of a group nobody was asked about, one image is offered
+    with session_scope(state.ctx.engine) as session:
+        delivered = set(session.scalars(
+            select(Selection.image_id).join(Round, Round.id == Selection.round_id)
+            .where(Round.project_id == get_project(session).id, Round.id != state.round_id, Selection.push_status.in_(("pushed", "recorded")))))
     offered = set(keep)
     not_offered: set[int] = set()
     for members in (state.near_duplicates.summary["groups"] if state.near_duplicates is not None else []):
         members = [int(m) for m in members]
-        if any(m not in offered for m in members):
-            not_offered.update(m for m in members if m in offered)
-        else:
-            not_offered.update(members[1:])
+        answered_or_asked = any(state.splits[m] != "pool" or state.labels[m] != UNLABELED or state.image_ids[m] in delivered
+                                or state.label_info.get(state.image_ids[m], CurrentLabel(None, None, "unlabeled")).status != "unlabeled"
+                                for m in members)
+        candidates_here = [m for m in members if m in offered]
+        not_offered.update(candidates_here if answered_or_asked else candidates_here[1:])
     state.details["near_copies_not_offered"] = len(not_offered)
     return np.array([p for p in keep if p not in not_offered], dtype=int)
 
