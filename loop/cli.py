@@ -286,14 +286,20 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
         return
 
+    terminated: list[bool] = []
+
     def terminate(_signum, _frame):  # noqa: ANN001, ANN202
+        # the next ones (schedulers send several) must not cut the recording short, nor kill the exit that follows it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        terminated.append(True)
         raise Terminated
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not terminated:  # once stopped, the command only says so and exits: SIGTERM stays ignored until then
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _latest_round(ctx) -> tuple[int, int, str] | None:  # noqa: ANN001
@@ -530,8 +536,10 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     for name, per in labels["by_class_and_source"].items():
         table.add_row(name, *(str(per.get(s, 0)) for s in sources), str(labels["by_class"][name]))
     console.print(table)
-    # no column lines: nine columns and their numbers whole fit 80 columns only without them
-    rounds = Table(title="rounds", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True)
+    narrow = console.width < NARROW_TERMINAL
+    # narrow: no column lines, nine columns and their numbers whole fit 80 columns only without them
+    rounds = (Table(title="rounds", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True) if narrow
+              else Table(title="rounds"))
     round_rows: list[tuple[str, ...]] = []
     # the store says whether any folder or machine writes to it now (PostgreSQL, a SQLite file); this folder's lock too
     try:
@@ -559,9 +567,9 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
         numbers = max((len(row[index].split(" ", 1)[0]) for row in round_rows), default=0) if 3 <= index <= 7 else 0
         words = max(len(word) for word in column.split())  # a header folds between its words, not inside one
         # narrow: as wide as the longest number, the others share the rest (shrunk in proportion, rich cut the last one)
-        fixed = max(numbers, words) if numbers and console.width < NARROW_TERMINAL else None
+        fixed = max(numbers, words) if 3 <= index <= 7 and narrow else None
         rounds.add_column(column, overflow="fold", no_wrap=column in ("round", "status"), width=fixed,
-                          min_width=9 if column == "status" else (8 if column == "gates" else (max(numbers, words) if numbers else None)))
+                          min_width=9 if column == "status" else (8 if column == "gates" else (max(numbers, words) if 3 <= index <= 7 else None)))
     for row in round_rows:
         rounds.add_row(*row)
     console.print(rounds)
@@ -602,7 +610,7 @@ def export(
     if summary.files_not_as_ingested:
         console.print(f"[yellow]left out[/] {sum(summary.files_not_as_ingested.values())} labeled images whose file is not as ingested ("
                       + ", ".join(f"{n} {what}" for what, n in sorted(summary.files_not_as_ingested.items()))
-                      + "): the next round quarantines them")
+                      + "): the next round reads them from a byte-identical copy it knows, or quarantines them")
     if summary.round_number is None:
         console.print("no completed round yet: the prediction and finding columns are empty")
     else:
