@@ -85,7 +85,7 @@ def file_on_disk(image: Image) -> str:
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):  # a folder in its place: gone, as the round says
         return "missing"
     except OSError:
         return "unreadable"
