@@ -1197,6 +1197,9 @@ def test_a_batch_short_of_its_budget_says_why(project_with_pool: Path, tmp_path:
     assert invoke("ingest", str(copies), "--unlabeled", "--project", str(project_with_pool), "--quiet").exit_code == 0
     config = load_config(project_with_pool)
     config.loop.budget_per_round = 500
+    # without the round's pixel check, which offers one image of a copy group, so that selection's own embedding
+    # check meets the copies (it does on copies the pixel check misses: another crop, a re-encoded file)
+    config.loop.data_issues = False
     save_config(project_with_pool, config)
     result = invoke("round", "--project", str(project_with_pool), "--quiet")
     assert result.exit_code == 0
