@@ -345,6 +345,12 @@ def place_new_labels(state: RoundState) -> None:
         joins_test, straddling = _test_closure(state, pool=pool, placed_parts=placed_parts, joining=left_behind)
         to_place = {state.image_ids[p]: p for p in pool if state.image_ids[p] in labeled or p in joins_test}
         copies_split = _near_copy_training_splits(state)
+        # an unplaced part with a labeled photo placed by its copies goes with them, whichever photo comes first
+        for image_id, position in sorted(to_place.items()):
+            group = copies_split.group_of.get(position)
+            if (position not in joins_test and image_id in labeled and state.parts[position] and state.parts[position] not in placed_parts
+                    and group in copies_split.split_of):
+                placed_parts[state.parts[position]] = copies_split.split_of[group]
         ids = sorted(to_place)
         for start in range(0, len(ids), 500):  # a bounded IN list per statement
             for image in session.scalars(select(Image).where(Image.id.in_(ids[start:start + 500]), Image.split == "pool").order_by(Image.id)):
@@ -353,7 +359,7 @@ def place_new_labels(state: RoundState) -> None:
                 if position in joins_test:
                     image.split = "test"
                     joined.append(image.id)
-                elif group is not None and group in copies_split.split_of and not (image.part and image.part in placed_parts):
+                elif group in copies_split.split_of and placed_parts.get(image.part or "", copies_split.split_of[group]) == copies_split.split_of[group]:
                     # with its near-copies: a copy in validation of an original in train scores validation on a training image
                     image.split = copies_split.split_of[group]
                     copies_split.followed += 1
@@ -1682,13 +1688,14 @@ def _selectable_positions(state: RoundState) -> np.ndarray:
     unlabeled = state.positions(labeled=False)
     keep = [p for p in unlabeled if state.splits[p] == "pool" and state.image_ids[p] not in waiting and p not in state.held_back
             and state.label_info.get(state.image_ids[p], CurrentLabel(None, None, "unlabeled")).status == "unlabeled"]
-    # a pixel-verified near-copy of an image labeled, placed or asked already (its ask reached the annotators) is not
-    # asked again: its label would say nothing new (a QA run re-asked 11 of 200 picks, JPEG re-saves whose embeddings
-    # were under the selection's own duplicate cosine). Of a group nobody was asked about, one image is offered
+    # a pixel-verified near-copy of an image labeled, placed or asked already (an ask not withdrawn: one waiting for the
+    # tool to come back goes out with this round's push) is not asked again: its label would say nothing new (a QA run
+    # re-asked 11 of 200 picks, JPEG re-saves whose embeddings were under the selection's own duplicate cosine). Of a
+    # group nobody was asked about, one image is offered
     with session_scope(state.ctx.engine) as session:
         delivered = set(session.scalars(
             select(Selection.image_id).join(Round, Round.id == Selection.round_id)
-            .where(Round.project_id == get_project(session).id, Round.id != state.round_id, Selection.push_status.in_(("pushed", "recorded")))))
+            .where(Round.project_id == get_project(session).id, Round.id != state.round_id, Selection.push_status != "withdrawn")))
     offered = set(keep)
     not_offered: set[int] = set()
     for members in (state.near_duplicates.summary["groups"] if state.near_duplicates is not None else []):
@@ -1699,6 +1706,9 @@ def _selectable_positions(state: RoundState) -> np.ndarray:
         candidates_here = [m for m in members if m in offered]
         not_offered.update(candidates_here if answered_or_asked else candidates_here[1:])
     state.details["near_copies_not_offered"] = len(not_offered)
+    if not_offered:
+        state.console.print(f"{len(not_offered)} pool images are not offered for labeling: near-copies (pixel-verified) of images labeled or "
+                            "asked already, or of another image offered")
     return np.array([p for p in keep if p not in not_offered], dtype=int)
 
 

@@ -1183,10 +1183,8 @@ def test_damaged_cached_embeddings_are_computed_again_not_trained_on(project_wit
     np.testing.assert_allclose(np.linalg.norm(cache.get(hashes), axis=1), 1.0, atol=1e-3)
 
 
-def test_a_batch_short_of_its_budget_says_why(project_with_pool: Path, tmp_path: Path) -> None:
-    # a budget larger than the pool picked fewer images than the pool held, and nothing said why (the near-duplicate
-    # filter): compared with random, which took them all, the strategy looked as if it used fewer labels
-    with session_scope(open_project(project_with_pool).engine) as session:
+def _ingest_pixel_copies_of_a_pool_image(project: Path, tmp_path: Path) -> None:
+    with session_scope(open_project(project).engine) as session:
         source = Path(session.scalars(select(Image.path).where(Image.split == "pool").order_by(Image.id)).first())
     copies = tmp_path / "copies"
     copies.mkdir()
@@ -1194,7 +1192,27 @@ def test_a_batch_short_of_its_budget_says_why(project_with_pool: Path, tmp_path:
         pixels = np.array(PILImage.open(source).convert("RGB"))
         pixels[0, k] = (pixels[0, k].astype(int) + 1) % 256
         PILImage.fromarray(pixels).save(copies / f"copy{k}.png")
-    assert invoke("ingest", str(copies), "--unlabeled", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    assert invoke("ingest", str(copies), "--unlabeled", "--project", str(project), "--quiet").exit_code == 0
+
+
+def test_pixel_copies_of_one_pool_image_are_offered_once_and_the_round_says_so(project_with_pool: Path, tmp_path: Path) -> None:
+    # the round's pixel check keeps all but one of a copy group from selection: a batch short of the pool must say so
+    _ingest_pixel_copies_of_a_pool_image(project_with_pool, tmp_path)
+    config = load_config(project_with_pool)
+    config.loop.budget_per_round = 500
+    save_config(project_with_pool, config)
+    result = invoke("round", "--project", str(project_with_pool))
+    assert result.exit_code == 0
+    with session_scope(open_project(project_with_pool).engine) as session:
+        details = session.scalars(select(Round)).one().details
+    assert details["near_copies_not_offered"] >= 4
+    assert f"{details['near_copies_not_offered']} pool images are not offered for labeling" in " ".join(result.output.split())
+
+
+def test_a_batch_short_of_its_budget_says_why(project_with_pool: Path, tmp_path: Path) -> None:
+    # a budget larger than the pool picked fewer images than the pool held, and nothing said why (the near-duplicate
+    # filter): compared with random, which took them all, the strategy looked as if it used fewer labels
+    _ingest_pixel_copies_of_a_pool_image(project_with_pool, tmp_path)
     config = load_config(project_with_pool)
     config.loop.budget_per_round = 500
     # without the round's pixel check, which offers one image of a copy group, so that selection's own embedding

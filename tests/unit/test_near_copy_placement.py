@@ -124,7 +124,8 @@ def test_a_labeled_near_copy_joins_its_copies_training_split_and_copies_of_asked
     save_config(project_dir, config)
     trained = [(file, "good", "") for file in good[:16]] + [(file, "scratch", "") for file in scratch[:4]]
     tested = [(file, "good", "") for file in good[30:34]] + [(file, "scratch", "") for file in scratch[4:6]]
-    parts = {good[17]: "P", good[23]: "P"}  # the copy of a training image and another photo of its part
+    # the copy of a training image and another photo of its part, after it (P) and before it (R): id order must not matter
+    parts = {good[17]: "P", good[23]: "P", good[24]: "R", good[27]: "R"}  # both parts would draw validation alone
     for rows, split in ((tested, "test"), (trained, "train"), ([(file, "", parts.get(file, "")) for file in good[16:30]], "auto")):
         result = runner.invoke(app, ["ingest", str(_manifest(tmp_path / f"{split}.csv", rows)), "--project", str(project_dir), "--split", split, "--quiet"])
         assert result.exit_code == 0, result.output
@@ -135,32 +136,33 @@ def test_a_labeled_near_copy_joins_its_copies_training_split_and_copies_of_asked
     in_train = [file for file, _l, _p in trained if split_of_path[str(file)][1] == "train"]
     assert in_validation and in_train
     pool = good[16:30]
-    copy_of_validation, copy_of_train, asked, copy_of_asked, twin_a, twin_b, free, same_part, never_delivered, copy_of_undelivered = pool[:10]
+    copy_of_validation, copy_of_train, asked, copy_of_asked, twin_a, twin_b, free, same_part, q_first, never_delivered, copy_of_undelivered, q_copy = pool[:12]
     with session_scope(ctx.engine) as session:
-        for file, label in ((copy_of_validation, "good"), (copy_of_train, "good"), (same_part, "good")):  # answered since the last round
-            session.add(LabelEvent(image_id=split_of_path[str(file)][0], label=label, source="annotator", annotator="ann", external_id=f"t:{file.name}"))
+        for file in (copy_of_validation, copy_of_train, same_part, q_first, q_copy):  # answered since the last round
+            session.add(LabelEvent(image_id=split_of_path[str(file)][0], label="good", source="annotator", annotator="ann", external_id=f"t:{file.name}"))
         project = get_project(session)
         earlier = Round(project_id=project.id, number=1, status="completed")
         session.add(earlier)
         session.flush()
-        for rank, (file, status) in enumerate(((asked, "pushed"), (never_delivered, "pending"))):  # the second never reached anyone
+        for rank, (file, status) in enumerate(((asked, "pending"), (never_delivered, "withdrawn"))):  # the first goes out with this push
             session.add(Selection(round_id=earlier.id, image_id=split_of_path[str(file)][0], rank=rank, score=0.5, strategy="margin",
                                   reason="uncertain", predicted_label="good", push_status=status))
     state = RoundState(ctx=ctx, options=RoundOptions(show_progress=False), console=Console(quiet=True))
     load_images(state)
-    at = {file: state.image_ids.index(split_of_path[str(file)][0]) for file in (*pool, in_validation[0], in_train[0])}
+    at = {file: state.image_ids.index(split_of_path[str(file)][0]) for file in (*pool, in_validation[0], *in_train[:2])}
     state.near_duplicates = SimpleNamespace(summary={"groups": [
-        [at[in_validation[0]], at[copy_of_validation]], [at[in_train[0]], at[copy_of_train]],
+        [at[in_validation[0]], at[copy_of_validation]], [at[in_train[0]], at[copy_of_train]], [at[in_train[1]], at[q_copy]],
         [at[asked], at[copy_of_asked]], [at[twin_a], at[twin_b]], [at[never_delivered], at[copy_of_undelivered]]]})
     place_new_labels(state)
     with session_scope(ctx.engine) as session:
         after = dict(session.execute(select(Image.id, Image.split)).all())
     assert after[split_of_path[str(copy_of_validation)][0]] == "validation" and after[split_of_path[str(copy_of_train)][0]] == "train"
     assert after[split_of_path[str(same_part)][0]] == "train"  # its part went with the copy: never on both sides
-    assert state.details["labels_placed_with_their_near_copies"] == 2
+    assert after[split_of_path[str(q_first)][0]] == after[split_of_path[str(q_copy)][0]] == "train"  # the copy's split, first or not
+    assert state.details["labels_placed_with_their_near_copies"] == 3
     gather_labeled_pool(state)
     offered = {state.image_ids[p] for p in _selectable_positions(state)}
     assert split_of_path[str(copy_of_asked)][0] not in offered  # its copy was asked in round 1
     assert (split_of_path[str(twin_a)][0] in offered) != (split_of_path[str(twin_b)][0] in offered)  # one of two never asked
     assert split_of_path[str(free)][0] in offered and state.details["near_copies_not_offered"] == 2
-    assert split_of_path[str(copy_of_undelivered)][0] in offered  # an ask that never reached the annotators asked nothing
+    assert split_of_path[str(copy_of_undelivered)][0] in offered  # a withdrawn ask asked nothing
