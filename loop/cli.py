@@ -564,12 +564,12 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     for index, column in enumerate(columns):
         # narrow terminals wrap a cell instead of cutting it to "comple…"; the status ("running?") stays whole, and so
         # does a number (0.000148 folded at 80 columns read "0.000" over "148"): wide enough for each column's longest
-        numbers = max((len(row[index].split(" ", 1)[0]) for row in round_rows), default=0) if 3 <= index <= 7 else 0
-        words = max(len(word) for word in column.split())  # a header folds between its words, not inside one
-        # narrow: as wide as the longest number, the others share the rest (shrunk in proportion, rich cut the last one)
-        fixed = max(numbers, words) if 3 <= index <= 7 and narrow else None
-        rounds.add_column(column, overflow="fold", no_wrap=column in ("round", "status"), width=fixed,
-                          min_width=9 if column == "status" else (8 if column == "gates" else (max(numbers, words) if 3 <= index <= 7 else None)))
+        # a number column: as wide as its longest number and its longest header word (a header folds between words)
+        number_width = max(max((len(row[index].split(" ", 1)[0]) for row in round_rows), default=0),
+                           max(len(word) for word in column.split())) if 3 <= index <= 7 else None
+        # narrow: number columns fixed at that width, the others share the rest (shrunk in proportion, rich cut the last one)
+        rounds.add_column(column, overflow="fold", no_wrap=column in ("round", "status"), width=number_width if narrow else None,
+                          min_width={"status": 9, "gates": 8}.get(column, number_width))
     for row in round_rows:
         rounds.add_row(*row)
     console.print(rounds)

@@ -1681,10 +1681,11 @@ def _selectable_positions(state: RoundState) -> np.ndarray:
     """Unlabeled pool images not already waiting in an annotator's queue from an earlier round, and not a near-copy of
     a test image (those joined the test split or are held back, see place_new_labels)."""
     with session_scope(state.ctx.engine) as session:
-        waiting = set(session.scalars(
-            select(Selection.image_id).join(Round, Round.id == Selection.round_id)
+        asked_before = session.execute(
+            select(Selection.image_id, Selection.push_status).join(Round, Round.id == Selection.round_id)
             .where(Round.project_id == get_project(session).id, Round.id != state.round_id)
-        ))
+        ).all()
+    waiting = {image_id for image_id, _status in asked_before}
     unlabeled = state.positions(labeled=False)
     keep = [p for p in unlabeled if state.splits[p] == "pool" and state.image_ids[p] not in waiting and p not in state.held_back
             and state.label_info.get(state.image_ids[p], CurrentLabel(None, None, "unlabeled")).status == "unlabeled"]
@@ -1692,10 +1693,7 @@ def _selectable_positions(state: RoundState) -> np.ndarray:
     # tool to come back goes out with this round's push) is not asked again: its label would say nothing new (a QA run
     # re-asked 11 of 200 picks, JPEG re-saves whose embeddings were under the selection's own duplicate cosine). Of a
     # group nobody was asked about, one image is offered
-    with session_scope(state.ctx.engine) as session:
-        delivered = set(session.scalars(
-            select(Selection.image_id).join(Round, Round.id == Selection.round_id)
-            .where(Round.project_id == get_project(session).id, Round.id != state.round_id, Selection.push_status != "withdrawn")))
+    delivered = {image_id for image_id, status in asked_before if status != "withdrawn"}
     offered = set(keep)
     not_offered: set[int] = set()
     for members in (state.near_duplicates.summary["groups"] if state.near_duplicates is not None else []):

@@ -155,10 +155,11 @@ def create_backbone(name: str = "efficientnet_lite0", *, weights: str = "default
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     model = timm.create_model(name, pretrained=False)
-    weights_file = weights not in ("none", "default")
-    pooling_unfit = pooling == "multilayer" and not all(hasattr(model, module) for module in MULTILAYER_MODULES)
-    if pooling_unfit and not weights_file:  # before a download; a file's weights are checked first (another model's: that is the news)
-        raise ValueError(f"pooling 'multilayer' needs a model with {', '.join(MULTILAYER_MODULES)}; {name!r} has not: use pooling 'avg'")
+    pooling_unfit = None
+    if pooling == "multilayer" and not all(hasattr(model, module) for module in MULTILAYER_MODULES):
+        pooling_unfit = f"pooling 'multilayer' needs a model with {', '.join(MULTILAYER_MODULES)}; {name!r} has not: use pooling 'avg'"
+    if pooling_unfit and weights in ("none", "default"):  # before a download; a file's weights are checked first (another model's: that is the news)
+        raise ValueError(pooling_unfit)
     if weights == "none":
         loaded = LoadedWeights(None, "random-init", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     elif weights == "default" and name in _DEFAULT_WEIGHTS:
@@ -181,7 +182,7 @@ def create_backbone(name: str = "efficientnet_lite0", *, weights: str = "default
         except (ValueError, RuntimeError) as error:  # another architecture's weights: say whose
             raise WeightsUnavailable(f"weights {weights} do not fit {name}: {str(error)[:300]}") from None
     if pooling_unfit:
-        raise ValueError(f"pooling 'multilayer' needs a model with {', '.join(MULTILAYER_MODULES)}; {name!r} has not: use pooling 'avg'")
+        raise ValueError(pooling_unfit)
     if not keep_imagenet_head:
         model.reset_classifier(0)
     model.eval()

@@ -370,8 +370,7 @@ def round_label_cutoff(round_: Round, *, last_own_event: datetime | None = None)
         return as_utc(round_.finished_at)
     if round_.status == "running":
         return None
-    started = as_utc(round_.started_at)
-    return started if last_own_event is None or (started is not None and last_own_event < started) else last_own_event
+    return max((moment for moment in (as_utc(round_.started_at), last_own_event) if moment is not None), default=None)
 
 
 def _project_label_events(session: Session, project_id: int) -> list[Any]:

@@ -80,6 +80,8 @@ class _ExportFileResponse(FileResponse):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+
+
 _EXPORTING = threading.Lock()  # held while an export is written (sending it is not counted)
 
 
