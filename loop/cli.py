@@ -1,4 +1,4 @@
-"""The `loop` command line: init, ingest, round, status, demo, serve, labelstudio."""
+"""The `loop` command line: init, ingest, round, status, export, prune, rename-class, demo, simulate, serve, labelstudio."""
 from __future__ import annotations
 
 import dataclasses
@@ -43,6 +43,7 @@ EXIT_USAGE = 2
 EXIT_GATES_FAILED = 3
 EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
 EXIT_TERMINATED = 143  # and for SIGTERM
+DEFAULT_KEEP_MODEL_ROUNDS = 3  # loop prune without --keep-rounds or a setting
 NARROW_TERMINAL = 120  # columns: below, `loop status` sizes its rounds table's number columns itself
 ProjectOption = Annotated[Path, typer.Option("--project", "-p", help="project directory (holds loop.toml)")]
 
@@ -267,10 +268,27 @@ def round_command(
                                 "are kept. `loop round` starts a new one.")
             raise typer.Exit(EXIT_TERMINATED if how else EXIT_INTERRUPTED) from None
     print_round(outcome)
+    if ctx.config.loop.keep_model_rounds:
+        _prune_after_round(ctx)
     failed = [g.name for g in outcome.gates if g.applicable and not g.passed] or (["all (cold start: no model yet)"] if outcome.details.get("cold_start") else [])
     if failed and fail_on_gates:
         error_console.print(f"[bold red]gates failed:[/] {', '.join(failed)}")
         raise typer.Exit(EXIT_GATES_FAILED)
+
+
+def _prune_after_round(ctx: Any) -> None:
+    """[loop] keep_model_rounds: the older rounds' model files go once a round is done. A failure here is a warning: the
+    round itself is recorded, and `loop prune` can finish the job."""
+    from loop.prune import describe, prune_model_files
+
+    try:
+        with project_lock(ctx.root, action="loop round (pruning model files)", engine=ctx.engine):
+            summary = prune_model_files(ctx, keep_rounds=ctx.config.loop.keep_model_rounds, by="loop round (keep_model_rounds)")
+    except (ProjectBusy, OSError, StoreUnavailable) as error:
+        error_console.print(f"[yellow]warning:[/] the older rounds' model files were not deleted: {escape(str(error))}; `loop prune` deletes them")
+        return
+    if summary.deleted:
+        console.print(escape(describe(summary)))
 
 
 @contextmanager
@@ -617,6 +635,24 @@ def export(
         threshold = f"P(defect) threshold {summary.threshold:.4g}; " if summary.threshold is not None else ""
         console.print(f"predictions and findings of round {summary.round_number} ({threshold}{summary.n_suspected_label_errors} suspected "
                       f"label errors; its model: {summary.model_onnx or 'none deployed'})")
+
+
+@app.command()
+def prune(
+    project: ProjectOption,
+    keep_rounds: Annotated[Optional[int], typer.Option("--keep-rounds", help="the newest completed rounds whose model files stay (default: [loop] keep_model_rounds in loop.toml, else 3)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be deleted, delete nothing")] = False,
+) -> None:
+    """Delete the model files (model.pt, model.onnx) of older rounds: ~29 MB a round. The newest rounds' stay, and
+    the newest fine-tuned backbone's (`loop init --init-from` reads it); records, predictions and plots stay."""
+    from loop.prune import describe, prune_model_files
+
+    with clear_errors():
+        ctx = open_project(project)
+        keep = keep_rounds if keep_rounds is not None else (ctx.config.loop.keep_model_rounds or DEFAULT_KEEP_MODEL_ROUNDS)
+        with project_lock(ctx.root, action="loop prune", engine=ctx.engine):
+            summary = prune_model_files(ctx, keep_rounds=keep, dry_run=dry_run)
+    console.print(escape(describe(summary)))
 
 
 @app.command()

@@ -177,6 +177,9 @@ class LoopConfig(Strict):
     seed: int = 0
     # near-duplicates (pixel-verified) and outliers every round: ~10 s for 2000 images, minutes past 50k
     data_issues: bool = True
+    # after each `loop round`, delete the model files of rounds older than the newest N completed ones (0: keep all;
+    # ~29 MB a round); the newest fine-tuned backbone's stays. `loop prune` does the same by hand
+    keep_model_rounds: int = Field(0, ge=0)
 
     @field_validator("strategy")
     @classmethod

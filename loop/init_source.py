@@ -63,11 +63,8 @@ def _project_checkpoint(root: Path) -> InitSource:
     for number, details, artifacts in rounds:
         checkpoint = _checkpoint_file(root, number, (artifacts or {}).get("model_checkpoint"))
         if checkpoint is not None:
-            training = (details or {}).get("training") or {}
-            strategy = str(training.get("strategy") or "head")
-            # epoch 0 of fine-tuning is the frozen backbone: a round that kept it changed no backbone weight
-            tuned = strategy in FINE_TUNED and int(training.get("best_epoch") or 0) > 0
-            with_model.append((number, strategy, checkpoint, tuned))
+            strategy = str(((details or {}).get("training") or {}).get("strategy") or "head")
+            with_model.append((number, strategy, checkpoint, backbone_fine_tuned(details)))
     if not with_model:
         raise FileNotFoundError(f"project {root} has no completed round with a model checkpoint: run a round there first, "
                                 "or pass a checkpoint file to --init-from")
@@ -80,6 +77,13 @@ def _project_checkpoint(root: Path) -> InitSource:
             description += (f"; its backbone is not fine-tuned{kept_frozen}, round {earlier[0]} ({earlier[1]}) fine-tuned one: "
                             f"--init-from {earlier[2]} starts from that instead")
     return InitSource(checkpoint, description)
+
+
+def backbone_fine_tuned(details: dict | None) -> bool:
+    """Whether a round's model has a backbone of its own: trained by `finetune` or `full` past epoch 0 (epoch 0 of
+    fine-tuning is the frozen backbone: a round that kept it changed no backbone weight)."""
+    training = (details or {}).get("training") or {}
+    return str(training.get("strategy") or "head") in FINE_TUNED and int(training.get("best_epoch") or 0) > 0
 
 
 def _checkpoint_file(root: Path, number: int, recorded: str | None) -> Path | None:

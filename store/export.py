@@ -68,8 +68,11 @@ def export_source(session: Session, project: Project, *, round_number: int | Non
     threshold = details.get("threshold")
     # the classes the round's model knew: its probabilities are named by them (loop.toml may have changed since)
     classes = [str(c) for c in details.get("class_names") or project.classes or []]
-    return ExportSource(chosen.number, float(threshold) if isinstance(threshold, (int, float)) else None,
-                        (chosen.artifacts or {}).get("model_onnx"), classes)
+    model = (chosen.artifacts or {}).get("model_onnx")
+    deleted = details.get("model_files_deleted") or {}
+    if model is None and "model.onnx" in (deleted.get("files") or []):  # said, not "none deployed": it was, and is gone
+        model = f"model.onnx deleted by {deleted.get('by')} at {deleted.get('at')}"
+    return ExportSource(chosen.number, float(threshold) if isinstance(threshold, (int, float)) else None, model, classes)
 
 
 def file_on_disk(image: Image) -> str:

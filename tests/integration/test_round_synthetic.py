@@ -1328,3 +1328,21 @@ def test_a_round_stopped_by_sigterm_records_itself_failed_with_its_step(project_
         (stopped,) = session.scalars(select(Round)).all()
         assert stopped.status == "failed" and stopped.error.startswith("interrupted (SIGTERM) during step ")
     engine.dispose()
+
+
+def test_keep_model_rounds_deletes_the_older_rounds_model_files_after_a_round(project_with_pool: Path) -> None:
+    config = load_config(project_with_pool)
+    config.loop.keep_model_rounds = 1
+    save_config(project_with_pool, config)
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    first = project_with_pool / "artifacts" / "round-001"
+    assert (first / "model.pt").is_file() and (first / "model.onnx").is_file()  # the newest: kept
+    second_round = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert second_round.exit_code == 0, second_round.output
+    assert not list(first.glob("model.*")) and (first / "confusion_matrix.png").is_file()
+    assert (project_with_pool / "artifacts" / "round-002" / "model.onnx").is_file()
+    assert "deleted 2 model files of rounds 1" in " ".join(second_round.output.split())
+    with session_scope(open_project(project_with_pool).engine) as session:
+        record = session.scalars(select(Round).where(Round.number == 1)).one()
+        assert record.details["model_files_deleted"]["by"] == "loop round (keep_model_rounds)"
+        assert "model_onnx" not in record.artifacts
