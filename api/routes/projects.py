@@ -7,6 +7,7 @@ import os
 import re
 import tempfile
 import threading
+from collections import Counter
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query
@@ -82,6 +83,8 @@ class _ExportFileResponse(FileResponse):
                 os.unlink(self.path)
 
 
+LEFT_OUT_HEADER = "X-Left-Out"
+LEFT_OUT_REASONS_HEADER = "X-Left-Out-Reasons"
 _EXPORTING = threading.Lock()  # held while an export is written (sending it is not counted)
 
 
@@ -101,7 +104,9 @@ def export_images(
     project_id: RowId, session: SessionDep, _scope: BrowserReadScope,
     format: Annotated[Literal["csv", "jsonl"], Query(description="csv (a header row, empty cells for none) or jsonl (one JSON object per line)")] = "csv",  # noqa: A002
     round: Annotated[int | None, Query(ge=1, le=2**31 - 1, description="a completed round's number (default: the latest completed)")] = None,  # noqa: A002
-    labeled_only: Annotated[bool, Query(description="only readable images with a label (no ties): a training set")] = False,
+    labeled_only: Annotated[bool, Query(description="only readable images with a label (no ties): a training set. Labeled images whose file "
+                                        "changed, went missing or cannot be read since ingest are left out too: the X-Left-Out header "
+                                        "counts them, X-Left-Out-Reasons by reason (changed=2, missing=1)")] = False,
 ) -> FileResponse:
     project = reports.get_project_or_none(session, project_id)
     if project is None:
@@ -115,9 +120,10 @@ def export_images(
         raise HTTPException(429, detail="another export is being written: try again when it is done", headers={"Retry-After": "15"})
     # written to a temporary file while the session is open (a streamed body would outlive it), sent, then removed
     handle = tempfile.NamedTemporaryFile("w", suffix=f".{format}", newline="", encoding="utf-8", delete=False)
+    left_out: Counter = Counter()  # labeled images left out of a labeled_only export, by what their file is now
     try:
         with handle:
-            for _ in export.write_records(handle, export.image_records(session, project, source, labeled_only=labeled_only),
+            for _ in export.write_records(handle, export.image_records(session, project, source, labeled_only=labeled_only, left_out=left_out),
                                           columns=source.columns(), fmt=format):
                 pass
     except BaseException:
@@ -127,4 +133,7 @@ def export_images(
         _EXPORTING.release()
     end_reads(session)  # the file holds what was read: sending it (minutes to a slow client) needs no snapshot
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", project.name) + (f"-round-{source.round_number}" if source.round_number else "") + f".{format}"
-    return _ExportFileResponse(handle.name, media_type=EXPORT_MEDIA_TYPES[format], filename=name)
+    # the CLI prints what a labeled_only export left out; a download says it in headers (0 and empty: nothing)
+    headers = {LEFT_OUT_HEADER: str(sum(left_out.values())),
+               LEFT_OUT_REASONS_HEADER: ", ".join(f"{what}={n}" for what, n in sorted(left_out.items()))} if labeled_only else None
+    return _ExportFileResponse(handle.name, media_type=EXPORT_MEDIA_TYPES[format], filename=name, headers=headers)

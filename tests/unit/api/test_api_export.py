@@ -94,3 +94,36 @@ def test_the_dashboard_links_the_export_a_manager_can_follow(client: TestClient,
     assert link == f"/projects/{seeded_store.project_id}/export?token={READ_TOKEN}"
     followed = client.get(link)  # a browser sends no Authorization header: the token in the link is what it has
     assert followed.status_code == 200 and len(rows_of(followed.text)) == 12
+
+
+def test_a_labeled_only_download_says_how_many_labeled_images_it_left_out(writable_store: SeededStore, read_headers, tmp_path) -> None:  # noqa: ANN001
+    # the CLI printed the count; a download said nothing, so a manager's training set silently lacked images
+    import shutil
+    from pathlib import Path
+
+    from api.app import create_app
+    from api_seed import make_settings
+    from store.db import create_db_engine, session_scope
+    from store.models import Image
+
+    base = f"/projects/{writable_store.project_id}/export?labeled_only=true"
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        whole = client.get(base, headers=read_headers)
+        assert whole.status_code == 200 and (whole.headers["x-left-out"], whole.headers["x-left-out-reasons"]) == ("0", "")
+        kept = rows_of(whole.text)
+        gone, changed = writable_store.image_ids[0], writable_store.image_ids[4]
+        assert {gone, changed} <= set(kept)
+        engine = create_db_engine(writable_store.url)  # the store's copy points at files of its own (the seed's are shared)
+        with session_scope(engine) as session:
+            session.get(Image, gone).path = str(tmp_path / "moved-away.png")
+            row = session.get(Image, changed)
+            copy = tmp_path / "changed.png"
+            shutil.copy(row.path, copy)
+            row.path = str(copy)
+        engine.dispose()
+        copy.write_bytes(Path(copy).read_bytes() + b"changed")
+        after = client.get(base, headers=read_headers)
+        assert after.status_code == 200
+        assert (after.headers["x-left-out"], after.headers["x-left-out-reasons"]) == ("2", "changed=1, missing=1")
+        assert set(rows_of(after.text)) == set(kept) - {gone, changed}
+        assert "x-left-out" not in client.get(f"/projects/{writable_store.project_id}/export", headers=read_headers).headers  # all images
