@@ -63,6 +63,10 @@ class PushReport:
     # images whose task, still waiting for an answer, was deleted in the annotation tool: the backend forgot the task,
     # and the loop asks again in a new one at the next round
     gone_image_ids: set[int] = field(default_factory=set)
+    # of `withdraw`: those whose task is still in front of the annotators (the tool could not be reached, a request
+    # failed); the loop names them again next round. Starts as all of them: a failure before the step keeps them all
+    withdraw_failed_image_ids: set[int] = field(default_factory=set)
+    withdrawn_tasks: int = 0  # waiting tasks taken from the annotators (deleted: their file is gone or changed)
 
 
 class AnnotatorBackend(Protocol):
@@ -72,11 +76,13 @@ class AnnotatorBackend(Protocol):
         """Turn every answer given since the last pull into label events (append-only)."""
 
     def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest],
-             open_guesses: Sequence[TaskRequest] = (), settled: Sequence[int] = ()) -> PushReport:
+             open_guesses: Sequence[TaskRequest] = (), settled: Sequence[int] = (), withdraw: Sequence[int] = ()) -> PushReport:
         """Hand the batch to annotators; idempotent (pushing the same image twice never duplicates a task).
         open_guesses: this round's guesses for images pushed earlier and still unanswered, so what annotators see
         pre-selected is the current model's (a backend without pre-annotations ignores them). settled: images asked
-        again earlier whose answer the loop now has (a backend that reopened their task closes it)."""
+        again earlier whose answer the loop now has (a backend that reopened their task closes it). withdraw: images
+        pushed earlier, never answered, whose file was quarantined since (missing, changed): their task is taken from
+        the annotators, who would see a broken image or another picture (PushReport.withdraw_failed_image_ids)."""
 
 
 BackendFactory = Callable[..., AnnotatorBackend]

@@ -464,6 +464,24 @@ def close_reopened_task(client: LabelStudio, *, task_id: int, image_id: int | No
     return True
 
 
+def withdraw_unanswered_task(client: LabelStudio, *, task_id: int, image_id: int) -> str:
+    """Take a task nobody has answered from the annotators (its image's file is gone or changed: the task shows a
+    broken or another picture). "deleted"; "answered": it has an answer or a skip now (kept: the pull records it);
+    "gone": deleted in Label Studio already, or its id shows another image by now."""
+    try:
+        task = client.tasks.get(id=str(task_id))
+    except ApiError as error:
+        if error.status_code == 404:
+            return "gone"
+        raise
+    if (task.data or {}).get("defect_loop_image_id") != image_id:
+        return "gone"
+    if task.annotations:
+        return "answered"
+    client.tasks.delete(id=str(task_id))
+    return "deleted"
+
+
 def _answerers(task: Any) -> set[Any]:
     """Distinct annotators with a (not skipped) answer: what Label Studio counts against the overlap, except in its
     IGNORE_SKIPPED mode, where skips count too."""

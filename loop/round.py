@@ -1762,7 +1762,17 @@ def push_batch(state: RoundState) -> None:
             extra["open_guesses"] = _open_guesses(state, session, in_batch=in_batch)
         if "settled" in accepted:
             extra["settled"] = sorted(set(_settled_asks(state, session, in_batch=in_batch)) | (set(answered.values()) - in_batch))
+        # asks pushed earlier and never answered whose file was quarantined since: in front of the annotators, their
+        # task shows a broken image or another picture, and an answer to it would come back as the image's label
+        # should its file be ingested again from a new place
+        pushed_quarantined = _unanswered_asks_of_quarantined(session, project.id)
+        if "withdraw" in accepted:
+            extra["withdraw"] = sorted({selection.image_id for selection in pushed_quarantined})
         report = state.backend.push(session=session, project=project, round_id=state.round_id, batch=tasks, **extra)
+        still_shown = set(getattr(report, "withdraw_failed_image_ids", set())) if "withdraw" in accepted else set()
+        withdrawn_pushed = [selection for selection in pushed_quarantined if selection.image_id not in still_shown]
+        for selection in withdrawn_pushed:  # (the oracle answers only asks marked pushed)
+            selection.push_status = "withdrawn"
         # the asks whose task may still be open: named again next round, whatever else it names
         unsettled = set() if report.settled_done else (set(getattr(report, "unsettled_image_ids", set())) or set(extra.get("settled", ())))
         # each image marked as it went: one image Label Studio could not take (outside its document root, a failed
@@ -1787,10 +1797,22 @@ def push_batch(state: RoundState) -> None:
                              "superseded_predictions_deleted": getattr(report, "superseded_predictions_deleted", 0),
                              "closed": report.closed, "settled_done": report.settled_done, "unsettled": sorted(unsettled),
                              "withdrawn": len(withdrawn), "withdrawn_answered": len(answered), "withdrawn_quarantined": len(quarantined),
+                             "withdrawn_pushed_quarantined": len(withdrawn_pushed), "tasks_withdrawn": getattr(report, "withdrawn_tasks", 0),
                              "requeued_deleted_tasks": requeued, "warnings": report.warnings}
     if requeued:
         state.console.print(f"{requeued} tasks still waiting for an answer were deleted in the annotation tool: their images are asked "
                             "again in new tasks next round")
+
+
+def _unanswered_asks_of_quarantined(session, project_id: int) -> list[Selection]:  # noqa: ANN001
+    """Asks pushed to this backend whose image was never answered (no label, or none an annotator gave) and whose file
+    is quarantined now (missing, changed, replaced by a new image): its task is still open with a picture that is not
+    the image's. An image with answers keeps its asks (a reopened task's answer stays the image's, for when it comes back)."""
+    rows = session.execute(select(Selection, Image.id).join(Round, Round.id == Selection.round_id).join(Image, Image.id == Selection.image_id)
+                           .where(Round.project_id == project_id, Selection.push_status == "pushed", Image.status != "ok")).all()
+    answered = set(session.scalars(select(LabelEvent.image_id).where(LabelEvent.image_id.in_({image_id for _, image_id in rows}),
+                                                                     LabelEvent.source.in_(("annotator", "oracle"))))) if rows else set()
+    return [selection for selection, image_id in rows if image_id not in answered]
 
 
 def _answered_before_pushed(state: RoundState, session, selections: list[Selection]) -> dict[int, int]:  # noqa: ANN001

@@ -456,6 +456,33 @@ def test_a_push_that_fails_half_way_leaves_only_what_did_not_get_there_pending(l
     assert report.pending_image_ids == {store.image_ids[6]}
 
 
+def test_waiting_tasks_of_quarantined_images_are_taken_from_the_annotators_not_answered_ones(labelstudio, store, backend) -> None:
+    # a QA run: a task whose file was deleted stayed open with a broken image; the answer given to it became the
+    # image's label once its file was ingested again from a new place
+    push(backend, store, [store.task(k, predicted="good") for k in (4, 5, 6)])
+    tasks = task_ids_by_image(store)
+    a = labelstudio.as_annotator(ANNOTATOR_A)
+    annotate(a, tasks[store.image_ids[5]], "spot")  # answered since the pull: kept, the next pull records it
+    unpushed = store.image_ids[7]
+    with store.session() as session:
+        project = session.get(Project, store.project_id)
+        report = backend.push(session=session, project=project, round_id=store.round_ids[2], batch=[],
+                              withdraw=[store.image_ids[4], store.image_ids[5], unpushed])
+    assert (report.withdrawn_tasks, report.withdraw_failed_image_ids, report.warnings) == (1, set(), [])
+    admin = labelstudio.admin()
+    live = {t.id for t in admin.tasks.list(project=ls_project_id(store))}
+    assert tasks[store.image_ids[4]] not in live and {tasks[store.image_ids[5]], tasks[store.image_ids[6]]} <= live
+    assert set(task_ids_by_image(store)) == {store.image_ids[5], store.image_ids[6]}  # the store forgot the deleted task only
+    assert labels(store).get(store.image_ids[4]) is None and pull(backend, store).new_label_events == 1  # image 5's answer
+
+    closed = f"http://127.0.0.1:{lss.free_port()}"  # unreachable: nothing taken away, all named again next round
+    down = LabelStudioBackend(url=closed, api_key=labelstudio.token, document_root=str(labelstudio.document_root))
+    with store.session() as session:
+        unreached = down.push(session=session, project=session.get(Project, store.project_id), round_id=store.round_ids[2], batch=[],
+                              withdraw=[store.image_ids[6]])
+    assert unreached.withdraw_failed_image_ids == {store.image_ids[6]} and tasks[store.image_ids[6]] in {t.id for t in admin.tasks.list(project=ls_project_id(store))}
+
+
 def test_push_and_pull_when_label_studio_is_unreachable_or_token_wrong(labelstudio, store, monkeypatch) -> None:
     closed = f"http://127.0.0.1:{lss.free_port()}"
     down = LabelStudioBackend(url=closed, api_key=labelstudio.token, document_root=str(labelstudio.document_root))
