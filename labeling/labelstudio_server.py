@@ -488,7 +488,9 @@ def labelstudio_up(
     """Install (if needed) and start a local Label Studio; prints nothing, returns what to print.
 
     Already running for this data dir -> that server, with already_running=True. A data dir that was set up
-    before keeps its admin token (from the state file) unless another token is given.
+    before keeps its admin token (from the state file) unless another token is given, and its document root unless
+    another is given or LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT names one: the loop reads that variable too, so a server
+    kept on its old root would be sent image links it answers with 404.
     """
     data_dir = Path(data_dir).expanduser().resolve()
     current = running_server(data_dir)
@@ -498,7 +500,7 @@ def labelstudio_up(
     if previous is not None:
         token = token or previous.token
         password = password or previous.password
-        document_root = document_root or previous.document_root
+        document_root = document_root or os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT") or previous.document_root
     install_server(venv_dir=venv_dir)
     return start_server(
         data_dir=data_dir, port=port, username=username, password=password, token=token,

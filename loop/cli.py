@@ -727,14 +727,18 @@ def labelstudio_up(
     password: Annotated[Optional[str], typer.Option(help="admin password (default: generated, printed)")] = None,
     token: Annotated[Optional[str], typer.Option(help="admin API token (default: generated, printed)")] = None,
     project: Annotated[Optional[Path], typer.Option("--project", "-p", help="also point this project's loop.toml at the server")] = None,
+    document_root: Annotated[Optional[Path], typer.Option(help="the folder Label Studio serves images from, holding every image to label "
+                                                           "(default: LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, else what this data dir had, else /)")] = None,
 ) -> None:
     """Install the pinned Label Studio into its own venv (first time), start it on 127.0.0.1 with SQLite, an admin and
     a token, no phone-home; print the URL and token."""
     from labeling.labelstudio_server import labelstudio_up as start
 
+    asked_root = str(document_root.expanduser().resolve()) if document_root else os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
     with clear_errors():
         console.print("starting Label Studio (the first start installs it into its own venv and migrates its database: a minute or two)")
-        server = start(data_dir=data_dir.expanduser(), port=port, username=username, password=password, token=token)
+        server = start(data_dir=data_dir.expanduser(), port=port, username=username, password=password, token=token,
+                       document_root=str(document_root.expanduser().resolve()) if document_root else None)
         if project is not None:
             from loop.config import load_config
 
@@ -742,11 +746,17 @@ def labelstudio_up(
             config.annotator.backend = "labelstudio"
             config.annotator.labelstudio_url = server.url
             config.annotator.labelstudio_api_key = server.token
+            config.annotator.labelstudio_document_root = server.document_root  # the links the loop sends must be under it
             save_config(project.expanduser().resolve(), config)
     state = "already running" if server.already_running else "started"
     console.print(f"Label Studio {state} at [bold]{server.url}[/] (pid {server.pid}, data {server.data_dir}, log {server.log_path})")
     console.print(f"  login: {server.username}" + (f" / {server.password}" if server.password else ""))
     console.print(f"  API token: {server.token}")
+    console.print(f"  images served from: {server.document_root} (set LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT to it for `loop round` too, or "
+                  "give --project)", soft_wrap=True, highlight=False)
+    if server.already_running and asked_root and os.path.abspath(asked_root) != os.path.abspath(server.document_root):
+        error_console.print(f"[yellow]warning:[/] it runs with another document root than {escape(asked_root)}: stop it (loop labelstudio down "
+                            f"--data-dir {escape(str(data_dir))}) and start it again to change it; images outside it are not shown")
     # one line, never wrapped, so it pastes into a shell as it is
     console.print(f"  export LABEL_STUDIO_URL={server.url} LABEL_STUDIO_API_KEY={server.token}", soft_wrap=True, highlight=False)
     if project is not None:
