@@ -86,6 +86,9 @@ def why_text(task: TaskRequest, *, round_number: int | None) -> str:
         # a questioned label is shown cleanlab's suggestion (out of fold), not the round's model's guess
         who = "Suggested label" if task.reason == "suspected_label_error" else "Model's guess"
         guess = f"{who}: {task.predicted_label}" + (f" ({_percent(score)})" if score is not None else "")
+        if task.reason == "suspected_label_error" and task.predicted_label == task.current_label:
+            # a later round no longer suspects it: its out-of-fold guess is the label itself, no suggestion of another
+            guess = f"The model now agrees with the current label ({task.predicted_label}" + (f", {_percent(score)}" if score is not None else "") + ")"
         negative = task.probabilities.get(task.negative_class) if task.negative_class is not None else None
         if negative is not None and task.decision_threshold is not None:
             # the guess is the defect decision: P(defect) against the threshold says how close it was

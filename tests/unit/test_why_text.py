@@ -37,6 +37,10 @@ def test_the_guess_says_how_close_the_defect_decision_was() -> None:
     # a questioned label is shown cleanlab's suggestion, named as such
     suspect = _task(reason="suspected_label_error", predicted_label="spot", prediction_score=0.91, current_label="scratch")
     assert "Current label: scratch. Suggested label: spot (91%)." in why_text(suspect, round_number=2)
+    # a later round no longer suspects it (its guess is the label itself): no "Suggested label" naming the current one
+    cleared = _task(reason="suspected_label_error", predicted_label="scratch", current_label="scratch")
+    text = why_text(cleared, round_number=None)
+    assert "Suggested label" not in text and "Current label: scratch. The model now agrees with the current label (scratch)." in text
 
 
 def test_an_answer_that_could_not_be_used_is_quoted_back() -> None:
