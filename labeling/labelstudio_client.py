@@ -537,9 +537,11 @@ def rename_choice(client: LabelStudio, *, project_id: int, old: str, new: str, o
                 changes.append(lambda prediction_id=int(prediction["id"]), result=result: client.predictions.update(id=prediction_id, result=result))
                 done.predictions += 1
         data = dict(task.data or {})
-        if any(data.get(key) == old for key in LABEL_DATA_FIELDS):
-            data.update({key: new for key in LABEL_DATA_FIELDS if data.get(key) == old})
-            changes.append(lambda task_id=str(task.id), data=data: client.tasks.update(id=task_id, data=data))
+        renamed_data = {**data, **{key: new for key in (*LABEL_DATA_FIELDS, "predicted_label") if data.get(key) == old}}
+        if isinstance(data.get(WHY_NAME), str):  # the text the annotator reads names the label too (QA: the old name stayed)
+            renamed_data[WHY_NAME] = why_text_renamed(data[WHY_NAME], old=old, new=new)
+        if renamed_data != data:
+            changes.append(lambda task_id=str(task.id), data=renamed_data: client.tasks.update(id=task_id, data=data))
             done.tasks += 1
         if getattr(task, "draft_exists", None) or _as_dict(task).get("draft_exists"):
             def rewrite_drafts(task_id: int = int(task.id)) -> None:
@@ -551,6 +553,17 @@ def rename_choice(client: LabelStudio, *, project_id: int, old: str, new: str, o
         for finished in [pool.submit(change) for change in changes]:
             finished.result()  # the first failure is raised once the others ended
     return done
+
+
+def why_text_renamed(text: str, *, old: str, new: str) -> str:
+    """The annotator's text (labelstudio_backend.why_text) with the class `old` named `new` where the text names a
+    label: "Current label: X.", "Suggested label: X", "Model's guess: X", "agrees with the current label (X"; the
+    reason's own words are left alone."""
+    import re
+
+    label = re.escape(old)
+    return re.sub(rf"(Current label: |Suggested label: |Model's guess: |agrees with the current label \()({label})(?=[.;, )]|$)",
+                  lambda match: match.group(1) + new, text)
 
 
 def rename_drafts(client: LabelStudio, *, task_id: int, old: str, new: str) -> int:

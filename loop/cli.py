@@ -525,7 +525,7 @@ def rename_class(
                     warnings = backend.show_classes(session=session, project=get_project(session))
     console.print(f"[green]renamed[/] {old!r} to {new!r}: {n_events} stored answers of {n_images} images"
                   + (f"; in Label Studio {renamed.answers} answers, {renamed.drafts} drafts, {renamed.predictions} guesses and {renamed.tasks} "
-                     "questions of reopened tasks" if renamed is not None else "")
+                     "tasks' texts and questions" if renamed is not None else "")
                   + ("; the oracle's manifest still names the old class: fix it too" if ctx.config.annotator.backend == "oracle" else ""))
     if renamed is not None and renamed.projects_gone:
         console.print(f"Label Studio projects {', '.join(map(str, renamed.projects_gone))} are gone (deleted there): nothing to rename in them")

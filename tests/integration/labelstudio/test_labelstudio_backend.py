@@ -734,7 +734,9 @@ def test_a_class_renamed_in_loop_toml_is_renamed_in_label_studio_and_the_next_pu
     users = {u.email: u.id for u in admin.users.list()}
 
     renamed = rename_class(backend, store, "scratch", "scratch_line", ["good", "scratch_line", "spot"])
-    assert (renamed.answers, renamed.predictions, renamed.tasks, renamed.projects_gone) == (3, 4, 0, [])
+    # the tasks' texts name the guess: "Model's guess: scratch", and image 5's question "Suggested label: scratch"
+    assert (renamed.answers, renamed.predictions, renamed.tasks, renamed.projects_gone) == (3, 4, 3, [])
+    assert "Suggested label: scratch_line" in admin.tasks.get(id=str(tasks[store.image_ids[5]])).data["why"]
     answers = {x["annotation_id"]: x for x in lsc.list_annotated_tasks(admin, project_id=ls_project_id(store))}
     assert {answers[renamed_answer]["choices"][0], answers[unpulled]["choices"][0], answers[kept_answer]["choices"][0]} == {"scratch_line", "spot"}
     assert answers[renamed_answer]["completed_by"] == users[ANNOTATOR_A] and answers[unpulled]["completed_by"] == users[ANNOTATOR_B]
@@ -755,6 +757,7 @@ def test_a_class_renamed_in_loop_toml_is_renamed_in_label_studio_and_the_next_pu
     assert (renamed.answers, renamed.tasks) == (1, 1)
     data = admin.tasks.get(id=str(tasks[store.image_ids[5]])).data
     assert (data["current_label"], data["relabel_of"]) == ("spot_stain", "spot_stain")
+    assert "Current label: spot_stain." in data["why"] and "spot." not in data["why"]  # what the annotator reads (QA: the old name stayed)
     assert pull(backend, store).new_label_events == 0
     again = rename_class(backend, store, "spot", "spot_stain", ["good", "scratch_line", "spot_stain"])  # nothing left to rename
     assert (again.answers, again.predictions, again.tasks) == (0, 0, 0)
