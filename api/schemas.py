@@ -184,6 +184,13 @@ class InitFromOut(Schema):
     head_used: bool = Field(description="true: this round's network started from that head")
 
 
+class ModelFilesDeletedOut(Schema):
+    files: list[str] = Field(description="the round's model files deleted (model.pt, model.onnx); its record and predictions stay")
+    at: str | None = Field(description="when (ISO 8601, UTC)")
+    by: str | None = Field(description="loop prune, or loop round ([loop] keep_model_rounds)")
+    folder: str | None = Field(description="the project folder whose files they were (a store shared by several folders)")
+
+
 class RoundOut(RoundSummaryOut):
     error: str | None
     metrics: dict[str, float | None] = Field(description="overall metrics on the frozen test split")
@@ -220,6 +227,7 @@ class RoundOut(RoundSummaryOut):
                                   "null: not checked (an older round)")
     test_metrics_by_batch: list[BatchTestMetricsOut] | None = Field(
         default=None, description="the gate metrics per ingest batch with at least 10 labeled test images, when more than one has; null otherwise")
+    model_files_deleted: ModelFilesDeletedOut | None = Field(default=None, description="null: the round's model files are as it wrote them")
 
 
 class LabelIssueOut(Schema):

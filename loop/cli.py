@@ -285,9 +285,12 @@ def _prune_after_round(ctx: Any) -> None:
         with project_lock(ctx.root, action="loop round (pruning model files)", engine=ctx.engine):
             summary = prune_model_files(ctx, keep_rounds=ctx.config.loop.keep_model_rounds, by="loop round (keep_model_rounds)")
     except (ProjectBusy, OSError, StoreUnavailable) as error:
-        error_console.print(f"[yellow]warning:[/] the older rounds' model files were not deleted: {escape(str(error))}; `loop prune` deletes them")
+        error_console.print(f"[yellow]warning:[/] the older rounds' model files were not deleted: {escape(str(error).rstrip('.'))}. "
+                            "`loop prune` deletes them")
         return
-    if summary.deleted:
+    if summary.error:
+        error_console.print(f"[yellow]warning:[/] {escape(describe(summary))}. `loop prune` deletes the rest")
+    elif summary.deleted or summary.temporary_files:
         console.print(escape(describe(summary)))
 
 
@@ -652,6 +655,9 @@ def prune(
         keep = keep_rounds if keep_rounds is not None else (ctx.config.loop.keep_model_rounds or DEFAULT_KEEP_MODEL_ROUNDS)
         with project_lock(ctx.root, action="loop prune", engine=ctx.engine):
             summary = prune_model_files(ctx, keep_rounds=keep, dry_run=dry_run)
+    if summary.error:  # what went before it is deleted and recorded: said so, not only the error
+        error_console.print(f"[bold red]error:[/] {escape(describe(summary))}")
+        raise typer.Exit(EXIT_USAGE)
     console.print(escape(describe(summary)))
 
 

@@ -121,4 +121,5 @@ def _round_summary(round_row: Round) -> dict:
         "latency": details.get("latency"),
         "step_timings_s": round_row.step_timings_s,
         "artifacts": round_row.artifacts,
+        "model_files_deleted": details.get("model_files_deleted"),  # by loop prune or keep_model_rounds: which, when, by what
     }

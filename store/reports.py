@@ -219,6 +219,28 @@ class RoundReport:
     init_from: InitFromSummary | None = None
     unfamiliar_batches: list[UnfamiliarBatch] | None = None  # None: not checked (an older round)
     test_metrics_by_batch: list[BatchTestMetrics] | None = None  # None: the labeled test images come from one ingest batch
+    model_files_deleted: ModelFilesDeleted | None = None  # None: the round's model files are as it wrote them
+
+
+@dataclass(frozen=True)
+class ModelFilesDeleted:
+    """loop prune (or [loop] keep_model_rounds) deleted the round's model files: which, when, by what, in which folder."""
+    files: list[str]
+    at: str | None
+    by: str | None
+    folder: str | None
+
+
+def model_files_deleted_of(details: dict[str, Any] | None) -> ModelFilesDeleted | None:
+    raw = (details or {}).get("model_files_deleted")
+    if not isinstance(raw, dict) or not isinstance(raw.get("files"), list):
+        return None
+    return ModelFilesDeleted(files=[str(f) for f in raw["files"]], at=_str_or_none(raw.get("at")), by=_str_or_none(raw.get("by")),
+                             folder=_str_or_none(raw.get("folder")))
+
+
+def _str_or_none(value: Any) -> str | None:
+    return str(value) if value is not None else None
 
 
 @dataclass(frozen=True)
@@ -798,6 +820,7 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         label_quality=label_quality_of(details),
         threshold_choice=threshold_of(details),
         init_from=init_from_of(details),
+        model_files_deleted=model_files_deleted_of(details),
         unfamiliar_batches=unfamiliar_batches_of(details),
         test_metrics_by_batch=metrics_by_batch_of(details),
     )

@@ -55,9 +55,10 @@ def test_prune_keeps_the_newest_rounds_and_the_newest_fine_tuned_backbone(new_pr
     folders = _record_history(new_project)
     summary = prune_model_files(new_project, keep_rounds=2)
     both = ["model.onnx", "model.pt"]
-    assert _models_left(folders) == {1: both, 2: [], 3: [], 4: [], 5: both, 6: both, 7: both}
+    # round 1 keeps the checkpoint init-from reads, not its deployable ONNX copy
+    assert _models_left(folders) == {1: ["model.pt"], 2: [], 3: [], 4: [], 5: both, 6: both, 7: both}
     assert summary.kept_newest == [5, 6] and summary.kept_fine_tuned == 1
-    assert sorted(summary.deleted) == [2, 3, 4] and summary.freed_bytes == 3 * sum(MODEL_BYTES.values())
+    assert sorted(summary.deleted) == [1, 2, 3, 4] and summary.freed_bytes == 3 * sum(MODEL_BYTES.values()) + MODEL_BYTES["model.onnx"]
     assert all((folder / "confusion_matrix.png").is_file() for folder in folders.values())  # the plots are the record
     with session_scope(new_project.engine) as session:
         rows = {r.number: r for r in session.query(Round)}
@@ -65,6 +66,7 @@ def test_prune_keeps_the_newest_rounds_and_the_newest_fine_tuned_backbone(new_pr
             assert set(rows[number].artifacts) == {"confusion_matrix_png"}
             assert rows[number].details["model_files_deleted"]["files"] == both
             assert rows[number].details["model_files_deleted"]["by"] == "loop prune"
+            assert rows[number].details["model_files_deleted"]["folder"] == str(new_project.root)  # a shared store: whose files
             assert rows[number].details["threshold"] == 0.5
         assert "model_files_deleted" not in rows[6].details and "model_onnx" in rows[6].artifacts
     # what `loop init --init-from` reads is still there: the newest round, and it points to round 1's backbone
@@ -81,7 +83,7 @@ def test_prune_dry_run_deletes_nothing_and_says_what_it_would(new_project) -> No
     result = runner.invoke(app, ["prune", "--project", str(new_project.root), "--keep-rounds", "1", "--dry-run"], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "would delete 8 model files of rounds 2-5 (0.0 MB)" in text and "round 1, the newest with a fine-tuned backbone" in text
+    assert "would delete 9 model files of rounds 1-5 (0.0 MB)" in text and "round 1's model.pt, the newest fine-tuned backbone" in text
     assert _models_left(folders) == before
     with session_scope(new_project.engine) as session:
         assert not any("model_files_deleted" in (r.details or {}) for r in session.query(Round))
@@ -113,3 +115,56 @@ def test_a_project_never_pruned_keeps_every_model(new_project) -> None:  # noqa:
     assert new_project.config.loop.keep_model_rounds == 0
     with pytest.raises(ValueError, match="keep at least"):
         prune_model_files(new_project, keep_rounds=0)
+
+
+def test_prune_says_what_it_deleted_before_a_file_it_could_not(new_project, monkeypatch) -> None:  # noqa: ANN001
+    # a QA run: a file it may not delete (chattr +i) gave only the error, though earlier rounds' files were gone
+    folders = _record_history(new_project)
+    real_unlink = Path.unlink
+
+    def unlink(path: Path, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        if path == folders[4] / "model.onnx":
+            raise PermissionError(1, "Operation not permitted")
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    result = runner.invoke(app, ["prune", "--project", str(new_project.root), "--keep-rounds", "1"], env={"COLUMNS": "250"})
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "deleted 6 model files of rounds 1-4" in text and f"Stopped: could not delete {folders[4] / 'model.onnx'}: Operation not permitted" in text
+    assert _models_left(folders)[4] == ["model.onnx"] and _models_left(folders)[5] == ["model.onnx", "model.pt"]
+    with session_scope(new_project.engine) as session:
+        assert session.query(Round).filter_by(number=4).one().details["model_files_deleted"]["files"] == ["model.pt"]  # what went, recorded
+
+
+def test_prune_leaves_links_out_of_the_project_alone_and_clears_half_written_files(new_project, tmp_path: Path) -> None:  # noqa: ANN001
+    folders = _record_history(new_project)
+    elsewhere = tmp_path / "another-project-round"
+    folders[2].rename(elsewhere)
+    folders[2].symlink_to(elsewhere)  # a round folder linked to another project's: its files are not ours
+    (folders[6] / ".model.123-abcd1234.tmp.onnx").write_bytes(b"t" * 100)  # a round killed while exporting
+    (folders[5] / "model.pt.tmp").write_bytes(b"t" * 50)
+    summary = prune_model_files(new_project, keep_rounds=2)
+    assert sorted(p.name for p in elsewhere.glob("model.*")) == ["model.onnx", "model.pt"]
+    assert str(folders[2]) in summary.skipped_outside and 2 not in summary.deleted
+    assert summary.temporary_files == 2 and not list(folders[6].glob(".model.*")) and not (folders[5] / "model.pt.tmp").exists()
+    assert (folders[6] / "model.onnx").is_file()  # the newest round's own files stay
+
+
+def test_a_fine_tuned_round_whose_checkpoint_is_gone_keeps_nothing(new_project) -> None:  # noqa: ANN001
+    # a QA run: the record alone chose the round to keep, though its checkpoint was deleted by hand; an older
+    # fine-tuned backbone still on disk would then have gone. Only a checkpoint on disk is kept
+    folders = _record_history(new_project)
+    (folders[1] / "model.pt").unlink()
+    summary = prune_model_files(new_project, keep_rounds=1, dry_run=True)
+    assert summary.kept_fine_tuned is None and 1 in summary.deleted  # round 1's ONNX copy alone is not kept
+
+
+def test_status_json_says_which_model_files_went(new_project) -> None:  # noqa: ANN001
+    import json
+
+    _record_history(new_project)
+    prune_model_files(new_project, keep_rounds=2)
+    result = runner.invoke(app, ["status", "--project", str(new_project.root), "--json"])
+    rounds = {r["number"]: r for r in json.loads(result.output)["rounds"]}
+    assert rounds[2]["model_files_deleted"]["files"] == ["model.onnx", "model.pt"] and rounds[6]["model_files_deleted"] is None

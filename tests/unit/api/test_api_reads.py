@@ -266,3 +266,26 @@ def test_cached_reads_follow_every_change_to_the_store(writable_store: SeededSto
             session.add(GateResult(round_id=r4, name="macro_f1", value=0.5, threshold=0.7, comparison=">=", applicable=True, passed=False))
         assert {g["name"]: g for g in progress()["gates"]}["macro_f1"]["passed"] == [False, True, None, False]
     engine.dispose()
+
+
+def test_a_round_says_which_of_its_model_files_were_deleted(writable_store, read_headers) -> None:  # noqa: ANN001
+    # a QA run: after loop prune, a round's model keys were gone from its record with no trace of when or by what
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api_seed import make_settings
+    from store.db import create_db_engine, session_scope
+    from store.models import Round
+
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        row = session.get(Round, writable_store.round_ids[1])
+        row.details = {**(row.details or {}), "model_files_deleted": {"files": ["model.onnx", "model.pt"], "at": "2026-12-06T21:00:00+00:00",
+                                                                      "by": "loop prune", "folder": "/data/line-a"}}
+    engine.dispose()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        pruned = client.get(f"/rounds/{writable_store.round_ids[1]}", headers=read_headers).json()
+        kept = client.get(f"/rounds/{writable_store.round_ids[2]}", headers=read_headers).json()
+    assert pruned["model_files_deleted"] == {"files": ["model.onnx", "model.pt"], "at": "2026-12-06T21:00:00+00:00", "by": "loop prune",
+                                             "folder": "/data/line-a"}
+    assert kept["model_files_deleted"] is None
