@@ -367,6 +367,27 @@ def test_a_held_out_set_takes_its_unlabeled_pool_images_into_test_but_never_a_tr
                and f"{asked} (waiting for an annotator's answer)" in note for note in report.notes), report.notes
 
 
+def test_a_held_out_set_ingested_unlabeled_joins_the_test_split_never_the_pool(new_project, class_folders: Path, tmp_path: Path) -> None:
+    # a QA run: `loop ingest DIR --split test --unlabeled` put every image in the pool with no word, and the next
+    # rounds asked annotators for them as training labels
+    files = sorted(class_folders.rglob("*.png"))
+    first = tmp_path / "first.csv"
+    with open(first, "w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "label", "part"], *([str(p), p.parent.name, f"part-{i}"] for i, p in enumerate(files[:30]))])
+    ingest_source(new_project, first, show_progress=False)
+    trained_part = next(row.part for row in images(new_project) if row.split == "train")
+    held_out = tmp_path / "held_out.csv"
+    with open(held_out, "w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "label", "part"], *([str(p), "", ""] for p in files[30:40]), [str(files[40]), "", trained_part],
+                                      [str(files[41]), files[41].parent.name, ""]])
+    report = ingest_source(new_project, held_out, split="test", show_progress=False)
+    by_path = {row.path: row for row in images(new_project)}
+    assert [by_path[str(p)].split for p in files[30:40]] == ["test"] * 10 and by_path[str(files[41])].split == "test"
+    assert by_path[str(files[40])].split == "pool"  # its part's photos are training labels
+    assert any(note.startswith("10 unlabeled images join the test split") for note in report.notes), report.notes
+    assert any(note.startswith("1 unlabeled images stay in the pool") and str(files[40]) in note for note in report.notes), report.notes
+
+
 def test_a_known_labeled_image_listed_with_an_empty_label_keeps_it_and_says_so(new_project, class_folders: Path, tmp_path: Path) -> None:
     files = sorted(class_folders.rglob("*.png"))[:10]
     manifest = tmp_path / "labels.csv"
