@@ -194,7 +194,7 @@ def ingest(
     source: Annotated[Path, typer.Argument(help="folder (class folders or MVTec AD layout) or CSV manifest path,label[,part] (part: photos of one physical part, never split apart)")],
     project: ProjectOption,
     unlabeled: Annotated[bool, typer.Option("--unlabeled", help="ingest every image below SOURCE without labels")] = False,
-    split: Annotated[str, typer.Option(help="auto: stratified test/validation/train; test: a held-out set (its unlabeled images too: the rounds ask for a sample of their labels); train: never test")] = "auto",
+    split: Annotated[str, typer.Option(help="auto: stratified test/validation/train; test: a held-out set (its unlabeled images too: held out, never training labels); train: never test")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Reference images in place (path + content hash), quarantine undecodable ones, split stratified."""

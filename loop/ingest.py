@@ -528,8 +528,9 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                 placed_parts[part_of[sha]] = placed
         if split == "test":
             # a held-out set ingested unlabeled (or a manifest's empty labels): held out too, never offered for a training
-            # label (QA: they went to the pool, and selection asked for them); the round asks for a sample of their labels
-            # without a guess. A photo of a part placed in train/validation stays in the pool, named.
+            # label (QA: they went to the pool, and selection asked for them); while no labeled test image is like them,
+            # the round asks for a sample of their labels without a guess. A photo of a part in train/validation stays
+            # in the pool, named.
             unlabeled_new = [sha for sha, image in new_images.items() if sha not in new_labels and image.status == "ok"]
             kept_in_pool = [sha for sha in unlabeled_new if part_of[sha] and placed_parts.get(part_of[sha], "test") != "test"]
             for sha in unlabeled_new:
@@ -539,8 +540,9 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                         placed_parts[part_of[sha]] = "test"
             if len(unlabeled_new) > len(kept_in_pool):
                 report.notes.append(f"{len(unlabeled_new) - len(kept_in_pool)} unlabeled images join the test split (--split test): never offered "
-                                    "for training labels; they measure the gates once labeled (the rounds ask annotators for a sample of them, "
-                                    "without the model's guess, or ingest a manifest with their labels)")
+                                    "for training labels; they measure the gates once labeled: ingest a manifest with their labels (--split test), "
+                                    "or the rounds ask annotators for a sample of them, without the model's guess, while no labeled test "
+                                    "image is like them)")
             if kept_in_pool:
                 report.notes.append(f"{len(kept_in_pool)} unlabeled images stay in the pool, not test: their part's photos are in train/validation: "
                                     f"{_listed([str(new_images[sha].path) for sha in kept_in_pool])}")
