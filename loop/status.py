@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from loop.project import ProjectContext
 from store import session_scope
-from store.models import Image, Round
+from store.models import Image, IngestBatch, Round
 from store.queries import current_labels, get_project
 from store.reports import (as_utc, calibration_of, collapsed_of, init_from_of, label_quality_of, metrics_by_batch_of, threshold_of, training_of,
                            unfamiliar_batches_of)
@@ -59,6 +59,10 @@ def project_status(ctx: ProjectContext) -> dict:
                 "by_class_and_source": {name: dict(sorted(by_class_and_source[name].items())) for name in classes},
             },
             "quarantined": [{"path": i.path, "reason": i.status_reason} for i in images if i.status == "quarantined"],
+            # each ingest with its notes (e.g. coverage_lane: the lane a small ingest was first judged in)
+            "ingest_batches": [{"id": b.id, "source": b.source, "layout": b.layout, "created_at": as_utc(b.created_at).isoformat() if b.created_at else None,
+                                "n_files": b.n_files, "n_new_images": b.n_new_images, "notes": b.notes}
+                               for b in session.scalars(select(IngestBatch).where(IngestBatch.project_id == project.id).order_by(IngestBatch.id))],
             "rounds": [_round_summary(r) for r in rounds],
         }
 
@@ -121,5 +125,10 @@ def _round_summary(round_row: Round) -> dict:
         "latency": details.get("latency"),
         "step_timings_s": round_row.step_timings_s,
         "artifacts": round_row.artifacts,
-        "model_files_deleted": details.get("model_files_deleted"),  # by loop prune or keep_model_rounds: which, when, by what
+        "model_files_deleted": details.get("model_files_deleted"),
+        # the round's own records the README cites by name: the new-batch check, the near-copy findings beside the
+        # test split, the kept k-NN graph's reuse
+        "coverage": details.get("coverage"),
+        "data_quality": details.get("data_quality"),
+        "neighbor_graph": details.get("neighbor_graph"),  # by loop prune or keep_model_rounds: which, when, by what
     }

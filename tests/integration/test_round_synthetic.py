@@ -167,6 +167,13 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
     assert set(last["label_quality"]["noise_rate_per_class"]) == {"good", "scratch", "spot", "patch"}
     assert status["labels"]["by_source"]["oracle"] >= 5
     assert set(status["labels"]["by_class"]) == {"good", "scratch", "spot", "patch"}
+    # the records the README cites by name are there to read (a QA run found them only in the store's JSON)
+    with session_scope(open_project(project_with_pool).engine) as session:
+        stored = session.scalars(select(Round).where(Round.number == 2)).one().details
+    assert (last["coverage"], last["data_quality"], last["neighbor_graph"]) == (stored.get("coverage"), stored.get("data_quality"),
+                                                                                 stored.get("neighbor_graph"))
+    assert last["coverage"] is not None and last["neighbor_graph"] is not None
+    assert len(status["ingest_batches"]) == 1 and status["ingest_batches"][0]["n_new_images"] > 0 and "split_counts" in status["ingest_batches"][0]["notes"]
 
 
 def test_fail_on_gates_exits_3_and_records_the_failed_gate(project_with_pool: Path) -> None:
