@@ -119,6 +119,11 @@ def init(
             raise ConfigError(f"loop init: {validation_problems(error)}") from None
         if annotator not in available_backends():
             raise ConfigError(f"unknown annotator backend {annotator!r}; available: {', '.join(available_backends())}")
+        if backbone is not None and init_from is None:  # a typo fails now, not in round 1's embedding step (QA)
+            from modeling.backbones import known_backbone
+
+            if not known_backbone(backbone):
+                raise ConfigError(f"--backbone {backbone}: not a timm model name (e.g. efficientnet_lite0, efficientnet_lite2, resnet50)")
         if weights not in (None, "default", "none") and init_from is None:  # the file must fit the network now, not in round 1
             from modeling.backbones import create_backbone
 
@@ -490,16 +495,16 @@ def rename_class(
                     return session.scalar(select(func.count()).select_from(LabelEvent).join(Image, Image.id == LabelEvent.image_id)
                                           .where(Image.project_id == project_row.id, LabelEvent.label == label)) or 0
 
+                in_label_studio = bool(session.scalar(select(func.count()).select_from(AnnotationTask).join(Image, Image.id == AnnotationTask.image_id)
+                                                      .where(AnnotationTask.backend == "labelstudio", Image.project_id == project_row.id)))
+                if not in_label_studio and not answers_naming(old):  # first: a typo in OLD was told to give --merge (QA)
+                    raise ConfigError(f"no stored answer says {old!r}: nothing to rename")
                 if answers_naming(new) and not merge:
                     raise ConfigError(f"{new!r} already labels images: renaming {old!r} to it merges the two classes for good; give --merge to do so")
                 still_left_out = sorted(labels_left_out(session, project_row, ctx.config.classes) - {old})
                 if still_left_out:  # checked before Label Studio is touched: the store's side must then go through
                     raise ConfigError(f"stored answers also name {', '.join(map(repr, still_left_out))}, which loop.toml leaves out: put "
                                       "them back in loop.toml or rename them first. Nothing was changed")
-                in_label_studio = bool(session.scalar(select(func.count()).select_from(AnnotationTask).join(Image, Image.id == AnnotationTask.image_id)
-                                                      .where(AnnotationTask.backend == "labelstudio", Image.project_id == project_row.id)))
-                if not in_label_studio and not answers_naming(old):
-                    raise ConfigError(f"no stored answer says {old!r}: nothing to rename")
             if in_label_studio:
                 # Label Studio first: it keeps its answers under the old name and the next pull would read them again. Its
                 # answers since the last pull are taken in as they are, then it is rewritten without touching the store,
@@ -647,7 +652,7 @@ def prune(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be deleted, delete nothing")] = False,
 ) -> None:
     """Delete the model files (model.pt, model.onnx) of older rounds: ~29 MB a round. The newest rounds' stay, and
-    the newest fine-tuned backbone's (`loop init --init-from` reads it); records, predictions and plots stay."""
+    the newest fine-tuned backbone's model.pt (`loop init --init-from` names it); records, predictions and plots stay."""
     from loop.prune import describe, prune_model_files
 
     with clear_errors():

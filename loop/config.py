@@ -187,6 +187,21 @@ class LoopConfig(Strict):
         return check_strategy_name(name)
 
 
+BUILT_IN_BACKENDS = frozenset({"none", "oracle", "labelstudio"})  # labeling's registry
+
+
+def check_backend_name(name: str) -> str:
+    """`name` if it is a registered annotator backend, else a ValueError listing them: a typo fails when loop.toml is
+    read (QA: `backend = "cvat"` passed status and ingest and failed only at the round). Built-in names import nothing."""
+    if name in BUILT_IN_BACKENDS:
+        return name
+    from labeling import available_backends
+
+    if name not in available_backends():
+        raise ValueError(f"unknown annotator backend {name!r}; available: {', '.join(available_backends())}")
+    return name
+
+
 class AnnotatorConfig(Strict):
     backend: str = "none"  # none | oracle | labelstudio
     oracle_manifest: str | None = None  # CSV path,label: ground truth the simulated annotator answers from
@@ -194,6 +209,11 @@ class AnnotatorConfig(Strict):
     labelstudio_url: str | None = None  # or env LABEL_STUDIO_URL
     labelstudio_api_key: str | None = None  # or env LABEL_STUDIO_API_KEY
     labelstudio_document_root: str | None = None  # or env LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; default "/"
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        return check_backend_name(name)
 
     @model_validator(mode="after")
     def _oracle_needs_manifest(self) -> "AnnotatorConfig":

@@ -69,7 +69,9 @@ def _project_checkpoint(root: Path) -> InitSource:
         raise FileNotFoundError(f"project {root} has no completed round with a model checkpoint: run a round there first, "
                                 "or pass a checkpoint file to --init-from")
     number, strategy, checkpoint, tuned = with_model[0]
-    description = f"round {number} ({strategy}) of project {name!r}, its newest completed round"
+    newest = "its newest completed round" if number == rounds[0][0] else \
+        f"its newest completed round with a checkpoint file (round {rounds[0][0]}'s is gone)"  # QA: called the newest when it was not
+    description = f"round {number} ({strategy}) of project {name!r}, {newest}"
     if not tuned:
         earlier = next(((n, s, c) for n, s, c, t in with_model if t), None)
         if earlier is not None:  # a head round keeps the backbone it started from: the fine-tuning of an earlier round is not in it

@@ -143,6 +143,11 @@ POOLINGS = ("avg", "multilayer")
 MULTILAYER_MODULES = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
 
 
+def known_backbone(name: str) -> bool:
+    """Whether create_backbone knows the name (a timm model name), without building anything."""
+    return name in timm.list_models()
+
+
 def create_backbone(name: str = "efficientnet_lite0", *, weights: str = "default", keep_imagenet_head: bool = False, pooling: str = "avg") -> Backbone:
     """A pretrained timm backbone by name.
 
@@ -150,7 +155,7 @@ def create_backbone(name: str = "efficientnet_lite0", *, weights: str = "default
     "none" (random init, only when asked), or a path to a state dict file. pooling: see Backbone.pooling
     ("multilayer" needs an EfficientNet/MobileNet-style timm model: conv_stem, bn1, blocks, conv_head, bn2).
     """
-    if name not in timm.list_models():
+    if not known_backbone(name):
         raise ValueError(f"unknown backbone {name!r}: not a timm model name")
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")

@@ -238,3 +238,14 @@ def test_another_models_weights_file_is_named_as_such_before_a_pooling_it_cannot
         create_backbone("resnet18", weights=str(path), pooling="multilayer")
     with pytest.raises(ValueError, match="use pooling 'avg'"):  # no file: the pooling is the news, before any download
         create_backbone("resnet18", weights="none", pooling="multilayer")
+
+
+def test_an_unknown_backbone_is_refused_at_init_not_in_round_one(tmp_path: Path) -> None:
+    # QA: `loop init --backbone notamodel_xyz` exited 0, and round 1 failed in its embedding step
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+
+    result = CliRunner().invoke(app, ["init", str(tmp_path / "p"), "--classes", "a,b", "--backbone", "notamodel_xyz"])
+    assert result.exit_code == 2 and "--backbone notamodel_xyz: not a timm model name" in result.output and not (tmp_path / "p").exists()
+    assert CliRunner().invoke(app, ["init", str(tmp_path / "q"), "--classes", "a,b", "--backbone", "efficientnet_lite2"]).exit_code == 0

@@ -80,3 +80,16 @@ def test_the_class_renames_column_comes_and_goes_with_its_migration(tmp_path: Pa
     assert "class_renames" not in {c["name"] for c in inspect(engine).get_columns("projects")}
     engine.dispose()
     command.upgrade(alembic_config(url), "head")
+
+
+def test_a_typo_in_the_old_name_is_said_as_such_not_answered_with_merge_advice(new_project, class_folders: Path) -> None:  # noqa: ANN001
+    # QA: `rename-class nonesuch scratch` said "'scratch' already labels images ... give --merge"; with --merge, only
+    # then, that nothing says 'nonesuch'
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.ingest import ingest_source
+
+    ingest_source(new_project, class_folders, show_progress=False)
+    result = CliRunner().invoke(app, ["rename-class", "nonesuch", "scratch", "--project", str(new_project.root)])
+    assert result.exit_code == 2 and "no stored answer says 'nonesuch'" in result.output and "--merge" not in result.output

@@ -38,6 +38,8 @@ def test_typo_in_a_key_is_a_clear_error(tmp_path: Path) -> None:
         ('name = "p"\nclasses = ["a", "b"]\n[model]\ntrain = "finetun"\n', "model.train"),
         ('name = "p"\nclasses = ["a", "b"]\n[model.training]\naugmentation = "factory"\n', 'applied only with mode = "augment"'),
         ('name = "p"\nclasses = ["a", "b"]\n[loop]\nstrategy = "marginn"\n', "unknown selection strategy 'marginn'; available: default, diverse"),
+        # QA: a misspelt backend passed status and ingest, and failed only at the round, naming neither key nor file
+        ('name = "p"\nclasses = ["a", "b"]\n[annotator]\nbackend = "cvat"\n', "annotator.backend: unknown annotator backend 'cvat'; available: labelstudio"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, body: str, message: str) -> None:
