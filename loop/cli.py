@@ -723,7 +723,11 @@ def serve(
 
     with clear_errors():
         ctx = open_project(project)
-        settings = Settings(database_url=ctx.database_url, project_dir=ctx.root)
+        try:
+            settings = Settings(database_url=ctx.database_url, project_dir=ctx.root)
+        except ValidationError as error:  # one line naming the variable (a QA run got pydantic's block naming the field)
+            raise ConfigError("; ".join(f"LOOP_{str(problem['loc'][0]).upper()}={problem.get('input')!r}: {problem['msg']}"
+                                        for problem in error.errors())) from None
         serve_api(ctx.root, host=host, port=port, settings=settings, log_level="warning")
 
 

@@ -23,3 +23,15 @@ def test_a_taken_port_is_refused_before_the_urls_and_tokens_are_printed(tmp_path
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in said and "give --port" in said, result.output
     assert "dashboard" not in said and "tokens for this run" not in said
+
+
+def test_a_bad_setting_in_the_environment_is_one_line_naming_the_variable(new_project, monkeypatch) -> None:  # noqa: ANN001
+    # QA: LOOP_MAX_UPLOAD_PIXELS=abc gave pydantic's multi-line block naming the field max_upload_pixels
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+
+    monkeypatch.setenv("LOOP_MAX_UPLOAD_PIXELS", "abc")
+    result = CliRunner().invoke(app, ["serve", "--project", str(new_project.root), "--port", "1"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: LOOP_MAX_UPLOAD_PIXELS='abc': Input should be a valid integer") and "max_upload_pixels" not in result.output
