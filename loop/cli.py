@@ -575,7 +575,10 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     held = bool(store_held) or project_lock_held(ctx.root)
     running_without_process = [r["number"] for r in report["rounds"] if r["status"] == "running"] if not held else []
     for r in report["rounds"]:
-        gates = "all pass" if r["all_gates_pass"] else ", ".join(g["name"] for g in r["gates"] if g["applicable"] and not g["passed"]) or "-"
+        # narrow: the failed gates by their columns' words, which fit the column whole ("negative_fpr" folded mid-word)
+        shown = {"macro_f1": "F1", "defect_recall": "recall", "negative_fpr": "FPR", "latency_ms": "latency"} if narrow else {}
+        gates = "all pass" if r["all_gates_pass"] else ", ".join(shown.get(g["name"], g["name"]) for g in r["gates"]
+                                                                 if g["applicable"] and not g["passed"]) or "-"
         trained = r["train_strategy"] or "-"
         if r["training"].get("best_epoch") is not None and r["training"].get("epochs_run"):
             trained += f" (epoch {r['training']['best_epoch']}/{r['training']['epochs_run']})"

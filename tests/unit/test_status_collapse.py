@@ -62,3 +62,5 @@ def test_the_rounds_table_never_folds_a_number_at_80_columns(new_project) -> Non
     output = CliRunner().invoke(app, ["status", "--project", str(new_project.root)], env={"COLUMNS": "80"}).output
     assert max(len(line) for line in output.splitlines()) <= 80
     assert re.search(r"\b0\.000148\b", output) and re.search(r"\b0\.3333\b", output), output
+    # the failed gates by their columns' words, whole (QA: "negative_" over "fpr,", "latency_m" over "s")
+    assert re.search(r"\bFPR\b", output.split("gates", 1)[1]) and "negative_" not in output and "latency_m\n" not in output, output
