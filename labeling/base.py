@@ -63,9 +63,10 @@ class PushReport:
     # images whose task, still waiting for an answer, was deleted in the annotation tool: the backend forgot the task,
     # and the loop asks again in a new one at the next round
     gone_image_ids: set[int] = field(default_factory=set)
-    # of `withdraw`: those whose task is still in front of the annotators (the tool could not be reached, a request
-    # failed); the loop names them again next round. Starts as all of them: a failure before the step keeps them all
-    withdraw_failed_image_ids: set[int] = field(default_factory=set)
+    # of `withdraw`: those no annotator can answer any more (the task deleted, gone already, or never made); the loop
+    # marks their asks withdrawn. The others (the tool down, a request failed, an answer given since the pull) keep
+    # their asks, and the loop names them again next round unless an answer came
+    withdrawn_image_ids: set[int] = field(default_factory=set)
     withdrawn_tasks: int = 0  # waiting tasks taken from the annotators (deleted: their file is gone or changed)
 
 
@@ -82,7 +83,7 @@ class AnnotatorBackend(Protocol):
         pre-selected is the current model's (a backend without pre-annotations ignores them). settled: images asked
         again earlier whose answer the loop now has (a backend that reopened their task closes it). withdraw: images
         pushed earlier, never answered, whose file was quarantined since (missing, changed): their task is taken from
-        the annotators, who would see a broken image or another picture (PushReport.withdraw_failed_image_ids)."""
+        the annotators, who would see a broken image or another picture (PushReport.withdrawn_image_ids)."""
 
 
 BackendFactory = Callable[..., AnnotatorBackend]

@@ -325,8 +325,8 @@ class LabelStudioBackend:
         for task in batch:
             unique.setdefault(task.image_id, task)
         report.unsettled_image_ids = set(settled) - set(unique)  # until _close_settled says which it could not close
-        report.withdraw_failed_image_ids = set(withdraw) - set(unique)  # until _withdraw_tasks says which it took away
-        if not unique and not open_guesses and not settled and not report.withdraw_failed_image_ids:
+        to_withdraw = set(withdraw) - set(unique)
+        if not unique and not open_guesses and not settled and not to_withdraw:
             return report
         round_number = _round_number(session, round_id, batch)
         model_version = f"round-{round_number}" if round_number is not None else None
@@ -367,7 +367,7 @@ class LabelStudioBackend:
             # only once this round's guesses are the ones shown: deleting earlier ones first would leave tasks without one
             self._delete_superseded_predictions(client, report, listed=listed, refreshed=refreshed)
             self._close_settled(client, report, session=session, ls_project_id=ls_project_id, image_ids=[i for i in settled if i not in unique])
-            self._withdraw_tasks(client, report, session=session, ls_project_id=ls_project_id)
+            self._withdraw_tasks(client, report, session=session, ls_project_id=ls_project_id, image_ids=to_withdraw)
         except (lsc.LabelStudioAuthError, lsc.LabelStudioConfigError):
             raise  # a wrong or missing setting: retrying next round would not help
         except lsc.LabelStudioUnavailable as error:
@@ -656,15 +656,16 @@ class LabelStudioBackend:
             report.warnings.append(f"could not close {len(failed)} reopened tasks whose question is answered (tasks {', '.join(map(str, failed[:10]))}); "
                                    "retried next round")
 
-    def _withdraw_tasks(self, client, report: PushReport, *, session: Session, ls_project_id: int) -> None:  # noqa: ANN001
-        """The waiting tasks of report.withdraw_failed_image_ids (images whose file was quarantined) deleted, unless an
-        answer came in since the pull (the next pull records it; the image stays out of training while quarantined).
+    def _withdraw_tasks(self, client, report: PushReport, *, session: Session, ls_project_id: int, image_ids: set[int]) -> None:  # noqa: ANN001
+        """The waiting tasks of `image_ids` (images whose file was quarantined) deleted, unless an answer came in since
+        the pull (the next pull records it; the image stays out of training while quarantined); a skip is no answer.
         The store forgets each task taken away, as one deleted in Label Studio: the image, should its file come back, is
-        asked in a new task if selected again. Images without a task in this project have nothing to take away."""
-        asked = set(report.withdraw_failed_image_ids)
-        if not asked:
+        asked in a new task if selected again. Images without a task in this project have nothing to take away.
+        report.withdrawn_image_ids: those no annotator can answer now."""
+        if not image_ids:
             return
-        tasks = self._tasks_of(session, ls_project_id=ls_project_id, image_ids=asked)
+        tasks = self._tasks_of(session, ls_project_id=ls_project_id, image_ids=image_ids)
+        report.withdrawn_image_ids |= image_ids - set(tasks)
         failed: set[int] = set()
         for image_id, task_id in tasks.items():
             try:
@@ -672,14 +673,14 @@ class LabelStudioBackend:
             except (httpx.HTTPError, ApiError):
                 failed.add(image_id)
                 continue
-            if outcome == "answered":
+            if outcome == "answered":  # its ask stays: the pull records the answer
                 continue
             report.withdrawn_tasks += int(outcome == "deleted")
+            report.withdrawn_image_ids.add(image_id)
             for row in session.scalars(select(AnnotationTask).where(AnnotationTask.backend == self.name, AnnotationTask.image_id == image_id,
                                                                     AnnotationTask.external_task_id == str(task_id))):
                 session.delete(row)
         session.flush()
-        report.withdraw_failed_image_ids = failed
         if failed:
             report.warnings.append(f"could not take {len(failed)} waiting tasks of quarantined images from the annotators: they show a broken or "
                                    "changed picture until a later round takes them away")

@@ -466,8 +466,9 @@ def close_reopened_task(client: LabelStudio, *, task_id: int, image_id: int | No
 
 def withdraw_unanswered_task(client: LabelStudio, *, task_id: int, image_id: int) -> str:
     """Take a task nobody has answered from the annotators (its image's file is gone or changed: the task shows a
-    broken or another picture). "deleted"; "answered": it has an answer or a skip now (kept: the pull records it);
-    "gone": deleted in Label Studio already, or its id shows another image by now."""
+    broken or another picture). "deleted" (skips alone are no answer: such a task would stay in the queue);
+    "answered": it has an answer now (kept: the pull records it); "gone": deleted in Label Studio already, or its id
+    shows another image by now."""
     try:
         task = client.tasks.get(id=str(task_id))
     except ApiError as error:
@@ -476,7 +477,7 @@ def withdraw_unanswered_task(client: LabelStudio, *, task_id: int, image_id: int
         raise
     if (task.data or {}).get("defect_loop_image_id") != image_id:
         return "gone"
-    if task.annotations:
+    if _answerers(task):
         return "answered"
     client.tasks.delete(id=str(task_id))
     return "deleted"

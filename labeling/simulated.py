@@ -96,5 +96,6 @@ class OracleAnnotator:
         return report
 
     def push(self, *, session: Session, project: Project, round_id: int, batch: list[TaskRequest],
-             open_guesses: Sequence[TaskRequest] = (), settled: Sequence[int] = ()) -> PushReport:
-        return PushReport(pushed=len(batch))
+             open_guesses: Sequence[TaskRequest] = (), settled: Sequence[int] = (), withdraw: Sequence[int] = ()) -> PushReport:
+        # it answers at the next pull whatever is asked: an ask withdrawn (its file quarantined) is simply not answered
+        return PushReport(pushed=len(batch), withdrawn_image_ids=set(withdraw))

@@ -284,12 +284,14 @@ def round_command(
 def _prune_after_round(ctx: Any) -> None:
     """[loop] keep_model_rounds: the older rounds' model files go once a round is done. A failure here is a warning: the
     round itself is recorded, and `loop prune` can finish the job."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from loop.prune import describe, prune_model_files
 
     try:
         with project_lock(ctx.root, action="loop round (pruning model files)", engine=ctx.engine):
             summary = prune_model_files(ctx, keep_rounds=ctx.config.loop.keep_model_rounds, by="loop round (keep_model_rounds)")
-    except (ProjectBusy, OSError, StoreUnavailable) as error:
+    except (ProjectBusy, OSError, StoreUnavailable, SQLAlchemyError) as error:  # the round is recorded: a warning, not a traceback
         error_console.print(f"[yellow]warning:[/] the older rounds' model files were not deleted: {escape(str(error).rstrip('.'))}. "
                             "`loop prune` deletes them")
         return
@@ -639,7 +641,8 @@ def export(
     if summary.files_not_as_ingested:
         console.print(f"[yellow]left out[/] {sum(summary.files_not_as_ingested.values())} labeled images whose file is not as ingested ("
                       + ", ".join(f"{n} {what}" for what, n in sorted(summary.files_not_as_ingested.items()))
-                      + "): the next round reads them from a byte-identical copy it knows, or quarantines them")
+                      + "): a round reads a changed or missing one from a byte-identical copy it knows, or quarantines it; a quarantined "
+                      "one comes back with its label when its file is ingested again")
     if summary.round_number is None:
         console.print("no completed round yet: the prediction and finding columns are empty")
     else:

@@ -532,7 +532,12 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
             # the round asks for a sample of their labels without a guess. A photo of a part in train/validation stays
             # in the pool, named.
             unlabeled_new = [sha for sha, image in new_images.items() if sha not in new_labels and image.status == "ok"]
-            kept_in_pool = [sha for sha in unlabeled_new if part_of[sha] and placed_parts.get(part_of[sha], "test") != "test"]
+            # nor a part with a photo annotators were asked about: joining test would take that photo along, and its answer,
+            # begun from the model's guess, would become a test label (a review found it)
+            asked_parts = set(session.scalars(select(Image.part).join(Selection, Selection.image_id == Image.id).where(
+                Image.project_id == project.id, Image.part.is_not(None), Selection.push_status == "pushed")))
+            kept_in_pool = [sha for sha in unlabeled_new if part_of[sha] and (placed_parts.get(part_of[sha], "test") != "test"
+                                                                              or part_of[sha] in asked_parts)]
             for sha in unlabeled_new:
                 if sha not in kept_in_pool:
                     splits[sha] = "test"
@@ -544,7 +549,8 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                                     "or the rounds ask annotators for a sample of them, without the model's guess, while no labeled test "
                                     "image is like them)")
             if kept_in_pool:
-                report.notes.append(f"{len(kept_in_pool)} unlabeled images stay in the pool, not test: their part's photos are in train/validation: "
+                report.notes.append(f"{len(kept_in_pool)} unlabeled images stay in the pool, not test: their part's photos are in train/validation, "
+                                    "or annotators were asked about one: "
                                     f"{_listed([str(new_images[sha].path) for sha in kept_in_pool])}")
         for sha, image in new_images.items():
             if sha in splits:

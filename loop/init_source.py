@@ -70,7 +70,7 @@ def _project_checkpoint(root: Path) -> InitSource:
                                 "or pass a checkpoint file to --init-from")
     number, strategy, checkpoint, tuned = with_model[0]
     newest = "its newest completed round" if number == rounds[0][0] else \
-        f"its newest completed round with a checkpoint file (round {rounds[0][0]}'s is gone)"  # QA: called the newest when it was not
+        f"its newest completed round with a checkpoint file (round {rounds[0][0]} has none here)"  # QA: called the newest when it was not
     description = f"round {number} ({strategy}) of project {name!r}, {newest}"
     if not tuned:
         earlier = next(((n, s, c) for n, s, c, t in with_model if t), None)

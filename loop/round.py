@@ -1769,8 +1769,9 @@ def push_batch(state: RoundState) -> None:
         if "withdraw" in accepted:
             extra["withdraw"] = sorted({selection.image_id for selection in pushed_quarantined})
         report = state.backend.push(session=session, project=project, round_id=state.round_id, batch=tasks, **extra)
-        still_shown = set(getattr(report, "withdraw_failed_image_ids", set())) if "withdraw" in accepted else set()
-        withdrawn_pushed = [selection for selection in pushed_quarantined if selection.image_id not in still_shown]
+        # only the asks nobody can answer now (a backend without `withdraw` took none back: theirs stay asked)
+        taken_back = set(getattr(report, "withdrawn_image_ids", set())) if "withdraw" in accepted else set()
+        withdrawn_pushed = [selection for selection in pushed_quarantined if selection.image_id in taken_back]
         for selection in withdrawn_pushed:  # (the oracle answers only asks marked pushed)
             selection.push_status = "withdrawn"
         # the asks whose task may still be open: named again next round, whatever else it names
@@ -1810,8 +1811,8 @@ def _unanswered_asks_of_quarantined(session, project_id: int) -> list[Selection]
     the image's. An image with answers keeps its asks (a reopened task's answer stays the image's, for when it comes back)."""
     rows = session.execute(select(Selection, Image.id).join(Round, Round.id == Selection.round_id).join(Image, Image.id == Selection.image_id)
                            .where(Round.project_id == project_id, Selection.push_status == "pushed", Image.status != "ok")).all()
-    answered = set(session.scalars(select(LabelEvent.image_id).where(LabelEvent.image_id.in_({image_id for _, image_id in rows}),
-                                                                     LabelEvent.source.in_(("annotator", "oracle"))))) if rows else set()
+    answered = set(session.scalars(select(LabelEvent.image_id).where(  # a skip is no answer: the task stays in the queue
+        LabelEvent.image_id.in_({image_id for _, image_id in rows}), LabelEvent.source.in_(("annotator", "oracle")), LabelEvent.action == "set"))) if rows else set()
     return [selection for selection, image_id in rows if image_id not in answered]
 
 

@@ -101,7 +101,7 @@ def image_records(session: Session, project: Project, source: ExportSource, *, l
     path are left out (they are no longer the project's data); quarantined ones are kept with their status.
     labeled_only: readable images with a label (no ties, nothing quarantined, the file as ingested: file_on_disk),
     the frozen test split included (its `split` says so: keep it out of training); `left_out` counts the labeled
-    ones left out because their file changed or went since ingest (by file_on_disk). The round's findings: suspected_label_error is None for images the
+    ones left out because their file changed or went since ingest (by file_on_disk, or "quarantined" once a round found it). The round's findings: suspected_label_error is None for images the
     round did not judge (ingested since; label errors: the test split), and True only while the label is still the
     one it suspected (suspected_label); outlier is None for images ingested since."""
     labels = current_labels(session, project.id)
@@ -127,6 +127,8 @@ def image_records(session: Session, project: Project, source: ExportSource, *, l
     for image in session.scalars(query.execution_options(yield_per=2000)):
         label = labels.get(image.id)
         if labeled_only and (image.status != "ok" or label is None or label.status != "labeled"):
+            if left_out is not None and image.status == "quarantined" and label is not None and label.status == "labeled":
+                left_out["quarantined"] += 1  # a round found its file changed, missing or unreadable (a review: not counted)
             continue
         on_disk = file_on_disk(image)
         if labeled_only and on_disk != FILE_UNCHANGED:

@@ -105,8 +105,8 @@ def export_images(
     format: Annotated[Literal["csv", "jsonl"], Query(description="csv (a header row, empty cells for none) or jsonl (one JSON object per line)")] = "csv",  # noqa: A002
     round: Annotated[int | None, Query(ge=1, le=2**31 - 1, description="a completed round's number (default: the latest completed)")] = None,  # noqa: A002
     labeled_only: Annotated[bool, Query(description="only readable images with a label (no ties): a training set. Labeled images whose file "
-                                        "changed, went missing or cannot be read since ingest are left out too: the X-Left-Out header "
-                                        "counts them, X-Left-Out-Reasons by reason (changed=2, missing=1)")] = False,
+                                        "changed, went missing or cannot be read since ingest (or a round quarantined) are left out too: the X-Left-Out "
+                                        "header counts them, X-Left-Out-Reasons by reason (changed=2, missing=1, quarantined=3)")] = False,
 ) -> FileResponse:
     project = reports.get_project_or_none(session, project_id)
     if project is None:

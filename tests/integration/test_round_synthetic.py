@@ -755,7 +755,7 @@ def test_a_pending_selection_whose_file_changed_or_went_missing_is_withdrawn_not
 
 
 def test_a_pushed_ask_whose_file_went_missing_is_withdrawn_and_never_answered(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from labeling.base import PullReport
+    from labeling.base import PullReport, PushReport
     from labeling.simulated import OracleAnnotator
 
     real_pull = OracleAnnotator.pull
@@ -766,13 +766,20 @@ def test_a_pushed_ask_whose_file_went_missing_is_withdrawn_and_never_answered(pr
         asked_id, image_id, path = asked.id, asked.image_id, session.get(Image, asked.image_id).path
     Path(path).rename(Path(path).with_suffix(".moved"))
     monkeypatch.setattr(OracleAnnotator, "pull", lambda self, *, session, project, round_id: PullReport())  # nobody answered yet
+    real_push = OracleAnnotator.push
+    monkeypatch.setattr(OracleAnnotator, "push", lambda self, **kwargs: PushReport(pushed=len(kwargs["batch"])))  # the tool took nothing back
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    with session_scope(open_project(project_with_pool).engine) as session:
+        assert session.get(Selection, asked_id).push_status == "pushed"  # still in front of the annotators: named again next round
+    monkeypatch.setattr(OracleAnnotator, "push", real_push)
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     monkeypatch.setattr(OracleAnnotator, "pull", real_pull)
     Path(path).with_suffix(".moved").rename(path)  # back where it was: ingested again, it would take any answer given meanwhile
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     with session_scope(open_project(project_with_pool).engine) as session:
         assert session.get(Selection, asked_id).push_status == "withdrawn"
-        assert session.scalars(select(Round).where(Round.number == 2)).one().details["push"]["withdrawn_pushed_quarantined"] == 1
+        pushes = {r.number: r.details["push"] for r in session.scalars(select(Round))}
+        assert (pushes[2]["withdrawn_pushed_quarantined"], pushes[3]["withdrawn_pushed_quarantined"]) == (0, 1)
         assert not session.scalars(select(LabelEvent).where(LabelEvent.image_id == image_id, LabelEvent.source == "oracle")).all()
 
 

@@ -388,6 +388,35 @@ def test_a_held_out_set_ingested_unlabeled_joins_the_test_split_never_the_pool(n
     assert any(note.startswith("1 unlabeled images stay in the pool") and str(files[40]) in note for note in report.notes), report.notes
 
 
+@pytest.mark.parametrize("asked_photo_listed", [True, False])
+def test_a_held_out_unlabeled_photo_never_takes_an_asked_photo_of_its_part_into_test(new_project, class_folders: Path, tmp_path: Path,
+                                                                                    asked_photo_listed: bool) -> None:
+    # a review: the unlabeled photo joined test, its part was placed there, and the part's pool photo annotators were
+    # asked about followed it, its answer (begun from the model's guess) a test label
+    from store.models import Round, Selection
+
+    files = sorted(class_folders.rglob("*.png"))
+    first = tmp_path / "first.csv"
+    with open(first, "w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "label", "part"], *([str(p), p.parent.name, f"part-{i}"] for i, p in enumerate(files[:30])),
+                                      [str(files[30]), "", "P"]])
+    ingest_source(new_project, first, show_progress=False)
+    asked = {row.path: row for row in images(new_project)}[str(files[30])]
+    with session_scope(new_project.engine) as session:
+        round_ = Round(project_id=asked.project_id, number=1, status="completed")
+        session.add(round_)
+        session.flush()
+        session.add(Selection(round_id=round_.id, image_id=asked.id, rank=0, score=1.0, strategy="default", reason="uncertain", push_status="pushed"))
+    held_out = tmp_path / "held_out.csv"
+    rows = [[str(files[31]), "", "P"], *([[str(files[30]), files[30].parent.name, "P"]] if asked_photo_listed else [])]
+    with open(held_out, "w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "label", "part"], *rows])
+    report = ingest_source(new_project, held_out, split="test", show_progress=False)
+    by_path = {row.path: row for row in images(new_project)}
+    assert by_path[str(files[30])].split != "test" and by_path[str(files[31])].split == "pool"
+    assert any(note.startswith("1 unlabeled images stay in the pool") for note in report.notes), report.notes
+
+
 def test_a_known_labeled_image_listed_with_an_empty_label_keeps_it_and_says_so(new_project, class_folders: Path, tmp_path: Path) -> None:
     files = sorted(class_folders.rglob("*.png"))[:10]
     manifest = tmp_path / "labels.csv"

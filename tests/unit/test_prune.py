@@ -151,13 +151,17 @@ def test_prune_leaves_links_out_of_the_project_alone_and_clears_half_written_fil
     assert (folders[6] / "model.onnx").is_file()  # the newest round's own files stay
 
 
-def test_a_fine_tuned_round_whose_checkpoint_is_gone_keeps_nothing(new_project) -> None:  # noqa: ANN001
-    # a QA run: the record alone chose the round to keep, though its checkpoint was deleted by hand; an older
-    # fine-tuned backbone still on disk would then have gone. Only a checkpoint on disk is kept
+def test_the_fine_tuned_backbone_kept_is_the_newest_still_on_disk(new_project) -> None:  # noqa: ANN001
+    # a QA run: the record alone chose the round to keep, though its checkpoint was deleted by hand, and the older
+    # fine-tuned backbone still on disk would have gone
     folders = _record_history(new_project)
-    (folders[1] / "model.pt").unlink()
+    with session_scope(new_project.engine) as session:  # round 4 fine-tuned too, the newest to: its checkpoint then goes by hand
+        row = session.query(Round).filter_by(number=4).one()
+        row.details = {**row.details, "training": {"strategy": "full", "best_epoch": 2}}
+    assert prune_model_files(new_project, keep_rounds=1, dry_run=True).kept_fine_tuned == 4
+    (folders[4] / "model.pt").unlink()
     summary = prune_model_files(new_project, keep_rounds=1, dry_run=True)
-    assert summary.kept_fine_tuned is None and 1 in summary.deleted  # round 1's ONNX copy alone is not kept
+    assert summary.kept_fine_tuned == 1 and summary.deleted[1] == ["model.onnx"]  # round 1's checkpoint stays, its ONNX copy goes
 
 
 def test_status_json_says_which_model_files_went(new_project) -> None:  # noqa: ANN001

@@ -217,7 +217,7 @@ def test_init_from_a_project_points_to_a_round_that_really_fine_tuned_its_backbo
     assert "its newest completed round" in told and "checkpoint file" not in told
     (source / "artifacts" / "round-002" / "model.pt").unlink()  # QA: the round used was still called the newest completed one
     told = resolve_init_source(source).description
-    assert told.startswith("round 1 (finetune)") and "its newest completed round with a checkpoint file (round 2's is gone)" in told
+    assert told.startswith("round 1 (finetune)") and "its newest completed round with a checkpoint file (round 2 has none here)" in told
 
 
 def test_a_round_refuses_a_backbone_in_loop_toml_other_than_the_one_its_init_checkpoint_holds(classifier, tmp_path):

@@ -468,7 +468,8 @@ def test_waiting_tasks_of_quarantined_images_are_taken_from_the_annotators_not_a
         project = session.get(Project, store.project_id)
         report = backend.push(session=session, project=project, round_id=store.round_ids[2], batch=[],
                               withdraw=[store.image_ids[4], store.image_ids[5], unpushed])
-    assert (report.withdrawn_tasks, report.withdraw_failed_image_ids, report.warnings) == (1, set(), [])
+    # image 4: taken away; image 5: answered since the pull, its ask stays; image 7: no task, nothing to take away
+    assert (report.withdrawn_tasks, report.withdrawn_image_ids, report.warnings) == (1, {store.image_ids[4], unpushed}, [])
     admin = labelstudio.admin()
     live = {t.id for t in admin.tasks.list(project=ls_project_id(store))}
     assert tasks[store.image_ids[4]] not in live and {tasks[store.image_ids[5]], tasks[store.image_ids[6]]} <= live
@@ -480,7 +481,14 @@ def test_waiting_tasks_of_quarantined_images_are_taken_from_the_annotators_not_a
     with store.session() as session:
         unreached = down.push(session=session, project=session.get(Project, store.project_id), round_id=store.round_ids[2], batch=[],
                               withdraw=[store.image_ids[6]])
-    assert unreached.withdraw_failed_image_ids == {store.image_ids[6]} and tasks[store.image_ids[6]] in {t.id for t in admin.tasks.list(project=ls_project_id(store))}
+    assert unreached.withdrawn_image_ids == set() and tasks[store.image_ids[6]] in {t.id for t in admin.tasks.list(project=ls_project_id(store))}
+    # a skip alone is no answer: the skipped task would stay in someone's queue with a broken picture
+    a.annotations.create(id=tasks[store.image_ids[6]], result=[], was_cancelled=True, lead_time=1.0)
+    with store.session() as session:
+        skipped = backend.push(session=session, project=session.get(Project, store.project_id), round_id=store.round_ids[2], batch=[],
+                               withdraw=[store.image_ids[6]])
+    assert (skipped.withdrawn_tasks, skipped.withdrawn_image_ids) == (1, {store.image_ids[6]})
+    assert tasks[store.image_ids[6]] not in {t.id for t in admin.tasks.list(project=ls_project_id(store))}
 
 
 def test_push_and_pull_when_label_studio_is_unreachable_or_token_wrong(labelstudio, store, monkeypatch) -> None:

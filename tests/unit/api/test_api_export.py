@@ -126,4 +126,10 @@ def test_a_labeled_only_download_says_how_many_labeled_images_it_left_out(writab
         assert after.status_code == 200
         assert (after.headers["x-left-out"], after.headers["x-left-out-reasons"]) == ("2", "changed=1, missing=1")
         assert set(rows_of(after.text)) == set(kept) - {gone, changed}
+        engine = create_db_engine(writable_store.url)
+        with session_scope(engine) as session:  # the next round quarantines the missing one: still counted
+            session.get(Image, gone).status = "quarantined"
+        engine.dispose()
+        quarantined = client.get(base, headers=read_headers)
+        assert (quarantined.headers["x-left-out"], quarantined.headers["x-left-out-reasons"]) == ("2", "changed=1, quarantined=1")
         assert "x-left-out" not in client.get(f"/projects/{writable_store.project_id}/export", headers=read_headers).headers  # all images
