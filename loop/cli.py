@@ -502,7 +502,9 @@ def rename_class(
                 if not in_label_studio and not answers_naming(old):  # first: a typo in OLD was told to give --merge (QA)
                     raise ConfigError(f"no stored answer says {old!r}: nothing to rename")
                 if answers_naming(new) and not merge:
-                    raise ConfigError(f"{new!r} already labels images: renaming {old!r} to it merges the two classes for good; give --merge to do so")
+                    # with Label Studio, OLD may be named there only: the store cannot tell a typo, so the advice says both
+                    typo = "" if answers_naming(old) else f" (no stored answer says {old!r}: check its spelling; Label Studio's answers may still name it)"
+                    raise ConfigError(f"{new!r} already labels images: renaming {old!r} to it merges the two classes for good; give --merge to do so{typo}")
                 still_left_out = sorted(labels_left_out(session, project_row, ctx.config.classes) - {old})
                 if still_left_out:  # checked before Label Studio is touched: the store's side must then go through
                     raise ConfigError(f"stored answers also name {', '.join(map(repr, still_left_out))}, which loop.toml leaves out: put "
