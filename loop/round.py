@@ -1685,7 +1685,8 @@ def _selectable_positions(state: RoundState) -> np.ndarray:
             select(Selection.image_id, Selection.push_status).join(Round, Round.id == Selection.round_id)
             .where(Round.project_id == get_project(session).id, Round.id != state.round_id)
         ).all()
-    waiting = {image_id for image_id, _status in asked_before}
+    # a withdrawn ask waits for nothing (its file was quarantined, and is back: QA saw such images never picked again)
+    waiting = {image_id for image_id, status in asked_before if status != "withdrawn"}
     unlabeled = state.positions(labeled=False)
     keep = [p for p in unlabeled if state.splits[p] == "pool" and state.image_ids[p] not in waiting and p not in state.held_back
             and state.label_info.get(state.image_ids[p], CurrentLabel(None, None, "unlabeled")).status == "unlabeled"]

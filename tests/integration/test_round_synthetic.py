@@ -781,6 +781,23 @@ def test_a_pushed_ask_whose_file_went_missing_is_withdrawn_and_never_answered(pr
         pushes = {r.number: r.details["push"] for r in session.scalars(select(Round))}
         assert (pushes[2]["withdrawn_pushed_quarantined"], pushes[3]["withdrawn_pushed_quarantined"]) == (0, 1)
         assert not session.scalars(select(LabelEvent).where(LabelEvent.image_id == image_id, LabelEvent.source == "oracle")).all()
+    # ingested again, it can be picked again (QA: a withdrawn ask kept it out of selection for good)
+    manifest = Path(path).parent / "again.csv"
+    manifest.write_text(f"path,label\n{path},\n")
+    assert invoke("ingest", str(manifest), "--project", str(project_with_pool), "--quiet").exit_code == 0
+    import loop.round as round_module
+
+    offered: list[set[int]] = []
+    real_selectable = round_module._selectable_positions
+
+    def spy(state):  # noqa: ANN001, ANN202
+        positions = real_selectable(state)
+        offered.append({state.image_ids[int(p)] for p in positions})
+        return positions
+
+    monkeypatch.setattr(round_module, "_selectable_positions", spy)
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    assert image_id in offered[-1]
 
 
 def test_a_waiting_task_deleted_in_the_annotation_tool_is_asked_again_in_a_new_one(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
