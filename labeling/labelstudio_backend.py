@@ -76,6 +76,9 @@ def annotator_name(user_id: Any) -> str:
 def why_text(task: TaskRequest, *, round_number: int | None) -> str:
     """What the annotator reads next to the image: why it was picked, the model's guess, the current label."""
     reason = REASON_TEXT.get(task.reason, task.reason)
+    agrees = task.reason == "suspected_label_error" and task.predicted_label is not None and task.predicted_label == task.current_label
+    if agrees:  # a later round no longer suspects it: the reason says so, not that it looks wrong now
+        reason = "an earlier round found its current label doubtful"
     if task.reason == "answer_rejected" and task.rejected_answer:
         reason = f"the answer given ({task.rejected_answer}) is not one of this project's classes: choose one of them"
     parts = [f"Picked because {reason}."]
@@ -86,7 +89,7 @@ def why_text(task: TaskRequest, *, round_number: int | None) -> str:
         # a questioned label is shown cleanlab's suggestion (out of fold), not the round's model's guess
         who = "Suggested label" if task.reason == "suspected_label_error" else "Model's guess"
         guess = f"{who}: {task.predicted_label}" + (f" ({_percent(score)})" if score is not None else "")
-        if task.reason == "suspected_label_error" and task.predicted_label == task.current_label:
+        if agrees:
             # a later round no longer suspects it: its out-of-fold guess is the label itself, no suggestion of another
             guess = f"The model now agrees with the current label ({task.predicted_label}" + (f", {_percent(score)}" if score is not None else "") + ")"
         negative = task.probabilities.get(task.negative_class) if task.negative_class is not None else None

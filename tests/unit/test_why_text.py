@@ -41,6 +41,7 @@ def test_the_guess_says_how_close_the_defect_decision_was() -> None:
     cleared = _task(reason="suspected_label_error", predicted_label="scratch", current_label="scratch")
     text = why_text(cleared, round_number=None)
     assert "Suggested label" not in text and "Current label: scratch. The model now agrees with the current label (scratch)." in text
+    assert text.startswith("Picked because an earlier round found its current label doubtful.") and "looks wrong" not in text
 
 
 def test_an_answer_that_could_not_be_used_is_quoted_back() -> None:
