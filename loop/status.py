@@ -125,10 +125,10 @@ def _round_summary(round_row: Round) -> dict:
         "latency": details.get("latency"),
         "step_timings_s": round_row.step_timings_s,
         "artifacts": round_row.artifacts,
-        "model_files_deleted": details.get("model_files_deleted"),
+        "model_files_deleted": details.get("model_files_deleted"),  # by loop prune or keep_model_rounds: which, when, by what
         # the round's own records the README cites by name: the new-batch check, the near-copy findings beside the
         # test split, the kept k-NN graph's reuse
         "coverage": details.get("coverage"),
         "data_quality": details.get("data_quality"),
-        "neighbor_graph": details.get("neighbor_graph"),  # by loop prune or keep_model_rounds: which, when, by what
+        "neighbor_graph": details.get("neighbor_graph"),
     }

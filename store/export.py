@@ -101,9 +101,10 @@ def image_records(session: Session, project: Project, source: ExportSource, *, l
     path are left out (they are no longer the project's data); quarantined ones are kept with their status.
     labeled_only: readable images with a label (no ties, nothing quarantined, the file as ingested: file_on_disk),
     the frozen test split included (its `split` says so: keep it out of training); `left_out` counts the labeled
-    ones left out because their file changed or went since ingest (by file_on_disk, or "quarantined" once a round found it). The round's findings: suspected_label_error is None for images the
-    round did not judge (ingested since; label errors: the test split), and True only while the label is still the
-    one it suspected (suspected_label); outlier is None for images ingested since."""
+    ones left out because their file changed or went since ingest (by file_on_disk, or "quarantined" once a round
+    found it). The round's findings: suspected_label_error is None for images the round did not judge (ingested
+    since; label errors: the test split), and True only while the label is still the one it suspected
+    (suspected_label); outlier is None for images ingested since."""
     labels = current_labels(session, project.id)
     round_id = None
     if source.round_number is not None:
