@@ -27,7 +27,6 @@ from loop.project import (ProjectBusy, add_project_row, check_store_is_free, ope
                           labels_left_out, project_lock_held, remove_project_row, sync_project_classes)
 from loop.errors import RoundFailed
 from loop.status import metric_text, project_status
-from labeling import available_backends
 from labeling.labelstudio_server import LabelStudioServerError
 from modeling.errors import WeightsUnavailable
 from store.db import StoreUnavailable, database_error_reason, same_store, shown_url, store_connection_lost, store_lock_held
@@ -117,8 +116,6 @@ def init(
             )
         except ValidationError as error:
             raise ConfigError(f"loop init: {validation_problems(error)}") from None
-        if annotator not in available_backends():
-            raise ConfigError(f"unknown annotator backend {annotator!r}; available: {', '.join(available_backends())}")
         if backbone is not None and init_from is None:  # a typo fails now, not in round 1's embedding step (QA)
             from modeling.backbones import known_backbone
 
@@ -757,11 +754,11 @@ def labelstudio_up(
     a token, no phone-home; print the URL and token."""
     from labeling.labelstudio_server import labelstudio_up as start
 
-    asked_root = str(document_root.expanduser().resolve()) if document_root else os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
+    given_root = str(document_root.expanduser().resolve()) if document_root else None
+    asked_root = given_root or os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
     with clear_errors():
         console.print("starting Label Studio (the first start installs it into its own venv and migrates its database: a minute or two)")
-        server = start(data_dir=data_dir.expanduser(), port=port, username=username, password=password, token=token,
-                       document_root=str(document_root.expanduser().resolve()) if document_root else None)
+        server = start(data_dir=data_dir.expanduser(), port=port, username=username, password=password, token=token, document_root=given_root)
         if project is not None:
             from loop.config import load_config
 

@@ -1685,21 +1685,20 @@ def _selectable_positions(state: RoundState) -> np.ndarray:
             select(Selection.image_id, Selection.push_status).join(Round, Round.id == Selection.round_id)
             .where(Round.project_id == get_project(session).id, Round.id != state.round_id)
         ).all()
-    # a withdrawn ask waits for nothing (its file was quarantined, and is back: QA saw such images never picked again)
+    # a withdrawn ask waits for nothing (its file was quarantined, and is back: QA saw such images never picked again);
+    # any other was delivered, or goes out with this round's push (one waiting for the tool to come back)
     waiting = {image_id for image_id, status in asked_before if status != "withdrawn"}
     unlabeled = state.positions(labeled=False)
     keep = [p for p in unlabeled if state.splits[p] == "pool" and state.image_ids[p] not in waiting and p not in state.held_back
             and state.label_info.get(state.image_ids[p], CurrentLabel(None, None, "unlabeled")).status == "unlabeled"]
-    # a pixel-verified near-copy of an image labeled, placed or asked already (an ask not withdrawn: one waiting for the
-    # tool to come back goes out with this round's push) is not asked again: its label would say nothing new (a QA run
-    # re-asked 11 of 200 picks, JPEG re-saves whose embeddings were under the selection's own duplicate cosine). Of a
-    # group nobody was asked about, one image is offered
-    delivered = {image_id for image_id, status in asked_before if status != "withdrawn"}
+    # a pixel-verified near-copy of an image labeled, placed or asked already (`waiting`) is not asked again: its label
+    # would say nothing new (a QA run re-asked 11 of 200 picks, JPEG re-saves whose embeddings were under the
+    # selection's own duplicate cosine). Of a group nobody was asked about, one image is offered
     offered = set(keep)
     not_offered: set[int] = set()
     for members in (state.near_duplicates.summary["groups"] if state.near_duplicates is not None else []):
         members = [int(m) for m in members]
-        answered_or_asked = any(state.splits[m] != "pool" or state.labels[m] != UNLABELED or state.image_ids[m] in delivered
+        answered_or_asked = any(state.splits[m] != "pool" or state.labels[m] != UNLABELED or state.image_ids[m] in waiting
                                 or state.label_info.get(state.image_ids[m], CurrentLabel(None, None, "unlabeled")).status != "unlabeled"
                                 for m in members)
         candidates_here = [m for m in members if m in offered]
@@ -1766,12 +1765,12 @@ def push_batch(state: RoundState) -> None:
         # asks pushed earlier and never answered whose file was quarantined since: in front of the annotators, their
         # task shows a broken image or another picture, and an answer to it would come back as the image's label
         # should its file be ingested again from a new place
-        pushed_quarantined = _unanswered_asks_of_quarantined(session, project.id)
+        pushed_quarantined = _unanswered_asks_of_quarantined(session, project.id) if "withdraw" in accepted else []
         if "withdraw" in accepted:
             extra["withdraw"] = sorted({selection.image_id for selection in pushed_quarantined})
         report = state.backend.push(session=session, project=project, round_id=state.round_id, batch=tasks, **extra)
-        # only the asks nobody can answer now (a backend without `withdraw` took none back: theirs stay asked)
-        taken_back = set(getattr(report, "withdrawn_image_ids", set())) if "withdraw" in accepted else set()
+        # only the asks nobody can answer now (a backend without `withdraw` takes none back: theirs stay asked)
+        taken_back = set(getattr(report, "withdrawn_image_ids", set()))
         withdrawn_pushed = [selection for selection in pushed_quarantined if selection.image_id in taken_back]
         for selection in withdrawn_pushed:  # (the oracle answers only asks marked pushed)
             selection.push_status = "withdrawn"
@@ -1807,7 +1806,7 @@ def push_batch(state: RoundState) -> None:
 
 
 def _unanswered_asks_of_quarantined(session, project_id: int) -> list[Selection]:  # noqa: ANN001
-    """Asks pushed to this backend whose image was never answered (no label, or none an annotator gave) and whose file
+    """Asks pushed earlier whose image was never answered (no label, or none an annotator gave) and whose file
     is quarantined now (missing, changed, replaced by a new image): its task is still open with a picture that is not
     the image's. An image with answers keeps its asks (a reopened task's answer stays the image's, for when it comes back)."""
     rows = session.execute(select(Selection, Image.id).join(Round, Round.id == Selection.round_id).join(Image, Image.id == Selection.image_id)

@@ -239,10 +239,6 @@ def model_files_deleted_of(details: dict[str, Any] | None) -> ModelFilesDeleted 
                              folder=_str_or_none(raw.get("folder")))
 
 
-def _str_or_none(value: Any) -> str | None:
-    return str(value) if value is not None else None
-
-
 @dataclass(frozen=True)
 class InitFromSummary:
     """Where the project's model started (loop init --init-from): the checkpoint, where it was copied from, and what
