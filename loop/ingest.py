@@ -1,5 +1,6 @@
 """`loop ingest`: reference images in place (absolute path + content hash), detect the layout, quarantine what
-does not decode, and split: the test split is frozen at the first ingest and only ever grows."""
+does not decode, and split: the test split is frozen at the first ingest and only ever grows (a round may still put
+near-copies this ingest drew on both sides of it on one side before any round measured them: loop.round.regroup_unmeasured_copies)."""
 from __future__ import annotations
 
 import csv
@@ -610,5 +611,8 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         if first_ingest and new_labels:
             report.notes.append(f"test split frozen now: {report.split_counts.get('test', 0)} images; later ingests only add to it")
         batch.n_files, batch.n_new_images, batch.n_duplicates, batch.n_quarantined = report.n_files, report.n_new_images, report.n_duplicates, report.n_quarantined
-        batch.notes = {"notes": report.notes, "split_counts": report.split_counts, "label_counts": report.label_counts, "already_known": report.n_already_known}
+        # split_mode: a round may move an "auto"-drawn image no round has measured to its near-copies' side
+        # (loop.round.regroup_unmeasured_copies); one placed by --split test/train stays where it was asked to be
+        batch.notes = {"notes": report.notes, "split_counts": report.split_counts, "label_counts": report.label_counts, "already_known": report.n_already_known,
+                       "split_mode": split}
     return report

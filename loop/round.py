@@ -323,6 +323,74 @@ def find_near_copies(state: RoundState) -> None:
         state.console.print(f"[yellow]could not write the near-duplicate pair cache {escape(str(pair_cache.path))}: the next round recomputes its pairs[/yellow]")
 
 
+def regroup_unmeasured_copies(state: RoundState) -> None:
+    """Near-copies placed on both sides of the test split (or in both train and validation) by the ingest's draws,
+    before any round measured or trained on them, are put on one side. The ingest draws a split per file before any
+    pixel check, so JPEG re-saves of one photo arriving together landed in test and in train (a QA run: 6 of 30), and
+    the test split then scored the model on images it trained on. Only an image whose split the ingest drew (`auto`,
+    no `part`) and that no completed round has a prediction of is moved: one placed by --split test/train, a part's
+    photo, or one a round has measured or trained on anchors its group instead. Without an anchor, the group takes
+    the split of its first-ingested member (a stratified draw of its own, so test keeps its share of copies); with
+    anchors on one side, the group joins them; with anchors on both sides it already leaks and stays as it is
+    (find_data_issues reports the gates without the leaking test images)."""
+    record = {"moved": 0, "into_test": 0, "out_of_test": 0, "between_train_and_validation": 0, "image_ids": []}
+    state.details["unmeasured_copies_regrouped"] = record
+    groups = state.near_duplicates.summary["groups"] if state.near_duplicates is not None else []
+    mixed = []  # each group's placed members, where they sit in more than one split
+    for members in groups:
+        placed = [int(m) for m in members if state.splits[int(m)] != "pool"]
+        if len({state.splits[p] for p in placed}) > 1:
+            mixed.append(placed)
+    if not mixed:
+        return
+    positions = sorted({p for placed in mixed for p in placed})
+    ids = [state.image_ids[p] for p in positions]
+    with session_scope(state.ctx.engine) as session:
+        project = get_project(session)
+        drawn_batches = {batch.id for batch in session.scalars(select(IngestBatch).where(IngestBatch.project_id == project.id))
+                         if isinstance(batch.notes, dict) and batch.notes.get("split_mode") == "auto"}
+        measured: set[int] = set()
+        for start in range(0, len(ids), 500):  # a bounded IN list per statement
+            measured.update(session.scalars(select(Prediction.image_id).distinct().join(Round, Round.id == Prediction.round_id)
+                                            .where(Round.status == "completed", Prediction.image_id.in_(ids[start:start + 500]))))
+    movable = {p for p in positions
+               if state.parts[p] is None and int(state.ingest_batches[p]) in drawn_batches and state.image_ids[p] not in measured}
+    moves: dict[int, str] = {}
+    for placed in mixed:
+        anchors = [p for p in placed if p not in movable]
+        if len({state.splits[p] == "test" for p in anchors}) > 1:
+            continue  # anchored on both sides: it leaks already, and moving one more image would not end that
+        if not anchors:
+            target = str(state.splits[min(placed, key=lambda p: state.image_ids[p])])
+        elif state.splits[anchors[0]] == "test":
+            target = "test"
+        else:  # the training split most anchors are in (train wins a tie, being larger)
+            counts = Counter(str(state.splits[p]) for p in anchors)
+            target = max(counts, key=lambda split: (counts[split], split == "train"))
+        moves.update({p: target for p in placed if p in movable and state.splits[p] != target})
+    if not moves:
+        return
+    with session_scope(state.ctx.engine) as session:
+        moving = {state.image_ids[p]: p for p in moves}
+        for image in session.scalars(select(Image).where(Image.id.in_(sorted(moving))).order_by(Image.id)):
+            position = moving[image.id]
+            if image.split != state.splits[position]:  # placed otherwise since this round read it: left alone
+                continue
+            before, image.split = image.split, moves[position]
+            state.splits[position] = image.split
+            record["moved"] += 1
+            record["into_test"] += image.split == "test"
+            record["out_of_test"] += before == "test"
+            record["between_train_and_validation"] += "test" not in (before, image.split)
+            record["image_ids"].append(image.id)
+    record["image_ids"] = record["image_ids"][:1000]
+    if record["moved"]:
+        state.console.print(f"{record['moved']} images no round had measured or trained on were moved to their near-copies' split (pixel-verified; "
+                            f"{record['out_of_test']} out of the test split, {record['into_test']} into it, {record['between_train_and_validation']} "
+                            "between train and validation): their ingest had drawn each file's split alone, and the test split would have "
+                            "scored the model on copies of its training images")
+
+
 def place_new_labels(state: RoundState) -> None:
     """Images labeled since ingest (annotators, oracle) join train or validation, never the frozen test split; except
     a near-copy of a test image, which joins the test split as a photo of a test part does, labeled or not: never
@@ -2054,7 +2122,7 @@ def _jsonable(value: Any) -> Any:
 
 
 ROUND_STEPS: list[Callable[[RoundState], None]] = [
-    pull_labels, check_image_files, load_images, embed_images, find_near_copies, place_new_labels, gather_labeled_pool, compute_out_of_fold, train_model,
+    pull_labels, check_image_files, load_images, embed_images, find_near_copies, regroup_unmeasured_copies, place_new_labels, gather_labeled_pool, compute_out_of_fold, train_model,
     compute_finetuned_out_of_fold, calibrate_model, export_model, predict_all_images, score_anomalies, deploy_model, choose_threshold, evaluate_on_test_split, flag_label_issues,
     check_coverage, find_data_issues, select_next_batch, push_batch,
 ]

@@ -131,4 +131,6 @@ def _round_summary(round_row: Round) -> dict:
         "coverage": details.get("coverage"),
         "data_quality": details.get("data_quality"),
         "neighbor_graph": details.get("neighbor_graph"),
+        # near-copies one ingest drew on both sides of the test split, put on one side before any round measured them
+        "unmeasured_copies_regrouped": details.get("unmeasured_copies_regrouped"),
     }

@@ -1,0 +1,130 @@
+"""Near-copies that one ingest's per-file draws put on both sides of the test split are put on one side by the next
+round, before any round measured them (a QA run: 6 of 30 JPEG re-saves of training images drawn into test). The pixel
+check's groups are given here, so no model runs."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
+from rich.console import Console
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from loop.cli import app
+from loop.config import load_config, save_config
+from loop.project import open_project
+from loop.round import RoundOptions, RoundState, load_images, place_new_labels, regroup_unmeasured_copies
+from store import session_scope
+from store.models import Image, IngestBatch, Prediction, Round
+from store.queries import get_project
+
+
+def _manifest(path: Path, rows: list[tuple[Path, str, str]]) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "part"])
+        writer.writerows([(str(file), label, part) for file, label, part in rows])
+    return path
+
+
+def test_copies_drawn_apart_by_one_ingest_are_put_on_one_side_before_anything_measures_them(tmp_path: Path, class_folders: Path) -> None:
+    good = sorted((class_folders / "good").glob("*.png"))
+    scratch = sorted((class_folders / "scratch").glob("*.png"))
+    project_dir = tmp_path / "project"
+    runner = CliRunner()
+    assert runner.invoke(app, ["init", str(project_dir), "--classes", "good,scratch", "--negative-class", "good"]).exit_code == 0
+    config = load_config(project_dir)
+    config.split.test_fraction, config.split.validation_fraction = 0.4, 0.3  # every split well filled from 40 images
+    save_config(project_dir, config)
+    drawn = [(file, "good", "") for file in good[:30]] + [(file, "scratch", "") for file in scratch[:10]]
+    explicit_test = [(file, "good", "") for file in good[30:33]]
+    explicit_train = [(file, "good", "") for file in good[33:36]]
+    with_part = [(good[36], "good", "P"), (good[37], "good", "")]
+    for name, rows, split in (("explicit_test", explicit_test, "test"), ("explicit_train", explicit_train, "train"), ("drawn", drawn, "auto"),
+                              ("with_part", with_part, "auto")):
+        result = runner.invoke(app, ["ingest", str(_manifest(tmp_path / f"{name}.csv", rows)), "--project", str(project_dir), "--split", split, "--quiet"])
+        assert result.exit_code == 0, result.output
+    ctx = open_project(project_dir)
+    with session_scope(ctx.engine) as session:
+        rows = session.execute(select(Image.path, Image.id, Image.split).order_by(Image.id)).all()
+        modes = [batch.notes.get("split_mode") for batch in session.scalars(select(IngestBatch).order_by(IngestBatch.id))]
+    assert modes == ["test", "train", "auto", "auto"]  # what the round reads to know which splits were drawn
+    image_id = {path: i for path, i, _s in rows}
+    split_at_ingest = {i: s for _p, i, s in rows}
+    in_split = {split: [image_id[str(file)] for file, _l, _p in drawn if split_at_ingest[image_id[str(file)]] == split]
+                for split in ("test", "train", "validation")}
+    assert all(len(ids) >= 4 for ids in in_split.values()), in_split
+    test_ids, train_ids, validation_ids = (sorted(in_split[s]) for s in ("test", "train", "validation"))
+    # a drawn test image ingested before a drawn training image, and one after another
+    first_test, later_train = next((t, r) for t in test_ids for r in train_ids if t < r)
+    first_train, later_test = next((r, t) for r in train_ids for t in test_ids if r < t and t != first_test and r != later_train)
+    used = {first_test, later_train, first_train, later_test}
+    spare_test = [t for t in test_ids if t not in used]
+    spare_train = [r for r in train_ids if r not in used]
+    measured_test, copy_of_measured = spare_test[0], spare_train[0]
+    copy_of_explicit_train = spare_test[1]
+    copy_of_explicit_test = validation_ids[0]
+    straddling_copy = spare_test[2] if len(spare_test) > 2 else validation_ids[3]
+    validation_first, train_after = validation_ids[1], next(r for r in spare_train[1:] if r > validation_ids[1])
+    part_photo, copy_of_part_photo = image_id[str(good[36])], image_id[str(good[37])]
+    anchor_train = [image_id[str(file)] for file, _l, _p in explicit_train]
+    anchor_test = [image_id[str(file)] for file, _l, _p in explicit_test]
+    with session_scope(ctx.engine) as session:  # round 1 measured one drawn test image (it has a prediction)
+        project = get_project(session)
+        earlier = Round(project_id=project.id, number=1, status="completed")
+        session.add(earlier)
+        session.flush()
+        session.add(Prediction(round_id=earlier.id, image_id=measured_test, predicted_label="good", p_defect=0.1, probabilities={"good": 0.9, "scratch": 0.1}))
+        part_split = session.get(Image, part_photo).split
+    state = RoundState(ctx=ctx, options=RoundOptions(show_progress=False), console=Console(quiet=True))
+    load_images(state)
+    at = {i: p for p, i in enumerate(state.image_ids)}
+    groups = [
+        [first_test, later_train],  # no anchor: the first-ingested copy's draw decides -> test
+        [first_train, later_test],  # -> train
+        [anchor_train[0], copy_of_explicit_train],  # placed by --split train: the drawn test copy follows it
+        [anchor_test[0], copy_of_explicit_test],  # placed by --split test: the drawn validation copy follows it
+        [measured_test, copy_of_measured],  # a round measured the test image: the training copy joins test
+        [anchor_test[1], anchor_train[1], straddling_copy],  # leaks already, anchored on both sides: left alone
+        [validation_first, train_after],  # both training splits: the first copy's
+        [part_photo, copy_of_part_photo],  # a part's photo is an anchor
+    ]
+    state.near_duplicates = SimpleNamespace(summary={"groups": [[at[i] for i in group] for group in groups]})
+    regroup_unmeasured_copies(state)
+    with session_scope(ctx.engine) as session:
+        after = dict(session.execute(select(Image.id, Image.split)).all())
+    assert after[later_train] == "test" and after[first_test] == "test"
+    assert after[later_test] == "train" and after[first_train] == "train"
+    assert after[copy_of_explicit_train] == after[anchor_train[0]] != "test"
+    assert after[copy_of_explicit_test] == "test"
+    assert after[copy_of_measured] == "test" and after[measured_test] == "test"
+    assert [after[i] for i in (anchor_test[1], anchor_train[1], straddling_copy)] == [split_at_ingest[i] for i in (anchor_test[1], anchor_train[1], straddling_copy)]
+    assert after[validation_first] == after[train_after] == "validation"
+    assert after[part_photo] == part_split and after[copy_of_part_photo] == part_split
+    moved = {later_train, later_test, copy_of_explicit_train, copy_of_explicit_test, copy_of_measured, train_after}
+    if split_at_ingest[copy_of_part_photo] != part_split:
+        moved.add(copy_of_part_photo)
+    unmoved = set(after) - moved
+    assert all(after[i] == split_at_ingest[i] for i in unmoved)
+    record = state.details["unmeasured_copies_regrouped"]
+    assert record["moved"] == len(moved) and sorted(record["image_ids"]) == sorted(moved)
+    assert record["out_of_test"] == sum(split_at_ingest[i] == "test" for i in moved) >= 2
+    assert record["into_test"] == sum(after[i] == "test" for i in moved) >= 3
+    assert [state.splits[at[i]] for i in state.image_ids] == [after[i] for i in state.image_ids]  # the round's arrays follow the store
+
+    # the next step sees the new splits: nothing it places lands beside a moved copy's old split
+    place_new_labels(state)
+    with session_scope(ctx.engine) as session:
+        assert dict(session.execute(select(Image.id, Image.split)).all()) == after
+
+    # a batch ingested before its split mode was recorded (no "split_mode" note) anchors its images: nothing moves again
+    with session_scope(ctx.engine) as session:
+        for batch in session.scalars(select(IngestBatch)):
+            batch.notes = {key: value for key, value in batch.notes.items() if key != "split_mode"}
+        session.get(Image, later_test).split = "test"  # apart again, as an older version left it
+    state = RoundState(ctx=ctx, options=RoundOptions(show_progress=False), console=Console(quiet=True))
+    load_images(state)
+    state.near_duplicates = SimpleNamespace(summary={"groups": [[state.image_ids.index(first_train), state.image_ids.index(later_test)]]})
+    regroup_unmeasured_copies(state)
+    assert state.details["unmeasured_copies_regrouped"]["moved"] == 0
