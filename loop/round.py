@@ -349,10 +349,11 @@ def regroup_unmeasured_copies(state: RoundState) -> None:
         project = get_project(session)
         drawn_batches = {batch.id for batch in session.scalars(select(IngestBatch).where(IngestBatch.project_id == project.id))
                          if isinstance(batch.notes, dict) and batch.notes.get("split_mode") == "auto"}
-        measured: set[int] = set()
-        for start in range(0, len(ids), 500):  # a bounded IN list per statement
-            measured.update(session.scalars(select(Prediction.image_id).distinct().join(Round, Round.id == Prediction.round_id)
-                                            .where(Round.status == "completed", Prediction.image_id.in_(ids[start:start + 500]))))
+        completed = list(session.scalars(select(Round.id).where(Round.project_id == project.id, Round.status == "completed")))
+        measured: set[int] = set()  # a completed round predicted them (every image it had): measured or trained on
+        for start in range(0, len(ids), 500):  # a bounded IN list per statement; (round_id, image_id) is indexed
+            measured.update(session.scalars(select(Prediction.image_id).distinct()
+                                            .where(Prediction.round_id.in_(completed), Prediction.image_id.in_(ids[start:start + 500]))))
     movable = {p for p in positions
                if state.parts[p] is None and int(state.ingest_batches[p]) in drawn_batches and state.image_ids[p] not in measured}
     moves: dict[int, str] = {}
