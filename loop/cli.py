@@ -238,6 +238,9 @@ def round_command(
     train: Annotated[Optional[str], typer.Option(help="training strategy for this round: head | finetune | full")] = None,
     annotator: Annotated[Optional[str], typer.Option(help="annotator backend for this round")] = None,
     fail_on_gates: Annotated[bool, typer.Option("--fail-on-gates", help=f"exit {EXIT_GATES_FAILED} when a gate fails")] = False,
+    quarantine_missing_folders: Annotated[bool, typer.Option(
+        "--quarantine-missing-folders", help="quarantine missing images even when whole folders are gone or empty (without it the round "
+                                             "stops: an unmounted drive looks like that)")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Run one round: pull labels, embed, train, threshold, evaluate, gate, flag label issues, select, push."""
@@ -248,7 +251,8 @@ def round_command(
         last_round_before = _latest_round(ctx)
         try:
             with project_lock(ctx.root, action="loop round", engine=ctx.engine), sigterm_as_interrupt():
-                outcome = run_round(ctx, RoundOptions(train_strategy=train, annotator=annotator, show_progress=not quiet), console=console)
+                outcome = run_round(ctx, RoundOptions(train_strategy=train, annotator=annotator, show_progress=not quiet,
+                                                    quarantine_missing_folders=quarantine_missing_folders), console=console)
         except OSError as error:  # a full disk, a file in the way, Label Studio gone: with the round and step it stopped in
             where = getattr(error, "round_step", None)
             if where is None:

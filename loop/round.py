@@ -10,9 +10,9 @@ fails leaves what earlier steps committed (pulled labels, quarantined files) int
 """
 from __future__ import annotations
 
-import json
-
 import inspect
+import json
+import os
 import shutil
 import time
 import traceback
@@ -104,6 +104,8 @@ class RoundOptions:
     measure_latency: bool = True
     write_artifacts: bool = True  # plots and the model checkpoint (domain transfer starts from it)
     embedding_cache_dir: Path | None = None  # shared between the projects of one simulation
+    # quarantine missing files even when they empty whole folders (else the round stops: an unmounted drive looks so)
+    quarantine_missing_folders: bool = False
 
 
 @dataclass
@@ -233,8 +235,10 @@ def check_image_files(state: RoundState) -> None:
             if image.duplicate_paths and (image.status_reason or "").startswith(MOVED_OR_CHANGED) and _read_from_a_copy(image, moved):
                 image.status, image.status_reason = "ok", None
         session.flush()
+        held = Counter()  # ok images per folder
         for image in session.scalars(select(Image).where(Image.project_id == project.id, Image.status == "ok")):
             path = Path(image.path)
+            held[str(path.parent)] += 1
             if not path.is_file():
                 reason = f"file missing at {path} (moved or deleted since ingest)"
             else:
@@ -250,6 +254,8 @@ def check_image_files(state: RoundState) -> None:
                 continue
             image.status, image.status_reason = "quarantined", reason
             quarantined.append((image.path, image.status_reason))
+        if not state.options.quarantine_missing_folders:
+            _stop_if_folders_went_missing([path for path, reason in quarantined if reason.startswith("file missing at ")], held=held)
     for path, reason in quarantined:
         state.console.print(f"[yellow]quarantined[/] {escape(str(path))}: {escape(str(reason))}")
     if moved:
@@ -257,6 +263,30 @@ def check_image_files(state: RoundState) -> None:
                             + escape("; ".join(moved[:5]) + (" ..." if len(moved) > 5 else "")))
     state.details["newly_quarantined"] = len(quarantined)
     state.details["read_from_copies"] = len(moved)
+
+
+# A folder that lost every image of the project it held, this many images at least over all such folders, reads as a
+# drive or share that is not mounted rather than files deleted one by one: quarantining them would also take their
+# waiting tasks (and annotators' drafts) from Label Studio, for a mount that comes back tomorrow.
+MISSING_FOLDER_IMAGES = 10
+
+
+def _stop_if_folders_went_missing(missing: list[str], *, held: Counter) -> None:
+    """RoundFailed (the session rolls back: nothing is quarantined) when the missing files (no copy to read from) are
+    every ok image of their folders (`held`: ok images per folder), or their folders are gone."""
+    if len(missing) < MISSING_FOLDER_IMAGES:
+        return
+    missing_by_folder = Counter(str(Path(path).parent) for path in missing)
+    emptied = {folder: n for folder, n in missing_by_folder.items() if n == held[folder] or not os.path.isdir(folder)}
+    if sum(emptied.values()) < MISSING_FOLDER_IMAGES:
+        return
+    gone = sorted(emptied, key=lambda folder: (-emptied[folder], folder))
+    listed = "; ".join(f"{folder} ({emptied[folder]}{'' if os.path.isdir(folder) else ', folder gone'})" for folder in gone[:5])
+    raise RoundFailed(
+        f"{sum(emptied.values())} images are missing with every image of their folder: {listed}{' ...' if len(gone) > 5 else ''}. An unmounted "
+        "drive or share looks like this, so nothing was quarantined and no annotator's task was taken away. Mount it again; or, if the "
+        "images moved, `loop ingest NEW_PLACE` first (known images are found again by content); or, if they are gone for good, run "
+        "`loop round --quarantine-missing-folders` (their labels stay in the store)")
 
 
 def _read_from_a_copy(image: Image, moved: list[str]) -> bool:

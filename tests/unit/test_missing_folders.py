@@ -1,0 +1,79 @@
+"""A drive or share that is not mounted at round time makes whole folders of images go missing at once. Quarantining
+them took their waiting tasks (and annotators' drafts) from Label Studio for a mount that came back the next day
+(review): the round now stops and quarantines nothing when the missing files empty their folders."""
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from loop.cli import app
+from loop.errors import RoundFailed
+from loop.ingest import ingest_source
+from loop.round import RoundOptions, RoundState, check_image_files
+from store import session_scope
+from store.models import Image, Round
+
+
+def _statuses(ctx) -> Counter:  # noqa: ANN001
+    with session_scope(ctx.engine) as session:
+        return Counter(session.scalars(select(Image.status)))
+
+
+def _check(ctx, **options) -> RoundState:  # noqa: ANN001, ANN003
+    state = RoundState(ctx=ctx, options=RoundOptions(show_progress=False, **options), console=Console(quiet=True))
+    check_image_files(state)
+    return state
+
+
+def test_a_round_stops_when_whole_folders_are_missing_and_quarantines_nothing(new_project, class_folders: Path, tmp_path: Path) -> None:
+    ingest_source(new_project, class_folders, show_progress=False)  # good 40, scratch 12, spot 12, patch 6
+    assert _statuses(new_project) == {"ok": 70}
+    unmounted = tmp_path / "unmounted"
+    shutil.move(class_folders / "good", unmounted)  # the folder is gone
+
+    result = CliRunner().invoke(app, ["round", "--project", str(new_project.root), "--quiet"])
+    assert result.exit_code != 0
+    message = " ".join(result.output.split())
+    assert "40 images are missing with every image of their folder" in message and f"{class_folders / 'good'} (40, folder gone)" in message
+    assert "nothing was quarantined" in message and "--quarantine-missing-folders" in message
+    assert _statuses(new_project) == {"ok": 70}
+    with session_scope(new_project.engine) as session:
+        assert [(r.status, "40 images are missing" in (r.error or "")) for r in session.scalars(select(Round))] == [("failed", True)]
+
+    (class_folders / "good").mkdir()  # an empty mount point: the same
+    with pytest.raises(RoundFailed, match=r"good \(40\)\. An unmounted"):
+        _check(new_project)
+    assert _statuses(new_project) == {"ok": 70}
+
+    # mounted again, a few files deleted by hand: quarantined as before, the folder still holds others
+    (class_folders / "good").rmdir()
+    shutil.move(unmounted, class_folders / "good")
+    for file in sorted((class_folders / "scratch").glob("*.png"))[:3]:
+        file.unlink()
+    assert _check(new_project).details["newly_quarantined"] == 3
+    assert _statuses(new_project) == {"ok": 67, "quarantined": 3}
+
+    # a small folder emptied (6 images, under the 10 a stop needs): quarantined as before
+    shutil.rmtree(class_folders / "patch")
+    assert _check(new_project).details["newly_quarantined"] == 6
+
+    # gone for good, and said so: quarantined
+    shutil.rmtree(class_folders / "good")
+    assert _check(new_project, quarantine_missing_folders=True).details["newly_quarantined"] == 40
+    assert _statuses(new_project) == {"ok": 21, "quarantined": 49}
+
+
+def test_missing_files_read_from_a_known_copy_do_not_count(new_project, class_folders: Path, tmp_path: Path) -> None:
+    ingest_source(new_project, class_folders, show_progress=False)
+    mirror = tmp_path / "mirror"
+    shutil.copytree(class_folders / "good", mirror / "good")
+    ingest_source(new_project, mirror, show_progress=False)  # the same bytes in a second place: known copies
+    shutil.rmtree(class_folders / "good")
+    state = _check(new_project)
+    assert state.details["newly_quarantined"] == 0 and state.details["read_from_copies"] == 40
