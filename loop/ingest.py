@@ -512,6 +512,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         known_labeled = {image.sha256: label for image, label in placing_known} if split == "train" else {}
         _check_part_conflicts(split, {**new_labels, **known_labeled}, {**part_of, **{image.sha256: image.part for image, _ in placing_known}},
                               known_part_splits)
+        drawn_alone: set[str] = set()  # split by a random draw of their own: a round may regroup them with their near-copies
         if split == "test":
             splits = {sha: "test" for sha in new_labels}
         elif split == "train":
@@ -523,6 +524,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
             drawn = {sha: label for sha, label in new_labels.items() if sha not in joining}
             splits = {**joining, **assign_splits(drawn, test_fraction=fractions.test_fraction, validation_fraction=fractions.validation_fraction,
                                                  seed=fractions.seed + batch.id, parts={sha: part_of[sha] for sha in drawn})}
+            drawn_alone = {sha for sha in drawn if not part_of[sha]}
         placed_parts = dict(known_part_splits)  # part -> split, this ingest's placements included (test wins)
         for sha, placed in splits.items():
             if part_of[sha] and placed_parts.get(part_of[sha]) != "test":
@@ -556,6 +558,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         for sha, image in new_images.items():
             if sha in splits:
                 image.split = splits[sha]
+                image.split_drawn = sha in drawn_alone or None
             session.add(image)
         session.flush()
         for sha, label in new_labels.items():
@@ -611,8 +614,5 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         if first_ingest and new_labels:
             report.notes.append(f"test split frozen now: {report.split_counts.get('test', 0)} images; later ingests only add to it")
         batch.n_files, batch.n_new_images, batch.n_duplicates, batch.n_quarantined = report.n_files, report.n_new_images, report.n_duplicates, report.n_quarantined
-        # split_mode: a round may move an "auto"-drawn image no round has measured to its near-copies' side
-        # (loop.round.regroup_unmeasured_copies); one placed by --split test/train stays where it was asked to be
-        batch.notes = {"notes": report.notes, "split_counts": report.split_counts, "label_counts": report.label_counts, "already_known": report.n_already_known,
-                       "split_mode": split}
+        batch.notes = {"notes": report.notes, "split_counts": report.split_counts, "label_counts": report.label_counts, "already_known": report.n_already_known}
     return report

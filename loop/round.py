@@ -235,11 +235,12 @@ def check_image_files(state: RoundState) -> None:
             if image.duplicate_paths and (image.status_reason or "").startswith(MOVED_OR_CHANGED) and _read_from_a_copy(image, moved):
                 image.status, image.status_reason = "ok", None
         session.flush()
-        held = Counter()  # ok images per folder
+        held, absent = Counter(), Counter()  # ok images per folder; of them, files not there (read from a copy or not)
         for image in session.scalars(select(Image).where(Image.project_id == project.id, Image.status == "ok")):
             path = Path(image.path)
             held[str(path.parent)] += 1
             if not path.is_file():
+                absent[str(path.parent)] += 1
                 reason = f"file missing at {path} (moved or deleted since ingest)"
             else:
                 stat = path.stat()
@@ -255,7 +256,7 @@ def check_image_files(state: RoundState) -> None:
             image.status, image.status_reason = "quarantined", reason
             quarantined.append((image.path, image.status_reason))
         if not state.options.quarantine_missing_folders:
-            _stop_if_folders_went_missing([path for path, reason in quarantined if reason.startswith("file missing at ")], held=held)
+            _stop_if_folders_went_missing([path for path, reason in quarantined if reason.startswith("file missing at ")], held=held, absent=absent)
     for path, reason in quarantined:
         state.console.print(f"[yellow]quarantined[/] {escape(str(path))}: {escape(str(reason))}")
     if moved:
@@ -271,13 +272,14 @@ def check_image_files(state: RoundState) -> None:
 MISSING_FOLDER_IMAGES = 10
 
 
-def _stop_if_folders_went_missing(missing: list[str], *, held: Counter) -> None:
+def _stop_if_folders_went_missing(missing: list[str], *, held: Counter, absent: Counter) -> None:
     """RoundFailed (the session rolls back: nothing is quarantined) when the missing files (no copy to read from) are
-    every ok image of their folders (`held`: ok images per folder), or their folders are gone."""
+    in folders none of whose ok images is there any more (`held`: ok images per folder, `absent`: of them, files not
+    there, those read from a known copy too), or whose folders are gone."""
     if len(missing) < MISSING_FOLDER_IMAGES:
         return
     missing_by_folder = Counter(str(Path(path).parent) for path in missing)
-    emptied = {folder: n for folder, n in missing_by_folder.items() if n == held[folder] or not os.path.isdir(folder)}
+    emptied = {folder: n for folder, n in missing_by_folder.items() if absent[folder] == held[folder] or not os.path.isdir(folder)}
     if sum(emptied.values()) < MISSING_FOLDER_IMAGES:
         return
     gone = sorted(emptied, key=lambda folder: (-emptied[folder], folder))
@@ -357,12 +359,13 @@ def regroup_unmeasured_copies(state: RoundState) -> None:
     """Near-copies placed on both sides of the test split (or in both train and validation) by the ingest's draws,
     before any round measured or trained on them, are put on one side. The ingest draws a split per file before any
     pixel check, so JPEG re-saves of one photo arriving together landed in test and in train (a QA run: 6 of 30), and
-    the test split then scored the model on images it trained on. Only an image whose split the ingest drew (`auto`,
-    no `part`) and that no completed round has a prediction of is moved: one placed by --split test/train, a part's
-    photo, or one a round has measured or trained on anchors its group instead. Without an anchor, the group takes
-    the split of its first-ingested member (a stratified draw of its own, so test keeps its share of copies); with
-    anchors on one side, the group joins them; with anchors on both sides it already leaks and stays as it is
-    (find_data_issues reports the gates without the leaking test images)."""
+    the test split then scored the model on images it trained on. Only an image whose split is its ingest's own draw
+    (Image.split_drawn: labeled at ingest, `--split auto`, no part) and that no completed round has a prediction of
+    is moved; any other (placed by --split test/train, by a round, a part's photo, one a round has measured or trained
+    on) anchors its group instead. Without an anchor, the group takes the split of its first-ingested member (a
+    stratified draw of its own, so test keeps its share of copies); with anchors on one side, the group joins them;
+    with anchors on both sides it leaks already, and only its movable test images leave test (one leaking test image
+    fewer each; find_data_issues reports the gates without the others)."""
     record = {"moved": 0, "into_test": 0, "out_of_test": 0, "between_train_and_validation": 0, "image_ids": []}
     state.details["unmeasured_copies_regrouped"] = record
     groups = state.near_duplicates.summary["groups"] if state.near_duplicates is not None else []
@@ -373,48 +376,52 @@ def regroup_unmeasured_copies(state: RoundState) -> None:
             mixed.append(placed)
     if not mixed:
         return
-    positions = sorted({p for placed in mixed for p in placed})
-    ids = [state.image_ids[p] for p in positions]
+    ids = sorted(state.image_ids[p] for placed in mixed for p in placed)
     with session_scope(state.ctx.engine) as session:
         project = get_project(session)
-        drawn_batches = {batch.id for batch in session.scalars(select(IngestBatch).where(IngestBatch.project_id == project.id))
-                         if isinstance(batch.notes, dict) and batch.notes.get("split_mode") == "auto"}
         completed = list(session.scalars(select(Round.id).where(Round.project_id == project.id, Round.status == "completed")))
+        drawn: set[int] = set()
         measured: set[int] = set()  # a completed round predicted them (every image it had): measured or trained on
         for start in range(0, len(ids), 500):  # a bounded IN list per statement; (round_id, image_id) is indexed
-            measured.update(session.scalars(select(Prediction.image_id).distinct()
-                                            .where(Prediction.round_id.in_(completed), Prediction.image_id.in_(ids[start:start + 500]))))
-    movable = {p for p in positions
-               if state.parts[p] is None and int(state.ingest_batches[p]) in drawn_batches and state.image_ids[p] not in measured}
+            chunk = ids[start:start + 500]
+            drawn.update(session.scalars(select(Image.id).where(Image.id.in_(chunk), Image.split_drawn.is_(True))))
+            measured.update(session.scalars(select(Prediction.image_id).distinct().where(Prediction.round_id.in_(completed), Prediction.image_id.in_(chunk))))
+    movable = {state.position_of[i] for i in drawn - measured}
     moves: dict[int, str] = {}
     for placed in mixed:
         anchors = [p for p in placed if p not in movable]
-        if len({state.splits[p] == "test" for p in anchors}) > 1:
-            continue  # anchored on both sides: it leaks already, and moving one more image would not end that
+        training_anchors = Counter(str(state.splits[p]) for p in anchors if state.splits[p] != "test")
+        # the training split most anchors are in (train wins a tie, being larger)
+        training_target = max(training_anchors, key=lambda split: (training_anchors[split], split == "train")) if training_anchors else None
         if not anchors:
             target = str(state.splits[min(placed, key=lambda p: state.image_ids[p])])
-        elif state.splits[anchors[0]] == "test":
-            target = "test"
-        else:  # the training split most anchors are in (train wins a tie, being larger)
-            counts = Counter(str(state.splits[p]) for p in anchors)
-            target = max(counts, key=lambda split: (counts[split], split == "train"))
+        elif training_target and any(state.splits[p] == "test" for p in anchors):  # anchored on both sides: only test images move
+            moves.update({p: training_target for p in placed if p in movable and state.splits[p] == "test"})
+            continue
+        else:
+            target = training_target or "test"
         moves.update({p: target for p in placed if p in movable and state.splits[p] != target})
     if not moves:
         return
+    moving = {state.image_ids[p]: p for p in moves}
     with session_scope(state.ctx.engine) as session:
-        moving = {state.image_ids[p]: p for p in moves}
-        for image in session.scalars(select(Image).where(Image.id.in_(sorted(moving))).order_by(Image.id)):
-            position = moving[image.id]
-            if image.split != state.splits[position]:  # placed otherwise since this round read it: left alone
-                continue
-            before, image.split = image.split, moves[position]
-            state.splits[position] = image.split
-            record["moved"] += 1
-            record["into_test"] += image.split == "test"
-            record["out_of_test"] += before == "test"
-            record["between_train_and_validation"] += "test" not in (before, image.split)
-            record["image_ids"].append(image.id)
-    record["image_ids"] = record["image_ids"][:1000]
+        for start in range(0, len(moving), 500):
+            for image in session.scalars(select(Image).where(Image.id.in_(sorted(moving)[start:start + 500])).order_by(Image.id)):
+                position = moving[image.id]
+                if image.split != state.splits[position]:  # placed otherwise since this round read it: left alone
+                    continue
+                before, image.split = image.split, moves[position]
+                state.splits[position] = image.split
+                record["moved"] += 1
+                record["into_test"] += image.split == "test"
+                record["out_of_test"] += before == "test"
+                record["between_train_and_validation"] += "test" not in (before, image.split)
+                record["image_ids"].append(image.id)
+        record["image_ids"] = record["image_ids"][:1000]
+        # in the same commit as the moves: a round killed after this step still says what it moved
+        round_row = session.get(Round, state.round_id)
+        if round_row is not None:
+            round_row.details = {**(round_row.details or {}), "unmeasured_copies_regrouped": dict(record)}
     if record["moved"]:
         state.console.print(f"{record['moved']} images no round had measured or trained on were moved to their near-copies' split (pixel-verified; "
                             f"{record['out_of_test']} out of the test split, {record['into_test']} into it, {record['between_train_and_validation']} "

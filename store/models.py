@@ -66,6 +66,10 @@ class Image(Base):
     # The physical part the photo shows (e.g. one tile under six exposures): a part's images always share a split,
     # and out-of-fold folds keep them together; None = the image is its own part.
     part: Mapped[str | None] = mapped_column(String(200), default=None)
+    # True: its split is the ingest's own random draw, made when the image was created (labeled, no part), which a round
+    # may still change before anything measured it (loop.round.regroup_unmeasured_copies). None: placed otherwise, or
+    # ingested before this was recorded.
+    split_drawn: Mapped[bool | None] = mapped_column(Boolean, default=None)
     ingest_batch_id: Mapped[int] = mapped_column(ForeignKey("ingest_batches.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 

@@ -69,11 +69,22 @@ def test_a_round_stops_when_whole_folders_are_missing_and_quarantines_nothing(ne
     assert _statuses(new_project) == {"ok": 21, "quarantined": 49}
 
 
-def test_missing_files_read_from_a_known_copy_do_not_count(new_project, class_folders: Path, tmp_path: Path) -> None:
+def test_files_read_from_a_known_copy_quarantine_nothing_and_still_empty_their_folder(new_project, class_folders: Path, tmp_path: Path) -> None:
     ingest_source(new_project, class_folders, show_progress=False)
     mirror = tmp_path / "mirror"
-    shutil.copytree(class_folders / "good", mirror / "good")
-    ingest_source(new_project, mirror, show_progress=False)  # the same bytes in a second place: known copies
-    shutil.rmtree(class_folders / "good")
+    (mirror / "good").mkdir(parents=True)
+    for file in sorted((class_folders / "good").glob("*.png"))[:3]:  # three of the 40 also ingested from a second place
+        shutil.copy2(file, mirror / "good" / file.name)
+    shutil.copytree(class_folders / "scratch", mirror / "scratch")  # all 12
+    ingest_source(new_project, mirror, show_progress=False)
+    shutil.rmtree(class_folders / "scratch")  # every image read from its copy: nothing to quarantine, nothing to stop for
     state = _check(new_project)
-    assert state.details["newly_quarantined"] == 0 and state.details["read_from_copies"] == 40
+    assert (state.details["newly_quarantined"], state.details["read_from_copies"]) == (0, 12)
+    for file in (class_folders / "good").glob("*.png"):  # the mount point stays, empty
+        file.unlink()
+    # a review: the three read from their copies kept the folder from counting as emptied, and 37 were quarantined
+    with pytest.raises(RoundFailed, match=r"37 images are missing with every image of their folder"):
+        _check(new_project)
+    assert _statuses(new_project) == {"ok": 70}
+    state = _check(new_project, quarantine_missing_folders=True)
+    assert (state.details["newly_quarantined"], state.details["read_from_copies"]) == (37, 3)

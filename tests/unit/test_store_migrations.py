@@ -32,7 +32,7 @@ def test_opening_a_project_at_revision_0001_adds_the_part_column_and_keeps_rows(
     assert "part" in {c["name"] for c in inspect(ctx.engine).get_columns("images")}
     assert "related_image_id" in {c["name"] for c in inspect(ctx.engine).get_columns("label_issues")}
     with ctx.engine.begin() as connection:
-        assert connection.execute(text("select version_num from alembic_version")).scalar() == "0006"
+        assert connection.execute(text("select version_num from alembic_version")).scalar() == "0007"
         assert connection.execute(text("select count(*) from projects")).scalar() == 1
         assert dict(connection.execute(text("select sha256, split from images")).all()) == splits_before
         assert connection.execute(text("select count(*) from images where part is not null")).scalar() == 0
@@ -78,7 +78,7 @@ def test_commands_opening_a_new_store_at_the_same_moment_upgrade_it_once_without
     assert upgrade_at_once(url, 4) == ["ok"] * 4
     engine = create_engine(url)
     with engine.connect() as connection:
-        assert connection.execute(text("select version_num from alembic_version")).scalars().all() == ["0006"]
+        assert connection.execute(text("select version_num from alembic_version")).scalars().all() == ["0007"]
     assert {"projects", "images", "rounds", "label_events"} <= set(inspect(engine).get_table_names())
     engine.dispose()
 

@@ -16,7 +16,7 @@ from loop.config import load_config, save_config
 from loop.project import open_project
 from loop.round import RoundOptions, RoundState, load_images, place_new_labels, regroup_unmeasured_copies
 from store import session_scope
-from store.models import Image, IngestBatch, Prediction, Round
+from store.models import Image, Prediction, Round
 from store.queries import get_project
 
 
@@ -41,15 +41,22 @@ def test_copies_drawn_apart_by_one_ingest_are_put_on_one_side_before_anything_me
     explicit_test = [(file, "good", "") for file in good[30:33]]
     explicit_train = [(file, "good", "") for file in good[33:36]]
     with_part = [(good[36], "good", "P"), (good[37], "good", "")]
+    # ingested unlabeled first (`auto`), then labeled by a --split test / --split train manifest: placed as asked, they
+    # anchor their groups (a review: their first batch's mode made them look drawn)
+    later_placed = [(good[38], "", ""), (good[39], "", "")]
     for name, rows, split in (("explicit_test", explicit_test, "test"), ("explicit_train", explicit_train, "train"), ("drawn", drawn, "auto"),
-                              ("with_part", with_part, "auto")):
+                              ("with_part", with_part, "auto"), ("later_placed", later_placed, "auto"),
+                              ("later_test", [(good[38], "good", "")], "test"), ("later_train", [(good[39], "good", "")], "train")):
         result = runner.invoke(app, ["ingest", str(_manifest(tmp_path / f"{name}.csv", rows)), "--project", str(project_dir), "--split", split, "--quiet"])
         assert result.exit_code == 0, result.output
     ctx = open_project(project_dir)
     with session_scope(ctx.engine) as session:
         rows = session.execute(select(Image.path, Image.id, Image.split).order_by(Image.id)).all()
-        modes = [batch.notes.get("split_mode") for batch in session.scalars(select(IngestBatch).order_by(IngestBatch.id))]
-    assert modes == ["test", "train", "auto", "auto"]  # what the round reads to know which splits were drawn
+        drawn_flags = dict(session.execute(select(Image.path, Image.split_drawn)).all())
+    # what the round reads to know which splits were drawn: labeled at ingest, `auto`, no part
+    assert [drawn_flags[str(file)] for file, _l, _p in drawn] == [True] * 40
+    assert {drawn_flags[str(file)] for file in (*good[30:37], good[38], good[39])} == {None}
+    assert drawn_flags[str(good[37])] is True
     image_id = {path: i for path, i, _s in rows}
     split_at_ingest = {i: s for _p, i, s in rows}
     in_split = {split: [image_id[str(file)] for file, _l, _p in drawn if split_at_ingest[image_id[str(file)]] == split]
@@ -65,7 +72,10 @@ def test_copies_drawn_apart_by_one_ingest_are_put_on_one_side_before_anything_me
     measured_test, copy_of_measured = spare_test[0], spare_train[0]
     copy_of_explicit_train = spare_test[1]
     copy_of_explicit_test = validation_ids[0]
-    straddling_copy = spare_test[2] if len(spare_test) > 2 else validation_ids[3]
+    assert len(spare_test) >= 5, spare_test
+    straddling_copy = spare_test[2]
+    placed_test_later, placed_train_later = image_id[str(good[38])], image_id[str(good[39])]
+    test_copy_of_placed_test, validation_copy_of_placed_test, test_copy_of_placed_train = spare_test[3], validation_ids[3], spare_test[4]
     validation_first, train_after = validation_ids[1], next(r for r in spare_train[1:] if r > validation_ids[1])
     part_photo, copy_of_part_photo = image_id[str(good[36])], image_id[str(good[37])]
     anchor_train = [image_id[str(file)] for file, _l, _p in explicit_train]
@@ -86,11 +96,18 @@ def test_copies_drawn_apart_by_one_ingest_are_put_on_one_side_before_anything_me
         [anchor_train[0], copy_of_explicit_train],  # placed by --split train: the drawn test copy follows it
         [anchor_test[0], copy_of_explicit_test],  # placed by --split test: the drawn validation copy follows it
         [measured_test, copy_of_measured],  # a round measured the test image: the training copy joins test
-        [anchor_test[1], anchor_train[1], straddling_copy],  # leaks already, anchored on both sides: left alone
+        [anchor_test[1], anchor_train[1], straddling_copy],  # leaks already, anchored on both sides: the drawn test copy leaves test
         [validation_first, train_after],  # both training splits: the first copy's
         [part_photo, copy_of_part_photo],  # a part's photo is an anchor
+        [placed_test_later, test_copy_of_placed_test, validation_copy_of_placed_test],  # placed by a later --split test: copies join it
+        [test_copy_of_placed_train, placed_train_later],  # placed by --split train, after the drawn copy: never into test
     ]
     state.near_duplicates = SimpleNamespace(summary={"groups": [[at[i] for i in group] for group in groups]})
+    with session_scope(ctx.engine) as session:
+        running = Round(project_id=get_project(session).id, number=2, status="running")
+        session.add(running)
+        session.flush()
+        state.round_id = running.id
     regroup_unmeasured_copies(state)
     with session_scope(ctx.engine) as session:
         after = dict(session.execute(select(Image.id, Image.split)).all())
@@ -99,16 +116,22 @@ def test_copies_drawn_apart_by_one_ingest_are_put_on_one_side_before_anything_me
     assert after[copy_of_explicit_train] == after[anchor_train[0]] != "test"
     assert after[copy_of_explicit_test] == "test"
     assert after[copy_of_measured] == "test" and after[measured_test] == "test"
-    assert [after[i] for i in (anchor_test[1], anchor_train[1], straddling_copy)] == [split_at_ingest[i] for i in (anchor_test[1], anchor_train[1], straddling_copy)]
+    assert [after[i] for i in (anchor_test[1], anchor_train[1])] == [split_at_ingest[i] for i in (anchor_test[1], anchor_train[1])]
+    assert after[straddling_copy] == after[anchor_train[1]] != "test"
+    assert after[placed_test_later] == after[test_copy_of_placed_test] == after[validation_copy_of_placed_test] == "test"
+    assert after[test_copy_of_placed_train] == after[placed_train_later] == split_at_ingest[placed_train_later] != "test"
     assert after[validation_first] == after[train_after] == "validation"
     assert after[part_photo] == part_split and after[copy_of_part_photo] == part_split
-    moved = {later_train, later_test, copy_of_explicit_train, copy_of_explicit_test, copy_of_measured, train_after}
+    moved = {later_train, later_test, copy_of_explicit_train, copy_of_explicit_test, copy_of_measured, train_after, straddling_copy, validation_copy_of_placed_test,
+             test_copy_of_placed_train}
     if split_at_ingest[copy_of_part_photo] != part_split:
         moved.add(copy_of_part_photo)
     unmoved = set(after) - moved
     assert all(after[i] == split_at_ingest[i] for i in unmoved)
     record = state.details["unmeasured_copies_regrouped"]
     assert record["moved"] == len(moved) and sorted(record["image_ids"]) == sorted(moved)
+    with session_scope(ctx.engine) as session:  # recorded with the moves: a round killed after this step still says what moved
+        assert session.get(Round, state.round_id).details["unmeasured_copies_regrouped"] == record
     assert record["out_of_test"] == sum(split_at_ingest[i] == "test" for i in moved) >= 2
     assert record["into_test"] == sum(after[i] == "test" for i in moved) >= 3
     assert [state.splits[at[i]] for i in state.image_ids] == [after[i] for i in state.image_ids]  # the round's arrays follow the store
@@ -118,10 +141,10 @@ def test_copies_drawn_apart_by_one_ingest_are_put_on_one_side_before_anything_me
     with session_scope(ctx.engine) as session:
         assert dict(session.execute(select(Image.id, Image.split)).all()) == after
 
-    # a batch ingested before its split mode was recorded (no "split_mode" note) anchors its images: nothing moves again
+    # images ingested before split_drawn was recorded (NULL) anchor their groups: nothing moves again
     with session_scope(ctx.engine) as session:
-        for batch in session.scalars(select(IngestBatch)):
-            batch.notes = {key: value for key, value in batch.notes.items() if key != "split_mode"}
+        for image in session.scalars(select(Image)):
+            image.split_drawn = None
         session.get(Image, later_test).split = "test"  # apart again, as an older version left it
     state = RoundState(ctx=ctx, options=RoundOptions(show_progress=False), console=Console(quiet=True))
     load_images(state)

@@ -73,7 +73,7 @@ def test_commands_opening_a_new_postgres_store_at_the_same_moment_upgrade_it_onc
     assert upgrade_at_once(url, 4) == ["ok"] * 4
     engine = create_engine(url)
     with engine.connect() as connection:
-        assert connection.execute(text("select version_num from alembic_version")).scalars().all() == ["0006"]
+        assert connection.execute(text("select version_num from alembic_version")).scalars().all() == ["0007"]
     engine.dispose()
 
 
