@@ -228,6 +228,10 @@ class RoundOut(RoundSummaryOut):
     test_metrics_by_batch: list[BatchTestMetricsOut] | None = Field(
         default=None, description="the gate metrics per ingest batch with at least 10 labeled test images, when more than one has; null otherwise")
     model_files_deleted: ModelFilesDeletedOut | None = Field(default=None, description="null: the round's model files are as it wrote them")
+    unmeasured_copies_regrouped: dict[str, int] | None = Field(
+        default=None, description="labeled near-copies an ingest had drawn on both sides of the test split (or in train and validation), put "
+                                  "on one side by this round before any round measured them: moved, into_test, out_of_test, "
+                                  "between_train_and_validation; the test split's image count changes by into_test - out_of_test; null: none moved")
 
 
 class LabelIssueOut(Schema):

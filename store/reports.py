@@ -220,6 +220,9 @@ class RoundReport:
     unfamiliar_batches: list[UnfamiliarBatch] | None = None  # None: not checked (an older round)
     test_metrics_by_batch: list[BatchTestMetrics] | None = None  # None: the labeled test images come from one ingest batch
     model_files_deleted: ModelFilesDeleted | None = None  # None: the round's model files are as it wrote them
+    # near-copies an ingest drew on both sides of the test split, put on one side before any round measured them:
+    # moved, into_test, out_of_test, between_train_and_validation; None: nothing moved (or an older round)
+    unmeasured_copies_regrouped: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -817,9 +820,17 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         threshold_choice=threshold_of(details),
         init_from=init_from_of(details),
         model_files_deleted=model_files_deleted_of(details),
+        unmeasured_copies_regrouped=_regrouped_of(details),
         unfamiliar_batches=unfamiliar_batches_of(details),
         test_metrics_by_batch=metrics_by_batch_of(details),
     )
+
+
+def _regrouped_of(details: dict) -> dict[str, int] | None:
+    raw = details.get("unmeasured_copies_regrouped")
+    if not isinstance(raw, dict) or not isinstance(raw.get("moved"), int) or not raw["moved"]:
+        return None
+    return {key: int(raw[key]) for key in ("moved", "into_test", "out_of_test", "between_train_and_validation") if isinstance(raw.get(key), int)}
 
 
 def _metrics_without_copies(details: dict) -> dict[str, int | float | None] | None:

@@ -289,3 +289,28 @@ def test_a_round_says_which_of_its_model_files_were_deleted(writable_store, read
     assert pruned["model_files_deleted"] == {"files": ["model.onnx", "model.pt"], "at": "2026-12-06T21:00:00+00:00", "by": "loop prune",
                                              "folder": "/data/line-a"}
     assert kept["model_files_deleted"] is None
+
+
+def test_a_round_says_how_many_unmeasured_copies_it_moved_across_the_test_split(writable_store, read_headers) -> None:  # noqa: ANN001
+    # the test split's image count changes when a round regroups copies an ingest drew apart: a manager reads why here
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api_seed import make_settings
+    from store.db import create_db_engine, session_scope
+    from store.models import Round
+
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        row = session.get(Round, writable_store.round_ids[1])
+        row.details = {**(row.details or {}), "unmeasured_copies_regrouped": {"moved": 5, "into_test": 3, "out_of_test": 1,
+                                                                              "between_train_and_validation": 1, "image_ids": [1, 2, 3, 4, 5]}}
+        other = session.get(Round, writable_store.round_ids[2])
+        other.details = {**(other.details or {}), "unmeasured_copies_regrouped": {"moved": 0, "into_test": 0, "out_of_test": 0,
+                                                                                  "between_train_and_validation": 0, "image_ids": []}}
+    engine.dispose()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        moved = client.get(f"/rounds/{writable_store.round_ids[1]}", headers=read_headers).json()
+        none_moved = client.get(f"/rounds/{writable_store.round_ids[2]}", headers=read_headers).json()
+    assert moved["unmeasured_copies_regrouped"] == {"moved": 5, "into_test": 3, "out_of_test": 1, "between_train_and_validation": 1}
+    assert none_moved["unmeasured_copies_regrouped"] is None
