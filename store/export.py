@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, TextIO
 
 from sqlalchemy import select
@@ -82,6 +83,8 @@ def file_on_disk(image: Image) -> str:
     path = Path(image.path)
     try:
         stat = path.stat()
+        if not S_ISREG(stat.st_mode):  # a FIFO or a device in its place: open() would wait forever (QA: the export hung, holding its lock)
+            return "unreadable"
         if (stat.st_size, stat.st_mtime_ns) == (image.size_bytes, image.mtime_ns):
             return FILE_UNCHANGED
         digest = hashlib.sha256()

@@ -133,3 +133,33 @@ def test_a_labeled_only_download_says_how_many_labeled_images_it_left_out(writab
         quarantined = client.get(base, headers=read_headers)
         assert (quarantined.headers["x-left-out"], quarantined.headers["x-left-out-reasons"]) == ("2", "changed=1, quarantined=1")
         assert "x-left-out" not in client.get(f"/projects/{writable_store.project_id}/export", headers=read_headers).headers  # all images
+
+
+def test_a_fifo_in_an_images_place_is_unreadable_not_a_hung_export(writable_store: SeededStore, read_headers, tmp_path) -> None:  # noqa: ANN001
+    # QA: `mkfifo` where an image was made the export wait forever on open(), and its lock then refused every later export
+    import os
+    import threading
+
+    from api.app import create_app
+    from api_seed import make_settings
+    from store.db import create_db_engine, session_scope
+    from store.export import file_on_disk
+    from store.models import Image
+
+    fifo = tmp_path / "part.png"
+    os.mkfifo(fifo)
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        image = session.get(Image, writable_store.image_ids[0])
+        image.path = str(fifo)
+        answers: list[str] = []
+        reader = threading.Thread(target=lambda: answers.append(file_on_disk(image)), daemon=True)  # a hang stays in this thread
+        reader.start()
+        reader.join(timeout=10)
+        assert answers == ["unreadable"], "file_on_disk waited on a FIFO"
+    engine.dispose()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        base = f"/projects/{writable_store.project_id}/export"
+        first = client.get(base + "?labeled_only=true", headers=read_headers)
+        assert first.status_code == 200 and first.headers["x-left-out-reasons"] == "unreadable=1"
+        assert client.get(base, headers=read_headers).status_code == 200  # no lock left behind
