@@ -563,7 +563,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         session.flush()
         for sha, label in new_labels.items():
             session.add(LabelEvent(image_id=new_images[sha].id, label=label, source="import", annotator=f"ingest:{batch.id}"))
-        held_out_known = 0
+        held_out_known = waiting_for_round = 0
         # an image some round asked annotators about: their answer would beat this held-out label (store.queries.resolve_label)
         asked = set(session.scalars(select(Selection.image_id).join(Image, Image.id == Selection.image_id).where(
             Image.project_id == project.id, Selection.push_status == "pushed"))) if split == "test" else set()
@@ -576,13 +576,21 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                 held_out_known += 1
                 if image.part:
                     placed_parts[image.part] = "test"
-            elif image.split == "pool":  # labeled now: joins train/validation (its part's split, if placed), never test by draw
+            elif image.split == "pool" and split == "auto":
+                # labeled now, it stays in the pool for the next round to place as it places annotators' labels, after its
+                # near-copy check: a copy of a test image joins test (QA: placed here, re-saves of test images went to train)
+                waiting_for_round += 1
+            elif image.split == "pool":  # --split train, or a --split test photo of a part in training: joins train/validation
                 place_labeled_image(image, placed_parts=placed_parts, validation_fraction=fractions.validation_fraction, seed=fractions.seed)
                 if split == "test":  # its part's photos were labeled for training
                     trained_known.append(f"{image.path} (part {image.part!r})")
             session.add(LabelEvent(image_id=image.id, label=label, source="import", annotator=f"ingest:{batch.id}"))
         if held_out_known:
             report.notes.append(f"{held_out_known} images already ingested unlabeled (never trained on) join the test split with their labels")
+        if waiting_for_round:
+            report.notes.append(f"{waiting_for_round} images already ingested unlabeled got their labels; they stay in the pool until the next "
+                                "round places them in train/validation, or in test beside a near-copy or part photo there, as it places "
+                                "annotators' labels")
         if trained_known:
             report.notes.append(f"{len(trained_known)} listed images stay in train/validation, not test: they (or their part's photos) were "
                                 f"labeled for training before, or annotators were asked about them (their answer would replace yours), "

@@ -151,3 +151,33 @@ def test_copies_drawn_apart_by_one_ingest_are_put_on_one_side_before_anything_me
     state.near_duplicates = SimpleNamespace(summary={"groups": [[state.image_ids.index(first_train), state.image_ids.index(later_test)]]})
     regroup_unmeasured_copies(state)
     assert state.details["unmeasured_copies_regrouped"]["moved"] == 0
+
+
+def test_images_labeled_by_a_later_manifest_wait_in_the_pool_for_the_rounds_near_copy_check(tmp_path: Path, class_folders: Path) -> None:
+    # QA: re-saves of test images ingested --unlabeled, then labeled by a manifest, were placed in train at ingest, before
+    # any pixel check, and leaked their test originals from then on
+    good = sorted((class_folders / "good").glob("*.png"))
+    project_dir = tmp_path / "project"
+    runner = CliRunner()
+    assert runner.invoke(app, ["init", str(project_dir), "--classes", "good,scratch", "--negative-class", "good"]).exit_code == 0
+    held_out = _manifest(tmp_path / "test.csv", [(file, "good", "") for file in good[:4]])
+    unlabeled = _manifest(tmp_path / "unlabeled.csv", [(file, "", "") for file in good[4:10]])
+    labels = _manifest(tmp_path / "labels.csv", [(file, "good", "") for file in good[4:10]])
+    for manifest, flags in ((held_out, ["--split", "test"]), (unlabeled, []), (labels, [])):
+        result = runner.invoke(app, ["ingest", str(manifest), "--project", str(project_dir), "--quiet", *flags])
+        assert result.exit_code == 0, result.output
+    assert "6 images already ingested unlabeled got their labels; they stay in the pool until the next round" in " ".join(result.output.split())
+    ctx = open_project(project_dir)
+    with session_scope(ctx.engine) as session:
+        split_of = {path: (image_id, split) for path, image_id, split in session.execute(select(Image.path, Image.id, Image.split))}
+    assert [split_of[str(file)][1] for file in good[4:10]] == ["pool"] * 6
+    state = RoundState(ctx=ctx, options=RoundOptions(show_progress=False), console=Console(quiet=True))
+    load_images(state)
+    at = {file: state.image_ids.index(split_of[str(file)][0]) for file in good[:10]}
+    assert all(state.labels[at[file]] >= 0 for file in good[4:10])  # labeled, in the pool
+    state.near_duplicates = SimpleNamespace(summary={"groups": [[at[good[0]], at[good[4]]], [at[good[1]], at[good[5]]]]})
+    place_new_labels(state)
+    with session_scope(ctx.engine) as session:
+        after = dict(session.execute(select(Image.id, Image.split)).all())
+    assert [after[split_of[str(file)][0]] for file in good[4:6]] == ["test", "test"]  # beside their test originals
+    assert {after[split_of[str(file)][0]] for file in good[6:10]} <= {"train", "validation"}  # the others as labels are placed
