@@ -129,33 +129,49 @@ def _svg_open(chart_id: str, title: str, frame: Frame, rounds: Sequence[int]) ->
 
 
 def gate_chart(gate: GateSeries, round_numbers: Sequence[int], frame: Frame = Frame()) -> str:
-    """A gate's value per round, each point green (pass) / red (fail) / grey (not applicable), with its threshold line."""
-    y_low, y_high = _y_range(gate.values, [gate.threshold])
+    """A gate's value per round, each point green (pass) / red (fail) / grey (not applicable), with its threshold line.
+    A threshold changed between rounds (loop.toml's gates) is drawn as each round's own step: the newest one across
+    every round put rounds that passed at their own threshold on the failing side of the line (QA)."""
+    known = [t for t in gate.thresholds if t is not None]
+    changed = len(set(known)) > 1
+    y_low, y_high = _y_range(gate.values, known or [gate.threshold])
     xs = _x_positions(len(round_numbers), frame)
-    title = f"{gate.name} ({gate.comparison} {_fmt(gate.threshold)})"
+    title = (f"{gate.name} ({gate.comparison} {_fmt(gate.threshold)})" if not changed
+             else f"{gate.name} ({gate.comparison} each round's threshold, now {_fmt(gate.threshold)})")
     parts = [_svg_open(f"gate:{gate.name}", title, frame, round_numbers)]
-    if gate.threshold is not None:
-        y = _y_of(gate.threshold, y_low, y_high, frame)
+    right = frame.width - frame.right
+    if changed:  # one step per round, reaching halfway to its neighbours
+        half = (xs[1] - xs[0]) / 2 if len(xs) > 1 else frame.plot_width / 2
+        steps = [(max(frame.left, x - half), min(right, x + half), t) for x, t in zip(xs, gate.thresholds) if t is not None]
+    else:
+        steps = [(frame.left, right, gate.threshold)] if gate.threshold is not None else []
+    for x1, x2, threshold in steps:
+        y = _y_of(threshold, y_low, y_high, frame)
         # Shade the failing side so a glance tells which way is good.
         fail_top, fail_bottom = (y, frame.top + frame.plot_height) if gate.comparison == ">=" else (frame.top, y)
-        parts.append(f'<rect class="fail-zone" x="{frame.left}" y="{fail_top:.1f}" width="{frame.plot_width:.1f}" height="{max(fail_bottom - fail_top, 0):.1f}"/>')
+        parts.append(f'<rect class="fail-zone" x="{x1:.1f}" y="{fail_top:.1f}" width="{x2 - x1:.1f}" height="{max(fail_bottom - fail_top, 0):.1f}"/>')
     parts += _axes([f"R{n}" for n in round_numbers], xs, y_low, y_high, frame)
+    for x1, x2, threshold in steps:
+        y = _y_of(threshold, y_low, y_high, frame)
+        parts.append(f'<line class="threshold" x1="{x1:.1f}" x2="{x2:.1f}" y1="{y:.1f}" y2="{y:.1f}" data-value="{threshold:.6g}"/>')
     if gate.threshold is not None:
         y = _y_of(gate.threshold, y_low, y_high, frame)
-        parts.append(f'<line class="threshold" x1="{frame.left}" x2="{frame.width - frame.right}" y1="{y:.1f}" y2="{y:.1f}"/>')
         # The label sits on the failing side of its line, away from the (hopefully passing) points.
         label_y = y + 14 if gate.comparison == ">=" else y - 5
-        parts.append(f'<text class="threshold-label" x="{frame.width - frame.right}" y="{label_y:.1f}" text-anchor="end">threshold {escape(gate.comparison)} {escape(_fmt(gate.threshold))}</text>')
+        label = "threshold" if not changed else "threshold now"
+        parts.append(f'<text class="threshold-label" x="{right}" y="{label_y:.1f}" text-anchor="end">{label} {escape(gate.comparison)} {escape(_fmt(gate.threshold))}</text>')
     parts.append(_polyline(xs, gate.values, y_low, y_high, frame, "#333333"))
-    for x, number, value, passed, applicable in zip(xs, round_numbers, gate.values, gate.passed, gate.applicable):
+    for x, number, value, passed, applicable, threshold in zip(xs, round_numbers, gate.values, gate.passed, gate.applicable, gate.thresholds):
         if value is None:
             continue
         color = NA_COLOR if applicable is False or passed is None else (PASS_COLOR if passed else FAIL_COLOR)
         verdict = "not applicable" if applicable is False else ("pass" if passed else "fail" if passed is not None else "–")
+        if changed and threshold is not None and applicable is not False:
+            verdict += f" at {gate.comparison} {_fmt(threshold)}"
         y = _y_of(value, y_low, y_high, frame)
         parts.append(
             f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{color}" data-round="{number}" data-value="{value:.6g}">'
-            f'<title>round {number}: {escape(_fmt(value, 4))} ({verdict})</title></circle>'
+            f'<title>round {number}: {escape(_fmt(value, 4))} ({escape(verdict)})</title></circle>'
         )
     parts.append(f'<text class="chart-title" x="{frame.left}" y="18">{escape(title)}</text></svg>')
     return "".join(parts)

@@ -169,3 +169,21 @@ def test_the_label_count_chart_has_whole_number_ticks() -> None:
         ticks = [unescape(t) for t in re.findall(r'<text class="tick" [^>]*>([^<]*)</text>', svg)]
         assert len(ticks) == 5 and all(float(t.replace(",", "")).is_integer() for t in ticks), ticks
         assert float(ticks[-1].replace(",", "")) >= max(totals)
+
+
+def test_a_threshold_changed_between_rounds_is_drawn_per_round() -> None:
+    # QA: macro_f1_min raised from 0.7 to 0.95 drew 0.95 across every round, and rounds that passed at 0.7 sat green in
+    # the shaded failing zone under it
+    from api.dashboard import gate_chart
+    from store.reports import GateSeries
+
+    gate = GateSeries(name="macro_f1", comparison=">=", threshold=0.95, values=[0.80, 0.94, 0.96], thresholds=[0.7, 0.7, 0.95],
+                      passed=[True, True, True], applicable=[True, True, True])
+    svg = gate_chart(gate, [1, 2, 3])
+    assert [float(v) for v in re.findall(r'<line class="threshold"[^>]*data-value="([\d.]+)"', svg)] == [0.7, 0.7, 0.95]
+    assert len(re.findall(r'<rect class="fail-zone"', svg)) == 3
+    assert "round 2: 0.94 (pass at &gt;= 0.7)" in svg and "round 3: 0.96 (pass at &gt;= 0.95)" in svg
+    assert "each round&#x27;s threshold, now 0.95" in svg or "each round's threshold, now 0.95" in svg
+    steady = gate_chart(GateSeries(name="macro_f1", comparison=">=", threshold=0.7, values=[0.65, 0.78], thresholds=[0.7, 0.7],
+                                   passed=[False, True], applicable=[True, True]), [1, 2])
+    assert len(re.findall(r'<line class="threshold"', steady)) == 1 and "round 2: 0.78 (pass)" in steady
