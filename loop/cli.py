@@ -723,7 +723,7 @@ def simulate(
 def serve(
     project: ProjectOption,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="1-65535 (0 would bind a port nobody is told)")] = 8000,
 ) -> None:
     """The managers' REST API and dashboard for one project (tokens: LOOP_API_TOKEN, LOOP_API_READ_TOKEN; made up
     for this run and printed when neither is set)."""
@@ -746,7 +746,7 @@ DEFAULT_LABELSTUDIO_DIR = Path("~/.local/share/defect-loop/labelstudio")
 @labelstudio_app.command("up")
 def labelstudio_up(
     data_dir: Annotated[Path, typer.Option(help="Label Studio's data dir (SQLite, media, state)")] = DEFAULT_LABELSTUDIO_DIR,
-    port: Annotated[int, typer.Option()] = 8080,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
     username: Annotated[str, typer.Option(help="admin e-mail")] = "admin@defect-loop.local",
     password: Annotated[Optional[str], typer.Option(help="admin password (default: generated, printed)")] = None,
     token: Annotated[Optional[str], typer.Option(help="admin API token (default: generated, printed)")] = None,

@@ -55,13 +55,20 @@ def get_image(image_id: RowId, session: SessionDep, _scope: BrowserReadScope, re
     # the content hash names the bytes; the display view also depends on the decoding (its version and the camera's bits)
     etag = f'"{image.sha256}"' if view == "file" else f'"{image.sha256}-{decode_key(bit_depth)}"'
     headers = {"Cache-Control": "private, max-age=300", "ETag": etag}
-    if etag in (request.headers.get("if-none-match") or ""):
+    if _etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)  # the dashboard's thumbnails, shown again: nothing re-sent
     if view == "display":
         shown = _for_browsers(data, bit_depth=bit_depth)
         if shown is not None:
             data, media_type = shown, "image/png"
     return Response(content=data, media_type=media_type, headers=headers)
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """If-None-Match holds `*` or a list of entity tags, weak (W/) ones compared as strong: one must be this one exactly
+    (a substring test matched `xx"<sha>"xx`, QA)."""
+    tags = [tag.strip() for tag in (if_none_match or "").split(",")]
+    return any(tag == "*" or tag.removeprefix("W/") == etag for tag in tags)
 
 
 # view=display answers at most this many pixels a side (the dashboard shows thumbnails) and converts at most this many

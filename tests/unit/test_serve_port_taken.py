@@ -25,6 +25,16 @@ def test_a_taken_port_is_refused_before_the_urls_and_tokens_are_printed(tmp_path
     assert "dashboard" not in said and "tokens for this run" not in said
 
 
+def test_a_port_out_of_range_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
+    # QA: --port 70000 ended in OverflowError from bind(); --port 0 printed URLs with :0, never the port it bound
+    project = tmp_path / "project"
+    assert runner.invoke(app, ["init", str(project), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+    for port in ("70000", "-5", "0"):
+        result = runner.invoke(app, ["serve", "--project", str(project), "--port", port])
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and "Invalid value for '--port'" in said and ("65535" in said or "greater than or equal to 1" in said), result.output
+
+
 def test_a_bad_setting_in_the_environment_is_one_line_naming_the_variable(new_project, monkeypatch) -> None:  # noqa: ANN001
     # QA: LOOP_MAX_UPLOAD_PIXELS=abc gave pydantic's multi-line block naming the field max_upload_pixels
     from typer.testing import CliRunner

@@ -135,6 +135,9 @@ def test_an_image_carries_its_content_hash_as_etag_and_a_browser_that_has_it_get
     assert display.headers["etag"] != etag  # another representation: another tag (it follows the decoding)
     assert client.get(f"/images/{image_id}?view=display", headers={**read_headers, "If-None-Match": etag}).status_code == 200
     assert client.get(f"/images/{seeded_store.image_ids[1]}", headers={**read_headers, "If-None-Match": etag}).status_code == 200
+    # a list, a weak tag and `*` match; a tag inside other text does not (QA: a substring test gave 304 to xx"<sha>"xx)
+    for header, status in ((f'"other", {etag}', 304), (f"W/{etag}", 304), ("*", 304), (f"xx{etag}xx", 200), (etag[:-1], 200)):
+        assert client.get(f"/images/{image_id}", headers={**read_headers, "If-None-Match": header}).status_code == status, header
 
 
 def test_health_answers_head(client: TestClient) -> None:
