@@ -201,7 +201,8 @@ class RoundOut(RoundSummaryOut):
     class_names: list[str] | None
     step_timings_s: dict[str, float]
     artifact_names: list[str]
-    label_counts: LabelCountsOut = Field(description="labels in the store when the round finished")
+    label_counts: LabelCountsOut = Field(description="labels in the store when the round finished, quarantined images' labels too (loop "
+                                                     "status --json's labeled_counts counts the images the round used)")
     n_label_issues: int = Field(description="suspected label errors (near-duplicates and outliers are counted apart)")
     n_flagged_label_issues: int
     n_selected: int
@@ -307,6 +308,10 @@ class PredictOut(Schema):
     project_id: int
     round_id: int
     round_number: int
+    all_gates_passed: bool | None = Field(
+        default=None, description="whether the round whose model answered passed its gates: /predict serves the newest completed round's "
+                                  "model, passed or not; null: the round had no applicable gate")
+    failed_gates: list[str] = Field(default_factory=list, description="the gates that round failed (by name)")
     threshold: float | None
     negative_class: str | None
     class_names: list[str]

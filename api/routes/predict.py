@@ -194,6 +194,9 @@ def predict(
     if round_ is None:
         raise HTTPException(409, detail="no completed round yet: run `loop round` first")
     details = round_.details or {}
+    # served whatever its gates said (the newest model): the answer says so, for a caller that wants only passing ones
+    applicable = [gate for gate in round_.gates if gate.applicable]
+    failed_gates = [gate.name for gate in applicable if not gate.passed]
     class_names = details.get("class_names") or list(project.classes or [])
     if not isinstance(class_names, list) or not class_names:
         raise _unusable("details.class_names is missing")
@@ -233,5 +236,6 @@ def predict(
         ))
     return PredictOut(
         project_id=project.id, round_id=round_.id, round_number=round_.number, threshold=threshold,
+        all_gates_passed=not failed_gates if applicable else None, failed_gates=failed_gates,
         negative_class=negative_class if negative_class in class_names else None, class_names=class_names, predictions=predictions,
     )

@@ -28,6 +28,7 @@ def test_predict_one_and_many(client: TestClient, full_headers: dict[str, str], 
     body = response.json()
     assert body["round_number"] == 2 and body["round_id"] == seeded_store.round_ids[2]  # R4 runs, R3 failed: R2 is the latest completed
     assert body["threshold"] == 0.4 and body["negative_class"] == "good" and body["class_names"] == ["good", "scratch", "spot"]
+    assert (body["all_gates_passed"], body["failed_gates"]) == (True, [])
     grey, red, green = body["predictions"]
     assert [p["filename"] for p in body["predictions"]] == ["grey.png", "red.png", "green.jpg"]
     for prediction in body["predictions"]:
@@ -227,3 +228,21 @@ def test_an_image_over_pils_own_pixel_guard_is_413_too_whatever_the_setting(writ
     with TestClient(create_app(make_settings(writable_store.project_dir, max_upload_pixels=10**9))) as client:
         bomb = client.post("/predict", headers=full_headers, files=_files(("bomb.png", png_bytes((128, 128, 128), size=40), "image/png")))
     assert bomb.status_code == 413 and "too many pixels" in bomb.json()["detail"]
+
+
+def test_an_answer_says_when_the_model_serving_it_failed_its_gates(writable_store: SeededStore, full_headers: dict[str, str]) -> None:
+    # QA: /predict serves the newest completed round's model whatever its gates said, and its answer did not say so
+    from api.app import create_app
+    from api_seed import make_settings
+    from store.db import create_db_engine, session_scope
+    from store.models import GateResult
+
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        for gate in session.query(GateResult).filter(GateResult.round_id == writable_store.round_ids[2], GateResult.name.in_(("macro_f1", "latency_ms"))):
+            gate.passed = False
+    engine.dispose()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        response = client.post("/predict", headers=full_headers, files=_files(("grey.png", png_bytes((128, 128, 128)), "image/png")))
+    assert response.status_code == 200, response.text
+    assert (response.json()["all_gates_passed"], sorted(response.json()["failed_gates"])) == (False, ["latency_ms", "macro_f1"])
