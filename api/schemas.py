@@ -228,7 +228,9 @@ class RoundOut(RoundSummaryOut):
                                   "null: not checked (an older round)")
     test_metrics_by_batch: list[BatchTestMetricsOut] | None = Field(
         default=None, description="the gate metrics per ingest batch with at least 10 labeled test images, when more than one has; null otherwise")
-    model_files_deleted: ModelFilesDeletedOut | None = Field(default=None, description="null: the round's model files are as it wrote them")
+    model_files_deleted: ModelFilesDeletedOut | None = Field(
+        default=None, description="what loop prune (or keep_model_rounds) deleted of the round's files; null: it deleted none (a file deleted "
+                                  "by hand is not recorded: /predict says when the model file is missing)")
     unmeasured_copies_regrouped: dict[str, int] | None = Field(
         default=None, description="labeled near-copies an ingest had drawn on both sides of the test split (or in train and validation), put "
                                   "on one side by this round before any round measured them: moved, into_test, out_of_test, "
