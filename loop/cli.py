@@ -607,6 +607,9 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     for row in round_rows:
         rounds.add_row(*row)
     console.print(rounds)
+    newest = report["rounds"][-1] if report["rounds"] else None
+    if newest is not None and newest["status"] == "failed" and newest.get("error"):  # why, where the table only says "failed" (QA)
+        console.print(f"[yellow]round {newest['number']} failed:[/] {escape(str(newest['error']))}")
     latest = next((r for r in reversed(report["rounds"]) if r["status"] == "completed"), None)
     if latest is not None:  # the newest completed round's word on new images unlike the labeled ones (a new camera)
         _print_coverage(latest.get("unfamiliar_batches") or [], latest.get("test_metrics_by_batch") or [], round_number=latest["number"])

@@ -45,6 +45,8 @@ def test_a_round_stops_when_whole_folders_are_missing_and_quarantines_nothing(ne
     assert _statuses(new_project) == {"ok": 70}
     with session_scope(new_project.engine) as session:
         assert [(r.status, "40 images are missing" in (r.error or "")) for r in session.scalars(select(Round))] == [("failed", True)]
+    status = " ".join(CliRunner().invoke(app, ["status", "--project", str(new_project.root)]).output.split())
+    assert "round 1 failed: step check_image_files: RoundFailed: 40 images are missing" in status  # the table alone said "failed" (QA)
 
     (class_folders / "good").mkdir()  # an empty mount point: the same
     with pytest.raises(RoundFailed, match=r"good \(40\)\. An unmounted"):
