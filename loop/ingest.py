@@ -431,7 +431,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
             if existing is not None and existing.status == "quarantined" and reason is None and sha in known \
                     and (existing.status_reason or "").startswith(MOVED_OR_CHANGED):
                 # its very bytes, found again at another path (a moved folder): back in the pool with its labels
-                found_again.append(f"{existing.path} -> {file.path}")
+                found_again.append(f"{existing.path} -> {file.path}" if str(file.path) != existing.path else f"{existing.path} (back in place)")
                 existing.path, existing.status, existing.status_reason = str(file.path), "ok", None
                 existing.duplicate_paths = [other for other in existing.duplicate_paths if other != str(file.path)]
                 existing.size_bytes, existing.mtime_ns = size, mtime_ns
@@ -498,7 +498,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                 report.notes.append(f"{len(still_labeled)} known images are listed without a label and keep their stored labels (an "
                                     "empty label never removes one; to correct a label, list the right one)")
         if found_again:
-            report.notes.append(f"{len(found_again)} images quarantined as moved or changed were found at new paths, with the same "
+            report.notes.append(f"{len(found_again)} images quarantined as moved or changed were found again, with the same "
                                 f"content, and are back with their labels: {_listed(found_again)}")
         session.flush()  # parts just given to stored photos count as placed below
         # a held-out set (--split test) listing images labeled for training before: they stay there, and are named

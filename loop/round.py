@@ -227,12 +227,18 @@ def _pull_summary(report: PullReport) -> dict[str, Any]:
 def check_image_files(state: RoundState) -> None:
     """A moved or changed file is detected and quarantined, never silently used; when the store knows a byte-identical
     copy of it elsewhere (ingested from two places), the image is read from there instead."""
-    quarantined, moved = [], []
+    quarantined, moved, back_in_place = [], [], []
     with session_scope(state.ctx.engine) as session:
         project = get_project(session)
-        # quarantined earlier as moved or changed, with a known copy: back from it (with its labels and split)
+        # quarantined earlier as moved or changed: back (with its labels and split) when its own file holds its bytes
+        # again (a drive mounted again), or from a known copy
         for image in session.scalars(select(Image).where(Image.project_id == project.id, Image.status == "quarantined")):
-            if image.duplicate_paths and (image.status_reason or "").startswith(MOVED_OR_CHANGED) and _read_from_a_copy(image, moved):
+            if not (image.status_reason or "").startswith(MOVED_OR_CHANGED):
+                continue
+            if _back_in_place(image):
+                image.status, image.status_reason = "ok", None
+                back_in_place.append(image.path)
+            elif image.duplicate_paths and _read_from_a_copy(image, moved):
                 image.status, image.status_reason = "ok", None
         session.flush()
         held, absent = Counter(), Counter()  # ok images per folder; of them, files not there (read from a copy or not)
@@ -262,8 +268,12 @@ def check_image_files(state: RoundState) -> None:
     if moved:
         state.console.print(f"{len(moved)} images whose file went missing or changed are read from a byte-identical copy the store knew: "
                             + escape("; ".join(moved[:5]) + (" ..." if len(moved) > 5 else "")))
+    if back_in_place:
+        state.console.print(f"{len(back_in_place)} quarantined images are back: their files hold their bytes again at their paths "
+                            + escape("(" + "; ".join(back_in_place[:5]) + (" ..." if len(back_in_place) > 5 else "") + ")"))
     state.details["newly_quarantined"] = len(quarantined)
     state.details["read_from_copies"] = len(moved)
+    state.details["back_in_place"] = len(back_in_place)
 
 
 # A folder that lost every image of the project it held, this many images at least over all such folders, reads as a
@@ -289,6 +299,22 @@ def _stop_if_folders_went_missing(missing: list[str], *, held: Counter, absent: 
         "drive or share looks like this, so nothing was quarantined and no annotator's task was taken away. Mount it again; or, if the "
         "images moved, `loop ingest NEW_PLACE` first (known images are found again by content); or, if they are gone for good, run "
         "`loop round --quarantine-missing-folders` (their labels stay in the store)")
+
+
+def _back_in_place(image: Image) -> bool:
+    """A quarantined image's own file holds its bytes again (a remounted drive, a file put back): read only when its
+    size is the recorded one (quarantined images are looked at every round)."""
+    path = Path(image.path)
+    try:
+        if not path.is_file() or (image.size_bytes and path.stat().st_size != image.size_bytes):
+            return False
+    except OSError:
+        return False
+    sha, size, mtime_ns, _w, _h, reason, *_ = inspect_file(path)
+    if sha != image.sha256 or reason is not None:
+        return False
+    image.size_bytes, image.mtime_ns = size, mtime_ns
+    return True
 
 
 def _read_from_a_copy(image: Image, moved: list[str]) -> bool:

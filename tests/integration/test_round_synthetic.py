@@ -774,17 +774,6 @@ def test_a_pushed_ask_whose_file_went_missing_is_withdrawn_and_never_answered(pr
     monkeypatch.setattr(OracleAnnotator, "push", real_push)
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     monkeypatch.setattr(OracleAnnotator, "pull", real_pull)
-    Path(path).with_suffix(".moved").rename(path)  # back where it was: ingested again, it would take any answer given meanwhile
-    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
-    with session_scope(open_project(project_with_pool).engine) as session:
-        assert session.get(Selection, asked_id).push_status == "withdrawn"
-        pushes = {r.number: r.details["push"] for r in session.scalars(select(Round))}
-        assert (pushes[2]["withdrawn_pushed_quarantined"], pushes[3]["withdrawn_pushed_quarantined"]) == (0, 1)
-        assert not session.scalars(select(LabelEvent).where(LabelEvent.image_id == image_id, LabelEvent.source == "oracle")).all()
-    # ingested again, it can be picked again (QA: a withdrawn ask kept it out of selection for good)
-    manifest = Path(path).parent / "again.csv"
-    manifest.write_text(f"path,label\n{path},\n")
-    assert invoke("ingest", str(manifest), "--project", str(project_with_pool), "--quiet").exit_code == 0
     import loop.round as round_module
 
     offered: list[set[int]] = []
@@ -796,7 +785,17 @@ def test_a_pushed_ask_whose_file_went_missing_is_withdrawn_and_never_answered(pr
         return positions
 
     monkeypatch.setattr(round_module, "_selectable_positions", spy)
-    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    # back where it was, its bytes unchanged: the round takes it back (no ingest needed) and may pick it again (QA: a
+    # withdrawn ask kept it out of selection for good); the withdrawn ask itself is never answered
+    Path(path).with_suffix(".moved").rename(path)
+    result = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert result.exit_code == 0 and "1 quarantined images are back" in " ".join(result.output.split()), result.output
+    with session_scope(open_project(project_with_pool).engine) as session:
+        assert session.get(Image, image_id).status == "ok"
+        assert session.get(Selection, asked_id).push_status == "withdrawn"
+        pushes = {r.number: r.details["push"] for r in session.scalars(select(Round))}
+        assert (pushes[2]["withdrawn_pushed_quarantined"], pushes[3]["withdrawn_pushed_quarantined"]) == (0, 1)
+        assert not session.scalars(select(LabelEvent).where(LabelEvent.image_id == image_id, LabelEvent.source == "oracle")).all()
     assert image_id in offered[-1]
 
 

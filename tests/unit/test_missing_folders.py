@@ -56,10 +56,20 @@ def test_a_round_stops_when_whole_folders_are_missing_and_quarantines_nothing(ne
     # mounted again, a few files deleted by hand: quarantined as before, the folder still holds others
     (class_folders / "good").rmdir()
     shutil.move(unmounted, class_folders / "good")
-    for file in sorted((class_folders / "scratch").glob("*.png"))[:3]:
-        file.unlink()
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    deleted = sorted((class_folders / "scratch").glob("*.png"))[:3]
+    for file in deleted:
+        shutil.move(file, aside / file.name)
     assert _check(new_project).details["newly_quarantined"] == 3
     assert _statuses(new_project) == {"ok": 67, "quarantined": 3}
+    # put back as they were: the next round takes them back, no ingest needed (QA: they stayed quarantined)
+    shutil.copy2(aside / deleted[0].name, deleted[0])
+    shutil.copy2(aside / deleted[1].name, deleted[1])
+    deleted[2].write_bytes(b"not the image")  # other bytes at its path: still quarantined
+    state = _check(new_project)
+    assert (state.details["back_in_place"], state.details["newly_quarantined"]) == (2, 0)
+    assert _statuses(new_project) == {"ok": 69, "quarantined": 1}
 
     # a small folder emptied (6 images, under the 10 a stop needs): quarantined as before
     shutil.rmtree(class_folders / "patch")
@@ -68,7 +78,7 @@ def test_a_round_stops_when_whole_folders_are_missing_and_quarantines_nothing(ne
     # gone for good, and said so: quarantined
     shutil.rmtree(class_folders / "good")
     assert _check(new_project, quarantine_missing_folders=True).details["newly_quarantined"] == 40
-    assert _statuses(new_project) == {"ok": 21, "quarantined": 49}
+    assert _statuses(new_project) == {"ok": 23, "quarantined": 47}
 
 
 def test_files_read_from_a_known_copy_quarantine_nothing_and_still_empty_their_folder(new_project, class_folders: Path, tmp_path: Path) -> None:
