@@ -68,6 +68,8 @@ class PushReport:
     # their asks, and the loop names them again next round unless an answer came
     withdrawn_image_ids: set[int] = field(default_factory=set)
     withdrawn_tasks: int = 0  # waiting tasks taken from the annotators (deleted: their file is gone or changed)
+    # tasks, answered ones too, whose image link was rewritten because the tool serves images from another folder now
+    relinked_tasks: int = 0
 
 
 class AnnotatorBackend(Protocol):

@@ -329,7 +329,7 @@ class LabelStudioBackend:
             unique.setdefault(task.image_id, task)
         report.unsettled_image_ids = set(settled) - set(unique)  # until _close_settled says which it could not close
         to_withdraw = set(withdraw) - set(unique)
-        if not unique and not open_guesses and not settled and not to_withdraw:
+        if not unique and not open_guesses and not settled and not to_withdraw and not self._document_root_changed(project):
             return report
         round_number = _round_number(session, round_id, batch)
         model_version = f"round-{round_number}" if round_number is not None else None
@@ -338,6 +338,7 @@ class LabelStudioBackend:
             client = self.client()
             ls_project_id = self.ensure_project(project, session=session, model_version=model_version, report=report)
             report.gone_image_ids -= set(unique)  # a retired task's image in this batch is asked in a new task now
+            self._relink_after_root_change(client, report, session=session, project=project, ls_project_id=ls_project_id)
             predictions_sent = self._push_tasks(
                 client, report, session=session, project=project, ls_project_id=ls_project_id, tasks=list(unique.values()),
                 round_number=round_number, model_version=model_version, reached=reached,
@@ -688,13 +689,59 @@ class LabelStudioBackend:
             report.warnings.append(f"could not take {len(failed)} waiting tasks of quarantined images from the annotators: they show a broken or "
                                    "changed picture until a later round takes them away")
 
+    def _document_root_changed(self, project: Project) -> bool:
+        """Label Studio serves images from another folder than the one the store's tasks were linked for."""
+        return any(info.get("document_root") not in (None, self.document_root) for info in _known_projects(project).values())
+
+    def _relink_after_root_change(self, client, report: PushReport, *, session: Session, project: Project, ls_project_id: int) -> None:  # noqa: ANN001
+        """Every task's image link rewritten, answered tasks too, when the document root differs from the one the store
+        recorded for this Label Studio project: a link is the path relative to the root, and a reviewer opening an
+        answered task saw a broken image (QA; waiting tasks were relinked by _refresh_open_tasks only when their file
+        moved). The root is recorded once every task is linked; a failure leaves it to the next push."""
+        recorded = _known_projects(project).get(str(ls_project_id), {}).get("document_root")
+        if recorded == self.document_root:
+            return
+        if recorded is not None:
+            listed = lsc.list_task_data(client, project_id=ls_project_id)
+            ids = sorted({int(entry["data"]["defect_loop_image_id"]) for entry in listed
+                          if str(entry["data"].get("defect_loop_image_id", "")).isdigit()})
+            images: dict[int, Image] = {}
+            for start in range(0, len(ids), 500):  # a bounded IN list per statement
+                images.update({image.id: image for image in session.scalars(select(Image).where(Image.id.in_(ids[start:start + 500])))})
+            storage_dirs: dict[str, bool] = {}
+            stranded: list[str] = []
+            failed: list[int] = []
+            for entry in listed:
+                image = images.get(int(entry["data"]["defect_loop_image_id"])) if str(entry["data"].get("defect_loop_image_id", "")).isdigit() else None
+                if image is None or image.project_id != project.id:
+                    continue
+                shown = TaskRequest(image_id=image.id, image_path=image.path, sha256=image.sha256, reason=str(entry["data"].get("reason") or ""))
+                fields = self._moved_image(client, shown, data=entry["data"], project=project, ls_project_id=ls_project_id,
+                                           storage_dirs=storage_dirs, stranded=stranded, root_changed=True)
+                if not fields:
+                    continue
+                try:
+                    client.tasks.update(id=str(entry["task_id"]), data={**entry["data"], **fields})
+                    report.relinked_tasks += 1
+                except (httpx.HTTPError, ApiError):
+                    failed.append(entry["task_id"])
+            if stranded:
+                report.warnings.append(f"{len(stranded)} images of tasks are outside Label Studio's new document root {self.document_root} "
+                                       f"(e.g. {stranded[0]}): their tasks show a broken image")
+            if failed:
+                report.warnings.append(f"Label Studio's document root changed from {recorded} to {self.document_root}, and {len(failed)} tasks "
+                                       f"could not be linked to it (tasks {', '.join(map(str, failed[:10]))}): the next push tries again")
+                return
+        _remember_document_root(project, ls_project_id, self.document_root)
+
     def _moved_image(self, client, guess: TaskRequest, *, data: Mapping[str, Any], project: Project, ls_project_id: int,  # noqa: ANN001
-                     storage_dirs: dict[str, bool], stranded: list[str]) -> dict[str, Any]:
+                     storage_dirs: dict[str, bool], stranded: list[str], root_changed: bool = False) -> dict[str, Any]:
         """The image fields of a waiting task whose file is elsewhere now, or {}: unchanged, or not showable from there
         (named in `stranded`). Cheap for the unchanged (every waiting task, every round): a display copy is named by the
-        content hash, so a task showing one never needs another; a task showing the file's own path is compared as is."""
+        content hash, so a task showing one never needs another; a task showing the file's own path is compared as is.
+        root_changed: the document root moved, so every link is computed afresh (a display copy's too)."""
         current = str(data.get(lsc.IMAGE_NAME) or "")
-        if f"label_studio_display/{guess.sha256}" in current:
+        if f"label_studio_display/{guess.sha256}" in current and not root_changed:
             return {}
         try:
             if current == lsc.local_files_url(os.path.abspath(guess.image_path), document_root=self.document_root):
@@ -1370,7 +1417,15 @@ def _known_retirements(project: Project) -> list[dict[str, Any]]:
 def _remember_project(project: Project, ls_project_id: int, created_at: str | None) -> None:
     if created_at is None:
         return
-    project.labelstudio_projects = {"projects": {**_known_projects(project), str(ls_project_id): {"created_at": created_at}},
+    known = _known_projects(project)
+    project.labelstudio_projects = {"projects": {**known, str(ls_project_id): {**known.get(str(ls_project_id), {}), "created_at": created_at}},
+                                    "retired": _known_retirements(project)}
+
+
+def _remember_document_root(project: Project, ls_project_id: int, document_root: str) -> None:
+    """The folder Label Studio served images from when this project's task links were made (relinked when it changes)."""
+    known = _known_projects(project)
+    project.labelstudio_projects = {"projects": {**known, str(ls_project_id): {**known.get(str(ls_project_id), {}), "document_root": document_root}},
                                     "retired": _known_retirements(project)}
 
 

@@ -1931,7 +1931,7 @@ def push_batch(state: RoundState) -> None:
                              "closed": report.closed, "settled_done": report.settled_done, "unsettled": sorted(unsettled),
                              "withdrawn": len(withdrawn), "withdrawn_answered": len(answered), "withdrawn_quarantined": len(quarantined),
                              "withdrawn_pushed_quarantined": len(withdrawn_pushed), "tasks_withdrawn": getattr(report, "withdrawn_tasks", 0),
-                             "requeued_deleted_tasks": requeued, "warnings": report.warnings}
+                             "requeued_deleted_tasks": requeued, "relinked_tasks": getattr(report, "relinked_tasks", 0), "warnings": report.warnings}
     if requeued:
         state.console.print(f"{requeued} tasks still waiting for an answer were deleted in the annotation tool: their images are asked "
                             "again in new tasks next round")

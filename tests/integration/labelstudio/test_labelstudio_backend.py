@@ -491,6 +491,29 @@ def test_waiting_tasks_of_quarantined_images_are_taken_from_the_annotators_not_a
     assert tasks[store.image_ids[6]] not in {t.id for t in admin.tasks.list(project=ls_project_id(store))}
 
 
+def test_a_changed_document_root_relinks_every_task_answered_ones_too(labelstudio, store, backend) -> None:
+    # QA: after Label Studio was restarted on another document root, waiting tasks were relinked when their file moved,
+    # but an answered task kept its old link: a reviewer opening it saw a broken image
+    from pathlib import Path
+
+    push(backend, store, [store.task(k, predicted="good") for k in (4, 5)])
+    tasks = task_ids_by_image(store)
+    annotate(labelstudio.as_annotator(ANNOTATOR_A), tasks[store.image_ids[5]], "spot")
+    assert pull(backend, store).new_label_events == 1
+    new_root = Path(store.paths[0]).parents[2]  # the store's folder: it still holds every image
+    moved = LabelStudioBackend(url=labelstudio.url, api_key=labelstudio.token, document_root=str(new_root))
+    with store.session() as session:
+        report = moved.push(session=session, project=session.get(Project, store.project_id), round_id=store.round_ids[2], batch=[])
+    assert (report.relinked_tasks, report.warnings) == (2, [])
+    shown = {task.id: task.data[lsc.IMAGE_NAME] for task in labelstudio.admin().tasks.list(project=ls_project_id(store))}
+    for k in (4, 5):  # the answered one (5) too
+        assert shown[tasks[store.image_ids[k]]] == lsc.local_files_url(store.paths[k], document_root=str(new_root))
+    with store.session() as session:  # recorded: the next push with that root relinks nothing, and returns at once
+        again = moved.push(session=session, project=session.get(Project, store.project_id), round_id=store.round_ids[2], batch=[])
+        back = backend.push(session=session, project=session.get(Project, store.project_id), round_id=store.round_ids[2], batch=[])
+    assert (again.relinked_tasks, back.relinked_tasks) == (0, 2)  # and back on the old root: relinked again
+
+
 def test_push_and_pull_when_label_studio_is_unreachable_or_token_wrong(labelstudio, store, monkeypatch) -> None:
     closed = f"http://127.0.0.1:{lss.free_port()}"
     down = LabelStudioBackend(url=closed, api_key=labelstudio.token, document_root=str(labelstudio.document_root))
