@@ -503,7 +503,14 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         session.flush()  # parts just given to stored photos count as placed below
         # a held-out set (--split test) listing images labeled for training before: they stay there, and are named
         trained_known = list(dict.fromkeys(image.path for image, _label, _path in label_for_known if split == "test" and image.split in ("train", "validation")))
+        listed_in_pool = {image.id: (image, label) for image, label, _path in label_for_known if image.split == "pool"}
         label_for_known = _label_changes(session, label_for_known, report)
+        # pool images listed with the label they carry already (an --split auto manifest labeled them; they wait for a
+        # round to place them): --split test/train places them as asked, with no second label event (a review: they
+        # were passed over, and the round put a held-out set's images in training)
+        relabeled = {image.id for image, _label in label_for_known}
+        unchanged_in_pool = {image_id for image_id in listed_in_pool if image_id not in relabeled} if split != "auto" else set()
+        label_for_known = [*label_for_known, *(listed_in_pool[image_id] for image_id in sorted(unchanged_in_pool))]
         known_part_splits = part_splits(session, project.id)
         fractions = ctx.config.split
         part_of = {sha: image.part for sha, image in new_images.items()}
@@ -584,7 +591,8 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                 place_labeled_image(image, placed_parts=placed_parts, validation_fraction=fractions.validation_fraction, seed=fractions.seed)
                 if split == "test":  # its part's photos were labeled for training
                     trained_known.append(f"{image.path} (part {image.part!r})")
-            session.add(LabelEvent(image_id=image.id, label=label, source="import", annotator=f"ingest:{batch.id}"))
+            if image.id not in unchanged_in_pool:
+                session.add(LabelEvent(image_id=image.id, label=label, source="import", annotator=f"ingest:{batch.id}"))
         if held_out_known:
             report.notes.append(f"{held_out_known} images already ingested unlabeled (never trained on) join the test split with their labels")
         if waiting_for_round:

@@ -310,7 +310,10 @@ def _back_in_place(image: Image) -> bool:
             return False
     except OSError:
         return False
-    sha, size, mtime_ns, _w, _h, reason, *_ = inspect_file(path)
+    try:
+        sha, size, mtime_ns, _w, _h, reason, *_ = inspect_file(path)
+    except OSError:  # there but unreadable (permissions after a remount, an I/O error): still quarantined, the round goes on
+        return False
     if sha != image.sha256 or reason is not None:
         return False
     image.size_bytes, image.mtime_ns = size, mtime_ns

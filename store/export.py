@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISREG
+from stat import S_ISDIR, S_ISREG
 from typing import Any, TextIO
 
 from sqlalchemy import select
@@ -83,6 +83,8 @@ def file_on_disk(image: Image) -> str:
     path = Path(image.path)
     try:
         stat = path.stat()
+        if S_ISDIR(stat.st_mode):  # a folder in its place: gone, as the round says
+            return "missing"
         if not S_ISREG(stat.st_mode):  # a FIFO or a device in its place: open() would wait forever (QA: the export hung, holding its lock)
             return "unreadable"
         if (stat.st_size, stat.st_mtime_ns) == (image.size_bytes, image.mtime_ns):
@@ -91,7 +93,7 @@ def file_on_disk(image: Image) -> str:
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):  # a folder in its place: gone, as the round says
+    except (FileNotFoundError, NotADirectoryError):
         return "missing"
     except OSError:
         return "unreadable"

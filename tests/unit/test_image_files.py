@@ -164,7 +164,7 @@ def test_images_quarantined_as_missing_are_found_again_in_a_moved_folder(new_pro
             image.status, image.status_reason = "quarantined", f"file missing at {image.path} (moved or deleted since ingest)"
     report = ingest_source(new_project, moved, show_progress=False)
     assert report.n_new_images == 0 and report.n_already_known == 70
-    assert any(note.startswith("70 images quarantined as moved or changed were found at new paths") for note in report.notes)
+    assert any(note.startswith("70 images quarantined as moved or changed were found again") for note in report.notes)
     assert {r.status for r in rows(new_project)} == {"ok"}
     assert all(r.path.startswith(str(moved)) for r in rows(new_project))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from rich.console import Console
-from sqlalchemy import select
+from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from loop.cli import app
@@ -16,7 +16,7 @@ from loop.config import load_config, save_config
 from loop.project import open_project
 from loop.round import RoundOptions, RoundState, load_images, place_new_labels, regroup_unmeasured_copies
 from store import session_scope
-from store.models import Image, Prediction, Round
+from store.models import Image, LabelEvent, Prediction, Round
 from store.queries import get_project
 
 
@@ -171,6 +171,17 @@ def test_images_labeled_by_a_later_manifest_wait_in_the_pool_for_the_rounds_near
     with session_scope(ctx.engine) as session:
         split_of = {path: (image_id, split) for path, image_id, split in session.execute(select(Image.path, Image.id, Image.split))}
     assert [split_of[str(file)][1] for file in good[4:10]] == ["pool"] * 6
+    # still waiting, two listed again with the same labels by a held-out set and two by --split train: placed as asked,
+    # with no second label event (a review: passed over as unchanged labels, then placed by the round for training)
+    for name, files, split in (("held", good[8:9], "test"), ("kept", good[9:10], "train")):
+        result = runner.invoke(app, ["ingest", str(_manifest(tmp_path / f"{name}.csv", [(file, "good", "") for file in files])),
+                                     "--project", str(project_dir), "--quiet", "--split", split])
+        assert result.exit_code == 0, result.output
+    with session_scope(ctx.engine) as session:
+        placed = {path: split for path, split in session.execute(select(Image.path, Image.split))}
+        events = session.scalar(select(func.count()).select_from(LabelEvent).where(LabelEvent.image_id.in_([split_of[str(f)][0] for f in good[8:10]])))
+    assert (placed[str(good[8])], placed[str(good[9])] in ("train", "validation"), events) == ("test", True, 2)
+    split_of = {path: (image_id, placed[path]) for path, (image_id, _split) in split_of.items()}
     state = RoundState(ctx=ctx, options=RoundOptions(show_progress=False), console=Console(quiet=True))
     load_images(state)
     at = {file: state.image_ids.index(split_of[str(file)][0]) for file in good[:10]}
@@ -180,4 +191,5 @@ def test_images_labeled_by_a_later_manifest_wait_in_the_pool_for_the_rounds_near
     with session_scope(ctx.engine) as session:
         after = dict(session.execute(select(Image.id, Image.split)).all())
     assert [after[split_of[str(file)][0]] for file in good[4:6]] == ["test", "test"]  # beside their test originals
-    assert {after[split_of[str(file)][0]] for file in good[6:10]} <= {"train", "validation"}  # the others as labels are placed
+    assert {after[split_of[str(file)][0]] for file in good[6:8]} <= {"train", "validation"}  # the others as labels are placed
+    assert after[split_of[str(good[8])][0]] == "test"

@@ -157,6 +157,11 @@ def test_a_fifo_in_an_images_place_is_unreadable_not_a_hung_export(writable_stor
         reader.start()
         reader.join(timeout=10)
         assert answers == ["unreadable"], "file_on_disk waited on a FIFO"
+        folder = tmp_path / "a-folder.png"  # a folder in an image's place: missing, as the round says (not unreadable)
+        folder.mkdir()
+        image.path = str(folder)
+        assert file_on_disk(image) == "missing"
+        image.path = str(fifo)
     engine.dispose()
     with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
         base = f"/projects/{writable_store.project_id}/export"
