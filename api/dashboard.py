@@ -166,7 +166,7 @@ def gate_chart(gate: GateSeries, round_numbers: Sequence[int], frame: Frame = Fr
             continue
         color = NA_COLOR if applicable is False or passed is None else (PASS_COLOR if passed else FAIL_COLOR)
         verdict = "not applicable" if applicable is False else ("pass" if passed else "fail" if passed is not None else "–")
-        if changed and threshold is not None and applicable is not False:
+        if changed and threshold is not None and applicable is not False and passed is not None:
             verdict += f" at {gate.comparison} {_fmt(threshold)}"
         y = _y_of(value, y_low, y_high, frame)
         parts.append(

@@ -201,8 +201,8 @@ class RoundOut(RoundSummaryOut):
     class_names: list[str] | None
     step_timings_s: dict[str, float]
     artifact_names: list[str]
-    label_counts: LabelCountsOut = Field(description="labels in the store when the round finished, quarantined images' labels too (loop "
-                                                     "status --json's labeled_counts counts the images the round used)")
+    label_counts: LabelCountsOut = Field(description="labels in the store when the round finished, quarantined and replaced images' labels "
+                                                     "too (loop status --json's labeled_counts counts the images the round used)")
     n_label_issues: int = Field(description="suspected label errors (near-duplicates and outliers are counted apart)")
     n_flagged_label_issues: int
     n_selected: int

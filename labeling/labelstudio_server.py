@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     install.add_argument("--template", default=None, help="also write a pre-migrated data dir tar here")
     up = commands.add_parser("up", help="start a local server (prints URL and token)")
     up.add_argument("--data-dir", required=True)
-    up.add_argument("--port", type=int, default=DEFAULT_PORT)
+    up.add_argument("--port", type=int, default=DEFAULT_PORT, choices=range(1, 65536), metavar="1-65535")
     up.add_argument("--username", default=DEFAULT_USERNAME)
     up.add_argument("--document-root", default=None, help="default: env LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, else /")
     down = commands.add_parser("down", help="stop the server of a data dir")
