@@ -561,6 +561,13 @@ def default_template_path() -> Path:
 # command line (stdlib only): used by .ci/install_labelstudio.sh
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (1-65535)")
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labeling.labelstudio_server", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -570,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     install.add_argument("--template", default=None, help="also write a pre-migrated data dir tar here")
     up = commands.add_parser("up", help="start a local server (prints URL and token)")
     up.add_argument("--data-dir", required=True)
-    up.add_argument("--port", type=int, default=DEFAULT_PORT, choices=range(1, 65536), metavar="1-65535")
+    up.add_argument("--port", type=_port, default=DEFAULT_PORT, metavar="1-65535")
     up.add_argument("--username", default=DEFAULT_USERNAME)
     up.add_argument("--document-root", default=None, help="default: env LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, else /")
     down = commands.add_parser("down", help="stop the server of a data dir")
