@@ -4,7 +4,6 @@ is held back from selection and a labeled one is placed as usual. Selections not
 withdrawn."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,17 +15,10 @@ from labeling import create_backend
 from loop.cli import app
 from loop.project import open_project
 from loop.round import RoundOptions, RoundState, gather_labeled_pool, load_images, place_new_labels, push_batch
+from manifests import write_manifest
 from store import session_scope
 from store.models import AnnotationTask, Image, LabelEvent, Round, Selection
 from store.queries import get_project
-
-
-def _manifest(path: Path, rows: list[tuple[Path, str, str]]) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "part"])
-        writer.writerows([(str(file), label, part) for file, label, part in rows])
-    return path
 
 
 def test_near_copies_of_test_images_join_test_with_their_part_or_are_held_back(tmp_path: Path, class_folders: Path) -> None:
@@ -42,7 +34,7 @@ def test_near_copies_of_test_images_join_test_with_their_part_or_are_held_back(t
                         ([(a, "", "Q"), (x, "", "Q"), (y, "", "Q"), (z, "", "Q"), (x2, "", "R"), (d, "", ""), (e, "", ""), (f, "", ""), (g, "", ""),
                           (h, "", "S"), (k, "", "S"), (m, "", "")],
                          "auto")):
-        manifest = _manifest(tmp_path / f"{split}.csv", rows)
+        manifest = write_manifest(tmp_path / f"{split}.csv", rows)
         result = runner.invoke(app, ["ingest", str(manifest), "--project", str(project_dir), "--split", split, "--quiet"])
         assert result.exit_code == 0, result.output
     ctx = open_project(project_dir)
@@ -127,7 +119,7 @@ def test_a_labeled_near_copy_joins_its_copies_training_split_and_copies_of_asked
     # the copy of a training image and another photo of its part, after it (P) and before it (R): id order must not matter
     parts = {good[17]: "P", good[23]: "P", good[24]: "R", good[27]: "R"}  # both parts would draw validation alone
     for rows, split in ((tested, "test"), (trained, "train"), ([(file, "", parts.get(file, "")) for file in good[16:30]], "auto")):
-        result = runner.invoke(app, ["ingest", str(_manifest(tmp_path / f"{split}.csv", rows)), "--project", str(project_dir), "--split", split, "--quiet"])
+        result = runner.invoke(app, ["ingest", str(write_manifest(tmp_path / f"{split}.csv", rows)), "--project", str(project_dir), "--split", split, "--quiet"])
         assert result.exit_code == 0, result.output
     ctx = open_project(project_dir)
     with session_scope(ctx.engine) as session:

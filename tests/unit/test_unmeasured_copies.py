@@ -3,7 +3,6 @@ round, before any round measured them (a QA run: 6 of 30 JPEG re-saves of traini
 check's groups are given here, so no model runs."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,17 +14,10 @@ from loop.cli import app
 from loop.config import load_config, save_config
 from loop.project import open_project
 from loop.round import RoundOptions, RoundState, load_images, place_new_labels, regroup_unmeasured_copies
+from manifests import write_manifest
 from store import session_scope
 from store.models import Image, LabelEvent, Prediction, Round
 from store.queries import get_project
-
-
-def _manifest(path: Path, rows: list[tuple[Path, str, str]]) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "part"])
-        writer.writerows([(str(file), label, part) for file, label, part in rows])
-    return path
 
 
 def test_copies_drawn_apart_by_one_ingest_are_put_on_one_side_before_anything_measures_them(tmp_path: Path, class_folders: Path) -> None:
@@ -47,7 +39,7 @@ def test_copies_drawn_apart_by_one_ingest_are_put_on_one_side_before_anything_me
     for name, rows, split in (("explicit_test", explicit_test, "test"), ("explicit_train", explicit_train, "train"), ("drawn", drawn, "auto"),
                               ("with_part", with_part, "auto"), ("later_placed", later_placed, "auto"),
                               ("later_test", [(good[38], "good", "")], "test"), ("later_train", [(good[39], "good", "")], "train")):
-        result = runner.invoke(app, ["ingest", str(_manifest(tmp_path / f"{name}.csv", rows)), "--project", str(project_dir), "--split", split, "--quiet"])
+        result = runner.invoke(app, ["ingest", str(write_manifest(tmp_path / f"{name}.csv", rows)), "--project", str(project_dir), "--split", split, "--quiet"])
         assert result.exit_code == 0, result.output
     ctx = open_project(project_dir)
     with session_scope(ctx.engine) as session:
@@ -160,9 +152,9 @@ def test_images_labeled_by_a_later_manifest_wait_in_the_pool_for_the_rounds_near
     project_dir = tmp_path / "project"
     runner = CliRunner()
     assert runner.invoke(app, ["init", str(project_dir), "--classes", "good,scratch", "--negative-class", "good"]).exit_code == 0
-    held_out = _manifest(tmp_path / "test.csv", [(file, "good", "") for file in good[:4]])
-    unlabeled = _manifest(tmp_path / "unlabeled.csv", [(file, "", "") for file in good[4:10]])
-    labels = _manifest(tmp_path / "labels.csv", [(file, "good", "") for file in good[4:10]])
+    held_out = write_manifest(tmp_path / "test.csv", [(file, "good", "") for file in good[:4]])
+    unlabeled = write_manifest(tmp_path / "unlabeled.csv", [(file, "", "") for file in good[4:10]])
+    labels = write_manifest(tmp_path / "labels.csv", [(file, "good", "") for file in good[4:10]])
     for manifest, flags in ((held_out, ["--split", "test"]), (unlabeled, []), (labels, [])):
         result = runner.invoke(app, ["ingest", str(manifest), "--project", str(project_dir), "--quiet", *flags])
         assert result.exit_code == 0, result.output
@@ -174,7 +166,7 @@ def test_images_labeled_by_a_later_manifest_wait_in_the_pool_for_the_rounds_near
     # still waiting, two listed again with the same labels by a held-out set and two by --split train: placed as asked,
     # with no second label event (a review: passed over as unchanged labels, then placed by the round for training)
     for name, files, split in (("held", good[8:9], "test"), ("kept", good[9:10], "train")):
-        result = runner.invoke(app, ["ingest", str(_manifest(tmp_path / f"{name}.csv", [(file, "good", "") for file in files])),
+        result = runner.invoke(app, ["ingest", str(write_manifest(tmp_path / f"{name}.csv", [(file, "good", "") for file in files])),
                                      "--project", str(project_dir), "--quiet", "--split", split])
         assert result.exit_code == 0, result.output
     with session_scope(ctx.engine) as session:
