@@ -504,11 +504,40 @@ def test_a_near_copy_of_a_test_image_already_in_the_annotators_queue_becomes_a_t
     assert not [p for p in near["across_test_split"] if {p["test_image_id"], p["image_id"]} == {test_id, copy_id}]  # both in test now
 
 
+def test_an_unmeasured_test_photo_taken_again_for_training_leaves_the_test_split(project_with_pool: Path, tmp_path: Path) -> None:
+    """The same, end to end, when the ingest drew the test photo's split and no round has measured it yet: the round's
+    pixel check finds the pair and puts the test photo beside its training copy, so nothing leaks."""
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        test_image = session.scalars(select(Image).where(Image.split == "test").order_by(Image.id)).first()
+        test_id, test_path, drawn = test_image.id, Path(test_image.path), test_image.split_drawn
+    assert drawn is True
+    again = tmp_path / "again" / test_path.parent.name / "again.png"
+    again.parent.mkdir(parents=True)
+    pixels = np.asarray(PILImage.open(test_path).convert("L"), dtype=np.float64)
+    PILImage.fromarray(np.clip(np.roll(pixels, (2, 3), axis=(0, 1)) * 0.9 + 12, 0, 255).astype(np.uint8)).save(again)
+    assert invoke("ingest", str(again.parent.parent), "--project", str(project_with_pool), "--split", "train", "--quiet").exit_code == 0
+    result = invoke("round", "--project", str(project_with_pool))
+    assert result.exit_code == 0, result.output
+    assert "moved to their near-copies' split" in " ".join(result.output.split())
+    with session_scope(ctx.engine) as session:
+        again_split = session.execute(select(Image.split).where(Image.path == str(again))).scalar_one()
+        round_row = session.scalars(select(Round)).one()
+        near = round_row.details["data_quality"]["near_duplicates"]
+        assert session.get(Image, test_id).split == again_split != "test"
+    assert test_id in round_row.details["unmeasured_copies_regrouped"]["image_ids"]
+    assert test_id not in {pair["test_image_id"] for pair in near["across_test_split"]}
+
+
 def test_a_test_photo_taken_again_for_training_is_reported_as_a_near_duplicate_across_the_split(project_with_pool: Path, tmp_path: Path) -> None:
     """The same part photographed twice, once in the frozen test split and once ingested for training: the round finds
     the pair on pixels, warns that the test metrics are optimistic, and records both images with the copy beside them."""
     ctx = open_project(project_with_pool)
     with session_scope(ctx.engine) as session:
+        # held out as a set of its own (as --split test places it): a test split the ingest drew, no round having
+        # measured it yet, would give up an image to its training copy instead (regroup_unmeasured_copies)
+        for image in session.scalars(select(Image).where(Image.split == "test")):
+            image.split_drawn = None
         test_image = session.scalars(select(Image).where(Image.split == "test").order_by(Image.id)).first()
         test_id, test_path = test_image.id, Path(test_image.path)
     again = tmp_path / "again" / test_path.parent.name / "again.png"  # class folder layout: the label is the folder
