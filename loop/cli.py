@@ -532,7 +532,7 @@ def rename_class(
                     backend.record_class_rename(session=session, project=project_row, renamed=renamed)
                 if n_events == 0 and not (renamed is not None and (renamed.answers or renamed.predictions or renamed.tasks or renamed.drafts)):
                     raise ConfigError(f"no answer says {old!r}, in the store{' or in Label Studio' if renamed is not None else ''}: nothing to rename")
-                sync_project_classes(session, project_row, ctx.config)
+                sync_project_classes(session, project_row, ctx.config, project_dir=ctx.root)
             if renamed is not None:
                 with session_scope(ctx.engine) as session:
                     warnings = backend.show_classes(session=session, project=get_project(session))

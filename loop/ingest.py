@@ -410,7 +410,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
 
     with session_scope(ctx.engine) as session:
         project = get_project(session)
-        if sync_project_classes(session, project, ctx.config):  # ConfigError: a class left out still labels images
+        if sync_project_classes(session, project, ctx.config, project_dir=ctx.root):  # ConfigError: a class left out still labels images
             report.notes.append(f"the project's classes are now loop.toml's: {', '.join(ctx.config.classes)} (negative: {ctx.config.negative_class})")
         known = {img.sha256: img for img in session.scalars(select(Image).where(Image.project_id == project.id))}
         first_ingest = not session.scalar(select(func.count()).select_from(Image).where(Image.project_id == project.id, Image.split == "test"))

@@ -224,12 +224,14 @@ def _answers_outside(session: "Session", project: "Project", classes: list[str])
     ).all()
 
 
-def sync_project_classes(session: "Session", project: "Project", config: ProjectConfig) -> dict | None:
+def sync_project_classes(session: "Session", project: "Project", config: ProjectConfig, *, project_dir: Path | None = None) -> dict | None:
     """loop.toml's classes and negative class into the store's project row, which the API, `loop status` and Label
     Studio's choices read, once no stored answer names a class outside them: a class renamed or removed in loop.toml
     silently turned its labels, frozen test images included, into unlabeled ones. Every answer counts, not only the
     current label (a tie, or a deleted answer, can make an older one current again); images replaced by a new file
-    do not (they never come back). ConfigError then, nothing changed. {"before", "after"} when the row changed."""
+    do not (they never come back). ConfigError then, nothing changed. {"before", "after"} when the row changed.
+    project_dir: the folder the command was given, which the error's `rename-class` hint names (the store's root_dir
+    names the folder it was made in: a copied project's hint renamed the original's labels, QA)."""
     from collections import Counter
 
     from store.queries import current_labels
@@ -250,7 +252,7 @@ def sync_project_classes(session: "Session", project: "Project", config: Project
         first = sorted(images)[0]
         raise ConfigError(f"loop.toml's classes leave out {', '.join(described)}, which stored answers name: their labels would turn into "
                           f"no labels. Nothing was changed. Put the class back in loop.toml, or move its answers to a class of loop.toml "
-                          f"with `loop rename-class {first} NEW_NAME --project {project.root_dir}`")
+                          f"with `loop rename-class {first} NEW_NAME --project {project_dir or project.root_dir}`")
     if list(project.classes or []) == config.classes and project.negative_class == config.negative_class:
         return None
     before = {"classes": list(project.classes or []), "negative_class": project.negative_class}

@@ -2322,7 +2322,7 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
     state = RoundState(ctx=ctx, options=options, console=console)
     with session_scope(ctx.engine) as session:
         project = get_project(session)
-        classes_changed = sync_project_classes(session, project, ctx.config)  # ConfigError: a class left out still labels images
+        classes_changed = sync_project_classes(session, project, ctx.config, project_dir=ctx.root)  # ConfigError: a class left out still labels images
         if classes_changed:
             state.details["classes_changed"] = classes_changed
             console.print(f"classes from loop.toml: {', '.join(ctx.config.classes)} (negative: {ctx.config.negative_class}); "

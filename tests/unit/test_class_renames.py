@@ -93,3 +93,26 @@ def test_a_typo_in_the_old_name_is_said_as_such_not_answered_with_merge_advice(n
     ingest_source(new_project, class_folders, show_progress=False)
     result = CliRunner().invoke(app, ["rename-class", "nonesuch", "scratch", "--project", str(new_project.root)])
     assert result.exit_code == 2 and "no stored answer says 'nonesuch'" in result.output and "--merge" not in result.output
+
+
+def test_a_copied_projects_class_error_names_the_copy_in_its_rename_hint(tmp_path: Path, class_folders: Path) -> None:
+    # QA: a project folder copied elsewhere, a class dropped from the copy's loop.toml: the hint named the original
+    # folder (the store's root_dir), and following it would have renamed the original project's labels
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.config import load_config, save_config
+
+    original, copy = tmp_path / "line-a", tmp_path / "line-a-copy"
+    runner = CliRunner()
+    assert runner.invoke(app, ["init", str(original), "--classes", "good,scratch,spot,patch", "--negative-class", "good"]).exit_code == 0
+    assert runner.invoke(app, ["ingest", str(class_folders), "--project", str(original), "--quiet"]).exit_code == 0
+    shutil.copytree(original, copy)
+    config = load_config(copy)
+    config.classes = ["good", "scratch", "spot"]
+    save_config(copy, config)
+    result = runner.invoke(app, ["ingest", str(class_folders / "good"), "--unlabeled", "--project", str(copy), "--quiet"])
+    said = " ".join(result.output.split())
+    assert result.exit_code != 0 and f"loop rename-class patch NEW_NAME --project {copy}`" in said, said
