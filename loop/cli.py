@@ -244,13 +244,14 @@ def round_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Run one round: pull labels, embed, train, threshold, evaluate, gate, flag label issues, select, push."""
-    from loop.round import RoundOptions, run_round  # torch & co. load only for commands that need them
-
     with clear_errors():
         ctx = open_project(project)
         last_round_before = _latest_round(ctx)
         try:
             with project_lock(ctx.root, action="loop round", engine=ctx.engine), sigterm_as_interrupt():
+                # torch & co. load once the project is ours: a busy project is said at once, not after 20 s of imports (QA)
+                from loop.round import RoundOptions, run_round
+
                 outcome = run_round(ctx, RoundOptions(train_strategy=train, annotator=annotator, show_progress=not quiet,
                                                     quarantine_missing_folders=quarantine_missing_folders), console=console)
         except OSError as error:  # a full disk, a file in the way, Label Studio gone: with the round and step it stopped in
