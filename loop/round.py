@@ -1114,6 +1114,10 @@ def evaluate_on_test_split(state: RoundState) -> None:
         state.metrics["collapsed"] = True
         state.console.print(f"[bold red]the model predicts '{escape(state.config.classes[int(everywhere[0])])}' for every image of the project "
                             "(collapsed, though the test split cannot show it): macro F1 gate set to 0[/]")
+    if state.metrics.get("classes_missing"):
+        state.console.print(f"[bold red]the frozen test split holds no labeled image of {', '.join(map(escape, state.metrics['classes_missing']))}: "
+                            "macro F1 cannot measure the model on them, and its gate fails. Label test images of every class "
+                            "(`loop ingest ... --split test`, or more labeled images drawn by an ingest)[/]")
     gates = state.config.gates
     state.gates = evaluate_gates(
         metrics=state.metrics, latency_ms=state.latency["ms_per_image"] if state.latency else None, macro_f1_min=gates.macro_f1_min,

@@ -309,6 +309,22 @@ def test_a_test_split_without_defects_fails_the_recall_gate_instead_of_skipping_
     assert gates["negative_fpr"].passed is True
 
 
+def test_a_test_split_missing_a_class_fails_the_macro_f1_gate_with_its_value_kept() -> None:
+    """QA: a 3-class project whose test split held 4 crazing images only: macro F1 over the classes present was 1.0 and
+    passed, for a model that had never seen the other two classes."""
+    y_true = np.zeros(4, int)
+    classes = ["crazing", "inclusion", "scratches"]
+    metrics = evaluate_predictions(y_true=y_true, y_pred=y_true, probabilities=np.eye(3)[y_true], class_names=classes, negative_index=None)
+    assert metrics["macro_f1"] == 1.0 and metrics["classes_missing"] == ["inclusion", "scratches"]
+    gates = {g.name: g for g in evaluate_gates(metrics=metrics, latency_ms=5, macro_f1_min=0.7, defect_recall_min=0.85, negative_fpr_max=0.03, latency_ms_max=30)}
+    assert (gates["macro_f1"].value, gates["macro_f1"].applicable, gates["macro_f1"].passed) == (1.0, True, False)
+    every = np.array([0, 1, 2, 0])
+    whole = evaluate_predictions(y_true=every, y_pred=every, probabilities=np.eye(3)[every], class_names=classes, negative_index=None)
+    assert whole["classes_missing"] == []
+    assert {g.name: g for g in evaluate_gates(metrics=whole, latency_ms=5, macro_f1_min=0.7, defect_recall_min=0.85, negative_fpr_max=0.03,
+                                              latency_ms_max=30)}["macro_f1"].passed is True
+
+
 def test_a_gate_is_settled_only_when_the_whole_interval_gives_one_verdict() -> None:
     from loop.round import gate_settled
 
