@@ -2113,6 +2113,7 @@ def record_round(state: RoundState) -> None:
             state.details.update(
                 confusion_matrix=state.metrics["confusion_matrix"], per_class=state.metrics["per_class"], collapsed=state.metrics["collapsed"],
                 predicted_class_counts=state.metrics["predicted_class_counts"], latency=state.latency, estimated_gates=state.estimated_gates,
+                classes_missing_from_test=state.metrics.get("classes_missing") or [],
             )
             if state.options.write_artifacts:
                 state.artifacts["gates_png"] = str(_plot_gates_history(session, round_row.project_id, state))

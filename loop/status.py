@@ -120,6 +120,7 @@ def _round_summary(round_row: Round) -> dict:
         "threshold_choice": dataclasses.asdict(choice) if (choice := threshold_of(details)) is not None else None,
         "metrics": {m.name: m.value for m in round_row.metrics if m.class_name is None},
         "per_class": details.get("per_class"),
+        "classes_missing_from_test": details.get("classes_missing_from_test"),  # none of their images in the test split: macro F1 fails
         "gates": [{"name": g.name, "value": g.value, "threshold": g.threshold, "comparison": g.comparison, "applicable": g.applicable, "passed": g.passed} for g in round_row.gates],
         "all_gates_pass": details.get("all_gates_pass"),
         "latency": details.get("latency"),
