@@ -241,7 +241,8 @@ def _read_manifest(manifest: Path, *, unlabeled: bool) -> list[SourceFile]:
         if reader.fieldnames is None or "path" not in reader.fieldnames:
             raise IngestError(f"{manifest}: the first line must be a header with a 'path' column (and optionally 'label', 'part')")
         rows = list(reader)
-    files, missing = [], []
+    files, missing, conflicting = [], [], []
+    first_line: dict[Path, tuple[int, str | None, str | None]] = {}  # path -> (line, label, part) where it was first listed
     for line_number, row in enumerate(rows, start=2):
         raw_path = (row.get("path") or "").strip()
         if not raw_path:
@@ -254,9 +255,20 @@ def _read_manifest(manifest: Path, *, unlabeled: bool) -> list[SourceFile]:
         part = (row.get("part") or "").strip() or None
         if part is not None and len(part) > MAX_PART_LENGTH:
             raise IngestError(f"{manifest}:{line_number}: part id longer than {MAX_PART_LENGTH} characters")
+        key = path.resolve()
+        if key in first_line:  # one file listed twice: the same row again is harmless, another label or part is a typo
+            earlier, earlier_label, earlier_part = first_line[key]
+            if (earlier_label, earlier_part) != (label, part):
+                conflicting.append(f"{raw_path} (line {earlier}: {earlier_label or 'no label'}{f', part {earlier_part}' if earlier_part else ''}; "
+                                   f"line {line_number}: {label or 'no label'}{f', part {part}' if part else ''})")
+            continue
+        first_line[key] = (line_number, label, part)
         files.append(SourceFile(path, label, part))
     if missing:
         raise IngestError(f"{manifest}: {len(missing)} listed files do not exist: {_listed(missing)}")
+    if conflicting:  # line order would decide silently (QA: the first label won, reported as byte-identical files)
+        raise IngestError(f"{manifest}: {len(conflicting)} files are listed twice with different labels or parts: {_listed(conflicting)}. "
+                          "Keep one line each. Nothing was stored.")
     return _nonempty(files, manifest)
 
 

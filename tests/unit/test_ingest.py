@@ -439,3 +439,18 @@ def test_a_known_file_overwritten_with_other_content_is_said_at_ingest(new_proje
     report = ingest_source(new_project, class_folders, show_progress=False)
     assert report.n_new_images == 1
     assert any(note.startswith("1 known images' files now hold other content") and str(target) in note for note in report.notes), report.notes
+
+
+def test_a_manifest_listing_one_file_twice_with_two_labels_is_refused(new_project, class_folders: Path, tmp_path: Path) -> None:
+    # QA: the first line's label won silently, reported as "byte-identical files with different labels"
+    from sqlalchemy import func
+
+    photo, other = sorted((class_folders / "good").glob("*.png"))[:2]
+    manifest = tmp_path / "twice.csv"
+    manifest.write_text(f"path,label\n{photo},good\n{other},good\n{photo},scratch\n")
+    with pytest.raises(IngestError, match=r"1 files are listed twice with different labels or parts: .*line 2: good; line 4: scratch"):
+        ingest_source(new_project, manifest, show_progress=False)
+    with session_scope(new_project.engine) as session:
+        assert session.scalar(select(func.count()).select_from(Image)) == 0  # nothing stored
+    manifest.write_text(f"path,label\n{photo},good\n{other},good\n{photo},good\n")  # the same line again: harmless, read once
+    assert ingest_source(new_project, manifest, show_progress=False).n_new_images == 2
