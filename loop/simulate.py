@@ -119,8 +119,11 @@ def _draw_seed(settings: SimulationSettings, seed: int, truth: dict[str, str], p
     splits = assign_splits(truth, test_fraction=0.2, validation_fraction=0.0, seed=seed, parts=parts)
     test_paths = sorted(p for p, s in splits.items() if s == "test")
     pool_paths = sorted(p for p, s in splits.items() if s != "test")
+    if settings.seed_labels > len(pool_paths):  # capped silently, the report recorded the number asked for (QA)
+        raise ConfigError(f"--seed-labels {settings.seed_labels}: seed {seed}'s pool outside the test split holds {len(pool_paths)} images; "
+                          f"give at most {len(pool_paths)}")
     rng = np.random.default_rng(seed)
-    seed_paths = set(rng.choice(pool_paths, size=min(settings.seed_labels, len(pool_paths)), replace=False).tolist())
+    seed_paths = set(rng.choice(pool_paths, size=settings.seed_labels, replace=False).tolist())
     given, flipped = {}, 0
     for path in sorted(seed_paths):  # in a set's order, which labels were flipped changed with Python's hash seed per process
         label = truth[path]

@@ -36,6 +36,8 @@ def _assert_refused(result, out: Path, *expected: str) -> None:
     (["--pooling", "max"], ["--pooling 'max'", "'avg' or 'multilayer'"]),
     (["--strategies", ","], ["--strategies names no strategy"]),
     (["--strategies", "random,default,random"], ["--strategies names 'random' more than once"]),
+    # more than the pool: capped silently before, the report saying the number asked for (QA)
+    (["--seed-labels", "500"], ["--seed-labels 500: seed 0's pool outside the test split holds", "give at most"]),
 ])
 def test_impossible_settings_are_refused_before_anything_is_written(class_folders: Path, tmp_path: Path, args: list[str], expected: list[str]) -> None:
     out = tmp_path / "sim"
