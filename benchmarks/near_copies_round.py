@@ -75,8 +75,12 @@ def measure(project: Path, tile_of: dict[str, int], number: int) -> dict:
     joined = details.get("joined_test_image_ids", [])
     true_leaks = [i for i in labeled_test if any(images[j][1] in ("train", "validation") and j in labeled for j in members[images[i][0]] if j != i)]
     without = details["data_quality"].get("test_without_copies") or {}
+    regrouped = details.get("unmeasured_copies_regrouped") or {}
     return {
         "round": number, "labeled_test_images": len(labeled_test),
+        # labeled copies the ingest drew apart, put on one side before anything measured them (loop.round.regroup_unmeasured_copies)
+        "labeled_regrouped": regrouped.get("moved", 0), "regrouped_out_of_test": regrouped.get("out_of_test", 0),
+        "regrouped_into_test": regrouped.get("into_test", 0),
         "pool_images_joined_test": details.get("near_copies_of_test_joined_test", 0),
         "joined_on_a_test_tile": sum(images[i][0] in labeled_test_tiles for i in joined),
         "pool_images_held_back": near.get("pool_images_held_back_from_labeling"),

@@ -89,11 +89,12 @@ def test_near_copies_round_on_a_few_magnetic_tiles(tmp_path: Path, real_dataset)
     run_script("benchmarks/near_copies_round.py", "--out", str(tmp_path / "run"), "--tiles", "40", "--rounds", "1", timeout=900)
     report = json.loads((tmp_path / "run" / "near_copies_round.json").read_text())
     [row] = report["rounds"]
-    # ingested without parts and split by file, tiles straddle the split: the round finds some of it on pixels
-    assert row["test_images_leaking_truth"] >= 5 and 1 <= row["test_images_leaking_flagged"] <= row["test_images_leaking_truth"] + 1
+    # ingested without parts and split by file, tiles straddle the split: round 1 finds some of it on pixels and, nothing
+    # measured yet, puts those labeled copies on one side; what leaks after is what the pixels cannot see
+    assert row["labeled_regrouped"] >= 1 and row["regrouped_out_of_test"] + row["regrouped_into_test"] >= 1
+    assert row["test_images_leaking_flagged"] == 0 and row["without_copies_n"] is None
     assert row["pool_images_joined_test"] + row["pool_images_held_back"] >= 1
     assert row["joined_on_a_test_tile"] >= row["pool_images_joined_test"] - 1  # what joins test is a photo of a test tile
-    assert row["without_copies_n"] == row["labeled_test_images"] - row["test_images_leaking_flagged"]
     assert "# Near-copies in a round" in (tmp_path / "run" / "near_copies_round.md").read_text()
 
 
