@@ -19,7 +19,10 @@ def invoke(*args: str):  # noqa: ANN201
     return result
 
 
-def test_magnetic_tile_round_meets_the_quality_gates_and_records_them(tmp_path: Path, real_dataset) -> None:
+def test_magnetic_tile_round_regroups_the_tiles_copies_and_records_its_gates(tmp_path: Path, real_dataset) -> None:
+    """Ingested without parts, a tile's exposures are drawn into test and training alike. Round 1, before anything is
+    measured, puts the pixel-verified copies on one side: 0.88+ macro F1 on the leaky split fell to about 0.70 (463
+    images moved when measured on 2026-12-07), what a test split without the copies says."""
     dataset = real_dataset("magnetic_tile")
     project = tmp_path / "tiles"
     invoke("init", str(project), "--classes", "free,blowhole,break,crack,fray,uneven", "--negative-class", "free")
@@ -27,13 +30,16 @@ def test_magnetic_tile_round_meets_the_quality_gates_and_records_them(tmp_path: 
     invoke("round", "--project", str(project), "--quiet")
     status = json.loads(invoke("status", "--project", str(project), "--json").output)
     assert status["images"]["ok"] == 1344 and status["labels"]["by_class"]["fray"] == 32
-    assert status["images"]["by_split"]["test"] == 268  # round(20%) of every class: 190+23+17+11+6+21, frozen
     round_one = status["rounds"][0]
+    regrouped = round_one["unmeasured_copies_regrouped"]
+    assert regrouped["moved"] >= 100  # a tile's exposures: many pixel-verified copies across the ingest's draw
+    # round(20%) of every class at ingest (190+23+17+11+6+21), then what the regrouping moved in and out
+    assert status["images"]["by_split"]["test"] == 268 + regrouped["into_test"] - regrouped["out_of_test"]
+    assert round_one["data_quality"]["near_duplicates"]["test_images_with_a_copy_outside_test"] == 0
+    assert round_one["classes_missing_from_test"] == []
     gates = {g["name"]: g for g in round_one["gates"]}
-    # The issue's probe: frozen weights + logistic regression reach ~0.93 macro F1.
-    assert gates["macro_f1"]["value"] >= 0.88, gates
-    assert gates["negative_fpr"]["value"] <= 0.05 and gates["defect_recall"]["value"] >= 0.85
-    assert round_one["metrics"]["roc_auc_defect"] >= 0.95
+    assert 0.6 <= gates["macro_f1"]["value"] < 0.88, gates  # honest now: the leaky split gave 0.88 and more
+    assert gates["negative_fpr"]["value"] <= 0.05 and round_one["metrics"]["roc_auc_defect"] >= 0.85
     assert round_one["latency"]["runtime"] == "onnxruntime"
 
 
