@@ -307,6 +307,10 @@ def _write_markdown(settings: SimulationSettings, result: dict[str, Any]) -> Non
         lines.append(f"| {name} | {median_text} | {s['labels_to_pass_gates_per_seed']} | {s['seeds_passing']}/{settings.seeds} | {ratio_text} | {stops} |")
     if any(run["stopped_by"] == "max_rounds" for s in result["strategies"].values() for run in s["runs"]):
         lines += ["", f"Runs stopped by `--max-rounds {settings.max_rounds}` did not exhaust the pool: \"never passed\" means not by then."]
+    if settings.negative_class is None:  # no "no defect" class: no FPR to tabulate (QA: an empty table under its header)
+        lines += ["", "FPR gate: not measured, the simulation has no negative class (`--negative-class`)."]
+        (settings.out / "simulation.md").write_text("\n".join(lines) + "\n")
+        return
     lines += ["", "FPR gate per round, on the test split (90% interval, a part's photos as one draw):", "",
               "| strategy | rounds | over the gate | settled: under / over | cannot tell | good parts in the test split |", "|---|---|---|---|---|---|"]
     for name, s in result["strategies"].items():

@@ -97,3 +97,19 @@ def test_which_seed_labels_are_flipped_does_not_depend_on_the_processs_hash_seed
     assert draws[0] == draws[1]
     truth_of = {path: path.split("/")[2] for path, _ in draws[0]}
     assert sum(label != truth_of[path] for path, label in draws[0]) > 0  # some were flipped
+
+
+def test_the_report_of_a_simulation_without_a_negative_class_says_it_has_no_fpr(tmp_path: Path) -> None:
+    # QA: simulation.md printed the FPR table's header with no row under it
+    from loop.simulate import _write_markdown
+
+    run = {"seed": 0, "labels_to_pass_gates": 30, "stopped_by": "gates_passed", "flipped_seed_labels": 0,
+           "curve": [{"labels_used": 30, "negative_fpr_interval": None}]}
+    summary = {"labels_to_pass_gates": 30, "labels_to_pass_gates_at_least": None, "labels_to_pass_gates_per_seed": [30], "seeds_passing": 1,
+               "runs": [run], "fewer_labels_than_random": 1.0, "fewer_labels_than_random_at_least": None}
+    for negative, expected, absent in ((None, "FPR gate: not measured, the simulation has no negative class", "| strategy | rounds | over the gate"),
+                                       ("good", "| strategy | rounds | over the gate", "not measured")):
+        settings = SimulationSettings(source=tmp_path, out=tmp_path, strategies=["random"], negative_class=negative, seeds=1)
+        _write_markdown(settings, {"strategies": {"random": summary}})
+        report = (tmp_path / "simulation.md").read_text()
+        assert expected in report and absent not in report, report
