@@ -218,6 +218,11 @@ def test_init_from_a_project_points_to_a_round_that_really_fine_tuned_its_backbo
     (source / "artifacts" / "round-002" / "model.pt").unlink()  # QA: the round used was still called the newest completed one
     told = resolve_init_source(source).description
     assert told.startswith("round 1 (finetune)") and "its newest completed round with a checkpoint file (round 2 has none here)" in told
+    with session_scope(open_project(source).engine) as session:  # no round fine-tuned at all (QA: nothing said so)
+        session.query(Round).filter(Round.number == 1).update({"details": {"training": {"strategy": "finetune", "best_epoch": 0}}})
+    told = resolve_init_source(source).description
+    assert "no round of that project fine-tuned its backbone (its fine-tuning kept epoch 0, the frozen backbone)" in told
+    assert "starts from the pretrained backbone" in told
 
 
 def test_a_round_refuses_a_backbone_in_loop_toml_other_than_the_one_its_init_checkpoint_holds(classifier, tmp_path):
