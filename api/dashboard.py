@@ -145,14 +145,13 @@ def gate_chart(gate: GateSeries, round_numbers: Sequence[int], frame: Frame = Fr
         steps = [(max(frame.left, x - half), min(right, x + half), t) for x, t in zip(xs, gate.thresholds) if t is not None]
     else:
         steps = [(frame.left, right, gate.threshold)] if gate.threshold is not None else []
-    for x1, x2, threshold in steps:
-        y = _y_of(threshold, y_low, y_high, frame)
+    steps = [(x1, x2, threshold, _y_of(threshold, y_low, y_high, frame)) for x1, x2, threshold in steps]
+    for x1, x2, _threshold, y in steps:
         # Shade the failing side so a glance tells which way is good.
         fail_top, fail_bottom = (y, frame.top + frame.plot_height) if gate.comparison == ">=" else (frame.top, y)
         parts.append(f'<rect class="fail-zone" x="{x1:.1f}" y="{fail_top:.1f}" width="{x2 - x1:.1f}" height="{max(fail_bottom - fail_top, 0):.1f}"/>')
     parts += _axes([f"R{n}" for n in round_numbers], xs, y_low, y_high, frame)
-    for x1, x2, threshold in steps:
-        y = _y_of(threshold, y_low, y_high, frame)
+    for x1, x2, threshold, y in steps:
         parts.append(f'<line class="threshold" x1="{x1:.1f}" x2="{x2:.1f}" y1="{y:.1f}" y2="{y:.1f}" data-value="{threshold:.6g}"/>')
     if gate.threshold is not None:
         y = _y_of(gate.threshold, y_low, y_high, frame)

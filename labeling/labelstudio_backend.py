@@ -702,17 +702,18 @@ class LabelStudioBackend:
         if recorded == self.document_root:
             return
         if recorded is not None:
-            listed = lsc.list_task_data(client, project_id=ls_project_id)
-            ids = sorted({int(entry["data"]["defect_loop_image_id"]) for entry in listed
-                          if str(entry["data"].get("defect_loop_image_id", "")).isdigit()})
+            # (task, its image id) for the tasks that name one of the loop's images
+            listed = [(entry, int(raw_id)) for entry in lsc.list_task_data(client, project_id=ls_project_id)
+                      if str(raw_id := entry["data"].get("defect_loop_image_id", "")).isdigit()]
+            ids = sorted({image_id for _entry, image_id in listed})
             images: dict[int, Image] = {}
             for start in range(0, len(ids), 500):  # a bounded IN list per statement
                 images.update({image.id: image for image in session.scalars(select(Image).where(Image.id.in_(ids[start:start + 500])))})
             storage_dirs: dict[str, bool] = {}
             stranded: list[str] = []
             failed: list[int] = []
-            for entry in listed:
-                image = images.get(int(entry["data"]["defect_loop_image_id"])) if str(entry["data"].get("defect_loop_image_id", "")).isdigit() else None
+            for entry, image_id in listed:
+                image = images.get(image_id)
                 if image is None or image.project_id != project.id:
                     continue
                 shown = TaskRequest(image_id=image.id, image_path=image.path, sha256=image.sha256, reason=str(entry["data"].get("reason") or ""))

@@ -219,7 +219,7 @@ class RoundReport:
     init_from: InitFromSummary | None = None
     unfamiliar_batches: list[UnfamiliarBatch] | None = None  # None: not checked (an older round)
     test_metrics_by_batch: list[BatchTestMetrics] | None = None  # None: the labeled test images come from one ingest batch
-    model_files_deleted: ModelFilesDeleted | None = None  # None: the round's model files are as it wrote them
+    model_files_deleted: ModelFilesDeleted | None = None  # None: prune deleted none of them (a file deleted by hand is not recorded)
     # near-copies an ingest drew on both sides of the test split, put on one side before any round measured them:
     # moved, into_test, out_of_test, between_train_and_validation; None: nothing moved (or an older round)
     unmeasured_copies_regrouped: dict[str, int] | None = None

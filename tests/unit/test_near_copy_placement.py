@@ -15,7 +15,7 @@ from labeling import create_backend
 from loop.cli import app
 from loop.project import open_project
 from loop.round import RoundOptions, RoundState, gather_labeled_pool, load_images, place_new_labels, push_batch
-from manifests import write_manifest
+from manifests import init_good_scratch_project, write_manifest
 from store import session_scope
 from store.models import AnnotationTask, Image, LabelEvent, Round, Selection
 from store.queries import get_project
@@ -27,7 +27,7 @@ def test_near_copies_of_test_images_join_test_with_their_part_or_are_held_back(t
     t1, t2, t3, t4, t5, b, c, c2, a, x, y, z, x2, d, e, f, g, h, k, m = good[:20]
     project_dir = tmp_path / "project"
     runner = CliRunner()
-    assert runner.invoke(app, ["init", str(project_dir), "--classes", "good,scratch", "--negative-class", "good"]).exit_code == 0
+    init_good_scratch_project(project_dir)
     for rows, split in (([(t1, "good", ""), (t2, "good", ""), (t3, "good", ""), (t4, "good", ""), (t5, "good", ""), (scratch[0], "scratch", "")], "test"),
                         ([(b, "good", "R"), (c, "good", ""), (c2, "good", ""), (scratch[1], "scratch", "")], "train"),
                         # A comes first: before, the part's first photo decided, and A (no copy) took part Q to train
@@ -108,12 +108,7 @@ def test_a_labeled_near_copy_joins_its_copies_training_split_and_copies_of_asked
     scratch = sorted((class_folders / "scratch").glob("*.png"))
     project_dir = tmp_path / "project"
     runner = CliRunner()
-    assert runner.invoke(app, ["init", str(project_dir), "--classes", "good,scratch", "--negative-class", "good"]).exit_code == 0
-    from loop.config import load_config, save_config
-
-    config = load_config(project_dir)
-    config.split.validation_fraction = 0.5  # both training splits, from 20 images
-    save_config(project_dir, config)
+    init_good_scratch_project(project_dir, validation_fraction=0.5)  # both training splits, from 20 images
     trained = [(file, "good", "") for file in good[:16]] + [(file, "scratch", "") for file in scratch[:4]]
     tested = [(file, "good", "") for file in good[30:34]] + [(file, "scratch", "") for file in scratch[4:6]]
     # the copy of a training image and another photo of its part, after it (P) and before it (R): id order must not matter

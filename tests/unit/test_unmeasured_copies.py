@@ -11,10 +11,9 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from loop.cli import app
-from loop.config import load_config, save_config
 from loop.project import open_project
 from loop.round import RoundOptions, RoundState, load_images, place_new_labels, regroup_unmeasured_copies
-from manifests import write_manifest
+from manifests import init_good_scratch_project, write_manifest
 from store import session_scope
 from store.models import Image, LabelEvent, Prediction, Round
 from store.queries import get_project
@@ -25,10 +24,7 @@ def test_copies_drawn_apart_by_one_ingest_are_put_on_one_side_before_anything_me
     scratch = sorted((class_folders / "scratch").glob("*.png"))
     project_dir = tmp_path / "project"
     runner = CliRunner()
-    assert runner.invoke(app, ["init", str(project_dir), "--classes", "good,scratch", "--negative-class", "good"]).exit_code == 0
-    config = load_config(project_dir)
-    config.split.test_fraction, config.split.validation_fraction = 0.4, 0.3  # every split well filled from 40 images
-    save_config(project_dir, config)
+    init_good_scratch_project(project_dir, test_fraction=0.4, validation_fraction=0.3)  # every split well filled from 40 images
     drawn = [(file, "good", "") for file in good[:30]] + [(file, "scratch", "") for file in scratch[:10]]
     explicit_test = [(file, "good", "") for file in good[30:33]]
     explicit_train = [(file, "good", "") for file in good[33:36]]
@@ -151,7 +147,7 @@ def test_images_labeled_by_a_later_manifest_wait_in_the_pool_for_the_rounds_near
     good = sorted((class_folders / "good").glob("*.png"))
     project_dir = tmp_path / "project"
     runner = CliRunner()
-    assert runner.invoke(app, ["init", str(project_dir), "--classes", "good,scratch", "--negative-class", "good"]).exit_code == 0
+    init_good_scratch_project(project_dir)
     held_out = write_manifest(tmp_path / "test.csv", [(file, "good", "") for file in good[:4]])
     unlabeled = write_manifest(tmp_path / "unlabeled.csv", [(file, "", "") for file in good[4:10]])
     labels = write_manifest(tmp_path / "labels.csv", [(file, "good", "") for file in good[4:10]])
