@@ -86,6 +86,27 @@ class RequestSizeLimit:
         return None if granted is AccessScope.full else full_token_needed()
 
 
+class HeadAnsweredAsGet:
+    """HEAD on any GET route (the dashboard, /rounds, /images: uptime probes and link checkers ask with HEAD) is
+    answered as GET without the body: FastAPI routes answer HEAD with 405 unless a route declares it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] != "http.response.body":
+                await send(message)
+            elif not message.get("more_body", False):  # the last chunk: the response ends with no body sent
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 def _check_store(url: str) -> None:
     """A missing SQLite file would be created empty by the driver: say where the store was expected instead."""
     prefix = "sqlite:///"
@@ -143,6 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.model_cache = {}
     app.state.response_cache = VersionedResponseCache(max_entries=1024)
     app.add_middleware(RequestSizeLimit, settings=settings)
+    app.add_middleware(HeadAnsweredAsGet)  # outermost: the size limit and the routes see a GET
     app.add_exception_handler(OperationalError, _store_unreachable)
     app.add_exception_handler(InterfaceError, _store_unreachable)
     app.add_exception_handler(Exception, _unhandled)

@@ -15,7 +15,6 @@ API_VERSION = "1"
 router = APIRouter(tags=["service"])
 
 
-@router.head("/health", include_in_schema=False, response_model=None)  # load balancers and uptime probes often ask with HEAD
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}}, summary="Open: is the API up and its store reachable")
 def health(session: SessionDep) -> HealthOut | JSONResponse:
     try:

@@ -140,5 +140,15 @@ def test_an_image_carries_its_content_hash_as_etag_and_a_browser_that_has_it_get
         assert client.get(f"/images/{image_id}", headers={**read_headers, "If-None-Match": header}).status_code == status, header
 
 
-def test_health_answers_head(client: TestClient) -> None:
+def test_every_get_route_answers_head_with_its_headers_and_no_body(client: TestClient, seeded_store: SeededStore,
+                                                                   read_headers: dict[str, str]) -> None:
+    # QA: HEAD on /dashboard, /rounds and /images answered 405 (uptime probes and link checkers ask with HEAD)
     assert client.head("/health").status_code == 200
+    for path in ("/dashboard", f"/projects/{seeded_store.project_id}/rounds", f"/rounds/{seeded_store.round_ids[1]}",
+                 f"/images/{seeded_store.image_ids[0]}"):
+        got, head = client.get(path, headers=read_headers), client.head(path, headers=read_headers)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert (head.headers["content-type"], head.headers.get("etag")) == (got.headers["content-type"], got.headers.get("etag")), path
+        assert head.headers["content-length"] == str(len(got.content)), path
+    assert client.head("/dashboard").status_code == 401  # the token is checked as for GET
+    assert client.head("/predict", headers=read_headers).status_code == 405
