@@ -200,7 +200,8 @@ class RoundOut(RoundSummaryOut):
     threshold: float | None = Field(description="decision threshold on P(defect) = 1 - P(negative class)")
     class_names: list[str] | None
     step_timings_s: dict[str, float]
-    artifact_names: list[str]
+    artifact_names: list[str] = Field(description="the files the round wrote (model, plots), as recorded: `loop prune` records the model "
+                                                  "files it deletes (model_files_deleted); a file deleted by hand is still named")
     label_counts: LabelCountsOut = Field(description="labels in the store when the round finished, quarantined and replaced images' labels "
                                                      "too (loop status --json's labeled_counts counts the images the round used)")
     n_label_issues: int = Field(description="suspected label errors (near-duplicates and outliers are counted apart)")

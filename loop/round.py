@@ -190,8 +190,14 @@ class RoundState:
         return np.flatnonzero(mask)
 
 
+def _given_or(option: str | None, configured: str) -> str:
+    """An option given on the command line, else loop.toml's: `--train ""` is a strategy named "", refused as unknown,
+    not the configured one run in its place."""
+    return configured if option is None else option
+
+
 def training_strategy(state: RoundState) -> str:
-    return state.options.train_strategy or state.config.model.train
+    return _given_or(state.options.train_strategy, state.config.model.train)
 
 
 # ---------------------------------------------------------------------------------------------------- steps
@@ -199,7 +205,7 @@ def training_strategy(state: RoundState) -> str:
 
 def pull_labels(state: RoundState) -> None:
     annotator = state.config.annotator
-    name = state.options.annotator or annotator.backend
+    name = _given_or(state.options.annotator, annotator.backend)
     options: dict[str, Any] = {}
     if name == "oracle":  # its manifest was checked before the round started (check_round_options)
         manifest = Path(annotator.oracle_manifest)
@@ -2227,10 +2233,10 @@ def _config_snapshot(config) -> dict[str, Any]:  # noqa: ANN001
 def check_round_options(ctx: ProjectContext, options: RoundOptions) -> None:
     """What this round is told to run, checked before it starts: a typo in --train or --annotator must not leave a
     failed round behind (after pulling the annotators' answers into it)."""
-    strategy = options.train_strategy or ctx.config.model.train
+    strategy = _given_or(options.train_strategy, ctx.config.model.train)
     if strategy not in available_training_strategies():
         raise RoundFailed(f"unknown training strategy {strategy!r}; available: {', '.join(available_training_strategies())}")
-    backend = options.annotator or ctx.config.annotator.backend
+    backend = _given_or(options.annotator, ctx.config.annotator.backend)
     if backend not in available_backends():
         raise RoundFailed(f"unknown annotator backend {backend!r}; available: {', '.join(available_backends())}")
     if backend == "oracle" and not ctx.config.annotator.oracle_manifest:
