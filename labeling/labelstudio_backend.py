@@ -279,9 +279,9 @@ class LabelStudioBackend:
                     latest[event.external_id] = event
                     # the new server numbers its users from 1 too: its user 1 is another annotator, another vote
                     event.external_id, event.annotator = f"{tag}{event.external_id}", f"{tag}{event.annotator}"
-        answered_at: dict[int, datetime] = {}  # image -> its newest live answer (a deleted answer's task waits again)
-        for event in latest.values():
-            if event.action != "delete":
+        answered_at: dict[int, datetime] = {}  # image -> its newest live answer (a deleted answer's task waits again;
+        for event in latest.values():            # a skip is no answer: its image was never asked again (QA))
+            if event.action == "set":
                 when = as_utc(event.created_at) or datetime.now(timezone.utc)  # not flushed yet: made just now
                 answered_at[event.image_id] = max(when, answered_at.get(event.image_id, when))
         asked_at: dict[int, datetime] = {}  # image -> its newest ask that reached Label Studio (a reopened task, a tie's)
@@ -375,11 +375,9 @@ class LabelStudioBackend:
         except (lsc.LabelStudioAuthError, lsc.LabelStudioConfigError):
             raise  # a wrong or missing setting: retrying next round would not help
         except lsc.LabelStudioUnavailable as error:
-            report.warnings.append(f"{error}; {len(set(unique) - reached)} images stay pending and are pushed at the next round")
+            report.warnings.append(f"{error}; {_left_pending(len(set(unique) - reached))}")
         except (httpx.HTTPError, ApiError, lsc.LabelStudioError) as error:
-            report.warnings.append(
-                f"Label Studio push failed ({_describe(error)}); {len(set(unique) - reached)} images stay pending and are pushed at the next round"
-            )
+            report.warnings.append(f"Label Studio push failed ({_describe(error)}); {_left_pending(len(set(unique) - reached))}")
         # per image: the loop marks each of these pending (retried next round) and every other one pushed
         report.pending_image_ids = set(unique) - reached
         report.pending = len(report.pending_image_ids)
@@ -869,7 +867,8 @@ class LabelStudioBackend:
                 continue
             if identity == "gone":
                 report.warnings.append(f"Label Studio project {ls_project_id} is gone (deleted there, or another server answers at "
-                                       f"{self.url}): the answers recorded from it stay labels; the next push asks its waiting images again")
+                                       f"{self.url}): the answers recorded from it stay labels; its waiting images are asked again in "
+                                       "a new project, from the next round on")
                 continue
             # an id the store knows may name another project now (a server reinstalled or replaced: its ids started
             # over), or show other images in its tasks (an older store that never recorded the project's creation
@@ -1491,6 +1490,12 @@ def _id_of(value: Any, what: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _left_pending(count: int) -> str:
+    """What a push stopped by Label Studio leaves for the next round (QA: "0 images stay pending" for an empty batch)."""
+    return (f"{count} images stay pending and are pushed at the next round" if count
+            else "this round's batch had nothing left to push; the rest of the push is retried at the next round")
 
 
 def _round_number(session: Session, round_id: int | None, batch: list[TaskRequest]) -> int | None:

@@ -1946,8 +1946,9 @@ def push_batch(state: RoundState) -> None:
                              "withdrawn_pushed_quarantined": len(withdrawn_pushed), "tasks_withdrawn": getattr(report, "withdrawn_tasks", 0),
                              "requeued_deleted_tasks": requeued, "relinked_tasks": getattr(report, "relinked_tasks", 0), "warnings": report.warnings}
     if requeued:
-        state.console.print(f"{requeued} tasks still waiting for an answer were deleted in the annotation tool: their images are asked "
-                            "again in new tasks next round")
+        # (an answered task deleted there lost its answer in this round's pull: its image waits too; QA: it was called a waiting task)
+        state.console.print(f"{requeued} images waiting for an answer lost their task in the annotation tool (deleted there, alone or with "
+                            "its project): they are asked again in new tasks next round")
 
 
 def _unanswered_asks_of_quarantined(session, project_id: int) -> list[Selection]:  # noqa: ANN001
