@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from loop.config import config_path, load_config
 from loop.project import default_store_url
 from modeling.transfer import find_model_checkpoint
+from store.artifacts import artifact_file
 from store.db import StoreUnavailable, create_db_engine, database_error_reason, session_scope, shown_url
 from store.models import Project, Round
 
@@ -50,7 +51,8 @@ def _project_checkpoint(root: Path) -> InitSource:
     engine = create_db_engine(url)  # read only: the other project's schema is left as it is
     try:
         with session_scope(engine) as session:
-            name = session.scalars(select(Project.name).order_by(Project.id)).first() or config.name
+            made = session.execute(select(Project.name, Project.root_dir).order_by(Project.id)).first()
+            name, recorded_root = (made[0] or config.name, made[1]) if made is not None else (config.name, None)
             rounds = session.execute(select(Round.number, Round.details, Round.artifacts).where(Round.status == "completed")
                                      .order_by(Round.number.desc())).all()
     except SQLAlchemyError as error:
@@ -61,7 +63,9 @@ def _project_checkpoint(root: Path) -> InitSource:
         engine.dispose()
     with_model = []
     for number, details, artifacts in rounds:
-        checkpoint = _checkpoint_file(root, number, (artifacts or {}).get("model_checkpoint"))
+        recorded = (artifacts or {}).get("model_checkpoint")
+        # this folder's own file only: a copied or moved project's record names its first folder, which may hold another project's by now
+        checkpoint = artifact_file(str(recorded or "model.pt"), round_number=number, recorded_root=recorded_root, project_dir=root)
         if checkpoint is not None:
             strategy = str(((details or {}).get("training") or {}).get("strategy") or "head")
             with_model.append((number, strategy, checkpoint, backbone_fine_tuned(details)))
@@ -90,12 +94,3 @@ def backbone_fine_tuned(details: dict | None) -> bool:
     fine-tuning is the frozen backbone: a round that kept it changed no backbone weight)."""
     training = (details or {}).get("training") or {}
     return str(training.get("strategy") or "head") in FINE_TUNED and int(training.get("best_epoch") or 0) > 0
-
-
-def _checkpoint_file(root: Path, number: int, recorded: str | None) -> Path | None:
-    """The round's checkpoint in this folder's artifacts, else where it was written (a copied or moved project's
-    record names the original folder: this folder's own file comes first)."""
-    for candidate in (root / "artifacts" / f"round-{number:03d}" / "model.pt", Path(recorded) if recorded else None):
-        if candidate is not None and candidate.is_file():
-            return candidate
-    return None

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter, defaultdict
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import select
 
 from loop.project import ProjectContext
 from store import session_scope
+from store.artifacts import artifact_shown
 from store.models import Image, IngestBatch, Round
 from store.queries import current_labels, get_project
 from store.reports import (as_utc, calibration_of, collapsed_of, init_from_of, label_quality_of, metrics_by_batch_of, threshold_of, training_of,
@@ -48,7 +50,8 @@ def project_status(ctx: ProjectContext) -> dict:
         classes = [*named, *sorted(set(by_class) - set(named))]
         return {
             "schema_version": STATUS_SCHEMA_VERSION,
-            "project": {"name": project.name, "root_dir": project.root_dir, "classes": named, "negative_class": negative},
+            # the folder this command was given (a moved or copied project's store still names the folder it was made in)
+            "project": {"name": project.name, "root_dir": str(ctx.root), "made_in": project.root_dir, "classes": named, "negative_class": negative},
             "images": {"total": len(images), "ok": sum(1 for i in images if i.status == "ok"), "by_split": dict(sorted(by_split.items()))},
             "labels": {
                 "labeled": sum(by_class.values()),
@@ -63,7 +66,7 @@ def project_status(ctx: ProjectContext) -> dict:
             "ingest_batches": [{"id": b.id, "source": b.source, "layout": b.layout, "created_at": as_utc(b.created_at).isoformat() if b.created_at else None,
                                 "n_files": b.n_files, "n_new_images": b.n_new_images, "notes": b.notes}
                                for b in session.scalars(select(IngestBatch).where(IngestBatch.project_id == project.id).order_by(IngestBatch.id))],
-            "rounds": [_round_summary(r) for r in rounds],
+            "rounds": [_round_summary(r, project_dir=ctx.root, recorded_root=project.root_dir) for r in rounds],
         }
 
 
@@ -83,7 +86,7 @@ def _utc_iso(moment: datetime | None) -> str | None:
     return None if moment is None else as_utc(moment).isoformat()
 
 
-def _round_summary(round_row: Round) -> dict:
+def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str) -> dict:
     details = round_row.details or {}
     training, calibration, quality = training_of(details), calibration_of(details), label_quality_of(details)
     return {
@@ -125,7 +128,9 @@ def _round_summary(round_row: Round) -> dict:
         "all_gates_pass": details.get("all_gates_pass"),
         "latency": details.get("latency"),
         "step_timings_s": round_row.step_timings_s,
-        "artifacts": round_row.artifacts,
+        # as they are in this folder: the recorded paths name the folder the round ran in, which a move or a copy left
+        "artifacts": {name: artifact_shown(str(path), round_number=round_row.number, recorded_root=recorded_root, project_dir=project_dir)
+                      for name, path in (round_row.artifacts or {}).items()},
         "model_files_deleted": details.get("model_files_deleted"),  # by loop prune or keep_model_rounds: which, when, by what
         # the round's own records the README cites by name: the new-batch check, the near-copy findings beside the
         # test split, the kept k-NN graph's reuse

@@ -18,6 +18,7 @@ from PIL import UnidentifiedImageError
 from api.dependencies import FullScope, SessionDep, SettingsDep, end_reads
 from api.schemas import ErrorOut, ImagePredictionOut, PredictOut
 from store import reports
+from store.artifacts import artifact_file
 from store.models import Project, Round
 from store.queries import latest_completed_round
 
@@ -97,28 +98,10 @@ def _model_path(round_: Round, project: Project, project_dir: Path) -> Path:
     raw = (round_.artifacts or {}).get("model_onnx")
     if not raw:
         raise HTTPException(409, detail=f"round {round_.number} recorded no ONNX model (artifacts.model_onnx)")
-    path = _artifact_file(str(raw), round_number=round_.number, root_dir=Path(project.root_dir), project_dir=project_dir)
-    if path is None:
-        raise _unusable(f"model file {Path(str(raw)).name!r} is missing")
+    path = artifact_file(str(raw), round_number=round_.number, recorded_root=project.root_dir, project_dir=project_dir)
+    if path is None:  # never the recorded place outside this folder: a moved project's old folder may hold another's
+        raise _unusable(f"model file {Path(str(raw)).name!r} is missing from {project_dir / 'artifacts' / f'round-{round_.number:03d}'}")
     return path
-
-
-def _artifact_file(recorded: str, *, round_number: int, root_dir: Path, project_dir: Path) -> Path | None:
-    """A round's artifact file: at its place in the served project folder (a moved or copied project's store names its
-    first folder, as `loop init --init-from` also allows), else where it was written; None: in neither."""
-    stored = Path(recorded)
-    served: list[Path] = []  # the served folder's own file first: its old place may hold another project by now
-    if stored.is_absolute():
-        try:
-            served.append(project_dir / stored.relative_to(root_dir))
-        except ValueError:  # written outside the folder the store names
-            pass
-    else:
-        served.append(project_dir / stored)
-    # only the file's name is taken from the record: the folder is the loop's own layout, artifacts/round-NNN
-    served.append(project_dir / "artifacts" / f"round-{round_number:03d}" / stored.name)
-    candidates = [*served, stored if stored.is_absolute() else root_dir / stored]
-    return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
 def _preprocessing(details: dict[str, Any]) -> tuple[int, list[float], list[float], int | None]:

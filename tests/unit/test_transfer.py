@@ -251,3 +251,43 @@ def test_a_round_refuses_a_backbone_in_loop_toml_other_than_the_one_its_init_che
         save_config(new_line, config)
     with session_scope(open_project(new_line).engine) as session:
         assert session.query(Round).count() == 0  # refused before it started
+
+
+def test_a_copied_project_starts_from_and_shows_only_its_own_round_files(tmp_path):
+    # QA: a copy (or a moved project) whose model.pt was gone gave `loop init --init-from` the file at the path its store
+    # recorded, in the folder it was copied from, which held another project's rounds by then; `loop status --json`
+    # named the old folder's files too
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.init_source import resolve_init_source
+    from loop.project import open_project
+    from store.db import session_scope
+    from store.models import Project, Round
+
+    original = tmp_path / "metal"
+    assert CliRunner().invoke(app, ["init", str(original), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+    with session_scope(open_project(original).engine) as session:
+        project_id = session.query(Project.id).scalar()
+        for number in (1, 2):
+            folder = original / "artifacts" / f"round-{number:03d}"
+            folder.mkdir(parents=True)
+            (folder / "model.pt").write_bytes(b"x")
+            session.add(Round(project_id=project_id, number=number, status="completed", details={"training": {"strategy": "head"}},
+                              artifacts={"model_checkpoint": str(folder / "model.pt")}))
+    copy = tmp_path / "metal-copy"
+    shutil.copytree(original, copy)
+    (copy / "artifacts" / "round-002" / "model.pt").unlink()
+    source = resolve_init_source(copy)
+    assert source.checkpoint == copy / "artifacts" / "round-001" / "model.pt"
+    assert "round 1" in source.description and "round 2 has none here" in source.description
+    shutil.rmtree(copy / "artifacts")
+    with pytest.raises(FileNotFoundError, match="no completed round with a model checkpoint"):
+        resolve_init_source(copy)
+    status = json.loads(CliRunner().invoke(app, ["status", "--project", str(copy), "--json"]).output)
+    assert status["project"]["root_dir"] == str(copy) and status["project"]["made_in"] == str(original)
+    assert [r["artifacts"]["model_checkpoint"] for r in status["rounds"]] == [
+        str(copy / "artifacts" / f"round-{n:03d}" / "model.pt") for n in (1, 2)]  # where they belong here (deleted), not the original's

@@ -26,6 +26,7 @@ def client(seeded_store: SeededStore) -> TestClient:
 def writable_store(seeded_store: SeededStore, tmp_path: Path) -> SeededStore:
     """A private copy of the seeded store for tests that write (the image files stay shared, read-only)."""
     shutil.copy(seeded_store.project_dir / "loop.db", tmp_path / "loop.db")
+    shutil.copytree(seeded_store.project_dir / "models", tmp_path / "models")  # a copied project's model is its own copy
     return SeededStore(**{**seeded_store.__dict__, "project_dir": tmp_path, "url": f"sqlite:///{tmp_path / 'loop.db'}"})
 
 

@@ -118,6 +118,18 @@ def test_missing_model_file_is_503(writable_store: SeededStore, full_headers: di
     assert response.status_code == 503 and "gone.onnx" in response.json()["detail"]
 
 
+def test_a_copied_project_without_its_model_file_never_serves_the_one_at_its_recorded_place(
+        writable_store: SeededStore, full_headers: dict[str, str], seeded_store: SeededStore) -> None:
+    # QA: a copy whose model.onnx was deleted answered with the model at the path its store recorded, in the folder it
+    # was copied from, which by then held another project's model (a different class order: wrong labels at 0.90)
+    (writable_store.project_dir / "models" / "round2.onnx").unlink()
+    assert seeded_store.model_path.is_file()  # the recorded place still holds a model
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        response = client.post("/predict", headers=full_headers, files=_files(("a.png", png_bytes((1, 2, 3)), "image/png")))
+    assert response.status_code == 503 and "round2.onnx" in response.json()["detail"], response.json()
+    assert str(writable_store.project_dir) in response.json()["detail"]
+
+
 def test_predict_writes_nothing_but_logs(writable_store: SeededStore, full_headers: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
     engine = create_db_engine(writable_store.url)
 
