@@ -22,6 +22,7 @@ from loop.project import ProjectContext, sync_project_classes
 from modeling.preprocessing import MIN_IMAGE_SIDE, pixel_depth
 from modeling.progress import progress_bar
 from store import session_scope
+from store.export import FILE_UNCHANGED, file_on_disk
 from store.models import Image, IngestBatch, LabelEvent, Selection
 from store.queries import current_labels, get_project, resolve_label
 
@@ -437,6 +438,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         clipped: list[str] = []  # frames with values above the camera's bits loop.toml sets
         multi_frame: list[str] = []
         found_again: list[str] = []
+        moved_here: list[str] = []  # known images whose file went or changed, found at this ingest's path
         listed_unlabeled: list[int] = []  # known images listed without a label: a stored label is kept, and said so
         for file, (sha, size, mtime_ns, width, height, reason, depth, n_frames) in inspected:
             existing = known.get(sha) or new_images.get(sha)
@@ -447,6 +449,13 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                 existing.path, existing.status, existing.status_reason = str(file.path), "ok", None
                 existing.duplicate_paths = [other for other in existing.duplicate_paths if other != str(file.path)]
                 existing.size_bytes, existing.mtime_ns = size, mtime_ns
+            if existing is not None and existing.status == "ok" and sha in known and str(file.path) != existing.path \
+                    and reason is None and file_on_disk(existing) != FILE_UNCHANGED:
+                # its bytes at a new path while its own file went or changed (a moved folder ingested again): read from
+                # here at once (QA: until the next round, export and the API's /images found the file missing)
+                moved_here.append(f"{existing.path} -> {file.path}")
+                existing.duplicate_paths = [other for other in existing.duplicate_paths if other != str(file.path)]
+                existing.path, existing.size_bytes, existing.mtime_ns = str(file.path), size, mtime_ns
             if existing is not None:
                 if str(file.path) != existing.path and str(file.path) not in existing.duplicate_paths:
                     existing.duplicate_paths = [*existing.duplicate_paths, str(file.path)]
@@ -509,6 +518,9 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
             if still_labeled:
                 report.notes.append(f"{len(still_labeled)} known images are listed without a label and keep their stored labels (an "
                                     "empty label never removes one; to correct a label, list the right one)")
+        if moved_here:
+            report.notes.append(f"{len(moved_here)} known images whose file went missing or changed since ingest are read from here now "
+                                f"(the same content), with their labels and split: {_listed(moved_here)}")
         if found_again:
             report.notes.append(f"{len(found_again)} images quarantined as moved or changed were found again, with the same "
                                 f"content, and are back with their labels: {_listed(found_again)}")

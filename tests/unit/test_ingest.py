@@ -454,3 +454,24 @@ def test_a_manifest_listing_one_file_twice_with_two_labels_is_refused(new_projec
         assert session.scalar(select(func.count()).select_from(Image)) == 0  # nothing stored
     manifest.write_text(f"path,label\n{photo},good\n{other},good\n{photo},good\n")  # the same line again: harmless, read once
     assert ingest_source(new_project, manifest, show_progress=False).n_new_images == 2
+
+
+def test_a_moved_folder_ingested_again_is_read_from_its_new_place_at_once(new_project, class_folders: Path, tmp_path: Path) -> None:
+    # QA: after `mv data elsewhere && loop ingest elsewhere` ("70 already known"), export and the API's /images still
+    # looked at the old paths (every file missing) until the next round relinked them
+    from store.export import FILE_UNCHANGED, file_on_disk
+
+    ingest_source(new_project, class_folders, show_progress=False)
+    before = {row.sha256: (row.id, row.split) for row in images(new_project)}
+    moved = tmp_path / "moved"
+    shutil.move(class_folders, moved)
+    report = ingest_source(new_project, moved, show_progress=False)
+    assert report.n_already_known == 70 and report.n_new_images == 0
+    assert any(note.startswith("70 known images whose file went missing or changed since ingest are read from here now") for note in report.notes)
+    rows = images(new_project)
+    assert all(row.path.startswith(str(moved)) and row.duplicate_paths == [] and file_on_disk(row) == FILE_UNCHANGED for row in rows)
+    assert {row.sha256: (row.id, row.split) for row in rows} == before  # the same images, splits kept
+    shutil.copytree(moved, class_folders)  # a second copy, while the first stays as it is: only a copy of it, recorded as such
+    again = ingest_source(new_project, class_folders, show_progress=False)
+    assert not any("are read from here now" in note for note in again.notes)
+    assert all(row.path.startswith(str(moved)) and len(row.duplicate_paths) == 1 for row in images(new_project))
