@@ -29,7 +29,7 @@ from loop.errors import RoundFailed
 from loop.status import metric_text, project_status
 from labeling.labelstudio_server import LabelStudioServerError
 from modeling.errors import WeightsUnavailable
-from store.db import StoreUnavailable, database_error_reason, same_store, shown_url, store_connection_lost, store_lock_held
+from store.db import StoreUnavailable, database_error_reason, same_store, shown_url, store_connection_lost, store_is_read_only, store_lock_held
 from store.reports import threshold_of
 
 app = typer.Typer(help="defect-loop: label, train, gate and select, one round at a time.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -57,6 +57,11 @@ def clear_errors() -> Iterator[None]:
         error_console.print(f"[bold red]error:[/] {escape(str(error))}")
         raise typer.Exit(EXIT_USAGE) from None
     except (DatabaseOperationalError, DatabaseInterfaceError) as error:
+        if store_is_read_only(error):  # QA: a 91-line traceback for a loop.db this user may not write
+            error_console.print(f"[bold red]error:[/] the store cannot be written ({escape(database_error_reason(error))}): make the project's "
+                                "loop.db and its folder writable for this user (or the mount read-write), then run the command again. What "
+                                "was committed before is kept")
+            raise typer.Exit(EXIT_USAGE) from None
         if not store_connection_lost(error):
             raise  # a bug, a schema problem, a lock timeout, a full disk: shown as what it is
         reason = database_error_reason(error)

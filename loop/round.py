@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import shutil
+import tempfile
 import time
 import traceback
 from collections import Counter, defaultdict
@@ -2281,17 +2282,33 @@ def _confirm_store_is_ours(state: RoundState, step_name: str) -> None:
                           "no longer the project's; stopped here (run the round again)")
 
 
+def _check_artifacts_writable(folder: Path) -> None:
+    """RoundFailed before anything is recorded when the round could not write its model and plots: it found out after
+    training, minutes in (QA: a read-only artifacts/)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise RoundFailed(f"cannot write in {folder} ({error.strerror or error}), where the round writes its model and plots: make it "
+                          "writable for this user (or the mount read-write); nothing was recorded") from None
+
+
 def _drop_failed_round_models(state: RoundState) -> None:
     """A failed round's model files (~28 MB each, and half-written ones) go: nothing uses them (the API and
     --init-from take completed rounds only), and they filled a disk already full. Plots and the record stay."""
     if not state.number:
         return
-    for pattern in ("*.onnx", "*.pt", "*.tmp"):
-        for path in state.round_dir.glob(pattern):
-            try:
-                path.unlink()
-            except OSError:
-                pass
+    folder = state.ctx.artifacts_dir / f"round-{state.number:03d}"  # not state.round_dir, which makes it (QA: a read-only
+    try:                                                              # artifacts/ raised here and the round stayed "running")
+        for pattern in ("*.onnx", "*.pt", "*.tmp"):
+            for path in folder.glob(pattern):
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+    except OSError:  # the folder unreadable: nothing of ours to delete there
+        pass
 
 
 def _failure_note(root: Path, round_id: int) -> Path:
@@ -2331,6 +2348,8 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
     options = options or RoundOptions()
     console = console or Console()
     check_round_options(ctx, options)
+    if options.write_artifacts:
+        _check_artifacts_writable(ctx.artifacts_dir)
     state = RoundState(ctx=ctx, options=options, console=console)
     with session_scope(ctx.engine) as session:
         project = get_project(session)

@@ -313,6 +313,20 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         session.close()
 
 
+def _what_to_check(url: str) -> str:
+    """Where to look when the store does not open: a SQLite file has no server (QA: a file this user could not write
+    was sent to look for one), and SQLite writes beside it even to read (its -wal and -shm files)."""
+    if url.startswith("sqlite"):
+        return ("Check that this user can read and write the file and its folder (SQLite writes its -wal and -shm files beside it, "
+                "even to read) and database_url in loop.toml (or LOOP_DATABASE_URL)")
+    return "Check that the database server runs and database_url in loop.toml (or LOOP_DATABASE_URL)"
+
+
+def store_is_read_only(error: BaseException) -> bool:
+    """Whether a database error is SQLite refusing to write: the file, or its folder, read-only for this user or mount."""
+    return "readonly database" in database_error_reason(error)
+
+
 def upgrade_schema(url: str) -> None:
     """Run the Alembic migrations up to head on the database at url. A store already at head is only read (every
     command calls this: it must not queue behind a running round's writes); an upgrade waits for any other process
@@ -331,8 +345,7 @@ def upgrade_schema(url: str) -> None:
             current = set(MigrationContext.configure(connection).get_current_heads())
     except OperationalError as error:
         reason = database_error_reason(error)
-        raise StoreUnavailable(f"cannot open the store at {shown_url(url)}: {reason}. Check that the database server runs "
-                               "and database_url in loop.toml (or LOOP_DATABASE_URL); nothing was changed") from None
+        raise StoreUnavailable(f"cannot open the store at {shown_url(url)}: {reason}. {_what_to_check(url)}; nothing was changed") from None
     finally:
         engine.dispose()
     if current == set(ScriptDirectory.from_config(config).get_heads()):

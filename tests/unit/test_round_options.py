@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,16 @@ def test_an_empty_option_is_refused_not_replaced_by_loop_toml(tmp_path: Path, op
     assert result.exit_code != 0 and said in " ".join(result.output.split()), result.output
     status = CliRunner().invoke(app, ["status", "--project", str(project), "--json"])
     assert json.loads(status.output)["rounds"] == []  # refused before a round was recorded
+
+
+def test_a_round_that_could_not_write_its_files_stops_before_anything_is_recorded(tmp_path: Path) -> None:
+    # QA: with artifacts/ read-only the round trained, failed writing its model minutes in, and its failure handler made
+    # the folder again, raised, and left the round "running". (Root ignores file modes: a file in the folder's place
+    # stands in for a folder this user cannot write.)
+    project = tmp_path / "p"
+    init_good_scratch_project(project)
+    shutil.rmtree(project / "artifacts", ignore_errors=True)
+    (project / "artifacts").write_text("not a folder")
+    result = CliRunner().invoke(app, ["round", "--project", str(project)])
+    assert result.exit_code == 2 and f"cannot write in {project / 'artifacts'}" in " ".join(result.output.split()), result.output
+    assert json.loads(CliRunner().invoke(app, ["status", "--project", str(project), "--json"]).output)["rounds"] == []

@@ -169,3 +169,25 @@ def test_a_refused_init_removes_the_folders_it_made_and_nothing_else(tmp_path: P
         assert result.exit_code == 2
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in (tmp_path / "existing").iterdir()) == ["notes.txt"]
+
+
+def test_a_store_this_user_cannot_write_is_one_line_naming_permissions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # QA: a read-only loop.db ended `loop ingest` and `loop round` in a 91-line traceback ("attempt to write a readonly
+    # database"), and a store that would not open at all sent the user to look for a database server. (Root ignores
+    # file modes: SQLite's read-only open mode stands in for a file this user may not write.)
+    from PIL import Image as PILImage
+
+    from tests.unit.manifests import init_good_scratch_project
+
+    project_dir = tmp_path / "project"
+    init_good_scratch_project(project_dir)
+    (tmp_path / "images" / "good").mkdir(parents=True)
+    PILImage.new("RGB", (16, 16), (90, 90, 90)).save(tmp_path / "images" / "good" / "a.png")
+    monkeypatch.setenv("LOOP_DATABASE_URL", f"sqlite:///file:{project_dir / 'loop.db'}?mode=ro&uri=true")
+    result = runner.invoke(app, ["ingest", str(tmp_path / "images"), "--project", str(project_dir)])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "the store cannot be written (attempt to write a readonly database)" in message, result.output
+    assert "Traceback" not in result.output
+    monkeypatch.setenv("LOOP_DATABASE_URL", f"sqlite:///{tmp_path / 'no-such-folder' / 'loop.db'}")
+    opened = " ".join(runner.invoke(app, ["status", "--project", str(project_dir)]).output.split())
+    assert "can read and write the file and its folder" in opened and "database server" not in opened, opened
