@@ -150,8 +150,9 @@ def image_records(session: Session, project: Project, source: ExportSource, *, l
         # judged by the round: images it predicted or flagged (not those ingested since); label errors outside the test split
         in_round = prediction is not None or bool(found)
         current = label.label if label is not None else None
-        if found.get("suspected_label") is not None:  # the suspicion holds while the label is still the one suspected
-            suspected: bool | None = found["suspected_label"] == current
+        if found.get("suspected_label") is not None:  # the suspicion holds while the label is still the one suspected (and
+            # not the one suggested: a class merged into the suggested one since answers it)
+            suspected: bool | None = found["suspected_label"] == current and found.get("suggested_label") != current
         else:
             suspected = False if in_round and image.split != "test" else None
         yield {

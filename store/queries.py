@@ -4,10 +4,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from store.models import Image, LabelEvent, Project, Round, Selection
+from store.models import Image, LabelEvent, LabelIssue, Project, Round, Selection
 
 ANNOTATOR_SOURCES = ("annotator", "oracle")
 # Selections that draw a random sample of the pool (or re-ask for an already labeled image): what they label stands
@@ -117,12 +117,19 @@ def actively_selected_image_ids(session: Session, project_id: int) -> set[int]:
 
 def rename_label(session: Session, project_id: int, old: str, new: str) -> tuple[int, int]:
     """Every label event of the project's images saying `old` now says `new` (a class renamed, or merged into another):
-    (events changed, images they label). Predictions and selections of past rounds keep the names they were made with.
+    (events changed, images they label), and every label issue naming `old` as the label given or suggested. Predictions
+    and selections of past rounds keep the names they were made with.
     The project row keeps the rename (record_class_rename): answers given later under `old` are taken as `new`."""
     events = session.scalars(select(LabelEvent).join(Image, Image.id == LabelEvent.image_id)
                              .where(Image.project_id == project_id, LabelEvent.label == old)).all()
     for event in events:
         event.label = new
+    # the label issues name the labels they question: renamed with them, or a rename read as a relabel (QA: the export
+    # and dashboard took the renamed suspects as answered, and the next round asked again about images asked before)
+    rounds = select(Round.id).where(Round.project_id == project_id).scalar_subquery()
+    for column in (LabelIssue.given_label, LabelIssue.suggested_label):
+        session.execute(update(LabelIssue).where(LabelIssue.round_id.in_(rounds), column == old).values({column: new})
+                        .execution_options(synchronize_session=False))
     project = session.get(Project, project_id)
     if project is not None:
         record_class_rename(project, old, new)

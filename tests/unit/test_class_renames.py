@@ -116,3 +116,36 @@ def test_a_copied_projects_class_error_names_the_copy_in_its_rename_hint(tmp_pat
     result = runner.invoke(app, ["ingest", str(class_folders / "good"), "--unlabeled", "--project", str(copy), "--quiet"])
     said = " ".join(result.output.split())
     assert result.exit_code != 0 and f"loop rename-class patch NEW_NAME --project {copy}`" in said, said
+
+
+def test_a_rename_renames_the_labels_label_issues_name_and_a_merge_into_the_suggested_class_answers_them(tmp_path: Path) -> None:
+    # QA: renamed suspects read as relabeled (export: 11 suspects became 8; the dashboard showed "relabeled"), and the
+    # next round asked again about images asked before, keyed on a label name the rename had changed
+    from store.export import export_source, image_records
+    from store.models import LabelIssue, Round
+
+    engine, project_id, (first, second) = small_store(tmp_path, n_images=2, classes=("good", "scratch", "spot"))
+    with session_scope(engine) as session:
+        session.add_all([LabelEvent(image_id=first, label="scratch", source="import"), LabelEvent(image_id=second, label="spot", source="import")])
+        round_ = Round(project_id=project_id, number=1, status="completed", details={"class_names": ["good", "scratch", "spot"]})
+        session.add(round_)
+        session.flush()
+        session.add_all([LabelIssue(round_id=round_.id, image_id=first, kind="label_error", given_label="scratch", suggested_label="good", score=0.1, rank=0),
+                         LabelIssue(round_id=round_.id, image_id=second, kind="label_error", given_label="spot", suggested_label="scratch", score=0.2, rank=1)])
+
+    def suspects() -> dict[int, tuple]:
+        with session_scope(engine) as session:
+            project = session.get(Project, project_id)
+            records = image_records(session, project, export_source(session, project))
+            return {r["image_id"]: (r["suspected_label_error"], r["suspected_label"], r["suggested_label"]) for r in records}
+
+    assert suspects() == {first: (True, "scratch", "good"), second: (True, "spot", "scratch")}
+    with session_scope(engine) as session:
+        rename_label(session, project_id, "scratch", "scratch_line")
+        session.get(Project, project_id).classes = ["good", "scratch_line", "spot"]
+    assert suspects() == {first: (True, "scratch_line", "good"), second: (True, "spot", "scratch_line")}  # still suspects
+    with session_scope(engine) as session:  # spot merged into the class suggested for it: that answers the suspicion
+        rename_label(session, project_id, "spot", "scratch_line")
+        session.get(Project, project_id).classes = ["good", "scratch_line"]
+    assert suspects() == {first: (True, "scratch_line", "good"), second: (False, "scratch_line", "scratch_line")}
+    engine.dispose()
