@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import tomllib
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -242,7 +243,16 @@ class ProjectConfig(Strict):
             raise ValueError("class names must not be empty")
         if len(set(cleaned)) != len(cleaned):
             raise ValueError(f"duplicate class names in {cleaned}")
+        by_case = Counter(c.casefold() for c in cleaned)
+        if max(by_case.values(), default=0) > 1:  # QA: "crack" and "Crack" were two classes: two choices for annotators, one folder on
+            clashing = [c for c in cleaned if by_case[c.casefold()] > 1]  # a case-insensitive disk
+            raise ValueError(f"class names that differ only in case: {clashing}; keep one")
         return cleaned
+
+    @field_validator("negative_class")
+    @classmethod
+    def _stripped_negative(cls, negative: str | None) -> str | None:
+        return None if negative is None else negative.strip()  # as the classes are (QA: " free" was no class)
 
     @model_validator(mode="after")
     def _negative_is_a_class(self) -> "ProjectConfig":

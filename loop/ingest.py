@@ -4,6 +4,7 @@ near-copies this ingest drew on both sides of it on one side before any round me
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import os
 from collections import Counter, defaultdict
@@ -209,13 +210,14 @@ def discover_source(source: Path, *, unlabeled: bool) -> tuple[str, list[SourceF
         layout, files, notes = "unlabeled", [SourceFile(p, None) for p in _images_below(source, skipped)], []
     elif (source / "train" / MVTEC_GOOD).is_dir() and (source / "test").is_dir():
         class_dirs = [source / "train" / MVTEC_GOOD, *sorted(d for d in (source / "test").iterdir() if d.is_dir() and not _hidden_or_system(d))]
-        files = [SourceFile(p, MVTEC_GOOD if d == class_dirs[0] else d.name) for d in class_dirs for p in _images_below(d, skipped, walked=class_dirs)]
+        files = [SourceFile(p, MVTEC_GOOD if d == class_dirs[0] else d.name.strip()) for d in class_dirs for p in _images_below(d, skipped, walked=class_dirs)]
         notes = ["MVTec AD layout: its train/ folder holds only good parts, so train/ and test/ are pooled and "
                  "defect-loop draws its own stratified split (ground_truth/ masks are not used)"]
         layout = "mvtec"
     else:
         class_dirs = sorted(d for d in source.iterdir() if d.is_dir() and not _hidden_or_system(d))
-        files = [SourceFile(p, d.name) for d in class_dirs for p in _images_below(d, skipped, walked=class_dirs)]
+        # a folder's name is its class as a manifest's label is: without surrounding spaces (QA: "free " was refused)
+        files = [SourceFile(p, d.name.strip()) for d in class_dirs for p in _images_below(d, skipped, walked=class_dirs)]
         loose = [p for p in source.iterdir() if is_image_file(p)]
         if loose and files:
             raise IngestError(f"{source} mixes class folders with {len(loose)} loose images; move them into a class folder or ingest with --unlabeled")
@@ -408,6 +410,19 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
     source = source.expanduser().resolve()
     layout, files, notes = discover_source(source, unlabeled=unlabeled)
     classes = set(ctx.config.classes)
+    negative = ctx.config.negative_class
+    if layout == "mvtec" and MVTEC_GOOD not in classes and negative:
+        # MVTec's good/ folders are the parts without a defect: the project's negative class, whatever its name (QA: "add
+        # 'good' to loop.toml" made good parts a defect class, scored as such by every gate)
+        files = [dataclasses.replace(f, label=negative) if f.label == MVTEC_GOOD else f for f in files]
+        notes = [*notes, f"its good/ folders are labeled {negative!r}, the project's negative class"]
+    with session_scope(ctx.engine) as session:  # a class renamed away (`loop rename-class`) means its new name here too
+        renames = {old: new for old, new in (get_project(session).class_renames or {}).items() if old not in classes and new in classes}
+    renamed = Counter(f.label for f in files if f.label in renames)
+    if renamed:  # QA: the folder a merged class came from was refused, and "add it to loop.toml" undid the merge for its images
+        files = [dataclasses.replace(f, label=renames[f.label]) if f.label in renames else f for f in files]
+        notes = [*notes, "labels of classes renamed by `loop rename-class` are taken under their new names: "
+                 + ", ".join(f"{old!r} -> {renames[old]!r} ({n} files)" for old, n in sorted(renamed.items()))]
     unknown = Counter(f.label for f in files if f.label is not None and f.label not in classes)
     if unknown:
         listed = ", ".join(f"{label!r} ({count} files)" for label, count in sorted(unknown.items()))

@@ -250,8 +250,8 @@ def sync_project_classes(session: "Session", project: "Project", config: Project
             described.append(f"{label!r} ({len(by_image)} images, {now} of them labeled so now, {counts['test']} in the frozen test split"
                              + (f", {quarantined} quarantined" if quarantined else "") + ")")
         first = sorted(images)[0]
-        raise ConfigError(f"loop.toml's classes leave out {', '.join(described)}, which stored answers name: their labels would turn into "
-                          f"no labels. Nothing was changed. Put the class back in loop.toml, or move its answers to a class of loop.toml "
+        raise ConfigError(f"loop.toml's classes leave out {', '.join(described)}, which stored answers name: those answers would name no class "
+                          f"of the project. Nothing was changed. Put the class back in loop.toml, or move its answers to a class of loop.toml "
                           f"with `loop rename-class {first} NEW_NAME --project {project_dir or project.root_dir}`")
     if list(project.classes or []) == config.classes and project.negative_class == config.negative_class:
         return None

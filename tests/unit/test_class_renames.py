@@ -149,3 +149,77 @@ def test_a_rename_renames_the_labels_label_issues_name_and_a_merge_into_the_sugg
         session.get(Project, project_id).classes = ["good", "scratch_line"]
     assert suspects() == {first: (True, "scratch_line", "good"), second: (False, "scratch_line", "scratch_line")}
     engine.dispose()
+
+
+def test_two_classes_renamed_in_loop_toml_at_once_are_renamed_one_at_a_time_as_the_message_says(tmp_path: Path, class_folders: Path) -> None:
+    # QA: with two classes renamed in loop.toml, each `loop rename-class` said to rename the other first
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.config import load_config, save_config
+
+    project, runner = tmp_path / "line", CliRunner()
+    assert runner.invoke(app, ["init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good"]).exit_code == 0
+    assert runner.invoke(app, ["ingest", str(class_folders), "--project", str(project), "--quiet"]).exit_code == 0
+    config = load_config(project)
+    config.classes = ["good", "scratch_line", "dot", "patch"]
+    save_config(project, config)
+    refused = runner.invoke(app, ["rename-class", "scratch", "scratch_line", "--project", str(project)])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "classes are renamed one at a time. Put 'spot' back in loop.toml's classes for now" in said, said
+    config.classes = ["good", "scratch_line", "dot", "patch", "spot"]  # as the message says
+    save_config(project, config)
+    assert runner.invoke(app, ["rename-class", "scratch", "scratch_line", "--project", str(project)]).exit_code == 0
+    config.classes = ["good", "scratch_line", "dot", "patch"]
+    save_config(project, config)
+    assert runner.invoke(app, ["rename-class", "spot", "dot", "--project", str(project)]).exit_code == 0
+
+
+def test_a_folder_of_a_class_renamed_away_is_ingested_under_its_new_name(tmp_path: Path, class_folders: Path) -> None:
+    # QA: after merging spot into scratch, ingesting the spot/ folder again was refused ("unknown classes 'spot'"), and
+    # the advice, add it to loop.toml, undid the merge for its images
+    import numpy as np
+    from sqlalchemy import select
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.config import load_config, save_config
+    from loop.project import open_project
+    from loop.synthetic_images import synthetic_image
+    from store.models import Image
+    from store.queries import current_labels
+
+    project, runner = tmp_path / "line", CliRunner()
+    assert runner.invoke(app, ["init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good"]).exit_code == 0
+    assert runner.invoke(app, ["ingest", str(class_folders), "--project", str(project), "--quiet"]).exit_code == 0
+    config = load_config(project)
+    config.classes = ["good", "scratch", "patch"]
+    save_config(project, config)
+    assert runner.invoke(app, ["rename-class", "spot", "scratch", "--merge", "--project", str(project)]).exit_code == 0
+    new_spot = class_folders / "spot" / "spot_new.png"
+    synthetic_image("spot", rng=np.random.default_rng(4242), size=64).save(new_spot)
+    result = runner.invoke(app, ["ingest", str(class_folders), "--project", str(project)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "taken under their new names: 'spot' -> 'scratch'" in said, result.output
+    with session_scope(open_project(project).engine) as session:
+        labels = current_labels(session, 1)
+        new_id = session.scalar(select(Image.id).where(Image.path == str(new_spot)))
+    assert labels[new_id].label == "scratch" and all(label.label != "spot" for label in labels.values())
+
+
+def test_status_flags_a_class_loop_toml_left_out_that_answers_still_name(tmp_path: Path, class_folders: Path) -> None:
+    # QA: `loop status` listed it like any other class while the next round and ingest refused
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.config import load_config, save_config
+
+    project, runner = tmp_path / "line", CliRunner()
+    assert runner.invoke(app, ["init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good"]).exit_code == 0
+    assert runner.invoke(app, ["ingest", str(class_folders), "--project", str(project), "--quiet"]).exit_code == 0
+    config = load_config(project)
+    config.classes = ["good", "scratch", "spot"]
+    save_config(project, config)
+    said = " ".join(runner.invoke(app, ["status", "--project", str(project)], env={"COLUMNS": "200"}).output.split())
+    assert "patch (not in loop.toml)" in said and "stored answers name 'patch', which loop.toml's classes leave out" in said, said
+    assert "scratch (not in loop.toml)" not in said

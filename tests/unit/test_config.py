@@ -40,6 +40,8 @@ def test_typo_in_a_key_is_a_clear_error(tmp_path: Path) -> None:
         ('name = "p"\nclasses = ["a", "b"]\n[loop]\nstrategy = "marginn"\n', "unknown selection strategy 'marginn'; available: default, diverse"),
         # QA: a misspelt backend passed status and ingest, and failed only at the round, naming neither key nor file
         ('name = "p"\nclasses = ["a", "b"]\n[annotator]\nbackend = "cvat"\n', "annotator.backend: unknown annotator backend 'cvat'; available: labelstudio"),
+        # QA: two classes differing only in case were accepted
+        ('name = "p"\nclasses = ["free", "crack", "Crack"]\n', "class names that differ only in case: ['crack', 'Crack']; keep one"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, body: str, message: str) -> None:
@@ -200,3 +202,16 @@ def test_loop_toml_values_of_the_wrong_type_are_refused_not_coerced() -> None:
             ProjectConfig.model_validate({**base, section: {key: value}})
         assert validation_problems(refused.value).startswith(f"{section}.{key}: ")
     assert ProjectConfig.model_validate({**base, "gates": {"macro_f1_min": 1}}).gates.macro_f1_min == 1.0  # an integer is a number
+
+
+def test_the_negative_class_is_read_without_surrounding_spaces_as_the_classes_are(tmp_path: Path) -> None:
+    # QA: --classes "free, crack" was stripped but --negative-class " free" was "not one of the classes"
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.config import load_config
+
+    result = CliRunner().invoke(app, ["init", str(tmp_path / "p"), "--classes", "free, crack ,blowhole", "--negative-class", " free"])
+    assert result.exit_code == 0, result.output
+    config = load_config(tmp_path / "p")
+    assert (config.classes, config.negative_class) == (["free", "crack", "blowhole"], "free")

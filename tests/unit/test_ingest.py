@@ -1,5 +1,6 @@
 import csv
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,27 @@ def test_mvtec_layout_is_pooled_and_recorded(new_project, tmp_path: Path) -> Non
     assert any("pooled" in note for note in report.notes)
     rows = images(new_project)
     assert sum(1 for r in rows if "/test/scratch/" in r.path and r.split == "test") == 1
+
+
+def test_mvtec_good_folders_take_the_projects_negative_class_whatever_its_name(tmp_path: Path) -> None:
+    # QA: a project whose negative class is "ok" was refused ("unknown classes: 'good'; add them to loop.toml"), and
+    # following that made good parts a defect class that every gate scored as one
+    root = tmp_path / "bottle"
+    rng = np.random.default_rng(0)
+    for folder, kind, count in [("train/good", "good", 6), ("test/good", "good", 2), ("test/scratch", "scratch", 4)]:
+        (root / folder).mkdir(parents=True)
+        for i in range(count):
+            synthetic_image(kind, rng=rng, size=64).save(root / folder / f"{i:03d}.png")
+    project = tmp_path / "p"
+    assert runner.invoke(app, ["init", str(project), "--classes", "ok,scratch", "--negative-class", "ok"]).exit_code == 0
+    result = runner.invoke(app, ["ingest", str(root), "--project", str(project)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "its good/ folders are labeled 'ok', the project's negative class" in said, result.output
+    from loop.project import open_project
+
+    with session_scope(open_project(project).engine) as session:
+        labels = current_labels(session, 1)
+    assert Counter(label.label for label in labels.values()) == {"ok": 8, "scratch": 4}
 
 
 def test_manifest_with_unlabeled_rows_goes_to_the_pool(new_project, class_folders: Path, tmp_path: Path) -> None:
@@ -475,3 +497,10 @@ def test_a_moved_folder_ingested_again_is_read_from_its_new_place_at_once(new_pr
     again = ingest_source(new_project, class_folders, show_progress=False)
     assert not any("are read from here now" in note for note in again.notes)
     assert all(row.path.startswith(str(moved)) and len(row.duplicate_paths) == 1 for row in images(new_project))
+
+
+def test_a_class_folder_named_with_surrounding_spaces_is_its_class_as_a_manifest_label_is(new_project, class_folders: Path) -> None:
+    # QA: a folder "good " was refused as the unknown class 'good ' while the same label in a CSV was stripped and taken
+    (class_folders / "good").rename(class_folders / "good ")
+    report = ingest_source(new_project, class_folders, show_progress=False)
+    assert report.label_counts["good"] == 40 and "good " not in report.label_counts
