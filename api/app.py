@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import dashboard
 from api.caching import VersionedResponseCache
 from api.docs import add_docs
-from api.dependencies import full_token_needed, scope_of_token
+from api.dependencies import HEAD_ONLY, full_token_needed, scope_of_token
 from api.dependencies import Scope as AccessScope
 from api.routes import health, images, predict, projects, rounds, webhooks
 from api.settings import STORE_FILENAME, Settings
@@ -99,12 +99,15 @@ class HeadAnsweredAsGet:
             return
 
         async def headers_only(message: Message) -> None:
-            if message["type"] != "http.response.body":
+            if message["type"] == "http.response.pathsend":  # a file sent by the server itself (an ASGI extension)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            elif message["type"] != "http.response.body":
                 await send(message)
             elif not message.get("more_body", False):  # the last chunk: the response ends with no body sent
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-        await self.app({**scope, "method": "GET"}, receive, headers_only)
+        # a route whose body is costly to make (an export) reads HEAD_ONLY and answers with its headers alone
+        await self.app({**scope, "method": "GET", HEAD_ONLY: True}, receive, headers_only)
 
 
 def _check_store(url: str) -> None:

@@ -16,6 +16,10 @@ from api.liveness import ProjectProcess
 from api.settings import Settings
 from store import reports
 
+# set in the scope of a HEAD request answered as GET (api.app.HeadAnsweredAsGet): a route whose body is costly to
+# make (an export) answers with its headers alone
+HEAD_ONLY = "defect_loop.head_only"
+
 
 class Scope(str, enum.Enum):
     read = "read"

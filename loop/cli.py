@@ -573,14 +573,15 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     sources = sorted({s for per in labels["by_class_and_source"].values() for s in per})
     for column in ("class", *sources, "total"):
         table.add_column(column)
-    left_out = [name for name in labels["by_class_and_source"] if name not in report["project"]["classes"]]
+    left_out = report["project"]["classes_left_out"]
     for name, per in labels["by_class_and_source"].items():
         table.add_row(escape(name) + (" [yellow](not in loop.toml)[/]" if name in left_out else ""), *(str(per.get(s, 0)) for s in sources),
                       str(labels["by_class"][name]))
     console.print(table)
     if left_out:  # QA: listed like the others, while the next round and ingest refuse
-        console.print(f"[yellow]warning:[/] stored answers name {', '.join(map(repr, left_out))}, which loop.toml's classes leave out: rounds and "
-                      f"ingests refuse until it is put back, or renamed (`loop rename-class {left_out[0]} NEW_NAME`)")
+        console.print(f"[yellow]warning:[/] stored answers name {escape(', '.join(map(repr, left_out)))}, which loop.toml's classes leave out: "
+                      f"rounds and ingests refuse until it is put back, or renamed (`loop rename-class {escape(left_out[0])} NEW_NAME "
+                      f"--project {escape(str(ctx.root))}`)")
     narrow = console.width < NARROW_TERMINAL
     # narrow: no column lines, nine columns and their numbers whole fit 80 columns only without them
     rounds = (Table(title="rounds", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True) if narrow

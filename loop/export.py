@@ -51,7 +51,7 @@ def export_project(ctx: ProjectContext, out: Path, *, round_number: int | None =
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     with session_scope(ctx.engine) as session:
         project = get_project(session)
-        source = export_source(session, project, round_number=round_number, project_dir=ctx.root)
+        source = export_source(session, project, round_number=round_number, project_dir=ctx.root, store_url=ctx.database_url)
         summary = ExportSummary(out, source.round_number, source.threshold, source.model_onnx)
         try:
             with open(partial, "w", newline="", encoding="utf-8") as handle:

@@ -64,8 +64,10 @@ def _project_checkpoint(root: Path) -> InitSource:
     with_model = []
     for number, details, artifacts in rounds:
         recorded = (artifacts or {}).get("model_checkpoint")
-        # this folder's own file only: a copied or moved project's record names its first folder, which may hold another project's by now
-        checkpoint = artifact_file(str(recorded or "model.pt"), round_number=number, recorded_root=recorded_root, project_dir=root)
+        # this folder's own file (a copied or moved project's record names its first folder, which may hold another
+        # project's by now), or one in another folder of the same store
+        checkpoint = artifact_file(str(recorded) if recorded else None, round_number=number, recorded_root=recorded_root, project_dir=root,
+                                   store_url=url, use_env=False)
         if checkpoint is not None:
             strategy = str(((details or {}).get("training") or {}).get("strategy") or "head")
             with_model.append((number, strategy, checkpoint, backbone_fine_tuned(details)))

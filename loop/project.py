@@ -22,6 +22,7 @@ from store.db import (
     lock_file_held,
     session_scope,
     shown_url,
+    store_url_for,
 )
 from store.queries import one_project_per_store
 
@@ -61,11 +62,11 @@ class ProjectContext:
 
 def default_store_url(root: Path) -> str:
     """A project folder's own SQLite store, loop.db."""
-    return f"sqlite:///{(root / 'loop.db').resolve()}"
+    return store_url_for(root, None, use_env=False)
 
 
 def database_url_for(root: Path, config: ProjectConfig) -> str:
-    return os.environ.get("LOOP_DATABASE_URL") or config.database_url or default_store_url(root)
+    return store_url_for(root, config.database_url)
 
 
 def check_store_is_free(root: Path, config: ProjectConfig, *, database_url: str | None = None) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from loop.project import ProjectContext
+from loop.project import ProjectContext, labels_left_out
 from store import session_scope
 from store.artifacts import artifact_shown
 from store.models import Image, IngestBatch, Round
@@ -50,8 +50,12 @@ def project_status(ctx: ProjectContext) -> dict:
         classes = [*named, *sorted(set(by_class) - set(named))]
         return {
             "schema_version": STATUS_SCHEMA_VERSION,
-            # the folder this command was given (a moved or copied project's store still names the folder it was made in)
-            "project": {"name": project.name, "root_dir": str(ctx.root), "made_in": project.root_dir, "classes": named, "negative_class": negative},
+            # root_dir: the folder the store names (where the project was made); project_dir: the folder this command
+            # was given (they differ once the project moved or was copied, or when folders share a store)
+            "project": {"name": project.name, "root_dir": project.root_dir, "project_dir": str(ctx.root), "classes": named, "negative_class": negative,
+                        # names stored answers give (any answer, as the round checks) that loop.toml's classes leave out:
+                        # rounds and ingests refuse until they are put back or renamed
+                        "classes_left_out": sorted(labels_left_out(session, project, named))},
             "images": {"total": len(images), "ok": sum(1 for i in images if i.status == "ok"), "by_split": dict(sorted(by_split.items()))},
             "labels": {
                 "labeled": sum(by_class.values()),
@@ -66,7 +70,7 @@ def project_status(ctx: ProjectContext) -> dict:
             "ingest_batches": [{"id": b.id, "source": b.source, "layout": b.layout, "created_at": as_utc(b.created_at).isoformat() if b.created_at else None,
                                 "n_files": b.n_files, "n_new_images": b.n_new_images, "notes": b.notes}
                                for b in session.scalars(select(IngestBatch).where(IngestBatch.project_id == project.id).order_by(IngestBatch.id))],
-            "rounds": [_round_summary(r, project_dir=ctx.root, recorded_root=project.root_dir) for r in rounds],
+            "rounds": [_round_summary(r, project_dir=ctx.root, recorded_root=project.root_dir, store_url=ctx.database_url) for r in rounds],
         }
 
 
@@ -86,7 +90,7 @@ def _utc_iso(moment: datetime | None) -> str | None:
     return None if moment is None else as_utc(moment).isoformat()
 
 
-def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str) -> dict:
+def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, store_url: str) -> dict:
     details = round_row.details or {}
     training, calibration, quality = training_of(details), calibration_of(details), label_quality_of(details)
     return {
@@ -129,7 +133,8 @@ def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str) -
         "latency": details.get("latency"),
         "step_timings_s": round_row.step_timings_s,
         # as they are in this folder: the recorded paths name the folder the round ran in, which a move or a copy left
-        "artifacts": {name: artifact_shown(str(path), round_number=round_row.number, recorded_root=recorded_root, project_dir=project_dir)
+        "artifacts": {name: artifact_shown(str(path), round_number=round_row.number, recorded_root=recorded_root, project_dir=project_dir,
+                                           store_url=store_url)
                       for name, path in (round_row.artifacts or {}).items()},
         "model_files_deleted": details.get("model_files_deleted"),  # by loop prune or keep_model_rounds: which, when, by what
         # the round's own records the README cites by name: the new-batch check, the near-copy findings beside the

@@ -285,6 +285,12 @@ def store_connection_lost(error: BaseException) -> bool:
                                                                        or sqlstate in ("57P01", "57P02", "57P03"))
 
 
+def store_url_for(root: Path, configured: str | None, *, use_env: bool = True) -> str:
+    """The store a project folder's commands use: LOOP_DATABASE_URL (when `use_env`), else its loop.toml's
+    database_url (`configured`), else its own SQLite file, loop.db."""
+    return (os.environ.get("LOOP_DATABASE_URL") if use_env else None) or configured or f"sqlite:///{(root / 'loop.db').resolve()}"
+
+
 def same_store(first: str, second: str) -> bool:
     """Whether two URLs name one store, however written (a SQLite path with ./ or a symlink, an explicit default port)."""
     try:

@@ -52,7 +52,8 @@ class ExportSource:
         return [*RECORD_COLUMNS, *(f"p_{name}" for name in self.classes), *ISSUE_COLUMNS, *FILE_COLUMNS]
 
 
-def export_source(session: Session, project: Project, *, round_number: int | None = None, project_dir: Path | None = None) -> ExportSource:
+def export_source(session: Session, project: Project, *, round_number: int | None = None, project_dir: Path | None = None,
+                  store_url: str | None = None) -> ExportSource:
     """The latest completed round, or round `round_number` (LookupError unless it exists and completed: a failed or
     running round's predictions are partial or none). Its model file is named as it is in `project_dir` when given."""
     query = select(Round).where(Round.project_id == project.id, Round.status == "completed")
@@ -72,7 +73,7 @@ def export_source(session: Session, project: Project, *, round_number: int | Non
     classes = [str(c) for c in details.get("class_names") or project.classes or []]
     model = (chosen.artifacts or {}).get("model_onnx")
     if model is not None and project_dir is not None:  # the recorded path names the folder the round ran in (moved or copied since?)
-        model = artifact_shown(str(model), round_number=chosen.number, recorded_root=project.root_dir, project_dir=project_dir)
+        model = artifact_shown(str(model), round_number=chosen.number, recorded_root=project.root_dir, project_dir=project_dir, store_url=store_url)
     deleted = details.get("model_files_deleted") or {}
     if model is None and "model.onnx" in (deleted.get("files") or []):  # said, not "none deployed": it was, and is gone
         model = f"model.onnx deleted by {deleted.get('by')} at {deleted.get('at')}"

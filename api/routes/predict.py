@@ -18,7 +18,7 @@ from PIL import UnidentifiedImageError
 from api.dependencies import FullScope, SessionDep, SettingsDep, end_reads
 from api.schemas import ErrorOut, ImagePredictionOut, PredictOut
 from store import reports
-from store.artifacts import artifact_file
+from store.artifacts import artifact_file, artifact_places
 from store.models import Project, Round
 from store.queries import latest_completed_round
 
@@ -94,13 +94,14 @@ def _unusable(message: str) -> HTTPException:
     return HTTPException(503, detail=f"the latest completed round's model cannot be used: {message}")
 
 
-def _model_path(round_: Round, project: Project, project_dir: Path) -> Path:
+def _model_path(round_: Round, project: Project, project_dir: Path, store_url: str) -> Path:
     raw = (round_.artifacts or {}).get("model_onnx")
     if not raw:
         raise HTTPException(409, detail=f"round {round_.number} recorded no ONNX model (artifacts.model_onnx)")
-    path = artifact_file(str(raw), round_number=round_.number, recorded_root=project.root_dir, project_dir=project_dir)
-    if path is None:  # never the recorded place outside this folder: a moved project's old folder may hold another's
-        raise _unusable(f"model file {Path(str(raw)).name!r} is missing from {project_dir / 'artifacts' / f'round-{round_.number:03d}'}")
+    where = {"round_number": round_.number, "recorded_root": project.root_dir, "project_dir": project_dir, "store_url": store_url}
+    path = artifact_file(str(raw), **where)
+    if path is None:  # never a recorded place in a folder of another store: a moved project's old folder may hold another's
+        raise _unusable(f"model file {Path(str(raw)).name!r} is missing from {artifact_places(str(raw), **where)[0].parent}")
     return path
 
 
@@ -195,7 +196,7 @@ def predict(
             raise HTTPException(413, detail=str(exc)) from None
         except ImageRejected as exc:
             raise HTTPException(422, detail=str(exc)) from None
-    classifier = _classifier(request, _model_path(round_, project, settings.project_dir), image_size, mean, std, bit_depth)
+    classifier = _classifier(request, _model_path(round_, project, settings.project_dir, settings.store_url), image_size, mean, std, bit_depth)
     try:
         probabilities = np.asarray(classifier.predict_proba(images), dtype=np.float64)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types

@@ -10,11 +10,11 @@ import threading
 from collections import Counter
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from api.dependencies import BrowserReadScope, Limit, Offset, ProjectProcessDep, ReadScope, ResponseCacheDep, RowId, SessionDep, end_reads
+from api.dependencies import HEAD_ONLY, BrowserReadScope, Limit, Offset, ProjectProcessDep, ReadScope, ResponseCacheDep, RowId, SessionDep, end_reads
 from api.schemas import ErrorOut, PageOut, ProgressOut, ProjectOut, RoundSummaryOut
 from store import export, reports
 
@@ -101,7 +101,7 @@ _EXPORTING = threading.Lock()  # held while an export is written (sending it is 
     summary="The images with labels and a round's predictions, as CSV or JSON Lines (?token= accepted, for a download link)",
 )
 def export_images(
-    project_id: RowId, session: SessionDep, _scope: BrowserReadScope,
+    project_id: RowId, session: SessionDep, _scope: BrowserReadScope, request: Request,
     format: Annotated[Literal["csv", "jsonl"], Query(description="csv (a header row, empty cells for none) or jsonl (one JSON object per line)")] = "csv",  # noqa: A002
     round: Annotated[int | None, Query(ge=1, le=2**31 - 1, description="a completed round's number (default: the latest completed)")] = None,  # noqa: A002
     labeled_only: Annotated[bool, Query(description="only readable images with a label (no ties): a training set. Labeled images whose file "
@@ -115,6 +115,9 @@ def export_images(
         source = export.export_source(session, project, round_number=round)
     except LookupError as error:
         raise HTTPException(409 if "not completed" in str(error) else 404, detail=str(error)) from None
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", project.name) + (f"-round-{source.round_number}" if source.round_number else "") + f".{format}"
+    if request.scope.get(HEAD_ONLY):  # a link checker's HEAD: the headers, without writing the export (review)
+        return Response(media_type=EXPORT_MEDIA_TYPES[format], headers={"Content-Disposition": f'attachment; filename="{name}"'})
     # one at a time: 100k images take ~13 s of this server's time, and four at once slowed every dashboard poll to 14 s
     if not _EXPORTING.acquire(blocking=False):
         raise HTTPException(429, detail="another export is being written: try again when it is done", headers={"Retry-After": "15"})
@@ -132,7 +135,6 @@ def export_images(
     finally:
         _EXPORTING.release()
     end_reads(session)  # the file holds what was read: sending it (minutes to a slow client) needs no snapshot
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", project.name) + (f"-round-{source.round_number}" if source.round_number else "") + f".{format}"
     # the CLI prints what a labeled_only export left out; a download says it in headers (0 and empty: nothing)
     headers = {LEFT_OUT_HEADER: str(sum(left_out.values())),
                LEFT_OUT_REASONS_HEADER: ", ".join(f"{what}={n}" for what, n in sorted(left_out.items()))} if labeled_only else None

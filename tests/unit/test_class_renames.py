@@ -1,6 +1,7 @@
 """The store keeps every class `loop rename-class` renamed, so an answer given later under an old name means its new one."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from sqlalchemy import create_engine, inspect
@@ -217,9 +218,17 @@ def test_status_flags_a_class_loop_toml_left_out_that_answers_still_name(tmp_pat
     project, runner = tmp_path / "line", CliRunner()
     assert runner.invoke(app, ["init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good"]).exit_code == 0
     assert runner.invoke(app, ["ingest", str(class_folders), "--project", str(project), "--quiet"]).exit_code == 0
+    from loop.project import open_project
+    from store.queries import current_labels
+
+    with session_scope(open_project(project).engine) as session:  # every patch answered scratch since: no current label says patch
+        session.add_all([LabelEvent(image_id=image_id, label="scratch", source="annotator", annotator="a")
+                         for image_id, label in current_labels(session, 1).items() if label.label == "patch"])
     config = load_config(project)
     config.classes = ["good", "scratch", "spot"]
     save_config(project, config)
     said = " ".join(runner.invoke(app, ["status", "--project", str(project)], env={"COLUMNS": "200"}).output.split())
-    assert "patch (not in loop.toml)" in said and "stored answers name 'patch', which loop.toml's classes leave out" in said, said
-    assert "scratch (not in loop.toml)" not in said
+    assert "stored answers name 'patch', which loop.toml's classes leave out" in said, said  # as the round, which refuses
+    assert f"loop rename-class patch NEW_NAME --project {project}" in said and "scratch (not in loop.toml)" not in said
+    status = runner.invoke(app, ["status", "--project", str(project), "--json"]).output
+    assert json.loads(status)["project"]["classes_left_out"] == ["patch"]

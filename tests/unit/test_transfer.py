@@ -288,6 +288,6 @@ def test_a_copied_project_starts_from_and_shows_only_its_own_round_files(tmp_pat
     with pytest.raises(FileNotFoundError, match="no completed round with a model checkpoint"):
         resolve_init_source(copy)
     status = json.loads(CliRunner().invoke(app, ["status", "--project", str(copy), "--json"]).output)
-    assert status["project"]["root_dir"] == str(copy) and status["project"]["made_in"] == str(original)
+    assert status["project"]["project_dir"] == str(copy) and status["project"]["root_dir"] == str(original)
     assert [r["artifacts"]["model_checkpoint"] for r in status["rounds"]] == [
         str(copy / "artifacts" / f"round-{n:03d}" / "model.pt") for n in (1, 2)]  # where they belong here (deleted), not the original's

@@ -152,3 +152,14 @@ def test_every_get_route_answers_head_with_its_headers_and_no_body(client: TestC
         assert head.headers["content-length"] == str(len(got.content)), path
     assert client.head("/dashboard").status_code == 401  # the token is checked as for GET
     assert client.head("/predict", headers=read_headers).status_code == 405
+    # an export's HEAD says what a download would be without writing it (review: a link checker's HEAD wrote a whole
+    # export and held the one-at-a-time lock, so a manager's download meanwhile got 429)
+    from api.routes import projects
+
+    export = f"/projects/{seeded_store.project_id}/export?format=jsonl"
+    got = client.get(export, headers=read_headers)
+    with projects._EXPORTING:  # an export being written
+        head = client.head(export, headers=read_headers)
+        assert client.get(export, headers=read_headers).status_code == 429
+    assert (head.status_code, head.content) == (200, b"")
+    assert (head.headers["content-type"], head.headers["content-disposition"]) == (got.headers["content-type"], got.headers["content-disposition"])
