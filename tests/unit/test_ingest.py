@@ -135,15 +135,18 @@ def test_a_known_image_labeled_through_two_identical_files_gets_one_label(new_pr
     assert (report.n_labels_added, report.n_labels_changed) == (1, 0)
 
 
-def test_mvtec_layout_is_pooled_and_recorded(new_project, tmp_path: Path) -> None:
-    import numpy as np
-
-    root = tmp_path / "bottle"
+def _mvtec_folder(root: Path, counts: tuple[int, int, int]) -> Path:
+    """An MVTec AD layout of synthetic images: `counts` in train/good, test/good and test/scratch."""
     rng = np.random.default_rng(0)
-    for folder, kind, count in [("train/good", "good", 12), ("test/good", "good", 3), ("test/scratch", "scratch", 5)]:
+    for folder, kind, count in zip(("train/good", "test/good", "test/scratch"), ("good", "good", "scratch"), counts):
         (root / folder).mkdir(parents=True)
         for i in range(count):
             synthetic_image(kind, rng=rng, size=64).save(root / folder / f"{i:03d}.png")
+    return root
+
+
+def test_mvtec_layout_is_pooled_and_recorded(new_project, tmp_path: Path) -> None:
+    root = _mvtec_folder(tmp_path / "bottle", (12, 3, 5))
     (root / "ground_truth" / "scratch").mkdir(parents=True)
     report = ingest_source(new_project, root, show_progress=False)
     assert report.layout == "mvtec"
@@ -156,12 +159,7 @@ def test_mvtec_layout_is_pooled_and_recorded(new_project, tmp_path: Path) -> Non
 def test_mvtec_good_folders_take_the_projects_negative_class_whatever_its_name(tmp_path: Path) -> None:
     # QA: a project whose negative class is "ok" was refused ("unknown classes: 'good'; add them to loop.toml"), and
     # following that made good parts a defect class that every gate scored as one
-    root = tmp_path / "bottle"
-    rng = np.random.default_rng(0)
-    for folder, kind, count in [("train/good", "good", 6), ("test/good", "good", 2), ("test/scratch", "scratch", 4)]:
-        (root / folder).mkdir(parents=True)
-        for i in range(count):
-            synthetic_image(kind, rng=rng, size=64).save(root / folder / f"{i:03d}.png")
+    root = _mvtec_folder(tmp_path / "bottle", (6, 2, 4))
     project = tmp_path / "p"
     assert runner.invoke(app, ["init", str(project), "--classes", "ok,scratch", "--negative-class", "ok"]).exit_code == 0
     result = runner.invoke(app, ["ingest", str(root), "--project", str(project)])
