@@ -147,8 +147,9 @@ class UnfamiliarBatchOut(Schema):
         description="share of the batch's images (up to 1024 checked) less like any training label than 95% of the training labels are like "
                     "another: about 0.05 for images like them")
     share_unlike_test_labels: float | None = Field(description="the same against the labeled test images")
-    unlike_training_labels: bool = Field(description="true: the model was not taught images like most of these (share >= 0.3)")
-    unlike_test_labels: bool = Field(description="true: the gates do not measure images like these (share >= 0.3)")
+    unlike_training_labels: bool | None = Field(description="true: the model was not taught images like most of these (share >= 0.3); null: not checked")
+    unlike_test_labels: bool | None = Field(description="true: the gates do not measure images like these (share >= 0.3); null: not checked "
+                                                        "(too few labeled test images to compare with)")
     n_labeled_train_validation: int
     n_labeled_test: int
     n_unlabeled_test: int = Field(description="drawn into the test split at random, waiting for their label")
@@ -168,6 +169,7 @@ class BatchTestMetricsOut(Schema):
     negative_fpr: float | None
     accuracy: float | None
     ingest_batch_ids: list[int] = Field(description="the batch alone, or the small ingests measured together with it")
+    too_few_images: bool = Field(False, description="fewer labeled test images than a batch needs to be gated alone (10): shown, noisy")
 
 
 class LabelQualityOut(Schema):

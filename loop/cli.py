@@ -432,7 +432,7 @@ def _print_coverage(batches: list[dict], by_batch: list[dict], *, round_number: 
     if by_batch:
         console.print(f"gates by ingest batch on the test split{of_round}: " + " · ".join(
             f"{ingest_batches_text(row['ingest_batch_ids']).removeprefix('ingest ')} ({escape(' ... '.join(Path(part).name for part in str(row['source']).split(' ... ')))}, "
-            f"{row['n_images']} images): "
+            f"{row['n_images']} images{', too few to be gated alone' if row.get('too_few_images') else ''}): "
             f"{gate_values_text(row)}" for row in by_batch))
 
 

@@ -1432,7 +1432,7 @@ def check_coverage(state: RoundState) -> None:
                       if measured_by_itself.get(g, True))
     sampled = _draw_test_samples(state, to_draw) if to_draw else {}
     with session_scope(state.ctx.engine) as session:
-        described = set(flagged[:MAX_COVERAGE_BATCHES]) | _batches_in_test(state)  # groups: their first and last batch say where from
+        described = set(flagged[:MAX_COVERAGE_BATCHES]) | _batches_in_test(state, at_least=1)  # groups: their first and last batch say where from
         ends = sorted({b for group in described for b in (batches_of[group][0], batches_of[group][-1])} | {int(b) for b in described})
         batches = {row.id: row for row in session.execute(select(IngestBatch.id, IngestBatch.source, IngestBatch.created_at)
                                                           .where(IngestBatch.id.in_(ends)))}
@@ -1476,11 +1476,15 @@ def check_coverage(state: RoundState) -> None:
         counts["held_back"] = len(state.held_back)
     if state.test_predictions is not None:  # a cold start has no test predictions
         test_positions = state.positions(split="test", labeled=True)
-        in_batches = sorted(_batches_in_test(state))
+        in_batches = sorted(_batches_in_test(state, at_least=1))
         if len(in_batches) > 1:
+            # every batch with labeled test images, those too few to be gated alone too, with their count: a new
+            # camera's 9 test images failing recall were shown nowhere (QA), while the whole split passed
             coverage["test_by_batch"] = [
                 {"ingest_batch_id": int(b), "ingest_batch_ids": batches_of[b], "source": source_of(b),
                  **_test_metrics_of(state, groups[test_positions] == b)} for b in in_batches]
+            for row in coverage["test_by_batch"]:
+                row["too_few_images"] = row["n_images"] < MIN_TEST_IMAGES_PER_BATCH
 
 
 def _judging_groups(state: RoundState, *, judged_by_both: set[int], unlike: set[int],
@@ -1542,12 +1546,12 @@ def _groups_sampled_before(state: RoundState) -> set[int]:
     return {int(state.coverage_groups[p]) for p, image_id in enumerate(state.image_ids) if image_id in asked}
 
 
-def _batches_in_test(state: RoundState) -> set[int]:
-    """Ingest batches (groups of small ones, check_coverage) with at least MIN_TEST_IMAGES_PER_BATCH labeled test
-    images: the ones the gates can be given for."""
+def _batches_in_test(state: RoundState, *, at_least: int = MIN_TEST_IMAGES_PER_BATCH) -> set[int]:
+    """Ingest batches (groups of small ones, check_coverage) with at least `at_least` labeled test images (by default
+    MIN_TEST_IMAGES_PER_BATCH: the ones the gates can be given for alone)."""
     test_positions = state.positions(split="test", labeled=True)
     counts = Counter(int(b) for b in state.coverage_groups[test_positions])
-    return {b for b, count in counts.items() if count >= MIN_TEST_IMAGES_PER_BATCH}
+    return {b for b, count in counts.items() if count >= at_least}
 
 
 def _coverage_text(row: dict[str, Any], sample_limit: int) -> str:

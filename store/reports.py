@@ -163,8 +163,8 @@ class UnfamiliarBatch:
     n_images: int
     share_unlike_training_labels: float | None  # of the images checked; about 5% for images like the labeled ones
     share_unlike_test_labels: float | None
-    unlike_training_labels: bool  # the model was not taught images like most of these
-    unlike_test_labels: bool  # the gates do not measure them
+    unlike_training_labels: bool | None  # the model was not taught images like most of these (None: not checked)
+    unlike_test_labels: bool | None  # the gates do not measure them (None: not checked, e.g. too few test labels to compare with)
     n_labeled_train_validation: int
     n_labeled_test: int
     n_unlabeled_test: int  # drawn into the test split, waiting for their label
@@ -184,6 +184,7 @@ class BatchTestMetrics:
     negative_fpr: float | None
     accuracy: float | None
     ingest_batch_ids: list[int]
+    too_few_images: bool = False  # fewer labeled test images than a batch needs to be gated alone (10): noisy figures
 
 
 @dataclass(frozen=True)
@@ -698,7 +699,8 @@ def unfamiliar_batches_of(details: dict[str, Any] | None) -> list[UnfamiliarBatc
         batches.append(UnfamiliarBatch(
             ingest_batch_id=int(row["ingest_batch_id"]), source=_str_or_none(row.get("source")), n_images=_int_or_none(row.get("n_images")) or 0,
             share_unlike_training_labels=_finite_or_none(training.get("share_unfamiliar")), share_unlike_test_labels=_finite_or_none(test.get("share_unfamiliar")),
-            unlike_training_labels=bool(training.get("flagged")), unlike_test_labels=bool(test.get("flagged")),
+            # None where the check did not run (QA: "false" said the batch was like the test images when too few were there to tell)
+            unlike_training_labels=bool(training.get("flagged")) if training else None, unlike_test_labels=bool(test.get("flagged")) if test else None,
             n_labeled_train_validation=_int_or_none(row.get("n_labeled_train_validation")) or 0, n_labeled_test=_int_or_none(row.get("n_labeled_test")) or 0,
             n_unlabeled_test=_int_or_none(row.get("n_unlabeled_test")) or 0, n_drawn_into_test=_int_or_none(row.get("n_drawn_into_test_now")) or 0,
             n_selected_for_training=_int_or_none(row.get("n_selected_for_training_now")), ingest_batch_ids=_batch_ids(row)))
@@ -717,7 +719,7 @@ def metrics_by_batch_of(details: dict[str, Any] | None) -> list[BatchTestMetrics
     if not isinstance(raw, list) or not raw:
         return None
     return [BatchTestMetrics(ingest_batch_id=int(row["ingest_batch_id"]), source=_str_or_none(row.get("source")), n_images=_int_or_none(row.get("n_images")) or 0,
-                             ingest_batch_ids=_batch_ids(row),
+                             ingest_batch_ids=_batch_ids(row), too_few_images=bool(row.get("too_few_images")),
                              **{key: _finite_or_none(row.get(key)) for key in ("macro_f1", "defect_recall", "negative_fpr", "accuracy")})
             for row in raw if isinstance(row, dict) and _int_or_none(row.get("ingest_batch_id")) is not None]
 

@@ -107,6 +107,26 @@ def test_a_new_cameras_batch_is_flagged_sampled_into_the_test_split_and_measured
     assert not any(row.unlike_test_labels for row in report.unfamiliar_batches)  # measured now
 
 
+def test_a_new_cameras_few_test_labels_are_shown_per_batch_marked_too_few_not_hidden(two_cameras: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    # QA: a new camera's 9 test labels (a sample capped below the 10 a batch needs to be gated alone) were shown
+    # nowhere: its recall of 0.5 hid behind the whole split's 0.875, "pass"
+    camera_a, camera_b, truth = two_cameras
+    project = tmp_path / "project"
+    _ingest_two_cameras(project, camera_a, camera_b, truth)
+    config = load_config(project)
+    config.split.unmeasured_batch_test_sample = 6
+    save_config(project, config)
+    invoke("round", "--project", str(project))
+    second = " ".join(invoke("round", "--project", str(project)).split())  # the oracle answered: 6 test labels of camera B
+    with session_scope(open_project(project).engine) as session:
+        batch_b = session.scalars(select(Image.ingest_batch_id).where(Image.path.like(f"{camera_b}%"))).first()
+        report = round_report(session, round_id=session.scalars(select(Round.id).where(Round.number == 2)).one())
+    by_batch = {row.ingest_batch_id: row for row in report.test_metrics_by_batch or []}
+    assert by_batch[batch_b].n_images == 6 and by_batch[batch_b].too_few_images and by_batch[batch_b].defect_recall is not None
+    assert not any(row.too_few_images for batch, row in by_batch.items() if batch != batch_b)
+    assert "6 images, too few to be gated alone" in second
+
+
 def test_no_sample_is_drawn_when_the_setting_is_zero_and_the_round_says_the_gates_do_not_measure_the_batch(
         two_cameras: tuple[Path, Path, Path], tmp_path: Path) -> None:
     camera_a, camera_b, truth = two_cameras

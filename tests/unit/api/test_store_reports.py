@@ -106,3 +106,14 @@ def test_a_cached_answer_is_never_older_than_the_store_version_it_is_kept_under(
     writer.dispose()
     assert committed and committed[0] not in [r["number"] for r in first["rounds"]]  # read before the round committed
     assert second["rounds"][-1]["number"] == committed[0]
+
+
+def test_a_batch_not_checked_against_the_test_labels_says_null_not_false() -> None:
+    # QA: with too few test labels to compare with, the batch read `unlike_test_labels: false`, i.e. like the test images
+    from store.reports import unfamiliar_batches_of
+
+    row = {"ingest_batch_id": 2, "n_images": 45, "unlike_training_labels": {"flagged": True, "share_unfamiliar": 1.0}, "unlike_test_labels": None}
+    (batch,) = unfamiliar_batches_of({"coverage": {"flagged_batches": [row]}})
+    assert (batch.unlike_training_labels, batch.unlike_test_labels, batch.share_unlike_test_labels) == (True, None, None)
+    (checked,) = unfamiliar_batches_of({"coverage": {"flagged_batches": [{**row, "unlike_test_labels": {"flagged": False, "share_unfamiliar": 0.1}}]}})
+    assert checked.unlike_test_labels is False
