@@ -125,3 +125,18 @@ def test_small_ops_threads_measures_both_thread_counts_on_both_machines(tmp_path
         assert set(by_threads[baseline]) == {"coreset 600 -> 40", "head fit 30 x 16"}
         assert all(seconds > 0 for seconds in by_threads["1 thread"].values())
     assert "| one core busy | coreset 600 -> 40 |" in (tmp_path / "small_ops_threads.md").read_text()
+
+
+@pytest.mark.slow
+def test_label_noise_neu_writes_its_report_on_a_small_neu_subset(tmp_path: Path, real_dataset) -> None:
+    # QA: every run computed for minutes, then crashed writing its JSON (an array in the fold details), leaving nothing
+    neu = real_dataset("neu")
+    subset = tmp_path / "neu"
+    for class_dir in sorted(p for p in neu.iterdir() if p.is_dir()):
+        (subset / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[:12]:
+            (subset / class_dir.name / image.name).symlink_to(image)
+    run_script("benchmarks/label_noise_neu.py", "--data", str(subset), "--seeds", "1", "--rounds", "1", "--out", str(tmp_path / "out"),
+               "--cache", str(tmp_path / "cache"))
+    report = json.loads((tmp_path / "out" / "label_noise_neu.json").read_text())
+    assert report["dataset"] == str(subset) and (tmp_path / "out" / "label_noise_neu.md").is_file()
