@@ -742,11 +742,17 @@ def threshold_source(state: RoundState) -> str:
     image when validation holds too few good parts. For a network other than the head those come from fine-tuning
     one network per fold (compute_finetuned_out_of_fold): only where that is cheap, unless loop.toml asks for it."""
     configured = state.config.model.threshold_source
-    if configured != "auto":
-        return configured
     negative = state.config.negative_index
     validation = state.positions(split="validation", labeled=True)
     n_negatives = int((state.labels[validation] == negative).sum()) if negative is not None else len(validation)
+    if configured == "validation" and n_negatives == 0:  # nothing to choose it on (QA: a small project's empty validation
+        # split ended the round in sklearn's "Found empty input array")
+        state.console.print(f"[yellow]warning:[/] loop.toml chooses the threshold on validation, which holds no labeled "
+                            f"'{escape(str(state.config.negative_class or 'image'))}': it is chosen on out-of-fold probabilities instead")
+        state.details["threshold_source_fallback"] = "validation held no labeled negative image"
+        return "out_of_fold"
+    if configured != "auto":
+        return configured
     if n_negatives >= MIN_VALIDATION_NEGATIVES:
         return "validation"
     if training_strategy(state) != "head" and n_negatives > 0 and not finetuned_out_of_fold_wanted(state):

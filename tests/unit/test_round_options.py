@@ -34,3 +34,26 @@ def test_a_round_that_could_not_write_its_files_stops_before_anything_is_recorde
     result = CliRunner().invoke(app, ["round", "--project", str(project)])
     assert result.exit_code == 2 and f"cannot write in {project / 'artifacts'}" in " ".join(result.output.split()), result.output
     assert json.loads(CliRunner().invoke(app, ["status", "--project", str(project), "--json"]).output)["rounds"] == []
+
+
+def test_a_threshold_configured_on_validation_with_no_good_part_there_is_chosen_out_of_fold() -> None:
+    # QA: `threshold_source = "validation"` on a small project whose validation split was empty ended the round in
+    # sklearn's "Found empty input array"
+    from types import SimpleNamespace
+
+    import numpy as np
+    from rich.console import Console
+
+    from loop.round import threshold_source
+
+    def state(splits: list[str], labels: list[int]) -> SimpleNamespace:
+        splits_, labels_ = np.array(splits), np.array(labels)
+        config = SimpleNamespace(model=SimpleNamespace(threshold_source="validation", train="head", training={}), negative_index=0, negative_class="good")
+        return SimpleNamespace(config=config, labels=labels_, details={}, console=Console(quiet=True), options=SimpleNamespace(train_strategy=None),
+                               positions=lambda split, labeled: np.flatnonzero((splits_ == split) & ((labels_ >= 0) == labeled)))
+
+    empty = state(["train", "train", "test"], [0, 1, 0])
+    assert threshold_source(empty) == "out_of_fold" and "no labeled negative" in empty.details["threshold_source_fallback"]
+    only_defects = state(["train", "validation", "validation"], [0, 1, 1])
+    assert threshold_source(only_defects) == "out_of_fold"
+    assert threshold_source(state(["train", "validation", "validation"], [0, 0, 1])) == "validation"  # as configured
