@@ -718,7 +718,7 @@ def simulate(
     seed_labels: Annotated[int, typer.Option(help="randomly labeled images to start from")] = 40,
     budget: Annotated[int, typer.Option(help="labels added per round")] = 20,
     seeds: Annotated[int, typer.Option(help="seeds 0..N-1, all reported")] = 5,
-    noise: Annotated[float, typer.Option(help="share of seed labels flipped to a wrong class")] = 0.0,
+    noise: Annotated[float, typer.Option(help="share of seed labels flipped to a wrong class (exactly: rounded to whole labels)")] = 0.0,
     relabel_budget: Annotated[int, typer.Option(help="top suspected label errors sent back to the oracle per round")] = 0,
     max_rounds: Annotated[int, typer.Option(help="stop a run after this many rounds")] = 60,
     all_rounds: Annotated[bool, typer.Option("--all-rounds", help="keep going after the gates pass (until max rounds or an empty pool)")] = False,
