@@ -26,11 +26,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling.embedding_index import EmbeddingIndex  # noqa: E402
+from modeling.latency import cpu_model_name  # noqa: E402
 from modeling.selection import select_batch  # noqa: E402
 
 CLASS_NAMES = ["good", "blowhole", "break", "crack", "fray", "uneven"]
 CLASS_SHARES = [0.71, 0.09, 0.06, 0.04, 0.03, 0.07]
 
+
+TARGET_POOL, TARGET_DIM, TARGET_BUDGET = 1_000_000, 1280, 20  # the issue's requirement: one default call < 2 s
 
 def random_embeddings(n: int, dim: int, seed: int, chunk: int = 65_536) -> np.ndarray:
     out = np.empty((n, dim), dtype=np.float32)
@@ -47,10 +50,10 @@ def peak_rss_gb() -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=1_000_000, help="pool size (images)")
-    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--n", type=int, default=TARGET_POOL, help="pool size (images)")
+    parser.add_argument("--dim", type=int, default=TARGET_DIM)
     parser.add_argument("--labeled", type=int, default=2_000, help="labeled images in the pool")
-    parser.add_argument("--budget", type=int, default=20)
+    parser.add_argument("--budget", type=int, default=TARGET_BUDGET)
     parser.add_argument("--repeats", type=int, default=3, help="selection calls after the first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nlist", type=int, default=None, help="override the automatic IVF nlist")
@@ -117,15 +120,18 @@ def main() -> int:
         "peak_rss_gb": round(peak_rss_gb(), 2),
         "load_average_before_calls_1_5_15min": load_before_calls,
         "machine": {
+            "cpu": cpu_model_name(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         },
         "requirement": "one default call, budget 20, 1M x 1280 pool, prebuilt index: < 2 s",
-        "passes": bool(first_s < 2.0),
+        # judged only at the requirement's scale (QA: a 20k-image smoke run said "met")
+        "passes": bool(first_s < 2.0) if (args.n, args.dim, args.budget) == (TARGET_POOL, TARGET_DIM, TARGET_BUDGET) else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "selection_speed.json").write_text(json.dumps(report, indent=2))
+    verdict = {True: "met", False: "NOT met", None: f"not judged: this run's pool is {args.n:,} x {args.dim}, budget {args.budget}"}[report["passes"]]
     phases = "\n".join(f"| {k} | {v:.1f} |" for k, v in first_summary["timings_ms"].items())
     markdown = f"""# Selection speed
 
@@ -145,7 +151,8 @@ Phases of the first call (ms):
 |---|---|
 {phases}
 
-Peak RSS {report['peak_rss_gb']} GB. Load average before the calls (1/5/15 min): {load_before_calls}. Requirement < 2 s: {'met' if report['passes'] else 'NOT met'}.
+Peak RSS {report['peak_rss_gb']} GB. Load average before the calls (1/5/15 min): {load_before_calls}. {report['machine']['cpu']}, {os.cpu_count()} cores.
+Requirement < 2 s ({report['requirement']}): {verdict}.
 """
     (args.out / "selection_speed.md").write_text(markdown)
     print(json.dumps(report, indent=2))

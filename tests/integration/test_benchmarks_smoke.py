@@ -24,8 +24,8 @@ def test_selection_speed_on_a_small_pool(tmp_path: Path) -> None:
     assert report["n"] == 20000 and report["index_kind"] == "flat" and report["budget"] == 20
     # every component of `default` ran (the script marks every gate as failing so that they all do)
     assert {"scoring", "rare_knn_search", "diversity_filter"} <= set(report["first_call_timings_ms"])
-    assert report["passes"] is True
-    assert "< 2 s" in (tmp_path / "selection_speed.md").read_text()
+    assert report["passes"] is None  # judged at the requirement's scale only (QA: a small run said "met")
+    assert "not judged: this run's pool is 20,000 x 64" in (tmp_path / "selection_speed.md").read_text()
 
 
 def test_near_copies_scale_finds_the_planted_copies_and_reuses_pairs(tmp_path: Path) -> None:
