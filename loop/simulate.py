@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import hashlib
 import json
 import shutil
 import statistics
@@ -115,6 +116,19 @@ def _check_settings(settings: SimulationSettings) -> None:
         check_strategy_name(name)
 
 
+def _one_path_per_image(files: list) -> dict[str, str]:  # noqa: ANN001 - loop.ingest.SourceFile
+    """path -> label, one path per distinct file content: byte-identical files are one image to the loop (ingest
+    merges them), so a seed label drawn on the second copy was lost in the merge and the counts were off by one (QA)."""
+    seen: set[str] = set()
+    truth: dict[str, str] = {}
+    for f in files:
+        digest = hashlib.sha256(f.path.read_bytes()).hexdigest() if f.path.is_file() else str(f.path.resolve())
+        if digest not in seen:
+            seen.add(digest)
+            truth[str(f.path.resolve())] = f.label
+    return truth
+
+
 def _draw_seed(settings: SimulationSettings, seed: int, truth: dict[str, str], parts: dict[str, str] | None, classes: list[str]) -> SeedDraw:
     splits = assign_splits(truth, test_fraction=0.2, validation_fraction=0.0, seed=seed, parts=parts)
     test_paths = sorted(p for p, s in splits.items() if s == "test")
@@ -156,7 +170,7 @@ def simulate(settings: SimulationSettings, *, console: Console) -> dict[str, Any
     # absolute: each run's project resolves relative paths (the oracle's ground truth) against its own directory
     settings.out = settings.out.expanduser().resolve()
     layout, files, _notes = discover_source(settings.source.expanduser().resolve(), unlabeled=False)
-    truth = {str(f.path.resolve()): f.label for f in files}
+    truth = _one_path_per_image(files)
     # A CSV source may name each photo's physical part: the test split then holds whole parts, and so do the folds.
     parts = {str(f.path.resolve()): f.part for f in files if f.part} or None
     classes = sorted(set(truth.values()))
@@ -310,6 +324,11 @@ def _report(settings: SimulationSettings, records: list[RunRecord], classes: lis
     return result
 
 
+def _count(value: float) -> str:
+    """A label count as the table shows it: 40, not 40.0 (a median of an even number of seeds is a float), 42.5 when halfway."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
 def _write_markdown(settings: SimulationSettings, result: dict[str, Any]) -> None:
     lines = [f"# loop simulate on `{settings.source}`", "",
              f"seed labels {settings.seed_labels}, +{settings.budget} per round, seeds 0..{settings.seeds - 1}, noise {settings.noise}, "
@@ -318,10 +337,11 @@ def _write_markdown(settings: SimulationSettings, result: dict[str, Any]) -> Non
     for name, s in result["strategies"].items():
         ratio, at_least = s["fewer_labels_than_random"], s["fewer_labels_than_random_at_least"]
         ratio_text = f"{ratio:.2f}" if ratio is not None else (f">= {at_least:.2f}" if at_least is not None else "")
-        median_text = (s["labels_to_pass_gates"] if s["labels_to_pass_gates"] is not None
-                       else f">= {s['labels_to_pass_gates_at_least']}" if s["labels_to_pass_gates_at_least"] is not None else "no runs")
+        median_text = (_count(s["labels_to_pass_gates"]) if s["labels_to_pass_gates"] is not None
+                       else f">= {_count(s['labels_to_pass_gates_at_least'])}" if s["labels_to_pass_gates_at_least"] is not None else "no runs")
+        per_seed = ", ".join("never" if n is None else _count(n) for n in s["labels_to_pass_gates_per_seed"])  # QA: Python's [None, None]
         stops = ", ".join(f"{reason} {count}" for reason, count in sorted(collections.Counter(run["stopped_by"] for run in s["runs"]).items()))
-        lines.append(f"| {name} | {median_text} | {s['labels_to_pass_gates_per_seed']} | {s['seeds_passing']}/{settings.seeds} | {ratio_text} | {stops} |")
+        lines.append(f"| {name} | {median_text} | {per_seed} | {s['seeds_passing']}/{settings.seeds} | {ratio_text} | {stops} |")
     if any(run["stopped_by"] == "max_rounds" for s in result["strategies"].values() for run in s["runs"]):
         lines += ["", f"Runs stopped by `--max-rounds {settings.max_rounds}` did not exhaust the pool: \"never passed\" means not by then."]
     if settings.negative_class is None:  # no "no defect" class: no FPR to tabulate (QA: an empty table under its header)

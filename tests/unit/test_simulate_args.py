@@ -131,3 +131,33 @@ def test_an_earlier_simulations_results_in_the_out_folder_go_before_a_new_run_st
     (out / "notes" / "mine.txt").write_text("the user's")
     _remove_earlier_results(out, console=Console(quiet=True))
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["cache", "cache/embeddings", "notes", "notes/mine.txt"]
+
+
+def test_the_report_writes_label_counts_as_counts_and_a_seed_that_never_passed_in_words(tmp_path: Path) -> None:
+    # QA: the per-seed column printed Python's [None, None], and a lower bound read ">= 40.0" in one run, ">= 16" in another
+    from loop.simulate import _write_markdown
+
+    run = {"seed": 0, "labels_to_pass_gates": None, "stopped_by": "max_rounds", "flipped_seed_labels": 0, "curve": []}
+    never = {"labels_to_pass_gates": None, "labels_to_pass_gates_at_least": 40.0, "labels_to_pass_gates_per_seed": [None, None], "seeds_passing": 0,
+             "runs": [run, {**run, "seed": 1}], "fewer_labels_than_random": None, "fewer_labels_than_random_at_least": None}
+    passed = {**never, "labels_to_pass_gates": 42.5, "labels_to_pass_gates_at_least": None, "labels_to_pass_gates_per_seed": [40, 45], "seeds_passing": 2}
+    settings = SimulationSettings(source=tmp_path, out=tmp_path, strategies=["random", "default"], negative_class=None, seeds=2)
+    _write_markdown(settings, {"strategies": {"random": never, "default": passed}})
+    report = (tmp_path / "simulation.md").read_text()
+    assert "| random | >= 40 | never, never | 0/2 |" in report and "| default | 42.5 | 40, 45 | 2/2 |" in report, report
+
+
+def test_byte_identical_files_are_one_image_to_draw_seed_labels_from(tmp_path: Path) -> None:
+    # QA: a seed label drawn on the second of two byte-identical files was lost when ingest merged them (12 seed labels
+    # asked, 11 used), and the pool size in messages counted both
+    import shutil
+
+    from loop.ingest import discover_source
+    from loop.simulate import _one_path_per_image
+
+    folders = write_class_folders(tmp_path / "parts", per_class={"good": 3, "scratch": 2}, size=32, seed=1)
+    copy = tmp_path / "parts" / "scratch" / "copy.png"
+    shutil.copy(folders["good"][0], copy)  # the same bytes under another class
+    _layout, files, _notes = discover_source(tmp_path / "parts", unlabeled=False)
+    truth = _one_path_per_image(files)
+    assert len(files) == 6 and len(truth) == 5 and str(copy.resolve()) not in truth
