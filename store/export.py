@@ -32,8 +32,9 @@ RECORD_COLUMNS = (
     "predicted_label", "p_defect",
 )
 ISSUE_COLUMNS = ("suspected_label_error", "suspected_label", "suggested_label", "label_quality", "near_duplicate_of", "outlier")
-# last: what the file at `path` holds now (file_on_disk), so the columns before keep their places
-FILE_COLUMNS = ("file_on_disk",)
+# last: what the file at `path` holds now (file_on_disk), so the columns before keep their places; then the ingest that
+# brought the image (the gates per ingest batch are recomputed by it: QA had to guess batches from the paths)
+FILE_COLUMNS = ("file_on_disk", "ingest_batch_id")
 FILE_UNCHANGED = "unchanged"
 # a cell a spreadsheet would run as a formula (a manifest's part "=HYPERLINK(...)"): written with a leading quote in CSV
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -174,6 +175,7 @@ def image_records(session: Session, project: Project, source: ExportSource, *, l
             "near_duplicate_of": found.get("near_duplicate_of"),
             "outlier": bool(found.get("outlier", False)) if in_round else None,
             "file_on_disk": on_disk,
+            "ingest_batch_id": image.ingest_batch_id,
         }
 
 

@@ -26,6 +26,9 @@ def test_export_is_the_latest_completed_rounds_predictions_and_findings_per_imag
     assert 'filename="line-a-round-2.csv"' in response.headers["content-disposition"]
     rows = rows_of(response.text)
     assert set(rows) == set(image.values())
+    # the ingest that brought each image, last (QA: the gates per batch could only be recomputed by guessing from paths)
+    assert response.text.splitlines()[0].endswith(",file_on_disk,ingest_batch_id")
+    assert {row["ingest_batch_id"] for row in rows.values()} == {"1"}  # the seed's one ingest
     first = rows[image[1]]
     assert (first["split"], first["label"], first["label_source"], first["predicted_label"]) == ("test", "good", "import", "good")
     assert (float(first["p_defect"]), float(first["p_good"]), float(first["p_scratch"])) == (0.1, 0.9, 0.05)
