@@ -184,6 +184,8 @@ class InitFromOut(Schema):
     source: str | None = Field(description="where loop init copied it from")
     head: str = Field(description="whether the other project's head was transferred, and why")
     head_used: bool = Field(description="true: this round's network started from that head")
+    backbone: str | None = Field(None, description="the backbone transferred: which round of which project, fine-tuned or pretrained (null: "
+                                                   "not recorded, rounds before it was)")
 
 
 class ModelFilesDeletedOut(Schema):

@@ -163,6 +163,7 @@ def init(
                               f"{init.image_size} to start where it was trained")
             # A copy in this project: the other project may retrain, move or be deleted; the rounds here must not change with it.
             config.model.init_from, config.model.init_from_source = INIT_CHECKPOINT, str(init.backbone_weights_path)
+            config.model.init_from_backbone = f"{init.backbone_name}: {source.description}"  # the rounds say what was transferred (QA)
             config.model.backbone = init.backbone_name  # what the rounds run: loop.toml says so too
         made_dir = next((folder for folder in reversed([project_dir, *project_dir.parents]) if not folder.exists()), None)  # the top one init makes
         copied, url = None, None
@@ -384,8 +385,9 @@ def print_round(outcome) -> None:  # noqa: ANN001
         if best == 0 and len(history) > 1 and training.get("strategy") in ("finetune", "full"):  # nothing fine-tuned was deployed
             kept += " (epoch 0: the frozen backbone with its linear head; no fine-tuned epoch beat it on validation)"
         init = details.get("init_from")
-        started = "" if not init else (f" · started from {escape(str(init.get('source') or init.get('checkpoint')))}: "
-                                       f"{escape(str(init.get('head') or ''))}{'' if init.get('head_used') else ' (head not used this round)'}")
+        started = "" if not init else (f" · started from {escape(str(init.get('source') or init.get('checkpoint')))}"
+                                       + (f", backbone {escape(str(init['backbone']))}" if init.get("backbone") else "")
+                                       + f"; {escape(str(init.get('head') or ''))}{'' if init.get('head_used') else ' (head not used this round)'}")
         console.print(f"trained: {escape(str(training.get('strategy')))} on {training.get('n_fit')} labeled images{kept}{started}")
     threshold = details.get("threshold")
     console.print(

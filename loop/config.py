@@ -102,6 +102,7 @@ class ModelConfig(Strict):
     # checkpoint into this project (models/init_from.pt, relative to the project) and keeps where it came from.
     init_from: str | None = None
     init_from_source: str | None = None
+    init_from_backbone: str | None = None  # what `loop init` said of the backbone it copied (fine-tuned where, or pretrained)
     # auto: validation with >= 200 good parts, else out-of-fold (for `finetune`: a network fine-tuned per fold, on up
     # to 1000 labeled non-test images; `full` and the augment mode stay on validation unless "out_of_fold" is set)
     threshold_source: Literal["auto", "validation", "out_of_fold"] = "auto"

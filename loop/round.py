@@ -604,8 +604,9 @@ def embed_images(state: RoundState) -> None:
         # head_used: set by train_model from what the network did (False until then: a cold start or a failure trains nothing)
         # where the copy came from, as init recorded it; a checkpoint set in loop.toml by hand is its own source
         source = model.init_from_source if model.init_from == INIT_CHECKPOINT else None
+        # backbone: what loop init said of it (which round of which project, fine-tuned or pretrained); else its name
         state.details["init_from"] = {"checkpoint": str(init.backbone_weights_path), "source": source, "head": init.head_reason,
-                                      "head_used": False}
+                                      "head_used": False, "backbone": model.init_from_backbone or f"{init.backbone_name} from the checkpoint"}
         state.init_training_options = init.training_options()
     else:
         state.backbone = create_backbone(model.backbone, weights=_weights_path(state, model.weights), pooling=model.pooling)

@@ -251,6 +251,7 @@ class InitFromSummary:
     source: str | None
     head: str  # transferred or not, and why
     head_used: bool  # the round's network started from it
+    backbone: str | None = None  # which backbone: the source project's round, fine-tuned or pretrained (None: rounds before it was recorded)
 
 
 @dataclass(frozen=True)
@@ -683,7 +684,8 @@ def init_from_of(details: dict[str, Any] | None) -> InitFromSummary | None:
     if not isinstance(raw, dict) or not raw.get("checkpoint"):
         return None
     return InitFromSummary(checkpoint=str(raw["checkpoint"]), source=str(raw["source"]) if raw.get("source") else None,
-                           head=str(raw.get("head") or ""), head_used=bool(raw.get("head_used")))
+                           head=str(raw.get("head") or ""), head_used=bool(raw.get("head_used")),
+                           backbone=str(raw["backbone"]) if raw.get("backbone") else None)
 
 
 def unfamiliar_batches_of(details: dict[str, Any] | None) -> list[UnfamiliarBatch] | None:

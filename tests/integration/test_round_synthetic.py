@@ -265,8 +265,12 @@ def test_init_from_another_project_starts_from_its_checkpoint(project_with_pool:
     assert details["embeddings"]["model_key"].startswith("efficientnet_lite0-file-")  # the transferred weights, not ImageNet's
     # what was transferred is said where people look: the round's summary, loop status --json, the API
     status = json.loads(invoke("status", "--project", str(new_line), "--json").output)
+    # which backbone was transferred, as init said it (QA: only the head was spoken of)
+    assert details["init_from"]["backbone"] == model.init_from_backbone and model.init_from_backbone.startswith("efficientnet_lite0: round 1 (head)")
+    assert "no round of that project fine-tuned its backbone" in model.init_from_backbone
     assert status["rounds"][0]["init_from"] == {"checkpoint": str(copied), "source": str(checkpoint.resolve()),
-                                                "head": details["init_from"]["head"], "head_used": False}
+                                                "head": details["init_from"]["head"], "head_used": False, "backbone": model.init_from_backbone}
+    assert "backboneefficientnet_lite0:round1(head)" in "".join(first_round.output.split())
     with session_scope(open_project(new_line).engine) as session:
         assert round_report(session, round_id=session.scalars(select(Round.id)).one()).init_from.source == str(checkpoint.resolve())
 
