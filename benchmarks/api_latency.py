@@ -30,6 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from api.sample_data import create_sample_store  # noqa: E402
+from modeling.latency import cpu_model_name  # noqa: E402
 
 TOKEN = "benchmark-read-token"
 TARGET_P95_MS = 50.0
@@ -204,14 +205,14 @@ def main() -> int:
                  "client": "own asyncio HTTP/1.1 keep-alive client over loopback, closed loop", "server": "uvicorn, 1 process",
                  "time_cap_s": args.time_cap_s},
         # Other work on the machine shares its 2 cores: the 1-minute load average says how much.
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+        "machine": {"cpu": cpu_model_name(), "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_average_1m_before": round(load_before, 2), "load_average_1m_after": round(load_after, 2)},
         "endpoints": results,
         "all_under_target": all(r["p95_under_target"] for r in results.values()),
     }
     (args.out / "api_latency.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
-        "# API latency with 100 rounds in the store",
+        f"# API latency with {args.rounds} rounds in the store",  # (QA: titled 100 after --rounds 10)
         "",
         f"{args.rounds} rounds, {args.images} images, SQLite; uvicorn (1 process) on 127.0.0.1; asyncio keep-alive load generator, "
         f"{args.requests} requests per endpoint and concurrency (closed loop) after {args.warmup} warm-up requests; "

@@ -1195,6 +1195,48 @@ def flag_label_issues(state: RoundState) -> None:
     state.suggested_labels = {row["position"]: row["suggested_label"] for row in rows}
     state.details["label_quality"] = {"n_flagged": len(rows), "noise_rate_per_class": report.noise_rate_per_class, "summary": report.summary,
                                       **({"neighbor_graph": graph.status} if graph is not None else {})}
+    flagged = np.zeros(len(positions), dtype=bool)
+    flagged[np.asarray(report.ranked_issue_indices, dtype=np.int64)] = True
+    suspect = _suspect_batches(state, batches=state.ingest_batches[positions], flagged=flagged)
+    if suspect:
+        state.details["label_quality"]["suspect_batches"] = suspect
+        for row in suspect:
+            state.console.print(
+                f"[yellow]warning:[/] {escape(ingest_batches_text([row['ingest_batch_id']]))} ({escape(str(row['source']))}): {row['n_flagged']} of its "
+                f"{row['n_judged']} labeled training and validation images are suspected label errors ({row['share_flagged']:.0%}; "
+                f"{row['share_flagged_elsewhere']:.0%} in the other ingests): its labels may be wrong as a whole (classes swapped, a wrong "
+                "manifest column?)" + (f". Its {row['n_labeled_test']} labeled test images are not checked (the test split only reports) and "
+                                       "score the model against those labels" if row["n_labeled_test"] else "")
+                + ". Review them, or send the suspects back with [loop] relabel_budget")
+
+
+# An ingest whose labeled images are suspects far more often than the rest's: its labels may be wrong as a whole
+# (QA: a batch with swapped classes sent 4 images into the frozen test split, and nothing named it)
+SUSPECT_BATCH_MIN_FLAGGED = 5
+SUSPECT_BATCH_MIN_SHARE = 0.25
+SUSPECT_BATCH_RATIO = 3.0
+
+
+def _suspect_batches(state: RoundState, *, batches: np.ndarray, flagged: np.ndarray) -> list[dict[str, Any]]:
+    """Ingest batches whose labeled (non-test) images are flagged as label errors at SUSPECT_BATCH_MIN_SHARE or more,
+    SUSPECT_BATCH_RATIO times the other batches' share, SUSPECT_BATCH_MIN_FLAGGED images at least."""
+    found = []
+    for batch in np.unique(batches):
+        mine = batches == batch
+        n_judged, n_flagged = int(mine.sum()), int(flagged[mine].sum())
+        n_rest, rest_flagged = int((~mine).sum()), int(flagged[~mine].sum())
+        share, elsewhere = n_flagged / n_judged, (rest_flagged / n_rest if n_rest else 0.0)
+        if n_flagged >= SUSPECT_BATCH_MIN_FLAGGED and share >= SUSPECT_BATCH_MIN_SHARE and share >= SUSPECT_BATCH_RATIO * elsewhere:
+            in_batch = state.ingest_batches == batch
+            found.append({"ingest_batch_id": int(batch), "n_judged": n_judged, "n_flagged": n_flagged, "share_flagged": share,
+                          "share_flagged_elsewhere": elsewhere,
+                          "n_labeled_test": int((in_batch & (state.labels != UNLABELED) & (state.splits == "test")).sum())})
+    if found:
+        with session_scope(state.ctx.engine) as session:
+            sources = dict(session.execute(select(IngestBatch.id, IngestBatch.source).where(IngestBatch.id.in_([row["ingest_batch_id"] for row in found]))).all())
+        for row in found:
+            row["source"] = sources.get(row["ingest_batch_id"])
+    return found
 
 
 def find_data_issues(state: RoundState) -> None:

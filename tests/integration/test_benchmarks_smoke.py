@@ -118,7 +118,11 @@ def test_small_ops_threads_measures_both_thread_counts_on_both_machines(tmp_path
     run_script("benchmarks/small_ops_threads.py", "--patches", "600", "--bank", "40", "--head-rows", "30", "--features", "16",
                "--repeats", "1", "--out", str(tmp_path))
     report = json.loads((tmp_path / "small_ops_threads.json").read_text())
-    assert set(report["seconds"]) == {"idle", "one core busy"}
+    # "idle" only when the load average said so (QA: labeled idle at load 3.5); the load is in the report
+    (quiet,) = set(report["seconds"]) - {"one core busy"}
+    assert quiet == "idle" or quiet.startswith("as found (1-minute load average")
+    if report["load_average_1m_before"] >= 0.51:  # (the report's load is rounded)
+        assert quiet != "idle"
     baseline = f"{report['baseline_threads']} threads"
     for by_threads in report["seconds"].values():
         assert set(by_threads) == {baseline, "1 thread"}

@@ -57,3 +57,37 @@ def test_a_threshold_configured_on_validation_with_no_good_part_there_is_chosen_
     only_defects = state(["train", "validation", "validation"], [0, 1, 1])
     assert threshold_source(only_defects) == "out_of_fold"
     assert threshold_source(state(["train", "validation", "validation"], [0, 0, 1])) == "validation"  # as configured
+
+
+def test_an_ingest_whose_labels_are_suspects_far_more_often_than_the_rest_is_named(tmp_path: Path) -> None:
+    # QA: a batch with swapped classes put 4 images into the frozen test split and 7 suspects among the rest; nothing
+    # linked them to the batch
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from loop.round import _suspect_batches
+    from store import session_scope
+    from store.models import IngestBatch
+    from tests.unit.small_store import small_store
+
+    engine, project_id, _ = small_store(tmp_path)
+    with session_scope(engine) as session:
+        swapped = IngestBatch(project_id=project_id, source="/data/swap.csv", layout="manifest")
+        session.add(swapped)
+        session.flush()
+        swapped_id = swapped.id
+    # batch 1: 40 labeled images, 2 suspects; the swapped batch: 12 judged, 7 suspects, and 4 labeled test images
+    batches = np.array([1] * 40 + [swapped_id] * 12)
+    flagged = np.zeros(52, dtype=bool)
+    flagged[[3, 20]] = True
+    flagged[40:47] = True
+    state = SimpleNamespace(ctx=SimpleNamespace(engine=engine), ingest_batches=np.array([*batches, swapped_id, swapped_id, swapped_id, swapped_id, 1]),
+                            labels=np.array([0] * 56 + [-1]), splits=np.array(["train"] * 52 + ["test"] * 5))
+    (row,) = _suspect_batches(state, batches=batches, flagged=flagged)
+    assert (row["ingest_batch_id"], row["n_judged"], row["n_flagged"], row["n_labeled_test"], row["source"]) == (swapped_id, 12, 7, 4, "/data/swap.csv")
+    assert row["share_flagged_elsewhere"] == 2 / 40
+    flagged[40:47] = False
+    flagged[40:44] = True  # 4 suspects: too few to say the batch is wrong as a whole
+    assert _suspect_batches(state, batches=batches, flagged=flagged) == []
+    engine.dispose()
