@@ -1480,8 +1480,9 @@ def check_coverage(state: RoundState) -> None:
     to_draw += sorted(g for g in ({g for g in batches_of if batch_lanes.get(g) == "unlike" and g in small_batches} | _groups_sampled_before(state)) - set(to_draw)
                       if measured_by_itself.get(g, True))
     sampled = _draw_test_samples(state, to_draw) if to_draw else {}
+    unmeasured_defects = _defects_the_test_split_does_not_measure(state, nearest_test=unlike_test.related, groups=groups)[:MAX_COVERAGE_BATCHES]
     with session_scope(state.ctx.engine) as session:
-        described = set(flagged[:MAX_COVERAGE_BATCHES]) | _batches_in_test(state, at_least=1)  # groups: their first and last batch say where from
+        described = set(flagged[:MAX_COVERAGE_BATCHES]) | _batches_in_test(state, at_least=1) | {row["ingest_batch_id"] for row in unmeasured_defects}  # groups: their first and last batch say where from
         ends = sorted({b for group in described for b in (batches_of[group][0], batches_of[group][-1])} | {int(b) for b in described})
         batches = {row.id: row for row in session.execute(select(IngestBatch.id, IngestBatch.source, IngestBatch.created_at)
                                                           .where(IngestBatch.id.in_(ends)))}
@@ -1504,6 +1505,15 @@ def check_coverage(state: RoundState) -> None:
                "n_test_not_asked": coverage.get("test_images_not_asked", {}).get(int(batch_id), 0)}
         coverage["flagged_batches"].append(row)
         state.console.print(f"[yellow]warning:[/] {escape(_coverage_text(row, state.config.split.unmeasured_batch_test_sample))}")
+    if unmeasured_defects:
+        coverage["defects_unmeasured"] = unmeasured_defects
+        for row in unmeasured_defects:
+            row["ingest_batch_ids"], row["source"] = batches_of[row["ingest_batch_id"]] or [row["ingest_batch_id"]], source_of(row["ingest_batch_id"])
+            state.console.print(
+                f"[yellow]warning:[/] {escape(ingest_batches_text(row['ingest_batch_ids']))} ({escape(str(row['source']))}): the model calls "
+                f"{row['n_predicted_defect']} of its images defects, and the labeled test image nearest each of them is a "
+                f"'{escape(str(state.config.negative_class))}' part: the gates do not measure defects like its own (a test set of "
+                "its good parts alone, say). Give the test split some of its defects (`loop ingest --split test`)")
     coverage["test_sample_image_ids"] = sorted(state.image_ids[p] for positions in sampled.values() for p in positions)[:1000]
     coverage["n_drawn_into_test"] = sum(len(positions) for positions in sampled.values())
     # every group drawn from now, flagged or topped up as it grew (its share follows it): what the draw aimed at
@@ -1593,6 +1603,28 @@ def _groups_sampled_before(state: RoundState) -> set[int]:
         asked = set(session.scalars(select(Selection.image_id).join(Round, Round.id == Selection.round_id).where(
             Round.project_id == get_project(session).id, Round.id != state.round_id, Selection.reason == TEST_SAMPLE_REASON)))
     return {int(state.coverage_groups[p]) for p, image_id in enumerate(state.image_ids) if image_id in asked}
+
+
+# images of a batch the model calls defects before the nearest-test-image check below says anything about them
+MIN_PREDICTED_DEFECTS = 5
+
+
+def _defects_the_test_split_does_not_measure(state: RoundState, *, nearest_test: np.ndarray, groups: np.ndarray) -> list[dict[str, Any]]:
+    """Groups (check_coverage) whose non-test images the model calls defects (MIN_PREDICTED_DEFECTS at least, among
+    those compared with the test split: `nearest_test` >= 0) while the labeled test image nearest each of them is a
+    good part: the test split holds images like the batch, but only its good parts (QA: a new camera's good-only
+    `--split test` set made the batch look measured, and its defect recall was never measured)."""
+    negative = state.config.negative_index
+    if negative is None or state.probabilities is None or getattr(state, "threshold", None) is None:
+        return []
+    predicted = final_predictions(probabilities=state.probabilities, negative_index=negative, threshold=state.threshold.threshold)
+    compared = (nearest_test >= 0) & (state.splits != "test") & (predicted != negative)
+    found = []
+    for group in np.unique(groups[compared]):
+        mine = np.flatnonzero(compared & (groups == group))
+        if len(mine) >= MIN_PREDICTED_DEFECTS and bool((state.labels[nearest_test[mine]] == negative).all()):
+            found.append({"ingest_batch_id": int(group), "n_predicted_defect": len(mine)})
+    return found
 
 
 def _batches_in_test(state: RoundState, *, at_least: int = MIN_TEST_IMAGES_PER_BATCH) -> set[int]:

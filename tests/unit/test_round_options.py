@@ -91,3 +91,24 @@ def test_an_ingest_whose_labels_are_suspects_far_more_often_than_the_rest_is_nam
     flagged[40:44] = True  # 4 suspects: too few to say the batch is wrong as a whole
     assert _suspect_batches(state, batches=batches, flagged=flagged) == []
     engine.dispose()
+
+
+def test_a_batch_whose_predicted_defects_have_only_good_test_parts_nearest_is_said_unmeasured_for_defects() -> None:
+    # QA: a new camera's good-only `--split test` set made its batch look measured: no sample was drawn and its
+    # defect recall was never measured, without a word
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from loop.round import _defects_the_test_split_does_not_measure
+
+    # positions 0-3: test images, good (0, 1) and dent (2, 3); 4-9: camera B, called dents, nearest test image 0 or 1;
+    # 10-15: camera A, called dents, nearest test image 2 or 3 (defects like theirs are in the test split)
+    probabilities = np.array([[0.9, 0.1]] * 2 + [[0.1, 0.9]] * 14)
+    state = SimpleNamespace(config=SimpleNamespace(negative_index=0), probabilities=probabilities, threshold=SimpleNamespace(threshold=0.5),
+                            labels=np.array([0, 0, 1, 1] + [-1] * 12), splits=np.array(["test"] * 4 + ["pool"] * 12))
+    nearest = np.array([-1, -1, -1, -1] + [0, 1] * 3 + [2, 3, 2, 3, 2, 0])
+    groups = np.array([1] * 4 + [2] * 6 + [1] * 6)
+    assert _defects_the_test_split_does_not_measure(state, nearest_test=nearest, groups=groups) == [{"ingest_batch_id": 2, "n_predicted_defect": 6}]
+    state.threshold = SimpleNamespace(threshold=0.95)  # the model calls none of them defects: nothing to say
+    assert _defects_the_test_split_does_not_measure(state, nearest_test=nearest, groups=groups) == []
