@@ -18,3 +18,7 @@ def run_loop(args: list[str]) -> tuple[float, str]:
     if result.returncode != 0:
         raise SystemExit(f"loop {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return elapsed, result.stdout
+
+
+if __name__ == "__main__":  # (QA: run as a script, it printed nothing and exited 0 among the benchmarks)
+    raise SystemExit("benchmarks/loop_cli.py holds functions the benchmark scripts share; it measures nothing itself: see README's Benchmarks")

@@ -436,3 +436,7 @@ def anomaly_blend(
                # rule can be studied on them later without retraining.
                "labeled_out_of_fold": {"indices": labeled.tolist(), "probabilities": np.round(blended_oof, 6).tolist()}}
     return probabilities, threshold, details
+
+
+if __name__ == "__main__":  # (QA: run as a script, it printed nothing and exited 0 among the benchmarks)
+    raise SystemExit("benchmarks/transfer_common.py holds functions the benchmark scripts share; it measures nothing itself: see README's Benchmarks")

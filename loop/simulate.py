@@ -365,11 +365,13 @@ def _write_markdown(settings: SimulationSettings, result: dict[str, Any]) -> Non
 
 def _plot(settings: SimulationSettings, per_strategy: dict[str, Any]) -> None:
     """One panel per quality gate (macro F1, defect recall, FPR on the good class), its threshold as a line."""
-    panels: dict[str, dict[str, tuple[list[int], list[float | None]]]] = {name: {} for name in QUALITY_GATES}
-    thresholds: dict[str, float | None] = dict.fromkeys(QUALITY_GATES)
+    # without a negative class only macro F1 is measured (QA: two empty panels with meaningless axes)
+    gates = QUALITY_GATES if settings.negative_class else tuple(gate for gate in QUALITY_GATES if gate == "macro_f1")
+    panels: dict[str, dict[str, tuple[list[int], list[float | None]]]] = {name: {} for name in gates}
+    thresholds: dict[str, float | None] = dict.fromkeys(gates)
     for strategy, summary in per_strategy.items():
         for run in summary["runs"]:
-            for gate in QUALITY_GATES:
+            for gate in gates:
                 panels[gate][f"{strategy} seed {run['seed']}"] = ([p["labels_used"] for p in run["curve"]], [p[gate] for p in run["curve"]])
                 for point in run["curve"]:
                     if (point.get("gate_thresholds") or {}).get(gate) is not None:  # a cold-start round has none
