@@ -606,7 +606,8 @@ def embed_images(state: RoundState) -> None:
         source = model.init_from_source if model.init_from == INIT_CHECKPOINT else None
         # backbone: what loop init said of it (which round of which project, fine-tuned or pretrained); else its name
         state.details["init_from"] = {"checkpoint": str(init.backbone_weights_path), "source": source, "head": init.head_reason,
-                                      "head_used": False, "backbone": model.init_from_backbone or f"{init.backbone_name} from the checkpoint"}
+                                      "head_used": False, "backbone": (model.init_from_backbone if model.init_from == INIT_CHECKPOINT else None)
+                                      or f"{init.backbone_name} from the checkpoint"}
         state.init_training_options = init.training_options()
     else:
         state.backbone = create_backbone(model.backbone, weights=_weights_path(state, model.weights), pooling=model.pooling)
@@ -746,7 +747,7 @@ def threshold_source(state: RoundState) -> str:
     negative = state.config.negative_index
     validation = state.positions(split="validation", labeled=True)
     n_negatives = int((state.labels[validation] == negative).sum()) if negative is not None else len(validation)
-    if configured == "validation" and n_negatives == 0:  # nothing to choose it on (QA: a small project's empty validation
+    if configured == "validation" and negative is not None and n_negatives == 0:  # nothing to choose it on (QA: a small project's empty validation
         # split ended the round in sklearn's "Found empty input array")
         state.console.print(f"[yellow]warning:[/] loop.toml chooses the threshold on validation, which holds no labeled "
                             f"'{escape(str(state.config.negative_class or 'image'))}': it is chosen on out-of-fold probabilities instead")
@@ -1215,6 +1216,7 @@ def flag_label_issues(state: RoundState) -> None:
 SUSPECT_BATCH_MIN_FLAGGED = 5
 SUSPECT_BATCH_MIN_SHARE = 0.25
 SUSPECT_BATCH_RATIO = 3.0
+SUSPECT_BATCH_MIN_REST = 20  # judged images of the other ingests: fewer (or none: one ingest) say nothing to compare with
 
 
 def _suspect_batches(state: RoundState, *, batches: np.ndarray, flagged: np.ndarray) -> list[dict[str, Any]]:
@@ -1226,7 +1228,8 @@ def _suspect_batches(state: RoundState, *, batches: np.ndarray, flagged: np.ndar
         n_judged, n_flagged = int(mine.sum()), int(flagged[mine].sum())
         n_rest, rest_flagged = int((~mine).sum()), int(flagged[~mine].sum())
         share, elsewhere = n_flagged / n_judged, (rest_flagged / n_rest if n_rest else 0.0)
-        if n_flagged >= SUSPECT_BATCH_MIN_FLAGGED and share >= SUSPECT_BATCH_MIN_SHARE and share >= SUSPECT_BATCH_RATIO * elsewhere:
+        if n_rest >= SUSPECT_BATCH_MIN_REST and n_flagged >= SUSPECT_BATCH_MIN_FLAGGED and share >= SUSPECT_BATCH_MIN_SHARE \
+                and share >= SUSPECT_BATCH_RATIO * elsewhere:
             in_batch = state.ingest_batches == batch
             found.append({"ingest_batch_id": int(batch), "n_judged": n_judged, "n_flagged": n_flagged, "share_flagged": share,
                           "share_flagged_elsewhere": elsewhere,
@@ -1606,7 +1609,7 @@ def _groups_sampled_before(state: RoundState) -> set[int]:
 
 
 # images of a batch the model calls defects before the nearest-test-image check below says anything about them
-MIN_PREDICTED_DEFECTS = 5
+MIN_PREDICTED_DEFECTS = 5  # (and more than twice the FPR gate's share of the batch's compared images)
 
 
 def _defects_the_test_split_does_not_measure(state: RoundState, *, nearest_test: np.ndarray, groups: np.ndarray) -> list[dict[str, Any]]:
@@ -1618,11 +1621,16 @@ def _defects_the_test_split_does_not_measure(state: RoundState, *, nearest_test:
     if negative is None or state.probabilities is None or getattr(state, "threshold", None) is None:
         return []
     predicted = final_predictions(probabilities=state.probabilities, negative_index=negative, threshold=state.threshold.threshold)
-    compared = (nearest_test >= 0) & (state.splits != "test") & (predicted != negative)
+    # unlabeled images only (a labeled one says itself whether it is a defect), outside the test split
+    compared = (nearest_test >= 0) & (state.splits != "test") & (state.labels == UNLABELED)
+    called_defect = compared & (predicted != negative)
     found = []
-    for group in np.unique(groups[compared]):
-        mine = np.flatnonzero(compared & (groups == group))
-        if len(mine) >= MIN_PREDICTED_DEFECTS and bool((state.labels[nearest_test[mine]] == negative).all()):
+    for group in np.unique(groups[called_defect]):
+        mine = np.flatnonzero(called_defect & (groups == group))
+        # more than a batch of good parts alone gives at the FPR gate's rate, twice over (review: 6 false positives
+        # among 300 good parts named a batch that has no defect at all)
+        expected_false = 2 * state.config.gates.negative_fpr_max * int((compared & (groups == group)).sum())
+        if len(mine) >= max(MIN_PREDICTED_DEFECTS, expected_false) and bool((state.labels[nearest_test[mine]] == negative).all()):
             found.append({"ingest_batch_id": int(group), "n_predicted_defect": len(mine)})
     return found
 

@@ -13,6 +13,7 @@ import collections
 import csv
 import hashlib
 import json
+import re
 import shutil
 import statistics
 from dataclasses import dataclass, field
@@ -210,13 +211,18 @@ REPORT_FILES = ("simulation.json", "simulation.md", "gates_vs_labels.png", "grou
 
 def _remove_earlier_results(out: Path, *, console: Console) -> None:
     """An earlier simulation's results in `out` go before this one starts (its cache stays): an interrupted run, or
-    one with fewer seeds, left them beside its own, a report that did not match its runs (QA)."""
-    earlier = [out / name for name in REPORT_FILES if (out / name).is_file()]
-    earlier += [path for path in sorted(out.glob("seed-*")) if path.is_dir()] + ([out / "runs"] if (out / "runs").is_dir() else [])
-    if not earlier:
+    one with fewer seeds, left them beside its own, a report that did not match its runs (QA). Only what a simulation
+    writes, and only in a folder one wrote to (its report, or its ground truth with a seed's pool): `--out .` in a
+    folder of projects (`runs/tiles`) or of images (`seed-images/`) loses nothing (review)."""
+    seed_dirs = [path for path in sorted(out.glob("seed-*")) if path.is_dir() and re.fullmatch(r"seed-\d+", path.name) and (path / "pool.csv").is_file()]
+    if not (out / "simulation.json").is_file() and not ((out / "ground_truth.csv").is_file() and seed_dirs):
         return
+    runs = [path for path in sorted((out / "runs").glob("*-seed*")) if path.is_dir() and re.fullmatch(r".+-seed\d+", path.name)] if (out / "runs").is_dir() else []
+    earlier = [out / name for name in REPORT_FILES if (out / name).is_file()] + seed_dirs + runs
     for path in earlier:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if (out / "runs").is_dir() and not any((out / "runs").iterdir()):
+        (out / "runs").rmdir()
     console.print(f"the results of an earlier simulation in {out} were removed ({len(earlier)} files and folders; its cache is kept)")
 
 

@@ -90,6 +90,10 @@ def test_an_ingest_whose_labels_are_suspects_far_more_often_than_the_rest_is_nam
     flagged[40:47] = False
     flagged[40:44] = True  # 4 suspects: too few to say the batch is wrong as a whole
     assert _suspect_batches(state, batches=batches, flagged=flagged) == []
+    # review: one ingest alone has nothing to be compared with (its 25% of suspects read "0% in the other ingests")
+    alone = np.zeros(40, dtype=bool)
+    alone[:10] = True
+    assert _suspect_batches(state, batches=np.array([1] * 40), flagged=alone) == []
     engine.dispose()
 
 
@@ -105,10 +109,16 @@ def test_a_batch_whose_predicted_defects_have_only_good_test_parts_nearest_is_sa
     # positions 0-3: test images, good (0, 1) and dent (2, 3); 4-9: camera B, called dents, nearest test image 0 or 1;
     # 10-15: camera A, called dents, nearest test image 2 or 3 (defects like theirs are in the test split)
     probabilities = np.array([[0.9, 0.1]] * 2 + [[0.1, 0.9]] * 14)
-    state = SimpleNamespace(config=SimpleNamespace(negative_index=0), probabilities=probabilities, threshold=SimpleNamespace(threshold=0.5),
+    state = SimpleNamespace(config=SimpleNamespace(negative_index=0, gates=SimpleNamespace(negative_fpr_max=0.03)), probabilities=probabilities,
+                            threshold=SimpleNamespace(threshold=0.5),
                             labels=np.array([0, 0, 1, 1] + [-1] * 12), splits=np.array(["test"] * 4 + ["pool"] * 12))
     nearest = np.array([-1, -1, -1, -1] + [0, 1] * 3 + [2, 3, 2, 3, 2, 0])
     groups = np.array([1] * 4 + [2] * 6 + [1] * 6)
     assert _defects_the_test_split_does_not_measure(state, nearest_test=nearest, groups=groups) == [{"ingest_batch_id": 2, "n_predicted_defect": 6}]
     state.threshold = SimpleNamespace(threshold=0.95)  # the model calls none of them defects: nothing to say
     assert _defects_the_test_split_does_not_measure(state, nearest_test=nearest, groups=groups) == []
+    # review: a batch of 300 good parts, 6 of them false positives (2%, under the 3% gate): no defect to measure
+    good_only = SimpleNamespace(**{**vars(state), "threshold": SimpleNamespace(threshold=0.5),
+                                   "probabilities": np.array([[0.9, 0.1]] * 2 + [[0.1, 0.9]] * 2 + [[0.1, 0.9]] * 6 + [[0.9, 0.1]] * 294),
+                                   "labels": np.array([0, 0, 1, 1] + [-1] * 300), "splits": np.array(["test"] * 4 + ["pool"] * 300)})
+    assert _defects_the_test_split_does_not_measure(good_only, nearest_test=np.array([-1] * 4 + [0] * 300), groups=np.array([1] * 4 + [2] * 300)) == []

@@ -123,14 +123,24 @@ def test_an_earlier_simulations_results_in_the_out_folder_go_before_a_new_run_st
     from loop.simulate import _remove_earlier_results
 
     out = tmp_path / "out"
-    for name in ("simulation.json", "simulation.md", "gates_vs_labels.png", "ground_truth.csv"):
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
+    (out / "runs" / "tiles").mkdir(parents=True)  # a project of the user's (review: `--out .` in a folder of projects)
+    (out / "seed-images").mkdir()
+    (out / "ground_truth.csv").write_text("the user's")
+    _remove_earlier_results(out, console=Console(quiet=True))  # no simulation wrote here: nothing goes
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["ground_truth.csv", "runs", "runs/tiles", "seed-images"]
+    for name in ("simulation.json", "simulation.md", "gates_vs_labels.png"):
         (out / name).write_text("earlier")
-    for folder in ("seed-0", "seed-2", "runs/random-seed2", "cache/embeddings", "notes"):
+    for folder in ("seed-0", "seed-2", "runs/random-seed2", "cache/embeddings"):
         (out / folder).mkdir(parents=True)
-    (out / "notes" / "mine.txt").write_text("the user's")
+    for folder in ("seed-0", "seed-2"):
+        (out / folder / "pool.csv").write_text("path,label\n")
     _remove_earlier_results(out, console=Console(quiet=True))
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["cache", "cache/embeddings", "notes", "notes/mine.txt"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["cache", "cache/embeddings", "runs", "runs/tiles", "seed-images"]
+    (out / "ground_truth.csv").write_text("a run interrupted before its report")
+    (out / "seed-1").mkdir()
+    (out / "seed-1" / "pool.csv").write_text("path,label\n")
+    _remove_earlier_results(out, console=Console(quiet=True))
+    assert not (out / "ground_truth.csv").exists() and not (out / "seed-1").exists() and (out / "runs" / "tiles").is_dir()
 
 
 def test_the_report_writes_label_counts_as_counts_and_a_seed_that_never_passed_in_words(tmp_path: Path) -> None:
