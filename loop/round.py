@@ -747,10 +747,10 @@ def threshold_source(state: RoundState) -> str:
     negative = state.config.negative_index
     validation = state.positions(split="validation", labeled=True)
     n_negatives = int((state.labels[validation] == negative).sum()) if negative is not None else len(validation)
-    if configured == "validation" and negative is not None and n_negatives == 0:  # nothing to choose it on (QA: a small project's empty validation
-        # split ended the round in sklearn's "Found empty input array")
+    if configured == "validation" and negative is not None and n_negatives == 0:
+        # nothing to choose it on (QA: a small project's empty validation split ended the round in sklearn's "Found empty input array")
         state.console.print(f"[yellow]warning:[/] loop.toml chooses the threshold on validation, which holds no labeled "
-                            f"'{escape(str(state.config.negative_class or 'image'))}': it is chosen on out-of-fold probabilities instead")
+                            f"'{escape(str(state.config.negative_class))}': it is chosen on out-of-fold probabilities instead")
         state.details["threshold_source_fallback"] = "validation held no labeled negative image"
         return "out_of_fold"
     if configured != "auto":
@@ -1484,8 +1484,8 @@ def check_coverage(state: RoundState) -> None:
                       if measured_by_itself.get(g, True))
     sampled = _draw_test_samples(state, to_draw) if to_draw else {}
     unmeasured_defects = _defects_the_test_split_does_not_measure(state, nearest_test=unlike_test.related, groups=groups)[:MAX_COVERAGE_BATCHES]
-    with session_scope(state.ctx.engine) as session:
-        described = set(flagged[:MAX_COVERAGE_BATCHES]) | _batches_in_test(state, at_least=1) | {row["ingest_batch_id"] for row in unmeasured_defects}  # groups: their first and last batch say where from
+    with session_scope(state.ctx.engine) as session:  # the groups named below: their first and last batch say where from
+        described = set(flagged[:MAX_COVERAGE_BATCHES]) | _batches_in_test(state, at_least=1) | {row["ingest_batch_id"] for row in unmeasured_defects}
         ends = sorted({b for group in described for b in (batches_of[group][0], batches_of[group][-1])} | {int(b) for b in described})
         batches = {row.id: row for row in session.execute(select(IngestBatch.id, IngestBatch.source, IngestBatch.created_at)
                                                           .where(IngestBatch.id.in_(ends)))}
