@@ -127,7 +127,7 @@ def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, s
         "test_metrics_by_batch": [dataclasses.asdict(row) for row in metrics_by_batch_of(details) or []] or None,
         # batches whose predicted defects have only good parts as their nearest labeled test images: defects like
         # theirs are not measured by the gates
-        "defects_unmeasured": (details.get("coverage") or {}).get("defects_unmeasured") if isinstance(details.get("coverage"), dict) else None,
+        "defects_unmeasured": details["coverage"].get("defects_unmeasured") if isinstance(details.get("coverage"), dict) else None,
         # where it was chosen (never the test split) and the loop's own gate estimate there
         "threshold_choice": dataclasses.asdict(choice) if (choice := threshold_of(details)) is not None else None,
         "metrics": {m.name: m.value for m in round_row.metrics if m.class_name is None},

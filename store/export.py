@@ -33,7 +33,7 @@ RECORD_COLUMNS = (
 )
 ISSUE_COLUMNS = ("suspected_label_error", "suspected_label", "suggested_label", "label_quality", "near_duplicate_of", "outlier")
 # last: what the file at `path` holds now (file_on_disk), so the columns before keep their places; then the ingest that
-# brought the image (the gates per ingest batch are recomputed by it: QA had to guess batches from the paths)
+# brought the image (QA had to guess batches from the paths; the gates per batch group small ingests: their ingest_batch_ids)
 FILE_COLUMNS = ("file_on_disk", "ingest_batch_id")
 FILE_UNCHANGED = "unchanged"
 # a cell a spreadsheet would run as a formula (a manifest's part "=HYPERLINK(...)"): written with a leading quote in CSV

@@ -98,8 +98,8 @@ def _model_path(round_: Round, project: Project, project_dir: Path, store_url: s
     raw = (round_.artifacts or {}).get("model_onnx")
     if not raw:
         raise HTTPException(409, detail=f"round {round_.number} recorded no ONNX model (artifacts.model_onnx)")
-    where = {"round_number": round_.number, "recorded_root": project.root_dir, "project_dir": project_dir, "store_url": store_url}
-    path = artifact_file(str(raw), **where)
+    where = {"round_number": round_.number, "recorded_root": project.root_dir, "project_dir": project_dir}
+    path = artifact_file(str(raw), **where, store_url=store_url)
     if path is None:  # never a recorded place in a folder of another store: a moved project's old folder may hold another's
         raise _unusable(f"model file {Path(str(raw)).name!r} is missing from {artifact_places(str(raw), **where)[0].parent}")
     return path
