@@ -434,7 +434,7 @@ def _coverage_html(latest: RoundReport) -> str:
     """Ingest batches unlike the labeled images (a new camera), and the gate metrics per batch of the test split."""
     parts = []
     for batch in latest.unfamiliar_batches or []:
-        unlike = [f"{_fmt(share * 100, 0)}% unlike the {what}" for what, share, flagged in (
+        unlike = [f"{share:.0%} unlike the {what}" for what, share, flagged in (  # as loop status says it (_fmt kept "80.8%")
             ("training labels", batch.share_unlike_training_labels, batch.unlike_training_labels),
             ("labeled test images", batch.share_unlike_test_labels, batch.unlike_test_labels)) if flagged and share is not None]
         measured = (f"{batch.n_drawn_into_test} drawn into the test split this round, to be labeled" if batch.n_drawn_into_test else
@@ -444,6 +444,20 @@ def _coverage_html(latest: RoundReport) -> str:
                      f'{escape(reports.ingest_batches_text(batch.ingest_batch_ids).removeprefix("ingest "))} '
                      f'({escape(str(batch.source))}, {batch.n_images} images): {escape(" and ".join(unlike))}; '
                      f'{batch.n_labeled_train_validation} training labels; {escape(measured)}</p>')
+    for batch in latest.defects_unmeasured or []:  # the test split holds its good parts only (QA: a new camera's)
+        parts.append(f'<p class="coverage defects-unmeasured"><span class="verdict fail">its defects not measured</span> '
+                     f'{escape(reports.ingest_batches_text(batch.ingest_batch_ids).removeprefix("ingest "))} ({escape(str(batch.source))}): '
+                     f'the model calls {batch.n_predicted_defect} of its unlabeled images defects, and the labeled test image nearest each '
+                     'of them is a good part: the gates above do not measure defects like its own. Give the test split some of its '
+                     'defects (<code>loop ingest --split test</code>).</p>')
+    for batch in (latest.label_quality.suspect_batches if latest.label_quality else []):  # the gates score the model against its test labels
+        unchecked = (f" Its {batch.n_labeled_test} labeled test images are not checked (the test split only reports), and the gates above "
+                     "score the model against those labels." if batch.n_labeled_test else "")
+        parts.append(f'<p class="coverage suspect-batch"><span class="verdict fail">labels suspect as a whole</span> '
+                     f'{escape(reports.ingest_batches_text([batch.ingest_batch_id]))} ({escape(str(batch.source))}): {batch.n_flagged} of its {batch.n_judged} labeled training and '
+                     f'validation images are suspected label errors ({batch.share_flagged or 0:.0%}; '
+                     f'{batch.share_flagged_elsewhere or 0:.0%} in the other ingests): classes swapped, a wrong manifest column?'
+                     f'{escape(unchecked)}</p>')
     if latest.test_metrics_by_batch:
         rows = "".join(f'<tr><td title="{escape(str(row.source))}">{escape(reports.batch_ids_text(row.ingest_batch_ids))} · '
                        f'{escape(str(row.source).rstrip("/").rsplit("/", 1)[-1])}</td>'

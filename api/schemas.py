@@ -172,11 +172,32 @@ class BatchTestMetricsOut(Schema):
     too_few_images: bool = Field(False, description="fewer labeled test images than a batch needs to be gated alone (10): shown, noisy")
 
 
+class SuspectBatchOut(Schema):
+    ingest_batch_id: int
+    source: str | None = Field(description="the folder or manifest the batch was ingested from")
+    n_judged: int = Field(description="its labeled training and validation images")
+    n_flagged: int = Field(description="of them, suspected label errors")
+    share_flagged: float | None
+    share_flagged_elsewhere: float | None = Field(description="the share among the other ingests' labeled training and validation images")
+    n_labeled_test: int = Field(description="its labeled test images: the test split only reports, so nothing checks their labels, and the "
+                                            "gates score the model against them")
+
+
 class LabelQualityOut(Schema):
     n_flagged: int | None = Field(description="suspected label errors the round flagged")
     noise_rate_per_class: dict[str, float | None] = Field(
         description="estimated P(true label differs | given label) per class, from out-of-fold probabilities; null: too few labels of that class")
     already_questioned: int | None = Field(description="flagged suspects not sent again: asked before with the same label")
+    suspect_batches: list[SuspectBatchOut] = Field(
+        default_factory=list, description="ingests whose labels are suspected far more often than the others' (25% or more, 3x the others, 5 "
+                                          "images at least): wrong as a whole? (classes swapped, a wrong manifest column)")
+
+
+class UnmeasuredDefectsBatchOut(Schema):
+    ingest_batch_id: int
+    source: str | None
+    n_predicted_defect: int = Field(description="its unlabeled images outside the test split the model calls defects")
+    ingest_batch_ids: list[int] = Field(description="the batch alone, or the small ingests judged together with it")
 
 
 class InitFromOut(Schema):
@@ -240,6 +261,10 @@ class RoundOut(RoundSummaryOut):
         default=None, description="labeled near-copies an ingest had drawn on both sides of the test split (or in train and validation), put "
                                   "on one side by this round before any round measured them: moved, into_test, out_of_test, "
                                   "between_train_and_validation; the test split's image count changes by into_test - out_of_test; null: none moved")
+    defects_unmeasured: list[UnmeasuredDefectsBatchOut] | None = Field(
+        default=None, description="ingest batches whose unlabeled images the model calls defects while the labeled test image nearest each is a "
+                                  "good part: the gates do not measure defects like theirs (a new camera's test set of good parts alone, say); "
+                                  "null: none")
 
 
 class LabelIssueOut(Schema):

@@ -438,6 +438,23 @@ def _print_coverage(batches: list[dict], by_batch: list[dict], *, round_number: 
             f"{gate_values_text(row)}" for row in by_batch))
 
 
+def _print_doubts_on_gates(latest: dict) -> None:
+    """What the newest completed round said the gates cannot vouch for (a status entry): batches whose defects only good
+    test parts stand near, and ingests whose labels look wrong as a whole. The round warned while it ran; status keeps
+    saying so until a round no longer finds them (they were in status --json alone)."""
+    from store.reports import ingest_batches_text
+
+    for row in latest.get("defects_unmeasured") or []:
+        console.print(f"[yellow]defects not measured (round {latest['number']}):[/] {ingest_batches_text(row['ingest_batch_ids'])} "
+                      f"({escape(str(row['source']))}): the model calls {row['n_predicted_defect']} of its unlabeled images defects, and the "
+                      "labeled test image nearest each is a good part. Give the test split some of its defects (`loop ingest --split test`)")
+    for row in (latest.get("label_quality") or {}).get("suspect_batches") or []:
+        console.print(f"[yellow]labels suspect as a whole (round {latest['number']}):[/] {ingest_batches_text([row['ingest_batch_id']])} "
+                      f"({escape(str(row['source']))}): {row['n_flagged']} of its {row['n_judged']} labeled training and validation images are "
+                      f"suspected label errors ({(row['share_flagged'] or 0):.0%}; {(row['share_flagged_elsewhere'] or 0):.0%} in the other ingests)"
+                      + (f"; its {row['n_labeled_test']} labeled test images are not checked" if row["n_labeled_test"] else ""))
+
+
 def _selected_for_labeling(push: dict) -> str:
     if push.get("backend") == "none":  # nobody to push to: the batch is recorded for `loop status` and the API
         return f"selected for labeling: {push.get('recorded', 0)} recorded (annotator: none)"
@@ -630,6 +647,7 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     latest = next((r for r in reversed(report["rounds"]) if r["status"] == "completed"), None)
     if latest is not None:  # the newest completed round's word on new images unlike the labeled ones (a new camera)
         _print_coverage(latest.get("unfamiliar_batches") or [], latest.get("test_metrics_by_batch") or [], round_number=latest["number"])
+        _print_doubts_on_gates(latest)
     if running_without_process:  # killed (SIGKILL, power): nothing runs it, and nothing marked it yet
         holder = ("no process holds this project folder or its store" if store_held is not None
                   else "no process on this machine holds this project folder")

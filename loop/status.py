@@ -14,8 +14,8 @@ from store import session_scope
 from store.artifacts import artifact_shown
 from store.models import Image, IngestBatch, Round
 from store.queries import current_labels, get_project
-from store.reports import (as_utc, calibration_of, collapsed_of, init_from_of, label_quality_of, metrics_by_batch_of, threshold_of, training_of,
-                           unfamiliar_batches_of)
+from store.reports import (as_utc, calibration_of, collapsed_of, defects_unmeasured_of, init_from_of, label_quality_of, metrics_by_batch_of,
+                           threshold_of, training_of, unfamiliar_batches_of)
 
 STATUS_SCHEMA_VERSION = 1
 
@@ -113,7 +113,7 @@ def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, s
         "collapsed": collapsed_of(details),  # one class for every test image or every image: the macro F1 gate was set to 0
         "label_quality": {**{key: getattr(quality, key, None) for key in ("n_flagged", "noise_rate_per_class", "already_questioned")},
                           # ingests whose labels are suspects far more often than the rest's (wrong as a whole?)
-                          "suspect_batches": ((details.get("label_quality") or {}).get("suspect_batches"))},
+                          "suspect_batches": [dataclasses.asdict(row) for row in quality.suspect_batches] or None if quality else None},
         "labeled_counts": details.get("labeled_counts"),
         # what reached the annotators: pushed, pending, answered tasks asked again, waiting tasks given this round's guess
         "push": details.get("push"),
@@ -127,7 +127,7 @@ def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, s
         "test_metrics_by_batch": [dataclasses.asdict(row) for row in metrics_by_batch_of(details) or []] or None,
         # batches whose predicted defects have only good parts as their nearest labeled test images: defects like
         # theirs are not measured by the gates
-        "defects_unmeasured": details["coverage"].get("defects_unmeasured") if isinstance(details.get("coverage"), dict) else None,
+        "defects_unmeasured": [dataclasses.asdict(row) for row in defects_unmeasured_of(details) or []] or None,
         # where it was chosen (never the test split) and the loop's own gate estimate there
         "threshold_choice": dataclasses.asdict(choice) if (choice := threshold_of(details)) is not None else None,
         "metrics": {m.name: m.value for m in round_row.metrics if m.class_name is None},

@@ -12,7 +12,7 @@ import threading
 import weakref
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -148,10 +148,34 @@ class ThresholdSummary:
 
 
 @dataclass(frozen=True)
+class SuspectBatch:
+    """An ingest whose labeled training and validation images are suspected label errors far more often than the
+    other ingests' (25% or more, 3x theirs, 5 images at least): its labels may be wrong as a whole."""
+    ingest_batch_id: int
+    source: str | None
+    n_judged: int  # its labeled training and validation images
+    n_flagged: int
+    share_flagged: float | None
+    share_flagged_elsewhere: float | None  # in the other ingests
+    n_labeled_test: int  # its labeled test images: the test split only reports, nothing checks them
+
+
+@dataclass(frozen=True)
 class LabelQualitySummary:
     n_flagged: int | None  # suspected label errors the round flagged
     noise_rate_per_class: dict[str, float | None]  # P(true label != c | given c); None: too few labels of c
     already_questioned: int | None  # flagged suspects not sent again: asked before with the same label
+    suspect_batches: list[SuspectBatch] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class UnmeasuredDefectsBatch:
+    """An ingest (or small ingests judged together) whose unlabeled images the model calls defects while the labeled
+    test image nearest each of them is a good part: the gates do not measure defects like its own."""
+    ingest_batch_id: int
+    source: str | None
+    n_predicted_defect: int
+    ingest_batch_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -224,6 +248,7 @@ class RoundReport:
     # near-copies an ingest drew on both sides of the test split, put on one side before any round measured them:
     # moved, into_test, out_of_test, between_train_and_validation; None: nothing moved (or an older round)
     unmeasured_copies_regrouped: dict[str, int] | None = None
+    defects_unmeasured: list[UnmeasuredDefectsBatch] | None = None  # None: none named (or an older round)
 
 
 @dataclass(frozen=True)
@@ -676,7 +701,25 @@ def label_quality_of(details: dict[str, Any] | None) -> LabelQualitySummary | No
     return LabelQualitySummary(
         n_flagged=_int_or_none(raw.get("n_flagged")),
         noise_rate_per_class={str(name): _finite_or_none(rate) for name, rate in rates.items()} if isinstance(rates, dict) else {},
-        already_questioned=_int_or_none(raw.get("already_questioned")))
+        already_questioned=_int_or_none(raw.get("already_questioned")),
+        suspect_batches=[SuspectBatch(ingest_batch_id=int(row["ingest_batch_id"]), source=_str_or_none(row.get("source")),
+                                      n_judged=_int_or_none(row.get("n_judged")) or 0, n_flagged=_int_or_none(row.get("n_flagged")) or 0,
+                                      share_flagged=_finite_or_none(row.get("share_flagged")),
+                                      share_flagged_elsewhere=_finite_or_none(row.get("share_flagged_elsewhere")),
+                                      n_labeled_test=_int_or_none(row.get("n_labeled_test")) or 0)
+                         for row in raw.get("suspect_batches") or [] if isinstance(row, dict) and _int_or_none(row.get("ingest_batch_id")) is not None])
+
+
+def defects_unmeasured_of(details: dict[str, Any] | None) -> list[UnmeasuredDefectsBatch] | None:
+    """The round's batches whose predicted defects only good test parts stand nearest to; None: none named (or an
+    older round, before the check)."""
+    raw = (details or {}).get("coverage")
+    rows = raw.get("defects_unmeasured") if isinstance(raw, dict) else None
+    if not isinstance(rows, list):
+        return None
+    return [UnmeasuredDefectsBatch(ingest_batch_id=int(row["ingest_batch_id"]), source=_str_or_none(row.get("source")),
+                                   n_predicted_defect=_int_or_none(row.get("n_predicted_defect")) or 0, ingest_batch_ids=_batch_ids(row))
+            for row in rows if isinstance(row, dict) and _int_or_none(row.get("ingest_batch_id")) is not None] or None
 
 
 def init_from_of(details: dict[str, Any] | None) -> InitFromSummary | None:
@@ -827,6 +870,7 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         unmeasured_copies_regrouped=_regrouped_of(details),
         unfamiliar_batches=unfamiliar_batches_of(details),
         test_metrics_by_batch=metrics_by_batch_of(details),
+        defects_unmeasured=defects_unmeasured_of(details),
     )
 
 

@@ -1,0 +1,88 @@
+"""What a round says the gates cannot vouch for (an ingest whose labels look wrong as a whole; a batch whose defects only
+good test parts stand near) reaches `loop status`, the REST API and the dashboard, not only the round's own lines."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from api.app import create_app
+from api.settings import Settings
+from loop.cli import app
+from modeling.evaluation import evaluate_gates, evaluate_predictions
+from store import session_scope
+from store.models import GateResult, IngestBatch, Metric, Round
+from store.queries import get_project
+
+CLASSES = ["good", "scratch", "spot", "patch"]
+TOKEN = "read-token-for-doubts"
+
+
+def _record_round(ctx, *, details: dict) -> int:  # noqa: ANN001
+    """A completed round with the test split's metrics and gates, and `details` as the round recorded them."""
+    y_true = np.array([0, 0, 0, 1, 1, 2, 2, 3])
+    metrics = evaluate_predictions(y_true=y_true, y_pred=y_true, probabilities=np.eye(4)[y_true], class_names=CLASSES, negative_index=0)
+    gates = evaluate_gates(metrics=metrics, latency_ms=5.0, macro_f1_min=0.7, defect_recall_min=0.85, negative_fpr_max=0.03, latency_ms_max=30.0)
+    with session_scope(ctx.engine) as session:
+        row = Round(project_id=get_project(session).id, number=1, status="completed", details={"class_names": CLASSES, "threshold": 0.5, **details})
+        session.add(row)
+        session.flush()
+        session.add_all(Metric(round_id=row.id, name=name, value=metrics[name]) for name in ("macro_f1", "defect_recall", "negative_fpr"))
+        session.add_all(GateResult(round_id=row.id, name=g.name, value=g.value, threshold=g.threshold, comparison=g.comparison, applicable=g.applicable,
+                                   passed=g.passed) for g in gates)
+        return row.id
+
+
+def test_suspect_ingests_and_unmeasured_defects_are_shown_by_status_the_api_and_the_dashboard(new_project) -> None:  # noqa: ANN001
+    with session_scope(new_project.engine) as session:
+        project_id = get_project(session).id
+        swapped, camera_b = (IngestBatch(project_id=project_id, source=source, layout="manifest") for source in ("/data/swap.csv", "/data/camB"))
+        session.add_all([swapped, camera_b])
+        session.flush()
+        swapped_id, camera_id = swapped.id, camera_b.id
+    round_id = _record_round(new_project, details={
+        "label_quality": {"n_flagged": 25, "noise_rate_per_class": {}, "suspect_batches": [
+            {"ingest_batch_id": swapped_id, "source": "/data/swap.csv", "n_judged": 26, "n_flagged": 21, "share_flagged": 21 / 26,
+             "share_flagged_elsewhere": 4 / 123, "n_labeled_test": 4}]},
+        "coverage": {"flagged_batches": [], "defects_unmeasured": [
+            {"ingest_batch_id": camera_id, "ingest_batch_ids": [camera_id], "source": "/data/camB", "n_predicted_defect": 45}]}})
+    runner = CliRunner()
+
+    said = " ".join(runner.invoke(app, ["status", "--project", str(new_project.root)], env={"COLUMNS": "200"}).output.split())
+    assert (f"defects not measured (round 1): ingest batch {camera_id} (/data/camB): the model calls 45 of its unlabeled images defects, "
+            "and the labeled test image nearest each is a good part") in said, said
+    assert (f"labels suspect as a whole (round 1): ingest batch {swapped_id} (/data/swap.csv): 21 of its 26 labeled training and validation "
+            "images are suspected label errors (81%; 3% in the other ingests); its 4 labeled test images are not checked") in said, said
+    status = json.loads(runner.invoke(app, ["status", "--project", str(new_project.root), "--json"]).output)["rounds"][0]
+    assert status["defects_unmeasured"] == [{"ingest_batch_id": camera_id, "source": "/data/camB", "n_predicted_defect": 45,
+                                             "ingest_batch_ids": [camera_id]}]
+    assert status["label_quality"]["suspect_batches"][0]["n_flagged"] == 21
+
+    settings = Settings(project_dir=new_project.root, api_token=TOKEN + "-full", api_read_token=TOKEN)
+    with TestClient(create_app(settings)) as client:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        body = client.get(f"/rounds/{round_id}", headers=headers).json()
+        page = " ".join(client.get(f"/dashboard?token={TOKEN}").text.split())
+    assert body["defects_unmeasured"] == status["defects_unmeasured"]
+    (suspect,) = body["label_quality"]["suspect_batches"]
+    assert suspect == {"ingest_batch_id": swapped_id, "source": "/data/swap.csv", "n_judged": 26, "n_flagged": 21,
+                       "share_flagged": 21 / 26, "share_flagged_elsewhere": 4 / 123, "n_labeled_test": 4}
+    assert (f'its defects not measured</span> batch {camera_id} (/data/camB): the model calls 45 of its unlabeled images defects, and the '
+            "labeled test image nearest each of them is a good part: the gates above do not measure defects like its own") in page, page[-3000:]
+    assert (f"labels suspect as a whole</span> ingest batch {swapped_id} (/data/swap.csv): 21 of its 26 labeled training and validation "
+            "images are suspected label errors (81%; 3% in the other ingests)") in page, page[page.find("suspect-batch"):][:600]
+    assert "Its 4 labeled test images are not checked" in page
+
+
+def test_a_round_that_named_neither_shows_neither(new_project) -> None:  # noqa: ANN001
+    round_id = _record_round(new_project, details={"label_quality": {"n_flagged": 0, "noise_rate_per_class": {}}, "coverage": {"flagged_batches": []}})
+    said = " ".join(CliRunner().invoke(app, ["status", "--project", str(new_project.root)], env={"COLUMNS": "200"}).output.split())
+    assert "defects not measured" not in said and "labels suspect as a whole" not in said
+    settings = Settings(project_dir=new_project.root, api_token=TOKEN + "-full", api_read_token=TOKEN)
+    with TestClient(create_app(settings)) as client:
+        body = client.get(f"/rounds/{round_id}", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        page = client.get(f"/dashboard?token={TOKEN}").text
+    assert body["defects_unmeasured"] is None and body["label_quality"]["suspect_batches"] == []
+    assert "defects-unmeasured" not in page and "suspect-batch" not in page
