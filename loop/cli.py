@@ -758,6 +758,35 @@ def simulate(
 
 
 @app.command()
+def compare(
+    projects: Annotated[list[Path], typer.Argument(help="two or more project folders (each holds loop.toml)")],
+    out: Annotated[Path, typer.Option(help="output folder: compare.json, compare.md, gates_vs_labels.png")],
+) -> None:
+    """Projects side by side: each round's gates against the labels it used, and the labels each needed to pass every
+    gate (a project started with --init-from against the same data from ImageNet weights, two lines, two cameras)."""
+    from loop.compare import compare_projects, test_split_note
+
+    with clear_errors():
+        folders = list(dict.fromkeys(path.expanduser().resolve() for path in projects))
+        if len(folders) < 2:
+            raise ConfigError("loop compare needs two or more different project folders")
+        contexts = [open_project_store(folder)[0] for folder in folders]  # read only: a loop.toml a round would refuse still has its record
+        report = compare_projects(contexts, out=out)
+    table = Table(title="projects compared")
+    for column in ("project", "started from", "rounds", "labels to pass all gates", "latest round's gates"):
+        table.add_column(column, overflow="fold")
+    for entry in report["projects"]:
+        last = entry["rounds"][-1] if entry["rounds"] else None
+        gates = "-" if last is None else " · ".join("n/a" if last["gates"][gate] is None else f"{gate} {last['gates'][gate]:.3g}"
+                                                    for gate in ("macro_f1", "defect_recall", "negative_fpr"))
+        table.add_row(escape(entry["name"]), escape(entry["started_from"]), str(len(entry["rounds"])),
+                      "not yet" if entry["labels_to_pass_gates"] is None else f"{entry['labels_to_pass_gates']} (round {entry['round_passing']})", gates)
+    console.print(table)
+    console.print(escape(test_split_note(report)))
+    console.print(f"wrote {escape(str(out / 'compare.md'))}, compare.json and gates_vs_labels.png")
+
+
+@app.command()
 def serve(
     project: ProjectOption,
     host: Annotated[str, typer.Option()] = "127.0.0.1",

@@ -1,0 +1,133 @@
+"""Projects side by side: each round's gates against the labels it used. The question a manager asks after
+`loop init --init-from`: did starting from the old product line's model reach the gates with fewer labels than the
+same data from ImageNet weights? Also two lines, two cameras, two settings of one line.
+
+The gates of two projects compare directly only when their labeled test images are the same photos; the report says
+how many they share, and does not hide a difference."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from loop.project import ProjectContext
+from loop.status import project_status
+from modeling.plots import plot_gate_panels
+from store import session_scope
+from store.models import Image
+from store.queries import current_labels, get_project
+
+QUALITY_GATES = ("macro_f1", "defect_recall", "negative_fpr")
+ALL_GATES = (*QUALITY_GATES, "latency_ms")
+
+
+@dataclass(frozen=True)
+class ComparedRound:
+    number: int
+    labels_used: int  # labeled training and validation images the round learned and chose its threshold from
+    gates: dict[str, float | None]  # as the gate scored it (a collapsed round's macro F1 is 0); None: not applicable
+    all_gates_pass: bool
+    train_strategy: str | None
+
+
+@dataclass(frozen=True)
+class ComparedProject:
+    name: str  # as shown: the folder's name (its path where two folders share a name)
+    project_dir: str
+    started_from: str  # another project's model (loop init --init-from), or ImageNet weights
+    rounds: list[ComparedRound]
+    labels_to_pass_gates: int | None  # labels used by the first round that passed every gate; None: none has
+    round_passing: int | None
+    n_labeled_test: int
+    gate_thresholds: dict[str, float | None]
+
+
+def compared_project(ctx: ProjectContext, *, name: str) -> tuple[ComparedProject, set[str]]:
+    """One project's completed rounds (cold starts trained nothing: left out) and the sha256 of its labeled test images."""
+    status = project_status(ctx)
+    rounds, thresholds = [], {}
+    for row in status["rounds"]:
+        if row["status"] != "completed" or row.get("cold_start") or not row["gates"]:
+            continue
+        counts = row.get("labeled_counts") or {}
+        gates = {g["name"]: (g["value"] if g["applicable"] else None) for g in row["gates"]}
+        thresholds.update({g["name"]: g["threshold"] for g in row["gates"] if g["applicable"]})
+        rounds.append(ComparedRound(number=row["number"], labels_used=int(counts.get("train", 0)) + int(counts.get("validation", 0)),
+                                    gates={gate: gates.get(gate) for gate in ALL_GATES}, all_gates_pass=bool(row.get("all_gates_pass")),
+                                    train_strategy=row.get("train_strategy")))
+    passing = next((r for r in rounds if r.all_gates_pass), None)
+    init = next((row["init_from"] for row in reversed(status["rounds"]) if row.get("init_from")), None)
+    started_from = "ImageNet weights" if init is None else f"another project's model: {init.get('source') or init.get('checkpoint')}" + (
+        f" ({init['backbone']})" if init.get("backbone") else "")
+    with session_scope(ctx.engine) as session:
+        project_id = get_project(session).id
+        labels = current_labels(session, project_id)
+        test = {sha for image_id, sha in session.execute(select(Image.id, Image.sha256).where(
+            Image.project_id == project_id, Image.split == "test", Image.status == "ok"))
+            if image_id in labels and labels[image_id].status not in ("unlabeled", "tie")}
+    return ComparedProject(name=name, project_dir=str(ctx.root), started_from=started_from, rounds=rounds,
+                           labels_to_pass_gates=passing.labels_used if passing else None, round_passing=passing.number if passing else None,
+                           n_labeled_test=len(test), gate_thresholds=thresholds), test
+
+
+def compare_projects(contexts: list[ProjectContext], *, out: Path) -> dict[str, Any]:
+    """compare.json, compare.md and gates_vs_labels.png in `out`; returns what compare.json holds."""
+    roots = [ctx.root for ctx in contexts]
+    names = [root.name if [r.name for r in roots].count(root.name) == 1 else str(root) for root in roots]
+    projects, test_sets = [], []
+    for ctx, name in zip(contexts, names):
+        project, test = compared_project(ctx, name=name)
+        projects.append(project)
+        test_sets.append(test)
+    shared = set.intersection(*test_sets) if test_sets else set()
+    same_test = all(test == test_sets[0] for test in test_sets) and bool(shared)
+    thresholds_differ = any(p.gate_thresholds != projects[0].gate_thresholds for p in projects if p.rounds and projects[0].rounds)
+    report = {
+        "projects": [asdict(p) for p in projects],
+        "labeled_test_images_shared": len(shared),
+        "same_labeled_test_images": same_test,
+        "gate_thresholds_differ": thresholds_differ,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(report, indent=2))
+    thresholds = next((p.gate_thresholds for p in projects if p.rounds), {})
+    plot_gate_panels(panels={gate: {p.name: ([r.labels_used for r in p.rounds], [r.gates[gate] for r in p.rounds]) for p in projects}
+                             for gate in QUALITY_GATES},
+                     thresholds={gate: thresholds.get(gate) for gate in QUALITY_GATES}, path=out / "gates_vs_labels.png",
+                     title="quality gates on each project's test split vs labels used (train + validation), per round")
+    (out / "compare.md").write_text(comparison_markdown(report))
+    return report
+
+
+def test_split_note(report: dict[str, Any]) -> str:
+    """Whether the gates compare directly: the same labeled test photos, or how many the projects share."""
+    counts = ", ".join(f"{p['name']} {p['n_labeled_test']}" for p in report["projects"])
+    if report["same_labeled_test_images"]:
+        return f"The projects' labeled test images are the same {report['labeled_test_images_shared']} photos: their gates compare directly."
+    return (f"The projects' labeled test images differ (labeled test images: {counts}; {report['labeled_test_images_shared']} photos in all "
+            "of them): each gate is measured on its own project's test split, so a difference between projects is partly a difference "
+            "between test splits.")
+
+
+def comparison_markdown(report: dict[str, Any]) -> str:
+    lines = ["# Projects compared", "", test_split_note(report), ""]
+    if report["gate_thresholds_differ"]:
+        lines += ["The projects' gates have different thresholds (loop.toml): see each round's pass/fail.", ""]
+    lines += ["| project | started from | rounds | labels to pass all gates | round |", "|---|---|---|---|---|"]
+    for p in report["projects"]:
+        lines.append(f"| {p['name']} | {p['started_from']} | {len(p['rounds'])} | "
+                     f"{p['labels_to_pass_gates'] if p['labels_to_pass_gates'] is not None else 'not yet'} | {p['round_passing'] or '-'} |")
+    lines.append("")
+    for p in report["projects"]:
+        lines += [f"## {p['name']}", "", "| round | trained | labels used | macro F1 | defect recall | FPR | latency ms | all gates |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['number']} | {r['train_strategy'] or '-'} | {r['labels_used']} | "
+                  + " | ".join("n/a" if r["gates"][gate] is None else f"{r['gates'][gate]:.4g}" for gate in ALL_GATES)
+                  + f" | {'pass' if r['all_gates_pass'] else 'fail'} |" for r in p["rounds"]]
+        if not p["rounds"]:
+            lines.append("| no completed round with gates yet | | | | | | | |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""`loop compare`: projects side by side, each round's gates against the labels it used, the labels each needed to pass
+every gate, and whether their test splits are the same photos (their gates compare directly only then)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from loop.cli import app
+from loop.project import open_project
+from store import session_scope
+from store.models import GateResult, Image, Round
+from store.queries import get_project
+
+runner = CliRunner()
+GATE_NAMES = ("macro_f1", "defect_recall", "negative_fpr", "latency_ms")
+
+
+def _project(root: Path, class_folders: Path) -> Path:
+    assert runner.invoke(app, ["init", str(root), "--classes", "good,scratch,spot,patch", "--negative-class", "good"]).exit_code == 0
+    assert runner.invoke(app, ["ingest", str(class_folders), "--project", str(root), "--quiet"]).exit_code == 0
+    return root
+
+
+def _record(root: Path, number: int, *, labels_used: tuple[int, int], values: tuple[float, float, float, float], details: dict | None = None) -> None:
+    """A completed round as loop round records it: its gates, its labeled counts, whether every gate passed."""
+    thresholds = {"macro_f1": (0.7, ">="), "defect_recall": (0.85, ">="), "negative_fpr": (0.03, "<="), "latency_ms": (30.0, "<=")}
+    passed = {name: (value >= thresholds[name][0]) if thresholds[name][1] == ">=" else (value <= thresholds[name][0])
+              for name, value in zip(GATE_NAMES, values)}
+    with session_scope(open_project(root).engine) as session:
+        row = Round(project_id=get_project(session).id, number=number, status="completed",
+                    details={"labeled_counts": {"train": labels_used[0], "validation": labels_used[1], "test": 20},
+                             "all_gates_pass": all(passed.values()), "training": {"strategy": "head", "n_fit": sum(labels_used)}, **(details or {})})
+        session.add(row)
+        session.flush()
+        session.add_all(GateResult(round_id=row.id, name=name, value=value, threshold=thresholds[name][0], comparison=thresholds[name][1],
+                                   applicable=True, passed=passed[name]) for name, value in zip(GATE_NAMES, values))
+
+
+def test_a_transferred_project_and_one_from_imagenet_side_by_side(tmp_path: Path, class_folders: Path) -> None:
+    transferred, scratch = _project(tmp_path / "bottle-from-metal", class_folders), _project(tmp_path / "bottle", class_folders)
+    init = {"init_from": {"checkpoint": "models/init.pt", "source": "/lines/metal", "head": "not transferred: other classes", "head_used": False,
+                          "backbone": "round 3 of metal, fine-tuned"}}
+    _record(transferred, 1, labels_used=(40, 10), values=(0.72, 0.9, 0.02, 12.0), details=init)
+    _record(scratch, 1, labels_used=(40, 10), values=(0.55, 0.7, 0.08, 12.0))
+    _record(scratch, 2, labels_used=(80, 20), values=(0.74, 0.88, 0.025, 12.5))
+    out = tmp_path / "compared"
+
+    result = runner.invoke(app, ["compare", str(transferred), str(scratch), "--out", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compare.json").read_text())
+    by_name = {p["name"]: p for p in report["projects"]}
+    assert (by_name["bottle-from-metal"]["labels_to_pass_gates"], by_name["bottle-from-metal"]["round_passing"]) == (50, 1)
+    assert (by_name["bottle"]["labels_to_pass_gates"], by_name["bottle"]["round_passing"]) == (100, 2)
+    assert by_name["bottle-from-metal"]["started_from"] == "another project's model: /lines/metal (round 3 of metal, fine-tuned)"
+    assert by_name["bottle"]["started_from"] == "ImageNet weights"
+    assert [r["gates"]["macro_f1"] for r in by_name["bottle"]["rounds"]] == [0.55, 0.74]
+    # the same folder ingested into both: the same labeled test photos, so the gates compare directly
+    assert report["same_labeled_test_images"] is True and report["labeled_test_images_shared"] == by_name["bottle"]["n_labeled_test"] > 0
+    markdown = (out / "compare.md").read_text()
+    assert "| bottle-from-metal | another project's model: /lines/metal (round 3 of metal, fine-tuned) | 1 | 50 | 1 |" in markdown
+    assert "| bottle | ImageNet weights | 2 | 100 | 2 |" in markdown and "their gates compare directly" in markdown
+    assert "| 2 | head | 100 | 0.74 | 0.88 | 0.025 | 12.5 | pass |" in markdown
+    assert (out / "gates_vs_labels.png").stat().st_size > 10_000
+    said = " ".join(result.output.split())
+    assert "50 (round 1)" in said and "100 (round 2)" in said and "their gates compare directly" in said
+
+    # one project's test split changed: the report says the gates are measured on different photos
+    with session_scope(open_project(scratch).engine) as session:
+        moved = session.scalars(select(Image).where(Image.split == "test")).first()
+        moved.split = "train"
+    again = runner.invoke(app, ["compare", str(transferred), str(scratch), "--out", str(out)], env={"COLUMNS": "200"})
+    report = json.loads((out / "compare.json").read_text())
+    assert report["same_labeled_test_images"] is False
+    assert "labeled test images differ" in " ".join(again.output.split()) and "labeled test images differ" in (out / "compare.md").read_text()
+
+
+def test_one_project_or_a_folder_that_is_not_one_is_a_clear_error(tmp_path: Path, class_folders: Path) -> None:
+    project = _project(tmp_path / "line", class_folders)
+    alone = runner.invoke(app, ["compare", str(project), str(project), "--out", str(tmp_path / "out")])
+    assert alone.exit_code != 0 and "two or more different project folders" in alone.output
+    missing = runner.invoke(app, ["compare", str(project), str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    assert missing.exit_code != 0 and "Traceback" not in missing.output and "nowhere" in missing.output, missing.output
+    assert not (tmp_path / "out").exists()
