@@ -58,6 +58,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from modeling.backbones import create_backbone  # noqa: E402
+from modeling.latency import cpu_model_name  # noqa: E402
 from modeling.preprocessing import Preprocessing, image_to_array  # noqa: E402
 from modeling.training import fit_linear_head  # noqa: E402
 
@@ -597,8 +598,8 @@ def main() -> None:
               f"F1* = macro F1 at the diagnostic threshold.")
     stem = "feature_variants" if args.regularization == 1.0 else f"feature_variants-C{args.regularization:g}"
     (args.out / f"{stem}.json").write_text(json.dumps(
-        {"command": command, "class_names": class_names, "timings": store.timings, "results": results, "latency": latency,
-         "total_seconds": total}, indent=1))
+        {"command": command, "machine": {"cpu": cpu_model_name(), "cpus": os.cpu_count()},  # its seconds are this machine's
+         "class_names": class_names, "timings": store.timings, "results": results, "latency": latency, "total_seconds": total}, indent=1))
     report = markdown(results, header)
     if latency:
         report += "\n\n| latency (32-image batch, best of 3, preprocessing excluded) | size | dim | torch eager ms/img | ONNX Runtime ms/img | max abs ONNX - cache | load |\n|---|---|---|---|---|---|---|\n"

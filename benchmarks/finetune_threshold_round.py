@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop_cli import run_loop  # noqa: E402
+import transfer_common  # noqa: E402
 from transfer_common import load_magnetic_tile, require_datasets  # noqa: E402
 
 VARIANTS = ("validation", "auto")
@@ -122,8 +123,10 @@ def main() -> None:
                             "max_unlabeled_fpr": float(max(r["unlabeled_fpr"] for r in mine)),
                             "median_unlabeled_defect_recall": float(np.median([r["unlabeled_defect_recall"] for r in mine])),
                             "median_round_seconds": float(np.median([r["round_seconds"] for r in mine]))}
-    (args.out / "result.json").write_text(json.dumps({"command": command, "summary": summary, "runs": rows}, indent=2))
+    machine = transfer_common.machine()  # round seconds are this machine's
+    (args.out / "result.json").write_text(json.dumps({"command": command, "machine": machine, "summary": summary, "runs": rows}, indent=2))
     lines = ["# Fine-tuned network: threshold on validation vs on out-of-fold fine-tuned networks (magnetic tile)", "",
+             f"Machine: {machine['cpu']} ({machine['cpus']} CPUs).", "",
              f"Command: `{command}`", "",
              "| seed | labeled | variant | source (good parts) | unlabeled FPR (FP / good) | unlabeled defect recall | estimated FPR | test-split FPR | round s |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -31,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from modeling.latency import cpu_model_name  # noqa: E402
 from modeling.label_quality import (  # noqa: E402
     find_label_issues,
     logistic_regression_fit_predict,
@@ -227,6 +229,7 @@ def main() -> int:
         },
         "relabel": relabel,
         "bar": "precision >= 0.85 at recall >= 0.90; after <= 3 relabel rounds test accuracy within 1 point of clean",
+        "machine": {"cpu": cpu_model_name(), "cpus": os.cpu_count()},  # the run's times are this machine's
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "label_noise_neu.json").write_text(json.dumps(report, indent=2))
@@ -245,7 +248,7 @@ def main() -> int:
     round_headers = " | ".join(f"round {i}" for i in range(args.rounds + 1))
     markdown = f"""# Label noise on NEU
 
-{len(paths)} images, {args.backbone} embeddings ({embeddings.shape[1]}-d), {args.noise:.0%} symmetric noise.
+{len(paths)} images, {args.backbone} embeddings ({embeddings.shape[1]}-d), {args.noise:.0%} symmetric noise. Run on {report['machine']['cpu']} ({report['machine']['cpus']} CPUs).
 
 ## Detection (all {len(paths)} labels)
 

@@ -26,6 +26,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop_cli import run_loop  # noqa: E402
+import transfer_common  # noqa: E402
 from transfer_common import load_mvtec_bottle  # noqa: E402
 
 CLASSES = "good,broken_large,broken_small,contamination"
@@ -91,8 +92,10 @@ def main() -> None:
         print(f"seed {seed}: AUC {row['roc_auc']:.4f} recall {row['defect_recall']:.4f} FPR {row['fpr']:.4f} "
               f"({row['false_positives']} FP of {row['n_held_out'] - row['n_held_out_defects']}) round {row['round_seconds']} s", flush=True)
     command = "python benchmarks/mvtec_fewshot_round.py " + " ".join(sys.argv[1:])
-    (args.out / "result.json").write_text(json.dumps({"command": command, "seeds": rows}, indent=2))
+    machine = transfer_common.machine()  # round seconds and latency are this machine's
+    (args.out / "result.json").write_text(json.dumps({"command": command, "machine": machine, "seeds": rows}, indent=2))
     lines = [f"# MVTec bottle few-shot through `loop round --train {args.train}` ({args.image_size} px)", "", f"Command: `{command}`", "",
+             f"Machine: {machine['cpu']} ({machine['cpus']} CPUs).", "",
              "| seed | held out (defects) | ROC-AUC | defect recall | FPR | FP | missed | threshold | source | round s | latency ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['seed']} | {r['n_held_out']} ({r['n_held_out_defects']}) | {r['roc_auc']:.4f} | {r['defect_recall']:.4f} | {r['fpr']:.4f} | "

@@ -117,9 +117,11 @@ def main() -> None:
         rows.append({**measure(project, tile_of, number), "round_seconds": round(time.perf_counter() - started)})
         print(json.dumps(rows[-1]), flush=True)
     command = "python benchmarks/near_copies_round.py " + " ".join(sys.argv[1:])
-    (args.out / "near_copies_round.json").write_text(json.dumps({"command": command, "rounds": rows}, indent=2))
+    machine = transfer_common.machine()  # round seconds are this machine's
+    (args.out / "near_copies_round.json").write_text(json.dumps({"command": command, "machine": machine, "rounds": rows}, indent=2))
     (args.out / "near_copies_round.md").write_text("\n".join([
         "# Near-copies in a round: magnetic tile ingested without parts", "", f"Command: `{command}`", "",
+        f"Machine: {machine['cpu']} ({machine['cpus']} CPUs).", "",
         f"{args.labeled_fraction:.0%} of the files labeled at ingest (split by file), the oracle answers the rest. "
         "'On a test tile' = on the tile of a labeled test image (the truth, from the file names).", "",
         markdown_table(rows, [(key, key.replace("_", " ")) for key in rows[0]]), ""]))

@@ -15,7 +15,7 @@ dataset and an .npy of its embeddings in `benchmarks/feature_variants.py` order 
 
     python benchmarks/selection_tuning.py --dataset ../shared/datasets/magnetic_tile --embeddings /tmp/fv/variants/X.npy
 
-    OMP_NUM_THREADS=1 python benchmarks/selection_tuning.py --strategies random,default --seeds 0,1,2,3,4
+    OMP_NUM_THREADS=1 python benchmarks/selection_tuning.py --strategies random,default --seeds 5    # seeds 0..4
 
 The test split only reports (labels to pass the gates); nothing inside a run looks at it.
 """
@@ -195,6 +195,23 @@ def run_curve(data: Dataset, *, strategy: str, seed: int, seed_labels: int = 40,
     return curve
 
 
+def seed_list(text: str) -> list[int]:
+    """`--seeds`: a count N means seeds 0..N-1, as `loop simulate --seeds N` does (it meant seed N alone, and a
+    "--seeds 5" run compared one seed with the README's five); a comma list names seeds."""
+    try:
+        if "," not in text:
+            count = int(text)
+            if count < 1:
+                raise ValueError
+            return list(range(count))
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a count of seeds (5: seeds 0..4) or a comma list of seeds (3,7; one seed: 3,)") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a count of seeds (5: seeds 0..4) or a comma list of seeds (3,7; one seed: 3,)")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sim-dir", type=Path, default=Path("/tmp/bench/sim_mt"))
@@ -206,14 +223,15 @@ def main(argv: list[str] | None = None) -> int:
                              "round` decides with: labeled good parts counted, unlabeled ones at the sampled ones' rate) or the pool-aware estimate")
     parser.add_argument("--threshold-fpr", type=float, default=0.03, help="FPR the threshold rule aims at (the gate stays 3%%)")
     parser.add_argument("--strategies", default="random,default")
-    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--seeds", type=seed_list, default=seed_list("5"),
+                        help="N: seeds 0..N-1, as `loop simulate --seeds N` (no seed picking); or a comma list of seeds: 3,7 (one seed: 3,)")
     parser.add_argument("--max-labels", type=int, default=600)
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="write every curve here")
     args = parser.parse_args(argv)
     data = (load_folder_dataset(args.dataset, args.embeddings, args.negative_class) if args.embeddings
             else load_dataset(args.sim_dir, args.negative_class))
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     results: dict[str, list[Curve]] = {}
     for strategy in args.strategies.split(","):
         started = time.perf_counter()

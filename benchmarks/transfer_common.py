@@ -47,6 +47,15 @@ class Dataset:
     note: str = ""
 
 
+def machine() -> dict[str, Any]:
+    """The machine a benchmark ran on, for its JSON and markdown: seconds from different CPUs do not compare."""
+    import os
+
+    from modeling.latency import cpu_model_name
+
+    return {"cpu": cpu_model_name(), "cpus": os.cpu_count()}
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -184,14 +184,16 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_report(out: Path, results: dict[str, Any], command: str) -> None:
-    (out / "transfer_cv.json").write_text(json.dumps(results, indent=2, default=float))
+    machine = transfer_common.machine()  # the train and latency figures are this machine's
+    (out / "transfer_cv.json").write_text(json.dumps({name: {**result, "machine": machine} for name, result in results.items()},
+                                                     indent=2, default=float))
     fold_seed = next((result["fold_seed"] for result in results.values() if "fold_seed" in result), 0)
     ran = sorted({fold["fold"] for result in results.values() for fold in result.get("folds", [])})
     # a run of some folds (--quick, --folds) is not the 5-fold figure, and its title and tables must not read as one
     partial = bool(ran) and len(ran) < N_FOLDS
     title = f"folds {', '.join(map(str, ran))} of a 5-fold stratified cross-validation (NOT the full 5-fold figure)" if partial \
         else "5-fold stratified cross-validation"
-    lines = [f"# Transfer learning: {title}", "", f"Command: `{command}`", "",
+    lines = [f"# Transfer learning: {title}", "", f"Command: `{command}`", "", f"Machine: {machine['cpu']} ({machine['cpus']} CPUs).", "",
              f"Folds: StratifiedGroupKFold(5, shuffle=True, random_state={fold_seed}), groups = file sha256 (duplicates stay together); "
              f"magnetic tile: {transfer_common.MAGNETIC_TILE_GROUPS} groups (`--magnetic-tile-groups`; tile = every exposure of one physical tile together); "
              f"NEU: {transfer_common.NEU_GROUPS} groups (`--neu-groups`; near_duplicate = pixel-verified overlapping crops together). "

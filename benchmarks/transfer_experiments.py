@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     epochs = args.epochs
     scratch_size, scratch_epochs = args.scratch_size, args.scratch_epochs
     fraction = QUICK_FRACTION if args.quick else 1.0
-    results: dict[str, Any] = {"command": "python benchmarks/transfer_experiments.py " + " ".join(os.sys.argv[1:] if argv is None else argv)}
+    results: dict[str, Any] = {"command": "python benchmarks/transfer_experiments.py " + " ".join(os.sys.argv[1:] if argv is None else argv),
+                               "machine": transfer_common.machine()}  # its seconds per epoch are this machine's
     log_lines: list[str] = []
 
     def log(message: str) -> None:
@@ -280,6 +281,7 @@ def write_markdown(out: Path, results: dict[str, Any]) -> None:
                                                                                        ("MVTec bottle", split_mvtec.get("subsampled", 1.0))) if share < 1]
     lines = [
         "# Transfer learning experiments", "", f"Command: `{results['command']}`", "",
+        *([f"Machine: {results['machine']['cpu']} ({results['machine']['cpus']} CPUs).", ""] if results.get("machine") else []),
         *([f"**A smoke run, not the figures: subsampled to {' and '.join(subsampled)}; the splits below are of that subsample.**", ""]
           if subsampled else []),
         f"NEU split: fold 0 of StratifiedGroupKFold(5, shuffle=True, random_state=0) is the test split ({split_neu['test']} images); "

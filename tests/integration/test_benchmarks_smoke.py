@@ -3,6 +3,7 @@ breaks a script fails here and not in the next manual benchmark session. The ful
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,9 @@ def test_transfer_cv_quick_on_mvtec_at_an_image_size_onnx_used_to_refuse(tmp_pat
     # one fold ran: the report must not read as the 5-fold figure
     assert (result["pooled_over_folds"], result["all_folds"]) == ([0], False)
     assert "folds 0 of a 5-fold stratified cross-validation (NOT the full 5-fold figure)" in report and "## Pooled out-of-fold (folds 0 only)" in report
+    from modeling.latency import cpu_model_name  # its times are this machine's: the report says which
+
+    assert result["machine"]["cpu"] == cpu_model_name() and f"Machine: {cpu_model_name()} (" in report
 
 
 @pytest.mark.slow
@@ -96,6 +100,7 @@ def test_near_copies_round_on_a_few_magnetic_tiles(tmp_path: Path, real_dataset)
     assert row["pool_images_joined_test"] + row["pool_images_held_back"] >= 1
     assert row["joined_on_a_test_tile"] >= row["pool_images_joined_test"] - 1  # what joins test is a photo of a test tile
     assert "# Near-copies in a round" in (tmp_path / "run" / "near_copies_round.md").read_text()
+    assert report["machine"]["cpus"] == os.cpu_count() and report["machine"]["cpu"]  # its round seconds are this machine's
 
 
 @pytest.mark.slow
@@ -144,3 +149,6 @@ def test_label_noise_neu_writes_its_report_on_a_small_neu_subset(tmp_path: Path,
                "--cache", str(tmp_path / "cache"))
     report = json.loads((tmp_path / "out" / "label_noise_neu.json").read_text())
     assert report["dataset"] == str(subset) and (tmp_path / "out" / "label_noise_neu.md").is_file()
+    from modeling.latency import cpu_model_name
+
+    assert report["machine"]["cpu"] == cpu_model_name() and f"Run on {cpu_model_name()} (" in (tmp_path / "out" / "label_noise_neu.md").read_text()
