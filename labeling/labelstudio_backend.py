@@ -865,10 +865,12 @@ class LabelStudioBackend:
             except (httpx.HTTPError, ApiError) as error:
                 report.warnings.append(f"could not list answers of Label Studio project {ls_project_id} ({_describe(error)}); retried next pull")
                 continue
-            if identity == "gone":
+            if identity == "gone":  # retired now, not at the push: its waiting asks go out in this round's push (they
+                # waited a round more when the push found it gone, after the round had chosen what to ask)
                 report.warnings.append(f"Label Studio project {ls_project_id} is gone (deleted there, or another server answers at "
-                                       f"{self.url}): the answers recorded from it stay labels; its waiting images are asked again in "
-                                       "a new project, from the next round on")
+                                       f"{self.url}): the answers recorded from it stay labels")
+                self._retire_project(session, project, int(ls_project_id), warnings=report.warnings)
+                recorder.drop_retired()
                 continue
             # an id the store knows may name another project now (a server reinstalled or replaced: its ids started
             # over), or show other images in its tasks (an older store that never recorded the project's creation

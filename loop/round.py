@@ -228,7 +228,7 @@ def pull_labels(state: RoundState) -> None:
 
 def _pull_summary(report: PullReport) -> dict[str, Any]:
     return {"new_label_events": report.new_label_events, "deleted": report.deleted, "skipped": report.skipped, "rejected": report.rejected,
-            **_jsonable(report.details)}
+            **_jsonable(report.details), "warnings": list(report.warnings)}  # kept, as the push's are: a --quiet round's reader sees them
 
 
 def check_image_files(state: RoundState) -> None:
@@ -1852,13 +1852,21 @@ def _rejected_answer_requests(state: RoundState, budget: int) -> dict[int, str]:
 
 
 def _last_answers(session, image_ids: list[int]) -> dict[int, datetime]:  # noqa: ANN001
-    """Image id -> when its newest answer was recorded. An answer: an annotator's (or the oracle's) label; a skip, a
-    deletion or a re-import answers nothing."""
-    last: dict[int, datetime] = {}
+    """Image id -> when its newest live answer was recorded. An answer: an annotator's (or the oracle's) label; a skip,
+    a deletion or a re-import answers nothing, and an answer deleted since answers nothing either (QA: a relabel
+    question whose answer was deleted in Label Studio stayed answered, and its reopened task never got another guess)."""
+    newest: dict[tuple[int, str], tuple[str, datetime]] = {}  # (image, answer) -> its newest event: set or delete
     for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
-        last.update(session.execute(select(LabelEvent.image_id, func.max(LabelEvent.created_at)).where(
-            LabelEvent.image_id.in_(image_ids[chunk:chunk + 500]), LabelEvent.action == "set", LabelEvent.source.in_(ANNOTATOR_SOURCES))
-            .group_by(LabelEvent.image_id)).all())
+        for event_id, image_id, external_id, action, created_at in session.execute(
+                select(LabelEvent.id, LabelEvent.image_id, LabelEvent.external_id, LabelEvent.action, LabelEvent.created_at).where(
+                    LabelEvent.image_id.in_(image_ids[chunk:chunk + 500]), LabelEvent.action.in_(("set", "delete")),
+                    LabelEvent.source.in_(ANNOTATOR_SOURCES)).order_by(LabelEvent.id)):
+            # an event without an answer id (the oracle's) is an answer of its own, never deleted
+            newest[(image_id, external_id if external_id is not None else f"event {event_id}")] = (action, created_at)
+    last: dict[int, datetime] = {}
+    for (image_id, _answer), (action, created_at) in newest.items():
+        if action == "set" and (image_id not in last or created_at > last[image_id]):
+            last[image_id] = created_at
     return last
 
 
@@ -2135,7 +2143,7 @@ def _open_guesses(state: RoundState, session, *, in_batch: set[int]) -> list[Tas
                             .where(AnnotationTask.backend == state.backend.name)).all()
     answered = [image_id for image_id, _, _ in tasks if image_id not in in_batch
                 and (info := state.label_info.get(image_id)) is not None and info.status != "unlabeled"]
-    asked_again = _open_asks(session, answered, reasons=ASKED_AGAIN_REASONS, current_round_id=state.round_id)
+    asked_again = _asked_again_waiting(session, answered, current_round_id=state.round_id)
     guesses = []
     for image_id, path, sha256 in tasks:
         position = state.position_of.get(image_id)
@@ -2157,7 +2165,7 @@ def _settled_asks(state: RoundState, session, *, in_batch: set[int]) -> list[int
     asked = sorted(set(session.scalars(select(Selection.image_id).join(Round, Round.id == Selection.round_id).where(
         Round.project_id == project_id, Selection.reason.in_(ASKED_AGAIN_REASONS), Selection.push_status.in_(("pushed", "withdrawn")),
         Selection.round_id != state.round_id))) - in_batch)
-    waiting = _open_asks(session, asked, reasons=ASKED_AGAIN_REASONS, current_round_id=state.round_id)
+    waiting = _asked_again_waiting(session, asked, current_round_id=state.round_id)
     # only those answered since the last round read its labels, and those whose task that round's push could not close
     # (it records them: push.unsettled): asking the annotation tool about every past ask each round would grow without
     # end, and one task that never closes must not hold the window back. A round recorded before push.unsettled
@@ -2175,8 +2183,28 @@ def _settled_asks(state: RoundState, session, *, in_batch: set[int]) -> list[int
                   and state.label_info.get(image_id, CurrentLabel(None, None, "unlabeled")).status == "labeled"]
     if since is None or not candidates:
         return candidates
-    answered = _last_answers(session, candidates)
-    return [image_id for image_id in candidates if image_id in carried or _aware(answered.get(image_id)) > since]
+    changed = _last_changes(session, candidates)
+    return [image_id for image_id in candidates if image_id in carried or _aware(changed.get(image_id)) > since]
+
+
+def _asked_again_waiting(session, image_ids: list[int], *, current_round_id: int | None) -> set[int]:  # noqa: ANN001
+    """Images asked again (ASKED_AGAIN_REASONS) whose ask still waits (_open_asks). A tie's ask is answered by any
+    change to its answers: one deleted ends the tie as a third answer does. A question on a label whose answer was
+    deleted since is open again (_last_answers counts live answers only)."""
+    disagree = ("annotators_disagree",)
+    return (_open_asks(session, image_ids, reasons=tuple(r for r in ASKED_AGAIN_REASONS if r not in disagree), current_round_id=current_round_id)
+            | _open_asks(session, image_ids, reasons=disagree, current_round_id=current_round_id, last_answer=_last_changes(session, image_ids)))
+
+
+def _last_changes(session, image_ids: list[int]) -> dict[int, datetime]:  # noqa: ANN001
+    """Image id -> when an annotator's answer to it last came or went: a deletion settles a tie as an answer does
+    (QA: a tie ended by deleting one of its two answers kept its task reopened, asking every round)."""
+    last: dict[int, datetime] = {}
+    for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
+        last.update(session.execute(select(LabelEvent.image_id, func.max(LabelEvent.created_at)).where(
+            LabelEvent.image_id.in_(image_ids[chunk:chunk + 500]), LabelEvent.action.in_(("set", "delete")),
+            LabelEvent.source.in_(ANNOTATOR_SOURCES)).group_by(LabelEvent.image_id)).all())
+    return last
 
 
 def _p_defect(state: RoundState, task: TaskRequest) -> float | None:

@@ -994,6 +994,76 @@ def test_a_task_that_never_closes_is_named_again_without_holding_the_window_back
     assert recorded == [[], [stuck_id], [stuck_id], [stuck_id]]
 
 
+def _recording_push(monkeypatch: pytest.MonkeyPatch) -> tuple[list[set[int]], list[set[int]]]:
+    """The oracle's push, recording per round the images named settled (their tasks to close) and those given the
+    round's guess as still waiting (open guesses)."""
+    from labeling.base import PushReport
+    from labeling.simulated import OracleAnnotator
+
+    named: list[set[int]] = []
+    guessed: list[set[int]] = []
+
+    def push(self, *, session, project, round_id, batch, open_guesses=(), settled=()):  # noqa: ANN001, ANN202
+        named.append(set(settled))
+        guessed.append({task.image_id for task in open_guesses})
+        return PushReport(pushed=len(batch))
+
+    monkeypatch.setattr(OracleAnnotator, "push", push)
+    return named, guessed
+
+
+def test_a_tie_ended_by_deleting_one_of_its_answers_is_named_for_closing_not_asked_on(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # QA (Label Studio): the tie's task stayed reopened, given a new guess every round, asking annotators to settle a
+    # disagreement nobody had any more
+    config = load_config(project_with_pool)
+    config.loop.relabel_budget = 0  # the answer left is right (a scratch): no round asks about it as a suspect either
+    save_config(project_with_pool, config)
+    tied_id = tie_a_pool_image(project_with_pool, folder="scratch", tie=False, oracle_answers=False)
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        session.add_all([LabelEvent(image_id=tied_id, label="scratch", source="annotator", annotator="ann1", external_id="answer-1"),
+                         LabelEvent(image_id=tied_id, label="spot", source="annotator", annotator="ann2", external_id="answer-2"),
+                         AnnotationTask(backend="oracle", image_id=tied_id, external_task_id="task-1")])
+    named, guessed = _recording_push(monkeypatch)
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    with session_scope(ctx.engine) as session:
+        assert list(session.scalars(select(Selection.image_id).where(Selection.reason == "annotators_disagree"))) == [tied_id]
+        session.add(LabelEvent(image_id=tied_id, label=None, action="delete", source="annotator", annotator="ann2", external_id="answer-2"))
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    with session_scope(ctx.engine) as session:
+        assert current_labels(session, session.scalars(select(Image.project_id)).first())[tied_id].label == "scratch"
+    assert tied_id in named[1] and tied_id not in guessed[1], (named, guessed)
+
+
+def test_a_question_on_a_label_whose_answer_was_deleted_is_open_again(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # QA (Label Studio): an annotator answered a suspected label's question, then deleted the answer; the store went back
+    # to the imported label, but the question still counted as answered: its reopened task never got another guess
+    config = load_config(project_with_pool)
+    config.loop.relabel_budget = 0  # the question below is the only one
+    save_config(project_with_pool, config)
+    named, guessed = _recording_push(monkeypatch)
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        project_id = session.scalars(select(Image.project_id)).first()
+        first = session.scalars(select(Round).where(Round.number == 1)).one()
+        asked = session.scalars(select(Image).where(Image.split == "train").order_by(Image.id)).first()
+        given = current_labels(session, project_id)[asked.id].label
+        session.add_all([Selection(round_id=first.id, image_id=asked.id, rank=0, score=0.1, strategy="label_quality", reason="suspected_label_error",
+                                   predicted_label="spot", push_status="pushed", pushed_at=first.finished_at),
+                         AnnotationTask(backend="oracle", image_id=asked.id, external_task_id="task-9"),
+                         LabelEvent(image_id=asked.id, label=given, source="annotator", annotator="ann1", external_id="answer-9")])  # confirmed
+        asked_id, asked_path = asked.id, asked.path
+    truth = Path(load_config(project_with_pool).annotator.oracle_manifest)  # only ann1 answers it
+    truth.write_text("".join(line for line in truth.read_text().splitlines(keepends=True) if asked_path not in line))
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    assert asked_id in named[1] and asked_id not in guessed[1]  # answered: its task is closed
+    with session_scope(ctx.engine) as session:
+        session.add(LabelEvent(image_id=asked_id, label=None, action="delete", source="annotator", annotator="ann1", external_id="answer-9"))
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    assert asked_id in guessed[2] and asked_id not in named[2], (named, guessed)  # open again: it waits, with this round's guess
+
+
 def test_a_push_marks_each_image_and_only_the_one_not_handed_over_is_retried(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from labeling.base import PushReport
     from labeling.simulated import OracleAnnotator

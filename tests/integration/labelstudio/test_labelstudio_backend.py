@@ -7,7 +7,7 @@ import secrets
 from contextlib import contextmanager
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
@@ -22,7 +22,7 @@ from labeling import labelstudio_backend
 from labeling import labelstudio_client as lsc
 from labeling import labelstudio_server as lss
 from labeling.labelstudio_backend import LabelStudioBackend, record_webhook_event
-from store.models import AnnotationTask, LabelEvent, Project, RejectedAnnotation, Round
+from store.models import AnnotationTask, LabelEvent, Project, RejectedAnnotation, Round, Selection
 from store.queries import current_labels
 
 pytestmark = pytest.mark.labelstudio
@@ -1244,6 +1244,9 @@ def test_a_server_replaced_at_the_same_address_loses_no_label_and_puts_no_answer
     try:
         backend = servers.backend(first)
         push(backend, store, [store.task(k, predicted="good") for k in range(4, 8)])
+        with store.session() as session:  # as a round records its asks: what the pull that retires the project asks again
+            session.add_all(Selection(round_id=store.round_ids[1], image_id=store.image_ids[k], rank=k, score=0.5, strategy="margin", reason="uncertain",
+                                      predicted_label="good", push_status="pushed", pushed_at=datetime(2026, 1, 1, tzinfo=timezone.utc)) for k in range(4, 8))
         servers.answer(first, store, task_ids_by_image(store), range(4, 6))  # image 7's task waits
         skipper = LabelStudio(base_url=first.url, api_key=servers.annotator_token)  # image 6's only answer is a skip: it waits too
         skipper.annotations.create(id=task_ids_by_image(store)[store.image_ids[6]], result=[], was_cancelled=True, lead_time=1.0)
@@ -1268,9 +1271,12 @@ def test_a_server_replaced_at_the_same_address_loses_no_label_and_puts_no_answer
     assert {k: current[store.image_ids[k]].label for k in range(0, 6)} == {k: store.truth[k] for k in range(0, 6)}
     assert all(before[image_id] == (current[image_id].label, current[image_id].source) for image_id in before)  # none lost or moved
     assert gone.deleted == 0 and any("is gone" in warning for warning in gone.warnings)
-    assert any("no longer the one this store pushed to" in warning for warning in pushed.warnings)
-    # their tasks waited: asked again (QA: a skipped image counted as answered, and no later round asked it again)
-    assert pushed.gone_image_ids == {store.image_ids[6], store.image_ids[7]}
+    # the pull retires it: the round that pulled asks the images whose task waited in its own push (the push found it
+    # gone, after the round had chosen its asks, so they waited a round more)
+    assert any("no longer the one this store pushed to" in warning for warning in gone.warnings) and pushed.gone_image_ids == set()
+    with store.session() as session:  # their tasks waited: asked again (QA: a skipped image counted as answered, and no later round asked it again)
+        asks = dict(session.execute(select(Selection.image_id, Selection.push_status).where(Selection.round_id == store.round_ids[1])).all())
+    assert asks == {store.image_ids[4]: "pushed", store.image_ids[5]: "pushed", store.image_ids[6]: "pending", store.image_ids[7]: "pending"}
     with store.session() as session:
         retired = session.get(Project, store.project_id).labelstudio_projects["retired"]
         old_voters = {event.annotator for event in session.scalars(select(LabelEvent).where(LabelEvent.image_id.in_(list(before))))}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,19 @@ def test_two_loop_rounds_through_label_studio(tmp_path: Path, class_folders: Pat
         assert not session.scalars(select(Selection).where(Selection.image_id == image_id, Selection.reason == "answer_rejected")).all()
         assert not session.scalars(select(RejectedAnnotation).where(RejectedAnnotation.external_id == str(late))).all()
     assert admin.tasks.get(id=str(open_task.id)).data.get("reason") != "answer_rejected"
+
+    # The Label Studio project deleted by hand: the next round's pull retires it and the same round's push asks the
+    # images whose task waited there, in a new project (the push used to find it gone after the round had chosen its
+    # asks, and they waited a round more)
+    waiting_images = {t.data["defect_loop_image_id"] for t in admin.tasks.list(project=ls_project, fields="all") if not t.annotations}
+    assert waiting_images
+    admin.projects.delete(id=ls_project)
+    said = " ".join(invoke("round", "--project", str(project), "--quiet").output.split())
+    with session_scope(ctx.engine) as session:
+        now_asked = {row.image_id: int(row.external_project_id) for row in session.scalars(select(AnnotationTask))}
+        retired = session.scalars(select(Round).order_by(Round.number.desc())).first().details["pull"]
+    assert waiting_images <= set(now_asked) and ls_project not in set(now_asked.values()), (waiting_images, now_asked)
+    assert any(f"Label Studio project {ls_project} is gone" in warning for warning in retired["warnings"]), retired
+    # (a task whose only answers were refused or skipped waits too: Label Studio lists it with an annotation)
+    asked_again = int(re.search(r"and (\d+) images whose task waited for an answer are asked again in a new task", said).group(1))
+    assert asked_again >= len(waiting_images) and int(re.search(r"selected for labeling: (\d+) pushed", said).group(1)) >= asked_again, said
