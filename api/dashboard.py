@@ -402,7 +402,9 @@ def _summary_cards(progress: ProgressSeries, latest: RoundReport | None) -> str:
         verdict = "pass" if summary.all_gates_passed else ("fail" if summary.all_gates_passed is False else "na")
         cards += [
             ("latest round", f"R{summary.number} · {_shown_status(summary)}"),
-            ("gates passed", f'<span class="verdict {verdict}">{gates}</span>'),
+            ("gates passed", f'<span class="verdict {verdict}">{gates}</span>' + (
+                f' <span class="issue-round-note unsettled-gates" title="the 90% interval on the test split straddles the gate">'
+                f'({escape(", ".join(unsettled))}: the test split cannot tell)</span>' if (unsettled := [g.name for g in latest.gates if g.applicable and g.settled is False]) else "")),
             ("labeled images", str(latest.label_counts.total_labeled)),
             ("flagged label issues", str(latest.n_flagged_label_issues)),
             ("near-duplicates", str(latest.n_near_duplicates)

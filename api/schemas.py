@@ -344,6 +344,8 @@ class PredictOut(Schema):
         default=None, description="whether the round whose model answered passed its gates: /predict serves the newest completed round's "
                                   "model, passed or not; null: the round had no applicable gate")
     failed_gates: list[str] = Field(default_factory=list, description="the gates that round failed (by name)")
+    unsettled_gates: list[str] = Field(default_factory=list, description="the gates whose 90% interval on that round's test split straddles "
+                                                                         "their threshold: passed or failed, the test split is too small to tell")
     threshold: float | None
     negative_class: str | None
     class_names: list[str]

@@ -438,12 +438,21 @@ def _print_coverage(batches: list[dict], by_batch: list[dict], *, round_number: 
             f"{gate_values_text(row)}" for row in by_batch))
 
 
+UNSETTLED_SHORT = {"negative_fpr": "FPR", "defect_recall": "recall", "macro_f1": "F1", "latency_ms": "latency"}
+
+
 def _print_doubts_on_gates(latest: dict) -> None:
     """What the newest completed round said the gates cannot vouch for (a status entry): batches whose defects only good
     test parts stand near, and ingests whose labels look wrong as a whole. The round warned while it ran; status keeps
     saying so until a round no longer finds them (they were in status --json alone)."""
     from store.reports import ingest_batches_text
 
+    if latest.get("unsettled_gates"):
+        console.print(f"[yellow]gates the test split cannot settle (round {latest['number']}):[/] " + " · ".join(
+            f"{name} {interval['value']:.3g}, 90% interval [{interval['low']:.3g}, {interval['high']:.3g}] around {gate['threshold']:g} "
+            f"({interval['n_images']} images)" for name in latest["unsettled_gates"]
+            if (interval := (latest.get("test_intervals") or {}).get(name)) and (gate := next((g for g in latest["gates"] if g["name"] == name), None)))
+            + ": their pass or fail is the test split's luck; label more test images of those classes")
     for row in latest.get("defects_unmeasured") or []:
         console.print(f"[yellow]defects not measured (round {latest['number']}):[/] {ingest_batches_text(row['ingest_batch_ids'])} "
                       f"({escape(str(row['source']))}): the model calls {row['n_predicted_defect']} of its unlabeled images defects, and the "
@@ -618,6 +627,8 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
         shown = {"macro_f1": "F1", "defect_recall": "recall", "negative_fpr": "FPR", "latency_ms": "latency"} if narrow else {}
         gates = "all pass" if r["all_gates_pass"] else ", ".join(shown.get(g["name"], g["name"]) for g in r["gates"]
                                                                  if g["applicable"] and not g["passed"]) or "-"
+        if r["unsettled_gates"] and gates != "-":  # the test split is too small to tell these gates' pass from fail (QA)
+            gates += f" ({', '.join(UNSETTLED_SHORT.get(name, name) for name in r['unsettled_gates'])} unsettled)"
         trained = r["train_strategy"] or "-"
         if r["training"].get("best_epoch") is not None and r["training"].get("epochs_run"):
             trained += f" (epoch {r['training']['best_epoch']}/{r['training']['epochs_run']})"

@@ -15,7 +15,8 @@ from store.artifacts import artifact_shown
 from store.models import Image, IngestBatch, Round
 from store.queries import current_labels, get_project
 from store.reports import (as_utc, calibration_of, collapsed_of, defects_unmeasured_of, init_from_of, label_quality_of, metrics_by_batch_of,
-                           threshold_of, training_of, unfamiliar_batches_of)
+                           threshold_of, training_of, unfamiliar_batches_of,
+                           unsettled_gates_of)
 
 STATUS_SCHEMA_VERSION = 1
 
@@ -135,6 +136,9 @@ def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, s
         "classes_missing_from_test": details.get("classes_missing_from_test"),  # none of their images in the test split: macro F1 fails
         "gates": [{"name": g.name, "value": g.value, "threshold": g.threshold, "comparison": g.comparison, "applicable": g.applicable, "passed": g.passed} for g in round_row.gates],
         "all_gates_pass": details.get("all_gates_pass"),
+        # gates whose 90% interval on the test split straddles the threshold: their pass or fail is the split's luck
+        "unsettled_gates": unsettled_gates_of(details, round_row.gates),
+        "test_intervals": details.get("test_intervals"),
         "latency": details.get("latency"),
         "step_timings_s": round_row.step_timings_s,
         # as they are in this folder: the recorded paths name the folder the round ran in, which a move or a copy left

@@ -889,6 +889,15 @@ def _metrics_without_copies(details: dict) -> dict[str, int | float | None] | No
     return counts | {key: _float_or_none(without.get(key)) for key in ("macro_f1", "defect_recall", "negative_fpr", "accuracy")}
 
 
+def unsettled_gates_of(details: dict[str, Any] | None, gates: Sequence[Any]) -> list[str]:
+    """The applicable gates (rows with name and applicable) whose 90% interval on the test split straddles their
+    threshold: a pass or fail there is the test split's luck, not the model's (QA: 8 good test parts, FPR interval
+    [0, 0.31], read "all pass" in status, the dashboard's card and /predict)."""
+    intervals = (details or {}).get("test_intervals") or {}
+    return [gate.name for gate in gates if gate.applicable and isinstance(intervals.get(gate.name), dict)
+            and isinstance(intervals[gate.name].get("low"), (int, float)) and intervals[gate.name].get("settled") is False]
+
+
 def _interval_of(details: dict, gate_name: str) -> dict[str, Any]:
     interval = (details.get("test_intervals") or {}).get(gate_name)
     if not isinstance(interval, dict) or not isinstance(interval.get("low"), (int, float)):

@@ -181,6 +181,7 @@ def predict(
     # served whatever its gates said (the newest model): the answer says so, for a caller that wants only passing ones
     applicable = [gate for gate in round_.gates if gate.applicable]
     failed_gates = [gate.name for gate in applicable if not gate.passed]
+    unsettled_gates = reports.unsettled_gates_of(details, applicable)
     class_names = details.get("class_names") or list(project.classes or [])
     if not isinstance(class_names, list) or not class_names:
         raise _unusable("details.class_names is missing")
@@ -220,6 +221,6 @@ def predict(
         ))
     return PredictOut(
         project_id=project.id, round_id=round_.id, round_number=round_.number, threshold=threshold,
-        all_gates_passed=not failed_gates if applicable else None, failed_gates=failed_gates,
+        all_gates_passed=not failed_gates if applicable else None, failed_gates=failed_gates, unsettled_gates=unsettled_gates,
         negative_class=negative_class if negative_class in class_names else None, class_names=class_names, predictions=predictions,
     )

@@ -86,3 +86,21 @@ def test_a_round_that_named_neither_shows_neither(new_project) -> None:  # noqa:
         page = client.get(f"/dashboard?token={TOKEN}").text
     assert body["defects_unmeasured"] is None and body["label_quality"]["suspect_batches"] == []
     assert "defects-unmeasured" not in page and "suspect-batch" not in page
+
+
+def test_gates_the_test_split_cannot_settle_are_said_beside_their_pass(new_project) -> None:  # noqa: ANN001
+    # QA: 8 good test parts gave an FPR interval [0, 0.31] around the 3% gate; status said "all pass", the dashboard's card
+    # "4/4", with nothing beside them
+    intervals = {"negative_fpr": {"value": 0.0, "low": 0.0, "high": 0.3123, "n_images": 8, "n_parts": 8, "settled": False},
+                 "defect_recall": {"value": 1.0, "low": 0.9, "high": 1.0, "n_images": 30, "n_parts": 30, "settled": True}}
+    _record_round(new_project, details={"test_intervals": intervals, "all_gates_pass": True})
+    said = " ".join(CliRunner().invoke(app, ["status", "--project", str(new_project.root)], env={"COLUMNS": "200"}).output.split())
+    assert "all pass (FPR unsettled)" in said, said
+    assert ("gates the test split cannot settle (round 1): negative_fpr 0, 90% interval [0, 0.312] around 0.03 (8 images): their pass or "
+            "fail is the test split's luck") in said, said
+    status = json.loads(CliRunner().invoke(app, ["status", "--project", str(new_project.root), "--json"]).output)["rounds"][0]
+    assert status["unsettled_gates"] == ["negative_fpr"] and status["all_gates_pass"] is True
+    settings = Settings(project_dir=new_project.root, api_token=TOKEN + "-full", api_read_token=TOKEN)
+    with TestClient(create_app(settings)) as client:
+        page = " ".join(client.get(f"/dashboard?token={TOKEN}").text.split())
+    assert '4/4</span> <span class="issue-round-note unsettled-gates"' in page and "(negative_fpr: the test split cannot tell)" in page

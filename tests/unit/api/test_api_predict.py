@@ -29,6 +29,8 @@ def test_predict_one_and_many(client: TestClient, full_headers: dict[str, str], 
     assert body["round_number"] == 2 and body["round_id"] == seeded_store.round_ids[2]  # R4 runs, R3 failed: R2 is the latest completed
     assert body["threshold"] == 0.4 and body["negative_class"] == "good" and body["class_names"] == ["good", "scratch", "spot"]
     assert (body["all_gates_passed"], body["failed_gates"]) == (True, [])
+    # its FPR passed on an interval [0.004, 0.09] across the 3% gate: said, not hidden behind the pass (QA)
+    assert body["unsettled_gates"] == ["negative_fpr"]
     grey, red, green = body["predictions"]
     assert [p["filename"] for p in body["predictions"]] == ["grey.png", "red.png", "green.jpg"]
     for prediction in body["predictions"]:
