@@ -145,7 +145,7 @@ def open_project(root: Path, *, database_url: str | None = None) -> ProjectConte
     if url == default_store_url(root) and not default.is_file():  # the driver would make an empty store and say "no project"
         raise ConfigError(f"the store of project {root} is missing: no loop.db there, and loop.toml names no database_url. If the project "
                           "was made with LOOP_DATABASE_URL set, set it again (or put database_url in loop.toml); nothing was changed")
-    upgrade_schema(url)  # a project made by an older defect-loop gets the newer columns (a no-op when current)
+    upgrade_schema(url, lock_files=(root / ".loop.lock",))  # a project made by an older defect-loop gets the newer columns (a no-op when current)
     engine = create_db_engine(url)
     with session_scope(engine) as session:
         one_project_per_store(session, store=shown_url(url))
@@ -173,7 +173,7 @@ def open_project_store(root: Path) -> tuple[ProjectContext, str | None]:
             if not default.is_file():
                 raise error from None  # no store to read: do not create an empty one
             url = default_store_url(root)
-        upgrade_schema(url)
+        upgrade_schema(url, lock_files=(root / ".loop.lock",))
         return ProjectContext(root, None, create_db_engine(url)), str(error)  # type: ignore[arg-type]  # read-only use
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import sqlite3
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -333,10 +335,15 @@ def store_is_read_only(error: BaseException) -> bool:
     return "readonly database" in database_error_reason(error)
 
 
-def upgrade_schema(url: str) -> None:
+def upgrade_schema(url: str, *, lock_files: tuple[Path, ...] = ()) -> None:
     """Run the Alembic migrations up to head on the database at url. A store already at head is only read (every
     command calls this: it must not queue behind a running round's writes); an upgrade waits for any other process
-    upgrading the same store (hold_schema_lock in alembic/env.py), then finds the work done."""
+    upgrading the same store (hold_schema_lock in alembic/env.py), then finds the work done.
+
+    A store made by an older defect-loop is upgraded for good: older releases cannot open it after. So it is said
+    (stderr), a SQLite file is copied first (`loop.db.schema-<revision>.bak`), and nothing is upgraded while a round
+    or an ingest holds the store's lock or one of `lock_files` (an older release still running on it: QA, its next
+    command crashed). A store from a newer release, or a read-only one that needs the upgrade, is one clear error."""
     from alembic.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
@@ -354,9 +361,52 @@ def upgrade_schema(url: str) -> None:
         raise StoreUnavailable(f"cannot open the store at {shown_url(url)}: {reason}. {_what_to_check(url)}; nothing was changed") from None
     finally:
         engine.dispose()
-    if current == set(ScriptDirectory.from_config(config).get_heads()):
+    scripts = ScriptDirectory.from_config(config)
+    heads = set(scripts.get_heads())
+    if current == heads:
         return
-    command.upgrade(config, "head")  # an error in a migration itself is not "cannot open": it stays a traceback
+    known = {revision.revision for revision in scripts.walk_revisions()}
+    if current - known:  # Alembic's own error was a 100-line traceback (QA)
+        raise StoreUnavailable(f"the store at {shown_url(url)} was made or upgraded by a newer defect-loop (schema {', '.join(sorted(current - known))}; "
+                               f"this release knows up to {', '.join(sorted(heads))}): use that release, or a copy of the store from before "
+                               "its upgrade; nothing was changed")
+    database = make_url(url).database if url.startswith("sqlite") else None
+    store_file = Path(database).resolve() if database and database != ":memory:" and not database.startswith("file:") else None
+    if current:  # an existing store, not a new one
+        lock_path = None if store_file is None else store_file.with_name(store_file.name + ".lock")
+        busy = [path for path in (*lock_files, *([lock_path] if lock_path else [])) if lock_file_held(path)]
+        if busy:
+            raise StoreUnavailable(f"the store at {shown_url(url)} needs a schema upgrade ({', '.join(sorted(current))} to {', '.join(sorted(heads))}), and "
+                                   f"{busy[0].read_text().strip() or 'a process'} holds {busy[0]}: an older defect-loop may be running on it, "
+                                   "which could not open it after. Run this again when it has finished; nothing was changed")
+        backup = None
+        if store_file is not None and store_file.is_file():
+            backup = store_file.with_name(f"{store_file.name}.schema-{'-'.join(sorted(current))}.bak")
+            try:
+                _copy_sqlite(store_file, backup)
+            except (OSError, sqlite3.Error) as error:
+                raise StoreUnavailable(f"the store at {shown_url(url)} needs a schema upgrade ({', '.join(sorted(current))} to {', '.join(sorted(heads))}), "
+                                       f"and a copy of it from before could not be written to {backup} ({error}): make its folder writable; "
+                                       "nothing was changed") from None
+        sys.stderr.write(f"note: upgrading the store at {shown_url(url)} from schema {', '.join(sorted(current))} to {', '.join(sorted(heads))} "
+                         f"(a newer defect-loop); releases before it can no longer open it"
+                         + (f". Its copy from before: {backup}\n" if backup else " (not a SQLite file: no copy made; the database's own backups hold the old schema)\n"))
+    try:
+        command.upgrade(config, "head")  # an error in a migration itself is not "cannot open": it stays a traceback
+    except OperationalError as error:
+        if not store_is_read_only(error):
+            raise
+        raise StoreUnavailable(f"the store at {shown_url(url)} needs a schema upgrade ({', '.join(sorted(current)) or 'none'} to {', '.join(sorted(heads))}, "
+                               f"made by a newer defect-loop), which writes to it, and it is read-only ({database_error_reason(error)}). "
+                               f"{_what_to_check(url)}; nothing was changed") from None
+
+
+def _copy_sqlite(source: Path, target: Path) -> None:
+    """A consistent copy of a SQLite store (its -wal included), through SQLite's backup API."""
+    with sqlite3.connect(f"file:{source}?mode=ro", uri=True) as reading, sqlite3.connect(target) as writing:
+        reading.backup(writing)
+    writing.close()
+    reading.close()
 
 
 # PostgreSQL advisory lock taken inside a transaction that changes the store's schema or makes its project row

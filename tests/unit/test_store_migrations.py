@@ -116,3 +116,59 @@ def test_processes_connecting_first_to_a_new_sqlite_store_at_one_moment_all_get_
             process.join(timeout=30)
         failures += [outcome for outcome in outcomes if outcome != "ok"]
     assert failures == []
+
+
+def _old_project(tmp_path: Path, class_folders: Path, revision: str = "0002") -> Path:
+    """A project whose store is at an older schema revision, as an older defect-loop left it."""
+    project_dir = tmp_path / "old"
+    classes = ",".join(sorted(d.name for d in class_folders.iterdir()))
+    assert CliRunner().invoke(app, ["init", str(project_dir), "--classes", classes, "--negative-class", "good"]).exit_code == 0
+    assert CliRunner().invoke(app, ["ingest", str(class_folders), "--project", str(project_dir), "--quiet"]).exit_code == 0
+    command.downgrade(alembic_config(f"sqlite:///{project_dir / 'loop.db'}"), revision)
+    return project_dir
+
+
+def _revision(project_dir: Path, name: str = "loop.db") -> str:
+    engine = create_engine(f"sqlite:///{project_dir / name}")
+    with engine.begin() as connection:
+        revision = connection.execute(text("select version_num from alembic_version")).scalar()
+    engine.dispose()
+    return revision
+
+
+def test_an_older_store_is_copied_before_its_upgrade_and_the_upgrade_is_said(tmp_path: Path, class_folders: Path) -> None:
+    # QA: `loop status` upgraded a teammate's store for good, silently, without a copy; their older release then crashed
+    project_dir = _old_project(tmp_path, class_folders)
+    result = CliRunner().invoke(app, ["status", "--project", str(project_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    backup = project_dir / "loop.db.schema-0002.bak"
+    said = " ".join(result.stderr.split())
+    assert f"note: upgrading the store at sqlite:///{project_dir / 'loop.db'} from schema 0002 to 0007" in said, said
+    assert "releases before it can no longer open it" in said and f"Its copy from before: {backup}" in said
+    assert (_revision(project_dir), _revision(project_dir, backup.name)) == ("0007", "0002")
+    again = CliRunner().invoke(app, ["status", "--project", str(project_dir), "--json"])
+    assert again.exit_code == 0 and "upgrading" not in again.stderr  # at head: nothing to say, nothing copied
+
+
+def test_an_older_store_is_not_upgraded_while_a_round_holds_its_project(tmp_path: Path, class_folders: Path) -> None:
+    # QA: refused as busy, "nothing was changed", while the store had been upgraded under the running (older) round
+    import os
+
+    project_dir = _old_project(tmp_path, class_folders)
+    (project_dir / ".loop.lock").write_text(f"loop round running as pid {os.getpid()}")
+    result = CliRunner().invoke(app, ["round", "--project", str(project_dir), "--quiet"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "needs a schema upgrade (0002 to 0007)" in said and "nothing was changed" in said, said
+    assert _revision(project_dir) == "0002" and not list(project_dir.glob("*.bak"))
+
+
+def test_a_store_from_a_newer_release_is_one_line_not_a_traceback(tmp_path: Path, class_folders: Path) -> None:
+    project_dir = _old_project(tmp_path, class_folders, revision="head")
+    engine = create_engine(f"sqlite:///{project_dir / 'loop.db'}")
+    with engine.begin() as connection:
+        connection.execute(text("update alembic_version set version_num = '0099'"))
+    engine.dispose()
+    result = CliRunner().invoke(app, ["status", "--project", str(project_dir)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in said, said
+    assert "made or upgraded by a newer defect-loop (schema 0099; this release knows up to 0007)" in said and "nothing was changed" in said
