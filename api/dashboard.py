@@ -407,7 +407,7 @@ def _summary_cards(progress: ProgressSeries, latest: RoundReport | None) -> str:
                 f'({escape(", ".join(unsettled))}: the test split cannot tell)</span>' if (unsettled := [g.name for g in latest.gates if g.applicable and g.settled is False]) else "")),
             ("labeled images", str(latest.label_counts.total_labeled)),
             ("flagged label issues", str(latest.n_flagged_label_issues)),
-            ("near-duplicates", str(latest.n_near_duplicates)
+            ("near-duplicates", ("not checked" if latest.n_near_duplicates is None else str(latest.n_near_duplicates))
              + (f' <span class="verdict fail" title="test images with a labeled near-copy outside the test split">'
                 f'{latest.n_test_images_with_copy_outside} across test</span>' if latest.n_test_images_with_copy_outside else "")),
             ("round time", f"{_fmt(summary.duration_s, 3)} s" if summary.duration_s is not None else "–"),

@@ -232,8 +232,9 @@ class RoundOut(RoundSummaryOut):
     n_label_issues: int = Field(description="suspected label errors (near-duplicates and outliers are counted apart)")
     n_flagged_label_issues: int
     n_selected: int
-    n_near_duplicates: int = Field(description="images with a pixel-verified near-copy among the project's images")
-    n_outliers: int
+    n_near_duplicates: int | None = Field(description="images with a pixel-verified near-copy among the project's images; null: the round "
+                                                       "did not check (a round made before the check, or a failed one)")
+    n_outliers: int | None = Field(description="null: the round did not check")
     n_test_images_with_copy_outside: int | None = Field(
         description="test images with a labeled near-copy outside the frozen test split (train or validation): the test metrics are "
                     "optimistic for them; pool copies join the test split instead; null: not checked")

@@ -121,6 +121,7 @@ def image_records(session: Session, project: Project, source: ExportSource, *, l
         round_id = session.scalar(select(Round.id).where(Round.project_id == project.id, Round.number == source.round_number))
     predictions: dict[int, tuple[str, float | None, dict]] = {}
     issues: dict[int, dict[str, Any]] = defaultdict(dict)
+    checked_outliers = False
     if round_id is not None:
         # plain rows, not ORM objects: 100k predictions as objects were most of the export's memory
         predictions = {image_id: (label, p_defect, probabilities) for image_id, label, p_defect, probabilities in session.execute(
@@ -134,6 +135,9 @@ def image_records(session: Session, project: Project, source: ExportSource, *, l
                 found["near_duplicate_of"] = paths.get(issue.related_image_id)
             elif issue.kind == "outlier":
                 found["outlier"] = True
+        # rounds made before outliers were looked for have no data-quality record: not checked, not "no outlier" (QA)
+        checked_outliers = (isinstance((session.get(Round, round_id).details or {}).get("data_quality"), dict)
+                            or any(found.get("outlier") for found in issues.values()))
     query = select(Image).where(Image.project_id == project.id, Image.status != "replaced").order_by(Image.id)
     for image in session.scalars(query.execution_options(yield_per=2000)):
         label = labels.get(image.id)
@@ -173,7 +177,7 @@ def image_records(session: Session, project: Project, source: ExportSource, *, l
             "suggested_label": found.get("suggested_label"),
             "label_quality": found.get("label_quality"),
             "near_duplicate_of": found.get("near_duplicate_of"),
-            "outlier": bool(found.get("outlier", False)) if in_round else None,
+            "outlier": bool(found.get("outlier", False)) if in_round and checked_outliers else None,
             "file_on_disk": on_disk,
             "ingest_batch_id": image.ingest_batch_id,
         }

@@ -227,8 +227,8 @@ class RoundReport:
     n_label_issues: int  # label errors (the relabel queue); near-duplicates and outliers are counted apart
     n_flagged_label_issues: int
     n_selected: int
-    n_near_duplicates: int = 0  # images with a pixel-verified near-copy
-    n_outliers: int = 0
+    n_near_duplicates: int | None = 0  # images with a pixel-verified near-copy; None: the round did not check
+    n_outliers: int | None = 0
     # test images with a near-copy outside the frozen test split (the test metrics are optimistic for them); None: not checked
     n_test_images_with_copy_outside: int | None = None
     # the gate metrics on the test images without such a copy (n_images, n_excluded, macro_f1, defect_recall, negative_fpr, accuracy)
@@ -855,8 +855,10 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         n_label_issues=n_issues or 0,
         n_flagged_label_issues=n_flagged or 0,
         n_selected=n_selected,
-        n_near_duplicates=n_near_duplicates or 0,
-        n_outliers=n_outliers or 0,
+        # None where the round never looked (rounds before the check, a failed round): 0 read as "no copies" (QA); the
+        # details' full counts where recorded (the stored rows are the strongest few hundred)
+        n_near_duplicates=_found_count(details, "near_duplicates", n_near_duplicates),
+        n_outliers=_found_count(details, "outliers", n_outliers),
         n_test_images_with_copy_outside=across if isinstance(across, int) else None,
         test_metrics_without_copies=_metrics_without_copies(details),
         cold_start=cold_start_of(details),
@@ -872,6 +874,16 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         test_metrics_by_batch=metrics_by_batch_of(details),
         defects_unmeasured=defects_unmeasured_of(details),
     )
+
+
+def _found_count(details: dict, kind: str, stored_rows: int | None) -> int | None:
+    """Images a round's data-quality step found (near_duplicates, outliers): its recorded count, else its stored rows;
+    None when the round has no data-quality record (it never checked)."""
+    quality = details.get("data_quality")
+    if not isinstance(quality, dict):
+        return stored_rows or None  # findings stored without the record: it looked
+    recorded = (quality.get(kind) or {}).get("n_issues") if isinstance(quality.get(kind), dict) else None
+    return recorded if isinstance(recorded, int) else (stored_rows or 0)
 
 
 def _regrouped_of(details: dict) -> dict[str, int] | None:

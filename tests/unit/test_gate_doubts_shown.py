@@ -104,3 +104,37 @@ def test_gates_the_test_split_cannot_settle_are_said_beside_their_pass(new_proje
     with TestClient(create_app(settings)) as client:
         page = " ".join(client.get(f"/dashboard?token={TOKEN}").text.split())
     assert '4/4</span> <span class="issue-round-note unsettled-gates"' in page and "(negative_fpr: the test split cannot tell)" in page
+
+
+def test_a_round_that_never_looked_for_copies_and_outliers_says_not_checked_not_zero(new_project, class_folders) -> None:  # noqa: ANN001
+    # QA (upgrade): rounds of an older release ran no near-copy or outlier check; the API said 0 and 0, the dashboard
+    # "near-duplicates 0" and the export outlier=False for every image, while the first new round found 28 near-copies
+    import csv
+
+    from sqlalchemy import select
+
+    from store.models import Image, Prediction
+
+    assert CliRunner().invoke(app, ["ingest", str(class_folders), "--project", str(new_project.root), "--quiet"]).exit_code == 0
+    old = _record_round(new_project, details={})
+    with session_scope(new_project.engine) as session:
+        image_id = session.scalars(select(Image.id).order_by(Image.id)).first()
+        session.add(Prediction(round_id=old, image_id=image_id, predicted_label="good", p_defect=0.1, probabilities={"good": 0.9}))
+    settings = Settings(project_dir=new_project.root, api_token=TOKEN + "-full", api_read_token=TOKEN)
+    with TestClient(create_app(settings)) as client:
+        body = client.get(f"/rounds/{old}", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        page = " ".join(client.get(f"/dashboard?token={TOKEN}").text.split())
+    assert (body["n_near_duplicates"], body["n_outliers"]) == (None, None)
+    assert 'near-duplicates</div><div class="card-value">not checked' in page
+    out = new_project.root / "export.csv"
+    assert CliRunner().invoke(app, ["export", str(out), "--project", str(new_project.root)]).exit_code == 0
+    rows = {int(row["image_id"]): row for row in csv.DictReader(out.open())}
+    assert rows[image_id]["predicted_label"] == "good" and rows[image_id]["outlier"] == ""  # not checked: empty, not False
+
+    with session_scope(new_project.engine) as session:  # a round that looked: its recorded counts, and False where none found
+        session.get(Round, old).details = {**session.get(Round, old).details, "data_quality": {"near_duplicates": {"n_issues": 3}, "outliers": {"n_issues": 0}}}
+    with TestClient(create_app(settings)) as client:
+        body = client.get(f"/rounds/{old}", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert (body["n_near_duplicates"], body["n_outliers"]) == (3, 0)
+    assert CliRunner().invoke(app, ["export", str(out), "--project", str(new_project.root), "--force"]).exit_code == 0
+    assert {int(row["image_id"]): row for row in csv.DictReader(out.open())}[image_id]["outlier"] == "False"
