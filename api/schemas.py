@@ -262,6 +262,10 @@ class RoundOut(RoundSummaryOut):
         default=None, description="labeled near-copies an ingest had drawn on both sides of the test split (or in train and validation), put "
                                   "on one side by this round before any round measured them: moved, into_test, out_of_test, "
                                   "between_train_and_validation; the test split's image count changes by into_test - out_of_test; null: none moved")
+    test_labels_changed: dict[str, int] | None = Field(
+        default=None, description="how the test split's labels changed since the previous completed round read them: since_round, relabeled "
+                                  "(another class), newly_labeled, no_longer_labeled (a tie, an answer deleted); a change of a gate over "
+                                  "rounds is partly these labels'; null: not recorded (the first round, an older round)")
     defects_unmeasured: list[UnmeasuredDefectsBatchOut] | None = Field(
         default=None, description="ingest batches whose unlabeled images the model calls defects while the labeled test image nearest each is a "
                                   "good part: the gates do not measure defects like theirs (a new camera's test set of good parts alone, say); "

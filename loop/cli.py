@@ -453,6 +453,11 @@ def _print_doubts_on_gates(latest: dict) -> None:
             f"({interval['n_images']} images)" for name in latest["unsettled_gates"]
             if (interval := (latest.get("test_intervals") or {}).get(name)) and (gate := next((g for g in latest["gates"] if g["name"] == name), None)))
             + ": their pass or fail is the test split's luck; label more test images of those classes")
+    changed = latest.get("test_labels_changed") or {}
+    if changed.get("relabeled") or changed.get("no_longer_labeled"):
+        console.print(f"[yellow]test labels changed (round {latest['number']}):[/] since round {changed['since_round']}, {changed['relabeled']} labeled "
+                      f"test images have another label, {changed['no_longer_labeled']} none any more: its gates score against other labels "
+                      "than the round before")
     for row in latest.get("defects_unmeasured") or []:
         console.print(f"[yellow]defects not measured (round {latest['number']}):[/] {ingest_batches_text(row['ingest_batch_ids'])} "
                       f"({escape(str(row['source']))}): the model calls {row['n_predicted_defect']} of its unlabeled images defects, and the "

@@ -67,7 +67,7 @@ from store import session_scope
 from store.db import confirm_store_lock, shown_url
 from store.models import (AnnotationTask, GateResult, Image, IngestBatch, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round,
                           Selection)
-from store.queries import (ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number,
+from store.queries import (ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number, resolve_label,
                            requeue_newest_asks)
 from store.reports import GATE_METRICS, as_utc, gate_values_text, ingest_batches_text
 
@@ -345,10 +345,10 @@ def load_images(state: RoundState) -> None:
     """Every ok image with its split and current label: the positions all later steps share."""
     state.details["labels_read_at"] = datetime.now(timezone.utc).isoformat()  # what this round's asks are compared with
     with session_scope(state.ctx.engine) as session:
-        project = get_project(session)
-        labels = current_labels(session, project.id)
+        project_id = get_project(session).id
+        labels = current_labels(session, project_id)
         images = session.execute(select(Image.id, Image.path, Image.sha256, Image.part, Image.split, Image.ingest_batch_id)
-                                 .where(Image.project_id == project.id, Image.status == "ok").order_by(Image.id)).all()
+                                 .where(Image.project_id == project_id, Image.status == "ok").order_by(Image.id)).all()
     state.image_ids = [row.id for row in images]
     state.position_of = {image_id: position for position, image_id in enumerate(state.image_ids)}
     state.paths = [row.path for row in images]
@@ -363,6 +363,48 @@ def load_images(state: RoundState) -> None:
         for i in state.image_ids
     ], dtype=int)
     state.details["ties_kept_out"] = sum(1 for i in state.image_ids if i in labels and labels[i].status == "tie")
+    with session_scope(state.ctx.engine) as session:
+        changed = _test_labels_changed(session, project_id=project_id, test_ids=[row.id for row in images if row.split == "test"], labels=labels)
+    if changed is not None:
+        state.details["test_labels_changed"] = changed
+        if changed["relabeled"] or changed["no_longer_labeled"]:
+            state.console.print(
+                f"[yellow]warning:[/] {changed['relabeled']} labeled test images have another label than when round {changed['since_round']} "
+                f"read them, {changed['no_longer_labeled']} none any more (relabeled, tied or an answer deleted): this round's gates "
+                "score against different test labels, so their change over rounds is partly the labels' (details.test_labels_changed)")
+
+
+def _test_labels_changed(session, *, project_id: int, test_ids: list[int], labels: dict[int, Any]) -> dict[str, Any] | None:  # noqa: ANN001
+    """How the test split's labels changed since the previous completed round read them: relabeled (another class),
+    newly labeled, no longer labeled (a tie, an answer deleted). None: no earlier round with its read time. The gates
+    over rounds compare values scored against these labels (QA: a test image relabeled by a manifest moved macro F1
+    from 0.556 to 0.665, and nothing said the test labels changed)."""
+    previous = session.execute(select(Round.number, Round.details["labels_read_at"].as_string()).where(
+        Round.project_id == project_id, Round.status == "completed").order_by(Round.number.desc()).limit(1)).first()
+    if previous is None or not previous[1]:
+        return None
+    since = _aware(datetime.fromisoformat(previous[1]))
+    events: dict[int, list[LabelEvent]] = defaultdict(list)
+    for chunk in range(0, len(test_ids), 500):  # SQLite limits the variables of one statement
+        for event in session.scalars(select(LabelEvent).where(LabelEvent.image_id.in_(test_ids[chunk:chunk + 500])).order_by(LabelEvent.id)):
+            events[event.image_id].append(event)
+    relabeled, newly, gone = [], 0, 0
+    for image_id, image_events in events.items():
+        if all(_aware(event.created_at) <= since for event in image_events):
+            continue  # nothing since
+        earlier = [event for event in image_events if _aware(event.created_at) <= since]
+        before = resolve_label(earlier) if earlier else None
+        now = labels.get(image_id)
+        was = before is not None and before.status == "labeled"
+        is_ = now is not None and now.status == "labeled"
+        if was and is_ and before.label != now.label:
+            relabeled.append({"image_id": image_id, "before": before.label, "now": now.label})
+        elif is_ and not was:
+            newly += 1
+        elif was and not is_:
+            gone += 1
+    return {"since_round": previous[0], "relabeled": len(relabeled), "newly_labeled": newly, "no_longer_labeled": gone,
+            "relabeled_images": relabeled[:20]}
 
 
 def find_near_copies(state: RoundState) -> None:

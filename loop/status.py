@@ -139,6 +139,8 @@ def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, s
         # gates whose 90% interval on the test split straddles the threshold: their pass or fail is the split's luck
         "unsettled_gates": unsettled_gates_of(details, round_row.gates),
         "test_intervals": details.get("test_intervals"),
+        # test labels changed since the round before read them: the gates over rounds score against other labels
+        "test_labels_changed": details.get("test_labels_changed"),
         "latency": details.get("latency"),
         "step_timings_s": round_row.step_timings_s,
         # as they are in this folder: the recorded paths name the folder the round ran in, which a move or a copy left

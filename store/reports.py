@@ -249,6 +249,8 @@ class RoundReport:
     # moved, into_test, out_of_test, between_train_and_validation; None: nothing moved (or an older round)
     unmeasured_copies_regrouped: dict[str, int] | None = None
     defects_unmeasured: list[UnmeasuredDefectsBatch] | None = None  # None: none named (or an older round)
+    # since the previous completed round read them: relabeled, newly_labeled, no_longer_labeled (None: not recorded)
+    test_labels_changed: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -873,7 +875,15 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         unfamiliar_batches=unfamiliar_batches_of(details),
         test_metrics_by_batch=metrics_by_batch_of(details),
         defects_unmeasured=defects_unmeasured_of(details),
+        test_labels_changed=_test_labels_changed_of(details),
     )
+
+
+def _test_labels_changed_of(details: dict) -> dict[str, int] | None:
+    raw = details.get("test_labels_changed")
+    if not isinstance(raw, dict):
+        return None
+    return {key: int(raw[key]) for key in ("since_round", "relabeled", "newly_labeled", "no_longer_labeled") if isinstance(raw.get(key), int)}
 
 
 def _found_count(details: dict, kind: str, stored_rows: int | None) -> int | None:

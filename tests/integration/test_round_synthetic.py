@@ -994,6 +994,32 @@ def test_a_task_that_never_closes_is_named_again_without_holding_the_window_back
     assert recorded == [[], [stuck_id], [stuck_id], [stuck_id]]
 
 
+def test_test_labels_changed_since_the_last_round_are_said(project_with_pool: Path) -> None:
+    # QA: a manifest relabeled a frozen test image; the next round's macro F1 moved from 0.556 to 0.665 on "the same" test
+    # split and nothing said its labels had changed
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        project_id = session.scalars(select(Image.project_id)).first()
+        labels = current_labels(session, project_id)
+        relabeled = [i for i in session.scalars(select(Image.id).where(Image.split == "test").order_by(Image.id))
+                     if i in labels and labels[i].status == "labeled"][:2]
+        session.add_all([LabelEvent(image_id=image_id, label="patch" if labels[image_id].label != "patch" else "spot", source="import")
+                         for image_id in relabeled])
+    said = " ".join(invoke("round", "--project", str(project_with_pool), "--quiet").output.split())
+    assert "warning: 2 labeled test images have another label than when round 1 read them, 0 none any more" in said, said
+    status = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)["rounds"]
+    assert status[0]["test_labels_changed"] is None  # the first round has no round before it
+    changed = status[1]["test_labels_changed"]
+    assert (changed["since_round"], changed["relabeled"], changed["no_longer_labeled"]) == (1, 2, 0)
+    assert sorted(row["image_id"] for row in changed["relabeled_images"]) == sorted(relabeled)
+    text = " ".join(invoke("status", "--project", str(project_with_pool)).output.split())
+    assert "test labels changed (round 2): since round 1, 2 labeled test images have another label" in text
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0  # nothing changed since round 2: nothing said
+    third = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)["rounds"][2]["test_labels_changed"]
+    assert (third["since_round"], third["relabeled"], third["no_longer_labeled"]) == (2, 0, 0)
+
+
 def _recording_push(monkeypatch: pytest.MonkeyPatch) -> tuple[list[set[int]], list[set[int]]]:
     """The oracle's push, recording per round the images named settled (their tasks to close) and those given the
     round's guess as still waiting (open guesses)."""
