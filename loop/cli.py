@@ -393,7 +393,7 @@ def print_round(outcome) -> None:  # noqa: ANN001
     console.print(
         f"labeled: train {counts['train']}, validation {counts['validation']}, test {counts['test']}; unlabeled {counts['unlabeled']}"
         + (f" (and {counts['unlabeled_test']} in test, {counts['held_back']} held back)" if counts.get("unlabeled_test") or counts.get("held_back") else "")
-        + (f"; {counts['unlabeled_train_validation']} in train/validation wait for an answer (tied, or deleted in the annotation tool)"
+        + (f"; {counts['unlabeled_train_validation']} in train/validation wait for an answer (tied, its answer deleted in the annotation tool, or refused as not a class)"
            if counts.get("unlabeled_train_validation") else "")
         + " · "
         f"accuracy {metrics['accuracy']:.4f} · "

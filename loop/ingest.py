@@ -632,6 +632,26 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                     trained_known.append(f"{image.path} (part {image.part!r})")
             if image.id not in unchanged_in_pool:
                 session.add(LabelEvent(image_id=image.id, label=label, source="import", annotator=f"ingest:{batch.id}"))
+        if split == "test" and listed_unlabeled:
+            # known pool images listed without a label: a held-out set holds them too, as it holds its new unlabeled
+            # images (QA: they stayed in the pool without a word, and a round could ask for them as training labels)
+            unlabeled_now = set(listed_unlabeled) - {image_id for image_id, info in current_labels(session, project.id).items()
+                                                     if info.status != "unlabeled"}
+            joined, kept = 0, []
+            for image in session.scalars(select(Image).where(Image.id.in_(sorted(unlabeled_now)), Image.split == "pool")):
+                if image.id in asked or placed_parts.get(image.part or "") not in (None, "test"):
+                    kept.append(image.path)
+                    continue
+                image.split = "test"
+                joined += 1
+                if image.part:
+                    placed_parts[image.part] = "test"
+            if joined:
+                report.notes.append(f"{joined} images already ingested unlabeled join the test split (never offered for training labels; "
+                                    "they count once labeled)")
+            if kept:
+                report.notes.append(f"{len(kept)} images already ingested unlabeled stay in the pool, not test: annotators were asked about "
+                                    f"them, or their part's photos are in train/validation: {_listed(kept)}")
         if held_out_known:
             report.notes.append(f"{held_out_known} images already ingested unlabeled (never trained on) join the test split with their labels")
         if waiting_for_round:

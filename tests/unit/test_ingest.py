@@ -408,6 +408,32 @@ def test_a_held_out_set_ingested_unlabeled_joins_the_test_split_never_the_pool(n
     assert any(note.startswith("1 unlabeled images stay in the pool") and str(files[40]) in note for note in report.notes), report.notes
 
 
+def test_a_held_out_set_listing_known_unlabeled_images_takes_them_into_test_but_not_an_asked_one(new_project, class_folders: Path,
+                                                                                                   tmp_path: Path) -> None:
+    # QA: `loop ingest held_out.csv --split test` naming pool images without labels said only "1 already known"; they
+    # stayed in the pool, where a round could ask annotators for them as training labels
+    from store.models import Round, Selection
+
+    files = sorted(class_folders.rglob("*.png"))
+    assert ingest_source(new_project, class_folders, unlabeled=True, show_progress=False)
+    by_path = {row.path: row for row in images(new_project)}
+    held, asked = files[:5], files[5]
+    with session_scope(new_project.engine) as session:
+        round_ = Round(project_id=by_path[str(asked)].project_id, number=1, status="completed")
+        session.add(round_)
+        session.flush()
+        session.add(Selection(round_id=round_.id, image_id=by_path[str(asked)].id, rank=0, score=1.0, strategy="default", reason="uncertain",
+                              push_status="pushed"))
+    manifest = tmp_path / "held_out.csv"
+    with open(manifest, "w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "label"], *([str(p), ""] for p in [*held, asked])])
+    report = ingest_source(new_project, manifest, split="test", show_progress=False)
+    by_path = {row.path: row for row in images(new_project)}
+    assert [by_path[str(p)].split for p in held] == ["test"] * 5 and by_path[str(asked)].split == "pool"
+    assert any(note.startswith("5 images already ingested unlabeled join the test split") for note in report.notes), report.notes
+    assert any(note.startswith("1 images already ingested unlabeled stay in the pool, not test") and str(asked) in note for note in report.notes)
+
+
 @pytest.mark.parametrize("asked_photo_listed", [True, False])
 def test_a_held_out_unlabeled_photo_never_takes_an_asked_photo_of_its_part_into_test(new_project, class_folders: Path, tmp_path: Path,
                                                                                     asked_photo_listed: bool) -> None:
