@@ -365,13 +365,9 @@ def print_round(outcome) -> None:  # noqa: ANN001
                       f"total {outcome.timings_s.get('total', 0):.1f} s")
         return
     console.print(gate_table(outcome.gates, title=f"round {outcome.number}: gates on the frozen test split ({metrics['n_images']} images)"))
-    intervals = [(label, details.get("test_intervals", {}).get(name)) for name, label in (("negative_fpr", "FPR"), ("defect_recall", "defect recall"))]
-    intervals = [(label, i) for label, i in intervals if i and i.get("low") is not None]
+    intervals = intervals_text(details)
     if intervals:  # photos of one part count as one draw: a test split of few parts cannot settle a 3% gate
-        console.print("90% intervals on the test split: " + " · ".join(
-            f"{label} {i['value']:.3f} [{i['low']:.3f}, {i['high']:.3f}] ({i['n_images']} images"
-            + (f" of {i['n_parts']} parts" if i["n_parts"] < i["n_images"] else "")
-            + ("" if i["settled"] else "; cannot settle the gate") + ")" for label, i in intervals))
+        console.print(intervals)
     without = (details.get("data_quality") or {}).get("test_without_copies")
     if without:  # the warning during the round said why; a --quiet round prints only this summary
         console.print(f"[yellow]{without['n_excluded']} test images have a labeled near-copy outside the test split[/]; "
@@ -438,6 +434,20 @@ def _print_coverage(batches: list[dict], by_batch: list[dict], *, round_number: 
             f"{gate_values_text(row)}" for row in by_batch))
 
 
+def intervals_text(details: dict) -> str:
+    """The round's line on its FPR and defect-recall intervals, and what each counts as one draw; "" without any."""
+    intervals = [(label, details.get("test_intervals", {}).get(name)) for name, label in (("negative_fpr", "FPR"), ("defect_recall", "defect recall"))]
+    intervals = [(label, i) for label, i in intervals if i and i.get("low") is not None]
+    if not intervals:
+        return ""
+    return "90% intervals on the test split: " + " · ".join(
+        f"{label} {i['value']:.3f} [{i['low']:.3f}, {i['high']:.3f}] ({i['n_images']} images"
+        + (f" of {i['n_parts']} {DRAW_NAMES.get(i.get('grouped_by'), 'parts')}" if i["n_parts"] < i["n_images"] else "")
+        + ("" if i["settled"] else "; cannot settle the gate") + ")" for label, i in intervals)
+
+
+# what a test interval counts as one draw (details.test_intervals.*.grouped_by; rounds before it was recorded: parts)
+DRAW_NAMES = {"parts": "parts", "near-copies": "draws (near-copy groups as one)", "parts and near-copies": "draws (parts, near-copy groups as one)"}
 UNSETTLED_SHORT = {"negative_fpr": "FPR", "defect_recall": "recall", "macro_f1": "F1", "latency_ms": "latency"}
 
 

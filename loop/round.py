@@ -1196,6 +1196,10 @@ def _test_intervals(state: RoundState, test: np.ndarray, predictions: np.ndarray
     if negative is None:
         return {}
     parts = draw_groups(state, test)  # None: every test photo is its own part
+    # what made the draws: the manifest's parts, pixel-verified near-copy groups, or both (QA: near-copy groups were called parts)
+    by_part = part_groups(state, test)
+    joined_copies = parts is not None and (by_part is None or len(set(parts.tolist())) < len(set(by_part.tolist())))
+    grouped_by = "parts and near-copies" if by_part is not None and joined_copies else "parts" if by_part is not None else "near-copies"
     true_defect, predicted_defect = state.labels[test] != negative, predictions != negative
     gates = state.config.gates
     intervals = {}
@@ -1203,6 +1207,8 @@ def _test_intervals(state: RoundState, test: np.ndarray, predictions: np.ndarray
         interval = proportion_interval_by_part(hits=predicted_defect[rows], parts=None if parts is None else parts[rows])
         if interval["low"] is not None:
             interval["settled"] = gate_settled(name, low=interval["low"], high=interval["high"], limit=limit)
+        if parts is not None:
+            interval["grouped_by"] = grouped_by
         intervals[name] = interval
     return intervals
 

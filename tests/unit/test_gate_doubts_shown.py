@@ -138,3 +138,15 @@ def test_a_round_that_never_looked_for_copies_and_outliers_says_not_checked_not_
     assert (body["n_near_duplicates"], body["n_outliers"]) == (3, 0)
     assert CliRunner().invoke(app, ["export", str(out), "--project", str(new_project.root), "--force"]).exit_code == 0
     assert {int(row["image_id"]): row for row in csv.DictReader(out.open())}[image_id]["outlier"] == "False"
+
+
+def test_the_intervals_line_names_what_it_counted_as_one_draw() -> None:
+    # QA: a project without parts read "182 images of 54 parts": the 54 were near-copy groups
+    from loop.cli import intervals_text
+
+    fpr = {"value": 0.06, "low": 0.018, "high": 0.144, "n_images": 182, "n_parts": 54, "settled": False}
+    assert "(182 images of 54 draws (near-copy groups as one); cannot settle the gate)" in intervals_text(
+        {"test_intervals": {"negative_fpr": {**fpr, "grouped_by": "near-copies"}}})
+    assert "(182 images of 54 parts; cannot settle" in intervals_text({"test_intervals": {"negative_fpr": {**fpr, "grouped_by": "parts"}}})
+    assert "(182 images of 54 parts; cannot settle" in intervals_text({"test_intervals": {"negative_fpr": fpr}})  # a round before it was recorded
+    assert intervals_text({"test_intervals": {}}) == ""
