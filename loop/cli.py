@@ -397,8 +397,7 @@ def print_round(outcome) -> None:  # noqa: ANN001
         + (f"ROC-AUC {'n/a' if metrics.get('roc_auc_defect') is None else round(metrics['roc_auc_defect'], 4)} · "
            f"threshold {'n/a' if threshold is None else f'{threshold:.3g}'} ({_threshold_origin(details)}) · " if threshold is not None or metrics.get("roc_auc_defect") is not None
            else "no negative class: the most probable class decides · ")
-        + (f"latency {details['latency']['ms_per_image']:.1f} ms/image (ONNX Runtime, {details['latency']['threads']} threads, {details['latency']['cpu']})"
-           if details.get("latency") else "latency not measured")
+        + (latency_text(details["latency"]) if details.get("latency") else "latency not measured")
     )
     data_quality = details.get("data_quality") or {}
     near = data_quality.get("near_duplicates")
@@ -432,6 +431,19 @@ def _print_coverage(batches: list[dict], by_batch: list[dict], *, round_number: 
             f"{ingest_batches_text(row['ingest_batch_ids']).removeprefix('ingest ')} ({escape(' ... '.join(Path(part).name for part in str(row['source']).split(' ... ')))}, "
             f"{row['n_images']} images{', too few to be gated alone' if row.get('too_few_images') else ''}): "
             f"{gate_values_text(row)}" for row in by_batch))
+
+
+def latency_text(latency: dict) -> str:
+    """The round's latency as measured (the gate's figure: ms per image at batch 32, the median of its repeats), with
+    what it was measured on and how busy the machine was: a loaded machine's figure is an upper bound (QA: one model
+    measured 18, 28 and 36 ms as the load went)."""
+    text = (f"latency {latency['ms_per_image']:.1f} ms/image (ONNX Runtime, batch {latency.get('batch_size', 32)}, {latency['threads']} threads, "
+            f"{latency['cpu']}")
+    load, cpus = latency.get("load_average_1min"), latency.get("cpu_count")
+    if isinstance(load, (int, float)) and cpus and load >= cpus:
+        fastest = latency.get("ms_per_image_fastest")
+        text += (f"; load {load:g} on {cpus} CPUs: busy, an upper bound" + (f", fastest repeat {fastest:.1f} ms" if isinstance(fastest, (int, float)) else ""))
+    return text + ")"
 
 
 def intervals_text(details: dict) -> str:

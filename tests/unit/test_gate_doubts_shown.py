@@ -150,3 +150,12 @@ def test_the_intervals_line_names_what_it_counted_as_one_draw() -> None:
     assert "(182 images of 54 parts; cannot settle" in intervals_text({"test_intervals": {"negative_fpr": {**fpr, "grouped_by": "parts"}}})
     assert "(182 images of 54 parts; cannot settle" in intervals_text({"test_intervals": {"negative_fpr": fpr}})  # a round before it was recorded
     assert intervals_text({"test_intervals": {}}) == ""
+
+
+def test_the_latency_line_says_batch_and_when_a_busy_machine_makes_it_an_upper_bound() -> None:
+    from loop.cli import latency_text
+
+    measured = {"ms_per_image": 35.6, "ms_per_image_fastest": 18.4, "batch_size": 32, "threads": 2, "cpu": "AMD EPYC", "cpu_count": 2}
+    assert latency_text({**measured, "load_average_1min": 7.77}) == ("latency 35.6 ms/image (ONNX Runtime, batch 32, 2 threads, AMD EPYC; "
+                                                                      "load 7.77 on 2 CPUs: busy, an upper bound, fastest repeat 18.4 ms)")
+    assert latency_text({**measured, "load_average_1min": 0.5}) == "latency 35.6 ms/image (ONNX Runtime, batch 32, 2 threads, AMD EPYC)"
