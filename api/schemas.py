@@ -26,6 +26,9 @@ class VersionOut(Schema):
     name: str
     version: str
     api_version: str
+    store_schema: str | None = Field(None, description="the store's schema revision (Alembic)")
+    release_schema: str | None = Field(None, description="the newest schema revision this release knows: the release that made the store "
+                                                         "knows the store's")
 
 
 class PageOut(Schema, Generic[ItemT]):
@@ -137,6 +140,14 @@ class ThresholdChoiceOut(Schema):
     n_picked_negatives: int | None = Field(default=None, description="labeled good parts active learning picked (the others were sampled)")
     fpr_estimated_over: str | None = Field(default=None, description='"pool": the FPR estimate is over every good part of the pool, labeled '
                                                                      'or not; "labeled": over the labeled good parts it was chosen on')
+    rule_threshold: float | None = Field(default=None, description="the rule's threshold before the move toward the middle of the gap "
+                                                                   "between the labeled scores around it (the decisions on them are the same)")
+    rank_threshold: float | None = Field(default=None, description="the Clopper-Pearson (rank) rule's threshold alone")
+    tail_threshold: float | None = Field(default=None, description="the robust normal-tail rule's threshold alone (blended with the rank rule's)")
+    allowed_false_positives: int | None = Field(default=None, description="false positives among the labeled good parts the rank rule allows")
+    observed_fpr: float | None = Field(default=None, description="the labeled good parts' FPR at the deployed threshold")
+    fpr_upper_bound: float | None = Field(default=None, description="its one-sided Clopper-Pearson upper bound ([model] threshold_confidence)")
+    estimated_population_fpr: float | None = Field(default=None, description='"stratified" rule: the FPR estimate over every good part of the pool')
 
 
 class UnfamiliarBatchOut(Schema):

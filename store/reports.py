@@ -145,6 +145,16 @@ class ThresholdSummary:
     n_picked_negatives: int | None = None  # labeled good parts active learning picked (the rest were sampled)
     # "pool": the FPR estimate is over every good part of the pool, labeled or not (stratified); "labeled": the labeled ones
     fpr_estimated_over: str | None = None
+    # how the rule got there (QA: the README named rule_threshold, which only the store held): the rule's threshold before
+    # the move to the middle of the gap, the Clopper-Pearson (rank) and normal-tail thresholds it blends, the false
+    # positives the rank rule allows, and at the deployed threshold the labeled good parts' FPR and its upper bound
+    rule_threshold: float | None = None
+    rank_threshold: float | None = None
+    tail_threshold: float | None = None
+    allowed_false_positives: int | None = None
+    observed_fpr: float | None = None
+    fpr_upper_bound: float | None = None
+    estimated_population_fpr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -692,7 +702,10 @@ def threshold_of(details: dict[str, Any] | None) -> ThresholdSummary | None:
         margin_attainable=raw.get("margin_attainable") if isinstance(raw.get("margin_attainable"), bool) else None,
         estimated_metrics={str(name): _finite_or_none(value) for name, value in estimated.items()},
         rule=_str_or_none(raw.get("rule")), n_picked_negatives=_int_or_none(raw.get("n_picked_negatives")),
-        fpr_estimated_over="pool" if _finite_or_none(raw.get("estimated_population_fpr")) is not None else ("labeled" if estimated else None))
+        fpr_estimated_over="pool" if _finite_or_none(raw.get("estimated_population_fpr")) is not None else ("labeled" if estimated else None),
+        allowed_false_positives=_int_or_none(raw.get("allowed_false_positives")),
+        **{key: _finite_or_none(raw.get(key)) for key in ("rule_threshold", "rank_threshold", "tail_threshold", "observed_fpr", "fpr_upper_bound",
+                                                          "estimated_population_fpr")})
 
 
 def label_quality_of(details: dict[str, Any] | None) -> LabelQualitySummary | None:

@@ -25,9 +25,17 @@ def health(session: SessionDep) -> HealthOut | JSONResponse:
 
 
 @router.get("/version", response_model=VersionOut, responses={401: {"model": ErrorOut}})
-def version(_scope: ReadScope) -> VersionOut:
+def version(_scope: ReadScope, session: SessionDep) -> VersionOut:
     try:
         installed = metadata.version("defect-loop")
     except metadata.PackageNotFoundError:
         installed = "unknown"
-    return VersionOut(name="defect-loop", version=installed, api_version=API_VERSION)
+    # the package version alone told two releases 5 schema upgrades apart for one (QA): the store's schema, and the
+    # newest this release knows, say which release upgraded it
+    from alembic.script import ScriptDirectory
+
+    from store.db import alembic_config
+
+    store_schema = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    known = ScriptDirectory.from_config(alembic_config(str(session.get_bind().url))).get_current_head()
+    return VersionOut(name="defect-loop", version=installed, api_version=API_VERSION, store_schema=store_schema, release_schema=known)

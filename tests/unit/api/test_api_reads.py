@@ -99,7 +99,10 @@ def test_round_report_training_calibration_and_label_noise(get, seeded_store: Se
     assert body["cold_start"] is None
     assert body["threshold_choice"] == {"source": "out_of_fold", "out_of_fold_model": "finetune", "n_negatives": 48, "n_defects": 20,
                                         "margin_attainable": True, "estimated_metrics": {"macro_f1": 0.81, "defect_recall": 0.9, "negative_fpr": 0.021},
-                                        "rule": "stratified", "n_picked_negatives": 12, "fpr_estimated_over": "pool"}
+                                        "rule": "stratified", "n_picked_negatives": 12, "fpr_estimated_over": "pool",
+                                        # how the rule got there (the README names rule_threshold: only the store held it)
+                                        "rule_threshold": 0.3, "rank_threshold": 0.45, "tail_threshold": 0.2, "allowed_false_positives": 1,
+                                        "observed_fpr": 0.0208, "fpr_upper_bound": 0.0561, "estimated_population_fpr": 0.021}
     first = get(f"/rounds/{seeded_store.round_ids[1]}")  # recorded before these existed: absent, not an error
     assert (first["training"], first["calibration"], first["label_quality"], first["cold_start"], first["threshold_choice"], first["collapsed"]) == (None,) * 6
 
@@ -206,6 +209,8 @@ def test_progress_series_aligned_with_rounds(get, seeded_store: SeededStore) -> 
 def test_version(get) -> None:  # noqa: ANN001
     body = get("/version")
     assert body["name"] == "defect-loop" and body["version"] == "0.1.0" and body["api_version"] == "1"
+    # which release's schema the store has, and the newest this one knows (QA: two releases 5 upgrades apart looked alike)
+    assert body["store_schema"] == body["release_schema"] == "0007"
 
 
 def test_openapi_docs_served(client: TestClient) -> None:
