@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from store.artifacts import artifact_shown
 from store.models import Image, LabelIssue, Prediction, Project, Round
-from store.queries import current_labels
+from store.queries import current_labels, renamed_classes
 
 # the fixed columns, in order; one "p_<class>" column per class of the project follows "p_defect"
 RECORD_COLUMNS = (
@@ -72,6 +72,8 @@ def export_source(session: Session, project: Project, *, round_number: int | Non
     threshold = details.get("threshold")
     # the classes the round's model knew: its probabilities are named by them (loop.toml may have changed since)
     classes = [str(c) for c in details.get("class_names") or project.classes or []]
+    renames = renamed_classes(project)  # under their names now, a merge once (image_records adds their probabilities up)
+    classes = list(dict.fromkeys(renames.get(name, name) for name in classes))
     model = (chosen.artifacts or {}).get("model_onnx")
     if model is not None and project_dir is not None:  # the recorded path names the folder the round ran in (moved or copied since?)
         model = artifact_shown(str(model), round_number=chosen.number, recorded_root=project.root_dir, project_dir=project_dir, store_url=store_url)
@@ -124,7 +126,19 @@ def image_records(session: Session, project: Project, source: ExportSource, *, l
     checked_outliers = False
     if round_id is not None:
         # plain rows, not ORM objects: 100k predictions as objects were most of the export's memory
-        predictions = {image_id: (label, p_defect, probabilities) for image_id, label, p_defect, probabilities in session.execute(
+        # a class renamed since (loop rename-class) under its name now: its label and suspects are (QA: predicted_label
+        # "fray" beside label "frayed" counted as an error, p_frayed empty); a merge adds its probabilities up
+        renames = renamed_classes(project)
+
+        def renamed(probabilities: dict | None) -> dict:
+            merged: dict[str, float] = {}
+            for name, value in (probabilities or {}).items():
+                new_name = renames.get(name, name)
+                merged[new_name] = merged.get(new_name, 0.0) + value if isinstance(value, (int, float)) else value
+            return merged
+
+        predictions = {image_id: (renames.get(label, label), p_defect, renamed(probabilities) if renames else probabilities)
+                       for image_id, label, p_defect, probabilities in session.execute(
             select(Prediction.image_id, Prediction.predicted_label, Prediction.p_defect, Prediction.probabilities).where(Prediction.round_id == round_id))}
         paths = dict(session.execute(select(Image.id, Image.path).where(Image.project_id == project.id)).all())
         for issue in session.scalars(select(LabelIssue).where(LabelIssue.round_id == round_id, LabelIssue.flagged.is_(True))):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, inspect
 
 from alembic import command
@@ -232,3 +233,26 @@ def test_status_flags_a_class_loop_toml_left_out_that_answers_still_name(tmp_pat
     assert f"loop rename-class patch NEW_NAME --project {project}" in said and "scratch (not in loop.toml)" not in said
     status = runner.invoke(app, ["status", "--project", str(project), "--json"]).output
     assert json.loads(status)["project"]["classes_left_out"] == ["patch"]
+
+
+def test_an_export_names_an_older_rounds_predictions_by_the_classes_renamed_since(tmp_path: Path) -> None:
+    # QA: after `loop rename-class fray frayed`, the export's label said frayed while predicted_label still said fray and
+    # p_frayed was empty: a spreadsheet comparing label with prediction counted them as errors; a merge adds up
+    from store.export import export_source, image_records
+    from store.models import Prediction, Round
+
+    engine, project_id, (image_id,) = small_store(tmp_path, classes=("good", "scratch", "spot"))
+    with session_scope(engine) as session:
+        round_ = Round(project_id=project_id, number=1, status="completed", details={"class_names": ["good", "scratch", "spot"]})
+        session.add(round_)
+        session.flush()
+        session.add(Prediction(round_id=round_.id, image_id=image_id, predicted_label="spot", p_defect=0.9,
+                               probabilities={"good": 0.1, "scratch": 0.3, "spot": 0.6}))
+        project = session.get(Project, project_id)
+        project.classes, project.class_renames = ["good", "scratch"], {"spot": "scratch"}  # spot merged into scratch
+    with session_scope(engine) as session:
+        project = session.get(Project, project_id)
+        source = export_source(session, project)
+        (record,) = list(image_records(session, project, source))
+    assert record["predicted_label"] == "scratch" and record["p_scratch"] == pytest.approx(0.9) and record["p_good"] == pytest.approx(0.1)
+    assert "p_spot" not in record
