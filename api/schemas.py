@@ -312,6 +312,10 @@ class SelectionOut(Schema):
     pushed_at: datetime | None
     current_label: str | None = Field(description="the image's label now; null: not labeled yet")
     image_url: str
+    answered: bool | None = Field(None, description="pushed: whether an annotator's answer that still stands came after this ask (a "
+                                                    "deleted answer is none, a skip answers nothing); null: not pushed (recorded, pending, "
+                                                    "withdrawn)")
+    answered_at: datetime | None = Field(None, description="when the first such answer was recorded")
 
 
 class GateSeriesOut(Schema):

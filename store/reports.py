@@ -350,6 +350,10 @@ class SelectionRow:
     push_status: str
     pushed_at: datetime | None
     current_label: str | None
+    # pushed: whether an annotator's answer (still standing: a deleted one is none) came after the ask; None: not
+    # pushed (recorded, pending, withdrawn). QA: a relabel question looked the same before and after its answer
+    answered: bool | None = None
+    answered_at: datetime | None = None
 
 
 class _LabelTally:
@@ -1086,15 +1090,43 @@ def round_selection(session: Session, *, round_id: int, limit: int, offset: int)
     ))
     round_ = session.get(Round, round_id)
     now = _current_label_of(session, round_.project_id, (row.image_id for row in rows)) if round_ else {}
-    items = [
-        SelectionRow(
+    # the ask stands from when its round read the labels (an answer pulled at its start came before it), else its push
+    read_at = (round_.details or {}).get("labels_read_at") if round_ else None
+    asked_from = as_utc(datetime.fromisoformat(read_at)) if isinstance(read_at, str) else None
+    answers = _standing_answer_times(session, [row.image_id for row in rows if row.push_status == "pushed"])
+
+    def first_answer(row: Selection) -> datetime | None:
+        since = asked_from or as_utc(row.pushed_at)
+        later = [when for when in answers.get(row.image_id, []) if since is None or when > since]
+        return min(later) if later else None
+
+    items = []
+    for row in rows:
+        answered_at = first_answer(row) if row.push_status == "pushed" else None
+        items.append(SelectionRow(
             id=row.id, round_id=row.round_id, image_id=row.image_id, rank=row.rank, score=row.score, strategy=row.strategy,
             reason=row.reason, predicted_label=row.predicted_label, p_defect=row.p_defect, push_status=row.push_status,
             pushed_at=as_utc(row.pushed_at), current_label=now.get(row.image_id),
-        )
-        for row in rows
-    ]
+            answered=(answered_at is not None) if row.push_status == "pushed" else None, answered_at=answered_at,
+        ))
     return Page(total=total, items=items)
+
+
+def _standing_answer_times(session: Session, image_ids: list[int]) -> dict[int, list[datetime]]:
+    """Image id -> when each of its annotators' answers that still stand was given (the newest save of each; an answer
+    deleted since is none; a skip answers nothing)."""
+    newest: dict[tuple[int, str], tuple[str, datetime]] = {}
+    for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
+        for event_id, image_id, external_id, action, created_at in session.execute(
+                select(LabelEvent.id, LabelEvent.image_id, LabelEvent.external_id, LabelEvent.action, LabelEvent.created_at).where(
+                    LabelEvent.image_id.in_(image_ids[chunk:chunk + 500]), LabelEvent.action.in_(("set", "delete")),
+                    LabelEvent.source.in_(("annotator", "oracle"))).order_by(LabelEvent.id)):
+            newest[(image_id, external_id if external_id is not None else f"event {event_id}")] = (action, as_utc(created_at))
+    times: dict[int, list[datetime]] = defaultdict(list)
+    for (image_id, _answer), (action, when) in newest.items():
+        if action == "set" and when is not None:
+            times[image_id].append(when)
+    return times
 
 
 def latest_round_with_issues(session: Session, *, project_id: int) -> Round | None:

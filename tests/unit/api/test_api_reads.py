@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from api_seed import SeededStore
+from api.app import create_app
+from api_seed import READ_TOKEN, SeededStore, make_settings
+from store.db import create_db_engine, session_scope
 
 
 @pytest.fixture
@@ -185,6 +187,31 @@ def test_selection(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
     assert first["pushed_at"] == "2026-01-01T01:04:00Z"
     pending = get(f"/rounds/{seeded_store.round_ids[2]}/selection")["items"][0]
     assert pending["push_status"] == "pending" and pending["pushed_at"] is None
+    # whether each ask was answered (QA: an asked image looked the same in the API before and after its answer)
+    assert (first["answered"], first["answered_at"], second["answered"]) == (True, "2026-01-01T02:01:00Z", True)
+    assert (pending["answered"], pending["answered_at"]) == (None, None)
+
+
+def test_an_ask_answered_before_it_or_whose_answer_was_deleted_is_not_answered(writable_store: SeededStore) -> None:
+    from datetime import timedelta
+
+    from api_seed import T0
+    from store.models import LabelEvent, Selection
+
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:  # image 9: the oracle answered at 1:01, before round 1 asked again at 1:04
+        session.add(Selection(round_id=writable_store.round_ids[1], image_id=writable_store.image_ids[8], rank=3, score=0.5, strategy="margin",
+                              reason="suspected_label_error", predicted_label="spot", push_status="pushed", pushed_at=T0 + timedelta(hours=1, minutes=4)))
+        # an annotator answered after the ask, then deleted the answer in the annotation tool
+        session.add_all([LabelEvent(image_id=writable_store.image_ids[8], label="spot", source="annotator", annotator="ann1", external_id="a-9",
+                                    created_at=T0 + timedelta(hours=3)),
+                         LabelEvent(image_id=writable_store.image_ids[8], label=None, action="delete", source="annotator", annotator="ann1",
+                                    external_id="a-9", created_at=T0 + timedelta(hours=4))])
+    engine.dispose()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        items = client.get(f"/rounds/{writable_store.round_ids[1]}/selection", headers={"Authorization": f"Bearer {READ_TOKEN}"}).json()["items"]
+    asked = next(item for item in items if item["image_id"] == writable_store.image_ids[8])
+    assert (asked["answered"], asked["answered_at"]) == (False, None)
 
 
 def test_progress_series_aligned_with_rounds(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
