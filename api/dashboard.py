@@ -469,7 +469,7 @@ def _coverage_html(latest: RoundReport) -> str:
     if latest.test_metrics_by_batch:
         rows = "".join(f'<tr><td title="{escape(str(row.source))}">{escape(reports.batch_ids_text(row.ingest_batch_ids))} · '
                        f'{escape(str(row.source).rstrip("/").rsplit("/", 1)[-1])}</td>'
-                       f'<td>{row.n_images}{" (too few to be gated alone)" if row.too_few_images else ""}</td><td>{_fmt(row.macro_f1, 4)}</td><td>{_fmt(row.defect_recall, 4)}</td><td>{_fmt(row.negative_fpr, 4)}</td></tr>'
+                       f'<td>{row.n_images}{f" ({row.n_good} good, {row.n_defects} defects)" if row.n_good is not None and row.n_defects is not None else ""}{" (too few to be gated alone)" if row.too_few_images else ""}</td><td>{_fmt(row.macro_f1, 4)}</td><td>{_fmt(row.defect_recall, 4)}</td><td>{_fmt(row.negative_fpr, 4)}</td></tr>'
                        for row in latest.test_metrics_by_batch)
         parts.append('<table class="gates" id="gates-by-batch"><thead><tr><th>ingest batch</th><th>test images</th><th>macro_f1</th>'
                      f'<th>defect_recall</th><th>negative_fpr</th></tr></thead><tbody>{rows}</tbody></table>')

@@ -181,6 +181,8 @@ class BatchTestMetricsOut(Schema):
     accuracy: float | None
     ingest_batch_ids: list[int] = Field(description="the batch alone, or the small ingests measured together with it")
     too_few_images: bool = Field(False, description="fewer labeled test images than a batch needs to be gated alone (10): shown, noisy")
+    n_good: int | None = Field(None, description="of its labeled test images, good parts: what its FPR rests on (null: not recorded)")
+    n_defects: int | None = Field(None, description="defects: what its defect recall rests on")
 
 
 class SuspectBatchOut(Schema):

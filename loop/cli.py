@@ -429,7 +429,7 @@ def _print_coverage(batches: list[dict], by_batch: list[dict], *, round_number: 
     if by_batch:
         console.print(f"gates by ingest batch on the test split{of_round}: " + " · ".join(
             f"{ingest_batches_text(row['ingest_batch_ids']).removeprefix('ingest ')} ({escape(' ... '.join(Path(part).name for part in str(row['source']).split(' ... ')))}, "
-            f"{row['n_images']} images{', too few to be gated alone' if row.get('too_few_images') else ''}): "
+            f"{row['n_images']} images{_good_and_defects(row)}{', too few to be gated alone' if row.get('too_few_images') else ''}): "
             f"{gate_values_text(row)}" for row in by_batch))
 
 
@@ -489,6 +489,11 @@ def _print_doubts_on_gates(latest: dict) -> None:
                       f"({escape(str(row['source']))}): {row['n_flagged']} of its {row['n_judged']} labeled training and validation images are "
                       f"suspected label errors ({(row['share_flagged'] or 0):.0%}; {(row['share_flagged_elsewhere'] or 0):.0%} in the other ingests)"
                       + (f"; its {row['n_labeled_test']} labeled test images are not checked" if row["n_labeled_test"] else ""))
+
+
+def _good_and_defects(row: dict) -> str:
+    """': 2 good, 10 defects' of a batch's test images (what its FPR and recall rest on); "" where not recorded."""
+    return f": {row['n_good']} good, {row['n_defects']} defects" if row.get("n_good") is not None and row.get("n_defects") is not None else ""
 
 
 def _selected_for_labeling(push: dict) -> str:

@@ -1358,6 +1358,10 @@ def _test_metrics_of(state: RoundState, keep: np.ndarray) -> dict[str, Any]:
     """The gate metrics on the labeled test images `keep` marks (a mask over positions(split="test", labeled=True))."""
     test = state.positions(split="test", labeled=True)
     values: dict[str, Any] = {"n_images": int(keep.sum()), "n_excluded": int((~keep).sum())}
+    negative = state.config.negative_index
+    if negative is not None:  # what each gate rests on: an FPR of 0.5 on 2 good parts read like any other (QA)
+        values["n_good"] = int((state.labels[test][keep] == negative).sum())
+        values["n_defects"] = int(keep.sum()) - values["n_good"]
     if keep.any():
         subset = evaluate_predictions(y_true=state.labels[test][keep], y_pred=state.test_predictions[keep], probabilities=state.probabilities[test][keep],
                                       class_names=state.config.classes, negative_index=state.config.negative_index)

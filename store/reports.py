@@ -219,6 +219,8 @@ class BatchTestMetrics:
     accuracy: float | None
     ingest_batch_ids: list[int]
     too_few_images: bool = False  # fewer labeled test images than a batch needs to be gated alone (10): noisy figures
+    n_good: int | None = None  # of them, good parts (what its FPR rests on) and defects (its recall); None: not recorded
+    n_defects: int | None = None
 
 
 @dataclass(frozen=True)
@@ -784,6 +786,7 @@ def metrics_by_batch_of(details: dict[str, Any] | None) -> list[BatchTestMetrics
         return None
     return [BatchTestMetrics(ingest_batch_id=int(row["ingest_batch_id"]), source=_str_or_none(row.get("source")), n_images=_int_or_none(row.get("n_images")) or 0,
                              ingest_batch_ids=_batch_ids(row), too_few_images=bool(row.get("too_few_images")),
+                             n_good=_int_or_none(row.get("n_good")), n_defects=_int_or_none(row.get("n_defects")),
                              **{key: _finite_or_none(row.get(key)) for key in ("macro_f1", "defect_recall", "negative_fpr", "accuracy")})
             for row in raw if isinstance(row, dict) and _int_or_none(row.get("ingest_batch_id")) is not None]
 

@@ -124,7 +124,9 @@ def test_a_new_cameras_few_test_labels_are_shown_per_batch_marked_too_few_not_hi
     by_batch = {row.ingest_batch_id: row for row in report.test_metrics_by_batch or []}
     assert by_batch[batch_b].n_images == 6 and by_batch[batch_b].too_few_images and by_batch[batch_b].defect_recall is not None
     assert not any(row.too_few_images for batch, row in by_batch.items() if batch != batch_b)
-    assert "6 images, too few to be gated alone" in second
+    row = by_batch[batch_b]  # what its FPR and recall rest on, said beside them (QA: an FPR of 0.5 on 2 good parts read as any other)
+    assert row.n_good is not None and row.n_good + row.n_defects == 6
+    assert f"6 images: {row.n_good} good, {row.n_defects} defects, too few to be gated alone" in second
 
 
 def test_no_sample_is_drawn_when_the_setting_is_zero_and_the_round_says_the_gates_do_not_measure_the_batch(
