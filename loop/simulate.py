@@ -353,8 +353,8 @@ def _write_markdown(settings: SimulationSettings, result: dict[str, Any]) -> Non
                        else f">= {_count(s['labels_to_pass_gates_at_least'])}" if s["labels_to_pass_gates_at_least"] is not None else "no runs")
         per_seed = ", ".join("never" if n is None else _count(n) for n in s["labels_to_pass_gates_per_seed"])  # QA: Python's [None, None]
         stops = ", ".join(f"{reason} {count}" for reason, count in sorted(collections.Counter(run["stopped_by"] for run in s["runs"]).items()))
-        lines.append(f"| {name} | {median_text} | {per_seed} | {s['seeds_passing']}/{settings.seeds} | {s['seeds_passing_unsettled']} | {ratio_text} | {stops} |")
-    if any(s["seeds_passing_unsettled"] for s in result["strategies"].values()):
+        lines.append(f"| {name} | {median_text} | {per_seed} | {s['seeds_passing']}/{settings.seeds} | {s.get('seeds_passing_unsettled', 0)} | {ratio_text} | {stops} |")
+    if any(s.get("seeds_passing_unsettled") for s in result["strategies"].values()):
         lines += ["", "A pass on a gate the test split cannot settle (its 90% interval, a part's photos as one draw, holds both verdicts) "
                       "is partly the test split's luck: such a label count may be too low, as a larger test split could fail the gate there."]
     if any(run["stopped_by"] == "max_rounds" for s in result["strategies"].values() for run in s["runs"]):
