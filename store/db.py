@@ -374,39 +374,87 @@ def upgrade_schema(url: str, *, lock_files: tuple[Path, ...] = ()) -> None:
     store_file = Path(database).resolve() if database and database != ":memory:" and not database.startswith("file:") else None
     if current:  # an existing store, not a new one
         lock_path = None if store_file is None else store_file.with_name(store_file.name + ".lock")
-        busy = [path for path in (*lock_files, *([lock_path] if lock_path else [])) if lock_file_held(path)]
+        busy = [str(path) for path in (*lock_files, *([lock_path] if lock_path else [])) if lock_file_held(path)]
+        if not busy and url.startswith("postgresql") and _postgres_store_lock_held(url):  # a round from another folder or machine
+            busy = ["the store's lock (a round or ingest from another folder or machine)"]
         if busy:
             raise StoreUnavailable(f"the store at {shown_url(url)} needs a schema upgrade ({', '.join(sorted(current))} to {', '.join(sorted(heads))}), and "
-                                   f"{busy[0].read_text().strip() or 'a process'} holds {busy[0]}: an older defect-loop may be running on it, "
-                                   "which could not open it after. Run this again when it has finished; nothing was changed")
-        backup = None
-        if store_file is not None and store_file.is_file():
-            backup = store_file.with_name(f"{store_file.name}.schema-{'-'.join(sorted(current))}.bak")
-            try:
-                _copy_sqlite(store_file, backup)
-            except (OSError, sqlite3.Error) as error:
-                raise StoreUnavailable(f"the store at {shown_url(url)} needs a schema upgrade ({', '.join(sorted(current))} to {', '.join(sorted(heads))}), "
-                                       f"and a copy of it from before could not be written to {backup} ({error}): make its folder writable; "
-                                       "nothing was changed") from None
-        sys.stderr.write(f"note: upgrading the store at {shown_url(url)} from schema {', '.join(sorted(current))} to {', '.join(sorted(heads))} "
-                         f"(a newer defect-loop); releases before it can no longer open it"
-                         + (f". Its copy from before: {backup}\n" if backup else " (not a SQLite file: no copy made; the database's own backups hold the old schema)\n"))
+                                   f"a round or ingest holds {busy[0]}: an older defect-loop may be running on it, which could not open it "
+                                   "after. Run this again when it has finished; nothing was changed")
+    backup = _copy_before_upgrade(url, store_file, current, heads) if current and store_file is not None and store_file.is_file() else None
     try:
         command.upgrade(config, "head")  # an error in a migration itself is not "cannot open": it stays a traceback
     except OperationalError as error:
         if not store_is_read_only(error):
             raise
+        if backup is not None:  # nothing was changed: not even a copy left behind
+            backup.unlink(missing_ok=True)
         raise StoreUnavailable(f"the store at {shown_url(url)} needs a schema upgrade ({', '.join(sorted(current)) or 'none'} to {', '.join(sorted(heads))}, "
                                f"made by a newer defect-loop), which writes to it, and it is read-only ({database_error_reason(error)}). "
                                f"{_what_to_check(url)}; nothing was changed") from None
+    if current and (backup is not None or store_file is None):  # said once done; no copy of a SQLite file: another command did it
+        sys.stderr.write(f"note: upgraded the store at {shown_url(url)} from schema {', '.join(sorted(current))} to {', '.join(sorted(heads))} "
+                         "(a newer defect-loop); releases before it can no longer open it"
+                         + (f". Its copy from before: {backup}\n" if backup else
+                            " (not a SQLite file: no copy was made; keep the database's own backup from before if a teammate still runs one)\n"))
+
+
+def _copy_before_upgrade(url: str, store_file: Path, current: set[str], heads: set[str]) -> Path | None:
+    """A copy of a SQLite store at its old schema, `<file>.schema-<revision>.bak`, made before its upgrade: an older
+    release's user works on it. Written beside as a temporary file and linked into place only when it holds the old
+    revision and no such copy is there yet (review: two commands starting at once both copied, and the second one's
+    copy was of the store already upgraded). None: another command upgraded the store meanwhile."""
+    from alembic.migration import MigrationContext
+
+    backup = store_file.with_name(f"{store_file.name}.schema-{'-'.join(sorted(current))}.bak")
+    partial = store_file.with_name(f".{backup.name}.{os.getpid()}.partial")
+    try:
+        _copy_sqlite(store_file, partial)
+        copied = create_db_engine(f"sqlite:///{partial}")
+        try:
+            with copied.connect() as connection:
+                revision = set(MigrationContext.configure(connection).get_current_heads())
+        finally:
+            copied.dispose()
+        if revision != current:
+            return None
+        try:
+            os.link(partial, backup)
+        except FileExistsError:
+            pass  # an earlier copy at this revision: kept
+        return backup
+    except (OSError, sqlite3.Error, OperationalError) as error:
+        raise StoreUnavailable(f"the store at {shown_url(url)} needs a schema upgrade ({', '.join(sorted(current))} to {', '.join(sorted(heads))}), and "
+                               f"a copy of it from before could not be written to {backup} ({error}): make its folder writable; nothing was changed") from None
+    finally:
+        for leftover in (partial, partial.with_name(partial.name + "-wal"), partial.with_name(partial.name + "-shm")):
+            leftover.unlink(missing_ok=True)
+
+
+def _postgres_store_lock_held(url: str) -> bool:
+    """Whether a round or ingest holds a PostgreSQL store's lock (exclusive_store_lock) now: taken and given back at once."""
+    engine = create_db_engine(url)
+    try:
+        with engine.connect() as connection:
+            got = connection.execute(text("select pg_try_advisory_lock(:a, :b)"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]}).scalar()
+            if got:
+                connection.execute(text("select pg_advisory_unlock(:a, :b)"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]})
+            connection.commit()
+        return not got
+    finally:
+        engine.dispose()
 
 
 def _copy_sqlite(source: Path, target: Path) -> None:
-    """A consistent copy of a SQLite store (its -wal included), through SQLite's backup API."""
-    with sqlite3.connect(f"file:{source}?mode=ro", uri=True) as reading, sqlite3.connect(target) as writing:
+    """A consistent copy of a SQLite store (its -wal included), through SQLite's backup API. The source by its file: URI,
+    escaped (review: a '#' in the folder's path cut the path there, and an empty database was copied)."""
+    reading = sqlite3.connect(f"{source.as_uri()}?mode=ro", uri=True)
+    writing = sqlite3.connect(target)
+    try:
         reading.backup(writing)
-    writing.close()
-    reading.close()
+    finally:
+        writing.close()
+        reading.close()
 
 
 # PostgreSQL advisory lock taken inside a transaction that changes the store's schema or makes its project row

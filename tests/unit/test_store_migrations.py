@@ -118,9 +118,15 @@ def test_processes_connecting_first_to_a_new_sqlite_store_at_one_moment_all_get_
     assert failures == []
 
 
-def _old_project(tmp_path: Path, class_folders: Path, revision: str = "0002") -> Path:
+def _head() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def _old_project(tmp_path: Path, class_folders: Path, revision: str = "0002", name: str = "old") -> Path:
     """A project whose store is at an older schema revision, as an older defect-loop left it."""
-    project_dir = tmp_path / "old"
+    project_dir = tmp_path / name
     classes = ",".join(sorted(d.name for d in class_folders.iterdir()))
     assert CliRunner().invoke(app, ["init", str(project_dir), "--classes", classes, "--negative-class", "good"]).exit_code == 0
     assert CliRunner().invoke(app, ["ingest", str(class_folders), "--project", str(project_dir), "--quiet"]).exit_code == 0
@@ -143,11 +149,23 @@ def test_an_older_store_is_copied_before_its_upgrade_and_the_upgrade_is_said(tmp
     assert result.exit_code == 0, result.output
     backup = project_dir / "loop.db.schema-0002.bak"
     said = " ".join(result.stderr.split())
-    assert f"note: upgrading the store at sqlite:///{project_dir / 'loop.db'} from schema 0002 to 0007" in said, said
+    assert f"note: upgraded the store at sqlite:///{project_dir / 'loop.db'} from schema 0002 to {_head()}" in said, said
     assert "releases before it can no longer open it" in said and f"Its copy from before: {backup}" in said
-    assert (_revision(project_dir), _revision(project_dir, backup.name)) == ("0007", "0002")
+    assert (_revision(project_dir), _revision(project_dir, backup.name)) == (_head(), "0002")
+    assert sorted(p.name for p in project_dir.glob("*.bak*")) == [backup.name]  # no partial copy left beside it
     again = CliRunner().invoke(app, ["status", "--project", str(project_dir), "--json"])
-    assert again.exit_code == 0 and "upgrading" not in again.stderr  # at head: nothing to say, nothing copied
+    assert again.exit_code == 0 and "upgraded" not in again.stderr  # at head: nothing to say, nothing copied
+
+
+def test_the_copy_before_an_upgrade_holds_the_store_when_its_folder_has_a_hash_in_its_name(tmp_path: Path, class_folders: Path) -> None:
+    # review: the copy read "file:.../line#2/loop.db" as a URI; SQLite cut the path at '#' and copied an empty database
+    project_dir = _old_project(tmp_path, class_folders, name="line#2 50%")
+    assert CliRunner().invoke(app, ["status", "--project", str(project_dir)]).exit_code == 0
+    backup = create_engine(f"sqlite:///{project_dir / 'loop.db.schema-0002.bak'}")
+    with backup.begin() as connection:
+        assert connection.execute(text("select count(*) from images")).scalar() == 70
+    backup.dispose()
+    assert not (tmp_path / "line").exists()
 
 
 def test_an_older_store_is_not_upgraded_while_a_round_holds_its_project(tmp_path: Path, class_folders: Path) -> None:
@@ -158,7 +176,7 @@ def test_an_older_store_is_not_upgraded_while_a_round_holds_its_project(tmp_path
     (project_dir / ".loop.lock").write_text(f"loop round running as pid {os.getpid()}")
     result = CliRunner().invoke(app, ["round", "--project", str(project_dir), "--quiet"])
     said = " ".join(result.output.split())
-    assert result.exit_code == 2 and "needs a schema upgrade (0002 to 0007)" in said and "nothing was changed" in said, said
+    assert result.exit_code == 2 and f"needs a schema upgrade (0002 to {_head()})" in said and "nothing was changed" in said, said
     assert _revision(project_dir) == "0002" and not list(project_dir.glob("*.bak"))
 
 
@@ -171,4 +189,15 @@ def test_a_store_from_a_newer_release_is_one_line_not_a_traceback(tmp_path: Path
     result = CliRunner().invoke(app, ["status", "--project", str(project_dir)])
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "Traceback" not in said, said
-    assert "made or upgraded by a newer defect-loop (schema 0099; this release knows up to 0007)" in said and "nothing was changed" in said
+    assert f"made or upgraded by a newer defect-loop (schema 0099; this release knows up to {_head()})" in said and "nothing was changed" in said
+
+
+def test_a_command_that_finds_the_store_upgraded_meanwhile_copies_nothing(tmp_path: Path, class_folders: Path) -> None:
+    # review: two commands read the old revision at once; the second copied after the first had upgraded, and its
+    # "copy from before" held the new schema
+    from store.db import _copy_before_upgrade
+
+    project_dir = _old_project(tmp_path, class_folders, revision="head")  # upgraded by the other command already
+    store_file = project_dir / "loop.db"
+    assert _copy_before_upgrade(f"sqlite:///{store_file}", store_file, {"0002"}, {_head()}) is None
+    assert not list(project_dir.glob("*.bak*")) and not list(project_dir.glob(".*partial*"))
