@@ -2126,7 +2126,11 @@ def _answered_before_pushed(state: RoundState, session, selections: list[Selecti
         return {}
     read_at = _labels_read_at(session, {s.round_id for s in asks})
     last_answer = _last_answers(session, sorted({s.image_id for s in asks}))
-    return {s.id: s.image_id for s in asks if s.round_id in read_at and _aware(last_answer.get(s.image_id)) > _aware(read_at[s.round_id])}
+    # a tie's ask is answered by any change to its answers, one deleted too (_asked_again_waiting; review: a pending tie
+    # ask whose tie ended by a deletion went out and reopened a task for a disagreement that no longer was)
+    last_change = _last_changes(session, sorted({s.image_id for s in asks if s.reason == "annotators_disagree"}))
+    return {s.id: s.image_id for s in asks if s.round_id in read_at
+            and _aware((last_change if s.reason == "annotators_disagree" else last_answer).get(s.image_id)) > _aware(read_at[s.round_id])}
 
 
 def _retried_task(state: RoundState, selection: Selection, image: Image, position: int | None) -> TaskRequest:
@@ -2244,8 +2248,20 @@ def _asked_again_waiting(session, image_ids: list[int], *, current_round_id: int
     change to its answers: one deleted ends the tie as a third answer does. A question on a label whose answer was
     deleted since is open again (_last_answers counts live answers only)."""
     disagree = ("annotators_disagree",)
+    tie_asked = _images_asked(session, image_ids, reasons=disagree, current_round_id=current_round_id)  # their events only (review: every
+    # answered image's were read each round)
     return (_open_asks(session, image_ids, reasons=tuple(r for r in ASKED_AGAIN_REASONS if r not in disagree), current_round_id=current_round_id)
-            | _open_asks(session, image_ids, reasons=disagree, current_round_id=current_round_id, last_answer=_last_changes(session, image_ids)))
+            | (_open_asks(session, tie_asked, reasons=disagree, current_round_id=current_round_id, last_answer=_last_changes(session, tie_asked))
+               if tie_asked else set()))
+
+
+def _images_asked(session, image_ids: list[int], *, reasons: tuple[str, ...], current_round_id: int | None) -> list[int]:  # noqa: ANN001
+    """Of `image_ids`, those an earlier round asked about for one of `reasons`."""
+    asked: set[int] = set()
+    for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
+        asked.update(session.scalars(select(Selection.image_id).where(
+            Selection.image_id.in_(image_ids[chunk:chunk + 500]), Selection.reason.in_(reasons), Selection.round_id != (current_round_id or -1))))
+    return sorted(asked)
 
 
 def _last_changes(session, image_ids: list[int]) -> dict[int, datetime]:  # noqa: ANN001

@@ -1112,7 +1112,7 @@ def test_a_push_marks_each_image_and_only_the_one_not_handed_over_is_retried(pro
     assert retried == [first[0]]  # round 2 hands over the one left behind, not round 1's whole batch again
 
 
-@pytest.mark.parametrize("third_answer", ["scratch", "patch"])
+@pytest.mark.parametrize("third_answer", ["scratch", "patch", "deleted"])
 def test_an_ask_answered_before_it_could_be_pushed_is_withdrawn_unless_still_tied(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch,
                                                                                   third_answer: str) -> None:
     # A tie (scratch vs spot) asked in round 1 whose push failed; a third annotator answers before round 2. "scratch"
@@ -1122,7 +1122,12 @@ def test_an_ask_answered_before_it_could_be_pushed_is_withdrawn_unless_still_tie
     from labeling.simulated import OracleAnnotator
 
     ctx = open_project(project_with_pool)
-    tied_id = tie_a_pool_image(project_with_pool, folder="scratch", oracle_answers=False)
+    # "deleted": one of the two answers is deleted instead, which ends the tie as well (review: the ask went out anyway)
+    tied_id = tie_a_pool_image(project_with_pool, folder="scratch", oracle_answers=False, tie=third_answer != "deleted")
+    if third_answer == "deleted":
+        with session_scope(ctx.engine) as session:
+            session.add_all([LabelEvent(image_id=tied_id, label="scratch", source="annotator", annotator="ann1", external_id="answer-1"),
+                             LabelEvent(image_id=tied_id, label="spot", source="annotator", annotator="ann2", external_id="answer-2")])
     pushes: list[tuple[list[int], list[int]]] = []
 
     def push(self, *, session, project, round_id, batch, open_guesses=(), settled=()):  # noqa: ANN001, ANN202
@@ -1133,10 +1138,11 @@ def test_an_ask_answered_before_it_could_be_pushed_is_withdrawn_unless_still_tie
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     assert tied_id in pushes[0][0]
     with session_scope(ctx.engine) as session:
-        session.add(LabelEvent(image_id=tied_id, label=third_answer, source="annotator", annotator="ann3"))
+        session.add(LabelEvent(image_id=tied_id, label=None, action="delete", source="annotator", annotator="ann2", external_id="answer-2")
+                    if third_answer == "deleted" else LabelEvent(image_id=tied_id, label=third_answer, source="annotator", annotator="ann3"))
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     batch, settled = pushes[1]
-    settles = third_answer == "scratch"
+    settles = third_answer in ("scratch", "deleted")
     assert (tied_id in batch, tied_id in settled) == ((False, True) if settles else (True, False))
     with session_scope(ctx.engine) as session:
         ask = session.scalars(select(Selection).where(Selection.reason == "annotators_disagree")).one()
