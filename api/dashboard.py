@@ -463,8 +463,9 @@ def _coverage_html(latest: RoundReport) -> str:
                      "score the model against those labels." if batch.n_labeled_test else "")
         parts.append(f'<p class="coverage suspect-batch"><span class="verdict fail">labels suspect as a whole</span> '
                      f'{escape(reports.ingest_batches_text([batch.ingest_batch_id]))} ({escape(str(batch.source))}): {batch.n_flagged} of its {batch.n_judged} labeled training and '
-                     f'validation images are suspected label errors ({batch.share_flagged or 0:.0%}; '
-                     f'{batch.share_flagged_elsewhere or 0:.0%} in the other ingests): classes swapped, a wrong manifest column?'
+                     f'validation images are suspected label errors ({"–" if batch.share_flagged is None else f"{batch.share_flagged:.0%}"}; '
+                     f'{"–" if batch.share_flagged_elsewhere is None else f"{batch.share_flagged_elsewhere:.0%}"} in the other ingests): '
+                     'classes swapped, a wrong manifest column?'
                      f'{escape(unchecked)}</p>')
     if latest.test_metrics_by_batch:
         rows = "".join(f'<tr><td title="{escape(str(row.source))}">{escape(reports.batch_ids_text(row.ingest_batch_ids))} · '

@@ -816,7 +816,7 @@ def compare(
         contexts = [open_project_store(folder)[0] for folder in folders]  # read only: a loop.toml a round would refuse still has its record
         report = compare_projects(contexts, out=out)
     table = Table(title="projects compared")
-    for column in ("project", "started from", "rounds", "labels to pass all gates", "latest round's gates"):
+    for column in ("project", "started from", "rounds", "labels to pass the quality gates", "latest round's gates"):
         table.add_column(column, overflow="fold")
     for entry in report["projects"]:
         last = entry["rounds"][-1] if entry["rounds"] else None

@@ -30,6 +30,8 @@ class ComparedRound:
     labels_used: int  # labeled training and validation images the round learned and chose its threshold from
     gates: dict[str, float | None]  # as the gate scored it (a collapsed round's macro F1 is 0); None: not applicable
     all_gates_pass: bool
+    # macro F1, defect recall and FPR, as loop simulate counts them: latency is the machine's, not the labels' (review)
+    quality_gates_pass: bool
     train_strategy: str | None
 
 
@@ -39,7 +41,7 @@ class ComparedProject:
     project_dir: str
     started_from: str  # another project's model (loop init --init-from), or ImageNet weights
     rounds: list[ComparedRound]
-    labels_to_pass_gates: int | None  # labels used by the first round that passed every gate; None: none has
+    labels_to_pass_gates: int | None  # labels used by the first round that passed the quality gates; None: none has
     round_passing: int | None
     n_labeled_test: int
     gate_thresholds: dict[str, float | None]
@@ -55,22 +57,38 @@ def compared_project(ctx: ProjectContext, *, name: str) -> tuple[ComparedProject
         counts = row.get("labeled_counts") or {}
         gates = {g["name"]: (g["value"] if g["applicable"] else None) for g in row["gates"]}
         thresholds.update({g["name"]: g["threshold"] for g in row["gates"] if g["applicable"]})
+        quality = {g["name"]: g for g in row["gates"] if g["name"] in QUALITY_GATES and g["applicable"]}
         rounds.append(ComparedRound(number=row["number"], labels_used=int(counts.get("train", 0)) + int(counts.get("validation", 0)),
                                     gates={gate: gates.get(gate) for gate in ALL_GATES}, all_gates_pass=bool(row.get("all_gates_pass")),
+                                    quality_gates_pass=bool(quality) and all(g["passed"] for g in quality.values()),
                                     train_strategy=row.get("train_strategy")))
-    passing = next((r for r in rounds if r.all_gates_pass), None)
-    init = next((row["init_from"] for row in reversed(status["rounds"]) if row.get("init_from")), None)
-    started_from = "ImageNet weights" if init is None else f"another project's model: {init.get('source') or init.get('checkpoint')}" + (
-        f" ({init['backbone']})" if init.get("backbone") else "")
+    passing = next((r for r in rounds if r.quality_gates_pass), None)
+    started_from = _started_from(ctx, status)
     with session_scope(ctx.engine) as session:
         project_id = get_project(session).id
         labels = current_labels(session, project_id)
-        test = {sha for image_id, sha in session.execute(select(Image.id, Image.sha256).where(
+        # a photo with its label: the same photos labeled otherwise do not measure the same thing (review)
+        test = {(sha, labels[image_id].label) for image_id, sha in session.execute(select(Image.id, Image.sha256).where(
             Image.project_id == project_id, Image.split == "test", Image.status == "ok"))
-            if image_id in labels and labels[image_id].status not in ("unlabeled", "tie")}
+            if image_id in labels and labels[image_id].status == "labeled"}
     return ComparedProject(name=name, project_dir=str(ctx.root), started_from=started_from, rounds=rounds,
                            labels_to_pass_gates=passing.labels_used if passing else None, round_passing=passing.number if passing else None,
                            n_labeled_test=len(test), gate_thresholds=thresholds), test
+
+
+def _started_from(ctx: ProjectContext, status: dict[str, Any]) -> str:
+    """Another project's model (loop init --init-from: loop.toml says so before any round records it), a checkpoint
+    of the user's ([model] weights), ImageNet weights, or none (random init). Review: only rounds were read, so a
+    project made with --init-from and no completed round yet read "ImageNet weights"."""
+    init = next((row["init_from"] for row in reversed(status["rounds"]) if row.get("init_from")), None)
+    model = ctx.config.model if ctx.config is not None else None
+    if init is None and model is not None and model.init_from:
+        init = {"source": model.init_from_source, "checkpoint": model.init_from, "backbone": model.init_from_backbone}
+    if init is not None:
+        return f"another project's model: {init.get('source') or init.get('checkpoint')}" + (f" ({init['backbone']})" if init.get("backbone") else "")
+    if model is None:
+        return "unknown (loop.toml does not read)"
+    return {"default": "ImageNet weights", "none": "random weights (no pretraining)"}.get(model.weights, f"the checkpoint {model.weights}")
 
 
 def compare_projects(contexts: list[ProjectContext], *, out: Path) -> dict[str, Any]:
@@ -84,7 +102,8 @@ def compare_projects(contexts: list[ProjectContext], *, out: Path) -> dict[str, 
         test_sets.append(test)
     shared = set.intersection(*test_sets) if test_sets else set()
     same_test = all(test == test_sets[0] for test in test_sets) and bool(shared)
-    thresholds_differ = any(p.gate_thresholds != projects[0].gate_thresholds for p in projects if p.rounds and projects[0].rounds)
+    with_rounds = [p for p in projects if p.rounds]
+    thresholds_differ = any(p.gate_thresholds != with_rounds[0].gate_thresholds for p in with_rounds)
     report = {
         "projects": [asdict(p) for p in projects],
         "labeled_test_images_shared": len(shared),
@@ -106,28 +125,31 @@ def test_split_note(report: dict[str, Any]) -> str:
     """Whether the gates compare directly: the same labeled test photos, or how many the projects share."""
     counts = ", ".join(f"{p['name']} {p['n_labeled_test']}" for p in report["projects"])
     if report["same_labeled_test_images"]:
-        return f"The projects' labeled test images are the same {report['labeled_test_images_shared']} photos: their gates compare directly."
-    return (f"The projects' labeled test images differ (labeled test images: {counts}; {report['labeled_test_images_shared']} photos in all "
-            "of them): each gate is measured on its own project's test split, so a difference between projects is partly a difference "
-            "between test splits.")
+        return (f"The projects' labeled test images are the same {report['labeled_test_images_shared']} photos with the same labels: their "
+                "gates compare directly.")
+    return (f"The projects' labeled test images differ (labeled test images: {counts}; {report['labeled_test_images_shared']} photos with "
+            "the same label in all of them): each gate is measured on its own project's test split, so a difference between projects is "
+            "partly a difference between test splits.")
 
 
 def comparison_markdown(report: dict[str, Any]) -> str:
     lines = ["# Projects compared", "", test_split_note(report), ""]
     if report["gate_thresholds_differ"]:
         lines += ["The projects' gates have different thresholds (loop.toml): see each round's pass/fail.", ""]
-    lines += ["| project | started from | rounds | labels to pass all gates | round |", "|---|---|---|---|---|"]
+    lines += ["Labels to pass: the labeled training and validation images of the first round that passed the quality gates (macro F1, "
+              "defect recall, FPR), as `loop simulate` counts them; latency is the machine's, in each round's row.", "",
+              "| project | started from | rounds | labels to pass the quality gates | round |", "|---|---|---|---|---|"]
     for p in report["projects"]:
         lines.append(f"| {p['name']} | {p['started_from']} | {len(p['rounds'])} | "
                      f"{p['labels_to_pass_gates'] if p['labels_to_pass_gates'] is not None else 'not yet'} | {p['round_passing'] or '-'} |")
     lines.append("")
     for p in report["projects"]:
-        lines += [f"## {p['name']}", "", "| round | trained | labels used | macro F1 | defect recall | FPR | latency ms | all gates |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {p['name']}", "", "| round | trained | labels used | macro F1 | defect recall | FPR | latency ms | quality gates | all gates |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['number']} | {r['train_strategy'] or '-'} | {r['labels_used']} | "
                   + " | ".join("n/a" if r["gates"][gate] is None else f"{r['gates'][gate]:.4g}" for gate in ALL_GATES)
-                  + f" | {'pass' if r['all_gates_pass'] else 'fail'} |" for r in p["rounds"]]
+                  + f" | {'pass' if r['quality_gates_pass'] else 'fail'} | {'pass' if r['all_gates_pass'] else 'fail'} |" for r in p["rounds"]]
         if not p["rounds"]:
-            lines.append("| no completed round with gates yet | | | | | | | |")
+            lines.append("| no completed round with gates yet | | | | | | | | |")
         lines.append("")
     return "\n".join(lines)

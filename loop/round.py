@@ -228,7 +228,7 @@ def pull_labels(state: RoundState) -> None:
 
 def _pull_summary(report: PullReport) -> dict[str, Any]:
     return {"new_label_events": report.new_label_events, "deleted": report.deleted, "skipped": report.skipped, "rejected": report.rejected,
-            **_jsonable(report.details), "warnings": list(report.warnings)}  # kept, as the push's are: a --quiet round's reader sees them
+            **_jsonable(report.details), "warnings": list(report.warnings)}  # kept in the record (status --json), as the push's are
 
 
 def check_image_files(state: RoundState) -> None:

@@ -114,7 +114,7 @@ def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, s
         "collapsed": collapsed_of(details),  # one class for every test image or every image: the macro F1 gate was set to 0
         "label_quality": {**{key: getattr(quality, key, None) for key in ("n_flagged", "noise_rate_per_class", "already_questioned")},
                           # ingests whose labels are suspects far more often than the rest's (wrong as a whole?)
-                          "suspect_batches": [dataclasses.asdict(row) for row in quality.suspect_batches] or None if quality else None},
+                          "suspect_batches": [dataclasses.asdict(row) for row in quality.suspect_batches] if quality else None},  # [] as the API
         "labeled_counts": details.get("labeled_counts"),
         # what reached the annotators: pushed, pending, answered tasks asked again, waiting tasks given this round's guess
         "push": details.get("push"),

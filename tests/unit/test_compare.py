@@ -62,10 +62,19 @@ def test_a_transferred_project_and_one_from_imagenet_side_by_side(tmp_path: Path
     markdown = (out / "compare.md").read_text()
     assert "| bottle-from-metal | another project's model: /lines/metal (round 3 of metal, fine-tuned) | 1 | 50 | 1 |" in markdown
     assert "| bottle | ImageNet weights | 2 | 100 | 2 |" in markdown and "their gates compare directly" in markdown
-    assert "| 2 | head | 100 | 0.74 | 0.88 | 0.025 | 12.5 | pass |" in markdown
+    assert "| 2 | head | 100 | 0.74 | 0.88 | 0.025 | 12.5 | pass | pass |" in markdown
     assert (out / "gates_vs_labels.png").stat().st_size > 10_000
     said = " ".join(result.output.split())
     assert "50 (round 1)" in said and "100 (round 2)" in said and "their gates compare directly" in said
+
+    # one project's test image labeled otherwise: the same photos no longer measure the same thing (review)
+    from store.models import LabelEvent
+
+    with session_scope(open_project(scratch).engine) as session:
+        relabeled = session.scalars(select(Image).where(Image.split == "test").order_by(Image.id)).first()
+        session.add(LabelEvent(image_id=relabeled.id, label="patch" if "/patch/" not in relabeled.path else "spot", source="import"))
+    runner.invoke(app, ["compare", str(transferred), str(scratch), "--out", str(out)])
+    assert json.loads((out / "compare.json").read_text())["same_labeled_test_images"] is False
 
     # one project's test split changed: the report says the gates are measured on different photos
     with session_scope(open_project(scratch).engine) as session:
@@ -84,3 +93,21 @@ def test_one_project_or_a_folder_that_is_not_one_is_a_clear_error(tmp_path: Path
     missing = runner.invoke(app, ["compare", str(project), str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
     assert missing.exit_code != 0 and "Traceback" not in missing.output and "nowhere" in missing.output, missing.output
     assert not (tmp_path / "out").exists()
+
+
+def test_labels_to_pass_count_the_quality_gates_and_a_project_without_rounds_says_where_it_starts(tmp_path: Path, class_folders: Path) -> None:
+    # review: a round failing latency alone (a slower CPU) read "not yet" while the plot showed it above every quality
+    # line, as loop simulate would count it passed; a project made with --init-from and no round yet read "ImageNet weights"
+    from loop.config import load_config, save_config
+
+    slow, fresh = _project(tmp_path / "slow", class_folders), _project(tmp_path / "fresh", class_folders)
+    _record(slow, 1, labels_used=(30, 10), values=(0.8, 0.9, 0.01, 45.0))
+    config = load_config(fresh)
+    config.model.init_from, config.model.init_from_source, config.model.init_from_backbone = "models/init_from.pt", "/lines/metal", "round 2, fine-tuned"
+    save_config(fresh, config)
+    out = tmp_path / "compared"
+    assert runner.invoke(app, ["compare", str(slow), str(fresh), "--out", str(out)]).exit_code == 0
+    by_name = {p["name"]: p for p in json.loads((out / "compare.json").read_text())["projects"]}
+    assert (by_name["slow"]["labels_to_pass_gates"], by_name["slow"]["rounds"][0]["all_gates_pass"]) == (40, False)
+    assert "| 1 | head | 40 | 0.8 | 0.9 | 0.01 | 45 | pass | fail |" in (out / "compare.md").read_text()
+    assert by_name["fresh"]["started_from"] == "another project's model: /lines/metal (round 2, fine-tuned)" and by_name["fresh"]["rounds"] == []
