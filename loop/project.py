@@ -44,6 +44,8 @@ class ProjectContext:
 
     @property
     def database_url(self) -> str:
+        if self.config is None:  # opened for reading with a loop.toml a round would refuse (open_project_store): its engine's store
+            return self.engine.url.render_as_string(hide_password=False)
         return database_url_for(self.root, self.config)
 
     @property

@@ -111,3 +111,20 @@ def test_labels_to_pass_count_the_quality_gates_and_a_project_without_rounds_say
     assert (by_name["slow"]["labels_to_pass_gates"], by_name["slow"]["rounds"][0]["all_gates_pass"]) == (40, False)
     assert "| 1 | head | 40 | 0.8 | 0.9 | 0.01 | 45 | pass | fail |" in (out / "compare.md").read_text()
     assert by_name["fresh"]["started_from"] == "another project's model: /lines/metal (round 2, fine-tuned)" and by_name["fresh"]["rounds"] == []
+
+
+def test_a_loop_toml_a_round_would_refuse_still_gives_its_record_to_status_export_and_compare(tmp_path: Path, class_folders: Path) -> None:
+    # QA: with a typo in loop.toml, status (text and --json), export and compare ended in a traceback once the project
+    # had a round ('NoneType' object has no attribute 'database_url'), though the warning says "the store's record follows"
+    good, typo = _project(tmp_path / "good", class_folders), _project(tmp_path / "typo", class_folders)
+    for project in (good, typo):
+        _record(project, 1, labels_used=(40, 10), values=(0.72, 0.9, 0.02, 12.0))
+    config = typo / "loop.toml"
+    config.write_text(config.read_text().replace("budget_per_round", "budget_per_rund"))
+    for args in (["status", "--project", str(typo)], ["status", "--project", str(typo), "--json"],
+                 ["export", str(tmp_path / "typo.csv"), "--project", str(typo)], ["compare", str(good), str(typo), "--out", str(tmp_path / "out")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and "Traceback" not in result.output, (args, result.output)
+    report = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert [p["labels_to_pass_gates"] for p in report["projects"]] == [50, 50]
+    assert report["projects"][1]["started_from"] == "unknown (loop.toml does not read)"
