@@ -813,19 +813,30 @@ def compare(
         folders = list(dict.fromkeys(path.expanduser().resolve() for path in projects))
         if len(folders) < 2:
             raise ConfigError("loop compare needs two or more different project folders")
+        if out.exists() and not out.is_dir():  # QA: "[Errno 17] File exists"
+            raise ConfigError(f"--out {out} is a file: give a folder for compare.md, compare.json and gates_vs_labels.png")
         contexts = [open_project_store(folder)[0] for folder in folders]  # read only: a loop.toml a round would refuse still has its record
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"cannot make --out {out}: {error.strerror}; nothing was written") from None
         report = compare_projects(contexts, out=out)
     table = Table(title="projects compared")
     for column in ("project", "started from", "rounds", "labels to pass the quality gates", "latest round's gates"):
         table.add_column(column, overflow="fold")
     for entry in report["projects"]:
         last = entry["rounds"][-1] if entry["rounds"] else None
-        gates = "-" if last is None else " · ".join("n/a" if last["gates"][gate] is None else f"{gate} {last['gates'][gate]:.3g}"
+        gates = "-" if last is None else " · ".join(f"{gate} {'n/a' if last['gates'][gate] is None else format(last['gates'][gate], '.3g')}"
                                                     for gate in ("macro_f1", "defect_recall", "negative_fpr"))
+        if last is not None and last["unsettled_gates"]:
+            gates += f" ({', '.join(last['unsettled_gates'])}: the test split cannot tell)"
         table.add_row(escape(entry["name"]), escape(entry["started_from"]), str(len(entry["rounds"])),
                       "not yet" if entry["labels_to_pass_gates"] is None else f"{entry['labels_to_pass_gates']} (round {entry['round_passing']})", gates)
     console.print(table)
     console.print(escape(test_split_note(report)))
+    if report["folders_sharing_a_store"]:
+        console.print(f"[yellow]warning:[/] {escape(', '.join(report['folders_sharing_a_store']))} share one store: folders of one project, not "
+                      "projects to compare")
     console.print(f"wrote {escape(str(out / 'compare.md'))}, compare.json and gates_vs_labels.png")
 
 

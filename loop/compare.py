@@ -7,6 +7,7 @@ how many they share, and does not hide a difference."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ class ComparedRound:
     # macro F1, defect recall and FPR, as loop simulate counts them: latency is the machine's, not the labels' (review)
     quality_gates_pass: bool
     train_strategy: str | None
+    # gates whose 90% interval on the test split straddles their threshold: a pass there is partly luck (QA: compare
+    # said "all pass" where status and the dashboard said the test split cannot tell)
+    unsettled_gates: list[str]
+    gate_thresholds: dict[str, float]  # this round's (loop.toml may change them between rounds)
 
 
 @dataclass(frozen=True)
@@ -44,15 +49,19 @@ class ComparedProject:
     labels_to_pass_gates: int | None  # labels used by the first round that passed the quality gates; None: none has
     round_passing: int | None
     n_labeled_test: int
-    gate_thresholds: dict[str, float | None]
+    gate_thresholds: dict[str, float | None]  # the latest round's
+    # rounds not compared: failed, running or interrupted, and cold starts (no model, no gates); said, not dropped
+    rounds_left_out: dict[str, int]
+    passing_round_unsettled: list[str]  # the gates the passing round's test split could not settle
 
 
 def compared_project(ctx: ProjectContext, *, name: str) -> tuple[ComparedProject, set[str]]:
     """One project's completed rounds (cold starts trained nothing: left out) and the sha256 of its labeled test images."""
     status = project_status(ctx)
-    rounds, thresholds = [], {}
+    rounds, thresholds, left_out = [], {}, Counter()
     for row in status["rounds"]:
         if row["status"] != "completed" or row.get("cold_start") or not row["gates"]:
+            left_out["cold start" if row.get("cold_start") else row["status"] if row["status"] != "completed" else "no gates"] += 1
             continue
         counts = row.get("labeled_counts") or {}
         gates = {g["name"]: (g["value"] if g["applicable"] else None) for g in row["gates"]}
@@ -61,7 +70,8 @@ def compared_project(ctx: ProjectContext, *, name: str) -> tuple[ComparedProject
         rounds.append(ComparedRound(number=row["number"], labels_used=int(counts.get("train", 0)) + int(counts.get("validation", 0)),
                                     gates={gate: gates.get(gate) for gate in ALL_GATES}, all_gates_pass=bool(row.get("all_gates_pass")),
                                     quality_gates_pass=bool(quality) and all(g["passed"] for g in quality.values()),
-                                    train_strategy=row.get("train_strategy")))
+                                    train_strategy=row.get("train_strategy"), unsettled_gates=list(row.get("unsettled_gates") or []),
+                                    gate_thresholds={g["name"]: g["threshold"] for g in row["gates"] if g["applicable"]}))
     passing = next((r for r in rounds if r.quality_gates_pass), None)
     started_from = _started_from(ctx, status)
     with session_scope(ctx.engine) as session:
@@ -73,7 +83,8 @@ def compared_project(ctx: ProjectContext, *, name: str) -> tuple[ComparedProject
             if image_id in labels and labels[image_id].status == "labeled"}
     return ComparedProject(name=name, project_dir=str(ctx.root), started_from=started_from, rounds=rounds,
                            labels_to_pass_gates=passing.labels_used if passing else None, round_passing=passing.number if passing else None,
-                           n_labeled_test=len(test), gate_thresholds=thresholds), test
+                           n_labeled_test=len(test), gate_thresholds=thresholds, rounds_left_out=dict(sorted(left_out.items())),
+                           passing_round_unsettled=passing.unsettled_gates if passing else []), test
 
 
 def _started_from(ctx: ProjectContext, status: dict[str, Any]) -> str:
@@ -100,15 +111,18 @@ def compare_projects(contexts: list[ProjectContext], *, out: Path) -> dict[str, 
         project, test = compared_project(ctx, name=name)
         projects.append(project)
         test_sets.append(test)
+    urls = [ctx.database_url for ctx in contexts]
+    same_store = sorted({name for name, url in zip(names, urls) if urls.count(url) > 1})  # one project seen from two folders (QA)
     shared = set.intersection(*test_sets) if test_sets else set()
     same_test = all(test == test_sets[0] for test in test_sets) and bool(shared)
-    with_rounds = [p for p in projects if p.rounds]
-    thresholds_differ = any(p.gate_thresholds != with_rounds[0].gate_thresholds for p in with_rounds)
+    every_round = [r.gate_thresholds for p in projects for r in p.rounds]  # between projects, or rounds of one (QA)
+    thresholds_differ = any(t != every_round[0] for t in every_round)
     report = {
         "projects": [asdict(p) for p in projects],
         "labeled_test_images_shared": len(shared),
         "same_labeled_test_images": same_test,
         "gate_thresholds_differ": thresholds_differ,
+        "folders_sharing_a_store": same_store,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(report, indent=2))
@@ -127,29 +141,38 @@ def test_split_note(report: dict[str, Any]) -> str:
     if report["same_labeled_test_images"]:
         return (f"The projects' labeled test images are the same {report['labeled_test_images_shared']} photos with the same labels: their "
                 "gates compare directly.")
-    return (f"The projects' labeled test images differ (labeled test images: {counts}; {report['labeled_test_images_shared']} photos with "
+    shared = report["labeled_test_images_shared"]
+    return (f"The projects' labeled test images differ (labeled test images: {counts}; {shared} {'photo' if shared == 1 else 'photos'} with "
             "the same label in all of them): each gate is measured on its own project's test split, so a difference between projects is "
             "partly a difference between test splits.")
 
 
 def comparison_markdown(report: dict[str, Any]) -> str:
     lines = ["# Projects compared", "", test_split_note(report), ""]
+    if report["folders_sharing_a_store"]:
+        lines += [f"{', '.join(report['folders_sharing_a_store'])} share one store: they are folders of one project, not projects to compare.", ""]
     if report["gate_thresholds_differ"]:
-        lines += ["The projects' gates have different thresholds (loop.toml): see each round's pass/fail.", ""]
+        lines += ["The gates' thresholds (loop.toml) differ between the projects or their rounds: each round's pass or fail is by its "
+                  "own thresholds; the plot's dashed lines are the first project's latest.", ""]
     lines += ["Labels to pass: the labeled training and validation images of the first round that passed the quality gates (macro F1, "
               "defect recall, FPR), as `loop simulate` counts them; latency is the machine's, in each round's row.", "",
               "| project | started from | rounds | labels to pass the quality gates | round |", "|---|---|---|---|---|"]
     for p in report["projects"]:
-        lines.append(f"| {p['name']} | {p['started_from']} | {len(p['rounds'])} | "
-                     f"{p['labels_to_pass_gates'] if p['labels_to_pass_gates'] is not None else 'not yet'} | {p['round_passing'] or '-'} |")
+        unsettled = f" (the test split cannot settle {', '.join(p['passing_round_unsettled'])})" if p["passing_round_unsettled"] else ""
+        left_out = f" (+ {', '.join(f'{n} {why}' for why, n in p['rounds_left_out'].items())}, not compared)" if p["rounds_left_out"] else ""
+        lines.append(f"| {p['name']} | {p['started_from']} | {len(p['rounds'])}{left_out} | "
+                     f"{p['labels_to_pass_gates'] if p['labels_to_pass_gates'] is not None else 'not yet'}{unsettled} | {p['round_passing'] or '-'} |")
     lines.append("")
+    if any(p["passing_round_unsettled"] for p in report["projects"]):
+        lines += ["A pass on a gate the test split cannot settle (its 90% interval holds both verdicts) is partly the test split's luck.", ""]
     for p in report["projects"]:
-        lines += [f"## {p['name']}", "", "| round | trained | labels used | macro F1 | defect recall | FPR | latency ms | quality gates | all gates |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {p['name']}", "", "| round | trained | labels used | macro F1 | defect recall | FPR | latency ms | quality gates | all gates "
+                  "| the test split cannot settle |", "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['number']} | {r['train_strategy'] or '-'} | {r['labels_used']} | "
                   + " | ".join("n/a" if r["gates"][gate] is None else f"{r['gates'][gate]:.4g}" for gate in ALL_GATES)
-                  + f" | {'pass' if r['quality_gates_pass'] else 'fail'} | {'pass' if r['all_gates_pass'] else 'fail'} |" for r in p["rounds"]]
+                  + f" | {'pass' if r['quality_gates_pass'] else 'fail'} | {'pass' if r['all_gates_pass'] else 'fail'} | "
+                  f"{', '.join(r['unsettled_gates']) or '-'} |" for r in p["rounds"]]
         if not p["rounds"]:
-            lines.append("| no completed round with gates yet | | | | | | | | |")
+            lines.append("| no completed round with gates yet | | | | | | | | | |")
         lines.append("")
     return "\n".join(lines)

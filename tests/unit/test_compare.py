@@ -62,7 +62,7 @@ def test_a_transferred_project_and_one_from_imagenet_side_by_side(tmp_path: Path
     markdown = (out / "compare.md").read_text()
     assert "| bottle-from-metal | another project's model: /lines/metal (round 3 of metal, fine-tuned) | 1 | 50 | 1 |" in markdown
     assert "| bottle | ImageNet weights | 2 | 100 | 2 |" in markdown and "their gates compare directly" in markdown
-    assert "| 2 | head | 100 | 0.74 | 0.88 | 0.025 | 12.5 | pass | pass |" in markdown
+    assert "| 2 | head | 100 | 0.74 | 0.88 | 0.025 | 12.5 | pass | pass | - |" in markdown
     assert (out / "gates_vs_labels.png").stat().st_size > 10_000
     said = " ".join(result.output.split())
     assert "50 (round 1)" in said and "100 (round 2)" in said and "their gates compare directly" in said
@@ -109,7 +109,7 @@ def test_labels_to_pass_count_the_quality_gates_and_a_project_without_rounds_say
     assert runner.invoke(app, ["compare", str(slow), str(fresh), "--out", str(out)]).exit_code == 0
     by_name = {p["name"]: p for p in json.loads((out / "compare.json").read_text())["projects"]}
     assert (by_name["slow"]["labels_to_pass_gates"], by_name["slow"]["rounds"][0]["all_gates_pass"]) == (40, False)
-    assert "| 1 | head | 40 | 0.8 | 0.9 | 0.01 | 45 | pass | fail |" in (out / "compare.md").read_text()
+    assert "| 1 | head | 40 | 0.8 | 0.9 | 0.01 | 45 | pass | fail | - |" in (out / "compare.md").read_text()
     assert by_name["fresh"]["started_from"] == "another project's model: /lines/metal (round 2, fine-tuned)" and by_name["fresh"]["rounds"] == []
 
 
@@ -128,3 +128,27 @@ def test_a_loop_toml_a_round_would_refuse_still_gives_its_record_to_status_expor
     report = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert [p["labels_to_pass_gates"] for p in report["projects"]] == [50, 50]
     assert report["projects"][1]["started_from"] == "unknown (loop.toml does not read)"
+
+
+def test_rounds_left_out_and_gates_the_test_split_cannot_settle_are_said(tmp_path: Path, class_folders: Path) -> None:
+    # QA: failed and cold-start rounds were dropped without a word, and "labels to pass" hid that the passing round's
+    # FPR interval held both verdicts; an --out that is a file was "[Errno 17] File exists"
+    first, second = _project(tmp_path / "first", class_folders), _project(tmp_path / "second", class_folders)
+    unsettled = {"test_intervals": {"negative_fpr": {"value": 0.0, "low": 0.0, "high": 0.35, "n_images": 8, "n_parts": 8, "settled": False}}}
+    _record(first, 1, labels_used=(30, 10), values=(0.8, 0.9, 0.0, 12.0), details=unsettled)
+    _record(second, 2, labels_used=(30, 10), values=(0.8, 0.9, 0.01, 12.0))
+    with session_scope(open_project(second).engine) as session:
+        session.add(Round(project_id=get_project(session).id, number=1, status="completed", details={"cold_start": {"reason": "only good parts"}}))
+        session.add(Round(project_id=get_project(session).id, number=3, status="failed", details={}))
+    out = tmp_path / "compared"
+    result = runner.invoke(app, ["compare", str(first), str(second), "--out", str(out)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    by_name = {p["name"]: p for p in json.loads((out / "compare.json").read_text())["projects"]}
+    assert by_name["first"]["passing_round_unsettled"] == ["negative_fpr"] and by_name["second"]["rounds_left_out"] == {"cold start": 1, "failed": 1}
+    markdown = (out / "compare.md").read_text()
+    assert "| first | ImageNet weights | 1 | 40 (the test split cannot settle negative_fpr) | 1 |" in markdown, markdown
+    assert "| second | ImageNet weights | 1 (+ 1 cold start, 1 failed, not compared) | 40 | 2 |" in markdown
+    assert "(negative_fpr: the test split cannot tell)" in " ".join(result.output.split())
+    (tmp_path / "a_file").write_text("x")
+    refused = runner.invoke(app, ["compare", str(first), str(second), "--out", str(tmp_path / "a_file")])
+    assert refused.exit_code == 2 and "is a file: give a folder" in " ".join(refused.output.split())
