@@ -403,6 +403,8 @@ def _summary_cards(progress: ProgressSeries, latest: RoundReport | None) -> str:
         cards += [
             ("latest round", f"R{summary.number} · {_shown_status(summary)}"),
             ("gates passed", f'<span class="verdict {verdict}">{gates}</span>' + (
+                f' <span class="failed-gates">failed: {escape(", ".join(failed))}</span>'
+                if (failed := [g.name for g in latest.gates if g.applicable and g.passed is False]) else "") + (
                 f' <span class="issue-round-note unsettled-gates" title="the 90% interval on the test split straddles the gate">'
                 f'({escape(", ".join(unsettled))}: the test split cannot tell)</span>' if (unsettled := [g.name for g in latest.gates if g.applicable and g.settled is False]) else "")),
             ("labeled images", str(latest.label_counts.total_labeled)),

@@ -661,6 +661,9 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
                                                                  if g["applicable"] and not g["passed"]) or "-"
         if r["unsettled_gates"] and gates != "-":  # the test split is too small to tell these gates' pass from fail (QA)
             gates += f" ({', '.join(UNSETTLED_SHORT.get(name, name) for name in r['unsettled_gates'])} unsettled)"
+        changed = r.get("test_labels_changed") or {}
+        if changed.get("relabeled") or changed.get("no_longer_labeled"):  # its values moved with the labels too (QA: only the newest said so)
+            gates += "; test labels changed"
         trained = r["train_strategy"] or "-"
         if r["training"].get("best_epoch") is not None and r["training"].get("epochs_run"):
             trained += f" (epoch {r['training']['best_epoch']}/{r['training']['epochs_run']})"

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from api.app import create_app
@@ -104,6 +105,23 @@ def test_gates_the_test_split_cannot_settle_are_said_beside_their_pass(new_proje
     with TestClient(create_app(settings)) as client:
         page = " ".join(client.get(f"/dashboard?token={TOKEN}").text.split())
     assert '4/4</span> <span class="issue-round-note unsettled-gates"' in page and "(negative_fpr: the test split cannot tell)" in page
+    assert "failed:" not in page
+
+
+def test_the_gates_card_names_the_gate_that_failed_and_status_marks_rounds_whose_test_labels_changed(new_project) -> None:  # noqa: ANN001
+    # QA: the card read "3/4 (defect_recall, negative_fpr: the test split cannot tell)" without naming the failed gate;
+    # the status table marked a test-label change only in the newest round's line
+    changed = {"since_round": 0, "relabeled": 2, "newly_labeled": 0, "no_longer_labeled": 0}
+    _record_round(new_project, details={"test_labels_changed": changed})
+    with session_scope(new_project.engine) as session:
+        gate = session.scalars(select(GateResult).where(GateResult.name == "defect_recall")).one()
+        gate.passed, gate.value = False, 0.5
+    said = " ".join(CliRunner().invoke(app, ["status", "--project", str(new_project.root)], env={"COLUMNS": "200"}).output.split())
+    assert "defect_recall; test labels changed" in said, said
+    settings = Settings(project_dir=new_project.root, api_token=TOKEN + "-full", api_read_token=TOKEN)
+    with TestClient(create_app(settings)) as client:
+        page = " ".join(client.get(f"/dashboard?token={TOKEN}").text.split())
+    assert '3/4</span> <span class="failed-gates">failed: defect_recall</span>' in page
 
 
 def test_a_round_that_never_looked_for_copies_and_outliers_says_not_checked_not_zero(new_project, class_folders) -> None:  # noqa: ANN001
