@@ -392,7 +392,7 @@ def upgrade_schema(url: str, *, lock_files: tuple[Path, ...] = ()) -> None:
         raise StoreUnavailable(f"the store at {shown_url(url)} needs a schema upgrade ({', '.join(sorted(current)) or 'none'} to {', '.join(sorted(heads))}, "
                                f"made by a newer defect-loop), which writes to it, and it is read-only ({database_error_reason(error)}). "
                                f"{_what_to_check(url)}; nothing was changed") from None
-    if current and (backup is not None or store_file is None):  # said once done; no copy of a SQLite file: another command did it
+    if current and (backup is not None or store_file is None):  # said once done, by the command that made the copy
         sys.stderr.write(f"note: upgraded the store at {shown_url(url)} from schema {', '.join(sorted(current))} to {', '.join(sorted(heads))} "
                          "(a newer defect-loop); releases before it can no longer open it"
                          + (f". Its copy from before: {backup}\n" if backup else
@@ -403,7 +403,7 @@ def _copy_before_upgrade(url: str, store_file: Path, current: set[str], heads: s
     """A copy of a SQLite store at its old schema, `<file>.schema-<revision>.bak`, made before its upgrade: an older
     release's user works on it. Written beside as a temporary file and linked into place only when it holds the old
     revision and no such copy is there yet (review: two commands starting at once both copied, and the second one's
-    copy was of the store already upgraded). None: another command upgraded the store meanwhile."""
+    copy was of the store already upgraded). None: another command upgraded the store meanwhile, or made the copy."""
     from alembic.migration import MigrationContext
 
     backup = store_file.with_name(f"{store_file.name}.schema-{'-'.join(sorted(current))}.bak")
@@ -420,8 +420,8 @@ def _copy_before_upgrade(url: str, store_file: Path, current: set[str], heads: s
             return None
         try:
             os.link(partial, backup)
-        except FileExistsError:
-            pass  # an earlier copy at this revision: kept
+        except FileExistsError:  # another command starting at the same moment copied it (or an earlier attempt): kept, and
+            return None          # that command says so (QA: two commands both printed the note)
         return backup
     except (OSError, sqlite3.Error, OperationalError) as error:
         raise StoreUnavailable(f"the store at {shown_url(url)} needs a schema upgrade ({', '.join(sorted(current))} to {', '.join(sorted(heads))}), and "
