@@ -492,7 +492,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                     report.n_already_known += 1
                     if file.label and existing.status == "ok":
                         label_for_known.append((existing, file.label, str(file.path)))
-                    elif file.label is None and not unlabeled and existing.id is not None:  # a manifest's empty label
+                    elif file.label is None and existing.id is not None:  # a manifest's empty label, or --unlabeled
                         listed_unlabeled.append(existing.id)
                 continue
             image = Image(
@@ -527,7 +527,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                                     "in loop.toml ([model] bit_depth = 12, say) before the next round, or convert them to one scale")
         if multi_frame:
             report.notes.append(f"{len(multi_frame)} files hold several pages or frames; only the first is used: {_listed(multi_frame)}")
-        if listed_unlabeled:
+        if listed_unlabeled and not unlabeled:  # a manifest's empty labels (--unlabeled says nothing of labels)
             still_labeled = {image_id for image_id, info in current_labels(session, project.id).items()
                              if info.status != "unlabeled"} & set(listed_unlabeled)
             if still_labeled:
@@ -613,10 +613,15 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         # an image some round asked annotators about: their answer would beat this held-out label (store.queries.resolve_label)
         asked = set(session.scalars(select(Selection.image_id).join(Image, Image.id == Selection.image_id).where(
             Image.project_id == project.id, Selection.push_status == "pushed"))) if split == "test" else set()
+        # and a part with such a photo: joining test would take that photo along (_hold_out_test_parts), its answer begun
+        # from the model's guess a test label (review)
+        asked_known_parts = set(session.scalars(select(Image.part).join(Selection, Selection.image_id == Image.id).where(
+            Image.project_id == project.id, Image.part.is_not(None), Selection.push_status == "pushed"))) if split == "test" else set()
         for image, label in label_for_known:
-            if image.split == "pool" and split == "test" and image.id in asked:
+            if image.split == "pool" and split == "test" and (image.id in asked or (image.part is not None and image.part in asked_known_parts)):
                 place_labeled_image(image, placed_parts=placed_parts, validation_fraction=fractions.validation_fraction, seed=fractions.seed)
-                trained_known.append(f"{image.path} (waiting for an annotator's answer)")
+                trained_known.append(f"{image.path} (waiting for an annotator's answer)" if image.id in asked
+                                     else f"{image.path} (part {image.part!r}: annotators were asked about a photo of it)")
             elif image.split == "pool" and split == "test" and placed_parts.get(image.part or "") in (None, "test"):
                 image.split = "test"  # a held-out set you labeled: an unlabeled pool image (never trained on) joins it too
                 held_out_known += 1
@@ -639,7 +644,8 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                                                      if info.status != "unlabeled"}
             joined, kept = 0, []
             for image in session.scalars(select(Image).where(Image.id.in_(sorted(unlabeled_now)), Image.split == "pool")):
-                if image.id in asked or placed_parts.get(image.part or "") not in (None, "test"):
+                if (image.id in asked or placed_parts.get(image.part or "") not in (None, "test")
+                        or (image.part is not None and image.part in asked_known_parts)):
                     kept.append(image.path)
                     continue
                 image.split = "test"

@@ -434,6 +434,41 @@ def test_a_held_out_set_listing_known_unlabeled_images_takes_them_into_test_but_
     assert any(note.startswith("1 images already ingested unlabeled stay in the pool, not test") and str(asked) in note for note in report.notes)
 
 
+def test_known_unlabeled_images_held_out_again_never_take_an_asked_photo_of_their_part_and_unlabeled_folders_count_too(
+        new_project, class_folders: Path, tmp_path: Path) -> None:
+    # review: a known pool photo listed --split test took its part into test, and with it the part's photo annotators
+    # were asked about; and a folder ingested again with --unlabeled --split test stayed in the pool without a word
+    from store.models import Round, Selection
+
+    files = sorted(class_folders.rglob("*.png"))
+    first = tmp_path / "first.csv"
+    with open(first, "w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "label", "part"], *([str(p), "", "P" if i < 2 else ""] for i, p in enumerate(files[:10]))])
+    ingest_source(new_project, first, show_progress=False)
+    by_path = {row.path: row for row in images(new_project)}
+    with session_scope(new_project.engine) as session:
+        round_ = Round(project_id=by_path[str(files[0])].project_id, number=1, status="completed")
+        session.add(round_)
+        session.flush()
+        session.add(Selection(round_id=round_.id, image_id=by_path[str(files[0])].id, rank=0, score=1.0, strategy="default", reason="uncertain",
+                              push_status="pushed"))
+    held_out = tmp_path / "held_out.csv"
+    with open(held_out, "w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "label", "part"], [str(files[1]), "", "P"]])
+    report = ingest_source(new_project, held_out, split="test", show_progress=False)
+    by_path = {row.path: row for row in images(new_project)}
+    assert (by_path[str(files[0])].split, by_path[str(files[1])].split) == ("pool", "pool")
+    assert any(note.startswith("1 images already ingested unlabeled stay in the pool") for note in report.notes), report.notes
+    folder = tmp_path / "again"
+    folder.mkdir()
+    for path in files[5:8]:
+        shutil.copy(path, folder / path.name)
+    report = ingest_source(new_project, folder, unlabeled=True, split="test", show_progress=False)
+    by_path = {row.path: row for row in images(new_project)}
+    assert [by_path[str(p)].split for p in files[5:8]] == ["test"] * 3
+    assert any(note.startswith("3 images already ingested unlabeled join the test split") for note in report.notes), report.notes
+
+
 @pytest.mark.parametrize("asked_photo_listed", [True, False])
 def test_a_held_out_unlabeled_photo_never_takes_an_asked_photo_of_its_part_into_test(new_project, class_folders: Path, tmp_path: Path,
                                                                                     asked_photo_listed: bool) -> None:
