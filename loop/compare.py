@@ -18,6 +18,7 @@ from loop.project import ProjectContext
 from loop.status import project_status
 from modeling.plots import plot_gate_panels
 from store import session_scope
+from store.db import same_store as same_store_url
 from store.models import Image
 from store.queries import current_labels, get_project
 
@@ -112,11 +113,13 @@ def compare_projects(contexts: list[ProjectContext], *, out: Path) -> dict[str, 
         projects.append(project)
         test_sets.append(test)
     urls = [ctx.database_url for ctx in contexts]
-    same_store = sorted({name for name, url in zip(names, urls) if urls.count(url) > 1})  # one project seen from two folders (QA)
+    same_store = sorted({names[i] for i in range(len(urls)) for j in range(len(urls))  # one project seen from two folders (QA),
+                         if i != j and same_store_url(urls[i], urls[j])})           # its URL however written (review)
     shared = set.intersection(*test_sets) if test_sets else set()
     same_test = all(test == test_sets[0] for test in test_sets) and bool(shared)
-    every_round = [r.gate_thresholds for p in projects for r in p.rounds]  # between projects, or rounds of one (QA)
-    thresholds_differ = any(t != every_round[0] for t in every_round)
+    every_round = [r.gate_thresholds for p in projects for r in p.rounds]  # between projects, or rounds of one (QA); a gate
+    # that did not apply in a round (no latency measured) is no change (review)
+    thresholds_differ = any(a[gate] != b[gate] for a in every_round for b in every_round for gate in set(a) & set(b))
     report = {
         "projects": [asdict(p) for p in projects],
         "labeled_test_images_shared": len(shared),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shutil
 import sqlite3
 import sys
 import time
@@ -396,7 +397,7 @@ def upgrade_schema(url: str, *, lock_files: tuple[Path, ...] = ()) -> None:
         sys.stderr.write(f"note: upgraded the store at {shown_url(url)} from schema {', '.join(sorted(current))} to {', '.join(sorted(heads))} "
                          "(a newer defect-loop); releases before it can no longer open it"
                          + (f". Its copy from before: {backup}\n" if backup else
-                            " (not a SQLite file: no copy was made; keep the database's own backup from before if a teammate still runs one)\n"))
+                            " (no copy was made of this store: keep one from before if a teammate still runs an older release)\n"))
 
 
 def _copy_before_upgrade(url: str, store_file: Path, current: set[str], heads: set[str]) -> Path | None:
@@ -422,6 +423,12 @@ def _copy_before_upgrade(url: str, store_file: Path, current: set[str], heads: s
             os.link(partial, backup)
         except FileExistsError:  # another command starting at the same moment copied it (or an earlier attempt): kept, and
             return None          # that command says so (QA: two commands both printed the note)
+        except OSError:  # a file system without hard links (SMB, exFAT): created only where none is, then written
+            try:
+                with open(backup, "xb") as target, open(partial, "rb") as source:
+                    shutil.copyfileobj(source, target)
+            except FileExistsError:
+                return None
         return backup
     except (OSError, sqlite3.Error, OperationalError) as error:
         raise StoreUnavailable(f"the store at {shown_url(url)} needs a schema upgrade ({', '.join(sorted(current))} to {', '.join(sorted(heads))}), and "
@@ -432,15 +439,11 @@ def _copy_before_upgrade(url: str, store_file: Path, current: set[str], heads: s
 
 
 def _postgres_store_lock_held(url: str) -> bool:
-    """Whether a round or ingest holds a PostgreSQL store's lock (exclusive_store_lock) now: taken and given back at once."""
+    """Whether a round or ingest holds a PostgreSQL store's lock (exclusive_store_lock) now, read from pg_locks without
+    taking it (review: taking it for a moment made a round starting then fail as busy)."""
     engine = create_db_engine(url)
     try:
-        with engine.connect() as connection:
-            got = connection.execute(text("select pg_try_advisory_lock(:a, :b)"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]}).scalar()
-            if got:
-                connection.execute(text("select pg_advisory_unlock(:a, :b)"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]})
-            connection.commit()
-        return not got
+        return bool(store_lock_held(engine))
     finally:
         engine.dispose()
 

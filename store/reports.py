@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, load_only, selectinload
 
 from store.models import GateResult, Image, LabelEvent, LabelIssue, Metric, Project, Round, Selection
-from store.queries import CurrentLabel, current_labels, resolve_label
+from store.queries import CurrentLabel, current_labels, renamed_classes, resolve_label
 
 LABEL_SOURCES = ("import", "annotator", "oracle")
 F1_METRIC_NAMES = ("f1", "f1_score")
@@ -1097,10 +1097,15 @@ def round_selection(session: Session, *, round_id: int, limit: int, offset: int)
     read_at = (round_.details or {}).get("labels_read_at") if round_ else None
     asked_from = as_utc(datetime.fromisoformat(read_at)) if isinstance(read_at, str) else None
     answers = _standing_answer_times(session, [row.image_id for row in rows if row.push_status == "pushed"])
+    # a tie's ask is answered by any change to its answers, one deleted too, as the round counts it (review)
+    changes = _standing_answer_times(session, [row.image_id for row in rows if row.push_status == "pushed" and row.reason == "annotators_disagree"],
+                                     deletions_count=True)
+    renames = renamed_classes(session.get(Project, round_.project_id)) if round_ else {}  # the guess by its class's name now
 
     def first_answer(row: Selection) -> datetime | None:
         since = asked_from or as_utc(row.pushed_at)
-        later = [when for when in answers.get(row.image_id, []) if since is None or when > since]
+        times = changes if row.reason == "annotators_disagree" else answers
+        later = [when for when in times.get(row.image_id, []) if since is None or when > since]
         return min(later) if later else None
 
     items = []
@@ -1108,16 +1113,16 @@ def round_selection(session: Session, *, round_id: int, limit: int, offset: int)
         answered_at = first_answer(row) if row.push_status == "pushed" else None
         items.append(SelectionRow(
             id=row.id, round_id=row.round_id, image_id=row.image_id, rank=row.rank, score=row.score, strategy=row.strategy,
-            reason=row.reason, predicted_label=row.predicted_label, p_defect=row.p_defect, push_status=row.push_status,
-            pushed_at=as_utc(row.pushed_at), current_label=now.get(row.image_id),
+            reason=row.reason, predicted_label=renames.get(row.predicted_label, row.predicted_label), p_defect=row.p_defect,
+            push_status=row.push_status, pushed_at=as_utc(row.pushed_at), current_label=now.get(row.image_id),
             answered=(answered_at is not None) if row.push_status == "pushed" else None, answered_at=answered_at,
         ))
     return Page(total=total, items=items)
 
 
-def _standing_answer_times(session: Session, image_ids: list[int]) -> dict[int, list[datetime]]:
+def _standing_answer_times(session: Session, image_ids: list[int], *, deletions_count: bool = False) -> dict[int, list[datetime]]:
     """Image id -> when each of its annotators' answers that still stand was given (the newest save of each; an answer
-    deleted since is none; a skip answers nothing)."""
+    deleted since is none; a skip answers nothing). deletions_count: a deletion's time counts as a change too (a tie)."""
     newest: dict[tuple[int, str], tuple[str, datetime]] = {}
     for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
         for event_id, image_id, external_id, action, created_at in session.execute(
@@ -1127,7 +1132,7 @@ def _standing_answer_times(session: Session, image_ids: list[int]) -> dict[int, 
             newest[(image_id, external_id if external_id is not None else f"event {event_id}")] = (action, as_utc(created_at))
     times: dict[int, list[datetime]] = defaultdict(list)
     for (image_id, _answer), (action, when) in newest.items():
-        if action == "set" and when is not None:
+        if (action == "set" or deletions_count) and when is not None:
             times[image_id].append(when)
     return times
 

@@ -36,6 +36,9 @@ def version(_scope: ReadScope, session: SessionDep) -> VersionOut:
 
     from store.db import alembic_config
 
-    store_schema = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    try:  # the store down: the release still answers (review: /version became a 500)
+        store_schema = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except Exception:  # noqa: BLE001 - any driver error means the store is unreachable
+        store_schema = None
     known = ScriptDirectory.from_config(alembic_config(str(session.get_bind().url))).get_current_head()
     return VersionOut(name="defect-loop", version=installed, api_version=API_VERSION, store_schema=store_schema, release_schema=known)

@@ -152,3 +152,16 @@ def test_rounds_left_out_and_gates_the_test_split_cannot_settle_are_said(tmp_pat
     (tmp_path / "a_file").write_text("x")
     refused = runner.invoke(app, ["compare", str(first), str(second), "--out", str(tmp_path / "a_file")])
     assert refused.exit_code == 2 and "is a file: give a folder" in " ".join(refused.output.split())
+
+
+def test_two_folders_of_one_store_are_named_however_its_url_is_written(tmp_path: Path, class_folders: Path) -> None:
+    # QA: a second folder pointing at the first's loop.db was compared as another project; review: a path with '..' was missed
+    first = _project(tmp_path / "first", class_folders)
+    second = tmp_path / "second"
+    second.mkdir()
+    config = (first / "loop.toml").read_text()
+    (second / "loop.toml").write_text(f'database_url = "sqlite:///{tmp_path}/first/../first/loop.db"\n' + config)
+    result = runner.invoke(app, ["compare", str(first), str(second), "--out", str(tmp_path / "out")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["folders_sharing_a_store"] == ["first", "second"]
+    assert "first, second share one store" in " ".join(result.output.split())

@@ -175,5 +175,8 @@ def test_the_latency_line_says_batch_and_when_a_busy_machine_makes_it_an_upper_b
 
     measured = {"ms_per_image": 35.6, "ms_per_image_fastest": 18.4, "batch_size": 32, "threads": 2, "cpu": "AMD EPYC", "cpu_count": 2}
     assert latency_text({**measured, "load_average_1min": 7.77}) == ("latency 35.6 ms/image (ONNX Runtime, batch 32, 2 threads, AMD EPYC; "
-                                                                      "load 7.77 on 2 CPUs: busy, an upper bound, fastest repeat 18.4 ms)")
+                                                                      "load 7.77 on 2 CPUs, this round's own 2 threads included: busy, an "
+                                                                      "upper bound, fastest repeat 18.4 ms)")
     assert latency_text({**measured, "load_average_1min": 0.5}) == "latency 35.6 ms/image (ONNX Runtime, batch 32, 2 threads, AMD EPYC)"
+    # the round's own training still in the 1-minute load (review): not "busy" for that alone
+    assert "busy" not in latency_text({**measured, "load_average_1min": 3.5})

@@ -214,6 +214,33 @@ def test_an_ask_answered_before_it_or_whose_answer_was_deleted_is_not_answered(w
     assert (asked["answered"], asked["answered_at"]) == (False, None)
 
 
+def test_a_tie_ended_by_a_deletion_is_answered_and_a_renamed_guess_reads_its_new_name(writable_store: SeededStore) -> None:
+    # review: the round counts a deleted answer as ending a tie; the API showed its ask unanswered forever. And a guess
+    # named by a class renamed since read the old name beside current_label's new one
+    from datetime import timedelta
+
+    from api_seed import T0
+    from store.models import LabelEvent, Project, Selection
+
+    engine = create_db_engine(writable_store.url)
+    image = writable_store.image_ids[7]
+    with session_scope(engine) as session:
+        session.add_all([LabelEvent(image_id=image, label="scratch", source="annotator", annotator="a", external_id="t-1", created_at=T0 + timedelta(hours=3)),
+                         LabelEvent(image_id=image, label="spot", source="annotator", annotator="b", external_id="t-2", created_at=T0 + timedelta(hours=3)),
+                         Selection(round_id=writable_store.round_ids[1], image_id=image, rank=4, score=0.5, strategy="label_quality",
+                                   reason="annotators_disagree", predicted_label="spot", push_status="pushed", pushed_at=T0 + timedelta(hours=3, minutes=30)),
+                         LabelEvent(image_id=image, label=None, action="delete", source="annotator", annotator="b", external_id="t-2",
+                                    created_at=T0 + timedelta(hours=4))])
+        project = session.get(Project, writable_store.project_id)
+        project.classes, project.class_renames = [c if c != "spot" else "stain" for c in project.classes], {"spot": "stain"}
+    engine.dispose()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        items = client.get(f"/rounds/{writable_store.round_ids[1]}/selection", headers={"Authorization": f"Bearer {READ_TOKEN}"}).json()["items"]
+    tie = next(item for item in items if item["image_id"] == image)
+    assert (tie["answered"], tie["answered_at"]) == (True, "2026-01-01T04:00:00Z")
+    assert tie["predicted_label"] == "stain"
+
+
 def test_progress_series_aligned_with_rounds(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
     body = get(f"/projects/{seeded_store.project_id}/progress")
     assert body["project_name"] == "line-a"
@@ -237,7 +264,11 @@ def test_version(get) -> None:  # noqa: ANN001
     body = get("/version")
     assert body["name"] == "defect-loop" and body["version"] == "0.1.0" and body["api_version"] == "1"
     # which release's schema the store has, and the newest this one knows (QA: two releases 5 upgrades apart looked alike)
-    assert body["store_schema"] == body["release_schema"] == "0007"
+    from alembic.script import ScriptDirectory
+
+    from store.db import alembic_config
+
+    assert body["store_schema"] == body["release_schema"] == ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 
 def test_openapi_docs_served(client: TestClient) -> None:
