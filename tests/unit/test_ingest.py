@@ -23,6 +23,17 @@ def images(ctx):  # noqa: ANN001, ANN201
         return session.scalars(select(Image).order_by(Image.id)).all()
 
 
+def _asked_in_a_round(ctx, image) -> None:  # noqa: ANN001
+    """A completed round 1 that pushed `image` to the annotators (their answer would beat a held-out label)."""
+    from store.models import Round, Selection
+
+    with session_scope(ctx.engine) as session:
+        round_ = Round(project_id=image.project_id, number=1, status="completed")
+        session.add(round_)
+        session.flush()
+        session.add(Selection(round_id=round_.id, image_id=image.id, rank=0, score=1.0, strategy="default", reason="uncertain", push_status="pushed"))
+
+
 def test_folders_as_classes_stratified_split_and_duplicates_merged(new_project, class_folders: Path) -> None:
     shutil.copy(class_folders / "spot" / "spot_0000.png", class_folders / "spot" / "spot_copy.png")  # byte-identical
     report = ingest_source(new_project, class_folders, show_progress=False)
@@ -366,14 +377,8 @@ def test_a_held_out_set_takes_its_unlabeled_pool_images_into_test_but_never_a_tr
     pool = [p for p in files[:40] if by_path[str(p)].split == "pool"][:4]
     trained = next(p for p in files[:40] if by_path[str(p)].split == "train")
     asked = [p for p in files[:40] if by_path[str(p)].split == "pool"][4]  # an annotator's answer would replace the held-out label
-    from store.models import Round, Selection
 
-    with session_scope(new_project.engine) as session:
-        round_ = Round(project_id=by_path[str(asked)].project_id, number=1, status="completed")
-        session.add(round_)
-        session.flush()
-        session.add(Selection(round_id=round_.id, image_id=by_path[str(asked)].id, rank=0, score=1.0, strategy="default", reason="uncertain",
-                              push_status="pushed"))
+    _asked_in_a_round(new_project, by_path[str(asked)])
     held_out = tmp_path / "held_out.csv"
     with open(held_out, "w", newline="") as handle:
         csv.writer(handle).writerows([["path", "label"], *([str(p), p.parent.name] for p in [*pool, trained, asked, *files[40:60]])])
@@ -412,18 +417,12 @@ def test_a_held_out_set_listing_known_unlabeled_images_takes_them_into_test_but_
                                                                                                    tmp_path: Path) -> None:
     # QA: `loop ingest held_out.csv --split test` naming pool images without labels said only "1 already known"; they
     # stayed in the pool, where a round could ask annotators for them as training labels
-    from store.models import Round, Selection
 
     files = sorted(class_folders.rglob("*.png"))
     assert ingest_source(new_project, class_folders, unlabeled=True, show_progress=False)
     by_path = {row.path: row for row in images(new_project)}
     held, asked = files[:5], files[5]
-    with session_scope(new_project.engine) as session:
-        round_ = Round(project_id=by_path[str(asked)].project_id, number=1, status="completed")
-        session.add(round_)
-        session.flush()
-        session.add(Selection(round_id=round_.id, image_id=by_path[str(asked)].id, rank=0, score=1.0, strategy="default", reason="uncertain",
-                              push_status="pushed"))
+    _asked_in_a_round(new_project, by_path[str(asked)])
     manifest = tmp_path / "held_out.csv"
     with open(manifest, "w", newline="") as handle:
         csv.writer(handle).writerows([["path", "label"], *([str(p), ""] for p in [*held, asked])])
@@ -438,7 +437,6 @@ def test_known_unlabeled_images_held_out_again_never_take_an_asked_photo_of_thei
         new_project, class_folders: Path, tmp_path: Path) -> None:
     # review: a known pool photo listed --split test took its part into test, and with it the part's photo annotators
     # were asked about; and a folder ingested again with --unlabeled --split test stayed in the pool without a word
-    from store.models import Round, Selection
 
     files = sorted(class_folders.rglob("*.png"))
     first = tmp_path / "first.csv"
@@ -446,12 +444,7 @@ def test_known_unlabeled_images_held_out_again_never_take_an_asked_photo_of_thei
         csv.writer(handle).writerows([["path", "label", "part"], *([str(p), "", "P" if i < 2 else ""] for i, p in enumerate(files[:10]))])
     ingest_source(new_project, first, show_progress=False)
     by_path = {row.path: row for row in images(new_project)}
-    with session_scope(new_project.engine) as session:
-        round_ = Round(project_id=by_path[str(files[0])].project_id, number=1, status="completed")
-        session.add(round_)
-        session.flush()
-        session.add(Selection(round_id=round_.id, image_id=by_path[str(files[0])].id, rank=0, score=1.0, strategy="default", reason="uncertain",
-                              push_status="pushed"))
+    _asked_in_a_round(new_project, by_path[str(files[0])])
     held_out = tmp_path / "held_out.csv"
     with open(held_out, "w", newline="") as handle:
         csv.writer(handle).writerows([["path", "label", "part"], [str(files[1]), "", "P"]])
