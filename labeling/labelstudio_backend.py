@@ -82,7 +82,7 @@ def why_text(task: TaskRequest, *, round_number: int | None) -> str:
     if task.reason == "answer_rejected" and task.rejected_answer:
         reason = f"the answer given ({task.rejected_answer}) is not one of this project's classes: choose one of them"
     parts = [f"Picked because {reason}."]
-    if task.reason == "suspected_label_error" and task.current_label is not None:
+    if task.reason in ("suspected_label_error", "answer_rejected") and task.current_label is not None:  # a question on a label
         parts.append(f"Current label: {task.current_label}.")
     if task.predicted_label is not None:
         score = _prediction_score(task)

@@ -1453,8 +1453,9 @@ def select_next_batch(state: RoundState) -> None:
     for position in _tie_requests(state, loop_config.budget_per_round):
         picks.append((position, 1.0, "annotators_disagree", None))
     rejected_answers = _rejected_answer_requests(state, loop_config.budget_per_round)
-    for position in rejected_answers:
-        picks.append((position, 1.0, "answer_rejected", None))
+    for position in rejected_answers:  # a labeled image's question is shown with its label, as when it was asked
+        info = state.label_info.get(state.image_ids[position])
+        picks.append((position, 1.0, "answer_rejected", info.label if info is not None and info.status == "labeled" else None))
     for position, score, reason, current in picks:
         # no guess at a cold start (no model), nor for a tied test image: its answer becomes a test label, which should
         # not start from the model's guess
@@ -1895,12 +1896,36 @@ def _rejected_answer_requests(state: RoundState, budget: int) -> dict[int, str]:
                     if row.external_task_id in rejected_at}
         unlabeled = {image_id: rejected_at[task] for task, image_id in image_of.items()
                      if state.label_info.get(image_id, CurrentLabel(None, None, "unlabeled")).status == "unlabeled"}
+        # a labeled image's question (a suspected label, a tie) answered with no class: the tool counts it done, and the
+        # question stays open with nobody to answer it (QA: a relabel task got a new guess each round, done, never offered)
+        questioned = [image_id for task, image_id in image_of.items() if image_id not in unlabeled]
+        open_questions = _asked_again_waiting(session, questioned, current_round_id=state.round_id)
+        asked_at = _newest_ask_times(session, sorted(open_questions), reasons=("suspected_label_error", "annotators_disagree"),
+                                     current_round_id=state.round_id)
+        stuck = {image_id: rejected_at[task] for task, image_id in image_of.items()
+                 if image_id in asked_at and rejected_at[task] > asked_at[image_id]}
+        refused = {**unlabeled, **stuck}
         # an ask waits until a rejection (not a label event: a rejected answer makes none) comes after it
-        waiting = _open_asks(session, list(unlabeled), reasons=("answer_rejected",), current_round_id=state.round_id, last_answer=unlabeled)
-    due = [image_id for image_id in sorted(unlabeled) if image_id in state.position_of and image_id not in waiting]
-    state.details["rejected_answers"] = {"n_images": len(unlabeled), "asked": min(len(due), budget)}
+        waiting = _open_asks(session, list(refused), reasons=("answer_rejected",), current_round_id=state.round_id, last_answer=refused)
+    due = [image_id for image_id in sorted(refused) if image_id in state.position_of and image_id not in waiting]
+    state.details["rejected_answers"] = {"n_images": len(refused), "asked": min(len(due), budget), "of_questions": len(stuck)}
     task_of = {image_id: task for task, image_id in image_of.items()}
     return {state.position_of[image_id]: answer_of[task_of[image_id]] for image_id in due[:budget]}
+
+
+def _newest_ask_times(session, image_ids: list[int], *, reasons: tuple[str, ...], current_round_id: int | None) -> dict[int, datetime]:  # noqa: ANN001
+    """Image id -> when its newest pushed ask for one of `reasons` stands from (its round's label reading, else its push)."""
+    rows = []
+    for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
+        rows += session.execute(select(Selection.image_id, Selection.pushed_at, Selection.round_id).where(
+            Selection.image_id.in_(image_ids[chunk:chunk + 500]), Selection.reason.in_(reasons), Selection.push_status == "pushed",
+            Selection.round_id != (current_round_id or -1))).all()
+    read_at = _labels_read_at(session, {round_id for *_, round_id in rows})
+    newest: dict[int, datetime] = {}
+    for image_id, pushed_at, round_id in rows:
+        when = _aware(read_at.get(round_id, pushed_at))
+        newest[image_id] = max(when, newest.get(image_id, when))
+    return newest
 
 
 def _last_answers(session, image_ids: list[int]) -> dict[int, datetime]:  # noqa: ANN001

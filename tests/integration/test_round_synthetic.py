@@ -1090,6 +1090,48 @@ def test_a_question_on_a_label_whose_answer_was_deleted_is_open_again(project_wi
     assert asked_id in guessed[2] and asked_id not in named[2], (named, guessed)  # open again: it waits, with this round's guess
 
 
+def test_a_question_on_a_label_answered_with_no_class_is_asked_again_once(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # QA (Label Studio): a suspected label's question answered with a label that is no class: the tool counted the task
+    # done, each round gave it a new guess, and nobody was ever offered it again
+    from labeling.base import PushReport
+    from labeling.simulated import OracleAnnotator
+    from store.models import RejectedAnnotation
+
+    config = load_config(project_with_pool)
+    config.loop.relabel_budget = 0
+    save_config(project_with_pool, config)
+    batches: list[list[tuple[int, str, str | None]]] = []
+
+    def push(self, *, session, project, round_id, batch, open_guesses=(), settled=()):  # noqa: ANN001, ANN202
+        batches.append([(task.image_id, task.reason, task.current_label) for task in batch])
+        return PushReport(pushed=len(batch))
+
+    monkeypatch.setattr(OracleAnnotator, "push", push)
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        project_id = session.scalars(select(Image.project_id)).first()
+        first = session.scalars(select(Round).where(Round.number == 1)).one()
+        asked = session.scalars(select(Image).where(Image.split == "train").order_by(Image.id)).first()
+        given = current_labels(session, project_id)[asked.id].label
+        session.add_all([Selection(round_id=first.id, image_id=asked.id, rank=0, score=0.1, strategy="label_quality", reason="suspected_label_error",
+                                   predicted_label="spot", push_status="pushed", pushed_at=first.finished_at),
+                         AnnotationTask(backend="oracle", image_id=asked.id, external_task_id="task-7"),
+                         RejectedAnnotation(project_id=project_id, backend="oracle", external_id="answer-7", reason="label 'bogus' is not a class",
+                                            payload={"task_id": "task-7", "choices": ["bogus"]})])
+        asked_id, asked_path = asked.id, asked.path
+    truth = Path(load_config(project_with_pool).annotator.oracle_manifest)  # only the refused answer came
+    truth.write_text("".join(line for line in truth.read_text().splitlines(keepends=True) if asked_path not in line))
+    for _ in range(2):
+        assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    again = [row for row in batches[1] if row[0] == asked_id]
+    assert again == [(asked_id, "answer_rejected", given)], batches[1]  # shown with the label it questions
+    assert not [row for row in batches[2] if row[0] == asked_id]  # once per refused answer: it waits for an answer now
+    with session_scope(ctx.engine) as session:
+        second = session.scalars(select(Round).where(Round.number == 2)).one()
+    assert second.details["rejected_answers"]["of_questions"] == 1
+
+
 def test_a_push_marks_each_image_and_only_the_one_not_handed_over_is_retried(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from labeling.base import PushReport
     from labeling.simulated import OracleAnnotator
