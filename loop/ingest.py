@@ -665,9 +665,9 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                                 "round places them in train/validation, or in test beside a near-copy or part photo there, as it places "
                                 "annotators' labels")
         if trained_known:
-            report.notes.append(f"{len(trained_known)} listed images stay in train/validation, not test: they (or their part's photos) were "
-                                f"labeled for training before, or annotators were asked about them (their answer would replace yours), "
-                                f"and a test image must be neither: {_listed(trained_known)}")
+            report.notes.append(f"{len(trained_known)} listed images stay in or join train/validation with these labels, not test: they (or "
+                                f"their part's photos) were labeled for training before, or annotators were asked about them (their answer "
+                                f"would replace yours), and a test image must be neither: {_listed(trained_known)}")
         session.flush()
         _hold_out_test_parts(session, project.id, {part for part, placed in placed_parts.items() if placed == "test"})
         # A quarantined file fixed (or changed) and ingested again is a new image; its quarantine is over, not pending.
