@@ -234,7 +234,29 @@ class LabelStudioBackend:
         )  # fmt: skip
         if str(ls_project_id) not in _known_projects(project):
             _remember_project(project, ls_project_id, _created_at(client.projects.get(id=ls_project_id)))
+        self._carry_webhook(client, project, ls_project_id, report)
         return ls_project_id
+
+    def _carry_webhook(self, client, project: Project, ls_project_id: int, report: PushReport | None) -> None:  # noqa: ANN001
+        """The webhook `loop labelstudio webhook` registered on a project since retired goes on to the project that
+        replaced it, with LOOP_LABELSTUDIO_WEBHOOK_SECRET set; else the round says how to register it (QA: answers in the
+        new project reached the store only at the next pull, and nothing said why)."""
+        if "webhook_url" in _known_projects(project).get(str(ls_project_id), {}):
+            return
+        url = next((r.get("webhook_url") for r in reversed(_known_retirements(project)) if r.get("webhook_url")), None)
+        if url is None:
+            return
+        secret = os.environ.get("LOOP_LABELSTUDIO_WEBHOOK_SECRET")
+        if not secret:
+            if report is not None:
+                report.warnings.append(f"the webhook registered on a Label Studio project since retired ({url}) does not follow to project "
+                                       f"{ls_project_id}: run `loop labelstudio webhook --project {self.project_dir} --url {url}` with "
+                                       "LOOP_LABELSTUDIO_WEBHOOK_SECRET set (answers reach the store at each round's pull meanwhile)")
+            return
+        lsc.create_webhook(client, project_id=ls_project_id, url=url, secret_header="X-Loop-Webhook-Secret", secret=secret)
+        remember_webhook(project, ls_project_id, url)
+        if report is not None:
+            report.warnings.append(f"the webhook to {url}, registered on a Label Studio project since retired, is registered on project {ls_project_id} now")
 
     def _identity(self, client, project: Project, ls_project_id: int, *, remember: bool = True) -> str:  # noqa: ANN001
         """"ours", "gone" (deleted in Label Studio) or "other": the id names another project than the one the store
@@ -307,7 +329,8 @@ class LabelStudioBackend:
         projects = {key: value for key, value in _known_projects(project).items() if key != str(ls_project_id)}
         project.labelstudio_projects = {"projects": projects, "retired": [*retired, {
             "label_studio_project": ls_project_id, "created_at": entry.get("created_at"), "retired_at": datetime.now(timezone.utc).isoformat(),
-            "tasks": len(rows), "answered_images": len(answered), "asked_again": requeued, "tag": tag}]}
+            "tasks": len(rows), "answered_images": len(answered), "asked_again": requeued, "tag": tag,
+            **({"webhook_url": entry["webhook_url"]} if entry.get("webhook_url") else {})}]}
         if warnings is not None and rows:
             warnings.append(
                 f"Label Studio project {ls_project_id} is no longer the one this store pushed to (deleted there, or the server was reinstalled "
@@ -1421,6 +1444,14 @@ def _remember_project(project: Project, ls_project_id: int, created_at: str | No
         return
     known = _known_projects(project)
     project.labelstudio_projects = {"projects": {**known, str(ls_project_id): {**known.get(str(ls_project_id), {}), "created_at": created_at}},
+                                    "retired": _known_retirements(project)}
+
+
+def remember_webhook(project: Project, ls_project_id: int, url: str) -> None:
+    """The webhook URL registered on a Label Studio project of the store's: carried to the project that replaces it."""
+    known = _known_projects(project)
+    project.labelstudio_projects = {**(project.labelstudio_projects if isinstance(project.labelstudio_projects, dict) else {}),
+                                    "projects": {**known, str(ls_project_id): {**known.get(str(ls_project_id), {}), "webhook_url": url}},
                                     "retired": _known_retirements(project)}
 
 

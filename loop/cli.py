@@ -933,7 +933,7 @@ def labelstudio_webhook(
     Label Studio sends each event once with no retry; `loop round` still pulls to catch up."""
     import os
 
-    from labeling.labelstudio_backend import LabelStudioBackend
+    from labeling.labelstudio_backend import LabelStudioBackend, remember_webhook
     from labeling.labelstudio_client import create_webhook
     from store import session_scope
     from store.queries import get_project
@@ -950,6 +950,8 @@ def labelstudio_webhook(
         for warning in warnings:
             error_console.print(f"[yellow]warning:[/] {escape(warning)}")
         hook_id = create_webhook(backend.client(), project_id=ls_project_id, url=url, secret_header="X-Loop-Webhook-Secret", secret=secret)
+        with session_scope(ctx.engine) as session:  # carried to the project that replaces this one (a project deleted by hand)
+            remember_webhook(get_project(session), ls_project_id, url)
     console.print(f"webhook {hook_id} on Label Studio project {ls_project_id} -> {url}")
 
 
