@@ -335,7 +335,7 @@ class LabelStudioBackend:
             warnings.append(
                 f"Label Studio project {ls_project_id} is no longer the one this store pushed to (deleted there, or the server was reinstalled "
                 f"or replaced and the id names another project now): the store forgets its {len(rows)} tasks there; the answers recorded "
-                f"from it stay labels ({len(answered)} images), and {requeued} images whose task waited for an answer are asked again in a new task")
+                f"from it stay labels ({len(answered_at)} images), and {requeued} images whose task waited for an answer are asked again in a new task")
 
     # ------------------------------------------------------------------------------------------------ push
 
@@ -890,9 +890,14 @@ class LabelStudioBackend:
                 continue
             if identity == "gone":  # retired now, not at the push: its waiting asks go out in this round's push (they
                 # waited a round more when the push found it gone, after the round had chosen what to ask)
-                report.warnings.append(f"Label Studio project {ls_project_id} is gone (deleted there, or another server answers at "
-                                       f"{self.url}): the answers recorded from it stay labels")
+                said = len(report.warnings)
                 self._retire_project(session, project, int(ls_project_id), warnings=report.warnings)
+                if len(report.warnings) > said:  # the retirement's own line says what became of its tasks (QA: two lines)
+                    report.warnings[said] = f"Label Studio project {ls_project_id} is gone (deleted there, or another server answers at {self.url}): " + \
+                        report.warnings[said].split("): ", 1)[-1]
+                else:
+                    report.warnings.append(f"Label Studio project {ls_project_id} is gone (deleted there, or another server answers at "
+                                           f"{self.url}): the answers recorded from it stay labels")
                 recorder.drop_retired()
                 continue
             # an id the store knows may name another project now (a server reinstalled or replaced: its ids started

@@ -1284,7 +1284,11 @@ def test_a_server_replaced_at_the_same_address_loses_no_label_and_puts_no_answer
     assert gone.deleted == 0 and any("is gone" in warning for warning in gone.warnings)
     # the pull retires it: the round that pulled asks the images whose task waited in its own push (the push found it
     # gone, after the round had chosen its asks, so they waited a round more)
-    assert any("no longer the one this store pushed to" in warning for warning in gone.warnings) and pushed.gone_image_ids == set()
+    assert pushed.gone_image_ids == set()
+    # one line, not two: what became of its tasks and answers (QA)
+    (said,) = [warning for warning in gone.warnings if "is gone" in warning]
+    assert "the store forgets its 4 tasks there; the answers recorded from it stay labels (2 images)" in said, gone.warnings
+    assert not any("no longer the one this store pushed to" in warning for warning in gone.warnings)
     with store.session() as session:  # their tasks waited: asked again (QA: a skipped image counted as answered, and no later round asked it again)
         asks = dict(session.execute(select(Selection.image_id, Selection.push_status).where(Selection.round_id == store.round_ids[1])).all())
     assert asks == {store.image_ids[4]: "pushed", store.image_ids[5]: "pushed", store.image_ids[6]: "pending", store.image_ids[7]: "pending"}
