@@ -2,8 +2,8 @@
 `loop init --init-from`: did starting from the old product line's model reach the gates with fewer labels than the
 same data from ImageNet weights? Also two lines, two cameras, two settings of one line.
 
-The gates of two projects compare directly only when their labeled test images are the same photos; the report says
-how many they share, and does not hide a difference."""
+The gates of two projects compare directly only when their labeled test images are the same photos with the same
+labels; the report says how many they share, and does not hide a difference."""
 from __future__ import annotations
 
 import json
@@ -45,7 +45,7 @@ class ComparedRound:
 class ComparedProject:
     name: str  # as shown: the folder's name (its path where two folders share a name)
     project_dir: str
-    started_from: str  # another project's model (loop init --init-from), or ImageNet weights
+    started_from: str  # another project's model (loop init --init-from), ImageNet weights, or the checkpoint loop.toml names
     rounds: list[ComparedRound]
     labels_to_pass_gates: int | None  # labels used by the first round that passed the quality gates; None: none has
     round_passing: int | None
@@ -56,8 +56,9 @@ class ComparedProject:
     passing_round_unsettled: list[str]  # the gates the passing round's test split could not settle
 
 
-def compared_project(ctx: ProjectContext, *, name: str) -> tuple[ComparedProject, set[str]]:
-    """One project's completed rounds (cold starts trained nothing: left out) and the sha256 of its labeled test images."""
+def compared_project(ctx: ProjectContext, *, name: str) -> tuple[ComparedProject, set[tuple[str, str]]]:
+    """One project's completed rounds with gates (the others counted in rounds_left_out) and its labeled test images
+    as (sha256, label) pairs."""
     status = project_status(ctx)
     rounds, thresholds, left_out = [], {}, Counter()
     for row in status["rounds"]:
