@@ -212,7 +212,8 @@ class LabelStudioBackend:
     def title_for(self, project: Project) -> str:
         return self.project_title or lsc.project_title_for(project.name)
 
-    def ensure_project(self, project: Project, *, session: Session, model_version: str | None = None, report: PushReport | None = None) -> int:
+    def ensure_project(self, project: Project, *, session: Session, model_version: str | None = None, report: PushReport | None = None,
+                       carry_webhook: bool = True) -> int:
         """This project's Label Studio project: where its tasks already are, else one that carries its key (see
         lsc.ensure_project: a project folder of the same name elsewhere never shares it).
 
@@ -234,7 +235,8 @@ class LabelStudioBackend:
         )  # fmt: skip
         if str(ls_project_id) not in _known_projects(project):
             _remember_project(project, ls_project_id, _created_at(client.projects.get(id=ls_project_id)))
-        self._carry_webhook(client, project, ls_project_id, report)
+        if carry_webhook:
+            self._carry_webhook(client, project, ls_project_id, report)
         return ls_project_id
 
     def _carry_webhook(self, client, project: Project, ls_project_id: int, report: PushReport | None) -> None:  # noqa: ANN001
@@ -253,7 +255,14 @@ class LabelStudioBackend:
                                        f"{ls_project_id}: run `loop labelstudio webhook --project {self.project_dir} --url {url}` with "
                                        "LOOP_LABELSTUDIO_WEBHOOK_SECRET set (answers reach the store at each round's pull meanwhile)")
             return
-        lsc.create_webhook(client, project_id=ls_project_id, url=url, secret_header="X-Loop-Webhook-Secret", secret=secret)
+        try:
+            lsc.create_webhook(client, project_id=ls_project_id, url=url, secret_header="X-Loop-Webhook-Secret", secret=secret)
+        except (httpx.HTTPError, ApiError) as error:  # never the push's failure (review: every push failed after a refusal)
+            if report is not None:
+                report.warnings.append(f"the webhook registered on a Label Studio project since retired ({url}) could not be registered on "
+                                       f"project {ls_project_id} ({_describe(error)}): run `loop labelstudio webhook --project {self.project_dir} "
+                                       f"--url {url}` (answers reach the store at each round's pull meanwhile)")
+            return
         remember_webhook(project, ls_project_id, url)
         if report is not None:
             report.warnings.append(f"the webhook to {url}, registered on a Label Studio project since retired, is registered on project {ls_project_id} now")
@@ -329,7 +338,7 @@ class LabelStudioBackend:
         projects = {key: value for key, value in _known_projects(project).items() if key != str(ls_project_id)}
         project.labelstudio_projects = {"projects": projects, "retired": [*retired, {
             "label_studio_project": ls_project_id, "created_at": entry.get("created_at"), "retired_at": datetime.now(timezone.utc).isoformat(),
-            "tasks": len(rows), "answered_images": len(answered), "asked_again": requeued, "tag": tag,
+            "tasks": len(rows), "answered_images": len(answered_at), "asked_again": requeued, "tag": tag,
             **({"webhook_url": entry["webhook_url"]} if entry.get("webhook_url") else {})}]}
         if warnings is not None and rows:
             warnings.append(
@@ -445,8 +454,11 @@ class LabelStudioBackend:
         predictions_sent = False
         for task, row in to_reopen:
             # one task per image: a suspect labeled here is asked again in its own task (see lsc.reopen_task)
-            once = ({"reason": task.reason, "relabel_of": task.current_label} if task.current_label is not None
-                    else {"reason": task.reason, "relabel_round": round_number})
+            once = ({"reason": task.reason, "relabel_of": task.current_label} if task.current_label is not None and task.reason != "answer_rejected"
+                    # a refused answer's question is asked again once per refusal: the round makes it a new reopening (review:
+                    # with the label alone the second refusal's reopening looked done, and the question stayed closed)
+                    else {"reason": task.reason, "relabel_round": round_number,
+                          **({"relabel_of": task.current_label} if task.current_label is not None else {})})
             prediction = self._prediction(task, project=project, model_version=model_version)
             try:
                 if lsc.reopen_task(client, task_id=int(row.external_task_id), once=once,
@@ -1035,14 +1047,15 @@ class LabelStudioBackend:
             if after is not None and not unpulled:
                 event.external_updated_at = after
 
-    def project_for_tasks(self, *, session: Session, project: Project, report: PushReport | None = None) -> tuple[int, list[str]]:
+    def project_for_tasks(self, *, session: Session, project: Project, report: PushReport | None = None,
+                          carry_webhook: bool = True) -> tuple[int, list[str]]:
         """ensure_project outside a push (`loop labelstudio webhook`, `loop rename-class`): the Label Studio project id
         and the warnings of the way there (also in `report`, kept when a later request fails). A project found no
         longer the store's is retired as the pull does it, said, and the images whose task there waited are asked again
         at the next round (no push follows here)."""
         report = report if report is not None else PushReport()
         try:
-            ls_project_id = self.ensure_project(project, session=session, report=report)
+            ls_project_id = self.ensure_project(project, session=session, report=report, carry_webhook=carry_webhook)
         finally:  # a retirement done before a failed request is committed with the caller's session: its asks too
             if report.gone_image_ids:
                 requeue_newest_asks(session, project.id, report.gone_image_ids)

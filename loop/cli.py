@@ -946,12 +946,12 @@ def labelstudio_webhook(
         backend = LabelStudioBackend(config=ctx.config, project_dir=ctx.root)
         # it may retire a Label Studio project that is no longer the store's: one writer at a time, as a round
         with project_lock(ctx.root, action="loop labelstudio webhook", engine=ctx.engine), session_scope(ctx.engine) as session:
-            ls_project_id, warnings = backend.project_for_tasks(session=session, project=get_project(session))
+            # the URL given, not one an earlier registration left on a retired project (review: both were registered)
+            ls_project_id, warnings = backend.project_for_tasks(session=session, project=get_project(session), carry_webhook=False)
+            hook_id = create_webhook(backend.client(), project_id=ls_project_id, url=url, secret_header="X-Loop-Webhook-Secret", secret=secret)
+            remember_webhook(get_project(session), ls_project_id, url)  # carried to the project that replaces this one
         for warning in warnings:
             error_console.print(f"[yellow]warning:[/] {escape(warning)}")
-        hook_id = create_webhook(backend.client(), project_id=ls_project_id, url=url, secret_header="X-Loop-Webhook-Secret", secret=secret)
-        with session_scope(ctx.engine) as session:  # carried to the project that replaces this one (a project deleted by hand)
-            remember_webhook(get_project(session), ls_project_id, url)
     console.print(f"webhook {hook_id} on Label Studio project {ls_project_id} -> {url}")
 
 

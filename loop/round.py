@@ -1453,6 +1453,8 @@ def select_next_batch(state: RoundState) -> None:
     for position in _tie_requests(state, loop_config.budget_per_round):
         picks.append((position, 1.0, "annotators_disagree", None))
     rejected_answers = _rejected_answer_requests(state, loop_config.budget_per_round)
+    picked = {position for position, *_ in picks}  # asked again already this round (a new suspicion): one ask per image (review)
+    rejected_answers = {position: answer for position, answer in rejected_answers.items() if position not in picked}
     for position in rejected_answers:  # a labeled image's question is shown with its label, as when it was asked
         info = state.label_info.get(state.image_ids[position])
         picks.append((position, 1.0, "answer_rejected", info.label if info is not None and info.status == "labeled" else None))

@@ -370,6 +370,45 @@ def test_tasks_still_waiting_get_each_rounds_guess_so_annotators_keep_a_pre_sele
     assert any(f"is registered on project {new_project} now" in warning for warning in gone.warnings), gone.warnings
 
 
+def test_a_webhook_label_studio_refuses_on_the_new_project_never_fails_the_push(labelstudio, store, backend, monkeypatch) -> None:
+    # review: a refusal (a server whose settings refuse a loopback URL) turned every later push into "push failed"
+    push(backend, store, [store.task(4, predicted="good")])
+    with store.session() as session:
+        labelstudio_backend.remember_webhook(session.get(Project, store.project_id), ls_project_id(store), "http://127.0.0.1:9/hook")
+    monkeypatch.setenv("LOOP_LABELSTUDIO_WEBHOOK_SECRET", "s3cret")
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise ApiError(status_code=400, body={"url": ["not allowed"]})
+
+    monkeypatch.setattr(lsc, "create_webhook", refuse)
+    labelstudio.admin().projects.delete(id=ls_project_id(store))
+    report = push(backend, store, [store.task(5, predicted="good")])
+    assert report.pushed == 1 and report.pending == 0, report
+    assert any("could not be registered on project" in warning and "loop labelstudio webhook" in warning for warning in report.warnings), report.warnings
+
+
+def test_a_question_on_a_label_refused_twice_is_reopened_twice(labelstudio, store, backend) -> None:
+    # review: the reopening of a refused answer's question was marked by the label it questions alone, the same each time,
+    # so the second refusal's reopening looked done already and the task stayed closed, the question with nobody to answer it
+    import dataclasses
+
+    with store.session() as session:  # rounds 3 and 4, to push as
+        later = [Round(project_id=store.project_id, number=n, status="completed") for n in (3, 4)]
+        session.add_all(later)
+        session.flush()
+        store.round_ids.update({r.number: r.id for r in later})
+    push(backend, store, [store.task(0, reason="suspected_label_error", predicted="spot", current_label="good")])
+    task_id = task_ids_by_image(store)[store.image_ids[0]]
+    admin = labelstudio.admin()
+    for round_number, who in ((3, ANNOTATOR_A), (4, ANNOTATOR_B)):
+        annotate(labelstudio.as_annotator(who), task_id, "good")  # stands in for a refused answer: the task is done in Label Studio
+        assert admin.tasks.get(id=str(task_id)).is_labeled is True
+        asked = dataclasses.replace(store.task(0, reason="answer_rejected", predicted="spot", current_label="good", round_number=round_number),
+                                    rejected_answer="'bogus'")
+        report = push(backend, store, [asked], round_number=round_number)
+        assert report.reopened == 1 and admin.tasks.get(id=str(task_id)).is_labeled is False, (round_number, report)
+
+
 def test_a_replaced_guess_is_deleted_but_not_the_one_an_answer_was_given_under_nor_another_models(labelstudio, store, backend) -> None:
     with store.session() as session:  # rounds 3 to 5, to push as
         later = [Round(project_id=store.project_id, number=n, status="completed") for n in (3, 4, 5)]
