@@ -1020,6 +1020,23 @@ def test_test_labels_changed_since_the_last_round_are_said(project_with_pool: Pa
     assert (third["since_round"], third["relabeled"], third["no_longer_labeled"]) == (2, 0, 0)
 
 
+def _question_a_training_label(project: Path, *, task_id: str) -> tuple[int, int, str]:
+    """Round 1 (already run) asked annotators about its first training image's label, in task `task_id` of the oracle's
+    tool, and the oracle cannot answer it (out of its manifest). (project id, image id, the label questioned)."""
+    with session_scope(open_project(project).engine) as session:
+        project_id = session.scalars(select(Image.project_id)).first()
+        first = session.scalars(select(Round).where(Round.number == 1)).one()
+        asked = session.scalars(select(Image).where(Image.split == "train").order_by(Image.id)).first()
+        given = current_labels(session, project_id)[asked.id].label
+        session.add_all([Selection(round_id=first.id, image_id=asked.id, rank=0, score=0.1, strategy="label_quality", reason="suspected_label_error",
+                                   predicted_label="spot", push_status="pushed", pushed_at=first.finished_at),
+                         AnnotationTask(backend="oracle", image_id=asked.id, external_task_id=task_id)])
+        asked_id, asked_path = asked.id, asked.path
+    truth = Path(load_config(project).annotator.oracle_manifest)
+    truth.write_text("".join(line for line in truth.read_text().splitlines(keepends=True) if asked_path not in line))
+    return project_id, asked_id, given
+
+
 def _recording_push(monkeypatch: pytest.MonkeyPatch) -> tuple[list[set[int]], list[set[int]]]:
     """The oracle's push, recording per round the images named settled (their tasks to close) and those given the
     round's guess as still waiting (open guesses)."""
@@ -1070,18 +1087,9 @@ def test_a_question_on_a_label_whose_answer_was_deleted_is_open_again(project_wi
     named, guessed = _recording_push(monkeypatch)
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     ctx = open_project(project_with_pool)
-    with session_scope(ctx.engine) as session:
-        project_id = session.scalars(select(Image.project_id)).first()
-        first = session.scalars(select(Round).where(Round.number == 1)).one()
-        asked = session.scalars(select(Image).where(Image.split == "train").order_by(Image.id)).first()
-        given = current_labels(session, project_id)[asked.id].label
-        session.add_all([Selection(round_id=first.id, image_id=asked.id, rank=0, score=0.1, strategy="label_quality", reason="suspected_label_error",
-                                   predicted_label="spot", push_status="pushed", pushed_at=first.finished_at),
-                         AnnotationTask(backend="oracle", image_id=asked.id, external_task_id="task-9"),
-                         LabelEvent(image_id=asked.id, label=given, source="annotator", annotator="ann1", external_id="answer-9")])  # confirmed
-        asked_id, asked_path = asked.id, asked.path
-    truth = Path(load_config(project_with_pool).annotator.oracle_manifest)  # only ann1 answers it
-    truth.write_text("".join(line for line in truth.read_text().splitlines(keepends=True) if asked_path not in line))
+    _project_id, asked_id, given = _question_a_training_label(project_with_pool, task_id="task-9")
+    with session_scope(ctx.engine) as session:  # ann1 confirms the label questioned
+        session.add(LabelEvent(image_id=asked_id, label=given, source="annotator", annotator="ann1", external_id="answer-9"))
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     assert asked_id in named[1] and asked_id not in guessed[1]  # answered: its task is closed
     with session_scope(ctx.engine) as session:
@@ -1109,19 +1117,10 @@ def test_a_question_on_a_label_answered_with_no_class_is_asked_again_once(projec
     monkeypatch.setattr(OracleAnnotator, "push", push)
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     ctx = open_project(project_with_pool)
-    with session_scope(ctx.engine) as session:
-        project_id = session.scalars(select(Image.project_id)).first()
-        first = session.scalars(select(Round).where(Round.number == 1)).one()
-        asked = session.scalars(select(Image).where(Image.split == "train").order_by(Image.id)).first()
-        given = current_labels(session, project_id)[asked.id].label
-        session.add_all([Selection(round_id=first.id, image_id=asked.id, rank=0, score=0.1, strategy="label_quality", reason="suspected_label_error",
-                                   predicted_label="spot", push_status="pushed", pushed_at=first.finished_at),
-                         AnnotationTask(backend="oracle", image_id=asked.id, external_task_id="task-7"),
-                         RejectedAnnotation(project_id=project_id, backend="oracle", external_id="answer-7", reason="label 'bogus' is not a class",
-                                            payload={"task_id": "task-7", "choices": ["bogus"]})])
-        asked_id, asked_path = asked.id, asked.path
-    truth = Path(load_config(project_with_pool).annotator.oracle_manifest)  # only the refused answer came
-    truth.write_text("".join(line for line in truth.read_text().splitlines(keepends=True) if asked_path not in line))
+    project_id, asked_id, given = _question_a_training_label(project_with_pool, task_id="task-7")
+    with session_scope(ctx.engine) as session:  # the only answer: no class of the project
+        session.add(RejectedAnnotation(project_id=project_id, backend="oracle", external_id="answer-7", reason="label 'bogus' is not a class",
+                                       payload={"task_id": "task-7", "choices": ["bogus"]}))
     for _ in range(2):
         assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     again = [row for row in batches[1] if row[0] == asked_id]
