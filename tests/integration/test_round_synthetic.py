@@ -1520,7 +1520,7 @@ def test_a_round_killed_after_its_pull_still_says_what_it_pulled(project_with_po
     with session_scope(open_project(project_with_pool).engine) as session:
         killed_round = session.scalars(select(Round).where(Round.number == 2)).one()
         pulled = session.scalar(select(func.count(LabelEvent.id)).where(LabelEvent.round_id == killed_round.id))
-    assert pulled >= 5 and seen == [{"new_label_events": pulled, "deleted": 0, "skipped": 0, "rejected": 0}]
+    assert pulled >= 5 and seen == [{"new_label_events": pulled, "deleted": 0, "skipped": 0, "rejected": 0, "warnings": []}]
     status = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)
     assert status["rounds"][1]["status"] == "failed" and status["rounds"][1]["pull"]["new_label_events"] == pulled
 
