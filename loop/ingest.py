@@ -575,16 +575,19 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         for sha, placed in splits.items():
             if part_of[sha] and placed_parts.get(part_of[sha]) != "test":
                 placed_parts[part_of[sha]] = placed
+        # images some round asked annotators about, and their parts: an answer would beat a held-out label
+        # (store.queries.resolve_label), and a part joining test takes every pool photo of it along (_hold_out_test_parts),
+        # an asked photo's answer, begun from the model's guess, then a test label (reviews)
+        asked_rows = session.execute(select(Selection.image_id, Image.part).join(Image, Image.id == Selection.image_id).where(
+            Image.project_id == project.id, Selection.push_status == "pushed")).all() if split == "test" else []
+        asked, asked_parts = {image_id for image_id, _ in asked_rows}, {part for _, part in asked_rows if part is not None}
         if split == "test":
             # a held-out set ingested unlabeled (or a manifest's empty labels): held out too, never offered for a training
             # label (QA: they went to the pool, and selection asked for them); while no labeled test image is like them,
             # the round asks for a sample of their labels without a guess. A photo of a part in train/validation stays
             # in the pool, named.
             unlabeled_new = [sha for sha, image in new_images.items() if sha not in new_labels and image.status == "ok"]
-            # nor a part with a photo annotators were asked about: joining test would take that photo along, and its answer,
-            # begun from the model's guess, would become a test label (a review found it)
-            asked_parts = set(session.scalars(select(Image.part).join(Selection, Selection.image_id == Image.id).where(
-                Image.project_id == project.id, Image.part.is_not(None), Selection.push_status == "pushed")))
+            # nor a part with a photo annotators were asked about (asked_parts)
             kept_in_pool = [sha for sha in unlabeled_new if part_of[sha] and (placed_parts.get(part_of[sha], "test") != "test"
                                                                               or part_of[sha] in asked_parts)]
             for sha in unlabeled_new:
@@ -610,15 +613,8 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         for sha, label in new_labels.items():
             session.add(LabelEvent(image_id=new_images[sha].id, label=label, source="import", annotator=f"ingest:{batch.id}"))
         held_out_known = waiting_for_round = 0
-        # an image some round asked annotators about: their answer would beat this held-out label (store.queries.resolve_label)
-        asked = set(session.scalars(select(Selection.image_id).join(Image, Image.id == Selection.image_id).where(
-            Image.project_id == project.id, Selection.push_status == "pushed"))) if split == "test" else set()
-        # and a part with such a photo: joining test would take that photo along (_hold_out_test_parts), its answer begun
-        # from the model's guess a test label (review)
-        asked_known_parts = set(session.scalars(select(Image.part).join(Selection, Selection.image_id == Image.id).where(
-            Image.project_id == project.id, Image.part.is_not(None), Selection.push_status == "pushed"))) if split == "test" else set()
         for image, label in label_for_known:
-            if image.split == "pool" and split == "test" and (image.id in asked or (image.part is not None and image.part in asked_known_parts)):
+            if image.split == "pool" and split == "test" and (image.id in asked or (image.part is not None and image.part in asked_parts)):
                 place_labeled_image(image, placed_parts=placed_parts, validation_fraction=fractions.validation_fraction, seed=fractions.seed)
                 trained_known.append(f"{image.path} (waiting for an annotator's answer)" if image.id in asked
                                      else f"{image.path} (part {image.part!r}: annotators were asked about a photo of it)")
@@ -645,7 +641,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
             joined, kept = 0, []
             for image in session.scalars(select(Image).where(Image.id.in_(sorted(unlabeled_now)), Image.split == "pool")):
                 if (image.id in asked or placed_parts.get(image.part or "") not in (None, "test")
-                        or (image.part is not None and image.part in asked_known_parts)):
+                        or (image.part is not None and image.part in asked_parts)):
                     kept.append(image.path)
                     continue
                 image.split = "test"

@@ -68,7 +68,7 @@ from store.db import confirm_store_lock, shown_url
 from store.models import (AnnotationTask, GateResult, Image, IngestBatch, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round,
                           Selection)
 from store.queries import (ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number, resolve_label,
-                           requeue_newest_asks)
+                           requeue_newest_asks, standing_answer_times)
 from store.reports import GATE_METRICS, as_utc, gate_values_text, ingest_batches_text
 
 # Rounds looked back for the last push that closed every reopened task it was told to; none among them: every
@@ -1934,19 +1934,7 @@ def _last_answers(session, image_ids: list[int]) -> dict[int, datetime]:  # noqa
     """Image id -> when its newest live answer was recorded. An answer: an annotator's (or the oracle's) label; a skip,
     a deletion or a re-import answers nothing, and an answer deleted since answers nothing either (QA: a relabel
     question whose answer was deleted in Label Studio stayed answered, and its reopened task never got another guess)."""
-    newest: dict[tuple[int, str], tuple[str, datetime]] = {}  # (image, answer) -> its newest event: set or delete
-    for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
-        for event_id, image_id, external_id, action, created_at in session.execute(
-                select(LabelEvent.id, LabelEvent.image_id, LabelEvent.external_id, LabelEvent.action, LabelEvent.created_at).where(
-                    LabelEvent.image_id.in_(image_ids[chunk:chunk + 500]), LabelEvent.action.in_(("set", "delete")),
-                    LabelEvent.source.in_(ANNOTATOR_SOURCES)).order_by(LabelEvent.id)):
-            # an event without an answer id (the oracle's) is an answer of its own, never deleted
-            newest[(image_id, external_id if external_id is not None else f"event {event_id}")] = (action, created_at)
-    last: dict[int, datetime] = {}
-    for (image_id, _answer), (action, created_at) in newest.items():
-        if action == "set" and (image_id not in last or created_at > last[image_id]):
-            last[image_id] = created_at
-    return last
+    return {image_id: max(times) for image_id, times in standing_answer_times(session, image_ids).items()}
 
 
 def _labels_read_at(session, round_ids: set[int]) -> dict[int, datetime]:  # noqa: ANN001

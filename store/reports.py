@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, load_only, selectinload
 
 from store.models import GateResult, Image, LabelEvent, LabelIssue, Metric, Project, Round, Selection
-from store.queries import CurrentLabel, current_labels, renamed_classes, resolve_label
+from store.queries import CurrentLabel, current_labels, renamed_classes, resolve_label, standing_answer_times
 
 LABEL_SOURCES = ("import", "annotator", "oracle")
 F1_METRIC_NAMES = ("f1", "f1_score")
@@ -1096,16 +1096,16 @@ def round_selection(session: Session, *, round_id: int, limit: int, offset: int)
     # the ask stands from when its round read the labels (an answer pulled at its start came before it), else its push
     read_at = (round_.details or {}).get("labels_read_at") if round_ else None
     asked_from = as_utc(datetime.fromisoformat(read_at)) if isinstance(read_at, str) else None
-    answers = _standing_answer_times(session, [row.image_id for row in rows if row.push_status == "pushed"])
+    answers = standing_answer_times(session, [row.image_id for row in rows if row.push_status == "pushed"])
     # a tie's ask is answered by any change to its answers, one deleted too, as the round counts it (review)
-    changes = _standing_answer_times(session, [row.image_id for row in rows if row.push_status == "pushed" and row.reason == "annotators_disagree"],
+    changes = standing_answer_times(session, [row.image_id for row in rows if row.push_status == "pushed" and row.reason == "annotators_disagree"],
                                      deletions_count=True)
     renames = renamed_classes(session.get(Project, round_.project_id)) if round_ else {}  # the guess by its class's name now
 
     def first_answer(row: Selection) -> datetime | None:
         since = asked_from or as_utc(row.pushed_at)
         times = changes if row.reason == "annotators_disagree" else answers
-        later = [when for when in times.get(row.image_id, []) if since is None or when > since]
+        later = [as_utc(when) for when in times.get(row.image_id, []) if since is None or as_utc(when) > since]
         return min(later) if later else None
 
     items = []
@@ -1118,23 +1118,6 @@ def round_selection(session: Session, *, round_id: int, limit: int, offset: int)
             answered=(answered_at is not None) if row.push_status == "pushed" else None, answered_at=answered_at,
         ))
     return Page(total=total, items=items)
-
-
-def _standing_answer_times(session: Session, image_ids: list[int], *, deletions_count: bool = False) -> dict[int, list[datetime]]:
-    """Image id -> when each of its annotators' answers that still stand was given (the newest save of each; an answer
-    deleted since is none; a skip answers nothing). deletions_count: a deletion's time counts as a change too (a tie)."""
-    newest: dict[tuple[int, str], tuple[str, datetime]] = {}
-    for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
-        for event_id, image_id, external_id, action, created_at in session.execute(
-                select(LabelEvent.id, LabelEvent.image_id, LabelEvent.external_id, LabelEvent.action, LabelEvent.created_at).where(
-                    LabelEvent.image_id.in_(image_ids[chunk:chunk + 500]), LabelEvent.action.in_(("set", "delete")),
-                    LabelEvent.source.in_(("annotator", "oracle"))).order_by(LabelEvent.id)):
-            newest[(image_id, external_id if external_id is not None else f"event {event_id}")] = (action, as_utc(created_at))
-    times: dict[int, list[datetime]] = defaultdict(list)
-    for (image_id, _answer), (action, when) in newest.items():
-        if (action == "set" or deletions_count) and when is not None:
-            times[image_id].append(when)
-    return times
 
 
 def latest_round_with_issues(session: Session, *, project_id: int) -> Round | None:
