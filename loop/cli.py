@@ -462,7 +462,7 @@ def intervals_text(details: dict) -> str:
 
 # what a test interval counts as one draw (details.test_intervals.*.grouped_by; rounds before it was recorded: parts)
 DRAW_NAMES = {"parts": "parts", "near-copies": "draws (near-copy groups as one)", "parts and near-copies": "draws (parts, near-copy groups as one)"}
-UNSETTLED_SHORT = {"negative_fpr": "FPR", "defect_recall": "recall", "macro_f1": "F1", "latency_ms": "latency"}
+GATE_SHORT = {"macro_f1": "F1", "defect_recall": "recall", "negative_fpr": "FPR", "latency_ms": "latency"}  # the status table's words
 
 
 def _print_doubts_on_gates(latest: dict) -> None:
@@ -658,11 +658,11 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     running_without_process = [r["number"] for r in report["rounds"] if r["status"] == "running"] if not held else []
     for r in report["rounds"]:
         # narrow: the failed gates by their columns' words, which fit the column whole ("negative_fpr" folded mid-word)
-        shown = {"macro_f1": "F1", "defect_recall": "recall", "negative_fpr": "FPR", "latency_ms": "latency"} if narrow else {}
+        shown = GATE_SHORT if narrow else {}
         gates = "all pass" if r["all_gates_pass"] else ", ".join(shown.get(g["name"], g["name"]) for g in r["gates"]
                                                                  if g["applicable"] and not g["passed"]) or "-"
         if r["unsettled_gates"] and gates != "-":  # the test split is too small to tell these gates' pass from fail (QA)
-            gates += f" ({', '.join(UNSETTLED_SHORT.get(name, name) for name in r['unsettled_gates'])} unsettled)"
+            gates += f" ({', '.join(GATE_SHORT.get(name, name) for name in r['unsettled_gates'])} unsettled)"
         changed = r.get("test_labels_changed") or {}
         if changed.get("relabeled") or changed.get("no_longer_labeled"):  # its values moved with the labels too (QA: only the newest said so)
             gates += "; test labels changed"
