@@ -234,8 +234,9 @@ def _run_one(settings: SimulationSettings, *, strategy: str, seed: int, classes:
     config = ProjectConfig(
         name=project_dir.name, classes=classes, negative_class=settings.negative_class,
         model=ModelConfig(train=settings.train, image_size=settings.image_size, pooling=settings.pooling),
-        # data_issues off: the pool and test images never change during a simulation, and no gate reads the check
-        loop=LoopConfig(budget_per_round=settings.budget, strategy=strategy, relabel_budget=settings.relabel_budget, seed=seed, data_issues=False),
+        # data_issues on, as in a project: its near-copy check keeps a pool copy of a test image out of training (review:
+        # turned off here, a strategy could label the copies of the test images it got wrong and pass on them)
+        loop=LoopConfig(budget_per_round=settings.budget, strategy=strategy, relabel_budget=settings.relabel_budget, seed=seed),
         annotator=AnnotatorConfig(backend="oracle", oracle_manifest=str(ground_truth)),
     )
     # each run its own scratch SQLite store, whatever LOOP_DATABASE_URL says: runs must not share one

@@ -1,6 +1,7 @@
 """`loop simulate` end to end on small synthetic class folders: real rounds, the oracle, both strategies in one run."""
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -107,3 +108,51 @@ def test_simulate_from_a_manifest_with_parts_keeps_each_part_on_one_side(tmp_pat
     assert row is not None, report
     over, settled_under, settled_over, cannot_tell, good_parts = map(int, row.groups())
     assert settled_under + settled_over + cannot_tell == 2 and over <= 2 and good_parts == fpr["n_parts"]
+
+
+def test_simulate_never_offers_a_near_copy_of_a_test_image_for_a_training_label(tmp_path: Path) -> None:
+    """Every photo saved twice (a re-save with a little sensor noise): the test split is drawn by file, so about a
+    fifth of the pool are copies of test images. A simulation measures the product's loop, whose near-copy check keeps
+    those out of training (review: the check was off in simulations, and a strategy could label the copies of the test
+    images it got wrong)."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from store.models import Image
+
+    source = tmp_path / "parts"
+    rng = np.random.default_rng(0)
+    twin: dict[str, str] = {}
+    for kind, count in {"good": 50, "scratch": 20, "spot": 20}.items():
+        (source / kind).mkdir(parents=True)
+        for index in range(count):
+            # a surface of its own (the synthetic parts are too alike for a pixel check: random pairs correlate at 0.98)
+            surface = PILImage.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).resize((64, 64), PILImage.BICUBIC)
+            pixels = np.asarray(surface, dtype=np.int16)
+            if kind == "scratch":
+                pixels[30:33, 8:56] = 0
+            elif kind == "spot":
+                pixels[26:38, 26:38] = 255
+            path = source / kind / f"{kind}_{index:03d}.png"
+            PILImage.fromarray(pixels.astype(np.uint8)).save(path)
+            copy = path.with_name(f"{path.stem}_again.png")
+            PILImage.fromarray(np.clip(pixels + rng.integers(-2, 3, pixels.shape), 0, 255).astype(np.uint8)).save(copy)
+            twin[str(path.resolve())], twin[str(copy.resolve())] = str(copy.resolve()), str(path.resolve())
+    out = tmp_path / "sim"
+    result = CliRunner().invoke(app, [
+        "simulate", str(source), "--out", str(out), "--negative-class", "good", "--strategies", "random",
+        "--seed-labels", "30", "--budget", "20", "--seeds", "1", "--max-rounds", "3", "--all-rounds", "--image-size", "64",
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    ctx = open_project(out / "runs" / "random-seed0")
+    with session_scope(ctx.engine) as session:
+        path_of = {image.id: str(Path(image.path).resolve()) for image in session.scalars(select(Image))}
+        split_of = {path_of[image.id]: image.split for image in session.scalars(select(Image))}
+        picked = [path_of[s.image_id] for s in session.scalars(select(Selection))]
+    with open(out / "seed-0" / "test.csv", newline="") as handle:
+        drawn_into_test = {str(Path(row["path"]).resolve()) for row in csv.DictReader(handle)}
+    assert len(picked) >= 20  # three rounds of up to 20 (a near-copy of an image picked or labeled is not offered)
+    # the draw split pairs (the premise), and no pick is the pool copy of a test image: such copies joined the test split
+    assert sum(twin[path] not in drawn_into_test for path in drawn_into_test) >= 10
+    assert not [path for path in picked if twin[path] in drawn_into_test], "a copy of a test image was offered for a training label"
+    assert any(split_of[twin[path]] == "test" for path in drawn_into_test if twin[path] not in drawn_into_test)
