@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from loop.ingest import assign_splits
+from loop.round import selection_seed
 from modeling.embeddings import EmbeddingCache
 from modeling.evaluation import choose_defect_threshold, evaluate_predictions, final_predictions
 from modeling.label_quality import out_of_fold_probabilities
@@ -186,7 +187,7 @@ def run_curve(data: Dataset, *, strategy: str, seed: int, seed_labels: int = 40,
         visible[is_test] = -1
         result = select_batch(strategy=strategy, budget=min(budget, len(candidates)), embeddings=embeddings, probabilities=probabilities,
                               labels=visible, candidates=candidates, class_names=data.classes, negative_index=negative_index,
-                              gate_estimates=estimated_gates, defect_threshold=aim.threshold, seed=seed + round_number)
+                              gate_estimates=estimated_gates, defect_threshold=aim.threshold, seed=selection_seed(seed, round_number))
         point["picked"] = int(len(result.indices))
         if len(result.indices) == 0:
             break

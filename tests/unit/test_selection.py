@@ -386,6 +386,27 @@ def test_same_seed_same_batch_and_prebuilt_index_is_used(pool: Pool) -> None:
     assert not np.array_equal(a.indices, pool.select("random", seed=2).indices)
 
 
+def test_each_seed_and_round_draws_its_own_random_stream(pool: Pool) -> None:
+    """`loop simulate`'s seeds are independent repeats: seed 1's round 1 does not replay seed 0's round 2 (review: with
+    seed + round, their random batches were near-identical)."""
+    from loop.round import selection_seed
+
+    streams = {tuple(selection_seed(seed, number)) for seed in range(5) for number in range(1, 6)}
+    assert len(streams) == 25
+    later, next_seed = pool.select("random", seed=selection_seed(0, 2)), pool.select("random", seed=selection_seed(1, 1))
+    assert len(set(later.indices) & set(next_seed.indices)) < 10
+    np.testing.assert_array_equal(later.indices, pool.select("random", seed=selection_seed(0, 2)).indices)
+
+
+def test_top_k_takes_scores_tied_at_the_cut_in_index_order() -> None:
+    from modeling.selection import _top_k
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scores = rng.choice([0.0, 0.5, 1.0], size=100)
+        np.testing.assert_array_equal(_top_k(scores, 25), np.lexsort((np.arange(100), -scores))[:25])
+
+
 def test_bad_input_is_rejected_with_a_clear_message(pool: Pool) -> None:
     with pytest.raises(ValueError, match="probabilities must be"):
         pool.select("margin", probabilities=pool.probabilities[:10])
