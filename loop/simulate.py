@@ -151,10 +151,16 @@ def _draw_seed(settings: SimulationSettings, seed: int, truth: dict[str, str], p
     return SeedDraw(seed, test_paths, pool_paths, seed_paths, given, len(to_flip))
 
 
-def _check_draw(settings: SimulationSettings, draw: SeedDraw) -> None:
+def _check_draw(settings: SimulationSettings, draw: SeedDraw, *, truth: dict[str, str], classes: list[str]) -> None:
     """What loop round needs to start (loop.round.gather_labeled_pool), asked of the draw before any run."""
     if not draw.test_paths:
         raise ConfigError(f"{settings.source}: seed {draw.seed} draws an empty test split (too few images): give each class at least 3 images")
+    in_test = {truth[path] for path in draw.test_paths}
+    unmeasured = [name for name in classes if name not in in_test]
+    if unmeasured:  # macro F1 fails every round then: each run would go on to --max-rounds and say only "never" (review)
+        raise ConfigError(f"{settings.source}: seed {draw.seed}'s test split holds no image of {', '.join(map(repr, unmeasured))} (a fifth of "
+                          "each class is drawn, by part where parts are given), so the macro F1 gate could never pass: give each class at "
+                          "least 3 images (3 parts)")
     present = set(draw.given.values())
     if len(present) >= 2:
         return
@@ -185,7 +191,7 @@ def simulate(settings: SimulationSettings, *, console: Console) -> dict[str, Any
         classes.insert(0, settings.negative_class)
     draws = [_draw_seed(settings, seed, truth, parts, classes) for seed in range(settings.seeds)]
     for draw in draws:
-        _check_draw(settings, draw)
+        _check_draw(settings, draw, truth=truth, classes=classes)
     settings.out.mkdir(parents=True, exist_ok=True)
     _remove_earlier_results(settings.out, console=console)
     runs_dir = settings.out / "runs"

@@ -50,6 +50,14 @@ def test_a_source_of_one_class_is_refused_before_anything_is_written(tmp_path: P
     _assert_refused(_simulate(source, out, "--negative-class", "good"), out, "holds one class ['good']", "at least two classes")
 
 
+def test_a_class_the_test_split_would_not_hold_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    # a fifth of 2 images rounds to none: macro F1 would fail every round, and each run would say only "never" (review)
+    source, out = tmp_path / "parts", tmp_path / "sim"
+    write_class_folders(source, per_class={"good": 30, "scratch": 10, "crack": 2}, size=32, seed=1)
+    _assert_refused(_simulate(source, out, "--negative-class", "good", "--seed-labels", "10"), out,
+                    "seed 0's test split holds no image of 'crack'", "macro F1 gate could never pass")
+
+
 def test_seed_labels_of_one_class_without_a_negative_class_are_refused_before_anything_is_written(class_folders: Path, tmp_path: Path) -> None:
     # one seed label is one class: round 1 could not train, and there is no negative class for a cold start
     out = tmp_path / "sim"
@@ -58,19 +66,23 @@ def test_seed_labels_of_one_class_without_a_negative_class_are_refused_before_an
 
 def _draw(given: dict[str, str], pool: int = 10) -> SeedDraw:
     pool_paths = [f"p{i}.png" for i in range(pool)]
-    return SeedDraw(seed=3, test_paths=["t.png"], pool_paths=pool_paths, seed_paths=set(given), given=given, flipped=0)
+    return SeedDraw(seed=3, test_paths=["t0.png", "t1.png"], pool_paths=pool_paths, seed_paths=set(given), given=given, flipped=0)
+
+
+def _check(settings: SimulationSettings, draw: SeedDraw) -> None:
+    _check_draw(settings, draw, truth={"t0.png": "good", "t1.png": "scratch"}, classes=["good", "scratch"])
 
 
 def test_good_seed_labels_only_start_as_a_cold_start_which_needs_a_budget(tmp_path: Path) -> None:
     settings = SimulationSettings(source=tmp_path, out=tmp_path / "sim", strategies=["random"], negative_class="good", seed_labels=2)
-    _check_draw(settings, _draw({"p0.png": "good", "p1.png": "good"}))  # a cold start: round 1 asks for a batch
-    _check_draw(settings, _draw({"p0.png": "good", "p1.png": "scratch"}))
+    _check(settings, _draw({"p0.png": "good", "p1.png": "good"}))  # a cold start: round 1 asks for a batch
+    _check(settings, _draw({"p0.png": "good", "p1.png": "scratch"}))
     settings.budget = 0
     with pytest.raises(ConfigError, match=r"seed 3's seed labels are all \['good'\].*--budget >= 1"):
-        _check_draw(settings, _draw({"p0.png": "good", "p1.png": "good"}))
+        _check(settings, _draw({"p0.png": "good", "p1.png": "good"}))
     settings.budget, settings.negative_class = 20, None
     with pytest.raises(ConfigError, match="two classes"):
-        _check_draw(settings, _draw({"p0.png": "good", "p1.png": "good"}))
+        _check(settings, _draw({"p0.png": "good", "p1.png": "good"}))
 
 
 def test_which_seed_labels_are_flipped_does_not_depend_on_the_processs_hash_seed(tmp_path: Path) -> None:
