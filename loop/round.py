@@ -1086,11 +1086,19 @@ def deploy_model(state: RoundState) -> None:
 
 def choose_threshold(state: RoundState) -> None:
     negative = state.config.negative_index
-    if negative is None:
-        state.details["threshold"] = None
-        return
     source = state.details["threshold_source"]
     held_out = state.held_out_probabilities if state.held_out_probabilities is not None else state.probabilities
+    if negative is None:
+        state.details["threshold"] = None
+        # no defect threshold, but macro F1 is a gate still: its estimate steers `default` to rare classes when it
+        # fails (review: without a negative class the estimate was never made, and `default` never followed the gate)
+        positions = state.positions(split="validation", labeled=True) if source == "validation" else state.oof_positions
+        probabilities = held_out[positions] if source == "validation" else state.calibrated_oof_probabilities
+        if len(positions):
+            estimate = evaluate_predictions(y_true=state.labels[positions], y_pred=probabilities.argmax(axis=1), probabilities=probabilities,
+                                            class_names=state.config.classes, negative_index=None)
+            state.details["estimated_metrics"] = {"macro_f1": estimate["macro_f1"], "defect_recall": None, "negative_fpr": None}
+        return
     if source == "validation":
         positions = state.positions(split="validation", labeled=True)
         p_negative = held_out[positions, negative]

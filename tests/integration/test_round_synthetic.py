@@ -1574,3 +1574,35 @@ def test_keep_model_rounds_deletes_the_older_rounds_model_files_after_a_round(pr
         record = session.scalars(select(Round).where(Round.number == 1)).one()
         assert record.details["model_files_deleted"]["by"] == "loop round (keep_model_rounds)"
         assert "model_onnx" not in record.artifacts
+
+
+def test_without_a_negative_class_default_still_follows_the_macro_f1_gate_by_its_own_estimate(tmp_path: Path, oracle_manifests: tuple[Path, Path]) -> None:
+    """No defect threshold without a negative class, but macro F1 is a gate: the loop estimates it out of fold and
+    `default` weights rare classes when the estimate fails (review: the estimate was never made, so `default` was a
+    fixed mix in such projects)."""
+    truth, manifest = oracle_manifests
+    project = tmp_path / "project"
+    assert invoke("init", str(project), "--classes", "good,scratch,spot,patch", "--annotator", "oracle", "--oracle-manifest", str(truth),
+                  "--budget", "5", "--image-size", "64").exit_code == 0
+    config = load_config(project)
+    config.gates.macro_f1_min = 0.999  # an estimate that fails, whatever the draw
+    save_config(project, config)
+    # every third given label is the next class's: an estimate that fails (these synthetic classes are easy to tell apart)
+    classes = ["good", "scratch", "spot", "patch"]
+    with open(manifest, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for index, row in enumerate(r for r in rows if r["label"]):
+        if index % 3 == 0:
+            row["label"] = classes[(classes.index(row["label"]) + 1) % len(classes)]
+    noisy = tmp_path / "noisy.csv"
+    with open(noisy, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    assert invoke("ingest", str(noisy), "--project", str(project), "--quiet").exit_code == 0
+    assert invoke("round", "--project", str(project), "--quiet").exit_code == 0
+    with session_scope(open_project(project).engine) as session:
+        details = session.scalars(select(Round)).one().details
+    assert details["threshold"] is None and 0.0 <= details["estimated_metrics"]["macro_f1"] < 0.999
+    assert details["estimated_gates"] == {"macro_f1": False, "defect_recall": None, "negative_fpr": None}
+    assert details["selection"]["gate_focus"] == ["macro_f1"]
