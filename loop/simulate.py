@@ -331,6 +331,10 @@ def _report(settings: SimulationSettings, records: list[RunRecord], classes: lis
         # random never passed: the ratio is at least (what random used without passing) / (what this one needed)
         summary["fewer_labels_than_random_at_least"] = (baseline["labels_to_pass_gates_at_least"] / value
                                                         if value and baseline.get("labels_to_pass_gates_at_least") else None)
+        # this one never passed, random did: the ratio is at most (what random needed) / (what this one used without passing)
+        at_least = summary["labels_to_pass_gates_at_least"]
+        summary["fewer_labels_than_random_at_most"] = (baseline["labels_to_pass_gates"] / at_least
+                                                       if at_least and baseline.get("labels_to_pass_gates") else None)
     result = {
         "source": str(settings.source), "layout": layout, "classes": classes, "negative_class": settings.negative_class,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.__dict__.items()},
@@ -355,7 +359,9 @@ def _write_markdown(settings: SimulationSettings, result: dict[str, Any]) -> Non
              "|---|---|---|---|---|---|---|"]
     for name, s in result["strategies"].items():
         ratio, at_least = s["fewer_labels_than_random"], s["fewer_labels_than_random_at_least"]
-        ratio_text = f"{ratio:.2f}" if ratio is not None else (f">= {at_least:.2f}" if at_least is not None else "")
+        at_most = s.get("fewer_labels_than_random_at_most")
+        ratio_text = (f"{ratio:.2f}" if ratio is not None else f">= {at_least:.2f}" if at_least is not None
+                      else f"<= {at_most:.2f}" if at_most is not None else "")
         median_text = (_count(s["labels_to_pass_gates"]) if s["labels_to_pass_gates"] is not None
                        else f">= {_count(s['labels_to_pass_gates_at_least'])}" if s["labels_to_pass_gates_at_least"] is not None else "no runs")
         per_seed = ", ".join("never" if n is None else _count(n) for n in s["labels_to_pass_gates_per_seed"])  # QA: Python's [None, None]
@@ -364,6 +370,9 @@ def _write_markdown(settings: SimulationSettings, result: dict[str, Any]) -> Non
     if any(s.get("seeds_passing_unsettled") for s in result["strategies"].values()):
         lines += ["", "A pass on a gate the test split cannot settle (its 90% interval, a part's photos as one draw, holds both verdicts) "
                       "is partly the test split's luck: such a label count may be too low, as a larger test split could fail the gate there."]
+    if settings.relabel_budget:  # annotation work all the same, and how much of it depends on the strategy (review)
+        lines += ["", f"Label counts are the training and validation images labeled; the relabel answers (up to {settings.relabel_budget} a round, "
+                      "on images already counted) are not in them."]
     if any(run["stopped_by"] == "max_rounds" for s in result["strategies"].values() for run in s["runs"]):
         lines += ["", f"Runs stopped by `--max-rounds {settings.max_rounds}` did not exhaust the pool: \"never passed\" means not by then."]
     if settings.negative_class is None:  # no "no defect" class: no FPR to tabulate (QA: an empty table under its header)

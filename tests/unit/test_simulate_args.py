@@ -172,6 +172,24 @@ def test_the_report_writes_label_counts_as_counts_and_a_seed_that_never_passed_i
     assert "A pass on a gate the test split cannot settle" in report
 
 
+def test_the_report_bounds_the_ratio_of_a_strategy_that_never_passed_where_random_did(tmp_path: Path) -> None:
+    # review: the "x fewer than random" cell was empty; what random needed over what this one used without passing
+    # bounds it from above
+    from loop.simulate import _write_markdown
+
+    run = {"seed": 0, "labels_to_pass_gates": None, "stopped_by": "max_rounds", "flipped_seed_labels": 0, "curve": []}
+    passed = {"labels_to_pass_gates": 100, "labels_to_pass_gates_at_least": None, "labels_to_pass_gates_per_seed": [100], "seeds_passing": 1,
+              "seeds_passing_unsettled": 0, "runs": [run], "fewer_labels_than_random": 1.0, "fewer_labels_than_random_at_least": None,
+              "fewer_labels_than_random_at_most": None}
+    never = {**passed, "labels_to_pass_gates": None, "labels_to_pass_gates_at_least": 200, "labels_to_pass_gates_per_seed": [None], "seeds_passing": 0,
+             "fewer_labels_than_random": None, "fewer_labels_than_random_at_most": 0.5}
+    settings = SimulationSettings(source=tmp_path, out=tmp_path, strategies=["random", "margin"], negative_class=None, seeds=1, relabel_budget=5)
+    _write_markdown(settings, {"strategies": {"random": passed, "margin": never}})
+    report = (tmp_path / "simulation.md").read_text()
+    assert "| margin | >= 200 | never | 0/1 | 0 | <= 0.50 |" in report, report
+    assert "the relabel answers (up to 5 a round, on images already counted) are not in them" in report
+
+
 def test_byte_identical_files_are_one_image_to_draw_seed_labels_from(tmp_path: Path) -> None:
     # QA: a seed label drawn on the second of two byte-identical files was lost when ingest merged them (12 seed labels
     # asked, 11 used), and the pool size in messages counted both
