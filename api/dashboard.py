@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import HTMLResponse
 
-from api.dependencies import BrowserReadScope, ProjectProcessDep, SessionDep
+from api.dependencies import STORE_ID_MAX, BrowserReadScope, ProjectProcessDep, SessionDep
 from store import reports
 from store.reports import ConfusionMatrix, GateSeries, LabelIssueRow, ProgressSeries, RoundReport, RoundSummary, TrainingSummary
 
@@ -572,7 +572,7 @@ def dashboard(
     process: ProjectProcessDep,
     _scope: BrowserReadScope,
     token: Annotated[str | None, Query(description="read or full token (a browser sends no Authorization header)")] = None,
-    project_id: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="default: the store's first project")] = None,
+    project_id: Annotated[int | None, Query(ge=1, le=STORE_ID_MAX, description="default: the store's first project")] = None,
 ) -> HTMLResponse:
     project = reports.get_project_or_none(session, project_id) if project_id is not None else reports.default_project(session)
     if project is None:

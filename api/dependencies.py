@@ -138,5 +138,7 @@ FullScope = Annotated[Scope, Depends(require_full)]
 
 Limit = Annotated[int, Query(ge=1, le=500, description="page size")]
 Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="items to skip")]
-# Store ids are 64-bit at most; a larger number is a 422, never a driver overflow (500).
-RowId = Annotated[int, Path(ge=1, le=2**63 - 1, description="store id")]
+# Store ids are PostgreSQL integers (32-bit): a larger number is a 422, never the driver's overflow (QA: a 500 on
+# PostgreSQL above 2**31 - 1, where SQLite answered 404)
+STORE_ID_MAX = 2**31 - 1
+RowId = Annotated[int, Path(ge=1, le=STORE_ID_MAX, description="store id")]

@@ -15,7 +15,7 @@ from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
-from api.dependencies import FullScope, SessionDep, SettingsDep, end_reads
+from api.dependencies import STORE_ID_MAX, FullScope, SessionDep, SettingsDep, end_reads
 from api.schemas import ErrorOut, ImagePredictionOut, PredictOut
 from store import reports
 from store.artifacts import artifact_file, artifact_places
@@ -160,7 +160,7 @@ def predict(
     settings: SettingsDep,
     _scope: FullScope,
     files: Annotated[list[UploadFile], File(min_length=1, description="one or more image files (multipart field `files`)")],
-    project_id: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="default: the store's first project")] = None,
+    project_id: Annotated[int | None, Query(ge=1, le=STORE_ID_MAX, description="default: the store's first project")] = None,
 ) -> PredictOut:
     if len(files) > settings.max_upload_files:
         raise HTTPException(413, detail=f"{len(files)} files sent; at most {settings.max_upload_files} per request")

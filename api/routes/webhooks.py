@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 
-from api.dependencies import SettingsDep
+from api.dependencies import STORE_ID_MAX, SettingsDep
 from api.schemas import ErrorOut, WebhookOut
 from store import reports
 from store.db import session_scope
@@ -60,7 +60,7 @@ def require_webhook_secret(
 )
 async def labelstudio_webhook(
     request: Request,
-    project_id: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="default: the store's first project")] = None,
+    project_id: Annotated[int | None, Query(ge=1, le=STORE_ID_MAX, description="default: the store's first project")] = None,
 ) -> WebhookOut:
     try:
         payload = await request.json()
