@@ -239,11 +239,20 @@ def _nonempty(files: list[SourceFile], source: Path) -> list[SourceFile]:
 
 
 def _read_manifest(manifest: Path, *, unlabeled: bool) -> list[SourceFile]:
-    with open(manifest, newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise IngestError(f"{manifest}: the first line must be a header with a 'path' column (and optionally 'label', 'part')")
-        rows = list(reader)
+    # Excel's "CSV UTF-8" starts with a byte-order mark, its "Unicode Text" is UTF-16 (QA: both refused as having no
+    # 'path' header, or with a bare codec error); column names are read in any case ("Path,Label")
+    with open(manifest, "rb") as handle:
+        encoding = "utf-16" if handle.read(2) in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        with open(manifest, newline="", encoding=encoding) as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is not None:
+                reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
+            if reader.fieldnames is None or "path" not in reader.fieldnames:
+                raise IngestError(f"{manifest}: the first line must be a header with a 'path' column (and optionally 'label', 'part')")
+            rows = list(reader)
+    except UnicodeDecodeError as error:
+        raise IngestError(f"{manifest}: not UTF-8 text (byte {error.start}: {error.reason}); save it as CSV UTF-8. Nothing was stored.") from None
     files, missing, conflicting = [], [], []
     first_line: dict[Path, tuple[int, str | None, str | None]] = {}  # path -> (line, label, part) where it was first listed
     for line_number, row in enumerate(rows, start=2):
@@ -254,6 +263,10 @@ def _read_manifest(manifest: Path, *, unlabeled: bool) -> list[SourceFile]:
         if not path.is_file():
             missing.append(f"{raw_path} (line {line_number})")
             continue
+        # "../data/x.png" is stored without its "..": else moving the manifest's folder made the image missing (QA)
+        normal = Path(os.path.normpath(path))
+        if normal != path and normal.is_file() and os.path.samefile(normal, path):
+            path = normal
         label = None if unlabeled else ((row.get("label") or "").strip() or None)
         part = (row.get("part") or "").strip() or None
         if part is not None and len(part) > MAX_PART_LENGTH:

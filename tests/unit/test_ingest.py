@@ -530,6 +530,37 @@ def test_a_manifest_listing_one_file_twice_with_two_labels_is_refused(new_projec
     assert ingest_source(new_project, manifest, show_progress=False).n_new_images == 2
 
 
+@pytest.mark.parametrize(("encoding", "header"), [("utf-8-sig", "path,label"), ("utf-16", "path,label"), ("utf-8", "Path,Label")])
+def test_a_manifest_saved_by_excel_is_read(new_project, class_folders: Path, tmp_path: Path, encoding: str, header: str) -> None:
+    # QA: Excel's "CSV UTF-8" (a byte-order mark) and "Unicode Text" (UTF-16), and a capitalised header, were refused
+    # as having no 'path' column, or with a bare codec error
+    photos = sorted((class_folders / "good").glob("*.png"))[:2]
+    manifest = tmp_path / "excel.csv"
+    manifest.write_bytes(f"{header}\r\n{photos[0]},good\r\n{photos[1]},\r\n".encode(encoding))
+    assert ingest_source(new_project, manifest, show_progress=False).n_new_images == 2
+    with session_scope(new_project.engine) as session:
+        labels = current_labels(session, session.scalars(select(Image.project_id)).first())
+    assert sorted(info.label for info in labels.values()) == ["good"]
+
+
+def test_a_manifest_in_another_encoding_is_named_with_what_to_do(new_project, class_folders: Path, tmp_path: Path) -> None:
+    manifest = tmp_path / "latin1.csv"
+    manifest.write_bytes("path,label\ncaf\u00e9.png,good\n".encode("latin-1"))
+    with pytest.raises(IngestError, match=r"latin1.csv: not UTF-8 text .*save it as CSV UTF-8"):
+        ingest_source(new_project, manifest, show_progress=False)
+
+
+def test_a_relative_manifest_path_is_stored_without_its_dot_dots(new_project, class_folders: Path, tmp_path: Path) -> None:
+    # QA: "../parts/good/x.png" was stored as written, and moving the manifest's folder made the image missing
+    photo = sorted((class_folders / "good").glob("*.png"))[0]
+    (tmp_path / "lists").mkdir()
+    manifest = tmp_path / "lists" / "relative.csv"
+    manifest.write_text(f"path,label\n../{photo.relative_to(tmp_path)},good\n")
+    ingest_source(new_project, manifest, show_progress=False)
+    (stored,) = images(new_project)
+    assert stored.path == str(photo) and ".." not in stored.path
+
+
 def test_a_moved_folder_ingested_again_is_read_from_its_new_place_at_once(new_project, class_folders: Path, tmp_path: Path) -> None:
     # QA: after `mv data elsewhere && loop ingest elsewhere` ("70 already known"), export and the API's /images still
     # looked at the old paths (every file missing) until the next round relinked them
