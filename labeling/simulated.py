@@ -33,8 +33,12 @@ def read_ground_truth(manifest: Path) -> dict[str, str]:
     if not manifest.is_file():
         raise FileNotFoundError(f"oracle manifest {manifest} does not exist")
     truth: dict[str, str] = {}
-    with open(manifest, newline="") as handle:
-        for row in csv.DictReader(handle):
+    with open(manifest, newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's byte-order mark, a "Path" header: read as ingest reads them
+        reader = csv.DictReader(handle)
+        reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]
+        if "path" not in reader.fieldnames:
+            raise ValueError(f"oracle manifest {manifest}: the first line must be a header with 'path' and 'label' columns")
+        for row in reader:
             path = Path(row["path"])
             path = path if path.is_absolute() else manifest.parent / path
             if row.get("label"):

@@ -126,6 +126,13 @@ def init(
 
             if not known_backbone(backbone):
                 raise ConfigError(f"--backbone {backbone}: not a timm model name (e.g. efficientnet_lite0, efficientnet_lite2, resnet50)")
+        if oracle_manifest is not None:  # read now: a wrong path failed round 1 in its pull, after init said "created" (QA)
+            from labeling.simulated import read_ground_truth
+
+            try:
+                read_ground_truth(oracle_manifest.expanduser().resolve())
+            except (OSError, ValueError) as error:
+                raise ConfigError(f"--oracle-manifest: {error}") from None
         if weights not in (None, "default", "none") and init_from is None:  # the file must fit the network now, not in round 1
             from modeling.backbones import create_backbone
 

@@ -215,3 +215,23 @@ def test_the_negative_class_is_read_without_surrounding_spaces_as_the_classes_ar
     assert result.exit_code == 0, result.output
     config = load_config(tmp_path / "p")
     assert (config.classes, config.negative_class) == (["free", "crack", "blowhole"], "free")
+
+
+def test_init_reads_the_oracle_manifest_it_is_given(tmp_path: Path) -> None:
+    # QA: a path that does not exist was taken, "created" said, and round 1 failed in its pull
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+
+    def init(folder: str, manifest: Path):  # noqa: ANN202
+        return CliRunner().invoke(app, ["init", str(tmp_path / folder), "--classes", "good,scratch", "--annotator", "oracle", "--oracle-manifest", str(manifest)])
+
+    missing = init("a", tmp_path / "nope.csv")
+    assert missing.exit_code == 2 and "--oracle-manifest: oracle manifest" in missing.output and "does not exist" in missing.output
+    assert not (tmp_path / "a" / "loop.toml").exists()
+    headerless = tmp_path / "headerless.csv"
+    headerless.write_text("x.png,good\n")
+    assert "a header with 'path' and 'label' columns" in init("b", headerless).output
+    excel = tmp_path / "truth.csv"  # a byte-order mark and a capitalised header: read
+    excel.write_bytes("Path,Label\r\nx.png,good\r\n".encode("utf-8-sig"))
+    assert init("c", excel).exit_code == 0
