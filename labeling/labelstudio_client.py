@@ -421,8 +421,8 @@ def reopen_task(client: LabelStudio, *, task_id: int, data_updates: Mapping[str,
     """Ask again about an answered task: the prediction is added, its data gets data_updates (what the annotator
     reads) and its overlap becomes one more than the annotations it has, so Label Studio counts it unfinished and the
     label stream offers it to an annotator who has not answered it (those who did find it in the task list and can
-    change their answer). Skips count too: in some skip modes Label Studio counts them against the overlap, and a
-    task that needs one answer more than the stream will ever hand out would stay open unseen.
+    change their answer). Skips count too where the project counts them against the overlap (IGNORE_SKIPPED): a task
+    that needs one answer more than the stream will ever hand out would stay open unseen.
 
     Idempotent: a task whose data already holds every item of `once` (asked again about this very label), and a
     task nobody answered yet, are left alone. The prediction goes first and the data (with `once`) last, so a
@@ -438,7 +438,12 @@ def reopen_task(client: LabelStudio, *, task_id: int, data_updates: Mapping[str,
         if not any(p.get("model_version") == prediction.get("model_version") and result_choices(p.get("result")) == result_choices(prediction.get("result"))
                    for p in shown):
             client.predictions.create(task=task_id, **prediction)
-    overlap = max(int(task.overlap or 1), len(task.annotations or []) + 1)
+    # one answer more than Label Studio counts against the overlap: its answers (an annotator's second one too), and its skips only where the project
+    # counts them (IGNORE_SKIPPED). Counted in every mode, a skip asked for a second new answer (QA: overlap 4 with 2
+    # answers and a skip in the default REQUEUE_FOR_OTHERS mode, so two more annotators were sent to it)
+    annotations = [_as_dict(a) for a in task.annotations or []]
+    counted = len(annotations) if _skips_count(client, task) else sum(1 for a in annotations if not a.get("was_cancelled"))
+    overlap = max(int(task.overlap or 1), counted + 1)
     # the overlap it had before the first reopening: closing it again never goes below the project's own setting
     asked = {**data, **data_updates, **once, REOPENED_FROM_OVERLAP: int(data.get(REOPENED_FROM_OVERLAP) or task.overlap or 1)}
     client.tasks.update(id=str(task_id), data=asked, overlap=overlap, is_labeled=False)
@@ -481,6 +486,15 @@ def withdraw_unanswered_task(client: LabelStudio, *, task_id: int, image_id: int
         return "answered"
     client.tasks.delete(id=str(task_id))
     return "deleted"
+
+
+def _skips_count(client: LabelStudio, task: Any) -> bool:
+    """Whether the task's project counts skipped annotations against the overlap (skip_queue IGNORE_SKIPPED); only
+    asked when the task has a skip."""
+    if not any(_as_dict(a).get("was_cancelled") for a in task.annotations or []):
+        return False
+    project = client.projects.get(id=int(task.project))
+    return str(getattr(project, "skip_queue", None) or "") == "IGNORE_SKIPPED"
 
 
 def _answerers(task: Any) -> set[Any]:

@@ -461,6 +461,23 @@ def test_closing_a_reopened_task_keeps_the_overlap_it_had_before(labelstudio, st
     assert (closed.overlap, closed.is_labeled) == (2, False)  # still wants its second answer
 
 
+def test_a_reopened_task_with_a_skip_asks_for_exactly_one_more_answer(labelstudio, store, backend) -> None:
+    # QA: a skip was counted as an answer, so a suspect's task with one answer and one skip wanted two more answers in
+    # the project's (default) skip mode, and Label Studio sent a second annotator to a settled question
+    push(backend, store, [store.task(4, predicted="scratch", score=0.7)])
+    task_id = task_ids_by_image(store)[store.image_ids[4]]
+    annotate(labelstudio.as_annotator(ANNOTATOR_A), task_id, "scratch")
+    labelstudio.as_annotator(ANNOTATOR_B).annotations.create(id=task_id, result=[], was_cancelled=True, lead_time=1.0)
+    pull(backend, store)
+    suspect = store.task(4, reason="suspected_label_error", predicted="spot", score=0.8, current_label="scratch", round_number=2)
+    assert push(backend, store, [suspect], round_number=2).reopened == 1
+    admin = labelstudio.admin()
+    reopened = admin.tasks.get(id=str(task_id))
+    assert (reopened.overlap, reopened.is_labeled) == (2, False)  # the one answer + 1: the skip is no answer here
+    annotate(labelstudio.as_annotator(ANNOTATOR_B), task_id, "spot")
+    assert admin.tasks.get(id=str(task_id)).is_labeled  # one more answer finished it
+
+
 def test_push_names_each_image_it_could_not_hand_over(labelstudio, store, backend, monkeypatch) -> None:
     # One image Label Studio cannot serve (outside its document root) and one reopen that times out: those two wait
     # for the next round, the rest of the batch is in, and the report says which is which (the loop marks each image).
