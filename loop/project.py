@@ -138,6 +138,10 @@ def remove_project_row(url: str) -> None:
         engine.dispose()
 
 
+class StoreOfAnotherProject(ConfigError):
+    """The store loop.toml or LOOP_DATABASE_URL names holds another project: no command reads or writes it from here."""
+
+
 def open_project(root: Path, *, database_url: str | None = None) -> ProjectContext:
     """database_url: this store whatever loop.toml and the environment say (loop simulate's scratch runs)."""
     root = root.expanduser().resolve()
@@ -148,9 +152,20 @@ def open_project(root: Path, *, database_url: str | None = None) -> ProjectConte
         raise ConfigError(f"the store of project {root} is missing: no loop.db there, and loop.toml names no database_url. If the project "
                           "was made with LOOP_DATABASE_URL set, set it again (or put database_url in loop.toml); nothing was changed")
     upgrade_schema(url, lock_files=(root / ".loop.lock",))  # a project made by an older defect-loop gets the newer columns (a no-op when current)
+    from store.models import Project
+
     engine = create_db_engine(url)
     with session_scope(engine) as session:
         one_project_per_store(session, store=shown_url(url))
+        stored = session.execute(select(Project.name, Project.root_dir)).first()
+    if stored is not None and stored[0] != config.name:
+        # another project's store (QA: LOOP_DATABASE_URL left set put a folder's ingest and round into another project,
+        # with this folder's loop.toml, and nothing said so); folders sharing a store share loop.toml, name included
+        engine.dispose()
+        named_by = "LOOP_DATABASE_URL" if os.environ.get("LOOP_DATABASE_URL") and database_url is None else "loop.toml's database_url"
+        raise StoreOfAnotherProject(f"loop.toml of {root} names project {config.name!r}, but the store at {shown_url(url)} ({named_by}) holds project "
+                          f"{stored[0]!r} (made in {stored[1]}): not this folder's store. Unset LOOP_DATABASE_URL or fix database_url; if it is "
+                          f"the same project, put name = {stored[0]!r} in loop.toml. Nothing was changed")
     return ProjectContext(root, config, engine)
 
 
@@ -160,6 +175,8 @@ def open_project_store(root: Path) -> tuple[ProjectContext, str | None]:
     SQLite file) with the config error to show. A folder that is not a project still fails."""
     try:
         return open_project(root), None
+    except StoreOfAnotherProject:
+        raise
     except ConfigError as error:
         root = root.expanduser().resolve()
         path = config_path(root)

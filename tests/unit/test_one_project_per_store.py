@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from loop.cli import app
 from loop.project import open_project
 from store.db import session_scope
-from store.models import Project
+from store.models import Project, Round
 
 runner = CliRunner()
 
@@ -42,6 +42,24 @@ def test_a_store_that_already_holds_two_projects_is_named_instead_of_used(tmp_pa
     assert result.exit_code == 2
     message = " ".join(result.output.split())
     assert "holds 2 projects: 'line-a'" in message and "'line-b'" in message
+
+
+def test_a_folder_pointed_at_another_projects_store_is_refused_and_nothing_is_added(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # QA: LOOP_DATABASE_URL left set from another project put this folder's ingest and round into that project, with
+    # this folder's loop.toml, and nothing said so
+    team = f"sqlite:///{tmp_path / 'team.db'}"
+    assert init(tmp_path / "line-a", "--database-url", team).exit_code == 0
+    assert init(tmp_path / "line-b").exit_code == 0  # its own SQLite store
+    monkeypatch.setenv("LOOP_DATABASE_URL", team)
+    for command in (["ingest", str(tmp_path / "line-b")], ["round"], ["status"]):
+        result = runner.invoke(app, [*command, "--project", str(tmp_path / "line-b")])
+        message = " ".join(result.output.split())
+        assert result.exit_code == 2, message
+        assert "loop.toml of" in message and "names project 'line-b', but the store" in message and "(LOOP_DATABASE_URL) holds project 'line-a'" in message
+    monkeypatch.delenv("LOOP_DATABASE_URL")
+    with session_scope(open_project(tmp_path / "line-a").engine) as session:
+        assert session.scalars(select(Project.name)).all() == ["line-a"] and session.scalars(select(Round)).all() == []
+    assert runner.invoke(app, ["status", "--project", str(tmp_path / "line-b")]).exit_code == 0  # its own store again
 
 
 def test_the_environment_store_does_not_collect_loop_simulates_scratch_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
