@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -86,6 +87,16 @@ def _create_engine(url: str) -> Engine:
 # PostgreSQL advisory lock of a store's one project (two int keys: "defl", 1): every folder and machine pointed at the
 # store takes the same one, where a project folder's lock file guards that folder only.
 STORE_LOCK_KEYS = (0x6465666C, 1)
+
+
+def _store_lock_keys(connection: Connection) -> dict[str, int]:
+    """The advisory lock keys of the store this connection reads: advisory locks are per database, and a database may
+    hold stores in several schemas (`?options=-csearch_path=...`; QA: a round in one schema made the other's ingest
+    "busy", and its API call a killed round alive). The public schema keeps STORE_LOCK_KEYS, as older releases took."""
+    schema = connection.execute(text("select current_schema()")).scalar() or "public"
+    if schema == "public":
+        return {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]}
+    return {"a": STORE_LOCK_KEYS[0], "b": 3 + zlib.crc32(schema.encode()) % (2**31 - 3)}  # never 1 (public) nor 2 (schema changes)
 
 
 class StoreBusy(RuntimeError):
@@ -186,19 +197,22 @@ def exclusive_store_lock(engine: Engine) -> Iterator[None]:
     connection = engine.connect()
     holder: list[Connection | None] = [connection]  # confirm_store_lock swaps in the connection that took it again
     try:
-        got = connection.execute(text("select pg_try_advisory_lock(:a, :b)"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]}).scalar()
+        keys = _store_lock_keys(connection)
+        got = connection.execute(text("select pg_try_advisory_lock(:a, :b)"), keys).scalar()
         connection.commit()
         if not got:
             raise StoreBusy(f"the store at {shown_url(engine.url.render_as_string(hide_password=False))} is busy: another loop round or "
                             "ingest writes to it now, from another project folder or machine. Wait for it to finish (nothing was changed).")
         _held_store_locks[id(engine)] = holder
+        _held_store_lock_keys[id(engine)] = keys
         try:
             yield
         finally:
             _held_store_locks.pop(id(engine), None)
+            _held_store_lock_keys.pop(id(engine), None)
             if holder[0] is not None:  # None: lost, and not taken again
                 try:
-                    holder[0].execute(text("select pg_advisory_unlock(:a, :b)"), {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]})
+                    holder[0].execute(text("select pg_advisory_unlock(:a, :b)"), keys)
                     holder[0].commit()
                 except DBAPIError:  # the connection dropped (server restart, idle timeout): its lock went with it
                     holder[0].invalidate()
@@ -209,6 +223,7 @@ def exclusive_store_lock(engine: Engine) -> Iterator[None]:
 
 # engine id -> [the connection holding its PostgreSQL store lock], while exclusive_store_lock's block runs
 _held_store_locks: dict[int, list[Connection | None]] = {}
+_held_store_lock_keys: dict[int, dict[str, int]] = {}  # engine id -> the keys it holds (_store_lock_keys)
 
 
 def confirm_store_lock(engine: Engine) -> bool:
@@ -220,7 +235,7 @@ def confirm_store_lock(engine: Engine) -> bool:
     holder = _held_store_locks.get(id(engine))
     if holder is None:
         return False
-    keys = {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]}
+    keys = _held_store_lock_keys[id(engine)]
     if holder[0] is not None:  # None: lost before, and held by another then
         try:
             held = holder[0].execute(text(
@@ -262,7 +277,7 @@ def store_lock_held(engine: Engine) -> bool | None:
         return bool(connection.execute(text(  # advisory locks are per database; pg_locks lists the whole server's
             "select count(*) from pg_locks where locktype = 'advisory' and granted and classid = :a and objid = :b and objsubid = 2 "
             "and database = (select oid from pg_database where datname = current_database())"),
-            {"a": STORE_LOCK_KEYS[0], "b": STORE_LOCK_KEYS[1]}).scalar())
+            _store_lock_keys(connection)).scalar())
 
 
 def database_error_reason(error: BaseException) -> str:

@@ -214,6 +214,32 @@ def test_the_store_lock_is_per_database_and_a_dropped_lock_connection_does_not_f
         other.dispose()
 
 
+def test_stores_in_two_schemas_of_one_database_have_a_lock_each(postgres) -> None:  # noqa: ANN001
+    # QA: a round on the store in the public schema made an ingest on the store in schema teamb "busy", and teamb's
+    # API called its killed round alive: the lock was one per database
+    from sqlalchemy import text
+
+    from store.db import create_db_engine, exclusive_store_lock, store_lock_held, upgrade_schema
+
+    public = postgres.new_database()
+    with create_db_engine(public).connect() as connection:
+        connection.execute(text("create schema teamb"))
+        connection.commit()
+    teamb = f"{public}?options=-csearch_path%3Dteamb"
+    for url in (public, teamb):
+        upgrade_schema(url)
+    engines = [create_db_engine(url) for url in (public, teamb)]
+    try:
+        with exclusive_store_lock(engines[0]):
+            assert (store_lock_held(engines[0]), store_lock_held(engines[1])) == (True, False)
+            with exclusive_store_lock(engines[1]):  # not busy
+                assert store_lock_held(engines[1]) is True
+        assert (store_lock_held(engines[0]), store_lock_held(engines[1])) == (False, False)
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
 @pytest.mark.parametrize("meanwhile", ["nothing", "lock-taken", "round-ran", "ingest-ran"])
 def test_a_round_whose_store_lock_connection_was_dropped_takes_the_lock_again_or_stops(
         postgres, tmp_path: Path, oracle_manifests: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, meanwhile: str) -> None:  # noqa: ANN001
