@@ -9,6 +9,7 @@ import errno
 import logging
 import secrets
 import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -191,8 +192,14 @@ def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     listener = listening_socket(host, port)  # first: a port in use printed the URLs and tokens, then failed
     app = create_app(effective)
     _log_to_stderr()
-    shown_host = f"[{host}]" if ":" in host else host
+    # a wildcard address is no place a browser can open: the URLs name this machine, and say it listens everywhere (QA)
+    everywhere = host in ("0.0.0.0", "::", "")
+    shown_host = socket.gethostname() if everywhere else f"[{host}]" if ":" in host else host
     url = f"http://{shown_host}:{port}"
+    if everywhere or host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {'every network interface' if everywhere else host}, over plain HTTP: whoever reaches this machine can "
+              "send requests (a token is still required), and tokens cross the network unencrypted; put a TLS proxy in front for "
+              "use beyond a trusted network", file=sys.stderr)
     read_token = (effective.api_read_token or effective.api_token).get_secret_value()
     print(f"defect-loop API on {url}  (store: {shown_url(effective.store_url)})")
     print(f"  dashboard: {url}/dashboard?token={read_token}")

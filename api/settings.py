@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image as PILImage
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 STORE_FILENAME = "loop.db"
@@ -38,6 +38,15 @@ class Settings(BaseSettings):
         # LOOP_API_TOKEN= (set, but empty) locked everyone out: `loop serve` took it as chosen and made no tokens
         # and " abc" could never match: the token sent is stripped
         return (value.strip() or None) if isinstance(value, str) else value
+
+    @field_validator("api_read_token")
+    @classmethod
+    def _read_token_differs(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # QA: the same value for both made the "read-only" token, printed in the dashboard URL to share, a full-access one
+        full = info.data.get("api_token")
+        if value is not None and full is not None and value.get_secret_value() == full.get_secret_value():
+            raise ValueError("the read-only token equals LOOP_API_TOKEN, so it would give full access (/predict): choose another")
+        return value
 
     @property
     def store_url(self) -> str:

@@ -868,9 +868,14 @@ def serve(
         try:
             settings = Settings(database_url=ctx.database_url, project_dir=ctx.root)
         except ValidationError as error:  # one line naming the variable (a QA run got pydantic's block naming the field)
-            raise ConfigError("; ".join(f"LOOP_{str(problem['loc'][0]).upper()}={problem.get('input')!r}: {problem['msg']}"
-                                        for problem in error.errors())) from None
+            raise ConfigError("; ".join(f"LOOP_{str(problem['loc'][0]).upper()}" + ("" if _secret_setting(problem['loc'][0]) else f"={problem.get('input')!r}")
+                                        + f": {problem['msg']}" for problem in error.errors())) from None
         serve_api(ctx.root, host=host, port=port, settings=settings, log_level="warning")
+
+
+def _secret_setting(name: object) -> bool:
+    """A token or secret: its value is never echoed in a message (a terminal's scrollback, a CI log)."""
+    return any(word in str(name) for word in ("token", "secret"))
 
 
 DEFAULT_LABELSTUDIO_DIR = Path("~/.local/share/defect-loop/labelstudio")

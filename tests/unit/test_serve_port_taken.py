@@ -45,3 +45,33 @@ def test_a_bad_setting_in_the_environment_is_one_line_naming_the_variable(new_pr
     result = CliRunner().invoke(app, ["serve", "--project", str(new_project.root), "--port", "1"])
     assert result.exit_code == 2
     assert result.output.startswith("error: LOOP_MAX_UPLOAD_PIXELS='abc': Input should be a valid integer") and "max_upload_pixels" not in result.output
+
+
+def test_the_same_value_for_both_tokens_is_refused_without_echoing_it(new_project, monkeypatch) -> None:  # noqa: ANN001
+    # QA: accepted, so the read-only token in the dashboard URL people share gave full access (/predict)
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # were it taken, the test would not serve for good
+    monkeypatch.setenv("LOOP_API_TOKEN", "same-value-4711")
+    monkeypatch.setenv("LOOP_API_READ_TOKEN", "same-value-4711")
+    result = runner.invoke(app, ["serve", "--project", str(new_project.root), "--port", "65000"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "LOOP_API_READ_TOKEN: Value error, the read-only token equals LOOP_API_TOKEN" in said, said
+    assert "same-value-4711" not in said
+
+
+def test_serving_on_every_interface_prints_urls_a_browser_can_open_and_says_it_listens_everywhere(new_project, monkeypatch) -> None:  # noqa: ANN001
+    # QA: the printed URLs said http://0.0.0.0:P, which no browser opens, and nothing said the API listened on every interface
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = runner.invoke(app, ["serve", "--project", str(new_project.root), "--host", "0.0.0.0", "--port", str(port)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, said
+    assert f"dashboard: http://{socket.gethostname()}:{port}/dashboard?token=" in said and "0.0.0.0" not in said
+    assert "listening on every network interface, over plain HTTP" in said
+    local = runner.invoke(app, ["serve", "--project", str(new_project.root), "--port", str(port)])
+    assert "listening on" not in local.output and f"http://127.0.0.1:{port}/dashboard" in local.output
