@@ -382,6 +382,26 @@ def issue_queue_table(issues: Sequence[LabelIssueRow], total: int, round_number:
     )
 
 
+def near_copies_table(issues: Sequence[LabelIssueRow], total: int, round_number: int, round_id: int, token_query: str) -> str:
+    """Each image flagged as a near-copy beside the copy it was found with: a pair across the test split scores the model
+    on an image it trained on (the README promised this card; the dashboard had only a count)."""
+    if not issues:
+        return '<p class="empty">No near-copies found.</p>'
+    image_query = f"{token_query}&amp;view=display" if token_query else "?view=display"
+
+    def thumb(image_id: int | None) -> str:
+        return "–" if image_id is None else (f'<img class="thumb" loading="lazy" alt="image {image_id}" src="/images/{image_id}{image_query}"> '
+                                             f'<span class="image-id">{image_id}</span>')
+
+    rows = "".join(f'<tr class="near-copy" data-image-id="{issue.image_id}" data-copy-id="{issue.related_image_id or ""}"><td>{position}</td>'
+                   f'<td>{thumb(issue.image_id)}</td><td>{thumb(issue.related_image_id)}</td><td>{escape(issue.given_label or "unlabeled")}</td>'
+                   f'<td>{_fmt(issue.score, 3)}</td></tr>' for position, issue in enumerate(issues, start=1))
+    more = (f'<p class="more">Showing {len(issues)} of {total}; the rest: <code>GET /rounds/{round_id}/label-issues?kind=near_duplicate&amp;'
+            f'offset={len(issues)}</code></p>' if total > len(issues) else "")
+    return (f'<table class="issues near-copies" data-round="{round_number}"><thead><tr><th>#</th><th>image</th><th>its near-copy</th>'
+            f'<th>label</th><th>quality</th></tr></thead><tbody>{rows}</tbody></table>{more}')
+
+
 def _shown_status(summary: RoundSummary) -> str:
     """The round's status, as `loop status` shows it: "running?" when no process runs it any more (its note on hover)."""
     if summary.process_alive is False:
@@ -507,8 +527,9 @@ svg .kept-epoch{stroke:#d73027;stroke-width:1.5;stroke-dasharray:2 3}
 
 
 def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, confusion: tuple[int, ConfusionMatrix] | None,
-                     issues: tuple[int, int, int, list[LabelIssueRow]] | None, token_query: str) -> str:
-    """The whole page. issues: (round id, round number, total flagged, first rows)."""
+                     issues: tuple[int, int, int, list[LabelIssueRow]] | None, token_query: str,
+                     near_copies: tuple[int, int, int, list[LabelIssueRow]] | None = None) -> str:
+    """The whole page. issues, near_copies: (round id, round number, total flagged, first rows)."""
     numbers = [r.number for r in progress.rounds]
     if progress.gates:
         gates_html = "".join(f'<div class="gate">{gate_chart(gate, numbers)}</div>' for gate in progress.gates)
@@ -535,6 +556,11 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
                        + issue_queue_table(rows, total, issue_round, issue_round_id, token_query))
     else:
         issues_html = '<h2>Label-issue queue</h2><p class="empty">No label issues recorded yet.</p>'
+    near_copies_html = ""
+    if near_copies is not None:  # the latest completed round's, when it looked for them
+        copies_round_id, copies_round, copies_total, copies = near_copies
+        near_copies_html = (f'<section id="near-copies"><h2>Near-copies · round {copies_round} ({copies_total} image{"" if copies_total == 1 else "s"})</h2>'
+                            f'{near_copies_table(copies, copies_total, copies_round, copies_round_id, token_query)}</section>')
     training_html = f'<section id="training">{training_section(latest)}</section>' if latest is not None else ""
     latest_html = ""
     if latest is not None and latest.gates:
@@ -555,7 +581,7 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
 {latest_html}
 </div>
 {training_html}
-<section id="issues">{issues_html}</section>
+<section id="issues">{issues_html}</section>{near_copies_html}
 </main></body></html>"""
 
 
@@ -591,5 +617,10 @@ def dashboard(
     if issue_round is not None:
         page = reports.label_issue_queue(session, round_id=issue_round.id, limit=ISSUE_QUEUE_ROWS, offset=0, kind="label_error")
         issues = (issue_round.id, issue_round.number, page.total, page.items)
+    near_copies = None
+    if latest is not None and latest.summary.status == "completed" and latest.n_near_duplicates is not None:
+        page = reports.label_issue_queue(session, round_id=latest.summary.id, limit=ISSUE_QUEUE_ROWS, offset=0, kind="near_duplicate")
+        near_copies = (latest.summary.id, latest.summary.number, page.total, page.items)
     token_query = f"?{urlencode({'token': token})}" if token else ""
-    return HTMLResponse(render_dashboard(progress, latest=latest, confusion=confusion, issues=issues, token_query=escape(token_query)))
+    return HTMLResponse(render_dashboard(progress, latest=latest, confusion=confusion, issues=issues, token_query=escape(token_query),
+                                         near_copies=near_copies))

@@ -50,6 +50,10 @@ def test_labels_by_source_f1_confusion_and_queue(client: TestClient, seeded_stor
     assert "near_duplicate" not in queue
     assert re.search(r'near-duplicates</div><div class="card-value">1 <span class="verdict fail"[^>]*>2 across test</span><', html)
     assert f'src="/images/{seeded_store.image_ids[5]}?token={READ_TOKEN}&amp;view=display"' in queue  # TIFF and 16-bit files as the model sees them
+    # the near-copy beside the copy it was found with (QA: the README promised this card; the dashboard had only the count)
+    copies = re.search(r'<section id="near-copies"><h2>Near-copies · round 2 \(1 image\)</h2>.*?</section>', html, re.S).group(0)
+    assert f'data-image-id="{seeded_store.image_ids[2]}" data-copy-id="{seeded_store.image_ids[1]}"' in copies
+    assert f'src="/images/{seeded_store.image_ids[1]}?token={READ_TOKEN}&amp;view=display"' in copies
 
 
 def test_store_text_is_escaped(writable_store: SeededStore) -> None:
