@@ -1237,7 +1237,9 @@ class AnnotationRecorder:
             # the save of this answer already recorded: nothing new, whatever label it names now. An answer taken as its
             # new name on the way in still names the old one in Label Studio, and loop.toml may make that a class again
             return "unchanged"
-        outcome = "recorded"
+        # an answer changed in place (the same answer id, another class): counted apart from new answers (QA: "17 new
+        # answers" held 2 annotators' corrections, and nothing said so)
+        outcome = "changed" if previous is not None and previous.action == "set" and previous.label != label else "recorded"
         if previous is not None and previous.action == "set" and previous.label == label and previous.annotator == annotator:
             if not _saved_again(previous, saved_at):
                 return "unchanged"

@@ -518,13 +518,19 @@ def _print_pull(pull: dict) -> None:
                                                             ("rejected", "rejected"), ("deleted", "deleted"))]
     if not any(n for n, _ in counts):
         return
-    confirmed = (pull.get("labelstudio") or {}).get("confirmed")
-    renamed = (pull.get("labelstudio") or {}).get("renamed_on_the_way_in")
+    backend = pull.get("labelstudio") or {}
+    confirmed, changed, renamed = backend.get("confirmed"), backend.get("changed"), backend.get("renamed_on_the_way_in")
+    of_them = [f"{changed} {_answers(changed)} changed in place" if changed else "",
+               f"{confirmed} {_answers(confirmed)} saved again unchanged: confirmed" if confirmed else "",
+               f"{renamed} {_answers(renamed)} naming a class renamed since, taken as its new name" if renamed else ""]
     console.print("pulled from the annotators: " + ", ".join(f"{n} {what}" for n, what in counts if n)
-                  + (f" ({confirmed} answers saved again unchanged: confirmed)" if confirmed else "")
-                  + (f" ({renamed} answers naming a class renamed since, taken as its new name)" if renamed else ""))
+                  + (f" (of the new: {'; '.join(part for part in of_them if part)})" if any(of_them) else ""))
     for reason in (pull.get("rejections") or [])[:5]:
         console.print(f"  [yellow]rejected:[/] {escape(str(reason))}")
+
+
+def _answers(n: int) -> str:
+    return "answer" if n == 1 else "answers"
 
 
 def _threshold_origin(details: dict) -> str:

@@ -659,6 +659,8 @@ def test_annotators_answers_become_label_events_with_consensus_and_rejections(la
                                  if x["task_id"] == task[6] and x["choices"] == ["scratch"]), result=lsc.choice_result("spot"))
     changed = pull(backend, store)
     assert (changed.new_label_events, changed.deleted) == (2, 1)
+    # both new answers are answers changed in place, and said so (QA: counted as new answers alone)
+    assert changed.details["labelstudio"].get("changed") == 2 and not changed.details["labelstudio"].get("recorded")
     current = labels(store)
     assert current[ids[2]].label == "scratch"
     assert current[ids[0]].label == "good" and current[ids[0]].source == "import"  # the import stands again
@@ -1014,7 +1016,7 @@ def test_an_answer_naming_a_class_renamed_away_is_taken_as_its_new_name_by_the_p
     assert (report.new_label_events, report.rejected, report.deleted, details.get("withdrawn", 0)) == (3, 0, 0, 0)
     current = labels(store)
     assert [current[store.image_ids[k]].label for k in (4, 5, 6)] == ["scratch_line"] * 3
-    assert (details["renamed_on_the_way_in"], details.get("recorded"), details.get("confirmed")) == (3, 2, 1)
+    assert (details["renamed_on_the_way_in"], details.get("recorded"), details.get("changed"), details.get("confirmed")) == (3, 1, 1, 1)
     with store.session() as session:
         events = {e.external_id: e for e in session.scalars(select(LabelEvent).where(LabelEvent.external_id.in_([str(fresh), str(changed)])))}
         assert events[str(fresh)].annotator == events[str(changed)].annotator == labelstudio_backend.annotator_name(
@@ -1114,7 +1116,7 @@ def test_an_answer_taken_as_a_renamed_class_stays_it_when_its_old_name_is_made_a
     a.annotations.update(id=late, result=lsc.choice_result("scratch"))
     report = pull(backend, store)
     details = report.details["labelstudio"]
-    assert (report.new_label_events, details.get("recorded"), details.get("confirmed"), details["renamed_on_the_way_in"]) == (3, 2, 1, 0)
+    assert (report.new_label_events, details.get("recorded", 0), details.get("changed"), details.get("confirmed"), details["renamed_on_the_way_in"]) == (3, 0, 2, 1, 0)
     assert [labels(store)[store.image_ids[k]].label for k in (4, 5, 6)] == ["scratch", "good", "spot"]
     with store.session() as session:
         events = session.scalars(select(LabelEvent).where(LabelEvent.external_id == str(late)).order_by(LabelEvent.id)).all()
@@ -1172,7 +1174,7 @@ def test_webhooks_sent_during_a_merge_are_left_to_the_pull_not_taken_as_annotato
     assert [p["action"] for p in payloads] == ["ANNOTATION_UPDATED"] * 3
     # as the API records them, before the store's side of the rename
     outcomes = {p["annotation"]["id"]: _record_webhook(store, p) for p in payloads}
-    assert outcomes == {merged: "deferred", own: "deferred", changed: "recorded"}  # the annotator's own change: at once
+    assert outcomes == {merged: "deferred", own: "deferred", changed: "changed"}  # the annotator's own change: at once
     assert [labels(store)[store.image_ids[k]].label for k in (4, 5, 6)] == ["scratch", "scratch", "good"]
     with store.session() as session:
         from store.queries import rename_label
@@ -1211,13 +1213,13 @@ def test_a_late_webhook_of_an_older_save_takes_back_no_newer_answer_the_pull_rec
         assert store.image_ids[5] not in {i for i, label in labels(store).items() if label.label}
         assert pull(backend, store).new_label_events == 0
 
-        # newer saves still count: the answer changed in place is recorded, saved again unchanged it is confirmed
+        # newer saves still count: the answer changed in place is recorded (as changed), saved again unchanged it is confirmed
         time.sleep(0.01)
         a.annotations.update(id=answer, result=lsc.choice_result("spot"))
         time.sleep(0.01)
         a.annotations.update(id=answer, result=lsc.choice_result("spot"))
         newer = _wait_for_webhooks(6)[4:]
-    assert [_record_webhook(store, p) for p in newer] == ["recorded", "confirmed"]
+    assert [_record_webhook(store, p) for p in newer] == ["changed", "confirmed"]
     assert labels(store)[store.image_ids[4]].label == "spot"
     assert pull(backend, store).new_label_events == 0
 
