@@ -676,6 +676,9 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
                                                                  if g["applicable"] and not g["passed"]) or "-"
         if r["unsettled_gates"] and gates != "-":  # the test split is too small to tell these gates' pass from fail (QA)
             gates += f" ({', '.join(GATE_SHORT.get(name, name) for name in r['unsettled_gates'])} unsettled)"
+        missing = r.get("classes_missing_from_test") or []
+        if missing:  # macro F1 read 1 beside its failed gate: the classes it could not score (QA)
+            gates += f"; no test image of {', '.join(missing)}"
         changed = r.get("test_labels_changed") or {}
         if changed.get("relabeled") or changed.get("no_longer_labeled"):  # its values moved with the labels too (QA: only the newest said so)
             gates += "; test labels changed"

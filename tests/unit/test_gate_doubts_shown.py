@@ -180,3 +180,13 @@ def test_the_latency_line_says_batch_and_when_a_busy_machine_makes_it_an_upper_b
     assert latency_text({**measured, "load_average_1min": 0.5}) == "latency 35.6 ms/image (ONNX Runtime, batch 32, 2 threads, AMD EPYC)"
     # the round's own training still in the 1-minute load (review): not "busy" for that alone
     assert "busy" not in latency_text({**measured, "load_average_1min": 3.5})
+
+
+def test_status_names_the_classes_the_test_split_holds_no_image_of_beside_the_failed_macro_f1(new_project) -> None:  # noqa: ANN001
+    # QA: the table read macro F1 1 beside "macro_f1" failed: two classes had no test image, which only the round's line said
+    _record_round(new_project, details={"classes_missing_from_test": ["spot", "patch"]})
+    with session_scope(new_project.engine) as session:
+        gate = session.scalars(select(GateResult).where(GateResult.name == "macro_f1")).one()
+        gate.passed = False
+    said = " ".join(CliRunner().invoke(app, ["status", "--project", str(new_project.root)], env={"COLUMNS": "200"}).output.split())
+    assert "macro_f1; no test image of spot, patch" in said, said
