@@ -122,8 +122,11 @@ def _distinct_digits(value: float, threshold: float) -> tuple[str, str]:
     return shown_value, shown_threshold
 
 
-def _asked_again(text: str) -> str:
-    """The text of a reopened task: why it is asked again, and what to do."""
+def _asked_again(text: str, reason: str | None = None) -> str:
+    """The text of a reopened task: why it is asked again, and what to do. A tie or a refused answer wants a new
+    answer, which its next annotator has not given yet (QA: they read "check the answer given here")."""
+    if reason in ("annotators_disagree", "answer_rejected"):
+        return f"Asked again: {text} Give your answer (if you answered this task already, check it)."
     return f"Asked again: {text} Check the answer given here and change it if it is wrong."
 
 
@@ -811,7 +814,7 @@ class LabelStudioBackend:
                         probabilities={})
         text = why_text(shown, round_number=None)
         if data.get("relabel_round") is not None or data.get("relabel_of") is not None:
-            text = _asked_again(text)
+            text = _asked_again(text, shown.reason)
         return {lsc.WHY_NAME: text, "predicted_label": guess.predicted_label, "prediction_score": None}  # the first push's score would contradict
 
     def _map(self, session: Session, mapped: dict[int, AnnotationTask], image_id: int, ls_project_id: int, task_id: int) -> None:
@@ -863,7 +866,7 @@ class LabelStudioBackend:
     def _relabel_data(task: TaskRequest, *, round_number: int | None) -> dict[str, Any]:
         """What an answered task's data becomes when its label is questioned: the annotator reads why."""
         return {
-            lsc.WHY_NAME: _asked_again(why_text(task, round_number=round_number)),
+            lsc.WHY_NAME: _asked_again(why_text(task, round_number=round_number), task.reason),
             "reason": task.reason, "current_label": task.current_label, "predicted_label": task.predicted_label,
             "prediction_score": _prediction_score(task), "relabel_round": round_number,
         }

@@ -450,6 +450,9 @@ def reopen_task(client: LabelStudio, *, task_id: int, data_updates: Mapping[str,
     return True
 
 
+SETTLED_WHY = "Settled: the question asked again here has its answer. Nothing more to do on this task."
+
+
 def close_reopened_task(client: LabelStudio, *, task_id: int, image_id: int | None = None) -> bool:
     """Close a task reopen_task opened once the loop has its answer (an annotator who changes their own answer gives
     Label Studio no new one, and the task would stay in the label stream with a settled question): overlap back to
@@ -461,6 +464,7 @@ def close_reopened_task(client: LabelStudio, *, task_id: int, image_id: int | No
         return False
     answered = len(_answerers(task))
     overlap = max(int(data.pop(REOPENED_FROM_OVERLAP) or 1), answered, 1)
+    data[WHY_NAME] = SETTLED_WHY  # the question stayed beside a settled task (QA: "Check the answer given here" on a closed one)
     client.tasks.update(id=str(task_id), data=data, overlap=overlap, is_labeled=answered >= overlap)
     # an answer saved between the read and the write was counted by Label Studio and then overwritten: count again
     fresh = client.tasks.get(id=str(task_id))

@@ -205,6 +205,7 @@ def test_a_suspected_label_error_answered_in_label_studio_is_asked_again_in_its_
     assert (tie.pushed, tie.reopened) == (0, 1)
     tie_task = admin.tasks.get(id=str(task_id))
     assert (tie_task.overlap, tie_task.is_labeled) == (3, False) and "answers given so far disagree" in tie_task.data["why"]
+    assert tie_task.data["why"].endswith("Give your answer (if you answered this task already, check it).")  # its next annotator has none yet
     a.annotations.update(id=answer_a, result=lsc.choice_result("spot"))  # the first annotator, asked again, changes the answer
     pull(backend, store)
     assert labels(store)[store.image_ids[4]].label == "spot"
@@ -215,6 +216,7 @@ def test_a_suspected_label_error_answered_in_label_studio_is_asked_again_in_its_
     closed = admin.tasks.get(id=str(task_id))
     assert (report.closed, report.settled_done, closed.overlap, closed.is_labeled, "reopened_from_overlap" in closed.data) == (1, True, 2, True, False)
     assert report.unsettled_image_ids == set()
+    assert closed.data["why"] == lsc.SETTLED_WHY  # not the question, on a settled task (QA)
     assert push(backend, store, [], round_number=2, settled=[store.image_ids[4]]).closed == 0  # closed once
 
 
