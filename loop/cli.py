@@ -638,6 +638,15 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
         if config_error:  # the record is still worth reading; say why the next round will refuse to start
             error_console.print(f"[yellow]warning:[/] {escape(config_error)}\n(rounds refuse to start until loop.toml is fixed; the store's record follows)")
         report = project_status(ctx)
+    # the store says whether any folder or machine writes to it now (PostgreSQL, a SQLite file); this folder's lock too
+    try:
+        store_held = store_lock_held(ctx.engine)
+    except (DatabaseOperationalError, DatabaseInterfaceError):  # the record is printed already: unknown, not a traceback
+        store_held = None
+    held = bool(store_held) or project_lock_held(ctx.root)
+    running_without_process = [r["number"] for r in report["rounds"] if r["status"] == "running"] if not held else []
+    for r in report["rounds"]:  # as the API's rounds say it (QA: --json gave a killed round as plainly "running")
+        r["process_alive"] = (r["number"] not in running_without_process) if r["status"] == "running" else None
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
         return
@@ -662,13 +671,6 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     rounds = (Table(title="rounds", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True) if narrow
               else Table(title="rounds"))
     round_rows: list[tuple[str, ...]] = []
-    # the store says whether any folder or machine writes to it now (PostgreSQL, a SQLite file); this folder's lock too
-    try:
-        store_held = store_lock_held(ctx.engine)
-    except (DatabaseOperationalError, DatabaseInterfaceError):  # the record is printed already: unknown, not a traceback
-        store_held = None
-    held = bool(store_held) or project_lock_held(ctx.root)
-    running_without_process = [r["number"] for r in report["rounds"] if r["status"] == "running"] if not held else []
     for r in report["rounds"]:
         # narrow: the failed gates by their columns' words, which fit the column whole ("negative_fpr" folded mid-word)
         shown = GATE_SHORT if narrow else {}

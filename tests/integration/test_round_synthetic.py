@@ -1238,8 +1238,13 @@ def test_ctrl_c_during_a_round_says_what_was_kept_and_status_tells_a_killed_roun
         session.add(Round(project_id=failed.project_id, number=2, status="running"))
     killed = " ".join(invoke("status", "--project", str(project_with_pool)).output.split())
     assert "round 2 is recorded as running, but no process holds this project folder or its store" in killed and "running?" in killed
+    def alive() -> list:  # noqa: ANN202  (status --json, per round; QA: it gave a killed round as plainly "running")
+        return [r["process_alive"] for r in json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)["rounds"]]
+
+    assert alive() == [None, False]
     with project_lock(project_with_pool.resolve(), action="loop round"):  # really running: said as such
         running = " ".join(invoke("status", "--project", str(project_with_pool)).output.split())
+        assert alive() == [None, True]
     assert "no process holds" not in running and "running?" not in running
     # the next round records it as failed, and says so (QA: it turned "failed" without a word)
     after = " ".join(invoke("round", "--project", str(project_with_pool)).output.split())
