@@ -512,7 +512,7 @@ def _selected_for_labeling(push: dict) -> str:
     return f"selected for labeling: {push.get('pushed', 0)} pushed, {reopened}{push.get('pending', 0)} pending"
 
 
-def _print_pull(pull: dict) -> None:
+def _print_pull(pull: dict, *, lead: str = "pulled from the annotators") -> None:
     """What this round's pull took in from the annotators, and why any answer could not be used."""
     counts = [(pull.get(key) or 0, what) for key, what in (("new_label_events", "new answers"), ("skipped", "skipped"),
                                                             ("rejected", "rejected"), ("deleted", "deleted"))]
@@ -523,7 +523,7 @@ def _print_pull(pull: dict) -> None:
     of_them = [f"{changed} {_answers(changed)} changed in place" if changed else "",
                f"{confirmed} {_answers(confirmed)} saved again unchanged: confirmed" if confirmed else "",
                f"{renamed} {_answers(renamed)} naming a class renamed since, taken as its new name" if renamed else ""]
-    console.print("pulled from the annotators: " + ", ".join(f"{n} {what}" for n, what in counts if n)
+    console.print(f"{lead}: " + ", ".join(f"{n} {what}" for n, what in counts if n)
                   + (f" (of the new: {'; '.join(part for part in of_them if part)})" if any(of_them) else ""))
     for reason in (pull.get("rejections") or [])[:5]:
         console.print(f"  [yellow]rejected:[/] {escape(str(reason))}")
@@ -714,6 +714,8 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     if latest is not None:  # the newest completed round's word on new images unlike the labeled ones (a new camera)
         _print_coverage(latest.get("unfamiliar_batches") or [], latest.get("test_metrics_by_batch") or [], round_number=latest["number"])
         _print_doubts_on_gates(latest)
+        # what the annotators did, as that round read it (QA: only the round's own output said it)
+        _print_pull(latest.get("pull") or {}, lead=f"round {latest['number']} pulled from the annotators")
     if running_without_process:  # killed (SIGKILL, power): nothing runs it, and nothing marked it yet
         holder = ("no process holds this project folder or its store" if store_held is not None
                   else "no process on this machine holds this project folder")

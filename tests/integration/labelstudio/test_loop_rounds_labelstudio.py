@@ -76,6 +76,9 @@ def test_two_loop_rounds_through_label_studio(tmp_path: Path, class_folders: Pat
     assert f"pulled from the annotators: {len(agreeing) + 2} new answers, 1 rejected" in second
     assert "rejected: answer" in second and "label 'dent' is not a class of project" in second
     assert json.loads(invoke("status", "--project", str(project), "--json").output)["rounds"][-1]["pull"]["rejected"] == 1
+    # and `loop status` says it too, for the newest completed round (QA: only the round's own output did)
+    status_text = " ".join(invoke("status", "--project", str(project)).output.split())
+    assert f"round 2 pulled from the annotators: {len(agreeing) + 2} new answers, 1 rejected" in status_text
     with session_scope(ctx.engine) as session:
         labels = current_labels(session, round_one.project_id)
         for image_id in agreeing:
