@@ -455,6 +455,7 @@ class LabelStudioBackend:
                 to_push.append(task)
         not_reopened: list[str] = []
         predictions_sent = False
+        skips_count = self._skips_count(client, ls_project_id) if to_reopen else False
         for task, row in to_reopen:
             # one task per image: a suspect labeled here is asked again in its own task (see lsc.reopen_task)
             once = ({"reason": task.reason, "relabel_of": task.current_label} if task.current_label is not None and task.reason != "answer_rejected"
@@ -464,7 +465,7 @@ class LabelStudioBackend:
                           **({"relabel_of": task.current_label} if task.current_label is not None else {})})
             prediction = self._prediction(task, project=project, model_version=model_version)
             try:
-                if lsc.reopen_task(client, task_id=int(row.external_task_id), once=once,
+                if lsc.reopen_task(client, task_id=int(row.external_task_id), once=once, skips_count=skips_count,
                                    data_updates=self._relabel_data(task, round_number=round_number), prediction=prediction):
                     report.reopened += 1
                     predictions_sent = predictions_sent or prediction is not None
@@ -681,9 +682,11 @@ class LabelStudioBackend:
             report.settled_done, report.unsettled_image_ids = True, set()
             return
         failed, unsettled = [], set()
-        for image_id, task_id in self._tasks_of(session, ls_project_id=ls_project_id, image_ids=set(image_ids)).items():
+        tasks = self._tasks_of(session, ls_project_id=ls_project_id, image_ids=set(image_ids))
+        skips_count = self._skips_count(client, ls_project_id) if tasks else False
+        for image_id, task_id in tasks.items():
             try:
-                report.closed += int(lsc.close_reopened_task(client, task_id=task_id, image_id=image_id))
+                report.closed += int(lsc.close_reopened_task(client, task_id=task_id, image_id=image_id, skips_count=skips_count))
             except ApiError as error:
                 if error.status_code != 404:  # a task deleted in Label Studio has nothing to close
                     failed.append(task_id)
@@ -695,6 +698,14 @@ class LabelStudioBackend:
         if failed:
             report.warnings.append(f"could not close {len(failed)} reopened tasks whose question is answered (tasks {', '.join(map(str, failed[:10]))}); "
                                    "retried next round")
+
+    @staticmethod
+    def _skips_count(client, ls_project_id: int) -> bool:  # noqa: ANN001
+        """Whether the project counts skips against a task's overlap; unreadable now: Label Studio's default (it does not)."""
+        try:
+            return lsc.skips_count_against_overlap(client, project_id=ls_project_id)
+        except (ApiError, httpx.HTTPError):
+            return False
 
     def _withdraw_tasks(self, client, report: PushReport, *, session: Session, ls_project_id: int, image_ids: set[int]) -> None:  # noqa: ANN001
         """The waiting tasks of `image_ids` (images whose file was quarantined) deleted, unless an answer came in since

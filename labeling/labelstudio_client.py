@@ -417,12 +417,13 @@ def list_annotated_tasks(client: LabelStudio, *, project_id: int) -> list[dict[s
 
 
 def reopen_task(client: LabelStudio, *, task_id: int, data_updates: Mapping[str, Any], prediction: Mapping[str, Any] | None,
-                once: Mapping[str, Any]) -> bool:
+                once: Mapping[str, Any], skips_count: bool = False) -> bool:
     """Ask again about an answered task: the prediction is added, its data gets data_updates (what the annotator
     reads) and its overlap becomes one more than the annotations it has, so Label Studio counts it unfinished and the
     label stream offers it to an annotator who has not answered it (those who did find it in the task list and can
-    change their answer). Skips count too where the project counts them against the overlap (IGNORE_SKIPPED): a task
-    that needs one answer more than the stream will ever hand out would stay open unseen.
+    change their answer). Skips count too where the project counts them against the overlap (`skips_count`, from
+    skips_count_against_overlap): a task that needs one answer more than the stream will ever hand out would stay
+    open unseen.
 
     Idempotent: a task whose data already holds every item of `once` (asked again about this very label), and a
     task nobody answered yet, are left alone. The prediction goes first and the data (with `once`) last, so a
@@ -441,9 +442,7 @@ def reopen_task(client: LabelStudio, *, task_id: int, data_updates: Mapping[str,
     # one answer more than Label Studio counts against the overlap: its answers (an annotator's second one too), and its skips only where the project
     # counts them (IGNORE_SKIPPED). Counted in every mode, a skip asked for a second new answer (QA: overlap 4 with 2
     # answers and a skip in the default REQUEUE_FOR_OTHERS mode, so two more annotators were sent to it)
-    annotations = [_as_dict(a) for a in task.annotations or []]
-    counted = len(annotations) if _skips_count(client, task) else sum(1 for a in annotations if not a.get("was_cancelled"))
-    overlap = max(int(task.overlap or 1), counted + 1)
+    overlap = max(int(task.overlap or 1), _counted_answers(task, skips_count=skips_count) + 1)
     # the overlap it had before the first reopening: closing it again never goes below the project's own setting
     asked = {**data, **data_updates, **once, REOPENED_FROM_OVERLAP: int(data.get(REOPENED_FROM_OVERLAP) or task.overlap or 1)}
     client.tasks.update(id=str(task_id), data=asked, overlap=overlap, is_labeled=False)
@@ -453,23 +452,26 @@ def reopen_task(client: LabelStudio, *, task_id: int, data_updates: Mapping[str,
 SETTLED_WHY = "Settled: the question asked again here has its answer. Nothing more to do on this task."
 
 
-def close_reopened_task(client: LabelStudio, *, task_id: int, image_id: int | None = None) -> bool:
+def close_reopened_task(client: LabelStudio, *, task_id: int, image_id: int | None = None, skips_count: bool = False) -> bool:
     """Close a task reopen_task opened once the loop has its answer (an annotator who changes their own answer gives
     Label Studio no new one, and the task would stay in the label stream with a settled question): overlap back to
-    what it was, or the annotators who answered if more, and the reopening mark removed. False: not a reopened task
-    (or, with image_id, not that image's task any more)."""
+    what it was, or the answers Label Studio counts if more (counted as reopen_task counts them), and the reopening
+    mark removed. False: not a reopened task (or, with image_id, not that image's task any more)."""
     task = client.tasks.get(id=str(task_id))
     data = dict(task.data or {})
     if REOPENED_FROM_OVERLAP not in data or (image_id is not None and data.get("defect_loop_image_id") != image_id):
         return False
-    answered = len(_answerers(task))
+    answered = _counted_answers(task, skips_count=skips_count)
     overlap = max(int(data.pop(REOPENED_FROM_OVERLAP) or 1), answered, 1)
-    data[WHY_NAME] = SETTLED_WHY  # the question stayed beside a settled task (QA: "Check the answer given here" on a closed one)
+    # the question stayed beside a settled task (QA: "Check the answer given here" on a closed one); a project that
+    # wants more answers per task than it has still asks for one (review: "nothing more to do" there sent them away)
+    data[WHY_NAME] = SETTLED_WHY if answered >= overlap else (
+        f"Settled: the question asked again here has its answer. This project wants {overlap} answers per task: give yours.")
     client.tasks.update(id=str(task_id), data=data, overlap=overlap, is_labeled=answered >= overlap)
     # an answer saved between the read and the write was counted by Label Studio and then overwritten: count again
     fresh = client.tasks.get(id=str(task_id))
-    if (len(_answerers(fresh)) >= overlap) != bool(fresh.is_labeled):
-        client.tasks.update(id=str(task_id), is_labeled=len(_answerers(fresh)) >= overlap)
+    if (_counted_answers(fresh, skips_count=skips_count) >= overlap) != bool(fresh.is_labeled):
+        client.tasks.update(id=str(task_id), is_labeled=_counted_answers(fresh, skips_count=skips_count) >= overlap)
     return True
 
 
@@ -492,13 +494,18 @@ def withdraw_unanswered_task(client: LabelStudio, *, task_id: int, image_id: int
     return "deleted"
 
 
-def _skips_count(client: LabelStudio, task: Any) -> bool:
-    """Whether the task's project counts skipped annotations against the overlap (skip_queue IGNORE_SKIPPED); only
-    asked when the task has a skip."""
-    if not any(_as_dict(a).get("was_cancelled") for a in task.annotations or []):
-        return False
-    project = client.projects.get(id=int(task.project))
-    return str(getattr(project, "skip_queue", None) or "") == "IGNORE_SKIPPED"
+def skips_count_against_overlap(client: LabelStudio, *, project_id: int) -> bool:
+    """Whether a Label Studio project counts skipped annotations against a task's overlap (skip_queue IGNORE_SKIPPED;
+    the default, REQUEUE_FOR_OTHERS, does not): asked once per push that reopens or closes tasks."""
+    skip_queue = getattr(client.projects.get(id=int(project_id)), "skip_queue", None)
+    return str(getattr(skip_queue, "value", skip_queue) or "") == "IGNORE_SKIPPED"
+
+
+def _counted_answers(task: Any, *, skips_count: bool) -> int:
+    """The annotations Label Studio counts against the task's overlap: its answers (an annotator's second one too),
+    its skips only where the project counts them."""
+    annotations = [_as_dict(a) for a in task.annotations or []]
+    return len(annotations) if skips_count else sum(1 for a in annotations if not a.get("was_cancelled"))
 
 
 def _answerers(task: Any) -> set[Any]:

@@ -461,6 +461,7 @@ def test_closing_a_reopened_task_keeps_the_overlap_it_had_before(labelstudio, st
     assert push(backend, store, [], round_number=2, settled=[store.image_ids[4]]).closed == 1
     closed = admin.tasks.get(id=str(task_id))
     assert (closed.overlap, closed.is_labeled) == (2, False)  # still wants its second answer
+    assert "This project wants 2 answers per task: give yours." in closed.data["why"]  # not "nothing more to do" (review)
 
 
 def test_a_reopened_task_with_a_skip_asks_for_exactly_one_more_answer(labelstudio, store, backend) -> None:
@@ -478,6 +479,20 @@ def test_a_reopened_task_with_a_skip_asks_for_exactly_one_more_answer(labelstudi
     assert (reopened.overlap, reopened.is_labeled) == (2, False)  # the one answer + 1: the skip is no answer here
     annotate(labelstudio.as_annotator(ANNOTATOR_B), task_id, "spot")
     assert admin.tasks.get(id=str(task_id)).is_labeled  # one more answer finished it
+
+
+def test_a_project_that_counts_skips_reopens_a_task_with_a_skip_for_one_more_answer_too(labelstudio, store, backend) -> None:
+    # skip_queue IGNORE_SKIPPED: Label Studio counts a skip against the overlap there, so the overlap counts it too
+    push(backend, store, [store.task(4, predicted="scratch", score=0.7)])
+    task_id = task_ids_by_image(store)[store.image_ids[4]]
+    admin = labelstudio.admin()
+    admin.projects.update(id=ls_project_id(store), skip_queue="IGNORE_SKIPPED")
+    annotate(labelstudio.as_annotator(ANNOTATOR_A), task_id, "scratch")
+    labelstudio.as_annotator(ANNOTATOR_B).annotations.create(id=task_id, result=[], was_cancelled=True, lead_time=1.0)
+    pull(backend, store)
+    suspect = store.task(4, reason="suspected_label_error", predicted="spot", score=0.8, current_label="scratch", round_number=2)
+    assert push(backend, store, [suspect], round_number=2).reopened == 1
+    assert admin.tasks.get(id=str(task_id)).overlap == 3  # an answer and a skip counted, + 1
 
 
 def test_push_names_each_image_it_could_not_hand_over(labelstudio, store, backend, monkeypatch) -> None:
