@@ -152,21 +152,31 @@ def open_project(root: Path, *, database_url: str | None = None) -> ProjectConte
         raise ConfigError(f"the store of project {root} is missing: no loop.db there, and loop.toml names no database_url. If the project "
                           "was made with LOOP_DATABASE_URL set, set it again (or put database_url in loop.toml); nothing was changed")
     upgrade_schema(url, lock_files=(root / ".loop.lock",))  # a project made by an older defect-loop gets the newer columns (a no-op when current)
-    from store.models import Project
-
     engine = create_db_engine(url)
     with session_scope(engine) as session:
         one_project_per_store(session, store=shown_url(url))
-        stored = session.execute(select(Project.name, Project.root_dir)).first()
-    if stored is not None and stored[0] != config.name:
-        # another project's store (QA: LOOP_DATABASE_URL left set put a folder's ingest and round into another project,
-        # with this folder's loop.toml, and nothing said so); folders sharing a store share loop.toml, name included
-        engine.dispose()
-        named_by = "LOOP_DATABASE_URL" if os.environ.get("LOOP_DATABASE_URL") and database_url is None else "loop.toml's database_url"
-        raise StoreOfAnotherProject(f"loop.toml of {root} names project {config.name!r}, but the store at {shown_url(url)} ({named_by}) holds project "
-                          f"{stored[0]!r} (made in {stored[1]}): not this folder's store. Unset LOOP_DATABASE_URL or fix database_url; if it is "
-                          f"the same project, put name = {stored[0]!r} in loop.toml. Nothing was changed")
+    _refuse_another_projects_store(engine, root=root, name=config.name, url=url, given=database_url is not None)
     return ProjectContext(root, config, engine)
+
+
+def _refuse_another_projects_store(engine: Engine, *, root: Path, name: object, url: str, given: bool = False) -> None:
+    """StoreOfAnotherProject when the store holds a project of another name than loop.toml's (QA: LOOP_DATABASE_URL left
+    set put a folder's ingest and round into another project, with this folder's loop.toml, and nothing said so).
+    Folders sharing a store share loop.toml, name included; the name is the store's from `loop init` on."""
+    from store.models import Project
+
+    with session_scope(engine) as session:
+        stored = session.execute(select(Project.name, Project.root_dir)).first()
+    if stored is None or not isinstance(name, str) or stored[0] == name:
+        return
+    engine.dispose()
+    named_by = ("the store given" if given else "LOOP_DATABASE_URL" if os.environ.get("LOOP_DATABASE_URL")
+                else "this folder's loop.db" if url == default_store_url(root) else "loop.toml's database_url")
+    fix = ("Unset LOOP_DATABASE_URL" if named_by == "LOOP_DATABASE_URL" else "Fix database_url in loop.toml" if named_by == "loop.toml's database_url"
+           else "Point this folder at its own store")
+    raise StoreOfAnotherProject(f"loop.toml of {root} names project {name!r}, but the store at {shown_url(url)} ({named_by}) holds project "
+                                f"{stored[0]!r} (made in {stored[1]}): not this folder's store. {fix}; if it is the same project, put "
+                                f"name = {stored[0]!r} back in loop.toml (a project keeps the name `loop init` gave it). Nothing was changed")
 
 
 def open_project_store(root: Path) -> tuple[ProjectContext, str | None]:
@@ -183,9 +193,10 @@ def open_project_store(root: Path) -> tuple[ProjectContext, str | None]:
         if not path.is_file():
             raise
         try:
-            configured = tomllib.loads(path.read_text()).get("database_url")
+            raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError:
             raise error from None  # which store it names cannot be read: never guess one
+        configured = raw.get("database_url")
         url = os.environ.get("LOOP_DATABASE_URL") or (configured if isinstance(configured, str) and configured else None)
         if url is None:
             default = root / "loop.db"
@@ -193,7 +204,10 @@ def open_project_store(root: Path) -> tuple[ProjectContext, str | None]:
                 raise error from None  # no store to read: do not create an empty one
             url = default_store_url(root)
         upgrade_schema(url, lock_files=(root / ".loop.lock",))
-        return ProjectContext(root, None, create_db_engine(url)), str(error)  # type: ignore[arg-type]  # read-only use
+        engine = create_db_engine(url)
+        # another project's store is no record of this folder's, broken loop.toml or not (review); without a name, read
+        _refuse_another_projects_store(engine, root=root, name=raw.get("name"), url=url)
+        return ProjectContext(root, None, engine), str(error)  # type: ignore[arg-type]  # read-only use
 
 
 def project_lock_held(root: Path) -> bool:

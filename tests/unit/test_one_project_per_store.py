@@ -60,6 +60,13 @@ def test_a_folder_pointed_at_another_projects_store_is_refused_and_nothing_is_ad
     with session_scope(open_project(tmp_path / "line-a").engine) as session:
         assert session.scalars(select(Project.name)).all() == ["line-a"] and session.scalars(select(Round)).all() == []
     assert runner.invoke(app, ["status", "--project", str(tmp_path / "line-b")]).exit_code == 0  # its own store again
+    # a loop.toml a round would refuse still names its project: status and export do not read another's record (review)
+    toml = (tmp_path / "line-b" / "loop.toml").read_text()
+    assert 'strategy = "default"' in toml
+    (tmp_path / "line-b" / "loop.toml").write_text(toml.replace('strategy = "default"', 'strategy = "nosuch"'))
+    monkeypatch.setenv("LOOP_DATABASE_URL", team)
+    broken = " ".join(runner.invoke(app, ["status", "--project", str(tmp_path / "line-b")]).output.split())
+    assert "names project 'line-b', but the store" in broken and "line-a: 0 images" not in broken, broken
 
 
 def test_the_environment_store_does_not_collect_loop_simulates_scratch_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
