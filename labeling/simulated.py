@@ -2,7 +2,6 @@
 ground-truth manifest, optionally with injected noise: the simulated annotator of the demo and the benchmarks)."""
 from __future__ import annotations
 
-import csv
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labeling.base import PullReport, PushReport, TaskRequest, register_backend
+from labeling.manifests import read_table
 from store.models import Image, LabelEvent, Project, Round, Selection
 
 
@@ -32,17 +32,15 @@ def read_ground_truth(manifest: Path) -> dict[str, str]:
     """Resolved path -> label, from a CSV with columns path,label (paths relative to the CSV's folder)."""
     if not manifest.is_file():
         raise FileNotFoundError(f"oracle manifest {manifest} does not exist")
+    names, rows = read_table(manifest)  # a spreadsheet's CSV, read as ingest reads it
+    if "path" not in names:
+        raise ValueError(f"oracle manifest {manifest}: the first line must be a header with 'path' and 'label' columns")
     truth: dict[str, str] = {}
-    with open(manifest, newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's byte-order mark, a "Path" header: read as ingest reads them
-        reader = csv.DictReader(handle)
-        reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]
-        if "path" not in reader.fieldnames:
-            raise ValueError(f"oracle manifest {manifest}: the first line must be a header with 'path' and 'label' columns")
-        for row in reader:
-            path = Path(row["path"])
-            path = path if path.is_absolute() else manifest.parent / path
-            if row.get("label"):
-                truth[str(path.resolve())] = row["label"].strip()
+    for row in rows:
+        path = Path((row.get("path") or "").strip())
+        path = path if path.is_absolute() else manifest.parent / path
+        if (row.get("label") or "").strip():
+            truth[str(path.resolve())] = row["label"].strip()
     return truth
 
 

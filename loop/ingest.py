@@ -3,7 +3,6 @@ does not decode, and split: the test split is frozen at the first ingest and onl
 near-copies this ingest drew on both sides of it on one side before any round measured them: loop.round.regroup_unmeasured_copies)."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import os
@@ -19,6 +18,7 @@ from PIL import UnidentifiedImageError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from labeling.manifests import read_table
 from loop.project import ProjectContext, sync_project_classes
 from modeling.preprocessing import MIN_IMAGE_SIDE, pixel_depth
 from modeling.progress import progress_bar
@@ -239,20 +239,12 @@ def _nonempty(files: list[SourceFile], source: Path) -> list[SourceFile]:
 
 
 def _read_manifest(manifest: Path, *, unlabeled: bool) -> list[SourceFile]:
-    # Excel's "CSV UTF-8" starts with a byte-order mark, its "Unicode Text" is UTF-16 (QA: both refused as having no
-    # 'path' header, or with a bare codec error); column names are read in any case ("Path,Label")
-    with open(manifest, "rb") as handle:
-        encoding = "utf-16" if handle.read(2) in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
     try:
-        with open(manifest, newline="", encoding=encoding) as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is not None:
-                reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
-            if reader.fieldnames is None or "path" not in reader.fieldnames:
-                raise IngestError(f"{manifest}: the first line must be a header with a 'path' column (and optionally 'label', 'part')")
-            rows = list(reader)
-    except UnicodeDecodeError as error:
-        raise IngestError(f"{manifest}: not UTF-8 text (byte {error.start}: {error.reason}); save it as CSV UTF-8. Nothing was stored.") from None
+        names, rows = read_table(manifest)
+    except ValueError as error:  # not UTF-8 or UTF-16 text
+        raise IngestError(f"{error}. Nothing was stored.") from None
+    if "path" not in names:
+        raise IngestError(f"{manifest}: the first line must be a header with a 'path' column (and optionally 'label', 'part')")
     files, missing, conflicting = [], [], []
     first_line: dict[Path, tuple[int, str | None, str | None]] = {}  # path -> (line, label, part) where it was first listed
     for line_number, row in enumerate(rows, start=2):

@@ -235,3 +235,9 @@ def test_init_reads_the_oracle_manifest_it_is_given(tmp_path: Path) -> None:
     excel = tmp_path / "truth.csv"  # a byte-order mark and a capitalised header: read
     excel.write_bytes("Path,Label\r\nx.png,good\r\n".encode("utf-8-sig"))
     assert init("c", excel).exit_code == 0
+    unicode_text = tmp_path / "truth.txt"  # Excel's "Unicode Text": UTF-16 with tabs, read as ingest reads it (review)
+    unicode_text.write_bytes("path\tlabel\r\nx.png\tgood\r\n".encode("utf-16"))
+    assert init("d", unicode_text).exit_code == 0
+    from labeling.simulated import read_ground_truth
+
+    assert read_ground_truth(unicode_text) == {str((tmp_path / "x.png").resolve()): "good"}

@@ -530,13 +530,14 @@ def test_a_manifest_listing_one_file_twice_with_two_labels_is_refused(new_projec
     assert ingest_source(new_project, manifest, show_progress=False).n_new_images == 2
 
 
-@pytest.mark.parametrize(("encoding", "header"), [("utf-8-sig", "path,label"), ("utf-16", "path,label"), ("utf-8", "Path,Label")])
-def test_a_manifest_saved_by_excel_is_read(new_project, class_folders: Path, tmp_path: Path, encoding: str, header: str) -> None:
-    # QA: Excel's "CSV UTF-8" (a byte-order mark) and "Unicode Text" (UTF-16), and a capitalised header, were refused
-    # as having no 'path' column, or with a bare codec error
+@pytest.mark.parametrize(("encoding", "sep", "header"), [("utf-8-sig", ",", "path,label"), ("utf-16", "\t", "path\tlabel"),
+                                                          ("utf-8", ",", "Path,Label"), ("utf-8", ";", "path;label")])
+def test_a_manifest_saved_by_excel_is_read(new_project, class_folders: Path, tmp_path: Path, encoding: str, sep: str, header: str) -> None:
+    # QA: Excel's "CSV UTF-8" (a byte-order mark) and "Unicode Text" (UTF-16 with tabs), a capitalised header and a
+    # semicolon locale's CSV were refused as having no 'path' column, or with a bare codec error
     photos = sorted((class_folders / "good").glob("*.png"))[:2]
     manifest = tmp_path / "excel.csv"
-    manifest.write_bytes(f"{header}\r\n{photos[0]},good\r\n{photos[1]},\r\n".encode(encoding))
+    manifest.write_bytes(f"{header}\r\n{photos[0]}{sep}good\r\n{photos[1]}{sep}\r\n".encode(encoding))
     assert ingest_source(new_project, manifest, show_progress=False).n_new_images == 2
     with session_scope(new_project.engine) as session:
         labels = current_labels(session, session.scalars(select(Image.project_id)).first())
