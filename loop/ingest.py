@@ -280,6 +280,13 @@ def _read_manifest(manifest: Path, *, unlabeled: bool) -> list[SourceFile]:
     return _nonempty(files, manifest)
 
 
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 class FileCheck(NamedTuple):
     sha256: str
     size_bytes: int
@@ -476,6 +483,9 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                 moved_here.append(f"{existing.path} -> {file.path}")
                 existing.duplicate_paths = [other for other in existing.duplicate_paths if other != str(file.path)]
                 existing.path, existing.size_bytes, existing.mtime_ns = str(file.path), size, mtime_ns
+            if existing is not None and str(file.path) != existing.path and os.path.normpath(existing.path) == str(file.path) \
+                    and _same_file(existing.path, file.path):
+                existing.path = str(file.path)  # stored with its "..", by a release before that was dropped (review): not a copy of itself
             if existing is not None:
                 if str(file.path) != existing.path and str(file.path) not in existing.duplicate_paths:
                     existing.duplicate_paths = [*existing.duplicate_paths, str(file.path)]

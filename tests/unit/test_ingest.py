@@ -560,6 +560,12 @@ def test_a_relative_manifest_path_is_stored_without_its_dot_dots(new_project, cl
     ingest_source(new_project, manifest, show_progress=False)
     (stored,) = images(new_project)
     assert stored.path == str(photo) and ".." not in stored.path
+    # one stored with its ".." by an earlier release takes the plain path when ingested again, not itself as a copy (review)
+    with session_scope(new_project.engine) as session:
+        session.scalars(select(Image)).one().path = str(manifest.parent / ".." / photo.relative_to(tmp_path))
+    ingest_source(new_project, manifest, show_progress=False)
+    (again,) = images(new_project)
+    assert (again.path, again.duplicate_paths) == (str(photo), [])
 
 
 def test_a_moved_folder_ingested_again_is_read_from_its_new_place_at_once(new_project, class_folders: Path, tmp_path: Path) -> None:
