@@ -620,7 +620,8 @@ def dashboard(
     near_copies = None
     if latest is not None and latest.summary.status == "completed" and latest.n_near_duplicates is not None:
         page = reports.label_issue_queue(session, round_id=latest.summary.id, limit=ISSUE_QUEUE_ROWS, offset=0, kind="near_duplicate")
-        near_copies = (latest.summary.id, latest.summary.number, page.total, page.items)
+        # the count the near-duplicates card gives (the stored rows stop at the strongest MAX_DATA_ISSUE_ROWS)
+        near_copies = (latest.summary.id, latest.summary.number, max(page.total, latest.n_near_duplicates or 0), page.items)
     token_query = f"?{urlencode({'token': token})}" if token else ""
     return HTMLResponse(render_dashboard(progress, latest=latest, confusion=confusion, issues=issues, token_query=escape(token_query),
                                          near_copies=near_copies))

@@ -14,7 +14,8 @@ STORE_FILENAME = "loop.db"
 class Settings(BaseSettings):
     """LOOP_API_TOKEN, LOOP_API_READ_TOKEN, LOOP_LABELSTUDIO_WEBHOOK_SECRET, LOOP_DATABASE_URL, LOOP_PROJECT_DIR, ..."""
 
-    model_config = SettingsConfigDict(env_prefix="LOOP_", extra="ignore")
+    # a refused value is not echoed: it may be a token (review: a uvicorn factory would log it)
+    model_config = SettingsConfigDict(env_prefix="LOOP_", extra="ignore", hide_input_in_errors=True)
 
     # Full access (reads, /predict). Unset: every protected endpoint answers 401 (never an open API by accident).
     api_token: SecretStr | None = None
