@@ -18,9 +18,13 @@ def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         text = data.decode(encoding)
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as CSV UTF-8") from None
-    header = text.split("\n", 1)[0]
-    # the delimiter the header line uses (it holds column names only; a path may hold commas): a comma on a tie
-    delimiter = max(DELIMITERS, key=lambda candidate: (header.count(candidate), candidate == ","))
+    header = text.split("\n", 1)[0].rstrip("\r")
+    # the delimiter the header line uses (it holds column names only; a path may hold commas): one that gives a 'path'
+    # column, the most columns, a comma on a tie (QA: "path<TAB>label<TAB>part (cam,side,id)" split at its commas). A
+    # single column ("path"): no delimiter, or a path holding a comma was cut there (QA)
+    splits = [candidate for candidate in DELIMITERS if candidate in header]
+    delimiter = max(splits, key=lambda candidate: ("path" in (name.strip().lower() for name in header.split(candidate)),
+                                                   header.count(candidate), candidate == ",")) if splits else "\x1f"
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     names = [name.strip().lower() for name in reader.fieldnames or []]
     reader.fieldnames = names

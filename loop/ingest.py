@@ -202,8 +202,8 @@ def discover_source(source: Path, *, unlabeled: bool) -> tuple[str, list[SourceF
         raise IngestError(f"the path {os.fsencode(source).decode('utf-8', 'backslashreplace')} is not in UTF-8 (a name from another "
                           "system's encoding): rename that folder; nothing was stored")
     if source.is_file():
-        if source.suffix.lower() != ".csv":
-            raise IngestError(f"{source} is a file but not a CSV manifest (path,label)")
+        if source.suffix.lower() not in MANIFEST_SUFFIXES:  # Excel saves its UTF-16 "Unicode Text" as .txt (QA)
+            raise IngestError(f"{source} is a file but not a manifest (path,label[,part] in a .csv, .tsv or .txt file)")
         return "manifest", _read_manifest(source, unlabeled=unlabeled), []
     skipped = SkippedFiles()
     if unlabeled:
@@ -238,6 +238,9 @@ def _nonempty(files: list[SourceFile], source: Path) -> list[SourceFile]:
     return files
 
 
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".txt")
+
+
 def _read_manifest(manifest: Path, *, unlabeled: bool) -> list[SourceFile]:
     try:
         names, rows = read_table(manifest)
@@ -245,6 +248,10 @@ def _read_manifest(manifest: Path, *, unlabeled: bool) -> list[SourceFile]:
         raise IngestError(f"{error}. Nothing was stored.") from None
     if "path" not in names:
         raise IngestError(f"{manifest}: the first line must be a header with a 'path' column (and optionally 'label', 'part')")
+    overfull = [line for line, row in enumerate(rows, start=2) if row.get(None)]  # csv's key for cells beyond the header's
+    if overfull:  # a value holding the delimiter, unquoted: its rest was dropped (QA: "crazing;minor" read as crazing)
+        raise IngestError(f"{manifest}: {len(overfull)} lines have more cells than the header (line {', '.join(map(str, overfull[:5]))}"
+                          f"{', ...' if len(overfull) > 5 else ''}): quote a value that holds the delimiter. Nothing was stored.")
     files, missing, conflicting = [], [], []
     first_line: dict[Path, tuple[int, str | None, str | None]] = {}  # path -> (line, label, part) where it was first listed
     for line_number, row in enumerate(rows, start=2):
@@ -278,6 +285,23 @@ def _read_manifest(manifest: Path, *, unlabeled: bool) -> list[SourceFile]:
         raise IngestError(f"{manifest}: {len(conflicting)} files are listed twice with different labels or parts: {_listed(conflicting)}. "
                           "Keep one line each. Nothing was stored.")
     return _nonempty(files, manifest)
+
+
+def _first_test_draw(session: Session, project, label_for_known: list, *, splits: dict[str, str], split: str, batch_id: int,  # noqa: ANN001
+                     fractions, placed_parts: dict[str, str]) -> set[int]:  # noqa: ANN001
+    """Images ingested unlabeled that get their labels now, in a project whose test split is empty: the test split is
+    drawn from them as a labeled ingest draws it (QA: labels given after an unlabeled ingest all waited for training,
+    and every round stopped on an empty test split). Never an image a round asked about (its answer began from the
+    model's guess), nor a photo of a part placed already. Ids drawn into test."""
+    if split != "auto" or "test" in splits.values() or session.scalar(select(func.count()).select_from(Image).where(
+            Image.project_id == project.id, Image.split == "test")):
+        return set()
+    waiting = {image.sha256: (image, label) for image, label in label_for_known if image.split == "pool" and image.part not in placed_parts}
+    asked = set(session.scalars(select(Selection.image_id).where(Selection.image_id.in_([image.id for image, _ in waiting.values()])))) if waiting else set()
+    waiting = {sha: pair for sha, pair in waiting.items() if pair[0].id not in asked}
+    drawn = assign_splits({sha: label for sha, (_, label) in waiting.items()}, test_fraction=fractions.test_fraction, validation_fraction=0.0,
+                          seed=fractions.seed + batch_id, parts={sha: image.part for sha, (image, _) in waiting.items()})
+    return {waiting[sha][0].id for sha, placed in drawn.items() if placed == "test"}
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:
@@ -628,6 +652,8 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         for sha, label in new_labels.items():
             session.add(LabelEvent(image_id=new_images[sha].id, label=label, source="import", annotator=f"ingest:{batch.id}"))
         held_out_known = waiting_for_round = 0
+        drawn_test = _first_test_draw(session, project, label_for_known, splits=splits, split=split, batch_id=batch.id, fractions=fractions,
+                                      placed_parts=known_part_splits)
         for image, label in label_for_known:
             if image.split == "pool" and split == "test" and (image.id in asked or (image.part is not None and image.part in asked_parts)):
                 place_labeled_image(image, placed_parts=placed_parts, validation_fraction=fractions.validation_fraction, seed=fractions.seed)
@@ -636,6 +662,10 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
             elif image.split == "pool" and split == "test" and placed_parts.get(image.part or "") in (None, "test"):
                 image.split = "test"  # a held-out set you labeled: an unlabeled pool image (never trained on) joins it too
                 held_out_known += 1
+                if image.part:
+                    placed_parts[image.part] = "test"
+            elif image.split == "pool" and split == "auto" and image.id in drawn_test:
+                image.split = "test"
                 if image.part:
                     placed_parts[image.part] = "test"
             elif image.split == "pool" and split == "auto":
@@ -671,6 +701,9 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                                     f"them, or their part's photos are in train/validation: {_listed(kept)}")
         if held_out_known:
             report.notes.append(f"{held_out_known} images already ingested unlabeled (never trained on) join the test split with their labels")
+        if drawn_test:
+            report.notes.append(f"the test split was empty: {len(drawn_test)} of the images ingested unlabeled before and labeled now were drawn "
+                                f"into it ({fractions.test_fraction:.0%} of each class, as a labeled ingest draws it)")
         if waiting_for_round:
             report.notes.append(f"{waiting_for_round} images already ingested unlabeled got their labels; they stay in the pool until the next "
                                 "round places them in train/validation, or in test beside a near-copy or part photo there, as it places "

@@ -594,3 +594,38 @@ def test_a_class_folder_named_with_surrounding_spaces_is_its_class_as_a_manifest
     (class_folders / "good").rename(class_folders / "good ")
     report = ingest_source(new_project, class_folders, show_progress=False)
     assert report.label_counts["good"] == 40 and "good " not in report.label_counts
+
+
+def test_manifests_as_spreadsheets_write_them_are_split_where_their_header_is(new_project, class_folders: Path, tmp_path: Path) -> None:
+    # QA: a .txt (Excel's "Unicode Text") was refused as "not a CSV manifest"; a one-column manifest was cut at a comma
+    # in a path; a header with tabs and a comma in a column name was split at the comma; an unquoted extra cell was dropped
+    good = sorted((class_folders / "good").glob("*.png"))
+    folder = tmp_path / "a,b"
+    folder.mkdir()
+    comma = [Path(shutil.copy(good[i], folder / f"photo{i}.png")) for i in range(2)]
+    unicode_text = tmp_path / "unicode.txt"
+    unicode_text.write_bytes(f"path\tlabel\r\n{good[2]}\tgood\r\n".encode("utf-16"))
+    assert ingest_source(new_project, unicode_text, show_progress=False).n_new_images == 1
+    one_column = tmp_path / "one.csv"
+    one_column.write_text("path\n" + "".join(f"{p}\n" for p in comma))
+    assert ingest_source(new_project, one_column, unlabeled=True, show_progress=False).n_new_images == 2
+    tied = tmp_path / "tied.tsv"
+    tied.write_text(f"path\tlabel\tnote (cam,side)\n{good[3]}\tgood\tx\n")
+    assert ingest_source(new_project, tied, show_progress=False).n_new_images == 1
+    overfull = tmp_path / "overfull.csv"
+    overfull.write_text(f"path;label\n{good[4]};good;minor\n")
+    with pytest.raises(IngestError, match=r"1 lines have more cells than the header \(line 2\): quote a value that holds the delimiter"):
+        ingest_source(new_project, overfull, show_progress=False)
+
+
+def test_labels_given_after_an_unlabeled_ingest_draw_the_test_split_when_it_is_empty(new_project, class_folders: Path, tmp_path: Path) -> None:
+    # QA: they all waited for training, and every round stopped on "the frozen test split is empty"
+    ingest_source(new_project, class_folders, unlabeled=True, show_progress=False)
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(class_folders.rglob("*.png"))))
+    report = ingest_source(new_project, manifest, show_progress=False)
+    assert any(note.startswith("the test split was empty: 13 of the images") for note in report.notes), report.notes
+    # 20% of each class, as a labeled ingest draws it: 8 good, 2 scratch, 2 spot, 1 patch
+    test = [row for row in images(new_project) if row.split == "test"]
+    assert Counter(Path(row.path).parent.name for row in test) == {"good": 8, "scratch": 2, "spot": 2, "patch": 1}
+    assert Counter(row.split for row in images(new_project)) == {"pool": 57, "test": 13}  # the rest wait for the round to place them
