@@ -33,7 +33,7 @@ def read_ground_truth(manifest: Path) -> dict[str, str]:
     if not manifest.is_file():
         raise FileNotFoundError(f"oracle manifest {manifest} does not exist")
     names, rows = read_table(manifest)  # a spreadsheet's CSV, read as ingest reads it
-    if "path" not in names:
+    if "path" not in names or "label" not in names:  # without labels every ask went unanswered, one warning each (QA)
         raise ValueError(f"oracle manifest {manifest}: the first line must be a header with 'path' and 'label' columns")
     truth: dict[str, str] = {}
     for row in rows:

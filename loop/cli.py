@@ -130,9 +130,13 @@ def init(
             from labeling.simulated import read_ground_truth
 
             try:
-                read_ground_truth(oracle_manifest.expanduser().resolve())
+                truth = read_ground_truth(oracle_manifest.expanduser().resolve())
             except (OSError, ValueError) as error:
                 raise ConfigError(f"--oracle-manifest: {error}") from None
+            unknown = sorted(set(truth.values()) - set(config.classes))
+            if unknown:  # its answers would all be refused, round after round (QA)
+                raise ConfigError(f"--oracle-manifest: labels that are not classes of the project: {', '.join(map(repr, unknown[:10]))} "
+                                  f"(classes: {', '.join(config.classes)})")
         if weights not in (None, "default", "none") and init_from is None:  # the file must fit the network now, not in round 1
             from modeling.backbones import create_backbone
 
@@ -714,8 +718,10 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     if latest is not None:  # the newest completed round's word on new images unlike the labeled ones (a new camera)
         _print_coverage(latest.get("unfamiliar_batches") or [], latest.get("test_metrics_by_batch") or [], round_number=latest["number"])
         _print_doubts_on_gates(latest)
-        # what the annotators did, as that round read it (QA: only the round's own output said it)
-        _print_pull(latest.get("pull") or {}, lead=f"round {latest['number']} pulled from the annotators")
+    # what the annotators did, as the newest round that pulled read it, failed or running too: its answers are kept (QA)
+    pulled = next((r for r in reversed(report["rounds"]) if r.get("pull")), None)
+    if pulled is not None:
+        _print_pull(pulled["pull"], lead=f"round {pulled['number']} pulled from the annotators")
     if running_without_process:  # killed (SIGKILL, power): nothing runs it, and nothing marked it yet
         holder = ("no process holds this project folder or its store" if store_held is not None
                   else "no process on this machine holds this project folder")
@@ -882,7 +888,7 @@ def serve(
             settings = Settings(database_url=ctx.database_url, project_dir=ctx.root)
         except ValidationError as error:  # one line naming the variable (a QA run got pydantic's block naming the field)
             raise ConfigError("; ".join(f"LOOP_{str(problem['loc'][0]).upper()}" + ("" if _secret_setting(problem['loc'][0]) else f"={problem.get('input')!r}")
-                                        + f": {problem['msg']}" for problem in error.errors())) from None
+                                        + f": {str(problem['msg']).removeprefix('Value error, ')}" for problem in error.errors())) from None
         serve_api(ctx.root, host=host, port=port, settings=settings, log_level="warning")
 
 

@@ -167,14 +167,15 @@ def _refuse_another_projects_store(engine: Engine, *, root: Path, name: object, 
 
     with session_scope(engine) as session:
         stored = session.execute(select(Project.name, Project.root_dir)).first()
-    if stored is None or not isinstance(name, str) or stored[0] == name:
-        return
+    if stored is None or (stored[0] == name if isinstance(name, str) else stored[1] == str(root)):
+        return  # without a name (a broken loop.toml), the store's own folder is this one (QA: another project's record was read)
     engine.dispose()
     named_by = ("the store given" if given else "LOOP_DATABASE_URL" if os.environ.get("LOOP_DATABASE_URL")
                 else "this folder's loop.db" if url == default_store_url(root) else "loop.toml's database_url")
     fix = ("Unset LOOP_DATABASE_URL" if named_by == "LOOP_DATABASE_URL" else "Fix database_url in loop.toml" if named_by == "loop.toml's database_url"
            else "Point this folder at its own store")
-    raise StoreOfAnotherProject(f"loop.toml of {root} names project {name!r}, but the store at {shown_url(url)} ({named_by}) holds project "
+    names = f"names project {name!r}" if isinstance(name, str) else "names no project"
+    raise StoreOfAnotherProject(f"loop.toml of {root} {names}, but the store at {shown_url(url)} ({named_by}) holds project "
                                 f"{stored[0]!r} (made in {stored[1]}): not this folder's store. {fix}; if it is the same project, put "
                                 f"name = {stored[0]!r} back in loop.toml (a project keeps the name `loop init` gave it). Nothing was changed")
 

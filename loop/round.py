@@ -2588,7 +2588,7 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
                 recorded_notes.append(_failure_note(ctx.root, stale.id))
             # said: `loop status` gives only the newest failure's reason (QA: a killed round turned "failed" without a word)
             console.print(f"[yellow]note:[/] round {stale.number} was still recorded as running, and no process holds the project: "
-                          f"recorded as failed ({escape(stale.error)})")
+                          f"recorded as failed: {escape(stale.error)}")
         state.number = next_round_number(session, project.id)
         state.last_ingest_at_start = session.scalar(select(func.max(IngestBatch.id)).where(IngestBatch.project_id == project.id)) or 0
         round_row = Round(project_id=project.id, number=state.number, status="running", config_snapshot=_config_snapshot(ctx.config))

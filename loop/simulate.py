@@ -361,7 +361,9 @@ def _write_markdown(settings: SimulationSettings, result: dict[str, Any]) -> Non
         ratio, at_least = s["fewer_labels_than_random"], s["fewer_labels_than_random_at_least"]
         at_most = s.get("fewer_labels_than_random_at_most")
         ratio_text = (f"{ratio:.2f}" if ratio is not None else f">= {at_least:.2f}" if at_least is not None
-                      else f"<= {at_most:.2f}" if at_most is not None else "")
+                      else f"<= {at_most:.2f}" if at_most is not None
+                      # an empty cell read as a missing figure (QA): say why there is none
+                      else "baseline" if name == "random" else "unknown: neither passed" if "random" in result["strategies"] else "no random run")
         median_text = (_count(s["labels_to_pass_gates"]) if s["labels_to_pass_gates"] is not None
                        else f">= {_count(s['labels_to_pass_gates_at_least'])}" if s["labels_to_pass_gates_at_least"] is not None else "no runs")
         per_seed = ", ".join("never" if n is None else _count(n) for n in s["labels_to_pass_gates_per_seed"])  # QA: Python's [None, None]

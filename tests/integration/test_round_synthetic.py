@@ -1248,8 +1248,8 @@ def test_ctrl_c_during_a_round_says_what_was_kept_and_status_tells_a_killed_roun
     assert "no process holds" not in running and "running?" not in running
     # the next round records it as failed, and says so (QA: it turned "failed" without a word)
     after = " ".join(invoke("round", "--project", str(project_with_pool)).output.split())
-    assert ("round 2 was still recorded as running, and no process holds the project: recorded as failed (interrupted (the process "
-            "ended before the round finished))") in after
+    assert ("round 2 was still recorded as running, and no process holds the project: recorded as failed: interrupted (the process "
+            "ended before the round finished)") in after
 
 
 def test_a_transferred_head_the_network_could_not_use_is_recorded_as_not_used(project_with_pool: Path, class_folders: Path,

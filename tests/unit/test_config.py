@@ -232,6 +232,13 @@ def test_init_reads_the_oracle_manifest_it_is_given(tmp_path: Path) -> None:
     headerless = tmp_path / "headerless.csv"
     headerless.write_text("x.png,good\n")
     assert "a header with 'path' and 'label' columns" in init("b", headerless).output
+    no_labels = tmp_path / "paths.csv"  # QA: every ask then went unanswered, a warning each
+    no_labels.write_text("path\nx.png\n")
+    assert "a header with 'path' and 'label' columns" in init("b2", no_labels).output
+    other_classes = tmp_path / "other.csv"  # QA: its answers would all be refused, round after round
+    other_classes.write_text("path,label\nx.png,dent\n")
+    refused = " ".join(init("b3", other_classes).output.split())
+    assert "labels that are not classes of the project: 'dent' (classes: good, scratch)" in refused
     excel = tmp_path / "truth.csv"  # a byte-order mark and a capitalised header: read
     excel.write_bytes("Path,Label\r\nx.png,good\r\n".encode("utf-8-sig"))
     assert init("c", excel).exit_code == 0

@@ -67,6 +67,10 @@ def test_a_folder_pointed_at_another_projects_store_is_refused_and_nothing_is_ad
     monkeypatch.setenv("LOOP_DATABASE_URL", team)
     broken = " ".join(runner.invoke(app, ["status", "--project", str(tmp_path / "line-b")]).output.split())
     assert "names project 'line-b', but the store" in broken and "line-a: 0 images" not in broken, broken
+    # no name at all in loop.toml: the store's own folder must be this one (QA: another project's record was read and exported)
+    (tmp_path / "line-b" / "loop.toml").write_text("\n".join(line for line in toml.splitlines() if not line.startswith("name = ")) + "\n")
+    nameless = " ".join(runner.invoke(app, ["export", str(tmp_path / "x.csv"), "--project", str(tmp_path / "line-b")]).output.split())
+    assert "names no project, but the store" in nameless and not (tmp_path / "x.csv").exists(), nameless
 
 
 def test_the_environment_store_does_not_collect_loop_simulates_scratch_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

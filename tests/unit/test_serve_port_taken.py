@@ -56,7 +56,7 @@ def test_the_same_value_for_both_tokens_is_refused_without_echoing_it(new_projec
     monkeypatch.setenv("LOOP_API_READ_TOKEN", "same-value-4711")
     result = runner.invoke(app, ["serve", "--project", str(new_project.root), "--port", "65000"])
     said = " ".join(result.output.split())
-    assert result.exit_code == 2 and "LOOP_API_READ_TOKEN: Value error, the read-only token equals LOOP_API_TOKEN" in said, said
+    assert result.exit_code == 2 and "LOOP_API_READ_TOKEN: the read-only token equals LOOP_API_TOKEN" in said, said
     assert "same-value-4711" not in said
 
 
@@ -73,5 +73,10 @@ def test_serving_on_every_interface_prints_urls_a_browser_can_open_and_says_it_l
     assert result.exit_code == 0, said
     assert f"dashboard: http://{socket.gethostname()}:{port}/dashboard?token=" in said and "0.0.0.0" not in said
     assert "listening on every network interface, over plain HTTP" in said
+    assert "only LOOP_API_TOKEN is set" not in said  # tokens made for the run: a read-only one among them
+    monkeypatch.setenv("LOOP_API_TOKEN", "only-the-full-one")
+    full_only = " ".join(runner.invoke(app, ["serve", "--project", str(new_project.root), "--host", "0.0.0.0", "--port", str(port)]).output.split())
+    assert "only LOOP_API_TOKEN is set, so the dashboard URL below carries the full-access token" in full_only  # QA
+    monkeypatch.delenv("LOOP_API_TOKEN")
     local = runner.invoke(app, ["serve", "--project", str(new_project.root), "--port", str(port)])
     assert "listening on" not in local.output and f"http://127.0.0.1:{port}/dashboard" in local.output
