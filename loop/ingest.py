@@ -297,7 +297,9 @@ def _first_test_draw(session: Session, project, label_for_known: list, *, splits
             Image.project_id == project.id, Image.split == "test")):
         return set()
     waiting = {image.sha256: (image, label) for image, label in label_for_known if image.split == "pool" and image.part not in placed_parts}
-    asked = set(session.scalars(select(Selection.image_id).where(Selection.image_id.in_([image.id for image, _ in waiting.values()])))) if waiting else set()
+    ids = sorted(image.id for image, _ in waiting.values())
+    asked = {image_id for start in range(0, len(ids), 500)  # a bounded IN list per statement
+             for image_id in session.scalars(select(Selection.image_id).where(Selection.image_id.in_(ids[start:start + 500])))}
     waiting = {sha: pair for sha, pair in waiting.items() if pair[0].id not in asked}
     drawn = assign_splits({sha: label for sha, (_, label) in waiting.items()}, test_fraction=fractions.test_fraction, validation_fraction=0.0,
                           seed=fractions.seed + batch_id, parts={sha: image.part for sha, (image, _) in waiting.items()})
