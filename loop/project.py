@@ -155,18 +155,17 @@ def open_project(root: Path, *, database_url: str | None = None) -> ProjectConte
     engine = create_db_engine(url)
     with session_scope(engine) as session:
         one_project_per_store(session, store=shown_url(url))
-    _refuse_another_projects_store(engine, root=root, name=config.name, url=url, given=database_url is not None)
+        _refuse_another_projects_store(session, engine, root=root, name=config.name, url=url, given=database_url is not None)
     return ProjectContext(root, config, engine)
 
 
-def _refuse_another_projects_store(engine: Engine, *, root: Path, name: object, url: str, given: bool = False) -> None:
+def _refuse_another_projects_store(session: "Session", engine: Engine, *, root: Path, name: object, url: str, given: bool = False) -> None:
     """StoreOfAnotherProject when the store holds a project of another name than loop.toml's (QA: LOOP_DATABASE_URL left
     set put a folder's ingest and round into another project, with this folder's loop.toml, and nothing said so).
     Folders sharing a store share loop.toml, name included; the name is the store's from `loop init` on."""
     from store.models import Project
 
-    with session_scope(engine) as session:
-        stored = session.execute(select(Project.name, Project.root_dir)).first()
+    stored = session.execute(select(Project.name, Project.root_dir)).first()
     if stored is None or (stored[0] == name if isinstance(name, str) else stored[1] == str(root)):
         return  # without a name (a broken loop.toml), the store's own folder is this one (QA: another project's record was read)
     engine.dispose()
@@ -207,7 +206,8 @@ def open_project_store(root: Path) -> tuple[ProjectContext, str | None]:
         upgrade_schema(url, lock_files=(root / ".loop.lock",))
         engine = create_db_engine(url)
         # another project's store is no record of this folder's, broken loop.toml or not (review); without a name, read
-        _refuse_another_projects_store(engine, root=root, name=raw.get("name"), url=url)
+        with session_scope(engine) as session:
+            _refuse_another_projects_store(session, engine, root=root, name=raw.get("name"), url=url)
         return ProjectContext(root, None, engine), str(error)  # type: ignore[arg-type]  # read-only use
 
 

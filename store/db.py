@@ -203,13 +203,11 @@ def exclusive_store_lock(engine: Engine) -> Iterator[None]:
         if not got:
             raise StoreBusy(f"the store at {shown_url(engine.url.render_as_string(hide_password=False))} is busy: another loop round or "
                             "ingest writes to it now, from another project folder or machine. Wait for it to finish (nothing was changed).")
-        _held_store_locks[id(engine)] = holder
-        _held_store_lock_keys[id(engine)] = keys
+        _held_store_locks[id(engine)] = (holder, keys)
         try:
             yield
         finally:
             _held_store_locks.pop(id(engine), None)
-            _held_store_lock_keys.pop(id(engine), None)
             if holder[0] is not None:  # None: lost, and not taken again
                 try:
                     holder[0].execute(text("select pg_advisory_unlock(:a, :b)"), keys)
@@ -222,8 +220,7 @@ def exclusive_store_lock(engine: Engine) -> Iterator[None]:
 
 
 # engine id -> [the connection holding its PostgreSQL store lock], while exclusive_store_lock's block runs
-_held_store_locks: dict[int, list[Connection | None]] = {}
-_held_store_lock_keys: dict[int, dict[str, int]] = {}  # engine id -> the keys it holds (_store_lock_keys)
+_held_store_locks: dict[int, tuple[list[Connection | None], dict[str, int]]] = {}  # and the keys it holds (_store_lock_keys)
 
 
 def confirm_store_lock(engine: Engine) -> bool:
@@ -232,10 +229,9 @@ def confirm_store_lock(engine: Engine) -> bool:
     round calls this between its steps. Lost and free: taken again on a new connection (True). Lost and held by
     another process: StoreBusy, so the two do not interleave their writes. False: still held, or nothing to confirm
     (SQLite's flock cannot be lost; no lock taken in this process)."""
-    holder = _held_store_locks.get(id(engine))
+    holder, keys = _held_store_locks.get(id(engine), (None, {}))
     if holder is None:
         return False
-    keys = _held_store_lock_keys[id(engine)]
     if holder[0] is not None:  # None: lost before, and held by another then
         try:
             held = holder[0].execute(text(
