@@ -160,9 +160,11 @@ def out_of_fold_probabilities(
     counts = np.bincount(labels, minlength=n_classes)
     present = np.flatnonzero(counts)
     details = details if details is not None else {}
-    if len(present) < 2 or n < 2:
-        # nothing to contrast: every row gets the label frequencies
-        details.update(n_folds=0, note="fewer than two classes: label frequencies returned")
+    if len(present) < 2 or n < 2 or counts.max() < 2:
+        # nothing to contrast: every row gets the label frequencies (one image per class: no fold can hold out an
+        # image and keep its class, and sklearn refused; review: the first labeled defect beside one good part)
+        details.update(n_folds=0, note="fewer than two classes: label frequencies returned" if len(present) < 2 or n < 2
+                       else "one labeled image per class: label frequencies returned")
         out = np.zeros((n, n_classes), dtype=np.float64)
         if n:
             out[:] = counts / counts.sum()

@@ -256,6 +256,15 @@ def test_out_of_fold_with_one_class_returns_frequencies() -> None:
     np.testing.assert_allclose(probs, [[1.0, 0.0]] * 5)
 
 
+def test_out_of_fold_with_one_image_per_class_returns_frequencies() -> None:
+    # review: one good part and the first labeled defect ended the round in sklearn's "n_splits=2 cannot be greater
+    # than the number of members in each class"
+    details: dict = {}
+    probs = out_of_fold_probabilities(features=np.eye(3), labels=np.array([0, 2, 1]), n_classes=4, details=details)
+    np.testing.assert_allclose(probs, [[1 / 3, 1 / 3, 1 / 3, 0.0]] * 3)
+    assert details["n_folds"] == 0 and "one labeled image per class" in details["note"]
+
+
 def test_out_of_fold_input_is_checked() -> None:
     with pytest.raises(ValueError, match="one row per label"):
         out_of_fold_probabilities(features=np.ones((3, 2)), labels=np.array([0, 1]))
