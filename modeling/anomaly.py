@@ -243,8 +243,27 @@ def fit_anomaly_blend(*, p_defect: np.ndarray, anomaly_score: np.ndarray, is_def
         if regularization is None:  # chosen by cross-validated log loss on these (non-test) images
             folds = int(min(5, is_defect.sum(), (~is_defect).sum()))
             regularization = _cross_validated_regularization(features, targets, folds=folds) if folds >= 2 else 1.0
-        model = LogisticRegression(C=regularization, max_iter=1000).fit(features, targets)
-    return AnomalyBlend(float(model.coef_[0, 0]), float(model.coef_[0, 1]), float(model.intercept_[0]), regularization, center, scale, int(len(is_defect)), int(is_defect.sum()))
+        weights, bias = _non_negative_fit(features, targets, regularization=regularization)
+    return AnomalyBlend(weights[0], weights[1], bias, regularization, center, scale, int(len(is_defect)), int(is_defect.sum()))
+
+
+def _non_negative_fit(features: np.ndarray, targets: np.ndarray, *, regularization: float) -> tuple[list[float], float]:
+    """(weights, bias) of the logistic regression, with no weight below 0: a more defect-like classifier score or a
+    more anomalous part never lowers P(defect). A feature whose weight comes out negative is dropped and the other
+    refitted alone; if that one is negative too, the classifier's P(defect) passes through unchanged. (QA: two good
+    parts mislabeled among three first defect labels gave the anomaly score a weight of -8.7, and every labeled good
+    part in the memory bank, scoring ~0, became a defect at P(defect) 1.0.)"""
+    model = LogisticRegression(C=regularization, max_iter=1000).fit(features, targets)
+    weights = [float(w) for w in model.coef_[0]]
+    if min(weights) >= 0:
+        return weights, float(model.intercept_[0])
+    kept = int(np.argmax(weights))
+    model = LogisticRegression(C=regularization, max_iter=1000).fit(features[:, [kept]], targets)
+    if model.coef_[0, 0] < 0:
+        return [1.0, 0.0], 0.0
+    weights = [0.0, 0.0]
+    weights[kept] = float(model.coef_[0, 0])
+    return weights, float(model.intercept_[0])
 
 
 def _cross_validated_regularization(features: np.ndarray, targets: np.ndarray, *, folds: int) -> float:

@@ -108,6 +108,26 @@ def test_blend_trusts_the_anomaly_score_when_the_classifier_is_blind() -> None:
         fit_anomaly_blend(p_defect=p_defect[:200], anomaly_score=anomaly[:200], is_defect=is_defect[:200])
 
 
+def test_a_more_anomalous_part_never_gets_a_lower_p_defect() -> None:
+    # QA: two of the first three defect labels were good parts, which score below the good parts' out-of-fold
+    # scores: the fit gave the anomaly score a weight of -8.7, and the stored predictions turned every good part in
+    # the bank (scoring ~0 against itself) into a defect
+    rng = np.random.default_rng(0)
+    is_defect = np.r_[np.zeros(117, bool), np.ones(3, bool)]
+    p_defect = np.r_[rng.uniform(0.01, 0.2, 117), 0.3, 0.25, 0.6]
+    anomaly = np.r_[rng.uniform(20, 26, 117), 14.0, 15.0, 27.0]
+    blend = fit_anomaly_blend(p_defect=p_defect, anomaly_score=anomaly, is_defect=is_defect, regularization=100.0)
+    assert blend.anomaly_weight >= 0 and blend.classifier_weight >= 0
+    probabilities = np.column_stack([1 - p_defect, p_defect])
+    in_the_bank = blend_probabilities(probabilities=probabilities[:117], anomaly_score=np.full(117, 1e-3), blend=blend, negative_index=0)
+    out_of_fold = blend_probabilities(probabilities=probabilities[:117], anomaly_score=anomaly[:117], blend=blend, negative_index=0)
+    assert np.all(in_the_bank[:, 1] <= out_of_fold[:, 1] + 1e-12)
+    # both weights fitted negative: the classifier's P(defect) as it was
+    both = fit_anomaly_blend(p_defect=np.r_[p_defect[:117], 1e-3, 2e-3, 1e-3], anomaly_score=np.r_[anomaly[:117], 1.0, 2.0, 1.5],
+                             is_defect=is_defect, regularization=100.0)
+    assert (both.classifier_weight, both.anomaly_weight, both.bias) == (1.0, 0.0, 0.0)
+
+
 def write_parts(folder: Path, *, n_good: int, n_defect: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
     """Brushed-metal-like good parts; a defect is the same surface with one short dark scratch."""
     rng = np.random.default_rng(seed)
