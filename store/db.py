@@ -415,10 +415,14 @@ def _copy_before_upgrade(url: str, store_file: Path, current: set[str], heads: s
     """A copy of a SQLite store at its old schema, `<file>.schema-<revision>.bak`, made before its upgrade: an older
     release's user works on it. Written beside as a temporary file and linked into place only when it holds the old
     revision and no such copy is there yet (review: two commands starting at once both copied, and the second one's
-    copy was of the store already upgraded). None: another command upgraded the store meanwhile, or made the copy."""
+    copy was of the store already upgraded). None: another command upgraded the store meanwhile, or made the copy.
+    A copy at that revision left by an earlier upgrade (older than the store: it was rolled back to that revision
+    since) stays, and this one takes the time in its name (QA: the second upgrade made no copy and said nothing)."""
     from alembic.migration import MigrationContext
 
     backup = store_file.with_name(f"{store_file.name}.schema-{'-'.join(sorted(current))}.bak")
+    if _older_than_the_store(backup, store_file):  # an earlier upgrade's copy, not one another command made at this moment
+        backup = backup.with_name(f"{store_file.name}.schema-{'-'.join(sorted(current))}.{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.bak")
     partial = store_file.with_name(f".{backup.name}.{os.getpid()}.partial")
     try:
         _copy_sqlite(store_file, partial)
@@ -447,6 +451,17 @@ def _copy_before_upgrade(url: str, store_file: Path, current: set[str], heads: s
     finally:
         for leftover in (partial, partial.with_name(partial.name + "-wal"), partial.with_name(partial.name + "-shm")):
             leftover.unlink(missing_ok=True)
+
+
+def _older_than_the_store(copy: Path, store_file: Path) -> bool:
+    """Whether `copy` exists and the store (or its write-ahead log) was written after it: the store came back to
+    that revision since (a rollback), so the copy is not of its present state."""
+    try:
+        copied_at = copy.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    written = [path.stat().st_mtime for path in (store_file, store_file.with_name(store_file.name + "-wal")) if path.exists()]
+    return bool(written) and max(written) > copied_at
 
 
 def _postgres_store_lock_held(url: str) -> bool:
