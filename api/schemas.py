@@ -110,6 +110,10 @@ class TrainingOut(Schema):
                                                "or a round recorded before the kept epoch was")
     epochs_run: int = Field(description="epochs after epoch 0")
     history: list[EpochOut] = Field(description="loss and accuracy per epoch, train and validation")
+    options: dict[str, Any] = Field(default_factory=dict, description="the training options the round used (loop.toml [model.training] and "
+                                                                      "what --init-from suggested; a head's own options only)")
+    options_not_used_by_head: list[str] = Field(default_factory=list, description="options loop.toml set that a head round does not use")
+    early_stopping_note: str | None = Field(default=None, description="why the kept epoch may mean little, e.g. validation holding one class")
 
 
 class CalibrationOut(Schema):

@@ -846,11 +846,23 @@ def train_model(state: RoundState) -> None:
         "strategy": training_strategy(state), "n_fit": int(len(fit)), "history": getattr(state.classifier, "history", []),
         "best_epoch": getattr(state.classifier, "best_epoch", None), "options": options,
     }
+    validation_classes = sorted({state.config.classes[int(k)] for k in state.labels[validation]}) if len(validation) else []
+    if training_strategy(state) != "head" and len(validation_classes) == 1 and len(getattr(state.classifier, "history", []) or []) > 1:
+        # QA: 72 good parts and 3 scratches gave a validation split of 9 good parts; "kept epoch 0" read as "fine-tuning
+        # did not help", when the epoch was chosen by false positives alone, no defect to catch
+        note = (f"validation holds only '{validation_classes[0]}' images: the kept epoch was chosen by how few of them it got "
+                "wrong, with nothing of another class to tell")
+        state.details["training"]["early_stopping_note"] = note
+        state.console.print(f"[yellow]warning:[/] {escape(note)}; label more images of the other classes")
     if training_strategy(state) == "head":  # the record read as if augmentation, focal loss and the rest were applied
         state.details["training"]["options"] = {k: v for k, v in options.items() if k in HEAD_OPTIONS}
         ignored = sorted(k for k in options if k not in HEAD_OPTIONS)
         if ignored:
             state.details["training"]["options_not_used_by_head"] = ignored
+            set_here = sorted(k for k in ignored if k in state.config.model.training)  # not what --init-from suggested
+            if set_here:  # QA: head, the default, left loop.toml's augmentation and focal loss unused without a word
+                state.console.print(f"note: the head strategy does not use {', '.join(escape(k) for k in set_here)} from loop.toml "
+                                    "\\[model.training]: `--train finetune` or `full` do")
     view_check = (getattr(state.classifier, "config", None) or {}).get("view_check")
     if view_check:  # which cached flips/turns fine-tuning kept, and why
         state.details["training"]["view_check"] = view_check
@@ -879,9 +891,18 @@ def compute_finetuned_out_of_fold(state: RoundState) -> None:
     """With the threshold chosen out-of-fold for a fine-tuned network, the out-of-fold probabilities must be that
     network's: one network per fold, fine-tuned as the deployed one was (its options, its early-stopped epoch count),
     replaces the head's. They also feed calibration, the anomaly blend, cleanlab and the questioned labels' guesses."""
-    if state.details["threshold_source"] != "out_of_fold" or not finetuned_out_of_fold_wanted(state):
+    if state.details["threshold_source"] != "out_of_fold":
         return
     strategy = training_strategy(state)
+    if not finetuned_out_of_fold_wanted(state):
+        if strategy != "head" and state.config.negative_index is not None:
+            # validation holds no labeled good part and fold networks of this strategy are not cheap: the threshold
+            # is the head's, deployed on another network (review: `full` and augmenting `finetune` said nothing)
+            state.console.print(f"[yellow]warning:[/] validation holds no labeled '{escape(str(state.config.negative_class))}', so the "
+                                f"defect threshold is chosen on the head's out-of-fold probabilities and deployed on the {strategy} "
+                                "network, whose scores may sit elsewhere: label more good parts, or set threshold_source = \"out_of_fold\" "
+                                "under \\[model] in loop.toml to fine-tune one network per fold (slower)")
+        return
     fold_details: dict[str, Any] = {}
     positions = state.oof_positions
     trained_with = getattr(state.classifier, "config", None) or {}

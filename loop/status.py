@@ -106,7 +106,9 @@ def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, s
         # (read as the API reads them, the per-epoch history too; drawn in training_curves.png)
         "training": {"n_fit": training.n_fit if training else None, "best_epoch": training.best_epoch if training else None,
                      "epochs_run": training.epochs_run if training else 0,
-                     "history": [dataclasses.asdict(epoch) for epoch in training.history] if training else []},
+                     "history": [dataclasses.asdict(epoch) for epoch in training.history] if training else [],
+                     "options": training.options if training else {}, "options_not_used_by_head": training.options_not_used_by_head if training else [],
+                     "early_stopping_note": training.early_stopping_note if training else None},
         # loop init --init-from: the checkpoint, where it came from, and whether the other project's head was used
         "init_from": dataclasses.asdict(init) if (init := init_from_of(details)) is not None else None,
         "calibration": {key: getattr(calibration, key, None) for key in ("method", "temperature", "fitted_on", "n_images", "n_left_out", "objective",

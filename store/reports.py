@@ -113,6 +113,11 @@ class TrainingSummary:
     best_epoch: int | None  # the epoch early stopping kept; None: no epochs (a head on embeddings)
     epochs_run: int  # epochs after epoch 0
     history: list[EpochRow]
+    # what the round trained with (augmentation, balance, loss, ...; a head's own options only), what a head left
+    # out, and why the kept epoch may mean little (QA: these were only in the store's rounds.details)
+    options: dict[str, Any] = field(default_factory=dict)
+    options_not_used_by_head: list[str] = field(default_factory=list)
+    early_stopping_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -679,8 +684,12 @@ def training_of(details: dict[str, Any] | None) -> TrainingSummary | None:
         if isinstance(row, dict) and _int_or_none(row.get("epoch")) is not None:
             history.append(EpochRow(epoch=_int_or_none(row["epoch"]), **{key: _finite_or_none(row.get(key)) for key in (
                 "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "seconds")}))
+    options = raw.get("options") if isinstance(raw.get("options"), dict) else {}
+    not_used = raw.get("options_not_used_by_head") if isinstance(raw.get("options_not_used_by_head"), list) else []
     return TrainingSummary(strategy=_str_or_none(raw.get("strategy")), n_fit=_int_or_none(raw.get("n_fit")),
-                           best_epoch=_int_or_none(raw.get("best_epoch")), epochs_run=max(0, len(history) - 1), history=history)
+                           best_epoch=_int_or_none(raw.get("best_epoch")), epochs_run=max(0, len(history) - 1), history=history,
+                           options={str(key): value for key, value in options.items()}, options_not_used_by_head=[str(key) for key in not_used],
+                           early_stopping_note=_str_or_none(raw.get("early_stopping_note")))
 
 
 def calibration_of(details: dict[str, Any] | None) -> CalibrationSummary | None:

@@ -377,6 +377,37 @@ def test_a_full_round_that_reads_its_threshold_off_few_validation_good_parts_say
     assert 'threshold_source = "out_of_fold"' in " ".join(result.output.split())
 
 
+def test_a_full_round_whose_validation_holds_one_defect_class_says_its_threshold_is_the_heads_and_its_kept_epoch_saw_one_class(
+        project_with_pool: Path) -> None:
+    # review: the head's out-of-fold threshold was deployed on the full network without a word; QA: "kept epoch 0" read
+    # as "fine-tuning did not help" when validation held good parts only
+    config = load_config(project_with_pool)
+    config.model.training = {"epochs": 2}
+    save_config(project_with_pool, config)
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        labels = current_labels(session, session.scalars(select(Image.project_id)).first())
+        kept = None
+        for image in session.scalars(select(Image).where(Image.split == "validation").order_by(Image.id)):
+            label = labels[image.id].label if image.id in labels else None
+            if label is not None and label != "good" and kept in (None, label):
+                kept = label  # validation keeps one defect class only
+            elif label is not None:
+                image.split = "train"
+    result = invoke("round", "--project", str(project_with_pool), "--quiet", "--train", "full")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    with session_scope(ctx.engine) as session:
+        details = session.scalars(select(Round)).one().details
+    assert details["threshold_source"] == "out_of_fold" and details["out_of_fold"]["model"] == "head"
+    assert "chosen on the head's out-of-fold probabilities and deployed on the full network" in said, said
+    assert 'threshold_source = "out_of_fold" under [model] in loop.toml' in said
+    assert details["training"]["early_stopping_note"].startswith(f"validation holds only '{kept}' images")
+    assert f"validation holds only '{kept}' images" in said
+    status = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)["rounds"][-1]["training"]
+    assert status["early_stopping_note"] == details["training"]["early_stopping_note"] and status["options"]["epochs"] == 2
+
+
 def test_a_finetune_round_with_few_validation_good_parts_chooses_its_threshold_on_fine_tuned_out_of_fold_networks(project_with_pool: Path) -> None:
     # A few dozen validation good parts cannot pin down a 3% FPR: the threshold comes from networks fine-tuned per fold
     # over every labeled non-test image, and the deployed network's probabilities are calibrated on the same scale.
@@ -1470,11 +1501,14 @@ def test_a_head_round_records_only_the_training_options_it_used(project_with_poo
     config = load_config(project_with_pool)
     config.model.training = {"loss": "focal", "balance": "none", "head_regularization": 0.5}
     save_config(project_with_pool, config)
-    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    result = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert result.exit_code == 0
     with session_scope(open_project(project_with_pool).engine) as session:
         training = session.scalars(select(Round)).one().details["training"]
     assert training["strategy"] == "head" and training["options"] == {"head_regularization": 0.5}
     assert training["options_not_used_by_head"] == ["balance", "loss"]
+    # and says so (QA: head is the default, and the focal loss asked for was left out silently)
+    assert "the head strategy does not use balance, loss from loop.toml [model.training]" in " ".join(result.output.split())
 
 
 def test_a_pool_photo_of_a_part_already_in_test_joins_test_and_is_never_offered_for_a_training_label(

@@ -92,6 +92,8 @@ def test_round_report_training_calibration_and_label_noise(get, seeded_store: Se
     training = body["training"]
     assert (training["strategy"], training["n_fit"], training["best_epoch"], training["epochs_run"]) == ("finetune", 14, 2, 3)
     assert [row["epoch"] for row in training["history"]] == [0, 1, 2, 3]
+    # what it trained with, shown rather than left in the store (QA); the same in `loop status --json`
+    assert (training["options"], training["options_not_used_by_head"], training["early_stopping_note"]) == ({"epochs": 3}, [], None)
     assert training["history"][2] == {"epoch": 2, "train_loss": 0.4, "train_accuracy": 0.85, "val_loss": 0.7, "val_accuracy": 0.8,
                                       "val_macro_f1": pytest.approx(0.75), "seconds": 1.5}
     assert body["calibration"] == {"method": "temperature", "temperature": 1.7, "fitted_on": "validation", "n_images": 6,
@@ -117,6 +119,11 @@ def test_training_details_that_are_malformed_read_as_absent() -> None:
     assert training_of({"training": "oops"}) is None and calibration_of({"calibration": [1]}) is None
     odd = training_of({"training": {"strategy": 3, "n_fit": "many", "history": [{"epoch": 0, "train_loss": "x"}, "junk", {"no": "epoch"}]}})
     assert (odd.strategy, odd.n_fit, odd.epochs_run, odd.history[0].train_loss) == (None, None, 0, None)
+    assert (odd.options, odd.options_not_used_by_head, odd.early_stopping_note) == ({}, [], None)
+    head = training_of({"training": {"strategy": "head", "options": {"head_regularization": 1.0}, "options_not_used_by_head": ["loss"],
+                                     "early_stopping_note": "validation holds only 'good' images"}})
+    assert (head.options, head.options_not_used_by_head, head.early_stopping_note) == ({"head_regularization": 1.0}, ["loss"],
+                                                                                       "validation holds only 'good' images")
     assert label_quality_of({"label_quality": {"noise_rate_per_class": [0.1]}}).noise_rate_per_class == {}
     huge = training_of({"training": {"history": [{"epoch": 0, "train_loss": 10**400, "val_loss": float("inf"), "train_accuracy": float("nan")}]}})
     assert (huge.history[0].train_loss, huge.history[0].val_loss, huge.history[0].train_accuracy) == (None, None, None)
