@@ -29,7 +29,16 @@ def resolve_init_source(path: Path) -> InitSource:
     path = path.expanduser().resolve()
     if path.is_dir() and config_path(path).is_file():
         return _project_checkpoint(path)
-    checkpoint = find_model_checkpoint(path)
+    try:
+        checkpoint = find_model_checkpoint(path)
+    except FileNotFoundError:
+        project = next((folder for folder in path.parents[:3] if config_path(folder).is_file()), None) if path.is_dir() else None
+        if project is None:
+            raise
+        # QA: a pruned round's folder was answered "train a round in that project first" (it had four)
+        raise FileNotFoundError(f"no model checkpoint under {path}: that round's model files are gone (`loop prune` deletes older "
+                                f"rounds' model.pt and model.onnx). Pass the project folder, --init-from {project}, to start from its "
+                                "newest round that has one") from None
     return InitSource(checkpoint, "a checkpoint file" if path.is_file() else f"the newest checkpoint file under {path}")
 
 
@@ -71,6 +80,10 @@ def _project_checkpoint(root: Path) -> InitSource:
         if checkpoint is not None:
             strategy = str(((details or {}).get("training") or {}).get("strategy") or "head")
             with_model.append((number, strategy, checkpoint, backbone_fine_tuned(details)))
+    if not with_model and rounds:  # QA: "run a round there first" to a project of several rounds whose files were deleted
+        raise FileNotFoundError(f"project {root} has {len(rounds)} completed round{'s' if len(rounds) != 1 else ''}, and none's model "
+                                f"checkpoint is in {root / 'artifacts'} any more (deleted by hand, or the project moved without it): "
+                                "run a round there, or pass a checkpoint file to --init-from")
     if not with_model:
         raise FileNotFoundError(f"project {root} has no completed round with a model checkpoint: run a round there first, "
                                 "or pass a checkpoint file to --init-from")

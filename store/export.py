@@ -80,6 +80,8 @@ def export_source(session: Session, project: Project, *, round_number: int | Non
     deleted = details.get("model_files_deleted") or {}
     if model is None and "model.onnx" in (deleted.get("files") or []):  # said, not "none deployed": it was, and is gone
         model = f"model.onnx deleted by {deleted.get('by')} at {deleted.get('at')}"
+    elif model is not None and project_dir is not None and not Path(model).is_file():  # QA: named as if it were there
+        model = f"{model} (not there any more: deleted by hand, or the project moved without it)"
     return ExportSource(chosen.number, float(threshold) if isinstance(threshold, (int, float)) else None, model, classes)
 
 

@@ -72,6 +72,10 @@ def test_prune_keeps_the_newest_rounds_and_the_newest_fine_tuned_backbone(new_pr
     # what `loop init --init-from` reads is still there: the newest round, and it points to round 1's backbone
     source = resolve_init_source(new_project.root)
     assert source.checkpoint == folders[6] / "model.pt" and str(folders[1] / "model.pt") in source.description
+    # a pruned round's own folder: said as pruned, with the project folder to pass instead (QA: "train a round in that
+    # project first", to a project of seven rounds)
+    with pytest.raises(FileNotFoundError, match=r"that round's model files are gone .*loop prune.* --init-from .*, to start from its newest"):
+        resolve_init_source(folders[3])
 
     again = prune_model_files(new_project, keep_rounds=1)  # round 5 goes now; round 1 still stays
     assert sorted(again.deleted) == [5] and again.kept_newest == [6] and again.kept_fine_tuned == 1
@@ -108,6 +112,13 @@ def test_prune_reads_the_setting_and_export_names_the_deleted_model(new_project,
                              env={"COLUMNS": "250"})
     assert exported.exit_code == 0, exported.output
     assert "its model: model.onnx deleted by loop prune at" in " ".join(exported.output.split())
+    (folders[6] / "model.onnx").unlink()  # by hand: the record still names it (QA: export named it as if it were there)
+    exported = runner.invoke(app, ["export", str(tmp_path / "r6.csv"), "--project", str(new_project.root), "--round", "6"],
+                             env={"COLUMNS": "250"})
+    assert f"its model: {folders[6] / 'model.onnx'} (not there any more" in " ".join(exported.output.split()), exported.output
+    exported = runner.invoke(app, ["export", str(tmp_path / "r5.csv"), "--project", str(new_project.root), "--round", "5"],
+                             env={"COLUMNS": "250"})
+    assert f"its model: {folders[5] / 'model.onnx'})" in " ".join(exported.output.split())
 
 
 def test_a_project_never_pruned_keeps_every_model(new_project) -> None:  # noqa: ANN001

@@ -285,8 +285,8 @@ def test_a_copied_project_starts_from_and_shows_only_its_own_round_files(tmp_pat
     assert source.checkpoint == copy / "artifacts" / "round-001" / "model.pt"
     assert "round 1" in source.description and "round 2 has none here" in source.description
     shutil.rmtree(copy / "artifacts")
-    with pytest.raises(FileNotFoundError, match="no completed round with a model checkpoint"):
-        resolve_init_source(copy)
+    with pytest.raises(FileNotFoundError, match=r"has 2 completed rounds, and none's model checkpoint is in .*metal-copy/artifacts any more"):
+        resolve_init_source(copy)  # QA: it said "run a round there first" to a project of rounds whose files were deleted
     status = json.loads(CliRunner().invoke(app, ["status", "--project", str(copy), "--json"]).output)
     assert status["project"]["project_dir"] == str(copy) and status["project"]["root_dir"] == str(original)
     assert [r["artifacts"]["model_checkpoint"] for r in status["rounds"]] == [
