@@ -2144,15 +2144,19 @@ def push_batch(state: RoundState) -> None:
         # next round (asked as before), instead of counting as asked by a task nobody can see
         requeued = requeue_newest_asks(session, project.id, getattr(report, "gone_image_ids", set()))
         state.push_report = report
+        summary = {"backend": name, "pushed": report.pushed, "recorded": recorded, "already_present": report.already_present, "pending": report.pending,
+                   "reopened": report.reopened, "refreshed": report.refreshed,
+                   "superseded_predictions_deleted": getattr(report, "superseded_predictions_deleted", 0),
+                   "closed": report.closed, "settled_done": report.settled_done, "unsettled": sorted(unsettled),
+                   "withdrawn": len(withdrawn), "withdrawn_answered": len(answered), "withdrawn_quarantined": len(quarantined),
+                   "withdrawn_pushed_quarantined": len(withdrawn_pushed), "tasks_withdrawn": getattr(report, "withdrawn_tasks", 0),
+                   "requeued_deleted_tasks": requeued, "relinked_tasks": getattr(report, "relinked_tasks", 0), "warnings": report.warnings}
+        # in the commit that marks the asks pushed, as the pull's summary is: a round killed right after its push (QA:
+        # SIGKILL) showed "push: null" beside 23 asks pushed and answered
+        session.get(Round, state.round_id).details = _jsonable({**state.details, "push": summary})
+    state.details["push"] = summary
     for warning in report.warnings:
         state.console.print(f"[yellow]warning:[/] {escape(warning)}")
-    state.details["push"] = {"backend": name, "pushed": report.pushed, "recorded": recorded, "already_present": report.already_present, "pending": report.pending,
-                             "reopened": report.reopened, "refreshed": report.refreshed,
-                             "superseded_predictions_deleted": getattr(report, "superseded_predictions_deleted", 0),
-                             "closed": report.closed, "settled_done": report.settled_done, "unsettled": sorted(unsettled),
-                             "withdrawn": len(withdrawn), "withdrawn_answered": len(answered), "withdrawn_quarantined": len(quarantined),
-                             "withdrawn_pushed_quarantined": len(withdrawn_pushed), "tasks_withdrawn": getattr(report, "withdrawn_tasks", 0),
-                             "requeued_deleted_tasks": requeued, "relinked_tasks": getattr(report, "relinked_tasks", 0), "warnings": report.warnings}
     if requeued:
         # (an answered task deleted there lost its answer in this round's pull: its image waits too; QA: it was called a waiting task)
         state.console.print(f"{requeued} images waiting for an answer lost their task in the annotation tool (deleted there, alone or with "

@@ -1568,6 +1568,24 @@ def test_a_round_killed_after_its_pull_still_says_what_it_pulled(project_with_po
     assert status["rounds"][1]["status"] == "failed" and status["rounds"][1]["pull"]["new_label_events"] == pulled
 
 
+def test_a_round_killed_right_after_its_push_still_says_what_it_pushed(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # QA: a round SIGKILLed after its push showed `push: null` beside its asks, pushed and answered since
+    import loop.round as round_module
+
+    seen: list = []
+
+    def killed(state):  # noqa: ANN001, ANN202  what a SIGKILL leaves: only what was committed
+        with session_scope(open_project(project_with_pool).engine) as session:
+            seen.append((session.scalars(select(Round)).one().details or {}).get("push"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(round_module, "ROUND_STEPS", [*round_module.ROUND_STEPS, killed])
+    assert runner.invoke(app, ["round", "--project", str(project_with_pool)]).exit_code == 130
+    with session_scope(open_project(project_with_pool).engine) as session:
+        pushed = session.scalar(select(func.count(Selection.id)).where(Selection.push_status == "pushed"))
+    assert pushed >= 5 and seen[0] is not None and seen[0]["backend"] == "oracle" and seen[0]["pushed"] == pushed
+
+
 def test_a_round_stopped_by_sigterm_records_itself_failed_with_its_step(project_with_pool: Path) -> None:
     # a scheduler's time limit, `systemctl stop` or `docker stop` sends SIGTERM: the round was left as "running?"
     # until the next round marked it interrupted, its step unknown
