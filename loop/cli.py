@@ -79,6 +79,13 @@ def clear_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_USAGE) from None
 
 
+def _as_stored(path: Path, project_dir: Path) -> str:
+    """A path for loop.toml: relative to the project folder when inside it, so the folder can move as a whole (QA: a
+    moved demo project's oracle read the manifest at its old place), else absolute."""
+    path, root = path.expanduser().resolve(), project_dir.expanduser().resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def _split_classes(value: str) -> list[str]:
     return [c.strip() for c in value.split(",") if c.strip()]
 
@@ -117,7 +124,8 @@ def init(
                                   bit_depth=int(bit_depth) if bit_depth.strip().isdigit() else bit_depth.strip(), pooling=pooling, train=train,
                                   init_from=str(init_from) if init_from else None),
                 loop=LoopConfig(budget_per_round=budget, strategy=strategy),
-                annotator=AnnotatorConfig(backend=annotator, oracle_manifest=str(oracle_manifest.expanduser().resolve()) if oracle_manifest else None, oracle_noise=oracle_noise),
+                annotator=AnnotatorConfig(backend=annotator, oracle_manifest=_as_stored(oracle_manifest, project_dir) if oracle_manifest else None,
+                                          oracle_noise=oracle_noise),
             )
         except ValidationError as error:
             raise ConfigError(f"loop init: {validation_problems(error)}") from None

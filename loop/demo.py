@@ -32,7 +32,8 @@ def run_demo(project_dir: Path, *, n_rounds: int, n_images: int, seed: int, cons
         class_descriptions={"good": "no visible defect", "scratch": "thin straight bright line", "spot": "round dark blob",
                             "crack": "jagged dark line", "patch": "rectangle of rougher texture (rare)"},
         loop=LoopConfig(budget_per_round=30, strategy="default", relabel_budget=5, seed=seed),
-        annotator=AnnotatorConfig(backend="oracle", oracle_manifest=str(dataset.ground_truth_csv)),
+        # relative to the project folder, which can then move as a whole (QA: the moved demo's oracle looked in the old place)
+        annotator=AnnotatorConfig(backend="oracle", oracle_manifest=str(dataset.ground_truth_csv.resolve().relative_to(project_dir.resolve()))),
     )
     project_dir.mkdir(parents=True, exist_ok=True)
     create_project_store(project_dir, config)

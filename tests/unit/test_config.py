@@ -248,3 +248,10 @@ def test_init_reads_the_oracle_manifest_it_is_given(tmp_path: Path) -> None:
     from labeling.simulated import read_ground_truth
 
     assert read_ground_truth(unicode_text) == {str((tmp_path / "x.png").resolve()): "good"}
+    from loop.config import load_config
+
+    assert load_config(tmp_path / "c").annotator.oracle_manifest == str(excel.resolve())  # outside the project: as given, absolute
+    inside = tmp_path / "e" / "data" / "truth.csv"  # inside it: relative, so the folder can move as a whole (QA: a moved demo's
+    inside.parent.mkdir(parents=True)               # oracle read its manifest at the old place)
+    inside.write_text("path,label\nx.png,good\n")
+    assert init("e", inside).exit_code == 0 and load_config(tmp_path / "e").annotator.oracle_manifest == "data/truth.csv"
