@@ -81,8 +81,12 @@ def test_missing_or_foreign_sources_fail_clearly(tmp_path):
         load_init_checkpoint(tmp_path / "empty", class_names=["a"])
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
-    with pytest.raises(ValueError, match="not a defect-loop model checkpoint"):
+    with pytest.raises(ValueError, match=r"not a defect-loop model checkpoint \(format [^)]*\)$"):
         load_init_checkpoint(foreign, class_names=["a"])
+    truncated = tmp_path / "truncated.pt"  # QA: told the same as a foreign file; a copy cut short is a copy to make again
+    truncated.write_bytes(foreign.read_bytes()[: len(foreign.read_bytes()) // 2])
+    with pytest.raises(ValueError, match="a torch file that cannot be read, truncated or damaged .*copy it again"):
+        load_init_checkpoint(truncated, class_names=["a"])
 
 
 @pytest.mark.parametrize("pooling", ["avg", "multilayer"])
