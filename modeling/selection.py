@@ -492,14 +492,18 @@ def _pick_from_ranking(ctx: SelectionContext, scores: np.ndarray, budget: int, *
     """The diversity filter over the best-scored candidates (scores: one per entry of slots_of, else per candidate
     slot): (picked slots, gains, shortlist size). Widened while it empties before the budget is spent: 300
     near-identical images ranked first left a batch of 1 of 20 with 1000 distinct candidates never looked at."""
-    size = max(SHORTLIST_PER_PICK * budget, MIN_SHORTLIST)
+    # capped as the widening is (review: a budget of 2000 shortlisted 20000 images, several 20000^2 arrays)
+    size = min(max(SHORTLIST_PER_PICK * budget, MIN_SHORTLIST), max(MAX_SHORTLIST, budget))
     while True:
         local = _top_k(scores, size)
         shortlist = local if slots_of is None else slots_of[local]
-        slots, gains = _diversity_filter(ctx, shortlist, scores[local], budget)
-        if len(slots) >= budget or size >= min(len(scores), MAX_SHORTLIST):
+        widest = size >= min(len(scores), max(MAX_SHORTLIST, budget))
+        # near-copies of labeled images are taken only when no wider shortlist could offer anything else (review: a
+        # first shortlist of 200 twins of labeled images filled the batch, 2000 distinct candidates below it)
+        slots, gains = _diversity_filter(ctx, shortlist, scores[local], budget, labeled_copies_if_nothing_else=widest)
+        if len(slots) >= budget or widest:
             return slots, gains, int(len(shortlist))
-        size = min(size * 4, len(scores), MAX_SHORTLIST)
+        size = min(size * 4, len(scores), max(MAX_SHORTLIST, budget))
 
 
 def _diversity_filter(
@@ -509,6 +513,7 @@ def _diversity_filter(
     budget: int,
     *,
     drop_labeled_duplicates: bool = True,
+    labeled_copies_if_nothing_else: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Greedy pick from a ranked shortlist (candidate slots): gain = score - redundancy with what
     is already picked; near-duplicates of a pick (or of a labeled image) are never taken.
@@ -536,7 +541,7 @@ def _diversity_filter(
                 is_labeled = np.zeros(ids.shape, dtype=bool)
                 is_labeled[valid] = ctx.labels[ids[valid]] >= 0
                 blocked |= ((sims >= DUPLICATE_SIMILARITY) & is_labeled).any(axis=1)
-        if blocked.all():  # every option is a duplicate of something labeled: fall back to score
+        if blocked.all() and labeled_copies_if_nothing_else:  # every option is a duplicate of something labeled: fall back to score
             blocked[:] = False
     # Similarity above the shortlist's typical level counts as redundancy; embeddings of real
     # images are rarely near 0 cosine apart, so a fixed zero point would penalise everything.
@@ -581,8 +586,8 @@ def _k_center_greedy(ctx: SelectionContext, pool_slots: np.ndarray, budget: int)
         # nothing labeled: start from the most typical candidate, then go farthest-first
         centre = vectors.mean(axis=0)
         first = int(np.argmax(vectors @ centre))
-        min_distance = np.full(len(vectors), np.inf)
-        min_distance[first] = np.finfo(np.float64).max
+        min_distance = np.full(len(vectors), np.finfo(np.float64).max)
+        min_distance[first] = np.inf  # above every other (review: the reverse started from candidate 0)
     picked: list[int] = []
     distances: list[float] = []
     for _ in range(min(budget, len(vectors))):

@@ -424,3 +424,37 @@ def test_bad_input_is_rejected_with_a_clear_message(pool: Pool) -> None:
         pool.select("margin", labels=np.full(3000, 7))
     with pytest.raises(ValueError, match="index dim"):
         pool.select("default", index=EmbeddingIndex().build(embeddings=np.eye(4, dtype=np.float32), ids=np.arange(4)))
+
+
+def test_a_first_shortlist_of_near_copies_of_labeled_images_is_widened_not_taken() -> None:
+    # review: when every image of the first shortlist (200) was a twin of a labeled image, the filter took them all,
+    # with 2000 distinct candidates ranked just below
+    rng = np.random.default_rng(1)
+    labeled = rng.normal(size=(300, 32))
+    embeddings = np.vstack([labeled, labeled + rng.normal(scale=0.01, size=labeled.shape), rng.normal(size=(2000, 32))])
+    labels = np.full(len(embeddings), -1)
+    labels[:300] = rng.integers(0, 2, 300)
+    labels[:2] = [0, 1]
+    p_defect = np.r_[np.full(300, 0.99), 0.50 + rng.uniform(0, 0.01, 300), 0.55 + rng.uniform(0, 0.05, 2000)].astype(np.float32)
+    result = selection.select_batch(strategy="default", budget=20, embeddings=embeddings, probabilities=np.stack([1 - p_defect, p_defect], 1),
+                                    labels=labels, candidates=np.arange(300, len(embeddings)), class_names=["good", "bad"], negative_index=0,
+                                    gate_estimates={}, defect_threshold=0.5)
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    assert len(result.indices) == 20 and (unit[result.indices] @ unit[:300].T).max(axis=1).max() < 0.995
+    # with nothing else anywhere, twins are still better than an empty batch
+    only_twins = selection.select_batch(strategy="default", budget=20, embeddings=embeddings[:600], probabilities=np.stack([1 - p_defect, p_defect], 1)[:600],
+                                        labels=labels[:600], candidates=np.arange(300, 600), class_names=["good", "bad"], negative_index=0,
+                                        gate_estimates={}, defect_threshold=0.5)
+    assert len(only_twins.indices) == 20
+
+
+def test_with_nothing_labeled_diverse_starts_from_the_most_typical_image() -> None:
+    # review: the start meant for the most typical candidate went to candidate 0, here an outlier
+    rng = np.random.default_rng(0)
+    centre = rng.normal(size=8)
+    embeddings = centre + rng.normal(scale=0.3, size=(50, 8))
+    embeddings[0] = -centre + rng.normal(scale=0.1, size=8)
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    result = selection.select_batch(strategy="diverse", budget=3, embeddings=embeddings, probabilities=np.full((50, 2), 0.5, np.float32),
+                                    labels=np.full(50, -1), candidates=np.arange(50), class_names=["good", "bad"], negative_index=0)
+    assert result.indices[0] == int(np.argmax(unit @ unit.mean(axis=0))) != 0
