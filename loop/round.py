@@ -1878,12 +1878,32 @@ def _relabel_requests(state: RoundState, budget: int) -> list[dict]:
     if budget <= 0 or not state.label_issue_rows:
         return []
     with session_scope(state.ctx.engine) as session:
-        # the label each was questioned with: the given label of that round's label-issue row
+        project_id = get_project(session).id
+        # the label each was questioned with: the given label of that round's label-issue row. A withdrawn ask was never
+        # put to anyone (review: a file quarantined before its push, back since, was never asked again)
+        asked = (Round.project_id == project_id, Round.id != state.round_id, Selection.reason == "suspected_label_error",
+                 Selection.push_status != "withdrawn")
         questioned = {tuple(row) for row in session.execute(
             select(Selection.image_id, LabelIssue.given_label).join(Round, Round.id == Selection.round_id)
             .join(LabelIssue, (LabelIssue.round_id == Selection.round_id) & (LabelIssue.image_id == Selection.image_id) & (LabelIssue.kind == "label_error"))
-            .where(Round.project_id == get_project(session).id, Round.id != state.round_id, Selection.reason == "suspected_label_error")
+            .where(*asked)
         )}
+        # asks of a round stopped after its push, before it recorded its label-issue rows (review: the next round asked
+        # them again): questioned with the label last given before that round asked
+        unrecorded = session.execute(
+            select(Selection.image_id, Round.id, Round.started_at).join(Round, Round.id == Selection.round_id).where(
+                *asked, ~select(LabelIssue.id).where(LabelIssue.round_id == Selection.round_id, LabelIssue.image_id == Selection.image_id,
+                                                     LabelIssue.kind == "label_error").exists())).all()
+        suspects = {row["image_id"] for row in state.label_issue_rows}
+        unrecorded = [(image_id, round_id, started) for image_id, round_id, started in unrecorded if image_id in suspects]
+        if unrecorded:
+            events = session.execute(select(LabelEvent.image_id, LabelEvent.label, LabelEvent.round_id, LabelEvent.created_at, LabelEvent.id)
+                                     .where(LabelEvent.image_id.in_({image_id for image_id, _, _ in unrecorded}), LabelEvent.action == "set")).all()
+            for image_id, round_id, started in unrecorded:
+                before = [(_aware(created), event_id, label) for event_image, label, event_round, created, event_id in events if event_image == image_id
+                          and ((event_round is not None and event_round <= round_id) or (event_round is None and _aware(created) <= _aware(started)))]
+                if before:
+                    questioned.add((image_id, max(before)[2]))
     fresh = [row for row in state.label_issue_rows if (row["image_id"], row["given_label"]) not in questioned]
     state.details.setdefault("label_quality", {})["already_questioned"] = len(state.label_issue_rows) - len(fresh)
     return fresh[:budget]
