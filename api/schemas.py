@@ -224,6 +224,9 @@ class InitFromOut(Schema):
     head_used: bool = Field(description="true: this round's network started from that head")
     backbone: str | None = Field(None, description="the backbone transferred: which round of which project, fine-tuned or pretrained (null: "
                                                    "not recorded, rounds before it was)")
+    test_images_it_learned_from: int | None = Field(None, description="labeled test images the source model (or one it started from) learned "
+                                                                      "from, matched by content: its test figures overstate the transfer "
+                                                                      "(null: the checkpoint predates the record)")
 
 
 class ModelFilesDeletedOut(Schema):

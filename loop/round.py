@@ -61,7 +61,7 @@ from modeling.onnx_export import export_onnx
 from modeling.plots import plot_confusion_matrix, plot_gates_over_rounds, plot_training_curves
 from modeling.preprocessing import Preprocessing, decode_key, remove_caches_of_older_decoding
 from modeling.selection import DUPLICATE_SIMILARITY, select_batch
-from modeling.transfer import checkpoint_backbone_name, load_init_checkpoint, save_model_checkpoint
+from modeling.transfer import checkpoint_backbone_name, image_fingerprints, load_init_checkpoint, save_model_checkpoint
 from modeling.training import HEAD_OPTIONS, TrainedClassifier, TrainingData, available_training_strategies, head_fit_predict, train_classifier
 from store import session_scope
 from store.db import confirm_store_lock, shown_url
@@ -165,6 +165,7 @@ class RoundState:
     batch: list[TaskRequest] = field(default_factory=list)
     batch_meta: list[dict[str, Any]] = field(default_factory=list)
     init_training_options: dict[str, Any] = field(default_factory=dict)
+    init_learned_from: np.ndarray | None = None  # fingerprints of what the --init-from model learned from (None: not recorded)
     selection_threshold: float | None = None  # where selection's P(defect) uncertainty band sits (not the decision)
     anomaly: Any = None  # modeling.anomaly.PatchAnomalyModel when the blend is on this round
     # `probabilities`, except that labeled good parts carry their leave-one-out anomaly score: what thresholds and gate
@@ -651,6 +652,7 @@ def embed_images(state: RoundState) -> None:
                                       "head_used": False, "backbone": (model.init_from_backbone if model.init_from == INIT_CHECKPOINT else None)
                                       or f"{init.backbone_name} from the checkpoint"}
         state.init_training_options = init.training_options()
+        state.init_learned_from = init.learned_from
     else:
         state.backbone = create_backbone(model.backbone, weights=_weights_path(state, model.weights), pooling=model.pooling)
     state.preprocessing = Preprocessing(model.image_size, state.backbone.mean, state.backbone.std, model.camera_bit_depth)
@@ -1187,6 +1189,7 @@ def choose_threshold(state: RoundState) -> None:
 def evaluate_on_test_split(state: RoundState) -> None:
     """The frozen test split only reports: nothing in this round was chosen by looking at it."""
     test = state.positions(split="test", labeled=True)
+    _check_test_split_against_the_source_model(state, test)
     negative = state.config.negative_index
     threshold = state.threshold.threshold if state.threshold else None
     # the decision for every image of the project: the test split's, the collapse check's and the stored predictions
@@ -2403,7 +2406,8 @@ def _write_model_artifacts(state: RoundState) -> None:
     state.artifacts["confusion_matrix_png"] = str(plot_confusion_matrix(
         matrix=state.metrics["confusion_matrix"]["matrix"], labels=state.config.classes, path=state.round_dir / "confusion_matrix.png",
         title=f"round {state.number}: frozen test split ({state.metrics['n_images']} images)"))
-    state.artifacts["model_checkpoint"] = str(save_model_checkpoint(state.classifier, state.round_dir / "model.pt", image_size=state.preprocessing.image_size))
+    state.artifacts["model_checkpoint"] = str(save_model_checkpoint(state.classifier, state.round_dir / "model.pt", image_size=state.preprocessing.image_size,
+                                                                    learned_from=_learned_from(state)))
     training = state.details.get("training", {})
     if len(training.get("history") or []) >= 2:
         strategy, best = training["strategy"], training.get("best_epoch")
@@ -2411,6 +2415,32 @@ def _write_model_artifacts(state: RoundState) -> None:
             {strategy: training["history"]}, state.round_dir / "training_curves.png",
             f"round {state.number}: {strategy} on {training['n_fit']} labeled images", best_epochs=None if best is None else {strategy: int(best)},
             epoch_zero="frozen backbone + the transferred head" if (state.details.get("init_from") or {}).get("head_used") else "frozen backbone + probe head"))
+
+
+def _check_test_split_against_the_source_model(state: RoundState, test: np.ndarray) -> None:
+    """A project started with --init-from whose test images the source model learned from (the same photos ingested
+    into both, another split drawn): its test figures measure memory, not transfer. Counted by content, whatever the
+    folders (QA: 21 of 23 test images had trained the source model, and nothing said so)."""
+    init_from = state.details.get("init_from")
+    if init_from is None:
+        return
+    if state.init_learned_from is None:
+        init_from["test_images_it_learned_from"] = None  # a checkpoint from before this was recorded: unknown
+        return
+    seen = int(np.isin(image_fingerprints([state.hashes[p] for p in test]), state.init_learned_from).sum()) if len(test) else 0
+    init_from["test_images_it_learned_from"] = seen
+    if seen:
+        state.console.print(f"[yellow]warning:[/] {seen} of the {len(test)} labeled test images are images the --init-from model (or one it "
+                            "started from) learned from: the test figures overstate what the transfer does on new parts. Ingest "
+                            "other photos into the test split (`--split test`), or start from a model that never saw these")
+
+
+def _learned_from(state: RoundState) -> np.ndarray:
+    """Fingerprints of the labeled non-test images (what this round's model learned from or was tuned on) and of what
+    the model it started from learned from."""
+    labeled = np.flatnonzero((state.labels != UNLABELED) & (state.splits != "test"))
+    own = image_fingerprints([state.hashes[p] for p in labeled])
+    return own if state.init_learned_from is None else np.union1d(own, state.init_learned_from)
 
 
 def _add_model_rows(session, state: RoundState) -> None:  # noqa: ANN001

@@ -296,6 +296,7 @@ class InitFromSummary:
     head: str  # transferred or not, and why
     head_used: bool  # the round's network started from it
     backbone: str | None = None  # which backbone: the source project's round, fine-tuned or pretrained (None: rounds before it was recorded)
+    test_images_it_learned_from: int | None = None  # labeled test images the source model learned from (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -758,7 +759,8 @@ def init_from_of(details: dict[str, Any] | None) -> InitFromSummary | None:
         return None
     return InitFromSummary(checkpoint=str(raw["checkpoint"]), source=str(raw["source"]) if raw.get("source") else None,
                            head=str(raw.get("head") or ""), head_used=bool(raw.get("head_used")),
-                           backbone=str(raw["backbone"]) if raw.get("backbone") else None)
+                           backbone=str(raw["backbone"]) if raw.get("backbone") else None,
+                           test_images_it_learned_from=_int_or_none(raw.get("test_images_it_learned_from")))
 
 
 def unfamiliar_batches_of(details: dict[str, Any] | None) -> list[UnfamiliarBatch] | None:

@@ -268,8 +268,19 @@ def test_init_from_another_project_starts_from_its_checkpoint(project_with_pool:
     # which backbone was transferred, as init said it (QA: only the head was spoken of)
     assert details["init_from"]["backbone"] == model.init_from_backbone and model.init_from_backbone.startswith("efficientnet_lite0: round 1 (head)")
     assert "no round of that project fine-tuned its backbone" in model.init_from_backbone
+    # the same photos in both projects, split apart: the new line's test images the source model learned from are
+    # counted by content and said (QA: 21 of 23 such test images, and nothing said so)
+    def labeled_hashes(project: Path, splits: tuple[str, ...]) -> set[str]:
+        with session_scope(open_project(project).engine) as session:
+            labels = current_labels(session, session.scalars(select(Image.project_id)).first())
+            return {image.sha256 for image in session.scalars(select(Image).where(Image.split.in_(splits))) if image.id in labels}
+
+    seen = len(labeled_hashes(new_line, ("test",)) & labeled_hashes(project_with_pool, ("train", "validation")))
+    assert seen > 0 and details["init_from"]["test_images_it_learned_from"] == seen
+    assert f"{seen} of the" in " ".join(first_round.output.split()) and "the --init-from model (or one it started from) learned from" in " ".join(first_round.output.split())
     assert status["rounds"][0]["init_from"] == {"checkpoint": str(copied), "source": str(checkpoint.resolve()),
-                                                "head": details["init_from"]["head"], "head_used": False, "backbone": model.init_from_backbone}
+                                                "head": details["init_from"]["head"], "head_used": False, "backbone": model.init_from_backbone,
+                                                "test_images_it_learned_from": seen}
     assert "backboneefficientnet_lite0:round1(head)" in "".join(first_round.output.split())
     with session_scope(open_project(new_line).engine) as session:
         assert round_report(session, round_id=session.scalars(select(Round.id)).one()).init_from.source == str(checkpoint.resolve())
