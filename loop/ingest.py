@@ -465,7 +465,8 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
     if unknown:
         listed = ", ".join(f"{label!r} ({count} files)" for label, count in sorted(unknown.items()))
         raise IngestError(f"unknown classes in {source}: {listed}. The project's classes are {sorted(classes)}; "
-                          "add them to loop.toml `classes` or fix the labels. Nothing was stored.")
+                          "add them to loop.toml `classes`, fix the labels, or, for a class renamed in loop.toml, `loop rename-class OLD NEW` "
+                          "first. Nothing was stored.")
     report = IngestReport(layout=layout, n_files=len(files), notes=list(notes))
     bit_depth = ctx.config.model.camera_bit_depth
     inspected: list[tuple[SourceFile, FileCheck]] = []
@@ -739,7 +740,11 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
         report.split_counts = dict(Counter(img.split for img in new_images.values() if img.status == "ok"))
         report.label_counts = dict(Counter(new_labels.values()))
         if first_ingest and new_labels:
-            report.notes.append(f"test split frozen now: {report.split_counts.get('test', 0)} images; later ingests only add to it")
+            drawn = report.split_counts.get('test', 0)
+            # QA: "frozen now: 0 images" while the next labeled ingest drew 3, and the next round refused an empty test split
+            report.notes.append(f"test split frozen now: {drawn} images; later ingests only add to it" if drawn else
+                                "the test split is still empty (too few labeled images to draw from): the next ingest of labels draws "
+                                "it, or give it images with `--split test`; a round refuses an empty test split")
         batch.n_files, batch.n_new_images, batch.n_duplicates, batch.n_quarantined = report.n_files, report.n_new_images, report.n_duplicates, report.n_quarantined
         batch.notes = {"notes": report.notes, "split_counts": report.split_counts, "label_counts": report.label_counts, "already_known": report.n_already_known}
     return report

@@ -726,10 +726,11 @@ def gather_labeled_pool(state: RoundState) -> None:
                           + (f"This round quarantined {lost} images whose files went missing or changed (listed above): restore the "
                              "files, or ingest their new folder (they come back with their labels)." if lost else "Ingest or label more images."))
     if counts["test"] == 0:
-        # labels given to images ingested unlabeled join training, never the test split (QA: "ingest labeled images" did not help there)
-        raise RoundFailed("the frozen test split is empty: ingest labeled images (a labeled ingest draws the test split from its images), or "
-                          "give it some with `loop ingest ... --split test` (labels of images ingested unlabeled before join training, "
-                          "never the test split)")
+        # (QA: it said labels of images ingested unlabeled never join the test split; since 2026-12-07 an ingest of such
+        # labels draws it while it is empty, as a labeled ingest does)
+        raise RoundFailed("the frozen test split is empty: ingest labeled images, or labels for images ingested unlabeled (while the "
+                          "test split is empty, such an ingest draws it from them, 20% of each class), or give it some with "
+                          "`loop ingest ... --split test`")
     missing_classes = [name for i, name in enumerate(state.config.classes) if i not in present]
     if missing_classes:
         state.console.print(f"[yellow]warning:[/] no labeled training images yet for: {escape(', '.join(missing_classes))}")
