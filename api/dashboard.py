@@ -324,7 +324,7 @@ def training_section(report: RoundReport) -> str:
                      f'FPR {_fmt(estimate.get("negative_fpr"), 3)}{over} (the gates above are the test split\'s).{margin}</p>')
     quality = report.label_quality
     if quality is not None and quality.noise_rate_per_class:
-        rows = "".join(f'<tr data-class="{escape(name)}"><td>{escape(name)}</td><td>{"too few labels" if rate is None else f"{rate:.1%}"}</td></tr>'
+        rows = "".join(f'<tr data-class="{escape(name)}"><td>{escape(name)}</td><td>{"not estimated: under 20 labels" if rate is None else f"{rate:.1%}"}</td></tr>'
                        for name, rate in quality.noise_rate_per_class.items())
         asked = f"; {quality.already_questioned} not sent again (asked before with the same label)" if quality.already_questioned else ""
         parts.append(f'<p class="noise-summary">Estimated label noise per class (cleanlab, out-of-fold): {_fmt(quality.n_flagged, 0)} suspects flagged{asked}.</p>'

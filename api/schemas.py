@@ -203,7 +203,7 @@ class SuspectBatchOut(Schema):
 class LabelQualityOut(Schema):
     n_flagged: int | None = Field(description="suspected label errors the round flagged")
     noise_rate_per_class: dict[str, float | None] = Field(
-        description="estimated P(true label differs | given label) per class, from out-of-fold probabilities; null: too few labels of that class")
+        description="estimated P(true label differs | given label) per class, from out-of-fold probabilities; null: fewer than 20 labels of that class")
     already_questioned: int | None = Field(description="flagged suspects not sent again: asked before with the same label")
     suspect_batches: list[SuspectBatchOut] = Field(
         default_factory=list, description="ingests whose labels are suspected far more often than the others' (25% or more, 3x the others, 5 "

@@ -133,7 +133,8 @@ def test_clean_labels_raise_few_flags() -> None:
 
 
 def test_degrades_gracefully_with_tiny_and_missing_classes() -> None:
-    features, true = clusters(seed=5, n_per_class=40)
+    features_all, true = clusters(seed=5, n_per_class=40)
+    features = features_all
     keep = (true != 5) | (np.arange(len(true)) % 40 < 2)  # 'scratches' has 2 examples
     keep &= true != 4  # 'rolled' has none
     features, labels = features[keep], true[keep]
@@ -143,6 +144,11 @@ def test_degrades_gracefully_with_tiny_and_missing_classes() -> None:
     assert report.noise_rate_per_class["scratches"] is None
     assert report.noise_rate_per_class["rolled"] is None
     assert report.noise_rate_per_class["crazing"] is not None
+    # a class of 6 labels is judged for suspects but gets no noise rate (QA: one flag read "contamination 33.3%")
+    few = (true != 5) | (np.arange(len(true)) % 40 < 6)
+    small = find_label_issues(labels=true[few], pred_probs=out_of_fold_probabilities(features=features_all[few], labels=true[few], n_classes=6),
+                              class_names=CLASS_NAMES, embeddings=features_all[few])
+    assert small.noise_rate_per_class["scratches"] is None and small.summary["labels_per_class"]["scratches"] == 6
     assert any("scratches" in note for note in report.summary["notes"])
     assert np.isfinite(report.label_quality_score).all()
 

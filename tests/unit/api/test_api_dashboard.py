@@ -102,7 +102,7 @@ def test_training_section_draws_the_latest_rounds_epochs_calibration_and_noise(c
     assert "temperature 1.7 fitted on validation (6 images): expected calibration error 0.12 → 0.05, negative log-likelihood 0.7 → 0.55</p>" in section
     assert 'class="collapsed"' not in section
     noise = dict(re.findall(r'<tr data-class="(\w+)"><td>\w+</td><td>([^<]+)</td>', section))
-    assert noise == {"good": "5.0%", "scratch": "20.0%", "spot": "too few labels"}
+    assert noise == {"good": "5.0%", "scratch": "20.0%", "spot": "not estimated: under 20 labels"}
     assert "1 not sent again" in section
     choice = " ".join(re.search(r'<p class="threshold-choice">(.*?)</p>', section, re.S).group(1).split())
     assert choice.startswith("Threshold chosen on out-of-fold probabilities over every labeled non-test image (finetune: one network per fold): "
