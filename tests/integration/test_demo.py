@@ -21,6 +21,16 @@ def test_demo_runs_rounds_records_them_and_writes_plots(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
     assert "gates on the frozen test split" in output and "loop status --project" in output
+    # the planted wrong labels that landed in the test split are counted there, and said (QA: they were the demo's
+    # only test errors, and nothing pointed at them)
+    import re
+
+    planted = int(re.search(r"(\d+) of the given labels are wrong on purpose", output).group(1))
+    in_test = re.search(r"(\d+) of the (\d+) wrong labels are in the frozen test split", output)
+    assert in_test is not None and int(in_test.group(2)) == planted and 0 < int(in_test.group(1)) <= planted, output
+    # moved as a whole, the demo's oracle and manifest still work (QA: both named the old folder)
+    config = (project / "loop.toml").read_text()
+    assert 'oracle_manifest = "data/ground_truth.csv"' in config and "images/" in (project / "data" / "labels.csv").read_text().splitlines()[1]
     status = runner.invoke(app, ["status", "--project", str(project), "--json"], catch_exceptions=False)
     report = json.loads(status.output)
     assert [r["number"] for r in report["rounds"]] == [1, 2]
