@@ -410,6 +410,27 @@ def near_copies_table(issues: Sequence[LabelIssueRow], total: int, round_number:
             f'<tbody>{rows}</tbody></table>{more}')
 
 
+def outliers_table(issues: Sequence[LabelIssueRow], total: int, round_number: int, round_id: int, token_query: str) -> str:
+    """Each image far from its nearest neighbours, beside the nearest one (QA: the round printed "outliers: 3" and no
+    view but the API's label-issue query and the export showed which; one was a wrong test label)."""
+    if not issues:
+        return '<p class="empty">No outliers found.</p>'
+    image_query = f"{token_query}&amp;view=display" if token_query else "?view=display"
+
+    def thumb(image_id: int | None) -> str:
+        return "–" if image_id is None else (f'<img class="thumb" loading="lazy" alt="image {image_id}" src="/images/{image_id}{image_query}"> '
+                                             f'<span class="image-id">{image_id}</span>')
+
+    rows = "".join(f'<tr class="outlier" data-image-id="{issue.image_id}"><td>{position}</td><td>{thumb(issue.image_id)}</td>'
+                   f'<td>{thumb(issue.related_image_id)}</td><td>{escape(issue.current_label or issue.given_label or "unlabeled")}</td>'
+                   f'<td>{_fmt(issue.score, 3)}</td></tr>' for position, issue in enumerate(issues, start=1))
+    more = (f'<p class="more">Showing {len(issues)} of {total}; the rest: <code>GET /rounds/{round_id}/label-issues?kind=outlier&amp;'
+            f'offset={len(issues)}</code></p>' if total > len(issues) else "")
+    return (f'<table class="issues outliers" data-round="{round_number}"><thead><tr><th>#</th><th>image</th><th>its nearest image</th>'
+            f'<th>label</th><th title="lower is farther from its neighbours than its class usually is">quality</th></tr></thead>'
+            f'<tbody>{rows}</tbody></table>{more}')
+
+
 def _shown_status(summary: RoundSummary) -> str:
     """The round's status, as `loop status` shows it: "running?" when no process runs it any more (its note on hover)."""
     if summary.process_alive is False:
@@ -440,6 +461,7 @@ def _summary_cards(progress: ProgressSeries, latest: RoundReport | None) -> str:
             ("near-duplicates", ("not checked" if latest.n_near_duplicates is None else str(latest.n_near_duplicates))
              + (f' <span class="verdict fail" title="test images with a labeled near-copy outside the test split">'
                 f'{latest.n_test_images_with_copy_outside} across test</span>' if latest.n_test_images_with_copy_outside else "")),
+            ("outliers", "not checked" if latest.n_outliers is None else str(latest.n_outliers)),
             ("round time", f"{_fmt(summary.duration_s, 3)} s" if summary.duration_s is not None else "–"),
         ]
     return "".join(f'<div class="card"><div class="card-label">{label}</div><div class="card-value">{value}</div></div>' for label, value in cards)
@@ -536,8 +558,9 @@ svg .kept-epoch{stroke:#d73027;stroke-width:1.5;stroke-dasharray:2 3}
 
 def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, confusion: tuple[int, ConfusionMatrix] | None,
                      issues: tuple[int, int, int, list[LabelIssueRow]] | None, token_query: str,
-                     near_copies: tuple[int, int, int, list[LabelIssueRow]] | None = None) -> str:
-    """The whole page. issues, near_copies: (round id, round number, total flagged, first rows)."""
+                     near_copies: tuple[int, int, int, list[LabelIssueRow]] | None = None,
+                     outliers: tuple[int, int, int, list[LabelIssueRow]] | None = None) -> str:
+    """The whole page. issues, near_copies, outliers: (round id, round number, total flagged, first rows)."""
     numbers = [r.number for r in progress.rounds]
     if progress.gates:
         gates_html = "".join(f'<div class="gate">{gate_chart(gate, numbers)}</div>' for gate in progress.gates)
@@ -569,6 +592,10 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
         copies_round_id, copies_round, copies_total, copies = near_copies
         near_copies_html = (f'<section id="near-copies"><h2>Near-copies · round {copies_round} ({copies_total} image{"" if copies_total == 1 else "s"})</h2>'
                             f'{near_copies_table(copies, copies_total, copies_round, copies_round_id, token_query)}</section>')
+    if outliers is not None:
+        outliers_round_id, outliers_round, outliers_total, found = outliers
+        near_copies_html += (f'<section id="outliers"><h2>Outliers · round {outliers_round} ({outliers_total} image{"" if outliers_total == 1 else "s"})</h2>'
+                             f'{outliers_table(found, outliers_total, outliers_round, outliers_round_id, token_query)}</section>')
     training_html = f'<section id="training">{training_section(latest)}</section>' if latest is not None else ""
     latest_html = ""
     if latest is not None and latest.gates:
@@ -630,6 +657,10 @@ def dashboard(
         page = reports.label_issue_queue(session, round_id=latest.summary.id, limit=ISSUE_QUEUE_ROWS, offset=0, kind="near_duplicate")
         # the count the near-duplicates card gives (the stored rows stop at the strongest MAX_DATA_ISSUE_ROWS)
         near_copies = (latest.summary.id, latest.summary.number, max(page.total, latest.n_near_duplicates or 0), page.items)
+    outliers = None
+    if latest is not None and latest.summary.status == "completed" and latest.n_outliers is not None:
+        page = reports.label_issue_queue(session, round_id=latest.summary.id, limit=ISSUE_QUEUE_ROWS, offset=0, kind="outlier")
+        outliers = (latest.summary.id, latest.summary.number, max(page.total, latest.n_outliers or 0), page.items)
     token_query = f"?{urlencode({'token': token})}" if token else ""
     return HTMLResponse(render_dashboard(progress, latest=latest, confusion=confusion, issues=issues, token_query=escape(token_query),
-                                         near_copies=near_copies))
+                                         near_copies=near_copies, outliers=outliers))

@@ -117,6 +117,9 @@ def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, s
         "label_quality": {**{key: getattr(quality, key, None) for key in ("n_flagged", "noise_rate_per_class", "already_questioned")},
                           # ingests whose labels are suspects far more often than the rest's (wrong as a whole?)
                           "suspect_batches": [dataclasses.asdict(row) for row in quality.suspect_batches] if quality else None},  # [] as the API
+        # images the near-copy and outlier checks flagged (None: not checked), as the round printed them (QA: outliers
+        # were printed once and shown nowhere after)
+        "data_issues": {kind: ((details.get("data_quality") or {}).get(kind) or {}).get("n_issues") for kind in ("near_duplicates", "outliers")},
         "labeled_counts": details.get("labeled_counts"),
         # what reached the annotators: pushed, pending, answered tasks asked again, waiting tasks given this round's guess
         "push": details.get("push"),

@@ -190,3 +190,24 @@ def test_status_names_the_classes_the_test_split_holds_no_image_of_beside_the_fa
         gate.passed = False
     said = " ".join(CliRunner().invoke(app, ["status", "--project", str(new_project.root)], env={"COLUMNS": "200"}).output.split())
     assert "macro_f1; no test image of spot, patch" in said, said
+
+
+def test_status_names_the_rounds_flagged_images_and_the_quarantined_count(new_project, tmp_path) -> None:  # noqa: ANN001
+    # QA (a newcomer): "outliers: 3" was printed by the round and shown nowhere after; status counted 640 images where
+    # the API and the export had 643 (3 quarantined), unexplained
+    from store.models import Image
+
+    _record_round(new_project, details={"label_quality": {"n_flagged": 2, "noise_rate_per_class": {}},
+                                        "data_quality": {"near_duplicates": {"n_issues": 4}, "outliers": {"n_issues": 3}}})
+    with session_scope(new_project.engine) as session:
+        project_id = get_project(session).id
+        batch = IngestBatch(project_id=project_id, source="/data", layout="folders")
+        session.add(batch)
+        session.flush()
+        session.add_all([Image(project_id=project_id, sha256=f"{n:064x}", path=f"/data/{n}.png", split="train", ingest_batch_id=batch.id,
+                               status="ok" if n else "quarantined", status_reason=None if n else "cannot decode") for n in range(3)])
+    said = " ".join(CliRunner().invoke(app, ["status", "--project", str(new_project.root)], env={"COLUMNS": "200"}).output.split())
+    assert "2 images ({'train': 2}) and 1 quarantined" in said, said
+    assert "round 1 flagged 2 suspected label errors, 4 images with a near-copy and 3 outliers" in said
+    report = json.loads(CliRunner().invoke(app, ["status", "--project", str(new_project.root), "--json"]).output)
+    assert report["rounds"][0]["data_issues"] == {"near_duplicates": 4, "outliers": 3}

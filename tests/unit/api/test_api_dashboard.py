@@ -54,6 +54,20 @@ def test_labels_by_source_f1_confusion_and_queue(client: TestClient, seeded_stor
     copies = re.search(r'<section id="near-copies"><h2>Near-copies · round 2 \(1 image\)</h2>.*?</section>', html, re.S).group(0)
     assert f'data-image-id="{seeded_store.image_ids[2]}" data-copy-id="{seeded_store.image_ids[1]}"' in copies
     assert f'src="/images/{seeded_store.image_ids[1]}?token={READ_TOKEN}&amp;view=display"' in copies
+    # outliers of the latest round: its count on a card and a section (QA: "outliers: 3" was printed and shown nowhere)
+    assert re.search(r'outliers</div><div class="card-value">0<', html)
+    assert re.search(r'<section id="outliers"><h2>Outliers · round 2 \(0 images\)</h2><p class="empty">No outliers found.</p></section>', html)
+
+
+def test_outliers_are_listed_beside_their_nearest_image() -> None:
+    from api.dashboard import outliers_table
+    from store.reports import LabelIssueRow
+
+    rows = [LabelIssueRow(id=1, round_id=3, image_id=453, kind="outlier", given_label="good", suggested_label=None, score=0.12, flagged=True,
+                          rank=0, current_label="good", related_image_id=17)]
+    html = outliers_table(rows, 5, 3, 30, "?token=t")
+    assert '<tr class="outlier" data-image-id="453">' in html and 'src="/images/17?token=t&amp;view=display"' in html
+    assert "<td>good</td><td>0.12</td>" in html and "label-issues?kind=outlier&amp;offset=1" in html
 
 
 def test_store_text_is_escaped(writable_store: SeededStore) -> None:
