@@ -460,10 +460,14 @@ def latency_text(latency: dict) -> str:
             f"{latency['cpu']}")
     load, cpus, own = latency.get("load_average_1min"), latency.get("cpu_count"), latency.get("threads") or 0
     # the 1-minute load still counts this round's own training threads (review): busy when the rest fills the CPUs
+    fastest = latency.get("ms_per_image_fastest")
     if isinstance(load, (int, float)) and cpus and load - own >= cpus:
-        fastest = latency.get("ms_per_image_fastest")
         text += (f"; load {load:g} on {cpus} CPUs, this round's own {own} threads included: busy, an upper bound"
                  + (f", fastest repeat {fastest:.1f} ms" if isinstance(fastest, (int, float)) else ""))
+    elif isinstance(fastest, (int, float)) and fastest > 0 and latency["ms_per_image"] > 1.5 * fastest:
+        # the repeats themselves show interference the 1-minute load missed (QA: the demo failed its gate at a median
+        # of 35.5 ms, fastest 17.6 ms, load 2.96 on 2 CPUs)
+        text += f"; its repeats ran from {fastest:.1f} ms: something else took the CPU while it was measured, an upper bound"
     return text + ")"
 
 

@@ -177,9 +177,13 @@ def test_the_latency_line_says_batch_and_when_a_busy_machine_makes_it_an_upper_b
     assert latency_text({**measured, "load_average_1min": 7.77}) == ("latency 35.6 ms/image (ONNX Runtime, batch 32, 2 threads, AMD EPYC; "
                                                                       "load 7.77 on 2 CPUs, this round's own 2 threads included: busy, an "
                                                                       "upper bound, fastest repeat 18.4 ms)")
-    assert latency_text({**measured, "load_average_1min": 0.5}) == "latency 35.6 ms/image (ONNX Runtime, batch 32, 2 threads, AMD EPYC)"
+    steady = {**measured, "ms_per_image_fastest": 31.0}
+    assert latency_text({**steady, "load_average_1min": 0.5}) == "latency 35.6 ms/image (ONNX Runtime, batch 32, 2 threads, AMD EPYC)"
     # the round's own training still in the 1-minute load (review): not "busy" for that alone
-    assert "busy" not in latency_text({**measured, "load_average_1min": 3.5})
+    assert "busy" not in latency_text({**steady, "load_average_1min": 3.5})
+    # but repeats spread twofold show interference the load missed (QA: the demo failed its gate at 35.5 ms, fastest 17.6)
+    assert latency_text({**measured, "load_average_1min": 2.96}).endswith(
+        "AMD EPYC; its repeats ran from 18.4 ms: something else took the CPU while it was measured, an upper bound)")
 
 
 def test_status_names_the_classes_the_test_split_holds_no_image_of_beside_the_failed_macro_f1(new_project) -> None:  # noqa: ANN001
