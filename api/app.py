@@ -200,9 +200,9 @@ def serve(project_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
         print(f"note: listening on {'every network interface' if everywhere else host}, over plain HTTP: whoever reaches this machine can "
               "send requests (a token is still required), and tokens cross the network unencrypted; put a TLS proxy in front for "
               "use beyond a trusted network", file=sys.stderr)
-        if effective.api_read_token is None:  # the URL below is shared; it carries full access then (QA)
-            print("note: only LOOP_API_TOKEN is set, so the dashboard URL below carries the full-access token (/predict): set "
-                  "LOOP_API_READ_TOKEN too and share that one", file=sys.stderr)
+    if effective.api_read_token is None:  # the URL below gets shared (a tunnel, a screenshot); it carries full access then (QA)
+        print("note: only LOOP_API_TOKEN is set, so the dashboard URL below carries the full-access token (/predict): set "
+              "LOOP_API_READ_TOKEN too and share that one", file=sys.stderr)
     read_token = (effective.api_read_token or effective.api_token).get_secret_value()
     print(f"defect-loop API on {url}  (store: {shown_url(effective.store_url)})")
     print(f"  dashboard: {url}/dashboard?token={read_token}")

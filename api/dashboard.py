@@ -304,6 +304,10 @@ def training_section(report: RoundReport) -> str:
         add_one = (" (no image there misclassified: the fit keeps an add-one error estimate, so the NLL rises by design instead of the "
                    "temperature falling to zero)") if calibration.objective == "nll_add_one" else ""
         left_out = f"; {calibration.n_left_out} images of a class one fold alone held left out" if calibration.n_left_out else ""
+        if (calibration.ece_after is not None and calibration.ece_before is not None and calibration.ece_after > calibration.ece_before
+                and not add_one):  # QA: ECE 0.135 -> 0.241 shown without a word
+            add_one = (" (the temperature minimises the log-likelihood, not the calibration error; over a few dozen images the binned "
+                       "calibration error moves with a handful of them, so it can rise while the log-likelihood falls)")
         parts.append(f'<p class="calibration">Calibration: temperature {_fmt(calibration.temperature, 3)} fitted on {escape(calibration.fitted_on or "–")} '
                      f'({_fmt(calibration.n_images, 0)} images{left_out}): expected calibration error {_fmt(calibration.ece_before, 3)} → {_fmt(calibration.ece_after, 3)}, '
                      f'negative log-likelihood {_fmt(calibration.nll_before, 4)} → {_fmt(calibration.nll_after, 4)}{add_one}</p>')
@@ -532,7 +536,7 @@ def _coverage_html(latest: RoundReport) -> str:
 STYLE = """
 *{box-sizing:border-box} body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f4f5f7;color:#1d1d1f}
 header{background:#1f2933;color:#fff;padding:12px 24px;display:flex;align-items:baseline;gap:16px}
-header h1{font-size:20px;margin:0} header .sub{color:#cbd2d9}
+header h1{font-size:20px;margin:0} header .sub{color:#cbd2d9} header a{color:#9fd3ff}
 main{max-width:1400px;margin:0 auto;padding:16px 24px}
 section{background:#fff;border-radius:8px;box-shadow:0 1px 2px rgba(0,0,0,.08);padding:12px 16px;margin-bottom:16px}
 section h2{font-size:16px;margin:0 0 8px}

@@ -77,6 +77,9 @@ def test_serving_on_every_interface_prints_urls_a_browser_can_open_and_says_it_l
     monkeypatch.setenv("LOOP_API_TOKEN", "only-the-full-one")
     full_only = " ".join(runner.invoke(app, ["serve", "--project", str(new_project.root), "--host", "0.0.0.0", "--port", str(port)]).output.split())
     assert "only LOOP_API_TOKEN is set, so the dashboard URL below carries the full-access token" in full_only  # QA
+    # on loopback too: the URL gets shared through a tunnel or a screenshot (QA, a newcomer: no word on the terminal)
+    local_full_only = " ".join(runner.invoke(app, ["serve", "--project", str(new_project.root), "--port", str(port)]).output.split())
+    assert "only LOOP_API_TOKEN is set, so the dashboard URL below carries the full-access token" in local_full_only
     monkeypatch.delenv("LOOP_API_TOKEN")
     local = runner.invoke(app, ["serve", "--project", str(new_project.root), "--port", str(port)])
     assert "listening on" not in local.output and f"http://127.0.0.1:{port}/dashboard" in local.output
