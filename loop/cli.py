@@ -246,13 +246,16 @@ def ingest(
         console.print(f"note: {escape(str(note))}")
 
 
-def gate_table(gates: list, *, title: str) -> Table:
+def gate_table(gates: list, *, title: str, classes_missing: list[str] | None = None) -> Table:
     table = Table(title=title)
     for column in ("gate", "value", "threshold", "result"):
         table.add_column(column)
     for gate in gates:
         value = "n/a" if gate.value is None else f"{gate.value:.4g}"
         result = "n/a" if not gate.applicable else ("[green]pass[/]" if gate.passed else "[bold red]FAIL[/]")
+        if gate.name == "macro_f1" and gate.applicable and not gate.passed and classes_missing:
+            # QA: "macro_f1 0.9787 >= 0.7 FAIL" read as a contradiction: the value is over the classes the test split holds
+            result += f" (no test image of {escape(', '.join(classes_missing))})"
         table.add_row(gate.name, value, f"{gate.comparison} {gate.threshold:g}", result)
     return table
 
@@ -383,7 +386,8 @@ def print_round(outcome) -> None:  # noqa: ANN001
                       f"({selection.get('scanned', 0)} pool images ranked against {selection.get('n_known_good', 0)} known-good) · "
                       f"total {outcome.timings_s.get('total', 0):.1f} s")
         return
-    console.print(gate_table(outcome.gates, title=f"round {outcome.number}: gates on the frozen test split ({metrics['n_images']} images)"))
+    console.print(gate_table(outcome.gates, title=f"round {outcome.number}: gates on the frozen test split ({metrics['n_images']} images)",
+                             classes_missing=details.get("classes_missing_from_test") or metrics.get("classes_missing")))
     intervals = intervals_text(details)
     if intervals:  # photos of one part count as one draw: a test split of few parts cannot settle a 3% gate
         console.print(intervals)

@@ -215,3 +215,18 @@ def test_status_names_the_rounds_flagged_images_and_the_quarantined_count(new_pr
     assert "round 1 flagged 2 suspected label errors, 4 images with a near-copy and 3 outliers" in said
     report = json.loads(CliRunner().invoke(app, ["status", "--project", str(new_project.root), "--json"]).output)
     assert report["rounds"][0]["data_issues"] == {"near_duplicates": 4, "outliers": 3}
+
+
+def test_the_rounds_gate_table_names_the_classes_a_failed_macro_f1_could_not_score() -> None:
+    # QA: "macro_f1 0.9787 >= 0.7 FAIL" read as a contradiction; the value is over the classes the test split holds
+    from rich.console import Console
+
+    from loop.cli import gate_table
+
+    y_true = np.array([0, 0, 0, 1, 1])
+    metrics = evaluate_predictions(y_true=y_true, y_pred=y_true, probabilities=np.eye(4)[y_true], class_names=CLASSES, negative_index=0)
+    gates = evaluate_gates(metrics=metrics, latency_ms=5.0, macro_f1_min=0.7, defect_recall_min=0.85, negative_fpr_max=0.03, latency_ms_max=30.0)
+    console = Console(width=200, record=True)
+    console.print(gate_table(gates, title="round 1", classes_missing=metrics["classes_missing"]))
+    row = next(line for line in console.export_text().splitlines() if "macro_f1" in line)
+    assert "FAIL (no test image of spot, patch)" in row, row
