@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import csv
-import hashlib
 import json
 import re
 import shutil
@@ -23,10 +22,11 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy import select
 
 from loop.config import AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, check_strategy_name, save_config
-from loop.ingest import IngestError, assign_splits, discover_source, ingest_source
+from loop.ingest import IngestError, assign_splits, discover_source, ingest_source, inspect_file
 from loop.project import create_project_store, default_store_url, open_project
 from loop.round import RoundOptions, run_round
 from modeling.plots import plot_gate_panels
@@ -118,16 +118,27 @@ def _check_settings(settings: SimulationSettings) -> None:
         check_strategy_name(name)
 
 
-def _one_path_per_image(files: list) -> dict[str, str]:  # noqa: ANN001 - loop.ingest.SourceFile
+def _one_path_per_image(files: list, *, console: Console | None = None) -> dict[str, str]:  # noqa: ANN001 - loop.ingest.SourceFile
     """path -> label, one path per distinct file content: byte-identical files are one image to the loop (ingest
-    merges them), so a seed label drawn on the second copy was lost in the merge and the counts were off by one (QA)."""
+    merges them), so a seed label drawn on the second copy was lost in the merge and the counts were off by one (QA).
+    Files ingest would quarantine (undecodable, too small) are left out before anything is drawn (QA: one of "32 seed
+    labels" was a corrupt file, and round 1 trained on 31)."""
     seen: set[str] = set()
     truth: dict[str, str] = {}
+    left_out: list[str] = []
     for f in files:
-        digest = hashlib.sha256(f.path.read_bytes()).hexdigest() if f.path.is_file() else str(f.path.resolve())
-        if digest not in seen:
-            seen.add(digest)
+        if not f.path.is_file():
+            truth.setdefault(str(f.path.resolve()), f.label)
+            continue
+        check = inspect_file(f.path)
+        if check.reason is not None:
+            left_out.append(f"{f.path} ({check.reason})")
+        elif check.sha256 not in seen:
+            seen.add(check.sha256)
             truth[str(f.path.resolve())] = f.label
+    if left_out and console is not None:
+        console.print(f"left out {len(left_out)} file{'' if len(left_out) == 1 else 's'} ingest would quarantine: {escape('; '.join(left_out[:3]))}"
+                      + (f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""))
     return truth
 
 
@@ -181,7 +192,7 @@ def simulate(settings: SimulationSettings, *, console: Console) -> dict[str, Any
         layout, files, _notes = discover_source(settings.source.expanduser().resolve(), unlabeled=False)
     except IngestError as error:  # QA: "ingest it with --unlabeled", an option simulate does not have (it needs labels)
         raise IngestError(str(error).replace("ingest it with --unlabeled, or give", "loop simulate needs labels: give class folders or")) from None
-    truth = _one_path_per_image(files)
+    truth = _one_path_per_image(files, console=console)
     # A CSV source may name each photo's physical part: the test split then holds whole parts, and so do the folds.
     parts = {str(f.path.resolve()): f.part for f in files if f.part} or None
     classes = sorted(set(truth.values()))

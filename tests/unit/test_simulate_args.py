@@ -204,3 +204,21 @@ def test_byte_identical_files_are_one_image_to_draw_seed_labels_from(tmp_path: P
     _layout, files, _notes = discover_source(tmp_path / "parts", unlabeled=False)
     truth = _one_path_per_image(files)
     assert len(files) == 6 and len(truth) == 5 and str(copy.resolve()) not in truth
+
+
+def test_files_ingest_would_quarantine_are_left_out_before_seed_labels_are_drawn(tmp_path: Path) -> None:
+    # QA: one of "32 seed labels" was a corrupt file; round 1 trained on 31, and the pool size counted it
+    from rich.console import Console
+
+    from loop.ingest import discover_source
+    from loop.simulate import _one_path_per_image
+
+    write_class_folders(tmp_path / "parts", per_class={"good": 3, "scratch": 2}, size=32, seed=1)
+    corrupt = tmp_path / "parts" / "good" / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    _layout, files, _notes = discover_source(tmp_path / "parts", unlabeled=False)
+    console = Console(record=True, width=200)
+    truth = _one_path_per_image(files, console=console)
+    assert len(files) == 6 and len(truth) == 5 and str(corrupt.resolve()) not in truth
+    said = " ".join(console.export_text().split())
+    assert "left out 1 file ingest would quarantine" in said and "corrupt.png (cannot decode" in said, said
