@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import filecmp
 import os
 import re
 import shutil
@@ -416,13 +417,12 @@ def _copy_before_upgrade(url: str, store_file: Path, current: set[str], heads: s
     release's user works on it. Written beside as a temporary file and linked into place only when it holds the old
     revision and no such copy is there yet (review: two commands starting at once both copied, and the second one's
     copy was of the store already upgraded). None: another command upgraded the store meanwhile, or made the copy.
-    A copy at that revision left by an earlier upgrade (older than the store: it was rolled back to that revision
-    since) stays, and this one takes the time in its name (QA: the second upgrade made no copy and said nothing)."""
+    A copy at that revision left by an earlier upgrade whose content differs (the store was rolled back to that
+    revision and written since) stays, and this one takes the time in its name (QA: the second upgrade made no copy
+    and said nothing)."""
     from alembic.migration import MigrationContext
 
     backup = store_file.with_name(f"{store_file.name}.schema-{'-'.join(sorted(current))}.bak")
-    if _older_than_the_store(backup, store_file):  # an earlier upgrade's copy, not one another command made at this moment
-        backup = backup.with_name(f"{store_file.name}.schema-{'-'.join(sorted(current))}.{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.bak")
     partial = store_file.with_name(f".{backup.name}.{os.getpid()}.partial")
     try:
         _copy_sqlite(store_file, partial)
@@ -434,6 +434,13 @@ def _copy_before_upgrade(url: str, store_file: Path, current: set[str], heads: s
             copied.dispose()
         if revision != current:
             return None
+        if backup.exists():
+            if filecmp.cmp(partial, backup, shallow=False):  # made by another command at this moment (or the same state): kept
+                return None
+            # an earlier upgrade's copy, and the store was rolled back to that revision and written since: this copy gets
+            # the time in its name (QA: the second upgrade made no copy and said nothing). By content, not file times:
+            # another command's upgrade connection touches loop.db-wal before it changes anything (review)
+            backup = backup.with_name(f"{store_file.name}.schema-{'-'.join(sorted(current))}.{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.bak")
         try:
             os.link(partial, backup)
         except FileExistsError:  # another command starting at the same moment copied it (or an earlier attempt): kept, and
@@ -451,17 +458,6 @@ def _copy_before_upgrade(url: str, store_file: Path, current: set[str], heads: s
     finally:
         for leftover in (partial, partial.with_name(partial.name + "-wal"), partial.with_name(partial.name + "-shm")):
             leftover.unlink(missing_ok=True)
-
-
-def _older_than_the_store(copy: Path, store_file: Path) -> bool:
-    """Whether `copy` exists and the store (or its write-ahead log) was written after it: the store came back to
-    that revision since (a rollback), so the copy is not of its present state."""
-    try:
-        copied_at = copy.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    written = [path.stat().st_mtime for path in (store_file, store_file.with_name(store_file.name + "-wal")) if path.exists()]
-    return bool(written) and max(written) > copied_at
 
 
 def _postgres_store_lock_held(url: str) -> bool:

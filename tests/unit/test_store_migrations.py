@@ -160,24 +160,38 @@ def test_an_older_store_is_copied_before_its_upgrade_and_the_upgrade_is_said(tmp
 def test_a_store_rolled_back_to_its_copy_and_written_since_is_copied_again_and_the_upgrade_said(tmp_path: Path, class_folders: Path) -> None:
     # QA: upgraded, rolled back to the copy, written by the older release, upgraded again: silent, and the only copy
     # was the stale one from the first upgrade
-    import os
     import shutil
 
-    project_dir = _old_project(tmp_path, class_folders)
-    assert CliRunner().invoke(app, ["status", "--project", str(project_dir)]).exit_code == 0
+    upgraded = _old_project(tmp_path, class_folders)
+    assert CliRunner().invoke(app, ["status", "--project", str(upgraded)]).exit_code == 0
+    # the rollback, as the README says: every loop command stopped, the copy put in place without the upgraded store's
+    # log (loop.db-wal would be replayed over it; review)
+    project_dir = tmp_path / "rolled-back"
+    shutil.copytree(upgraded, project_dir, ignore=shutil.ignore_patterns("loop.db", "loop.db-wal", "loop.db-shm"))
     first_copy = project_dir / "loop.db.schema-0002.bak"
-    shutil.copyfile(first_copy, project_dir / "loop.db")  # the rollback
+    shutil.copyfile(first_copy, project_dir / "loop.db")
     engine = create_engine(f"sqlite:///{project_dir / 'loop.db'}")
     with engine.begin() as connection:  # the older release goes on writing
-        connection.execute(text("update images set split = 'train' where id = (select min(id) from images)"))
+        connection.execute(text("update images set split = case when split = 'train' then 'validation' else 'train' end where id = (select min(id) from images)"))
     engine.dispose()
-    os.utime(first_copy, (1, 1))  # written before the store, whatever the file system's clock resolution
     result = CliRunner().invoke(app, ["status", "--project", str(project_dir)])
     said = " ".join(result.stderr.split())
     assert result.exit_code == 0 and "releases before it can no longer open it" in said, said
     copies = sorted(project_dir.glob("loop.db.schema-0002.*bak"))
     assert len(copies) == 2 and first_copy in copies and f"Its copy from before: {copies[0] if copies[1] == first_copy else copies[1]}" in said
     assert [_revision(project_dir, copy.name) for copy in copies] == ["0002", "0002"]
+
+
+def test_two_commands_upgrading_at_once_make_one_copy(tmp_path: Path, class_folders: Path) -> None:
+    # review: the copy's staleness was read off file times, and another command's upgrade connection touches loop.db-wal
+    # before it changes anything: a second copy and a second note
+    from store.db import _copy_before_upgrade
+
+    project_dir = _old_project(tmp_path, class_folders)
+    store_file = project_dir / "loop.db"
+    first = _copy_before_upgrade(f"sqlite:///{store_file}", store_file, {"0002"}, {_head()})
+    assert first is not None and _copy_before_upgrade(f"sqlite:///{store_file}", store_file, {"0002"}, {_head()}) is None
+    assert sorted(p.name for p in project_dir.glob("*.bak")) == [first.name]
 
 
 def test_the_copy_before_an_upgrade_holds_the_store_when_its_folder_has_a_hash_in_its_name(tmp_path: Path, class_folders: Path) -> None:
