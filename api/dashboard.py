@@ -291,20 +291,29 @@ def training_section(report: RoundReport) -> str:
         else:
             kept = f" · kept epoch {training.best_epoch} of {training.epochs_run} (early stopping on validation macro F1)"
         parts.append(f'<p class="training-summary">strategy <b>{escape(training.strategy or "–")}</b> on {_fmt(training.n_fit, 0)} labeled images{kept}</p>')
+        # what status --json and the API say of it, said here too (review)
+        if training.early_stopping_note:
+            parts.append(f'<p class="early-stopping-note">{escape(training.early_stopping_note[:1].upper() + training.early_stopping_note[1:])}.</p>')
+        if training.options_not_used_by_head:
+            parts.append(f'<p class="options-not-used">loop.toml options a head does not use: {escape(", ".join(training.options_not_used_by_head))} '
+                         '(<code>--train finetune</code> or <code>full</code> do).</p>')
         if len(training.history) >= 2:
             parts.append(f'<div class="two"><div>{epoch_chart("training:loss", "Loss per epoch", training, "loss")}</div>'
                          f'<div>{epoch_chart("training:accuracy", "Accuracy per epoch", training, "accuracy")}</div></div>')
     if report.init_from is not None:
         init = report.init_from
         unused = "" if init.head_used else "; this round's network did not start from that head"
+        seen = (f' <b class="verdict fail">{init.test_images_it_learned_from} labeled test images are images that model learned from: the test '
+                'figures overstate the transfer.</b>') if init.test_images_it_learned_from else ""
         parts.append(f'<p class="init-from">Started from another project\'s model: {escape(init.source or init.checkpoint)}. '
-                     f'{escape(init.head[:1].upper() + init.head[1:] + unused)}.</p>')
+                     f'{escape(init.head[:1].upper() + init.head[1:] + unused)}.{seen}</p>')
     calibration = report.calibration
     if calibration is not None and calibration.method == "temperature":
         add_one = (" (no image there misclassified: the fit keeps an add-one error estimate, so the NLL rises by design instead of the "
                    "temperature falling to zero)") if calibration.objective == "nll_add_one" else ""
         left_out = f"; {calibration.n_left_out} images of a class one fold alone held left out" if calibration.n_left_out else ""
         if (calibration.ece_after is not None and calibration.ece_before is not None and calibration.ece_after > calibration.ece_before
+                and calibration.nll_after is not None and calibration.nll_before is not None and calibration.nll_after < calibration.nll_before
                 and not add_one):  # QA: ECE 0.135 -> 0.241 shown without a word
             add_one = (" (the temperature minimises the log-likelihood, not the calibration error; over a few dozen images the binned "
                        "calibration error moves with a handful of them, so it can rise while the log-likelihood falls)")

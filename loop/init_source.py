@@ -80,9 +80,10 @@ def _project_checkpoint(root: Path) -> InitSource:
         if checkpoint is not None:
             strategy = str(((details or {}).get("training") or {}).get("strategy") or "head")
             with_model.append((number, strategy, checkpoint, backbone_fine_tuned(details)))
-    if not with_model and rounds:  # QA: "run a round there first" to a project of several rounds whose files were deleted
-        raise FileNotFoundError(f"project {root} has {len(rounds)} completed round{'s' if len(rounds) != 1 else ''}, and none's model "
-                                f"checkpoint is in {root / 'artifacts'} any more (deleted by hand, or the project moved without it): "
+    recorded = [number for number, _details, artifacts in rounds if (artifacts or {}).get("model_checkpoint")]  # a cold start wrote none (review)
+    if not with_model and recorded:  # QA: "run a round there first" to a project of several rounds whose files were deleted
+        raise FileNotFoundError(f"project {root} has {len(recorded)} completed round{'s' if len(recorded) != 1 else ''} that made a model, and none of those "
+                                f"checkpoints is in {root / 'artifacts'} any more (deleted by hand, or the project moved without it): "
                                 "run a round there, or pass a checkpoint file to --init-from")
     if not with_model:
         raise FileNotFoundError(f"project {root} has no completed round with a model checkpoint: run a round there first, "

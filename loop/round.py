@@ -729,7 +729,7 @@ def gather_labeled_pool(state: RoundState) -> None:
         # (QA: it said labels of images ingested unlabeled never join the test split; since 2026-12-07 an ingest of such
         # labels draws it while it is empty, as a labeled ingest does)
         raise RoundFailed("the frozen test split is empty: ingest labeled images, or labels for images ingested unlabeled (while the "
-                          "test split is empty, such an ingest draws it from them, 20% of each class), or give it some with "
+                          f"test split is empty, such an ingest draws it from them, {state.config.split.test_fraction:.0%} of each class), or give it some with "
                           "`loop ingest ... --split test`")
     missing_classes = [name for i, name in enumerate(state.config.classes) if i not in present]
     if missing_classes:

@@ -191,7 +191,8 @@ def simulate(settings: SimulationSettings, *, console: Console) -> dict[str, Any
     try:
         layout, files, _notes = discover_source(settings.source.expanduser().resolve(), unlabeled=False)
     except IngestError as error:  # QA: "ingest it with --unlabeled", an option simulate does not have (it needs labels)
-        raise IngestError(str(error).replace("ingest it with --unlabeled, or give", "loop simulate needs labels: give class folders or")) from None
+        raise IngestError(str(error).replace("ingest it with --unlabeled, or give", "loop simulate needs labels: give class folders or")
+                          .replace("or ingest with --unlabeled", "or leave them out: loop simulate needs labels")) from None
     truth = _one_path_per_image(files, console=console)
     # A CSV source may name each photo's physical part: the test split then holds whole parts, and so do the folds.
     parts = {str(f.path.resolve()): f.part for f in files if f.part} or None

@@ -121,7 +121,8 @@ def plot_training_curves(histories: dict[str, list[dict[str, float]]], path: Pat
     figure.suptitle(title)
     # QA: train accuracy seemed to "drop" after epoch 0, and train loss sat above validation loss
     figure.text(0.5, 0.005, "train: the mean over each epoch's batches while learning (augmented when augmentation is on; loss with label "
-                "smoothing and class weights); epoch 0 (before any learning) and validation: measured in evaluation mode, without augmentation",
+                "smoothing and class weights); epoch 0 (the frozen backbone and its head, before fine-tuning) and validation: measured in "
+                "evaluation mode, without augmentation",
                 ha="center", va="bottom", fontsize=7, wrap=True)
     figure.tight_layout(rect=(0, 0.06, 1, 1))
     figure.savefig(path, dpi=110)

@@ -289,9 +289,29 @@ def test_a_copied_project_starts_from_and_shows_only_its_own_round_files(tmp_pat
     assert source.checkpoint == copy / "artifacts" / "round-001" / "model.pt"
     assert "round 1" in source.description and "round 2 has none here" in source.description
     shutil.rmtree(copy / "artifacts")
-    with pytest.raises(FileNotFoundError, match=r"has 2 completed rounds, and none's model checkpoint is in .*metal-copy/artifacts any more"):
+    with pytest.raises(FileNotFoundError, match=r"has 2 completed rounds that made a model, and none of those checkpoints is in .*metal-copy/artifacts any more"):
         resolve_init_source(copy)  # QA: it said "run a round there first" to a project of rounds whose files were deleted
     status = json.loads(CliRunner().invoke(app, ["status", "--project", str(copy), "--json"]).output)
     assert status["project"]["project_dir"] == str(copy) and status["project"]["root_dir"] == str(original)
     assert [r["artifacts"]["model_checkpoint"] for r in status["rounds"]] == [
         str(copy / "artifacts" / f"round-{n:03d}" / "model.pt") for n in (1, 2)]  # where they belong here (deleted), not the original's
+
+
+def test_init_from_a_project_of_cold_starts_only_says_it_has_no_model_yet(tmp_path):
+    # review: a project whose only completed round was a cold start (no model written) was told its checkpoints were
+    # "deleted by hand, or the project moved"
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.init_source import resolve_init_source
+    from loop.project import open_project
+    from store.db import session_scope
+    from store.models import Project, Round
+
+    source = tmp_path / "cold"
+    assert CliRunner().invoke(app, ["init", str(source), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+    with session_scope(open_project(source).engine) as session:
+        session.add(Round(project_id=session.query(Project.id).scalar(), number=1, status="completed", details={"cold_start": {"reason": "x"}},
+                          artifacts={}))
+    with pytest.raises(FileNotFoundError, match="has no completed round with a model checkpoint: run a round there first"):
+        resolve_init_source(source)

@@ -158,9 +158,16 @@ def test_training_section_says_what_the_history_shows() -> None:
 
     transferred = SimpleNamespace(**{**vars(collapsed), "collapsed": None, "init_from": init_from_of({"init_from": {
         "checkpoint": "/p/models/init_from.pt", "source": "/metal/artifacts/round-004/model.pt", "head_used": False,
-        "head": "head not transferred: classes ['broken'] are not in the source model's ['crazing', 'scratches']"}})})
+        "head": "head not transferred: classes ['broken'] are not in the source model's ['crazing', 'scratches']", "test_images_it_learned_from": 21}})})
+    shown = unescape(training_section(transferred))
     assert ("Started from another project's model: /metal/artifacts/round-004/model.pt. Head not transferred: classes ['broken'] are "
-            "not in the source model's ['crazing', 'scratches']; this round's network did not start from that head.") in unescape(training_section(transferred))
+            "not in the source model's ['crazing', 'scratches']; this round's network did not start from that head.") in shown
+    assert "21 labeled test images are images that model learned from: the test figures overstate the transfer." in shown
+    # the training record's notes, as status --json and the API give them (review)
+    noted = SimpleNamespace(**{**vars(collapsed), "collapsed": None, "training": training_of({"training": {
+        "strategy": "full", "n_fit": 9, "history": epochs, "best_epoch": 0, "options_not_used_by_head": [],
+        "early_stopping_note": "validation holds only 'good' images: the kept epoch was chosen by how few of them it got wrong"}})})
+    assert "Validation holds only 'good' images: the kept epoch was chosen by how few of them it got wrong." in unescape(training_section(noted))
 
 
 def test_the_issue_queue_says_when_the_latest_round_recorded_no_label_error(writable_store) -> None:  # noqa: ANN001
