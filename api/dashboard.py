@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html import escape
 from typing import Annotated
@@ -395,17 +395,24 @@ def issue_queue_table(issues: Sequence[LabelIssueRow], total: int, round_number:
     )
 
 
+def _thumbnail(image_id: int | None, token_query: str) -> str:
+    """An image as the model sees it, with its id: "–" for none."""
+    if image_id is None:
+        return "–"
+    image_query = f"{token_query}&amp;view=display" if token_query else "?view=display"
+    return f'<img class="thumb" loading="lazy" alt="image {image_id}" src="/images/{image_id}{image_query}"> <span class="image-id">{image_id}</span>'
+
+
+def _more_rows(shown: int, total: int, round_id: int, kind: str) -> str:
+    return (f'<p class="more">Showing {shown} of {total}; the rest: <code>GET /rounds/{round_id}/label-issues?kind={kind}&amp;offset={shown}</code></p>'
+            if total > shown else "")
+
+
 def near_copies_table(issues: Sequence[LabelIssueRow], total: int, round_number: int, round_id: int, token_query: str) -> str:
     """Each image flagged as a near-copy beside the copy it was found with: a pair across the test split scores the model
     on an image it trained on (the README promised this card; the dashboard had only a count)."""
     if not issues:
         return '<p class="empty">No near-copies found.</p>'
-    image_query = f"{token_query}&amp;view=display" if token_query else "?view=display"
-
-    def thumb(image_id: int | None) -> str:
-        return "–" if image_id is None else (f'<img class="thumb" loading="lazy" alt="image {image_id}" src="/images/{image_id}{image_query}"> '
-                                             f'<span class="image-id">{image_id}</span>')
-
     shown: set[frozenset[int | None]] = set()
     pairs = []
     for issue in issues:  # each pair once: both its images are flagged, each naming the other (QA: 22 rows for 11 pairs)
@@ -413,14 +420,10 @@ def near_copies_table(issues: Sequence[LabelIssueRow], total: int, round_number:
         if pair not in shown:
             shown.add(pair)
             pairs.append(issue)
-    rows = "".join(f'<tr class="near-copy" data-image-id="{issue.image_id}" data-copy-id="{issue.related_image_id or ""}"><td>{position}</td>'
-                   f'<td>{thumb(issue.image_id)}</td><td>{thumb(issue.related_image_id)}</td><td>{escape(issue.given_label or "unlabeled")}</td>'
-                   f'<td>{_fmt(issue.score, 3)}</td></tr>' for position, issue in enumerate(pairs, start=1))
-    more = (f'<p class="more">Showing {len(issues)} of {total}; the rest: <code>GET /rounds/{round_id}/label-issues?kind=near_duplicate&amp;'
-            f'offset={len(issues)}</code></p>' if total > len(issues) else "")
-    return (f'<table class="issues near-copies" data-round="{round_number}"><thead><tr><th>#</th><th>image</th><th>its near-copy</th>'
-            f'<th>label</th><th title="1 minus the pixel correlation of the two: lower is a closer copy">quality</th></tr></thead>'
-            f'<tbody>{rows}</tbody></table>{more}')
+    return _image_pair_table("near-copy", "near-copies", "data-copy-id", pairs, shown_of=len(issues), total=total, round_number=round_number,
+                             round_id=round_id, token_query=token_query, kind="near_duplicate", second="its near-copy",
+                             quality_title="1 minus the pixel correlation of the two: lower is a closer copy",
+                             label_of=lambda issue: issue.given_label)
 
 
 def outliers_table(issues: Sequence[LabelIssueRow], total: int, round_number: int, round_id: int, token_query: str) -> str:
@@ -428,20 +431,21 @@ def outliers_table(issues: Sequence[LabelIssueRow], total: int, round_number: in
     view but the API's label-issue query and the export showed which; one was a wrong test label)."""
     if not issues:
         return '<p class="empty">No outliers found.</p>'
-    image_query = f"{token_query}&amp;view=display" if token_query else "?view=display"
+    return _image_pair_table("outlier", "outliers", "data-nearest-id", issues, shown_of=len(issues), total=total, round_number=round_number,
+                             round_id=round_id, token_query=token_query, kind="outlier", second="its nearest image",
+                             quality_title="lower is farther from its neighbours than its class usually is",
+                             label_of=lambda issue: issue.current_label or issue.given_label)
 
-    def thumb(image_id: int | None) -> str:
-        return "–" if image_id is None else (f'<img class="thumb" loading="lazy" alt="image {image_id}" src="/images/{image_id}{image_query}"> '
-                                             f'<span class="image-id">{image_id}</span>')
 
-    rows = "".join(f'<tr class="outlier" data-image-id="{issue.image_id}"><td>{position}</td><td>{thumb(issue.image_id)}</td>'
-                   f'<td>{thumb(issue.related_image_id)}</td><td>{escape(issue.current_label or issue.given_label or "unlabeled")}</td>'
-                   f'<td>{_fmt(issue.score, 3)}</td></tr>' for position, issue in enumerate(issues, start=1))
-    more = (f'<p class="more">Showing {len(issues)} of {total}; the rest: <code>GET /rounds/{round_id}/label-issues?kind=outlier&amp;'
-            f'offset={len(issues)}</code></p>' if total > len(issues) else "")
-    return (f'<table class="issues outliers" data-round="{round_number}"><thead><tr><th>#</th><th>image</th><th>its nearest image</th>'
-            f'<th>label</th><th title="lower is farther from its neighbours than its class usually is">quality</th></tr></thead>'
-            f'<tbody>{rows}</tbody></table>{more}')
+def _image_pair_table(row_class: str, table_class: str, related_attribute: str, issues: Sequence[LabelIssueRow], *, shown_of: int, total: int, round_number: int, round_id: int,
+                      token_query: str, kind: str, second: str, quality_title: str, label_of: Callable[[LabelIssueRow], str | None]) -> str:
+    """Flagged images, each beside the image it was found with (its copy, its nearest neighbour)."""
+    rows = "".join(f'<tr class="{row_class}" data-image-id="{issue.image_id}" {related_attribute}="{issue.related_image_id or ""}"><td>{position}</td>'
+                   f'<td>{_thumbnail(issue.image_id, token_query)}</td><td>{_thumbnail(issue.related_image_id, token_query)}</td>'
+                   f'<td>{escape(label_of(issue) or "unlabeled")}</td><td>{_fmt(issue.score, 3)}</td></tr>' for position, issue in enumerate(issues, start=1))
+    return (f'<table class="issues {table_class}" data-round="{round_number}"><thead><tr><th>#</th><th>image</th><th>{second}</th>'
+            f'<th>label</th><th title="{quality_title}">quality</th></tr></thead><tbody>{rows}</tbody></table>'
+            f'{_more_rows(shown_of, total, round_id, kind)}')
 
 
 def _shown_status(summary: RoundSummary) -> str:

@@ -66,7 +66,7 @@ def test_outliers_are_listed_beside_their_nearest_image() -> None:
     rows = [LabelIssueRow(id=1, round_id=3, image_id=453, kind="outlier", given_label="good", suggested_label=None, score=0.12, flagged=True,
                           rank=0, current_label="good", related_image_id=17)]
     html = outliers_table(rows, 5, 3, 30, "?token=t")
-    assert '<tr class="outlier" data-image-id="453">' in html and 'src="/images/17?token=t&amp;view=display"' in html
+    assert '<tr class="outlier" data-image-id="453" data-nearest-id="17">' in html and 'src="/images/17?token=t&amp;view=display"' in html
     assert "<td>good</td><td>0.12</td>" in html and "label-issues?kind=outlier&amp;offset=1" in html
 
 
