@@ -150,7 +150,8 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
         assert choice["n_picked_negatives"] == len(picked_good) >= 1
         assert choice["n_sampled_negatives"] + choice["n_picked_negatives"] == choice["n_negatives"]
         assert choice["n_sampled_negatives"] >= 20 and choice["rule"] == "stratified"
-        assert 0 <= choice["estimated_population_fpr"] <= 0.03
+        # under the gate but for one sampled good part the decision forgives and the estimate counts
+        assert 0 <= choice["estimated_population_fpr"] <= 0.03 + 1 / choice["n_sampled_negatives"]
         assert round_two.details["estimated_metrics"]["negative_fpr"] == choice["estimated_population_fpr"]
 
     status = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)

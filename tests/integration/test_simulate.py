@@ -58,7 +58,9 @@ def test_simulate_runs_every_strategy_on_the_same_split_and_keeps_picked_good_pa
         else:  # the good parts earlier `default` batches asked about are counted apart from the 40 seed labels
             assert picked_good >= 1  # by round 3 `default` has asked about good parts in this fixture
             assert choice["n_picked_negatives"] == picked_good and choice["n_sampled_negatives"] >= 20
-            assert choice["rule"] == "stratified" and 0.0 <= choice["estimated_population_fpr"] <= 0.03
+            # the decision keeps the estimate under the gate but for one sampled good part it forgives, which the
+            # estimate counts (a random sample's share is what it says of the unlabeled ones)
+            assert choice["rule"] == "stratified" and 0.0 <= choice["estimated_population_fpr"] <= 0.03 + 1 / choice["n_sampled_negatives"]
 
 
 def test_simulate_from_a_manifest_with_parts_keeps_each_part_on_one_side(tmp_path: Path) -> None:
