@@ -21,7 +21,7 @@ from sqlalchemy.exc import DatabaseError
 from sqlalchemy.exc import InterfaceError as DatabaseInterfaceError
 from sqlalchemy.exc import OperationalError as DatabaseOperationalError
 
-from loop.config import INIT_CHECKPOINT, AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, save_config, validation_problems
+from loop.config import INIT_CHECKPOINT, AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, config_path, path_beside, save_config, validation_problems
 from loop.ingest import IngestError, ingest_source
 from loop.project import (ProjectBusy, add_project_row, check_store_is_free, open_project, open_project_store, project_lock,
                           labels_left_out, project_lock_held, remove_project_row, sync_project_classes)
@@ -79,13 +79,6 @@ def clear_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_USAGE) from None
 
 
-def _as_stored(path: Path, project_dir: Path) -> str:
-    """A path for loop.toml: relative to the project folder when inside it, so the folder can move as a whole (QA: a
-    moved demo project's oracle read the manifest at its old place), else absolute."""
-    path, root = path.expanduser().resolve(), project_dir.expanduser().resolve()
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-
-
 def _split_classes(value: str) -> list[str]:
     return [c.strip() for c in value.split(",") if c.strip()]
 
@@ -124,7 +117,7 @@ def init(
                                   bit_depth=int(bit_depth) if bit_depth.strip().isdigit() else bit_depth.strip(), pooling=pooling, train=train,
                                   init_from=str(init_from) if init_from else None),
                 loop=LoopConfig(budget_per_round=budget, strategy=strategy),
-                annotator=AnnotatorConfig(backend=annotator, oracle_manifest=_as_stored(oracle_manifest, project_dir) if oracle_manifest else None,
+                annotator=AnnotatorConfig(backend=annotator, oracle_manifest=path_beside(oracle_manifest, project_dir) if oracle_manifest else None,
                                           oracle_noise=oracle_noise),
             )
         except ValidationError as error:

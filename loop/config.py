@@ -273,6 +273,13 @@ class ConfigError(ValueError):
     """loop.toml is missing, unreadable or invalid; the message says which key and why."""
 
 
+def path_beside(path: Path, folder: Path) -> str:
+    """`path` relative to `folder` when it lies inside it, else absolute: a project folder (with loop.toml's oracle
+    manifest) or a manifest's folder (with its images) can then move as a whole (QA: a moved demo named the old place)."""
+    path, folder = path.expanduser().resolve(), folder.expanduser().resolve()
+    return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
+
+
 def config_path(project_dir: Path) -> Path:
     return project_dir / CONFIG_FILE
 

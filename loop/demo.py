@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from sqlalchemy import select
 
-from loop.config import AnnotatorConfig, LoopConfig, ProjectConfig, config_path, save_config
+from loop.config import AnnotatorConfig, LoopConfig, ProjectConfig, config_path, path_beside, save_config
 from loop.ingest import ingest_source
 from loop.project import check_store_is_free, create_project_store, open_project, project_lock
 from loop.round import RoundOptions, run_round
@@ -36,7 +36,7 @@ def run_demo(project_dir: Path, *, n_rounds: int, n_images: int, seed: int, cons
                             "crack": "jagged dark line", "patch": "rectangle of rougher texture (rare)"},
         loop=LoopConfig(budget_per_round=30, strategy="default", relabel_budget=5, seed=seed),
         # relative to the project folder, which can then move as a whole (QA: the moved demo's oracle looked in the old place)
-        annotator=AnnotatorConfig(backend="oracle", oracle_manifest=str(dataset.ground_truth_csv.resolve().relative_to(project_dir.resolve()))),
+        annotator=AnnotatorConfig(backend="oracle", oracle_manifest=path_beside(dataset.ground_truth_csv, project_dir)),
     )
     project_dir.mkdir(parents=True, exist_ok=True)
     create_project_store(project_dir, config)

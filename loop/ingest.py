@@ -194,8 +194,9 @@ def _images_below(folder: Path, skipped: SkippedFiles, *, walked: Sequence[Path]
     return sorted(found)
 
 
-def discover_source(source: Path, *, unlabeled: bool) -> tuple[str, list[SourceFile], list[str]]:
-    """(layout, files with labels, notes). Layouts: manifest (CSV path,label), mvtec, folders, unlabeled."""
+def discover_source(source: Path, *, unlabeled: bool, needs_labels: bool = False) -> tuple[str, list[SourceFile], list[str]]:
+    """(layout, files with labels, notes). Layouts: manifest (CSV path,label), mvtec, folders, unlabeled.
+    needs_labels: the caller has no unlabeled ingest to suggest (`loop simulate`)."""
     if not source.exists():
         raise IngestError(f"{source} does not exist")
     if not _utf8(source):
@@ -220,9 +221,12 @@ def discover_source(source: Path, *, unlabeled: bool) -> tuple[str, list[SourceF
         files = [SourceFile(p, d.name.strip()) for d in class_dirs for p in _images_below(d, skipped, walked=class_dirs)]
         loose = [p for p in source.iterdir() if is_image_file(p)]
         if loose and files:
-            raise IngestError(f"{source} mixes class folders with {len(loose)} loose images; move them into a class folder or ingest with --unlabeled")
-        if loose:
-            raise IngestError(f"{source} holds images but no class folders: ingest it with --unlabeled, or give a CSV manifest (path,label)")
+            raise IngestError(f"{source} mixes class folders with {len(loose)} loose images; move them into a class folder or "
+                              + ("leave them out: loop simulate needs labels" if needs_labels else "ingest with --unlabeled"))
+        if loose:  # (QA: simulate was told "ingest it with --unlabeled", an option it does not have)
+            raise IngestError(f"{source} holds images but no class folders: "
+                              + ("loop simulate needs labels: give class folders or" if needs_labels else "ingest it with --unlabeled, or give")
+                              + " a CSV manifest (path,label)")
         layout, notes = "folders", []
     skipped_note = skipped.note()
     if skipped_note:

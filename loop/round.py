@@ -1901,11 +1901,14 @@ def _relabel_requests(state: RoundState, budget: int) -> list[dict]:
         suspects = {row["image_id"] for row in state.label_issue_rows}
         unrecorded = [(image_id, round_id, started) for image_id, round_id, started in unrecorded if image_id in suspects]
         if unrecorded:
-            events = session.execute(select(LabelEvent.image_id, LabelEvent.label, LabelEvent.round_id, LabelEvent.created_at, LabelEvent.id)
-                                     .where(LabelEvent.image_id.in_({image_id for image_id, _, _ in unrecorded}), LabelEvent.action == "set")).all()
+            events_of: dict[int, list] = defaultdict(list)
+            for event_image, *event in session.execute(
+                    select(LabelEvent.image_id, LabelEvent.label, LabelEvent.round_id, LabelEvent.created_at, LabelEvent.id)
+                    .where(LabelEvent.image_id.in_({image_id for image_id, _, _ in unrecorded}), LabelEvent.action == "set")):
+                events_of[event_image].append(event)
             for image_id, round_id, started in unrecorded:
-                before = [(_aware(created), event_id, label) for event_image, label, event_round, created, event_id in events if event_image == image_id
-                          and ((event_round is not None and event_round <= round_id) or (event_round is None and _aware(created) <= _aware(started)))]
+                before = [(_aware(created), event_id, label) for label, event_round, created, event_id in events_of[image_id]
+                          if (event_round is not None and event_round <= round_id) or (event_round is None and _aware(created) <= _aware(started))]
                 if before:
                     questioned.add((image_id, max(before)[2]))
     fresh = [row for row in state.label_issue_rows if (row["image_id"], row["given_label"]) not in questioned]

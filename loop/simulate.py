@@ -26,7 +26,7 @@ from rich.markup import escape
 from sqlalchemy import select
 
 from loop.config import AnnotatorConfig, ConfigError, LoopConfig, ModelConfig, ProjectConfig, check_strategy_name, save_config
-from loop.ingest import IngestError, assign_splits, discover_source, ingest_source, inspect_file
+from loop.ingest import assign_splits, discover_source, ingest_source, inspect_file
 from loop.project import create_project_store, default_store_url, open_project
 from loop.round import RoundOptions, run_round
 from modeling.plots import plot_gate_panels
@@ -188,11 +188,7 @@ def simulate(settings: SimulationSettings, *, console: Console) -> dict[str, Any
     _check_settings(settings)
     # absolute: each run's project resolves relative paths (the oracle's ground truth) against its own directory
     settings.out = settings.out.expanduser().resolve()
-    try:
-        layout, files, _notes = discover_source(settings.source.expanduser().resolve(), unlabeled=False)
-    except IngestError as error:  # QA: "ingest it with --unlabeled", an option simulate does not have (it needs labels)
-        raise IngestError(str(error).replace("ingest it with --unlabeled, or give", "loop simulate needs labels: give class folders or")
-                          .replace("or ingest with --unlabeled", "or leave them out: loop simulate needs labels")) from None
+    layout, files, _notes = discover_source(settings.source.expanduser().resolve(), unlabeled=False, needs_labels=True)
     truth = _one_path_per_image(files, console=console)
     # A CSV source may name each photo's physical part: the test split then holds whole parts, and so do the folds.
     parts = {str(f.path.resolve()): f.part for f in files if f.part} or None

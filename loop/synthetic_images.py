@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from loop.config import path_beside
+
 DEFAULT_CLASS_SHARES = {"good": 0.60, "scratch": 0.13, "spot": 0.12, "crack": 0.10, "patch": 0.05}
 
 
@@ -140,18 +142,11 @@ def write_partial_manifest(dataset: SyntheticDataset, *, path: Path, labeled_fra
             if rng.random() < label_noise:
                 given = str(rng.choice([c for c in classes if c != label]))
                 wrong.append(index)
-        rows.append((_beside(image_path, path), given))
-    rows += [(_beside(p, path), "good") for p in dataset.corrupt_paths]
+        rows.append((path_beside(image_path, path.parent), given))
+    rows += [(path_beside(p, path.parent), "good") for p in dataset.corrupt_paths]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label"])
         writer.writerows(rows)
     return path, wrong
 
-
-def _beside(image_path: Path, manifest: Path) -> str:
-    """The image's path relative to the manifest's folder when it lies under it (as ground_truth.csv has them): the
-    folder can move as a whole and be ingested again from the same manifest (QA: a moved demo's labels.csv named the
-    old place); else absolute."""
-    image_path, folder = image_path.resolve(), manifest.resolve().parent
-    return str(image_path.relative_to(folder)) if image_path.is_relative_to(folder) else str(image_path)

@@ -115,34 +115,34 @@ def _checkpoint_problems(checkpoint: dict[str, Any]) -> str:
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any] | None:
+    return _checkpoint_or_why_not(path)[0]
+
+
+def _checkpoint_or_why_not(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """(the checkpoint, "") or (None, why not: "" for another kind of file; a torch file, one begun as torch.save writes
+    them (a zip archive), that cannot be read is said as truncated or damaged (QA: both were told the same))."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return None
-    if isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT:
-        return checkpoint
-    return None
-
-
-def _damage(path: Path) -> str:
-    """Why a file that begins as torch.save writes them (a zip archive) could not be read: truncated or damaged, not
-    some other kind of file (QA: both were told the same)."""
-    try:
-        with open(path, "rb") as handle:
-            if handle.read(4) != b"PK\x03\x04":
-                return ""
-        torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - the reason is what is shown
-        return f": it is a torch file that cannot be read, truncated or damaged ({type(error).__name__}: {str(error)[:120]}); copy it again"
-    return ""
+        try:
+            with open(path, "rb") as handle:
+                torch_file = handle.read(4) == b"PK\x03\x04"
+        except OSError:
+            torch_file = False
+        return None, (f": it is a torch file that cannot be read, truncated or damaged ({type(error).__name__}: {str(error)[:120]}); copy it again"
+                      if torch_file else "")
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT:
+        return checkpoint, ""
+    return None, ""
 
 
 def find_model_checkpoint(path: str | Path) -> Path:
     """A checkpoint file as given, or the newest checkpoint anywhere under a project directory."""
     path = Path(path).expanduser()
     if path.is_file():
-        if _read_checkpoint(path) is None:
-            raise ValueError(f"{path} is not a defect-loop model checkpoint (format {CHECKPOINT_FORMAT}){_damage(path)}")
+        checkpoint, why_not = _checkpoint_or_why_not(path)
+        if checkpoint is None:
+            raise ValueError(f"{path} is not a defect-loop model checkpoint (format {CHECKPOINT_FORMAT}){why_not}")
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"--init-from {path}: no such file or directory")

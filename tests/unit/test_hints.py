@@ -23,6 +23,9 @@ def test_simulate_on_loose_images_asks_for_labels_not_for_an_option_it_lacks(tmp
     result = CliRunner().invoke(app, ["simulate", str(tmp_path / "loose"), "--negative-class", "good", "--out", str(tmp_path / "out")])
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "loop simulate needs labels: give class folders or a CSV manifest" in said and "--unlabeled" not in said, said
+    _png(tmp_path / "loose" / "good" / "a.png", 200)  # class folders beside the loose images (review: still "--unlabeled")
+    mixed = " ".join(CliRunner().invoke(app, ["simulate", str(tmp_path / "loose"), "--negative-class", "good", "--out", str(tmp_path / "out")]).output.split())
+    assert "leave them out: loop simulate needs labels" in mixed and "--unlabeled" not in mixed, mixed
 
 
 def test_a_first_ingest_too_small_to_draw_a_test_split_says_what_draws_it(tmp_path: Path) -> None:
