@@ -73,14 +73,27 @@ def plot_gates_over_rounds(*, rounds: list[int], gate_series: dict[str, list[flo
 GATE_TITLES = {"macro_f1": "macro F1 (>= gate)", "defect_recall": "defect recall (>= gate)", "negative_fpr": "FPR on the good class (<= gate)"}
 
 
+SERIES_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+
+
+def series_styles(count: int) -> list[dict[str, object]]:
+    """Line styles for `count` series drawn on one axis, each drawn smaller and hollow over the earlier ones: two
+    projects (or strategies) with equal values on a round showed only the last drawn's marker (review), now both."""
+    sizes = np.linspace(11.0, 4.0, count) if count > 1 else [6.0]
+    return [{"marker": SERIES_MARKERS[i % len(SERIES_MARKERS)], "markersize": float(sizes[i]),
+             "fillstyle": "none" if i < count - 1 else "full", "linewidth": 1.4 if i == count - 1 else 1.0,
+             "linestyle": ("-", "--", "-.", ":")[i % 4], "alpha": 0.9} for i in range(count)]
+
+
 def plot_gate_panels(*, panels: dict[str, dict[str, tuple[list[int], list[float | None]]]], thresholds: dict[str, float | None],
                      path: Path, title: str) -> Path:
     """One panel per gate: a line per series (x = labels used), the gate's threshold dashed. None values (a gate
     that does not apply) are gaps."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (gate, series) in zip(axes[0], panels.items()):
-        for name, (xs, ys) in series.items():
-            ax.plot(xs, [np.nan if y is None else y for y in ys], marker=".", label=name)
+        styles = series_styles(len(series))
+        for (name, (xs, ys)), style in zip(series.items(), styles):
+            ax.plot(xs, [np.nan if y is None else y for y in ys], label=name, **style)
         if thresholds.get(gate) is not None:
             ax.axhline(thresholds[gate], color="black", linestyle="--", label=f"gate {thresholds[gate]:g}")
         ax.set_title(GATE_TITLES.get(gate, gate), fontsize=10)

@@ -23,3 +23,20 @@ def test_training_curves_draw_the_validation_macro_f1_that_chooses_the_kept_epoc
     assert drawn["validation macro F1 (chooses the kept epoch)"] == pytest.approx([0.6, 0.7, 0.8])
     assert "validation macro F1 (chooses the kept epoch)" not in {line.get_label() for line in loss_axis.get_lines()}
     assert any("without augmentation" in text.get_text() for text in figure.texts)
+
+
+def test_series_with_equal_values_keep_every_marker_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # review: two compared projects with the same values on a round showed only the last drawn's marker
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    same = ([40, 60, 80], [0.5, 0.7, 0.9])
+    plots.plot_gate_panels(panels={"macro_f1": {"a": same, "b": same, "c": same}}, thresholds={"macro_f1": 0.7},
+                           path=tmp_path / "gates.png", title="t")
+    (figure,) = figures
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    drawn = [lines[name] for name in ("a", "b", "c")]
+    assert len({line.get_marker() for line in drawn}) == 3
+    sizes = [line.get_markersize() for line in drawn]
+    # each later series is drawn smaller, and every one but the last hollow, so an earlier one shows around it
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 3
+    assert [line.get_fillstyle() for line in drawn] == ["none", "none", "full"]
