@@ -152,6 +152,8 @@ class ThresholdChoiceOut(Schema):
     observed_fpr: float | None = Field(default=None, description="the labeled good parts' FPR at the deployed threshold")
     fpr_upper_bound: float | None = Field(default=None, description="its one-sided Clopper-Pearson upper bound ([model] threshold_confidence)")
     estimated_population_fpr: float | None = Field(default=None, description='"stratified" rule: the FPR estimate over every good part of the pool')
+    n_sampled_negatives_above: int | None = Field(default=None, description='"stratified" rule: good parts labeled at random (not picked) at '
+                                                                            "or above the threshold; the rule forgives one, the estimate counts it")
 
 
 class UnfamiliarBatchOut(Schema):

@@ -38,6 +38,9 @@ class ThresholdChoice:
     # the rule's threshold before it was moved to the middle of the gap between the labeled scores around it
     # (`middle_of_the_gap`; the floor too): the decisions on the labeled images are the same at both
     rule_threshold: float | None = None
+    # stratified rule: sampled good parts at or above the threshold. One is forgiven by the decision but counted by
+    # the estimate, which then may read over the gate by that one part (1 / n_sampled of the unlabeled ones)
+    n_sampled_negatives_above: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -328,6 +331,7 @@ def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_
         threshold, rule = by_pool, "pool"
     predicted_defect = p_defect >= threshold
     false_positives = int(predicted_defect[~is_defect].sum())
+    sampled_above = int((negatives[~picked_negative] >= threshold).sum()) if rule == "stratified" else None
     return ThresholdChoice(
         threshold=threshold, max_fpr=max_fpr, confidence=confidence, n_negatives=n_negatives, n_defects=n_defects,
         allowed_false_positives=allowed, rank_threshold=by_rank, tail_threshold=by_tail,
@@ -335,7 +339,7 @@ def choose_defect_threshold(*, p_defect: np.ndarray, is_defect: np.ndarray, max_
         fpr_upper_bound=fpr_upper_bound(false_positives, n_negatives, confidence),
         observed_defect_recall=float(predicted_defect[is_defect].mean()) if n_defects else None,
         margin_attainable=attainable, source=source, rule=rule, n_sampled_negatives=n_sampled, n_picked_negatives=n_picked,
-        estimated_population_fpr=population_fpr, rule_threshold=rule_threshold,
+        estimated_population_fpr=population_fpr, rule_threshold=rule_threshold, n_sampled_negatives_above=sampled_above,
     )
 
 

@@ -160,6 +160,8 @@ class ThresholdSummary:
     observed_fpr: float | None = None
     fpr_upper_bound: float | None = None
     estimated_population_fpr: float | None = None
+    # stratified rule: sampled good parts above the threshold; the rule forgives one, its estimate counts it
+    n_sampled_negatives_above: int | None = None
 
 
 @dataclass(frozen=True)
@@ -720,6 +722,7 @@ def threshold_of(details: dict[str, Any] | None) -> ThresholdSummary | None:
         rule=_str_or_none(raw.get("rule")), n_picked_negatives=_int_or_none(raw.get("n_picked_negatives")),
         fpr_estimated_over="pool" if _finite_or_none(raw.get("estimated_population_fpr")) is not None else ("labeled" if estimated else None),
         allowed_false_positives=_int_or_none(raw.get("allowed_false_positives")),
+        n_sampled_negatives_above=_int_or_none(raw.get("n_sampled_negatives_above")),
         **{key: _finite_or_none(raw.get(key)) for key in ("rule_threshold", "rank_threshold", "tail_threshold", "observed_fpr", "fpr_upper_bound",
                                                           "estimated_population_fpr")})
 

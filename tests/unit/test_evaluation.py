@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy.stats import beta, norm
@@ -393,3 +395,25 @@ def test_a_class_without_test_images_has_no_recall_nor_f1_and_one_never_predicte
     assert metrics["per_class"]["spot"] == {"precision": 0.0, "recall": None, "f1": None, "support": 0}
     assert metrics["per_class"]["scratch"] == {"precision": None, "recall": 0.0, "f1": 0.0, "support": 1}
     assert metrics["per_class"]["good"]["f1"] == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))
+
+
+def test_an_estimate_over_the_gate_by_the_one_forgiven_sampled_part_says_so() -> None:
+    # review: "already breaks the 3% gate" read as a threshold chosen wrong where the estimate is over only by the one
+    # sampled good part the rule declines to sit above
+    rng = np.random.default_rng(3)
+    sampled = np.append(rng.beta(2, 40, 28), 0.998)
+    picked = rng.beta(3, 6, 150)
+    p_defect = np.concatenate([sampled, picked, rng.beta(30, 2, 60)])
+    is_defect = np.arange(len(p_defect)) >= len(sampled) + len(picked)
+    actively_picked = (np.arange(len(p_defect)) >= len(sampled)) & ~is_defect
+    choice = choose_defect_threshold(p_defect=p_defect, is_defect=is_defect, max_fpr=0.03, actively_picked=actively_picked,
+                                     n_unlabeled_negatives=500.0)
+    assert choice.rule == "stratified" and choice.n_sampled_negatives_above == 1
+    assert choice.estimated_population_fpr > 0.03
+    from loop.round import fpr_estimate_sentence
+    sentence = fpr_estimate_sentence(choice, fpr_estimate=choice.estimated_population_fpr, fpr_max=0.03)
+    assert "by one part" in sentence and "1/29" in sentence and "breaks" not in sentence
+    # two sampled parts above are a tail: that estimate does break the gate
+    two_above = dataclasses.replace(choice, n_sampled_negatives_above=2)
+    assert "already breaks the 3% gate" in fpr_estimate_sentence(two_above, fpr_estimate=0.05, fpr_max=0.03)
+    assert fpr_estimate_sentence(choice, fpr_estimate=0.02, fpr_max=0.03) == " The loop's own FPR estimate is 2.0%."

@@ -108,7 +108,7 @@ def seed(session, project_dir: Path) -> SeededStore:  # noqa: ANN001
                         "threshold_source": "out_of_fold", "out_of_fold": {"n_folds": 5, "model": "finetune", "epochs": 2},
                         "threshold_choice": {"threshold": 0.41, "n_negatives": 48, "n_defects": 20, "margin_attainable": True, "source": "out_of_fold",
                                              "rule": "stratified", "n_picked_negatives": 12, "estimated_population_fpr": 0.021,
-                                             "rule_threshold": 0.3, "rank_threshold": 0.45, "tail_threshold": 0.2, "allowed_false_positives": 1,
+                                             "rule_threshold": 0.3, "rank_threshold": 0.45, "tail_threshold": 0.2, "allowed_false_positives": 1, "n_sampled_negatives_above": 1,
                                              "observed_fpr": 0.0208, "fpr_upper_bound": 0.0561},
                         "collapse_check": {"test_split": False, "every_image_predicted_as": None},
                         "estimated_metrics": {"macro_f1": 0.81, "defect_recall": 0.9, "negative_fpr": 0.021}})
