@@ -920,6 +920,20 @@ def _test_labels_changed_of(details: dict) -> dict[str, int] | None:
     return {key: int(raw[key]) for key in ("since_round", "relabeled", "newly_labeled", "no_longer_labeled") if isinstance(raw.get(key), int)}
 
 
+def data_issue_counts(session: Session, *, rounds: list[Round]) -> dict[int, dict[str, int | None]]:
+    """Per round: images its near-copy and outlier checks found, as `round_report` counts them (the API's and the
+    dashboard's figure), for `loop status` (review: status read only the record, and said null where the API gave the
+    stored rows of a round recorded before the count was)."""
+    stored: dict[int, dict[str, int]] = defaultdict(dict)
+    for round_id, kind, count in session.execute(
+            select(LabelIssue.round_id, LabelIssue.kind, func.count(LabelIssue.id))
+            .where(LabelIssue.round_id.in_([r.id for r in rounds]), LabelIssue.kind.in_(("near_duplicate", "outlier")))
+            .group_by(LabelIssue.round_id, LabelIssue.kind)):
+        stored[round_id][kind] = count
+    return {r.id: {"near_duplicates": _found_count(r.details or {}, "near_duplicates", stored[r.id].get("near_duplicate")),
+                   "outliers": _found_count(r.details or {}, "outliers", stored[r.id].get("outlier"))} for r in rounds}
+
+
 def _found_count(details: dict, kind: str, stored_rows: int | None) -> int | None:
     """Images a round's data-quality step found (near_duplicates, outliers): its recorded count, else its stored rows;
     None when the round has no data-quality record (it never checked)."""
