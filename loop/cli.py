@@ -271,7 +271,10 @@ def round_command(
         last_round_before = _latest_round(ctx)
         try:
             with project_lock(ctx.root, action="loop round", engine=ctx.engine), sigterm_as_interrupt():
-                # torch & co. load once the project is ours: a busy project is said at once, not after 20 s of imports (QA)
+                # torch & co. load once the project is ours: a busy project is said at once, not after 20 s of imports (QA);
+                # a killed round is recorded as failed before them (QA: status showed it alive for those ~10 s)
+                from loop.stale_rounds import record_stale_rounds
+                record_stale_rounds(ctx, console=console)
                 from loop.round import RoundOptions, run_round
 
                 outcome = run_round(ctx, RoundOptions(train_strategy=train, annotator=annotator, show_progress=not quiet,

@@ -11,7 +11,6 @@ fails leaves what earlier steps committed (pulled labels, quarantined files) int
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import shutil
 import tempfile
@@ -34,6 +33,7 @@ from loop.config import INIT_CHECKPOINT
 from loop.errors import RoundFailed
 from loop.ingest import MOVED_OR_CHANGED, inspect_file, part_splits, place_labeled_image
 from loop.selection_index import load_or_update_index
+from loop.stale_rounds import keep_failure_reason, record_stale_rounds, when
 from loop.project import ProjectContext, sync_project_classes
 from modeling.anomaly import (
     MIN_GOOD_IMAGES, BlendedClassifierNetwork, PatchAnomalyNetwork, PatchFeatureNetwork, blend_probabilities, compute_patch_features,
@@ -69,7 +69,7 @@ from store.models import (AnnotationTask, GateResult, Image, IngestBatch, LabelE
                           Selection)
 from store.queries import (ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number, resolve_label,
                            requeue_newest_asks, standing_answer_times)
-from store.reports import GATE_METRICS, as_utc, gate_values_text, ingest_batches_text
+from store.reports import GATE_METRICS, gate_values_text, ingest_batches_text
 
 # Rounds looked back for the last push that closed every reopened task it was told to; none among them: every
 # answered ask is named again (a task that always fails to close keeps the window from moving, and the warning says so).
@@ -1606,7 +1606,7 @@ def check_coverage(state: RoundState) -> None:
         members = groups == batch_id
         info = batches.get(batch_id)
         row = {"ingest_batch_id": int(batch_id), "ingest_batch_ids": batches_of[batch_id],
-               "source": source_of(batch_id), "ingested_at": _when(info.created_at) if info else None,
+               "source": source_of(batch_id), "ingested_at": when(info.created_at) if info else None,
                "n_images": int(members.sum()), "unlike_training_labels": by_training.get(batch_id), "unlike_test_labels": by_test.get(batch_id),
                "n_labeled_train_validation": int((members & labeled & ~in_test).sum()), "n_labeled_test": int((members & labeled & in_test).sum()),
                "n_unlabeled_test": int((members & ~labeled & in_test).sum()), "n_drawn_into_test_now": len(sampled.get(batch_id, [])),
@@ -2627,39 +2627,6 @@ def _drop_failed_round_models(state: RoundState) -> None:
         pass
 
 
-def _failure_note(root: Path, round_id: int) -> Path:
-    return root / f".round-{round_id}-failure.txt"
-
-
-def _keep_failure_reason(root: Path, round_row: tuple[int, int, str] | None, reason: str) -> None:
-    """Best effort (the disk may be full): why a round (id, number, started_at) failed, for the next round to record.
-    The number and start time go with it: another store, or a store made again, reuses round ids."""
-    if round_row is None:
-        return
-    round_id, number, started_at = round_row
-    try:
-        _failure_note(root, round_id).write_text(json.dumps({"number": number, "started_at": started_at, "reason": reason[:2000]}) + "\n")
-    except OSError:
-        pass
-
-
-def _kept_failure_reason(root: Path, stale: Round) -> str | None:
-    """The reason kept for this very round (its number and start time match), else None. The note is removed by the
-    caller once the round's new state is committed."""
-    try:
-        note = json.loads(_failure_note(root, stale.id).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(note, dict) or note.get("number") != stale.number or note.get("started_at") != _when(stale.started_at):
-        return None
-    return f"{note.get('reason')} (recorded by the next round: the store could not be written when it failed)"
-
-
-def _when(moment: datetime | None) -> str | None:
-    # in UTC without a zone: SQLite hands it back without one (it is UTC), PostgreSQL in the session's zone
-    return None if moment is None else as_utc(moment).replace(tzinfo=None).isoformat()
-
-
 def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, console: Console | None = None) -> RoundOutcome:
     options = options or RoundOptions()
     console = console or Console()
@@ -2667,6 +2634,7 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
     if options.write_artifacts:
         _check_artifacts_writable(ctx.artifacts_dir)
     state = RoundState(ctx=ctx, options=options, console=console)
+    record_stale_rounds(ctx, console=console)  # `loop round` did it before its imports; a caller of its own may not have
     with session_scope(ctx.engine) as session:
         project = get_project(session)
         classes_changed = sync_project_classes(session, project, ctx.config, project_dir=ctx.root)  # ConfigError: a class left out still labels images
@@ -2674,24 +2642,13 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
             state.details["classes_changed"] = classes_changed
             console.print(f"classes from loop.toml: {', '.join(ctx.config.classes)} (negative: {ctx.config.negative_class}); "
                           f"were {', '.join(classes_changed['before']['classes'])} (negative: {classes_changed['before']['negative_class']})")
-        recorded_notes = []
-        for stale in session.scalars(select(Round).where(Round.project_id == project.id, Round.status == "running")):
-            kept = _kept_failure_reason(ctx.root, stale)
-            stale.status, stale.error = "failed", kept or "interrupted (the process ended before the round finished)"
-            if kept:
-                recorded_notes.append(_failure_note(ctx.root, stale.id))
-            # said: `loop status` gives only the newest failure's reason (QA: a killed round turned "failed" without a word)
-            console.print(f"[yellow]note:[/] round {stale.number} was still recorded as running, and no process holds the project: "
-                          f"recorded as failed: {escape(stale.error)}")
         state.number = next_round_number(session, project.id)
         state.last_ingest_at_start = session.scalar(select(func.max(IngestBatch.id)).where(IngestBatch.project_id == project.id)) or 0
         round_row = Round(project_id=project.id, number=state.number, status="running", config_snapshot=_config_snapshot(ctx.config))
         session.add(round_row)
         session.flush()
         state.round_id = round_row.id
-        round_identity = (round_row.id, round_row.number, _when(round_row.started_at))  # for a failure the store cannot take
-    for note in recorded_notes:  # the reasons kept for rounds just recorded as failed: in the store now
-        note.unlink(missing_ok=True)
+        round_identity = (round_row.id, round_row.number, when(round_row.started_at))  # for a failure the store cannot take
     step_name = ""
     steps = [*ROUND_STEPS, record_round]
     recorded = False  # the last step committed the round as completed
@@ -2730,7 +2687,7 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
                 round_row.details = _jsonable({**state.details, "traceback": traceback.format_exc(limit=8)})
         except Exception as unrecorded:  # the store itself failed too (a full disk, a lost server): its error must not hide
             # the round's, and the next round records the reason kept beside loop.toml instead of "the process ended"
-            _keep_failure_reason(ctx.root, round_identity, reason)
+            keep_failure_reason(ctx.root, round_identity, reason)
             console.print(f"[yellow]warning:[/] the round's failure could not be recorded in the store ({type(unrecorded).__name__}: "
                           f"{str(unrecorded).splitlines()[0][:200]}); the next `loop round` records it")
         raise

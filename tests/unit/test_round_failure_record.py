@@ -11,6 +11,7 @@ from sqlalchemy.exc import OperationalError
 from typer.testing import CliRunner
 
 from loop import round as round_module
+from loop import stale_rounds
 from loop.cli import app
 from loop.project import open_project
 from store import session_scope
@@ -63,15 +64,14 @@ def test_a_failure_the_store_cannot_record_is_shown_as_itself_and_recorded_by_th
     (note,) = project.glob(".round-*-failure.txt")
 
     # the next round's first transaction fails too (the store is still in trouble): the note stays for the one after
-    def store_still_gone(session, project_id):  # noqa: ANN001, ANN202
-        raise OperationalError("SELECT max(number)", {}, Exception("server closed the connection"))
+    def store_still_gone(engine):  # noqa: ANN001, ANN202
+        raise OperationalError("UPDATE rounds", {}, Exception("server closed the connection"))
 
-    real_next = round_module.next_round_number
-    monkeypatch.setattr(round_module, "next_round_number", store_still_gone)
+    monkeypatch.setattr(stale_rounds, "session_scope", store_still_gone)
     with pytest.raises(OperationalError):
         round_module.run_round(open_project(project))
     assert note.exists()
-    monkeypatch.setattr(round_module, "next_round_number", real_next)
+    monkeypatch.setattr(stale_rounds, "session_scope", real_scope)
 
     def stop(state) -> None:  # noqa: ANN001
         raise Stop
@@ -179,3 +179,23 @@ def test_a_failure_after_the_round_was_recorded_completed_leaves_it_so(tmp_path:
     with session_scope(open_project(project).engine) as session:
         assert session.scalars(select(Round)).one().status == "completed"
     assert (project / "artifacts" / "round-001" / "model.onnx").is_file() and not list(project.glob(".round-*-failure.txt"))
+
+
+def test_a_killed_round_is_recorded_as_failed_before_the_next_round_loads_its_libraries(new_project, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    # QA: for the ~10 s the next `loop round` spent importing torch & co., holding the project, `loop status` showed
+    # the SIGKILLed round as alive
+    import sys
+    import types
+
+    from store.queries import get_project
+
+    with session_scope(new_project.engine) as session:
+        session.add(Round(project_id=get_project(session).id, number=1, status="running"))
+    # the round module "still loading": its import fails here, after the project was taken
+    monkeypatch.setitem(sys.modules, "loop.round", types.ModuleType("loop.round"))
+    result = runner.invoke(app, ["round", "--project", str(new_project.root)])
+    assert result.exit_code != 0
+    with session_scope(new_project.engine) as session:
+        killed = session.scalars(select(Round).where(Round.number == 1)).one()
+        assert (killed.status, killed.error) == ("failed", "interrupted (the process ended before the round finished)")
+    assert "round 1 was still recorded as running" in " ".join(result.output.split())
