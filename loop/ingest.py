@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from labeling.manifests import read_table
 from loop.project import ProjectContext, sync_project_classes
+from modeling.png_check import png_rows_missing
 from modeling.preprocessing import MIN_IMAGE_SIDE, pixel_depth
 from modeling.progress import progress_bar
 from store import session_scope
@@ -334,6 +336,8 @@ def inspect_file(path: Path, *, bit_depth: int | None = None) -> FileCheck:
     sha = hashlib.sha256(data).hexdigest()
     try:
         with PILImage.open(path) as image:
+            if image.format == "PNG" and (missing := png_rows_missing(io.BytesIO(data))):  # Pillow would fill them with black
+                return FileCheck(sha, stat.st_size, stat.st_mtime_ns, None, None, f"cannot decode: {missing}")
             image.load()  # decodes every pixel: a truncated file fails here, not in the middle of a round
             width, height = image.size
             if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # turned a quarter by its EXIF orientation
