@@ -143,7 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _check_store(url)
     if ":memory:" not in url:
         upgrade_schema(url)  # a store made by an older defect-loop gets the newer columns (a no-op when current)
-    engine = create_db_engine(url)
+    engine = create_db_engine(url, create_missing_file=False)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -13,6 +13,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
@@ -38,14 +39,16 @@ def shown_url(url: str) -> str:
         return repr(url)
 
 
-def create_db_engine(url: str) -> Engine:
+def create_db_engine(url: str, *, create_missing_file: bool = True) -> Engine:
+    """create_missing_file=False (the API): a SQLite file that is not there is an error, not a new empty store
+    (review: a store moved away while `loop serve` ran left an empty loop.db in its place, /health "ok")."""
     try:
         drivername = make_url(url).drivername
     except ArgumentError:
         raise StoreUnavailable(f"the store's URL {url!r} is not a database URL (e.g. sqlite:////path/loop.db or "
                                "postgresql+psycopg://user@host/dbname): check database_url in loop.toml, or LOOP_DATABASE_URL") from None
     try:
-        return _create_engine(url)
+        return _create_engine(url, create_missing_file=create_missing_file)
     except (ArgumentError, ImportError) as error:  # an unknown dialect, or its driver not installed
         hint = " (pip install -e '.[postgres]' installs psycopg: postgresql+psycopg://...)" if drivername.startswith("postgresql") else ""
         raise StoreUnavailable(f"no database driver for the store at {shown_url(url)}: {error}{hint}") from None
@@ -69,10 +72,23 @@ def _switch_to_wal(cursor, *, wait_seconds: float = SQLITE_BUSY_SECONDS) -> None
             time.sleep(0.02)
 
 
-def _create_engine(url: str) -> Engine:
+# libpq defaults for a PostgreSQL store (a URL's own query wins): a server that stops answering, rather than refusing
+# (a host gone from the network), failed no request: each waited for TCP's own timeouts, minutes (review: /health
+# and every route hung; enough of them would hold the API's every thread)
+POSTGRES_CONNECT_DEFAULTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                             "keepalives_count": 3, "tcp_user_timeout": 30_000}
+
+
+def _create_engine(url: str, *, create_missing_file: bool = True) -> Engine:
     if url.startswith("sqlite"):
         # A round and the API may touch one SQLite file at once: wait instead of failing.
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
+        database = make_url(url).database
+        if not create_missing_file and database and database != ":memory:" and not database.startswith("file:"):
+            only_if_there = f"file:{quote(str(Path(database).resolve()))}?mode=rw"
+            engine = create_engine(url, creator=lambda: sqlite3.connect(only_if_there, uri=True, timeout=SQLITE_BUSY_SECONDS,
+                                                                       check_same_thread=False))
+        else:
+            engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
@@ -82,6 +98,9 @@ def _create_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
+    if make_url(url).drivername.startswith("postgresql+psycopg"):
+        own = set(make_url(url).query)
+        return create_engine(url, pool_pre_ping=True, connect_args={k: v for k, v in POSTGRES_CONNECT_DEFAULTS.items() if k not in own})
     return create_engine(url, pool_pre_ping=True)
 
 
@@ -285,14 +304,17 @@ def database_error_reason(error: BaseException) -> str:
 
 def store_connection_lost(error: BaseException) -> bool:
     """Whether a database error means the store went away (server stopped or restarting, network, connection killed),
-    not a bug, a schema problem, a lock timeout or a full disk, which must show as what they are. SQLite has no
-    server to lose."""
+    not a bug, a schema problem, a lock timeout or a full disk, which must show as what they are. A SQLite store is
+    lost when its file cannot be opened any more."""
     if not isinstance(error, DBAPIError):
         return False
     if error.connection_invalidated:
         return True
     orig = error.orig
-    if orig is None or type(orig).__module__.startswith("sqlite3"):
+    if orig is not None and type(orig).__module__.startswith("sqlite3"):
+        # the file moved or deleted while in use (the API opens it without creating it): gone, as a server can be
+        return isinstance(orig, sqlite3.OperationalError) and "unable to open database file" in str(orig)
+    if orig is None:
         return False
     sqlstate = getattr(orig, "sqlstate", None)
     # no SQLSTATE: the client could not talk to the server at all; 08: connection exception; 57P01-03: shutdown

@@ -140,6 +140,33 @@ def test_the_api_answers_503_while_the_store_is_unreachable(tmp_path: Path, monk
         assert client.get("/rounds/1", headers={"Authorization": "Bearer " + "t" * 32}).status_code == 500
 
 
+def test_a_sqlite_store_moved_away_while_the_api_serves_is_503_and_no_empty_store_is_left_in_its_place(tmp_path: Path) -> None:
+    # review: a new connection made an empty loop.db where the store was; /health said ok, every data route a 500
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    project_dir = tmp_path / "project"
+    assert runner.invoke(app, ["init", str(project_dir), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+    headers = {"Authorization": "Bearer " + "t" * 32}
+    application = create_app(Settings(project_dir=project_dir, api_token=SecretStr("t" * 32)))
+    with TestClient(application, raise_server_exceptions=False) as client:
+        assert client.get("/projects", headers=headers).status_code == 200
+        moved = tmp_path / "moved"
+        moved.mkdir()
+        for path in project_dir.glob("loop.db*"):
+            path.rename(moved / path.name)
+        application.state.engine.dispose()  # the next request opens a new connection, as a busy server's pool does
+        assert client.get("/health").status_code == 503
+        assert client.get("/projects", headers=headers).status_code == 503
+        assert not list(project_dir.glob("loop.db*"))
+        for path in moved.glob("loop.db*"):  # put back: answered again
+            path.rename(project_dir / path.name)
+        assert client.get("/projects", headers=headers).status_code == 200
+
+
 def test_only_a_lost_connection_reads_as_a_lost_store(tmp_path: Path) -> None:
     # a schema problem in SQLite is an OperationalError too: it must show as itself, not as "lost the store"
     from sqlalchemy import text

@@ -308,3 +308,40 @@ def test_an_api_requests_reads_see_the_postgres_store_at_one_moment(postgres, re
     engine.dispose()
     before, during, after = reads_see_one_moment(url, project_id)
     assert (during, after) == (before, before + 1)
+
+
+def test_a_postgres_server_that_stops_answering_gives_503_not_a_request_that_hangs(postgres, tmp_path: Path) -> None:  # noqa: ANN001
+    # review: a server that stops answering (a host gone from the network; here its postmaster stopped) left /health
+    # and every route waiting on TCP for minutes, where a refused connection gave 503 at once
+    import os
+    import signal
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    url = postgres.new_database()
+    project = tmp_path / "project"
+    invoke("init", str(project), "--classes", "good,dent", "--negative-class", "good", "--database-url", url)
+    application = create_app(Settings(project_dir=project, database_url=url, api_token=SecretStr(TOKEN)))
+    with TestClient(application) as client:
+        assert client.get("/health").status_code == 200
+        application.state.engine.dispose()  # the next request needs a new connection, which the postmaster makes
+        os.kill(postgres.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            health = client.get("/health")
+            projects = client.get("/projects", headers={"Authorization": f"Bearer {TOKEN}"})
+            waited = time.monotonic() - started
+        finally:
+            os.kill(postgres.pid, signal.SIGCONT)
+            # run as root, the server's parent is runuser, which stops itself when its child stops (job control)
+            # and would hold the fixture's shutdown: it continues the server too
+            parent = int(Path(f"/proc/{postgres.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent != os.getpid():
+                os.kill(parent, signal.SIGCONT)
+        assert (health.status_code, projects.status_code) == (503, 503)
+        assert waited < 30  # the connect timeout, twice; not TCP's minutes
+        assert client.get("/health").status_code == 200  # back once it answers
