@@ -39,6 +39,9 @@ logger = logging.getLogger("defect_loop.api")
 FULL_TOKEN_BEFORE_BODY = frozenset({("POST", "/predict")})
 
 
+WEBHOOK_MAX_BYTES = 5 * 1024 * 1024  # a Label Studio event: the task, its answer and the project's settings
+
+
 class RequestSizeLimit:
     """Refuse a request whose body is larger than the upload limits allow: by its Content-Length before reading it,
     and while reading a body sent without one (chunked); uploads without a valid full-access token before reading."""
@@ -54,8 +57,10 @@ class RequestSizeLimit:
             return
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            detail = f"request body larger than the limit of {self.max_bytes} bytes" if length.isdigit() else "invalid Content-Length"
+        # the webhook's JSON events are small: the upload limit (675 MB by default) let a body that size be parsed (review)
+        max_bytes = WEBHOOK_MAX_BYTES if scope["path"].startswith("/webhooks/") else self.max_bytes
+        if length is not None and (not length.isdigit() or int(length) > max_bytes):
+            detail = f"request body larger than the limit of {max_bytes} bytes" if length.isdigit() else "invalid Content-Length"
             await JSONResponse(status_code=413 if length.isdigit() else 400, content={"detail": detail})(scope, receive, send)
             return
         if (scope["method"], scope["path"].rstrip("/") or "/") in FULL_TOKEN_BEFORE_BODY:
@@ -72,8 +77,8 @@ class RequestSizeLimit:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:  # FastAPI turns an HTTPException raised while reading the body into its response
-                raise HTTPException(413, detail=f"request body larger than the limit of {self.max_bytes} bytes")
+            if received > max_bytes:  # FastAPI turns an HTTPException raised while reading the body into its response
+                raise HTTPException(413, detail=f"request body larger than the limit of {max_bytes} bytes")
             return message
 
         await self.app(scope, counted, send)

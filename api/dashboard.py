@@ -680,4 +680,16 @@ def dashboard(
         outliers = (latest.summary.id, latest.summary.number, max(page.total, latest.n_outliers or 0), page.items)
     token_query = f"?{urlencode({'token': token})}" if token else ""
     return HTMLResponse(render_dashboard(progress, latest=latest, confusion=confusion, issues=issues, token_query=escape(token_query),
-                                         near_copies=near_copies, outliers=outliers))
+                                         near_copies=near_copies, outliers=outliers), headers=DASHBOARD_HEADERS)
+
+
+# The page carries its token in every link (review: no header kept it out of caches and Referer headers). It has no
+# script; styles are inline; images are the API's own.
+DASHBOARD_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+}

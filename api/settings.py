@@ -40,6 +40,15 @@ class Settings(BaseSettings):
         # and " abc" could never match: the token sent is stripped
         return (value.strip() or None) if isinstance(value, str) else value
 
+    @field_validator("api_token", "api_read_token", "labelstudio_webhook_secret")
+    @classmethod
+    def _printable_ascii(cls, value: SecretStr | None) -> SecretStr | None:
+        # review: a token with "ö" never matched: clients send header bytes as UTF-8, the server reads them as latin-1
+        if value is not None and not all(" " < character < "\x7f" for character in value.get_secret_value()):
+            raise ValueError("must be printable ASCII without spaces (letters, digits, punctuation): "
+                             "HTTP headers carry other characters in encodings clients and servers disagree on, so it would never match")
+        return value
+
     @field_validator("api_read_token")
     @classmethod
     def _read_token_differs(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:

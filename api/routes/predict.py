@@ -28,6 +28,11 @@ _model_lock = threading.Lock()
 DEFAULT_THRESHOLD = 0.5
 
 
+# The formats of the files ingest takes (loop.ingest.IMAGE_SUFFIXES): no other Pillow plugin reads an upload (review:
+# an EPS would be handed to Ghostscript where it is installed)
+UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+
+
 class ImageRejected(ValueError):
     """An upload that is not a decodable image."""
 
@@ -48,7 +53,7 @@ def decode_image(data: bytes, *, filename: str | None, bit_depth: int | None = N
     if not data:
         raise ImageRejected(f"{name!r} is empty")
     try:
-        with PILImage.open(io.BytesIO(data)) as opened:
+        with PILImage.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as opened:
             width, height = opened.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageTooLarge(f"{name!r} has {width}x{height} pixels; at most {max_pixels} are decoded (resize it first)")
@@ -64,7 +69,7 @@ def decode_image(data: bytes, *, filename: str | None, bit_depth: int | None = N
     except ImageRejected:
         raise
     except UnidentifiedImageError:
-        raise ImageRejected(f"{name!r} is not an image PIL can read (unknown format)") from None
+        raise ImageRejected(f"{name!r} is not an image PIL can read as {', '.join(UPLOAD_FORMATS)} (the formats ingest takes)") from None
     except PILImage.DecompressionBombError as exc:  # over PIL's own guard, whatever max_pixels says: ingest quarantines these too
         raise ImageTooLarge(f"{name!r} has too many pixels: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:

@@ -109,3 +109,17 @@ def test_an_empty_token_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch
     assert (settings.api_token, settings.api_read_token, settings.labelstudio_webhook_secret) == (None, None, None)
     monkeypatch.setenv("LOOP_API_TOKEN", " chosen\n")  # the token sent is stripped: kept as is, it could never match
     assert Settings().api_token.get_secret_value() == "chosen"
+
+
+@pytest.mark.parametrize("variable", ["LOOP_API_TOKEN", "LOOP_API_READ_TOKEN", "LOOP_LABELSTUDIO_WEBHOOK_SECRET"])
+def test_a_token_a_header_cannot_carry_alike_everywhere_is_refused_at_start(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    # review: "tökén-full-123456" never matched: curl sends the header as UTF-8, the server reads it as latin-1 (401)
+    from pydantic import ValidationError
+
+    from api.settings import Settings
+
+    monkeypatch.setenv(variable, "tökén-full-123456")
+    with pytest.raises(ValidationError, match="printable ASCII"):
+        Settings()
+    monkeypatch.setenv(variable, "plain-ASCII_token.123~!")
+    assert getattr(Settings(), variable.removeprefix("LOOP_").lower()).get_secret_value() == "plain-ASCII_token.123~!"

@@ -217,3 +217,11 @@ def test_a_threshold_changed_between_rounds_is_drawn_per_round() -> None:
     steady = gate_chart(GateSeries(name="macro_f1", comparison=">=", threshold=0.7, values=[0.65, 0.78], thresholds=[0.7, 0.7],
                                    passed=[False, True], applicable=[True, True]), [1, 2])
     assert len(re.findall(r'<line class="threshold"', steady)) == 1 and "round 2: 0.78 (pass)" in steady
+
+
+def test_the_dashboard_keeps_its_token_out_of_caches_referers_and_frames(client: TestClient) -> None:
+    # review: the page puts its token in every link, and had no header to keep it from caches or other sites
+    response = client.get("/dashboard?token=read-secret-token")
+    assert response.status_code == 200
+    assert response.headers["cache-control"] == "no-store" and response.headers["referrer-policy"] == "no-referrer"
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"] and response.headers["x-frame-options"] == "DENY"
