@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,6 +32,11 @@ DEFAULT_THRESHOLD = 0.5
 # The formats of the files ingest takes (loop.ingest.IMAGE_SUFFIXES): no other Pillow plugin reads an upload (review:
 # an EPS would be handed to Ghostscript where it is installed)
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+
+
+# Full-size decodes at once, over every request: each may hold a frame of max_upload_pixels (179 MP by default: ~780
+# MB) until it is resized, and the server runs 40 requests at once (review: memory, not the CPU, ran out first)
+FULL_SIZE_DECODES = threading.BoundedSemaphore(max(1, min(os.cpu_count() or 1, 4)))
 
 
 class ImageRejected(ValueError):
@@ -200,8 +206,9 @@ def predict(
     images: list[PILImage.Image] = []
     for upload, data in zip(files, uploads):  # decoded as the round's model decoded its images (the camera's bits)
         try:
-            images.append(decode_image(data, filename=upload.filename, bit_depth=bit_depth, image_size=image_size,
-                                       max_pixels=settings.max_upload_pixels))
+            with FULL_SIZE_DECODES:
+                images.append(decode_image(data, filename=upload.filename, bit_depth=bit_depth, image_size=image_size,
+                                           max_pixels=settings.max_upload_pixels))
         except ImageTooLarge as exc:
             raise HTTPException(413, detail=str(exc)) from None
         except ImageRejected as exc:

@@ -275,3 +275,37 @@ def test_an_answer_says_when_the_model_serving_it_failed_its_gates(writable_stor
         response = client.post("/predict", headers=full_headers, files=_files(("grey.png", png_bytes((128, 128, 128)), "image/png")))
     assert response.status_code == 200, response.text
     assert (response.json()["all_gates_passed"], sorted(response.json()["failed_gates"])) == (False, ["latency_ms", "macro_f1"])
+
+
+def test_requests_at_once_decode_no_more_full_size_images_at_once_than_the_cap(client: TestClient, full_headers: dict[str, str],
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # review: 40 requests at once could each hold a 179 MP frame (~780 MB) while decoding it
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from api.routes import predict
+
+    real_decode, lock, state = predict.decode_image, threading.Lock(), {"now": 0, "most": 0}
+
+    def slow_decode(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.05)
+        try:
+            return real_decode(*args, **kwargs)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(predict, "decode_image", slow_decode)
+    cap = predict.FULL_SIZE_DECODES._initial_value
+
+    def one(index: int) -> int:
+        return client.post("/predict", headers=full_headers, files=_files((f"{index}.png", png_bytes((index, 9, 9)), "image/png"))).status_code
+
+    with ThreadPoolExecutor(max_workers=3 * cap) as pool:
+        codes = list(pool.map(one, range(3 * cap)))
+    assert codes == [200] * (3 * cap)
+    assert 1 <= state["most"] <= cap
