@@ -568,6 +568,8 @@ def rename_class(
     new: Annotated[str, typer.Argument(help="a class of loop.toml (edit loop.toml first)")],
     project: ProjectOption,
     merge: Annotated[bool, typer.Option("--merge", help="NEW already labels images: merge OLD into it (cannot be undone)")] = False,
+    flip_defect: Annotated[bool, typer.Option("--flip-defect", help="OLD labeled defects and NEW is the negative class, or the other "
+                                                                    "way round: its images change sides for the gates")] = False,
 ) -> None:
     """Move the answers naming a class to its new name in loop.toml: the store's (rewritten in place: the label history
     then says NEW) and, when images have tasks in Label Studio, the answers, guesses and questions there too, whose
@@ -604,6 +606,18 @@ def rename_class(
                     # with Label Studio, OLD may be named there only: the store cannot tell a typo, so the advice says both
                     typo = "" if answers_naming(old) else f" (no stored answer says {old!r}: check its spelling; Label Studio's answers may still name it)"
                     raise ConfigError(f"{new!r} already labels images: renaming {old!r} to it merges the two classes for good; give --merge to do so{typo}")
+                was_negative, becomes_negative = old == project_row.negative_class, new == ctx.config.negative_class
+                if ctx.config.negative_class is not None and was_negative != becomes_negative and not flip_defect:
+                    # QA: `rename-class fray free --merge` turned 18 defects, 4 of them in the frozen test split, into good
+                    # parts without a word; the FPR and recall gates then counted them as such
+                    labeled = (select(func.count(func.distinct(Image.id))).select_from(LabelEvent).join(Image, Image.id == LabelEvent.image_id)
+                               .where(Image.project_id == project_row.id, LabelEvent.label == old))
+                    n_labeled, n_test = session.scalar(labeled) or 0, session.scalar(labeled.where(Image.split == "test")) or 0
+                    sides = ("defects", f"good parts ({new!r} is the negative class)") if becomes_negative else (
+                        f"good parts ({old!r} was the negative class)", "defects")
+                    raise ConfigError(f"{old!r} labeled {sides[0]}: renaming it to {new!r} makes its {n_labeled} labeled images "
+                                      f"({n_test} in the frozen test split) {sides[1]}, and the recall and FPR gates count them so from "
+                                      "the next round. Give --flip-defect to do so. Nothing was changed")
                 still_left_out = sorted(labels_left_out(session, project_row, ctx.config.classes) - {old})
                 if still_left_out:  # checked before Label Studio is touched: the store's side must then go through
                     # one class at a time (QA: with two renamed in loop.toml, each rename named the other as to do first)

@@ -256,3 +256,37 @@ def test_an_export_names_an_older_rounds_predictions_by_the_classes_renamed_sinc
         (record,) = list(image_records(session, project, source))
     assert record["predicted_label"] == "scratch" and record["p_scratch"] == pytest.approx(0.9) and record["p_good"] == pytest.approx(0.1)
     assert "p_spot" not in record
+
+
+def test_a_rename_that_turns_defects_into_good_parts_or_back_needs_flip_defect(tmp_path: Path, class_folders: Path) -> None:
+    # QA: `rename-class fray free --merge` made 18 defects, 4 of them in the frozen test split, good parts without a word
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.config import load_config, save_config
+    from loop.project import open_project
+    from store.queries import current_labels
+
+    project, runner = tmp_path / "line", CliRunner()
+    assert runner.invoke(app, ["init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good"]).exit_code == 0
+    assert runner.invoke(app, ["ingest", str(class_folders), "--project", str(project), "--quiet"]).exit_code == 0
+    config = load_config(project)
+    config.classes = ["good", "scratch", "spot"]
+    save_config(project, config)
+    refused = runner.invoke(app, ["rename-class", "patch", "good", "--merge", "--project", str(project)])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "'patch' labeled defects: renaming it to 'good' makes its 6 labeled images (1 in the frozen test split) good parts" in said, said
+    assert "--flip-defect" in said
+    with session_scope(open_project(project).engine) as session:
+        assert sum(label.label == "patch" for label in current_labels(session, 1).values()) == 6  # nothing changed
+    # another defect class is no flip
+    assert runner.invoke(app, ["rename-class", "patch", "spot", "--merge", "--project", str(project)]).exit_code == 0
+    # the negative class renamed as the negative class is no flip either; renamed into a defect class, it is
+    config.classes, config.negative_class = ["ok", "scratch", "spot"], "ok"
+    save_config(project, config)
+    assert runner.invoke(app, ["rename-class", "good", "ok", "--project", str(project)]).exit_code == 0
+    config.classes, config.negative_class = ["scratch", "spot", "good"], "good"  # 'ok', the store's negative class, left out
+    save_config(project, config)
+    flipped = runner.invoke(app, ["rename-class", "ok", "scratch", "--merge", "--project", str(project)])
+    assert flipped.exit_code == 2 and "'ok' labeled good parts ('ok' was the negative class)" in " ".join(flipped.output.split())
+    assert runner.invoke(app, ["rename-class", "ok", "scratch", "--merge", "--flip-defect", "--project", str(project)]).exit_code == 0
