@@ -340,7 +340,8 @@ def training_section(report: RoundReport) -> str:
         rows = "".join(f'<tr data-class="{escape(name)}"><td>{escape(name)}</td><td>{"not estimated: under 20 labels" if rate is None else f"{rate:.1%}"}</td></tr>'
                        for name, rate in quality.noise_rate_per_class.items())
         asked = f"; {quality.already_questioned} not sent again (asked before with the same label)" if quality.already_questioned else ""
-        parts.append(f'<p class="noise-summary">Estimated label noise per class (cleanlab, out-of-fold): {_fmt(quality.n_flagged, 0)} suspects flagged{asked}.</p>'
+        weak = f' <b>Read with care: {escape(quality.weak_model_note)}.</b>' if quality.weak_model_note else ""
+        parts.append(f'<p class="noise-summary">Estimated label noise per class (cleanlab, out-of-fold): {_fmt(quality.n_flagged, 0)} suspects flagged{asked}.{weak}</p>'
                      f'<table class="noise"><thead><tr><th>given class</th><th>P(true class differs)</th></tr></thead><tbody>{rows}</tbody></table>')
     return "".join(parts)
 

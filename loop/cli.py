@@ -428,6 +428,8 @@ def print_round(outcome) -> None:  # noqa: ANN001
                      + (f" (labeled images of {', '.join(data_quality['outliers']['groups_not_judged'])} not judged: under 20 images)"
                         if data_quality["outliers"].get("groups_not_judged") else "") if near else "")
                   + f" · {_selected_for_labeling(details.get('push') or {})} · total {outcome.timings_s.get('total', 0):.1f} s")
+    if details["label_quality"].get("weak_model_note"):
+        console.print(f"[yellow]note:[/] label issues: {escape(details['label_quality']['weak_model_note'])}")
     plots = [outcome.artifacts.get(name) for name in ("confusion_matrix_png", "gates_png", "training_curves_png")]
     console.print("plots: " + ", ".join(str(path) for path in plots if path))
 

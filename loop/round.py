@@ -54,7 +54,8 @@ from modeling.finetune import finetuned_out_of_fold_probabilities, trains_on_cac
 from modeling.inference import OnnxClassifier
 from modeling.image_detail import DETAIL_BLUR_SIGMA, DETAIL_SIZE, PairCorrelationCache, correlation_version, detail_thumbnails
 from modeling.progress import progress_bar
-from modeling.label_quality import DEFAULT_KNN_NEIGHBORS, connected_groups, find_label_issues, find_near_duplicates, find_outliers, near_duplicate_work, out_of_fold_probabilities
+from modeling.label_quality import (DEFAULT_KNN_NEIGHBORS, connected_groups, find_label_issues, find_near_duplicates, find_outliers, near_duplicate_work,
+                                    out_of_fold_probabilities, weak_model_note)
 from modeling.neighbor_graph import GRAPH_NEIGHBORS, NeighborGraphCache, nearest_neighbors
 from modeling.latency import measure_onnx_latency
 from modeling.onnx_export import export_onnx
@@ -1293,7 +1294,9 @@ def flag_label_issues(state: RoundState) -> None:
         })
     state.label_issue_rows = rows
     state.suggested_labels = {row["position"]: row["suggested_label"] for row in rows}
+    accuracy = report.summary.get("out_of_fold_accuracy")
     state.details["label_quality"] = {"n_flagged": len(rows), "noise_rate_per_class": report.noise_rate_per_class, "summary": report.summary,
+                                      "out_of_fold_accuracy": accuracy, "weak_model_note": weak_model_note(accuracy),
                                       **({"neighbor_graph": graph.status} if graph is not None else {})}
     flagged = np.zeros(len(positions), dtype=bool)
     flagged[np.asarray(report.ranked_issue_indices, dtype=np.int64)] = True
