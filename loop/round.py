@@ -1050,20 +1050,25 @@ def score_anomalies(state: RoundState) -> None:
         state.details["anomaly"] = {"method": "none", "reason": f"needs >= {MIN_GOOD_IMAGES} labeled good parts and a labeled defect (have {n_good} and {int(is_defect.sum())})"}
         return
     features_at = _patch_features(state)
-    fitted = fit_patch_anomaly(
-        patch_features=features_at(state.oof_positions), is_defect=is_defect, p_defect_out_of_fold=1.0 - state.calibrated_oof_probabilities[:, negative],
-        bank_size=model.anomaly_bank_size, seed=state.config.loop.seed, groups=state.oof_groups,
-    )
-    # Labeled defects were already scored against the whole bank by the fit: search only the other images.
     labeled_defects = state.oof_positions[is_defect]
-    scores = np.empty(len(state.hashes), dtype=np.float64)
-    scores[labeled_defects] = fitted.labeled_scores[is_defect]
     others = np.setdiff1d(np.arange(len(state.hashes)), labeled_defects)
-    # read from the cache a chunk at a time: every image's features at once were 60 KB each (6 GB for 100k images),
-    # held twice by the fancy index
-    for start in range(0, len(others), ANOMALY_SCORING_CHUNK):
-        chunk = others[start:start + ANOMALY_SCORING_CHUNK]
-        scores[chunk] = fitted.scores(features_at(chunk))
+    # QA: 1-2 minutes without a word on 8000 images, the bank's greedy picks most of it
+    work = min(model.anomaly_bank_size, n_good * patch_grid(state.preprocessing.image_size) ** 2) + n_good + len(others)
+    with progress_bar(f"anomaly scores: a memory bank from {n_good} good parts, then every image", total=work,
+                      enabled=state.options.show_progress) as advance:
+        fitted = fit_patch_anomaly(
+            patch_features=features_at(state.oof_positions), is_defect=is_defect, p_defect_out_of_fold=1.0 - state.calibrated_oof_probabilities[:, negative],
+            bank_size=model.anomaly_bank_size, seed=state.config.loop.seed, groups=state.oof_groups, tick=advance,
+        )
+        # Labeled defects were already scored against the whole bank by the fit: search only the other images.
+        scores = np.empty(len(state.hashes), dtype=np.float64)
+        scores[labeled_defects] = fitted.labeled_scores[is_defect]
+        # read from the cache a chunk at a time: every image's features at once were 60 KB each (6 GB for 100k images),
+        # held twice by the fancy index
+        for start in range(0, len(others), ANOMALY_SCORING_CHUNK):
+            chunk = others[start:start + ANOMALY_SCORING_CHUNK]
+            scores[chunk] = fitted.scores(features_at(chunk))
+            advance(len(chunk))
     honest_scores = scores.copy()
     honest_scores[state.oof_positions] = fitted.labeled_scores
     state.anomaly = fitted

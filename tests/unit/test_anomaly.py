@@ -246,3 +246,14 @@ def test_the_coreset_and_the_head_fit_run_on_one_thread_and_give_the_threads_bac
     finally:
         torch.set_num_threads(previous)
     assert set(seen) == {1, -1} and seen.count(-1) == 1
+
+
+@pytest.mark.parametrize(("n_images", "bank_size"), [(30, 250), (30, 10_000), (12, 299)])
+def test_the_fit_ticks_every_bank_pick_and_every_good_part_for_its_progress_bar(n_images: int, bank_size: int) -> None:
+    # QA: the anomaly step ran 1-2 minutes without a word (8000 images); the bar counts what the step does
+    ticked = []
+    goods = good_patch_features(n_images=n_images)
+    defects = good_patch_features(n_images=5, seed=2) + 3.0
+    fit_patch_anomaly(patch_features=np.concatenate([goods, defects]), is_defect=np.arange(n_images + 5) >= n_images,
+                      p_defect_out_of_fold=np.where(np.arange(n_images + 5) >= n_images, 0.8, 0.1), bank_size=bank_size, tick=ticked.append)
+    assert sum(ticked) == min(bank_size, n_images * 16) + n_images
