@@ -1,4 +1,5 @@
 import csv
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -634,3 +635,24 @@ def test_labels_given_after_an_unlabeled_ingest_draw_the_test_split_when_it_is_e
     test = [row for row in images(new_project) if row.split == "test"]
     assert Counter(Path(row.path).parent.name for row in test) == {"good": 8, "scratch": 2, "spot": 2, "patch": 1}
     assert Counter(row.split for row in images(new_project)) == {"pool": 57, "test": 13}  # the rest wait for the round to place them
+
+
+def test_a_folder_ingested_again_reads_only_the_files_whose_size_or_time_changed(new_project, class_folders: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # QA: ingesting a known folder of 4000 images again took 5.9 s against 6.2 s the first time: every file was read,
+    # hashed and decoded anew
+    from loop import ingest as ingest_module
+
+    ingest_source(new_project, class_folders, show_progress=False)
+    read = []
+    real_inspect = ingest_module.inspect_file
+    monkeypatch.setattr(ingest_module, "inspect_file", lambda path, **kw: read.append(path.name) or real_inspect(path, **kw))
+    again = ingest_source(new_project, class_folders, show_progress=False)
+    assert read == [] and again.n_already_known == 70
+    # a file rewritten with other pixels of the same size is read again, by its new modification time
+    changed = class_folders / "good" / "good_0001.png"
+    stat = changed.stat()
+    synthetic_image("scratch", rng=np.random.default_rng(7), size=64).save(changed)
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    third = ingest_source(new_project, class_folders, show_progress=False)
+    assert read == ["good_0001.png"] and third.n_already_known == 69
