@@ -1619,7 +1619,9 @@ def check_coverage(state: RoundState) -> None:
                "n_labeled_train_validation": int((members & labeled & ~in_test).sum()), "n_labeled_test": int((members & labeled & in_test).sum()),
                "n_unlabeled_test": int((members & ~labeled & in_test).sum()), "n_drawn_into_test_now": len(sampled.get(batch_id, [])),
                "n_test_target": min(int(round(state.config.split.test_fraction * int(members.sum()))), state.config.split.unmeasured_batch_test_sample),
-               "n_test_not_asked": coverage.get("test_images_not_asked", {}).get(int(batch_id), 0)}
+               "n_test_not_asked": coverage.get("test_images_not_asked", {}).get(int(batch_id), 0),
+               # why the test split could not be judged for it (too few labeled test images), when it could not
+               "test_check_note": unlike_test.summary.get("note") if batch_id not in by_test else None}
         coverage["flagged_batches"].append(row)
         state.console.print(f"[yellow]warning:[/] {escape(_coverage_text(row, state.config.split.unmeasured_batch_test_sample))}")
     if unmeasured_defects:
@@ -1783,6 +1785,10 @@ def _coverage_text(row: dict[str, Any], sample_limit: int) -> str:
                "none of its images can be drawn now: each is linked (a photo of its part, a near-copy) to an image asked about before, labeled, "
                "held back, quarantined or in train or validation, or to too many images")
         return text + f"; the gates do not measure it ({why}): label a test set of it and add it with `loop ingest DIR --split test`."
+    if row.get("test_check_note"):  # QA: "holds 0 labeled images of it" with no word on why none were drawn into it
+        return (text + f"; the test split holds {row['n_labeled_test']} labeled images of it, and none were drawn into it: whether the "
+                f"test split covers it could not be judged ({row['test_check_note']}). Label a test set of it and add it with "
+                "`loop ingest DIR --split test`.")
     return text + f"; the test split holds {row['n_labeled_test']} labeled images of it."
 
 

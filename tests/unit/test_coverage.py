@@ -137,3 +137,19 @@ def test_a_small_ingest_is_kin_of_the_unlike_lane_only_when_most_of_its_nearest_
     assert first_lane(unlike_alone=False, nearest_lanes={"unlike": 4, "like": 3, None: 1}, judged_by_both=True) == "like"  # not most
     # like the labels, but only one of the two checks could judge it: not decided yet
     assert first_lane(unlike_alone=False, nearest_lanes={"like": 8}, judged_by_both=False) is None
+
+
+def test_a_flagged_batch_the_test_split_could_not_be_judged_for_says_why_none_of_it_was_drawn() -> None:
+    # QA: 58 bottle photos in a tile project: "the test split holds 0 labeled images of it", and nothing said that no
+    # test sample was drawn because the test split (under 30 labeled images) could not be judged
+    from loop.round import _coverage_text
+
+    row = {"ingest_batch_ids": [3], "source": "/data/bottle", "n_images": 58, "n_labeled_train_validation": 0, "n_labeled_test": 0,
+           "n_unlabeled_test": 0, "n_drawn_into_test_now": 0, "n_test_target": 12,
+           "unlike_training_labels": {"flagged": True, "n_unfamiliar": 58, "n_scored": 58, "share_unfamiliar": 1.0}, "unlike_test_labels": None,
+           "test_check_note": "fewer than 30 labeled images: too few to tell what is unlike them"}
+    said = _coverage_text(row, 40)
+    assert ("the test split holds 0 labeled images of it, and none were drawn into it: whether the test split covers it could not be "
+            "judged (fewer than 30 labeled images") in said
+    assert "`loop ingest DIR --split test`" in said
+    assert _coverage_text({**row, "test_check_note": None}, 40).endswith("the test split holds 0 labeled images of it.")
