@@ -101,7 +101,7 @@ def _project_checkpoint(root: Path) -> InitSource:
         else:  # QA: nothing said the transfer carries no backbone of that project's own
             kept_frozen = "its fine-tuning kept epoch 0, the frozen backbone" if strategy in FINE_TUNED else "it trained a head only"
             description += (f"; no round of that project fine-tuned its backbone ({kept_frozen}): this starts from the pretrained "
-                            "backbone, with that project's head where the classes match")
+                            "backbone, and that project's head only if its classes are this project's")
     return InitSource(checkpoint, description)
 
 
