@@ -493,7 +493,9 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                  + ", ".join(f"{old!r} -> {renames[old]!r} ({n} files)" for old, n in sorted(renamed.items()))]
     unknown = Counter(f.label for f in files if f.label is not None and f.label not in classes)
     if unknown:
-        listed = ", ".join(f"{label!r} ({count} files)" for label, count in sorted(unknown.items()))
+        by_case = {name.casefold(): name for name in classes}  # QA: 'Free' was refused without naming 'free'
+        listed = ", ".join(f"{label!r} ({count} files{'; ' + repr(by_case[label.casefold()]) + '?' if label.casefold() in by_case else ''})"
+                           for label, count in sorted(unknown.items()))
         raise IngestError(f"unknown classes in {source}: {listed}. The project's classes are {sorted(classes)}; "
                           "add them to loop.toml `classes`, fix the labels, or, for a class renamed in loop.toml, `loop rename-class OLD NEW` "
                           "first. Nothing was stored.")

@@ -204,7 +204,7 @@ def test_manifest_with_unlabeled_rows_goes_to_the_pool(new_project, class_folder
         assert len(session.scalars(select(LabelEvent)).all()) == len(files) - len(files) // 2
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "unknown_class", "manifest_missing_file"])
+@pytest.mark.parametrize("case", ["missing", "empty", "unknown_class", "class_in_other_case", "manifest_missing_file"])
 def test_bad_sources_fail_clearly_and_store_nothing(new_project, class_folders: Path, tmp_path: Path, case: str) -> None:
     if case == "missing":
         source, message = tmp_path / "nope", "does not exist"
@@ -215,6 +215,10 @@ def test_bad_sources_fail_clearly_and_store_nothing(new_project, class_folders: 
         (class_folders / "dent").mkdir()
         shutil.copy(class_folders / "good" / "good_0001.png", class_folders / "dent" / "d.png")
         source, message = class_folders, "unknown classes .*'dent' \\(1 files\\)"
+    elif case == "class_in_other_case":  # QA: 'Free' was refused without naming 'free'
+        (class_folders / "Scratch").mkdir()
+        shutil.copy(class_folders / "good" / "good_0001.png", class_folders / "Scratch" / "d.png")
+        source, message = class_folders, "unknown classes .*'Scratch' \\(1 files; 'scratch'\\?\\)"
     else:
         source, message = tmp_path / "m.csv", "listed files do not exist: gone.png"
         source.write_text("path,label\ngone.png,good\n")
