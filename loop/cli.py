@@ -30,7 +30,7 @@ from loop.status import metric_text, project_status
 from labeling.labelstudio_server import LabelStudioServerError
 from modeling.errors import WeightsUnavailable
 from store.db import StoreUnavailable, database_error_reason, same_store, shown_url, store_connection_lost, store_is_read_only, store_lock_held
-from store.reports import threshold_of
+from store.reports import class_change_text, threshold_of
 
 app = typer.Typer(help="defect-loop: label, train, gate and select, one round at a time.", no_args_is_help=True, pretty_exceptions_enable=False)
 labelstudio_app = typer.Typer(help="A local Label Studio for one machine.", no_args_is_help=True)
@@ -742,6 +742,10 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
     for row in round_rows:
         rounds.add_row(*row)
     console.print(rounds)
+    changed = [(r["number"], r["classes_changed"]) for r in report["rounds"] if r.get("classes_changed")]
+    if changed:  # QA: a macro F1 series over 5, then 6, then 5 classes read as one
+        console.print("classes changed: " + "; ".join(f"before round {number} ({escape(class_change_text(change))})" for number, change in changed)
+                      + ": macro F1 across such a change averages over other classes")
     newest = report["rounds"][-1] if report["rounds"] else None
     if newest is not None and newest["status"] == "failed" and newest.get("error"):  # why, where the table only says "failed" (QA)
         console.print(f"[yellow]round {newest['number']} failed:[/] {escape(str(newest['error']))}")

@@ -70,7 +70,7 @@ from store.models import (AnnotationTask, GateResult, Image, IngestBatch, LabelE
                           Selection)
 from store.queries import (ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number, resolve_label,
                            requeue_newest_asks, standing_answer_times)
-from store.reports import GATE_METRICS, gate_values_text, ingest_batches_text
+from store.reports import GATE_METRICS, class_change_text, class_set_changes, gate_values_text, ingest_batches_text
 
 # Rounds looked back for the last push that closed every reopened task it was told to; none among them: every
 # answered ask is named again (a task that always fails to close keeps the window from moving, and the warning says so).
@@ -2511,8 +2511,10 @@ def _plot_gates_history(session, project_id: int, state: RoundState) -> Path:  #
     # each round keeps its own picture (what the round record points to); artifacts/gates_over_rounds.png is the latest
     # each round's own threshold: a gate changed in loop.toml is not drawn back over the rounds before
     thresholds = {name: [gates[name].threshold if name in gates else None for _, gates, _ in history] + [current[name].threshold] for name in current}
+    changes = class_set_changes([(r.number, (r.details or {}).get("class_names")) for r in rounds] + [(state.number, list(state.config.classes))])
     path = plot_gates_over_rounds(rounds=numbers, gate_series=series, thresholds=thresholds,
-                                  comparisons={g.name: g.comparison for g in state.gates}, path=state.round_dir / "gates_over_rounds.png", labeled_counts=labeled)
+                                  comparisons={g.name: g.comparison for g in state.gates}, path=state.round_dir / "gates_over_rounds.png", labeled_counts=labeled,
+                                  class_changes={number: class_change_text(change) for number, change in changes.items()})
     shutil.copyfile(path, state.ctx.artifacts_dir / "gates_over_rounds.png")
     return path
 

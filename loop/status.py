@@ -14,7 +14,7 @@ from store import session_scope
 from store.artifacts import artifact_shown
 from store.models import Image, IngestBatch, Round
 from store.queries import current_labels, get_project
-from store.reports import (as_utc, calibration_of, collapsed_of, data_issue_counts, defects_unmeasured_of, init_from_of, label_quality_of, metrics_by_batch_of,
+from store.reports import (as_utc, calibration_of, class_set_changes, collapsed_of, data_issue_counts, defects_unmeasured_of, init_from_of, label_quality_of, metrics_by_batch_of,
                            threshold_of, training_of, unfamiliar_batches_of,
                            unsettled_gates_of)
 
@@ -50,6 +50,7 @@ def project_status(ctx: ProjectContext) -> dict:
         named, negative = (ctx.config.classes, ctx.config.negative_class) if ctx.config is not None else (list(project.classes), project.negative_class)
         classes = [*named, *sorted(set(by_class) - set(named))]
         issues = data_issue_counts(session, rounds=list(rounds))
+        class_changes = class_set_changes([(r.number, (r.details or {}).get("class_names")) for r in rounds])
         return {
             "schema_version": STATUS_SCHEMA_VERSION,
             # root_dir: the folder the store names (where the project was made); project_dir: the folder this command
@@ -72,8 +73,8 @@ def project_status(ctx: ProjectContext) -> dict:
             "ingest_batches": [{"id": b.id, "source": b.source, "layout": b.layout, "created_at": as_utc(b.created_at).isoformat() if b.created_at else None,
                                 "n_files": b.n_files, "n_new_images": b.n_new_images, "notes": b.notes}
                                for b in session.scalars(select(IngestBatch).where(IngestBatch.project_id == project.id).order_by(IngestBatch.id))],
-            "rounds": [_round_summary(r, project_dir=ctx.root, recorded_root=project.root_dir, store_url=ctx.database_url, data_issues=issues[r.id])
-                       for r in rounds],
+            "rounds": [_round_summary(r, project_dir=ctx.root, recorded_root=project.root_dir, store_url=ctx.database_url, data_issues=issues[r.id],
+                                      classes_changed=class_changes.get(r.number)) for r in rounds],
         }
 
 
@@ -93,7 +94,8 @@ def _utc_iso(moment: datetime | None) -> str | None:
     return None if moment is None else as_utc(moment).isoformat()
 
 
-def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, store_url: str, data_issues: dict[str, int | None]) -> dict:
+def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, store_url: str, data_issues: dict[str, int | None],
+                   classes_changed: dict[str, list[str]] | None) -> dict:
     details = round_row.details or {}
     training, calibration, quality = training_of(details), calibration_of(details), label_quality_of(details)
     return {
@@ -123,6 +125,8 @@ def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, s
         # images the near-copy and outlier checks flagged (None: not checked), as the round printed them (QA: outliers
         # were printed once and shown nowhere after)
         "data_issues": data_issues,
+        # the classes added and removed since the round before (macro F1 then averages over another set; null: none)
+        "classes_changed": classes_changed,
         "labeled_counts": details.get("labeled_counts"),
         # what reached the annotators: pushed, pending, answered tasks asked again, waiting tasks given this round's guess
         "push": details.get("push"),

@@ -33,9 +33,11 @@ def plot_confusion_matrix(*, matrix: list[list[int]], labels: list[str], path: P
 
 
 def plot_gates_over_rounds(*, rounds: list[int], gate_series: dict[str, list[float | None]], thresholds: dict[str, float | list[float | None]],
-                           comparisons: dict[str, str], path: Path, labeled_counts: list[int] | None = None) -> Path:
+                           comparisons: dict[str, str], path: Path, labeled_counts: list[int] | None = None,
+                           class_changes: dict[int, str] | None = None) -> Path:
     """One panel per gate: its value per round and its threshold line (shaded on the failing side). A threshold given
-    per round that changed (the gate edited in loop.toml between rounds) is drawn as a step line at each round's value."""
+    per round that changed (the gate edited in loop.toml between rounds) is drawn as a step line at each round's value.
+    class_changes: round number -> the classes it added and removed ("+fray -crack"), drawn as a dotted line before it."""
     names = [n for n in gate_series if any(v is not None for v in gate_series[n])]
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -53,6 +55,10 @@ def plot_gates_over_rounds(*, rounds: list[int], gate_series: dict[str, list[flo
                 ax.axhspan(min(low, distinct[0]), distinct[0], color="tab:red", alpha=0.06)
             else:
                 ax.axhspan(distinct[0], max(high, distinct[0]), color="tab:red", alpha=0.06)
+        for number, change in (class_changes or {}).items():  # QA: a macro F1 series over 5, 6, then 5 classes read as one
+            ax.axvline(number - 0.5, color="grey", linestyle=":", linewidth=1)
+            ax.annotate(change, xy=(number - 0.5, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=6,
+                        color="dimgrey")
         ax.set_title(name)
         # a tick label per round, at most ~8 of them: "218 train+val" under each of 6 rounds ran into each other
         step = max(1, int(np.ceil(len(rounds) / 8)))

@@ -937,6 +937,25 @@ def data_issue_counts(session: Session, *, rounds: list[Round]) -> dict[int, dic
                    "outliers": _found_count(r.details or {}, "outliers", stored[r.id].get("outlier"))} for r in rounds}
 
 
+def class_set_changes(class_sets: list[tuple[int, list[str] | None]]) -> dict[int, dict[str, list[str]]]:
+    """By round number: the classes added and removed since the round before it ((number, class names) in round order;
+    a round without its class names recorded is skipped). Macro F1 averages over the classes, so a series across such
+    a change compares different things (QA: 5, then 6, then 5 classes, the series read as one)."""
+    changes: dict[int, dict[str, list[str]]] = {}
+    previous: list[str] | None = None
+    for number, names in class_sets:
+        if not isinstance(names, list):
+            continue
+        if previous is not None and set(names) != set(previous):
+            changes[number] = {"added": [n for n in names if n not in previous], "removed": [n for n in previous if n not in names]}
+        previous = [str(n) for n in names]
+    return changes
+
+
+def class_change_text(change: dict[str, list[str]]) -> str:
+    return " ".join([*(f"+{name}" for name in change["added"]), *(f"-{name}" for name in change["removed"])])
+
+
 def _found_count(details: dict, kind: str, stored_rows: int | None) -> int | None:
     """Images a round's data-quality step found (near_duplicates, outliers): its recorded count, else its stored rows;
     None when the round has no data-quality record (it never checked)."""

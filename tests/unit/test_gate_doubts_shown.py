@@ -269,3 +269,26 @@ def test_a_weak_models_suspects_are_said_to_be_mostly_its_errors_in_status_the_a
         page = " ".join(client.get(f"/dashboard?token={TOKEN}").text.split())
     assert body["label_quality"]["weak_model_note"] == note
     assert f"Read with care: {note}." in page
+
+
+def test_status_and_the_gates_plot_mark_where_the_class_set_changed(new_project, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    # QA: macro F1 over 5 classes, then 6 (a new defect), then 5 again (a merge) read as one series in status and the plot
+    from modeling import plots
+    from store.reports import class_set_changes
+
+    assert class_set_changes([(1, ["good", "crack", "break"]), (2, None), (3, ["good", "crack", "break", "fray"]), (4, ["good", "break", "fray"])]) == {
+        3: {"added": ["fray"], "removed": []}, 4: {"added": [], "removed": ["crack"]}}
+    _record_round(new_project, details={})
+    with session_scope(new_project.engine) as session:
+        session.add(Round(project_id=get_project(session).id, number=2, status="completed",
+                          details={"class_names": ["good", "scratch", "spot", "patch", "fray"]}))
+    said = " ".join(CliRunner().invoke(app, ["status", "--project", str(new_project.root)], env={"COLUMNS": "200"}).output.split())
+    assert "classes changed: before round 2 (+fray): macro F1 across such a change averages over other classes" in said, said
+    report = json.loads(CliRunner().invoke(app, ["status", "--project", str(new_project.root), "--json"]).output)
+    assert [r["classes_changed"] for r in report["rounds"]] == [None, {"added": ["fray"], "removed": []}]
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    plots.plot_gates_over_rounds(rounds=[1, 2], gate_series={"macro_f1": [0.6, 0.5]}, thresholds={"macro_f1": 0.7}, comparisons={"macro_f1": ">="},
+                                 path=tmp_path / "g.png", class_changes={2: "+fray"})
+    (figure,) = figures
+    assert [text.get_text() for text in figure.axes[0].texts] == ["+fray"]
