@@ -11,7 +11,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from loop.config import config_path, load_config
 from loop.project import default_store_url
-from modeling.transfer import find_model_checkpoint
 from store.artifacts import artifact_file
 from store.db import StoreUnavailable, create_db_engine, database_error_reason, session_scope, shown_url
 from store.models import Project, Round
@@ -30,6 +29,8 @@ def resolve_init_source(path: Path) -> InitSource:
     if path.is_dir() and config_path(path).is_file():
         return _project_checkpoint(path)
     try:
+        from modeling.transfer import find_model_checkpoint  # torch: loaded only to read a checkpoint (QA: `loop prune` took 700 MB for it)
+
         checkpoint = find_model_checkpoint(path)
     except FileNotFoundError:
         project = next((folder for folder in path.parents[:3] if config_path(folder).is_file()), None) if path.is_dir() else None

@@ -183,3 +183,15 @@ def test_status_json_says_which_model_files_went(new_project) -> None:  # noqa: 
     result = runner.invoke(app, ["status", "--project", str(new_project.root), "--json"])
     rounds = {r["number"]: r for r in json.loads(result.output)["rounds"]}
     assert rounds[2]["model_files_deleted"]["files"] == ["model.onnx", "model.pt"] and rounds[6]["model_files_deleted"] is None
+
+
+def test_pruning_does_not_load_torch() -> None:
+    # QA: `loop prune` peaked at 699 MB to delete files: loop.init_source imported torch for one pure function
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    loaded = subprocess.run([sys.executable, "-c", "import sys, loop.prune, loop.init_source; print('torch' in sys.modules)"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "False"
