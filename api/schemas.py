@@ -210,7 +210,7 @@ class LabelQualityOut(Schema):
     suspect_batches: list[SuspectBatchOut] = Field(
         default_factory=list, description="ingests whose labels are suspected far more often than the others' (25% or more, 3x the others, 5 "
                                           "images at least): wrong as a whole? (classes swapped, a wrong manifest column)")
-    out_of_fold_accuracy: float | None = Field(default=None, description="how often the out-of-fold probabilities that judged the labels "
+    out_of_fold_balanced_accuracy: float | None = Field(default=None, description="how often the out-of-fold probabilities that judged the labels "
                                                                          "name the given label")
     weak_model_note: str | None = Field(default=None, description="set when that accuracy is under 85%: the suspects are then mostly "
                                                                   "the model's own errors and the noise rates overstate the noise")

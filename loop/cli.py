@@ -581,7 +581,7 @@ def rename_class(
     from labeling import create_backend
     from store.db import session_scope
     from store.models import AnnotationTask, Image, LabelEvent
-    from store.queries import get_project, rename_label
+    from store.queries import current_labels, get_project, rename_label
 
     renamed: Any = None
     warnings: list[str] = []
@@ -609,12 +609,14 @@ def rename_class(
                     typo = "" if answers_naming(old) else f" (no stored answer says {old!r}: check its spelling; Label Studio's answers may still name it)"
                     raise ConfigError(f"{new!r} already labels images: renaming {old!r} to it merges the two classes for good; give --merge to do so{typo}")
                 was_negative, becomes_negative = old == project_row.negative_class, new == ctx.config.negative_class
-                if ctx.config.negative_class is not None and was_negative != becomes_negative and not flip_defect:
+                # the images OLD labels now (review: images relabeled since were counted); none: nothing changes sides
+                now_old = [image_id for image_id, info in current_labels(session, project_row.id).items() if info.status == "labeled" and info.label == old]
+                if ctx.config.negative_class is not None and was_negative != becomes_negative and not flip_defect and now_old:
                     # QA: `rename-class fray free --merge` turned 18 defects, 4 of them in the frozen test split, into good
                     # parts without a word; the FPR and recall gates then counted them as such
-                    labeled = (select(func.count(func.distinct(Image.id))).select_from(LabelEvent).join(Image, Image.id == LabelEvent.image_id)
-                               .where(Image.project_id == project_row.id, LabelEvent.label == old))
-                    n_labeled, n_test = session.scalar(labeled) or 0, session.scalar(labeled.where(Image.split == "test")) or 0
+                    n_labeled = len(now_old)
+                    n_test = sum(session.scalar(select(func.count()).select_from(Image).where(Image.id.in_(now_old[i:i + 500]), Image.split == "test")) or 0
+                                 for i in range(0, len(now_old), 500))
                     sides = ("defects", f"good parts ({new!r} is the negative class)") if becomes_negative else (
                         f"good parts ({old!r} was the negative class)", "defects")
                     raise ConfigError(f"{old!r} labeled {sides[0]}: renaming it to {new!r} makes its {n_labeled} labeled images "

@@ -1299,9 +1299,9 @@ def flag_label_issues(state: RoundState) -> None:
         })
     state.label_issue_rows = rows
     state.suggested_labels = {row["position"]: row["suggested_label"] for row in rows}
-    accuracy = report.summary.get("out_of_fold_accuracy")
+    accuracy = report.summary.get("out_of_fold_balanced_accuracy")
     state.details["label_quality"] = {"n_flagged": len(rows), "noise_rate_per_class": report.noise_rate_per_class, "summary": report.summary,
-                                      "out_of_fold_accuracy": accuracy, "weak_model_note": weak_model_note(accuracy),
+                                      "out_of_fold_balanced_accuracy": accuracy, "weak_model_note": weak_model_note(accuracy),
                                       **({"neighbor_graph": graph.status} if graph is not None else {})}
     flagged = np.zeros(len(positions), dtype=bool)
     flagged[np.asarray(report.ranked_issue_indices, dtype=np.int64)] = True

@@ -119,7 +119,7 @@ def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, s
                                                                           "nll_before", "nll_after", "ece_before", "ece_after", "reason")},
         "collapsed": collapsed_of(details),  # one class for every test image or every image: the macro F1 gate was set to 0
         "label_quality": {**{key: getattr(quality, key, None) for key in ("n_flagged", "noise_rate_per_class", "already_questioned",
-                                                                           "out_of_fold_accuracy", "weak_model_note")},
+                                                                           "out_of_fold_balanced_accuracy", "weak_model_note")},
                           # ingests whose labels are suspects far more often than the rest's (wrong as a whole?)
                           "suspect_batches": [dataclasses.asdict(row) for row in quality.suspect_batches] if quality else None},  # [] as the API
         # images the near-copy and outlier checks flagged (None: not checked), as the round printed them (QA: outliers

@@ -290,16 +290,16 @@ def knn_label_distribution(
 
 
 # ---- label issues ---------------------------------------------------------------------------
-# Below this out-of-fold accuracy the suspects are mostly the model's own errors (QA, magnetic tile at 0.71: 42 of 126
+# Below this out-of-fold balanced accuracy the suspects are mostly the model's own errors (QA, magnetic tile at 0.71: 42 of 126
 # correct labels flagged, "noise" 0.23-0.52 for the good class), and the round says so beside them
 WEAK_MODEL_ACCURACY = 0.85
 
 
-def weak_model_note(out_of_fold_accuracy: float | None) -> str | None:
+def weak_model_note(out_of_fold_balanced_accuracy: float | None) -> str | None:
     """What to make of the suspects and noise rates when the model judging the labels is often wrong, else None."""
-    if out_of_fold_accuracy is None or out_of_fold_accuracy >= WEAK_MODEL_ACCURACY:
+    if out_of_fold_balanced_accuracy is None or out_of_fold_balanced_accuracy >= WEAK_MODEL_ACCURACY:
         return None
-    return (f"the out-of-fold model agrees with only {out_of_fold_accuracy:.0%} of the labels it judged (under {WEAK_MODEL_ACCURACY:.0%}): "
+    return (f"the out-of-fold model agrees with only {out_of_fold_balanced_accuracy:.0%} of the labels it judged, averaged over the classes (under {WEAK_MODEL_ACCURACY:.0%}): "
             "most suspects are likely its own errors, not wrong labels, and the noise rates per class overstate the noise")
 
 
@@ -414,8 +414,10 @@ def find_label_issues(
     summary = {
         "method": method,
         "n": int(n),
-        # how often the probabilities judged by name the given label: with a weak model, most suspects are its errors
-        "out_of_fold_accuracy": round(float((probs.argmax(axis=1) == labels).mean()), 4),
+        # how often the probabilities judged by name the given label, averaged over the classes labeled (a model calling
+        # every part good scores 90% plain accuracy where nine in ten are good, review): with a weak model, most suspects
+        # are its own errors
+        "out_of_fold_balanced_accuracy": round(float(np.mean([(probs[labels == c].argmax(axis=1) == c).mean() for c in np.flatnonzero(present)])), 4),
         "n_issues": int(is_issue.sum()),
         "issue_rate": round(float(is_issue.mean()), 4),
         "issues_per_given_class": {

@@ -17,6 +17,10 @@ DECODE_VERSION = 2
 STANDARD_BIT_DEPTHS = (12, 14, 16)
 # Smaller images are quarantined at ingest and refused by /predict: no photo of a part, and no model answer worth having
 MIN_IMAGE_SIDE = 8
+# The Pillow formats ingest and /predict open (loop.ingest.IMAGE_SUFFIXES' formats), whatever a file's name says: no
+# other plugin reads a file (review: an EPS named .png would go to Ghostscript where it is installed; a GIF named .png
+# was ingested while /predict refused it). An MPO (a camera's JPEG with a preview) opens as JPEG.
+DECODED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 # A camera's significant bits a project can fix ([model] bit_depth in loop.toml): every frame then gets that scale
 CAMERA_BIT_DEPTHS = range(8, 17)
 

@@ -84,9 +84,11 @@ def _create_engine(url: str, *, create_missing_file: bool = True) -> Engine:
         # A round and the API may touch one SQLite file at once: wait instead of failing.
         database = make_url(url).database
         if not create_missing_file and database and database != ":memory:" and not database.startswith("file:"):
-            only_if_there = f"file:{quote(str(Path(database).resolve()))}?mode=rw"
+            store_file = Path(database).resolve()
+            only_if_there = f"file:{quote(str(store_file))}?mode=rw"
             engine = create_engine(url, creator=lambda: sqlite3.connect(only_if_there, uri=True, timeout=SQLITE_BUSY_SECONDS,
                                                                        check_same_thread=False))
+            _drop_connections_to_a_file_gone(engine, store_file)
         else:
             engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
 
@@ -99,9 +101,34 @@ def _create_engine(url: str, *, create_missing_file: bool = True) -> Engine:
 
         return engine
     if make_url(url).drivername.startswith("postgresql+psycopg"):
-        own = set(make_url(url).query)
+        own = set(make_url(url).query) | ({"connect_timeout"} if os.environ.get("PGCONNECT_TIMEOUT") else set())  # libpq's variable wins too
         return create_engine(url, pool_pre_ping=True, connect_args={k: v for k, v in POSTGRES_CONNECT_DEFAULTS.items() if k not in own})
     return create_engine(url, pool_pre_ping=True)
+
+
+def _drop_connections_to_a_file_gone(engine: Engine, store_file: Path) -> None:
+    """A pooled connection keeps the file it opened: a store moved or deleted away still answered through it (review:
+    /health "ok", and webhook answers written into the moved file). Each checkout compares the file at the store's
+    path with the one the connection opened; another file, or none, drops the connection, and the new one the pool
+    opens fails as the store's path says (mode=rw: no empty store made)."""
+    from sqlalchemy.exc import DisconnectionError
+
+    def identity() -> tuple[int, int] | None:
+        try:
+            stat = store_file.stat()
+        except OSError:
+            return None
+        return stat.st_dev, stat.st_ino
+
+    @event.listens_for(engine, "connect")
+    def _remember(_dbapi_conn, record) -> None:  # noqa: ANN001
+        record.info["store_file"] = identity()
+
+    @event.listens_for(engine, "checkout")
+    def _still_there(_dbapi_conn, record, _proxy) -> None:  # noqa: ANN001
+        now = identity()
+        if now is None or now != record.info.get("store_file"):
+            raise DisconnectionError(f"the store file {store_file} was moved, replaced or deleted")
 
 
 # PostgreSQL advisory lock of a store's one project (two int keys: "defl", 1): every folder and machine pointed at the

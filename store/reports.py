@@ -183,7 +183,7 @@ class LabelQualitySummary:
     noise_rate_per_class: dict[str, float | None]  # P(true label != c | given c); None: too few labels of c
     already_questioned: int | None  # flagged suspects not sent again: asked before with the same label
     suspect_batches: list[SuspectBatch] = field(default_factory=list)
-    out_of_fold_accuracy: float | None = None  # how often the probabilities that judged the labels name them
+    out_of_fold_balanced_accuracy: float | None = None  # how often the probabilities that judged the labels name them
     weak_model_note: str | None = None  # set when that is low: the suspects are mostly the model's own errors
 
 
@@ -738,7 +738,7 @@ def label_quality_of(details: dict[str, Any] | None) -> LabelQualitySummary | No
         n_flagged=_int_or_none(raw.get("n_flagged")),
         noise_rate_per_class={str(name): _finite_or_none(rate) for name, rate in rates.items()} if isinstance(rates, dict) else {},
         already_questioned=_int_or_none(raw.get("already_questioned")),
-        out_of_fold_accuracy=_finite_or_none(raw.get("out_of_fold_accuracy")), weak_model_note=_str_or_none(raw.get("weak_model_note")),
+        out_of_fold_balanced_accuracy=_finite_or_none(raw.get("out_of_fold_balanced_accuracy")), weak_model_note=_str_or_none(raw.get("weak_model_note")),
         suspect_batches=[SuspectBatch(ingest_batch_id=int(row["ingest_batch_id"]), source=_str_or_none(row.get("source")),
                                       n_judged=_int_or_none(row.get("n_judged")) or 0, n_flagged=_int_or_none(row.get("n_flagged")) or 0,
                                       share_flagged=_finite_or_none(row.get("share_flagged")),

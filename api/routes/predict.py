@@ -29,11 +29,6 @@ _model_lock = threading.Lock()
 DEFAULT_THRESHOLD = 0.5
 
 
-# The formats of the files ingest takes (loop.ingest.IMAGE_SUFFIXES): no other Pillow plugin reads an upload (review:
-# an EPS would be handed to Ghostscript where it is installed)
-UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
-
-
 # Full-size decodes at once, over every request: each may hold a frame of max_upload_pixels (179 MP by default: ~780
 # MB) until it is resized, and the server runs 40 requests at once (review: memory, not the CPU, ran out first)
 FULL_SIZE_DECODES = threading.BoundedSemaphore(max(1, min(os.cpu_count() or 1, 4)))
@@ -53,13 +48,13 @@ def decode_image(data: bytes, *, filename: str | None, bit_depth: int | None = N
     pixels scaled to 8 bits, by the camera's bits when set); resized to image_size x image_size at once when given, as
     image_to_array would, so a request holds one full-size image at a time, not all of them."""
     from modeling.png_check import png_rows_missing
-    from modeling.preprocessing import MIN_IMAGE_SIDE, to_rgb  # numpy and PIL only
+    from modeling.preprocessing import DECODED_FORMATS, MIN_IMAGE_SIDE, to_rgb  # numpy and PIL only
 
     name = filename or "upload"
     if not data:
         raise ImageRejected(f"{name!r} is empty")
     try:
-        with PILImage.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as opened:
+        with PILImage.open(io.BytesIO(data), formats=DECODED_FORMATS) as opened:
             width, height = opened.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageTooLarge(f"{name!r} has {width}x{height} pixels; at most {max_pixels} are decoded (resize it first)")
@@ -75,7 +70,7 @@ def decode_image(data: bytes, *, filename: str | None, bit_depth: int | None = N
     except ImageRejected:
         raise
     except UnidentifiedImageError:
-        raise ImageRejected(f"{name!r} is not an image PIL can read as {', '.join(UPLOAD_FORMATS)} (the formats ingest takes)") from None
+        raise ImageRejected(f"{name!r} is not an image PIL can read as {', '.join(DECODED_FORMATS)} (the formats ingest takes)") from None
     except PILImage.DecompressionBombError as exc:  # over PIL's own guard, whatever max_pixels says: ingest quarantines these too
         raise ImageTooLarge(f"{name!r} has too many pixels: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:

@@ -260,9 +260,9 @@ def test_status_counts_a_rounds_stored_findings_as_the_api_does_when_its_record_
 def test_a_weak_models_suspects_are_said_to_be_mostly_its_errors_in_status_the_api_and_the_dashboard(new_project) -> None:  # noqa: ANN001
     note = "the out-of-fold model agrees with only 71% of the labels it judged (under 85%): most suspects are likely its own errors"
     round_id = _record_round(new_project, details={"label_quality": {"n_flagged": 42, "noise_rate_per_class": {"good": 0.3},
-                                                                     "out_of_fold_accuracy": 0.71, "weak_model_note": note}})
+                                                                     "out_of_fold_balanced_accuracy": 0.71, "weak_model_note": note}})
     status = json.loads(CliRunner().invoke(app, ["status", "--project", str(new_project.root), "--json"]).output)["rounds"][0]
-    assert (status["label_quality"]["out_of_fold_accuracy"], status["label_quality"]["weak_model_note"]) == (0.71, note)
+    assert (status["label_quality"]["out_of_fold_balanced_accuracy"], status["label_quality"]["weak_model_note"]) == (0.71, note)
     settings = Settings(project_dir=new_project.root, api_token=TOKEN + "-full", api_read_token=TOKEN)
     with TestClient(create_app(settings)) as client:
         body = client.get(f"/rounds/{round_id}", headers={"Authorization": f"Bearer {TOKEN}"}).json()

@@ -377,10 +377,21 @@ def test_suspects_found_by_a_weak_model_are_said_to_be_mostly_its_own_errors() -
     features, true = clusters(seed=4, spread=4.0)  # classes overlap: clean labels, a weak model
     report = find_label_issues(labels=true, pred_probs=out_of_fold_probabilities(features=features, labels=true), class_names=CLASS_NAMES,
                                embeddings=features)
-    accuracy = report.summary["out_of_fold_accuracy"]
+    accuracy = report.summary["out_of_fold_balanced_accuracy"]
     assert accuracy < 0.85 and report.is_label_issue.mean() > 0.05  # flags on clean labels: the model's errors
     assert "most suspects are likely its own errors" in weak_model_note(accuracy)
     separated, labels = clusters(seed=4)
     clean = find_label_issues(labels=labels, pred_probs=out_of_fold_probabilities(features=separated, labels=labels), class_names=CLASS_NAMES,
                               embeddings=separated)
-    assert clean.summary["out_of_fold_accuracy"] >= 0.85 and weak_model_note(clean.summary["out_of_fold_accuracy"]) is None
+    assert clean.summary["out_of_fold_balanced_accuracy"] >= 0.85 and weak_model_note(clean.summary["out_of_fold_balanced_accuracy"]) is None
+
+
+def test_a_model_calling_every_part_good_is_weak_however_many_good_parts_there_are() -> None:
+    # review: plain accuracy gave 0.90 to a model that calls everything good where nine parts in ten are good
+    from modeling.label_quality import weak_model_note
+
+    labels = np.array([0] * 90 + [1] * 10)
+    pred_probs = np.tile([0.8, 0.2], (100, 1))
+    report = find_label_issues(labels=labels, pred_probs=pred_probs, class_names=["good", "dent"])
+    assert report.summary["out_of_fold_balanced_accuracy"] == 0.5
+    assert weak_model_note(report.summary["out_of_fold_balanced_accuracy"]) is not None

@@ -101,7 +101,7 @@ def test_round_report_training_calibration_and_label_noise(get, seeded_store: Se
                                    "objective": "nll", "n_left_out": None}
     assert body["collapsed"] is False
     assert body["label_quality"] == {"n_flagged": 2, "noise_rate_per_class": {"good": 0.05, "scratch": 0.2, "spot": None}, "already_questioned": 1,
-                                     "suspect_batches": [], "out_of_fold_accuracy": None, "weak_model_note": None}
+                                     "suspect_batches": [], "out_of_fold_balanced_accuracy": None, "weak_model_note": None}
     assert body["cold_start"] is None
     assert body["threshold_choice"] == {"source": "out_of_fold", "out_of_fold_model": "finetune", "n_negatives": 48, "n_defects": 20,
                                         "margin_attainable": True, "estimated_metrics": {"macro_f1": 0.81, "defect_recall": 0.9, "negative_fpr": 0.021},
