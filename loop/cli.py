@@ -30,7 +30,7 @@ from loop.status import metric_text, project_status
 from labeling.labelstudio_server import LabelStudioServerError
 from modeling.errors import WeightsUnavailable
 from store.db import StoreUnavailable, database_error_reason, same_store, shown_url, store_connection_lost, store_is_read_only, store_lock_held
-from store.reports import class_change_text, threshold_of
+from store.reports import class_change_text, test_split_changed, threshold_of
 
 app = typer.Typer(help="defect-loop: label, train, gate and select, one round at a time.", no_args_is_help=True, pretty_exceptions_enable=False)
 labelstudio_app = typer.Typer(help="A local Label Studio for one machine.", no_args_is_help=True)
@@ -504,9 +504,11 @@ def _print_doubts_on_gates(latest: dict) -> None:
             if (interval := (latest.get("test_intervals") or {}).get(name)) and (gate := next((g for g in latest["gates"] if g["name"] == name), None)))
             + ": their pass or fail is the test split's luck; label more test images of those classes")
     changed = latest.get("test_labels_changed") or {}
-    if changed.get("relabeled") or changed.get("no_longer_labeled"):
+    if test_split_changed(changed):
+        moved = (f", {changed.get('joined_test_split', 0)} labeled images joined the test split and {changed.get('left_test_split', 0)} left it"
+                 if changed.get("joined_test_split") or changed.get("left_test_split") else "")
         console.print(f"[yellow]test labels changed (round {latest['number']}):[/] since round {changed['since_round']}, {changed['relabeled']} labeled "
-                      f"test images have another label, {changed['no_longer_labeled']} none any more: its gates score against other labels "
+                      f"test images have another label, {changed['no_longer_labeled']} none any more{moved}: its gates score against other labels "
                       "than the round before")
     for row in latest.get("defects_unmeasured") or []:
         console.print(f"[yellow]defects not measured (round {latest['number']}):[/] {ingest_batches_text(row['ingest_batch_ids'])} "
@@ -719,7 +721,7 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
         if missing:  # macro F1 read 1 beside its failed gate: the classes it could not score (QA)
             gates += f"; no test image of {', '.join(missing)}"
         changed = r.get("test_labels_changed") or {}
-        if changed.get("relabeled") or changed.get("no_longer_labeled"):  # its values moved with the labels too (QA: only the newest said so)
+        if test_split_changed(changed):  # its values moved with the labels too (QA: only the newest said so)
             gates += "; test labels changed"
         trained = r["train_strategy"] or "-"
         if r["training"].get("best_epoch") is not None and r["training"].get("epochs_run"):

@@ -157,6 +157,8 @@ class RoundState:
     gates: list = field(default_factory=list)
     estimated_gates: dict[str, bool | None] = field(default_factory=dict)
     label_issue_rows: list[dict[str, Any]] = field(default_factory=list)  # label errors: the relabel queue
+    previous_labeled_test_ids: list[int] | None = None  # the labeled test images the previous completed round scored
+    test_images_labeled_or_unlabeled_since: set[int] = field(default_factory=set)  # test images labeled, or no longer, since then
     suggested_labels: dict[int, str] = field(default_factory=dict)  # position -> cleanlab's suggested label, flagged images
     position_of: dict[int, int] = field(default_factory=dict)  # image id -> position (set with image_ids by load_images)
     data_issue_rows: list[dict[str, Any]] = field(default_factory=list)  # near-duplicates and outliers
@@ -367,13 +369,36 @@ def load_images(state: RoundState) -> None:
     state.details["ties_kept_out"] = sum(1 for i in state.image_ids if i in labels and labels[i].status == "tie")
     with session_scope(state.ctx.engine) as session:
         changed = _test_labels_changed(session, project_id=project_id, test_ids=[row.id for row in images if row.split == "test"], labels=labels)
+        previous_ids = session.execute(select(Round.details["labeled_test_image_ids"]).where(
+            Round.project_id == project_id, Round.status == "completed").order_by(Round.number.desc()).limit(1)).scalar()
+        state.previous_labeled_test_ids = previous_ids if isinstance(previous_ids, list) else None  # rounds before 2026-12-07: none
     if changed is not None:
+        state.test_images_labeled_or_unlabeled_since = set(changed.pop("_newly_labeled_ids")) | set(changed.pop("_no_longer_labeled_ids"))
         state.details["test_labels_changed"] = changed
         if changed["relabeled"] or changed["no_longer_labeled"]:
             state.console.print(
                 f"[yellow]warning:[/] {changed['relabeled']} labeled test images have another label than when round {changed['since_round']} "
                 f"read them, {changed['no_longer_labeled']} none any more (relabeled, tied or an answer deleted): this round's gates "
                 "score against different test labels, so their change over rounds is partly the labels' (details.test_labels_changed)")
+
+
+def _note_test_images_joined_or_left(state: RoundState, test: np.ndarray) -> None:
+    """The labeled test images this round scores, recorded; and, against the previous round's, those that joined the
+    test split already labeled (near-copies placed with their test copy) or left it (quarantined, moved out), beside
+    the relabeled ones (QA: the test split went 14 -> 18 images with "3 newly labeled", and 18 -> 17 with a file
+    quarantined and nothing said)."""
+    now = sorted(int(state.image_ids[p]) for p in test)
+    state.details["labeled_test_image_ids"] = now
+    changed, previous = state.details.get("test_labels_changed"), state.previous_labeled_test_ids
+    if changed is None or previous is None:
+        return
+    labels_moved = state.test_images_labeled_or_unlabeled_since
+    joined, left = sorted(set(now) - set(previous) - labels_moved), sorted(set(previous) - set(now) - labels_moved)
+    changed.update(joined_test_split=len(joined), left_test_split=len(left))
+    if joined or left:
+        state.console.print(f"[yellow]warning:[/] since round {changed['since_round']}, {len(joined)} labeled images joined the test split "
+                            f"(near-copies placed with their test copy) and {len(left)} left it (quarantined, moved out): this round's "
+                            "gates score other test images than the round before (details.test_labels_changed)")
 
 
 def _test_labels_changed(session, *, project_id: int, test_ids: list[int], labels: dict[int, Any]) -> dict[str, Any] | None:  # noqa: ANN001
@@ -390,7 +415,7 @@ def _test_labels_changed(session, *, project_id: int, test_ids: list[int], label
     for chunk in range(0, len(test_ids), 500):  # SQLite limits the variables of one statement
         for event in session.scalars(select(LabelEvent).where(LabelEvent.image_id.in_(test_ids[chunk:chunk + 500])).order_by(LabelEvent.id)):
             events[event.image_id].append(event)
-    relabeled, newly, gone = [], 0, 0
+    relabeled, newly, gone = [], [], []
     for image_id, image_events in events.items():
         if all(_aware(event.created_at) <= since for event in image_events):
             continue  # nothing since
@@ -402,11 +427,11 @@ def _test_labels_changed(session, *, project_id: int, test_ids: list[int], label
         if was and is_ and before.label != now.label:
             relabeled.append({"image_id": image_id, "before": before.label, "now": now.label})
         elif is_ and not was:
-            newly += 1
+            newly.append(image_id)
         elif was and not is_:
-            gone += 1
-    return {"since_round": previous[0], "relabeled": len(relabeled), "newly_labeled": newly, "no_longer_labeled": gone,
-            "relabeled_images": relabeled[:20]}
+            gone.append(image_id)
+    return {"since_round": previous[0], "relabeled": len(relabeled), "newly_labeled": len(newly), "no_longer_labeled": len(gone),
+            "relabeled_images": relabeled[:20], "_newly_labeled_ids": newly, "_no_longer_labeled_ids": gone}
 
 
 def find_near_copies(state: RoundState) -> None:
@@ -1212,6 +1237,7 @@ def evaluate_on_test_split(state: RoundState) -> None:
     """The frozen test split only reports: nothing in this round was chosen by looking at it."""
     test = state.positions(split="test", labeled=True)
     _check_test_split_against_the_source_model(state, test)
+    _note_test_images_joined_or_left(state, test)
     negative = state.config.negative_index
     threshold = state.threshold.threshold if state.threshold else None
     # the decision for every image of the project: the test split's, the collapse check's and the stored predictions

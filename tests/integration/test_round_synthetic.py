@@ -1060,7 +1060,18 @@ def test_test_labels_changed_since_the_last_round_are_said(project_with_pool: Pa
     assert "test labels changed (round 2): since round 1, 2 labeled test images have another label" in text
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0  # nothing changed since round 2: nothing said
     third = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)["rounds"][2]["test_labels_changed"]
-    assert (third["since_round"], third["relabeled"], third["no_longer_labeled"]) == (2, 0, 0)
+    assert (third["since_round"], third["relabeled"], third["no_longer_labeled"], third["joined_test_split"], third["left_test_split"]) == (2, 0, 0, 0, 0)
+    # QA: a labeled test image quarantined (its file deleted) left the test split 18 -> 17, and nothing said so
+    with session_scope(ctx.engine) as session:
+        gone = session.scalars(select(Image).where(Image.split == "test", Image.id.not_in(relabeled)).order_by(Image.id)).first()
+        assert labels[gone.id].status == "labeled"
+        Path(gone.path).unlink()
+    said = " ".join(invoke("round", "--project", str(project_with_pool), "--quiet").output.split())
+    assert "since round 3, 0 labeled images joined the test split (near-copies placed with their test copy) and 1 left it" in said, said
+    fourth = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)["rounds"][3]["test_labels_changed"]
+    assert (fourth["since_round"], fourth["joined_test_split"], fourth["left_test_split"]) == (3, 0, 1)
+    text = " ".join(invoke("status", "--project", str(project_with_pool)).output.split())
+    assert "since round 3, 0 labeled test images have another label, 0 none any more, 0 labeled images joined the test split and 1 left it" in text
 
 
 def _question_a_training_label(project: Path, *, task_id: str) -> tuple[int, int, str]:
