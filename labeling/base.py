@@ -31,6 +31,8 @@ class TaskRequest:
     # or a guess that is not the round's decision, e.g. cleanlab's suggestion for a questioned label)
     negative_class: str | None = None
     decision_threshold: float | None = None
+    # the deployed model's decision at that threshold, when the guess pre-selected (the most probable answer) differs
+    decided_label: str | None = None
     rejected_answer: str | None = None  # an answer_rejected ask: the answer that could not be used, quoted to the annotator
 
 

@@ -94,9 +94,13 @@ def why_text(task: TaskRequest, *, round_number: int | None) -> str:
             guess = f"The model now agrees with the current label ({task.predicted_label}" + (f", {_percent(score)}" if score is not None else "") + ")"
         negative = task.probabilities.get(task.negative_class) if task.negative_class is not None else None
         if negative is not None and task.decision_threshold is not None:
-            # the guess is the defect decision: P(defect) against the threshold says how close it was
             p_defect, threshold = _distinct_digits(1.0 - negative, task.decision_threshold)
-            guess += f"; P(defect) {p_defect} against the defect threshold {threshold}"
+            if task.decided_label is not None and task.decided_label != task.predicted_label:
+                # the most probable answer is pre-selected; the deployed model's threshold (set for the FPR gate) decides
+                # otherwise (QA: "free" pre-selected at P(defect) 0.74 under a threshold of 0.93 invited rubber-stamping)
+                guess += f"; P(defect) {p_defect}: the deployed model calls it {task.decided_label}, its defect threshold being {threshold}"
+            else:  # the guess is the defect decision too: P(defect) against the threshold says how close it was
+                guess += f"; P(defect) {p_defect} against the defect threshold {threshold}"
         parts.append(guess + ".")
     if round_number is not None:
         parts.append(f"Round {round_number}.")

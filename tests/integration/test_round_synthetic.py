@@ -785,6 +785,10 @@ def test_a_batch_the_backend_could_not_take_is_pushed_next_round_with_that_round
     assert len(new_picks) == max(5 - undelivered, 0)
     for task in retried.values():  # round 2's model guesses, under round 2's version, with its score and probabilities
         assert task.round_number == 2 and task.probabilities and task.prediction_score == task.probabilities[task.predicted_label]
+        if task.decision_threshold is not None:  # QA: the most probable answer pre-selected; the deployed decision said beside it
+            p_defect = 1.0 - task.probabilities["good"]
+            assert (task.predicted_label != "good") == (p_defect >= 0.5)
+            assert (task.decided_label != "good") == (p_defect >= task.decision_threshold)
         if task.reason == "suspected_label_error":
             assert task.current_label == labels[task.image_id].label  # the questioned label as it stands now
 
@@ -910,6 +914,8 @@ def test_annotators_who_disagree_evenly_get_one_more_answer(project_with_pool: P
         asked = session.scalars(select(Selection).where(Selection.reason == "annotators_disagree")).all()
         assert first.details["ties"] == {"n_images": 1, "asked": 1}
         assert [(s.image_id, s.strategy, s.push_status) for s in asked] == [(tied_id, "label_quality", "pushed")]
+        # QA: a tie of blowhole and crack was re-asked with "free", a class nobody chose, pre-selected: no guess on a tie
+        assert [s.predicted_label for s in asked] == [None]
     # the oracle answers it in round 2's pull: two of three say scratch, the image trains again and is not asked again
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     with session_scope(ctx.engine) as session:

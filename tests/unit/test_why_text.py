@@ -32,6 +32,11 @@ def test_the_guess_says_how_close_the_defect_decision_was() -> None:
     close = _task(reason="uncertain", predicted_label="good", prediction_score=0.5038, probabilities={"good": 0.5038, "spot": 0.4962},
                   negative_class="good", decision_threshold=0.5)
     assert "P(defect) 0.496 against the defect threshold 0.5." in why_text(close, round_number=1)
+    # QA: the most probable answer is pre-selected; where the deployed model's threshold (set for the FPR gate) decides
+    # otherwise, the text says so ("free" had been pre-selected at P(defect) 0.74 under a threshold of 0.93)
+    likely_crack = _task(reason="uncertain", predicted_label="crack", prediction_score=0.4, probabilities={"free": 0.26, "crack": 0.4, "blowhole": 0.34},
+                         negative_class="free", decision_threshold=0.93, decided_label="free")
+    assert "Model's guess: crack (40%); P(defect) 0.74: the deployed model calls it free, its defect threshold being 0.93." in why_text(likely_crack, round_number=1)
     # without a decision (no negative class, or a guess that is not the round's decision): the guess alone
     assert "Model's guess: spot (40%). Round 1." in why_text(_task(reason="uncertain", predicted_label="spot", prediction_score=0.4), round_number=1)
     # a questioned label is shown cleanlab's suggestion, named as such
