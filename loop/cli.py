@@ -375,6 +375,10 @@ def print_round(outcome) -> None:  # noqa: ANN001
     metrics, details = outcome.metrics, outcome.details
     counts = details["labeled_counts"]
     _print_pull(details.get("pull") or {})
+    ties = details.get("ties") or {}
+    if ties.get("n_images"):  # QA: the pull's line never named the ties its answers made, only status --json did
+        console.print(f"annotators disagree evenly on {ties['n_images']} {'image' if ties['n_images'] == 1 else 'images'}: kept out of training, "
+                      f"{ties.get('asked', 0)} asked for one more answer this round")
     if details.get("cold_start"):
         selection = details.get("selection") or {}
         console.print(f"round {outcome.number}: [yellow]cold start[/] · {escape(details['cold_start']['reason'])}")
