@@ -2241,8 +2241,10 @@ def push_batch(state: RoundState) -> None:
         state.console.print(f"[yellow]warning:[/] {escape(warning)}")
     if requeued:
         # (an answered task deleted there lost its answer in this round's pull: its image waits too; QA: it was called a waiting task)
-        state.console.print(f"{requeued} images waiting for an answer lost their task in the annotation tool (deleted there, alone or with "
-                            "its project): they are asked again in new tasks next round")
+        one = requeued == 1
+        state.console.print(f"{requeued} {'image' if one else 'images'} without an answer {'lost its' if one else 'lost their'} task in the "
+                            "annotation tool (deleted there, alone or with its project; an answer given on it is gone with it): "
+                            f"{'it is' if one else 'they are'} asked again in {'a new task' if one else 'new tasks'} at the next round's push")
 
 
 def _unanswered_asks_of_quarantined(session, project_id: int) -> list[Selection]:  # noqa: ANN001

@@ -892,7 +892,7 @@ def test_a_waiting_task_deleted_in_the_annotation_tool_is_asked_again_in_a_new_o
     deleted = next(task.image_id for task in pushed[0] if task.reason != "suspected_label_error")
     gone.add(deleted)  # round 2's push finds its task deleted in the tool
     result = invoke("round", "--project", str(project_with_pool), "--quiet")
-    assert result.exit_code == 0 and "1 images waiting for an answer lost their task in the annotation tool" in " ".join(result.output.split())
+    assert result.exit_code == 0 and "1 image without an answer lost its task in the annotation tool" in " ".join(result.output.split())
     with session_scope(open_project(project_with_pool).engine) as session:
         first = session.scalars(select(Selection).join(Round).where(Round.number == 1, Selection.image_id == deleted)).one()
         assert first.push_status == "pending"  # asked again, by the same ask
