@@ -1245,7 +1245,9 @@ class AnnotationRecorder:
         elif len(set(choices)) > 1:
             reason = f"several classes chosen {choices}: one class per image expected"
         elif choices[0] not in classes:
-            reason = f"label {choices[0]!r} is not a class of project {self.project.name!r} (classes: {', '.join(classes)})"
+            same_but_case = next((name for name in classes if name.casefold() == choices[0].casefold()), None)  # QA: 'Crack' for crack
+            reason = (f"label {choices[0]!r} is not a class of project {self.project.name!r} (classes: {', '.join(classes)}"
+                      + (f"; {same_but_case!r}?" if same_but_case else "") + ")")
         else:
             reason = ""
         if reason:
