@@ -290,8 +290,15 @@ class RoundOut(RoundSummaryOut):
                                   "between_train_and_validation; the test split's image count changes by into_test - out_of_test; null: none moved")
     test_labels_changed: dict[str, int] | None = Field(
         default=None, description="how the test split's labels changed since the previous completed round read them: since_round, relabeled "
-                                  "(another class), newly_labeled, no_longer_labeled (a tie, an answer deleted); a change of a gate over "
-                                  "rounds is partly these labels'; null: not recorded (the first round, an older round)")
+                                  "(another class), newly_labeled, no_longer_labeled (a tie, an answer deleted), joined_test_split and "
+                                  "left_test_split (labeled images placed into it with their test copy, or quarantined out of it); a change "
+                                  "of a gate over rounds is partly these labels'; null: not recorded (the first round, an older round)")
+    pull: dict[str, Any] | None = Field(default=None, description="what the round's pull took in from the annotators: new_label_events, "
+                                                                  "skipped, rejected, deleted, rejections and the annotation tool's own counts")
+    push: dict[str, Any] | None = Field(default=None, description="what reached the annotators: pushed, pending (the tool down), asked "
+                                                                  "again, waiting tasks given this round's guess, tasks closed")
+    ties: dict[str, Any] | None = Field(default=None, description="images whose annotators disagree evenly (n_images, kept out of training) "
+                                                                  "and how many were asked for one more answer (asked)")
     defects_unmeasured: list[UnmeasuredDefectsBatchOut] | None = Field(
         default=None, description="ingest batches whose unlabeled images the model calls defects while the labeled test image nearest each is a "
                                   "good part: the gates do not measure defects like theirs (a new camera's test set of good parts alone, say); "

@@ -270,8 +270,13 @@ class RoundReport:
     # moved, into_test, out_of_test, between_train_and_validation; None: nothing moved (or an older round)
     unmeasured_copies_regrouped: dict[str, int] | None = None
     defects_unmeasured: list[UnmeasuredDefectsBatch] | None = None  # None: none named (or an older round)
-    # since the previous completed round read them: relabeled, newly_labeled, no_longer_labeled (None: not recorded)
+    # since the previous completed round read them: relabeled, newly_labeled, no_longer_labeled, joined_test_split,
+    # left_test_split (None: not recorded)
     test_labels_changed: dict[str, int] | None = None
+    # what the annotators did and were asked, as `loop status --json` has them (QA: the API had none of it)
+    pull: dict[str, Any] | None = None
+    push: dict[str, Any] | None = None
+    ties: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -913,6 +918,9 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         test_metrics_by_batch=metrics_by_batch_of(details),
         defects_unmeasured=defects_unmeasured_of(details),
         test_labels_changed=_test_labels_changed_of(details),
+        pull=details.get("pull") if isinstance(details.get("pull"), dict) else None,
+        push=details.get("push") if isinstance(details.get("push"), dict) else None,
+        ties=details.get("ties") if isinstance(details.get("ties"), dict) else None,
     )
 
 

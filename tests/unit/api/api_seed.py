@@ -111,7 +111,9 @@ def seed(session, project_dir: Path) -> SeededStore:  # noqa: ANN001
                                              "rule_threshold": 0.3, "rank_threshold": 0.45, "tail_threshold": 0.2, "allowed_false_positives": 1, "n_sampled_negatives_above": 1,
                                              "observed_fpr": 0.0208, "fpr_upper_bound": 0.0561},
                         "collapse_check": {"test_split": False, "every_image_predicted_as": None},
-                        "estimated_metrics": {"macro_f1": 0.81, "defect_recall": 0.9, "negative_fpr": 0.021}})
+                        "estimated_metrics": {"macro_f1": 0.81, "defect_recall": 0.9, "negative_fpr": 0.021},
+                        "pull": {"new_label_events": 10, "deleted": 0, "skipped": 1, "rejected": 1, "warnings": []},
+                        "push": {"pushed": 12, "pending": 0}, "ties": {"n_images": 1, "asked": 1}})
     r3 = Round(project_id=project.id, number=3, status="failed", error="embedding failed: out of memory", started_at=T0 + timedelta(hours=3))
     r4 = Round(project_id=project.id, number=4, status="running", started_at=T0 + timedelta(hours=5))
     session.add_all([r1, r2, r3, r4])

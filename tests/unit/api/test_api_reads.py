@@ -110,6 +110,8 @@ def test_round_report_training_calibration_and_label_noise(get, seeded_store: Se
                                         "rule_threshold": 0.3, "rank_threshold": 0.45, "tail_threshold": 0.2, "allowed_false_positives": 1,
                                         "observed_fpr": 0.0208, "fpr_upper_bound": 0.0561, "estimated_population_fpr": 0.021,
                                         "n_sampled_negatives_above": 1}
+    # QA (Label Studio): what the annotators did was in status --json only
+    assert (body["pull"]["new_label_events"], body["pull"]["skipped"], body["push"]["pushed"], body["ties"]) == (10, 1, 12, {"n_images": 1, "asked": 1})
     first = get(f"/rounds/{seeded_store.round_ids[1]}")  # recorded before these existed: absent, not an error
     assert (first["training"], first["calibration"], first["label_quality"], first["cold_start"], first["threshold_choice"], first["collapsed"]) == (None,) * 6
 
