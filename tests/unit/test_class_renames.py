@@ -182,21 +182,14 @@ def test_a_folder_of_a_class_renamed_away_is_ingested_under_its_new_name(tmp_pat
     # the advice, add it to loop.toml, undid the merge for its images
     import numpy as np
     from sqlalchemy import select
-    from typer.testing import CliRunner
 
     from loop.cli import app
-    from loop.config import load_config, save_config
     from loop.project import open_project
     from loop.synthetic_images import synthetic_image
     from store.models import Image
     from store.queries import current_labels
 
-    project, runner = tmp_path / "line", CliRunner()
-    assert runner.invoke(app, ["init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good"]).exit_code == 0
-    assert runner.invoke(app, ["ingest", str(class_folders), "--project", str(project), "--quiet"]).exit_code == 0
-    config = load_config(project)
-    config.classes = ["good", "scratch", "patch"]
-    save_config(project, config)
+    project, runner, _config = ingested_with_classes(tmp_path, class_folders, ["good", "scratch", "patch"])
     assert runner.invoke(app, ["rename-class", "spot", "scratch", "--merge", "--project", str(project)]).exit_code == 0
     new_spot = class_folders / "spot" / "spot_new.png"
     synthetic_image("spot", rng=np.random.default_rng(4242), size=64).save(new_spot)
@@ -260,19 +253,13 @@ def test_an_export_names_an_older_rounds_predictions_by_the_classes_renamed_sinc
 
 def test_a_rename_that_turns_defects_into_good_parts_or_back_needs_flip_defect(tmp_path: Path, class_folders: Path) -> None:
     # QA: `rename-class fray free --merge` made 18 defects, 4 of them in the frozen test split, good parts without a word
-    from typer.testing import CliRunner
 
     from loop.cli import app
-    from loop.config import load_config, save_config
+    from loop.config import save_config
     from loop.project import open_project
     from store.queries import current_labels
 
-    project, runner = tmp_path / "line", CliRunner()
-    assert runner.invoke(app, ["init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good"]).exit_code == 0
-    assert runner.invoke(app, ["ingest", str(class_folders), "--project", str(project), "--quiet"]).exit_code == 0
-    config = load_config(project)
-    config.classes = ["good", "scratch", "spot"]
-    save_config(project, config)
+    project, runner, config = ingested_with_classes(tmp_path, class_folders, ["good", "scratch", "spot"])
     refused = runner.invoke(app, ["rename-class", "patch", "good", "--merge", "--project", str(project)])
     said = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "'patch' labeled defects: renaming it to 'good' makes its 6 labeled images (1 in the frozen test split) good parts" in said, said
@@ -296,3 +283,20 @@ def test_a_rename_that_turns_defects_into_good_parts_or_back_needs_flip_defect(t
     flipped = runner.invoke(app, ["rename-class", "ok", "scratch", "--merge", "--project", str(project)])
     assert flipped.exit_code == 2 and "'ok' labeled good parts ('ok' was the negative class)" in " ".join(flipped.output.split())
     assert runner.invoke(app, ["rename-class", "ok", "scratch", "--merge", "--flip-defect", "--project", str(project)]).exit_code == 0
+
+
+def ingested_with_classes(tmp_path: Path, class_folders: Path, classes: list[str]):  # noqa: ANN201
+    """(project folder, CLI runner, its config): the class folders ingested under good, scratch, spot and patch, then
+    loop.toml's classes set to `classes` (a class left out, to rename)."""
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.config import load_config, save_config
+
+    project, runner = tmp_path / "line", CliRunner()
+    assert runner.invoke(app, ["init", str(project), "--classes", "good,scratch,spot,patch", "--negative-class", "good"]).exit_code == 0
+    assert runner.invoke(app, ["ingest", str(class_folders), "--project", str(project), "--quiet"]).exit_code == 0
+    config = load_config(project)
+    config.classes = classes
+    save_config(project, config)
+    return project, runner, config
