@@ -2289,9 +2289,10 @@ def _retried_task(state: RoundState, selection: Selection, image: Image, positio
 
 
 def _decision_of(state: RoundState, position: int) -> dict[str, Any]:
-    """negative_class and decision_threshold for a TaskRequest whose guess is this round's thresholded decision (an
-    unlabeled image): the annotator then reads P(defect) against the threshold, which explains a guess at 99% that the
-    loop calls unsure, or a defect guessed at 1%. A labeled image's guess is an out-of-fold or cleanlab suggestion."""
+    """negative_class, decision_threshold and the deployed model's decision there (decided_label) for an unlabeled
+    image's TaskRequest: the annotator reads P(defect) against the threshold, and what the deployed model calls the
+    image where that differs from the most probable answer pre-selected. A labeled image's guess is an out-of-fold or
+    cleanlab suggestion: none of these."""
     if state.threshold is None or state.config.negative_class is None or state.labels[position] != UNLABELED:
         return {}
     decided = int(final_predictions(probabilities=state.probabilities[position:position + 1], negative_index=state.config.negative_index,
