@@ -328,7 +328,10 @@ class SelectionOut(Schema):
     score: float
     strategy: str
     reason: str
-    predicted_label: str | None
+    predicted_label: str | None = Field(description="the guess shown to annotators pre-selected: a defect class when P(defect) >= 0.5, else "
+                                                    "the good class, or cleanlab's suggestion for a questioned label; not the deployed "
+                                                    "decision at the FPR threshold (the export's predicted_label); null: no guess "
+                                                    "(a test image, a tie, a cold start)")
     p_defect: float | None
     push_status: str
     pushed_at: datetime | None

@@ -101,6 +101,9 @@ def why_text(task: TaskRequest, *, round_number: int | None) -> str:
                 guess += f"; P(defect) {p_defect}: the deployed model calls it {task.decided_label}, its defect threshold being {threshold}"
             else:  # the guess is the defect decision too: P(defect) against the threshold says how close it was
                 guess += f"; P(defect) {p_defect} against the defect threshold {threshold}"
+        elif task.decided_label is not None and task.decided_label != task.predicted_label:
+            # a waiting task's text, rewritten without numbers (review: the refresh dropped what the deployed model calls it)
+            guess += f"; the deployed model calls it {task.decided_label}"
         parts.append(guess + ".")
     if round_number is not None:
         parts.append(f"Round {round_number}.")

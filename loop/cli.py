@@ -616,8 +616,13 @@ def rename_class(
                     raise ConfigError(f"{new!r} already labels images: renaming {old!r} to it merges the two classes for good; give --merge to do so{typo}")
                 was_negative, becomes_negative = old == project_row.negative_class, new == ctx.config.negative_class
                 # the images OLD labels now (review: images relabeled since were counted); none: nothing changes sides
-                now_old = [image_id for image_id, info in current_labels(session, project_row.id).items() if info.status == "labeled" and info.label == old]
-                if ctx.config.negative_class is not None and was_negative != becomes_negative and not flip_defect and now_old:
+                current = current_labels(session, project_row.id)
+                now_old = [image_id for image_id, info in current.items() if info.status == "labeled" and info.label == old]
+                # ties with a vote for OLD: that vote changes sides too (review: merged silently when no image was OLD alone)
+                tied = [image_id for image_id, info in current.items() if info.status == "tie"]
+                tied_with_old = {image_id for i in range(0, len(tied), 500) for image_id in session.scalars(
+                    select(LabelEvent.image_id).where(LabelEvent.image_id.in_(tied[i:i + 500]), LabelEvent.label == old))}
+                if ctx.config.negative_class is not None and was_negative != becomes_negative and not flip_defect and (now_old or tied_with_old):
                     # QA: `rename-class fray free --merge` turned 18 defects, 4 of them in the frozen test split, into good
                     # parts without a word; the FPR and recall gates then counted them as such
                     n_labeled = len(now_old)
@@ -625,8 +630,9 @@ def rename_class(
                                  for i in range(0, len(now_old), 500))
                     sides = ("defects", f"good parts ({new!r} is the negative class)") if becomes_negative else (
                         f"good parts ({old!r} was the negative class)", "defects")
+                    ties = f", and the votes for it in {len(tied_with_old)} tied images," if tied_with_old else ""
                     raise ConfigError(f"{old!r} labeled {sides[0]}: renaming it to {new!r} makes its {n_labeled} labeled images "
-                                      f"({n_test} in the frozen test split) {sides[1]}, and the recall and FPR gates count them so from "
+                                      f"({n_test} in the frozen test split){ties} {sides[1]}, and the recall and FPR gates count them so from "
                                       "the next round. Give --flip-defect to do so. Nothing was changed")
                 still_left_out = sorted(labels_left_out(session, project_row, ctx.config.classes) - {old})
                 if still_left_out:  # checked before Label Studio is touched: the store's side must then go through

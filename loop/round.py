@@ -10,12 +10,14 @@ fails leaves what earlier steps committed (pulled labels, quarantined files) int
 """
 from __future__ import annotations
 
+import base64
 import inspect
 import os
 import shutil
 import tempfile
 import time
 import traceback
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -369,9 +371,9 @@ def load_images(state: RoundState) -> None:
     state.details["ties_kept_out"] = sum(1 for i in state.image_ids if i in labels and labels[i].status == "tie")
     with session_scope(state.ctx.engine) as session:
         changed = _test_labels_changed(session, project_id=project_id, test_ids=[row.id for row in images if row.split == "test"], labels=labels)
-        previous_ids = session.execute(select(Round.details["labeled_test_image_ids"]).where(
+        previous_ids = session.execute(select(Round.details["labeled_test_images"]).where(
             Round.project_id == project_id, Round.status == "completed").order_by(Round.number.desc()).limit(1)).scalar()
-        state.previous_labeled_test_ids = previous_ids if isinstance(previous_ids, list) else None  # rounds before 2026-12-07: none
+        state.previous_labeled_test_ids = decode_id_set(previous_ids)  # rounds before 2026-12-07: none
     if changed is not None:
         state.test_images_labeled_or_unlabeled_since = set(changed.pop("_newly_labeled_ids")) | set(changed.pop("_no_longer_labeled_ids"))
         state.details["test_labels_changed"] = changed
@@ -382,13 +384,37 @@ def load_images(state: RoundState) -> None:
                 "score against different test labels, so their change over rounds is partly the labels' (details.test_labels_changed)")
 
 
+def encode_id_set(ids: list[int]) -> dict[str, Any]:
+    """A set of image ids, compact in a round's JSON record: a zlib-compressed bitmap from the smallest id (review: 20k
+    test image ids as a JSON list were 160 KB a round, read by every `loop status`)."""
+    if not ids:
+        return {"first": 0, "n": 0, "bitmap": ""}
+    first = min(ids)
+    mask = np.zeros(max(ids) - first + 1, dtype=bool)
+    mask[np.asarray(ids) - first] = True
+    return {"first": first, "n": len(ids), "bitmap": base64.b64encode(zlib.compress(np.packbits(mask).tobytes(), 9)).decode()}
+
+
+def decode_id_set(encoded: Any) -> list[int] | None:
+    """The ids `encode_id_set` wrote; None for anything else (a round recorded before, a damaged record)."""
+    if not isinstance(encoded, dict) or not isinstance(encoded.get("first"), int) or not isinstance(encoded.get("bitmap"), str):
+        return None
+    if not encoded["bitmap"]:
+        return []
+    try:
+        bits = np.unpackbits(np.frombuffer(zlib.decompress(base64.b64decode(encoded["bitmap"])), dtype=np.uint8))
+    except (ValueError, zlib.error):
+        return None
+    return [int(i) + encoded["first"] for i in np.flatnonzero(bits)]
+
+
 def _note_test_images_joined_or_left(state: RoundState, test: np.ndarray) -> None:
     """The labeled test images this round scores, recorded; and, against the previous round's, those that joined the
     test split already labeled (near-copies placed with their test copy) or left it (quarantined, moved out), beside
     the relabeled ones (QA: the test split went 14 -> 18 images with "3 newly labeled", and 18 -> 17 with a file
     quarantined and nothing said)."""
     now = sorted(int(state.image_ids[p]) for p in test)
-    state.details["labeled_test_image_ids"] = now
+    state.details["labeled_test_images"] = encode_id_set(now)
     changed, previous = state.details.get("test_labels_changed"), state.previous_labeled_test_ids
     if changed is None or previous is None:
         return
@@ -397,8 +423,8 @@ def _note_test_images_joined_or_left(state: RoundState, test: np.ndarray) -> Non
     changed.update(joined_test_split=len(joined), left_test_split=len(left))
     if joined or left:
         state.console.print(f"[yellow]warning:[/] since round {changed['since_round']}, {len(joined)} labeled images joined the test split "
-                            f"(near-copies placed with their test copy) and {len(left)} left it (quarantined, moved out): this round's "
-                            "gates score other test images than the round before (details.test_labels_changed)")
+                            f"(placed with a test copy, drawn for a new batch, back from quarantine) and {len(left)} left it (quarantined, "
+                            "moved out): this round's gates score other test images than the round before (details.test_labels_changed)")
 
 
 def _test_labels_changed(session, *, project_id: int, test_ids: list[int], labels: dict[int, Any]) -> dict[str, Any] | None:  # noqa: ANN001
@@ -1327,7 +1353,7 @@ def flag_label_issues(state: RoundState) -> None:
     state.suggested_labels = {row["position"]: row["suggested_label"] for row in rows}
     accuracy = report.summary.get("out_of_fold_balanced_accuracy")
     state.details["label_quality"] = {"n_flagged": len(rows), "noise_rate_per_class": report.noise_rate_per_class, "summary": report.summary,
-                                      "out_of_fold_balanced_accuracy": accuracy, "weak_model_note": weak_model_note(accuracy),
+                                      "out_of_fold_balanced_accuracy": accuracy, "weak_model_note": weak_model_note(accuracy) if rows else None,
                                       **({"neighbor_graph": graph.status} if graph is not None else {})}
     flagged = np.zeros(len(positions), dtype=bool)
     flagged[np.asarray(report.ranked_issue_indices, dtype=np.int64)] = True
@@ -2282,7 +2308,9 @@ def _retried_task(state: RoundState, selection: Selection, image: Image, positio
     current_label = current.label if current is not None and selection.reason in ASKED_AGAIN_REASONS else None
     hidden = position is None or image.split == "test"  # its answer is a test label: no guess (a test sample, a tie)
     guess = None if hidden else _model_guess(state, position)
-    predicted_label, score, probabilities = guess if guess is not None else (None if image.split == "test" else selection.predicted_label, None, {})
+    tie = current is not None and current.status == "tie"  # review: a tie ask pushed late went out with its round's old guess
+    predicted_label, score, probabilities = guess if guess is not None else (
+        None if image.split == "test" or tie else selection.predicted_label, None, {})
     return TaskRequest(image_id=image.id, image_path=image.path, sha256=image.sha256, reason=selection.reason, predicted_label=predicted_label,
                        prediction_score=score, probabilities=probabilities, current_label=current_label, round_number=state.number,
                        **(_decision_of(state, position) if guess is not None else {}))
@@ -2314,13 +2342,15 @@ def _out_of_fold_guess(state: RoundState, position: int) -> tuple[str, float, di
     return label, probabilities[label], probabilities
 
 
-BEST_GUESS_THRESHOLD = 0.5  # on calibrated P(defect): the answer most likely right, what an annotator is shown pre-selected
+# P(defect) from which an annotator is shown a defect class pre-selected (the most probable one), not the good class:
+# the defect-or-not answer more likely right (calibrated where the round calibrated), whatever the FPR threshold is
+BEST_GUESS_THRESHOLD = 0.5
 
 
 def _model_guess(state: RoundState, position: int) -> tuple[str, float, dict[str, float]] | None:
-    """The answer pre-selected for one image, its probability and all probabilities: this round's most probable answer
-    (a defect when P(defect) >= 0.5, calibrated: its most probable defect class; `_decision_of` adds the deployed
-    decision when its threshold, set for the FPR gate, decides otherwise); for a labeled image (a questioned label),
+    """The answer pre-selected for one image, its probability and all probabilities: a defect when P(defect) >= 0.5 (its
+    most probable defect class), else the good class (`_decision_of` adds the deployed decision when its threshold, set
+    for the FPR gate, decides otherwise); for a labeled image (a questioned label),
     cleanlab's suggested label when this round flagged it, else the out-of-fold guess: this round's model learned that
     label and would only echo it. None for a tie: the annotator settling two answers is not anchored on a third."""
     if state.cold_start or state.probabilities is None:
@@ -2336,7 +2366,7 @@ def _model_guess(state: RoundState, position: int) -> tuple[str, float, dict[str
         if independent is not None:
             return independent
     # QA: the thresholded decision pre-selected "free" at P(defect) 0.74 under a threshold of 0.93 (29 of 35 open
-    # tasks "free", 16 of them defects): the most probable answer is pre-selected instead
+    # tasks "free", 16 of them defects): defect or not as the probability says, then the most probable class
     predicted = int(final_predictions(probabilities=state.probabilities[position:position + 1], negative_index=state.config.negative_index,
                                       threshold=BEST_GUESS_THRESHOLD)[0])
     probabilities = {name: float(p) for name, p in zip(state.config.classes, state.probabilities[position])}

@@ -414,10 +414,11 @@ def find_label_issues(
     summary = {
         "method": method,
         "n": int(n),
-        # how often the probabilities judged by name the given label, averaged over the classes labeled (a model calling
-        # every part good scores 90% plain accuracy where nine in ten are good, review): with a weak model, most suspects
-        # are its own errors
-        "out_of_fold_balanced_accuracy": round(float(np.mean([(probs[labels == c].argmax(axis=1) == c).mean() for c in np.flatnonzero(present)])), 4),
+        # how often the probabilities judged by name the given label, averaged over the classes with enough labels to be
+        # learned (a model calling every part good scores 90% plain accuracy where nine in ten are good; a class of two
+        # labels not learned yet weighed as much as one of 500, review): with a weak model, most suspects are its errors
+        "out_of_fold_balanced_accuracy": round(float(np.mean([(probs[labels == c].argmax(axis=1) == c).mean()
+                                                              for c in np.flatnonzero(enough if enough.any() else present)])), 4),
         "n_issues": int(is_issue.sum()),
         "issue_rate": round(float(is_issue.mean()), 4),
         "issues_per_given_class": {

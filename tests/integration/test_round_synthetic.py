@@ -1074,7 +1074,7 @@ def test_test_labels_changed_since_the_last_round_are_said(project_with_pool: Pa
         assert labels[gone.id].status == "labeled"
         Path(gone.path).unlink()
     said = " ".join(invoke("round", "--project", str(project_with_pool), "--quiet").output.split())
-    assert "since round 3, 0 labeled images joined the test split (near-copies placed with their test copy) and 1 left it" in said, said
+    assert "since round 3, 0 labeled images joined the test split (placed with a test copy, drawn for a new batch, back from quarantine) and 1 left it" in said, said
     fourth = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)["rounds"][3]["test_labels_changed"]
     assert (fourth["since_round"], fourth["joined_test_split"], fourth["left_test_split"]) == (3, 0, 1)
     text = " ".join(invoke("status", "--project", str(project_with_pool)).output.split())

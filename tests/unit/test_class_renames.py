@@ -300,3 +300,24 @@ def ingested_with_classes(tmp_path: Path, class_folders: Path, classes: list[str
     config.classes = classes
     save_config(project, config)
     return project, runner, config
+
+
+def test_a_vote_for_a_defect_class_in_a_tie_changes_sides_too(tmp_path: Path, class_folders: Path) -> None:
+    # review: with no image labeled OLD alone (every one a patch/spot tie), `patch -> good --merge` passed without
+    # --flip-defect and the defect votes became good-part votes
+    from loop.cli import app
+    from loop.project import open_project
+    from store.models import LabelEvent
+    from store.queries import current_labels
+
+    project, runner, _config = ingested_with_classes(tmp_path, class_folders, ["good", "scratch", "spot"])
+    with session_scope(open_project(project).engine) as session:
+        patch = sorted(i for i, label in current_labels(session, 1).items() if label.label == "patch")
+        for image_id in patch:  # two annotators disagree: a tie, the import's label superseded
+            session.add(LabelEvent(image_id=image_id, label="patch", source="annotator", action="set", annotator="a"))
+            session.add(LabelEvent(image_id=image_id, label="spot", source="annotator", action="set", annotator="b"))
+    with session_scope(open_project(project).engine) as session:
+        assert {current_labels(session, 1)[i].status for i in patch} == {"tie"}
+    refused = runner.invoke(app, ["rename-class", "patch", "good", "--merge", "--project", str(project)])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and f"makes its 0 labeled images (0 in the frozen test split), and the votes for it in {len(patch)} tied images," in said, said

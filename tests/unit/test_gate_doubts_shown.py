@@ -292,3 +292,16 @@ def test_status_and_the_gates_plot_mark_where_the_class_set_changed(new_project,
                                  path=tmp_path / "g.png", class_changes={2: "+fray"})
     (figure,) = figures
     assert [text.get_text() for text in figure.axes[0].texts] == ["+fray"]
+
+
+def test_the_labeled_test_images_a_round_scored_are_kept_compact_and_read_back_exactly() -> None:
+    # review: 20k test image ids as a JSON list were 160 KB in every round's record, read by every `loop status`
+    import numpy as np
+
+    from loop.round import decode_id_set, encode_id_set
+
+    ids = sorted(np.random.default_rng(0).choice(np.arange(5, 100_005), size=20_000, replace=False).tolist())
+    encoded = encode_id_set(ids)
+    assert decode_id_set(encoded) == ids and len(json.dumps(encoded)) < 20_000
+    assert decode_id_set(encode_id_set([])) == [] and decode_id_set(encode_id_set([7])) == [7]
+    assert decode_id_set(None) is None and decode_id_set({"first": 1, "bitmap": "not base64!"}) is None

@@ -37,6 +37,10 @@ def test_the_guess_says_how_close_the_defect_decision_was() -> None:
     likely_crack = _task(reason="uncertain", predicted_label="crack", prediction_score=0.4, probabilities={"free": 0.26, "crack": 0.4, "blowhole": 0.34},
                          negative_class="free", decision_threshold=0.93, decided_label="free")
     assert "Model's guess: crack (40%); P(defect) 0.74: the deployed model calls it free, its defect threshold being 0.93." in why_text(likely_crack, round_number=1)
+    # a waiting task's text, refreshed without numbers, still says so (review: the refresh dropped it)
+    from labeling.labelstudio_backend import LabelStudioBackend
+    refreshed = LabelStudioBackend._guess_data(likely_crack, data={"reason": "uncertain"})["why"]
+    assert refreshed.endswith("Model's guess: crack; the deployed model calls it free."), refreshed
     # without a decision (no negative class, or a guess that is not the round's decision): the guess alone
     assert "Model's guess: spot (40%). Round 1." in why_text(_task(reason="uncertain", predicted_label="spot", prediction_score=0.4), round_number=1)
     # a questioned label is shown cleanlab's suggestion, named as such
