@@ -518,11 +518,9 @@ def _coverage_html(latest: RoundReport) -> str:
                      f'{batch.n_labeled_train_validation} training labels; {escape(measured)}</p>')
     changed = latest.test_labels_changed or {}
     if reports.test_split_changed(changed):  # the gates over rounds compare scores against other labels
-        moved = (f', {changed.get("joined_test_split", 0)} labeled images joined the test split and {changed.get("left_test_split", 0)} left it'
-                 if changed.get("joined_test_split") or changed.get("left_test_split") else "")
         parts.append(f'<p class="coverage test-labels-changed"><span class="verdict fail">test labels changed</span> since round '
                      f'{changed.get("since_round")}: {changed.get("relabeled", 0)} labeled test images have another label, '
-                     f'{changed.get("no_longer_labeled", 0)} none any more{moved}. These gates score against different labels than the round '
+                     f'{changed.get("no_longer_labeled", 0)} none any more{reports.test_split_moves_text(changed)}. These gates score against different labels than the round '
                      'before: their change over rounds is partly the labels\'.</p>')
     for batch in latest.defects_unmeasured or []:  # the test split holds its good parts only (QA: a new camera's)
         parts.append(f'<p class="coverage defects-unmeasured"><span class="verdict fail">its defects not measured</span> '

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from labeling import labelstudio_client as lsc
 from labeling.base import ASKED_AGAIN_REASONS, PullReport, PushReport, TaskRequest, register_backend
 from store.models import AnnotationTask, Image, LabelEvent, Project, RejectedAnnotation, Round, Selection
-from store.queries import current_labels, renamed_classes, requeue_newest_asks
+from store.queries import class_but_for_case, current_labels, renamed_classes, requeue_newest_asks
 from store.reports import as_utc
 
 BACKEND_NAME = "labelstudio"
@@ -1248,7 +1248,7 @@ class AnnotationRecorder:
         elif len(set(choices)) > 1:
             reason = f"several classes chosen {choices}: one class per image expected"
         elif choices[0] not in classes:
-            same_but_case = next((name for name in classes if name.casefold() == choices[0].casefold()), None)  # QA: 'Crack' for crack
+            same_but_case = class_but_for_case(choices[0], classes)  # QA: 'Crack' for crack
             reason = (f"label {choices[0]!r} is not a class of project {self.project.name!r} (classes: {', '.join(classes)}"
                       + (f"; {same_but_case!r}?" if same_but_case else "") + ")")
         else:

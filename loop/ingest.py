@@ -27,7 +27,7 @@ from modeling.progress import progress_bar
 from store import session_scope
 from store.export import FILE_UNCHANGED, file_on_disk
 from store.models import Image, IngestBatch, LabelEvent, Selection
-from store.queries import current_labels, get_project, resolve_label
+from store.queries import class_but_for_case, current_labels, get_project, resolve_label
 from store.reports import as_utc
 
 MAX_PART_LENGTH = 200  # store.models.Image.part
@@ -503,8 +503,7 @@ def ingest_source(ctx: ProjectContext, source: Path, *, unlabeled: bool = False,
                  + ", ".join(f"{old!r} -> {renames[old]!r} ({n} files)" for old, n in sorted(renamed.items()))]
     unknown = Counter(f.label for f in files if f.label is not None and f.label not in classes)
     if unknown:
-        by_case = {name.casefold(): name for name in classes}  # QA: 'Free' was refused without naming 'free'
-        listed = ", ".join(f"{label!r} ({count} files{'; ' + repr(by_case[label.casefold()]) + '?' if label.casefold() in by_case else ''})"
+        listed = ", ".join(f"{label!r} ({count} files{f'; {meant!r}?' if (meant := class_but_for_case(label, classes)) else ''})"
                            for label, count in sorted(unknown.items()))
         raise IngestError(f"unknown classes in {source}: {listed}. The project's classes are {sorted(classes)}; "
                           "add them to loop.toml `classes`, fix the labels, or, for a class renamed in loop.toml, `loop rename-class OLD NEW` "

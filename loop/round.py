@@ -370,12 +370,13 @@ def load_images(state: RoundState) -> None:
     ], dtype=int)
     state.details["ties_kept_out"] = sum(1 for i in state.image_ids if i in labels and labels[i].status == "tie")
     with session_scope(state.ctx.engine) as session:
-        changed = _test_labels_changed(session, project_id=project_id, test_ids=[row.id for row in images if row.split == "test"], labels=labels)
+        changed, labels_moved = _test_labels_changed(session, project_id=project_id, test_ids=[row.id for row in images if row.split == "test"],
+                                                     labels=labels)
         previous_ids = session.execute(select(Round.details["labeled_test_images"]).where(
             Round.project_id == project_id, Round.status == "completed").order_by(Round.number.desc()).limit(1)).scalar()
         state.previous_labeled_test_ids = decode_id_set(previous_ids)  # rounds before 2026-12-07: none
     if changed is not None:
-        state.test_images_labeled_or_unlabeled_since = set(changed.pop("_newly_labeled_ids")) | set(changed.pop("_no_longer_labeled_ids"))
+        state.test_images_labeled_or_unlabeled_since = labels_moved
         state.details["test_labels_changed"] = changed
         if changed["relabeled"] or changed["no_longer_labeled"]:
             state.console.print(
@@ -427,15 +428,16 @@ def _note_test_images_joined_or_left(state: RoundState, test: np.ndarray) -> Non
                             "moved out): this round's gates score other test images than the round before (details.test_labels_changed)")
 
 
-def _test_labels_changed(session, *, project_id: int, test_ids: list[int], labels: dict[int, Any]) -> dict[str, Any] | None:  # noqa: ANN001
+def _test_labels_changed(session, *, project_id: int, test_ids: list[int], labels: dict[int, Any]) -> tuple[dict[str, Any] | None, set[int]]:  # noqa: ANN001
     """How the test split's labels changed since the previous completed round read them: relabeled (another class),
-    newly labeled, no longer labeled (a tie, an answer deleted). None: no earlier round with its read time. The gates
+    newly labeled, no longer labeled (a tie, an answer deleted); with the ids of the images newly or no longer
+    labeled. None (and no ids): no earlier round with its read time. The gates
     over rounds compare values scored against these labels (QA: a test image relabeled by a manifest moved macro F1
     from 0.556 to 0.665, and nothing said the test labels changed)."""
     previous = session.execute(select(Round.number, Round.details["labels_read_at"].as_string()).where(
         Round.project_id == project_id, Round.status == "completed").order_by(Round.number.desc()).limit(1)).first()
     if previous is None or not previous[1]:
-        return None
+        return None, set()
     since = _aware(datetime.fromisoformat(previous[1]))
     events: dict[int, list[LabelEvent]] = defaultdict(list)
     for chunk in range(0, len(test_ids), 500):  # SQLite limits the variables of one statement
@@ -456,8 +458,8 @@ def _test_labels_changed(session, *, project_id: int, test_ids: list[int], label
             newly.append(image_id)
         elif was and not is_:
             gone.append(image_id)
-    return {"since_round": previous[0], "relabeled": len(relabeled), "newly_labeled": len(newly), "no_longer_labeled": len(gone),
-            "relabeled_images": relabeled[:20], "_newly_labeled_ids": newly, "_no_longer_labeled_ids": gone}
+    return ({"since_round": previous[0], "relabeled": len(relabeled), "newly_labeled": len(newly), "no_longer_labeled": len(gone),
+             "relabeled_images": relabeled[:20]}, {*newly, *gone})
 
 
 def find_near_copies(state: RoundState) -> None:

@@ -80,9 +80,10 @@ POSTGRES_CONNECT_DEFAULTS = {"connect_timeout": 10, "keepalives": 1, "keepalives
 
 
 def _create_engine(url: str, *, create_missing_file: bool = True) -> Engine:
+    parsed = make_url(url)
     if url.startswith("sqlite"):
         # A round and the API may touch one SQLite file at once: wait instead of failing.
-        database = make_url(url).database
+        database = parsed.database
         if not create_missing_file and database and database != ":memory:" and not database.startswith("file:"):
             store_file = Path(database).resolve()
             only_if_there = f"file:{quote(str(store_file))}?mode=rw"
@@ -100,8 +101,8 @@ def _create_engine(url: str, *, create_missing_file: bool = True) -> Engine:
             cursor.close()
 
         return engine
-    if make_url(url).drivername.startswith("postgresql+psycopg"):
-        own = set(make_url(url).query) | ({"connect_timeout"} if os.environ.get("PGCONNECT_TIMEOUT") else set())  # libpq's variable wins too
+    if parsed.drivername.startswith("postgresql+psycopg"):
+        own = set(parsed.query) | ({"connect_timeout"} if os.environ.get("PGCONNECT_TIMEOUT") else set())  # libpq's variable wins too
         return create_engine(url, pool_pre_ping=True, connect_args={k: v for k, v in POSTGRES_CONNECT_DEFAULTS.items() if k not in own})
     return create_engine(url, pool_pre_ping=True)
 

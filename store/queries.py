@@ -45,6 +45,11 @@ def get_project(session: Session, name: str | None = None) -> Project:
     return project
 
 
+def class_but_for_case(label: str, classes: list[str] | set[str]) -> str | None:
+    """The class `label` names but for case ('Free' for free), for the hint beside its refusal (QA); None if none."""
+    return next((name for name in classes if name.casefold() == label.casefold()), None)
+
+
 def resolve_label(events: list[LabelEvent]) -> CurrentLabel:
     """The current label from one image's events, oldest first.
 

@@ -870,13 +870,12 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
     details = round_.details or {}
     class_names = details.get("class_names")
     of_round = LabelIssue.round_id == round_id
-    n_issues, n_flagged, n_selected, n_near_duplicates, n_outliers = session.execute(select(
+    n_issues, n_flagged, n_selected = session.execute(select(
         select(func.count(LabelIssue.id)).where(of_round, LabelIssue.kind == "label_error").scalar_subquery(),
         select(func.count(LabelIssue.id)).where(of_round, LabelIssue.kind == "label_error", LabelIssue.flagged.is_(True)).scalar_subquery(),
         select(func.count(Selection.id)).where(Selection.round_id == round_id).scalar_subquery(),
-        select(func.count(LabelIssue.id)).where(of_round, LabelIssue.kind == "near_duplicate").scalar_subquery(),
-        select(func.count(LabelIssue.id)).where(of_round, LabelIssue.kind == "outlier").scalar_subquery(),
     )).one()
+    found = data_issue_counts(session, rounds=[round_])[round_.id]
     near = (details.get("data_quality") or {}).get("near_duplicates") or {}
     across = near.get("test_images_with_a_copy_outside_test")
     counts = label_counts_by_round(session, project_id=round_.project_id, rounds=[round_])[round_.id]
@@ -901,8 +900,8 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         n_selected=n_selected,
         # None where the round never looked (rounds before the check, a failed round): 0 read as "no copies" (QA); the
         # details' full counts where recorded (the stored rows are the strongest few hundred)
-        n_near_duplicates=_found_count(details, "near_duplicates", n_near_duplicates),
-        n_outliers=_found_count(details, "outliers", n_outliers),
+        n_near_duplicates=found["near_duplicates"],
+        n_outliers=found["outliers"],
         n_test_images_with_copy_outside=across if isinstance(across, int) else None,
         test_metrics_without_copies=_metrics_without_copies(details),
         cold_start=cold_start_of(details),
@@ -930,6 +929,12 @@ def test_split_changed(changed: dict[str, Any] | None) -> bool:
     return any((changed or {}).get(key) for key in ("relabeled", "no_longer_labeled", "joined_test_split", "left_test_split"))
 
 
+def test_split_moves_text(changed: dict[str, Any]) -> str:
+    """", N labeled images joined the test split and M left it" when any did, else "" (status and the dashboard)."""
+    joined, left = changed.get("joined_test_split") or 0, changed.get("left_test_split") or 0
+    return f", {joined} labeled images joined the test split and {left} left it" if joined or left else ""
+
+
 def _test_labels_changed_of(details: dict) -> dict[str, int] | None:
     raw = details.get("test_labels_changed")
     if not isinstance(raw, dict):
@@ -939,9 +944,9 @@ def _test_labels_changed_of(details: dict) -> dict[str, int] | None:
 
 
 def data_issue_counts(session: Session, *, rounds: list[Round]) -> dict[int, dict[str, int | None]]:
-    """Per round: images its near-copy and outlier checks found, as `round_report` counts them (the API's and the
-    dashboard's figure), for `loop status` (review: status read only the record, and said null where the API gave the
-    stored rows of a round recorded before the count was)."""
+    """Per round: images its near-copy and outlier checks found, for `round_report` (the API's and the dashboard's
+    figure) and `loop status` alike (review: status read only the record, and said null where the API gave the stored
+    rows of a round recorded before the count was)."""
     stored: dict[int, dict[str, int]] = defaultdict(dict)
     for round_id, kind, count in session.execute(
             select(LabelIssue.round_id, LabelIssue.kind, func.count(LabelIssue.id))
