@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from labeling.base import PullReport, PushReport, TaskRequest, register_backend
 from labeling.manifests import read_table
 from store.models import Image, LabelEvent, Project, Round, Selection
+from store.queries import renamed_classes
 
 
 @register_backend("none")
@@ -57,13 +58,16 @@ class OracleAnnotator:
         self.noise_rate = noise_rate
         self.seed = seed
 
-    def answer(self, image: Image) -> str | None:
+    def answer(self, image: Image, *, renames: dict[str, str] | None = None) -> str | None:
+        """The manifest's class for the image, under its name now (`renames`: old name -> new, store.queries.renamed_classes),
+        or with the injected noise a wrong class of the project's; None when the manifest does not name the image."""
         for path in [image.path, *image.duplicate_paths]:
             label = self.truth.get(str(Path(path).resolve()))
             if label is not None:
                 break
         else:
             return None
+        label = (renames or {}).get(label, label)  # mapped before the noise: a wrong answer is never the right class's new name
         draw = int(hashlib.sha256(f"{self.seed}:{image.sha256}".encode()).hexdigest()[:12], 16) / float(1 << 48)
         if draw < self.noise_rate:
             others = [c for c in self.classes if c != label]
@@ -80,11 +84,12 @@ class OracleAnnotator:
             .order_by(Selection.id)
         ).all()
         report = PullReport()
+        renames = renamed_classes(project)  # a manifest written before `loop rename-class` names the old class: it means the new one
         for selection, image in pending:
             external_id = f"selection:{selection.id}"
             if external_id in answered:
                 continue
-            label = self.answer(image)
+            label = self.answer(image, renames=renames)
             if label is None:
                 report.warnings.append(f"oracle has no ground truth for {image.path}")
                 continue

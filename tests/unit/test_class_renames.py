@@ -5,12 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, select
 
 from alembic import command
 from store import session_scope, upgrade_schema
 from store.db import alembic_config
-from store.models import LabelEvent, Project
+from store.models import Image, LabelEvent, Project
 from store.queries import record_class_rename, rename_label, renamed_classes
 
 from small_store import small_store
@@ -321,3 +321,34 @@ def test_a_vote_for_a_defect_class_in_a_tie_changes_sides_too(tmp_path: Path, cl
     refused = runner.invoke(app, ["rename-class", "patch", "good", "--merge", "--project", str(project)])
     said = " ".join(refused.output.split())
     assert refused.exit_code == 2 and f"makes its 0 labeled images (0 in the frozen test split), and the votes for it in {len(patch)} tied images," in said, said
+
+
+def test_the_oracle_answers_a_class_renamed_since_its_manifest_under_the_new_name(tmp_path: Path) -> None:
+    # QA (stop 37): after `loop rename-class`, the oracle rejected every answer its manifest gave under the old name
+    # ("not one of the classes: fix the manifest"), while Label Studio's answers under it count for the new class
+    from labeling.simulated import OracleAnnotator
+    from store.models import Round, Selection
+
+    engine, project_id, image_ids = small_store(tmp_path, n_images=2, classes=("good", "scratch_line"))
+    manifest = tmp_path / "truth.csv"
+    manifest.write_text("path,label\n/x/0.png,scratch\n/x/1.png,good\n")
+    with session_scope(engine) as session:
+        project = session.get(Project, project_id)
+        record_class_rename(project, "scratch", "scratch_line")
+        round_ = Round(project_id=project_id, number=1, status="completed")
+        session.add(round_)
+        session.flush()
+        session.add_all([Selection(round_id=round_.id, image_id=image_id, rank=rank, score=1.0, strategy="default", reason="uncertain", push_status="pushed")
+                         for rank, image_id in enumerate(image_ids)])
+    with session_scope(engine) as session:
+        project = session.get(Project, project_id)
+        report = OracleAnnotator(manifest=manifest, classes=project.classes).pull(session=session, project=project, round_id=None)
+        assert (report.new_label_events, report.rejected, report.warnings) == (2, 0, [])
+        assert sorted(session.scalars(select(LabelEvent.label))) == ["good", "scratch_line"]
+    # with noise, a wrong answer is another class than the one the old name means now: never "scratch_line" for image 0
+    noisy = OracleAnnotator(manifest=manifest, classes=["good", "scratch_line"], noise_rate=0.999)
+    with session_scope(engine) as session:
+        project = session.get(Project, project_id)
+        image = session.get(Image, image_ids[0])
+        assert noisy.answer(image, renames=renamed_classes(project)) == "good"
+    engine.dispose()
