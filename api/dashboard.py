@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse
 
 from api.dependencies import STORE_ID_MAX, BrowserReadScope, ProjectProcessDep, SessionDep
 from store import reports
-from store.reports import ConfusionMatrix, GateSeries, LabelIssueRow, ProgressSeries, RoundReport, RoundSummary, TrainingSummary
+from store.reports import ConfusionMatrix, GateSeries, LabelIssueRow, ProgressSeries, RoundAsks, RoundReport, RoundSummary, TrainingSummary
 
 router = APIRouter(tags=["dashboard"])
 
@@ -27,6 +27,8 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F
 SOURCE_COLORS = {"import": "#999999", "annotator": "#0072B2", "oracle": "#E69F00"}
 PASS_COLOR, FAIL_COLOR, NA_COLOR = "#1a9850", "#d73027", "#999999"
 ISSUE_QUEUE_ROWS = 25
+ROUND_TABLE_ROWS = 15  # the newest; GET /projects/{id}/rounds pages through all
+ERROR_SHOWN_CHARS = 240  # of a failed round's reason (the whole of it on hover)
 
 
 @dataclass(frozen=True)
@@ -457,7 +459,7 @@ def _shown_status(summary: RoundSummary) -> str:
     return escape(summary.status)
 
 
-def _summary_cards(progress: ProgressSeries, latest: RoundReport | None) -> str:
+def _summary_cards(progress: ProgressSeries, latest: RoundReport | None, asks: dict[int, RoundAsks] | None = None) -> str:
     newest = progress.rounds[-1] if progress.rounds else None
     # the cards show the latest completed round; a newer one running (or failed) is said beside the count
     newer = (f' <span class="issue-round-note">(R{newest.number} {_shown_status(newest)})</span>'
@@ -482,7 +484,55 @@ def _summary_cards(progress: ProgressSeries, latest: RoundReport | None) -> str:
             ("outliers", "not checked" if latest.n_outliers is None else str(latest.n_outliers)),
             ("round time", f"{_fmt(summary.duration_s, 3)} s" if summary.duration_s is not None else "–"),
         ]
+    waiting = sum(asked.waiting_to_be_pushed for asked in (asks or {}).values())
+    if waiting:  # the annotation tool was down or refused them: annotators have not seen them (the next round pushes them)
+        cards.append(("asks waiting to be pushed", f'<span class="verdict fail" title="the annotation tool was down or refused them; '
+                                                    f'the next round pushes them again">{waiting}</span>'))
     return "".join(f'<div class="card"><div class="card-label">{label}</div><div class="card-value">{value}</div></div>' for label, value in cards)
+
+
+def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks]) -> str:
+    """Every round, newest first: its status (a failed round's reason), gates, the labels it pulled and where its asks are
+    now. QA: a failed round showed only as a count on the dashboard, its reason in `loop status` alone."""
+    if not progress.rounds:
+        return '<p class="empty">No round yet.</p>'
+    rows = []
+    shown = range(len(progress.rounds) - 1, max(len(progress.rounds) - ROUND_TABLE_ROWS, 0) - 1, -1)
+    any_error = any(progress.rounds[index].error for index in shown)  # the column only when a shown round failed
+    for index in shown:
+        summary = progress.rounds[index]
+        failed = [gate.name for gate in progress.gates if gate.applicable[index] and gate.passed[index] is False]
+        gates = "–" if not summary.n_gates else (f'<span class="verdict {"pass" if summary.all_gates_passed else "fail"}">'
+                                                 f'{summary.n_gates_passed}/{summary.n_gates}</span>'
+                                                 + (f' <span class="failed-gates">{escape(", ".join(failed))}</span>' if failed else ""))
+        pulled = sum(series[index] for series in progress.new_label_events_by_source.values())
+        asked = asks.get(summary.id)
+        if asked is None:
+            asks_text = "–"
+        else:
+            parts = [f"{asked.pushed} pushed"] if asked.pushed else []
+            parts += [f"{asked.recorded} recorded (annotator none)"] if asked.recorded else []
+            parts += [f'<span class="verdict fail">{asked.waiting_to_be_pushed} waiting to be pushed</span>'] if asked.waiting_to_be_pushed else []
+            parts += [f"{asked.withdrawn} withdrawn"] if asked.withdrawn else []
+            asks_text = f"{asked.selected}" + (f" ({', '.join(parts)})" if parts else "")
+        note = ""
+        if summary.error:
+            shown = summary.error if len(summary.error) <= ERROR_SHOWN_CHARS else summary.error[:ERROR_SHOWN_CHARS - 1] + "…"
+            note = f'<span class="round-error" title="{escape(summary.error)}">{escape(shown)}</span>'
+        status_class = {"failed": "verdict fail", "completed": ""}.get(summary.status, "running")
+        started = summary.started_at.strftime("%Y-%m-%d %H:%M") if summary.started_at else "–"
+        rows.append(f'<tr data-round="{summary.number}" data-status="{escape(summary.status)}"><td>R{summary.number}</td>'
+                    f'<td class="{status_class}">{_shown_status(summary)}</td><td>{started}</td>'
+                    f'<td>{_fmt(summary.duration_s, 3) + " s" if summary.duration_s is not None else "–"}</td><td>{gates}</td>'
+                    f'<td>{pulled}</td><td>{asks_text}</td>{f"<td>{note}</td>" if any_error else ""}</tr>')
+    older = len(progress.rounds) - ROUND_TABLE_ROWS
+    more = (f'<p class="more">{older} older round{"s" if older != 1 else ""}: <code>GET /projects/{progress.project_id}/rounds</code></p>'
+            if older > 0 else "")
+    return ('<table class="rounds"><thead><tr><th>round</th><th>status</th><th>started (UTC)</th><th>time</th><th>gates passed</th>'
+            '<th title="label events the round pulled from the annotators">labels pulled</th>'
+            '<th title="images the round asked to be labeled, and where those asks are now">asked</th>'
+            f'{"<th>why it failed</th>" if any_error else ""}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>{more}')
 
 
 def _gate_table(latest: RoundReport) -> str:
@@ -571,14 +621,15 @@ table.issues img.thumb{width:56px;height:56px;object-fit:cover;border-radius:4px
 svg .kept-epoch{stroke:#d73027;stroke-width:1.5;stroke-dasharray:2 3}
 .empty,.more{color:#52606d} code{background:#f0f2f4;padding:1px 4px;border-radius:3px}
 .no-process{color:#b7791f;font-size:13px;cursor:help}
+table.rounds td.running{color:#b7791f} .round-error{color:#7b341e;font-size:13px;cursor:help} .failed-gates{color:#d73027;font-size:13px}
 """
 
 
 def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, confusion: tuple[int, ConfusionMatrix] | None,
                      issues: tuple[int, int, int, list[LabelIssueRow]] | None, token_query: str,
                      near_copies: tuple[int, int, int, list[LabelIssueRow]] | None = None,
-                     outliers: tuple[int, int, int, list[LabelIssueRow]] | None = None) -> str:
-    """The whole page. issues, near_copies, outliers: (round id, round number, total flagged, first rows)."""
+                     outliers: tuple[int, int, int, list[LabelIssueRow]] | None = None, asks: dict[int, RoundAsks] | None = None) -> str:
+    """The whole page. issues, near_copies, outliers: (round id, round number, total flagged, first rows); asks: by round id."""
     numbers = [r.number for r in progress.rounds]
     if progress.gates:
         gates_html = "".join(f'<div class="gate">{gate_chart(gate, numbers)}</div>' for gate in progress.gates)
@@ -623,8 +674,9 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
 <title>defect-loop · {escape(progress.project_name)}</title><style>{STYLE}</style></head>
 <body><header><h1>defect-loop · {escape(progress.project_name)}</h1><span class="sub">project {progress.project_id} · managers' dashboard · <a id="export" href="/projects/{progress.project_id}/export{token_query}" download>images, labels and predictions (CSV)</a></span></header>
 <main>
-<div class="cards">{_summary_cards(progress, latest)}</div>
+<div class="cards">{_summary_cards(progress, latest, asks)}</div>
 <section id="gates"><h2>Gates over rounds</h2><div class="grid">{gates_html}</div></section>
+<section id="rounds"><h2>Rounds</h2>{rounds_table(progress, asks or {})}</section>
 <div class="two">
 <section id="labels">{labels_html}</section>
 <section id="f1">{f1_html}</section>
@@ -681,7 +733,8 @@ def dashboard(
         outliers = (latest.summary.id, latest.summary.number, max(page.total, latest.n_outliers or 0), page.items)
     token_query = f"?{urlencode({'token': token})}" if token else ""
     return HTMLResponse(render_dashboard(progress, latest=latest, confusion=confusion, issues=issues, token_query=escape(token_query),
-                                         near_copies=near_copies, outliers=outliers), headers=DASHBOARD_HEADERS)
+                                         near_copies=near_copies, outliers=outliers,
+                                         asks=reports.asks_by_round(session, project_id=project.id)), headers=DASHBOARD_HEADERS)
 
 
 # The page carries its token in every link (review: no header kept it out of caches and Referer headers). It has no

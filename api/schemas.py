@@ -65,6 +65,8 @@ class RoundSummaryOut(Schema):
                                   "does, the round was killed or the machine stopped, and the next `loop round` records it as "
                                   "interrupted; null: not running, or the lock could not be read")
     status_note: str | None = Field(default=None, description="a running round only: what process_alive means for it, in words")
+    error: str | None = Field(default=None, description="a failed round: why, the step and its error (\"step train: MemoryError: ...\") or "
+                                                        "\"interrupted ...\" (Ctrl-C, killed, the machine stopped); null otherwise")
 
 
 class GateOut(Schema):

@@ -61,6 +61,7 @@ class RoundSummary:
     # lock; False: it was killed and nothing marked it yet. None: not running, or not checked.
     process_alive: bool | None = None
     status_note: str | None = None
+    error: str | None = None  # a failed round: why (the step and the exception, or "interrupted ...")
 
 
 @dataclass(frozen=True)
@@ -609,6 +610,7 @@ def _summary(round_: Round, gates: Sequence[Any] | None = None) -> RoundSummary:
         n_gates=len(applicable),
         n_gates_passed=len(passed),
         all_gates_passed=(len(passed) == len(applicable)) if applicable else None,
+        error=round_.error,
     )
 
 
@@ -647,7 +649,29 @@ def list_projects(session: Session, *, limit: int, offset: int) -> Page:
 
 
 # What a round summary needs; leaves the JSON columns (details can be large) unread.
-_SUMMARY_COLUMNS = load_only(Round.id, Round.project_id, Round.number, Round.status, Round.started_at, Round.finished_at)
+_SUMMARY_COLUMNS = load_only(Round.id, Round.project_id, Round.number, Round.status, Round.started_at, Round.finished_at, Round.error)
+
+
+@dataclass(frozen=True)
+class RoundAsks:
+    """What a round asked the annotators, by where each ask is now."""
+    selected: int  # images the round picked to be labeled (its own batch; older asks it pushed again are their round's)
+    pushed: int  # reached the annotation tool
+    waiting_to_be_pushed: int  # pending: the tool was down or refused them; the next round pushes them again
+    recorded: int  # the annotator is `none`: recorded for people to label elsewhere
+    withdrawn: int  # taken back before an answer came (answered meanwhile, file quarantined, moved into the test split)
+
+
+def asks_by_round(session: Session, *, project_id: int) -> dict[int, RoundAsks]:
+    """Round id -> its asks by push status, in one grouped query (the dashboard's rounds table)."""
+    counts: dict[int, dict[str, int]] = {}
+    for round_id, push_status, n in session.execute(
+            select(Selection.round_id, Selection.push_status, func.count(Selection.id)).join(Round, Round.id == Selection.round_id)
+            .where(Round.project_id == project_id).group_by(Selection.round_id, Selection.push_status)):
+        counts.setdefault(round_id, {})[push_status] = n
+    return {round_id: RoundAsks(selected=sum(by.values()), pushed=by.get("pushed", 0),
+                                waiting_to_be_pushed=by.get("pending", 0) + by.get("failed", 0), recorded=by.get("recorded", 0),
+                                withdrawn=by.get("withdrawn", 0)) for round_id, by in counts.items()}
 
 
 def list_rounds(session: Session, *, project_id: int, limit: int, offset: int) -> Page:

@@ -225,3 +225,34 @@ def test_the_dashboard_keeps_its_token_out_of_caches_referers_and_frames(client:
     assert response.status_code == 200
     assert response.headers["cache-control"] == "no-store" and response.headers["referrer-policy"] == "no-referrer"
     assert "frame-ancestors 'none'" in response.headers["content-security-policy"] and response.headers["x-frame-options"] == "DENY"
+
+
+def test_the_rounds_table_says_why_a_round_failed_its_gates_and_where_its_asks_are(client: TestClient) -> None:
+    # QA: a failed round was a count on the dashboard ("rounds 4"), its reason only in `loop status`; asks the annotation
+    # tool never took (it was down) were nowhere
+    html = _page(client)
+    table = re.search(r'<table class="rounds">.*?</table>', html, re.S).group(0)
+    rows = re.findall(r'<tr data-round="(\d+)" data-status="(\w+)">(.*?)</tr>', table, re.S)
+    assert [(number, status) for number, status, _ in rows] == [("4", "running"), ("3", "failed"), ("2", "completed"), ("1", "completed")]
+    cells = {number: [unescape(re.sub(r"<[^>]+>", "", cell)).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+             for number, _, row in rows}
+    assert cells["3"][-1] == "embedding failed: out of memory" and cells["2"][-1] == ""
+    assert cells["1"][4] == "1/4 macro_f1, defect_recall, negative_fpr" and cells["2"][4] == "4/4"
+    assert cells["1"][5] == "2" and cells["2"][5] == "4"  # labels pulled: R1's 2 oracle answers, R2's 4 annotator answers
+    assert cells["1"][6] == "2 (2 pushed)" and cells["2"][6] == "1 (1 waiting to be pushed)"
+    card = re.search(r'asks waiting to be pushed</div><div class="card-value">(.*?)</div>', html, re.S)
+    assert card is not None and re.sub(r"<[^>]+>", "", card.group(1)) == "1"
+
+
+def test_the_rounds_table_shows_the_newest_rounds_and_points_to_the_rest() -> None:
+    from api.dashboard import ROUND_TABLE_ROWS, rounds_table
+    from store.reports import ProgressSeries, RoundSummary
+
+    n = ROUND_TABLE_ROWS + 3
+    summaries = [RoundSummary(id=k, project_id=1, number=k, status="completed", started_at=None, finished_at=None, duration_s=None,
+                              n_gates=0, n_gates_passed=0, all_gates_passed=None) for k in range(1, n + 1)]
+    html = rounds_table(ProgressSeries(project_id=1, project_name="p", rounds=summaries, gates=[], metrics=[],
+                                       labels_by_source={"oracle": [0] * n}, ties=[0] * n, new_label_events_by_source={"oracle": [1] * n}), {})
+    assert re.findall(r'data-round="(\d+)"', html) == [str(k) for k in range(n, 3, -1)]
+    assert "3 older rounds: <code>GET /projects/1/rounds</code>" in html
+    assert "why it failed" not in html  # no round shown failed: no empty column
