@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse
 
 from api.dependencies import STORE_ID_MAX, BrowserReadScope, ProjectProcessDep, SessionDep
 from store import reports
-from store.reports import ConfusionMatrix, GateSeries, LabelIssueRow, ProgressSeries, RoundAsks, RoundReport, RoundSummary, TrainingSummary
+from store.reports import AnnotatorActivity, ConfusionMatrix, GateSeries, LabelIssueRow, ProgressSeries, RoundAsks, RoundReport, RoundSummary, TrainingSummary
 
 router = APIRouter(tags=["dashboard"])
 
@@ -535,6 +535,26 @@ def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks]) -> str:
             f'<tbody>{"".join(rows)}</tbody></table>{more}')
 
 
+def annotators_table(activity: Sequence[AnnotatorActivity]) -> str:
+    """Per annotator: images answered, skips, this round's answers, agreement where another annotator answered too."""
+    if not activity:
+        return '<p class="empty">No annotator has answered yet (labels so far come from ingest).</p>'
+    rows = []
+    for row in activity:
+        agreement = (f'{row.agreeing / row.shared:.0%} <span class="dim">({row.agreeing} of {row.shared})</span>' if row.shared else
+                     '<span class="dim">no image shared</span>')
+        lead = "–" if row.median_lead_time_s is None else f"{_fmt(row.median_lead_time_s, 3)} s"
+        who = escape(row.annotator or "(unnamed)") + (' <span class="dim">(simulated)</span>' if row.source == "oracle" else "")
+        rows.append(f'<tr data-annotator="{escape(row.annotator)}"><td>{who}</td><td>{row.answered}</td><td>{row.answered_in_latest_round}</td>'
+                    f'<td>{row.skipped}</td><td>{agreement}</td><td>{row.in_ties}</td><td>{lead}</td></tr>')
+    return ('<table class="annotators"><thead><tr><th>annotator</th><th title="images whose newest answer by them stands">images answered</th>'
+            '<th title="answers the newest round pulled from them">newest round</th><th>skipped</th>'
+            '<th title="where another annotator answered the same image: how often their answer is the label now">agreement with others</th>'
+            '<th title="images whose annotators split evenly, kept out of training">in ties</th>'
+            '<th title="median time from opening a task to submitting it (Label Studio)">median time</th></tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>')
+
+
 def _gate_table(latest: RoundReport) -> str:
     without = latest.test_metrics_without_copies  # some test images have a labeled near-copy outside the test split
     rows = []
@@ -620,7 +640,7 @@ table.issues img.thumb{width:56px;height:56px;object-fit:cover;border-radius:4px
 .unsettled{color:#b7791f;font-size:12px} .verdict.pass{color:#1a9850;font-weight:600} .verdict.fail{color:#d73027;font-weight:600} .verdict.na{color:#999}
 svg .kept-epoch{stroke:#d73027;stroke-width:1.5;stroke-dasharray:2 3}
 .empty,.more{color:#52606d} code{background:#f0f2f4;padding:1px 4px;border-radius:3px}
-.no-process{color:#b7791f;font-size:13px;cursor:help}
+.no-process{color:#b7791f;font-size:13px;cursor:help} .dim{color:#7b8794;font-size:12px}
 table.rounds td.running{color:#b7791f} .round-error{color:#7b341e;font-size:13px;cursor:help} .failed-gates{color:#d73027;font-size:13px}
 """
 
@@ -628,7 +648,8 @@ table.rounds td.running{color:#b7791f} .round-error{color:#7b341e;font-size:13px
 def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, confusion: tuple[int, ConfusionMatrix] | None,
                      issues: tuple[int, int, int, list[LabelIssueRow]] | None, token_query: str,
                      near_copies: tuple[int, int, int, list[LabelIssueRow]] | None = None,
-                     outliers: tuple[int, int, int, list[LabelIssueRow]] | None = None, asks: dict[int, RoundAsks] | None = None) -> str:
+                     outliers: tuple[int, int, int, list[LabelIssueRow]] | None = None, asks: dict[int, RoundAsks] | None = None,
+                     annotators: Sequence[AnnotatorActivity] | None = None) -> str:
     """The whole page. issues, near_copies, outliers: (round id, round number, total flagged, first rows); asks: by round id."""
     numbers = [r.number for r in progress.rounds]
     if progress.gates:
@@ -677,6 +698,7 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
 <div class="cards">{_summary_cards(progress, latest, asks)}</div>
 <section id="gates"><h2>Gates over rounds</h2><div class="grid">{gates_html}</div></section>
 <section id="rounds"><h2>Rounds</h2>{rounds_table(progress, asks or {})}</section>
+<section id="annotators"><h2>Annotators</h2>{annotators_table(annotators or [])}</section>
 <div class="two">
 <section id="labels">{labels_html}</section>
 <section id="f1">{f1_html}</section>
@@ -734,7 +756,8 @@ def dashboard(
     token_query = f"?{urlencode({'token': token})}" if token else ""
     return HTMLResponse(render_dashboard(progress, latest=latest, confusion=confusion, issues=issues, token_query=escape(token_query),
                                          near_copies=near_copies, outliers=outliers,
-                                         asks=reports.asks_by_round(session, project_id=project.id)), headers=DASHBOARD_HEADERS)
+                                         asks=reports.asks_by_round(session, project_id=project.id),
+                                         annotators=reports.annotator_activity(session, project_id=project.id)), headers=DASHBOARD_HEADERS)
 
 
 # The page carries its token in every link (review: no header kept it out of caches and Referer headers). It has no

@@ -69,6 +69,20 @@ class RoundSummaryOut(Schema):
                                                         "\"interrupted ...\" (Ctrl-C, killed, the machine stopped); null otherwise")
 
 
+class AnnotatorOut(Schema):
+    annotator: str = Field(description="the annotator's name in the annotation tool (Label Studio: the user's email), or \"oracle\"")
+    source: str = Field(description="annotator (Label Studio) or oracle (the simulated annotator)")
+    answered: int = Field(description="images whose newest answer by them gives a class and stands (not deleted, not a skip)")
+    skipped: int = Field(description="images whose newest answer by them is a skip")
+    answered_in_latest_round: int = Field(description="answers the project's newest round pulled from them (an answer saved again counts again)")
+    shared: int = Field(description="of the images they answered, those another annotator answered too")
+    agreeing: int = Field(description="of `shared`, images whose label now is their answer: agreeing / shared is their agreement with "
+                                      "the others (a lone answer is the label by definition and is not counted)")
+    in_ties: int = Field(description="of `shared`, images whose annotators split evenly (kept out of training until one more answers)")
+    median_lead_time_s: float | None = Field(description="median time from opening a task to submitting it, as Label Studio records "
+                                                         "it; null: not recorded (the oracle, an older answer)")
+
+
 class GateOut(Schema):
     name: str
     value: float | None

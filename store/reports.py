@@ -8,6 +8,7 @@ supersedes imports, ties kept out) of the label events that were in the store wh
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import weakref
 from collections import Counter, defaultdict
@@ -672,6 +673,66 @@ def asks_by_round(session: Session, *, project_id: int) -> dict[int, RoundAsks]:
     return {round_id: RoundAsks(selected=sum(by.values()), pushed=by.get("pushed", 0),
                                 waiting_to_be_pushed=by.get("pending", 0) + by.get("failed", 0), recorded=by.get("recorded", 0),
                                 withdrawn=by.get("withdrawn", 0)) for round_id, by in counts.items()}
+
+
+@dataclass(frozen=True)
+class AnnotatorActivity:
+    """One annotator's answers over the project's images (each image counted once, by their newest answer to it)."""
+    annotator: str
+    source: str  # annotator (Label Studio) | oracle (simulated)
+    answered: int  # images whose newest answer by them gives a class and stands (not deleted, not a skip)
+    skipped: int  # images whose newest answer by them is a skip
+    answered_in_latest_round: int  # answers the newest round pulled from them (saved again counts again)
+    # images another annotator answered too: the share where theirs is the image's label now measures agreement;
+    # a single annotator's answer is the label by definition and says nothing about them
+    shared: int
+    agreeing: int  # of `shared`, their answer is the label now
+    in_ties: int  # of `shared`, the annotators split evenly: kept out of training until one more answers
+    median_lead_time_s: float | None  # Label Studio's time from opening a task to submitting it; None: not recorded
+
+
+def annotator_activity(session: Session, *, project_id: int) -> list[AnnotatorActivity]:
+    """Per annotator (and the oracle): how many images they answered and how often their answer agrees with the
+    label where another annotator answered too. Most answered first."""
+    latest = session.scalar(select(func.max(Round.id)).where(Round.project_id == project_id))
+    events_by_image: dict[int, list[LabelEvent]] = defaultdict(list)
+    for event in session.scalars(select(LabelEvent).join(Image, Image.id == LabelEvent.image_id)
+                                 .where(Image.project_id == project_id).order_by(LabelEvent.id)):
+        events_by_image[event.image_id].append(event)
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def row(key: tuple[str, str]) -> dict[str, Any]:
+        return rows.setdefault(key, {"answered": 0, "skipped": 0, "latest": 0, "shared": 0, "agreeing": 0, "ties": 0, "lead": []})
+
+    for events in events_by_image.values():
+        newest: dict[tuple[str, str], LabelEvent] = {}
+        for event in events:
+            if event.source not in ("annotator", "oracle"):
+                continue
+            key = (event.annotator or "", event.source)
+            newest[key] = event  # oldest first: the last one stands
+            if latest is not None and event.round_id == latest and event.action == "set":
+                row(key)["latest"] += 1
+            if event.action == "set" and event.lead_time_s is not None:
+                row(key)["lead"].append(float(event.lead_time_s))
+        answers = {key: event.label for key, event in newest.items() if event.action == "set" and event.label is not None}
+        current = resolve_label(events) if len(answers) > 1 else None
+        for key, event in newest.items():
+            counts = row(key)
+            if event.action == "skip":
+                counts["skipped"] += 1
+            if key not in answers:
+                continue
+            counts["answered"] += 1
+            if current is not None:
+                counts["shared"] += 1
+                counts["agreeing"] += int(current.status == "labeled" and current.label == answers[key])
+                counts["ties"] += int(current.status == "tie")
+    activity = [AnnotatorActivity(annotator=name, source=source, answered=c["answered"], skipped=c["skipped"], answered_in_latest_round=c["latest"],
+                                  shared=c["shared"], agreeing=c["agreeing"], in_ties=c["ties"],
+                                  median_lead_time_s=float(statistics.median(c["lead"])) if c["lead"] else None)
+                for (name, source), c in rows.items()]
+    return sorted(activity, key=lambda a: (-a.answered, a.annotator, a.source))
 
 
 def list_rounds(session: Session, *, project_id: int, limit: int, offset: int) -> Page:

@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from api.dependencies import HEAD_ONLY, BrowserReadScope, Limit, Offset, ProjectProcessDep, ReadScope, ResponseCacheDep, RowId, SessionDep, end_reads
-from api.schemas import ErrorOut, PageOut, ProgressOut, ProjectOut, RoundSummaryOut
+from api.schemas import AnnotatorOut, ErrorOut, PageOut, ProgressOut, ProjectOut, RoundSummaryOut
 from store import export, reports
 
 router = APIRouter(tags=["projects"], responses={401: {"model": ErrorOut}})
@@ -40,6 +40,13 @@ def list_rounds(
     page = reports.list_rounds(session, project_id=project_id, limit=limit, offset=offset)
     items = [RoundSummaryOut.model_validate(process.mark(r)) for r in page.items]
     return PageOut[RoundSummaryOut](total=page.total, limit=limit, offset=offset, items=items)
+
+
+@router.get("/projects/{project_id}/annotators", response_model=list[AnnotatorOut], responses={404: {"model": ErrorOut}},
+            summary="Per annotator: images answered, skipped, answered this round, agreement where others answered too")
+def annotators(project_id: RowId, session: SessionDep, _scope: ReadScope) -> list[AnnotatorOut]:
+    _require_project(session, project_id)
+    return [AnnotatorOut.model_validate(row) for row in reports.annotator_activity(session, project_id=project_id)]
 
 
 @router.get("/projects/{project_id}/progress", response_model=ProgressOut, responses={404: {"model": ErrorOut}})

@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api_seed import FULL_TOKEN, READ_TOKEN, make_settings
 
-READ_PATHS = ["/version", "/projects", "/projects/1/rounds", "/projects/1/progress", "/rounds/1", "/rounds/1/label-issues", "/rounds/1/selection"]
+READ_PATHS = ["/version", "/projects", "/projects/1/rounds", "/projects/1/progress", "/projects/1/annotators", "/rounds/1", "/rounds/1/label-issues", "/rounds/1/selection"]
 
 
 def test_health_is_open(client: TestClient) -> None:

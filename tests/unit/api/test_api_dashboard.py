@@ -256,3 +256,14 @@ def test_the_rounds_table_shows_the_newest_rounds_and_points_to_the_rest() -> No
     assert re.findall(r'data-round="(\d+)"', html) == [str(k) for k in range(n, 3, -1)]
     assert "3 older rounds: <code>GET /projects/1/rounds</code>" in html
     assert "why it failed" not in html  # no round shown failed: no empty column
+
+
+def test_the_annotators_table_gives_each_annotators_answers_and_agreement(client: TestClient) -> None:
+    html = _page(client)
+    table = re.search(r'<table class="annotators">.*?</table>', html, re.S).group(0)
+    rows = {name: [unescape(re.sub(r"<[^>]+>", "", cell)).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+            for name, row in re.findall(r'<tr data-annotator="([^"]*)">(.*?)</tr>', table, re.S)}
+    assert list(rows) == ["ann1", "oracle", "ann2", "ann3"]
+    assert rows["ann1"][1:6] == ["3", "0", "0", "0% (0 of 1)", "0"]  # outvoted on image 12
+    assert rows["ann3"][1:5] == ["1", "1", "0", "100% (1 of 1)"] and rows["oracle"][0] == "oracle (simulated)"
+    assert rows["oracle"][4] == "no image shared"

@@ -51,6 +51,15 @@ def test_rounds_of_project_in_number_order(get, seeded_store: SeededStore) -> No
     assert get(f"/projects/{seeded_store.empty_project_id}/rounds") == {"total": 0, "limit": 50, "offset": 0, "items": []}
 
 
+def test_annotators_of_a_project(get, seeded_store: SeededStore) -> None:  # noqa: ANN001
+    # seeded: ann1 answered 11, 5 and 12 (scratch); ann2 (R2) and ann3 (R4) answered 12 spot, which is its label now
+    rows = get(f"/projects/{seeded_store.project_id}/annotators")
+    assert [(r["annotator"], r["source"], r["answered"], r["shared"], r["agreeing"], r["answered_in_latest_round"]) for r in rows] == [
+        ("ann1", "annotator", 3, 1, 0, 0), ("oracle", "oracle", 2, 0, 0, 0), ("ann2", "annotator", 1, 1, 1, 0), ("ann3", "annotator", 1, 1, 1, 1)]
+    assert get(f"/projects/{seeded_store.empty_project_id}/annotators") == []
+    assert get("/projects/999/annotators", expected_status=404) == {"detail": "no project 999 in this store"}
+
+
 def test_unknown_ids_are_404_with_reason(get) -> None:  # noqa: ANN001
     assert get("/projects/999/rounds", expected_status=404) == {"detail": "no project 999 in this store"}
     assert get("/projects/999/progress", expected_status=404)["detail"] == "no project 999 in this store"
@@ -287,7 +296,7 @@ def test_version(get) -> None:  # noqa: ANN001
 def test_openapi_docs_served(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     for path in ("/projects", "/projects/{project_id}/rounds", "/rounds/{round_id}", "/rounds/{round_id}/label-issues",
-                 "/rounds/{round_id}/selection", "/projects/{project_id}/progress", "/projects/{project_id}/export", "/predict",
+                 "/rounds/{round_id}/selection", "/projects/{project_id}/progress", "/projects/{project_id}/annotators", "/projects/{project_id}/export", "/predict",
                  "/webhooks/labelstudio", "/health", "/version"):
         assert path in spec["paths"], path
     for page_path, assets in (("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")), ("/redoc", ("redoc.standalone.js",))):
