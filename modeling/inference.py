@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from modeling.onnx_export import open_session
+from modeling.onnx_session import open_session  # no torch: the API's /predict runs without it
 from modeling.preprocessing import Preprocessing, image_to_array
 
 

@@ -1,4 +1,4 @@
-"""Export torch modules to ONNX and open ONNX Runtime sessions the way the model is deployed (CPU, N threads)."""
+"""Export torch modules to ONNX (sessions: modeling.onnx_session, which needs no torch)."""
 from __future__ import annotations
 
 import os
@@ -6,9 +6,10 @@ import uuid
 import warnings
 from pathlib import Path
 
-import onnxruntime as ort
 import torch
 from torch import nn
+
+from modeling.onnx_session import open_session  # noqa: F401 - the training side imports it from here too
 
 
 def export_onnx(module: nn.Module, path: Path, *, image_size: int, output_name: str) -> Path:
@@ -35,12 +36,3 @@ def export_onnx(module: nn.Module, path: Path, *, image_size: int, output_name: 
         tmp_path.unlink(missing_ok=True)  # a full disk left half a file behind
         raise
     return path
-
-
-def open_session(path: Path, *, threads: int = 2) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -309,3 +309,26 @@ def test_requests_at_once_decode_no_more_full_size_images_at_once_than_the_cap(c
         codes = list(pool.map(one, range(3 * cap)))
     assert codes == [200] * (3 * cap)
     assert 1 <= state["most"] <= cap
+
+
+def test_predict_answers_without_loading_torch(seeded_store: SeededStore) -> None:
+    # The API serves the ONNX file with ONNX Runtime; importing torch (through the session helper's module) cost the
+    # first /predict 3 s and the serving process hundreds of MB for nothing
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    script = (
+        "import sys; sys.path.insert(0, 'tests/unit/api')\n"
+        "from pathlib import Path\n"
+        "from fastapi.testclient import TestClient\n"
+        "from api.app import create_app\n"
+        "from api_seed import FULL_TOKEN, make_settings, png_bytes\n"
+        f"with TestClient(create_app(make_settings(Path({str(seeded_store.project_dir)!r})))) as client:\n"
+        "    response = client.post('/predict', headers={'Authorization': f'Bearer {FULL_TOKEN}'},\n"
+        "                           files=[('files', ('grey.png', png_bytes((128, 128, 128)), 'image/png'))])\n"
+        "print(response.status_code, 'torch' in sys.modules)\n"
+    )
+    answered = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert answered.stdout.split() == ["200", "False"], answered.stderr[-2000:]
