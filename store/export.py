@@ -139,9 +139,24 @@ def image_records(session: Session, project: Project, source: ExportSource, *, l
                 merged[new_name] = merged.get(new_name, 0.0) + value if isinstance(value, (int, float)) else value
             return merged
 
-        predictions = {image_id: (renames.get(label, label), p_defect, renamed(probabilities) if renames else probabilities)
-                       for image_id, label, p_defect, probabilities in session.execute(
-            select(Prediction.image_id, Prediction.predicted_label, Prediction.p_defect, Prediction.probabilities).where(Prediction.round_id == round_id))}
+        negative = project.negative_class
+
+        def p_defect_now(p_defect: float | None, probabilities: dict) -> float | None:
+            # QA: after `rename-class uneven free --flip-defect`, p_free held p_uneven too while P(defect) still counted
+            # it as a defect (0.89 beside p_free 0.69): P(defect) is what the classes now call defects. The round stored
+            # 1 - p_negative, so a plain rename (or a merge of two defect classes) changes nothing here.
+            good = probabilities.get(negative) if negative else None
+            if p_defect is None or not isinstance(good, (int, float)) or abs((1.0 - p_defect) - good) <= 1e-6:
+                return p_defect
+            return max(0.0, 1.0 - float(good))
+
+        predictions = {}
+        for image_id, label, p_defect, probabilities in session.execute(
+                select(Prediction.image_id, Prediction.predicted_label, Prediction.p_defect, Prediction.probabilities).where(Prediction.round_id == round_id)):
+            if renames:
+                probabilities = renamed(probabilities)
+                p_defect = p_defect_now(p_defect, probabilities)
+            predictions[image_id] = (renames.get(label, label), p_defect, probabilities)
         paths = dict(session.execute(select(Image.id, Image.path).where(Image.project_id == project.id)).all())
         for issue in session.scalars(select(LabelIssue).where(LabelIssue.round_id == round_id, LabelIssue.flagged.is_(True))):
             found = issues[issue.image_id]

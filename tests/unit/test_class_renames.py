@@ -251,6 +251,38 @@ def test_an_export_names_an_older_rounds_predictions_by_the_classes_renamed_sinc
     assert "p_spot" not in record
 
 
+def test_an_export_after_a_defect_class_merged_into_the_good_one_gives_p_defect_by_the_classes_now(tmp_path: Path) -> None:
+    # QA: after `rename-class spot good --merge --flip-defect`, p_good held p_spot too while p_defect still counted spot as a
+    # defect (0.89 beside p_good 0.69); a plain rename, and a merge of two defect classes, leave p_defect as stored
+    from store.export import export_source, image_records
+    from store.models import Prediction, Round
+
+    engine, project_id, image_ids = small_store(tmp_path, n_images=2, classes=("good", "scratch", "spot"))
+    with session_scope(engine) as session:
+        round_ = Round(project_id=project_id, number=1, status="completed", details={"class_names": ["good", "scratch", "spot"]})
+        session.add(round_)
+        session.flush()
+        session.add(Prediction(round_id=round_.id, image_id=image_ids[0], predicted_label="spot", p_defect=0.75,
+                               probabilities={"good": 0.25, "scratch": 0.15, "spot": 0.6}))
+        session.add(Prediction(round_id=round_.id, image_id=image_ids[1], predicted_label="scratch", p_defect=0.9,
+                               probabilities={"good": 0.1, "scratch": 0.7, "spot": 0.2}))
+        project = session.get(Project, project_id)
+        project.classes, project.class_renames = ["good", "scratch"], {"spot": "good"}
+    with session_scope(engine) as session:
+        project = session.get(Project, project_id)
+        first, second = image_records(session, project, export_source(session, project))
+    assert (first["predicted_label"], first["p_good"], first["p_defect"]) == ("good", pytest.approx(0.85), pytest.approx(0.15))
+    assert (second["predicted_label"], second["p_good"], second["p_defect"]) == ("scratch", pytest.approx(0.3), pytest.approx(0.7))
+    with session_scope(engine) as session:  # a merge of two defect classes: p_defect as the round stored it
+        project = session.get(Project, project_id)
+        project.class_renames = {"spot": "scratch"}
+    with session_scope(engine) as session:
+        project = session.get(Project, project_id)
+        first, second = image_records(session, project, export_source(session, project))
+    assert (first["p_defect"], second["p_defect"]) == (0.75, 0.9)
+    engine.dispose()
+
+
 def test_a_rename_that_turns_defects_into_good_parts_or_back_needs_flip_defect(tmp_path: Path, class_folders: Path) -> None:
     # QA: `rename-class fray free --merge` made 18 defects, 4 of them in the frozen test split, good parts without a word
 
