@@ -383,7 +383,8 @@ def issue_queue_table(issues: Sequence[LabelIssueRow], total: int, round_number:
     rows = []
     for position, issue in enumerate(issues, start=1):  # the queue's order; stored ranks count from 0
         changed = issue.current_label is not None and issue.current_label != issue.given_label
-        now = escape(issue.current_label or "unlabeled") + (" ✓ relabeled" if changed else "")
+        merged = not changed and issue.given_label == issue.suggested_label  # loop rename-class merged the two classes
+        now = escape(issue.current_label or "unlabeled") + (" ✓ relabeled" if changed else " ✓ classes merged" if merged else "")
         rows.append(
             f'<tr class="issue" data-image-id="{issue.image_id}"><td>{position}</td>'
             f'<td><img class="thumb" loading="lazy" alt="image {issue.image_id}" src="/images/{issue.image_id}{image_query}"></td>'

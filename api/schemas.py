@@ -332,6 +332,10 @@ class LabelIssueOut(Schema):
     flagged: bool
     rank: int
     current_label: str | None = Field(description="the image's label now (annotators may have fixed it since)")
+    still_suspect: bool | None = Field(default=None, description="label_error: whether the suspicion holds now, the label being still the one "
+                                                                  "suspected and not the suggested class (false once relabeled, or once "
+                                                                  "`loop rename-class` merged the suspected class into the suggested one); "
+                                                                  "null for the other kinds")
     image_url: str
     related_image_id: int | None = Field(default=None, description="near_duplicate: the copy; outlier: the nearest image")
 

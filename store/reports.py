@@ -354,6 +354,15 @@ class LabelIssueRow:
     current_label: str | None
     related_image_id: int | None = None  # near_duplicate: the copy; outlier: the nearest image
 
+    @property
+    def still_suspect(self) -> bool | None:
+        """A label error: whether the suspicion still holds, the label being the one suspected and not the suggested class
+        (relabeled since, or the suspected class merged into the suggested one by `loop rename-class`: answered, as the
+        export says; QA: a merge left items reading "given free, suggested free" with nothing saying so). None: another kind."""
+        if self.kind != "label_error":
+            return None
+        return self.current_label == self.given_label and self.given_label != self.suggested_label
+
 
 @dataclass(frozen=True)
 class SelectionRow:

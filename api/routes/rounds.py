@@ -55,7 +55,7 @@ def label_issues(
     _require_round(session, round_id)
     page = reports.label_issue_queue(session, round_id=round_id, limit=limit, offset=offset, flagged_only=flagged_only,
                                      kind=None if kind == "all" else kind)
-    items = [LabelIssueOut.model_validate({**asdict(row), "image_url": f"/images/{row.image_id}"}) for row in page.items]
+    items = [LabelIssueOut.model_validate({**asdict(row), "still_suspect": row.still_suspect, "image_url": f"/images/{row.image_id}"}) for row in page.items]
     return PageOut[LabelIssueOut](total=page.total, limit=limit, offset=offset, items=items)
 
 

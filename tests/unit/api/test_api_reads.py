@@ -189,11 +189,13 @@ def test_label_issue_queue(get, seeded_store: SeededStore) -> None:  # noqa: ANN
     assert first["image_url"] == f"/images/{seeded_store.image_ids[5]}"
     assert first["current_label"] == "scratch"
     assert second["current_label"] == "spot"  # image 5 was relabeled by an annotator since
+    assert (first["still_suspect"], second["still_suspect"]) == (True, False)
     everything = get(f"/rounds/{rid}/label-issues?flagged_only=false&kind=all")
     assert everything["total"] == 4 and everything["items"][-1]["flagged"] is False
     near_duplicates = get(f"/rounds/{rid}/label-issues?kind=near_duplicate")["items"]
     assert [i["rank"] for i in near_duplicates] == [3]
     assert near_duplicates[0]["related_image_id"] == seeded_store.image_ids[1]  # the copy, to look at side by side
+    assert near_duplicates[0]["still_suspect"] is None
     assert [i["rank"] for i in get(f"/rounds/{rid}/label-issues?limit=1&offset=1")["items"]] == [2]
     # a kind that does not exist is a mistake in the request, not an empty queue
     assert "near_duplicate" in str(get(f"/rounds/{rid}/label-issues?kind=bogus", expected_status=422)["detail"])

@@ -145,3 +145,16 @@ def test_annotator_activity_counts_answers_skips_ties_and_agreement_where_others
     assert (oracle.answered, oracle.shared, oracle.source) == (2, 0, "oracle")
     assert ann1.answered_in_latest_round == 1 and ann2.answered_in_latest_round == 2 and ann3.answered_in_latest_round == 2
     assert ann2.median_lead_time_s == 15.0 and ann1.median_lead_time_s == 4.0 and oracle.median_lead_time_s is None  # skips have no lead time counted
+
+
+def test_a_label_error_whose_class_was_merged_into_the_suggested_one_is_no_longer_suspect() -> None:
+    # QA: after `rename-class uneven free --merge`, the queue held "given free, suggested free, flagged" with nothing
+    # saying the merge answered it (the export did: suspected_label_error false)
+    def issue(kind: str, given: str | None, suggested: str | None, now: str | None) -> reports.LabelIssueRow:
+        return reports.LabelIssueRow(id=1, round_id=1, image_id=1, kind=kind, given_label=given, suggested_label=suggested, score=0.1,
+                                     flagged=True, rank=0, current_label=now)
+    assert issue("label_error", "scratch", "spot", "scratch").still_suspect is True
+    assert issue("label_error", "scratch", "spot", "spot").still_suspect is False  # relabeled
+    assert issue("label_error", "free", "free", "free").still_suspect is False  # merged into the suggested class
+    assert issue("label_error", "scratch", "spot", None).still_suspect is False  # a tie or an answer deleted since
+    assert issue("outlier", "good", None, "good").still_suspect is None
