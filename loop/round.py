@@ -68,8 +68,8 @@ from modeling.transfer import checkpoint_backbone_name, image_fingerprints, load
 from modeling.training import HEAD_OPTIONS, TrainedClassifier, TrainingData, available_training_strategies, head_fit_predict, train_classifier
 from store import session_scope
 from store.db import confirm_store_lock, shown_url
-from store.models import (AnnotationTask, GateResult, Image, IngestBatch, LabelEvent, LabelIssue, Metric, Prediction, RejectedAnnotation, Round,
-                          Selection)
+from store.models import (AnnotationTask, GateResult, Image, IngestBatch, LabelEvent, LabelIssue, Metric, Prediction, Project, RejectedAnnotation,
+                          Round, Selection)
 from store.queries import (ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number, resolve_label,
                            requeue_newest_asks, standing_answer_times)
 from store.reports import GATE_METRICS, class_change_text, class_set_changes, gate_values_text, ingest_batches_text
@@ -2587,7 +2587,8 @@ def _plot_gates_history(session, project_id: int, state: RoundState) -> Path:  #
     # each round keeps its own picture (what the round record points to); artifacts/gates_over_rounds.png is the latest
     # each round's own threshold: a gate changed in loop.toml is not drawn back over the rounds before
     thresholds = {name: [gates[name].threshold if name in gates else None for _, gates, _ in history] + [current[name].threshold] for name in current}
-    changes = class_set_changes([(r.number, (r.details or {}).get("class_names")) for r in rounds] + [(state.number, list(state.config.classes))])
+    changes = class_set_changes([(r.number, (r.details or {}).get("class_names")) for r in rounds] + [(state.number, list(state.config.classes))],
+                                renames=session.get(Project, project_id).class_renames)
     path = plot_gates_over_rounds(rounds=numbers, gate_series=series, thresholds=thresholds,
                                   comparisons={g.name: g.comparison for g in state.gates}, path=state.round_dir / "gates_over_rounds.png", labeled_counts=labeled,
                                   class_changes={number: class_change_text(change) for number, change in changes.items()})

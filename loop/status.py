@@ -50,7 +50,7 @@ def project_status(ctx: ProjectContext) -> dict:
         named, negative = (ctx.config.classes, ctx.config.negative_class) if ctx.config is not None else (list(project.classes), project.negative_class)
         classes = [*named, *sorted(set(by_class) - set(named))]
         issues = data_issue_counts(session, rounds=list(rounds))
-        class_changes = class_set_changes([(r.number, (r.details or {}).get("class_names")) for r in rounds])
+        class_changes = class_set_changes([(r.number, (r.details or {}).get("class_names")) for r in rounds], renames=project.class_renames)
         return {
             "schema_version": STATUS_SCHEMA_VERSION,
             # root_dir: the folder the store names (where the project was made); project_dir: the folder this command

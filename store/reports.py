@@ -1051,23 +1051,37 @@ def data_issue_counts(session: Session, *, rounds: list[Round]) -> dict[int, dic
                    "outliers": _found_count(r.details or {}, "outliers", stored[r.id].get("outlier"))} for r in rounds}
 
 
-def class_set_changes(class_sets: list[tuple[int, list[str] | None]]) -> dict[int, dict[str, list[str]]]:
+def class_set_changes(class_sets: list[tuple[int, list[str] | None]], *, renames: dict[str, str] | None = None) -> dict[int, dict[str, Any]]:
     """By round number: the classes added and removed since the round before it ((number, class names) in round order;
-    a round without its class names recorded is skipped). Macro F1 averages over the classes, so a series across such
-    a change compares different things (QA: 5, then 6, then 5 classes, the series read as one)."""
-    changes: dict[int, dict[str, list[str]]] = {}
+    a round without its class names recorded is skipped), and of the removed ones those `loop rename-class` renamed or
+    merged ("renamed": old -> its class now; `renames`: the project's class_renames). Macro F1 averages over the classes,
+    so a series across such a change compares different things (QA: 5, then 6, then 5 classes, the series read as one;
+    then a merge read as a class dropped)."""
+    changes: dict[int, dict[str, Any]] = {}
     previous: list[str] | None = None
     for number, names in class_sets:
         if not isinstance(names, list):
             continue
         if previous is not None and set(names) != set(previous):
-            changes[number] = {"added": [n for n in names if n not in previous], "removed": [n for n in previous if n not in names]}
+            removed = [n for n in previous if n not in names]
+            change: dict[str, Any] = {"added": [n for n in names if n not in previous], "removed": removed}
+            moved = {old: (renames or {})[old] for old in removed if old in (renames or {})}
+            if moved:
+                change["renamed"] = moved
+            changes[number] = change
         previous = [str(n) for n in names]
     return changes
 
 
-def class_change_text(change: dict[str, list[str]]) -> str:
-    return " ".join([*(f"+{name}" for name in change["added"]), *(f"-{name}" for name in change["removed"])])
+def class_change_text(change: dict[str, Any]) -> str:
+    """"+scratch -crack (merged into break) -fray (renamed frayed_edge)": a class renamed into one the round before
+    did not have is renamed, into one it had merged."""
+    renamed = change.get("renamed") or {}
+    added = [name for name in change["added"] if name not in renamed.values()]
+    removed = [f"-{name}" if name not in renamed else
+               f"{name} renamed {renamed[name]}" if renamed[name] in change["added"] else f"-{name} (merged into {renamed[name]})"
+               for name in change["removed"]]
+    return " ".join([*(f"+{name}" for name in added), *removed])
 
 
 def _found_count(details: dict, kind: str, stored_rows: int | None) -> int | None:

@@ -278,6 +278,13 @@ def test_status_and_the_gates_plot_mark_where_the_class_set_changed(new_project,
 
     assert class_set_changes([(1, ["good", "crack", "break"]), (2, None), (3, ["good", "crack", "break", "fray"]), (4, ["good", "break", "fray"])]) == {
         3: {"added": ["fray"], "removed": []}, 4: {"added": [], "removed": ["crack"]}}
+    # QA: a merge and a rename read as classes dropped ("+scratch -crack -uneven"): the project's renames say which
+    from store.reports import class_change_text
+    merged = class_set_changes([(1, ["free", "crack", "break", "fray", "uneven"]), (2, ["free", "break", "frayed_edge", "scratch"])],
+                               renames={"crack": "break", "fray": "frayed_edge", "uneven": "free", "old": "gone"})
+    assert merged == {2: {"added": ["frayed_edge", "scratch"], "removed": ["crack", "fray", "uneven"],
+                          "renamed": {"crack": "break", "fray": "frayed_edge", "uneven": "free"}}}
+    assert class_change_text(merged[2]) == "+scratch -crack (merged into break) fray renamed frayed_edge -uneven (merged into free)"
     _record_round(new_project, details={})
     with session_scope(new_project.engine) as session:
         session.add(Round(project_id=get_project(session).id, number=2, status="completed",
