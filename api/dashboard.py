@@ -591,7 +591,7 @@ def _coverage_html(latest: RoundReport) -> str:
     if reports.test_split_changed(changed):  # the gates over rounds compare scores against other labels
         parts.append(f'<p class="coverage test-labels-changed"><span class="verdict fail">test labels changed</span> since round '
                      f'{changed.get("since_round")}: {changed.get("relabeled", 0)} labeled test images have another label, '
-                     f'{changed.get("no_longer_labeled", 0)} none any more{reports.test_split_moves_text(changed)}. These gates score against different labels than the round '
+                     f'{changed.get("no_longer_labeled", 0)} none any more{reports.test_split_moves_text(changed)}{escape(reports.test_split_renames_text(changed))}. These gates score against different labels than the round '
                      'before: their change over rounds is partly the labels\'.</p>')
     for batch in latest.defects_unmeasured or []:  # the test split holds its good parts only (QA: a new camera's)
         parts.append(f'<p class="coverage defects-unmeasured"><span class="verdict fail">its defects not measured</span> '

@@ -306,7 +306,8 @@ class RoundOut(RoundSummaryOut):
                                   "between_train_and_validation; the test split's image count changes by into_test - out_of_test; null: none moved")
     test_labels_changed: dict[str, int] | None = Field(
         default=None, description="how the test split's labels changed since the previous completed round read them: since_round, relabeled "
-                                  "(another class), newly_labeled, no_longer_labeled (a tie, an answer deleted), joined_test_split and "
+                                  "(another class), newly_labeled, no_longer_labeled (a tie, an answer deleted), relabeled_by_rename (`loop rename-class` "
+                                  "moved them to another class), joined_test_split and "
                                   "left_test_split (labeled images placed into it with their test copy, or quarantined out of it); a change "
                                   "of a gate over rounds is partly these labels'; null: not recorded (the first round, an older round)")
     pull: dict[str, Any] | None = Field(default=None, description="what the round's pull took in from the annotators: new_label_events, "

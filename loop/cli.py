@@ -30,7 +30,7 @@ from loop.status import metric_text, project_status
 from labeling.labelstudio_server import LabelStudioServerError
 from modeling.errors import WeightsUnavailable
 from store.db import StoreUnavailable, database_error_reason, same_store, shown_url, store_connection_lost, store_is_read_only, store_lock_held
-from store.reports import class_change_text, test_split_changed, test_split_moves_text, threshold_of
+from store.reports import class_change_text, test_split_changed, test_split_moves_text, test_split_renames_text, threshold_of
 
 app = typer.Typer(help="defect-loop: label, train, gate and select, one round at a time.", no_args_is_help=True, pretty_exceptions_enable=False)
 labelstudio_app = typer.Typer(help="A local Label Studio for one machine.", no_args_is_help=True)
@@ -510,7 +510,7 @@ def _print_doubts_on_gates(latest: dict) -> None:
     changed = latest.get("test_labels_changed") or {}
     if test_split_changed(changed):
         console.print(f"[yellow]test labels changed (round {latest['number']}):[/] since round {changed['since_round']}, {changed['relabeled']} labeled "
-                      f"test images have another label, {changed['no_longer_labeled']} none any more{test_split_moves_text(changed)}: its gates score against other labels "
+                      f"test images have another label, {changed['no_longer_labeled']} none any more{test_split_moves_text(changed)}{test_split_renames_text(changed)}: its gates score against other labels "
                       "than the round before")
     for row in latest.get("defects_unmeasured") or []:
         console.print(f"[yellow]defects not measured (round {latest['number']}):[/] {ingest_batches_text(row['ingest_batch_ids'])} "

@@ -71,8 +71,8 @@ from store.db import confirm_store_lock, shown_url
 from store.models import (AnnotationTask, GateResult, Image, IngestBatch, LabelEvent, LabelIssue, Metric, Prediction, Project, RejectedAnnotation,
                           Round, Selection)
 from store.queries import (ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number, resolve_label,
-                           requeue_newest_asks, standing_answer_times)
-from store.reports import GATE_METRICS, class_change_text, class_set_changes, gate_values_text, ingest_batches_text
+                           renamed_classes, requeue_newest_asks, standing_answer_times)
+from store.reports import GATE_METRICS, class_change_text, class_set_changes, gate_values_text, ingest_batches_text, test_split_renames_text
 
 # Rounds looked back for the last push that closed every reopened task it was told to; none among them: every
 # answered ask is named again (a task that always fails to close keeps the window from moving, and the warning says so).
@@ -378,11 +378,11 @@ def load_images(state: RoundState) -> None:
     if changed is not None:
         state.test_images_labeled_or_unlabeled_since = labels_moved
         state.details["test_labels_changed"] = changed
-        if changed["relabeled"] or changed["no_longer_labeled"]:
+        if changed["relabeled"] or changed["no_longer_labeled"] or changed["relabeled_by_rename"]:
             state.console.print(
                 f"[yellow]warning:[/] {changed['relabeled']} labeled test images have another label than when round {changed['since_round']} "
-                f"read them, {changed['no_longer_labeled']} none any more (relabeled, tied or an answer deleted): this round's gates "
-                "score against different test labels, so their change over rounds is partly the labels' (details.test_labels_changed)")
+                f"read them, {changed['no_longer_labeled']} none any more (relabeled, tied or an answer deleted){test_split_renames_text(changed)}: "
+                "this round's gates score against different test labels, so their change over rounds is partly the labels' (details.test_labels_changed)")
 
 
 def encode_id_set(ids: list[int]) -> dict[str, Any]:
@@ -434,10 +434,11 @@ def _test_labels_changed(session, *, project_id: int, test_ids: list[int], label
     labeled. None (and no ids): no earlier round with its read time. The gates
     over rounds compare values scored against these labels (QA: a test image relabeled by a manifest moved macro F1
     from 0.556 to 0.665, and nothing said the test labels changed)."""
-    previous = session.execute(select(Round.number, Round.details["labels_read_at"].as_string()).where(
+    previous = session.execute(select(Round.number, Round.details["labels_read_at"].as_string(), Round.details["confusion_matrix"]).where(
         Round.project_id == project_id, Round.status == "completed").order_by(Round.number.desc()).limit(1)).first()
     if previous is None or not previous[1]:
         return None, set()
+    by_rename = _test_labels_renamed(previous[2], session.get(Project, project_id))
     since = _aware(datetime.fromisoformat(previous[1]))
     events: dict[int, list[LabelEvent]] = defaultdict(list)
     for chunk in range(0, len(test_ids), 500):  # SQLite limits the variables of one statement
@@ -459,7 +460,22 @@ def _test_labels_changed(session, *, project_id: int, test_ids: list[int], label
         elif was and not is_:
             gone.append(image_id)
     return ({"since_round": previous[0], "relabeled": len(relabeled), "newly_labeled": len(newly), "no_longer_labeled": len(gone),
-             "relabeled_images": relabeled[:20]}, {*newly, *gone})
+             "relabeled_images": relabeled[:20], "relabeled_by_rename": sum(by_rename.values()), "renamed_test_labels": by_rename},
+            {*newly, *gone})
+
+
+def _test_labels_renamed(confusion_matrix: Any, project: Project) -> dict[str, int]:
+    """"old -> new": the previous round's test images of each class `loop rename-class` renamed or merged since (its
+    confusion matrix's row, true class). A rename rewrites the answers in place, so the events above see no change
+    (QA: a flip turned a test defect into a good part and the FPR denominator went 3 -> 4 with "relabeled: 0")."""
+    if not isinstance(confusion_matrix, dict) or not isinstance(confusion_matrix.get("labels"), list):
+        return {}
+    renames = renamed_classes(project)
+    counts = {}
+    for name, row in zip(confusion_matrix["labels"], confusion_matrix.get("matrix") or []):
+        if name in renames and isinstance(row, list) and (n := int(sum(v for v in row if isinstance(v, (int, float))))):
+            counts[f"{name} -> {renames[name]}"] = n
+    return counts
 
 
 def find_near_copies(state: RoundState) -> None:

@@ -1020,7 +1020,17 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
 def test_split_changed(changed: dict[str, Any] | None) -> bool:
     """Whether a round's test_labels_changed record says its gates score other test labels or images than the round
     before's: relabeled, no longer labeled, or labeled images that joined or left the test split."""
-    return any((changed or {}).get(key) for key in ("relabeled", "no_longer_labeled", "joined_test_split", "left_test_split"))
+    return any((changed or {}).get(key) for key in ("relabeled", "no_longer_labeled", "joined_test_split", "left_test_split", "relabeled_by_rename"))
+
+
+def test_split_renames_text(changed: dict[str, Any]) -> str:
+    """"; 2 by `loop rename-class` (uneven -> free: 1, crack -> break: 1)" when a rename moved test labels, else ""."""
+    n = changed.get("relabeled_by_rename") or 0
+    if not n:
+        return ""
+    renamed = changed.get("renamed_test_labels")
+    which = f" ({', '.join(f'{pair}: {count}' for pair, count in renamed.items())})" if isinstance(renamed, dict) and renamed else ""
+    return f"; {n} by `loop rename-class`{which}"
 
 
 def test_split_moves_text(changed: dict[str, Any]) -> str:
@@ -1033,8 +1043,8 @@ def _test_labels_changed_of(details: dict) -> dict[str, int] | None:
     raw = details.get("test_labels_changed")
     if not isinstance(raw, dict):
         return None
-    return {key: int(raw[key]) for key in ("since_round", "relabeled", "newly_labeled", "no_longer_labeled", "joined_test_split", "left_test_split")
-            if isinstance(raw.get(key), int)}
+    return {key: int(raw[key]) for key in ("since_round", "relabeled", "newly_labeled", "no_longer_labeled", "joined_test_split", "left_test_split",
+                                           "relabeled_by_rename") if isinstance(raw.get(key), int)}
 
 
 def data_issue_counts(session: Session, *, rounds: list[Round]) -> dict[int, dict[str, int | None]]:

@@ -384,3 +384,29 @@ def test_the_oracle_answers_a_class_renamed_since_its_manifest_under_the_new_nam
         image = session.get(Image, image_ids[0])
         assert noisy.answer(image, renames=renamed_classes(project)) == "good"
     engine.dispose()
+
+
+def test_test_labels_a_rename_moved_since_the_last_round_are_counted(tmp_path: Path) -> None:
+    # QA: `rename-class uneven free --merge --flip-defect` turned a test defect into a good part (the FPR denominator
+    # went 3 -> 4) and the next round said "relabeled: 0": a rename rewrites the answers in place, no event is new
+    from datetime import datetime, timezone
+
+    from loop.round import _test_labels_changed
+    from store.models import Round
+    from store.queries import current_labels
+    from store.reports import test_split_changed, test_split_renames_text
+
+    engine, project_id, image_ids = small_store(tmp_path, n_images=3, classes=("free", "crack", "uneven"))
+    with session_scope(engine) as session:
+        for image_id, label in zip(image_ids, ["free", "uneven", "crack"]):
+            session.add(LabelEvent(image_id=image_id, label=label, source="import", created_at=datetime(2026, 1, 1, tzinfo=timezone.utc)))
+        session.add(Round(project_id=project_id, number=1, status="completed", details={
+            "labels_read_at": "2026-01-02T00:00:00", "confusion_matrix": {"labels": ["free", "crack", "uneven"], "matrix": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}}))
+    with session_scope(engine) as session:
+        rename_label(session, project_id, "uneven", "free")
+        session.get(Project, project_id).classes = ["free", "crack"]
+    with session_scope(engine) as session:
+        changed, moved = _test_labels_changed(session, project_id=project_id, test_ids=image_ids, labels=current_labels(session, project_id))
+    engine.dispose()
+    assert (changed["relabeled"], changed["relabeled_by_rename"], changed["renamed_test_labels"], moved) == (0, 1, {"uneven -> free": 1}, set())
+    assert test_split_changed(changed) and test_split_renames_text(changed) == "; 1 by `loop rename-class` (uneven -> free: 1)"
