@@ -14,6 +14,7 @@ from loop.project import default_store_url
 from store.artifacts import artifact_file
 from store.db import StoreUnavailable, create_db_engine, database_error_reason, session_scope, shown_url
 from store.models import Project, Round
+from store.reports import collapsed_of
 
 FINE_TUNED = ("finetune", "full")
 
@@ -80,7 +81,7 @@ def _project_checkpoint(root: Path) -> InitSource:
                                    store_url=url, use_env=False)
         if checkpoint is not None:
             strategy = str(((details or {}).get("training") or {}).get("strategy") or "head")
-            with_model.append((number, strategy, checkpoint, backbone_fine_tuned(details)))
+            with_model.append((number, strategy, checkpoint, backbone_fine_tuned(details), bool(collapsed_of(details))))
     recorded = [number for number, _details, artifacts in rounds if (artifacts or {}).get("model_checkpoint")]  # a cold start wrote none (review)
     if not with_model and recorded:  # QA: "run a round there first" to a project of several rounds whose files were deleted
         raise FileNotFoundError(f"project {root} has {len(recorded)} completed round{'s' if len(recorded) != 1 else ''} that made a model, and none of those "
@@ -89,12 +90,16 @@ def _project_checkpoint(root: Path) -> InitSource:
     if not with_model:
         raise FileNotFoundError(f"project {root} has no completed round with a model checkpoint: run a round there first, "
                                 "or pass a checkpoint file to --init-from")
-    number, strategy, checkpoint, tuned = with_model[0]
+    number, strategy, checkpoint, tuned, collapsed = with_model[0]
     newest = "its newest completed round" if number == rounds[0][0] else \
         f"its newest completed round with a checkpoint file (round {rounds[0][0]} has none here)"  # QA: called the newest when it was not
     description = f"round {number} ({strategy}) of project {name!r}, {newest}"
+    if collapsed:  # QA: a round whose model gave every image one class (macro F1 gate 0) was taken without a word
+        sound = next(((n, c) for n, _s, c, _t, fell in with_model if not fell), None)
+        description += ("; that round's model collapsed (one class for every image): " + (
+            f"round {sound[0]} is the newest that did not, --init-from {sound[1]} starts from it" if sound else "no round of that project kept a model that did not"))
     if not tuned:
-        earlier = next(((n, s, c) for n, s, c, t in with_model if t), None)
+        earlier = next(((n, s, c) for n, s, c, t, _fell in with_model if t), None)
         if earlier is not None:  # a head round keeps the backbone it started from: the fine-tuning of an earlier round is not in it
             kept_frozen = " (its fine-tuning kept epoch 0, the frozen backbone)" if strategy in FINE_TUNED else ""
             description += (f"; its backbone is not fine-tuned{kept_frozen}, round {earlier[0]} ({earlier[1]}) fine-tuned one: "

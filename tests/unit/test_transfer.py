@@ -315,3 +315,30 @@ def test_init_from_a_project_of_cold_starts_only_says_it_has_no_model_yet(tmp_pa
                           artifacts={}))
     with pytest.raises(FileNotFoundError, match="has no completed round with a model checkpoint: run a round there first"):
         resolve_init_source(source)
+
+
+def test_init_from_a_project_whose_newest_model_collapsed_says_so_and_names_one_that_did_not(tmp_path):
+    # QA: --init-from took a round whose model gave every image one class (macro F1 gate 0) without a word
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.init_source import resolve_init_source
+    from loop.project import open_project
+    from store.db import session_scope
+    from store.models import Project, Round
+
+    source = tmp_path / "tiles"
+    assert CliRunner().invoke(app, ["init", str(source), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+    with session_scope(open_project(source).engine) as session:
+        project_id = session.query(Project.id).scalar()
+        for number, collapsed in ((1, False), (2, False), (3, True)):
+            (source / "artifacts" / f"round-{number:03d}").mkdir(parents=True)
+            (source / "artifacts" / f"round-{number:03d}" / "model.pt").write_bytes(b"x")
+            session.add(Round(project_id=project_id, number=number, status="completed", details={
+                "training": {"strategy": "finetune", "best_epoch": 2}, "collapse_check": {"test_split": collapsed, "every_image_predicted_as": None}}))
+    told = resolve_init_source(source).description
+    assert told.startswith("round 3 (finetune)") and "that round's model collapsed (one class for every image)" in told
+    assert f"round 2 is the newest that did not, --init-from {source / 'artifacts' / 'round-002' / 'model.pt'} starts from it" in told
+    with session_scope(open_project(source).engine) as session:
+        session.query(Round).filter(Round.number < 3).delete()
+    assert "no round of that project kept a model that did not" in resolve_init_source(source).description
