@@ -565,6 +565,8 @@ def _gate_table(latest: RoundReport) -> str:
         interval = "–" if gate.interval_low is None else (
             f'{_fmt(gate.interval_low, 3)}–{_fmt(gate.interval_high, 3)}' + ("" if gate.settled else ' <span class="unsettled">cannot tell</span>'))
         without_cell = f'<td>{_fmt(without.get(gate.name), 4)}</td>' if without else ""
+        if gate.name == "macro_f1" and latest.classes_missing_from_test:  # why it fails, as loop status says (QA)
+            text += f' <span class="failed-gates">no test image of {escape(", ".join(latest.classes_missing_from_test))}</span>'
         rows.append(f'<tr><td>{escape(gate.name)}</td><td>{_fmt(gate.value, 4)}</td><td>{escape(gate.comparison)} {_fmt(gate.threshold, 4)}</td>'
                     f'<td class="verdict {verdict}">{text}</td><td class="interval">{interval}</td>{without_cell}</tr>')
     without_header = (f'<th title="on the {_fmt(without.get("n_images"), 0)} test images without a labeled near-copy outside the test split '

@@ -304,6 +304,8 @@ class RoundOut(RoundSummaryOut):
         default=None, description="labeled near-copies an ingest had drawn on both sides of the test split (or in train and validation), put "
                                   "on one side by this round before any round measured them: moved, into_test, out_of_test, "
                                   "between_train_and_validation; the test split's image count changes by into_test - out_of_test; null: none moved")
+    classes_missing_from_test: list[str] | None = Field(default=None, description="classes with no labeled test image: macro F1 cannot score "
+                                                                               "them and its gate fails until the test split has some; null: not recorded")
     test_labels_changed: dict[str, int] | None = Field(
         default=None, description="how the test split's labels changed since the previous completed round read them: since_round, relabeled "
                                   "(another class), newly_labeled, no_longer_labeled (a tie, an answer deleted), relabeled_by_rename (`loop rename-class` "

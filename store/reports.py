@@ -275,6 +275,8 @@ class RoundReport:
     # since the previous completed round read them: relabeled, newly_labeled, no_longer_labeled, joined_test_split,
     # left_test_split (None: not recorded)
     test_labels_changed: dict[str, int] | None = None
+    # classes of the round with no labeled test image: its macro F1 cannot score them and fails (None: not recorded)
+    classes_missing_from_test: list[str] | None = None
     # what the annotators did and were asked, as `loop status --json` has them (QA: the API had none of it)
     pull: dict[str, Any] | None = None
     push: dict[str, Any] | None = None
@@ -1014,6 +1016,8 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         pull=details.get("pull") if isinstance(details.get("pull"), dict) else None,
         push=details.get("push") if isinstance(details.get("push"), dict) else None,
         ties=details.get("ties") if isinstance(details.get("ties"), dict) else None,
+        classes_missing_from_test=([str(name) for name in details["classes_missing_from_test"]]
+                                   if isinstance(details.get("classes_missing_from_test"), list) else None),
     )
 
 

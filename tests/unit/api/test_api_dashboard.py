@@ -267,3 +267,20 @@ def test_the_annotators_table_gives_each_annotators_answers_and_agreement(client
     assert rows["ann1"][1:6] == ["3", "0", "0", "0% (0 of 1)", "0"]  # outvoted on image 12
     assert rows["ann3"][1:5] == ["1", "1", "0", "100% (1 of 1)"] and rows["oracle"][0] == "oracle (simulated)"
     assert rows["oracle"][4] == "no image shared"
+
+
+def test_a_class_without_test_images_is_named_beside_macro_f1_in_the_api_and_the_dashboard(writable_store: SeededStore) -> None:
+    # QA: loop status said "no test image of scratch" beside the failed macro F1; GET /rounds/{id} and the dashboard did not
+    from store.models import Round
+
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        round_ = session.get(Round, writable_store.round_ids[2])
+        round_.details = {**round_.details, "classes_missing_from_test": ["spot"]}
+    engine.dispose()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        html = _page(client)
+        body = client.get(f"/rounds/{writable_store.round_ids[2]}", headers={"Authorization": f"Bearer {READ_TOKEN}"}).json()
+    assert body["classes_missing_from_test"] == ["spot"]
+    row = re.search(r"<tr><td>macro_f1</td>.*?</tr>", html, re.S).group(0)
+    assert "no test image of spot" in row
