@@ -668,7 +668,7 @@ def rename_class(
     console.print(f"[green]renamed[/] {old!r} to {new!r}: {n_events} stored answers of {n_images} images"
                   + (f"; in Label Studio {renamed.answers} answers, {renamed.drafts} drafts, {renamed.predictions} guesses and {renamed.tasks} "
                      "tasks' texts and questions" if renamed is not None else "")
-                  + ("; the oracle's manifest still names the old class: fix it too" if ctx.config.annotator.backend == "oracle" else ""))
+                  + (f"; the oracle takes its manifest's {old!r} as {new!r}" if ctx.config.annotator.backend == "oracle" else ""))
     if renamed is not None and renamed.projects_gone:
         console.print(f"Label Studio projects {', '.join(map(str, renamed.projects_gone))} are gone (deleted there): nothing to rename in them")
     for warning in warnings:
