@@ -340,6 +340,7 @@ class ProgressSeries:
     labels_by_source: dict[str, list[int]]
     ties: list[int]
     new_label_events_by_source: dict[str, list[int]]
+    class_renames: dict[str, str] = field(default_factory=dict)  # old class name -> its name now (queries.renamed_classes)
 
 
 @dataclass(frozen=True)
@@ -1194,6 +1195,7 @@ def progress_series(session: Session, *, project_id: int) -> ProgressSeries | No
         labels_by_source={source: [counts[r.id].by_source.get(source, 0) for r in rounds] for source in sources},
         ties=[counts[r.id].ties for r in rounds],
         new_label_events_by_source={source: [counts[r.id].new_events_by_source.get(source, 0) for r in rounds] for source in sources},
+        class_renames=renamed_classes(project),
     )
 
 
@@ -1219,12 +1221,19 @@ def progress_fingerprint(session: Session, *, project_id: int) -> tuple[Any, ...
 
 
 def per_class_f1(progress: ProgressSeries) -> dict[str, list[float | None]]:
-    """class -> F1 per round, from the per-class metric series."""
+    """class -> F1 per round, from the per-class metric series. A class `loop rename-class` renamed continues under its
+    name now where no round scored both names (QA: fray and frayed_edge drew two lines for one class); a class merged
+    into one the same rounds scored keeps its own line (its F1 is not the merged class's)."""
     found: dict[str, list[float | None]] = {}
     for name in F1_METRIC_NAMES:
         for series in progress.metrics:
             if series.class_name is not None and series.name.lower() == name and series.class_name not in found:
                 found[series.class_name] = series.values
+    for old, new in progress.class_renames.items():
+        if old in found and new not in found:
+            found[new] = found.pop(old)
+        elif old in found and all(a is None or b is None for a, b in zip(found[old], found[new])):
+            found[new] = [b if b is not None else a for a, b in zip(found.pop(old), found[new])]
     return found
 
 

@@ -68,6 +68,15 @@ def test_per_class_f1_from_progress(seeded_store: SeededStore) -> None:
         assert reports.progress_series(session, project_id=999) is None
     engine.dispose()
     assert reports.per_class_f1(progress) == {"good": [0.8, 0.9, None, None], "scratch": [0.6, 0.7, None, None], "spot": [0.55, 0.74, None, None]}
+    # QA: after `loop rename-class fray frayed_edge` the chart drew fray and frayed_edge as two classes
+    import dataclasses
+
+    from store.reports import MetricSeries
+    f1 = [MetricSeries(name="f1", class_name="fray", values=[0.5, 0.6, None]), MetricSeries(name="f1", class_name="frayed_edge", values=[None, None, 0.7]),
+          MetricSeries(name="f1", class_name="crack", values=[0.4, 0.45, None]), MetricSeries(name="f1", class_name="break", values=[0.8, 0.85, 0.9]),
+          MetricSeries(name="f1", class_name="spot", values=[0.3, None, None])]
+    renamed = reports.per_class_f1(dataclasses.replace(progress, metrics=f1, class_renames={"fray": "frayed_edge", "crack": "break", "spot": "stain"}))
+    assert renamed == {"frayed_edge": [0.5, 0.6, 0.7], "crack": [0.4, 0.45, None], "break": [0.8, 0.85, 0.9], "stain": [0.3, None, None]}
 
 
 def test_an_api_requests_reads_see_the_store_at_one_moment(writable_store: SeededStore, reads_see_one_moment) -> None:  # noqa: ANN001
