@@ -29,7 +29,8 @@ from loop.errors import RoundFailed
 from loop.status import metric_text, project_status
 from labeling.labelstudio_server import LabelStudioServerError
 from modeling.errors import WeightsUnavailable
-from store.db import StoreUnavailable, database_error_reason, same_store, shown_url, store_connection_lost, store_is_read_only, store_lock_held
+from store.db import (StoreUnavailable, database_error_reason, same_store, shown_url, store_connection_lost, store_disk_full, store_is_read_only,
+                      store_lock_held)
 from store.reports import class_change_text, test_split_changed, test_split_moves_text, test_split_renames_text, threshold_of
 
 app = typer.Typer(help="defect-loop: label, train, gate and select, one round at a time.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -62,8 +63,13 @@ def clear_errors() -> Iterator[None]:
                                 "loop.db and its folder writable for this user (or the mount read-write), then run the command again. What "
                                 "was committed before is kept")
             raise typer.Exit(EXIT_USAGE) from None
+        if store_disk_full(error):  # QA: an ingest that filled the disk ended in a 50-line traceback, exit 1
+            error_console.print(f"[bold red]error:[/] the store's disk is full ({escape(database_error_reason(error))}): free space where the "
+                                "store lives, then run the command again. What was committed before is kept; this command's unfinished "
+                                "step was rolled back")
+            raise typer.Exit(EXIT_USAGE) from None
         if not store_connection_lost(error):
-            raise  # a bug, a schema problem, a lock timeout, a full disk: shown as what it is
+            raise  # a bug, a schema problem, a lock timeout: shown as what it is
         reason = database_error_reason(error)
         error_console.print(f"[bold red]error:[/] lost the store mid-command: {escape(reason)}. What was committed before is kept; a round "
                             "that was running is recorded as failed if the store could still be reached, or else marked interrupted by "

@@ -384,13 +384,39 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         session.close()
 
 
+LOW_DISK_BYTES = 1 << 20  # free space under which a SQLite store's "disk I/O error" is said to be a full disk too
+
+
 def _what_to_check(url: str) -> str:
     """Where to look when the store does not open: a SQLite file has no server (QA: a file this user could not write
-    was sent to look for one), and SQLite writes beside it even to read (its -wal and -shm files)."""
+    was sent to look for one), and SQLite writes beside it even to read (its -wal and -shm files); a full disk gives
+    the same "disk I/O error" (QA: sent to check permissions with 8 KB left)."""
     if url.startswith("sqlite"):
-        return ("Check that this user can read and write the file and its folder (SQLite writes its -wal and -shm files beside it, "
+        free = sqlite_disk_free(url)
+        full = (f"The disk holding it has {free // 1024} KB free: free space there first (SQLite needs room for its -wal and -shm files "
+                "even to read). Else check" if free is not None and free < LOW_DISK_BYTES else "Check")
+        return (f"{full} that this user can read and write the file and its folder (SQLite writes its -wal and -shm files beside it, "
                 "even to read) and database_url in loop.toml (or LOOP_DATABASE_URL)")
     return "Check that the database server runs and database_url in loop.toml (or LOOP_DATABASE_URL)"
+
+
+def sqlite_disk_free(url: str) -> int | None:
+    """Free bytes on the file system of a SQLite store's folder; None: not a SQLite file URL, or it cannot be read."""
+    try:
+        database = make_url(url).database if url.startswith("sqlite") else None
+        if not database or database == ":memory:":
+            return None
+        folder = Path(database.split("?")[0]).expanduser().resolve().parent
+        return shutil.disk_usage(folder).free
+    except (ArgumentError, OSError, ValueError):
+        return None
+
+
+def store_disk_full(error: BaseException) -> bool:
+    """Whether a database error is the store's disk full: SQLite's SQLITE_FULL, PostgreSQL's disk_full (53100)."""
+    if not isinstance(error, DBAPIError) or error.orig is None:
+        return False
+    return "database or disk is full" in str(error.orig) or getattr(error.orig, "sqlstate", None) == "53100"
 
 
 def store_is_read_only(error: BaseException) -> bool:

@@ -218,3 +218,59 @@ def test_a_store_this_user_cannot_write_is_one_line_naming_permissions(tmp_path:
     monkeypatch.setenv("LOOP_DATABASE_URL", f"sqlite:///{tmp_path / 'no-such-folder' / 'loop.db'}")
     opened = " ".join(runner.invoke(app, ["status", "--project", str(project_dir)]).output.split())
     assert "can read and write the file and its folder" in opened and "database server" not in opened, opened
+
+
+def test_a_store_whose_disk_fills_mid_ingest_is_one_line_and_keeps_what_was_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # QA: an ingest that filled a tmpfs ended in a 50-line traceback and exit 1 ("database or disk is full"). SQLite's
+    # max_page_count makes the same SQLITE_FULL here without filling a disk.
+    from PIL import Image as PILImage
+    from sqlalchemy import event, func, select
+
+    import loop.project
+    from store.db import create_db_engine, session_scope
+    from store.models import Image
+    from tests.unit.manifests import init_good_scratch_project
+
+    project_dir = tmp_path / "project"
+    init_good_scratch_project(project_dir)
+    folder = tmp_path / "images" / "good"
+    folder.mkdir(parents=True)
+    PILImage.new("RGB", (16, 16), (90, 90, 90)).save(folder / "a.png")
+    assert runner.invoke(app, ["ingest", str(tmp_path / "images"), "--project", str(project_dir)]).exit_code == 0
+    for k in range(200):  # noise: every image its own bytes
+        PILImage.frombytes("L", (24, 24), bytes((k * 7 + i * 13) % 256 for i in range(576))).save(folder / f"n{k}.png")
+
+    def capped_engine(url: str, **kwargs):  # noqa: ANN003, ANN202
+        engine = create_db_engine(url, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def cap(connection, _record) -> None:  # noqa: ANN001
+            pages = connection.execute("pragma page_count").fetchone()[0]
+            connection.execute(f"pragma max_page_count = {pages + 2}")
+        return engine
+
+    monkeypatch.setattr(loop.project, "create_db_engine", capped_engine)
+    result = runner.invoke(app, ["ingest", str(tmp_path / "images"), "--project", str(project_dir)])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "the store's disk is full (database or disk is full)" in message, result.output
+    assert "Traceback" not in result.output
+    monkeypatch.undo()
+    engine = create_db_engine(f"sqlite:///{project_dir / 'loop.db'}")
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count(Image.id))) == 1  # the first ingest's image is kept
+    engine.dispose()
+
+
+def test_a_sqlite_store_that_will_not_open_on_a_nearly_full_disk_names_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # QA: with 8 KB left, "disk I/O error" sent the user to check permissions only
+    from collections import namedtuple
+
+    import store.db
+
+    url = f"sqlite:///{tmp_path / 'loop.db'}"
+    assert "KB free" not in store.db._what_to_check(url)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(store.db.shutil, "disk_usage", lambda _path: usage(30 << 20, (30 << 20) - 8192, 8192))
+    said = store.db._what_to_check(url)
+    assert said.startswith("The disk holding it has 8 KB free: free space there first") and "can read and write the file" in said
+    assert "KB free" not in store.db._what_to_check("postgresql+psycopg://u@db/parts")
