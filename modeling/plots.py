@@ -1,6 +1,7 @@
 """PNG plots people would rather see than read: confusion matrix, gates over rounds, gates vs labels, training curves."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +10,22 @@ matplotlib.use("Agg")  # headless: CI and servers have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def _save(figure, path: Path) -> Path:  # noqa: ANN001
+    """Write the figure under a temporary name, then rename it: a full disk mid-write leaves no empty or half PNG under
+    the real name (QA: a failed round kept a 0-byte gates_over_rounds.png). The figure is closed either way."""
+    path = Path(path)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.png")
+    try:
+        figure.savefig(partial, dpi=110)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(figure)
+    return path
 
 
 def plot_confusion_matrix(*, matrix: list[list[int]], labels: list[str], path: Path, title: str) -> Path:
@@ -27,9 +44,7 @@ def plot_confusion_matrix(*, matrix: list[list[int]], labels: list[str], path: P
     fig.colorbar(image, ax=ax, label="share of true class")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_gates_over_rounds(*, rounds: list[int], gate_series: dict[str, list[float | None]], thresholds: dict[str, float | list[float | None]],
@@ -71,9 +86,7 @@ def plot_gates_over_rounds(*, rounds: list[int], gate_series: dict[str, list[flo
             ax.set_xlabel("round")
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 GATE_TITLES = {"macro_f1": "macro F1 (>= gate)", "defect_recall": "defect recall (>= gate)", "negative_fpr": "FPR on the good class (<= gate)"}
@@ -108,9 +121,7 @@ def plot_gate_panels(*, panels: dict[str, dict[str, tuple[list[int], list[float 
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_training_curves(histories: dict[str, list[dict[str, float]]], path: Path, title: str, *, best_epochs: dict[str, int] | None = None,
@@ -144,6 +155,4 @@ def plot_training_curves(histories: dict[str, list[dict[str, float]]], path: Pat
                 "evaluation mode, without augmentation",
                 ha="center", va="bottom", fontsize=7, wrap=True)
     figure.tight_layout(rect=(0, 0.06, 1, 1))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)

@@ -40,3 +40,25 @@ def test_series_with_equal_values_keep_every_marker_visible(tmp_path: Path, monk
     # each later series is drawn smaller, and every one but the last hollow, so an earlier one shows around it
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 3
     assert [line.get_fillstyle() for line in drawn] == ["none", "none", "full"]
+
+
+def test_a_plot_that_cannot_be_written_whole_leaves_no_file(tmp_path, monkeypatch):  # noqa: ANN001
+    # QA: a round failing on a full disk left a 0-byte gates_over_rounds.png beside the next round's plots
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from modeling import plots
+
+    def half_then_full(self, target, **_kwargs):  # noqa: ANN001, ANN202
+        Path(target).write_bytes(b"\x89PNG")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_full)
+    path = tmp_path / "confusion_matrix.png"
+    with pytest.raises(OSError, match="No space"):
+        plots.plot_confusion_matrix(matrix=[[1, 0], [0, 1]], labels=["good", "dent"], path=path, title="t")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert plots.plot_confusion_matrix(matrix=[[1, 0], [0, 1]], labels=["good", "dent"], path=path, title="t") == path
+    assert path.read_bytes().startswith(b"\x89PNG") and [p.name for p in tmp_path.iterdir()] == ["confusion_matrix.png"]
