@@ -2793,7 +2793,9 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
                 round_row.error = reason
                 round_row.finished_at = datetime.now(timezone.utc)
                 round_row.step_timings_s = {k: round(v, 3) for k, v in state.timings_s.items()}
-                round_row.details = _jsonable({**state.details, "traceback": traceback.format_exc(limit=8)})
+                # no verdict: record_round may have set all_gates_pass before it failed, its gates rolled back (QA: "all pass")
+                round_row.details = _jsonable({**{k: v for k, v in state.details.items() if k != "all_gates_pass"},
+                                               "traceback": traceback.format_exc(limit=8)})
         except Exception as unrecorded:  # the store itself failed too (a full disk, a lost server): its error must not hide
             # the round's, and the next round records the reason kept beside loop.toml instead of "the process ended"
             keep_failure_reason(ctx.root, round_identity, reason)

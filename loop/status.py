@@ -147,7 +147,8 @@ def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, s
         "per_class": details.get("per_class"),
         "classes_missing_from_test": details.get("classes_missing_from_test"),  # none of their images in the test split: macro F1 fails
         "gates": [{"name": g.name, "value": g.value, "threshold": g.threshold, "comparison": g.comparison, "applicable": g.applicable, "passed": g.passed} for g in round_row.gates],
-        "all_gates_pass": details.get("all_gates_pass"),
+        # a verdict of a completed round only: one that failed in record_round had it in its details, gates rolled back (QA: "all pass")
+        "all_gates_pass": details.get("all_gates_pass") if round_row.status == "completed" else None,
         # gates whose 90% interval on the test split straddles the threshold: their pass or fail is the split's luck
         "unsettled_gates": unsettled_gates_of(details, round_row.gates),
         "test_intervals": details.get("test_intervals"),

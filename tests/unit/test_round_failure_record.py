@@ -199,3 +199,29 @@ def test_a_killed_round_is_recorded_as_failed_before_the_next_round_loads_its_li
         killed = session.scalars(select(Round).where(Round.number == 1)).one()
         assert (killed.status, killed.error) == ("failed", "interrupted (the process ended before the round finished)")
     assert "round 1 was still recorded as running" in " ".join(result.output.split())
+
+
+def test_a_round_that_fails_in_its_recording_has_no_gate_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # QA: a round that failed on a full disk in record_round, after it set all_gates_pass, showed in `loop status` as
+    # "failed ... all pass" with no gate recorded (they were rolled back)
+    import json
+
+    project = tmp_path / "project"
+    assert runner.invoke(app, ["init", str(project), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+
+    def record(state) -> None:  # noqa: ANN001
+        state.details.update(all_gates_pass=True)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(round_module, "ROUND_STEPS", [])
+    monkeypatch.setattr(round_module, "record_round", record)
+    monkeypatch.setattr(round_module, "_confirm_store_is_ours", lambda state, step_name: None)
+    with pytest.raises(OSError):
+        round_module.run_round(open_project(project))
+    report = json.loads(runner.invoke(app, ["status", "--project", str(project), "--json"]).output)
+    (failed,) = report["rounds"]
+    assert (failed["status"], failed["all_gates_pass"]) == ("failed", None)
+    with session_scope(open_project(project).engine) as session:
+        assert "all_gates_pass" not in session.scalars(select(Round)).one().details
+    table = " ".join(runner.invoke(app, ["status", "--project", str(project)], env={"COLUMNS": "200"}).output.split())
+    assert "all pass" not in table
