@@ -511,7 +511,7 @@ def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks]) -> str:
         if asked is None:
             asks_text = "–"
         else:
-            parts = [f"{asked.pushed} pushed"] if asked.pushed else []
+            parts = [f"{asked.pushed} pushed" + (f", {asked.answered} answered" if asked.answered is not None else "")] if asked.pushed else []
             parts += [f"{asked.recorded} recorded (annotator none)"] if asked.recorded else []
             parts += [f'<span class="verdict fail">{asked.waiting_to_be_pushed} waiting to be pushed</span>'] if asked.waiting_to_be_pushed else []
             parts += [f"{asked.withdrawn} withdrawn"] if asked.withdrawn else []
@@ -759,7 +759,8 @@ def dashboard(
     token_query = f"?{urlencode({'token': token})}" if token else ""
     return HTMLResponse(render_dashboard(progress, latest=latest, confusion=confusion, issues=issues, token_query=escape(token_query),
                                          near_copies=near_copies, outliers=outliers,
-                                         asks=reports.asks_by_round(session, project_id=project.id),
+                                         asks=reports.asks_by_round(session, project_id=project.id,  # answers counted for the rows shown
+                                                                    answered_for=[r.id for r in progress.rounds[-ROUND_TABLE_ROWS:]]),
                                          annotators=reports.annotator_activity(session, project_id=project.id)), headers=DASHBOARD_HEADERS)
 
 

@@ -673,18 +673,29 @@ class RoundAsks:
     waiting_to_be_pushed: int  # pending: the tool was down or refused them; the next round pushes them again
     recorded: int  # the annotator is `none`: recorded for people to label elsewhere
     withdrawn: int  # taken back before an answer came (answered meanwhile, file quarantined, moved into the test split)
+    answered: int | None = None  # of the pushed ones, those answered since (ask_answer_times); None: not counted
 
 
-def asks_by_round(session: Session, *, project_id: int) -> dict[int, RoundAsks]:
-    """Round id -> its asks by push status, in one grouped query (the dashboard's rounds table)."""
+def asks_by_round(session: Session, *, project_id: int, answered_for: Sequence[int] = ()) -> dict[int, RoundAsks]:
+    """Round id -> its asks by push status, in one grouped query (the dashboard's rounds table); for the rounds in
+    `answered_for` (ids) also how many of its pushed asks have been answered."""
     counts: dict[int, dict[str, int]] = {}
     for round_id, push_status, n in session.execute(
             select(Selection.round_id, Selection.push_status, func.count(Selection.id)).join(Round, Round.id == Selection.round_id)
             .where(Round.project_id == project_id).group_by(Selection.round_id, Selection.push_status)):
         counts.setdefault(round_id, {})[push_status] = n
+    answered: dict[int, int] = {}
+    if answered_for:
+        rounds = {round_id: _labels_read_at({"labels_read_at": read_at}) for round_id, read_at in session.execute(  # not the whole details
+            select(Round.id, Round.details["labels_read_at"].as_string()).where(Round.project_id == project_id, Round.id.in_(list(answered_for))))}
+        asks = list(session.scalars(select(Selection).where(Selection.round_id.in_(list(rounds)), Selection.push_status == "pushed")))
+        by_ask = {row.id: row.round_id for row in asks}
+        answered = dict.fromkeys(rounds, 0)
+        for selection_id in ask_answer_times(session, asks, rounds):
+            answered[by_ask[selection_id]] += 1
     return {round_id: RoundAsks(selected=sum(by.values()), pushed=by.get("pushed", 0),
                                 waiting_to_be_pushed=by.get("pending", 0) + by.get("failed", 0), recorded=by.get("recorded", 0),
-                                withdrawn=by.get("withdrawn", 0)) for round_id, by in counts.items()}
+                                withdrawn=by.get("withdrawn", 0), answered=answered.get(round_id)) for round_id, by in counts.items()}
 
 
 @dataclass(frozen=True)
@@ -1286,6 +1297,29 @@ def label_issue_queue(
     return Page(total=total, items=items)
 
 
+def _labels_read_at(details: dict[str, Any] | None) -> datetime | None:
+    read_at = (details or {}).get("labels_read_at")
+    return as_utc(datetime.fromisoformat(read_at)) if isinstance(read_at, str) else None
+
+
+def ask_answer_times(session: Session, asks: Sequence[Selection], asked_from: dict[int, datetime | None]) -> dict[int, datetime]:
+    """Selection id -> when the first answer that still stands came after the ask, for pushed asks that have one.
+    The ask stands from when its round read the labels (`asked_from`, by round id: an answer pulled at its start came
+    before it), else from its push; a tie's ask is answered by any change to its answers, one deleted too, as the round
+    counts it (review)."""
+    pushed = [row for row in asks if row.push_status == "pushed"]
+    answers = standing_answer_times(session, sorted({row.image_id for row in pushed}))
+    changes = standing_answer_times(session, sorted({row.image_id for row in pushed if row.reason == "annotators_disagree"}), deletions_count=True)
+    found = {}
+    for row in pushed:
+        since = asked_from.get(row.round_id) or as_utc(row.pushed_at)
+        times = changes if row.reason == "annotators_disagree" else answers
+        later = [as_utc(when) for when in times.get(row.image_id, []) if since is None or as_utc(when) > since]
+        if later:
+            found[row.id] = min(later)
+    return found
+
+
 def round_selection(session: Session, *, round_id: int, limit: int, offset: int) -> Page:
     """The images the round picked for labeling, in rank order, with each image's label now (None: still unlabeled)."""
     total = session.scalar(select(func.count(Selection.id)).where(Selection.round_id == round_id)) or 0
@@ -1294,24 +1328,11 @@ def round_selection(session: Session, *, round_id: int, limit: int, offset: int)
     ))
     round_ = session.get(Round, round_id)
     now = _current_label_of(session, round_.project_id, (row.image_id for row in rows)) if round_ else {}
-    # the ask stands from when its round read the labels (an answer pulled at its start came before it), else its push
-    read_at = (round_.details or {}).get("labels_read_at") if round_ else None
-    asked_from = as_utc(datetime.fromisoformat(read_at)) if isinstance(read_at, str) else None
-    answers = standing_answer_times(session, [row.image_id for row in rows if row.push_status == "pushed"])
-    # a tie's ask is answered by any change to its answers, one deleted too, as the round counts it (review)
-    changes = standing_answer_times(session, [row.image_id for row in rows if row.push_status == "pushed" and row.reason == "annotators_disagree"],
-                                     deletions_count=True)
+    answered = ask_answer_times(session, rows, {round_id: _labels_read_at(round_.details) if round_ else None})
     renames = renamed_classes(session.get(Project, round_.project_id)) if round_ else {}  # the guess by its class's name now
-
-    def first_answer(row: Selection) -> datetime | None:
-        since = asked_from or as_utc(row.pushed_at)
-        times = changes if row.reason == "annotators_disagree" else answers
-        later = [as_utc(when) for when in times.get(row.image_id, []) if since is None or as_utc(when) > since]
-        return min(later) if later else None
-
     items = []
     for row in rows:
-        answered_at = first_answer(row) if row.push_status == "pushed" else None
+        answered_at = answered.get(row.id)
         items.append(SelectionRow(
             id=row.id, round_id=row.round_id, image_id=row.image_id, rank=row.rank, score=row.score, strategy=row.strategy,
             reason=row.reason, predicted_label=renames.get(row.predicted_label, row.predicted_label), p_defect=row.p_defect,

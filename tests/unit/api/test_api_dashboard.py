@@ -239,7 +239,7 @@ def test_the_rounds_table_says_why_a_round_failed_its_gates_and_where_its_asks_a
     assert cells["3"][-1] == "embedding failed: out of memory" and cells["2"][-1] == ""
     assert cells["1"][4] == "1/4 macro_f1, defect_recall, negative_fpr" and cells["2"][4] == "4/4"
     assert cells["1"][5] == "2" and cells["2"][5] == "4"  # labels pulled: R1's 2 oracle answers, R2's 4 annotator answers
-    assert cells["1"][6] == "2 (2 pushed)" and cells["2"][6] == "1 (1 waiting to be pushed)"
+    assert cells["1"][6] == "2 (2 pushed, 2 answered)" and cells["2"][6] == "1 (1 waiting to be pushed)"  # R2's annotators answered both
     card = re.search(r'asks waiting to be pushed</div><div class="card-value">(.*?)</div>', html, re.S)
     assert card is not None and re.sub(r"<[^>]+>", "", card.group(1)) == "1"
 

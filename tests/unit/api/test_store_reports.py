@@ -6,7 +6,7 @@ from datetime import timedelta
 from api_seed import T0, SeededStore
 from store import reports
 from store.db import create_db_engine, session_scope
-from store.models import LabelEvent, Round
+from store.models import LabelEvent, Round, Selection
 from store.queries import current_labels
 
 
@@ -167,3 +167,18 @@ def test_a_label_error_whose_class_was_merged_into_the_suggested_one_is_no_longe
     assert issue("label_error", "free", "free", "free").still_suspect is False  # merged into the suggested class
     assert issue("label_error", "scratch", "spot", None).still_suspect is False  # a tie or an answer deleted since
     assert issue("outlier", "good", None, "good").still_suspect is None
+
+
+def test_asks_by_round_counts_the_answered_asks_as_the_selection_report_does(writable_store: SeededStore) -> None:
+    # the rounds table's "answered" must agree with GET /rounds/{id}/selection's answered flags
+    engine = create_db_engine(writable_store.url)
+    r1 = writable_store.round_ids[1]
+    with session_scope(engine) as session:  # R1 asked about image 1 too, and nobody answered it
+        session.add(Selection(round_id=r1, image_id=writable_store.image_ids[0], rank=3, score=0.5, strategy="margin", reason="uncertain",
+                              push_status="pushed", pushed_at=T0 + timedelta(hours=1, minutes=4)))
+    with session_scope(engine) as session:
+        asks = reports.asks_by_round(session, project_id=writable_store.project_id, answered_for=[r1])
+        flags = [row.answered for row in reports.round_selection(session, round_id=r1, limit=50, offset=0).items]
+    engine.dispose()
+    assert asks[r1].answered == sum(flags) and asks[writable_store.round_ids[2]].answered is None
+    assert (asks[r1].pushed, asks[r1].answered) == (3, 2)
