@@ -163,7 +163,7 @@ def init(
             if weights is not None:
                 raise ConfigError("--weights and --init-from both name the starting weights: give one of them")
             source = resolve_init_source(init_from)
-            init = load_init_checkpoint(source.checkpoint, class_names=config.classes, pooling=config.model.pooling)
+            init = load_init_checkpoint(source.checkpoint, class_names=config.classes, pooling=config.model.pooling, negative_class=config.negative_class)
             if backbone is not None and backbone != init.backbone_name:
                 raise ConfigError(f"--backbone {backbone} and --init-from disagree: the checkpoint ({source.description}) holds the backbone "
                                   f"{init.backbone_name}; leave --backbone out")

@@ -712,7 +712,8 @@ def embed_images(state: RoundState) -> None:
     """Only images not yet in the cache are computed (key: image hash + backbone + weights hash + preprocessing)."""
     model = state.config.model
     if model.init_from:  # domain transfer: another project's fine-tuned backbone (and head where classes match)
-        init = load_init_checkpoint(_weights_path(state, model.init_from), class_names=list(state.config.classes), pooling=model.pooling)
+        init = load_init_checkpoint(_weights_path(state, model.init_from), class_names=list(state.config.classes), pooling=model.pooling,
+                                    negative_class=state.config.negative_class)
         state.backbone = create_backbone(init.backbone_name, weights=str(init.backbone_weights_path), pooling=model.pooling)
         # head_used: set by train_model from what the network did (False until then: a cold start or a failure trains nothing)
         # where the copy came from, as init recorded it; a checkpoint set in loop.toml by hand is its own source
@@ -2532,7 +2533,7 @@ def _write_model_artifacts(state: RoundState) -> None:
         matrix=state.metrics["confusion_matrix"]["matrix"], labels=state.config.classes, path=state.round_dir / "confusion_matrix.png",
         title=f"round {state.number}: frozen test split ({state.metrics['n_images']} images)"))
     state.artifacts["model_checkpoint"] = str(save_model_checkpoint(state.classifier, state.round_dir / "model.pt", image_size=state.preprocessing.image_size,
-                                                                    learned_from=_learned_from(state)))
+                                                                    learned_from=_learned_from(state), negative_class=state.config.negative_class))
     training = state.details.get("training", {})
     if len(training.get("history") or []) >= 2:
         strategy, best = training["strategy"], training.get("best_epoch")

@@ -55,10 +55,11 @@ def image_fingerprints(sha256_hex: list[str]) -> np.ndarray:
     return np.array(sorted({int(value[:15], 16) for value in sha256_hex}), dtype=np.int64)
 
 
-def save_model_checkpoint(classifier: Any, path: str | Path, *, image_size: int | None = None, learned_from: np.ndarray | None = None) -> Path:
+def save_model_checkpoint(classifier: Any, path: str | Path, *, image_size: int | None = None, learned_from: np.ndarray | None = None,
+                          negative_class: str | None = None) -> Path:
     """Write a classifier (any strategy with a backbone and a linear head on L2-normalised features) to path.
     `learned_from`: the fingerprints of the images it learned from (a project started from it checks its test split
-    against them)."""
+    against them); `negative_class`: its good class, which a project whose good class has another name maps to."""
     path = Path(path)
     backbone = classifier.backbone
     weight, bias = _head_arrays(classifier)
@@ -80,6 +81,8 @@ def save_model_checkpoint(classifier: Any, path: str | Path, *, image_size: int 
         "head_features": str(getattr(classifier, "head_features", getattr(backbone, "pooling", "avg"))),
         "image_size": int(image_size or (preprocessing.image_size if preprocessing is not None else 0)),
     }
+    if negative_class is not None:
+        checkpoint["negative_class"] = str(negative_class)
     if learned_from is not None:
         checkpoint["learned_from"] = torch.from_numpy(np.asarray(learned_from, dtype=np.int64))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,9 +170,11 @@ def checkpoint_backbone_name(path: str | Path) -> str:
     return checkpoint["backbone_name"]
 
 
-def load_init_checkpoint(path: str | Path, *, class_names: list[str], pooling: str | None = None) -> InitFrom:
+def load_init_checkpoint(path: str | Path, *, class_names: list[str], pooling: str | None = None, negative_class: str | None = None) -> InitFrom:
     """Where a new project starts from: the other project's backbone, and its head if every class is known there and
-    it read the same kind of pooled features (`pooling`, when given) as this project's network will."""
+    it read the same kind of pooled features (`pooling`, when given) as this project's network will. This project's
+    good class (`negative_class`) is the source's good class whatever either is named ("good" here, "free" there), when
+    the checkpoint records it (QA: the head was refused for the good class's name alone)."""
     checkpoint_path = find_model_checkpoint(path)
     checkpoint = _read_checkpoint(checkpoint_path)
     assert checkpoint is not None
@@ -179,19 +184,28 @@ def load_init_checkpoint(path: str | Path, *, class_names: list[str], pooling: s
     source_classes = [str(name) for name in checkpoint["class_names"]]
     weight = checkpoint["head_weight"].numpy()
     bias = checkpoint["head_bias"].numpy()
-    missing = [name for name in class_names if name not in source_classes]
+    source_negative = checkpoint.get("negative_class") if isinstance(checkpoint.get("negative_class"), str) else None
+    # this project's class -> the source's row: its good class to the source's good class when their names differ
+    same_as = ({negative_class: source_negative} if negative_class and source_negative and negative_class != source_negative
+               and negative_class not in source_classes and source_negative not in class_names else {})
+    missing = [name for name in class_names if same_as.get(name, name) not in source_classes]
     head_features = str(checkpoint.get("head_features") or "")
     if not class_names or missing:
         reason = f"head not transferred: classes {missing or '(none given)'} are not in the source model's {source_classes}"
+        if missing == [negative_class] and source_negative is None:
+            reason += (f" (if only the good class's name differs: the source checkpoint does not record its good class; checkpoints "
+                       f"made since 2026-12-07 do, and {negative_class!r} then takes its row)")
         head_weight = head_bias = None
     elif pooling is not None and head_features and head_features != pooling:
         reason = (f"head not transferred: the source model's head reads {head_features!r} pooled features and this project's "
                   f"network {pooling!r} (pooling in loop.toml [model])")
         head_weight = head_bias = None
     else:
-        rows = [source_classes.index(name) for name in class_names]
+        rows = [source_classes.index(same_as.get(name, name)) for name in class_names]
         head_weight, head_bias = weight[rows].copy(), bias[rows].copy()
         reason = "head transferred: every class is in the source model" + ("" if len(rows) == len(source_classes) else f" (subset of {len(source_classes)})")
+        if same_as:
+            reason += f"; the good class {negative_class!r} takes the source's good class {source_negative!r}"
     return InitFrom(
         backbone_weights_path=checkpoint_path, head_weight=head_weight, head_bias=head_bias,
         backbone_name=str(checkpoint["backbone_name"]), source_class_names=source_classes, head_reason=reason,

@@ -44,6 +44,21 @@ def test_new_classes_get_the_backbone_only(classifier, tmp_path):
     assert "not in the source model" in init.head_reason
 
 
+def test_a_good_class_named_otherwise_takes_the_source_good_class_row(classifier, tmp_path):
+    # QA: a project whose good class is "free" could not take the head of one whose good class is "good" (or back)
+    classifier = LinearHeadClassifier(["good", "scratch", "spot"], classifier.weight, classifier.bias, classifier.backbone)  # the fixture's, renamed
+    path = save_model_checkpoint(classifier, tmp_path / "model.pt", negative_class="good")
+    init = load_init_checkpoint(path, class_names=["spot", "free", "scratch"], negative_class="free")
+    np.testing.assert_array_equal(init.head_weight, classifier.weight[[2, 0, 1]])
+    assert "the good class 'free' takes the source's good class 'good'" in init.head_reason
+    # a defect class of the new project is never mapped to the source's good class
+    assert load_init_checkpoint(path, class_names=["free", "dent"], negative_class="free").head_weight is None
+    # a checkpoint that does not record its good class: refused, and the reason says why
+    older = save_model_checkpoint(classifier, tmp_path / "older.pt")
+    refused = load_init_checkpoint(older, class_names=["free", "scratch", "spot"], negative_class="free")
+    assert refused.head_weight is None and "the source checkpoint does not record its good class" in refused.head_reason
+
+
 def test_a_project_directory_resolves_to_its_newest_checkpoint(classifier, tmp_path):
     older = save_model_checkpoint(classifier, tmp_path / "project" / "models" / "1" / "model.pt")
     (tmp_path / "project" / "notes.pt").write_bytes(b"not a checkpoint")
