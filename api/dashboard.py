@@ -545,11 +545,12 @@ def annotators_table(activity: Sequence[AnnotatorActivity]) -> str:
         agreement = (f'{row.agreeing / row.shared:.0%} <span class="dim">({row.agreeing} of {row.shared})</span>' if row.shared else
                      '<span class="dim">no image shared</span>')
         lead = "–" if row.median_lead_time_s is None else f"{_fmt(row.median_lead_time_s, 3)} s"
-        who = escape(row.annotator or "(unnamed)") + (' <span class="dim">(simulated)</span>' if row.source == "oracle" else "")
-        rows.append(f'<tr data-annotator="{escape(row.annotator)}"><td>{who}</td><td>{row.answered}</td><td>{row.answered_in_latest_round}</td>'
+        who = (escape(row.email) + f' <span class="dim">({escape(row.annotator)})</span>' if row.email else escape(row.annotator or "(unnamed)")) + (
+            ' <span class="dim">(simulated)</span>' if row.source == "oracle" else "")
+        rows.append(f'<tr data-annotator="{escape(row.annotator)}"><td>{who}</td><td>{row.answered}</td><td>{row.answered_for_latest_round}</td>'
                     f'<td>{row.skipped}</td><td>{agreement}</td><td>{row.in_ties}</td><td>{lead}</td></tr>')
     return ('<table class="annotators"><thead><tr><th>annotator</th><th title="images whose newest answer by them stands">images answered</th>'
-            '<th title="answers the newest round pulled from them">newest round</th><th>skipped</th>'
+            '<th title="answers the newest completed round took in for the first time">for the newest round</th><th>skipped</th>'
             '<th title="where another annotator answered the same image: how often their answer is the label now">agreement with others</th>'
             '<th title="images whose annotators split evenly, kept out of training">in ties</th>'
             '<th title="median time from opening a task to submitting it (Label Studio)">median time</th></tr></thead>'

@@ -70,17 +70,23 @@ class RoundSummaryOut(Schema):
 
 
 class AnnotatorOut(Schema):
-    annotator: str = Field(description="the annotator's name in the annotation tool (Label Studio: the user's email), or \"oracle\"")
+    annotator: str = Field(description="the annotator as the store records them: \"labelstudio:<user id>\" for Label Studio, \"oracle\" for the "
+                                       "simulated annotator")
+    email: str | None = Field(default=None, description="Label Studio's email (or username) of that user id, as the newest pull listed "
+                                                        "the server's users; null: not listed (the oracle, a user deleted there)")
     source: str = Field(description="annotator (Label Studio) or oracle (the simulated annotator)")
-    answered: int = Field(description="images whose newest answer by them gives a class and stands (not deleted, not a skip)")
-    skipped: int = Field(description="images whose newest answer by them is a skip")
-    answered_in_latest_round: int = Field(description="answers the project's newest round pulled from them (an answer saved again counts again)")
+    answered: int = Field(description="images where an answer of theirs gives a class and stands (not deleted; a later skip leaves it "
+                                      "standing, as it leaves their vote)")
+    skipped: int = Field(description="images whose newest event by them is a skip")
+    answered_for_latest_round: int = Field(description="answers the newest completed round took in for the first time: saved after the "
+                                                       "round before it read the labels and before it read them (pulled, or taken by "
+                                                       "the webhook in between)")
     shared: int = Field(description="of the images they answered, those another annotator answered too")
     agreeing: int = Field(description="of `shared`, images whose label now is their answer: agreeing / shared is their agreement with "
                                       "the others (a lone answer is the label by definition and is not counted)")
     in_ties: int = Field(description="of `shared`, images whose annotators split evenly (kept out of training until one more answers)")
-    median_lead_time_s: float | None = Field(description="median time from opening a task to submitting it, as Label Studio records "
-                                                         "it; null: not recorded (the oracle, an older answer)")
+    median_lead_time_s: float | None = Field(description="median, over their standing answers, of the time from opening a task to "
+                                                         "submitting it, as Label Studio records it; null: not recorded (the oracle)")
 
 
 class GateOut(Schema):

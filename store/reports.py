@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, load_only, selectinload
 
 from store.models import GateResult, Image, LabelEvent, LabelIssue, Metric, Project, Round, Selection
-from store.queries import CurrentLabel, current_labels, renamed_classes, resolve_label, standing_answer_times
+from store.queries import ANNOTATOR_SOURCES, CurrentLabel, current_labels, renamed_classes, resolve_label, standing_answer_times
 
 LABEL_SOURCES = ("import", "annotator", "oracle")
 F1_METRIC_NAMES = ("f1", "f1_score")
@@ -700,27 +700,41 @@ def asks_by_round(session: Session, *, project_id: int, answered_for: Sequence[i
 
 @dataclass(frozen=True)
 class AnnotatorActivity:
-    """One annotator's answers over the project's images (each image counted once, by their newest answer to it)."""
-    annotator: str
+    """One annotator's answers over the project's images (each image counted once, by their answer that stands)."""
+    annotator: str  # as the store records them: "labelstudio:<user id>" for Label Studio, "oracle"
     source: str  # annotator (Label Studio) | oracle (simulated)
-    answered: int  # images whose newest answer by them gives a class and stands (not deleted, not a skip)
-    skipped: int  # images whose newest answer by them is a skip
-    answered_in_latest_round: int  # answers the newest round pulled from them (saved again counts again)
+    answered: int  # images where an answer of theirs gives a class and stands (not deleted; a later skip leaves it standing)
+    skipped: int  # images whose newest event by them is a skip
+    # answers the newest completed round took in for the first time: saved after the round before it read the labels
+    # and before it read them (pulled then, or taken by the webhook in between)
+    answered_for_latest_round: int
     # images another annotator answered too: the share where theirs is the image's label now measures agreement;
     # a single annotator's answer is the label by definition and says nothing about them
     shared: int
     agreeing: int  # of `shared`, their answer is the label now
     in_ties: int  # of `shared`, the annotators split evenly: kept out of training until one more answers
-    median_lead_time_s: float | None  # Label Studio's time from opening a task to submitting it; None: not recorded
+    median_lead_time_s: float | None  # of their standing answers: Label Studio's time from opening a task to submitting it
+    email: str | None = None  # Label Studio's email (or username) for the user id, as the newest pull listed it
 
 
 def annotator_activity(session: Session, *, project_id: int) -> list[AnnotatorActivity]:
     """Per annotator (and the oracle): how many images they answered and how often their answer agrees with the
-    label where another annotator answered too. Most answered first."""
-    latest = session.scalar(select(func.max(Round.id)).where(Round.project_id == project_id))
-    events_by_image: dict[int, list[LabelEvent]] = defaultdict(list)
-    for event in session.scalars(select(LabelEvent).join(Image, Image.id == LabelEvent.image_id)
-                                 .where(Image.project_id == project_id).order_by(LabelEvent.id)):
+    label where another annotator answered too, counted as store.queries.resolve_label decides labels (a skip is
+    no vote and leaves an earlier answer standing; an imported label never outvotes an annotator, so only annotator
+    answers are read). Most answered first."""
+    reads = [_labels_read_at({"labels_read_at": read_at}) for (read_at,) in session.execute(
+        select(Round.details["labels_read_at"].as_string()).where(Round.project_id == project_id, Round.status == "completed")
+        .order_by(Round.number.desc()).limit(2))]
+    window = (reads[1] if len(reads) > 1 else None, reads[0]) if reads and reads[0] is not None else None
+    emails: dict[str, str] = {}
+    for (listed,) in session.execute(select(Round.details["pull"]["labelstudio"]["annotators"]).where(Round.project_id == project_id)
+                                     .order_by(Round.number)):
+        if isinstance(listed, dict):
+            emails.update({str(key): str(value) for key, value in listed.items()})
+    events_by_image: dict[int, list[Any]] = defaultdict(list)
+    for event in session.execute(select(LabelEvent.image_id, LabelEvent.label, LabelEvent.source, LabelEvent.action, LabelEvent.annotator,
+                                        LabelEvent.lead_time_s, LabelEvent.created_at).join(Image, Image.id == LabelEvent.image_id)
+                                 .where(Image.project_id == project_id, LabelEvent.source.in_(ANNOTATOR_SOURCES)).order_by(LabelEvent.id)):
         events_by_image[event.image_id].append(event)
     rows: dict[tuple[str, str], dict[str, Any]] = {}
 
@@ -728,32 +742,32 @@ def annotator_activity(session: Session, *, project_id: int) -> list[AnnotatorAc
         return rows.setdefault(key, {"answered": 0, "skipped": 0, "latest": 0, "shared": 0, "agreeing": 0, "ties": 0, "lead": []})
 
     for events in events_by_image.values():
-        newest: dict[tuple[str, str], LabelEvent] = {}
+        standing: dict[tuple[str, str], Any] = {}  # newest set or delete: what resolve_label counts
+        newest: dict[tuple[str, str], Any] = {}  # newest event of any kind, a skip too
         for event in events:
-            if event.source not in ("annotator", "oracle"):
-                continue
             key = (event.annotator or "", event.source)
-            newest[key] = event  # oldest first: the last one stands
-            if latest is not None and event.round_id == latest and event.action == "set":
+            newest[key] = event
+            if event.action != "skip":
+                standing[key] = event
+            if (window is not None and event.action == "set" and event.created_at is not None
+                    and (window[0] is None or as_utc(event.created_at) > window[0]) and as_utc(event.created_at) <= window[1]):
                 row(key)["latest"] += 1
-            if event.action == "set" and event.lead_time_s is not None:
-                row(key)["lead"].append(float(event.lead_time_s))
-        answers = {key: event.label for key, event in newest.items() if event.action == "set" and event.label is not None}
+        answers = {key: event for key, event in standing.items() if event.action == "set" and event.label is not None}
         current = resolve_label(events) if len(answers) > 1 else None
         for key, event in newest.items():
+            row(key)["skipped"] += int(event.action == "skip")
+        for key, event in answers.items():
             counts = row(key)
-            if event.action == "skip":
-                counts["skipped"] += 1
-            if key not in answers:
-                continue
             counts["answered"] += 1
+            if event.lead_time_s is not None:
+                counts["lead"].append(float(event.lead_time_s))
             if current is not None:
                 counts["shared"] += 1
-                counts["agreeing"] += int(current.status == "labeled" and current.label == answers[key])
+                counts["agreeing"] += int(current.status == "labeled" and current.label == event.label)
                 counts["ties"] += int(current.status == "tie")
-    activity = [AnnotatorActivity(annotator=name, source=source, answered=c["answered"], skipped=c["skipped"], answered_in_latest_round=c["latest"],
+    activity = [AnnotatorActivity(annotator=name, source=source, answered=c["answered"], skipped=c["skipped"], answered_for_latest_round=c["latest"],
                                   shared=c["shared"], agreeing=c["agreeing"], in_ties=c["ties"],
-                                  median_lead_time_s=float(statistics.median(c["lead"])) if c["lead"] else None)
+                                  median_lead_time_s=float(statistics.median(c["lead"])) if c["lead"] else None, email=emails.get(name))
                 for (name, source), c in rows.items()]
     return sorted(activity, key=lambda a: (-a.answered, a.annotator, a.source))
 

@@ -265,7 +265,7 @@ def test_the_annotators_table_gives_each_annotators_answers_and_agreement(client
             for name, row in re.findall(r'<tr data-annotator="([^"]*)">(.*?)</tr>', table, re.S)}
     assert list(rows) == ["ann1", "oracle", "ann2", "ann3"]
     assert rows["ann1"][1:6] == ["3", "0", "0", "0% (0 of 1)", "0"]  # outvoted on image 12
-    assert rows["ann3"][1:5] == ["1", "1", "0", "100% (1 of 1)"] and rows["oracle"][0] == "oracle (simulated)"
+    assert rows["ann3"][1:5] == ["1", "0", "0", "100% (1 of 1)"] and rows["oracle"][0] == "oracle (simulated)"
     assert rows["oracle"][4] == "no image shared"
 
 
@@ -284,3 +284,14 @@ def test_a_class_without_test_images_is_named_beside_macro_f1_in_the_api_and_the
     assert body["classes_missing_from_test"] == ["spot"]
     row = re.search(r"<tr><td>macro_f1</td>.*?</tr>", html, re.S).group(0)
     assert "no test image of spot" in row
+
+
+def test_the_annotators_table_shows_label_studio_emails_beside_user_ids() -> None:
+    # review: "labelstudio:3" alone names nobody a team lead knows
+    from api.dashboard import annotators_table
+    from store.reports import AnnotatorActivity
+
+    html = annotators_table([AnnotatorActivity(annotator="labelstudio:3", source="annotator", answered=5, skipped=0, answered_for_latest_round=2,
+                                               shared=0, agreeing=0, in_ties=0, median_lead_time_s=7.5, email="<ann1@example.com>")])
+    cells = [unescape(re.sub(r"<[^>]+>", "", cell)).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", html, re.S)]
+    assert cells[0] == "<ann1@example.com> (labelstudio:3)" and cells[-1] == "7.5 s" and "&lt;ann1@example.com&gt;" in html

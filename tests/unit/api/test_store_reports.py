@@ -129,16 +129,24 @@ def test_a_batch_not_checked_against_the_test_labels_says_null_not_false() -> No
 
 
 def test_annotator_activity_counts_answers_skips_ties_and_agreement_where_others_answered(writable_store: SeededStore) -> None:
-    # seeded: ann1 answered images 11, 5 and 12 (scratch), ann2 and ann3 image 12 (spot): 12 is spot, 2 votes to 1
+    # seeded: ann1 answered images 11, 5 and 12 (scratch) at 2:01-2:02, ann2 image 12 (spot) at 2:02 and ann3 image 12
+    # (spot) at 5:01: 12 is spot, 2 votes to 1; the oracle answered 9 and 10 at 1:01
     engine = create_db_engine(writable_store.url)
     image = dict(enumerate(writable_store.image_ids, start=1))
-    r4 = writable_store.round_ids[4]
+    r1, r2, r4 = writable_store.round_ids[1], writable_store.round_ids[2], writable_store.round_ids[4]
     with session_scope(engine) as session:
+        for round_id, read_at in ((r1, T0 + timedelta(hours=1, minutes=5)), (r2, T0 + timedelta(hours=2, minutes=30))):
+            row = session.get(Round, round_id)
+            row.details = {**row.details, "labels_read_at": read_at.replace(tzinfo=None).isoformat()}
+        row = session.get(Round, r2)  # the pull lists Label Studio's users
+        row.details = {**row.details, "pull": {**row.details["pull"], "labelstudio": {"annotators": {"ann1": "ann1@example.com"}}}}
         session.add_all([
-            # ann2 skips image 1, then answers image 2 against ann1's answer there: a tie
+            # ann2 skips image 1 (never answered it), then answers image 2 against ann1's answer there: a tie
             LabelEvent(image_id=image[1], label=None, action="skip", source="annotator", annotator="ann2", round_id=r4, lead_time_s=3.0),
             LabelEvent(image_id=image[2], label="good", source="annotator", annotator="ann1", round_id=r4, lead_time_s=4.0),
             LabelEvent(image_id=image[2], label="spot", source="annotator", annotator="ann2", round_id=r4, lead_time_s=10.0),
+            # ann1 skips image 2 when it is asked again: the skip is no vote, ann1's answer stands and the tie holds (review)
+            LabelEvent(image_id=image[2], label=None, action="skip", source="annotator", annotator="ann1", round_id=r4),
             LabelEvent(image_id=image[3], label="scratch", source="annotator", annotator="ann2", round_id=r4, lead_time_s=20.0),
             # ann3 answers image 3 and deletes it: no answer of ann3's stands there
             LabelEvent(image_id=image[3], label="scratch", source="annotator", annotator="ann3", round_id=r4),
@@ -146,14 +154,17 @@ def test_annotator_activity_counts_answers_skips_ties_and_agreement_where_others
         ])
     with session_scope(engine) as session:
         rows = {row.annotator: row for row in reports.annotator_activity(session, project_id=writable_store.project_id)}
+        assert current_labels(session, writable_store.project_id)[image[2]].status == "tie"
     engine.dispose()
     ann1, ann2, ann3, oracle = rows["ann1"], rows["ann2"], rows["ann3"], rows["oracle"]
-    assert (ann1.answered, ann1.skipped, ann1.shared, ann1.agreeing, ann1.in_ties) == (4, 0, 2, 0, 1)  # outvoted on 12, tied on 2
+    assert (ann1.answered, ann1.skipped, ann1.shared, ann1.agreeing, ann1.in_ties) == (4, 1, 2, 0, 1)  # outvoted on 12, tied on 2
     assert (ann2.answered, ann2.skipped, ann2.shared, ann2.agreeing, ann2.in_ties) == (3, 1, 2, 1, 1)
     assert (ann3.answered, ann3.shared, ann3.agreeing) == (1, 1, 1)  # image 12; its deleted answer to 3 does not stand
     assert (oracle.answered, oracle.shared, oracle.source) == (2, 0, "oracle")
-    assert ann1.answered_in_latest_round == 1 and ann2.answered_in_latest_round == 2 and ann3.answered_in_latest_round == 2
-    assert ann2.median_lead_time_s == 15.0 and ann1.median_lead_time_s == 4.0 and oracle.median_lead_time_s is None  # skips have no lead time counted
+    # R2, the newest completed round, took in what was saved between R1's read (1:05) and its own (2:30)
+    assert (ann1.answered_for_latest_round, ann2.answered_for_latest_round, ann3.answered_for_latest_round, oracle.answered_for_latest_round) == (3, 1, 0, 0)
+    assert ann2.median_lead_time_s == 15.0 and ann1.median_lead_time_s == 4.0 and oracle.median_lead_time_s is None  # standing answers only
+    assert (ann1.email, ann2.email) == ("ann1@example.com", None)
 
 
 def test_a_label_error_whose_class_was_merged_into_the_suggested_one_is_no_longer_suspect() -> None:
