@@ -64,9 +64,13 @@ def clear_errors() -> Iterator[None]:
                                 "was committed before is kept")
             raise typer.Exit(EXIT_USAGE) from None
         if store_disk_full(error):  # QA: an ingest that filled the disk ended in a 50-line traceback, exit 1
-            error_console.print(f"[bold red]error:[/] the store's disk is full ({escape(database_error_reason(error))}): free space where the "
-                                "store lives, then run the command again. What was committed before is kept; this command's unfinished "
-                                "step was rolled back")
+            where = getattr(error, "round_step", None)  # a round names its step, as for a full disk under its files
+            stopped = (f"round {where[0]} stopped in step {where[1]}: " if where else "")
+            recorded = (" The round is recorded as failed, or, if the store could not take that either, by the next `loop round`."
+                        if where else "")
+            error_console.print(f"[bold red]error:[/] {escape(stopped)}the store's disk is full ({escape(database_error_reason(error))}): free space "
+                                "where the store lives, then run the command again. What was committed before is kept; this command's "
+                                f"unfinished step was rolled back.{recorded}")
             raise typer.Exit(EXIT_USAGE) from None
         if not store_connection_lost(error):
             raise  # a bug, a schema problem, a lock timeout: shown as what it is
@@ -516,7 +520,7 @@ def _print_doubts_on_gates(latest: dict) -> None:
     changed = latest.get("test_labels_changed") or {}
     if test_split_changed(changed):
         console.print(f"[yellow]test labels changed (round {latest['number']}):[/] since round {changed['since_round']}, {changed['relabeled']} labeled "
-                      f"test images have another label, {changed['no_longer_labeled']} none any more{test_split_moves_text(changed)}{test_split_renames_text(changed)}: its gates score against other labels "
+                      f"test images have another label, {changed['no_longer_labeled']} none any more{test_split_moves_text(changed)}{escape(test_split_renames_text(changed))}: its gates score against other labels "
                       "than the round before")
     for row in latest.get("defects_unmeasured") or []:
         console.print(f"[yellow]defects not measured (round {latest['number']}):[/] {ingest_batches_text(row['ingest_batch_ids'])} "

@@ -99,7 +99,7 @@ def _project_checkpoint(root: Path) -> InitSource:
         description += ("; that round's model collapsed (one class for every image): " + (
             f"round {sound[0]} is the newest that did not, --init-from {sound[1]} starts from it" if sound else "no round of that project kept a model that did not"))
     if not tuned:
-        earlier = next(((n, s, c) for n, s, c, t, _fell in with_model if t), None)
+        earlier = next(((n, s, c) for n, s, c, t, fell in with_model if t and not fell), None)  # never a collapsed one (review)
         if earlier is not None:  # a head round keeps the backbone it started from: the fine-tuning of an earlier round is not in it
             kept_frozen = " (its fine-tuning kept epoch 0, the frozen backbone)" if strategy in FINE_TUNED else ""
             description += (f"; its backbone is not fine-tuned{kept_frozen}, round {earlier[0]} ({earlier[1]}) fine-tuned one: "

@@ -381,7 +381,7 @@ def load_images(state: RoundState) -> None:
         if changed["relabeled"] or changed["no_longer_labeled"] or changed["relabeled_by_rename"]:
             state.console.print(
                 f"[yellow]warning:[/] {changed['relabeled']} labeled test images have another label than when round {changed['since_round']} "
-                f"read them, {changed['no_longer_labeled']} none any more (relabeled, tied or an answer deleted){test_split_renames_text(changed)}: "
+                f"read them, {changed['no_longer_labeled']} none any more (relabeled, tied or an answer deleted){escape(test_split_renames_text(changed))}: "
                 "this round's gates score against different test labels, so their change over rounds is partly the labels' (details.test_labels_changed)")
 
 
@@ -434,11 +434,12 @@ def _test_labels_changed(session, *, project_id: int, test_ids: list[int], label
     labeled. None (and no ids): no earlier round with its read time. The gates
     over rounds compare values scored against these labels (QA: a test image relabeled by a manifest moved macro F1
     from 0.556 to 0.665, and nothing said the test labels changed)."""
-    previous = session.execute(select(Round.number, Round.details["labels_read_at"].as_string(), Round.details["confusion_matrix"]).where(
+    previous = session.execute(select(Round.number, Round.details["labels_read_at"].as_string(), Round.details["confusion_matrix"],
+                                      Round.details["negative_class"].as_string()).where(
         Round.project_id == project_id, Round.status == "completed").order_by(Round.number.desc()).limit(1)).first()
     if previous is None or not previous[1]:
         return None, set()
-    by_rename = _test_labels_renamed(previous[2], session.get(Project, project_id))
+    by_rename = _test_labels_renamed(previous[2], session.get(Project, project_id), negative_before=previous[3])
     since = _aware(datetime.fromisoformat(previous[1]))
     events: dict[int, list[LabelEvent]] = defaultdict(list)
     for chunk in range(0, len(test_ids), 500):  # SQLite limits the variables of one statement
@@ -464,17 +465,24 @@ def _test_labels_changed(session, *, project_id: int, test_ids: list[int], label
             {*newly, *gone})
 
 
-def _test_labels_renamed(confusion_matrix: Any, project: Project) -> dict[str, int]:
-    """"old -> new": the previous round's test images of each class `loop rename-class` renamed or merged since (its
-    confusion matrix's row, true class). A rename rewrites the answers in place, so the events above see no change
-    (QA: a flip turned a test defect into a good part and the FPR denominator went 3 -> 4 with "relabeled: 0")."""
+def _test_labels_renamed(confusion_matrix: Any, project: Project, *, negative_before: str | None) -> dict[str, int]:
+    """"old -> new": the previous round's test images of each class `loop rename-class` merged into another since, or
+    moved between good and defect (its confusion matrix's row, true class). A rename rewrites the answers in place, so
+    the events above see no change (QA: a flip turned a test defect into a good part and the FPR denominator went 3 -> 4
+    with "relabeled: 0"). A plain rename (fray -> frayed_edge, free -> good) scores the same labels: not counted (review)."""
     if not isinstance(confusion_matrix, dict) or not isinstance(confusion_matrix.get("labels"), list):
         return {}
     renames = renamed_classes(project)
+    classes_before = [str(name) for name in confusion_matrix["labels"]]
     counts = {}
-    for name, row in zip(confusion_matrix["labels"], confusion_matrix.get("matrix") or []):
-        if name in renames and isinstance(row, list) and (n := int(sum(v for v in row if isinstance(v, (int, float))))):
-            counts[f"{name} -> {renames[name]}"] = n
+    for name, row in zip(classes_before, confusion_matrix.get("matrix") or []):
+        new = renames.get(name)
+        if new is None or not isinstance(row, list):
+            continue
+        merged = new in classes_before
+        flipped = negative_before is not None and (name == negative_before) != (new == project.negative_class)
+        if (merged or flipped) and (n := int(sum(v for v in row if isinstance(v, (int, float))))):
+            counts[f"{name} -> {new}"] = n
     return counts
 
 
@@ -2487,6 +2495,11 @@ def _p_defect(state: RoundState, task: TaskRequest) -> float | None:
     return None if negative is None or not task.probabilities else 1.0 - task.probabilities.get(negative, 0.0)
 
 
+# what record_round adds to a round's details from its model's evaluation: a round that fails keeps none of them
+RECORDED_RESULTS = frozenset({"all_gates_pass", "confusion_matrix", "per_class", "collapsed", "predicted_class_counts", "latency",
+                              "estimated_gates", "classes_missing_from_test"})
+
+
 def record_round(state: RoundState) -> None:
     """Metrics, gates, predictions, findings and plots into the store. A cold start has no model: it records the counts,
     the pull and the data findings only (the batch was recorded by push_batch)."""
@@ -2794,8 +2807,9 @@ def run_round(ctx: ProjectContext, options: RoundOptions | None = None, *, conso
                 round_row.error = reason
                 round_row.finished_at = datetime.now(timezone.utc)
                 round_row.step_timings_s = {k: round(v, 3) for k, v in state.timings_s.items()}
-                # no verdict: record_round may have set all_gates_pass before it failed, its gates rolled back (QA: "all pass")
-                round_row.details = _jsonable({**{k: v for k, v in state.details.items() if k != "all_gates_pass"},
+                # no verdict and no results: record_round may have set them before it failed, its gates and predictions rolled
+                # back and its model deleted (QA: "failed ... all pass"; review: per-class scores of a model that is gone)
+                round_row.details = _jsonable({**{k: v for k, v in state.details.items() if k not in RECORDED_RESULTS},
                                                "traceback": traceback.format_exc(limit=8)})
         except Exception as unrecorded:  # the store itself failed too (a full disk, a lost server): its error must not hide
             # the round's, and the next round records the reason kept beside loop.toml instead of "the process ended"

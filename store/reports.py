@@ -1054,13 +1054,13 @@ def test_split_changed(changed: dict[str, Any] | None) -> bool:
 
 
 def test_split_renames_text(changed: dict[str, Any]) -> str:
-    """"; 2 by `loop rename-class` (uneven -> free: 1, crack -> break: 1)" when a rename moved test labels, else ""."""
+    """"; 2 by loop rename-class (uneven -> free: 1, crack -> break: 1)" when a rename moved test labels, else ""."""
     n = changed.get("relabeled_by_rename") or 0
     if not n:
         return ""
     renamed = changed.get("renamed_test_labels")
     which = f" ({', '.join(f'{pair}: {count}' for pair, count in renamed.items())})" if isinstance(renamed, dict) and renamed else ""
-    return f"; {n} by `loop rename-class`{which}"
+    return f"; {n} by loop rename-class{which}"
 
 
 def test_split_moves_text(changed: dict[str, Any]) -> str:
@@ -1105,7 +1105,9 @@ def class_set_changes(class_sets: list[tuple[int, list[str] | None]], *, renames
         if previous is not None and set(names) != set(previous):
             removed = [n for n in previous if n not in names]
             change: dict[str, Any] = {"added": [n for n in names if n not in previous], "removed": removed}
-            moved = {old: (renames or {})[old] for old in removed if old in (renames or {})}
+            # a rename the store resolved through a chain (a -> b -> c is kept as a: c) names a class this round may not
+            # have had: only one into a class of the round is said (review: "+b -a (merged into c)" for the round of b)
+            moved = {old: (renames or {})[old] for old in removed if (renames or {}).get(old) in names}
             if moved:
                 change["renamed"] = moved
             changes[number] = change

@@ -409,4 +409,18 @@ def test_test_labels_a_rename_moved_since_the_last_round_are_counted(tmp_path: P
         changed, moved = _test_labels_changed(session, project_id=project_id, test_ids=image_ids, labels=current_labels(session, project_id))
     engine.dispose()
     assert (changed["relabeled"], changed["relabeled_by_rename"], changed["renamed_test_labels"], moved) == (0, 1, {"uneven -> free": 1}, set())
-    assert test_split_changed(changed) and test_split_renames_text(changed) == "; 1 by `loop rename-class` (uneven -> free: 1)"
+    assert test_split_changed(changed) and test_split_renames_text(changed) == "; 1 by loop rename-class (uneven -> free: 1)"
+
+
+def test_a_plain_rename_does_not_read_as_test_labels_changed() -> None:
+    # review: fray -> frayed_edge (or the good class free -> good) scores the same labels under another name, yet read
+    # as "test labels changed"; a merge, and a move between good and defect, do change them
+    from loop.round import _test_labels_renamed
+
+    matrix = {"labels": ["free", "crack", "fray", "uneven"], "matrix": [[3, 0, 0, 0], [0, 2, 0, 0], [0, 0, 4, 0], [0, 0, 0, 1]]}
+    project = _project(["good", "crack", "frayed_edge"], {"free": "good", "fray": "frayed_edge", "uneven": "crack"})
+    project.negative_class = "good"
+    assert _test_labels_renamed(matrix, project, negative_before="free") == {"uneven -> crack": 1}
+    flipped = _project(["free", "fray", "uneven_surface"], {"crack": "free", "uneven": "uneven_surface"})
+    flipped.negative_class = "free"
+    assert _test_labels_renamed(matrix, flipped, negative_before="free") == {"crack -> free": 2}

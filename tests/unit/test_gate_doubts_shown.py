@@ -285,6 +285,9 @@ def test_status_and_the_gates_plot_mark_where_the_class_set_changed(new_project,
     assert merged == {2: {"added": ["frayed_edge", "scratch"], "removed": ["crack", "fray", "uneven"],
                           "renamed": {"crack": "break", "fray": "frayed_edge", "uneven": "free"}}}
     assert class_change_text(merged[2]) == "+scratch -crack (merged into break) fray renamed frayed_edge -uneven (merged into free)"
+    # a chain the store keeps resolved (a -> b, then b -> c is kept as a: c, b: c): the round of b does not read "merged into c"
+    chain = class_set_changes([(1, ["good", "a"]), (2, ["good", "b"]), (3, ["good", "c"])], renames={"a": "c", "b": "c"})
+    assert [class_change_text(chain[n]) for n in (2, 3)] == ["+b -a", "b renamed c"]
     _record_round(new_project, details={})
     with session_scope(new_project.engine) as session:
         session.add(Round(project_id=get_project(session).id, number=2, status="completed",

@@ -210,7 +210,7 @@ def test_a_round_that_fails_in_its_recording_has_no_gate_verdict(tmp_path: Path,
     assert runner.invoke(app, ["init", str(project), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
 
     def record(state) -> None:  # noqa: ANN001
-        state.details.update(all_gates_pass=True)
+        state.details.update(all_gates_pass=True, per_class={"good": {"f1": 0.9}}, classes_missing_from_test=["dent"], class_names=["good", "dent"])
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(round_module, "ROUND_STEPS", [])
@@ -222,6 +222,26 @@ def test_a_round_that_fails_in_its_recording_has_no_gate_verdict(tmp_path: Path,
     (failed,) = report["rounds"]
     assert (failed["status"], failed["all_gates_pass"]) == ("failed", None)
     with session_scope(open_project(project).engine) as session:
-        assert "all_gates_pass" not in session.scalars(select(Round)).one().details
+        details = session.scalars(select(Round)).one().details
+        assert not {"all_gates_pass", "per_class", "classes_missing_from_test"} & set(details) and details["class_names"] == ["good", "dent"]
     table = " ".join(runner.invoke(app, ["status", "--project", str(project)], env={"COLUMNS": "200"}).output.split())
     assert "all pass" not in table
+
+
+def test_a_round_whose_store_disk_fills_names_its_round_and_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # review: the one line for a full disk under the store dropped what a full disk under the round's files says
+    import sqlite3
+
+    project = tmp_path / "project"
+    assert runner.invoke(app, ["init", str(project), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
+
+    def store_full(state) -> None:  # noqa: ANN001
+        raise OperationalError("INSERT INTO predictions", {}, sqlite3.OperationalError("database or disk is full"))
+
+    monkeypatch.setattr(round_module, "ROUND_STEPS", [store_full])
+    monkeypatch.setattr(round_module, "_confirm_store_is_ours", lambda state, step_name: None)
+    failed = runner.invoke(app, ["round", "--project", str(project), "--quiet"])
+    output = " ".join(failed.output.split())
+    assert failed.exit_code == 2 and "Traceback" not in failed.output
+    assert "round 1 stopped in step store_full: the store's disk is full (database or disk is full)" in output, output
+    assert "The round is recorded as failed" in output
