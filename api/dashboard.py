@@ -492,14 +492,15 @@ def _summary_cards(progress: ProgressSeries, latest: RoundReport | None, asks: d
     return "".join(f'<div class="card"><div class="card-label">{label}</div><div class="card-value">{value}</div></div>' for label, value in cards)
 
 
-def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks]) -> str:
+def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks], warnings: dict[int, list[str]] | None = None) -> str:
     """Every round, newest first: its status (a failed round's reason), gates, the labels it pulled and where its asks are
     now. QA: a failed round showed only as a count on the dashboard, its reason in `loop status` alone."""
     if not progress.rounds:
         return '<p class="empty">No round yet.</p>'
     rows = []
     shown = range(len(progress.rounds) - 1, max(len(progress.rounds) - ROUND_TABLE_ROWS, 0) - 1, -1)
-    any_error = any(progress.rounds[index].error for index in shown)  # the column only when a shown round failed
+    warnings = warnings or {}
+    any_error = any(progress.rounds[index].error or warnings.get(progress.rounds[index].id) for index in shown)  # the column only when needed
     for index in shown:
         summary = progress.rounds[index]
         failed = [gate.name for gate in progress.gates if gate.applicable[index] and gate.passed[index] is False]
@@ -518,8 +519,13 @@ def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks]) -> str:
             asks_text = f"{asked.selected}" + (f" ({', '.join(parts)})" if parts else "")
         note = ""
         if summary.error:
-            shown = summary.error if len(summary.error) <= ERROR_SHOWN_CHARS else summary.error[:ERROR_SHOWN_CHARS - 1] + "…"
-            note = f'<span class="round-error" title="{escape(summary.error)}">{escape(shown)}</span>'
+            cut = summary.error if len(summary.error) <= ERROR_SHOWN_CHARS else summary.error[:ERROR_SHOWN_CHARS - 1] + "…"
+            note = f'<span class="round-error" title="{escape(summary.error)}">{escape(cut)}</span>'
+        said = warnings.get(summary.id) or []
+        if said:  # the pull's and push's own words: the annotation tool unreachable, answers refused
+            first = said[0] if len(said[0]) <= ERROR_SHOWN_CHARS else said[0][:ERROR_SHOWN_CHARS - 1] + "…"
+            more = f" (+{len(said) - 1} more)" if len(said) > 1 else ""
+            note += (" " if note else "") + f'<span class="round-warning" title="{escape(chr(10).join(said))}">{escape(first)}{more}</span>'
         status_class = {"failed": "verdict fail", "completed": ""}.get(summary.status, "running")
         started = summary.started_at.strftime("%Y-%m-%d %H:%M") if summary.started_at else "–"
         rows.append(f'<tr data-round="{summary.number}" data-status="{escape(summary.status)}"><td>R{summary.number}</td>'
@@ -530,9 +536,10 @@ def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks]) -> str:
     more = (f'<p class="more">{older} older round{"s" if older != 1 else ""}: <code>GET /projects/{progress.project_id}/rounds</code></p>'
             if older > 0 else "")
     return ('<table class="rounds"><thead><tr><th>round</th><th>status</th><th>started (UTC)</th><th>time</th><th>gates passed</th>'
-            '<th title="label events the round pulled from the annotators">labels pulled</th>'
+            '<th title="label events the round pulled from the annotation tool: answers, skips and deletions (answers a webhook took in '
+            'between rounds are not pulled again)">label events pulled</th>'
             '<th title="images the round asked to be labeled, and where those asks are now">asked</th>'
-            f'{"<th>why it failed</th>" if any_error else ""}</tr></thead>'
+            f'{"<th>why it failed, warnings</th>" if any_error else ""}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>{more}')
 
 
@@ -645,7 +652,7 @@ table.issues img.thumb{width:56px;height:56px;object-fit:cover;border-radius:4px
 svg .kept-epoch{stroke:#d73027;stroke-width:1.5;stroke-dasharray:2 3}
 .empty,.more{color:#52606d} code{background:#f0f2f4;padding:1px 4px;border-radius:3px}
 .no-process{color:#b7791f;font-size:13px;cursor:help} .dim{color:#7b8794;font-size:12px}
-table.rounds td.running{color:#b7791f} .round-error{color:#7b341e;font-size:13px;cursor:help} .failed-gates{color:#d73027;font-size:13px}
+table.rounds td.running{color:#b7791f} .round-error{color:#7b341e;font-size:13px;cursor:help} .round-warning{color:#b7791f;font-size:13px;cursor:help} .failed-gates{color:#d73027;font-size:13px}
 """
 
 
@@ -653,7 +660,7 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
                      issues: tuple[int, int, int, list[LabelIssueRow]] | None, token_query: str,
                      near_copies: tuple[int, int, int, list[LabelIssueRow]] | None = None,
                      outliers: tuple[int, int, int, list[LabelIssueRow]] | None = None, asks: dict[int, RoundAsks] | None = None,
-                     annotators: Sequence[AnnotatorActivity] | None = None) -> str:
+                     annotators: Sequence[AnnotatorActivity] | None = None, round_warnings: dict[int, list[str]] | None = None) -> str:
     """The whole page. issues, near_copies, outliers: (round id, round number, total flagged, first rows); asks: by round id."""
     numbers = [r.number for r in progress.rounds]
     if progress.gates:
@@ -701,7 +708,7 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
 <main>
 <div class="cards">{_summary_cards(progress, latest, asks)}</div>
 <section id="gates"><h2>Gates over rounds</h2><div class="grid">{gates_html}</div></section>
-<section id="rounds"><h2>Rounds</h2>{rounds_table(progress, asks or {})}</section>
+<section id="rounds"><h2>Rounds</h2>{rounds_table(progress, asks or {}, round_warnings)}</section>
 <section id="annotators"><h2>Annotators</h2>{annotators_table(annotators or [])}</section>
 <div class="two">
 <section id="labels">{labels_html}</section>
@@ -762,7 +769,10 @@ def dashboard(
                                          near_copies=near_copies, outliers=outliers,
                                          asks=reports.asks_by_round(session, project_id=project.id,  # answers counted for the rows shown
                                                                     answered_for=[r.id for r in progress.rounds[-ROUND_TABLE_ROWS:]]),
-                                         annotators=reports.annotator_activity(session, project_id=project.id)), headers=DASHBOARD_HEADERS)
+                                         annotators=reports.annotator_activity(session, project_id=project.id),
+                                         round_warnings=reports.round_warnings(session, project_id=project.id,
+                                                                               round_ids=[r.id for r in progress.rounds[-ROUND_TABLE_ROWS:]])),
+                    headers=DASHBOARD_HEADERS)
 
 
 # The page carries its token in every link (review: no header kept it out of caches and Referer headers). It has no

@@ -772,6 +772,21 @@ def annotator_activity(session: Session, *, project_id: int) -> list[AnnotatorAc
     return sorted(activity, key=lambda a: (-a.answered, a.annotator, a.source))
 
 
+def round_warnings(session: Session, *, project_id: int, round_ids: Sequence[int]) -> dict[int, list[str]]:
+    """Round id -> the warnings its pull and push recorded (Label Studio unreachable, answers refused, images it could
+    not take), read from the JSON by path, not the whole details (QA: a round whose pull failed read "0 labels pulled"
+    on the dashboard with nothing saying why)."""
+    found: dict[int, list[str]] = {}
+    if not round_ids:
+        return found
+    for round_id, pulled, pushed in session.execute(select(Round.id, Round.details["pull"]["warnings"], Round.details["push"]["warnings"]).where(
+            Round.project_id == project_id, Round.id.in_(list(round_ids)))):
+        said = [str(text) for texts in (pulled, pushed) if isinstance(texts, list) for text in texts]
+        if said:
+            found[round_id] = said
+    return found
+
+
 def list_rounds(session: Session, *, project_id: int, limit: int, offset: int) -> Page:
     total = session.scalar(select(func.count(Round.id)).where(Round.project_id == project_id)) or 0
     rounds = session.scalars(

@@ -295,3 +295,21 @@ def test_the_annotators_table_shows_label_studio_emails_beside_user_ids() -> Non
                                                shared=0, agreeing=0, in_ties=0, median_lead_time_s=7.5, email="<ann1@example.com>")])
     cells = [unescape(re.sub(r"<[^>]+>", "", cell)).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", html, re.S)]
     assert cells[0] == "<ann1@example.com> (labelstudio:3)" and cells[-1] == "7.5 s" and "&lt;ann1@example.com&gt;" in html
+
+
+def test_the_rounds_table_gives_a_rounds_pull_and_push_warnings(writable_store: SeededStore) -> None:
+    # QA: with Label Studio down, the round read "0 labels pulled" on the dashboard and nothing said why
+    from store.models import Round
+
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        round_ = session.get(Round, writable_store.round_ids[1])
+        round_.details = {**(round_.details or {}), "pull": {"new_label_events": 0, "warnings": [
+            "Label Studio at http://127.0.0.1:8080 is unreachable: its answers are pulled at the next round", "second <b>"]}}
+    engine.dispose()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        html = _page(client)
+    row = re.search(r'<tr data-round="1".*?</tr>', html, re.S).group(0)
+    note = unescape(re.sub(r"<[^>]+>", "", re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)[-1])).strip()
+    assert note == "Label Studio at http://127.0.0.1:8080 is unreachable: its answers are pulled at the next round (+1 more)"
+    assert "second &lt;b&gt;" in row and "why it failed, warnings" in html
