@@ -556,7 +556,7 @@ def annotators_table(activity: Sequence[AnnotatorActivity]) -> str:
             ' <span class="dim">(simulated)</span>' if row.source == "oracle" else "")
         rows.append(f'<tr data-annotator="{escape(row.annotator)}"><td>{who}</td><td>{row.answered}</td><td>{row.answered_for_latest_round}</td>'
                     f'<td>{row.skipped}</td><td>{agreement}</td><td>{row.in_ties}</td><td>{lead}</td></tr>')
-    return ('<table class="annotators"><thead><tr><th>annotator</th><th title="images whose newest answer by them stands">images answered</th>'
+    return ('<table class="annotators"><thead><tr><th>annotator</th><th title="images where an answer of theirs stands (a later skip leaves it standing, and counts as a skip too)">images answered</th>'
             '<th title="answers the newest completed round took in for the first time">for the newest round</th><th>skipped</th>'
             '<th title="where another annotator answered the same image: how often their answer is the label now">agreement with others</th>'
             '<th title="images whose annotators split evenly, kept out of training">in ties</th>'

@@ -72,8 +72,8 @@ class RoundSummaryOut(Schema):
 class AnnotatorOut(Schema):
     annotator: str = Field(description="the annotator as the store records them: \"labelstudio:<user id>\" for Label Studio, \"oracle\" for the "
                                        "simulated annotator")
-    email: str | None = Field(default=None, description="Label Studio's email (or username) of that user id, as the newest pull listed "
-                                                        "the server's users; null: not listed (the oracle, a user deleted there)")
+    email: str | None = Field(default=None, description="Label Studio's email (or username) of that user id, as the rounds' pulls listed "
+                                                        "the server's users (the newest listing wins); null: never listed (the oracle)")
     source: str = Field(description="annotator (Label Studio) or oracle (the simulated annotator)")
     answered: int = Field(description="images where an answer of theirs gives a class and stands (not deleted; a later skip leaves it "
                                       "standing, as it leaves their vote)")
@@ -86,7 +86,8 @@ class AnnotatorOut(Schema):
                                       "the others (a lone answer is the label by definition and is not counted)")
     in_ties: int = Field(description="of `shared`, images whose annotators split evenly (kept out of training until one more answers)")
     median_lead_time_s: float | None = Field(description="median, over their standing answers, of the time from opening a task to "
-                                                         "submitting it, as Label Studio records it; null: not recorded (the oracle)")
+                                                         "submitting it, as Label Studio records it; null: none recorded (the oracle, "
+                                                         "answers without it)")
 
 
 class GateOut(Schema):

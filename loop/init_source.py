@@ -104,6 +104,10 @@ def _project_checkpoint(root: Path) -> InitSource:
             kept_frozen = " (its fine-tuning kept epoch 0, the frozen backbone)" if strategy in FINE_TUNED else ""
             description += (f"; its backbone is not fine-tuned{kept_frozen}, round {earlier[0]} ({earlier[1]}) fine-tuned one: "
                             f"--init-from {earlier[2]} starts from that instead")
+        elif any(t for _n, _s, _c, t, _fell in with_model):  # review: every fine-tuned round collapsed, which is not "none fine-tuned"
+            fell = [str(n) for n, _s, _c, t, _fell in with_model if t]
+            description += (f"; its backbone is not fine-tuned, and the rounds that fine-tuned one (round {', '.join(fell)}) have a "
+                            "collapsed model: this starts from the pretrained backbone")
         else:  # QA: nothing said the transfer carries no backbone of that project's own
             kept_frozen = "its fine-tuning kept epoch 0, the frozen backbone" if strategy in FINE_TUNED else "it trained a head only"
             description += (f"; no round of that project fine-tuned its backbone ({kept_frozen}): this starts from the pretrained "

@@ -434,12 +434,11 @@ def _test_labels_changed(session, *, project_id: int, test_ids: list[int], label
     labeled. None (and no ids): no earlier round with its read time. The gates
     over rounds compare values scored against these labels (QA: a test image relabeled by a manifest moved macro F1
     from 0.556 to 0.665, and nothing said the test labels changed)."""
-    previous = session.execute(select(Round.number, Round.details["labels_read_at"].as_string(), Round.details["confusion_matrix"],
-                                      Round.details["negative_class"].as_string()).where(
+    previous = session.execute(select(Round.number, Round.details["labels_read_at"].as_string(), Round.details["confusion_matrix"]).where(
         Round.project_id == project_id, Round.status == "completed").order_by(Round.number.desc()).limit(1)).first()
     if previous is None or not previous[1]:
         return None, set()
-    by_rename = _test_labels_renamed(previous[2], session.get(Project, project_id), negative_before=previous[3])
+    by_rename = _test_labels_renamed(previous[2], session.get(Project, project_id))
     since = _aware(datetime.fromisoformat(previous[1]))
     events: dict[int, list[LabelEvent]] = defaultdict(list)
     for chunk in range(0, len(test_ids), 500):  # SQLite limits the variables of one statement
@@ -465,11 +464,12 @@ def _test_labels_changed(session, *, project_id: int, test_ids: list[int], label
             {*newly, *gone})
 
 
-def _test_labels_renamed(confusion_matrix: Any, project: Project, *, negative_before: str | None) -> dict[str, int]:
-    """"old -> new": the previous round's test images of each class `loop rename-class` merged into another since, or
-    moved between good and defect (its confusion matrix's row, true class). A rename rewrites the answers in place, so
-    the events above see no change (QA: a flip turned a test defect into a good part and the FPR denominator went 3 -> 4
-    with "relabeled: 0"). A plain rename (fray -> frayed_edge, free -> good) scores the same labels: not counted (review)."""
+def _test_labels_renamed(confusion_matrix: Any, project: Project) -> dict[str, int]:
+    """"old -> new": the previous round's test images of each class `loop rename-class` merged since, into a class that
+    round had or together with another of its classes (its confusion matrix's row, true class). A rename rewrites the
+    answers in place, so the events above see no change (QA: a flip merged a test defect into the good class and the FPR
+    denominator went 3 -> 4 with "relabeled: 0"; a move between good and defect is always such a merge). A plain rename
+    (fray -> frayed_edge, free -> good) scores the same labels under another name: not counted (review)."""
     if not isinstance(confusion_matrix, dict) or not isinstance(confusion_matrix.get("labels"), list):
         return {}
     renames = renamed_classes(project)
@@ -479,9 +479,8 @@ def _test_labels_renamed(confusion_matrix: Any, project: Project, *, negative_be
         new = renames.get(name)
         if new is None or not isinstance(row, list):
             continue
-        merged = new in classes_before
-        flipped = negative_before is not None and (name == negative_before) != (new == project.negative_class)
-        if (merged or flipped) and (n := int(sum(v for v in row if isinstance(v, (int, float))))):
+        merged = new in classes_before or any(other != name and renames.get(other, other) == new for other in classes_before)
+        if merged and (n := int(sum(v for v in row if isinstance(v, (int, float))))):
             counts[f"{name} -> {new}"] = n
     return counts
 
@@ -2495,9 +2494,11 @@ def _p_defect(state: RoundState, task: TaskRequest) -> float | None:
     return None if negative is None or not task.probabilities else 1.0 - task.probabilities.get(negative, 0.0)
 
 
-# what record_round adds to a round's details from its model's evaluation: a round that fails keeps none of them
+# what a round's details hold of its model's scores (record_round's, and the evaluation's before it): a round that fails
+# keeps none of them, its model deleted (review: test_intervals of a model that is gone); how it trained stays
 RECORDED_RESULTS = frozenset({"all_gates_pass", "confusion_matrix", "per_class", "collapsed", "predicted_class_counts", "latency",
-                              "estimated_gates", "classes_missing_from_test"})
+                              "estimated_gates", "classes_missing_from_test", "test_intervals", "estimated_metrics", "threshold",
+                              "threshold_choice", "calibration"})
 
 
 def record_round(state: RoundState) -> None:

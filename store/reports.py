@@ -725,7 +725,11 @@ def annotator_activity(session: Session, *, project_id: int) -> list[AnnotatorAc
     reads = [_labels_read_at({"labels_read_at": read_at}) for (read_at,) in session.execute(
         select(Round.details["labels_read_at"].as_string()).where(Round.project_id == project_id, Round.status == "completed")
         .order_by(Round.number.desc()).limit(2))]
-    window = (reads[1] if len(reads) > 1 else None, reads[0]) if reads and reads[0] is not None else None
+    # (the round before's read, the newest's]: the first round takes everything before its read; a round before it
+    # that recorded no read time (made before 2026-12-05) leaves the window unknown, counted 0 rather than all time (review)
+    window = None
+    if reads and reads[0] is not None and (len(reads) == 1 or reads[1] is not None):
+        window = (reads[1] if len(reads) > 1 else None, reads[0])
     emails: dict[str, str] = {}
     for (listed,) in session.execute(select(Round.details["pull"]["labelstudio"]["annotators"]).where(Round.project_id == project_id)
                                      .order_by(Round.number)):
@@ -1120,9 +1124,18 @@ def class_set_changes(class_sets: list[tuple[int, list[str] | None]], *, renames
         if previous is not None and set(names) != set(previous):
             removed = [n for n in previous if n not in names]
             change: dict[str, Any] = {"added": [n for n in names if n not in previous], "removed": removed}
-            # a rename the store resolved through a chain (a -> b -> c is kept as a: c) names a class this round may not
-            # have had: only one into a class of the round is said (review: "+b -a (merged into c)" for the round of b)
-            moved = {old: (renames or {})[old] for old in removed if (renames or {}).get(old) in names}
+            # a rename the store resolved through a chain (a -> b -> c is kept as a: c, b: c) names a class this round may
+            # not have had: one into a class of the round is said as it is; one whose end is also an added class's end is
+            # said as a rename into that class (review: "+b -a (merged into c)" for the round of b, then "+b -a")
+            moved = {}
+            for old in removed:
+                end = (renames or {}).get(old)
+                if end in names:
+                    moved[old] = end
+                elif end is not None:
+                    into = next((name for name in change["added"] if (renames or {}).get(name) == end), None)
+                    if into is not None:
+                        moved[old] = into
             if moved:
                 change["renamed"] = moved
             changes[number] = change
@@ -1135,8 +1148,10 @@ def class_change_text(change: dict[str, Any]) -> str:
     did not have is renamed, into one it had merged."""
     renamed = change.get("renamed") or {}
     added = [name for name in change["added"] if name not in renamed.values()]
+    into_count = Counter(renamed.values())  # two classes renamed into one new class: a merge, not two renames (review)
     removed = [f"-{name}" if name not in renamed else
-               f"{name} renamed {renamed[name]}" if renamed[name] in change["added"] else f"-{name} (merged into {renamed[name]})"
+               f"{name} renamed {renamed[name]}" if renamed[name] in change["added"] and into_count[renamed[name]] == 1 else
+               f"-{name} (merged into {renamed[name]}{', new' if renamed[name] in change['added'] else ''})"
                for name in change["removed"]]
     return " ".join([*(f"+{name}" for name in added), *removed])
 

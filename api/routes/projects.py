@@ -43,7 +43,7 @@ def list_rounds(
 
 
 @router.get("/projects/{project_id}/annotators", response_model=list[AnnotatorOut], responses={404: {"model": ErrorOut}},
-            summary="Per annotator: images answered, skipped, answered this round, agreement where others answered too")
+            summary="Per annotator: images answered, skipped, answers the newest completed round took in, agreement where others answered too")
 def annotators(project_id: RowId, session: SessionDep, _scope: ReadScope) -> list[AnnotatorOut]:
     _require_project(session, project_id)
     return [AnnotatorOut.model_validate(row) for row in reports.annotator_activity(session, project_id=project_id)]

@@ -287,7 +287,9 @@ def test_status_and_the_gates_plot_mark_where_the_class_set_changed(new_project,
     assert class_change_text(merged[2]) == "+scratch -crack (merged into break) fray renamed frayed_edge -uneven (merged into free)"
     # a chain the store keeps resolved (a -> b, then b -> c is kept as a: c, b: c): the round of b does not read "merged into c"
     chain = class_set_changes([(1, ["good", "a"]), (2, ["good", "b"]), (3, ["good", "c"])], renames={"a": "c", "b": "c"})
-    assert [class_change_text(chain[n]) for n in (2, 3)] == ["+b -a", "b renamed c"]
+    assert [class_change_text(chain[n]) for n in (2, 3)] == ["a renamed b", "b renamed c"]
+    together = class_set_changes([(1, ["good", "fray", "uneven"]), (2, ["good", "frayed_edge"])], renames={"fray": "frayed_edge", "uneven": "frayed_edge"})
+    assert class_change_text(together[2]) == "-fray (merged into frayed_edge, new) -uneven (merged into frayed_edge, new)"
     _record_round(new_project, details={})
     with session_scope(new_project.engine) as session:
         session.add(Round(project_id=get_project(session).id, number=2, status="completed",

@@ -210,7 +210,8 @@ def test_a_round_that_fails_in_its_recording_has_no_gate_verdict(tmp_path: Path,
     assert runner.invoke(app, ["init", str(project), "--classes", "good,dent", "--negative-class", "good"]).exit_code == 0
 
     def record(state) -> None:  # noqa: ANN001
-        state.details.update(all_gates_pass=True, per_class={"good": {"f1": 0.9}}, classes_missing_from_test=["dent"], class_names=["good", "dent"])
+        state.details.update(all_gates_pass=True, per_class={"good": {"f1": 0.9}}, classes_missing_from_test=["dent"], class_names=["good", "dent"],
+                             test_intervals={"negative_fpr": {"value": 0.01}}, training={"strategy": "head"})
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(round_module, "ROUND_STEPS", [])
@@ -223,7 +224,8 @@ def test_a_round_that_fails_in_its_recording_has_no_gate_verdict(tmp_path: Path,
     assert (failed["status"], failed["all_gates_pass"]) == ("failed", None)
     with session_scope(open_project(project).engine) as session:
         details = session.scalars(select(Round)).one().details
-        assert not {"all_gates_pass", "per_class", "classes_missing_from_test"} & set(details) and details["class_names"] == ["good", "dent"]
+        assert not {"all_gates_pass", "per_class", "classes_missing_from_test", "test_intervals"} & set(details)
+        assert details["class_names"] == ["good", "dent"] and details["training"] == {"strategy": "head"}  # how it trained stays
     table = " ".join(runner.invoke(app, ["status", "--project", str(project)], env={"COLUMNS": "200"}).output.split())
     assert "all pass" not in table
 

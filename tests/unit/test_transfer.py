@@ -354,6 +354,13 @@ def test_init_from_a_project_whose_newest_model_collapsed_says_so_and_names_one_
     told = resolve_init_source(source).description
     assert told.startswith("round 3 (finetune)") and "that round's model collapsed (one class for every image)" in told
     assert f"round 2 is the newest that did not, --init-from {source / 'artifacts' / 'round-002' / 'model.pt'} starts from it" in told
+    with session_scope(open_project(source).engine) as session:  # review: the only fine-tuned round collapsed, the newest is a head round
+        session.query(Round).filter(Round.number == 2).update({"details": {"training": {"strategy": "head"}}})
+        session.query(Round).filter(Round.number == 1).update({"details": {"training": {"strategy": "finetune", "best_epoch": 2},
+                                                                           "collapse_check": {"test_split": True}}})
+        session.query(Round).filter(Round.number == 3).delete()
+    told = resolve_init_source(source).description
+    assert "the rounds that fine-tuned one (round 1) have a collapsed model" in told and "no round of that project fine-tuned" not in told
     with session_scope(open_project(source).engine) as session:
-        session.query(Round).filter(Round.number < 3).delete()
+        session.query(Round).filter(Round.number == 2).delete()
     assert "no round of that project kept a model that did not" in resolve_init_source(source).description

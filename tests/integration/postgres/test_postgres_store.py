@@ -155,6 +155,9 @@ def test_rounds_status_and_api_on_a_postgres_store(postgres, tmp_path: Path, ora
         issues = client.get(f"/rounds/{rounds[1].id}/label-issues", headers=headers)
         assert issues.status_code == 200, issues.text
         assert client.get("/dashboard", params={"token": TOKEN}).status_code == 200
+        # JSON paths into the rounds' details (labels_read_at, pull warnings) read on PostgreSQL as on SQLite
+        (oracle,) = client.get(f"/projects/{listed_project['id']}/annotators", headers=headers).json()
+        assert (oracle["annotator"], oracle["answered"], oracle["answered_for_latest_round"]) == ("oracle", 10, 5)  # rounds 2 and 3 pulled the answers to 1 and 2; 3 took in 5
         # the largest id PostgreSQL's integer holds is a plain 404, one more a 422 (QA: the driver's overflow was a 500)
         assert client.get(f"/rounds/{2**31 - 1}", headers=headers).status_code == 404
         for path in (f"/rounds/{2**31}", f"/images/{2**31}", f"/projects/{2**31}/progress"):

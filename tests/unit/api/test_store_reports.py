@@ -165,6 +165,13 @@ def test_annotator_activity_counts_answers_skips_ties_and_agreement_where_others
     assert (ann1.answered_for_latest_round, ann2.answered_for_latest_round, ann3.answered_for_latest_round, oracle.answered_for_latest_round) == (3, 1, 0, 0)
     assert ann2.median_lead_time_s == 15.0 and ann1.median_lead_time_s == 4.0 and oracle.median_lead_time_s is None  # standing answers only
     assert (ann1.email, ann2.email) == ("ann1@example.com", None)
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:  # the round before recorded no read time (older release): unknown, 0, never all time
+        row = session.get(Round, r1)
+        row.details = {key: value for key, value in row.details.items() if key != "labels_read_at"}
+    with session_scope(engine) as session:
+        assert {row.answered_for_latest_round for row in reports.annotator_activity(session, project_id=writable_store.project_id)} == {0}
+    engine.dispose()
 
 
 def test_a_label_error_whose_class_was_merged_into_the_suggested_one_is_no_longer_suspect() -> None:
