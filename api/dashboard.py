@@ -28,7 +28,7 @@ SOURCE_COLORS = {"import": "#999999", "annotator": "#0072B2", "oracle": "#E69F00
 PASS_COLOR, FAIL_COLOR, NA_COLOR = "#1a9850", "#d73027", "#999999"
 ISSUE_QUEUE_ROWS = 25
 ROUND_TABLE_ROWS = 15  # the newest; GET /projects/{id}/rounds pages through all
-ERROR_SHOWN_CHARS = 240  # of a failed round's reason (the whole of it on hover)
+ERROR_SHOWN_CHARS = 240  # of a failed round's reason or a warning (the whole of it on hover)
 
 
 @dataclass(frozen=True)
@@ -492,6 +492,11 @@ def _summary_cards(progress: ProgressSeries, latest: RoundReport | None, asks: d
     return "".join(f'<div class="card"><div class="card-label">{label}</div><div class="card-value">{value}</div></div>' for label, value in cards)
 
 
+def _cut(text: str) -> str:
+    """A reason as a table cell shows it: the first ERROR_SHOWN_CHARS characters (the whole of it on hover)."""
+    return text if len(text) <= ERROR_SHOWN_CHARS else text[:ERROR_SHOWN_CHARS - 1] + "…"
+
+
 def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks], warnings: dict[int, list[str]] | None = None) -> str:
     """Every round, newest first: its status (a failed round's reason), gates, the labels it pulled and where its asks are
     now. QA: a failed round showed only as a count on the dashboard, its reason in `loop status` alone."""
@@ -500,7 +505,7 @@ def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks], warnings:
     rows = []
     shown = range(len(progress.rounds) - 1, max(len(progress.rounds) - ROUND_TABLE_ROWS, 0) - 1, -1)
     warnings = warnings or {}
-    any_error = any(progress.rounds[index].error or warnings.get(progress.rounds[index].id) for index in shown)  # the column only when needed
+    any_note = any(progress.rounds[index].error or warnings.get(progress.rounds[index].id) for index in shown)  # the column only when needed
     for index in shown:
         summary = progress.rounds[index]
         failed = [gate.name for gate in progress.gates if gate.applicable[index] and gate.passed[index] is False]
@@ -519,19 +524,17 @@ def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks], warnings:
             asks_text = f"{asked.selected}" + (f" ({', '.join(parts)})" if parts else "")
         note = ""
         if summary.error:
-            cut = summary.error if len(summary.error) <= ERROR_SHOWN_CHARS else summary.error[:ERROR_SHOWN_CHARS - 1] + "…"
-            note = f'<span class="round-error" title="{escape(summary.error)}">{escape(cut)}</span>'
+            note = f'<span class="round-error" title="{escape(summary.error)}">{escape(_cut(summary.error))}</span>'
         said = warnings.get(summary.id) or []
         if said:  # the pull's and push's own words: the annotation tool unreachable, answers refused
-            first = said[0] if len(said[0]) <= ERROR_SHOWN_CHARS else said[0][:ERROR_SHOWN_CHARS - 1] + "…"
             more = f" (+{len(said) - 1} more)" if len(said) > 1 else ""
-            note += (" " if note else "") + f'<span class="round-warning" title="{escape(chr(10).join(said))}">{escape(first)}{more}</span>'
+            note += (" " if note else "") + f'<span class="round-warning" title="{escape(chr(10).join(said))}">{escape(_cut(said[0]))}{more}</span>'
         status_class = {"failed": "verdict fail", "completed": ""}.get(summary.status, "running")
         started = summary.started_at.strftime("%Y-%m-%d %H:%M") if summary.started_at else "–"
         rows.append(f'<tr data-round="{summary.number}" data-status="{escape(summary.status)}"><td>R{summary.number}</td>'
                     f'<td class="{status_class}">{_shown_status(summary)}</td><td>{started}</td>'
                     f'<td>{_fmt(summary.duration_s, 3) + " s" if summary.duration_s is not None else "–"}</td><td>{gates}</td>'
-                    f'<td>{pulled}</td><td>{asks_text}</td>{f"<td>{note}</td>" if any_error else ""}</tr>')
+                    f'<td>{pulled}</td><td>{asks_text}</td>{f"<td>{note}</td>" if any_note else ""}</tr>')
     older = len(progress.rounds) - ROUND_TABLE_ROWS
     more = (f'<p class="more">{older} older round{"s" if older != 1 else ""}: <code>GET /projects/{progress.project_id}/rounds</code></p>'
             if older > 0 else "")
@@ -539,12 +542,12 @@ def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks], warnings:
             '<th title="label events the round pulled from the annotation tool: answers, skips and deletions (answers a webhook took in '
             'between rounds are not pulled again)">label events pulled</th>'
             '<th title="images the round asked to be labeled, and where those asks are now">asked</th>'
-            f'{"<th>why it failed, warnings</th>" if any_error else ""}</tr></thead>'
+            f'{"<th>why it failed, warnings</th>" if any_note else ""}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>{more}')
 
 
 def annotators_table(activity: Sequence[AnnotatorActivity]) -> str:
-    """Per annotator: images answered, skips, this round's answers, agreement where another annotator answered too."""
+    """Per annotator: images answered, skips, the newest round's answers, agreement where another annotator answered too."""
     if not activity:
         return '<p class="empty">No annotator has answered yet (labels so far come from ingest).</p>'
     rows = []
