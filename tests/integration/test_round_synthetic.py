@@ -1444,9 +1444,12 @@ def test_a_class_renamed_in_loop_toml_stops_the_round_until_its_labels_are_moved
     # no task in Label Studio: it is not asked (down or not), whatever loop.toml's annotator
     assert invoke("rename-class", "obsolete", "spot", "--merge", "--project", str(project_with_pool)).exit_code == 0
 
-    # the oracle's ground truth still says "patch": such an answer is refused, not stored as a label of no class
+    # the oracle's ground truth names a class that is none of the project's: such an answer is refused, not stored as a
+    # label of no class; one that still says "patch", renamed since, is taken as "patches" (as ingest and Label Studio
+    # take it; it was refused with "fix the manifest")
     truth = Path(load_config(project_with_pool).annotator.oracle_manifest)
-    truth.write_text("path,label\n" + "".join(f"{row['path']},patch\n" for row in csv.DictReader(truth.open())))
+    paths = [row["path"] for row in csv.DictReader(truth.open())]
+    truth.write_text("path,label\n" + "".join(f"{path},nonsense\n" for path in paths))
     from labeling.simulated import OracleAnnotator
 
     with session_scope(ctx.engine) as session:
@@ -1455,8 +1458,14 @@ def test_a_class_renamed_in_loop_toml_stops_the_round_until_its_labels_are_moved
         events_before = len(session.scalars(select(LabelEvent)).all())
         report = OracleAnnotator(manifest=truth, classes=project.classes).pull(session=session, project=project, round_id=None)
         pushed = len(session.scalars(select(Selection).where(Selection.push_status == "pushed")).all())
-        assert report.rejected == pushed > 0 and report.new_label_events == 0 and "'patch'" in report.warnings[0]
+        assert report.rejected == pushed > 0 and report.new_label_events == 0 and "'nonsense'" in report.warnings[0]
         assert len(session.scalars(select(LabelEvent)).all()) == events_before
+    truth.write_text("path,label\n" + "".join(f"{path},patch\n" for path in paths))
+    with session_scope(ctx.engine) as session:
+        project = session.scalars(select(Project)).one()
+        report = OracleAnnotator(manifest=truth, classes=project.classes).pull(session=session, project=project, round_id=None)
+        assert (report.new_label_events, report.rejected) == (pushed, 0)
+        assert set(session.scalars(select(LabelEvent.label).order_by(LabelEvent.id.desc()).limit(pushed))) == {"patches"}
 
 
 def test_damaged_cached_embeddings_are_computed_again_not_trained_on(project_with_pool: Path) -> None:
