@@ -768,13 +768,14 @@ def dashboard(
         page = reports.label_issue_queue(session, round_id=latest.summary.id, limit=ISSUE_QUEUE_ROWS, offset=0, kind="outlier")
         outliers = (latest.summary.id, latest.summary.number, max(page.total, latest.n_outliers or 0), page.items)
     token_query = f"?{urlencode({'token': token})}" if token else ""
+    shown_round_ids = [r.id for r in progress.rounds[-ROUND_TABLE_ROWS:]]  # the rounds table's rows
     return HTMLResponse(render_dashboard(progress, latest=latest, confusion=confusion, issues=issues, token_query=escape(token_query),
                                          near_copies=near_copies, outliers=outliers,
                                          asks=reports.asks_by_round(session, project_id=project.id,  # answers counted for the rows shown
-                                                                    answered_for=[r.id for r in progress.rounds[-ROUND_TABLE_ROWS:]]),
+                                                                    answered_for=shown_round_ids),
                                          annotators=reports.annotator_activity(session, project_id=project.id),
                                          round_warnings=reports.round_warnings(session, project_id=project.id,
-                                                                               round_ids=[r.id for r in progress.rounds[-ROUND_TABLE_ROWS:]])),
+                                                                               round_ids=shown_round_ids)),
                     headers=DASHBOARD_HEADERS)
 
 

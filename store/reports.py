@@ -686,7 +686,7 @@ def asks_by_round(session: Session, *, project_id: int, answered_for: Sequence[i
         counts.setdefault(round_id, {})[push_status] = n
     answered: dict[int, int] = {}
     if answered_for:
-        rounds = {round_id: _labels_read_at({"labels_read_at": read_at}) for round_id, read_at in session.execute(  # not the whole details
+        rounds = {round_id: _read_time(read_at) for round_id, read_at in session.execute(  # not the whole details
             select(Round.id, Round.details["labels_read_at"].as_string()).where(Round.project_id == project_id, Round.id.in_(list(answered_for))))}
         asks = list(session.scalars(select(Selection).where(Selection.round_id.in_(list(rounds)), Selection.push_status == "pushed")))
         by_ask = {row.id: row.round_id for row in asks}
@@ -722,7 +722,7 @@ def annotator_activity(session: Session, *, project_id: int) -> list[AnnotatorAc
     label where another annotator answered too, counted as store.queries.resolve_label decides labels (a skip is
     no vote and leaves an earlier answer standing; an imported label never outvotes an annotator, so only annotator
     answers are read). Most answered first."""
-    reads = [_labels_read_at({"labels_read_at": read_at}) for (read_at,) in session.execute(
+    reads = [_read_time(read_at) for (read_at,) in session.execute(
         select(Round.details["labels_read_at"].as_string()).where(Round.project_id == project_id, Round.status == "completed")
         .order_by(Round.number.desc()).limit(2))]
     # (the round before's read, the newest's]: the first round takes everything before its read; a round before it
@@ -1144,8 +1144,8 @@ def class_set_changes(class_sets: list[tuple[int, list[str] | None]], *, renames
 
 
 def class_change_text(change: dict[str, Any]) -> str:
-    """"+scratch -crack (merged into break) -fray (renamed frayed_edge)": a class renamed into one the round before
-    did not have is renamed, into one it had merged."""
+    """"+scratch -crack (merged into break) fray renamed frayed_edge": a class renamed alone into a class the round before
+    did not have is renamed; into one it had, or with another into one new class, merged."""
     renamed = change.get("renamed") or {}
     added = [name for name in change["added"] if name not in renamed.values()]
     into_count = Counter(renamed.values())  # two classes renamed into one new class: a merge, not two renames (review)
@@ -1343,8 +1343,8 @@ def label_issue_queue(
     return Page(total=total, items=items)
 
 
-def _labels_read_at(details: dict[str, Any] | None) -> datetime | None:
-    read_at = (details or {}).get("labels_read_at")
+def _read_time(read_at: Any) -> datetime | None:
+    """A round's details.labels_read_at (ISO text, UTC) as an aware time; None when not recorded."""
     return as_utc(datetime.fromisoformat(read_at)) if isinstance(read_at, str) else None
 
 
@@ -1374,7 +1374,7 @@ def round_selection(session: Session, *, round_id: int, limit: int, offset: int)
     ))
     round_ = session.get(Round, round_id)
     now = _current_label_of(session, round_.project_id, (row.image_id for row in rows)) if round_ else {}
-    answered = ask_answer_times(session, rows, {round_id: _labels_read_at(round_.details) if round_ else None})
+    answered = ask_answer_times(session, rows, {round_id: _read_time((round_.details or {}).get("labels_read_at")) if round_ else None})
     renames = renamed_classes(session.get(Project, round_.project_id)) if round_ else {}  # the guess by its class's name now
     items = []
     for row in rows:
