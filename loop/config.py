@@ -176,6 +176,9 @@ class LoopConfig(Strict):
     # own (non-test) estimate says is failing, then a diversity filter; cold start by distance to known-good parts
     strategy: str = "default"
     relabel_budget: int = Field(0, ge=0)
+    # most of the rounds' picks that may wait unanswered in the annotators' queue: a round picks fewer than
+    # budget_per_round while earlier picks still wait (unset: budget_per_round, the queue is topped up to one batch)
+    queue_limit: int | None = Field(None, ge=0)
     seed: int = 0
     # near-duplicates (pixel-verified) and outliers every round: ~10 s for 2000 images, minutes past 50k
     data_issues: bool = True

@@ -1530,23 +1530,35 @@ def select_next_batch(state: RoundState) -> None:
     without a model means nothing), and the batch goes out without pre-annotations."""
     loop_config = state.config.loop
     candidates = _selectable_positions(state)
-    # while the annotation tool is down (the last push delivered nothing), the images earlier rounds picked wait to be
-    # pushed first and count against this round's budget: the queue should not grow by a full batch every round. An
-    # image left pending on its own (outside the tool's document root) counts for nothing: it would shrink every budget
+    # The annotators' queue holds at most queue_limit of the rounds' picks (default: one round's budget): images picked
+    # earlier and still unanswered there count against this round's budget, so annotators who lag are topped up, not
+    # buried under a new batch every round picked without their answers. While the annotation tool is down (the last
+    # push delivered nothing), the picks waiting to be pushed count too. An image left pending on its own (outside the
+    # tool's document root) counts for nothing: it would shrink every budget
     with session_scope(state.ctx.engine) as session:
         project_id = get_project(session).id
         last_push = session.scalars(select(Round.details).where(Round.project_id == project_id, Round.number < state.number)
                                     .order_by(Round.number.desc()).limit(1)).first()
         last_push = (last_push or {}).get("push") or {}
         tool_down = bool(last_push.get("pending")) and not last_push.get("pushed") and not last_push.get("already_present")
-        undelivered = session.scalar(select(func.count()).select_from(Selection).join(Round, Round.id == Selection.round_id).where(
+        undelivered_ids = set(session.scalars(select(Selection.image_id).join(Round, Round.id == Selection.round_id).where(
             Round.project_id == project_id, Round.id != state.round_id, Selection.push_status.in_(("pending", "failed")),
-            Selection.reason.not_in((*ASKED_AGAIN_REASONS, TEST_SAMPLE_REASON)))) or 0 if tool_down else 0  # both are beyond the budget
-    budget = max(loop_config.budget_per_round - undelivered, 0)
+            Selection.reason.not_in((*ASKED_AGAIN_REASONS, TEST_SAMPLE_REASON)))))  # both are beyond the budget
+        in_queue = _picks_waiting_in_the_queue(session, project_id, state) - undelivered_ids
+    undelivered = len(undelivered_ids) if tool_down else 0
+    queue_limit = loop_config.budget_per_round if loop_config.queue_limit is None else loop_config.queue_limit
+    budget = min(loop_config.budget_per_round, max(queue_limit - undelivered - len(in_queue), 0))
     state.details["selection_budget"] = {"budget_per_round": loop_config.budget_per_round, "undelivered_from_earlier_rounds": int(undelivered),
-                                         "budget": budget}
+                                         "waiting_in_annotators_queue": len(in_queue), "queue_limit": queue_limit, "budget": budget}
     if undelivered:
-        state.console.print(f"{undelivered} images picked earlier still wait to reach the annotators: this round picks {budget} new ones")
+        state.console.print(f"{undelivered} images picked earlier still wait to reach the annotators"
+                            + (f", {len(in_queue)} more wait for an answer in their queue" if in_queue else "")
+                            + f": this round picks {budget} new ones (queue_limit {queue_limit})")
+    elif budget < loop_config.budget_per_round and in_queue:
+        state.console.print(f"{len(in_queue)} images picked earlier still wait for an answer in the annotators' queue: this round "
+                            f"picks {budget} new ones, to keep it at {queue_limit} ([loop] queue_limit)")
+    # the batch steers clear of what waits for an answer, as of its own picks: a top-up is not more of the same
+    waiting_positions = np.array(sorted(state.position_of[i] for i in in_queue | undelivered_ids if i in state.position_of), dtype=np.int64)
     visible_labels = state.labels.copy()
     visible_labels[state.splits == "test"] = UNLABELED
     strategy = _cold_start_strategy(state) if state.cold_start else loop_config.strategy
@@ -1558,6 +1570,7 @@ def select_next_batch(state: RoundState) -> None:
             probabilities=probabilities, labels=visible_labels, candidates=within, class_names=list(state.config.classes),
             negative_index=state.config.negative_index, gate_estimates=state.estimated_gates,
             defect_threshold=state.selection_threshold, seed=selection_seed(loop_config.seed, state.number),
+            asked=waiting_positions,
             index=_selection_index(state),
         )
 
@@ -2162,6 +2175,30 @@ def _selection_index(state: RoundState):  # noqa: ANN202
                                          image_keys=list(state.hashes), embeddings=state.embeddings)
     state.details["selection_index"] = status
     return index
+
+
+def _picks_waiting_in_the_queue(session, project_id: int, state: RoundState) -> set[int]:  # noqa: ANN001
+    """Images earlier rounds picked to be labeled (their own batches: not a question asked again, not a test sample)
+    that reached the annotation tool and still wait there: no label yet (a tie is asked on its own) and no skip since
+    the asking round read the labels (an annotator who skipped one has seen it). Files quarantined since are left out:
+    the next push withdraws their tasks."""
+    asked_from: dict[int, datetime] = {}
+    rows = session.execute(select(Selection.image_id, Selection.round_id, Selection.pushed_at).join(Round, Round.id == Selection.round_id).where(
+        Round.project_id == project_id, Round.id != state.round_id, Selection.push_status == "pushed",
+        Selection.reason.not_in((*ASKED_AGAIN_REASONS, TEST_SAMPLE_REASON)))).all()
+    read_at = _labels_read_at(session, {round_id for _, round_id, _ in rows})
+    for image_id, round_id, pushed_at in rows:
+        info = state.label_info.get(image_id)
+        if image_id in state.position_of and (info is None or info.status == "unlabeled"):
+            when = _aware(read_at.get(round_id, pushed_at))
+            asked_from[image_id] = max(when, asked_from.get(image_id, when))
+    ids = sorted(asked_from)
+    for chunk in range(0, len(ids), 500):  # SQLite limits the variables of one statement
+        for image_id, skipped_at in session.execute(select(LabelEvent.image_id, LabelEvent.created_at).where(
+                LabelEvent.image_id.in_(ids[chunk:chunk + 500]), LabelEvent.action == "skip")):
+            if image_id in asked_from and _aware(skipped_at) > asked_from[image_id]:
+                del asked_from[image_id]
+    return set(asked_from)
 
 
 def _selectable_positions(state: RoundState) -> np.ndarray:

@@ -132,6 +132,8 @@ def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, s
         "push": details.get("push"),
         # what the round's pull took in: new answers, skips, rejections (with their reasons) and deletions
         "pull": details.get("pull"),
+        # how many new images the round could pick: its budget less the picks still waiting in the annotators' queue
+        "selection_budget": details.get("selection_budget"),
         "ties": details.get("ties"),  # images whose annotators disagree evenly, and how many went back for one more answer
         "rejected_answers": details.get("rejected_answers"),  # images whose only answer was not a class, and how many were asked again
         "threshold": details.get("threshold"),

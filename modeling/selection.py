@@ -117,6 +117,9 @@ class SelectionContext:
     defect_threshold: float | None
     index: EmbeddingIndex | None
     rng: np.random.Generator
+    # positions asked earlier and still waiting for an answer (in the annotators' queue): a batch treats them as
+    # picked already, so it neither repeats one nor crowds the region they cover
+    asked: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     timings_ms: dict[str, float] = field(default_factory=dict)
     _candidate_slot: np.ndarray | None = None
     _class_columns: np.ndarray | None = None
@@ -152,6 +155,18 @@ class SelectionContext:
     @property
     def labeled_positions(self) -> np.ndarray:
         return np.flatnonzero(self.labels >= 0)
+
+    def known_mask(self) -> np.ndarray:
+        """Over all positions: labeled, or asked and waiting for its answer."""
+        known = self.labels >= 0
+        known[self.asked] = True
+        return known
+
+    def asked_sample(self, limit: int) -> np.ndarray:
+        """The waiting asks, at most `limit` of them (a random sample past that): redundancy is a matter of regions."""
+        if len(self.asked) > limit:
+            return np.sort(self.rng.choice(self.asked, limit, replace=False))
+        return self.asked
 
     def class_counts(self) -> np.ndarray:
         labeled = self.labels[self.labels >= 0]
@@ -227,13 +242,15 @@ def select_batch(
     defect_threshold: float | None = None,
     index: EmbeddingIndex | None = None,
     seed: int | Sequence[int] = 0,
+    asked: np.ndarray | None = None,
 ) -> SelectionResult:
     """Pick up to `budget` of `candidates` to label next, best first.
 
     `index` must hold `embeddings` with ids = positions; it is built here when None (slow for
     large pools: the loop should keep one). `gate_estimates` maps "macro_f1", "defect_recall",
     "negative_fpr" to the loop's own pass (True) / fail (False) / unknown (None) estimate from
-    validation or out-of-fold predictions, never from the test split.
+    validation or out-of-fold predictions, never from the test split. `asked`: positions (not candidates) picked
+    before and still waiting for an answer; the diversity filter and k-center greedy count them as picked already.
     """
     started = time.perf_counter()
     if strategy not in _STRATEGIES:
@@ -252,6 +269,7 @@ def select_batch(
         defect_threshold=defect_threshold,
         index=index,
         seed=seed,
+        asked=asked,
     )
     budget = min(int(budget), len(ctx.candidates))
     if budget == 0:
@@ -268,6 +286,7 @@ def select_batch(
         "budget": int(budget),
         "n_candidates": int(len(ctx.candidates)),
         "n_labeled": int((ctx.labels >= 0).sum()),
+        "n_asked_waiting": int(len(ctx.asked)),
         **result.summary,
         "timings_ms": {**ctx.timings_ms, "total": round((time.perf_counter() - started) * 1000, 3)},
     }
@@ -287,6 +306,7 @@ def _validated_context(
     defect_threshold: float | None,
     index: EmbeddingIndex | None,
     seed: int | Sequence[int],
+    asked: np.ndarray | None = None,
 ) -> SelectionContext:
     if int(budget) < 0:
         raise ValueError(f"budget must be >= 0, got {budget}")
@@ -331,6 +351,9 @@ def _validated_context(
         raise ValueError(f"defect_threshold must be a probability in [0, 1], got {defect_threshold}")
     if index is not None and index.dim not in (None, embeddings.shape[1]):
         raise ValueError(f"index dim {index.dim} != embedding dim {embeddings.shape[1]}")
+    asked = np.unique(np.asarray(asked if asked is not None else [], dtype=np.int64))
+    if len(asked) and (asked.min() < 0 or asked.max() >= n):
+        raise ValueError(f"asked positions must be in [0, {n})")
     return SelectionContext(
         embeddings=embeddings,
         probabilities=np.clip(probabilities, 0.0, 1.0),
@@ -342,6 +365,7 @@ def _validated_context(
         defect_threshold=None if defect_threshold is None else float(np.clip(defect_threshold, 0.0, 1.0)),
         index=index,
         rng=np.random.default_rng(seed),
+        asked=asked,
     )
 
 
@@ -528,20 +552,21 @@ def _diversity_filter(
     norm_scores = (scores - scores.min()) / span if span > 0 else np.ones(len(scores))
     gains_base = norm_scores.astype(np.float64)
     blocked = np.zeros(len(shortlist), dtype=bool)
-    labeled = ctx.labeled_positions
-    if drop_labeled_duplicates and len(labeled):
+    known_mask = ctx.known_mask()  # labeled, or waiting in the annotators' queue: a twin of either says nothing new
+    known = np.flatnonzero(known_mask)
+    if drop_labeled_duplicates and len(known):
         with ctx.timer("diversity_labeled_check"):
-            if len(labeled) <= EXACT_LABELED_CHECK_MAX:
-                nearest_labeled = (vectors @ ctx.unit_embeddings(labeled).T).max(axis=1)
-                blocked |= nearest_labeled >= DUPLICATE_SIMILARITY
+            if len(known) <= EXACT_LABELED_CHECK_MAX:
+                nearest_known = (vectors @ ctx.unit_embeddings(known).T).max(axis=1)
+                blocked |= nearest_known >= DUPLICATE_SIMILARITY
             else:
                 index = ctx.get_index()
                 sims, ids = index.search(queries=vectors, k=min(4, len(index)))
                 valid = (ids >= 0) & (ids < len(ctx.labels))
-                is_labeled = np.zeros(ids.shape, dtype=bool)
-                is_labeled[valid] = ctx.labels[ids[valid]] >= 0
-                blocked |= ((sims >= DUPLICATE_SIMILARITY) & is_labeled).any(axis=1)
-        if blocked.all() and labeled_copies_if_nothing_else:  # every option is a duplicate of something labeled: fall back to score
+                is_known = np.zeros(ids.shape, dtype=bool)
+                is_known[valid] = known_mask[ids[valid]]
+                blocked |= ((sims >= DUPLICATE_SIMILARITY) & is_known).any(axis=1)
+        if blocked.all() and labeled_copies_if_nothing_else:  # every option is a duplicate of something known: fall back to score
             blocked[:] = False
     # Similarity above the shortlist's typical level counts as redundancy; embeddings of real
     # images are rarely near 0 cosine apart, so a fixed zero point would penalise everything.
@@ -551,6 +576,10 @@ def _diversity_filter(
         typical = float(np.median(off_diag)) if off_diag.size else 0.0
         scale = max(1.0 - typical, 1e-6)
         closeness_to_picked = np.zeros(len(shortlist))
+        asked = ctx.asked_sample(DIVERSE_LABELED_SAMPLE)
+        if len(asked):  # the asks still waiting count as picked: a top-up batch does not crowd where they are
+            nearest_asked = (vectors @ ctx.unit_embeddings(asked).T).max(axis=1)
+            closeness_to_picked = np.clip((nearest_asked - typical) / scale, 0.0, 1.0).astype(np.float64)
         picked: list[int] = []
         gains: list[float] = []
         available = ~blocked
@@ -571,14 +600,15 @@ def _diversity_filter(
 
 
 def _k_center_greedy(ctx: SelectionContext, pool_slots: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
-    """Farthest-first traversal over candidate slots, starting from everything labeled.
+    """Farthest-first traversal over candidate slots, starting from everything labeled or asked and waiting.
 
-    Returns (picked slots, cosine distance to the nearest labeled-or-picked point at pick time).
+    Returns (picked slots, cosine distance to the nearest labeled-, asked- or picked point at pick time).
     """
     vectors = ctx.unit_embeddings(ctx.candidates[pool_slots])
     labeled = ctx.labeled_positions
     if len(labeled) > DIVERSE_LABELED_SAMPLE:
         labeled = ctx.rng.choice(labeled, DIVERSE_LABELED_SAMPLE, replace=False)
+    labeled = np.union1d(labeled, ctx.asked_sample(DIVERSE_LABELED_SAMPLE))
     if len(labeled):
         labeled_vectors = ctx.unit_embeddings(np.sort(labeled))
         min_distance = np.maximum(1.0 - (vectors @ labeled_vectors.T).max(axis=1), 0.0)

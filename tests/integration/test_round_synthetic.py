@@ -781,7 +781,7 @@ def test_a_batch_the_backend_could_not_take_is_pushed_next_round_with_that_round
         undelivered = len(session.scalars(select(Selection).join(Round).where(Round.number == 1, Selection.reason != "suspected_label_error")).all())
     assert undelivered == 5  # round 1's whole batch
     assert round_two.details["selection_budget"] == {"budget_per_round": 5, "undelivered_from_earlier_rounds": undelivered,
-                                                     "budget": max(5 - undelivered, 0)}
+                                                     "waiting_in_annotators_queue": 0, "queue_limit": 5, "budget": max(5 - undelivered, 0)}
     assert len(new_picks) == max(5 - undelivered, 0)
     for task in retried.values():  # round 2's model guesses, under round 2's version, with its score and probabilities
         assert task.round_number == 2 and task.probabilities and task.prediction_score == task.probabilities[task.predicted_label]
@@ -806,7 +806,54 @@ def test_an_image_left_pending_alone_does_not_shrink_the_next_budget(project_wit
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     with session_scope(open_project(project_with_pool).engine) as session:
         details = session.scalars(select(Round).where(Round.number == 2)).one().details
-    assert details["selection_budget"] == {"budget_per_round": 5, "undelivered_from_earlier_rounds": 0, "budget": 5}
+    assert details["selection_budget"] == {"budget_per_round": 5, "undelivered_from_earlier_rounds": 0, "waiting_in_annotators_queue": 0,
+                                           "queue_limit": 5, "budget": 5}
+
+
+def test_picks_still_unanswered_in_the_annotators_queue_count_against_the_next_budget(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Annotators who lag are topped up to queue_limit (default: one budget), not handed a new batch every round; a
+    skip is seen, not waiting; answered picks free their place; a larger queue_limit lets the queue grow that far."""
+    from labeling.base import PullReport
+    from labeling.simulated import OracleAnnotator
+
+    answer = OracleAnnotator.pull
+    monkeypatch.setattr(OracleAnnotator, "pull", lambda self, **_: PullReport())  # nobody answers
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    ctx = open_project(project_with_pool)
+
+    def budget_and_picks(number: int) -> tuple[dict, set[int]]:
+        with session_scope(ctx.engine) as session:
+            round_ = session.scalars(select(Round).where(Round.number == number)).one()
+            picks = set(session.scalars(select(Selection.image_id).where(Selection.round_id == round_.id, Selection.reason.not_in(
+                ("suspected_label_error", "annotators_disagree", "answer_rejected", "test_sample")))))
+        return round_.details["selection_budget"], picks
+
+    _, first = budget_and_picks(1)
+    assert len(first) == 5
+    skipped = min(first)
+    with session_scope(ctx.engine) as session:  # an annotator skips one of them after round 1
+        session.add(LabelEvent(image_id=skipped, label=None, action="skip", source="annotator", annotator="ann1"))
+    result = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert result.exit_code == 0, result.output
+    budget, second = budget_and_picks(2)
+    assert budget == {"budget_per_round": 5, "undelivered_from_earlier_rounds": 0, "waiting_in_annotators_queue": 4, "queue_limit": 5, "budget": 1}
+    assert len(second) == 1 and not second & first
+    assert "4 images picked earlier still wait for an answer in the annotators' queue: this round picks 1 new ones" in " ".join(result.output.split())
+    status = " ".join(invoke("status", "--project", str(project_with_pool)).output.split())
+    assert "round 2 could pick 1 new images of a budget of 5: 4 picked earlier still waited for an answer (queue_limit 5)" in status
+
+    monkeypatch.setattr(OracleAnnotator, "pull", answer)  # the annotators catch up: every pushed pick is answered
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    budget, third = budget_and_picks(3)
+    assert (budget["waiting_in_annotators_queue"], budget["budget"], len(third)) == (0, 5, 5)
+
+    config = load_config(project_with_pool)  # a team that wants two batches queued
+    config.loop.queue_limit = 8
+    save_config(project_with_pool, config)
+    monkeypatch.setattr(OracleAnnotator, "pull", lambda self, **_: PullReport())
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    budget, fourth = budget_and_picks(4)
+    assert (budget["waiting_in_annotators_queue"], budget["queue_limit"], budget["budget"], len(fourth)) == (5, 8, 3, 3)
 
 
 def test_a_pending_selection_whose_file_changed_or_went_missing_is_withdrawn_not_pushed(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -278,6 +278,66 @@ def test_default_skips_near_duplicates_of_labeled_images() -> None:
     assert (result.indices >= 60).all()
 
 
+def test_default_skips_near_duplicates_of_images_waiting_in_the_annotators_queue() -> None:
+    # as twins of labeled images: an image asked earlier and still unanswered is labeled soon, its twin says nothing new
+    rng = np.random.default_rng(7)
+    embeddings = near_duplicate_groups(rng, n_groups=100, copies=2)
+    n = len(embeddings)
+    labels = np.full(n, -1)
+    labels[100:140:2], labels[140:160:2] = 0, 1  # a labeled pool elsewhere
+    waiting = np.arange(0, 60, 2)  # one of each pair in groups 0..29 waits for its answer
+    p_bad = np.full(n, 0.05)
+    p_bad[:60] = 0.5  # their twins look the most uncertain
+    probabilities = np.stack([1 - p_bad, p_bad], axis=1).astype(np.float32)
+    candidates = np.setdiff1d(np.flatnonzero(labels < 0), waiting)
+    args = dict(strategy="default", budget=10, embeddings=embeddings, probabilities=probabilities, labels=labels,
+                candidates=candidates, class_names=["good", "bad"], negative_index=0)
+    assert (select_batch(**args).indices < 60).all()  # what the batch did before it knew of the queue
+    result = select_batch(**args, asked=waiting)
+    assert len(result.indices) == 10 and (result.indices >= 60).all()
+    assert result.summary["n_asked_waiting"] == 30
+
+
+def test_a_top_up_batch_leaves_the_region_the_waiting_asks_cover() -> None:
+    # two equally uncertain clusters; the queue already holds images of the first: a top-up takes mostly the second
+    rng = np.random.default_rng(11)
+    centres = unit(rng.normal(size=(2, 32)))
+    embeddings = unit(np.concatenate([centres[0] + 0.35 * rng.normal(size=(150, 32)) / np.sqrt(32),
+                                      centres[1] + 0.35 * rng.normal(size=(150, 32)) / np.sqrt(32),
+                                      unit(rng.normal(size=(60, 32)))]))
+    cluster = np.repeat([0, 1, 2], [150, 150, 60])
+    labels = np.full(len(embeddings), -1)
+    labels[300:340], labels[340:360] = 0, 1
+    p_bad = np.where(cluster < 2, 0.5, 0.05) + rng.uniform(0, 0.01, len(cluster))
+    probabilities = np.stack([1 - p_bad, p_bad], axis=1).astype(np.float32)
+    waiting = np.arange(0, 20)
+    candidates = np.setdiff1d(np.flatnonzero(labels < 0), waiting)
+    args = dict(strategy="default", budget=10, embeddings=embeddings, probabilities=probabilities, labels=labels,
+                candidates=candidates, class_names=["good", "bad"], negative_index=0, seed=3)
+    before = cluster[select_batch(**args).indices]
+    after = cluster[select_batch(**args, asked=waiting).indices]
+    assert (after == 1).sum() > (before == 1).sum() and (after == 1).sum() >= 7, (before, after)
+
+
+def test_diverse_starts_away_from_the_waiting_asks_too() -> None:
+    rng = np.random.default_rng(5)
+    embeddings = near_duplicate_groups(rng, n_groups=30, copies=4)
+    group = np.repeat(np.arange(30), 4)
+    labels = np.full(len(embeddings), -1)
+    labels[group < 10] = 0
+    waiting = np.flatnonzero((group >= 10) & (group < 15) & (np.arange(len(group)) % 4 == 0))  # one image of groups 10..14
+    result = select_batch(
+        strategy="diverse", budget=15, embeddings=embeddings, probabilities=np.full((len(group), 2), 0.5, np.float32), labels=labels,
+        candidates=np.setdiff1d(np.flatnonzero(labels < 0), waiting), class_names=["good", "bad"], negative_index=0, asked=waiting,
+    )
+    assert set(group[result.indices].tolist()) == set(range(15, 30))
+
+
+def test_asked_positions_out_of_range_are_refused(pool: Pool) -> None:
+    with pytest.raises(ValueError, match="asked positions"):
+        pool.select("default", asked=np.array([len(pool.labels)]))
+
+
 def test_cold_start_picks_far_from_known_good() -> None:
     """MVTec-like: only good parts labeled; the defects sit away from the good cluster."""
     rng = np.random.default_rng(8)
