@@ -38,7 +38,8 @@ from loop.selection_index import load_or_update_index
 from loop.stale_rounds import keep_failure_reason, record_stale_rounds, when
 from loop.project import ProjectContext, sync_project_classes
 from modeling.anomaly import (
-    MIN_GOOD_IMAGES, BlendedClassifierNetwork, PatchAnomalyNetwork, PatchFeatureNetwork, blend_probabilities, compute_patch_features,
+    MIN_GOOD_IMAGES, BlendedClassifierNetwork, PatchAnomalyNetwork, PatchFeatureNetwork, blend_probabilities, compute_embeddings_and_patch_features,
+    compute_patch_features,
     fit_patch_anomaly, patch_features_key, patch_grid,
 )
 from modeling.backbones import Backbone, create_backbone
@@ -737,11 +738,25 @@ def embed_images(state: RoundState) -> None:
     cache_root = state.options.embedding_cache_dir or state.ctx.cache_dir
     cache = EmbeddingCache(cache_root / "embeddings", embedding_model_key(state.backbone, state.preprocessing))
     missing = cache.missing(state.hashes)
-    if missing:
-        path_by_hash = dict(zip(state.hashes, state.paths))
+    path_by_hash = dict(zip(state.hashes, state.paths))
+    # the patch features score_anomalies will want, in the same pass when neither cache has an image (a first round,
+    # a new batch): one backbone pass instead of two
+    both_missing = _patch_feature_cache(state).missing(missing) if missing and _anomaly_expected(state) else []
+    if both_missing:
+        patch_cache = _patch_feature_cache(state)
+
+        def keep_both(start: int, vectors: np.ndarray, patches: np.ndarray) -> None:
+            cache.put(both_missing[start:start + len(vectors)], vectors)
+            patch_cache.put(both_missing[start:start + len(patches)], patches.reshape(len(patches), -1))
+
+        compute_embeddings_and_patch_features(backbone=state.backbone, preprocessing=state.preprocessing, paths=[path_by_hash[sha] for sha in both_missing],
+                                              onnx_dir=cache_root / "onnx", show_progress=state.options.show_progress, keep=keep_both)
+    only_embeddings = [sha for sha in missing if sha not in set(both_missing)] if both_missing else missing
+    if only_embeddings:
         extractor = EmbeddingExtractor(state.backbone, state.preprocessing, onnx_dir=cache_root / "onnx")
-        extractor.embed([path_by_hash[sha] for sha in missing], description=f"embedding {len(missing)} new images", show_progress=state.options.show_progress,
-                        keep=lambda start, rows: cache.put(missing[start:start + len(rows)], rows))  # kept as they come: Ctrl-C loses little
+        extractor.embed([path_by_hash[sha] for sha in only_embeddings], description=f"embedding {len(only_embeddings)} new images",
+                        show_progress=state.options.show_progress, collect=False,
+                        keep=lambda start, rows: cache.put(only_embeddings[start:start + len(rows)], rows))  # kept as they come: Ctrl-C loses little
     state.embeddings = cache.get(state.hashes)
     # every embedding has length 1: a cached row that has not (zeros or NaN written over a shard) is computed again,
     # never trained on (zeroed rows took macro F1 from 0.84 to 0.29 without a word; NaN rows stopped the round)
@@ -755,6 +770,7 @@ def embed_images(state: RoundState) -> None:
         state.embeddings[damaged] = again
         state.console.print(f"[yellow]warning:[/] {len(damaged)} cached embeddings were damaged (not of length 1): computed again")
     state.details["embeddings"] = {"computed": len(missing), "cached": len(state.hashes) - len(missing), "model_key": cache.directory.name,
+                                   "with_patch_features": len(both_missing),
                                    **({"damaged_recomputed": int(len(damaged))} if len(damaged) else {})}
 
 
@@ -1161,16 +1177,34 @@ def score_anomalies(state: RoundState) -> None:
     }
 
 
+def _patch_feature_cache(state: RoundState) -> EmbeddingCache:
+    cache_root = state.options.embedding_cache_dir or state.ctx.cache_dir
+    return EmbeddingCache(cache_root / "patch_features", patch_features_key(state.backbone, state.preprocessing))
+
+
+def _anomaly_expected(state: RoundState) -> bool:
+    """Whether score_anomalies will likely want patch features this round, read off the labels before they are placed
+    (a wrong guess costs a few ms an image, or the second pass it saves)."""
+    model, negative = state.config.model, state.config.negative_index
+    if model.anomaly == "none" or negative is None:
+        return False
+    not_test = (state.splits != "test") & (state.labels != UNLABELED)
+    n_good = int((state.labels[not_test] == negative).sum())
+    return n_good >= MIN_GOOD_IMAGES and bool((state.labels[not_test] != negative).any())
+
+
 def _patch_features(state: RoundState) -> Callable[[np.ndarray], np.ndarray]:
     """Patch features of every image, cached per image hash like the embeddings (frozen backbone only): computed for
-    the images not cached yet; returns features_at(positions) -> (len(positions), P, d), read from the cache."""
+    the images not cached yet (embed_images computes them with the embeddings when it expects this step to need
+    them); returns features_at(positions) -> (len(positions), P, d), read from the cache."""
     cache_root = state.options.embedding_cache_dir or state.ctx.cache_dir
-    cache = EmbeddingCache(cache_root / "patch_features", patch_features_key(state.backbone, state.preprocessing))
+    cache = _patch_feature_cache(state)
     missing = cache.missing(state.hashes)
+    state.details.setdefault("embeddings", {})["patch_features_second_pass"] = len(missing)
     if missing:
         path_by_hash = dict(zip(state.hashes, state.paths))
         compute_patch_features(backbone=state.backbone, preprocessing=state.preprocessing, paths=[path_by_hash[sha] for sha in missing],
-                               onnx_dir=cache_root / "onnx", show_progress=state.options.show_progress,
+                               onnx_dir=cache_root / "onnx", show_progress=state.options.show_progress, collect=False,
                                keep=lambda start, rows: cache.put(missing[start:start + len(rows)], rows.reshape(len(rows), -1)))
     n_patches = patch_grid(state.preprocessing.image_size) ** 2
     return lambda positions: cache.get([state.hashes[p] for p in positions]).reshape(len(positions), n_patches, -1)

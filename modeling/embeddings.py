@@ -108,10 +108,11 @@ class EmbeddingExtractor:
         return np.stack([load_image_array(path, self.preprocessing) for path in paths])
 
     def embed(self, paths: Sequence[str], *, description: str = "embedding images", show_progress: bool = True,
-              keep: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+              keep: Callable[[int, np.ndarray], None] | None = None, collect: bool = True) -> np.ndarray | None:
         """(n, d) float32 for the paths. keep(start, rows): called with the rows of paths[start:start + len(rows)] as
         they are done, a few thousand images at a time and at the end, so a cache keeps them: a Ctrl-C after hours of
-        embedding lost all of it."""
+        embedding lost all of it. collect=False (with keep): rows are dropped once kept and None is returned; patch
+        features of 100k images are 12 GB as float32."""
         batches = [list(paths[i : i + self.batch_size]) for i in range(0, len(paths), self.batch_size)]
         outputs: list[np.ndarray] = []
         # at most ~16 pieces per call: each is a cache shard, and many would make the cache merge them mid-run
@@ -124,6 +125,8 @@ class EmbeddingExtractor:
             if keep is not None and len(outputs) > kept:
                 rows, start = np.concatenate(outputs[kept:]).astype(np.float32), kept_rows
                 kept, kept_rows = len(outputs), done_rows  # first: a piece interrupted in keep is not handed over twice
+                if not collect:
+                    outputs[:kept] = [None] * kept
                 keep(start, rows)
 
         # Decode the next batch while ONNX Runtime runs this one.
@@ -145,6 +148,8 @@ class EmbeddingExtractor:
                 pass
             raise
         hand_over()
+        if not collect and keep is not None:
+            return None
         if not outputs:
             return np.zeros((0, 0), dtype=np.float32)
         return np.concatenate(outputs).astype(np.float32)

@@ -102,6 +102,9 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
     anomaly = details["anomaly"]
     assert anomaly["method"] == "patch" and anomaly["memory_bank_patches"] > 0 and anomaly["n_good_images"] >= 10
     assert anomaly["labeled_defect_score_median"] > anomaly["labeled_good_score_median"] > 0
+    # their patch features came with the embeddings, in one backbone pass: none was computed in a second
+    assert details["embeddings"]["with_patch_features"] == details["embeddings"]["computed"] == n_ok
+    assert details["embeddings"]["patch_features_second_pass"] == 0
     # The deployed ONNX model (classifier + anomaly blend) gives the probabilities stored for the round, temperature included.
     with session_scope(ctx.engine) as session:
         stored = [(session.get(Image, p.image_id).path, p.probabilities) for p in session.scalars(select(Prediction).limit(4))]

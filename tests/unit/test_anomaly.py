@@ -164,6 +164,27 @@ def test_real_backbone_patches_find_a_scratch_no_defect_label_needed(tmp_path: P
     assert roc_auc_score(labels[held_out], scores) >= 0.95
 
 
+@pytest.mark.parametrize("pooling", ["avg", "multilayer"])
+def test_one_pass_gives_the_embeddings_and_patch_features_two_passes_give(tmp_path: Path, pooling: str) -> None:
+    from modeling.anomaly import compute_embeddings_and_patch_features
+    from modeling.embeddings import EmbeddingExtractor
+
+    backbone = create_backbone("efficientnet_lite0", pooling=pooling)
+    preprocessing = Preprocessing(96, backbone.mean, backbone.std)
+    paths, _ = write_parts(tmp_path / "parts", n_good=30, n_defect=5, seed=2)
+    embeddings = EmbeddingExtractor(backbone, preprocessing, onnx_dir=tmp_path / "onnx").embed(paths, show_progress=False)
+    patches = compute_patch_features(backbone=backbone, preprocessing=preprocessing, paths=paths, onnx_dir=tmp_path / "onnx", show_progress=False)
+    kept: list[tuple[int, np.ndarray, np.ndarray]] = []
+    compute_embeddings_and_patch_features(backbone=backbone, preprocessing=preprocessing, paths=paths, onnx_dir=tmp_path / "onnx",
+                                          show_progress=False, keep=lambda start, vectors, rows: kept.append((start, vectors, rows)))
+    assert [start for start, *_ in kept] == [0]
+    _, vectors, rows = kept[0]
+    assert vectors.shape == embeddings.shape and vectors.dtype == np.float32
+    assert rows.shape == patches.shape and rows.dtype == np.float16
+    np.testing.assert_allclose(vectors, embeddings, atol=1e-5)
+    np.testing.assert_allclose(rows.astype(np.float32), patches.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
 def test_deployed_network_gives_the_stored_blended_probabilities(tmp_path: Path, pretrained) -> None:  # noqa: ANN001
     backbone, preprocessing = pretrained
     paths, labels = write_parts(tmp_path / "parts", n_good=20, n_defect=6, seed=1)
