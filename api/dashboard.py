@@ -522,6 +522,8 @@ def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks], warnings:
             parts += [f'<span class="verdict fail">{asked.waiting_to_be_pushed} waiting to be pushed</span>'] if asked.waiting_to_be_pushed else []
             parts += [f"{asked.withdrawn} withdrawn"] if asked.withdrawn else []
             asks_text = f"{asked.selected}" + (f" ({', '.join(parts)})" if parts else "")
+            if asked.held_back:  # annotators behind: the round picked fewer, and the reason is the manager's to act on
+                asks_text += f' <span class="held-back" title="{escape(asked.held_back)}">{escape(_cut(asked.held_back))}</span>'
         note = ""
         if summary.error:
             note = f'<span class="round-error" title="{escape(summary.error)}">{escape(_cut(summary.error))}</span>'

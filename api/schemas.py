@@ -325,6 +325,10 @@ class RoundOut(RoundSummaryOut):
                                                                   "again, waiting tasks given this round's guess, tasks closed")
     ties: dict[str, Any] | None = Field(default=None, description="images whose annotators disagree evenly (n_images, kept out of training) "
                                                                   "and how many were asked for one more answer (asked)")
+    selection_budget: dict[str, int] | None = Field(
+        default=None, description="how many new images the round could pick: budget_per_round, waiting_in_annotators_queue (earlier picks pushed "
+                                  "and still unanswered), undelivered_from_earlier_rounds (waiting to be pushed while the annotation tool is "
+                                  "down), queue_limit and budget (what it could pick); null: not recorded (an older round, a cold start's failure)")
     defects_unmeasured: list[UnmeasuredDefectsBatchOut] | None = Field(
         default=None, description="ingest batches whose unlabeled images the model calls defects while the labeled test image nearest each is a "
                                   "good part: the gates do not measure defects like theirs (a new camera's test set of good parts alone, say); "

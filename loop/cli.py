@@ -31,7 +31,7 @@ from labeling.labelstudio_server import LabelStudioServerError
 from modeling.errors import WeightsUnavailable
 from store.db import (StoreUnavailable, database_error_reason, same_store, shown_url, store_connection_lost, store_disk_full, store_is_read_only,
                       store_lock_held)
-from store.reports import class_change_text, test_split_changed, test_split_moves_text, test_split_renames_text, threshold_of
+from store.reports import class_change_text, selection_budget_text, test_split_changed, test_split_moves_text, test_split_renames_text, threshold_of
 
 app = typer.Typer(help="defect-loop: label, train, gate and select, one round at a time.", no_args_is_help=True, pretty_exceptions_enable=False)
 labelstudio_app = typer.Typer(help="A local Label Studio for one machine.", no_args_is_help=True)
@@ -780,11 +780,9 @@ def status(project: ProjectOption, as_json: Annotated[bool, typer.Option("--json
         if flagged or found.get("near_duplicates") or found.get("outliers"):  # QA: outliers were printed by the round only
             console.print(f"round {latest['number']} flagged {flagged or 0} suspected label errors, {found.get('near_duplicates') or 0} images with a "
                           f"near-copy and {found.get('outliers') or 0} outliers: the dashboard lists them, `loop export` has a column each")
-        held_back = latest.get("selection_budget") or {}
-        if held_back.get("budget", 0) < held_back.get("budget_per_round", 0):  # annotators behind: a manager's first question
-            waiting = held_back.get("waiting_in_annotators_queue", 0) + held_back.get("undelivered_from_earlier_rounds", 0)
-            console.print(f"round {latest['number']} could pick {held_back['budget']} new images of a budget of {held_back['budget_per_round']}: "
-                          f"{waiting} picked earlier still waited for an answer (queue_limit {held_back.get('queue_limit', held_back['budget_per_round'])})")
+        held_back = selection_budget_text(latest.get("selection_budget"))
+        if held_back:  # annotators behind: a manager's first question
+            console.print(f"round {latest['number']} {escape(held_back)}")
     # what the annotators did, as the newest round that pulled read it, failed or running too: its answers are kept (QA)
     pulled = next((r for r in reversed(report["rounds"]) if r.get("pull")), None)
     if pulled is not None:

@@ -1578,19 +1578,18 @@ def select_next_batch(state: RoundState) -> None:
         undelivered_ids = set(session.scalars(select(Selection.image_id).join(Round, Round.id == Selection.round_id).where(
             Round.project_id == project_id, Round.id != state.round_id, Selection.push_status.in_(("pending", "failed")),
             Selection.reason.not_in((*ASKED_AGAIN_REASONS, TEST_SAMPLE_REASON)))))  # both are beyond the budget
-        in_queue = _picks_waiting_in_the_queue(session, project_id, state) - undelivered_ids
+        in_queue = _picks_waiting_in_the_queue(session, project_id, state)
+    undelivered_ids -= in_queue  # a task deleted in the tool (alone or with its project) was in the queue: counted there, once
     undelivered = len(undelivered_ids) if tool_down else 0
     queue_limit = loop_config.budget_per_round if loop_config.queue_limit is None else loop_config.queue_limit
     budget = min(loop_config.budget_per_round, max(queue_limit - undelivered - len(in_queue), 0))
     state.details["selection_budget"] = {"budget_per_round": loop_config.budget_per_round, "undelivered_from_earlier_rounds": int(undelivered),
                                          "waiting_in_annotators_queue": len(in_queue), "queue_limit": queue_limit, "budget": budget}
-    if undelivered:
-        state.console.print(f"{undelivered} images picked earlier still wait to reach the annotators"
-                            + (f", {len(in_queue)} more wait for an answer in their queue" if in_queue else "")
-                            + f": this round picks {budget} new ones (queue_limit {queue_limit})")
-    elif budget < loop_config.budget_per_round and in_queue:
-        state.console.print(f"{len(in_queue)} images picked earlier still wait for an answer in the annotators' queue: this round "
-                            f"picks {budget} new ones, to keep it at {queue_limit} ([loop] queue_limit)")
+    if budget < loop_config.budget_per_round and (undelivered or in_queue):
+        waiting = [f"{len(in_queue)} wait for an answer in the annotators' queue"] if in_queue else []
+        waiting += [f"{undelivered} wait to reach the annotators (the annotation tool was down)"] if undelivered else []
+        state.console.print(f"of the images picked earlier, {' and '.join(waiting)}: this round picks {budget} new "
+                            f"{'image' if budget == 1 else 'images'}, as the queue holds at most {queue_limit} (\\[loop] queue_limit)")
     # the batch steers clear of what waits for an answer, as of its own picks: a top-up is not more of the same
     waiting_positions = np.array(sorted(state.position_of[i] for i in in_queue | undelivered_ids if i in state.position_of), dtype=np.int64)
     visible_labels = state.labels.copy()
@@ -2214,19 +2213,22 @@ def _selection_index(state: RoundState):  # noqa: ANN202
 def _picks_waiting_in_the_queue(session, project_id: int, state: RoundState) -> set[int]:  # noqa: ANN001
     """Images earlier rounds picked to be labeled (their own batches: not a question asked again, not a test sample)
     that reached the annotation tool and still wait there: no label yet (a tie is asked on its own) and no skip since
-    the asking round read the labels (an annotator who skipped one has seen it). Files quarantined since are left out:
-    the next push withdraws their tasks."""
+    their task was pushed (an annotator who skipped one has seen it). One whose task was deleted in the tool (alone or
+    with its project) waits too: its ask is pending again, pushed in a new task by this round. Files quarantined since
+    are left out: the next push withdraws their tasks."""
     asked_from: dict[int, datetime] = {}
-    rows = session.execute(select(Selection.image_id, Selection.round_id, Selection.pushed_at).join(Round, Round.id == Selection.round_id).where(
-        Round.project_id == project_id, Round.id != state.round_id, Selection.push_status == "pushed",
-        Selection.reason.not_in((*ASKED_AGAIN_REASONS, TEST_SAMPLE_REASON)))).all()
-    read_at = _labels_read_at(session, {round_id for _, round_id, _ in rows})
-    for image_id, round_id, pushed_at in rows:
+    requeued: set[int] = set()  # its task deleted: pushed again in a new task, where nobody has seen it
+    rows = session.execute(select(Selection.image_id, Selection.push_status, Selection.pushed_at).join(Round, Round.id == Selection.round_id).where(
+        Round.project_id == project_id, Round.id != state.round_id, Selection.pushed_at.is_not(None),
+        Selection.push_status.in_(("pushed", "pending", "failed")), Selection.reason.not_in((*ASKED_AGAIN_REASONS, TEST_SAMPLE_REASON)))).all()
+    for image_id, status, pushed_at in rows:
         info = state.label_info.get(image_id)
         if image_id in state.position_of and (info is None or info.status == "unlabeled"):
-            when = _aware(read_at.get(round_id, pushed_at))
+            when = _aware(pushed_at)  # from the (latest) push: a skip before it was of a task deleted since
             asked_from[image_id] = max(when, asked_from.get(image_id, when))
-    ids = sorted(asked_from)
+            if status != "pushed":
+                requeued.add(image_id)
+    ids = sorted(set(asked_from) - requeued)
     for chunk in range(0, len(ids), 500):  # SQLite limits the variables of one statement
         for image_id, skipped_at in session.execute(select(LabelEvent.image_id, LabelEvent.created_at).where(
                 LabelEvent.image_id.in_(ids[chunk:chunk + 500]), LabelEvent.action == "skip")):

@@ -281,6 +281,8 @@ class RoundReport:
     pull: dict[str, Any] | None = None
     push: dict[str, Any] | None = None
     ties: dict[str, Any] | None = None
+    # how many new images the round could pick: its budget less the earlier picks still waiting (None: not recorded)
+    selection_budget: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -674,6 +676,8 @@ class RoundAsks:
     recorded: int  # the annotator is `none`: recorded for people to label elsewhere
     withdrawn: int  # taken back before an answer came (answered meanwhile, file quarantined, moved into the test split)
     answered: int | None = None  # of the pushed ones, those answered since (ask_answer_times); None: not counted
+    # why the round picked fewer than its budget: earlier picks still waited (selection_budget_text); None: it did not
+    held_back: str | None = None
 
 
 def asks_by_round(session: Session, *, project_id: int, answered_for: Sequence[int] = ()) -> dict[int, RoundAsks]:
@@ -693,9 +697,29 @@ def asks_by_round(session: Session, *, project_id: int, answered_for: Sequence[i
         answered = dict.fromkeys(rounds, 0)
         for selection_id in ask_answer_times(session, asks, rounds):
             answered[by_ask[selection_id]] += 1
+    held_back = {round_id: selection_budget_text(budget) for round_id, budget in session.execute(  # not the whole details
+        select(Round.id, Round.details["selection_budget"]).where(Round.project_id == project_id))}
+    # (a round that picked nothing because the queue was full has no ask, and its row says why)
     return {round_id: RoundAsks(selected=sum(by.values()), pushed=by.get("pushed", 0),
                                 waiting_to_be_pushed=by.get("pending", 0) + by.get("failed", 0), recorded=by.get("recorded", 0),
-                                withdrawn=by.get("withdrawn", 0), answered=answered.get(round_id)) for round_id, by in counts.items()}
+                                withdrawn=by.get("withdrawn", 0), answered=answered.get(round_id), held_back=held_back.get(round_id))
+            for round_id, by in [*counts.items(), *((r, {}) for r, text in held_back.items() if text and r not in counts)]}
+
+
+def selection_budget_text(budget: Any) -> str | None:
+    """A round's selection_budget record as words, when it picked fewer than its budget ("could pick 1 of its budget
+    of 6 new images: of those picked earlier, 4 waited for an answer in the annotators' queue; the queue holds at most
+    5 (queue_limit)"); None when it could pick its whole budget, or did not record it (older rounds)."""
+    if not isinstance(budget, dict) or not isinstance(budget.get("budget"), int) or not isinstance(budget.get("budget_per_round"), int):
+        return None
+    allowed, full = budget["budget"], budget["budget_per_round"]
+    if allowed >= full:
+        return None
+    in_queue, undelivered = budget.get("waiting_in_annotators_queue") or 0, budget.get("undelivered_from_earlier_rounds") or 0
+    waiting = [f"{in_queue} waited for an answer in the annotators' queue"] if in_queue else []
+    waiting += [f"{undelivered} waited to reach them (the annotation tool was down)"] if undelivered else []
+    return (f"could pick {allowed} of its budget of {full} new images: of those picked earlier, {' and '.join(waiting) or 'none waited'}; "
+            f"the queue holds at most {budget.get('queue_limit', full)} (queue_limit)")
 
 
 @dataclass(frozen=True)
@@ -1061,6 +1085,7 @@ def round_report(session: Session, *, round_id: int) -> RoundReport | None:
         pull=details.get("pull") if isinstance(details.get("pull"), dict) else None,
         push=details.get("push") if isinstance(details.get("push"), dict) else None,
         ties=details.get("ties") if isinstance(details.get("ties"), dict) else None,
+        selection_budget=details.get("selection_budget") if isinstance(details.get("selection_budget"), dict) else None,
         classes_missing_from_test=([str(name) for name in details["classes_missing_from_test"]]
                                    if isinstance(details.get("classes_missing_from_test"), list) else None),
     )

@@ -841,22 +841,40 @@ def test_picks_still_unanswered_in_the_annotators_queue_count_against_the_next_b
     budget, second = budget_and_picks(2)
     assert budget == {"budget_per_round": 5, "undelivered_from_earlier_rounds": 0, "waiting_in_annotators_queue": 4, "queue_limit": 5, "budget": 1}
     assert len(second) == 1 and not second & first
-    assert "4 images picked earlier still wait for an answer in the annotators' queue: this round picks 1 new ones" in " ".join(result.output.split())
+    assert ("of the images picked earlier, 4 wait for an answer in the annotators' queue: this round picks 1 new image, as the queue holds "
+            "at most 5 ([loop] queue_limit)") in " ".join(result.output.split())
     status = " ".join(invoke("status", "--project", str(project_with_pool)).output.split())
-    assert "round 2 could pick 1 new images of a budget of 5: 4 picked earlier still waited for an answer (queue_limit 5)" in status
+    assert ("round 2 could pick 1 of its budget of 5 new images: of those picked earlier, 4 waited for an answer in the annotators' queue; "
+            "the queue holds at most 5 (queue_limit)") in status
+
+    # the skipped image's task and another's deleted in the annotation tool (alone, or with its project): both are
+    # asked again in new tasks, where nobody has seen them: the skipped one fills the queue again, the other counts once
+    # (4 of round 1 and round 2's pick waited already)
+    from store.queries import requeue_newest_asks
+    with session_scope(ctx.engine) as session:
+        assert requeue_newest_asks(session, session.scalars(select(Round.project_id)).first(), {skipped, max(first)}) == 2
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    budget, again = budget_and_picks(3)
+    assert (budget["waiting_in_annotators_queue"], budget["undelivered_from_earlier_rounds"], budget["budget"], len(again)) == (6, 0, 0, 0)
+    with session_scope(ctx.engine) as session:  # and they went out again
+        assert {s.push_status for s in session.scalars(select(Selection).where(Selection.image_id.in_([skipped, max(first)])))} == {"pushed"}
 
     monkeypatch.setattr(OracleAnnotator, "pull", answer)  # the annotators catch up: every pushed pick is answered
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
-    budget, third = budget_and_picks(3)
-    assert (budget["waiting_in_annotators_queue"], budget["budget"], len(third)) == (0, 5, 5)
+    budget, fourth = budget_and_picks(4)
+    assert (budget["waiting_in_annotators_queue"], budget["budget"], len(fourth)) == (0, 5, 5)
 
     config = load_config(project_with_pool)  # a team that wants two batches queued
     config.loop.queue_limit = 8
     save_config(project_with_pool, config)
     monkeypatch.setattr(OracleAnnotator, "pull", lambda self, **_: PullReport())
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
-    budget, fourth = budget_and_picks(4)
-    assert (budget["waiting_in_annotators_queue"], budget["queue_limit"], budget["budget"], len(fourth)) == (5, 8, 3, 3)
+    budget, fifth = budget_and_picks(5)
+    assert (budget["waiting_in_annotators_queue"], budget["queue_limit"], budget["budget"], len(fifth)) == (5, 8, 3, 3)
+    config.loop.queue_limit = 0  # would stop picking for good: refused when loop.toml is read
+    save_config(project_with_pool, config)
+    refused = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert refused.exit_code != 0 and "queue_limit" in refused.output
 
 
 def test_a_pending_selection_whose_file_changed_or_went_missing_is_withdrawn_not_pushed(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -297,6 +297,31 @@ def test_the_annotators_table_shows_label_studio_emails_beside_user_ids() -> Non
     assert cells[0] == "<ann1@example.com> (labelstudio:3)" and cells[-1] == "7.5 s" and "&lt;ann1@example.com&gt;" in html
 
 
+def test_a_round_held_back_by_a_full_annotators_queue_says_so_in_the_api_and_the_rounds_table(writable_store: SeededStore) -> None:
+    # QA: a round that picked 0 of its 6 (the annotators had not answered) showed "–" and no reason; the API had no record
+    from store.models import Round
+
+    held_back = {"budget_per_round": 6, "undelivered_from_earlier_rounds": 2, "waiting_in_annotators_queue": 4, "queue_limit": 6, "budget": 0}
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        newest = max(writable_store.round_ids)
+        for round_id in writable_store.round_ids:
+            round_ = session.get(Round, round_id)
+            round_.details = {**(round_.details or {}), "selection_budget": held_back if round_id == newest else {**held_back, "budget": 6}}
+    engine.dispose()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        html = _page(client)
+        body = client.get(f"/rounds/{newest}", headers={"Authorization": f"Bearer {READ_TOKEN}"}).json()
+    assert body["selection_budget"] == held_back
+    table = re.search(r'<table class="rounds">.*?</table>', html, re.S).group(0)
+    cells = {number: unescape(re.sub(r"<[^>]+>", "", row)) for number, row in re.findall(r'<tr data-round="(\d+)"[^>]*>(.*?)</tr>', table, re.S)}
+    newest_number = max(cells, key=int)
+    assert "could pick 0 of its budget of 6" in cells[newest_number]
+    assert sum("could pick" in text for text in cells.values()) == 1  # a round that could pick its whole budget says nothing
+    assert ("could pick 0 of its budget of 6 new images: of those picked earlier, 4 waited for an answer in the annotators' queue and 2 "
+            "waited to reach them (the annotation tool was down); the queue holds at most 6 (queue_limit)") in unescape(table)
+
+
 def test_the_rounds_table_gives_a_rounds_pull_and_push_warnings(writable_store: SeededStore) -> None:
     # QA: with Label Studio down, the round read "0 labels pulled" on the dashboard and nothing said why
     from store.models import Round
