@@ -497,7 +497,8 @@ def _cut(text: str) -> str:
     return text if len(text) <= ERROR_SHOWN_CHARS else text[:ERROR_SHOWN_CHARS - 1] + "…"
 
 
-def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks], warnings: dict[int, list[str]] | None = None) -> str:
+def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks], warnings: dict[int, list[str]] | None = None,
+                 between_rounds: dict[int, int] | None = None) -> str:
     """Every round, newest first: its status (a failed round's reason), gates, the labels it pulled and where its asks are
     now. QA: a failed round showed only as a count on the dashboard, its reason in `loop status` alone."""
     if not progress.rounds:
@@ -512,7 +513,10 @@ def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks], warnings:
         gates = "–" if not summary.n_gates else (f'<span class="verdict {"pass" if summary.all_gates_passed else "fail"}">'
                                                  f'{summary.n_gates_passed}/{summary.n_gates}</span>'
                                                  + (f' <span class="failed-gates">{escape(", ".join(failed))}</span>' if failed else ""))
-        pulled = sum(series[index] for series in progress.new_label_events_by_source.values())
+        pulled = str(sum(series[index] for series in progress.new_label_events_by_source.values()))
+        if (between_rounds or {}).get(summary.id):  # a webhook's answers: taken in by this round, not pulled (QA: "0" beside them)
+            pulled += (f' <span class="between-rounds" title="recorded outside a pull (a webhook, a rename) since the round before read '
+                       f'the labels">+{between_rounds[summary.id]} between rounds</span>')
         asked = asks.get(summary.id)
         if asked is None:
             asks_text = "–"
@@ -541,8 +545,8 @@ def rounds_table(progress: ProgressSeries, asks: dict[int, RoundAsks], warnings:
     more = (f'<p class="more">{older} older round{"s" if older != 1 else ""}: <code>GET /projects/{progress.project_id}/rounds</code></p>'
             if older > 0 else "")
     return ('<table class="rounds"><thead><tr><th>round</th><th>status</th><th>started (UTC)</th><th>time</th><th>gates passed</th>'
-            '<th title="label events the round pulled from the annotation tool: answers, skips and deletions (answers a webhook took in '
-            'between rounds are not pulled again)">label events pulled</th>'
+            '<th title="label events the round pulled from the annotation tool: answers, skips and deletions; + those a webhook took in '
+            'between rounds (not pulled again)">label events pulled</th>'
             '<th title="images the round asked to be labeled, and where those asks are now">asked</th>'
             f'{"<th>why it failed, warnings</th>" if any_note else ""}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>{more}')
@@ -665,7 +669,8 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
                      issues: tuple[int, int, int, list[LabelIssueRow]] | None, token_query: str,
                      near_copies: tuple[int, int, int, list[LabelIssueRow]] | None = None,
                      outliers: tuple[int, int, int, list[LabelIssueRow]] | None = None, asks: dict[int, RoundAsks] | None = None,
-                     annotators: Sequence[AnnotatorActivity] | None = None, round_warnings: dict[int, list[str]] | None = None) -> str:
+                     annotators: Sequence[AnnotatorActivity] | None = None, round_warnings: dict[int, list[str]] | None = None,
+                     between_rounds: dict[int, int] | None = None) -> str:
     """The whole page. issues, near_copies, outliers: (round id, round number, total flagged, first rows); asks: by round id."""
     numbers = [r.number for r in progress.rounds]
     if progress.gates:
@@ -713,7 +718,7 @@ def render_dashboard(progress: ProgressSeries, *, latest: RoundReport | None, co
 <main>
 <div class="cards">{_summary_cards(progress, latest, asks)}</div>
 <section id="gates"><h2>Gates over rounds</h2><div class="grid">{gates_html}</div></section>
-<section id="rounds"><h2>Rounds</h2>{rounds_table(progress, asks or {}, round_warnings)}</section>
+<section id="rounds"><h2>Rounds</h2>{rounds_table(progress, asks or {}, round_warnings, between_rounds)}</section>
 <section id="annotators"><h2>Annotators</h2>{annotators_table(annotators or [])}</section>
 <div class="two">
 <section id="labels">{labels_html}</section>
@@ -777,7 +782,8 @@ def dashboard(
                                                                     answered_for=shown_round_ids),
                                          annotators=reports.annotator_activity(session, project_id=project.id),
                                          round_warnings=reports.round_warnings(session, project_id=project.id,
-                                                                               round_ids=shown_round_ids)),
+                                                                               round_ids=shown_round_ids),
+                                         between_rounds=reports.events_between_rounds(session, project_id=project.id, round_ids=shown_round_ids)),
                     headers=DASHBOARD_HEADERS)
 
 

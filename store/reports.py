@@ -11,6 +11,7 @@ import math
 import statistics
 import threading
 import weakref
+from bisect import bisect_right
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -798,6 +799,32 @@ def annotator_activity(session: Session, *, project_id: int) -> list[AnnotatorAc
                                   median_lead_time_s=float(statistics.median(c["lead"])) if c["lead"] else None, email=emails.get(name))
                 for (name, source), c in rows.items()]
     return sorted(activity, key=lambda a: (-a.answered, a.annotator, a.source))
+
+
+def events_between_rounds(session: Session, *, project_id: int, round_ids: Sequence[int]) -> dict[int, int]:
+    """Round id -> annotators' label events (answers, skips, deletions) recorded outside any round's pull (a webhook, or
+    `loop rename-class` saving answers before it rewrites them) between the round before's label read and this one's:
+    the round took them in without pulling them. Rounds that recorded no read time are left out (their window goes
+    to the next round that did)."""
+    wanted = set(round_ids)
+    if not wanted:
+        return {}
+    timeline = _label_timeline(session, project_id)
+    times = sorted(when for event, when in zip(timeline.events, timeline.times)
+                   if event.round_id is None and event.source == "annotator" and when is not None)
+    found: dict[int, int] = {}
+    previous: datetime | None = None
+    for round_id, read_at in session.execute(select(Round.id, Round.details["labels_read_at"].as_string())
+                                             .where(Round.project_id == project_id).order_by(Round.number)):
+        read = _read_time(read_at)
+        if read is None:
+            continue
+        if round_id in wanted:
+            taken = bisect_right(times, read) - (bisect_right(times, previous) if previous is not None else 0)
+            if taken:
+                found[round_id] = taken
+        previous = read
+    return found
 
 
 def round_warnings(session: Session, *, project_id: int, round_ids: Sequence[int]) -> dict[int, list[str]]:

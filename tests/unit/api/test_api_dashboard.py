@@ -322,6 +322,35 @@ def test_a_round_held_back_by_a_full_annotators_queue_says_so_in_the_api_and_the
             "waited to reach them (the annotation tool was down); the queue holds at most 6 (queue_limit)") in unescape(table)
 
 
+def test_the_rounds_table_counts_answers_a_webhook_took_in_between_rounds(writable_store: SeededStore) -> None:
+    # answers Label Studio's webhook recorded between rounds have no round: the next round took them in, yet its row
+    # read only what its pull found
+    from datetime import datetime, timedelta, timezone
+
+    from store.models import Image, LabelEvent, Round
+
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    engine = create_db_engine(writable_store.url)
+    with session_scope(engine) as session:
+        for number, round_id in enumerate(writable_store.round_ids, start=1):
+            round_ = session.get(Round, round_id)
+            if number != 3:  # the failed round 3 never read the labels: its window goes to round 4
+                round_.details = {**(round_.details or {}), "labels_read_at": (t0 + timedelta(hours=number, minutes=1)).isoformat()}
+        image_id = session.scalars(select(Image.id).order_by(Image.id)).first()
+        for minutes in (70, 90, 200, 230):  # after R1's read: 2 before R2's, then 2 before R4's (R3 read nothing)
+            session.add(LabelEvent(image_id=image_id, label="spot", source="annotator", annotator="ann9", round_id=None,
+                                   created_at=t0 + timedelta(minutes=minutes)))
+        session.add(LabelEvent(image_id=image_id, label="good", source="import", created_at=t0 + timedelta(minutes=80)))  # not an answer
+    engine.dispose()
+    with TestClient(create_app(make_settings(writable_store.project_dir))) as client:
+        html = _page(client)
+    table = re.search(r'<table class="rounds">.*?</table>', html, re.S).group(0)
+    cells = {number: [unescape(re.sub(r"<[^>]+>", "", cell)).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+             for number, row in re.findall(r'<tr data-round="(\d+)"[^>]*>(.*?)</tr>', table, re.S)}
+    assert cells["1"][5] == "2" and cells["2"][5] == "4 +2 between rounds" and cells["4"][5].endswith("+2 between rounds")
+    assert "between rounds" not in cells["3"][5]
+
+
 def test_the_rounds_table_gives_a_rounds_pull_and_push_warnings(writable_store: SeededStore) -> None:
     # QA: with Label Studio down, the round read "0 labels pulled" on the dashboard and nothing said why
     from store.models import Round
