@@ -56,9 +56,9 @@ class ComparedProject:
     passing_round_unsettled: list[str]  # the gates the passing round's test split could not settle
 
 
-def compared_project(ctx: ProjectContext, *, name: str) -> tuple[ComparedProject, set[tuple[str, str]]]:
+def compared_project(ctx: ProjectContext, *, name: str) -> tuple[ComparedProject, dict[str, str]]:
     """One project's completed rounds with gates (the others counted in rounds_left_out) and its labeled test images
-    as (sha256, label) pairs."""
+    as sha256 -> label."""
     status = project_status(ctx)
     rounds, thresholds, left_out = [], {}, Counter()
     for row in status["rounds"]:
@@ -80,7 +80,7 @@ def compared_project(ctx: ProjectContext, *, name: str) -> tuple[ComparedProject
         project_id = get_project(session).id
         labels = current_labels(session, project_id)
         # a photo with its label: the same photos labeled otherwise do not measure the same thing (review)
-        test = {(sha, labels[image_id].label) for image_id, sha in session.execute(select(Image.id, Image.sha256).where(
+        test = {sha: labels[image_id].label for image_id, sha in session.execute(select(Image.id, Image.sha256).where(
             Image.project_id == project_id, Image.split == "test", Image.status == "ok"))
             if image_id in labels and labels[image_id].status == "labeled"}
     return ComparedProject(name=name, project_dir=str(ctx.root), started_from=started_from, rounds=rounds,
@@ -116,8 +116,8 @@ def compare_projects(contexts: list[ProjectContext], *, out: Path) -> dict[str, 
     urls = [ctx.database_url for ctx in contexts]
     same_store = sorted({names[i] for i in range(len(urls)) for j in range(len(urls))  # one project seen from two folders (QA),
                          if i != j and same_store_url(urls[i], urls[j])})           # its URL however written (review)
-    shared = set.intersection(*test_sets) if test_sets else set()
-    same_test = all(test == test_sets[0] for test in test_sets) and bool(shared)
+    shared, same_names = labeled_alike(test_sets)
+    same_test = bool(shared) and all(set(test) == shared for test in test_sets)
     every_round = [r.gate_thresholds for p in projects for r in p.rounds]  # between projects, or rounds of one (QA); a gate
     # that did not apply in a round (no latency measured) is no change (review)
     thresholds_differ = any(a[gate] != b[gate] for a in every_round for b in every_round for gate in set(a) & set(b))
@@ -125,6 +125,9 @@ def compare_projects(contexts: list[ProjectContext], *, out: Path) -> dict[str, 
         "projects": [asdict(p) for p in projects],
         "labeled_test_images_shared": len(shared),
         "same_labeled_test_images": same_test,
+        # a class one project calls otherwise ("fray" there, "frayed_edge" here after `loop rename-class`, or "free" and
+        # "good"): per project after the first, its name -> the first project's, where they differ
+        "class_names_matched": {names[k]: mapping for k, mapping in enumerate(same_names, start=1) if mapping},
         "gate_thresholds_differ": thresholds_differ,
         "folders_sharing_a_store": same_store,
     }
@@ -139,15 +142,45 @@ def compare_projects(contexts: list[ProjectContext], *, out: Path) -> dict[str, 
     return report
 
 
+def labeled_alike(test_sets: list[dict[str, str]]) -> tuple[set[str], list[dict[str, str]]]:
+    """The photos (sha256) every project has labeled in its test split with the same class, and for each project after
+    the first the names of its classes that are another name of the first project's (other name -> first's name).
+    Classes correspond by the photos: a pair of names that are each other's most frequent label on the shared photos
+    is one class, whatever it is called (QA: after `loop rename-class fray frayed_edge` one project, compare called
+    the same labels different). A class merged in one project corresponds to one of the other's only: the photos of
+    the rest are labeled otherwise."""
+    if not test_sets:
+        return set(), []
+    first = test_sets[0]
+    alike = set(first)
+    renamed: list[dict[str, str]] = []
+    for other in test_sets[1:]:
+        pairs = Counter((first[sha], other[sha]) for sha in first.keys() & other.keys())
+        best_of_first: dict[str, str] = {}
+        best_of_other: dict[str, str] = {}
+        # most photos first; on a tie the same name, then by name: the same way every time
+        for (mine, theirs), _n in sorted(pairs.items(), key=lambda item: (-item[1], item[0][0] != item[0][1], item[0])):
+            best_of_first.setdefault(mine, theirs)
+            best_of_other.setdefault(theirs, mine)
+        to_other = {mine: theirs for mine, theirs in best_of_first.items() if best_of_other[theirs] == mine}
+        renamed.append({theirs: mine for mine, theirs in to_other.items() if theirs != mine})
+        alike = {sha for sha in alike if sha in other and to_other.get(first[sha]) == other[sha]}
+    return alike, renamed
+
+
 def test_split_note(report: dict[str, Any]) -> str:
     """Whether the gates compare directly: the same labeled test photos, or how many the projects share."""
     counts = ", ".join(f"{p['name']} {p['n_labeled_test']}" for p in report["projects"])
+    first = report["projects"][0]["name"] if report["projects"] else ""
+    matched = "; ".join(f"{name}'s {theirs} is {first}'s {first_name}" for name, mapping in (report.get("class_names_matched") or {}).items()
+                        for theirs, first_name in mapping.items())
+    matched = f" (classes named otherwise, matched by their photos: {matched})" if matched else ""
     if report["same_labeled_test_images"]:
-        return (f"The projects' labeled test images are the same {report['labeled_test_images_shared']} photos with the same labels: their "
-                "gates compare directly.")
+        return (f"The projects' labeled test images are the same {report['labeled_test_images_shared']} photos with the same labels{matched}: "
+                "their gates compare directly.")
     shared = report["labeled_test_images_shared"]
     return (f"The projects' labeled test images differ (labeled test images: {counts}; {shared} {'photo' if shared == 1 else 'photos'} with "
-            "the same label in all of them): each gate is measured on its own project's test split, so a difference between projects is "
+            f"the same label in all of them{matched}): each gate is measured on its own project's test split, so a difference between projects is "
             "partly a difference between test splits.")
 
 

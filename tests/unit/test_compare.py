@@ -165,3 +165,35 @@ def test_two_folders_of_one_store_are_named_however_its_url_is_written(tmp_path:
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "compare.json").read_text())["folders_sharing_a_store"] == ["first", "second"]
     assert "first, second share one store" in " ".join(result.output.split())
+
+
+def test_classes_named_otherwise_are_matched_by_their_photos_and_a_merge_is_a_difference() -> None:
+    from loop.compare import labeled_alike
+
+    first = {"a": "good", "b": "good", "c": "fray", "d": "fray", "e": "crack", "f": "break"}
+    renamed = {**first, "c": "frayed_edge", "d": "frayed_edge", "a": "free", "b": "free"}  # `loop rename-class` twice
+    alike, names = labeled_alike([first, renamed])
+    assert alike == set(first) and names == [{"frayed_edge": "fray", "free": "good"}]
+    merged = {**first, "e": "break"}  # crack merged into break: e is labeled otherwise now
+    alike, names = labeled_alike([first, merged, renamed])
+    assert alike == set(first) - {"e"} and names == [{}, {"frayed_edge": "fray", "free": "good"}]
+    one_wrong = {**first, "d": "crack"}  # one photo labeled otherwise: only it differs, the class still corresponds
+    assert labeled_alike([first, one_wrong]) == (set(first) - {"d"}, [{}])
+
+
+def test_compare_after_a_class_rename_says_the_test_images_are_the_same(tmp_path: Path, class_folders: Path) -> None:
+    # QA: a plain rename in one of two projects over the same photos made compare call their test labels different
+    from store.models import LabelEvent
+
+    first, second = _project(tmp_path / "first", class_folders), _project(tmp_path / "second", class_folders)
+    _record(first, 1, labels_used=(30, 10), values=(0.8, 0.9, 0.0, 12.0))
+    _record(second, 1, labels_used=(30, 10), values=(0.8, 0.9, 0.0, 12.0))
+    with session_scope(open_project(second).engine) as session:  # as rename-class leaves the answers: spot called speck
+        for event in session.scalars(select(LabelEvent).where(LabelEvent.label == "spot")):
+            event.label = "speck"
+    out = tmp_path / "compared"
+    result = runner.invoke(app, ["compare", str(first), str(second), "--out", str(out)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compare.json").read_text())
+    assert report["same_labeled_test_images"] is True and report["class_names_matched"] == {"second": {"speck": "spot"}}
+    assert "(classes named otherwise, matched by their photos: second's speck is first's spot): their gates compare directly" in " ".join(result.output.split())
