@@ -661,7 +661,7 @@ table.issues img.thumb{width:56px;height:56px;object-fit:cover;border-radius:4px
 svg .kept-epoch{stroke:#d73027;stroke-width:1.5;stroke-dasharray:2 3}
 .empty,.more{color:#52606d} code{background:#f0f2f4;padding:1px 4px;border-radius:3px}
 .no-process{color:#b7791f;font-size:13px;cursor:help} .dim{color:#7b8794;font-size:12px}
-table.rounds td.running{color:#b7791f} .round-error{color:#7b341e;font-size:13px;cursor:help} .round-warning{color:#b7791f;font-size:13px;cursor:help} .failed-gates{color:#d73027;font-size:13px}
+table.rounds td.running{color:#b7791f} .round-error{color:#7b341e;font-size:13px;cursor:help} .round-warning{color:#b7791f;font-size:13px;cursor:help} .held-back{color:#b7791f;font-size:13px;cursor:help} .failed-gates{color:#d73027;font-size:13px}
 """
 
 

@@ -76,6 +76,9 @@ class PushReport:
 
 class AnnotatorBackend(Protocol):
     name: str
+    # whether asks wait in people's queue until answered (Label Studio): the rounds' picks still waiting there count
+    # against the next round's budget ([loop] queue_limit). A backend without it is taken to queue for people.
+    queued_for_people: bool
 
     def pull(self, *, session: Session, project: Project, round_id: int | None) -> PullReport:
         """Turn every answer given since the last pull into label events (append-only)."""

@@ -173,6 +173,7 @@ class LabelStudioBackend:
     """
 
     name = BACKEND_NAME
+    queued_for_people = True  # a task waits in the annotators' queue until answered or skipped
 
     def __init__(
         self,

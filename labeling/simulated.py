@@ -51,6 +51,7 @@ class OracleAnnotator:
     answers is a uniformly drawn wrong class (symmetric noise), the same answer for the same image every time."""
 
     name = "oracle"
+    queued_for_people = False  # answers every ask it can at the next pull; one it cannot (no ground truth) waits for nobody
 
     def __init__(self, *, manifest: str | Path, classes: list[str], noise_rate: float = 0.0, seed: int = 0):
         self.truth = read_ground_truth(Path(manifest).expanduser().resolve())

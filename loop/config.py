@@ -177,8 +177,9 @@ class LoopConfig(Strict):
     strategy: str = "default"
     relabel_budget: int = Field(0, ge=0)
     # most of the rounds' picks that may wait unanswered in the annotators' queue: a round picks fewer than
-    # budget_per_round while earlier picks still wait (unset: budget_per_round, the queue is topped up to one batch).
-    # At least 1: 0 would stop picking for good (budget_per_round = 0 says that, if meant)
+    # budget_per_round while earlier picks still wait (unset: budget_per_round, the queue is topped up to one batch;
+    # below budget_per_round it caps every round's picks). At least 1: 0 would stop picking for good
+    # (budget_per_round = 0 says that, if meant). The oracle answers at once: nothing of its waits
     queue_limit: int | None = Field(None, ge=1)
     seed: int = 0
     # near-duplicates (pixel-verified) and outliers every round: ~10 s for 2000 images, minutes past 50k

@@ -72,7 +72,7 @@ from store.db import confirm_store_lock, shown_url
 from store.models import (AnnotationTask, GateResult, Image, IngestBatch, LabelEvent, LabelIssue, Metric, Prediction, Project, RejectedAnnotation,
                           Round, Selection)
 from store.queries import (ANNOTATOR_SOURCES, CurrentLabel, actively_selected_image_ids, current_labels, get_project, next_round_number, resolve_label,
-                           renamed_classes, requeue_newest_asks, standing_answer_times)
+                           renamed_classes, requeue_newest_asks, standing_answer_times, standing_skip_times)
 from store.reports import GATE_METRICS, class_change_text, class_set_changes, gate_values_text, ingest_batches_text, test_split_renames_text
 
 # Rounds looked back for the last push that closed every reopened task it was told to; none among them: every
@@ -751,7 +751,8 @@ def embed_images(state: RoundState) -> None:
 
         compute_embeddings_and_patch_features(backbone=state.backbone, preprocessing=state.preprocessing, paths=[path_by_hash[sha] for sha in both_missing],
                                               onnx_dir=cache_root / "onnx", show_progress=state.options.show_progress, keep=keep_both)
-    only_embeddings = [sha for sha in missing if sha not in set(both_missing)] if both_missing else missing
+    computed_together = set(both_missing)  # once: a set per image was quadratic (review: 30k images, 99 s)
+    only_embeddings = [sha for sha in missing if sha not in computed_together]
     if only_embeddings:
         extractor = EmbeddingExtractor(state.backbone, state.preprocessing, onnx_dir=cache_root / "onnx")
         extractor.embed([path_by_hash[sha] for sha in only_embeddings], description=f"embedding {len(only_embeddings)} new images",
@@ -1578,7 +1579,8 @@ def select_next_batch(state: RoundState) -> None:
         undelivered_ids = set(session.scalars(select(Selection.image_id).join(Round, Round.id == Selection.round_id).where(
             Round.project_id == project_id, Round.id != state.round_id, Selection.push_status.in_(("pending", "failed")),
             Selection.reason.not_in((*ASKED_AGAIN_REASONS, TEST_SAMPLE_REASON)))))  # both are beyond the budget
-        in_queue = _picks_waiting_in_the_queue(session, project_id, state)
+        # the oracle answers every ask it can at the next pull: one it cannot (no ground truth) waits for nobody
+        in_queue = _picks_waiting_in_the_queue(session, project_id, state) if getattr(state.backend, "queued_for_people", True) else set()
     undelivered_ids -= in_queue  # a task deleted in the tool (alone or with its project) was in the queue: counted there, once
     undelivered = len(undelivered_ids) if tool_down else 0
     queue_limit = loop_config.budget_per_round if loop_config.queue_limit is None else loop_config.queue_limit
@@ -2212,28 +2214,30 @@ def _selection_index(state: RoundState):  # noqa: ANN202
 
 def _picks_waiting_in_the_queue(session, project_id: int, state: RoundState) -> set[int]:  # noqa: ANN001
     """Images earlier rounds picked to be labeled (their own batches: not a question asked again, not a test sample)
-    that reached the annotation tool and still wait there: no label yet (a tie is asked on its own) and no skip since
-    their task was pushed (an annotator who skipped one has seen it). One whose task was deleted in the tool (alone or
-    with its project) waits too: its ask is pending again, pushed in a new task by this round. Files quarantined since
-    are left out: the next push withdraws their tasks."""
+    that reached the annotation tool and still wait there: no label yet (a tie is asked on its own) and no skip that
+    still stands since the asking round read the labels (an annotator who skipped one has seen it; a skip deleted with
+    its task in the tool stands no more). One whose task was deleted (alone or with its project) waits too: its ask
+    is pending again, pushed in a new task by this round. Files quarantined since are left out: the next push
+    withdraws their tasks."""
     asked_from: dict[int, datetime] = {}
     requeued: set[int] = set()  # its task deleted: pushed again in a new task, where nobody has seen it
-    rows = session.execute(select(Selection.image_id, Selection.push_status, Selection.pushed_at).join(Round, Round.id == Selection.round_id).where(
+    rows = session.execute(select(Selection.image_id, Selection.round_id, Selection.push_status, Selection.pushed_at).join(
+        Round, Round.id == Selection.round_id).where(
         Round.project_id == project_id, Round.id != state.round_id, Selection.pushed_at.is_not(None),
         Selection.push_status.in_(("pushed", "pending", "failed")), Selection.reason.not_in((*ASKED_AGAIN_REASONS, TEST_SAMPLE_REASON)))).all()
-    for image_id, status, pushed_at in rows:
+    # from the asking round's read of the labels, not from the push: a push that reached the tool and reported failure
+    # is pushed again later, after a skip the pull recorded in between (review)
+    read_at = _labels_read_at(session, {round_id for _, round_id, _, _ in rows})
+    for image_id, round_id, status, pushed_at in rows:
         info = state.label_info.get(image_id)
         if image_id in state.position_of and (info is None or info.status == "unlabeled"):
-            when = _aware(pushed_at)  # from the (latest) push: a skip before it was of a task deleted since
+            when = _aware(read_at.get(round_id, pushed_at))
             asked_from[image_id] = max(when, asked_from.get(image_id, when))
             if status != "pushed":
                 requeued.add(image_id)
-    ids = sorted(set(asked_from) - requeued)
-    for chunk in range(0, len(ids), 500):  # SQLite limits the variables of one statement
-        for image_id, skipped_at in session.execute(select(LabelEvent.image_id, LabelEvent.created_at).where(
-                LabelEvent.image_id.in_(ids[chunk:chunk + 500]), LabelEvent.action == "skip")):
-            if image_id in asked_from and _aware(skipped_at) > asked_from[image_id]:
-                del asked_from[image_id]
+    for image_id, skipped_at in standing_skip_times(session, sorted(set(asked_from) - requeued)).items():
+        if any(_aware(when) > asked_from[image_id] for when in skipped_at):
+            del asked_from[image_id]
     return set(asked_from)
 
 

@@ -178,6 +178,22 @@ def requeue_newest_asks(session: Session, project_id: int, image_ids: set[int]) 
     return len(newest)
 
 
+def standing_skip_times(session: Session, image_ids: list[int]) -> dict[int, list[datetime]]:
+    """Image id -> when each annotator's skip that still stands was recorded: the skip is its answer id's newest event
+    (not deleted in the annotation tool since, with its task say, nor replaced by an answer)."""
+    newest: dict[tuple[int, str], tuple[str, datetime]] = {}
+    for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
+        for event_id, image_id, external_id, action, created_at in session.execute(
+                select(LabelEvent.id, LabelEvent.image_id, LabelEvent.external_id, LabelEvent.action, LabelEvent.created_at).where(
+                    LabelEvent.image_id.in_(image_ids[chunk:chunk + 500]), LabelEvent.source.in_(ANNOTATOR_SOURCES)).order_by(LabelEvent.id)):
+            newest[(image_id, external_id if external_id is not None else f"event {event_id}")] = (action, created_at)
+    times: dict[int, list[datetime]] = defaultdict(list)
+    for (image_id, _answer), (action, when) in newest.items():
+        if action == "skip" and when is not None:
+            times[image_id].append(when)
+    return dict(times)
+
+
 def standing_answer_times(session: Session, image_ids: list[int], *, deletions_count: bool = False) -> dict[int, list[datetime]]:
     """Image id -> when each of its annotators' (or the oracle's) answers that still stand was recorded: the newest save
     of each answer id; an answer deleted since is none, a skip answers nothing, an event without an answer id (the

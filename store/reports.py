@@ -708,18 +708,19 @@ def asks_by_round(session: Session, *, project_id: int, answered_for: Sequence[i
 
 
 def selection_budget_text(budget: Any) -> str | None:
-    """A round's selection_budget record as words, when it picked fewer than its budget ("could pick 1 of its budget
-    of 6 new images: of those picked earlier, 4 waited for an answer in the annotators' queue; the queue holds at most
-    5 (queue_limit)"); None when it could pick its whole budget, or did not record it (older rounds)."""
+    """A round's selection_budget record as words, when earlier picks still waiting made it pick fewer than its budget
+    ("could pick 1 of its budget of 6 new images: of those picked earlier, 4 waited for an answer in the annotators'
+    queue; the queue holds at most 5 (queue_limit)"); None when it could pick its whole budget, nothing waited, or it
+    did not record it (older rounds)."""
     if not isinstance(budget, dict) or not isinstance(budget.get("budget"), int) or not isinstance(budget.get("budget_per_round"), int):
         return None
     allowed, full = budget["budget"], budget["budget_per_round"]
-    if allowed >= full:
-        return None
     in_queue, undelivered = budget.get("waiting_in_annotators_queue") or 0, budget.get("undelivered_from_earlier_rounds") or 0
+    if allowed >= full or not (in_queue or undelivered):  # a queue_limit under the budget, nothing waiting: the setting, not the annotators
+        return None
     waiting = [f"{in_queue} waited for an answer in the annotators' queue"] if in_queue else []
     waiting += [f"{undelivered} waited to reach them (the annotation tool was down)"] if undelivered else []
-    return (f"could pick {allowed} of its budget of {full} new images: of those picked earlier, {' and '.join(waiting) or 'none waited'}; "
+    return (f"could pick {allowed} of its budget of {full} new images: of those picked earlier, {' and '.join(waiting)}; "
             f"the queue holds at most {budget.get('queue_limit', full)} (queue_limit)")
 
 

@@ -820,6 +820,7 @@ def test_picks_still_unanswered_in_the_annotators_queue_count_against_the_next_b
     from labeling.simulated import OracleAnnotator
 
     answer = OracleAnnotator.pull
+    monkeypatch.setattr(OracleAnnotator, "queued_for_people", True)  # as Label Studio's annotators, who answer when they do
     monkeypatch.setattr(OracleAnnotator, "pull", lambda self, **_: PullReport())  # nobody answers
     assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
     ctx = open_project(project_with_pool)
@@ -875,6 +876,23 @@ def test_picks_still_unanswered_in_the_annotators_queue_count_against_the_next_b
     save_config(project_with_pool, config)
     refused = invoke("round", "--project", str(project_with_pool), "--quiet")
     assert refused.exit_code != 0 and "queue_limit" in refused.output
+
+
+def test_picks_the_oracle_cannot_answer_wait_for_nobody_and_leave_the_budget_whole(project_with_pool: Path) -> None:
+    """The oracle answers every pushed ask it has ground truth for at the next pull; one its manifest lacks is warned of
+    and never answered, and must not fill the queue (review: with a partial manifest the budget went to 0 for good)."""
+    assert invoke("round", "--project", str(project_with_pool), "--quiet").exit_code == 0
+    ctx = open_project(project_with_pool)
+    with session_scope(ctx.engine) as session:
+        picked = {session.get(Image, s.image_id).path for s in session.scalars(select(Selection).where(Selection.reason != "suspected_label_error"))}
+    truth = Path(load_config(project_with_pool).annotator.oracle_manifest)
+    truth.write_text("".join(line for line in truth.read_text().splitlines(keepends=True) if line.split(",")[0] not in picked))
+    second = invoke("round", "--project", str(project_with_pool), "--quiet")
+    assert second.exit_code == 0, second.output
+    with session_scope(ctx.engine) as session:
+        round_two = session.scalars(select(Round).where(Round.number == 2)).one()
+    assert "oracle has no ground truth for" in " ".join(second.output.split())
+    assert round_two.details["selection_budget"]["waiting_in_annotators_queue"] == 0 and round_two.details["selection_budget"]["budget"] == 5
 
 
 def test_a_pending_selection_whose_file_changed_or_went_missing_is_withdrawn_not_pushed(project_with_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
