@@ -134,6 +134,8 @@ def _round_summary(round_row: Round, *, project_dir: Path, recorded_root: str, s
         "pull": details.get("pull"),
         # how many new images the round could pick: its budget less the picks still waiting in the annotators' queue
         "selection_budget": details.get("selection_budget"),
+        # images embedded now or read from the cache, and how many got their patch features in the same pass
+        "embeddings": details.get("embeddings"),
         "ties": details.get("ties"),  # images whose annotators disagree evenly, and how many went back for one more answer
         "rejected_answers": details.get("rejected_answers"),  # images whose only answer was not a class, and how many were asked again
         "threshold": details.get("threshold"),

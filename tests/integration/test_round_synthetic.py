@@ -105,6 +105,8 @@ def test_two_rounds_record_everything_and_the_oracle_answers_the_selected_batch(
     # their patch features came with the embeddings, in one backbone pass: none was computed in a second
     assert details["embeddings"]["with_patch_features"] == details["embeddings"]["computed"] == n_ok
     assert details["embeddings"]["patch_features_second_pass"] == 0
+    status = json.loads(invoke("status", "--project", str(project_with_pool), "--json").output)  # QA: only the store had them
+    assert status["rounds"][-1]["embeddings"]["with_patch_features"] == n_ok
     # The deployed ONNX model (classifier + anomaly blend) gives the probabilities stored for the round, temperature included.
     with session_scope(ctx.engine) as session:
         stored = [(session.get(Image, p.image_id).path, p.probabilities) for p in session.scalars(select(Prediction).limit(4))]
