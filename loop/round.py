@@ -741,9 +741,9 @@ def embed_images(state: RoundState) -> None:
     path_by_hash = dict(zip(state.hashes, state.paths))
     # the patch features score_anomalies will want, in the same pass when neither cache has an image (a first round,
     # a new batch): one backbone pass instead of two
-    both_missing = _patch_feature_cache(state).missing(missing) if missing and _anomaly_expected(state) else []
+    patch_cache = _patch_feature_cache(state) if missing and _anomaly_expected(state) else None
+    both_missing = patch_cache.missing(missing) if patch_cache is not None else []
     if both_missing:
-        patch_cache = _patch_feature_cache(state)
 
         def keep_both(start: int, vectors: np.ndarray, patches: np.ndarray) -> None:
             cache.put(both_missing[start:start + len(vectors)], vectors)

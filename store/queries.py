@@ -178,36 +178,37 @@ def requeue_newest_asks(session: Session, project_id: int, image_ids: set[int]) 
     return len(newest)
 
 
-def standing_skip_times(session: Session, image_ids: list[int]) -> dict[int, list[datetime]]:
-    """Image id -> when each annotator's skip that still stands was recorded: the skip is its answer id's newest event
-    (not deleted in the annotation tool since, with its task say, nor replaced by an answer)."""
+def _newest_event_per_answer(session: Session, image_ids: list[int], *, actions: tuple[str, ...]) -> dict[tuple[int, str], tuple[str, datetime]]:
+    """(image id, answer id) -> the action and time of that answer's newest event among `actions`, annotators' and the
+    oracle's; an event without an answer id (the oracle's) is an answer of its own."""
     newest: dict[tuple[int, str], tuple[str, datetime]] = {}
     for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
         for event_id, image_id, external_id, action, created_at in session.execute(
                 select(LabelEvent.id, LabelEvent.image_id, LabelEvent.external_id, LabelEvent.action, LabelEvent.created_at).where(
-                    LabelEvent.image_id.in_(image_ids[chunk:chunk + 500]), LabelEvent.source.in_(ANNOTATOR_SOURCES)).order_by(LabelEvent.id)):
+                    LabelEvent.image_id.in_(image_ids[chunk:chunk + 500]), LabelEvent.action.in_(actions),
+                    LabelEvent.source.in_(ANNOTATOR_SOURCES)).order_by(LabelEvent.id)):
             newest[(image_id, external_id if external_id is not None else f"event {event_id}")] = (action, created_at)
+    return newest
+
+
+def _times_by_image(newest: dict[tuple[int, str], tuple[str, datetime]], *, actions: tuple[str, ...]) -> dict[int, list[datetime]]:
     times: dict[int, list[datetime]] = defaultdict(list)
     for (image_id, _answer), (action, when) in newest.items():
-        if action == "skip" and when is not None:
+        if action in actions and when is not None:
             times[image_id].append(when)
     return dict(times)
+
+
+def standing_skip_times(session: Session, image_ids: list[int]) -> dict[int, list[datetime]]:
+    """Image id -> when each annotator's skip that still stands was recorded: the skip is its answer id's newest event
+    (not deleted in the annotation tool since, with its task say, nor replaced by an answer)."""
+    return _times_by_image(_newest_event_per_answer(session, image_ids, actions=("set", "skip", "delete")), actions=("skip",))
 
 
 def standing_answer_times(session: Session, image_ids: list[int], *, deletions_count: bool = False) -> dict[int, list[datetime]]:
     """Image id -> when each of its annotators' (or the oracle's) answers that still stand was recorded: the newest save
-    of each answer id; an answer deleted since is none, a skip answers nothing, an event without an answer id (the
-    oracle's) is an answer of its own. deletions_count: a deletion's time counts too (a change that settles a tie).
-    Times as the store gives them (SQLite: without their zone, UTC)."""
-    newest: dict[tuple[int, str], tuple[str, datetime]] = {}  # (image, answer) -> its newest event: set or delete
-    for chunk in range(0, len(image_ids), 500):  # SQLite limits the variables of one statement
-        for event_id, image_id, external_id, action, created_at in session.execute(
-                select(LabelEvent.id, LabelEvent.image_id, LabelEvent.external_id, LabelEvent.action, LabelEvent.created_at).where(
-                    LabelEvent.image_id.in_(image_ids[chunk:chunk + 500]), LabelEvent.action.in_(("set", "delete")),
-                    LabelEvent.source.in_(ANNOTATOR_SOURCES)).order_by(LabelEvent.id)):
-            newest[(image_id, external_id if external_id is not None else f"event {event_id}")] = (action, created_at)
-    times: dict[int, list[datetime]] = defaultdict(list)
-    for (image_id, _answer), (action, when) in newest.items():
-        if (action == "set" or deletions_count) and when is not None:
-            times[image_id].append(when)
-    return dict(times)
+    of each answer id; an answer deleted since is none, a skip answers nothing (it replaces no answer), an event
+    without an answer id (the oracle's) is an answer of its own. deletions_count: a deletion's time counts too (a change
+    that settles a tie). Times as the store gives them (SQLite: without their zone, UTC)."""
+    newest = _newest_event_per_answer(session, image_ids, actions=("set", "delete"))
+    return _times_by_image(newest, actions=("set", "delete") if deletions_count else ("set",))
